@@ -1,0 +1,40 @@
+//! The audit side of Gatehouse.
+//!
+//! The gateway hands every finished [`AuditRecord`] to an [`AuditQueue`]; a writer task drains
+//! the queue in batches into an [`AuditSink`]. The hot path never waits on a sink.
+
+mod jsonl;
+mod memory;
+mod queue;
+
+use futures::future::BoxFuture;
+pub use gatehouse_schema::AuditRecord;
+pub use jsonl::JsonLinesSink;
+pub use memory::MemorySink;
+pub use queue::{AuditQueue, QueueStats, WriterHandle};
+
+/// Why a sink could not store a batch.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// An I/O error of the underlying file or connection.
+    #[error("audit sink I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// The record could not be encoded.
+    #[error("audit record could not be encoded: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// A destination for audit records.
+///
+/// `write_batch` either stores every record of the batch or returns an error; the queue retries a
+/// failed batch.
+pub trait AuditSink: Send + Sync + 'static {
+    /// Stores a batch of records, in order.
+    fn write_batch<'a>(
+        &'a self,
+        records: &'a [AuditRecord],
+    ) -> BoxFuture<'a, Result<(), SinkError>>;
+
+    /// A short name for logs and metrics.
+    fn name(&self) -> &'static str;
+}

@@ -1,0 +1,360 @@
+//! The configuration snapshot a gateway runs on.
+//!
+//! A snapshot is immutable and versioned: the portal (or an operator with a YAML file) builds a
+//! whole one, the gateway validates it whole and swaps it in atomically. Secrets never travel in a
+//! snapshot: subscription keys appear only as SHA-256 hashes, backend credentials only as
+//! [`SecretRef`]s that the gateway resolves itself.
+
+use std::fmt;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use url::Url;
+
+/// One complete, versioned gateway configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigSnapshot {
+    /// Monotonic version; a gateway refuses a snapshot that is not newer than the one it runs.
+    pub version: u64,
+    /// Client subscriptions and their key hashes.
+    #[serde(default)]
+    pub subscriptions: Vec<Subscription>,
+    /// Backend pools, each serving one or more deployments.
+    #[serde(default)]
+    pub pools: Vec<BackendPool>,
+    /// Which request and response content is captured into the audit record.
+    #[serde(default)]
+    pub capture: CapturePolicy,
+    /// Client addresses of proxies whose `X-Forwarded-For` is believed.
+    #[serde(default)]
+    pub trusted_proxies: Vec<IpNet>,
+    /// Request body size above which the gateway answers 413 (bytes).
+    #[serde(default = "default_max_request_body")]
+    pub max_request_body_bytes: u64,
+}
+
+fn default_max_request_body() -> u64 {
+    // Azure OpenAI accepts audio uploads up to 25 MB; a little headroom for multipart framing.
+    26 * 1024 * 1024
+}
+
+/// A client subscription: who holds a pair of keys.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Subscription {
+    /// Stable id, recorded as `ApimSubscriptionId`.
+    pub id: String,
+    /// Human-readable name.
+    #[serde(default)]
+    pub display_name: String,
+    /// Product (team, group) the subscription belongs to, recorded as `ProductId`.
+    #[serde(default)]
+    pub product: Option<String>,
+    /// SHA-256 of the primary key, as [`KeyHash`].
+    pub primary_key_hash: KeyHash,
+    /// SHA-256 of the secondary key, if one is issued.
+    #[serde(default)]
+    pub secondary_key_hash: Option<KeyHash>,
+    /// Whether the subscription may be used.
+    #[serde(default)]
+    pub state: SubscriptionState,
+    /// After this instant the keys are refused.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<OffsetDateTime>,
+}
+
+/// The lifecycle state of a subscription (APIM's states, without the approval workflow).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubscriptionState {
+    /// Keys are accepted.
+    #[default]
+    Active,
+    /// Temporarily refused.
+    Suspended,
+    /// Permanently refused.
+    Revoked,
+}
+
+/// A SHA-256 digest of a subscription key, written `sha256:<64 hex digits>`.
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct KeyHash(pub [u8; 32]);
+
+impl KeyHash {
+    /// The textual prefix of every key hash.
+    pub const PREFIX: &'static str = "sha256:";
+}
+
+impl fmt::Debug for KeyHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyHash({self})")
+    }
+}
+
+impl fmt::Display for KeyHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(Self::PREFIX)?;
+        for byte in self.0 {
+            write!(f, "{byte:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl TryFrom<String> for KeyHash {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        let hex = text
+            .strip_prefix(Self::PREFIX)
+            .ok_or_else(|| format!("a key hash starts with `{}`", Self::PREFIX))?;
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err("a key hash has 64 hexadecimal digits after `sha256:`".to_owned());
+        }
+        let mut digest = [0u8; 32];
+        for (i, byte) in digest.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+                .map_err(|_| "a key hash has 64 hexadecimal digits after `sha256:`".to_owned())?;
+        }
+        Ok(KeyHash(digest))
+    }
+}
+
+impl From<KeyHash> for String {
+    fn from(hash: KeyHash) -> Self {
+        hash.to_string()
+    }
+}
+
+/// A pool of backend members serving a set of deployments.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendPool {
+    /// Stable id of the pool.
+    pub id: String,
+    /// Deployment (model) names clients use that this pool serves. `*` serves any name no other
+    /// pool claims.
+    #[serde(default)]
+    pub deployments: Vec<String>,
+    /// Whether this pool also serves calls that name no deployment (files, batches, assistants, …).
+    #[serde(default)]
+    pub serves_resources: bool,
+    /// The members, tried by priority then weight.
+    pub members: Vec<PoolMember>,
+}
+
+/// One backend instance in a pool.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolMember {
+    /// Stable id, recorded as `BackendId`; stateful objects stick to it.
+    pub id: String,
+    /// Which wire dialect the member speaks.
+    #[serde(default)]
+    pub kind: BackendKind,
+    /// Base URL: `https://{resource}.openai.azure.com` for Azure, `https://host/v1` for OpenAI.
+    pub endpoint: Url,
+    /// Deployment (Azure) or model (OpenAI) name to use on this member instead of the client's.
+    #[serde(default)]
+    pub deployment: Option<String>,
+    /// `api-version` sent to an Azure member when the client's route carries none.
+    #[serde(default)]
+    pub api_version: Option<String>,
+    /// Lower number = tried first.
+    #[serde(default = "default_priority")]
+    pub priority: u32,
+    /// Relative share of traffic inside a priority group.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// How the gateway authenticates to this member.
+    #[serde(default)]
+    pub credential: BackendCredential,
+    /// Transport settings (private CA, client certificate, timeouts).
+    #[serde(default)]
+    pub tls: BackendTls,
+    /// Connect timeout in milliseconds.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+}
+
+fn default_priority() -> u32 {
+    1
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    5_000
+}
+
+/// The wire dialect of a backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    /// Azure OpenAI: `/openai/deployments/{d}/…?api-version=` and `/openai/v1/…`, `api-key` header.
+    #[default]
+    AzureOpenai,
+    /// OpenAI or an OpenAI-compatible server: `{endpoint}/chat/completions`, model in the body,
+    /// `Authorization: Bearer`.
+    Openai,
+}
+
+/// How the gateway authenticates to a backend member.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum BackendCredential {
+    /// No credential (a local simulator).
+    #[default]
+    None,
+    /// A key sent as `api-key` (Azure) or `Authorization: Bearer` (OpenAI).
+    ApiKey {
+        /// Where the key is read from.
+        secret: SecretRef,
+    },
+}
+
+/// TLS settings for the connection to a backend member.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendTls {
+    /// PEM file with extra trusted CA certificates (a private CA), added to the system roots.
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// PEM file with a client certificate chain and its private key, for mutual TLS.
+    #[serde(default)]
+    pub client_identity_file: Option<String>,
+}
+
+/// A reference to a secret held outside the snapshot: `env:NAME` or `file:/path`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SecretRef(String);
+
+impl SecretRef {
+    /// Where the secret lives, parsed.
+    pub fn source(&self) -> SecretSource<'_> {
+        if let Some(name) = self.0.strip_prefix("env:") {
+            SecretSource::Env(name)
+        } else if let Some(path) = self.0.strip_prefix("file:") {
+            SecretSource::File(path)
+        } else {
+            // Constructors only admit the two prefixes above.
+            SecretSource::Env("")
+        }
+    }
+
+    /// The reference as written (never the secret itself).
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretRef({})", self.0)
+    }
+}
+
+impl TryFrom<String> for SecretRef {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        let ok = match text.split_once(':') {
+            Some(("env", name)) => !name.is_empty(),
+            Some(("file", path)) => !path.is_empty(),
+            _ => false,
+        };
+        if ok {
+            Ok(SecretRef(text))
+        } else {
+            Err("a secret reference is `env:NAME` or `file:/path`; secrets themselves never appear in configuration".to_owned())
+        }
+    }
+}
+
+impl From<SecretRef> for String {
+    fn from(secret: SecretRef) -> Self {
+        secret.0
+    }
+}
+
+/// Where a [`SecretRef`] points.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretSource<'a> {
+    /// An environment variable of the gateway process.
+    Env(&'a str),
+    /// A file readable by the gateway process (trailing newline ignored).
+    File(&'a str),
+}
+
+/// What content the gateway captures into audit records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapturePolicy {
+    /// Maximum bytes of the request body kept (0 = metadata only).
+    #[serde(default = "default_capture_bytes")]
+    pub max_request_body_bytes: usize,
+    /// Maximum bytes of the response body kept (0 = metadata only).
+    #[serde(default = "default_capture_bytes")]
+    pub max_response_body_bytes: usize,
+}
+
+fn default_capture_bytes() -> usize {
+    1024 * 1024
+}
+
+impl Default for CapturePolicy {
+    fn default() -> Self {
+        CapturePolicy {
+            max_request_body_bytes: default_capture_bytes(),
+            max_response_body_bytes: default_capture_bytes(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_hash_round_trips_and_rejects_garbage() {
+        let text = format!("sha256:{}", "ab".repeat(32));
+        let hash = KeyHash::try_from(text.clone()).unwrap();
+        assert_eq!(hash.to_string(), text);
+        assert!(KeyHash::try_from("sha256:xyz".to_owned()).is_err());
+        assert!(KeyHash::try_from("ab".repeat(32)).is_err());
+    }
+
+    #[test]
+    fn secret_refs_admit_only_env_and_file() {
+        assert_eq!(
+            SecretRef::try_from("env:KEY".to_owned()).unwrap().source(),
+            SecretSource::Env("KEY")
+        );
+        assert_eq!(
+            SecretRef::try_from("file:/run/key".to_owned())
+                .unwrap()
+                .source(),
+            SecretSource::File("/run/key")
+        );
+        let err = SecretRef::try_from("sk-live-abc".to_owned()).unwrap_err();
+        assert!(
+            !err.contains("sk-live-abc"),
+            "the error must not echo a secret"
+        );
+        assert!(SecretRef::try_from("env:".to_owned()).is_err());
+    }
+
+    #[test]
+    fn minimal_snapshot_takes_defaults() {
+        let snapshot: ConfigSnapshot = serde_json::from_str(r#"{"version": 3}"#).unwrap();
+        assert_eq!(snapshot.version, 3);
+        assert_eq!(snapshot.capture.max_request_body_bytes, 1024 * 1024);
+        assert!(snapshot.pools.is_empty());
+    }
+}

@@ -1,0 +1,12 @@
+//! Types shared by every Gatehouse crate.
+//!
+//! Everything here is plain data, serialisable and wasm-safe: the gateway, the audit store and
+//! the portal speak to each other only through these types and HTTP.
+
+pub mod audit;
+pub mod config;
+pub mod operation;
+
+pub use audit::AuditRecord;
+pub use config::ConfigSnapshot;
+pub use operation::OperationId;

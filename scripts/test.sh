@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: installs what is missing, then runs every test.
+#
+#   scripts/test.sh            # everything
+#   scripts/test.sh -E 'test(failover)'   # extra arguments go to cargo nextest
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+say() { printf '\n== %s\n' "$*"; }
+die() { printf 'scripts/test.sh: %s\n' "$*" >&2; exit 1; }
+
+say "toolchain"
+command -v cargo >/dev/null || die "cargo is missing: install Rust with rustup first"
+if ! cargo nextest --version >/dev/null 2>&1; then
+  cargo install cargo-nextest || die "could not install cargo-nextest"
+fi
+
+say "python environment for the OpenAI SDK compatibility tests"
+python=${PYTHON:-python3}
+command -v "$python" >/dev/null || die "python3 is missing"
+venv="$root/.venv"
+if [ ! -x "$venv/bin/python" ]; then
+  "$python" -m venv "$venv" || die "could not create $venv (is python3-venv installed?)"
+fi
+if ! "$venv/bin/python" -c 'import openai, pytest' >/dev/null 2>&1; then
+  "$venv/bin/pip" install --quiet -r tests/sdk/requirements.txt || die "could not install tests/sdk/requirements.txt"
+fi
+export GATEHOUSE_TEST_PYTHON="$venv/bin/python"
+
+say "build"
+cargo build --workspace --bins --locked
+export GATEHOUSE_BIN_DIR="${CARGO_TARGET_DIR:-$root/target}/debug"
+
+say "tests"
+cargo nextest run --workspace --locked --no-fail-fast "$@"
