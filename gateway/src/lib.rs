@@ -1,1 +1,42 @@
-//! Gateway.
+//! Gatehouse gateway: the data plane.
+//!
+//! Clients call it exactly as they call Azure OpenAI or OpenAI. One request passes these steps,
+//! each a module with one job:
+//!
+//! 1. **Accept** ([`server`]): HTTP/1.1 and HTTP/2, optional TLS; the request id (`x-request-id`
+//!    in, or a new UUIDv7) becomes the audit record's `CorrelationId` ([`app`]).
+//! 2. **Caller address** ([`caller`]): the peer, and `X-Forwarded-For` from trusted proxies only.
+//! 3. **Authenticate** ([`auth`]): a subscription key from `api-key`, `Ocp-Apim-Subscription-Key`,
+//!    `subscription-key` or `Authorization: Bearer`, checked against SHA-256 digests.
+//! 4. **Classify** ([`classify`]): method + path → operation id, deployment, route style.
+//! 5. **Authorize** and 6. **Limit**: group-to-model rules and token limits (identity issue).
+//! 7. **Route** ([`pool`], [`affinity`], [`retry_hint`]): priority groups, weights, members set
+//!    aside on 429/5xx/connect failure, stateful objects pinned to their member.
+//! 8. **Proxy** ([`proxy`]): the member's URL and credential replace the client's, the body is
+//!    replayed on another member while nothing has reached the client, the answer streams back.
+//! 9. **Capture** ([`capture`]): a tee that keeps bodies up to a limit and reassembles streams.
+//! 10. **Record** ([`record`]): one audit record per call, handed to the audit queue off the hot path.
+//!
+//! Configuration ([`settings`], [`runtime`], [`admin`]) is one immutable snapshot swapped atomically.
+
+pub mod admin;
+pub mod affinity;
+pub mod app;
+pub mod auth;
+pub mod caller;
+pub mod capture;
+pub mod classify;
+pub mod error;
+pub mod metrics;
+pub mod pool;
+pub mod proxy;
+pub mod record;
+pub mod retry_hint;
+pub mod runtime;
+pub mod secret;
+pub mod server;
+pub mod settings;
+
+pub use app::{Gateway, GatewayParts};
+pub use error::GatewayError;
+pub use settings::{ConfigFile, ServerSettings};

@@ -219,7 +219,7 @@ pub enum BackendCredential {
 }
 
 /// TLS settings for the connection to a backend member.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendTls {
     /// PEM file with extra trusted CA certificates (a private CA), added to the system roots.

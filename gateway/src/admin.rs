@@ -1,0 +1,143 @@
+//! The config endpoint: `PUT /_gatehouse/config` takes a whole versioned snapshot.
+//!
+//! The snapshot is validated whole (422 naming the exact field, the running config untouched),
+//! must be newer than the running one (409 otherwise), is written to the state directory as
+//! last-known-good, and only then swapped in atomically.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use gatehouse_schema::ConfigSnapshot;
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+use crate::app::Gateway;
+use crate::error::GatewayError;
+
+/// Path of the config endpoint.
+pub const CONFIG_PATH: &str = "/_gatehouse/config";
+/// File name of the last-known-good snapshot in the state directory.
+const LAST_KNOWN_GOOD: &str = "last-known-good.json";
+
+fn authorize(gateway: &Gateway, headers: &HeaderMap) -> Result<(), GatewayError> {
+    let Some(expected) = &gateway.admin_token else {
+        return Err(GatewayError::AdminUnauthorized);
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let matches: bool = presented
+        .as_bytes()
+        .ct_eq(expected.expose().as_bytes())
+        .into();
+    if matches {
+        Ok(())
+    } else {
+        Err(GatewayError::AdminUnauthorized)
+    }
+}
+
+/// `GET /_gatehouse/config`: the running snapshot (it holds key hashes and secret references only).
+pub async fn get_config(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
+    if let Err(error) = authorize(&gateway, &headers) {
+        return error.into_response();
+    }
+    axum::Json(&gateway.runtime().snapshot).into_response()
+}
+
+/// `PUT /_gatehouse/config`: replace the running snapshot with a newer, valid one.
+pub async fn put_config(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    match apply(&gateway, &headers, &body).await {
+        Ok(version) => (
+            StatusCode::OK,
+            axum::Json(json!({"version": version, "status": "applied"})),
+        )
+            .into_response(),
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn apply(gateway: &Gateway, headers: &HeaderMap, body: &[u8]) -> Result<u64, GatewayError> {
+    authorize(gateway, headers)?;
+    let is_yaml = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("yaml"));
+    let snapshot =
+        parse_snapshot(body, is_yaml).map_err(|message| GatewayError::InvalidConfig { message })?;
+    // One write at a time, so that version checks and the file agree.
+    let _guard = gateway.config_writes.lock().await;
+    let running = gateway.runtime().snapshot.version;
+    if snapshot.version <= running {
+        return Err(GatewayError::StaleConfig {
+            offered: snapshot.version,
+            running,
+        });
+    }
+    let version = snapshot.version;
+    let runtime =
+        gateway
+            .prepare(snapshot.clone())
+            .map_err(|errors| GatewayError::InvalidConfig {
+                message: errors.to_string(),
+            })?;
+    save_last_known_good(&gateway.state_dir, &snapshot)
+        .await
+        .map_err(|error| {
+            tracing::error!(%error, "could not persist the configuration; keeping the running one");
+            GatewayError::Internal
+        })?;
+    gateway.install(runtime);
+    tracing::info!(version, "configuration applied");
+    Ok(version)
+}
+
+fn parse_snapshot(body: &[u8], is_yaml: bool) -> Result<ConfigSnapshot, String> {
+    let result = if is_yaml {
+        let text = std::str::from_utf8(body).map_err(|_| "the body is not UTF-8".to_owned())?;
+        serde_path_to_error::deserialize(serde_yaml_ng::Deserializer::from_str(text))
+            .map_err(|e| (e.path().to_string(), e.into_inner().to_string()))
+    } else {
+        serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(body))
+            .map_err(|e| (e.path().to_string(), e.into_inner().to_string()))
+    };
+    result.map_err(|(path, message)| format!("{path}: {message}"))
+}
+
+/// Reads the last-known-good snapshot of a previous run, if any.
+pub async fn load_last_known_good(state_dir: &Path) -> anyhow::Result<Option<ConfigSnapshot>> {
+    let path = state_dir.join(LAST_KNOWN_GOOD);
+    match tokio::fs::read(&path).await {
+        Ok(bytes) => match serde_json::from_slice(&bytes) {
+            Ok(snapshot) => Ok(Some(snapshot)),
+            Err(error) => {
+                tracing::warn!(path = %path.display(), %error, "ignoring an unreadable last-known-good configuration");
+                Ok(None)
+            }
+        },
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(error.into()),
+    }
+}
+
+async fn save_last_known_good(state_dir: &Path, snapshot: &ConfigSnapshot) -> std::io::Result<()> {
+    tokio::fs::create_dir_all(state_dir).await?;
+    let path = state_dir.join(LAST_KNOWN_GOOD);
+    let temporary = state_dir.join(format!("{LAST_KNOWN_GOOD}.tmp"));
+    let bytes = serde_json::to_vec_pretty(snapshot).map_err(std::io::Error::other)?;
+    let mut file = tokio::fs::File::create(&temporary).await?;
+    tokio::io::AsyncWriteExt::write_all(&mut file, &bytes).await?;
+    file.sync_all().await?;
+    drop(file);
+    tokio::fs::rename(&temporary, &path).await
+}

@@ -1,0 +1,363 @@
+//! The gateway: shared state and the HTTP surface.
+//!
+//! Unauthenticated routes are the short list in [`OPEN_ROUTES`]; everything else is a model call
+//! and goes through the pipeline in [`crate`]'s documentation, in [`serve_call`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use gatehouse_audit::AuditQueue;
+use gatehouse_schema::{AuditRecord, ConfigSnapshot};
+use http::request::Parts;
+use time::OffsetDateTime;
+
+use crate::affinity::AffinityMap;
+use crate::error::GatewayError;
+use crate::metrics::{BackendLabels, CallLabels, Metrics, OperationLabels, TokenLabels};
+use crate::pool::HealthRegistry;
+use crate::record::CallRecord;
+use crate::runtime::{Runtime, ValidationErrors};
+use crate::secret::Secret;
+use crate::{admin, caller, classify, proxy};
+
+/// Routes served without a subscription key.
+pub const OPEN_ROUTES: &[&str] = &["/healthz", "/readyz", "/metrics"];
+
+/// Everything a running gateway shares between requests.
+#[derive(Debug)]
+pub struct Gateway {
+    /// Name of this instance.
+    pub id: String,
+    runtime: ArcSwap<Runtime>,
+    health: HealthRegistry,
+    /// Object → member map for stateful calls.
+    pub affinity: AffinityMap,
+    audit: Option<AuditQueue>,
+    /// Metrics.
+    pub metrics: Metrics,
+    pub(crate) admin_token: Option<Secret<String>>,
+    pub(crate) state_dir: PathBuf,
+    pub(crate) config_writes: tokio::sync::Mutex<()>,
+}
+
+/// How to build a [`Gateway`].
+#[derive(Debug)]
+pub struct GatewayParts {
+    /// Instance name.
+    pub id: String,
+    /// The snapshot to start on (the last-known-good one is preferred when newer).
+    pub snapshot: ConfigSnapshot,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Admin token for the config endpoint.
+    pub admin_token: Option<Secret<String>>,
+    /// Where audit records go.
+    pub audit: Option<AuditQueue>,
+}
+
+impl Gateway {
+    /// Builds a gateway; fails when the snapshot is invalid or the state directory unusable.
+    pub async fn new(parts: GatewayParts) -> anyhow::Result<Arc<Gateway>> {
+        let health = HealthRegistry::default();
+        let snapshot = match admin::load_last_known_good(&parts.state_dir).await? {
+            Some(saved) if saved.version > parts.snapshot.version => {
+                tracing::info!(
+                    version = saved.version,
+                    "starting on the last-known-good configuration"
+                );
+                saved
+            }
+            _ => parts.snapshot,
+        };
+        let runtime = Runtime::build(snapshot, &health)
+            .map_err(|e: ValidationErrors| anyhow::anyhow!("invalid configuration: {e}"))?;
+        let affinity = AffinityMap::open(&parts.state_dir).await?;
+        let metrics = Metrics::default();
+        metrics.config_version.set(runtime.snapshot.version);
+        Ok(Arc::new(Gateway {
+            id: parts.id,
+            runtime: ArcSwap::from_pointee(runtime),
+            health,
+            affinity,
+            audit: parts.audit,
+            metrics,
+            admin_token: parts.admin_token,
+            state_dir: parts.state_dir,
+            config_writes: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    /// The runtime now in force.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.load_full()
+    }
+
+    /// Validates a snapshot and builds its runtime without installing it.
+    pub(crate) fn prepare(&self, snapshot: ConfigSnapshot) -> Result<Runtime, ValidationErrors> {
+        Runtime::build(snapshot, &self.health)
+    }
+
+    /// Installs a prepared runtime atomically.
+    pub(crate) fn install(&self, runtime: Runtime) {
+        self.metrics.config_version.set(runtime.snapshot.version);
+        self.runtime.store(Arc::new(runtime));
+    }
+
+    /// The HTTP router.
+    pub fn router(self: &Arc<Self>) -> Router {
+        Router::new()
+            .route("/healthz", get(|| async { "ok" }))
+            .route("/readyz", get(ready))
+            .route("/metrics", get(metrics))
+            .route(
+                admin::CONFIG_PATH,
+                get(admin::get_config).put(admin::put_config),
+            )
+            .fallback(any(serve_call))
+            .with_state(Arc::clone(self))
+    }
+
+    /// Hands a finished record to the audit queue, never waiting.
+    pub(crate) fn submit(&self, record: AuditRecord) {
+        if let Some(queue) = &self.audit {
+            queue.submit(record);
+        }
+    }
+
+    /// Counts a finished call and hands its record on.
+    pub(crate) fn finish(&self, record: AuditRecord) {
+        let operation = record
+            .operation_id
+            .map_or("unknown", |o| o.as_str())
+            .to_owned();
+        let runtime = self.runtime();
+        let deployment = record
+            .deployment_name
+            .as_deref()
+            .filter(|d| runtime.pool_for(Some(d)).is_some())
+            .unwrap_or("none")
+            .to_owned();
+        self.metrics
+            .requests
+            .get_or_create(&CallLabels {
+                operation: operation.clone(),
+                deployment: deployment.clone(),
+                backend: record
+                    .backend_id
+                    .clone()
+                    .unwrap_or_else(|| "none".to_owned()),
+                status: record.response_code,
+            })
+            .inc();
+        let labels = OperationLabels { operation };
+        self.metrics
+            .duration
+            .get_or_create(&labels)
+            .observe(record.total_time as f64 / 1000.0);
+        if let Some(first) = record.time_to_first_byte {
+            self.metrics
+                .first_byte
+                .get_or_create(&labels)
+                .observe(first as f64 / 1000.0);
+        }
+        if let Some(usage) = record.usage {
+            for (kind, count) in [
+                ("prompt", usage.prompt_tokens),
+                ("completion", usage.completion_tokens),
+                ("cached", usage.cached_tokens),
+                ("reasoning", usage.reasoning_tokens),
+            ] {
+                if count > 0 {
+                    self.metrics
+                        .tokens
+                        .get_or_create(&TokenLabels {
+                            deployment: deployment.clone(),
+                            kind: kind.to_owned(),
+                        })
+                        .inc_by(count);
+                }
+            }
+        }
+        self.submit(record);
+    }
+}
+
+async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {
+    if gateway.runtime().pools.is_empty() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no backend pool configured",
+        )
+            .into_response()
+    } else {
+        "ready".into_response()
+    }
+}
+
+async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
+    let now = Instant::now();
+    for pool in &gateway.runtime().pools {
+        for member in &pool.members {
+            let available = i64::from(member.health.set_aside_state(now).is_none());
+            gateway
+                .metrics
+                .backend_available
+                .get_or_create(&BackendLabels {
+                    pool: pool.id.clone(),
+                    backend: member.config.id.clone(),
+                })
+                .set(available);
+        }
+    }
+    if let Some(queue) = &gateway.audit {
+        let stats = queue.stats();
+        gateway
+            .metrics
+            .audit_queue_depth
+            .set(i64::try_from(stats.depth).unwrap_or(i64::MAX));
+        gateway.metrics.audit_rejected.set(stats.rejected);
+        gateway.metrics.audit_write_errors.set(stats.write_errors);
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        gateway.metrics.encode(),
+    )
+        .into_response()
+}
+
+/// One model call, through the pipeline.
+async fn serve_call(
+    State(gateway): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+) -> Response {
+    let started = Instant::now();
+    let runtime = gateway.runtime();
+    let (parts, body) = request.into_parts();
+    // 1. Request id.
+    let request_id = request_id(&parts);
+    // 2. Caller address.
+    let caller = caller::resolve(peer, &parts.headers, &runtime.snapshot.trusted_proxies);
+    let mut record = Some(CallRecord::new(
+        &gateway.id,
+        &request_id,
+        &parts,
+        caller,
+        started,
+    ));
+    let outcome = pipeline(&gateway, &runtime, &parts, body, &mut record).await;
+    let mut response = match outcome {
+        Ok(response) => response,
+        Err(error) => {
+            if let Some(record) = record.take() {
+                gateway.finish(record.finish_error(&error));
+            }
+            error.into_response()
+        }
+    };
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    response
+}
+
+async fn pipeline(
+    gateway: &Arc<Gateway>,
+    runtime: &Runtime,
+    parts: &Parts,
+    body: Body,
+    record: &mut Option<CallRecord>,
+) -> Result<Response, GatewayError> {
+    // 3. Authenticate, before reading a byte of the body.
+    let principal =
+        runtime
+            .keys
+            .authenticate(&parts.headers, parts.uri.query(), OffsetDateTime::now_utc())?;
+    if let Some(record) = record.as_mut() {
+        record.principal(&principal);
+    }
+    // The body, bounded; buffered so that a failed attempt can be replayed on another member.
+    let body = read_body(parts, body, runtime.snapshot.max_request_body_bytes).await?;
+    let capture_limit = runtime.snapshot.capture.max_request_body_bytes;
+    if let Some(record) = record.as_mut() {
+        record.record.request_size = body.len() as u64;
+    }
+    // 4. Classify.
+    let call = classify::classify(
+        &parts.method,
+        parts.uri.path(),
+        parts.uri.query(),
+        &parts.headers,
+        &body,
+    )?;
+    if let Some(record) = record.as_mut() {
+        record.call(&call);
+        if capture_limit > 0 && call.body_kind != classify::BodyKind::Multipart {
+            let mut capture = crate::capture::BodyCapture::new(capture_limit);
+            capture.push(&body);
+            record.record.request_body_truncated = capture.truncated();
+            record.record.backend_request_body = capture.into_text();
+        }
+        if let Some(json) = &call.json {
+            record.record.request_messages = crate::capture::request_messages(call.operation, json);
+        }
+    }
+    // 5–6. Authorization rules and limits arrive with the identity work; a valid key grants every
+    // configured deployment today.
+    // 7–9. Route, proxy, capture.
+    proxy::forward(gateway, runtime, call, parts, body, record).await
+}
+
+async fn read_body(parts: &Parts, body: Body, limit: u64) -> Result<bytes::Bytes, GatewayError> {
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit) {
+        return Err(GatewayError::BodyTooLarge { limit });
+    }
+    let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
+    match axum::body::to_bytes(body, limit_usize).await {
+        Ok(bytes) => Ok(bytes),
+        Err(error) => {
+            let too_large = std::error::Error::source(&error)
+                .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
+            if too_large {
+                Err(GatewayError::BodyTooLarge { limit })
+            } else {
+                Err(GatewayError::BadRequest {
+                    message: "The request body could not be read.".to_owned(),
+                    param: None,
+                })
+            }
+        }
+    }
+}
+
+/// The client's `x-request-id` when it is a sane token, else a new UUIDv7.
+fn request_id(parts: &Parts) -> String {
+    parts
+        .headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 128
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+        })
+        .map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_owned)
+}

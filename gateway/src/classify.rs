@@ -1,0 +1,519 @@
+//! Step 4: what a request is — operation id, deployment, route style, object ids.
+//!
+//! Accepts the route styles clients use (`azure-specs.md` §1.1, §1.8):
+//! - Azure classic deployment routes: `/openai/deployments/{d}/chat/completions?api-version=…`;
+//! - Azure resource routes: `/openai/files`, `/openai/batches/{id}`, `/openai/responses`, …;
+//! - Azure v1 routes: `/openai/v1/chat/completions`, model in the body;
+//! - OpenAI routes: `/v1/chat/completions`, model in the body.
+//!
+//! The operation id is the same whatever the style.
+
+use bytes::Bytes;
+use gatehouse_schema::OperationId;
+use http::{HeaderMap, Method, header};
+
+use crate::error::GatewayError;
+
+/// How the client addressed the call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteStyle {
+    /// `/openai/deployments/{d}/…` (deployment in the path).
+    AzureDeployment,
+    /// `/openai/{resource}…` with `api-version`.
+    AzureResource,
+    /// `/openai/v1/…`.
+    AzureV1,
+    /// `/v1/…` (OpenAI).
+    OpenAi,
+}
+
+/// What kind of body the operation takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    /// No body expected.
+    None,
+    /// A JSON object.
+    Json,
+    /// `multipart/form-data`.
+    Multipart,
+}
+
+/// Which stateful object family an id belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectFamily {
+    /// Uploaded files.
+    File,
+    /// Batch jobs.
+    Batch,
+    /// Fine-tuning jobs.
+    FineTuningJob,
+    /// Assistants.
+    Assistant,
+    /// Threads.
+    Thread,
+    /// Stored responses.
+    Response,
+    /// Vector stores.
+    VectorStore,
+}
+
+/// A classified request.
+#[derive(Debug, Clone)]
+pub struct Call {
+    /// The operation.
+    pub operation: OperationId,
+    /// How the client addressed it.
+    pub style: RouteStyle,
+    /// Deployment (Azure) or model (OpenAI style) the call names, if any.
+    pub deployment: Option<String>,
+    /// Path segments after the style prefix: `["chat", "completions"]`, `["files", "file-1", "content"]`.
+    pub op_path: Vec<String>,
+    /// `api-version` of the client, if given.
+    pub api_version: Option<String>,
+    /// The stateful object the path addresses (the call must go where it was created).
+    pub object: Option<(ObjectFamily, String)>,
+    /// The family of object this call creates, if it creates one.
+    pub creates: Option<ObjectFamily>,
+    /// The body kind the operation takes.
+    pub body_kind: BodyKind,
+    /// Whether the client asked for a stream.
+    pub is_stream: bool,
+    /// The parsed JSON body, when the body is JSON.
+    pub json: Option<serde_json::Value>,
+}
+
+/// The longest deployment name Azure accepts.
+const MAX_NAME: usize = 64;
+/// The longest object id accepted in a path.
+const MAX_ID: usize = 128;
+
+/// Classifies a request by method, path, query, headers and body.
+pub fn classify(
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Call, GatewayError> {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (style, deployment, rest) = match segments.as_slice() {
+        ["openai", "deployments", deployment, rest @ ..] if !rest.is_empty() => (
+            RouteStyle::AzureDeployment,
+            Some(valid_name(deployment)?),
+            rest,
+        ),
+        ["openai", "v1", rest @ ..] => (RouteStyle::AzureV1, None, rest),
+        ["openai", rest @ ..] => (RouteStyle::AzureResource, None, rest),
+        ["v1", rest @ ..] => (RouteStyle::OpenAi, None, rest),
+        _ => return Err(GatewayError::UnknownRoute),
+    };
+    let rest: Vec<&str> = rest.iter().copied().filter(|s| !s.is_empty()).collect();
+    let route = match_operation(method, &rest)?;
+    if style == RouteStyle::AzureDeployment && !route.deployment_scoped {
+        return Err(GatewayError::UnknownRoute);
+    }
+
+    let api_version = query_param(query, "api-version");
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let json = parse_body(route.body_kind, &content_type, body)?;
+    let is_stream = json
+        .as_ref()
+        .and_then(|j| j.get("stream"))
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(false);
+
+    let deployment = match deployment {
+        Some(d) => Some(d),
+        None if route.model_in_body => {
+            let model = match &json {
+                Some(json) => json
+                    .get("model")
+                    .and_then(serde_json::Value::as_str)
+                    .map(str::to_owned),
+                None if route.body_kind == BodyKind::Multipart => {
+                    multipart_field(&content_type, body, "model")
+                }
+                None => None,
+            };
+            match model {
+                Some(model) => Some(valid_name(&model)?),
+                // Responses may name no model when they continue a stored one.
+                None if route.operation == OperationId::CreateResponse => None,
+                None => {
+                    return Err(GatewayError::BadRequest {
+                        message: "The request names no model: set `model` to a deployment name."
+                            .to_owned(),
+                        param: Some("model"),
+                    });
+                }
+            }
+        }
+        None => None,
+    };
+
+    Ok(Call {
+        operation: route.operation,
+        style,
+        deployment,
+        op_path: rest.iter().map(|s| (*s).to_owned()).collect(),
+        api_version,
+        object: route.object,
+        creates: route.creates,
+        body_kind: route.body_kind,
+        is_stream,
+        json,
+    })
+}
+
+struct Route {
+    operation: OperationId,
+    body_kind: BodyKind,
+    /// Whether the Azure classic deployment route exists for it.
+    deployment_scoped: bool,
+    /// Whether non-deployment styles name the model in the body.
+    model_in_body: bool,
+    object: Option<(ObjectFamily, String)>,
+    creates: Option<ObjectFamily>,
+}
+
+fn inference(operation: OperationId, body_kind: BodyKind) -> Route {
+    Route {
+        operation,
+        body_kind,
+        deployment_scoped: true,
+        model_in_body: true,
+        object: None,
+        creates: None,
+    }
+}
+
+fn resource(operation: OperationId, body_kind: BodyKind) -> Route {
+    Route {
+        operation,
+        body_kind,
+        deployment_scoped: false,
+        model_in_body: false,
+        object: None,
+        creates: None,
+    }
+}
+
+fn on(route: Route, family: ObjectFamily, id: &str) -> Result<Route, GatewayError> {
+    Ok(Route {
+        object: Some((family, valid_id(id)?)),
+        ..route
+    })
+}
+
+fn creating(route: Route, family: ObjectFamily) -> Route {
+    Route {
+        creates: Some(family),
+        ..route
+    }
+}
+
+fn match_operation(method: &Method, rest: &[&str]) -> Result<Route, GatewayError> {
+    use BodyKind::{Json, Multipart, None as NoBody};
+    use ObjectFamily as F;
+    use OperationId as Op;
+    let get = method == Method::GET;
+    let post = method == Method::POST;
+    let delete = method == Method::DELETE;
+    let route = match rest {
+        ["chat", "completions"] if post => inference(Op::ChatCompletionsCreate, Json),
+        ["completions"] if post => inference(Op::CompletionsCreate, Json),
+        ["embeddings"] if post => inference(Op::EmbeddingsCreate, Json),
+        ["images", "generations"] if post => inference(Op::ImageGenerationsCreate, Json),
+        ["images", "edits"] if post => inference(Op::ImageEditsCreate, Multipart),
+        ["audio", "transcriptions"] if post => inference(Op::TranscriptionsCreate, Multipart),
+        ["audio", "translations"] if post => inference(Op::TranslationsCreate, Multipart),
+        ["audio", "speech"] if post => inference(Op::SpeechCreate, Json),
+
+        ["responses"] if post => Route {
+            deployment_scoped: false,
+            ..creating(inference(Op::CreateResponse, Json), F::Response)
+        },
+        ["responses", id] if get => on(resource(Op::GetResponse, NoBody), F::Response, id)?,
+        ["responses", id] if delete => on(resource(Op::DeleteResponse, NoBody), F::Response, id)?,
+        ["responses", id, "cancel"] if post => {
+            on(resource(Op::CancelResponse, Json), F::Response, id)?
+        }
+        ["responses", id, "input_items"] if get => {
+            on(resource(Op::GetInputItems, NoBody), F::Response, id)?
+        }
+
+        ["files"] if get => resource(Op::FilesList, NoBody),
+        ["files"] if post => creating(resource(Op::FilesUpload, Multipart), F::File),
+        ["files", "import"] if post => creating(resource(Op::FilesImport, Json), F::File),
+        ["files", id] if get => on(resource(Op::FilesGet, NoBody), F::File, id)?,
+        ["files", id] if delete => on(resource(Op::FilesDelete, NoBody), F::File, id)?,
+        ["files", id, "content"] if get => on(resource(Op::FilesGetContent, NoBody), F::File, id)?,
+
+        ["batches"] if get => resource(Op::BatchList, NoBody),
+        ["batches"] if post => creating(resource(Op::BatchCreate, Json), F::Batch),
+        ["batches", id] if get => on(resource(Op::BatchGet, NoBody), F::Batch, id)?,
+        ["batches", id, "cancel"] if post => on(resource(Op::BatchCancel, Json), F::Batch, id)?,
+
+        ["fine_tuning", "jobs"] if get => resource(Op::FineTuningList, NoBody),
+        ["fine_tuning", "jobs"] if post => {
+            creating(resource(Op::FineTuningCreate, Json), F::FineTuningJob)
+        }
+        ["fine_tuning", "jobs", id] if get => {
+            on(resource(Op::FineTuningGet, NoBody), F::FineTuningJob, id)?
+        }
+        ["fine_tuning", "jobs", id, action] if post => {
+            let op = match *action {
+                "cancel" => Op::FineTuningCancel,
+                "pause" => Op::FineTuningPause,
+                "resume" => Op::FineTuningResume,
+                _ => return Err(GatewayError::UnknownRoute),
+            };
+            on(resource(op, Json), F::FineTuningJob, id)?
+        }
+        ["fine_tuning", "jobs", id, "events"] if get => on(
+            resource(Op::FineTuningGetEvents, NoBody),
+            F::FineTuningJob,
+            id,
+        )?,
+        ["fine_tuning", "jobs", id, "checkpoints"] if get => on(
+            resource(Op::FineTuningGetCheckpoints, NoBody),
+            F::FineTuningJob,
+            id,
+        )?,
+
+        ["models"] if get => resource(Op::ModelsList, NoBody),
+        ["models", id] if get => {
+            valid_id(id)?;
+            resource(Op::ModelsGet, NoBody)
+        }
+
+        ["assistants"] if get => resource(Op::ListAssistants, NoBody),
+        ["assistants"] if post => creating(resource(Op::CreateAssistant, Json), F::Assistant),
+        ["assistants", id] if get => on(resource(Op::GetAssistant, NoBody), F::Assistant, id)?,
+        ["assistants", id] if post => on(resource(Op::ModifyAssistant, Json), F::Assistant, id)?,
+        ["assistants", id] if delete => {
+            on(resource(Op::DeleteAssistant, NoBody), F::Assistant, id)?
+        }
+
+        ["threads"] if post => creating(resource(Op::CreateThread, Json), F::Thread),
+        ["threads", "runs"] if post => creating(resource(Op::CreateThreadAndRun, Json), F::Thread),
+        ["threads", id] if get => on(resource(Op::GetThread, NoBody), F::Thread, id)?,
+        ["threads", id] if post => on(resource(Op::ModifyThread, Json), F::Thread, id)?,
+        ["threads", id] if delete => on(resource(Op::DeleteThread, NoBody), F::Thread, id)?,
+        ["threads", id, "messages"] if get => {
+            on(resource(Op::ListMessages, NoBody), F::Thread, id)?
+        }
+        ["threads", id, "messages"] if post => {
+            on(resource(Op::CreateMessage, Json), F::Thread, id)?
+        }
+        ["threads", id, "messages", m] if get => {
+            on_with(resource(Op::GetMessage, NoBody), F::Thread, id, m)?
+        }
+        ["threads", id, "messages", m] if post => {
+            on_with(resource(Op::ModifyMessage, Json), F::Thread, id, m)?
+        }
+        ["threads", id, "messages", m] if delete => {
+            on_with(resource(Op::DeleteMessage, NoBody), F::Thread, id, m)?
+        }
+        ["threads", id, "runs"] if get => on(resource(Op::ListRuns, NoBody), F::Thread, id)?,
+        ["threads", id, "runs"] if post => on(resource(Op::CreateRun, Json), F::Thread, id)?,
+        ["threads", id, "runs", r] if get => {
+            on_with(resource(Op::GetRun, NoBody), F::Thread, id, r)?
+        }
+        ["threads", id, "runs", r] if post => {
+            on_with(resource(Op::ModifyRun, Json), F::Thread, id, r)?
+        }
+        ["threads", id, "runs", r, "submit_tool_outputs"] if post => {
+            on_with(resource(Op::SubmitToolOutputsToRun, Json), F::Thread, id, r)?
+        }
+        ["threads", id, "runs", r, "cancel"] if post => {
+            on_with(resource(Op::CancelRun, Json), F::Thread, id, r)?
+        }
+        ["threads", id, "runs", r, "steps"] if get => {
+            on_with(resource(Op::ListRunSteps, NoBody), F::Thread, id, r)?
+        }
+        ["threads", id, "runs", r, "steps", s] if get => {
+            valid_id(s)?;
+            on_with(resource(Op::GetRunStep, NoBody), F::Thread, id, r)?
+        }
+
+        ["vector_stores"] if get => resource(Op::ListVectorStores, NoBody),
+        ["vector_stores"] if post => {
+            creating(resource(Op::CreateVectorStore, Json), F::VectorStore)
+        }
+        ["vector_stores", id] if get => {
+            on(resource(Op::GetVectorStore, NoBody), F::VectorStore, id)?
+        }
+        ["vector_stores", id] if post => {
+            on(resource(Op::ModifyVectorStore, Json), F::VectorStore, id)?
+        }
+        ["vector_stores", id] if delete => {
+            on(resource(Op::DeleteVectorStore, NoBody), F::VectorStore, id)?
+        }
+        ["vector_stores", id, "search"] if post => {
+            on(resource(Op::SearchVectorStore, Json), F::VectorStore, id)?
+        }
+        ["vector_stores", id, "files"] if get => on(
+            resource(Op::ListVectorStoreFiles, NoBody),
+            F::VectorStore,
+            id,
+        )?,
+        ["vector_stores", id, "files"] if post => on(
+            resource(Op::CreateVectorStoreFile, Json),
+            F::VectorStore,
+            id,
+        )?,
+        ["vector_stores", id, "files", f] if get => on_with(
+            resource(Op::GetVectorStoreFile, NoBody),
+            F::VectorStore,
+            id,
+            f,
+        )?,
+        ["vector_stores", id, "files", f] if delete => on_with(
+            resource(Op::DeleteVectorStoreFile, NoBody),
+            F::VectorStore,
+            id,
+            f,
+        )?,
+        ["vector_stores", id, "file_batches"] if post => on(
+            resource(Op::CreateVectorStoreFileBatch, Json),
+            F::VectorStore,
+            id,
+        )?,
+        ["vector_stores", id, "file_batches", b] if get => on_with(
+            resource(Op::GetVectorStoreFileBatch, NoBody),
+            F::VectorStore,
+            id,
+            b,
+        )?,
+        ["vector_stores", id, "file_batches", b, "cancel"] if post => on_with(
+            resource(Op::CancelVectorStoreFileBatch, Json),
+            F::VectorStore,
+            id,
+            b,
+        )?,
+        ["vector_stores", id, "file_batches", b, "files"] if get => on_with(
+            resource(Op::ListVectorStoreFileBatchFiles, NoBody),
+            F::VectorStore,
+            id,
+            b,
+        )?,
+        _ => return Err(GatewayError::UnknownRoute),
+    };
+    Ok(route)
+}
+
+fn on_with(
+    route: Route,
+    family: ObjectFamily,
+    id: &str,
+    child: &str,
+) -> Result<Route, GatewayError> {
+    valid_id(child)?;
+    on(route, family, id)
+}
+
+/// A deployment or model name: letters, digits, `.`, `_`, `-`, at most 64, not only dots.
+fn valid_name(name: &str) -> Result<String, GatewayError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'))
+        && !name.bytes().all(|b| b == b'.');
+    if ok {
+        Ok(name.to_owned())
+    } else {
+        Err(GatewayError::BadRequest {
+            message: "The deployment name is not valid: use letters, digits, '.', '_', '-' and ':' (at most 64 characters).".to_owned(),
+            param: Some("model"),
+        })
+    }
+}
+
+/// An object id in a path: the same alphabet as names, at most 128 characters.
+fn valid_id(id: &str) -> Result<String, GatewayError> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_ID
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'))
+        && !id.bytes().all(|b| b == b'.');
+    if ok {
+        Ok(id.to_owned())
+    } else {
+        Err(GatewayError::BadRequest {
+            message: "The object id in the path is not valid.".to_owned(),
+            param: None,
+        })
+    }
+}
+
+/// The first value of a query parameter (percent-decoded).
+pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    url::form_urlencoded::parse(query?.as_bytes())
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.into_owned())
+}
+
+fn parse_body(
+    kind: BodyKind,
+    content_type: &str,
+    body: &Bytes,
+) -> Result<Option<serde_json::Value>, GatewayError> {
+    let media_type = content_type.split(';').next().unwrap_or("").trim();
+    match kind {
+        BodyKind::Json if !body.is_empty() => {
+            if !(media_type == "application/json"
+                || media_type.ends_with("+json")
+                || media_type.is_empty())
+            {
+                return Err(unsupported(format!(
+                    "This operation takes a JSON body; the request's Content-Type is `{media_type}`."
+                )));
+            }
+            let value: serde_json::Value =
+                serde_json::from_slice(body).map_err(|error| GatewayError::BadRequest {
+                    message: format!("The request body is not valid JSON: {error}."),
+                    param: None,
+                })?;
+            if !value.is_object() {
+                return Err(GatewayError::BadRequest {
+                    message: "The request body must be a JSON object.".to_owned(),
+                    param: None,
+                });
+            }
+            Ok(Some(value))
+        }
+        BodyKind::Multipart if media_type != "multipart/form-data" => Err(unsupported(format!(
+            "This operation takes a multipart/form-data body; the request's Content-Type is `{media_type}`."
+        ))),
+        _ => Ok(None),
+    }
+}
+
+fn unsupported(message: String) -> GatewayError {
+    GatewayError::UnsupportedMediaType { message }
+}
+
+/// Reads one text field of a buffered multipart body, without copying file parts.
+fn multipart_field(content_type: &str, body: &Bytes, name: &str) -> Option<String> {
+    let boundary = multer::parse_boundary(content_type).ok()?;
+    let stream = futures::stream::once(futures::future::ready(Ok::<Bytes, std::io::Error>(
+        body.clone(),
+    )));
+    let mut multipart = multer::Multipart::new(stream, boundary);
+    // The whole body is already in memory, so every poll below is ready at once.
+    futures::executor::block_on(async {
+        while let Ok(Some(field)) = multipart.next_field().await {
+            if field.name() == Some(name) {
+                return field.text().await.ok();
+            }
+        }
+        None
+    })
+}

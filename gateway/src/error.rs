@@ -1,0 +1,185 @@
+//! The gateway's errors, each rendered once in the Azure OpenAI / API Management shape.
+//!
+//! Clients of Azure OpenAI parse `{"error": {"code", "message", "type", "param"}}`; the OpenAI SDKs
+//! raise typed exceptions from the status code and read `error.message`. Every error the gateway
+//! itself produces uses that shape, a 4xx for anything the caller can fix, and a message that helps
+//! without revealing configuration or secrets.
+
+use std::time::Duration;
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// Why the gateway answered a call itself instead of a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// No credential in any of the accepted places.
+    #[error(
+        "Access denied due to missing subscription key. Make sure to include subscription key when making requests to an API."
+    )]
+    MissingKey,
+    /// A credential that matches no active subscription.
+    #[error(
+        "Access denied due to invalid subscription key. Make sure to provide a valid key for an active subscription."
+    )]
+    InvalidKey,
+    /// A credential of a subscription past its expiry date.
+    #[error(
+        "Access denied because the subscription has expired. Ask an administrator to renew it."
+    )]
+    ExpiredKey,
+    /// No route of Azure OpenAI or OpenAI matches.
+    #[error("Resource not found")]
+    UnknownRoute,
+    /// The body is larger than the configured limit.
+    #[error("The request body is larger than the gateway accepts ({limit} bytes).")]
+    BodyTooLarge {
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// The request is malformed in a way the caller can fix.
+    #[error("{message}")]
+    BadRequest {
+        /// What is wrong, for the caller.
+        message: String,
+        /// The offending parameter, if one.
+        param: Option<&'static str>,
+    },
+    /// The body's media type is not the one the operation takes.
+    #[error("{message}")]
+    UnsupportedMediaType {
+        /// What was expected and what came.
+        message: String,
+    },
+    /// No pool serves the deployment the call names.
+    #[error(
+        "The API deployment for this resource does not exist. If you created the deployment within the last 5 minutes, please wait a moment and try again."
+    )]
+    DeploymentNotFound,
+    /// A stateful object the gateway has not seen created.
+    #[error("No object with id '{0}' was created through this gateway.")]
+    ObjectNotFound(String),
+    /// Every member of the pool is throttled.
+    #[error("Every backend for this deployment is rate limited. Try again in {} seconds.", retry_after.as_secs().max(1))]
+    AllThrottled {
+        /// The shortest remaining wait among the members.
+        retry_after: Duration,
+    },
+    /// Every member of the pool is failing.
+    #[error("No backend for this deployment is available. Try again later.")]
+    AllUnavailable,
+    /// The admin endpoint was called without a valid admin token.
+    #[error("Access denied: a valid admin token is required.")]
+    AdminUnauthorized,
+    /// A configuration snapshot failed validation.
+    #[error("{message}")]
+    InvalidConfig {
+        /// The exact field path and the problem.
+        message: String,
+    },
+    /// A configuration snapshot is not newer than the running one.
+    #[error("Configuration version {offered} is not newer than the running version {running}.")]
+    StaleConfig {
+        /// Version offered.
+        offered: u64,
+        /// Version running.
+        running: u64,
+    },
+    /// Something in the gateway failed; details are logged, not returned.
+    #[error("The gateway failed to process the request.")]
+    Internal,
+}
+
+impl GatewayError {
+    /// The HTTP status of the error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            GatewayError::MissingKey
+            | GatewayError::InvalidKey
+            | GatewayError::ExpiredKey
+            | GatewayError::AdminUnauthorized => StatusCode::UNAUTHORIZED,
+            GatewayError::UnknownRoute
+            | GatewayError::DeploymentNotFound
+            | GatewayError::ObjectNotFound(_) => StatusCode::NOT_FOUND,
+            GatewayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            GatewayError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            GatewayError::AllThrottled { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::AllUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::InvalidConfig { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            GatewayError::StaleConfig { .. } => StatusCode::CONFLICT,
+            GatewayError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A low-cardinality name of the error, for metrics and the audit record.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            GatewayError::MissingKey => "missing_key",
+            GatewayError::InvalidKey => "invalid_key",
+            GatewayError::ExpiredKey => "expired_key",
+            GatewayError::UnknownRoute => "unknown_route",
+            GatewayError::BodyTooLarge { .. } => "body_too_large",
+            GatewayError::BadRequest { .. } => "bad_request",
+            GatewayError::UnsupportedMediaType { .. } => "unsupported_media_type",
+            GatewayError::DeploymentNotFound => "deployment_not_found",
+            GatewayError::ObjectNotFound(_) => "object_not_found",
+            GatewayError::AllThrottled { .. } => "all_backends_throttled",
+            GatewayError::AllUnavailable => "all_backends_unavailable",
+            GatewayError::AdminUnauthorized => "admin_unauthorized",
+            GatewayError::InvalidConfig { .. } => "invalid_config",
+            GatewayError::StaleConfig { .. } => "stale_config",
+            GatewayError::Internal => "internal",
+        }
+    }
+
+    /// The `error.code` value of the body.
+    fn code(&self) -> String {
+        match self {
+            GatewayError::DeploymentNotFound => "DeploymentNotFound".to_owned(),
+            GatewayError::BadRequest { .. } => "invalid_request_error".to_owned(),
+            GatewayError::InvalidConfig { .. } => "InvalidConfiguration".to_owned(),
+            _ => self.status().as_u16().to_string(),
+        }
+    }
+}
+
+impl IntoResponse for GatewayError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let param = match &self {
+            GatewayError::BadRequest { param, .. } => *param,
+            _ => None,
+        };
+        let error_type = match status {
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+            s if s.is_server_error() => "server_error",
+            _ => "invalid_request_error",
+        };
+        let body = json!({
+            "error": {
+                "code": self.code(),
+                "message": self.to_string(),
+                "type": error_type,
+                "param": param,
+            },
+            // API Management's own answers carry these two fields; clients written against APIM read them.
+            "statusCode": status.as_u16(),
+            "message": self.to_string(),
+        });
+        let mut response = (status, axum::Json(body)).into_response();
+        if let GatewayError::AllThrottled { retry_after } = &self {
+            let headers = response.headers_mut();
+            let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            if let Ok(value) = HeaderValue::from_str(&seconds.max(1).to_string()) {
+                headers.insert(header::RETRY_AFTER, value);
+            }
+            if let Ok(value) = HeaderValue::from_str(&retry_after.as_millis().max(1).to_string()) {
+                headers.insert("retry-after-ms", value);
+            }
+        }
+        response
+    }
+}

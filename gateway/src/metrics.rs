@@ -1,0 +1,186 @@
+//! Prometheus metrics, exposed at `/metrics` in the text exposition format.
+//!
+//! Labels are bounded by configuration: a deployment label is only set for deployments a pool
+//! serves, so that a client cannot grow the label space by inventing names.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Labels of a finished call.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    /// Operation id or `unknown`.
+    pub operation: String,
+    /// Served deployment or `none`.
+    pub deployment: String,
+    /// Member of the final attempt or `none`.
+    pub backend: String,
+    /// Status code sent.
+    pub status: u16,
+}
+
+/// Labels of a latency observation.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabels {
+    /// Operation id or `unknown`.
+    pub operation: String,
+}
+
+/// Labels of a backend attempt.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttemptLabels {
+    /// Member id.
+    pub backend: String,
+    /// `answered`, `throttled`, `server_error`, `connect_failed`, `timeout`, `request_failed`.
+    pub outcome: String,
+}
+
+/// Labels of a backend member.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    /// Pool id.
+    pub pool: String,
+    /// Member id.
+    pub backend: String,
+}
+
+/// Labels of token counts.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    /// Served deployment.
+    pub deployment: String,
+    /// `prompt`, `completion`, `cached`, `reasoning`.
+    pub kind: String,
+}
+
+/// Every metric of the gateway.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Calls finished.
+    pub requests: Family<CallLabels, Counter>,
+    /// Seconds from arrival to the last byte.
+    pub duration: Family<OperationLabels, Histogram>,
+    /// Seconds from arrival to the first byte sent.
+    pub first_byte: Family<OperationLabels, Histogram>,
+    /// Backend attempts by outcome.
+    pub attempts: Family<AttemptLabels, Counter>,
+    /// 1 when a member takes calls, 0 when set aside (refreshed at scrape).
+    pub backend_available: Family<BackendLabels, Gauge>,
+    /// Tokens reported by backends.
+    pub tokens: Family<TokenLabels, Counter>,
+    /// Records waiting in the audit queue (refreshed at scrape).
+    pub audit_queue_depth: Gauge,
+    /// Records the audit queue refused (refreshed at scrape).
+    pub audit_rejected: Gauge<u64, AtomicU64>,
+    /// Batches the audit sink failed to store (refreshed at scrape).
+    pub audit_write_errors: Gauge<u64, AtomicU64>,
+    /// Version of the running configuration snapshot.
+    pub config_version: Gauge<u64, AtomicU64>,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new([
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+    ])
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("gatehouse");
+        let metrics = Metrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(latency_histogram),
+            first_byte: Family::new_with_constructor(latency_histogram),
+            attempts: Family::default(),
+            backend_available: Family::default(),
+            tokens: Family::default(),
+            audit_queue_depth: Gauge::default(),
+            audit_rejected: Gauge::default(),
+            audit_write_errors: Gauge::default(),
+            config_version: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "requests",
+            "Calls answered, by operation, deployment, backend and status",
+            metrics.requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Seconds from a call's arrival to its last byte",
+            metrics.duration.clone(),
+        );
+        registry.register(
+            "time_to_first_byte_seconds",
+            "Seconds from a call's arrival to its first response byte",
+            metrics.first_byte.clone(),
+        );
+        registry.register(
+            "backend_attempts",
+            "Backend attempts by outcome",
+            metrics.attempts.clone(),
+        );
+        registry.register(
+            "backend_available",
+            "1 when a pool member takes calls, 0 while it is set aside",
+            metrics.backend_available.clone(),
+        );
+        registry.register(
+            "tokens",
+            "Tokens reported by backends",
+            metrics.tokens.clone(),
+        );
+        registry.register(
+            "audit_queue_depth",
+            "Audit records waiting to be written",
+            metrics.audit_queue_depth.clone(),
+        );
+        registry.register(
+            "audit_records_rejected",
+            "Audit records the full queue refused",
+            metrics.audit_rejected.clone(),
+        );
+        registry.register(
+            "audit_write_errors",
+            "Audit batches the sink failed to store",
+            metrics.audit_write_errors.clone(),
+        );
+        registry.register(
+            "config_version",
+            "Version of the running configuration snapshot",
+            metrics.config_version.clone(),
+        );
+        Metrics {
+            registry,
+            ..metrics
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts one backend attempt.
+    pub fn backend_attempt(&self, backend: &str, outcome: &str) {
+        self.attempts
+            .get_or_create(&AttemptLabels {
+                backend: backend.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The exposition text.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        if let Err(error) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
+            tracing::error!(%error, "metrics could not be encoded");
+        }
+        text
+    }
+}

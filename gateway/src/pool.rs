@@ -1,0 +1,269 @@
+//! Backend pools: which member takes the next attempt, and which are set aside.
+//!
+//! Selection follows Azure's smart load balancing (`azure-specs.md` §2.6, §7): the lowest priority
+//! number that has an available member wins, weighted-random inside that group. A member that
+//! answers 429 or 5xx, or cannot be reached, is set aside until the time its response asks for.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use gatehouse_schema::config::PoolMember;
+use rand::Rng;
+
+use crate::secret::Secret;
+
+/// A pool of members serving the same deployments.
+#[derive(Debug)]
+pub struct Pool {
+    /// Pool id from the snapshot.
+    pub id: String,
+    /// Members in snapshot order.
+    pub members: Vec<Arc<Member>>,
+}
+
+/// One backend member with what the gateway needs to call it.
+#[derive(Debug)]
+pub struct Member {
+    /// The member's configuration.
+    pub config: PoolMember,
+    /// HTTP client with this member's TLS settings.
+    pub client: reqwest::Client,
+    /// The credential sent to the member, resolved from its secret reference.
+    pub credential: Option<Secret<String>>,
+    /// Availability, shared across snapshots for the same member id.
+    pub health: Arc<MemberHealth>,
+}
+
+/// Why a member is set aside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetAsideReason {
+    /// It answered 429.
+    Throttled,
+    /// It answered 5xx or could not be reached.
+    Failing,
+}
+
+/// Whether a member may take calls, lock-free.
+#[derive(Debug, Default)]
+pub struct MemberHealth {
+    /// Milliseconds since [`clock_origin`] until which the member is set aside (0 = available).
+    until_ms: AtomicU64,
+    /// 0 = available, 1 = throttled, 2 = failing.
+    reason: AtomicU8,
+}
+
+/// A fixed origin for the monotonic clock, so that instants fit in an atomic.
+fn clock_origin() -> Instant {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    *ORIGIN.get_or_init(Instant::now)
+}
+
+fn millis_since_origin(at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(clock_origin()).as_millis()).unwrap_or(u64::MAX)
+}
+
+impl MemberHealth {
+    /// Sets the member aside for `wait` from `now`.
+    pub fn set_aside(&self, reason: SetAsideReason, wait: Duration, now: Instant) {
+        let wait_ms = u64::try_from(wait.as_micros().div_ceil(1000)).unwrap_or(u64::MAX);
+        let until = millis_since_origin(now).saturating_add(wait_ms).max(1);
+        self.reason.store(
+            match reason {
+                SetAsideReason::Throttled => 1,
+                SetAsideReason::Failing => 2,
+            },
+            Ordering::Relaxed,
+        );
+        self.until_ms.store(until, Ordering::Release);
+    }
+
+    /// `None` when available at `now`, else why and for how much longer.
+    pub fn set_aside_state(&self, now: Instant) -> Option<(SetAsideReason, Duration)> {
+        let until = self.until_ms.load(Ordering::Acquire);
+        let now_ms = millis_since_origin(now);
+        if until == 0 || now_ms >= until {
+            return None;
+        }
+        let reason = match self.reason.load(Ordering::Relaxed) {
+            1 => SetAsideReason::Throttled,
+            _ => SetAsideReason::Failing,
+        };
+        Some((reason, Duration::from_millis(until - now_ms)))
+    }
+}
+
+/// Member health by member id, kept across snapshot swaps so that a config push does not forget
+/// that a member is throttled.
+#[derive(Debug, Default)]
+pub struct HealthRegistry {
+    members: Mutex<HashMap<String, Arc<MemberHealth>>>,
+}
+
+impl HealthRegistry {
+    /// The health record of `member_id`, created on first use.
+    pub fn health_of(&self, member_id: &str) -> Arc<MemberHealth> {
+        let mut members = self.members.lock().unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(members.entry(member_id.to_owned()).or_default())
+    }
+}
+
+/// The outcome of asking a pool for a member.
+#[derive(Debug)]
+pub enum Selection {
+    /// Call this member.
+    Member(Arc<Member>),
+    /// Every member is set aside and at least one is throttled: wait this long.
+    AllThrottled(Duration),
+    /// Every member is set aside for failures.
+    AllUnavailable,
+}
+
+impl Pool {
+    /// Picks the member for the next attempt, skipping those in `tried`.
+    pub fn select(&self, tried: &[usize], now: Instant) -> (Selection, Option<usize>) {
+        let mut best_priority = u32::MAX;
+        let mut candidates: Vec<usize> = Vec::new();
+        for (index, member) in self.members.iter().enumerate() {
+            if tried.contains(&index) || member.health.set_aside_state(now).is_some() {
+                continue;
+            }
+            let priority = member.config.priority;
+            if priority < best_priority {
+                best_priority = priority;
+                candidates.clear();
+            }
+            if priority == best_priority {
+                candidates.push(index);
+            }
+        }
+        if let Some(index) = pick_weighted(&self.members, &candidates) {
+            return (
+                Selection::Member(Arc::clone(&self.members[index])),
+                Some(index),
+            );
+        }
+        let shortest_throttle = self
+            .members
+            .iter()
+            .filter_map(|m| m.health.set_aside_state(now))
+            .filter(|(reason, _)| *reason == SetAsideReason::Throttled)
+            .map(|(_, wait)| wait)
+            .min();
+        match shortest_throttle {
+            Some(wait) => (Selection::AllThrottled(wait), None),
+            None => (Selection::AllUnavailable, None),
+        }
+    }
+
+    /// The index of the member with `id`.
+    pub fn position(&self, id: &str) -> Option<usize> {
+        self.members.iter().position(|m| m.config.id == id)
+    }
+}
+
+fn pick_weighted(members: &[Arc<Member>], candidates: &[usize]) -> Option<usize> {
+    match candidates {
+        [] => None,
+        [only] => Some(*only),
+        _ => {
+            let total: u64 = candidates
+                .iter()
+                .map(|&i| u64::from(members[i].config.weight))
+                .sum();
+            if total == 0 {
+                return candidates.first().copied();
+            }
+            let mut ticket = rand::rng().random_range(0..total);
+            for &index in candidates {
+                let weight = u64::from(members[index].config.weight);
+                if ticket < weight {
+                    return Some(index);
+                }
+                ticket -= weight;
+            }
+            candidates.last().copied()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(id: &str, priority: u32, weight: u32) -> Arc<Member> {
+        let config: PoolMember = serde_json::from_value(serde_json::json!({
+            "id": id, "endpoint": "http://127.0.0.1:1", "priority": priority, "weight": weight
+        }))
+        .unwrap();
+        Arc::new(Member {
+            config,
+            client: reqwest::Client::new(),
+            credential: None,
+            health: Arc::new(MemberHealth::default()),
+        })
+    }
+
+    fn chosen(pool: &Pool, now: Instant) -> String {
+        match pool.select(&[], now).0 {
+            Selection::Member(m) => m.config.id.clone(),
+            other => panic!("no member: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn lowest_priority_wins_and_weights_split_traffic() {
+        let pool = Pool {
+            id: "p".into(),
+            members: vec![member("a", 1, 3), member("b", 1, 1), member("c", 2, 1)],
+        };
+        let now = Instant::now();
+        let mut counts = HashMap::new();
+        for _ in 0..4000 {
+            *counts.entry(chosen(&pool, now)).or_insert(0) += 1;
+        }
+        assert_eq!(
+            counts.get("c"),
+            None,
+            "priority 2 must not be used while priority 1 is available"
+        );
+        let a = f64::from(counts["a"]);
+        let b = f64::from(counts["b"]);
+        assert!((a / b - 3.0).abs() < 0.6, "weights 3:1 gave {a}:{b}");
+    }
+
+    #[test]
+    fn set_aside_members_fall_through_then_return() {
+        let pool = Pool {
+            id: "p".into(),
+            members: vec![member("a", 1, 1), member("b", 2, 1)],
+        };
+        let now = Instant::now();
+        pool.members[0]
+            .health
+            .set_aside(SetAsideReason::Throttled, Duration::from_secs(5), now);
+        assert_eq!(chosen(&pool, now), "b");
+        pool.members[1]
+            .health
+            .set_aside(SetAsideReason::Throttled, Duration::from_secs(2), now);
+        match pool.select(&[], now).0 {
+            Selection::AllThrottled(wait) => assert_eq!(wait, Duration::from_secs(2)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(chosen(&pool, now + Duration::from_secs(6)), "a");
+    }
+
+    #[test]
+    fn all_failing_is_unavailable() {
+        let pool = Pool {
+            id: "p".into(),
+            members: vec![member("a", 1, 1)],
+        };
+        let now = Instant::now();
+        pool.members[0]
+            .health
+            .set_aside(SetAsideReason::Failing, Duration::from_secs(5), now);
+        assert!(matches!(pool.select(&[], now).0, Selection::AllUnavailable));
+    }
+}

@@ -1,0 +1,671 @@
+//! Steps 7 and 8: pick a member, call it, fail over while nothing has reached the client, and
+//! stream the answer back through the capture tee.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::body::Body;
+use axum::response::Response;
+use bytes::Bytes;
+use futures::StreamExt;
+use gatehouse_schema::audit::BackendAttempt;
+use gatehouse_schema::config::BackendKind;
+use http::request::Parts;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use url::Url;
+
+use crate::app::Gateway;
+use crate::capture::{self, BodyCapture, PARSE_LIMIT, SseTap};
+use crate::classify::{Call, ObjectFamily, RouteStyle};
+use crate::error::GatewayError;
+use crate::pool::{Member, Pool, Selection, SetAsideReason};
+use crate::record::{CallRecord, millis};
+use crate::retry_hint;
+use crate::runtime::Runtime;
+
+/// The Azure OpenAI GA `api-version` used when neither the client nor the member names one.
+pub const DEFAULT_API_VERSION: &str = "2024-10-21";
+/// Chunks buffered between the backend and a slow client; beyond it the backend is not read
+/// (backpressure).
+const RELAY_BUFFER: usize = 16;
+/// After a client hangs up, how long and how much more of the backend is read to complete the record.
+const DRAIN_TIME: Duration = Duration::from_secs(60);
+const DRAIN_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Request headers never forwarded: hop-by-hop, the client's credentials, and what the gateway sets.
+const DROPPED_REQUEST_HEADERS: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+    "authorization",
+    "api-key",
+    "ocp-apim-subscription-key",
+    "cookie",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-real-ip",
+    // Asked for identity so that the capture can read the body.
+    "accept-encoding",
+    "x-request-id",
+];
+
+/// Response headers never passed back: hop-by-hop.
+const DROPPED_RESPONSE_HEADERS: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "set-cookie",
+];
+
+/// Where a call goes: one pool, possibly pinned to one member.
+struct Target<'a> {
+    pool: &'a Arc<Pool>,
+    pinned: Option<usize>,
+}
+
+/// Sends the call to a backend and returns the response that streams to the client.
+pub async fn forward(
+    gateway: &Arc<Gateway>,
+    runtime: &Runtime,
+    call: Call,
+    parts: &Parts,
+    body: Bytes,
+    record: &mut Option<CallRecord>,
+) -> Result<Response, GatewayError> {
+    let target = target(gateway, runtime, &call)?;
+    let mut tried: Vec<usize> = Vec::new();
+    let client_query = parts.uri.query();
+    loop {
+        let now = Instant::now();
+        let (member, index) = match target.pinned {
+            Some(index) => {
+                let member = &target.pool.members[index];
+                if !tried.is_empty() {
+                    return Err(unavailable(member, now));
+                }
+                if member.health.set_aside_state(now).is_some() {
+                    return Err(unavailable(member, now));
+                }
+                (Arc::clone(member), index)
+            }
+            None => match target.pool.select(&tried, now) {
+                (Selection::Member(member), Some(index)) => (member, index),
+                (Selection::AllThrottled(wait), _) => {
+                    return Err(GatewayError::AllThrottled { retry_after: wait });
+                }
+                _ => return Err(GatewayError::AllUnavailable),
+            },
+        };
+        tried.push(index);
+
+        let url = upstream_url(&member, &call, client_query)?;
+        let upstream_body = upstream_body(&member, &call, &body);
+        let headers = upstream_headers(
+            &parts.headers,
+            &member,
+            record.as_ref().map(|r| r.record.correlation_id.as_str()),
+        );
+        let attempt_started = Instant::now();
+        if let Some(record) = record.as_mut() {
+            record.backend_started.get_or_insert(attempt_started);
+            record.record.backend_id = Some(member.config.id.clone());
+            record.record.backend_url = Some(url.to_string());
+        }
+        let sent = member
+            .client
+            .request(parts.method.clone(), url)
+            .headers(headers)
+            .body(upstream_body)
+            .send()
+            .await;
+        let elapsed_ms = millis(attempt_started.elapsed());
+        let response = match sent {
+            Ok(response) => response,
+            Err(error) => {
+                let reason = if error.is_connect() {
+                    "connect_failed"
+                } else if error.is_timeout() {
+                    "timeout"
+                } else {
+                    "request_failed"
+                };
+                tracing::warn!(backend = %member.config.id, reason, "backend attempt failed");
+                member.health.set_aside(
+                    SetAsideReason::Failing,
+                    retry_hint::DEFAULT_SET_ASIDE,
+                    Instant::now(),
+                );
+                gateway.metrics.backend_attempt(&member.config.id, reason);
+                note_attempt(record, &member, None, elapsed_ms, Some(reason));
+                continue;
+            }
+        };
+        let status = response.status();
+        if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+            let wait = retry_hint::set_aside_for(response.headers(), SystemTime::now());
+            let reason = if status == StatusCode::TOO_MANY_REQUESTS {
+                SetAsideReason::Throttled
+            } else {
+                SetAsideReason::Failing
+            };
+            member.health.set_aside(reason, wait, Instant::now());
+            let outcome = if reason == SetAsideReason::Throttled {
+                "throttled"
+            } else {
+                "server_error"
+            };
+            tracing::info!(backend = %member.config.id, status = status.as_u16(), wait_ms = millis(wait), "backend set aside");
+            gateway.metrics.backend_attempt(&member.config.id, outcome);
+            note_attempt(
+                record,
+                &member,
+                Some(status.as_u16()),
+                elapsed_ms,
+                Some(outcome),
+            );
+            if let Some(record) = record.as_mut() {
+                record.record.backend_response_code = Some(status.as_u16());
+            }
+            // Nothing has reached the client: the next member gets the call at once.
+            continue;
+        }
+        gateway
+            .metrics
+            .backend_attempt(&member.config.id, "answered");
+        note_attempt(record, &member, Some(status.as_u16()), elapsed_ms, None);
+        let Some(record) = record.take() else {
+            return Err(GatewayError::Internal);
+        };
+        return Ok(relay(gateway, call, member, response, record).await);
+    }
+}
+
+fn unavailable(member: &Member, now: Instant) -> GatewayError {
+    match member.health.set_aside_state(now) {
+        Some((SetAsideReason::Throttled, wait)) => GatewayError::AllThrottled { retry_after: wait },
+        _ => GatewayError::AllUnavailable,
+    }
+}
+
+fn note_attempt(
+    record: &mut Option<CallRecord>,
+    member: &Member,
+    status: Option<u16>,
+    elapsed_ms: u64,
+    error: Option<&str>,
+) {
+    if let Some(record) = record.as_mut() {
+        record.attempt(BackendAttempt {
+            backend_id: member.config.id.clone(),
+            status,
+            elapsed_ms,
+            error: error.map(str::to_owned),
+        });
+    }
+}
+
+/// The pool for the call, pinned to a member when it addresses (or references) a stateful object.
+fn target<'a>(
+    gateway: &Gateway,
+    runtime: &'a Runtime,
+    call: &Call,
+) -> Result<Target<'a>, GatewayError> {
+    let referenced = call
+        .object
+        .as_ref()
+        .map(|(_, id)| id.clone())
+        .into_iter()
+        .chain(referenced_objects(call));
+    for id in referenced {
+        if let Some(member_id) = gateway.affinity.member_of(&id) {
+            if let Some((pool, index)) = runtime.member(&member_id) {
+                return Ok(Target {
+                    pool,
+                    pinned: Some(index),
+                });
+            }
+            tracing::warn!(object = %id, member = %member_id, "object's member is no longer configured");
+            return Err(GatewayError::ObjectNotFound(id));
+        }
+    }
+    let pool = runtime
+        .pool_for(call.deployment.as_deref())
+        .ok_or(GatewayError::DeploymentNotFound)?;
+    Ok(Target { pool, pinned: None })
+}
+
+/// Ids of stateful objects a create call refers to in its body (a batch's input file, a run's
+/// assistant, a response's predecessor), which pin it to their member.
+fn referenced_objects(call: &Call) -> Vec<String> {
+    let Some(json) = &call.json else {
+        return Vec::new();
+    };
+    let mut ids = Vec::new();
+    for key in [
+        "input_file_id",
+        "training_file",
+        "validation_file",
+        "previous_response_id",
+        "assistant_id",
+        "file_id",
+        "thread_id",
+    ] {
+        if let Some(id) = json.get(key).and_then(Value::as_str) {
+            ids.push(id.to_owned());
+        }
+    }
+    if let Some(files) = json.get("file_ids").and_then(Value::as_array) {
+        ids.extend(files.iter().filter_map(Value::as_str).map(str::to_owned));
+    }
+    ids
+}
+
+/// The member's URL for the call, built from segments (never by string formatting).
+fn upstream_url(
+    member: &Member,
+    call: &Call,
+    client_query: Option<&str>,
+) -> Result<Url, GatewayError> {
+    let mut url = member.config.endpoint.clone();
+    let deployment = member
+        .config
+        .deployment
+        .as_deref()
+        .or(call.deployment.as_deref());
+    let mut keep_api_version = false;
+    {
+        let mut segments = url
+            .path_segments_mut()
+            .map_err(|()| GatewayError::Internal)?;
+        segments.pop_if_empty();
+        match (member.config.kind, call.style) {
+            (BackendKind::AzureOpenai, RouteStyle::AzureDeployment) => {
+                let deployment = deployment.ok_or(GatewayError::DeploymentNotFound)?;
+                segments.extend(["openai", "deployments", deployment]);
+                keep_api_version = true;
+            }
+            (BackendKind::AzureOpenai, RouteStyle::AzureResource) => {
+                segments.push("openai");
+                keep_api_version = true;
+            }
+            (BackendKind::AzureOpenai, RouteStyle::AzureV1 | RouteStyle::OpenAi) => {
+                segments.extend(["openai", "v1"]);
+            }
+            (BackendKind::Openai, _) => {}
+        }
+        segments.extend(call.op_path.iter());
+    }
+    let api_version = keep_api_version.then(|| {
+        call.api_version
+            .clone()
+            .or_else(|| member.config.api_version.clone())
+            .unwrap_or_else(|| DEFAULT_API_VERSION.to_owned())
+    });
+    let mut pairs: Vec<(String, String)> = client_query
+        .map(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .into_owned()
+                .collect()
+        })
+        .unwrap_or_default();
+    pairs.retain(|(key, _)| {
+        !(key.eq_ignore_ascii_case(crate::auth::KEY_QUERY)
+            || key.eq_ignore_ascii_case("api-key")
+            || key == "api-version")
+    });
+    if let Some(version) = api_version {
+        pairs.insert(0, ("api-version".to_owned(), version));
+    } else if call.style == RouteStyle::AzureV1 && member.config.kind == BackendKind::AzureOpenai {
+        // v1 preview features are selected with `api-version=preview`; pass it on.
+        if let Some(version) = &call.api_version {
+            pairs.insert(0, ("api-version".to_owned(), version.clone()));
+        }
+    }
+    if !pairs.is_empty() {
+        url.query_pairs_mut().extend_pairs(pairs);
+    }
+    Ok(url)
+}
+
+/// The body for the member: the client's bytes, unless the model name must change.
+fn upstream_body(member: &Member, call: &Call, body: &Bytes) -> Bytes {
+    let Some(json) = &call.json else {
+        return body.clone();
+    };
+    let rename = member.config.deployment.as_deref();
+    // A member that takes the model in the body needs it even when the client named it in the path.
+    let needs_model =
+        member.config.kind == BackendKind::Openai || call.style != RouteStyle::AzureDeployment;
+    let current = json.get("model").and_then(Value::as_str);
+    let wanted = match (rename, needs_model) {
+        (Some(name), true) => Some(name),
+        (None, true) if current.is_none() => call.deployment.as_deref(),
+        _ => None,
+    };
+    match wanted {
+        Some(name) if current != Some(name) => {
+            let mut json = json.clone();
+            if let Some(object) = json.as_object_mut() {
+                object.insert("model".to_owned(), Value::String(name.to_owned()));
+            }
+            serde_json::to_vec(&json)
+                .map(Bytes::from)
+                .unwrap_or_else(|_| body.clone())
+        }
+        _ => body.clone(),
+    }
+}
+
+fn upstream_headers(
+    client: &HeaderMap,
+    member: &Member,
+    correlation_id: Option<&str>,
+) -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(client.len() + 2);
+    for (name, value) in client {
+        if !DROPPED_REQUEST_HEADERS.contains(&name.as_str()) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    if let Some(credential) = &member.credential {
+        let (name, value) = match member.config.kind {
+            BackendKind::AzureOpenai => (
+                HeaderName::from_static("api-key"),
+                credential.expose().clone(),
+            ),
+            BackendKind::Openai => (
+                header::AUTHORIZATION,
+                format!("Bearer {}", credential.expose()),
+            ),
+        };
+        if let Ok(mut value) = HeaderValue::from_str(&value) {
+            value.set_sensitive(true);
+            headers.insert(name, value);
+        }
+    }
+    if let Some(id) = correlation_id.and_then(|id| HeaderValue::from_str(id).ok()) {
+        headers.insert("x-request-id", id);
+    }
+    headers
+}
+
+/// Streams the backend's answer to the client through the capture, and completes the record.
+async fn relay(
+    gateway: &Arc<Gateway>,
+    call: Call,
+    member: Arc<Member>,
+    response: reqwest::Response,
+    mut record: CallRecord,
+) -> Response {
+    let status = response.status();
+    record.record.backend_response_code = Some(status.as_u16());
+    let mut headers = HeaderMap::with_capacity(response.headers().len() + 2);
+    for (name, value) in response.headers() {
+        if !DROPPED_RESPONSE_HEADERS.contains(&name.as_str()) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    let is_sse = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    // Binary answers (speech, file downloads) are measured, not copied into the record.
+    let is_text = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.starts_with("application/json")
+                || v.starts_with("text/")
+                || v.contains("+json")
+                || v.starts_with("application/jsonl")
+        });
+    let capture_limit = if is_text {
+        gateway.runtime().snapshot.capture.max_response_body_bytes
+    } else {
+        0
+    };
+    let mut tee = Tee::new(capture_limit, is_sse);
+
+    // A call that creates an object answers with a small JSON object. It is read whole so that the
+    // object's member is on record before the client can ask about the object.
+    if call.creates.is_some() && !call.is_stream && status.is_success() {
+        let body = match read_limited(response, PARSE_LIMIT).await {
+            Ok(body) => body,
+            Err(()) => {
+                let error = GatewayError::AllUnavailable;
+                gateway.submit(record.finish_error(&error));
+                return axum::response::IntoResponse::into_response(error);
+            }
+        };
+        tee.push(&body);
+        if let Some(summary) = tee.json() {
+            remember_created(gateway, &call, &member, &summary).await;
+        }
+        let sent = body.len() as u64;
+        record.record.time_to_first_byte = Some(millis(record.started.elapsed()));
+        tee.complete(&mut record, &call);
+        gateway.finish(record.finish(status.as_u16(), sent));
+        return build_response(status, headers, Body::from(body));
+    }
+    if status.is_success() && call.object.as_ref().is_some_and(|_| call_deletes(&call)) {
+        if let Some((_, id)) = &call.object {
+            if let Err(error) = gateway.affinity.forget(id).await {
+                tracing::warn!(%error, "could not journal an object's deletion");
+            }
+        }
+    }
+
+    let (sender, receiver) = mpsc::channel::<Result<Bytes, std::io::Error>>(RELAY_BUFFER);
+    let gateway = Arc::clone(gateway);
+    tokio::spawn(async move {
+        let mut stream = response.bytes_stream();
+        let mut client_open = true;
+        let mut sent: u64 = 0;
+        let mut drained: u64 = 0;
+        let mut drain_deadline: Option<tokio::time::Instant> = None;
+        loop {
+            let next = match drain_deadline {
+                None => stream.next().await,
+                Some(deadline) => match tokio::time::timeout_at(deadline, stream.next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        record.record.last_error_reason = Some("drain_time_exceeded".to_owned());
+                        break;
+                    }
+                },
+            };
+            match next {
+                Some(Ok(chunk)) => {
+                    let length = chunk.len() as u64;
+                    tee.push(&chunk);
+                    if client_open {
+                        if sender.send(Ok(chunk)).await.is_ok() {
+                            sent += length;
+                            record
+                                .record
+                                .time_to_first_byte
+                                .get_or_insert_with(|| millis(record.started.elapsed()));
+                        } else {
+                            client_open = false;
+                            record.record.client_aborted = true;
+                            drain_deadline = Some(tokio::time::Instant::now() + DRAIN_TIME);
+                        }
+                    } else {
+                        drained += length;
+                        if drained > DRAIN_BYTES {
+                            record.record.last_error_reason =
+                                Some("drain_size_exceeded".to_owned());
+                            break;
+                        }
+                    }
+                }
+                Some(Err(error)) => {
+                    tracing::warn!(backend = %member.config.id, %error, "backend stream broke after the response started");
+                    record.record.last_error_reason = Some("backend_stream_failed".to_owned());
+                    record.record.last_error_message =
+                        Some("The backend's response ended early.".to_owned());
+                    if client_open {
+                        // The client must see a broken response, not a short one that looks complete.
+                        let _ = sender
+                            .send(Err(std::io::Error::other("backend stream failed")))
+                            .await;
+                    }
+                    break;
+                }
+                None => break,
+            }
+        }
+        drop(sender);
+        tee.complete(&mut record, &call);
+        if call.creates.is_some() && status.is_success() {
+            if let Some(summary) = record
+                .record
+                .backend_response_body
+                .as_deref()
+                .and_then(|b| serde_json::from_str::<Value>(b).ok())
+            {
+                remember_created(&gateway, &call, &member, &summary).await;
+            }
+        }
+        gateway.finish(record.finish(status.as_u16(), sent));
+    });
+    build_response(
+        status,
+        headers,
+        Body::from_stream(ReceiverStream::new(receiver)),
+    )
+}
+
+fn call_deletes(call: &Call) -> bool {
+    use gatehouse_schema::OperationId as Op;
+    matches!(
+        call.operation,
+        Op::FilesDelete
+            | Op::DeleteAssistant
+            | Op::DeleteThread
+            | Op::DeleteResponse
+            | Op::DeleteVectorStore
+    )
+}
+
+fn build_response(status: StatusCode, headers: HeaderMap, body: Body) -> Response {
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    response
+}
+
+async fn read_limited(response: reqwest::Response, limit: usize) -> Result<Bytes, ()> {
+    let mut stream = response.bytes_stream();
+    let mut body = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|_| ())?;
+        if body.len() + chunk.len() > limit {
+            return Err(());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(body))
+}
+
+async fn remember_created(gateway: &Gateway, call: &Call, member: &Member, response: &Value) {
+    let key = match call.creates {
+        Some(ObjectFamily::Thread)
+            if call.operation == gatehouse_schema::OperationId::CreateThreadAndRun =>
+        {
+            "thread_id"
+        }
+        Some(_) => "id",
+        None => return,
+    };
+    let Some(id) = response.get(key).and_then(Value::as_str) else {
+        return;
+    };
+    if let Err(error) = gateway.affinity.remember(id, &member.config.id).await {
+        tracing::error!(%error, object = %id, "could not journal which member holds an object");
+    }
+}
+
+/// The copy of the response kept for the record.
+struct Tee {
+    capture: BodyCapture,
+    parse: Option<Vec<u8>>,
+    sse: Option<SseTap>,
+}
+
+impl Tee {
+    fn new(capture_limit: usize, is_sse: bool) -> Tee {
+        Tee {
+            capture: BodyCapture::new(capture_limit),
+            parse: (!is_sse).then(Vec::new),
+            sse: is_sse.then(SseTap::default),
+        }
+    }
+
+    fn push(&mut self, chunk: &Bytes) {
+        if let Some(sse) = &mut self.sse {
+            sse.feed(chunk);
+        } else {
+            self.capture.push(chunk);
+        }
+        if let Some(parse) = &mut self.parse {
+            if parse.len() + chunk.len() <= PARSE_LIMIT {
+                parse.extend_from_slice(chunk);
+            } else {
+                self.parse = None;
+            }
+        }
+    }
+
+    fn json(&self) -> Option<Value> {
+        serde_json::from_slice(self.parse.as_deref()?).ok()
+    }
+
+    /// Writes what the response amounted to into the record.
+    fn complete(self, record: &mut CallRecord, call: &Call) {
+        let limit = self.capture.limit();
+        if let Some(sse) = self.sse {
+            let summary = sse.finish();
+            record.usage(summary.usage);
+            record.record.model_name = summary.model;
+            if let Some(response) = summary.response {
+                record.record.response_messages = capture::response_messages(&response);
+                let text = response.to_string();
+                record.record.response_body_truncated = text.len() > limit;
+                let mut capture = BodyCapture::new(limit);
+                capture.push(text.as_bytes());
+                record.record.backend_response_body = capture.into_text();
+            }
+            return;
+        }
+        let json = self
+            .parse
+            .as_deref()
+            .and_then(|b| serde_json::from_slice::<Value>(b).ok());
+        if let Some(json) = &json {
+            record.usage(capture::usage_of(json));
+            record.record.model_name = json.get("model").and_then(Value::as_str).map(str::to_owned);
+            if call.operation.is_inference() {
+                record.record.response_messages = capture::response_messages(json);
+            }
+        }
+        record.record.response_body_truncated = self.capture.truncated();
+        record.record.backend_response_body = self.capture.into_text();
+    }
+}

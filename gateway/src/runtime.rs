@@ -1,0 +1,334 @@
+//! A validated snapshot with everything derived from it, swapped as one.
+//!
+//! A request loads one [`Runtime`] and uses it to the end, so it never sees half of an old and
+//! half of a new configuration. Building a runtime validates the whole snapshot and resolves every
+//! secret; any problem rejects the snapshot with the exact field path.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use gatehouse_schema::ConfigSnapshot;
+use gatehouse_schema::config::{BackendCredential, BackendTls, PoolMember};
+
+use crate::auth::KeyIndex;
+use crate::pool::{HealthRegistry, Member, Pool};
+use crate::secret::{self, Secret};
+
+/// A snapshot ready to serve.
+#[derive(Debug)]
+pub struct Runtime {
+    /// The snapshot as given.
+    pub snapshot: ConfigSnapshot,
+    /// Subscriptions by key digest.
+    pub keys: KeyIndex,
+    /// Pools in snapshot order.
+    pub pools: Vec<Arc<Pool>>,
+    by_deployment: HashMap<String, usize>,
+    wildcard: Option<usize>,
+    resources: Option<usize>,
+    members: HashMap<String, (usize, usize)>,
+}
+
+/// A list of problems, each with its field path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .0.join("; "))]
+pub struct ValidationErrors(pub Vec<String>);
+
+impl Runtime {
+    /// Validates `snapshot` whole and builds the runtime, reusing member health from `health`.
+    pub fn build(
+        snapshot: ConfigSnapshot,
+        health: &HealthRegistry,
+    ) -> Result<Runtime, ValidationErrors> {
+        let mut errors = Vec::new();
+        validate(&snapshot, &mut errors);
+        if !errors.is_empty() {
+            return Err(ValidationErrors(errors));
+        }
+
+        let mut clients: HashMap<(BackendTls, u64), reqwest::Client> = HashMap::new();
+        let mut pools = Vec::new();
+        let mut by_deployment = HashMap::new();
+        let mut wildcard = None;
+        let mut resources = None;
+        let mut members_index = HashMap::new();
+        for (p, pool) in snapshot.pools.iter().enumerate() {
+            let mut members = Vec::new();
+            for (m, member) in pool.members.iter().enumerate() {
+                let path = format!("pools[{p}].members[{m}]");
+                let credential = match &member.credential {
+                    BackendCredential::None => None,
+                    BackendCredential::ApiKey { secret } => match secret::resolve(secret) {
+                        Ok(value) => Some(value),
+                        Err(error) => {
+                            errors.push(format!("{path}.credential.secret: {error}"));
+                            None
+                        }
+                    },
+                };
+                let key = (member.tls.clone(), member.connect_timeout_ms);
+                let client = match clients.get(&key) {
+                    Some(client) => client.clone(),
+                    None => match backend_client(member) {
+                        Ok(client) => {
+                            clients.insert(key, client.clone());
+                            client
+                        }
+                        Err(error) => {
+                            errors.push(format!("{path}.tls: {error}"));
+                            continue;
+                        }
+                    },
+                };
+                members_index.insert(member.id.clone(), (p, m));
+                members.push(Arc::new(Member {
+                    config: member.clone(),
+                    client,
+                    credential: credential.map(|c: Secret<String>| c),
+                    health: health.health_of(&member.id),
+                }));
+            }
+            for deployment in &pool.deployments {
+                if deployment == "*" {
+                    wildcard = Some(p);
+                } else {
+                    by_deployment.insert(deployment.clone(), p);
+                }
+            }
+            if pool.serves_resources {
+                resources = Some(p);
+            }
+            pools.push(Arc::new(Pool {
+                id: pool.id.clone(),
+                members,
+            }));
+        }
+        if !errors.is_empty() {
+            return Err(ValidationErrors(errors));
+        }
+        Ok(Runtime {
+            keys: KeyIndex::new(&snapshot.subscriptions),
+            snapshot,
+            pools,
+            by_deployment,
+            wildcard,
+            resources,
+            members: members_index,
+        })
+    }
+
+    /// The pool serving `deployment`, or the resource pool when the call names none.
+    pub fn pool_for(&self, deployment: Option<&str>) -> Option<&Arc<Pool>> {
+        let index = match deployment {
+            Some(name) => self.by_deployment.get(name).copied().or(self.wildcard)?,
+            None => self.resources?,
+        };
+        self.pools.get(index)
+    }
+
+    /// The pool and position of the member with `id`.
+    pub fn member(&self, id: &str) -> Option<(&Arc<Pool>, usize)> {
+        let (pool, member) = *self.members.get(id)?;
+        Some((self.pools.get(pool)?, member))
+    }
+}
+
+fn backend_client(member: &PoolMember) -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(Duration::from_millis(member.connect_timeout_ms))
+        .pool_idle_timeout(Duration::from_secs(90))
+        .tcp_nodelay(true)
+        // Never follow redirects: a redirect could carry the backend credential elsewhere.
+        .redirect(reqwest::redirect::Policy::none());
+    if let Some(path) = &member.tls.ca_file {
+        let pem = std::fs::read(path).map_err(|e| format!("cannot read CA file `{path}`: {e}"))?;
+        for certificate in reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("CA file `{path}` holds no valid PEM certificate: {e}"))?
+        {
+            builder = builder.add_root_certificate(certificate);
+        }
+    }
+    if let Some(path) = &member.tls.client_identity_file {
+        let pem = std::fs::read(path)
+            .map_err(|e| format!("cannot read client identity `{path}`: {e}"))?;
+        let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
+            format!("client identity `{path}` is not a PEM certificate and key: {e}")
+        })?;
+        builder = builder.identity(identity);
+    }
+    builder
+        .build()
+        .map_err(|e| format!("cannot build the backend client: {e}"))
+}
+
+fn validate(snapshot: &ConfigSnapshot, errors: &mut Vec<String>) {
+    let mut subscription_ids = HashSet::new();
+    let mut digests = HashSet::new();
+    for (i, subscription) in snapshot.subscriptions.iter().enumerate() {
+        if subscription.id.trim().is_empty() {
+            errors.push(format!("subscriptions[{i}].id: must not be empty"));
+        }
+        if !subscription_ids.insert(&subscription.id) {
+            errors.push(format!(
+                "subscriptions[{i}].id: duplicate subscription id `{}`",
+                subscription.id
+            ));
+        }
+        if !digests.insert(&subscription.primary_key_hash) {
+            errors.push(format!(
+                "subscriptions[{i}].primary_key_hash: the same key is used by another subscription"
+            ));
+        }
+        if let Some(secondary) = &subscription.secondary_key_hash {
+            if !digests.insert(secondary) {
+                errors.push(format!("subscriptions[{i}].secondary_key_hash: the same key is used by another subscription"));
+            }
+        }
+    }
+
+    let mut pool_ids = HashSet::new();
+    let mut member_ids = HashSet::new();
+    let mut deployments = HashMap::new();
+    let mut resource_pools = 0;
+    for (p, pool) in snapshot.pools.iter().enumerate() {
+        if pool.id.trim().is_empty() {
+            errors.push(format!("pools[{p}].id: must not be empty"));
+        }
+        if !pool_ids.insert(&pool.id) {
+            errors.push(format!("pools[{p}].id: duplicate pool id `{}`", pool.id));
+        }
+        if pool.members.is_empty() {
+            errors.push(format!(
+                "pools[{p}].members: a pool needs at least one member"
+            ));
+        }
+        if pool.deployments.is_empty() && !pool.serves_resources {
+            errors.push(format!(
+                "pools[{p}].deployments: a pool must serve a deployment or resources"
+            ));
+        }
+        if pool.serves_resources {
+            resource_pools += 1;
+            if resource_pools > 1 {
+                errors.push(format!(
+                    "pools[{p}].serves_resources: only one pool may serve resource calls"
+                ));
+            }
+        }
+        for (d, deployment) in pool.deployments.iter().enumerate() {
+            if let Some(other) = deployments.insert(deployment.clone(), p) {
+                errors.push(format!("pools[{p}].deployments[{d}]: `{deployment}` is already served by pools[{other}]"));
+            }
+            let valid = deployment == "*"
+                || (!deployment.is_empty()
+                    && deployment.len() <= 64
+                    && deployment.bytes().all(|b| {
+                        b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':')
+                    }));
+            if !valid {
+                errors.push(format!(
+                    "pools[{p}].deployments[{d}]: `{deployment}` is not a valid deployment name"
+                ));
+            }
+        }
+        for (m, member) in pool.members.iter().enumerate() {
+            let path = format!("pools[{p}].members[{m}]");
+            if member.id.trim().is_empty() {
+                errors.push(format!("{path}.id: must not be empty"));
+            }
+            if !member_ids.insert(&member.id) {
+                errors.push(format!(
+                    "{path}.id: duplicate member id `{}` (member ids are unique across pools)",
+                    member.id
+                ));
+            }
+            if !matches!(member.endpoint.scheme(), "http" | "https") {
+                errors.push(format!("{path}.endpoint: must be an http or https URL"));
+            }
+            if !member.endpoint.username().is_empty() || member.endpoint.password().is_some() {
+                errors.push(format!(
+                    "{path}.endpoint: must not carry credentials; use `credential`"
+                ));
+            }
+            if member.endpoint.query().is_some() {
+                errors.push(format!("{path}.endpoint: must not carry a query string"));
+            }
+            if member.weight == 0 {
+                errors.push(format!("{path}.weight: must be at least 1"));
+            }
+            if let Some(deployment) = &member.deployment {
+                if deployment.is_empty()
+                    || !deployment.bytes().all(|b| {
+                        b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':')
+                    })
+                {
+                    errors.push(format!(
+                        "{path}.deployment: `{deployment}` is not a valid deployment name"
+                    ));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(json: serde_json::Value) -> ConfigSnapshot {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_path() {
+        let bad = snapshot(serde_json::json!({
+            "version": 2,
+            "pools": [
+                {"id": "a", "deployments": ["gpt-4o"], "members": [
+                    {"id": "m1", "endpoint": "ftp://x", "weight": 0},
+                    {"id": "m1", "endpoint": "https://user:pw@x", "credential": {"type": "api_key", "secret": "env:GATEHOUSE_SURELY_UNSET_VAR"}}
+                ]},
+                {"id": "a", "deployments": ["gpt-4o", "../etc"], "members": []}
+            ]
+        }));
+        let errors = Runtime::build(bad, &HealthRegistry::default())
+            .unwrap_err()
+            .0;
+        let expected = [
+            "pools[0].members[0].endpoint: must be an http or https URL",
+            "pools[0].members[0].weight: must be at least 1",
+            "pools[0].members[1].id: duplicate member id `m1`",
+            "pools[0].members[1].endpoint: must not carry credentials",
+            "pools[1].id: duplicate pool id `a`",
+            "pools[1].members: a pool needs at least one member",
+            "pools[1].deployments[0]: `gpt-4o` is already served by pools[0]",
+            "pools[1].deployments[1]: `../etc` is not a valid deployment name",
+        ];
+        for needle in expected {
+            assert!(
+                errors.iter().any(|e| e.starts_with(needle)),
+                "missing `{needle}` in {errors:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn unresolvable_secrets_reject_the_snapshot() {
+        let bad = snapshot(serde_json::json!({
+            "version": 2,
+            "pools": [{"id": "a", "deployments": ["d"], "members": [
+                {"id": "m", "endpoint": "https://x", "credential": {"type": "api_key", "secret": "env:GATEHOUSE_SURELY_UNSET_VAR"}}
+            ]}]
+        }));
+        let errors = Runtime::build(bad, &HealthRegistry::default())
+            .unwrap_err()
+            .0;
+        assert_eq!(
+            errors,
+            [
+                "pools[0].members[0].credential.secret: environment variable `GATEHOUSE_SURELY_UNSET_VAR` is not set"
+            ]
+        );
+    }
+}

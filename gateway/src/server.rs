@@ -1,0 +1,119 @@
+//! Step 1: accept connections — plain or TLS, HTTP/1.1 and HTTP/2 — and shut down gracefully.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum_server::Handle;
+use axum_server::tls_rustls::RustlsConfig;
+
+use crate::app::Gateway;
+use crate::settings::TlsSettings;
+
+/// How often certificate files are checked for changes.
+const TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
+
+/// A gateway listening on a socket.
+#[derive(Debug, Clone)]
+pub struct Listening {
+    /// The bound address (useful with port 0).
+    pub addr: SocketAddr,
+    /// Controls shutdown.
+    pub handle: Handle,
+}
+
+impl Listening {
+    /// Stops accepting, lets in-flight calls (streams included) finish for up to `drain`.
+    pub fn shutdown(&self, drain: Duration) {
+        self.handle.graceful_shutdown(Some(drain));
+    }
+}
+
+/// Installs the process-wide rustls crypto provider (ring); harmless when already installed.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Binds `addr` and serves the gateway in a background task until shut down.
+pub async fn spawn(
+    gateway: Arc<Gateway>,
+    addr: SocketAddr,
+    tls: Option<TlsSettings>,
+) -> anyhow::Result<(Listening, tokio::task::JoinHandle<std::io::Result<()>>)> {
+    install_crypto_provider();
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let handle = Handle::new();
+    let service = gateway
+        .router()
+        .into_make_service_with_connect_info::<SocketAddr>();
+    let task = match tls {
+        None => {
+            let server = axum_server::from_tcp(listener).handle(handle.clone());
+            tokio::spawn(async move { server.serve(service).await })
+        }
+        Some(tls) => {
+            let config = RustlsConfig::from_pem_file(&tls.cert_file, &tls.key_file).await?;
+            tokio::spawn(watch_certificates(config.clone(), tls));
+            let server = axum_server::from_tcp_rustls(listener, config).handle(handle.clone());
+            tokio::spawn(async move { server.serve(service).await })
+        }
+    };
+    Ok((Listening { addr, handle }, task))
+}
+
+/// Reloads the certificate and key when either file changes, so renewals need no restart.
+async fn watch_certificates(config: RustlsConfig, tls: TlsSettings) {
+    let modified = |tls: &TlsSettings| -> Option<(SystemTime, SystemTime)> {
+        let cert = std::fs::metadata(&tls.cert_file)
+            .and_then(|m| m.modified())
+            .ok()?;
+        let key = std::fs::metadata(&tls.key_file)
+            .and_then(|m| m.modified())
+            .ok()?;
+        Some((cert, key))
+    };
+    let mut seen = modified(&tls);
+    let mut ticker = tokio::time::interval(TLS_RELOAD_INTERVAL);
+    loop {
+        ticker.tick().await;
+        let now = modified(&tls);
+        if now.is_some() && now != seen {
+            match config
+                .reload_from_pem_file(&tls.cert_file, &tls.key_file)
+                .await
+            {
+                Ok(()) => {
+                    tracing::info!(cert = %tls.cert_file.display(), "TLS certificate reloaded");
+                    seen = now;
+                }
+                Err(error) => {
+                    tracing::error!(%error, "TLS certificate changed but could not be loaded; keeping the old one")
+                }
+            }
+        }
+    }
+}
+
+/// Resolves when the process is asked to stop (Ctrl-C or SIGTERM).
+pub async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {},
+        () = terminate => {},
+    }
+}

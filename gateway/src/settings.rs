@@ -1,0 +1,154 @@
+//! Process settings and the configuration file.
+//!
+//! The file has two parts: `server` (how this process listens, where it keeps state, where its
+//! audit records go — fixed for the life of the process) and `snapshot` (rules, subscriptions,
+//! pools — replaceable at run time through the config endpoint).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use gatehouse_schema::ConfigSnapshot;
+use gatehouse_schema::config::SecretRef;
+use serde::Deserialize;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Process settings.
+    pub server: ServerSettings,
+    /// The initial configuration snapshot.
+    pub snapshot: ConfigSnapshot,
+}
+
+/// Settings of one gateway process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    /// Address to listen on; bind a private address to keep the gateway off public networks.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Name of this gateway instance in audit records and metrics.
+    #[serde(default = "default_gateway_id")]
+    pub gateway_id: String,
+    /// Directory for the last-known-good snapshot and the object-affinity map.
+    pub state_dir: PathBuf,
+    /// Token that authorises `PUT /_gatehouse/config`; without it the endpoint is off.
+    #[serde(default)]
+    pub admin_token: Option<SecretRef>,
+    /// TLS termination; plain HTTP when absent.
+    #[serde(default)]
+    pub tls: Option<TlsSettings>,
+    /// Where audit records go.
+    #[serde(default)]
+    pub audit: AuditSettings,
+    /// `json` (default) or `text`.
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// How long shutdown waits for in-flight calls (streams included) to finish, in seconds.
+    #[serde(default = "default_drain_seconds")]
+    pub shutdown_drain_seconds: u64,
+}
+
+/// Certificate and key for TLS termination, reloaded when either file changes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// PEM certificate chain.
+    pub cert_file: PathBuf,
+    /// PEM private key.
+    pub key_file: PathBuf,
+}
+
+/// Audit record destination.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSettings {
+    /// A JSON-lines file; `null` keeps no records (benchmarks only).
+    #[serde(default)]
+    pub jsonl: Option<PathBuf>,
+    /// Records the queue holds before the hot path starts refusing them.
+    #[serde(default = "default_queue_capacity")]
+    pub queue_capacity: usize,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        AuditSettings {
+            jsonl: None,
+            queue_capacity: default_queue_capacity(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// One JSON object per line.
+    #[default]
+    Json,
+    /// Human-readable lines.
+    Text,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+fn default_gateway_id() -> String {
+    std::env::var("HOSTNAME").unwrap_or_else(|_| "gateway".to_owned())
+}
+
+fn default_queue_capacity() -> usize {
+    10_000
+}
+
+fn default_drain_seconds() -> u64 {
+    30
+}
+
+/// Why the configuration file could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The YAML does not match the schema; the message names the field path.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Field path and problem.
+        message: String,
+    },
+}
+
+impl ConfigFile {
+    /// Reads and parses a configuration file, naming the exact field on error.
+    pub fn load(path: &Path) -> Result<ConfigFile, LoadError> {
+        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| LoadError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    /// Parses configuration YAML text.
+    pub fn parse(text: &str) -> Result<ConfigFile, String> {
+        let deserializer = serde_yaml_ng::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(deserializer).map_err(|error| {
+            let path = error.path().to_string();
+            let inner = error.into_inner();
+            format!("at `{path}`: {inner}")
+        })
+    }
+}
