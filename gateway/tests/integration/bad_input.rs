@@ -1,0 +1,93 @@
+//! Bad input gets a clear 4xx in Azure's shape, never a panic, never a backend call.
+
+use serde_json::json;
+
+use crate::harness::*;
+
+async fn gateway() -> (gatehouse_simulator::RunningSimulator, TestGateway) {
+    let sim = simulator("bad").await;
+    let mut config = snapshot(1, json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member("a", &sim.url(), 1)]}]));
+    config.max_request_body_bytes = 64 * 1024;
+    (sim, TestGateway::start(config).await)
+}
+
+#[tokio::test]
+async fn malformed_json_wrong_content_type_and_oversized_bodies() {
+    let (sim, gw) = gateway().await;
+    let malformed = gw.post(&chat_path("gpt-4o")).header("content-type", "application/json").body("{\"messages\": [").send().await.unwrap();
+    let message = azure_error(malformed, 400).await;
+    assert!(message.contains("not valid JSON"), "{message}");
+
+    let not_object = gw.post(&chat_path("gpt-4o")).header("content-type", "application/json").body("[1,2]").send().await.unwrap();
+    azure_error(not_object, 400).await;
+
+    let wrong_type = gw.post(&chat_path("gpt-4o")).header("content-type", "text/plain").body("hello").send().await.unwrap();
+    let message = azure_error(wrong_type, 415).await;
+    assert!(message.contains("JSON"), "{message}");
+
+    let json_to_multipart = gw
+        .post("/openai/deployments/gpt-4o/audio/transcriptions?api-version=2024-10-21")
+        .json(&json!({"file": "x"}))
+        .send()
+        .await
+        .unwrap();
+    azure_error(json_to_multipart, 415).await;
+
+    let big = "x".repeat(100 * 1024);
+    let oversized = gw.post(&chat_path("gpt-4o")).json(&json!({"messages": [{"role": "user", "content": big}]})).send().await.unwrap();
+    let message = azure_error(oversized, 413).await;
+    assert!(message.contains("65536"), "{message}");
+
+    // Without Content-Length (chunked), the limit still holds.
+    let chunks = futures::stream::iter((0..100).map(|_| Ok::<_, std::io::Error>(vec![b' '; 1024])));
+    let chunked = gw
+        .post(&chat_path("gpt-4o"))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    azure_error(chunked, 413).await;
+
+    let no_model = gw.post("/v1/chat/completions").json(&chat(None, false)).send().await.unwrap();
+    let message = azure_error(no_model, 400).await;
+    assert!(message.contains("model"), "{message}");
+    assert_eq!(sim.hits(), 0);
+}
+
+#[tokio::test]
+async fn path_traversal_and_header_injection_are_refused() {
+    let (sim, gw) = gateway().await;
+    for path in [
+        "/openai/deployments/..%2F..%2Fadmin/chat/completions?api-version=2024-10-21",
+        "/openai/deployments/%2e%2e/chat/completions?api-version=2024-10-21",
+        "/openai/deployments/gpt-4o%0d%0aX-Injected:%201/chat/completions?api-version=2024-10-21",
+        "/openai/deployments/gpt-4o%00/chat/completions?api-version=2024-10-21",
+    ] {
+        let response = gw.post(path).json(&chat(None, false)).send().await.unwrap();
+        let status = response.status().as_u16();
+        assert!(status == 400 || status == 404, "{path}: {status}");
+        azure_error(response, status).await;
+    }
+    let traversal_in_body = gw.post("/v1/chat/completions").json(&chat(Some("../../etc/passwd"), false)).send().await.unwrap();
+    azure_error(traversal_in_body, 400).await;
+    let bad_id = gw.get("/openai/files/..%2Fsecrets?api-version=2024-10-21").send().await.unwrap();
+    assert!(bad_id.status().is_client_error());
+    assert_eq!(sim.hits(), 0);
+
+    // A request id that could smuggle text into logs is replaced, not echoed.
+    let response = gw
+        .post(&chat_path("gpt-4o"))
+        .header("x-request-id", "abc\"}{\"forged\":1")
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
+    let echoed = response.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert_ne!(echoed, "abc\"}{\"forged\":1");
+    assert_eq!(echoed.len(), 36, "a fresh UUID: {echoed}");
+    // A sane one is kept end to end.
+    let response = gw.post(&chat_path("gpt-4o")).header("x-request-id", "req-123").json(&chat(None, false)).send().await.unwrap();
+    assert_eq!(response.headers()["x-request-id"], "req-123");
+    assert_eq!(sim.requests().last().unwrap().header("x-request-id"), Some("req-123"));
+}

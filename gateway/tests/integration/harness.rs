@@ -1,0 +1,163 @@
+//! Starting simulators and a gateway, and waiting for audit records.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use gatehouse_audit::{AuditQueue, MemorySink, WriterHandle};
+use gatehouse_gateway::secret::Secret;
+use gatehouse_gateway::server::{self, Listening};
+use gatehouse_gateway::{Gateway, GatewayParts};
+use gatehouse_schema::{AuditRecord, ConfigSnapshot};
+use gatehouse_simulator::{RunningSimulator, Simulator, SimulatorConfig};
+use serde_json::{Value, json};
+
+/// The client key every test subscription accepts.
+pub const KEY: &str = "ghk_TestClientKey0000000000000000000000000";
+/// The admin token of test gateways.
+pub const ADMIN_TOKEN: &str = "test-admin-token-1234567890";
+/// The key test backends require from the gateway (set in the environment as `GH_TEST_BACKEND_KEY`).
+pub const BACKEND_KEY: &str = "backend-secret-key-abcdef";
+
+/// A simulator with `id` and default settings.
+pub async fn simulator(id: &str) -> RunningSimulator {
+    simulator_with(SimulatorConfig { id: id.to_owned(), ..SimulatorConfig::default() }).await
+}
+
+/// A simulator with the given settings.
+pub async fn simulator_with(config: SimulatorConfig) -> RunningSimulator {
+    Simulator::start(config, "127.0.0.1:0".parse().unwrap()).await.unwrap()
+}
+
+/// A pool member entry for a simulator (Azure dialect unless `kind` says otherwise).
+pub fn member(id: &str, url: &str, priority: u32) -> Value {
+    json!({"id": id, "endpoint": url, "priority": priority, "weight": 1})
+}
+
+/// A snapshot with one subscription (key [`KEY`]) and the given pools.
+pub fn snapshot(version: u64, pools: Value) -> ConfigSnapshot {
+    let hash = gatehouse_gateway::auth::hash_key(KEY).to_string();
+    serde_json::from_value(json!({
+        "version": version,
+        "subscriptions": [{"id": "team-a", "display_name": "Team A", "product": "research", "primary_key_hash": hash}],
+        "pools": pools,
+        "trusted_proxies": ["127.0.0.0/8"],
+    }))
+    .unwrap()
+}
+
+/// A running gateway with an in-memory audit sink.
+pub struct TestGateway {
+    pub url: String,
+    pub gateway: Arc<Gateway>,
+    pub sink: MemorySink,
+    pub listening: Listening,
+    pub state_dir: Arc<tempfile::TempDir>,
+    writer: Option<WriterHandle>,
+    client: reqwest::Client,
+}
+
+impl TestGateway {
+    /// Starts a gateway on a fresh state directory.
+    pub async fn start(snapshot: ConfigSnapshot) -> TestGateway {
+        Self::start_in(snapshot, Arc::new(tempfile::tempdir().unwrap())).await
+    }
+
+    /// Starts a gateway on an existing state directory (a restart).
+    pub async fn start_in(snapshot: ConfigSnapshot, state_dir: Arc<tempfile::TempDir>) -> TestGateway {
+        let sink = MemorySink::new();
+        let (queue, writer) = AuditQueue::start(Arc::new(sink.clone()), 10_000);
+        let gateway = Gateway::new(GatewayParts {
+            id: "test-gateway".to_owned(),
+            snapshot,
+            state_dir: state_dir.path().to_path_buf(),
+            admin_token: Some(Secret::new(ADMIN_TOKEN.to_owned())),
+            audit: Some(queue),
+        })
+        .await
+        .unwrap();
+        let (listening, _task) = server::spawn(Arc::clone(&gateway), "127.0.0.1:0".parse().unwrap(), None)
+            .await
+            .unwrap();
+        TestGateway {
+            url: format!("http://{}", listening.addr),
+            gateway,
+            sink,
+            listening,
+            state_dir,
+            writer: Some(writer),
+            client: reqwest::Client::builder().no_proxy().build().unwrap(),
+        }
+    }
+
+    /// A request builder to `path` with the client key in `api-key`.
+    pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.post(format!("{}{path}", self.url)).header("api-key", KEY)
+    }
+
+    /// A GET with the client key.
+    pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.get(format!("{}{path}", self.url)).header("api-key", KEY)
+    }
+
+    /// A request without any key.
+    pub fn raw(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.client.request(method, format!("{}{path}", self.url))
+    }
+
+    /// Waits until at least `count` records were written, and returns them all.
+    pub async fn records(&self, count: usize) -> Vec<AuditRecord> {
+        for _ in 0..200 {
+            let records = self.sink.records();
+            if records.len() >= count {
+                return records;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("expected {count} audit records, have {}", self.sink.records().len());
+    }
+
+    /// Stops the gateway and waits until its records are flushed.
+    pub async fn stop(mut self) {
+        self.listening.shutdown(Duration::from_secs(5));
+        drop(self.gateway);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if let Some(writer) = self.writer.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), writer.finish()).await;
+        }
+    }
+}
+
+/// A chat request body.
+pub fn chat(model: Option<&str>, stream: bool) -> Value {
+    let mut body = json!({
+        "messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is the capital of Norway?"}],
+        "stream": stream,
+    });
+    if let Some(model) = model {
+        body["model"] = json!(model);
+    }
+    body
+}
+
+/// The classic Azure chat path for a deployment.
+pub fn chat_path(deployment: &str) -> String {
+    format!("/openai/deployments/{deployment}/chat/completions?api-version=2024-10-21")
+}
+
+/// Asserts an Azure-shaped error body and returns its message.
+pub async fn azure_error(response: reqwest::Response, status: u16) -> String {
+    assert_eq!(response.status().as_u16(), status, "unexpected status");
+    let body: Value = response.json().await.expect("error body is JSON");
+    let message = body["error"]["message"].as_str().expect("error.message").to_owned();
+    assert!(body["error"]["code"].is_string(), "error.code in {body}");
+    assert!(!message.is_empty());
+    message
+}
+
+/// A file holding [`BACKEND_KEY`] and its `file:` secret reference; keep the file alive.
+pub fn backend_key_file() -> (tempfile::NamedTempFile, String) {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(&mut file, format!("{BACKEND_KEY}\n").as_bytes()).unwrap();
+    let reference = format!("file:{}", file.path().display());
+    (file, reference)
+}

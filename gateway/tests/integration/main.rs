@@ -1,0 +1,14 @@
+//! Integration tests: the gateway in-process, against simulator backends that count their hits.
+//!
+//! One test binary (faster to link); one module per capability.
+
+mod harness;
+
+mod auth;
+mod bad_input;
+mod config_endpoint;
+mod failover;
+mod routes;
+mod secrets;
+mod stickiness;
+mod streaming;
