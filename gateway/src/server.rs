@@ -10,9 +10,6 @@ use axum_server::tls_rustls::RustlsConfig;
 use crate::app::Gateway;
 use crate::settings::TlsSettings;
 
-/// How often certificate files are checked for changes.
-const TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
-
 /// A gateway listening on a socket.
 #[derive(Debug, Clone)]
 pub struct Listening {
@@ -75,7 +72,7 @@ async fn watch_certificates(config: RustlsConfig, tls: TlsSettings) {
         Some((cert, key))
     };
     let mut seen = modified(&tls);
-    let mut ticker = tokio::time::interval(TLS_RELOAD_INTERVAL);
+    let mut ticker = tokio::time::interval(Duration::from_secs(tls.reload_interval_seconds.max(1)));
     loop {
         ticker.tick().await;
         let now = modified(&tls);

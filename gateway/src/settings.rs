@@ -58,6 +58,13 @@ pub struct TlsSettings {
     pub cert_file: PathBuf,
     /// PEM private key.
     pub key_file: PathBuf,
+    /// How often the files are checked for changes, in seconds.
+    #[serde(default = "default_reload_seconds")]
+    pub reload_interval_seconds: u64,
+}
+
+fn default_reload_seconds() -> u64 {
+    10
 }
 
 /// Audit record destination.

@@ -6,7 +6,10 @@ use crate::harness::*;
 
 async fn gateway() -> (gatehouse_simulator::RunningSimulator, TestGateway) {
     let sim = simulator("bad").await;
-    let mut config = snapshot(1, json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member("a", &sim.url(), 1)]}]));
+    let mut config = snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member("a", &sim.url(), 1)]}]),
+    );
     config.max_request_body_bytes = 64 * 1024;
     (sim, TestGateway::start(config).await)
 }
@@ -14,14 +17,32 @@ async fn gateway() -> (gatehouse_simulator::RunningSimulator, TestGateway) {
 #[tokio::test]
 async fn malformed_json_wrong_content_type_and_oversized_bodies() {
     let (sim, gw) = gateway().await;
-    let malformed = gw.post(&chat_path("gpt-4o")).header("content-type", "application/json").body("{\"messages\": [").send().await.unwrap();
+    let malformed = gw
+        .post(&chat_path("gpt-4o"))
+        .header("content-type", "application/json")
+        .body("{\"messages\": [")
+        .send()
+        .await
+        .unwrap();
     let message = azure_error(malformed, 400).await;
     assert!(message.contains("not valid JSON"), "{message}");
 
-    let not_object = gw.post(&chat_path("gpt-4o")).header("content-type", "application/json").body("[1,2]").send().await.unwrap();
+    let not_object = gw
+        .post(&chat_path("gpt-4o"))
+        .header("content-type", "application/json")
+        .body("[1,2]")
+        .send()
+        .await
+        .unwrap();
     azure_error(not_object, 400).await;
 
-    let wrong_type = gw.post(&chat_path("gpt-4o")).header("content-type", "text/plain").body("hello").send().await.unwrap();
+    let wrong_type = gw
+        .post(&chat_path("gpt-4o"))
+        .header("content-type", "text/plain")
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
     let message = azure_error(wrong_type, 415).await;
     assert!(message.contains("JSON"), "{message}");
 
@@ -34,7 +55,12 @@ async fn malformed_json_wrong_content_type_and_oversized_bodies() {
     azure_error(json_to_multipart, 415).await;
 
     let big = "x".repeat(100 * 1024);
-    let oversized = gw.post(&chat_path("gpt-4o")).json(&json!({"messages": [{"role": "user", "content": big}]})).send().await.unwrap();
+    let oversized = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&json!({"messages": [{"role": "user", "content": big}]}))
+        .send()
+        .await
+        .unwrap();
     let message = azure_error(oversized, 413).await;
     assert!(message.contains("65536"), "{message}");
 
@@ -49,7 +75,12 @@ async fn malformed_json_wrong_content_type_and_oversized_bodies() {
         .unwrap();
     azure_error(chunked, 413).await;
 
-    let no_model = gw.post("/v1/chat/completions").json(&chat(None, false)).send().await.unwrap();
+    let no_model = gw
+        .post("/v1/chat/completions")
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
     let message = azure_error(no_model, 400).await;
     assert!(message.contains("model"), "{message}");
     assert_eq!(sim.hits(), 0);
@@ -69,9 +100,18 @@ async fn path_traversal_and_header_injection_are_refused() {
         assert!(status == 400 || status == 404, "{path}: {status}");
         azure_error(response, status).await;
     }
-    let traversal_in_body = gw.post("/v1/chat/completions").json(&chat(Some("../../etc/passwd"), false)).send().await.unwrap();
+    let traversal_in_body = gw
+        .post("/v1/chat/completions")
+        .json(&chat(Some("../../etc/passwd"), false))
+        .send()
+        .await
+        .unwrap();
     azure_error(traversal_in_body, 400).await;
-    let bad_id = gw.get("/openai/files/..%2Fsecrets?api-version=2024-10-21").send().await.unwrap();
+    let bad_id = gw
+        .get("/openai/files/..%2Fsecrets?api-version=2024-10-21")
+        .send()
+        .await
+        .unwrap();
     assert!(bad_id.status().is_client_error());
     assert_eq!(sim.hits(), 0);
 
@@ -83,11 +123,23 @@ async fn path_traversal_and_header_injection_are_refused() {
         .send()
         .await
         .unwrap();
-    let echoed = response.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let echoed = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     assert_ne!(echoed, "abc\"}{\"forged\":1");
     assert_eq!(echoed.len(), 36, "a fresh UUID: {echoed}");
     // A sane one is kept end to end.
-    let response = gw.post(&chat_path("gpt-4o")).header("x-request-id", "req-123").json(&chat(None, false)).send().await.unwrap();
+    let response = gw
+        .post(&chat_path("gpt-4o"))
+        .header("x-request-id", "req-123")
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.headers()["x-request-id"], "req-123");
-    assert_eq!(sim.requests().last().unwrap().header("x-request-id"), Some("req-123"));
+    assert_eq!(
+        sim.requests().last().unwrap().header("x-request-id"),
+        Some("req-123")
+    );
 }

@@ -11,7 +11,9 @@ fn pools(url: &str, deployment: &str) -> Value {
 }
 
 async fn put(gw: &TestGateway, token: Option<&str>, body: &Value) -> reqwest::Response {
-    let mut request = gw.raw(reqwest::Method::PUT, "/_gatehouse/config").json(body);
+    let mut request = gw
+        .raw(reqwest::Method::PUT, "/_gatehouse/config")
+        .json(body);
     if let Some(token) = token {
         request = request.bearer_auth(token);
     }
@@ -31,8 +33,24 @@ async fn a_newer_valid_snapshot_is_applied_persisted_and_used_at_the_next_start(
 
     let applied = put(&gw, Some(ADMIN_TOKEN), &next).await;
     assert_eq!(applied.status(), 200);
-    assert_eq!(gw.post(&chat_path("gpt-4o-mini")).json(&chat(None, false)).send().await.unwrap().status(), 200);
-    assert_eq!(gw.post(&chat_path("gpt-4o")).json(&chat(None, false)).send().await.unwrap().status(), 404);
+    assert_eq!(
+        gw.post(&chat_path("gpt-4o-mini"))
+            .json(&chat(None, false))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        gw.post(&chat_path("gpt-4o"))
+            .json(&chat(None, false))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
 
     let stale = put(&gw, Some(ADMIN_TOKEN), &next).await;
     assert_eq!(stale.status(), 409);
@@ -42,7 +60,15 @@ async fn a_newer_valid_snapshot_is_applied_persisted_and_used_at_the_next_start(
     gw.stop().await;
     let gw = TestGateway::start_in(snapshot(1, pools(&sim.url(), "gpt-4o")), state_dir).await;
     assert_eq!(gw.gateway.runtime().snapshot.version, 2);
-    assert_eq!(gw.post(&chat_path("gpt-4o-mini")).json(&chat(None, false)).send().await.unwrap().status(), 200);
+    assert_eq!(
+        gw.post(&chat_path("gpt-4o-mini"))
+            .json(&chat(None, false))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 }
 
 #[tokio::test]
@@ -54,17 +80,31 @@ async fn an_invalid_snapshot_is_refused_whole_with_the_field_path() {
     bad["pools"][0]["members"][0]["weight"] = json!("heavy");
     let response = put(&gw, Some(ADMIN_TOKEN), &bad).await;
     let message = azure_error(response, 422).await;
-    assert!(message.starts_with("pools[0].members[0].weight"), "{message}");
+    assert!(
+        message.starts_with("pools[0].members[0].weight"),
+        "{message}"
+    );
 
     let mut bad = serde_json::to_value(snapshot(2, pools(&sim.url(), "gpt-4o-mini"))).unwrap();
     bad["pools"][0]["members"][0]["endpoint"] = json!("ftp://example.invalid");
     let response = put(&gw, Some(ADMIN_TOKEN), &bad).await;
     let message = azure_error(response, 422).await;
-    assert!(message.contains("pools[0].members[0].endpoint"), "{message}");
+    assert!(
+        message.contains("pools[0].members[0].endpoint"),
+        "{message}"
+    );
 
     // Nothing of either changed the running config.
     assert_eq!(gw.gateway.runtime().snapshot.version, 1);
-    assert_eq!(gw.post(&chat_path("gpt-4o")).json(&chat(None, false)).send().await.unwrap().status(), 200);
+    assert_eq!(
+        gw.post(&chat_path("gpt-4o"))
+            .json(&chat(None, false))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 }
 
 #[tokio::test]
@@ -77,14 +117,23 @@ async fn calls_during_swaps_see_one_config_or_the_other_never_a_mix() {
         tokio::spawn(async move {
             let mut statuses = Vec::new();
             for _ in 0..150 {
-                let response = gw.post(&chat_path("gpt-4o")).json(&chat(None, false)).send().await.unwrap();
+                let response = gw
+                    .post(&chat_path("gpt-4o"))
+                    .json(&chat(None, false))
+                    .send()
+                    .await
+                    .unwrap();
                 statuses.push(response.status().as_u16());
             }
             statuses
         })
     };
     for version in 2..40u64 {
-        let url = if version % 2 == 0 { new.url() } else { old.url() };
+        let url = if version % 2 == 0 {
+            new.url()
+        } else {
+            old.url()
+        };
         let body = serde_json::to_value(snapshot(version, pools(&url, "gpt-4o"))).unwrap();
         assert_eq!(put(&gw, Some(ADMIN_TOKEN), &body).await.status(), 200);
     }

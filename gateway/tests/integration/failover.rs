@@ -23,36 +23,76 @@ async fn a_throttled_member_is_set_aside_for_the_time_each_header_asks() {
     let cases: Vec<(RetryHint, Duration)> = vec![
         (RetryHint::RetryAfterMs(30_000), Duration::from_secs(30)),
         (RetryHint::RetryAfterSeconds(20), Duration::from_secs(20)),
-        (RetryHint::RetryAfterHttpDate(in_one_minute), Duration::from_secs(60)),
-        (RetryHint::RateLimitResetRequests("45s".into()), Duration::from_secs(45)),
-        (RetryHint::RateLimitResetTokens("1m30s".into()), Duration::from_secs(90)),
+        (
+            RetryHint::RetryAfterHttpDate(in_one_minute),
+            Duration::from_secs(60),
+        ),
+        (
+            RetryHint::RateLimitResetRequests("45s".into()),
+            Duration::from_secs(45),
+        ),
+        (
+            RetryHint::RateLimitResetTokens("1m30s".into()),
+            Duration::from_secs(90),
+        ),
         (RetryHint::None, Duration::from_secs(10)),
     ];
     for (hint, expected) in cases {
         let first = simulator("first").await;
         let second = simulator("second").await;
-        first.set_fault(Fault::Throttle { hint: hint.clone(), times: None });
+        first.set_fault(Fault::Throttle {
+            hint: hint.clone(),
+            times: None,
+        });
         let gw = two_member_gateway(&first.url(), &second.url()).await;
 
-        let response = gw.post(&chat_path("gpt-4o")).json(&chat(None, false)).send().await.unwrap();
-        assert_eq!(response.status(), 200, "{hint:?}: the second member answers at once");
+        let response = gw
+            .post(&chat_path("gpt-4o"))
+            .json(&chat(None, false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            response.status(),
+            200,
+            "{hint:?}: the second member answers at once"
+        );
         assert_eq!((first.hits(), second.hits()), (1, 1), "{hint:?}");
 
         // While set aside, the first member gets nothing.
         for _ in 0..3 {
-            let response = gw.post(&chat_path("gpt-4o")).json(&chat(None, false)).send().await.unwrap();
+            let response = gw
+                .post(&chat_path("gpt-4o"))
+                .json(&chat(None, false))
+                .send()
+                .await
+                .unwrap();
             assert_eq!(response.status(), 200);
         }
         assert_eq!((first.hits(), second.hits()), (1, 4), "{hint:?}");
 
         // The set-aside time is the one the header asked for.
         let pool = &gw.gateway.runtime().pools[0];
-        let (_, remaining) = pool.members[0].health.set_aside_state(std::time::Instant::now()).expect("set aside");
-        assert!(remaining <= expected && remaining + Duration::from_secs(3) >= expected, "{hint:?}: {remaining:?} vs {expected:?}");
+        let (_, remaining) = pool.members[0]
+            .health
+            .set_aside_state(std::time::Instant::now())
+            .expect("set aside");
+        assert!(
+            remaining <= expected && remaining + Duration::from_secs(3) >= expected,
+            "{hint:?}: {remaining:?} vs {expected:?}"
+        );
 
         let records = gw.records(4).await;
-        let attempts: Vec<_> = records[0].attempts.iter().map(|a| (a.backend_id.as_str(), a.status)).collect();
-        assert_eq!(attempts, [("first", Some(429)), ("second", Some(200))], "{hint:?}");
+        let attempts: Vec<_> = records[0]
+            .attempts
+            .iter()
+            .map(|a| (a.backend_id.as_str(), a.status))
+            .collect();
+        assert_eq!(
+            attempts,
+            [("first", Some(429)), ("second", Some(200))],
+            "{hint:?}"
+        );
         assert_eq!(records[0].backend_id.as_deref(), Some("second"));
     }
 }
@@ -61,23 +101,47 @@ async fn a_throttled_member_is_set_aside_for_the_time_each_header_asks() {
 async fn a_member_comes_back_when_its_wait_is_over() {
     let first = simulator("first").await;
     let second = simulator("second").await;
-    first.set_fault(Fault::Throttle { hint: RetryHint::RetryAfterMs(300), times: Some(1) });
+    first.set_fault(Fault::Throttle {
+        hint: RetryHint::RetryAfterMs(300),
+        times: Some(1),
+    });
     let gw = two_member_gateway(&first.url(), &second.url()).await;
-    gw.post(&chat_path("gpt-4o")).json(&chat(None, false)).send().await.unwrap();
+    gw.post(&chat_path("gpt-4o"))
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
     assert_eq!((first.hits(), second.hits()), (1, 1));
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let response = gw.post(&chat_path("gpt-4o")).json(&chat(None, false)).send().await.unwrap();
+    let response = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
-    assert_eq!((first.hits(), second.hits()), (2, 1), "priority 1 takes traffic again");
+    assert_eq!(
+        (first.hits(), second.hits()),
+        (2, 1),
+        "priority 1 takes traffic again"
+    );
 }
 
 #[tokio::test]
 async fn server_errors_and_refused_connections_fail_over() {
     let first = simulator("first").await;
     let second = simulator("second").await;
-    first.set_fault(Fault::ServerError { status: 500, times: None });
+    first.set_fault(Fault::ServerError {
+        status: 500,
+        times: None,
+    });
     let gw = two_member_gateway(&first.url(), &second.url()).await;
-    let response = gw.post(&chat_path("gpt-4o")).json(&chat(None, false)).send().await.unwrap();
+    let response = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!((first.hits(), second.hits()), (1, 1));
 
@@ -88,67 +152,142 @@ async fn server_errors_and_refused_connections_fail_over() {
     };
     let third = simulator("third").await;
     let gw = two_member_gateway(&closed, &third.url()).await;
-    let response = gw.post(&chat_path("gpt-4o")).json(&chat(None, false)).send().await.unwrap();
+    let response = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(third.hits(), 1);
     let records = gw.records(1).await;
     assert_eq!(records[0].attempts[0].status, None);
-    assert_eq!(records[0].attempts[0].error.as_deref(), Some("connect_failed"));
+    assert_eq!(
+        records[0].attempts[0].error.as_deref(),
+        Some("connect_failed")
+    );
 }
 
 #[tokio::test]
 async fn all_throttled_is_429_with_the_shortest_wait_and_all_down_is_503() {
     let first = simulator("first").await;
     let second = simulator("second").await;
-    first.set_fault(Fault::Throttle { hint: RetryHint::RetryAfterSeconds(40), times: None });
-    second.set_fault(Fault::Throttle { hint: RetryHint::RetryAfterMs(7_500), times: None });
+    first.set_fault(Fault::Throttle {
+        hint: RetryHint::RetryAfterSeconds(40),
+        times: None,
+    });
+    second.set_fault(Fault::Throttle {
+        hint: RetryHint::RetryAfterMs(7_500),
+        times: None,
+    });
     let gw = two_member_gateway(&first.url(), &second.url()).await;
-    let response = gw.post(&chat_path("gpt-4o")).json(&chat(None, false)).send().await.unwrap();
+    let response = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 429);
-    let retry_after: u64 = response.headers()["retry-after"].to_str().unwrap().parse().unwrap();
-    let retry_after_ms: u64 = response.headers()["retry-after-ms"].to_str().unwrap().parse().unwrap();
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let retry_after_ms: u64 = response.headers()["retry-after-ms"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((7..=8).contains(&retry_after), "retry-after {retry_after}");
-    assert!((6_000..=7_500).contains(&retry_after_ms), "retry-after-ms {retry_after_ms}");
+    assert!(
+        (6_000..=7_500).contains(&retry_after_ms),
+        "retry-after-ms {retry_after_ms}"
+    );
     azure_error(response, 429).await;
     // The next call does not even try: both are set aside.
-    let again = gw.post(&chat_path("gpt-4o")).json(&chat(None, false)).send().await.unwrap();
+    let again = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(again.status(), 429);
     assert_eq!((first.hits(), second.hits()), (1, 1));
 
     let down_a = simulator("down-a").await;
     let down_b = simulator("down-b").await;
-    down_a.set_fault(Fault::ServerError { status: 503, times: None });
-    down_b.set_fault(Fault::ServerError { status: 500, times: None });
+    down_a.set_fault(Fault::ServerError {
+        status: 503,
+        times: None,
+    });
+    down_b.set_fault(Fault::ServerError {
+        status: 500,
+        times: None,
+    });
     let gw = two_member_gateway(&down_a.url(), &down_b.url()).await;
-    let response = gw.post(&chat_path("gpt-4o")).json(&chat(None, false)).send().await.unwrap();
+    let response = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
     azure_error(response, 503).await;
     assert_eq!((down_a.hits(), down_b.hits()), (1, 1));
 }
 
 #[tokio::test]
 async fn a_stream_that_breaks_after_its_first_byte_is_not_retried() {
-    let first = simulator_with(SimulatorConfig { id: "first".into(), chunk_delay: Duration::from_millis(5), ..SimulatorConfig::default() }).await;
+    let first = simulator_with(SimulatorConfig {
+        id: "first".into(),
+        chunk_delay: Duration::from_millis(5),
+        ..SimulatorConfig::default()
+    })
+    .await;
     let second = simulator("second").await;
     first.set_fault(Fault::BreakStreamAfter { chunks: 2 });
     let gw = two_member_gateway(&first.url(), &second.url()).await;
-    let response = gw.post(&chat_path("gpt-4o")).json(&chat(None, true)).send().await.unwrap();
+    let response = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, true))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200, "headers were already sent");
     let body = response.bytes().await;
-    assert!(body.is_err(), "the client must see a broken stream, not a short complete one");
-    assert_eq!((first.hits(), second.hits()), (1, 0), "no retry once bytes reached the client");
+    assert!(
+        body.is_err(),
+        "the client must see a broken stream, not a short complete one"
+    );
+    assert_eq!(
+        (first.hits(), second.hits()),
+        (1, 0),
+        "no retry once bytes reached the client"
+    );
     let records = gw.records(1).await;
-    assert_eq!(records[0].last_error_reason.as_deref(), Some("backend_stream_failed"));
+    assert_eq!(
+        records[0].last_error_reason.as_deref(),
+        Some("backend_stream_failed")
+    );
 }
 
 #[tokio::test]
 async fn multipart_bodies_are_replayed_byte_for_byte_on_the_next_member() {
     let first = simulator("first").await;
     let second = simulator("second").await;
-    first.set_fault(Fault::Throttle { hint: RetryHint::RetryAfterSeconds(5), times: None });
+    first.set_fault(Fault::Throttle {
+        hint: RetryHint::RetryAfterSeconds(5),
+        times: None,
+    });
     let gw = two_member_gateway(&first.url(), &second.url()).await;
     let audio: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
     let form = reqwest::multipart::Form::new()
-        .part("file", reqwest::multipart::Part::bytes(audio).file_name("talk.wav").mime_str("audio/wav").unwrap())
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(audio)
+                .file_name("talk.wav")
+                .mime_str("audio/wav")
+                .unwrap(),
+        )
         .text("language", "en");
     let response = gw
         .post("/openai/deployments/gpt-4o/audio/transcriptions?api-version=2024-10-21")
@@ -160,7 +299,10 @@ async fn multipart_bodies_are_replayed_byte_for_byte_on_the_next_member() {
     let on_first = &first.requests()[0];
     let on_second = &second.requests()[0];
     assert_eq!(on_first.body, on_second.body);
-    assert_eq!(on_first.header("content-type"), on_second.header("content-type"));
+    assert_eq!(
+        on_first.header("content-type"),
+        on_second.header("content-type")
+    );
 }
 
 #[tokio::test]
@@ -175,7 +317,11 @@ async fn weights_split_traffic_inside_a_priority_group() {
     ))
     .await;
     for _ in 0..200 {
-        gw.post(&chat_path("gpt-4o")).json(&chat(None, false)).send().await.unwrap();
+        gw.post(&chat_path("gpt-4o"))
+            .json(&chat(None, false))
+            .send()
+            .await
+            .unwrap();
     }
     let (h, l) = (heavy.hits() as f64, light.hits() as f64);
     assert_eq!(h + l, 200.0);

@@ -20,12 +20,18 @@ pub const BACKEND_KEY: &str = "backend-secret-key-abcdef";
 
 /// A simulator with `id` and default settings.
 pub async fn simulator(id: &str) -> RunningSimulator {
-    simulator_with(SimulatorConfig { id: id.to_owned(), ..SimulatorConfig::default() }).await
+    simulator_with(SimulatorConfig {
+        id: id.to_owned(),
+        ..SimulatorConfig::default()
+    })
+    .await
 }
 
 /// A simulator with the given settings.
 pub async fn simulator_with(config: SimulatorConfig) -> RunningSimulator {
-    Simulator::start(config, "127.0.0.1:0".parse().unwrap()).await.unwrap()
+    Simulator::start(config, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap()
 }
 
 /// A pool member entry for a simulator (Azure dialect unless `kind` says otherwise).
@@ -63,7 +69,10 @@ impl TestGateway {
     }
 
     /// Starts a gateway on an existing state directory (a restart).
-    pub async fn start_in(snapshot: ConfigSnapshot, state_dir: Arc<tempfile::TempDir>) -> TestGateway {
+    pub async fn start_in(
+        snapshot: ConfigSnapshot,
+        state_dir: Arc<tempfile::TempDir>,
+    ) -> TestGateway {
         let sink = MemorySink::new();
         let (queue, writer) = AuditQueue::start(Arc::new(sink.clone()), 10_000);
         let gateway = Gateway::new(GatewayParts {
@@ -75,9 +84,10 @@ impl TestGateway {
         })
         .await
         .unwrap();
-        let (listening, _task) = server::spawn(Arc::clone(&gateway), "127.0.0.1:0".parse().unwrap(), None)
-            .await
-            .unwrap();
+        let (listening, _task) =
+            server::spawn(Arc::clone(&gateway), "127.0.0.1:0".parse().unwrap(), None)
+                .await
+                .unwrap();
         TestGateway {
             url: format!("http://{}", listening.addr),
             gateway,
@@ -91,12 +101,16 @@ impl TestGateway {
 
     /// A request builder to `path` with the client key in `api-key`.
     pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
-        self.client.post(format!("{}{path}", self.url)).header("api-key", KEY)
+        self.client
+            .post(format!("{}{path}", self.url))
+            .header("api-key", KEY)
     }
 
     /// A GET with the client key.
     pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
-        self.client.get(format!("{}{path}", self.url)).header("api-key", KEY)
+        self.client
+            .get(format!("{}{path}", self.url))
+            .header("api-key", KEY)
     }
 
     /// A request without any key.
@@ -113,7 +127,10 @@ impl TestGateway {
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        panic!("expected {count} audit records, have {}", self.sink.records().len());
+        panic!(
+            "expected {count} audit records, have {}",
+            self.sink.records().len()
+        );
     }
 
     /// Stops the gateway and waits until its records are flushed.
@@ -148,7 +165,10 @@ pub fn chat_path(deployment: &str) -> String {
 pub async fn azure_error(response: reqwest::Response, status: u16) -> String {
     assert_eq!(response.status().as_u16(), status, "unexpected status");
     let body: Value = response.json().await.expect("error body is JSON");
-    let message = body["error"]["message"].as_str().expect("error.message").to_owned();
+    let message = body["error"]["message"]
+        .as_str()
+        .expect("error.message")
+        .to_owned();
     assert!(body["error"]["code"].is_string(), "error.code in {body}");
     assert!(!message.is_empty());
     message

@@ -9,6 +9,8 @@ mod bad_input;
 mod config_endpoint;
 mod failover;
 mod routes;
+mod sdk_compat;
 mod secrets;
 mod stickiness;
 mod streaming;
+mod tls;

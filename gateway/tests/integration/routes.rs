@@ -21,11 +21,30 @@ async fn each_route_style_is_classified_and_rewritten_for_the_member() {
 
     // (client path, body, expected operation, expected deployment, expected backend path prefix)
     let cases = [
-        (chat_path("gpt-4o"), chat(None, false), OperationId::ChatCompletionsCreate, "gpt-4o", "/openai/deployments/gpt-4o-eastus/chat/completions?api-version=2024-10-21"),
-        ("/openai/v1/chat/completions".to_owned(), chat(Some("gpt-4o"), false), OperationId::ChatCompletionsCreate, "gpt-4o", "/openai/v1/chat/completions"),
-        ("/v1/chat/completions".to_owned(), chat(Some("gpt-4o"), false), OperationId::ChatCompletionsCreate, "gpt-4o", "/openai/v1/chat/completions"),
         (
-            "/openai/deployments/text-embedding-3-small/embeddings?api-version=2024-10-21".to_owned(),
+            chat_path("gpt-4o"),
+            chat(None, false),
+            OperationId::ChatCompletionsCreate,
+            "gpt-4o",
+            "/openai/deployments/gpt-4o-eastus/chat/completions?api-version=2024-10-21",
+        ),
+        (
+            "/openai/v1/chat/completions".to_owned(),
+            chat(Some("gpt-4o"), false),
+            OperationId::ChatCompletionsCreate,
+            "gpt-4o",
+            "/openai/v1/chat/completions",
+        ),
+        (
+            "/v1/chat/completions".to_owned(),
+            chat(Some("gpt-4o"), false),
+            OperationId::ChatCompletionsCreate,
+            "gpt-4o",
+            "/openai/v1/chat/completions",
+        ),
+        (
+            "/openai/deployments/text-embedding-3-small/embeddings?api-version=2024-10-21"
+                .to_owned(),
             json!({"input": "hello"}),
             OperationId::EmbeddingsCreate,
             "text-embedding-3-small",
@@ -57,22 +76,40 @@ async fn each_route_style_is_classified_and_rewritten_for_the_member() {
         let response = gw.post(path).json(body).send().await.unwrap();
         assert_eq!(response.status(), 200, "case {i}: {path}");
         let seen = sim.requests().pop().unwrap();
-        assert!(seen.path.starts_with(backend_path), "case {i}: backend saw {}", seen.path);
+        assert!(
+            seen.path.starts_with(backend_path),
+            "case {i}: backend saw {}",
+            seen.path
+        );
         let records = gw.records(i + 1).await;
         let record = &records[i];
         assert_eq!(record.operation_id, Some(*operation), "case {i}");
-        assert_eq!(record.deployment_name.as_deref(), Some(*deployment), "case {i}");
+        assert_eq!(
+            record.deployment_name.as_deref(),
+            Some(*deployment),
+            "case {i}"
+        );
     }
     // Renaming puts the member's deployment into the body of v1 calls.
     let v1 = &sim.requests()[1];
     assert_eq!(v1.json().unwrap()["model"], "gpt-4o-eastus");
 
     // Resource routes go to the resource pool and keep their api-version.
-    let models = gw.get("/openai/models?api-version=2024-10-21").send().await.unwrap();
+    let models = gw
+        .get("/openai/models?api-version=2024-10-21")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(models.status(), 200);
-    assert_eq!(sim.requests().pop().unwrap().path, "/openai/models?api-version=2024-10-21");
+    assert_eq!(
+        sim.requests().pop().unwrap().path,
+        "/openai/models?api-version=2024-10-21"
+    );
     let records = gw.records(cases.len() + 1).await;
-    assert_eq!(records.last().unwrap().operation_id, Some(OperationId::ModelsList));
+    assert_eq!(
+        records.last().unwrap().operation_id,
+        Some(OperationId::ModelsList)
+    );
 }
 
 #[tokio::test]
@@ -87,18 +124,36 @@ async fn speech_returns_binary_and_multipart_is_forwarded_intact() {
         .unwrap();
     assert_eq!(speech.status(), 200);
     let audio = speech.bytes().await.unwrap();
-    assert!(audio.len() > 100, "binary body expected, got {} bytes", audio.len());
+    assert!(
+        audio.len() > 100,
+        "binary body expected, got {} bytes",
+        audio.len()
+    );
 
     let wav = vec![7u8; 4096];
     let form = reqwest::multipart::Form::new()
-        .part("file", reqwest::multipart::Part::bytes(wav.clone()).file_name("a.wav").mime_str("audio/wav").unwrap())
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(wav.clone())
+                .file_name("a.wav")
+                .mime_str("audio/wav")
+                .unwrap(),
+        )
         .text("model", "whisper");
-    let transcription = gw.post("/v1/audio/transcriptions").multipart(form).send().await.unwrap();
+    let transcription = gw
+        .post("/v1/audio/transcriptions")
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(transcription.status(), 200);
     let text: serde_json::Value = transcription.json().await.unwrap();
     assert!(text["text"].as_str().unwrap().contains("4096"), "{text}");
     let records = gw.records(2).await;
-    assert_eq!(records[1].operation_id, Some(OperationId::TranscriptionsCreate));
+    assert_eq!(
+        records[1].operation_id,
+        Some(OperationId::TranscriptionsCreate)
+    );
     assert_eq!(records[1].deployment_name.as_deref(), Some("whisper"));
     // The binary speech answer is measured, not stored as text.
     assert_eq!(records[0].response_size, audio.len() as u64);
@@ -108,12 +163,25 @@ async fn speech_returns_binary_and_multipart_is_forwarded_intact() {
 #[tokio::test]
 async fn unknown_routes_and_deployments_are_404_in_azure_shape() {
     let sim = simulator("unknown").await;
-    let gw = TestGateway::start(snapshot(1, json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member("a", &sim.url(), 1)]}]))).await;
-    let unknown_route = gw.get("/openai/nothing-here?api-version=2024-10-21").send().await.unwrap();
+    let gw = TestGateway::start(snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member("a", &sim.url(), 1)]}]),
+    ))
+    .await;
+    let unknown_route = gw
+        .get("/openai/nothing-here?api-version=2024-10-21")
+        .send()
+        .await
+        .unwrap();
     azure_error(unknown_route, 404).await;
     let unknown_root = gw.get("/admin.php").send().await.unwrap();
     azure_error(unknown_root, 404).await;
-    let unknown_deployment = gw.post(&chat_path("gpt-5-secret")).json(&chat(None, false)).send().await.unwrap();
+    let unknown_deployment = gw
+        .post(&chat_path("gpt-5-secret"))
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
     let message = azure_error(unknown_deployment, 404).await;
     assert!(message.contains("deployment"), "{message}");
     assert_eq!(sim.hits(), 0);

@@ -8,7 +8,10 @@ use serde_json::{Value, json};
 
 use crate::harness::*;
 
-async fn slow_gateway(delay_ms: u64, chunks: usize) -> (gatehouse_simulator::RunningSimulator, TestGateway) {
+async fn slow_gateway(
+    delay_ms: u64,
+    chunks: usize,
+) -> (gatehouse_simulator::RunningSimulator, TestGateway) {
     let sim = simulator_with(SimulatorConfig {
         id: "slow".into(),
         chunk_delay: Duration::from_millis(delay_ms),
@@ -16,16 +19,30 @@ async fn slow_gateway(delay_ms: u64, chunks: usize) -> (gatehouse_simulator::Run
         ..SimulatorConfig::default()
     })
     .await;
-    let gw = TestGateway::start(snapshot(1, json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member("slow", &sim.url(), 1)]}]))).await;
+    let gw = TestGateway::start(snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member("slow", &sim.url(), 1)]}]),
+    ))
+    .await;
     (sim, gw)
 }
 
 #[tokio::test]
 async fn chunks_arrive_as_the_backend_sends_them() {
     let (_sim, gw) = slow_gateway(100, 6).await;
-    let response = gw.post(&chat_path("gpt-4o")).json(&chat(None, true)).send().await.unwrap();
+    let response = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, true))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
-    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
     let mut stream = response.bytes_stream();
     let mut arrivals = Vec::new();
     let mut text = Vec::new();
@@ -34,9 +51,15 @@ async fn chunks_arrive_as_the_backend_sends_them() {
         arrivals.push(Instant::now());
         text.extend_from_slice(&chunk);
     }
-    let gaps: Vec<u128> = arrivals.windows(2).map(|w| (w[1] - w[0]).as_millis()).collect();
+    let gaps: Vec<u128> = arrivals
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_millis())
+        .collect();
     let spaced = gaps.iter().filter(|g| (60..=250).contains(*g)).count();
-    assert!(spaced >= 5, "chunks must arrive ~100 ms apart, not all at the end: gaps {gaps:?}");
+    assert!(
+        spaced >= 5,
+        "chunks must arrive ~100 ms apart, not all at the end: gaps {gaps:?}"
+    );
     let text = String::from_utf8(text).unwrap();
     assert!(text.trim_end().ends_with("data: [DONE]"));
 }
@@ -46,7 +69,12 @@ async fn the_record_holds_the_reassembled_completion_and_usage() {
     let (_sim, gw) = slow_gateway(0, 5).await;
     let mut request = chat(None, true);
     request["stream_options"] = json!({"include_usage": true});
-    let response = gw.post(&chat_path("gpt-4o")).json(&request).send().await.unwrap();
+    let response = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&request)
+        .send()
+        .await
+        .unwrap();
     let body = response.text().await.unwrap();
     // What the client read, put together.
     let mut client_text = String::new();
@@ -56,7 +84,10 @@ async fn the_record_holds_the_reassembled_completion_and_usage() {
             continue;
         }
         let chunk: Value = serde_json::from_str(line).unwrap();
-        if let Some(content) = chunk["choices"].get(0).and_then(|c| c["delta"]["content"].as_str()) {
+        if let Some(content) = chunk["choices"]
+            .get(0)
+            .and_then(|c| c["delta"]["content"].as_str())
+        {
             client_text.push_str(content);
         }
         if chunk["usage"].is_object() {
@@ -65,33 +96,62 @@ async fn the_record_holds_the_reassembled_completion_and_usage() {
     }
     let record = gw.records(1).await.remove(0);
     assert!(record.is_stream_completion);
-    let stored: Value = serde_json::from_str(record.backend_response_body.as_deref().unwrap()).unwrap();
+    let stored: Value =
+        serde_json::from_str(record.backend_response_body.as_deref().unwrap()).unwrap();
     assert_eq!(stored["object"], "chat.completion");
-    assert_eq!(stored["choices"][0]["message"]["content"].as_str().unwrap(), client_text);
+    assert_eq!(
+        stored["choices"][0]["message"]["content"].as_str().unwrap(),
+        client_text
+    );
     let usage = record.usage.unwrap();
     let client_usage = client_usage.unwrap();
-    assert_eq!(usage.prompt_tokens, client_usage["prompt_tokens"].as_u64().unwrap());
-    assert_eq!(usage.completion_tokens, client_usage["completion_tokens"].as_u64().unwrap());
+    assert_eq!(
+        usage.prompt_tokens,
+        client_usage["prompt_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(
+        usage.completion_tokens,
+        client_usage["completion_tokens"].as_u64().unwrap()
+    );
     assert!(!usage.is_estimate);
     assert!(record.time_to_first_byte.is_some());
     assert_eq!(record.response_size, body.len() as u64);
-    assert!(record.request_messages.unwrap().contains("capital of Norway"));
+    assert!(
+        record
+            .request_messages
+            .unwrap()
+            .contains("capital of Norway")
+    );
     assert!(record.response_messages.unwrap().contains(&client_text));
 }
 
 #[tokio::test]
 async fn a_client_hang_up_ends_cleanly_and_the_record_is_still_complete() {
     let (sim, gw) = slow_gateway(50, 10).await;
-    let response = gw.post(&chat_path("gpt-4o")).json(&chat(None, true)).send().await.unwrap();
+    let response = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, true))
+        .send()
+        .await
+        .unwrap();
     let mut stream = response.bytes_stream();
     stream.next().await.unwrap().unwrap();
     drop(stream);
     let record = gw.records(1).await.remove(0);
     assert!(record.client_aborted);
-    let stored: Value = serde_json::from_str(record.backend_response_body.as_deref().unwrap()).unwrap();
-    assert_eq!(stored["choices"][0]["finish_reason"], "stop", "the gateway read the backend to the end");
+    let stored: Value =
+        serde_json::from_str(record.backend_response_body.as_deref().unwrap()).unwrap();
+    assert_eq!(
+        stored["choices"][0]["finish_reason"], "stop",
+        "the gateway read the backend to the end"
+    );
     // The gateway keeps serving.
-    let next = gw.post(&chat_path("gpt-4o")).json(&chat(None, false)).send().await.unwrap();
+    let next = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(next.status(), 200);
     assert_eq!(sim.hits(), 2);
 }
@@ -99,16 +159,96 @@ async fn a_client_hang_up_ends_cleanly_and_the_record_is_still_complete() {
 #[tokio::test]
 async fn bodies_over_the_capture_limit_are_cut_and_flagged() {
     let sim = simulator("capture").await;
-    let mut config = snapshot(1, json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member("a", &sim.url(), 1)]}]));
+    let mut config = snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member("a", &sim.url(), 1)]}]),
+    );
     config.capture.max_request_body_bytes = 64;
     config.capture.max_response_body_bytes = 32;
     let gw = TestGateway::start(config).await;
-    let response = gw.post(&chat_path("gpt-4o")).json(&chat(None, false)).send().await.unwrap();
+    let response = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
     let full: Value = response.json().await.unwrap();
     let record = gw.records(1).await.remove(0);
     assert!(record.request_body_truncated && record.response_body_truncated);
     assert_eq!(record.backend_request_body.unwrap().len(), 64);
     assert_eq!(record.backend_response_body.unwrap().len(), 32);
     // Usage is still read from the whole answer.
-    assert_eq!(record.usage.unwrap().total_tokens, full["usage"]["total_tokens"].as_u64().unwrap());
+    assert_eq!(
+        record.usage.unwrap().total_tokens,
+        full["usage"]["total_tokens"].as_u64().unwrap()
+    );
+}
+
+#[tokio::test]
+async fn shutdown_drains_a_stream_in_flight_and_refuses_new_calls() {
+    let (_sim, gw) = slow_gateway(60, 8).await;
+    let response = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    gw.listening.shutdown(Duration::from_secs(10));
+    let body = response
+        .text()
+        .await
+        .expect("the stream in flight completes");
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let refused = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, false))
+        .send()
+        .await;
+    assert!(
+        refused.is_err(),
+        "new connections are refused after shutdown"
+    );
+}
+
+#[tokio::test]
+async fn metrics_count_calls_tokens_attempts_and_member_state() {
+    let (sim, gw) = slow_gateway(0, 3).await;
+    gw.post(&chat_path("gpt-4o"))
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
+    sim.set_fault(gatehouse_simulator::Fault::Throttle {
+        hint: gatehouse_simulator::RetryHint::RetryAfterSeconds(30),
+        times: None,
+    });
+    let throttled = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(throttled.status(), 429);
+    gw.records(2).await;
+    let text = gw
+        .raw(reqwest::Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in [
+        r#"gatehouse_requests_total{operation="chatcompletions_create",deployment="gpt-4o",backend="slow",status="200"} 1"#,
+        r#"gatehouse_requests_total{operation="chatcompletions_create",deployment="gpt-4o",backend="slow",status="429"} 1"#,
+        r#"gatehouse_backend_attempts_total{backend="slow",outcome="throttled"} 1"#,
+        r#"gatehouse_backend_available{pool="p",backend="slow"} 0"#,
+        r#"gatehouse_tokens_total{deployment="gpt-4o",kind="prompt"}"#,
+        "gatehouse_request_duration_seconds_bucket",
+        "gatehouse_config_version 1",
+    ] {
+        assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
+    }
 }

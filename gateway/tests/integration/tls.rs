@@ -1,0 +1,211 @@
+//! TLS both ways: termination with HTTP/2 and certificate reload; backends behind a private CA
+//! that demand a client certificate.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use gatehouse_gateway::server;
+use gatehouse_gateway::settings::TlsSettings;
+use gatehouse_simulator::{Simulator, SimulatorConfig, SimulatorState};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+use serde_json::json;
+
+use crate::harness::*;
+
+/// A certificate authority that signs leaf certificates.
+struct Authority {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+impl Authority {
+    fn new(name: &str) -> Authority {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        Authority { cert, key }
+    }
+
+    /// (certificate PEM, private key PEM) for `names`.
+    fn issue(&self, names: &[&str]) -> (String, String) {
+        let params =
+            CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
+                .unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn pem(&self) -> String {
+        self.cert.pem()
+    }
+}
+
+fn client_trusting(ca_pem: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap())
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn tls_termination_speaks_http2_and_reloads_a_renewed_certificate() {
+    let sim = simulator("tls-backend").await;
+    let gw = TestGateway::start(snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member("a", &sim.url(), 1)]}]),
+    ))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let old_ca = Authority::new("Old CA");
+    let (cert, key) = old_ca.issue(&["localhost", "127.0.0.1"]);
+    std::fs::write(&cert_file, cert).unwrap();
+    std::fs::write(&key_file, key).unwrap();
+    let tls = TlsSettings {
+        cert_file: cert_file.clone(),
+        key_file: key_file.clone(),
+        reload_interval_seconds: 1,
+    };
+    let (listening, _task) = server::spawn(
+        Arc::clone(&gw.gateway),
+        "127.0.0.1:0".parse().unwrap(),
+        Some(tls),
+    )
+    .await
+    .unwrap();
+    let url = format!(
+        "https://127.0.0.1:{}{}",
+        listening.addr.port(),
+        chat_path("gpt-4o")
+    );
+
+    let response = client_trusting(&old_ca.pem())
+        .post(&url)
+        .header("api-key", KEY)
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.version(),
+        reqwest::Version::HTTP_2,
+        "ALPN must offer h2"
+    );
+
+    // Renew with a certificate from another CA; the running gateway picks it up.
+    let new_ca = Authority::new("New CA");
+    let (cert, key) = new_ca.issue(&["localhost", "127.0.0.1"]);
+    tokio::time::sleep(Duration::from_millis(1100)).await; // a distinct modification time
+    std::fs::write(&key_file, key).unwrap();
+    std::fs::write(&cert_file, cert).unwrap();
+    let mut reloaded = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let attempt = client_trusting(&new_ca.pem())
+            .post(&url)
+            .header("api-key", KEY)
+            .json(&chat(None, false))
+            .send()
+            .await;
+        if attempt.is_ok_and(|r| r.status() == 200) {
+            reloaded = true;
+            break;
+        }
+    }
+    assert!(reloaded, "the renewed certificate was not served");
+    let old = client_trusting(&old_ca.pem())
+        .post(&url)
+        .header("api-key", KEY)
+        .json(&chat(None, false))
+        .send()
+        .await;
+    assert!(old.is_err(), "the old certificate must be gone");
+    listening.shutdown(Duration::from_secs(1));
+}
+
+/// A simulator behind TLS with a certificate from `ca`, requiring client certificates from `client_ca`.
+async fn tls_simulator(
+    ca: &Authority,
+    client_ca: &Authority,
+) -> (std::net::SocketAddr, SimulatorState) {
+    server::install_crypto_provider();
+    let (cert, key) = ca.issue(&["localhost", "127.0.0.1"]);
+    let certs = rustls_pemfile::certs(&mut cert.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls_pemfile::private_key(&mut key.as_bytes())
+        .unwrap()
+        .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for ca_cert in rustls_pemfile::certs(&mut client_ca.pem().as_bytes()) {
+        roots.add(ca_cert.unwrap()).unwrap();
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+        .build()
+        .unwrap();
+    let config = rustls::ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .unwrap();
+    let state = SimulatorState::new(SimulatorConfig {
+        id: "private".into(),
+        ..SimulatorConfig::default()
+    });
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Simulator::router(state.clone());
+    let tls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(config));
+    tokio::spawn(axum_server::from_tcp_rustls(listener, tls).serve(app.into_make_service()));
+    (addr, state)
+}
+
+#[tokio::test]
+async fn backends_behind_a_private_ca_with_mutual_tls() {
+    let server_ca = Authority::new("Private server CA");
+    let client_ca = Authority::new("Private client CA");
+    let (addr, state) = tls_simulator(&server_ca, &client_ca).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("private-ca.pem");
+    std::fs::write(&ca_file, server_ca.pem()).unwrap();
+    let (client_cert, client_key) = client_ca.issue(&["gatehouse-gateway"]);
+    let identity_file = dir.path().join("client.pem");
+    std::fs::write(&identity_file, format!("{client_cert}{client_key}")).unwrap();
+
+    let endpoint = format!("https://127.0.0.1:{}", addr.port());
+    let mut with_identity = member("private", &endpoint, 1);
+    with_identity["tls"] = json!({"ca_file": ca_file, "client_identity_file": identity_file});
+    let mut without_identity = member("anonymous", &endpoint, 1);
+    without_identity["tls"] = json!({"ca_file": ca_file});
+    let gw = TestGateway::start(snapshot(
+        1,
+        json!([
+            {"id": "mtls", "deployments": ["gpt-4o"], "members": [with_identity]},
+            {"id": "no-identity", "deployments": ["gpt-4o-mini"], "members": [without_identity]},
+        ]),
+    ))
+    .await;
+    let response = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(state.hits(), 1);
+    // Without the client certificate the handshake fails: the member is unavailable.
+    let response = gw
+        .post(&chat_path("gpt-4o-mini"))
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
+    azure_error(response, 503).await;
+    assert_eq!(state.hits(), 1);
+}
