@@ -1,6 +1,12 @@
 //! Integration tests: the gateway in-process, against simulator backends that count their hits.
 //!
 //! One test binary (faster to link); one module per capability.
+#![expect(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed unwrap is a failed test"
+)]
 
 mod harness;
 
