@@ -159,3 +159,26 @@ impl ConfigFile {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_annotated_example_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/gateway.yaml");
+        let file = ConfigFile::load(&path).unwrap();
+        assert_eq!(file.snapshot.pools[0].members.len(), 3);
+        assert!(file.server.admin_token.is_some());
+    }
+
+    #[test]
+    fn a_wrong_field_is_named_with_its_path() {
+        let text = "server: {state_dir: /tmp/x}\nsnapshot:\n  version: 1\n  pools:\n    - id: p\n      deployments: [d]\n      members:\n        - {id: m, endpoint: 'http://x', priority: high}\n";
+        let error = ConfigFile::parse(text).unwrap_err();
+        assert!(
+            error.starts_with("at `snapshot.pools[0].members[0].priority`"),
+            "{error}"
+        );
+    }
+}
