@@ -19,6 +19,7 @@ use gatehouse_audit::AuditQueue;
 use gatehouse_schema::{AuditRecord, ConfigSnapshot};
 use http::request::Parts;
 use time::OffsetDateTime;
+use tracing::Instrument;
 
 use crate::affinity::AffinityMap;
 use crate::error::GatewayError;
@@ -187,6 +188,17 @@ impl Gateway {
                 }
             }
         }
+        tracing::info!(
+            operation = record.operation_id.map_or("unknown", |o| o.as_str()),
+            deployment = record.deployment_name.as_deref().unwrap_or(""),
+            backend = record.backend_id.as_deref().unwrap_or(""),
+            status = record.response_code,
+            attempts = record.attempts.len(),
+            total_ms = record.total_time,
+            caller_ip = %record.caller_ip_address,
+            error = record.last_error_reason.as_deref().unwrap_or(""),
+            "call finished"
+        );
         self.submit(record);
     }
 }
@@ -257,11 +269,15 @@ async fn serve_call(
         caller,
         started,
     ));
-    let outcome = pipeline(&gateway, &runtime, &parts, body, &mut record).await;
+    let span = tracing::info_span!("call", request_id = %request_id);
+    let outcome = pipeline(&gateway, &runtime, &parts, body, &mut record)
+        .instrument(span.clone())
+        .await;
     let mut response = match outcome {
         Ok(response) => response,
         Err(error) => {
             if let Some(record) = record.take() {
+                let _entered = span.enter();
                 gateway.finish(record.finish_error(&error));
             }
             error.into_response()

@@ -15,6 +15,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tracing::Instrument;
 use url::Url;
 
 use crate::app::Gateway;
@@ -544,7 +545,7 @@ async fn relay(
             }
         }
         gateway.finish(record.finish(status.as_u16(), sent));
-    });
+    }.in_current_span());
     build_response(
         status,
         headers,

@@ -14,6 +14,7 @@ mod auth;
 mod bad_input;
 mod config_endpoint;
 mod failover;
+mod operations;
 mod routes;
 mod sdk_compat;
 mod secrets;

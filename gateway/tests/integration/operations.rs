@@ -1,0 +1,162 @@
+//! Operations: health, structured logs with the request id, caller address, backpressure.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::Bytes;
+use futures::StreamExt;
+use serde_json::json;
+
+use crate::harness::*;
+
+#[tokio::test]
+async fn health_and_readiness_need_no_key() {
+    let sim = simulator("ops").await;
+    let gw = TestGateway::start(snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member("a", &sim.url(), 1)]}]),
+    ))
+    .await;
+    assert_eq!(
+        gw.raw(reqwest::Method::GET, "/healthz")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        gw.raw(reqwest::Method::GET, "/readyz")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let empty = TestGateway::start(snapshot(1, json!([]))).await;
+    assert_eq!(
+        empty
+            .raw(reqwest::Method::GET, "/readyz")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
+}
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn every_call_logs_one_structured_line_with_its_request_id_and_caller() {
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let sim = simulator("logs").await;
+    let gw = TestGateway::start(snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member("a", &sim.url(), 1)]}]),
+    ))
+    .await;
+    let response = gw
+        .post(&chat_path("gpt-4o"))
+        .header("x-request-id", "req-log-42")
+        // The harness trusts 127.0.0.0/8, so the forwarded client is believed.
+        .header("x-forwarded-for", "198.51.100.7")
+        .json(&chat(None, true))
+        .send()
+        .await
+        .unwrap();
+    response.text().await.unwrap();
+    let record = gw.records(1).await.remove(0);
+    assert_eq!(record.caller_ip_address, "198.51.100.7");
+    assert_eq!(record.peer_ip_address, "127.0.0.1");
+    assert_eq!(record.correlation_id, "req-log-42");
+
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let line = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|l| l["fields"]["message"] == "call finished")
+        .unwrap_or_else(|| panic!("no `call finished` line in:\n{text}"));
+    assert_eq!(line["span"]["request_id"], "req-log-42", "{line}");
+    assert_eq!(line["fields"]["status"], 200);
+    assert_eq!(line["fields"]["operation"], "chatcompletions_create");
+    assert_eq!(line["fields"]["caller_ip"], "198.51.100.7");
+}
+
+/// A backend that streams `total` bytes as fast as it is allowed to, counting what it produced.
+async fn firehose(total_chunks: usize, produced: Arc<AtomicUsize>) -> String {
+    const CHUNK: usize = 64 * 1024;
+    let app = axum::Router::new().fallback(move || {
+        let produced = Arc::clone(&produced);
+        async move {
+            let stream = futures::stream::iter(0..total_chunks).map(move |_| {
+                produced.fetch_add(1, Ordering::Relaxed);
+                Ok::<_, std::io::Error>(Bytes::from(vec![b'x'; CHUNK]))
+            });
+            axum::response::Response::builder()
+                .header("content-type", "application/octet-stream")
+                .body(Body::from_stream(stream))
+                .unwrap()
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+#[tokio::test]
+async fn a_slow_client_slows_the_backend_instead_of_filling_memory() {
+    const TOTAL_CHUNKS: usize = 4096; // 256 MiB
+    let produced = Arc::new(AtomicUsize::new(0));
+    let url = firehose(TOTAL_CHUNKS, Arc::clone(&produced)).await;
+    let mut config = snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["tts"], "members": [member("hose", &url, 1)]}]),
+    );
+    config.capture.max_response_body_bytes = 0;
+    let gw = TestGateway::start(config).await;
+    let response = gw
+        .post("/openai/deployments/tts/audio/speech?api-version=2024-10-21")
+        .json(&json!({"input": "x", "voice": "alloy"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // The client reads nothing for a while: only socket buffers and the relay's bounded channel fill.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let buffered_mib = produced.load(Ordering::Relaxed) * 64 / 1024;
+    assert!(
+        buffered_mib < 48,
+        "the gateway read {buffered_mib} MiB ahead of a client that read nothing"
+    );
+    // Then the client reads it all, intact.
+    let mut received = 0usize;
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        received += chunk.unwrap().len();
+    }
+    assert_eq!(received, TOTAL_CHUNKS * 64 * 1024);
+    eprintln!("read ahead of a stalled client: {buffered_mib} MiB of 256 MiB");
+}
