@@ -177,6 +177,7 @@ mod tests {
             client_aborted: false,
             last_error_reason: None,
             last_error_message: None,
+            chain: None,
         }
     }
 

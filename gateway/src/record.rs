@@ -73,6 +73,7 @@ impl CallRecord {
             client_aborted: false,
             last_error_reason: None,
             last_error_message: None,
+            chain: None,
         };
         CallRecord {
             record,

@@ -97,6 +97,26 @@ pub struct AuditRecord {
     pub last_error_reason: Option<String>,
     /// The error message the gateway returned, if any.
     pub last_error_message: Option<String>,
+    /// The record's place in its tamper-evidence chain; set by the audit writer, not the gateway.
+    #[serde(default)]
+    pub chain: Option<ChainLink>,
+}
+
+/// A record's link in a hash chain (one chain per gateway instance and UTC day).
+///
+/// `record_hash` = SHA-256 over `previous_hash` and the canonical JSON of the record without its
+/// `chain`; changing or removing any record breaks every later link.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ChainLink {
+    /// `{gateway_id}/{YYYY-MM-DD}`.
+    pub chain_id: String,
+    /// Position in the chain, from 0.
+    pub sequence: u64,
+    /// Hex SHA-256 of the previous record in the chain (64 zeros for the first).
+    pub previous_hash: String,
+    /// Hex SHA-256 of this record.
+    pub record_hash: String,
 }
 
 /// Token counts of one call.
