@@ -6,6 +6,7 @@
 mod jsonl;
 mod memory;
 mod queue;
+pub mod rows;
 
 use futures::future::BoxFuture;
 pub use gatehouse_schema::AuditRecord;
