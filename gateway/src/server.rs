@@ -47,13 +47,20 @@ pub async fn spawn(
         .into_make_service_with_connect_info::<SocketAddr>();
     let task = match tls {
         None => {
-            let server = axum_server::from_tcp(listener).handle(handle.clone());
+            // Small responses must not wait on Nagle's algorithm and delayed ACKs (~40 ms each).
+            let server = axum_server::from_tcp(listener)
+                .acceptor(axum_server::accept::NoDelayAcceptor::new())
+                .handle(handle.clone());
             tokio::spawn(async move { server.serve(service).await })
         }
         Some(tls) => {
             let config = RustlsConfig::from_pem_file(&tls.cert_file, &tls.key_file).await?;
             tokio::spawn(watch_certificates(config.clone(), tls));
-            let server = axum_server::from_tcp_rustls(listener, config).handle(handle.clone());
+            let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(config)
+                .acceptor(axum_server::accept::NoDelayAcceptor::new());
+            let server = axum_server::from_tcp(listener)
+                .acceptor(acceptor)
+                .handle(handle.clone());
             tokio::spawn(async move { server.serve(service).await })
         }
     };
