@@ -1,0 +1,534 @@
+#!/usr/bin/env bash
+# Load benchmark: the same POST chat-completions load (~1 KB JSON body, concurrency 1, 16, 64),
+# measured in one run
+#   1. directly against a fast mock upstream (nginx returning a static chat.completion),
+#   2. through nginx as a plain reverse proxy to that mock,
+#   3. through the Gatehouse gateway to that mock,
+# and reported per concurrency as latency p50/p99, requests per second, CPU time per request and
+# peak RSS of the proxy processes, with the gateway-vs-nginx ratios and their targets.
+#
+#   bench/gateway_load.sh                      # everything, ~2-3 minutes once the gateway is built
+#   BENCH_DURATION=30 bench/gateway_load.sh    # longer measured runs
+#
+# Environment (all optional):
+#   BENCH_DURATION=10        seconds per measured run (a warm-up of BENCH_WARMUP seconds precedes it)
+#   BENCH_WARMUP=2           seconds of warm-up before each measured run (not measured)
+#   BENCH_CONCURRENCY="1 16 64"   connections (= requests in flight) per run
+#   BENCH_WRK_THREADS=2      wrk threads (capped at the concurrency)
+#   BENCH_NGINX_WORKERS=1    worker_processes of the nginx reverse proxy (see bench/README.md)
+#   BENCH_GATEWAY=auto       auto: build and measure the gateway; if it does not build, skip it
+#                            on:   a gateway that does not build is an error
+#                            off:  measure direct and nginx only
+#   GATEHOUSE_GATEWAY_BIN    use this gateway binary instead of building one
+#   BENCH_KEEP_TMP=1         keep the temporary directory (configs, logs, raw wrk output)
+#
+# Output: a table on stdout, and bench/out/gateway_load-<timestamp>.json. Exit status 0 when every
+# part that ran worked (whether or not the targets were met), 1 when something broke (a process
+# did not start, a request failed, a run had errors).
+# Needs root for apt-get (nginx, wrk) when they are missing.
+set -euo pipefail
+
+bench_dir=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$bench_dir/.." && pwd)
+cd "$root"
+
+duration=${BENCH_DURATION:-10}
+warmup=${BENCH_WARMUP:-2}
+concurrency=${BENCH_CONCURRENCY:-1 16 64}
+wrk_threads=${BENCH_WRK_THREADS:-2}
+nginx_workers=${BENCH_NGINX_WORKERS:-1}
+gateway_mode=${BENCH_GATEWAY:-auto}
+
+api_key="bench-key-$(date +%s)-$$"
+deployment="gpt-4o-mini"
+request_path="/openai/deployments/$deployment/chat/completions?api-version=2024-10-21"
+
+work=""           # temporary directory, made in main
+started_pids=()   # every long-running process this script started (nginx masters, the gateway)
+wrk_pid=""        # the wrk run in progress, if any
+broken=()         # what went wrong; non-empty means exit 1
+
+say()  { printf '\n== %s\n' "$*" >&2; }
+note() { printf '   %s\n' "$*" >&2; }
+die()  { printf 'bench/gateway_load.sh: %s\n' "$*" >&2; exit 1; }
+
+# ---------------------------------------------------------------------------------------------
+# tools
+
+ensure_tools() {
+  local missing=()
+  command -v nginx >/dev/null || missing+=(nginx-light)
+  command -v wrk   >/dev/null || missing+=(wrk)
+  command -v curl  >/dev/null || missing+=(curl)
+  if [ ${#missing[@]} -gt 0 ]; then
+    say "installing ${missing[*]}"
+    [ "$(id -u)" -eq 0 ] || die "need ${missing[*]}: run as root (apt-get) or install them first"
+    command -v apt-get >/dev/null || die "need ${missing[*]} and there is no apt-get"
+    apt-get update -qq || die "apt-get update failed"
+    # Keep the distribution's nginx service from starting on :80 during the install.
+    local policy=/usr/sbin/policy-rc.d made_policy=""
+    if [ ! -e "$policy" ]; then
+      printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy" && made_policy=1
+    fi
+    local ok=1
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
+      || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+           "${missing[@]/nginx-light/nginx}" \
+      || ok=""
+    [ -z "$made_policy" ] || rm -f "$policy"
+    [ -n "$ok" ] || die "apt-get install ${missing[*]} failed"
+  fi
+  command -v nginx >/dev/null || die "nginx is still missing after apt-get"
+  command -v wrk   >/dev/null || die "wrk is still missing after apt-get"
+  command -v python3 >/dev/null || die "python3 is missing (needed for bench/lib/report.py)"
+  command -v sha256sum >/dev/null || die "sha256sum is missing (coreutils)"
+}
+
+# ---------------------------------------------------------------------------------------------
+# processes
+
+cleanup() {
+  local status=$?
+  trap - EXIT INT TERM
+  if [ -n "$wrk_pid" ]; then kill "$wrk_pid" 2>/dev/null || true; fi
+  local pid
+  for pid in "${started_pids[@]+"${started_pids[@]}"}"; do
+    stop_process "$pid"
+  done
+  if [ -n "$work" ] && [ -d "$work" ]; then
+    if [ "${BENCH_KEEP_TMP:-}" = 1 ]; then
+      printf 'kept %s\n' "$work" >&2
+    else
+      rm -rf "$work"
+    fi
+  fi
+  exit "$status"
+}
+
+# Stop a process we started and its children (nginx workers): TERM, then KILL after 5 s.
+stop_process() {
+  local pid=$1 children _
+  kill -0 "$pid" 2>/dev/null || return 0
+  children=$(pgrep -P "$pid" || true)
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 50); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  for pid in $children; do
+    kill -KILL "$pid" 2>/dev/null || true
+  done
+}
+
+forget_pid() {
+  local pid=$1 kept=() p
+  for p in "${started_pids[@]+"${started_pids[@]}"}"; do [ "$p" = "$pid" ] || kept+=("$p"); done
+  started_pids=("${kept[@]+"${kept[@]}"}")
+}
+
+# Wait until `curl` gets HTTP 200 from a URL (GET), or the process dies, or 30 s pass.
+wait_http_200() {
+  local url=$1 pid=$2 what=$3 _ code
+  for _ in $(seq 300); do
+    kill -0 "$pid" 2>/dev/null || { note "$what exited before it was ready"; return 1; }
+    code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$url" || true)
+    [ "$code" = 200 ] && return 0
+    sleep 0.1
+  done
+  note "$what did not answer 200 on $url within 30 s (last: $code)"
+  return 1
+}
+
+# All pids of a process tree rooted at $1 (nginx master + workers, or the gateway).
+tree_pids() {
+  local pid=$1
+  printf '%s\n' "$pid"
+  pgrep -P "$pid" || true
+}
+
+# Sums of utime and stime clock ticks of the given pids (threads included), as "utime stime".
+cpu_ticks() {
+  local user=0 sys=0 pid stat fields
+  for pid in "$@"; do
+    stat=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
+    # Field 2 (comm) may contain spaces: cut after the last ')'.
+    read -r -a fields <<< "${stat##*) }"
+    # After comm the array starts at field 3, so utime (14) is index 11 and stime (15) index 12.
+    user=$(( user + fields[11] ))
+    sys=$(( sys + fields[12] ))
+  done
+  printf '%s %s\n' "$user" "$sys"
+}
+
+# Sum of a /proc/<pid>/status field in kB (VmHWM, VmRSS) over the given pids.
+status_kb() {
+  local field=$1 total=0 pid value
+  shift
+  for pid in "$@"; do
+    value=$(awk -v f="$field:" '$1 == f { print $2 }' "/proc/$pid/status" 2>/dev/null || true)
+    total=$(( total + ${value:-0} ))
+  done
+  printf '%s\n' "$total"
+}
+
+# Reset the peak RSS (VmHWM) of the given pids to their current RSS; 1 if it worked for all.
+reset_hwm() {
+  local pid ok=1
+  for pid in "$@"; do
+    { echo 5 > "/proc/$pid/clear_refs"; } 2>/dev/null || ok=0
+  done
+  printf '%s\n' "$ok"
+}
+
+# Busy and total jiffies of the whole machine, from the first line of /proc/stat.
+host_jiffies() {
+  local _cpu user nice system idle iowait irq softirq steal _rest
+  read -r _cpu user nice system idle iowait irq softirq steal _rest < /proc/stat
+  printf '%s %s\n' $(( user + nice + system + irq + softirq + steal )) \
+    $(( user + nice + system + idle + iowait + irq + softirq + steal ))
+}
+
+# Percentage of the machine's CPU time that was busy over $1 seconds (other load on the machine).
+host_busy_pct() {
+  local a b
+  a=$(host_jiffies); sleep "$1"; b=$(host_jiffies)
+  printf '%s\n' $(( 100 * (${b% *} - ${a% *}) / ( ${b#* } - ${a#* } > 0 ? ${b#* } - ${a#* } : 1 ) ))
+}
+
+# A whitespace-separated list as JSON array items: "1 2\n3" -> "1,2,3".
+json_list() {
+  local items
+  read -r -d '' -a items <<< "$1" || true
+  (IFS=,; printf '%s' "${items[*]}")
+}
+
+# ---------------------------------------------------------------------------------------------
+# fixtures
+
+write_fixtures() {
+  # The request: a realistic chat-completions body of about 1 KB.
+  cat > "$work/body.json" <<'EOF'
+{"messages":[{"role":"system","content":"You are the internal assistant of the Contoso finance team. Answer concisely and in plain language, cite the section of the travel and expense policy you rely on, and never reveal personal data about employees, customers or suppliers. If a question is outside finance, say so and suggest the right team."},{"role":"user","content":"I travelled to Lisbon for three days for the customer workshop and paid the hotel, two dinners with the customer, the airport taxi and a train ticket myself. The hotel was above the usual city limit because of a conference in town. Which of these can I claim, which receipts do I need, do I need a pre-approval for the hotel, and by when must I submit the claim so that it is paid with the next salary run? Please also tell me whether the dinners count as entertainment."}],"max_tokens":300,"temperature":0.2,"top_p":1,"n":1,"stream":false,"presence_penalty":0,"frequency_penalty":0,"user":"bench-user-0001"}
+EOF
+  # The mock's answer: a static chat.completion (no ' or $: it goes into an nginx string).
+  response='{"id":"chatcmpl-bench0001","object":"chat.completion","created":1733000000,"model":"gpt-4o-mini-2024-07-18","system_fingerprint":"fp_bench","choices":[{"index":0,"message":{"role":"assistant","content":"You can claim the hotel, the train ticket and the airport taxi as travel costs (policy 4.2). The hotel needs a pre-approval above the city limit, which a conference in town justifies (4.5). The dinners with the customer count as entertainment (6.1). Keep itemised receipts and submit by the 20th.","refusal":null},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":212,"completion_tokens":64,"total_tokens":276,"prompt_tokens_details":{"cached_tokens":0},"completion_tokens_details":{"reasoning_tokens":0}}}'
+
+  # wrk script: POST the body with the headers; at the end print one JSON line to parse.
+  {
+    printf 'wrk.method = "POST"\n'
+    printf 'wrk.headers["Content-Type"] = "application/json"\n'
+    printf 'wrk.headers["api-key"] = "%s"\n' "$api_key"
+    printf 'wrk.body = [==[%s]==]\n' "$(cat "$work/body.json")"
+    cat <<'EOF'
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRK_JSON {"requests":%d,"duration_us":%d,"bytes":%d,' ..
+    '"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d},' ..
+    '"latency_us":{"min":%d,"mean":%.1f,"stdev":%.1f,"p50":%d,"p75":%d,"p90":%d,"p99":%d,"max":%d}}\n',
+    summary.requests, summary.duration, summary.bytes,
+    e.connect, e.read, e.write, e.status, e.timeout,
+    latency.min, latency.mean, latency.stdev,
+    latency:percentile(50), latency:percentile(75), latency:percentile(90),
+    latency:percentile(99), latency.max))
+end
+EOF
+  } > "$work/post.lua"
+}
+
+# A private nginx instance: config in $work/<name>/nginx.conf, started with daemon off (so the
+# master is our child and its pid is $!). $1 name, $2 worker_processes, $3 the http{} body.
+# Sets started_pid.
+start_nginx() {
+  local name=$1 workers=$2 http_body=$3 dir="$work/$1"
+  mkdir -p "$dir/logs" "$dir/tmp"
+  cat > "$dir/nginx.conf" <<EOF
+# Gatehouse benchmark: $name (generated by bench/gateway_load.sh)
+daemon off;
+master_process on;
+worker_processes $workers;
+pid $dir/nginx.pid;
+error_log $dir/logs/error.log warn;
+events {
+  worker_connections 4096;
+  multi_accept on;
+}
+http {
+  access_log off;
+  client_body_temp_path $dir/tmp/body;
+  proxy_temp_path $dir/tmp/proxy;
+  fastcgi_temp_path $dir/tmp/fastcgi;
+  uwsgi_temp_path $dir/tmp/uwsgi;
+  scgi_temp_path $dir/tmp/scgi;
+  keepalive_timeout 75s;
+  keepalive_requests 1000000;
+  client_body_buffer_size 64k;
+  client_max_body_size 10m;
+$http_body
+}
+EOF
+  nginx -t -q -e "$dir/logs/error.log" -p "$dir" -c "$dir/nginx.conf" \
+    || die "nginx config for $name is invalid: $dir/nginx.conf"
+  nginx -e "$dir/logs/error.log" -p "$dir" -c "$dir/nginx.conf" > "$dir/logs/stdout.log" 2>&1 &
+  started_pid=$!
+  started_pids+=("$started_pid")
+}
+
+start_mock() {
+  say "mock upstream: nginx on 127.0.0.1:$mock_port (static chat.completion for any path)"
+  start_nginx mock 1 "
+  server {
+    listen 127.0.0.1:$mock_port backlog=4096;
+    default_type application/json;
+    location / {
+      return 200 '$response';
+    }
+  }"
+  mock_pid=$started_pid
+  wait_http_200 "http://127.0.0.1:$mock_port/healthz" "$mock_pid" "mock nginx" \
+    || die "the mock upstream did not start: $(tail -5 "$work/mock/logs/error.log" 2>/dev/null)"
+}
+
+start_nginx_proxy() {
+  say "nginx reverse proxy on 127.0.0.1:$nginx_port -> mock (worker_processes $nginx_workers)"
+  start_nginx proxy "$nginx_workers" "
+  upstream mock {
+    server 127.0.0.1:$mock_port;
+    keepalive 256;
+    keepalive_requests 1000000;
+  }
+  server {
+    listen 127.0.0.1:$nginx_port backlog=4096;
+    location / {
+      proxy_pass http://mock;
+      proxy_http_version 1.1;
+      proxy_set_header Connection \"\";
+      proxy_buffering off;
+    }
+  }"
+  nginx_pid=$started_pid
+  wait_http_200 "http://127.0.0.1:$nginx_port/healthz" "$nginx_pid" "nginx proxy" \
+    || die "the nginx proxy did not start: $(tail -5 "$work/proxy/logs/error.log" 2>/dev/null)"
+}
+
+# ---------------------------------------------------------------------------------------------
+# the gateway
+
+# Sets gateway_bin, or returns 1 (with gateway_skip_reason) when there is none to measure.
+build_gateway() {
+  if [ -n "${GATEHOUSE_GATEWAY_BIN:-}" ]; then
+    gateway_bin=$GATEHOUSE_GATEWAY_BIN
+    [ -x "$gateway_bin" ] || { gateway_skip_reason="GATEHOUSE_GATEWAY_BIN=$gateway_bin is not executable"; return 1; }
+    say "gateway: using $gateway_bin"
+    return 0
+  fi
+  say "gateway: cargo build --release --locked -p gatehouse-gateway"
+  if ! cargo build --release --locked -p gatehouse-gateway; then
+    gateway_skip_reason="cargo build --release -p gatehouse-gateway failed"
+    return 1
+  fi
+  gateway_bin="${CARGO_TARGET_DIR:-$root/target}/release/gatehouse-gateway"
+  [ -x "$gateway_bin" ] || { gateway_skip_reason="no binary at $gateway_bin after the build"; return 1; }
+}
+
+start_gateway() {
+  local dir="$work/gateway" hash
+  mkdir -p "$dir/state"
+  hash=$(printf %s "$api_key" | sha256sum | cut -d' ' -f1)
+  cat > "$dir/gateway.yaml" <<EOF
+# Gatehouse benchmark config (generated by bench/gateway_load.sh)
+server:
+  listen: 127.0.0.1:$gateway_port
+  gateway_id: bench
+  state_dir: $dir/state
+  log_format: text
+  audit:
+    jsonl: null
+snapshot:
+  version: 1
+  capture: {max_request_body_bytes: 0, max_response_body_bytes: 0}
+  subscriptions:
+    - id: bench
+      primary_key_hash: "sha256:$hash"
+  pools:
+    - id: bench
+      deployments: ["$deployment"]
+      members:
+        - id: mock
+          kind: azure_openai
+          endpoint: http://127.0.0.1:$mock_port
+EOF
+  say "gateway on 127.0.0.1:$gateway_port -> mock"
+  "$gateway_bin" serve --config "$dir/gateway.yaml" > "$dir/gateway.log" 2>&1 &
+  gateway_pid=$!
+  started_pids+=("$gateway_pid")
+  if ! wait_http_200 "http://127.0.0.1:$gateway_port/healthz" "$gateway_pid" "gateway"; then
+    note "gateway log (last 20 lines):"
+    tail -20 "$dir/gateway.log" | sed 's/^/     /' >&2
+    return 1
+  fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# measuring
+
+# One POST through a target, checked: HTTP 200 and a chat.completion in the answer.
+preflight() {
+  local name=$1 port=$2 out="$work/preflight-$1.json" code
+  code=$(curl -s -o "$out" -w '%{http_code}' --max-time 5 -X POST \
+    -H 'Content-Type: application/json' -H "api-key: $api_key" \
+    --data-binary "@$work/body.json" "http://127.0.0.1:$port$request_path" || true)
+  if [ "$code" != 200 ] || ! grep -q '"chat.completion"' "$out"; then
+    note "$name: POST $request_path answered HTTP $code: $(head -c 300 "$out" 2>/dev/null)"
+    return 1
+  fi
+  note "$name: POST answers 200 with a chat.completion"
+}
+
+# Run wrk; $1 connections, $2 seconds, $3 port, $4 output file.
+run_wrk() {
+  local c=$1 secs=$2 port=$3 out=$4 threads=$wrk_threads
+  [ "$c" -lt "$threads" ] && threads=$c
+  wrk -t "$threads" -c "$c" -d "${secs}s" --timeout 5s --latency -s "$work/post.lua" \
+    "http://127.0.0.1:$port$request_path" > "$out" 2>&1 &
+  wrk_pid=$!
+  local status=0
+  wait "$wrk_pid" || status=$?
+  wrk_pid=""
+  return "$status"
+}
+
+# Measure one target at every concurrency; $1 name, $2 port, $3 proxy pid (empty for direct).
+measure_target() {
+  local name=$1 port=$2 proxy_pid=${3:-} c
+  local proxy_pids mock_pids raw wrk_json
+  local cpu0 cpu1 mock0 mock1 host0 host1 hwm_reset hwm rss
+  say "measuring $name (warm-up ${warmup}s + ${duration}s per concurrency)"
+  mock_pids=$(tree_pids "$mock_pid")
+  for c in $concurrency; do
+    raw="$work/wrk-$name-c$c.txt"
+    proxy_pids=""
+    [ -n "$proxy_pid" ] && proxy_pids=$(tree_pids "$proxy_pid")
+    hwm_reset=null
+    # shellcheck disable=SC2086  # pid lists are meant to split
+    [ -n "$proxy_pids" ] && hwm_reset=$(reset_hwm $proxy_pids)
+
+    run_wrk "$c" "$warmup" "$port" "$work/wrk-$name-c$c-warmup.txt" \
+      || { broken+=("$name c=$c: wrk warm-up failed"); note "wrk failed: $(tail -3 "$work/wrk-$name-c$c-warmup.txt")"; continue; }
+
+    # shellcheck disable=SC2086
+    { cpu0=$(cpu_ticks $proxy_pids); mock0=$(cpu_ticks $mock_pids); host0=$(host_jiffies); }
+    run_wrk "$c" "$duration" "$port" "$raw" \
+      || { broken+=("$name c=$c: wrk failed"); note "wrk failed: $(tail -3 "$raw")"; continue; }
+    # shellcheck disable=SC2086
+    { cpu1=$(cpu_ticks $proxy_pids); mock1=$(cpu_ticks $mock_pids); host1=$(host_jiffies); }
+    # shellcheck disable=SC2086
+    { hwm=$(status_kb VmHWM $proxy_pids); rss=$(status_kb VmRSS $proxy_pids); }
+
+    wrk_json=$(sed -n 's/^WRK_JSON //p' "$raw")
+    [ -n "$wrk_json" ] || { broken+=("$name c=$c: no result line from wrk"); continue; }
+    if [ -n "$proxy_pid" ] && ! kill -0 "$proxy_pid" 2>/dev/null; then
+      broken+=("$name c=$c: the proxy process died during the run")
+    fi
+    cat > "$work/results/$name-c$c.json" <<EOF
+{"target":"$name","concurrency":$c,"wrk":$wrk_json,
+ "proxy_pids":[$(json_list "$proxy_pids")],
+ "proxy_cpu_user_ticks":$([ -n "$proxy_pids" ] && echo $(( ${cpu1% *} - ${cpu0% *} )) || echo null),
+ "proxy_cpu_sys_ticks":$([ -n "$proxy_pids" ] && echo $(( ${cpu1#* } - ${cpu0#* } )) || echo null),
+ "mock_cpu_ticks":$(( ${mock1% *} + ${mock1#* } - ${mock0% *} - ${mock0#* } )),
+ "host_busy_jiffies":$(( ${host1% *} - ${host0% *} )),"host_total_jiffies":$(( ${host1#* } - ${host0#* } )),
+ "proxy_vmhwm_kb":$([ -n "$proxy_pids" ] && echo "$hwm" || echo null),
+ "proxy_vmrss_kb":$([ -n "$proxy_pids" ] && echo "$rss" || echo null),
+ "vmhwm_reset_before_run":$(case $hwm_reset in null) echo null ;; 1) echo true ;; *) echo false ;; esac)}
+EOF
+    note "c=$c: $(python3 "$bench_dir/lib/report.py" line "$work/results/$name-c$c.json")"
+  done
+}
+
+# ---------------------------------------------------------------------------------------------
+
+main() {
+  ensure_tools
+  work=$(mktemp -d "${TMPDIR:-/tmp}/gatehouse-bench.XXXXXX")
+  trap cleanup EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+  mkdir -p "$work/results" "$bench_dir/out"
+
+  local gateway_status=skipped
+  gateway_skip_reason=""
+  gateway_bin=""
+  case "$gateway_mode" in
+    off) gateway_skip_reason="BENCH_GATEWAY=off" ;;
+    auto|on)
+      # Build before anything runs, so the compiler does not compete with the measurements.
+      if build_gateway; then
+        gateway_status=pending
+      else
+        [ "$gateway_mode" = on ] && broken+=("gateway: $gateway_skip_reason")
+        note "WARNING: gateway skipped: $gateway_skip_reason"
+      fi ;;
+    *) die "BENCH_GATEWAY must be auto, on or off (not $gateway_mode)" ;;
+  esac
+
+  # Other load on the machine (a build, tests) makes every figure meaningless: say so.
+  local busy_before
+  busy_before=$(host_busy_pct 1)
+  if [ "$busy_before" -gt 10 ]; then
+    note "WARNING: the machine is ${busy_before}% busy before the benchmark starts: the figures will be noisy"
+  fi
+
+  read -r mock_port nginx_port gateway_port < <(python3 "$bench_dir/lib/report.py" ports 3)
+  write_fixtures
+  start_mock
+  start_nginx_proxy
+  say "checking the targets"
+  preflight direct "$mock_port" || die "the mock upstream does not answer the request"
+  preflight nginx "$nginx_port" || die "the nginx proxy does not answer the request"
+
+  measure_target direct "$mock_port"
+  measure_target nginx "$nginx_port" "$nginx_pid"
+  stop_process "$nginx_pid"; forget_pid "$nginx_pid"
+
+  if [ "$gateway_status" = pending ]; then
+    if start_gateway && preflight gateway "$gateway_port"; then
+      measure_target gateway "$gateway_port" "$gateway_pid"
+      gateway_status=measured
+    else
+      gateway_status=failed
+      broken+=("gateway: did not start or does not answer the request (log: $work/gateway/gateway.log)")
+      export BENCH_KEEP_TMP=1
+    fi
+  fi
+
+  say "results"
+  local stamp out
+  stamp=$(date -u +%Y%m%dT%H%M%SZ)
+  out="$bench_dir/out/gateway_load-$stamp.json"
+  cat > "$work/meta.json" <<EOF
+{"started_utc":"$stamp","duration_s":$duration,"warmup_s":$warmup,
+ "concurrency":[$(json_list "$concurrency")],"wrk_threads_max":$wrk_threads,
+ "nginx_proxy_worker_processes":$nginx_workers,"mock_worker_processes":1,
+ "request_body_bytes":$(wc -c < "$work/body.json"),"request_path":"$request_path",
+ "clk_tck":$(getconf CLK_TCK),"cpus":$(nproc),"host_busy_before_pct":$busy_before,
+ "nginx_version":"$(nginx -v 2>&1 | sed 's/^nginx version: //')",
+ "wrk_version":"$(wrk -v 2>&1 | head -1 | cut -d' ' -f2)",
+ "gateway":{"status":"$gateway_status","skip_reason":"$gateway_skip_reason","binary":"$gateway_bin",
+            "git_commit":"$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)",
+            "git_dirty":$([ -n "$(git -C "$root" status --porcelain 2>/dev/null)" ] && echo true || echo false)},
+ "problems":$(python3 -c 'import json,sys; print(json.dumps(sys.argv[1:]))' "${broken[@]+"${broken[@]}"}")}
+EOF
+  python3 "$bench_dir/lib/report.py" summarize --results "$work/results" --meta "$work/meta.json" --out "$out" \
+    || broken+=("some runs had request errors (non-2xx, socket errors or timeouts): their figures are invalid")
+  printf '\nJSON: %s\n' "${out#"$root"/}"
+
+  if [ ${#broken[@]} -gt 0 ]; then
+    printf '\nSomething broke:\n' >&2
+    printf '  - %s\n' "${broken[@]}" >&2
+    exit 1
+  fi
+}
+
+main "$@"
