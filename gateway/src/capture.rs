@@ -3,12 +3,19 @@
 //! The capture is a tee: chunks are forwarded first and copied second, and nothing here holds a
 //! chunk back from the client. SSE is framed by `eventsource-stream`; this module only interprets
 //! the events (`azure-specs.md` §1.6, §1.7).
+//!
+//! One exception: when the gateway itself asked a stream for its usage chunk
+//! (`stream_options.include_usage`, see [`crate::proxy`]), [`SseTap::removing_usage`] passes the
+//! stream on event by event and leaves that chunk out, so the client reads what it would have read
+//! without the gateway.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::fmt::Write as _;
 
 use bytes::Bytes;
-use eventsource_stream::{EventStream, Eventsource};
+use eventsource_stream::{Event, EventStream, Eventsource};
 use futures::channel::mpsc;
 use futures::{FutureExt, StreamExt};
 use gatehouse_schema::OperationId;
@@ -143,6 +150,8 @@ pub struct SseTap {
     input: mpsc::UnboundedSender<Result<Bytes, Infallible>>,
     events: EventStream<mpsc::UnboundedReceiver<Result<Bytes, Infallible>>>,
     assembler: StreamAssembler,
+    /// Set when the tap rewrites the stream for the client.
+    filter: Option<UsageFilter>,
 }
 
 impl std::fmt::Debug for SseTap {
@@ -158,16 +167,41 @@ impl Default for SseTap {
             input,
             events: output.eventsource(),
             assembler: StreamAssembler::default(),
+            filter: None,
         }
     }
 }
 
 impl SseTap {
+    /// A tap for a stream whose usage chunk the gateway asked for: [`SseTap::pass`] leaves out the
+    /// chunk with `"choices": []` and a `usage` object, and drops a top-level `"usage": null`
+    /// from the other chunks (OpenAI adds it to every chunk when the option is on; Azure does
+    /// not), so the client reads what the backend would have sent without the option.
+    pub fn removing_usage() -> SseTap {
+        SseTap {
+            filter: Some(UsageFilter::default()),
+            ..SseTap::default()
+        }
+    }
+
     /// Feeds the next chunk of the stream as received.
     pub fn feed(&mut self, chunk: &Bytes) {
         // The receiver lives in `self`, so the send cannot fail.
         let _ = self.input.unbounded_send(Ok(chunk.clone()));
         self.drain();
+    }
+
+    /// Feeds the next chunk and returns what of it goes on to the client: the chunk itself, or
+    /// for a [`SseTap::removing_usage`] tap the events it completed that pass, each written again
+    /// as `data: …` lines (with its `event:`, `id:` and `retry:` fields) — `None` when nothing is
+    /// to be sent yet.
+    pub fn pass(&mut self, chunk: Bytes) -> Option<Bytes> {
+        self.feed(&chunk);
+        match &mut self.filter {
+            None => Some(chunk),
+            Some(filter) if filter.out.is_empty() => None,
+            Some(filter) => Some(Bytes::from(std::mem::take(&mut filter.out))),
+        }
     }
 
     /// Ends the stream and returns the reassembled answer.
@@ -181,7 +215,12 @@ impl SseTap {
         // Every chunk is already queued, so the event stream is ready or needs more input.
         while let Some(Some(item)) = self.events.next().now_or_never() {
             match item {
-                Ok(event) => self.assembler.event(&event.data),
+                Ok(event) => {
+                    let chunk = self.assembler.event(&event.data);
+                    if let Some(filter) = &mut self.filter {
+                        filter.event(&event, chunk.as_ref());
+                    }
+                }
                 Err(error) => {
                     tracing::debug!(%error, "unparseable server-sent event skipped");
                 }
@@ -225,15 +264,19 @@ struct StreamAssembler {
 }
 
 impl StreamAssembler {
-    fn event(&mut self, data: &str) {
+    /// Takes in one event's data; returns it parsed, when it is JSON.
+    fn event(&mut self, data: &str) -> Option<Value> {
         let data = data.trim();
         if data == "[DONE]" {
             self.done = true;
-            return;
+            return None;
         }
-        let Ok(chunk) = serde_json::from_str::<Value>(data) else {
-            return;
-        };
+        let chunk = serde_json::from_str::<Value>(data).ok()?;
+        self.chunk(&chunk);
+        Some(chunk)
+    }
+
+    fn chunk(&mut self, chunk: &Value) {
         // Responses API: typed events; the terminal one carries the whole response.
         if let Some(kind) = chunk.get("type").and_then(Value::as_str) {
             if matches!(
@@ -388,6 +431,93 @@ impl StreamAssembler {
     }
 }
 
+/// Rewrites a stream for the client without the usage the gateway asked for.
+#[derive(Debug, Default)]
+struct UsageFilter {
+    /// What goes to the client next.
+    out: Vec<u8>,
+    /// The last event id written out (the SSE last-event-id carries over between events).
+    last_id: String,
+}
+
+impl UsageFilter {
+    fn event(&mut self, event: &Event, chunk: Option<&Value>) {
+        let mut data = Cow::Borrowed(event.data.as_str());
+        if let Some(chunk) = chunk {
+            if is_usage_chunk(chunk) {
+                return;
+            }
+            if chunk.get("usage").is_some_and(Value::is_null) {
+                data = without_null_usage(&event.data, chunk);
+            }
+        }
+        let mut text = String::with_capacity(data.len() + 16);
+        if event.event != "message" {
+            let _ = writeln!(text, "event: {}", event.event);
+        }
+        if event.id != self.last_id {
+            let _ = writeln!(text, "id: {}", event.id);
+            self.last_id.clone_from(&event.id);
+        }
+        if let Some(retry) = event.retry {
+            let _ = writeln!(text, "retry: {}", retry.as_millis());
+        }
+        for line in data.split('\n') {
+            let _ = writeln!(text, "data: {line}");
+        }
+        text.push('\n');
+        self.out.extend_from_slice(text.as_bytes());
+    }
+}
+
+/// The chunk `stream_options.include_usage` adds: no choices, a usage object.
+pub fn is_usage_chunk(chunk: &Value) -> bool {
+    chunk
+        .get("choices")
+        .and_then(Value::as_array)
+        .is_some_and(Vec::is_empty)
+        && chunk.get("usage").is_some_and(Value::is_object)
+}
+
+/// The event's data without its top-level `"usage": null` member, the rest byte for byte; the data
+/// unchanged when that member cannot be told apart (the cut is checked by parsing the result).
+fn without_null_usage<'a>(data: &'a str, chunk: &Value) -> Cow<'a, str> {
+    // Inside a JSON string every `"` is escaped, so an unescaped `"usage"` followed by `:` is a key.
+    let mut found = None;
+    for (start, key) in data.match_indices("\"usage\"") {
+        let rest = &data[start + key.len()..];
+        let after_colon = rest.trim_start().strip_prefix(':').map(str::trim_start);
+        if let Some(tail) = after_colon.and_then(|r| r.strip_prefix("null")) {
+            if found.is_some() {
+                return Cow::Borrowed(data);
+            }
+            found = Some((start, data.len() - tail.len()));
+        }
+    }
+    let Some((start, end)) = found else {
+        return Cow::Borrowed(data);
+    };
+    let before = data[..start].trim_end();
+    let after = data[end..].trim_start();
+    let stripped = if let Some(before) = before.strip_suffix(',') {
+        // `…, "usage": null}` → `…}`
+        format!("{before}{}", &data[end..])
+    } else if let Some(after) = after.strip_prefix(',') {
+        // `{"usage": null, …` → `{…`
+        format!("{}{after}", &data[..start])
+    } else {
+        format!("{}{}", &data[..start], &data[end..])
+    };
+    let mut expected = chunk.clone();
+    if let Some(object) = expected.as_object_mut() {
+        object.remove("usage");
+    }
+    match serde_json::from_str::<Value>(&stripped) {
+        Ok(parsed) if parsed == expected => Cow::Owned(stripped),
+        _ => Cow::Borrowed(data),
+    }
+}
+
 fn is_blank(value: &Value) -> bool {
     match value {
         Value::Null => true,
@@ -491,6 +621,106 @@ mod tests {
         assert_eq!(call["id"], "call_1");
         assert_eq!(call["function"]["name"], "get_weather");
         assert_eq!(call["function"]["arguments"], "{\"city\":\"Oslo\"}");
+    }
+
+    /// Feeds a stream through a usage-removing tap in awkward pieces; returns what the client got.
+    fn filtered(bytes: &[u8], piece: usize) -> (Vec<u8>, StreamSummary) {
+        let mut tap = SseTap::removing_usage();
+        let mut client = Vec::new();
+        for piece in bytes.chunks(piece) {
+            if let Some(out) = tap.pass(Bytes::copy_from_slice(piece)) {
+                assert!(!out.is_empty());
+                client.extend_from_slice(&out);
+            }
+        }
+        (client, tap.finish())
+    }
+
+    #[test]
+    fn the_asked_for_usage_chunk_is_removed_and_read() {
+        let without = fixture("chat-stream-no-usage.sse");
+        for piece in [1, 7, 64, 100_000] {
+            let (client, summary) = filtered(&fixture("chat-stream-include-usage.sse"), piece);
+            assert_eq!(
+                String::from_utf8(client).unwrap(),
+                String::from_utf8(without.clone()).unwrap(),
+                "pieces of {piece}"
+            );
+            let usage = summary.usage.unwrap();
+            assert_eq!((usage.prompt_tokens, usage.total_tokens), (27, 36));
+            assert!(!usage.is_estimate);
+        }
+    }
+
+    #[test]
+    fn a_stream_without_a_usage_chunk_passes_unchanged() {
+        let stream = fixture("chat-stream-content-filtered.sse");
+        let (client, summary) = filtered(&stream, 13);
+        assert_eq!(client, stream);
+        assert_eq!(summary.usage, None);
+    }
+
+    #[test]
+    fn a_plain_tap_passes_chunks_as_they_are() {
+        let mut tap = SseTap::default();
+        let chunk =
+            Bytes::from_static(b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\n\n");
+        assert_eq!(tap.pass(chunk.clone()), Some(chunk));
+        assert!(tap.pass(Bytes::from_static(b"data: [DO")).is_some());
+    }
+
+    #[test]
+    fn openai_framing_loses_its_null_usage_and_keeps_everything_else() {
+        // OpenAI with include_usage: every chunk carries `"usage":null`, then the usage chunk.
+        let with = concat!(
+            "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}],\"usage\":null}\n\n",
+            "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"say \\\"usage\\\":null\"},\"finish_reason\":null}],\"usage\":null}\n\n",
+            "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n",
+            "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":4,\"total_tokens\":16}}\n\n",
+            "data: [DONE]\n\n",
+        );
+        let without = concat!(
+            "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}]}\n\n",
+            "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"say \\\"usage\\\":null\"},\"finish_reason\":null}]}\n\n",
+            "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+            "data: [DONE]\n\n",
+        );
+        let (client, summary) = filtered(with.as_bytes(), 5);
+        assert_eq!(String::from_utf8(client).unwrap(), without);
+        assert_eq!(summary.usage.unwrap().total_tokens, 16);
+    }
+
+    #[test]
+    fn null_usage_is_cut_only_where_it_is_unambiguous() {
+        let cut = |data: &str| {
+            let chunk: Value = serde_json::from_str(data).unwrap();
+            without_null_usage(data, &chunk).into_owned()
+        };
+        assert_eq!(cut(r#"{"a":1,"usage":null}"#), r#"{"a":1}"#);
+        assert_eq!(cut(r#"{"usage":null,"a":1}"#), r#"{"a":1}"#);
+        assert_eq!(
+            cut(r#"{"a": 1, "usage": null, "b": 2}"#),
+            r#"{"a": 1, "b": 2}"#
+        );
+        assert_eq!(cut(r#"{"usage":null}"#), "{}");
+        // A nested `usage: null` too: which one is top-level is not told apart, so nothing is cut.
+        let nested = r#"{"x":{"usage":null},"usage":null}"#;
+        assert_eq!(cut(nested), nested);
+        // Text that only looks like the key stays.
+        assert_eq!(
+            cut(r#"{"t":"\"usage\":null","usage":null}"#),
+            r#"{"t":"\"usage\":null"}"#
+        );
+    }
+
+    #[test]
+    fn named_events_and_ids_survive_the_rewrite() {
+        let stream = "event: thread.message.delta\nid: 7\ndata: {\"a\":1}\n\ndata: {\"b\":2}\n\nretry: 500\ndata: x\ndata: y\n\n";
+        let (client, _) = filtered(stream.as_bytes(), 3);
+        assert_eq!(
+            String::from_utf8(client).unwrap(),
+            "event: thread.message.delta\nid: 7\ndata: {\"a\":1}\n\ndata: {\"b\":2}\n\nretry: 500\ndata: x\ndata: y\n\n"
+        );
     }
 
     #[test]

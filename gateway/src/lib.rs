@@ -14,7 +14,9 @@
 //!    aside on 429/5xx/connect failure, stateful objects pinned to their member.
 //! 8. **Proxy** ([`proxy`]): the member's URL and credential replace the client's, the body is
 //!    replayed on another member while nothing has reached the client, the answer streams back.
-//! 9. **Capture** ([`capture`]): a tee that keeps bodies up to a limit and reassembles streams.
+//! 9. **Capture** ([`capture`], [`usage`]): a tee that keeps bodies up to a limit and reassembles
+//!    streams; token usage as the backend reports it (the proxy asks a stream for its usage chunk
+//!    and hides it from the client), else estimated with the model's tokenizer.
 //! 10. **Record** ([`record`]): one audit record per call, handed to the audit queue off the hot path.
 //!
 //! Configuration ([`settings`], [`runtime`], [`admin`]) is one immutable snapshot swapped atomically.
@@ -36,6 +38,7 @@ pub mod runtime;
 pub mod secret;
 pub mod server;
 pub mod settings;
+pub mod usage;
 
 pub use app::{Gateway, GatewayParts};
 pub use error::GatewayError;

@@ -8,6 +8,7 @@ use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
 use futures::StreamExt;
+use gatehouse_schema::AuditRecord;
 use gatehouse_schema::audit::BackendAttempt;
 use gatehouse_schema::config::BackendKind;
 use http::request::Parts;
@@ -26,9 +27,14 @@ use crate::pool::{Member, Pool, Selection, SetAsideReason};
 use crate::record::{CallRecord, millis};
 use crate::retry_hint;
 use crate::runtime::Runtime;
+use crate::usage::TokenWork;
 
 /// The Azure OpenAI GA `api-version` used when neither the client nor the member names one.
 pub const DEFAULT_API_VERSION: &str = "2024-10-21";
+/// The first Azure `api-version` that takes `stream_options.include_usage` (`azure-specs.md` §1.2).
+const STREAM_USAGE_SINCE: &str = "2024-09-01";
+/// The member the gateway adds in front of a request body to ask a stream for its usage chunk.
+const STREAM_USAGE_OPTION: &[u8] = br#""stream_options":{"include_usage":true},"#;
 /// Chunks buffered between the backend and a slow client; beyond it the backend is not read
 /// (backpressure).
 const RELAY_BUFFER: usize = 16;
@@ -116,7 +122,7 @@ pub async fn forward(
         tried.push(index);
 
         let url = upstream_url(&member, &call, client_query)?;
-        let upstream_body = upstream_body(&member, &call, &body);
+        let (upstream_body, asked_usage) = upstream_body(&member, &call, &body);
         let headers = upstream_headers(
             &parts.headers,
             &member,
@@ -193,7 +199,7 @@ pub async fn forward(
         let Some(record) = record.take() else {
             return Err(GatewayError::Internal);
         };
-        return Ok(relay(gateway, call, member, response, record).await);
+        return Ok(relay(gateway, call, member, response, record, asked_usage).await);
     }
 }
 
@@ -312,12 +318,7 @@ fn upstream_url(
         }
         segments.extend(call.op_path.iter());
     }
-    let api_version = keep_api_version.then(|| {
-        call.api_version
-            .clone()
-            .or_else(|| member.config.api_version.clone())
-            .unwrap_or_else(|| DEFAULT_API_VERSION.to_owned())
-    });
+    let api_version = keep_api_version.then(|| classic_api_version(member, call).to_owned());
     let mut pairs: Vec<(String, String)> = client_query
         .map(|q| {
             url::form_urlencoded::parse(q.as_bytes())
@@ -344,10 +345,91 @@ fn upstream_url(
     Ok(url)
 }
 
-/// The body for the member: the client's bytes, unless the model name must change.
-fn upstream_body(member: &Member, call: &Call, body: &Bytes) -> Bytes {
+/// The `api-version` an Azure classic (deployment or resource) route is sent with.
+fn classic_api_version<'a>(member: &'a Member, call: &'a Call) -> &'a str {
+    call.api_version
+        .as_deref()
+        .or(member.config.api_version.as_deref())
+        .unwrap_or(DEFAULT_API_VERSION)
+}
+
+/// Whether the member answers `stream_options.include_usage` with a usage chunk: OpenAI and
+/// OpenAI-compatible members, Azure v1 routes, and Azure classic routes from api-version
+/// `2024-09-01-preview` on (`preview` and `latest` too).
+fn reports_stream_usage(member: &Member, call: &Call) -> bool {
+    match (member.config.kind, call.style) {
+        (BackendKind::Openai, _)
+        | (BackendKind::AzureOpenai, RouteStyle::AzureV1 | RouteStyle::OpenAi) => true,
+        (BackendKind::AzureOpenai, RouteStyle::AzureDeployment | RouteStyle::AzureResource) => {
+            api_version_has_stream_usage(classic_api_version(member, call))
+        }
+    }
+}
+
+/// Whether an Azure `api-version` (`2024-10-21`, `2025-04-01-preview`, `preview`, …) is
+/// `2024-09-01-preview` or later; the date prefix decides.
+fn api_version_has_stream_usage(version: &str) -> bool {
+    let version = version.trim().to_ascii_lowercase();
+    if matches!(version.as_str(), "preview" | "latest" | "v1") {
+        return true;
+    }
+    let Some(date) = version.get(..10) else {
+        return false;
+    };
+    let shaped = date.bytes().enumerate().all(|(i, b)| match i {
+        4 | 7 => b == b'-',
+        _ => b.is_ascii_digit(),
+    });
+    shaped && date >= STREAM_USAGE_SINCE
+}
+
+/// Whether the gateway asks this call's stream for its usage chunk: a streamed chat or legacy
+/// completion that did not ask for it itself, to a member that supports the option. The client
+/// never sees the chunk (see [`SseTap::removing_usage`]).
+///
+/// OpenAI members are asked too: their other chunks then carry `"usage": null`, which the tap
+/// removes again, and the record gets exact counts instead of estimates.
+fn asks_for_stream_usage(member: &Member, call: &Call, json: &Value) -> bool {
+    use gatehouse_schema::OperationId as Op;
+    let asked_by_client = json
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let options_mergeable = json
+        .get("stream_options")
+        .is_none_or(|o| o.is_object() || o.is_null());
+    matches!(
+        call.operation,
+        Op::ChatCompletionsCreate | Op::CompletionsCreate
+    ) && call.is_stream
+        && !asked_by_client
+        && options_mergeable
+        && reports_stream_usage(member, call)
+}
+
+/// The client's body with `"stream_options":{"include_usage":true},` put first in the object,
+/// every other byte unchanged; `None` unless it is a non-empty JSON object.
+fn with_stream_usage_option(body: &[u8]) -> Option<Bytes> {
+    let open = body.iter().position(|b| !b.is_ascii_whitespace())?;
+    if body[open] != b'{' {
+        return None;
+    }
+    let next = body[open + 1..].iter().find(|b| !b.is_ascii_whitespace())?;
+    if *next == b'}' {
+        return None;
+    }
+    let mut out = Vec::with_capacity(body.len() + STREAM_USAGE_OPTION.len());
+    out.extend_from_slice(&body[..=open]);
+    out.extend_from_slice(STREAM_USAGE_OPTION);
+    out.extend_from_slice(&body[open + 1..]);
+    Some(Bytes::from(out))
+}
+
+/// The body for the member, and whether the gateway asked it for the stream's usage chunk: the
+/// client's bytes, unless the model name must change or the usage option is added.
+fn upstream_body(member: &Member, call: &Call, body: &Bytes) -> (Bytes, bool) {
     let Some(json) = &call.json else {
-        return body.clone();
+        return (body.clone(), false);
     };
     let rename = member.config.deployment.as_deref();
     // A member that takes the model in the body needs it even when the client named it in the path.
@@ -359,17 +441,38 @@ fn upstream_body(member: &Member, call: &Call, body: &Bytes) -> Bytes {
         (None, true) if current.is_none() => call.deployment.as_deref(),
         _ => None,
     };
-    match wanted {
-        Some(name) if current != Some(name) => {
-            let mut json = json.clone();
-            if let Some(object) = json.as_object_mut() {
-                object.insert("model".to_owned(), Value::String(name.to_owned()));
-            }
-            serde_json::to_vec(&json)
-                .map(Bytes::from)
-                .unwrap_or_else(|_| body.clone())
+    let rename = wanted.filter(|name| current != Some(*name));
+    let ask_usage = asks_for_stream_usage(member, call, json);
+    if rename.is_none() && !ask_usage {
+        return (body.clone(), false);
+    }
+    if rename.is_none() && json.get("stream_options").is_none() {
+        // The common case: one member added in front, the client's bytes kept as they are.
+        if let Some(bytes) = with_stream_usage_option(body) {
+            return (bytes, true);
         }
-        _ => body.clone(),
+    }
+    let mut json = json.clone();
+    let Some(object) = json.as_object_mut() else {
+        return (body.clone(), false);
+    };
+    if let Some(name) = rename {
+        object.insert("model".to_owned(), Value::String(name.to_owned()));
+    }
+    if ask_usage {
+        let options = object
+            .entry("stream_options")
+            .or_insert_with(|| Value::Object(serde_json::Map::new()));
+        if options.is_null() {
+            *options = Value::Object(serde_json::Map::new());
+        }
+        if let Some(options) = options.as_object_mut() {
+            options.insert("include_usage".to_owned(), Value::Bool(true));
+        }
+    }
+    match serde_json::to_vec(&json) {
+        Ok(bytes) => (Bytes::from(bytes), ask_usage),
+        Err(_) => (body.clone(), false),
     }
 }
 
@@ -407,12 +510,16 @@ fn upstream_headers(
 }
 
 /// Streams the backend's answer to the client through the capture, and completes the record.
+///
+/// `asked_usage`: the gateway added `stream_options.include_usage`, so the usage chunk is read for
+/// the record and left out of what the client receives.
 async fn relay(
     gateway: &Arc<Gateway>,
     call: Call,
     member: Arc<Member>,
     response: reqwest::Response,
     mut record: CallRecord,
+    asked_usage: bool,
 ) -> Response {
     let status = response.status();
     record.record.backend_response_code = Some(status.as_u16());
@@ -441,7 +548,12 @@ async fn relay(
     } else {
         0
     };
-    let mut tee = Tee::new(capture_limit, is_sse);
+    let filter_usage = asked_usage && is_sse;
+    if filter_usage {
+        // The client receives fewer bytes than the backend sent.
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    let mut tee = Tee::new(capture_limit, is_sse, filter_usage);
 
     // A call that creates an object answers with a small JSON object. It is read whole so that the
     // object's member is on record before the client can ask about the object.
@@ -454,14 +566,22 @@ async fn relay(
                 return axum::response::IntoResponse::into_response(error);
             }
         };
-        tee.push(&body);
+        let _ = tee.push(body.clone());
         if let Some(summary) = tee.json() {
             remember_created(gateway, &call, &member, &summary).await;
         }
         let sent = body.len() as u64;
         record.record.time_to_first_byte = Some(millis(record.started.elapsed()));
-        tee.complete(&mut record, &call);
-        gateway.finish(record.finish(status.as_u16(), sent));
+        let answer = tee.complete(&mut record, &call);
+        let estimate = estimate_needed(status, &call, &record, answer.as_ref());
+        let audit = record.finish(status.as_u16(), sent);
+        match estimate {
+            None => gateway.finish(audit),
+            // Counting must not delay the answer.
+            Some(work) => {
+                tokio::spawn(finish_estimated(Arc::clone(gateway), audit, work).in_current_span());
+            }
+        }
         return build_response(status, headers, Body::from(body));
     }
     if status.is_success() && call.object.as_ref().is_some_and(|_| call_deletes(&call)) {
@@ -494,10 +614,15 @@ async fn relay(
             match next {
                 Some(Ok(chunk)) => {
                     let length = chunk.len() as u64;
-                    tee.push(&chunk);
+                    // What goes on to the client: the chunk, or what passes the usage filter.
+                    let outgoing = tee.push(chunk);
                     if client_open {
-                        if sender.send(Ok(chunk)).await.is_ok() {
-                            sent += length;
+                        let Some(outgoing) = outgoing else {
+                            continue;
+                        };
+                        let outgoing_length = outgoing.len() as u64;
+                        if sender.send(Ok(outgoing)).await.is_ok() {
+                            sent += outgoing_length;
                             record
                                 .record
                                 .time_to_first_byte
@@ -533,7 +658,7 @@ async fn relay(
             }
         }
         drop(sender);
-        tee.complete(&mut record, &call);
+        let answer = tee.complete(&mut record, &call);
         if call.creates.is_some() && status.is_success() {
             if let Some(summary) = record
                 .record
@@ -544,13 +669,44 @@ async fn relay(
                 remember_created(&gateway, &call, &member, &summary).await;
             }
         }
-        gateway.finish(record.finish(status.as_u16(), sent));
+        let estimate = estimate_needed(status, &call, &record, answer.as_ref());
+        let audit = record.finish(status.as_u16(), sent);
+        match estimate {
+            None => gateway.finish(audit),
+            Some(work) => finish_estimated(gateway, audit, work).await,
+        }
     }.in_current_span());
     build_response(
         status,
         headers,
         Body::from_stream(ReceiverStream::new(receiver)),
     )
+}
+
+/// What to count when a successful inference call's answer carried no usage (an api-version
+/// without `include_usage`, a stream cut short or stopped by the content filter, a drain that hit
+/// its limit, an answer without `usage`); `None` when the backend's counts are on the record.
+fn estimate_needed(
+    status: StatusCode,
+    call: &Call,
+    record: &CallRecord,
+    answer: Option<&Value>,
+) -> Option<TokenWork> {
+    if !status.is_success() || record.record.usage.is_some() {
+        return None;
+    }
+    TokenWork::plan(
+        call.operation,
+        call.json.as_ref(),
+        answer,
+        call.deployment.as_deref(),
+    )
+}
+
+/// Counts the tokens off the client's path and hands the record on.
+async fn finish_estimated(gateway: Arc<Gateway>, mut audit: AuditRecord, work: TokenWork) {
+    audit.usage = work.count_off_path().await;
+    gateway.finish(audit);
 }
 
 fn call_deletes(call: &Call) -> bool {
@@ -611,49 +767,59 @@ struct Tee {
 }
 
 impl Tee {
-    fn new(capture_limit: usize, is_sse: bool) -> Tee {
+    /// `filter_usage`: the stream's usage chunk was asked for by the gateway and is kept from the
+    /// client.
+    fn new(capture_limit: usize, is_sse: bool, filter_usage: bool) -> Tee {
+        let sse = match (is_sse, filter_usage) {
+            (false, _) => None,
+            (true, false) => Some(SseTap::default()),
+            (true, true) => Some(SseTap::removing_usage()),
+        };
         Tee {
             capture: BodyCapture::new(capture_limit),
             parse: (!is_sse).then(Vec::new),
-            sse: is_sse.then(SseTap::default),
+            sse,
         }
     }
 
-    fn push(&mut self, chunk: &Bytes) {
+    /// Copies a chunk and returns what goes on to the client: the chunk itself, unless the usage
+    /// filter holds part of it back (then what passes, possibly nothing).
+    fn push(&mut self, chunk: Bytes) -> Option<Bytes> {
         if let Some(sse) = &mut self.sse {
-            sse.feed(chunk);
-        } else {
-            self.capture.push(chunk);
+            return sse.pass(chunk);
         }
+        self.capture.push(&chunk);
         if let Some(parse) = &mut self.parse {
             if parse.len() + chunk.len() <= PARSE_LIMIT {
-                parse.extend_from_slice(chunk);
+                parse.extend_from_slice(&chunk);
             } else {
                 self.parse = None;
             }
         }
+        Some(chunk)
     }
 
     fn json(&self) -> Option<Value> {
         serde_json::from_slice(self.parse.as_deref()?).ok()
     }
 
-    /// Writes what the response amounted to into the record.
-    fn complete(self, record: &mut CallRecord, call: &Call) {
+    /// Writes what the response amounted to into the record, and returns the answer as one JSON
+    /// object (a stream reassembled), when it is one.
+    fn complete(self, record: &mut CallRecord, call: &Call) -> Option<Value> {
         let limit = self.capture.limit();
         if let Some(sse) = self.sse {
             let summary = sse.finish();
             record.usage(summary.usage);
             record.record.model_name = summary.model;
-            if let Some(response) = summary.response {
-                record.record.response_messages = capture::response_messages(&response);
+            if let Some(response) = &summary.response {
+                record.record.response_messages = capture::response_messages(response);
                 let text = response.to_string();
                 record.record.response_body_truncated = text.len() > limit;
                 let mut capture = BodyCapture::new(limit);
                 capture.push(text.as_bytes());
                 record.record.backend_response_body = capture.into_text();
             }
-            return;
+            return summary.response;
         }
         let json = self
             .parse
@@ -668,5 +834,48 @@ impl Tee {
         }
         record.record.response_body_truncated = self.capture.truncated();
         record.record.backend_response_body = self.capture.into_text();
+        json
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_versions_with_stream_usage_start_at_2024_09_01_preview() {
+        for version in [
+            "2024-09-01-preview",
+            "2024-10-21",
+            "2024-10-01-preview",
+            "2025-04-01-preview",
+            "preview",
+            "latest",
+        ] {
+            assert!(api_version_has_stream_usage(version), "{version}");
+        }
+        for version in [
+            "2024-06-01",
+            "2024-08-01-preview",
+            "2024-02-15-preview",
+            "2023-05-15",
+            "",
+            "garbage-version",
+            "2024-9-1",
+        ] {
+            assert!(!api_version_has_stream_usage(version), "{version}");
+        }
+    }
+
+    #[test]
+    fn the_usage_option_goes_first_and_every_client_byte_stays() {
+        let body = br#"  {"messages":[{"role":"user","content":"hi"}], "stream": true, "seed": 12345678901234567890}"#;
+        let out = with_stream_usage_option(body).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"  {"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}], "stream": true, "seed": 12345678901234567890}"#
+        );
+        assert_eq!(with_stream_usage_option(b"{ }"), None);
+        assert_eq!(with_stream_usage_option(b"[1]"), None);
     }
 }

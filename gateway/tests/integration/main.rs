@@ -21,3 +21,4 @@ mod secrets;
 mod stickiness;
 mod streaming;
 mod tls;
+mod usage;
