@@ -3,16 +3,23 @@
 //! The gateway hands every finished [`AuditRecord`] to an [`AuditQueue`]; a writer task drains
 //! the queue in batches into an [`AuditSink`]. The hot path never waits on a sink.
 
+pub mod azure_monitor;
+pub mod chain;
+mod journal;
 mod jsonl;
 mod memory;
 mod queue;
 pub mod rows;
+pub mod sql;
 
 use futures::future::BoxFuture;
 pub use gatehouse_schema::AuditRecord;
 pub use jsonl::JsonLinesSink;
 pub use memory::MemorySink;
-pub use queue::{AuditQueue, QueueStats, WriterHandle};
+pub use queue::{
+    Admission, AuditQueue, DEFAULT_CAPACITY, DEFAULT_JOURNAL_MAX_BYTES, DEFAULT_SINK_TIMEOUT,
+    QueueSettings, QueueStats, RecordRefused, WriterHandle,
+};
 
 /// Why a sink could not store a batch.
 #[derive(Debug, thiserror::Error)]

@@ -1,132 +1,936 @@
-//! The bounded queue between the gateway's hot path and a sink.
+//! The bounded queue between the gateway's hot path and a sink, and the writer task behind it.
+//!
+//! # The writer
+//!
+//! [`AuditQueue::submit`] puts a record on a bounded channel and never waits. One writer task
+//! takes records off it in batches (up to 512), links each into its hash chain
+//! ([`Chainer`](crate::chain::Chainer); the chain order is the write order), saves the chain
+//! heads, and then:
+//!
+//! - while the journal is empty, writes the batch to the sink. A write that fails, or takes
+//!   longer than [`QueueSettings::sink_timeout`], sends the batch to the journal; a slow write is
+//!   left running, and if it succeeds after all, its batch is taken back out of the journal;
+//! - while the journal holds anything, appends the batch to the journal, behind what is there, and
+//!   keeps taking records. A replayer feeds the journal to the sink, oldest first, one chunk at a
+//!   time; the first chunk after a failure is the probe, retried with exponential backoff (100 ms
+//!   doubling to 5 s). Once the journal is empty, batches go straight to the sink again.
+//!
+//! At start, whatever an earlier process left in the journal directory is replayed before any new
+//! record. The writer has at most one sink write in flight, so the sink receives records in
+//! submit order. A sink write still running after ten timeouts (and at least a minute) is
+//! abandoned: its records stay in the journal, or are written again.
+//!
+//! # Delivery
+//!
+//! Every record [`AuditQueue::submit`] accepts reaches the sink once, in order, with two
+//! exceptions. After a crash, the records of the batch or segment being stored when it happened
+//! may reach the sink twice (stored, then replayed because the journal did not yet know); an
+//! abandoned write that did land is written again. Stores de-duplicate on `CorrelationId`. And the
+//! records in the channel and in the writer's hands (at most the queue capacity plus a batch)
+//! live in memory until they are written or journaled: a crash loses them (those already linked
+//! leave a gap in their chain, see [`chain`](crate::chain)). The one other loss is a shutdown
+//! while both the sink and the journal's disk fail; it is logged with the count.
+//!
+//! Without a journal directory ([`AuditQueue::start`]), a failed batch is retried with backoff
+//! while the channel fills; records submitted while it is full are refused and counted.
+//!
+//! # Admission and fail-closed
+//!
+//! [`AuditQueue::admission`] says, before a call is forwarded, whether its record could be kept;
+//! with [`QueueSettings::fail_closed`] the gateway refuses calls while it is
+//! [`Admission::Closed`] ([`AuditQueue::refuses_calls`]).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use gatehouse_schema::AuditRecord;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use tokio::task::{JoinError, JoinHandle};
+use tokio::time::Instant;
 
-use crate::AuditSink;
+use crate::chain::{Chainer, STATE_FILE, write_atomic};
+use crate::journal::{Journal, JournalError, JournalStatus, Stretch};
+use crate::{AuditSink, SinkError};
 
 /// Most records written in one batch.
 const MAX_BATCH: usize = 512;
-/// Wait before retrying a batch the sink refused.
-const RETRY_DELAY: Duration = Duration::from_millis(500);
+/// Wait before the first retry after a failure.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest wait between retries.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// A sink write still running after this many timeouts, and at least [`ABANDON_AFTER_AT_LEAST`],
+/// is abandoned.
+const ABANDON_AFTER_TIMEOUTS: u32 = 10;
+/// See [`ABANDON_AFTER_TIMEOUTS`].
+const ABANDON_AFTER_AT_LEAST: Duration = Duration::from_secs(60);
+/// Records linked between two yields of the writer task.
+const LINKS_PER_YIELD: usize = 64;
+
+/// How long a sink write may take before its batch goes to the journal, unless set.
+pub const DEFAULT_SINK_TIMEOUT: Duration = Duration::from_secs(5);
+/// The journal's size limit, unless set: 1 GiB.
+pub const DEFAULT_JOURNAL_MAX_BYTES: u64 = 1 << 30;
+/// The queue's capacity, unless set.
+pub const DEFAULT_CAPACITY: usize = 10_000;
+
+/// How the queue and its writer behave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueSettings {
+    /// Records the channel holds before [`AuditQueue::submit`] refuses them.
+    pub capacity: usize,
+    /// Where the journal and the chain state live; `None` keeps no journal (records wait in the
+    /// channel while the sink is down) and no chain state (every start begins marked segments).
+    pub journal_dir: Option<PathBuf>,
+    /// How long a sink write may take before its batch goes to the journal.
+    pub sink_timeout: Duration,
+    /// The journal's size limit; past it, records wait in the channel.
+    pub journal_max_bytes: u64,
+    /// Whether the gateway refuses calls it could not record ([`AuditQueue::refuses_calls`]).
+    pub fail_closed: bool,
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        QueueSettings {
+            capacity: DEFAULT_CAPACITY,
+            journal_dir: None,
+            sink_timeout: DEFAULT_SINK_TIMEOUT,
+            journal_max_bytes: DEFAULT_JOURNAL_MAX_BYTES,
+            fail_closed: false,
+        }
+    }
+}
+
+/// Whether a record handed over now would be kept, for the gateway to decide before it forwards
+/// a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// The sink is storing records as they come.
+    Open,
+    /// Records are kept, but not in the sink yet: it is failing or slow and they go to the
+    /// journal, or the journal is being replayed. Calls proceed; operators should look.
+    Degraded,
+    /// A record handed over now may be refused: the queue is full, or the sink is failing and the
+    /// journal cannot take more (at its size limit, the disk refused, or no journal), or the
+    /// writer has stopped. With `fail_closed` the gateway refuses calls.
+    Closed,
+}
+
+/// Why [`AuditQueue::try_submit`] refused a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RecordRefused {
+    /// The queue is at capacity.
+    #[error("the audit queue is full")]
+    Full,
+    /// The writer task has stopped.
+    #[error("the audit writer has stopped")]
+    Stopped,
+}
 
 /// The sending side, cloned into every request.
 #[derive(Debug, Clone)]
 pub struct AuditQueue {
     sender: mpsc::Sender<AuditRecord>,
-    stats: Arc<Counters>,
+    shared: Arc<Shared>,
 }
 
+/// What the queue and the writer share: counters and the writer's state.
 #[derive(Debug, Default)]
-struct Counters {
+struct Shared {
     enqueued: AtomicU64,
+    /// Records of `enqueued` written to the sink or the journal.
+    settled: AtomicU64,
     written: AtomicU64,
     rejected: AtomicU64,
     write_errors: AtomicU64,
+    journaled: AtomicU64,
+    journal_errors: AtomicU64,
+    journal_records: AtomicU64,
+    journal_bytes: AtomicU64,
+    journal_skipped: AtomicU64,
+    sink_down: AtomicBool,
+    /// The writer holds records it can place neither in the sink nor in the journal.
+    blocked: AtomicBool,
+    has_journal: bool,
+    journal_max_bytes: u64,
+    fail_closed: bool,
+}
+
+impl Shared {
+    fn add(counter: &AtomicU64, count: usize) {
+        counter.fetch_add(count as u64, Ordering::Relaxed);
+    }
 }
 
 /// A snapshot of the queue's counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueStats {
-    /// Records waiting to be written.
+    /// Records submitted and held in memory: neither in the sink nor in the journal yet.
     pub depth: u64,
     /// Records handed to the queue since start.
     pub enqueued: u64,
-    /// Records the sink has stored.
+    /// Records the sink has stored since start, replayed ones included.
     pub written: u64,
-    /// Records refused because the queue was full.
+    /// Records refused because the queue was full or the writer had stopped.
     pub rejected: u64,
-    /// Batches the sink failed to store (each retried).
+    /// Sink writes that failed or timed out.
     pub write_errors: u64,
+    /// Records appended to the journal since start.
+    pub journaled: u64,
+    /// Records in the journal waiting for the sink.
+    pub journal_records: u64,
+    /// Bytes of the journal on disk.
+    pub journal_bytes: u64,
+    /// Torn or corrupt journal lines skipped since start.
+    pub journal_skipped: u64,
+    /// Journal appends and chain state saves the disk refused.
+    pub journal_errors: u64,
+    /// Whether the last sink write succeeded.
+    pub sink_up: bool,
 }
 
 /// The writer task; await [`WriterHandle::finish`] at shutdown to flush what is queued.
 #[derive(Debug)]
 pub struct WriterHandle {
     task: JoinHandle<()>,
+    shared: Arc<Shared>,
 }
 
 impl WriterHandle {
-    /// Waits until every record queued before all senders were dropped has been written.
-    pub async fn finish(self) {
+    /// Waits, once every [`AuditQueue`] clone is dropped, until the writer has stored every
+    /// record in the sink, the journal's included. When the sink fails after the queue closed (or
+    /// a write still runs one timeout after it), the writer stops as soon as every record is in
+    /// the journal, past its size limit if need be; the next start replays them. Without a
+    /// journal it keeps retrying the sink. Returns the final counters.
+    pub async fn finish(self) -> QueueStats {
         if let Err(error) = self.task.await {
             tracing::error!(%error, "audit writer task failed");
         }
+        stats(&self.shared)
     }
 }
 
 impl AuditQueue {
-    /// Starts a writer for `sink` behind a queue of `capacity` records.
+    /// Starts a writer for `sink` behind a queue of `capacity` records, with no journal and
+    /// chain state in memory only (see [`QueueSettings::journal_dir`]).
     pub fn start(sink: Arc<dyn AuditSink>, capacity: usize) -> (AuditQueue, WriterHandle) {
-        let (sender, receiver) = mpsc::channel(capacity.max(1));
-        let stats = Arc::new(Counters::default());
-        let task = tokio::spawn(write_loop(sink, receiver, Arc::clone(&stats)));
-        (AuditQueue { sender, stats }, WriterHandle { task })
+        let settings = QueueSettings {
+            capacity,
+            ..QueueSettings::default()
+        };
+        spawn(sink, &settings, Chainer::in_memory(), None)
+    }
+
+    /// Starts a writer for `sink` with `settings`: opens the journal directory (creating it),
+    /// loads the chain state and schedules the replay of what an earlier run left.
+    pub async fn start_with(
+        sink: Arc<dyn AuditSink>,
+        settings: QueueSettings,
+    ) -> io::Result<(AuditQueue, WriterHandle)> {
+        let Some(dir) = settings.journal_dir.clone() else {
+            return Ok(spawn(sink, &settings, Chainer::in_memory(), None));
+        };
+        let max_bytes = settings.journal_max_bytes;
+        let (journal, chainer) = tokio::task::spawn_blocking(move || {
+            let journal = Journal::open(&dir, max_bytes)?;
+            let chainer = Chainer::open(dir.join(STATE_FILE));
+            Ok::<_, io::Error>((journal, chainer))
+        })
+        .await
+        .map_err(io::Error::other)??;
+        Ok(spawn(sink, &settings, chainer, Some(journal)))
     }
 
     /// Hands a record to the writer without waiting. Returns `false` (and counts it) when the
     /// queue is full or the writer is gone.
     pub fn submit(&self, record: AuditRecord) -> bool {
+        self.try_submit(record).is_ok()
+    }
+
+    /// Hands a record to the writer without waiting, saying why when it cannot (the refusal is
+    /// counted and logged).
+    pub fn try_submit(&self, record: AuditRecord) -> Result<(), RecordRefused> {
         match self.sender.try_send(record) {
             Ok(()) => {
-                self.stats.enqueued.fetch_add(1, Ordering::Relaxed);
-                true
+                self.shared.enqueued.fetch_add(1, Ordering::Relaxed);
+                Ok(())
             }
             Err(error) => {
-                self.stats.rejected.fetch_add(1, Ordering::Relaxed);
-                let record = match error {
-                    mpsc::error::TrySendError::Full(record)
-                    | mpsc::error::TrySendError::Closed(record) => record,
+                self.shared.rejected.fetch_add(1, Ordering::Relaxed);
+                let (record, refused) = match error {
+                    mpsc::error::TrySendError::Full(record) => (record, RecordRefused::Full),
+                    mpsc::error::TrySendError::Closed(record) => (record, RecordRefused::Stopped),
                 };
                 tracing::error!(
                     correlation_id = %record.correlation_id,
+                    reason = %refused,
                     "audit queue refused a record"
                 );
-                false
+                Err(refused)
             }
         }
+    }
+
+    /// Whether a record handed over now would be kept; see [`Admission`].
+    pub fn admission(&self) -> Admission {
+        let shared = &self.shared;
+        if self.sender.is_closed()
+            || self.sender.capacity() == 0
+            || shared.blocked.load(Ordering::Relaxed)
+        {
+            return Admission::Closed;
+        }
+        let sink_down = shared.sink_down.load(Ordering::Relaxed);
+        let journal_full = shared.journal_bytes.load(Ordering::Relaxed) >= shared.journal_max_bytes;
+        if sink_down && (!shared.has_journal || journal_full) {
+            Admission::Closed
+        } else if sink_down || shared.journal_records.load(Ordering::Relaxed) > 0 {
+            Admission::Degraded
+        } else {
+            Admission::Open
+        }
+    }
+
+    /// Whether the gateway must refuse a call now: the queue is set to fail closed and its
+    /// admission is [`Admission::Closed`].
+    pub fn refuses_calls(&self) -> bool {
+        self.shared.fail_closed && self.admission() == Admission::Closed
+    }
+
+    /// Whether the queue is set to fail closed ([`QueueSettings::fail_closed`]).
+    pub fn fail_closed(&self) -> bool {
+        self.shared.fail_closed
     }
 
     /// The queue's counters now.
     pub fn stats(&self) -> QueueStats {
-        let enqueued = self.stats.enqueued.load(Ordering::Relaxed);
-        let written = self.stats.written.load(Ordering::Relaxed);
-        QueueStats {
-            depth: enqueued.saturating_sub(written),
-            enqueued,
-            written,
-            rejected: self.stats.rejected.load(Ordering::Relaxed),
-            write_errors: self.stats.write_errors.load(Ordering::Relaxed),
-        }
+        stats(&self.shared)
     }
 }
 
-async fn write_loop(
+fn stats(shared: &Shared) -> QueueStats {
+    let enqueued = shared.enqueued.load(Ordering::Relaxed);
+    QueueStats {
+        depth: enqueued.saturating_sub(shared.settled.load(Ordering::Relaxed)),
+        enqueued,
+        written: shared.written.load(Ordering::Relaxed),
+        rejected: shared.rejected.load(Ordering::Relaxed),
+        write_errors: shared.write_errors.load(Ordering::Relaxed),
+        journaled: shared.journaled.load(Ordering::Relaxed),
+        journal_records: shared.journal_records.load(Ordering::Relaxed),
+        journal_bytes: shared.journal_bytes.load(Ordering::Relaxed),
+        journal_skipped: shared.journal_skipped.load(Ordering::Relaxed),
+        journal_errors: shared.journal_errors.load(Ordering::Relaxed),
+        sink_up: !shared.sink_down.load(Ordering::Relaxed),
+    }
+}
+
+fn spawn(
     sink: Arc<dyn AuditSink>,
-    mut receiver: mpsc::Receiver<AuditRecord>,
-    stats: Arc<Counters>,
-) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    settings: &QueueSettings,
+    chainer: Chainer,
+    journal: Option<Journal>,
+) -> (AuditQueue, WriterHandle) {
+    let (sender, receiver) = mpsc::channel(settings.capacity.max(1));
+    let shared = Arc::new(Shared {
+        has_journal: journal.is_some(),
+        journal_max_bytes: settings.journal_max_bytes,
+        fail_closed: settings.fail_closed,
+        ..Shared::default()
+    });
+    let journal_status = journal.as_ref().map_or(
+        JournalStatus {
+            empty: true,
+            records: 0,
+            bytes: 0,
+            skipped: 0,
+        },
+        Journal::status,
+    );
+    let writer = Writer {
+        sink,
+        receiver,
+        shared: Arc::clone(&shared),
+        chainer,
+        journal: journal.map(|journal| Arc::new(Mutex::new(journal))),
+        journal_status,
+        sink_timeout: settings.sink_timeout.max(Duration::from_millis(1)),
+        in_flight: None,
+        held: None,
+        held_retry: Instant::now(),
+        held_at_bytes: 0,
+        next_attempt: Instant::now(),
+        backoff: FIRST_BACKOFF,
+        closed: false,
+        drained: false,
+        failed_since_close: false,
+    };
+    writer.publish();
+    let task = tokio::spawn(writer.run());
+    (
+        AuditQueue {
+            sender,
+            shared: Arc::clone(&shared),
+        },
+        WriterHandle { task, shared },
+    )
+}
+
+type Batch = Arc<Vec<AuditRecord>>;
+
+/// The writer task's state.
+struct Writer {
+    sink: Arc<dyn AuditSink>,
+    receiver: mpsc::Receiver<AuditRecord>,
+    shared: Arc<Shared>,
+    chainer: Chainer,
+    journal: Option<Arc<Mutex<Journal>>>,
+    /// The journal's size after the last operation on it.
+    journal_status: JournalStatus,
+    sink_timeout: Duration,
+    /// The one sink write running, if any.
+    in_flight: Option<InFlight>,
+    /// Linked records that neither the sink nor the journal took yet; nothing is received while
+    /// they wait, so that they keep their place.
+    held: Option<Batch>,
+    /// When to try the journal again for `held`.
+    held_retry: Instant,
+    /// Journal bytes when it last refused `held`: it is tried again once the journal shrinks.
+    held_at_bytes: u64,
+    /// When to try the sink again (replay or `held`) after a failure.
+    next_attempt: Instant,
+    backoff: Duration,
+    /// Every sender is gone.
+    closed: bool,
+    /// ...and every record they sent has been received.
+    drained: bool,
+    /// A sink write failed or timed out after the queue closed: the writer stops once everything
+    /// is in the journal, which may then grow past its limit rather than lose records.
+    failed_since_close: bool,
+}
+
+struct InFlight {
+    task: JoinHandle<Result<(), SinkError>>,
+    job: Job,
+    count: usize,
+    /// When to act on a write still running: first its timeout, then (re-armed when the queue
+    /// closes) the end of the grace it gets at shutdown.
+    deadline: Option<Instant>,
+    abandon_at: Instant,
+    timed_out: bool,
+}
+
+enum Job {
+    /// A batch from the channel; `journaled` once it was also appended to the (empty) journal
+    /// because the write timed out.
+    Direct {
+        records: Batch,
+        journaled: Option<Stretch>,
+    },
+    /// A chunk read from the head of the journal.
+    Replay { stretch: Stretch },
+}
+
+impl Job {
+    /// Whether the records of this write are safe in the journal.
+    fn journaled(&self) -> bool {
+        !matches!(
+            self,
+            Job::Direct {
+                journaled: None,
+                ..
+            }
+        )
+    }
+}
+
+enum Event {
+    Received(Vec<AuditRecord>),
+    Drained,
+    Completed(Result<Result<(), SinkError>, JoinError>),
+    TimedOut,
+    Abandon,
+    Wake,
+}
+
+impl Writer {
+    async fn run(mut self) {
+        let mut buffer = Vec::with_capacity(MAX_BATCH);
         loop {
-            match sink.write_batch(&batch).await {
-                Ok(()) => break,
-                Err(error) => {
-                    stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(sink = sink.name(), %error, records = batch.len(), "audit batch not stored; retrying");
-                    tokio::time::sleep(RETRY_DELAY).await;
+            if !self.closed && self.receiver.is_closed() {
+                self.close();
+            }
+            if self.in_flight.is_none() {
+                self.start_next().await;
+            }
+            self.publish();
+            if self.drained && self.may_exit() {
+                break;
+            }
+            match self.next_event(&mut buffer).await {
+                Event::Received(batch) => self.accept(batch).await,
+                Event::Drained => {
+                    self.drained = true;
+                    if !self.closed {
+                        self.close();
+                    }
+                }
+                Event::Completed(Ok(Ok(()))) => self.stored().await,
+                Event::Completed(Ok(Err(error))) => self.failed_write(&error.to_string()).await,
+                Event::Completed(Err(error)) => {
+                    self.failed_write(&format!("sink write task failed: {error}"))
+                        .await;
+                }
+                Event::TimedOut => self.timed_out().await,
+                Event::Abandon => {
+                    if let Some(flight) = &self.in_flight {
+                        flight.task.abort();
+                    }
+                    self.failed_write("abandoned: still running long after its timeout")
+                        .await;
+                }
+                Event::Wake => {}
+            }
+        }
+        self.publish();
+    }
+
+    /// Every sender is gone: try the sink once more right away, and give a write that is
+    /// already slow one more timeout to finish.
+    fn close(&mut self) {
+        self.closed = true;
+        let now = Instant::now();
+        self.next_attempt = now;
+        if let Some(flight) = &mut self.in_flight {
+            if flight.timed_out {
+                flight.deadline = Some(now + self.sink_timeout);
+            }
+        }
+    }
+
+    fn shutting_down_without_sink(&self) -> bool {
+        self.closed && self.failed_since_close
+    }
+
+    /// Once drained: whether everything is stored, or (the sink having failed since the queue
+    /// closed) safe in the journal.
+    fn may_exit(&mut self) -> bool {
+        if self.held.is_some() {
+            return false;
+        }
+        let journal_holds_the_rest = self.failed_since_close && self.journal.is_some();
+        match &self.in_flight {
+            None => self.journal_status.empty || journal_holds_the_rest,
+            // Its records are in the journal: a late success would only make a duplicate.
+            Some(flight)
+                if journal_holds_the_rest && flight.timed_out && flight.job.journaled() =>
+            {
+                flight.task.abort();
+                self.in_flight = None;
+                true
+            }
+            Some(_) => false,
+        }
+    }
+
+    /// Waits for the next thing to do.
+    async fn next_event(&mut self, buffer: &mut Vec<AuditRecord>) -> Event {
+        let receive = self.can_receive();
+        let now = Instant::now();
+        let (has_flight, deadline, abandon_at) = match &self.in_flight {
+            Some(flight) => (true, flight.deadline, flight.abandon_at),
+            None => (false, None, now),
+        };
+        let waiting = !has_flight && (!self.journal_status.empty || self.held.is_some());
+        let wake_at = if self.held.is_some() && !self.journal_status.empty {
+            self.next_attempt.min(self.held_retry)
+        } else {
+            self.next_attempt
+        };
+        let receiver = &mut self.receiver;
+        let in_flight = &mut self.in_flight;
+        let completion = async {
+            match in_flight {
+                Some(flight) => (&mut flight.task).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            received = receiver.recv_many(buffer, MAX_BATCH), if receive => {
+                if received == 0 {
+                    Event::Drained
+                } else {
+                    Event::Received(std::mem::replace(buffer, Vec::with_capacity(MAX_BATCH)))
+                }
+            }
+            result = completion, if has_flight => Event::Completed(result),
+            () = tokio::time::sleep_until(deadline.unwrap_or(now)), if deadline.is_some() => {
+                Event::TimedOut
+            }
+            () = tokio::time::sleep_until(abandon_at), if has_flight => Event::Abandon,
+            () = tokio::time::sleep_until(wake_at), if waiting => Event::Wake,
+            else => {
+                // Not reached: with nothing to wait for, the writer has exited. Never spin.
+                tokio::time::sleep(FIRST_BACKOFF).await;
+                Event::Wake
+            }
+        }
+    }
+
+    /// Whether a received batch could be placed now without overtaking older records.
+    fn can_receive(&self) -> bool {
+        if self.drained || self.held.is_some() {
+            return false;
+        }
+        match &self.in_flight {
+            None => true,
+            Some(flight) => flight.job.journaled(),
+        }
+    }
+
+    /// Links a received batch and writes it to the sink or, behind older records, the journal.
+    async fn accept(&mut self, mut batch: Vec<AuditRecord>) {
+        for (index, record) in batch.iter_mut().enumerate() {
+            self.chainer.link(record);
+            if index % LINKS_PER_YIELD == LINKS_PER_YIELD - 1 {
+                tokio::task::yield_now().await;
+            }
+        }
+        self.save_chain().await;
+        let batch = Arc::new(batch);
+        if self.in_flight.is_none() && self.journal_status.empty {
+            self.start_write(
+                Job::Direct {
+                    records: Arc::clone(&batch),
+                    journaled: None,
+                },
+                batch,
+            );
+        } else {
+            self.spill(batch).await;
+        }
+    }
+
+    /// Saves the chain heads before the records they cover are written anywhere, so that a
+    /// restart never reuses a sequence.
+    async fn save_chain(&mut self) {
+        let Some(path) = self.chainer.state_file().map(PathBuf::from) else {
+            return;
+        };
+        let saved = match self.chainer.state_bytes() {
+            Ok(bytes) => {
+                let target = path.clone();
+                tokio::task::spawn_blocking(move || write_atomic(&target, &bytes))
+                    .await
+                    .map_err(io::Error::other)
+                    .and_then(|result| result)
+            }
+            Err(error) => Err(io::Error::other(error)),
+        };
+        if let Err(error) = saved {
+            self.shared.journal_errors.fetch_add(1, Ordering::Relaxed);
+            // A stale state would make the next start reuse sequences; without one it starts
+            // marked segments instead.
+            let removed = std::fs::remove_file(&path);
+            tracing::error!(
+                path = %path.display(),
+                %error,
+                stale_state_removed = removed.is_ok(),
+                "audit chain state not saved"
+            );
+        }
+    }
+
+    /// Puts linked records behind the journal, or holds them when it cannot take them.
+    async fn spill(&mut self, batch: Batch) {
+        if self.journal.is_none() {
+            // Retried on the sink, with backoff, while the channel fills.
+            self.held = Some(batch);
+            return;
+        }
+        self.place(batch, true).await;
+    }
+
+    /// Appends records to the journal; holds them when it refuses, or at a shutdown without
+    /// sink gives them up.
+    async fn place(&mut self, batch: Batch, first_try: bool) {
+        let force = self.shutting_down_without_sink();
+        match self.append(&batch, force).await {
+            Ok(_) => Shared::add(&self.shared.settled, batch.len()),
+            Err(error) if force => {
+                self.shared.journal_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    %error,
+                    records = batch.len(),
+                    "audit records could be neither stored nor journaled at shutdown: lost"
+                );
+            }
+            Err(error) => {
+                match (&error, first_try) {
+                    (JournalError::Full { .. }, true) => tracing::warn!(
+                        %error,
+                        records = batch.len(),
+                        "audit journal full; records wait in memory and the queue fills"
+                    ),
+                    (JournalError::Full { .. }, false) => {}
+                    _ => {
+                        self.shared.journal_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(
+                            %error,
+                            records = batch.len(),
+                            "audit records not journaled; they wait in memory and the queue fills"
+                        );
+                    }
+                }
+                self.held_at_bytes = self.journal_status.bytes;
+                self.held_retry = Instant::now() + self.backoff.max(FIRST_BACKOFF);
+                self.held = Some(batch);
+            }
+        }
+    }
+
+    /// Appends to the journal, off the runtime's threads.
+    async fn append(&mut self, batch: &Batch, force: bool) -> Result<Stretch, JournalError> {
+        let Some(journal) = &self.journal else {
+            return Err(JournalError::Io(io::Error::other(
+                "no journal directory is set",
+            )));
+        };
+        let journal = Arc::clone(journal);
+        let records = Arc::clone(batch);
+        let (result, status) = tokio::task::spawn_blocking(move || {
+            let mut journal = journal.lock().unwrap_or_else(PoisonError::into_inner);
+            let result = journal.append(&records, force);
+            (result, journal.status())
+        })
+        .await
+        .map_err(|error| JournalError::Io(io::Error::other(error)))?;
+        self.journal_status = status;
+        if result.is_ok() {
+            Shared::add(&self.shared.journaled, batch.len());
+        }
+        result
+    }
+
+    /// With no write running: starts the next one (the held batch, or the next journal chunk)
+    /// when it is due, or moves the held batch into the journal once it has room.
+    async fn start_next(&mut self) {
+        let now = Instant::now();
+        if let Some(held) = self.held.take() {
+            if self.journal_status.empty {
+                if now >= self.next_attempt {
+                    self.start_write(
+                        Job::Direct {
+                            records: Arc::clone(&held),
+                            journaled: None,
+                        },
+                        held,
+                    );
+                } else {
+                    self.held = Some(held);
+                }
+                return;
+            }
+            let shrunk = self.journal_status.bytes < self.held_at_bytes;
+            if shrunk || now >= self.held_retry || self.shutting_down_without_sink() {
+                self.place(held, false).await;
+            } else {
+                self.held = Some(held);
+            }
+        }
+        if !self.journal_status.empty && now >= self.next_attempt {
+            self.start_replay().await;
+        }
+    }
+
+    async fn start_replay(&mut self) {
+        let Some(journal) = &self.journal else {
+            return;
+        };
+        let journal = Arc::clone(journal);
+        let read = tokio::task::spawn_blocking(move || {
+            let mut journal = journal.lock().unwrap_or_else(PoisonError::into_inner);
+            let chunk = journal.read_chunk(MAX_BATCH);
+            (chunk, journal.status())
+        })
+        .await;
+        let error = match read {
+            Ok((Ok(chunk), status)) => {
+                self.journal_status = status;
+                match chunk {
+                    Some(chunk) if chunk.records.is_empty() => self.commit(chunk.stretch).await,
+                    Some(chunk) => self.start_write(
+                        Job::Replay {
+                            stretch: chunk.stretch,
+                        },
+                        Arc::new(chunk.records),
+                    ),
+                    None => {}
+                }
+                return;
+            }
+            Ok((Err(error), _)) => error,
+            Err(error) => io::Error::other(error),
+        };
+        self.shared.journal_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(%error, "audit journal not readable; retrying");
+        self.failed();
+    }
+
+    async fn commit(&mut self, stretch: Stretch) {
+        let Some(journal) = &self.journal else {
+            return;
+        };
+        let journal = Arc::clone(journal);
+        match tokio::task::spawn_blocking(move || {
+            let mut journal = journal.lock().unwrap_or_else(PoisonError::into_inner);
+            journal.commit(stretch);
+            journal.status()
+        })
+        .await
+        {
+            Ok(status) => self.journal_status = status,
+            Err(error) => tracing::error!(%error, "audit journal commit failed"),
+        }
+    }
+
+    fn start_write(&mut self, job: Job, records: Batch) {
+        let now = Instant::now();
+        let count = records.len();
+        let sink = Arc::clone(&self.sink);
+        self.in_flight = Some(InFlight {
+            task: tokio::spawn(async move { sink.write_batch(&records).await }),
+            job,
+            count,
+            deadline: Some(now + self.sink_timeout),
+            abandon_at: now
+                + (self.sink_timeout * ABANDON_AFTER_TIMEOUTS).max(ABANDON_AFTER_AT_LEAST),
+            timed_out: false,
+        });
+    }
+
+    /// The write in flight is slower than the timeout: count it, and put a batch from the channel
+    /// in the journal so that new records can follow it there. The write keeps running. At
+    /// shutdown, the grace of a slow write has run out.
+    async fn timed_out(&mut self) {
+        let Some(mut flight) = self.in_flight.take() else {
+            return;
+        };
+        flight.deadline = None;
+        if flight.timed_out {
+            self.failed_since_close = true;
+            self.in_flight = Some(flight);
+            return;
+        }
+        flight.timed_out = true;
+        self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
+        self.shared.sink_down.store(true, Ordering::Relaxed);
+        if self.closed {
+            self.failed_since_close = true;
+        }
+        tracing::warn!(
+            sink = self.sink.name(),
+            records = flight.count,
+            timeout_ms = self.sink_timeout.as_millis(),
+            "audit sink write timed out; records go to the journal meanwhile"
+        );
+        if let Job::Direct {
+            records,
+            journaled: journaled @ None,
+        } = &mut flight.job
+        {
+            if self.journal.is_some() {
+                let records = Arc::clone(records);
+                match self.append(&records, false).await {
+                    Ok(stretch) => {
+                        *journaled = Some(stretch);
+                        Shared::add(&self.shared.settled, records.len());
+                    }
+                    Err(error) => {
+                        self.shared.journal_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(%error, "audit batch of a slow write not journaled");
+                    }
                 }
             }
         }
-        stats
-            .written
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        batch.clear();
+        self.in_flight = Some(flight);
+    }
+
+    /// The write in flight has stored its records.
+    async fn stored(&mut self) {
+        let Some(flight) = self.in_flight.take() else {
+            return;
+        };
+        Shared::add(&self.shared.written, flight.count);
+        match flight.job {
+            Job::Direct {
+                journaled: None, ..
+            } => Shared::add(&self.shared.settled, flight.count),
+            // A slow write that made it after all takes its batch back out of the journal.
+            Job::Direct {
+                journaled: Some(stretch),
+                ..
+            }
+            | Job::Replay { stretch } => self.commit(stretch).await,
+        }
+        if self.shared.sink_down.swap(false, Ordering::Relaxed) {
+            tracing::info!(sink = self.sink.name(), "audit sink stores records again");
+        }
+        self.backoff = FIRST_BACKOFF;
+        self.next_attempt = Instant::now();
+    }
+
+    /// The write in flight failed (or was abandoned): its records stay in, or go to, the
+    /// journal, and the sink is tried again after a backoff.
+    async fn failed_write(&mut self, error: &str) {
+        let Some(flight) = self.in_flight.take() else {
+            return;
+        };
+        if !flight.timed_out {
+            self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::warn!(
+            sink = self.sink.name(),
+            error,
+            records = flight.count,
+            retry_in_ms = self.backoff.as_millis(),
+            "audit batch not stored"
+        );
+        self.failed();
+        if let Job::Direct {
+            records,
+            journaled: None,
+        } = flight.job
+        {
+            self.spill(records).await;
+        }
+    }
+
+    /// Marks the sink down and schedules the next attempt.
+    fn failed(&mut self) {
+        self.shared.sink_down.store(true, Ordering::Relaxed);
+        self.next_attempt = Instant::now() + self.backoff;
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        if self.closed {
+            self.failed_since_close = true;
+        }
+    }
+
+    /// Publishes the writer's state for stats and admission.
+    fn publish(&self) {
+        let shared = &self.shared;
+        let status = self.journal_status;
+        shared
+            .journal_records
+            .store(status.records, Ordering::Relaxed);
+        shared.journal_bytes.store(status.bytes, Ordering::Relaxed);
+        shared
+            .journal_skipped
+            .store(status.skipped, Ordering::Relaxed);
+        shared.blocked.store(self.held.is_some(), Ordering::Relaxed);
     }
 }
 
@@ -189,13 +993,12 @@ mod tests {
             assert!(queue.submit(record(&i.to_string())));
         }
         drop(queue);
-        writer.finish().await;
-        let ids: Vec<_> = sink
-            .records()
-            .into_iter()
-            .map(|r| r.correlation_id)
-            .collect();
+        let stats = writer.finish().await;
+        let records = sink.records();
+        let ids: Vec<_> = records.iter().map(|r| r.correlation_id.clone()).collect();
         assert_eq!(ids, (0..1000).map(|i| i.to_string()).collect::<Vec<_>>());
+        assert_eq!((stats.written, stats.depth), (1000, 0));
+        assert!(crate::chain::verify(records).is_intact());
     }
 
     #[tokio::test]

@@ -1,0 +1,622 @@
+//! The writer's append-only journal on local disk: where records wait, in order, while the sink
+//! is failing or slow, until they are replayed into it.
+//!
+//! # Format
+//!
+//! A directory of segment files `segment-{n}.journal` (`n` zero-padded to 20 digits, growing;
+//! the smallest is the oldest). Each line holds one record, already linked into its chain:
+//!
+//! ```text
+//! {checksum} {json}\n
+//! ```
+//!
+//! `json` is `serde_json` of the [`AuditRecord`] (it never holds a raw newline) and `checksum` the
+//! first 8 bytes of the SHA-256 of `json`, as 16 lower-case hex digits. A line whose newline is
+//! missing (torn by a crash in the middle of an append) or whose checksum does not match is
+//! skipped when read and counted ([`JournalStatus::skipped`]), never fatal.
+//!
+//! # Writing and reading
+//!
+//! An append writes a whole batch with one `write` and then `fsync`s the file (a new segment's
+//! directory entry too), so a batch is either journaled or reported as not journaled; a failed
+//! append is cut back off the file. Segments are never appended to by a later process: each
+//! process starts a new one, so a torn tail left by a crash cannot swallow the next line. A new
+//! segment is started once the current one reaches 1/16 of the journal's size limit (between
+//! 4 KiB and 64 MiB).
+//!
+//! Replay reads from the oldest segment at a cursor kept in memory; the cursor moves past a chunk
+//! only once the sink has stored it ([`Journal::commit`]), and a segment is deleted once all of it
+//! is stored. After a crash, the partly stored oldest segment is replayed from its start, so some
+//! records may reach the sink twice (at most one segment's worth per crash); a store de-duplicates
+//! on `CorrelationId`, and [`verify`](crate::chain::verify) counts such copies as duplicates.
+//!
+//! One writer per directory: two gateways must not share a journal directory.
+
+use std::collections::VecDeque;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use gatehouse_schema::AuditRecord;
+use sha2::{Digest, Sha256};
+
+use crate::chain::sync_dir;
+
+const SEGMENT_PREFIX: &str = "segment-";
+const SEGMENT_SUFFIX: &str = ".journal";
+/// Hex digits of the per-line checksum.
+const CHECKSUM_LEN: usize = 16;
+const MIN_SEGMENT_BYTES: u64 = 4 << 10;
+const MAX_SEGMENT_BYTES: u64 = 64 << 20;
+
+/// Why records were not journaled.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum JournalError {
+    /// The journal has reached its size limit.
+    #[error("the audit journal is full ({bytes} of {max} bytes)")]
+    Full {
+        /// Bytes in the journal now.
+        bytes: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The disk refused.
+    #[error("audit journal I/O failed: {0}")]
+    Io(#[from] io::Error),
+    /// A record could not be encoded.
+    #[error("audit record could not be encoded: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// The journal's size, for the writer's decisions and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct JournalStatus {
+    /// No segment left: nothing to replay.
+    pub(crate) empty: bool,
+    /// Records not yet stored.
+    pub(crate) records: u64,
+    /// Bytes of the segment files on disk.
+    pub(crate) bytes: u64,
+    /// Torn or corrupt lines skipped since the journal was opened.
+    pub(crate) skipped: u64,
+}
+
+/// A stretch at the head of the journal that a chunk was read from (or a batch appended to);
+/// [`Journal::commit`] consumes it once the sink has it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Stretch {
+    segment: u64,
+    start: u64,
+    end: u64,
+    /// Lines with a valid checksum.
+    lines: u64,
+    /// Lines skipped as torn, corrupt or not a record.
+    skipped: u64,
+}
+
+/// Records read from the head of the journal.
+#[derive(Debug)]
+pub(crate) struct Chunk {
+    /// The records, in journal order.
+    pub(crate) records: Vec<AuditRecord>,
+    /// Where they were read from.
+    pub(crate) stretch: Stretch,
+}
+
+#[derive(Debug)]
+struct Segment {
+    index: u64,
+    path: PathBuf,
+    /// Bytes known to be written whole (a failed append's bytes excluded).
+    len: u64,
+    /// Lines with a valid checksum not yet consumed.
+    records: u64,
+}
+
+/// An append-only journal in a directory of segments.
+#[derive(Debug)]
+pub(crate) struct Journal {
+    dir: PathBuf,
+    segments: VecDeque<Segment>,
+    /// The newest segment, open for appending, with its index.
+    active: Option<(u64, File)>,
+    /// Offset consumed so far in the oldest segment.
+    head: u64,
+    next_index: u64,
+    max_bytes: u64,
+    segment_bytes: u64,
+    skipped: u64,
+}
+
+impl Journal {
+    /// Opens (creating it if needed) the journal in `dir`, finding what an earlier process left.
+    pub(crate) fn open(dir: &Path, max_bytes: u64) -> io::Result<Journal> {
+        fs::create_dir_all(dir)?;
+        let mut found = Vec::new();
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            if let Some(index) = entry.file_name().to_str().and_then(segment_index) {
+                found.push((index, entry.path()));
+            }
+        }
+        found.sort();
+        let mut journal = Journal {
+            dir: dir.to_path_buf(),
+            segments: VecDeque::new(),
+            active: None,
+            head: 0,
+            next_index: found.last().map_or(0, |(index, _)| index + 1),
+            max_bytes,
+            segment_bytes: (max_bytes / 16).clamp(MIN_SEGMENT_BYTES, MAX_SEGMENT_BYTES),
+            skipped: 0,
+        };
+        for (index, path) in found {
+            let scan = scan(&path)?;
+            if scan.bad_lines > 0 {
+                tracing::warn!(
+                    path = %path.display(),
+                    lines = scan.bad_lines,
+                    "audit journal segment has torn or corrupt lines; they are skipped"
+                );
+            }
+            if scan.records == 0 {
+                journal.skipped += scan.bad_lines;
+                fs::remove_file(&path)?;
+                continue;
+            }
+            tracing::info!(
+                path = %path.display(),
+                records = scan.records,
+                "audit journal segment left by an earlier run; it is replayed first"
+            );
+            journal.segments.push_back(Segment {
+                index,
+                path,
+                len: scan.len,
+                records: scan.records,
+            });
+        }
+        Ok(journal)
+    }
+
+    /// The journal's size now.
+    pub(crate) fn status(&self) -> JournalStatus {
+        JournalStatus {
+            empty: self.segments.is_empty(),
+            records: self.segments.iter().map(|s| s.records).sum(),
+            bytes: self.bytes(),
+            skipped: self.skipped,
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.len).sum()
+    }
+
+    /// Appends `records` after everything journaled so far and makes them durable. Refuses when
+    /// they would take the journal past its size limit, unless `force` or the journal is empty (a
+    /// batch larger than the limit must still be able to go somewhere).
+    pub(crate) fn append(
+        &mut self,
+        records: &[AuditRecord],
+        force: bool,
+    ) -> Result<Stretch, JournalError> {
+        let mut buffer = Vec::with_capacity(records.len() * 1024);
+        for record in records {
+            encode_line(&mut buffer, record)?;
+        }
+        let bytes = self.bytes();
+        let added = buffer.len() as u64;
+        if !force && !self.segments.is_empty() && bytes + added > self.max_bytes {
+            return Err(JournalError::Full {
+                bytes,
+                max: self.max_bytes,
+            });
+        }
+        let rotate = match (&self.active, self.segments.back()) {
+            (Some((active, _)), Some(last)) => {
+                *active != last.index || last.len >= self.segment_bytes
+            }
+            _ => true,
+        };
+        if rotate {
+            self.start_segment()?;
+        }
+        let (Some((index, file)), Some(segment)) = (self.active.as_mut(), self.segments.back_mut())
+        else {
+            return Err(io::Error::other("no journal segment open").into());
+        };
+        let start = segment.len;
+        if let Err(error) = file.write_all(&buffer).and_then(|()| file.sync_data()) {
+            // Cut the partial batch off; if even that fails, append no more to this segment: its
+            // known length excludes the partial bytes, and after a restart they read as torn.
+            if file.set_len(start).and_then(|()| file.sync_data()).is_err() {
+                self.active = None;
+            }
+            return Err(error.into());
+        }
+        segment.len += added;
+        segment.records += records.len() as u64;
+        Ok(Stretch {
+            segment: *index,
+            start,
+            end: segment.len,
+            lines: records.len() as u64,
+            skipped: 0,
+        })
+    }
+
+    fn start_segment(&mut self) -> io::Result<()> {
+        let index = self.next_index;
+        self.next_index += 1;
+        let path = self
+            .dir
+            .join(format!("{SEGMENT_PREFIX}{index:020}{SEGMENT_SUFFIX}"));
+        let file = OpenOptions::new()
+            .append(true)
+            .create_new(true)
+            .open(&path)?;
+        sync_dir(&self.dir)?;
+        self.segments.push_back(Segment {
+            index,
+            path,
+            len: 0,
+            records: 0,
+        });
+        self.active = Some((index, file));
+        Ok(())
+    }
+
+    /// Reads up to `max_records` records from the head of the journal, without consuming them;
+    /// `None` when the journal is empty. A chunk never spans two segments, and may hold no
+    /// record when only skipped lines were left in a segment.
+    pub(crate) fn read_chunk(&mut self, max_records: usize) -> io::Result<Option<Chunk>> {
+        loop {
+            let Some(front) = self.segments.front() else {
+                return Ok(None);
+            };
+            let file = match File::open(&front.path) {
+                Ok(file) => file,
+                Err(error) if error.kind() == io::ErrorKind::NotFound => {
+                    tracing::error!(
+                        path = %front.path.display(),
+                        records = front.records,
+                        "audit journal segment vanished; its records are lost"
+                    );
+                    self.skipped += front.records;
+                    self.segments.pop_front();
+                    self.head = 0;
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
+            return read_stretch(file, front, self.head, max_records).map(Some);
+        }
+    }
+
+    /// Consumes a stretch the sink has stored (it must be the head of the journal), deleting the
+    /// segments left with nothing to replay.
+    pub(crate) fn commit(&mut self, stretch: Stretch) {
+        let Some(front) = self.segments.front_mut() else {
+            return;
+        };
+        if front.index != stretch.segment || stretch.start != self.head {
+            tracing::error!(
+                segment = stretch.segment,
+                offset = stretch.start,
+                "audit journal stretch is not at the head; it will be replayed again"
+            );
+            return;
+        }
+        self.head = stretch.end;
+        front.records = front.records.saturating_sub(stretch.lines);
+        self.skipped += stretch.skipped;
+        self.reclaim();
+    }
+
+    fn reclaim(&mut self) {
+        let mut removed = false;
+        while let Some(front) = self.segments.front() {
+            if self.head < front.len {
+                break;
+            }
+            if self
+                .active
+                .as_ref()
+                .is_some_and(|(index, _)| *index == front.index)
+            {
+                self.active = None;
+            }
+            match fs::remove_file(&front.path) {
+                Ok(()) => removed = true,
+                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                Err(error) => tracing::error!(
+                    path = %front.path.display(),
+                    %error,
+                    "stored audit journal segment not deleted; a restart would replay it again"
+                ),
+            }
+            self.segments.pop_front();
+            self.head = 0;
+        }
+        if removed {
+            if let Err(error) = sync_dir(&self.dir) {
+                tracing::warn!(%error, "audit journal directory not synced after deleting a segment");
+            }
+        }
+    }
+}
+
+fn segment_index(name: &str) -> Option<u64> {
+    name.strip_prefix(SEGMENT_PREFIX)?
+        .strip_suffix(SEGMENT_SUFFIX)?
+        .parse()
+        .ok()
+}
+
+fn encode_line(buffer: &mut Vec<u8>, record: &AuditRecord) -> Result<(), serde_json::Error> {
+    let json = serde_json::to_vec(record)?;
+    buffer.extend_from_slice(checksum(&json).as_bytes());
+    buffer.push(b' ');
+    buffer.extend_from_slice(&json);
+    buffer.push(b'\n');
+    Ok(())
+}
+
+fn checksum(json: &[u8]) -> String {
+    let digest = Sha256::digest(json);
+    hex::encode(&digest[..CHECKSUM_LEN / 2])
+}
+
+/// The JSON of a whole line with a valid checksum.
+fn decode_line(line: &[u8]) -> Option<&[u8]> {
+    let body = line.strip_suffix(b"\n")?;
+    let (sum, rest) = body.split_at_checked(CHECKSUM_LEN)?;
+    let json = rest.strip_prefix(b" ")?;
+    (checksum(json).as_bytes() == sum).then_some(json)
+}
+
+struct Scan {
+    len: u64,
+    records: u64,
+    bad_lines: u64,
+}
+
+fn scan(path: &Path) -> io::Result<Scan> {
+    let mut reader = BufReader::new(File::open(path)?);
+    let mut scan = Scan {
+        len: 0,
+        records: 0,
+        bad_lines: 0,
+    };
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let read = reader.read_until(b'\n', &mut line)?;
+        if read == 0 {
+            return Ok(scan);
+        }
+        scan.len += read as u64;
+        if decode_line(&line).is_some() {
+            scan.records += 1;
+        } else {
+            scan.bad_lines += 1;
+        }
+    }
+}
+
+fn read_stretch(
+    mut file: File,
+    segment: &Segment,
+    start: u64,
+    max_records: usize,
+) -> io::Result<Chunk> {
+    file.seek(SeekFrom::Start(start))?;
+    let mut reader = BufReader::new(file.take(segment.len.saturating_sub(start)));
+    let mut records = Vec::new();
+    let mut stretch = Stretch {
+        segment: segment.index,
+        start,
+        end: start,
+        lines: 0,
+        skipped: 0,
+    };
+    let mut line = Vec::new();
+    while records.len() < max_records {
+        line.clear();
+        let read = reader.read_until(b'\n', &mut line)?;
+        if read == 0 {
+            break;
+        }
+        stretch.end += read as u64;
+        let Some(json) = decode_line(&line) else {
+            tracing::warn!(
+                segment = segment.index,
+                offset = stretch.end - read as u64,
+                "torn or corrupt audit journal line skipped"
+            );
+            stretch.skipped += 1;
+            continue;
+        };
+        stretch.lines += 1;
+        match serde_json::from_slice(json) {
+            Ok(record) => records.push(record),
+            Err(error) => {
+                tracing::error!(segment = segment.index, %error, "audit journal line is not a record; skipped");
+                stretch.skipped += 1;
+            }
+        }
+    }
+    Ok(Chunk { records, stretch })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: usize) -> AuditRecord {
+        serde_json::from_value(serde_json::json!({
+            "TimeGenerated": "2025-03-01T10:00:00Z",
+            "CorrelationId": id.to_string(),
+            "GatewayId": "gw",
+            "OperationId": null,
+            "CallerIpAddress": "127.0.0.1",
+            "PeerIpAddress": "127.0.0.1",
+            "Method": "POST",
+            "Url": "/",
+            "ClientProtocol": "HTTP/1.1",
+            "ResponseCode": 200,
+            "IsRequestSuccess": true,
+            "BackendResponseCode": null,
+            "BackendId": null,
+            "BackendUrl": null,
+            "RequestSize": 0,
+            "ResponseSize": 0,
+            "TotalTime": 0,
+            "BackendTime": 0,
+            "TimeToFirstByte": null,
+            "ApimSubscriptionId": null,
+            "ProductId": null,
+            "UserId": null,
+            "UserName": null,
+            "TenantId": null,
+            "DeploymentName": null,
+            "ModelName": null,
+            "ApiVersion": null,
+            "IsStreamCompletion": false,
+            "Usage": null,
+            "BackendRequestBody": null,
+            "RequestBodyTruncated": false,
+            "BackendResponseBody": null,
+            "ResponseBodyTruncated": false,
+            "RequestMessages": null,
+            "ResponseMessages": null,
+            "ClientAborted": false,
+            "LastErrorReason": null,
+            "LastErrorMessage": null
+        }))
+        .unwrap()
+    }
+
+    fn records(range: std::ops::Range<usize>) -> Vec<AuditRecord> {
+        range.map(record).collect()
+    }
+
+    fn drain(journal: &mut Journal) -> Vec<String> {
+        let mut ids = Vec::new();
+        while let Some(chunk) = journal.read_chunk(7).unwrap() {
+            ids.extend(chunk.records.iter().map(|r| r.correlation_id.clone()));
+            journal.commit(chunk.stretch);
+        }
+        ids
+    }
+
+    fn ids(range: std::ops::Range<usize>) -> Vec<String> {
+        range.map(|i| i.to_string()).collect()
+    }
+
+    #[test]
+    fn appended_records_come_back_in_order_across_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::open(dir.path(), 16 << 10).unwrap();
+        for start in (0..100).step_by(10) {
+            journal.append(&records(start..start + 10), true).unwrap();
+        }
+        assert!(
+            journal.segments.len() > 1,
+            "a 16 KiB journal rotates 4 KiB segments"
+        );
+        assert_eq!(journal.status().records, 100);
+        assert_eq!(drain(&mut journal), ids(0..100));
+        let status = journal.status();
+        assert!(status.empty);
+        assert_eq!((status.records, status.bytes), (0, 0));
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "stored segments are deleted"
+        );
+    }
+
+    #[test]
+    fn a_chunk_not_committed_is_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::open(dir.path(), 1 << 20).unwrap();
+        journal.append(&records(0..5), false).unwrap();
+        let first = journal.read_chunk(3).unwrap().unwrap();
+        let again = journal.read_chunk(3).unwrap().unwrap();
+        assert_eq!(first.records, again.records);
+        journal.commit(first.stretch);
+        journal.append(&records(5..8), false).unwrap();
+        assert_eq!(drain(&mut journal), ids(3..8));
+    }
+
+    #[test]
+    fn a_reopened_journal_replays_and_never_appends_to_an_old_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut journal = Journal::open(dir.path(), 1 << 20).unwrap();
+            journal.append(&records(0..4), false).unwrap();
+        }
+        let mut journal = Journal::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(journal.status().records, 4);
+        journal.append(&records(4..6), false).unwrap();
+        assert_eq!(journal.segments.len(), 2);
+        assert_eq!(drain(&mut journal), ids(0..6));
+    }
+
+    #[test]
+    fn torn_and_corrupt_lines_are_skipped_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut journal = Journal::open(dir.path(), 1 << 20).unwrap();
+            journal.append(&records(0..5), false).unwrap();
+        }
+        let path = fs::read_dir(dir.path())
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let mut bytes = fs::read(&path).unwrap();
+        // Flip a byte inside the second line, and tear the last one.
+        let second = bytes.iter().position(|b| *b == b'\n').unwrap() + 30;
+        bytes[second] ^= 0x20;
+        bytes.truncate(bytes.len() - 10);
+        fs::write(&path, &bytes).unwrap();
+        let mut journal = Journal::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(journal.status().records, 3);
+        assert_eq!(drain(&mut journal), ["0", "2", "3"]);
+        assert_eq!(journal.status().skipped, 2);
+    }
+
+    #[test]
+    fn a_segment_of_torn_lines_only_is_dropped_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join("segment-00000000000000000003.journal"),
+            b"0123 {\"Torn",
+        )
+        .unwrap();
+        let journal = Journal::open(dir.path(), 1 << 20).unwrap();
+        let status = journal.status();
+        assert!(status.empty);
+        assert_eq!(status.skipped, 1);
+        assert_eq!(journal.next_index, 4);
+    }
+
+    #[test]
+    fn the_size_limit_refuses_appends_unless_empty_or_forced() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::open(dir.path(), 2000).unwrap();
+        journal.append(&records(0..3), false).unwrap();
+        assert!(matches!(
+            journal.append(&records(3..4), false),
+            Err(JournalError::Full { .. })
+        ));
+        journal.append(&records(3..4), true).unwrap();
+        assert_eq!(drain(&mut journal), ids(0..4));
+        journal.append(&records(4..10), false).unwrap();
+        assert_eq!(journal.status().records, 6);
+    }
+}

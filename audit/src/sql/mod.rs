@@ -1,0 +1,224 @@
+//! The embedded audit store on SQLite (one machine) or PostgreSQL (when it grows).
+//!
+//! Both engines hold the same tables with Azure Monitor's column names (see
+//! `migrations/audit/{sqlite,postgres}`): `GatehouseGatewayLogs` (metadata, one row per call),
+//! `GatehouseCallContent` (bodies, apart so that they can expire first),
+//! `ApiManagementGatewayLlmLog` (prompt and completion in 32 KB pieces), the view
+//! `ApiManagementGatewayLogs` (metadata joined with bodies), full-text search of prompts and
+//! completions, and `GatehouseUsageRollup` for dashboards.
+//!
+//! Every statement binds its values; no text of a record is ever formatted into SQL.
+
+mod read;
+pub mod rollup;
+mod write;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use gatehouse_schema::AuditRecord;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+
+pub use read::{CallDetail, CallSummary, Cursor, Page, SearchFilter, UsagePoint, UsageQuery};
+
+use crate::{AuditSink, SinkError};
+
+/// Which database holds the store.
+#[derive(Debug, Clone)]
+pub(crate) enum Engine {
+    /// SQLite: one writer connection (WAL), several readers.
+    Sqlite {
+        /// The single writer.
+        writer: SqlitePool,
+        /// Readers.
+        reader: SqlitePool,
+    },
+    /// PostgreSQL.
+    Postgres(PgPool),
+}
+
+/// An audit store in SQLite or PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct SqlStore {
+    pub(crate) engine: Engine,
+}
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The URL names no supported engine.
+    #[error("unsupported audit store URL: use sqlite:PATH or postgres://…")]
+    UnsupportedUrl,
+    /// A database error.
+    #[error("audit store: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A migration failed.
+    #[error("audit store migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A cursor that this store did not issue.
+    #[error("the page cursor is not valid")]
+    BadCursor,
+}
+
+impl From<StoreError> for SinkError {
+    fn from(error: StoreError) -> Self {
+        SinkError::Io(std::io::Error::other(error.to_string()))
+    }
+}
+
+impl SqlStore {
+    /// Connects to `sqlite:PATH` (created if missing) or `postgres://…`. Run [`SqlStore::migrate`]
+    /// before use.
+    pub async fn connect(url: &str) -> Result<SqlStore, StoreError> {
+        if url.starts_with("sqlite:") {
+            let options = SqliteConnectOptions::from_str(url)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(30))
+                .foreign_keys(true);
+            let writer = SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(options.clone())
+                .await?;
+            let reader = SqlitePoolOptions::new()
+                .max_connections(4)
+                .connect_with(options.read_only(false))
+                .await?;
+            Ok(SqlStore {
+                engine: Engine::Sqlite { writer, reader },
+            })
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let options = PgConnectOptions::from_str(url)?;
+            let pool = PgPoolOptions::new()
+                .max_connections(8)
+                .connect_with(options)
+                .await?;
+            Ok(SqlStore {
+                engine: Engine::Postgres(pool),
+            })
+        } else {
+            Err(StoreError::UnsupportedUrl)
+        }
+    }
+
+    /// Applies the engine's migrations; fails loudly on any problem.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        match &self.engine {
+            Engine::Sqlite { writer, .. } => {
+                sqlx::migrate!("../migrations/audit/sqlite")
+                    .run(writer)
+                    .await?
+            }
+            Engine::Postgres(pool) => {
+                sqlx::migrate!("../migrations/audit/postgres")
+                    .run(pool)
+                    .await?
+            }
+        }
+        Ok(())
+    }
+
+    /// Connects and migrates.
+    pub async fn open(url: &str) -> Result<SqlStore, StoreError> {
+        let store = SqlStore::connect(url).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// The SQLite reader pool, for ad-hoc queries of the tables (e.g. the published KQL's SQL twins).
+    pub fn sqlite_pool(&self) -> Option<&SqlitePool> {
+        match &self.engine {
+            Engine::Sqlite { reader, .. } => Some(reader),
+            Engine::Postgres(_) => None,
+        }
+    }
+
+    /// The PostgreSQL pool, for ad-hoc queries of the tables.
+    pub fn postgres_pool(&self) -> Option<&PgPool> {
+        match &self.engine {
+            Engine::Postgres(pool) => Some(pool),
+            Engine::Sqlite { .. } => None,
+        }
+    }
+
+    /// Closes every connection.
+    pub async fn close(&self) {
+        match &self.engine {
+            Engine::Sqlite { writer, reader } => {
+                writer.close().await;
+                reader.close().await;
+            }
+            Engine::Postgres(pool) => pool.close().await,
+        }
+    }
+
+    /// Stores records; a record whose `CorrelationId` is already stored is skipped (a replayed
+    /// batch is not counted twice). Returns how many were new.
+    pub async fn write(&self, records: &[AuditRecord]) -> Result<usize, StoreError> {
+        write::write(self, records).await
+    }
+}
+
+impl AuditSink for SqlStore {
+    fn write_batch<'a>(
+        &'a self,
+        records: &'a [AuditRecord],
+    ) -> BoxFuture<'a, Result<(), SinkError>> {
+        Box::pin(async move {
+            self.write(records).await?;
+            Ok(())
+        })
+    }
+
+    fn name(&self) -> &'static str {
+        match self.engine {
+            Engine::Sqlite { .. } => "sqlite",
+            Engine::Postgres(_) => "postgres",
+        }
+    }
+}
+
+/// A sortable fixed-width UTC timestamp for SQLite's TEXT time columns.
+pub(crate) fn sqlite_time(at: time::OffsetDateTime) -> String {
+    let at = at.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+        at.year(),
+        u8::from(at.month()),
+        at.day(),
+        at.hour(),
+        at.minute(),
+        at.second(),
+        at.microsecond()
+    )
+}
+
+/// The 32-hex-digit key of an address (IPv4 as IPv4-mapped IPv6), so that a CIDR is a key range.
+pub(crate) fn ip_key(ip: std::net::IpAddr) -> String {
+    let v6 = match ip {
+        std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        std::net::IpAddr::V6(v6) => v6,
+    };
+    hex_u128(u128::from(v6))
+}
+
+fn hex_u128(value: u128) -> String {
+    format!("{value:032x}")
+}
+
+/// The inclusive key range of a network.
+pub(crate) fn net_key_range(net: ipnet::IpNet) -> (String, String) {
+    let (low, high) = match net {
+        ipnet::IpNet::V4(v4) => (
+            v4.network().to_ipv6_mapped(),
+            v4.broadcast().to_ipv6_mapped(),
+        ),
+        ipnet::IpNet::V6(v6) => (v6.network(), v6.broadcast()),
+    };
+    (hex_u128(u128::from(low)), hex_u128(u128::from(high)))
+}

@@ -1,0 +1,658 @@
+//! The read API for the portal: search with keyset paging, one call in full, usage over time,
+//! and a streaming export.
+
+use futures::{Stream, StreamExt};
+use ipnet::IpNet;
+use serde::Serialize;
+use sqlx::{Postgres, QueryBuilder, Row, Sqlite};
+use time::OffsetDateTime;
+
+use super::rollup::{Dimension, Granularity};
+use super::{Engine, SqlStore, StoreError, net_key_range, sqlite_time};
+
+/// Largest page a search returns.
+pub const MAX_PAGE: u32 = 1_000;
+
+/// What to look for. Every filter is optional except the time range.
+#[derive(Debug, Clone)]
+pub struct SearchFilter {
+    /// Inclusive start.
+    pub from: OffsetDateTime,
+    /// Exclusive end.
+    pub to: OffsetDateTime,
+    /// User object id, name or UPN (exact).
+    pub user: Option<String>,
+    /// Caller address or network (a single address is a /32 or /128).
+    pub caller: Option<IpNet>,
+    /// Model that answered.
+    pub model: Option<String>,
+    /// Deployment asked for.
+    pub deployment: Option<String>,
+    /// Operation id.
+    pub operation: Option<String>,
+    /// Status sent.
+    pub status: Option<u16>,
+    /// Subscription.
+    pub subscription: Option<String>,
+    /// Words that must all appear in the prompt or the completion.
+    pub text: Option<String>,
+    /// Page size (at most [`MAX_PAGE`]).
+    pub limit: u32,
+    /// Continue after this cursor (from a previous [`Page`]).
+    pub cursor: Option<Cursor>,
+}
+
+impl SearchFilter {
+    /// A filter for a time range with nothing else set and a page of 50.
+    pub fn between(from: OffsetDateTime, to: OffsetDateTime) -> SearchFilter {
+        SearchFilter {
+            from,
+            to,
+            user: None,
+            caller: None,
+            model: None,
+            deployment: None,
+            operation: None,
+            status: None,
+            subscription: None,
+            text: None,
+            limit: 50,
+            cursor: None,
+        }
+    }
+}
+
+/// A position in a newest-first listing: (time, record id) of the last row of a page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    time: OffsetDateTime,
+    record_id: i64,
+}
+
+impl Cursor {
+    /// The cursor as an opaque token for URLs.
+    pub fn encode(&self) -> String {
+        let micros = self.time.unix_timestamp_nanos() / 1_000;
+        format!("{micros}_{}", self.record_id)
+    }
+
+    /// Parses a token from [`Cursor::encode`].
+    pub fn decode(token: &str) -> Result<Cursor, StoreError> {
+        let (micros, id) = token.split_once('_').ok_or(StoreError::BadCursor)?;
+        let micros: i128 = micros.parse().map_err(|_| StoreError::BadCursor)?;
+        let record_id: i64 = id.parse().map_err(|_| StoreError::BadCursor)?;
+        let time = OffsetDateTime::from_unix_timestamp_nanos(micros * 1_000)
+            .map_err(|_| StoreError::BadCursor)?;
+        Ok(Cursor { time, record_id })
+    }
+}
+
+/// One call in a result list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct CallSummary {
+    /// When.
+    #[serde(with = "time::serde::rfc3339")]
+    pub time_generated: OffsetDateTime,
+    /// Request id.
+    pub correlation_id: String,
+    /// Operation id.
+    pub operation_id: String,
+    /// Deployment asked for.
+    pub deployment_name: Option<String>,
+    /// Model that answered.
+    pub model_name: Option<String>,
+    /// Resolved caller.
+    pub caller_ip_address: String,
+    /// User object id.
+    pub user_id: Option<String>,
+    /// User name.
+    pub user_name: Option<String>,
+    /// Subscription.
+    pub apim_subscription_id: Option<String>,
+    /// Status sent.
+    pub response_code: i32,
+    /// Total tokens.
+    pub total_tokens: Option<i64>,
+    /// Milliseconds in all.
+    pub total_time: i64,
+    #[serde(skip)]
+    record_id: i64,
+}
+
+/// A page of results, newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Page {
+    /// The calls.
+    pub items: Vec<CallSummary>,
+    /// Token for the next page, when there may be one.
+    pub next: Option<String>,
+}
+
+/// One call in full.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct CallDetail {
+    /// The summary columns.
+    pub summary: CallSummary,
+    /// Backend attempts (JSON).
+    pub attempts: String,
+    /// Prompt tokens.
+    pub prompt_tokens: Option<i64>,
+    /// Completion tokens.
+    pub completion_tokens: Option<i64>,
+    /// Whether token counts are estimates.
+    pub tokens_estimated: bool,
+    /// Time to first byte, ms.
+    pub time_to_first_byte: Option<i64>,
+    /// Request body (None once content retention removed it).
+    pub backend_request_body: Option<String>,
+    /// Response body.
+    pub backend_response_body: Option<String>,
+    /// Prompt, reassembled from the LLM log pieces.
+    pub request_messages: Option<String>,
+    /// Completion, reassembled.
+    pub response_messages: Option<String>,
+    /// Truncation flags (request, response).
+    pub truncated: (bool, bool),
+    /// Client hung up early.
+    pub client_aborted: bool,
+    /// Hash-chain position and hash.
+    pub chain: Option<(String, i64, String)>,
+}
+
+/// A usage question for the rollups.
+#[derive(Debug, Clone)]
+pub struct UsageQuery {
+    /// Bucket size.
+    pub granularity: Granularity,
+    /// Split by.
+    pub dimension: Dimension,
+    /// Inclusive start.
+    pub from: OffsetDateTime,
+    /// Exclusive end.
+    pub to: OffsetDateTime,
+    /// Only these values (a team lead's groups), when set.
+    pub only: Option<Vec<String>>,
+}
+
+/// One bucket of one dimension value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct UsagePoint {
+    /// Bucket start.
+    #[serde(with = "time::serde::rfc3339")]
+    pub bucket: OffsetDateTime,
+    /// Dimension value.
+    pub value: String,
+    /// Calls.
+    pub requests: i64,
+    /// Calls with status ≥ 400.
+    pub errors: i64,
+    /// Prompt tokens.
+    pub prompt_tokens: i64,
+    /// Completion tokens.
+    pub completion_tokens: i64,
+    /// Total tokens.
+    pub total_tokens: i64,
+    /// Sum of latencies, ms.
+    pub latency_sum_ms: i64,
+    /// Largest latency, ms.
+    pub latency_max_ms: i64,
+}
+
+/// Turns free text into an FTS5 query of quoted terms (all must match), so that no FTS syntax
+/// from the user is interpreted.
+fn fts5_terms(text: &str) -> Option<String> {
+    let terms: Vec<String> = text
+        .split_whitespace()
+        .map(|word| format!("\"{}\"", word.replace('"', "\"\"")))
+        .collect();
+    (!terms.is_empty()).then(|| terms.join(" "))
+}
+
+fn parse_sqlite_time(text: &str) -> Result<OffsetDateTime, StoreError> {
+    OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| StoreError::Database(sqlx::Error::Decode(Box::new(e))))
+}
+
+const SQLITE_SUMMARY: &str = "SELECT l.RecordId, l.TimeGenerated, l.CorrelationId, l.OperationId, l.DeploymentName, l.ModelName, l.CallerIpAddress, l.UserId, l.UserName, l.ApimSubscriptionId, l.ResponseCode, l.TotalTokens, l.TotalTime FROM GatehouseGatewayLogs l WHERE l.TimeGenerated >= ";
+const POSTGRES_SUMMARY: &str = r#"SELECT l."RecordId", l."TimeGenerated", l."CorrelationId", l."OperationId", l."DeploymentName", l."ModelName", l."CallerIpAddress", l."UserId", l."UserName", l."ApimSubscriptionId", l."ResponseCode", l."TotalTokens", l."TotalTime" FROM "GatehouseGatewayLogs" l WHERE l."TimeGenerated" >= "#;
+
+impl SqlStore {
+    /// Searches calls, newest first, one page at a time.
+    pub async fn search(&self, filter: &SearchFilter) -> Result<Page, StoreError> {
+        let limit = filter.limit.clamp(1, MAX_PAGE);
+        let mut items = match &self.engine {
+            Engine::Sqlite { reader, .. } => search_sqlite(reader, filter, limit + 1).await?,
+            Engine::Postgres(pool) => search_postgres(pool, filter, limit + 1).await?,
+        };
+        let more = items.len() > limit as usize;
+        items.truncate(limit as usize);
+        let next = more
+            .then(|| {
+                items.last().map(|last| {
+                    Cursor {
+                        time: last.time_generated,
+                        record_id: last.record_id,
+                    }
+                    .encode()
+                })
+            })
+            .flatten();
+        Ok(Page { items, next })
+    }
+
+    /// Every call matching `filter` (its limit and cursor are ignored), newest first, read a page
+    /// at a time so that memory stays flat whatever the size of the export.
+    pub fn export(
+        &self,
+        filter: SearchFilter,
+    ) -> impl Stream<Item = Result<CallSummary, StoreError>> + '_ {
+        let first = SearchFilter {
+            limit: MAX_PAGE,
+            cursor: None,
+            ..filter
+        };
+        futures::stream::unfold(Some(first), move |state| async move {
+            let filter = state?;
+            match self.search(&filter).await {
+                Ok(page) => {
+                    let next = match page.next.as_deref().map(Cursor::decode) {
+                        Some(Ok(cursor)) => Some(SearchFilter {
+                            cursor: Some(cursor),
+                            ..filter
+                        }),
+                        _ => None,
+                    };
+                    let items: Vec<Result<CallSummary, StoreError>> =
+                        page.items.into_iter().map(Ok).collect();
+                    Some((futures::stream::iter(items), next))
+                }
+                Err(error) => Some((futures::stream::iter(vec![Err(error)]), None)),
+            }
+        })
+        .flatten()
+    }
+
+    /// One call in full, by request id.
+    pub async fn call(&self, correlation_id: &str) -> Result<Option<CallDetail>, StoreError> {
+        match &self.engine {
+            Engine::Sqlite { reader, .. } => call_sqlite(reader, correlation_id).await,
+            Engine::Postgres(pool) => call_postgres(pool, correlation_id).await,
+        }
+    }
+
+    /// Usage over time from the rollups.
+    pub async fn usage(&self, query: &UsageQuery) -> Result<Vec<UsagePoint>, StoreError> {
+        match &self.engine {
+            Engine::Sqlite { reader, .. } => {
+                let mut q = QueryBuilder::<Sqlite>::new(
+                    "SELECT Bucket, DimensionValue, Requests, Errors, PromptTokens, CompletionTokens, TotalTokens, LatencySumMs, LatencyMaxMs FROM GatehouseUsageRollup WHERE Granularity = ",
+                );
+                q.push_bind(query.granularity.as_str())
+                    .push(" AND Dimension = ")
+                    .push_bind(query.dimension.as_str())
+                    .push(" AND Bucket >= ")
+                    .push_bind(sqlite_time(query.from))
+                    .push(" AND Bucket < ")
+                    .push_bind(sqlite_time(query.to));
+                if let Some(only) = &query.only {
+                    if only.is_empty() {
+                        return Ok(Vec::new());
+                    }
+                    q.push(" AND DimensionValue IN (");
+                    let mut values = q.separated(", ");
+                    for value in only {
+                        values.push_bind(value.clone());
+                    }
+                    q.push(")");
+                }
+                q.push(" ORDER BY Bucket, DimensionValue");
+                let rows = q.build().fetch_all(reader).await?;
+                rows.iter()
+                    .map(|row| {
+                        Ok(UsagePoint {
+                            bucket: parse_sqlite_time(row.try_get::<&str, _>(0)?)?,
+                            value: row.try_get(1)?,
+                            requests: row.try_get(2)?,
+                            errors: row.try_get(3)?,
+                            prompt_tokens: row.try_get(4)?,
+                            completion_tokens: row.try_get(5)?,
+                            total_tokens: row.try_get(6)?,
+                            latency_sum_ms: row.try_get(7)?,
+                            latency_max_ms: row.try_get(8)?,
+                        })
+                    })
+                    .collect()
+            }
+            Engine::Postgres(pool) => {
+                let mut q = QueryBuilder::<Postgres>::new(
+                    r#"SELECT "Bucket", "DimensionValue", "Requests", "Errors", "PromptTokens", "CompletionTokens", "TotalTokens", "LatencySumMs", "LatencyMaxMs" FROM "GatehouseUsageRollup" WHERE "Granularity" = "#,
+                );
+                q.push_bind(query.granularity.as_str())
+                    .push(r#" AND "Dimension" = "#)
+                    .push_bind(query.dimension.as_str())
+                    .push(r#" AND "Bucket" >= "#)
+                    .push_bind(query.from)
+                    .push(r#" AND "Bucket" < "#)
+                    .push_bind(query.to);
+                if let Some(only) = &query.only {
+                    if only.is_empty() {
+                        return Ok(Vec::new());
+                    }
+                    q.push(r#" AND "DimensionValue" = ANY("#)
+                        .push_bind(only.clone())
+                        .push(")");
+                }
+                q.push(r#" ORDER BY "Bucket", "DimensionValue""#);
+                let rows = q.build().fetch_all(pool).await?;
+                rows.iter()
+                    .map(|row| {
+                        Ok(UsagePoint {
+                            bucket: row.try_get(0)?,
+                            value: row.try_get(1)?,
+                            requests: row.try_get(2)?,
+                            errors: row.try_get(3)?,
+                            prompt_tokens: row.try_get(4)?,
+                            completion_tokens: row.try_get(5)?,
+                            total_tokens: row.try_get(6)?,
+                            latency_sum_ms: row.try_get(7)?,
+                            latency_max_ms: row.try_get(8)?,
+                        })
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+async fn search_sqlite(
+    pool: &sqlx::SqlitePool,
+    f: &SearchFilter,
+    limit: u32,
+) -> Result<Vec<CallSummary>, StoreError> {
+    let mut q = QueryBuilder::<Sqlite>::new(SQLITE_SUMMARY);
+    q.push_bind(sqlite_time(f.from))
+        .push(" AND l.TimeGenerated < ")
+        .push_bind(sqlite_time(f.to));
+    if let Some(user) = &f.user {
+        q.push(" AND (l.UserId = ")
+            .push_bind(user.clone())
+            .push(" OR l.UserName = ")
+            .push_bind(user.clone())
+            .push(")");
+    }
+    if let Some(net) = f.caller {
+        let (low, high) = net_key_range(net);
+        q.push(" AND l.CallerIpKey BETWEEN ")
+            .push_bind(low)
+            .push(" AND ")
+            .push_bind(high);
+    }
+    for (column, value) in [
+        (" AND l.ModelName = ", &f.model),
+        (" AND l.DeploymentName = ", &f.deployment),
+        (" AND l.OperationId = ", &f.operation),
+        (" AND l.ApimSubscriptionId = ", &f.subscription),
+    ] {
+        if let Some(value) = value {
+            q.push(column).push_bind(value.clone());
+        }
+    }
+    if let Some(status) = f.status {
+        q.push(" AND l.ResponseCode = ")
+            .push_bind(i32::from(status));
+    }
+    if let Some(terms) = f.text.as_deref().and_then(fts5_terms) {
+        q.push(" AND l.CorrelationId IN (SELECT CorrelationId FROM GatehouseContentSearch WHERE GatehouseContentSearch MATCH ")
+            .push_bind(terms)
+            .push(")");
+    }
+    if let Some(cursor) = f.cursor {
+        q.push(" AND (l.TimeGenerated, l.RecordId) < (")
+            .push_bind(sqlite_time(cursor.time))
+            .push(", ")
+            .push_bind(cursor.record_id)
+            .push(")");
+    }
+    q.push(" ORDER BY l.TimeGenerated DESC, l.RecordId DESC LIMIT ")
+        .push_bind(i64::from(limit));
+    let rows = q.build().fetch_all(pool).await?;
+    rows.iter()
+        .map(|row| {
+            Ok(CallSummary {
+                record_id: row.try_get(0)?,
+                time_generated: parse_sqlite_time(row.try_get::<&str, _>(1)?)?,
+                correlation_id: row.try_get(2)?,
+                operation_id: row.try_get(3)?,
+                deployment_name: row.try_get(4)?,
+                model_name: row.try_get(5)?,
+                caller_ip_address: row.try_get(6)?,
+                user_id: row.try_get(7)?,
+                user_name: row.try_get(8)?,
+                apim_subscription_id: row.try_get(9)?,
+                response_code: row.try_get(10)?,
+                total_tokens: row.try_get(11)?,
+                total_time: row.try_get(12)?,
+            })
+        })
+        .collect()
+}
+
+async fn search_postgres(
+    pool: &sqlx::PgPool,
+    f: &SearchFilter,
+    limit: u32,
+) -> Result<Vec<CallSummary>, StoreError> {
+    let mut q = QueryBuilder::<Postgres>::new(POSTGRES_SUMMARY);
+    q.push_bind(f.from)
+        .push(r#" AND l."TimeGenerated" < "#)
+        .push_bind(f.to);
+    if let Some(user) = &f.user {
+        q.push(r#" AND (l."UserId" = "#)
+            .push_bind(user.clone())
+            .push(r#" OR l."UserName" = "#)
+            .push_bind(user.clone())
+            .push(")");
+    }
+    if let Some(net) = f.caller {
+        let (low, high) = net_key_range(net);
+        q.push(r#" AND l."CallerIpKey" BETWEEN "#)
+            .push_bind(low)
+            .push(" AND ")
+            .push_bind(high);
+    }
+    for (column, value) in [
+        (r#" AND l."ModelName" = "#, &f.model),
+        (r#" AND l."DeploymentName" = "#, &f.deployment),
+        (r#" AND l."OperationId" = "#, &f.operation),
+        (r#" AND l."ApimSubscriptionId" = "#, &f.subscription),
+    ] {
+        if let Some(value) = value {
+            q.push(column).push_bind(value.clone());
+        }
+    }
+    if let Some(status) = f.status {
+        q.push(r#" AND l."ResponseCode" = "#)
+            .push_bind(i32::from(status));
+    }
+    if let Some(text) = f.text.as_deref().filter(|t| !t.trim().is_empty()) {
+        q.push(r#" AND l."CorrelationId" IN (SELECT "CorrelationId" FROM "GatehouseCallContent" WHERE "SearchText" @@ plainto_tsquery('simple', "#)
+            .push_bind(text.to_owned())
+            .push("))");
+    }
+    if let Some(cursor) = f.cursor {
+        q.push(r#" AND (l."TimeGenerated", l."RecordId") < ("#)
+            .push_bind(cursor.time)
+            .push(", ")
+            .push_bind(cursor.record_id)
+            .push(")");
+    }
+    q.push(r#" ORDER BY l."TimeGenerated" DESC, l."RecordId" DESC LIMIT "#)
+        .push_bind(i64::from(limit));
+    let rows = q.build().fetch_all(pool).await?;
+    rows.iter()
+        .map(|row| {
+            Ok(CallSummary {
+                record_id: row.try_get(0)?,
+                time_generated: row.try_get(1)?,
+                correlation_id: row.try_get(2)?,
+                operation_id: row.try_get(3)?,
+                deployment_name: row.try_get(4)?,
+                model_name: row.try_get(5)?,
+                caller_ip_address: row.try_get(6)?,
+                user_id: row.try_get(7)?,
+                user_name: row.try_get(8)?,
+                apim_subscription_id: row.try_get(9)?,
+                response_code: row.try_get(10)?,
+                total_tokens: row.try_get(11)?,
+                total_time: row.try_get(12)?,
+            })
+        })
+        .collect()
+}
+
+/// Joins LLM-log pieces of one kind back into the whole text.
+fn reassemble(pieces: Vec<Option<String>>) -> Option<String> {
+    let pieces: Vec<String> = pieces.into_iter().flatten().collect();
+    (!pieces.is_empty()).then(|| pieces.concat())
+}
+
+async fn call_sqlite(pool: &sqlx::SqlitePool, id: &str) -> Result<Option<CallDetail>, StoreError> {
+    let mut q = QueryBuilder::<Sqlite>::new(SQLITE_SUMMARY);
+    q.push_bind("")
+        .push(" AND l.CorrelationId = ")
+        .push_bind(id.to_owned());
+    let Some(summary) = search_rows_sqlite(q.build().fetch_optional(pool).await?)? else {
+        return Ok(None);
+    };
+    let detail = sqlx::query(
+        "SELECT Attempts, PromptTokens, CompletionTokens, TokensEstimated, TimeToFirstByte, BackendRequestBody, BackendResponseBody, RequestBodyTruncated, ResponseBodyTruncated, ClientAborted, ChainId, ChainSequence, RecordHash FROM ApiManagementGatewayLogs WHERE CorrelationId = ?",
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await?;
+    let pieces = sqlx::query("SELECT RequestMessages, ResponseMessages FROM ApiManagementGatewayLlmLog WHERE CorrelationId = ? AND SequenceNumber > 0 ORDER BY SequenceNumber")
+        .bind(id)
+        .fetch_all(pool)
+        .await?;
+    let requests = pieces
+        .iter()
+        .map(|r| r.try_get::<Option<String>, _>(0))
+        .collect::<Result<Vec<_>, _>>()?;
+    let responses = pieces
+        .iter()
+        .map(|r| r.try_get::<Option<String>, _>(1))
+        .collect::<Result<Vec<_>, _>>()?;
+    let chain = match (
+        detail.try_get::<Option<String>, _>(10)?,
+        detail.try_get::<Option<i64>, _>(11)?,
+        detail.try_get::<Option<String>, _>(12)?,
+    ) {
+        (Some(chain), Some(sequence), Some(hash)) => Some((chain, sequence, hash)),
+        _ => None,
+    };
+    Ok(Some(CallDetail {
+        summary,
+        attempts: detail.try_get(0)?,
+        prompt_tokens: detail.try_get(1)?,
+        completion_tokens: detail.try_get(2)?,
+        tokens_estimated: detail.try_get(3)?,
+        time_to_first_byte: detail.try_get(4)?,
+        backend_request_body: detail.try_get(5)?,
+        backend_response_body: detail.try_get(6)?,
+        request_messages: reassemble(requests),
+        response_messages: reassemble(responses),
+        truncated: (detail.try_get(7)?, detail.try_get(8)?),
+        client_aborted: detail.try_get(9)?,
+        chain,
+    }))
+}
+
+fn search_rows_sqlite(
+    row: Option<sqlx::sqlite::SqliteRow>,
+) -> Result<Option<CallSummary>, StoreError> {
+    let Some(row) = row else { return Ok(None) };
+    Ok(Some(CallSummary {
+        record_id: row.try_get(0)?,
+        time_generated: parse_sqlite_time(row.try_get::<&str, _>(1)?)?,
+        correlation_id: row.try_get(2)?,
+        operation_id: row.try_get(3)?,
+        deployment_name: row.try_get(4)?,
+        model_name: row.try_get(5)?,
+        caller_ip_address: row.try_get(6)?,
+        user_id: row.try_get(7)?,
+        user_name: row.try_get(8)?,
+        apim_subscription_id: row.try_get(9)?,
+        response_code: row.try_get(10)?,
+        total_tokens: row.try_get(11)?,
+        total_time: row.try_get(12)?,
+    }))
+}
+
+async fn call_postgres(pool: &sqlx::PgPool, id: &str) -> Result<Option<CallDetail>, StoreError> {
+    let mut q = QueryBuilder::<Postgres>::new(POSTGRES_SUMMARY);
+    q.push_bind(OffsetDateTime::UNIX_EPOCH)
+        .push(r#" AND l."CorrelationId" = "#)
+        .push_bind(id.to_owned());
+    let Some(row) = q.build().fetch_optional(pool).await? else {
+        return Ok(None);
+    };
+    let summary = CallSummary {
+        record_id: row.try_get(0)?,
+        time_generated: row.try_get(1)?,
+        correlation_id: row.try_get(2)?,
+        operation_id: row.try_get(3)?,
+        deployment_name: row.try_get(4)?,
+        model_name: row.try_get(5)?,
+        caller_ip_address: row.try_get(6)?,
+        user_id: row.try_get(7)?,
+        user_name: row.try_get(8)?,
+        apim_subscription_id: row.try_get(9)?,
+        response_code: row.try_get(10)?,
+        total_tokens: row.try_get(11)?,
+        total_time: row.try_get(12)?,
+    };
+    let detail = sqlx::query(
+        r#"SELECT "Attempts"::text, "PromptTokens", "CompletionTokens", "TokensEstimated", "TimeToFirstByte", "BackendRequestBody", "BackendResponseBody", "RequestBodyTruncated", "ResponseBodyTruncated", "ClientAborted", "ChainId", "ChainSequence", "RecordHash" FROM "ApiManagementGatewayLogs" WHERE "CorrelationId" = $1"#,
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await?;
+    let pieces = sqlx::query(r#"SELECT "RequestMessages", "ResponseMessages" FROM "ApiManagementGatewayLlmLog" WHERE "CorrelationId" = $1 AND "SequenceNumber" > 0 ORDER BY "SequenceNumber""#)
+        .bind(id)
+        .fetch_all(pool)
+        .await?;
+    let requests = pieces
+        .iter()
+        .map(|r| r.try_get::<Option<String>, _>(0))
+        .collect::<Result<Vec<_>, _>>()?;
+    let responses = pieces
+        .iter()
+        .map(|r| r.try_get::<Option<String>, _>(1))
+        .collect::<Result<Vec<_>, _>>()?;
+    let chain = match (
+        detail.try_get::<Option<String>, _>(10)?,
+        detail.try_get::<Option<i64>, _>(11)?,
+        detail.try_get::<Option<String>, _>(12)?,
+    ) {
+        (Some(chain), Some(sequence), Some(hash)) => Some((chain, sequence, hash)),
+        _ => None,
+    };
+    Ok(Some(CallDetail {
+        summary,
+        attempts: detail.try_get(0)?,
+        prompt_tokens: detail.try_get(1)?,
+        completion_tokens: detail.try_get(2)?,
+        tokens_estimated: detail.try_get(3)?,
+        time_to_first_byte: detail.try_get(4)?,
+        backend_request_body: detail.try_get(5)?,
+        backend_response_body: detail.try_get(6)?,
+        request_messages: reassemble(requests),
+        response_messages: reassemble(responses),
+        truncated: (detail.try_get(7)?, detail.try_get(8)?),
+        client_aborted: detail.try_get(9)?,
+        chain,
+    }))
+}

@@ -1,0 +1,306 @@
+//! Writing records: metadata, content, LLM pieces, full-text and rollups, in one transaction.
+
+use std::collections::HashSet;
+
+use gatehouse_schema::AuditRecord;
+use sqlx::types::Json;
+use sqlx::{Postgres, QueryBuilder, Sqlite};
+
+use super::rollup::fold;
+use super::{Engine, SqlStore, StoreError, ip_key, sqlite_time};
+use crate::rows::{GatewayLogRow, LlmLogRow};
+
+/// Rows per multi-row INSERT (SQLite allows 32,766 bound values; the widest table has 52 columns).
+const ROWS_PER_STATEMENT: usize = 200;
+
+const SQLITE_LOG_INSERT: &str = "INSERT INTO GatehouseGatewayLogs (TimeGenerated, CorrelationId, OperationName, Category, GatewayId, OperationId, CallerIpAddress, CallerIpKey, PeerIpAddress, Method, Url, ClientProtocol, ResponseCode, IsRequestSuccess, BackendResponseCode, BackendId, BackendUrl, RequestSize, ResponseSize, TotalTime, BackendTime, TimeToFirstByte, ApimSubscriptionId, ProductId, UserId, UserName, EntraTenantId, Groups, DeploymentName, ModelName, ApiVersion, IsStreamCompletion, PromptTokens, CompletionTokens, TotalTokens, CachedTokens, ReasoningTokens, TokensEstimated, Attempts, AttemptCount, RequestBodyTruncated, ResponseBodyTruncated, ClientAborted, LastErrorReason, LastErrorMessage, ChainId, ChainSequence, PreviousHash, RecordHash) ";
+const POSTGRES_LOG_INSERT: &str = r#"INSERT INTO "GatehouseGatewayLogs" ("TimeGenerated", "CorrelationId", "OperationName", "Category", "GatewayId", "OperationId", "CallerIpAddress", "CallerIpKey", "PeerIpAddress", "Method", "Url", "ClientProtocol", "ResponseCode", "IsRequestSuccess", "BackendResponseCode", "BackendId", "BackendUrl", "RequestSize", "ResponseSize", "TotalTime", "BackendTime", "TimeToFirstByte", "ApimSubscriptionId", "ProductId", "UserId", "UserName", "EntraTenantId", "Groups", "DeploymentName", "ModelName", "ApiVersion", "IsStreamCompletion", "PromptTokens", "CompletionTokens", "TotalTokens", "CachedTokens", "ReasoningTokens", "TokensEstimated", "Attempts", "AttemptCount", "RequestBodyTruncated", "ResponseBodyTruncated", "ClientAborted", "LastErrorReason", "LastErrorMessage", "ChainId", "ChainSequence", "PreviousHash", "RecordHash") "#;
+
+const SQLITE_LLM_INSERT: &str = "INSERT INTO ApiManagementGatewayLlmLog (TimeGenerated, CorrelationId, OperationName, DeploymentName, ModelName, ApiVersion, IsStreamCompletion, PromptTokens, CompletionTokens, TotalTokens, SequenceNumber, RequestMessages, ResponseMessages) ";
+const POSTGRES_LLM_INSERT: &str = r#"INSERT INTO "ApiManagementGatewayLlmLog" ("TimeGenerated", "CorrelationId", "OperationName", "DeploymentName", "ModelName", "ApiVersion", "IsStreamCompletion", "PromptTokens", "CompletionTokens", "TotalTokens", "SequenceNumber", "RequestMessages", "ResponseMessages") "#;
+
+const SQLITE_ROLLUP_UPSERT_HEAD: &str = "INSERT INTO GatehouseUsageRollup (Granularity, Bucket, Dimension, DimensionValue, Requests, Errors, PromptTokens, CompletionTokens, TotalTokens, LatencySumMs, LatencyMaxMs) ";
+const SQLITE_ROLLUP_UPSERT_TAIL: &str = " ON CONFLICT (Granularity, Dimension, Bucket, DimensionValue) DO UPDATE SET Requests = Requests + excluded.Requests, Errors = Errors + excluded.Errors, PromptTokens = PromptTokens + excluded.PromptTokens, CompletionTokens = CompletionTokens + excluded.CompletionTokens, TotalTokens = TotalTokens + excluded.TotalTokens, LatencySumMs = LatencySumMs + excluded.LatencySumMs, LatencyMaxMs = max(LatencyMaxMs, excluded.LatencyMaxMs)";
+const POSTGRES_ROLLUP_UPSERT_HEAD: &str = r#"INSERT INTO "GatehouseUsageRollup" AS r ("Granularity", "Bucket", "Dimension", "DimensionValue", "Requests", "Errors", "PromptTokens", "CompletionTokens", "TotalTokens", "LatencySumMs", "LatencyMaxMs") "#;
+const POSTGRES_ROLLUP_UPSERT_TAIL: &str = r#" ON CONFLICT ("Granularity", "Dimension", "Bucket", "DimensionValue") DO UPDATE SET "Requests" = r."Requests" + EXCLUDED."Requests", "Errors" = r."Errors" + EXCLUDED."Errors", "PromptTokens" = r."PromptTokens" + EXCLUDED."PromptTokens", "CompletionTokens" = r."CompletionTokens" + EXCLUDED."CompletionTokens", "TotalTokens" = r."TotalTokens" + EXCLUDED."TotalTokens", "LatencySumMs" = r."LatencySumMs" + EXCLUDED."LatencySumMs", "LatencyMaxMs" = GREATEST(r."LatencyMaxMs", EXCLUDED."LatencyMaxMs")"#;
+
+/// Binds the columns of a gateway-log row in the order of the INSERT lists above; `$time` binds
+/// the engine's time representation.
+macro_rules! bind_log_row {
+    ($b:expr, $row:expr, $time:expr, $ip_key:expr) => {{
+        let row: GatewayLogRow = $row;
+        $b.push_bind($time)
+            .push_bind(row.correlation_id)
+            .push_bind(row.operation_name)
+            .push_bind(row.category)
+            .push_bind(row.gateway_id)
+            .push_bind(row.operation_id)
+            .push_bind(row.caller_ip_address)
+            .push_bind($ip_key)
+            .push_bind(row.peer_ip_address)
+            .push_bind(row.method)
+            .push_bind(row.url)
+            .push_bind(row.client_protocol)
+            .push_bind(row.response_code)
+            .push_bind(row.is_request_success)
+            .push_bind(row.backend_response_code)
+            .push_bind(row.backend_id)
+            .push_bind(row.backend_url)
+            .push_bind(row.request_size)
+            .push_bind(row.response_size)
+            .push_bind(row.total_time)
+            .push_bind(row.backend_time)
+            .push_bind(row.time_to_first_byte)
+            .push_bind(row.apim_subscription_id)
+            .push_bind(row.product_id)
+            .push_bind(row.user_id)
+            .push_bind(row.user_name)
+            .push_bind(row.entra_tenant_id)
+            .push_bind(Json(
+                serde_json::from_str::<serde_json::Value>(&row.groups).unwrap_or_default(),
+            ))
+            .push_bind(row.deployment_name)
+            .push_bind(row.model_name)
+            .push_bind(row.api_version)
+            .push_bind(row.is_stream_completion)
+            .push_bind(row.prompt_tokens)
+            .push_bind(row.completion_tokens)
+            .push_bind(row.total_tokens)
+            .push_bind(row.cached_tokens)
+            .push_bind(row.reasoning_tokens)
+            .push_bind(row.tokens_estimated)
+            .push_bind(Json(
+                serde_json::from_str::<serde_json::Value>(&row.attempts).unwrap_or_default(),
+            ))
+            .push_bind(row.attempt_count)
+            .push_bind(row.request_body_truncated)
+            .push_bind(row.response_body_truncated)
+            .push_bind(row.client_aborted)
+            .push_bind(row.last_error_reason)
+            .push_bind(row.last_error_message)
+            .push_bind(row.chain_id)
+            .push_bind(row.chain_sequence)
+            .push_bind(row.previous_hash)
+            .push_bind(row.record_hash);
+    }};
+}
+
+macro_rules! bind_llm_row {
+    ($b:expr, $row:expr, $time:expr) => {{
+        let row: LlmLogRow = $row;
+        $b.push_bind($time)
+            .push_bind(row.correlation_id)
+            .push_bind(row.operation_name)
+            .push_bind(row.deployment_name)
+            .push_bind(row.model_name)
+            .push_bind(row.api_version)
+            .push_bind(row.is_stream_completion)
+            .push_bind(row.prompt_tokens)
+            .push_bind(row.completion_tokens)
+            .push_bind(row.total_tokens)
+            .push_bind(row.sequence_number)
+            .push_bind(row.request_messages)
+            .push_bind(row.response_messages);
+    }};
+}
+
+fn caller_key(record: &AuditRecord) -> String {
+    record
+        .caller_ip_address
+        .parse()
+        .map(ip_key)
+        .unwrap_or_default()
+}
+
+/// The full-text of a call: its prompt and its completion.
+fn search_text(record: &AuditRecord) -> (String, String) {
+    (
+        record.request_messages.clone().unwrap_or_default(),
+        record.response_messages.clone().unwrap_or_default(),
+    )
+}
+
+pub(super) async fn write(store: &SqlStore, records: &[AuditRecord]) -> Result<usize, StoreError> {
+    if records.is_empty() {
+        return Ok(0);
+    }
+    match &store.engine {
+        Engine::Sqlite { writer, .. } => write_sqlite(writer, records).await,
+        Engine::Postgres(pool) => write_postgres(pool, records).await,
+    }
+}
+
+async fn write_sqlite(
+    pool: &sqlx::SqlitePool,
+    records: &[AuditRecord],
+) -> Result<usize, StoreError> {
+    let mut tx = pool.begin().await?;
+    let mut inserted: HashSet<String> = HashSet::new();
+    for chunk in records.chunks(ROWS_PER_STATEMENT) {
+        let mut query = QueryBuilder::<Sqlite>::new(SQLITE_LOG_INSERT);
+        query.push_values(chunk, |mut b, record| {
+            bind_log_row!(
+                b,
+                GatewayLogRow::from_record(record),
+                sqlite_time(record.time_generated),
+                caller_key(record)
+            );
+        });
+        query.push(" ON CONFLICT (CorrelationId) DO NOTHING RETURNING CorrelationId");
+        let ids: Vec<String> = query.build_query_scalar().fetch_all(&mut *tx).await?;
+        inserted.extend(ids);
+    }
+    let new: Vec<&AuditRecord> = records
+        .iter()
+        .filter(|r| inserted.contains(&r.correlation_id))
+        .collect();
+
+    let with_content: Vec<&&AuditRecord> = new
+        .iter()
+        .filter(|r| r.backend_request_body.is_some() || r.backend_response_body.is_some())
+        .collect();
+    for chunk in with_content.chunks(ROWS_PER_STATEMENT) {
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO GatehouseCallContent (CorrelationId, TimeGenerated, BackendRequestBody, BackendResponseBody) ",
+        );
+        query.push_values(chunk, |mut b, record| {
+            b.push_bind(record.correlation_id.clone())
+                .push_bind(sqlite_time(record.time_generated))
+                .push_bind(record.backend_request_body.clone())
+                .push_bind(record.backend_response_body.clone());
+        });
+        query.build().execute(&mut *tx).await?;
+    }
+
+    let searchable: Vec<&&AuditRecord> = new
+        .iter()
+        .filter(|r| r.request_messages.is_some() || r.response_messages.is_some())
+        .collect();
+    for chunk in searchable.chunks(ROWS_PER_STATEMENT) {
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO GatehouseContentSearch (CorrelationId, Prompt, Completion) ",
+        );
+        query.push_values(chunk, |mut b, record| {
+            let (prompt, completion) = search_text(record);
+            b.push_bind(record.correlation_id.clone())
+                .push_bind(prompt)
+                .push_bind(completion);
+        });
+        query.build().execute(&mut *tx).await?;
+    }
+
+    let llm_rows: Vec<LlmLogRow> = new.iter().flat_map(|r| LlmLogRow::from_record(r)).collect();
+    for chunk in llm_rows.chunks(ROWS_PER_STATEMENT) {
+        let mut query = QueryBuilder::<Sqlite>::new(SQLITE_LLM_INSERT);
+        query.push_values(chunk, |mut b, row| {
+            bind_llm_row!(b, row.clone(), sqlite_time(row.time_generated));
+        });
+        query.push(" ON CONFLICT (CorrelationId, SequenceNumber) DO NOTHING");
+        query.build().execute(&mut *tx).await?;
+    }
+
+    let rollups: Vec<_> = fold(new.iter().copied()).into_iter().collect();
+    for chunk in rollups.chunks(ROWS_PER_STATEMENT) {
+        let mut query = QueryBuilder::<Sqlite>::new(SQLITE_ROLLUP_UPSERT_HEAD);
+        query.push_values(chunk, |mut b, (key, sums)| {
+            b.push_bind(key.granularity.as_str())
+                .push_bind(sqlite_time(key.bucket))
+                .push_bind(key.dimension.as_str())
+                .push_bind(key.value.clone())
+                .push_bind(sums.requests)
+                .push_bind(sums.errors)
+                .push_bind(sums.prompt_tokens)
+                .push_bind(sums.completion_tokens)
+                .push_bind(sums.total_tokens)
+                .push_bind(sums.latency_sum_ms)
+                .push_bind(sums.latency_max_ms);
+        });
+        query.push(SQLITE_ROLLUP_UPSERT_TAIL);
+        query.build().execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(new.len())
+}
+
+async fn write_postgres(pool: &sqlx::PgPool, records: &[AuditRecord]) -> Result<usize, StoreError> {
+    let mut tx = pool.begin().await?;
+    let mut inserted: HashSet<String> = HashSet::new();
+    for chunk in records.chunks(ROWS_PER_STATEMENT) {
+        let mut query = QueryBuilder::<Postgres>::new(POSTGRES_LOG_INSERT);
+        query.push_values(chunk, |mut b, record| {
+            bind_log_row!(
+                b,
+                GatewayLogRow::from_record(record),
+                record.time_generated,
+                caller_key(record)
+            );
+        });
+        query.push(r#" ON CONFLICT ("CorrelationId") DO NOTHING RETURNING "CorrelationId""#);
+        let ids: Vec<String> = query.build_query_scalar().fetch_all(&mut *tx).await?;
+        inserted.extend(ids);
+    }
+    let new: Vec<&AuditRecord> = records
+        .iter()
+        .filter(|r| inserted.contains(&r.correlation_id))
+        .collect();
+
+    let with_content: Vec<&&AuditRecord> = new
+        .iter()
+        .filter(|r| {
+            r.backend_request_body.is_some()
+                || r.backend_response_body.is_some()
+                || r.request_messages.is_some()
+                || r.response_messages.is_some()
+        })
+        .collect();
+    for chunk in with_content.chunks(ROWS_PER_STATEMENT) {
+        let mut query = QueryBuilder::<Postgres>::new(
+            r#"INSERT INTO "GatehouseCallContent" ("CorrelationId", "TimeGenerated", "BackendRequestBody", "BackendResponseBody", "SearchText") "#,
+        );
+        query.push_values(chunk, |mut b, record| {
+            let (prompt, completion) = search_text(record);
+            b.push_bind(record.correlation_id.clone())
+                .push_bind(record.time_generated)
+                .push_bind(record.backend_request_body.clone())
+                .push_bind(record.backend_response_body.clone())
+                .push_unseparated(", to_tsvector('simple', ")
+                .push_bind_unseparated(prompt)
+                .push_unseparated(" || ' ' || ")
+                .push_bind_unseparated(completion)
+                .push_unseparated(")");
+        });
+        query.build().execute(&mut *tx).await?;
+    }
+
+    let llm_rows: Vec<LlmLogRow> = new.iter().flat_map(|r| LlmLogRow::from_record(r)).collect();
+    for chunk in llm_rows.chunks(ROWS_PER_STATEMENT) {
+        let mut query = QueryBuilder::<Postgres>::new(POSTGRES_LLM_INSERT);
+        query.push_values(chunk, |mut b, row| {
+            bind_llm_row!(b, row.clone(), row.time_generated);
+        });
+        query.push(r#" ON CONFLICT ("CorrelationId", "SequenceNumber") DO NOTHING"#);
+        query.build().execute(&mut *tx).await?;
+    }
+
+    let rollups: Vec<_> = fold(new.iter().copied()).into_iter().collect();
+    for chunk in rollups.chunks(ROWS_PER_STATEMENT) {
+        let mut query = QueryBuilder::<Postgres>::new(POSTGRES_ROLLUP_UPSERT_HEAD);
+        query.push_values(chunk, |mut b, (key, sums)| {
+            b.push_bind(key.granularity.as_str())
+                .push_bind(key.bucket)
+                .push_bind(key.dimension.as_str())
+                .push_bind(key.value.clone())
+                .push_bind(sums.requests)
+                .push_bind(sums.errors)
+                .push_bind(sums.prompt_tokens)
+                .push_bind(sums.completion_tokens)
+                .push_bind(sums.total_tokens)
+                .push_bind(sums.latency_sum_ms)
+                .push_bind(sums.latency_max_ms);
+        });
+        query.push(POSTGRES_ROLLUP_UPSERT_TAIL);
+        query.build().execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(new.len())
+}

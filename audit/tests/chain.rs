@@ -1,0 +1,382 @@
+//! Tamper evidence: a changed, removed or moved record is named by the verifier; a clean chain,
+//! a replayed duplicate or a record read back from a store is not.
+
+#![expect(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use gatehouse_audit::AuditRecord;
+use gatehouse_audit::chain::{
+    BreakReason, ChainBreak, Chainer, GENESIS_HASH, STATE_FILE, Verifier, VerifyReport, verify,
+    verify_jsonl,
+};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use time::macros::datetime;
+
+const DAY_ONE: OffsetDateTime = datetime!(2025-03-01 23:59:50 UTC);
+
+fn record(i: usize, at: OffsetDateTime) -> AuditRecord {
+    AuditRecord {
+        time_generated: at,
+        correlation_id: format!("call-{i:05}"),
+        gateway_id: "gw-1".to_owned(),
+        operation_id: None,
+        caller_ip_address: "10.0.0.7".to_owned(),
+        peer_ip_address: "10.0.0.7".to_owned(),
+        method: "POST".to_owned(),
+        url: "/openai/deployments/gpt-4o/chat/completions".to_owned(),
+        client_protocol: "HTTP/2.0".to_owned(),
+        response_code: 200,
+        is_request_success: true,
+        backend_response_code: Some(200),
+        backend_id: Some("east".to_owned()),
+        backend_url: None,
+        request_size: 100,
+        response_size: 400,
+        total_time: 20,
+        backend_time: 18,
+        time_to_first_byte: None,
+        apim_subscription_id: Some("team-a".to_owned()),
+        product_id: None,
+        user_id: None,
+        user_name: None,
+        tenant_id: None,
+        groups: vec!["g-1".to_owned()],
+        deployment_name: Some("gpt-4o".to_owned()),
+        model_name: None,
+        api_version: None,
+        is_stream_completion: false,
+        usage: None,
+        attempts: vec![],
+        backend_request_body: Some(format!(r#"{{"prompt":"number {i}"}}"#)),
+        request_body_truncated: false,
+        backend_response_body: None,
+        response_body_truncated: false,
+        request_messages: None,
+        response_messages: None,
+        client_aborted: false,
+        last_error_reason: None,
+        last_error_message: None,
+        chain: None,
+    }
+}
+
+/// `count` records a second apart from `start`, linked in that order.
+fn linked(count: usize, start: OffsetDateTime) -> Vec<AuditRecord> {
+    let mut chainer = Chainer::in_memory();
+    (0..count)
+        .map(|i| {
+            let seconds = u64::try_from(i).expect("small");
+            let mut record = record(i, start + Duration::from_secs(seconds));
+            chainer.link(&mut record);
+            record
+        })
+        .collect()
+}
+
+fn write_jsonl(path: &Path, records: &[AuditRecord]) {
+    let mut file = std::fs::File::create(path).unwrap();
+    for record in records {
+        serde_json::to_writer(&mut file, record).unwrap();
+        file.write_all(b"\n").unwrap();
+    }
+}
+
+fn first_break(report: &VerifyReport) -> ChainBreak {
+    report
+        .first_break()
+        .map(|(_, broken)| broken.clone())
+        .expect("a break")
+}
+
+fn link_of(record: &AuditRecord) -> &gatehouse_schema::audit::ChainLink {
+    record.chain.as_ref().expect("linked")
+}
+
+#[test]
+fn the_link_is_sha256_of_the_previous_hash_and_the_canonical_json() {
+    let records = linked(3, datetime!(2025-03-01 10:00 UTC));
+    let mut previous = GENESIS_HASH.to_owned();
+    for (sequence, record) in records.iter().enumerate() {
+        let link = link_of(record);
+        let mut bare = record.clone();
+        bare.chain = None;
+        let mut hasher = Sha256::new();
+        hasher.update(previous.as_bytes());
+        hasher.update(serde_json::to_vec(&bare).unwrap());
+        assert_eq!(link.sequence, sequence as u64);
+        assert_eq!(link.previous_hash, previous);
+        assert_eq!(link.record_hash, hex::encode(hasher.finalize()));
+        previous.clone_from(&link.record_hash);
+    }
+}
+
+#[test]
+fn a_clean_chain_verifies_across_two_days() {
+    // Twenty records a second apart from ten seconds before midnight: two days, two chains.
+    let records = linked(20, DAY_ONE);
+    let chain_ids: Vec<_> = records
+        .iter()
+        .map(|r| link_of(r).chain_id.clone())
+        .collect();
+    assert!(
+        chain_ids[9].starts_with("gw-1/2025-03-01"),
+        "{}",
+        chain_ids[9]
+    );
+    assert!(
+        chain_ids[10].starts_with("gw-1/2025-03-02"),
+        "{}",
+        chain_ids[10]
+    );
+    assert_eq!(link_of(&records[10]).sequence, 0);
+
+    let report = verify(records.clone());
+    assert!(report.is_intact(), "{report:#?}");
+    assert_eq!(report.chains.len(), 2);
+    assert!(report.chains.iter().all(|chain| chain.records == 10));
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    write_jsonl(&path, &records);
+    let report = verify_jsonl(&path, None, None).unwrap();
+    assert!(report.is_intact(), "{report:#?}");
+    assert_eq!(report.chains.len(), 2);
+}
+
+#[test]
+fn records_from_both_days_interleaved_in_write_order_verify() {
+    // A long call that began before midnight is written after calls of the new day.
+    let mut chainer = Chainer::in_memory();
+    let times = [0, 15, 16, 2, 17, 5, 18];
+    let records: Vec<_> = times
+        .iter()
+        .enumerate()
+        .map(|(i, seconds)| {
+            let mut record = record(i, DAY_ONE + Duration::from_secs(*seconds));
+            chainer.link(&mut record);
+            record
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    write_jsonl(&path, &records);
+    let report = verify_jsonl(&path, None, None).unwrap();
+    assert!(report.is_intact(), "{report:#?}");
+    assert_eq!(report.chains.len(), 2);
+    assert_eq!(report.chains[0].records, 3);
+    assert_eq!(report.chains[1].records, 4);
+}
+
+#[test]
+fn a_changed_field_names_that_record_as_changed() {
+    let mut records = linked(10, datetime!(2025-03-01 10:00 UTC));
+    records[4].url = "/openai/deployments/gpt-4o-mini/chat/completions".to_owned();
+    let broken = first_break(&verify(records));
+    assert_eq!(broken.reason, BreakReason::Changed);
+    assert_eq!(broken.sequence, 4);
+    assert_eq!(broken.correlation_id, "call-00004");
+}
+
+#[test]
+fn a_deleted_record_names_the_record_after_the_gap_as_removed() {
+    let mut records = linked(10, datetime!(2025-03-01 10:00 UTC));
+    records.remove(4);
+    let report = verify(records);
+    let broken = first_break(&report);
+    assert_eq!(broken.reason, BreakReason::Removed);
+    assert_eq!(broken.sequence, 5);
+    assert_eq!(broken.correlation_id, "call-00005");
+    assert!(broken.detail.contains("record 4"), "{}", broken.detail);
+}
+
+#[test]
+fn a_deleted_first_record_is_named_too() {
+    let mut records = linked(5, datetime!(2025-03-01 10:00 UTC));
+    records.remove(0);
+    let broken = first_break(&verify(records));
+    assert_eq!((broken.reason, broken.sequence), (BreakReason::Removed, 1));
+}
+
+#[test]
+fn a_record_rewritten_with_a_fresh_hash_breaks_the_next_link() {
+    let mut records = linked(10, datetime!(2025-03-01 10:00 UTC));
+    // Someone who knows the scheme rewrites record 4 and recomputes its hash…
+    let mut forged = records[4].clone();
+    let mut link = forged.chain.take().unwrap();
+    forged.response_code = 500;
+    let mut hasher = Sha256::new();
+    hasher.update(link.previous_hash.as_bytes());
+    hasher.update(serde_json::to_vec(&forged).unwrap());
+    link.record_hash = hex::encode(hasher.finalize());
+    forged.chain = Some(link);
+    records[4] = forged;
+    // …then record 5 no longer follows it.
+    let broken = first_break(&verify(records));
+    assert_eq!((broken.reason, broken.sequence), (BreakReason::Removed, 5));
+}
+
+#[test]
+fn swapped_lines_of_a_jsonl_file_are_reordered() {
+    let mut records = linked(10, datetime!(2025-03-01 10:00 UTC));
+    records.swap(3, 4);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    write_jsonl(&path, &records);
+    let report = verify_jsonl(&path, None, None).unwrap();
+    let broken = first_break(&report);
+    assert_eq!(broken.reason, BreakReason::Reordered);
+    assert_eq!(broken.sequence, 4);
+    assert_eq!(broken.correlation_id, "call-00004");
+}
+
+#[test]
+fn a_replayed_stretch_counts_as_duplicates_not_a_break() {
+    let records = linked(15, datetime!(2025-03-01 10:00 UTC));
+    let mut written = records[..10].to_vec();
+    written.extend_from_slice(&records[5..10]);
+    written.extend_from_slice(&records[10..]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    write_jsonl(&path, &written);
+    let report = verify_jsonl(&path, None, None).unwrap();
+    assert!(report.is_intact(), "{report:#?}");
+    assert_eq!(
+        (report.chains[0].records, report.chains[0].duplicates),
+        (15, 5)
+    );
+}
+
+#[test]
+fn a_time_range_checks_its_records_anchored_on_the_one_before() {
+    let start = datetime!(2025-03-01 10:00 UTC);
+    let from = Some(start + Duration::from_secs(10));
+    let to = Some(start + Duration::from_secs(15));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let check = |records: &[AuditRecord]| {
+        write_jsonl(&path, records);
+        verify_jsonl(&path, from, to).unwrap()
+    };
+
+    let mut records = linked(20, start);
+    records[3].url = "/changed".to_owned();
+    records[17].url = "/changed".to_owned();
+    let report = check(&records);
+    assert!(
+        report.is_intact(),
+        "changes outside the range are not checked: {report:#?}"
+    );
+    assert_eq!(report.chains[0].records, 5);
+
+    let mut records = linked(20, start);
+    records[12].url = "/changed".to_owned();
+    let broken = first_break(&check(&records));
+    assert_eq!((broken.reason, broken.sequence), (BreakReason::Changed, 12));
+
+    let mut records = linked(20, start);
+    records.remove(9);
+    let broken = first_break(&check(&records));
+    assert_eq!((broken.reason, broken.sequence), (BreakReason::Removed, 10));
+    assert!(broken.detail.contains("record 9"), "{}", broken.detail);
+}
+
+#[test]
+fn a_verifier_takes_the_record_before_a_range_as_anchor() {
+    let records = linked(10, datetime!(2025-03-01 10:00 UTC));
+    let mut verifier = Verifier::new();
+    verifier.anchor(&records[5]);
+    for record in records[6..].iter().cloned() {
+        verifier.check(record);
+    }
+    let report = verifier.finish();
+    assert!(report.is_intact(), "{report:#?}");
+    assert_eq!(report.chains[0].records, 4);
+
+    // Without its anchor the range cannot be told apart from a chain missing its start.
+    let report = verify(records[6..].to_vec());
+    assert_eq!(first_break(&report).reason, BreakReason::Removed);
+}
+
+#[test]
+fn unchained_records_are_reported() {
+    let mut records = linked(3, datetime!(2025-03-01 10:00 UTC));
+    records.push(record(99, datetime!(2025-03-01 10:00:05 UTC)));
+    let report = verify(records);
+    assert_eq!(report.unchained, 1);
+    assert!(!report.is_intact());
+}
+
+#[test]
+fn a_record_read_back_from_a_store_still_verifies() {
+    let mut chainer = Chainer::in_memory();
+    let mut record = record(1, datetime!(2025-03-01 23:30:00.123456789 -02:00));
+    chainer.link(&mut record);
+    assert_eq!(
+        record.time_generated,
+        datetime!(2025-03-02 01:30:00.123456 UTC)
+    );
+    assert!(link_of(&record).chain_id.starts_with("gw-1/2025-03-02"));
+    let text = serde_json::to_string(&record).unwrap();
+    let read_back: AuditRecord = serde_json::from_str(&text).unwrap();
+    assert!(verify([read_back]).is_intact());
+}
+
+#[test]
+fn the_chain_state_survives_a_restart_and_a_lost_state_starts_a_marked_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join(STATE_FILE);
+    let start = datetime!(2025-03-01 10:00 UTC);
+    let mut all = Vec::new();
+    let mut link_with = |chainer: &mut Chainer, range: std::ops::Range<usize>| {
+        for i in range {
+            let seconds = u64::try_from(i).expect("small");
+            let mut record = record(i, start + Duration::from_secs(seconds));
+            chainer.link(&mut record);
+            all.push(record);
+        }
+        chainer.save().unwrap();
+    };
+
+    let mut chainer = Chainer::open(&state);
+    link_with(&mut chainer, 0..3);
+    let mut chainer = Chainer::open(&state);
+    link_with(&mut chainer, 3..6);
+    std::fs::remove_file(&state).unwrap();
+    let mut chainer = Chainer::open(&state);
+    link_with(&mut chainer, 6..9);
+
+    let first = link_of(&all[0]).chain_id.clone();
+    assert!(
+        first.starts_with("gw-1/2025-03-01#"),
+        "a first start is a marked segment: {first}"
+    );
+    assert_eq!(
+        link_of(&all[5]).chain_id,
+        first,
+        "a restart continues the chain"
+    );
+    assert_eq!(link_of(&all[5]).sequence, 5);
+    let segment = link_of(&all[6]).chain_id.clone();
+    assert_ne!(segment, first, "a lost state never reuses a chain id");
+    assert!(segment.starts_with("gw-1/2025-03-01#"), "{segment}");
+    assert_eq!(link_of(&all[6]).sequence, 0);
+
+    let report = verify(all);
+    assert!(report.is_intact(), "{report:#?}");
+    assert_eq!(report.chains.len(), 2);
+}
+
+#[test]
+fn a_later_day_than_the_start_gets_a_plain_chain_id() {
+    let mut chainer = Chainer::in_memory();
+    let tomorrow = OffsetDateTime::now_utc() + Duration::from_secs(86_400);
+    let mut record = record(1, tomorrow);
+    chainer.link(&mut record);
+    let chain_id = &link_of(&record).chain_id;
+    assert!(!chain_id.contains('#'), "{chain_id}");
+    assert!(chain_id.starts_with("gw-1/"));
+}

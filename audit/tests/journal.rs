@@ -1,0 +1,511 @@
+//! The audit writer against a sink that fails, recovers and stalls: no record lost, none out of
+//! order, none twice, the journal replayed after a restart, and admission for fail-closed.
+
+#![expect(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use gatehouse_audit::chain::{BreakReason, STATE_FILE, verify};
+use gatehouse_audit::{
+    Admission, AuditQueue, AuditRecord, AuditSink, QueueSettings, QueueStats, SinkError,
+    WriterHandle,
+};
+
+/// A sink the test switches between working, failing and stalling.
+#[derive(Clone)]
+struct SwitchSink(Arc<SinkState>);
+
+struct SinkState {
+    stored: Mutex<Vec<AuditRecord>>,
+    failing: AtomicBool,
+    /// While set, a write waits for `release` (at most 30 s), far past the queue's timeout.
+    stalling: AtomicBool,
+    release: tokio::sync::watch::Sender<bool>,
+    /// Writes that have returned, successful or not.
+    returned: AtomicU64,
+}
+
+impl SwitchSink {
+    fn new() -> SwitchSink {
+        SwitchSink(Arc::new(SinkState {
+            stored: Mutex::new(Vec::new()),
+            failing: AtomicBool::new(false),
+            stalling: AtomicBool::new(false),
+            release: tokio::sync::watch::Sender::new(false),
+            returned: AtomicU64::new(0),
+        }))
+    }
+
+    fn failing(&self, failing: bool) {
+        self.0.failing.store(failing, Ordering::SeqCst);
+    }
+
+    fn stalling(&self, stalling: bool) {
+        self.0.stalling.store(stalling, Ordering::SeqCst);
+        if !stalling {
+            self.0.release.send_replace(true);
+        }
+    }
+
+    fn returned(&self) -> u64 {
+        self.0.returned.load(Ordering::SeqCst)
+    }
+
+    fn records(&self) -> Vec<AuditRecord> {
+        self.0.stored.lock().unwrap().clone()
+    }
+}
+
+impl AuditSink for SwitchSink {
+    fn write_batch<'a>(
+        &'a self,
+        records: &'a [AuditRecord],
+    ) -> BoxFuture<'a, Result<(), SinkError>> {
+        Box::pin(async move {
+            let state = &self.0;
+            if state.stalling.load(Ordering::SeqCst) {
+                let mut released = state.release.subscribe();
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(30),
+                    released.wait_for(|released| *released),
+                )
+                .await;
+            }
+            let result = if state.failing.load(Ordering::SeqCst) {
+                Err(SinkError::Io(std::io::Error::other("sink down (test)")))
+            } else {
+                state.stored.lock().unwrap().extend_from_slice(records);
+                Ok(())
+            };
+            state.returned.fetch_add(1, Ordering::SeqCst);
+            result
+        })
+    }
+
+    fn name(&self) -> &'static str {
+        "switch"
+    }
+}
+
+fn record(i: usize) -> AuditRecord {
+    let at = time::macros::datetime!(2025-03-01 10:00:00 UTC)
+        + Duration::from_millis(u64::try_from(i).expect("small"));
+    AuditRecord {
+        time_generated: at,
+        correlation_id: format!("call-{i:05}"),
+        gateway_id: "gw-test".to_owned(),
+        operation_id: None,
+        caller_ip_address: "10.0.0.7".to_owned(),
+        peer_ip_address: "10.0.0.7".to_owned(),
+        method: "POST".to_owned(),
+        url: "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21".to_owned(),
+        client_protocol: "HTTP/1.1".to_owned(),
+        response_code: 200,
+        is_request_success: true,
+        backend_response_code: Some(200),
+        backend_id: Some("east".to_owned()),
+        backend_url: None,
+        request_size: 120,
+        response_size: 480,
+        total_time: 35,
+        backend_time: 30,
+        time_to_first_byte: Some(12),
+        apim_subscription_id: Some("team-a".to_owned()),
+        product_id: None,
+        user_id: None,
+        user_name: None,
+        tenant_id: None,
+        groups: vec![],
+        deployment_name: Some("gpt-4o".to_owned()),
+        model_name: Some("gpt-4o-2024-08-06".to_owned()),
+        api_version: Some("2024-10-21".to_owned()),
+        is_stream_completion: false,
+        usage: None,
+        attempts: vec![],
+        backend_request_body: Some(format!(
+            r#"{{"messages":[{{"role":"user","content":"question number {i}"}}]}}"#
+        )),
+        request_body_truncated: false,
+        backend_response_body: None,
+        response_body_truncated: false,
+        request_messages: None,
+        response_messages: None,
+        client_aborted: false,
+        last_error_reason: None,
+        last_error_message: None,
+        chain: None,
+    }
+}
+
+fn ids(records: &[AuditRecord]) -> Vec<String> {
+    records.iter().map(|r| r.correlation_id.clone()).collect()
+}
+
+fn expected(range: std::ops::Range<usize>) -> Vec<String> {
+    range.map(|i| record(i).correlation_id).collect()
+}
+
+fn settings(dir: &Path) -> QueueSettings {
+    QueueSettings {
+        journal_dir: Some(dir.to_path_buf()),
+        ..QueueSettings::default()
+    }
+}
+
+async fn start(sink: &SwitchSink, settings: QueueSettings) -> (AuditQueue, WriterHandle) {
+    AuditQueue::start_with(Arc::new(sink.clone()), settings)
+        .await
+        .unwrap()
+}
+
+/// Waits (at most 20 s) until `condition` holds.
+async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let waited = tokio::time::timeout(Duration::from_secs(20), async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "timed out waiting for {what}");
+}
+
+async fn finish(queue: AuditQueue, writer: WriterHandle) -> QueueStats {
+    drop(queue);
+    tokio::time::timeout(Duration::from_secs(30), writer.finish())
+        .await
+        .expect("the writer finishes")
+}
+
+fn segments(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut found: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "journal"))
+        .collect();
+    found.sort();
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_thousand_records_survive_a_sink_outage_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = SwitchSink::new();
+    sink.failing(true);
+    let (queue, writer) = start(&sink, settings(dir.path())).await;
+
+    for i in 0..2_500 {
+        assert!(queue.submit(record(i)), "record {i} refused");
+    }
+    eventually("records in the journal", || queue.stats().journaled > 0).await;
+    assert_eq!(queue.admission(), Admission::Degraded);
+    for i in 2_500..4_000 {
+        assert!(queue.submit(record(i)), "record {i} refused");
+    }
+    sink.failing(false);
+    for i in 4_000..5_000 {
+        assert!(queue.submit(record(i)), "record {i} refused");
+    }
+    let stats = finish(queue, writer).await;
+
+    let stored = sink.records();
+    assert_eq!(
+        ids(&stored),
+        expected(0..5_000),
+        "every record once, in submit order"
+    );
+    assert!(stats.write_errors > 0);
+    assert_eq!((stats.written, stats.rejected, stats.depth), (5_000, 0, 0));
+    assert_eq!((stats.journal_records, stats.journal_bytes), (0, 0));
+    assert!(
+        segments(dir.path()).is_empty(),
+        "stored segments are deleted"
+    );
+    let report = verify(stored);
+    assert!(report.is_intact(), "{report:#?}");
+    assert_eq!(report.chains.len(), 1);
+    assert_eq!(report.chains[0].records, 5_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_sink_sends_records_to_the_journal_without_blocking_submit() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = SwitchSink::new();
+    sink.stalling(true);
+    let (queue, writer) = start(
+        &sink,
+        QueueSettings {
+            capacity: 64,
+            sink_timeout: Duration::from_millis(50),
+            ..settings(dir.path())
+        },
+    )
+    .await;
+
+    // Twenty times what the queue holds: only a writer that keeps taking records while the
+    // first write is stuck lets every submit succeed.
+    for chunk in 0..20 {
+        for i in chunk * 50..(chunk + 1) * 50 {
+            assert!(queue.submit(record(i)), "record {i} refused");
+        }
+        eventually("the writer to take the chunk", || queue.stats().depth == 0).await;
+    }
+    assert_eq!(
+        sink.returned(),
+        0,
+        "the submit loop finished before the slow sink returned once"
+    );
+    let stats = queue.stats();
+    assert_eq!(
+        stats.journaled, 1_000,
+        "the stuck batch and all later ones are journaled"
+    );
+    assert_eq!(stats.write_errors, 1, "one write timed out");
+    assert!(!stats.sink_up);
+    assert_eq!(queue.admission(), Admission::Degraded);
+
+    sink.stalling(false);
+    eventually("the slow write to return", || sink.returned() == 1).await;
+    let stats = finish(queue, writer).await;
+    let stored = sink.records();
+    assert_eq!(
+        ids(&stored),
+        expected(0..1_000),
+        "the slow batch, stored after all, is not replayed again"
+    );
+    assert_eq!((stats.written, stats.journal_records), (1_000, 0));
+    assert!(verify(stored).is_intact());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_does_not_wait_for_a_stuck_sink_and_the_next_start_delivers() {
+    let dir = tempfile::tempdir().unwrap();
+    let stuck = SwitchSink::new();
+    stuck.stalling(true);
+    let quick = QueueSettings {
+        sink_timeout: Duration::from_millis(50),
+        ..settings(dir.path())
+    };
+    let (queue, writer) = start(&stuck, quick.clone()).await;
+    for i in 0..100 {
+        assert!(queue.submit(record(i)));
+    }
+    eventually("the writer to take every record", || {
+        queue.stats().depth == 0
+    })
+    .await;
+    // The sink would hold the write for 30 s; the writer gives it one more timeout.
+    let stats = finish(queue, writer).await;
+    assert_eq!((stats.written, stats.journal_records), (0, 100));
+    assert_eq!(stuck.returned(), 0);
+
+    let up = SwitchSink::new();
+    let (queue, writer) = start(&up, quick).await;
+    finish(queue, writer).await;
+    let stored = up.records();
+    assert_eq!(ids(&stored), expected(0..100));
+    assert!(verify(stored).is_intact());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_replays_the_journal_before_new_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let down = SwitchSink::new();
+    down.failing(true);
+    let (queue, writer) = start(&down, settings(dir.path())).await;
+    for i in 0..300 {
+        assert!(queue.submit(record(i)));
+    }
+    let stats = finish(queue, writer).await;
+    assert!(down.records().is_empty());
+    assert_eq!(
+        stats.journal_records, 300,
+        "the writer stops once all is journaled"
+    );
+
+    let up = SwitchSink::new();
+    let (queue, writer) = start(&up, settings(dir.path())).await;
+    assert_eq!(queue.stats().journal_records, 300);
+    for i in 300..400 {
+        assert!(queue.submit(record(i)));
+    }
+    let stats = finish(queue, writer).await;
+
+    let stored = up.records();
+    assert_eq!(
+        ids(&stored),
+        expected(0..400),
+        "replayed first, then the new records"
+    );
+    assert_eq!((stats.written, stats.journal_records), (400, 0));
+    let report = verify(stored);
+    assert!(report.is_intact(), "{report:#?}");
+    assert_eq!(
+        report.chains.len(),
+        1,
+        "the chain continues across the restart"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_journal_line_is_skipped_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let down = SwitchSink::new();
+    down.failing(true);
+    let (queue, writer) = start(&down, settings(dir.path())).await;
+    for i in 0..50 {
+        assert!(queue.submit(record(i)));
+    }
+    finish(queue, writer).await;
+    // A crash in the middle of an append: the last line loses its end.
+    let newest = segments(dir.path()).pop().unwrap();
+    let length = std::fs::metadata(&newest).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&newest)
+        .unwrap()
+        .set_len(length - 40)
+        .unwrap();
+
+    let up = SwitchSink::new();
+    let (queue, writer) = start(&up, settings(dir.path())).await;
+    assert!(queue.submit(record(50)));
+    let stats = finish(queue, writer).await;
+
+    let stored = up.records();
+    let mut want = expected(0..49);
+    want.push(record(50).correlation_id);
+    assert_eq!(ids(&stored), want);
+    assert_eq!(stats.journal_skipped, 1);
+    // The lost record shows in the chain: the one after it names the gap.
+    let broken = verify(stored)
+        .first_break()
+        .map(|(_, broken)| broken.clone());
+    let broken = broken.expect("a gap");
+    assert_eq!(broken.reason, BreakReason::Removed);
+    assert_eq!(broken.sequence, 50);
+    assert_eq!(broken.correlation_id, "call-00050");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_closed_admission_closes_when_the_journal_is_full_and_reopens_after_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = SwitchSink::new();
+    sink.failing(true);
+    let max = 16 * 1024;
+    let (queue, writer) = start(
+        &sink,
+        QueueSettings {
+            capacity: 1_000,
+            journal_max_bytes: max,
+            fail_closed: true,
+            ..settings(dir.path())
+        },
+    )
+    .await;
+    assert!(queue.fail_closed());
+    assert_eq!(queue.admission(), Admission::Open);
+
+    assert!(queue.submit(record(0)));
+    eventually("the first record journaled", || {
+        queue.stats().journaled == 1
+    })
+    .await;
+    assert_eq!(queue.admission(), Admission::Degraded);
+    assert!(!queue.refuses_calls(), "degraded, but every record is kept");
+
+    let mut submitted = 1;
+    while queue.admission() != Admission::Closed {
+        assert!(submitted < 500, "the journal never filled up");
+        assert!(queue.submit(record(submitted)));
+        submitted += 1;
+        eventually("the writer to place the record", || {
+            queue.stats().depth == 0 || queue.admission() == Admission::Closed
+        })
+        .await;
+    }
+    assert!(queue.refuses_calls());
+    let stats = queue.stats();
+    assert!(
+        stats.journal_bytes <= max && stats.journal_bytes > max / 2,
+        "{stats:?}"
+    );
+
+    sink.failing(false);
+    eventually("admission to open again", || {
+        queue.admission() == Admission::Open
+    })
+    .await;
+    assert!(!queue.refuses_calls());
+    let stats = finish(queue, writer).await;
+    let stored = sink.records();
+    assert_eq!(
+        ids(&stored),
+        expected(0..submitted),
+        "nothing lost while closed"
+    );
+    assert_eq!(stats.rejected, 0);
+    assert!(verify(stored).is_intact());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_journal_records_wait_in_the_queue_and_admission_closes() {
+    let sink = SwitchSink::new();
+    sink.failing(true);
+    let (queue, writer) = AuditQueue::start(Arc::new(sink.clone()), 100);
+    for i in 0..10 {
+        assert!(queue.submit(record(i)));
+    }
+    eventually("the sink failure", || !queue.stats().sink_up).await;
+    assert_eq!(
+        queue.admission(),
+        Admission::Closed,
+        "nowhere to keep records"
+    );
+    assert!(!queue.refuses_calls(), "not set to fail closed");
+    sink.failing(false);
+    let stats = finish(queue, writer).await;
+    assert_eq!(ids(&sink.records()), expected(0..10));
+    assert_eq!((stats.written, stats.journaled), (10, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_chain_state_starts_a_marked_segment_instead_of_a_fork() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = SwitchSink::new();
+    let (queue, writer) = start(&first, settings(dir.path())).await;
+    for i in 0..10 {
+        assert!(queue.submit(record(i)));
+    }
+    finish(queue, writer).await;
+    std::fs::remove_file(dir.path().join(STATE_FILE)).unwrap();
+
+    let second = SwitchSink::new();
+    let (queue, writer) = start(&second, settings(dir.path())).await;
+    for i in 10..20 {
+        assert!(queue.submit(record(i)));
+    }
+    finish(queue, writer).await;
+
+    let mut all = first.records();
+    all.extend(second.records());
+    let report = verify(all);
+    assert!(report.is_intact(), "{report:#?}");
+    assert_eq!(
+        report.chains.len(),
+        2,
+        "two segments of one day, each from sequence 0"
+    );
+    for chain in &report.chains {
+        assert!(
+            chain.chain_id.starts_with("gw-test/2025-03-01#"),
+            "{}",
+            chain.chain_id
+        );
+        assert!(chain.segment_marker().is_some());
+        assert_eq!(chain.records, 10);
+    }
+}
