@@ -344,6 +344,7 @@ server:
   gateway_id: bench
   state_dir: $dir/state
   log_format: text
+  access_log: false   # the nginx proxy runs with access_log off too: like for like
   audit:
     jsonl: null
 snapshot:

@@ -38,7 +38,7 @@ server:
   state_dir: $dev/state
   admin_token: file:$dev/admin-token
   audit:
-    jsonl: $dev/audit.jsonl
+    database: sqlite:$dev/audit.db
   log_format: text
   shutdown_drain_seconds: 5
 snapshot:
@@ -67,7 +67,7 @@ cat <<MSG
 
 Gatehouse is starting on http://127.0.0.1:$port  (backend: the SIMULATOR on 127.0.0.1:$sim_port, not a model)
   key:           $key   (also in var/dev/key)
-  audit records: var/dev/audit.jsonl
+  audit records: var/dev/audit.db (SQLite: tables ApiManagementGatewayLogs, ApiManagementGatewayLlmLog)
 
 Try it:
   curl -s http://127.0.0.1:$port/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21 \\

@@ -48,6 +48,7 @@ pub struct Gateway {
     pub(crate) admin_token: Option<Secret<String>>,
     pub(crate) state_dir: PathBuf,
     pub(crate) config_writes: tokio::sync::Mutex<()>,
+    access_log: bool,
 }
 
 /// How to build a [`Gateway`].
@@ -63,6 +64,8 @@ pub struct GatewayParts {
     pub admin_token: Option<Secret<String>>,
     /// Where audit records go.
     pub audit: Option<AuditQueue>,
+    /// Whether every call writes a log line (the audit record holds the same and more).
+    pub access_log: bool,
 }
 
 impl Gateway {
@@ -94,6 +97,7 @@ impl Gateway {
             admin_token: parts.admin_token,
             state_dir: parts.state_dir,
             config_writes: tokio::sync::Mutex::new(()),
+            access_log: parts.access_log,
         }))
     }
 
@@ -188,19 +192,26 @@ impl Gateway {
                 }
             }
         }
-        tracing::info!(
-            operation = record.operation_id.map_or("unknown", |o| o.as_str()),
-            deployment = record.deployment_name.as_deref().unwrap_or(""),
-            backend = record.backend_id.as_deref().unwrap_or(""),
-            status = record.response_code,
-            attempts = record.attempts.len(),
-            total_ms = record.total_time,
-            caller_ip = %record.caller_ip_address,
-            error = record.last_error_reason.as_deref().unwrap_or(""),
-            "call finished"
-        );
+        if self.access_log {
+            log_call(&record);
+        }
         self.submit(record);
     }
+}
+
+/// The access-log line of a call.
+fn log_call(record: &AuditRecord) {
+    tracing::info!(
+        operation = record.operation_id.map_or("unknown", |o| o.as_str()),
+        deployment = record.deployment_name.as_deref().unwrap_or(""),
+        backend = record.backend_id.as_deref().unwrap_or(""),
+        status = record.response_code,
+        attempts = record.attempts.len(),
+        total_ms = record.total_time,
+        caller_ip = %record.caller_ip_address,
+        error = record.last_error_reason.as_deref().unwrap_or(""),
+        "call finished"
+    );
 }
 
 async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {
@@ -238,6 +249,11 @@ async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
             .set(i64::try_from(stats.depth).unwrap_or(i64::MAX));
         gateway.metrics.audit_rejected.set(stats.rejected);
         gateway.metrics.audit_write_errors.set(stats.write_errors);
+        gateway.metrics.audit_journal_bytes.set(stats.journal_bytes);
+        gateway
+            .metrics
+            .audit_journal_records
+            .set(stats.journal_records);
     }
     (
         [(
@@ -304,6 +320,14 @@ async fn pipeline(
     if let Some(record) = record.as_mut() {
         record.principal(&principal);
     }
+    // Fail closed: a call that could not be recorded is not served (when so configured).
+    if gateway
+        .audit
+        .as_ref()
+        .is_some_and(AuditQueue::refuses_calls)
+    {
+        return Err(GatewayError::AuditUnavailable);
+    }
     // The body, bounded; buffered so that a failed attempt can be replayed on another member.
     let body = read_body(parts, body, runtime.snapshot.max_request_body_bytes).await?;
     let capture_limit = runtime.snapshot.capture.max_request_body_bytes;
@@ -326,7 +350,8 @@ async fn pipeline(
             record.record.request_body_truncated = capture.truncated();
             record.record.backend_request_body = capture.into_text();
         }
-        if let Some(json) = &call.json {
+        // Metadata-only capture (limit 0) keeps no prompt either.
+        if let Some(json) = call.json.as_ref().filter(|_| capture_limit > 0) {
             record.record.request_messages = crate::capture::request_messages(call.operation, json);
         }
     }

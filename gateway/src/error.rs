@@ -69,6 +69,11 @@ pub enum GatewayError {
     /// Every member of the pool is failing.
     #[error("No backend for this deployment is available. Try again later.")]
     AllUnavailable,
+    /// The gateway is set to fail closed and cannot record calls now.
+    #[error(
+        "The gateway cannot record calls right now and is set to refuse them until it can. Try again later."
+    )]
+    AuditUnavailable,
     /// The admin endpoint was called without a valid admin token.
     #[error("Access denied: a valid admin token is required.")]
     AdminUnauthorized,
@@ -106,7 +111,9 @@ impl GatewayError {
             GatewayError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             GatewayError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             GatewayError::AllThrottled { .. } => StatusCode::TOO_MANY_REQUESTS,
-            GatewayError::AllUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::AllUnavailable | GatewayError::AuditUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             GatewayError::InvalidConfig { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             GatewayError::StaleConfig { .. } => StatusCode::CONFLICT,
             GatewayError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -127,6 +134,7 @@ impl GatewayError {
             GatewayError::ObjectNotFound(_) => "object_not_found",
             GatewayError::AllThrottled { .. } => "all_backends_throttled",
             GatewayError::AllUnavailable => "all_backends_unavailable",
+            GatewayError::AuditUnavailable => "audit_unavailable",
             GatewayError::AdminUnauthorized => "admin_unauthorized",
             GatewayError::InvalidConfig { .. } => "invalid_config",
             GatewayError::StaleConfig { .. } => "stale_config",

@@ -81,6 +81,10 @@ pub struct Metrics {
     pub audit_rejected: Gauge<u64, AtomicU64>,
     /// Batches the audit sink failed to store (refreshed at scrape).
     pub audit_write_errors: Gauge<u64, AtomicU64>,
+    /// Bytes in the audit disk journal (refreshed at scrape).
+    pub audit_journal_bytes: Gauge<u64, AtomicU64>,
+    /// Records in the audit disk journal (refreshed at scrape).
+    pub audit_journal_records: Gauge<u64, AtomicU64>,
     /// Version of the running configuration snapshot.
     pub config_version: Gauge<u64, AtomicU64>,
 }
@@ -104,6 +108,8 @@ impl Default for Metrics {
             audit_queue_depth: Gauge::default(),
             audit_rejected: Gauge::default(),
             audit_write_errors: Gauge::default(),
+            audit_journal_bytes: Gauge::default(),
+            audit_journal_records: Gauge::default(),
             config_version: Gauge::default(),
             registry: Registry::default(),
         };
@@ -151,6 +157,16 @@ impl Default for Metrics {
             "audit_write_errors",
             "Audit batches the sink failed to store",
             metrics.audit_write_errors.clone(),
+        );
+        registry.register(
+            "audit_journal_bytes",
+            "Bytes in the audit disk journal, waiting for the store",
+            metrics.audit_journal_bytes.clone(),
+        );
+        registry.register(
+            "audit_journal_records",
+            "Records in the audit disk journal, waiting for the store",
+            metrics.audit_journal_records.clone(),
         );
         registry.register(
             "config_version",

@@ -14,8 +14,6 @@ use gatehouse_schema::config::BackendKind;
 use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use serde_json::Value;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 use url::Url;
 
@@ -35,9 +33,6 @@ pub const DEFAULT_API_VERSION: &str = "2024-10-21";
 const STREAM_USAGE_SINCE: &str = "2024-09-01";
 /// The member the gateway adds in front of a request body to ask a stream for its usage chunk.
 const STREAM_USAGE_OPTION: &[u8] = br#""stream_options":{"include_usage":true},"#;
-/// Chunks buffered between the backend and a slow client; beyond it the backend is not read
-/// (backpressure).
-const RELAY_BUFFER: usize = 16;
 /// After a client hangs up, how long and how much more of the backend is read to complete the record.
 const DRAIN_TIME: Duration = Duration::from_secs(60);
 const DRAIN_BYTES: u64 = 16 * 1024 * 1024;
@@ -592,95 +587,181 @@ async fn relay(
         }
     }
 
-    let (sender, receiver) = mpsc::channel::<Result<Bytes, std::io::Error>>(RELAY_BUFFER);
-    let gateway = Arc::clone(gateway);
-    tokio::spawn(async move {
-        let mut stream = response.bytes_stream();
-        let mut client_open = true;
-        let mut sent: u64 = 0;
-        let mut drained: u64 = 0;
-        let mut drain_deadline: Option<tokio::time::Instant> = None;
+    let body = RelayBody {
+        upstream: Some(Box::pin(response.bytes_stream())),
+        call: Some(RelayCall {
+            gateway: Arc::clone(gateway),
+            call,
+            member,
+            status,
+            tee,
+            record,
+            sent: 0,
+            span: tracing::Span::current(),
+        }),
+    };
+    build_response(status, headers, Body::from_stream(body))
+}
+
+type Upstream = std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<Bytes>> + Send>>;
+
+/// The response body the client reads: each backend chunk passes through the tee as hyper asks
+/// for it, on the connection's own task — no extra task or channel per call, and backpressure is
+/// hyper's. When the client goes away first, `Drop` hands the rest of the backend's answer to a
+/// drain task so that the record is still complete.
+struct RelayBody {
+    upstream: Option<Upstream>,
+    call: Option<RelayCall>,
+}
+
+/// What the relay needs to finish the call's record.
+struct RelayCall {
+    gateway: Arc<Gateway>,
+    call: Call,
+    member: Arc<Member>,
+    status: StatusCode,
+    tee: Tee,
+    record: CallRecord,
+    sent: u64,
+    span: tracing::Span,
+}
+
+impl RelayCall {
+    /// Completes the record; async work (journaling a created object, counting tokens) goes to
+    /// a task, everything else happens here.
+    fn finish(mut self) {
+        let span = self.span.clone();
+        let _entered = span.enter();
+        let answer = self.tee.complete(&mut self.record, &self.call);
+        let created = (self.call.creates.is_some() && self.status.is_success())
+            .then(|| {
+                self.record
+                    .record
+                    .backend_response_body
+                    .as_deref()
+                    .and_then(|b| serde_json::from_str::<Value>(b).ok())
+            })
+            .flatten();
+        let estimate = estimate_needed(self.status, &self.call, &self.record, answer.as_ref());
+        let audit = self.record.finish(self.status.as_u16(), self.sent);
+        if created.is_none() && estimate.is_none() {
+            self.gateway.finish(audit);
+            return;
+        }
+        let RelayCall {
+            gateway,
+            call,
+            member,
+            ..
+        } = self;
+        tokio::spawn(
+            async move {
+                if let Some(summary) = created {
+                    remember_created(&gateway, &call, &member, &summary).await;
+                }
+                match estimate {
+                    None => gateway.finish(audit),
+                    Some(work) => finish_estimated(gateway, audit, work).await,
+                }
+            }
+            .in_current_span(),
+        );
+    }
+}
+
+impl futures::Stream for RelayBody {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        let this = &mut *self;
         loop {
-            let next = match drain_deadline {
-                None => stream.next().await,
-                Some(deadline) => match tokio::time::timeout_at(deadline, stream.next()).await {
-                    Ok(next) => next,
-                    Err(_) => {
-                        record.record.last_error_reason = Some("drain_time_exceeded".to_owned());
-                        break;
-                    }
-                },
+            let (Some(upstream), Some(relay)) = (this.upstream.as_mut(), this.call.as_mut()) else {
+                return Poll::Ready(None);
             };
-            match next {
+            match futures::ready!(upstream.as_mut().poll_next(cx)) {
                 Some(Ok(chunk)) => {
-                    let length = chunk.len() as u64;
                     // What goes on to the client: the chunk, or what passes the usage filter.
-                    let outgoing = tee.push(chunk);
-                    if client_open {
-                        let Some(outgoing) = outgoing else {
-                            continue;
-                        };
-                        let outgoing_length = outgoing.len() as u64;
-                        if sender.send(Ok(outgoing)).await.is_ok() {
-                            sent += outgoing_length;
-                            record
-                                .record
-                                .time_to_first_byte
-                                .get_or_insert_with(|| millis(record.started.elapsed()));
-                        } else {
-                            client_open = false;
-                            record.record.client_aborted = true;
-                            drain_deadline = Some(tokio::time::Instant::now() + DRAIN_TIME);
-                        }
-                    } else {
-                        drained += length;
+                    let Some(outgoing) = relay.tee.push(chunk) else {
+                        continue;
+                    };
+                    relay.sent += outgoing.len() as u64;
+                    relay
+                        .record
+                        .record
+                        .time_to_first_byte
+                        .get_or_insert_with(|| millis(relay.record.started.elapsed()));
+                    return Poll::Ready(Some(Ok(outgoing)));
+                }
+                Some(Err(error)) => {
+                    tracing::warn!(parent: &relay.span, backend = %relay.member.config.id, %error, "backend stream broke after the response started");
+                    relay.record.record.last_error_reason =
+                        Some("backend_stream_failed".to_owned());
+                    relay.record.record.last_error_message =
+                        Some("The backend's response ended early.".to_owned());
+                    this.upstream = None;
+                    if let Some(relay) = this.call.take() {
+                        relay.finish();
+                    }
+                    // The client must see a broken response, not a short one that looks complete.
+                    return Poll::Ready(Some(Err(std::io::Error::other("backend stream failed"))));
+                }
+                None => {
+                    this.upstream = None;
+                    if let Some(relay) = this.call.take() {
+                        relay.finish();
+                    }
+                    return Poll::Ready(None);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for RelayBody {
+    fn drop(&mut self) {
+        let (Some(mut upstream), Some(mut relay)) = (self.upstream.take(), self.call.take()) else {
+            return;
+        };
+        // The client hung up before the end: read the rest of the answer, bounded, for the record.
+        relay.record.record.client_aborted = true;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            relay.finish();
+            return;
+        };
+        runtime.spawn(async move {
+            let deadline = tokio::time::Instant::now() + DRAIN_TIME;
+            let mut drained: u64 = 0;
+            loop {
+                match tokio::time::timeout_at(deadline, upstream.next()).await {
+                    Ok(Some(Ok(chunk))) => {
+                        drained += chunk.len() as u64;
+                        let _ = relay.tee.push(chunk);
                         if drained > DRAIN_BYTES {
-                            record.record.last_error_reason =
+                            relay.record.record.last_error_reason =
                                 Some("drain_size_exceeded".to_owned());
                             break;
                         }
                     }
-                }
-                Some(Err(error)) => {
-                    tracing::warn!(backend = %member.config.id, %error, "backend stream broke after the response started");
-                    record.record.last_error_reason = Some("backend_stream_failed".to_owned());
-                    record.record.last_error_message =
-                        Some("The backend's response ended early.".to_owned());
-                    if client_open {
-                        // The client must see a broken response, not a short one that looks complete.
-                        let _ = sender
-                            .send(Err(std::io::Error::other("backend stream failed")))
-                            .await;
+                    Ok(Some(Err(_))) => {
+                        relay.record.record.last_error_reason =
+                            Some("backend_stream_failed".to_owned());
+                        break;
                     }
-                    break;
+                    Ok(None) => break,
+                    Err(_) => {
+                        relay.record.record.last_error_reason =
+                            Some("drain_time_exceeded".to_owned());
+                        break;
+                    }
                 }
-                None => break,
             }
-        }
-        drop(sender);
-        let answer = tee.complete(&mut record, &call);
-        if call.creates.is_some() && status.is_success() {
-            if let Some(summary) = record
-                .record
-                .backend_response_body
-                .as_deref()
-                .and_then(|b| serde_json::from_str::<Value>(b).ok())
-            {
-                remember_created(&gateway, &call, &member, &summary).await;
-            }
-        }
-        let estimate = estimate_needed(status, &call, &record, answer.as_ref());
-        let audit = record.finish(status.as_u16(), sent);
-        match estimate {
-            None => gateway.finish(audit),
-            Some(work) => finish_estimated(gateway, audit, work).await,
-        }
-    }.in_current_span());
-    build_response(
-        status,
-        headers,
-        Body::from_stream(ReceiverStream::new(receiver)),
-    )
+            relay.finish();
+        });
+    }
 }
 
 /// What to count when a successful inference call's answer carried no usage (an api-version
@@ -811,7 +892,7 @@ impl Tee {
             let summary = sse.finish();
             record.usage(summary.usage);
             record.record.model_name = summary.model;
-            if let Some(response) = &summary.response {
+            if let Some(response) = summary.response.as_ref().filter(|_| limit > 0) {
                 record.record.response_messages = capture::response_messages(response);
                 let text = response.to_string();
                 record.record.response_body_truncated = text.len() > limit;
@@ -828,7 +909,7 @@ impl Tee {
         if let Some(json) = &json {
             record.usage(capture::usage_of(json));
             record.record.model_name = json.get("model").and_then(Value::as_str).map(str::to_owned);
-            if call.operation.is_inference() {
+            if call.operation.is_inference() && limit > 0 {
                 record.record.response_messages = capture::response_messages(json);
             }
         }

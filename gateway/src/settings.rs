@@ -45,6 +45,9 @@ pub struct ServerSettings {
     /// `json` (default) or `text`.
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Whether every call writes an info-level log line (default true).
+    #[serde(default = "default_true")]
+    pub access_log: bool,
     /// How long shutdown waits for in-flight calls (streams included) to finish, in seconds.
     #[serde(default = "default_drain_seconds")]
     pub shutdown_drain_seconds: u64,
@@ -67,25 +70,54 @@ fn default_reload_seconds() -> u64 {
     10
 }
 
-/// Audit record destination.
+/// Audit record destination: at most one of `database`, `azure_monitor`, `jsonl`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditSettings {
-    /// A JSON-lines file; `null` keeps no records (benchmarks only).
+    /// The embedded store: `sqlite:PATH` or `postgres://user@host/db` (a password comes from
+    /// `PGPASSWORD`, never from this file).
+    #[serde(default)]
+    pub database: Option<String>,
+    /// Azure Monitor Logs through the Logs Ingestion API.
+    #[serde(default)]
+    pub azure_monitor: Option<gatehouse_audit::azure_monitor::AzureMonitorConfig>,
+    /// A JSON-lines file.
     #[serde(default)]
     pub jsonl: Option<PathBuf>,
-    /// Records the queue holds before the hot path starts refusing them.
+    /// Records the queue holds in memory.
     #[serde(default = "default_queue_capacity")]
     pub queue_capacity: usize,
+    /// How long a store write may take before its batch goes to the disk journal (ms).
+    #[serde(default = "default_sink_timeout_ms")]
+    pub sink_timeout_ms: u64,
+    /// Largest size of the disk journal (bytes).
+    #[serde(default = "default_journal_max_bytes")]
+    pub journal_max_bytes: u64,
+    /// Refuse calls (503) when they could not be recorded, instead of serving them.
+    #[serde(default)]
+    pub fail_closed: bool,
 }
 
 impl Default for AuditSettings {
     fn default() -> Self {
         AuditSettings {
+            database: None,
+            azure_monitor: None,
             jsonl: None,
             queue_capacity: default_queue_capacity(),
+            sink_timeout_ms: default_sink_timeout_ms(),
+            journal_max_bytes: default_journal_max_bytes(),
+            fail_closed: false,
         }
     }
+}
+
+fn default_sink_timeout_ms() -> u64 {
+    5_000
+}
+
+fn default_journal_max_bytes() -> u64 {
+    gatehouse_audit::DEFAULT_JOURNAL_MAX_BYTES
 }
 
 /// Log line format.
@@ -109,6 +141,10 @@ fn default_gateway_id() -> String {
 
 fn default_queue_capacity() -> usize {
     10_000
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_drain_seconds() -> u64 {

@@ -75,12 +75,24 @@ impl TestGateway {
     ) -> TestGateway {
         let sink = MemorySink::new();
         let (queue, writer) = AuditQueue::start(Arc::new(sink.clone()), 10_000);
+        Self::start_with_queue(snapshot, state_dir, sink, queue, writer).await
+    }
+
+    /// Starts a gateway whose records go to `queue`; `sink` is what [`TestGateway::records`] reads.
+    pub async fn start_with_queue(
+        snapshot: ConfigSnapshot,
+        state_dir: Arc<tempfile::TempDir>,
+        sink: MemorySink,
+        queue: AuditQueue,
+        writer: WriterHandle,
+    ) -> TestGateway {
         let gateway = Gateway::new(GatewayParts {
             id: "test-gateway".to_owned(),
             snapshot,
             state_dir: state_dir.path().to_path_buf(),
             admin_token: Some(Secret::new(ADMIN_TOKEN.to_owned())),
             audit: Some(queue),
+            access_log: true,
         })
         .await
         .unwrap();

@@ -10,6 +10,7 @@
 
 mod harness;
 
+mod audit_store;
 mod auth;
 mod bad_input;
 mod config_endpoint;

@@ -1,0 +1,239 @@
+//! The gateway writing to the real audit store (SQLite file, the PostgreSQL server), through the
+//! journaled queue, and failing closed when it cannot record.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use gatehouse_audit::sql::{SearchFilter, SqlStore};
+use gatehouse_audit::{AuditQueue, AuditRecord, AuditSink, MemorySink, QueueSettings, SinkError};
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+
+use crate::harness::*;
+
+async fn streamed_call_is_stored_as_the_client_saw_it(store: SqlStore) {
+    let sim = simulator("store").await;
+    let state_dir = Arc::new(tempfile::tempdir().unwrap());
+    let settings = QueueSettings {
+        journal_dir: Some(state_dir.path().join("audit-journal")),
+        ..QueueSettings::default()
+    };
+    let (queue, writer) = AuditQueue::start_with(Arc::new(store.clone()), settings)
+        .await
+        .unwrap();
+    let gw = TestGateway::start_with_queue(
+        snapshot(1, json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member("a", &sim.url(), 1)]}])),
+        state_dir,
+        MemorySink::new(),
+        queue,
+        writer,
+    )
+    .await;
+    let response = gw
+        .post(&chat_path("gpt-4o"))
+        .header("x-forwarded-for", "198.51.100.44")
+        .header("x-request-id", "store-stream-1")
+        .json(&chat(None, true))
+        .send()
+        .await
+        .unwrap();
+    let body = response.text().await.unwrap();
+    let client_text: String = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|l| *l != "[DONE]")
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|c| {
+            c["choices"]
+                .get(0)
+                .and_then(|c| c["delta"]["content"].as_str())
+                .map(str::to_owned)
+        })
+        .collect();
+    assert!(!client_text.is_empty());
+    gw.stop().await;
+
+    let detail = store
+        .call("store-stream-1")
+        .await
+        .unwrap()
+        .expect("the call is stored");
+    let stored: Value =
+        serde_json::from_str(detail.backend_response_body.as_deref().unwrap()).unwrap();
+    assert_eq!(stored["object"], "chat.completion");
+    assert_eq!(
+        stored["choices"][0]["message"]["content"].as_str().unwrap(),
+        client_text
+    );
+    assert!(stored["usage"]["total_tokens"].as_u64().unwrap() > 0);
+    assert!(
+        detail.chain.is_some(),
+        "the record carries its hash-chain link"
+    );
+    let now = OffsetDateTime::now_utc();
+    let by_ip = store
+        .search(&SearchFilter {
+            caller: Some("198.51.100.44/32".parse().unwrap()),
+            ..SearchFilter::between(
+                now - time::Duration::hours(1),
+                now + time::Duration::hours(1),
+            )
+        })
+        .await
+        .unwrap();
+    assert_eq!(by_ip.items.len(), 1);
+    assert_eq!(by_ip.items[0].correlation_id, "store-stream-1");
+}
+
+#[tokio::test]
+async fn a_streamed_call_lands_in_sqlite_as_the_client_saw_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqlStore::open(&format!("sqlite:{}", dir.path().join("audit.db").display()))
+        .await
+        .unwrap();
+    streamed_call_is_stored_as_the_client_saw_it(store).await;
+}
+
+#[tokio::test]
+async fn a_streamed_call_lands_in_postgres_as_the_client_saw_it() {
+    let admin_url = std::env::var("GATEHOUSE_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+    let database = format!("gh_gateway_{}", uuid::Uuid::new_v4().simple());
+    let admin = sqlx::PgPool::connect(&admin_url).await.unwrap();
+    // The name is made from a UUID above, never from input.
+    sqlx::query(&format!("CREATE DATABASE \"{database}\""))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let url = admin_url
+        .rsplit_once('/')
+        .map(|(base, _)| format!("{base}/{database}"))
+        .unwrap();
+    let store = SqlStore::open(&url).await.unwrap();
+    streamed_call_is_stored_as_the_client_saw_it(store.clone()).await;
+    store.close().await;
+    sqlx::query(&format!("DROP DATABASE \"{database}\" WITH (FORCE)"))
+        .execute(&admin)
+        .await
+        .unwrap();
+}
+
+/// A sink that fails while `down` is set.
+#[derive(Clone, Default)]
+struct Flaky {
+    down: Arc<AtomicBool>,
+    inner: MemorySink,
+}
+
+impl AuditSink for Flaky {
+    fn write_batch<'a>(
+        &'a self,
+        records: &'a [AuditRecord],
+    ) -> BoxFuture<'a, Result<(), SinkError>> {
+        Box::pin(async move {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(SinkError::Io(std::io::Error::other("store is down")));
+            }
+            self.inner.write_batch(records).await
+        })
+    }
+    fn name(&self) -> &'static str {
+        "flaky"
+    }
+}
+
+#[tokio::test]
+async fn fail_closed_refuses_calls_it_cannot_record_and_recovers() {
+    let sim = simulator("closed").await;
+    let flaky = Flaky::default();
+    flaky.down.store(true, Ordering::SeqCst);
+    let state_dir = Arc::new(tempfile::tempdir().unwrap());
+    let settings = QueueSettings {
+        journal_dir: Some(state_dir.path().join("audit-journal")),
+        journal_max_bytes: 1, // no room: a down store closes admission at once
+        fail_closed: true,
+        sink_timeout: Duration::from_millis(200),
+        ..QueueSettings::default()
+    };
+    let (queue, writer) = AuditQueue::start_with(Arc::new(flaky.clone()), settings)
+        .await
+        .unwrap();
+    let gw = TestGateway::start_with_queue(
+        snapshot(1, json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member("a", &sim.url(), 1)]}])),
+        state_dir,
+        flaky.inner.clone(),
+        queue,
+        writer,
+    )
+    .await;
+    let mut refused = false;
+    for _ in 0..50 {
+        let response = gw
+            .post(&chat_path("gpt-4o"))
+            .json(&chat(None, false))
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 503 {
+            let message = azure_error(response, 503).await;
+            assert!(message.contains("cannot record"), "{message}");
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        refused,
+        "a fail-closed gateway must refuse calls once it cannot record them"
+    );
+    let hits_when_closed = sim.hits();
+    let response = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(
+        sim.hits(),
+        hits_when_closed,
+        "a refused call never reaches a backend"
+    );
+
+    flaky.down.store(false, Ordering::SeqCst);
+    let mut recovered = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if gw
+            .post(&chat_path("gpt-4o"))
+            .json(&chat(None, false))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 200
+        {
+            recovered = true;
+            break;
+        }
+    }
+    assert!(recovered, "calls are served again once the store is back");
+    // Every call that was answered 200 is on record, those held while the store was down too.
+    let answered = sim.hits() as usize;
+    let mut recorded = 0;
+    for _ in 0..100 {
+        recorded = flaky
+            .inner
+            .records()
+            .iter()
+            .filter(|r| r.response_code == 200)
+            .count();
+        if recorded >= answered {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(recorded, answered, "answered calls missing from the record");
+}
