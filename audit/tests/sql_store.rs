@@ -106,6 +106,7 @@ on_both_engines!(
     search_filters_and_keyset_pages,
     usage_comes_from_rollups,
     export_streams_every_match,
+    content_expires_before_metadata,
 );
 
 const T0: OffsetDateTime = datetime!(2026-11-30 10:00:00 UTC);
@@ -391,5 +392,79 @@ async fn export_streams_every_match(store: &SqlStore) {
         exported
             .iter()
             .all(|r| r.as_ref().unwrap().user_name.as_deref() == Some("alice@contoso.com"))
+    );
+}
+
+async fn content_expires_before_metadata(store: &SqlStore) {
+    // Calls every 7 s from T0: 0..=413 s.
+    store.write(&records(60)).await.unwrap();
+    let report = store
+        .enforce_retention(T0 + Duration::seconds(200), T0 + Duration::seconds(100), 7)
+        .await
+        .unwrap();
+    assert_eq!(report.metadata_removed, 15, "{report:?}"); // 0, 7, …, 98 s
+    assert_eq!(report.content_removed, 29, "{report:?}"); // everything before 200 s
+    assert!(
+        report.batches > 3,
+        "small batches, several transactions: {report:?}"
+    );
+
+    // Gone entirely.
+    assert!(store.call("call-00000").await.unwrap().is_none());
+    // Metadata kept, content gone.
+    let kept = store
+        .call("call-00020")
+        .await
+        .unwrap()
+        .expect("metadata kept");
+    assert_eq!(kept.summary.total_tokens, Some(35));
+    assert_eq!(kept.prompt_tokens, Some(30));
+    assert_eq!(kept.backend_request_body, None);
+    assert_eq!(kept.backend_response_body, None);
+    assert_eq!(kept.request_messages, None);
+    assert_eq!(kept.response_messages, None);
+    let range = SearchFilter::between(T0, T0 + Duration::hours(1));
+    let text = store
+        .search(&SearchFilter {
+            text: Some("number 20".into()),
+            ..range.clone()
+        })
+        .await
+        .unwrap();
+    assert!(
+        text.items.is_empty(),
+        "full text of expired content is gone"
+    );
+    // Newer content untouched.
+    let fresh = store.call("call-00040").await.unwrap().unwrap();
+    assert!(fresh.backend_response_body.is_some() && fresh.request_messages.is_some());
+    let text = store
+        .search(&SearchFilter {
+            text: Some("number 40".into()),
+            ..range.clone()
+        })
+        .await
+        .unwrap();
+    assert_eq!(text.items.len(), 1);
+    let all = store
+        .search(&SearchFilter {
+            limit: 100,
+            ..range
+        })
+        .await
+        .unwrap();
+    assert_eq!(all.items.len(), 45);
+    // A second run finds nothing more.
+    let again = store
+        .enforce_retention(T0 + Duration::seconds(200), T0 + Duration::seconds(100), 7)
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            again.content_removed,
+            again.metadata_removed,
+            again.message_pieces_removed
+        ),
+        (0, 0, 0)
     );
 }

@@ -167,6 +167,13 @@ async fn audit_sink(audit: &AuditSettings) -> anyhow::Result<Option<Arc<dyn Audi
     }
     if let Some(url) = &audit.database {
         let store = SqlStore::open(url).await.context("server.audit.database")?;
+        if audit.content_retention_days.is_some() || audit.metadata_retention_days.is_some() {
+            tokio::spawn(enforce_retention(
+                store.clone(),
+                audit.content_retention_days,
+                audit.metadata_retention_days,
+            ));
+        }
         return Ok(Some(Arc::new(store)));
     }
     if let Some(config) = &audit.azure_monitor {
@@ -180,6 +187,26 @@ async fn audit_sink(audit: &AuditSettings) -> anyhow::Result<Option<Arc<dyn Audi
         return Ok(Some(Arc::new(sink)));
     }
     Ok(None)
+}
+
+/// Removes expired content and metadata every hour, in small batches.
+async fn enforce_retention(store: SqlStore, content_days: Option<u32>, metadata_days: Option<u32>) {
+    const FOREVER: time::Duration = time::Duration::days(365 * 1000);
+    let days = |d: Option<u32>| d.map_or(FOREVER, |d| time::Duration::days(i64::from(d)));
+    let mut ticker = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        ticker.tick().await;
+        let now = time::OffsetDateTime::now_utc();
+        let metadata_before = now - days(metadata_days);
+        let content_before = now - days(content_days).min(days(metadata_days));
+        match store
+            .enforce_retention(content_before, metadata_before, 500)
+            .await
+        {
+            Ok(report) => tracing::info!(?report, "audit retention enforced"),
+            Err(error) => tracing::warn!(%error, "audit retention failed; retrying in an hour"),
+        }
+    }
 }
 
 async fn serve(file: ConfigFile) -> anyhow::Result<()> {

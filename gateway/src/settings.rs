@@ -96,6 +96,12 @@ pub struct AuditSettings {
     /// Refuse calls (503) when they could not be recorded, instead of serving them.
     #[serde(default)]
     pub fail_closed: bool,
+    /// Days bodies, prompts and completions are kept in `database` (none: kept forever).
+    #[serde(default)]
+    pub content_retention_days: Option<u32>,
+    /// Days metadata rows are kept in `database` (none: kept forever).
+    #[serde(default)]
+    pub metadata_retention_days: Option<u32>,
 }
 
 impl Default for AuditSettings {
@@ -108,6 +114,8 @@ impl Default for AuditSettings {
             sink_timeout_ms: default_sink_timeout_ms(),
             journal_max_bytes: default_journal_max_bytes(),
             fail_closed: false,
+            content_retention_days: None,
+            metadata_retention_days: None,
         }
     }
 }

@@ -10,6 +10,7 @@
 //! Every statement binds its values; no text of a record is ever formatted into SQL.
 
 mod read;
+mod retention;
 pub mod rollup;
 mod write;
 
@@ -24,6 +25,7 @@ use sqlx::sqlite::{
 };
 
 pub use read::{CallDetail, CallSummary, Cursor, Page, SearchFilter, UsagePoint, UsageQuery};
+pub use retention::RetentionReport;
 
 use crate::{AuditSink, SinkError};
 

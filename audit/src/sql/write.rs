@@ -1,6 +1,6 @@
 //! Writing records: metadata, content, LLM pieces, full-text and rollups, in one transaction.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use gatehouse_schema::AuditRecord;
 use sqlx::types::Json;
@@ -136,6 +136,9 @@ async fn write_sqlite(
 ) -> Result<usize, StoreError> {
     let mut tx = pool.begin().await?;
     let mut inserted: HashSet<String> = HashSet::new();
+    // The full-text row of a call has the call's RecordId as its rowid, so retention deletes it
+    // by key.
+    let mut record_ids: HashMap<String, i64> = HashMap::new();
     for chunk in records.chunks(ROWS_PER_STATEMENT) {
         let mut query = QueryBuilder::<Sqlite>::new(SQLITE_LOG_INSERT);
         query.push_values(chunk, |mut b, record| {
@@ -146,9 +149,10 @@ async fn write_sqlite(
                 caller_key(record)
             );
         });
-        query.push(" ON CONFLICT (CorrelationId) DO NOTHING RETURNING CorrelationId");
-        let ids: Vec<String> = query.build_query_scalar().fetch_all(&mut *tx).await?;
-        inserted.extend(ids);
+        query.push(" ON CONFLICT (CorrelationId) DO NOTHING RETURNING CorrelationId, RecordId");
+        let ids: Vec<(String, i64)> = query.build_query_as().fetch_all(&mut *tx).await?;
+        record_ids.extend(ids.iter().cloned());
+        inserted.extend(ids.into_iter().map(|(id, _)| id));
     }
     let new: Vec<&AuditRecord> = records
         .iter()
@@ -178,11 +182,12 @@ async fn write_sqlite(
         .collect();
     for chunk in searchable.chunks(ROWS_PER_STATEMENT) {
         let mut query = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO GatehouseContentSearch (CorrelationId, Prompt, Completion) ",
+            "INSERT INTO GatehouseContentSearch (rowid, CorrelationId, Prompt, Completion) ",
         );
         query.push_values(chunk, |mut b, record| {
             let (prompt, completion) = search_text(record);
-            b.push_bind(record.correlation_id.clone())
+            b.push_bind(record_ids.get(&record.correlation_id).copied())
+                .push_bind(record.correlation_id.clone())
                 .push_bind(prompt)
                 .push_bind(completion);
         });

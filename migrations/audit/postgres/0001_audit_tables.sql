@@ -89,6 +89,7 @@ CREATE TABLE "ApiManagementGatewayLlmLog" (
     PRIMARY KEY ("CorrelationId", "SequenceNumber")
 );
 CREATE INDEX "ApiManagementGatewayLlmLog_Time" ON "ApiManagementGatewayLlmLog" ("TimeGenerated");
+CREATE INDEX "ApiManagementGatewayLlmLog_Pieces" ON "ApiManagementGatewayLlmLog" ("TimeGenerated") WHERE "SequenceNumber" > 0;
 
 CREATE VIEW "ApiManagementGatewayLogs" AS
 SELECT l.*, c."BackendRequestBody", c."BackendResponseBody"

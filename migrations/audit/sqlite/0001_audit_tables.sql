@@ -89,6 +89,7 @@ CREATE TABLE ApiManagementGatewayLlmLog (
     PRIMARY KEY (CorrelationId, SequenceNumber)
 );
 CREATE INDEX ApiManagementGatewayLlmLog_Time ON ApiManagementGatewayLlmLog (TimeGenerated);
+CREATE INDEX ApiManagementGatewayLlmLog_Pieces ON ApiManagementGatewayLlmLog (TimeGenerated) WHERE SequenceNumber > 0;
 
 -- Azure's gateway log, as a view: metadata joined with its content.
 CREATE VIEW ApiManagementGatewayLogs AS
