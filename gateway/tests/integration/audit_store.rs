@@ -237,3 +237,152 @@ async fn fail_closed_refuses_calls_it_cannot_record_and_recovers() {
     }
     assert_eq!(recorded, answered, "answered calls missing from the record");
 }
+
+/// Every file under `dir`, read whole.
+fn files_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(files_under(&path));
+        } else {
+            found.push((path.clone(), std::fs::read(&path).unwrap()));
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn keys_never_reach_the_store_or_the_journal() {
+    let sim = simulator("no-keys").await;
+    let data = tempfile::tempdir().unwrap();
+    let store = SqlStore::open(&format!(
+        "sqlite:{}",
+        data.path().join("audit.db").display()
+    ))
+    .await
+    .unwrap();
+    // The store is down for the first calls, so their records pass through the disk journal.
+    let flaky = Flaky::default();
+    flaky.down.store(true, Ordering::SeqCst);
+    let state_dir = Arc::new(tempfile::tempdir().unwrap());
+    let journal = state_dir.path().join("audit-journal");
+    let settings = QueueSettings {
+        journal_dir: Some(journal.clone()),
+        sink_timeout: Duration::from_millis(100),
+        ..QueueSettings::default()
+    };
+    let (queue, writer) = AuditQueue::start_with(
+        Arc::new(Tee {
+            flaky: flaky.clone(),
+            store: store.clone(),
+        }),
+        settings,
+    )
+    .await
+    .unwrap();
+    let gw = TestGateway::start_with_queue(
+        snapshot(1, json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member("a", &sim.url(), 1)]}])),
+        Arc::clone(&state_dir),
+        MemorySink::new(),
+        queue,
+        writer,
+    )
+    .await;
+    let path = chat_path("gpt-4o");
+    gw.raw(reqwest::Method::POST, &path)
+        .header("api-key", KEY)
+        .json(&chat(None, true))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    gw.raw(
+        reqwest::Method::POST,
+        &format!("{path}&subscription-key={KEY}"),
+    )
+    .json(&chat(None, false))
+    .send()
+    .await
+    .unwrap();
+    gw.raw(reqwest::Method::POST, &path)
+        .bearer_auth(KEY)
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
+    gw.raw(reqwest::Method::POST, &path)
+        .header("api-key", "ghk_WrongKeyNeverStored")
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let journaled: Vec<_> = files_under(&journal);
+    assert!(
+        journaled.iter().any(|(_, bytes)| !bytes.is_empty()),
+        "the journal held records while the store was down"
+    );
+    for (file, bytes) in &journaled {
+        let text = String::from_utf8_lossy(bytes);
+        for secret in [KEY, "ghk_WrongKeyNeverStored"] {
+            assert!(
+                !text.contains(secret),
+                "a key in journal file {}",
+                file.display()
+            );
+        }
+    }
+    flaky.down.store(false, Ordering::SeqCst);
+    gw.stop().await;
+    let now = OffsetDateTime::now_utc();
+    let stored = store
+        .search(&SearchFilter {
+            limit: 100,
+            ..SearchFilter::between(
+                now - time::Duration::hours(1),
+                now + time::Duration::hours(1),
+            )
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        stored.items.len(),
+        4,
+        "every call is stored once the store is back"
+    );
+    store.close().await;
+    for (file, bytes) in files_under(data.path()) {
+        let text = String::from_utf8_lossy(&bytes);
+        for secret in [KEY, "ghk_WrongKeyNeverStored"] {
+            assert!(
+                !text.contains(secret),
+                "a key in store file {}",
+                file.display()
+            );
+        }
+    }
+}
+
+/// Writes to the store only while the flaky switch is up.
+struct Tee {
+    flaky: Flaky,
+    store: SqlStore,
+}
+
+impl AuditSink for Tee {
+    fn write_batch<'a>(
+        &'a self,
+        records: &'a [AuditRecord],
+    ) -> BoxFuture<'a, Result<(), SinkError>> {
+        Box::pin(async move {
+            self.flaky.write_batch(records).await?;
+            self.store.write_batch(records).await
+        })
+    }
+    fn name(&self) -> &'static str {
+        "flaky-store"
+    }
+}
