@@ -215,8 +215,11 @@ impl Chainer {
             next_sequence: 0,
             last_hash: GENESIS_HASH.to_owned(),
         });
-        let record_hash = match content_hash(&head.last_hash, record) {
-            Ok(hash) => hex::encode(hash),
+        let hashes = content_hash(record).and_then(|content| {
+            record_hash(&head.last_hash, record, &content).map(|record_hash| (record_hash, content))
+        });
+        let (record_hash, content_hash) = match hashes {
+            Ok(hashes) => hashes,
             Err(error) => {
                 tracing::error!(
                     correlation_id = %record.correlation_id,
@@ -231,6 +234,7 @@ impl Chainer {
             sequence: head.next_sequence,
             previous_hash: std::mem::replace(&mut head.last_hash, record_hash.clone()),
             record_hash,
+            content_hash,
         });
         head.next_sequence += 1;
         self.prune(day);
@@ -373,12 +377,54 @@ fn canonical_time(at: OffsetDateTime) -> OffsetDateTime {
         .unwrap_or(at)
 }
 
-/// SHA-256 over `previous_hash` and the canonical JSON of `record` (whose `chain` must be `None`).
-fn content_hash(previous_hash: &str, record: &AuditRecord) -> Result<Hash, serde_json::Error> {
+/// The content of a record, apart from its metadata: what retention may remove first.
+type Content<'a> = (
+    &'a Option<String>,
+    &'a Option<String>,
+    &'a Option<String>,
+    &'a Option<String>,
+);
+
+fn content_of(record: &AuditRecord) -> Content<'_> {
+    (
+        &record.backend_request_body,
+        &record.backend_response_body,
+        &record.request_messages,
+        &record.response_messages,
+    )
+}
+
+/// Whether a record holds no content at all (never captured, or expired).
+fn has_no_content(record: &AuditRecord) -> bool {
+    let (a, b, c, d) = content_of(record);
+    a.is_none() && b.is_none() && c.is_none() && d.is_none()
+}
+
+/// Hex SHA-256 of the canonical JSON of a record's content.
+pub fn content_hash(record: &AuditRecord) -> Result<String, serde_json::Error> {
+    let mut hasher = HashWriter(Sha256::new());
+    serde_json::to_writer(&mut hasher, &content_of(record))?;
+    Ok(hex::encode(hasher.0.finalize()))
+}
+
+/// Hex SHA-256 over `previous_hash`, the canonical JSON of `record` without its content and its
+/// `chain`, and `content_hash`.
+pub fn record_hash(
+    previous_hash: &str,
+    record: &AuditRecord,
+    content_hash: &str,
+) -> Result<String, serde_json::Error> {
+    let mut metadata = record.clone();
+    metadata.chain = None;
+    metadata.backend_request_body = None;
+    metadata.backend_response_body = None;
+    metadata.request_messages = None;
+    metadata.response_messages = None;
     let mut hasher = HashWriter(Sha256::new());
     hasher.0.update(previous_hash.as_bytes());
-    serde_json::to_writer(&mut hasher, record)?;
-    Ok(hasher.0.finalize().into())
+    serde_json::to_writer(&mut hasher, &metadata)?;
+    hasher.0.update(content_hash.as_bytes());
+    Ok(hex::encode(hasher.0.finalize()))
 }
 
 /// Feeds serde's output straight into the hash.
@@ -512,8 +558,15 @@ struct Linked {
 /// Splits a record into its chain id and what verification needs of it; `None` when unchained.
 fn digest(mut record: AuditRecord, position: u64) -> Option<(String, Linked)> {
     let link = record.chain.take()?;
-    let content_ok = content_hash(&link.previous_hash, &record)
-        .is_ok_and(|hash| hex::encode(hash) == link.record_hash);
+    // Content removed by retention cannot be checked, but the metadata still can, through the
+    // content hash the link carries.
+    let content_expired = has_no_content(&record)
+        && content_hash(&record).is_ok_and(|empty| empty != link.content_hash);
+    let content_matches =
+        content_expired || content_hash(&record).is_ok_and(|hash| hash == link.content_hash);
+    let content_ok = content_matches
+        && record_hash(&link.previous_hash, &record, &link.content_hash)
+            .is_ok_and(|hash| hash == link.record_hash);
     Some((
         link.chain_id,
         Linked {

@@ -102,13 +102,26 @@ fn the_link_is_sha256_of_the_previous_hash_and_the_canonical_json() {
     let mut previous = GENESIS_HASH.to_owned();
     for (sequence, record) in records.iter().enumerate() {
         let link = link_of(record);
-        let mut bare = record.clone();
-        bare.chain = None;
+        let mut metadata = record.clone();
+        metadata.chain = None;
+        let content = (
+            &metadata.backend_request_body,
+            &metadata.backend_response_body,
+            &metadata.request_messages,
+            &metadata.response_messages,
+        );
+        let content_hash = hex::encode(Sha256::digest(serde_json::to_vec(&content).unwrap()));
+        metadata.backend_request_body = None;
+        metadata.backend_response_body = None;
+        metadata.request_messages = None;
+        metadata.response_messages = None;
         let mut hasher = Sha256::new();
         hasher.update(previous.as_bytes());
-        hasher.update(serde_json::to_vec(&bare).unwrap());
+        hasher.update(serde_json::to_vec(&metadata).unwrap());
+        hasher.update(content_hash.as_bytes());
         assert_eq!(link.sequence, sequence as u64);
         assert_eq!(link.previous_hash, previous);
+        assert_eq!(link.content_hash, content_hash);
         assert_eq!(link.record_hash, hex::encode(hasher.finalize()));
         previous.clone_from(&link.record_hash);
     }
@@ -208,10 +221,9 @@ fn a_record_rewritten_with_a_fresh_hash_breaks_the_next_link() {
     let mut forged = records[4].clone();
     let mut link = forged.chain.take().unwrap();
     forged.response_code = 500;
-    let mut hasher = Sha256::new();
-    hasher.update(link.previous_hash.as_bytes());
-    hasher.update(serde_json::to_vec(&forged).unwrap());
-    link.record_hash = hex::encode(hasher.finalize());
+    link.record_hash =
+        gatehouse_audit::chain::record_hash(&link.previous_hash, &forged, &link.content_hash)
+            .unwrap();
     forged.chain = Some(link);
     records[4] = forged;
     // …then record 5 no longer follows it.
@@ -379,4 +391,22 @@ fn a_later_day_than_the_start_gets_a_plain_chain_id() {
     let chain_id = &link_of(&record).chain_id;
     assert!(!chain_id.contains('#'), "{chain_id}");
     assert!(chain_id.starts_with("gw-1/"));
+}
+
+#[test]
+fn expired_content_still_verifies_but_changed_content_does_not() {
+    let mut records = linked(6, datetime!(2025-03-01 10:00 UTC));
+    for record in &mut records[..3] {
+        record.backend_request_body = None;
+        record.backend_response_body = None;
+        record.request_messages = None;
+        record.response_messages = None;
+    }
+    assert!(
+        verify(records.clone()).is_intact(),
+        "content removed by retention is not a break"
+    );
+    records[4].response_messages = Some("[\"a different answer\"]".to_owned());
+    let broken = first_break(&verify(records));
+    assert_eq!((broken.reason, broken.sequence), (BreakReason::Changed, 4));
 }

@@ -104,8 +104,10 @@ pub struct AuditRecord {
 
 /// A record's link in a hash chain (one chain per gateway instance and UTC day).
 ///
-/// `record_hash` = SHA-256 over `previous_hash` and the canonical JSON of the record without its
-/// `chain`; changing or removing any record breaks every later link.
+/// `content_hash` = SHA-256 of the canonical JSON of the record's content (request and response
+/// bodies, prompt and completion); `record_hash` = SHA-256 over `previous_hash`, the canonical JSON
+/// of the record without content and chain, and `content_hash`. Changing or removing any record
+/// breaks every later link; content can expire under retention and the metadata still verifies.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct ChainLink {
@@ -117,6 +119,9 @@ pub struct ChainLink {
     pub previous_hash: String,
     /// Hex SHA-256 of this record.
     pub record_hash: String,
+    /// Hex SHA-256 of this record's content.
+    #[serde(default)]
+    pub content_hash: String,
 }
 
 /// Token counts of one call.
