@@ -118,6 +118,8 @@ pub struct GatewayLogRow {
     pub previous_hash: Option<String>,
     /// This record's hash.
     pub record_hash: Option<String>,
+    /// The hash of this record's content.
+    pub content_hash: Option<String>,
 }
 
 /// One row of `ApiManagementGatewayLlmLog`.
@@ -215,6 +217,7 @@ impl GatewayLogRow {
             chain_sequence: record.chain.as_ref().map(|c| count(c.sequence)),
             previous_hash: record.chain.as_ref().map(|c| c.previous_hash.clone()),
             record_hash: record.chain.as_ref().map(|c| c.record_hash.clone()),
+            content_hash: record.chain.as_ref().map(|c| c.content_hash.clone()),
         }
     }
 }

@@ -107,6 +107,7 @@ on_both_engines!(
     usage_comes_from_rollups,
     export_streams_every_match,
     content_expires_before_metadata,
+    chains_verify_from_the_store,
 );
 
 const T0: OffsetDateTime = datetime!(2026-11-30 10:00:00 UTC);
@@ -466,5 +467,73 @@ async fn content_expires_before_metadata(store: &SqlStore) {
             again.message_pieces_removed
         ),
         (0, 0, 0)
+    );
+}
+
+async fn chains_verify_from_the_store(store: &SqlStore) {
+    let mut chainer = gatehouse_audit::chain::Chainer::in_memory();
+    let mut batch = records(30);
+    batch[3].request_messages = Some("ü".repeat(40_000)); // split into LLM pieces, rebuilt on read
+    for record in &mut batch {
+        chainer.link(record);
+    }
+    store.write(&batch).await.unwrap();
+    let range = (T0, T0 + Duration::hours(1));
+    let report = store.verify_chains(range.0, range.1).await.unwrap();
+    assert!(report.is_intact(), "{report:?}");
+    assert_eq!(report.chains.iter().map(|c| c.records).sum::<u64>(), 30);
+
+    // Content removed by retention does not break the chain.
+    store
+        .enforce_retention(T0 + Duration::seconds(50), T0, 100)
+        .await
+        .unwrap();
+    let report = store.verify_chains(range.0, range.1).await.unwrap();
+    assert!(report.is_intact(), "after content retention: {report:?}");
+
+    // A changed field is named.
+    match (store.sqlite_pool(), store.postgres_pool()) {
+        (Some(pool), _) => {
+            sqlx::query("UPDATE GatehouseGatewayLogs SET TotalTokens = 1 WHERE CorrelationId = 'call-00012'").execute(pool).await.unwrap();
+        }
+        (_, Some(pool)) => {
+            sqlx::query(r#"UPDATE "GatehouseGatewayLogs" SET "TotalTokens" = 1 WHERE "CorrelationId" = 'call-00012'"#).execute(pool).await.unwrap();
+        }
+        _ => unreachable!(),
+    }
+    let report = store.verify_chains(range.0, range.1).await.unwrap();
+    let (_, broken) = report.first_break().expect("a break");
+    assert_eq!(broken.correlation_id, "call-00012");
+    assert_eq!(broken.reason.to_string(), "changed");
+
+    // A removed record is named by the one after the gap.
+    match (store.sqlite_pool(), store.postgres_pool()) {
+        (Some(pool), _) => {
+            sqlx::query("UPDATE GatehouseGatewayLogs SET TotalTokens = 27 WHERE CorrelationId = 'call-00012'").execute(pool).await.unwrap();
+            sqlx::query("DELETE FROM GatehouseGatewayLogs WHERE CorrelationId = 'call-00020'")
+                .execute(pool)
+                .await
+                .unwrap();
+        }
+        (_, Some(pool)) => {
+            sqlx::query(r#"UPDATE "GatehouseGatewayLogs" SET "TotalTokens" = 27 WHERE "CorrelationId" = 'call-00012'"#).execute(pool).await.unwrap();
+            sqlx::query(
+                r#"DELETE FROM "GatehouseGatewayLogs" WHERE "CorrelationId" = 'call-00020'"#,
+            )
+            .execute(pool)
+            .await
+            .unwrap();
+        }
+        _ => unreachable!(),
+    }
+    let report = store.verify_chains(range.0, range.1).await.unwrap();
+    let (_, broken) = report.first_break().expect("a break");
+    assert_eq!(
+        (
+            broken.correlation_id.as_str(),
+            broken.reason.to_string().as_str()
+        ),
+        ("call-00021", "removed"),
+        "{report:?}"
     );
 }

@@ -44,8 +44,15 @@ enum Command {
     /// that was changed or removed.
     VerifyAudit {
         /// JSON-lines audit file.
+        #[arg(
+            long,
+            conflicts_with = "database",
+            required_unless_present = "database"
+        )]
+        jsonl: Option<PathBuf>,
+        /// Audit database: `sqlite:PATH` or `postgres://…`.
         #[arg(long)]
-        jsonl: PathBuf,
+        database: Option<String>,
         /// Only records at or after this RFC 3339 time.
         #[arg(long)]
         from: Option<String>,
@@ -77,9 +84,17 @@ fn main() -> anyhow::Result<()> {
                 .map_err(|errors| anyhow::anyhow!("{}: {errors}", config.display()))?;
             write_lines(&["configuration is valid"])
         }
-        Command::VerifyAudit { jsonl, from, to } => {
-            verify_audit(&jsonl, from.as_deref(), to.as_deref())
-        }
+        Command::VerifyAudit {
+            jsonl,
+            database,
+            from,
+            to,
+        } => verify_audit(
+            jsonl.as_deref(),
+            database.as_deref(),
+            from.as_deref(),
+            to.as_deref(),
+        ),
         Command::Serve { config } => {
             let file = ConfigFile::load(&config)?;
             init_logging(file.server.log_format);
@@ -92,7 +107,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn verify_audit(
-    path: &std::path::Path,
+    jsonl: Option<&std::path::Path>,
+    database: Option<&str>,
     from: Option<&str>,
     to: Option<&str>,
 ) -> anyhow::Result<()> {
@@ -101,7 +117,27 @@ fn verify_audit(
             .transpose()
             .context("times are RFC 3339, e.g. 2026-12-01T00:00:00Z")
     };
-    let report = gatehouse_audit::chain::verify_jsonl(path, parse(from)?, parse(to)?)?;
+    let (from, to) = (parse(from)?, parse(to)?);
+    let report = match (jsonl, database) {
+        (Some(path), _) => gatehouse_audit::chain::verify_jsonl(path, from, to)?,
+        (None, Some(url)) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(async {
+                let store = SqlStore::connect(url).await?;
+                let report = store
+                    .verify_chains(
+                        from.unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
+                        to.unwrap_or_else(|| {
+                            time::OffsetDateTime::now_utc() + time::Duration::days(1)
+                        }),
+                    )
+                    .await;
+                store.close().await;
+                report
+            })?,
+        (None, None) => anyhow::bail!("name --jsonl FILE or --database URL"),
+    };
     let mut lines = Vec::new();
     for chain in &report.chains {
         lines.push(format!(

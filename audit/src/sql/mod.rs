@@ -12,6 +12,7 @@
 mod read;
 mod retention;
 pub mod rollup;
+mod verify;
 mod write;
 
 use std::str::FromStr;

@@ -51,7 +51,8 @@ CREATE TABLE "GatehouseGatewayLogs" (
     "ChainId"               TEXT,
     "ChainSequence"         BIGINT,
     "PreviousHash"          TEXT,
-    "RecordHash"            TEXT
+    "RecordHash"            TEXT,
+    "ContentHash"           TEXT
 );
 CREATE INDEX "GatehouseGatewayLogs_Time" ON "GatehouseGatewayLogs" ("TimeGenerated", "RecordId");
 CREATE INDEX "GatehouseGatewayLogs_User" ON "GatehouseGatewayLogs" ("UserId", "TimeGenerated");

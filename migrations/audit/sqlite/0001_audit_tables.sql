@@ -52,7 +52,8 @@ CREATE TABLE GatehouseGatewayLogs (
     ChainId               TEXT,
     ChainSequence         INTEGER,
     PreviousHash          TEXT,
-    RecordHash            TEXT
+    RecordHash            TEXT,
+    ContentHash           TEXT
 );
 CREATE INDEX GatehouseGatewayLogs_Time ON GatehouseGatewayLogs (TimeGenerated, RecordId);
 CREATE INDEX GatehouseGatewayLogs_User ON GatehouseGatewayLogs (UserId, TimeGenerated);
