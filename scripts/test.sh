@@ -28,6 +28,18 @@ if ! "$venv/bin/python" -c 'import openai, pytest' >/dev/null 2>&1; then
 fi
 export GATEHOUSE_TEST_PYTHON="$venv/bin/python"
 
+say "PostgreSQL for the audit-store tests"
+pg_url=${GATEHOUSE_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+if command -v pg_isready >/dev/null && ! pg_isready -q -d "$pg_url"; then
+  # This machine's server is normally running; start it if it is installed but stopped.
+  if command -v pg_ctlcluster >/dev/null; then
+    for version in $(ls /etc/postgresql 2>/dev/null); do
+      pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+    done
+  fi
+  pg_isready -q -d "$pg_url" || die "PostgreSQL is not answering at $pg_url (set GATEHOUSE_TEST_POSTGRES_URL)"
+fi
+
 say "build"
 cargo build --workspace --bins --locked
 export GATEHOUSE_BIN_DIR="${CARGO_TARGET_DIR:-$root/target}/debug"
