@@ -351,7 +351,7 @@ async fn pipeline(
             record.record.backend_request_body = capture.into_text();
         }
         // Metadata-only capture (limit 0) keeps no prompt either.
-        if let Some(json) = call.json.as_ref().filter(|_| capture_limit > 0) {
+        if let Some(json) = (capture_limit > 0).then(|| call.json()).flatten() {
             record.record.request_messages = crate::capture::request_messages(call.operation, json);
         }
     }

@@ -8,11 +8,14 @@
 //!
 //! The operation id is the same whatever the style.
 
+use std::sync::OnceLock;
+
 use bytes::Bytes;
 use gatehouse_schema::OperationId;
 use http::{HeaderMap, Method, header};
 
 use crate::error::GatewayError;
+use crate::peek::RequestPeek;
 
 /// How the client addressed the call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,8 +81,22 @@ pub struct Call {
     pub body_kind: BodyKind,
     /// Whether the client asked for a stream.
     pub is_stream: bool,
-    /// The parsed JSON body, when the body is JSON.
-    pub json: Option<serde_json::Value>,
+    /// What the hot path reads from a JSON body (`None` when the body is not JSON).
+    pub peek: Option<RequestPeek>,
+    /// The JSON body's bytes, parsed into [`Call::json`] only when something needs the tree.
+    json_body: Bytes,
+    json: OnceLock<Option<serde_json::Value>>,
+}
+
+impl Call {
+    /// The parsed JSON body, when the body is JSON; parsed on first use (capture, estimation,
+    /// renaming the model, object references), never on the plain forwarding path.
+    pub fn json(&self) -> Option<&serde_json::Value> {
+        self.peek.as_ref()?;
+        self.json
+            .get_or_init(|| serde_json::from_slice(&self.json_body).ok())
+            .as_ref()
+    }
 }
 
 /// The longest deployment name Azure accepts.
@@ -119,21 +136,14 @@ pub fn classify(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_ascii_lowercase();
-    let json = parse_body(route.body_kind, &content_type, body)?;
-    let is_stream = json
-        .as_ref()
-        .and_then(|j| j.get("stream"))
-        .and_then(serde_json::Value::as_bool)
-        .unwrap_or(false);
+    let (peek, tree) = parse_body(route.body_kind, &content_type, body)?;
+    let is_stream = peek.as_ref().and_then(|p| p.stream).unwrap_or(false);
 
     let deployment = match deployment {
         Some(d) => Some(d),
         None if route.model_in_body => {
-            let model = match &json {
-                Some(json) => json
-                    .get("model")
-                    .and_then(serde_json::Value::as_str)
-                    .map(str::to_owned),
+            let model = match &peek {
+                Some(peek) => peek.model.clone(),
                 None if route.body_kind == BodyKind::Multipart => {
                     multipart_field(&content_type, body, "model")
                 }
@@ -165,7 +175,13 @@ pub fn classify(
         creates: route.creates,
         body_kind: route.body_kind,
         is_stream,
-        json,
+        json_body: if peek.is_some() {
+            body.clone()
+        } else {
+            Bytes::new()
+        },
+        json: tree.map_or_else(OnceLock::new, |tree| OnceLock::from(Some(tree))),
+        peek,
     })
 }
 
@@ -460,11 +476,15 @@ pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
         .map(|(_, value)| value.into_owned())
 }
 
+/// Checks a body against the operation's kind; a JSON body is read for what the hot path needs
+/// (and, only when that fast read declines it, parsed whole — the tree is returned then, so that
+/// an invalid body gets the parser's own message).
+#[allow(clippy::type_complexity)]
 fn parse_body(
     kind: BodyKind,
     content_type: &str,
     body: &Bytes,
-) -> Result<Option<serde_json::Value>, GatewayError> {
+) -> Result<(Option<RequestPeek>, Option<serde_json::Value>), GatewayError> {
     let media_type = content_type.split(';').next().unwrap_or("").trim();
     match kind {
         BodyKind::Json if !body.is_empty() => {
@@ -475,6 +495,9 @@ fn parse_body(
                 return Err(unsupported(format!(
                     "This operation takes a JSON body; the request's Content-Type is `{media_type}`."
                 )));
+            }
+            if let Some(peek) = RequestPeek::read(body) {
+                return Ok((Some(peek), None));
             }
             let value: serde_json::Value =
                 serde_json::from_slice(body).map_err(|error| GatewayError::BadRequest {
@@ -487,12 +510,14 @@ fn parse_body(
                     param: None,
                 });
             }
-            Ok(Some(value))
+            // Valid, but declined by the fast read: read the same fields from the tree.
+            let peek = RequestPeek::of_tree(&value);
+            Ok((Some(peek), Some(value)))
         }
         BodyKind::Multipart if media_type != "multipart/form-data" => Err(unsupported(format!(
             "This operation takes a multipart/form-data body; the request's Content-Type is `{media_type}`."
         ))),
-        _ => Ok(None),
+        _ => Ok((None, None)),
     }
 }
 

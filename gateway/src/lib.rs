@@ -30,6 +30,7 @@ pub mod capture;
 pub mod classify;
 pub mod error;
 pub mod metrics;
+pub mod peek;
 pub mod pool;
 pub mod proxy;
 pub mod record;

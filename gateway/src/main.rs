@@ -98,10 +98,12 @@ fn main() -> anyhow::Result<()> {
         Command::Serve { config } => {
             let file = ConfigFile::load(&config)?;
             init_logging(file.server.log_format);
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?
-                .block_on(serve(file))
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            if let Some(threads) = file.server.worker_threads {
+                anyhow::ensure!(threads > 0, "server.worker_threads must be at least 1");
+                runtime.worker_threads(threads);
+            }
+            runtime.enable_all().build()?.block_on(serve(file))
         }
     }
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::Body;
+use axum::body::HttpBody as _;
 use axum::response::Response;
 use bytes::Bytes;
 use futures::StreamExt;
@@ -13,6 +14,7 @@ use gatehouse_schema::audit::BackendAttempt;
 use gatehouse_schema::config::BackendKind;
 use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use http_body_util::BodyExt as _;
 use serde_json::Value;
 use tracing::Instrument;
 use url::Url;
@@ -21,6 +23,7 @@ use crate::app::Gateway;
 use crate::capture::{self, BodyCapture, PARSE_LIMIT, SseTap};
 use crate::classify::{Call, ObjectFamily, RouteStyle};
 use crate::error::GatewayError;
+use crate::peek::{RequestPeek, ResponsePeek, StreamOptions};
 use crate::pool::{Member, Pool, Selection, SetAsideReason};
 use crate::record::{CallRecord, millis};
 use crate::retry_hint;
@@ -255,7 +258,10 @@ fn target<'a>(
 /// Ids of stateful objects a create call refers to in its body (a batch's input file, a run's
 /// assistant, a response's predecessor), which pin it to their member.
 fn referenced_objects(call: &Call) -> Vec<String> {
-    let Some(json) = &call.json else {
+    if !call.peek.as_ref().is_some_and(|peek| peek.references) {
+        return Vec::new();
+    }
+    let Some(json) = call.json() else {
         return Vec::new();
     };
     let mut ids = Vec::new();
@@ -384,15 +390,13 @@ fn api_version_has_stream_usage(version: &str) -> bool {
 ///
 /// OpenAI members are asked too: their other chunks then carry `"usage": null`, which the tap
 /// removes again, and the record gets exact counts instead of estimates.
-fn asks_for_stream_usage(member: &Member, call: &Call, json: &Value) -> bool {
+fn asks_for_stream_usage(member: &Member, call: &Call, peek: &RequestPeek) -> bool {
     use gatehouse_schema::OperationId as Op;
-    let asked_by_client = json
-        .pointer("/stream_options/include_usage")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    let options_mergeable = json
-        .get("stream_options")
-        .is_none_or(|o| o.is_object() || o.is_null());
+    let (asked_by_client, options_mergeable) = match peek.stream_options {
+        StreamOptions::Absent | StreamOptions::Null => (false, true),
+        StreamOptions::Object { include_usage } => (include_usage.unwrap_or(false), true),
+        StreamOptions::Other => (false, false),
+    };
     matches!(
         call.operation,
         Op::ChatCompletionsCreate | Op::CompletionsCreate
@@ -423,31 +427,33 @@ fn with_stream_usage_option(body: &[u8]) -> Option<Bytes> {
 /// The body for the member, and whether the gateway asked it for the stream's usage chunk: the
 /// client's bytes, unless the model name must change or the usage option is added.
 fn upstream_body(member: &Member, call: &Call, body: &Bytes) -> (Bytes, bool) {
-    let Some(json) = &call.json else {
+    let Some(peek) = &call.peek else {
         return (body.clone(), false);
     };
     let rename = member.config.deployment.as_deref();
     // A member that takes the model in the body needs it even when the client named it in the path.
     let needs_model =
         member.config.kind == BackendKind::Openai || call.style != RouteStyle::AzureDeployment;
-    let current = json.get("model").and_then(Value::as_str);
+    let current = peek.model.as_deref();
     let wanted = match (rename, needs_model) {
         (Some(name), true) => Some(name),
         (None, true) if current.is_none() => call.deployment.as_deref(),
         _ => None,
     };
     let rename = wanted.filter(|name| current != Some(*name));
-    let ask_usage = asks_for_stream_usage(member, call, json);
+    let ask_usage = asks_for_stream_usage(member, call, peek);
     if rename.is_none() && !ask_usage {
         return (body.clone(), false);
     }
-    if rename.is_none() && json.get("stream_options").is_none() {
+    if rename.is_none() && peek.stream_options == StreamOptions::Absent {
         // The common case: one member added in front, the client's bytes kept as they are.
         if let Some(bytes) = with_stream_usage_option(body) {
             return (bytes, true);
         }
     }
-    let mut json = json.clone();
+    let Some(mut json) = call.json().cloned() else {
+        return (body.clone(), false);
+    };
     let Some(object) = json.as_object_mut() else {
         return (body.clone(), false);
     };
@@ -588,7 +594,7 @@ async fn relay(
     }
 
     let body = RelayBody {
-        upstream: Some(Box::pin(response.bytes_stream())),
+        upstream: Some(http::Response::<reqwest::Body>::from(response).into_body()),
         call: Some(RelayCall {
             gateway: Arc::clone(gateway),
             call,
@@ -603,14 +609,14 @@ async fn relay(
     build_response(status, headers, Body::from_stream(body))
 }
 
-type Upstream = std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<Bytes>> + Send>>;
-
 /// The response body the client reads: each backend chunk passes through the tee as hyper asks
 /// for it, on the connection's own task — no extra task or channel per call, and backpressure is
-/// hyper's. When the client goes away first, `Drop` hands the rest of the backend's answer to a
-/// drain task so that the record is still complete.
+/// hyper's. The call is finished with the chunk that completes the backend's body (hyper stops
+/// polling a body once its `Content-Length` is written, so the end is not always polled for).
+/// When the client goes away first, `Drop` hands the rest of the backend's answer to a drain task
+/// so that the record is still complete.
 struct RelayBody {
-    upstream: Option<Upstream>,
+    upstream: Option<reqwest::Body>,
     call: Option<RelayCall>,
 }
 
@@ -682,19 +688,35 @@ impl futures::Stream for RelayBody {
             let (Some(upstream), Some(relay)) = (this.upstream.as_mut(), this.call.as_mut()) else {
                 return Poll::Ready(None);
             };
-            match futures::ready!(upstream.as_mut().poll_next(cx)) {
-                Some(Ok(chunk)) => {
-                    // What goes on to the client: the chunk, or what passes the usage filter.
-                    let Some(outgoing) = relay.tee.push(chunk) else {
+            match futures::ready!(std::pin::Pin::new(&mut *upstream).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    // Trailers are not relayed.
+                    let Ok(chunk) = frame.into_data() else {
                         continue;
                     };
-                    relay.sent += outgoing.len() as u64;
-                    relay
-                        .record
-                        .record
-                        .time_to_first_byte
-                        .get_or_insert_with(|| millis(relay.record.started.elapsed()));
-                    return Poll::Ready(Some(Ok(outgoing)));
+                    // Whether this chunk completes the backend's body (its length is reached).
+                    let complete = upstream.is_end_stream();
+                    // What goes on to the client: the chunk, or what passes the usage filter.
+                    let outgoing = relay.tee.push(chunk);
+                    if let Some(outgoing) = &outgoing {
+                        relay.sent += outgoing.len() as u64;
+                        relay
+                            .record
+                            .record
+                            .time_to_first_byte
+                            .get_or_insert_with(|| millis(relay.record.started.elapsed()));
+                    }
+                    if complete {
+                        this.upstream = None;
+                        if let Some(relay) = this.call.take() {
+                            relay.finish();
+                        }
+                        return Poll::Ready(outgoing.map(Ok));
+                    }
+                    match outgoing {
+                        Some(outgoing) => return Poll::Ready(Some(Ok(outgoing))),
+                        None => continue,
+                    }
                 }
                 Some(Err(error)) => {
                     tracing::warn!(parent: &relay.span, backend = %relay.member.config.id, %error, "backend stream broke after the response started");
@@ -726,6 +748,11 @@ impl Drop for RelayBody {
         let (Some(mut upstream), Some(mut relay)) = (self.upstream.take(), self.call.take()) else {
             return;
         };
+        if upstream.is_end_stream() {
+            // Nothing was left to send (an empty body hyper never polled).
+            relay.finish();
+            return;
+        }
         // The client hung up before the end: read the rest of the answer, bounded, for the record.
         relay.record.record.client_aborted = true;
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -736,8 +763,11 @@ impl Drop for RelayBody {
             let deadline = tokio::time::Instant::now() + DRAIN_TIME;
             let mut drained: u64 = 0;
             loop {
-                match tokio::time::timeout_at(deadline, upstream.next()).await {
-                    Ok(Some(Ok(chunk))) => {
+                match tokio::time::timeout_at(deadline, upstream.frame()).await {
+                    Ok(Some(Ok(frame))) => {
+                        let Ok(chunk) = frame.into_data() else {
+                            continue;
+                        };
                         drained += chunk.len() as u64;
                         let _ = relay.tee.push(chunk);
                         if drained > DRAIN_BYTES {
@@ -778,7 +808,7 @@ fn estimate_needed(
     }
     TokenWork::plan(
         call.operation,
-        call.json.as_ref(),
+        call.json(),
         answer,
         call.deployment.as_deref(),
     )
@@ -902,10 +932,26 @@ impl Tee {
             }
             return summary.response;
         }
-        let json = self
-            .parse
-            .as_deref()
-            .and_then(|b| serde_json::from_slice::<Value>(b).ok());
+        let body = self.parse.as_deref();
+        let wants_messages = call.operation.is_inference() && limit > 0;
+        // Without messages to capture, the record needs only `model` and `usage`: read them
+        // without the tree, which is parsed only when usage is missing (for the estimate).
+        if let Some(peek) = body
+            .filter(|_| !wants_messages)
+            .and_then(ResponsePeek::read)
+        {
+            let answer = peek
+                .usage
+                .is_none()
+                .then(|| body.and_then(|b| serde_json::from_slice::<Value>(b).ok()))
+                .flatten();
+            record.usage(peek.usage);
+            record.record.model_name = peek.model;
+            record.record.response_body_truncated = self.capture.truncated();
+            record.record.backend_response_body = self.capture.into_text();
+            return answer;
+        }
+        let json = body.and_then(|b| serde_json::from_slice::<Value>(b).ok());
         if let Some(json) = &json {
             record.usage(capture::usage_of(json));
             record.record.model_name = json.get("model").and_then(Value::as_str).map(str::to_owned);

@@ -32,16 +32,22 @@ impl CallRecord {
         caller: Caller,
         started: Instant,
     ) -> Self {
+        let caller_ip_address = caller.client.to_string();
+        let peer_ip_address = if caller.peer == caller.client {
+            caller_ip_address.clone()
+        } else {
+            caller.peer.to_string()
+        };
         let record = AuditRecord {
             time_generated: OffsetDateTime::now_utc(),
             correlation_id: correlation_id.to_owned(),
             gateway_id: gateway_id.to_owned(),
             operation_id: None,
-            caller_ip_address: caller.client.to_string(),
-            peer_ip_address: caller.peer.to_string(),
-            method: parts.method.to_string(),
+            caller_ip_address,
+            peer_ip_address,
+            method: parts.method.as_str().to_owned(),
             url: redacted_url(parts),
-            client_protocol: format!("{:?}", parts.version),
+            client_protocol: protocol(parts.version),
             response_code: 0,
             is_request_success: false,
             backend_response_code: None,
@@ -134,12 +140,48 @@ pub fn millis(duration: std::time::Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// The protocol as `http::Version`'s `Debug` writes it (`HTTP/1.1`, `HTTP/2.0`).
+fn protocol(version: http::Version) -> String {
+    let known = match version {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_11 => "HTTP/1.1",
+        http::Version::HTTP_2 => "HTTP/2.0",
+        http::Version::HTTP_3 => "HTTP/3.0",
+        other => return format!("{other:?}"),
+    };
+    known.to_owned()
+}
+
+/// Whether re-encoding `query` would give it back unchanged with no credential in it: only
+/// `key=value` pairs of characters `form_urlencoded` leaves as they are, none of them a key
+/// parameter. Such a query (`api-version=2024-10-21`) is copied as it is.
+fn plain_query(query: &str) -> bool {
+    query.split('&').all(|pair| {
+        let Some((key, value)) = pair.split_once('=') else {
+            return false;
+        };
+        let plain = |text: &str| {
+            text.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'*' | b'-' | b'.' | b'_'))
+        };
+        !key.is_empty()
+            && plain(key)
+            && plain(value)
+            && !key.eq_ignore_ascii_case(KEY_QUERY)
+            && !key.eq_ignore_ascii_case("api-key")
+    })
+}
+
 /// The request URL with credential query parameters replaced, so no key reaches a record.
 fn redacted_url(parts: &Parts) -> String {
     let path = parts.uri.path();
     let Some(query) = parts.uri.query() else {
         return path.to_owned();
     };
+    if plain_query(query) {
+        return format!("{path}?{query}");
+    }
     let pairs = url::form_urlencoded::parse(query.as_bytes()).map(|(k, v)| {
         if k.eq_ignore_ascii_case(KEY_QUERY) || k.eq_ignore_ascii_case("api-key") {
             (k, "REDACTED".into())
@@ -151,4 +193,63 @@ fn redacted_url(parts: &Parts) -> String {
         .extend_pairs(pairs)
         .finish();
     format!("{path}?{query}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slow(query: &str) -> String {
+        let pairs = url::form_urlencoded::parse(query.as_bytes()).map(|(k, v)| {
+            if k.eq_ignore_ascii_case(KEY_QUERY) || k.eq_ignore_ascii_case("api-key") {
+                (k, "REDACTED".into())
+            } else {
+                (k, v)
+            }
+        });
+        url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(pairs)
+            .finish()
+    }
+
+    #[test]
+    fn plain_queries_are_the_ones_reencoding_keeps() {
+        for query in [
+            "api-version=2024-10-21",
+            "api-version=2024-10-21&limit=10&order=desc",
+            "a=&b=1",
+            "x*y=1.2_3",
+        ] {
+            assert!(plain_query(query), "{query}");
+            assert_eq!(slow(query), query);
+        }
+        for query in [
+            "subscription-key=abc",
+            "API-KEY=abc",
+            "a=b c",
+            "a=b+c",
+            "a=%41",
+            "a",
+            "a=1&&b=2",
+            "a=1&",
+            "=1",
+            "a=1=2",
+            "",
+        ] {
+            assert!(!plain_query(query), "{query}");
+        }
+    }
+
+    #[test]
+    fn protocols_read_as_debug_writes_them() {
+        for version in [
+            http::Version::HTTP_09,
+            http::Version::HTTP_10,
+            http::Version::HTTP_11,
+            http::Version::HTTP_2,
+            http::Version::HTTP_3,
+        ] {
+            assert_eq!(protocol(version), format!("{version:?}"));
+        }
+    }
 }

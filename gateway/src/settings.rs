@@ -51,6 +51,9 @@ pub struct ServerSettings {
     /// How long shutdown waits for in-flight calls (streams included) to finish, in seconds.
     #[serde(default = "default_drain_seconds")]
     pub shutdown_drain_seconds: u64,
+    /// Threads that serve calls; absent: `TOKIO_WORKER_THREADS`, else one per CPU.
+    #[serde(default)]
+    pub worker_threads: Option<usize>,
 }
 
 /// Certificate and key for TLS termination, reloaded when either file changes.
