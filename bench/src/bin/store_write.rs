@@ -1,0 +1,1170 @@
+//! Audit store write throughput: how many audit records per second [`SqlStore::write`] stores on
+//! SQLite and on PostgreSQL, with 2 KB prompts and 2 KB completions.
+//!
+//! The records look like the gateway's: chat-completion calls with the prompt in
+//! `RequestMessages` and in `BackendRequestBody`, the completion in `ResponseMessages` and in a
+//! `chat.completion` `BackendResponseBody` with usage, varied users, addresses, models, groups and
+//! subscriptions, distinct `CorrelationId`s, `TimeGenerated` spread over the last few hours, and
+//! hash-chain links as the audit writer sets them. They are written in batches of the gateway
+//! queue's size (512) to a fresh SQLite file in a temporary directory and to a fresh PostgreSQL
+//! database that the benchmark creates and drops. Only the `write` calls are timed: generating and
+//! chaining a batch happens before its clock starts. One untimed warm-up batch goes first.
+//!
+//! Prints one line per engine (records, seconds, records/s, ratio to the target, PASS/FAIL) and
+//! appends the whole result as one JSON line to `bench/out/store_write-<UTC timestamp>.json`.
+//! See `bench/README.md`.
+#![expect(clippy::print_stdout, reason = "a benchmark prints its report")]
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::{Parser, ValueEnum};
+use gatehouse_audit::chain::Chainer;
+use gatehouse_audit::sql::SqlStore;
+use gatehouse_schema::audit::{BackendAttempt, TokenUsage};
+use gatehouse_schema::{AuditRecord, OperationId};
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+
+/// The issue's target: records per second, on each engine.
+const TARGET_RECORDS_PER_SECOND: f64 = 5_000.0;
+/// Upper bound of `--records`, so that a run stays within minutes.
+const MAX_RECORDS: usize = 200_000;
+/// Upper bound of `--batch`.
+const MAX_BATCH: usize = 10_000;
+/// Hours over which `TimeGenerated` is spread, ending now.
+const SPREAD_HOURS: i64 = 3;
+
+/// Audit store write throughput on SQLite and PostgreSQL.
+#[derive(Debug, Parser)]
+#[command(name = "store_write")]
+struct Args {
+    /// Records to write per engine (timed), at most 200,000.
+    #[arg(long, default_value_t = 50_000)]
+    records: usize,
+    /// Records per `write` call (the gateway queue's batch size is 512).
+    #[arg(long, default_value_t = 512)]
+    batch: usize,
+    /// PostgreSQL server URL of a user that may create databases; the benchmark creates
+    /// `gh_bench_<uuid>` on that server and drops it at the end.
+    #[arg(
+        long,
+        env = "GATEHOUSE_BENCH_POSTGRES_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    postgres_url: String,
+    /// Engines to measure, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "sqlite,postgres"
+    )]
+    engines: Vec<EngineArg>,
+    /// Bytes of the prompt (`RequestMessages` JSON).
+    #[arg(long, default_value_t = 2048)]
+    prompt_bytes: usize,
+    /// Bytes of the completion (`ResponseMessages` JSON).
+    #[arg(long, default_value_t = 2048)]
+    completion_bytes: usize,
+    /// Stop an engine after this many seconds of timed writing (the rate is then of what was
+    /// written, and the run is marked `stopped_early`).
+    #[arg(long, default_value_t = 90)]
+    time_limit: u64,
+    /// Directory in which the SQLite store's temporary directory is made (default: the system's
+    /// temporary directory). Put it on the disk the gateway would use.
+    #[arg(long)]
+    sqlite_dir: Option<PathBuf>,
+    /// Seed of the record generator (both engines get the same records).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Directory for the JSON result.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/out"))]
+    out_dir: PathBuf,
+    /// Exit with status 2 when an engine misses the target (by default the exit status only says
+    /// whether the benchmark ran).
+    #[arg(long)]
+    check: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum EngineArg {
+    Sqlite,
+    Postgres,
+}
+
+impl EngineArg {
+    fn name(self) -> &'static str {
+        match self {
+            EngineArg::Sqlite => "sqlite",
+            EngineArg::Postgres => "postgres",
+        }
+    }
+}
+
+/// What one engine did.
+#[derive(Debug)]
+struct Measurement {
+    engine: &'static str,
+    records: usize,
+    batches: usize,
+    /// Sum of the timed `write` calls.
+    write_time: Duration,
+    /// Wall time of the timed phase, generation included.
+    wall_time: Duration,
+    batch_latencies: Vec<Duration>,
+    stopped_early: bool,
+    /// Rows of `GatehouseGatewayLogs` after the run (warm-up included), counted by the database.
+    stored_rows: i64,
+    /// Size of the database on disk after the run.
+    disk_bytes: u64,
+    /// Text bytes of the timed records (prompt, completion and both bodies).
+    payload_bytes: u64,
+    /// CPU use during the timed phase.
+    cpu: CpuUse,
+}
+
+impl Measurement {
+    fn records_per_second(&self) -> f64 {
+        let seconds = self.write_time.as_secs_f64();
+        if seconds > 0.0 {
+            self.records as f64 / seconds
+        } else {
+            0.0
+        }
+    }
+
+    fn ratio(&self) -> f64 {
+        self.records_per_second() / TARGET_RECORDS_PER_SECOND
+    }
+
+    fn passed(&self) -> bool {
+        self.ratio() >= 1.0
+    }
+
+    fn percentile_ms(&self, p: f64) -> f64 {
+        let mut sorted = self.batch_latencies.clone();
+        sorted.sort_unstable();
+        if sorted.is_empty() {
+            return 0.0;
+        }
+        let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+        let index = rank.clamp(1, sorted.len()) - 1;
+        sorted[index].as_secs_f64() * 1_000.0
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "engine": self.engine,
+            "records": self.records,
+            "batches": self.batches,
+            "seconds": self.write_time.as_secs_f64(),
+            "wall_seconds": self.wall_time.as_secs_f64(),
+            "records_per_second": self.records_per_second(),
+            "ratio_to_target": self.ratio(),
+            "pass": self.passed(),
+            "stopped_early": self.stopped_early,
+            "batch_ms": {
+                "p50": self.percentile_ms(50.0),
+                "p90": self.percentile_ms(90.0),
+                "p99": self.percentile_ms(99.0),
+                "max": self.percentile_ms(100.0),
+            },
+            "stored_rows": self.stored_rows,
+            "disk_bytes": self.disk_bytes,
+            "payload_bytes": self.payload_bytes,
+            "payload_mb_per_second": self.payload_bytes as f64 / 1e6 / self.write_time.as_secs_f64().max(1e-9),
+            "cpu": {
+                "host_busy": self.cpu.host_busy,
+                "host_iowait": self.cpu.host_iowait,
+                "bench_process_seconds": self.cpu.bench_seconds,
+                "postgres_server_seconds": self.cpu.postgres_seconds,
+            },
+        })
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(2),
+        Err(error) => {
+            #[expect(clippy::print_stderr, reason = "the benchmark's error message")]
+            {
+                eprintln!("store_write: {error:#}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the benchmark; `Ok(false)` when `--check` is given and an engine missed the target.
+async fn run(args: &Args) -> Result<bool> {
+    ensure!(
+        (1..=MAX_RECORDS).contains(&args.records),
+        "--records must be between 1 and {MAX_RECORDS}"
+    );
+    ensure!(
+        (1..=MAX_BATCH).contains(&args.batch),
+        "--batch must be between 1 and {MAX_BATCH}"
+    );
+    ensure!(!args.engines.is_empty(), "--engines names no engine");
+    ensure!(
+        args.prompt_bytes <= 64 * 1024 && args.completion_bytes <= 64 * 1024,
+        "--prompt-bytes and --completion-bytes are at most 65536"
+    );
+
+    let idle_check = CpuSample::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let load = CpuSample::now().since(&idle_check);
+    if let Some(busy) = load.host_busy {
+        if busy > 0.10 {
+            println!(
+                "warning: the machine is {:.0} % busy before the run; figures will be low and noisy",
+                busy * 100.0
+            );
+        }
+    }
+    let started = OffsetDateTime::now_utc();
+    let sample = Generator::new(args, started).record(0);
+    println!(
+        "store_write: {} records per engine in batches of {}, 1 warm-up batch; prompt {} B (RequestMessages), completion {} B (ResponseMessages), request body {} B, response body {} B; target {} records/s",
+        args.records,
+        args.batch,
+        sample.request_messages.as_deref().map_or(0, str::len),
+        sample.response_messages.as_deref().map_or(0, str::len),
+        sample.backend_request_body.as_deref().map_or(0, str::len),
+        sample.backend_response_body.as_deref().map_or(0, str::len),
+        TARGET_RECORDS_PER_SECOND,
+    );
+
+    let mut results = Vec::new();
+    for engine in dedup(&args.engines) {
+        println!("{}: writing…", engine.name());
+        let run = async {
+            match engine {
+                EngineArg::Sqlite => run_sqlite(args, started).await,
+                EngineArg::Postgres => run_postgres(args, started).await,
+            }
+        };
+        let measurement = run
+            .await
+            .with_context(|| format!("{} benchmark failed", engine.name()))?;
+        results.push(measurement);
+    }
+
+    println!();
+    println!(
+        "{:<9} {:>8} {:>8} {:>10} {:>6} {:>6} {:>12} {:>12} {:>9} {:>8}",
+        "engine",
+        "records",
+        "seconds",
+        "records/s",
+        "ratio",
+        "target",
+        "batch p50 ms",
+        "batch p99 ms",
+        "MB/s in",
+        "MB disk"
+    );
+    for m in &results {
+        println!(
+            "{:<9} {:>8} {:>8.2} {:>10.0} {:>6.2} {:>6} {:>12.1} {:>12.1} {:>9.1} {:>8.1}{}",
+            m.engine,
+            m.records,
+            m.write_time.as_secs_f64(),
+            m.records_per_second(),
+            m.ratio(),
+            if m.passed() { "PASS" } else { "FAIL" },
+            m.percentile_ms(50.0),
+            m.percentile_ms(99.0),
+            m.payload_bytes as f64 / 1e6 / m.write_time.as_secs_f64().max(1e-9),
+            m.disk_bytes as f64 / 1e6,
+            if m.stopped_early {
+                "  (stopped at --time-limit)"
+            } else {
+                ""
+            },
+        );
+    }
+    println!();
+    println!(
+        "{:<9} {:>11} {:>9} {:>10} {:>14} {:>14}",
+        "engine", "wall s", "host busy", "io wait", "bench CPU s", "postgres CPU s"
+    );
+    let share = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{:.0} %", v * 100.0));
+    let seconds = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
+    for m in &results {
+        println!(
+            "{:<9} {:>11.2} {:>9} {:>10} {:>14} {:>14}",
+            m.engine,
+            m.wall_time.as_secs_f64(),
+            share(m.cpu.host_busy),
+            share(m.cpu.host_iowait),
+            seconds(m.cpu.bench_seconds),
+            seconds(m.cpu.postgres_seconds),
+        );
+    }
+    println!(
+        "(over the timed phase, record generation included; the machine has {} CPUs)",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    if let [a, b] = results.as_slice() {
+        println!(
+            "{} / {} records/s: {:.2}",
+            b.engine,
+            a.engine,
+            b.records_per_second() / a.records_per_second().max(1e-9)
+        );
+    }
+
+    let path = write_json(args, started, &sample, &results)?;
+    println!("result: {}", path.display());
+
+    Ok(!(args.check && results.iter().any(|m| !m.passed())))
+}
+
+fn dedup(engines: &[EngineArg]) -> Vec<EngineArg> {
+    let mut out = Vec::new();
+    for engine in engines {
+        if !out.contains(engine) {
+            out.push(*engine);
+        }
+    }
+    out
+}
+
+/// SQLite: a fresh file in a temporary directory, removed at the end.
+async fn run_sqlite(args: &Args, started: OffsetDateTime) -> Result<Measurement> {
+    let mut builder = tempfile::Builder::new();
+    builder.prefix("gh_bench_");
+    let dir = match &args.sqlite_dir {
+        Some(parent) => builder.tempdir_in(parent),
+        None => builder.tempdir(),
+    }
+    .context("create a temporary directory for the SQLite store")?;
+    let file = dir.path().join("audit.db");
+    let url = format!("sqlite:{}", file.display());
+    let store = SqlStore::open(&url)
+        .await
+        .context("open the SQLite store")?;
+    let result = tokio::select! {
+        result = measure(&store, "sqlite", args, started) => result,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    store.close().await;
+    let mut measurement = result?;
+    measurement.disk_bytes = ["audit.db", "audit.db-wal", "audit.db-shm"]
+        .iter()
+        .filter_map(|name| std::fs::metadata(dir.path().join(name)).ok())
+        .map(|m| m.len())
+        .sum();
+    drop(dir);
+    Ok(measurement)
+}
+
+/// PostgreSQL: a database `gh_bench_<uuid>` created for the run and dropped at its end, whether
+/// the run worked, failed or was interrupted.
+async fn run_postgres(args: &Args, started: OffsetDateTime) -> Result<Measurement> {
+    let admin = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(&args.postgres_url)
+        .await
+        .with_context(|| format!("connect to PostgreSQL ({})", redact(&args.postgres_url)))?;
+    // The name comes from a UUID, never from input.
+    let database = format!("gh_bench_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE DATABASE \"{database}\""))
+        .execute(&admin)
+        .await
+        .with_context(|| format!("create database {database}"))?;
+    let url = database_url(&args.postgres_url, &database)?;
+
+    let run = async {
+        let store = SqlStore::open(&url)
+            .await
+            .context("open the PostgreSQL store")?;
+        let result = measure(&store, "postgres", args, started).await;
+        let size = match (&result, store.postgres_pool()) {
+            (Ok(_), Some(pool)) => {
+                sqlx::query_scalar::<_, i64>("SELECT pg_database_size(current_database())")
+                    .fetch_one(pool)
+                    .await
+                    .ok()
+            }
+            _ => None,
+        };
+        store.close().await;
+        let mut measurement = result?;
+        measurement.disk_bytes = size.and_then(|s| u64::try_from(s).ok()).unwrap_or(0);
+        Ok::<_, anyhow::Error>(measurement)
+    };
+    let result = tokio::select! {
+        result = run => result,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+
+    // WITH (FORCE) ends any connection the run left behind (an error path, an interrupt).
+    let dropped = sqlx::query(&format!(
+        "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
+    ))
+    .execute(&admin)
+    .await;
+    admin.close().await;
+    match (result, dropped) {
+        (Ok(measurement), Ok(_)) => Ok(measurement),
+        (Ok(_), Err(error)) => {
+            Err(error).with_context(|| format!("drop database {database} (drop it by hand)"))
+        }
+        (Err(error), Ok(_)) => Err(error),
+        (Err(error), Err(drop_error)) => Err(error.context(format!(
+            "and dropping database {database} failed too (drop it by hand): {drop_error}"
+        ))),
+    }
+}
+
+/// `url` with its database (path) replaced by `database`, query parameters kept.
+fn database_url(url: &str, database: &str) -> Result<String> {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let Some(authority_start) = base.find("://").map(|i| i + 3) else {
+        bail!("--postgres-url is not a URL: {}", redact(url));
+    };
+    let path_start = base[authority_start..]
+        .find('/')
+        .map_or(base.len(), |i| authority_start + i);
+    let mut out = format!("{}/{database}", &base[..path_start]);
+    if let Some(query) = query {
+        out.push('?');
+        out.push_str(query);
+    }
+    Ok(out)
+}
+
+/// The URL without a password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Writes one warm-up batch, then `--records` records in batches, timing each `write` call only.
+async fn measure(
+    store: &SqlStore,
+    engine: &'static str,
+    args: &Args,
+    started: OffsetDateTime,
+) -> Result<Measurement> {
+    let mut generator = Generator::new(args, started);
+
+    let warm_up = generator.batch(0, args.batch.min(args.records));
+    let stored = store.write(&warm_up).await.context("warm-up batch")?;
+    ensure!(
+        stored == warm_up.len(),
+        "warm-up stored {stored} of {}",
+        warm_up.len()
+    );
+    drop(warm_up);
+
+    let limit = Duration::from_secs(args.time_limit);
+    let mut write_time = Duration::ZERO;
+    let mut batch_latencies = Vec::with_capacity(args.records.div_ceil(args.batch));
+    let mut written = 0;
+    let mut payload_bytes = 0u64;
+    let mut stopped_early = false;
+    let cpu_before = CpuSample::now();
+    let wall = Instant::now();
+    while written < args.records {
+        let size = args.batch.min(args.records - written);
+        let batch = generator.batch(written, size);
+        payload_bytes += batch.iter().map(payload_len).sum::<u64>();
+
+        let clock = Instant::now();
+        let stored = store.write(&batch).await;
+        let elapsed = clock.elapsed();
+
+        let stored = stored.with_context(|| format!("batch at record {written}"))?;
+        ensure!(
+            stored == size,
+            "batch at record {written}: stored {stored} of {size} (duplicate CorrelationIds?)"
+        );
+        drop(batch);
+        write_time += elapsed;
+        batch_latencies.push(elapsed);
+        written += size;
+        if write_time >= limit && written < args.records {
+            stopped_early = true;
+            break;
+        }
+    }
+    let wall_time = wall.elapsed();
+    let cpu = CpuSample::now().since(&cpu_before);
+
+    let stored_rows = count_rows(store).await?;
+    let expected = written + args.batch.min(args.records);
+    ensure!(
+        usize::try_from(stored_rows).ok() == Some(expected),
+        "the store holds {stored_rows} call rows, expected {expected}"
+    );
+    Ok(Measurement {
+        engine,
+        records: written,
+        batches: batch_latencies.len(),
+        write_time,
+        wall_time,
+        batch_latencies,
+        stopped_early,
+        stored_rows,
+        disk_bytes: 0,
+        payload_bytes,
+        cpu,
+    })
+}
+
+async fn count_rows(store: &SqlStore) -> Result<i64> {
+    if let Some(pool) = store.sqlite_pool() {
+        Ok(
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM GatehouseGatewayLogs")
+                .fetch_one(pool)
+                .await?,
+        )
+    } else if let Some(pool) = store.postgres_pool() {
+        Ok(
+            sqlx::query_scalar::<_, i64>(r#"SELECT count(*) FROM "GatehouseGatewayLogs""#)
+                .fetch_one(pool)
+                .await?,
+        )
+    } else {
+        bail!("the store is neither SQLite nor PostgreSQL")
+    }
+}
+
+fn payload_len(record: &AuditRecord) -> u64 {
+    [
+        &record.request_messages,
+        &record.response_messages,
+        &record.backend_request_body,
+        &record.backend_response_body,
+    ]
+    .iter()
+    .map(|text| text.as_deref().map_or(0, str::len) as u64)
+    .sum()
+}
+
+fn write_json(
+    args: &Args,
+    started: OffsetDateTime,
+    sample: &AuditRecord,
+    results: &[Measurement],
+) -> Result<PathBuf> {
+    let stamp = format!(
+        "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
+        started.year(),
+        u8::from(started.month()),
+        started.day(),
+        started.hour(),
+        started.minute(),
+        started.second()
+    );
+    std::fs::create_dir_all(&args.out_dir)
+        .with_context(|| format!("create {}", args.out_dir.display()))?;
+    let path = args.out_dir.join(format!("store_write-{stamp}.json"));
+    let line = json!({
+        "bench": "store_write",
+        "started": started.format(&time::format_description::well_known::Rfc3339)?,
+        "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "records": args.records,
+        "batch": args.batch,
+        "warm_up_batches": 1,
+        "time_limit_seconds": args.time_limit,
+        "seed": args.seed,
+        "record_bytes": {
+            "request_messages": sample.request_messages.as_deref().map_or(0, str::len),
+            "response_messages": sample.response_messages.as_deref().map_or(0, str::len),
+            "backend_request_body": sample.backend_request_body.as_deref().map_or(0, str::len),
+            "backend_response_body": sample.backend_response_body.as_deref().map_or(0, str::len),
+        },
+        "target_records_per_second": TARGET_RECORDS_PER_SECOND,
+        "engines": results.iter().map(Measurement::json).collect::<Vec<_>>(),
+    });
+    append_line(&path, &line.to_string())?;
+    Ok(path)
+}
+
+fn append_line(path: &Path, line: &str) -> Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("open {}", path.display()))?;
+    writeln!(file, "{line}").with_context(|| format!("write {}", path.display()))?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// CPU accounting (Linux /proc; absent elsewhere)
+// ---------------------------------------------------------------------------------------------
+
+/// Clock ticks per second of `/proc` times (`USER_HZ`, 100 on Linux).
+const USER_HZ: f64 = 100.0;
+
+/// Counters read from `/proc` at one instant.
+#[derive(Debug, Clone, Default)]
+struct CpuSample {
+    /// `(busy, iowait, total)` jiffies of the whole machine, from `/proc/stat`.
+    host: Option<(u64, u64, u64)>,
+    /// utime + stime of this process (all threads: SQLite runs in them).
+    bench: Option<u64>,
+    /// utime + stime of every process named `postgres` (the local server), by pid.
+    postgres: Vec<(u32, u64)>,
+}
+
+/// CPU used between two samples.
+#[derive(Debug, Clone, Default)]
+struct CpuUse {
+    /// Share of the machine's CPU time that was busy (not idle, not waiting for I/O).
+    host_busy: Option<f64>,
+    /// Share of the machine's CPU time spent idle waiting for I/O.
+    host_iowait: Option<f64>,
+    /// CPU seconds of this process (record generation included).
+    bench_seconds: Option<f64>,
+    /// CPU seconds of the local PostgreSQL server's processes.
+    postgres_seconds: Option<f64>,
+}
+
+impl CpuSample {
+    fn now() -> CpuSample {
+        CpuSample {
+            host: host_jiffies(),
+            bench: std::fs::read_to_string("/proc/self/stat")
+                .ok()
+                .and_then(|stat| process_jiffies(&stat).map(|(_, jiffies)| jiffies)),
+            postgres: postgres_jiffies(),
+        }
+    }
+
+    fn since(&self, before: &CpuSample) -> CpuUse {
+        let host = match (before.host, self.host) {
+            (Some((b0, w0, t0)), Some((b1, w1, t1))) if t1 > t0 => {
+                let total = (t1 - t0) as f64;
+                Some((
+                    b1.saturating_sub(b0) as f64 / total,
+                    w1.saturating_sub(w0) as f64 / total,
+                ))
+            }
+            _ => None,
+        };
+        let bench = match (before.bench, self.bench) {
+            (Some(b0), Some(b1)) => Some(b1.saturating_sub(b0) as f64 / USER_HZ),
+            _ => None,
+        };
+        let postgres = (!self.postgres.is_empty()).then(|| {
+            let jiffies: u64 = self
+                .postgres
+                .iter()
+                .map(|(pid, now)| {
+                    let then = before
+                        .postgres
+                        .iter()
+                        .find(|(p, _)| p == pid)
+                        .map_or(0, |(_, j)| *j);
+                    now.saturating_sub(then)
+                })
+                .sum();
+            jiffies as f64 / USER_HZ
+        });
+        CpuUse {
+            host_busy: host.map(|(busy, _)| busy),
+            host_iowait: host.map(|(_, iowait)| iowait),
+            bench_seconds: bench,
+            postgres_seconds: postgres,
+        }
+    }
+}
+
+/// `(busy, iowait, total)` jiffies from the `cpu` line of `/proc/stat`.
+fn host_jiffies() -> Option<(u64, u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let values: Vec<u64> = line
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user already).
+    let total: u64 = values.iter().take(8).sum();
+    let idle = *values.get(3)?;
+    let iowait = values.get(4).copied().unwrap_or(0);
+    Some((total.saturating_sub(idle + iowait), iowait, total))
+}
+
+/// `(comm, utime + stime)` of a `/proc/<pid>/stat` line.
+fn process_jiffies(stat: &str) -> Option<(&str, u64)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat.get(open + 1..close)?;
+    // After the comm: state (field 3) … utime (14), stime (15).
+    let fields: Vec<&str> = stat.get(close + 2..)?.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((comm, utime + stime))
+}
+
+fn postgres_jiffies() -> Vec<(u32, u64)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            let (comm, jiffies) = process_jiffies(&stat)?;
+            (comm == "postgres").then_some((pid, jiffies))
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Records
+// ---------------------------------------------------------------------------------------------
+
+/// SplitMix64: small, fast, deterministic, good enough to vary test data.
+#[derive(Debug, Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (n > 0).
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+
+    /// True with probability `percent` / 100.
+    fn chance(&mut self, percent: usize) -> bool {
+        self.below(100) < percent
+    }
+}
+
+/// The vocabulary of prompts and completions (whitespace-separated).
+const WORDS: &str = "\
+    the invoice customer account quarter revenue contract supplier order shipment delay \
+    payment policy report summary table region forecast budget variance approval manager team \
+    project deadline risk issue meeting notes action items review draft email reply translate \
+    german french explain compare options benefits costs migration database query index \
+    latency service outage incident root cause timeline customer impact mitigation follow up \
+    with and or for from about please could you write a short detailed clear answer list of \
+    three five steps to in on by each every month week year previous next current total \
+    average median growth decline percent million thousand europe americas asia pacific north \
+    south sales marketing legal finance engineering support ticket escalation priority \
+    severity owner status open closed pending resolved warehouse inventory stock units price \
+    discount margin tax audit compliance security access identity tenant subscription quota \
+    limit throttle retry backoff deployment model prompt completion tokens context window \
+    document paragraph section heading bullet points tone formal friendly concise include \
+    exclude assume given that this these those which when where why how what is are was were \
+    will should must can not only also but because therefore however although kubernetes \
+    cluster node pod container image pipeline build release rollback feature flag experiment \
+    dashboard metric alert threshold schema column row join filter group sort export csv json \
+    yaml python rust function error exception stack trace log line file path config setting \
+    default";
+
+const SYSTEM_PROMPTS: &[&str] = &[
+    "You are a helpful assistant for Contoso's finance team. Answer precisely and cite the figures you use.",
+    "You are an engineering assistant. Prefer short, correct answers with code where it helps.",
+    "You are a support agent assistant. Be friendly, summarise the ticket, propose next steps.",
+    "You are a legal drafting assistant. Use formal language and flag anything that needs review.",
+];
+
+/// (deployment, model that answers, backend members)
+const DEPLOYMENTS: &[(&str, &str)] = &[
+    ("gpt-4o", "gpt-4o-2024-11-20"),
+    ("gpt-4o-mini", "gpt-4o-mini-2024-07-18"),
+    ("gpt-4.1", "gpt-4.1-2025-04-14"),
+    ("gpt-4.1-mini", "gpt-4.1-mini-2025-04-14"),
+    ("o3-mini", "o3-mini-2025-01-31"),
+];
+
+const BACKENDS: &[(&str, &str)] = &[
+    ("swedencentral-1", "https://contoso-swc-1.openai.azure.com"),
+    ("swedencentral-2", "https://contoso-swc-2.openai.azure.com"),
+    ("francecentral-1", "https://contoso-frc-1.openai.azure.com"),
+    ("eastus2-1", "https://contoso-eus2-1.openai.azure.com"),
+];
+
+const GROUPS: &[&str] = &[
+    "finance",
+    "engineering",
+    "support",
+    "legal",
+    "sales",
+    "marketing",
+    "hr",
+    "research",
+    "platform",
+    "security",
+    "data",
+    "leadership",
+];
+
+const API_VERSIONS: &[&str] = &["2024-10-21", "2025-01-01-preview", "2024-06-01"];
+
+/// Builds realistic chat-completion audit records.
+struct Generator {
+    rng: Rng,
+    words: Vec<&'static str>,
+    chainer: Chainer,
+    /// `TimeGenerated` of record 0; records are spread over [`SPREAD_HOURS`] up to now.
+    first: OffsetDateTime,
+    /// Nanoseconds between consecutive records.
+    step_ns: i64,
+    prompt_bytes: usize,
+    completion_bytes: usize,
+}
+
+impl Generator {
+    fn new(args: &Args, now: OffsetDateTime) -> Generator {
+        let span = time::Duration::hours(SPREAD_HOURS);
+        let step_ns = i64::try_from(span.whole_nanoseconds() / (args.records.max(1) as i128))
+            .unwrap_or(i64::MAX);
+        Generator {
+            rng: Rng(args.seed),
+            words: WORDS.split_whitespace().collect(),
+            chainer: Chainer::in_memory(),
+            first: now - span,
+            step_ns,
+            prompt_bytes: args.prompt_bytes,
+            completion_bytes: args.completion_bytes,
+        }
+    }
+
+    /// `count` records numbered from `start`, linked into their hash chain as the audit writer
+    /// does before it hands a batch to the store.
+    fn batch(&mut self, start: usize, count: usize) -> Vec<AuditRecord> {
+        (start..start + count)
+            .map(|i| {
+                let mut record = self.record(i);
+                self.chainer.link(&mut record);
+                record
+            })
+            .collect()
+    }
+
+    /// Text of about `bytes` bytes of words and the odd number, no character JSON escapes.
+    fn text(&mut self, bytes: usize) -> String {
+        let mut text = String::with_capacity(bytes + 16);
+        let mut sentence_start = true;
+        while text.len() < bytes {
+            if !text.is_empty() {
+                text.push(' ');
+            }
+            if self.rng.chance(4) {
+                // Order numbers, amounts, ids: the distinct terms a full-text index must hold.
+                let n = self.rng.below(1_000_000);
+                match self.rng.below(3) {
+                    0 => text.push_str(&format!("INV-{n:06}")),
+                    1 => text.push_str(&format!("{}.{:02}", n / 100, n % 100)),
+                    _ => text.push_str(&format!("ticket-{n}")),
+                }
+            } else {
+                let word = *self.rng.pick(&self.words);
+                if sentence_start {
+                    let mut chars = word.chars();
+                    if let Some(first) = chars.next() {
+                        text.extend(first.to_uppercase());
+                        text.push_str(chars.as_str());
+                    }
+                } else {
+                    text.push_str(word);
+                }
+            }
+            sentence_start = self.rng.chance(8);
+            if sentence_start {
+                text.push('.');
+            }
+        }
+        text.truncate(bytes);
+        text
+    }
+
+    /// A JSON messages array of `bytes` bytes (or just over, when `bytes` is below its skeleton).
+    fn messages(&mut self, bytes: usize, make: impl Fn(String) -> Value) -> (Value, String) {
+        let skeleton = make(String::new()).to_string().len();
+        let content = self.text(bytes.saturating_sub(skeleton));
+        let value = make(content);
+        let text = value.to_string();
+        (value, text)
+    }
+
+    fn record(&mut self, i: usize) -> AuditRecord {
+        let rng = &mut self.rng;
+        let mut id_bytes = [0u8; 16];
+        id_bytes[..8].copy_from_slice(&rng.next().to_le_bytes());
+        id_bytes[8..].copy_from_slice(&rng.next().to_le_bytes());
+        // A random (version 4) UUID, as clients and the gateway make `x-request-id`s.
+        let id = uuid::Builder::from_random_bytes(id_bytes).into_uuid();
+        let jitter_ms = rng.below(2_000) as i64;
+        let time_generated = self.first
+            + time::Duration::nanoseconds(self.step_ns.saturating_mul(i as i64))
+            + time::Duration::milliseconds(jitter_ms);
+
+        let user = rng.below(400);
+        let user_name = format!("user{user:03}@contoso.com");
+        let user_id = format!("{:08x}-0000-4000-8000-{:012x}", user * 7_919, user);
+        let tenant = if user % 10 == 0 {
+            "72f988bf-86f1-41af-91ab-2d7cd011db47"
+        } else {
+            "b4c1a6e2-5d3f-4e8a-9c21-0f6d7e8a9b10"
+        };
+        let mut groups: Vec<String> = Vec::new();
+        for k in 0..1 + user % 3 {
+            let group = GROUPS[(user + k * 5) % GROUPS.len()];
+            if !groups.iter().any(|g| g == group) {
+                groups.push(group.to_owned());
+            }
+        }
+        let caller_ip = if user % 7 == 0 {
+            format!("2001:db8:{:x}::{:x}", user % 16, user)
+        } else {
+            format!("10.{}.{}.{}", 20 + user % 8, user / 8 % 250, 1 + user % 250)
+        };
+        let subscription = format!("team-{:02}", user % 24);
+        let (deployment, model) = *rng.pick(DEPLOYMENTS);
+        let api_version = *rng.pick(API_VERSIONS);
+        let stream = rng.chance(35);
+        let system = *rng.pick(SYSTEM_PROMPTS);
+
+        let (prompt_value, request_messages) = self.messages(self.prompt_bytes, |content| {
+            json!([
+                {"role": "system", "content": system},
+                {"role": "user", "content": content},
+            ])
+        });
+        let rng = &mut self.rng;
+        let mut request_body = json!({
+            "messages": prompt_value,
+            "temperature": 0.2 + (rng.below(8) as f64) / 10.0,
+            "max_tokens": 1024,
+            "stream": stream,
+        });
+        if stream {
+            request_body["stream_options"] = json!({"include_usage": true});
+        }
+        let request_body = request_body.to_string();
+
+        let (completion_value, response_messages) = self.messages(
+            self.completion_bytes,
+            |content| json!([{"role": "assistant", "content": content}]),
+        );
+        let rng = &mut self.rng;
+        let prompt_tokens = (request_messages.len() / 4 + rng.below(60)) as u64;
+        let completion_tokens = (response_messages.len() / 4 + rng.below(60)) as u64;
+        let cached_tokens = if rng.chance(20) { 256 } else { 0 };
+        let reasoning_tokens = if deployment.starts_with('o') {
+            (rng.below(4) * 128) as u64
+        } else {
+            0
+        };
+        let created = time_generated.unix_timestamp();
+        let filter = json!({
+            "hate": {"filtered": false, "severity": "safe"},
+            "self_harm": {"filtered": false, "severity": "safe"},
+            "sexual": {"filtered": false, "severity": "safe"},
+            "violence": {"filtered": false, "severity": "safe"},
+        });
+        let content = completion_value
+            .get(0)
+            .and_then(|m| m.get("content"))
+            .cloned()
+            .unwrap_or(Value::Null);
+        let response_body = json!({
+            "id": format!("chatcmpl-{}", id.simple()),
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "system_fingerprint": format!("fp_{:010x}", rng.next() >> 24),
+            "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": filter}],
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": content, "refusal": null},
+                "logprobs": null,
+                "finish_reason": "stop",
+                "content_filter_results": filter,
+            }],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": cached_tokens},
+                "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
+            },
+        })
+        .to_string();
+
+        // 3 % of calls were throttled by a first member and answered by another.
+        let first_backend = rng.below(BACKENDS.len());
+        let failover = rng.chance(3);
+        let backend = if failover {
+            (first_backend + 1) % BACKENDS.len()
+        } else {
+            first_backend
+        };
+        let backend_ms = 400 + rng.below(6_000) as u64;
+        let mut attempts = Vec::new();
+        if failover {
+            attempts.push(BackendAttempt {
+                backend_id: BACKENDS[first_backend].0.to_owned(),
+                status: Some(429),
+                elapsed_ms: 30 + rng.below(80) as u64,
+                error: Some("throttled: retry-after-ms 2000".to_owned()),
+            });
+        }
+        attempts.push(BackendAttempt {
+            backend_id: BACKENDS[backend].0.to_owned(),
+            status: Some(200),
+            elapsed_ms: backend_ms,
+            error: None,
+        });
+        let path =
+            format!("/openai/deployments/{deployment}/chat/completions?api-version={api_version}");
+        let response_size = if stream {
+            // SSE framing costs about twice the JSON.
+            (response_body.len() * 2) as u64
+        } else {
+            response_body.len() as u64
+        };
+
+        AuditRecord {
+            time_generated,
+            correlation_id: id.to_string(),
+            gateway_id: "gw-bench".to_owned(),
+            operation_id: Some(OperationId::ChatCompletionsCreate),
+            caller_ip_address: caller_ip,
+            peer_ip_address: "10.0.0.4".to_owned(),
+            method: "POST".to_owned(),
+            url: path.clone(),
+            client_protocol: if rng.chance(30) { "HTTP/2" } else { "HTTP/1.1" }.to_owned(),
+            response_code: 200,
+            is_request_success: true,
+            backend_response_code: Some(200),
+            backend_id: Some(BACKENDS[backend].0.to_owned()),
+            backend_url: Some(format!("{}{path}", BACKENDS[backend].1)),
+            request_size: request_body.len() as u64,
+            response_size,
+            total_time: backend_ms + 3 + rng.below(20) as u64,
+            backend_time: backend_ms,
+            time_to_first_byte: Some(if stream {
+                200 + rng.below(600) as u64
+            } else {
+                backend_ms + 1
+            }),
+            apim_subscription_id: Some(subscription),
+            product_id: Some(if user % 5 == 0 { "premium" } else { "standard" }.to_owned()),
+            user_id: Some(user_id),
+            user_name: Some(user_name),
+            tenant_id: Some(tenant.to_owned()),
+            groups,
+            deployment_name: Some(deployment.to_owned()),
+            model_name: Some(model.to_owned()),
+            api_version: Some(api_version.to_owned()),
+            is_stream_completion: stream,
+            usage: Some(TokenUsage {
+                prompt_tokens,
+                completion_tokens,
+                total_tokens: prompt_tokens + completion_tokens,
+                cached_tokens,
+                reasoning_tokens,
+                is_estimate: false,
+            }),
+            attempts,
+            backend_request_body: Some(request_body),
+            request_body_truncated: false,
+            backend_response_body: Some(response_body),
+            response_body_truncated: false,
+            request_messages: Some(request_messages),
+            response_messages: Some(response_messages),
+            client_aborted: false,
+            last_error_reason: None,
+            last_error_message: None,
+            chain: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_url_replaces_the_path_and_keeps_the_query() {
+        assert_eq!(
+            database_url("postgres://postgres@127.0.0.1:5432/postgres", "x").unwrap(),
+            "postgres://postgres@127.0.0.1:5432/x"
+        );
+        assert_eq!(
+            database_url("postgres://u:p@h/db?sslmode=disable", "x").unwrap(),
+            "postgres://u:p@h/x?sslmode=disable"
+        );
+        assert_eq!(
+            database_url("postgresql://h:5433", "x").unwrap(),
+            "postgresql://h:5433/x"
+        );
+        assert!(database_url("nonsense", "x").is_err());
+        assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+    }
+
+    #[test]
+    fn proc_stat_lines_parse() {
+        let line = "4242 (postgres: wal writer) S 1 4242 4242 0 -1 4194624 100 0 0 0 37 12 0 0 20 0 1 0 99 0 0";
+        assert_eq!(process_jiffies(line), Some(("postgres: wal writer", 49)));
+        assert_eq!(process_jiffies("garbage"), None);
+    }
+
+    #[test]
+    fn records_have_the_asked_sizes_and_distinct_ids() {
+        let args = Args::parse_from(["store_write"]);
+        let mut generator = Generator::new(&args, OffsetDateTime::now_utc());
+        let batch = generator.batch(0, 100);
+        let ids: std::collections::HashSet<_> =
+            batch.iter().map(|r| r.correlation_id.clone()).collect();
+        assert_eq!(ids.len(), 100);
+        for record in &batch {
+            let prompt = record.request_messages.as_deref().unwrap();
+            let completion = record.response_messages.as_deref().unwrap();
+            assert!((2_040..=2_060).contains(&prompt.len()), "{}", prompt.len());
+            assert!(
+                (2_040..=2_060).contains(&completion.len()),
+                "{}",
+                completion.len()
+            );
+            let body: Value =
+                serde_json::from_str(record.backend_response_body.as_deref().unwrap()).unwrap();
+            assert_eq!(body["object"], "chat.completion");
+            assert!(body["usage"]["total_tokens"].as_u64().unwrap() > 500);
+            assert!(record.chain.is_some());
+        }
+    }
+}
