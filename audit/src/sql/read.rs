@@ -219,6 +219,30 @@ fn parse_sqlite_time(text: &str) -> Result<OffsetDateTime, StoreError> {
 const SQLITE_SUMMARY: &str = "SELECT l.RecordId, l.TimeGenerated, l.CorrelationId, l.OperationId, l.DeploymentName, l.ModelName, l.CallerIpAddress, l.UserId, l.UserName, l.ApimSubscriptionId, l.ResponseCode, l.TotalTokens, l.TotalTime FROM GatehouseGatewayLogs l WHERE l.TimeGenerated >= ";
 const POSTGRES_SUMMARY: &str = r#"SELECT l."RecordId", l."TimeGenerated", l."CorrelationId", l."OperationId", l."DeploymentName", l."ModelName", l."CallerIpAddress", l."UserId", l."UserName", l."ApimSubscriptionId", l."ResponseCode", l."TotalTokens", l."TotalTime" FROM "GatehouseGatewayLogs" l WHERE l."TimeGenerated" >= "#;
 
+/// Builds a [`CallSummary`] from a row of the summary SELECTs (same column order on both engines);
+/// `$time` decodes column 1 the engine's way.
+macro_rules! summary_from_row {
+    ($row:expr, $time:expr) => {{
+        let time = $time;
+        let row = &$row;
+        CallSummary {
+            record_id: row.try_get(0)?,
+            time_generated: time,
+            correlation_id: row.try_get(2)?,
+            operation_id: row.try_get(3)?,
+            deployment_name: row.try_get(4)?,
+            model_name: row.try_get(5)?,
+            caller_ip_address: row.try_get(6)?,
+            user_id: row.try_get(7)?,
+            user_name: row.try_get(8)?,
+            apim_subscription_id: row.try_get(9)?,
+            response_code: row.try_get(10)?,
+            total_tokens: row.try_get(11)?,
+            total_time: row.try_get(12)?,
+        }
+    }};
+}
+
 impl SqlStore {
     /// Searches calls, newest first, one page at a time.
     pub async fn search(&self, filter: &SearchFilter) -> Result<Page, StoreError> {
@@ -421,21 +445,10 @@ async fn search_sqlite(
     let rows = q.build().fetch_all(pool).await?;
     rows.iter()
         .map(|row| {
-            Ok(CallSummary {
-                record_id: row.try_get(0)?,
-                time_generated: parse_sqlite_time(row.try_get::<&str, _>(1)?)?,
-                correlation_id: row.try_get(2)?,
-                operation_id: row.try_get(3)?,
-                deployment_name: row.try_get(4)?,
-                model_name: row.try_get(5)?,
-                caller_ip_address: row.try_get(6)?,
-                user_id: row.try_get(7)?,
-                user_name: row.try_get(8)?,
-                apim_subscription_id: row.try_get(9)?,
-                response_code: row.try_get(10)?,
-                total_tokens: row.try_get(11)?,
-                total_time: row.try_get(12)?,
-            })
+            Ok(summary_from_row!(
+                row,
+                parse_sqlite_time(row.try_get::<&str, _>(1)?)?
+            ))
         })
         .collect()
 }
@@ -493,23 +506,7 @@ async fn search_postgres(
         .push_bind(i64::from(limit));
     let rows = q.build().fetch_all(pool).await?;
     rows.iter()
-        .map(|row| {
-            Ok(CallSummary {
-                record_id: row.try_get(0)?,
-                time_generated: row.try_get(1)?,
-                correlation_id: row.try_get(2)?,
-                operation_id: row.try_get(3)?,
-                deployment_name: row.try_get(4)?,
-                model_name: row.try_get(5)?,
-                caller_ip_address: row.try_get(6)?,
-                user_id: row.try_get(7)?,
-                user_name: row.try_get(8)?,
-                apim_subscription_id: row.try_get(9)?,
-                response_code: row.try_get(10)?,
-                total_tokens: row.try_get(11)?,
-                total_time: row.try_get(12)?,
-            })
-        })
+        .map(|row| Ok(summary_from_row!(row, row.try_get(1)?)))
         .collect()
 }
 
@@ -574,21 +571,10 @@ fn search_rows_sqlite(
     row: Option<sqlx::sqlite::SqliteRow>,
 ) -> Result<Option<CallSummary>, StoreError> {
     let Some(row) = row else { return Ok(None) };
-    Ok(Some(CallSummary {
-        record_id: row.try_get(0)?,
-        time_generated: parse_sqlite_time(row.try_get::<&str, _>(1)?)?,
-        correlation_id: row.try_get(2)?,
-        operation_id: row.try_get(3)?,
-        deployment_name: row.try_get(4)?,
-        model_name: row.try_get(5)?,
-        caller_ip_address: row.try_get(6)?,
-        user_id: row.try_get(7)?,
-        user_name: row.try_get(8)?,
-        apim_subscription_id: row.try_get(9)?,
-        response_code: row.try_get(10)?,
-        total_tokens: row.try_get(11)?,
-        total_time: row.try_get(12)?,
-    }))
+    Ok(Some(summary_from_row!(
+        row,
+        parse_sqlite_time(row.try_get::<&str, _>(1)?)?
+    )))
 }
 
 async fn call_postgres(pool: &sqlx::PgPool, id: &str) -> Result<Option<CallDetail>, StoreError> {
@@ -599,21 +585,7 @@ async fn call_postgres(pool: &sqlx::PgPool, id: &str) -> Result<Option<CallDetai
     let Some(row) = q.build().fetch_optional(pool).await? else {
         return Ok(None);
     };
-    let summary = CallSummary {
-        record_id: row.try_get(0)?,
-        time_generated: row.try_get(1)?,
-        correlation_id: row.try_get(2)?,
-        operation_id: row.try_get(3)?,
-        deployment_name: row.try_get(4)?,
-        model_name: row.try_get(5)?,
-        caller_ip_address: row.try_get(6)?,
-        user_id: row.try_get(7)?,
-        user_name: row.try_get(8)?,
-        apim_subscription_id: row.try_get(9)?,
-        response_code: row.try_get(10)?,
-        total_tokens: row.try_get(11)?,
-        total_time: row.try_get(12)?,
-    };
+    let summary = summary_from_row!(row, row.try_get(1)?);
     let detail = sqlx::query(
         r#"SELECT "Attempts"::text, "PromptTokens", "CompletionTokens", "TokensEstimated", "TimeToFirstByte", "BackendRequestBody", "BackendResponseBody", "RequestBodyTruncated", "ResponseBodyTruncated", "ClientAborted", "ChainId", "ChainSequence", "RecordHash" FROM "ApiManagementGatewayLogs" WHERE "CorrelationId" = $1"#,
     )
