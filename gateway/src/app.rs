@@ -145,11 +145,8 @@ impl Gateway {
             .map_or("unknown", |o| o.as_str())
             .to_owned();
         let runtime = self.runtime();
-        let deployment = record
-            .deployment_name
-            .as_deref()
-            .filter(|d| runtime.pool_for(Some(d)).is_some())
-            .unwrap_or("none")
+        let deployment = runtime
+            .deployment_label(record.deployment_name.as_deref())
             .to_owned();
         self.metrics
             .requests

@@ -127,6 +127,16 @@ impl Runtime {
         self.pools.get(index)
     }
 
+    /// The metric label of a deployment: its name when a pool names it, `*` when only the wildcard
+    /// pool serves it (so clients cannot grow the label space by inventing names), else `none`.
+    pub fn deployment_label<'a>(&self, deployment: Option<&'a str>) -> &'a str {
+        match deployment {
+            Some(name) if self.by_deployment.contains_key(name) => name,
+            Some(_) if self.wildcard.is_some() => "*",
+            _ => "none",
+        }
+    }
+
     /// The pool and position of the member with `id`.
     pub fn member(&self, id: &str) -> Option<(&Arc<Pool>, usize)> {
         let (pool, member) = *self.members.get(id)?;

@@ -160,3 +160,40 @@ async fn a_slow_client_slows_the_backend_instead_of_filling_memory() {
     assert_eq!(received, TOTAL_CHUNKS * 64 * 1024);
     eprintln!("read ahead of a stalled client: {buffered_mib} MiB of 256 MiB");
 }
+
+#[tokio::test]
+async fn invented_deployment_names_do_not_become_metric_labels() {
+    let sim = simulator("labels").await;
+    let gw = TestGateway::start(snapshot(
+        1,
+        json!([
+            {"id": "named", "deployments": ["gpt-4o"], "members": [member("a", &sim.url(), 1)]},
+            {"id": "rest", "deployments": ["*"], "members": [member("b", &sim.url(), 1)]},
+        ]),
+    ))
+    .await;
+    for name in ["gpt-4o", "made-up-1", "made-up-2"] {
+        let response = gw
+            .post(&chat_path(name))
+            .json(&chat(None, false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    gw.records(3).await;
+    let text = gw
+        .raw(reqwest::Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains(r#"deployment="gpt-4o""#), "{text}");
+    assert!(text.contains(r#"deployment="*""#), "{text}");
+    assert!(
+        !text.contains("made-up"),
+        "a client-chosen name became a label:\n{text}"
+    );
+}
