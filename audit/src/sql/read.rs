@@ -243,6 +243,46 @@ macro_rules! summary_from_row {
     }};
 }
 
+/// Builds a [`CallDetail`] from the detail row (same column order on both engines) and the
+/// call's prompt and completion pieces.
+macro_rules! detail_from_rows {
+    ($summary:expr, $detail:expr, $pieces:expr) => {{
+        let detail = &$detail;
+        let pieces = &$pieces;
+        let requests = pieces
+            .iter()
+            .map(|r| r.try_get::<Option<String>, _>(0))
+            .collect::<Result<Vec<_>, _>>()?;
+        let responses = pieces
+            .iter()
+            .map(|r| r.try_get::<Option<String>, _>(1))
+            .collect::<Result<Vec<_>, _>>()?;
+        let chain = match (
+            detail.try_get::<Option<String>, _>(10)?,
+            detail.try_get::<Option<i64>, _>(11)?,
+            detail.try_get::<Option<String>, _>(12)?,
+        ) {
+            (Some(chain), Some(sequence), Some(hash)) => Some((chain, sequence, hash)),
+            _ => None,
+        };
+        CallDetail {
+            summary: $summary,
+            attempts: detail.try_get(0)?,
+            prompt_tokens: detail.try_get(1)?,
+            completion_tokens: detail.try_get(2)?,
+            tokens_estimated: detail.try_get(3)?,
+            time_to_first_byte: detail.try_get(4)?,
+            backend_request_body: detail.try_get(5)?,
+            backend_response_body: detail.try_get(6)?,
+            request_messages: reassemble(requests),
+            response_messages: reassemble(responses),
+            truncated: (detail.try_get(7)?, detail.try_get(8)?),
+            client_aborted: detail.try_get(9)?,
+            chain,
+        }
+    }};
+}
+
 impl SqlStore {
     /// Searches calls, newest first, one page at a time.
     pub async fn search(&self, filter: &SearchFilter) -> Result<Page, StoreError> {
@@ -534,37 +574,7 @@ async fn call_sqlite(pool: &sqlx::SqlitePool, id: &str) -> Result<Option<CallDet
         .bind(id)
         .fetch_all(pool)
         .await?;
-    let requests = pieces
-        .iter()
-        .map(|r| r.try_get::<Option<String>, _>(0))
-        .collect::<Result<Vec<_>, _>>()?;
-    let responses = pieces
-        .iter()
-        .map(|r| r.try_get::<Option<String>, _>(1))
-        .collect::<Result<Vec<_>, _>>()?;
-    let chain = match (
-        detail.try_get::<Option<String>, _>(10)?,
-        detail.try_get::<Option<i64>, _>(11)?,
-        detail.try_get::<Option<String>, _>(12)?,
-    ) {
-        (Some(chain), Some(sequence), Some(hash)) => Some((chain, sequence, hash)),
-        _ => None,
-    };
-    Ok(Some(CallDetail {
-        summary,
-        attempts: detail.try_get(0)?,
-        prompt_tokens: detail.try_get(1)?,
-        completion_tokens: detail.try_get(2)?,
-        tokens_estimated: detail.try_get(3)?,
-        time_to_first_byte: detail.try_get(4)?,
-        backend_request_body: detail.try_get(5)?,
-        backend_response_body: detail.try_get(6)?,
-        request_messages: reassemble(requests),
-        response_messages: reassemble(responses),
-        truncated: (detail.try_get(7)?, detail.try_get(8)?),
-        client_aborted: detail.try_get(9)?,
-        chain,
-    }))
+    Ok(Some(detail_from_rows!(summary, detail, pieces)))
 }
 
 fn search_rows_sqlite(
@@ -596,35 +606,5 @@ async fn call_postgres(pool: &sqlx::PgPool, id: &str) -> Result<Option<CallDetai
         .bind(id)
         .fetch_all(pool)
         .await?;
-    let requests = pieces
-        .iter()
-        .map(|r| r.try_get::<Option<String>, _>(0))
-        .collect::<Result<Vec<_>, _>>()?;
-    let responses = pieces
-        .iter()
-        .map(|r| r.try_get::<Option<String>, _>(1))
-        .collect::<Result<Vec<_>, _>>()?;
-    let chain = match (
-        detail.try_get::<Option<String>, _>(10)?,
-        detail.try_get::<Option<i64>, _>(11)?,
-        detail.try_get::<Option<String>, _>(12)?,
-    ) {
-        (Some(chain), Some(sequence), Some(hash)) => Some((chain, sequence, hash)),
-        _ => None,
-    };
-    Ok(Some(CallDetail {
-        summary,
-        attempts: detail.try_get(0)?,
-        prompt_tokens: detail.try_get(1)?,
-        completion_tokens: detail.try_get(2)?,
-        tokens_estimated: detail.try_get(3)?,
-        time_to_first_byte: detail.try_get(4)?,
-        backend_request_body: detail.try_get(5)?,
-        backend_response_body: detail.try_get(6)?,
-        request_messages: reassemble(requests),
-        response_messages: reassemble(responses),
-        truncated: (detail.try_get(7)?, detail.try_get(8)?),
-        client_aborted: detail.try_get(9)?,
-        chain,
-    }))
+    Ok(Some(detail_from_rows!(summary, detail, pieces)))
 }
