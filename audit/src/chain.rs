@@ -604,12 +604,11 @@ impl ChainProgress {
             self.records += 1;
             return;
         }
-        if let Some((sequence, hash, _)) = self.last {
-            if linked.sequence == sequence && linked.content_ok && same(linked.record_hash, hash) {
+        if let Some((sequence, hash, _)) = self.last
+            && linked.sequence == sequence && linked.content_ok && same(linked.record_hash, hash) {
                 self.duplicates += 1;
                 return;
             }
-        }
         self.records += 1;
         let broken = match self.last {
             None if linked.sequence != 0 => Some((

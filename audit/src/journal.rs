@@ -339,11 +339,10 @@ impl Journal {
             self.segments.pop_front();
             self.head = 0;
         }
-        if removed {
-            if let Err(error) = sync_dir(&self.dir) {
+        if removed
+            && let Err(error) = sync_dir(&self.dir) {
                 tracing::warn!(%error, "audit journal directory not synced after deleting a segment");
             }
-        }
     }
 }
 

@@ -504,11 +504,10 @@ impl Writer {
         self.closed = true;
         let now = Instant::now();
         self.next_attempt = now;
-        if let Some(flight) = &mut self.in_flight {
-            if flight.timed_out {
+        if let Some(flight) = &mut self.in_flight
+            && flight.timed_out {
                 flight.deadline = Some(now + self.sink_timeout);
             }
-        }
     }
 
     fn shutting_down_without_sink(&self) -> bool {
@@ -841,8 +840,7 @@ impl Writer {
             records,
             journaled: journaled @ None,
         } = &mut flight.job
-        {
-            if self.journal.is_some() {
+            && self.journal.is_some() {
                 let records = Arc::clone(records);
                 match self.append(&records, false).await {
                     Ok(stretch) => {
@@ -855,7 +853,6 @@ impl Writer {
                     }
                 }
             }
-        }
         self.in_flight = Some(flight);
     }
 

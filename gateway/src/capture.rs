@@ -354,11 +354,10 @@ impl StreamAssembler {
                         .entry("function".to_owned())
                         .or_insert_with(|| json!({"name": "", "arguments": ""}));
                     for key in ["name", "arguments"] {
-                        if let Some(part) = function.get(key).and_then(Value::as_str) {
-                            if let Some(Value::String(existing)) = target.get_mut(key) {
+                        if let Some(part) = function.get(key).and_then(Value::as_str)
+                            && let Some(Value::String(existing)) = target.get_mut(key) {
                                 existing.push_str(part);
                             }
-                        }
                     }
                 }
             }

@@ -190,11 +190,10 @@ fn validate(snapshot: &ConfigSnapshot, errors: &mut Vec<String>) {
                 "subscriptions[{i}].primary_key_hash: the same key is used by another subscription"
             ));
         }
-        if let Some(secondary) = &subscription.secondary_key_hash {
-            if !digests.insert(secondary) {
+        if let Some(secondary) = &subscription.secondary_key_hash
+            && !digests.insert(secondary) {
                 errors.push(format!("subscriptions[{i}].secondary_key_hash: the same key is used by another subscription"));
             }
-        }
     }
 
     let mut pool_ids = HashSet::new();
@@ -267,17 +266,16 @@ fn validate(snapshot: &ConfigSnapshot, errors: &mut Vec<String>) {
             if member.weight == 0 {
                 errors.push(format!("{path}.weight: must be at least 1"));
             }
-            if let Some(deployment) = &member.deployment {
-                if deployment.is_empty()
+            if let Some(deployment) = &member.deployment
+                && (deployment.is_empty()
                     || !deployment.bytes().all(|b| {
                         b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':')
-                    })
+                    }))
                 {
                     errors.push(format!(
                         "{path}.deployment: `{deployment}` is not a valid deployment name"
                     ));
                 }
-            }
         }
     }
 }

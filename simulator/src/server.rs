@@ -154,15 +154,14 @@ impl RunningSimulator {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        if let Some(mut task) = task {
-            if tokio::time::timeout(SHUTDOWN_GRACE, &mut task)
+        if let Some(mut task) = task
+            && tokio::time::timeout(SHUTDOWN_GRACE, &mut task)
                 .await
                 .is_err()
             {
                 tracing::warn!(simulator = %self.id(), "simulator connections still open; cutting them");
                 task.abort();
             }
-        }
         tracing::info!(simulator = %self.id(), "gatehouse simulator stopped");
     }
 }
