@@ -28,7 +28,7 @@ use crate::pool::HealthRegistry;
 use crate::record::CallRecord;
 use crate::runtime::{Runtime, ValidationErrors};
 use crate::secret::Secret;
-use crate::{admin, caller, classify, proxy};
+use crate::{admin, auth, authorize, caller, classify, proxy};
 
 /// Routes served without a subscription key.
 pub const OPEN_ROUTES: &[&str] = &["/healthz", "/readyz", "/metrics"];
@@ -49,6 +49,8 @@ pub struct Gateway {
     pub(crate) state_dir: PathBuf,
     pub(crate) config_writes: tokio::sync::Mutex<()>,
     access_log: bool,
+    /// Validates Entra ID tokens (signing keys and Graph answers are cached across snapshots).
+    pub tokens: crate::entra::TokenValidator,
 }
 
 /// How to build a [`Gateway`].
@@ -66,6 +68,8 @@ pub struct GatewayParts {
     pub audit: Option<AuditQueue>,
     /// Whether every call writes a log line (the audit record holds the same and more).
     pub access_log: bool,
+    /// The gateway's own Entra credential (Microsoft Graph for the groups overage), if any.
+    pub entra_credential: Option<Arc<dyn crate::entra::graph::AccessTokenSource>>,
 }
 
 impl Gateway {
@@ -87,6 +91,15 @@ impl Gateway {
         let affinity = AffinityMap::open(&parts.state_dir).await?;
         let metrics = Metrics::default();
         metrics.config_version.set(runtime.snapshot.version);
+        let identity_client = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .timeout(std::time::Duration::from_secs(15))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        let tokens = crate::entra::TokenValidator::new(
+            identity_client.clone(),
+            crate::entra::graph::GroupResolver::new(identity_client, parts.entra_credential),
+        );
         Ok(Arc::new(Gateway {
             id: parts.id,
             runtime: ArcSwap::from_pointee(runtime),
@@ -98,6 +111,7 @@ impl Gateway {
             state_dir: parts.state_dir,
             config_writes: tokio::sync::Mutex::new(()),
             access_log: parts.access_log,
+            tokens,
         }))
     }
 
@@ -310,10 +324,15 @@ async fn pipeline(
     record: &mut Option<CallRecord>,
 ) -> Result<Response, GatewayError> {
     // 3. Authenticate, before reading a byte of the body.
-    let principal =
-        runtime
-            .keys
-            .authenticate(&parts.headers, parts.uri.query(), OffsetDateTime::now_utc())?;
+    let principal = auth::authenticate(
+        &runtime.keys,
+        &runtime.snapshot.identity,
+        &gateway.tokens,
+        &parts.headers,
+        parts.uri.query(),
+        OffsetDateTime::now_utc(),
+    )
+    .await?;
     if let Some(record) = record.as_mut() {
         record.principal(&principal);
     }
@@ -352,8 +371,9 @@ async fn pipeline(
             record.record.request_messages = crate::capture::request_messages(call.operation, json);
         }
     }
-    // 5–6. Authorization rules and limits arrive with the identity work; a valid key grants every
-    // configured deployment today.
+    // 5. Authorize.
+    authorize::authorize(runtime.snapshot.access_rules.as_deref(), &principal, &call)?;
+    // 6. Limits arrive with the limits work.
     // 7–9. Route, proxy, capture.
     proxy::forward(gateway, runtime, call, parts, body, record).await
 }

@@ -4,11 +4,17 @@
 //! (API Management's header), the `subscription-key` query parameter, or `Authorization: Bearer`
 //! (what the OpenAI SDKs send). Keys are kept only as SHA-256 digests; the presented key is hashed
 //! and the digest compared in constant time.
+//!
+//! When the snapshot accepts Entra ID tokens, a JWT in `Authorization: Bearer` is validated by
+//! [`crate::entra`]; `identity.require` says whether a key, a token, either or both are needed.
+//! A token anywhere else (an `api-key` header, the query) is only ever taken for a key, and fails
+//! as one.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use gatehouse_schema::config::{KeyHash, Subscription, SubscriptionState};
+use gatehouse_schema::identity::{CredentialRequirement, IdentityPolicy};
 use http::HeaderMap;
 use rand::Rng;
 use sha2::{Digest, Sha256};
@@ -16,6 +22,7 @@ use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
 
 use crate::classify::query_param;
+use crate::entra::{EntraIdentity, TokenValidator, looks_like_jwt};
 use crate::error::GatewayError;
 
 /// The prefix of every key Gatehouse issues, so that secret scanners can recognise leaked keys.
@@ -26,11 +33,70 @@ pub const KEY_HEADERS: [&str; 2] = ["api-key", "ocp-apim-subscription-key"];
 /// Query parameter that carries a subscription key.
 pub const KEY_QUERY: &str = "subscription-key";
 
-/// The authenticated caller.
-#[derive(Debug, Clone)]
+/// The authenticated caller: a subscription, an Entra identity, or both.
+#[derive(Debug, Clone, Default)]
 pub struct Principal {
     /// The subscription whose key was presented.
-    pub subscription: Arc<Subscription>,
+    pub subscription: Option<Arc<Subscription>>,
+    /// The user or application an Entra token names.
+    pub user: Option<Arc<EntraIdentity>>,
+}
+
+/// What the caller presented.
+#[derive(Debug, Default)]
+struct Presented {
+    key: Option<String>,
+    token: Option<String>,
+}
+
+/// Authenticates a request under the snapshot's identity policy.
+pub async fn authenticate(
+    keys: &KeyIndex,
+    policy: &IdentityPolicy,
+    validator: &TokenValidator,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    now: OffsetDateTime,
+) -> Result<Principal, GatewayError> {
+    let Some(entra) = &policy.entra else {
+        let subscription = keys.authenticate(headers, query, now)?.subscription;
+        return Ok(Principal {
+            subscription,
+            user: None,
+        });
+    };
+    let presented = presented(headers, query, true);
+    let (need_key, need_token, use_key, use_token) = match policy.require {
+        CredentialRequirement::KeyOrToken => (false, false, true, true),
+        CredentialRequirement::Key => (true, false, true, false),
+        CredentialRequirement::Token => (false, true, false, true),
+        CredentialRequirement::KeyAndToken => (true, true, true, true),
+    };
+    let key = presented.key.filter(|_| use_key);
+    let token = presented.token.filter(|_| use_token);
+    if need_key && key.is_none() {
+        return Err(GatewayError::MissingKey);
+    }
+    if need_token && token.is_none() {
+        return Err(GatewayError::MissingToken);
+    }
+    if key.is_none() && token.is_none() {
+        return Err(GatewayError::MissingKey);
+    }
+    let subscription = match key {
+        Some(key) => Some(keys.subscription_for(&key, now)?),
+        None => None,
+    };
+    let user = match token {
+        Some(token) => Some(Arc::new(
+            validator
+                .validate(entra, &token)
+                .await
+                .map_err(GatewayError::InvalidToken)?,
+        )),
+        None => None,
+    };
+    Ok(Principal { subscription, user })
 }
 
 /// Subscriptions indexed by key digest.
@@ -60,8 +126,22 @@ impl KeyIndex {
         query: Option<&str>,
         now: OffsetDateTime,
     ) -> Result<Principal, GatewayError> {
-        let key = presented_key(headers, query).ok_or(GatewayError::MissingKey)?;
-        let digest = digest(&key);
+        let key = presented(headers, query, false)
+            .key
+            .ok_or(GatewayError::MissingKey)?;
+        Ok(Principal {
+            subscription: Some(self.subscription_for(&key, now)?),
+            user: None,
+        })
+    }
+
+    /// The active subscription `key` belongs to.
+    pub fn subscription_for(
+        &self,
+        key: &str,
+        now: OffsetDateTime,
+    ) -> Result<Arc<Subscription>, GatewayError> {
+        let digest = digest(key);
         // The map is keyed by a digest of a high-entropy key, so a lookup reveals nothing an
         // attacker can steer; the final comparison is constant-time regardless.
         let subscription = self
@@ -82,29 +162,44 @@ impl KeyIndex {
         if subscription.expires_at.is_some_and(|at| at <= now) {
             return Err(GatewayError::ExpiredKey);
         }
-        Ok(Principal {
-            subscription: Arc::clone(subscription),
-        })
+        Ok(Arc::clone(subscription))
     }
 }
 
-/// The key the client presented, from the first place that has one.
-fn presented_key(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
+/// The key the client presented (from the first place that has one) and, when tokens are
+/// accepted, the JWT in `Authorization: Bearer`.
+fn presented(headers: &HeaderMap, query: Option<&str>, tokens_accepted: bool) -> Presented {
+    let mut presented = Presented::default();
+    let bearer = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|authorization| {
+            let (scheme, value) = authorization.trim().split_once(' ')?;
+            let value = value.trim();
+            (scheme.eq_ignore_ascii_case("bearer") && !value.is_empty()).then(|| value.to_owned())
+        });
+    let bearer_key = match bearer {
+        Some(value) if tokens_accepted && looks_like_jwt(&value) => {
+            presented.token = Some(value);
+            None
+        }
+        other => other,
+    };
     for name in KEY_HEADERS {
         if let Some(value) = headers.get(name).and_then(|v| v.to_str().ok()) {
             let value = value.trim();
             if !value.is_empty() {
-                return Some(value.to_owned());
+                presented.key = Some(value.to_owned());
+                return presented;
             }
         }
     }
     if let Some(value) = query_param(query, KEY_QUERY).filter(|v| !v.is_empty()) {
-        return Some(value);
+        presented.key = Some(value);
+        return presented;
     }
-    let authorization = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = authorization.trim().split_once(' ')?;
-    (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty())
-        .then(|| token.trim().to_owned())
+    presented.key = bearer_key;
+    presented
 }
 
 /// SHA-256 of a key.
@@ -164,6 +259,7 @@ mod tests {
                     .authenticate(&headers, None, now)
                     .unwrap()
                     .subscription
+                    .unwrap()
                     .id,
                 "team-a"
             );
@@ -173,7 +269,7 @@ mod tests {
             Some("api-version=1&subscription-key=key-two"),
             now,
         );
-        assert_eq!(by_query.unwrap().subscription.id, "team-a");
+        assert_eq!(by_query.unwrap().subscription.unwrap().id, "team-a");
     }
 
     #[test]

@@ -89,6 +89,25 @@ pub struct Call {
 }
 
 impl Call {
+    /// A call with only an operation and a deployment, for tests of later pipeline steps.
+    #[cfg(test)]
+    pub(crate) fn for_test(operation: OperationId, deployment: Option<&str>) -> Call {
+        Call {
+            operation,
+            style: RouteStyle::AzureDeployment,
+            deployment: deployment.map(str::to_owned),
+            op_path: Vec::new(),
+            api_version: None,
+            object: None,
+            creates: None,
+            body_kind: BodyKind::None,
+            is_stream: false,
+            peek: None,
+            json_body: Bytes::new(),
+            json: OnceLock::new(),
+        }
+    }
+
     /// The parsed JSON body, when the body is JSON; parsed on first use (capture, estimation,
     /// renaming the model, object references), never on the plain forwarding path.
     pub fn json(&self) -> Option<&serde_json::Value> {

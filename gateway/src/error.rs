@@ -29,6 +29,22 @@ pub enum GatewayError {
         "Access denied because the subscription has expired. Ask an administrator to renew it."
     )]
     ExpiredKey,
+    /// An Entra ID token is required and none was presented.
+    #[error(
+        "Access denied due to missing Entra ID access token. Send one in the Authorization header as `Bearer <token>`."
+    )]
+    MissingToken,
+    /// The Entra ID token was refused.
+    #[error("Access denied due to an invalid Entra ID access token: {0}.")]
+    InvalidToken(crate::entra::TokenError),
+    /// No access rule grants the call.
+    #[error("{}", permission_message(deployment.as_deref(), operation))]
+    NotPermitted {
+        /// The deployment the call names, if one.
+        deployment: Option<String>,
+        /// The operation id.
+        operation: &'static str,
+    },
     /// No route of Azure OpenAI or OpenAI matches.
     #[error("Resource not found")]
     UnknownRoute,
@@ -96,6 +112,17 @@ pub enum GatewayError {
     Internal,
 }
 
+fn permission_message(deployment: Option<&str>, operation: &str) -> String {
+    match deployment {
+        Some(deployment) => format!(
+            "The caller is not permitted to use deployment '{deployment}' for operation '{operation}': no access rule grants it."
+        ),
+        None => format!(
+            "The caller is not permitted to perform operation '{operation}': no access rule grants it."
+        ),
+    }
+}
+
 impl GatewayError {
     /// The HTTP status of the error.
     pub fn status(&self) -> StatusCode {
@@ -103,7 +130,13 @@ impl GatewayError {
             GatewayError::MissingKey
             | GatewayError::InvalidKey
             | GatewayError::ExpiredKey
-            | GatewayError::AdminUnauthorized => StatusCode::UNAUTHORIZED,
+            | GatewayError::AdminUnauthorized
+            | GatewayError::MissingToken => StatusCode::UNAUTHORIZED,
+            GatewayError::InvalidToken(error) if error.is_unavailable() => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            GatewayError::InvalidToken(_) => StatusCode::UNAUTHORIZED,
+            GatewayError::NotPermitted { .. } => StatusCode::FORBIDDEN,
             GatewayError::UnknownRoute
             | GatewayError::DeploymentNotFound
             | GatewayError::ObjectNotFound(_) => StatusCode::NOT_FOUND,
@@ -126,6 +159,12 @@ impl GatewayError {
             GatewayError::MissingKey => "missing_key",
             GatewayError::InvalidKey => "invalid_key",
             GatewayError::ExpiredKey => "expired_key",
+            GatewayError::MissingToken => "missing_token",
+            GatewayError::InvalidToken(error) if error.is_unavailable() => {
+                "token_validation_unavailable"
+            }
+            GatewayError::InvalidToken(_) => "invalid_token",
+            GatewayError::NotPermitted { .. } => "not_permitted",
             GatewayError::UnknownRoute => "unknown_route",
             GatewayError::BodyTooLarge { .. } => "body_too_large",
             GatewayError::BadRequest { .. } => "bad_request",
@@ -148,6 +187,7 @@ impl GatewayError {
             GatewayError::DeploymentNotFound => "DeploymentNotFound".to_owned(),
             GatewayError::BadRequest { .. } => "invalid_request_error".to_owned(),
             GatewayError::InvalidConfig { .. } => "InvalidConfiguration".to_owned(),
+            GatewayError::NotPermitted { .. } => "PermissionDenied".to_owned(),
             _ => self.status().as_u16().to_string(),
         }
     }
@@ -162,6 +202,7 @@ impl IntoResponse for GatewayError {
         };
         let error_type = match status {
             StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::FORBIDDEN => "permission_error",
             StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
             s if s.is_server_error() => "server_error",
             _ => "invalid_request_error",

@@ -6,10 +6,14 @@
 //! 1. **Accept** ([`server`]): HTTP/1.1 and HTTP/2, optional TLS; the request id (`x-request-id`
 //!    in, or a new UUIDv7) becomes the audit record's `CorrelationId` ([`app`]).
 //! 2. **Caller address** ([`caller`]): the peer, and `X-Forwarded-For` from trusted proxies only.
-//! 3. **Authenticate** ([`auth`]): a subscription key from `api-key`, `Ocp-Apim-Subscription-Key`,
-//!    `subscription-key` or `Authorization: Bearer`, checked against SHA-256 digests.
+//! 3. **Authenticate** ([`auth`], [`entra`]): a subscription key from `api-key`,
+//!    `Ocp-Apim-Subscription-Key`, `subscription-key` or `Authorization: Bearer`, checked against
+//!    SHA-256 digests, and/or an Entra ID access token (signing keys by `kid`, groups overage
+//!    through Microsoft Graph).
 //! 4. **Classify** ([`classify`]): method + path → operation id, deployment, route style.
-//! 5. **Authorize** and 6. **Limit**: group-to-model rules and token limits (identity issue).
+//! 5. **Authorize** ([`authorize`]): access rules grant groups, subscriptions, users and app roles
+//!    deployments and operations; everything else is denied.
+//! 6. **Limit**: requests and tokens per minute, token quotas.
 //! 7. **Route** ([`pool`], [`affinity`], [`retry_hint`]): priority groups, weights, members set
 //!    aside on 429/5xx/connect failure, stateful objects pinned to their member.
 //! 8. **Proxy** ([`proxy`]): the member's URL and credential replace the client's, the body is
@@ -25,9 +29,11 @@ pub mod admin;
 pub mod affinity;
 pub mod app;
 pub mod auth;
+pub mod authorize;
 pub mod caller;
 pub mod capture;
 pub mod classify;
+pub mod entra;
 pub mod error;
 pub mod metrics;
 pub mod peek;

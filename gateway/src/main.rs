@@ -279,6 +279,7 @@ async fn serve(file: ConfigFile) -> anyhow::Result<()> {
         admin_token,
         audit,
         access_log: settings.access_log,
+        entra_credential: None,
     })
     .await?;
     let (listening, task) =

@@ -90,8 +90,16 @@ impl CallRecord {
 
     /// Notes the authenticated caller.
     pub fn principal(&mut self, principal: &Principal) {
-        self.record.apim_subscription_id = Some(principal.subscription.id.clone());
-        self.record.product_id = principal.subscription.product.clone();
+        if let Some(subscription) = &principal.subscription {
+            self.record.apim_subscription_id = Some(subscription.id.clone());
+            self.record.product_id = subscription.product.clone();
+        }
+        if let Some(user) = &principal.user {
+            self.record.user_id = Some(user.object_id.clone());
+            self.record.user_name = user.username.clone().or_else(|| user.name.clone());
+            self.record.tenant_id = Some(user.tenant_id.clone());
+            self.record.groups = user.groups.clone();
+        }
     }
 
     /// Notes what the call is.

@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use url::Url;
 
+use crate::identity::{AccessRule, IdentityPolicy};
+
 /// One complete, versioned gateway configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -33,6 +35,13 @@ pub struct ConfigSnapshot {
     /// Request body size above which the gateway answers 413 (bytes).
     #[serde(default = "default_max_request_body")]
     pub max_request_body_bytes: u64,
+    /// Which credentials callers present and how Entra ID tokens are validated.
+    #[serde(default)]
+    pub identity: IdentityPolicy,
+    /// Who may call which deployments. Absent: every authenticated caller may call every
+    /// deployment (a single-team set-up); present, even empty: everything not granted is denied.
+    #[serde(default)]
+    pub access_rules: Option<Vec<AccessRule>>,
 }
 
 fn default_max_request_body() -> u64 {

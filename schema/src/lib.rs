@@ -5,6 +5,7 @@
 
 pub mod audit;
 pub mod config;
+pub mod identity;
 pub mod operation;
 
 pub use audit::AuditRecord;

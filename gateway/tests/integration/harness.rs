@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gatehouse_audit::{AuditQueue, MemorySink, WriterHandle};
+use gatehouse_gateway::entra::graph::AccessTokenSource;
 use gatehouse_gateway::secret::Secret;
 use gatehouse_gateway::server::{self, Listening};
 use gatehouse_gateway::{Gateway, GatewayParts};
@@ -86,6 +87,28 @@ impl TestGateway {
         queue: AuditQueue,
         writer: WriterHandle,
     ) -> TestGateway {
+        Self::start_full(snapshot, state_dir, sink, queue, writer, None).await
+    }
+
+    /// Starts a gateway whose own Entra credential (for Microsoft Graph) is `credential`.
+    pub async fn start_with_entra_credential(
+        snapshot: ConfigSnapshot,
+        credential: Arc<dyn AccessTokenSource>,
+    ) -> TestGateway {
+        let sink = MemorySink::new();
+        let (queue, writer) = AuditQueue::start(Arc::new(sink.clone()), 10_000);
+        let state_dir = Arc::new(tempfile::tempdir().unwrap());
+        Self::start_full(snapshot, state_dir, sink, queue, writer, Some(credential)).await
+    }
+
+    async fn start_full(
+        snapshot: ConfigSnapshot,
+        state_dir: Arc<tempfile::TempDir>,
+        sink: MemorySink,
+        queue: AuditQueue,
+        writer: WriterHandle,
+        entra_credential: Option<Arc<dyn AccessTokenSource>>,
+    ) -> TestGateway {
         let gateway = Gateway::new(GatewayParts {
             id: "test-gateway".to_owned(),
             snapshot,
@@ -93,6 +116,7 @@ impl TestGateway {
             admin_token: Some(Secret::new(ADMIN_TOKEN.to_owned())),
             audit: Some(queue),
             access_log: true,
+            entra_credential,
         })
         .await
         .unwrap();

@@ -14,6 +14,8 @@ mod audit_store;
 mod auth;
 mod bad_input;
 mod config_endpoint;
+mod entra;
+mod entra_double;
 mod failover;
 mod operations;
 mod routes;

@@ -1,0 +1,215 @@
+//! Step 5: may this caller make this call?
+//!
+//! Access rules grant a grantee (an Entra group, a subscription, a user, an app role) deployments
+//! and operations. A caller gets the union of every rule that names them; everything else is
+//! denied. The refusal names the deployment and operation the caller asked for and never lists
+//! what other rules grant.
+
+use gatehouse_schema::identity::{AccessRule, Grantee, glob_matches};
+
+use crate::auth::Principal;
+use crate::classify::Call;
+use crate::error::GatewayError;
+
+/// Checks `call` by `principal` against `rules` (`None`: no rules configured, everything allowed).
+pub fn authorize(
+    rules: Option<&[AccessRule]>,
+    principal: &Principal,
+    call: &Call,
+) -> Result<(), GatewayError> {
+    let Some(rules) = rules else {
+        return Ok(());
+    };
+    let operation = call.operation.as_str();
+    let deployment = call.deployment.as_deref();
+    let granted = rules.iter().any(|rule| {
+        names(rule, principal)
+            && covers_operation(rule, operation)
+            && match deployment {
+                Some(deployment) => rule
+                    .deployments
+                    .iter()
+                    .any(|pattern| glob_matches(pattern, deployment)),
+                None => rule.resources,
+            }
+    });
+    if granted {
+        Ok(())
+    } else {
+        Err(GatewayError::NotPermitted {
+            deployment: deployment.map(truncated),
+            operation,
+        })
+    }
+}
+
+/// Whether `rule` grants to `principal`.
+fn names(rule: &AccessRule, principal: &Principal) -> bool {
+    match &rule.grantee {
+        Grantee::Subscription { id } => principal
+            .subscription
+            .as_ref()
+            .is_some_and(|subscription| subscription.id == *id),
+        Grantee::Group { id, .. } => principal.user.as_ref().is_some_and(|user| {
+            user.groups
+                .iter()
+                .any(|group| group.eq_ignore_ascii_case(id))
+        }),
+        Grantee::User { id } => principal
+            .user
+            .as_ref()
+            .is_some_and(|user| user.object_id.eq_ignore_ascii_case(id)),
+        Grantee::AppRole { value } => principal
+            .user
+            .as_ref()
+            .is_some_and(|user| user.roles.iter().any(|role| role == value)),
+    }
+}
+
+fn covers_operation(rule: &AccessRule, operation: &str) -> bool {
+    rule.operations.is_empty()
+        || rule
+            .operations
+            .iter()
+            .any(|pattern| glob_matches(pattern, operation))
+}
+
+/// A client-supplied name, shortened for an error message.
+fn truncated(name: &str) -> String {
+    const MAX: usize = 128;
+    if name.len() <= MAX {
+        return name.to_owned();
+    }
+    let mut end = MAX;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &name[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use gatehouse_schema::OperationId;
+    use gatehouse_schema::config::{KeyHash, Subscription, SubscriptionState};
+
+    use super::*;
+    use crate::entra::EntraIdentity;
+
+    fn rule(grantee: Grantee, deployments: &[&str], operations: &[&str]) -> AccessRule {
+        AccessRule {
+            id: "r".to_owned(),
+            grantee,
+            deployments: deployments.iter().map(|d| (*d).to_owned()).collect(),
+            operations: operations.iter().map(|o| (*o).to_owned()).collect(),
+            resources: false,
+        }
+    }
+
+    fn user(groups: &[&str]) -> Principal {
+        Principal {
+            subscription: None,
+            user: Some(Arc::new(EntraIdentity {
+                object_id: "u1".to_owned(),
+                tenant_id: "t".to_owned(),
+                name: None,
+                username: None,
+                groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+                roles: vec!["Gatehouse.Caller".to_owned()],
+                app_id: None,
+                app_only: false,
+                groups_overage: false,
+            })),
+        }
+    }
+
+    fn call(deployment: Option<&str>, operation: OperationId) -> Call {
+        Call::for_test(operation, deployment)
+    }
+
+    fn group(id: &str) -> Grantee {
+        Grantee::Group {
+            id: id.to_owned(),
+            display_name: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_member_of_two_groups_gets_the_union() {
+        let rules = [
+            rule(group("g-chat"), &["gpt-4o"], &["chatcompletions_create"]),
+            rule(group("g-embed"), &["text-embedding-*"], &[]),
+        ];
+        let both = user(&["g-chat", "G-EMBED"]);
+        let chat = call(Some("gpt-4o"), OperationId::ChatCompletionsCreate);
+        let embed = call(
+            Some("text-embedding-3-small"),
+            OperationId::EmbeddingsCreate,
+        );
+        assert!(authorize(Some(&rules), &both, &chat).is_ok());
+        assert!(authorize(Some(&rules), &both, &embed).is_ok());
+        let only_chat = user(&["g-chat"]);
+        assert!(authorize(Some(&rules), &only_chat, &embed).is_err());
+        // The chat rule grants chat only.
+        let embed_on_gpt = call(Some("gpt-4o"), OperationId::EmbeddingsCreate);
+        assert!(authorize(Some(&rules), &only_chat, &embed_on_gpt).is_err());
+        let nobody = user(&[]);
+        assert!(matches!(
+            authorize(Some(&rules), &nobody, &chat),
+            Err(GatewayError::NotPermitted { deployment: Some(d), operation: "chatcompletions_create" }) if d == "gpt-4o"
+        ));
+    }
+
+    #[test]
+    fn subscriptions_users_roles_and_resources() {
+        let subscription = Principal {
+            subscription: Some(Arc::new(Subscription {
+                id: "team-a".to_owned(),
+                display_name: String::new(),
+                product: None,
+                primary_key_hash: KeyHash([0; 32]),
+                secondary_key_hash: None,
+                state: SubscriptionState::Active,
+                expires_at: None,
+            })),
+            user: None,
+        };
+        let mut files = rule(
+            Grantee::Subscription {
+                id: "team-a".to_owned(),
+            },
+            &[],
+            &["files_*"],
+        );
+        files.resources = true;
+        let rules = [
+            files,
+            rule(
+                Grantee::User {
+                    id: "U1".to_owned(),
+                },
+                &["o1"],
+                &[],
+            ),
+            rule(
+                Grantee::AppRole {
+                    value: "Gatehouse.Caller".to_owned(),
+                },
+                &["gpt-4o-mini"],
+                &[],
+            ),
+        ];
+        let upload = call(None, OperationId::FilesUpload);
+        assert!(authorize(Some(&rules), &subscription, &upload).is_ok());
+        assert!(authorize(Some(&rules), &user(&[]), &upload).is_err());
+        let o1 = call(Some("o1"), OperationId::ChatCompletionsCreate);
+        assert!(authorize(Some(&rules), &user(&[]), &o1).is_ok());
+        assert!(authorize(Some(&rules), &subscription, &o1).is_err());
+        let mini = call(Some("gpt-4o-mini"), OperationId::ChatCompletionsCreate);
+        assert!(authorize(Some(&rules), &user(&[]), &mini).is_ok());
+        // No rules at all: allowed; an empty list: denied.
+        assert!(authorize(None, &subscription, &o1).is_ok());
+        assert!(authorize(Some(&[]), &subscription, &o1).is_err());
+    }
+}

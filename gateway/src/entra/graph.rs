@@ -1,0 +1,153 @@
+//! The groups overage: a user in more groups than a token carries gets `_claim_names.groups`
+//! instead of `groups`, and the gateway asks Microsoft Graph.
+//!
+//! Wire format: `POST {graph}/v1.0/users/{oid}/getMemberObjects` (or `servicePrincipals/{oid}` for
+//! an app-only token) with `{"securityEnabledOnly": true}`, answered `{"value": ["<id>", …]}`
+//! (Microsoft Graph v1.0, "directoryObject: getMemberObjects"; `azure-specs.md` §5.4). The call
+//! carries the gateway's own app token for `https://graph.microsoft.com/.default`. Answers are
+//! cached per tenant and object id for `graph.cache_seconds`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use gatehouse_schema::identity::GraphPolicy;
+use serde::Deserialize;
+
+use super::TokenError;
+use crate::secret::Secret;
+
+/// The scope of a Microsoft Graph token.
+pub const GRAPH_SCOPE: &str = "https://graph.microsoft.com/.default";
+
+/// Something that obtains access tokens for a scope with the gateway's own identity.
+pub trait AccessTokenSource: Send + Sync + std::fmt::Debug {
+    /// A token for `scope`; the error text never contains a secret.
+    fn token<'a>(&'a self, scope: &'a str) -> BoxFuture<'a, Result<Secret<String>, String>>;
+}
+
+/// Most cached users; beyond it, expired entries are dropped, then the cache is cleared.
+const MAX_CACHED: usize = 50_000;
+
+/// Resolves and caches group memberships.
+#[derive(Debug)]
+pub struct GroupResolver {
+    client: reqwest::Client,
+    credential: Option<Arc<dyn AccessTokenSource>>,
+    cache: Mutex<HashMap<UserKey, Cached>>,
+}
+
+/// Tenant id and object id.
+type UserKey = (String, String);
+
+/// A user's groups and when Graph said so.
+type Cached = (Instant, Arc<Vec<String>>);
+
+#[derive(Deserialize)]
+struct MemberObjects {
+    value: Vec<String>,
+}
+
+impl GroupResolver {
+    /// A resolver calling Graph with `client` and tokens from `credential` (none: overage tokens
+    /// are refused with a clear reason).
+    pub fn new(
+        client: reqwest::Client,
+        credential: Option<Arc<dyn AccessTokenSource>>,
+    ) -> GroupResolver {
+        GroupResolver {
+            client,
+            credential,
+            cache: Mutex::default(),
+        }
+    }
+
+    /// The groups `object_id` of `tenant` is a member of (transitively).
+    pub async fn member_groups(
+        &self,
+        policy: &GraphPolicy,
+        tenant: &str,
+        object_id: &str,
+        app_only: bool,
+    ) -> Result<Arc<Vec<String>>, TokenError> {
+        let ttl = Duration::from_secs(policy.cache_seconds);
+        let key = (tenant.to_owned(), object_id.to_owned());
+        if let Some((at, groups)) = lock(&self.cache).get(&key)
+            && at.elapsed() < ttl
+        {
+            return Ok(Arc::clone(groups));
+        }
+        let Some(credential) = &self.credential else {
+            tracing::warn!(
+                "a token carries a groups overage but the gateway has no Entra credential to ask Microsoft Graph (server.entra_credential)"
+            );
+            return Err(TokenError::Groups);
+        };
+        let token = credential.token(GRAPH_SCOPE).await.map_err(|error| {
+            tracing::warn!(%error, "no Microsoft Graph token");
+            TokenError::Unavailable("Microsoft Graph cannot be reached".to_owned())
+        })?;
+        if !object_id
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() || b == b'-')
+        {
+            return Err(TokenError::MissingClaim("oid"));
+        }
+        let collection = if app_only {
+            "servicePrincipals"
+        } else {
+            "users"
+        };
+        let url = format!(
+            "{}/v1.0/{collection}/{object_id}/getMemberObjects",
+            policy.endpoint.as_str().trim_end_matches('/')
+        );
+        let response = self
+            .client
+            .post(&url)
+            .bearer_auth(token.expose())
+            .json(&serde_json::json!({"securityEnabledOnly": true}))
+            .send()
+            .await
+            .map_err(|error| {
+                tracing::warn!(error = %error.without_url(), "Microsoft Graph unreachable");
+                TokenError::Unavailable("Microsoft Graph cannot be reached".to_owned())
+            })?;
+        let status = response.status();
+        if status.is_server_error() || status.as_u16() == 429 {
+            tracing::warn!(status = status.as_u16(), "Microsoft Graph refused");
+            return Err(TokenError::Unavailable(format!(
+                "Microsoft Graph answered HTTP {}",
+                status.as_u16()
+            )));
+        }
+        if !status.is_success() {
+            tracing::warn!(
+                status = status.as_u16(),
+                "Microsoft Graph refused the lookup"
+            );
+            return Err(TokenError::Groups);
+        }
+        let groups: MemberObjects = response.json().await.map_err(|error| {
+            tracing::warn!(error = %error.without_url(), "unexpected Microsoft Graph answer");
+            TokenError::Groups
+        })?;
+        let groups = Arc::new(groups.value);
+        let mut cache = lock(&self.cache);
+        if cache.len() >= MAX_CACHED {
+            cache.retain(|_, (at, _)| at.elapsed() < ttl);
+            if cache.len() >= MAX_CACHED {
+                cache.clear();
+            }
+        }
+        cache.insert(key, (Instant::now(), Arc::clone(&groups)));
+        Ok(groups)
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}

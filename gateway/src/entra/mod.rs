@@ -1,0 +1,334 @@
+//! Entra ID access tokens presented by callers (`Authorization: Bearer <jwt>`).
+//!
+//! Validation follows `azure-specs.md` §5: the token's `ver` picks the v1 or v2 metadata; the
+//! issuer must be exactly the one of the token's tenant (`https://sts.windows.net/{tid}/` or
+//! `{authority}/{tid}/v2.0`) and that tenant must be allowed; the signing key is chosen by `kid`
+//! from the tenant's published keys; only RS256 is accepted; `aud` must be configured; `exp` and
+//! `nbf` hold within the configured skew. The cryptography is the `jsonwebtoken` crate's.
+
+pub mod graph;
+pub mod keys;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use gatehouse_schema::identity::EntraTokenPolicy;
+use jsonwebtoken::{Algorithm, Validation, errors::ErrorKind};
+use serde::Deserialize;
+
+use keys::{KeyCache, KeyError, KeyRefresh, TokenVersion};
+
+/// The caller an Entra token names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntraIdentity {
+    /// `oid`: the user's or service principal's immutable object id.
+    pub object_id: String,
+    /// `tid`: the tenant.
+    pub tenant_id: String,
+    /// `name`, for display.
+    pub name: Option<String>,
+    /// `upn` / `unique_name` (v1) or `preferred_username` (v2), for display.
+    pub username: Option<String>,
+    /// Group object ids, from the `groups` claim or resolved through Microsoft Graph.
+    pub groups: Vec<String>,
+    /// `roles`: app roles.
+    pub roles: Vec<String>,
+    /// `appid` (v1) / `azp` (v2): the calling application.
+    pub app_id: Option<String>,
+    /// Whether the token is app-only (`idtyp` = `app`, or no `scp` and no user claims).
+    pub app_only: bool,
+    /// The token held more groups than fit (`_claim_names.groups`): `groups` came from Graph.
+    pub groups_overage: bool,
+}
+
+/// Why a token was refused. The texts are safe to return to the caller: they never quote the token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// Not three base64url segments with JSON inside.
+    #[error("the token is not a well-formed JWT")]
+    Malformed,
+    /// `alg` is not RS256 (`none`, HS256, …).
+    #[error("the token is not signed with RS256")]
+    Algorithm,
+    /// No `kid` in the header.
+    #[error("the token names no signing key (kid)")]
+    NoKid,
+    /// `tid` missing or not an allowed tenant.
+    #[error("the token's tenant is not accepted")]
+    Tenant,
+    /// `iss` is not the issuer of the token's tenant and version.
+    #[error("the token's issuer is not accepted")]
+    Issuer,
+    /// `aud` is none of the configured audiences.
+    #[error("the token's audience is not accepted")]
+    Audience,
+    /// Past `exp`.
+    #[error("the token has expired")]
+    Expired,
+    /// Before `nbf`.
+    #[error("the token is not valid yet")]
+    NotYetValid,
+    /// The signature does not verify.
+    #[error("the token's signature does not verify")]
+    Signature,
+    /// `kid` unknown to the tenant.
+    #[error("the token's signing key is not among the tenant's published keys")]
+    UnknownKey,
+    /// An app-only token where only user tokens are accepted.
+    #[error("app-only tokens are not accepted")]
+    AppOnly,
+    /// A required claim (`oid`, `exp`, …) is missing.
+    #[error("the token lacks the `{0}` claim")]
+    MissingClaim(&'static str),
+    /// The groups overage could not be resolved.
+    #[error("the caller's group memberships could not be resolved")]
+    Groups,
+    /// Signing keys or Graph could not be reached; the caller may retry.
+    #[error("tokens cannot be validated right now: {0}")]
+    Unavailable(String),
+}
+
+impl TokenError {
+    /// Whether the failure is the gateway's (503), not the token's (401).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, TokenError::Unavailable(_))
+    }
+}
+
+/// Whether a bearer value is a JWT rather than a subscription key.
+pub fn looks_like_jwt(value: &str) -> bool {
+    value.starts_with("eyJ") && value.bytes().filter(|&b| b == b'.').count() == 2
+}
+
+#[derive(Deserialize)]
+struct Routing {
+    #[serde(default)]
+    tid: Option<String>,
+    #[serde(default)]
+    ver: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    #[serde(default)]
+    oid: Option<String>,
+    #[serde(default)]
+    tid: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    upn: Option<String>,
+    #[serde(default)]
+    unique_name: Option<String>,
+    #[serde(default)]
+    preferred_username: Option<String>,
+    #[serde(default)]
+    groups: Option<Vec<String>>,
+    #[serde(default)]
+    roles: Vec<String>,
+    #[serde(default)]
+    appid: Option<String>,
+    #[serde(default)]
+    azp: Option<String>,
+    #[serde(default)]
+    idtyp: Option<String>,
+    #[serde(default)]
+    scp: Option<String>,
+    #[serde(default, rename = "_claim_names")]
+    claim_names: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// Validates Entra ID tokens; holds the signing-key cache and the Graph client.
+#[derive(Debug)]
+pub struct TokenValidator {
+    keys: KeyCache,
+    /// Resolves the groups overage.
+    pub graph: graph::GroupResolver,
+}
+
+impl TokenValidator {
+    /// A validator fetching metadata, keys and Graph answers with `client`.
+    pub fn new(client: reqwest::Client, graph: graph::GroupResolver) -> TokenValidator {
+        TokenValidator {
+            keys: KeyCache::new(client),
+            graph,
+        }
+    }
+
+    /// Validates `token` under `policy`.
+    pub async fn validate(
+        &self,
+        policy: &EntraTokenPolicy,
+        token: &str,
+    ) -> Result<EntraIdentity, TokenError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|error| match error.kind() {
+            // An `alg` the crate does not know (`none`, …) fails header parsing.
+            ErrorKind::Json(_) => TokenError::Algorithm,
+            _ => TokenError::Malformed,
+        })?;
+        if header.alg != Algorithm::RS256 {
+            return Err(TokenError::Algorithm);
+        }
+        let kid = header.kid.ok_or(TokenError::NoKid)?;
+
+        // The tenant and version pick the issuer and the key set; the signature check below
+        // covers these claims too.
+        let routing = unverified_claims(token)?;
+        let tenant = routing.tid.ok_or(TokenError::MissingClaim("tid"))?;
+        if !policy
+            .tenants
+            .iter()
+            .any(|allowed| allowed.eq_ignore_ascii_case(&tenant))
+        {
+            return Err(TokenError::Tenant);
+        }
+        let version = match routing.ver.as_deref() {
+            Some("1.0") => TokenVersion::V1,
+            Some("2.0") => TokenVersion::V2,
+            _ => return Err(TokenError::MissingClaim("ver")),
+        };
+        let issuer = expected_issuer(policy, &tenant, version);
+
+        let refresh = KeyRefresh {
+            max_age: Duration::from_secs(policy.keys_refresh_seconds),
+            unknown_kid_interval: Duration::from_secs(policy.unknown_kid_refetch_seconds),
+        };
+        let key = self
+            .keys
+            .key(&policy.authority_host, &tenant, version, &kid, refresh)
+            .await
+            .map_err(|error| match error {
+                KeyError::UnknownKid => TokenError::UnknownKey,
+                KeyError::Unavailable(text) => TokenError::Unavailable(text),
+            })?;
+        // A key that states its issuer must state this one (§5.2).
+        if version == TokenVersion::V2
+            && let Some(template) = &key.issuer
+            && template.replace("{tenantid}", &tenant) != issuer
+        {
+            return Err(TokenError::Issuer);
+        }
+
+        let mut validation = Validation::new(Algorithm::RS256);
+        validation.set_audience(&policy.audiences);
+        validation.set_issuer(&[issuer.as_str()]);
+        validation.leeway = policy.clock_skew_seconds;
+        validation.validate_nbf = true;
+        validation.validate_exp = true;
+        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &key.key, &validation).map_err(|error| {
+                match error.kind() {
+                    ErrorKind::ExpiredSignature => TokenError::Expired,
+                    ErrorKind::ImmatureSignature => TokenError::NotYetValid,
+                    ErrorKind::InvalidAudience => TokenError::Audience,
+                    ErrorKind::InvalidIssuer => TokenError::Issuer,
+                    ErrorKind::InvalidSignature => TokenError::Signature,
+                    ErrorKind::MissingRequiredClaim(claim) => match claim.as_str() {
+                        "exp" => TokenError::MissingClaim("exp"),
+                        "aud" => TokenError::MissingClaim("aud"),
+                        _ => TokenError::MissingClaim("iss"),
+                    },
+                    _ => TokenError::Malformed,
+                }
+            })?;
+        let claims = data.claims;
+        if claims.tid.as_deref() != Some(tenant.as_str()) {
+            return Err(TokenError::Tenant);
+        }
+        let object_id = claims.oid.ok_or(TokenError::MissingClaim("oid"))?;
+        let app_only = match claims.idtyp.as_deref() {
+            Some(kind) => kind.eq_ignore_ascii_case("app"),
+            None => {
+                claims.scp.is_none() && claims.upn.is_none() && claims.preferred_username.is_none()
+            }
+        };
+        if app_only && !policy.accept_app_tokens {
+            return Err(TokenError::AppOnly);
+        }
+        let overage = claims
+            .claim_names
+            .as_ref()
+            .is_some_and(|names| names.contains_key("groups"));
+        let groups = match (claims.groups, overage) {
+            (Some(groups), _) => groups,
+            (None, true) => {
+                let groups = self
+                    .graph
+                    .member_groups(&policy.graph, &tenant, &object_id, app_only)
+                    .await?;
+                groups.as_ref().clone()
+            }
+            (None, false) => Vec::new(),
+        };
+        Ok(EntraIdentity {
+            object_id,
+            tenant_id: tenant,
+            name: claims.name,
+            username: claims
+                .upn
+                .or(claims.unique_name)
+                .or(claims.preferred_username),
+            groups,
+            roles: claims.roles,
+            app_id: claims.azp.or(claims.appid),
+            app_only,
+            groups_overage: overage,
+        })
+    }
+}
+
+/// The issuer a token of `tenant` and `version` must carry.
+fn expected_issuer(policy: &EntraTokenPolicy, tenant: &str, version: TokenVersion) -> String {
+    match version {
+        TokenVersion::V1 => format!(
+            "{}/{tenant}/",
+            policy.v1_issuer_host.as_str().trim_end_matches('/')
+        ),
+        TokenVersion::V2 => format!(
+            "{}/{tenant}/v2.0",
+            policy.authority_host.as_str().trim_end_matches('/')
+        ),
+    }
+}
+
+/// The routing claims of a token, read before its signature is checked.
+fn unverified_claims(token: &str) -> Result<Routing, TokenError> {
+    let payload = token.split('.').nth(1).ok_or(TokenError::Malformed)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .map_err(|_| TokenError::Malformed)?;
+    serde_json::from_slice(&bytes).map_err(|_| TokenError::Malformed)
+}
+
+/// Shared handle.
+pub type SharedValidator = Arc<TokenValidator>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jwts_are_told_from_keys() {
+        assert!(looks_like_jwt("eyJhbGciOiJSUzI1NiJ9.eyJ9.sig"));
+        assert!(!looks_like_jwt("ghk_abc"));
+        assert!(!looks_like_jwt("eyJonlyonepart"));
+    }
+
+    #[test]
+    fn issuers_follow_the_token_version() {
+        let policy: EntraTokenPolicy = serde_json::from_value(serde_json::json!({
+            "tenants": ["t1"], "audiences": ["a"]
+        }))
+        .unwrap();
+        assert_eq!(
+            expected_issuer(&policy, "t1", TokenVersion::V1),
+            "https://sts.windows.net/t1/"
+        );
+        assert_eq!(
+            expected_issuer(&policy, "t1", TokenVersion::V2),
+            "https://login.microsoftonline.com/t1/v2.0"
+        );
+    }
+}

@@ -1,0 +1,612 @@
+//! Entra ID access tokens and access rules, against a local OpenID provider and Graph double.
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+
+use crate::entra_double::*;
+use crate::harness::*;
+
+const GROUP_CHAT: &str = "aaaaaaaa-0000-0000-0000-00000000c4a7";
+const GROUP_EMBED: &str = "bbbbbbbb-0000-0000-0000-0000000e3bed";
+
+fn pools(url: &str) -> Value {
+    json!([{"id": "p", "deployments": ["gpt-4o", "text-embedding-3-small"], "members": [member("a", url, 1)]}])
+}
+
+/// A snapshot that trusts the double, with optional access rules.
+fn entra_snapshot(
+    version: u64,
+    double: &EntraDouble,
+    url: &str,
+    require: &str,
+    rules: Option<Value>,
+) -> gatehouse_schema::ConfigSnapshot {
+    let mut value = serde_json::to_value(snapshot(version, pools(url))).unwrap();
+    value["identity"] = double.identity(require);
+    if let Some(rules) = rules {
+        value["access_rules"] = rules;
+    }
+    serde_json::from_value(value).unwrap()
+}
+
+fn group_rules() -> Value {
+    json!([
+        {"id": "chat", "grantee": {"kind": "group", "id": GROUP_CHAT, "display_name": "Chat users"},
+         "deployments": ["gpt-4o"], "operations": ["chatcompletions_create"]},
+        {"id": "embed", "grantee": {"kind": "group", "id": GROUP_EMBED},
+         "deployments": ["text-embedding-*"]},
+    ])
+}
+
+async fn call_with_token(gw: &TestGateway, token: &str) -> reqwest::Response {
+    gw.raw(reqwest::Method::POST, &chat_path("gpt-4o"))
+        .bearer_auth(token)
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn embed_with_token(gw: &TestGateway, token: &str) -> reqwest::Response {
+    gw.raw(
+        reqwest::Method::POST,
+        "/openai/deployments/text-embedding-3-small/embeddings?api-version=2024-10-21",
+    )
+    .bearer_auth(token)
+    .json(&json!({"input": "hello"}))
+    .send()
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn v1_and_v2_tokens_of_two_tenants_are_accepted_and_recorded() {
+    let double = EntraDouble::start().await;
+    let sim = simulator("entra-ok").await;
+    let gw = TestGateway::start(entra_snapshot(1, &double, &sim.url(), "key_or_token", None)).await;
+
+    let v1 = sign(
+        TestKey::A,
+        &double.user_claims(
+            TENANT_A,
+            Ver::V1,
+            "0000000a-0000-0000-0000-000000000001",
+            &[GROUP_CHAT],
+        ),
+    );
+    let v2 = sign(
+        TestKey::A,
+        &double.user_claims(
+            TENANT_B,
+            Ver::V2,
+            "0000000b-0000-0000-0000-000000000002",
+            &[],
+        ),
+    );
+    assert_eq!(call_with_token(&gw, &v1).await.status(), 200);
+    assert_eq!(call_with_token(&gw, &v2).await.status(), 200);
+    // A subscription key still works alongside.
+    let by_key = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(by_key.status(), 200);
+    assert_eq!(sim.hits(), 3);
+    // The backend never sees the caller's token.
+    assert!(sim.requests().iter().all(|r| {
+        r.header("authorization")
+            .is_none_or(|v| !v.contains(&v1) && !v.contains(&v2))
+    }));
+
+    let records = gw.records(3).await;
+    let first = records
+        .iter()
+        .find(|r| r.user_id.as_deref() == Some("0000000a-0000-0000-0000-000000000001"))
+        .expect("record of the v1 caller");
+    assert_eq!(first.tenant_id.as_deref(), Some(TENANT_A));
+    assert_eq!(
+        first.user_name.as_deref(),
+        Some("0000000a-0000-0000-0000-000000000001@contoso.example")
+    );
+    assert_eq!(first.groups, vec![GROUP_CHAT.to_owned()]);
+    assert_eq!(first.apim_subscription_id, None);
+    let second = records
+        .iter()
+        .find(|r| r.tenant_id.as_deref() == Some(TENANT_B))
+        .expect("record of the v2 caller");
+    assert_eq!(
+        second.user_id.as_deref(),
+        Some("0000000b-0000-0000-0000-000000000002")
+    );
+    // No record holds a token.
+    for record in &records {
+        let text = serde_json::to_string(record).unwrap();
+        assert!(!text.contains(&v1) && !text.contains(&v2));
+    }
+    // Metadata and keys were fetched once per tenant and version, not per call.
+    assert_eq!(double.key_fetches(), 2);
+}
+
+/// Replaces the payload of a signed token, keeping its header and signature.
+fn with_payload(token: &str, claims: &Value) -> String {
+    let parts: Vec<&str> = token.split('.').collect();
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(serde_json::to_vec(claims).unwrap());
+    format!("{}.{payload}.{}", parts[0], parts[2])
+}
+
+#[tokio::test]
+async fn every_bad_token_is_refused_with_401_and_no_backend_call() {
+    let double = EntraDouble::start().await;
+    let sim = simulator("entra-bad").await;
+    let gw = TestGateway::start(entra_snapshot(1, &double, &sim.url(), "key_or_token", None)).await;
+    let oid = "0000000a-0000-0000-0000-00000000000a";
+    let good = double.user_claims(TENANT_A, Ver::V2, oid, &[]);
+    // The good token works, so each refusal below is down to the one thing changed.
+    assert_eq!(
+        call_with_token(&gw, &sign(TestKey::A, &good))
+            .await
+            .status(),
+        200
+    );
+    let hits_before = sim.hits();
+
+    let altered = |change: &dyn Fn(&mut Value)| {
+        let mut claims = good.clone();
+        change(&mut claims);
+        claims
+    };
+    let now = now();
+    let mut cases: Vec<(&str, String, &str)> = vec![
+        (
+            "expired",
+            sign(
+                TestKey::A,
+                &altered(&|c| {
+                    c["exp"] = json!(now - 600);
+                    c["nbf"] = json!(now - 4000);
+                }),
+            ),
+            "expired",
+        ),
+        (
+            "not yet valid",
+            sign(TestKey::A, &altered(&|c| c["nbf"] = json!(now + 600))),
+            "not valid yet",
+        ),
+        (
+            "wrong audience",
+            sign(
+                TestKey::A,
+                &altered(&|c| c["aud"] = json!("api://someone-else")),
+            ),
+            "audience",
+        ),
+        (
+            "wrong issuer",
+            sign(
+                TestKey::A,
+                &altered(&|c| c["iss"] = json!(format!("https://evil.example/{TENANT_A}/v2.0"))),
+            ),
+            "issuer",
+        ),
+        (
+            "issuer of another allowed tenant",
+            sign(
+                TestKey::A,
+                &altered(&|c| c["iss"] = json!(double.issuer(TENANT_B, Ver::V2))),
+            ),
+            "issuer",
+        ),
+        (
+            "tenant not allowed",
+            sign(
+                TestKey::A,
+                &altered(&|c| {
+                    c["tid"] = json!(TENANT_EVIL);
+                    c["iss"] = json!(double.issuer(TENANT_EVIL, Ver::V2));
+                }),
+            ),
+            "tenant",
+        ),
+        (
+            "v1 issuer on a v2 token",
+            sign(
+                TestKey::A,
+                &altered(&|c| c["iss"] = json!(double.issuer(TENANT_A, Ver::V1))),
+            ),
+            "issuer",
+        ),
+        (
+            "missing exp",
+            sign(
+                TestKey::A,
+                &altered(&|c| {
+                    c.as_object_mut().unwrap().remove("exp");
+                }),
+            ),
+            "exp",
+        ),
+        (
+            "tampered payload",
+            with_payload(
+                &sign(TestKey::A, &good),
+                &altered(&|c| c["oid"] = json!("00000000-0000-0000-0000-00000000beef")),
+            ),
+            "signature",
+        ),
+    ];
+    // Unknown kid: signed by a key the tenant does not publish.
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some("kid-unpublished".to_owned());
+    let unknown_kid = jsonwebtoken::encode(
+        &header,
+        &good,
+        &EncodingKey::from_rsa_pem(TestKey::B.private_pem()).unwrap(),
+    )
+    .unwrap();
+    cases.push(("unknown kid", unknown_kid, "signing key"));
+    // Key B under key A's kid: the signature does not verify.
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some(TestKey::A.kid().to_owned());
+    let wrong_key = jsonwebtoken::encode(
+        &header,
+        &good,
+        &EncodingKey::from_rsa_pem(TestKey::B.private_pem()).unwrap(),
+    )
+    .unwrap();
+    cases.push(("signed by another key", wrong_key, "signature"));
+    // `alg: none`, unsigned.
+    let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let none = format!(
+        "{}.{}.",
+        engine.encode(json!({"alg": "none", "typ": "JWT", "kid": "kid-a"}).to_string()),
+        engine.encode(good.to_string())
+    );
+    cases.push(("alg none", none, "RS256"));
+    // HS256 "signed" with the RSA public key (the algorithm-confusion attack).
+    let mut header = Header::new(Algorithm::HS256);
+    header.kid = Some(TestKey::A.kid().to_owned());
+    let hs256 = jsonwebtoken::encode(
+        &header,
+        &good,
+        &EncodingKey::from_secret(include_bytes!(
+            "../fixtures/entra/test-signing-key-a.public.pem"
+        )),
+    )
+    .unwrap();
+    cases.push(("HS256 with the public key", hs256, "RS256"));
+
+    let count = cases.len();
+    for (name, token, expected) in cases {
+        let response = call_with_token(&gw, &token).await;
+        let message = azure_error(response, 401).await;
+        assert!(
+            message.contains(expected),
+            "{name}: message `{message}` should mention `{expected}`"
+        );
+        assert!(
+            !message.contains(&token),
+            "{name}: the token leaked into the error"
+        );
+    }
+    // A valid token in the wrong header is taken for a subscription key, and fails as one.
+    let good_token = sign(TestKey::A, &good);
+    let response = gw
+        .raw(reqwest::Method::POST, &chat_path("gpt-4o"))
+        .header("api-key", &good_token)
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
+    let message = azure_error(response, 401).await;
+    assert!(message.contains("invalid subscription key"), "{message}");
+    let response = gw
+        .raw(
+            reqwest::Method::POST,
+            &format!("{}&subscription-key={good_token}", chat_path("gpt-4o")),
+        )
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
+    azure_error(response, 401).await;
+
+    assert_eq!(
+        sim.hits(),
+        hits_before,
+        "no refused call reached the backend"
+    );
+    // Every refusal is on record, without the token.
+    let records = gw.records(1 + count + 2).await;
+    let refused: Vec<_> = records.iter().filter(|r| r.response_code == 401).collect();
+    assert_eq!(refused.len(), count + 2);
+    assert!(
+        refused
+            .iter()
+            .all(|r| r.last_error_reason.as_deref().is_some())
+    );
+    // The unknown kid did not make the gateway hammer the provider: one fetch, at the first call.
+    assert_eq!(double.key_fetches(), 1);
+}
+
+#[tokio::test]
+async fn signing_keys_rotate_mid_test() {
+    let double = EntraDouble::start().await;
+    let sim = simulator("entra-rotate").await;
+    let mut snapshot = entra_snapshot(1, &double, &sim.url(), "token", None);
+    snapshot
+        .identity
+        .entra
+        .as_mut()
+        .unwrap()
+        .unknown_kid_refetch_seconds = 1;
+    let gw = TestGateway::start(snapshot).await;
+    let claims = double.user_claims(
+        TENANT_A,
+        Ver::V2,
+        "0000000a-0000-0000-0000-00000000000c",
+        &[],
+    );
+    assert_eq!(
+        call_with_token(&gw, &sign(TestKey::A, &claims))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(double.key_fetches(), 1);
+
+    // The provider rotates to key B; once the re-fetch interval has passed, a token signed with
+    // B is accepted after one re-fetch, and tokens of the retired key A no longer are.
+    double.publish(&[TestKey::B]);
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(
+        call_with_token(&gw, &sign(TestKey::B, &claims))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(double.key_fetches(), 2);
+    let retired = call_with_token(&gw, &sign(TestKey::A, &claims)).await;
+    let message = azure_error(retired, 401).await;
+    assert!(message.contains("signing key"), "{message}");
+    assert_eq!(sim.hits(), 2);
+}
+
+#[tokio::test]
+async fn a_member_of_two_groups_gets_the_union_and_one_in_none_is_refused() {
+    let double = EntraDouble::start().await;
+    let sim = simulator("entra-rules").await;
+    let gw = TestGateway::start(entra_snapshot(
+        1,
+        &double,
+        &sim.url(),
+        "key_or_token",
+        Some(group_rules()),
+    ))
+    .await;
+    let both = sign(
+        TestKey::A,
+        &double.user_claims(
+            TENANT_A,
+            Ver::V2,
+            "0000000a-0000-0000-0000-0000000000b0",
+            &[GROUP_CHAT, GROUP_EMBED],
+        ),
+    );
+    let chat_only = sign(
+        TestKey::A,
+        &double.user_claims(
+            TENANT_A,
+            Ver::V1,
+            "0000000a-0000-0000-0000-0000000000c0",
+            &[GROUP_CHAT],
+        ),
+    );
+    let none = sign(
+        TestKey::A,
+        &double.user_claims(
+            TENANT_A,
+            Ver::V2,
+            "0000000a-0000-0000-0000-0000000000d0",
+            &[],
+        ),
+    );
+    assert_eq!(call_with_token(&gw, &both).await.status(), 200);
+    assert_eq!(embed_with_token(&gw, &both).await.status(), 200);
+    assert_eq!(call_with_token(&gw, &chat_only).await.status(), 200);
+    let message = azure_error(embed_with_token(&gw, &chat_only).await, 403).await;
+    assert!(
+        message.contains("'text-embedding-3-small'")
+            && message.contains("no access rule grants it"),
+        "{message}"
+    );
+    let message = azure_error(call_with_token(&gw, &none).await, 403).await;
+    assert!(message.contains("'gpt-4o'"), "{message}");
+    // The refusal does not reveal what other rules grant.
+    assert!(!message.contains("embedding") && !message.contains(GROUP_CHAT));
+    // A subscription key names no group: refused too, since no rule grants the subscription.
+    let by_key = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
+    azure_error(by_key, 403).await;
+    assert_eq!(sim.hits(), 3);
+
+    let records = gw.records(6).await;
+    let denied: Vec<_> = records.iter().filter(|r| r.response_code == 403).collect();
+    assert_eq!(denied.len(), 3);
+    assert!(
+        denied
+            .iter()
+            .all(|r| r.last_error_reason.as_deref() == Some("not_permitted"))
+    );
+    assert!(
+        denied
+            .iter()
+            .any(|r| r.user_id.as_deref() == Some("0000000a-0000-0000-0000-0000000000d0"))
+    );
+}
+
+#[tokio::test]
+async fn a_rule_pushed_through_the_config_endpoint_takes_effect_on_the_next_call() {
+    let double = EntraDouble::start().await;
+    let sim = simulator("entra-push").await;
+    let gw = TestGateway::start(entra_snapshot(
+        1,
+        &double,
+        &sim.url(),
+        "key_or_token",
+        Some(json!([])),
+    ))
+    .await;
+    let token = sign(
+        TestKey::A,
+        &double.user_claims(
+            TENANT_A,
+            Ver::V2,
+            "0000000a-0000-0000-0000-0000000000e0",
+            &[GROUP_CHAT],
+        ),
+    );
+    azure_error(call_with_token(&gw, &token).await, 403).await;
+
+    let next = entra_snapshot(2, &double, &sim.url(), "key_or_token", Some(group_rules()));
+    let pushed = gw
+        .raw(reqwest::Method::PUT, "/_gatehouse/config")
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&next)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        pushed.status().is_success(),
+        "{}",
+        pushed.text().await.unwrap()
+    );
+    assert_eq!(call_with_token(&gw, &token).await.status(), 200);
+
+    // And taken away again.
+    let revoked = entra_snapshot(3, &double, &sim.url(), "key_or_token", Some(json!([])));
+    let pushed = gw
+        .raw(reqwest::Method::PUT, "/_gatehouse/config")
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&revoked)
+        .send()
+        .await
+        .unwrap();
+    assert!(pushed.status().is_success());
+    azure_error(call_with_token(&gw, &token).await, 403).await;
+    assert_eq!(sim.hits(), 1);
+}
+
+#[tokio::test]
+async fn the_groups_overage_is_resolved_through_graph_and_cached() {
+    let double = EntraDouble::start().await;
+    let sim = simulator("entra-overage").await;
+    let gw = TestGateway::start_with_entra_credential(
+        entra_snapshot(1, &double, &sim.url(), "token", Some(group_rules())),
+        Arc::new(FixedGraphToken),
+    )
+    .await;
+    let oid = "0000000a-0000-0000-0000-0000000000f0";
+    double.set_graph_groups(oid, &["cccccccc-0000-0000-0000-000000000000", GROUP_CHAT]);
+    let mut claims = double.user_claims(TENANT_A, Ver::V2, oid, &[]);
+    let object = claims.as_object_mut().unwrap();
+    object.remove("groups");
+    object.insert("_claim_names".to_owned(), json!({"groups": "src1"}));
+    object.insert(
+        "_claim_sources".to_owned(),
+        json!({"src1": {"endpoint": format!("https://graph.windows.net/{TENANT_A}/users/{oid}/getMemberObjects")}}),
+    );
+    let token = sign(TestKey::A, &claims);
+    assert_eq!(call_with_token(&gw, &token).await.status(), 200);
+    assert_eq!(call_with_token(&gw, &token).await.status(), 200);
+    // The chat grant came from Graph, not from the token; embeddings are still not granted.
+    azure_error(embed_with_token(&gw, &token).await, 403).await;
+    assert_eq!(double.graph_calls(), 1, "Graph answers are cached per user");
+    let records = gw.records(3).await;
+    assert!(
+        records
+            .iter()
+            .all(|r| r.groups.contains(&GROUP_CHAT.to_owned()))
+    );
+
+    // A user Graph does not know is refused, not let through.
+    let stranger = "0000000a-0000-0000-0000-0000000000f1";
+    let mut claims = double.user_claims(TENANT_A, Ver::V2, stranger, &[]);
+    let object = claims.as_object_mut().unwrap();
+    object.remove("groups");
+    object.insert("_claim_names".to_owned(), json!({"groups": "src1"}));
+    let message = azure_error(call_with_token(&gw, &sign(TestKey::A, &claims)).await, 401).await;
+    assert!(message.contains("group memberships"), "{message}");
+    assert_eq!(sim.hits(), 2);
+}
+
+#[tokio::test]
+async fn a_key_and_a_token_can_be_required_together() {
+    let double = EntraDouble::start().await;
+    let sim = simulator("entra-both").await;
+    let gw = TestGateway::start(entra_snapshot(
+        1,
+        &double,
+        &sim.url(),
+        "key_and_token",
+        None,
+    ))
+    .await;
+    let token = sign(
+        TestKey::A,
+        &double.user_claims(
+            TENANT_A,
+            Ver::V2,
+            "0000000a-0000-0000-0000-000000000100",
+            &[],
+        ),
+    );
+    let message = azure_error(call_with_token(&gw, &token).await, 401).await;
+    assert!(message.contains("missing subscription key"), "{message}");
+    let key_only = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
+    let message = azure_error(key_only, 401).await;
+    assert!(
+        message.contains("missing Entra ID access token"),
+        "{message}"
+    );
+    let both = gw
+        .post(&chat_path("gpt-4o"))
+        .bearer_auth(&token)
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(both.status(), 200);
+    let wrong_key = gw
+        .raw(reqwest::Method::POST, &chat_path("gpt-4o"))
+        .header("api-key", "ghk_not-a-real-key")
+        .bearer_auth(&token)
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
+    azure_error(wrong_key, 401).await;
+    assert_eq!(sim.hits(), 1);
+    let records = gw.records(4).await;
+    let served = records.iter().find(|r| r.response_code == 200).unwrap();
+    assert_eq!(served.apim_subscription_id.as_deref(), Some("team-a"));
+    assert_eq!(
+        served.user_id.as_deref(),
+        Some("0000000a-0000-0000-0000-000000000100")
+    );
+}

@@ -1,0 +1,311 @@
+//! A local stand-in for Microsoft Entra ID and Microsoft Graph, which this machine cannot reach.
+//!
+//! It speaks the documented wire formats, so the gateway's real client code is what is tested:
+//! - OpenID Connect discovery per tenant, v2 (`/{tenant}/v2.0/.well-known/openid-configuration`)
+//!   and v1 (`/{tenant}/.well-known/openid-configuration`), each naming a `jwks_uri`
+//!   (https://learn.microsoft.com/entra/identity-platform/access-tokens, "Validate tokens");
+//! - JWKS (RFC 7517) with RSA keys `kid`/`n`/`e`/`use` and Entra's `issuer` template property;
+//! - Microsoft Graph `POST /v1.0/users/{id}/getMemberObjects` answering `{"value": [ids]}`
+//!   (https://learn.microsoft.com/graph/api/directoryobject-getmemberobjects).
+//!
+//! Tokens are signed with the test-only keys in `tests/fixtures/entra/` by the `jsonwebtoken`
+//! crate. The published key set can be switched mid-test (key rotation).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::future::BoxFuture;
+use gatehouse_gateway::entra::graph::AccessTokenSource;
+use gatehouse_gateway::secret::Secret;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+
+/// Tenants the tests use.
+pub const TENANT_A: &str = "11111111-1111-1111-1111-111111111111";
+pub const TENANT_B: &str = "22222222-2222-2222-2222-222222222222";
+/// A tenant no policy allows.
+pub const TENANT_EVIL: &str = "99999999-9999-9999-9999-999999999999";
+/// The gateway's audience.
+pub const AUDIENCE: &str = "api://gatehouse";
+/// The app token the Graph double requires.
+pub const GRAPH_TOKEN: &str = "graph-app-token-for-tests";
+
+/// A signing key of the double.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestKey {
+    A,
+    B,
+}
+
+impl TestKey {
+    pub fn kid(self) -> &'static str {
+        match self {
+            TestKey::A => "kid-a",
+            TestKey::B => "kid-b",
+        }
+    }
+
+    pub fn private_pem(self) -> &'static [u8] {
+        match self {
+            TestKey::A => include_bytes!("../fixtures/entra/test-signing-key-a.pem"),
+            TestKey::B => include_bytes!("../fixtures/entra/test-signing-key-b.pem"),
+        }
+    }
+
+    fn public(self) -> Value {
+        let all: Value = serde_json::from_str(include_str!(
+            "../fixtures/entra/test-signing-keys.public.json"
+        ))
+        .unwrap();
+        all[match self {
+            TestKey::A => "a",
+            TestKey::B => "b",
+        }]
+        .clone()
+    }
+}
+
+/// Token versions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ver {
+    V1,
+    V2,
+}
+
+struct DoubleState {
+    url: String,
+    published: Mutex<Vec<TestKey>>,
+    key_fetches: AtomicU64,
+    graph_calls: AtomicU64,
+    graph_groups: Mutex<HashMap<String, Vec<String>>>,
+}
+
+/// The running double.
+pub struct EntraDouble {
+    pub url: String,
+    state: Arc<DoubleState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for EntraDouble {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl EntraDouble {
+    /// Starts the double on a free loopback port, publishing key A.
+    pub async fn start() -> EntraDouble {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let state = Arc::new(DoubleState {
+            url: url.clone(),
+            published: Mutex::new(vec![TestKey::A]),
+            key_fetches: AtomicU64::new(0),
+            graph_calls: AtomicU64::new(0),
+            graph_groups: Mutex::default(),
+        });
+        let router = Router::new()
+            .route(
+                "/{tenant}/v2.0/.well-known/openid-configuration",
+                get(v2_metadata),
+            )
+            .route(
+                "/{tenant}/.well-known/openid-configuration",
+                get(v1_metadata),
+            )
+            .route("/{tenant}/discovery/v2.0/keys", get(keys))
+            .route("/{tenant}/discovery/keys", get(keys))
+            .route("/v1.0/users/{oid}/getMemberObjects", post(member_objects))
+            .route(
+                "/v1.0/servicePrincipals/{oid}/getMemberObjects",
+                post(member_objects),
+            )
+            .with_state(Arc::clone(&state));
+        let task = tokio::spawn(async move {
+            axum::serve(listener, router).await.unwrap();
+        });
+        EntraDouble { url, state, task }
+    }
+
+    /// Publishes exactly `keys` from now on (rotation).
+    pub fn publish(&self, keys: &[TestKey]) {
+        *self.state.published.lock().unwrap() = keys.to_vec();
+    }
+
+    /// How many times a key set was fetched.
+    pub fn key_fetches(&self) -> u64 {
+        self.state.key_fetches.load(Ordering::SeqCst)
+    }
+
+    /// How many Graph lookups were made.
+    pub fn graph_calls(&self) -> u64 {
+        self.state.graph_calls.load(Ordering::SeqCst)
+    }
+
+    /// Sets the groups Graph reports for `oid`.
+    pub fn set_graph_groups(&self, oid: &str, groups: &[&str]) {
+        self.state.graph_groups.lock().unwrap().insert(
+            oid.to_owned(),
+            groups.iter().map(|g| (*g).to_owned()).collect(),
+        );
+    }
+
+    /// The issuer of tokens of `tenant` and `ver`.
+    pub fn issuer(&self, tenant: &str, ver: Ver) -> String {
+        match ver {
+            Ver::V1 => format!("{}/sts/{tenant}/", self.url),
+            Ver::V2 => format!("{}/{tenant}/v2.0", self.url),
+        }
+    }
+
+    /// The `identity` section of a snapshot that trusts this double for tenants A and B.
+    pub fn identity(&self, require: &str) -> Value {
+        json!({
+            "require": require,
+            "entra": {
+                "tenants": [TENANT_A, TENANT_B],
+                "audiences": [AUDIENCE],
+                "authority_host": self.url,
+                "v1_issuer_host": format!("{}/sts", self.url),
+                "clock_skew_seconds": 30,
+                "graph": {"endpoint": self.url, "cache_seconds": 600},
+            }
+        })
+    }
+
+    /// Valid claims of a user of `tenant` in `groups`.
+    pub fn user_claims(&self, tenant: &str, ver: Ver, oid: &str, groups: &[&str]) -> Value {
+        let now = now();
+        let mut claims = json!({
+            "aud": AUDIENCE,
+            "iss": self.issuer(tenant, ver),
+            "iat": now - 10,
+            "nbf": now - 10,
+            "exp": now + 3600,
+            "ver": if ver == Ver::V1 { "1.0" } else { "2.0" },
+            "tid": tenant,
+            "oid": oid,
+            "sub": format!("sub-{oid}"),
+            "name": format!("User {oid}"),
+            "scp": "user_impersonation",
+            "groups": groups,
+        });
+        match ver {
+            Ver::V1 => claims["upn"] = json!(format!("{oid}@contoso.example")),
+            Ver::V2 => claims["preferred_username"] = json!(format!("{oid}@contoso.example")),
+        }
+        claims
+    }
+}
+
+/// Signs `claims` with `key` (RS256, `kid` of the key).
+pub fn sign(key: TestKey, claims: &Value) -> String {
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some(key.kid().to_owned());
+    jsonwebtoken::encode(
+        &header,
+        claims,
+        &EncodingKey::from_rsa_pem(key.private_pem()).unwrap(),
+    )
+    .unwrap()
+}
+
+/// Seconds since the epoch.
+pub fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+async fn v2_metadata(
+    State(state): State<Arc<DoubleState>>,
+    Path(tenant): Path<String>,
+) -> Json<Value> {
+    Json(json!({
+        "issuer": format!("{}/{tenant}/v2.0", state.url),
+        "jwks_uri": format!("{}/{tenant}/discovery/v2.0/keys", state.url),
+        "id_token_signing_alg_values_supported": ["RS256"],
+    }))
+}
+
+async fn v1_metadata(
+    State(state): State<Arc<DoubleState>>,
+    Path(tenant): Path<String>,
+) -> Json<Value> {
+    Json(json!({
+        "issuer": format!("{}/sts/{tenant}/", state.url),
+        "jwks_uri": format!("{}/{tenant}/discovery/keys", state.url),
+        "id_token_signing_alg_values_supported": ["RS256"],
+    }))
+}
+
+async fn keys(State(state): State<Arc<DoubleState>>) -> Json<Value> {
+    state.key_fetches.fetch_add(1, Ordering::SeqCst);
+    let published = state.published.lock().unwrap().clone();
+    let keys: Vec<Value> = published
+        .into_iter()
+        .map(|key| {
+            let public = key.public();
+            json!({
+                "kty": "RSA",
+                "use": "sig",
+                "kid": key.kid(),
+                "n": public["n"],
+                "e": public["e"],
+                "issuer": format!("{}/{{tenantid}}/v2.0", state.url),
+            })
+        })
+        .collect();
+    Json(json!({ "keys": keys }))
+}
+
+async fn member_objects(
+    State(state): State<Arc<DoubleState>>,
+    Path(oid): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let authorized = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == format!("Bearer {GRAPH_TOKEN}"));
+    if !authorized {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": {"code": "InvalidAuthenticationToken", "message": "Access token is empty."}})),
+        )
+            .into_response();
+    }
+    assert_eq!(body["securityEnabledOnly"], json!(true));
+    state.graph_calls.fetch_add(1, Ordering::SeqCst);
+    match state.graph_groups.lock().unwrap().get(&oid) {
+        Some(groups) => Json(json!({
+            "@odata.context": "https://graph.microsoft.com/v1.0/$metadata#Collection(Edm.String)",
+            "value": groups,
+        }))
+        .into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": {"code": "Request_ResourceNotFound", "message": format!("Resource '{oid}' does not exist.")}})),
+        )
+            .into_response(),
+    }
+}
+
+/// The gateway's own credential, for tests: always the Graph token the double accepts.
+#[derive(Debug)]
+pub struct FixedGraphToken;
+
+impl AccessTokenSource for FixedGraphToken {
+    fn token<'a>(&'a self, scope: &'a str) -> BoxFuture<'a, Result<Secret<String>, String>> {
+        Box::pin(async move {
+            assert_eq!(scope, "https://graph.microsoft.com/.default");
+            Ok(Secret::new(GRAPH_TOKEN.to_owned()))
+        })
+    }
+}
