@@ -3,7 +3,9 @@
 # measured in one run
 #   1. directly against a fast mock upstream (nginx returning a static chat.completion),
 #   2. through nginx as a plain reverse proxy to that mock,
-#   3. through the Gatehouse gateway to that mock,
+#   3. through the Gatehouse gateway to that mock (subscription key),
+#   4. through the gateway with the identity pipeline on: an Entra ID token on every call, checked
+#      against JWKS served by the mock (same nginx), plus an access rule (and limits, see below),
 # and reported per concurrency as latency p50/p99, requests per second, CPU time per request and
 # peak RSS of the proxy processes, with the gateway-vs-nginx ratios and their targets.
 #
@@ -20,6 +22,8 @@
 #                            on:   a gateway that does not build is an error
 #                            off:  measure direct and nginx only
 #   GATEHOUSE_GATEWAY_BIN    use this gateway binary instead of building one
+#   BENCH_IDENTITY="jwt"     identity variants measured after the key-only gateway (off: none);
+#                            each is held to added p50 <= 1.15 x the key-only gateway's
 #   BENCH_KEEP_TMP=1         keep the temporary directory (configs, logs, raw wrk output)
 #
 # Output: a table on stdout, and bench/out/gateway_load-<timestamp>.json. Exit status 0 when every
@@ -38,6 +42,10 @@ concurrency=${BENCH_CONCURRENCY:-1 16 64}
 wrk_threads=${BENCH_WRK_THREADS:-2}
 nginx_workers=${BENCH_NGINX_WORKERS:-1}
 gateway_mode=${BENCH_GATEWAY:-auto}
+identity_variants=${BENCH_IDENTITY:-jwt}
+[ "$identity_variants" = off ] && identity_variants=""
+tenant="11111111-1111-1111-1111-111111111111"
+audience="api://gatehouse-bench"
 
 api_key="bench-key-$(date +%s)-$$"
 deployment="gpt-4o-mini"
@@ -46,6 +54,7 @@ request_path="/openai/deployments/$deployment/chat/completions?api-version=2024-
 work=""           # temporary directory, made in main
 started_pids=()   # every long-running process this script started (nginx masters, the gateway)
 wrk_pid=""        # the wrk run in progress, if any
+wrk_script=""     # the wrk Lua script of the target being measured
 broken=()         # what went wrong; non-empty means exit 1
 
 say()  { printf '\n== %s\n' "$*" >&2; }
@@ -215,11 +224,23 @@ EOF
   # The mock's answer: a static chat.completion (no ' or $: it goes into an nginx string).
   response='{"id":"chatcmpl-bench0001","object":"chat.completion","created":1733000000,"model":"gpt-4o-mini-2024-07-18","system_fingerprint":"fp_bench","choices":[{"index":0,"message":{"role":"assistant","content":"You can claim the hotel, the train ticket and the airport taxi as travel costs (policy 4.2). The hotel needs a pre-approval above the city limit, which a conference in town justifies (4.5). The dinners with the customer count as entertainment (6.1). Keep itemised receipts and submit by the 20th.","refusal":null},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":212,"completion_tokens":64,"total_tokens":276,"prompt_tokens_details":{"cached_tokens":0},"completion_tokens_details":{"reasoning_tokens":0}}}'
 
-  # wrk script: POST the body with the headers; at the end print one JSON line to parse.
+  write_wrk_script "$work/post.lua" "api-key" "$api_key"
+  # The Entra stand-in: a signed token, and the discovery document and JWKS the mock serves.
+  python3 "$bench_dir/lib/report.py" entra-fixtures \
+    --key "$root/gateway/tests/fixtures/entra/test-signing-key-a.pem" \
+    --public "$root/gateway/tests/fixtures/entra/test-signing-keys.public.json" \
+    --authority "http://127.0.0.1:$mock_port" --tenant "$tenant" --audience "$audience" \
+    --out "$work/entra" || die "could not make the Entra token fixtures (openssl missing?)"
+  write_wrk_script "$work/post-jwt.lua" "Authorization" "Bearer $(cat "$work/entra/token.txt")"
+}
+
+# wrk script: POST the body with one credential header; at the end print one JSON line to parse.
+# $1 file, $2 header name, $3 header value.
+write_wrk_script() {
   {
     printf 'wrk.method = "POST"\n'
     printf 'wrk.headers["Content-Type"] = "application/json"\n'
-    printf 'wrk.headers["api-key"] = "%s"\n' "$api_key"
+    printf 'wrk.headers["%s"] = "%s"\n' "$2" "$3"
     printf 'wrk.body = [==[%s]==]\n' "$(cat "$work/body.json")"
     cat <<'EOF'
 done = function(summary, latency, requests)
@@ -235,7 +256,7 @@ done = function(summary, latency, requests)
     latency:percentile(99), latency.max))
 end
 EOF
-  } > "$work/post.lua"
+  } > "$1"
 }
 
 # A private nginx instance: config in $work/<name>/nginx.conf, started with daemon off (so the
@@ -282,6 +303,12 @@ start_mock() {
   server {
     listen 127.0.0.1:$mock_port backlog=4096;
     default_type application/json;
+    location = /$tenant/v2.0/.well-known/openid-configuration {
+      return 200 '$(cat "$work/entra/discovery.json")';
+    }
+    location = /$tenant/discovery/v2.0/keys {
+      return 200 '$(cat "$work/entra/jwks.json")';
+    }
     location / {
       return 200 '$response';
     }
@@ -333,14 +360,15 @@ build_gateway() {
   [ -x "$gateway_bin" ] || { gateway_skip_reason="no binary at $gateway_bin after the build"; return 1; }
 }
 
+# $1 name, $2 port, $3 extra snapshot YAML (indented two spaces). Sets gateway_pid.
 start_gateway() {
-  local dir="$work/gateway" hash
+  local name=$1 port=$2 extra_snapshot=${3:-} dir="$work/$1" hash
   mkdir -p "$dir/state"
   hash=$(printf %s "$api_key" | sha256sum | cut -d' ' -f1)
   cat > "$dir/gateway.yaml" <<EOF
 # Gatehouse benchmark config (generated by bench/gateway_load.sh)
 server:
-  listen: 127.0.0.1:$gateway_port
+  listen: 127.0.0.1:$port
   gateway_id: bench
   state_dir: $dir/state
   log_format: text
@@ -360,12 +388,13 @@ snapshot:
         - id: mock
           kind: azure_openai
           endpoint: http://127.0.0.1:$mock_port
+$extra_snapshot
 EOF
-  say "gateway on 127.0.0.1:$gateway_port -> mock"
+  say "$name on 127.0.0.1:$port -> mock"
   "$gateway_bin" serve --config "$dir/gateway.yaml" > "$dir/gateway.log" 2>&1 &
   gateway_pid=$!
   started_pids+=("$gateway_pid")
-  if ! wait_http_200 "http://127.0.0.1:$gateway_port/healthz" "$gateway_pid" "gateway"; then
+  if ! wait_http_200 "http://127.0.0.1:$port/healthz" "$gateway_pid" "$name"; then
     note "gateway log (last 20 lines):"
     tail -20 "$dir/gateway.log" | sed 's/^/     /' >&2
     return 1
@@ -376,10 +405,11 @@ EOF
 # measuring
 
 # One POST through a target, checked: HTTP 200 and a chat.completion in the answer.
+# $1 name, $2 port, $3 the credential header (default: the subscription key).
 preflight() {
-  local name=$1 port=$2 out="$work/preflight-$1.json" code
+  local name=$1 port=$2 credential=${3:-"api-key: $api_key"} out="$work/preflight-$1.json" code
   code=$(curl -s -o "$out" -w '%{http_code}' --max-time 5 -X POST \
-    -H 'Content-Type: application/json' -H "api-key: $api_key" \
+    -H 'Content-Type: application/json' -H "$credential" \
     --data-binary "@$work/body.json" "http://127.0.0.1:$port$request_path" || true)
   if [ "$code" != 200 ] || ! grep -q '"chat.completion"' "$out"; then
     note "$name: POST $request_path answered HTTP $code: $(head -c 300 "$out" 2>/dev/null)"
@@ -392,7 +422,7 @@ preflight() {
 run_wrk() {
   local c=$1 secs=$2 port=$3 out=$4 threads=$wrk_threads
   [ "$c" -lt "$threads" ] && threads=$c
-  wrk -t "$threads" -c "$c" -d "${secs}s" --timeout 5s --latency -s "$work/post.lua" \
+  wrk -t "$threads" -c "$c" -d "${secs}s" --timeout 5s --latency -s "$wrk_script" \
     "http://127.0.0.1:$port$request_path" > "$out" 2>&1 &
   wrk_pid=$!
   local status=0
@@ -448,6 +478,43 @@ EOF
   done
 }
 
+# The snapshot lines of an identity variant: Entra tokens required, one access rule (and limits).
+identity_snapshot() {
+  cat <<EOF
+  identity:
+    require: token
+    entra:
+      tenants: ["$tenant"]
+      audiences: ["$audience"]
+      authority_host: http://127.0.0.1:$mock_port
+  access_rules:
+    - id: bench-group
+      grantee: {kind: group, id: bench-group}
+      deployments: ["$deployment"]
+      operations: [chatcompletions_create]
+EOF
+}
+
+# Start, check and measure the gateway as identity variant $1, then stop it.
+measure_identity_variant() {
+  local variant=$1 name="gateway-$1" extra
+  extra=$(identity_snapshot)
+  case "$variant" in
+    jwt) ;;
+    *) broken+=("BENCH_IDENTITY: unknown variant $variant"); return ;;
+  esac
+  wrk_script="$work/post-jwt.lua"
+  if start_gateway "$name" "$identity_port" "$extra" \
+     && preflight "$name" "$identity_port" "Authorization: Bearer $(cat "$work/entra/token.txt")"; then
+    measure_target "$name" "$identity_port" "$gateway_pid"
+  else
+    broken+=("$name: did not start or does not answer the request (log: $work/$name/gateway.log)")
+    export BENCH_KEEP_TMP=1
+  fi
+  stop_process "$gateway_pid"; forget_pid "$gateway_pid"
+  wrk_script="$work/post.lua"
+}
+
 # ---------------------------------------------------------------------------------------------
 
 main() {
@@ -481,8 +548,9 @@ main() {
     note "WARNING: the machine is ${busy_before}% busy before the benchmark starts: the figures will be noisy"
   fi
 
-  read -r mock_port nginx_port gateway_port < <(python3 "$bench_dir/lib/report.py" ports 3)
+  read -r mock_port nginx_port gateway_port identity_port < <(python3 "$bench_dir/lib/report.py" ports 4)
   write_fixtures
+  wrk_script="$work/post.lua"
   start_mock
   start_nginx_proxy
   say "checking the targets"
@@ -494,7 +562,7 @@ main() {
   stop_process "$nginx_pid"; forget_pid "$nginx_pid"
 
   if [ "$gateway_status" = pending ]; then
-    if start_gateway && preflight gateway "$gateway_port"; then
+    if start_gateway gateway "$gateway_port" && preflight gateway "$gateway_port"; then
       measure_target gateway "$gateway_port" "$gateway_pid"
       gateway_status=measured
     else
@@ -502,7 +570,14 @@ main() {
       broken+=("gateway: did not start or does not answer the request (log: $work/gateway/gateway.log)")
       export BENCH_KEEP_TMP=1
     fi
+    stop_process "$gateway_pid"; forget_pid "$gateway_pid"
   fi
+
+  local variant
+  for variant in $identity_variants; do
+    [ "$gateway_status" = measured ] || break
+    measure_identity_variant "$variant"
+  done
 
   say "results"
   local stamp out

@@ -2,6 +2,10 @@
 """Helpers for bench/gateway_load.sh (Python 3 standard library only).
 
     report.py ports N                      N free loopback TCP ports, space separated
+    report.py entra-fixtures --key PEM --public JSON --authority URL --tenant T --audience A --out DIR
+                                           a signed Entra-style v2 access token (RS256, with
+                                           openssl) and the discovery document and JWKS that
+                                           verify it, for the gateway-jwt variants
     report.py line RESULT.json             one-line summary of one measured run
     report.py summarize --results DIR --meta META.json --out OUT.json
                                            table, ratios and targets on stdout; everything as JSON;
@@ -22,11 +26,50 @@ import sys
 from pathlib import Path
 
 TARGETS = ("direct", "nginx", "gateway")
+# The gateway with the identity pipeline on, each compared with the key-only gateway.
+IDENTITY_TARGETS = ("gateway-jwt", "gateway-jwt-limits", "gateway-jwt-limits-redis")
+ALL_TARGETS = TARGETS + IDENTITY_TARGETS
 
 # The targets the gateway is held to.
 MAX_ADDED_P50_RATIO = 1.5  # gateway added p50 <= 1.5 x nginx added p50, at every concurrency
 MIN_RPS_RATIO = 0.7  # gateway RPS >= 0.7 x nginx RPS, at the highest concurrency
 MAX_RSS_MB = 60.0  # gateway peak RSS < 60 MB (10^6 bytes), at the highest concurrency
+MAX_IDENTITY_P50_RATIO = 1.15  # with a JWT (and limits): added p50 <= 1.15 x key-only added p50
+
+
+def b64url(data: bytes) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def entra_fixtures(key: Path, public: Path, authority: str, tenant: str, audience: str, out: Path) -> None:
+    """Token, discovery document and JWKS of a one-key, one-tenant Entra stand-in."""
+    import subprocess
+    import time
+
+    kid = "bench-kid"
+    issuer = f"{authority}/{tenant}/v2.0"
+    now = int(time.time())
+    header = {"alg": "RS256", "typ": "JWT", "kid": kid}
+    claims = {
+        "aud": audience, "iss": issuer, "iat": now, "nbf": now - 60, "exp": now + 4 * 3600,
+        "ver": "2.0", "tid": tenant, "oid": "00000000-0000-0000-0000-0000000be4c0",
+        "preferred_username": "bench@contoso.example", "name": "Bench User",
+        "scp": "user_impersonation", "groups": ["bench-group"],
+    }
+    signing_input = f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(claims).encode())}"
+    signature = subprocess.run(
+        ["openssl", "dgst", "-sha256", "-sign", str(key), "-binary"],
+        input=signing_input.encode(), capture_output=True, check=True,
+    ).stdout
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "token.txt").write_text(f"{signing_input}.{b64url(signature)}")
+    keys = json.loads(public.read_text())["a"]
+    (out / "jwks.json").write_text(json.dumps(
+        {"keys": [{"kty": "RSA", "use": "sig", "kid": kid, "n": keys["n"], "e": keys["e"]}]}))
+    (out / "discovery.json").write_text(json.dumps(
+        {"issuer": issuer, "jwks_uri": f"{authority}/{tenant}/discovery/v2.0/keys"}))
 
 
 def free_ports(count: int) -> list[int]:
@@ -123,6 +166,13 @@ def compare(runs: dict[tuple[str, int], dict], concurrency: list[int]) -> tuple[
             row["added_p50_ok"] = g <= MAX_ADDED_P50_RATIO * n if n > 0 else g <= 0
         if nginx and gateway and nginx["rps"] > 0:
             row["rps_ratio"] = round(gateway["rps"] / nginx["rps"], 3)
+        for variant in IDENTITY_TARGETS:
+            measured = runs.get((variant, c))
+            if direct and gateway and measured:
+                base = gateway["latency_ms"]["p50"] - direct["latency_ms"]["p50"]
+                added = measured["latency_ms"]["p50"] - direct["latency_ms"]["p50"]
+                row[f"{variant}_added_p50_ms"] = round(added, 4)
+                row[f"{variant}_ratio"] = round(added / base, 3) if base > 0 else None
         comparisons.append(row)
 
     targets = []
@@ -140,6 +190,16 @@ def compare(runs: dict[tuple[str, int], dict], concurrency: list[int]) -> tuple[
         "value": rps_ratio,
         "ok": None if rps_ratio is None else rps_ratio >= MIN_RPS_RATIO,
     })
+    for variant in IDENTITY_TARGETS:
+        for row in comparisons:
+            if f"{variant}_ratio" not in row:
+                continue
+            ratio = row[f"{variant}_ratio"]
+            targets.append({
+                "name": f"{variant} added p50 <= {MAX_IDENTITY_P50_RATIO}x key-only gateway added p50 at c={row['concurrency']}",
+                "value": ratio,
+                "ok": None if ratio is None else ratio <= MAX_IDENTITY_P50_RATIO,
+            })
     gateway_top = runs.get(("gateway", top))
     rss = gateway_top["proxy_peak_rss_mb"] if gateway_top else None
     targets.append({
@@ -173,18 +233,19 @@ def summarize(results: Path, meta_path: Path, out: Path) -> int:
     if busy is not None and busy > 10:
         w(f"WARNING: the machine was {busy}% busy before the benchmark (other work running): figures are noisy\n")
     header = (
-        f"{'c':>3}  {'target':<8} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>9} "
+        f"{'c':>3}  {'target':<24} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>9} "
         f"{'CPU µs/req':>10} {'sys %':>5} {'CPU cores':>9} {'peak RSS MB':>11} {'mock µs/req':>11} {'host busy':>9} {'errors':>6}\n"
     )
     for c, row in zip(concurrency, comparisons):
         w("\n" + header)
-        for t in TARGETS:
+        for t in ALL_TARGETS:
             d = runs.get((t, c))
             if not d:
-                w(f"{c:>3}  {t:<8} {'(not measured)':>8}\n")
+                if t in TARGETS:
+                    w(f"{c:>3}  {t:<24} {'(not measured)':>8}\n")
                 continue
             w(
-                f"{c:>3}  {t:<8} {d['latency_ms']['p50']:>8.3f} {d['latency_ms']['p99']:>8.3f} "
+                f"{c:>3}  {t:<24} {d['latency_ms']['p50']:>8.3f} {d['latency_ms']['p99']:>8.3f} "
                 f"{d['rps']:>9.0f} {fmt(d['proxy_cpu_us_per_request'], '.1f'):>10} {fmt(d['proxy_cpu_sys_pct'], '.0f'):>5} "
                 f"{fmt(d['proxy_cpu_cores'], '.2f'):>9} {fmt(d['proxy_peak_rss_mb'], '.1f'):>11} "
                 f"{fmt(d['mock_cpu_us_per_request'], '.1f'):>11} {fmt(d['host_cpu_busy_pct'], '.0f'):>8}% "
@@ -208,6 +269,14 @@ def summarize(results: Path, meta_path: Path, out: Path) -> int:
             target = f" (target >= {MIN_RPS_RATIO}x)" if c == max(concurrency) else ""
             ok = f" {mark(row['rps_ratio'] >= MIN_RPS_RATIO)}" if target else ""
             w(f"     RPS gateway/nginx: {row['rps_ratio']:.2f}x{target}{ok}\n")
+        for variant in IDENTITY_TARGETS:
+            if f"{variant}_ratio" in row:
+                ratio = row[f"{variant}_ratio"]
+                w(
+                    f"     {variant}: added p50 +{row[f'{variant}_added_p50_ms'] * 1000:.0f} µs = "
+                    f"{fmt(ratio, '.2f', 'n/a')}x key-only (target <= {MAX_IDENTITY_P50_RATIO}x) "
+                    f"{mark(None if ratio is None else ratio <= MAX_IDENTITY_P50_RATIO)}\n"
+                )
 
     w("\ntargets\n")
     for t in targets:
@@ -220,7 +289,7 @@ def summarize(results: Path, meta_path: Path, out: Path) -> int:
     document = {
         "benchmark": "gateway_load",
         "meta": meta,
-        "runs": [runs[k] for k in sorted(runs, key=lambda k: (TARGETS.index(k[0]), k[1]))],
+        "runs": [runs[k] for k in sorted(runs, key=lambda k: (ALL_TARGETS.index(k[0]), k[1]))],
         "comparisons": comparisons,
         "targets": targets,
         "all_targets_met": all(t["ok"] is True for t in targets),
@@ -234,6 +303,11 @@ def main() -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("ports")
     p.add_argument("count", type=int)
+    p = sub.add_parser("entra-fixtures")
+    for name in ("key", "public", "out"):
+        p.add_argument(f"--{name}", type=Path, required=True)
+    for name in ("authority", "tenant", "audience"):
+        p.add_argument(f"--{name}", required=True)
     p = sub.add_parser("line")
     p.add_argument("result", type=Path)
     p = sub.add_parser("summarize")
@@ -244,6 +318,8 @@ def main() -> int:
 
     if args.command == "ports":
         print(" ".join(str(p) for p in free_ports(args.count)))
+    elif args.command == "entra-fixtures":
+        entra_fixtures(args.key, args.public, args.authority, args.tenant, args.audience, args.out)
     elif args.command == "line":
         print(line(args.result))
     else:
