@@ -605,10 +605,13 @@ impl ChainProgress {
             return;
         }
         if let Some((sequence, hash, _)) = self.last
-            && linked.sequence == sequence && linked.content_ok && same(linked.record_hash, hash) {
-                self.duplicates += 1;
-                return;
-            }
+            && linked.sequence == sequence
+            && linked.content_ok
+            && same(linked.record_hash, hash)
+        {
+            self.duplicates += 1;
+            return;
+        }
         self.records += 1;
         let broken = match self.last {
             None if linked.sequence != 0 => Some((

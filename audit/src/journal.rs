@@ -339,10 +339,9 @@ impl Journal {
             self.segments.pop_front();
             self.head = 0;
         }
-        if removed
-            && let Err(error) = sync_dir(&self.dir) {
-                tracing::warn!(%error, "audit journal directory not synced after deleting a segment");
-            }
+        if removed && let Err(error) = sync_dir(&self.dir) {
+            tracing::warn!(%error, "audit journal directory not synced after deleting a segment");
+        }
     }
 }
 

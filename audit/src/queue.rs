@@ -505,9 +505,10 @@ impl Writer {
         let now = Instant::now();
         self.next_attempt = now;
         if let Some(flight) = &mut self.in_flight
-            && flight.timed_out {
-                flight.deadline = Some(now + self.sink_timeout);
-            }
+            && flight.timed_out
+        {
+            flight.deadline = Some(now + self.sink_timeout);
+        }
     }
 
     fn shutting_down_without_sink(&self) -> bool {
@@ -840,19 +841,20 @@ impl Writer {
             records,
             journaled: journaled @ None,
         } = &mut flight.job
-            && self.journal.is_some() {
-                let records = Arc::clone(records);
-                match self.append(&records, false).await {
-                    Ok(stretch) => {
-                        *journaled = Some(stretch);
-                        Shared::add(&self.shared.settled, records.len());
-                    }
-                    Err(error) => {
-                        self.shared.journal_errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(%error, "audit batch of a slow write not journaled");
-                    }
+            && self.journal.is_some()
+        {
+            let records = Arc::clone(records);
+            match self.append(&records, false).await {
+                Ok(stretch) => {
+                    *journaled = Some(stretch);
+                    Shared::add(&self.shared.settled, records.len());
+                }
+                Err(error) => {
+                    self.shared.journal_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(%error, "audit batch of a slow write not journaled");
                 }
             }
+        }
         self.in_flight = Some(flight);
     }
 

@@ -355,9 +355,10 @@ impl StreamAssembler {
                         .or_insert_with(|| json!({"name": "", "arguments": ""}));
                     for key in ["name", "arguments"] {
                         if let Some(part) = function.get(key).and_then(Value::as_str)
-                            && let Some(Value::String(existing)) = target.get_mut(key) {
-                                existing.push_str(part);
-                            }
+                            && let Some(Value::String(existing)) = target.get_mut(key)
+                        {
+                            existing.push_str(part);
+                        }
                     }
                 }
             }

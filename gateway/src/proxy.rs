@@ -585,11 +585,13 @@ async fn relay(
         }
         return build_response(status, headers, Body::from(body));
     }
-    if status.is_success() && call.object.as_ref().is_some_and(|_| call_deletes(&call))
+    if status.is_success()
+        && call.object.as_ref().is_some_and(|_| call_deletes(&call))
         && let Some((_, id)) = &call.object
-            && let Err(error) = gateway.affinity.forget(id).await {
-                tracing::warn!(%error, "could not journal an object's deletion");
-            }
+        && let Err(error) = gateway.affinity.forget(id).await
+    {
+        tracing::warn!(%error, "could not journal an object's deletion");
+    }
 
     let body = RelayBody {
         upstream: Some(http::Response::<reqwest::Body>::from(response).into_body()),

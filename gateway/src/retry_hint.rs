@@ -29,9 +29,11 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 fn hinted_wait(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     if let Some(ms) = header(headers, "retry-after-ms").and_then(|v| v.parse::<f64>().ok())
-        && ms.is_finite() && ms >= 0.0 {
-            return Some(Duration::from_secs_f64(ms / 1000.0));
-        }
+        && ms.is_finite()
+        && ms >= 0.0
+    {
+        return Some(Duration::from_secs_f64(ms / 1000.0));
+    }
     if let Some(value) = header(headers, "retry-after") {
         if let Ok(seconds) = value.parse::<f64>() {
             if seconds.is_finite() && seconds >= 0.0 {
