@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use gatehouse_schema::ConfigSnapshot;
 use gatehouse_schema::config::{BackendCredential, BackendTls, PoolMember};
+use gatehouse_schema::identity::{CredentialRequirement, Grantee};
 
 use crate::auth::KeyIndex;
 use crate::pool::{HealthRegistry, Member, Pool};
@@ -172,6 +173,88 @@ fn backend_client(member: &PoolMember) -> Result<reqwest::Client, String> {
         .map_err(|e| format!("cannot build the backend client: {e}"))
 }
 
+/// The identity policy and the access rules.
+fn validate_identity(
+    snapshot: &ConfigSnapshot,
+    subscription_ids: &HashSet<&String>,
+    errors: &mut Vec<String>,
+) {
+    let identity = &snapshot.identity;
+    match &identity.entra {
+        None => {
+            if matches!(
+                identity.require,
+                CredentialRequirement::Token | CredentialRequirement::KeyAndToken
+            ) {
+                errors.push(
+                    "identity.require: tokens are required but `identity.entra` is not configured"
+                        .to_owned(),
+                );
+            }
+        }
+        Some(entra) => {
+            if entra.tenants.is_empty() {
+                errors.push("identity.entra.tenants: name at least one tenant id".to_owned());
+            }
+            for (t, tenant) in entra.tenants.iter().enumerate() {
+                if tenant.is_empty()
+                    || !tenant
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.'))
+                {
+                    errors.push(format!(
+                        "identity.entra.tenants[{t}]: a tenant id is a GUID (or a verified domain)"
+                    ));
+                }
+            }
+            if entra.audiences.is_empty() {
+                errors.push(
+                    "identity.entra.audiences: name at least one accepted audience".to_owned(),
+                );
+            }
+            if entra.unknown_kid_refetch_seconds == 0 {
+                errors.push("identity.entra.unknown_kid_refetch_seconds: must be at least 1 (it protects the identity provider)".to_owned());
+            }
+        }
+    }
+    let Some(rules) = &snapshot.access_rules else {
+        return;
+    };
+    let mut rule_ids = HashSet::new();
+    for (r, rule) in rules.iter().enumerate() {
+        if rule.id.trim().is_empty() {
+            errors.push(format!("access_rules[{r}].id: must not be empty"));
+        }
+        if !rule_ids.insert(&rule.id) {
+            errors.push(format!(
+                "access_rules[{r}].id: duplicate rule id `{}`",
+                rule.id
+            ));
+        }
+        if rule.deployments.is_empty() && !rule.resources {
+            errors.push(format!(
+                "access_rules[{r}].deployments: the rule grants nothing; name deployments or set `resources: true`"
+            ));
+        }
+        match &rule.grantee {
+            Grantee::Subscription { id } if !subscription_ids.contains(id) => {
+                errors.push(format!(
+                    "access_rules[{r}].grantee.id: no subscription `{id}` in this snapshot"
+                ));
+            }
+            Grantee::Group { id, .. } | Grantee::User { id } if id.trim().is_empty() => {
+                errors.push(format!("access_rules[{r}].grantee.id: must not be empty"));
+            }
+            Grantee::AppRole { value } if value.trim().is_empty() => {
+                errors.push(format!(
+                    "access_rules[{r}].grantee.value: must not be empty"
+                ));
+            }
+            _ => {}
+        }
+    }
+}
+
 fn validate(snapshot: &ConfigSnapshot, errors: &mut Vec<String>) {
     let mut subscription_ids = HashSet::new();
     let mut digests = HashSet::new();
@@ -191,10 +274,13 @@ fn validate(snapshot: &ConfigSnapshot, errors: &mut Vec<String>) {
             ));
         }
         if let Some(secondary) = &subscription.secondary_key_hash
-            && !digests.insert(secondary) {
-                errors.push(format!("subscriptions[{i}].secondary_key_hash: the same key is used by another subscription"));
-            }
+            && !digests.insert(secondary)
+        {
+            errors.push(format!("subscriptions[{i}].secondary_key_hash: the same key is used by another subscription"));
+        }
     }
+
+    validate_identity(snapshot, &subscription_ids, errors);
 
     let mut pool_ids = HashSet::new();
     let mut member_ids = HashSet::new();
@@ -271,11 +357,11 @@ fn validate(snapshot: &ConfigSnapshot, errors: &mut Vec<String>) {
                     || !deployment.bytes().all(|b| {
                         b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':')
                     }))
-                {
-                    errors.push(format!(
-                        "{path}.deployment: `{deployment}` is not a valid deployment name"
-                    ));
-                }
+            {
+                errors.push(format!(
+                    "{path}.deployment: `{deployment}` is not a valid deployment name"
+                ));
+            }
         }
     }
 }
@@ -337,6 +423,46 @@ mod tests {
             [
                 "pools[0].members[0].credential.secret: environment variable `GATEHOUSE_SURELY_UNSET_VAR` is not set"
             ]
+        );
+    }
+
+    #[test]
+    fn identity_and_access_rule_problems_are_named() {
+        let bad = snapshot(serde_json::json!({
+            "version": 2,
+            "subscriptions": [{"id": "team-a", "primary_key_hash": format!("sha256:{}", "ab".repeat(32))}],
+            "identity": {"require": "key_and_token", "entra": {"tenants": [], "audiences": ["a"], "unknown_kid_refetch_seconds": 0}},
+            "access_rules": [
+                {"id": "r", "grantee": {"kind": "subscription", "id": "team-b"}, "deployments": ["d"]},
+                {"id": "r", "grantee": {"kind": "group", "id": ""}, "deployments": ["d"]},
+                {"id": "s", "grantee": {"kind": "app_role", "value": "x"}}
+            ],
+            "pools": [{"id": "a", "deployments": ["d"], "members": [{"id": "m", "endpoint": "https://x"}]}]
+        }));
+        let errors = Runtime::build(bad, &HealthRegistry::default())
+            .unwrap_err()
+            .0;
+        assert_eq!(
+            errors,
+            [
+                "identity.entra.tenants: name at least one tenant id",
+                "identity.entra.unknown_kid_refetch_seconds: must be at least 1 (it protects the identity provider)",
+                "access_rules[0].grantee.id: no subscription `team-b` in this snapshot",
+                "access_rules[1].id: duplicate rule id `r`",
+                "access_rules[1].grantee.id: must not be empty",
+                "access_rules[2].deployments: the rule grants nothing; name deployments or set `resources: true`",
+            ]
+        );
+        let tokens_without_entra = snapshot(serde_json::json!({
+            "version": 2,
+            "identity": {"require": "token"},
+        }));
+        let errors = Runtime::build(tokens_without_entra, &HealthRegistry::default())
+            .unwrap_err()
+            .0;
+        assert_eq!(
+            errors,
+            ["identity.require: tokens are required but `identity.entra` is not configured"]
         );
     }
 }

@@ -189,9 +189,10 @@ fn throttled(hint: &RetryHint) -> Response {
     });
     let mut response = (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response();
     if let Some((name, value)) = hint.header()
-        && let Ok(value) = HeaderValue::from_str(&value) {
-            response.headers_mut().insert(name, value);
-        }
+        && let Ok(value) = HeaderValue::from_str(&value)
+    {
+        response.headers_mut().insert(name, value);
+    }
     response
 }
 
@@ -276,11 +277,12 @@ impl TryFrom<FaultRequest> for Fault {
                     ("reset_tokens", &reset_tokens),
                 ] {
                     if let Some(value) = reset
-                        && parse_reset_duration(value).is_none() {
-                            return Err(format!(
-                                "{field}: '{value}' is not a duration like 12s, 6m0s or 250ms"
-                            ));
-                        }
+                        && parse_reset_duration(value).is_none()
+                    {
+                        return Err(format!(
+                            "{field}: '{value}' is not a duration like 12s, 6m0s or 250ms"
+                        ));
+                    }
                 }
                 hints.extend(reset_requests.map(RetryHint::RateLimitResetRequests));
                 hints.extend(reset_tokens.map(RetryHint::RateLimitResetTokens));

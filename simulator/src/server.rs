@@ -158,10 +158,10 @@ impl RunningSimulator {
             && tokio::time::timeout(SHUTDOWN_GRACE, &mut task)
                 .await
                 .is_err()
-            {
-                tracing::warn!(simulator = %self.id(), "simulator connections still open; cutting them");
-                task.abort();
-            }
+        {
+            tracing::warn!(simulator = %self.id(), "simulator connections still open; cutting them");
+            task.abort();
+        }
         tracing::info!(simulator = %self.id(), "gatehouse simulator stopped");
     }
 }
