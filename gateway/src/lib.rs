@@ -9,7 +9,10 @@
 //! 3. **Authenticate** ([`auth`]): a subscription key from `api-key`, `Ocp-Apim-Subscription-Key`,
 //!    `subscription-key` or `Authorization: Bearer`, checked against SHA-256 digests.
 //! 4. **Classify** ([`classify`]): method + path → operation id, deployment, route style.
-//! 5. **Authorize** and 6. **Limit**: group-to-model rules and token limits (identity issue).
+//! 5. **Authorize**: group-to-model rules (identity issue).
+//! 6. **Limit** ([`limits`]): requests and tokens per minute and token quotas, reserved from an
+//!    estimate before the call and reconciled with its usage when its record finishes; counters
+//!    in-process or in Redis.
 //! 7. **Route** ([`pool`], [`affinity`], [`retry_hint`]): priority groups, weights, members set
 //!    aside on 429/5xx/connect failure, stateful objects pinned to their member.
 //! 8. **Proxy** ([`proxy`]): the member's URL and credential replace the client's, the body is
@@ -29,6 +32,7 @@ pub mod caller;
 pub mod capture;
 pub mod classify;
 pub mod error;
+pub mod limits;
 pub mod metrics;
 pub mod peek;
 pub mod pool;

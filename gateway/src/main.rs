@@ -279,6 +279,7 @@ async fn serve(file: ConfigFile) -> anyhow::Result<()> {
         admin_token,
         audit,
         access_log: settings.access_log,
+        limits: settings.limits.clone(),
     })
     .await?;
     let (listening, task) =

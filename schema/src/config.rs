@@ -33,6 +33,9 @@ pub struct ConfigSnapshot {
     /// Request body size above which the gateway answers 413 (bytes).
     #[serde(default = "default_max_request_body")]
     pub max_request_body_bytes: u64,
+    /// Requests and tokens per minute and token quotas, per subscription, user or group.
+    #[serde(default)]
+    pub limits: Vec<crate::limits::LimitRule>,
 }
 
 fn default_max_request_body() -> u64 {

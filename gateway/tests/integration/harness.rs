@@ -6,6 +6,7 @@ use std::time::Duration;
 use gatehouse_audit::{AuditQueue, MemorySink, WriterHandle};
 use gatehouse_gateway::secret::Secret;
 use gatehouse_gateway::server::{self, Listening};
+use gatehouse_gateway::settings::LimitSettings;
 use gatehouse_gateway::{Gateway, GatewayParts};
 use gatehouse_schema::{AuditRecord, ConfigSnapshot};
 use gatehouse_simulator::{RunningSimulator, Simulator, SimulatorConfig};
@@ -86,6 +87,33 @@ impl TestGateway {
         queue: AuditQueue,
         writer: WriterHandle,
     ) -> TestGateway {
+        Self::start_full(
+            snapshot,
+            state_dir,
+            sink,
+            queue,
+            writer,
+            LimitSettings::default(),
+        )
+        .await
+    }
+
+    /// Starts a gateway on a fresh state directory with these limit-store settings.
+    pub async fn start_with_limits(snapshot: ConfigSnapshot, limits: LimitSettings) -> TestGateway {
+        let sink = MemorySink::new();
+        let (queue, writer) = AuditQueue::start(Arc::new(sink.clone()), 10_000);
+        let state_dir = Arc::new(tempfile::tempdir().unwrap());
+        Self::start_full(snapshot, state_dir, sink, queue, writer, limits).await
+    }
+
+    async fn start_full(
+        snapshot: ConfigSnapshot,
+        state_dir: Arc<tempfile::TempDir>,
+        sink: MemorySink,
+        queue: AuditQueue,
+        writer: WriterHandle,
+        limits: LimitSettings,
+    ) -> TestGateway {
         let gateway = Gateway::new(GatewayParts {
             id: "test-gateway".to_owned(),
             snapshot,
@@ -93,6 +121,7 @@ impl TestGateway {
             admin_token: Some(Secret::new(ADMIN_TOKEN.to_owned())),
             audit: Some(queue),
             access_log: true,
+            limits,
         })
         .await
         .unwrap();
