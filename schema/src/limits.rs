@@ -58,9 +58,9 @@ pub enum LimitSubjectRule {
         id: String,
     },
     /// Every subscription, each with its own counter.
-    EachSubscription,
+    EachSubscription {},
     /// Every Entra ID user, each with its own counter.
-    EachUser,
+    EachUser {},
 }
 
 /// A number of tokens per calendar period.
@@ -127,7 +127,7 @@ mod tests {
         assert_eq!(rule.requests_per_minute, None);
         let each: LimitSubjectRule =
             serde_json::from_value(serde_json::json!({"kind": "each_subscription"})).unwrap();
-        assert_eq!(each, LimitSubjectRule::EachSubscription);
+        assert_eq!(each, LimitSubjectRule::EachSubscription {});
     }
 
     #[test]

@@ -139,17 +139,17 @@ impl LocalStore {
             let Some(slot) = state.slots.get_mut(&adjustment.key) else {
                 // A drained rate bucket or an ended quota window: nothing to correct, except
                 // a rate that the call overran — the excess still counts.
-                if let BucketKind::Tokens { per_minute } = adjustment.kind {
-                    if adjustment.delta > 0 {
-                        state.slots.insert(
-                            adjustment.key.clone(),
-                            Slot::Rate {
-                                used: adjustment.delta as f64,
-                                at_us: now_us,
-                                per_minute,
-                            },
-                        );
-                    }
+                if let BucketKind::Tokens { per_minute } = adjustment.kind
+                    && adjustment.delta > 0
+                {
+                    state.slots.insert(
+                        adjustment.key.clone(),
+                        Slot::Rate {
+                            used: adjustment.delta as f64,
+                            at_us: now_us,
+                            per_minute,
+                        },
+                    );
                 }
                 continue;
             };
@@ -190,7 +190,7 @@ impl State {
     /// callers who went away do not pile up.
     fn sweep_now_and_then(&mut self, now_us: i64) {
         self.operations += 1;
-        if self.operations % SWEEP_EVERY == 0 {
+        if self.operations.is_multiple_of(SWEEP_EVERY) {
             self.slots.retain(|_, slot| !slot.expired(now_us));
         }
     }

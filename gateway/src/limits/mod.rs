@@ -187,10 +187,10 @@ fn counter_subject(rule: &LimitRule, subject: &LimitSubject<'_>) -> Option<Strin
             .iter()
             .any(|g| g == id)
             .then(|| format!("group={}", escape(id))),
-        LimitSubjectRule::EachSubscription => subject
+        LimitSubjectRule::EachSubscription {} => subject
             .subscription
             .map(|id| format!("subscription={}", escape(id))),
-        LimitSubjectRule::EachUser => subject.user.map(|id| format!("user={}", escape(id))),
+        LimitSubjectRule::EachUser {} => subject.user.map(|id| format!("user={}", escape(id))),
     }
 }
 

@@ -254,12 +254,12 @@ fn the_local_store_charges_all_or_nothing() {
         }
     );
     assert_eq!(
-        store.admit(&[large.clone()], T0),
+        store.admit(std::slice::from_ref(&large), T0),
         StoreAnswer::Admitted(vec![(880, 0)])
     );
     // 12 s later the call fits, and only just.
     assert_eq!(
-        store.admit(&[small.clone()], T0 + 12_000_000 - 1_000),
+        store.admit(std::slice::from_ref(&small), T0 + 12_000_000 - 1_000),
         StoreAnswer::Refused {
             bucket: 0,
             wait_ms: 1

@@ -15,6 +15,7 @@ mod auth;
 mod bad_input;
 mod config_endpoint;
 mod failover;
+mod limits;
 mod operations;
 mod routes;
 mod sdk_compat;
