@@ -319,6 +319,12 @@ mod tests {
         let file = ConfigFile::load(&path).unwrap();
         assert_eq!(file.snapshot.pools[0].members.len(), 3);
         assert!(file.server.admin_token.is_some());
+        assert_eq!(file.snapshot.limits.len(), 2);
+        assert_eq!(file.server.limits.on_store_error, OnStoreError::FailOpen);
+        assert!(matches!(
+            file.server.limits.redis_url,
+            Some(RedisUrl::Reference(_))
+        ));
     }
 
     #[test]

@@ -738,10 +738,7 @@ impl Limiter {
             }
             Err(error) => return self.store_failed(error),
         };
-        let mut admission = Admission {
-            consumed_tokens: Some(estimate.total()),
-            ..Admission::default()
-        };
+        let mut admission = Admission::default();
         let mut charged = Vec::new();
         for (bucket, (remaining, window_start)) in buckets.into_iter().zip(levels) {
             let tightest = match bucket.kind {
@@ -755,6 +752,7 @@ impl Limiter {
             }
         }
         if !charged.is_empty() {
+            admission.consumed_tokens = Some(estimate.total());
             admission.reservation = Some(Reservation {
                 estimate: estimate.total(),
                 charged,
@@ -789,9 +787,14 @@ impl Limiter {
         match &self.store {
             Store::Local(store) => store.adjust(&adjustments, now_us()),
             Store::Redis(store) => {
+                // A record finished outside the runtime (a response dropped at shutdown) keeps
+                // its estimate charged.
+                let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                    return;
+                };
                 let store = store.clone();
                 let errors = self.store_errors.clone();
-                tokio::spawn(async move {
+                runtime.spawn(async move {
                     if let Err(error) = store.adjust(&adjustments, None).await {
                         errors.inc();
                         tracing::warn!(%error, "a token reservation could not be reconciled");

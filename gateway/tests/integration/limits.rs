@@ -162,6 +162,7 @@ async fn a_request_rate_limit_counts_calls_and_reports_what_is_left() {
         remaining.push(header(&response, "x-gatehouse-remaining-requests").unwrap());
         // No token limit applies: no token headers.
         assert_eq!(header(&response, "x-gatehouse-remaining-tokens"), None);
+        assert_eq!(header(&response, "x-gatehouse-consumed-tokens"), None);
     }
     assert_eq!(remaining, [1, 0]);
     let refused = gw
