@@ -22,12 +22,15 @@ use time::OffsetDateTime;
 use tracing::Instrument;
 
 use crate::affinity::AffinityMap;
+use crate::auth::Principal;
 use crate::error::GatewayError;
+use crate::limits::{self, Admission, LimitSubject, Limiter, Reservation};
 use crate::metrics::{BackendLabels, CallLabels, Metrics, OperationLabels, TokenLabels};
 use crate::pool::HealthRegistry;
 use crate::record::CallRecord;
 use crate::runtime::{Runtime, ValidationErrors};
 use crate::secret::Secret;
+use crate::settings::LimitSettings;
 use crate::{admin, auth, authorize, caller, classify, proxy};
 
 /// Routes served without a subscription key.
@@ -51,6 +54,8 @@ pub struct Gateway {
     access_log: bool,
     /// Validates Entra ID tokens (signing keys and Graph answers are cached across snapshots).
     pub tokens: crate::entra::TokenValidator,
+    /// Usage-limit counters.
+    pub limiter: Limiter,
 }
 
 /// How to build a [`Gateway`].
@@ -70,6 +75,8 @@ pub struct GatewayParts {
     pub access_log: bool,
     /// The gateway's own Entra credential (Microsoft Graph for the groups overage), if any.
     pub entra_credential: Option<Arc<dyn crate::entra::graph::AccessTokenSource>>,
+    /// Where usage-limit counters live.
+    pub limits: LimitSettings,
 }
 
 impl Gateway {
@@ -100,6 +107,7 @@ impl Gateway {
             identity_client.clone(),
             crate::entra::graph::GroupResolver::new(identity_client, parts.entra_credential),
         );
+        let limiter = Limiter::new(&parts.limits, metrics.limit_store_errors.clone())?;
         Ok(Arc::new(Gateway {
             id: parts.id,
             runtime: ArcSwap::from_pointee(runtime),
@@ -112,6 +120,7 @@ impl Gateway {
             config_writes: tokio::sync::Mutex::new(()),
             access_log: parts.access_log,
             tokens,
+            limiter,
         }))
     }
 
@@ -152,8 +161,13 @@ impl Gateway {
         }
     }
 
-    /// Counts a finished call and hands its record on.
-    pub(crate) fn finish(&self, record: AuditRecord) {
+    /// Counts a finished call, settles its token reservation with its usage, and hands its
+    /// record on.
+    pub(crate) fn finish(&self, record: AuditRecord, reservation: Option<Reservation>) {
+        if let Some(reservation) = reservation {
+            self.limiter
+                .reconcile(reservation, limits::tokens_used(&record));
+        }
         let operation = record
             .operation_id
             .map_or("unknown", |o| o.as_str())
@@ -303,9 +317,10 @@ async fn serve_call(
     let mut response = match outcome {
         Ok(response) => response,
         Err(error) => {
-            if let Some(record) = record.take() {
+            if let Some(mut record) = record.take() {
                 let _entered = span.enter();
-                gateway.finish(record.finish_error(&error));
+                let reservation = record.reservation.take();
+                gateway.finish(record.finish_error(&error), reservation);
             }
             error.into_response()
         }
@@ -373,9 +388,37 @@ async fn pipeline(
     }
     // 5. Authorize.
     authorize::authorize(runtime.snapshot.access_rules.as_deref(), &principal, &call)?;
-    // 6. Limits arrive with the limits work.
+    // 6. Limit: reserve the call's request and tokens, or refuse it before any backend sees it.
+    let mut admission = limit(gateway, runtime, &principal, &call).await?;
+    if let Some(record) = record.as_mut() {
+        record.reservation = admission.take_reservation();
+    }
     // 7–9. Route, proxy, capture.
-    proxy::forward(gateway, runtime, call, parts, body, record).await
+    let mut response = proxy::forward(gateway, runtime, call, parts, body, record).await?;
+    admission.write_headers(response.headers_mut());
+    Ok(response)
+}
+
+/// Step 6: the usage limits of the snapshot, for calls a pool serves (any other call is
+/// answered 404 without reaching a backend, and costs nothing).
+async fn limit(
+    gateway: &Gateway,
+    runtime: &Runtime,
+    principal: &Principal,
+    call: &classify::Call,
+) -> Result<Admission, GatewayError> {
+    let rules = &runtime.snapshot.limits;
+    if rules.is_empty() || runtime.pool_for(call.deployment.as_deref()).is_none() {
+        return Ok(Admission::default());
+    }
+    gateway
+        .limiter
+        .admit_call(rules, &LimitSubject::of(principal), call)
+        .await
+        .map_err(|refusal| {
+            gateway.metrics.limit_refused(&refusal);
+            GatewayError::Limit(refusal)
+        })
 }
 
 async fn read_body(parts: &Parts, body: Body, limit: u64) -> Result<bytes::Bytes, GatewayError> {

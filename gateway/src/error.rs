@@ -11,6 +11,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::limits::LimitRefusal;
+
 /// Why the gateway answered a call itself instead of a backend.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -90,6 +92,10 @@ pub enum GatewayError {
         "The gateway cannot record calls right now and is set to refuse them until it can. Try again later."
     )]
     AuditUnavailable,
+    /// A usage limit refused the call: 429 for a rate, 403 for a quota, 400 for a call larger
+    /// than a limit, 503 when the limit store fails closed.
+    #[error(transparent)]
+    Limit(#[from] LimitRefusal),
     /// The admin endpoint was called without a valid admin token.
     #[error("Access denied: a valid admin token is required.")]
     AdminUnauthorized,
@@ -150,6 +156,12 @@ impl GatewayError {
             GatewayError::InvalidConfig { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             GatewayError::StaleConfig { .. } => StatusCode::CONFLICT,
             GatewayError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            GatewayError::Limit(refusal) => match refusal {
+                LimitRefusal::Rate { .. } => StatusCode::TOO_MANY_REQUESTS,
+                LimitRefusal::Quota { .. } => StatusCode::FORBIDDEN,
+                LimitRefusal::TooLarge { .. } => StatusCode::BAD_REQUEST,
+                LimitRefusal::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            },
         }
     }
 
@@ -178,6 +190,7 @@ impl GatewayError {
             GatewayError::InvalidConfig { .. } => "invalid_config",
             GatewayError::StaleConfig { .. } => "stale_config",
             GatewayError::Internal => "internal",
+            GatewayError::Limit(refusal) => refusal.reason(),
         }
     }
 
@@ -185,7 +198,10 @@ impl GatewayError {
     fn code(&self) -> String {
         match self {
             GatewayError::DeploymentNotFound => "DeploymentNotFound".to_owned(),
-            GatewayError::BadRequest { .. } => "invalid_request_error".to_owned(),
+            GatewayError::BadRequest { .. }
+            | GatewayError::Limit(LimitRefusal::TooLarge { .. }) => {
+                "invalid_request_error".to_owned()
+            }
             GatewayError::InvalidConfig { .. } => "InvalidConfiguration".to_owned(),
             GatewayError::NotPermitted { .. } => "PermissionDenied".to_owned(),
             _ => self.status().as_u16().to_string(),
@@ -219,15 +235,17 @@ impl IntoResponse for GatewayError {
             "message": self.to_string(),
         });
         let mut response = (status, axum::Json(body)).into_response();
-        if let GatewayError::AllThrottled { retry_after } = &self {
+        let retry_after = match &self {
+            GatewayError::AllThrottled { retry_after } => Some(*retry_after),
+            GatewayError::Limit(refusal) => refusal.retry_after(),
+            _ => None,
+        };
+        if let Some(retry_after) = retry_after {
             let headers = response.headers_mut();
-            let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
-            if let Ok(value) = HeaderValue::from_str(&seconds.max(1).to_string()) {
-                headers.insert(header::RETRY_AFTER, value);
-            }
-            if let Ok(value) = HeaderValue::from_str(&retry_after.as_millis().max(1).to_string()) {
-                headers.insert("retry-after-ms", value);
-            }
+            let seconds = crate::limits::whole_seconds(retry_after);
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+            let millis = u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX);
+            headers.insert("retry-after-ms", HeaderValue::from(millis.max(1)));
         }
         response
     }

@@ -13,7 +13,9 @@
 //! 4. **Classify** ([`classify`]): method + path → operation id, deployment, route style.
 //! 5. **Authorize** ([`authorize`]): access rules grant groups, subscriptions, users and app roles
 //!    deployments and operations; everything else is denied.
-//! 6. **Limit**: requests and tokens per minute, token quotas.
+//! 6. **Limit** ([`limits`]): requests and tokens per minute and token quotas, reserved from an
+//!    estimate before the call and reconciled with its usage when its record finishes; counters
+//!    in-process or in Redis.
 //! 7. **Route** ([`pool`], [`affinity`], [`retry_hint`]): priority groups, weights, members set
 //!    aside on 429/5xx/connect failure, stateful objects pinned to their member.
 //! 8. **Proxy** ([`proxy`]): the member's URL and credential replace the client's, the body is
@@ -35,6 +37,7 @@ pub mod capture;
 pub mod classify;
 pub mod entra;
 pub mod error;
+pub mod limits;
 pub mod metrics;
 pub mod peek;
 pub mod pool;

@@ -280,6 +280,7 @@ async fn serve(file: ConfigFile) -> anyhow::Result<()> {
         audit,
         access_log: settings.access_log,
         entra_credential: None,
+        limits: settings.limits.clone(),
     })
     .await?;
     let (listening, task) =

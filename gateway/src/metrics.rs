@@ -59,6 +59,16 @@ pub struct TokenLabels {
     pub kind: String,
 }
 
+/// Labels of a call refused by a usage limit.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// The limit rule's id (`store` when the store failed closed).
+    pub limit: String,
+    /// `requests_per_minute`, `tokens_per_minute`, `token_quota`, `exceeds_limit`,
+    /// `store_unavailable`.
+    pub kind: String,
+}
+
 /// Every metric of the gateway.
 #[derive(Debug)]
 pub struct Metrics {
@@ -87,6 +97,10 @@ pub struct Metrics {
     pub audit_journal_records: Gauge<u64, AtomicU64>,
     /// Version of the running configuration snapshot.
     pub config_version: Gauge<u64, AtomicU64>,
+    /// Calls refused by usage limits.
+    pub limit_refusals: Family<LimitLabels, Counter>,
+    /// Failures of the limit store (Redis).
+    pub limit_store_errors: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -111,6 +125,8 @@ impl Default for Metrics {
             audit_journal_bytes: Gauge::default(),
             audit_journal_records: Gauge::default(),
             config_version: Gauge::default(),
+            limit_refusals: Family::default(),
+            limit_store_errors: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -173,6 +189,16 @@ impl Default for Metrics {
             "Version of the running configuration snapshot",
             metrics.config_version.clone(),
         );
+        registry.register(
+            "limit_refusals",
+            "Calls refused by usage limits, by limit and kind",
+            metrics.limit_refusals.clone(),
+        );
+        registry.register(
+            "limit_store_errors",
+            "Failures of the limit store (calls admitted unchecked when failing open)",
+            metrics.limit_store_errors.clone(),
+        );
         Metrics {
             registry,
             ..metrics
@@ -187,6 +213,16 @@ impl Metrics {
             .get_or_create(&AttemptLabels {
                 backend: backend.to_owned(),
                 outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a call refused by a usage limit.
+    pub fn limit_refused(&self, refusal: &crate::limits::LimitRefusal) {
+        self.limit_refusals
+            .get_or_create(&LimitLabels {
+                limit: refusal.limit_id().to_owned(),
+                kind: crate::limits::refusal_kind(refusal).to_owned(),
             })
             .inc();
     }

@@ -23,6 +23,7 @@ use crate::app::Gateway;
 use crate::capture::{self, BodyCapture, PARSE_LIMIT, SseTap};
 use crate::classify::{Call, ObjectFamily, RouteStyle};
 use crate::error::GatewayError;
+use crate::limits::Reservation;
 use crate::peek::{RequestPeek, ResponsePeek, StreamOptions};
 use crate::pool::{Member, Pool, Selection, SetAsideReason};
 use crate::record::{CallRecord, millis};
@@ -575,12 +576,16 @@ async fn relay(
         record.record.time_to_first_byte = Some(millis(record.started.elapsed()));
         let answer = tee.complete(&mut record, &call);
         let estimate = estimate_needed(status, &call, &record, answer.as_ref());
+        let reservation = record.reservation.take();
         let audit = record.finish(status.as_u16(), sent);
         match estimate {
-            None => gateway.finish(audit),
+            None => gateway.finish(audit, reservation),
             // Counting must not delay the answer.
             Some(work) => {
-                tokio::spawn(finish_estimated(Arc::clone(gateway), audit, work).in_current_span());
+                tokio::spawn(
+                    finish_estimated(Arc::clone(gateway), audit, reservation, work)
+                        .in_current_span(),
+                );
             }
         }
         return build_response(status, headers, Body::from(body));
@@ -649,9 +654,10 @@ impl RelayCall {
             })
             .flatten();
         let estimate = estimate_needed(self.status, &self.call, &self.record, answer.as_ref());
+        let reservation = self.record.reservation.take();
         let audit = self.record.finish(self.status.as_u16(), self.sent);
         if created.is_none() && estimate.is_none() {
-            self.gateway.finish(audit);
+            self.gateway.finish(audit, reservation);
             return;
         }
         let RelayCall {
@@ -666,8 +672,8 @@ impl RelayCall {
                     remember_created(&gateway, &call, &member, &summary).await;
                 }
                 match estimate {
-                    None => gateway.finish(audit),
-                    Some(work) => finish_estimated(gateway, audit, work).await,
+                    None => gateway.finish(audit, reservation),
+                    Some(work) => finish_estimated(gateway, audit, reservation, work).await,
                 }
             }
             .in_current_span(),
@@ -815,9 +821,14 @@ fn estimate_needed(
 }
 
 /// Counts the tokens off the client's path and hands the record on.
-async fn finish_estimated(gateway: Arc<Gateway>, mut audit: AuditRecord, work: TokenWork) {
+async fn finish_estimated(
+    gateway: Arc<Gateway>,
+    mut audit: AuditRecord,
+    reservation: Option<Reservation>,
+    work: TokenWork,
+) {
     audit.usage = work.count_off_path().await;
-    gateway.finish(audit);
+    gateway.finish(audit, reservation);
 }
 
 fn call_deletes(call: &Call) -> bool {

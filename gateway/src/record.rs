@@ -11,6 +11,7 @@ use crate::auth::{KEY_QUERY, Principal};
 use crate::caller::Caller;
 use crate::classify::Call;
 use crate::error::GatewayError;
+use crate::limits::Reservation;
 
 /// An audit record under construction.
 #[derive(Debug)]
@@ -21,6 +22,8 @@ pub struct CallRecord {
     pub started: Instant,
     /// When the first backend attempt started.
     pub backend_started: Option<Instant>,
+    /// Tokens held by usage limits, reconciled with the usage when the record is finished.
+    pub reservation: Option<Reservation>,
 }
 
 impl CallRecord {
@@ -85,6 +88,7 @@ impl CallRecord {
             record,
             started,
             backend_started: None,
+            reservation: None,
         }
     }
 

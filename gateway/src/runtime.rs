@@ -11,6 +11,7 @@ use std::time::Duration;
 use gatehouse_schema::ConfigSnapshot;
 use gatehouse_schema::config::{BackendCredential, BackendTls, PoolMember};
 use gatehouse_schema::identity::{CredentialRequirement, Grantee};
+use gatehouse_schema::limits::{LimitRule, LimitSubjectRule};
 
 use crate::auth::KeyIndex;
 use crate::pool::{HealthRegistry, Member, Pool};
@@ -256,6 +257,7 @@ fn validate_identity(
 }
 
 fn validate(snapshot: &ConfigSnapshot, errors: &mut Vec<String>) {
+    validate_limits(&snapshot.limits, errors);
     let mut subscription_ids = HashSet::new();
     let mut digests = HashSet::new();
     for (i, subscription) in snapshot.subscriptions.iter().enumerate() {
@@ -366,6 +368,59 @@ fn validate(snapshot: &ConfigSnapshot, errors: &mut Vec<String>) {
     }
 }
 
+/// Limit rules: unique ids, at least one limit each, every number above zero, sane patterns.
+fn validate_limits(rules: &[LimitRule], errors: &mut Vec<String>) {
+    let mut ids = HashSet::new();
+    for (i, rule) in rules.iter().enumerate() {
+        let path = format!("limits[{i}]");
+        if rule.id.trim().is_empty() {
+            errors.push(format!("{path}.id: must not be empty"));
+        }
+        if !ids.insert(&rule.id) {
+            errors.push(format!("{path}.id: duplicate limit id `{}`", rule.id));
+        }
+        match &rule.subject {
+            LimitSubjectRule::Subscription { id }
+            | LimitSubjectRule::User { id }
+            | LimitSubjectRule::Group { id }
+                if id.trim().is_empty() =>
+            {
+                errors.push(format!("{path}.subject.id: must not be empty"));
+            }
+            _ => {}
+        }
+        if rule.requests_per_minute.is_none()
+            && rule.tokens_per_minute.is_none()
+            && rule.token_quota.is_none()
+        {
+            errors.push(format!(
+                "{path}: set at least one of requests_per_minute, tokens_per_minute and token_quota"
+            ));
+        }
+        if rule.requests_per_minute == Some(0) {
+            errors.push(format!("{path}.requests_per_minute: must be at least 1"));
+        }
+        if rule.tokens_per_minute == Some(0) {
+            errors.push(format!("{path}.tokens_per_minute: must be at least 1"));
+        }
+        if rule.token_quota.is_some_and(|q| q.tokens == 0) {
+            errors.push(format!("{path}.token_quota.tokens: must be at least 1"));
+        }
+        for (d, pattern) in rule.deployments.iter().enumerate() {
+            let valid = !pattern.is_empty()
+                && pattern.len() <= 64
+                && pattern.bytes().all(|b| {
+                    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':' | b'*')
+                });
+            if !valid {
+                errors.push(format!(
+                    "{path}.deployments[{d}]: `{pattern}` is not a deployment name or `*` pattern"
+                ));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -405,6 +460,40 @@ mod tests {
                 "missing `{needle}` in {errors:#?}"
             );
         }
+    }
+
+    #[test]
+    fn limit_rules_are_validated_with_their_paths() {
+        let bad = snapshot(serde_json::json!({
+            "version": 2,
+            "limits": [
+                {"id": "a", "subject": {"kind": "each_subscription"}, "tokens_per_minute": 0},
+                {"id": "a", "subject": {"kind": "group", "id": " "}},
+                {"id": "", "subject": {"kind": "each_user"}, "token_quota": {"tokens": 0, "period": "daily"},
+                 "requests_per_minute": 0, "deployments": ["gpt-4o*", "bad name"]},
+                {"id": "ok", "subject": {"kind": "subscription", "id": "s"}, "requests_per_minute": 5}
+            ]
+        }));
+        let errors = Runtime::build(bad, &HealthRegistry::default())
+            .unwrap_err()
+            .0;
+        let expected = [
+            "limits[0].tokens_per_minute: must be at least 1",
+            "limits[1].id: duplicate limit id `a`",
+            "limits[1].subject.id: must not be empty",
+            "limits[1]: set at least one of",
+            "limits[2].id: must not be empty",
+            "limits[2].requests_per_minute: must be at least 1",
+            "limits[2].token_quota.tokens: must be at least 1",
+            "limits[2].deployments[1]: `bad name` is not",
+        ];
+        for needle in expected {
+            assert!(
+                errors.iter().any(|e| e.starts_with(needle)),
+                "missing `{needle}` in {errors:#?}"
+            );
+        }
+        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
     }
 
     #[test]

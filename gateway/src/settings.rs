@@ -11,6 +11,8 @@ use gatehouse_schema::ConfigSnapshot;
 use gatehouse_schema::config::SecretRef;
 use serde::Deserialize;
 
+use crate::secret::Secret;
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -54,6 +56,106 @@ pub struct ServerSettings {
     /// Threads that serve calls; absent: `TOKIO_WORKER_THREADS`, else one per CPU.
     #[serde(default)]
     pub worker_threads: Option<usize>,
+    /// Where usage-limit counters live and what happens when that store fails.
+    #[serde(default)]
+    pub limits: LimitSettings,
+}
+
+/// Where the counters of `snapshot.limits` live: in this process, or in Redis when several
+/// replicas share limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSettings {
+    /// `redis://[user:password@]host:port[/db]` or `rediss://…` (TLS), or a secret reference
+    /// (`env:NAME`, `file:/path`) to such a URL. Absent: counters are kept in this process only.
+    /// The URL may hold a password, so it is never logged.
+    #[serde(default)]
+    pub redis_url: Option<RedisUrl>,
+    /// Text put in front of every Redis key (before `gatehouse:limit:`), to share one Redis
+    /// between several gateway fleets. A Redis Cluster needs a hash tag here, e.g. `{gh}:`.
+    #[serde(default)]
+    pub key_prefix: String,
+    /// What a call gets when the Redis store cannot be reached: `fail_open` (default: admitted
+    /// unchecked, counted in `gatehouse_limit_store_errors_total`, logged) or `fail_closed` (503).
+    #[serde(default)]
+    pub on_store_error: OnStoreError,
+    /// Completion tokens reserved for a call that names no `max_tokens`,
+    /// `max_completion_tokens` or `max_output_tokens`.
+    #[serde(default = "default_completion_tokens")]
+    pub default_completion_tokens: u64,
+    /// How long one Redis round trip may take before it counts as a store error (ms).
+    #[serde(default = "default_store_timeout_ms")]
+    pub store_timeout_ms: u64,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        LimitSettings {
+            redis_url: None,
+            key_prefix: String::new(),
+            on_store_error: OnStoreError::default(),
+            default_completion_tokens: default_completion_tokens(),
+            store_timeout_ms: default_store_timeout_ms(),
+        }
+    }
+}
+
+fn default_completion_tokens() -> u64 {
+    1024
+}
+
+fn default_store_timeout_ms() -> u64 {
+    500
+}
+
+/// What a call gets when the limit store fails.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnStoreError {
+    /// Admit the call without checking its limits.
+    #[default]
+    FailOpen,
+    /// Refuse the call with 503.
+    FailClosed,
+}
+
+/// The Redis URL setting: the URL itself or a secret reference to it. `Debug` never shows a
+/// URL, which may carry a password.
+#[derive(Clone, Deserialize)]
+#[serde(from = "String")]
+pub enum RedisUrl {
+    /// A `redis://` or `rediss://` URL written in the settings.
+    Plain(Secret<String>),
+    /// A reference to the URL (`env:NAME`, `file:/path`).
+    Reference(SecretRef),
+}
+
+impl From<String> for RedisUrl {
+    fn from(text: String) -> Self {
+        match SecretRef::try_from(text.clone()) {
+            Ok(reference) => RedisUrl::Reference(reference),
+            Err(_) => RedisUrl::Plain(Secret::new(text)),
+        }
+    }
+}
+
+impl std::fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RedisUrl::Plain(_) => f.write_str("RedisUrl(*****)"),
+            RedisUrl::Reference(reference) => write!(f, "RedisUrl({})", reference.as_str()),
+        }
+    }
+}
+
+impl RedisUrl {
+    /// The URL, read from its reference when it is one.
+    pub fn resolve(&self) -> Result<Secret<String>, crate::secret::SecretError> {
+        match self {
+            RedisUrl::Plain(url) => Ok(url.clone()),
+            RedisUrl::Reference(reference) => crate::secret::resolve(reference),
+        }
+    }
 }
 
 /// Certificate and key for TLS termination, reloaded when either file changes.
@@ -217,6 +319,12 @@ mod tests {
         let file = ConfigFile::load(&path).unwrap();
         assert_eq!(file.snapshot.pools[0].members.len(), 3);
         assert!(file.server.admin_token.is_some());
+        assert_eq!(file.snapshot.limits.len(), 2);
+        assert_eq!(file.server.limits.on_store_error, OnStoreError::FailOpen);
+        assert!(matches!(
+            file.server.limits.redis_url,
+            Some(RedisUrl::Reference(_))
+        ));
     }
 
     #[test]

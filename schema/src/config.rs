@@ -42,6 +42,9 @@ pub struct ConfigSnapshot {
     /// deployment (a single-team set-up); present, even empty: everything not granted is denied.
     #[serde(default)]
     pub access_rules: Option<Vec<AccessRule>>,
+    /// Requests and tokens per minute and token quotas, per subscription, user or group.
+    #[serde(default)]
+    pub limits: Vec<crate::limits::LimitRule>,
 }
 
 fn default_max_request_body() -> u64 {

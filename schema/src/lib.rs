@@ -6,8 +6,10 @@
 pub mod audit;
 pub mod config;
 pub mod identity;
+pub mod limits;
 pub mod operation;
 
 pub use audit::AuditRecord;
 pub use config::ConfigSnapshot;
+pub use limits::LimitRule;
 pub use operation::OperationId;

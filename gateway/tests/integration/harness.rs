@@ -7,6 +7,7 @@ use gatehouse_audit::{AuditQueue, MemorySink, WriterHandle};
 use gatehouse_gateway::entra::graph::AccessTokenSource;
 use gatehouse_gateway::secret::Secret;
 use gatehouse_gateway::server::{self, Listening};
+use gatehouse_gateway::settings::LimitSettings;
 use gatehouse_gateway::{Gateway, GatewayParts};
 use gatehouse_schema::{AuditRecord, ConfigSnapshot};
 use gatehouse_simulator::{RunningSimulator, Simulator, SimulatorConfig};
@@ -87,7 +88,16 @@ impl TestGateway {
         queue: AuditQueue,
         writer: WriterHandle,
     ) -> TestGateway {
-        Self::start_full(snapshot, state_dir, sink, queue, writer, None).await
+        Self::start_full(
+            snapshot,
+            state_dir,
+            sink,
+            queue,
+            writer,
+            None,
+            LimitSettings::default(),
+        )
+        .await
     }
 
     /// Starts a gateway whose own Entra credential (for Microsoft Graph) is `credential`.
@@ -98,7 +108,24 @@ impl TestGateway {
         let sink = MemorySink::new();
         let (queue, writer) = AuditQueue::start(Arc::new(sink.clone()), 10_000);
         let state_dir = Arc::new(tempfile::tempdir().unwrap());
-        Self::start_full(snapshot, state_dir, sink, queue, writer, Some(credential)).await
+        Self::start_full(
+            snapshot,
+            state_dir,
+            sink,
+            queue,
+            writer,
+            Some(credential),
+            LimitSettings::default(),
+        )
+        .await
+    }
+
+    /// Starts a gateway on a fresh state directory with these limit-store settings.
+    pub async fn start_with_limits(snapshot: ConfigSnapshot, limits: LimitSettings) -> TestGateway {
+        let sink = MemorySink::new();
+        let (queue, writer) = AuditQueue::start(Arc::new(sink.clone()), 10_000);
+        let state_dir = Arc::new(tempfile::tempdir().unwrap());
+        Self::start_full(snapshot, state_dir, sink, queue, writer, None, limits).await
     }
 
     async fn start_full(
@@ -108,6 +135,7 @@ impl TestGateway {
         queue: AuditQueue,
         writer: WriterHandle,
         entra_credential: Option<Arc<dyn AccessTokenSource>>,
+        limits: LimitSettings,
     ) -> TestGateway {
         let gateway = Gateway::new(GatewayParts {
             id: "test-gateway".to_owned(),
@@ -117,6 +145,7 @@ impl TestGateway {
             audit: Some(queue),
             access_log: true,
             entra_credential,
+            limits,
         })
         .await
         .unwrap();

@@ -17,6 +17,7 @@ mod config_endpoint;
 mod entra;
 mod entra_double;
 mod failover;
+mod limits;
 mod operations;
 mod routes;
 mod sdk_compat;

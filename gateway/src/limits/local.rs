@@ -1,0 +1,202 @@
+//! The in-process limit store: every counter in one map behind one mutex, so that checking and
+//! charging all of a call's counters is one short critical section.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+
+use super::{Adjustment, Bucket, BucketKind, StoreAnswer, bucket, quota_window};
+
+/// Every how many operations expired counters are swept out of the map.
+const SWEEP_EVERY: u64 = 4_096;
+
+/// Counters of this process.
+#[derive(Debug, Default)]
+pub(crate) struct LocalStore {
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    slots: HashMap<String, Slot>,
+    operations: u64,
+}
+
+/// One counter.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Slot {
+    /// A rate bucket: `used` tokens (or requests) at `at_us`; it drains at `per_minute`.
+    Rate {
+        used: f64,
+        at_us: i64,
+        per_minute: u64,
+    },
+    /// A quota: `used` tokens in the window that starts at `window_start` and ends at
+    /// `window_end` (seconds).
+    Quota {
+        used: u64,
+        window_start: i64,
+        window_end: i64,
+    },
+}
+
+impl Slot {
+    /// Whether the counter holds nothing any more at `now_us` (it can be forgotten).
+    fn expired(&self, now_us: i64) -> bool {
+        match *self {
+            Slot::Rate {
+                used,
+                at_us,
+                per_minute,
+            } => bucket::drained(used, now_us - at_us, per_minute) <= 0.0,
+            Slot::Quota { window_end, .. } => now_us / 1_000_000 >= window_end,
+        }
+    }
+}
+
+impl LocalStore {
+    /// Checks every bucket at `now_us` and charges them all, or none.
+    pub(crate) fn admit(&self, buckets: &[Bucket], now_us: i64) -> StoreAnswer {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.sweep_now_and_then(now_us);
+        let now_s = now_us.div_euclid(1_000_000);
+        // Phase 1: what each counter holds now, and whether the call fits.
+        let mut current = Vec::with_capacity(buckets.len());
+        let mut quota_refusal: Option<(usize, u64)> = None;
+        let mut rate_refusal: Option<(usize, u64)> = None;
+        for (index, b) in buckets.iter().enumerate() {
+            match b.kind {
+                BucketKind::Requests { per_minute } | BucketKind::Tokens { per_minute } => {
+                    let used = match state.slots.get(&b.key) {
+                        Some(Slot::Rate { used, at_us, .. }) => {
+                            bucket::drained(*used, now_us - at_us, per_minute)
+                        }
+                        _ => 0.0,
+                    };
+                    let wait = bucket::wait_ms(used, b.cost, per_minute);
+                    if wait > 0 && rate_refusal.is_none_or(|(_, longest)| wait > longest) {
+                        rate_refusal = Some((index, wait));
+                    }
+                    current.push((used, 0, 0));
+                }
+                BucketKind::Quota { tokens, period } => {
+                    let (start, end) = quota_window(period, now_s);
+                    let used = match state.slots.get(&b.key) {
+                        Some(Slot::Quota {
+                            used, window_start, ..
+                        }) if *window_start == start => *used,
+                        _ => 0,
+                    };
+                    if used.saturating_add(b.cost) > tokens && quota_refusal.is_none() {
+                        let wait = u64::try_from((end * 1_000_000 - now_us).div_euclid(1_000))
+                            .unwrap_or(0);
+                        quota_refusal = Some((index, wait));
+                    }
+                    current.push((used as f64, start, end));
+                }
+            }
+        }
+        if let Some((bucket, wait_ms)) = quota_refusal.or(rate_refusal) {
+            return StoreAnswer::Refused { bucket, wait_ms };
+        }
+        // Phase 2: charge every counter.
+        let mut levels = Vec::with_capacity(buckets.len());
+        for (b, (used, start, end)) in buckets.iter().zip(current) {
+            match b.kind {
+                BucketKind::Requests { per_minute } | BucketKind::Tokens { per_minute } => {
+                    let used = used + b.cost as f64;
+                    state.slots.insert(
+                        b.key.clone(),
+                        Slot::Rate {
+                            used,
+                            at_us: now_us,
+                            per_minute,
+                        },
+                    );
+                    levels.push((remaining(per_minute as f64 - used), 0));
+                }
+                BucketKind::Quota { tokens, .. } => {
+                    let used = used as u64 + b.cost;
+                    state.slots.insert(
+                        b.key.clone(),
+                        Slot::Quota {
+                            used,
+                            window_start: start,
+                            window_end: end,
+                        },
+                    );
+                    levels.push((tokens.saturating_sub(used), start));
+                }
+            }
+        }
+        StoreAnswer::Admitted(levels)
+    }
+
+    /// Applies corrections at `now_us`: rates drain first, then take the delta (never below
+    /// zero); a quota is corrected only while it is still in the window that was charged.
+    pub(crate) fn adjust(&self, adjustments: &[Adjustment], now_us: i64) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        for adjustment in adjustments {
+            let Some(slot) = state.slots.get_mut(&adjustment.key) else {
+                // A drained rate bucket or an ended quota window: nothing to correct, except
+                // a rate that the call overran — the excess still counts.
+                if let BucketKind::Tokens { per_minute } = adjustment.kind
+                    && adjustment.delta > 0
+                {
+                    state.slots.insert(
+                        adjustment.key.clone(),
+                        Slot::Rate {
+                            used: adjustment.delta as f64,
+                            at_us: now_us,
+                            per_minute,
+                        },
+                    );
+                }
+                continue;
+            };
+            match slot {
+                Slot::Rate {
+                    used,
+                    at_us,
+                    per_minute,
+                } => {
+                    let drained = bucket::drained(*used, now_us - *at_us, *per_minute);
+                    *used = (drained + adjustment.delta as f64).max(0.0);
+                    *at_us = now_us;
+                }
+                Slot::Quota {
+                    used, window_start, ..
+                } => {
+                    if *window_start == adjustment.window_start {
+                        *used = used.saturating_add_signed(adjustment.delta);
+                    }
+                }
+            }
+        }
+    }
+
+    /// How many counters the map holds (for tests of the sweep).
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .slots
+            .len()
+    }
+}
+
+impl State {
+    /// Forgets counters that hold nothing, every [`SWEEP_EVERY`] operations, so that counters of
+    /// callers who went away do not pile up.
+    fn sweep_now_and_then(&mut self, now_us: i64) {
+        self.operations += 1;
+        if self.operations.is_multiple_of(SWEEP_EVERY) {
+            self.slots.retain(|_, slot| !slot.expired(now_us));
+        }
+    }
+}
+
+/// Whole units left, never negative.
+fn remaining(left: f64) -> u64 {
+    if left <= 0.0 { 0 } else { left.floor() as u64 }
+}

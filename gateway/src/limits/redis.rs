@@ -1,0 +1,312 @@
+//! The Redis limit store, shared by gateway replicas.
+//!
+//! A call's counters are checked and charged by ONE Lua script, which Redis runs atomically:
+//! no other replica's charge can come between the check and the charge. The script reads the
+//! time with Redis's `TIME`, so replicas whose clocks disagree still agree on buckets and quota
+//! windows. Every key it writes gets a `PEXPIRE`: a rate bucket lives until it has drained, a
+//! quota until a minute after its window ends.
+//!
+//! Keys: a rate bucket is a hash `{u: used, t: microseconds}`; a quota is a hash
+//! `{w: window start in seconds, u: used}` that starts again at zero when the window changes.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use super::{Adjustment, Bucket, BucketKind, StoreAnswer, StoreError};
+use crate::secret::Secret;
+use gatehouse_schema::limits::QuotaPeriod;
+
+/// Calendar windows in UTC, shared by both scripts (the same arithmetic as
+/// [`super::quota_window`]; civil dates from day numbers after Howard Hinnant's algorithms).
+const WINDOW_LUA: &str = r#"
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local mp = (m + 9) % 12
+  local doy = math.floor((153 * mp + 2) / 5) + d - 1
+  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+local function civil_from_days(z)
+  z = z + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+  local y = yoe + era * 400
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local m = mp < 10 and mp + 3 or mp - 9
+  if m <= 2 then y = y + 1 end
+  return y, m
+end
+local function window(period, now_s)
+  local day = 86400
+  if period == 'h' then
+    local s = now_s - now_s % 3600
+    return s, s + 3600
+  elseif period == 'd' then
+    local s = now_s - now_s % day
+    return s, s + day
+  elseif period == 'w' then
+    local days = math.floor(now_s / day)
+    local monday = days - (days + 3) % 7
+    return monday * day, (monday + 7) * day
+  end
+  local y, m = civil_from_days(math.floor(now_s / day))
+  if period == 'm' then
+    local ny, nm = y, m + 1
+    if nm == 13 then ny, nm = y + 1, 1 end
+    return days_from_civil(y, m, 1) * day, days_from_civil(ny, nm, 1) * day
+  end
+  return days_from_civil(y, 1, 1) * day, days_from_civil(y + 1, 1, 1) * day
+end
+local function now_us()
+  if ARGV[1] ~= '' then return tonumber(ARGV[1]) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local function drained(key, cap, now)
+  local state = redis.call('HMGET', key, 'u', 't')
+  local used = tonumber(state[1]) or 0
+  local at = tonumber(state[2]) or now
+  local elapsed = now - at
+  if elapsed < 0 then elapsed = 0 end
+  used = used - elapsed * cap / 60000000
+  if used < 0 then used = 0 end
+  return used
+end
+local function store_rate(key, used, cap, now)
+  if used <= 0 then
+    redis.call('DEL', key)
+    return
+  end
+  redis.call('HSET', key, 'u', string.format('%.6f', used), 't', string.format('%.0f', now))
+  redis.call('PEXPIRE', key, math.ceil(used * 60000 / cap) + 1000)
+end
+"#;
+
+/// Checks and charges. KEYS: the counters. ARGV[1]: the time in microseconds, or empty for
+/// Redis's own; then per key: kind (`r` rate, `q` quota), capacity, cost, period (`h`, `d`, `w`,
+/// `m`, `y`; `-` for a rate). Answers `{1, remaining, window start, …}` when everything was
+/// charged, `{0, refusing key's position, wait in ms}` when nothing was.
+const ADMIT_LUA: &str = r#"
+local now = now_us()
+local now_s = math.floor(now / 1000000)
+local used, starts, ends = {}, {}, {}
+local quota_refusal, quota_wait = 0, 0
+local rate_refusal, rate_wait = 0, 0
+for i = 1, #KEYS do
+  local b = 2 + (i - 1) * 4
+  local kind, cap, cost = ARGV[b], tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
+  if kind == 'r' then
+    local u = drained(KEYS[i], cap, now)
+    used[i] = u
+    local excess = u + cost - cap
+    if excess > 0 then
+      local wait = math.ceil(excess * 60000 / cap)
+      if rate_refusal == 0 or wait > rate_wait then
+        rate_refusal, rate_wait = i, wait
+      end
+    end
+  else
+    local s, e = window(ARGV[b + 3], now_s)
+    starts[i], ends[i] = s, e
+    local state = redis.call('HMGET', KEYS[i], 'w', 'u')
+    local u = 0
+    if tonumber(state[1]) == s then u = tonumber(state[2]) or 0 end
+    used[i] = u
+    if u + cost > cap and quota_refusal == 0 then
+      quota_refusal, quota_wait = i, math.floor((e * 1000000 - now) / 1000)
+    end
+  end
+end
+if quota_refusal > 0 then return {0, quota_refusal, quota_wait} end
+if rate_refusal > 0 then return {0, rate_refusal, rate_wait} end
+local out = {1}
+for i = 1, #KEYS do
+  local b = 2 + (i - 1) * 4
+  local kind, cap, cost = ARGV[b], tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
+  local u = used[i] + cost
+  if kind == 'r' then
+    store_rate(KEYS[i], u, cap, now)
+    out[#out + 1] = math.max(0, math.floor(cap - u))
+    out[#out + 1] = 0
+  else
+    redis.call('HSET', KEYS[i], 'w', string.format('%.0f', starts[i]), 'u', string.format('%.0f', u))
+    redis.call('PEXPIRE', KEYS[i], math.max(1000, math.floor((ends[i] * 1000000 - now) / 1000) + 60000))
+    out[#out + 1] = math.max(0, cap - u)
+    out[#out + 1] = starts[i]
+  end
+end
+return out
+"#;
+
+/// Corrects counters after calls finished. KEYS: the counters. ARGV[1]: the time in
+/// microseconds, or empty for Redis's own; then per key: kind (`r`, `q`), capacity, delta,
+/// quota window start. A rate drains first and never goes below zero; a quota is corrected only
+/// while it is still in the window that was charged.
+const ADJUST_LUA: &str = r#"
+local now = now_us()
+for i = 1, #KEYS do
+  local b = 2 + (i - 1) * 4
+  local kind, cap, delta = ARGV[b], tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
+  if kind == 'r' then
+    local u = drained(KEYS[i], cap, now) + delta
+    store_rate(KEYS[i], u, cap, now)
+  else
+    local state = redis.call('HMGET', KEYS[i], 'w', 'u')
+    if state[1] and tonumber(state[1]) == tonumber(ARGV[b + 3]) then
+      local u = (tonumber(state[2]) or 0) + delta
+      if u < 0 then u = 0 end
+      redis.call('HSET', KEYS[i], 'u', string.format('%.0f', u))
+    end
+  end
+end
+return 1
+"#;
+
+/// Counters in Redis, through one multiplexed connection that reconnects by itself.
+#[derive(Clone)]
+pub(crate) struct RedisStore {
+    connection: ConnectionManager,
+    admit: redis::Script,
+    adjust: redis::Script,
+    timeout: Duration,
+}
+
+impl RedisStore {
+    /// A store at `url`; connects on first use, and again whenever the connection breaks.
+    pub(crate) fn new(url: &Secret<String>, timeout: Duration) -> Result<RedisStore, String> {
+        // The parse error of the redis crate may quote the URL; this message never does.
+        let client = redis::Client::open(url.expose().as_str())
+            .map_err(|_| "not a valid redis:// or rediss:// URL".to_owned())?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(0);
+        let connection = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| format!("cannot set up the connection: {:?}", e.kind()))?;
+        Ok(RedisStore {
+            connection,
+            admit: redis::Script::new(&format!("{WINDOW_LUA}{ADMIT_LUA}")),
+            adjust: redis::Script::new(&format!("{WINDOW_LUA}{ADJUST_LUA}")),
+            timeout,
+        })
+    }
+
+    /// Checks every bucket and charges them all, or none. `now_us` replaces Redis's clock
+    /// (tests only pass one).
+    pub(crate) async fn admit(
+        &self,
+        buckets: &[Bucket],
+        now_us: Option<i64>,
+    ) -> Result<StoreAnswer, StoreError> {
+        let mut invocation = self.admit.prepare_invoke();
+        invocation.arg(now_us.map_or_else(String::new, |t| t.to_string()));
+        for bucket in buckets {
+            invocation.key(&bucket.key);
+            let (kind, period) = code(bucket.kind);
+            invocation
+                .arg(kind)
+                .arg(bucket.kind.capacity())
+                .arg(bucket.cost)
+                .arg(period);
+        }
+        let mut connection = self.connection.clone();
+        let answer: Vec<i64> =
+            tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection))
+                .await
+                .map_err(|_| StoreError::Timeout(millis(self.timeout)))?
+                .map_err(|e| StoreError::Redis(e.to_string()))?;
+        parse_admit(&answer, buckets.len())
+    }
+
+    /// Applies corrections. `now_us` replaces Redis's clock (tests only pass one).
+    pub(crate) async fn adjust(
+        &self,
+        adjustments: &[Adjustment],
+        now_us: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let mut invocation = self.adjust.prepare_invoke();
+        invocation.arg(now_us.map_or_else(String::new, |t| t.to_string()));
+        for adjustment in adjustments {
+            invocation.key(&adjustment.key);
+            invocation
+                .arg(code(adjustment.kind).0)
+                .arg(adjustment.kind.capacity())
+                .arg(adjustment.delta)
+                .arg(adjustment.window_start);
+        }
+        let mut connection = self.connection.clone();
+        let _: i64 = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection))
+            .await
+            .map_err(|_| StoreError::Timeout(millis(self.timeout)))?
+            .map_err(|e| StoreError::Redis(e.to_string()))?;
+        Ok(())
+    }
+}
+
+/// The script's codes for a bucket kind: kind and period.
+fn code(kind: BucketKind) -> (&'static str, &'static str) {
+    match kind {
+        BucketKind::Requests { .. } | BucketKind::Tokens { .. } => ("r", "-"),
+        BucketKind::Quota { period, .. } => (
+            "q",
+            match period {
+                QuotaPeriod::Hourly => "h",
+                QuotaPeriod::Daily => "d",
+                QuotaPeriod::Weekly => "w",
+                QuotaPeriod::Monthly => "m",
+                QuotaPeriod::Yearly => "y",
+            },
+        ),
+    }
+}
+
+fn parse_admit(answer: &[i64], buckets: usize) -> Result<StoreAnswer, StoreError> {
+    let unexpected = || StoreError::Redis("unexpected answer from the limit script".to_owned());
+    match answer {
+        [1, levels @ ..] if levels.len() == 2 * buckets => Ok(StoreAnswer::Admitted(
+            levels
+                .chunks_exact(2)
+                .map(|pair| (u64::try_from(pair[0]).unwrap_or(0), pair[1]))
+                .collect(),
+        )),
+        [0, position, wait] if *position >= 1 && (*position as usize) <= buckets => {
+            Ok(StoreAnswer::Refused {
+                bucket: *position as usize - 1,
+                wait_ms: u64::try_from(*wait).unwrap_or(0),
+            })
+        }
+        _ => Err(unexpected()),
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn script_answers_parse() {
+        assert_eq!(
+            parse_admit(&[1, 5, 0, 7, 100], 2).unwrap(),
+            StoreAnswer::Admitted(vec![(5, 0), (7, 100)])
+        );
+        assert_eq!(
+            parse_admit(&[0, 2, 1500], 2).unwrap(),
+            StoreAnswer::Refused {
+                bucket: 1,
+                wait_ms: 1500
+            }
+        );
+        assert!(parse_admit(&[0, 3, 1], 2).is_err());
+        assert!(parse_admit(&[1, 5], 2).is_err());
+        assert!(parse_admit(&[], 0).is_err());
+    }
+}

@@ -1,0 +1,877 @@
+use std::time::Duration;
+
+use serde_json::json;
+use time::macros::datetime;
+
+use super::local::LocalStore;
+use super::redis::RedisStore;
+use super::*;
+use crate::secret::Secret;
+
+/// Seconds since the epoch of a UTC date-time.
+fn at(moment: OffsetDateTime) -> i64 {
+    moment.unix_timestamp()
+}
+
+fn rule(value: Value) -> LimitRule {
+    serde_json::from_value(value).unwrap()
+}
+
+fn limiter() -> Limiter {
+    Limiter::new(&LimitSettings::default(), Counter::default()).unwrap()
+}
+
+fn team_a() -> LimitSubject<'static> {
+    LimitSubject {
+        subscription: Some("team-a"),
+        user: None,
+        groups: &[],
+    }
+}
+
+fn tokens(prompt: u64, completion: u64) -> Estimate {
+    Estimate {
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+    }
+}
+
+#[test]
+fn globs_match_runs_of_characters() {
+    for (pattern, name, expected) in [
+        ("gpt-4o", "gpt-4o", true),
+        ("gpt-4o", "gpt-4o-mini", false),
+        ("gpt-4o*", "gpt-4o-mini", true),
+        ("gpt-4o*", "gpt-4o", true),
+        ("*mini", "gpt-4o-mini", true),
+        ("*mini", "gpt-4o", false),
+        ("gpt-*-mini", "gpt-4o-mini", true),
+        ("gpt-*-mini", "gpt-mini", false),
+        ("*", "anything", true),
+        ("a*a", "a", false),
+        ("a*a", "aa", true),
+        ("*4o*", "prod-gpt-4o-eu", true),
+    ] {
+        assert_eq!(glob_match(pattern, name), expected, "{pattern} ~ {name}");
+    }
+}
+
+#[test]
+fn quota_windows_are_utc_calendar_units() {
+    let now = at(datetime!(2025-03-12 14:35:07 UTC));
+    assert_eq!(
+        quota_window(QuotaPeriod::Hourly, now),
+        (
+            at(datetime!(2025-03-12 14:00 UTC)),
+            at(datetime!(2025-03-12 15:00 UTC))
+        )
+    );
+    assert_eq!(
+        quota_window(QuotaPeriod::Daily, now),
+        (
+            at(datetime!(2025-03-12 0:00 UTC)),
+            at(datetime!(2025-03-13 0:00 UTC))
+        )
+    );
+    // 2025-03-12 is a Wednesday; its week starts on Monday the 10th.
+    assert_eq!(
+        quota_window(QuotaPeriod::Weekly, now),
+        (
+            at(datetime!(2025-03-10 0:00 UTC)),
+            at(datetime!(2025-03-17 0:00 UTC))
+        )
+    );
+    // A Monday at midnight starts its own week; the Sunday before belongs to the previous one.
+    let monday = at(datetime!(2025-03-10 0:00 UTC));
+    assert_eq!(quota_window(QuotaPeriod::Weekly, monday).0, monday);
+    assert_eq!(
+        quota_window(QuotaPeriod::Weekly, monday - 1).0,
+        at(datetime!(2025-03-03 0:00 UTC))
+    );
+    // The week of 1 January 2025 (a Wednesday) starts in 2024.
+    assert_eq!(
+        quota_window(QuotaPeriod::Weekly, at(datetime!(2025-01-01 12:00 UTC))).0,
+        at(datetime!(2024-12-30 0:00 UTC))
+    );
+    assert_eq!(
+        quota_window(QuotaPeriod::Monthly, at(datetime!(2025-01-31 23:59:59 UTC))),
+        (
+            at(datetime!(2025-01-01 0:00 UTC)),
+            at(datetime!(2025-02-01 0:00 UTC))
+        )
+    );
+    assert_eq!(
+        quota_window(QuotaPeriod::Monthly, at(datetime!(2024-02-29 10:00 UTC))),
+        (
+            at(datetime!(2024-02-01 0:00 UTC)),
+            at(datetime!(2024-03-01 0:00 UTC))
+        )
+    );
+    assert_eq!(
+        quota_window(QuotaPeriod::Monthly, at(datetime!(2025-12-31 23:59:59 UTC))),
+        (
+            at(datetime!(2025-12-01 0:00 UTC)),
+            at(datetime!(2026-01-01 0:00 UTC))
+        )
+    );
+    assert_eq!(
+        quota_window(QuotaPeriod::Monthly, at(datetime!(2026-01-01 0:00 UTC))).0,
+        at(datetime!(2026-01-01 0:00 UTC))
+    );
+    assert_eq!(
+        quota_window(QuotaPeriod::Yearly, now),
+        (
+            at(datetime!(2025-01-01 0:00 UTC)),
+            at(datetime!(2026-01-01 0:00 UTC))
+        )
+    );
+}
+
+#[test]
+fn buckets_refill_continuously_and_waits_are_exact() {
+    // 600 per minute: 10 per second, 1 per 100 ms.
+    assert_eq!(bucket::drained(600.0, 1_000_000, 600), 590.0);
+    assert_eq!(bucket::drained(5.0, 60_000_000, 600), 0.0);
+    assert_eq!(
+        bucket::drained(5.0, -1_000_000, 600),
+        5.0,
+        "a clock step back"
+    );
+    assert_eq!(bucket::wait_ms(590.0, 10, 600), 0);
+    // 25 tokens short at 10 per second: 2.5 s.
+    assert_eq!(bucket::wait_ms(600.0, 25, 600), 2_500);
+    assert_eq!(bucket::wait_ms(595.0, 25, 600), 2_000);
+    // An overrun bucket (debt from a reconciliation) waits for the debt too.
+    assert_eq!(bucket::wait_ms(660.0, 1, 600), 6_100);
+}
+
+#[test]
+fn completion_allowance_reads_the_body() {
+    let chat = OperationId::ChatCompletionsCreate;
+    assert_eq!(completion_allowance(chat, Some(&json!({})), 1024), 1024);
+    assert_eq!(
+        completion_allowance(chat, Some(&json!({"max_tokens": 50})), 1024),
+        50
+    );
+    assert_eq!(
+        completion_allowance(
+            chat,
+            Some(&json!({"max_tokens": 50, "max_completion_tokens": 70})),
+            1024
+        ),
+        70
+    );
+    assert_eq!(
+        completion_allowance(chat, Some(&json!({"max_tokens": 50, "n": 3})), 1024),
+        150
+    );
+    assert_eq!(
+        completion_allowance(
+            OperationId::CompletionsCreate,
+            Some(&json!({"max_tokens": 10, "n": 2, "best_of": 4})),
+            1024
+        ),
+        40
+    );
+    assert_eq!(
+        completion_allowance(
+            OperationId::CreateResponse,
+            Some(&json!({"max_output_tokens": 300})),
+            1024
+        ),
+        300
+    );
+    assert_eq!(
+        completion_allowance(OperationId::EmbeddingsCreate, Some(&json!({})), 1024),
+        0
+    );
+    assert_eq!(
+        completion_allowance(OperationId::ImageGenerationsCreate, None, 1024),
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_chat_estimate_is_the_prompt_plus_the_allowed_completion() {
+    let body = bytes::Bytes::from(
+        json!({"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 40})
+            .to_string(),
+    );
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        "application/json".parse().unwrap(),
+    );
+    let call = crate::classify::classify(
+        &http::Method::POST,
+        "/openai/deployments/gpt-4o/chat/completions",
+        Some("api-version=2024-10-21"),
+        &headers,
+        &body,
+    )
+    .unwrap();
+    let estimate = Estimate::of_call(&call, 1024).await;
+    // 3 per message + "user" (1) + "Hello there" (2) + 3 priming.
+    assert_eq!(estimate, tokens(9, 40));
+}
+
+fn tpm_bucket(key: &str, per_minute: u64, cost: u64) -> Bucket {
+    Bucket {
+        key: key.to_owned(),
+        kind: BucketKind::Tokens { per_minute },
+        cost,
+        rule: 0,
+    }
+}
+
+fn quota_bucket(key: &str, tokens: u64, period: QuotaPeriod, cost: u64) -> Bucket {
+    Bucket {
+        key: key.to_owned(),
+        kind: BucketKind::Quota { tokens, period },
+        cost,
+        rule: 0,
+    }
+}
+
+const T0: i64 = 1_741_790_107_000_000; // 2025-03-12 14:35:07 UTC, in µs
+
+#[test]
+fn the_local_store_charges_all_or_nothing() {
+    let store = LocalStore::default();
+    let small = tpm_bucket("a", 100, 60);
+    let large = tpm_bucket("b", 1_000, 60);
+    assert_eq!(
+        store.admit(&[small.clone(), large.clone()], T0),
+        StoreAnswer::Admitted(vec![(40, 0), (940, 0)])
+    );
+    // `a` has 40 left: the next 60 are refused, for exactly 20 tokens / (100 / 60 s) = 12 s,
+    // and `b` is not charged either.
+    assert_eq!(
+        store.admit(&[large.clone(), small.clone()], T0),
+        StoreAnswer::Refused {
+            bucket: 1,
+            wait_ms: 12_000
+        }
+    );
+    assert_eq!(
+        store.admit(std::slice::from_ref(&large), T0),
+        StoreAnswer::Admitted(vec![(880, 0)])
+    );
+    // 12 s later the call fits, and only just.
+    assert_eq!(
+        store.admit(std::slice::from_ref(&small), T0 + 12_000_000 - 1_000),
+        StoreAnswer::Refused {
+            bucket: 0,
+            wait_ms: 1
+        }
+    );
+    assert_eq!(
+        store.admit(&[small], T0 + 12_000_000),
+        StoreAnswer::Admitted(vec![(0, 0)])
+    );
+}
+
+#[test]
+fn the_local_store_refuses_the_longest_wait_and_quotas_first() {
+    let store = LocalStore::default();
+    let start = at(datetime!(2025-03-12 0:00 UTC));
+    let end = at(datetime!(2025-03-13 0:00 UTC));
+    let quota = quota_bucket("q", 100, QuotaPeriod::Daily, 90);
+    assert_eq!(
+        store.admit(&[quota.clone(), tpm_bucket("t", 100, 90)], T0),
+        StoreAnswer::Admitted(vec![(10, start), (10, 0)])
+    );
+    // Both refuse; the quota answers, with the time to the end of the day.
+    assert_eq!(
+        store.admit(&[tpm_bucket("t", 100, 90), quota.clone()], T0),
+        StoreAnswer::Refused {
+            bucket: 1,
+            wait_ms: u64::try_from((end * 1_000_000 - T0) / 1_000).unwrap()
+        }
+    );
+    // Two rates refuse: the longer wait answers.
+    assert_eq!(
+        store.admit(&[tpm_bucket("t", 100, 20), tpm_bucket("u", 10, 20)], T0),
+        StoreAnswer::Refused {
+            bucket: 1,
+            wait_ms: 60_000
+        }
+    );
+    // The next day starts at zero.
+    assert_eq!(
+        store.admit(&[quota], end * 1_000_000),
+        StoreAnswer::Admitted(vec![(10, end)])
+    );
+}
+
+#[test]
+fn the_local_store_reconciles() {
+    let store = LocalStore::default();
+    let start = at(datetime!(2025-03-12 0:00 UTC));
+    let buckets = [
+        tpm_bucket("t", 1_000, 500),
+        quota_bucket("q", 1_000, QuotaPeriod::Daily, 500),
+    ];
+    store.admit(&buckets, T0);
+    let adjust = |delta: i64, window_start: i64, now: i64| {
+        store.adjust(
+            &[
+                Adjustment {
+                    key: "t".to_owned(),
+                    kind: buckets[0].kind,
+                    delta,
+                    window_start: 0,
+                },
+                Adjustment {
+                    key: "q".to_owned(),
+                    kind: buckets[1].kind,
+                    delta,
+                    window_start,
+                },
+            ],
+            now,
+        );
+    };
+    // The call used 100 of the 500 reserved: 400 come back.
+    adjust(-400, start, T0);
+    assert_eq!(
+        store.admit(&[tpm_bucket("t", 1_000, 0)], T0),
+        StoreAnswer::Admitted(vec![(900, 0)])
+    );
+    // Another used 300 more than reserved: the excess is charged.
+    adjust(300, start, T0);
+    assert_eq!(
+        store.admit(
+            &[
+                tpm_bucket("t", 1_000, 0),
+                quota_bucket("q", 1_000, QuotaPeriod::Daily, 0)
+            ],
+            T0
+        ),
+        StoreAnswer::Admitted(vec![(600, 0), (600, start)])
+    );
+    // A refund never goes below zero, and a correction for yesterday's window is dropped.
+    adjust(-10_000, start - 86_400, T0);
+    assert_eq!(
+        store.admit(
+            &[
+                tpm_bucket("t", 1_000, 0),
+                quota_bucket("q", 1_000, QuotaPeriod::Daily, 0)
+            ],
+            T0
+        ),
+        StoreAnswer::Admitted(vec![(1_000, 0), (600, start)])
+    );
+}
+
+#[test]
+fn the_local_store_forgets_drained_counters() {
+    let store = LocalStore::default();
+    for i in 0..5_000 {
+        store.admit(&[tpm_bucket(&format!("k{i}"), 60, 1)], T0);
+    }
+    // A minute later every bucket has drained; the next sweep removes them.
+    for i in 0..5_000 {
+        store.admit(&[tpm_bucket("live", 1_000_000, 1)], T0 + 61_000_000 + i);
+    }
+    assert!(store.len() < 100, "{} counters left", store.len());
+}
+
+#[tokio::test]
+async fn rules_apply_by_subject_and_deployment() {
+    let limiter = limiter();
+    let rules = vec![
+        rule(
+            json!({"id": "each", "subject": {"kind": "each_subscription"}, "requests_per_minute": 2}),
+        ),
+        rule(
+            json!({"id": "group", "subject": {"kind": "group", "id": "g1"}, "requests_per_minute": 3,
+                    "deployments": ["gpt-4o*"]}),
+        ),
+        rule(
+            json!({"id": "per-deployment", "subject": {"kind": "user", "id": "u1"},
+                    "requests_per_minute": 1, "each_deployment": true}),
+        ),
+    ];
+    let groups = vec!["g1".to_owned()];
+    let alice = LimitSubject {
+        subscription: Some("s1"),
+        user: Some("u1"),
+        groups: &groups,
+    };
+    let bob = LimitSubject {
+        subscription: Some("s2"),
+        user: Some("u2"),
+        groups: &groups,
+    };
+    let admitted = limiter
+        .admit(&rules, &alice, Some("gpt-4o"), Estimate::default())
+        .await
+        .unwrap();
+    // Three rules applied; the tightest has nothing left.
+    assert_eq!(admitted.remaining_requests, Some(0));
+    assert!(admitted.reservation.is_none(), "no token limit applies");
+    // `per-deployment` (one a minute) refuses, for exactly a minute.
+    let refused = limiter
+        .admit(&rules, &alice, Some("gpt-4o"), Estimate::default())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.limit_id(), "per-deployment", "{refused}");
+    assert!(
+        matches!(refused, LimitRefusal::Rate { retry_after, .. } if retry_after == Duration::from_secs(60))
+    );
+    // The per-deployment counter of u1 is separate for another deployment.
+    limiter
+        .admit(&rules, &alice, Some("gpt-4o-mini"), Estimate::default())
+        .await
+        .unwrap();
+    let refused = limiter
+        .admit(&rules, &alice, Some("o3"), Estimate::default())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.limit_id(), "each", "{refused}");
+    // Bob has his own subscription counter but shares the group's: 3 - 2 = 1 left.
+    let admitted = limiter
+        .admit(&rules, &bob, Some("gpt-4o"), Estimate::default())
+        .await
+        .unwrap();
+    assert_eq!(admitted.remaining_requests, Some(0));
+    let refused = limiter
+        .admit(&rules, &bob, Some("gpt-4o"), Estimate::default())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.limit_id(), "group");
+    assert!(matches!(refused, LimitRefusal::Rate { tokens: false, .. }));
+    // The group's rule does not cover other deployments.
+    limiter
+        .admit(&rules, &bob, Some("o3"), Estimate::default())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_estimate_larger_than_a_limit_is_refused_outright() {
+    let limiter = limiter();
+    let rules = vec![rule(
+        json!({"id": "small", "subject": {"kind": "each_subscription"}, "tokens_per_minute": 1000}),
+    )];
+    let refused = limiter
+        .admit(&rules, &team_a(), Some("gpt-4o"), tokens(100, 1024))
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        refused,
+        LimitRefusal::TooLarge {
+            capacity: 1000,
+            estimate: 1124,
+            ..
+        }
+    ));
+    let message = refused.to_string();
+    assert!(
+        message.contains("1124 tokens") && message.contains("'small'"),
+        "{message}"
+    );
+    assert_eq!(refused.retry_after(), None);
+}
+
+#[tokio::test]
+async fn admissions_report_headers_and_reconcile() {
+    let limiter = limiter();
+    let rules = vec![rule(json!({
+        "id": "team", "subject": {"kind": "subscription", "id": "team-a"},
+        "requests_per_minute": 100, "tokens_per_minute": 1000,
+        "token_quota": {"tokens": 5000, "period": "monthly"}
+    }))];
+    let mut admission = limiter
+        .admit(&rules, &team_a(), Some("gpt-4o"), tokens(100, 500))
+        .await
+        .unwrap();
+    let mut headers = HeaderMap::new();
+    admission.write_headers(&mut headers);
+    let header = |name: &str| headers.get(name).unwrap().to_str().unwrap().to_owned();
+    assert_eq!(header(REMAINING_REQUESTS_HEADER), "99");
+    assert_eq!(header(REMAINING_TOKENS_HEADER), "400");
+    assert_eq!(header(REMAINING_QUOTA_TOKENS_HEADER), "4400");
+    assert_eq!(header(CONSUMED_TOKENS_HEADER), "600");
+    let reservation = admission.take_reservation().unwrap();
+    assert_eq!(reservation.estimate(), 600);
+    // The call used 150: 450 come back (a little more refilled meanwhile, at most).
+    limiter.reconcile(reservation, Some(150));
+    let after = limiter
+        .admit(&rules, &team_a(), Some("gpt-4o"), tokens(0, 0))
+        .await
+        .unwrap();
+    let remaining = after.remaining_tokens.unwrap();
+    assert!((850..=1000).contains(&remaining), "{remaining}");
+    assert_eq!(after.remaining_quota_tokens, Some(4850));
+}
+
+#[test]
+fn usage_settles_reservations() {
+    let (parts, ()) = http::Request::new(()).into_parts();
+    let local = std::net::IpAddr::from([127, 0, 0, 1]);
+    let caller = crate::caller::Caller {
+        client: local,
+        peer: local,
+    };
+    let mut record =
+        crate::record::CallRecord::new("g", "c", &parts, caller, std::time::Instant::now())
+            .finish(503, 0);
+    // No backend answered: nothing was used.
+    assert_eq!(tokens_used(&record), Some(0));
+    record
+        .attempts
+        .push(gatehouse_schema::audit::BackendAttempt {
+            backend_id: "m".to_owned(),
+            status: Some(200),
+            elapsed_ms: 1,
+            error: None,
+        });
+    // Answered, usage unknown: the estimate stays charged.
+    assert_eq!(tokens_used(&record), None);
+    record.usage = Some(TokenUsage {
+        prompt_tokens: 10,
+        completion_tokens: 5,
+        total_tokens: 15,
+        cached_tokens: 0,
+        reasoning_tokens: 0,
+        is_estimate: false,
+    });
+    assert_eq!(tokens_used(&record), Some(15));
+}
+
+#[test]
+fn refusals_read_like_azure_and_api_management() {
+    let rate = LimitRefusal::Rate {
+        limit: "team-tpm".to_owned(),
+        deployment: Some("gpt-4o".to_owned()),
+        tokens: true,
+        per_minute: 1000,
+        retry_after: Duration::from_millis(2_300),
+    };
+    assert_eq!(
+        rate.to_string(),
+        "Requests to deployment 'gpt-4o' have exceeded the token rate limit of 1000 tokens per minute set by limit 'team-tpm'. Please retry after 3 seconds."
+    );
+    let quota = LimitRefusal::Quota {
+        limit: "monthly".to_owned(),
+        deployment: None,
+        tokens: 50_000,
+        period: QuotaPeriod::Monthly,
+        retry_after: Duration::from_secs(3 * 3600 + 4 * 60 + 1),
+    };
+    let message = quota.to_string();
+    assert!(
+        message.starts_with("Token quota is exceeded. Limit 'monthly' allows 50000 tokens per month to this gateway;"),
+        "{message}"
+    );
+    assert!(
+        message.ends_with("Try again in 3 hours and 4 minutes."),
+        "{message}"
+    );
+    assert_eq!(
+        spoken_duration(Duration::from_secs(21 * 60 + 33)),
+        "21 minutes and 33 seconds"
+    );
+    assert_eq!(spoken_duration(Duration::from_millis(200)), "1 second");
+}
+
+// ---- The Redis store, against the Redis at 127.0.0.1:6379 ----
+
+const REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+/// A store and a key prefix of its own; `cleanup` deletes every key under it.
+struct RedisFixture {
+    store: RedisStore,
+    prefix: String,
+}
+
+impl RedisFixture {
+    fn new(test: &str) -> RedisFixture {
+        RedisFixture {
+            store: RedisStore::new(&Secret::new(REDIS_URL.to_owned()), Duration::from_secs(5))
+                .unwrap(),
+            prefix: format!("test:{test}:{}:", uuid::Uuid::new_v4()),
+        }
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}{KEY_NAMESPACE}{name}", self.prefix)
+    }
+
+    async fn connection(&self) -> ::redis::aio::MultiplexedConnection {
+        ::redis::Client::open(REDIS_URL)
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    /// Milliseconds to live of every key under the prefix.
+    async fn ttls(&self) -> Vec<(String, i64)> {
+        let mut connection = self.connection().await;
+        let keys: Vec<String> = ::redis::cmd("KEYS")
+            .arg(format!("{}*", self.prefix))
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        let mut ttls = Vec::new();
+        for key in keys {
+            let ttl: i64 = ::redis::cmd("PTTL")
+                .arg(&key)
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+            ttls.push((key, ttl));
+        }
+        ttls
+    }
+
+    async fn cleanup(self) {
+        let mut connection = self.connection().await;
+        let keys: Vec<String> = ::redis::cmd("KEYS")
+            .arg(format!("{}*", self.prefix))
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        if !keys.is_empty() {
+            let _: i64 = ::redis::cmd("DEL")
+                .arg(keys)
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn redis_charges_all_or_nothing_with_exact_waits() {
+    let redis = RedisFixture::new("all-or-nothing");
+    let (a, b) = (redis.key("a"), redis.key("b"));
+    assert_eq!(
+        redis
+            .store
+            .admit(
+                &[tpm_bucket(&a, 100, 60), tpm_bucket(&b, 1_000, 60)],
+                Some(T0)
+            )
+            .await
+            .unwrap(),
+        StoreAnswer::Admitted(vec![(40, 0), (940, 0)])
+    );
+    assert_eq!(
+        redis
+            .store
+            .admit(
+                &[tpm_bucket(&b, 1_000, 60), tpm_bucket(&a, 100, 60)],
+                Some(T0)
+            )
+            .await
+            .unwrap(),
+        StoreAnswer::Refused {
+            bucket: 1,
+            wait_ms: 12_000
+        }
+    );
+    assert_eq!(
+        redis
+            .store
+            .admit(&[tpm_bucket(&b, 1_000, 60)], Some(T0))
+            .await
+            .unwrap(),
+        StoreAnswer::Admitted(vec![(880, 0)]),
+        "the refused call charged nothing"
+    );
+    assert_eq!(
+        redis
+            .store
+            .admit(&[tpm_bucket(&a, 100, 60)], Some(T0 + 12_000_000))
+            .await
+            .unwrap(),
+        StoreAnswer::Admitted(vec![(0, 0)])
+    );
+    // Every key expires.
+    let ttls = redis.ttls().await;
+    assert_eq!(ttls.len(), 2);
+    assert!(ttls.iter().all(|(_, ttl)| *ttl > 0), "{ttls:?}");
+    redis.cleanup().await;
+}
+
+#[tokio::test]
+async fn redis_quota_windows_match_the_calendar() {
+    let redis = RedisFixture::new("windows");
+    let moments = [
+        datetime!(2025-03-12 14:35:07 UTC),
+        datetime!(2025-01-01 0:00 UTC),
+        datetime!(2024-12-31 23:59:59 UTC),
+        datetime!(2024-02-29 12:00 UTC),
+        datetime!(2025-03-10 0:00 UTC),
+        datetime!(2025-03-09 23:59:59 UTC),
+        datetime!(2100-02-28 23:00 UTC),
+        datetime!(2000-03-01 0:00 UTC),
+    ];
+    let periods = [
+        QuotaPeriod::Hourly,
+        QuotaPeriod::Daily,
+        QuotaPeriod::Weekly,
+        QuotaPeriod::Monthly,
+        QuotaPeriod::Yearly,
+    ];
+    for (m, moment) in moments.into_iter().enumerate() {
+        let now = at(moment) * 1_000_000 + 250_000;
+        for period in periods {
+            let (start, end) = quota_window(period, at(moment));
+            let key = redis.key(&format!("{m}:{}", period.as_str()));
+            // A charge lands in the window the script computes; a refusal waits for its end.
+            assert_eq!(
+                redis
+                    .store
+                    .admit(&[quota_bucket(&key, 10, period, 10)], Some(now))
+                    .await
+                    .unwrap(),
+                StoreAnswer::Admitted(vec![(0, start)]),
+                "{moment} {period:?}"
+            );
+            assert_eq!(
+                redis
+                    .store
+                    .admit(&[quota_bucket(&key, 10, period, 1)], Some(now))
+                    .await
+                    .unwrap(),
+                StoreAnswer::Refused {
+                    bucket: 0,
+                    wait_ms: u64::try_from((end * 1_000_000 - now) / 1_000).unwrap()
+                },
+                "{moment} {period:?}"
+            );
+            // The next window starts afresh.
+            assert_eq!(
+                redis
+                    .store
+                    .admit(&[quota_bucket(&key, 10, period, 1)], Some(end * 1_000_000))
+                    .await
+                    .unwrap(),
+                StoreAnswer::Admitted(vec![(9, end)]),
+                "{moment} {period:?}"
+            );
+        }
+    }
+    redis.cleanup().await;
+}
+
+#[tokio::test]
+async fn redis_reconciles_like_the_local_store() {
+    let redis = RedisFixture::new("reconcile");
+    let local = LocalStore::default();
+    let start = at(datetime!(2025-03-12 0:00 UTC));
+    let (t, q) = (redis.key("t"), redis.key("q"));
+    let buckets = [
+        tpm_bucket(&t, 1_000, 500),
+        quota_bucket(&q, 1_000, QuotaPeriod::Daily, 500),
+    ];
+    let probe = [
+        tpm_bucket(&t, 1_000, 0),
+        quota_bucket(&q, 1_000, QuotaPeriod::Daily, 0),
+    ];
+    let adjustments = |delta: i64, window_start: i64| {
+        [
+            Adjustment {
+                key: t.clone(),
+                kind: buckets[0].kind,
+                delta,
+                window_start: 0,
+            },
+            Adjustment {
+                key: q.clone(),
+                kind: buckets[1].kind,
+                delta,
+                window_start,
+            },
+        ]
+    };
+    let both = async |now: i64| {
+        let remote = redis.store.admit(&probe, Some(now)).await.unwrap();
+        assert_eq!(remote, local.admit(&probe, now));
+        remote
+    };
+    assert_eq!(
+        redis.store.admit(&buckets, Some(T0)).await.unwrap(),
+        local.admit(&buckets, T0)
+    );
+    for (delta, window, expected) in [
+        (-400, start, vec![(900, 0), (900, start)]),
+        (300, start, vec![(600, 0), (600, start)]),
+        (-10_000, start - 86_400, vec![(1_000, 0), (600, start)]),
+    ] {
+        redis
+            .store
+            .adjust(&adjustments(delta, window), Some(T0))
+            .await
+            .unwrap();
+        local.adjust(&adjustments(delta, window), T0);
+        assert_eq!(both(T0).await, StoreAnswer::Admitted(expected));
+    }
+    // Six seconds later a 1,000-per-minute bucket has drained 100 more (it was full: no change).
+    assert_eq!(
+        both(T0 + 6_000_000).await,
+        StoreAnswer::Admitted(vec![(1_000, 0), (600, start)])
+    );
+    let ttls = redis.ttls().await;
+    assert!(ttls.iter().all(|(_, ttl)| *ttl > 0), "{ttls:?}");
+    redis.cleanup().await;
+}
+
+#[tokio::test]
+async fn redis_uses_its_own_clock() {
+    let redis = RedisFixture::new("clock");
+    let q = redis.key("q");
+    let answer = redis
+        .store
+        .admit(&[quota_bucket(&q, 10, QuotaPeriod::Hourly, 1)], None)
+        .await
+        .unwrap();
+    let StoreAnswer::Admitted(levels) = answer else {
+        panic!("{answer:?}");
+    };
+    // The window the script chose is the current hour (by Redis's clock, which is this machine's).
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let (start, _) = quota_window(QuotaPeriod::Hourly, now);
+    assert!(
+        levels[0].1 == start || levels[0].1 == start - 3_600,
+        "{levels:?}"
+    );
+    assert_eq!(levels[0].0, 9);
+    redis.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_is_a_store_error() {
+    let store = RedisStore::new(
+        &Secret::new("redis://127.0.0.1:1".to_owned()),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let error = store
+        .admit(&[tpm_bucket("x", 10, 1)], None)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, StoreError::Redis(_)), "{error}");
+}
+
+#[tokio::test]
+async fn a_redis_url_with_a_password_is_never_printed() {
+    let settings: LimitSettings = serde_yaml_ng::from_str(
+        "redis_url: redis://:hunter2@cache.internal:6380/0\non_store_error: fail_closed\n",
+    )
+    .unwrap();
+    let limiter = Limiter::new(&settings, Counter::default()).unwrap();
+    let printed = format!("{settings:?} {limiter:?}");
+    assert!(!printed.contains("hunter2"), "{printed}");
+    assert!(printed.contains("redis"));
+    let bad: LimitSettings = serde_yaml_ng::from_str("redis_url: 'not a url :hunter2'\n").unwrap();
+    let error = Limiter::new(&bad, Counter::default())
+        .unwrap_err()
+        .to_string();
+    assert!(!error.contains("hunter2"), "{error}");
+}

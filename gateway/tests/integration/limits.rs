@@ -1,0 +1,619 @@
+//! Usage limits (pipeline step 6): 429 for rates, 403 for quotas, tokens reserved before the call
+//! and reconciled after it, in one process and across two gateway processes sharing Redis.
+
+use std::net::TcpListener;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use gatehouse_gateway::settings::{LimitSettings, OnStoreError, RedisUrl};
+use gatehouse_schema::ConfigSnapshot;
+use gatehouse_simulator::RunningSimulator;
+use serde_json::{Value, json};
+
+use crate::harness::*;
+
+const REDIS: &str = "redis://127.0.0.1:6379";
+/// Nothing listens here: a Redis that is down.
+const NO_REDIS: &str = "redis://127.0.0.1:1";
+
+/// A snapshot with one pool (`gpt-4o` on `sim`) and these limit rules.
+fn limited(sim: &RunningSimulator, limits: Value) -> ConfigSnapshot {
+    let mut snapshot = snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member("a", &sim.url(), 1)]}]),
+    );
+    snapshot.limits = serde_json::from_value(limits).unwrap();
+    snapshot
+}
+
+/// The harness's chat request with `max_tokens`.
+fn chat_with_max(max_tokens: u64, stream: bool) -> Value {
+    let mut body = chat(None, stream);
+    body["max_tokens"] = json!(max_tokens);
+    body
+}
+
+fn header(response: &reqwest::Response, name: &str) -> Option<u64> {
+    response
+        .headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().parse().unwrap())
+}
+
+/// Limit settings on Redis under a prefix of this test's own.
+fn on_redis(url: &str, policy: OnStoreError) -> LimitSettings {
+    LimitSettings {
+        redis_url: Some(RedisUrl::from(url.to_owned())),
+        key_prefix: format!("test:{}:", uuid::Uuid::new_v4()),
+        on_store_error: policy,
+        ..LimitSettings::default()
+    }
+}
+
+/// Deletes every Redis key under `prefix`.
+async fn delete_keys(prefix: &str) {
+    let mut connection = redis::Client::open(REDIS)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        let _: i64 = redis::cmd("DEL")
+            .arg(keys)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+    }
+}
+
+async fn metrics_text(gw: &TestGateway) -> String {
+    gw.raw(reqwest::Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_token_rate_limit_answers_429_with_exact_waits_and_no_backend_call() {
+    let sim = simulator("tpm").await;
+    let gw = TestGateway::start(limited(
+        &sim,
+        json!([{"id": "team-tpm", "subject": {"kind": "each_subscription"}, "tokens_per_minute": 100}]),
+    ))
+    .await;
+    let first = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat_with_max(60, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    let reserved = header(&first, "x-gatehouse-consumed-tokens").unwrap();
+    assert!(reserved > 60, "prompt + max_tokens, got {reserved}");
+    assert_eq!(
+        header(&first, "x-gatehouse-remaining-tokens"),
+        Some(100 - reserved)
+    );
+    first.bytes().await.unwrap();
+
+    let refused = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat_with_max(60, false))
+        .send()
+        .await
+        .unwrap();
+    let seconds = header(&refused, "retry-after").expect("Retry-After");
+    let millis = header(&refused, "retry-after-ms").expect("retry-after-ms");
+    let message = azure_error(refused, 429).await;
+    assert!(
+        message.starts_with("Requests to deployment 'gpt-4o' have exceeded the token rate limit of 100 tokens per minute set by limit 'team-tpm'."),
+        "{message}"
+    );
+    // The wait is the deficit at 100 tokens a minute: at most a whole call's worth (60 s per
+    // 100 tokens), and Retry-After is its whole seconds rounded up.
+    assert!(millis > 0 && millis <= reserved * 600, "{millis} ms");
+    assert_eq!(seconds, millis.div_ceil(1000));
+    assert_eq!(sim.hits(), 1, "the refused call never reached a backend");
+
+    // The refused call is on record, and counted per limit.
+    let records = gw.records(2).await;
+    let record = records.iter().find(|r| r.response_code == 429).unwrap();
+    assert_eq!(
+        record.last_error_reason.as_deref(),
+        Some("token_rate_limited")
+    );
+    assert!(record.attempts.is_empty());
+    let metrics = metrics_text(&gw).await;
+    assert!(
+        metrics.contains(
+            r#"gatehouse_limit_refusals_total{limit="team-tpm",kind="tokens_per_minute"} 1"#
+        ),
+        "{metrics}"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_rate_limit_counts_calls_and_reports_what_is_left() {
+    let sim = simulator("rpm").await;
+    let gw = TestGateway::start(limited(
+        &sim,
+        json!([{"id": "two-a-minute", "subject": {"kind": "subscription", "id": "team-a"},
+                "deployments": ["gpt-*"], "requests_per_minute": 2}]),
+    ))
+    .await;
+    let mut remaining = Vec::new();
+    for _ in 0..2 {
+        let response = gw
+            .post(&chat_path("gpt-4o"))
+            .json(&chat(None, false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        remaining.push(header(&response, "x-gatehouse-remaining-requests").unwrap());
+        // No token limit applies: no token headers.
+        assert_eq!(header(&response, "x-gatehouse-remaining-tokens"), None);
+        assert_eq!(header(&response, "x-gatehouse-consumed-tokens"), None);
+    }
+    assert_eq!(remaining, [1, 0]);
+    let refused = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
+    // One call refills in 30 s at two a minute.
+    let millis = header(&refused, "retry-after-ms").unwrap();
+    assert!((1..=30_000).contains(&millis), "{millis}");
+    let message = azure_error(refused, 429).await;
+    assert!(
+        message.contains("request rate limit of 2 requests per minute"),
+        "{message}"
+    );
+    assert_eq!(sim.hits(), 2);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_exhausted_quota_answers_403_until_the_period_ends() {
+    let sim = simulator("quota").await;
+    let gw = TestGateway::start(limited(
+        &sim,
+        json!([{"id": "daily", "subject": {"kind": "each_subscription"},
+                "token_quota": {"tokens": 200, "period": "daily"}}]),
+    ))
+    .await;
+    let mut admitted = 0;
+    let mut refusal = None;
+    for _ in 0..20 {
+        let response = gw
+            .post(&chat_path("gpt-4o"))
+            .json(&chat_with_max(20, false))
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 200 {
+            assert!(header(&response, "x-gatehouse-remaining-quota-tokens").is_some());
+            response.bytes().await.unwrap();
+            admitted += 1;
+            // Let the call's reconciliation land before the next one.
+            gw.records(admitted).await;
+        } else {
+            refusal = Some(response);
+            break;
+        }
+    }
+    let refusal = refusal.expect("the quota ran out within 20 calls");
+    assert!(admitted >= 2, "{admitted}");
+    let wait = header(&refusal, "retry-after").unwrap();
+    assert!((1..=86_400).contains(&wait), "{wait}");
+    let message = azure_error(refusal, 403).await;
+    assert!(
+        message.starts_with("Token quota is exceeded. Limit 'daily' allows 200 tokens per day to deployment 'gpt-4o';"),
+        "{message}"
+    );
+    assert_eq!(sim.hits(), admitted as u64);
+    // What was admitted, by the backend's own counts, stays within the quota.
+    let used: u64 = gw
+        .records(admitted + 1)
+        .await
+        .iter()
+        .filter_map(|r| r.usage.map(|u| u.total_tokens))
+        .sum();
+    assert!(used <= 200, "{used}");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn unused_reservations_are_refunded_for_plain_and_streamed_calls() {
+    let sim = simulator("refund").await;
+    for stream in [false, true] {
+        let gw = TestGateway::start(limited(
+            &sim,
+            json!([{"id": "tpm", "subject": {"kind": "each_subscription"}, "tokens_per_minute": 1000}]),
+        ))
+        .await;
+        // 500 completion tokens reserved; the simulator answers in about twenty.
+        let response = gw
+            .post(&chat_path("gpt-4o"))
+            .json(&chat_with_max(500, stream))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let reserved = header(&response, "x-gatehouse-consumed-tokens").unwrap();
+        assert!(reserved > 500);
+        response.bytes().await.unwrap();
+        // The record is handed on after the reservation is settled.
+        let record = gw.records(1).await.remove(0);
+        assert_eq!(record.is_stream_completion, stream);
+        let used = record.usage.unwrap().total_tokens;
+        assert!(used < 100, "{used}");
+
+        // Without the refund only 1000 - reserved < 500 would be left, and this call refused.
+        let next = gw
+            .post(&chat_path("gpt-4o"))
+            .json(&chat_with_max(500, stream))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(next.status(), 200, "stream: {stream}");
+        let reserved_next = header(&next, "x-gatehouse-consumed-tokens").unwrap();
+        let remaining = header(&next, "x-gatehouse-remaining-tokens").unwrap();
+        // Left: the limit minus the first call's real usage and this reservation (plus whatever
+        // refilled meanwhile, which only adds; never more than the limit minus the reservation).
+        assert!(
+            (1000 - used - reserved_next..=1000 - reserved_next).contains(&remaining),
+            "{remaining} left after {used} used and {reserved_next} reserved"
+        );
+        next.bytes().await.unwrap();
+        gw.stop().await;
+    }
+}
+
+/// The tokens the simulator reports for the harness's chat request, measured.
+async fn tokens_per_call(sim: &RunningSimulator) -> u64 {
+    let answer: Value = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .post(format!("{}{}", sim.url(), chat_path("gpt-4o")))
+        .json(&chat_with_max(16, false))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    answer["usage"]["total_tokens"].as_u64().unwrap()
+}
+
+/// The bound every concurrency test checks: the tokens admitted stay within the limit, plus what
+/// refilled while the test ran (the bucket refills at limit/60 per second), plus one call's
+/// estimation error (the estimate of one call, an upper bound of its error).
+fn assert_within_limit(
+    admitted_tokens: u64,
+    admitted_calls: usize,
+    limit: u64,
+    elapsed: Duration,
+    estimate: u64,
+) {
+    let refilled = (elapsed.as_secs_f64() * limit as f64 / 60.0).ceil() as u64;
+    assert!(
+        admitted_tokens <= limit + refilled + estimate,
+        "{admitted_calls} calls used {admitted_tokens} tokens; limit {limit}, refilled {refilled}, one estimate {estimate}"
+    );
+    // The limit did bind: not every call was admitted.
+    assert!(admitted_calls < 50, "{admitted_calls} of 50 admitted");
+}
+
+#[tokio::test]
+async fn fifty_parallel_calls_cannot_overrun_a_token_limit() {
+    let sim = simulator("parallel").await;
+    let per_call = tokens_per_call(&sim).await;
+    // Unlimited, the fifty calls would use more than the limit.
+    assert!(50 * per_call > 1000, "{per_call}");
+    let gw = TestGateway::start(limited(
+        &sim,
+        json!([{"id": "tpm", "subject": {"kind": "each_subscription"}, "tokens_per_minute": 1000}]),
+    ))
+    .await;
+    let started = Instant::now();
+    let calls = (0..50).map(|_| {
+        let request = gw
+            .post(&chat_path("gpt-4o"))
+            .json(&chat_with_max(16, false));
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let reserved = header(&response, "x-gatehouse-consumed-tokens");
+            response.bytes().await.unwrap();
+            (status, reserved)
+        }
+    });
+    let answers = futures::future::join_all(calls).await;
+    let elapsed = started.elapsed();
+    let admitted = answers.iter().filter(|(s, _)| *s == 200).count();
+    assert!(answers.iter().all(|(s, _)| *s == 200 || *s == 429));
+    let estimate = answers.iter().find_map(|(_, r)| *r).unwrap();
+    let records = gw.records(50).await;
+    let used: u64 = records
+        .iter()
+        .filter(|r| r.response_code == 200)
+        .map(|r| r.usage.unwrap().total_tokens)
+        .sum();
+    assert_eq!(sim.hits() as usize, admitted + 1);
+    assert_within_limit(used, admitted, 1000, elapsed, estimate);
+    gw.stop().await;
+}
+
+/// A free localhost port (bound, then released for the gateway to take).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `gatehouse-gateway serve` process; killed when dropped.
+struct GatewayProcess {
+    url: String,
+    child: tokio::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl GatewayProcess {
+    async fn start(name: &str, snapshot: &ConfigSnapshot, limits: Value) -> GatewayProcess {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let config = json!({
+            "server": {
+                "listen": format!("127.0.0.1:{port}"),
+                "gateway_id": name,
+                "state_dir": dir.path().join("state"),
+                "log_format": "text",
+                "access_log": false,
+                "limits": limits,
+            },
+            "snapshot": snapshot,
+        });
+        // YAML is a superset of JSON.
+        let path = dir.path().join("gateway.yaml");
+        std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_gatehouse-gateway"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let url = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        for _ in 0..400 {
+            if client
+                .get(format!("{url}/healthz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+            {
+                return GatewayProcess {
+                    url,
+                    child,
+                    _dir: dir,
+                };
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("gateway {name} did not come up");
+    }
+
+    async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+#[tokio::test]
+async fn two_gateway_processes_sharing_redis_hold_the_same_bound() {
+    let sim = simulator("replicas").await;
+    let per_call = tokens_per_call(&sim).await;
+    assert!(50 * per_call > 1000, "{per_call}");
+    let snapshot = limited(
+        &sim,
+        json!([{"id": "tpm", "subject": {"kind": "each_subscription"}, "tokens_per_minute": 1000}]),
+    );
+    let prefix = format!("test:replicas:{}:", uuid::Uuid::new_v4());
+    let limits = json!({"redis_url": REDIS, "key_prefix": prefix, "on_store_error": "fail_closed"});
+    let one = GatewayProcess::start("replica-1", &snapshot, limits.clone()).await;
+    let two = GatewayProcess::start("replica-2", &snapshot, limits).await;
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let started = Instant::now();
+    let calls = (0..50).map(|i| {
+        let url = if i % 2 == 0 { &one.url } else { &two.url };
+        let request = client
+            .post(format!("{url}{}", chat_path("gpt-4o")))
+            .header("api-key", KEY)
+            .json(&chat_with_max(16, false));
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let reserved = header(&response, "x-gatehouse-consumed-tokens");
+            let body: Value = response.json().await.unwrap();
+            let used = body["usage"]["total_tokens"].as_u64();
+            (status, reserved, used, i % 2)
+        }
+    });
+    let answers = futures::future::join_all(calls).await;
+    let elapsed = started.elapsed();
+    assert!(
+        answers.iter().all(|(s, ..)| *s == 200 || *s == 429),
+        "{:?}",
+        answers.iter().map(|a| a.0).collect::<Vec<_>>()
+    );
+    let admitted: Vec<_> = answers.iter().filter(|(s, ..)| *s == 200).collect();
+    let estimate = admitted.iter().find_map(|(_, r, ..)| *r).unwrap();
+    let used: u64 = admitted.iter().map(|(_, _, u, _)| u.unwrap()).sum();
+    // Both replicas admitted calls, and together they stayed within the one limit.
+    for replica in [0, 1] {
+        assert!(
+            admitted.iter().any(|(.., r)| *r == replica),
+            "replica {replica} admitted nothing"
+        );
+    }
+    assert_eq!(sim.hits() as usize, admitted.len() + 1);
+    assert_within_limit(used, admitted.len(), 1000, elapsed, estimate);
+    one.stop().await;
+    two.stop().await;
+    delete_keys(&prefix).await;
+}
+
+#[tokio::test]
+async fn redis_limits_hold_in_process_and_refunds_reach_redis() {
+    let sim = simulator("redis-in-process").await;
+    let settings = on_redis(REDIS, OnStoreError::FailClosed);
+    let prefix = settings.key_prefix.clone();
+    let gw = TestGateway::start_with_limits(
+        limited(
+            &sim,
+            json!([{"id": "tpm", "subject": {"kind": "each_subscription"}, "tokens_per_minute": 1000}]),
+        ),
+        settings,
+    )
+    .await;
+    let first = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat_with_max(500, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    let reserved = header(&first, "x-gatehouse-consumed-tokens").unwrap();
+    first.bytes().await.unwrap();
+    let used = gw.records(1).await[0].usage.unwrap().total_tokens;
+    // The refund runs on its own task; a bounded wait for it to land in Redis.
+    let mut left = 0;
+    for _ in 0..100 {
+        let probe = gw
+            .post(&chat_path("gpt-4o"))
+            .json(&chat_with_max(1, false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(probe.status(), 200);
+        left = header(&probe, "x-gatehouse-remaining-tokens").unwrap();
+        let probe_reserved = header(&probe, "x-gatehouse-consumed-tokens").unwrap();
+        probe.bytes().await.unwrap();
+        if left + probe_reserved + used + 200 >= 1000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        left + reserved > 1000,
+        "the refund never arrived: {left} left"
+    );
+    gw.stop().await;
+    delete_keys(&prefix).await;
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_fails_open_by_default() {
+    let sim = simulator("fail-open").await;
+    let gw = TestGateway::start_with_limits(
+        limited(
+            &sim,
+            json!([{"id": "rpm", "subject": {"kind": "each_subscription"}, "requests_per_minute": 1}]),
+        ),
+        on_redis(NO_REDIS, OnStoreError::FailOpen),
+    )
+    .await;
+    for _ in 0..2 {
+        let response = gw
+            .post(&chat_path("gpt-4o"))
+            .json(&chat(None, false))
+            .send()
+            .await
+            .unwrap();
+        // Admitted unchecked: the second call passes a one-a-minute limit, and no limit headers.
+        assert_eq!(response.status(), 200);
+        assert_eq!(header(&response, "x-gatehouse-remaining-requests"), None);
+    }
+    assert_eq!(sim.hits(), 2);
+    let metrics = metrics_text(&gw).await;
+    assert!(
+        metrics.contains("gatehouse_limit_store_errors_total 2"),
+        "{metrics}"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_refuses_calls_when_failing_closed() {
+    let sim = simulator("fail-closed").await;
+    let gw = TestGateway::start_with_limits(
+        limited(
+            &sim,
+            json!([{"id": "rpm", "subject": {"kind": "each_subscription"}, "requests_per_minute": 100}]),
+        ),
+        on_redis(NO_REDIS, OnStoreError::FailClosed),
+    )
+    .await;
+    let response = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
+    let message = azure_error(response, 503).await;
+    assert!(message.contains("cannot check usage limits"), "{message}");
+    assert!(!message.contains("127.0.0.1"), "{message}");
+    assert_eq!(sim.hits(), 0);
+    let record = gw.records(1).await.remove(0);
+    assert_eq!(
+        record.last_error_reason.as_deref(),
+        Some("limit_store_unavailable")
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn calls_outside_a_rule_are_not_limited() {
+    let sim = simulator("outside").await;
+    let gw = TestGateway::start(limited(
+        &sim,
+        json!([
+            {"id": "other-team", "subject": {"kind": "subscription", "id": "team-b"}, "requests_per_minute": 1},
+            {"id": "mini-only", "subject": {"kind": "each_subscription"}, "deployments": ["*-mini"], "requests_per_minute": 1}
+        ]),
+    ))
+    .await;
+    for _ in 0..3 {
+        let response = gw
+            .post(&chat_path("gpt-4o"))
+            .json(&chat(None, false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(
+            response
+                .headers()
+                .get("x-gatehouse-consumed-tokens")
+                .is_none()
+        );
+    }
+    gw.stop().await;
+}

@@ -1,0 +1,144 @@
+//! Usage limits: requests and tokens per minute, and token quotas per calendar period.
+//!
+//! The semantics follow API Management's `llm-token-limit` policy (`azure-specs.md` §2.4): a rate
+//! limit that is exceeded answers 429 with `Retry-After`, an exhausted quota answers 403. Tokens
+//! are reserved from an estimate before a call and reconciled with the reported usage after it,
+//! so that parallel calls cannot overrun a limit.
+
+use serde::{Deserialize, Serialize};
+
+/// One limit: who it applies to, on which deployments, and how much they may use.
+///
+/// Every rule that applies to a call is checked, and all of them are charged together or none
+/// is. A rule keeps its own counters (keyed by its `id`), so two rules never share a counter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitRule {
+    /// Stable id; names the counters, the refusal message and the metric label.
+    pub id: String,
+    /// Whose calls the rule counts.
+    pub subject: LimitSubjectRule,
+    /// Deployment (or model) names the rule covers: exact names or patterns with `*` (any run of
+    /// characters). Empty: every call, including calls that name no deployment (files, batches).
+    #[serde(default)]
+    pub deployments: Vec<String>,
+    /// Whether each deployment gets its own counter; otherwise one counter covers every
+    /// deployment the rule matches.
+    #[serde(default)]
+    pub each_deployment: bool,
+    /// Calls per minute (a token bucket of this size refilled continuously); 429 beyond it.
+    #[serde(default)]
+    pub requests_per_minute: Option<u64>,
+    /// Prompt + completion tokens per minute (a token bucket of this size refilled
+    /// continuously); 429 beyond it.
+    #[serde(default)]
+    pub tokens_per_minute: Option<u64>,
+    /// Tokens per calendar period (UTC); 403 once used up, until the period ends.
+    #[serde(default)]
+    pub token_quota: Option<TokenQuota>,
+}
+
+/// Whose calls a [`LimitRule`] counts, and how its counters are shared.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum LimitSubjectRule {
+    /// The calls of one subscription.
+    Subscription {
+        /// The subscription id.
+        id: String,
+    },
+    /// The calls of one Entra ID user.
+    User {
+        /// The user's object id (`oid`).
+        id: String,
+    },
+    /// The calls of every member of an Entra ID group, all counted together in one counter.
+    Group {
+        /// The group's object id.
+        id: String,
+    },
+    /// Every subscription, each with its own counter.
+    EachSubscription {},
+    /// Every Entra ID user, each with its own counter.
+    EachUser {},
+}
+
+/// A number of tokens per calendar period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenQuota {
+    /// Tokens allowed in one period.
+    pub tokens: u64,
+    /// The period; it starts at the beginning of the calendar unit, in UTC.
+    pub period: QuotaPeriod,
+}
+
+/// A calendar period of a [`TokenQuota`], in UTC. Weeks start on Monday.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuotaPeriod {
+    /// From the full hour to the next.
+    Hourly,
+    /// From midnight to midnight.
+    Daily,
+    /// From Monday 00:00 to the next Monday 00:00.
+    Weekly,
+    /// From the first of the month to the first of the next.
+    Monthly,
+    /// From 1 January to the next 1 January.
+    Yearly,
+}
+
+impl QuotaPeriod {
+    /// The period as configuration writes it (`daily`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuotaPeriod::Hourly => "hourly",
+            QuotaPeriod::Daily => "daily",
+            QuotaPeriod::Weekly => "weekly",
+            QuotaPeriod::Monthly => "monthly",
+            QuotaPeriod::Yearly => "yearly",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rule_reads_as_documented() {
+        let rule: LimitRule = serde_json::from_value(serde_json::json!({
+            "id": "research-tpm",
+            "subject": {"kind": "group", "id": "5f1c0d3e-0000-4000-8000-000000000001"},
+            "deployments": ["gpt-4o*"],
+            "each_deployment": true,
+            "tokens_per_minute": 10000,
+            "token_quota": {"tokens": 1000000, "period": "monthly"}
+        }))
+        .unwrap();
+        assert_eq!(
+            rule.subject,
+            LimitSubjectRule::Group {
+                id: "5f1c0d3e-0000-4000-8000-000000000001".to_owned()
+            }
+        );
+        assert_eq!(rule.token_quota.unwrap().period, QuotaPeriod::Monthly);
+        assert_eq!(rule.requests_per_minute, None);
+        let each: LimitSubjectRule =
+            serde_json::from_value(serde_json::json!({"kind": "each_subscription"})).unwrap();
+        assert_eq!(each, LimitSubjectRule::EachSubscription {});
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let wrong = serde_json::from_value::<LimitRule>(serde_json::json!({
+            "id": "x", "subject": {"kind": "each_user"}, "tokens_per_hour": 5
+        }));
+        assert!(wrong.is_err());
+        let wrong_subject = serde_json::from_value::<LimitSubjectRule>(
+            serde_json::json!({"kind": "each_user", "id": "u"}),
+        );
+        assert!(wrong_subject.is_err());
+    }
+}
