@@ -20,6 +20,8 @@
 //! 10. **Record** ([`record`]): one audit record per call, handed to the audit queue off the hot path.
 //!
 //! Configuration ([`settings`], [`runtime`], [`admin`]) is one immutable snapshot swapped atomically.
+//! Backend credentials are keys from secret references ([`secret`]: `env:`, `file:`, Key Vault via
+//! [`key_vault`]) or Entra ID access tokens ([`entra_credential`]).
 
 pub mod admin;
 pub mod affinity;
@@ -28,7 +30,9 @@ pub mod auth;
 pub mod caller;
 pub mod capture;
 pub mod classify;
+pub mod entra_credential;
 pub mod error;
+pub mod key_vault;
 pub mod metrics;
 pub mod peek;
 pub mod pool;
@@ -41,6 +45,6 @@ pub mod server;
 pub mod settings;
 pub mod usage;
 
-pub use app::{Gateway, GatewayParts};
+pub use app::{Gateway, GatewayParts, SecretSettings};
 pub use error::GatewayError;
 pub use settings::{ConfigFile, ServerSettings};

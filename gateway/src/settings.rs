@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use gatehouse_schema::ConfigSnapshot;
-use gatehouse_schema::config::SecretRef;
+use gatehouse_schema::config::{EntraIdentity, SecretRef};
 use serde::Deserialize;
 
 /// The whole configuration file.
@@ -54,6 +54,21 @@ pub struct ServerSettings {
     /// Threads that serve calls; absent: `TOKIO_WORKER_THREADS`, else one per CPU.
     #[serde(default)]
     pub worker_threads: Option<usize>,
+    /// The gateway's own Microsoft Entra ID identity, which reads Key Vault secret references:
+    /// `{type: entra_client_secret, tenant_id, client_id, secret, authority_host?}`,
+    /// `{type: entra_certificate, tenant_id, client_id, certificate, authority_host?}` or
+    /// `{type: managed_identity, client_id?, endpoint?}`. Its own secret is an `env:` or `file:`
+    /// reference. Without it, Key Vault references are refused.
+    #[serde(default)]
+    pub entra_credential: Option<EntraIdentity>,
+    /// How often Key Vault secrets in use are fetched again, in seconds (default 300): a rotated
+    /// backend key takes effect within this time. A failed refresh keeps the last value.
+    #[serde(default = "default_key_vault_refresh_seconds")]
+    pub key_vault_refresh_seconds: u64,
+}
+
+fn default_key_vault_refresh_seconds() -> u64 {
+    300
 }
 
 /// Certificate and key for TLS termination, reloaded when either file changes.
