@@ -374,10 +374,10 @@ impl TokenCredential {
         let (pending, fallback) = {
             let mut slots = self.slots();
             let slot = slots.entry(scope.to_owned()).or_default();
-            if let Some(cached) = &slot.token {
-                if now < cached.refresh_at {
-                    return Ok(public(cached));
-                }
+            if let Some(cached) = &slot.token
+                && now < cached.refresh_at
+            {
+                return Ok(public(cached));
             }
             let fallback = slot
                 .token

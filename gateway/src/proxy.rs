@@ -189,11 +189,11 @@ pub async fn forward(
             }
         };
         let status = response.status();
-        if status == StatusCode::UNAUTHORIZED {
-            if let Some(MemberCredential::Entra { credential, scope }) = &member.credential {
-                // A token revoked or expired early: the next call fetches a new one.
-                credential.forget(scope);
-            }
+        if status == StatusCode::UNAUTHORIZED
+            && let Some(MemberCredential::Entra { credential, scope }) = &member.credential
+        {
+            // A token revoked or expired early: the next call fetches a new one.
+            credential.forget(scope);
         }
         if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
             let wait = retry_hint::set_aside_for(response.headers(), SystemTime::now());

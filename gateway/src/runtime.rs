@@ -360,12 +360,12 @@ fn validate(snapshot: &ConfigSnapshot, errors: &mut Vec<String>) {
             if member.endpoint.query().is_some() {
                 errors.push(format!("{path}.endpoint: must not carry a query string"));
             }
-            if let Some((_, scope)) = member.credential.entra() {
-                if scope.is_empty() || scope.len() > 512 || scope.contains(char::is_whitespace) {
-                    errors.push(format!(
-                        "{path}.credential.scope: must be one scope, such as `https://cognitiveservices.azure.com/.default`"
-                    ));
-                }
+            if let Some((_, scope)) = member.credential.entra()
+                && (scope.is_empty() || scope.len() > 512 || scope.contains(char::is_whitespace))
+            {
+                errors.push(format!(
+                    "{path}.credential.scope: must be one scope, such as `https://cognitiveservices.azure.com/.default`"
+                ));
             }
             if member.weight == 0 {
                 errors.push(format!("{path}.weight: must be at least 1"));

@@ -232,6 +232,17 @@ mod tests {
         let file = ConfigFile::load(&path).unwrap();
         assert_eq!(file.snapshot.pools[0].members.len(), 3);
         assert!(file.server.admin_token.is_some());
+        assert!(matches!(
+            file.server.entra_credential,
+            Some(EntraIdentity::ManagedIdentity { .. })
+        ));
+        assert_eq!(file.server.key_vault_refresh_seconds, 300);
+        let member = &file.snapshot.pools[0].members[0];
+        assert!(matches!(
+            member.credential,
+            gatehouse_schema::config::BackendCredential::ApiKey { ref secret }
+                if matches!(secret.source(), gatehouse_schema::config::SecretSource::KeyVault(_))
+        ));
     }
 
     #[test]
