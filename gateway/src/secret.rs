@@ -239,7 +239,8 @@ impl SecretStore {
         };
         let entries: Vec<(String, SecretValue)> = lock(&self.inner.values)
             .iter()
-            .filter(|(key, _)| key.starts_with("http"))
+            // Keys are references as written: only Key Vault URLs start with `http`.
+            .filter(|(key, _)| !key.starts_with("env:") && !key.starts_with("file:"))
             .map(|(key, value)| (key.clone(), value.clone()))
             .collect();
         let fetches = entries.iter().map(|(url, holder)| async move {
