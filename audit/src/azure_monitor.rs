@@ -264,6 +264,12 @@ fn resolve_secret(reference: &SecretRef) -> Result<Secret, AzureMonitorError> {
             .map_err(|error| failure(error.to_string()))?
             .trim_end_matches(['\r', '\n'])
             .to_owned(),
+        SecretSource::KeyVault(_) => {
+            return Err(failure(
+                "the Azure Monitor sink reads its client secret from `env:` or `file:` only"
+                    .to_owned(),
+            ));
+        }
     };
     if value.is_empty() {
         return Err(failure("it is empty".to_owned()));

@@ -88,6 +88,7 @@ async fn apply(gateway: &Gateway, headers: &HeaderMap, body: &[u8]) -> Result<u6
     let runtime =
         gateway
             .prepare(snapshot.clone())
+            .await
             .map_err(|errors| GatewayError::InvalidConfig {
                 message: errors.to_string(),
             })?;

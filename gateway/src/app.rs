@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use axum::Router;
@@ -23,13 +23,17 @@ use tracing::Instrument;
 
 use crate::affinity::AffinityMap;
 use crate::auth::Principal;
+use crate::entra_credential::TokenCredential;
 use crate::error::GatewayError;
+use crate::key_vault::KeyVaultClient;
 use crate::limits::{self, Admission, LimitSubject, Limiter, Reservation};
 use crate::metrics::{BackendLabels, CallLabels, Metrics, OperationLabels, TokenLabels};
 use crate::pool::HealthRegistry;
 use crate::record::CallRecord;
+use crate::runtime::Resolver;
 use crate::runtime::{Runtime, ValidationErrors};
 use crate::secret::Secret;
+use crate::secret::SecretStore;
 use crate::settings::LimitSettings;
 use crate::{admin, auth, authorize, caller, classify, proxy};
 
@@ -43,6 +47,8 @@ pub struct Gateway {
     pub id: String,
     runtime: ArcSwap<Runtime>,
     health: HealthRegistry,
+    resolver: Resolver,
+    entra_credential: Option<TokenCredential>,
     /// Object → member map for stateful calls.
     pub affinity: AffinityMap,
     audit: Option<AuditQueue>,
@@ -73,10 +79,30 @@ pub struct GatewayParts {
     pub audit: Option<AuditQueue>,
     /// Whether every call writes a log line (the audit record holds the same and more).
     pub access_log: bool,
-    /// The gateway's own Entra credential (Microsoft Graph for the groups overage), if any.
-    pub entra_credential: Option<Arc<dyn crate::entra::graph::AccessTokenSource>>,
     /// Where usage-limit counters live.
     pub limits: LimitSettings,
+    /// The gateway's own Entra credential and how Key Vault secrets are kept.
+    pub secrets: SecretSettings,
+}
+
+/// The gateway's own Entra identity (it reads Key Vault secrets, and is there for other outbound
+/// calls such as Microsoft Graph) and how often Key Vault values are fetched again.
+#[derive(Debug, Clone)]
+pub struct SecretSettings {
+    /// The gateway's own credential; without it, Key Vault references are refused.
+    pub entra_credential: Option<TokenCredential>,
+    /// How often every Key Vault value in use is fetched again (a rotated secret takes effect
+    /// within this time).
+    pub key_vault_refresh: Duration,
+}
+
+impl Default for SecretSettings {
+    fn default() -> Self {
+        SecretSettings {
+            entra_credential: None,
+            key_vault_refresh: Duration::from_secs(300),
+        }
+    }
 }
 
 impl Gateway {
@@ -93,8 +119,25 @@ impl Gateway {
             }
             _ => parts.snapshot,
         };
-        let runtime = Runtime::build(snapshot, &health)
+        let key_vault = parts
+            .secrets
+            .entra_credential
+            .clone()
+            .map(KeyVaultClient::new);
+        let has_key_vault = key_vault.is_some();
+        let resolver = Resolver {
+            secrets: SecretStore::new(key_vault),
+            credentials: Arc::default(),
+        };
+        let runtime = Runtime::prepare(snapshot, &health, &resolver)
+            .await
             .map_err(|e: ValidationErrors| anyhow::anyhow!("invalid configuration: {e}"))?;
+        if has_key_vault {
+            // Stops by itself when the gateway (and with it the store) is dropped.
+            resolver
+                .secrets
+                .spawn_refresher(parts.secrets.key_vault_refresh);
+        }
         let affinity = AffinityMap::open(&parts.state_dir).await?;
         let metrics = Metrics::default();
         metrics.config_version.set(runtime.snapshot.version);
@@ -105,13 +148,22 @@ impl Gateway {
             .build()?;
         let tokens = crate::entra::TokenValidator::new(
             identity_client.clone(),
-            crate::entra::graph::GroupResolver::new(identity_client, parts.entra_credential),
+            crate::entra::graph::GroupResolver::new(
+                identity_client,
+                parts.secrets.entra_credential.clone().map(
+                    |credential| -> Arc<dyn crate::entra::graph::AccessTokenSource> {
+                        Arc::new(credential)
+                    },
+                ),
+            ),
         );
         let limiter = Limiter::new(&parts.limits, metrics.limit_store_errors.clone())?;
         Ok(Arc::new(Gateway {
             id: parts.id,
             runtime: ArcSwap::from_pointee(runtime),
             health,
+            resolver,
+            entra_credential: parts.secrets.entra_credential,
             affinity,
             audit: parts.audit,
             metrics,
@@ -129,14 +181,26 @@ impl Gateway {
         self.runtime.load_full()
     }
 
-    /// Validates a snapshot and builds its runtime without installing it.
-    pub(crate) fn prepare(&self, snapshot: ConfigSnapshot) -> Result<Runtime, ValidationErrors> {
-        Runtime::build(snapshot, &self.health)
+    /// The gateway's own Entra credential (`server.entra_credential`), for outbound calls such as
+    /// Key Vault or Microsoft Graph.
+    pub fn entra_credential(&self) -> Option<&TokenCredential> {
+        self.entra_credential.as_ref()
     }
 
-    /// Installs a prepared runtime atomically.
+    /// Validates a snapshot, fetches its Key Vault secrets and builds its runtime without
+    /// installing it.
+    pub(crate) async fn prepare(
+        &self,
+        snapshot: ConfigSnapshot,
+    ) -> Result<Runtime, ValidationErrors> {
+        Runtime::prepare(snapshot, &self.health, &self.resolver).await
+    }
+
+    /// Installs a prepared runtime atomically, and forgets secrets and credentials it no longer
+    /// uses.
     pub(crate) fn install(&self, runtime: Runtime) {
         self.metrics.config_version.set(runtime.snapshot.version);
+        self.resolver.retain_for(&runtime.snapshot);
         self.runtime.store(Arc::new(runtime));
     }
 

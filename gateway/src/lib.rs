@@ -26,6 +26,8 @@
 //! 10. **Record** ([`record`]): one audit record per call, handed to the audit queue off the hot path.
 //!
 //! Configuration ([`settings`], [`runtime`], [`admin`]) is one immutable snapshot swapped atomically.
+//! Backend credentials are keys from secret references ([`secret`]: `env:`, `file:`, Key Vault via
+//! [`key_vault`]) or Entra ID access tokens ([`entra_credential`]).
 
 pub mod admin;
 pub mod affinity;
@@ -36,7 +38,9 @@ pub mod caller;
 pub mod capture;
 pub mod classify;
 pub mod entra;
+pub mod entra_credential;
 pub mod error;
+pub mod key_vault;
 pub mod limits;
 pub mod metrics;
 pub mod peek;
@@ -50,6 +54,6 @@ pub mod server;
 pub mod settings;
 pub mod usage;
 
-pub use app::{Gateway, GatewayParts};
+pub use app::{Gateway, GatewayParts, SecretSettings};
 pub use error::GatewayError;
 pub use settings::{ConfigFile, ServerSettings};

@@ -10,8 +10,12 @@ use clap::{Parser, Subcommand};
 use gatehouse_audit::azure_monitor::AzureMonitorSink;
 use gatehouse_audit::sql::SqlStore;
 use gatehouse_audit::{AuditQueue, AuditSink, JsonLinesSink, QueueSettings};
-use gatehouse_gateway::settings::{AuditSettings, LogFormat};
-use gatehouse_gateway::{ConfigFile, Gateway, GatewayParts, auth, runtime, secret, server};
+use gatehouse_gateway::entra_credential::{TokenCredential, is_key_vault};
+use gatehouse_gateway::key_vault::KeyVaultClient;
+use gatehouse_gateway::runtime::{Resolver, Runtime};
+use gatehouse_gateway::secret::SecretStore;
+use gatehouse_gateway::settings::{AuditSettings, LogFormat, ServerSettings};
+use gatehouse_gateway::{ConfigFile, Gateway, GatewayParts, SecretSettings, auth, secret, server};
 
 /// mimalloc: the gateway allocates many short-lived buffers per call, where glibc's allocator
 /// showed up as ~12% of CPU under load.
@@ -80,7 +84,20 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Check { config } => {
             let file = ConfigFile::load(&config)?;
-            runtime::Runtime::build(file.snapshot, &Default::default())
+            let secrets = secret_settings(&file.server)?;
+            // Key Vault references are fetched, as the running gateway would.
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(async {
+                    let resolver = Resolver {
+                        secrets: SecretStore::new(
+                            secrets.entra_credential.map(KeyVaultClient::new),
+                        ),
+                        credentials: Arc::default(),
+                    };
+                    Runtime::prepare(file.snapshot, &Default::default(), &resolver).await
+                })
                 .map_err(|errors| anyhow::anyhow!("{}: {errors}", config.display()))?;
             write_lines(&["configuration is valid"])
         }
@@ -247,8 +264,35 @@ async fn enforce_retention(store: SqlStore, content_days: Option<u32>, metadata_
     }
 }
 
+/// The gateway's own Entra credential and the Key Vault refresh interval, from the settings.
+fn secret_settings(settings: &ServerSettings) -> anyhow::Result<SecretSettings> {
+    let entra_credential = match &settings.entra_credential {
+        Some(identity) => {
+            if let Some((field, reference)) = identity.secret_ref() {
+                anyhow::ensure!(
+                    !is_key_vault(reference),
+                    "server.entra_credential.{field}: the gateway's own credential cannot be read from Key Vault; use env: or file:"
+                );
+            }
+            let credential = TokenCredential::from_identity(identity, &SecretStore::default())
+                .map_err(|error| anyhow::anyhow!("server.entra_credential.{error}"))?;
+            Some(credential)
+        }
+        None => None,
+    };
+    anyhow::ensure!(
+        settings.key_vault_refresh_seconds > 0,
+        "server.key_vault_refresh_seconds must be at least 1"
+    );
+    Ok(SecretSettings {
+        entra_credential,
+        key_vault_refresh: Duration::from_secs(settings.key_vault_refresh_seconds),
+    })
+}
+
 async fn serve(file: ConfigFile) -> anyhow::Result<()> {
     let settings = file.server;
+    let secrets = secret_settings(&settings)?;
     let (audit, writer) = match audit_sink(&settings.audit).await? {
         Some(sink) => {
             let queue_settings = QueueSettings {
@@ -279,8 +323,8 @@ async fn serve(file: ConfigFile) -> anyhow::Result<()> {
         admin_token,
         audit,
         access_log: settings.access_log,
-        entra_credential: None,
         limits: settings.limits.clone(),
+        secrets,
     })
     .await?;
     let (listening, task) =

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use gatehouse_schema::config::PoolMember;
 use rand::Rng;
 
-use crate::secret::Secret;
+use crate::entra_credential::TokenCredential;
+use crate::secret::SecretValue;
 
 /// A pool of members serving the same deployments.
 #[derive(Debug)]
@@ -30,10 +31,25 @@ pub struct Member {
     pub config: PoolMember,
     /// HTTP client with this member's TLS settings.
     pub client: reqwest::Client,
-    /// The credential sent to the member, resolved from its secret reference.
-    pub credential: Option<Secret<String>>,
+    /// The credential sent to the member.
+    pub credential: Option<MemberCredential>,
     /// Availability, shared across snapshots for the same member id.
     pub health: Arc<MemberHealth>,
+}
+
+/// How the gateway authenticates to a member.
+#[derive(Debug, Clone)]
+pub enum MemberCredential {
+    /// A key, read per call (a Key Vault value may rotate): `api-key` for Azure members,
+    /// `Authorization: Bearer` for OpenAI ones.
+    ApiKey(SecretValue),
+    /// An Entra ID access token for `scope`, sent as `Authorization: Bearer`.
+    Entra {
+        /// The identity, shared with every member and snapshot that uses it.
+        credential: TokenCredential,
+        /// The token scope.
+        scope: String,
+    },
 }
 
 /// Why a member is set aside.

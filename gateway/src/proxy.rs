@@ -25,7 +25,7 @@ use crate::classify::{Call, ObjectFamily, RouteStyle};
 use crate::error::GatewayError;
 use crate::limits::Reservation;
 use crate::peek::{RequestPeek, ResponsePeek, StreamOptions};
-use crate::pool::{Member, Pool, Selection, SetAsideReason};
+use crate::pool::{Member, MemberCredential, Pool, Selection, SetAsideReason};
 use crate::record::{CallRecord, millis};
 use crate::retry_hint;
 use crate::runtime::Runtime;
@@ -121,13 +121,40 @@ pub async fn forward(
         tried.push(index);
 
         let url = upstream_url(&member, &call, client_query)?;
+        let attempt_started = Instant::now();
+        // The member's own credential; without one (no token) the member counts as unreachable.
+        let credential = match credential_header(&member).await {
+            Ok(credential) => credential,
+            Err(error) => {
+                tracing::warn!(backend = %member.config.id, %error, "no credential for the backend; member set aside");
+                member.health.set_aside(
+                    SetAsideReason::Failing,
+                    retry_hint::DEFAULT_SET_ASIDE,
+                    Instant::now(),
+                );
+                gateway
+                    .metrics
+                    .backend_attempt(&member.config.id, "credential_failed");
+                let reason = format!("credential_failed: {error}");
+                note_attempt(
+                    record,
+                    &member,
+                    None,
+                    millis(attempt_started.elapsed()),
+                    Some(&reason),
+                );
+                if let Some(record) = record.as_mut() {
+                    record.record.backend_id = Some(member.config.id.clone());
+                }
+                continue;
+            }
+        };
         let (upstream_body, asked_usage) = upstream_body(&member, &call, &body);
         let headers = upstream_headers(
             &parts.headers,
-            &member,
+            credential,
             record.as_ref().map(|r| r.record.correlation_id.as_str()),
         );
-        let attempt_started = Instant::now();
         if let Some(record) = record.as_mut() {
             record.backend_started.get_or_insert(attempt_started);
             record.record.backend_id = Some(member.config.id.clone());
@@ -163,6 +190,12 @@ pub async fn forward(
             }
         };
         let status = response.status();
+        if status == StatusCode::UNAUTHORIZED
+            && let Some(MemberCredential::Entra { credential, scope }) = &member.credential
+        {
+            // A token revoked or expired early: the next call fetches a new one.
+            credential.forget(scope);
+        }
         if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
             let wait = retry_hint::set_aside_for(response.headers(), SystemTime::now());
             let reason = if status == StatusCode::TOO_MANY_REQUESTS {
@@ -478,9 +511,39 @@ fn upstream_body(member: &Member, call: &Call, body: &Bytes) -> (Bytes, bool) {
     }
 }
 
+/// The header that carries the member's credential: its key as `api-key` (Azure) or
+/// `Authorization: Bearer` (OpenAI), or an Entra access token as `Authorization: Bearer` (and no
+/// `api-key`). Marked sensitive, so that it is never logged.
+async fn credential_header(
+    member: &Member,
+) -> Result<Option<(HeaderName, HeaderValue)>, crate::entra_credential::CredentialError> {
+    let (name, value) = match &member.credential {
+        None => return Ok(None),
+        Some(MemberCredential::ApiKey(secret)) => {
+            let secret = secret.current();
+            match member.config.kind {
+                BackendKind::AzureOpenai => {
+                    (HeaderName::from_static("api-key"), secret.expose().clone())
+                }
+                BackendKind::Openai => {
+                    (header::AUTHORIZATION, format!("Bearer {}", secret.expose()))
+                }
+            }
+        }
+        Some(MemberCredential::Entra { credential, scope }) => {
+            let token = credential.token(scope).await?;
+            (header::AUTHORIZATION, format!("Bearer {}", token.expose()))
+        }
+    };
+    Ok(HeaderValue::from_str(&value).ok().map(|mut value| {
+        value.set_sensitive(true);
+        (name, value)
+    }))
+}
+
 fn upstream_headers(
     client: &HeaderMap,
-    member: &Member,
+    credential: Option<(HeaderName, HeaderValue)>,
     correlation_id: Option<&str>,
 ) -> HeaderMap {
     let mut headers = HeaderMap::with_capacity(client.len() + 2);
@@ -489,21 +552,8 @@ fn upstream_headers(
             headers.append(name.clone(), value.clone());
         }
     }
-    if let Some(credential) = &member.credential {
-        let (name, value) = match member.config.kind {
-            BackendKind::AzureOpenai => (
-                HeaderName::from_static("api-key"),
-                credential.expose().clone(),
-            ),
-            BackendKind::Openai => (
-                header::AUTHORIZATION,
-                format!("Bearer {}", credential.expose()),
-            ),
-        };
-        if let Ok(mut value) = HeaderValue::from_str(&value) {
-            value.set_sensitive(true);
-            headers.insert(name, value);
-        }
+    if let Some((name, value)) = credential {
+        headers.insert(name, value);
     }
     if let Some(id) = correlation_id.and_then(|id| HeaderValue::from_str(id).ok()) {
         headers.insert("x-request-id", id);

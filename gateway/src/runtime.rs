@@ -2,20 +2,68 @@
 //!
 //! A request loads one [`Runtime`] and uses it to the end, so it never sees half of an old and
 //! half of a new configuration. Building a runtime validates the whole snapshot and resolves every
-//! secret; any problem rejects the snapshot with the exact field path.
+//! secret; any problem rejects the snapshot with the exact field path. Key Vault secrets are
+//! fetched before the (synchronous) build, by [`Runtime::prepare`].
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use gatehouse_schema::ConfigSnapshot;
-use gatehouse_schema::config::{BackendCredential, BackendTls, PoolMember};
+use gatehouse_schema::config::{
+    BackendCredential, BackendTls, EntraIdentity, PoolMember, SecretRef,
+};
 use gatehouse_schema::identity::{CredentialRequirement, Grantee};
 use gatehouse_schema::limits::{LimitRule, LimitSubjectRule};
 
 use crate::auth::KeyIndex;
-use crate::pool::{HealthRegistry, Member, Pool};
-use crate::secret::{self, Secret};
+use crate::entra_credential::CredentialRegistry;
+use crate::pool::{HealthRegistry, Member, MemberCredential, Pool};
+use crate::secret::SecretStore;
+
+/// Where a runtime's secrets and Entra credentials come from; shared across snapshots so that Key
+/// Vault values and access tokens outlive a configuration push.
+#[derive(Debug, Clone, Default)]
+pub struct Resolver {
+    /// Secret values by reference.
+    pub secrets: SecretStore,
+    /// Entra credentials by identity.
+    pub credentials: Arc<CredentialRegistry>,
+}
+
+impl Resolver {
+    /// Forgets secrets and credentials that `snapshot` does not use.
+    pub fn retain_for(&self, snapshot: &ConfigSnapshot) {
+        let references = secret_refs(snapshot);
+        let keep: HashSet<&str> = references.iter().map(|(_, r)| r.as_str()).collect();
+        self.secrets.retain(&keep);
+        let identities: Vec<EntraIdentity> = members(snapshot)
+            .filter_map(|member| member.credential.entra().map(|(identity, _)| identity))
+            .collect();
+        self.credentials
+            .retain(|identity| identities.contains(identity));
+    }
+}
+
+fn members(snapshot: &ConfigSnapshot) -> impl Iterator<Item = &PoolMember> {
+    snapshot.pools.iter().flat_map(|pool| pool.members.iter())
+}
+
+/// Every secret reference of a snapshot, with its field path.
+pub fn secret_refs(snapshot: &ConfigSnapshot) -> Vec<(String, &SecretRef)> {
+    let mut references = Vec::new();
+    for (p, pool) in snapshot.pools.iter().enumerate() {
+        for (m, member) in pool.members.iter().enumerate() {
+            for (field, reference) in member.credential.secret_refs() {
+                references.push((
+                    format!("pools[{p}].members[{m}].credential.{field}"),
+                    reference,
+                ));
+            }
+        }
+    }
+    references
+}
 
 /// A snapshot ready to serve.
 #[derive(Debug)]
@@ -38,10 +86,40 @@ pub struct Runtime {
 pub struct ValidationErrors(pub Vec<String>);
 
 impl Runtime {
-    /// Validates `snapshot` whole and builds the runtime, reusing member health from `health`.
+    /// Validates `snapshot` whole and builds the runtime, reusing member health from `health`,
+    /// with a resolver of its own: `env:` and `file:` secrets only (Key Vault references are
+    /// refused, they need [`Runtime::prepare`]).
     pub fn build(
         snapshot: ConfigSnapshot,
         health: &HealthRegistry,
+    ) -> Result<Runtime, ValidationErrors> {
+        Self::build_with(snapshot, health, &Resolver::default())
+    }
+
+    /// Fetches the snapshot's Key Vault secrets that `resolver` does not hold yet, then builds
+    /// the runtime with [`Runtime::build_with`].
+    pub async fn prepare(
+        snapshot: ConfigSnapshot,
+        health: &HealthRegistry,
+        resolver: &Resolver,
+    ) -> Result<Runtime, ValidationErrors> {
+        resolver
+            .secrets
+            .prefetch(
+                secret_refs(&snapshot)
+                    .into_iter()
+                    .map(|(_, reference)| reference),
+            )
+            .await;
+        Self::build_with(snapshot, health, resolver)
+    }
+
+    /// Validates `snapshot` whole and builds the runtime; secrets and credentials come from
+    /// `resolver` (Key Vault values must have been fetched into it).
+    pub fn build_with(
+        snapshot: ConfigSnapshot,
+        health: &HealthRegistry,
+        resolver: &Resolver,
     ) -> Result<Runtime, ValidationErrors> {
         let mut errors = Vec::new();
         validate(&snapshot, &mut errors);
@@ -61,12 +139,30 @@ impl Runtime {
                 let path = format!("pools[{p}].members[{m}]");
                 let credential = match &member.credential {
                     BackendCredential::None => None,
-                    BackendCredential::ApiKey { secret } => match secret::resolve(secret) {
-                        Ok(value) => Some(value),
-                        Err(error) => {
-                            errors.push(format!("{path}.credential.secret: {error}"));
-                            None
+                    BackendCredential::ApiKey { secret } => {
+                        match resolver.secrets.resolve(secret) {
+                            Ok(value) => Some(MemberCredential::ApiKey(value)),
+                            Err(error) => {
+                                errors.push(format!("{path}.credential.secret: {error}"));
+                                None
+                            }
                         }
+                    }
+                    entra => match entra.entra() {
+                        Some((identity, scope)) => match resolver
+                            .credentials
+                            .get_or_build(&identity, &resolver.secrets)
+                        {
+                            Ok(credential) => Some(MemberCredential::Entra {
+                                credential,
+                                scope: scope.to_owned(),
+                            }),
+                            Err(error) => {
+                                errors.push(format!("{path}.credential.{error}"));
+                                None
+                            }
+                        },
+                        None => None,
                     },
                 };
                 let key = (member.tls.clone(), member.connect_timeout_ms);
@@ -87,7 +183,7 @@ impl Runtime {
                 members.push(Arc::new(Member {
                     config: member.clone(),
                     client,
-                    credential: credential.map(|c: Secret<String>| c),
+                    credential,
                     health: health.health_of(&member.id),
                 }));
             }
@@ -350,6 +446,13 @@ fn validate(snapshot: &ConfigSnapshot, errors: &mut Vec<String>) {
             }
             if member.endpoint.query().is_some() {
                 errors.push(format!("{path}.endpoint: must not carry a query string"));
+            }
+            if let Some((_, scope)) = member.credential.entra()
+                && (scope.is_empty() || scope.len() > 512 || scope.contains(char::is_whitespace))
+            {
+                errors.push(format!(
+                    "{path}.credential.scope: must be one scope, such as `https://cognitiveservices.azure.com/.default`"
+                ));
             }
             if member.weight == 0 {
                 errors.push(format!("{path}.weight: must be at least 1"));

@@ -1,8 +1,20 @@
 //! Secrets that cannot be printed by accident, and the resolution of secret references.
+//!
+//! `env:` and `file:` references are read when a snapshot is built. Key Vault references are
+//! fetched into the [`SecretStore`] before a snapshot is built ([`SecretStore::prefetch`]), then
+//! refreshed in the background ([`SecretStore::spawn_refresher`]); whoever uses one holds a
+//! [`SecretValue`] and reads the current value per use, so a rotated secret takes effect without
+//! a restart.
 
+use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use gatehouse_schema::config::{SecretRef, SecretSource};
+
+use crate::key_vault::KeyVaultClient;
 
 /// A secret value. `Debug` and `Display` print `*****`; read it only through [`Secret::expose`].
 #[derive(Clone, PartialEq, Eq)]
@@ -49,11 +61,26 @@ pub enum SecretError {
     /// The secret is empty.
     #[error("secret `{0}` is empty")]
     Empty(String),
+    /// A Key Vault secret could not be fetched (the reason never holds the value).
+    #[error("Key Vault secret `{reference}` could not be fetched: {reason}")]
+    KeyVault {
+        /// The secret URL.
+        reference: String,
+        /// Why.
+        reason: String,
+    },
 }
 
-/// Reads the secret a reference points to. A trailing newline of a file is not part of the secret.
+/// Reads the secret an `env:` or `file:` reference points to. A trailing newline of a file is not
+/// part of the secret. A Key Vault reference needs the network: use a [`SecretStore`].
 pub fn resolve(reference: &SecretRef) -> Result<Secret<String>, SecretError> {
     let value = match reference.source() {
+        SecretSource::KeyVault(url) => {
+            return Err(SecretError::KeyVault {
+                reference: url.to_owned(),
+                reason: "Key Vault references are resolved by the running gateway only".to_owned(),
+            });
+        }
         SecretSource::Env(name) => {
             std::env::var(name).map_err(|_| SecretError::MissingEnv(name.to_owned()))?
         }
@@ -69,6 +96,201 @@ pub fn resolve(reference: &SecretRef) -> Result<Secret<String>, SecretError> {
         return Err(SecretError::Empty(reference.as_str().to_owned()));
     }
     Ok(Secret::new(value))
+}
+
+/// The current value of a secret, shared by everyone who uses it. `env:` and `file:` values change
+/// when a snapshot is built again; Key Vault values when the store refreshes them.
+#[derive(Clone)]
+pub struct SecretValue(Arc<ArcSwap<Secret<String>>>);
+
+impl SecretValue {
+    /// A value holder starting at `value`.
+    pub fn new(value: Secret<String>) -> Self {
+        SecretValue(Arc::new(ArcSwap::from_pointee(value)))
+    }
+
+    /// The value now (cheap: one atomic load).
+    pub fn current(&self) -> Arc<Secret<String>> {
+        self.0.load_full()
+    }
+
+    /// Replaces the value; returns whether it changed.
+    fn replace(&self, value: Secret<String>) -> bool {
+        if self.0.load().expose() == value.expose() {
+            return false;
+        }
+        self.0.store(Arc::new(value));
+        true
+    }
+}
+
+impl fmt::Debug for SecretValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretValue(*****)")
+    }
+}
+
+/// The secrets a gateway uses, by reference, shared across snapshots: Key Vault values are fetched
+/// once, kept, and refreshed in the background. Cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct SecretStore {
+    inner: Arc<StoreInner>,
+}
+
+#[derive(Debug, Default)]
+struct StoreInner {
+    values: Mutex<HashMap<String, SecretValue>>,
+    /// Why the last fetch of a Key Vault reference failed, for references without a value.
+    failures: Mutex<HashMap<String, String>>,
+    key_vault: Option<KeyVaultClient>,
+}
+
+impl SecretStore {
+    /// A store that fetches Key Vault references with `key_vault` (none: they are refused).
+    pub fn new(key_vault: Option<KeyVaultClient>) -> Self {
+        SecretStore {
+            inner: Arc::new(StoreInner {
+                key_vault,
+                ..StoreInner::default()
+            }),
+        }
+    }
+
+    /// The value holder of `reference`: `env:` and `file:` are read now (and the shared holder
+    /// updated); a Key Vault reference must have been fetched by [`SecretStore::prefetch`].
+    pub fn resolve(&self, reference: &SecretRef) -> Result<SecretValue, SecretError> {
+        let key = reference.as_str();
+        if let SecretSource::KeyVault(url) = reference.source() {
+            if let Some(value) = lock(&self.inner.values).get(key) {
+                return Ok(value.clone());
+            }
+            let reason = lock(&self.inner.failures)
+                .get(key)
+                .cloned()
+                .unwrap_or_else(|| "it was not fetched".to_owned());
+            return Err(SecretError::KeyVault {
+                reference: url.to_owned(),
+                reason,
+            });
+        }
+        let value = resolve(reference)?;
+        let mut values = lock(&self.inner.values);
+        match values.get(key) {
+            Some(holder) => {
+                holder.replace(value);
+                Ok(holder.clone())
+            }
+            None => {
+                let holder = SecretValue::new(value);
+                values.insert(key.to_owned(), holder.clone());
+                Ok(holder)
+            }
+        }
+    }
+
+    /// Fetches every Key Vault reference among `references` that the store holds no value for,
+    /// concurrently. Failures are remembered for [`SecretStore::resolve`] to report.
+    pub async fn prefetch<'a>(&self, references: impl IntoIterator<Item = &'a SecretRef>) {
+        let missing: HashSet<&str> = {
+            let values = lock(&self.inner.values);
+            references
+                .into_iter()
+                .filter_map(|reference| match reference.source() {
+                    SecretSource::KeyVault(url) if !values.contains_key(url) => Some(url),
+                    _ => None,
+                })
+                .collect()
+        };
+        if missing.is_empty() {
+            return;
+        }
+        let Some(key_vault) = &self.inner.key_vault else {
+            let mut failures = lock(&self.inner.failures);
+            for url in missing {
+                failures.insert(
+                    url.to_owned(),
+                    "Key Vault references need the gateway's own Entra credential (`server.entra_credential`)".to_owned(),
+                );
+            }
+            return;
+        };
+        let fetches = missing
+            .into_iter()
+            .map(|url| async move { (url, key_vault.get_secret(url).await) });
+        for (url, outcome) in futures::future::join_all(fetches).await {
+            match outcome {
+                Ok(value) => {
+                    lock(&self.inner.failures).remove(url);
+                    lock(&self.inner.values).insert(url.to_owned(), SecretValue::new(value));
+                }
+                Err(error) => {
+                    tracing::warn!(reference = url, %error, "Key Vault secret could not be fetched");
+                    lock(&self.inner.failures).insert(url.to_owned(), error.to_string());
+                }
+            }
+        }
+    }
+
+    /// Fetches every Key Vault value again. A failure keeps the last value and logs a warning.
+    /// Returns how many values changed.
+    pub async fn refresh(&self) -> usize {
+        let Some(key_vault) = &self.inner.key_vault else {
+            return 0;
+        };
+        let entries: Vec<(String, SecretValue)> = lock(&self.inner.values)
+            .iter()
+            // Keys are references as written: only Key Vault URLs start with `http`.
+            .filter(|(key, _)| !key.starts_with("env:") && !key.starts_with("file:"))
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect();
+        let fetches = entries.iter().map(|(url, holder)| async move {
+            match key_vault.get_secret(url).await {
+                Ok(value) => {
+                    let changed = holder.replace(value);
+                    if changed {
+                        tracing::info!(reference = %url, "Key Vault secret changed; the new value is in use");
+                    }
+                    changed
+                }
+                Err(error) => {
+                    tracing::warn!(reference = %url, %error, "Key Vault secret refresh failed; keeping the last value");
+                    false
+                }
+            }
+        });
+        futures::future::join_all(fetches)
+            .await
+            .into_iter()
+            .filter(|changed| *changed)
+            .count()
+    }
+
+    /// Refreshes the Key Vault values every `every` until the store is dropped.
+    pub fn spawn_refresher(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let store = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(every.max(Duration::from_millis(10)));
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticker.tick().await;
+            loop {
+                ticker.tick().await;
+                let Some(inner) = store.upgrade() else {
+                    return;
+                };
+                SecretStore { inner }.refresh().await;
+            }
+        })
+    }
+
+    /// Forgets every value whose reference is not in `keep`.
+    pub fn retain(&self, keep: &HashSet<&str>) {
+        lock(&self.inner.values).retain(|key, _| keep.contains(key.as_str()));
+        lock(&self.inner.failures).retain(|key, _| keep.contains(key.as_str()));
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]
@@ -91,5 +313,25 @@ mod tests {
         assert_eq!(resolve(&reference).unwrap().expose(), "abc123");
         let missing = SecretRef::try_from("env:GATEHOUSE_TEST_SURELY_UNSET".to_owned()).unwrap();
         assert!(matches!(resolve(&missing), Err(SecretError::MissingEnv(_))));
+    }
+
+    #[tokio::test]
+    async fn store_shares_one_holder_per_reference_and_refuses_unfetched_key_vault() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        std::fs::write(&path, "one").unwrap();
+        let reference = SecretRef::try_from(format!("file:{}", path.display())).unwrap();
+        let store = SecretStore::default();
+        let holder = store.resolve(&reference).unwrap();
+        std::fs::write(&path, "two").unwrap();
+        let again = store.resolve(&reference).unwrap();
+        assert_eq!(holder.current().expose(), "two", "one holder, updated");
+        assert_eq!(again.current().expose(), "two");
+        assert_eq!(format!("{holder:?}"), "SecretValue(*****)");
+
+        let vault = SecretRef::try_from("https://v.vault.azure.net/secrets/k".to_owned()).unwrap();
+        store.prefetch([&vault]).await;
+        let error = store.resolve(&vault).unwrap_err().to_string();
+        assert!(error.contains("server.entra_credential"), "{error}");
     }
 }

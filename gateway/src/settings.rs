@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use gatehouse_schema::ConfigSnapshot;
-use gatehouse_schema::config::SecretRef;
+use gatehouse_schema::config::{EntraIdentity, SecretRef};
 use serde::Deserialize;
 
 use crate::secret::Secret;
@@ -59,6 +59,21 @@ pub struct ServerSettings {
     /// Where usage-limit counters live and what happens when that store fails.
     #[serde(default)]
     pub limits: LimitSettings,
+    /// The gateway's own Microsoft Entra ID identity, which reads Key Vault secret references:
+    /// `{type: entra_client_secret, tenant_id, client_id, secret, authority_host?}`,
+    /// `{type: entra_certificate, tenant_id, client_id, certificate, authority_host?}` or
+    /// `{type: managed_identity, client_id?, endpoint?}`. Its own secret is an `env:` or `file:`
+    /// reference. Without it, Key Vault references are refused.
+    #[serde(default)]
+    pub entra_credential: Option<EntraIdentity>,
+    /// How often Key Vault secrets in use are fetched again, in seconds (default 300): a rotated
+    /// backend key takes effect within this time. A failed refresh keeps the last value.
+    #[serde(default = "default_key_vault_refresh_seconds")]
+    pub key_vault_refresh_seconds: u64,
+}
+
+fn default_key_vault_refresh_seconds() -> u64 {
+    300
 }
 
 /// Where the counters of `snapshot.limits` live: in this process, or in Redis when several
@@ -324,6 +339,17 @@ mod tests {
         assert!(matches!(
             file.server.limits.redis_url,
             Some(RedisUrl::Reference(_))
+        ));
+        assert!(matches!(
+            file.server.entra_credential,
+            Some(EntraIdentity::ManagedIdentity { .. })
+        ));
+        assert_eq!(file.server.key_vault_refresh_seconds, 300);
+        let member = &file.snapshot.pools[0].members[0];
+        assert!(matches!(
+            member.credential,
+            gatehouse_schema::config::BackendCredential::ApiKey { ref secret }
+                if matches!(secret.source(), gatehouse_schema::config::SecretSource::KeyVault(_))
         ));
     }
 

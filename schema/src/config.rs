@@ -216,6 +216,12 @@ pub enum BackendKind {
     Openai,
 }
 
+/// The scope of an access token for Azure OpenAI (Azure AI services): `azure-specs.md` §1.3.
+pub const COGNITIVE_SERVICES_SCOPE: &str = "https://cognitiveservices.azure.com/.default";
+
+/// The Microsoft Entra ID authority used when a credential names none (Azure public cloud).
+pub const DEFAULT_AUTHORITY_HOST: &str = "https://login.microsoftonline.com";
+
 /// How the gateway authenticates to a backend member.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -228,6 +234,174 @@ pub enum BackendCredential {
         /// Where the key is read from.
         secret: SecretRef,
     },
+    /// A Microsoft Entra ID access token obtained with the client-credentials grant and a client
+    /// secret, sent as `Authorization: Bearer` (no `api-key`).
+    EntraClientSecret {
+        /// Directory (tenant) id or domain of the app registration.
+        tenant_id: String,
+        /// Application (client) id of the app registration.
+        client_id: String,
+        /// Where the client secret is read from.
+        secret: SecretRef,
+        /// Entra authority; default `https://login.microsoftonline.com`.
+        #[serde(default)]
+        authority_host: Option<Url>,
+        /// Token scope; default `https://cognitiveservices.azure.com/.default`.
+        #[serde(default)]
+        scope: Option<String>,
+    },
+    /// A Microsoft Entra ID access token obtained with the client-credentials grant and a
+    /// certificate (a signed client assertion), sent as `Authorization: Bearer`.
+    EntraCertificate {
+        /// Directory (tenant) id or domain of the app registration.
+        tenant_id: String,
+        /// Application (client) id of the app registration.
+        client_id: String,
+        /// Where a PEM holding the certificate and its RSA private key is read from.
+        certificate: SecretRef,
+        /// Entra authority; default `https://login.microsoftonline.com`.
+        #[serde(default)]
+        authority_host: Option<Url>,
+        /// Token scope; default `https://cognitiveservices.azure.com/.default`.
+        #[serde(default)]
+        scope: Option<String>,
+    },
+    /// An access token from the Azure managed identity of the machine (IMDS) or of the App
+    /// Service / Container Apps environment, sent as `Authorization: Bearer`.
+    ManagedIdentity {
+        /// Client id of a user-assigned identity; absent: the system-assigned identity.
+        #[serde(default)]
+        client_id: Option<String>,
+        /// Token endpoint speaking the IMDS protocol, instead of
+        /// `http://169.254.169.254/metadata/identity/oauth2/token` (or the App Service endpoint
+        /// named by `IDENTITY_ENDPOINT`).
+        #[serde(default)]
+        endpoint: Option<Url>,
+        /// Token scope; default `https://cognitiveservices.azure.com/.default`.
+        #[serde(default)]
+        scope: Option<String>,
+    },
+}
+
+impl BackendCredential {
+    /// The Entra identity and the token scope, for the variants that use an access token.
+    pub fn entra(&self) -> Option<(EntraIdentity, &str)> {
+        let (identity, scope) = match self {
+            BackendCredential::None | BackendCredential::ApiKey { .. } => return None,
+            BackendCredential::EntraClientSecret {
+                tenant_id,
+                client_id,
+                secret,
+                authority_host,
+                scope,
+            } => (
+                EntraIdentity::EntraClientSecret {
+                    tenant_id: tenant_id.clone(),
+                    client_id: client_id.clone(),
+                    secret: secret.clone(),
+                    authority_host: authority_host.clone(),
+                },
+                scope,
+            ),
+            BackendCredential::EntraCertificate {
+                tenant_id,
+                client_id,
+                certificate,
+                authority_host,
+                scope,
+            } => (
+                EntraIdentity::EntraCertificate {
+                    tenant_id: tenant_id.clone(),
+                    client_id: client_id.clone(),
+                    certificate: certificate.clone(),
+                    authority_host: authority_host.clone(),
+                },
+                scope,
+            ),
+            BackendCredential::ManagedIdentity {
+                client_id,
+                endpoint,
+                scope,
+            } => (
+                EntraIdentity::ManagedIdentity {
+                    client_id: client_id.clone(),
+                    endpoint: endpoint.clone(),
+                },
+                scope,
+            ),
+        };
+        Some((
+            identity,
+            scope.as_deref().unwrap_or(COGNITIVE_SERVICES_SCOPE),
+        ))
+    }
+
+    /// The secret references the credential reads, with their field names.
+    pub fn secret_refs(&self) -> Vec<(&'static str, &SecretRef)> {
+        match self {
+            BackendCredential::None | BackendCredential::ManagedIdentity { .. } => Vec::new(),
+            BackendCredential::ApiKey { secret }
+            | BackendCredential::EntraClientSecret { secret, .. } => vec![("secret", secret)],
+            BackendCredential::EntraCertificate { certificate, .. } => {
+                vec![("certificate", certificate)]
+            }
+        }
+    }
+}
+
+/// A Microsoft Entra ID identity that obtains access tokens: the gateway's own (for Key Vault,
+/// in the process settings) or a backend member's (inside [`BackendCredential`]). The variants and
+/// field names are those of [`BackendCredential`], without `scope`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum EntraIdentity {
+    /// Client credentials with a client secret.
+    EntraClientSecret {
+        /// Directory (tenant) id or domain.
+        tenant_id: String,
+        /// Application (client) id.
+        client_id: String,
+        /// Where the client secret is read from.
+        secret: SecretRef,
+        /// Entra authority; default `https://login.microsoftonline.com`.
+        #[serde(default)]
+        authority_host: Option<Url>,
+    },
+    /// Client credentials with a certificate (signed client assertion).
+    EntraCertificate {
+        /// Directory (tenant) id or domain.
+        tenant_id: String,
+        /// Application (client) id.
+        client_id: String,
+        /// Where a PEM holding the certificate and its RSA private key is read from.
+        certificate: SecretRef,
+        /// Entra authority; default `https://login.microsoftonline.com`.
+        #[serde(default)]
+        authority_host: Option<Url>,
+    },
+    /// The Azure managed identity of the machine or of the App Service / Container Apps
+    /// environment.
+    ManagedIdentity {
+        /// Client id of a user-assigned identity; absent: the system-assigned identity.
+        #[serde(default)]
+        client_id: Option<String>,
+        /// Token endpoint speaking the IMDS protocol, instead of the platform's.
+        #[serde(default)]
+        endpoint: Option<Url>,
+    },
+}
+
+impl EntraIdentity {
+    /// The secret reference the identity reads, with its field name.
+    pub fn secret_ref(&self) -> Option<(&'static str, &SecretRef)> {
+        match self {
+            EntraIdentity::EntraClientSecret { secret, .. } => Some(("secret", secret)),
+            EntraIdentity::EntraCertificate { certificate, .. } => {
+                Some(("certificate", certificate))
+            }
+            EntraIdentity::ManagedIdentity { .. } => None,
+        }
+    }
 }
 
 /// TLS settings for the connection to a backend member.
@@ -242,10 +416,15 @@ pub struct BackendTls {
     pub client_identity_file: Option<String>,
 }
 
-/// A reference to a secret held outside the snapshot: `env:NAME` or `file:/path`.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A reference to a secret held outside the snapshot: `env:NAME`, `file:/path`, or an Azure Key
+/// Vault secret URL `https://{vault}.vault.azure.net/secrets/{name}[/{version}]` (plain `http://`
+/// and other hosts only on loopback addresses, for local test doubles).
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct SecretRef(String);
+
+/// The DNS suffix of Azure Key Vault (public cloud).
+pub const KEY_VAULT_DNS_SUFFIX: &str = ".vault.azure.net";
 
 impl SecretRef {
     /// Where the secret lives, parsed.
@@ -255,8 +434,8 @@ impl SecretRef {
         } else if let Some(path) = self.0.strip_prefix("file:") {
             SecretSource::File(path)
         } else {
-            // Constructors only admit the two prefixes above.
-            SecretSource::Env("")
+            // Constructors only admit the two prefixes above and Key Vault URLs.
+            SecretSource::KeyVault(&self.0)
         }
     }
 
@@ -272,6 +451,59 @@ impl fmt::Debug for SecretRef {
     }
 }
 
+/// Whether `text` is a Key Vault secret URL this gateway fetches: `https`, a `*.vault.azure.net`
+/// host (any host when it is a loopback address, where `http` is accepted too), the path
+/// `/secrets/{name}` or `/secrets/{name}/{version}`, no credentials, query or fragment.
+fn is_key_vault_url(text: &str) -> bool {
+    let Ok(url) = Url::parse(text) else {
+        return false;
+    };
+    let loopback = match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        None => false,
+    };
+    let vault_host = url.host_str().is_some_and(|host| {
+        host.len() > KEY_VAULT_DNS_SUFFIX.len()
+            && host.to_ascii_lowercase().ends_with(KEY_VAULT_DNS_SUFFIX)
+    });
+    let scheme_ok = match url.scheme() {
+        "https" => vault_host || loopback,
+        "http" => loopback,
+        _ => false,
+    };
+    if !scheme_ok
+        || !url.username().is_empty()
+        || url.password().is_some()
+        || url.query().is_some()
+        || url.fragment().is_some()
+    {
+        return false;
+    }
+    let segments: Vec<&str> = url
+        .path_segments()
+        .map(Iterator::collect)
+        .unwrap_or_default();
+    // Key Vault object names: 1–127 characters, letters, digits and dashes; versions: 32 hex
+    // digits (any letters and digits accepted here).
+    let name_ok = |name: &str| {
+        !name.is_empty()
+            && name.len() <= 127
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    let version_ok = |version: &str| {
+        !version.is_empty()
+            && version.len() <= 64
+            && version.bytes().all(|b| b.is_ascii_alphanumeric())
+    };
+    match segments.as_slice() {
+        ["secrets", name] => name_ok(name),
+        ["secrets", name, version] => name_ok(name) && version_ok(version),
+        _ => false,
+    }
+}
+
 impl TryFrom<String> for SecretRef {
     type Error = String;
 
@@ -279,12 +511,13 @@ impl TryFrom<String> for SecretRef {
         let ok = match text.split_once(':') {
             Some(("env", name)) => !name.is_empty(),
             Some(("file", path)) => !path.is_empty(),
+            Some(("https" | "http", _)) => is_key_vault_url(&text),
             _ => false,
         };
         if ok {
             Ok(SecretRef(text))
         } else {
-            Err("a secret reference is `env:NAME` or `file:/path`; secrets themselves never appear in configuration".to_owned())
+            Err("a secret reference is `env:NAME`, `file:/path` or a Key Vault secret URL `https://{vault}.vault.azure.net/secrets/{name}[/{version}]`; secrets themselves never appear in configuration".to_owned())
         }
     }
 }
@@ -302,6 +535,8 @@ pub enum SecretSource<'a> {
     Env(&'a str),
     /// A file readable by the gateway process (trailing newline ignored).
     File(&'a str),
+    /// An Azure Key Vault secret URL, fetched with the gateway's own Entra credential.
+    KeyVault(&'a str),
 }
 
 /// What content the gateway captures into audit records.
@@ -360,6 +595,58 @@ mod tests {
             "the error must not echo a secret"
         );
         assert!(SecretRef::try_from("env:".to_owned()).is_err());
+    }
+
+    #[test]
+    fn secret_refs_admit_key_vault_urls_only_on_key_vault_or_loopback_hosts() {
+        for good in [
+            "https://my-vault.vault.azure.net/secrets/aoai-key",
+            "https://my-vault.vault.azure.net/secrets/aoai-key/0123456789abcdef0123456789abcdef",
+            "http://127.0.0.1:8200/secrets/k",
+            "https://localhost/secrets/k",
+        ] {
+            let reference = SecretRef::try_from(good.to_owned()).unwrap();
+            assert_eq!(reference.source(), SecretSource::KeyVault(good));
+        }
+        for bad in [
+            "http://my-vault.vault.azure.net/secrets/k",
+            "https://evil.example/secrets/k",
+            "https://.vault.azure.net/secrets/k",
+            "https://v.vault.azure.net/keys/k",
+            "https://v.vault.azure.net/secrets/k?x=1",
+            "https://v.vault.azure.net/secrets/k/v/extra",
+            "https://user:pw@v.vault.azure.net/secrets/k",
+            "https://v.vault.azure.net/secrets/bad_name",
+            "http://10.0.0.1/secrets/k",
+        ] {
+            assert!(SecretRef::try_from(bad.to_owned()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn entra_credentials_parse_strictly() {
+        let member: PoolMember = serde_json::from_value(serde_json::json!({
+            "id": "m", "endpoint": "https://x.openai.azure.com",
+            "credential": {"type": "entra_client_secret", "tenant_id": "t", "client_id": "c",
+                           "secret": "env:S"}
+        }))
+        .unwrap();
+        let (identity, scope) = member.credential.entra().unwrap();
+        assert_eq!(scope, COGNITIVE_SERVICES_SCOPE);
+        assert!(matches!(identity, EntraIdentity::EntraClientSecret { .. }));
+        let unknown = serde_json::from_value::<BackendCredential>(serde_json::json!({
+            "type": "managed_identity", "client_id": "c", "resource": "x"
+        }));
+        assert!(unknown.is_err(), "unknown fields are refused");
+        let identity: EntraIdentity = serde_json::from_value(serde_json::json!({
+            "type": "entra_certificate", "tenant_id": "t", "client_id": "c",
+            "certificate": "https://v.vault.azure.net/secrets/cert"
+        }))
+        .unwrap();
+        assert_eq!(
+            identity.secret_ref().map(|(field, _)| field),
+            Some("certificate")
+        );
     }
 
     #[test]

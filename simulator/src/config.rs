@@ -19,6 +19,12 @@ pub struct SimulatorConfig {
     /// When set, every request must carry `api-key: <key>` or `Authorization: Bearer <key>`,
     /// otherwise the simulator answers 401 with an Azure-shaped error.
     pub require_api_key: Option<String>,
+    /// When set, every request must carry `Authorization: Bearer <token>` whose token starts with
+    /// this prefix, and no `api-key` header, otherwise the simulator answers 401 with an
+    /// Azure-shaped error. This is how an Azure OpenAI resource that accepts only Entra ID tokens
+    /// behaves; tests issue tokens with the prefix from a token-endpoint double and read the exact
+    /// token the backend saw from [`crate::SeenRequest`].
+    pub require_bearer_prefix: Option<String>,
 }
 
 impl Default for SimulatorConfig {
@@ -28,6 +34,7 @@ impl Default for SimulatorConfig {
             chunk_delay: Duration::ZERO,
             stream_chunks: 5,
             require_api_key: None,
+            require_bearer_prefix: None,
         }
     }
 }

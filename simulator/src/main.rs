@@ -57,6 +57,7 @@ async fn main() -> anyhow::Result<()> {
         chunk_delay: Duration::from_millis(args.chunk_delay_ms),
         stream_chunks: args.stream_chunks,
         require_api_key,
+        require_bearer_prefix: None,
     };
     let simulator = Simulator::start(config, args.listen).await?;
     stop_signal().await?;

@@ -70,16 +70,23 @@ pub(crate) async fn observe(
     response
 }
 
-/// Whether the request carries the configured key (always, when none is configured).
+/// Whether the request carries the configured key and bearer token (always, when neither is
+/// configured).
 fn authorized(state: &SimulatorState, headers: &HeaderMap) -> bool {
-    let Some(expected) = &state.config().require_api_key else {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let bearer = header("authorization").and_then(|v| v.strip_prefix("Bearer "));
+    let config = state.config();
+    if let Some(prefix) = &config.require_bearer_prefix {
+        let token_ok = bearer
+            .is_some_and(|token| token.len() > prefix.len() && token.starts_with(prefix.as_str()));
+        if !token_ok || headers.contains_key("api-key") {
+            return false;
+        }
+    }
+    let Some(expected) = &config.require_api_key else {
         return true;
     };
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    header("api-key") == Some(expected.as_str())
-        || header("authorization")
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|token| token == expected)
+    header("api-key") == Some(expected.as_str()) || bearer.is_some_and(|token| token == expected)
 }
 
 /// Names the instance in `x-gatehouse-simulator` and adds Azure's `apim-request-id`.

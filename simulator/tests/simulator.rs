@@ -565,6 +565,43 @@ async fn required_key_is_checked_in_both_headers() {
     assert_eq!(sim.hits(), 4);
 }
 
+#[tokio::test]
+async fn required_bearer_token_refuses_keys_and_other_tokens() {
+    let sim = start(SimulatorConfig {
+        id: "sim-bearer".into(),
+        require_bearer_prefix: Some("entra-at-".into()),
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let url = format!("{}/v1/chat/completions", sim.url());
+    let send = |headers: &'static [(&'static str, &'static str)]| {
+        let mut request = client().post(url.clone()).json(&chat_body(false, false));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send()
+    };
+    let ok = send(&[("authorization", "Bearer entra-at-1")])
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    for refused in [
+        &[("authorization", "Bearer other-token")][..],
+        &[("authorization", "Bearer entra-at-")][..],
+        &[("api-key", "entra-at-1")][..],
+        &[("authorization", "Bearer entra-at-1"), ("api-key", "k")][..],
+        &[][..],
+    ] {
+        let answer = send(refused).await.unwrap();
+        assert_eq!(answer.status(), 401, "{refused:?}");
+        assert_eq!(error_of(answer).await["code"], "401");
+    }
+    assert_eq!(
+        sim.requests()[0].header("authorization"),
+        Some("Bearer entra-at-1")
+    );
+}
+
 // ---------------------------------------------------------------- other inference
 
 #[tokio::test]

@@ -18,13 +18,22 @@ use serde::Deserialize;
 use super::TokenError;
 use crate::secret::Secret;
 
-/// The scope of a Microsoft Graph token.
-pub const GRAPH_SCOPE: &str = "https://graph.microsoft.com/.default";
+pub use crate::entra_credential::GRAPH_SCOPE;
 
 /// Something that obtains access tokens for a scope with the gateway's own identity.
 pub trait AccessTokenSource: Send + Sync + std::fmt::Debug {
     /// A token for `scope`; the error text never contains a secret.
     fn token<'a>(&'a self, scope: &'a str) -> BoxFuture<'a, Result<Secret<String>, String>>;
+}
+
+impl AccessTokenSource for crate::entra_credential::TokenCredential {
+    fn token<'a>(&'a self, scope: &'a str) -> BoxFuture<'a, Result<Secret<String>, String>> {
+        Box::pin(async move {
+            crate::entra_credential::TokenCredential::token(self, scope)
+                .await
+                .map_err(|error| error.to_string())
+        })
+    }
 }
 
 /// Most cached users; beyond it, expired entries are dropped, then the cache is cleared.

@@ -1,14 +1,17 @@
 //! Entra ID access tokens and access rules, against a local OpenID provider and Graph double.
 
-use std::sync::Arc;
-
 use base64::Engine as _;
+use gatehouse_gateway::SecretSettings;
+use gatehouse_gateway::entra_credential::TokenCredential;
+use gatehouse_gateway::secret::{Secret, SecretValue};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 
+use crate::azure_identity_double::{self as identity, EntraDouble as TokenEndpoint, Proof};
 use crate::entra_double::*;
 use crate::harness::*;
 
+const GATEWAY_SECRET: &str = "gateway-graph-client-secret-0123456789";
 const GROUP_CHAT: &str = "aaaaaaaa-0000-0000-0000-00000000c4a7";
 const GROUP_EMBED: &str = "bbbbbbbb-0000-0000-0000-0000000e3bed";
 
@@ -511,9 +514,22 @@ async fn a_rule_pushed_through_the_config_endpoint_takes_effect_on_the_next_call
 async fn the_groups_overage_is_resolved_through_graph_and_cached() {
     let double = EntraDouble::start().await;
     let sim = simulator("entra-overage").await;
-    let gw = TestGateway::start_with_entra_credential(
+    // The gateway's own identity: client credentials against a token-endpoint double.
+    let token_endpoint = TokenEndpoint::start(Proof::Secret(GATEWAY_SECRET.to_owned()), 3600).await;
+    double.trust_graph_tokens_of(&token_endpoint);
+    let credential = TokenCredential::client_secret(
+        identity::TENANT,
+        identity::CLIENT_ID,
+        SecretValue::new(Secret::new(GATEWAY_SECRET.to_owned())),
+        Some(&url::Url::parse(&token_endpoint.url).unwrap()),
+    )
+    .unwrap();
+    let gw = TestGateway::start_with_secrets(
         entra_snapshot(1, &double, &sim.url(), "token", Some(group_rules())),
-        Arc::new(FixedGraphToken),
+        SecretSettings {
+            entra_credential: Some(credential),
+            ..SecretSettings::default()
+        },
     )
     .await;
     let oid = "0000000a-0000-0000-0000-0000000000f0";
@@ -527,11 +543,17 @@ async fn the_groups_overage_is_resolved_through_graph_and_cached() {
         json!({"src1": {"endpoint": format!("https://graph.windows.net/{TENANT_A}/users/{oid}/getMemberObjects")}}),
     );
     let token = sign(TestKey::A, &claims);
-    assert_eq!(call_with_token(&gw, &token).await.status(), 200);
+    let first = call_with_token(&gw, &token).await;
+    assert_eq!(first.status(), 200, "{}", first.text().await.unwrap());
     assert_eq!(call_with_token(&gw, &token).await.status(), 200);
     // The chat grant came from Graph, not from the token; embeddings are still not granted.
     azure_error(embed_with_token(&gw, &token).await, 403).await;
     assert_eq!(double.graph_calls(), 1, "Graph answers are cached per user");
+    assert_eq!(
+        token_endpoint.token_requests(),
+        1,
+        "one app token for Graph"
+    );
     let records = gw.records(3).await;
     assert!(
         records

@@ -9,7 +9,9 @@
 //!   (https://learn.microsoft.com/graph/api/directoryobject-getmemberobjects).
 //!
 //! Tokens are signed with the test-only keys in `tests/fixtures/entra/` by the `jsonwebtoken`
-//! crate. The published key set can be switched mid-test (key rotation).
+//! crate. The published key set can be switched mid-test (key rotation). Graph accepts only the
+//! app tokens a token-endpoint double ([`crate::azure_identity_double`]) issued for the Graph
+//! scope, so the gateway's real client-credentials code is what obtains them.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,9 +22,6 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use futures::future::BoxFuture;
-use gatehouse_gateway::entra::graph::AccessTokenSource;
-use gatehouse_gateway::secret::Secret;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 
@@ -33,8 +32,6 @@ pub const TENANT_B: &str = "22222222-2222-2222-2222-222222222222";
 pub const TENANT_EVIL: &str = "99999999-9999-9999-9999-999999999999";
 /// The gateway's audience.
 pub const AUDIENCE: &str = "api://gatehouse";
-/// The app token the Graph double requires.
-pub const GRAPH_TOKEN: &str = "graph-app-token-for-tests";
 
 /// A signing key of the double.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +81,7 @@ struct DoubleState {
     key_fetches: AtomicU64,
     graph_calls: AtomicU64,
     graph_groups: Mutex<HashMap<String, Vec<String>>>,
+    graph_tokens: Mutex<Option<crate::azure_identity_double::EntraDouble>>,
 }
 
 /// The running double.
@@ -110,6 +108,7 @@ impl EntraDouble {
             key_fetches: AtomicU64::new(0),
             graph_calls: AtomicU64::new(0),
             graph_groups: Mutex::default(),
+            graph_tokens: Mutex::default(),
         });
         let router = Router::new()
             .route(
@@ -137,6 +136,11 @@ impl EntraDouble {
     /// Publishes exactly `keys` from now on (rotation).
     pub fn publish(&self, keys: &[TestKey]) {
         *self.state.published.lock().unwrap() = keys.to_vec();
+    }
+
+    /// Makes Graph accept the tokens `issuer` issued for the Graph scope (and nothing else).
+    pub fn trust_graph_tokens_of(&self, issuer: &crate::azure_identity_double::EntraDouble) {
+        *self.state.graph_tokens.lock().unwrap() = Some(issuer.clone());
     }
 
     /// How many times a key set was fetched.
@@ -270,10 +274,18 @@ async fn member_objects(
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Response {
-    let authorized = headers
+    let presented = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v == format!("Bearer {GRAPH_TOKEN}"));
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default()
+        .to_owned();
+    let issuer = state.graph_tokens.lock().unwrap().clone();
+    let authorized = issuer.is_some_and(|issuer| {
+        issuer.issued().iter().any(|(token, scope)| {
+            scope == "https://graph.microsoft.com/.default" && *token == presented
+        })
+    });
     if !authorized {
         return (
             StatusCode::UNAUTHORIZED,
@@ -294,18 +306,5 @@ async fn member_objects(
             Json(json!({"error": {"code": "Request_ResourceNotFound", "message": format!("Resource '{oid}' does not exist.")}})),
         )
             .into_response(),
-    }
-}
-
-/// The gateway's own credential, for tests: always the Graph token the double accepts.
-#[derive(Debug)]
-pub struct FixedGraphToken;
-
-impl AccessTokenSource for FixedGraphToken {
-    fn token<'a>(&'a self, scope: &'a str) -> BoxFuture<'a, Result<Secret<String>, String>> {
-        Box::pin(async move {
-            assert_eq!(scope, "https://graph.microsoft.com/.default");
-            Ok(Secret::new(GRAPH_TOKEN.to_owned()))
-        })
     }
 }

@@ -4,11 +4,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gatehouse_audit::{AuditQueue, MemorySink, WriterHandle};
-use gatehouse_gateway::entra::graph::AccessTokenSource;
 use gatehouse_gateway::secret::Secret;
 use gatehouse_gateway::server::{self, Listening};
 use gatehouse_gateway::settings::LimitSettings;
-use gatehouse_gateway::{Gateway, GatewayParts};
+use gatehouse_gateway::{Gateway, GatewayParts, SecretSettings};
 use gatehouse_schema::{AuditRecord, ConfigSnapshot};
 use gatehouse_simulator::{RunningSimulator, Simulator, SimulatorConfig};
 use serde_json::{Value, json};
@@ -80,6 +79,36 @@ impl TestGateway {
         Self::start_with_queue(snapshot, state_dir, sink, queue, writer).await
     }
 
+    /// Starts a gateway with its own Entra credential and Key Vault refresh settings.
+    pub async fn start_with_secrets(
+        snapshot: ConfigSnapshot,
+        secrets: SecretSettings,
+    ) -> TestGateway {
+        Self::try_start_with_secrets(snapshot, secrets)
+            .await
+            .unwrap()
+    }
+
+    /// Like [`TestGateway::start_with_secrets`], returning the start-up error.
+    pub async fn try_start_with_secrets(
+        snapshot: ConfigSnapshot,
+        secrets: SecretSettings,
+    ) -> anyhow::Result<TestGateway> {
+        let sink = MemorySink::new();
+        let (queue, writer) = AuditQueue::start(Arc::new(sink.clone()), 10_000);
+        let state_dir = Arc::new(tempfile::tempdir().unwrap());
+        Self::start_with_everything(
+            snapshot,
+            state_dir,
+            sink,
+            queue,
+            writer,
+            secrets,
+            LimitSettings::default(),
+        )
+        .await
+    }
+
     /// Starts a gateway whose records go to `queue`; `sink` is what [`TestGateway::records`] reads.
     pub async fn start_with_queue(
         snapshot: ConfigSnapshot,
@@ -88,36 +117,17 @@ impl TestGateway {
         queue: AuditQueue,
         writer: WriterHandle,
     ) -> TestGateway {
-        Self::start_full(
+        Self::start_with_everything(
             snapshot,
             state_dir,
             sink,
             queue,
             writer,
-            None,
+            SecretSettings::default(),
             LimitSettings::default(),
         )
         .await
-    }
-
-    /// Starts a gateway whose own Entra credential (for Microsoft Graph) is `credential`.
-    pub async fn start_with_entra_credential(
-        snapshot: ConfigSnapshot,
-        credential: Arc<dyn AccessTokenSource>,
-    ) -> TestGateway {
-        let sink = MemorySink::new();
-        let (queue, writer) = AuditQueue::start(Arc::new(sink.clone()), 10_000);
-        let state_dir = Arc::new(tempfile::tempdir().unwrap());
-        Self::start_full(
-            snapshot,
-            state_dir,
-            sink,
-            queue,
-            writer,
-            Some(credential),
-            LimitSettings::default(),
-        )
-        .await
+        .unwrap()
     }
 
     /// Starts a gateway on a fresh state directory with these limit-store settings.
@@ -125,18 +135,28 @@ impl TestGateway {
         let sink = MemorySink::new();
         let (queue, writer) = AuditQueue::start(Arc::new(sink.clone()), 10_000);
         let state_dir = Arc::new(tempfile::tempdir().unwrap());
-        Self::start_full(snapshot, state_dir, sink, queue, writer, None, limits).await
+        Self::start_with_everything(
+            snapshot,
+            state_dir,
+            sink,
+            queue,
+            writer,
+            SecretSettings::default(),
+            limits,
+        )
+        .await
+        .unwrap()
     }
 
-    async fn start_full(
+    async fn start_with_everything(
         snapshot: ConfigSnapshot,
         state_dir: Arc<tempfile::TempDir>,
         sink: MemorySink,
         queue: AuditQueue,
         writer: WriterHandle,
-        entra_credential: Option<Arc<dyn AccessTokenSource>>,
+        secrets: SecretSettings,
         limits: LimitSettings,
-    ) -> TestGateway {
+    ) -> anyhow::Result<TestGateway> {
         let gateway = Gateway::new(GatewayParts {
             id: "test-gateway".to_owned(),
             snapshot,
@@ -144,16 +164,13 @@ impl TestGateway {
             admin_token: Some(Secret::new(ADMIN_TOKEN.to_owned())),
             audit: Some(queue),
             access_log: true,
-            entra_credential,
+            secrets,
             limits,
         })
-        .await
-        .unwrap();
+        .await?;
         let (listening, _task) =
-            server::spawn(Arc::clone(&gateway), "127.0.0.1:0".parse().unwrap(), None)
-                .await
-                .unwrap();
-        TestGateway {
+            server::spawn(Arc::clone(&gateway), "127.0.0.1:0".parse().unwrap(), None).await?;
+        Ok(TestGateway {
             url: format!("http://{}", listening.addr),
             gateway,
             sink,
@@ -161,7 +178,7 @@ impl TestGateway {
             state_dir,
             writer: Some(writer),
             client: reqwest::Client::builder().no_proxy().build().unwrap(),
-        }
+        })
     }
 
     /// A request builder to `path` with the client key in `api-key`.

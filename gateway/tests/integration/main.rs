@@ -8,10 +8,12 @@
     reason = "test code: a failed unwrap is a failed test"
 )]
 
+mod azure_identity_double;
 mod harness;
 
 mod audit_store;
 mod auth;
+mod backend_credentials;
 mod bad_input;
 mod config_endpoint;
 mod entra;
