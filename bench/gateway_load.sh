@@ -22,8 +22,11 @@
 #                            on:   a gateway that does not build is an error
 #                            off:  measure direct and nginx only
 #   GATEHOUSE_GATEWAY_BIN    use this gateway binary instead of building one
-#   BENCH_IDENTITY="jwt"     identity variants measured after the key-only gateway (off: none);
-#                            each is held to added p50 <= 1.15 x the key-only gateway's
+#   BENCH_IDENTITY="jwt jwt-limits jwt-limits-redis"
+#                            identity variants measured after the key-only gateway (off: none):
+#                            a token and an access rule; plus per-user TPM/RPM and an hourly quota
+#                            (never reached) in-process; the same limits in Redis (127.0.0.1:6379,
+#                            BENCH_REDIS_URL). Each is held to added p50 <= 1.15 x key-only.
 #   BENCH_KEEP_TMP=1         keep the temporary directory (configs, logs, raw wrk output)
 #
 # Output: a table on stdout, and bench/out/gateway_load-<timestamp>.json. Exit status 0 when every
@@ -42,7 +45,9 @@ concurrency=${BENCH_CONCURRENCY:-1 16 64}
 wrk_threads=${BENCH_WRK_THREADS:-2}
 nginx_workers=${BENCH_NGINX_WORKERS:-1}
 gateway_mode=${BENCH_GATEWAY:-auto}
-identity_variants=${BENCH_IDENTITY:-jwt}
+identity_variants=${BENCH_IDENTITY:-jwt jwt-limits jwt-limits-redis}
+redis_url=${BENCH_REDIS_URL:-redis://127.0.0.1:6379}
+redis_prefix="gatehouse-bench-$$:"
 [ "$identity_variants" = off ] && identity_variants=""
 tenant="11111111-1111-1111-1111-111111111111"
 audience="api://gatehouse-bench"
@@ -360,9 +365,10 @@ build_gateway() {
   [ -x "$gateway_bin" ] || { gateway_skip_reason="no binary at $gateway_bin after the build"; return 1; }
 }
 
-# $1 name, $2 port, $3 extra snapshot YAML (indented two spaces). Sets gateway_pid.
+# $1 name, $2 port, $3 extra snapshot YAML, $4 extra server YAML (both indented two spaces).
+# Sets gateway_pid.
 start_gateway() {
-  local name=$1 port=$2 extra_snapshot=${3:-} dir="$work/$1" hash
+  local name=$1 port=$2 extra_snapshot=${3:-} extra_server=${4:-} dir="$work/$1" hash
   mkdir -p "$dir/state"
   hash=$(printf %s "$api_key" | sha256sum | cut -d' ' -f1)
   cat > "$dir/gateway.yaml" <<EOF
@@ -375,6 +381,7 @@ server:
   access_log: false   # the nginx proxy runs with access_log off too: like for like
   audit:
     jsonl: null
+$extra_server
 snapshot:
   version: 1
   capture: {max_request_body_bytes: 0, max_response_body_bytes: 0}
@@ -495,16 +502,46 @@ identity_snapshot() {
 EOF
 }
 
+# Limits that every bench call passes through but none reaches: per-user requests and tokens per
+# minute and an hourly token quota.
+limits_snapshot() {
+  cat <<EOF
+  limits:
+    - id: bench-per-user
+      subject: {kind: each_user}
+      deployments: ["$deployment"]
+      requests_per_minute: 1000000000
+      tokens_per_minute: 1000000000000
+      token_quota: {tokens: 1000000000000000, period: hourly}
+EOF
+}
+
+# Delete the Redis keys this run made (they would expire on their own within the hour).
+clean_redis() {
+  command -v redis-cli >/dev/null || return 0
+  redis-cli -u "$redis_url" --scan --pattern "${redis_prefix}*" 2>/dev/null \
+    | xargs -r redis-cli -u "$redis_url" del >/dev/null 2>&1 || true
+}
+
 # Start, check and measure the gateway as identity variant $1, then stop it.
 measure_identity_variant() {
-  local variant=$1 name="gateway-$1" extra
+  local variant=$1 name="gateway-$1" extra server=""
   extra=$(identity_snapshot)
   case "$variant" in
     jwt) ;;
+    jwt-limits) extra="$extra
+$(limits_snapshot)" ;;
+    jwt-limits-redis)
+      extra="$extra
+$(limits_snapshot)"
+      server="  limits:
+    redis_url: $redis_url
+    key_prefix: \"$redis_prefix\"
+    on_store_error: fail_closed" ;;
     *) broken+=("BENCH_IDENTITY: unknown variant $variant"); return ;;
   esac
   wrk_script="$work/post-jwt.lua"
-  if start_gateway "$name" "$identity_port" "$extra" \
+  if start_gateway "$name" "$identity_port" "$extra" "$server" \
      && preflight "$name" "$identity_port" "Authorization: Bearer $(cat "$work/entra/token.txt")"; then
     measure_target "$name" "$identity_port" "$gateway_pid"
   else
@@ -512,6 +549,7 @@ measure_identity_variant() {
     export BENCH_KEEP_TMP=1
   fi
   stop_process "$gateway_pid"; forget_pid "$gateway_pid"
+  [ "$variant" = jwt-limits-redis ] && clean_redis
   wrk_script="$work/post.lua"
 }
 

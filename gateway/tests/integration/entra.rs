@@ -632,3 +632,45 @@ async fn a_key_and_a_token_can_be_required_together() {
         Some("0000000a-0000-0000-0000-000000000100")
     );
 }
+
+#[tokio::test]
+async fn limits_count_per_entra_user_and_share_one_counter_per_group() {
+    let double = EntraDouble::start().await;
+    let sim = simulator("entra-limits").await;
+    let mut snapshot =
+        serde_json::to_value(entra_snapshot(1, &double, &sim.url(), "token", None)).unwrap();
+    snapshot["limits"] = json!([
+        // The chat group's members share two calls a minute between them.
+        {"id": "chat-group", "subject": {"kind": "group", "id": GROUP_CHAT}, "requests_per_minute": 2},
+        // And no single user makes more than one call on the embeddings deployment.
+        {"id": "per-user-embed", "subject": {"kind": "each_user"},
+         "deployments": ["text-embedding-*"], "requests_per_minute": 1},
+    ]);
+    let gw = TestGateway::start(serde_json::from_value(snapshot).unwrap()).await;
+    let user = |oid: &str, groups: &[&str]| {
+        sign(
+            TestKey::A,
+            &double.user_claims(TENANT_A, Ver::V2, oid, groups),
+        )
+    };
+    let first = user("0000000a-0000-0000-0000-000000000201", &[GROUP_CHAT]);
+    let second = user("0000000a-0000-0000-0000-000000000202", &[GROUP_CHAT]);
+    let outsider = user("0000000a-0000-0000-0000-000000000203", &[GROUP_EMBED]);
+
+    assert_eq!(call_with_token(&gw, &first).await.status(), 200);
+    assert_eq!(call_with_token(&gw, &second).await.status(), 200);
+    // The group's two calls are used up, whoever of its members asks next.
+    let refused = call_with_token(&gw, &first).await;
+    assert!(refused.headers().contains_key("retry-after"));
+    azure_error(refused, 429).await;
+    azure_error(call_with_token(&gw, &second).await, 429).await;
+    // Someone outside the group is not held by its counter.
+    assert_eq!(call_with_token(&gw, &outsider).await.status(), 200);
+
+    // Per user: each user's own counter.
+    assert_eq!(embed_with_token(&gw, &outsider).await.status(), 200);
+    azure_error(embed_with_token(&gw, &outsider).await, 429).await;
+    let third = user("0000000a-0000-0000-0000-000000000204", &[]);
+    assert_eq!(embed_with_token(&gw, &third).await.status(), 200);
+    assert_eq!(sim.hits(), 5);
+}
