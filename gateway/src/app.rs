@@ -202,6 +202,8 @@ impl Gateway {
         self.metrics.config_version.set(runtime.snapshot.version);
         self.resolver.retain_for(&runtime.snapshot);
         self.runtime.store(Arc::new(runtime));
+        // Tokens that passed under the previous identity policy are judged again.
+        self.tokens.forget_validated();
     }
 
     /// The HTTP router.

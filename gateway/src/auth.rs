@@ -88,12 +88,12 @@ pub async fn authenticate(
         None => None,
     };
     let user = match token {
-        Some(token) => Some(Arc::new(
+        Some(token) => Some(
             validator
                 .validate(entra, &token)
                 .await
                 .map_err(GatewayError::InvalidToken)?,
-        )),
+        ),
         None => None,
     };
     Ok(Principal { subscription, user })

@@ -22,8 +22,9 @@
 //! estimated at all. Completion tokens are the tokens of the answer's text, refusal and tool-call
 //! names and arguments.
 
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
-use std::sync::OnceLock;
+use std::sync::{LazyLock, Mutex, OnceLock};
 
 use gatehouse_schema::OperationId;
 use gatehouse_schema::audit::TokenUsage;
@@ -49,7 +50,7 @@ const TOKENS_PER_FUNCTION: u64 = 7;
 const TOKENS_AFTER_FUNCTIONS: u64 = 12;
 
 /// A tiktoken encoding the gateway counts with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Encoding {
     /// gpt-4o, gpt-4.1, gpt-4.5, gpt-5, o1, o3, o4-mini, gpt-oss (ordinary text is the same).
     O200kBase,
@@ -145,6 +146,25 @@ impl Encoding {
         if text.is_empty() {
             return 0;
         }
+        if text.len() < REMEMBERED_MIN_BYTES {
+            return self.count_now(text);
+        }
+        // System prompts and conversation history come back on every turn: count each text once.
+        let key = (self, text_digest(text), text.len());
+        if let Some(count) = lock(&REMEMBERED).get(&key) {
+            return *count;
+        }
+        let count = self.count_now(text);
+        let mut remembered = lock(&REMEMBERED);
+        if remembered.len() >= REMEMBERED_MAX {
+            remembered.clear();
+        }
+        remembered.insert(key, count);
+        count
+    }
+
+    /// Tokens of `text`, counted by the tokenizer now.
+    fn count_now(self, text: &str) -> u64 {
         let counted = self.bpe().and_then(|bpe| {
             // The tokenizer's regex gives up (and tiktoken panics) on some pathological inputs,
             // e.g. a million `^`; such a text is counted by length instead.
@@ -155,6 +175,36 @@ impl Encoding {
             None => rough_count(text),
         }
     }
+}
+
+/// Texts shorter than this are counted each time (cheaper than remembering them).
+const REMEMBERED_MIN_BYTES: usize = 256;
+/// Most remembered counts (each a few dozen bytes); beyond it the memory starts afresh.
+const REMEMBERED_MAX: usize = 65_536;
+
+/// Token counts of texts seen before, by encoding, a 128-bit digest of the text and its length.
+/// A digest collision would only mis-estimate a reservation that the real usage then corrects.
+static REMEMBERED: LazyLock<Mutex<HashMap<TextKey, u64>>> = LazyLock::new(Mutex::default);
+
+/// Encoding, digest and length of a text.
+type TextKey = (Encoding, u128, usize);
+
+fn text_digest(text: &str) -> u128 {
+    use std::hash::{BuildHasher, Hasher};
+    // Two independent SipHash keys per process: an attacker cannot aim for collisions.
+    static KEYS: LazyLock<(std::hash::RandomState, std::hash::RandomState)> =
+        LazyLock::new(|| (std::hash::RandomState::new(), std::hash::RandomState::new()));
+    let mut first = KEYS.0.build_hasher();
+    let mut second = KEYS.1.build_hasher();
+    first.write(text.as_bytes());
+    second.write(text.as_bytes());
+    (u128::from(first.finish()) << 64) | u128::from(second.finish())
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// About four bytes per token: the fallback when the tokenizer cannot be used.

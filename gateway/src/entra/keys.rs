@@ -73,6 +73,8 @@ struct TenantKeys {
 pub struct KeyCache {
     client: reqwest::Client,
     tenants: Mutex<HashMap<(String, String, TokenVersion), Arc<TenantSlot>>>,
+    /// How many refreshes removed a key that was published before (a retired or revoked key).
+    retired: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for KeyCache {
@@ -119,7 +121,14 @@ impl KeyCache {
         KeyCache {
             client,
             tenants: Mutex::default(),
+            retired: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Changes whenever a refresh finds that a key published before is gone: tokens it signed
+    /// must not be accepted any longer, even from memory.
+    pub fn retirements(&self) -> u64 {
+        self.retired.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The key `kid` of `tenant` for tokens of `version`.
@@ -207,6 +216,10 @@ impl KeyCache {
         state.attempted_at = Some(Instant::now());
         match result {
             Ok(keys) => {
+                if state.keys.keys().any(|kid| !keys.contains_key(kid)) {
+                    self.retired
+                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
                 state.keys = keys;
                 state.fetched_at = Some(Instant::now());
                 None

@@ -5,11 +5,16 @@
 //! `{authority}/{tid}/v2.0`) and that tenant must be allowed; the signing key is chosen by `kid`
 //! from the tenant's published keys; only RS256 is accepted; `aud` must be configured; `exp` and
 //! `nbf` hold within the configured skew. The cryptography is the `jsonwebtoken` crate's.
+//!
+//! A token that passed is remembered (by its SHA-256, never the token itself) until it expires or
+//! the Graph cache time passes, whichever is first, so a client that reuses its token — as every
+//! SDK does for about an hour — pays for the signature check once. A new snapshot forgets them all.
 
 pub mod graph;
 pub mod keys;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -112,6 +117,10 @@ struct Routing {
 #[derive(Deserialize)]
 struct Claims {
     #[serde(default)]
+    exp: Option<i64>,
+    #[serde(default)]
+    nbf: Option<i64>,
+    #[serde(default)]
     oid: Option<String>,
     #[serde(default)]
     tid: Option<String>,
@@ -139,12 +148,31 @@ struct Claims {
     claim_names: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
-/// Validates Entra ID tokens; holds the signing-key cache and the Graph client.
+/// Most remembered tokens; beyond it, expired ones are dropped, then all.
+const MAX_VALIDATED: usize = 100_000;
+
+/// A token that passed, remembered by its digest.
+#[derive(Debug)]
+struct Validated {
+    identity: Arc<EntraIdentity>,
+    /// Unix seconds from which the token may be used (`nbf` minus the skew).
+    usable_from: i64,
+    /// Unix seconds until which the answer holds (`exp` plus the skew, or the Graph cache time).
+    usable_until: i64,
+    /// The policy generation and key retirements it passed under.
+    generation: (u64, u64),
+}
+
+/// Validates Entra ID tokens; holds the signing-key cache, the Graph client and the tokens that
+/// passed.
 #[derive(Debug)]
 pub struct TokenValidator {
     keys: KeyCache,
     /// Resolves the groups overage.
     pub graph: graph::GroupResolver,
+    validated: Mutex<HashMap<[u8; 32], Validated>>,
+    /// Bumped whenever the policy may have changed; older answers no longer count.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl TokenValidator {
@@ -153,15 +181,72 @@ impl TokenValidator {
         TokenValidator {
             keys: KeyCache::new(client),
             graph,
+            validated: Mutex::default(),
+            generation: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
-    /// Validates `token` under `policy`.
+    fn generation(&self) -> (u64, u64) {
+        (
+            self.generation.load(std::sync::atomic::Ordering::SeqCst),
+            self.keys.retirements(),
+        )
+    }
+
+    /// Forgets every token that passed (the policy they passed under may have changed).
+    pub fn forget_validated(&self) {
+        let mut validated = lock(&self.validated);
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        validated.clear();
+    }
+
+    /// Validates `token` under `policy`, from memory when it passed before and is still valid.
     pub async fn validate(
         &self,
         policy: &EntraTokenPolicy,
         token: &str,
-    ) -> Result<EntraIdentity, TokenError> {
+    ) -> Result<Arc<EntraIdentity>, TokenError> {
+        let digest: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(token.as_bytes()).into();
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let generation = self.generation();
+        if let Some(known) = lock(&self.validated).get(&digest)
+            && known.generation == generation
+            && (known.usable_from..known.usable_until).contains(&now)
+        {
+            return Ok(Arc::clone(&known.identity));
+        }
+        let (identity, exp, nbf) = self.validate_fully(policy, token).await?;
+        let identity = Arc::new(identity);
+        let skew = i64::try_from(policy.clock_skew_seconds).unwrap_or(i64::MAX);
+        let graph_age = i64::try_from(policy.graph.cache_seconds).unwrap_or(i64::MAX);
+        let remembered = Validated {
+            identity: Arc::clone(&identity),
+            usable_from: nbf.map_or(i64::MIN, |nbf| nbf.saturating_sub(skew)),
+            usable_until: exp.saturating_add(skew).min(now.saturating_add(graph_age)),
+            generation,
+        };
+        let mut validated = lock(&self.validated);
+        if self.generation() != generation {
+            return Ok(identity);
+        }
+        if validated.len() >= MAX_VALIDATED {
+            validated.retain(|_, known| known.usable_until > now);
+            if validated.len() >= MAX_VALIDATED {
+                validated.clear();
+            }
+        }
+        validated.insert(digest, remembered);
+        Ok(identity)
+    }
+
+    /// The whole validation: header, tenant, issuer, key, signature, claims, groups. Returns the
+    /// identity with `exp` and `nbf`.
+    async fn validate_fully(
+        &self,
+        policy: &EntraTokenPolicy,
+        token: &str,
+    ) -> Result<(EntraIdentity, i64, Option<i64>), TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(|error| match error.kind() {
             // An `alg` the crate does not know (`none`, …) fails header parsing.
             ErrorKind::Json(_) => TokenError::Algorithm,
@@ -234,6 +319,7 @@ impl TokenValidator {
                 }
             })?;
         let claims = data.claims;
+        let exp = claims.exp.ok_or(TokenError::MissingClaim("exp"))?;
         if claims.tid.as_deref() != Some(tenant.as_str()) {
             return Err(TokenError::Tenant);
         }
@@ -262,7 +348,7 @@ impl TokenValidator {
             }
             (None, false) => Vec::new(),
         };
-        Ok(EntraIdentity {
+        let identity = EntraIdentity {
             object_id,
             tenant_id: tenant,
             name: claims.name,
@@ -275,7 +361,8 @@ impl TokenValidator {
             app_id: claims.azp.or(claims.appid),
             app_only,
             groups_overage: overage,
-        })
+        };
+        Ok((identity, exp, claims.nbf))
     }
 }
 
@@ -302,8 +389,11 @@ fn unverified_claims(token: &str) -> Result<Routing, TokenError> {
     serde_json::from_slice(&bytes).map_err(|_| TokenError::Malformed)
 }
 
-/// Shared handle.
-pub type SharedValidator = Arc<TokenValidator>;
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 #[cfg(test)]
 mod tests {

@@ -674,3 +674,36 @@ async fn limits_count_per_entra_user_and_share_one_counter_per_group() {
     assert_eq!(embed_with_token(&gw, &third).await.status(), 200);
     assert_eq!(sim.hits(), 5);
 }
+
+#[tokio::test]
+async fn a_remembered_token_is_judged_again_under_a_new_policy() {
+    let double = EntraDouble::start().await;
+    let sim = simulator("entra-remember").await;
+    let gw = TestGateway::start(entra_snapshot(1, &double, &sim.url(), "token", None)).await;
+    let token = sign(
+        TestKey::A,
+        &double.user_claims(
+            TENANT_A,
+            Ver::V2,
+            "0000000a-0000-0000-0000-000000000300",
+            &[],
+        ),
+    );
+    // Validated once, then served from memory.
+    assert_eq!(call_with_token(&gw, &token).await.status(), 200);
+    assert_eq!(call_with_token(&gw, &token).await.status(), 200);
+    // The audience is no longer accepted: the same token is refused at once.
+    let mut next = entra_snapshot(2, &double, &sim.url(), "token", None);
+    next.identity.entra.as_mut().unwrap().audiences = vec!["api://another-api".to_owned()];
+    let pushed = gw
+        .raw(reqwest::Method::PUT, "/_gatehouse/config")
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&next)
+        .send()
+        .await
+        .unwrap();
+    assert!(pushed.status().is_success());
+    let message = azure_error(call_with_token(&gw, &token).await, 401).await;
+    assert!(message.contains("audience"), "{message}");
+    assert_eq!(sim.hits(), 2);
+}
