@@ -707,3 +707,56 @@ async fn a_remembered_token_is_judged_again_under_a_new_policy() {
     assert!(message.contains("audience"), "{message}");
     assert_eq!(sim.hits(), 2);
 }
+
+#[tokio::test]
+async fn app_only_tokens_are_told_apart_and_can_be_refused() {
+    let double = EntraDouble::start().await;
+    let sim = simulator("entra-app").await;
+    let rules = json!([{"id": "batch-app", "grantee": {"kind": "app_role", "value": "Gatehouse.Caller"},
+                        "deployments": ["gpt-4o"]}]);
+    let gw = TestGateway::start(entra_snapshot(
+        1,
+        &double,
+        &sim.url(),
+        "token",
+        Some(rules.clone()),
+    ))
+    .await;
+    // A client-credentials token: no scp, no user names, idtyp = app, an app role.
+    let mut claims = double.user_claims(
+        TENANT_A,
+        Ver::V2,
+        "0000000a-0000-0000-0000-0000000000a9",
+        &[],
+    );
+    let object = claims.as_object_mut().unwrap();
+    for user_claim in ["scp", "preferred_username", "name", "groups"] {
+        object.remove(user_claim);
+    }
+    object.insert("idtyp".to_owned(), json!("app"));
+    object.insert(
+        "azp".to_owned(),
+        json!("5e3a0000-0000-0000-0000-00000000c11e"),
+    );
+    object.insert("roles".to_owned(), json!(["Gatehouse.Caller"]));
+    let token = sign(TestKey::A, &claims);
+    assert_eq!(call_with_token(&gw, &token).await.status(), 200);
+    let record = gw.records(1).await.remove(0);
+    assert_eq!(
+        record.user_id.as_deref(),
+        Some("0000000a-0000-0000-0000-0000000000a9")
+    );
+
+    // A gateway that serves people only refuses it.
+    let mut people_only = entra_snapshot(2, &double, &sim.url(), "token", Some(rules));
+    people_only
+        .identity
+        .entra
+        .as_mut()
+        .unwrap()
+        .accept_app_tokens = false;
+    let gw = TestGateway::start(people_only).await;
+    let message = azure_error(call_with_token(&gw, &token).await, 401).await;
+    assert!(message.contains("app-only"), "{message}");
+    assert_eq!(sim.hits(), 1);
+}
