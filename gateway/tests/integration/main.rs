@@ -25,6 +25,7 @@ mod routes;
 mod sdk_compat;
 mod secrets;
 mod stickiness;
+mod store_outage;
 mod streaming;
 mod tls;
 mod usage;
