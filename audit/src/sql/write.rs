@@ -228,7 +228,73 @@ async fn write_sqlite(
     Ok(new.len())
 }
 
+/// Content rows (bodies and the full-text vector, the costly part) are written by this many
+/// connections at once, each in its own transaction, while the metadata transaction runs beside
+/// them; the metadata commits only after every content row has.
+const POSTGRES_CONTENT_WRITERS: usize = 2;
+
 async fn write_postgres(pool: &sqlx::PgPool, records: &[AuditRecord]) -> Result<usize, StoreError> {
+    // Content first (committed before the metadata that points at it): a batch retried after a
+    // failure finds its content already there and skips it, and its metadata is still new, so
+    // nothing is lost and nothing is counted twice.
+    let with_content: Vec<&AuditRecord> = records
+        .iter()
+        .filter(|r| {
+            r.backend_request_body.is_some()
+                || r.backend_response_body.is_some()
+                || r.request_messages.is_some()
+                || r.response_messages.is_some()
+        })
+        .collect();
+    let share = with_content.len().div_ceil(POSTGRES_CONTENT_WRITERS).max(1);
+    let content = futures::future::try_join_all(
+        with_content
+            .chunks(share)
+            .map(|part| write_postgres_content(pool, part)),
+    );
+    let (main, content) =
+        futures::future::join(write_postgres_metadata(pool, records), content).await;
+    content?;
+    let (tx, new) = main?;
+    tx.commit().await?;
+    Ok(new)
+}
+
+/// Bodies and the full-text vector of `records`, in one transaction.
+async fn write_postgres_content(
+    pool: &sqlx::PgPool,
+    records: &[&AuditRecord],
+) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    for chunk in records.chunks(ROWS_PER_STATEMENT) {
+        let mut query = QueryBuilder::<Postgres>::new(
+            r#"INSERT INTO "GatehouseCallContent" ("CorrelationId", "TimeGenerated", "BackendRequestBody", "BackendResponseBody", "SearchText") "#,
+        );
+        query.push_values(chunk, |mut b, record| {
+            let (prompt, completion) = search_text(record);
+            b.push_bind(record.correlation_id.clone())
+                .push_bind(record.time_generated)
+                .push_bind(record.backend_request_body.clone())
+                .push_bind(record.backend_response_body.clone())
+                .push_unseparated(", to_tsvector('simple', ")
+                .push_bind_unseparated(prompt)
+                .push_unseparated(" || ' ' || ")
+                .push_bind_unseparated(completion)
+                .push_unseparated(")");
+        });
+        query.push(r#" ON CONFLICT ("CorrelationId") DO NOTHING"#);
+        query.build().execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Metadata, LLM pieces and rollups of the records not stored yet, in a transaction left open for
+/// the caller to commit. Returns it and how many records were new.
+async fn write_postgres_metadata<'a>(
+    pool: &'a sqlx::PgPool,
+    records: &[AuditRecord],
+) -> Result<(sqlx::Transaction<'a, Postgres>, usize), StoreError> {
     let mut tx = pool.begin().await?;
     let mut inserted: HashSet<String> = HashSet::new();
     for chunk in records.chunks(ROWS_PER_STATEMENT) {
@@ -249,34 +315,6 @@ async fn write_postgres(pool: &sqlx::PgPool, records: &[AuditRecord]) -> Result<
         .iter()
         .filter(|r| inserted.contains(&r.correlation_id))
         .collect();
-
-    let with_content: Vec<&&AuditRecord> = new
-        .iter()
-        .filter(|r| {
-            r.backend_request_body.is_some()
-                || r.backend_response_body.is_some()
-                || r.request_messages.is_some()
-                || r.response_messages.is_some()
-        })
-        .collect();
-    for chunk in with_content.chunks(ROWS_PER_STATEMENT) {
-        let mut query = QueryBuilder::<Postgres>::new(
-            r#"INSERT INTO "GatehouseCallContent" ("CorrelationId", "TimeGenerated", "BackendRequestBody", "BackendResponseBody", "SearchText") "#,
-        );
-        query.push_values(chunk, |mut b, record| {
-            let (prompt, completion) = search_text(record);
-            b.push_bind(record.correlation_id.clone())
-                .push_bind(record.time_generated)
-                .push_bind(record.backend_request_body.clone())
-                .push_bind(record.backend_response_body.clone())
-                .push_unseparated(", to_tsvector('simple', ")
-                .push_bind_unseparated(prompt)
-                .push_unseparated(" || ' ' || ")
-                .push_bind_unseparated(completion)
-                .push_unseparated(")");
-        });
-        query.build().execute(&mut *tx).await?;
-    }
 
     let llm_rows: Vec<LlmLogRow> = new.iter().flat_map(|r| LlmLogRow::from_record(r)).collect();
     for chunk in llm_rows.chunks(ROWS_PER_STATEMENT) {
@@ -307,6 +345,5 @@ async fn write_postgres(pool: &sqlx::PgPool, records: &[AuditRecord]) -> Result<
         query.push(POSTGRES_ROLLUP_UPSERT_TAIL);
         query.build().execute(&mut *tx).await?;
     }
-    tx.commit().await?;
-    Ok(new.len())
+    Ok((tx, new.len()))
 }
