@@ -469,7 +469,7 @@ async fn search_sqlite(
             .push_bind(i32::from(status));
     }
     if let Some(terms) = f.text.as_deref().and_then(fts5_terms) {
-        q.push(" AND l.CorrelationId IN (SELECT CorrelationId FROM GatehouseContentSearch WHERE GatehouseContentSearch MATCH ")
+        q.push(" AND l.RecordId IN (SELECT rowid FROM GatehouseContentSearch WHERE GatehouseContentSearch MATCH ")
             .push_bind(terms)
             .push(")");
     }

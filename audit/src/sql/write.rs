@@ -183,12 +183,11 @@ async fn write_sqlite(
         .collect();
     for chunk in searchable.chunks(ROWS_PER_STATEMENT) {
         let mut query = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO GatehouseContentSearch (rowid, CorrelationId, Prompt, Completion) ",
+            "INSERT INTO GatehouseContentSearch (rowid, Prompt, Completion) ",
         );
         query.push_values(chunk, |mut b, record| {
             let (prompt, completion) = search_text(record);
             b.push_bind(record_ids.get(&record.correlation_id).copied())
-                .push_bind(record.correlation_id.clone())
                 .push_bind(prompt)
                 .push_bind(completion);
         });
