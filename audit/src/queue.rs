@@ -601,7 +601,7 @@ impl Writer {
         }
         self.save_chain().await;
         let batch = Arc::new(batch);
-        if self.in_flight.is_none() && self.journal_status.empty {
+        if self.in_flight.is_none() && self.journal_status.empty && !self.backlogged(batch.len()) {
             self.start_write(
                 Job::Direct {
                     records: Arc::clone(&batch),
@@ -612,6 +612,15 @@ impl Writer {
         } else {
             self.spill(batch).await;
         }
+    }
+
+    /// Whether records arrive faster than the sink stores them: with the batch just taken
+    /// (`taken` records), the channel was half full. Batches then go to the journal (an append,
+    /// far faster than a store write), and the sink is fed from the journal while the channel
+    /// keeps being emptied — so a store that is slow, not down, never makes the queue refuse
+    /// records.
+    fn backlogged(&self, taken: usize) -> bool {
+        self.journal.is_some() && self.receiver.len() + taken >= self.receiver.max_capacity() / 2
     }
 
     /// Saves the chain heads before the records they cover are written anywhere, so that a

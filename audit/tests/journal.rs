@@ -27,6 +27,8 @@ struct SinkState {
     release: tokio::sync::watch::Sender<bool>,
     /// Writes that have returned, successful or not.
     returned: AtomicU64,
+    /// How long every write takes (a slow store), in milliseconds.
+    delay_ms: AtomicU64,
 }
 
 impl SwitchSink {
@@ -37,7 +39,14 @@ impl SwitchSink {
             stalling: AtomicBool::new(false),
             release: tokio::sync::watch::Sender::new(false),
             returned: AtomicU64::new(0),
+            delay_ms: AtomicU64::new(0),
         }))
+    }
+
+    fn delay(&self, delay: Duration) {
+        self.0
+            .delay_ms
+            .store(u64::try_from(delay.as_millis()).unwrap(), Ordering::SeqCst);
     }
 
     fn failing(&self, failing: bool) {
@@ -67,6 +76,10 @@ impl AuditSink for SwitchSink {
     ) -> BoxFuture<'a, Result<(), SinkError>> {
         Box::pin(async move {
             let state = &self.0;
+            let delay = state.delay_ms.load(Ordering::SeqCst);
+            if delay > 0 {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+            }
             if state.stalling.load(Ordering::SeqCst) {
                 let mut released = state.release.subscribe();
                 let _ = tokio::time::timeout(
@@ -508,4 +521,44 @@ async fn a_lost_chain_state_starts_a_marked_segment_instead_of_a_fork() {
         assert!(chain.segment_marker().is_some());
         assert_eq!(chain.records, 10);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_slower_than_the_arrivals_never_makes_the_queue_refuse_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = SwitchSink::new();
+    // Every write takes 200 ms (far under the timeout): at most 2,560 records a second stored.
+    sink.delay(Duration::from_millis(200));
+    let (queue, writer) = start(
+        &sink,
+        QueueSettings {
+            capacity: 2_000,
+            ..settings(dir.path())
+        },
+    )
+    .await;
+    // 10,000 records at 4,000 a second: writing them straight to the store would fill the queue
+    // within a second and a half. The backlog goes to the journal instead, and the store catches up.
+    for chunk in 0..100 {
+        for i in chunk * 100..(chunk + 1) * 100 {
+            assert!(
+                queue.submit(record(i)),
+                "record {i} refused: {:?}",
+                queue.stats()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let stats = queue.stats();
+    assert_eq!(stats.rejected, 0);
+    assert!(stats.journaled > 0, "the backlog went to the journal");
+    assert_eq!(stats.write_errors, 0, "the store never failed or timed out");
+    let stats = finish(queue, writer).await;
+    let mut stored = ids(&sink.records());
+    stored.sort();
+    let mut all = expected(0..10_000);
+    all.sort();
+    assert_eq!(stored, all, "every record stored exactly once");
+    assert_eq!(stats.journal_records, 0);
+    assert!(verify(sink.records()).is_intact());
 }
