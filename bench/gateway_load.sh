@@ -22,6 +22,12 @@
 #                            on:   a gateway that does not build is an error
 #                            off:  measure direct and nginx only
 #   GATEHOUSE_GATEWAY_BIN    use this gateway binary instead of building one
+#   BENCH_CAPTURE="sqlite postgres"
+#                            capture variants measured after the key-only gateway (off: none):
+#                            full capture (bodies up to 1 MiB) recorded into SQLite / PostgreSQL
+#                            (BENCH_POSTGRES_URL, a database made and dropped by the run); each is
+#                            held to added p50 <= 1.10 x capture off at c=16 and 64, and to
+#                            records == answered calls (zero lost)
 #   BENCH_IDENTITY="jwt jwt-limits jwt-limits-redis"
 #                            identity variants measured after the key-only gateway (off: none):
 #                            a token and an access rule; plus per-user TPM/RPM and an hourly quota
@@ -46,6 +52,14 @@ wrk_threads=${BENCH_WRK_THREADS:-2}
 nginx_workers=${BENCH_NGINX_WORKERS:-1}
 gateway_mode=${BENCH_GATEWAY:-auto}
 identity_variants=${BENCH_IDENTITY:-jwt jwt-limits jwt-limits-redis}
+capture_variants=${BENCH_CAPTURE:-sqlite postgres}
+[ "$capture_variants" = off ] && capture_variants=""
+postgres_base=${BENCH_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432}
+bench_database="gh_bench_$$"
+made_database=""
+# What the gateway records and keeps (the key-only gateway: nothing, metadata only).
+audit_yaml="    jsonl: null"
+capture_yaml="{max_request_body_bytes: 0, max_response_body_bytes: 0}"
 redis_url=${BENCH_REDIS_URL:-redis://127.0.0.1:6379}
 redis_prefix="gatehouse-bench-$$:"
 [ "$identity_variants" = off ] && identity_variants=""
@@ -74,6 +88,8 @@ ensure_tools() {
   command -v nginx >/dev/null || missing+=(nginx-light)
   command -v wrk   >/dev/null || missing+=(wrk)
   command -v curl  >/dev/null || missing+=(curl)
+  command -v sqlite3 >/dev/null || missing+=(sqlite3)
+  command -v psql  >/dev/null || missing+=(postgresql-client)
   if [ ${#missing[@]} -gt 0 ]; then
     say "installing ${missing[*]}"
     [ "$(id -u)" -eq 0 ] || die "need ${missing[*]}: run as root (apt-get) or install them first"
@@ -109,6 +125,7 @@ cleanup() {
   for pid in "${started_pids[@]+"${started_pids[@]}"}"; do
     stop_process "$pid"
   done
+  drop_bench_database
   if [ -n "$work" ] && [ -d "$work" ]; then
     if [ "${BENCH_KEEP_TMP:-}" = 1 ]; then
       printf 'kept %s\n' "$work" >&2
@@ -380,11 +397,11 @@ server:
   log_format: text
   access_log: false   # the nginx proxy runs with access_log off too: like for like
   audit:
-    jsonl: null
+$audit_yaml
 $extra_server
 snapshot:
   version: 1
-  capture: {max_request_body_bytes: 0, max_response_body_bytes: 0}
+  capture: $capture_yaml
   subscriptions:
     - id: bench
       primary_key_hash: "sha256:$hash"
@@ -523,6 +540,78 @@ clean_redis() {
     | xargs -r redis-cli -u "$redis_url" del >/dev/null 2>&1 || true
 }
 
+# Calls a target answered: wrk's completed requests over its warm-ups and runs, plus the preflight.
+answered_calls() {
+  local name=$1
+  cat "$work"/wrk-"$name"-c*.txt 2>/dev/null | sed -n 's/^WRK_JSON //p' \
+    | python3 -c 'import json,sys; print(1 + sum(json.loads(l)["requests"] for l in sys.stdin))'
+}
+
+# Start, check and measure the gateway recording into SQLite or PostgreSQL ($1), stop it (which
+# flushes its audit queue), and count the records against the calls answered.
+measure_capture_variant() {
+  local variant=$1 name="gateway-capture-$1" database count answered
+  case "$variant" in
+    sqlite)
+      mkdir -p "$work/$name"
+      database="sqlite:$work/$name/audit.db" ;;
+    postgres)
+      command -v psql >/dev/null || { broken+=("$name: psql is missing"); return; }
+      psql -q "$postgres_base/postgres" -c "CREATE DATABASE \"$bench_database\"" \
+        || { broken+=("$name: could not create database $bench_database"); return; }
+      made_database=1
+      database="$postgres_base/$bench_database" ;;
+    *) broken+=("BENCH_CAPTURE: unknown variant $variant"); return ;;
+  esac
+  audit_yaml="    database: $database"
+  capture_yaml="{max_request_body_bytes: 1048576, max_response_body_bytes: 1048576}"
+  if start_gateway "$name" "$identity_port" && preflight "$name" "$identity_port"; then
+    measure_target "$name" "$identity_port" "$gateway_pid"
+  else
+    broken+=("$name: did not start or does not answer the request (log: $work/$name/gateway.log)")
+    export BENCH_KEEP_TMP=1
+  fi
+  stop_process "$gateway_pid"; forget_pid "$gateway_pid"
+  answered=$(answered_calls "$name")
+  # Under a load above the store's write rate the backlog waits in the gateway's journal; it is
+  # replayed at the next start. Start the gateway again, without load, until the store holds every
+  # answered call or stops growing (bounded: 5 minutes).
+  local previous=-1 still=0 waited=0
+  if start_gateway "$name" "$identity_port"; then
+    while [ "$waited" -lt 300 ]; do
+      count=$(store_count "$variant" "$database")
+      [ "$count" != null ] && [ "$count" -ge "$answered" ] && break
+      if [ "$count" = "$previous" ]; then still=$((still + 1)); else still=0; fi
+      [ "$still" -ge 15 ] && break
+      previous=$count
+      sleep 1; waited=$((waited + 1))
+    done
+    stop_process "$gateway_pid"; forget_pid "$gateway_pid"
+  fi
+  count=$(store_count "$variant" "$database")
+  audit_yaml="    jsonl: null"
+  capture_yaml="{max_request_body_bytes: 0, max_response_body_bytes: 0}"
+  note "$name: $answered calls answered, ${count} records in the store (journal replayed)"
+  printf '{"target":"%s","answered":%s,"records":%s}\n' "$name" "$answered" "${count:-null}" \
+    > "$work/capture-$variant.json"
+}
+
+# Records in the store of capture variant $1 (database URL $2), or null.
+store_count() {
+  local count
+  case "$1" in
+    sqlite)   count=$(sqlite3 "${2#sqlite:}" 'SELECT COUNT(*) FROM GatehouseGatewayLogs' 2>/dev/null) ;;
+    postgres) count=$(psql -tA "$2" -c 'SELECT COUNT(*) FROM "GatehouseGatewayLogs"' 2>/dev/null) ;;
+  esac
+  printf '%s\n' "${count:-null}"
+}
+
+drop_bench_database() {
+  [ -n "$made_database" ] || return 0
+  psql -q "$postgres_base/postgres" -c "DROP DATABASE IF EXISTS \"$bench_database\" WITH (FORCE)" >/dev/null 2>&1 || true
+  made_database=""
+}
+
 # Start, check and measure the gateway as identity variant $1, then stop it.
 measure_identity_variant() {
   local variant=$1 name="gateway-$1" extra server=""
@@ -612,6 +701,11 @@ main() {
   fi
 
   local variant
+  for variant in $capture_variants; do
+    [ "$gateway_status" = measured ] || break
+    measure_capture_variant "$variant"
+  done
+  drop_bench_database
   for variant in $identity_variants; do
     [ "$gateway_status" = measured ] || break
     measure_identity_variant "$variant"
@@ -632,6 +726,7 @@ main() {
  "gateway":{"status":"$gateway_status","skip_reason":"$gateway_skip_reason","binary":"$gateway_bin",
             "git_commit":"$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)",
             "git_dirty":$([ -n "$(git -C "$root" status --porcelain 2>/dev/null)" ] && echo true || echo false)},
+ "capture_checks":[$(cat "$work"/capture-*.json 2>/dev/null | paste -sd, -)],
  "problems":$(python3 -c 'import json,sys; print(json.dumps(sys.argv[1:]))' "${broken[@]+"${broken[@]}"}")}
 EOF
   python3 "$bench_dir/lib/report.py" summarize --results "$work/results" --meta "$work/meta.json" --out "$out" \
