@@ -188,7 +188,7 @@ fn counter_subject(rule: &LimitRule, subject: &LimitSubject<'_>) -> Option<Strin
         LimitSubjectRule::Group { id } => subject
             .groups
             .iter()
-            .any(|g| g == id)
+            .any(|g| g.eq_ignore_ascii_case(id))
             .then(|| format!("group={}", escape(id))),
         LimitSubjectRule::EachSubscription {} => subject
             .subscription
