@@ -146,10 +146,8 @@ impl Encoding {
         if text.is_empty() {
             return 0;
         }
-        if text.len() < REMEMBERED_MIN_BYTES {
-            return self.count_now(text);
-        }
-        // System prompts and conversation history come back on every turn: count each text once.
+        // System prompts, conversation history and role names come back on every call: count each
+        // text once.
         let key = (self, text_digest(text), text.len());
         if let Some(count) = lock(&REMEMBERED).get(&key) {
             return *count;
@@ -177,8 +175,6 @@ impl Encoding {
     }
 }
 
-/// Texts shorter than this are counted each time (cheaper than remembering them).
-const REMEMBERED_MIN_BYTES: usize = 256;
 /// Most remembered counts (each a few dozen bytes); beyond it the memory starts afresh.
 const REMEMBERED_MAX: usize = 65_536;
 
