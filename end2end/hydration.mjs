@@ -42,7 +42,7 @@ try {
   const text = (await key.textContent())?.trim() ?? '';
   if (!text.startsWith('ghk_')) failures.push(`unexpected key text ${text}`);
   if (navigated) failures.push('the form caused a page load: the app did not hydrate');
-  await page.click('text=Copy');
+  await page.click('button:has-text("Copy")');
   await page.waitForSelector('button:has-text("Copied")', { timeout: 5000 });
   const copied = await page.evaluate(() => navigator.clipboard.readText()).catch(() => null);
   if (copied !== null && copied !== text) failures.push('the clipboard does not hold the key');
@@ -57,6 +57,8 @@ try {
   await page.setViewportSize({ width: 390, height: 844 });
   await page.goto(`${base}/subscriptions`, { waitUntil: 'networkidle' });
   await page.screenshot({ path: `${shots}/subscriptions-phone.png`, fullPage: true });
+} catch (error) {
+  failures.push(String(error));
 } finally {
   await browser.close();
 }

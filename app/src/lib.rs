@@ -176,7 +176,11 @@ pub mod ssr {
             PortalError::Invalid { .. } => http::StatusCode::UNPROCESSABLE_ENTITY,
             _ => http::StatusCode::INTERNAL_SERVER_ERROR,
         };
-        if let Some(response) = use_context::<ResponseOptions>() {
+        // Only a server function's own response carries the status; a page that renders the
+        // error in place stays a 200.
+        let is_server_function = use_context::<http::request::Parts>()
+            .is_some_and(|parts| parts.uri.path().starts_with("/api/"));
+        if let (true, Some(response)) = (is_server_function, use_context::<ResponseOptions>()) {
             response.set_status(status);
         }
         ServerFnError::ServerError(error.public_message())

@@ -108,9 +108,8 @@ fn KeyOnce(issued: IssuedKey) -> impl IntoView {
     let key = issued.key.clone();
     let copied = RwSignal::new(false);
     let copy = move |_| {
-        let clipboard = window().navigator().clipboard();
-        let _promise = clipboard.write_text(&key);
         copied.set(true);
+        let _promise = window().navigator().clipboard().write_text(&key);
     };
     view! {
         <div class="callout callout-success" role="status">
@@ -166,7 +165,7 @@ pub fn Subscriptions() -> impl IntoView {
             <h2>"New subscription"</h2>
             <ActionForm action=create attr:class="form-grid">
                 <label>
-                    "Id" <input name="id" required maxlength="64" pattern="[A-Za-z0-9._-]+" />
+                    "Id" <input name="id" required maxlength="64" pattern="[A-Za-z0-9._\\-]+" />
                 </label>
                 <label>"Name" <input name="display_name" required maxlength="200" /></label>
                 <label>"Team or group" <input name="product" maxlength="200" /></label>

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use gatehouse_portal_server::oidc::OidcSettings;
-use gatehouse_portal_server::{Settings, serve};
+use gatehouse_portal::oidc::OidcSettings;
+use gatehouse_portal::{Settings, serve};
 use gatehouse_schema::config::SecretRef;
 use gatehouse_schema::portal::Role;
 use url::Url;

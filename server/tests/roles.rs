@@ -238,6 +238,6 @@ async fn the_dev_sign_in_does_not_exist_unless_enabled_and_never_off_loopback() 
 
     let dir = tempfile::tempdir().unwrap();
     let settings = common::settings(&dir, "0.0.0.0:3000".parse().unwrap(), None);
-    let error = gatehouse_portal_server::build(settings).await.unwrap_err();
+    let error = gatehouse_portal::build(settings).await.unwrap_err();
     assert!(error.to_string().contains("loopback"), "{error}");
 }

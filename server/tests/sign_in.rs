@@ -18,7 +18,7 @@ use axum::{Json, Router};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use common::{Browser, location};
-use gatehouse_portal_server::oidc::OidcSettings;
+use gatehouse_portal::oidc::OidcSettings;
 use gatehouse_schema::portal::Role;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde::Deserialize;
@@ -88,7 +88,8 @@ async fn authorize(
     let ok = q.get("response_type").map(String::as_str) == Some("code")
         && q.get("client_id").map(String::as_str) == Some(CLIENT_ID)
         && q.get("code_challenge_method").map(String::as_str) == Some("S256")
-        && q.get("scope").is_some_and(|s| s.split(' ').any(|s| s == "openid"));
+        && q.get("scope")
+            .is_some_and(|s| s.split(' ').any(|s| s == "openid"));
     let (Some(state), Some(nonce), Some(challenge), Some(redirect_uri)) = (
         q.get("state"),
         q.get("nonce"),
@@ -134,17 +135,29 @@ async fn token(
         STANDARD.encode(format!("{CLIENT_ID}:{CLIENT_SECRET}"))
     );
     if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(basic.as_str()) {
-        return (StatusCode::UNAUTHORIZED, Json(json!({"error": "invalid_client"}))).into_response();
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "invalid_client"})),
+        )
+            .into_response();
     }
     let Some(pending) = p.codes.lock().unwrap().remove(&form.code) else {
-        return (StatusCode::BAD_REQUEST, Json(json!({"error": "invalid_grant"}))).into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "invalid_grant"})),
+        )
+            .into_response();
     };
     let challenge = URL_SAFE_NO_PAD.encode(Sha256::digest(form.code_verifier.as_bytes()));
     if form.grant_type != "authorization_code"
         || challenge != pending.challenge
         || form.redirect_uri != pending.redirect_uri
     {
-        return (StatusCode::BAD_REQUEST, Json(json!({"error": "invalid_grant"}))).into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "invalid_grant"})),
+        )
+            .into_response();
     }
     let mode = *p.mode.lock().unwrap();
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
@@ -204,7 +217,10 @@ async fn provider() -> Arc<Provider> {
         codes: Mutex::new(HashMap::new()),
     });
     let app = Router::new()
-        .route("/tenant-1/v2.0/.well-known/openid-configuration", get(discovery))
+        .route(
+            "/tenant-1/v2.0/.well-known/openid-configuration",
+            get(discovery),
+        )
         .route("/tenant-1/v2.0/keys", get(keys))
         .route("/tenant-1/v2.0/authorize", get(authorize))
         .route("/tenant-1/v2.0/token", post(token))
@@ -227,17 +243,32 @@ fn oidc(provider: &Provider) -> OidcSettings {
 async fn sign_in(portal: &common::TestPortal) -> (Browser, String, reqwest::Response) {
     let mut browser = Browser::new(portal);
     let start = browser
-        .get(&format!("{}/auth/sign-in?return_to=/subscriptions", portal.url))
+        .get(&format!(
+            "{}/auth/sign-in?return_to=/subscriptions",
+            portal.url
+        ))
         .await;
     assert_eq!(start.status(), 303);
-    let before = browser.cookie.clone().expect("a session holds the pending sign-in");
+    let before = browser
+        .cookie
+        .clone()
+        .expect("a session holds the pending sign-in");
     let at_provider = browser.client.get(location(&start)).send().await.unwrap();
-    assert_eq!(at_provider.status(), 303, "{}", at_provider.text().await.unwrap());
+    assert_eq!(
+        at_provider.status(),
+        303,
+        "{}",
+        at_provider.text().await.unwrap()
+    );
     let callback = location(&at_provider);
     assert!(callback.starts_with(&format!("{}/auth/callback?", portal.url)));
     let response = browser.get(&callback).await;
     if response.status() == 303 {
-        assert_ne!(browser.cookie.as_ref(), Some(&before), "the session id changes at sign-in");
+        assert_ne!(
+            browser.cookie.as_ref(),
+            Some(&before),
+            "the session id changes at sign-in"
+        );
     }
     (browser, callback, response)
 }
@@ -274,11 +305,19 @@ async fn a_user_signs_in_with_code_and_pkce_and_gets_the_roles_of_the_token() {
     browser
         .post(
             &format!("{}/api/create_subscription", portal.url),
-            &[("id", "team-a"), ("display_name", "A"), ("product", ""), ("expires_on", "")],
+            &[
+                ("id", "team-a"),
+                ("display_name", "A"),
+                ("product", ""),
+                ("expires_on", ""),
+            ],
         )
         .await;
     let log = portal.server.portal.db.activity(10).await.unwrap();
-    assert_eq!(log[0].actor, "Alice <Admin> <00000000-0000-0000-0000-00000000a11c>");
+    assert_eq!(
+        log[0].actor,
+        "Alice <Admin> <00000000-0000-0000-0000-00000000a11c>"
+    );
 
     // A replayed callback finds no sign-in in progress.
     let replay = browser.get(&callback).await;

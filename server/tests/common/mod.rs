@@ -5,8 +5,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use gatehouse_portal_server::oidc::OidcSettings;
-use gatehouse_portal_server::{PortalServer, SESSION_COOKIE, Settings, build};
+use gatehouse_portal::oidc::OidcSettings;
+use gatehouse_portal::{PortalServer, SESSION_COOKIE, Settings, build};
 use reqwest::header::{HeaderMap, LOCATION, SET_COOKIE};
 use url::Url;
 
