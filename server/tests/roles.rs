@@ -1,6 +1,6 @@
 //! Every server function, called over HTTP with each role (and signed out): the role check is on
 //! the server. Plus the Origin check, the security headers and the dev sign-in's guard.
-#![expect(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
+#![expect(clippy::unwrap_used, reason = "test code")]
 
 mod common;
 
@@ -15,12 +15,14 @@ const CALLERS: [Option<&str>; 5] = [
     None,
 ];
 
-/// (server function, form, roles allowed).
-fn matrix() -> Vec<(
+/// A server function, its form, and the roles allowed to call it.
+type Case = (
     &'static str,
     Vec<(&'static str, &'static str)>,
     &'static [&'static str],
-)> {
+);
+
+fn matrix() -> Vec<Case> {
     const EVERYONE: &[&str] = &["Admin", "Auditor", "TeamLead", "Viewer"];
     const ADMIN: &[&str] = &["Admin"];
     vec![
