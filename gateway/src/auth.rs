@@ -13,11 +13,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use gatehouse_schema::config::{KeyHash, Subscription, SubscriptionState};
+use gatehouse_schema::config::{Subscription, SubscriptionState};
 use gatehouse_schema::identity::{CredentialRequirement, IdentityPolicy};
 use http::HeaderMap;
-use rand::Rng;
-use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
 
@@ -25,8 +23,7 @@ use crate::classify::query_param;
 use crate::entra::{EntraIdentity, TokenValidator, looks_like_jwt};
 use crate::error::GatewayError;
 
-/// The prefix of every key Gatehouse issues, so that secret scanners can recognise leaked keys.
-pub const KEY_PREFIX: &str = "ghk_";
+pub use gatehouse_schema::keys::{KEY_PREFIX, digest, generate_key, hash_key};
 
 /// Header names that carry a subscription key.
 pub const KEY_HEADERS: [&str; 2] = ["api-key", "ocp-apim-subscription-key"];
@@ -200,26 +197,6 @@ fn presented(headers: &HeaderMap, query: Option<&str>, tokens_accepted: bool) ->
     }
     presented.key = bearer_key;
     presented
-}
-
-/// SHA-256 of a key.
-pub fn digest(key: &str) -> [u8; 32] {
-    Sha256::digest(key.as_bytes()).into()
-}
-
-/// The stored form of a key.
-pub fn hash_key(key: &str) -> KeyHash {
-    KeyHash(digest(key))
-}
-
-/// A new random subscription key: the prefix and 40 base-62 characters (238 bits).
-pub fn generate_key() -> String {
-    const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-    let mut rng = rand::rng();
-    let body: String = (0..40)
-        .map(|_| char::from(ALPHABET[rng.random_range(0..ALPHABET.len())]))
-        .collect();
-    format!("{KEY_PREFIX}{body}")
 }
 
 #[cfg(test)]

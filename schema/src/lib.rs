@@ -6,8 +6,11 @@
 pub mod audit;
 pub mod config;
 pub mod identity;
+#[cfg(feature = "keys")]
+pub mod keys;
 pub mod limits;
 pub mod operation;
+pub mod portal;
 
 pub use audit::AuditRecord;
 pub use config::ConfigSnapshot;

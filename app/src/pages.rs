@@ -1,0 +1,436 @@
+//! The pages. Forms are `ActionForm`s: they post to the server function before hydration and
+//! run it in place after. Every list is a resource keyed on the versions of the actions that
+//! change it.
+
+use leptos::prelude::*;
+use leptos::server::ServerAction;
+
+use crate::api::{
+    ActivityView, CreateSubscription, GatewaysView, IssuedKey, PushNow, RegisterGateway,
+    RetireSecondaryKey, RevokeSubscription, RotateSubscriptionKey, SubscriptionView, list_activity,
+    list_gateways, list_subscriptions, overview,
+};
+
+/// An error from the server, shown where the content would be.
+#[component]
+fn Failure(error: ServerFnError) -> impl IntoView {
+    let message = error_text(error);
+    let signed_out = message.contains("sign in first");
+    view! {
+        <div class="callout callout-error" role="alert">
+            <p>{message}</p>
+            <Show when=move || signed_out>
+                <p>
+                    <a href="/auth/sign-in" class="btn">
+                        "Sign in"
+                    </a>
+                </p>
+            </Show>
+        </div>
+    }
+}
+
+fn error_text(error: ServerFnError) -> String {
+    match error {
+        ServerFnError::ServerError(message) => message,
+        other => other.to_string(),
+    }
+}
+
+/// The error of an action's last run, if it failed, shown beside its form.
+macro_rules! action_error {
+    ($action:expr) => {{
+        let action = $action;
+        move || {
+            action
+                .value()
+                .get()
+                .and_then(|result| result.err())
+                .map(|error| {
+                    view! {
+                        <p class="field-error" role="alert">
+                            {error_text(error)}
+                        </p>
+                    }
+                })
+        }
+    }};
+}
+
+/// The overview: counts and how current the gateways are.
+#[component]
+pub fn Overview() -> impl IntoView {
+    let counts = Resource::new(|| (), |()| overview());
+    view! {
+        <h1>"Overview"</h1>
+        <Suspense fallback=|| view! { <p class="muted">"Loading…"</p> }>
+            {move || Suspend::new(async move {
+                match counts.await {
+                    Ok(o) => {
+                        view! {
+                            <div class="cards">
+                                <a class="card" href="/subscriptions">
+                                    <span class="card-value">{o.subscriptions}</span>
+                                    <span class="card-label">"subscriptions"</span>
+                                </a>
+                                <div class="card">
+                                    <span class="card-value">{o.access_rules}</span>
+                                    <span class="card-label">"access rules"</span>
+                                </div>
+                                <div class="card">
+                                    <span class="card-value">{o.pools}</span>
+                                    <span class="card-label">"backend pools"</span>
+                                </div>
+                                <a class="card" href="/gateways">
+                                    <span class="card-value">{o.gateways}</span>
+                                    <span class="card-label">
+                                        {format!(
+                                            "gateways, {} behind version {}",
+                                            o.lagging_gateways,
+                                            o.current_version.map_or("–".to_owned(), |v| v.to_string()),
+                                        )}
+                                    </span>
+                                </a>
+                            </div>
+                        }
+                            .into_any()
+                    }
+                    Err(error) => view! { <Failure error /> }.into_any(),
+                }
+            })}
+        </Suspense>
+    }
+}
+
+/// The one-time display of a new key, with a copy button.
+#[component]
+fn KeyOnce(issued: IssuedKey) -> impl IntoView {
+    let key = issued.key.clone();
+    let copied = RwSignal::new(false);
+    let copy = move |_| {
+        copied.set(true);
+        let _promise = window().navigator().clipboard().write_text(&key);
+    };
+    view! {
+        <div class="callout callout-success" role="status">
+            <p>
+                "New key for " <strong>{issued.subscription}</strong>
+                ". Copy it now: it is shown only once and cannot be recovered."
+            </p>
+            <div class="key-row">
+                <code class="key" data-testid="issued-key">
+                    {issued.key}
+                </code>
+                <button type="button" class="btn" on:click=copy>
+                    {move || if copied.get() { "Copied" } else { "Copy" }}
+                </button>
+            </div>
+        </div>
+    }
+}
+
+/// Subscriptions: create, rotate, retire the previous key, revoke.
+#[component]
+pub fn Subscriptions() -> impl IntoView {
+    let create = ServerAction::<CreateSubscription>::new();
+    let rotate = ServerAction::<RotateSubscriptionKey>::new();
+    let retire = ServerAction::<RetireSecondaryKey>::new();
+    let revoke = ServerAction::<RevokeSubscription>::new();
+    let list = Resource::new(
+        move || {
+            (
+                create.version().get(),
+                rotate.version().get(),
+                retire.version().get(),
+                revoke.version().get(),
+            )
+        },
+        |_| list_subscriptions(),
+    );
+    let issued = move || {
+        let created = create.value().get().and_then(Result::ok);
+        let rotated = rotate.value().get().and_then(Result::ok);
+        // The most recent of the two actions wins.
+        let latest = if rotate.version().get() > 0 && rotated.is_some() {
+            rotated.or(created)
+        } else {
+            created.or(rotated)
+        };
+        latest.map(|issued| view! { <KeyOnce issued /> })
+    };
+    view! {
+        <h1>"Subscriptions"</h1>
+        {issued}
+        <section class="panel">
+            <h2>"New subscription"</h2>
+            <ActionForm action=create attr:class="form-grid">
+                <label>
+                    "Id" <input name="id" required maxlength="64" pattern="[A-Za-z0-9._\\-]+" />
+                </label>
+                <label>"Name" <input name="display_name" required maxlength="200" /></label>
+                <label>"Team or group" <input name="product" maxlength="200" /></label>
+                <label>"Expires on" <input name="expires_on" type="date" /></label>
+                <div class="form-actions">
+                    <button type="submit" class="btn btn-primary">
+                        "Create and show key"
+                    </button>
+                </div>
+            </ActionForm>
+            {action_error!(create)}
+        </section>
+        {action_error!(rotate)}
+        {action_error!(retire)}
+        {action_error!(revoke)}
+        <Transition fallback=|| view! { <p class="muted">"Loading…"</p> }>
+            {move || Suspend::new(async move {
+                match list.await {
+                    Ok(rows) if rows.is_empty() => {
+                        view! { <p class="empty">"No subscriptions yet."</p> }.into_any()
+                    }
+                    Ok(rows) => {
+                        view! {
+                            <div class="table-wrap">
+                                <table class="table">
+                                    <thead>
+                                        <tr>
+                                            <th>"Id"</th>
+                                            <th>"Name"</th>
+                                            <th>"Team"</th>
+                                            <th>"State"</th>
+                                            <th>"Expires"</th>
+                                            <th>"Actions"</th>
+                                        </tr>
+                                    </thead>
+                                    <tbody>
+                                        {rows
+                                            .into_iter()
+                                            .map(|row| subscription_row(row, rotate, retire, revoke))
+                                            .collect_view()}
+                                    </tbody>
+                                </table>
+                            </div>
+                        }
+                            .into_any()
+                    }
+                    Err(error) => view! { <Failure error /> }.into_any(),
+                }
+            })}
+        </Transition>
+    }
+}
+
+fn subscription_row(
+    row: SubscriptionView,
+    rotate: ServerAction<RotateSubscriptionKey>,
+    retire: ServerAction<RetireSecondaryKey>,
+    revoke: ServerAction<RevokeSubscription>,
+) -> impl IntoView {
+    let revoked = row.state == "revoked";
+    let has_secondary = row.has_secondary;
+    let expires_soon = row.expires_soon;
+    let (id1, id2, id3) = (row.id.clone(), row.id.clone(), row.id.clone());
+    view! {
+        <tr>
+            <td>
+                <code>{row.id}</code>
+            </td>
+            <td>{row.display_name}</td>
+            <td>{row.product.unwrap_or_default()}</td>
+            <td>
+                <span class=format!("badge badge-{}", row.state)>{row.state.clone()}</span>
+                <Show when=move || has_secondary>
+                    <span class="badge">"previous key valid"</span>
+                </Show>
+            </td>
+            <td>
+                {row.expires_on.unwrap_or_else(|| "never".to_owned())}
+                <Show when=move || expires_soon && !revoked>
+                    <span class="badge badge-warn">"expires soon"</span>
+                </Show>
+            </td>
+            <td class="actions">
+                {(!revoked)
+                    .then(|| {
+                        view! {
+                            <ActionForm action=rotate attr:class="inline">
+                                <input type="hidden" name="id" value=id1 />
+                                <button type="submit" class="btn btn-quiet">
+                                    "Rotate key"
+                                </button>
+                            </ActionForm>
+                        }
+                    })}
+                {has_secondary
+                    .then(|| {
+                        view! {
+                            <ActionForm action=retire attr:class="inline">
+                                <input type="hidden" name="id" value=id2 />
+                                <button type="submit" class="btn btn-quiet">
+                                    "Retire previous key"
+                                </button>
+                            </ActionForm>
+                        }
+                    })}
+                {(!revoked)
+                    .then(|| {
+                        view! {
+                            <ActionForm action=revoke attr:class="inline">
+                                <input type="hidden" name="id" value=id3 />
+                                <button type="submit" class="btn btn-danger">
+                                    "Revoke"
+                                </button>
+                            </ActionForm>
+                        }
+                    })}
+            </td>
+        </tr>
+    }
+}
+
+/// Gateways: which version each runs, register one, push now.
+#[component]
+pub fn Gateways() -> impl IntoView {
+    let register = ServerAction::<RegisterGateway>::new();
+    let push = ServerAction::<PushNow>::new();
+    let list = Resource::new(
+        move || (register.version().get(), push.version().get()),
+        |_| list_gateways(),
+    );
+    view! {
+        <h1>"Gateways"</h1>
+        <Transition fallback=|| view! { <p class="muted">"Loading…"</p> }>
+            {move || Suspend::new(async move {
+                match list.await {
+                    Ok(view) => gateways_table(view).into_any(),
+                    Err(error) => view! { <Failure error /> }.into_any(),
+                }
+            })}
+        </Transition>
+        <ActionForm action=push attr:class="inline">
+            <button type="submit" class="btn">
+                "Push current version now"
+            </button>
+        </ActionForm>
+        {action_error!(push)}
+        <section class="panel">
+            <h2>"Register a gateway"</h2>
+            <ActionForm action=register attr:class="form-grid">
+                <label>"Id" <input name="id" required maxlength="64" /></label>
+                <label>
+                    "URL" <input name="url" type="url" required placeholder="https://gateway:8080" />
+                </label>
+                <label>
+                    "Admin token (secret reference)"
+                    <input name="admin_token_ref" required placeholder="file:/run/secrets/gatehouse-admin" />
+                </label>
+                <div class="form-actions">
+                    <button type="submit" class="btn btn-primary">
+                        "Register"
+                    </button>
+                </div>
+            </ActionForm>
+            {action_error!(register)}
+        </section>
+    }
+}
+
+fn gateways_table(view: GatewaysView) -> impl IntoView {
+    let current = view
+        .current_version
+        .map_or("none".to_owned(), |v| v.to_string());
+    if view.gateways.is_empty() {
+        return view! { <p class="empty">"No gateways registered."</p> }.into_any();
+    }
+    view! {
+        <p class="muted">"Current version: " <strong>{current}</strong></p>
+        <div class="table-wrap">
+            <table class="table">
+                <thead>
+                    <tr>
+                        <th>"Id"</th>
+                        <th>"URL"</th>
+                        <th>"Runs"</th>
+                        <th>"Behind"</th>
+                        <th>"Last push"</th>
+                        <th>"Last error"</th>
+                    </tr>
+                </thead>
+                <tbody>
+                    {view
+                        .gateways
+                        .into_iter()
+                        .map(|g| {
+                            let lag = g.lag;
+                            let lag_class = if lag > 0 { "badge badge-warn" } else { "badge badge-active" };
+                            let lag_text = if lag > 0 { format!("{lag} behind") } else { "current".to_owned() };
+                            view! {
+                                <tr>
+                                    <td>
+                                        <code>{g.id}</code>
+                                    </td>
+                                    <td>{g.url}</td>
+                                    <td>{g.pushed_version.map_or("none".to_owned(), |v| v.to_string())}</td>
+                                    <td>
+                                        <span class=lag_class>{lag_text}</span>
+                                    </td>
+                                    <td>{g.last_attempt_at.unwrap_or_default()}</td>
+                                    <td class="error-text">{g.last_error.unwrap_or_default()}</td>
+                                </tr>
+                            }
+                        })
+                        .collect_view()}
+                </tbody>
+            </table>
+        </div>
+    }
+        .into_any()
+}
+
+/// Activity: who changed what, with the before and after of each change.
+#[component]
+pub fn Activity() -> impl IntoView {
+    let list = Resource::new(|| (), |()| list_activity());
+    view! {
+        <h1>"Activity"</h1>
+        <Suspense fallback=|| view! { <p class="muted">"Loading…"</p> }>
+            {move || Suspend::new(async move {
+                match list.await {
+                    Ok(rows) if rows.is_empty() => {
+                        view! { <p class="empty">"No changes yet."</p> }.into_any()
+                    }
+                    Ok(rows) => {
+                        view! {
+                            <ol class="activity">
+                                {rows.into_iter().map(activity_entry).collect_view()}
+                            </ol>
+                        }
+                            .into_any()
+                    }
+                    Err(error) => view! { <Failure error /> }.into_any(),
+                }
+            })}
+        </Suspense>
+    }
+}
+
+fn activity_entry(row: ActivityView) -> impl IntoView {
+    view! {
+        <li class="activity-entry">
+            <div>
+                <strong>{row.actor}</strong>
+                " "
+                <code>{row.action}</code>
+                " "
+                {row.target}
+                <span class="muted">" at " {row.at}</span>
+            </div>
+            <details>
+                <summary>"Before and after"</summary>
+                <div class="diff">
+                    <pre>{row.before.unwrap_or_else(|| "(none)".to_owned())}</pre>
+                    <pre>{row.after.unwrap_or_else(|| "(none)".to_owned())}</pre>
+                </div>
+            </details>
+        </li>
+    }
+}

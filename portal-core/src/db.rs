@@ -1,0 +1,618 @@
+//! The config database: SQLite (the default) or PostgreSQL, the same static SQL on both.
+//!
+//! Every query is a literal with `$n` bind parameters (both engines accept them); nothing is
+//! ever formatted into SQL. [`ConfigDb::migrate`] is an explicit step that fails loudly.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use time::OffsetDateTime;
+
+use crate::error::PortalError;
+
+/// A connection pool on one of the two engines.
+#[derive(Debug, Clone)]
+pub enum Engine {
+    /// SQLite, one writer connection (SQLite serialises writes anyway).
+    Sqlite(SqlitePool),
+    /// PostgreSQL.
+    Postgres(PgPool),
+}
+
+/// The portal's config database.
+#[derive(Debug, Clone)]
+pub struct ConfigDb {
+    /// The pool, public so the session store can share it.
+    pub engine: Engine,
+}
+
+/// Runs the same expression against whichever pool the database has.
+macro_rules! on_pool {
+    ($db:expr, |$pool:ident| $body:expr) => {
+        match &$db.engine {
+            Engine::Sqlite($pool) => $body,
+            Engine::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// A subscription row: key hashes only.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow, Serialize, Deserialize)]
+pub struct SubscriptionRow {
+    /// Stable id.
+    pub id: String,
+    /// Human-readable name.
+    pub display_name: String,
+    /// Team or group the keys are for.
+    pub product: Option<String>,
+    /// `sha256:…` of the primary key.
+    pub primary_key_hash: String,
+    /// `sha256:…` of the secondary key (the previous key during a rotation's overlap).
+    pub secondary_key_hash: Option<String>,
+    /// `active`, `suspended` or `revoked`.
+    pub state: String,
+    /// After this instant the keys are refused.
+    pub expires_at: Option<OffsetDateTime>,
+    /// When it was created.
+    pub created_at: OffsetDateTime,
+    /// Who created it.
+    pub created_by: String,
+    /// When it last changed.
+    pub updated_at: OffsetDateTime,
+}
+
+/// An access-rule row; list columns hold JSON arrays.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow, Serialize, Deserialize)]
+pub struct AccessRuleRow {
+    /// Stable id.
+    pub id: String,
+    /// `group`, `subscription`, `user` or `app_role`.
+    pub grantee_kind: String,
+    /// The group/user object id, subscription id or app-role value.
+    pub grantee_id: String,
+    /// A group's display name.
+    pub grantee_display_name: String,
+    /// JSON array of deployment patterns.
+    pub deployments: String,
+    /// JSON array of operation patterns.
+    pub operations: String,
+    /// Whether calls naming no deployment are granted.
+    pub resources: bool,
+}
+
+/// A backend pool row.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow, Serialize, Deserialize)]
+pub struct PoolRow {
+    /// Stable id.
+    pub id: String,
+    /// JSON array of deployment names.
+    pub deployments: String,
+    /// Whether the pool serves calls that name no deployment.
+    pub serves_resources: bool,
+}
+
+/// A pool member row; the credential is a `BackendCredential` as JSON (secret references only).
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow, Serialize, Deserialize)]
+pub struct MemberRow {
+    /// The pool it belongs to.
+    pub pool_id: String,
+    /// Stable id.
+    pub id: String,
+    /// `azure_openai` or `openai`.
+    pub kind: String,
+    /// Base URL.
+    pub endpoint: String,
+    /// Deployment name on this member.
+    pub deployment: Option<String>,
+    /// `api-version` for Azure members.
+    pub api_version: Option<String>,
+    /// Lower is tried first.
+    pub priority: i64,
+    /// Share inside a priority group.
+    pub weight: i64,
+    /// `BackendCredential` JSON.
+    pub credential: String,
+}
+
+/// A registered gateway.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow, Serialize, Deserialize)]
+pub struct GatewayRow {
+    /// Stable id.
+    pub id: String,
+    /// Base URL of the gateway.
+    pub url: String,
+    /// Secret reference of its admin token.
+    pub admin_token_ref: String,
+    /// The last version it accepted.
+    pub pushed_version: Option<i64>,
+    /// When the portal last tried to push.
+    pub last_attempt_at: Option<OffsetDateTime>,
+    /// Why the last push failed, if it did.
+    pub last_error: Option<String>,
+}
+
+/// One pushed (or built) snapshot version.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow, Serialize, Deserialize)]
+pub struct SnapshotVersionRow {
+    /// The version.
+    pub version: i64,
+    /// The `ConfigSnapshot` JSON.
+    pub snapshot: String,
+    /// When it was built.
+    pub created_at: OffsetDateTime,
+    /// Who caused it.
+    pub created_by: String,
+}
+
+/// One entry of the activity log.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow, Serialize, Deserialize)]
+pub struct ActivityRow {
+    /// Sequence number.
+    pub id: i64,
+    /// When.
+    pub at: OffsetDateTime,
+    /// Who.
+    pub actor: String,
+    /// What (`subscription.create`, …).
+    pub action: String,
+    /// Which object.
+    pub target: String,
+    /// The object before the change (JSON), if it existed.
+    pub before: Option<String>,
+    /// The object after the change (JSON), if it still exists.
+    pub after: Option<String>,
+}
+
+/// An activity entry to write.
+#[derive(Debug, Clone)]
+pub struct NewActivity<'a> {
+    /// Who.
+    pub actor: &'a str,
+    /// What.
+    pub action: &'a str,
+    /// Which object.
+    pub target: &'a str,
+    /// Before (JSON).
+    pub before: Option<String>,
+    /// After (JSON).
+    pub after: Option<String>,
+}
+
+impl ConfigDb {
+    /// Connects to `sqlite:PATH` (created if missing) or `postgres://…`.
+    pub async fn connect(url: &str) -> Result<ConfigDb, PortalError> {
+        let engine = if url.starts_with("sqlite:") {
+            let options = SqliteConnectOptions::from_str(url)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .busy_timeout(Duration::from_secs(30))
+                .foreign_keys(true);
+            Engine::Sqlite(
+                SqlitePoolOptions::new()
+                    .max_connections(1)
+                    .connect_with(options)
+                    .await?,
+            )
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Engine::Postgres(
+                PgPoolOptions::new()
+                    .max_connections(8)
+                    .connect_with(PgConnectOptions::from_str(url)?)
+                    .await?,
+            )
+        } else {
+            return Err(PortalError::invalid(
+                "database",
+                "the config database URL starts with sqlite: or postgres://",
+            ));
+        };
+        Ok(ConfigDb { engine })
+    }
+
+    /// Applies the engine's migrations; fails on any problem.
+    pub async fn migrate(&self) -> Result<(), PortalError> {
+        match &self.engine {
+            Engine::Sqlite(pool) => {
+                sqlx::migrate!("../migrations/portal/sqlite")
+                    .run(pool)
+                    .await?
+            }
+            Engine::Postgres(pool) => {
+                sqlx::migrate!("../migrations/portal/postgres")
+                    .run(pool)
+                    .await?
+            }
+        }
+        Ok(())
+    }
+
+    /// Connects and migrates.
+    pub async fn open(url: &str) -> Result<ConfigDb, PortalError> {
+        let db = ConfigDb::connect(url).await?;
+        db.migrate().await?;
+        Ok(db)
+    }
+
+    // ---- subscriptions ----
+
+    /// Every subscription, by id.
+    pub async fn subscriptions(&self) -> Result<Vec<SubscriptionRow>, PortalError> {
+        const SQL: &str = "SELECT id, display_name, product, primary_key_hash, secondary_key_hash, state, expires_at, created_at, created_by, updated_at FROM subscriptions ORDER BY id";
+        Ok(on_pool!(self, |pool| sqlx::query_as(SQL)
+            .fetch_all(pool)
+            .await?))
+    }
+
+    /// One subscription.
+    pub async fn subscription(&self, id: &str) -> Result<Option<SubscriptionRow>, PortalError> {
+        const SQL: &str = "SELECT id, display_name, product, primary_key_hash, secondary_key_hash, state, expires_at, created_at, created_by, updated_at FROM subscriptions WHERE id = $1";
+        Ok(on_pool!(self, |pool| sqlx::query_as(SQL)
+            .bind(id)
+            .fetch_optional(pool)
+            .await?))
+    }
+
+    /// Inserts a subscription and its activity entry in one transaction.
+    pub async fn insert_subscription(
+        &self,
+        row: &SubscriptionRow,
+        activity: NewActivity<'_>,
+    ) -> Result<(), PortalError> {
+        const SQL: &str = "INSERT INTO subscriptions (id, display_name, product, primary_key_hash, secondary_key_hash, state, expires_at, created_at, created_by, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+        let result: Result<(), sqlx::Error> = on_pool!(self, |pool| async {
+            let mut tx = pool.begin().await?;
+            sqlx::query(SQL)
+                .bind(&row.id)
+                .bind(&row.display_name)
+                .bind(&row.product)
+                .bind(&row.primary_key_hash)
+                .bind(&row.secondary_key_hash)
+                .bind(&row.state)
+                .bind(row.expires_at)
+                .bind(row.created_at)
+                .bind(&row.created_by)
+                .bind(row.updated_at)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(ACTIVITY_SQL)
+                .bind(OffsetDateTime::now_utc())
+                .bind(activity.actor)
+                .bind(activity.action)
+                .bind(activity.target)
+                .bind(&activity.before)
+                .bind(&activity.after)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await
+        }
+        .await);
+        match result {
+            Err(error) if PortalError::is_unique_violation(&error) => Err(PortalError::invalid(
+                "id",
+                "a subscription with this id exists",
+            )),
+            other => Ok(other?),
+        }
+    }
+
+    /// Replaces a subscription's keys, state and expiry, and writes its activity entry.
+    pub async fn update_subscription(
+        &self,
+        row: &SubscriptionRow,
+        activity: NewActivity<'_>,
+    ) -> Result<(), PortalError> {
+        const SQL: &str = "UPDATE subscriptions SET display_name = $2, product = $3, primary_key_hash = $4, secondary_key_hash = $5, state = $6, expires_at = $7, updated_at = $8 WHERE id = $1";
+        let result: Result<u64, sqlx::Error> = on_pool!(self, |pool| async {
+            let mut tx = pool.begin().await?;
+            let done = sqlx::query(SQL)
+                .bind(&row.id)
+                .bind(&row.display_name)
+                .bind(&row.product)
+                .bind(&row.primary_key_hash)
+                .bind(&row.secondary_key_hash)
+                .bind(&row.state)
+                .bind(row.expires_at)
+                .bind(row.updated_at)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            sqlx::query(ACTIVITY_SQL)
+                .bind(OffsetDateTime::now_utc())
+                .bind(activity.actor)
+                .bind(activity.action)
+                .bind(activity.target)
+                .bind(&activity.before)
+                .bind(&activity.after)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(done)
+        }
+        .await);
+        if result? == 0 {
+            return Err(PortalError::NotFound(format!("subscription {}", row.id)));
+        }
+        Ok(())
+    }
+
+    // ---- access rules ----
+
+    /// Every access rule, by id.
+    pub async fn access_rules(&self) -> Result<Vec<AccessRuleRow>, PortalError> {
+        const SQL: &str = "SELECT id, grantee_kind, grantee_id, grantee_display_name, deployments, operations, resources FROM access_rules ORDER BY id";
+        Ok(on_pool!(self, |pool| sqlx::query_as(SQL)
+            .fetch_all(pool)
+            .await?))
+    }
+
+    /// Inserts or replaces an access rule and writes its activity entry.
+    pub async fn upsert_access_rule(
+        &self,
+        row: &AccessRuleRow,
+        activity: NewActivity<'_>,
+    ) -> Result<(), PortalError> {
+        const SQL: &str = "INSERT INTO access_rules (id, grantee_kind, grantee_id, grantee_display_name, deployments, operations, resources, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8) ON CONFLICT (id) DO UPDATE SET grantee_kind = excluded.grantee_kind, grantee_id = excluded.grantee_id, grantee_display_name = excluded.grantee_display_name, deployments = excluded.deployments, operations = excluded.operations, resources = excluded.resources, updated_at = excluded.updated_at";
+        let now = OffsetDateTime::now_utc();
+        let result: Result<(), sqlx::Error> = on_pool!(self, |pool| async {
+            let mut tx = pool.begin().await?;
+            sqlx::query(SQL)
+                .bind(&row.id)
+                .bind(&row.grantee_kind)
+                .bind(&row.grantee_id)
+                .bind(&row.grantee_display_name)
+                .bind(&row.deployments)
+                .bind(&row.operations)
+                .bind(row.resources)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(ACTIVITY_SQL)
+                .bind(now)
+                .bind(activity.actor)
+                .bind(activity.action)
+                .bind(activity.target)
+                .bind(&activity.before)
+                .bind(&activity.after)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await
+        }
+        .await);
+        Ok(result?)
+    }
+
+    // ---- backend pools ----
+
+    /// Every pool, by id.
+    pub async fn pools(&self) -> Result<Vec<PoolRow>, PortalError> {
+        const SQL: &str = "SELECT id, deployments, serves_resources FROM backend_pools ORDER BY id";
+        Ok(on_pool!(self, |pool| sqlx::query_as(SQL)
+            .fetch_all(pool)
+            .await?))
+    }
+
+    /// Every pool member, by pool, priority and id.
+    pub async fn members(&self) -> Result<Vec<MemberRow>, PortalError> {
+        const SQL: &str = "SELECT pool_id, id, kind, endpoint, deployment, api_version, priority, weight, credential FROM pool_members ORDER BY pool_id, priority, id";
+        Ok(on_pool!(self, |pool| sqlx::query_as(SQL)
+            .fetch_all(pool)
+            .await?))
+    }
+
+    /// Replaces a pool and all its members, and writes the activity entry.
+    pub async fn replace_pool(
+        &self,
+        row: &PoolRow,
+        members: &[MemberRow],
+        activity: NewActivity<'_>,
+    ) -> Result<(), PortalError> {
+        const POOL: &str = "INSERT INTO backend_pools (id, deployments, serves_resources, created_at, updated_at) VALUES ($1, $2, $3, $4, $4) ON CONFLICT (id) DO UPDATE SET deployments = excluded.deployments, serves_resources = excluded.serves_resources, updated_at = excluded.updated_at";
+        const CLEAR: &str = "DELETE FROM pool_members WHERE pool_id = $1";
+        const MEMBER: &str = "INSERT INTO pool_members (pool_id, id, kind, endpoint, deployment, api_version, priority, weight, credential) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+        let now = OffsetDateTime::now_utc();
+        let result: Result<(), sqlx::Error> = on_pool!(self, |pool| async {
+            let mut tx = pool.begin().await?;
+            sqlx::query(POOL)
+                .bind(&row.id)
+                .bind(&row.deployments)
+                .bind(row.serves_resources)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(CLEAR).bind(&row.id).execute(&mut *tx).await?;
+            for member in members {
+                sqlx::query(MEMBER)
+                    .bind(&row.id)
+                    .bind(&member.id)
+                    .bind(&member.kind)
+                    .bind(&member.endpoint)
+                    .bind(&member.deployment)
+                    .bind(&member.api_version)
+                    .bind(member.priority)
+                    .bind(member.weight)
+                    .bind(&member.credential)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            sqlx::query(ACTIVITY_SQL)
+                .bind(now)
+                .bind(activity.actor)
+                .bind(activity.action)
+                .bind(activity.target)
+                .bind(&activity.before)
+                .bind(&activity.after)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await
+        }
+        .await);
+        Ok(result?)
+    }
+
+    // ---- gateways ----
+
+    /// Every registered gateway, by id.
+    pub async fn gateways(&self) -> Result<Vec<GatewayRow>, PortalError> {
+        const SQL: &str = "SELECT id, url, admin_token_ref, pushed_version, last_attempt_at, last_error FROM gateways ORDER BY id";
+        Ok(on_pool!(self, |pool| sqlx::query_as(SQL)
+            .fetch_all(pool)
+            .await?))
+    }
+
+    /// Registers a gateway, or changes the URL and token reference of one with the same id.
+    pub async fn upsert_gateway(
+        &self,
+        id: &str,
+        url: &str,
+        admin_token_ref: &str,
+        activity: NewActivity<'_>,
+    ) -> Result<(), PortalError> {
+        const SQL: &str = "INSERT INTO gateways (id, url, admin_token_ref, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO UPDATE SET url = excluded.url, admin_token_ref = excluded.admin_token_ref";
+        let now = OffsetDateTime::now_utc();
+        let result: Result<(), sqlx::Error> = on_pool!(self, |pool| async {
+            let mut tx = pool.begin().await?;
+            sqlx::query(SQL)
+                .bind(id)
+                .bind(url)
+                .bind(admin_token_ref)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(ACTIVITY_SQL)
+                .bind(now)
+                .bind(activity.actor)
+                .bind(activity.action)
+                .bind(activity.target)
+                .bind(&activity.before)
+                .bind(&activity.after)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await
+        }
+        .await);
+        match result {
+            Err(error) if PortalError::is_unique_violation(&error) => {
+                Err(PortalError::invalid("url", "another gateway has this URL"))
+            }
+            other => Ok(other?),
+        }
+    }
+
+    /// Records the outcome of a push to a gateway: the version it now runs, or the error.
+    pub async fn record_push(
+        &self,
+        id: &str,
+        pushed_version: Option<i64>,
+        error: Option<&str>,
+    ) -> Result<(), PortalError> {
+        const SQL: &str = "UPDATE gateways SET pushed_version = COALESCE($2, pushed_version), last_attempt_at = $3, last_error = $4 WHERE id = $1";
+        let now = OffsetDateTime::now_utc();
+        on_pool!(self, |pool| sqlx::query(SQL)
+            .bind(id)
+            .bind(pushed_version)
+            .bind(now)
+            .bind(error)
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(())
+    }
+
+    // ---- snapshot versions ----
+
+    /// Stores a newly built snapshot; fails (unique violation) if the version is taken.
+    pub async fn insert_snapshot(
+        &self,
+        version: i64,
+        snapshot_json: &str,
+        created_by: &str,
+    ) -> Result<(), PortalError> {
+        const SQL: &str = "INSERT INTO snapshot_versions (version, snapshot, created_at, created_by) VALUES ($1, $2, $3, $4)";
+        let now = OffsetDateTime::now_utc();
+        on_pool!(self, |pool| sqlx::query(SQL)
+            .bind(version)
+            .bind(snapshot_json)
+            .bind(now)
+            .bind(created_by)
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(())
+    }
+
+    /// The newest stored snapshot.
+    pub async fn latest_snapshot(&self) -> Result<Option<SnapshotVersionRow>, PortalError> {
+        const SQL: &str = "SELECT version, snapshot, created_at, created_by FROM snapshot_versions ORDER BY version DESC LIMIT 1";
+        Ok(on_pool!(self, |pool| sqlx::query_as(SQL)
+            .fetch_optional(pool)
+            .await?))
+    }
+
+    /// The stored snapshot versions, newest first (without their JSON).
+    pub async fn snapshot_versions(
+        &self,
+        limit: i64,
+    ) -> Result<Vec<SnapshotVersionRow>, PortalError> {
+        const SQL: &str = "SELECT version, '' AS snapshot, created_at, created_by FROM snapshot_versions ORDER BY version DESC LIMIT $1";
+        Ok(on_pool!(self, |pool| sqlx::query_as(SQL)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?))
+    }
+
+    // ---- settings ----
+
+    /// A setting's value.
+    pub async fn setting(&self, key: &str) -> Result<Option<String>, PortalError> {
+        const SQL: &str = "SELECT value FROM settings WHERE key = $1";
+        let value: Option<(String,)> = on_pool!(self, |pool| sqlx::query_as(SQL)
+            .bind(key)
+            .fetch_optional(pool)
+            .await?);
+        Ok(value.map(|(value,)| value))
+    }
+
+    /// Sets a setting.
+    pub async fn set_setting(&self, key: &str, value: &str) -> Result<(), PortalError> {
+        const SQL: &str = "INSERT INTO settings (key, value, updated_at) VALUES ($1, $2, $3) ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at";
+        on_pool!(self, |pool| sqlx::query(SQL)
+            .bind(key)
+            .bind(value)
+            .bind(OffsetDateTime::now_utc())
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(())
+    }
+
+    // ---- activity ----
+
+    /// The newest activity entries.
+    pub async fn activity(&self, limit: i64) -> Result<Vec<ActivityRow>, PortalError> {
+        const SQL: &str = "SELECT id, at, actor, action, target, before, after FROM activity_log ORDER BY id DESC LIMIT $1";
+        Ok(on_pool!(self, |pool| sqlx::query_as(SQL)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?))
+    }
+
+    /// Writes one activity entry on its own (changes write theirs in their own transaction).
+    pub async fn log_activity(&self, activity: NewActivity<'_>) -> Result<(), PortalError> {
+        on_pool!(self, |pool| sqlx::query(ACTIVITY_SQL)
+            .bind(OffsetDateTime::now_utc())
+            .bind(activity.actor)
+            .bind(activity.action)
+            .bind(activity.target)
+            .bind(&activity.before)
+            .bind(&activity.after)
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(())
+    }
+}
+
+const ACTIVITY_SQL: &str = "INSERT INTO activity_log (at, actor, action, target, before, after) VALUES ($1, $2, $3, $4, $5, $6)";

@@ -1,0 +1,18 @@
+//! The server side of the Gatehouse portal, without its web framework: the config database,
+//! who may do what, the snapshot built from the database and its push to every gateway.
+//!
+//! The page layer (`gatehouse-portal-app`, feature `ssr`) calls [`Portal`]'s operations; each
+//! one checks the caller's role itself, so no page can forget to.
+
+pub mod db;
+pub mod error;
+pub mod ops;
+pub mod push;
+pub mod secret;
+pub mod snapshot;
+pub mod user;
+
+pub use db::ConfigDb;
+pub use error::PortalError;
+pub use ops::Portal;
+pub use user::SessionUser;

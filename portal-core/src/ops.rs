@@ -1,0 +1,353 @@
+//! Everything the portal's pages can do. Each operation takes the signed-in user and checks the
+//! role first; every change writes the activity log (in the same transaction) and publishes a new
+//! snapshot to the gateways.
+
+use std::sync::Arc;
+
+use gatehouse_schema::config::SecretRef;
+use gatehouse_schema::keys::{generate_key, hash_key};
+use gatehouse_schema::portal::Role;
+use serde::Serialize;
+use time::{Date, OffsetDateTime, Time};
+
+use crate::db::{ActivityRow, ConfigDb, GatewayRow, NewActivity, SubscriptionRow};
+use crate::error::PortalError;
+use crate::push::{Publisher, PushOutcome};
+use crate::user::{SessionUser, require};
+
+/// How the portal runs, as the pages need to know it.
+#[derive(Debug, Clone, Default)]
+pub struct PortalSettings {
+    /// Whether the development sign-in is on (the pages show a banner).
+    pub dev_sign_in: bool,
+    /// Sessions older than this are ended, however active.
+    pub session_absolute: time::Duration,
+}
+
+/// The portal's state: database, publisher and settings.
+#[derive(Debug, Clone)]
+pub struct Portal {
+    /// The config database.
+    pub db: ConfigDb,
+    /// Publishes snapshots to the gateways.
+    pub publisher: Arc<Publisher>,
+    /// How the portal runs.
+    pub settings: PortalSettings,
+}
+
+/// What a new subscription needs.
+#[derive(Debug, Clone, Default)]
+pub struct NewSubscription {
+    /// Stable id (letters, digits, `.`, `_`, `-`).
+    pub id: String,
+    /// Human-readable name.
+    pub display_name: String,
+    /// Team or group the keys are for.
+    pub product: String,
+    /// Expiry date `YYYY-MM-DD` (end of that day, UTC), or empty.
+    pub expires_on: String,
+}
+
+/// A key just generated: shown once, never stored.
+#[derive(Clone, PartialEq, Serialize)]
+pub struct IssuedKey {
+    /// The subscription.
+    pub subscription: String,
+    /// The key itself.
+    pub key: String,
+}
+
+impl std::fmt::Debug for IssuedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedKey")
+            .field("subscription", &self.subscription)
+            .field("key", &"*****")
+            .finish()
+    }
+}
+
+/// Counts for the overview page.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Overview {
+    /// Subscriptions, active ones.
+    pub subscriptions: usize,
+    /// Access rules.
+    pub access_rules: usize,
+    /// Backend pools.
+    pub pools: usize,
+    /// Registered gateways.
+    pub gateways: usize,
+    /// Gateways not running the newest version.
+    pub lagging_gateways: usize,
+    /// The newest published version.
+    pub current_version: Option<i64>,
+}
+
+/// A subscription id: 1–64 of letters, digits, `.`, `_`, `-`.
+fn valid_id(field: &'static str, id: &str) -> Result<(), PortalError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(PortalError::invalid(
+            field,
+            "use 1 to 64 letters, digits, dots, underscores or hyphens",
+        ))
+    }
+}
+
+fn expiry(text: &str) -> Result<Option<OffsetDateTime>, PortalError> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let format = time::macros::format_description!("[year]-[month]-[day]");
+    let date = Date::parse(text, format)
+        .map_err(|_| PortalError::invalid("expires_on", "a date as YYYY-MM-DD"))?;
+    let at = date.with_time(Time::MAX).assume_utc();
+    if at <= OffsetDateTime::now_utc() {
+        return Err(PortalError::invalid("expires_on", "a date in the future"));
+    }
+    Ok(Some(at))
+}
+
+fn json_of<T: Serialize>(value: &T) -> Option<String> {
+    serde_json::to_string(value).ok()
+}
+
+impl Portal {
+    /// Counts for the overview: any signed-in role.
+    pub async fn overview(&self, user: Option<&SessionUser>) -> Result<Overview, PortalError> {
+        require(user, &Role::ALL)?;
+        let gateways = self.db.gateways().await?;
+        let current_version = self.db.latest_snapshot().await?.map(|row| row.version);
+        Ok(Overview {
+            subscriptions: self.db.subscriptions().await?.len(),
+            access_rules: self.db.access_rules().await?.len(),
+            pools: self.db.pools().await?.len(),
+            lagging_gateways: gateways
+                .iter()
+                .filter(|g| current_version.is_some_and(|v| g.pushed_version.unwrap_or(0) < v))
+                .count(),
+            gateways: gateways.len(),
+            current_version,
+        })
+    }
+
+    /// Every subscription (key hashes only): Admin.
+    pub async fn subscriptions(
+        &self,
+        user: Option<&SessionUser>,
+    ) -> Result<Vec<SubscriptionRow>, PortalError> {
+        require(user, &[Role::Admin])?;
+        self.db.subscriptions().await
+    }
+
+    /// Creates a subscription with a new primary key, returned once: Admin.
+    pub async fn create_subscription(
+        &self,
+        user: Option<&SessionUser>,
+        input: NewSubscription,
+    ) -> Result<IssuedKey, PortalError> {
+        let user = require(user, &[Role::Admin])?;
+        let id = input.id.trim().to_owned();
+        valid_id("id", &id)?;
+        let display_name = input.display_name.trim().to_owned();
+        if display_name.is_empty() || display_name.chars().count() > 200 {
+            return Err(PortalError::invalid(
+                "display_name",
+                "a name of 1 to 200 characters",
+            ));
+        }
+        let product = Some(input.product.trim().to_owned()).filter(|p| !p.is_empty());
+        if product.as_ref().is_some_and(|p| p.chars().count() > 200) {
+            return Err(PortalError::invalid("product", "at most 200 characters"));
+        }
+        let expires_at = expiry(&input.expires_on)?;
+        let key = generate_key();
+        let now = OffsetDateTime::now_utc();
+        let row = SubscriptionRow {
+            id: id.clone(),
+            display_name,
+            product,
+            primary_key_hash: hash_key(&key).to_string(),
+            secondary_key_hash: None,
+            state: "active".to_owned(),
+            expires_at,
+            created_at: now,
+            created_by: user.actor(),
+            updated_at: now,
+        };
+        self.db
+            .insert_subscription(
+                &row,
+                NewActivity {
+                    actor: &user.actor(),
+                    action: "subscription.create",
+                    target: &id,
+                    before: None,
+                    after: json_of(&row),
+                },
+            )
+            .await?;
+        self.publisher.publish(&user.actor()).await?;
+        Ok(IssuedKey {
+            subscription: id,
+            key,
+        })
+    }
+
+    async fn change_subscription(
+        &self,
+        user: &SessionUser,
+        id: &str,
+        action: &str,
+        change: impl FnOnce(&mut SubscriptionRow) -> Result<(), PortalError>,
+    ) -> Result<(), PortalError> {
+        let before = self
+            .db
+            .subscription(id)
+            .await?
+            .ok_or_else(|| PortalError::NotFound(format!("subscription {id}")))?;
+        let mut after = before.clone();
+        change(&mut after)?;
+        after.updated_at = OffsetDateTime::now_utc();
+        self.db
+            .update_subscription(
+                &after,
+                NewActivity {
+                    actor: &user.actor(),
+                    action,
+                    target: id,
+                    before: json_of(&before),
+                    after: json_of(&after),
+                },
+            )
+            .await?;
+        self.publisher.publish(&user.actor()).await?;
+        Ok(())
+    }
+
+    /// Rotates a subscription's key with overlap: a new primary key is issued (returned once) and
+    /// the old primary stays valid as the secondary until [`Portal::retire_secondary_key`]: Admin.
+    pub async fn rotate_subscription_key(
+        &self,
+        user: Option<&SessionUser>,
+        id: &str,
+    ) -> Result<IssuedKey, PortalError> {
+        let user = require(user, &[Role::Admin])?;
+        let key = generate_key();
+        let hash = hash_key(&key).to_string();
+        self.change_subscription(user, id, "subscription.rotate", |row| {
+            if row.state == "revoked" {
+                return Err(PortalError::invalid("id", "the subscription is revoked"));
+            }
+            row.secondary_key_hash = Some(std::mem::replace(&mut row.primary_key_hash, hash));
+            Ok(())
+        })
+        .await?;
+        Ok(IssuedKey {
+            subscription: id.to_owned(),
+            key,
+        })
+    }
+
+    /// Ends a rotation's overlap: the secondary (previous) key stops working: Admin.
+    pub async fn retire_secondary_key(
+        &self,
+        user: Option<&SessionUser>,
+        id: &str,
+    ) -> Result<(), PortalError> {
+        let user = require(user, &[Role::Admin])?;
+        self.change_subscription(user, id, "subscription.retire_secondary", |row| {
+            row.secondary_key_hash = None;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Revokes a subscription: its keys are refused from the next snapshot on: Admin.
+    pub async fn revoke_subscription(
+        &self,
+        user: Option<&SessionUser>,
+        id: &str,
+    ) -> Result<(), PortalError> {
+        let user = require(user, &[Role::Admin])?;
+        self.change_subscription(user, id, "subscription.revoke", |row| {
+            row.state = "revoked".to_owned();
+            Ok(())
+        })
+        .await
+    }
+
+    /// The registered gateways: Admin.
+    pub async fn gateways(
+        &self,
+        user: Option<&SessionUser>,
+    ) -> Result<(Option<i64>, Vec<GatewayRow>), PortalError> {
+        require(user, &[Role::Admin])?;
+        let current = self.db.latest_snapshot().await?.map(|row| row.version);
+        Ok((current, self.db.gateways().await?))
+    }
+
+    /// Registers a gateway (its admin token as a secret reference) and pushes to it: Admin.
+    pub async fn register_gateway(
+        &self,
+        user: Option<&SessionUser>,
+        id: &str,
+        url: &str,
+        admin_token_ref: &str,
+    ) -> Result<Vec<PushOutcome>, PortalError> {
+        let user = require(user, &[Role::Admin])?;
+        let id = id.trim();
+        valid_id("id", id)?;
+        let parsed = url::Url::parse(url.trim())
+            .map_err(|_| PortalError::invalid("url", "an http:// or https:// URL"))?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.cannot_be_a_base() {
+            return Err(PortalError::invalid("url", "an http:// or https:// URL"));
+        }
+        let reference = SecretRef::try_from(admin_token_ref.trim().to_owned())
+            .map_err(|error| PortalError::invalid("admin_token_ref", error))?;
+        self.db
+            .upsert_gateway(
+                id,
+                parsed.as_str(),
+                reference.as_str(),
+                NewActivity {
+                    actor: &user.actor(),
+                    action: "gateway.register",
+                    target: id,
+                    before: None,
+                    after: json_of(&serde_json::json!({"url": parsed.as_str(), "admin_token_ref": reference.as_str()})),
+                },
+            )
+            .await?;
+        if self.db.latest_snapshot().await?.is_none() {
+            return Ok(self.publisher.publish(&user.actor()).await?.1);
+        }
+        self.publisher.push_current().await
+    }
+
+    /// Pushes the current version to every gateway that lags, now: Admin.
+    pub async fn push_now(
+        &self,
+        user: Option<&SessionUser>,
+    ) -> Result<Vec<PushOutcome>, PortalError> {
+        require(user, &[Role::Admin])?;
+        self.publisher.push_current().await
+    }
+
+    /// The newest changes: Admin and Auditor.
+    pub async fn activity(
+        &self,
+        user: Option<&SessionUser>,
+        limit: i64,
+    ) -> Result<Vec<ActivityRow>, PortalError> {
+        require(user, &[Role::Admin, Role::Auditor])?;
+        self.db.activity(limit.clamp(1, 1000)).await
+    }
+}

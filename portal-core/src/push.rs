@@ -1,0 +1,158 @@
+//! Publishing: every change becomes a new versioned snapshot, pushed to every registered
+//! gateway's `PUT /_gatehouse/config`. A gateway that could not take it (down, refusing) keeps
+//! its old version, the failure is recorded, and [`Publisher::spawn_catch_up`] pushes the
+//! current version again until it does.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use gatehouse_schema::config::SecretRef;
+use reqwest::StatusCode;
+use tokio::sync::Mutex;
+use url::Url;
+
+use crate::db::{ConfigDb, GatewayRow};
+use crate::error::PortalError;
+use crate::{secret, snapshot};
+
+/// The gateway's config endpoint, as path segments under its base URL.
+const CONFIG_PATH_SEGMENTS: [&str; 2] = ["_gatehouse", "config"];
+
+/// Longest part of a gateway's error answer kept in the database.
+const MAX_ERROR_CHARS: usize = 300;
+
+/// What happened when one gateway was offered one version.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PushOutcome {
+    /// The gateway's id.
+    pub gateway: String,
+    /// `Ok` when it runs the version now; the reason otherwise.
+    pub result: Result<u64, String>,
+}
+
+/// Builds, stores and pushes snapshots. One publish at a time, so versions are consecutive.
+#[derive(Debug)]
+pub struct Publisher {
+    db: ConfigDb,
+    http: reqwest::Client,
+    writing: Mutex<()>,
+}
+
+impl Publisher {
+    /// A publisher on `db`, pushing with a client that times out after `timeout`.
+    pub fn new(db: ConfigDb, timeout: Duration) -> Result<Publisher, PortalError> {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .build()
+            .map_err(|error| PortalError::Corrupt(format!("HTTP client: {error}")))?;
+        Ok(Publisher {
+            db,
+            http,
+            writing: Mutex::new(()),
+        })
+    }
+
+    /// Builds the next version from the database, stores it and pushes it to every gateway.
+    pub async fn publish(&self, actor: &str) -> Result<(u64, Vec<PushOutcome>), PortalError> {
+        let version = {
+            let _writing = self.writing.lock().await;
+            let latest = self
+                .db
+                .latest_snapshot()
+                .await?
+                .map_or(0, |row| row.version);
+            let version = u64::try_from(latest).unwrap_or(0) + 1;
+            let built = snapshot::build(&self.db, version).await?;
+            let text = serde_json::to_string(&built)
+                .map_err(|error| PortalError::Corrupt(format!("snapshot: {error}")))?;
+            self.db
+                .insert_snapshot(i64::try_from(version).unwrap_or(i64::MAX), &text, actor)
+                .await?;
+            version
+        };
+        tracing::info!(version, actor, "configuration published");
+        Ok((version, self.push_current().await?))
+    }
+
+    /// Pushes the newest stored version to every gateway that does not run it yet.
+    pub async fn push_current(&self) -> Result<Vec<PushOutcome>, PortalError> {
+        let Some(latest) = self.db.latest_snapshot().await? else {
+            return Ok(Vec::new());
+        };
+        let mut outcomes = Vec::new();
+        for gateway in self.db.gateways().await? {
+            if gateway.pushed_version.is_some_and(|v| v >= latest.version) {
+                continue;
+            }
+            let result = self.push_to(&gateway, &latest.snapshot).await;
+            let version = u64::try_from(latest.version).unwrap_or(0);
+            match &result {
+                Ok(()) => {
+                    self.db
+                        .record_push(&gateway.id, Some(latest.version), None)
+                        .await?
+                }
+                Err(error) => {
+                    tracing::warn!(gateway = %gateway.id, version, %error, "push failed; will retry");
+                    self.db.record_push(&gateway.id, None, Some(error)).await?
+                }
+            }
+            outcomes.push(PushOutcome {
+                gateway: gateway.id,
+                result: result.map(|()| version),
+            });
+        }
+        Ok(outcomes)
+    }
+
+    async fn push_to(&self, gateway: &GatewayRow, snapshot_json: &str) -> Result<(), String> {
+        let reference = SecretRef::try_from(gateway.admin_token_ref.clone())
+            .map_err(|error| format!("admin token reference: {error}"))?;
+        let token = secret::resolve(&reference).await?;
+        let mut url = Url::parse(&gateway.url).map_err(|error| format!("gateway URL: {error}"))?;
+        url.path_segments_mut()
+            .map_err(|()| "gateway URL cannot have a path".to_owned())?
+            .pop_if_empty()
+            .extend(CONFIG_PATH_SEGMENTS);
+        let response = self
+            .http
+            .put(url)
+            .bearer_auth(token)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(snapshot_json.to_owned())
+            .send()
+            .await
+            .map_err(|error| format!("unreachable: {}", without_url(&error)))?;
+        let status = response.status();
+        if status == StatusCode::OK {
+            return Ok(());
+        }
+        let body = response.text().await.unwrap_or_default();
+        let body: String = body.chars().take(MAX_ERROR_CHARS).collect();
+        Err(format!("refused with {status}: {body}"))
+    }
+
+    /// Every `every`, pushes the current version to the gateways that lag.
+    pub fn spawn_catch_up(self: Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                if let Err(error) = self.push_current().await {
+                    tracing::warn!(%error, "catch-up push failed");
+                }
+            }
+        })
+    }
+}
+
+fn without_url(error: &reqwest::Error) -> String {
+    // The URL is shown beside the error already; reqwest's message repeats it.
+    let mut text = error.to_string();
+    if let Some(url) = error.url() {
+        text = text.replace(url.as_str(), "the gateway");
+    }
+    text
+}

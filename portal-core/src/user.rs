@@ -1,0 +1,113 @@
+//! The signed-in user, as kept in the session, and the role checks every operation makes.
+
+use gatehouse_schema::portal::Role;
+use serde::{Deserialize, Serialize};
+use time::{Duration, OffsetDateTime};
+use tower_sessions::Session;
+
+use crate::error::PortalError;
+
+/// The session key under which the signed-in user is kept.
+pub const SESSION_USER_KEY: &str = "gatehouse.user";
+
+/// Who is signed in: taken from a validated ID token (or the dev sign-in) at sign-in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionUser {
+    /// The issuer's subject (`oid` for Entra ID, else `sub`).
+    pub subject: String,
+    /// A name to show and to write in the activity log.
+    pub name: String,
+    /// The user's portal roles.
+    pub roles: Vec<Role>,
+    /// For a team lead: the group ids they lead.
+    #[serde(default)]
+    pub led_groups: Vec<String>,
+    /// When the user signed in; the absolute session timeout counts from here.
+    #[serde(with = "time::serde::rfc3339")]
+    pub signed_in_at: OffsetDateTime,
+    /// Whether this session came from the development sign-in.
+    #[serde(default)]
+    pub dev: bool,
+}
+
+impl SessionUser {
+    /// Whether the user holds `role` (Admin holds every role).
+    pub fn has(&self, role: Role) -> bool {
+        self.roles.contains(&Role::Admin) || self.roles.contains(&role)
+    }
+
+    /// The activity-log name of the user: their name and subject.
+    pub fn actor(&self) -> String {
+        if self.dev {
+            format!("{} (dev sign-in)", self.name)
+        } else {
+            format!("{} <{}>", self.name, self.subject)
+        }
+    }
+}
+
+/// Succeeds when someone is signed in and holds one of `roles`.
+pub fn require<'a>(
+    user: Option<&'a SessionUser>,
+    roles: &[Role],
+) -> Result<&'a SessionUser, PortalError> {
+    let user = user.ok_or(PortalError::NotSignedIn)?;
+    if roles.iter().any(|role| user.has(*role)) {
+        Ok(user)
+    } else {
+        Err(PortalError::Forbidden)
+    }
+}
+
+/// The signed-in user of a session; a session older than `absolute` is ended here.
+pub async fn current_user(
+    session: &Session,
+    absolute: Duration,
+) -> Result<Option<SessionUser>, PortalError> {
+    let user: Option<SessionUser> = session
+        .get(SESSION_USER_KEY)
+        .await
+        .map_err(|error| PortalError::Corrupt(format!("session: {error}")))?;
+    match user {
+        Some(user) if OffsetDateTime::now_utc() - user.signed_in_at > absolute => {
+            session
+                .flush()
+                .await
+                .map_err(|error| PortalError::Corrupt(format!("session: {error}")))?;
+            Ok(None)
+        }
+        other => Ok(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(roles: &[Role]) -> SessionUser {
+        SessionUser {
+            subject: "s".into(),
+            name: "n".into(),
+            roles: roles.to_vec(),
+            led_groups: vec![],
+            signed_in_at: OffsetDateTime::now_utc(),
+            dev: false,
+        }
+    }
+
+    #[test]
+    fn admin_holds_every_role_and_others_only_their_own() {
+        let admin = user(&[Role::Admin]);
+        let auditor = user(&[Role::Auditor]);
+        assert!(require(Some(&admin), &[Role::Auditor]).is_ok());
+        assert!(require(Some(&auditor), &[Role::Auditor]).is_ok());
+        assert!(matches!(
+            require(Some(&auditor), &[Role::Admin]),
+            Err(PortalError::Forbidden)
+        ));
+        assert!(matches!(
+            require(None, &[Role::Viewer]),
+            Err(PortalError::NotSignedIn)
+        ));
+    }
+}

@@ -1,0 +1,322 @@
+//! Publishing to real in-process gateways: a change reaches every gateway at once, the key the
+//! portal issued works there (and stops working when revoked), and a gateway that was down
+//! during a change catches up when it is back.
+#![expect(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gatehouse_gateway::secret::Secret;
+use gatehouse_gateway::server::{self, Listening};
+use gatehouse_gateway::{Gateway, GatewayParts, SecretSettings};
+use gatehouse_portal_core::db::{AccessRuleRow, MemberRow, NewActivity, PoolRow};
+use gatehouse_portal_core::ops::{NewSubscription, PortalSettings};
+use gatehouse_portal_core::push::Publisher;
+use gatehouse_portal_core::{ConfigDb, Portal, SessionUser};
+use gatehouse_schema::ConfigSnapshot;
+use gatehouse_schema::portal::Role;
+use gatehouse_simulator::{RunningSimulator, Simulator, SimulatorConfig};
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+
+const ADMIN_TOKEN: &str = "portal-test-admin-token-0123456789";
+
+struct TestGateway {
+    url: String,
+    listening: Listening,
+    _state: tempfile::TempDir,
+}
+
+async fn gateway_at(addr: SocketAddr) -> TestGateway {
+    let state = tempfile::tempdir().unwrap();
+    let snapshot: ConfigSnapshot = serde_json::from_value(json!({"version": 0})).unwrap();
+    let gateway = Gateway::new(GatewayParts {
+        id: "portal-test".to_owned(),
+        snapshot,
+        state_dir: state.path().to_path_buf(),
+        admin_token: Some(Secret::new(ADMIN_TOKEN.to_owned())),
+        audit: None,
+        access_log: false,
+        limits: Default::default(),
+        secrets: SecretSettings::default(),
+    })
+    .await
+    .unwrap();
+    let (listening, _task) = server::spawn(gateway, addr, None).await.unwrap();
+    TestGateway {
+        url: format!("http://{}", listening.addr),
+        listening,
+        _state: state,
+    }
+}
+
+async fn simulator() -> RunningSimulator {
+    Simulator::start(
+        SimulatorConfig {
+            id: "sim".to_owned(),
+            ..SimulatorConfig::default()
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap()
+}
+
+fn admin() -> SessionUser {
+    SessionUser {
+        subject: "admin-oid".into(),
+        name: "Ada Admin".into(),
+        roles: vec![Role::Admin],
+        led_groups: vec![],
+        signed_in_at: OffsetDateTime::now_utc(),
+        dev: false,
+    }
+}
+
+fn portal(db: &ConfigDb) -> Portal {
+    Portal {
+        db: db.clone(),
+        publisher: Arc::new(Publisher::new(db.clone(), Duration::from_secs(5)).unwrap()),
+        settings: PortalSettings::default(),
+    }
+}
+
+async fn running_config(url: &str) -> Value {
+    reqwest::Client::new()
+        .get(format!("{url}/_gatehouse/config"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn chat(url: &str, deployment: &str, key: &str) -> u16 {
+    reqwest::Client::new()
+        .post(format!(
+            "{url}/openai/deployments/{deployment}/chat/completions?api-version=2024-10-21"
+        ))
+        .header("api-key", key)
+        .json(&json!({"messages": [{"role": "user", "content": "hello"}]}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+fn free_port() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
+
+async fn seed_pool_and_rule(db: &ConfigDb, simulator: &RunningSimulator, subscription: &str) {
+    let activity = |action: &'static str| NewActivity {
+        actor: "seed",
+        action,
+        target: "seed",
+        before: None,
+        after: None,
+    };
+    db.replace_pool(
+        &PoolRow {
+            id: "sim".into(),
+            deployments: "[\"gpt-4o\", \"gpt-4o-mini\"]".into(),
+            serves_resources: false,
+        },
+        &[MemberRow {
+            pool_id: "sim".into(),
+            id: "sim".into(),
+            kind: "azure_openai".into(),
+            endpoint: simulator.url(),
+            deployment: None,
+            api_version: None,
+            priority: 1,
+            weight: 1,
+            credential: "{\"type\":\"none\"}".into(),
+        }],
+        activity("pool.replace"),
+    )
+    .await
+    .unwrap();
+    db.upsert_access_rule(
+        &AccessRuleRow {
+            id: "team-a-gpt-4o".into(),
+            grantee_kind: "subscription".into(),
+            grantee_id: subscription.into(),
+            grantee_display_name: String::new(),
+            deployments: "[\"gpt-4o\"]".into(),
+            operations: "[]".into(),
+            resources: false,
+        },
+        activity("rule.create"),
+    )
+    .await
+    .unwrap();
+}
+
+async fn publish_reaches_gateways(db: ConfigDb) {
+    // The portal stores a reference to the gateway's admin token, never the token.
+    let secrets = tempfile::tempdir().unwrap();
+    let token_file = secrets.path().join("admin-token");
+    std::fs::write(&token_file, format!("{ADMIN_TOKEN}\n")).unwrap();
+    let token_ref = format!("file:{}", token_file.display());
+    let simulator = simulator().await;
+    let up = gateway_at("127.0.0.1:0".parse().unwrap()).await;
+    let down_addr = free_port();
+    let portal = portal(&db);
+    let user = admin();
+
+    portal
+        .register_gateway(Some(&user), "up", &up.url, &token_ref)
+        .await
+        .unwrap();
+    let outcomes = portal
+        .register_gateway(
+            Some(&user),
+            "down",
+            &format!("http://{down_addr}"),
+            &token_ref,
+        )
+        .await
+        .unwrap();
+    assert!(
+        outcomes.iter().all(|o| o.gateway != "up"),
+        "up is current already"
+    );
+    assert!(
+        outcomes
+            .iter()
+            .any(|o| o.gateway == "down" && o.result.is_err())
+    );
+
+    seed_pool_and_rule(&db, &simulator, "team-a").await;
+    let issued = portal
+        .create_subscription(
+            Some(&user),
+            NewSubscription {
+                id: "team-a".into(),
+                display_name: "Team A".into(),
+                product: "research".into(),
+                expires_on: String::new(),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(issued.key.starts_with("ghk_"));
+
+    let current = db.latest_snapshot().await.unwrap().unwrap().version;
+    let running = running_config(&up.url).await;
+    assert_eq!(running["version"], json!(current));
+    assert!(
+        !running.to_string().contains(&issued.key),
+        "only the hash travels"
+    );
+    assert_eq!(chat(&up.url, "gpt-4o", &issued.key).await, 200);
+    assert_eq!(
+        chat(&up.url, "gpt-4o-mini", &issued.key).await,
+        403,
+        "no rule grants it"
+    );
+
+    let gateways = db.gateways().await.unwrap();
+    let down = gateways.iter().find(|g| g.id == "down").unwrap();
+    assert_eq!(down.pushed_version, None);
+    assert!(
+        down.last_error
+            .as_deref()
+            .unwrap()
+            .starts_with("unreachable")
+    );
+
+    // The gateway comes up; the catch-up task brings it to the current version.
+    let late = gateway_at(down_addr).await;
+    let catch_up = Arc::clone(&portal.publisher).spawn_catch_up(Duration::from_millis(100));
+    let mut caught_up = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let row = db
+            .gateways()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|g| g.id == "down")
+            .unwrap();
+        if row.pushed_version == Some(current) {
+            assert_eq!(row.last_error, None);
+            caught_up = true;
+            break;
+        }
+    }
+    catch_up.abort();
+    assert!(caught_up, "the gateway that was down caught up");
+    assert_eq!(running_config(&late.url).await["version"], json!(current));
+    assert_eq!(chat(&late.url, "gpt-4o", &issued.key).await, 200);
+
+    // Revoking reaches both gateways at once.
+    portal
+        .revoke_subscription(Some(&user), "team-a")
+        .await
+        .unwrap();
+    assert_eq!(chat(&up.url, "gpt-4o", &issued.key).await, 401);
+    assert_eq!(chat(&late.url, "gpt-4o", &issued.key).await, 401);
+
+    // Rotation with overlap: the old key keeps working until it is retired.
+    portal
+        .create_subscription(
+            Some(&user),
+            NewSubscription {
+                id: "team-b".into(),
+                display_name: "Team B".into(),
+                ..NewSubscription::default()
+            },
+        )
+        .await
+        .map(|_| ())
+        .unwrap();
+    seed_pool_and_rule(&db, &simulator, "team-b").await;
+    let first = portal
+        .rotate_subscription_key(Some(&user), "team-b")
+        .await
+        .unwrap();
+    let second = portal
+        .rotate_subscription_key(Some(&user), "team-b")
+        .await
+        .unwrap();
+    assert_eq!(chat(&up.url, "gpt-4o", &second.key).await, 200);
+    assert_eq!(
+        chat(&up.url, "gpt-4o", &first.key).await,
+        200,
+        "the previous key overlaps"
+    );
+    portal
+        .retire_secondary_key(Some(&user), "team-b")
+        .await
+        .unwrap();
+    assert_eq!(chat(&up.url, "gpt-4o", &first.key).await, 401);
+    assert_eq!(chat(&up.url, "gpt-4o", &second.key).await, 200);
+
+    let log = db.activity(50).await.unwrap();
+    assert!(
+        log.iter()
+            .any(|e| e.action == "subscription.revoke" && e.actor == "Ada Admin <admin-oid>")
+    );
+    drop((up.listening, late.listening));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_changes_reach_every_gateway_and_a_down_one_catches_up() {
+    let test = common::sqlite().await;
+    publish_reaches_gateways(test.db.clone()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_changes_reach_every_gateway_and_a_down_one_catches_up() {
+    let test = common::postgres().await;
+    publish_reaches_gateways(test.db.clone()).await;
+}

@@ -1,0 +1,202 @@
+//! The sign-in routes: OpenID Connect redirect and callback, sign-out, and the development
+//! sign-in (routed only when enabled; the server refuses to start it off loopback).
+
+use std::sync::Arc;
+
+use axum::extract::{Form, Query};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Router};
+use gatehouse_portal_core::SessionUser;
+use gatehouse_portal_core::user::SESSION_USER_KEY;
+use gatehouse_schema::portal::Role;
+use http::StatusCode;
+use leptos::config::LeptosOptions;
+use serde::Deserialize;
+use time::OffsetDateTime;
+use tower_sessions::Session;
+
+use crate::oidc::{Oidc, PendingSignIn};
+
+/// Path of the OpenID Connect redirect URI.
+pub const CALLBACK_PATH: &str = "/auth/callback";
+const PENDING_KEY: &str = "gatehouse.oidc_pending";
+
+/// What the sign-in routes need.
+#[derive(Debug)]
+pub struct AuthState {
+    /// The OpenID Connect relying party, if configured.
+    pub oidc: Option<Arc<Oidc>>,
+    /// Whether the development sign-in is on.
+    pub dev_sign_in: bool,
+}
+
+/// The sign-in routes.
+pub fn routes(dev_sign_in: bool) -> Router<LeptosOptions> {
+    let router = Router::new()
+        .route("/auth/sign-in", get(sign_in))
+        .route(CALLBACK_PATH, get(callback))
+        .route("/auth/sign-out", post(sign_out));
+    if dev_sign_in {
+        router.route("/auth/dev", post(dev_sign_in_handler))
+    } else {
+        router
+    }
+}
+
+fn page(status: StatusCode, message: &str) -> Response {
+    // Plain text: nothing here is rendered as HTML.
+    (status, message.to_owned()).into_response()
+}
+
+fn session_failed(error: impl std::fmt::Display) -> Response {
+    tracing::error!(%error, "session store failed");
+    page(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "The session store failed; try again.",
+    )
+}
+
+/// A local path to return to: anything else (another host, `//host`) becomes `/`.
+fn local_path(path: Option<String>) -> String {
+    match path {
+        Some(path) if path.starts_with('/') && !path.starts_with("//") && !path.contains('\\') => {
+            path
+        }
+        _ => "/".to_owned(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct SignInQuery {
+    #[serde(default)]
+    return_to: Option<String>,
+}
+
+async fn sign_in(
+    Extension(auth): Extension<Arc<AuthState>>,
+    session: Session,
+    Query(query): Query<SignInQuery>,
+) -> Response {
+    let Some(oidc) = &auth.oidc else {
+        if auth.dev_sign_in {
+            return Redirect::to("/").into_response();
+        }
+        return page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Sign-in is not configured on this portal.",
+        );
+    };
+    let (url, pending) = oidc.start(local_path(query.return_to));
+    if let Err(error) = session.insert(PENDING_KEY, &pending).await {
+        return session_failed(error);
+    }
+    Redirect::to(url.as_str()).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct CallbackQuery {
+    #[serde(default)]
+    code: Option<String>,
+    #[serde(default)]
+    state: Option<String>,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+async fn callback(
+    Extension(auth): Extension<Arc<AuthState>>,
+    session: Session,
+    Query(query): Query<CallbackQuery>,
+) -> Response {
+    let Some(oidc) = &auth.oidc else {
+        return page(StatusCode::NOT_FOUND, "Sign-in is not configured.");
+    };
+    let pending: Option<PendingSignIn> = match session.remove(PENDING_KEY).await {
+        Ok(pending) => pending,
+        Err(error) => return session_failed(error),
+    };
+    let Some(pending) = pending else {
+        return page(
+            StatusCode::BAD_REQUEST,
+            "No sign-in is in progress in this browser; start again from the portal.",
+        );
+    };
+    if let Some(error) = query.error {
+        tracing::warn!(%error, "the identity provider refused the sign-in");
+        return page(
+            StatusCode::FORBIDDEN,
+            "The identity provider refused the sign-in.",
+        );
+    }
+    let (Some(code), Some(state)) = (query.code, query.state) else {
+        return page(StatusCode::BAD_REQUEST, "The callback lacks code or state.");
+    };
+    let user = match oidc.finish(&pending, &code, &state).await {
+        Ok(user) => user,
+        Err(crate::oidc::SignInError::NoRole) => {
+            return page(
+                StatusCode::FORBIDDEN,
+                "Your account holds no Gatehouse portal role; ask an administrator.",
+            );
+        }
+        Err(error) => {
+            tracing::warn!(%error, "sign-in failed");
+            return page(StatusCode::FORBIDDEN, "Sign-in failed.");
+        }
+    };
+    start_session(&session, &user, &pending.return_to).await
+}
+
+async fn start_session(session: &Session, user: &SessionUser, return_to: &str) -> Response {
+    // A new id at sign-in: a session id planted before sign-in is worthless after it.
+    if let Err(error) = session.cycle_id().await {
+        return session_failed(error);
+    }
+    if let Err(error) = session.insert(SESSION_USER_KEY, user).await {
+        return session_failed(error);
+    }
+    tracing::info!(subject = %user.subject, roles = ?user.roles, dev = user.dev, "signed in");
+    Redirect::to(return_to).into_response()
+}
+
+async fn sign_out(session: Session) -> Response {
+    if let Err(error) = session.flush().await {
+        return session_failed(error);
+    }
+    Redirect::to("/").into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct DevSignIn {
+    role: String,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+async fn dev_sign_in_handler(
+    Extension(auth): Extension<Arc<AuthState>>,
+    session: Session,
+    Form(form): Form<DevSignIn>,
+) -> Response {
+    if !auth.dev_sign_in {
+        return page(StatusCode::NOT_FOUND, "Not found.");
+    }
+    let Some(role) = Role::parse(&form.role) else {
+        return page(StatusCode::UNPROCESSABLE_ENTITY, "role: unknown role");
+    };
+    let name = form
+        .name
+        .map(|n| n.trim().chars().take(100).collect::<String>())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| format!("dev {}", role.as_str()));
+    let user = SessionUser {
+        subject: format!("dev:{}", role.as_str()),
+        name,
+        roles: vec![role],
+        led_groups: Vec::new(),
+        signed_in_at: OffsetDateTime::now_utc(),
+        dev: true,
+    };
+    start_session(&session, &user, "/").await
+}

@@ -1,0 +1,193 @@
+//! The Gatehouse portal server: axum + leptos_axum around the app, OpenID Connect sign-in,
+//! sessions in the config database, security headers, and the publisher that pushes snapshots to
+//! the gateways.
+//!
+//! Layers, outermost first: security headers → Origin check (state-changing requests) →
+//! sessions → the portal state as request extensions → routes (`/auth/*`, server functions under
+//! `/api/*`, pages, static files).
+
+pub mod auth;
+pub mod oidc;
+pub mod security;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::{Extension, Router};
+use gatehouse_portal_app::{App, shell};
+use gatehouse_portal_core::db::Engine;
+use gatehouse_portal_core::ops::PortalSettings;
+use gatehouse_portal_core::push::Publisher;
+use gatehouse_portal_core::{ConfigDb, Portal};
+use leptos::config::LeptosOptions;
+use leptos_axum::{LeptosRoutes, generate_route_list};
+use tower_sessions::cookie::SameSite;
+use tower_sessions::{Expiry, SessionManagerLayer, SessionStore};
+use tower_sessions_sqlx_store::{PostgresStore, SqliteStore};
+use url::Url;
+
+use crate::auth::AuthState;
+use crate::oidc::{Oidc, OidcSettings};
+
+/// Name of the session cookie.
+pub const SESSION_COOKIE: &str = "gatehouse_session";
+
+/// Everything the portal server needs to start.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// `sqlite:PATH` or `postgres://…`.
+    pub database: String,
+    /// The URL browsers use to reach the portal: the redirect URI, the allowed Origin, and
+    /// whether cookies are `Secure` (https).
+    pub public_url: Url,
+    /// OpenID Connect sign-in; `None` leaves only the dev sign-in (if enabled).
+    pub oidc: Option<OidcSettings>,
+    /// The development sign-in: refused unless `listen` is a loopback address.
+    pub dev_sign_in: bool,
+    /// A session unused this long ends.
+    pub session_idle: Duration,
+    /// A session this old ends, however active.
+    pub session_absolute: Duration,
+    /// How often gateways that lag are offered the current version again.
+    pub push_retry: Duration,
+    /// Gateways to register at start (id, URL, admin-token secret reference).
+    pub gateways: Vec<(String, String, String)>,
+    /// Leptos' site settings (output name, site root, package directory).
+    pub leptos: LeptosOptions,
+}
+
+/// A built portal: the router and the state behind it.
+#[derive(Debug, Clone)]
+pub struct PortalServer {
+    /// The whole HTTP application.
+    pub router: Router,
+    /// The state (database, publisher).
+    pub portal: Portal,
+}
+
+/// Opens the database (migrating it), discovers the OIDC issuer, and builds the router.
+pub async fn build(settings: Settings) -> anyhow::Result<PortalServer> {
+    if settings.dev_sign_in && !settings.listen.ip().is_loopback() {
+        anyhow::bail!(
+            "the development sign-in is only available when the portal listens on a loopback address, not {}",
+            settings.listen
+        );
+    }
+    let db = ConfigDb::open(&settings.database)
+        .await
+        .context("config database")?;
+    let publisher = Arc::new(Publisher::new(db.clone(), Duration::from_secs(10))?);
+    let portal = Portal {
+        db: db.clone(),
+        publisher,
+        settings: PortalSettings {
+            dev_sign_in: settings.dev_sign_in,
+            session_absolute: time::Duration::try_from(settings.session_absolute)
+                .context("session absolute timeout")?,
+        },
+    };
+    for (id, url, token_ref) in &settings.gateways {
+        portal
+            .db
+            .upsert_gateway(
+                id,
+                url,
+                token_ref,
+                gatehouse_portal_core::db::NewActivity {
+                    actor: "portal start-up",
+                    action: "gateway.register",
+                    target: id,
+                    before: None,
+                    after: serde_json::to_string(
+                        &serde_json::json!({"url": url, "admin_token_ref": token_ref}),
+                    )
+                    .ok(),
+                },
+            )
+            .await?;
+    }
+    let oidc = match &settings.oidc {
+        Some(oidc) => {
+            let mut redirect = settings.public_url.clone();
+            redirect.set_path(auth::CALLBACK_PATH);
+            Some(Arc::new(
+                Oidc::discover(oidc.clone(), redirect)
+                    .await
+                    .context("OpenID Connect issuer")?,
+            ))
+        }
+        None => None,
+    };
+    let auth = Arc::new(AuthState {
+        oidc,
+        dev_sign_in: settings.dev_sign_in,
+    });
+    let leptos_options = settings.leptos.clone();
+    let routes = generate_route_list(App);
+    let app: Router = Router::new()
+        .merge(auth::routes(settings.dev_sign_in))
+        .leptos_routes_with_context(&leptos_options, routes, leptos::nonce::provide_nonce, {
+            let options = leptos_options.clone();
+            move || shell(options.clone())
+        })
+        .fallback(leptos_axum::file_and_error_handler(shell))
+        .with_state(leptos_options)
+        .layer(Extension(portal.clone()))
+        .layer(Extension(auth));
+    let secure = settings.public_url.scheme() == "https";
+    let app = match &db.engine {
+        Engine::Sqlite(pool) => {
+            let store = SqliteStore::new(pool.clone());
+            store.migrate().await.context("session table")?;
+            with_sessions(app, store, &settings, secure)
+        }
+        Engine::Postgres(pool) => {
+            let store = PostgresStore::new(pool.clone());
+            store.migrate().await.context("session table")?;
+            with_sessions(app, store, &settings, secure)
+        }
+    };
+    let app = security::layers(app, &settings.public_url);
+    Ok(PortalServer {
+        router: app,
+        portal,
+    })
+}
+
+fn with_sessions<S>(app: Router, store: S, settings: &Settings, secure: bool) -> Router
+where
+    S: SessionStore + Clone,
+{
+    let idle = time::Duration::try_from(settings.session_idle).unwrap_or(time::Duration::HOUR);
+    app.layer(
+        SessionManagerLayer::new(store)
+            .with_name(SESSION_COOKIE)
+            .with_secure(secure)
+            .with_http_only(true)
+            .with_same_site(SameSite::Lax)
+            .with_path("/")
+            .with_expiry(Expiry::OnInactivity(idle)),
+    )
+}
+
+/// Serves the portal until the process is stopped; the catch-up push runs alongside.
+pub async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let listen = settings.listen;
+    let retry = settings.push_retry;
+    let server = build(settings).await?;
+    let _catch_up = Arc::clone(&server.portal.publisher).spawn_catch_up(retry);
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    tracing::info!(%listen, "portal listening");
+    axum::serve(listener, server.router)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}

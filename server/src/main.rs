@@ -1,0 +1,174 @@
+//! `gatehouse-portal`: the admin portal.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use gatehouse_portal::oidc::OidcSettings;
+use gatehouse_portal::{Settings, serve};
+use gatehouse_schema::config::SecretRef;
+use gatehouse_schema::portal::Role;
+use url::Url;
+
+/// The Gatehouse admin portal.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Where to listen.
+    #[arg(
+        long,
+        env = "GATEHOUSE_PORTAL_LISTEN",
+        default_value = "127.0.0.1:3000"
+    )]
+    listen: SocketAddr,
+    /// Config database: `sqlite:PATH` or `postgres://…`.
+    #[arg(
+        long,
+        env = "GATEHOUSE_PORTAL_DATABASE",
+        default_value = "sqlite:var/portal.db"
+    )]
+    database: String,
+    /// The URL browsers use to reach the portal (default: http://{listen}).
+    #[arg(long, env = "GATEHOUSE_PORTAL_PUBLIC_URL")]
+    public_url: Option<Url>,
+    /// OpenID Connect issuer, e.g. https://login.microsoftonline.com/{tenant}/v2.0.
+    #[arg(long, env = "GATEHOUSE_PORTAL_OIDC_ISSUER")]
+    oidc_issuer: Option<Url>,
+    /// The portal's client (application) id at the issuer.
+    #[arg(long, env = "GATEHOUSE_PORTAL_OIDC_CLIENT_ID")]
+    oidc_client_id: Option<String>,
+    /// Secret reference (env:NAME or file:PATH) of the client secret.
+    #[arg(long, env = "GATEHOUSE_PORTAL_OIDC_CLIENT_SECRET")]
+    oidc_client_secret: Option<String>,
+    /// Group→role mapping, `GROUP_OBJECT_ID=Role` separated by commas.
+    #[arg(long, env = "GATEHOUSE_PORTAL_GROUP_ROLES", default_value = "")]
+    group_roles: String,
+    /// Enable the development sign-in (only accepted on a loopback listen address).
+    #[arg(long, env = "GATEHOUSE_PORTAL_DEV_SIGN_IN")]
+    dev_sign_in: bool,
+    /// Minutes of inactivity after which a session ends.
+    #[arg(
+        long,
+        env = "GATEHOUSE_PORTAL_SESSION_IDLE_MINUTES",
+        default_value_t = 30
+    )]
+    session_idle_minutes: u64,
+    /// Hours after sign-in after which a session ends.
+    #[arg(
+        long,
+        env = "GATEHOUSE_PORTAL_SESSION_ABSOLUTE_HOURS",
+        default_value_t = 12
+    )]
+    session_absolute_hours: u64,
+    /// Seconds between pushes to gateways that lag.
+    #[arg(
+        long,
+        env = "GATEHOUSE_PORTAL_PUSH_RETRY_SECONDS",
+        default_value_t = 10
+    )]
+    push_retry_seconds: u64,
+    /// Register a gateway at start: `ID=URL=SECRET_REF` (repeatable).
+    #[arg(long = "gateway")]
+    gateways: Vec<String>,
+}
+
+fn group_roles(text: &str) -> anyhow::Result<HashMap<String, Role>> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (group, role) = pair
+                .split_once('=')
+                .with_context(|| format!("group role mapping `{pair}`: expected GROUP=Role"))?;
+            let role = Role::parse(role.trim())
+                .with_context(|| format!("group role mapping `{pair}`: unknown role"))?;
+            Ok((group.trim().to_owned(), role))
+        })
+        .collect()
+}
+
+fn gateway(text: &str) -> anyhow::Result<(String, String, String)> {
+    let mut parts = text.splitn(2, '=');
+    let id = parts.next().unwrap_or_default().to_owned();
+    let rest = parts
+        .next()
+        .context("--gateway: expected ID=URL=SECRET_REF")?;
+    let (url, token) = rest
+        .rsplit_once('=')
+        .context("--gateway: expected ID=URL=SECRET_REF")?;
+    SecretRef::try_from(token.to_owned())
+        .map_err(|error| anyhow::anyhow!("--gateway {id}: {error}"))?;
+    Ok((id, url.to_owned(), token.to_owned()))
+}
+
+async fn oidc(args: &Args) -> anyhow::Result<Option<OidcSettings>> {
+    let (Some(issuer), Some(client_id)) = (&args.oidc_issuer, &args.oidc_client_id) else {
+        return Ok(None);
+    };
+    let client_secret = match &args.oidc_client_secret {
+        Some(reference) => {
+            let reference = SecretRef::try_from(reference.clone())
+                .map_err(|error| anyhow::anyhow!("--oidc-client-secret: {error}"))?;
+            Some(
+                gatehouse_portal_core::secret::resolve(&reference)
+                    .await
+                    .map_err(|error| anyhow::anyhow!("--oidc-client-secret: {error}"))?,
+            )
+        }
+        None => None,
+    };
+    Ok(Some(OidcSettings {
+        issuer: issuer.clone(),
+        client_id: client_id.clone(),
+        client_secret,
+        group_roles: group_roles(&args.group_roles)?,
+        clock_skew: Duration::from_secs(60),
+    }))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,sqlx=warn".into()),
+        )
+        .init();
+    let args = Args::parse();
+    // cargo-leptos sets LEPTOS_* variables; outside it the defaults name the built site.
+    let mut leptos = leptos::config::get_configuration(None)
+        .map(|config| config.leptos_options)
+        .unwrap_or_else(|_| {
+            leptos::config::LeptosOptions::builder()
+                .output_name(gatehouse_portal_app::OUTPUT_NAME)
+                .site_root("target/site")
+                .build()
+        });
+    leptos.site_addr = args.listen;
+    let public_url = match &args.public_url {
+        Some(url) => url.clone(),
+        None => Url::parse(&format!("http://{}", args.listen)).context("public URL")?,
+    };
+    let settings = Settings {
+        listen: args.listen,
+        database: args.database.clone(),
+        public_url,
+        oidc: oidc(&args).await?,
+        dev_sign_in: args.dev_sign_in,
+        session_idle: Duration::from_secs(args.session_idle_minutes * 60),
+        session_absolute: Duration::from_secs(args.session_absolute_hours * 3600),
+        push_retry: Duration::from_secs(args.push_retry_seconds.max(1)),
+        gateways: args
+            .gateways
+            .iter()
+            .map(|text| gateway(text))
+            .collect::<anyhow::Result<_>>()?,
+        leptos,
+    };
+    if settings.oidc.is_none() && !settings.dev_sign_in {
+        tracing::warn!("no sign-in configured: set --oidc-issuer and --oidc-client-id");
+    }
+    serve(settings).await
+}

@@ -1,0 +1,379 @@
+//! Sign-in with OpenID Connect: authorization code + PKCE through the `oauth2` crate, `state`
+//! and `nonce` checked, the ID token validated (issuer, audience, RS256 signature from the
+//! issuer's JWKS, expiry), roles from the token's `roles` claim or a group→role mapping.
+//!
+//! Works with Microsoft Entra ID (issuer `https://login.microsoftonline.com/{tenant}/v2.0`) and
+//! any standard issuer that publishes `/.well-known/openid-configuration`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use gatehouse_portal_core::SessionUser;
+use gatehouse_schema::portal::Role;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use oauth2::basic::{
+    BasicErrorResponse, BasicRevocationErrorResponse, BasicTokenIntrospectionResponse,
+    BasicTokenType,
+};
+use oauth2::{
+    AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken, EndpointNotSet, EndpointSet,
+    ExtraTokenFields, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, Scope,
+    StandardRevocableToken, StandardTokenResponse, TokenUrl,
+};
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+use time::OffsetDateTime;
+use tokio::sync::RwLock;
+use url::Url;
+
+/// How the portal signs users in.
+#[derive(Debug, Clone)]
+pub struct OidcSettings {
+    /// The issuer (`iss`), whose `/.well-known/openid-configuration` is read at start.
+    pub issuer: Url,
+    /// The portal's client (application) id; the ID token's audience.
+    pub client_id: String,
+    /// The client secret, already read from its secret reference; `None` for a public client.
+    pub client_secret: Option<String>,
+    /// Group object id → portal role, for issuers without app roles.
+    pub group_roles: HashMap<String, Role>,
+    /// Allowed clock difference for `exp`, `nbf` and `iat`.
+    pub clock_skew: Duration,
+}
+
+/// Why a sign-in failed. Shown to the user only as a generic message; logged in full.
+#[derive(Debug, thiserror::Error)]
+pub enum SignInError {
+    /// The issuer's discovery document or keys could not be read.
+    #[error("identity provider unavailable: {0}")]
+    Provider(String),
+    /// The callback's `state` is not the one this session started with.
+    #[error("the sign-in state does not match")]
+    State,
+    /// The code exchange failed.
+    #[error("code exchange failed: {0}")]
+    Exchange(String),
+    /// The ID token did not validate.
+    #[error("ID token rejected: {0}")]
+    Token(String),
+    /// The user holds no portal role.
+    #[error("the account has no portal role")]
+    NoRole,
+}
+
+/// What the sign-in keeps in the session between the redirect and the callback.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PendingSignIn {
+    /// The `state` sent to the issuer.
+    pub state: String,
+    /// The `nonce` the ID token must carry.
+    pub nonce: String,
+    /// The PKCE verifier.
+    pub pkce_verifier: String,
+    /// Where to go after signing in (a local path).
+    pub return_to: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct IdTokenFields {
+    id_token: String,
+}
+
+impl ExtraTokenFields for IdTokenFields {}
+
+type OidcTokenResponse = StandardTokenResponse<IdTokenFields, BasicTokenType>;
+type OidcClient = oauth2::Client<
+    BasicErrorResponse,
+    OidcTokenResponse,
+    BasicTokenIntrospectionResponse,
+    StandardRevocableToken,
+    BasicRevocationErrorResponse,
+    EndpointSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointSet,
+>;
+
+#[derive(Debug, Deserialize)]
+struct Discovery {
+    issuer: String,
+    authorization_endpoint: Url,
+    token_endpoint: Url,
+    jwks_uri: Url,
+}
+
+#[derive(Debug, Deserialize)]
+struct Jwks {
+    keys: Vec<Jwk>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Jwk {
+    kty: String,
+    #[serde(default)]
+    kid: Option<String>,
+    #[serde(default)]
+    n: Option<String>,
+    #[serde(default)]
+    e: Option<String>,
+    #[serde(default, rename = "use")]
+    usage: Option<String>,
+}
+
+/// The claims of an ID token the portal reads.
+#[derive(Debug, Deserialize)]
+struct IdClaims {
+    sub: String,
+    #[serde(default)]
+    oid: Option<String>,
+    #[serde(default)]
+    nonce: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    preferred_username: Option<String>,
+    #[serde(default)]
+    email: Option<String>,
+    #[serde(default)]
+    roles: Vec<String>,
+    #[serde(default)]
+    groups: Vec<String>,
+}
+
+struct KeyCache {
+    keys: HashMap<String, DecodingKey>,
+    fetched: Option<Instant>,
+}
+
+/// Shortest time between two key fetches caused by an unknown `kid`.
+const UNKNOWN_KID_REFETCH: Duration = Duration::from_secs(60);
+
+/// A configured OpenID Connect relying party.
+pub struct Oidc {
+    settings: OidcSettings,
+    issuer: String,
+    jwks_uri: Url,
+    client: OidcClient,
+    http: reqwest::Client,
+    keys: RwLock<KeyCache>,
+}
+
+impl std::fmt::Debug for Oidc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Oidc")
+            .field("issuer", &self.issuer)
+            .field("client_id", &self.settings.client_id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn random_token() -> String {
+    use base64::Engine;
+    let bytes: [u8; 32] = rand::random();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+impl Oidc {
+    /// Reads the issuer's discovery document and prepares the client; `redirect` is the portal's
+    /// `/auth/callback` URL as registered with the issuer.
+    pub async fn discover(settings: OidcSettings, redirect: Url) -> Result<Oidc, SignInError> {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(15))
+            .build()
+            .map_err(|error| SignInError::Provider(error.to_string()))?;
+        let mut discovery_url = settings.issuer.clone();
+        discovery_url
+            .path_segments_mut()
+            .map_err(|()| SignInError::Provider("the issuer URL cannot have a path".into()))?
+            .pop_if_empty()
+            .extend([".well-known", "openid-configuration"]);
+        let discovery: Discovery = http
+            .get(discovery_url)
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .map_err(|error| SignInError::Provider(error.to_string()))?
+            .json()
+            .await
+            .map_err(|error| SignInError::Provider(error.to_string()))?;
+        if discovery.issuer.trim_end_matches('/') != settings.issuer.as_str().trim_end_matches('/')
+        {
+            return Err(SignInError::Provider(format!(
+                "the discovery document names issuer {}, not {}",
+                discovery.issuer, settings.issuer
+            )));
+        }
+        let mut client = oauth2::Client::new(ClientId::new(settings.client_id.clone()))
+            .set_auth_uri(AuthUrl::from_url(discovery.authorization_endpoint))
+            .set_token_uri(TokenUrl::from_url(discovery.token_endpoint))
+            .set_redirect_uri(RedirectUrl::from_url(redirect));
+        if let Some(secret) = &settings.client_secret {
+            client = client.set_client_secret(ClientSecret::new(secret.clone()));
+        }
+        Ok(Oidc {
+            issuer: discovery.issuer,
+            jwks_uri: discovery.jwks_uri,
+            client,
+            http,
+            keys: RwLock::new(KeyCache {
+                keys: HashMap::new(),
+                fetched: None,
+            }),
+            settings,
+        })
+    }
+
+    /// Starts a sign-in: the issuer URL to redirect to and what to keep in the session.
+    pub fn start(&self, return_to: String) -> (Url, PendingSignIn) {
+        let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+        let nonce = random_token();
+        let (url, state) = self
+            .client
+            .authorize_url(CsrfToken::new_random)
+            .add_scope(Scope::new("openid".to_owned()))
+            .add_scope(Scope::new("profile".to_owned()))
+            .add_scope(Scope::new("email".to_owned()))
+            .add_extra_param("nonce", nonce.clone())
+            .set_pkce_challenge(challenge)
+            .url();
+        (
+            url,
+            PendingSignIn {
+                state: state.secret().clone(),
+                nonce,
+                pkce_verifier: verifier.secret().clone(),
+                return_to,
+            },
+        )
+    }
+
+    /// Completes a sign-in from the callback's `code` and `state`.
+    pub async fn finish(
+        &self,
+        pending: &PendingSignIn,
+        code: &str,
+        state: &str,
+    ) -> Result<SessionUser, SignInError> {
+        let state_matches: bool = pending.state.as_bytes().ct_eq(state.as_bytes()).into();
+        if !state_matches {
+            return Err(SignInError::State);
+        }
+        let response = self
+            .client
+            .exchange_code(AuthorizationCode::new(code.to_owned()))
+            .set_pkce_verifier(PkceCodeVerifier::new(pending.pkce_verifier.clone()))
+            .request_async(&self.http)
+            .await
+            .map_err(|error| SignInError::Exchange(error.to_string()))?;
+        let claims = self
+            .validate(&response.extra_fields().id_token, &pending.nonce)
+            .await?;
+        self.user(claims)
+    }
+
+    async fn validate(&self, token: &str, nonce: &str) -> Result<IdClaims, SignInError> {
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|error| SignInError::Token(error.to_string()))?;
+        if header.alg != Algorithm::RS256 {
+            return Err(SignInError::Token(format!(
+                "algorithm {:?} is not accepted",
+                header.alg
+            )));
+        }
+        let kid = header
+            .kid
+            .ok_or_else(|| SignInError::Token("the token names no key (kid)".into()))?;
+        let key = self.key(&kid).await?;
+        let mut validation = Validation::new(Algorithm::RS256);
+        validation.set_issuer(&[&self.issuer]);
+        validation.set_audience(&[&self.settings.client_id]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.leeway = self.settings.clock_skew.as_secs();
+        validation.validate_nbf = true;
+        let data = jsonwebtoken::decode::<IdClaims>(token, &key, &validation)
+            .map_err(|error| SignInError::Token(error.to_string()))?;
+        let nonce_matches: bool = data
+            .claims
+            .nonce
+            .as_deref()
+            .is_some_and(|claimed| claimed.as_bytes().ct_eq(nonce.as_bytes()).into());
+        if !nonce_matches {
+            return Err(SignInError::Token("the nonce does not match".into()));
+        }
+        Ok(data.claims)
+    }
+
+    async fn key(&self, kid: &str) -> Result<DecodingKey, SignInError> {
+        if let Some(key) = self.keys.read().await.keys.get(kid) {
+            return Ok(key.clone());
+        }
+        let mut cache = self.keys.write().await;
+        if let Some(key) = cache.keys.get(kid) {
+            return Ok(key.clone());
+        }
+        if cache
+            .fetched
+            .is_some_and(|at| at.elapsed() < UNKNOWN_KID_REFETCH)
+        {
+            return Err(SignInError::Token(format!("unknown signing key {kid}")));
+        }
+        let jwks: Jwks = self
+            .http
+            .get(self.jwks_uri.clone())
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .map_err(|error| SignInError::Provider(error.to_string()))?
+            .json()
+            .await
+            .map_err(|error| SignInError::Provider(error.to_string()))?;
+        cache.keys = jwks
+            .keys
+            .into_iter()
+            .filter(|jwk| jwk.kty == "RSA" && jwk.usage.as_deref().is_none_or(|u| u == "sig"))
+            .filter_map(|jwk| {
+                let key =
+                    DecodingKey::from_rsa_components(jwk.n.as_deref()?, jwk.e.as_deref()?).ok()?;
+                Some((jwk.kid?, key))
+            })
+            .collect();
+        cache.fetched = Some(Instant::now());
+        cache
+            .keys
+            .get(kid)
+            .cloned()
+            .ok_or_else(|| SignInError::Token(format!("unknown signing key {kid}")))
+    }
+
+    fn user(&self, claims: IdClaims) -> Result<SessionUser, SignInError> {
+        let mut roles: BTreeSet<Role> =
+            claims.roles.iter().filter_map(|r| Role::parse(r)).collect();
+        let mut led_groups = Vec::new();
+        for group in &claims.groups {
+            if let Some(role) = self.settings.group_roles.get(group) {
+                roles.insert(*role);
+                if *role == Role::TeamLead {
+                    led_groups.push(group.clone());
+                }
+            }
+        }
+        if roles.is_empty() {
+            return Err(SignInError::NoRole);
+        }
+        let name = claims
+            .name
+            .or(claims.preferred_username)
+            .or(claims.email)
+            .unwrap_or_else(|| claims.sub.clone());
+        Ok(SessionUser {
+            subject: claims.oid.unwrap_or(claims.sub),
+            name,
+            roles: roles.into_iter().collect(),
+            led_groups,
+            signed_in_at: OffsetDateTime::now_utc(),
+            dev: false,
+        })
+    }
+}

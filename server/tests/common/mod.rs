@@ -1,0 +1,132 @@
+//! Starting a portal server in-process on SQLite, and a small HTTP client that carries the
+//! session cookie and the portal's Origin by hand.
+#![allow(dead_code, reason = "each test file uses a part")]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use gatehouse_portal::oidc::OidcSettings;
+use gatehouse_portal::{PortalServer, SESSION_COOKIE, Settings, build};
+use reqwest::header::{HeaderMap, LOCATION, SET_COOKIE};
+use url::Url;
+
+/// A running portal.
+pub struct TestPortal {
+    pub url: String,
+    pub server: PortalServer,
+    _dir: tempfile::TempDir,
+}
+
+pub fn settings(dir: &tempfile::TempDir, addr: SocketAddr, oidc: Option<OidcSettings>) -> Settings {
+    Settings {
+        listen: addr,
+        database: format!("sqlite:{}", dir.path().join("portal.db").display()),
+        public_url: Url::parse(&format!("http://{addr}")).unwrap(),
+        oidc,
+        dev_sign_in: true,
+        session_idle: Duration::from_secs(600),
+        session_absolute: Duration::from_secs(3600),
+        push_retry: Duration::from_secs(60),
+        gateways: Vec::new(),
+        leptos: leptos::config::LeptosOptions::builder()
+            .output_name(gatehouse_portal_app::OUTPUT_NAME)
+            .site_root(dir.path().join("site").display().to_string())
+            .build(),
+    }
+}
+
+/// Starts a portal with the dev sign-in on (and OIDC if given).
+pub async fn start(oidc: Option<OidcSettings>) -> TestPortal {
+    start_with(oidc, |_| {}).await
+}
+
+/// Starts a portal after `adjust` changed its settings.
+pub async fn start_with(
+    oidc: Option<OidcSettings>,
+    adjust: impl FnOnce(&mut Settings),
+) -> TestPortal {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut settings = settings(&dir, addr, oidc);
+    adjust(&mut settings);
+    let server = build(settings).await.unwrap();
+    let router = server.router.clone();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    TestPortal {
+        url: format!("http://{addr}"),
+        server,
+        _dir: dir,
+    }
+}
+
+/// A browser stand-in: no redirects followed, the session cookie kept by hand.
+pub struct Browser {
+    pub client: reqwest::Client,
+    pub origin: String,
+    pub cookie: Option<String>,
+}
+
+impl Browser {
+    pub fn new(portal: &TestPortal) -> Browser {
+        Browser {
+            client: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .no_proxy()
+                .build()
+                .unwrap(),
+            origin: portal.url.clone(),
+            cookie: None,
+        }
+    }
+
+    /// Keeps the session cookie a response sets.
+    pub fn remember(&mut self, headers: &HeaderMap) {
+        for value in headers.get_all(SET_COOKIE) {
+            let text = value.to_str().unwrap();
+            if let Some(pair) = text.split(';').next()
+                && pair.starts_with(&format!("{SESSION_COOKIE}="))
+            {
+                self.cookie = Some(pair.to_owned());
+            }
+        }
+    }
+
+    pub async fn get(&mut self, url: &str) -> reqwest::Response {
+        let mut request = self.client.get(url);
+        if let Some(cookie) = &self.cookie {
+            request = request.header("cookie", cookie);
+        }
+        let response = request.send().await.unwrap();
+        self.remember(response.headers());
+        response
+    }
+
+    /// A form post from the portal's own pages.
+    pub async fn post(&mut self, url: &str, form: &[(&str, &str)]) -> reqwest::Response {
+        let mut request = self
+            .client
+            .post(url)
+            .header("origin", &self.origin)
+            .header("accept", "application/json")
+            .form(form);
+        if let Some(cookie) = &self.cookie {
+            request = request.header("cookie", cookie);
+        }
+        let response = request.send().await.unwrap();
+        self.remember(response.headers());
+        response
+    }
+
+    pub async fn dev_sign_in(&mut self, portal: &TestPortal, role: &str) {
+        let response = self
+            .post(&format!("{}/auth/dev", portal.url), &[("role", role)])
+            .await;
+        assert_eq!(response.status(), 303, "dev sign-in as {role}");
+        assert!(self.cookie.is_some());
+    }
+}
+
+pub fn location(response: &reqwest::Response) -> String {
+    response.headers()[LOCATION].to_str().unwrap().to_owned()
+}

@@ -1,0 +1,245 @@
+//! Every server function, called over HTTP with each role (and signed out): the role check is on
+//! the server. Plus the Origin check, the security headers and the dev sign-in's guard.
+#![expect(clippy::unwrap_used, reason = "test code")]
+
+mod common;
+
+use common::{Browser, TestPortal, start};
+
+/// Roles, and signed out (`None`).
+const CALLERS: [Option<&str>; 5] = [
+    Some("Admin"),
+    Some("Auditor"),
+    Some("TeamLead"),
+    Some("Viewer"),
+    None,
+];
+
+/// A server function, its form, and the roles allowed to call it.
+type Case = (
+    &'static str,
+    Vec<(&'static str, &'static str)>,
+    &'static [&'static str],
+);
+
+fn matrix() -> Vec<Case> {
+    const EVERYONE: &[&str] = &["Admin", "Auditor", "TeamLead", "Viewer"];
+    const ADMIN: &[&str] = &["Admin"];
+    vec![
+        ("overview", vec![], EVERYONE),
+        (
+            "create_subscription",
+            vec![
+                ("id", "team-a"),
+                ("display_name", "Team A"),
+                ("product", "research"),
+                ("expires_on", ""),
+            ],
+            ADMIN,
+        ),
+        ("list_subscriptions", vec![], ADMIN),
+        ("rotate_subscription_key", vec![("id", "team-a")], ADMIN),
+        ("retire_secondary_key", vec![("id", "team-a")], ADMIN),
+        ("revoke_subscription", vec![("id", "team-a")], ADMIN),
+        (
+            "register_gateway",
+            vec![
+                ("id", "gw"),
+                ("url", "http://127.0.0.1:9/"),
+                ("admin_token_ref", "env:GATEHOUSE_PORTAL_TEST_NO_SUCH_TOKEN"),
+            ],
+            ADMIN,
+        ),
+        ("list_gateways", vec![], ADMIN),
+        ("push_now", vec![], ADMIN),
+        ("list_activity", vec![], &["Admin", "Auditor"]),
+    ]
+}
+
+async fn browser_for(portal: &TestPortal, caller: Option<&str>) -> Browser {
+    let mut browser = Browser::new(portal);
+    if let Some(role) = caller {
+        browser.dev_sign_in(portal, role).await;
+    }
+    browser
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_server_function_checks_the_role_on_the_server() {
+    let portal = start(None).await;
+    // Non-admins first, so that nothing they might have done is hidden by the admin's changes.
+    for caller in CALLERS.iter().rev() {
+        let mut browser = browser_for(&portal, *caller).await;
+        for (function, form, allowed) in matrix() {
+            let response = browser
+                .post(&format!("{}/api/{function}", portal.url), &form)
+                .await;
+            let status = response.status().as_u16();
+            let body = response.text().await.unwrap();
+            let expected = match caller {
+                None => 401,
+                Some(role) if allowed.contains(role) => 200,
+                Some(_) => 403,
+            };
+            assert_eq!(status, expected, "{function} as {caller:?}: {body}");
+            if expected == 403 {
+                assert!(body.contains("your role does not allow this"), "{body}");
+            }
+        }
+    }
+    // Only the admin's calls changed anything, and each one is in the activity log.
+    let log = portal.server.portal.db.activity(100).await.unwrap();
+    let actions: Vec<&str> = log.iter().rev().map(|e| e.action.as_str()).collect();
+    assert_eq!(
+        actions,
+        [
+            "subscription.create",
+            "subscription.rotate",
+            "subscription.retire_secondary",
+            "subscription.revoke",
+            "gateway.register",
+        ]
+    );
+    assert!(log.iter().all(|e| e.actor == "dev Admin (dev sign-in)"));
+    let subscription = portal
+        .server
+        .portal
+        .db
+        .subscription("team-a")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(subscription.state, "revoked");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn portal_info_is_open_and_says_who_is_signed_in() {
+    let portal = start(None).await;
+    let mut browser = Browser::new(&portal);
+    let anonymous: serde_json::Value = browser
+        .post(&format!("{}/api/portal_info", portal.url), &[])
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(anonymous["user"], serde_json::Value::Null);
+    assert_eq!(anonymous["dev_sign_in"], true);
+    browser.dev_sign_in(&portal, "Auditor").await;
+    let signed_in: serde_json::Value = browser
+        .post(&format!("{}/api/portal_info", portal.url), &[])
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(signed_in["user"]["roles"], serde_json::json!(["Auditor"]));
+    // Signing out ends the session.
+    let out = browser
+        .post(&format!("{}/auth/sign-out", portal.url), &[])
+        .await;
+    assert_eq!(out.status(), 303);
+    let after = browser
+        .post(&format!("{}/api/list_activity", portal.url), &[])
+        .await;
+    assert_eq!(after.status(), 401);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn state_changing_requests_from_another_origin_are_refused() {
+    let portal = start(None).await;
+    let mut browser = browser_for(&portal, Some("Admin")).await;
+    browser.origin = "http://evil.example".to_owned();
+    let response = browser
+        .post(
+            &format!("{}/api/create_subscription", portal.url),
+            &[
+                ("id", "x"),
+                ("display_name", "X"),
+                ("product", ""),
+                ("expires_on", ""),
+            ],
+        )
+        .await;
+    assert_eq!(response.status(), 403);
+    assert!(
+        portal
+            .server
+            .portal
+            .db
+            .subscriptions()
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let dev = browser
+        .post(&format!("{}/auth/dev", portal.url), &[("role", "Admin")])
+        .await;
+    assert_eq!(dev.status(), 403);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pages_render_on_the_server_with_security_headers_and_the_dev_banner() {
+    let portal = start(None).await;
+    let mut browser = browser_for(&portal, Some("Admin")).await;
+    browser
+        .post(
+            &format!("{}/api/create_subscription", portal.url),
+            &[
+                ("id", "team-x"),
+                ("display_name", "<script>alert(1)</script>"),
+                ("product", ""),
+                ("expires_on", ""),
+            ],
+        )
+        .await;
+    let response = browser.get(&format!("{}/subscriptions", portal.url)).await;
+    assert_eq!(response.status(), 200);
+    let headers = response.headers().clone();
+    let csp = headers["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert!(csp.contains("'nonce-"), "{csp}");
+    assert!(!csp.contains("unsafe-inline"), "{csp}");
+    assert_eq!(headers["x-frame-options"], "DENY");
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    let html = response.text().await.unwrap();
+    assert!(html.contains("Development sign-in is enabled"), "{html}");
+    assert!(html.contains("team-x"));
+    assert!(
+        html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+        "user text is escaped"
+    );
+    assert!(!html.contains("<script>alert(1)</script>"));
+    // Every inline script carries the nonce of the policy.
+    let nonce = csp
+        .split("'nonce-")
+        .nth(1)
+        .unwrap()
+        .split('\'')
+        .next()
+        .unwrap();
+    for script in html.split("<script").skip(1) {
+        let tag = script.split('>').next().unwrap();
+        if !tag.contains("src=") {
+            assert!(
+                tag.contains(&format!("nonce=\"{nonce}\"")),
+                "inline script without nonce: {tag}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dev_sign_in_does_not_exist_unless_enabled_and_never_off_loopback() {
+    let portal = common::start_with(None, |settings| settings.dev_sign_in = false).await;
+    let mut browser = Browser::new(&portal);
+    let response = browser
+        .post(&format!("{}/auth/dev", portal.url), &[("role", "Admin")])
+        .await;
+    assert_eq!(response.status(), 404);
+    let page = browser.get(&portal.url).await.text().await.unwrap();
+    assert!(!page.contains("Development sign-in is enabled"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let settings = common::settings(&dir, "0.0.0.0:3000".parse().unwrap(), None);
+    let error = gatehouse_portal::build(settings).await.unwrap_err();
+    assert!(error.to_string().contains("loopback"), "{error}");
+}
