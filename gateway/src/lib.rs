@@ -52,6 +52,7 @@ pub mod runtime;
 pub mod secret;
 pub mod server;
 pub mod settings;
+mod sync;
 pub mod usage;
 
 pub use app::{Gateway, GatewayParts, SecretSettings};

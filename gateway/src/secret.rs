@@ -8,13 +8,14 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use gatehouse_schema::config::{SecretRef, SecretSource};
 
 use crate::key_vault::KeyVaultClient;
+use crate::sync::lock;
 
 /// A secret value. `Debug` and `Display` print `*****`; read it only through [`Secret::expose`].
 #[derive(Clone, PartialEq, Eq)]
@@ -287,10 +288,6 @@ impl SecretStore {
         lock(&self.inner.values).retain(|key, _| keep.contains(key.as_str()));
         lock(&self.inner.failures).retain(|key, _| keep.contains(key.as_str()));
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -24,7 +24,9 @@
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
-use std::sync::{LazyLock, Mutex, OnceLock};
+use std::sync::{LazyLock, OnceLock, RwLock};
+
+use crate::sync::{read, write};
 
 use gatehouse_schema::OperationId;
 use gatehouse_schema::audit::TokenUsage;
@@ -149,11 +151,11 @@ impl Encoding {
         // System prompts, conversation history and role names come back on every call: count each
         // text once.
         let key = (self, text_digest(text), text.len());
-        if let Some(count) = lock(&REMEMBERED).get(&key) {
+        if let Some(count) = read(&REMEMBERED).get(&key) {
             return *count;
         }
         let count = self.count_now(text);
-        let mut remembered = lock(&REMEMBERED);
+        let mut remembered = write(&REMEMBERED);
         if remembered.len() >= REMEMBERED_MAX {
             remembered.clear();
         }
@@ -180,7 +182,7 @@ const REMEMBERED_MAX: usize = 65_536;
 
 /// Token counts of texts seen before, by encoding, a 128-bit digest of the text and its length.
 /// A digest collision would only mis-estimate a reservation that the real usage then corrects.
-static REMEMBERED: LazyLock<Mutex<HashMap<TextKey, u64>>> = LazyLock::new(Mutex::default);
+static REMEMBERED: LazyLock<RwLock<HashMap<TextKey, u64>>> = LazyLock::new(RwLock::default);
 
 /// Encoding, digest and length of a text.
 type TextKey = (Encoding, u128, usize);
@@ -195,12 +197,6 @@ fn text_digest(text: &str) -> u128 {
     first.write(text.as_bytes());
     second.write(text.as_bytes());
     (u128::from(first.finish()) << 64) | u128::from(second.finish())
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// About four bytes per token: the fallback when the tokenizer cannot be used.

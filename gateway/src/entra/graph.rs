@@ -17,6 +17,7 @@ use serde::Deserialize;
 
 use super::TokenError;
 use crate::secret::Secret;
+use crate::sync::lock;
 
 pub use crate::entra_credential::GRAPH_SCOPE;
 
@@ -153,10 +154,4 @@ impl GroupResolver {
         cache.insert(key, (Instant::now(), Arc::clone(&groups)));
         Ok(groups)
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }

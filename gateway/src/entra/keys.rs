@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::sync::lock;
 use jsonwebtoken::DecodingKey;
 use serde::Deserialize;
 use url::Url;
@@ -294,10 +295,4 @@ fn join(base: &Url, path: &str) -> Result<Url, String> {
     }
     text.push_str(path);
     Url::parse(&text).map_err(|e| format!("metadata URL: {e}"))
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -14,7 +14,7 @@ pub mod graph;
 pub mod keys;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -23,6 +23,8 @@ use jsonwebtoken::{Algorithm, Validation, errors::ErrorKind};
 use serde::Deserialize;
 
 use keys::{KeyCache, KeyError, KeyRefresh, TokenVersion};
+
+use crate::sync::{read, write};
 
 /// The caller an Entra token names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,7 +172,7 @@ pub struct TokenValidator {
     keys: KeyCache,
     /// Resolves the groups overage.
     pub graph: graph::GroupResolver,
-    validated: Mutex<HashMap<[u8; 32], Validated>>,
+    validated: RwLock<HashMap<[u8; 32], Validated>>,
     /// Bumped whenever the policy may have changed; older answers no longer count.
     generation: std::sync::atomic::AtomicU64,
 }
@@ -181,7 +183,7 @@ impl TokenValidator {
         TokenValidator {
             keys: KeyCache::new(client),
             graph,
-            validated: Mutex::default(),
+            validated: RwLock::default(),
             generation: std::sync::atomic::AtomicU64::new(0),
         }
     }
@@ -195,7 +197,7 @@ impl TokenValidator {
 
     /// Forgets every token that passed (the policy they passed under may have changed).
     pub fn forget_validated(&self) {
-        let mut validated = lock(&self.validated);
+        let mut validated = write(&self.validated);
         self.generation
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         validated.clear();
@@ -210,7 +212,7 @@ impl TokenValidator {
         let digest: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(token.as_bytes()).into();
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         let generation = self.generation();
-        if let Some(known) = lock(&self.validated).get(&digest)
+        if let Some(known) = read(&self.validated).get(&digest)
             && known.generation == generation
             && (known.usable_from..known.usable_until).contains(&now)
         {
@@ -226,7 +228,7 @@ impl TokenValidator {
             usable_until: exp.saturating_add(skew).min(now.saturating_add(graph_age)),
             generation,
         };
-        let mut validated = lock(&self.validated);
+        let mut validated = write(&self.validated);
         if self.generation() != generation {
             return Ok(identity);
         }
@@ -387,12 +389,6 @@ fn unverified_claims(token: &str) -> Result<Routing, TokenError> {
         .decode(payload.trim_end_matches('='))
         .map_err(|_| TokenError::Malformed)?;
     serde_json::from_slice(&bytes).map_err(|_| TokenError::Malformed)
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]
