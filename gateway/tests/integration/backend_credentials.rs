@@ -271,13 +271,7 @@ async fn certificate_credential_signs_an_assertion_the_endpoint_verifies() {
         "type": "entra_certificate", "tenant_id": TENANT, "client_id": CLIENT_ID,
         "certificate": bad, "authority_host": entra.url,
     });
-    let response = gw
-        .raw(reqwest::Method::PUT, "/_gatehouse/config")
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&snapshot(2, pool(json!([m]))))
-        .send()
-        .await
-        .unwrap();
+    let response = gw.push_config(&snapshot(2, pool(json!([m])))).await;
     let message = azure_error(response, 422).await;
     assert!(
         message
@@ -560,13 +554,7 @@ async fn an_unfetchable_key_vault_secret_rejects_the_snapshot() {
 
     let mut bad = member("m", &sim.url(), 1);
     bad["credential"] = json!({"type": "api_key", "secret": vault.reference("no-such-secret")});
-    let response = gw
-        .raw(reqwest::Method::PUT, "/_gatehouse/config")
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&snapshot(2, pool(json!([bad]))))
-        .send()
-        .await
-        .unwrap();
+    let response = gw.push_config(&snapshot(2, pool(json!([bad])))).await;
     let message = azure_error(response, 422).await;
     assert!(
         message.starts_with("pools[0].members[0].credential.secret: Key Vault secret"),
@@ -697,15 +685,11 @@ async fn no_credential_secret_token_or_vault_value_reaches_logs_records_or_error
     let mut rejected = member("keyed", &key_sim.url(), 1);
     rejected["credential"] = json!({"type": "api_key", "secret": vault.reference("gone")});
     let put = gw
-        .raw(reqwest::Method::PUT, "/_gatehouse/config")
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&snapshot(
+        .push_config(&snapshot(
             2,
             json!([{"id": "q", "deployments": ["gpt-4o-mini"], "members": [rejected]}]),
         ))
-        .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(put.status(), 422);
     bodies.push(put.text().await.unwrap());
 

@@ -482,13 +482,7 @@ async fn a_rule_pushed_through_the_config_endpoint_takes_effect_on_the_next_call
     azure_error(call_with_token(&gw, &token).await, 403).await;
 
     let next = entra_snapshot(2, &double, &sim.url(), "key_or_token", Some(group_rules()));
-    let pushed = gw
-        .raw(reqwest::Method::PUT, "/_gatehouse/config")
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&next)
-        .send()
-        .await
-        .unwrap();
+    let pushed = gw.push_config(&next).await;
     assert!(
         pushed.status().is_success(),
         "{}",
@@ -498,16 +492,24 @@ async fn a_rule_pushed_through_the_config_endpoint_takes_effect_on_the_next_call
 
     // And taken away again.
     let revoked = entra_snapshot(3, &double, &sim.url(), "key_or_token", Some(json!([])));
-    let pushed = gw
-        .raw(reqwest::Method::PUT, "/_gatehouse/config")
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&revoked)
-        .send()
-        .await
-        .unwrap();
+    let pushed = gw.push_config(&revoked).await;
     assert!(pushed.status().is_success());
     azure_error(call_with_token(&gw, &token).await, 403).await;
     assert_eq!(sim.hits(), 1);
+}
+
+/// Claims of a user in more groups than a token carries: no `groups`, `_claim_names` and the
+/// (never called) Azure AD Graph source instead.
+fn overage_claims(double: &EntraDouble, oid: &str) -> Value {
+    let mut claims = double.user_claims(TENANT_A, Ver::V2, oid, &[]);
+    let object = claims.as_object_mut().unwrap();
+    object.remove("groups");
+    object.insert("_claim_names".to_owned(), json!({"groups": "src1"}));
+    object.insert(
+        "_claim_sources".to_owned(),
+        json!({"src1": {"endpoint": format!("https://graph.windows.net/{TENANT_A}/users/{oid}/getMemberObjects")}}),
+    );
+    claims
 }
 
 #[tokio::test]
@@ -534,15 +536,7 @@ async fn the_groups_overage_is_resolved_through_graph_and_cached() {
     .await;
     let oid = "0000000a-0000-0000-0000-0000000000f0";
     double.set_graph_groups(oid, &["cccccccc-0000-0000-0000-000000000000", GROUP_CHAT]);
-    let mut claims = double.user_claims(TENANT_A, Ver::V2, oid, &[]);
-    let object = claims.as_object_mut().unwrap();
-    object.remove("groups");
-    object.insert("_claim_names".to_owned(), json!({"groups": "src1"}));
-    object.insert(
-        "_claim_sources".to_owned(),
-        json!({"src1": {"endpoint": format!("https://graph.windows.net/{TENANT_A}/users/{oid}/getMemberObjects")}}),
-    );
-    let token = sign(TestKey::A, &claims);
+    let token = sign(TestKey::A, &overage_claims(&double, oid));
     let first = call_with_token(&gw, &token).await;
     assert_eq!(first.status(), 200, "{}", first.text().await.unwrap());
     assert_eq!(call_with_token(&gw, &token).await.status(), 200);
@@ -563,10 +557,7 @@ async fn the_groups_overage_is_resolved_through_graph_and_cached() {
 
     // A user Graph does not know is refused, not let through.
     let stranger = "0000000a-0000-0000-0000-0000000000f1";
-    let mut claims = double.user_claims(TENANT_A, Ver::V2, stranger, &[]);
-    let object = claims.as_object_mut().unwrap();
-    object.remove("groups");
-    object.insert("_claim_names".to_owned(), json!({"groups": "src1"}));
+    let claims = overage_claims(&double, stranger);
     let message = azure_error(call_with_token(&gw, &sign(TestKey::A, &claims)).await, 401).await;
     assert!(message.contains("group memberships"), "{message}");
     assert_eq!(sim.hits(), 2);
@@ -695,13 +686,7 @@ async fn a_remembered_token_is_judged_again_under_a_new_policy() {
     // The audience is no longer accepted: the same token is refused at once.
     let mut next = entra_snapshot(2, &double, &sim.url(), "token", None);
     next.identity.entra.as_mut().unwrap().audiences = vec!["api://another-api".to_owned()];
-    let pushed = gw
-        .raw(reqwest::Method::PUT, "/_gatehouse/config")
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&next)
-        .send()
-        .await
-        .unwrap();
+    let pushed = gw.push_config(&next).await;
     assert!(pushed.status().is_success());
     let message = azure_error(call_with_token(&gw, &token).await, 401).await;
     assert!(message.contains("audience"), "{message}");

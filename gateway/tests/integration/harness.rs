@@ -188,6 +188,16 @@ impl TestGateway {
             .header("api-key", KEY)
     }
 
+    /// `PUT /_gatehouse/config` of `snapshot` with the admin token.
+    pub async fn push_config(&self, snapshot: &impl serde::Serialize) -> reqwest::Response {
+        self.raw(reqwest::Method::PUT, "/_gatehouse/config")
+            .bearer_auth(ADMIN_TOKEN)
+            .json(snapshot)
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// A GET with the client key.
     pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
         self.client
