@@ -115,13 +115,30 @@ impl SqlStore {
             Engine::Sqlite { writer, .. } => {
                 sqlx::migrate!("../migrations/audit/sqlite")
                     .run(writer)
-                    .await?
+                    .await?;
+                self.optimize().await?;
             }
             Engine::Postgres(pool) => {
                 sqlx::migrate!("../migrations/audit/postgres")
                     .run(pool)
                     .await?
             }
+        }
+        Ok(())
+    }
+
+    /// Lets SQLite refresh the statistics its query planner uses (`PRAGMA optimize`, bounded by
+    /// `analysis_limit` so that it stays quick on a large store). Nothing to do on PostgreSQL,
+    /// whose autovacuum keeps them.
+    pub async fn optimize(&self) -> Result<(), StoreError> {
+        if let Engine::Sqlite { writer, .. } = &self.engine {
+            let mut connection = writer.acquire().await?;
+            sqlx::query("PRAGMA analysis_limit = 1000")
+                .execute(&mut *connection)
+                .await?;
+            sqlx::query("PRAGMA optimize = 0x10002")
+                .execute(&mut *connection)
+                .await?;
         }
         Ok(())
     }

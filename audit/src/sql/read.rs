@@ -216,7 +216,13 @@ fn parse_sqlite_time(text: &str) -> Result<OffsetDateTime, StoreError> {
         .map_err(|e| StoreError::Database(sqlx::Error::Decode(Box::new(e))))
 }
 
-const SQLITE_SUMMARY: &str = "SELECT l.RecordId, l.TimeGenerated, l.CorrelationId, l.OperationId, l.DeploymentName, l.ModelName, l.CallerIpAddress, l.UserId, l.UserName, l.ApimSubscriptionId, l.ResponseCode, l.TotalTokens, l.TotalTime FROM GatehouseGatewayLogs l WHERE l.TimeGenerated >= ";
+/// The summary columns of the calls table, up to its alias `l` (an `INDEXED BY` may follow).
+macro_rules! sqlite_summary_from {
+    () => {
+        "SELECT l.RecordId, l.TimeGenerated, l.CorrelationId, l.OperationId, l.DeploymentName, l.ModelName, l.CallerIpAddress, l.UserId, l.UserName, l.ApimSubscriptionId, l.ResponseCode, l.TotalTokens, l.TotalTime FROM GatehouseGatewayLogs l"
+    };
+}
+const SQLITE_SUMMARY: &str = concat!(sqlite_summary_from!(), " WHERE l.TimeGenerated >= ");
 const POSTGRES_SUMMARY: &str = r#"SELECT l."RecordId", l."TimeGenerated", l."CorrelationId", l."OperationId", l."DeploymentName", l."ModelName", l."CallerIpAddress", l."UserId", l."UserName", l."ApimSubscriptionId", l."ResponseCode", l."TotalTokens", l."TotalTime" FROM "GatehouseGatewayLogs" l WHERE l."TimeGenerated" >= "#;
 
 /// Builds a [`CallSummary`] from a row of the summary SELECTs (same column order on both engines);
@@ -436,8 +442,14 @@ async fn search_sqlite(
     f: &SearchFilter,
     limit: u32,
 ) -> Result<Vec<CallSummary>, StoreError> {
-    let mut q = QueryBuilder::<Sqlite>::new(SQLITE_SUMMARY);
-    q.push_bind(sqlite_time(f.from))
+    let mut q = QueryBuilder::<Sqlite>::new(sqlite_summary_from!());
+    // Without statistics SQLite takes the time index for any address filter and walks every
+    // call of the range; a narrow network has few calls, which its own index finds at once.
+    if f.caller.is_some_and(is_narrow) {
+        q.push(" INDEXED BY GatehouseGatewayLogs_CallerKey");
+    }
+    q.push(" WHERE l.TimeGenerated >= ")
+        .push_bind(sqlite_time(f.from))
         .push(" AND l.TimeGenerated < ")
         .push_bind(sqlite_time(f.to));
     if let Some(user) = &f.user {
@@ -449,10 +461,14 @@ async fn search_sqlite(
     }
     if let Some(net) = f.caller {
         let (low, high) = net_key_range(net);
-        q.push(" AND l.CallerIpKey BETWEEN ")
-            .push_bind(low)
-            .push(" AND ")
-            .push_bind(high);
+        if low == high {
+            q.push(" AND l.CallerIpKey = ").push_bind(low);
+        } else {
+            q.push(" AND l.CallerIpKey BETWEEN ")
+                .push_bind(low)
+                .push(" AND ")
+                .push_bind(high);
+        }
     }
     for (column, value) in [
         (" AND l.ModelName = ", &f.model),
@@ -511,10 +527,14 @@ async fn search_postgres(
     }
     if let Some(net) = f.caller {
         let (low, high) = net_key_range(net);
-        q.push(r#" AND l."CallerIpKey" BETWEEN "#)
-            .push_bind(low)
-            .push(" AND ")
-            .push_bind(high);
+        if low == high {
+            q.push(r#" AND l."CallerIpKey" = "#).push_bind(low);
+        } else {
+            q.push(r#" AND l."CallerIpKey" BETWEEN "#)
+                .push_bind(low)
+                .push(" AND ")
+                .push_bind(high);
+        }
     }
     for (column, value) in [
         (r#" AND l."ModelName" = "#, &f.model),
@@ -548,6 +568,15 @@ async fn search_postgres(
     rows.iter()
         .map(|row| Ok(summary_from_row!(row, row.try_get(1)?)))
         .collect()
+}
+
+/// Whether a caller filter names so few addresses (an IPv4 /24 or narrower, an IPv6 /64 or
+/// narrower) that its calls are best found through the address index.
+fn is_narrow(net: IpNet) -> bool {
+    match net {
+        IpNet::V4(v4) => v4.prefix_len() >= 24,
+        IpNet::V6(v6) => v6.prefix_len() >= 64,
+    }
 }
 
 /// Joins LLM-log pieces of one kind back into the whole text.

@@ -165,6 +165,8 @@ impl SqlStore {
                 }
             }
         }
+        // Retention runs hourly: a good moment to refresh the planner's statistics.
+        self.optimize().await?;
         Ok(report)
     }
 }
