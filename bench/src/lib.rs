@@ -1,2 +1,5 @@
 //! Gatehouse benchmarks: the scripts in `bench/` and the binaries in `src/bin/` (see
 //! `bench/README.md`).
+
+pub mod postgres;
+pub mod records;
