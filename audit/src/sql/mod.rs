@@ -86,7 +86,7 @@ impl SqlStore {
                 .foreign_keys(true);
             let writer = SqlitePoolOptions::new()
                 .max_connections(1)
-                .connect_with(options.clone())
+                .connect_with(options.clone().pragma("cache_size", "-65536"))
                 .await?;
             let reader = SqlitePoolOptions::new()
                 .max_connections(4)
