@@ -7,6 +7,7 @@
 //! `/api/*`, pages, static files).
 
 pub mod auth;
+pub mod dashboards;
 pub mod oidc;
 pub mod security;
 
@@ -58,6 +59,8 @@ pub struct Settings {
     pub gateways: Vec<(String, String, String)>,
     /// Leptos' site settings (output name, site root, package directory).
     pub leptos: LeptosOptions,
+    /// The dashboards' and the audit search's source, and the price table.
+    pub insights: dashboards::InsightsSettings,
 }
 
 /// A built portal: the router and the state behind it.
@@ -110,6 +113,11 @@ pub async fn build(settings: Settings) -> anyhow::Result<PortalServer> {
             )
             .await?;
     }
+    let insights = settings
+        .insights
+        .open(db.clone())
+        .await
+        .context("dashboards' audit source")?;
     let oidc = match &settings.oidc {
         Some(oidc) => {
             let mut redirect = settings.public_url.clone();
@@ -130,6 +138,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<PortalServer> {
     let routes = generate_route_list(App);
     let app: Router = Router::new()
         .merge(auth::routes(settings.dev_sign_in))
+        .merge(dashboards::routes())
         .leptos_routes_with_context(&leptos_options, routes, leptos::nonce::provide_nonce, {
             let options = leptos_options.clone();
             move || shell(options.clone())
@@ -137,6 +146,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<PortalServer> {
         .fallback(leptos_axum::file_and_error_handler(shell))
         .with_state(leptos_options)
         .layer(Extension(portal.clone()))
+        .layer(Extension(insights))
         .layer(Extension(auth));
     let secure = settings.public_url.scheme() == "https";
     let app = match &db.engine {
