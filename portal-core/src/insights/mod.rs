@@ -12,6 +12,7 @@
 //! [`service::Insights`] puts the role checks and the audit-access log in front of the source;
 //! the pages never see which source answers.
 
+pub mod alerts;
 pub mod chart;
 pub mod csv;
 pub mod embedded;

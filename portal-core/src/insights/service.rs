@@ -263,6 +263,7 @@ pub struct Insights {
     source: Option<Arc<dyn AuditSource>>,
     db: ConfigDb,
     prices: PriceTable,
+    alerter: Option<Arc<super::alerts::Alerter>>,
 }
 
 /// Parses a dimension name (`model`, `group`, …).
@@ -317,7 +318,36 @@ impl SearchRequest {
 impl Insights {
     /// The operations over `source` (none: every question answers "not configured").
     pub fn new(source: Option<Arc<dyn AuditSource>>, db: ConfigDb, prices: PriceTable) -> Insights {
-        Insights { source, db, prices }
+        Insights {
+            source,
+            db,
+            prices,
+            alerter: None,
+        }
+    }
+
+    /// The same with alert rules.
+    pub fn with_alerter(mut self, alerter: Arc<super::alerts::Alerter>) -> Insights {
+        self.alerter = Some(alerter);
+        self
+    }
+
+    /// The alerter, to run it.
+    pub fn alerter(&self) -> Option<&Arc<super::alerts::Alerter>> {
+        self.alerter.as_ref()
+    }
+
+    /// The alert rules and their states: Admin.
+    pub fn alerts(
+        &self,
+        user: Option<&SessionUser>,
+    ) -> Result<Vec<super::alerts::AlertState>, InsightsError> {
+        require(user, &[Role::Admin])?;
+        Ok(self
+            .alerter
+            .as_ref()
+            .map(|a| a.states())
+            .unwrap_or_default())
     }
 
     /// Which source answers, if any.
