@@ -4,6 +4,7 @@
 //! `gatehouse-portal-core`), and with `hydrate` into the browser's wasm (the same components,
 //! the server functions become HTTP calls). Never both in one build.
 
+pub mod alerts;
 pub mod api;
 pub mod audit_search;
 mod pages;
@@ -70,6 +71,7 @@ pub fn App() -> impl IntoView {
                     <Route path=StaticSegment("activity") view=pages::Activity ssr=SsrMode::Async />
                     <Route path=StaticSegment("dashboard") view=usage::Dashboard ssr=SsrMode::Async />
                     <Route path=StaticSegment("usage") view=usage::Usage ssr=SsrMode::Async />
+                    <Route path=StaticSegment("alerts") view=alerts::Alerts ssr=SsrMode::Async />
                     <Route path=StaticSegment("audit") view=audit_search::AuditSearch ssr=SsrMode::Async />
                     <Route
                         path=(StaticSegment("audit"), StaticSegment("call"))
@@ -114,6 +116,7 @@ fn Header(info: SessionInfo) -> impl IntoView {
                 <A href="/dashboard">"Dashboard"</A>
                 <A href="/usage">"Usage"</A>
                 <A href="/audit">"Audit"</A>
+                <A href="/alerts">"Alerts"</A>
             </nav>
             <div class="who">
                 {match user {

@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Router};
 use futures::StreamExt;
+use gatehouse_portal_core::insights::alerts::{AlertRule, Alerter};
 use gatehouse_portal_core::insights::chart::{Metric, usage_svg};
 use gatehouse_portal_core::insights::embedded::EmbeddedSource;
 use gatehouse_portal_core::insights::log_analytics::{LogAnalyticsSettings, LogAnalyticsSource};
@@ -22,6 +23,7 @@ use gatehouse_portal_core::insights::{
 };
 use gatehouse_portal_core::user::current_user;
 use gatehouse_portal_core::{ConfigDb, Portal, SessionUser};
+use gatehouse_schema::config::SecretRef;
 use http::{HeaderValue, StatusCode, header};
 use leptos::config::LeptosOptions;
 use serde::Deserialize;
@@ -37,6 +39,10 @@ pub struct InsightsSettings {
     pub log_analytics: Option<LogAnalyticsSettings>,
     /// Prices per model, for the cost estimate.
     pub prices: PriceTable,
+    /// Alert rules, evaluated every minute against the source.
+    pub alert_rules: Vec<AlertRule>,
+    /// Where alerts are sent (a Slack or Teams incoming webhook URL, as a secret reference).
+    pub alert_webhook: Option<SecretRef>,
 }
 
 impl InsightsSettings {
@@ -61,7 +67,33 @@ impl InsightsSettings {
             )),
             (None, None) => None,
         };
-        Ok(Insights::new(source, db, self.prices.clone()))
+        let alerter = match (&source, self.alert_rules.is_empty()) {
+            (_, true) => None,
+            (None, false) => anyhow::bail!("alert rules need an audit source"),
+            (Some(source), false) => {
+                let webhook = match &self.alert_webhook {
+                    None => None,
+                    Some(reference) => {
+                        let value = gatehouse_portal_core::secret::resolve(reference)
+                            .await
+                            .map_err(|error| anyhow::anyhow!("alert webhook: {error}"))?;
+                        // The URL is a credential: the error does not repeat it.
+                        Some(url::Url::parse(value.trim()).map_err(|_| {
+                            anyhow::anyhow!("alert webhook {}: not a URL", reference.as_str())
+                        })?)
+                    }
+                };
+                Some(Arc::new(
+                    Alerter::new(Arc::clone(source), self.alert_rules.clone(), webhook)
+                        .context("alert webhook client")?,
+                ))
+            }
+        };
+        let insights = Insights::new(source, db, self.prices.clone());
+        Ok(match alerter {
+            Some(alerter) => insights.with_alerter(alerter),
+            None => insights,
+        })
     }
 }
 

@@ -70,6 +70,8 @@ pub struct PortalServer {
     pub router: Router,
     /// The state (database, publisher).
     pub portal: Portal,
+    /// The dashboards' operations (source, prices, alerts).
+    pub insights: gatehouse_portal_core::insights::Insights,
 }
 
 /// Opens the database (migrating it), discovers the OIDC issuer, and builds the router.
@@ -146,7 +148,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<PortalServer> {
         .fallback(leptos_axum::file_and_error_handler(shell))
         .with_state(leptos_options)
         .layer(Extension(portal.clone()))
-        .layer(Extension(insights))
+        .layer(Extension(insights.clone()))
         .layer(Extension(auth));
     let secure = settings.public_url.scheme() == "https";
     let app = match &db.engine {
@@ -165,6 +167,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<PortalServer> {
     Ok(PortalServer {
         router: app,
         portal,
+        insights,
     })
 }
 
@@ -190,6 +193,10 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let retry = settings.push_retry;
     let server = build(settings).await?;
     let _catch_up = Arc::clone(&server.portal.publisher).spawn_catch_up(retry);
+    let _alerts = server
+        .insights
+        .alerter()
+        .map(|alerter| Arc::clone(alerter).spawn(Duration::from_secs(60)));
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("listening on {listen}"))?;

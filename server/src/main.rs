@@ -9,6 +9,7 @@ use clap::Parser;
 use gatehouse_portal::dashboards::InsightsSettings;
 use gatehouse_portal::oidc::OidcSettings;
 use gatehouse_portal::{Settings, serve};
+use gatehouse_portal_core::insights::alerts::parse_rules;
 use gatehouse_portal_core::insights::log_analytics::{ClientCredentials, LogAnalyticsSettings};
 use gatehouse_portal_core::insights::service::PriceTable;
 use gatehouse_schema::config::SecretRef;
@@ -99,6 +100,13 @@ struct Args {
     /// Prices for the cost estimate: `MODEL=PROMPT/COMPLETION,…` in US dollars per million tokens.
     #[arg(long, env = "GATEHOUSE_PORTAL_MODEL_PRICES", default_value = "")]
     model_prices: String,
+    /// Alert rules: a JSON file (see docs/dashboards.md), evaluated every minute.
+    #[arg(long, env = "GATEHOUSE_PORTAL_ALERT_RULES")]
+    alert_rules: Option<std::path::PathBuf>,
+    /// Where alerts are sent: secret reference (env:NAME or file:PATH) of a Slack or Teams
+    /// incoming webhook URL.
+    #[arg(long, env = "GATEHOUSE_PORTAL_ALERT_WEBHOOK")]
+    alert_webhook: Option<String>,
 }
 
 fn insights(args: &Args) -> anyhow::Result<InsightsSettings> {
@@ -130,10 +138,26 @@ fn insights(args: &Args) -> anyhow::Result<InsightsSettings> {
             Some(settings)
         }
     };
+    let alert_rules = match &args.alert_rules {
+        None => Vec::new(),
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--alert-rules {}", path.display()))?;
+            parse_rules(&text).map_err(|error| anyhow::anyhow!("--alert-rules: {error}"))?
+        }
+    };
+    let alert_webhook = args
+        .alert_webhook
+        .clone()
+        .map(SecretRef::try_from)
+        .transpose()
+        .map_err(|error| anyhow::anyhow!("--alert-webhook: {error}"))?;
     Ok(InsightsSettings {
         audit_database: args.audit_database.clone(),
         log_analytics,
         prices,
+        alert_rules,
+        alert_webhook,
     })
 }
 

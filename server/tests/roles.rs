@@ -69,6 +69,7 @@ fn matrix() -> Vec<Case> {
             &["Admin", "TeamLead"],
         ),
         ("audit_search", search_form(), &["Admin", "Auditor"]),
+        ("list_alerts", vec![], ADMIN),
     ]
 }
 
