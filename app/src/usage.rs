@@ -513,7 +513,7 @@ pub fn Usage() -> impl IntoView {
     );
     let (range, from, to, dimension, metric) = asked();
     let dimension = if dimension.is_empty() {
-        "model".to_owned()
+        "group".to_owned()
     } else {
         dimension
     };

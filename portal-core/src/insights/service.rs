@@ -266,10 +266,10 @@ pub struct Insights {
     alerter: Option<Arc<super::alerts::Alerter>>,
 }
 
-/// Parses a dimension name (`model`, `group`, …).
+/// Parses a dimension name (`model`, `group`, …; empty: `group`).
 pub fn parse_dimension(name: &str) -> Result<Dimension, InsightsError> {
     match name.trim() {
-        "" => Ok(Dimension::Model),
+        "" => Ok(Dimension::Group),
         name => Dimension::parse(name).ok_or_else(|| {
             InsightsError::invalid(
                 "dimension",
