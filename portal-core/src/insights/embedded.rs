@@ -32,9 +32,16 @@ impl EmbeddedSource {
         EmbeddedSource { store }
     }
 
-    /// Opens (and migrates) the store at `sqlite:PATH` or `postgres://…`.
+    /// Opens the store at `sqlite:PATH` or `postgres://…`, creating its tables if they are
+    /// missing. The gateway's writer owns the store: when this build cannot migrate it (a newer
+    /// writer migrated it further), the store is read as it is and a warning logged, rather than
+    /// the portal refusing to start.
     pub async fn open(url: &str) -> Result<EmbeddedSource, InsightsError> {
-        Ok(EmbeddedSource::new(SqlStore::open(url).await?))
+        let store = SqlStore::connect(url).await?;
+        if let Err(error) = store.migrate().await {
+            tracing::warn!(%error, "the portal could not migrate the audit store; reading it as it is");
+        }
+        Ok(EmbeddedSource::new(store))
     }
 
     /// The store.
