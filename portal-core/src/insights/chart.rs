@@ -153,6 +153,8 @@ pub fn usage_svg(report: &UsageReport, metric: Metric) -> Result<String, Insight
         let mut chart = ChartBuilder::on(&root)
             .caption(caption, ("sans-serif", 24))
             .margin(12)
+            // Room for the last time label, centred on the right edge.
+            .margin_right(52)
             .x_label_area_size(48)
             .y_label_area_size(72)
             .build_cartesian_2d(0f64..(buckets as f64), 0f64..(max * 1.1))
