@@ -39,6 +39,7 @@ use super::kql::{self, KqlCursor};
 use super::{
     Answer, AuditSource, CallFull, CallPage, CallRow, ChainCheck, ChainLink, Figures, Granularity,
     InsightsError, ModelTokens, Percentiles, SearchRequest, TimeRange, UsageRequest,
+    merge_warnings,
 };
 
 /// The Query API's default endpoint (`api.loganalytics.io` is still served too).
@@ -56,6 +57,7 @@ pub const CALL_LOOKBACK_DAYS: i64 = 730;
 
 const TOKEN_MARGIN: Duration = Duration::from_secs(300);
 const MAX_ERROR_CHARS: usize = 300;
+const MIN_SCRUBBED_CHARS: usize = 8;
 
 /// Where the workspace is and how to sign in to it.
 #[derive(Debug, Clone)]
@@ -405,9 +407,12 @@ impl LogAnalyticsSource {
 
     /// Removes the secret and the token from a text that came from the network.
     fn scrub(&self, text: &str, token: Option<&Secret>) -> String {
-        let mut text = text.replace(&self.client_secret.0, "*****");
-        if let Some(token) = token {
-            text = text.replace(&token.0, "*****");
+        let mut text = text.to_owned();
+        // Real secrets and tokens are long; a very short one would turn every word into stars.
+        for secret in std::iter::once(&self.client_secret).chain(token) {
+            if secret.0.len() >= MIN_SCRUBBED_CHARS {
+                text = text.replace(&secret.0, "*****");
+            }
         }
         text
     }
@@ -556,7 +561,7 @@ impl LogAnalyticsSource {
             };
         }
         let (tables, more) = self.query(&kql::tokens_by_model(&range), &timespan).await?;
-        warnings.extend(more);
+        merge_warnings(&mut warnings, more);
         let table = first_table(&tables)?;
         let cells = Cells { table };
         figures.by_model = table
@@ -691,7 +696,7 @@ impl LogAnalyticsSource {
             row: summary,
         };
         let (tables, more) = self.query(&kql::call_pieces(id)?, &timespan).await?;
-        warnings.extend(more);
+        merge_warnings(&mut warnings, more);
         let table = first_table(&tables)?;
         let cells = Cells { table };
         let join = |column: &str| {

@@ -242,6 +242,15 @@ impl<T> Answer<T> {
     }
 }
 
+/// Adds warnings not already present (several queries of one page often share one).
+pub fn merge_warnings(warnings: &mut Vec<String>, more: Vec<String>) {
+    for warning in more {
+        if !warnings.contains(&warning) {
+            warnings.push(warning);
+        }
+    }
+}
+
 /// The 50th and 95th percentiles of a duration.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Percentiles {

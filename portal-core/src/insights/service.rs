@@ -396,7 +396,7 @@ impl Insights {
         let current_answer = source.figures(range, granularity).await?;
         let previous_answer = source.figures(previous, granularity).await?;
         let mut warnings = current_answer.warnings;
-        warnings.extend(previous_answer.warnings);
+        super::merge_warnings(&mut warnings, previous_answer.warnings);
         let set = |range: TimeRange, figures: Figures| FigureSet {
             cost: self.prices.cost(&figures.by_model),
             range,
