@@ -392,3 +392,87 @@ async fn an_auditor_finds_opens_and_exports_calls_and_every_look_is_recorded() {
             .any(|(a, _, _)| a.contains("Viewer") || a.contains("TeamLead"))
     );
 }
+
+/// A Query API double that answers every query with one documented table (figures, or tokens by
+/// model) and a `PartialError` beside it (`shared/reference/azure-specs.md` §4.1), and a token
+/// endpoint.
+async fn log_analytics_double() -> String {
+    use axum::Json;
+    use axum::routing::post;
+    async fn token() -> Json<serde_json::Value> {
+        Json(
+            serde_json::json!({"token_type": "Bearer", "expires_in": 3599, "access_token": "token-of-the-double"}),
+        )
+    }
+    async fn query(Json(body): Json<serde_json::Value>) -> Json<serde_json::Value> {
+        let kql = body["query"].as_str().unwrap_or_default();
+        let table = if kql.contains("by Model") {
+            serde_json::json!({"name": "PrimaryResult",
+                "columns": [{"name": "Model", "type": "string"}, {"name": "Requests", "type": "long"}, {"name": "PromptTokens", "type": "long"}, {"name": "CompletionTokens", "type": "long"}],
+                "rows": [["gpt-4o", 7, 1000000, 0]]})
+        } else {
+            serde_json::json!({"name": "PrimaryResult",
+                "columns": [{"name": "Requests", "type": "long"}, {"name": "Errors", "type": "long"}, {"name": "PromptTokens", "type": "long"}, {"name": "CompletionTokens", "type": "long"}, {"name": "LatencyP50", "type": "real"}, {"name": "LatencyP95", "type": "real"}, {"name": "TtftP50", "type": "real"}, {"name": "TtftP95", "type": "real"}],
+                "rows": [[7, 0, 1000000, 0, 80.0, 420.0, 20.0, 90.0]]})
+        };
+        Json(serde_json::json!({
+            "tables": [table],
+            "error": {"code": "PartialError", "message": "There were some errors when processing your query.", "details": [{"message": "workspace eu-2 did not answer"}]}
+        }))
+    }
+    let app = axum::Router::new()
+        .route("/{tenant}/oauth2/v2.0/token", post(token))
+        .route("/v1/workspaces/{workspace}/query", post(query));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_pages_read_log_analytics_and_show_its_partial_errors() {
+    use gatehouse_portal_core::insights::log_analytics::{ClientCredentials, LogAnalyticsSettings};
+    let double = log_analytics_double().await;
+    let secrets = tempfile::tempdir().unwrap();
+    let secret = secrets.path().join("client-secret");
+    std::fs::write(&secret, "not-shown").unwrap();
+    let portal = common::start_with(None, |settings| {
+        let mut la = LogAnalyticsSettings::new(
+            "0b9d5a3e-1111-4c2b-9d2e-0123456789ab".to_owned(),
+            ClientCredentials {
+                tenant_id: "contoso.onmicrosoft.com".to_owned(),
+                client_id: "portal".to_owned(),
+                client_secret: gatehouse_schema::config::SecretRef::try_from(format!(
+                    "file:{}",
+                    secret.display()
+                ))
+                .unwrap(),
+                authority: Some(double.parse().unwrap()),
+            },
+        );
+        la.endpoint = Some(double.parse().unwrap());
+        settings.insights.log_analytics = Some(la);
+        settings.insights.prices =
+            gatehouse_portal_core::insights::service::PriceTable::parse("gpt-4o=2.5/10").unwrap();
+    })
+    .await;
+    let mut viewer = signed_in(&portal, &[("role", "Viewer")]).await;
+    let page = viewer
+        .get(&format!("{}/dashboard?range=24h", portal.url))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("Log Analytics"), "{page}");
+    assert!(page.contains("id=\"source-warnings\""), "{page}");
+    assert_eq!(
+        page.matches("<li>PartialError: There were some errors when processing your query.; workspace eu-2 did not answer</li>").count(),
+        1,
+        "one warning, however many queries carried it: {page}"
+    );
+    assert!(
+        page.contains("$2.50"),
+        "1M prompt tokens of gpt-4o at $2.5: {page}"
+    );
+    assert!(!page.contains("not-shown"));
+}
