@@ -4,8 +4,11 @@
 //! `gatehouse-portal-core`), and with `hydrate` into the browser's wasm (the same components,
 //! the server functions become HTTP calls). Never both in one build.
 
+pub mod alerts;
 pub mod api;
+pub mod audit_search;
 mod pages;
+pub mod usage;
 
 use leptos::prelude::*;
 use leptos_meta::{MetaTags, Stylesheet, Title, provide_meta_context};
@@ -66,6 +69,15 @@ pub fn App() -> impl IntoView {
                     />
                     <Route path=StaticSegment("gateways") view=pages::Gateways ssr=SsrMode::Async />
                     <Route path=StaticSegment("activity") view=pages::Activity ssr=SsrMode::Async />
+                    <Route path=StaticSegment("dashboard") view=usage::Dashboard ssr=SsrMode::Async />
+                    <Route path=StaticSegment("usage") view=usage::Usage ssr=SsrMode::Async />
+                    <Route path=StaticSegment("alerts") view=alerts::Alerts ssr=SsrMode::Async />
+                    <Route path=StaticSegment("audit") view=audit_search::AuditSearch ssr=SsrMode::Async />
+                    <Route
+                        path=(StaticSegment("audit"), StaticSegment("call"))
+                        view=audit_search::AuditCall
+                        ssr=SsrMode::Async
+                    />
                 </Routes>
             </main>
         </Router>
@@ -101,6 +113,10 @@ fn Header(info: SessionInfo) -> impl IntoView {
                 <A href="/subscriptions">"Subscriptions"</A>
                 <A href="/gateways">"Gateways"</A>
                 <A href="/activity">"Activity"</A>
+                <A href="/dashboard">"Dashboard"</A>
+                <A href="/usage">"Usage"</A>
+                <A href="/audit">"Audit"</A>
+                <A href="/alerts">"Alerts"</A>
             </nav>
             <div class="who">
                 {match user {

@@ -6,6 +6,7 @@
 
 pub mod db;
 pub mod error;
+pub mod insights;
 pub mod ops;
 pub mod push;
 pub mod secret;

@@ -172,6 +172,9 @@ struct DevSignIn {
     role: String,
     #[serde(default)]
     name: Option<String>,
+    /// For a team lead: the groups they lead, comma-separated.
+    #[serde(default)]
+    groups: Option<String>,
 }
 
 async fn dev_sign_in_handler(
@@ -190,11 +193,20 @@ async fn dev_sign_in_handler(
         .map(|n| n.trim().chars().take(100).collect::<String>())
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| format!("dev {}", role.as_str()));
+    let led_groups = match (role, &form.groups) {
+        (Role::TeamLead, Some(groups)) => groups
+            .split(',')
+            .map(|g| g.trim().chars().take(100).collect::<String>())
+            .filter(|g| !g.is_empty())
+            .take(50)
+            .collect(),
+        _ => Vec::new(),
+    };
     let user = SessionUser {
         subject: format!("dev:{}", role.as_str()),
         name,
         roles: vec![role],
-        led_groups: Vec::new(),
+        led_groups,
         signed_in_at: OffsetDateTime::now_utc(),
         dev: true,
     };

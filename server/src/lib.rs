@@ -7,6 +7,7 @@
 //! `/api/*`, pages, static files).
 
 pub mod auth;
+pub mod dashboards;
 pub mod oidc;
 pub mod security;
 
@@ -58,6 +59,8 @@ pub struct Settings {
     pub gateways: Vec<(String, String, String)>,
     /// Leptos' site settings (output name, site root, package directory).
     pub leptos: LeptosOptions,
+    /// The dashboards' and the audit search's source, and the price table.
+    pub insights: dashboards::InsightsSettings,
 }
 
 /// A built portal: the router and the state behind it.
@@ -67,6 +70,8 @@ pub struct PortalServer {
     pub router: Router,
     /// The state (database, publisher).
     pub portal: Portal,
+    /// The dashboards' operations (source, prices, alerts).
+    pub insights: gatehouse_portal_core::insights::Insights,
 }
 
 /// Opens the database (migrating it), discovers the OIDC issuer, and builds the router.
@@ -110,6 +115,11 @@ pub async fn build(settings: Settings) -> anyhow::Result<PortalServer> {
             )
             .await?;
     }
+    let insights = settings
+        .insights
+        .open(db.clone())
+        .await
+        .context("dashboards' audit source")?;
     let oidc = match &settings.oidc {
         Some(oidc) => {
             let mut redirect = settings.public_url.clone();
@@ -130,6 +140,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<PortalServer> {
     let routes = generate_route_list(App);
     let app: Router = Router::new()
         .merge(auth::routes(settings.dev_sign_in))
+        .merge(dashboards::routes())
         .leptos_routes_with_context(&leptos_options, routes, leptos::nonce::provide_nonce, {
             let options = leptos_options.clone();
             move || shell(options.clone())
@@ -137,6 +148,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<PortalServer> {
         .fallback(leptos_axum::file_and_error_handler(shell))
         .with_state(leptos_options)
         .layer(Extension(portal.clone()))
+        .layer(Extension(insights.clone()))
         .layer(Extension(auth));
     let secure = settings.public_url.scheme() == "https";
     let app = match &db.engine {
@@ -155,6 +167,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<PortalServer> {
     Ok(PortalServer {
         router: app,
         portal,
+        insights,
     })
 }
 
@@ -180,6 +193,10 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let retry = settings.push_retry;
     let server = build(settings).await?;
     let _catch_up = Arc::clone(&server.portal.publisher).spawn_catch_up(retry);
+    let _alerts = server
+        .insights
+        .alerter()
+        .map(|alerter| Arc::clone(alerter).spawn(Duration::from_secs(60)));
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("listening on {listen}"))?;

@@ -6,8 +6,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use gatehouse_portal::dashboards::InsightsSettings;
 use gatehouse_portal::oidc::OidcSettings;
 use gatehouse_portal::{Settings, serve};
+use gatehouse_portal_core::insights::alerts::parse_rules;
+use gatehouse_portal_core::insights::log_analytics::{ClientCredentials, LogAnalyticsSettings};
+use gatehouse_portal_core::insights::service::PriceTable;
 use gatehouse_schema::config::SecretRef;
 use gatehouse_schema::portal::Role;
 use url::Url;
@@ -72,6 +76,89 @@ struct Args {
     /// Register a gateway at start: `ID=URL=SECRET_REF` (repeatable).
     #[arg(long = "gateway")]
     gateways: Vec<String>,
+    /// Dashboards and audit search: the embedded audit store, `sqlite:PATH` or `postgres://…`.
+    #[arg(long, env = "GATEHOUSE_PORTAL_AUDIT_DATABASE")]
+    audit_database: Option<String>,
+    /// Dashboards and audit search from Log Analytics instead: the workspace id (GUID).
+    #[arg(long, env = "GATEHOUSE_PORTAL_LOG_ANALYTICS_WORKSPACE")]
+    log_analytics_workspace: Option<String>,
+    /// Log Analytics: the app registration's tenant id.
+    #[arg(long, env = "GATEHOUSE_PORTAL_LOG_ANALYTICS_TENANT")]
+    log_analytics_tenant: Option<String>,
+    /// Log Analytics: the app registration's client id.
+    #[arg(long, env = "GATEHOUSE_PORTAL_LOG_ANALYTICS_CLIENT_ID")]
+    log_analytics_client_id: Option<String>,
+    /// Log Analytics: secret reference (env:NAME or file:PATH) of the client secret.
+    #[arg(long, env = "GATEHOUSE_PORTAL_LOG_ANALYTICS_CLIENT_SECRET")]
+    log_analytics_client_secret: Option<String>,
+    /// Log Analytics: the Query API base URL (default https://api.loganalytics.azure.com).
+    #[arg(long, env = "GATEHOUSE_PORTAL_LOG_ANALYTICS_ENDPOINT")]
+    log_analytics_endpoint: Option<Url>,
+    /// Log Analytics: the identity platform authority (default https://login.microsoftonline.com).
+    #[arg(long, env = "GATEHOUSE_PORTAL_LOG_ANALYTICS_AUTHORITY")]
+    log_analytics_authority: Option<Url>,
+    /// Prices for the cost estimate: `MODEL=PROMPT/COMPLETION,…` in US dollars per million tokens.
+    #[arg(long, env = "GATEHOUSE_PORTAL_MODEL_PRICES", default_value = "")]
+    model_prices: String,
+    /// Alert rules: a JSON file (see docs/dashboards.md), evaluated every minute.
+    #[arg(long, env = "GATEHOUSE_PORTAL_ALERT_RULES")]
+    alert_rules: Option<std::path::PathBuf>,
+    /// Where alerts are sent: secret reference (env:NAME or file:PATH) of a Slack or Teams
+    /// incoming webhook URL.
+    #[arg(long, env = "GATEHOUSE_PORTAL_ALERT_WEBHOOK")]
+    alert_webhook: Option<String>,
+}
+
+fn insights(args: &Args) -> anyhow::Result<InsightsSettings> {
+    let prices = PriceTable::parse(&args.model_prices)
+        .map_err(|error| anyhow::anyhow!("--model-prices: {error}"))?;
+    let log_analytics = match &args.log_analytics_workspace {
+        None => None,
+        Some(workspace) => {
+            let need = |value: &Option<String>, name: &str| {
+                value
+                    .clone()
+                    .with_context(|| format!("--log-analytics-workspace needs {name}"))
+            };
+            let secret = SecretRef::try_from(need(
+                &args.log_analytics_client_secret,
+                "--log-analytics-client-secret",
+            )?)
+            .map_err(|error| anyhow::anyhow!("--log-analytics-client-secret: {error}"))?;
+            let mut settings = LogAnalyticsSettings::new(
+                workspace.clone(),
+                ClientCredentials {
+                    tenant_id: need(&args.log_analytics_tenant, "--log-analytics-tenant")?,
+                    client_id: need(&args.log_analytics_client_id, "--log-analytics-client-id")?,
+                    client_secret: secret,
+                    authority: args.log_analytics_authority.clone(),
+                },
+            );
+            settings.endpoint = args.log_analytics_endpoint.clone();
+            Some(settings)
+        }
+    };
+    let alert_rules = match &args.alert_rules {
+        None => Vec::new(),
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--alert-rules {}", path.display()))?;
+            parse_rules(&text).map_err(|error| anyhow::anyhow!("--alert-rules: {error}"))?
+        }
+    };
+    let alert_webhook = args
+        .alert_webhook
+        .clone()
+        .map(SecretRef::try_from)
+        .transpose()
+        .map_err(|error| anyhow::anyhow!("--alert-webhook: {error}"))?;
+    Ok(InsightsSettings {
+        audit_database: args.audit_database.clone(),
+        log_analytics,
+        prices,
+        alert_rules,
+        alert_webhook,
+    })
 }
 
 fn group_roles(text: &str) -> anyhow::Result<HashMap<String, Role>> {
@@ -166,6 +253,7 @@ async fn main() -> anyhow::Result<()> {
             .map(|text| gateway(text))
             .collect::<anyhow::Result<_>>()?,
         leptos,
+        insights: insights(&args)?,
     };
     if settings.oidc.is_none() && !settings.dev_sign_in {
         tracing::warn!("no sign-in configured: set --oidc-issuer and --oidc-client-id");

@@ -53,7 +53,54 @@ fn matrix() -> Vec<Case> {
         ("list_gateways", vec![], ADMIN),
         ("push_now", vec![], ADMIN),
         ("list_activity", vec![], &["Admin", "Auditor"]),
+        (
+            "dashboard_overview",
+            vec![("range", "24h"), ("from", ""), ("to", "")],
+            &["Admin", "Auditor", "Viewer"],
+        ),
+        (
+            "usage_breakdown",
+            vec![
+                ("range", "24h"),
+                ("from", ""),
+                ("to", ""),
+                ("dimension", "group"),
+            ],
+            &["Admin", "TeamLead"],
+        ),
+        ("audit_search", search_form(), &["Admin", "Auditor"]),
+        ("list_alerts", vec![], ADMIN),
     ]
+}
+
+/// Every field of the audit search form, empty but the range.
+fn search_form() -> Vec<(&'static str, &'static str)> {
+    let mut form = vec![("range", "24h")];
+    for field in [
+        "from",
+        "to",
+        "user",
+        "caller",
+        "model",
+        "deployment",
+        "operation",
+        "status",
+        "subscription",
+        "text",
+        "limit",
+        "cursor",
+    ] {
+        form.push((field, ""));
+    }
+    form
+}
+
+/// A portal whose dashboards read an (empty) embedded audit store beside its config database.
+async fn start_with_audit_store() -> TestPortal {
+    common::start_with(None, |settings| {
+        settings.insights.audit_database = Some(settings.database.replace("portal.db", "audit.db"));
+    })
+    .await
 }
 
 async fn browser_for(portal: &TestPortal, caller: Option<&str>) -> Browser {
@@ -66,7 +113,7 @@ async fn browser_for(portal: &TestPortal, caller: Option<&str>) -> Browser {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_server_function_checks_the_role_on_the_server() {
-    let portal = start(None).await;
+    let portal = start_with_audit_store().await;
     // Non-admins first, so that nothing they might have done is hidden by the admin's changes.
     for caller in CALLERS.iter().rev() {
         let mut browser = browser_for(&portal, *caller).await;
@@ -87,8 +134,16 @@ async fn every_server_function_checks_the_role_on_the_server() {
             }
         }
     }
-    // Only the admin's calls changed anything, and each one is in the activity log.
+    // Only the admin's calls changed anything, and each one is in the activity log; searches
+    // are recorded for the roles allowed to search, and only for them.
     let log = portal.server.portal.db.activity(100).await.unwrap();
+    let (searches, log): (Vec<_>, Vec<_>) =
+        log.into_iter().partition(|e| e.action == "audit.search");
+    let searchers: Vec<&str> = searches.iter().rev().map(|e| e.actor.as_str()).collect();
+    assert_eq!(
+        searchers,
+        ["dev Auditor (dev sign-in)", "dev Admin (dev sign-in)"]
+    );
     let actions: Vec<&str> = log.iter().rev().map(|e| e.action.as_str()).collect();
     assert_eq!(
         actions,

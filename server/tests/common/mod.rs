@@ -32,6 +32,7 @@ pub fn settings(dir: &tempfile::TempDir, addr: SocketAddr, oidc: Option<OidcSett
             .output_name(gatehouse_portal_app::OUTPUT_NAME)
             .site_root(dir.path().join("site").display().to_string())
             .build(),
+        insights: Default::default(),
     }
 }
 

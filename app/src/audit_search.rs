@@ -1,0 +1,493 @@
+//! Audit search (Auditor, Admin): filters in a GET form, results with keyset paging, the detail
+//! of one call with the prompt and the completion as text (never HTML), and links to the
+//! streamed CSV / JSON-lines export. Every search and every detail view is recorded in the
+//! activity log on the server before it runs.
+
+#![allow(
+    clippy::too_many_arguments,
+    reason = "the search server function takes one argument per form field (also in the code #[server] generates)"
+)]
+#![expect(
+    missing_docs,
+    reason = "#[server] turns each documented function's parameters into the fields of an argument struct"
+)]
+
+use leptos::prelude::*;
+use leptos_router::hooks::use_query_map;
+use serde::{Deserialize, Serialize};
+
+use crate::usage::{Problem, RangeFields, Warnings, query_string, thousands};
+
+/// One call in the results.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRowView {
+    /// Correlation id.
+    pub id: String,
+    /// When (UTC).
+    pub time: String,
+    /// User name or object id.
+    pub user: String,
+    /// Caller address.
+    pub caller: String,
+    /// Model.
+    pub model: String,
+    /// Deployment.
+    pub deployment: String,
+    /// Operation.
+    pub operation: String,
+    /// Status.
+    pub status: i32,
+    /// Subscription.
+    pub subscription: String,
+    /// Total tokens.
+    pub tokens: String,
+    /// Total time, ms.
+    pub total_ms: i64,
+}
+
+/// A page of results.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SearchData {
+    /// The calls.
+    pub rows: Vec<AuditRowView>,
+    /// Query string of the next page, if any.
+    pub next_query: Option<String>,
+    /// Query string of the search without cursor (exports).
+    pub query: String,
+    /// The source's warnings.
+    pub warnings: Vec<String>,
+}
+
+/// One call in full.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallView {
+    /// Correlation id.
+    pub id: String,
+    /// The list columns.
+    pub row: AuditRowView,
+    /// Backend of the final attempt.
+    pub backend: String,
+    /// Attempts (JSON text).
+    pub attempts: String,
+    /// Prompt tokens.
+    pub prompt_tokens: String,
+    /// Completion tokens.
+    pub completion_tokens: String,
+    /// Token counts are estimates.
+    pub tokens_estimated: bool,
+    /// Time to first byte.
+    pub time_to_first_byte: String,
+    /// Prompt messages (text).
+    pub request_messages: Option<String>,
+    /// Completion (text).
+    pub response_messages: Option<String>,
+    /// Request body cut at the capture limit.
+    pub request_truncated: bool,
+    /// Response body cut.
+    pub response_truncated: bool,
+    /// The client hung up early.
+    pub client_aborted: bool,
+    /// Chain position, if chained.
+    pub chain: Option<String>,
+    /// Result of the chain check, if asked for.
+    pub chain_check: Option<String>,
+    /// Whether the chain verified (when checked).
+    pub chain_ok: Option<bool>,
+    /// The source's warnings.
+    pub warnings: Vec<String>,
+}
+
+const FIELDS: [&str; 12] = [
+    "range",
+    "from",
+    "to",
+    "user",
+    "caller",
+    "model",
+    "deployment",
+    "operation",
+    "status",
+    "subscription",
+    "text",
+    "limit",
+];
+
+#[cfg(feature = "ssr")]
+fn row_view(row: gatehouse_portal_core::insights::CallRow) -> AuditRowView {
+    AuditRowView {
+        time: gatehouse_portal_core::insights::iso_utc(row.time_generated),
+        user: row
+            .user_name
+            .clone()
+            .or(row.user_id.clone())
+            .unwrap_or_default(),
+        caller: row.caller_ip_address,
+        model: row.model_name.unwrap_or_default(),
+        deployment: row.deployment_name.unwrap_or_default(),
+        operation: row.operation_id,
+        status: row.response_code,
+        subscription: row.apim_subscription_id.unwrap_or_default(),
+        tokens: row.total_tokens.map(thousands).unwrap_or_default(),
+        total_ms: row.total_time,
+        id: row.correlation_id,
+    }
+}
+
+/// One page of an audit search: Auditor, Admin; recorded in the activity log.
+#[server(endpoint = "audit_search")]
+pub async fn audit_search(
+    range: String,
+    from: String,
+    to: String,
+    user: String,
+    caller: String,
+    model: String,
+    deployment: String,
+    operation: String,
+    status: String,
+    subscription: String,
+    text: String,
+    limit: String,
+    cursor: String,
+) -> Result<SearchData, ServerFnError> {
+    use crate::usage::ssr::{insights_and_user, to_error};
+    use gatehouse_portal_core::insights::{SearchForm, SearchRequest};
+    let (insights, signed_in) = insights_and_user().await?;
+    let form = SearchForm {
+        range,
+        from,
+        to,
+        user,
+        caller,
+        model,
+        deployment,
+        operation,
+        status,
+        subscription,
+        text,
+        cursor,
+        limit,
+    };
+    let request = SearchRequest::parse(&form, time::OffsetDateTime::now_utc()).map_err(to_error)?;
+    let answer = insights
+        .search(signed_in.as_ref(), &request)
+        .await
+        .map_err(to_error)?;
+    let values = [
+        form.range.as_str(),
+        &form.from,
+        &form.to,
+        &form.user,
+        &form.caller,
+        &form.model,
+        &form.deployment,
+        &form.operation,
+        &form.status,
+        &form.subscription,
+        &form.text,
+        &form.limit,
+    ];
+    let pairs: Vec<(&str, &str)> = FIELDS.iter().copied().zip(values).collect();
+    let query = query_string(&pairs);
+    let next_query = answer.value.next.map(|cursor| {
+        let mut with_cursor = pairs.clone();
+        with_cursor.push(("cursor", &cursor));
+        query_string(&with_cursor)
+    });
+    Ok(SearchData {
+        rows: answer.value.items.into_iter().map(row_view).collect(),
+        next_query,
+        query,
+        warnings: answer.warnings,
+    })
+}
+
+/// One call in full (its chain verified when `verify` is `1`): Auditor, Admin; recorded.
+#[server(endpoint = "audit_call")]
+pub async fn audit_call(id: String, verify: String) -> Result<CallView, ServerFnError> {
+    use crate::usage::ssr::{insights_and_user, to_error};
+    use gatehouse_portal_core::insights::ChainCheck;
+    let (insights, signed_in) = insights_and_user().await?;
+    let answer = insights
+        .call(signed_in.as_ref(), &id, verify == "1")
+        .await
+        .map_err(to_error)?;
+    let report = answer.value;
+    let call = report.call;
+    let (chain_check, chain_ok) = match report.chain_check {
+        None => (None, None),
+        Some(ChainCheck::NotChained) => (
+            Some("the record carries no chain link".to_owned()),
+            Some(false),
+        ),
+        Some(ChainCheck::Intact { records }) => (
+            Some(format!("intact: all {records} records of the chain verify")),
+            Some(true),
+        ),
+        Some(ChainCheck::Broken { detail }) => (Some(format!("BROKEN: {detail}")), Some(false)),
+        Some(ChainCheck::Unavailable(why)) => (Some(why), None),
+    };
+    let opt = |v: Option<i64>| v.map(thousands).unwrap_or_else(|| "–".to_owned());
+    Ok(CallView {
+        id: call.row.correlation_id.clone(),
+        backend: call.backend_id.unwrap_or_default(),
+        attempts: call.attempts,
+        prompt_tokens: opt(call.prompt_tokens),
+        completion_tokens: opt(call.completion_tokens),
+        tokens_estimated: call.tokens_estimated,
+        time_to_first_byte: call
+            .time_to_first_byte
+            .map(|v| format!("{} ms", thousands(v)))
+            .unwrap_or_else(|| "–".to_owned()),
+        request_messages: call.request_messages,
+        response_messages: call.response_messages,
+        request_truncated: call.request_truncated,
+        response_truncated: call.response_truncated,
+        client_aborted: call.client_aborted,
+        chain: call
+            .chain
+            .map(|c| format!("{} #{} · hash {}", c.chain_id, c.sequence, c.record_hash)),
+        chain_check,
+        chain_ok,
+        warnings: answer.warnings,
+        row: row_view(call.row),
+    })
+}
+
+fn text_field(name: &'static str, label: &'static str, value: String) -> impl IntoView {
+    view! { <label>{label} <input name=name value=value maxlength="256" /></label> }
+}
+
+/// The search page.
+#[component]
+pub fn AuditSearch() -> impl IntoView {
+    let query = use_query_map();
+    let asked = move || {
+        query.with(|q| {
+            let mut values: Vec<String> = FIELDS
+                .iter()
+                .map(|f| q.get(f).unwrap_or_default())
+                .collect();
+            values.push(q.get("cursor").unwrap_or_default());
+            values
+        })
+    };
+    let searched =
+        move || query.with(|q| q.get_str("range").is_some() || q.get_str("from").is_some());
+    let data = Resource::new(
+        move || (searched(), asked()),
+        |(searched, v)| async move {
+            if !searched {
+                // Nothing asked yet: no search runs, and none is recorded.
+                return Ok(None);
+            }
+            let mut v = v.into_iter();
+            let mut next = move || v.next().unwrap_or_default();
+            audit_search(
+                next(),
+                next(),
+                next(),
+                next(),
+                next(),
+                next(),
+                next(),
+                next(),
+                next(),
+                next(),
+                next(),
+                next(),
+                next(),
+            )
+            .await
+            .map(Some)
+        },
+    );
+    let values = asked();
+    let get = |i: usize| values.get(i).cloned().unwrap_or_default();
+    view! {
+        <h1>"Audit search"</h1>
+        <form method="get" action="/audit" class="form-grid" id="audit-form">
+            <RangeFields range=get(0) from=get(1) to=get(2) />
+            {text_field("user", "User (name, UPN or object id)", get(3))}
+            {text_field("caller", "Caller IP or CIDR", get(4))}
+            {text_field("model", "Model", get(5))}
+            {text_field("deployment", "Deployment", get(6))}
+            {text_field("operation", "Operation", get(7))}
+            {text_field("status", "Status", get(8))}
+            {text_field("subscription", "Subscription", get(9))}
+            {text_field("text", "Words in prompt or completion", get(10))}
+            <input type="hidden" name="limit" value=get(11) />
+            <div class="form-actions">
+                <button type="submit" class="btn btn-primary">"Search"</button>
+            </div>
+        </form>
+        <p class="muted">"Every search and every call opened is recorded in the activity log."</p>
+        <Suspense fallback=|| view! { <p class="muted">"Searching…"</p> }>
+            {move || Suspend::new(async move {
+                match data.await {
+                    Ok(Some(page)) => results(page).into_any(),
+                    Ok(None) => view! { <p class="empty">"Choose filters and search."</p> }.into_any(),
+                    Err(error) => view! { <Problem error /> }.into_any(),
+                }
+            })}
+        </Suspense>
+    }
+}
+
+fn results(page: SearchData) -> impl IntoView {
+    let csv = format!("/audit/export?format=csv&{}", page.query);
+    let jsonl = format!("/audit/export?format=jsonl&{}", page.query);
+    let empty = page.rows.is_empty();
+    view! {
+        <Warnings warnings=page.warnings />
+        <p>
+            <a class="btn" href=csv id="audit-export-csv">"Export CSV"</a>
+            " "
+            <a class="btn" href=jsonl id="audit-export-jsonl">"Export JSON lines"</a>
+        </p>
+        {if empty {
+            view! { <p class="empty" id="audit-no-results">"No calls match."</p> }.into_any()
+        } else {
+            view! {
+                <div class="table-wrap">
+                    <table class="table" id="audit-results">
+                        <thead>
+                            <tr>
+                                <th>"Time (UTC)"</th>
+                                <th>"User"</th>
+                                <th>"Caller"</th>
+                                <th>"Deployment"</th>
+                                <th>"Model"</th>
+                                <th>"Operation"</th>
+                                <th>"Status"</th>
+                                <th>"Subscription"</th>
+                                <th>"Tokens"</th>
+                                <th>"Time"</th>
+                            </tr>
+                        </thead>
+                        <tbody>
+                            {page
+                                .rows
+                                .into_iter()
+                                .map(|r| {
+                                    let href = format!("/audit/call?{}", query_string(&[("id", &r.id)]));
+                                    view! {
+                                        <tr class="audit-row" data-id=r.id.clone()>
+                                            <td>
+                                                <a href=href class="audit-open">{r.time}</a>
+                                            </td>
+                                            <td>{r.user}</td>
+                                            <td>{r.caller}</td>
+                                            <td>{r.deployment}</td>
+                                            <td>{r.model}</td>
+                                            <td>{r.operation}</td>
+                                            <td>{r.status}</td>
+                                            <td>{r.subscription}</td>
+                                            <td class="num">{r.tokens}</td>
+                                            <td class="num">{format!("{} ms", thousands(r.total_ms))}</td>
+                                        </tr>
+                                    }
+                                })
+                                .collect_view()}
+                        </tbody>
+                    </table>
+                </div>
+            }
+                .into_any()
+        }}
+        {page
+            .next_query
+            .map(|q| {
+                view! {
+                    <p>
+                        <a class="btn" href=format!("/audit?{q}") id="audit-next">"Next page"</a>
+                    </p>
+                }
+            })}
+    }
+}
+
+fn flag(on: bool, text: &'static str) -> Option<impl IntoView> {
+    on.then(|| view! { <span class="badge badge-warn">{text}</span> })
+}
+
+/// One call in full.
+#[component]
+pub fn AuditCall() -> impl IntoView {
+    let query = use_query_map();
+    let asked = move || {
+        query.with(|q| {
+            (
+                q.get("id").unwrap_or_default(),
+                q.get("verify").unwrap_or_default(),
+            )
+        })
+    };
+    let data = Resource::new(asked, |(id, verify)| audit_call(id, verify));
+    view! {
+        <h1>"Call"</h1>
+        <p><a href="/audit" class="muted">"← audit search"</a></p>
+        <Suspense fallback=|| view! { <p class="muted">"Loading…"</p> }>
+            {move || Suspend::new(async move {
+                match data.await {
+                    Ok(call) => call_view(call).into_any(),
+                    Err(error) => view! { <Problem error /> }.into_any(),
+                }
+            })}
+        </Suspense>
+    }
+}
+
+fn call_view(call: CallView) -> impl IntoView {
+    let verify = format!(
+        "/audit/call?{}",
+        query_string(&[("id", &call.id), ("verify", "1")])
+    );
+    let r = call.row;
+    let chain_class = match call.chain_ok {
+        Some(true) => "badge badge-active",
+        Some(false) => "badge badge-revoked",
+        None => "badge",
+    };
+    view! {
+        <Warnings warnings=call.warnings />
+        <dl class="facts" id="call-facts">
+            <dt>"Correlation id"</dt><dd><code id="call-id">{call.id}</code></dd>
+            <dt>"Time (UTC)"</dt><dd>{r.time}</dd>
+            <dt>"User"</dt><dd id="call-user">{r.user}</dd>
+            <dt>"Caller"</dt><dd id="call-caller">{r.caller}</dd>
+            <dt>"Subscription"</dt><dd>{r.subscription}</dd>
+            <dt>"Deployment / model"</dt><dd>{r.deployment} " / " {r.model}</dd>
+            <dt>"Operation"</dt><dd>{r.operation}</dd>
+            <dt>"Status"</dt><dd id="call-status">{r.status}</dd>
+            <dt>"Backend"</dt><dd>{call.backend}</dd>
+            <dt>"Tokens"</dt>
+            <dd>
+                "prompt " {call.prompt_tokens} ", completion " {call.completion_tokens}
+                ", total " {r.tokens} " " {flag(call.tokens_estimated, "estimated")}
+            </dd>
+            <dt>"Timings"</dt>
+            <dd>{format!("{} ms in all", thousands(r.total_ms))} ", first byte " {call.time_to_first_byte}</dd>
+            <dt>"Flags"</dt>
+            <dd>
+                {flag(call.request_truncated, "request truncated")}
+                {flag(call.response_truncated, "response truncated")}
+                {flag(call.client_aborted, "client aborted")}
+            </dd>
+            <dt>"Hash chain"</dt>
+            <dd id="call-chain">
+                {call.chain.unwrap_or_else(|| "not chained".to_owned())} " "
+                {match call.chain_check {
+                    Some(text) => view! { <span class=chain_class id="call-chain-check">{text}</span> }.into_any(),
+                    None => view! { <a href=verify class="btn btn-quiet" id="call-verify">"Verify chain"</a> }.into_any(),
+                }}
+            </dd>
+        </dl>
+        <h2>"Prompt"</h2>
+        <pre class="content" id="call-prompt">{call.request_messages.unwrap_or_else(|| "(not captured, or removed by retention)".to_owned())}</pre>
+        <h2>"Completion"</h2>
+        <pre class="content" id="call-completion">{call.response_messages.unwrap_or_else(|| "(not captured, or removed by retention)".to_owned())}</pre>
+        <h2>"Attempts"</h2>
+        <pre class="content" id="call-attempts">{call.attempts}</pre>
+    }
+}

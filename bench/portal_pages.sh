@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Time of each dashboard and audit-search page, p95 over N requests, against a running portal on
+# loopback (so the time is the server's, plus a loopback round trip). Start the portal with
+# --dev-sign-in and --audit-database pointing at the store to measure (e.g. the 10-million-record
+# store from the audit crate's generator), then:
+#
+#   PORTAL=http://127.0.0.1:3000 N=50 bench/portal_pages.sh
+#
+# USER_FILTER, CIDR_FILTER and TEXT_FILTER choose what the audit searches look for. Every audit
+# search is also written to the activity log, as in real use.
+set -euo pipefail
+
+PORTAL=${PORTAL:-http://127.0.0.1:3000}
+N=${N:-50}
+USER_FILTER=${USER_FILTER:-alice@contoso.com}
+CIDR_FILTER=${CIDR_FILTER:-10.0.0.0%2F8}
+TEXT_FILTER=${TEXT_FILTER:-invoice}
+
+jar=$(mktemp)
+trap 'rm -f "$jar"' EXIT
+status=$(curl -s -o /dev/null -w '%{http_code}' -c "$jar" -H "Origin: $PORTAL" \
+  -d role=Admin "$PORTAL/auth/dev")
+if [ "$status" != 303 ]; then
+  echo "dev sign-in failed (HTTP $status): start the portal with --dev-sign-in" >&2
+  exit 1
+fi
+
+pages=(
+  "dashboard 24h|/dashboard?range=24h"
+  "dashboard 30d|/dashboard?range=30d"
+  "usage by group 7d|/usage?range=7d&dimension=group"
+  "usage by user 24h|/usage?range=24h&dimension=user"
+  "usage chart 7d|/usage/chart.svg?range=7d&dimension=model"
+  "usage CSV 30d|/usage/export.csv?range=30d&dimension=subscription"
+  "audit by user 7d|/audit?range=7d&user=$USER_FILTER"
+  "audit by CIDR 7d|/audit?range=7d&caller=$CIDR_FILTER"
+  "audit full text 7d|/audit?range=7d&text=$TEXT_FILTER"
+)
+
+printf '%-22s %10s %10s\n' page p50_ms p95_ms
+for entry in "${pages[@]}"; do
+  name=${entry%%|*}
+  path=${entry#*|}
+  code=$(curl -s -o /dev/null -w '%{http_code}' -b "$jar" "$PORTAL$path")
+  if [ "$code" != 200 ]; then
+    echo "$name: HTTP $code" >&2
+    exit 1
+  fi
+  for _ in $(seq "$N"); do
+    curl -s -o /dev/null -b "$jar" -w '%{time_total}\n' "$PORTAL$path"
+  done | sort -n | awk -v n="$N" -v name="$name" '
+    { t[NR] = $1 * 1000 }
+    END {
+      p50 = int((n * 50 + 99) / 100); p95 = int((n * 95 + 99) / 100)
+      printf "%-22s %10.1f %10.1f\n", name, t[p50], t[p95]
+    }'
+done

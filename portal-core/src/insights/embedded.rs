@@ -1,0 +1,379 @@
+//! The embedded audit store as a source: `gatehouse_audit::sql::SqlStore`'s read API (search,
+//! call, usage rollups, chain verification), plus the latency percentiles, which the rollups do
+//! not hold, from the metadata table.
+//!
+//! Percentiles: nearest-rank over the calls of the range, read through the `(TimeGenerated,
+//! RecordId)` index. Up to [`PERCENTILE_SAMPLE`] calls they are exact; beyond, they come from a
+//! systematic sample (every n-th `RecordId`) of about that many calls, and the figures say so.
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use gatehouse_audit::sql::{SearchFilter, SqlStore, UsagePoint, UsageQuery};
+use sqlx::Row;
+
+use super::{
+    Answer, AuditSource, CallFull, CallPage, CallRow, ChainCheck, ChainLink, Dimension, Figures,
+    Granularity, InsightsError, ModelTokens, Percentiles, SearchRequest, TimeRange, UsageRequest,
+    iso_utc, last_backend,
+};
+
+/// Calls the percentiles are computed from at most (beyond, a systematic sample).
+pub const PERCENTILE_SAMPLE: i64 = 100_000;
+
+/// The embedded store (SQLite or PostgreSQL).
+#[derive(Debug, Clone)]
+pub struct EmbeddedSource {
+    store: SqlStore,
+}
+
+impl EmbeddedSource {
+    /// A source over an open store.
+    pub fn new(store: SqlStore) -> EmbeddedSource {
+        EmbeddedSource { store }
+    }
+
+    /// Opens the store at `sqlite:PATH` or `postgres://…`, creating its tables if they are
+    /// missing. The gateway's writer owns the store: when this build cannot migrate it (a newer
+    /// writer migrated it further), the store is read as it is and a warning logged, rather than
+    /// the portal refusing to start.
+    pub async fn open(url: &str) -> Result<EmbeddedSource, InsightsError> {
+        let store = SqlStore::connect(url).await?;
+        if let Err(error) = store.migrate().await {
+            tracing::warn!(%error, "the portal could not migrate the audit store; reading it as it is");
+        }
+        Ok(EmbeddedSource::new(store))
+    }
+
+    /// The store.
+    pub fn store(&self) -> &SqlStore {
+        &self.store
+    }
+
+    async fn figures_of(
+        &self,
+        range: TimeRange,
+        granularity: Granularity,
+    ) -> Result<Answer<Figures>, InsightsError> {
+        let query = |dimension| UsageQuery {
+            granularity,
+            dimension,
+            from: range.from,
+            to: range.to,
+            only: None,
+        };
+        let mut figures = Figures::default();
+        for point in self.store.usage(&query(Dimension::All)).await? {
+            figures.requests += point.requests;
+            figures.errors += point.errors;
+            figures.prompt_tokens += point.prompt_tokens;
+            figures.completion_tokens += point.completion_tokens;
+        }
+        let mut by_model: Vec<ModelTokens> = Vec::new();
+        for point in self.store.usage(&query(Dimension::Model)).await? {
+            match by_model.iter_mut().find(|m| m.model == point.value) {
+                Some(model) => {
+                    model.requests += point.requests;
+                    model.prompt_tokens += point.prompt_tokens;
+                    model.completion_tokens += point.completion_tokens;
+                }
+                None => by_model.push(ModelTokens {
+                    model: point.value,
+                    requests: point.requests,
+                    prompt_tokens: point.prompt_tokens,
+                    completion_tokens: point.completion_tokens,
+                }),
+            }
+        }
+        by_model.sort_by(|a, b| a.model.cmp(&b.model));
+        figures.by_model = by_model;
+        let (latency, ttft, sample) = self.percentiles(range).await?;
+        figures.latency = latency;
+        figures.time_to_first_token = ttft;
+        figures.percentile_sample = sample;
+        Ok(Answer::new(figures))
+    }
+
+    /// p50/p95 of total time and time to first byte in the range (see the module docs).
+    async fn percentiles(
+        &self,
+        range: TimeRange,
+    ) -> Result<(Percentiles, Percentiles, Option<i64>), InsightsError> {
+        if let Some(pool) = self.store.sqlite_pool() {
+            let (from, to) = (iso_utc(range.from), iso_utc(range.to));
+            let count: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM GatehouseGatewayLogs WHERE TimeGenerated >= ? AND TimeGenerated < ?",
+            )
+            .bind(&from)
+            .bind(&to)
+            .fetch_one(pool)
+            .await
+            .map_err(gatehouse_audit::sql::StoreError::from)?;
+            let step = step_for(count);
+            let mut result = [Percentiles::default(), Percentiles::default()];
+            for (slot, column) in ["TotalTime", "TimeToFirstByte"].into_iter().enumerate() {
+                // Column names are constants of this function, never input.
+                let sampled: i64 = sqlx::query_scalar(&format!(
+                    "SELECT COUNT({column}) FROM GatehouseGatewayLogs WHERE TimeGenerated >= ? AND TimeGenerated < ? AND RecordId % ? = 0"
+                ))
+                .bind(&from)
+                .bind(&to)
+                .bind(step)
+                .fetch_one(pool)
+                .await
+                .map_err(gatehouse_audit::sql::StoreError::from)?;
+                let mut values = [None, None];
+                for (i, p) in [50, 95].into_iter().enumerate() {
+                    let Some(offset) = nearest_rank(sampled, p) else {
+                        continue;
+                    };
+                    values[i] = sqlx::query_scalar::<_, i64>(&format!(
+                        "SELECT {column} FROM GatehouseGatewayLogs WHERE TimeGenerated >= ? AND TimeGenerated < ? AND RecordId % ? = 0 AND {column} IS NOT NULL ORDER BY {column} LIMIT 1 OFFSET ?"
+                    ))
+                    .bind(&from)
+                    .bind(&to)
+                    .bind(step)
+                    .bind(offset)
+                    .fetch_optional(pool)
+                    .await
+                    .map_err(gatehouse_audit::sql::StoreError::from)?;
+                }
+                result[slot] = Percentiles {
+                    p50_ms: values[0],
+                    p95_ms: values[1],
+                };
+            }
+            let [latency, ttft] = result;
+            return Ok((latency, ttft, (step > 1).then_some(count / step)));
+        }
+        let Some(pool) = self.store.postgres_pool() else {
+            return Ok((Percentiles::default(), Percentiles::default(), None));
+        };
+        let count: i64 = sqlx::query_scalar(
+            r#"SELECT COUNT(*) FROM "GatehouseGatewayLogs" WHERE "TimeGenerated" >= $1 AND "TimeGenerated" < $2"#,
+        )
+        .bind(range.from)
+        .bind(range.to)
+        .fetch_one(pool)
+        .await
+        .map_err(gatehouse_audit::sql::StoreError::from)?;
+        let step = step_for(count);
+        let row = sqlx::query(
+            r#"SELECT
+                 (percentile_disc(0.5) WITHIN GROUP (ORDER BY "TotalTime"))::bigint,
+                 (percentile_disc(0.95) WITHIN GROUP (ORDER BY "TotalTime"))::bigint,
+                 (percentile_disc(0.5) WITHIN GROUP (ORDER BY "TimeToFirstByte"))::bigint,
+                 (percentile_disc(0.95) WITHIN GROUP (ORDER BY "TimeToFirstByte"))::bigint
+               FROM "GatehouseGatewayLogs"
+               WHERE "TimeGenerated" >= $1 AND "TimeGenerated" < $2 AND "RecordId" % $3 = 0"#,
+        )
+        .bind(range.from)
+        .bind(range.to)
+        .bind(step)
+        .fetch_one(pool)
+        .await
+        .map_err(gatehouse_audit::sql::StoreError::from)?;
+        let get = |i: usize| -> Result<Option<i64>, InsightsError> {
+            row.try_get::<Option<i64>, _>(i)
+                .map_err(|e| InsightsError::from(gatehouse_audit::sql::StoreError::from(e)))
+        };
+        Ok((
+            Percentiles {
+                p50_ms: get(0)?,
+                p95_ms: get(1)?,
+            },
+            Percentiles {
+                p50_ms: get(2)?,
+                p95_ms: get(3)?,
+            },
+            (step > 1).then_some(count / step),
+        ))
+    }
+}
+
+/// Every `step`-th record is sampled so that about [`PERCENTILE_SAMPLE`] remain.
+fn step_for(count: i64) -> i64 {
+    if count <= PERCENTILE_SAMPLE {
+        1
+    } else {
+        (count + PERCENTILE_SAMPLE - 1) / PERCENTILE_SAMPLE
+    }
+}
+
+/// The 0-based offset of the nearest-rank `p`th percentile of `n` sorted values.
+fn nearest_rank(n: i64, p: i64) -> Option<i64> {
+    (n > 0).then(|| ((p * n + 99) / 100 - 1).clamp(0, n - 1))
+}
+
+fn filter_of(request: &SearchRequest, limit: u32) -> Result<SearchFilter, InsightsError> {
+    let mut filter = SearchFilter::between(request.range.from, request.range.to);
+    filter.user = request.user.clone();
+    filter.caller = request.caller;
+    filter.model = request.model.clone();
+    filter.deployment = request.deployment.clone();
+    filter.operation = request.operation.clone();
+    filter.status = request.status;
+    filter.subscription = request.subscription.clone();
+    filter.text = request.text.clone();
+    filter.limit = limit;
+    filter.cursor = request
+        .cursor
+        .as_deref()
+        .map(gatehouse_audit::sql::Cursor::decode)
+        .transpose()?;
+    Ok(filter)
+}
+
+fn row_of(summary: gatehouse_audit::sql::CallSummary) -> CallRow {
+    CallRow {
+        time_generated: summary.time_generated,
+        correlation_id: summary.correlation_id,
+        operation_id: summary.operation_id,
+        deployment_name: summary.deployment_name,
+        model_name: summary.model_name,
+        caller_ip_address: summary.caller_ip_address,
+        user_id: summary.user_id,
+        user_name: summary.user_name,
+        apim_subscription_id: summary.apim_subscription_id,
+        response_code: summary.response_code,
+        total_tokens: summary.total_tokens,
+        total_time: summary.total_time,
+    }
+}
+
+impl AuditSource for EmbeddedSource {
+    fn kind(&self) -> &'static str {
+        if self.store.sqlite_pool().is_some() {
+            "embedded store (SQLite)"
+        } else {
+            "embedded store (PostgreSQL)"
+        }
+    }
+
+    fn figures(
+        &self,
+        range: TimeRange,
+        granularity: Granularity,
+    ) -> BoxFuture<'_, Result<Answer<Figures>, InsightsError>> {
+        self.figures_of(range, granularity).boxed()
+    }
+
+    fn usage<'a>(
+        &'a self,
+        request: &'a UsageRequest,
+    ) -> BoxFuture<'a, Result<Answer<Vec<UsagePoint>>, InsightsError>> {
+        async move {
+            let points = self
+                .store
+                .usage(&UsageQuery {
+                    granularity: request.granularity,
+                    dimension: request.dimension,
+                    from: request.range.from,
+                    to: request.range.to,
+                    only: request.only.clone(),
+                })
+                .await?;
+            Ok(Answer::new(points))
+        }
+        .boxed()
+    }
+
+    fn search<'a>(
+        &'a self,
+        request: &'a SearchRequest,
+    ) -> BoxFuture<'a, Result<Answer<CallPage>, InsightsError>> {
+        async move {
+            let page = self
+                .store
+                .search(&filter_of(request, request.limit)?)
+                .await?;
+            Ok(Answer::new(CallPage {
+                items: page.items.into_iter().map(row_of).collect(),
+                next: page.next,
+            }))
+        }
+        .boxed()
+    }
+
+    fn call<'a>(
+        &'a self,
+        correlation_id: &'a str,
+    ) -> BoxFuture<'a, Result<Answer<Option<CallFull>>, InsightsError>> {
+        async move {
+            let Some(detail) = self.store.call(correlation_id).await? else {
+                return Ok(Answer::new(None));
+            };
+            Ok(Answer::new(Some(CallFull {
+                backend_id: last_backend(&detail.attempts),
+                row: row_of(detail.summary),
+                attempts: detail.attempts,
+                prompt_tokens: detail.prompt_tokens,
+                completion_tokens: detail.completion_tokens,
+                tokens_estimated: detail.tokens_estimated,
+                time_to_first_byte: detail.time_to_first_byte,
+                request_messages: detail.request_messages,
+                response_messages: detail.response_messages,
+                request_truncated: detail.truncated.0,
+                response_truncated: detail.truncated.1,
+                client_aborted: detail.client_aborted,
+                chain: detail
+                    .chain
+                    .map(|(chain_id, sequence, record_hash)| ChainLink {
+                        chain_id,
+                        sequence,
+                        record_hash,
+                    }),
+            })))
+        }
+        .boxed()
+    }
+
+    fn verify_chain<'a>(
+        &'a self,
+        call: &'a CallFull,
+    ) -> BoxFuture<'a, Result<ChainCheck, InsightsError>> {
+        async move {
+            let Some(link) = &call.chain else {
+                return Ok(ChainCheck::NotChained);
+            };
+            let at = call.row.time_generated;
+            let report = self
+                .store
+                .verify_chains(at, at + time::Duration::microseconds(1))
+                .await?;
+            Ok(match report.chain(&link.chain_id) {
+                Some(chain) => match &chain.first_break {
+                    None => ChainCheck::Intact {
+                        records: chain.records,
+                    },
+                    Some(broken) => ChainCheck::Broken {
+                        detail: format!(
+                            "record {} ({}) {}: {}",
+                            broken.sequence, broken.correlation_id, broken.reason, broken.detail
+                        ),
+                    },
+                },
+                None => ChainCheck::Broken {
+                    detail: "the record's chain was not found".to_owned(),
+                },
+            })
+        }
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_and_sampling_steps() {
+        assert_eq!(nearest_rank(0, 50), None);
+        assert_eq!(nearest_rank(1, 95), Some(0));
+        assert_eq!(nearest_rank(10, 50), Some(4));
+        assert_eq!(nearest_rank(10, 95), Some(9));
+        assert_eq!(nearest_rank(100, 95), Some(94));
+        assert_eq!(step_for(PERCENTILE_SAMPLE), 1);
+        assert_eq!(step_for(PERCENTILE_SAMPLE * 10), 10);
+        assert_eq!(step_for(PERCENTILE_SAMPLE * 10 + 1), 11);
+    }
+}

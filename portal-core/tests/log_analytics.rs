@@ -1,0 +1,450 @@
+//! The Log Analytics source against a local double of the Query API and of the identity
+//! platform's token endpoint, speaking the documented formats (`shared/reference/azure-specs.md`
+//! §4.1: `POST /v1/workspaces/{id}/query` with `{"query", "timespan"}`, answers
+//! `{"tables": [{"name", "columns": [{"name", "type"}], "rows"}]}`, a non-fatal
+//! `"error": {"code": "PartialError", …}` beside the tables, 429 with `Retry-After`; client
+//! credentials token answer `{"token_type", "expires_in", "access_token"}`).
+#![expect(clippy::unwrap_used, reason = "test code")]
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Form, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use gatehouse_portal_core::insights::log_analytics::{
+    ClientCredentials, LogAnalyticsSettings, LogAnalyticsSource,
+};
+use gatehouse_portal_core::insights::{
+    AuditSource, Dimension, Granularity, InsightsError, SearchForm, SearchRequest, TimeRange,
+    UsageRequest,
+};
+use gatehouse_schema::config::SecretRef;
+use serde_json::{Value, json};
+use time::macros::datetime;
+
+const WORKSPACE: &str = "0b9d5a3e-1111-4c2b-9d2e-0123456789ab";
+const TENANT: &str = "contoso.onmicrosoft.com";
+const SECRET: &str = "s3cr3t-value-never-shown";
+const TOKEN: &str = "token-abc";
+
+#[derive(Default)]
+struct Double {
+    /// (query, timespan) of every query received.
+    queries: Mutex<Vec<(String, String)>>,
+    tokens_issued: AtomicU32,
+    /// Answer the next N queries with 429.
+    throttle: AtomicU32,
+    /// The Retry-After of a 429.
+    retry_after: AtomicU32,
+    /// The token endpoint refuses (echoing the secret, as a careless endpoint might).
+    refuse_tokens: AtomicU32,
+}
+
+async fn token(
+    State(double): State<Arc<Double>>,
+    Path(tenant): Path<String>,
+    Form(form): Form<Vec<(String, String)>>,
+) -> Response {
+    let get = |key: &str| {
+        form.iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    if double.refuse_tokens.load(Ordering::SeqCst) > 0 {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "invalid_client", "error_description": format!("bad secret {}", get("client_secret"))})),
+        )
+            .into_response();
+    }
+    assert_eq!(tenant, TENANT);
+    assert_eq!(get("grant_type"), "client_credentials");
+    assert_eq!(get("scope"), "https://api.loganalytics.io/.default");
+    assert_eq!(get("client_id"), "portal-app");
+    assert_eq!(get("client_secret"), SECRET);
+    double.tokens_issued.fetch_add(1, Ordering::SeqCst);
+    Json(json!({"token_type": "Bearer", "expires_in": 3599, "access_token": TOKEN})).into_response()
+}
+
+fn table(columns: &[(&str, &str)], rows: Value) -> Value {
+    json!({
+        "name": "PrimaryResult",
+        "columns": columns.iter().map(|(n, t)| json!({"name": n, "type": t})).collect::<Vec<_>>(),
+        "rows": rows,
+    })
+}
+
+const SUMMARY: [(&str, &str); 12] = [
+    ("TimeGenerated", "datetime"),
+    ("CorrelationId", "string"),
+    ("OperationId", "string"),
+    ("DeploymentName", "string"),
+    ("ModelName", "string"),
+    ("CallerIpAddress", "string"),
+    ("UserId", "string"),
+    ("UserName", "string"),
+    ("ApimSubscriptionId", "string"),
+    ("ResponseCode", "int"),
+    ("TotalTokens", "long"),
+    ("TotalTime", "long"),
+];
+
+fn summary_row(i: u32) -> Value {
+    json!([
+        format!("2026-12-01T10:{:02}:00.5Z", 59 - i),
+        format!("call-{i}"),
+        "chatcompletions_create",
+        "chat",
+        "gpt-4o",
+        "198.51.100.7",
+        "oid-alice",
+        "alice@contoso.com",
+        "team-a",
+        200,
+        30,
+        120
+    ])
+}
+
+async fn query(
+    State(double): State<Arc<Double>>,
+    Path(workspace): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    assert_eq!(workspace, WORKSPACE);
+    if headers.get("authorization").and_then(|v| v.to_str().ok())
+        != Some(&format!("Bearer {TOKEN}"))
+    {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": {"code": "InvalidTokenError", "message": "bad token"}})),
+        )
+            .into_response();
+    }
+    if double.throttle.load(Ordering::SeqCst) > 0 {
+        double.throttle.fetch_sub(1, Ordering::SeqCst);
+        let retry = double.retry_after.load(Ordering::SeqCst).to_string();
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [("retry-after", retry)],
+            Json(json!({"error": {"code": "ThrottledError", "message": "too many requests"}})),
+        )
+            .into_response();
+    }
+    let kql = body["query"].as_str().unwrap().to_owned();
+    let timespan = body["timespan"].as_str().unwrap().to_owned();
+    double.queries.lock().unwrap().push((kql.clone(), timespan));
+    if kql.contains("syntax-error") {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": {"code": "BadArgumentError", "message": "The request had some invalid properties", "details": [{"code": "SyntaxError", "message": "A recognition error occurred."}]}})),
+        )
+            .into_response();
+    }
+    let answer = if kql.contains("LatencyP50") {
+        json!({
+            "tables": [table(
+                &[("Requests", "long"), ("Errors", "long"), ("PromptTokens", "long"), ("CompletionTokens", "long"), ("LatencyP50", "real"), ("LatencyP95", "real"), ("TtftP50", "real"), ("TtftP95", "real")],
+                json!([[120, 6, 4000, 2000, 81.0, 412.6, 20.0, 95.0]]),
+            )],
+            // A non-fatal error beside the results (response-format doc: "PartialError").
+            "error": {"code": "PartialError", "message": "There were some errors when processing your query.", "details": [{"code": "EngineError", "message": "Query result set has exceeded the internal data size limit"}]}
+        })
+    } else if kql.contains("by Model") {
+        json!({"tables": [table(
+            &[("Model", "string"), ("Requests", "long"), ("PromptTokens", "long"), ("CompletionTokens", "long")],
+            json!([["gpt-4o-2024-08-06", 100, 3000, 1500], ["gpt-4o-mini", 20, 1000, 500]]),
+        )]})
+    } else if kql.contains("bin(TimeGenerated") {
+        json!({"tables": [table(
+            &[("Bucket", "datetime"), ("Value", "string"), ("Requests", "long"), ("Errors", "long"), ("PromptTokens", "long"), ("CompletionTokens", "long"), ("TotalTokens", "long"), ("LatencySumMs", "long"), ("LatencyMaxMs", "long")],
+            json!([["2026-12-01T10:00:00Z", "g-red", 3, 0, 30, 15, 45, 300, 150], ["2026-12-01T11:00:00Z", "g-red", "2", 1, 20, 10, 30, 200, 120]]),
+        )]})
+    } else if kql.contains("by SequenceNumber") {
+        json!({"tables": [table(
+            &[("SequenceNumber", "int"), ("RequestMessages", "string"), ("ResponseMessages", "string")],
+            json!([[1, "[{\"role\":\"user\",\"content\":\"first half ", null], [2, "second half\"}]", null], [3, null, "[\"the answer\"]"]]),
+        )]})
+    } else if kql.contains("| take 1\n") {
+        let mut columns = SUMMARY.to_vec();
+        columns.extend([
+            ("BackendId", "string"),
+            ("Attempts", "string"),
+            ("PromptTokens", "long"),
+            ("CompletionTokens", "long"),
+            ("TokensEstimated", "bool"),
+            ("TimeToFirstByte", "long"),
+            ("RequestBodyTruncated", "bool"),
+            ("ResponseBodyTruncated", "bool"),
+            ("ClientAborted", "bool"),
+            ("ChainId", "string"),
+            ("ChainSequence", "long"),
+            ("RecordHash", "string"),
+        ]);
+        let mut row = summary_row(0).as_array().unwrap().clone();
+        row.extend([
+            json!("east"),
+            json!("[]"),
+            json!(10),
+            json!(20),
+            json!(true),
+            json!(15),
+            json!(false),
+            json!(true),
+            json!(false),
+            json!("gw-1/2026-12-01"),
+            json!(4),
+            json!("ab12"),
+        ]);
+        json!({"tables": [table(&columns, json!([row]))]})
+    } else {
+        // A search: as many rows as asked for by `take` (of 7 in all).
+        let take: u32 = kql
+            .split("| take ")
+            .nth(1)
+            .and_then(|t| t.split('\n').next())
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap();
+        let rows: Vec<Value> = (0..take.min(7)).map(summary_row).collect();
+        json!({"tables": [table(&SUMMARY, json!(rows))]})
+    };
+    Json(answer).into_response()
+}
+
+async fn start_double() -> (String, Arc<Double>) {
+    let double = Arc::new(Double::default());
+    let app = Router::new()
+        .route("/{tenant}/oauth2/v2.0/token", post(token))
+        .route("/v1/workspaces/{workspace}/query", post(query))
+        .with_state(Arc::clone(&double));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}"), double)
+}
+
+async fn source(base: &str, dir: &tempfile::TempDir) -> LogAnalyticsSource {
+    let secret_file = dir.path().join("secret");
+    std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
+    let mut settings = LogAnalyticsSettings::new(
+        WORKSPACE.to_owned(),
+        ClientCredentials {
+            tenant_id: TENANT.to_owned(),
+            client_id: "portal-app".to_owned(),
+            client_secret: SecretRef::try_from(format!("file:{}", secret_file.display())).unwrap(),
+            authority: Some(base.parse().unwrap()),
+        },
+    );
+    settings.endpoint = Some(base.parse().unwrap());
+    settings.max_retry_wait = Duration::from_secs(2);
+    LogAnalyticsSource::new(settings).await.unwrap()
+}
+
+fn range() -> TimeRange {
+    TimeRange::new(
+        datetime!(2026-12-01 00:00 UTC),
+        datetime!(2026-12-02 00:00 UTC),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn figures_usage_search_and_call_come_from_the_query_api() {
+    let (base, double) = start_double().await;
+    let dir = tempfile::tempdir().unwrap();
+    let source = source(&base, &dir).await;
+
+    // Figures: the PartialError becomes a warning, the values are read.
+    let figures = source.figures(range(), Granularity::Hour).await.unwrap();
+    assert_eq!(figures.value.requests, 120);
+    assert_eq!(figures.value.errors, 6);
+    assert_eq!(figures.value.latency.p95_ms, Some(413));
+    assert_eq!(figures.value.time_to_first_token.p50_ms, Some(20));
+    assert_eq!(figures.value.by_model.len(), 2);
+    assert_eq!(figures.warnings.len(), 1);
+    assert!(
+        figures.warnings[0].starts_with("PartialError"),
+        "{:?}",
+        figures.warnings
+    );
+    assert!(figures.warnings[0].contains("internal data size limit"));
+    {
+        let queries = double.queries.lock().unwrap();
+        assert_eq!(
+            queries[0].1,
+            "2026-12-01T00:00:00.000000Z/2026-12-02T00:00:00.000000Z"
+        );
+        assert!(queries[0].0.starts_with("ApiManagementGatewayLogs_CL\n"));
+    }
+
+    // Usage: numbers as numbers or text are both read.
+    let usage = source
+        .usage(&UsageRequest {
+            range: range(),
+            granularity: Granularity::Hour,
+            dimension: Dimension::Group,
+            only: Some(vec!["g-red".into()]),
+        })
+        .await
+        .unwrap();
+    assert_eq!(usage.value.len(), 2);
+    assert_eq!(usage.value[1].requests, 2);
+    assert_eq!(usage.value[0].bucket, datetime!(2026-12-01 10:00 UTC));
+
+    // Search: a page of 5 of 7 and a cursor; hostile input stays inside literals.
+    let request = SearchRequest::parse(
+        &SearchForm {
+            from: "2026-12-01T00:00".into(),
+            to: "2026-12-02T00:00".into(),
+            user: "x\" or 1==1 | union *".into(),
+            text: "launch".into(),
+            limit: "5".into(),
+            ..SearchForm::default()
+        },
+        datetime!(2026-12-03 00:00 UTC),
+    )
+    .unwrap();
+    let page = source.search(&request).await.unwrap().value;
+    assert_eq!(page.items.len(), 5);
+    assert_eq!(page.items[0].correlation_id, "call-0");
+    assert_eq!(
+        page.items[0].user_name.as_deref(),
+        Some("alice@contoso.com")
+    );
+    let next = page.next.clone().unwrap();
+    {
+        let queries = double.queries.lock().unwrap();
+        let kql = &queries.last().unwrap().0;
+        assert!(
+            kql.contains(r#"UserId == "x\" or 1==1 | union *""#),
+            "{kql}"
+        );
+        assert!(kql.contains("| take 6\n"));
+        assert!(kql.contains(r#"RequestMessages has "launch""#));
+    }
+    let second = source
+        .search(&SearchRequest {
+            cursor: Some(next),
+            ..request.clone()
+        })
+        .await
+        .unwrap();
+    assert!(second.value.items.len() <= 5);
+    {
+        let queries = double.queries.lock().unwrap();
+        let kql = &queries.last().unwrap().0;
+        assert!(
+            kql.contains(r#"TimeGenerated == datetime(2026-12-01T10:55:00.500000Z) and CorrelationId < "call-4""#),
+            "{kql}"
+        );
+    }
+
+    // One call: the summary, flags, chain link, and the pieces joined in order.
+    let call = source.call("call-0").await.unwrap().value.unwrap();
+    assert_eq!(call.backend_id.as_deref(), Some("east"));
+    assert!(call.tokens_estimated);
+    assert!(call.response_truncated && !call.request_truncated);
+    assert_eq!(call.chain.as_ref().unwrap().sequence, 4);
+    assert_eq!(
+        call.request_messages.as_deref(),
+        Some("[{\"role\":\"user\",\"content\":\"first half second half\"}]")
+    );
+    assert_eq!(call.response_messages.as_deref(), Some("[\"the answer\"]"));
+
+    // A refused query is an error with the API's code and message.
+    let bad = source
+        .search(&SearchRequest {
+            model: Some("syntax-error".into()),
+            cursor: None,
+            ..request
+        })
+        .await;
+    match bad {
+        Err(InsightsError::LogAnalytics(message)) => {
+            assert!(message.contains("HTTP 400"), "{message}");
+            assert!(message.contains("BadArgumentError"), "{message}");
+        }
+        other => unreachable!("expected a refusal, got {other:?}"),
+    }
+    // The token was fetched once and reused.
+    assert_eq!(double.tokens_issued.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_429_is_waited_out_when_short_and_reported_when_long() {
+    let (base, double) = start_double().await;
+    let dir = tempfile::tempdir().unwrap();
+    let source = source(&base, &dir).await;
+    double.retry_after.store(1, Ordering::SeqCst);
+    double.throttle.store(1, Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    let figures = source.figures(range(), Granularity::Hour).await.unwrap();
+    assert_eq!(figures.value.requests, 120);
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "Retry-After honoured"
+    );
+
+    double.retry_after.store(120, Ordering::SeqCst);
+    double.throttle.store(1, Ordering::SeqCst);
+    let throttled = source.figures(range(), Granularity::Hour).await;
+    assert!(
+        matches!(throttled, Err(InsightsError::Throttled(120))),
+        "{throttled:?}"
+    );
+    assert_eq!(
+        InsightsError::Throttled(120).public_message(),
+        "Log Analytics is throttling queries; try again in 120 seconds"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_client_limits_itself_and_never_shows_the_secret() {
+    let (base, double) = start_double().await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("secret");
+    std::fs::write(&secret_file, SECRET).unwrap();
+    let mut settings = LogAnalyticsSettings::new(
+        WORKSPACE.to_owned(),
+        ClientCredentials {
+            tenant_id: TENANT.to_owned(),
+            client_id: "portal-app".to_owned(),
+            client_secret: SecretRef::try_from(format!("file:{}", secret_file.display())).unwrap(),
+            authority: Some(base.parse().unwrap()),
+        },
+    );
+    settings.endpoint = Some(base.parse().unwrap());
+    settings.rate_limit = 2;
+    settings.rate_window = Duration::from_millis(600);
+    let source = LogAnalyticsSource::new(settings.clone()).await.unwrap();
+    let started = std::time::Instant::now();
+    // Figures are two queries each: the third query waits for the window.
+    source.figures(range(), Granularity::Hour).await.unwrap();
+    assert!(started.elapsed() < Duration::from_millis(500));
+    source.figures(range(), Granularity::Hour).await.unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(590),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A token endpoint that echoes the secret: the error does not carry it.
+    double.refuse_tokens.store(1, Ordering::SeqCst);
+    let fresh = LogAnalyticsSource::new(settings.clone()).await.unwrap();
+    let error = fresh.figures(range(), Granularity::Hour).await.unwrap_err();
+    let shown = format!("{error} {error:?} {}", error.public_message());
+    assert!(shown.contains("HTTP 401"), "{shown}");
+    assert!(!shown.contains(SECRET), "{shown}");
+    assert!(!format!("{fresh:?}").contains(SECRET));
+
+    // Bad settings are refused before any request.
+    let mut bad = settings;
+    bad.workspace_id = "../../other".to_owned();
+    assert!(LogAnalyticsSource::new(bad).await.is_err());
+}

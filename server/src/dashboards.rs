@@ -1,0 +1,337 @@
+//! The dashboards' plain HTTP routes: the usage chart (SVG), the CSV downloads of the overview
+//! and the usage views, and the streamed export of an audit search (CSV or JSON lines). Each one
+//! reads the signed-in user from the session and calls a role-checked operation of
+//! `gatehouse_portal_core::insights`; errors are plain text with the status that says what
+//! happened.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::body::{Body, Bytes};
+use axum::extract::Query;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Extension, Router};
+use futures::StreamExt;
+use gatehouse_portal_core::insights::alerts::{AlertRule, Alerter};
+use gatehouse_portal_core::insights::chart::{Metric, usage_svg};
+use gatehouse_portal_core::insights::embedded::EmbeddedSource;
+use gatehouse_portal_core::insights::log_analytics::{LogAnalyticsSettings, LogAnalyticsSource};
+use gatehouse_portal_core::insights::service::{ExportFormat, PriceTable, parse_dimension};
+use gatehouse_portal_core::insights::{
+    AuditSource, Insights, InsightsError, SearchForm, SearchRequest, csv, iso_utc, parse_range,
+};
+use gatehouse_portal_core::user::current_user;
+use gatehouse_portal_core::{ConfigDb, Portal, SessionUser};
+use gatehouse_schema::config::SecretRef;
+use http::{HeaderValue, StatusCode, header};
+use leptos::config::LeptosOptions;
+use serde::Deserialize;
+use time::OffsetDateTime;
+use tower_sessions::Session;
+
+/// Where the dashboards and the audit search read from, and the price table.
+#[derive(Debug, Clone, Default)]
+pub struct InsightsSettings {
+    /// The embedded audit store: `sqlite:PATH` or `postgres://…`.
+    pub audit_database: Option<String>,
+    /// Log Analytics instead of the embedded store.
+    pub log_analytics: Option<LogAnalyticsSettings>,
+    /// Prices per model, for the cost estimate.
+    pub prices: PriceTable,
+    /// Alert rules, evaluated every minute against the source.
+    pub alert_rules: Vec<AlertRule>,
+    /// Where alerts are sent (a Slack or Teams incoming webhook URL, as a secret reference).
+    pub alert_webhook: Option<SecretRef>,
+}
+
+impl InsightsSettings {
+    /// Opens the configured source (at most one).
+    pub async fn open(&self, db: ConfigDb) -> anyhow::Result<Insights> {
+        let source: Option<Arc<dyn AuditSource>> = match (&self.audit_database, &self.log_analytics)
+        {
+            (Some(_), Some(_)) => anyhow::bail!(
+                "configure either the audit database or Log Analytics as the dashboards' source, not both"
+            ),
+            (Some(url), None) => Some(Arc::new(
+                EmbeddedSource::open(url)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))
+                    .context("audit database")?,
+            )),
+            (None, Some(settings)) => Some(Arc::new(
+                LogAnalyticsSource::new(settings.clone())
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))
+                    .context("Log Analytics")?,
+            )),
+            (None, None) => None,
+        };
+        let alerter = match (&source, self.alert_rules.is_empty()) {
+            (_, true) => None,
+            (None, false) => anyhow::bail!("alert rules need an audit source"),
+            (Some(source), false) => {
+                let webhook = match &self.alert_webhook {
+                    None => None,
+                    Some(reference) => {
+                        let value = gatehouse_portal_core::secret::resolve(reference)
+                            .await
+                            .map_err(|error| anyhow::anyhow!("alert webhook: {error}"))?;
+                        // The URL is a credential: the error does not repeat it.
+                        Some(url::Url::parse(value.trim()).map_err(|_| {
+                            anyhow::anyhow!("alert webhook {}: not a URL", reference.as_str())
+                        })?)
+                    }
+                };
+                Some(Arc::new(
+                    Alerter::new(Arc::clone(source), self.alert_rules.clone(), webhook)
+                        .context("alert webhook client")?,
+                ))
+            }
+        };
+        let insights = Insights::new(source, db, self.prices.clone());
+        Ok(match alerter {
+            Some(alerter) => insights.with_alerter(alerter),
+            None => insights,
+        })
+    }
+}
+
+/// The routes.
+pub fn routes() -> Router<LeptosOptions> {
+    Router::new()
+        .route("/usage/chart.svg", get(chart))
+        .route("/usage/export.csv", get(usage_csv))
+        .route("/dashboard/export.csv", get(overview_csv))
+        .route("/audit/export", get(audit_export))
+}
+
+fn failure(error: InsightsError) -> Response {
+    let status = StatusCode::from_u16(error.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, error.public_message()).into_response()
+}
+
+async fn user_of(portal: &Portal, session: &Session) -> Result<Option<SessionUser>, Response> {
+    current_user(session, portal.settings.session_absolute)
+        .await
+        .map_err(|error| failure(error.into()))
+}
+
+/// The usage views' query.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct UsageParams {
+    /// Preset range.
+    pub range: String,
+    /// Start.
+    pub from: String,
+    /// End.
+    pub to: String,
+    /// Split by.
+    pub dimension: String,
+    /// `tokens` or `requests`.
+    pub metric: String,
+}
+
+fn download(content_type: &'static str, name: &str, body: Body) -> Response {
+    let mut response = body.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if let Ok(value) = HeaderValue::from_str(&format!("attachment; filename=\"{name}\"")) {
+        headers.insert(header::CONTENT_DISPOSITION, value);
+    }
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+async fn usage_report(
+    portal: &Portal,
+    insights: &Insights,
+    session: &Session,
+    params: &UsageParams,
+) -> Result<gatehouse_portal_core::insights::service::UsageReport, Response> {
+    let user = user_of(portal, session).await?;
+    let range = parse_range(
+        &params.range,
+        &params.from,
+        &params.to,
+        OffsetDateTime::now_utc(),
+    )
+    .map_err(failure)?;
+    let dimension = parse_dimension(&params.dimension).map_err(failure)?;
+    insights
+        .usage(user.as_ref(), range, dimension)
+        .await
+        .map(|answer| answer.value)
+        .map_err(failure)
+}
+
+async fn chart(
+    Extension(portal): Extension<Portal>,
+    Extension(insights): Extension<Insights>,
+    session: Session,
+    Query(params): Query<UsageParams>,
+) -> Response {
+    let metric = match Metric::parse(&params.metric) {
+        Ok(metric) => metric,
+        Err(error) => return failure(error),
+    };
+    let report = match usage_report(&portal, &insights, &session, &params).await {
+        Ok(report) => report,
+        Err(response) => return response,
+    };
+    match usage_svg(&report, metric) {
+        Ok(svg) => {
+            let mut response = svg.into_response();
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("image/svg+xml"),
+            );
+            // Opened on its own, the image may not run or load anything.
+            headers.insert(
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'"),
+            );
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            response
+        }
+        Err(error) => failure(error),
+    }
+}
+
+async fn usage_csv(
+    Extension(portal): Extension<Portal>,
+    Extension(insights): Extension<Insights>,
+    session: Session,
+    Query(params): Query<UsageParams>,
+) -> Response {
+    match usage_report(&portal, &insights, &session, &params).await {
+        Ok(report) => download(
+            "text/csv; charset=utf-8",
+            "usage.csv",
+            Body::from(csv::usage(&report)),
+        ),
+        Err(response) => response,
+    }
+}
+
+async fn overview_csv(
+    Extension(portal): Extension<Portal>,
+    Extension(insights): Extension<Insights>,
+    session: Session,
+    Query(params): Query<UsageParams>,
+) -> Response {
+    let user = match user_of(&portal, &session).await {
+        Ok(user) => user,
+        Err(response) => return response,
+    };
+    let range = match parse_range(
+        &params.range,
+        &params.from,
+        &params.to,
+        OffsetDateTime::now_utc(),
+    ) {
+        Ok(range) => range,
+        Err(error) => return failure(error),
+    };
+    let report = match insights.overview(user.as_ref(), range).await {
+        Ok(answer) => answer.value,
+        Err(error) => return failure(error),
+    };
+    let mut out = csv::line(
+        &[
+            "From",
+            "To",
+            "Requests",
+            "Errors",
+            "PromptTokens",
+            "CompletionTokens",
+            "CostUsd",
+            "LatencyP50Ms",
+            "LatencyP95Ms",
+            "TtftP50Ms",
+            "TtftP95Ms",
+        ]
+        .map(str::to_owned),
+    );
+    let num = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_default();
+    for set in [&report.current, &report.previous] {
+        let f = &set.figures;
+        out.push_str(&csv::line(&[
+            iso_utc(set.range.from),
+            iso_utc(set.range.to),
+            f.requests.to_string(),
+            f.errors.to_string(),
+            f.prompt_tokens.to_string(),
+            f.completion_tokens.to_string(),
+            format!("{:.4}", set.cost.usd),
+            num(f.latency.p50_ms),
+            num(f.latency.p95_ms),
+            num(f.time_to_first_token.p50_ms),
+            num(f.time_to_first_token.p95_ms),
+        ]));
+    }
+    download("text/csv; charset=utf-8", "overview.csv", Body::from(out))
+}
+
+/// The export's query: the search form plus the format.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct ExportParams {
+    /// `csv` (default) or `jsonl`.
+    pub format: String,
+    /// The search.
+    #[serde(flatten)]
+    pub search: SearchForm,
+}
+
+async fn audit_export(
+    Extension(portal): Extension<Portal>,
+    Extension(insights): Extension<Insights>,
+    session: Session,
+    Query(params): Query<ExportParams>,
+) -> Response {
+    let user = match user_of(&portal, &session).await {
+        Ok(user) => user,
+        Err(response) => return response,
+    };
+    let format = match params.format.as_str() {
+        "" | "csv" => ExportFormat::Csv,
+        "jsonl" => ExportFormat::JsonLines,
+        _ => return failure(InsightsError::invalid("format", "csv or jsonl")),
+    };
+    let request = match SearchRequest::parse(&params.search, OffsetDateTime::now_utc()) {
+        Ok(request) => request,
+        Err(error) => return failure(error),
+    };
+    let rows = match insights.export(user.as_ref(), request, format).await {
+        Ok(rows) => rows,
+        Err(error) => return failure(error),
+    };
+    let lines = rows.map(move |row| match row {
+        Ok(row) => Ok(Bytes::from(match format {
+            ExportFormat::Csv => csv::call_line(&row),
+            ExportFormat::JsonLines => csv::call_json_line(&row),
+        })),
+        Err(error) => {
+            tracing::error!(%error, "audit export failed part-way");
+            Err(std::io::Error::other(error.public_message()))
+        }
+    });
+    match format {
+        ExportFormat::Csv => {
+            let header = futures::stream::once(async { Ok(Bytes::from(csv::call_header())) });
+            download(
+                "text/csv; charset=utf-8",
+                "audit.csv",
+                Body::from_stream(header.chain(lines)),
+            )
+        }
+        ExportFormat::JsonLines => download(
+            "application/x-ndjson",
+            "audit.jsonl",
+            Body::from_stream(lines),
+        ),
+    }
+}

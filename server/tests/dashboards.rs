@@ -1,0 +1,478 @@
+//! The dashboards, the usage views and the audit search over HTTP, on a portal whose embedded
+//! audit store (SQLite) holds calls written through the audit crate's writer: pages render on the
+//! server with the rows, a team lead sees only their groups, downloads are CSV-safe, and every
+//! look at audit content is recorded.
+#![expect(clippy::unwrap_used, reason = "test code")]
+
+mod common;
+
+use common::{Browser, TestPortal};
+use gatehouse_audit::AuditRecord;
+use gatehouse_audit::sql::SqlStore;
+use gatehouse_schema::OperationId;
+use gatehouse_schema::audit::TokenUsage;
+use time::{Duration, OffsetDateTime};
+
+fn record(
+    i: usize,
+    user: &str,
+    ip: &str,
+    groups: &[&str],
+    prompt: &str,
+    status: u16,
+) -> AuditRecord {
+    AuditRecord {
+        time_generated: OffsetDateTime::now_utc() - Duration::minutes(30 - i as i64),
+        correlation_id: format!("call-{i:03}"),
+        gateway_id: "gw-1".to_owned(),
+        operation_id: Some(OperationId::ChatCompletionsCreate),
+        caller_ip_address: ip.to_owned(),
+        peer_ip_address: "10.0.0.1".to_owned(),
+        method: "POST".to_owned(),
+        url: "/openai/deployments/chat/chat/completions".to_owned(),
+        client_protocol: "HTTP/1.1".to_owned(),
+        response_code: status,
+        is_request_success: status < 400,
+        backend_response_code: Some(status),
+        backend_id: Some("east".to_owned()),
+        backend_url: None,
+        request_size: 100,
+        response_size: 200,
+        total_time: 40 + i as u64,
+        backend_time: 30,
+        time_to_first_byte: Some(10),
+        apim_subscription_id: Some("team-a".to_owned()),
+        product_id: None,
+        user_id: Some(format!("oid-{i}")),
+        user_name: Some(user.to_owned()),
+        tenant_id: None,
+        groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+        deployment_name: Some("chat".to_owned()),
+        model_name: Some("gpt-4o".to_owned()),
+        api_version: None,
+        is_stream_completion: false,
+        usage: Some(TokenUsage {
+            prompt_tokens: 10,
+            completion_tokens: 5,
+            total_tokens: 15,
+            ..TokenUsage::default()
+        }),
+        attempts: vec![],
+        backend_request_body: None,
+        request_body_truncated: false,
+        backend_response_body: None,
+        response_body_truncated: false,
+        request_messages: Some(prompt.to_owned()),
+        response_messages: Some("fine".to_owned()),
+        client_aborted: false,
+        last_error_reason: None,
+        last_error_message: None,
+        chain: None,
+    }
+}
+
+async fn portal_with_calls() -> TestPortal {
+    let mut audit_url = String::new();
+    let portal = common::start_with(None, |settings| {
+        audit_url = settings.database.replace("portal.db", "audit.db");
+        settings.insights.audit_database = Some(audit_url.clone());
+        settings.insights.prices =
+            gatehouse_portal_core::insights::service::PriceTable::parse("gpt-4o=2.5/10").unwrap();
+    })
+    .await;
+    let store = SqlStore::open(&audit_url).await.unwrap();
+    store
+        .write(&[
+            record(
+                0,
+                "alice@contoso.com",
+                "198.51.100.7",
+                &["g-red"],
+                "secret launch <script>alert(1)</script>",
+                200,
+            ),
+            record(
+                1,
+                "+bob@contoso.com",
+                "203.0.113.9",
+                &["g-blue"],
+                "weather",
+                429,
+            ),
+            record(
+                2,
+                "alice@contoso.com",
+                "198.51.100.7",
+                &["g-red"],
+                "hello",
+                200,
+            ),
+        ])
+        .await
+        .unwrap();
+    store.close().await;
+    portal
+}
+
+async fn signed_in(portal: &TestPortal, form: &[(&str, &str)]) -> Browser {
+    let mut browser = Browser::new(portal);
+    let response = browser
+        .post(&format!("{}/auth/dev", portal.url), form)
+        .await;
+    assert_eq!(response.status(), 303);
+    browser
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_team_lead_sees_only_the_groups_they_lead() {
+    let portal = portal_with_calls().await;
+    let mut lead = signed_in(&portal, &[("role", "TeamLead"), ("groups", "g-red")]).await;
+    let usage: serde_json::Value = lead
+        .post(
+            &format!("{}/api/usage_breakdown", portal.url),
+            &[
+                ("range", "24h"),
+                ("from", ""),
+                ("to", ""),
+                ("dimension", "group"),
+            ],
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let values: Vec<&str> = usage["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["value"].as_str().unwrap())
+        .collect();
+    assert_eq!(values, ["g-red"]);
+    assert_eq!(usage["rows"][0]["requests"], 2);
+    let by_model = lead
+        .post(
+            &format!("{}/api/usage_breakdown", portal.url),
+            &[
+                ("range", "24h"),
+                ("from", ""),
+                ("to", ""),
+                ("dimension", "model"),
+            ],
+        )
+        .await;
+    assert_eq!(by_model.status(), 403);
+
+    let csv = lead
+        .get(&format!(
+            "{}/usage/export.csv?range=24h&dimension=group",
+            portal.url
+        ))
+        .await;
+    assert_eq!(csv.status(), 200);
+    assert!(
+        csv.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/csv")
+    );
+    let csv = csv.text().await.unwrap();
+    assert!(csv.contains("group,g-red,2,"), "{csv}");
+    assert!(!csv.contains("g-blue"), "{csv}");
+    let chart = lead
+        .get(&format!(
+            "{}/usage/chart.svg?range=24h&dimension=group&metric=requests",
+            portal.url
+        ))
+        .await;
+    assert_eq!(chart.status(), 200);
+    assert_eq!(chart.headers()["content-type"], "image/svg+xml");
+    let svg = chart.text().await.unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("calls per hour") && svg.contains("g-red"));
+    assert!(!svg.contains("g-blue"));
+    let page = lead
+        .get(&format!("{}/usage?range=24h&dimension=group", portal.url))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("data-value=\"g-red\""), "{page}");
+    assert!(page.contains("/usage/chart.svg?range=24h&amp;dimension=group&amp;metric=tokens"));
+    assert!(!page.contains("data-value=\"g-blue\""));
+
+    let mut admin = signed_in(&portal, &[("role", "Admin")]).await;
+    let all = admin
+        .get(&format!(
+            "{}/usage/export.csv?range=24h&dimension=group",
+            portal.url
+        ))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(all.contains("g-red") && all.contains("g-blue"));
+    let bad = admin
+        .get(&format!(
+            "{}/usage/export.csv?range=24h&dimension=nope",
+            portal.url
+        ))
+        .await;
+    assert_eq!(bad.status(), 422);
+
+    let mut anonymous = Browser::new(&portal);
+    let refused = anonymous
+        .get(&format!("{}/usage/chart.svg?range=24h", portal.url))
+        .await;
+    assert_eq!(refused.status(), 401);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dashboard_renders_figures_on_the_server() {
+    let portal = portal_with_calls().await;
+    let mut viewer = signed_in(&portal, &[("role", "Viewer")]).await;
+    let page = viewer
+        .get(&format!("{}/dashboard?range=24h", portal.url))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("id=\"fig-requests\""), "{page}");
+    assert!(page.contains("id=\"fig-cost\""));
+    assert!(page.contains("embedded store (SQLite)"));
+    let csv = viewer
+        .get(&format!("{}/dashboard/export.csv?range=24h", portal.url))
+        .await
+        .text()
+        .await
+        .unwrap();
+    let current = csv.lines().nth(1).unwrap();
+    assert!(current.contains(",3,1,30,15,"), "{csv}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_auditor_finds_opens_and_exports_calls_and_every_look_is_recorded() {
+    let portal = portal_with_calls().await;
+    let mut auditor = signed_in(&portal, &[("role", "Auditor")]).await;
+    let page = auditor
+        .get(&format!(
+            "{}/audit?range=24h&user=alice%40contoso.com",
+            portal.url
+        ))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("data-id=\"call-000\""), "{page}");
+    assert!(page.contains("data-id=\"call-002\""));
+    assert!(!page.contains("data-id=\"call-001\""));
+    let by_words = auditor
+        .get(&format!("{}/audit?range=24h&text=launch", portal.url))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(by_words.contains("data-id=\"call-000\""));
+    assert!(!by_words.contains("data-id=\"call-002\""));
+    let by_net = auditor
+        .get(&format!(
+            "{}/audit?range=24h&caller=203.0.113.0%2F24",
+            portal.url
+        ))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(by_net.contains("data-id=\"call-001\"") && !by_net.contains("data-id=\"call-000\""));
+    let bad = auditor
+        .get(&format!("{}/audit?range=24h&caller=not-an-ip", portal.url))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(bad.contains("caller: an IP address or a CIDR network"));
+
+    // The detail shows the prompt as text.
+    let detail = auditor
+        .get(&format!("{}/audit/call?id=call-000", portal.url))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        detail.contains("secret launch &lt;script&gt;alert(1)&lt;/script&gt;"),
+        "{detail}"
+    );
+    assert!(!detail.contains("<script>alert(1)"));
+
+    // Exports: CSV (formula-safe) and JSON lines, streamed.
+    let csv = auditor
+        .get(&format!("{}/audit/export?format=csv&range=24h", portal.url))
+        .await;
+    assert_eq!(csv.status(), 200);
+    assert!(
+        csv.headers()["content-disposition"]
+            .to_str()
+            .unwrap()
+            .contains("audit.csv")
+    );
+    let csv = csv.text().await.unwrap();
+    assert_eq!(csv.lines().count(), 4, "{csv}");
+    assert!(csv.starts_with("TimeGenerated,CorrelationId,"));
+    assert!(csv.contains(",'+bob@contoso.com,"), "{csv}");
+    let jsonl = auditor
+        .get(&format!(
+            "{}/audit/export?format=jsonl&range=24h&status=429",
+            portal.url
+        ))
+        .await
+        .text()
+        .await
+        .unwrap();
+    let lines: Vec<serde_json::Value> = jsonl
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["CorrelationId"], "call-001");
+
+    // Others may not.
+    for role in ["Viewer", "TeamLead"] {
+        let mut other = signed_in(&portal, &[("role", role)]).await;
+        let export = other
+            .get(&format!("{}/audit/export?range=24h", portal.url))
+            .await;
+        assert_eq!(export.status(), 403, "{role}");
+        let call = other
+            .post(
+                &format!("{}/api/audit_call", portal.url),
+                &[("id", "call-000"), ("verify", "")],
+            )
+            .await;
+        assert_eq!(call.status(), 403, "{role}");
+    }
+
+    // Every look was recorded, and an admin reads the record.
+    let mut admin = signed_in(&portal, &[("role", "Admin")]).await;
+    let activity: serde_json::Value = admin
+        .post(&format!("{}/api/list_activity", portal.url), &[])
+        .await
+        .json()
+        .await
+        .unwrap();
+    let entries: Vec<(String, String, String)> = activity
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["actor"].as_str().unwrap().to_owned(),
+                e["action"].as_str().unwrap().to_owned(),
+                e["target"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let auditor_name = "dev Auditor (dev sign-in)";
+    assert!(entries.iter().any(|(a, act, t)| a == auditor_name
+        && act == "audit.search"
+        && t.contains("user=alice@contoso.com")));
+    assert!(
+        entries
+            .iter()
+            .any(|(a, act, t)| a == auditor_name && act == "audit.view" && t == "call-000")
+    );
+    assert_eq!(
+        entries
+            .iter()
+            .filter(|(a, act, _)| a == auditor_name && act == "audit.export")
+            .count(),
+        2
+    );
+    assert!(
+        !entries
+            .iter()
+            .any(|(a, _, _)| a.contains("Viewer") || a.contains("TeamLead"))
+    );
+}
+
+/// A Query API double that answers every query with one documented table (figures, or tokens by
+/// model) and a `PartialError` beside it (`shared/reference/azure-specs.md` §4.1), and a token
+/// endpoint.
+async fn log_analytics_double() -> String {
+    use axum::Json;
+    use axum::routing::post;
+    async fn token() -> Json<serde_json::Value> {
+        Json(
+            serde_json::json!({"token_type": "Bearer", "expires_in": 3599, "access_token": "token-of-the-double"}),
+        )
+    }
+    async fn query(Json(body): Json<serde_json::Value>) -> Json<serde_json::Value> {
+        let kql = body["query"].as_str().unwrap_or_default();
+        let table = if kql.contains("by Model") {
+            serde_json::json!({"name": "PrimaryResult",
+                "columns": [{"name": "Model", "type": "string"}, {"name": "Requests", "type": "long"}, {"name": "PromptTokens", "type": "long"}, {"name": "CompletionTokens", "type": "long"}],
+                "rows": [["gpt-4o", 7, 1000000, 0]]})
+        } else {
+            serde_json::json!({"name": "PrimaryResult",
+                "columns": [{"name": "Requests", "type": "long"}, {"name": "Errors", "type": "long"}, {"name": "PromptTokens", "type": "long"}, {"name": "CompletionTokens", "type": "long"}, {"name": "LatencyP50", "type": "real"}, {"name": "LatencyP95", "type": "real"}, {"name": "TtftP50", "type": "real"}, {"name": "TtftP95", "type": "real"}],
+                "rows": [[7, 0, 1000000, 0, 80.0, 420.0, 20.0, 90.0]]})
+        };
+        Json(serde_json::json!({
+            "tables": [table],
+            "error": {"code": "PartialError", "message": "There were some errors when processing your query.", "details": [{"message": "workspace eu-2 did not answer"}]}
+        }))
+    }
+    let app = axum::Router::new()
+        .route("/{tenant}/oauth2/v2.0/token", post(token))
+        .route("/v1/workspaces/{workspace}/query", post(query));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_pages_read_log_analytics_and_show_its_partial_errors() {
+    use gatehouse_portal_core::insights::log_analytics::{ClientCredentials, LogAnalyticsSettings};
+    let double = log_analytics_double().await;
+    let secrets = tempfile::tempdir().unwrap();
+    let secret = secrets.path().join("client-secret");
+    std::fs::write(&secret, "not-shown").unwrap();
+    let portal = common::start_with(None, |settings| {
+        let mut la = LogAnalyticsSettings::new(
+            "0b9d5a3e-1111-4c2b-9d2e-0123456789ab".to_owned(),
+            ClientCredentials {
+                tenant_id: "contoso.onmicrosoft.com".to_owned(),
+                client_id: "portal".to_owned(),
+                client_secret: gatehouse_schema::config::SecretRef::try_from(format!(
+                    "file:{}",
+                    secret.display()
+                ))
+                .unwrap(),
+                authority: Some(double.parse().unwrap()),
+            },
+        );
+        la.endpoint = Some(double.parse().unwrap());
+        settings.insights.log_analytics = Some(la);
+        settings.insights.prices =
+            gatehouse_portal_core::insights::service::PriceTable::parse("gpt-4o=2.5/10").unwrap();
+    })
+    .await;
+    let mut viewer = signed_in(&portal, &[("role", "Viewer")]).await;
+    let page = viewer
+        .get(&format!("{}/dashboard?range=24h", portal.url))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("Log Analytics"), "{page}");
+    assert!(page.contains("id=\"source-warnings\""), "{page}");
+    assert_eq!(
+        page.matches("<li>PartialError: There were some errors when processing your query.; workspace eu-2 did not answer</li>").count(),
+        1,
+        "one warning, however many queries carried it: {page}"
+    );
+    assert!(
+        page.contains("$2.50"),
+        "1M prompt tokens of gpt-4o at $2.5: {page}"
+    );
+    assert!(!page.contains("not-shown"));
+}
