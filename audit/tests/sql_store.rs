@@ -332,6 +332,54 @@ async fn search_filters_and_keyset_pages(store: &SqlStore) {
     let expected: Vec<String> = (0..60).rev().map(|i| format!("call-{i:05}")).collect();
     assert_eq!(seen, expected);
     assert!(Cursor::decode("garbage").is_err());
+
+    // Full-text pages, alone (the index leads) and with a user (the calls table leads): every
+    // match once, newest first, and no call without the words.
+    for user in [None, Some("bob@contoso.com")] {
+        let mut seen = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = store
+                .search(&SearchFilter {
+                    text: Some("question invoices".into()),
+                    user: user.map(str::to_owned),
+                    limit: 9,
+                    cursor,
+                    ..range.clone()
+                })
+                .await
+                .unwrap();
+            seen.extend(page.items.iter().map(|c| c.correlation_id.clone()));
+            match page.next {
+                Some(token) => cursor = Some(Cursor::decode(&token).unwrap()),
+                None => break,
+            }
+        }
+        let expected: Vec<String> = (0..60)
+            .rev()
+            .filter(|i| user.is_none() || i % 2 == 1)
+            .map(|i| format!("call-{i:05}"))
+            .collect();
+        assert_eq!(seen, expected, "full text with user {user:?}");
+    }
+    let narrowed = store
+        .search(&SearchFilter {
+            text: Some("number 43".into()),
+            user: Some("bob@contoso.com".into()),
+            ..range.clone()
+        })
+        .await
+        .unwrap();
+    assert_eq!(narrowed.items.len(), 1);
+    let elsewhere = store
+        .search(&SearchFilter {
+            text: Some("number 42".into()),
+            user: Some("bob@contoso.com".into()),
+            ..range.clone()
+        })
+        .await
+        .unwrap();
+    assert!(elsewhere.items.is_empty(), "{elsewhere:?}");
 }
 
 async fn usage_comes_from_rollups(store: &SqlStore) {

@@ -34,7 +34,10 @@ pub struct SearchFilter {
     pub status: Option<u16>,
     /// Subscription.
     pub subscription: Option<String>,
-    /// Words that must all appear in the prompt or the completion.
+    /// Words that must all appear in the prompt or the completion. On SQLite, a full-text search
+    /// without a user, subscription or narrow-network filter lists its calls newest stored first
+    /// (which differs from newest first only for calls recorded late, e.g. replayed from the
+    /// journal), so that it can stop at the end of the page.
     pub text: Option<String>,
     /// Page size (at most [`MAX_PAGE`]).
     pub limit: u32,
@@ -216,13 +219,16 @@ fn parse_sqlite_time(text: &str) -> Result<OffsetDateTime, StoreError> {
         .map_err(|e| StoreError::Database(sqlx::Error::Decode(Box::new(e))))
 }
 
-/// The summary columns of the calls table, up to its alias `l` (an `INDEXED BY` may follow).
-macro_rules! sqlite_summary_from {
+/// The summary columns of the calls table `l`.
+macro_rules! sqlite_summary_columns {
     () => {
-        "SELECT l.RecordId, l.TimeGenerated, l.CorrelationId, l.OperationId, l.DeploymentName, l.ModelName, l.CallerIpAddress, l.UserId, l.UserName, l.ApimSubscriptionId, l.ResponseCode, l.TotalTokens, l.TotalTime FROM GatehouseGatewayLogs l"
+        "SELECT l.RecordId, l.TimeGenerated, l.CorrelationId, l.OperationId, l.DeploymentName, l.ModelName, l.CallerIpAddress, l.UserId, l.UserName, l.ApimSubscriptionId, l.ResponseCode, l.TotalTokens, l.TotalTime"
     };
 }
-const SQLITE_SUMMARY: &str = concat!(sqlite_summary_from!(), " WHERE l.TimeGenerated >= ");
+const SQLITE_SUMMARY: &str = concat!(
+    sqlite_summary_columns!(),
+    " FROM GatehouseGatewayLogs l WHERE l.TimeGenerated >= "
+);
 const POSTGRES_SUMMARY: &str = r#"SELECT l."RecordId", l."TimeGenerated", l."CorrelationId", l."OperationId", l."DeploymentName", l."ModelName", l."CallerIpAddress", l."UserId", l."UserName", l."ApimSubscriptionId", l."ResponseCode", l."TotalTokens", l."TotalTime" FROM "GatehouseGatewayLogs" l WHERE l."TimeGenerated" >= "#;
 
 /// Builds a [`CallSummary`] from a row of the summary SELECTs (same column order on both engines);
@@ -442,10 +448,22 @@ async fn search_sqlite(
     f: &SearchFilter,
     limit: u32,
 ) -> Result<Vec<CallSummary>, StoreError> {
-    let mut q = QueryBuilder::<Sqlite>::new(sqlite_summary_from!());
+    let terms = f.text.as_deref().and_then(fts5_terms);
+    let selective = f.user.is_some() || f.subscription.is_some() || f.caller.is_some_and(is_narrow);
+    // Full text without a selective filter: the full-text index leads, newest stored first (its
+    // rowid is the RecordId), and the query stops at the page's end instead of collecting every
+    // call that holds a common word. Otherwise the calls table leads and the index is asked about
+    // each candidate by rowid.
+    let text_leads = terms.is_some() && !selective;
+    let mut q = QueryBuilder::<Sqlite>::new(sqlite_summary_columns!());
+    if text_leads {
+        q.push(" FROM GatehouseContentSearch CROSS JOIN GatehouseGatewayLogs l ON l.RecordId = GatehouseContentSearch.rowid");
+    } else {
+        q.push(" FROM GatehouseGatewayLogs l");
+    }
     // Without statistics SQLite takes the time index for any address filter and walks every
     // call of the range; a narrow network has few calls, which its own index finds at once.
-    if f.caller.is_some_and(is_narrow) {
+    if !text_leads && f.caller.is_some_and(is_narrow) {
         q.push(" INDEXED BY GatehouseGatewayLogs_CallerKey");
     }
     q.push(" WHERE l.TimeGenerated >= ")
@@ -484,20 +502,38 @@ async fn search_sqlite(
         q.push(" AND l.ResponseCode = ")
             .push_bind(i32::from(status));
     }
-    if let Some(terms) = f.text.as_deref().and_then(fts5_terms) {
-        q.push(" AND l.RecordId IN (SELECT rowid FROM GatehouseContentSearch WHERE GatehouseContentSearch MATCH ")
-            .push_bind(terms)
-            .push(")");
+    match terms {
+        Some(terms) if text_leads => {
+            q.push(" AND GatehouseContentSearch MATCH ")
+                .push_bind(terms);
+        }
+        Some(terms) => {
+            q.push(" AND EXISTS (SELECT 1 FROM GatehouseContentSearch WHERE GatehouseContentSearch MATCH ")
+                .push_bind(terms)
+                .push(" AND GatehouseContentSearch.rowid = l.RecordId)");
+        }
+        None => {}
     }
-    if let Some(cursor) = f.cursor {
-        q.push(" AND (l.TimeGenerated, l.RecordId) < (")
-            .push_bind(sqlite_time(cursor.time))
-            .push(", ")
-            .push_bind(cursor.record_id)
-            .push(")");
+    match f.cursor {
+        Some(cursor) if text_leads => {
+            q.push(" AND GatehouseContentSearch.rowid < ")
+                .push_bind(cursor.record_id);
+        }
+        Some(cursor) => {
+            q.push(" AND (l.TimeGenerated, l.RecordId) < (")
+                .push_bind(sqlite_time(cursor.time))
+                .push(", ")
+                .push_bind(cursor.record_id)
+                .push(")");
+        }
+        None => {}
     }
-    q.push(" ORDER BY l.TimeGenerated DESC, l.RecordId DESC LIMIT ")
-        .push_bind(i64::from(limit));
+    if text_leads {
+        q.push(" ORDER BY GatehouseContentSearch.rowid DESC LIMIT ");
+    } else {
+        q.push(" ORDER BY l.TimeGenerated DESC, l.RecordId DESC LIMIT ");
+    }
+    q.push_bind(i64::from(limit));
     let rows = q.build().fetch_all(pool).await?;
     rows.iter()
         .map(|row| {
