@@ -288,11 +288,10 @@ pub async fn dashboard_overview(
             cur.cost.unpriced_models.join(", ")
         ));
     }
-    if let Some(sample) = cur.figures.percentile_sample {
-        notes.push(format!(
-            "Percentiles estimated from a systematic sample of about {} calls.",
-            thousands(sample)
-        ));
+    if report.source.starts_with("embedded") {
+        notes.push(
+            "Percentiles come from latency histograms (buckets about 12 % apart).".to_owned(),
+        );
     }
     Ok(OverviewData {
         source: report.source.to_owned(),

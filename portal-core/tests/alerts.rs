@@ -127,10 +127,13 @@ async fn each_rule_fires_once_and_resolves_once() {
         fired[0].starts_with("FIRING: errors: 50.0% errors in 4 calls"),
         "{fired:?}"
     );
-    assert!(
-        fired[1].starts_with("FIRING: slow: p95 latency 6000 ms"),
-        "{fired:?}"
-    );
+    // p95 from the latency histogram: within a bucket (about 12 %) of the slowest call, 6000 ms.
+    let p95: i64 = fired[1]
+        .strip_prefix("FIRING: slow: p95 latency ")
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or_else(|| panic!("{fired:?}"));
+    assert!((5_300..=6_800).contains(&p95), "{fired:?}");
     assert!(
         fired[2].starts_with("FIRING: red budget: 800 tokens today"),
         "{fired:?}"

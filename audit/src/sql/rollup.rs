@@ -64,6 +64,11 @@ pub enum Dimension {
     Backend,
     /// `2xx`, `4xx`, `5xx`, …
     StatusClass,
+    /// Total time as a histogram: the value is the upper bound, ms, of the call's latency bucket
+    /// (see [`latency_bucket`]). Not a way to split usage: for percentiles.
+    LatencyMs,
+    /// Time to first byte as a histogram, like [`Dimension::LatencyMs`].
+    TimeToFirstByteMs,
 }
 
 impl Dimension {
@@ -81,6 +86,9 @@ impl Dimension {
         Dimension::StatusClass,
     ];
 
+    /// The latency histograms, kept beside the dimensions of [`Dimension::ALL`].
+    pub const HISTOGRAMS: [Dimension; 2] = [Dimension::LatencyMs, Dimension::TimeToFirstByteMs];
+
     /// The stored name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -94,6 +102,8 @@ impl Dimension {
             Dimension::CallerIp => "caller_ip",
             Dimension::Backend => "backend",
             Dimension::StatusClass => "status_class",
+            Dimension::LatencyMs => "latency_ms",
+            Dimension::TimeToFirstByteMs => "ttfb_ms",
         }
     }
 
@@ -120,6 +130,11 @@ impl Dimension {
             Dimension::CallerIp => one(Some(&record.caller_ip_address)),
             Dimension::Backend => one(record.backend_id.as_deref()),
             Dimension::StatusClass => vec![format!("{}xx", record.response_code / 100)],
+            Dimension::LatencyMs => vec![latency_bucket(record.total_time).to_string()],
+            Dimension::TimeToFirstByteMs => record
+                .time_to_first_byte
+                .map(|ms| vec![latency_bucket(ms).to_string()])
+                .unwrap_or_default(),
         }
     }
 }
@@ -167,7 +182,7 @@ pub fn fold<'a>(
         let tokens = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         for granularity in [Granularity::Minute, Granularity::Hour] {
             let bucket = granularity.bucket(record.time_generated);
-            for dimension in Dimension::ALL {
+            for dimension in Dimension::ALL.into_iter().chain(Dimension::HISTOGRAMS) {
                 for value in dimension.values(record) {
                     let sums = rows
                         .entry(RollupKey {
@@ -189,4 +204,83 @@ pub fn fold<'a>(
         }
     }
     rows
+}
+
+/// Latency buckets per decade: bounds about 12 % apart.
+const BUCKETS_PER_DECADE: f64 = 20.0;
+
+/// The upper bound, ms, of the latency bucket holding `ms`: the bounds are 10^(k/20) rounded
+/// (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 16, 18, 20, 22, 25, 28, 32, 35, 40, …), so a
+/// percentile read from the histogram is within about 12 % of the exact one.
+pub fn latency_bucket(ms: u64) -> u64 {
+    if ms <= 1 {
+        return 1;
+    }
+    let k = (BUCKETS_PER_DECADE * (ms as f64).log10()).ceil();
+    let bound = 10f64.powf(k / BUCKETS_PER_DECADE).round() as u64;
+    // Guard against floating-point rounding just below the value.
+    bound.max(ms)
+}
+
+/// The `p`th percentile (0–100) of a latency histogram given as (bucket upper bound, calls)
+/// pairs in any order, interpolated linearly inside its bucket; `None` when it holds no call.
+pub fn histogram_percentile(buckets: &[(u64, i64)], p: f64) -> Option<u64> {
+    let mut sorted: Vec<(u64, i64)> = buckets.iter().copied().filter(|(_, n)| *n > 0).collect();
+    sorted.sort_unstable();
+    let total: i64 = sorted.iter().map(|(_, n)| n).sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = (p.clamp(0.0, 100.0) / 100.0 * total as f64).ceil().max(1.0);
+    let mut below = 0i64;
+    let mut lower = 0u64;
+    for (bound, count) in sorted {
+        if (below + count) as f64 >= rank {
+            let within = (rank - below as f64) / count as f64;
+            let span = bound.saturating_sub(lower) as f64;
+            return Some(lower + (span * within).round() as u64);
+        }
+        below += count;
+        lower = bound;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_buckets_hold_their_values_and_are_close() {
+        let mut previous = 0;
+        for ms in 0..200_000u64 {
+            let bound = latency_bucket(ms);
+            assert!(bound >= ms, "{ms} -> {bound}");
+            assert!(bound >= previous, "buckets go up");
+            if ms >= 10 {
+                assert!((bound as f64) < ms as f64 * 1.13, "{ms} -> {bound}");
+            }
+            previous = bound;
+        }
+        assert_eq!(latency_bucket(1), 1);
+        assert_eq!(latency_bucket(10), 10);
+        assert_eq!(latency_bucket(1_000), 1_000);
+    }
+
+    #[test]
+    fn percentiles_from_a_histogram_are_within_a_bucket() {
+        // 1,000 calls of 1..=1000 ms.
+        let mut counts: HashMap<u64, i64> = HashMap::new();
+        for ms in 1..=1_000u64 {
+            *counts.entry(latency_bucket(ms)).or_default() += 1;
+        }
+        let buckets: Vec<(u64, i64)> = counts.into_iter().collect();
+        let p50 = histogram_percentile(&buckets, 50.0).unwrap();
+        let p95 = histogram_percentile(&buckets, 95.0).unwrap();
+        assert!((450..=560).contains(&p50), "p50 {p50}");
+        assert!((900..=1_000).contains(&p95), "p95 {p95}");
+        assert_eq!(histogram_percentile(&[], 50.0), None);
+        assert_eq!(histogram_percentile(&[(100, 0)], 50.0), None);
+        assert_eq!(histogram_percentile(&[(100, 5)], 100.0), Some(100));
+    }
 }

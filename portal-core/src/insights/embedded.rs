@@ -1,24 +1,21 @@
 //! The embedded audit store as a source: `gatehouse_audit::sql::SqlStore`'s read API (search,
-//! call, usage rollups, chain verification), plus the latency percentiles, which the rollups do
-//! not hold, from the metadata table.
+//! call, usage rollups, chain verification).
 //!
-//! Percentiles: nearest-rank over the calls of the range, read through the `(TimeGenerated,
-//! RecordId)` index. Up to [`PERCENTILE_SAMPLE`] calls they are exact; beyond, they come from a
-//! systematic sample (every n-th `RecordId`) of about that many calls, and the figures say so.
+//! Percentiles come from the rollups' latency histograms (buckets about 12 % apart, interpolated
+//! inside the bucket), so the overview costs the same on a day and on a month of calls; they are
+//! within a bucket of the exact nearest-rank figure. Calls recorded before the histograms existed
+//! have none.
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
+use gatehouse_audit::sql::rollup::histogram_percentile;
 use gatehouse_audit::sql::{SearchFilter, SqlStore, UsagePoint, UsageQuery};
-use sqlx::Row;
 
 use super::{
     Answer, AuditSource, CallFull, CallPage, CallRow, ChainCheck, ChainLink, Dimension, Figures,
     Granularity, InsightsError, ModelTokens, Percentiles, SearchRequest, TimeRange, UsageRequest,
-    iso_utc, last_backend,
+    last_backend,
 };
-
-/// Calls the percentiles are computed from at most (beyond, a systematic sample).
-pub const PERCENTILE_SAMPLE: i64 = 100_000;
 
 /// The embedded store (SQLite or PostgreSQL).
 #[derive(Debug, Clone)]
@@ -86,122 +83,47 @@ impl EmbeddedSource {
         }
         by_model.sort_by(|a, b| a.model.cmp(&b.model));
         figures.by_model = by_model;
-        let (latency, ttft, sample) = self.percentiles(range).await?;
+        let (latency, ttft) = self.percentiles(range, granularity).await?;
         figures.latency = latency;
         figures.time_to_first_token = ttft;
-        figures.percentile_sample = sample;
         Ok(Answer::new(figures))
     }
 
-    /// p50/p95 of total time and time to first byte in the range (see the module docs).
+    /// p50/p95 of total time and time to first byte in the range, from the rollups' latency
+    /// histograms (see the module docs).
     async fn percentiles(
         &self,
         range: TimeRange,
-    ) -> Result<(Percentiles, Percentiles, Option<i64>), InsightsError> {
-        if let Some(pool) = self.store.sqlite_pool() {
-            let (from, to) = (iso_utc(range.from), iso_utc(range.to));
-            let count: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM GatehouseGatewayLogs WHERE TimeGenerated >= ? AND TimeGenerated < ?",
-            )
-            .bind(&from)
-            .bind(&to)
-            .fetch_one(pool)
-            .await
-            .map_err(gatehouse_audit::sql::StoreError::from)?;
-            let step = step_for(count);
-            let mut result = [Percentiles::default(), Percentiles::default()];
-            for (slot, column) in ["TotalTime", "TimeToFirstByte"].into_iter().enumerate() {
-                // Column names are constants of this function, never input.
-                let sampled: i64 = sqlx::query_scalar(&format!(
-                    "SELECT COUNT({column}) FROM GatehouseGatewayLogs WHERE TimeGenerated >= ? AND TimeGenerated < ? AND RecordId % ? = 0"
-                ))
-                .bind(&from)
-                .bind(&to)
-                .bind(step)
-                .fetch_one(pool)
-                .await
-                .map_err(gatehouse_audit::sql::StoreError::from)?;
-                let mut values = [None, None];
-                for (i, p) in [50, 95].into_iter().enumerate() {
-                    let Some(offset) = nearest_rank(sampled, p) else {
-                        continue;
-                    };
-                    values[i] = sqlx::query_scalar::<_, i64>(&format!(
-                        "SELECT {column} FROM GatehouseGatewayLogs WHERE TimeGenerated >= ? AND TimeGenerated < ? AND RecordId % ? = 0 AND {column} IS NOT NULL ORDER BY {column} LIMIT 1 OFFSET ?"
-                    ))
-                    .bind(&from)
-                    .bind(&to)
-                    .bind(step)
-                    .bind(offset)
-                    .fetch_optional(pool)
-                    .await
-                    .map_err(gatehouse_audit::sql::StoreError::from)?;
-                }
-                result[slot] = Percentiles {
-                    p50_ms: values[0],
-                    p95_ms: values[1],
-                };
-            }
-            let [latency, ttft] = result;
-            return Ok((latency, ttft, (step > 1).then_some(count / step)));
+        granularity: Granularity,
+    ) -> Result<(Percentiles, Percentiles), InsightsError> {
+        let mut result = [Percentiles::default(), Percentiles::default()];
+        for (slot, dimension) in [Dimension::LatencyMs, Dimension::TimeToFirstByteMs]
+            .into_iter()
+            .enumerate()
+        {
+            let points = self
+                .store
+                .usage(&UsageQuery {
+                    granularity,
+                    dimension,
+                    from: range.from,
+                    to: range.to,
+                    only: None,
+                })
+                .await?;
+            let buckets: Vec<(u64, i64)> = points
+                .iter()
+                .filter_map(|point| Some((point.value.parse().ok()?, point.requests)))
+                .collect();
+            let at = |p| histogram_percentile(&buckets, p).and_then(|ms| i64::try_from(ms).ok());
+            result[slot] = Percentiles {
+                p50_ms: at(50.0),
+                p95_ms: at(95.0),
+            };
         }
-        let Some(pool) = self.store.postgres_pool() else {
-            return Ok((Percentiles::default(), Percentiles::default(), None));
-        };
-        let count: i64 = sqlx::query_scalar(
-            r#"SELECT COUNT(*) FROM "GatehouseGatewayLogs" WHERE "TimeGenerated" >= $1 AND "TimeGenerated" < $2"#,
-        )
-        .bind(range.from)
-        .bind(range.to)
-        .fetch_one(pool)
-        .await
-        .map_err(gatehouse_audit::sql::StoreError::from)?;
-        let step = step_for(count);
-        let row = sqlx::query(
-            r#"SELECT
-                 (percentile_disc(0.5) WITHIN GROUP (ORDER BY "TotalTime"))::bigint,
-                 (percentile_disc(0.95) WITHIN GROUP (ORDER BY "TotalTime"))::bigint,
-                 (percentile_disc(0.5) WITHIN GROUP (ORDER BY "TimeToFirstByte"))::bigint,
-                 (percentile_disc(0.95) WITHIN GROUP (ORDER BY "TimeToFirstByte"))::bigint
-               FROM "GatehouseGatewayLogs"
-               WHERE "TimeGenerated" >= $1 AND "TimeGenerated" < $2 AND "RecordId" % $3 = 0"#,
-        )
-        .bind(range.from)
-        .bind(range.to)
-        .bind(step)
-        .fetch_one(pool)
-        .await
-        .map_err(gatehouse_audit::sql::StoreError::from)?;
-        let get = |i: usize| -> Result<Option<i64>, InsightsError> {
-            row.try_get::<Option<i64>, _>(i)
-                .map_err(|e| InsightsError::from(gatehouse_audit::sql::StoreError::from(e)))
-        };
-        Ok((
-            Percentiles {
-                p50_ms: get(0)?,
-                p95_ms: get(1)?,
-            },
-            Percentiles {
-                p50_ms: get(2)?,
-                p95_ms: get(3)?,
-            },
-            (step > 1).then_some(count / step),
-        ))
+        let [latency, ttft] = result;
+        Ok((latency, ttft))
     }
-}
-
-/// Every `step`-th record is sampled so that about [`PERCENTILE_SAMPLE`] remain.
-fn step_for(count: i64) -> i64 {
-    if count <= PERCENTILE_SAMPLE {
-        1
-    } else {
-        (count + PERCENTILE_SAMPLE - 1) / PERCENTILE_SAMPLE
-    }
-}
-
-/// The 0-based offset of the nearest-rank `p`th percentile of `n` sorted values.
-fn nearest_rank(n: i64, p: i64) -> Option<i64> {
-    (n > 0).then(|| ((p * n + 99) / 100 - 1).clamp(0, n - 1))
 }
 
 fn filter_of(request: &SearchRequest, limit: u32) -> Result<SearchFilter, InsightsError> {
@@ -358,22 +280,5 @@ impl AuditSource for EmbeddedSource {
             })
         }
         .boxed()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn nearest_rank_and_sampling_steps() {
-        assert_eq!(nearest_rank(0, 50), None);
-        assert_eq!(nearest_rank(1, 95), Some(0));
-        assert_eq!(nearest_rank(10, 50), Some(4));
-        assert_eq!(nearest_rank(10, 95), Some(9));
-        assert_eq!(nearest_rank(100, 95), Some(94));
-        assert_eq!(step_for(PERCENTILE_SAMPLE), 1);
-        assert_eq!(step_for(PERCENTILE_SAMPLE * 10), 10);
-        assert_eq!(step_for(PERCENTILE_SAMPLE * 10 + 1), 11);
     }
 }

@@ -98,6 +98,10 @@ fn dimension_value(dimension: Dimension) -> &'static str {
         Dimension::CallerIp => "CallerIpAddress",
         Dimension::Backend => "BackendId",
         Dimension::StatusClass => "strcat(tostring(toint(ResponseCode / 100)), \"xx\")",
+        // The latency histograms are the embedded store's way to percentiles; Log Analytics
+        // computes them with percentile() and never splits by these.
+        Dimension::LatencyMs => "TotalTime",
+        Dimension::TimeToFirstByteMs => "TimeToFirstByte",
     }
 }
 

@@ -290,8 +290,6 @@ pub struct Figures {
     pub latency: Percentiles,
     /// Time to the first byte sent to the client (first token of a stream).
     pub time_to_first_token: Percentiles,
-    /// When the percentiles come from a sample: the number of calls sampled.
-    pub percentile_sample: Option<i64>,
 }
 
 /// A usage question.
