@@ -275,6 +275,14 @@ async fn measure(
         println!("store holds {held} records: no fill");
         None
     };
+    // A store that just took millions of rows has stale planner statistics until autovacuum
+    // (PostgreSQL) or the hourly retention run (SQLite) refreshes them: refresh them now, as a
+    // store in steady use has them.
+    if let Some(pool) = store.postgres_pool() {
+        sqlx::query("ANALYZE").execute(pool).await.context("ANALYZE")?;
+    } else {
+        store.optimize().await.context("PRAGMA optimize")?;
+    }
     let total = count_calls(store).await?;
     let now = OffsetDateTime::now_utc();
     let mut rng = Rng(args.seed ^ 0x5EED);
