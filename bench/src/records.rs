@@ -398,7 +398,14 @@ impl Generator {
                 backend_ms + 1
             }),
             apim_subscription_id: Some(subscription),
-            product_id: Some(if user.is_multiple_of(5) { "premium" } else { "standard" }.to_owned()),
+            product_id: Some(
+                if user.is_multiple_of(5) {
+                    "premium"
+                } else {
+                    "standard"
+                }
+                .to_owned(),
+            ),
             user_id: Some(user_id),
             user_name: Some(user_name),
             tenant_id: Some(tenant.to_owned()),

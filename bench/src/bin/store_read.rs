@@ -22,7 +22,7 @@
     reason = "a benchmark prints its report and its errors"
 )]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,7 @@ use gatehouse_audit::sql::rollup::{Dimension, Granularity};
 use gatehouse_audit::sql::{SearchFilter, SqlStore, UsageQuery};
 use gatehouse_bench::postgres::{database_url, redact};
 use gatehouse_bench::records::{GROUPS, Generator, Rng, Shape, caller_ip, user_name};
+use gatehouse_bench::report::{append_result, count_calls};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
@@ -279,7 +280,10 @@ async fn measure(
     // (PostgreSQL) or the hourly retention run (SQLite) refreshes them: refresh them now, as a
     // store in steady use has them.
     if let Some(pool) = store.postgres_pool() {
-        sqlx::query("ANALYZE").execute(pool).await.context("ANALYZE")?;
+        sqlx::query("ANALYZE")
+            .execute(pool)
+            .await
+            .context("ANALYZE")?;
     } else {
         store.optimize().await.context("PRAGMA optimize")?;
     }
@@ -580,24 +584,6 @@ fn rss_kb() -> u64 {
         .unwrap_or(0)
 }
 
-async fn count_calls(store: &SqlStore) -> Result<i64> {
-    if let Some(pool) = store.sqlite_pool() {
-        Ok(
-            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM GatehouseGatewayLogs")
-                .fetch_one(pool)
-                .await?,
-        )
-    } else if let Some(pool) = store.postgres_pool() {
-        Ok(
-            sqlx::query_scalar::<_, i64>(r#"SELECT count(*) FROM "GatehouseGatewayLogs""#)
-                .fetch_one(pool)
-                .await?,
-        )
-    } else {
-        Ok(0)
-    }
-}
-
 fn ms(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1_000.0
 }
@@ -659,16 +645,6 @@ fn write_json(
     timings: &[QueryTiming],
     export: &Export,
 ) -> Result<()> {
-    let stamp = OffsetDateTime::now_utc();
-    let name = format!(
-        "store_read-{:04}{:02}{:02}T{:02}{:02}{:02}Z.json",
-        stamp.year(),
-        u8::from(stamp.month()),
-        stamp.day(),
-        stamp.hour(),
-        stamp.minute(),
-        stamp.second()
-    );
     let queries: Vec<Value> = timings
         .iter()
         .map(|t| {
@@ -705,21 +681,12 @@ fn write_json(
             "rss_peak_kb": export.rss_peak_kb,
         },
     });
-    std::fs::create_dir_all(&args.out_dir)
-        .with_context(|| format!("create {}", args.out_dir.display()))?;
-    let path = args.out_dir.join(name);
-    append_line(&path, &line.to_string())?;
+    let path = append_result(
+        &args.out_dir,
+        "store_read",
+        OffsetDateTime::now_utc(),
+        &line,
+    )?;
     println!("result: {}", path.display());
-    Ok(())
-}
-
-fn append_line(path: &Path, line: &str) -> Result<()> {
-    use std::io::Write;
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .with_context(|| format!("open {}", path.display()))?;
-    writeln!(file, "{line}").with_context(|| format!("write {}", path.display()))?;
     Ok(())
 }

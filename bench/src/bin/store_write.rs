@@ -15,15 +15,16 @@
 //! See `bench/README.md`.
 #![expect(clippy::print_stdout, reason = "a benchmark prints its report")]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use clap::{Parser, ValueEnum};
 use gatehouse_audit::sql::SqlStore;
 use gatehouse_bench::postgres::{database_url, redact};
 use gatehouse_bench::records::{Generator, Shape};
+use gatehouse_bench::report::{append_result, count_calls};
 use gatehouse_schema::AuditRecord;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
@@ -494,7 +495,7 @@ async fn measure(
     let wall_time = wall.elapsed();
     let cpu = CpuSample::now().since(&cpu_before);
 
-    let stored_rows = count_rows(store).await?;
+    let stored_rows = count_calls(store).await?;
     let expected = written + args.batch.min(args.records);
     ensure!(
         usize::try_from(stored_rows).ok() == Some(expected),
@@ -515,24 +516,6 @@ async fn measure(
     })
 }
 
-async fn count_rows(store: &SqlStore) -> Result<i64> {
-    if let Some(pool) = store.sqlite_pool() {
-        Ok(
-            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM GatehouseGatewayLogs")
-                .fetch_one(pool)
-                .await?,
-        )
-    } else if let Some(pool) = store.postgres_pool() {
-        Ok(
-            sqlx::query_scalar::<_, i64>(r#"SELECT count(*) FROM "GatehouseGatewayLogs""#)
-                .fetch_one(pool)
-                .await?,
-        )
-    } else {
-        bail!("the store is neither SQLite nor PostgreSQL")
-    }
-}
-
 fn payload_len(record: &AuditRecord) -> u64 {
     [
         &record.request_messages,
@@ -551,18 +534,6 @@ fn write_json(
     sample: &AuditRecord,
     results: &[Measurement],
 ) -> Result<PathBuf> {
-    let stamp = format!(
-        "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
-        started.year(),
-        u8::from(started.month()),
-        started.day(),
-        started.hour(),
-        started.minute(),
-        started.second()
-    );
-    std::fs::create_dir_all(&args.out_dir)
-        .with_context(|| format!("create {}", args.out_dir.display()))?;
-    let path = args.out_dir.join(format!("store_write-{stamp}.json"));
     let line = json!({
         "bench": "store_write",
         "started": started.format(&time::format_description::well_known::Rfc3339)?,
@@ -581,19 +552,7 @@ fn write_json(
         "target_records_per_second": TARGET_RECORDS_PER_SECOND,
         "engines": results.iter().map(Measurement::json).collect::<Vec<_>>(),
     });
-    append_line(&path, &line.to_string())?;
-    Ok(path)
-}
-
-fn append_line(path: &Path, line: &str) -> Result<()> {
-    use std::io::Write;
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .with_context(|| format!("open {}", path.display()))?;
-    writeln!(file, "{line}").with_context(|| format!("write {}", path.display()))?;
-    Ok(())
+    append_result(&args.out_dir, "store_write", started, &line)
 }
 
 // ---------------------------------------------------------------------------------------------
