@@ -6,11 +6,15 @@
 
 pub mod db;
 pub mod error;
+pub mod health;
 pub mod ops;
+pub mod pools;
 pub mod push;
+pub mod rules;
 pub mod secret;
 pub mod snapshot;
 pub mod user;
+pub mod versions;
 
 pub use db::ConfigDb;
 pub use error::PortalError;
