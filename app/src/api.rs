@@ -6,6 +6,10 @@
     missing_docs,
     reason = "#[server] turns each documented function's parameters into the fields of an argument struct"
 )]
+#![expect(
+    clippy::too_many_arguments,
+    reason = "a server function that a form posts to takes one argument per form field"
+)]
 
 use gatehouse_schema::portal::Role;
 use leptos::prelude::*;
@@ -464,7 +468,6 @@ pub async fn list_access_rules() -> Result<Vec<AccessRuleView>, ServerFnError> {
 }
 
 #[cfg(feature = "ssr")]
-#[expect(clippy::too_many_arguments, reason = "one argument per form field")]
 fn rule_input(
     id: String,
     grantee_kind: String,
@@ -495,7 +498,6 @@ fn rule_input(
 
 /// Creates an access rule: Admin.
 #[server(endpoint = "create_access_rule")]
-#[expect(clippy::too_many_arguments, reason = "one argument per form field")]
 pub async fn create_access_rule(
     id: String,
     grantee_kind: String,
@@ -531,7 +533,6 @@ pub async fn create_access_rule(
 
 /// Changes an access rule (found by its id): Admin.
 #[server(endpoint = "update_access_rule")]
-#[expect(clippy::too_many_arguments, reason = "one argument per form field")]
 pub async fn update_access_rule(
     id: String,
     grantee_kind: String,
@@ -711,7 +712,6 @@ pub async fn delete_pool(id: String) -> Result<(), ServerFnError> {
 
 /// Adds or changes a pool member: Admin.
 #[server(endpoint = "save_member")]
-#[expect(clippy::too_many_arguments, reason = "one argument per form field")]
 pub async fn save_member(
     pool_id: String,
     id: String,
