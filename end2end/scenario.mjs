@@ -135,7 +135,7 @@ try {
     page.on('pageerror', (error) => failures.push(`${login}: page error: ${error}`));
     page.on('console', (message) => {
       if (message.type() === 'error' && page.url().startsWith(portal)
-        && !/status of 40[13]/.test(message.text())) {
+        && !/status of (401|403|422)/.test(message.text())) {
         failures.push(`${login}: console: ${message.text()}`);
       }
     });
