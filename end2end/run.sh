@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# Builds the portal with cargo-leptos, starts it on a fresh SQLite database with the dev sign-in,
-# and runs the browser check in Debian's Chromium (never a downloaded browser).
+# Builds the portal (cargo leptos), the gateway and the simulator, installs the pinned npm packages
+# (package-lock.json), and runs two browser checks in Debian's Chromium (never a downloaded
+# browser), each on ports the OS picks:
+#   hydration.mjs  the portal alone with the development sign-in: the wasm app hydrates;
+#   scenario.mjs   portal + gateway + simulator + a real OpenID Connect provider (oidc-provider),
+#                  no development sign-in: rules, keys, revocation, roles, activity.
+# Screenshots (1280 px) go to target/end2end.
 #
 #   end2end/run.sh            # needs: chromium (apt-get install chromium), node + npm
 set -euo pipefail
@@ -9,22 +14,34 @@ root=$(pwd)
 die() { printf 'end2end/run.sh: %s\n' "$*" >&2; exit 1; }
 
 [ -x /usr/bin/chromium ] || die "Debian's chromium is missing: apt-get install -y chromium"
+command -v node >/dev/null || die "node is missing"
 command -v npm >/dev/null || die "npm is missing"
 scripts/portal-tools.sh
-cargo leptos build
-(cd end2end && [ -d node_modules/playwright-core ] || npm install --no-audit --no-fund --no-package-lock)
+cargo leptos build || die "cargo leptos build failed"
+cargo build --locked -p gatehouse-gateway -p gatehouse-simulator || die "building the gateway and simulator failed"
+(cd end2end && npm ci --no-audit --no-fund) || die "npm ci in end2end failed"
 
-port=${PORTAL_PORT:-3400}
-work=$(mktemp -d)
 target="${CARGO_TARGET_DIR:-$root/target}"
+bin="$target/debug"
+shots="$root/target/end2end"
+free_port() { node -e "const s=require('net').createServer();s.listen(0,'127.0.0.1',()=>{console.log(s.address().port);s.close()})"; }
+
+echo "== hydration check (development sign-in)"
+port=$(free_port)
+work=$(mktemp -d)
 LEPTOS_SITE_ROOT="$root/target/site" LEPTOS_OUTPUT_NAME=gatehouse-portal \
-  "$target/debug/gatehouse-portal" --listen "127.0.0.1:$port" \
+  "$bin/gatehouse-portal" --listen "127.0.0.1:$port" \
   --database "sqlite:$work/portal.db" --dev-sign-in > "$work/portal.log" 2>&1 &
 portal=$!
 trap 'kill "$portal" 2>/dev/null || true; rm -rf "$work"' EXIT
-for _ in $(seq 50); do
+for _ in $(seq 100); do
   curl -sf "http://127.0.0.1:$port/" >/dev/null && break
   sleep 0.2
 done
-(cd end2end && PORTAL_URL="http://127.0.0.1:$port" SCREENSHOTS="$root/target/end2end" node hydration.mjs) \
+(cd end2end && PORTAL_URL="http://127.0.0.1:$port" SCREENSHOTS="$shots/hydration" node hydration.mjs) \
   || { cat "$work/portal.log" >&2; exit 1; }
+kill "$portal" 2>/dev/null || true
+
+echo "== scenario (OpenID Connect provider, gateway, simulator)"
+(cd end2end && GATEHOUSE_BIN_DIR="$bin" LEPTOS_SITE_ROOT="$root/target/site" \
+  SCREENSHOTS="$shots/scenario" node scenario.mjs)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite, from a fresh machine: installs what is missing, then runs every test.
+# The whole test suite, from a fresh machine: installs what is missing, then runs every test and
+# the end-to-end browser checks (end2end/run.sh).
 #
 #   scripts/test.sh            # everything
 #   scripts/test.sh -E 'test(failover)'   # extra arguments go to cargo nextest
@@ -46,3 +47,13 @@ export GATEHOUSE_BIN_DIR="${CARGO_TARGET_DIR:-$root/target}/debug"
 
 say "tests"
 cargo nextest run --workspace --locked --no-fail-fast "$@"
+
+say "end-to-end: the portal in Debian's Chromium against a real OpenID Connect provider"
+if [ ! -x /usr/bin/chromium ]; then
+  [ "$(id -u)" = 0 ] || die "Debian's chromium is missing and this is not root: apt-get install -y chromium"
+  apt-get install -y chromium || { apt-get update && apt-get install -y chromium; } \
+    || die "could not install chromium"
+fi
+command -v npm >/dev/null || die "npm is missing (Debian: apt-get install -y nodejs npm)"
+# end2end/run.sh adds the wasm32 target and cargo-leptos (scripts/portal-tools.sh) and runs npm ci.
+end2end/run.sh

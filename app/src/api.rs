@@ -6,6 +6,10 @@
     missing_docs,
     reason = "#[server] turns each documented function's parameters into the fields of an argument struct"
 )]
+#![expect(
+    clippy::too_many_arguments,
+    reason = "a server function that a form posts to takes one argument per form field"
+)]
 
 use gatehouse_schema::portal::Role;
 use leptos::prelude::*;
@@ -324,4 +328,470 @@ pub async fn list_activity() -> Result<Vec<ActivityView>, ServerFnError> {
             after: row.after,
         })
         .collect())
+}
+
+/// An access rule as the page shows and edits it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AccessRuleView {
+    /// Stable id.
+    pub id: String,
+    /// `group`, `subscription`, `user` or `app_role`.
+    pub grantee_kind: String,
+    /// Object id, subscription id or app-role value.
+    pub grantee_id: String,
+    /// A group's display name.
+    pub grantee_display_name: String,
+    /// Deployment names or patterns.
+    pub deployments: Vec<String>,
+    /// Operation ids or patterns (empty: every operation).
+    pub operations: Vec<String>,
+    /// Whether calls naming no deployment are granted.
+    pub resources: bool,
+    /// Calls per minute.
+    pub requests_per_minute: Option<i64>,
+    /// Tokens per minute.
+    pub tokens_per_minute: Option<i64>,
+    /// Tokens per quota period.
+    pub quota_tokens: Option<i64>,
+    /// The quota period.
+    pub quota_period: Option<String>,
+}
+
+/// The state of one member as one gateway sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberHealthView {
+    /// The gateway's id.
+    pub gateway: String,
+    /// `available`, `throttled`, `failing`, or `not running` when the gateway's version does not
+    /// have the member yet.
+    pub state: String,
+    /// Until when it is set aside (RFC 3339).
+    pub until: Option<String>,
+}
+
+/// A pool member as the page shows it: the credential as a description of its reference.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberView {
+    /// Stable id.
+    pub id: String,
+    /// `azure_openai` or `openai`.
+    pub kind: String,
+    /// Base URL.
+    pub endpoint: String,
+    /// Deployment name on the member.
+    pub deployment: Option<String>,
+    /// `api-version`.
+    pub api_version: Option<String>,
+    /// Priority.
+    pub priority: i64,
+    /// Weight.
+    pub weight: i64,
+    /// The API key's secret reference, if the member uses one.
+    pub api_key_ref: Option<String>,
+    /// Another kind of credential (Entra, managed identity), described.
+    pub other_credential: Option<String>,
+    /// The member's state at each gateway that answered.
+    pub health: Vec<MemberHealthView>,
+}
+
+/// A pool and its members.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolView {
+    /// Stable id.
+    pub id: String,
+    /// Deployments it serves.
+    pub deployments: Vec<String>,
+    /// Whether it serves calls that name no deployment.
+    pub serves_resources: bool,
+    /// Members by priority.
+    pub members: Vec<MemberView>,
+}
+
+/// The pools page.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolsView {
+    /// Every pool.
+    pub pools: Vec<PoolView>,
+    /// Gateways that could not say how their members are, and why.
+    pub unreachable: Vec<(String, String)>,
+}
+
+/// A stored config version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VersionView {
+    /// The version.
+    pub version: i64,
+    /// When (RFC 3339).
+    pub created_at: String,
+    /// Who caused it.
+    pub created_by: String,
+}
+
+/// One line of a diff: `+`, `-`, ` ` (context) or `…` (lines left out).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiffLineView {
+    /// The kind of line.
+    pub tag: char,
+    /// The text.
+    pub text: String,
+}
+
+#[cfg(feature = "ssr")]
+fn list_of(json: &str) -> Vec<String> {
+    serde_json::from_str(json).unwrap_or_default()
+}
+
+/// Every access rule: Admin.
+#[server(endpoint = "list_access_rules")]
+pub async fn list_access_rules() -> Result<Vec<AccessRuleView>, ServerFnError> {
+    let (portal, user) = portal_and_user().await?;
+    let rows = portal
+        .access_rules(user.as_ref())
+        .await
+        .map_err(to_server_error)?;
+    Ok(rows
+        .into_iter()
+        .map(|row| AccessRuleView {
+            deployments: list_of(&row.deployments),
+            operations: list_of(&row.operations),
+            id: row.id,
+            grantee_kind: row.grantee_kind,
+            grantee_id: row.grantee_id,
+            grantee_display_name: row.grantee_display_name,
+            resources: row.resources,
+            requests_per_minute: row.requests_per_minute,
+            tokens_per_minute: row.tokens_per_minute,
+            quota_tokens: row.quota_tokens,
+            quota_period: row.quota_period,
+        })
+        .collect())
+}
+
+#[cfg(feature = "ssr")]
+fn rule_input(
+    id: String,
+    grantee_kind: String,
+    grantee_id: String,
+    grantee_display_name: String,
+    deployments: String,
+    operations: String,
+    resources: Option<String>,
+    requests_per_minute: String,
+    tokens_per_minute: String,
+    quota_tokens: String,
+    quota_period: String,
+) -> gatehouse_portal_core::rules::AccessRuleInput {
+    gatehouse_portal_core::rules::AccessRuleInput {
+        id,
+        grantee_kind,
+        grantee_id,
+        grantee_display_name,
+        deployments,
+        operations,
+        resources: resources.is_some_and(|v| !v.is_empty() && v != "false"),
+        requests_per_minute,
+        tokens_per_minute,
+        quota_tokens,
+        quota_period,
+    }
+}
+
+/// Creates an access rule: Admin.
+#[server(endpoint = "create_access_rule")]
+pub async fn create_access_rule(
+    id: String,
+    grantee_kind: String,
+    grantee_id: String,
+    #[server(default)] grantee_display_name: String,
+    #[server(default)] deployments: String,
+    #[server(default)] operations: String,
+    #[server(default)] resources: Option<String>,
+    #[server(default)] requests_per_minute: String,
+    #[server(default)] tokens_per_minute: String,
+    #[server(default)] quota_tokens: String,
+    #[server(default)] quota_period: String,
+) -> Result<(), ServerFnError> {
+    let (portal, user) = portal_and_user().await?;
+    let input = rule_input(
+        id,
+        grantee_kind,
+        grantee_id,
+        grantee_display_name,
+        deployments,
+        operations,
+        resources,
+        requests_per_minute,
+        tokens_per_minute,
+        quota_tokens,
+        quota_period,
+    );
+    portal
+        .save_access_rule(user.as_ref(), input, false)
+        .await
+        .map_err(to_server_error)
+}
+
+/// Changes an access rule (found by its id): Admin.
+#[server(endpoint = "update_access_rule")]
+pub async fn update_access_rule(
+    id: String,
+    grantee_kind: String,
+    grantee_id: String,
+    #[server(default)] grantee_display_name: String,
+    #[server(default)] deployments: String,
+    #[server(default)] operations: String,
+    #[server(default)] resources: Option<String>,
+    #[server(default)] requests_per_minute: String,
+    #[server(default)] tokens_per_minute: String,
+    #[server(default)] quota_tokens: String,
+    #[server(default)] quota_period: String,
+) -> Result<(), ServerFnError> {
+    let (portal, user) = portal_and_user().await?;
+    let input = rule_input(
+        id,
+        grantee_kind,
+        grantee_id,
+        grantee_display_name,
+        deployments,
+        operations,
+        resources,
+        requests_per_minute,
+        tokens_per_minute,
+        quota_tokens,
+        quota_period,
+    );
+    portal
+        .save_access_rule(user.as_ref(), input, true)
+        .await
+        .map_err(to_server_error)
+}
+
+/// Deletes an access rule: Admin.
+#[server(endpoint = "delete_access_rule")]
+pub async fn delete_access_rule(id: String) -> Result<(), ServerFnError> {
+    let (portal, user) = portal_and_user().await?;
+    portal
+        .delete_access_rule(user.as_ref(), &id)
+        .await
+        .map_err(to_server_error)
+}
+
+/// Every pool with its members and their health at each gateway: Admin.
+#[server(endpoint = "list_pools")]
+pub async fn list_pools() -> Result<PoolsView, ServerFnError> {
+    use gatehouse_schema::config::BackendCredential;
+    let (portal, user) = portal_and_user().await?;
+    let pools = portal.pools(user.as_ref()).await.map_err(to_server_error)?;
+    let reports = portal
+        .backend_health(user.as_ref())
+        .await
+        .map_err(to_server_error)?;
+    let mut unreachable = Vec::new();
+    let mut seen = Vec::new();
+    for report in reports {
+        match report.result {
+            Ok(states) => seen.push((report.gateway, states)),
+            Err(reason) => unreachable.push((report.gateway, reason)),
+        }
+    }
+    let health_of = |pool: &str, member: &str| -> Vec<MemberHealthView> {
+        seen.iter()
+            .map(|(gateway, states)| {
+                match states
+                    .members
+                    .iter()
+                    .find(|m| m.pool == pool && m.member == member)
+                {
+                    Some(state) => MemberHealthView {
+                        gateway: gateway.clone(),
+                        state: state.state.as_str().to_owned(),
+                        until: state.set_aside_until.map(rfc3339),
+                    },
+                    None => MemberHealthView {
+                        gateway: gateway.clone(),
+                        state: "not running".to_owned(),
+                        until: None,
+                    },
+                }
+            })
+            .collect()
+    };
+    let pools = pools
+        .into_iter()
+        .map(|entry| PoolView {
+            members: entry
+                .members
+                .into_iter()
+                .map(|member| {
+                    let credential: BackendCredential =
+                        serde_json::from_str(&member.credential).unwrap_or_default();
+                    let (api_key_ref, other_credential) = match credential {
+                        BackendCredential::None => (None, None),
+                        BackendCredential::ApiKey { secret } => {
+                            (Some(secret.as_str().to_owned()), None)
+                        }
+                        BackendCredential::EntraClientSecret { .. } => {
+                            (None, Some("Entra ID client secret".to_owned()))
+                        }
+                        BackendCredential::EntraCertificate { .. } => {
+                            (None, Some("Entra ID certificate".to_owned()))
+                        }
+                        BackendCredential::ManagedIdentity { .. } => {
+                            (None, Some("managed identity".to_owned()))
+                        }
+                    };
+                    MemberView {
+                        health: health_of(&entry.pool.id, &member.id),
+                        id: member.id,
+                        kind: member.kind,
+                        endpoint: member.endpoint,
+                        deployment: member.deployment,
+                        api_version: member.api_version,
+                        priority: member.priority,
+                        weight: member.weight,
+                        api_key_ref,
+                        other_credential,
+                    }
+                })
+                .collect(),
+            deployments: list_of(&entry.pool.deployments),
+            id: entry.pool.id,
+            serves_resources: entry.pool.serves_resources,
+        })
+        .collect();
+    Ok(PoolsView { pools, unreachable })
+}
+
+/// Creates a pool: Admin.
+#[server(endpoint = "create_pool")]
+pub async fn create_pool(
+    id: String,
+    #[server(default)] deployments: String,
+    #[server(default)] serves_resources: Option<String>,
+) -> Result<(), ServerFnError> {
+    let (portal, user) = portal_and_user().await?;
+    let input = gatehouse_portal_core::pools::PoolInput {
+        id,
+        deployments,
+        serves_resources: serves_resources.is_some_and(|v| !v.is_empty() && v != "false"),
+    };
+    portal
+        .save_pool(user.as_ref(), input, false)
+        .await
+        .map_err(to_server_error)
+}
+
+/// Changes a pool's deployments: Admin.
+#[server(endpoint = "update_pool")]
+pub async fn update_pool(
+    id: String,
+    #[server(default)] deployments: String,
+    #[server(default)] serves_resources: Option<String>,
+) -> Result<(), ServerFnError> {
+    let (portal, user) = portal_and_user().await?;
+    let input = gatehouse_portal_core::pools::PoolInput {
+        id,
+        deployments,
+        serves_resources: serves_resources.is_some_and(|v| !v.is_empty() && v != "false"),
+    };
+    portal
+        .save_pool(user.as_ref(), input, true)
+        .await
+        .map_err(to_server_error)
+}
+
+/// Deletes a pool and its members: Admin.
+#[server(endpoint = "delete_pool")]
+pub async fn delete_pool(id: String) -> Result<(), ServerFnError> {
+    let (portal, user) = portal_and_user().await?;
+    portal
+        .delete_pool(user.as_ref(), &id)
+        .await
+        .map_err(to_server_error)
+}
+
+/// Adds or changes a pool member: Admin.
+#[server(endpoint = "save_member")]
+pub async fn save_member(
+    pool_id: String,
+    id: String,
+    kind: String,
+    endpoint: String,
+    #[server(default)] deployment: String,
+    #[server(default)] api_version: String,
+    #[server(default)] priority: String,
+    #[server(default)] weight: String,
+    #[server(default)] api_key_ref: String,
+) -> Result<(), ServerFnError> {
+    let (portal, user) = portal_and_user().await?;
+    let input = gatehouse_portal_core::pools::MemberInput {
+        pool_id,
+        id,
+        kind,
+        endpoint,
+        deployment,
+        api_version,
+        priority,
+        weight,
+        api_key_ref,
+    };
+    portal
+        .save_member(user.as_ref(), input)
+        .await
+        .map_err(to_server_error)
+}
+
+/// Removes a member from a pool: Admin.
+#[server(endpoint = "delete_member")]
+pub async fn delete_member(pool_id: String, id: String) -> Result<(), ServerFnError> {
+    let (portal, user) = portal_and_user().await?;
+    portal
+        .delete_member(user.as_ref(), &pool_id, &id)
+        .await
+        .map_err(to_server_error)
+}
+
+/// The stored config versions, newest first: Admin.
+#[server(endpoint = "list_versions")]
+pub async fn list_versions() -> Result<Vec<VersionView>, ServerFnError> {
+    let (portal, user) = portal_and_user().await?;
+    let rows = portal
+        .versions(user.as_ref())
+        .await
+        .map_err(to_server_error)?;
+    Ok(rows
+        .into_iter()
+        .map(|row| VersionView {
+            version: row.version,
+            created_at: rfc3339(row.created_at),
+            created_by: row.created_by,
+        })
+        .collect())
+}
+
+/// What changed between two versions: Admin.
+#[server(endpoint = "version_diff")]
+pub async fn version_diff(from: i64, to: i64) -> Result<Vec<DiffLineView>, ServerFnError> {
+    let (portal, user) = portal_and_user().await?;
+    let lines = portal
+        .version_diff(user.as_ref(), from, to)
+        .await
+        .map_err(to_server_error)?;
+    Ok(lines
+        .into_iter()
+        .map(|line| DiffLineView {
+            tag: line.tag,
+            text: line.text,
+        })
+        .collect())
+}
+
+/// Rolls back to a stored version (a new version equal to it is published): Admin.
+#[server(endpoint = "rollback")]
+pub async fn rollback(version: i64) -> Result<u64, ServerFnError> {
+    let (portal, user) = portal_and_user().await?;
+    portal
+        .rollback(user.as_ref(), version)
+        .await
+        .map_err(to_server_error)
 }

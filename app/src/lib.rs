@@ -67,6 +67,12 @@ pub fn App() -> impl IntoView {
                         view=pages::Subscriptions
                         ssr=SsrMode::Async
                     />
+                    <Route
+                        path=StaticSegment("access-rules")
+                        view=pages::AccessRules
+                        ssr=SsrMode::Async
+                    />
+                    <Route path=StaticSegment("pools") view=pages::Pools ssr=SsrMode::Async />
                     <Route path=StaticSegment("gateways") view=pages::Gateways ssr=SsrMode::Async />
                     <Route path=StaticSegment("activity") view=pages::Activity ssr=SsrMode::Async />
                     <Route path=StaticSegment("dashboard") view=usage::Dashboard ssr=SsrMode::Async />
@@ -110,7 +116,9 @@ fn Header(info: SessionInfo) -> impl IntoView {
                 "Gatehouse"
             </A>
             <nav class="nav">
+                <A href="/access-rules">"Access rules"</A>
                 <A href="/subscriptions">"Subscriptions"</A>
+                <A href="/pools">"Backend pools"</A>
                 <A href="/gateways">"Gateways"</A>
                 <A href="/activity">"Activity"</A>
                 <A href="/dashboard">"Dashboard"</A>
@@ -192,10 +200,17 @@ pub mod ssr {
             PortalError::Invalid { .. } => http::StatusCode::UNPROCESSABLE_ENTITY,
             _ => http::StatusCode::INTERNAL_SERVER_ERROR,
         };
-        // Only a server function's own response carries the status; a page that renders the
-        // error in place stays a 200.
-        let is_server_function = use_context::<http::request::Parts>()
-            .is_some_and(|parts| parts.uri.path().starts_with("/api/"));
+        // Only a server function's own response to a script carries the status; a page that
+        // renders the error in place stays a 200, and a plain form post (before hydration) keeps
+        // the redirect back to its form, which carries the error.
+        let is_server_function = use_context::<http::request::Parts>().is_some_and(|parts| {
+            let accepts_html = parts
+                .headers
+                .get(http::header::ACCEPT)
+                .and_then(|value| value.to_str().ok())
+                .is_some_and(|value| value.contains("text/html"));
+            parts.uri.path().starts_with("/api/") && !accepts_html
+        });
         if let (true, Some(response)) = (is_server_function, use_context::<ResponseOptions>()) {
             response.set_status(status);
         }

@@ -7,8 +7,8 @@ use leptos::server::ServerAction;
 
 use crate::api::{
     ActivityView, CreateSubscription, GatewaysView, IssuedKey, PushNow, RegisterGateway,
-    RetireSecondaryKey, RevokeSubscription, RotateSubscriptionKey, SubscriptionView, list_activity,
-    list_gateways, list_subscriptions, overview,
+    RetireSecondaryKey, RevokeSubscription, Rollback, RotateSubscriptionKey, SubscriptionView,
+    list_activity, list_gateways, list_subscriptions, overview,
 };
 
 /// An error from the server, shown where the content would be.
@@ -57,6 +57,73 @@ macro_rules! action_error {
     }};
 }
 
+/// The error text of an action's last run, if it failed, as a signal.
+macro_rules! last_error {
+    ($action:expr) => {{
+        let action = $action;
+        Signal::derive(move || {
+            action
+                .value()
+                .get()
+                .and_then(|result| result.err())
+                .map(error_text)
+        })
+    }};
+}
+
+/// The part of `error` about `field` (the operations say `field: message`), shown beside it.
+fn beside(error: Signal<Option<String>>, field: &'static str) -> impl IntoView {
+    move || {
+        error.get().and_then(|text| {
+            text.strip_prefix(field)
+                .and_then(|rest| rest.strip_prefix(": "))
+                .map(|message| {
+                    let message = message.to_owned();
+                    view! {
+                        <span class="field-error" role="alert" data-field=field>
+                            {message}
+                        </span>
+                    }
+                })
+        })
+    }
+}
+
+/// `error` when it is about none of `fields`: shown under the form.
+fn unplaced(error: Signal<Option<String>>, fields: &'static [&'static str]) -> impl IntoView {
+    move || {
+        error
+            .get()
+            .filter(|text| {
+                !fields.iter().any(|field| {
+                    text.strip_prefix(field)
+                        .is_some_and(|rest| rest.starts_with(": "))
+                })
+            })
+            .map(|text| {
+                view! {
+                    <p class="field-error" role="alert">
+                        {text}
+                    </p>
+                }
+            })
+    }
+}
+
+/// A note after an action succeeded.
+macro_rules! saved_note {
+    ($action:expr, $text:literal) => {{
+        let action = $action;
+        move || {
+            action
+                .value()
+                .get()
+                .is_some_and(|result| result.is_ok())
+                .then(|| view! { <p class="saved-note" role="status">{$text}</p> })
+        }
+    }};
+}
+
 /// The overview: counts and how current the gateways are.
 #[component]
 pub fn Overview() -> impl IntoView {
@@ -73,14 +140,14 @@ pub fn Overview() -> impl IntoView {
                                     <span class="card-value">{o.subscriptions}</span>
                                     <span class="card-label">"subscriptions"</span>
                                 </a>
-                                <div class="card">
+                                <a class="card" href="/access-rules">
                                     <span class="card-value">{o.access_rules}</span>
                                     <span class="card-label">"access rules"</span>
-                                </div>
-                                <div class="card">
+                                </a>
+                                <a class="card" href="/pools">
                                     <span class="card-value">{o.pools}</span>
                                     <span class="card-label">"backend pools"</span>
-                                </div>
+                                </a>
                                 <a class="card" href="/gateways">
                                     <span class="card-value">{o.gateways}</span>
                                     <span class="card-label">
@@ -287,13 +354,20 @@ fn subscription_row(
     }
 }
 
-/// Gateways: which version each runs, register one, push now.
+/// Gateways: which version each runs, register one, push now, compare versions, roll back.
 #[component]
 pub fn Gateways() -> impl IntoView {
     let register = ServerAction::<RegisterGateway>::new();
     let push = ServerAction::<PushNow>::new();
+    let rollback = ServerAction::<Rollback>::new();
     let list = Resource::new(
-        move || (register.version().get(), push.version().get()),
+        move || {
+            (
+                register.version().get(),
+                push.version().get(),
+                rollback.version().get(),
+            )
+        },
         |_| list_gateways(),
     );
     view! {
@@ -331,6 +405,7 @@ pub fn Gateways() -> impl IntoView {
             </ActionForm>
             {action_error!(register)}
         </section>
+        <Versions rollback />
     }
 }
 
@@ -434,3 +509,11 @@ fn activity_entry(row: ActivityView) -> impl IntoView {
         </li>
     }
 }
+
+mod access_rules;
+mod pools;
+mod versions;
+
+pub use access_rules::AccessRules;
+pub use pools::Pools;
+use versions::Versions;

@@ -1,4 +1,5 @@
-//! The config endpoint: `PUT /_gatehouse/config` takes a whole versioned snapshot.
+//! The admin endpoints (admin token required): `PUT /_gatehouse/config` takes a whole versioned
+//! snapshot; `GET /_gatehouse/backends` tells each pool member's state as this gateway sees it.
 //!
 //! The snapshot is validated whole (422 naming the exact field, the running config untouched),
 //! must be newer than the running one (409 otherwise), is written to the state directory as
@@ -12,11 +13,13 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use gatehouse_schema::ConfigSnapshot;
+use gatehouse_schema::backends::{BackendStates, MemberAvailability, MemberState};
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
 use crate::app::Gateway;
 use crate::error::GatewayError;
+use crate::pool::SetAsideReason;
 
 /// Path of the config endpoint.
 pub const CONFIG_PATH: &str = "/_gatehouse/config";
@@ -49,6 +52,47 @@ pub async fn get_config(State(gateway): State<Arc<Gateway>>, headers: HeaderMap)
         return error.into_response();
     }
     axum::Json(&gateway.runtime().snapshot).into_response()
+}
+
+/// `GET /_gatehouse/backends`: every pool member of the running snapshot, available or set aside
+/// (throttled or failing) and until when.
+pub async fn get_backends(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
+    if let Err(error) = authorize(&gateway, &headers) {
+        return error.into_response();
+    }
+    let runtime = gateway.runtime();
+    let now = std::time::Instant::now();
+    let wall = time::OffsetDateTime::now_utc();
+    let members = runtime
+        .pools
+        .iter()
+        .flat_map(|pool| {
+            pool.members.iter().map(|member| {
+                let (state, set_aside_until) = match member.health.set_aside_state(now) {
+                    None => (MemberAvailability::Available, None),
+                    Some((reason, wait)) => (
+                        match reason {
+                            SetAsideReason::Throttled => MemberAvailability::Throttled,
+                            SetAsideReason::Failing => MemberAvailability::Failing,
+                        },
+                        Some(wall + wait),
+                    ),
+                };
+                MemberState {
+                    pool: pool.id.clone(),
+                    member: member.config.id.clone(),
+                    state,
+                    set_aside_until,
+                }
+            })
+        })
+        .collect();
+    axum::Json(BackendStates {
+        gateway: gateway.id.clone(),
+        version: runtime.snapshot.version,
+        members,
+    })
+    .into_response()
 }
 
 /// `PUT /_gatehouse/config`: replace the running snapshot with a newer, valid one.

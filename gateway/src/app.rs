@@ -216,6 +216,10 @@ impl Gateway {
                 admin::CONFIG_PATH,
                 get(admin::get_config).put(admin::put_config),
             )
+            .route(
+                gatehouse_schema::backends::BACKENDS_PATH,
+                get(admin::get_backends),
+            )
             .fallback(any(serve_call))
             .with_state(Arc::clone(self))
     }

@@ -52,6 +52,8 @@ pub struct SubscriptionRow {
     pub primary_key_hash: String,
     /// `sha256:…` of the secondary key (the previous key during a rotation's overlap).
     pub secondary_key_hash: Option<String>,
+    /// When the rotation's overlap ends: the secondary key is retired then.
+    pub secondary_expires_at: Option<OffsetDateTime>,
     /// `active`, `suspended` or `revoked`.
     pub state: String,
     /// After this instant the keys are refused.
@@ -65,7 +67,7 @@ pub struct SubscriptionRow {
 }
 
 /// An access-rule row; list columns hold JSON arrays.
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, sqlx::FromRow, Serialize, Deserialize)]
 pub struct AccessRuleRow {
     /// Stable id.
     pub id: String,
@@ -81,6 +83,14 @@ pub struct AccessRuleRow {
     pub operations: String,
     /// Whether calls naming no deployment are granted.
     pub resources: bool,
+    /// Calls per minute allowed to the grantee on the rule's deployments.
+    pub requests_per_minute: Option<i64>,
+    /// Tokens per minute allowed to the grantee on the rule's deployments.
+    pub tokens_per_minute: Option<i64>,
+    /// Tokens per quota period.
+    pub quota_tokens: Option<i64>,
+    /// `hourly`, `daily`, `weekly`, `monthly` or `yearly`.
+    pub quota_period: Option<String>,
 }
 
 /// A backend pool row.
@@ -240,7 +250,7 @@ impl ConfigDb {
 
     /// Every subscription, by id.
     pub async fn subscriptions(&self) -> Result<Vec<SubscriptionRow>, PortalError> {
-        const SQL: &str = "SELECT id, display_name, product, primary_key_hash, secondary_key_hash, state, expires_at, created_at, created_by, updated_at FROM subscriptions ORDER BY id";
+        const SQL: &str = "SELECT id, display_name, product, primary_key_hash, secondary_key_hash, secondary_expires_at, state, expires_at, created_at, created_by, updated_at FROM subscriptions ORDER BY id";
         Ok(on_pool!(self, |pool| sqlx::query_as(SQL)
             .fetch_all(pool)
             .await?))
@@ -248,7 +258,7 @@ impl ConfigDb {
 
     /// One subscription.
     pub async fn subscription(&self, id: &str) -> Result<Option<SubscriptionRow>, PortalError> {
-        const SQL: &str = "SELECT id, display_name, product, primary_key_hash, secondary_key_hash, state, expires_at, created_at, created_by, updated_at FROM subscriptions WHERE id = $1";
+        const SQL: &str = "SELECT id, display_name, product, primary_key_hash, secondary_key_hash, secondary_expires_at, state, expires_at, created_at, created_by, updated_at FROM subscriptions WHERE id = $1";
         Ok(on_pool!(self, |pool| sqlx::query_as(SQL)
             .bind(id)
             .fetch_optional(pool)
@@ -261,7 +271,7 @@ impl ConfigDb {
         row: &SubscriptionRow,
         activity: NewActivity<'_>,
     ) -> Result<(), PortalError> {
-        const SQL: &str = "INSERT INTO subscriptions (id, display_name, product, primary_key_hash, secondary_key_hash, state, expires_at, created_at, created_by, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+        const SQL: &str = "INSERT INTO subscriptions (id, display_name, product, primary_key_hash, secondary_key_hash, state, expires_at, created_at, created_by, updated_at, secondary_expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
         let result: Result<(), sqlx::Error> = on_pool!(self, |pool| async {
             let mut tx = pool.begin().await?;
             sqlx::query(SQL)
@@ -275,6 +285,7 @@ impl ConfigDb {
                 .bind(row.created_at)
                 .bind(&row.created_by)
                 .bind(row.updated_at)
+                .bind(row.secondary_expires_at)
                 .execute(&mut *tx)
                 .await?;
             sqlx::query(ACTIVITY_SQL)
@@ -304,7 +315,7 @@ impl ConfigDb {
         row: &SubscriptionRow,
         activity: NewActivity<'_>,
     ) -> Result<(), PortalError> {
-        const SQL: &str = "UPDATE subscriptions SET display_name = $2, product = $3, primary_key_hash = $4, secondary_key_hash = $5, state = $6, expires_at = $7, updated_at = $8 WHERE id = $1";
+        const SQL: &str = "UPDATE subscriptions SET display_name = $2, product = $3, primary_key_hash = $4, secondary_key_hash = $5, state = $6, expires_at = $7, updated_at = $8, secondary_expires_at = $9 WHERE id = $1";
         let result: Result<u64, sqlx::Error> = on_pool!(self, |pool| async {
             let mut tx = pool.begin().await?;
             let done = sqlx::query(SQL)
@@ -316,6 +327,7 @@ impl ConfigDb {
                 .bind(&row.state)
                 .bind(row.expires_at)
                 .bind(row.updated_at)
+                .bind(row.secondary_expires_at)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
@@ -342,7 +354,7 @@ impl ConfigDb {
 
     /// Every access rule, by id.
     pub async fn access_rules(&self) -> Result<Vec<AccessRuleRow>, PortalError> {
-        const SQL: &str = "SELECT id, grantee_kind, grantee_id, grantee_display_name, deployments, operations, resources FROM access_rules ORDER BY id";
+        const SQL: &str = "SELECT id, grantee_kind, grantee_id, grantee_display_name, deployments, operations, resources, requests_per_minute, tokens_per_minute, quota_tokens, quota_period FROM access_rules ORDER BY id";
         Ok(on_pool!(self, |pool| sqlx::query_as(SQL)
             .fetch_all(pool)
             .await?))
@@ -354,7 +366,7 @@ impl ConfigDb {
         row: &AccessRuleRow,
         activity: NewActivity<'_>,
     ) -> Result<(), PortalError> {
-        const SQL: &str = "INSERT INTO access_rules (id, grantee_kind, grantee_id, grantee_display_name, deployments, operations, resources, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8) ON CONFLICT (id) DO UPDATE SET grantee_kind = excluded.grantee_kind, grantee_id = excluded.grantee_id, grantee_display_name = excluded.grantee_display_name, deployments = excluded.deployments, operations = excluded.operations, resources = excluded.resources, updated_at = excluded.updated_at";
+        const SQL: &str = "INSERT INTO access_rules (id, grantee_kind, grantee_id, grantee_display_name, deployments, operations, resources, created_at, updated_at, requests_per_minute, tokens_per_minute, quota_tokens, quota_period) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9, $10, $11, $12) ON CONFLICT (id) DO UPDATE SET grantee_kind = excluded.grantee_kind, grantee_id = excluded.grantee_id, grantee_display_name = excluded.grantee_display_name, deployments = excluded.deployments, operations = excluded.operations, resources = excluded.resources, updated_at = excluded.updated_at, requests_per_minute = excluded.requests_per_minute, tokens_per_minute = excluded.tokens_per_minute, quota_tokens = excluded.quota_tokens, quota_period = excluded.quota_period";
         let now = OffsetDateTime::now_utc();
         let result: Result<(), sqlx::Error> = on_pool!(self, |pool| async {
             let mut tx = pool.begin().await?;
@@ -367,6 +379,10 @@ impl ConfigDb {
                 .bind(&row.operations)
                 .bind(row.resources)
                 .bind(now)
+                .bind(row.requests_per_minute)
+                .bind(row.tokens_per_minute)
+                .bind(row.quota_tokens)
+                .bind(&row.quota_period)
                 .execute(&mut *tx)
                 .await?;
             sqlx::query(ACTIVITY_SQL)
@@ -616,3 +632,340 @@ impl ConfigDb {
 }
 
 const ACTIVITY_SQL: &str = "INSERT INTO activity_log (at, actor, action, target, before, after) VALUES ($1, $2, $3, $4, $5, $6)";
+
+/// A value bound to a statement run by [`ConfigDb::write`].
+#[derive(Debug, Clone)]
+pub enum Bind {
+    /// Text, or NULL.
+    Text(Option<String>),
+    /// An integer, or NULL.
+    Int(Option<i64>),
+    /// A boolean.
+    Bool(bool),
+    /// An instant, or NULL.
+    Time(Option<OffsetDateTime>),
+}
+
+impl From<&str> for Bind {
+    fn from(value: &str) -> Self {
+        Bind::Text(Some(value.to_owned()))
+    }
+}
+
+impl From<&String> for Bind {
+    fn from(value: &String) -> Self {
+        Bind::Text(Some(value.clone()))
+    }
+}
+
+impl From<&Option<String>> for Bind {
+    fn from(value: &Option<String>) -> Self {
+        Bind::Text(value.clone())
+    }
+}
+
+impl From<i64> for Bind {
+    fn from(value: i64) -> Self {
+        Bind::Int(Some(value))
+    }
+}
+
+impl From<Option<i64>> for Bind {
+    fn from(value: Option<i64>) -> Self {
+        Bind::Int(value)
+    }
+}
+
+impl From<bool> for Bind {
+    fn from(value: bool) -> Self {
+        Bind::Bool(value)
+    }
+}
+
+impl From<OffsetDateTime> for Bind {
+    fn from(value: OffsetDateTime) -> Self {
+        Bind::Time(Some(value))
+    }
+}
+
+/// One statement of a [`ConfigDb::write`] transaction.
+#[derive(Debug, Clone)]
+pub struct Statement {
+    /// Static SQL with `$n` parameters.
+    pub sql: &'static str,
+    /// The parameters, in order.
+    pub binds: Vec<Bind>,
+}
+
+impl Statement {
+    /// A statement with its parameters.
+    pub fn new(sql: &'static str, binds: Vec<Bind>) -> Statement {
+        Statement { sql, binds }
+    }
+}
+
+/// Binds every value of a statement to a query, on whichever engine the arm is for.
+macro_rules! bind_all {
+    ($query:expr, $binds:expr) => {{
+        let mut query = $query;
+        for bind in $binds {
+            query = match bind {
+                Bind::Text(value) => query.bind(value.clone()),
+                Bind::Int(value) => query.bind(*value),
+                Bind::Bool(value) => query.bind(*value),
+                Bind::Time(value) => query.bind(*value),
+            };
+        }
+        query
+    }};
+}
+
+const POOL_SQL: &str = "SELECT id, deployments, serves_resources FROM backend_pools WHERE id = $1";
+const RULE_SQL: &str = "SELECT id, grantee_kind, grantee_id, grantee_display_name, deployments, operations, resources, requests_per_minute, tokens_per_minute, quota_tokens, quota_period FROM access_rules WHERE id = $1";
+
+impl ConfigDb {
+    /// Runs `statements` and writes `activity`, all in one transaction: every change or none.
+    /// Returns the rows each statement affected.
+    pub async fn write(
+        &self,
+        statements: &[Statement],
+        activity: NewActivity<'_>,
+    ) -> Result<Vec<u64>, sqlx::Error> {
+        let now = OffsetDateTime::now_utc();
+        on_pool!(self, |pool| async {
+            let mut tx = pool.begin().await?;
+            let mut affected = Vec::with_capacity(statements.len());
+            for statement in statements {
+                let done = bind_all!(sqlx::query(statement.sql), &statement.binds)
+                    .execute(&mut *tx)
+                    .await?;
+                affected.push(done.rows_affected());
+            }
+            sqlx::query(ACTIVITY_SQL)
+                .bind(now)
+                .bind(activity.actor)
+                .bind(activity.action)
+                .bind(activity.target)
+                .bind(&activity.before)
+                .bind(&activity.after)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(affected)
+        }
+        .await)
+    }
+
+    /// One access rule.
+    pub async fn access_rule(&self, id: &str) -> Result<Option<AccessRuleRow>, PortalError> {
+        Ok(on_pool!(self, |pool| sqlx::query_as(RULE_SQL)
+            .bind(id)
+            .fetch_optional(pool)
+            .await?))
+    }
+
+    /// Deletes an access rule and writes its activity entry; `NotFound` when there is none.
+    pub async fn delete_access_rule(
+        &self,
+        id: &str,
+        activity: NewActivity<'_>,
+    ) -> Result<(), PortalError> {
+        let affected = self
+            .write(
+                &[Statement::new(
+                    "DELETE FROM access_rules WHERE id = $1",
+                    vec![id.into()],
+                )],
+                activity,
+            )
+            .await?;
+        if affected.first().copied().unwrap_or(0) == 0 {
+            return Err(PortalError::NotFound(format!("access rule {id}")));
+        }
+        Ok(())
+    }
+
+    /// One pool.
+    pub async fn pool(&self, id: &str) -> Result<Option<PoolRow>, PortalError> {
+        Ok(on_pool!(self, |pool| sqlx::query_as(POOL_SQL)
+            .bind(id)
+            .fetch_optional(pool)
+            .await?))
+    }
+
+    /// Creates or changes a pool (its members stay), and writes the activity entry.
+    pub async fn upsert_pool(
+        &self,
+        row: &PoolRow,
+        activity: NewActivity<'_>,
+    ) -> Result<(), PortalError> {
+        const SQL: &str = "INSERT INTO backend_pools (id, deployments, serves_resources, created_at, updated_at) VALUES ($1, $2, $3, $4, $4) ON CONFLICT (id) DO UPDATE SET deployments = excluded.deployments, serves_resources = excluded.serves_resources, updated_at = excluded.updated_at";
+        self.write(
+            &[Statement::new(
+                SQL,
+                vec![
+                    (&row.id).into(),
+                    (&row.deployments).into(),
+                    row.serves_resources.into(),
+                    OffsetDateTime::now_utc().into(),
+                ],
+            )],
+            activity,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Deletes a pool with its members; `NotFound` when there is none.
+    pub async fn delete_pool(
+        &self,
+        id: &str,
+        activity: NewActivity<'_>,
+    ) -> Result<(), PortalError> {
+        let affected = self
+            .write(
+                &[
+                    Statement::new(
+                        "DELETE FROM pool_members WHERE pool_id = $1",
+                        vec![id.into()],
+                    ),
+                    Statement::new("DELETE FROM backend_pools WHERE id = $1", vec![id.into()]),
+                ],
+                activity,
+            )
+            .await?;
+        if affected.get(1).copied().unwrap_or(0) == 0 {
+            return Err(PortalError::NotFound(format!("pool {id}")));
+        }
+        Ok(())
+    }
+
+    /// Creates or changes one pool member, and writes the activity entry.
+    pub async fn upsert_member(
+        &self,
+        member: &MemberRow,
+        activity: NewActivity<'_>,
+    ) -> Result<(), PortalError> {
+        const SQL: &str = "INSERT INTO pool_members (pool_id, id, kind, endpoint, deployment, api_version, priority, weight, credential) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (pool_id, id) DO UPDATE SET kind = excluded.kind, endpoint = excluded.endpoint, deployment = excluded.deployment, api_version = excluded.api_version, priority = excluded.priority, weight = excluded.weight, credential = excluded.credential";
+        self.write(
+            &[Statement::new(
+                SQL,
+                vec![
+                    (&member.pool_id).into(),
+                    (&member.id).into(),
+                    (&member.kind).into(),
+                    (&member.endpoint).into(),
+                    (&member.deployment).into(),
+                    (&member.api_version).into(),
+                    member.priority.into(),
+                    member.weight.into(),
+                    (&member.credential).into(),
+                ],
+            )],
+            activity,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Deletes one pool member; `NotFound` when there is none.
+    pub async fn delete_member(
+        &self,
+        pool_id: &str,
+        id: &str,
+        activity: NewActivity<'_>,
+    ) -> Result<(), PortalError> {
+        let affected = self
+            .write(
+                &[Statement::new(
+                    "DELETE FROM pool_members WHERE pool_id = $1 AND id = $2",
+                    vec![pool_id.into(), id.into()],
+                )],
+                activity,
+            )
+            .await?;
+        if affected.first().copied().unwrap_or(0) == 0 {
+            return Err(PortalError::NotFound(format!(
+                "member {id} of pool {pool_id}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Replaces every access rule, pool and member with the given ones (a rollback), and writes
+    /// the activity entry, in one transaction.
+    pub async fn restore_rules_and_pools(
+        &self,
+        rules: &[AccessRuleRow],
+        pools: &[PoolRow],
+        members: &[MemberRow],
+        activity: NewActivity<'_>,
+    ) -> Result<(), PortalError> {
+        const RULE: &str = "INSERT INTO access_rules (id, grantee_kind, grantee_id, grantee_display_name, deployments, operations, resources, created_at, updated_at, requests_per_minute, tokens_per_minute, quota_tokens, quota_period) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9, $10, $11, $12)";
+        const POOL: &str = "INSERT INTO backend_pools (id, deployments, serves_resources, created_at, updated_at) VALUES ($1, $2, $3, $4, $4)";
+        const MEMBER: &str = "INSERT INTO pool_members (pool_id, id, kind, endpoint, deployment, api_version, priority, weight, credential) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+        let now = OffsetDateTime::now_utc();
+        let mut statements = vec![
+            Statement::new("DELETE FROM access_rules", vec![]),
+            Statement::new("DELETE FROM pool_members", vec![]),
+            Statement::new("DELETE FROM backend_pools", vec![]),
+        ];
+        statements.extend(rules.iter().map(|rule| {
+            Statement::new(
+                RULE,
+                vec![
+                    (&rule.id).into(),
+                    (&rule.grantee_kind).into(),
+                    (&rule.grantee_id).into(),
+                    (&rule.grantee_display_name).into(),
+                    (&rule.deployments).into(),
+                    (&rule.operations).into(),
+                    rule.resources.into(),
+                    now.into(),
+                    rule.requests_per_minute.into(),
+                    rule.tokens_per_minute.into(),
+                    rule.quota_tokens.into(),
+                    (&rule.quota_period).into(),
+                ],
+            )
+        }));
+        statements.extend(pools.iter().map(|pool| {
+            Statement::new(
+                POOL,
+                vec![
+                    (&pool.id).into(),
+                    (&pool.deployments).into(),
+                    pool.serves_resources.into(),
+                    now.into(),
+                ],
+            )
+        }));
+        statements.extend(members.iter().map(|member| {
+            Statement::new(
+                MEMBER,
+                vec![
+                    (&member.pool_id).into(),
+                    (&member.id).into(),
+                    (&member.kind).into(),
+                    (&member.endpoint).into(),
+                    (&member.deployment).into(),
+                    (&member.api_version).into(),
+                    member.priority.into(),
+                    member.weight.into(),
+                    (&member.credential).into(),
+                ],
+            )
+        }));
+        self.write(&statements, activity).await?;
+        Ok(())
+    }
+
+    /// One stored snapshot version, with its JSON.
+    pub async fn snapshot(&self, version: i64) -> Result<Option<SnapshotVersionRow>, PortalError> {
+        const SQL: &str = "SELECT version, snapshot, created_at, created_by FROM snapshot_versions WHERE version = $1";
+        Ok(on_pool!(self, |pool| sqlx::query_as(SQL)
+            .bind(version)
+            .fetch_optional(pool)
+            .await?))
+    }
+}

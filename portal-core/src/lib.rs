@@ -6,12 +6,16 @@
 
 pub mod db;
 pub mod error;
+pub mod health;
 pub mod insights;
 pub mod ops;
+pub mod pools;
 pub mod push;
+pub mod rules;
 pub mod secret;
 pub mod snapshot;
 pub mod user;
+pub mod versions;
 
 pub use db::ConfigDb;
 pub use error::PortalError;

@@ -22,6 +22,9 @@ pub struct PortalSettings {
     pub dev_sign_in: bool,
     /// Sessions older than this are ended, however active.
     pub session_absolute: time::Duration,
+    /// How long the previous key stays valid after a rotation; `None`: until *Retire previous
+    /// key*.
+    pub rotation_overlap: Option<time::Duration>,
 }
 
 /// The portal's state: database, publisher and settings.
@@ -83,8 +86,8 @@ pub struct Overview {
     pub current_version: Option<i64>,
 }
 
-/// A subscription id: 1–64 of letters, digits, `.`, `_`, `-`.
-fn valid_id(field: &'static str, id: &str) -> Result<(), PortalError> {
+/// An id: 1–64 of letters, digits, `.`, `_`, `-`.
+pub(crate) fn valid_id(field: &'static str, id: &str) -> Result<(), PortalError> {
     let ok = !id.is_empty()
         && id.len() <= 64
         && id
@@ -115,7 +118,7 @@ fn expiry(text: &str) -> Result<Option<OffsetDateTime>, PortalError> {
     Ok(Some(at))
 }
 
-fn json_of<T: Serialize>(value: &T) -> Option<String> {
+pub(crate) fn json_of<T: Serialize>(value: &T) -> Option<String> {
     serde_json::to_string(value).ok()
 }
 
@@ -176,6 +179,7 @@ impl Portal {
             product,
             primary_key_hash: hash_key(&key).to_string(),
             secondary_key_hash: None,
+            secondary_expires_at: None,
             state: "active".to_owned(),
             expires_at,
             created_at: now,
@@ -242,11 +246,16 @@ impl Portal {
         let user = require(user, &[Role::Admin])?;
         let key = generate_key();
         let hash = hash_key(&key).to_string();
+        let overlap_end = self
+            .settings
+            .rotation_overlap
+            .map(|overlap| OffsetDateTime::now_utc() + overlap);
         self.change_subscription(user, id, "subscription.rotate", |row| {
             if row.state == "revoked" {
                 return Err(PortalError::invalid("id", "the subscription is revoked"));
             }
             row.secondary_key_hash = Some(std::mem::replace(&mut row.primary_key_hash, hash));
+            row.secondary_expires_at = overlap_end;
             Ok(())
         })
         .await?;
@@ -265,9 +274,47 @@ impl Portal {
         let user = require(user, &[Role::Admin])?;
         self.change_subscription(user, id, "subscription.retire_secondary", |row| {
             row.secondary_key_hash = None;
+            row.secondary_expires_at = None;
             Ok(())
         })
         .await
+    }
+
+    /// Retires every previous key whose rotation overlap has ended, each with an activity entry
+    /// by the portal itself, and publishes when any was: the periodic task calls it. Returns how
+    /// many were retired.
+    pub async fn retire_ended_overlaps(&self) -> Result<usize, PortalError> {
+        const ACTOR: &str = "portal (rotation overlap ended)";
+        let now = OffsetDateTime::now_utc();
+        let mut retired = 0;
+        for before in self.db.subscriptions().await? {
+            let ended = before.secondary_key_hash.is_some()
+                && before.secondary_expires_at.is_some_and(|end| end <= now);
+            if !ended {
+                continue;
+            }
+            let mut after = before.clone();
+            after.secondary_key_hash = None;
+            after.secondary_expires_at = None;
+            after.updated_at = now;
+            self.db
+                .update_subscription(
+                    &after,
+                    NewActivity {
+                        actor: ACTOR,
+                        action: "subscription.retire_secondary",
+                        target: &after.id,
+                        before: json_of(&before),
+                        after: json_of(&after),
+                    },
+                )
+                .await?;
+            retired += 1;
+        }
+        if retired > 0 {
+            self.publisher.publish(ACTOR).await?;
+        }
+        Ok(retired)
     }
 
     /// Revokes a subscription: its keys are refused from the next snapshot on: Admin.

@@ -106,15 +106,13 @@ impl Publisher {
         Ok(outcomes)
     }
 
+    /// The HTTP client the publisher talks to gateways with.
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
     async fn push_to(&self, gateway: &GatewayRow, snapshot_json: &str) -> Result<(), String> {
-        let reference = SecretRef::try_from(gateway.admin_token_ref.clone())
-            .map_err(|error| format!("admin token reference: {error}"))?;
-        let token = secret::resolve(&reference).await?;
-        let mut url = Url::parse(&gateway.url).map_err(|error| format!("gateway URL: {error}"))?;
-        url.path_segments_mut()
-            .map_err(|()| "gateway URL cannot have a path".to_owned())?
-            .pop_if_empty()
-            .extend(CONFIG_PATH_SEGMENTS);
+        let (url, token) = admin_endpoint(gateway, &CONFIG_PATH_SEGMENTS).await?;
         let response = self
             .http
             .put(url)
@@ -148,7 +146,25 @@ impl Publisher {
     }
 }
 
-fn without_url(error: &reqwest::Error) -> String {
+/// The URL of one of a gateway's admin endpoints (path segments under its base URL) and its
+/// admin token, read from the token's secret reference.
+pub async fn admin_endpoint(
+    gateway: &GatewayRow,
+    segments: &[&str],
+) -> Result<(Url, String), String> {
+    let reference = SecretRef::try_from(gateway.admin_token_ref.clone())
+        .map_err(|_| "the admin token reference is not a secret reference".to_owned())?;
+    let token = secret::resolve(&reference).await?;
+    let mut url = Url::parse(&gateway.url).map_err(|error| format!("gateway URL: {error}"))?;
+    url.path_segments_mut()
+        .map_err(|()| "gateway URL cannot have a path".to_owned())?
+        .pop_if_empty()
+        .extend(segments);
+    Ok((url, token))
+}
+
+/// A reqwest error without the URL it names (the page shows the URL beside it already).
+pub fn without_url(error: &reqwest::Error) -> String {
     // The URL is shown beside the error already; reqwest's message repeats it.
     let mut text = error.to_string();
     if let Some(url) = error.url() {

@@ -1,21 +1,30 @@
 //! Building the gateway's [`ConfigSnapshot`] from the config database.
 //!
-//! Everything the portal manages (subscriptions, access rules, pools) comes from its tables; the
-//! rest of the snapshot (trusted proxies, identity policy, capture, limits) from the
-//! `snapshot.base` setting, a snapshot-shaped JSON object an operator sets once.
+//! Everything the portal manages (subscriptions, access rules and their limits, pools) comes from
+//! its tables; the rest of the snapshot (trusted proxies, identity policy, capture, limits of its
+//! own) from the `snapshot.base` setting, a snapshot-shaped JSON object an operator sets once.
+//!
+//! An access rule's limits travel as a [`LimitRule`] with the id `rule:{rule id}` on the rule's
+//! grantee and deployments. A pool without members is not sent (a gateway refuses one). A
+//! secondary key whose rotation overlap has ended is not sent either.
 
 use gatehouse_schema::ConfigSnapshot;
 use gatehouse_schema::config::{
     BackendCredential, BackendPool, KeyHash, PoolMember, Subscription, SubscriptionState,
 };
 use gatehouse_schema::identity::{AccessRule, Grantee};
+use gatehouse_schema::limits::{LimitRule, LimitSubjectRule, QuotaPeriod, TokenQuota};
 use serde_json::json;
+use time::OffsetDateTime;
 
 use crate::db::{AccessRuleRow, ConfigDb, MemberRow, PoolRow, SubscriptionRow};
 use crate::error::PortalError;
 
 /// The setting holding the base of every snapshot.
 pub const BASE_SETTING: &str = "snapshot.base";
+
+/// The prefix of the ids of limit rules that come from access rules.
+pub const RULE_LIMIT_PREFIX: &str = "rule:";
 
 /// Builds the snapshot the database describes, numbered `version`.
 pub async fn build(db: &ConfigDb, version: u64) -> Result<ConfigSnapshot, PortalError> {
@@ -26,28 +35,77 @@ pub async fn build(db: &ConfigDb, version: u64) -> Result<ConfigSnapshot, Portal
             .map_err(|error| PortalError::Corrupt(format!("default snapshot: {error}")))?,
     };
     snapshot.version = version;
+    let now = OffsetDateTime::now_utc();
     snapshot.subscriptions = db
         .subscriptions()
         .await?
         .iter()
-        .map(subscription)
+        .map(|row| subscription_at(row, now))
         .collect::<Result<_, _>>()?;
+    let rules = db.access_rules().await?;
     // Deny by default: the portal always sends its rules, even none.
-    snapshot.access_rules = Some(
-        db.access_rules()
-            .await?
-            .iter()
-            .map(access_rule)
-            .collect::<Result<_, _>>()?,
-    );
+    snapshot.access_rules = Some(rules.iter().map(access_rule).collect::<Result<_, _>>()?);
+    for rule in &rules {
+        if let Some(limit) = rule_limit(rule)? {
+            snapshot.limits.push(limit);
+        }
+    }
     let members = db.members().await?;
     snapshot.pools = db
         .pools()
         .await?
         .iter()
+        .filter(|pool| members.iter().any(|member| member.pool_id == pool.id))
         .map(|pool| backend_pool(pool, &members))
         .collect::<Result<_, _>>()?;
     Ok(snapshot)
+}
+
+/// The limit rule an access rule's limits become, if it has any.
+pub fn rule_limit(row: &AccessRuleRow) -> Result<Option<LimitRule>, PortalError> {
+    let positive = |what: &str, value: Option<i64>| -> Result<Option<u64>, PortalError> {
+        value
+            .map(|v| u64::try_from(v).map_err(|error| corrupt(what, error)))
+            .transpose()
+    };
+    let requests_per_minute = positive("rule requests per minute", row.requests_per_minute)?;
+    let tokens_per_minute = positive("rule tokens per minute", row.tokens_per_minute)?;
+    let token_quota = match (positive("rule quota", row.quota_tokens)?, &row.quota_period) {
+        (Some(tokens), Some(period)) => Some(TokenQuota {
+            tokens,
+            period: quota_period(period)?,
+        }),
+        _ => None,
+    };
+    if requests_per_minute.is_none() && tokens_per_minute.is_none() && token_quota.is_none() {
+        return Ok(None);
+    }
+    let subject = match row.grantee_kind.as_str() {
+        "group" => LimitSubjectRule::Group {
+            id: row.grantee_id.clone(),
+        },
+        "subscription" => LimitSubjectRule::Subscription {
+            id: row.grantee_id.clone(),
+        },
+        "user" => LimitSubjectRule::User {
+            id: row.grantee_id.clone(),
+        },
+        other => return Err(corrupt("limited grantee kind", other)),
+    };
+    Ok(Some(LimitRule {
+        id: format!("{RULE_LIMIT_PREFIX}{}", row.id),
+        subject,
+        deployments: string_list("rule deployments", &row.deployments)?,
+        each_deployment: false,
+        requests_per_minute,
+        tokens_per_minute,
+        token_quota,
+    }))
+}
+
+/// A quota period named in a row or a form.
+pub fn quota_period(text: &str) -> Result<QuotaPeriod, PortalError> {
+    serde_json::from_value(json!(text)).map_err(|error| corrupt("quota period", error))
 }
 
 fn corrupt(what: &str, error: impl std::fmt::Display) -> PortalError {
@@ -60,6 +118,16 @@ fn key_hash(text: &str) -> Result<KeyHash, PortalError> {
 
 /// The snapshot form of a subscription row.
 pub fn subscription(row: &SubscriptionRow) -> Result<Subscription, PortalError> {
+    subscription_at(row, OffsetDateTime::now_utc())
+}
+
+/// The snapshot form of a subscription row at `now`: a secondary key whose overlap has ended
+/// is left out.
+pub fn subscription_at(
+    row: &SubscriptionRow,
+    now: OffsetDateTime,
+) -> Result<Subscription, PortalError> {
+    let overlap_over = row.secondary_expires_at.is_some_and(|end| end <= now);
     Ok(Subscription {
         id: row.id.clone(),
         display_name: row.display_name.clone(),
@@ -68,6 +136,7 @@ pub fn subscription(row: &SubscriptionRow) -> Result<Subscription, PortalError> 
         secondary_key_hash: row
             .secondary_key_hash
             .as_deref()
+            .filter(|_| !overlap_over)
             .map(key_hash)
             .transpose()?,
         state: state(&row.state)?,

@@ -33,6 +33,7 @@ async fn round_trip(db: &ConfigDb) {
         product: Some("research".into()),
         primary_key_hash: hash_key("ghk_a").to_string(),
         secondary_key_hash: None,
+        secondary_expires_at: None,
         state: "active".into(),
         expires_at: Some(now + Duration::days(30)),
         created_at: now,
@@ -66,6 +67,7 @@ async fn round_trip(db: &ConfigDb) {
             deployments: "[\"gpt-4o*\"]".into(),
             operations: "[]".into(),
             resources: false,
+            ..Default::default()
         },
         activity("rule.create", "r1"),
     )

@@ -153,6 +153,7 @@ async fn seed_pool_and_rule(db: &ConfigDb, simulator: &RunningSimulator, subscri
             deployments: "[\"gpt-4o\"]".into(),
             operations: "[]".into(),
             resources: false,
+            ..Default::default()
         },
         activity("rule.create"),
     )

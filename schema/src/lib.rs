@@ -4,6 +4,7 @@
 //! the portal speak to each other only through these types and HTTP.
 
 pub mod audit;
+pub mod backends;
 pub mod config;
 pub mod identity;
 #[cfg(feature = "keys")]

@@ -25,6 +25,7 @@ use gatehouse_portal_core::{ConfigDb, Portal};
 use leptos::config::LeptosOptions;
 use leptos_axum::{LeptosRoutes, generate_route_list};
 use tower_sessions::cookie::SameSite;
+use tower_sessions::session_store::ExpiredDeletion;
 use tower_sessions::{Expiry, SessionManagerLayer, SessionStore};
 use tower_sessions_sqlx_store::{PostgresStore, SqliteStore};
 use url::Url;
@@ -55,6 +56,9 @@ pub struct Settings {
     pub session_absolute: Duration,
     /// How often gateways that lag are offered the current version again.
     pub push_retry: Duration,
+    /// How long the previous key of a rotated subscription stays valid; `None`: until an admin
+    /// retires it.
+    pub rotation_overlap: Option<Duration>,
     /// Gateways to register at start (id, URL, admin-token secret reference).
     pub gateways: Vec<(String, String, String)>,
     /// Leptos' site settings (output name, site root, package directory).
@@ -72,6 +76,8 @@ pub struct PortalServer {
     pub portal: Portal,
     /// The dashboards' operations (source, prices, alerts).
     pub insights: gatehouse_portal_core::insights::Insights,
+    /// The session store, for the expired-session cleanup.
+    pub session_cleanup: SessionCleanup,
 }
 
 /// Opens the database (migrating it), discovers the OIDC issuer, and builds the router.
@@ -93,6 +99,11 @@ pub async fn build(settings: Settings) -> anyhow::Result<PortalServer> {
             dev_sign_in: settings.dev_sign_in,
             session_absolute: time::Duration::try_from(settings.session_absolute)
                 .context("session absolute timeout")?,
+            rotation_overlap: settings
+                .rotation_overlap
+                .map(time::Duration::try_from)
+                .transpose()
+                .context("rotation overlap")?,
         },
     };
     for (id, url, token_ref) in &settings.gateways {
@@ -151,16 +162,22 @@ pub async fn build(settings: Settings) -> anyhow::Result<PortalServer> {
         .layer(Extension(insights.clone()))
         .layer(Extension(auth));
     let secure = settings.public_url.scheme() == "https";
-    let app = match &db.engine {
+    let (app, session_cleanup) = match &db.engine {
         Engine::Sqlite(pool) => {
             let store = SqliteStore::new(pool.clone());
             store.migrate().await.context("session table")?;
-            with_sessions(app, store, &settings, secure)
+            (
+                with_sessions(app, store.clone(), &settings, secure),
+                SessionCleanup::Sqlite(store),
+            )
         }
         Engine::Postgres(pool) => {
             let store = PostgresStore::new(pool.clone());
             store.migrate().await.context("session table")?;
-            with_sessions(app, store, &settings, secure)
+            (
+                with_sessions(app, store.clone(), &settings, secure),
+                SessionCleanup::Postgres(store),
+            )
         }
     };
     let app = security::layers(app, &settings.public_url);
@@ -168,6 +185,54 @@ pub async fn build(settings: Settings) -> anyhow::Result<PortalServer> {
         router: app,
         portal,
         insights,
+        session_cleanup,
+    })
+}
+
+/// The session store, kept to delete expired sessions from it.
+#[derive(Debug, Clone)]
+pub enum SessionCleanup {
+    /// Sessions in SQLite.
+    Sqlite(SqliteStore),
+    /// Sessions in PostgreSQL.
+    Postgres(PostgresStore),
+}
+
+impl SessionCleanup {
+    /// Deletes expired sessions now, then every `every` (the store's own deletion task).
+    pub fn spawn(self, every: Duration) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let result = match self {
+                SessionCleanup::Sqlite(store) => store.continuously_delete_expired(every).await,
+                SessionCleanup::Postgres(store) => store.continuously_delete_expired(every).await,
+            };
+            if let Err(error) = result {
+                tracing::error!(%error, "expired-session cleanup stopped");
+            }
+        })
+    }
+}
+
+/// How often the portal looks for rotation overlaps that have ended.
+const OVERLAP_CHECK: Duration = Duration::from_secs(60);
+/// How often expired sessions are deleted.
+const SESSION_CLEANUP: Duration = Duration::from_secs(600);
+
+/// Every `every`, retires the previous keys whose rotation overlap has ended (and publishes).
+pub fn spawn_overlap_retirement(portal: Portal, every: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            match portal.retire_ended_overlaps().await {
+                Ok(0) => {}
+                Ok(retired) => {
+                    tracing::info!(retired, "previous keys retired at the end of their overlap")
+                }
+                Err(error) => tracing::warn!(%error, "could not retire ended rotation overlaps"),
+            }
+        }
     })
 }
 
@@ -197,6 +262,8 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         .insights
         .alerter()
         .map(|alerter| Arc::clone(alerter).spawn(Duration::from_secs(60)));
+    let _overlaps = spawn_overlap_retirement(server.portal.clone(), OVERLAP_CHECK);
+    let _sessions = server.session_cleanup.clone().spawn(SESSION_CLEANUP);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("listening on {listen}"))?;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use gatehouse_portal::dashboards::InsightsSettings;
-use gatehouse_portal::oidc::OidcSettings;
+use gatehouse_portal::oidc::{ClientCertificate, OidcSettings};
 use gatehouse_portal::{Settings, serve};
 use gatehouse_portal_core::insights::alerts::parse_rules;
 use gatehouse_portal_core::insights::log_analytics::{ClientCredentials, LogAnalyticsSettings};
@@ -46,6 +46,14 @@ struct Args {
     /// Secret reference (env:NAME or file:PATH) of the client secret.
     #[arg(long, env = "GATEHOUSE_PORTAL_OIDC_CLIENT_SECRET")]
     oidc_client_secret: Option<String>,
+    /// Secret reference (env:NAME or file:PATH) of a PEM with the client certificate and its RSA
+    /// private key: the portal then authenticates with a signed client assertion, not a secret.
+    #[arg(
+        long,
+        env = "GATEHOUSE_PORTAL_OIDC_CLIENT_CERTIFICATE",
+        conflicts_with = "oidc_client_secret"
+    )]
+    oidc_client_certificate: Option<String>,
     /// Group→role mapping, `GROUP_OBJECT_ID=Role` separated by commas.
     #[arg(long, env = "GATEHOUSE_PORTAL_GROUP_ROLES", default_value = "")]
     group_roles: String,
@@ -73,6 +81,13 @@ struct Args {
         default_value_t = 10
     )]
     push_retry_seconds: u64,
+    /// Hours the previous key stays valid after a key rotation; 0: until an admin retires it.
+    #[arg(
+        long,
+        env = "GATEHOUSE_PORTAL_ROTATION_OVERLAP_HOURS",
+        default_value_t = 24
+    )]
+    rotation_overlap_hours: u64,
     /// Register a gateway at start: `ID=URL=SECRET_REF` (repeatable).
     #[arg(long = "gateway")]
     gateways: Vec<String>,
@@ -206,10 +221,25 @@ async fn oidc(args: &Args) -> anyhow::Result<Option<OidcSettings>> {
         }
         None => None,
     };
+    let client_certificate = match &args.oidc_client_certificate {
+        Some(reference) => {
+            let reference = SecretRef::try_from(reference.clone())
+                .map_err(|error| anyhow::anyhow!("--oidc-client-certificate: {error}"))?;
+            let pem = gatehouse_portal_core::secret::resolve(&reference)
+                .await
+                .map_err(|error| anyhow::anyhow!("--oidc-client-certificate: {error}"))?;
+            Some(
+                ClientCertificate::from_pem(&pem)
+                    .map_err(|error| anyhow::anyhow!("--oidc-client-certificate: {error}"))?,
+            )
+        }
+        None => None,
+    };
     Ok(Some(OidcSettings {
         issuer: issuer.clone(),
         client_id: client_id.clone(),
         client_secret,
+        client_certificate,
         group_roles: group_roles(&args.group_roles)?,
         clock_skew: Duration::from_secs(60),
     }))
@@ -247,6 +277,8 @@ async fn main() -> anyhow::Result<()> {
         session_idle: Duration::from_secs(args.session_idle_minutes * 60),
         session_absolute: Duration::from_secs(args.session_absolute_hours * 3600),
         push_retry: Duration::from_secs(args.push_retry_seconds.max(1)),
+        rotation_overlap: (args.rotation_overlap_hours > 0)
+            .then(|| Duration::from_secs(args.rotation_overlap_hours * 3600)),
         gateways: args
             .gateways
             .iter()

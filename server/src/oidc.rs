@@ -4,13 +4,21 @@
 //!
 //! Works with Microsoft Entra ID (issuer `https://login.microsoftonline.com/{tenant}/v2.0`) and
 //! any standard issuer that publishes `/.well-known/openid-configuration`.
+//!
+//! The portal authenticates to the token endpoint with a client secret (HTTP Basic) or, instead,
+//! with a certificate: a `private_key_jwt` client assertion as Entra ID accepts it ("Microsoft
+//! identity platform application authentication certificate credentials"): a JWT with header
+//! `alg` RS256, `typ` JWT and `x5t#S256` (base64url SHA-256 thumbprint of the certificate's DER),
+//! claims `aud` = the token endpoint, `iss` = `sub` = the client id, a unique `jti`, `nbf`, `iat`
+//! and `exp`, sent as `client_assertion` with `client_assertion_type`
+//! `urn:ietf:params:oauth:client-assertion-type:jwt-bearer`.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use gatehouse_portal_core::SessionUser;
 use gatehouse_schema::portal::Role;
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use oauth2::basic::{
     BasicErrorResponse, BasicRevocationErrorResponse, BasicTokenIntrospectionResponse,
     BasicTokenType,
@@ -33,12 +41,84 @@ pub struct OidcSettings {
     pub issuer: Url,
     /// The portal's client (application) id; the ID token's audience.
     pub client_id: String,
-    /// The client secret, already read from its secret reference; `None` for a public client.
+    /// The client secret, already read from its secret reference; `None` for a public client
+    /// or one that authenticates with a certificate.
     pub client_secret: Option<String>,
+    /// The certificate the portal signs client assertions with, instead of a secret.
+    pub client_certificate: Option<ClientCertificate>,
     /// Group object id → portal role, for issuers without app roles.
     pub group_roles: HashMap<String, Role>,
     /// Allowed clock difference for `exp`, `nbf` and `iat`.
     pub clock_skew: Duration,
+}
+
+/// The `client_assertion_type` of a JWT client assertion.
+pub const CLIENT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+/// How long a client assertion is valid.
+const ASSERTION_LIFETIME_SECONDS: i64 = 300;
+
+/// A certificate and its RSA private key, for `private_key_jwt` client authentication. Its
+/// `Debug` shows the thumbprint only.
+#[derive(Clone)]
+pub struct ClientCertificate {
+    thumbprint_sha256: String,
+    key: EncodingKey,
+}
+
+impl std::fmt::Debug for ClientCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientCertificate")
+            .field("x5t#S256", &self.thumbprint_sha256)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientCertificate {
+    /// Reads a PEM holding a `CERTIFICATE` block and its unencrypted RSA private key (`PRIVATE
+    /// KEY` or `RSA PRIVATE KEY`). The error never quotes the PEM.
+    pub fn from_pem(text: &str) -> Result<ClientCertificate, String> {
+        let blocks = pem::parse_many(text.as_bytes())
+            .map_err(|_| "the certificate is not PEM".to_owned())?;
+        let certificate = blocks
+            .iter()
+            .find(|block| block.tag() == "CERTIFICATE")
+            .ok_or_else(|| "the PEM holds no CERTIFICATE block".to_owned())?;
+        let key = blocks
+            .iter()
+            .find(|block| matches!(block.tag(), "PRIVATE KEY" | "RSA PRIVATE KEY"))
+            .ok_or_else(|| {
+                "the PEM holds no unencrypted PRIVATE KEY or RSA PRIVATE KEY block".to_owned()
+            })?;
+        let key = EncodingKey::from_rsa_pem(pem::encode(key).as_bytes())
+            .map_err(|_| "the private key is not an RSA key".to_owned())?;
+        use base64::Engine;
+        use sha2::Digest;
+        Ok(ClientCertificate {
+            thumbprint_sha256: base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(sha2::Sha256::digest(certificate.contents())),
+            key,
+        })
+    }
+
+    /// A signed client assertion for `token_url`.
+    fn assertion(&self, token_url: &Url, client_id: &str) -> Result<String, SignInError> {
+        let mut header = Header::new(Algorithm::RS256);
+        header.typ = Some("JWT".to_owned());
+        header.x5t_s256 = Some(self.thumbprint_sha256.clone());
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let claims = serde_json::json!({
+            "aud": token_url.as_str(),
+            "iss": client_id,
+            "sub": client_id,
+            "jti": random_token(),
+            "nbf": now,
+            "iat": now,
+            "exp": now + ASSERTION_LIFETIME_SECONDS,
+        });
+        jsonwebtoken::encode(&header, &claims, &self.key)
+            .map_err(|_| SignInError::Exchange("signing the client assertion failed".to_owned()))
+    }
 }
 
 /// Why a sign-in failed. Shown to the user only as a generic message; logged in full.
@@ -154,6 +234,7 @@ pub struct Oidc {
     settings: OidcSettings,
     issuer: String,
     jwks_uri: Url,
+    token_url: Url,
     client: OidcClient,
     http: reqwest::Client,
     keys: RwLock<KeyCache>,
@@ -205,6 +286,12 @@ impl Oidc {
                 discovery.issuer, settings.issuer
             )));
         }
+        if settings.client_secret.is_some() && settings.client_certificate.is_some() {
+            return Err(SignInError::Provider(
+                "configure a client secret or a client certificate, not both".to_owned(),
+            ));
+        }
+        let token_url = discovery.token_endpoint.clone();
         let mut client = oauth2::Client::new(ClientId::new(settings.client_id.clone()))
             .set_auth_uri(AuthUrl::from_url(discovery.authorization_endpoint))
             .set_token_uri(TokenUrl::from_url(discovery.token_endpoint))
@@ -215,6 +302,7 @@ impl Oidc {
         Ok(Oidc {
             issuer: discovery.issuer,
             jwks_uri: discovery.jwks_uri,
+            token_url,
             client,
             http,
             keys: RwLock::new(KeyCache {
@@ -260,10 +348,17 @@ impl Oidc {
         if !state_matches {
             return Err(SignInError::State);
         }
-        let response = self
+        let mut request = self
             .client
             .exchange_code(AuthorizationCode::new(code.to_owned()))
-            .set_pkce_verifier(PkceCodeVerifier::new(pending.pkce_verifier.clone()))
+            .set_pkce_verifier(PkceCodeVerifier::new(pending.pkce_verifier.clone()));
+        if let Some(certificate) = &self.settings.client_certificate {
+            let assertion = certificate.assertion(&self.token_url, &self.settings.client_id)?;
+            request = request
+                .add_extra_param("client_assertion_type", CLIENT_ASSERTION_TYPE)
+                .add_extra_param("client_assertion", assertion);
+        }
+        let response = request
             .request_async(&self.http)
             .await
             .map_err(|error| SignInError::Exchange(error.to_string()))?;

@@ -52,6 +52,60 @@ fn matrix() -> Vec<Case> {
         ),
         ("list_gateways", vec![], ADMIN),
         ("push_now", vec![], ADMIN),
+        (
+            "create_access_rule",
+            vec![
+                ("id", "team-a-gpt"),
+                ("grantee_kind", "subscription"),
+                ("grantee_id", "team-a"),
+                ("deployments", "gpt-4o"),
+            ],
+            ADMIN,
+        ),
+        (
+            "update_access_rule",
+            vec![
+                ("id", "team-a-gpt"),
+                ("grantee_kind", "subscription"),
+                ("grantee_id", "team-a"),
+                ("deployments", "gpt-4o, gpt-4o-mini"),
+                ("tokens_per_minute", "1000"),
+            ],
+            ADMIN,
+        ),
+        ("list_access_rules", vec![], ADMIN),
+        ("delete_access_rule", vec![("id", "team-a-gpt")], ADMIN),
+        (
+            "create_pool",
+            vec![("id", "main"), ("deployments", "gpt-4o")],
+            ADMIN,
+        ),
+        (
+            "update_pool",
+            vec![("id", "main"), ("deployments", "gpt-4o, gpt-4o-mini")],
+            ADMIN,
+        ),
+        (
+            "save_member",
+            vec![
+                ("pool_id", "main"),
+                ("id", "east"),
+                ("kind", "azure_openai"),
+                ("endpoint", "http://127.0.0.1:9"),
+                ("api_key_ref", "env:GATEHOUSE_PORTAL_TEST_EAST_KEY"),
+            ],
+            ADMIN,
+        ),
+        ("list_pools", vec![], ADMIN),
+        (
+            "delete_member",
+            vec![("pool_id", "main"), ("id", "east")],
+            ADMIN,
+        ),
+        ("delete_pool", vec![("id", "main")], ADMIN),
+        ("list_versions", vec![], ADMIN),
+        ("version_diff", vec![("from", "1"), ("to", "2")], ADMIN),
+        ("rollback", vec![("version", "1")], ADMIN),
         ("list_activity", vec![], &["Admin", "Auditor"]),
         (
             "dashboard_overview",
@@ -153,6 +207,15 @@ async fn every_server_function_checks_the_role_on_the_server() {
             "subscription.retire_secondary",
             "subscription.revoke",
             "gateway.register",
+            "access_rule.create",
+            "access_rule.update",
+            "access_rule.delete",
+            "pool.create",
+            "pool.update",
+            "member.create",
+            "member.delete",
+            "pool.delete",
+            "config.rollback",
         ]
     );
     assert!(log.iter().all(|e| e.actor == "dev Admin (dev sign-in)"));
@@ -297,4 +360,63 @@ async fn the_dev_sign_in_does_not_exist_unless_enabled_and_never_off_loopback() 
     let settings = common::settings(&dir, "0.0.0.0:3000".parse().unwrap(), None);
     let error = gatehouse_portal::build(settings).await.unwrap_err();
     assert!(error.to_string().contains("loopback"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_form_shows_its_error_beside_the_field_without_javascript() {
+    let portal = start(None).await;
+    let mut browser = browser_for(&portal, Some("Admin")).await;
+    // A plain form post, as a browser sends it before the app hydrates.
+    let response = browser
+        .client
+        .post(format!("{}/api/create_access_rule", portal.url))
+        .header("origin", &portal.url)
+        .header("referer", format!("{}/access-rules", portal.url))
+        .header("accept", "text/html")
+        .header("cookie", browser.cookie.clone().unwrap())
+        .form(&[
+            ("id", "research"),
+            ("grantee_kind", "group"),
+            ("grantee_id", "<b>not-a-guid</b>"),
+            ("grantee_display_name", "Research"),
+            ("deployments", "gpt-4o"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 302, "back to the form");
+    let back = common::location(&response);
+    assert!(
+        back.starts_with(&format!("{}/access-rules?", portal.url)),
+        "{back}"
+    );
+    let page = browser.get(&back).await.text().await.unwrap();
+    let beside = page
+        .split("data-field=\"grantee_id\"")
+        .nth(1)
+        .expect("the error is beside the object id field");
+    assert!(beside.contains("an Entra object id"), "{beside}");
+    assert!(!page.contains("<b>not-a-guid</b>"));
+    assert!(
+        portal
+            .server
+            .portal
+            .db
+            .access_rules()
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // The admin pages render on the server.
+    for (path, text) in [
+        ("/access-rules", "New access rule"),
+        ("/pools", "New pool"),
+        ("/gateways", "Config versions"),
+    ] {
+        let response = browser.get(&format!("{}{path}", portal.url)).await;
+        assert_eq!(response.status(), 200, "{path}");
+        let html = response.text().await.unwrap();
+        assert!(html.contains(text), "{path}: {html}");
+    }
 }

@@ -18,7 +18,7 @@ use axum::{Json, Router};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use common::{Browser, location};
-use gatehouse_portal::oidc::OidcSettings;
+use gatehouse_portal::oidc::{ClientCertificate, OidcSettings};
 use gatehouse_schema::portal::Role;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde::Deserialize;
@@ -61,6 +61,9 @@ struct Provider {
     issuer: String,
     mode: Mutex<Mode>,
     codes: Mutex<HashMap<String, Pending>>,
+    /// When set, the client authenticates with an assertion signed by this certificate (DER)
+    /// and key (public key PEM) instead of the client secret.
+    certificate: Option<(Vec<u8>, String)>,
 }
 
 async fn discovery(State(p): State<Arc<Provider>>) -> Json<Value> {
@@ -123,6 +126,39 @@ struct TokenRequest {
     code: String,
     redirect_uri: String,
     code_verifier: String,
+    #[serde(default)]
+    client_id: Option<String>,
+    #[serde(default)]
+    client_assertion_type: Option<String>,
+    #[serde(default)]
+    client_assertion: Option<String>,
+}
+
+/// Checks a `private_key_jwt` client assertion as Entra ID does: type, `x5t#S256` of the
+/// registered certificate, signature, audience (the token endpoint), issuer and subject.
+fn assertion_is_valid(p: &Provider, form: &TokenRequest, der: &[u8], public_pem: &str) -> bool {
+    if form.client_assertion_type.as_deref()
+        != Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+        || form.client_id.as_deref() != Some(CLIENT_ID)
+    {
+        return false;
+    }
+    let Some(assertion) = &form.client_assertion else {
+        return false;
+    };
+    let Ok(header) = jsonwebtoken::decode_header(assertion) else {
+        return false;
+    };
+    if header.x5t_s256.as_deref() != Some(URL_SAFE_NO_PAD.encode(Sha256::digest(der)).as_str()) {
+        return false;
+    }
+    let mut validation = jsonwebtoken::Validation::new(Algorithm::RS256);
+    validation.set_audience(&[format!("{}/token", p.issuer)]);
+    validation.set_issuer(&[CLIENT_ID]);
+    validation.set_required_spec_claims(&["exp", "aud", "iss", "sub"]);
+    let key = jsonwebtoken::DecodingKey::from_rsa_pem(public_pem.as_bytes()).unwrap();
+    jsonwebtoken::decode::<Value>(assertion, &key, &validation)
+        .is_ok_and(|data| data.claims["sub"] == CLIENT_ID && data.claims["jti"].is_string())
 }
 
 async fn token(
@@ -134,7 +170,13 @@ async fn token(
         "Basic {}",
         STANDARD.encode(format!("{CLIENT_ID}:{CLIENT_SECRET}"))
     );
-    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(basic.as_str()) {
+    let authenticated = match &p.certificate {
+        Some((der, public_pem)) => {
+            headers.get("authorization").is_none() && assertion_is_valid(&p, &form, der, public_pem)
+        }
+        None => headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(basic.as_str()),
+    };
+    if !authenticated {
         return (
             StatusCode::UNAUTHORIZED,
             Json(json!({"error": "invalid_client"})),
@@ -209,12 +251,17 @@ async fn token(
 }
 
 async fn provider() -> Arc<Provider> {
+    provider_with(None).await
+}
+
+async fn provider_with(certificate: Option<(Vec<u8>, String)>) -> Arc<Provider> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let issuer = format!("http://{}/tenant-1/v2.0", listener.local_addr().unwrap());
     let provider = Arc::new(Provider {
         issuer,
         mode: Mutex::new(Mode::Good),
         codes: Mutex::new(HashMap::new()),
+        certificate,
     });
     let app = Router::new()
         .route(
@@ -234,6 +281,7 @@ fn oidc(provider: &Provider) -> OidcSettings {
         issuer: Url::parse(&provider.issuer).unwrap(),
         client_id: CLIENT_ID.to_owned(),
         client_secret: Some(CLIENT_SECRET.to_owned()),
+        client_certificate: None,
         group_roles: HashMap::from([(LEADS_GROUP.to_owned(), Role::TeamLead)]),
         clock_skew: Duration::from_secs(60),
     }
@@ -377,4 +425,52 @@ async fn bad_id_tokens_and_a_forged_state_are_refused() {
     let response = browser.get(callback.as_str()).await;
     assert_eq!(response.status(), 403);
     assert_eq!(info(&mut browser, &portal).await["user"], Value::Null);
+}
+
+/// A self-signed certificate for the committed test-only RSA key: (DER, PEM of certificate and
+/// key, public key PEM).
+fn client_certificate(name: &str) -> (Vec<u8>, String, String) {
+    let key = rcgen::KeyPair::from_pem(&fixture("test-only-rsa-key.pem")).unwrap();
+    let certificate = rcgen::CertificateParams::new(vec![name.to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    (
+        certificate.der().to_vec(),
+        format!("{}{}", certificate.pem(), key.serialize_pem()),
+        key.public_key_pem(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_portal_can_authenticate_with_a_certificate_instead_of_a_secret() {
+    let (der, pem, public_pem) = client_certificate("gatehouse-portal");
+    let provider = provider_with(Some((der, public_pem))).await;
+    let mut settings = oidc(&provider);
+    settings.client_secret = None;
+    settings.client_certificate = Some(ClientCertificate::from_pem(&pem).unwrap());
+    let portal = common::start(Some(settings)).await;
+    let (mut browser, _, response) = sign_in(&portal).await;
+    assert_eq!(response.status(), 303);
+    assert_eq!(
+        info(&mut browser, &portal).await["user"]["roles"],
+        json!(["Admin"])
+    );
+
+    // The same key in another certificate has another thumbprint: the provider refuses it.
+    let (_, other_pem, _) = client_certificate("another-certificate");
+    let mut settings = oidc(&provider);
+    settings.client_secret = None;
+    settings.client_certificate = Some(ClientCertificate::from_pem(&other_pem).unwrap());
+    let portal = common::start(Some(settings)).await;
+    let (mut browser, _, response) = sign_in(&portal).await;
+    assert_eq!(response.status(), 403);
+    assert_eq!(info(&mut browser, &portal).await["user"], Value::Null);
+
+    // A PEM without a key is refused with a message that does not quote it.
+    let error = ClientCertificate::from_pem(
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap_err();
+    assert!(error.contains("no unencrypted PRIVATE KEY"), "{error}");
 }

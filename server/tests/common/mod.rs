@@ -27,6 +27,7 @@ pub fn settings(dir: &tempfile::TempDir, addr: SocketAddr, oidc: Option<OidcSett
         session_idle: Duration::from_secs(600),
         session_absolute: Duration::from_secs(3600),
         push_retry: Duration::from_secs(60),
+        rotation_overlap: None,
         gateways: Vec::new(),
         leptos: leptos::config::LeptosOptions::builder()
             .output_name(gatehouse_portal_app::OUTPUT_NAME)

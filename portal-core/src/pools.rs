@@ -1,0 +1,480 @@
+//! Backend pools and their members: create, change, delete, each checked here on the server. A
+//! member's credential is stored as a secret reference, never as the secret.
+
+use gatehouse_schema::config::{BackendCredential, SecretRef};
+use gatehouse_schema::portal::Role;
+use serde::Serialize;
+
+use crate::db::{MemberRow, NewActivity, PoolRow};
+use crate::error::PortalError;
+use crate::ops::{Portal, json_of, valid_id};
+use crate::rules::is_deployment_pattern;
+use crate::user::{SessionUser, require};
+
+/// A pool as a form sends it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct PoolInput {
+    /// Stable id.
+    pub id: String,
+    /// Deployment names clients use, separated by commas, spaces or new lines; `*` = any name no
+    /// other pool serves.
+    pub deployments: String,
+    /// Whether the pool serves calls that name no deployment (files, batches, …).
+    pub serves_resources: bool,
+}
+
+/// A pool member as a form sends it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct MemberInput {
+    /// The pool it belongs to.
+    pub pool_id: String,
+    /// Stable id, unique across pools.
+    pub id: String,
+    /// `azure_openai` or `openai`.
+    pub kind: String,
+    /// Base URL of the backend.
+    pub endpoint: String,
+    /// Deployment (or model) name on this member, or empty for the client's.
+    pub deployment: String,
+    /// `api-version` for an Azure member, or empty.
+    pub api_version: String,
+    /// Lower is tried first (0–1000).
+    pub priority: String,
+    /// Share inside its priority group (1–1000).
+    pub weight: String,
+    /// Secret reference of the member's API key (`env:NAME`, `file:PATH`, Key Vault URL), or
+    /// empty for none.
+    pub api_key_ref: String,
+}
+
+/// A pool with its members, as the pools page lists it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PoolWithMembers {
+    /// The pool.
+    pub pool: PoolRow,
+    /// Its members by priority.
+    pub members: Vec<MemberRow>,
+}
+
+fn deployments_of(text: &str) -> Vec<String> {
+    text.split(|c: char| c == ',' || c.is_whitespace())
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+fn is_deployment_name(text: &str) -> bool {
+    !text.contains('*') && is_deployment_pattern(text)
+}
+
+fn number(
+    field: &'static str,
+    text: &str,
+    min: i64,
+    max: i64,
+    default: i64,
+) -> Result<i64, PortalError> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(default);
+    }
+    match text.parse::<i64>() {
+        Ok(value) if (min..=max).contains(&value) => Ok(value),
+        _ => Err(PortalError::invalid(
+            field,
+            format!("a whole number from {min} to {max}"),
+        )),
+    }
+}
+
+fn validate_pool(input: &PoolInput) -> Result<PoolRow, PortalError> {
+    let id = input.id.trim().to_owned();
+    valid_id("id", &id)?;
+    let deployments = deployments_of(&input.deployments);
+    if let Some(bad) = deployments
+        .iter()
+        .find(|d| d.as_str() != "*" && !is_deployment_name(d))
+    {
+        return Err(PortalError::invalid(
+            "deployments",
+            format!("`{bad}` is not a deployment name (letters, digits, . _ - :) or *"),
+        ));
+    }
+    if deployments.is_empty() && !input.serves_resources {
+        return Err(PortalError::invalid(
+            "deployments",
+            "name at least one deployment, or serve calls without a deployment",
+        ));
+    }
+    if deployments.len() > 100 {
+        return Err(PortalError::invalid("deployments", "at most 100 entries"));
+    }
+    Ok(PoolRow {
+        id,
+        deployments: serde_json::to_string(&deployments).unwrap_or_else(|_| "[]".to_owned()),
+        serves_resources: input.serves_resources,
+    })
+}
+
+fn validate_member(input: &MemberInput) -> Result<MemberRow, PortalError> {
+    let id = input.id.trim().to_owned();
+    valid_id("id", &id)?;
+    let kind = input.kind.trim();
+    if !matches!(kind, "azure_openai" | "openai") {
+        return Err(PortalError::invalid(
+            "kind",
+            "Azure OpenAI or OpenAI-compatible",
+        ));
+    }
+    let endpoint = url::Url::parse(input.endpoint.trim())
+        .ok()
+        .filter(|url| matches!(url.scheme(), "http" | "https") && url.has_host())
+        .ok_or_else(|| {
+            PortalError::invalid("endpoint", "an http:// or https:// URL of the backend")
+        })?;
+    if !endpoint.username().is_empty() || endpoint.password().is_some() {
+        return Err(PortalError::invalid(
+            "endpoint",
+            "no credentials in the URL: give the key as a secret reference",
+        ));
+    }
+    if endpoint.query().is_some() || endpoint.fragment().is_some() {
+        return Err(PortalError::invalid(
+            "endpoint",
+            "no query string or fragment in the URL",
+        ));
+    }
+    let deployment = Some(input.deployment.trim().to_owned()).filter(|d| !d.is_empty());
+    if deployment
+        .as_deref()
+        .is_some_and(|d| !is_deployment_name(d))
+    {
+        return Err(PortalError::invalid(
+            "deployment",
+            "a deployment name (letters, digits, . _ - :), or empty for the client's",
+        ));
+    }
+    let api_version = Some(input.api_version.trim().to_owned()).filter(|v| !v.is_empty());
+    if api_version
+        .as_deref()
+        .is_some_and(|v| v.len() > 40 || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+    {
+        return Err(PortalError::invalid(
+            "api_version",
+            "an api-version such as 2024-10-21, or empty",
+        ));
+    }
+    let priority = number("priority", &input.priority, 0, 1000, 1)?;
+    let weight = number("weight", &input.weight, 1, 1000, 1)?;
+    let reference = input.api_key_ref.trim();
+    let credential = if reference.is_empty() {
+        BackendCredential::None
+    } else {
+        // The message never repeats the input: it may be a key pasted by mistake.
+        let secret = SecretRef::try_from(reference.to_owned()).map_err(|_| {
+            PortalError::invalid(
+                "api_key_ref",
+                "a secret reference: env:NAME, file:/path or a Key Vault secret URL, never the key itself",
+            )
+        })?;
+        BackendCredential::ApiKey { secret }
+    };
+    let credential = serde_json::to_string(&credential)
+        .map_err(|error| PortalError::Corrupt(format!("credential: {error}")))?;
+    Ok(MemberRow {
+        pool_id: input.pool_id.trim().to_owned(),
+        id,
+        kind: kind.to_owned(),
+        endpoint: endpoint.to_string(),
+        deployment,
+        api_version,
+        priority,
+        weight,
+        credential,
+    })
+}
+
+impl Portal {
+    /// Every pool with its members: Admin.
+    pub async fn pools(
+        &self,
+        user: Option<&SessionUser>,
+    ) -> Result<Vec<PoolWithMembers>, PortalError> {
+        require(user, &[Role::Admin])?;
+        let members = self.db.members().await?;
+        Ok(self
+            .db
+            .pools()
+            .await?
+            .into_iter()
+            .map(|pool| PoolWithMembers {
+                members: members
+                    .iter()
+                    .filter(|m| m.pool_id == pool.id)
+                    .cloned()
+                    .collect(),
+                pool,
+            })
+            .collect())
+    }
+
+    /// Creates (`existing = false`) or changes (`existing = true`) a pool, then publishes: Admin.
+    /// A deployment may be served by one pool only, and calls without a deployment by one pool.
+    pub async fn save_pool(
+        &self,
+        user: Option<&SessionUser>,
+        input: PoolInput,
+        existing: bool,
+    ) -> Result<(), PortalError> {
+        let user = require(user, &[Role::Admin])?;
+        let row = validate_pool(&input)?;
+        let pools = self.db.pools().await?;
+        let before = pools.iter().find(|p| p.id == row.id).cloned();
+        match (&before, existing) {
+            (Some(_), false) => {
+                return Err(PortalError::invalid("id", "a pool with this id exists"));
+            }
+            (None, true) => return Err(PortalError::NotFound(format!("pool {}", row.id))),
+            _ => {}
+        }
+        let mine = deployments_of(&input.deployments);
+        for other in pools.iter().filter(|p| p.id != row.id) {
+            let theirs: Vec<String> = serde_json::from_str(&other.deployments).unwrap_or_default();
+            if let Some(shared) = mine.iter().find(|d| theirs.contains(d)) {
+                return Err(PortalError::invalid(
+                    "deployments",
+                    format!("`{shared}` is already served by pool {}", other.id),
+                ));
+            }
+            if row.serves_resources && other.serves_resources {
+                return Err(PortalError::invalid(
+                    "serves_resources",
+                    format!(
+                        "pool {} already serves calls without a deployment",
+                        other.id
+                    ),
+                ));
+            }
+        }
+        self.db
+            .upsert_pool(
+                &row,
+                NewActivity {
+                    actor: &user.actor(),
+                    action: if existing {
+                        "pool.update"
+                    } else {
+                        "pool.create"
+                    },
+                    target: &row.id,
+                    before: before.as_ref().and_then(json_of),
+                    after: json_of(&row),
+                },
+            )
+            .await?;
+        self.publisher.publish(&user.actor()).await?;
+        Ok(())
+    }
+
+    /// Deletes a pool and its members, then publishes: Admin.
+    pub async fn delete_pool(
+        &self,
+        user: Option<&SessionUser>,
+        id: &str,
+    ) -> Result<(), PortalError> {
+        let user = require(user, &[Role::Admin])?;
+        let pools = self.pools(Some(user)).await?;
+        let before = pools
+            .iter()
+            .find(|p| p.pool.id == id)
+            .ok_or_else(|| PortalError::NotFound(format!("pool {id}")))?;
+        self.db
+            .delete_pool(
+                id,
+                NewActivity {
+                    actor: &user.actor(),
+                    action: "pool.delete",
+                    target: id,
+                    before: json_of(before),
+                    after: None,
+                },
+            )
+            .await?;
+        self.publisher.publish(&user.actor()).await?;
+        Ok(())
+    }
+
+    /// Adds a member to a pool or changes one (same pool and id), then publishes: Admin.
+    pub async fn save_member(
+        &self,
+        user: Option<&SessionUser>,
+        input: MemberInput,
+    ) -> Result<(), PortalError> {
+        let user = require(user, &[Role::Admin])?;
+        let row = validate_member(&input)?;
+        if self.db.pool(&row.pool_id).await?.is_none() {
+            return Err(PortalError::NotFound(format!("pool {}", row.pool_id)));
+        }
+        let members = self.db.members().await?;
+        if let Some(other) = members
+            .iter()
+            .find(|m| m.id == row.id && m.pool_id != row.pool_id)
+        {
+            return Err(PortalError::invalid(
+                "id",
+                format!(
+                    "member ids are unique across pools; pool {} has this one",
+                    other.pool_id
+                ),
+            ));
+        }
+        let before = members
+            .iter()
+            .find(|m| m.id == row.id && m.pool_id == row.pool_id)
+            .cloned();
+        self.db
+            .upsert_member(
+                &row,
+                NewActivity {
+                    actor: &user.actor(),
+                    action: if before.is_some() {
+                        "member.update"
+                    } else {
+                        "member.create"
+                    },
+                    target: &format!("{}/{}", row.pool_id, row.id),
+                    before: before.as_ref().and_then(json_of),
+                    after: json_of(&row),
+                },
+            )
+            .await?;
+        self.publisher.publish(&user.actor()).await?;
+        Ok(())
+    }
+
+    /// Removes a member from its pool, then publishes: Admin. A pool left without members is
+    /// not sent to the gateways until it has one again.
+    pub async fn delete_member(
+        &self,
+        user: Option<&SessionUser>,
+        pool_id: &str,
+        id: &str,
+    ) -> Result<(), PortalError> {
+        let user = require(user, &[Role::Admin])?;
+        let before = self
+            .db
+            .members()
+            .await?
+            .into_iter()
+            .find(|m| m.id == id && m.pool_id == pool_id)
+            .ok_or_else(|| PortalError::NotFound(format!("member {id} of pool {pool_id}")))?;
+        self.db
+            .delete_member(
+                pool_id,
+                id,
+                NewActivity {
+                    actor: &user.actor(),
+                    action: "member.delete",
+                    target: &format!("{pool_id}/{id}"),
+                    before: json_of(&before),
+                    after: None,
+                },
+            )
+            .await?;
+        self.publisher.publish(&user.actor()).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member() -> MemberInput {
+        MemberInput {
+            pool_id: "main".into(),
+            id: "east".into(),
+            kind: "azure_openai".into(),
+            endpoint: "https://east.openai.example".into(),
+            api_key_ref: "env:EAST_KEY".into(),
+            ..MemberInput::default()
+        }
+    }
+
+    fn field(result: Result<MemberRow, PortalError>) -> &'static str {
+        match result {
+            Err(PortalError::Invalid { field, .. }) => field,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_member_keeps_only_a_secret_reference() {
+        let row = validate_member(&member()).unwrap();
+        assert_eq!(
+            row.credential,
+            r#"{"type":"api_key","secret":"env:EAST_KEY"}"#
+        );
+        assert_eq!((row.priority, row.weight), (1, 1));
+    }
+
+    #[test]
+    fn a_pasted_key_is_refused_without_being_repeated() {
+        let mut input = member();
+        input.api_key_ref = "sk-live-0123456789abcdef".into();
+        let error = validate_member(&input).unwrap_err();
+        assert!(matches!(
+            error,
+            PortalError::Invalid {
+                field: "api_key_ref",
+                ..
+            }
+        ));
+        assert!(!error.to_string().contains("0123456789abcdef"), "{error}");
+    }
+
+    #[test]
+    fn bad_member_fields_are_named() {
+        let mut input = member();
+        input.endpoint = "ftp://x".into();
+        assert_eq!(field(validate_member(&input)), "endpoint");
+        let mut input = member();
+        input.endpoint = "https://user:pw@x.example".into();
+        assert_eq!(field(validate_member(&input)), "endpoint");
+        let mut input = member();
+        input.weight = "0".into();
+        assert_eq!(field(validate_member(&input)), "weight");
+        let mut input = member();
+        input.priority = "high".into();
+        assert_eq!(field(validate_member(&input)), "priority");
+        let mut input = member();
+        input.kind = "bedrock".into();
+        assert_eq!(field(validate_member(&input)), "kind");
+        let mut input = member();
+        input.deployment = "gpt*".into();
+        assert_eq!(field(validate_member(&input)), "deployment");
+    }
+
+    #[test]
+    fn a_pool_needs_something_to_serve() {
+        let empty = validate_pool(&PoolInput {
+            id: "p".into(),
+            ..PoolInput::default()
+        });
+        assert!(matches!(
+            empty,
+            Err(PortalError::Invalid {
+                field: "deployments",
+                ..
+            })
+        ));
+        let row = validate_pool(&PoolInput {
+            id: "p".into(),
+            deployments: "gpt-4o, *".into(),
+            serves_resources: false,
+        })
+        .unwrap();
+        assert_eq!(row.deployments, r#"["gpt-4o","*"]"#);
+    }
+}

@@ -1,0 +1,515 @@
+//! The admin operations behind the access-rule, pool and gateway pages, against a real in-process
+//! gateway and simulator: rules (with limits) decide what a key may call, bad input changes
+//! nothing, pools route calls and the gateway's view of each member's health comes back, two
+//! versions can be compared and an old one rolled back to, and a rotation's overlap ends by itself.
+#![expect(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gatehouse_gateway::secret::Secret;
+use gatehouse_gateway::server::{self, Listening};
+use gatehouse_gateway::{Gateway, GatewayParts, SecretSettings};
+use gatehouse_portal_core::ops::{NewSubscription, PortalSettings};
+use gatehouse_portal_core::pools::{MemberInput, PoolInput};
+use gatehouse_portal_core::push::Publisher;
+use gatehouse_portal_core::rules::AccessRuleInput;
+use gatehouse_portal_core::{ConfigDb, Portal, PortalError, SessionUser};
+use gatehouse_schema::ConfigSnapshot;
+use gatehouse_schema::backends::MemberAvailability;
+use gatehouse_schema::portal::Role;
+use gatehouse_simulator::{RunningSimulator, Simulator, SimulatorConfig};
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+
+const ADMIN_TOKEN: &str = "portal-admin-test-token-0123456789";
+
+struct Fleet {
+    portal: Portal,
+    gateway: String,
+    simulator: RunningSimulator,
+    _listening: Listening,
+    dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+fn admin() -> SessionUser {
+    SessionUser {
+        subject: "admin-oid".into(),
+        name: "Ada Admin".into(),
+        roles: vec![Role::Admin],
+        led_groups: vec![],
+        signed_in_at: OffsetDateTime::now_utc(),
+        dev: false,
+    }
+}
+
+/// A portal on `db` with one registered gateway (started at version 0) and a simulator.
+async fn fleet(db: &ConfigDb, rotation_overlap: Option<time::Duration>) -> Fleet {
+    let state = tempfile::tempdir().unwrap();
+    let secrets = tempfile::tempdir().unwrap();
+    let snapshot: ConfigSnapshot = serde_json::from_value(json!({"version": 0})).unwrap();
+    let gateway = Gateway::new(GatewayParts {
+        id: "gw-test".to_owned(),
+        snapshot,
+        state_dir: state.path().to_path_buf(),
+        admin_token: Some(Secret::new(ADMIN_TOKEN.to_owned())),
+        audit: None,
+        access_log: false,
+        limits: Default::default(),
+        secrets: SecretSettings::default(),
+    })
+    .await
+    .unwrap();
+    let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let (listening, _task) = server::spawn(gateway, addr, None).await.unwrap();
+    let url = format!("http://{}", listening.addr);
+    let simulator = Simulator::start(
+        SimulatorConfig {
+            id: "sim".to_owned(),
+            ..SimulatorConfig::default()
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let portal = Portal {
+        db: db.clone(),
+        publisher: Arc::new(Publisher::new(db.clone(), Duration::from_secs(5)).unwrap()),
+        settings: PortalSettings {
+            rotation_overlap,
+            ..PortalSettings::default()
+        },
+    };
+    let token_file = secrets.path().join("admin-token");
+    std::fs::write(&token_file, ADMIN_TOKEN).unwrap();
+    portal
+        .register_gateway(
+            Some(&admin()),
+            "gw",
+            &url,
+            &format!("file:{}", token_file.display()),
+        )
+        .await
+        .unwrap();
+    Fleet {
+        portal,
+        gateway: url,
+        simulator,
+        _listening: listening,
+        dirs: (state, secrets),
+    }
+}
+
+async fn chat(url: &str, deployment: &str, key: &str) -> u16 {
+    reqwest::Client::new()
+        .post(format!(
+            "{url}/openai/deployments/{deployment}/chat/completions?api-version=2024-10-21"
+        ))
+        .header("api-key", key)
+        .json(&json!({"messages": [{"role": "user", "content": "hello"}]}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+async fn running(url: &str) -> Value {
+    reqwest::Client::new()
+        .get(format!("{url}/_gatehouse/config"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn subscription(portal: &Portal, id: &str) -> String {
+    portal
+        .create_subscription(
+            Some(&admin()),
+            NewSubscription {
+                id: id.into(),
+                display_name: id.into(),
+                ..NewSubscription::default()
+            },
+        )
+        .await
+        .unwrap()
+        .key
+}
+
+async fn simulator_pool(fleet: &Fleet) {
+    let user = admin();
+    fleet
+        .portal
+        .save_pool(
+            Some(&user),
+            PoolInput {
+                id: "sim".into(),
+                deployments: "gpt-4o, gpt-4o-mini".into(),
+                serves_resources: false,
+            },
+            false,
+        )
+        .await
+        .unwrap();
+    fleet
+        .portal
+        .save_member(
+            Some(&user),
+            MemberInput {
+                pool_id: "sim".into(),
+                id: "sim".into(),
+                kind: "azure_openai".into(),
+                endpoint: fleet.simulator.url(),
+                priority: "2".into(),
+                ..MemberInput::default()
+            },
+        )
+        .await
+        .unwrap();
+}
+
+fn rule(id: &str, subscription: &str, deployments: &str) -> AccessRuleInput {
+    AccessRuleInput {
+        id: id.into(),
+        grantee_kind: "subscription".into(),
+        grantee_id: subscription.into(),
+        deployments: deployments.into(),
+        ..AccessRuleInput::default()
+    }
+}
+
+async fn rules_decide_what_a_key_may_call(db: ConfigDb) {
+    let fleet = fleet(&db, None).await;
+    let portal = &fleet.portal;
+    let user = admin();
+    simulator_pool(&fleet).await;
+    let key = subscription(portal, "team-a").await;
+    assert_eq!(
+        chat(&fleet.gateway, "gpt-4o", &key).await,
+        403,
+        "no rule yet"
+    );
+
+    // Bad input: refused with the field named, nothing written, nothing published.
+    let versions = db.snapshot_versions(100).await.unwrap().len();
+    let activity = db.activity(1000).await.unwrap().len();
+    let mut bad = rule("team-a-gpt", "team-a", "gpt-4o");
+    bad.quota_tokens = "1000".into();
+    let error = portal
+        .save_access_rule(Some(&user), bad, false)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            PortalError::Invalid {
+                field: "quota_period",
+                ..
+            }
+        ),
+        "{error}"
+    );
+    let error = portal
+        .save_access_rule(
+            Some(&user),
+            rule("x", "no-such-subscription", "gpt-4o"),
+            false,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            PortalError::Invalid {
+                field: "grantee_id",
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert_eq!(db.snapshot_versions(100).await.unwrap().len(), versions);
+    assert_eq!(db.activity(1000).await.unwrap().len(), activity);
+
+    // A rule with a limit: the key works for the granted deployment, 403 for another.
+    let mut limited = rule("team-a-gpt", "team-a", "gpt-4o");
+    limited.requests_per_minute = "600".into();
+    portal
+        .save_access_rule(Some(&user), limited, false)
+        .await
+        .unwrap();
+    let config = running(&fleet.gateway).await;
+    assert_eq!(config["access_rules"][0]["id"], "team-a-gpt");
+    assert_eq!(config["limits"][0]["id"], "rule:team-a-gpt");
+    assert_eq!(config["limits"][0]["subject"]["kind"], "subscription");
+    assert_eq!(config["limits"][0]["requests_per_minute"], 600);
+    assert_eq!(chat(&fleet.gateway, "gpt-4o", &key).await, 200);
+    assert_eq!(chat(&fleet.gateway, "gpt-4o-mini", &key).await, 403);
+
+    // Creating it again is refused; editing grants the other deployment.
+    let again = portal
+        .save_access_rule(Some(&user), rule("team-a-gpt", "team-a", "gpt-4o"), false)
+        .await
+        .unwrap_err();
+    assert!(matches!(again, PortalError::Invalid { field: "id", .. }));
+    portal
+        .save_access_rule(
+            Some(&user),
+            rule("team-a-gpt", "team-a", "gpt-4o gpt-4o-mini"),
+            true,
+        )
+        .await
+        .unwrap();
+    assert_eq!(chat(&fleet.gateway, "gpt-4o-mini", &key).await, 200);
+    assert_eq!(running(&fleet.gateway).await["limits"], json!([]));
+
+    // Deleting it denies everything again.
+    portal
+        .delete_access_rule(Some(&user), "team-a-gpt")
+        .await
+        .unwrap();
+    assert_eq!(chat(&fleet.gateway, "gpt-4o", &key).await, 403);
+    let actions: Vec<String> = db
+        .activity(10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|entry| entry.action)
+        .collect();
+    assert_eq!(
+        actions[..3],
+        [
+            "access_rule.delete",
+            "access_rule.update",
+            "access_rule.create"
+        ]
+    );
+
+    // Compare two versions, then roll back to the one with the edited rule.
+    let with_rule = db.latest_snapshot().await.unwrap().unwrap().version - 1;
+    let diff = portal
+        .version_diff(Some(&user), with_rule, with_rule + 1)
+        .await
+        .unwrap();
+    assert!(
+        diff.iter()
+            .any(|line| line.tag == '-' && line.text.contains("\"team-a-gpt\"")),
+        "{diff:?}"
+    );
+    assert!(
+        diff.iter().any(|line| line.tag == '+'
+            && line
+                .text
+                .contains(&format!("\"version\": {}", with_rule + 1))),
+        "{diff:?}"
+    );
+    assert!(
+        !diff
+            .iter()
+            .any(|line| line.tag == '+' && line.text.contains("team-a-gpt"))
+    );
+    portal
+        .revoke_subscription(Some(&user), "team-a")
+        .await
+        .unwrap();
+    let new_version = portal.rollback(Some(&user), with_rule).await.unwrap();
+    assert_eq!(
+        db.latest_snapshot().await.unwrap().unwrap().version,
+        i64::try_from(new_version).unwrap()
+    );
+    let rules = db.access_rules().await.unwrap();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(rules[0].deployments, r#"["gpt-4o","gpt-4o-mini"]"#);
+    let config = running(&fleet.gateway).await;
+    assert_eq!(config["version"], json!(new_version));
+    assert_eq!(config["access_rules"][0]["id"], "team-a-gpt");
+    assert_eq!(
+        chat(&fleet.gateway, "gpt-4o", &key).await,
+        401,
+        "a roll-back never brings a revoked key back"
+    );
+    let entry = &db.activity(1).await.unwrap()[0];
+    assert_eq!(entry.action, "config.rollback");
+    assert_eq!(entry.actor, "Ada Admin <admin-oid>");
+    let current = db.latest_snapshot().await.unwrap().unwrap().version;
+    let same = portal.rollback(Some(&user), current).await.unwrap_err();
+    assert!(matches!(
+        same,
+        PortalError::Invalid {
+            field: "version",
+            ..
+        }
+    ));
+}
+
+async fn pools_route_and_report_member_health(db: ConfigDb) {
+    let fleet = fleet(&db, None).await;
+    let portal = &fleet.portal;
+    let user = admin();
+    simulator_pool(&fleet).await;
+    // A member tried first whose port nobody listens on: the gateway sets it aside.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    // The gateway reads the member's key when it takes the snapshot: it must exist.
+    let key_file = fleet.dirs.1.path().join("dead-key");
+    std::fs::write(&key_file, "dead-member-key").unwrap();
+    let key_ref = format!("file:{}", key_file.display());
+    portal
+        .save_member(
+            Some(&user),
+            MemberInput {
+                pool_id: "sim".into(),
+                id: "dead".into(),
+                kind: "azure_openai".into(),
+                endpoint: dead,
+                priority: "1".into(),
+                api_key_ref: key_ref.clone(),
+                ..MemberInput::default()
+            },
+        )
+        .await
+        .unwrap();
+    let key = subscription(portal, "team-p").await;
+    portal
+        .save_access_rule(Some(&user), rule("team-p", "team-p", "*"), false)
+        .await
+        .unwrap();
+    assert_eq!(
+        chat(&fleet.gateway, "gpt-4o", &key).await,
+        200,
+        "failed over"
+    );
+
+    let reports = portal.backend_health(Some(&user)).await.unwrap();
+    assert_eq!(reports.len(), 1);
+    let states = reports[0].result.as_ref().unwrap();
+    let state_of = |id: &str| states.members.iter().find(|m| m.member == id).unwrap();
+    assert_eq!(state_of("dead").state, MemberAvailability::Failing);
+    assert!(state_of("dead").set_aside_until.unwrap() > OffsetDateTime::now_utc());
+    assert_eq!(state_of("sim").state, MemberAvailability::Available);
+
+    // Another pool may not claim the same deployment; a pool without members is not sent.
+    let clash = portal
+        .save_pool(
+            Some(&user),
+            PoolInput {
+                id: "other".into(),
+                deployments: "gpt-4o".into(),
+                serves_resources: false,
+            },
+            false,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        clash,
+        PortalError::Invalid {
+            field: "deployments",
+            ..
+        }
+    ));
+    portal
+        .save_pool(
+            Some(&user),
+            PoolInput {
+                id: "empty".into(),
+                deployments: "o1".into(),
+                serves_resources: false,
+            },
+            false,
+        )
+        .await
+        .unwrap();
+    let config = running(&fleet.gateway).await;
+    let pools: Vec<&str> = config["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(pools, ["sim"]);
+    assert!(config.to_string().contains(&key_ref));
+    assert!(
+        !config.to_string().contains("dead-member-key"),
+        "only the reference travels"
+    );
+
+    portal
+        .delete_member(Some(&user), "sim", "dead")
+        .await
+        .unwrap();
+    portal.delete_pool(Some(&user), "empty").await.unwrap();
+    let left = portal.pools(Some(&user)).await.unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].members.len(), 1);
+    let gone = portal.delete_pool(Some(&user), "empty").await.unwrap_err();
+    assert!(matches!(gone, PortalError::NotFound(_)));
+}
+
+async fn a_rotation_overlap_ends_by_itself(db: ConfigDb) {
+    let fleet = fleet(&db, Some(time::Duration::seconds(2))).await;
+    let portal = &fleet.portal;
+    let user = admin();
+    simulator_pool(&fleet).await;
+    let first = subscription(portal, "team-r").await;
+    portal
+        .save_access_rule(Some(&user), rule("team-r", "team-r", "gpt-4o"), false)
+        .await
+        .unwrap();
+    let second = portal
+        .rotate_subscription_key(Some(&user), "team-r")
+        .await
+        .unwrap()
+        .key;
+    assert_eq!(chat(&fleet.gateway, "gpt-4o", &first).await, 200, "overlap");
+    assert_eq!(portal.retire_ended_overlaps().await.unwrap(), 0);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(portal.retire_ended_overlaps().await.unwrap(), 1);
+    assert_eq!(chat(&fleet.gateway, "gpt-4o", &first).await, 401);
+    assert_eq!(chat(&fleet.gateway, "gpt-4o", &second).await, 200);
+    let row = db.subscription("team-r").await.unwrap().unwrap();
+    assert_eq!(row.secondary_key_hash, None);
+    assert_eq!(row.secondary_expires_at, None);
+    assert_eq!(
+        db.activity(1).await.unwrap()[0].actor,
+        "portal (rotation overlap ended)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_rules_decide_what_a_key_may_call() {
+    let test = common::sqlite().await;
+    rules_decide_what_a_key_may_call(test.db.clone()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_rules_decide_what_a_key_may_call() {
+    let test = common::postgres().await;
+    rules_decide_what_a_key_may_call(test.db.clone()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_pools_route_and_report_member_health() {
+    let test = common::sqlite().await;
+    pools_route_and_report_member_health(test.db.clone()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_pools_route_and_report_member_health() {
+    let test = common::postgres().await;
+    pools_route_and_report_member_health(test.db.clone()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_a_rotation_overlap_ends_by_itself() {
+    let test = common::sqlite().await;
+    a_rotation_overlap_ends_by_itself(test.db.clone()).await;
+}
