@@ -127,7 +127,9 @@ portal_url="http://127.0.0.1:$portal_port"
 LEPTOS_SITE_ROOT="$root/target/site" LEPTOS_OUTPUT_NAME=gatehouse-portal \
   "$target/gatehouse-portal" --listen "127.0.0.1:$portal_port" --public-url "$portal_url" \
   --database "sqlite:$dev/portal.db" --dev-sign-in \
-  --gateway "dev=http://127.0.0.1:$port=file:$dev/admin-token" &
+  --gateway "dev=http://127.0.0.1:$port=file:$dev/admin-token" \
+  --audit-database "sqlite:$dev/audit.db" \
+  --model-prices "${GATEHOUSE_PORTAL_MODEL_PRICES:-gpt-4o=2.5/10,gpt-4o-mini=0.15/0.6}" &
 pids+=($!)
 wait_for "$portal_url/" "the portal"
 
@@ -163,6 +165,8 @@ Try it:
   4. curl -s http://127.0.0.1:$port/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21 \\
        -H "api-key: THE-KEY" -H 'content-type: application/json' \\
        -d '{"messages":[{"role":"user","content":"Hello"}]}'
+  5. Dashboard, Usage and Audit (sign in as Auditor) show the call; the simulator's answers
+     are priced at the example prices of GATEHOUSE_PORTAL_MODEL_PRICES.
 
 Ctrl-C stops the portal, the gateway and the simulator.
 MSG
