@@ -4,7 +4,10 @@
 # browser), each on ports the OS picks:
 #   hydration.mjs  the portal alone with the development sign-in: the wasm app hydrates;
 #   scenario.mjs   portal + gateway + simulator + a real OpenID Connect provider (oidc-provider),
-#                  no development sign-in: rules, keys, revocation, roles, activity.
+#                  no development sign-in: rules, keys, revocation, roles, activity;
+#   insights.mjs   the same with Entra ID tokens (a local key-set double) from two IPs and the
+#                  portal reading the gateway's SQLite audit store: audit search, call detail,
+#                  CSV export, usage by group for a team lead, dashboard.
 # Screenshots (1280 px) go to target/end2end.
 #
 #   end2end/run.sh            # needs: chromium (apt-get install chromium), node + npm
@@ -45,3 +48,7 @@ kill "$portal" 2>/dev/null || true
 echo "== scenario (OpenID Connect provider, gateway, simulator)"
 (cd end2end && GATEHOUSE_BIN_DIR="$bin" LEPTOS_SITE_ROOT="$root/target/site" \
   SCREENSHOTS="$shots/scenario" node scenario.mjs)
+
+echo "== insights (audit search, usage, dashboard over the gateway's audit store)"
+(cd end2end && GATEHOUSE_BIN_DIR="$bin" LEPTOS_SITE_ROOT="$root/target/site" \
+  SCREENSHOTS="$shots/insights" node insights.mjs)

@@ -9,12 +9,10 @@
 // A 1280 px screenshot of each page goes to $SCREENSHOTS.
 //
 //   GATEHOUSE_BIN_DIR=…/debug LEPTOS_SITE_ROOT=…/target/site node scenario.mjs
-import { spawn } from 'node:child_process';
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { chromium } from 'playwright-core';
+import { freePort, launchChromium, Processes, signInWith, waitFor } from './lib.mjs';
 import { LEADS_GROUP, startProvider } from './provider.mjs';
 
 const bin = process.env.GATEHOUSE_BIN_DIR ?? path.resolve('../target/debug');
@@ -27,45 +25,8 @@ const CLIENT_ID = 'gatehouse-portal';
 const CLIENT_SECRET = `e2e-${Math.random().toString(36).slice(2)}${Date.now()}`;
 const RESEARCH_GROUP = '5f1c0d3e-8a2b-4c6d-9e0f-123456789abc';
 
-/** A port nobody listens on right now (the OS picks it). */
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const probe = net.createServer();
-    probe.on('error', reject);
-    probe.listen(0, '127.0.0.1', () => {
-      const { port } = probe.address();
-      probe.close(() => resolve(port));
-    });
-  });
-}
-
-const children = [];
-const logs = [];
-function start(name, file, args, env = {}) {
-  const child = spawn(path.join(bin, file), args, {
-    env: { ...process.env, RUST_LOG: 'info,sqlx=warn', ...env },
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  const lines = [];
-  logs.push([name, lines]);
-  child.stdout.on('data', (data) => lines.push(String(data)));
-  child.stderr.on('data', (data) => lines.push(String(data)));
-  child.on('error', (error) => lines.push(`cannot start ${file}: ${error}`));
-  children.push(child);
-  return child;
-}
-
-async function waitFor(url, what) {
-  for (let i = 0; i < 150; i += 1) {
-    try {
-      await fetch(url);
-      return;
-    } catch {
-      await new Promise((resolve) => setTimeout(resolve, 200));
-    }
-  }
-  throw new Error(`${what} did not start at ${url}`);
-}
+const processes = new Processes(bin);
+const start = processes.start.bind(processes);
 
 const failures = [];
 function check(condition, message) {
@@ -121,38 +82,8 @@ try {
   });
   await waitFor(`${portal}/`, 'the portal');
 
-  browser = await chromium.launch({
-    executablePath: '/usr/bin/chromium',
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
-      '--disable-component-update', '--no-first-run'],
-  });
-
-  /** A fresh browser context signed in as `login` through the provider's login form. */
-  async function signIn(login) {
-    const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
-    await context.grantPermissions(['clipboard-read', 'clipboard-write'], { origin: portal });
-    const page = await context.newPage();
-    page.on('pageerror', (error) => failures.push(`${login}: page error: ${error}`));
-    page.on('console', (message) => {
-      if (message.type() === 'error' && page.url().startsWith(portal)
-        && !/status of (401|403|422)/.test(message.text())) {
-        failures.push(`${login}: console: ${message.text()}`);
-      }
-    });
-    await page.goto(`${portal}/auth/sign-in`);
-    await page.waitForSelector('input[name=login]');
-    await page.fill('input[name=login]', login);
-    await page.fill('input[name=password]', 'any password: the development login form');
-    await page.click('button[type=submit]');
-    // The consent step, then back to the portal.
-    await page.waitForSelector('input[name=prompt][value=consent]', { state: 'attached' });
-    await Promise.all([
-      page.waitForURL((url) => url.href.startsWith(portal)),
-      page.click('button[type=submit]'),
-    ]);
-    await page.waitForLoadState('networkidle');
-    return page;
-  }
+  browser = await launchChromium();
+  const signIn = signInWith(browser, portal, failures);
 
   async function chat(key, deployment) {
     const response = await fetch(
@@ -288,13 +219,13 @@ try {
   failures.push(String(error?.stack ?? error));
 } finally {
   if (browser) await browser.close();
-  for (const child of children) child.kill('SIGTERM');
+  processes.stop();
   if (provider) await provider.stop();
   rmSync(work, { recursive: true, force: true });
 }
 if (failures.length) {
   console.error(failures.join('\n'));
-  for (const [name, lines] of logs) console.error(`--- ${name} ---\n${lines.join('').slice(-4000)}`);
+  console.error(processes.report());
   process.exit(1);
 }
 console.log(`end-to-end scenario passed; screenshots in ${shots}`);

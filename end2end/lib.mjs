@@ -1,0 +1,105 @@
+// Helpers shared by the end-to-end scripts: free ports, child processes with their logs, waiting
+// for a server, Debian's Chromium, and signing in through the OpenID Connect provider's forms.
+import { spawn } from 'node:child_process';
+import net from 'node:net';
+import path from 'node:path';
+import { chromium } from 'playwright-core';
+
+/** A port nobody listens on right now (the OS picks it). */
+export function freePort() {
+  return new Promise((resolve, reject) => {
+    const probe = net.createServer();
+    probe.on('error', reject);
+    probe.listen(0, '127.0.0.1', () => {
+      const { port } = probe.address();
+      probe.close(() => resolve(port));
+    });
+  });
+}
+
+/** Child processes started from `bin`, with their output kept for a failure report. */
+export class Processes {
+  constructor(bin) {
+    this.bin = bin;
+    this.children = [];
+    this.logs = [];
+  }
+
+  start(name, file, args, env = {}) {
+    const child = spawn(path.join(this.bin, file), args, {
+      env: { ...process.env, RUST_LOG: 'info,sqlx=warn', ...env },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    const lines = [];
+    this.logs.push([name, lines]);
+    child.stdout.on('data', (data) => lines.push(String(data)));
+    child.stderr.on('data', (data) => lines.push(String(data)));
+    child.on('error', (error) => lines.push(`cannot start ${file}: ${error}`));
+    this.children.push(child);
+    return child;
+  }
+
+  stop() {
+    for (const child of this.children) child.kill('SIGTERM');
+  }
+
+  /** The tail of each process's output, for a failure report. */
+  report() {
+    return this.logs.map(([name, lines]) => `--- ${name} ---\n${lines.join('').slice(-4000)}`).join('\n');
+  }
+}
+
+/** Waits until something answers at `url`. */
+export async function waitFor(url, what) {
+  for (let i = 0; i < 150; i += 1) {
+    try {
+      await fetch(url);
+      return;
+    } catch {
+      await new Promise((resolve) => setTimeout(resolve, 200));
+    }
+  }
+  throw new Error(`${what} did not start at ${url}`);
+}
+
+/** Debian's Chromium, headless (never a downloaded browser). */
+export function launchChromium() {
+  return chromium.launch({
+    executablePath: '/usr/bin/chromium',
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
+      '--disable-component-update', '--no-first-run'],
+  });
+}
+
+/**
+ * A function that opens a fresh browser context signed in as a login through the provider's
+ * development login form and consent step. Page errors and console errors on the portal (other
+ * than the intended 401/403/422) are added to `failures`.
+ */
+export function signInWith(browser, portal, failures) {
+  return async function signIn(login) {
+    const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+    await context.grantPermissions(['clipboard-read', 'clipboard-write'], { origin: portal });
+    const page = await context.newPage();
+    page.on('pageerror', (error) => failures.push(`${login}: page error: ${error}`));
+    page.on('console', (message) => {
+      if (message.type() === 'error' && page.url().startsWith(portal)
+        && !/status of (401|403|422)/.test(message.text())) {
+        failures.push(`${login}: console: ${message.text()}`);
+      }
+    });
+    await page.goto(`${portal}/auth/sign-in`);
+    await page.waitForSelector('input[name=login]');
+    await page.fill('input[name=login]', login);
+    await page.fill('input[name=password]', 'any password: the development login form');
+    await page.click('button[type=submit]');
+    // The consent step, then back to the portal.
+    await page.waitForSelector('input[name=prompt][value=consent]', { state: 'attached' });
+    await Promise.all([
+      page.waitForURL((url) => url.href.startsWith(portal)),
+      page.click('button[type=submit]'),
+    ]);
+    await page.waitForLoadState('networkidle');
+    return page;
+  };
+}
