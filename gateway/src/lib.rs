@@ -53,6 +53,7 @@ pub mod secret;
 pub mod server;
 pub mod settings;
 mod sync;
+pub mod upstream;
 pub mod usage;
 
 pub use app::{Gateway, GatewayParts, SecretSettings};

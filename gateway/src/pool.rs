@@ -30,7 +30,7 @@ pub struct Member {
     /// The member's configuration.
     pub config: PoolMember,
     /// HTTP client with this member's TLS settings.
-    pub client: reqwest::Client,
+    pub client: crate::upstream::BackendClient,
     /// The credential sent to the member.
     pub credential: Option<MemberCredential>,
     /// Availability, shared across snapshots for the same member id.
@@ -215,7 +215,11 @@ mod tests {
         .unwrap();
         Arc::new(Member {
             config,
-            client: reqwest::Client::new(),
+            client: crate::upstream::BackendClient::new(
+                &Default::default(),
+                Duration::from_secs(1),
+            )
+            .unwrap(),
             credential: None,
             health: Arc::new(MemberHealth::default()),
         })

@@ -8,7 +8,6 @@ use axum::body::Body;
 use axum::body::HttpBody as _;
 use axum::response::Response;
 use bytes::Bytes;
-use futures::StreamExt;
 use gatehouse_schema::AuditRecord;
 use gatehouse_schema::audit::BackendAttempt;
 use gatehouse_schema::config::BackendKind;
@@ -29,6 +28,7 @@ use crate::pool::{Member, MemberCredential, Pool, Selection, SetAsideReason};
 use crate::record::{CallRecord, millis};
 use crate::retry_hint;
 use crate::runtime::Runtime;
+use crate::upstream::{SendError, UpstreamBody};
 use crate::usage::TokenWork;
 
 /// The Azure OpenAI GA `api-version` used when neither the client nor the member names one.
@@ -155,26 +155,28 @@ pub async fn forward(
             credential,
             record.as_ref().map(|r| r.record.correlation_id.as_str()),
         );
+        let url = String::from(url);
         if let Some(record) = record.as_mut() {
             record.backend_started.get_or_insert(attempt_started);
             record.record.backend_id = Some(member.config.id.clone());
-            record.record.backend_url = Some(url.to_string());
+            record.record.backend_url = Some(url.clone());
         }
-        let sent = member
-            .client
-            .request(parts.method.clone(), url)
-            .headers(headers)
-            .body(upstream_body)
-            .send()
-            .await;
+        // A `Url` is always a valid URI; should it ever not be, the attempt fails like a refused one.
+        let sent = match http::Uri::try_from(url) {
+            Ok(uri) => {
+                member
+                    .client
+                    .send(parts.method.clone(), uri, headers, upstream_body)
+                    .await
+            }
+            Err(_) => Err(SendError::invalid_uri()),
+        };
         let elapsed_ms = millis(attempt_started.elapsed());
         let response = match sent {
             Ok(response) => response,
             Err(error) => {
                 let reason = if error.is_connect() {
                     "connect_failed"
-                } else if error.is_timeout() {
-                    "timeout"
                 } else {
                     "request_failed"
                 };
@@ -558,6 +560,10 @@ fn upstream_headers(
     if let Some(id) = correlation_id.and_then(|id| HeaderValue::from_str(id).ok()) {
         headers.insert("x-request-id", id);
     }
+    // What the backends always received (reqwest's default) when the client named none.
+    headers
+        .entry(header::ACCEPT)
+        .or_insert(HeaderValue::from_static("*/*"));
     headers
 }
 
@@ -569,7 +575,7 @@ async fn relay(
     gateway: &Arc<Gateway>,
     call: Call,
     member: Arc<Member>,
-    response: reqwest::Response,
+    response: http::Response<UpstreamBody>,
     mut record: CallRecord,
     asked_usage: bool,
 ) -> Response {
@@ -649,7 +655,7 @@ async fn relay(
     }
 
     let body = RelayBody {
-        upstream: Some(http::Response::<reqwest::Body>::from(response).into_body()),
+        upstream: Some(response.into_body()),
         call: Some(RelayCall {
             gateway: Arc::clone(gateway),
             call,
@@ -671,7 +677,7 @@ async fn relay(
 /// When the client goes away first, `Drop` hands the rest of the backend's answer to a drain task
 /// so that the record is still complete.
 struct RelayBody {
-    upstream: Option<reqwest::Body>,
+    upstream: Option<UpstreamBody>,
     call: Option<RelayCall>,
 }
 
@@ -900,11 +906,13 @@ fn build_response(status: StatusCode, headers: HeaderMap, body: Body) -> Respons
     response
 }
 
-async fn read_limited(response: reqwest::Response, limit: usize) -> Result<Bytes, ()> {
-    let mut stream = response.bytes_stream();
+async fn read_limited(response: http::Response<UpstreamBody>, limit: usize) -> Result<Bytes, ()> {
+    let mut upstream = response.into_body();
     let mut body = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|_| ())?;
+    while let Some(frame) = upstream.frame().await {
+        let Ok(chunk) = frame.map_err(|_| ())?.into_data() else {
+            continue;
+        };
         if body.len() + chunk.len() > limit {
             return Err(());
         }

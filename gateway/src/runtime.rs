@@ -20,6 +20,7 @@ use crate::auth::KeyIndex;
 use crate::entra_credential::CredentialRegistry;
 use crate::pool::{HealthRegistry, Member, MemberCredential, Pool};
 use crate::secret::SecretStore;
+use crate::upstream::BackendClient;
 
 /// Where a runtime's secrets and Entra credentials come from; shared across snapshots so that Key
 /// Vault values and access tokens outlive a configuration push.
@@ -127,7 +128,7 @@ impl Runtime {
             return Err(ValidationErrors(errors));
         }
 
-        let mut clients: HashMap<(BackendTls, u64), reqwest::Client> = HashMap::new();
+        let mut clients: HashMap<(BackendTls, u64), BackendClient> = HashMap::new();
         let mut pools = Vec::new();
         let mut by_deployment = HashMap::new();
         let mut wildcard = None;
@@ -168,7 +169,10 @@ impl Runtime {
                 let key = (member.tls.clone(), member.connect_timeout_ms);
                 let client = match clients.get(&key) {
                     Some(client) => client.clone(),
-                    None => match backend_client(member) {
+                    None => match BackendClient::new(
+                        &member.tls,
+                        Duration::from_millis(member.connect_timeout_ms),
+                    ) {
                         Ok(client) => {
                             clients.insert(key, client.clone());
                             client
@@ -240,34 +244,6 @@ impl Runtime {
         let (pool, member) = *self.members.get(id)?;
         Some((self.pools.get(pool)?, member))
     }
-}
-
-fn backend_client(member: &PoolMember) -> Result<reqwest::Client, String> {
-    let mut builder = reqwest::Client::builder()
-        .connect_timeout(Duration::from_millis(member.connect_timeout_ms))
-        .pool_idle_timeout(Duration::from_secs(90))
-        .tcp_nodelay(true)
-        // Never follow redirects: a redirect could carry the backend credential elsewhere.
-        .redirect(reqwest::redirect::Policy::none());
-    if let Some(path) = &member.tls.ca_file {
-        let pem = std::fs::read(path).map_err(|e| format!("cannot read CA file `{path}`: {e}"))?;
-        for certificate in reqwest::Certificate::from_pem_bundle(&pem)
-            .map_err(|e| format!("CA file `{path}` holds no valid PEM certificate: {e}"))?
-        {
-            builder = builder.add_root_certificate(certificate);
-        }
-    }
-    if let Some(path) = &member.tls.client_identity_file {
-        let pem = std::fs::read(path)
-            .map_err(|e| format!("cannot read client identity `{path}`: {e}"))?;
-        let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
-            format!("client identity `{path}` is not a PEM certificate and key: {e}")
-        })?;
-        builder = builder.identity(identity);
-    }
-    builder
-        .build()
-        .map_err(|e| format!("cannot build the backend client: {e}"))
 }
 
 /// The identity policy and the access rules.

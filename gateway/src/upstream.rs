@@ -1,0 +1,284 @@
+//! The HTTP client that calls backend members on the hot path.
+//!
+//! It is hyper-util's connection-pooling client over a plain `HttpConnector` (TCP_NODELAY, TCP
+//! keep-alive, the member's connect timeout) wrapped in hyper-rustls: the system roots plus the
+//! member's private CA, its client certificate for mutual TLS, ALPN offering `h2` and `http/1.1`
+//! (HTTP/2 wherever a TLS backend picks it), and redirects never followed. It replaced reqwest
+//! there because reqwest's extra layers (its own request and response types, a boxed body per
+//! call, proxy matching, header defaults) cost CPU on every call; reqwest stays for the other
+//! outbound calls (Entra, Key Vault, Graph).
+//!
+//! One behaviour of reqwest is kept on purpose: when the environment names an HTTP(S) proxy
+//! (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, minus `NO_PROXY`) that covers a call's URL, that call
+//! goes through a reqwest client built with the same settings, which speaks to the proxy.
+
+use std::error::Error as StdError;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::HttpBody;
+use bytes::Bytes;
+use gatehouse_schema::config::BackendTls;
+use http::{HeaderMap, Method, Uri};
+use http_body_util::Full;
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::proxy::matcher::Matcher;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// How long an idle pooled connection to a backend is kept.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// TCP keep-alive on backend connections: first probe, interval, probes (reqwest's defaults).
+const TCP_KEEPALIVE: Duration = Duration::from_secs(15);
+const TCP_KEEPALIVE_RETRIES: u32 = 3;
+
+/// Environment variables that name a proxy (lower case is checked too).
+const PROXY_VARIABLES: &[&str] = &["HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY"];
+
+/// A client for one TLS setting and connect timeout; cheap to clone (the pool is shared).
+#[derive(Clone)]
+pub struct BackendClient {
+    direct: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// Set only when the environment names a proxy: which URLs it covers, and a client for them.
+    proxy: Option<(std::sync::Arc<Matcher>, reqwest::Client)>,
+}
+
+impl std::fmt::Debug for BackendClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendClient")
+            .field("proxy", &self.proxy.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a call did not get a response.
+#[derive(Debug)]
+pub struct SendError {
+    connect: bool,
+    source: Box<dyn StdError + Send + Sync>,
+}
+
+impl SendError {
+    /// A URL that is not a valid request URI (never expected: every `Url` is one).
+    pub fn invalid_uri() -> SendError {
+        SendError {
+            connect: false,
+            source: "the backend URL is not a valid request URI".into(),
+        }
+    }
+
+    /// Whether the connection could not be made (refused, unreachable, connect timeout, TLS
+    /// handshake).
+    pub fn is_connect(&self) -> bool {
+        self.connect
+    }
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.source.fmt(f)
+    }
+}
+
+impl BackendClient {
+    /// Builds the client for a member's TLS settings and connect timeout; the error names the
+    /// file that could not be used.
+    pub fn new(tls: &BackendTls, connect_timeout: Duration) -> Result<BackendClient, String> {
+        let config = tls_config(tls)?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(connect_timeout));
+        http.set_keepalive(Some(TCP_KEEPALIVE));
+        http.set_keepalive_interval(Some(TCP_KEEPALIVE));
+        http.set_keepalive_retries(Some(TCP_KEEPALIVE_RETRIES));
+        let https = HttpsConnectorBuilder::new()
+            .with_tls_config(config)
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(http);
+        let direct = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .build(https);
+        let proxy = if proxy_configured() {
+            Some((
+                std::sync::Arc::new(Matcher::from_system()),
+                proxied_client(tls, connect_timeout)?,
+            ))
+        } else {
+            None
+        };
+        Ok(BackendClient { direct, proxy })
+    }
+
+    /// Sends one request; the body is a buffer, so a failed attempt can be sent again elsewhere.
+    /// The response body streams.
+    pub async fn send(
+        &self,
+        method: Method,
+        uri: Uri,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<http::Response<UpstreamBody>, SendError> {
+        if let Some((matcher, client)) = &self.proxy
+            && matcher.intercept(&uri).is_some()
+        {
+            let url = reqwest::Url::parse(&uri.to_string()).map_err(|error| SendError {
+                connect: false,
+                source: Box::new(error),
+            })?;
+            let response = client
+                .request(method, url)
+                .headers(headers)
+                .body(body)
+                .send()
+                .await
+                .map_err(|error| SendError {
+                    connect: error.is_connect(),
+                    source: Box::new(error),
+                })?;
+            return Ok(http::Response::<reqwest::Body>::from(response).map(UpstreamBody::Proxied));
+        }
+        let mut request = http::Request::new(Full::new(body));
+        *request.method_mut() = method;
+        *request.uri_mut() = uri;
+        *request.headers_mut() = headers;
+        let response = self
+            .direct
+            .request(request)
+            .await
+            .map_err(|error| SendError {
+                connect: error.is_connect(),
+                source: Box::new(error),
+            })?;
+        Ok(response.map(UpstreamBody::Direct))
+    }
+}
+
+/// A backend's response body as it streams in.
+#[derive(Debug)]
+pub enum UpstreamBody {
+    /// From a direct connection.
+    Direct(Incoming),
+    /// Through an HTTP(S) proxy.
+    Proxied(reqwest::Body),
+}
+
+impl HttpBody for UpstreamBody {
+    type Data = Bytes;
+    type Error = Box<dyn StdError + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            UpstreamBody::Direct(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            UpstreamBody::Proxied(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Direct(body) => body.is_end_stream(),
+            UpstreamBody::Proxied(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Direct(body) => body.size_hint(),
+            UpstreamBody::Proxied(body) => body.size_hint(),
+        }
+    }
+}
+
+/// Whether the environment names a proxy at all (then each URL is matched against it).
+fn proxy_configured() -> bool {
+    PROXY_VARIABLES.iter().any(|name| {
+        [name.to_string(), name.to_ascii_lowercase()]
+            .iter()
+            .any(|name| std::env::var_os(name).is_some_and(|value| !value.is_empty()))
+    })
+}
+
+/// TLS for backends: the system roots plus the member's CA file, its client identity, ring.
+fn tls_config(tls: &BackendTls) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    // Native stores often hold a few certificates rustls cannot parse; those are skipped.
+    let (_valid, _invalid) = roots.add_parsable_certificates(native.certs);
+    if let Some(path) = &tls.ca_file {
+        let pem = std::fs::read(path).map_err(|e| format!("cannot read CA file `{path}`: {e}"))?;
+        let certificates = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("CA file `{path}` holds no valid PEM certificate: {e}"))?;
+        for certificate in certificates {
+            roots
+                .add(certificate)
+                .map_err(|e| format!("CA file `{path}` holds no valid PEM certificate: {e}"))?;
+        }
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("cannot build the backend client: {e}"))?
+    .with_root_certificates(roots);
+    match &tls.client_identity_file {
+        None => Ok(builder.with_no_client_auth()),
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .map_err(|e| format!("cannot read client identity `{path}`: {e}"))?;
+            let not_identity = |e: &dyn std::fmt::Display| {
+                format!("client identity `{path}` is not a PEM certificate and key: {e}")
+            };
+            let chain = CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| not_identity(&e))?;
+            if chain.is_empty() {
+                return Err(not_identity(&"no certificate found"));
+            }
+            let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| not_identity(&e))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| not_identity(&e))
+        }
+    }
+}
+
+/// The reqwest client used for calls that go through a proxy named by the environment.
+fn proxied_client(tls: &BackendTls, connect_timeout: Duration) -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(connect_timeout)
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .tcp_nodelay(true)
+        // Never follow redirects: a redirect could carry the backend credential elsewhere.
+        .redirect(reqwest::redirect::Policy::none());
+    if let Some(path) = &tls.ca_file {
+        let pem = std::fs::read(path).map_err(|e| format!("cannot read CA file `{path}`: {e}"))?;
+        for certificate in reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("CA file `{path}` holds no valid PEM certificate: {e}"))?
+        {
+            builder = builder.add_root_certificate(certificate);
+        }
+    }
+    if let Some(path) = &tls.client_identity_file {
+        let pem = std::fs::read(path)
+            .map_err(|e| format!("cannot read client identity `{path}`: {e}"))?;
+        let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
+            format!("client identity `{path}` is not a PEM certificate and key: {e}")
+        })?;
+        builder = builder.identity(identity);
+    }
+    builder
+        .build()
+        .map_err(|e| format!("cannot build the backend client: {e}"))
+}
