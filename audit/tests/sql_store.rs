@@ -421,6 +421,24 @@ async fn usage_comes_from_rollups(store: &SqlStore) {
     assert!(nobody.is_empty());
     let latency_max = by_model.iter().map(|p| p.latency_max_ms).max().unwrap();
     assert_eq!(latency_max, 159);
+
+    // Totals over the range: one point per value, the sums of its buckets.
+    let totals = store
+        .usage_totals(&query(Dimension::Model, None))
+        .await
+        .unwrap();
+    assert_eq!(totals.len(), 2, "{totals:?}");
+    for total in &totals {
+        let points = by_model.iter().filter(|p| p.value == total.value);
+        let (requests, tokens, max) = points.fold((0, 0, 0), |(r, t, m), p| {
+            (r + p.requests, t + p.total_tokens, m.max(p.latency_max_ms))
+        });
+        assert_eq!(
+            (total.requests, total.total_tokens, total.latency_max_ms),
+            (requests, tokens, max)
+        );
+    }
+    assert_eq!(totals.iter().map(|p| p.total_tokens).sum::<i64>(), expected);
 }
 
 async fn export_streams_every_match(store: &SqlStore) {

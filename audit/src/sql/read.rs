@@ -361,11 +361,27 @@ impl SqlStore {
 
     /// Usage over time from the rollups.
     pub async fn usage(&self, query: &UsageQuery) -> Result<Vec<UsagePoint>, StoreError> {
+        self.rollups(query, false).await
+    }
+
+    /// Usage over the whole range from the rollups: one point per dimension value (its bucket is
+    /// the first bucket that holds it), summed by the database.
+    pub async fn usage_totals(&self, query: &UsageQuery) -> Result<Vec<UsagePoint>, StoreError> {
+        self.rollups(query, true).await
+    }
+
+    async fn rollups(
+        &self,
+        query: &UsageQuery,
+        totals: bool,
+    ) -> Result<Vec<UsagePoint>, StoreError> {
         match &self.engine {
             Engine::Sqlite { reader, .. } => {
-                let mut q = QueryBuilder::<Sqlite>::new(
-                    "SELECT Bucket, DimensionValue, Requests, Errors, PromptTokens, CompletionTokens, TotalTokens, LatencySumMs, LatencyMaxMs FROM GatehouseUsageRollup WHERE Granularity = ",
-                );
+                let mut q = QueryBuilder::<Sqlite>::new(if totals {
+                    "SELECT MIN(Bucket), DimensionValue, SUM(Requests), SUM(Errors), SUM(PromptTokens), SUM(CompletionTokens), SUM(TotalTokens), SUM(LatencySumMs), MAX(LatencyMaxMs) FROM GatehouseUsageRollup WHERE Granularity = "
+                } else {
+                    "SELECT Bucket, DimensionValue, Requests, Errors, PromptTokens, CompletionTokens, TotalTokens, LatencySumMs, LatencyMaxMs FROM GatehouseUsageRollup WHERE Granularity = "
+                });
                 q.push_bind(query.granularity.as_str())
                     .push(" AND Dimension = ")
                     .push_bind(query.dimension.as_str())
@@ -384,7 +400,11 @@ impl SqlStore {
                     }
                     q.push(")");
                 }
-                q.push(" ORDER BY Bucket, DimensionValue");
+                if totals {
+                    q.push(" GROUP BY DimensionValue ORDER BY DimensionValue");
+                } else {
+                    q.push(" ORDER BY Bucket, DimensionValue");
+                }
                 let rows = q.build().fetch_all(reader).await?;
                 rows.iter()
                     .map(|row| {
@@ -403,9 +423,11 @@ impl SqlStore {
                     .collect()
             }
             Engine::Postgres(pool) => {
-                let mut q = QueryBuilder::<Postgres>::new(
-                    r#"SELECT "Bucket", "DimensionValue", "Requests", "Errors", "PromptTokens", "CompletionTokens", "TotalTokens", "LatencySumMs", "LatencyMaxMs" FROM "GatehouseUsageRollup" WHERE "Granularity" = "#,
-                );
+                let mut q = QueryBuilder::<Postgres>::new(if totals {
+                    r#"SELECT MIN("Bucket"), "DimensionValue", SUM("Requests")::bigint, SUM("Errors")::bigint, SUM("PromptTokens")::bigint, SUM("CompletionTokens")::bigint, SUM("TotalTokens")::bigint, SUM("LatencySumMs")::bigint, MAX("LatencyMaxMs") FROM "GatehouseUsageRollup" WHERE "Granularity" = "#
+                } else {
+                    r#"SELECT "Bucket", "DimensionValue", "Requests", "Errors", "PromptTokens", "CompletionTokens", "TotalTokens", "LatencySumMs", "LatencyMaxMs" FROM "GatehouseUsageRollup" WHERE "Granularity" = "#
+                });
                 q.push_bind(query.granularity.as_str())
                     .push(r#" AND "Dimension" = "#)
                     .push_bind(query.dimension.as_str())
@@ -421,7 +443,11 @@ impl SqlStore {
                         .push_bind(only.clone())
                         .push(")");
                 }
-                q.push(r#" ORDER BY "Bucket", "DimensionValue""#);
+                if totals {
+                    q.push(r#" GROUP BY "DimensionValue" ORDER BY "DimensionValue""#);
+                } else {
+                    q.push(r#" ORDER BY "Bucket", "DimensionValue""#);
+                }
                 let rows = q.build().fetch_all(pool).await?;
                 rows.iter()
                     .map(|row| {

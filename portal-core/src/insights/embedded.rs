@@ -59,14 +59,14 @@ impl EmbeddedSource {
             only: None,
         };
         let mut figures = Figures::default();
-        for point in self.store.usage(&query(Dimension::All)).await? {
+        for point in self.store.usage_totals(&query(Dimension::All)).await? {
             figures.requests += point.requests;
             figures.errors += point.errors;
             figures.prompt_tokens += point.prompt_tokens;
             figures.completion_tokens += point.completion_tokens;
         }
         let mut by_model: Vec<ModelTokens> = Vec::new();
-        for point in self.store.usage(&query(Dimension::Model)).await? {
+        for point in self.store.usage_totals(&query(Dimension::Model)).await? {
             match by_model.iter_mut().find(|m| m.model == point.value) {
                 Some(model) => {
                     model.requests += point.requests;
@@ -103,7 +103,7 @@ impl EmbeddedSource {
         {
             let points = self
                 .store
-                .usage(&UsageQuery {
+                .usage_totals(&UsageQuery {
                     granularity,
                     dimension,
                     from: range.from,
@@ -186,7 +186,7 @@ impl AuditSource for EmbeddedSource {
         async move {
             let points = self
                 .store
-                .usage(&UsageQuery {
+                .usage_totals(&UsageQuery {
                     granularity: request.granularity,
                     dimension: request.dimension,
                     from: request.range.from,
