@@ -6,26 +6,21 @@
 
 mod common;
 
-use std::net::SocketAddr;
+use common::{ADMIN_TOKEN, TestGateway, admin, gateway_at, simulator};
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use gatehouse_gateway::secret::Secret;
-use gatehouse_gateway::server::{self, Listening};
-use gatehouse_gateway::{Gateway, GatewayParts, SecretSettings};
+use gatehouse_gateway::server::Listening;
 use gatehouse_portal_core::ops::{NewSubscription, PortalSettings};
 use gatehouse_portal_core::pools::{MemberInput, PoolInput};
 use gatehouse_portal_core::push::Publisher;
 use gatehouse_portal_core::rules::AccessRuleInput;
-use gatehouse_portal_core::{ConfigDb, Portal, PortalError, SessionUser};
-use gatehouse_schema::ConfigSnapshot;
+use gatehouse_portal_core::{ConfigDb, Portal, PortalError};
 use gatehouse_schema::backends::MemberAvailability;
-use gatehouse_schema::portal::Role;
-use gatehouse_simulator::{RunningSimulator, Simulator, SimulatorConfig};
+use gatehouse_simulator::RunningSimulator;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
-
-const ADMIN_TOKEN: &str = "portal-admin-test-token-0123456789";
 
 struct Fleet {
     portal: Portal,
@@ -35,46 +30,15 @@ struct Fleet {
     dirs: (tempfile::TempDir, tempfile::TempDir),
 }
 
-fn admin() -> SessionUser {
-    SessionUser {
-        subject: "admin-oid".into(),
-        name: "Ada Admin".into(),
-        roles: vec![Role::Admin],
-        led_groups: vec![],
-        signed_in_at: OffsetDateTime::now_utc(),
-        dev: false,
-    }
-}
-
 /// A portal on `db` with one registered gateway (started at version 0) and a simulator.
 async fn fleet(db: &ConfigDb, rotation_overlap: Option<time::Duration>) -> Fleet {
-    let state = tempfile::tempdir().unwrap();
     let secrets = tempfile::tempdir().unwrap();
-    let snapshot: ConfigSnapshot = serde_json::from_value(json!({"version": 0})).unwrap();
-    let gateway = Gateway::new(GatewayParts {
-        id: "gw-test".to_owned(),
-        snapshot,
-        state_dir: state.path().to_path_buf(),
-        admin_token: Some(Secret::new(ADMIN_TOKEN.to_owned())),
-        audit: None,
-        access_log: false,
-        limits: Default::default(),
-        secrets: SecretSettings::default(),
-    })
-    .await
-    .unwrap();
-    let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let (listening, _task) = server::spawn(gateway, addr, None).await.unwrap();
-    let url = format!("http://{}", listening.addr);
-    let simulator = Simulator::start(
-        SimulatorConfig {
-            id: "sim".to_owned(),
-            ..SimulatorConfig::default()
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
+    let TestGateway {
+        url,
+        listening,
+        state_dir: state,
+    } = gateway_at("127.0.0.1:0".parse().unwrap()).await;
+    let simulator = simulator().await;
     let portal = Portal {
         db: db.clone(),
         publisher: Arc::new(Publisher::new(db.clone(), Duration::from_secs(5)).unwrap()),

@@ -5,76 +5,18 @@
 
 mod common;
 
+use common::{ADMIN_TOKEN, admin, gateway_at, simulator};
+use gatehouse_simulator::RunningSimulator;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gatehouse_gateway::secret::Secret;
-use gatehouse_gateway::server::{self, Listening};
-use gatehouse_gateway::{Gateway, GatewayParts, SecretSettings};
 use gatehouse_portal_core::db::{AccessRuleRow, MemberRow, NewActivity, PoolRow};
 use gatehouse_portal_core::ops::{NewSubscription, PortalSettings};
 use gatehouse_portal_core::push::Publisher;
-use gatehouse_portal_core::{ConfigDb, Portal, SessionUser};
-use gatehouse_schema::ConfigSnapshot;
-use gatehouse_schema::portal::Role;
-use gatehouse_simulator::{RunningSimulator, Simulator, SimulatorConfig};
+use gatehouse_portal_core::{ConfigDb, Portal};
 use serde_json::{Value, json};
-use time::OffsetDateTime;
-
-const ADMIN_TOKEN: &str = "portal-test-admin-token-0123456789";
-
-struct TestGateway {
-    url: String,
-    listening: Listening,
-    _state: tempfile::TempDir,
-}
-
-async fn gateway_at(addr: SocketAddr) -> TestGateway {
-    let state = tempfile::tempdir().unwrap();
-    let snapshot: ConfigSnapshot = serde_json::from_value(json!({"version": 0})).unwrap();
-    let gateway = Gateway::new(GatewayParts {
-        id: "portal-test".to_owned(),
-        snapshot,
-        state_dir: state.path().to_path_buf(),
-        admin_token: Some(Secret::new(ADMIN_TOKEN.to_owned())),
-        audit: None,
-        access_log: false,
-        limits: Default::default(),
-        secrets: SecretSettings::default(),
-    })
-    .await
-    .unwrap();
-    let (listening, _task) = server::spawn(gateway, addr, None).await.unwrap();
-    TestGateway {
-        url: format!("http://{}", listening.addr),
-        listening,
-        _state: state,
-    }
-}
-
-async fn simulator() -> RunningSimulator {
-    Simulator::start(
-        SimulatorConfig {
-            id: "sim".to_owned(),
-            ..SimulatorConfig::default()
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap()
-}
-
-fn admin() -> SessionUser {
-    SessionUser {
-        subject: "admin-oid".into(),
-        name: "Ada Admin".into(),
-        roles: vec![Role::Admin],
-        led_groups: vec![],
-        signed_in_at: OffsetDateTime::now_utc(),
-        dev: false,
-    }
-}
 
 fn portal(db: &ConfigDb) -> Portal {
     Portal {

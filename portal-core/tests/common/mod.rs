@@ -2,7 +2,17 @@
 //! database created for the test and dropped after it).
 #![allow(dead_code, reason = "each test file uses a part")]
 
-use gatehouse_portal_core::ConfigDb;
+use std::net::SocketAddr;
+
+use gatehouse_gateway::secret::Secret;
+use gatehouse_gateway::server::{self, Listening};
+use gatehouse_gateway::{Gateway, GatewayParts, SecretSettings};
+use gatehouse_portal_core::{ConfigDb, SessionUser};
+use gatehouse_schema::ConfigSnapshot;
+use gatehouse_schema::portal::Role;
+use gatehouse_simulator::{RunningSimulator, Simulator, SimulatorConfig};
+use serde_json::json;
+use time::OffsetDateTime;
 
 /// A database and what keeps it alive.
 pub struct TestDb {
@@ -74,5 +84,66 @@ pub async fn postgres() -> TestDb {
         url,
         _dir: None,
         database: Some(database),
+    }
+}
+
+/// The admin token of the test gateways.
+pub const ADMIN_TOKEN: &str = "portal-test-admin-token-0123456789";
+
+/// An in-process gateway on loopback.
+pub struct TestGateway {
+    pub url: String,
+    pub listening: Listening,
+    /// Its state directory (kept as long as the gateway).
+    pub state_dir: tempfile::TempDir,
+}
+
+/// A gateway on `addr` (port 0: any), started empty at version 0 so that the portal's first
+/// version is accepted, with [`ADMIN_TOKEN`].
+pub async fn gateway_at(addr: SocketAddr) -> TestGateway {
+    let state = tempfile::tempdir().unwrap();
+    let snapshot: ConfigSnapshot = serde_json::from_value(json!({"version": 0})).unwrap();
+    let gateway = Gateway::new(GatewayParts {
+        id: "portal-test".to_owned(),
+        snapshot,
+        state_dir: state.path().to_path_buf(),
+        admin_token: Some(Secret::new(ADMIN_TOKEN.to_owned())),
+        audit: None,
+        access_log: false,
+        limits: Default::default(),
+        secrets: SecretSettings::default(),
+    })
+    .await
+    .unwrap();
+    let (listening, _task) = server::spawn(gateway, addr, None).await.unwrap();
+    TestGateway {
+        url: format!("http://{}", listening.addr),
+        listening,
+        state_dir: state,
+    }
+}
+
+/// The simulator backend on a free loopback port.
+pub async fn simulator() -> RunningSimulator {
+    Simulator::start(
+        SimulatorConfig {
+            id: "sim".to_owned(),
+            ..SimulatorConfig::default()
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap()
+}
+
+/// A signed-in Admin.
+pub fn admin() -> SessionUser {
+    SessionUser {
+        subject: "admin-oid".into(),
+        name: "Ada Admin".into(),
+        roles: vec![Role::Admin],
+        led_groups: vec![],
+        signed_in_at: OffsetDateTime::now_utc(),
+        dev: false,
     }
 }
