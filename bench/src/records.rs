@@ -242,12 +242,15 @@ impl Generator {
         let mut id_bytes = [0u8; 16];
         id_bytes[..8].copy_from_slice(&rng.next_u64().to_le_bytes());
         id_bytes[8..].copy_from_slice(&rng.next_u64().to_le_bytes());
-        // A random (version 4) UUID, as clients and the gateway make `x-request-id`s.
-        let id = uuid::Builder::from_random_bytes(id_bytes).into_uuid();
         let jitter_ms = rng.below(2_000) as i64;
         let time_generated = self.first
             + time::Duration::nanoseconds(self.step_ns.saturating_mul(i as i64))
             + time::Duration::milliseconds(jitter_ms);
+        // A time-ordered (version 7) UUID of the call's time, as the gateway makes them.
+        let millis = u64::try_from(time_generated.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+        let mut random = [0u8; 10];
+        random.copy_from_slice(&id_bytes[..10]);
+        let id = uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid();
 
         let user = rng.below(self.users);
         let user_name = user_name(user);

@@ -80,6 +80,16 @@ impl SqlStore {
     /// Connects to `sqlite:PATH` (created if missing) or `postgres://…`. Run [`SqlStore::migrate`]
     /// before use.
     pub async fn connect(url: &str) -> Result<SqlStore, StoreError> {
+        SqlStore::connect_with_cache(url, DEFAULT_SQLITE_WRITER_CACHE_MIB).await
+    }
+
+    /// Like [`SqlStore::connect`], with the SQLite writer's page cache set to `writer_cache_mib`
+    /// MiB (ignored on PostgreSQL). A larger cache keeps more index pages of a large store in
+    /// memory, at the cost of the process's resident memory.
+    pub async fn connect_with_cache(
+        url: &str,
+        writer_cache_mib: u32,
+    ) -> Result<SqlStore, StoreError> {
         if url.starts_with("sqlite:") {
             let options = SqliteConnectOptions::from_str(url)?
                 .create_if_missing(true)
@@ -92,7 +102,10 @@ impl SqlStore {
                 .connect_with(
                     options
                         .clone()
-                        .pragma("cache_size", "-65536")
+                        .pragma(
+                            "cache_size",
+                            format!("-{}", u64::from(writer_cache_mib.max(1)) * 1024),
+                        )
                         .pragma("temp_store", "MEMORY")
                         .pragma("wal_autocheckpoint", WRITER_AUTOCHECKPOINT_PAGES),
                 )
@@ -163,7 +176,12 @@ impl SqlStore {
 
     /// Connects and migrates.
     pub async fn open(url: &str) -> Result<SqlStore, StoreError> {
-        let store = SqlStore::connect(url).await?;
+        SqlStore::open_with_cache(url, DEFAULT_SQLITE_WRITER_CACHE_MIB).await
+    }
+
+    /// Connects with [`SqlStore::connect_with_cache`] and migrates.
+    pub async fn open_with_cache(url: &str, writer_cache_mib: u32) -> Result<SqlStore, StoreError> {
+        let store = SqlStore::connect_with_cache(url, writer_cache_mib).await?;
         store.migrate().await?;
         Ok(store)
     }
@@ -225,6 +243,9 @@ impl AuditSink for SqlStore {
         }
     }
 }
+
+/// The SQLite writer's page cache unless told otherwise, MiB.
+pub const DEFAULT_SQLITE_WRITER_CACHE_MIB: u32 = 64;
 
 /// How often the checkpointer copies the write-ahead log into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
