@@ -369,18 +369,32 @@ async fn serve_call(
     let started = Instant::now();
     let runtime = gateway.runtime();
     let (parts, body) = request.into_parts();
-    // 1. Request id.
-    let request_id = request_id(&parts);
+    // 1. Request id: the record's CorrelationId is always the gateway's own, so that no client
+    //    can make two calls share one (the store keeps one record per CorrelationId: a reused id
+    //    would hide the second call). The client's own id is echoed and passed on.
+    let correlation_id = uuid::Uuid::now_v7().to_string();
+    let client_request_id = client_request_id(&parts);
+    let echoed_id = client_request_id
+        .clone()
+        .unwrap_or_else(|| correlation_id.clone());
     // 2. Caller address.
     let caller = caller::resolve(peer, &parts.headers, &runtime.snapshot.trusted_proxies);
+    let span = tracing::info_span!(
+        "call",
+        request_id = %correlation_id,
+        client_request_id = tracing::field::Empty
+    );
+    if let Some(id) = &client_request_id {
+        span.record("client_request_id", id.as_str());
+    }
     let mut record = Some(CallRecord::new(
         &gateway.id,
-        &request_id,
+        &correlation_id,
+        client_request_id,
         &parts,
         caller,
         started,
     ));
-    let span = tracing::info_span!("call", request_id = %request_id);
     let outcome = pipeline(&gateway, &runtime, &parts, body, &mut record)
         .instrument(span.clone())
         .await;
@@ -395,11 +409,17 @@ async fn serve_call(
             error.into_response()
         }
     };
-    if let Ok(value) = HeaderValue::from_str(&request_id) {
+    if let Ok(value) = HeaderValue::from_str(&echoed_id) {
         response.headers_mut().insert("x-request-id", value);
+    }
+    if let Ok(value) = HeaderValue::from_str(&correlation_id) {
+        response.headers_mut().insert(CORRELATION_ID_HEADER, value);
     }
     response
 }
+
+/// The response header that names the call's `CorrelationId` in the audit store.
+pub const CORRELATION_ID_HEADER: &str = "x-gatehouse-correlation-id";
 
 async fn pipeline(
     gateway: &Arc<Gateway>,
@@ -518,8 +538,9 @@ async fn read_body(parts: &Parts, body: Body, limit: u64) -> Result<bytes::Bytes
     }
 }
 
-/// The client's `x-request-id` when it is a sane token, else a new UUIDv7.
-fn request_id(parts: &Parts) -> String {
+/// The client's `x-request-id` when it is a sane token (nothing that could smuggle text into a
+/// log line or a header).
+fn client_request_id(parts: &Parts) -> Option<String> {
     parts
         .headers
         .get("x-request-id")
@@ -530,5 +551,5 @@ fn request_id(parts: &Parts) -> String {
                 && v.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
         })
-        .map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_owned)
+        .map(str::to_owned)
 }

@@ -3,8 +3,10 @@
 //! Clients call it exactly as they call Azure OpenAI or OpenAI. One request passes these steps,
 //! each a module with one job:
 //!
-//! 1. **Accept** ([`server`]): HTTP/1.1 and HTTP/2, optional TLS; the request id (`x-request-id`
-//!    in, or a new UUIDv7) becomes the audit record's `CorrelationId` ([`app`]).
+//! 1. **Accept** ([`server`]): HTTP/1.1 and HTTP/2, optional TLS; a new UUIDv7 becomes the audit
+//!    record's `CorrelationId`, sent back as `x-gatehouse-correlation-id` ([`app`]). A client's
+//!    own `x-request-id` is echoed, passed to the backend and logged, but never used as the
+//!    record's id: the store keeps one record per `CorrelationId`, so a reused id would hide a call.
 //! 2. **Caller address** ([`caller`]): the peer, and `X-Forwarded-For` from trusted proxies only.
 //! 3. **Authenticate** ([`auth`], [`entra`]): a subscription key from `api-key`,
 //!    `Ocp-Apim-Subscription-Key`, `subscription-key` or `Authorization: Bearer`, checked against

@@ -153,7 +153,11 @@ pub async fn forward(
         let headers = upstream_headers(
             &parts.headers,
             credential,
-            record.as_ref().map(|r| r.record.correlation_id.as_str()),
+            record.as_ref().map(|r| {
+                r.client_request_id
+                    .as_deref()
+                    .unwrap_or(&r.record.correlation_id)
+            }),
         );
         let url = String::from(url);
         if let Some(record) = record.as_mut() {
@@ -546,7 +550,7 @@ async fn credential_header(
 fn upstream_headers(
     client: &HeaderMap,
     credential: Option<(HeaderName, HeaderValue)>,
-    correlation_id: Option<&str>,
+    request_id: Option<&str>,
 ) -> HeaderMap {
     let mut headers = HeaderMap::with_capacity(client.len() + 2);
     for (name, value) in client {
@@ -557,7 +561,7 @@ fn upstream_headers(
     if let Some((name, value)) = credential {
         headers.insert(name, value);
     }
-    if let Some(id) = correlation_id.and_then(|id| HeaderValue::from_str(id).ok()) {
+    if let Some(id) = request_id.and_then(|id| HeaderValue::from_str(id).ok()) {
         headers.insert("x-request-id", id);
     }
     // What the backends always received (reqwest's default) when the client named none.

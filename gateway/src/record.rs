@@ -24,6 +24,9 @@ pub struct CallRecord {
     pub backend_started: Option<Instant>,
     /// Tokens held by usage limits, reconciled with the usage when the record is finished.
     pub reservation: Option<Reservation>,
+    /// The client's own `x-request-id`, when it sent a sane one: echoed to it and passed to the
+    /// backend. Never the record's `CorrelationId`, which the gateway always makes itself.
+    pub client_request_id: Option<String>,
 }
 
 impl CallRecord {
@@ -31,6 +34,7 @@ impl CallRecord {
     pub fn new(
         gateway_id: &str,
         correlation_id: &str,
+        client_request_id: Option<String>,
         parts: &Parts,
         caller: Caller,
         started: Instant,
@@ -89,6 +93,7 @@ impl CallRecord {
             started,
             backend_started: None,
             reservation: None,
+            client_request_id,
         }
     }
 

@@ -17,7 +17,8 @@ pub struct AuditRecord {
     /// When the gateway started processing the request.
     #[serde(with = "time::serde::rfc3339")]
     pub time_generated: OffsetDateTime,
-    /// The request id (`x-request-id`), the join key between the two tables.
+    /// The gateway's id of the call (a UUIDv7, never the client's `x-request-id`), the join key
+    /// between the two tables.
     pub correlation_id: String,
     /// The id of the gateway instance that handled the call.
     pub gateway_id: String,

@@ -516,7 +516,7 @@ fn usage_settles_reservations() {
         peer: local,
     };
     let mut record =
-        crate::record::CallRecord::new("g", "c", &parts, caller, std::time::Instant::now())
+        crate::record::CallRecord::new("g", "c", None, &parts, caller, std::time::Instant::now())
             .finish(503, 0);
     // No backend answered: nothing was used.
     assert_eq!(tokens_used(&record), Some(0));

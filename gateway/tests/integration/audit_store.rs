@@ -39,6 +39,11 @@ async fn streamed_call_is_stored_as_the_client_saw_it(store: SqlStore) {
         .send()
         .await
         .unwrap();
+    assert_eq!(response.headers()["x-request-id"], "store-stream-1");
+    let correlation_id = response.headers()["x-gatehouse-correlation-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     let body = response.text().await.unwrap();
     let client_text: String = body
         .lines()
@@ -53,10 +58,32 @@ async fn streamed_call_is_stored_as_the_client_saw_it(store: SqlStore) {
         })
         .collect();
     assert!(!client_text.is_empty());
+    // A second call that reuses the client's request id is a call of its own, recorded too: the
+    // record's CorrelationId is the gateway's, never the client's.
+    let again = gw
+        .post(&chat_path("gpt-4o"))
+        .header("x-forwarded-for", "198.51.100.44")
+        .header("x-request-id", "store-stream-1")
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200);
+    let again_id = again.headers()["x-gatehouse-correlation-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(again_id, correlation_id);
+    again.text().await.unwrap();
     gw.stop().await;
 
+    assert!(
+        store.call("store-stream-1").await.unwrap().is_none(),
+        "the client's id is not a CorrelationId"
+    );
+    assert!(store.call(&again_id).await.unwrap().is_some());
     let detail = store
-        .call("store-stream-1")
+        .call(&correlation_id)
         .await
         .unwrap()
         .expect("the call is stored");
@@ -83,8 +110,16 @@ async fn streamed_call_is_stored_as_the_client_saw_it(store: SqlStore) {
         })
         .await
         .unwrap();
-    assert_eq!(by_ip.items.len(), 1);
-    assert_eq!(by_ip.items[0].correlation_id, "store-stream-1");
+    assert_eq!(by_ip.items.len(), 2, "both calls are on record");
+    let mut ids: Vec<&str> = by_ip
+        .items
+        .iter()
+        .map(|c| c.correlation_id.as_str())
+        .collect();
+    ids.sort_unstable();
+    let mut expected = [correlation_id.as_str(), again_id.as_str()];
+    expected.sort_unstable();
+    assert_eq!(ids, expected);
 }
 
 #[tokio::test]

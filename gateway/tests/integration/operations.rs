@@ -86,11 +86,23 @@ async fn every_call_logs_one_structured_line_with_its_request_id_and_caller() {
         .send()
         .await
         .unwrap();
+    assert_eq!(response.headers()["x-request-id"], "req-log-42");
+    let correlation_id = response.headers()["x-gatehouse-correlation-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     response.text().await.unwrap();
     let record = gw.records(1).await.remove(0);
     assert_eq!(record.caller_ip_address, "198.51.100.7");
     assert_eq!(record.peer_ip_address, "127.0.0.1");
-    assert_eq!(record.correlation_id, "req-log-42");
+    // The record's id is the gateway's own (a time-ordered UUID), named in the response.
+    assert_eq!(record.correlation_id, correlation_id);
+    assert_eq!(
+        uuid::Uuid::parse_str(&record.correlation_id)
+            .unwrap()
+            .get_version_num(),
+        7
+    );
 
     let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
     let line = text
@@ -98,7 +110,12 @@ async fn every_call_logs_one_structured_line_with_its_request_id_and_caller() {
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
         .find(|l| l["fields"]["message"] == "call finished")
         .unwrap_or_else(|| panic!("no `call finished` line in:\n{text}"));
-    assert_eq!(line["span"]["request_id"], "req-log-42", "{line}");
+    assert_eq!(
+        line["span"]["request_id"],
+        correlation_id.as_str(),
+        "{line}"
+    );
+    assert_eq!(line["span"]["client_request_id"], "req-log-42", "{line}");
     assert_eq!(line["fields"]["status"], 200);
     assert_eq!(line["fields"]["operation"], "chatcompletions_create");
     assert_eq!(line["fields"]["caller_ip"], "198.51.100.7");
