@@ -1,4 +1,5 @@
-//! The alerts page (Admin): every rule, whether it fires, since when, what was observed last.
+//! The alerts page (Admin): every rule, whether it fires, since when, what was observed last, and
+//! the subjects (pool members, quota subjects, subscription keys) that fire or are being watched.
 
 use leptos::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -22,6 +23,19 @@ pub struct AlertView {
     pub checked_at: Option<String>,
     /// Why the last evaluation or notification failed.
     pub error: Option<String>,
+    /// The subjects that fire or are being watched.
+    pub subjects: Vec<AlertSubjectView>,
+}
+
+/// One subject of a rule that fires or is being watched.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlertSubjectView {
+    /// Whether it fires.
+    pub firing: bool,
+    /// Firing: since when; watched: since when its condition holds (UTC).
+    pub since: String,
+    /// What was observed last.
+    pub observed: String,
 }
 
 /// The alert rules and their states: Admin.
@@ -35,12 +49,23 @@ pub async fn list_alerts() -> Result<Vec<AlertView>, ServerFnError> {
         .into_iter()
         .map(|state| AlertView {
             name: state.rule.name.clone(),
-            condition: format!("{:?}", state.rule.condition),
+            condition: serde_json::to_string(&state.rule.condition).unwrap_or_default(),
             firing: state.firing,
             since: state.since.map(iso_utc),
             observed: state.observed,
             checked_at: state.checked_at.map(iso_utc),
             error: state.error,
+            subjects: state
+                .subjects
+                .into_iter()
+                // A rule watching one figure has one unnamed subject: its row says it all.
+                .filter(|subject| !subject.subject.is_empty())
+                .map(|subject| AlertSubjectView {
+                    firing: subject.firing,
+                    since: iso_utc(subject.since),
+                    observed: subject.observed,
+                })
+                .collect(),
         })
         .collect())
 }
@@ -91,7 +116,28 @@ pub fn Alerts() -> impl IntoView {
                                                             <span class=class>{state}</span>
                                                             {a.error.map(|e| view! { <span class="error-text">{e}</span> })}
                                                         </td>
-                                                        <td>{a.observed.unwrap_or_default()}</td>
+                                                        <td>
+                                                            {a.observed.unwrap_or_default()}
+                                                            <ul class="alert-subjects">
+                                                                {a
+                                                                    .subjects
+                                                                    .into_iter()
+                                                                    .map(|s| {
+                                                                        let label = if s.firing {
+                                                                            format!("firing since {}", s.since)
+                                                                        } else {
+                                                                            format!("watched since {}", s.since)
+                                                                        };
+                                                                        view! {
+                                                                            <li class="alert-subject">
+                                                                                <span class="muted">{label}": "</span>
+                                                                                {s.observed}
+                                                                            </li>
+                                                                        }
+                                                                    })
+                                                                    .collect_view()}
+                                                            </ul>
+                                                        </td>
                                                         <td>{a.checked_at.unwrap_or_else(|| "not yet".to_owned())}</td>
                                                         <td><code>{a.condition}</code></td>
                                                     </tr>

@@ -176,6 +176,24 @@ pub struct ActivityRow {
     pub after: Option<String>,
 }
 
+/// What the alerter last notified of one subject of one rule (see `insights::alerts`).
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow, Serialize, Deserialize)]
+pub struct AlertStateRow {
+    /// The rule's name.
+    pub rule_name: String,
+    /// The subject within the rule (a pool member, a quota's subject, a subscription key); empty
+    /// for a rule that watches one figure.
+    pub subject: String,
+    /// Whether its firing was notified (and its resolution not yet).
+    pub firing: bool,
+    /// Firing: since when it fires. Watched but not firing: since when its condition holds.
+    pub since: OffsetDateTime,
+    /// What was observed last, for a person.
+    pub observed: String,
+    /// When the row was written.
+    pub updated_at: OffsetDateTime,
+}
+
 /// An activity entry to write.
 #[derive(Debug, Clone)]
 pub struct NewActivity<'a> {
@@ -598,6 +616,48 @@ impl ConfigDb {
             .bind(key)
             .bind(value)
             .bind(OffsetDateTime::now_utc())
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(())
+    }
+
+    // ---- alert states ----
+
+    /// Every stored alert state, by rule and subject.
+    pub async fn alert_states(&self) -> Result<Vec<AlertStateRow>, PortalError> {
+        const SQL: &str = "SELECT rule_name, subject, firing, since, observed, updated_at FROM alert_states ORDER BY rule_name, subject";
+        Ok(on_pool!(self, |pool| sqlx::query_as(SQL)
+            .fetch_all(pool)
+            .await?))
+    }
+
+    /// Stores one alert state, replacing the one of the same rule and subject.
+    pub async fn save_alert_state(&self, row: &AlertStateRow) -> Result<(), PortalError> {
+        const SQL: &str = "INSERT INTO alert_states (rule_name, subject, firing, since, observed, updated_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (rule_name, subject) DO UPDATE SET firing = excluded.firing, since = excluded.since, observed = excluded.observed, updated_at = excluded.updated_at";
+        on_pool!(self, |pool| sqlx::query(SQL)
+            .bind(&row.rule_name)
+            .bind(&row.subject)
+            .bind(row.firing)
+            .bind(row.since)
+            .bind(&row.observed)
+            .bind(row.updated_at)
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(())
+    }
+
+    /// Forgets one alert state.
+    pub async fn delete_alert_state(
+        &self,
+        rule_name: &str,
+        subject: &str,
+    ) -> Result<(), PortalError> {
+        const SQL: &str = "DELETE FROM alert_states WHERE rule_name = $1 AND subject = $2";
+        on_pool!(self, |pool| sqlx::query(SQL)
+            .bind(rule_name)
+            .bind(subject)
             .execute(pool)
             .await?
             .rows_affected());

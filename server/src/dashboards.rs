@@ -39,7 +39,8 @@ pub struct InsightsSettings {
     pub log_analytics: Option<LogAnalyticsSettings>,
     /// Prices per model, for the cost estimate.
     pub prices: PriceTable,
-    /// Alert rules, evaluated every minute against the source.
+    /// Alert rules, evaluated every minute against the source, the gateways and the config
+    /// database.
     pub alert_rules: Vec<AlertRule>,
     /// Where alerts are sent (a Slack or Teams incoming webhook URL, as a secret reference).
     pub alert_webhook: Option<SecretRef>,
@@ -67,27 +68,31 @@ impl InsightsSettings {
             )),
             (None, None) => None,
         };
-        let alerter = match (&source, self.alert_rules.is_empty()) {
-            (_, true) => None,
-            (None, false) => anyhow::bail!("alert rules need an audit source"),
-            (Some(source), false) => {
-                let webhook = match &self.alert_webhook {
-                    None => None,
-                    Some(reference) => {
-                        let value = gatehouse_portal_core::secret::resolve(reference)
-                            .await
-                            .map_err(|error| anyhow::anyhow!("alert webhook: {error}"))?;
-                        // The URL is a credential: the error does not repeat it.
-                        Some(url::Url::parse(value.trim()).map_err(|_| {
-                            anyhow::anyhow!("alert webhook {}: not a URL", reference.as_str())
-                        })?)
-                    }
-                };
-                Some(Arc::new(
-                    Alerter::new(Arc::clone(source), self.alert_rules.clone(), webhook)
-                        .context("alert webhook client")?,
-                ))
-            }
+        let alerter = if self.alert_rules.is_empty() {
+            None
+        } else {
+            let webhook = match &self.alert_webhook {
+                None => None,
+                Some(reference) => {
+                    let value = gatehouse_portal_core::secret::resolve(reference)
+                        .await
+                        .map_err(|error| anyhow::anyhow!("alert webhook: {error}"))?;
+                    // The URL is a credential: the error does not repeat it.
+                    Some(url::Url::parse(value.trim()).map_err(|_| {
+                        anyhow::anyhow!("alert webhook {}: not a URL", reference.as_str())
+                    })?)
+                }
+            };
+            Some(Arc::new(
+                Alerter::new(
+                    db.clone(),
+                    source.clone(),
+                    self.alert_rules.clone(),
+                    webhook,
+                )
+                .await
+                .context("alert rules")?,
+            ))
         };
         let insights = Insights::new(source, db, self.prices.clone());
         Ok(match alerter {

@@ -47,19 +47,27 @@ pub async fn start_with(
     oidc: Option<OidcSettings>,
     adjust: impl FnOnce(&mut Settings),
 ) -> TestPortal {
+    try_start_with(oidc, adjust).await.unwrap()
+}
+
+/// Starts a portal after `adjust` changed its settings, or says why it would not start.
+pub async fn try_start_with(
+    oidc: Option<OidcSettings>,
+    adjust: impl FnOnce(&mut Settings),
+) -> anyhow::Result<TestPortal> {
     let dir = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let mut settings = settings(&dir, addr, oidc);
     adjust(&mut settings);
-    let server = build(settings).await.unwrap();
+    let server = build(settings).await?;
     let router = server.router.clone();
     tokio::spawn(async move { axum::serve(listener, router).await });
-    TestPortal {
+    Ok(TestPortal {
         url: format!("http://{addr}"),
         server,
         _dir: dir,
-    }
+    })
 }
 
 /// A browser stand-in: no redirects followed, the session cookie kept by hand.
