@@ -990,7 +990,7 @@ async fn postgres_a_reopened_store_keeps_its_rows() {
 }
 
 #[tokio::test]
-async fn postgres_a_store_at_migration_3_keeps_its_rows_in_day_partitions() {
+async fn postgres_a_store_at_migration_3_keeps_its_rows_in_day_and_month_partitions() {
     let (url, database) = postgres_database().await;
     let _drop = TestStore {
         store: SqlStore::connect(&url).await.unwrap(),
@@ -1012,13 +1012,21 @@ async fn postgres_a_store_at_migration_3_keeps_its_rows_in_day_partitions() {
         .collect::<Vec<_>>()
         .into();
     migrator.run(&pool).await.unwrap();
-    // Two calls a day on three days, as the store wrote them before 0004.
+    // Calls every 11 hours over the last three days, and two more than a year ago, as the store
+    // wrote them before 0004. Times are relative to now: 0004 gives days from the previous month
+    // on a partition each and older months one partition per month.
+    let start = OffsetDateTime::now_utc().date().midnight().assume_utc() - Duration::days(3)
+        + Duration::hours(1);
+    let times: Vec<OffsetDateTime> = (0..6)
+        .map(|i| start + Duration::hours(11 * i))
+        .chain([start - Duration::days(400), start - Duration::days(399)])
+        .collect();
     sqlx::query(
         r#"INSERT INTO "GatehouseGatewayLogs" ("TimeGenerated", "CorrelationId", "OperationName", "Category", "GatewayId", "OperationId", "CallerIpAddress", "CallerIpKey", "PeerIpAddress", "Method", "Url", "ClientProtocol", "ResponseCode", "IsRequestSuccess", "RequestSize", "ResponseSize", "TotalTime", "BackendTime", "Groups", "IsStreamCompletion", "PromptTokens", "CompletionTokens", "TotalTokens", "TokensEstimated", "Attempts", "AttemptCount", "RequestBodyTruncated", "ResponseBodyTruncated", "ClientAborted")
-           SELECT $1::timestamptz + i * interval '11 hours', 'old-' || i, 'Microsoft.ApiManagement/GatewayLogs', 'GatewayLogs', 'gw-1', 'chatcompletions_create', '198.51.100.7', 'k', '10.0.0.1', 'POST', '/', 'HTTP/1.1', 200, true, 1, 1, 100, 90, '[]', false, 10, 5, 15, false, '[]', 1, false, false, false
-           FROM generate_series(0, 5) i"#,
+           SELECT ($1::timestamptz[])[i + 1], 'old-' || i, 'Microsoft.ApiManagement/GatewayLogs', 'GatewayLogs', 'gw-1', 'chatcompletions_create', '198.51.100.7', 'k', '10.0.0.1', 'POST', '/', 'HTTP/1.1', 200, true, 1, 1, 100, 90, '[]', false, 10, 5, 15, false, '[]', 1, false, false, false
+           FROM generate_series(0, 7) i"#,
     )
-    .bind(day(0) + Duration::hours(1))
+    .bind(&times)
     .execute(&pool)
     .await
     .unwrap();
@@ -1043,13 +1051,18 @@ async fn postgres_a_store_at_migration_3_keeps_its_rows_in_day_partitions() {
 
     let store = SqlStore::open(&url).await.unwrap();
     let pool = store.postgres_pool().unwrap();
-    assert_eq!(row_counts(pool).await, vec![6, 6, 6, 12]);
-    for (i, d) in [(0, 0), (1, 0), (2, 0), (3, 1), (4, 1), (5, 2)] {
+    assert_eq!(row_counts(pool).await, vec![8, 8, 8, 16]);
+    for (i, at) in times.iter().enumerate() {
         let id = format!("old-{i}");
         for table in DAILY_TABLES {
+            let expected = if i < 6 {
+                partition_name(table, *at)
+            } else {
+                format!("{table}_p{:04}{:02}", at.year(), u8::from(at.month()))
+            };
             assert_eq!(
                 partitions_holding(pool, table, &id).await,
-                vec![partition_name(table, day(d))],
+                vec![expected],
                 "{table} {id}"
             );
         }
@@ -1068,14 +1081,14 @@ async fn postgres_a_store_at_migration_3_keeps_its_rows_in_day_partitions() {
         .search(&SearchFilter {
             text: Some("ledger".into()),
             limit: 100,
-            ..SearchFilter::between(day(0), day(3))
+            ..SearchFilter::between(start - Duration::days(500), start + Duration::days(3))
         })
         .await
         .unwrap();
-    assert_eq!(found.items.len(), 6);
+    assert_eq!(found.items.len(), 8);
     // New calls continue the same RecordId sequence.
     store
-        .write(&[record_at("new", day(2) + Duration::hours(20))])
+        .write(&[record_at("new", start + Duration::hours(70))])
         .await
         .unwrap();
     let new_id: i64 = sqlx::query_scalar(
@@ -1085,6 +1098,17 @@ async fn postgres_a_store_at_migration_3_keeps_its_rows_in_day_partitions() {
     .await
     .unwrap();
     assert!(new_id > max_record_id);
+    // The month partitions go whole once the month is past the cutoff.
+    let cutoff = start - Duration::days(100);
+    let report = store.enforce_retention(cutoff, cutoff, 500).await.unwrap();
+    assert_eq!(
+        (report.metadata_removed, report.content_removed),
+        (2, 2),
+        "{report:?}"
+    );
+    assert!(report.partitions_dropped >= 4, "{report:?}");
+    assert!(store.call("old-6").await.unwrap().is_none());
+    assert_eq!(row_counts(pool).await, vec![7, 7, 7, 14]);
     store.close().await;
 }
 

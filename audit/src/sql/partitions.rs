@@ -1,10 +1,11 @@
 //! Daily partitions of the PostgreSQL store (migration 0004).
 //!
 //! The per-call tables are partitioned by range of `TimeGenerated`, one partition per UTC day
-//! named `<table>_pYYYYMMDD`, plus `<table>_default` for any time no day partition covers, so that
-//! no record is ever refused. The store creates the partitions of yesterday to
+//! named `<table>_pYYYYMMDD` (migration 0004 gave the months of an older history one partition
+//! each, `<table>_pYYYYMM`), plus `<table>_default` for any time no partition covers, so that no
+//! record is ever refused. The store creates the partitions of yesterday to
 //! [`DAYS_AHEAD`] days ahead at open and at every retention run ([`SqlStore::maintain_partitions`]);
-//! retention drops whole days ([`drop_days_before`]).
+//! retention drops whole partitions ([`drop_days_before`]).
 //!
 //! Creating or dropping a partition takes a brief exclusive lock on its parent table (and on the
 //! DEFAULT partition, which PostgreSQL checks): each is its own short transaction with a
@@ -15,8 +16,6 @@
 //!
 //! Partition names are built from dates computed here and table names from constants, quoted;
 //! never from a record.
-
-use std::collections::BTreeSet;
 
 use sqlx::{PgPool, Postgres, Transaction};
 use time::{Date, Duration, OffsetDateTime, Time};
@@ -84,16 +83,33 @@ fn partition_name(table: &str, day: Date) -> String {
     )
 }
 
-/// The day of a partition named by [`partition_name`], or `None` for any other name (DEFAULT).
-fn partition_day(table: &str, name: &str) -> Option<Date> {
+/// The days `[from, to)` a partition holds: one day for a name from [`partition_name`]
+/// (`_pYYYYMMDD`), a calendar month for `_pYYYYMM` (migration 0004 gives the months of a long
+/// history one partition each), `None` for any other name (DEFAULT).
+fn partition_range(table: &str, name: &str) -> Option<(Date, Date)> {
     let digits = name.strip_prefix(table)?.strip_prefix("_p")?;
-    if digits.len() != 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    let year: i32 = digits[0..4].parse().ok()?;
-    let month: u8 = digits[4..6].parse().ok()?;
-    let day: u8 = digits[6..8].parse().ok()?;
-    Date::from_calendar_date(year, time::Month::try_from(month).ok()?, day).ok()
+    let year: i32 = digits.get(0..4)?.parse().ok()?;
+    let month = time::Month::try_from(digits.get(4..6)?.parse::<u8>().ok()?).ok()?;
+    match digits.len() {
+        8 => {
+            let day = Date::from_calendar_date(year, month, digits[6..8].parse().ok()?).ok()?;
+            Some((day, day.next_day()?))
+        }
+        6 => {
+            let first = Date::from_calendar_date(year, month, 1).ok()?;
+            let next = match month {
+                time::Month::December => {
+                    Date::from_calendar_date(year + 1, time::Month::January, 1)
+                }
+                _ => Date::from_calendar_date(year, month.next(), 1),
+            };
+            Some((first, next.ok()?))
+        }
+        _ => None,
+    }
 }
 
 /// Midnight UTC at the start of `day`.
@@ -111,20 +127,21 @@ fn bound_literal(day: Date) -> String {
     )
 }
 
-/// The partitions of `table` with their day, oldest first; the DEFAULT partition is not listed.
+/// The partitions of `table` with the days `[from, to)` they hold, oldest first; the DEFAULT
+/// partition is not listed.
 async fn day_partitions(
     pool: &PgPool,
     table: DailyTable,
-) -> Result<Vec<(Date, String)>, StoreError> {
+) -> Result<Vec<(Date, Date, String)>, StoreError> {
     let names: Vec<String> = sqlx::query_scalar(
         "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = to_regclass($1)",
     )
     .bind(quoted(table.name))
     .fetch_all(pool)
     .await?;
-    let mut days: Vec<(Date, String)> = names
+    let mut days: Vec<(Date, Date, String)> = names
         .into_iter()
-        .filter_map(|name| partition_day(table.name, &name).map(|day| (day, name)))
+        .filter_map(|name| partition_range(table.name, &name).map(|(from, to)| (from, to, name)))
         .collect();
     days.sort();
     Ok(days)
@@ -239,7 +256,7 @@ async fn default_days(
         .await?)
 }
 
-/// Drops the whole day partitions of `table` that end at or before `cutoff`, each in its own short
+/// Drops the whole partitions of `table` that end at or before `cutoff`, each in its own short
 /// transaction, counting its rows first. Returns (rows removed, partitions dropped).
 pub(crate) async fn drop_days_before(
     pool: &PgPool,
@@ -248,9 +265,8 @@ pub(crate) async fn drop_days_before(
 ) -> Result<(u64, u64), StoreError> {
     let mut rows = 0;
     let mut dropped = 0;
-    for (day, name) in day_partitions(pool, table).await? {
-        let Some(next) = day.next_day() else { break };
-        if start_of(next) > cutoff {
+    for (_, to, name) in day_partitions(pool, table).await? {
+        if start_of(to) > cutoff {
             break;
         }
         let mut tx = partition_transaction(pool).await?;
@@ -318,14 +334,15 @@ impl SqlStore {
         };
         let mut created = 0;
         for table in TABLES {
-            let existing: BTreeSet<Date> = day_partitions(pool, table)
-                .await?
-                .into_iter()
-                .map(|(day, _)| day)
-                .collect();
+            let existing = day_partitions(pool, table).await?;
+            let covered = |day: Date| {
+                existing
+                    .iter()
+                    .any(|(from, to, _)| *from <= day && day < *to)
+            };
             let mut day = first;
             while day <= last {
-                if !existing.contains(&day) && create_day(pool, table, day).await? {
+                if !covered(day) && create_day(pool, table, day).await? {
                     created += 1;
                 }
                 match day.next_day() {
@@ -346,19 +363,29 @@ mod tests {
 
     #[test]
     fn partition_names_round_trip() {
-        let name = partition_name("GatehouseCallContent", date!(2026 - 12 - 01));
+        let table = "GatehouseCallContent";
+        let name = partition_name(table, date!(2026 - 12 - 01));
         assert_eq!(name, "GatehouseCallContent_p20261201");
         assert_eq!(
-            partition_day("GatehouseCallContent", &name),
-            Some(date!(2026 - 12 - 01))
+            partition_range(table, &name),
+            Some((date!(2026 - 12 - 01), date!(2026 - 12 - 02)))
         );
         assert_eq!(
-            partition_day("GatehouseCallContent", "GatehouseCallContent_default"),
+            partition_range(table, "GatehouseCallContent_p202612"),
+            Some((date!(2026 - 12 - 01), date!(2027 - 01 - 01)))
+        );
+        assert_eq!(
+            partition_range(table, "GatehouseCallContent_p202602"),
+            Some((date!(2026 - 02 - 01), date!(2026 - 03 - 01)))
+        );
+        assert_eq!(partition_range(table, "GatehouseCallContent_default"), None);
+        assert_eq!(partition_range("GatehouseGatewayLogs", &name), None);
+        assert_eq!(
+            partition_range(table, "GatehouseCallContent_p20261332"),
             None
         );
-        assert_eq!(partition_day("GatehouseGatewayLogs", &name), None);
         assert_eq!(
-            partition_day("GatehouseCallContent", "GatehouseCallContent_p20261332"),
+            partition_range(table, "GatehouseCallContent_p2026120"),
             None
         );
         assert_eq!(

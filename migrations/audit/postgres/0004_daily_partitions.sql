@@ -10,7 +10,7 @@
 -- Unique keys must hold the partition key: a call is identified by ("CorrelationId",
 -- "TimeGenerated"), which a replayed record always repeats. The store creates the partitions of
 -- the coming days itself (audit/src/sql/partitions.rs); this migration creates those of the days
--- that already hold rows and moves every row, in the migration's transaction.
+-- (and months, below) that already hold rows and moves every row, in the migration's transaction.
 
 DROP VIEW "ApiManagementGatewayLogs";
 ALTER TABLE "GatehouseGatewayLogs" RENAME TO "GatehouseGatewayLogs_0003";
@@ -30,25 +30,44 @@ CREATE TABLE "GatehouseLlmLogPieces" (LIKE "ApiManagementGatewayLlmLog_0003" INC
 -- The RecordId sequence now belongs to the new table, so that dropping the old one keeps it.
 ALTER SEQUENCE "GatehouseGatewayLogs_RecordId_seq" OWNED BY "GatehouseGatewayLogs"."RecordId";
 
+-- Each new partition takes a few locks until the migration commits, and PostgreSQL's lock table
+-- is small (max_locks_per_transaction, 64 per connection by default): a store with a long history
+-- gets day partitions from the first day of the previous month on, and one partition per calendar
+-- month ("<table>_pYYYYMM") before that. Retention drops a month partition once the whole month
+-- is past its cutoff.
 DO $$
 DECLARE
     parent text;
     day date;
+    daily_from date := (date_trunc('month', now() AT TIME ZONE 'UTC') - interval '1 month')::date;
 BEGIN
     FOREACH parent IN ARRAY ARRAY['GatehouseGatewayLogs', 'GatehouseCallContent', 'GatehouseLlmLogHeaders', 'GatehouseLlmLogPieces'] LOOP
         EXECUTE format('CREATE TABLE %I PARTITION OF %I DEFAULT', parent || '_default', parent);
         FOR day IN
-            SELECT DISTINCT ("TimeGenerated" AT TIME ZONE 'UTC')::date FROM "GatehouseGatewayLogs_0003"
-            UNION SELECT DISTINCT ("TimeGenerated" AT TIME ZONE 'UTC')::date FROM "GatehouseCallContent_0003"
-            UNION SELECT DISTINCT ("TimeGenerated" AT TIME ZONE 'UTC')::date FROM "ApiManagementGatewayLlmLog_0003"
+            WITH days AS (
+                SELECT DISTINCT ("TimeGenerated" AT TIME ZONE 'UTC')::date AS held FROM "GatehouseGatewayLogs_0003"
+                UNION SELECT DISTINCT ("TimeGenerated" AT TIME ZONE 'UTC')::date FROM "GatehouseCallContent_0003"
+                UNION SELECT DISTINCT ("TimeGenerated" AT TIME ZONE 'UTC')::date FROM "ApiManagementGatewayLlmLog_0003"
+            )
+            SELECT DISTINCT CASE WHEN held >= daily_from THEN held ELSE date_trunc('month', held)::date END FROM days
         LOOP
-            EXECUTE format(
-                'CREATE TABLE %I PARTITION OF %I FOR VALUES FROM (%L) TO (%L)',
-                parent || '_p' || to_char(day, 'YYYYMMDD'),
-                parent,
-                to_char(day, 'YYYY-MM-DD') || ' 00:00:00+00',
-                to_char(day + 1, 'YYYY-MM-DD') || ' 00:00:00+00'
-            );
+            IF day >= daily_from THEN
+                EXECUTE format(
+                    'CREATE TABLE %I PARTITION OF %I FOR VALUES FROM (%L) TO (%L)',
+                    parent || '_p' || to_char(day, 'YYYYMMDD'),
+                    parent,
+                    to_char(day, 'YYYY-MM-DD') || ' 00:00:00+00',
+                    to_char(day + 1, 'YYYY-MM-DD') || ' 00:00:00+00'
+                );
+            ELSE
+                EXECUTE format(
+                    'CREATE TABLE %I PARTITION OF %I FOR VALUES FROM (%L) TO (%L)',
+                    parent || '_p' || to_char(day, 'YYYYMM'),
+                    parent,
+                    to_char(day, 'YYYY-MM-DD') || ' 00:00:00+00',
+                    to_char((day + interval '1 month')::date, 'YYYY-MM-DD') || ' 00:00:00+00'
+                );
+            END IF;
         END LOOP;
     END LOOP;
 END
