@@ -60,6 +60,16 @@ async fn sqlite() -> TestStore {
 }
 
 async fn postgres() -> TestStore {
+    let (url, database) = postgres_database().await;
+    TestStore {
+        store: SqlStore::open(&url).await.unwrap(),
+        _dir: None,
+        database: Some(database),
+    }
+}
+
+/// A new empty database: its URL and its name.
+async fn postgres_database() -> (String, String) {
     let database = format!("gh_audit_{}", uuid::Uuid::new_v4().simple());
     let admin = sqlx::PgPool::connect(&admin_url())
         .await
@@ -74,11 +84,7 @@ async fn postgres() -> TestStore {
         .rsplit_once('/')
         .map(|(base, _)| format!("{base}/{database}"))
         .unwrap();
-    TestStore {
-        store: SqlStore::open(&url).await.unwrap(),
-        _dir: None,
-        database: Some(database),
-    }
+    (url, database)
 }
 
 macro_rules! on_both_engines {
@@ -600,6 +606,580 @@ async fn chains_verify_from_the_store(store: &SqlStore) {
             broken.reason.to_string().as_str()
         ),
         ("call-00021", "removed"),
+        "{report:?}"
+    );
+}
+
+// PostgreSQL: the per-call tables are partitioned by UTC day (migration 0004).
+
+/// The partitioned tables.
+const DAILY_TABLES: [&str; 4] = [
+    "GatehouseGatewayLogs",
+    "GatehouseCallContent",
+    "GatehouseLlmLogHeaders",
+    "GatehouseLlmLogPieces",
+];
+
+/// Midnight UTC of day `n` of the partition tests (day 0 is 2026-11-20).
+fn day(n: i64) -> OffsetDateTime {
+    datetime!(2026-11-20 00:00:00 UTC) + Duration::days(n)
+}
+
+/// The name the store gives `table`'s partition of the day of `at`.
+fn partition_name(table: &str, at: OffsetDateTime) -> String {
+    let date = at.date();
+    format!(
+        "{table}_p{:04}{:02}{:02}",
+        date.year(),
+        u8::from(date.month()),
+        date.day()
+    )
+}
+
+/// A call with prompt, completion and bodies at `at`.
+fn record_at(id: &str, at: OffsetDateTime) -> AuditRecord {
+    let mut record = record(1);
+    record.correlation_id = id.to_owned();
+    record.time_generated = at;
+    record
+}
+
+/// The partitions of `table`, from the catalog.
+async fn partitions_of(pool: &sqlx::PgPool, table: &str) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = $1 ORDER BY 1",
+    )
+    .bind(table)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// The partitions of `table` that hold rows of call `id`.
+async fn partitions_holding(pool: &sqlx::PgPool, table: &str, id: &str) -> Vec<String> {
+    // `table` is one of the constants above.
+    sqlx::query_scalar(&format!(
+        r#"SELECT DISTINCT c.relname::text FROM "{table}" t JOIN pg_class c ON c.oid = t.tableoid WHERE t."CorrelationId" = $1"#
+    ))
+    .bind(id)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// Rows of each partitioned table, in the order of [`DAILY_TABLES`].
+async fn row_counts(pool: &sqlx::PgPool) -> Vec<i64> {
+    let mut counts = Vec::new();
+    for table in DAILY_TABLES {
+        let count: i64 = sqlx::query_scalar(&format!(r#"SELECT count(*) FROM "{table}""#))
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        counts.push(count);
+    }
+    counts
+}
+
+#[tokio::test]
+async fn postgres_retention_drops_whole_days_and_keeps_the_edge_exact() {
+    let test = postgres().await;
+    let store = &test.store;
+    let pool = store.postgres_pool().unwrap();
+    store
+        .create_partitions(day(0).date(), day(7).date())
+        .await
+        .unwrap();
+    // Eight days of four calls (06:00, 12:00, 18:00, 23:59:59), and one from a clock far behind.
+    let times = [
+        Duration::hours(6),
+        Duration::hours(12),
+        Duration::hours(18),
+        Duration::seconds(86_399),
+    ];
+    let mut batch: Vec<AuditRecord> = (0..8)
+        .flat_map(|d| {
+            times
+                .iter()
+                .enumerate()
+                .map(move |(i, t)| record_at(&format!("d{d}-{i}"), day(d) + *t))
+        })
+        .collect();
+    batch.push(record_at("long-ago", datetime!(2001-01-01 08:00:00 UTC)));
+    assert_eq!(store.write(&batch).await.unwrap(), 33);
+    for table in DAILY_TABLES {
+        let partitions = partitions_of(pool, table).await;
+        for d in 0..8 {
+            assert!(
+                partitions.contains(&partition_name(table, day(d))),
+                "{table} day {d}: {partitions:?}"
+            );
+        }
+        assert!(partitions.contains(&format!("{table}_default")));
+        assert_eq!(
+            partitions_holding(pool, table, "d3-1").await,
+            vec![partition_name(table, day(3))]
+        );
+        assert_eq!(
+            partitions_holding(pool, table, "long-ago").await,
+            vec![format!("{table}_default")]
+        );
+    }
+
+    // "Now" is day 7 at noon; content is kept 2 days, metadata 5.
+    let now = day(7) + Duration::hours(12);
+    let content_before = now - Duration::days(2); // day 5, 12:00
+    let metadata_before = now - Duration::days(5); // day 2, 12:00
+    let pieces_before: i64 = sqlx::query_scalar(
+        r#"SELECT count(*) FROM "ApiManagementGatewayLlmLog" WHERE "SequenceNumber" > 0 AND "TimeGenerated" < $1"#,
+    )
+    .bind(content_before)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert!(pieces_before >= 21, "{pieces_before}");
+    let report = store
+        .enforce_retention(content_before, metadata_before, 3)
+        .await
+        .unwrap();
+    // Content: days 0-4 whole (20 calls), day 5 at 06:00, and the call in DEFAULT.
+    assert_eq!(report.content_removed, 22, "{report:?}");
+    assert_eq!(report.message_pieces_removed, pieces_before as u64);
+    // Metadata: days 0-1 whole (8 calls), day 2 at 06:00, and the call in DEFAULT.
+    assert_eq!(report.metadata_removed, 10, "{report:?}");
+    assert_eq!(report.partitions_dropped, 5 + 5 + 2 + 2, "{report:?}");
+
+    // Whole days are gone from the catalog; the days inside the windows are still there.
+    for (table, first_kept) in [
+        ("GatehouseCallContent", 5),
+        ("GatehouseLlmLogPieces", 5),
+        ("GatehouseGatewayLogs", 2),
+        ("GatehouseLlmLogHeaders", 2),
+    ] {
+        let partitions = partitions_of(pool, table).await;
+        for d in 0..8 {
+            assert_eq!(
+                partitions.contains(&partition_name(table, day(d))),
+                d >= first_kept,
+                "{table} day {d}: {partitions:?}"
+            );
+        }
+    }
+    assert_eq!(
+        row_counts(pool).await,
+        vec![33 - 10, 33 - 22, 33 - 10, 11 * 2]
+    );
+
+    // Metadata older than its window is gone, at the exact edge too.
+    for gone in ["d0-0", "d1-3", "d2-0", "long-ago"] {
+        assert!(store.call(gone).await.unwrap().is_none(), "{gone}");
+    }
+    // Metadata kept without content: at the metadata cutoff itself, and up to the content cutoff.
+    for metadata_only in ["d2-1", "d4-3", "d5-0"] {
+        let call = store
+            .call(metadata_only)
+            .await
+            .unwrap()
+            .expect(metadata_only);
+        assert_eq!(call.prompt_tokens, Some(11), "{metadata_only}");
+        assert_eq!(call.summary.total_tokens, Some(16), "{metadata_only}");
+        assert_eq!(
+            (
+                call.backend_request_body,
+                call.backend_response_body,
+                call.request_messages,
+                call.response_messages
+            ),
+            (None, None, None, None),
+            "{metadata_only}"
+        );
+    }
+    // Content kept inside its window, from the content cutoff itself.
+    for whole in ["d5-1", "d6-0", "d7-3"] {
+        let call = store.call(whole).await.unwrap().expect(whole);
+        assert!(
+            call.backend_request_body.is_some()
+                && call.backend_response_body.is_some()
+                && call.request_messages.is_some()
+                && call.response_messages.is_some(),
+            "{whole}"
+        );
+    }
+
+    // A second run finds nothing more.
+    let again = store
+        .enforce_retention(content_before, metadata_before, 3)
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            again.content_removed,
+            again.message_pieces_removed,
+            again.metadata_removed,
+            again.partitions_dropped
+        ),
+        (0, 0, 0, 0),
+        "{again:?}"
+    );
+}
+
+#[tokio::test]
+async fn postgres_a_replayed_batch_over_several_days_is_stored_once() {
+    let test = postgres().await;
+    let store = &test.store;
+    let pool = store.postgres_pool().unwrap();
+    store
+        .create_partitions(day(0).date(), day(2).date())
+        .await
+        .unwrap();
+    let mut batch: Vec<AuditRecord> = (0..3)
+        .flat_map(|d| {
+            (0..5).map(move |i| record_at(&format!("d{d}-{i}"), day(d) + Duration::hours(i)))
+        })
+        .collect();
+    batch.push(record_at("future", datetime!(2099-06-01 10:00:00 UTC)));
+    assert_eq!(store.write(&batch).await.unwrap(), 16);
+    let counts = row_counts(pool).await;
+    assert_eq!(counts[0], 16);
+    assert_eq!(store.write(&batch).await.unwrap(), 0);
+    assert_eq!(store.write(&batch[3..9]).await.unwrap(), 0);
+    assert_eq!(row_counts(pool).await, counts);
+    let usage = store
+        .usage(&UsageQuery {
+            granularity: Granularity::Hour,
+            dimension: Dimension::All,
+            from: day(0),
+            to: datetime!(2100-01-01 00:00:00 UTC),
+            only: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(usage.iter().map(|p| p.requests).sum::<i64>(), 16);
+}
+
+#[tokio::test]
+async fn postgres_unexpected_times_land_in_default_and_move_to_their_day() {
+    let (url, database) = postgres_database().await;
+    let test = TestStore {
+        store: SqlStore::open(&url).await.unwrap(),
+        _dir: None,
+        database: Some(database),
+    };
+    let store = &test.store;
+    let pool = store.postgres_pool().unwrap();
+    let future = datetime!(2099-06-01 10:00:00 UTC);
+    // Ten days ago: outside the days the store prepares (yesterday to three days ahead).
+    let late = OffsetDateTime::now_utc() - Duration::days(10);
+    let batch = vec![record_at("future", future), record_at("late", late)];
+    assert_eq!(store.write(&batch).await.unwrap(), 2);
+    for table in DAILY_TABLES {
+        for id in ["future", "late"] {
+            assert_eq!(
+                partitions_holding(pool, table, id).await,
+                vec![format!("{table}_default")],
+                "{table} {id}"
+            );
+        }
+    }
+    let stored = store.call("future").await.unwrap().expect("in DEFAULT");
+    assert!(stored.request_messages.is_some() && stored.backend_response_body.is_some());
+    assert_eq!(
+        store.write(&batch).await.unwrap(),
+        0,
+        "a replay into DEFAULT"
+    );
+
+    // The day's partition is created with the rows DEFAULT held for it.
+    assert_eq!(
+        store
+            .create_partitions(future.date(), future.date())
+            .await
+            .unwrap(),
+        4
+    );
+    for table in DAILY_TABLES {
+        assert_eq!(
+            partitions_holding(pool, table, "future").await,
+            vec![partition_name(table, future)],
+            "{table}"
+        );
+    }
+    let moved = store
+        .call("future")
+        .await
+        .unwrap()
+        .expect("moved, not lost");
+    assert_eq!(moved, stored);
+    assert_eq!(
+        store.write(&batch).await.unwrap(),
+        0,
+        "a replay after the move"
+    );
+
+    // The hourly maintenance does the same for recent days that DEFAULT holds rows for.
+    assert!(store.maintain_partitions().await.unwrap() >= 4);
+    for table in DAILY_TABLES {
+        assert_eq!(
+            partitions_holding(pool, table, "late").await,
+            vec![partition_name(table, late)],
+            "{table}"
+        );
+    }
+    assert_eq!(row_counts(pool).await[0], 2);
+
+    // Several gateways preparing the same days at once: each partition is made exactly once.
+    let others = [
+        SqlStore::open(&url).await.unwrap(),
+        SqlStore::open(&url).await.unwrap(),
+        SqlStore::open(&url).await.unwrap(),
+    ];
+    let (first, last) = (day(100).date(), day(109).date());
+    let created = futures::future::try_join_all(
+        others
+            .iter()
+            .map(|other| other.create_partitions(first, last)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(created.iter().sum::<u64>(), 4 * 10, "{created:?}");
+    for other in &others {
+        other.close().await;
+    }
+}
+
+#[tokio::test]
+async fn postgres_a_reopened_store_keeps_its_rows() {
+    let (url, database) = postgres_database().await;
+    let test = TestStore {
+        store: SqlStore::open(&url).await.unwrap(),
+        _dir: None,
+        database: Some(database),
+    };
+    let batch: Vec<AuditRecord> = (0..6)
+        .map(|i| record_at(&format!("r{i}"), day(i) + Duration::hours(9)))
+        .collect();
+    test.store
+        .create_partitions(day(0).date(), day(2).date())
+        .await
+        .unwrap();
+    assert_eq!(test.store.write(&batch).await.unwrap(), 6);
+    let before = row_counts(test.store.postgres_pool().unwrap()).await;
+    test.store.close().await;
+
+    let reopened = SqlStore::open(&url).await.unwrap();
+    let pool = reopened.postgres_pool().unwrap();
+    assert_eq!(row_counts(pool).await, before);
+    for i in 0..6 {
+        let call = reopened
+            .call(&format!("r{i}"))
+            .await
+            .unwrap()
+            .expect("kept");
+        assert!(call.request_messages.is_some());
+    }
+    assert_eq!(reopened.write(&batch).await.unwrap(), 0);
+    let page = reopened
+        .search(&SearchFilter {
+            text: Some("invoices".into()),
+            limit: 100,
+            ..SearchFilter::between(day(0), day(6))
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.items.len(), 6);
+    reopened.close().await;
+}
+
+#[tokio::test]
+async fn postgres_a_store_at_migration_3_keeps_its_rows_in_day_and_month_partitions() {
+    let (url, database) = postgres_database().await;
+    let _drop = TestStore {
+        store: SqlStore::connect(&url).await.unwrap(),
+        _dir: None,
+        database: Some(database),
+    };
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let mut migrator = sqlx::migrate::Migrator::new(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../migrations/audit/postgres"
+    )))
+    .await
+    .unwrap();
+    migrator.migrations = migrator
+        .migrations
+        .iter()
+        .filter(|m| m.version <= 3)
+        .cloned()
+        .collect::<Vec<_>>()
+        .into();
+    migrator.run(&pool).await.unwrap();
+    // Calls every 11 hours over the last three days, and two more than a year ago, as the store
+    // wrote them before 0004. Times are relative to now: 0004 gives days from the previous month
+    // on a partition each and older months one partition per month.
+    let start = OffsetDateTime::now_utc().date().midnight().assume_utc() - Duration::days(3)
+        + Duration::hours(1);
+    let times: Vec<OffsetDateTime> = (0..6)
+        .map(|i| start + Duration::hours(11 * i))
+        .chain([start - Duration::days(400), start - Duration::days(399)])
+        .collect();
+    sqlx::query(
+        r#"INSERT INTO "GatehouseGatewayLogs" ("TimeGenerated", "CorrelationId", "OperationName", "Category", "GatewayId", "OperationId", "CallerIpAddress", "CallerIpKey", "PeerIpAddress", "Method", "Url", "ClientProtocol", "ResponseCode", "IsRequestSuccess", "RequestSize", "ResponseSize", "TotalTime", "BackendTime", "Groups", "IsStreamCompletion", "PromptTokens", "CompletionTokens", "TotalTokens", "TokensEstimated", "Attempts", "AttemptCount", "RequestBodyTruncated", "ResponseBodyTruncated", "ClientAborted")
+           SELECT ($1::timestamptz[])[i + 1], 'old-' || i, 'Microsoft.ApiManagement/GatewayLogs', 'GatewayLogs', 'gw-1', 'chatcompletions_create', '198.51.100.7', 'k', '10.0.0.1', 'POST', '/', 'HTTP/1.1', 200, true, 1, 1, 100, 90, '[]', false, 10, 5, 15, false, '[]', 1, false, false, false
+           FROM generate_series(0, 7) i"#,
+    )
+    .bind(&times)
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        r#"INSERT INTO "GatehouseCallContent" SELECT "CorrelationId", "TimeGenerated", '{"messages":[]}', '{"object":"chat.completion"}', to_tsvector('simple', 'ledger ' || "CorrelationId") FROM "GatehouseGatewayLogs""#,
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        r#"INSERT INTO "ApiManagementGatewayLlmLog" SELECT "TimeGenerated", "CorrelationId", 'Microsoft.ApiManagement/GatewayLlmLogs', 'gpt-4o', 'gpt-4o', '2024-10-21', false, 10, 5, 15, s, CASE WHEN s > 0 THEN 'prompt ' || s END, CASE WHEN s > 0 THEN 'completion ' || s END FROM "GatehouseGatewayLogs", generate_series(0, 2) s"#,
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let max_record_id: i64 =
+        sqlx::query_scalar(r#"SELECT max("RecordId") FROM "GatehouseGatewayLogs""#)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    pool.close().await;
+
+    let store = SqlStore::open(&url).await.unwrap();
+    let pool = store.postgres_pool().unwrap();
+    assert_eq!(row_counts(pool).await, vec![8, 8, 8, 16]);
+    for (i, at) in times.iter().enumerate() {
+        let id = format!("old-{i}");
+        for table in DAILY_TABLES {
+            let expected = if i < 6 {
+                partition_name(table, *at)
+            } else {
+                format!("{table}_p{:04}{:02}", at.year(), u8::from(at.month()))
+            };
+            assert_eq!(
+                partitions_holding(pool, table, &id).await,
+                vec![expected],
+                "{table} {id}"
+            );
+        }
+    }
+    let old = store.call("old-4").await.unwrap().expect("migrated");
+    assert_eq!(old.request_messages.as_deref(), Some("prompt 1prompt 2"));
+    assert_eq!(
+        old.response_messages.as_deref(),
+        Some("completion 1completion 2")
+    );
+    assert_eq!(
+        old.backend_response_body.as_deref(),
+        Some(r#"{"object":"chat.completion"}"#)
+    );
+    let found = store
+        .search(&SearchFilter {
+            text: Some("ledger".into()),
+            limit: 100,
+            ..SearchFilter::between(start - Duration::days(500), start + Duration::days(3))
+        })
+        .await
+        .unwrap();
+    assert_eq!(found.items.len(), 8);
+    // New calls continue the same RecordId sequence.
+    store
+        .write(&[record_at("new", start + Duration::hours(70))])
+        .await
+        .unwrap();
+    let new_id: i64 = sqlx::query_scalar(
+        r#"SELECT "RecordId" FROM "GatehouseGatewayLogs" WHERE "CorrelationId" = 'new'"#,
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert!(new_id > max_record_id);
+    // The month partitions go whole once the month is past the cutoff.
+    let cutoff = start - Duration::days(100);
+    let report = store.enforce_retention(cutoff, cutoff, 500).await.unwrap();
+    assert_eq!(
+        (report.metadata_removed, report.content_removed),
+        (2, 2),
+        "{report:?}"
+    );
+    assert!(report.partitions_dropped >= 4, "{report:?}");
+    assert!(store.call("old-6").await.unwrap().is_none());
+    assert_eq!(row_counts(pool).await, vec![7, 7, 7, 14]);
+    store.close().await;
+}
+
+#[tokio::test]
+async fn postgres_chains_verify_next_to_a_dropped_day() {
+    let test = postgres().await;
+    let store = &test.store;
+    let pool = store.postgres_pool().unwrap();
+    store
+        .create_partitions(day(0).date(), day(2).date())
+        .await
+        .unwrap();
+    // One chain a day (gateway gw-1), five calls each.
+    let mut chainer = gatehouse_audit::chain::Chainer::in_memory();
+    let mut batch: Vec<AuditRecord> = (0..3)
+        .flat_map(|d| {
+            (0..5)
+                .map(move |i| record_at(&format!("d{d}-{i}"), day(d) + Duration::hours(2 * i + 1)))
+        })
+        .collect();
+    for record in &mut batch {
+        chainer.link(record);
+    }
+    store.write(&batch).await.unwrap();
+    let all = store.verify_chains(day(0), day(3)).await.unwrap();
+    assert!(all.is_intact(), "{all:?}");
+    assert_eq!(all.chains.len(), 3);
+
+    // Day 0 expires whole: its partition is dropped and its chain is gone with it; the chains of
+    // the days inside the window still verify, on their own and in a range that reaches back.
+    let report = store.enforce_retention(day(1), day(1), 100).await.unwrap();
+    assert_eq!((report.metadata_removed, report.partitions_dropped), (5, 4));
+    let kept = store.verify_chains(day(0), day(3)).await.unwrap();
+    assert!(kept.is_intact(), "{kept:?}");
+    assert_eq!(kept.chains.len(), 2);
+    assert_eq!(kept.chains.iter().map(|c| c.records).sum::<u64>(), 10);
+
+    // A record removed inside the window is named by the one after the gap.
+    sqlx::query(r#"DELETE FROM "GatehouseGatewayLogs" WHERE "CorrelationId" = 'd2-2'"#)
+        .execute(pool)
+        .await
+        .unwrap();
+    let report = store.verify_chains(day(2), day(3)).await.unwrap();
+    let (_, broken) = report.first_break().expect("a break");
+    assert_eq!(
+        (
+            broken.correlation_id.as_str(),
+            broken.reason.to_string().as_str()
+        ),
+        ("d2-3", "removed"),
+        "{report:?}"
+    );
+
+    // The day that holds the metadata cutoff loses its first calls: its chain then starts with a
+    // gap, reported at its first kept record (docs/audit.md, "Retention").
+    store
+        .enforce_retention(
+            day(1) + Duration::hours(4),
+            day(1) + Duration::hours(4),
+            100,
+        )
+        .await
+        .unwrap();
+    let report = store.verify_chains(day(1), day(2)).await.unwrap();
+    let (_, broken) = report.first_break().expect("a break");
+    assert_eq!(
+        (
+            broken.correlation_id.as_str(),
+            broken.reason.to_string().as_str()
+        ),
+        ("d1-2", "removed"),
         "{report:?}"
     );
 }

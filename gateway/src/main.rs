@@ -222,13 +222,11 @@ async fn audit_sink(audit: &AuditSettings) -> anyhow::Result<Option<Arc<dyn Audi
     }
     if let Some(url) = &audit.database {
         let store = SqlStore::open(url).await.context("server.audit.database")?;
-        if audit.content_retention_days.is_some() || audit.metadata_retention_days.is_some() {
-            tokio::spawn(enforce_retention(
-                store.clone(),
-                audit.content_retention_days,
-                audit.metadata_retention_days,
-            ));
-        }
+        tokio::spawn(maintain_audit_store(
+            store.clone(),
+            audit.content_retention_days,
+            audit.metadata_retention_days,
+        ));
         return Ok(Some(Arc::new(store)));
     }
     if let Some(config) = &audit.azure_monitor {
@@ -244,13 +242,26 @@ async fn audit_sink(audit: &AuditSettings) -> anyhow::Result<Option<Arc<dyn Audi
     Ok(None)
 }
 
-/// Removes expired content and metadata every hour, in small batches.
-async fn enforce_retention(store: SqlStore, content_days: Option<u32>, metadata_days: Option<u32>) {
+/// Every hour: removes expired content and metadata when a retention is set (PostgreSQL drops
+/// whole daily partitions, the rest goes in small batches), and on PostgreSQL creates the daily
+/// partitions of the coming days (which the retention run also does).
+async fn maintain_audit_store(
+    store: SqlStore,
+    content_days: Option<u32>,
+    metadata_days: Option<u32>,
+) {
     const FOREVER: time::Duration = time::Duration::days(365 * 1000);
     let days = |d: Option<u32>| d.map_or(FOREVER, |d| time::Duration::days(i64::from(d)));
+    let retention = content_days.is_some() || metadata_days.is_some();
     let mut ticker = tokio::time::interval(Duration::from_secs(3600));
     loop {
         ticker.tick().await;
+        if !retention {
+            if let Err(error) = store.maintain_partitions().await {
+                tracing::warn!(%error, "audit partition maintenance failed; retrying in an hour");
+            }
+            continue;
+        }
         let now = time::OffsetDateTime::now_utc();
         let metadata_before = now - days(metadata_days);
         let content_before = now - days(content_days).min(days(metadata_days));

@@ -3,12 +3,15 @@
 //! Both engines hold the same tables with Azure Monitor's column names (see
 //! `migrations/audit/{sqlite,postgres}`): `GatehouseGatewayLogs` (metadata, one row per call),
 //! `GatehouseCallContent` (bodies, apart so that they can expire first),
-//! `ApiManagementGatewayLlmLog` (prompt and completion in 32 KB pieces), the view
-//! `ApiManagementGatewayLogs` (metadata joined with bodies), full-text search of prompts and
-//! completions, and `GatehouseUsageRollup` for dashboards.
+//! `ApiManagementGatewayLlmLog` (prompt and completion in 32 KB pieces; on PostgreSQL a view over
+//! `GatehouseLlmLogHeaders` and `GatehouseLlmLogPieces`), the view `ApiManagementGatewayLogs`
+//! (metadata joined with bodies), full-text search of prompts and completions, and
+//! `GatehouseUsageRollup` for dashboards. On PostgreSQL the per-call tables are partitioned by
+//! UTC day (`partitions.rs`).
 //!
 //! Every statement binds its values; no text of a record is ever formatted into SQL.
 
+mod partitions;
 mod read;
 mod retention;
 pub mod rollup;
@@ -25,6 +28,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
+pub use partitions::{DAYS_AHEAD, DEFAULT_DAYS_BACK};
 pub use read::{CallDetail, CallSummary, Cursor, Page, SearchFilter, UsagePoint, UsageQuery};
 pub use retention::RetentionReport;
 
@@ -140,7 +144,9 @@ impl SqlStore {
         }
     }
 
-    /// Applies the engine's migrations; fails loudly on any problem.
+    /// Applies the engine's migrations, failing loudly on any problem; on PostgreSQL then creates
+    /// the daily partitions of the coming days ([`SqlStore::maintain_partitions`]; a failure there
+    /// is logged, not returned).
     pub async fn migrate(&self) -> Result<(), StoreError> {
         match &self.engine {
             Engine::Sqlite { writer, .. } => {
@@ -152,7 +158,12 @@ impl SqlStore {
             Engine::Postgres(pool) => {
                 sqlx::migrate!("../migrations/audit/postgres")
                     .run(pool)
-                    .await?
+                    .await?;
+                // Records are never refused for want of a partition (the DEFAULT partition takes
+                // them) and the hourly run tries again, so a busy table is no reason to fail.
+                if let Err(error) = self.maintain_partitions().await {
+                    tracing::warn!(%error, "audit store: the coming days' partitions were not created; the hourly maintenance tries again");
+                }
             }
         }
         Ok(())
@@ -218,8 +229,9 @@ impl SqlStore {
         }
     }
 
-    /// Stores records; a record whose `CorrelationId` is already stored is skipped (a replayed
-    /// batch is not counted twice). Returns how many were new.
+    /// Stores records; a record whose `CorrelationId` is already stored (on PostgreSQL: with the
+    /// same `TimeGenerated`, which a replayed record always repeats) is skipped, so a replayed
+    /// batch is not counted twice. Returns how many were new.
     pub async fn write(&self, records: &[AuditRecord]) -> Result<usize, StoreError> {
         write::write(self, records).await
     }

@@ -613,7 +613,12 @@ async fn search_postgres(
             .push_bind(i32::from(status));
     }
     if let Some(text) = f.text.as_deref().filter(|t| !t.trim().is_empty()) {
-        q.push(r#" AND l."CorrelationId" IN (SELECT "CorrelationId" FROM "GatehouseCallContent" WHERE "SearchText" @@ plainto_tsquery('simple', "#)
+        // The same time range on the content side keeps the search to the range's day partitions.
+        q.push(r#" AND (l."CorrelationId", l."TimeGenerated") IN (SELECT "CorrelationId", "TimeGenerated" FROM "GatehouseCallContent" WHERE "TimeGenerated" >= "#)
+            .push_bind(f.from)
+            .push(r#" AND "TimeGenerated" < "#)
+            .push_bind(f.to)
+            .push(r#" AND "SearchText" @@ plainto_tsquery('simple', "#)
             .push_bind(text.to_owned())
             .push("))");
     }
@@ -687,14 +692,17 @@ async fn call_postgres(pool: &sqlx::PgPool, id: &str) -> Result<Option<CallDetai
         return Ok(None);
     };
     let summary = summary_from_row!(row, row.try_get(1)?);
+    // The call's time names the one day partition that holds its content and pieces.
     let detail = sqlx::query(
-        r#"SELECT "Attempts"::text, "PromptTokens", "CompletionTokens", "TokensEstimated", "TimeToFirstByte", "BackendRequestBody", "BackendResponseBody", "RequestBodyTruncated", "ResponseBodyTruncated", "ClientAborted", "ChainId", "ChainSequence", "RecordHash" FROM "ApiManagementGatewayLogs" WHERE "CorrelationId" = $1"#,
+        r#"SELECT "Attempts"::text, "PromptTokens", "CompletionTokens", "TokensEstimated", "TimeToFirstByte", "BackendRequestBody", "BackendResponseBody", "RequestBodyTruncated", "ResponseBodyTruncated", "ClientAborted", "ChainId", "ChainSequence", "RecordHash" FROM "ApiManagementGatewayLogs" WHERE "CorrelationId" = $1 AND "TimeGenerated" = $2"#,
     )
     .bind(id)
+    .bind(summary.time_generated)
     .fetch_one(pool)
     .await?;
-    let pieces = sqlx::query(r#"SELECT "RequestMessages", "ResponseMessages" FROM "ApiManagementGatewayLlmLog" WHERE "CorrelationId" = $1 AND "SequenceNumber" > 0 ORDER BY "SequenceNumber""#)
+    let pieces = sqlx::query(r#"SELECT "RequestMessages", "ResponseMessages" FROM "GatehouseLlmLogPieces" WHERE "CorrelationId" = $1 AND "TimeGenerated" = $2 ORDER BY "SequenceNumber""#)
         .bind(id)
+        .bind(summary.time_generated)
         .fetch_all(pool)
         .await?;
     Ok(Some(detail_from_rows!(summary, detail, pieces)))

@@ -1,13 +1,16 @@
 //! Retention: content (bodies, prompt and completion pieces, full text) can expire before the
-//! metadata rows, and both are removed in small batches, each its own short transaction, so that
-//! the writer is never locked out for long.
+//! metadata rows. SQLite removes both in small batches, each its own short transaction, so that
+//! the writer is never locked out for long; PostgreSQL drops the whole daily partitions older than
+//! the cutoff (see `partitions.rs`) and deletes the rest of the cutoff's day in such batches.
 //!
 //! Rollups are aggregates without content and are kept.
 
 use serde::Serialize;
-use sqlx::Row;
 use time::OffsetDateTime;
 
+use super::partitions::{
+    CALLS, CONTENT, DailyTable, LLM_HEADERS, LLM_PIECES, drop_days_before, quoted,
+};
 use super::{Engine, SqlStore, StoreError, sqlite_time};
 
 /// What a retention run removed.
@@ -21,6 +24,8 @@ pub struct RetentionReport {
     pub metadata_removed: u64,
     /// Transactions used.
     pub batches: u64,
+    /// Whole daily partitions dropped (PostgreSQL; their rows are counted above).
+    pub partitions_dropped: u64,
 }
 
 impl SqlStore {
@@ -110,63 +115,55 @@ impl SqlStore {
                 }
             }
             Engine::Postgres(pool) => {
-                loop {
-                    let removed = sqlx::query(
-                        r#"DELETE FROM "GatehouseCallContent" WHERE "CorrelationId" IN (SELECT "CorrelationId" FROM "GatehouseCallContent" WHERE "TimeGenerated" < $1 ORDER BY "TimeGenerated" LIMIT $2)"#,
-                    )
-                    .bind(content_before)
-                    .bind(batch)
-                    .execute(pool)
-                    .await?
-                    .rows_affected();
-                    report.batches += 1;
-                    report.content_removed += removed;
-                    if (removed as i64) < batch {
-                        break;
-                    }
-                }
-                loop {
-                    let removed = sqlx::query(
-                        r#"DELETE FROM "ApiManagementGatewayLlmLog" WHERE ctid IN (SELECT ctid FROM "ApiManagementGatewayLlmLog" WHERE "SequenceNumber" > 0 AND "TimeGenerated" < $1 LIMIT $2)"#,
-                    )
-                    .bind(content_before)
-                    .bind(batch)
-                    .execute(pool)
-                    .await?
-                    .rows_affected();
-                    report.batches += 1;
-                    report.message_pieces_removed += removed;
-                    if (removed as i64) < batch {
-                        break;
-                    }
-                }
-                loop {
-                    let mut tx = pool.begin().await?;
-                    let ids: Vec<String> = sqlx::query(
-                        r#"DELETE FROM "GatehouseGatewayLogs" WHERE "RecordId" IN (SELECT "RecordId" FROM "GatehouseGatewayLogs" WHERE "TimeGenerated" < $1 ORDER BY "TimeGenerated" LIMIT $2) RETURNING "CorrelationId""#,
-                    )
-                    .bind(metadata_before)
-                    .bind(batch)
-                    .fetch_all(&mut *tx)
-                    .await?
-                    .iter()
-                    .map(|row| row.try_get(0))
-                    .collect::<Result<_, _>>()?;
-                    sqlx::query(r#"DELETE FROM "ApiManagementGatewayLlmLog" WHERE "CorrelationId" = ANY($1)"#)
-                        .bind(&ids)
-                        .execute(&mut *tx)
-                        .await?;
-                    tx.commit().await?;
-                    report.batches += 1;
-                    report.metadata_removed += ids.len() as u64;
-                    if (ids.len() as i64) < batch {
-                        break;
-                    }
-                }
+                // The DEFAULT partitions' rows of recent days go to their own partitions first,
+                // and the coming days get theirs.
+                self.maintain_partitions().await?;
+                let r = &mut report;
+                let content = expire(pool, CONTENT, content_before, batch, r).await?;
+                let pieces = expire(pool, LLM_PIECES, content_before, batch, r).await?;
+                let metadata = expire(pool, CALLS, metadata_before, batch, r).await?;
+                expire(pool, LLM_HEADERS, metadata_before, batch, r).await?;
+                report.content_removed += content;
+                report.message_pieces_removed += pieces;
+                report.metadata_removed += metadata;
             }
         }
         // Retention runs hourly: a good moment to refresh the planner's statistics.
         self.optimize().await?;
         Ok(report)
+    }
+}
+
+/// Removes the rows of `table` older than `cutoff`: drops the day partitions that end by the cutoff
+/// whole, then deletes what is left (rows of the day that holds the cutoff, and any in the DEFAULT
+/// partition), `batch` rows per transaction, so that the window is exact. Returns how many rows.
+async fn expire(
+    pool: &sqlx::PgPool,
+    table: DailyTable,
+    cutoff: OffsetDateTime,
+    batch: i64,
+    report: &mut RetentionReport,
+) -> Result<u64, StoreError> {
+    let (dropped_rows, dropped) = drop_days_before(pool, table, cutoff).await?;
+    report.partitions_dropped += dropped;
+    report.batches += dropped;
+    let name = quoted(table.name);
+    let key = table.key;
+    let sql = format!(
+        r#"DELETE FROM {name} WHERE "TimeGenerated" < $1 AND ({key}) IN (SELECT {key} FROM {name} WHERE "TimeGenerated" < $1 ORDER BY "TimeGenerated" LIMIT $2)"#
+    );
+    let mut deleted = dropped_rows;
+    loop {
+        let removed = sqlx::query(&sql)
+            .bind(cutoff)
+            .bind(batch)
+            .execute(pool)
+            .await?
+            .rows_affected();
+        report.batches += 1;
+        deleted += removed;
+        if (removed as i64) < batch {
+            return Ok(deleted);
+        }
     }
 }

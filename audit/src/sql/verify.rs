@@ -167,6 +167,8 @@ impl SqlStore {
                 .fetch_all(pool)
                 .await?;
                 for chain in chains {
+                    // No time bound: a record whose TimeGenerated was moved to another day is
+                    // still found, and named as changed.
                     let rows = sqlx::query(r#"SELECT * FROM "ApiManagementGatewayLogs" WHERE "ChainId" = $1 ORDER BY "ChainSequence""#)
                         .bind(&chain)
                         .fetch_all(pool)
@@ -174,8 +176,10 @@ impl SqlStore {
                     for row in &rows {
                         let time: OffsetDateTime = row.try_get("TimeGenerated")?;
                         let mut record = record_from_row!(row, time);
-                        let pieces = sqlx::query(r#"SELECT "RequestMessages", "ResponseMessages" FROM "ApiManagementGatewayLlmLog" WHERE "CorrelationId" = $1 AND "SequenceNumber" > 0 ORDER BY "SequenceNumber""#)
+                        // The record's time names the day partition of its pieces.
+                        let pieces = sqlx::query(r#"SELECT "RequestMessages", "ResponseMessages" FROM "GatehouseLlmLogPieces" WHERE "CorrelationId" = $1 AND "TimeGenerated" = $2 ORDER BY "SequenceNumber""#)
                             .bind(&record.correlation_id)
+                            .bind(time)
                             .fetch_all(pool)
                             .await?;
                         record.request_messages = join(

@@ -17,7 +17,11 @@ const SQLITE_LOG_INSERT: &str = "INSERT INTO GatehouseGatewayLogs (TimeGenerated
 const POSTGRES_LOG_INSERT: &str = r#"INSERT INTO "GatehouseGatewayLogs" ("TimeGenerated", "CorrelationId", "OperationName", "Category", "GatewayId", "OperationId", "CallerIpAddress", "CallerIpKey", "PeerIpAddress", "Method", "Url", "ClientProtocol", "ResponseCode", "IsRequestSuccess", "BackendResponseCode", "BackendId", "BackendUrl", "RequestSize", "ResponseSize", "TotalTime", "BackendTime", "TimeToFirstByte", "ApimSubscriptionId", "ProductId", "UserId", "UserName", "EntraTenantId", "Groups", "DeploymentName", "ModelName", "ApiVersion", "IsStreamCompletion", "PromptTokens", "CompletionTokens", "TotalTokens", "CachedTokens", "ReasoningTokens", "TokensEstimated", "Attempts", "AttemptCount", "RequestBodyTruncated", "ResponseBodyTruncated", "ClientAborted", "LastErrorReason", "LastErrorMessage", "ChainId", "ChainSequence", "PreviousHash", "RecordHash", "ContentHash") "#;
 
 const SQLITE_LLM_INSERT: &str = "INSERT INTO ApiManagementGatewayLlmLog (TimeGenerated, CorrelationId, OperationName, DeploymentName, ModelName, ApiVersion, IsStreamCompletion, PromptTokens, CompletionTokens, TotalTokens, SequenceNumber, RequestMessages, ResponseMessages) ";
-const POSTGRES_LLM_INSERT: &str = r#"INSERT INTO "ApiManagementGatewayLlmLog" ("TimeGenerated", "CorrelationId", "OperationName", "DeploymentName", "ModelName", "ApiVersion", "IsStreamCompletion", "PromptTokens", "CompletionTokens", "TotalTokens", "SequenceNumber", "RequestMessages", "ResponseMessages") "#;
+/// On PostgreSQL the LLM log's header rows (`SequenceNumber` 0, metadata) and its pieces
+/// (content) are kept in tables of their own, so that pieces can be dropped by day before headers;
+/// the view `ApiManagementGatewayLlmLog` shows both.
+const POSTGRES_LLM_HEADER_INSERT: &str = r#"INSERT INTO "GatehouseLlmLogHeaders" ("TimeGenerated", "CorrelationId", "OperationName", "DeploymentName", "ModelName", "ApiVersion", "IsStreamCompletion", "PromptTokens", "CompletionTokens", "TotalTokens", "SequenceNumber", "RequestMessages", "ResponseMessages") "#;
+const POSTGRES_LLM_PIECE_INSERT: &str = r#"INSERT INTO "GatehouseLlmLogPieces" ("TimeGenerated", "CorrelationId", "OperationName", "DeploymentName", "ModelName", "ApiVersion", "IsStreamCompletion", "PromptTokens", "CompletionTokens", "TotalTokens", "SequenceNumber", "RequestMessages", "ResponseMessages") "#;
 
 const SQLITE_ROLLUP_UPSERT_HEAD: &str = "INSERT INTO GatehouseUsageRollup (Granularity, Bucket, Dimension, DimensionValue, Requests, Errors, PromptTokens, CompletionTokens, TotalTokens, LatencySumMs, LatencyMaxMs) ";
 const SQLITE_ROLLUP_UPSERT_TAIL: &str = " ON CONFLICT (Granularity, Dimension, Bucket, DimensionValue) DO UPDATE SET Requests = Requests + excluded.Requests, Errors = Errors + excluded.Errors, PromptTokens = PromptTokens + excluded.PromptTokens, CompletionTokens = CompletionTokens + excluded.CompletionTokens, TotalTokens = TotalTokens + excluded.TotalTokens, LatencySumMs = LatencySumMs + excluded.LatencySumMs, LatencyMaxMs = max(LatencyMaxMs, excluded.LatencyMaxMs)";
@@ -281,7 +285,8 @@ async fn write_postgres_content(
                 .push_bind_unseparated(completion)
                 .push_unseparated(")");
         });
-        query.push(r#" ON CONFLICT ("CorrelationId") DO NOTHING"#);
+        // The day partition's key includes "TimeGenerated", which a replayed record repeats.
+        query.push(r#" ON CONFLICT ("CorrelationId", "TimeGenerated") DO NOTHING"#);
         query.build().execute(&mut *tx).await?;
     }
     tx.commit().await?;
@@ -306,7 +311,9 @@ async fn write_postgres_metadata<'a>(
                 caller_key(record)
             );
         });
-        query.push(r#" ON CONFLICT ("CorrelationId") DO NOTHING RETURNING "CorrelationId""#);
+        query.push(
+            r#" ON CONFLICT ("CorrelationId", "TimeGenerated") DO NOTHING RETURNING "CorrelationId""#,
+        );
         let ids: Vec<String> = query.build_query_scalar().fetch_all(&mut *tx).await?;
         inserted.extend(ids);
     }
@@ -315,14 +322,24 @@ async fn write_postgres_metadata<'a>(
         .filter(|r| inserted.contains(&r.correlation_id))
         .collect();
 
-    let llm_rows: Vec<LlmLogRow> = new.iter().flat_map(|r| LlmLogRow::from_record(r)).collect();
-    for chunk in llm_rows.chunks(ROWS_PER_STATEMENT) {
-        let mut query = QueryBuilder::<Postgres>::new(POSTGRES_LLM_INSERT);
-        query.push_values(chunk, |mut b, row| {
-            bind_llm_row!(b, row.clone(), row.time_generated);
-        });
-        query.push(r#" ON CONFLICT ("CorrelationId", "SequenceNumber") DO NOTHING"#);
-        query.build().execute(&mut *tx).await?;
+    let (headers, pieces): (Vec<LlmLogRow>, Vec<LlmLogRow>) = new
+        .iter()
+        .flat_map(|r| LlmLogRow::from_record(r))
+        .partition(|row| row.sequence_number == 0);
+    for (insert, rows) in [
+        (POSTGRES_LLM_HEADER_INSERT, &headers),
+        (POSTGRES_LLM_PIECE_INSERT, &pieces),
+    ] {
+        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            let mut query = QueryBuilder::<Postgres>::new(insert);
+            query.push_values(chunk, |mut b, row| {
+                bind_llm_row!(b, row.clone(), row.time_generated);
+            });
+            query.push(
+                r#" ON CONFLICT ("CorrelationId", "SequenceNumber", "TimeGenerated") DO NOTHING"#,
+            );
+            query.build().execute(&mut *tx).await?;
+        }
     }
 
     let rollups: Vec<_> = fold(new.iter().copied()).into_iter().collect();
