@@ -8,6 +8,12 @@
 //! letters, digits or underscores, and some names are reserved.
 
 #![recursion_limit = "256"]
+#![expect(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code"
+)]
 
 use gatehouse_audit::AuditRecord;
 use gatehouse_audit::azure_monitor::{DEFAULT_GATEWAY_STREAM, DEFAULT_LLM_STREAM, ROW_ID_COLUMN};
