@@ -28,6 +28,10 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+#[path = "support/column_names.rs"]
+mod column_names;
+use column_names::assert_valid_column_name;
+
 const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
 const CLIENT_ID: &str = "0f7c1b8e-2a34-4d1e-9f3a-5c6d7e8f9a0b";
 const CLIENT_SECRET: &str = "Zq8~secretValue.OnlyTheTestKnows_123";
@@ -535,26 +539,6 @@ fn llm_rows_of<'a>(rows: &'a [Value], correlation_id: &str) -> Vec<&'a Value> {
 
 fn joined(rows: &[&Value], column: &str) -> String {
     rows.iter().filter_map(|r| r[column].as_str()).collect()
-}
-
-/// Log Analytics' rules for custom column names (`azure-specs.md` §4.2).
-fn assert_valid_column_name(name: &str) {
-    const RESERVED: [&str; 7] = [
-        "_ResourceId",
-        "id",
-        "_SubscriptionId",
-        "TenantId",
-        "Type",
-        "UniqueId",
-        "Title",
-    ];
-    assert!(
-        name.len() <= 45
-            && name.starts_with(|c: char| c.is_ascii_alphabetic())
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-            && !RESERVED.contains(&name),
-        "`{name}` is not a valid Log Analytics column name"
-    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -374,9 +374,11 @@ async fn serve_call(
     //    would hide the second call). The client's own id is echoed and passed on.
     let correlation_id = uuid::Uuid::now_v7().to_string();
     let client_request_id = client_request_id(&parts);
-    let echoed_id = client_request_id
-        .clone()
-        .unwrap_or_else(|| correlation_id.clone());
+    let echoed_id = HeaderValue::from_str(
+        client_request_id
+            .as_deref()
+            .unwrap_or(correlation_id.as_str()),
+    );
     // 2. Caller address.
     let caller = caller::resolve(peer, &parts.headers, &runtime.snapshot.trusted_proxies);
     let span = tracing::info_span!(
@@ -409,7 +411,7 @@ async fn serve_call(
             error.into_response()
         }
     };
-    if let Ok(value) = HeaderValue::from_str(&echoed_id) {
+    if let Ok(value) = echoed_id {
         response.headers_mut().insert("x-request-id", value);
     }
     if let Ok(value) = HeaderValue::from_str(&correlation_id) {

@@ -830,7 +830,8 @@ fn rules_renamed(rules: &[AlertRule]) -> Vec<AlertRule> {
         .collect()
 }
 
-/// The portal counts a quota over the same calendar window as the gateway's counters.
+/// The portal counts a quota over the same calendar window as the gateway's counters (both read
+/// `QuotaPeriod::window`; this checks the portal's conversion to instants).
 #[test]
 fn quota_windows_are_the_gateways() {
     let periods = [

@@ -100,6 +100,56 @@ impl QuotaPeriod {
             QuotaPeriod::Yearly => "yearly",
         }
     }
+
+    /// The UTC calendar window of this period holding `now` (seconds since the epoch): its start
+    /// and its end (exclusive). The one definition of the windows the gateway counts quotas over
+    /// and the portal's quota alert reads usage over.
+    pub fn window(self, now: i64) -> (i64, i64) {
+        const DAY: i64 = 86_400;
+        match self {
+            QuotaPeriod::Hourly => {
+                let start = now - now.rem_euclid(3_600);
+                (start, start + 3_600)
+            }
+            QuotaPeriod::Daily => {
+                let start = now - now.rem_euclid(DAY);
+                (start, start + DAY)
+            }
+            QuotaPeriod::Weekly => {
+                // 1970-01-01 was a Thursday: three days after a Monday.
+                let days = now.div_euclid(DAY);
+                let monday = days - (days + 3).rem_euclid(7);
+                (monday * DAY, (monday + 7) * DAY)
+            }
+            QuotaPeriod::Monthly | QuotaPeriod::Yearly => {
+                let Ok(at) = time::OffsetDateTime::from_unix_timestamp(now) else {
+                    return (now, now + DAY);
+                };
+                let (year, month) = (at.year(), at.month());
+                let (start, end) = if self == QuotaPeriod::Monthly {
+                    let next = if month == time::Month::December {
+                        (year + 1, time::Month::January)
+                    } else {
+                        (year, month.next())
+                    };
+                    ((year, month), next)
+                } else {
+                    (
+                        (year, time::Month::January),
+                        (year + 1, time::Month::January),
+                    )
+                };
+                let first = |(y, m): (i32, time::Month)| {
+                    time::Date::from_calendar_date(y, m, 1)
+                        .map(|d| d.midnight().assume_utc().unix_timestamp())
+                };
+                match (first(start), first(end)) {
+                    (Ok(start), Ok(end)) => (start, end),
+                    _ => (now, now + DAY),
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -316,52 +316,10 @@ pub(crate) mod bucket {
     }
 }
 
-/// The UTC calendar window of `period` around `now` (seconds since the epoch): its start and end.
+/// The UTC calendar window of `period` around `now` (seconds since the epoch): its start and end
+/// ([`QuotaPeriod::window`], shared with the portal's quota alert).
 pub fn quota_window(period: QuotaPeriod, now: i64) -> (i64, i64) {
-    const DAY: i64 = 86_400;
-    match period {
-        QuotaPeriod::Hourly => {
-            let start = now - now.rem_euclid(3_600);
-            (start, start + 3_600)
-        }
-        QuotaPeriod::Daily => {
-            let start = now - now.rem_euclid(DAY);
-            (start, start + DAY)
-        }
-        QuotaPeriod::Weekly => {
-            // 1970-01-01 was a Thursday: three days after a Monday.
-            let days = now.div_euclid(DAY);
-            let monday = days - (days + 3).rem_euclid(7);
-            (monday * DAY, (monday + 7) * DAY)
-        }
-        QuotaPeriod::Monthly | QuotaPeriod::Yearly => {
-            let Ok(at) = OffsetDateTime::from_unix_timestamp(now) else {
-                return (now, now + DAY);
-            };
-            let (year, month) = (at.year(), at.month());
-            let (start, end) = if period == QuotaPeriod::Monthly {
-                let next = if month == time::Month::December {
-                    (year + 1, time::Month::January)
-                } else {
-                    (year, month.next())
-                };
-                ((year, month), next)
-            } else {
-                (
-                    (year, time::Month::January),
-                    (year + 1, time::Month::January),
-                )
-            };
-            let first = |(y, m): (i32, time::Month)| {
-                time::Date::from_calendar_date(y, m, 1)
-                    .map(|d| d.midnight().assume_utc().unix_timestamp())
-            };
-            match (first(start), first(end)) {
-                (Ok(start), Ok(end)) => (start, end),
-                _ => (now, now + DAY),
-            }
-        }
-    }
+    period.window(now)
 }
 
 /// Microseconds since the epoch, by this machine's clock (the in-process store's time).

@@ -245,41 +245,12 @@ async fn backend_set_aside(
     Ok(evaluation)
 }
 
-/// The UTC calendar window of `period` holding `at`: its start and its end (exclusive). The same
-/// boundaries as the gateway's quota counters (hour, day, week from Monday, month, year).
+/// The UTC calendar window of `period` holding `at`: its start and its end (exclusive), as the
+/// gateway counts quotas ([`QuotaPeriod::window`]).
 pub fn quota_window(period: QuotaPeriod, at: OffsetDateTime) -> (OffsetDateTime, OffsetDateTime) {
-    let at = at.to_offset(time::UtcOffset::UTC);
-    let midnight = at.replace_time(time::Time::MIDNIGHT);
-    let first_of = |year: i32, month: time::Month| {
-        time::Date::from_calendar_date(year, month, 1)
-            .map(|date| date.midnight().assume_utc())
-            .unwrap_or(midnight)
-    };
-    match period {
-        QuotaPeriod::Hourly => {
-            let start = midnight + Duration::hours(i64::from(at.hour()));
-            (start, start + Duration::HOUR)
-        }
-        QuotaPeriod::Daily => (midnight, midnight + Duration::DAY),
-        QuotaPeriod::Weekly => {
-            let start =
-                midnight - Duration::days(i64::from(at.weekday().number_days_from_monday()));
-            (start, start + Duration::WEEK)
-        }
-        QuotaPeriod::Monthly => {
-            let (year, month) = (at.year(), at.month());
-            let next = if month == time::Month::December {
-                first_of(year + 1, time::Month::January)
-            } else {
-                first_of(year, month.next())
-            };
-            (first_of(year, month), next)
-        }
-        QuotaPeriod::Yearly => (
-            first_of(at.year(), time::Month::January),
-            first_of(at.year() + 1, time::Month::January),
-        ),
-    }
+    let (start, end) = period.window(at.unix_timestamp());
+    let instant = |seconds: i64| OffsetDateTime::from_unix_timestamp(seconds).unwrap_or(at);
+    (instant(start), instant(end))
 }
 
 fn period_word(period: QuotaPeriod) -> &'static str {
