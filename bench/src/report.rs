@@ -7,6 +7,22 @@ use anyhow::{Context, Result, bail};
 use gatehouse_audit::sql::SqlStore;
 use time::OffsetDateTime;
 
+/// Calls a store that never deleted a row holds, read without a scan: on SQLite the largest
+/// `RecordId` (rows are numbered from 1 and a replayed call takes no number), on PostgreSQL the
+/// exact count. `count(*)` on a SQLite store of millions of rows reads a whole index, minutes on a
+/// store larger than the page cache; `store_read` fills and never deletes, so this is exact there.
+pub async fn calls_held(store: &SqlStore) -> Result<i64> {
+    match store.sqlite_pool() {
+        Some(pool) => Ok(sqlx::query_scalar::<_, Option<i64>>(
+            "SELECT max(RecordId) FROM GatehouseGatewayLogs",
+        )
+        .fetch_one(pool)
+        .await?
+        .unwrap_or(0)),
+        None => count_calls(store).await,
+    }
+}
+
 /// Rows of the calls table (`GatehouseGatewayLogs`), counted by the database.
 pub async fn count_calls(store: &SqlStore) -> Result<i64> {
     if let Some(pool) = store.sqlite_pool() {

@@ -33,7 +33,7 @@ use gatehouse_audit::sql::rollup::{Dimension, Granularity};
 use gatehouse_audit::sql::{SearchFilter, SqlStore, UsageQuery};
 use gatehouse_bench::postgres::{database_url, redact};
 use gatehouse_bench::records::{GROUPS, Generator, Rng, Shape, caller_ip, user_name};
-use gatehouse_bench::report::{append_result, count_calls};
+use gatehouse_bench::report::{append_result, calls_held};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
@@ -276,7 +276,7 @@ async fn measure(
     engine: &'static str,
     started: OffsetDateTime,
 ) -> Result<bool> {
-    let held = count_calls(store).await?;
+    let held = calls_held(store).await?;
     let fill = if held < args.records as i64 {
         Some(fill(store, args, held as usize, started).await?)
     } else {
@@ -294,7 +294,7 @@ async fn measure(
     } else {
         store.optimize().await.context("PRAGMA optimize")?;
     }
-    let total = count_calls(store).await?;
+    let total = calls_held(store).await?;
     let now = OffsetDateTime::now_utc();
     let mut rng = Rng(args.seed ^ 0x5EED);
     let mut timings = Vec::new();
