@@ -155,6 +155,88 @@ impl QuotaPeriod {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use time::OffsetDateTime;
+    use time::macros::datetime;
+
+    /// Seconds since the epoch of a UTC date-time.
+    fn at(moment: OffsetDateTime) -> i64 {
+        moment.unix_timestamp()
+    }
+
+    #[test]
+    fn quota_windows_are_utc_calendar_units() {
+        let now = at(datetime!(2025-03-12 14:35:07 UTC));
+        assert_eq!(
+            QuotaPeriod::Hourly.window(now),
+            (
+                at(datetime!(2025-03-12 14:00 UTC)),
+                at(datetime!(2025-03-12 15:00 UTC))
+            )
+        );
+        assert_eq!(
+            QuotaPeriod::Daily.window(now),
+            (
+                at(datetime!(2025-03-12 0:00 UTC)),
+                at(datetime!(2025-03-13 0:00 UTC))
+            )
+        );
+        // 2025-03-12 is a Wednesday; its week starts on Monday the 10th.
+        assert_eq!(
+            QuotaPeriod::Weekly.window(now),
+            (
+                at(datetime!(2025-03-10 0:00 UTC)),
+                at(datetime!(2025-03-17 0:00 UTC))
+            )
+        );
+        // A Monday at midnight starts its own week; the Sunday before belongs to the previous one.
+        let monday = at(datetime!(2025-03-10 0:00 UTC));
+        assert_eq!(QuotaPeriod::Weekly.window(monday).0, monday);
+        assert_eq!(
+            QuotaPeriod::Weekly.window(monday - 1).0,
+            at(datetime!(2025-03-03 0:00 UTC))
+        );
+        // The week of 1 January 2025 (a Wednesday) starts in 2024.
+        assert_eq!(
+            QuotaPeriod::Weekly
+                .window(at(datetime!(2025-01-01 12:00 UTC)))
+                .0,
+            at(datetime!(2024-12-30 0:00 UTC))
+        );
+        assert_eq!(
+            QuotaPeriod::Monthly.window(at(datetime!(2025-01-31 23:59:59 UTC))),
+            (
+                at(datetime!(2025-01-01 0:00 UTC)),
+                at(datetime!(2025-02-01 0:00 UTC))
+            )
+        );
+        assert_eq!(
+            QuotaPeriod::Monthly.window(at(datetime!(2024-02-29 10:00 UTC))),
+            (
+                at(datetime!(2024-02-01 0:00 UTC)),
+                at(datetime!(2024-03-01 0:00 UTC))
+            )
+        );
+        assert_eq!(
+            QuotaPeriod::Monthly.window(at(datetime!(2025-12-31 23:59:59 UTC))),
+            (
+                at(datetime!(2025-12-01 0:00 UTC)),
+                at(datetime!(2026-01-01 0:00 UTC))
+            )
+        );
+        assert_eq!(
+            QuotaPeriod::Monthly
+                .window(at(datetime!(2026-01-01 0:00 UTC)))
+                .0,
+            at(datetime!(2026-01-01 0:00 UTC))
+        );
+        assert_eq!(
+            QuotaPeriod::Yearly.window(now),
+            (
+                at(datetime!(2025-01-01 0:00 UTC)),
+                at(datetime!(2026-01-01 0:00 UTC))
+            )
+        );
+    }
 
     #[test]
     fn a_rule_reads_as_documented() {

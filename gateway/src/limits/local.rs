@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
-use super::{Adjustment, Bucket, BucketKind, StoreAnswer, bucket, quota_window};
+use super::{Adjustment, Bucket, BucketKind, StoreAnswer, bucket};
 
 /// Every how many operations expired counters are swept out of the map.
 const SWEEP_EVERY: u64 = 4_096;
@@ -79,7 +79,7 @@ impl LocalStore {
                     current.push((used, 0, 0));
                 }
                 BucketKind::Quota { tokens, period } => {
-                    let (start, end) = quota_window(period, now_s);
+                    let (start, end) = period.window(now_s);
                     let used = match state.slots.get(&b.key) {
                         Some(Slot::Quota {
                             used, window_start, ..

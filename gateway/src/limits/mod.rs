@@ -316,12 +316,6 @@ pub(crate) mod bucket {
     }
 }
 
-/// The UTC calendar window of `period` around `now` (seconds since the epoch): its start and end
-/// ([`QuotaPeriod::window`], shared with the portal's quota alert).
-pub fn quota_window(period: QuotaPeriod, now: i64) -> (i64, i64) {
-    period.window(now)
-}
-
 /// Microseconds since the epoch, by this machine's clock (the in-process store's time).
 fn now_us() -> i64 {
     SystemTime::now()

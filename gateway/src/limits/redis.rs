@@ -18,7 +18,7 @@ use crate::secret::Secret;
 use gatehouse_schema::limits::QuotaPeriod;
 
 /// Calendar windows in UTC, shared by both scripts (the same arithmetic as
-/// [`super::quota_window`]; civil dates from day numbers after Howard Hinnant's algorithms).
+/// [`QuotaPeriod::window`]; civil dates from day numbers after Howard Hinnant's algorithms).
 const WINDOW_LUA: &str = r#"
 local function days_from_civil(y, m, d)
   if m <= 2 then y = y - 1 end

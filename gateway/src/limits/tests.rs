@@ -57,77 +57,6 @@ fn globs_match_runs_of_characters() {
 }
 
 #[test]
-fn quota_windows_are_utc_calendar_units() {
-    let now = at(datetime!(2025-03-12 14:35:07 UTC));
-    assert_eq!(
-        quota_window(QuotaPeriod::Hourly, now),
-        (
-            at(datetime!(2025-03-12 14:00 UTC)),
-            at(datetime!(2025-03-12 15:00 UTC))
-        )
-    );
-    assert_eq!(
-        quota_window(QuotaPeriod::Daily, now),
-        (
-            at(datetime!(2025-03-12 0:00 UTC)),
-            at(datetime!(2025-03-13 0:00 UTC))
-        )
-    );
-    // 2025-03-12 is a Wednesday; its week starts on Monday the 10th.
-    assert_eq!(
-        quota_window(QuotaPeriod::Weekly, now),
-        (
-            at(datetime!(2025-03-10 0:00 UTC)),
-            at(datetime!(2025-03-17 0:00 UTC))
-        )
-    );
-    // A Monday at midnight starts its own week; the Sunday before belongs to the previous one.
-    let monday = at(datetime!(2025-03-10 0:00 UTC));
-    assert_eq!(quota_window(QuotaPeriod::Weekly, monday).0, monday);
-    assert_eq!(
-        quota_window(QuotaPeriod::Weekly, monday - 1).0,
-        at(datetime!(2025-03-03 0:00 UTC))
-    );
-    // The week of 1 January 2025 (a Wednesday) starts in 2024.
-    assert_eq!(
-        quota_window(QuotaPeriod::Weekly, at(datetime!(2025-01-01 12:00 UTC))).0,
-        at(datetime!(2024-12-30 0:00 UTC))
-    );
-    assert_eq!(
-        quota_window(QuotaPeriod::Monthly, at(datetime!(2025-01-31 23:59:59 UTC))),
-        (
-            at(datetime!(2025-01-01 0:00 UTC)),
-            at(datetime!(2025-02-01 0:00 UTC))
-        )
-    );
-    assert_eq!(
-        quota_window(QuotaPeriod::Monthly, at(datetime!(2024-02-29 10:00 UTC))),
-        (
-            at(datetime!(2024-02-01 0:00 UTC)),
-            at(datetime!(2024-03-01 0:00 UTC))
-        )
-    );
-    assert_eq!(
-        quota_window(QuotaPeriod::Monthly, at(datetime!(2025-12-31 23:59:59 UTC))),
-        (
-            at(datetime!(2025-12-01 0:00 UTC)),
-            at(datetime!(2026-01-01 0:00 UTC))
-        )
-    );
-    assert_eq!(
-        quota_window(QuotaPeriod::Monthly, at(datetime!(2026-01-01 0:00 UTC))).0,
-        at(datetime!(2026-01-01 0:00 UTC))
-    );
-    assert_eq!(
-        quota_window(QuotaPeriod::Yearly, now),
-        (
-            at(datetime!(2025-01-01 0:00 UTC)),
-            at(datetime!(2026-01-01 0:00 UTC))
-        )
-    );
-}
-
-#[test]
 fn buckets_refill_continuously_and_waits_are_exact() {
     // 600 per minute: 10 per second, 1 per 100 ms.
     assert_eq!(bucket::drained(600.0, 1_000_000, 600), 590.0);
@@ -721,7 +650,7 @@ async fn redis_quota_windows_match_the_calendar() {
     for (m, moment) in moments.into_iter().enumerate() {
         let now = at(moment) * 1_000_000 + 250_000;
         for period in periods {
-            let (start, end) = quota_window(period, at(moment));
+            let (start, end) = period.window(at(moment));
             let key = redis.key(&format!("{m}:{}", period.as_str()));
             // A charge lands in the window the script computes; a refusal waits for its end.
             assert_eq!(
@@ -836,7 +765,7 @@ async fn redis_uses_its_own_clock() {
     };
     // The window the script chose is the current hour (by Redis's clock, which is this machine's).
     let now = OffsetDateTime::now_utc().unix_timestamp();
-    let (start, _) = quota_window(QuotaPeriod::Hourly, now);
+    let (start, _) = QuotaPeriod::Hourly.window(now);
     assert!(
         levels[0].1 == start || levels[0].1 == start - 3_600,
         "{levels:?}"
