@@ -116,6 +116,81 @@ on_both_engines!(
     chains_verify_from_the_store,
 );
 
+/// The planner's statistics are refreshed for every indexed table of the schema, never for the
+/// full-text index's shadow tables, and only while the store is under the bound: `ANALYZE` counts
+/// every index entry exactly, and at every start of a store larger than memory that took minutes.
+#[tokio::test]
+async fn sqlite_planner_statistics_are_bounded_and_skip_the_full_text_shadow_tables() {
+    let test = sqlite().await;
+    let store = &test.store;
+    assert_eq!(store.write(&records(40)).await.unwrap(), 40);
+    store.optimize().await.unwrap();
+    let pool = store.sqlite_pool().unwrap();
+
+    let indexed: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_schema AS t WHERE type = 'table' AND name NOT LIKE 'sqlite_%' \
+         AND name <> '_sqlx_migrations' \
+         AND EXISTS (SELECT 1 FROM pragma_index_list(t.name)) ORDER BY name",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let shadow: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_schema WHERE type = 'table' AND name LIKE 'GatehouseContentSearch\\_%' ESCAPE '\\'",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert!(shadow.len() >= 3, "FTS5 shadow tables: {shadow:?}");
+    let planned: Vec<&str> = gatehouse_audit::sql::PLANNED_TABLES
+        .iter()
+        .map(|statement| statement.trim_start_matches("ANALYZE "))
+        .collect();
+    for table in indexed.iter().filter(|table| !shadow.contains(table)) {
+        assert!(
+            planned.contains(&table.as_str()),
+            "{table} is indexed but not analyzed"
+        );
+    }
+
+    let analyzed: Vec<String> =
+        sqlx::query_scalar("SELECT DISTINCT tbl FROM sqlite_stat1 ORDER BY tbl")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    for table in &planned {
+        assert!(
+            analyzed.iter().any(|t| t == table),
+            "{table} has no statistics: {analyzed:?}"
+        );
+    }
+    for table in &shadow {
+        assert!(
+            !analyzed.contains(table),
+            "{table} was analyzed: {analyzed:?}"
+        );
+    }
+
+    // Past the bound the statistics stay as they were: the 80 calls written next are not counted.
+    let stat = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT stat FROM sqlite_stat1 WHERE idx = 'GatehouseGatewayLogs_Time'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap()
+    };
+    let before = stat().await;
+    assert!(before.starts_with("40 "), "{before}");
+    let mut more = records(120);
+    more.drain(..40);
+    assert_eq!(store.write(&more).await.unwrap(), 80);
+    assert!(!store.refresh_planner_statistics(100).await.unwrap());
+    assert_eq!(stat().await, before);
+    assert!(store.refresh_planner_statistics(120).await.unwrap());
+    assert!(stat().await.starts_with("120 "), "{}", stat().await);
+}
+
 const T0: OffsetDateTime = datetime!(2026-11-30 10:00:00 UTC);
 
 fn record(i: usize) -> AuditRecord {

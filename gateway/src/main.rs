@@ -64,6 +64,15 @@ enum Command {
         #[arg(long)]
         to: Option<String>,
     },
+    /// Refresh the query planner's statistics of a SQLite audit store in full. The store does
+    /// this itself at every start and hourly while it holds at most 1,000,000 calls; past that,
+    /// run this in a quiet hour: it reads every index and holds the write lock meanwhile (the
+    /// gateway's records wait in its journal).
+    AnalyzeAudit {
+        /// Audit database: `sqlite:PATH`.
+        #[arg(long)]
+        database: String,
+    },
     /// Print a new subscription key and, on a second line, its hash for the configuration.
     Keygen,
     /// Read a key on standard input and print its hash for the configuration.
@@ -112,6 +121,7 @@ fn main() -> anyhow::Result<()> {
             from.as_deref(),
             to.as_deref(),
         ),
+        Command::AnalyzeAudit { database } => analyze_audit(&database),
         Command::Serve { config } => {
             let file = ConfigFile::load(&config)?;
             init_logging(file.server.log_format);
@@ -123,6 +133,25 @@ fn main() -> anyhow::Result<()> {
             runtime.enable_all().build()?.block_on(serve(file))
         }
     }
+}
+
+fn analyze_audit(database: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        database.starts_with("sqlite:"),
+        "--database: statistics are refreshed for SQLite stores (PostgreSQL's autovacuum keeps its own)"
+    );
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(async {
+            let store = SqlStore::open(database).await.context("--database")?;
+            let started = std::time::Instant::now();
+            store.refresh_planner_statistics(i64::MAX).await?;
+            write_lines(&[&format!(
+                "planner statistics refreshed in {:.1} s",
+                started.elapsed().as_secs_f64()
+            )])
+        })
 }
 
 fn verify_audit(

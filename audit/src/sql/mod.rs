@@ -80,6 +80,22 @@ impl From<StoreError> for SinkError {
     }
 }
 
+/// Calls up to which [`SqlStore::optimize`] refreshes the planner's statistics of a SQLite store:
+/// counting the entries of every index of a million calls takes about a second when the store is
+/// in memory.
+pub const PLANNER_REFRESH_MAX_CALLS: i64 = 1_000_000;
+
+/// The `ANALYZE` statements of the SQLite tables whose indexes the query planner chooses between,
+/// written out (an identifier cannot be a bound parameter). The full-text index's shadow tables
+/// are left out on purpose, see [`SqlStore::optimize`]; a test checks that every indexed table of
+/// the schema is here.
+pub const PLANNED_TABLES: [&str; 4] = [
+    "ANALYZE GatehouseGatewayLogs",
+    "ANALYZE GatehouseCallContent",
+    "ANALYZE ApiManagementGatewayLlmLog",
+    "ANALYZE GatehouseUsageRollup",
+];
+
 impl SqlStore {
     /// Connects to `sqlite:PATH` (created if missing) or `postgres://…`. Run [`SqlStore::migrate`]
     /// before use.
@@ -169,20 +185,51 @@ impl SqlStore {
         Ok(())
     }
 
-    /// Lets SQLite refresh the statistics its query planner uses (`PRAGMA optimize`, bounded by
-    /// `analysis_limit` so that it stays quick on a large store). Nothing to do on PostgreSQL,
-    /// whose autovacuum keeps them.
+    /// Refreshes the statistics SQLite's query planner uses while the store is small enough for
+    /// that to be quick ([`PLANNER_REFRESH_MAX_CALLS`]); nothing to do on PostgreSQL, whose
+    /// autovacuum keeps them. Run at every open and after each hourly retention run.
+    ///
+    /// SQLite's `ANALYZE` counts every entry of every index exactly (`analysis_limit` bounds only
+    /// the sampling that follows), holding the write lock throughout: on a store of 10 million
+    /// calls, larger than memory, that took minutes. Past the bound the statistics last taken stay:
+    /// what the planner reads from them (rows per user, per address, per day) keeps its
+    /// proportions as the store grows. `PRAGMA optimize` is not used: it also analyzes the
+    /// full-text index's shadow tables.
     pub async fn optimize(&self) -> Result<(), StoreError> {
-        if let Engine::Sqlite { writer, .. } = &self.engine {
-            let mut connection = writer.acquire().await?;
-            sqlx::query("PRAGMA analysis_limit = 1000")
-                .execute(&mut *connection)
-                .await?;
-            sqlx::query("PRAGMA optimize = 0x10002")
-                .execute(&mut *connection)
-                .await?;
+        self.refresh_planner_statistics(PLANNER_REFRESH_MAX_CALLS)
+            .await
+            .map(|_| ())
+    }
+
+    /// [`SqlStore::optimize`] with another bound: `ANALYZE` of each of [`PLANNED_TABLES`] when the
+    /// calls table holds at most `max_calls` rows (estimated from its first and last `RecordId`,
+    /// two index lookups). Returns whether it ran.
+    pub async fn refresh_planner_statistics(&self, max_calls: i64) -> Result<bool, StoreError> {
+        let Engine::Sqlite { writer, .. } = &self.engine else {
+            return Ok(false);
+        };
+        let mut connection = writer.acquire().await?;
+        // Two subqueries: SQLite answers a lone min() or max() from the end of the B-tree, but
+        // scans the whole table for both in one SELECT.
+        let (first, last): (Option<i64>, Option<i64>) = sqlx::query_as(
+            "SELECT (SELECT min(RecordId) FROM GatehouseGatewayLogs), (SELECT max(RecordId) FROM GatehouseGatewayLogs)",
+        )
+        .fetch_one(&mut *connection)
+        .await?;
+        let calls = match (first, last) {
+            (Some(first), Some(last)) => last - first + 1,
+            _ => 0,
+        };
+        if calls > max_calls {
+            return Ok(false);
         }
-        Ok(())
+        sqlx::query("PRAGMA analysis_limit = 1000")
+            .execute(&mut *connection)
+            .await?;
+        for analyze in PLANNED_TABLES {
+            sqlx::query(analyze).execute(&mut *connection).await?;
+        }
+        Ok(true)
     }
 
     /// Connects and migrates.

@@ -421,3 +421,62 @@ impl AuditSink for Tee {
         "flaky-store"
     }
 }
+
+/// `gatehouse-gateway analyze-audit` refreshes a SQLite store's planner statistics in full (past
+/// the size up to which the store does it itself) and refuses a PostgreSQL URL with a clear error.
+#[tokio::test]
+async fn analyze_audit_refreshes_a_sqlite_stores_statistics() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:{}", dir.path().join("audit.db").display());
+    let store = SqlStore::open(&url).await.unwrap();
+    let pool = store.sqlite_pool().unwrap().clone();
+    let analyzed = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM sqlite_stat1")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    // An empty store has nothing to count; the command adds rows once calls are stored.
+    let record: AuditRecord = serde_json::from_value(json!({
+        "TimeGenerated": "2026-12-01T10:00:00Z", "CorrelationId": "analyze-1", "GatewayId": "gw",
+        "CallerIpAddress": "203.0.113.7", "PeerIpAddress": "10.0.0.1", "Method": "POST",
+        "Url": "/openai/deployments/gpt-4o/chat/completions", "ClientProtocol": "HTTP/1.1",
+        "ResponseCode": 200, "IsRequestSuccess": true, "RequestSize": 10, "ResponseSize": 20,
+        "TotalTime": 30, "BackendTime": 25, "IsStreamCompletion": false,
+        "RequestBodyTruncated": false, "ResponseBodyTruncated": false, "ClientAborted": false
+    }))
+    .unwrap();
+    assert_eq!(store.write(&[record]).await.unwrap(), 1);
+    sqlx::query("DELETE FROM sqlite_stat1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(analyzed().await, 0);
+
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_gatehouse-gateway"))
+        .args(["analyze-audit", "--database", &url])
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("planner statistics refreshed in"),
+        "{output:?}"
+    );
+    assert!(analyzed().await >= 4);
+
+    let refused = tokio::process::Command::new(env!("CARGO_BIN_EXE_gatehouse-gateway"))
+        .args([
+            "analyze-audit",
+            "--database",
+            "postgres://127.0.0.1:5432/none",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("statistics are refreshed for SQLite"),
+        "{refused:?}"
+    );
+}
