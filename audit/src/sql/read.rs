@@ -481,7 +481,58 @@ async fn search_sqlite(
     // call that holds a common word. Otherwise the calls table leads and the index is asked about
     // each candidate by rowid.
     let text_leads = terms.is_some() && !selective;
-    let mut q = QueryBuilder::<Sqlite>::new(sqlite_summary_columns!());
+    let mut q = QueryBuilder::<Sqlite>::new("");
+    match &f.user {
+        // A user is named by object id or by name: one branch per column, each read newest first
+        // from its own index and stopped at the page's end, then merged. With `UserId = ? OR
+        // UserName = ?` SQLite collects every call of the user in the range from both indexes and
+        // sorts them, a random read per call (p95 630 ms at 10 million calls).
+        Some(user) => {
+            q.push("SELECT * FROM (");
+            push_sqlite_search(
+                &mut q,
+                f,
+                terms.as_deref(),
+                false,
+                Some((" AND l.UserId = ", user)),
+                limit,
+            );
+            q.push(") UNION SELECT * FROM (");
+            push_sqlite_search(
+                &mut q,
+                f,
+                terms.as_deref(),
+                false,
+                Some((" AND l.UserName = ", user)),
+                limit,
+            );
+            q.push(") ORDER BY 2 DESC, 1 DESC LIMIT ")
+                .push_bind(i64::from(limit));
+        }
+        None => push_sqlite_search(&mut q, f, terms.as_deref(), text_leads, None, limit),
+    }
+    let rows = q.build().fetch_all(pool).await?;
+    rows.iter()
+        .map(|row| {
+            Ok(summary_from_row!(
+                row,
+                parse_sqlite_time(row.try_get::<&str, _>(1)?)?
+            ))
+        })
+        .collect()
+}
+
+/// One SELECT of a SQLite search, newest first and limited: `user` is the condition on one of
+/// the user columns and its value.
+fn push_sqlite_search(
+    q: &mut QueryBuilder<'_, Sqlite>,
+    f: &SearchFilter,
+    terms: Option<&str>,
+    text_leads: bool,
+    user: Option<(&'static str, &str)>,
+    limit: u32,
+) {
+    q.push(sqlite_summary_columns!());
     if text_leads {
         q.push(" FROM GatehouseContentSearch CROSS JOIN GatehouseGatewayLogs l ON l.RecordId = GatehouseContentSearch.rowid");
     } else {
@@ -496,12 +547,8 @@ async fn search_sqlite(
         .push_bind(sqlite_time(f.from))
         .push(" AND l.TimeGenerated < ")
         .push_bind(sqlite_time(f.to));
-    if let Some(user) = &f.user {
-        q.push(" AND (l.UserId = ")
-            .push_bind(user.clone())
-            .push(" OR l.UserName = ")
-            .push_bind(user.clone())
-            .push(")");
+    if let Some((condition, user)) = user {
+        q.push(condition).push_bind(user.to_owned());
     }
     if let Some(net) = f.caller {
         let (low, high) = net_key_range(net);
@@ -531,11 +578,11 @@ async fn search_sqlite(
     match terms {
         Some(terms) if text_leads => {
             q.push(" AND GatehouseContentSearch MATCH ")
-                .push_bind(terms);
+                .push_bind(terms.to_owned());
         }
         Some(terms) => {
             q.push(" AND EXISTS (SELECT 1 FROM GatehouseContentSearch WHERE GatehouseContentSearch MATCH ")
-                .push_bind(terms)
+                .push_bind(terms.to_owned())
                 .push(" AND GatehouseContentSearch.rowid = l.RecordId)");
         }
         None => {}
@@ -560,15 +607,6 @@ async fn search_sqlite(
         q.push(" ORDER BY l.TimeGenerated DESC, l.RecordId DESC LIMIT ");
     }
     q.push_bind(i64::from(limit));
-    let rows = q.build().fetch_all(pool).await?;
-    rows.iter()
-        .map(|row| {
-            Ok(summary_from_row!(
-                row,
-                parse_sqlite_time(row.try_get::<&str, _>(1)?)?
-            ))
-        })
-        .collect()
 }
 
 async fn search_postgres(
@@ -576,16 +614,40 @@ async fn search_postgres(
     f: &SearchFilter,
     limit: u32,
 ) -> Result<Vec<CallSummary>, StoreError> {
-    let mut q = QueryBuilder::<Postgres>::new(POSTGRES_SUMMARY);
+    let mut q = QueryBuilder::<Postgres>::new("");
+    match &f.user {
+        // One branch per user column, each read newest first from its own index and stopped at
+        // the page's end (see `search_sqlite`).
+        Some(user) => {
+            q.push("(");
+            push_postgres_search(&mut q, f, Some((r#" AND l."UserId" = "#, user)), limit);
+            q.push(") UNION (");
+            push_postgres_search(&mut q, f, Some((r#" AND l."UserName" = "#, user)), limit);
+            q.push(") ORDER BY 2 DESC, 1 DESC LIMIT ")
+                .push_bind(i64::from(limit));
+        }
+        None => push_postgres_search(&mut q, f, None, limit),
+    }
+    let rows = q.build().fetch_all(pool).await?;
+    rows.iter()
+        .map(|row| Ok(summary_from_row!(row, row.try_get(1)?)))
+        .collect()
+}
+
+/// One SELECT of a PostgreSQL search, newest first and limited: `user` is the condition on one
+/// of the user columns and its value.
+fn push_postgres_search(
+    q: &mut QueryBuilder<'_, Postgres>,
+    f: &SearchFilter,
+    user: Option<(&'static str, &str)>,
+    limit: u32,
+) {
+    q.push(POSTGRES_SUMMARY);
     q.push_bind(f.from)
         .push(r#" AND l."TimeGenerated" < "#)
         .push_bind(f.to);
-    if let Some(user) = &f.user {
-        q.push(r#" AND (l."UserId" = "#)
-            .push_bind(user.clone())
-            .push(r#" OR l."UserName" = "#)
-            .push_bind(user.clone())
-            .push(")");
+    if let Some((condition, user)) = user {
+        q.push(condition).push_bind(user.to_owned());
     }
     if let Some(net) = f.caller {
         let (low, high) = net_key_range(net);
@@ -631,10 +693,6 @@ async fn search_postgres(
     }
     q.push(r#" ORDER BY l."TimeGenerated" DESC, l."RecordId" DESC LIMIT "#)
         .push_bind(i64::from(limit));
-    let rows = q.build().fetch_all(pool).await?;
-    rows.iter()
-        .map(|row| Ok(summary_from_row!(row, row.try_get(1)?)))
-        .collect()
 }
 
 /// Whether a caller filter names so few addresses (an IPv4 /24 or narrower, an IPv6 /64 or
