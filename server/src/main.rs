@@ -1,6 +1,7 @@
 //! `gatehouse-portal`: the admin portal.
 
 use std::collections::HashMap;
+use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -247,11 +248,13 @@ async fn oidc(args: &Args) -> anyhow::Result<Option<OidcSettings>> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Colours only for a person at a terminal: a log file or a collector gets plain text.
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,sqlx=warn".into()),
         )
+        .with_ansi(std::io::stdout().is_terminal())
         .init();
     let args = Args::parse();
     // cargo-leptos sets LEPTOS_* variables; outside it the defaults name the built site.

@@ -1,5 +1,7 @@
 //! Starting simulators and a gateway, and waiting for audit records.
 
+use std::net::TcpListener;
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -272,4 +274,79 @@ pub fn backend_key_file() -> (tempfile::NamedTempFile, String) {
     std::io::Write::write_all(&mut file, format!("{BACKEND_KEY}\n").as_bytes()).unwrap();
     let reference = format!("file:{}", file.path().display());
     (file, reference)
+}
+
+/// A free localhost port (bound, then released for the gateway to take).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `gatehouse-gateway serve` process (text logs at `info` into a file); killed when dropped.
+pub struct GatewayProcess {
+    /// Its base URL.
+    pub url: String,
+    child: tokio::process::Child,
+    dir: tempfile::TempDir,
+}
+
+impl GatewayProcess {
+    /// Starts one with `snapshot` and `server.limits`, and waits until `/healthz` answers.
+    pub async fn start(name: &str, snapshot: &ConfigSnapshot, limits: Value) -> GatewayProcess {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let config = json!({
+            "server": {
+                "listen": format!("127.0.0.1:{port}"),
+                "gateway_id": name,
+                "state_dir": dir.path().join("state"),
+                "log_format": "text",
+                "access_log": false,
+                "limits": limits,
+            },
+            "snapshot": snapshot,
+        });
+        // YAML is a superset of JSON.
+        let path = dir.path().join("gateway.yaml");
+        std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+        let log = std::fs::File::create(dir.path().join("gateway.log")).unwrap();
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_gatehouse-gateway"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let url = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        for _ in 0..400 {
+            if client
+                .get(format!("{url}/healthz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+            {
+                return GatewayProcess { url, child, dir };
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("gateway {name} did not come up");
+    }
+
+    /// What it has logged so far (its standard error).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap()
+    }
+
+    /// Kills it.
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
 }

@@ -1,8 +1,6 @@
 //! Usage limits (pipeline step 6): 429 for rates, 403 for quotas, tokens reserved before the call
 //! and reconciled after it, in one process and across two gateway processes sharing Redis.
 
-use std::net::TcpListener;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use gatehouse_gateway::settings::{LimitSettings, OnStoreError, RedisUrl};
@@ -354,76 +352,6 @@ async fn fifty_parallel_calls_cannot_overrun_a_token_limit() {
     assert_eq!(sim.hits() as usize, admitted + 1);
     assert_within_limit(used, admitted, 1000, elapsed, estimate);
     gw.stop().await;
-}
-
-/// A free localhost port (bound, then released for the gateway to take).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A `gatehouse-gateway serve` process; killed when dropped.
-struct GatewayProcess {
-    url: String,
-    child: tokio::process::Child,
-    _dir: tempfile::TempDir,
-}
-
-impl GatewayProcess {
-    async fn start(name: &str, snapshot: &ConfigSnapshot, limits: Value) -> GatewayProcess {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let config = json!({
-            "server": {
-                "listen": format!("127.0.0.1:{port}"),
-                "gateway_id": name,
-                "state_dir": dir.path().join("state"),
-                "log_format": "text",
-                "access_log": false,
-                "limits": limits,
-            },
-            "snapshot": snapshot,
-        });
-        // YAML is a superset of JSON.
-        let path = dir.path().join("gateway.yaml");
-        std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_gatehouse-gateway"))
-            .arg("serve")
-            .arg("--config")
-            .arg(&path)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let url = format!("http://127.0.0.1:{port}");
-        let client = reqwest::Client::builder().no_proxy().build().unwrap();
-        for _ in 0..400 {
-            if client
-                .get(format!("{url}/healthz"))
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200)
-            {
-                return GatewayProcess {
-                    url,
-                    child,
-                    _dir: dir,
-                };
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("gateway {name} did not come up");
-    }
-
-    async fn stop(mut self) {
-        let _ = self.child.kill().await;
-    }
 }
 
 #[tokio::test]

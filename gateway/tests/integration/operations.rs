@@ -12,6 +12,24 @@ use serde_json::json;
 
 use crate::harness::*;
 
+/// Logs written to a file (or a pipe to a collector) are plain text: no terminal colour codes.
+#[tokio::test]
+async fn text_logs_to_a_file_carry_no_colour_codes() {
+    let gateway = GatewayProcess::start("plain-log", &snapshot(1, json!([])), json!({})).await;
+    let mut log = String::new();
+    for _ in 0..200 {
+        log = gateway.log();
+        if log.contains("gatehouse gateway listening") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    gateway.stop().await;
+    assert!(log.contains("gatehouse gateway listening"), "{log}");
+    assert!(log.contains(" version=1"), "{log}");
+    assert!(!log.contains('\u{1b}'), "escape codes in the log: {log:?}");
+}
+
 #[tokio::test]
 async fn health_and_readiness_need_no_key() {
     let sim = simulator("ops").await;

@@ -181,14 +181,6 @@ fn postgres_bin_dir() -> PathBuf {
     )
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn outage() -> Duration {
     let seconds = std::env::var("GATEHOUSE_OUTAGE_SECONDS")
         .ok()
