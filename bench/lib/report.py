@@ -7,6 +7,9 @@
                                            openssl) and the discovery document and JWKS that
                                            verify it, for the gateway-jwt variants
     report.py line RESULT.json             one-line summary of one measured run
+    report.py post --port P --path PATH --body FILE --header "NAME: VALUE" --count N
+                                           N POSTs over one keep-alive connection; prints how many
+                                           were answered 200 (exit status 1 unless all were)
     report.py summarize --results DIR --meta META.json --out OUT.json
                                            table, ratios and targets on stdout; everything as JSON;
                                            exit status 3 when a run had request errors
@@ -105,6 +108,24 @@ def free_ports(count: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
+
+
+def post(port: int, path: str, body: Path, header: str, count: int) -> int:
+    """POSTs `body` `count` times over one keep-alive connection; the number answered 200."""
+    import http.client
+
+    name, _, value = header.partition(":")
+    headers = {"Content-Type": "application/json", name.strip(): value.strip()}
+    payload = body.read_bytes()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    answered = 0
+    for _ in range(count):
+        connection.request("POST", path, body=payload, headers=headers)
+        response = connection.getresponse()
+        response.read()
+        answered += response.status == 200
+    connection.close()
+    return answered
 
 
 def derive(run: dict, clk_tck: int) -> dict:
@@ -346,6 +367,12 @@ def main() -> int:
         p.add_argument(f"--{name}", required=True)
     p = sub.add_parser("line")
     p.add_argument("result", type=Path)
+    p = sub.add_parser("post")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--path", required=True)
+    p.add_argument("--body", type=Path, required=True)
+    p.add_argument("--header", required=True)
+    p.add_argument("--count", type=int, required=True)
     p = sub.add_parser("summarize")
     p.add_argument("--results", type=Path, required=True)
     p.add_argument("--meta", type=Path, required=True)
@@ -356,6 +383,10 @@ def main() -> int:
         print(" ".join(str(p) for p in free_ports(args.count)))
     elif args.command == "entra-fixtures":
         entra_fixtures(args.key, args.public, args.authority, args.tenant, args.audience, args.out)
+    elif args.command == "post":
+        answered = post(args.port, args.path, args.body, args.header, args.count)
+        print(answered)
+        return 0 if answered == args.count else 1
     elif args.command == "line":
         print(line(args.result))
     else:

@@ -109,7 +109,9 @@ fn exact_text(body: &[u8]) -> Option<&str> {
     let text = std::str::from_utf8(body).ok()?;
     let bytes = text.as_bytes();
     let mut from = 0;
-    while let Some(at) = bytes[from..].iter().position(|&b| b == b'\\') {
+    // memchr reads a word (or a vector) at a time: this scan runs over every request and answer
+    // body, and byte by byte it cost ≈ 5 instructions per byte.
+    while let Some(at) = memchr::memchr(b'\\', &bytes[from..]) {
         let at = from + at;
         if bytes.get(at + 1) == Some(&b'u')
             && matches!(bytes.get(at + 2), Some(b'd' | b'D'))
