@@ -668,8 +668,29 @@ impl ConfigDb {
 
     /// The newest activity entries.
     pub async fn activity(&self, limit: i64) -> Result<Vec<ActivityRow>, PortalError> {
-        const SQL: &str = "SELECT id, at, actor, action, target, before, after FROM activity_log ORDER BY id DESC LIMIT $1";
-        Ok(on_pool!(self, |pool| sqlx::query_as(SQL)
+        self.activity_rows(
+            "SELECT id, at, actor, action, target, before, after FROM activity_log ORDER BY id DESC LIMIT $1",
+            limit,
+        )
+        .await
+    }
+
+    /// The newest activity entries that change the configuration: every entry but the records of
+    /// audit access (`audit.search`, `audit.view`, `audit.export`), which only admins read.
+    pub async fn configuration_changes(&self, limit: i64) -> Result<Vec<ActivityRow>, PortalError> {
+        self.activity_rows(
+            "SELECT id, at, actor, action, target, before, after FROM activity_log WHERE action NOT LIKE 'audit.%' ORDER BY id DESC LIMIT $1",
+            limit,
+        )
+        .await
+    }
+
+    async fn activity_rows(
+        &self,
+        sql: &'static str,
+        limit: i64,
+    ) -> Result<Vec<ActivityRow>, PortalError> {
+        Ok(on_pool!(self, |pool| sqlx::query_as(sql)
             .bind(limit)
             .fetch_all(pool)
             .await?))

@@ -12,12 +12,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gatehouse_gateway::server::Listening;
+use gatehouse_portal_core::db::{ActivityRow, NewActivity};
 use gatehouse_portal_core::ops::{NewSubscription, PortalSettings};
 use gatehouse_portal_core::pools::{MemberInput, PoolInput};
 use gatehouse_portal_core::push::Publisher;
 use gatehouse_portal_core::rules::AccessRuleInput;
+use gatehouse_portal_core::user::SessionUser;
 use gatehouse_portal_core::{ConfigDb, Portal, PortalError};
 use gatehouse_schema::backends::MemberAvailability;
+use gatehouse_schema::portal::Role;
 use gatehouse_simulator::RunningSimulator;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
@@ -255,6 +258,29 @@ async fn rules_decide_what_a_key_may_call(db: ConfigDb) {
             "access_rule.create"
         ]
     );
+
+    // Who searched and opened which calls is for admins; an auditor reads the changes only.
+    db.log_activity(NewActivity {
+        actor: "Ann Auditor <auditor-oid>",
+        action: "audit.view",
+        target: "call-000",
+        before: None,
+        after: None,
+    })
+    .await
+    .unwrap();
+    let auditor = SessionUser {
+        subject: "auditor-oid".into(),
+        name: "Ann Auditor".into(),
+        roles: vec![Role::Auditor],
+        ..admin()
+    };
+    let seen = |rows: Vec<ActivityRow>| rows.into_iter().map(|e| e.action).collect::<Vec<_>>();
+    let by_admin = seen(portal.activity(Some(&user), 10).await.unwrap());
+    assert_eq!(by_admin[..2], ["audit.view", "access_rule.delete"]);
+    let by_auditor = seen(portal.activity(Some(&auditor), 10).await.unwrap());
+    assert_eq!(by_auditor[..3], actions[..3]);
+    assert!(!by_auditor.iter().any(|action| action.starts_with("audit.")));
 
     // Compare two versions, then roll back to the one with the edited rule.
     let with_rule = db.latest_snapshot().await.unwrap().unwrap().version - 1;

@@ -9,6 +9,7 @@
 use super::{
     Dimension, Granularity, InsightsError, SearchRequest, TimeRange, UsageRequest, iso_utc,
 };
+use gatehouse_audit::azure_monitor::ROW_ID_COLUMN;
 use ipnet::IpNet;
 
 /// The gateway-log table (one row per call).
@@ -68,19 +69,35 @@ fn time_filter(range: &TimeRange) -> String {
     )
 }
 
+/// Keeps one row of each `GatehouseRowId`: the Logs Ingestion API stores a batch twice when its
+/// answer was lost and the sink sent it again, and the sink gives each row the same id both times
+/// (`gatehouse_audit::azure_monitor::ROW_ID_COLUMN`). `take_any(*)` keeps the columns' names.
+fn deduplicated() -> String {
+    format!("| summarize take_any(*) by {ROW_ID_COLUMN}")
+}
+
+/// The gateway-log rows of a range, each call once.
+fn calls_in(range: &TimeRange) -> String {
+    format!(
+        "{GATEWAY_TABLE}\n{}\n{}\n",
+        time_filter(range),
+        deduplicated()
+    )
+}
+
 /// The overall figures of a range, percentiles included.
 pub fn figures(range: &TimeRange) -> String {
     format!(
-        "{GATEWAY_TABLE}\n{}\n| summarize Requests = count(), Errors = countif(ResponseCode >= 400), PromptTokens = sum(PromptTokens), CompletionTokens = sum(CompletionTokens), LatencyP50 = percentile(TotalTime, 50), LatencyP95 = percentile(TotalTime, 95), TtftP50 = percentile(TimeToFirstByte, 50), TtftP95 = percentile(TimeToFirstByte, 95)",
-        time_filter(range)
+        "{}| summarize Requests = count(), Errors = countif(ResponseCode >= 400), PromptTokens = sum(PromptTokens), CompletionTokens = sum(CompletionTokens), LatencyP50 = percentile(TotalTime, 50), LatencyP95 = percentile(TotalTime, 95), TtftP50 = percentile(TimeToFirstByte, 50), TtftP95 = percentile(TimeToFirstByte, 95)",
+        calls_in(range)
     )
 }
 
 /// Tokens by model in a range.
 pub fn tokens_by_model(range: &TimeRange) -> String {
     format!(
-        "{GATEWAY_TABLE}\n{}\n| summarize Requests = count(), PromptTokens = sum(PromptTokens), CompletionTokens = sum(CompletionTokens) by Model = tostring(ModelName)\n| order by Model asc",
-        time_filter(range)
+        "{}| summarize Requests = count(), PromptTokens = sum(PromptTokens), CompletionTokens = sum(CompletionTokens) by Model = tostring(ModelName)\n| order by Model asc",
+        calls_in(range)
     )
 }
 
@@ -114,7 +131,7 @@ fn bin_size(granularity: Granularity) -> &'static str {
 
 /// Usage over time, split by a dimension, in the shape of the rollups.
 pub fn usage(request: &UsageRequest) -> Result<String, InsightsError> {
-    let mut query = format!("{GATEWAY_TABLE}\n{}\n", time_filter(&request.range));
+    let mut query = calls_in(&request.range);
     if request.dimension == Dimension::Group {
         query.push_str("| mv-expand Value = todynamic(Groups) to typeof(string)\n");
     } else {
@@ -239,6 +256,9 @@ pub fn search(request: &SearchRequest, take: u32) -> Result<String, InsightsErro
             string_literal(&cursor.correlation_id)?
         ));
     }
+    // After the filters, so that only the matches are grouped.
+    query.push_str(&deduplicated());
+    query.push('\n');
     query.push_str(&format!(
         "| order by TimeGenerated desc, CorrelationId desc\n| take {take}\n| project {SUMMARY_COLUMNS}"
     ));
@@ -371,5 +391,45 @@ mod tests {
         })
         .unwrap();
         assert!(nobody.contains("| where false"));
+    }
+
+    #[test]
+    fn rows_delivered_twice_count_once() {
+        let range = TimeRange::new(
+            datetime!(2026-12-01 00:00 UTC),
+            datetime!(2026-12-02 00:00 UTC),
+        )
+        .unwrap();
+        let once = "| summarize take_any(*) by GatehouseRowId\n";
+        let before = |query: &str, step: &str| {
+            let dedup = query
+                .find(once)
+                .unwrap_or_else(|| panic!("no de-duplication: {query}"));
+            let step_at = query
+                .find(step)
+                .unwrap_or_else(|| panic!("no {step}: {query}"));
+            assert!(dedup < step_at, "{step} before the de-duplication: {query}");
+            assert_eq!(query.matches(once).count(), 1, "{query}");
+        };
+        before(&figures(&range), "| summarize Requests");
+        before(&tokens_by_model(&range), "| summarize Requests");
+        let by_group = usage(&UsageRequest {
+            range,
+            granularity: Granularity::Hour,
+            dimension: Dimension::Group,
+            only: None,
+        })
+        .unwrap();
+        before(&by_group, "| mv-expand");
+        let request = SearchRequest::parse(
+            &SearchForm {
+                from: "2026-12-01T00:00".into(),
+                to: "2026-12-02T00:00".into(),
+                ..SearchForm::default()
+            },
+            datetime!(2026-12-03 00:00 UTC),
+        )
+        .unwrap();
+        before(&search(&request, 51).unwrap(), "| take 51");
     }
 }
