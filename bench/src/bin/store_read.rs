@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use clap::{Parser, ValueEnum};
 use futures::StreamExt;
+use gatehouse_audit::AuditRecord;
 use gatehouse_audit::sql::rollup::{Dimension, Granularity};
 use gatehouse_audit::sql::{SearchFilter, SqlStore, UsageQuery};
 use gatehouse_bench::postgres::{database_url, redact};
@@ -284,15 +285,27 @@ async fn measure(
         None
     };
     // A store that just took millions of rows has stale planner statistics until autovacuum
-    // (PostgreSQL) or the hourly retention run (SQLite) refreshes them: refresh them now, as a
-    // store in steady use has them.
-    if let Some(pool) = store.postgres_pool() {
-        sqlx::query("ANALYZE")
-            .execute(pool)
-            .await
-            .context("ANALYZE")?;
-    } else {
-        store.optimize().await.context("PRAGMA optimize")?;
+    // (PostgreSQL) or an operator (SQLite past a million calls) refreshes them: refresh them now,
+    // as a store in steady use has them. A kept store measured again keeps the ones it has.
+    if fill.is_some() {
+        if let Some(pool) = store.postgres_pool() {
+            sqlx::query("ANALYZE")
+                .execute(pool)
+                .await
+                .context("ANALYZE")?;
+        } else {
+            // As `gatehouse-gateway analyze-audit` does; the store refreshes them itself only up to
+            // PLANNER_REFRESH_MAX_CALLS.
+            let refresh = Instant::now();
+            store
+                .refresh_planner_statistics(i64::MAX)
+                .await
+                .context("ANALYZE")?;
+            println!(
+                "planner statistics refreshed in {:.1} s (a full ANALYZE)",
+                refresh.elapsed().as_secs_f64()
+            );
+        }
     }
     let total = calls_held(store).await?;
     let now = OffsetDateTime::now_utc();
@@ -461,14 +474,37 @@ async fn fill(store: &SqlStore, args: &Args, from: usize, started: OffsetDateTim
     let shape = args.shape();
     let mut generator = Generator::new(&shape, started);
     let content_cutoff = started - time::Duration::days(args.content_days);
-    // Skip the records the store already holds (same seed: the same sequence, and the same
-    // hash chain).
-    let mut skipped = 0;
-    while skipped < from {
-        let size = args.batch.min(from - skipped);
-        generator.batch(skipped, size);
-        skipped += size;
-    }
+    let (records, batch_size) = (args.records, args.batch);
+    // The records are made on a thread of their own while the store writes the previous batch
+    // (generating and hash-chaining a batch takes about as long as writing it), two batches ahead.
+    let (batches, mut ready) = tokio::sync::mpsc::channel::<Vec<AuditRecord>>(2);
+    let generating = std::thread::spawn(move || {
+        // Skip the records the store already holds (same seed: the same sequence, and the same
+        // hash chain).
+        let mut skipped = 0;
+        while skipped < from {
+            let size = batch_size.min(from - skipped);
+            generator.batch(skipped, size);
+            skipped += size;
+        }
+        let mut made = from;
+        while made < records {
+            let size = batch_size.min(records - made);
+            let mut batch = generator.batch(made, size);
+            for record in &mut batch {
+                if record.time_generated < content_cutoff {
+                    record.backend_request_body = None;
+                    record.backend_response_body = None;
+                    record.request_messages = None;
+                    record.response_messages = None;
+                }
+            }
+            made += size;
+            if batches.blocking_send(batch).is_err() {
+                break; // the writer stopped
+            }
+        }
+    });
     let clock = Instant::now();
     let limit = Duration::from_secs(args.fill_minutes * 60);
     let mut written = from;
@@ -478,17 +514,8 @@ async fn fill(store: &SqlStore, args: &Args, from: usize, started: OffsetDateTim
         "filling {} records ({} held) into the store ...",
         args.records, from
     );
-    while written < args.records {
-        let size = args.batch.min(args.records - written);
-        let mut batch = generator.batch(written, size);
-        for record in &mut batch {
-            if record.time_generated < content_cutoff {
-                record.backend_request_body = None;
-                record.backend_response_body = None;
-                record.request_messages = None;
-                record.response_messages = None;
-            }
-        }
+    while let Some(batch) = ready.recv().await {
+        let size = batch.len();
         let stored = store
             .write(&batch)
             .await
@@ -513,6 +540,15 @@ async fn fill(store: &SqlStore, args: &Args, from: usize, started: OffsetDateTim
             break;
         }
     }
+    drop(ready);
+    generating
+        .join()
+        .map_err(|_| anyhow::anyhow!("the record generator panicked"))?;
+    ensure!(
+        stopped_early || written == args.records,
+        "the generator stopped at record {written} of {}",
+        args.records
+    );
     Ok(Fill {
         records: written - from,
         elapsed: clock.elapsed(),
