@@ -288,16 +288,23 @@ try {
   check(requests?.trim() === '2', `the dashboard counts the two calls (${requests})`);
   await shot(auditor, 'dashboard');
 
-  // The auditor's searches and views are in the activity log.
+  // Who searched and opened which calls is for admins: an auditor's activity page leaves it out.
   await auditor.goto(`${portal}/activity`, { waitUntil: 'networkidle' });
-  const activity = await auditor.textContent('main');
+  const auditorActivity = await auditor.textContent('main');
+  check(!auditorActivity?.includes('audit.search'), 'an auditor does not read the record of audit access');
+  await auditor.context().close();
+
+  // --- The admin: the auditor's searches and views in the activity log ---
+  const admin = await signIn('alice');
+  await admin.goto(`${portal}/activity`, { waitUntil: 'networkidle' });
+  const activity = await admin.textContent('main');
   for (const action of ['audit.search', 'audit.view', 'audit.export']) {
     check(activity?.includes(action), `the activity log records ${action}`);
   }
-  await auditor.context().close();
+  check(activity?.includes('audrey'), 'the activity log names the auditor');
+  await shot(admin, 'activity');
 
   // --- The admin: both groups on /usage ---
-  const admin = await signIn('alice');
   await admin.goto(`${portal}/usage?range=1h&dimension=group`, { waitUntil: 'networkidle' });
   await admin.waitForSelector('#usage-table');
   const adminGroups = await admin.$$eval('tr.usage-row', (rows) => rows.map((r) => r.dataset.value));
