@@ -165,77 +165,86 @@ mod tests {
 
     #[test]
     fn quota_windows_are_utc_calendar_units() {
-        let now = at(datetime!(2025-03-12 14:35:07 UTC));
-        assert_eq!(
-            QuotaPeriod::Hourly.window(now),
+        use QuotaPeriod::{Daily, Hourly, Monthly, Weekly, Yearly};
+        // (period, moment, the window's start, its end)
+        let cases = [
             (
-                at(datetime!(2025-03-12 14:00 UTC)),
-                at(datetime!(2025-03-12 15:00 UTC))
-            )
-        );
-        assert_eq!(
-            QuotaPeriod::Daily.window(now),
+                Hourly,
+                datetime!(2025-03-12 14:35:07 UTC),
+                datetime!(2025-03-12 14:00 UTC),
+                datetime!(2025-03-12 15:00 UTC),
+            ),
             (
-                at(datetime!(2025-03-12 0:00 UTC)),
-                at(datetime!(2025-03-13 0:00 UTC))
-            )
-        );
-        // 2025-03-12 is a Wednesday; its week starts on Monday the 10th.
-        assert_eq!(
-            QuotaPeriod::Weekly.window(now),
+                Daily,
+                datetime!(2025-03-12 14:35:07 UTC),
+                datetime!(2025-03-12 0:00 UTC),
+                datetime!(2025-03-13 0:00 UTC),
+            ),
+            // 2025-03-12 is a Wednesday; its week starts on Monday the 10th.
             (
-                at(datetime!(2025-03-10 0:00 UTC)),
-                at(datetime!(2025-03-17 0:00 UTC))
-            )
-        );
-        // A Monday at midnight starts its own week; the Sunday before belongs to the previous one.
-        let monday = at(datetime!(2025-03-10 0:00 UTC));
-        assert_eq!(QuotaPeriod::Weekly.window(monday).0, monday);
-        assert_eq!(
-            QuotaPeriod::Weekly.window(monday - 1).0,
-            at(datetime!(2025-03-03 0:00 UTC))
-        );
-        // The week of 1 January 2025 (a Wednesday) starts in 2024.
-        assert_eq!(
-            QuotaPeriod::Weekly
-                .window(at(datetime!(2025-01-01 12:00 UTC)))
-                .0,
-            at(datetime!(2024-12-30 0:00 UTC))
-        );
-        assert_eq!(
-            QuotaPeriod::Monthly.window(at(datetime!(2025-01-31 23:59:59 UTC))),
+                Weekly,
+                datetime!(2025-03-12 14:35:07 UTC),
+                datetime!(2025-03-10 0:00 UTC),
+                datetime!(2025-03-17 0:00 UTC),
+            ),
+            // A Monday at midnight starts its own week; the Sunday before belongs to the previous one.
             (
-                at(datetime!(2025-01-01 0:00 UTC)),
-                at(datetime!(2025-02-01 0:00 UTC))
-            )
-        );
-        assert_eq!(
-            QuotaPeriod::Monthly.window(at(datetime!(2024-02-29 10:00 UTC))),
+                Weekly,
+                datetime!(2025-03-10 0:00 UTC),
+                datetime!(2025-03-10 0:00 UTC),
+                datetime!(2025-03-17 0:00 UTC),
+            ),
             (
-                at(datetime!(2024-02-01 0:00 UTC)),
-                at(datetime!(2024-03-01 0:00 UTC))
-            )
-        );
-        assert_eq!(
-            QuotaPeriod::Monthly.window(at(datetime!(2025-12-31 23:59:59 UTC))),
+                Weekly,
+                datetime!(2025-03-09 23:59:59 UTC),
+                datetime!(2025-03-03 0:00 UTC),
+                datetime!(2025-03-10 0:00 UTC),
+            ),
+            // The week of 1 January 2025 (a Wednesday) starts in 2024.
             (
-                at(datetime!(2025-12-01 0:00 UTC)),
-                at(datetime!(2026-01-01 0:00 UTC))
-            )
-        );
-        assert_eq!(
-            QuotaPeriod::Monthly
-                .window(at(datetime!(2026-01-01 0:00 UTC)))
-                .0,
-            at(datetime!(2026-01-01 0:00 UTC))
-        );
-        assert_eq!(
-            QuotaPeriod::Yearly.window(now),
+                Weekly,
+                datetime!(2025-01-01 12:00 UTC),
+                datetime!(2024-12-30 0:00 UTC),
+                datetime!(2025-01-06 0:00 UTC),
+            ),
             (
-                at(datetime!(2025-01-01 0:00 UTC)),
-                at(datetime!(2026-01-01 0:00 UTC))
-            )
-        );
+                Monthly,
+                datetime!(2025-01-31 23:59:59 UTC),
+                datetime!(2025-01-01 0:00 UTC),
+                datetime!(2025-02-01 0:00 UTC),
+            ),
+            (
+                Monthly,
+                datetime!(2024-02-29 10:00 UTC),
+                datetime!(2024-02-01 0:00 UTC),
+                datetime!(2024-03-01 0:00 UTC),
+            ),
+            (
+                Monthly,
+                datetime!(2025-12-31 23:59:59 UTC),
+                datetime!(2025-12-01 0:00 UTC),
+                datetime!(2026-01-01 0:00 UTC),
+            ),
+            (
+                Monthly,
+                datetime!(2026-01-01 0:00 UTC),
+                datetime!(2026-01-01 0:00 UTC),
+                datetime!(2026-02-01 0:00 UTC),
+            ),
+            (
+                Yearly,
+                datetime!(2025-03-12 14:35:07 UTC),
+                datetime!(2025-01-01 0:00 UTC),
+                datetime!(2026-01-01 0:00 UTC),
+            ),
+        ];
+        for (period, moment, start, end) in cases {
+            assert_eq!(
+                period.window(at(moment)),
+                (at(start), at(end)),
+                "{period:?} at {moment}"
+            );
+        }
     }
 
     #[test]
