@@ -41,6 +41,13 @@ if command -v pg_isready >/dev/null && ! pg_isready -q -d "$pg_url"; then
   pg_isready -q -d "$pg_url" || die "PostgreSQL is not answering at $pg_url (set GATEHOUSE_TEST_POSTGRES_URL)"
 fi
 
+say "the sqlite3 shell (a test reads the audit store with it, as an auditor would)"
+if ! command -v sqlite3 >/dev/null; then
+  [ "$(id -u)" = 0 ] || die "the sqlite3 shell is missing and this is not root: apt-get install -y sqlite3"
+  apt-get install -y sqlite3 || { apt-get update && apt-get install -y sqlite3; } \
+    || die "could not install sqlite3"
+fi
+
 say "build"
 cargo build --workspace --bins --locked
 export GATEHOUSE_BIN_DIR="${CARGO_TARGET_DIR:-$root/target}/debug"

@@ -191,6 +191,115 @@ async fn sqlite_planner_statistics_are_bounded_and_skip_the_full_text_shadow_tab
     assert!(stat().await.starts_with("120 "), "{}", stat().await);
 }
 
+/// SQLite keeps bodies compressed (as its archive format stores files) and the Azure-shaped view
+/// shows them as text: through the store's connections, through the `sqlite3` shell (which has
+/// `sqlar_uncompress` built in), and for rows written before compression, unchanged.
+#[tokio::test]
+async fn sqlite_bodies_are_stored_compressed_and_read_as_text() {
+    let test = sqlite().await;
+    let store = &test.store;
+    let mut batch = records(3);
+    let long_body = json!({"messages": [{"role": "user", "content": "the quarterly invoice review for Contoso, again and again; ".repeat(200)}]}).to_string();
+    batch[0].backend_request_body = Some(long_body.clone());
+    batch[1].backend_response_body = None;
+    assert_eq!(store.write(&batch).await.unwrap(), 3);
+    let pool = store.sqlite_pool().unwrap();
+
+    let (kind, stored, size): (String, i64, i64) = sqlx::query_as(
+        "SELECT typeof(BackendRequestBody), length(BackendRequestBody), BackendRequestBodySize FROM GatehouseCallContent WHERE CorrelationId = 'call-00000'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(kind, "blob");
+    assert_eq!(size, long_body.len() as i64);
+    assert!(stored * 10 < size, "{stored} bytes stored for {size}");
+
+    let view = |id: &'static str| async move {
+        sqlx::query_as::<_, (Option<String>, Option<String>)>(
+            "SELECT BackendRequestBody, BackendResponseBody FROM ApiManagementGatewayLogs WHERE CorrelationId = ?",
+        )
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(
+        view("call-00000").await.0.as_deref(),
+        Some(long_body.as_str())
+    );
+    assert_eq!(view("call-00001").await.1, None);
+    assert_eq!(
+        view("call-00002").await,
+        (
+            batch[2].backend_request_body.clone(),
+            batch[2].backend_response_body.clone()
+        )
+    );
+    let parsed: Vec<i64> = sqlx::query_scalar(
+        "SELECT json_extract(BackendResponseBody, '$.usage.total_tokens') FROM ApiManagementGatewayLogs WHERE BackendResponseBody IS NOT NULL ORDER BY CorrelationId",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(parsed, [15, 17]);
+    let detail = store.call("call-00000").await.unwrap().unwrap();
+    assert_eq!(
+        detail.backend_request_body.as_deref(),
+        Some(long_body.as_str())
+    );
+
+    // A row from before compression: TEXT, no size.
+    sqlx::query("UPDATE GatehouseCallContent SET BackendRequestBody = 'plain {\"old\": 1}', BackendRequestBodySize = NULL WHERE CorrelationId = 'call-00002'")
+        .execute(pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        view("call-00002").await.0.as_deref(),
+        Some("plain {\"old\": 1}")
+    );
+
+    // A damaged row is an SQL error, not a crash or a wrong text.
+    sqlx::query("UPDATE GatehouseCallContent SET BackendRequestBodySize = BackendRequestBodySize + 1 WHERE CorrelationId = 'call-00000'")
+        .execute(pool)
+        .await
+        .unwrap();
+    let Err(error) = sqlx::query("SELECT BackendRequestBody FROM ApiManagementGatewayLogs WHERE CorrelationId = 'call-00000'")
+        .fetch_one(pool)
+        .await
+    else {
+        panic!("a body that does not inflate to its size must be an error");
+    };
+    assert!(
+        error
+            .to_string()
+            .contains("does not inflate to its recorded size"),
+        "{error}"
+    );
+    sqlx::query("UPDATE GatehouseCallContent SET BackendRequestBodySize = BackendRequestBodySize - 1 WHERE CorrelationId = 'call-00000'")
+        .execute(pool)
+        .await
+        .unwrap();
+
+    // The sqlite3 shell reads the same view with its built-in sqlar_uncompress.
+    let path = test._dir.as_ref().unwrap().path().join("audit.db");
+    let shell = std::process::Command::new("sqlite3")
+        .arg("-readonly")
+        .arg(&path)
+        .arg("SELECT BackendRequestBody FROM ApiManagementGatewayLogs WHERE CorrelationId = 'call-00000'")
+        .output()
+        .expect("the sqlite3 shell (Debian package sqlite3)");
+    assert!(
+        shell.status.success(),
+        "{}",
+        String::from_utf8_lossy(&shell.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(shell.stdout).unwrap().trim_end(),
+        long_body
+    );
+}
+
 const T0: OffsetDateTime = datetime!(2026-11-30 10:00:00 UTC);
 
 fn record(i: usize) -> AuditRecord {

@@ -15,6 +15,7 @@ mod partitions;
 mod read;
 mod retention;
 pub mod rollup;
+mod sqlar;
 mod verify;
 mod write;
 
@@ -119,6 +120,7 @@ impl SqlStore {
                 .foreign_keys(true);
             let writer = SqlitePoolOptions::new()
                 .max_connections(1)
+                .after_connect(|connection, _| Box::pin(sqlar::register(connection)))
                 .connect_with(
                     options
                         .clone()
@@ -132,6 +134,7 @@ impl SqlStore {
                 .await?;
             let reader = SqlitePoolOptions::new()
                 .max_connections(4)
+                .after_connect(|connection, _| Box::pin(sqlar::register(connection)))
                 .connect_with(options.clone())
                 .await?;
             let checkpointer = SqlitePoolOptions::new()

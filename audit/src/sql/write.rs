@@ -7,7 +7,7 @@ use sqlx::types::Json;
 use sqlx::{Postgres, QueryBuilder, Sqlite};
 
 use super::rollup::fold;
-use super::{Engine, SqlStore, StoreError, ip_key, sqlite_time};
+use super::{Engine, SqlStore, StoreError, ip_key, sqlar, sqlite_time};
 use crate::rows::{GatewayLogRow, LlmLogRow};
 
 /// Rows per multi-row INSERT (SQLite allows 32,766 bound values; the widest table has 52 columns).
@@ -125,6 +125,18 @@ fn search_text(record: &AuditRecord) -> (String, String) {
     )
 }
 
+/// A body for SQLite's content table: the stored bytes and the original size, both NULL when
+/// the call had no body.
+fn stored_body(
+    compressor: &mut sqlar::BodyCompressor,
+    body: Option<&str>,
+) -> (Option<Vec<u8>>, Option<i64>) {
+    match body.map(|body| compressor.compress(body)) {
+        Some(stored) => (Some(stored.data), Some(stored.size)),
+        None => (None, None),
+    }
+}
+
 pub(super) async fn write(store: &SqlStore, records: &[AuditRecord]) -> Result<usize, StoreError> {
     if records.is_empty() {
         return Ok(0);
@@ -139,6 +151,29 @@ async fn write_sqlite(
     pool: &sqlx::SqlitePool,
     records: &[AuditRecord],
 ) -> Result<usize, StoreError> {
+    // The bodies are compressed on a blocking thread while the single writer connection inserts
+    // the metadata: the writer is the store's bottleneck, and a second core is usually idle.
+    let bodies: Vec<(Option<String>, Option<String>)> = records
+        .iter()
+        .map(|r| {
+            (
+                r.backend_request_body.clone(),
+                r.backend_response_body.clone(),
+            )
+        })
+        .collect();
+    let compressed = tokio::task::spawn_blocking(move || {
+        let mut compressor = sqlar::BodyCompressor::new();
+        bodies
+            .iter()
+            .map(|(request, response)| {
+                (
+                    stored_body(&mut compressor, request.as_deref()),
+                    stored_body(&mut compressor, response.as_deref()),
+                )
+            })
+            .collect::<Vec<_>>()
+    });
     let mut tx = pool.begin().await?;
     let mut inserted: HashSet<String> = HashSet::new();
     // The full-text row of a call has the call's RecordId as its rowid, so retention deletes it
@@ -164,19 +199,32 @@ async fn write_sqlite(
         .filter(|r| inserted.contains(&r.correlation_id))
         .collect();
 
-    let with_content: Vec<&&AuditRecord> = new
+    let mut compressed = compressed.await.map_err(|error| {
+        StoreError::Database(sqlx::Error::Protocol(format!(
+            "compressing the bodies failed: {error}"
+        )))
+    })?;
+    let with_content: Vec<(&AuditRecord, usize)> = records
         .iter()
-        .filter(|r| r.backend_request_body.is_some() || r.backend_response_body.is_some())
+        .enumerate()
+        .filter(|(_, r)| inserted.contains(&r.correlation_id))
+        .filter(|(_, r)| r.backend_request_body.is_some() || r.backend_response_body.is_some())
+        .map(|(index, r)| (r, index))
         .collect();
     for chunk in with_content.chunks(ROWS_PER_STATEMENT) {
         let mut query = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO GatehouseCallContent (CorrelationId, TimeGenerated, BackendRequestBody, BackendResponseBody) ",
+            "INSERT INTO GatehouseCallContent (CorrelationId, TimeGenerated, BackendRequestBody, BackendRequestBodySize, BackendResponseBody, BackendResponseBodySize) ",
         );
-        query.push_values(chunk, |mut b, record| {
+        query.push_values(chunk, |mut b, &(record, index)| {
+            // Compressed as SQLite's archive format stores files; the view inflates them.
+            let ((request, request_size), (response, response_size)) =
+                std::mem::take(&mut compressed[index]);
             b.push_bind(record.correlation_id.clone())
                 .push_bind(sqlite_time(record.time_generated))
-                .push_bind(record.backend_request_body.clone())
-                .push_bind(record.backend_response_body.clone());
+                .push_bind(request)
+                .push_bind(request_size)
+                .push_bind(response)
+                .push_bind(response_size);
         });
         query.build().execute(&mut *tx).await?;
     }
