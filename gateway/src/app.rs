@@ -513,29 +513,65 @@ async fn limit(
         })
 }
 
+/// How much of a refused (too large) body the gateway still reads, and for how long, before it
+/// answers 413: see [`linger`].
+const LINGER_BYTES: u64 = 1024 * 1024;
+const LINGER_TIME: Duration = Duration::from_secs(1);
+
 async fn read_body(parts: &Parts, body: Body, limit: u64) -> Result<bytes::Bytes, GatewayError> {
+    use http_body_util::BodyExt as _;
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|length| length > limit) {
+        if declared.is_some_and(|length| length <= limit.saturating_add(LINGER_BYTES)) {
+            linger(body).await;
+        }
         return Err(GatewayError::BodyTooLarge { limit });
     }
-    let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
-    match axum::body::to_bytes(body, limit_usize).await {
-        Ok(bytes) => Ok(bytes),
-        Err(error) => {
-            let too_large = std::error::Error::source(&error)
-                .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
-            if too_large {
-                Err(GatewayError::BodyTooLarge { limit })
-            } else {
-                Err(GatewayError::BadRequest {
-                    message: "The request body could not be read.".to_owned(),
-                    param: None,
-                })
+    let mut body = body;
+    let mut pieces: Vec<bytes::Bytes> = Vec::new();
+    let mut length: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return Err(GatewayError::BadRequest {
+                message: "The request body could not be read.".to_owned(),
+                param: None,
+            });
+        };
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        length += data.len() as u64;
+        if length > limit {
+            linger(body).await;
+            return Err(GatewayError::BodyTooLarge { limit });
+        }
+        pieces.push(data);
+    }
+    Ok(match pieces.len() {
+        0 => bytes::Bytes::new(),
+        1 => pieces.swap_remove(0),
+        _ => pieces.concat().into(),
+    })
+}
+
+/// Reads and drops what the client still sends of a body the gateway refuses, up to
+/// [`LINGER_BYTES`] and for at most [`LINGER_TIME`], so that the refusal reaches it: a connection
+/// closed with unread data in it is reset by the kernel, and the reset can destroy the answer
+/// before the client has read it (the client then sees a broken connection instead of a 413).
+async fn linger(mut body: Body) {
+    use http_body_util::BodyExt as _;
+    let deadline = tokio::time::Instant::now() + LINGER_TIME;
+    let mut read: u64 = 0;
+    while read <= LINGER_BYTES {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                read += frame.data_ref().map_or(0, |data| data.len() as u64);
             }
+            _ => break,
         }
     }
 }
