@@ -289,7 +289,9 @@ try {
   await shot(auditor, 'dashboard');
 
   // Who searched and opened which calls is for admins: an auditor's activity page leaves it out.
+  // The page must have listed what the auditor may read (entries, or none yet), not refused them.
   await auditor.goto(`${portal}/activity`, { waitUntil: 'networkidle' });
+  await auditor.waitForSelector('ol.activity, p.empty');
   const auditorActivity = await auditor.textContent('main');
   check(!auditorActivity?.includes('audit.search'), 'an auditor does not read the record of audit access');
   await auditor.context().close();
@@ -297,6 +299,7 @@ try {
   // --- The admin: the auditor's searches and views in the activity log ---
   const admin = await signIn('alice');
   await admin.goto(`${portal}/activity`, { waitUntil: 'networkidle' });
+  await admin.waitForSelector('ol.activity');
   const activity = await admin.textContent('main');
   for (const action of ['audit.search', 'audit.view', 'audit.export']) {
     check(activity?.includes(action), `the activity log records ${action}`);
