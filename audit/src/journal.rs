@@ -24,11 +24,14 @@
 //! segment is started once the current one reaches 1/16 of the journal's size limit (between
 //! 4 KiB and 64 MiB).
 //!
-//! Replay reads from the oldest segment at a cursor kept in memory; the cursor moves past a chunk
-//! only once the sink has stored it ([`Journal::commit`]), and a segment is deleted once all of it
-//! is stored. After a crash, the partly stored oldest segment is replayed from its start, so some
-//! records may reach the sink twice (at most one segment's worth per crash); a store de-duplicates
-//! on `CorrelationId`, and [`verify`](crate::chain::verify) counts such copies as duplicates.
+//! Replay reads from the oldest segment at a cursor; the cursor moves past a chunk only once the
+//! sink has stored it ([`Journal::commit`]), and a segment is deleted once all of it is stored.
+//! The cursor is saved in the file `head` (`{segment} {offset}`, replaced atomically) at every
+//! commit, so that the next process resumes the oldest segment where this one stopped: a shutdown
+//! with a backlog in the journal replays nothing twice. Only a crash between a chunk's store and
+//! its commit, or a lost `head` file, replays part of a segment again (at most one segment's
+//! worth); a store de-duplicates on `CorrelationId`, and [`verify`](crate::chain::verify) counts
+//! such copies as duplicates.
 //!
 //! One writer per directory: two gateways must not share a journal directory.
 
@@ -40,10 +43,12 @@ use std::path::{Path, PathBuf};
 use gatehouse_schema::AuditRecord;
 use sha2::{Digest, Sha256};
 
-use crate::chain::sync_dir;
+use crate::chain::{sync_dir, write_atomic};
 
 const SEGMENT_PREFIX: &str = "segment-";
 const SEGMENT_SUFFIX: &str = ".journal";
+/// The file that holds the replay cursor: the oldest segment's index and the offset stored so far.
+const HEAD_FILE: &str = "head";
 /// Hex digits of the per-line checksum.
 const CHECKSUM_LEN: usize = 16;
 const MIN_SEGMENT_BYTES: u64 = 4 << 10;
@@ -150,8 +155,21 @@ impl Journal {
             segment_bytes: (max_bytes / 16).clamp(MIN_SEGMENT_BYTES, MAX_SEGMENT_BYTES),
             skipped: 0,
         };
+        // Where an earlier process stopped replaying: it applies to the oldest segment only.
+        let mut resume = read_head(dir);
         for (index, path) in found {
-            let scan = scan(&path)?;
+            let from = match resume.take() {
+                Some((segment, offset)) if segment == index => offset,
+                _ => 0,
+            };
+            let mut scan = scan(&path, from)?;
+            if scan.from != from {
+                tracing::warn!(
+                    path = %path.display(),
+                    offset = from,
+                    "audit journal head is past the segment's end; the segment is replayed whole"
+                );
+            }
             if scan.bad_lines > 0 {
                 tracing::warn!(
                     path = %path.display(),
@@ -167,8 +185,12 @@ impl Journal {
             tracing::info!(
                 path = %path.display(),
                 records = scan.records,
+                from = scan.from,
                 "audit journal segment left by an earlier run; it is replayed first"
             );
+            if journal.segments.is_empty() {
+                journal.head = std::mem::take(&mut scan.from);
+            }
             journal.segments.push_back(Segment {
                 index,
                 path,
@@ -312,6 +334,25 @@ impl Journal {
         front.records = front.records.saturating_sub(stretch.lines);
         self.skipped += stretch.skipped;
         self.reclaim();
+        self.save_head();
+    }
+
+    /// Saves the replay cursor for the next process. A failure is logged: the next start then
+    /// replays the oldest segment from an earlier point, and the store skips what it has.
+    fn save_head(&self) {
+        let path = self.dir.join(HEAD_FILE);
+        let saved = match self.segments.front() {
+            Some(front) => {
+                write_atomic(&path, format!("{} {}\n", front.index, self.head).as_bytes())
+            }
+            None => match fs::remove_file(&path) {
+                Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
+                other => other,
+            },
+        };
+        if let Err(error) = saved {
+            tracing::warn!(%error, "audit journal head not saved; a restart replays more than needed");
+        }
     }
 
     fn reclaim(&mut self) {
@@ -376,31 +417,68 @@ fn decode_line(line: &[u8]) -> Option<&[u8]> {
 
 struct Scan {
     len: u64,
+    /// Where counting started: the offset asked for, or 0 when it was not a line start within
+    /// the segment.
+    from: u64,
+    /// Records (lines with a valid checksum) from `from` on.
     records: u64,
+    /// Torn or corrupt lines from `from` on.
     bad_lines: u64,
 }
 
-fn scan(path: &Path) -> io::Result<Scan> {
+/// Measures a segment and counts its lines from offset `from` on.
+fn scan(path: &Path, from: u64) -> io::Result<Scan> {
     let mut reader = BufReader::new(File::open(path)?);
     let mut scan = Scan {
         len: 0,
+        from: 0,
         records: 0,
         bad_lines: 0,
     };
+    let (mut records, mut bad_lines) = ((0, 0), (0, 0));
     let mut line = Vec::new();
     loop {
         line.clear();
         let read = reader.read_until(b'\n', &mut line)?;
         if read == 0 {
-            return Ok(scan);
+            break;
+        }
+        if scan.len == from {
+            // The cursor is at a line start: count from here.
+            scan.from = from;
+            records.1 = 0;
+            bad_lines.1 = 0;
         }
         scan.len += read as u64;
-        if decode_line(&line).is_some() {
-            scan.records += 1;
+        let counter = if decode_line(&line).is_some() {
+            &mut records
         } else {
-            scan.bad_lines += 1;
-        }
+            &mut bad_lines
+        };
+        counter.0 += 1;
+        counter.1 += 1;
     }
+    // From the start unless the cursor fell on a line start (a cursor at the very end counts
+    // nothing: the segment was stored whole).
+    let resumed = from > 0 && (scan.from == from || scan.len == from);
+    if resumed {
+        scan.from = from;
+        (scan.records, scan.bad_lines) = if scan.len == from {
+            (0, 0)
+        } else {
+            (records.1, bad_lines.1)
+        };
+    } else {
+        (scan.records, scan.bad_lines) = (records.0, bad_lines.0);
+    }
+    Ok(scan)
+}
+
+/// The replay cursor an earlier process saved, if any and readable.
+fn read_head(dir: &Path) -> Option<(u64, u64)> {
+    let text = fs::read_to_string(dir.join(HEAD_FILE)).ok()?;
+    let (segment, offset) = text.trim().split_once(' ')?;
+    Some((segment.parse().ok()?, offset.parse().ok()?))
 }
 
 fn read_stretch(
@@ -561,6 +639,45 @@ mod tests {
         journal.append(&records(4..6), false).unwrap();
         assert_eq!(journal.segments.len(), 2);
         assert_eq!(drain(&mut journal), ids(0..6));
+    }
+
+    #[test]
+    fn a_reopened_journal_resumes_where_the_last_commit_left_it() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut journal = Journal::open(dir.path(), 1 << 20).unwrap();
+            journal.append(&records(0..10), false).unwrap();
+            let stored = journal.read_chunk(4).unwrap().unwrap();
+            journal.commit(stored.stretch);
+            // Read but not stored: replayed again.
+            journal.read_chunk(3).unwrap().unwrap();
+        }
+        let mut journal = Journal::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(journal.status().records, 6);
+        assert_eq!(drain(&mut journal), ids(4..10));
+        assert!(
+            !dir.path().join(HEAD_FILE).exists(),
+            "an empty journal leaves no head behind"
+        );
+
+        // A head that does not fit the segment (past its end, or not at a line start) is
+        // ignored: the segment is replayed whole, never cut.
+        for offset in ["999999", "5"] {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let mut journal = Journal::open(dir.path(), 1 << 20).unwrap();
+                journal.append(&records(0..3), false).unwrap();
+            }
+            let segment = fs::read_dir(dir.path())
+                .unwrap()
+                .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+                .find_map(|name| segment_index(&name))
+                .unwrap();
+            fs::write(dir.path().join(HEAD_FILE), format!("{segment} {offset}\n")).unwrap();
+            let mut journal = Journal::open(dir.path(), 1 << 20).unwrap();
+            assert_eq!(journal.status().records, 3, "head {offset}");
+            assert_eq!(drain(&mut journal), ids(0..3), "head {offset}");
+        }
     }
 
     #[test]
