@@ -215,9 +215,15 @@ impl Chainer {
             next_sequence: 0,
             last_hash: GENESIS_HASH.to_owned(),
         });
-        let hashes = content_hash(record).and_then(|content| {
-            record_hash(&head.last_hash, record, &content).map(|record_hash| (record_hash, content))
+        // The content is taken out while the metadata is hashed, and put back: the record is
+        // hashed as `record_hash` would hash a copy without content, without copying the bodies.
+        let content = take_content(record);
+        let [a, b, c, d] = &content;
+        let hashes = hash_content(&(a, b, c, d)).and_then(|content_hash| {
+            hash_metadata(&head.last_hash, record, &content_hash)
+                .map(|record_hash| (record_hash, content_hash))
         });
+        put_content(record, content);
         let (record_hash, content_hash) = match hashes {
             Ok(hashes) => hashes,
             Err(error) => {
@@ -402,8 +408,12 @@ fn has_no_content(record: &AuditRecord) -> bool {
 
 /// Hex SHA-256 of the canonical JSON of a record's content.
 pub fn content_hash(record: &AuditRecord) -> Result<String, serde_json::Error> {
+    hash_content(&content_of(record))
+}
+
+fn hash_content(content: &Content<'_>) -> Result<String, serde_json::Error> {
     let mut hasher = HashWriter(Sha256::new());
-    serde_json::to_writer(&mut hasher, &content_of(record))?;
+    serde_json::to_writer(&mut hasher, content)?;
     Ok(hex::encode(hasher.0.finalize()))
 }
 
@@ -416,15 +426,48 @@ pub fn record_hash(
 ) -> Result<String, serde_json::Error> {
     let mut metadata = record.clone();
     metadata.chain = None;
-    metadata.backend_request_body = None;
-    metadata.backend_response_body = None;
-    metadata.request_messages = None;
-    metadata.response_messages = None;
+    take_content(&mut metadata);
+    hash_metadata(previous_hash, &metadata, content_hash)
+}
+
+/// [`record_hash`] of a record whose content and `chain` are already `None`.
+fn hash_metadata(
+    previous_hash: &str,
+    metadata: &AuditRecord,
+    content_hash: &str,
+) -> Result<String, serde_json::Error> {
     let mut hasher = HashWriter(Sha256::new());
     hasher.0.update(previous_hash.as_bytes());
-    serde_json::to_writer(&mut hasher, &metadata)?;
+    serde_json::to_writer(&mut hasher, metadata)?;
     hasher.0.update(content_hash.as_bytes());
     Ok(hex::encode(hasher.0.finalize()))
+}
+
+/// A record's content, owned.
+type OwnedContent = [Option<String>; 4];
+
+/// Takes a record's content out of it, leaving `None`s.
+fn take_content(record: &mut AuditRecord) -> OwnedContent {
+    [
+        record.backend_request_body.take(),
+        record.backend_response_body.take(),
+        record.request_messages.take(),
+        record.response_messages.take(),
+    ]
+}
+
+/// Puts back what [`take_content`] took.
+fn put_content(record: &mut AuditRecord, content: OwnedContent) {
+    let [
+        request_body,
+        response_body,
+        request_messages,
+        response_messages,
+    ] = content;
+    record.backend_request_body = request_body;
+    record.backend_response_body = response_body;
+    record.request_messages = request_messages;
+    record.response_messages = response_messages;
 }
 
 /// Feeds serde's output straight into the hash.
