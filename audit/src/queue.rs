@@ -15,6 +15,7 @@
 //!   time; the first chunk after a failure is the probe, retried with exponential backoff (100 ms
 //!   doubling to 5 s). Once the journal is empty, batches go straight to the sink again.
 //!
+//! At shutdown, a backlog in the journal stays there ([`WriterHandle::finish`]).
 //! At start, whatever an earlier process left in the journal directory is replayed before any new
 //! record. The writer has at most one sink write in flight, so the sink receives records in
 //! submit order. A sink write still running after ten timeouts (and at least a minute) is
@@ -68,6 +69,11 @@ const ABANDON_AFTER_TIMEOUTS: u32 = 10;
 const ABANDON_AFTER_AT_LEAST: Duration = Duration::from_secs(60);
 /// Records linked between two yields of the writer task.
 const LINKS_PER_YIELD: usize = 64;
+/// How long the writer waits for a short batch to fill up before it places it. Every batch costs
+/// a transaction in the store, and when it goes to the journal an fsync of the journal and of the
+/// chain state: taken as they trickle in, a busy gateway's records made batches of a few records,
+/// and those costs, hundreds of times a second, took CPU from the calls.
+const BATCH_LINGER: Duration = Duration::from_millis(20);
 
 /// How long a sink write may take before its batch goes to the journal, unless set.
 pub const DEFAULT_SINK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -200,11 +206,14 @@ pub struct WriterHandle {
 }
 
 impl WriterHandle {
-    /// Waits, once every [`AuditQueue`] clone is dropped, until the writer has stored every
-    /// record in the sink, the journal's included. When the sink fails after the queue closed (or
-    /// a write still runs one timeout after it), the writer stops as soon as every record is in
-    /// the journal, past its size limit if need be; the next start replays them. Without a
-    /// journal it keeps retrying the sink. Returns the final counters.
+    /// Waits, once every [`AuditQueue`] clone is dropped, until the writer has put every record
+    /// in the sink or the journal. With an empty journal the last records go to the sink. When
+    /// the journal holds a backlog (the sink was down or slower than the calls), the writer stops
+    /// replaying it and appends what is left behind it: the next start replays it all, and a
+    /// shutdown takes moments however large the backlog. The same happens when the sink fails
+    /// after the queue closed (or a write still runs one timeout after it). At shutdown the
+    /// journal takes records past its size limit rather than lose them. Without a journal the
+    /// writer keeps retrying the sink. Returns the final counters.
     pub async fn finish(self) -> QueueStats {
         if let Err(error) = self.task.await {
             tracing::error!(%error, "audit writer task failed");
@@ -471,7 +480,10 @@ impl Writer {
                 break;
             }
             match self.next_event(&mut buffer).await {
-                Event::Received(batch) => self.accept(batch).await,
+                Event::Received(mut batch) => {
+                    self.top_up(&mut batch).await;
+                    self.accept(batch).await;
+                }
                 Event::Drained => {
                     self.drained = true;
                     if !self.closed {
@@ -511,17 +523,22 @@ impl Writer {
         }
     }
 
+    /// At shutdown, whether the records not stored yet go to the journal rather than the sink:
+    /// the sink failed since the queue closed, or the journal holds a backlog. Replaying a backlog
+    /// can take longer than the process is given to stop (a supervisor then kills it, and the
+    /// records in memory with it); the next start replays it instead.
     fn shutting_down_without_sink(&self) -> bool {
-        self.closed && self.failed_since_close
+        self.closed
+            && (self.failed_since_close || (self.journal.is_some() && !self.journal_status.empty))
     }
 
-    /// Once drained: whether everything is stored, or (the sink having failed since the queue
-    /// closed) safe in the journal.
+    /// Once drained: whether everything is stored, or (see [`Writer::shutting_down_without_sink`])
+    /// safe in the journal.
     fn may_exit(&mut self) -> bool {
         if self.held.is_some() {
             return false;
         }
-        let journal_holds_the_rest = self.failed_since_close && self.journal.is_some();
+        let journal_holds_the_rest = self.shutting_down_without_sink();
         match &self.in_flight {
             None => self.journal_status.empty || journal_holds_the_rest,
             // Its records are in the journal: a late success would only make a duplicate.
@@ -588,6 +605,20 @@ impl Writer {
         match &self.in_flight {
             None => true,
             Some(flight) => flight.job.journaled(),
+        }
+    }
+
+    /// Adds to a short batch what arrives within [`BATCH_LINGER`], up to [`MAX_BATCH`] records.
+    /// Nothing waits once the queue is closing.
+    async fn top_up(&mut self, batch: &mut Vec<AuditRecord>) {
+        let deadline = Instant::now() + BATCH_LINGER;
+        while batch.len() < MAX_BATCH && !self.closed {
+            let room = MAX_BATCH - batch.len();
+            match tokio::time::timeout_at(deadline, self.receiver.recv_many(batch, room)).await {
+                Ok(0) => self.close(),
+                Ok(_) => {}
+                Err(_) => break,
+            }
         }
     }
 
@@ -750,7 +781,7 @@ impl Writer {
                 self.held = Some(held);
             }
         }
-        if !self.journal_status.empty && now >= self.next_attempt {
+        if !self.journal_status.empty && now >= self.next_attempt && !self.closed {
             self.start_replay().await;
         }
     }

@@ -186,6 +186,16 @@ async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     assert!(waited.is_ok(), "timed out waiting for {what}");
 }
 
+/// Waits until the writer has stored everything it was given, the journal's backlog included: a
+/// shutdown leaves a backlog in the journal for the next start.
+async fn settle(queue: &AuditQueue) {
+    eventually("the writer to store every record", || {
+        let stats = queue.stats();
+        stats.depth == 0 && stats.journal_records == 0
+    })
+    .await;
+}
+
 async fn finish(queue: AuditQueue, writer: WriterHandle) -> QueueStats {
     drop(queue);
     tokio::time::timeout(Duration::from_secs(30), writer.finish())
@@ -222,6 +232,7 @@ async fn five_thousand_records_survive_a_sink_outage_in_order() {
     for i in 4_000..5_000 {
         assert!(queue.submit(record(i)), "record {i} refused");
     }
+    settle(&queue).await;
     let stats = finish(queue, writer).await;
 
     let stored = sink.records();
@@ -282,6 +293,7 @@ async fn a_slow_sink_sends_records_to_the_journal_without_blocking_submit() {
 
     sink.stalling(false);
     eventually("the slow write to return", || sink.returned() == 1).await;
+    settle(&queue).await;
     let stats = finish(queue, writer).await;
     let stored = sink.records();
     assert_eq!(
@@ -317,6 +329,7 @@ async fn shutdown_does_not_wait_for_a_stuck_sink_and_the_next_start_delivers() {
 
     let up = SwitchSink::new();
     let (queue, writer) = start(&up, quick).await;
+    settle(&queue).await;
     finish(queue, writer).await;
     let stored = up.records();
     assert_eq!(ids(&stored), expected(0..100));
@@ -345,6 +358,7 @@ async fn a_restart_replays_the_journal_before_new_records() {
     for i in 300..400 {
         assert!(queue.submit(record(i)));
     }
+    settle(&queue).await;
     let stats = finish(queue, writer).await;
 
     let stored = up.records();
@@ -386,6 +400,7 @@ async fn a_torn_journal_line_is_skipped_and_counted() {
     let up = SwitchSink::new();
     let (queue, writer) = start(&up, settings(dir.path())).await;
     assert!(queue.submit(record(50)));
+    settle(&queue).await;
     let stats = finish(queue, writer).await;
 
     let stored = up.records();
@@ -553,6 +568,7 @@ async fn a_store_slower_than_the_arrivals_never_makes_the_queue_refuse_records()
     assert_eq!(stats.rejected, 0);
     assert!(stats.journaled > 0, "the backlog went to the journal");
     assert_eq!(stats.write_errors, 0, "the store never failed or timed out");
+    settle(&queue).await;
     let stats = finish(queue, writer).await;
     let mut stored = ids(&sink.records());
     stored.sort();
@@ -561,4 +577,62 @@ async fn a_store_slower_than_the_arrivals_never_makes_the_queue_refuse_records()
     assert_eq!(stored, all, "every record stored exactly once");
     assert_eq!(stats.journal_records, 0);
     assert!(verify(sink.records()).is_intact());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_leaves_the_backlog_in_the_journal_and_the_next_start_stores_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // 200 ms a write (at most 2,560 records a second) against 4,000 arrivals a second: a backlog
+    // builds up in the journal, whose replay would take seconds at shutdown.
+    let slow = SwitchSink::new();
+    slow.delay(Duration::from_millis(200));
+    let (queue, writer) = start(
+        &slow,
+        QueueSettings {
+            capacity: 2_000,
+            ..settings(dir.path())
+        },
+    )
+    .await;
+    for chunk in 0..50 {
+        for i in chunk * 100..(chunk + 1) * 100 {
+            assert!(queue.submit(record(i)), "record {i} refused");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let writes_before_shutdown = slow.returned();
+    let stats = finish(queue, writer).await;
+    let first = slow.records();
+    assert!(
+        stats.journal_records > 0 && first.len() < 5_000,
+        "the backlog stays in the journal: {} stored, {stats:?}",
+        first.len()
+    );
+    assert_eq!(
+        first.len() as u64 + stats.journal_records,
+        5_000,
+        "every record is stored or journaled: {stats:?}"
+    );
+    assert!(
+        slow.returned() <= writes_before_shutdown + 1,
+        "at shutdown the writer lets the write in flight end and starts no other ({} writes, {} before)",
+        slow.returned(),
+        writes_before_shutdown
+    );
+
+    let up = SwitchSink::new();
+    let (queue, writer) = start(&up, settings(dir.path())).await;
+    settle(&queue).await;
+    let stats = finish(queue, writer).await;
+    assert_eq!((stats.journal_records, stats.journal_bytes), (0, 0));
+    let mut all = first;
+    all.extend(up.records());
+    let mut stored = ids(&all);
+    stored.sort();
+    assert!(
+        stored == expected(0..5_000),
+        "every record exactly once across the restart ({} stored)",
+        stored.len()
+    );
+    assert!(verify(all).is_intact());
 }
