@@ -371,23 +371,24 @@ async fn keys_never_reach_the_store_or_the_journal() {
         }
     }
     flaky.down.store(false, Ordering::SeqCst);
-    gw.stop().await;
+    // The running gateway replays its journal into the store (a shutdown would leave it for the
+    // next start): wait for it, bounded by the writer's longest backoff and then some.
     let now = OffsetDateTime::now_utc();
-    let stored = store
-        .search(&SearchFilter {
-            limit: 100,
-            ..SearchFilter::between(
-                now - time::Duration::hours(1),
-                now + time::Duration::hours(1),
-            )
-        })
-        .await
-        .unwrap();
-    assert_eq!(
-        stored.items.len(),
-        4,
-        "every call is stored once the store is back"
-    );
+    let filter = SearchFilter {
+        limit: 100,
+        ..SearchFilter::between(
+            now - time::Duration::hours(1),
+            now + time::Duration::hours(1),
+        )
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut stored = store.search(&filter).await.unwrap().items.len();
+    while stored < 4 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stored = store.search(&filter).await.unwrap().items.len();
+    }
+    gw.stop().await;
+    assert_eq!(stored, 4, "every call is stored once the store is back");
     store.close().await;
     for (file, bytes) in files_under(data.path()) {
         let text = String::from_utf8_lossy(&bytes);
