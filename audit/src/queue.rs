@@ -74,6 +74,8 @@ const LINKS_PER_YIELD: usize = 64;
 /// chain state: taken as they trickle in, a busy gateway's records made batches of a few records,
 /// and those costs, hundreds of times a second, took CPU from the calls.
 const BATCH_LINGER: Duration = Duration::from_millis(20);
+/// How often the writer looks at the channel while a direct write is in flight.
+const BACKLOG_CHECK_EVERY: Duration = Duration::from_millis(10);
 
 /// How long a sink write may take before its batch goes to the journal, unless set.
 pub const DEFAULT_SINK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -463,6 +465,8 @@ enum Event {
     TimedOut,
     Abandon,
     Wake,
+    /// Time to look whether records pile up behind the direct write in flight.
+    CheckBacklog,
 }
 
 impl Writer {
@@ -505,6 +509,11 @@ impl Writer {
                         .await;
                 }
                 Event::Wake => {}
+                Event::CheckBacklog => {
+                    if self.backlogged(0) {
+                        self.journal_in_flight().await;
+                    }
+                }
             }
         }
         self.publish();
@@ -562,6 +571,13 @@ impl Writer {
             None => (false, None, now),
         };
         let waiting = !has_flight && (!self.journal_status.empty || self.held.is_some());
+        // While a direct write is in flight nothing is received (its records must reach the
+        // journal first, see `journal_in_flight`): look now and then whether the channel fills.
+        let direct_in_flight = self
+            .in_flight
+            .as_ref()
+            .is_some_and(|flight| !flight.job.journaled())
+            && self.journal.is_some();
         let wake_at = if self.held.is_some() && !self.journal_status.empty {
             self.next_attempt.min(self.held_retry)
         } else {
@@ -589,6 +605,7 @@ impl Writer {
             }
             () = tokio::time::sleep_until(abandon_at), if has_flight => Event::Abandon,
             () = tokio::time::sleep_until(wake_at), if waiting => Event::Wake,
+            () = tokio::time::sleep(BACKLOG_CHECK_EVERY), if direct_in_flight => Event::CheckBacklog,
             else => {
                 // Not reached: with nothing to wait for, the writer has exited. Never spin.
                 tokio::time::sleep(FIRST_BACKOFF).await;
@@ -850,6 +867,34 @@ impl Writer {
                 + (self.sink_timeout * ABANDON_AFTER_TIMEOUTS).max(ABANDON_AFTER_AT_LEAST),
             timed_out: false,
         });
+    }
+
+    /// Records pile up behind the direct write in flight (the channel is half full, see
+    /// [`Writer::backlogged`]): its batch goes to the (empty) journal, so that the batches behind
+    /// it can follow it there and the channel keeps being emptied. The write keeps running; if it
+    /// succeeds, its batch is taken back out of the journal. Unlike a timeout, nothing failed.
+    async fn journal_in_flight(&mut self) {
+        let Some(mut flight) = self.in_flight.take() else {
+            return;
+        };
+        if let Job::Direct {
+            records,
+            journaled: journaled @ None,
+        } = &mut flight.job
+        {
+            let records = Arc::clone(records);
+            match self.append(&records, false).await {
+                Ok(stretch) => {
+                    *journaled = Some(stretch);
+                    Shared::add(&self.shared.settled, records.len());
+                }
+                Err(error) => {
+                    self.shared.journal_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(%error, "audit batch of a long write not journaled");
+                }
+            }
+        }
+        self.in_flight = Some(flight);
     }
 
     /// The write in flight is slower than the timeout: count it, and put a batch from the channel

@@ -636,3 +636,50 @@ async fn a_shutdown_leaves_the_backlog_in_the_journal_and_the_next_start_stores_
     );
     assert!(verify(all).is_intact());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_write_in_flight_does_not_make_the_queue_refuse_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = SwitchSink::new();
+    // Every write takes 500 ms (far under the timeout), while records arrive at 10,000 a second:
+    // the channel (1,000) would fill five times over during the first write if nothing were
+    // received while it runs.
+    sink.delay(Duration::from_millis(500));
+    let (queue, writer) = start(
+        &sink,
+        QueueSettings {
+            capacity: 1_000,
+            ..settings(dir.path())
+        },
+    )
+    .await;
+    for chunk in 0..30 {
+        for i in chunk * 100..(chunk + 1) * 100 {
+            assert!(
+                queue.submit(record(i)),
+                "record {i} refused: {:?}",
+                queue.stats()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stats = queue.stats();
+    assert_eq!(stats.rejected, 0);
+    assert!(
+        stats.journaled > 0,
+        "the records behind the long write went to the journal"
+    );
+    assert_eq!(stats.write_errors, 0, "the store never failed or timed out");
+    sink.delay(Duration::ZERO);
+    settle(&queue).await;
+    let stats = finish(queue, writer).await;
+    let mut stored = ids(&sink.records());
+    stored.sort();
+    assert!(
+        stored == expected(0..3_000),
+        "every record stored exactly once ({} stored)",
+        stored.len()
+    );
+    assert_eq!(stats.journal_records, 0);
+    assert!(verify(sink.records()).is_intact());
+}
