@@ -198,6 +198,10 @@ impl Journal {
                 records: scan.records,
             });
         }
+        // The saved cursor now names this process's head, or nothing: a stale one (its segment
+        // gone, say after a crash between deleting a segment and saving the cursor) must not
+        // apply to a later segment that reuses the index.
+        journal.save_head();
         Ok(journal)
     }
 
@@ -659,6 +663,19 @@ mod tests {
             !dir.path().join(HEAD_FILE).exists(),
             "an empty journal leaves no head behind"
         );
+
+        // A cursor left behind with no segment (a crash after the last segment was deleted) is
+        // forgotten at open, so that it never applies to a new segment with the same index.
+        {
+            let dir = tempfile::tempdir().unwrap();
+            fs::write(dir.path().join(HEAD_FILE), "0 100\n").unwrap();
+            let mut journal = Journal::open(dir.path(), 1 << 20).unwrap();
+            assert!(!dir.path().join(HEAD_FILE).exists());
+            journal.append(&records(0..3), false).unwrap();
+            drop(journal);
+            let mut journal = Journal::open(dir.path(), 1 << 20).unwrap();
+            assert_eq!(drain(&mut journal), ids(0..3));
+        }
 
         // A head that does not fit the segment (past its end, or not at a line start) is
         // ignored: the segment is replayed whole, never cut.
