@@ -430,52 +430,44 @@ struct Scan {
     bad_lines: u64,
 }
 
-/// Measures a segment and counts its lines from offset `from` on.
+/// Measures a segment and counts its lines from offset `from` on; from its start when `from` is
+/// not a line start within the segment (its end counts as one: nothing is left).
 fn scan(path: &Path, from: u64) -> io::Result<Scan> {
     let mut reader = BufReader::new(File::open(path)?);
-    let mut scan = Scan {
-        len: 0,
-        from: 0,
-        records: 0,
-        bad_lines: 0,
-    };
-    let (mut records, mut bad_lines) = ((0, 0), (0, 0));
+    let (mut len, mut records, mut bad_lines) = (0, 0, 0);
+    // Lines before `from`, once it is known to be a line start.
+    let mut before: Option<(u64, u64)> = None;
     let mut line = Vec::new();
     loop {
+        if len == from {
+            before = Some((records, bad_lines));
+        }
         line.clear();
         let read = reader.read_until(b'\n', &mut line)?;
         if read == 0 {
             break;
         }
-        if scan.len == from {
-            // The cursor is at a line start: count from here.
-            scan.from = from;
-            records.1 = 0;
-            bad_lines.1 = 0;
+        len += read as u64;
+        if decode_line(&line).is_some() {
+            records += 1;
+        } else {
+            bad_lines += 1;
         }
-        scan.len += read as u64;
-        let counter = if decode_line(&line).is_some() {
-            &mut records
-        } else {
-            &mut bad_lines
-        };
-        counter.0 += 1;
-        counter.1 += 1;
     }
-    // From the start unless the cursor fell on a line start (a cursor at the very end counts
-    // nothing: the segment was stored whole).
-    let resumed = from > 0 && (scan.from == from || scan.len == from);
-    if resumed {
-        scan.from = from;
-        (scan.records, scan.bad_lines) = if scan.len == from {
-            (0, 0)
-        } else {
-            (records.1, bad_lines.1)
-        };
-    } else {
-        (scan.records, scan.bad_lines) = (records.0, bad_lines.0);
-    }
-    Ok(scan)
+    Ok(match before {
+        Some((records_before, bad_before)) => Scan {
+            len,
+            from,
+            records: records - records_before,
+            bad_lines: bad_lines - bad_before,
+        },
+        None => Scan {
+            len,
+            from: 0,
+            records,
+            bad_lines,
+        },
+    })
 }
 
 /// The replay cursor an earlier process saved, if any and readable.

@@ -869,10 +869,11 @@ impl Writer {
         });
     }
 
-    /// Records pile up behind the direct write in flight (the channel is half full, see
-    /// [`Writer::backlogged`]): its batch goes to the (empty) journal, so that the batches behind
-    /// it can follow it there and the channel keeps being emptied. The write keeps running; if it
-    /// succeeds, its batch is taken back out of the journal. Unlike a timeout, nothing failed.
+    /// Puts the batch of the direct write in flight in the (empty) journal, so that the batches
+    /// behind it can follow it there and the channel keeps being emptied: when the write is slower
+    /// than the timeout, or when records pile up behind it (the channel is half full, see
+    /// [`Writer::backlogged`]). The write keeps running; if it succeeds, its batch is taken back
+    /// out of the journal.
     async fn journal_in_flight(&mut self) {
         let Some(mut flight) = self.in_flight.take() else {
             return;
@@ -881,6 +882,7 @@ impl Writer {
             records,
             journaled: journaled @ None,
         } = &mut flight.job
+            && self.journal.is_some()
         {
             let records = Arc::clone(records);
             match self.append(&records, false).await {
@@ -890,7 +892,7 @@ impl Writer {
                 }
                 Err(error) => {
                     self.shared.journal_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(%error, "audit batch of a long write not journaled");
+                    tracing::error!(%error, "audit batch of the write in flight not journaled");
                 }
             }
         }
@@ -922,25 +924,8 @@ impl Writer {
             timeout_ms = self.sink_timeout.as_millis(),
             "audit sink write timed out; records go to the journal meanwhile"
         );
-        if let Job::Direct {
-            records,
-            journaled: journaled @ None,
-        } = &mut flight.job
-            && self.journal.is_some()
-        {
-            let records = Arc::clone(records);
-            match self.append(&records, false).await {
-                Ok(stretch) => {
-                    *journaled = Some(stretch);
-                    Shared::add(&self.shared.settled, records.len());
-                }
-                Err(error) => {
-                    self.shared.journal_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(%error, "audit batch of a slow write not journaled");
-                }
-            }
-        }
         self.in_flight = Some(flight);
+        self.journal_in_flight().await;
     }
 
     /// The write in flight has stored its records.

@@ -196,6 +196,21 @@ async fn settle(queue: &AuditQueue) {
     .await;
 }
 
+/// Submits records `0..count` in chunks of 100 with `pause` after each (a steady arrival rate of
+/// 100 / `pause`), asserting that the queue takes every one.
+async fn submit_paced(queue: &AuditQueue, count: usize, pause: Duration) {
+    for chunk in 0..count.div_ceil(100) {
+        for i in chunk * 100..((chunk + 1) * 100).min(count) {
+            assert!(
+                queue.submit(record(i)),
+                "record {i} refused: {:?}",
+                queue.stats()
+            );
+        }
+        tokio::time::sleep(pause).await;
+    }
+}
+
 async fn finish(queue: AuditQueue, writer: WriterHandle) -> QueueStats {
     drop(queue);
     tokio::time::timeout(Duration::from_secs(30), writer.finish())
@@ -554,16 +569,7 @@ async fn a_store_slower_than_the_arrivals_never_makes_the_queue_refuse_records()
     .await;
     // 10,000 records at 4,000 a second: writing them straight to the store would fill the queue
     // within a second and a half. The backlog goes to the journal instead, and the store catches up.
-    for chunk in 0..100 {
-        for i in chunk * 100..(chunk + 1) * 100 {
-            assert!(
-                queue.submit(record(i)),
-                "record {i} refused: {:?}",
-                queue.stats()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    submit_paced(&queue, 10_000, Duration::from_millis(25)).await;
     let stats = queue.stats();
     assert_eq!(stats.rejected, 0);
     assert!(stats.journaled > 0, "the backlog went to the journal");
@@ -594,12 +600,7 @@ async fn a_shutdown_leaves_the_backlog_in_the_journal_and_the_next_start_stores_
         },
     )
     .await;
-    for chunk in 0..50 {
-        for i in chunk * 100..(chunk + 1) * 100 {
-            assert!(queue.submit(record(i)), "record {i} refused");
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    submit_paced(&queue, 5_000, Duration::from_millis(25)).await;
     let writes_before_shutdown = slow.returned();
     let stats = finish(queue, writer).await;
     let first = slow.records();
@@ -653,16 +654,7 @@ async fn a_long_write_in_flight_does_not_make_the_queue_refuse_records() {
         },
     )
     .await;
-    for chunk in 0..30 {
-        for i in chunk * 100..(chunk + 1) * 100 {
-            assert!(
-                queue.submit(record(i)),
-                "record {i} refused: {:?}",
-                queue.stats()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    submit_paced(&queue, 3_000, Duration::from_millis(10)).await;
     let stats = queue.stats();
     assert_eq!(stats.rejected, 0);
     assert!(
