@@ -35,11 +35,22 @@
 //! Without a journal directory ([`AuditQueue::start`]), a failed batch is retried with backoff
 //! while the channel fills; records submitted while it is full are refused and counted.
 //!
+//! # Room for every record
+//!
+//! A call takes room for its record before it is served ([`AuditQueue::reserve`]), and hands the
+//! record over in that room when it ends ([`RecordSlot::submit`]), which never refuses. While the
+//! queue is full — the writer takes records slower than calls come, even into the journal — new
+//! calls wait for room, so that calls slow down to the pace at which records are kept instead of
+//! outrunning it and losing records. A call waits at most [`QueueSettings::room_wait`], and not
+//! at all when the writer cannot take records anywhere (the sink is down and the journal full or
+//! missing, or the writer stopped): then it is served without room (its record is refused if
+//! the queue is still full when it ends) or, failing closed, refused.
+//!
 //! # Admission and fail-closed
 //!
 //! [`AuditQueue::admission`] says, before a call is forwarded, whether its record could be kept;
 //! with [`QueueSettings::fail_closed`] the gateway refuses calls while it is
-//! [`Admission::Closed`] ([`AuditQueue::refuses_calls`]).
+//! [`Admission::Closed`] ([`AuditQueue::refuses_calls`]), and calls that get no room.
 
 use std::io;
 use std::path::PathBuf;
@@ -56,6 +67,8 @@ use crate::chain::{Chainer, STATE_FILE, write_atomic};
 use crate::journal::{Journal, JournalError, JournalStatus, Stretch};
 use crate::{AuditSink, SinkError};
 
+/// How long a call waits for room in a full queue by default.
+pub const DEFAULT_ROOM_WAIT: Duration = Duration::from_secs(5);
 /// Most records written in one batch.
 const MAX_BATCH: usize = 512;
 /// Wait before the first retry after a failure.
@@ -87,7 +100,8 @@ pub const DEFAULT_CAPACITY: usize = 10_000;
 /// How the queue and its writer behave.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueSettings {
-    /// Records the channel holds before [`AuditQueue::submit`] refuses them.
+    /// Records the channel holds, counting the room that calls in progress took for theirs
+    /// ([`AuditQueue::reserve`]): past it, new calls wait, and [`AuditQueue::submit`] refuses.
     pub capacity: usize,
     /// Where the journal and the chain state live; `None` keeps no journal (records wait in the
     /// channel while the sink is down) and no chain state (every start begins marked segments).
@@ -98,6 +112,9 @@ pub struct QueueSettings {
     pub journal_max_bytes: u64,
     /// Whether the gateway refuses calls it could not record ([`AuditQueue::refuses_calls`]).
     pub fail_closed: bool,
+    /// How long a call waits for room in a full queue before it goes on without
+    /// ([`AuditQueue::reserve`]).
+    pub room_wait: Duration,
 }
 
 impl Default for QueueSettings {
@@ -108,6 +125,7 @@ impl Default for QueueSettings {
             sink_timeout: DEFAULT_SINK_TIMEOUT,
             journal_max_bytes: DEFAULT_JOURNAL_MAX_BYTES,
             fail_closed: false,
+            room_wait: DEFAULT_ROOM_WAIT,
         }
     }
 }
@@ -125,6 +143,33 @@ pub enum Admission {
     /// journal cannot take more (at its size limit, the disk refused, or no journal), or the
     /// writer has stopped. With `fail_closed` the gateway refuses calls.
     Closed,
+}
+
+/// Room for one call's record in the queue, taken before the call is served
+/// ([`AuditQueue::reserve`]); dropping it unused gives the room back.
+#[derive(Debug)]
+pub struct RecordSlot {
+    permit: mpsc::OwnedPermit<AuditRecord>,
+    shared: Arc<Shared>,
+}
+
+impl RecordSlot {
+    /// Hands the record over in the room taken for it; never refuses for want of space.
+    pub fn submit(self, record: AuditRecord) {
+        let correlation_id = record.correlation_id.clone();
+        let sender = self.permit.send(record);
+        if sender.is_closed() {
+            // The writer task is gone (it panicked): nothing will take the record.
+            self.shared.rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                %correlation_id,
+                reason = %RecordRefused::Stopped,
+                "audit queue refused a record"
+            );
+        } else {
+            self.shared.enqueued.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Why [`AuditQueue::try_submit`] refused a record.
@@ -165,6 +210,9 @@ struct Shared {
     has_journal: bool,
     journal_max_bytes: u64,
     fail_closed: bool,
+    /// Calls that found the queue full and waited for room.
+    waited: AtomicU64,
+    room_wait: Duration,
 }
 
 impl Shared {
@@ -184,6 +232,8 @@ pub struct QueueStats {
     pub written: u64,
     /// Records refused because the queue was full or the writer had stopped.
     pub rejected: u64,
+    /// Calls that found the queue full and waited for room for their record.
+    pub waited: u64,
     /// Sink writes that failed or timed out.
     pub write_errors: u64,
     /// Records appended to the journal since start.
@@ -261,6 +311,41 @@ impl AuditQueue {
         self.try_submit(record).is_ok()
     }
 
+    /// Takes room for one call's record. While the queue is full this waits for room, up to
+    /// [`QueueSettings::room_wait`] (counted in [`QueueStats::waited`]) — unless the writer can
+    /// place records nowhere (see [`Admission::Closed`]), when waiting would not help. `Err`
+    /// when no room came: the call then goes on without (its record is submitted with
+    /// [`AuditQueue::submit`]) or, failing closed, is refused.
+    pub async fn reserve(&self) -> Result<RecordSlot, RecordRefused> {
+        let sender = match self.sender.clone().try_reserve_owned() {
+            Ok(permit) => return Ok(self.slot(permit)),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(RecordRefused::Stopped),
+            Err(mpsc::error::TrySendError::Full(sender)) => sender,
+        };
+        if self.stuck() {
+            return Err(RecordRefused::Full);
+        }
+        self.shared.waited.fetch_add(1, Ordering::Relaxed);
+        match tokio::time::timeout(self.shared.room_wait, sender.reserve_owned()).await {
+            Ok(Ok(permit)) => Ok(self.slot(permit)),
+            Ok(Err(_)) => Err(RecordRefused::Stopped),
+            Err(_) => {
+                tracing::warn!(
+                    wait_ms = self.shared.room_wait.as_millis(),
+                    "no room in the audit queue in time; the call goes on without"
+                );
+                Err(RecordRefused::Full)
+            }
+        }
+    }
+
+    fn slot(&self, permit: mpsc::OwnedPermit<AuditRecord>) -> RecordSlot {
+        RecordSlot {
+            permit,
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
     /// Hands a record to the writer without waiting, saying why when it cannot (the refusal is
     /// counted and logged).
     pub fn try_submit(&self, record: AuditRecord) -> Result<(), RecordRefused> {
@@ -288,27 +373,33 @@ impl AuditQueue {
     /// Whether a record handed over now would be kept; see [`Admission`].
     pub fn admission(&self) -> Admission {
         let shared = &self.shared;
-        if self.sender.is_closed()
-            || self.sender.capacity() == 0
-            || shared.blocked.load(Ordering::Relaxed)
-        {
-            return Admission::Closed;
-        }
-        let sink_down = shared.sink_down.load(Ordering::Relaxed);
-        let journal_full = shared.journal_bytes.load(Ordering::Relaxed) >= shared.journal_max_bytes;
-        if sink_down && (!shared.has_journal || journal_full) {
+        if self.sender.capacity() == 0 || self.stuck() {
             Admission::Closed
-        } else if sink_down || shared.journal_records.load(Ordering::Relaxed) > 0 {
+        } else if shared.sink_down.load(Ordering::Relaxed)
+            || shared.journal_records.load(Ordering::Relaxed) > 0
+        {
             Admission::Degraded
         } else {
             Admission::Open
         }
     }
 
-    /// Whether the gateway must refuse a call now: the queue is set to fail closed and its
-    /// admission is [`Admission::Closed`].
+    /// Whether the writer can place records nowhere: it stopped, holds records that neither the
+    /// sink nor the journal takes, or the sink is down with no journal or a full one.
+    fn stuck(&self) -> bool {
+        let shared = &self.shared;
+        if self.sender.is_closed() || shared.blocked.load(Ordering::Relaxed) {
+            return true;
+        }
+        let journal_full = shared.journal_bytes.load(Ordering::Relaxed) >= shared.journal_max_bytes;
+        shared.sink_down.load(Ordering::Relaxed) && (!shared.has_journal || journal_full)
+    }
+
+    /// Whether the gateway must refuse a call that holds room for its record
+    /// ([`AuditQueue::reserve`]): the queue is set to fail closed and the writer can place
+    /// records nowhere. A full queue alone does not count: the call's room is taken.
     pub fn refuses_calls(&self) -> bool {
-        self.shared.fail_closed && self.admission() == Admission::Closed
+        self.shared.fail_closed && self.stuck()
     }
 
     /// Whether the queue is set to fail closed ([`QueueSettings::fail_closed`]).
@@ -329,6 +420,7 @@ fn stats(shared: &Shared) -> QueueStats {
         enqueued,
         written: shared.written.load(Ordering::Relaxed),
         rejected: shared.rejected.load(Ordering::Relaxed),
+        waited: shared.waited.load(Ordering::Relaxed),
         write_errors: shared.write_errors.load(Ordering::Relaxed),
         journaled: shared.journaled.load(Ordering::Relaxed),
         journal_records: shared.journal_records.load(Ordering::Relaxed),
@@ -350,6 +442,7 @@ fn spawn(
         has_journal: journal.is_some(),
         journal_max_bytes: settings.journal_max_bytes,
         fail_closed: settings.fail_closed,
+        room_wait: settings.room_wait,
         ..Shared::default()
     });
     let journal_status = journal.as_ref().map_or(

@@ -11,8 +11,8 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use gatehouse_audit::chain::{BreakReason, STATE_FILE, verify};
 use gatehouse_audit::{
-    Admission, AuditQueue, AuditRecord, AuditSink, QueueSettings, QueueStats, SinkError,
-    WriterHandle,
+    Admission, AuditQueue, AuditRecord, AuditSink, QueueSettings, QueueStats, RecordRefused,
+    SinkError, WriterHandle,
 };
 
 /// A sink the test switches between working, failing and stalling.
@@ -25,6 +25,8 @@ struct SinkState {
     /// While set, a write waits for `release` (at most 30 s), far past the queue's timeout.
     stalling: AtomicBool,
     release: tokio::sync::watch::Sender<bool>,
+    /// Writes that have started.
+    started: AtomicU64,
     /// Writes that have returned, successful or not.
     returned: AtomicU64,
     /// How long every write takes (a slow store), in milliseconds.
@@ -38,6 +40,7 @@ impl SwitchSink {
             failing: AtomicBool::new(false),
             stalling: AtomicBool::new(false),
             release: tokio::sync::watch::Sender::new(false),
+            started: AtomicU64::new(0),
             returned: AtomicU64::new(0),
             delay_ms: AtomicU64::new(0),
         }))
@@ -60,6 +63,10 @@ impl SwitchSink {
         }
     }
 
+    fn started(&self) -> u64 {
+        self.0.started.load(Ordering::SeqCst)
+    }
+
     fn returned(&self) -> u64 {
         self.0.returned.load(Ordering::SeqCst)
     }
@@ -76,6 +83,7 @@ impl AuditSink for SwitchSink {
     ) -> BoxFuture<'a, Result<(), SinkError>> {
         Box::pin(async move {
             let state = &self.0;
+            state.started.fetch_add(1, Ordering::SeqCst);
             let delay = state.delay_ms.load(Ordering::SeqCst);
             if delay > 0 {
                 tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -513,6 +521,100 @@ async fn without_a_journal_records_wait_in_the_queue_and_admission_closes() {
     let stats = finish(queue, writer).await;
     assert_eq!(ids(&sink.records()), expected(0..10));
     assert_eq!((stats.written, stats.journaled), (10, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_wait_for_room_in_a_full_queue_and_no_record_is_refused() {
+    let sink = SwitchSink::new();
+    sink.stalling(true);
+    let (queue, writer) = start(
+        &sink,
+        QueueSettings {
+            capacity: 4,
+            journal_dir: None,
+            sink_timeout: Duration::from_secs(60),
+            room_wait: Duration::from_secs(20),
+            ..QueueSettings::default()
+        },
+    )
+    .await;
+    // Record 0 goes into a write that stalls; without a journal the writer takes nothing more
+    // meanwhile, so records 1 to 4 fill the queue.
+    queue.reserve().await.unwrap().submit(record(0));
+    eventually("the first write to start", || sink.started() == 1).await;
+    for i in 1..=4 {
+        queue.reserve().await.unwrap().submit(record(i));
+    }
+    assert_eq!(queue.admission(), Admission::Closed, "the queue is full");
+    // Eight more calls: each takes room for its record before it would be served.
+    let calls: Vec<_> = (5..13)
+        .map(|i| {
+            let queue = queue.clone();
+            tokio::spawn(async move {
+                let slot = queue
+                    .reserve()
+                    .await
+                    .expect("room comes once the sink is back");
+                slot.submit(record(i));
+            })
+        })
+        .collect();
+    eventually("every call to wait", || queue.stats().waited == 8).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        calls.iter().all(|call| !call.is_finished()),
+        "no call goes on while the queue is full"
+    );
+
+    sink.stalling(false);
+    for call in calls {
+        call.await.unwrap();
+    }
+    let stats = finish(queue, writer).await;
+    let mut stored = ids(&sink.records());
+    stored.sort();
+    assert_eq!(stored, expected(0..13), "every call's record, none refused");
+    assert_eq!((stats.rejected, stats.waited), (0, 8));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_waits_for_room_only_while_waiting_can_help() {
+    let sink = SwitchSink::new();
+    sink.stalling(true);
+    let (queue, writer) = start(
+        &sink,
+        QueueSettings {
+            capacity: 2,
+            journal_dir: None,
+            sink_timeout: Duration::from_secs(60),
+            room_wait: Duration::from_millis(200),
+            ..QueueSettings::default()
+        },
+    )
+    .await;
+    queue.reserve().await.unwrap().submit(record(0));
+    eventually("the first write to start", || sink.started() == 1).await;
+    for i in 1..=2 {
+        queue.reserve().await.unwrap().submit(record(i));
+    }
+    // A slow write: waiting may help, for at most `room_wait`.
+    let asked = tokio::time::Instant::now();
+    assert_eq!(queue.reserve().await.unwrap_err(), RecordRefused::Full);
+    assert!(asked.elapsed() >= Duration::from_millis(200));
+    assert_eq!(queue.stats().waited, 1);
+    // A failed write and no journal: the writer can keep the records nowhere but in the full
+    // queue, and a call is not kept waiting for nothing.
+    sink.failing(true);
+    sink.stalling(false);
+    eventually("the sink failure", || !queue.stats().sink_up).await;
+    let asked = tokio::time::Instant::now();
+    assert_eq!(queue.reserve().await.unwrap_err(), RecordRefused::Full);
+    assert!(asked.elapsed() < Duration::from_millis(200));
+    assert_eq!(queue.stats().waited, 1, "no second wait");
+    sink.failing(false);
+    let stats = finish(queue, writer).await;
+    assert_eq!(ids(&sink.records()), expected(0..3));
+    assert_eq!(stats.rejected, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

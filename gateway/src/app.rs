@@ -15,7 +15,7 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
-use gatehouse_audit::AuditQueue;
+use gatehouse_audit::{AuditQueue, RecordSlot};
 use gatehouse_schema::{AuditRecord, ConfigSnapshot};
 use http::request::Parts;
 use time::OffsetDateTime;
@@ -26,10 +26,10 @@ use crate::auth::Principal;
 use crate::entra_credential::TokenCredential;
 use crate::error::GatewayError;
 use crate::key_vault::KeyVaultClient;
-use crate::limits::{self, Admission, LimitSubject, Limiter, Reservation};
+use crate::limits::{self, Admission, LimitSubject, Limiter};
 use crate::metrics::{BackendLabels, CallLabels, Metrics, OperationLabels, TokenLabels};
 use crate::pool::HealthRegistry;
-use crate::record::CallRecord;
+use crate::record::{CallRecord, Holds};
 use crate::runtime::Resolver;
 use crate::runtime::{Runtime, ValidationErrors};
 use crate::secret::Secret;
@@ -224,17 +224,21 @@ impl Gateway {
             .with_state(Arc::clone(self))
     }
 
-    /// Hands a finished record to the audit queue, never waiting.
-    pub(crate) fn submit(&self, record: AuditRecord) {
-        if let Some(queue) = &self.audit {
-            queue.submit(record);
+    /// Hands a finished record to the audit queue, in the room its call took, never waiting.
+    pub(crate) fn submit(&self, slot: Option<RecordSlot>, record: AuditRecord) {
+        match (slot, &self.audit) {
+            (Some(slot), _) => slot.submit(record),
+            (None, Some(queue)) => {
+                queue.submit(record);
+            }
+            (None, None) => {}
         }
     }
 
     /// Counts a finished call, settles its token reservation with its usage, and hands its
     /// record on.
-    pub(crate) fn finish(&self, record: AuditRecord, reservation: Option<Reservation>) {
-        if let Some(reservation) = reservation {
+    pub(crate) fn finish(&self, record: AuditRecord, holds: Holds) {
+        if let Some(reservation) = holds.reservation {
             self.limiter
                 .reconcile(reservation, limits::tokens_used(&record));
         }
@@ -290,7 +294,7 @@ impl Gateway {
         if self.access_log {
             log_call(&record);
         }
-        self.submit(record);
+        self.submit(holds.slot, record);
     }
 }
 
@@ -343,6 +347,7 @@ async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
             .audit_queue_depth
             .set(i64::try_from(stats.depth).unwrap_or(i64::MAX));
         gateway.metrics.audit_rejected.set(stats.rejected);
+        gateway.metrics.audit_room_waits.set(stats.waited);
         gateway.metrics.audit_write_errors.set(stats.write_errors);
         gateway.metrics.audit_journal_bytes.set(stats.journal_bytes);
         gateway
@@ -405,8 +410,8 @@ async fn serve_call(
         Err(error) => {
             if let Some(mut record) = record.take() {
                 let _entered = span.enter();
-                let reservation = record.reservation.take();
-                gateway.finish(record.finish_error(&error), reservation);
+                let holds = record.take_holds();
+                gateway.finish(record.finish_error(&error), holds);
             }
             error.into_response()
         }
@@ -430,6 +435,16 @@ async fn pipeline(
     body: Body,
     record: &mut Option<CallRecord>,
 ) -> Result<Response, GatewayError> {
+    // Room for the call's record: while records come faster than the audit writer keeps them,
+    // calls wait here, so that none is lost.
+    let slot = match &gateway.audit {
+        Some(queue) => queue.reserve().await.ok(),
+        None => None,
+    };
+    let has_slot = slot.is_some();
+    if let Some(record) = record.as_mut() {
+        record.holds.slot = slot;
+    }
     // 3. Authenticate, before reading a byte of the body.
     let principal = auth::authenticate(
         &runtime.keys,
@@ -447,7 +462,7 @@ async fn pipeline(
     if gateway
         .audit
         .as_ref()
-        .is_some_and(AuditQueue::refuses_calls)
+        .is_some_and(|queue| queue.refuses_calls() || (queue.fail_closed() && !has_slot))
     {
         return Err(GatewayError::AuditUnavailable);
     }
@@ -483,7 +498,7 @@ async fn pipeline(
     // 6. Limit: reserve the call's request and tokens, or refuse it before any backend sees it.
     let mut admission = limit(gateway, runtime, &principal, &call).await?;
     if let Some(record) = record.as_mut() {
-        record.reservation = admission.take_reservation();
+        record.holds.reservation = admission.take_reservation();
     }
     // 7–9. Route, proxy, capture.
     let mut response = proxy::forward(gateway, runtime, call, parts, body, record).await?;

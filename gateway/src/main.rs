@@ -343,6 +343,7 @@ async fn serve(file: ConfigFile) -> anyhow::Result<()> {
                 sink_timeout: Duration::from_millis(settings.audit.sink_timeout_ms),
                 journal_max_bytes: settings.audit.journal_max_bytes,
                 fail_closed: settings.audit.fail_closed,
+                room_wait: Duration::from_millis(settings.audit.room_wait_ms),
             };
             let (queue, writer) = AuditQueue::start_with(sink, queue_settings)
                 .await

@@ -89,6 +89,8 @@ pub struct Metrics {
     pub audit_queue_depth: Gauge,
     /// Records the audit queue refused (refreshed at scrape).
     pub audit_rejected: Gauge<u64, AtomicU64>,
+    /// Calls that waited for room in the full audit queue (refreshed at scrape).
+    pub audit_room_waits: Gauge<u64, AtomicU64>,
     /// Batches the audit sink failed to store (refreshed at scrape).
     pub audit_write_errors: Gauge<u64, AtomicU64>,
     /// Bytes in the audit disk journal (refreshed at scrape).
@@ -121,6 +123,7 @@ impl Default for Metrics {
             tokens: Family::default(),
             audit_queue_depth: Gauge::default(),
             audit_rejected: Gauge::default(),
+            audit_room_waits: Gauge::default(),
             audit_write_errors: Gauge::default(),
             audit_journal_bytes: Gauge::default(),
             audit_journal_records: Gauge::default(),
@@ -168,6 +171,11 @@ impl Default for Metrics {
             "audit_records_rejected",
             "Audit records the full queue refused",
             metrics.audit_rejected.clone(),
+        );
+        registry.register(
+            "audit_room_waits",
+            "Calls that found the audit queue full and waited for room for their record",
+            metrics.audit_room_waits.clone(),
         );
         registry.register(
             "audit_write_errors",

@@ -22,10 +22,9 @@ use crate::app::Gateway;
 use crate::capture::{self, BodyCapture, PARSE_LIMIT, SseTap};
 use crate::classify::{Call, ObjectFamily, RouteStyle};
 use crate::error::GatewayError;
-use crate::limits::Reservation;
 use crate::peek::{RequestPeek, ResponsePeek, StreamOptions};
 use crate::pool::{Member, MemberCredential, Pool, Selection, SetAsideReason};
-use crate::record::{CallRecord, millis};
+use crate::record::{CallRecord, Holds, millis};
 use crate::retry_hint;
 use crate::runtime::Runtime;
 use crate::upstream::{SendError, UpstreamBody};
@@ -624,7 +623,8 @@ async fn relay(
             Ok(body) => body,
             Err(()) => {
                 let error = GatewayError::AllUnavailable;
-                gateway.submit(record.finish_error(&error));
+                let holds = record.take_holds();
+                gateway.finish(record.finish_error(&error), holds);
                 return axum::response::IntoResponse::into_response(error);
             }
         };
@@ -636,15 +636,14 @@ async fn relay(
         record.record.time_to_first_byte = Some(millis(record.started.elapsed()));
         let answer = tee.complete(&mut record, &call);
         let estimate = estimate_needed(status, &call, &record, answer.as_ref());
-        let reservation = record.reservation.take();
+        let holds = record.take_holds();
         let audit = record.finish(status.as_u16(), sent);
         match estimate {
-            None => gateway.finish(audit, reservation),
+            None => gateway.finish(audit, holds),
             // Counting must not delay the answer.
             Some(work) => {
                 tokio::spawn(
-                    finish_estimated(Arc::clone(gateway), audit, reservation, work)
-                        .in_current_span(),
+                    finish_estimated(Arc::clone(gateway), audit, holds, work).in_current_span(),
                 );
             }
         }
@@ -714,10 +713,10 @@ impl RelayCall {
             })
             .flatten();
         let estimate = estimate_needed(self.status, &self.call, &self.record, answer.as_ref());
-        let reservation = self.record.reservation.take();
+        let holds = self.record.take_holds();
         let audit = self.record.finish(self.status.as_u16(), self.sent);
         if created.is_none() && estimate.is_none() {
-            self.gateway.finish(audit, reservation);
+            self.gateway.finish(audit, holds);
             return;
         }
         let RelayCall {
@@ -732,8 +731,8 @@ impl RelayCall {
                     remember_created(&gateway, &call, &member, &summary).await;
                 }
                 match estimate {
-                    None => gateway.finish(audit, reservation),
-                    Some(work) => finish_estimated(gateway, audit, reservation, work).await,
+                    None => gateway.finish(audit, holds),
+                    Some(work) => finish_estimated(gateway, audit, holds, work).await,
                 }
             }
             .in_current_span(),
@@ -884,11 +883,11 @@ fn estimate_needed(
 async fn finish_estimated(
     gateway: Arc<Gateway>,
     mut audit: AuditRecord,
-    reservation: Option<Reservation>,
+    holds: Holds,
     work: TokenWork,
 ) {
     audit.usage = work.count_off_path().await;
-    gateway.finish(audit, reservation);
+    gateway.finish(audit, holds);
 }
 
 fn call_deletes(call: &Call) -> bool {

@@ -12,6 +12,17 @@ use crate::caller::Caller;
 use crate::classify::Call;
 use crate::error::GatewayError;
 use crate::limits::Reservation;
+use gatehouse_audit::RecordSlot;
+
+/// What a call holds until its record is handed on: the tokens usage limits reserved for it, and
+/// the room in the audit queue taken for its record.
+#[derive(Debug, Default)]
+pub struct Holds {
+    /// Tokens held by usage limits, reconciled with the usage when the record is finished.
+    pub reservation: Option<Reservation>,
+    /// Room for the record in the audit queue, taken before the call was served.
+    pub slot: Option<RecordSlot>,
+}
 
 /// An audit record under construction.
 #[derive(Debug)]
@@ -22,8 +33,8 @@ pub struct CallRecord {
     pub started: Instant,
     /// When the first backend attempt started.
     pub backend_started: Option<Instant>,
-    /// Tokens held by usage limits, reconciled with the usage when the record is finished.
-    pub reservation: Option<Reservation>,
+    /// What the call holds until its record is handed on.
+    pub holds: Holds,
     /// The client's own `x-request-id`, when it sent a sane one: echoed to it and passed to the
     /// backend. Never the record's `CorrelationId`, which the gateway always makes itself.
     pub client_request_id: Option<String>,
@@ -92,7 +103,7 @@ impl CallRecord {
             record,
             started,
             backend_started: None,
-            reservation: None,
+            holds: Holds::default(),
             client_request_id,
         }
     }
@@ -142,6 +153,11 @@ impl CallRecord {
             self.record.backend_time = millis(now - backend_started);
         }
         self.record
+    }
+
+    /// Takes what the call holds, to hand it on with the finished record.
+    pub fn take_holds(&mut self) -> Holds {
+        std::mem::take(&mut self.holds)
     }
 
     /// Completes the record for an error the gateway answered itself.

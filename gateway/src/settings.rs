@@ -204,9 +204,14 @@ pub struct AuditSettings {
     /// A JSON-lines file.
     #[serde(default)]
     pub jsonl: Option<PathBuf>,
-    /// Records the queue holds in memory.
+    /// Records the queue holds in memory, counting the room calls in progress hold for theirs.
     #[serde(default = "default_queue_capacity")]
     pub queue_capacity: usize,
+    /// How long a call waits for room in a full queue before it is served without (or, failing
+    /// closed, refused) (ms). A full queue means records come faster than even the journal takes
+    /// them: calls slow down to that pace instead of losing records.
+    #[serde(default = "default_room_wait_ms")]
+    pub room_wait_ms: u64,
     /// How long a store write may take before its batch goes to the disk journal (ms).
     #[serde(default = "default_sink_timeout_ms")]
     pub sink_timeout_ms: u64,
@@ -231,6 +236,7 @@ impl Default for AuditSettings {
             azure_monitor: None,
             jsonl: None,
             queue_capacity: default_queue_capacity(),
+            room_wait_ms: default_room_wait_ms(),
             sink_timeout_ms: default_sink_timeout_ms(),
             journal_max_bytes: default_journal_max_bytes(),
             fail_closed: false,
@@ -238,6 +244,10 @@ impl Default for AuditSettings {
             metadata_retention_days: None,
         }
     }
+}
+
+fn default_room_wait_ms() -> u64 {
+    u64::try_from(gatehouse_audit::DEFAULT_ROOM_WAIT.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn default_sink_timeout_ms() -> u64 {

@@ -2,7 +2,7 @@
 //! journaled queue, and failing closed when it cannot record.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -421,6 +421,133 @@ impl AuditSink for Tee {
     fn name(&self) -> &'static str {
         "flaky-store"
     }
+}
+
+/// A sink whose writes wait while its gate is shut.
+#[derive(Clone)]
+struct Gated {
+    open: Arc<tokio::sync::watch::Sender<bool>>,
+    started: Arc<AtomicU64>,
+    inner: MemorySink,
+}
+
+impl Gated {
+    fn shut() -> Gated {
+        Gated {
+            open: Arc::new(tokio::sync::watch::Sender::new(false)),
+            started: Arc::new(AtomicU64::new(0)),
+            inner: MemorySink::new(),
+        }
+    }
+}
+
+impl AuditSink for Gated {
+    fn write_batch<'a>(
+        &'a self,
+        records: &'a [AuditRecord],
+    ) -> BoxFuture<'a, Result<(), SinkError>> {
+        Box::pin(async move {
+            self.started.fetch_add(1, Ordering::SeqCst);
+            let _ = self.open.subscribe().wait_for(|open| *open).await;
+            self.inner.write_batch(records).await
+        })
+    }
+    fn name(&self) -> &'static str {
+        "gated"
+    }
+}
+
+async fn metric(gw: &TestGateway, name: &str) -> String {
+    let text = gw
+        .raw(reqwest::Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(' ')
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| panic!("no metric {name} in {text}"))
+}
+
+/// While records come faster than the writer keeps them, calls wait for room in the queue before
+/// they are served, instead of being served with their records refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_wait_for_room_in_a_full_audit_queue_and_every_record_is_kept() {
+    let sim = simulator("room").await;
+    let gated = Gated::shut();
+    let settings = QueueSettings {
+        capacity: 4,
+        // Without a journal the writer takes nothing while a write is in flight.
+        journal_dir: None,
+        sink_timeout: Duration::from_secs(60),
+        room_wait: Duration::from_secs(30),
+        ..QueueSettings::default()
+    };
+    let (queue, writer) = AuditQueue::start_with(Arc::new(gated.clone()), settings)
+        .await
+        .unwrap();
+    let gw = TestGateway::start_with_queue(
+        snapshot(1, json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member("a", &sim.url(), 1)]}])),
+        Arc::new(tempfile::tempdir().unwrap()),
+        gated.inner.clone(),
+        queue,
+        writer,
+    )
+    .await;
+    let call = |gw: &TestGateway| {
+        gw.post(&chat_path("gpt-4o"))
+            .json(&chat(None, false))
+            .send()
+    };
+    // The first record goes into a write that waits at the gate; four more fill the queue.
+    assert_eq!(call(&gw).await.unwrap().status(), 200);
+    for _ in 0..50 {
+        if gated.started.load(Ordering::SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        gated.started.load(Ordering::SeqCst),
+        1,
+        "the first write started"
+    );
+    for _ in 0..4 {
+        assert_eq!(call(&gw).await.unwrap().status(), 200);
+    }
+    // Six more calls wait for room before they are served.
+    let waiting: Vec<_> = (0..6).map(|_| tokio::spawn(call(&gw))).collect();
+    for _ in 0..100 {
+        if metric(&gw, "gatehouse_audit_room_waits").await == "6" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(metric(&gw, "gatehouse_audit_room_waits").await, "6");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        waiting.iter().all(|call| !call.is_finished()),
+        "no call is served while its record has no room"
+    );
+    assert_eq!(sim.hits(), 5, "the waiting calls reached no backend");
+
+    gated.open.send_replace(true);
+    for call in waiting {
+        assert_eq!(call.await.unwrap().unwrap().status(), 200);
+    }
+    let records = gw.records(11).await;
+    let mut ids: Vec<_> = records.iter().map(|r| r.correlation_id.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 11, "one record for every call");
+    assert_eq!(metric(&gw, "gatehouse_audit_records_rejected").await, "0");
+    gw.stop().await;
 }
 
 /// `gatehouse-gateway analyze-audit` refreshes a SQLite store's planner statistics in full (past
