@@ -69,8 +69,12 @@ use crate::{AuditSink, SinkError};
 
 /// How long a call waits for room in a full queue by default.
 pub const DEFAULT_ROOM_WAIT: Duration = Duration::from_secs(5);
-/// Most records written in one batch.
+/// Most records written to the sink in one batch.
 const MAX_BATCH: usize = 512;
+/// Most records taken at once when they go to the journal: every append costs a sync of the
+/// journal and of the chain state, whose time a slow disk spends whatever the size, so batches
+/// behind a backlog are taken larger.
+const JOURNAL_BATCH: usize = 4_096;
 /// Wait before the first retry after a failure.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest wait between retries.
@@ -676,6 +680,7 @@ impl Writer {
         } else {
             self.next_attempt
         };
+        let limit = self.batch_limit();
         let receiver = &mut self.receiver;
         let in_flight = &mut self.in_flight;
         let completion = async {
@@ -685,7 +690,7 @@ impl Writer {
             }
         };
         tokio::select! {
-            received = receiver.recv_many(buffer, MAX_BATCH), if receive => {
+            received = receiver.recv_many(buffer, limit), if receive => {
                 if received == 0 {
                     Event::Drained
                 } else {
@@ -718,6 +723,17 @@ impl Writer {
         }
     }
 
+    /// How many records to take at once: a batch for the sink, or (behind a backlog, where
+    /// they go to the journal) up to [`JOURNAL_BATCH`].
+    fn batch_limit(&self) -> usize {
+        let to_sink = self.in_flight.is_none() && self.journal_status.empty && !self.backlogged(0);
+        if to_sink || self.journal.is_none() {
+            MAX_BATCH
+        } else {
+            JOURNAL_BATCH
+        }
+    }
+
     /// Adds to a short batch what arrives within [`BATCH_LINGER`], up to [`MAX_BATCH`] records.
     /// Nothing waits once the queue is closing.
     async fn top_up(&mut self, batch: &mut Vec<AuditRecord>) {
@@ -742,7 +758,12 @@ impl Writer {
         }
         self.save_chain().await;
         let batch = Arc::new(batch);
-        if self.in_flight.is_none() && self.journal_status.empty && !self.backlogged(batch.len()) {
+        // A batch taken large (see `batch_limit`) goes behind the backlog it was taken for.
+        if self.in_flight.is_none()
+            && self.journal_status.empty
+            && batch.len() <= MAX_BATCH
+            && !self.backlogged(batch.len())
+        {
             self.start_write(
                 Job::Direct {
                     records: Arc::clone(&batch),

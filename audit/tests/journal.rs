@@ -659,8 +659,8 @@ async fn a_lost_chain_state_starts_a_marked_segment_instead_of_a_fork() {
 async fn a_store_slower_than_the_arrivals_never_makes_the_queue_refuse_records() {
     let dir = tempfile::tempdir().unwrap();
     let sink = SwitchSink::new();
-    // Every write takes 200 ms (far under the timeout): at most 2,560 records a second stored.
-    sink.delay(Duration::from_millis(200));
+    // Every write takes 400 ms (far under the timeout): at most 1,280 records a second stored.
+    sink.delay(Duration::from_millis(400));
     let (queue, writer) = start(
         &sink,
         QueueSettings {
@@ -669,9 +669,10 @@ async fn a_store_slower_than_the_arrivals_never_makes_the_queue_refuse_records()
         },
     )
     .await;
-    // 10,000 records at 4,000 a second: writing them straight to the store would fill the queue
-    // within a second and a half. The backlog goes to the journal instead, and the store catches up.
-    submit_paced(&queue, 10_000, Duration::from_millis(25)).await;
+    // 10,000 records at 2,500 a second (well within what even an unoptimised writer journals):
+    // writing them straight to the store would fill the queue within two seconds. The backlog
+    // goes to the journal instead, and the store catches up.
+    submit_paced(&queue, 10_000, Duration::from_millis(40)).await;
     let stats = queue.stats();
     assert_eq!(stats.rejected, 0);
     assert!(stats.journaled > 0, "the backlog went to the journal");
@@ -744,10 +745,10 @@ async fn a_shutdown_leaves_the_backlog_in_the_journal_and_the_next_start_stores_
 async fn a_long_write_in_flight_does_not_make_the_queue_refuse_records() {
     let dir = tempfile::tempdir().unwrap();
     let sink = SwitchSink::new();
-    // Every write takes 500 ms (far under the timeout), while records arrive at 10,000 a second:
-    // the channel (1,000) would fill five times over during the first write if nothing were
-    // received while it runs.
-    sink.delay(Duration::from_millis(500));
+    // Every write takes a second (far under the timeout), while records arrive at 2,500 a
+    // second: the channel (1,000) would fill two and a half times over during the first write if
+    // nothing were received while it runs.
+    sink.delay(Duration::from_secs(1));
     let (queue, writer) = start(
         &sink,
         QueueSettings {
@@ -756,7 +757,7 @@ async fn a_long_write_in_flight_does_not_make_the_queue_refuse_records() {
         },
     )
     .await;
-    submit_paced(&queue, 3_000, Duration::from_millis(10)).await;
+    submit_paced(&queue, 3_000, Duration::from_millis(40)).await;
     let stats = queue.stats();
     assert_eq!(stats.rejected, 0);
     assert!(
