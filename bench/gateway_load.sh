@@ -644,8 +644,13 @@ measure_capture_variant() {
   esac
   audit_yaml="    database: $database"
   capture_yaml="{max_request_body_bytes: 1048576, max_response_body_bytes: 1048576}"
+  local waits=null
   if start_gateway "$name" "$identity_port" && preflight "$name" "$identity_port"; then
     measure_target "$name" "$identity_port" "$gateway_pid"
+    # Calls that waited for room in a full audit queue (they slow down rather than lose records).
+    waits=$(curl -s "http://127.0.0.1:$identity_port/metrics" \
+      | sed -n 's/^gatehouse_audit_room_waits \([0-9]*\)$/\1/p')
+    waits=${waits:-null}
   else
     broken+=("$name: did not start or does not answer the request (log: $work/$name/gateway.log)")
     export BENCH_KEEP_TMP=1
@@ -670,8 +675,8 @@ measure_capture_variant() {
   count=$(store_count "$variant" "$database")
   audit_yaml="    jsonl: null"
   capture_yaml="{max_request_body_bytes: 0, max_response_body_bytes: 0}"
-  note "$name: $answered calls answered, ${count} records in the store (journal replayed)"
-  printf '{"target":"%s","answered":%s,"records":%s}\n' "$name" "$answered" "${count:-null}" \
+  note "$name: $answered calls answered, ${count} records in the store (journal replayed), $waits calls waited for room in the audit queue"
+  printf '{"target":"%s","answered":%s,"records":%s,"room_waits":%s}\n' "$name" "$answered" "${count:-null}" "$waits" \
     > "$work/capture-$variant.json"
 }
 

@@ -329,6 +329,8 @@ def summarize(results: Path, meta_path: Path, out: Path) -> int:
 
     for check in meta.get("capture_checks", []):
         answered, records = check.get("answered"), check.get("records")
+        if check.get("room_waits") is not None:
+            w(f"  {check['target']}: {check['room_waits']} calls waited for room in the audit queue\n")
         targets.append({
             "name": f"{check['target']}: records in the store >= calls answered ({answered})",
             "value": records,
