@@ -745,14 +745,15 @@ async fn a_shutdown_leaves_the_backlog_in_the_journal_and_the_next_start_stores_
 async fn a_long_write_in_flight_does_not_make_the_queue_refuse_records() {
     let dir = tempfile::tempdir().unwrap();
     let sink = SwitchSink::new();
-    // Every write takes a second (far under the timeout), while records arrive at 2,500 a
-    // second: the channel (1,000) would fill two and a half times over during the first write if
-    // nothing were received while it runs.
-    sink.delay(Duration::from_secs(1));
+    // Every write takes two seconds (under the timeout), while 3,000 records arrive at 2,500 a
+    // second: they would overflow the channel (2,000) during the first write if nothing were
+    // received while it runs. The channel's slack (0.8 s of arrivals) absorbs the pauses of a
+    // test build's writer on a busy machine.
+    sink.delay(Duration::from_secs(2));
     let (queue, writer) = start(
         &sink,
         QueueSettings {
-            capacity: 1_000,
+            capacity: 2_000,
             ..settings(dir.path())
         },
     )
