@@ -11,7 +11,8 @@
 //!   longer than [`QueueSettings::sink_timeout`], sends the batch to the journal; a slow write is
 //!   left running, and if it succeeds after all, its batch is taken back out of the journal;
 //! - while the journal holds anything, appends the batch to the journal, behind what is there, and
-//!   keeps taking records. A replayer feeds the journal to the sink, oldest first, one chunk at a
+//!   keeps taking records; the append runs on a blocking thread while the next batch is linked,
+//!   and is settled before that batch is placed or anything else touches the journal. A replayer feeds the journal to the sink, oldest first, one chunk at a
 //!   time; the first chunk after a failure is the probe, retried with exponential backoff (100 ms
 //!   doubling to 5 s). Once the journal is empty, batches go straight to the sink again.
 //!
@@ -467,6 +468,7 @@ fn spawn(
         journal_status,
         sink_timeout: settings.sink_timeout.max(Duration::from_millis(1)),
         in_flight: None,
+        appending: None,
         held: None,
         held_retry: Instant::now(),
         held_at_bytes: 0,
@@ -501,6 +503,8 @@ struct Writer {
     sink_timeout: Duration,
     /// The one sink write running, if any.
     in_flight: Option<InFlight>,
+    /// The journal append running while the writer links the next batch, if any.
+    appending: Option<Appending>,
     /// Linked records that neither the sink nor the journal took yet; nothing is received while
     /// they wait, so that they keep their place.
     held: Option<Batch>,
@@ -519,6 +523,16 @@ struct Writer {
     /// is in the journal, which may then grow past its limit rather than lose records.
     failed_since_close: bool,
 }
+
+/// A journal append on a blocking thread. The writer links (and saves the chain heads of) the
+/// next batch meanwhile, and settles this append before it places that batch anywhere or does
+/// anything else with the journal.
+struct Appending {
+    task: JoinHandle<(Result<Stretch, JournalError>, JournalStatus)>,
+    batch: Batch,
+}
+
+type AppendResult = Result<(Result<Stretch, JournalError>, JournalStatus), JoinError>;
 
 struct InFlight {
     task: JoinHandle<Result<(), SinkError>>,
@@ -557,6 +571,8 @@ impl Job {
 
 enum Event {
     Received(Vec<AuditRecord>),
+    /// The journal append running in the background ended.
+    Appended(AppendResult),
     Drained,
     Completed(Result<Result<(), SinkError>, JoinError>),
     TimedOut,
@@ -574,16 +590,31 @@ impl Writer {
                 self.close();
             }
             if self.in_flight.is_none() {
+                self.settle_append().await;
                 self.start_next().await;
             }
             self.publish();
-            if self.drained && self.may_exit() {
-                break;
+            if self.drained {
+                self.settle_append().await;
+                if self.may_exit() {
+                    break;
+                }
             }
-            match self.next_event(&mut buffer).await {
+            let event = self.next_event(&mut buffer).await;
+            // Only a new batch is linked while an append runs; anything else that concerns the
+            // journal or the order of records waits for it.
+            if !matches!(event, Event::Received(_) | Event::Appended(_)) {
+                self.settle_append().await;
+            }
+            match event {
                 Event::Received(mut batch) => {
                     self.top_up(&mut batch).await;
                     self.accept(batch).await;
+                }
+                Event::Appended(result) => {
+                    if let Some(appending) = self.appending.take() {
+                        self.appended(appending.batch, result);
+                    }
                 }
                 Event::Drained => {
                     self.drained = true;
@@ -683,6 +714,14 @@ impl Writer {
         let limit = self.batch_limit();
         let receiver = &mut self.receiver;
         let in_flight = &mut self.in_flight;
+        let has_append = self.appending.is_some();
+        let appending = &mut self.appending;
+        let append_done = async {
+            match appending {
+                Some(appending) => (&mut appending.task).await,
+                None => std::future::pending().await,
+            }
+        };
         let completion = async {
             match in_flight {
                 Some(flight) => (&mut flight.task).await,
@@ -698,6 +737,7 @@ impl Writer {
                 }
             }
             result = completion, if has_flight => Event::Completed(result),
+            result = append_done, if has_append => Event::Appended(result),
             () = tokio::time::sleep_until(deadline.unwrap_or(now)), if deadline.is_some() => {
                 Event::TimedOut
             }
@@ -757,9 +797,12 @@ impl Writer {
             }
         }
         self.save_chain().await;
+        // Where this batch goes depends on where the one before it went.
+        self.settle_append().await;
         let batch = Arc::new(batch);
         // A batch taken large (see `batch_limit`) goes behind the backlog it was taken for.
-        if self.in_flight.is_none()
+        if self.held.is_none()
+            && self.in_flight.is_none()
             && self.journal_status.empty
             && batch.len() <= MAX_BATCH
             && !self.backlogged(batch.len())
@@ -815,21 +858,84 @@ impl Writer {
         }
     }
 
-    /// Puts linked records behind the journal, or holds them when it cannot take them.
+    /// Puts linked records behind the journal — appended in the background while the writer
+    /// goes on, unless the queue is closing — or holds them when it cannot take them.
     async fn spill(&mut self, batch: Batch) {
         if self.journal.is_none() {
             // Retried on the sink, with backoff, while the channel fills.
             self.held = Some(batch);
             return;
         }
-        self.place(batch, true).await;
+        self.settle_append().await;
+        if let Some(held) = self.held.take() {
+            // The journal refused the batch before this one: this one waits behind it.
+            self.held = Some(Arc::new(held.iter().chain(batch.iter()).cloned().collect()));
+            return;
+        }
+        if self.closed {
+            self.place(batch, true).await;
+        } else {
+            self.start_append(batch);
+        }
+    }
+
+    /// Starts appending a batch to the journal on a blocking thread; see [`Appending`].
+    fn start_append(&mut self, batch: Batch) {
+        let Some(journal) = &self.journal else {
+            self.held = Some(batch);
+            return;
+        };
+        let journal = Arc::clone(journal);
+        let records = Arc::clone(&batch);
+        let task = tokio::task::spawn_blocking(move || {
+            let mut journal = journal.lock().unwrap_or_else(PoisonError::into_inner);
+            let result = journal.append(&records, false);
+            (result, journal.status())
+        });
+        self.appending = Some(Appending { task, batch });
+    }
+
+    /// Waits for the append running in the background, if any, and takes in its outcome.
+    async fn settle_append(&mut self) {
+        if let Some(appending) = self.appending.take() {
+            let result = appending.task.await;
+            self.appended(appending.batch, result);
+        }
+    }
+
+    /// Takes in the outcome of a background append, as [`Writer::place`] does its own.
+    fn appended(&mut self, batch: Batch, result: AppendResult) {
+        let result = match result {
+            Ok((result, status)) => {
+                self.journal_status = status;
+                if result.is_ok() {
+                    Shared::add(&self.shared.journaled, batch.len());
+                }
+                result
+            }
+            Err(error) => Err(JournalError::Io(io::Error::other(error))),
+        };
+        self.placed(batch, true, false, result);
     }
 
     /// Appends records to the journal; holds them when it refuses, or at a shutdown without
     /// sink gives them up.
     async fn place(&mut self, batch: Batch, first_try: bool) {
         let force = self.shutting_down_without_sink();
-        match self.append(&batch, force).await {
+        let result = self.append(&batch, force).await;
+        self.placed(batch, first_try, force, result);
+    }
+
+    /// Settles a batch the journal took, holds one it refused, or (`force`, at shutdown) gives it
+    /// up.
+    fn placed(
+        &mut self,
+        batch: Batch,
+        first_try: bool,
+        force: bool,
+        result: Result<Stretch, JournalError>,
+    ) {
+        match result {
             Ok(_) => Shared::add(&self.shared.settled, batch.len()),
             Err(error) if force => {
                 self.shared.journal_errors.fetch_add(1, Ordering::Relaxed);
