@@ -12,9 +12,10 @@
 //!   left running, and if it succeeds after all, its batch is taken back out of the journal;
 //! - while the journal holds anything, appends the batch to the journal, behind what is there, and
 //!   keeps taking records; the append runs on a blocking thread while the next batch is linked,
-//!   and is settled before that batch is placed or anything else touches the journal. A replayer feeds the journal to the sink, oldest first, one chunk at a
-//!   time; the first chunk after a failure is the probe, retried with exponential backoff (100 ms
-//!   doubling to 5 s). Once the journal is empty, batches go straight to the sink again.
+//!   and is settled before that batch is placed or anything else touches the journal. A replayer
+//!   feeds the journal to the sink, oldest first, one chunk at a time; the first chunk after a
+//!   failure is the probe, retried with exponential backoff (100 ms doubling to 5 s). Once the
+//!   journal is empty, batches go straight to the sink again.
 //!
 //! At shutdown, a backlog in the journal stays there ([`WriterHandle::finish`]).
 //! At start, whatever an earlier process left in the journal directory is replayed before any new
@@ -165,12 +166,7 @@ impl RecordSlot {
         let sender = self.permit.send(record);
         if sender.is_closed() {
             // The writer task is gone (it panicked): nothing will take the record.
-            self.shared.rejected.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(
-                %correlation_id,
-                reason = %RecordRefused::Stopped,
-                "audit queue refused a record"
-            );
+            self.shared.refused(&correlation_id, RecordRefused::Stopped);
         } else {
             self.shared.enqueued.fetch_add(1, Ordering::Relaxed);
         }
@@ -223,6 +219,12 @@ struct Shared {
 impl Shared {
     fn add(counter: &AtomicU64, count: usize) {
         counter.fetch_add(count as u64, Ordering::Relaxed);
+    }
+
+    /// Counts and logs a record the queue could not take.
+    fn refused(&self, correlation_id: &str, reason: RecordRefused) {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(%correlation_id, %reason, "audit queue refused a record");
     }
 }
 
@@ -360,16 +362,11 @@ impl AuditQueue {
                 Ok(())
             }
             Err(error) => {
-                self.shared.rejected.fetch_add(1, Ordering::Relaxed);
                 let (record, refused) = match error {
                     mpsc::error::TrySendError::Full(record) => (record, RecordRefused::Full),
                     mpsc::error::TrySendError::Closed(record) => (record, RecordRefused::Stopped),
                 };
-                tracing::error!(
-                    correlation_id = %record.correlation_id,
-                    reason = %refused,
-                    "audit queue refused a record"
-                );
+                self.shared.refused(&record.correlation_id, refused);
                 Err(refused)
             }
         }
@@ -533,6 +530,20 @@ struct Appending {
 }
 
 type AppendResult = Result<(Result<Stretch, JournalError>, JournalStatus), JoinError>;
+
+/// Appends records to the journal on a blocking thread; the task ends with the journal's state
+/// after the append.
+fn spawn_append(
+    journal: Arc<Mutex<Journal>>,
+    records: Batch,
+    force: bool,
+) -> JoinHandle<(Result<Stretch, JournalError>, JournalStatus)> {
+    tokio::task::spawn_blocking(move || {
+        let mut journal = journal.lock().unwrap_or_else(PoisonError::into_inner);
+        let result = journal.append(&records, force);
+        (result, journal.status())
+    })
+}
 
 struct InFlight {
     task: JoinHandle<Result<(), SinkError>>,
@@ -861,38 +872,25 @@ impl Writer {
     /// Puts linked records behind the journal — appended in the background while the writer
     /// goes on, unless the queue is closing — or holds them when it cannot take them.
     async fn spill(&mut self, batch: Batch) {
-        if self.journal.is_none() {
+        let Some(journal) = self.journal.clone() else {
             // Retried on the sink, with backoff, while the channel fills.
             self.held = Some(batch);
             return;
-        }
+        };
         self.settle_append().await;
         if let Some(held) = self.held.take() {
             // The journal refused the batch before this one: this one waits behind it.
-            self.held = Some(Arc::new(held.iter().chain(batch.iter()).cloned().collect()));
+            let mut records = Arc::unwrap_or_clone(held);
+            records.extend(batch.iter().cloned());
+            self.held = Some(Arc::new(records));
             return;
         }
         if self.closed {
             self.place(batch, true).await;
         } else {
-            self.start_append(batch);
+            let task = spawn_append(journal, Arc::clone(&batch), false);
+            self.appending = Some(Appending { task, batch });
         }
-    }
-
-    /// Starts appending a batch to the journal on a blocking thread; see [`Appending`].
-    fn start_append(&mut self, batch: Batch) {
-        let Some(journal) = &self.journal else {
-            self.held = Some(batch);
-            return;
-        };
-        let journal = Arc::clone(journal);
-        let records = Arc::clone(&batch);
-        let task = tokio::task::spawn_blocking(move || {
-            let mut journal = journal.lock().unwrap_or_else(PoisonError::into_inner);
-            let result = journal.append(&records, false);
-            (result, journal.status())
-        });
-        self.appending = Some(Appending { task, batch });
     }
 
     /// Waits for the append running in the background, if any, and takes in its outcome.
@@ -905,17 +903,22 @@ impl Writer {
 
     /// Takes in the outcome of a background append, as [`Writer::place`] does its own.
     fn appended(&mut self, batch: Batch, result: AppendResult) {
-        let result = match result {
-            Ok((result, status)) => {
-                self.journal_status = status;
-                if result.is_ok() {
-                    Shared::add(&self.shared.journaled, batch.len());
-                }
-                result
-            }
-            Err(error) => Err(JournalError::Io(io::Error::other(error))),
-        };
+        let result = self.take_append(batch.len(), result);
         self.placed(batch, true, false, result);
+    }
+
+    /// Takes in the journal's state after an append of `records` and counts them if it took them.
+    fn take_append(
+        &mut self,
+        records: usize,
+        result: AppendResult,
+    ) -> Result<Stretch, JournalError> {
+        let (result, status) = result.map_err(|error| JournalError::Io(io::Error::other(error)))?;
+        self.journal_status = status;
+        if result.is_ok() {
+            Shared::add(&self.shared.journaled, records);
+        }
+        result
     }
 
     /// Appends records to the journal; holds them when it refuses, or at a shutdown without
@@ -976,20 +979,8 @@ impl Writer {
                 "no journal directory is set",
             )));
         };
-        let journal = Arc::clone(journal);
-        let records = Arc::clone(batch);
-        let (result, status) = tokio::task::spawn_blocking(move || {
-            let mut journal = journal.lock().unwrap_or_else(PoisonError::into_inner);
-            let result = journal.append(&records, force);
-            (result, journal.status())
-        })
-        .await
-        .map_err(|error| JournalError::Io(io::Error::other(error)))?;
-        self.journal_status = status;
-        if result.is_ok() {
-            Shared::add(&self.shared.journaled, batch.len());
-        }
-        result
+        let result = spawn_append(Arc::clone(journal), Arc::clone(batch), force).await;
+        self.take_append(batch.len(), result)
     }
 
     /// With no write running: starts the next one (the held batch, or the next journal chunk)
