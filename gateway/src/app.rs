@@ -15,7 +15,7 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
-use gatehouse_audit::{AuditQueue, RecordSlot};
+use gatehouse_audit::AuditQueue;
 use gatehouse_schema::{AuditRecord, ConfigSnapshot};
 use http::request::Parts;
 use time::OffsetDateTime;
@@ -224,19 +224,8 @@ impl Gateway {
             .with_state(Arc::clone(self))
     }
 
-    /// Hands a finished record to the audit queue, in the room its call took, never waiting.
-    pub(crate) fn submit(&self, slot: Option<RecordSlot>, record: AuditRecord) {
-        match (slot, &self.audit) {
-            (Some(slot), _) => slot.submit(record),
-            (None, Some(queue)) => {
-                queue.submit(record);
-            }
-            (None, None) => {}
-        }
-    }
-
     /// Counts a finished call, settles its token reservation with its usage, and hands its
-    /// record on.
+    /// record to the audit queue — in the room the call took for it, never waiting.
     pub(crate) fn finish(&self, record: AuditRecord, holds: Holds) {
         if let Some(reservation) = holds.reservation {
             self.limiter
@@ -294,7 +283,13 @@ impl Gateway {
         if self.access_log {
             log_call(&record);
         }
-        self.submit(holds.slot, record);
+        match (holds.slot, &self.audit) {
+            (Some(slot), _) => slot.submit(record),
+            (None, Some(queue)) => {
+                queue.submit(record);
+            }
+            (None, None) => {}
+        }
     }
 }
 

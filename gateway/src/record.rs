@@ -2,6 +2,7 @@
 
 use std::time::Instant;
 
+use gatehouse_audit::RecordSlot;
 use gatehouse_schema::AuditRecord;
 use gatehouse_schema::audit::{BackendAttempt, TokenUsage};
 use http::request::Parts;
@@ -12,7 +13,6 @@ use crate::caller::Caller;
 use crate::classify::Call;
 use crate::error::GatewayError;
 use crate::limits::Reservation;
-use gatehouse_audit::RecordSlot;
 
 /// What a call holds until its record is handed on: the tokens usage limits reserved for it, and
 /// the room in the audit queue taken for its record.
