@@ -523,28 +523,34 @@ async fn without_a_journal_records_wait_in_the_queue_and_admission_closes() {
     assert_eq!((stats.written, stats.journaled), (10, 0));
 }
 
+/// A queue of `capacity` without a journal, filled with records 1 to `capacity` behind the write
+/// of record 0, which stalls: the writer takes nothing more meanwhile.
+async fn full_behind_a_stalled_write(
+    sink: &SwitchSink,
+    capacity: usize,
+    room_wait: Duration,
+) -> (AuditQueue, WriterHandle) {
+    sink.stalling(true);
+    let settings = QueueSettings {
+        capacity,
+        journal_dir: None,
+        sink_timeout: Duration::from_secs(60),
+        room_wait,
+        ..QueueSettings::default()
+    };
+    let (queue, writer) = start(sink, settings).await;
+    queue.reserve().await.unwrap().submit(record(0));
+    eventually("the first write to start", || sink.started() == 1).await;
+    for i in 1..=capacity {
+        queue.reserve().await.unwrap().submit(record(i));
+    }
+    (queue, writer)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_wait_for_room_in_a_full_queue_and_no_record_is_refused() {
     let sink = SwitchSink::new();
-    sink.stalling(true);
-    let (queue, writer) = start(
-        &sink,
-        QueueSettings {
-            capacity: 4,
-            journal_dir: None,
-            sink_timeout: Duration::from_secs(60),
-            room_wait: Duration::from_secs(20),
-            ..QueueSettings::default()
-        },
-    )
-    .await;
-    // Record 0 goes into a write that stalls; without a journal the writer takes nothing more
-    // meanwhile, so records 1 to 4 fill the queue.
-    queue.reserve().await.unwrap().submit(record(0));
-    eventually("the first write to start", || sink.started() == 1).await;
-    for i in 1..=4 {
-        queue.reserve().await.unwrap().submit(record(i));
-    }
+    let (queue, writer) = full_behind_a_stalled_write(&sink, 4, Duration::from_secs(20)).await;
     assert_eq!(queue.admission(), Admission::Closed, "the queue is full");
     // Eight more calls: each takes room for its record before it would be served.
     let calls: Vec<_> = (5..13)
@@ -580,23 +586,7 @@ async fn calls_wait_for_room_in_a_full_queue_and_no_record_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_waits_for_room_only_while_waiting_can_help() {
     let sink = SwitchSink::new();
-    sink.stalling(true);
-    let (queue, writer) = start(
-        &sink,
-        QueueSettings {
-            capacity: 2,
-            journal_dir: None,
-            sink_timeout: Duration::from_secs(60),
-            room_wait: Duration::from_millis(200),
-            ..QueueSettings::default()
-        },
-    )
-    .await;
-    queue.reserve().await.unwrap().submit(record(0));
-    eventually("the first write to start", || sink.started() == 1).await;
-    for i in 1..=2 {
-        queue.reserve().await.unwrap().submit(record(i));
-    }
+    let (queue, writer) = full_behind_a_stalled_write(&sink, 2, Duration::from_millis(200)).await;
     // A slow write: waiting may help, for at most `room_wait`.
     let asked = tokio::time::Instant::now();
     assert_eq!(queue.reserve().await.unwrap_err(), RecordRefused::Full);

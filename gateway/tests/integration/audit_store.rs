@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use gatehouse_audit::sql::{SearchFilter, SqlStore};
-use gatehouse_audit::{AuditQueue, AuditRecord, AuditSink, MemorySink, QueueSettings, SinkError};
+use gatehouse_audit::{AuditRecord, AuditSink, MemorySink, QueueSettings, SinkError};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
@@ -20,15 +20,12 @@ async fn streamed_call_is_stored_as_the_client_saw_it(store: SqlStore) {
         journal_dir: Some(state_dir.path().join("audit-journal")),
         ..QueueSettings::default()
     };
-    let (queue, writer) = AuditQueue::start_with(Arc::new(store.clone()), settings)
-        .await
-        .unwrap();
-    let gw = TestGateway::start_with_queue(
-        snapshot(1, json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member("a", &sim.url(), 1)]}])),
+    let gw = TestGateway::start_recording(
+        &sim.url(),
+        Arc::new(store.clone()),
+        settings,
         state_dir,
         MemorySink::new(),
-        queue,
-        writer,
     )
     .await;
     let response = gw
@@ -192,15 +189,12 @@ async fn fail_closed_refuses_calls_it_cannot_record_and_recovers() {
         sink_timeout: Duration::from_millis(200),
         ..QueueSettings::default()
     };
-    let (queue, writer) = AuditQueue::start_with(Arc::new(flaky.clone()), settings)
-        .await
-        .unwrap();
-    let gw = TestGateway::start_with_queue(
-        snapshot(1, json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member("a", &sim.url(), 1)]}])),
+    let gw = TestGateway::start_recording(
+        &sim.url(),
+        Arc::new(flaky.clone()),
+        settings,
         state_dir,
         flaky.inner.clone(),
-        queue,
-        writer,
     )
     .await;
     let mut refused = false;
@@ -307,21 +301,16 @@ async fn keys_never_reach_the_store_or_the_journal() {
         sink_timeout: Duration::from_millis(100),
         ..QueueSettings::default()
     };
-    let (queue, writer) = AuditQueue::start_with(
-        Arc::new(Tee {
-            flaky: flaky.clone(),
-            store: store.clone(),
-        }),
+    let tee = Tee {
+        flaky: flaky.clone(),
+        store: store.clone(),
+    };
+    let gw = TestGateway::start_recording(
+        &sim.url(),
+        Arc::new(tee),
         settings,
-    )
-    .await
-    .unwrap();
-    let gw = TestGateway::start_with_queue(
-        snapshot(1, json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member("a", &sim.url(), 1)]}])),
         Arc::clone(&state_dir),
         MemorySink::new(),
-        queue,
-        writer,
     )
     .await;
     let path = chat_path("gpt-4o");
@@ -458,14 +447,7 @@ impl AuditSink for Gated {
 }
 
 async fn metric(gw: &TestGateway, name: &str) -> String {
-    let text = gw
-        .raw(reqwest::Method::GET, "/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = gw.metrics().await;
     text.lines()
         .find_map(|line| {
             line.strip_prefix(name)?
@@ -489,15 +471,12 @@ async fn calls_wait_for_room_in_a_full_audit_queue_and_every_record_is_kept() {
         room_wait: Duration::from_secs(30),
         ..QueueSettings::default()
     };
-    let (queue, writer) = AuditQueue::start_with(Arc::new(gated.clone()), settings)
-        .await
-        .unwrap();
-    let gw = TestGateway::start_with_queue(
-        snapshot(1, json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member("a", &sim.url(), 1)]}])),
+    let gw = TestGateway::start_recording(
+        &sim.url(),
+        Arc::new(gated.clone()),
+        settings,
         Arc::new(tempfile::tempdir().unwrap()),
         gated.inner.clone(),
-        queue,
-        writer,
     )
     .await;
     let call = |gw: &TestGateway| {

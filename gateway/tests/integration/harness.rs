@@ -5,7 +5,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gatehouse_audit::{AuditQueue, MemorySink, WriterHandle};
+use gatehouse_audit::{AuditQueue, AuditSink, MemorySink, QueueSettings, WriterHandle};
 use gatehouse_gateway::secret::Secret;
 use gatehouse_gateway::server::{self, Listening};
 use gatehouse_gateway::settings::LimitSettings;
@@ -132,6 +132,20 @@ impl TestGateway {
         .unwrap()
     }
 
+    /// Starts a gateway with one pool (`gpt-4o` on `backend_url`) whose records go through a
+    /// queue with `settings` into `sink`; `records` is what [`TestGateway::records`] reads.
+    pub async fn start_recording(
+        backend_url: &str,
+        sink: Arc<dyn AuditSink>,
+        settings: QueueSettings,
+        state_dir: Arc<tempfile::TempDir>,
+        records: MemorySink,
+    ) -> TestGateway {
+        let (queue, writer) = AuditQueue::start_with(sink, settings).await.unwrap();
+        let pools = json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member("a", backend_url, 1)]}]);
+        Self::start_with_queue(snapshot(1, pools), state_dir, records, queue, writer).await
+    }
+
     /// Starts a gateway on a fresh state directory with these limit-store settings.
     pub async fn start_with_limits(snapshot: ConfigSnapshot, limits: LimitSettings) -> TestGateway {
         let sink = MemorySink::new();
@@ -225,6 +239,17 @@ impl TestGateway {
             "expected {count} audit records, have {}",
             self.sink.records().len()
         );
+    }
+
+    /// The text of `GET /metrics`.
+    pub async fn metrics(&self) -> String {
+        self.raw(reqwest::Method::GET, "/metrics")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     /// Stops the gateway and waits until its records are flushed.

@@ -69,16 +69,6 @@ async fn delete_keys(prefix: &str) {
     }
 }
 
-async fn metrics_text(gw: &TestGateway) -> String {
-    gw.raw(reqwest::Method::GET, "/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn a_token_rate_limit_answers_429_with_exact_waits_and_no_backend_call() {
     let sim = simulator("tpm").await;
@@ -129,7 +119,7 @@ async fn a_token_rate_limit_answers_429_with_exact_waits_and_no_backend_call() {
         Some("token_rate_limited")
     );
     assert!(record.attempts.is_empty());
-    let metrics = metrics_text(&gw).await;
+    let metrics = gw.metrics().await;
     assert!(
         metrics.contains(
             r#"gatehouse_limit_refusals_total{limit="team-tpm",kind="tokens_per_minute"} 1"#
@@ -480,7 +470,7 @@ async fn an_unreachable_redis_fails_open_by_default() {
         assert_eq!(header(&response, "x-gatehouse-remaining-requests"), None);
     }
     assert_eq!(sim.hits(), 2);
-    let metrics = metrics_text(&gw).await;
+    let metrics = gw.metrics().await;
     assert!(
         metrics.contains("gatehouse_limit_store_errors_total 2"),
         "{metrics}"

@@ -217,14 +217,7 @@ async fn invented_deployment_names_do_not_become_metric_labels() {
         assert_eq!(response.status(), 200);
     }
     gw.records(3).await;
-    let text = gw
-        .raw(reqwest::Method::GET, "/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = gw.metrics().await;
     assert!(text.contains(r#"deployment="gpt-4o""#), "{text}");
     assert!(text.contains(r#"deployment="*""#), "{text}");
     assert!(

@@ -91,14 +91,7 @@ async fn keys_never_reach_records_logs_metrics_or_errors() {
         .await
         .unwrap();
     bodies.push(admin.text().await.unwrap());
-    let metrics = gw
-        .raw(reqwest::Method::GET, "/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics().await;
     assert!(metrics.contains("gatehouse_requests_total"), "{metrics}");
 
     let records = gw.records(4).await;

@@ -13,8 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use gatehouse_audit::sql::SqlStore;
-use gatehouse_audit::{AuditQueue, MemorySink, QueueSettings};
-use serde_json::json;
+use gatehouse_audit::{MemorySink, QueueSettings};
 use time::OffsetDateTime;
 
 use crate::harness::*;
@@ -200,18 +199,12 @@ async fn gateway(
         sink_timeout: Duration::from_millis(500),
         ..QueueSettings::default()
     };
-    let (queue, writer) = AuditQueue::start_with(Arc::new(store.clone()), settings)
-        .await
-        .unwrap();
-    TestGateway::start_with_queue(
-        snapshot(
-            1,
-            json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member("a", sim_url, 1)]}]),
-        ),
+    TestGateway::start_recording(
+        sim_url,
+        Arc::new(store.clone()),
+        settings,
         state_dir,
         MemorySink::new(),
-        queue,
-        writer,
     )
     .await
 }

@@ -232,14 +232,7 @@ async fn metrics_count_calls_tokens_attempts_and_member_state() {
         .unwrap();
     assert_eq!(throttled.status(), 429);
     gw.records(2).await;
-    let text = gw
-        .raw(reqwest::Method::GET, "/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = gw.metrics().await;
     for needle in [
         r#"gatehouse_requests_total{operation="chatcompletions_create",deployment="gpt-4o",backend="slow",status="200"} 1"#,
         r#"gatehouse_requests_total{operation="chatcompletions_create",deployment="gpt-4o",backend="slow",status="429"} 1"#,
