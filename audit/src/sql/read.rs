@@ -628,7 +628,12 @@ async fn search_postgres(
         }
         None => push_postgres_search(&mut q, f, None, limit),
     }
-    let rows = q.build().fetch_all(pool).await?;
+    // Not a cached prepared statement: after five runs PostgreSQL may switch such a statement to
+    // one generic plan, made without the parameters, and a search's best plan depends on them.
+    // For a rare full-text term that plan walked the time index of every day partition and
+    // tested each call's text (seconds on 10 million calls) instead of asking the full-text
+    // index for the few matches (milliseconds). An unnamed statement is planned with its values.
+    let rows = q.build().persistent(false).fetch_all(pool).await?;
     rows.iter()
         .map(|row| Ok(summary_from_row!(row, row.try_get(1)?)))
         .collect()
