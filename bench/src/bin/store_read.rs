@@ -471,6 +471,14 @@ struct Fill {
 
 /// Writes records `from..args.records` through the store's write path, printing progress.
 async fn fill(store: &SqlStore, args: &Args, from: usize, started: OffsetDateTime) -> Result<Fill> {
+    // A PostgreSQL store in steady use has a partition for each day: its daily maintenance makes
+    // the next days' before they begin. Back-dated records would otherwise all land in the
+    // DEFAULT partition. Nothing to do on SQLite.
+    let span = time::Duration::days(SPAN_DAYS);
+    store
+        .create_partitions((started - span).date(), started.date())
+        .await
+        .context("create the day partitions of the fill")?;
     let shape = args.shape();
     let mut generator = Generator::new(&shape, started);
     let content_cutoff = started - time::Duration::days(args.content_days);
