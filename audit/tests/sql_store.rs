@@ -864,6 +864,29 @@ async fn row_counts(pool: &sqlx::PgPool) -> Vec<i64> {
     counts
 }
 
+/// The full-text vector's detailed planner statistics (migration 0005) reach the partitions the
+/// store creates after the migration.
+#[tokio::test]
+async fn postgres_partitions_made_later_keep_the_search_statistics() {
+    let test = postgres().await;
+    let store = &test.store;
+    let pool = store.postgres_pool().unwrap();
+    let later = day(40);
+    store
+        .create_partitions(later.date(), later.date())
+        .await
+        .unwrap();
+    let partition = partition_name("GatehouseCallContent", later);
+    let target: i32 = sqlx::query_scalar(
+        r#"SELECT attstattarget::int4 FROM pg_attribute WHERE attrelid = $1::regclass AND attname = 'SearchText'"#,
+    )
+    .bind(format!("\"{partition}\""))
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(target, 1000, "{partition}");
+}
+
 #[tokio::test]
 async fn postgres_retention_drops_whole_days_and_keeps_the_edge_exact() {
     let test = postgres().await;

@@ -217,6 +217,7 @@ async fn create_day(pool: &PgPool, table: DailyTable, day: Date) -> Result<bool,
         .persistent(false)
         .execute(&mut *tx)
         .await?;
+    copy_statistics_targets(&mut tx, table, &name).await?;
     if held {
         let put = format!(
             "INSERT INTO {} SELECT * FROM gatehouse_moved",
@@ -235,6 +236,37 @@ async fn create_day(pool: &PgPool, table: DailyTable, day: Date) -> Result<bool,
     }
     tx.commit().await?;
     Ok(true)
+}
+
+/// Gives a new partition the planner statistics targets its parent's columns have (PostgreSQL
+/// copies them to the partitions that exist when they are set, not to later ones). Migration
+/// 0005 keeps a detailed sample of the full-text vector, so that a rare search term is estimated
+/// as rare and looked up through the full-text index.
+async fn copy_statistics_targets(
+    tx: &mut Transaction<'_, Postgres>,
+    table: DailyTable,
+    partition: &str,
+) -> Result<(), StoreError> {
+    let targets: Vec<(String, i32)> = sqlx::query_as(
+        "SELECT attname::text, attstattarget::int4 FROM pg_attribute \
+         WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped AND attstattarget > 0",
+    )
+    .bind(quoted(table.name))
+    .persistent(false)
+    .fetch_all(&mut **tx)
+    .await?;
+    for (column, target) in targets {
+        let set = format!(
+            "ALTER TABLE {} ALTER COLUMN {} SET STATISTICS {target}",
+            quoted(partition),
+            quoted(&column)
+        );
+        sqlx::query(&set)
+            .persistent(false)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
 }
 
 /// The days (UTC) that the DEFAULT partition of `table` holds rows for within `[from, to)`.
