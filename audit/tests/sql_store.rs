@@ -887,6 +887,19 @@ async fn postgres_partitions_made_later_keep_the_search_statistics() {
     assert_eq!(target, 1000, "{partition}");
 }
 
+/// Store sessions run without JIT compilation, which costs more than the store's short
+/// statements take.
+#[tokio::test]
+async fn postgres_store_sessions_run_without_jit() {
+    let test = postgres().await;
+    let pool = test.store.postgres_pool().unwrap();
+    let jit: String = sqlx::query_scalar("SHOW jit")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(jit, "off");
+}
+
 #[tokio::test]
 async fn postgres_retention_drops_whole_days_and_keeps_the_edge_exact() {
     let test = postgres().await;
