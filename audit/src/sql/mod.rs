@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use gatehouse_schema::AuditRecord;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -150,12 +150,10 @@ impl SqlStore {
                 },
             })
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            // No JIT compilation: the store's statements are short, index-led reads and batched
-            // writes, for which compiling took longer than running (≈ 140 ms added to a 10 ms
-            // full-text search on 10 million calls; bench/README.md).
-            let options = PgConnectOptions::from_str(url)?.options([("jit", "off")]);
+            let options = PgConnectOptions::from_str(url)?;
             let pool = PgPoolOptions::new()
                 .max_connections(8)
+                .after_connect(|connection, _| Box::pin(postgres_session(connection)))
                 .connect_with(options)
                 .await?;
             Ok(SqlStore {
@@ -325,6 +323,18 @@ const WRITER_AUTOCHECKPOINT_PAGES: &str = "16384";
 /// checkpoint never waits for the writer or the readers; once it has copied the whole log, the
 /// writer starts the log over from its beginning, so the log stays small. Stops when the pool is
 /// closed.
+/// Settings of every PostgreSQL session of the store. No JIT compilation: the store's statements
+/// are short, index-led reads and batched writes, for which compiling took longer than running
+/// (≈ 140 ms added to an 11 ms full-text search on 10 million calls; bench/README.md). Set with
+/// `SET` rather than as a startup option, which connection poolers such as PgBouncer refuse.
+async fn postgres_session(connection: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("SET jit = off")
+        .persistent(false)
+        .execute(connection)
+        .await?;
+    Ok(())
+}
+
 fn spawn_checkpointer(pool: SqlitePool) {
     tokio::spawn(async move {
         let mut every = tokio::time::interval(CHECKPOINT_EVERY);
