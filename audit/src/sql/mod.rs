@@ -310,6 +310,18 @@ impl AuditSink for SqlStore {
 /// The SQLite writer's page cache unless told otherwise, MiB.
 pub const DEFAULT_SQLITE_WRITER_CACHE_MIB: u32 = 64;
 
+/// Settings of every PostgreSQL session of the store. No JIT compilation: the store's statements
+/// are short, index-led reads and batched writes, for which compiling took longer than running
+/// (≈ 140 ms added to an 11 ms full-text search on 10 million calls; bench/README.md). Set with
+/// `SET` rather than as a startup option, which connection poolers such as PgBouncer refuse.
+async fn postgres_session(connection: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("SET jit = off")
+        .persistent(false)
+        .execute(connection)
+        .await?;
+    Ok(())
+}
+
 /// How often the checkpointer copies the write-ahead log into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 
@@ -323,18 +335,6 @@ const WRITER_AUTOCHECKPOINT_PAGES: &str = "16384";
 /// checkpoint never waits for the writer or the readers; once it has copied the whole log, the
 /// writer starts the log over from its beginning, so the log stays small. Stops when the pool is
 /// closed.
-/// Settings of every PostgreSQL session of the store. No JIT compilation: the store's statements
-/// are short, index-led reads and batched writes, for which compiling took longer than running
-/// (≈ 140 ms added to an 11 ms full-text search on 10 million calls; bench/README.md). Set with
-/// `SET` rather than as a startup option, which connection poolers such as PgBouncer refuse.
-async fn postgres_session(connection: &mut PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::query("SET jit = off")
-        .persistent(false)
-        .execute(connection)
-        .await?;
-    Ok(())
-}
-
 fn spawn_checkpointer(pool: SqlitePool) {
     tokio::spawn(async move {
         let mut every = tokio::time::interval(CHECKPOINT_EVERY);
