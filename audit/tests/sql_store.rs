@@ -136,7 +136,7 @@ async fn sqlite_planner_statistics_are_bounded_and_skip_the_full_text_shadow_tab
     .await
     .unwrap();
     let shadow: Vec<String> = sqlx::query_scalar(
-        "SELECT name FROM sqlite_schema WHERE type = 'table' AND name LIKE 'GatehouseContentSearch\\_%' ESCAPE '\\'",
+        "SELECT name FROM search.sqlite_schema WHERE type = 'table' AND name LIKE 'GatehouseContentSearch\\_%' ESCAPE '\\'",
     )
     .fetch_all(pool)
     .await
@@ -189,6 +189,84 @@ async fn sqlite_planner_statistics_are_bounded_and_skip_the_full_text_shadow_tab
     assert_eq!(stat().await, before);
     assert!(store.refresh_planner_statistics(120).await.unwrap());
     assert!(stat().await.starts_with("120 "), "{}", stat().await);
+}
+
+/// SQLite's full-text index is a file of its own beside the store (`audit.db-search`), written
+/// by its own connection. An index that lacks calls (here: its file deleted, as after a crash
+/// between the two commits or on a store from before the index had its own file) is rebuilt from
+/// the LLM log in the background, and searches find every call again.
+#[tokio::test]
+async fn sqlite_full_text_index_is_a_file_of_its_own_and_catches_up_from_the_llm_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.db");
+    let url = format!("sqlite:{}", path.display());
+    let index_file = dir.path().join("audit.db-search");
+    let range = SearchFilter::between(T0, T0 + Duration::hours(1));
+    let find = |text: &'static str| SearchFilter {
+        text: Some(text.into()),
+        limit: 100,
+        ..range.clone()
+    };
+    let found = |page: gatehouse_audit::sql::Page| {
+        page.items
+            .into_iter()
+            .map(|c| c.correlation_id)
+            .collect::<Vec<_>>()
+    };
+
+    let store = SqlStore::open(&url).await.unwrap();
+    assert_eq!(store.write(&records(60)).await.unwrap(), 60);
+    assert_eq!(
+        found(store.search(&find("number 42")).await.unwrap()),
+        ["call-00042"]
+    );
+    let indexed: i64 =
+        sqlx::query_scalar("SELECT IndexedThrough FROM search.GatehouseSearchProgress")
+            .fetch_one(store.sqlite_pool().unwrap())
+            .await
+            .unwrap();
+    assert_eq!(indexed, 60, "the index holds every call up to the last");
+    store.close().await;
+    assert!(index_file.exists());
+
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(dir.path().join(format!("audit.db-search{suffix}")));
+    }
+    let store = SqlStore::open(&url).await.unwrap();
+    // Calls written while the index catches up are indexed by the catch-up, in order.
+    let mut later = records(90);
+    later.drain(..60);
+    assert_eq!(store.write(&later).await.unwrap(), 30);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let early = found(store.search(&find("number 42")).await.unwrap());
+        let late = found(store.search(&find("number 77")).await.unwrap());
+        if early == ["call-00042"] && late == ["call-00077"] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the index did not catch up: {early:?} {late:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let (indexed, rows): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT IndexedThrough FROM search.GatehouseSearchProgress), \
+                (SELECT count(*) FROM search.GatehouseContentSearch_docsize)",
+    )
+    .fetch_one(store.sqlite_pool().unwrap())
+    .await
+    .unwrap();
+    assert_eq!((indexed, rows), (90, 90), "every call indexed once");
+    // Caught up, the index takes new calls as they are written again.
+    let mut newest = records(100);
+    newest.drain(..90);
+    assert_eq!(store.write(&newest).await.unwrap(), 10);
+    assert_eq!(
+        found(store.search(&find("number 95")).await.unwrap()),
+        ["call-00095"]
+    );
+    store.close().await;
 }
 
 /// SQLite keeps bodies compressed (as its archive format stores files) and the Azure-shaped view

@@ -5,9 +5,9 @@
 //! `GatehouseCallContent` (bodies, apart so that they can expire first),
 //! `ApiManagementGatewayLlmLog` (prompt and completion in 32 KB pieces; on PostgreSQL a view over
 //! `GatehouseLlmLogHeaders` and `GatehouseLlmLogPieces`), the view `ApiManagementGatewayLogs`
-//! (metadata joined with bodies), full-text search of prompts and completions, and
-//! `GatehouseUsageRollup` for dashboards. On PostgreSQL the per-call tables are partitioned by
-//! UTC day (`partitions.rs`).
+//! (metadata joined with bodies), full-text search of prompts and completions (on SQLite in a
+//! file of its own, `search_index.rs`), and `GatehouseUsageRollup` for dashboards. On PostgreSQL
+//! the per-call tables are partitioned by UTC day (`partitions.rs`).
 //!
 //! Every statement binds its values; no text of a record is ever formatted into SQL.
 
@@ -15,6 +15,7 @@ mod partitions;
 mod read;
 mod retention;
 pub mod rollup;
+mod search_index;
 mod sqlar;
 mod verify;
 mod write;
@@ -47,6 +48,8 @@ pub(crate) enum Engine {
         /// The connection that copies the write-ahead log into the database file, beside the
         /// writer (see [`spawn_checkpointer`]).
         checkpointer: SqlitePool,
+        /// The full-text index, in a file of its own that the readers attach.
+        search: search_index::SearchIndex,
     },
     /// PostgreSQL.
     Postgres(PgPool),
@@ -132,13 +135,29 @@ impl SqlStore {
                         .pragma("wal_autocheckpoint", WRITER_AUTOCHECKPOINT_PAGES),
                 )
                 .await?;
+            let search =
+                search_index::SearchIndex::connect(options.get_filename(), &options).await?;
+            let search_path = search.path().to_owned();
             let reader = SqlitePoolOptions::new()
                 .max_connections(4)
-                .after_connect(|connection, _| Box::pin(sqlar::register(connection)))
+                .after_connect(move |connection, _| {
+                    let search_path = search_path.clone();
+                    Box::pin(async move {
+                        sqlar::register(connection).await?;
+                        search_index::attach(connection, &search_path).await
+                    })
+                })
                 .connect_with(options.clone())
                 .await?;
+            // The checkpointer attaches the full-text index's file too: `PRAGMA wal_checkpoint`
+            // without a schema checkpoints every attached database.
+            let search_path = search.path().to_owned();
             let checkpointer = SqlitePoolOptions::new()
                 .max_connections(1)
+                .after_connect(move |connection, _| {
+                    let search_path = search_path.clone();
+                    Box::pin(async move { search_index::attach(connection, &search_path).await })
+                })
                 .connect_with(options)
                 .await?;
             spawn_checkpointer(checkpointer.clone());
@@ -147,6 +166,7 @@ impl SqlStore {
                     writer,
                     reader,
                     checkpointer,
+                    search,
                 },
             })
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
@@ -169,10 +189,16 @@ impl SqlStore {
     /// is logged, not returned).
     pub async fn migrate(&self) -> Result<(), StoreError> {
         match &self.engine {
-            Engine::Sqlite { writer, .. } => {
+            Engine::Sqlite {
+                writer,
+                reader,
+                search,
+                ..
+            } => {
                 sqlx::migrate!("../migrations/audit/sqlite")
                     .run(writer)
                     .await?;
+                search.migrate(reader).await?;
                 self.optimize().await?;
             }
             Engine::Postgres(pool) => {
@@ -271,10 +297,12 @@ impl SqlStore {
                 writer,
                 reader,
                 checkpointer,
+                search,
             } => {
                 writer.close().await;
                 reader.close().await;
                 checkpointer.close().await;
+                search.close().await;
             }
             Engine::Postgres(pool) => pool.close().await,
         }
@@ -325,9 +353,10 @@ async fn postgres_session(connection: &mut PgConnection) -> Result<(), sqlx::Err
 /// How often the checkpointer copies the write-ahead log into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 
-/// The writer checkpoints by itself only when the log has grown this large (pages of 4 KiB:
-/// 64 MiB), which happens only when the checkpointer cannot keep up or is not running.
-const WRITER_AUTOCHECKPOINT_PAGES: &str = "16384";
+/// The writer (and the full-text index's writer) checkpoints by itself only when the log has
+/// grown this large (pages of 4 KiB: 64 MiB), which happens only when the checkpointer cannot
+/// keep up or is not running.
+pub(crate) const WRITER_AUTOCHECKPOINT_PAGES: &str = "16384";
 
 /// Copies the write-ahead log into the database file from a connection of its own, so that the
 /// writer does not do it inside a commit: at SQLite's default, every 1,000 pages the committing

@@ -41,23 +41,23 @@ impl SqlStore {
         let batch = i64::from(batch.max(1));
         let mut report = RetentionReport::default();
         match &self.engine {
-            Engine::Sqlite { writer, .. } => {
+            Engine::Sqlite { writer, search, .. } => {
                 let content_cutoff = sqlite_time(content_before);
                 let metadata_cutoff = sqlite_time(metadata_before);
                 loop {
-                    let mut tx = writer.begin().await?;
-                    let ids: Vec<String> = sqlx::query_scalar(
-                        "SELECT CorrelationId FROM GatehouseCallContent WHERE TimeGenerated < ? ORDER BY TimeGenerated LIMIT ?",
+                    let expired: Vec<(String, Option<i64>)> = sqlx::query_as(
+                        "SELECT c.CorrelationId, l.RecordId FROM GatehouseCallContent c LEFT JOIN GatehouseGatewayLogs l ON l.CorrelationId = c.CorrelationId WHERE c.TimeGenerated < ? ORDER BY c.TimeGenerated LIMIT ?",
                     )
                     .bind(&content_cutoff)
                     .bind(batch)
-                    .fetch_all(&mut *tx)
+                    .fetch_all(writer)
                     .await?;
-                    for id in &ids {
-                        sqlx::query("DELETE FROM GatehouseContentSearch WHERE rowid = (SELECT RecordId FROM GatehouseGatewayLogs WHERE CorrelationId = ?)")
-                            .bind(id)
-                            .execute(&mut *tx)
-                            .await?;
+                    // The full-text index (its own file) first: a run stopped in between finds
+                    // the content again next time and removes it then.
+                    let record_ids: Vec<i64> = expired.iter().filter_map(|(_, id)| *id).collect();
+                    search.remove(&record_ids).await?;
+                    let mut tx = writer.begin().await?;
+                    for (id, _) in &expired {
                         sqlx::query("DELETE FROM GatehouseCallContent WHERE CorrelationId = ?")
                             .bind(id)
                             .execute(&mut *tx)
@@ -65,8 +65,8 @@ impl SqlStore {
                     }
                     tx.commit().await?;
                     report.batches += 1;
-                    report.content_removed += ids.len() as u64;
-                    if (ids.len() as i64) < batch {
+                    report.content_removed += expired.len() as u64;
+                    if (expired.len() as i64) < batch {
                         break;
                     }
                 }

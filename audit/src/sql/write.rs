@@ -1,19 +1,21 @@
-//! Writing records: metadata, content, LLM pieces, full-text and rollups, in one transaction.
+//! Writing records: metadata, content, LLM pieces, full-text and rollups, in one transaction (on
+//! SQLite the full-text index in a second one, in its own file: `search_index.rs`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use gatehouse_schema::AuditRecord;
 use sqlx::types::Json;
 use sqlx::{Postgres, QueryBuilder, Sqlite};
 
 use super::rollup::fold;
+use super::search_index::{IndexRow, SearchIndex};
 use super::{Engine, SqlStore, StoreError, ip_key, sqlar, sqlite_time};
 use crate::rows::{GatewayLogRow, LlmLogRow};
 
 /// Rows per multi-row INSERT (SQLite allows 32,766 bound values; the widest table has 52 columns).
 const ROWS_PER_STATEMENT: usize = 200;
 
-const SQLITE_LOG_INSERT: &str = "INSERT INTO GatehouseGatewayLogs (TimeGenerated, CorrelationId, OperationName, Category, GatewayId, OperationId, CallerIpAddress, CallerIpKey, PeerIpAddress, Method, Url, ClientProtocol, ResponseCode, IsRequestSuccess, BackendResponseCode, BackendId, BackendUrl, RequestSize, ResponseSize, TotalTime, BackendTime, TimeToFirstByte, ApimSubscriptionId, ProductId, UserId, UserName, EntraTenantId, Groups, DeploymentName, ModelName, ApiVersion, IsStreamCompletion, PromptTokens, CompletionTokens, TotalTokens, CachedTokens, ReasoningTokens, TokensEstimated, Attempts, AttemptCount, RequestBodyTruncated, ResponseBodyTruncated, ClientAborted, LastErrorReason, LastErrorMessage, ChainId, ChainSequence, PreviousHash, RecordHash, ContentHash) ";
+const SQLITE_LOG_INSERT: &str = "INSERT INTO GatehouseGatewayLogs (RecordId, TimeGenerated, CorrelationId, OperationName, Category, GatewayId, OperationId, CallerIpAddress, CallerIpKey, PeerIpAddress, Method, Url, ClientProtocol, ResponseCode, IsRequestSuccess, BackendResponseCode, BackendId, BackendUrl, RequestSize, ResponseSize, TotalTime, BackendTime, TimeToFirstByte, ApimSubscriptionId, ProductId, UserId, UserName, EntraTenantId, Groups, DeploymentName, ModelName, ApiVersion, IsStreamCompletion, PromptTokens, CompletionTokens, TotalTokens, CachedTokens, ReasoningTokens, TokensEstimated, Attempts, AttemptCount, RequestBodyTruncated, ResponseBodyTruncated, ClientAborted, LastErrorReason, LastErrorMessage, ChainId, ChainSequence, PreviousHash, RecordHash, ContentHash) ";
 const POSTGRES_LOG_INSERT: &str = r#"INSERT INTO "GatehouseGatewayLogs" ("TimeGenerated", "CorrelationId", "OperationName", "Category", "GatewayId", "OperationId", "CallerIpAddress", "CallerIpKey", "PeerIpAddress", "Method", "Url", "ClientProtocol", "ResponseCode", "IsRequestSuccess", "BackendResponseCode", "BackendId", "BackendUrl", "RequestSize", "ResponseSize", "TotalTime", "BackendTime", "TimeToFirstByte", "ApimSubscriptionId", "ProductId", "UserId", "UserName", "EntraTenantId", "Groups", "DeploymentName", "ModelName", "ApiVersion", "IsStreamCompletion", "PromptTokens", "CompletionTokens", "TotalTokens", "CachedTokens", "ReasoningTokens", "TokensEstimated", "Attempts", "AttemptCount", "RequestBodyTruncated", "ResponseBodyTruncated", "ClientAborted", "LastErrorReason", "LastErrorMessage", "ChainId", "ChainSequence", "PreviousHash", "RecordHash", "ContentHash") "#;
 
 const SQLITE_LLM_INSERT: &str = "INSERT INTO ApiManagementGatewayLlmLog (TimeGenerated, CorrelationId, OperationName, DeploymentName, ModelName, ApiVersion, IsStreamCompletion, PromptTokens, CompletionTokens, TotalTokens, SequenceNumber, RequestMessages, ResponseMessages) ";
@@ -125,6 +127,12 @@ fn search_text(record: &AuditRecord) -> (String, String) {
     )
 }
 
+/// A body as SQLite's content table stores it: the stored bytes and the original size.
+type StoredBody = (Option<Vec<u8>>, Option<i64>);
+
+/// A call's request and response bodies as stored.
+type StoredBodies = (StoredBody, StoredBody);
+
 /// A body for SQLite's content table: the stored bytes and the original size, both NULL when
 /// the call had no body.
 fn stored_body(
@@ -142,17 +150,23 @@ pub(super) async fn write(store: &SqlStore, records: &[AuditRecord]) -> Result<u
         return Ok(0);
     }
     match &store.engine {
-        Engine::Sqlite { writer, .. } => write_sqlite(writer, records).await,
+        Engine::Sqlite {
+            writer,
+            reader,
+            search,
+            ..
+        } => write_sqlite(writer, reader, search, records).await,
         Engine::Postgres(pool) => write_postgres(pool, records).await,
     }
 }
 
 async fn write_sqlite(
     pool: &sqlx::SqlitePool,
+    reader: &sqlx::SqlitePool,
+    search: &SearchIndex,
     records: &[AuditRecord],
 ) -> Result<usize, StoreError> {
-    // The bodies are compressed on a blocking thread while the single writer connection inserts
-    // the metadata: the writer is the store's bottleneck, and a second core is usually idle.
+    // The bodies are compressed on a blocking thread while the writers insert the metadata.
     let bodies: Vec<(Option<String>, Option<String>)> = records
         .iter()
         .map(|r| {
@@ -174,14 +188,97 @@ async fn write_sqlite(
             })
             .collect::<Vec<_>>()
     });
+    // Batches reach the full-text index in the order of their RecordIds.
+    let _order = search.lock().await;
     let mut tx = pool.begin().await?;
-    let mut inserted: HashSet<String> = HashSet::new();
-    // The full-text row of a call has the call's RecordId as its rowid, so retention deletes it
-    // by key.
-    let mut record_ids: HashMap<String, i64> = HashMap::new();
-    for chunk in records.chunks(ROWS_PER_STATEMENT) {
+    let ids = new_record_ids(&mut tx, records).await?;
+    let new: Vec<(usize, &AuditRecord, i64)> = records
+        .iter()
+        .zip(&ids)
+        .enumerate()
+        .filter_map(|(index, (record, id))| id.map(|id| (index, record, id)))
+        .collect();
+
+    // The index's own connection indexes the new calls while this one writes them; a behind
+    // index leaves them to its catch-up, which indexes calls in RecordId order.
+    let (index_rows, through): (Vec<IndexRow>, Option<i64>) = if search.is_behind() {
+        (Vec::new(), None)
+    } else {
+        let rows = new
+            .iter()
+            .filter(|(_, r, _)| r.request_messages.is_some() || r.response_messages.is_some())
+            .map(|&(_, r, id)| {
+                let (prompt, completion) = search_text(r);
+                (id, prompt, completion)
+            })
+            .collect();
+        (rows, new.last().map(|&(_, _, id)| id))
+    };
+    let (staged, written) = futures::future::join(
+        search.stage(index_rows, through),
+        write_sqlite_rows(&mut tx, &new, compressed),
+    )
+    .await;
+    if let Err(error) = written {
+        // Dropping the staged index transaction rolls it back.
+        drop(staged);
+        return Err(error);
+    }
+    tx.commit().await?;
+    search.commit(staged, reader).await;
+    Ok(new.len())
+}
+
+/// Which records of a batch are new (not stored yet, and not repeated earlier in the batch), and
+/// the `RecordId` each new one gets: the next after the store's last, in the batch's order, as
+/// SQLite itself would number them. Knowing them before the insert lets the full-text index
+/// start at once. Read in the store's transaction: a write by another connection in between
+/// makes the insert fail (SQLite's snapshot check) rather than number calls twice.
+async fn new_record_ids(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    records: &[AuditRecord],
+) -> Result<Vec<Option<i64>>, StoreError> {
+    let batch = serde_json::to_string(
+        &records
+            .iter()
+            .map(|r| r.correlation_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .map_err(|error| StoreError::Database(sqlx::Error::Encode(Box::new(error))))?;
+    let stored: Vec<String> = sqlx::query_scalar(
+        "SELECT CorrelationId FROM GatehouseGatewayLogs WHERE CorrelationId IN (SELECT value FROM json_each(?))",
+    )
+    .bind(batch)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut last: i64 =
+        sqlx::query_scalar("SELECT coalesce(max(RecordId), 0) FROM GatehouseGatewayLogs")
+            .fetch_one(&mut **tx)
+            .await?;
+    let mut seen: HashSet<&str> = stored.iter().map(String::as_str).collect();
+    Ok(records
+        .iter()
+        .map(|record| {
+            seen.insert(record.correlation_id.as_str()).then(|| {
+                last += 1;
+                last
+            })
+        })
+        .collect())
+}
+
+/// The metadata, LLM log, bodies (compressed by `compressed`, indexed like the batch) and rollups
+/// of the `new` records of a batch (their index in the batch, the record, its `RecordId`), in the
+/// store's transaction `tx`.
+async fn write_sqlite_rows(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    new: &[(usize, &AuditRecord, i64)],
+    compressed: tokio::task::JoinHandle<Vec<StoredBodies>>,
+) -> Result<(), StoreError> {
+    let metadata = new.chunks(ROWS_PER_STATEMENT).map(|chunk| {
         let mut query = QueryBuilder::<Sqlite>::new(SQLITE_LOG_INSERT);
-        query.push_values(chunk, |mut b, record| {
+        query.push_values(chunk, |mut b, &(_, record, id)| {
+            b.push_bind(id);
             bind_log_row!(
                 b,
                 GatewayLogRow::from_record(record),
@@ -189,81 +286,64 @@ async fn write_sqlite(
                 caller_key(record)
             );
         });
-        query.push(" ON CONFLICT (CorrelationId) DO NOTHING RETURNING CorrelationId, RecordId");
-        let ids: Vec<(String, i64)> = query.build_query_as().fetch_all(&mut *tx).await?;
-        record_ids.extend(ids.iter().cloned());
-        inserted.extend(ids.into_iter().map(|(id, _)| id));
+        query.push(" ON CONFLICT (CorrelationId) DO NOTHING");
+        query
+    });
+    let written = execute_pipelined(tx, metadata).await?;
+    if written != new.len() as u64 {
+        return Err(StoreError::Database(sqlx::Error::Protocol(format!(
+            "the store changed during the write: {written} of {} new calls inserted",
+            new.len()
+        ))));
     }
-    let new: Vec<&AuditRecord> = records
-        .iter()
-        .filter(|r| inserted.contains(&r.correlation_id))
-        .collect();
 
     let mut compressed = compressed.await.map_err(|error| {
         StoreError::Database(sqlx::Error::Protocol(format!(
             "compressing the bodies failed: {error}"
         )))
     })?;
-    let with_content: Vec<(&AuditRecord, usize)> = records
+    let with_content: Vec<(&AuditRecord, StoredBodies)> = new
         .iter()
-        .enumerate()
-        .filter(|(_, r)| inserted.contains(&r.correlation_id))
-        .filter(|(_, r)| r.backend_request_body.is_some() || r.backend_response_body.is_some())
-        .map(|(index, r)| (r, index))
+        .filter(|(_, r, _)| r.backend_request_body.is_some() || r.backend_response_body.is_some())
+        .map(|&(index, r, _)| (r, std::mem::take(&mut compressed[index])))
         .collect();
-    for chunk in with_content.chunks(ROWS_PER_STATEMENT) {
+    let content = with_content.chunks(ROWS_PER_STATEMENT).map(|chunk| {
         let mut query = QueryBuilder::<Sqlite>::new(
             "INSERT INTO GatehouseCallContent (CorrelationId, TimeGenerated, BackendRequestBody, BackendRequestBodySize, BackendResponseBody, BackendResponseBodySize) ",
         );
-        query.push_values(chunk, |mut b, &(record, index)| {
-            // Compressed as SQLite's archive format stores files; the view inflates them.
-            let ((request, request_size), (response, response_size)) =
-                std::mem::take(&mut compressed[index]);
-            b.push_bind(record.correlation_id.clone())
+        // Compressed as SQLite's archive format stores files; the view inflates them.
+        query.push_values(chunk, |mut b, (record, ((request, request_size), (response, response_size)))| {
+            b.push_bind(record.correlation_id.as_str())
                 .push_bind(sqlite_time(record.time_generated))
-                .push_bind(request)
-                .push_bind(request_size)
-                .push_bind(response)
-                .push_bind(response_size);
+                .push_bind(request.as_deref())
+                .push_bind(*request_size)
+                .push_bind(response.as_deref())
+                .push_bind(*response_size);
         });
-        query.build().execute(&mut *tx).await?;
-    }
+        query
+    });
 
-    let searchable: Vec<&&AuditRecord> = new
+    let llm_rows: Vec<LlmLogRow> = new
         .iter()
-        .filter(|r| r.request_messages.is_some() || r.response_messages.is_some())
+        .flat_map(|(_, r, _)| LlmLogRow::from_record(r))
         .collect();
-    for chunk in searchable.chunks(ROWS_PER_STATEMENT) {
-        let mut query = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO GatehouseContentSearch (rowid, Prompt, Completion) ",
-        );
-        query.push_values(chunk, |mut b, record| {
-            let (prompt, completion) = search_text(record);
-            b.push_bind(record_ids.get(&record.correlation_id).copied())
-                .push_bind(prompt)
-                .push_bind(completion);
-        });
-        query.build().execute(&mut *tx).await?;
-    }
-
-    let llm_rows: Vec<LlmLogRow> = new.iter().flat_map(|r| LlmLogRow::from_record(r)).collect();
-    for chunk in llm_rows.chunks(ROWS_PER_STATEMENT) {
+    let llm = llm_rows.chunks(ROWS_PER_STATEMENT).map(|chunk| {
         let mut query = QueryBuilder::<Sqlite>::new(SQLITE_LLM_INSERT);
         query.push_values(chunk, |mut b, row| {
             bind_llm_row!(b, row.clone(), sqlite_time(row.time_generated));
         });
         query.push(" ON CONFLICT (CorrelationId, SequenceNumber) DO NOTHING");
-        query.build().execute(&mut *tx).await?;
-    }
+        query
+    });
 
-    let rollups: Vec<_> = fold(new.iter().copied()).into_iter().collect();
-    for chunk in rollups.chunks(ROWS_PER_STATEMENT) {
+    let rollups: Vec<_> = fold(new.iter().map(|&(_, r, _)| r)).into_iter().collect();
+    let rollups = rollups.chunks(ROWS_PER_STATEMENT).map(|chunk| {
         let mut query = QueryBuilder::<Sqlite>::new(SQLITE_ROLLUP_UPSERT_HEAD);
         query.push_values(chunk, |mut b, (key, sums)| {
             b.push_bind(key.granularity.as_str())
                 .push_bind(sqlite_time(key.bucket))
                 .push_bind(key.dimension.as_str())
-                .push_bind(key.value.clone())
+                .push_bind(key.value.as_str())
                 .push_bind(sums.requests)
                 .push_bind(sums.errors)
                 .push_bind(sums.prompt_tokens)
@@ -273,10 +353,36 @@ async fn write_sqlite(
                 .push_bind(sums.latency_max_ms);
         });
         query.push(SQLITE_ROLLUP_UPSERT_TAIL);
-        query.build().execute(&mut *tx).await?;
+        query
+    });
+    execute_pipelined(tx, content.chain(llm).chain(rollups)).await?;
+    Ok(())
+}
+
+/// Executes `statements` in order in `tx`, building each next one while the connection's thread
+/// executes the one before (binding a few hundred rows' values takes about as long as inserting
+/// them). Returns the rows they changed.
+async fn execute_pipelined<'q>(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    mut statements: impl Iterator<Item = QueryBuilder<'q, Sqlite>>,
+) -> Result<u64, StoreError> {
+    let mut changed = 0;
+    let Some(mut current) = statements.next() else {
+        return Ok(0);
+    };
+    loop {
+        // `join` polls the execution first, which hands the statement to the connection's
+        // thread, then builds the next statement on this one.
+        let (done, next) = futures::future::join(current.build().execute(&mut **tx), async {
+            statements.next()
+        })
+        .await;
+        changed += done?.rows_affected();
+        match next {
+            Some(next) => current = next,
+            None => return Ok(changed),
+        }
     }
-    tx.commit().await?;
-    Ok(new.len())
 }
 
 /// Content rows (bodies and the full-text vector, the costly part) are written by this many

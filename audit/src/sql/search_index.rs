@@ -1,0 +1,335 @@
+//! SQLite's full-text index of prompts and completions, in a database file of its own beside the
+//! store (`audit.db` → `audit.db-search`), written by a connection of its own.
+//!
+//! Indexing is the costliest part of writing a call (tokenizing 4 KB of text and adding ≈ 400
+//! terms: about 40 % of the writer's time). SQLite lets one connection write a database file at a
+//! time, so in the store's file the index was written one after the other with the metadata. In a
+//! file of its own, its connection indexes a batch on the second core while the store's writer
+//! inserts the batch's LLM log, bodies and rollups and commits them.
+//!
+//! The two files commit one after the other, never half of one: the index commits a batch after
+//! the store has, together with `IndexedThrough`, the highest `RecordId` it holds. So the index
+//! never holds a call that the store does not, and what it lacks (a crash between the two commits,
+//! a failed index write, a store from before the index had its own file, a deleted index file) is
+//! every call above `IndexedThrough`. Then the index is *behind*: batches are not indexed as they
+//! are written, and a background task indexes the calls above `IndexedThrough` in order from the
+//! LLM log's pieces, until it reaches the last call; searches meanwhile miss the calls not yet
+//! indexed. The store's reader connections attach the file as `search`, so queries name the table
+//! `GatehouseContentSearch` as before.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::{QueryBuilder, Sqlite, SqliteConnection, Transaction};
+use tokio::sync::{Mutex, MutexGuard};
+
+use super::StoreError;
+
+/// Calls indexed per transaction when the index catches up.
+const CATCH_UP_BATCH: i64 = 512;
+
+/// Rows per multi-row INSERT into the index (three bound values each).
+const ROWS_PER_STATEMENT: usize = 500;
+
+/// The index's page cache, MiB.
+const CACHE_MIB: u64 = 32;
+
+/// The full-text index of a SQLite store.
+#[derive(Debug, Clone)]
+pub(crate) struct SearchIndex {
+    /// The one connection that writes the index's file.
+    pool: SqlitePool,
+    /// Where the file is, for the readers' `ATTACH`.
+    path: PathBuf,
+    /// Taken by each write of the store and each catch-up step, so that batches reach the index
+    /// in the order of their `RecordId`s and `IndexedThrough` means "every call up to here".
+    order: Arc<Mutex<()>>,
+    /// The index lacks calls above `IndexedThrough`; writes leave indexing to the catch-up.
+    behind: Arc<AtomicBool>,
+    /// A catch-up task is running.
+    catching_up: Arc<AtomicBool>,
+}
+
+/// The index's file for the store's file `store`: its name with `-search` appended, as SQLite
+/// names a database's `-wal` and `-shm` files.
+pub(super) fn path_for(store: &Path) -> PathBuf {
+    let mut name = store.as_os_str().to_owned();
+    name.push("-search");
+    PathBuf::from(name)
+}
+
+/// Attaches the index's file to a store connection as the schema `search`.
+pub(super) async fn attach(connection: &mut SqliteConnection, path: &Path) -> sqlx::Result<()> {
+    sqlx::query("ATTACH DATABASE ? AS search")
+        .bind(path.to_string_lossy().into_owned())
+        .execute(connection)
+        .await?;
+    Ok(())
+}
+
+/// One call's text to index: its `RecordId`, prompt and completion.
+pub(super) type IndexRow = (i64, String, String);
+
+impl SearchIndex {
+    /// Opens (creating it if missing) the index's file beside the store's file `store_path`.
+    pub(super) async fn connect(
+        store_path: &Path,
+        options: &SqliteConnectOptions,
+    ) -> Result<SearchIndex, StoreError> {
+        let path = path_for(store_path);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(
+                options
+                    .clone()
+                    .filename(&path)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .pragma("cache_size", format!("-{}", CACHE_MIB * 1024))
+                    .pragma("temp_store", "MEMORY")
+                    .pragma("wal_autocheckpoint", super::WRITER_AUTOCHECKPOINT_PAGES),
+            )
+            .await?;
+        Ok(SearchIndex {
+            pool,
+            path,
+            order: Arc::new(Mutex::new(())),
+            behind: Arc::new(AtomicBool::new(false)),
+            catching_up: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// The index's file.
+    pub(super) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Creates or updates the index's tables, then compares `IndexedThrough` with the store's
+    /// last call (read through `reader`) and starts catching up when the index lacks calls.
+    pub(super) async fn migrate(&self, reader: &SqlitePool) -> Result<(), StoreError> {
+        sqlx::migrate!("../migrations/audit/sqlite-search")
+            .run(&self.pool)
+            .await?;
+        let last: Option<i64> =
+            sqlx::query_scalar("SELECT max(RecordId) FROM GatehouseGatewayLogs")
+                .fetch_one(reader)
+                .await?;
+        if last.unwrap_or(0) > self.indexed_through().await? {
+            self.fall_behind(reader);
+        }
+        Ok(())
+    }
+
+    /// The highest `RecordId` the index holds every call up to.
+    pub(super) async fn indexed_through(&self) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT IndexedThrough FROM GatehouseSearchProgress WHERE Id = 1")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Whether the index lacks calls that the store holds.
+    pub(crate) fn is_behind(&self) -> bool {
+        self.behind.load(Ordering::Acquire)
+    }
+
+    /// Takes the order lock: held by a store write from before its metadata insert until the
+    /// index has committed the batch.
+    pub(super) async fn lock(&self) -> MutexGuard<'_, ()> {
+        self.order.lock().await
+    }
+
+    /// Writes `rows` (the calls of one batch that have text, `RecordId`s above
+    /// `IndexedThrough`) and the new `IndexedThrough`, `through` (the batch's last new
+    /// `RecordId`), in a transaction left open: the caller commits it after the store's
+    /// transaction has committed, and drops it (a rollback) when that failed. Nothing to do for
+    /// a batch without new calls.
+    pub(super) async fn stage(
+        &self,
+        rows: Vec<IndexRow>,
+        through: Option<i64>,
+    ) -> Result<Option<Transaction<'static, Sqlite>>, StoreError> {
+        let Some(through) = through else {
+            return Ok(None);
+        };
+        let mut tx = self.pool.begin().await?;
+        insert(&mut tx, rows).await?;
+        set_indexed_through(&mut tx, through).await?;
+        Ok(Some(tx))
+    }
+
+    /// Commits a batch staged by [`SearchIndex::stage`]. On failure the index is behind and
+    /// catches up from the store (read through `reader`).
+    pub(super) async fn commit(
+        &self,
+        staged: Result<Option<Transaction<'static, Sqlite>>, StoreError>,
+        reader: &SqlitePool,
+    ) {
+        let outcome = match staged {
+            Ok(Some(tx)) => tx.commit().await.map_err(StoreError::from),
+            Ok(None) => Ok(()),
+            Err(error) => Err(error),
+        };
+        if let Err(error) = outcome {
+            tracing::warn!(%error, "audit store: the full-text index missed a batch; it catches up from the LLM log");
+            self.fall_behind(reader);
+        }
+    }
+
+    /// Marks the index behind and starts the catch-up task unless it runs already.
+    pub(super) fn fall_behind(&self, reader: &SqlitePool) {
+        self.behind.store(true, Ordering::Release);
+        if self.catching_up.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let index = self.clone();
+        let reader = reader.clone();
+        tokio::spawn(async move {
+            loop {
+                match index.catch_up_step(&reader).await {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(error) => {
+                        if index.pool.is_closed() || reader.is_closed() {
+                            break;
+                        }
+                        tracing::warn!(%error, "audit store: catching up the full-text index failed; trying again in 5 s");
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
+                }
+            }
+            index.catching_up.store(false, Ordering::Release);
+        });
+    }
+
+    /// Indexes the next calls above `IndexedThrough`, up to [`CATCH_UP_BATCH`] of them, from the
+    /// LLM log's pieces. Returns whether there may be more; when there are none, the index is no
+    /// longer behind.
+    async fn catch_up_step(&self, reader: &SqlitePool) -> Result<bool, StoreError> {
+        let _order = self.lock().await;
+        let from = self.indexed_through().await?;
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "SELECT RecordId FROM GatehouseGatewayLogs WHERE RecordId > ? ORDER BY RecordId LIMIT ?",
+        )
+        .bind(from)
+        .bind(CATCH_UP_BATCH)
+        .fetch_all(reader)
+        .await?;
+        let Some(&through) = ids.last() else {
+            self.behind.store(false, Ordering::Release);
+            return Ok(false);
+        };
+        let pieces: Vec<(i64, Option<String>, Option<String>)> = sqlx::query_as(
+            "SELECT l.RecordId, m.RequestMessages, m.ResponseMessages \
+             FROM GatehouseGatewayLogs l \
+             JOIN ApiManagementGatewayLlmLog m ON m.CorrelationId = l.CorrelationId AND m.SequenceNumber > 0 \
+             WHERE l.RecordId > ? AND l.RecordId <= ? ORDER BY l.RecordId, m.SequenceNumber",
+        )
+        .bind(from)
+        .bind(through)
+        .fetch_all(reader)
+        .await?;
+        let rows = join_pieces(pieces);
+        let mut tx = self.pool.begin().await?;
+        insert(&mut tx, rows).await?;
+        set_indexed_through(&mut tx, through).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Removes calls from the index (their content expired).
+    pub(super) async fn remove(&self, record_ids: &[i64]) -> Result<(), StoreError> {
+        let _order = self.lock().await;
+        let mut tx = self.pool.begin().await?;
+        for id in record_ids {
+            sqlx::query("DELETE FROM GatehouseContentSearch WHERE rowid = ?")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Closes the index's connection.
+    pub(super) async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Joins the LLM log's pieces of each call (in `RecordId`, then `SequenceNumber` order) into its
+/// prompt and completion, as the store wrote them.
+fn join_pieces(pieces: Vec<(i64, Option<String>, Option<String>)>) -> Vec<IndexRow> {
+    let mut rows: Vec<IndexRow> = Vec::new();
+    for (id, request, response) in pieces {
+        if rows.last().is_none_or(|(last, _, _)| *last != id) {
+            rows.push((id, String::new(), String::new()));
+        }
+        if let Some((_, prompt, completion)) = rows.last_mut() {
+            prompt.push_str(request.as_deref().unwrap_or_default());
+            completion.push_str(response.as_deref().unwrap_or_default());
+        }
+    }
+    rows
+}
+
+async fn insert(tx: &mut Transaction<'static, Sqlite>, rows: Vec<IndexRow>) -> sqlx::Result<()> {
+    let mut rows = rows.into_iter().peekable();
+    while rows.peek().is_some() {
+        let chunk: Vec<IndexRow> = rows.by_ref().take(ROWS_PER_STATEMENT).collect();
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO GatehouseContentSearch (rowid, Prompt, Completion) ",
+        );
+        query.push_values(chunk, |mut b, (id, prompt, completion)| {
+            b.push_bind(id).push_bind(prompt).push_bind(completion);
+        });
+        query.build().execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+async fn set_indexed_through(
+    tx: &mut Transaction<'static, Sqlite>,
+    through: i64,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE GatehouseSearchProgress SET IndexedThrough = max(IndexedThrough, ?) WHERE Id = 1",
+    )
+    .bind(through)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_index_file_is_the_store_file_with_search_appended() {
+        assert_eq!(
+            path_for(Path::new("/var/lib/gatehouse/audit.db")),
+            PathBuf::from("/var/lib/gatehouse/audit.db-search")
+        );
+    }
+
+    #[test]
+    fn pieces_join_into_each_calls_prompt_and_completion() {
+        let rows = join_pieces(vec![
+            (3, Some("ab".into()), None),
+            (3, Some("cd".into()), None),
+            (3, None, Some("ef".into())),
+            (7, None, Some("gh".into())),
+        ]);
+        assert_eq!(
+            rows,
+            vec![
+                (3, "abcd".to_owned(), "ef".to_owned()),
+                (7, String::new(), "gh".to_owned())
+            ]
+        );
+    }
+}
