@@ -374,11 +374,19 @@ async fn run_sqlite(args: &Args, started: OffsetDateTime) -> Result<Measurement>
     };
     store.close().await;
     let mut measurement = result?;
-    measurement.disk_bytes = ["audit.db", "audit.db-wal", "audit.db-shm"]
-        .iter()
-        .filter_map(|name| std::fs::metadata(dir.path().join(name)).ok())
-        .map(|m| m.len())
-        .sum();
+    // The store's file and its full-text index's, each with its write-ahead log.
+    measurement.disk_bytes = [
+        "audit.db",
+        "audit.db-wal",
+        "audit.db-shm",
+        "audit.db-search",
+        "audit.db-search-wal",
+        "audit.db-search-shm",
+    ]
+    .iter()
+    .filter_map(|name| std::fs::metadata(dir.path().join(name)).ok())
+    .map(|m| m.len())
+    .sum();
     drop(dir);
     Ok(measurement)
 }
