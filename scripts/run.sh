@@ -99,7 +99,7 @@ YAML
 
 Gatehouse is starting on http://127.0.0.1:$port  (backend: the SIMULATOR on 127.0.0.1:$sim_port, not a model)
   key:           $key   (also in var/dev/key)
-  audit records: var/dev/audit.db (SQLite: tables ApiManagementGatewayLogs, ApiManagementGatewayLlmLog)
+  audit records: var/dev/audit.db (SQLite: tables ApiManagementGatewayLogs, ApiManagementGatewayLlmLog; full-text index in var/dev/audit.db-search)
 
 Try it:
   curl -s http://127.0.0.1:$port/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21 \\
