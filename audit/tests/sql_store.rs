@@ -226,6 +226,17 @@ async fn sqlite_full_text_index_is_a_file_of_its_own_and_catches_up_from_the_llm
             .await
             .unwrap();
     assert_eq!(indexed, 60, "the index holds every call up to the last");
+    let merging: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT k, v FROM search.GatehouseContentSearch_config WHERE k IN ('automerge', 'crisismerge') ORDER BY k",
+    )
+    .fetch_all(store.sqlite_pool().unwrap())
+    .await
+    .unwrap();
+    assert_eq!(
+        merging,
+        [("automerge".to_owned(), 16), ("crisismerge".to_owned(), 64)],
+        "segments are merged a little with each batch, not a whole level at once"
+    );
     store.close().await;
     assert!(index_file.exists());
 
