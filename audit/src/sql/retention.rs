@@ -44,6 +44,24 @@ impl SqlStore {
             Engine::Sqlite { writer, search, .. } => {
                 let content_cutoff = sqlite_time(content_before);
                 let metadata_cutoff = sqlite_time(metadata_before);
+                // The LLM log's pieces before the full-text index: the index's catch-up reads them,
+                // so once they are gone it cannot index an expired call again after the loop
+                // below has removed it.
+                loop {
+                    let removed = sqlx::query(
+                        "DELETE FROM ApiManagementGatewayLlmLog WHERE rowid IN (SELECT rowid FROM ApiManagementGatewayLlmLog WHERE SequenceNumber > 0 AND TimeGenerated < ? LIMIT ?)",
+                    )
+                    .bind(&content_cutoff)
+                    .bind(batch)
+                    .execute(writer)
+                    .await?
+                    .rows_affected();
+                    report.batches += 1;
+                    report.message_pieces_removed += removed;
+                    if (removed as i64) < batch {
+                        break;
+                    }
+                }
                 loop {
                     let expired: Vec<(String, Option<i64>)> = sqlx::query_as(
                         "SELECT c.CorrelationId, l.RecordId FROM GatehouseCallContent c LEFT JOIN GatehouseGatewayLogs l ON l.CorrelationId = c.CorrelationId WHERE c.TimeGenerated < ? ORDER BY c.TimeGenerated LIMIT ?",
@@ -67,21 +85,6 @@ impl SqlStore {
                     report.batches += 1;
                     report.content_removed += expired.len() as u64;
                     if (expired.len() as i64) < batch {
-                        break;
-                    }
-                }
-                loop {
-                    let removed = sqlx::query(
-                        "DELETE FROM ApiManagementGatewayLlmLog WHERE rowid IN (SELECT rowid FROM ApiManagementGatewayLlmLog WHERE SequenceNumber > 0 AND TimeGenerated < ? LIMIT ?)",
-                    )
-                    .bind(&content_cutoff)
-                    .bind(batch)
-                    .execute(writer)
-                    .await?
-                    .rows_affected();
-                    report.batches += 1;
-                    report.message_pieces_removed += removed;
-                    if (removed as i64) < batch {
                         break;
                     }
                 }
