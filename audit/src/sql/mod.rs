@@ -356,7 +356,7 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 /// The writer (and the full-text index's writer) checkpoints by itself only when the log has
 /// grown this large (pages of 4 KiB: 64 MiB), which happens only when the checkpointer cannot
 /// keep up or is not running.
-pub(crate) const WRITER_AUTOCHECKPOINT_PAGES: &str = "16384";
+const WRITER_AUTOCHECKPOINT_PAGES: &str = "16384";
 
 /// Copies the write-ahead log into the database file from a connection of its own, so that the
 /// writer does not do it inside a commit: at SQLite's default, every 1,000 pages the committing

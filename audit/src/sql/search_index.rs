@@ -132,7 +132,7 @@ impl SearchIndex {
     }
 
     /// Whether the index lacks calls that the store holds.
-    pub(crate) fn is_behind(&self) -> bool {
+    pub(super) fn is_behind(&self) -> bool {
         self.behind.load(Ordering::Acquire)
     }
 
@@ -191,7 +191,15 @@ impl SearchIndex {
             loop {
                 match index.catch_up_step(&reader).await {
                     Ok(true) => continue,
-                    Ok(false) => break,
+                    Ok(false) => {
+                        // A batch that failed after the last step marked the index behind again
+                        // but found this task still running: go on, unless another task did.
+                        index.catching_up.store(false, Ordering::Release);
+                        if index.is_behind() && !index.catching_up.swap(true, Ordering::AcqRel) {
+                            continue;
+                        }
+                        return;
+                    }
                     Err(error) => {
                         if index.pool.is_closed() || reader.is_closed() {
                             break;
