@@ -110,6 +110,7 @@ on_both_engines!(
     records_land_in_azure_shaped_tables,
     a_replayed_batch_is_stored_once,
     search_filters_and_keyset_pages,
+    full_text_finds_words_and_split_words_as_phrases,
     usage_comes_from_rollups,
     export_streams_every_match,
     content_expires_before_metadata,
@@ -665,6 +666,55 @@ async fn search_filters_and_keyset_pages(store: &SqlStore) {
     assert!(elsewhere.items.is_empty(), "{elsewhere:?}");
 }
 
+/// A call with `prompt` as its prompt (`RequestMessages`).
+fn record_saying(i: usize, prompt: &str) -> AuditRecord {
+    let mut record = record(i);
+    record.request_messages = Some(json!([{"role": "user", "content": prompt}]).to_string());
+    record
+}
+
+/// The calls a full-text search of `text` finds, by `CorrelationId`, oldest first.
+async fn found(store: &SqlStore, text: &str) -> Vec<String> {
+    let page = store
+        .search(&SearchFilter {
+            text: Some(text.to_owned()),
+            limit: 100,
+            ..SearchFilter::between(T0 - Duration::hours(1), T0 + Duration::hours(2))
+        })
+        .await
+        .unwrap();
+    let mut ids: Vec<String> = page.items.into_iter().map(|c| c.correlation_id).collect();
+    ids.sort();
+    ids
+}
+
+/// Words are runs of letters and digits, found whatever their case; a search word that splits
+/// into several (an invoice number) finds them only side by side; a prompt too large for one
+/// full-text vector is stored, and searchable by its first words.
+async fn full_text_finds_words_and_split_words_as_phrases(store: &SqlStore) {
+    let mut huge = String::from("needle ");
+    for i in 0..150_000 {
+        huge.push_str(&format!("w{i} "));
+    }
+    let batch = vec![
+        record_saying(0, "Please pay INV-2024-0042 today, Café Ünïcode."),
+        record_saying(1, "inv 2024 and then 0042, apart"),
+        record_saying(2, &huge),
+    ];
+    assert_eq!(store.write(&batch).await.unwrap(), 3);
+    store.settle_search_index().await.unwrap();
+
+    assert_eq!(found(store, "INV-2024-0042").await, ["call-00000"]);
+    assert_eq!(found(store, "inv-2024-0042").await, ["call-00000"]);
+    assert_eq!(found(store, "0042").await, ["call-00000", "call-00001"]);
+    assert_eq!(found(store, "2024 apart").await, ["call-00001"]);
+    assert_eq!(found(store, "CAFÉ ünïcode").await, ["call-00000"]);
+    assert_eq!(found(store, "needle").await, ["call-00002"]);
+    assert_eq!(found(store, "w7").await, ["call-00002"]);
+    assert!(found(store, "nowhere").await.is_empty());
+    assert!(found(store, "?? --").await.is_empty());
+}
+
 async fn usage_comes_from_rollups(store: &SqlStore) {
     let batch = records(60);
     store.write(&batch).await.unwrap();
@@ -991,6 +1041,148 @@ async fn postgres_store_sessions_run_without_jit() {
         .await
         .unwrap();
     assert_eq!(jit, "off");
+}
+
+/// Calls stored before the store built its own full-text vectors (PostgreSQL's parser made them,
+/// which keeps an e-mail address as one word) are still found by what found them then.
+#[tokio::test]
+async fn postgres_search_finds_calls_whose_vectors_postgres_built() {
+    let test = postgres().await;
+    let store = &test.store;
+    let pool = store.postgres_pool().unwrap();
+    let batch = vec![
+        record_saying(0, "write to bob@contoso.com about 1234.56"),
+        record_saying(1, "bob works at contoso dot com"),
+    ];
+    store.write(&batch).await.unwrap();
+    sqlx::query(
+        r#"UPDATE "GatehouseCallContent" c SET "SearchText" = to_tsvector('simple', m."RequestMessages")
+           FROM "GatehouseLlmLogPieces" m
+           WHERE m."CorrelationId" = c."CorrelationId" AND m."SequenceNumber" = 1"#,
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    let legacy: String = sqlx::query_scalar(
+        r#"SELECT "SearchText"::text FROM "GatehouseCallContent" WHERE "CorrelationId" = 'call-00000'"#,
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert!(legacy.contains("'bob@contoso.com'"), "{legacy}");
+
+    assert_eq!(found(store, "bob@contoso.com").await, ["call-00000"]);
+    assert_eq!(found(store, "1234.56").await, ["call-00000"]);
+    assert_eq!(found(store, "contoso").await, ["call-00001"]);
+}
+
+/// Writes only append to the full-text index's pending list; the store merges it after each
+/// batch on its own, and `settle_search_index` merges whatever is left.
+#[tokio::test]
+async fn postgres_full_text_pending_list_is_merged_beside_the_writes() {
+    let test = postgres().await;
+    let store = &test.store;
+    let pool = store.postgres_pool().unwrap();
+    let limit: String = sqlx::query_scalar("SHOW gin_pending_list_limit")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(limit, "64MB");
+    sqlx::query("CREATE EXTENSION pageinspect")
+        .execute(pool)
+        .await
+        .unwrap();
+    // The full-text index of the partition that holds the calls (of the day, or DEFAULT).
+    let pending = || async {
+        sqlx::query_scalar::<_, i64>(
+            r#"SELECT n_pending_tuples FROM gin_metapage_info(get_raw_page((
+                   SELECT x.indexrelid::regclass::text FROM pg_index x
+                   JOIN pg_class c ON c.oid = x.indexrelid JOIN pg_am a ON a.oid = c.relam
+                   WHERE a.amname = 'gin' AND x.indrelid = (
+                       SELECT tableoid FROM "GatehouseCallContent" WHERE "CorrelationId" = 'call-00000')), 0))"#,
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap()
+    };
+
+    store.write(&records(60)).await.unwrap();
+    // The task merges without being asked: the pending list (far below its 64 MB limit, so no
+    // write merged it) empties.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while pending().await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pending list was not merged"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(found(store, "number 42").await, ["call-00042"]);
+
+    // Pending entries are found before the merge too; settling merges them.
+    let mut late = record_saying(60, "a late question");
+    late.correlation_id = "call-late".to_owned();
+    store.write(&[late]).await.unwrap();
+    assert_eq!(found(store, "late question").await, ["call-late"]);
+    store.settle_search_index().await.unwrap();
+    assert_eq!(pending().await, 0);
+    assert_eq!(found(store, "late question").await, ["call-late"]);
+}
+
+/// Partitions of prompts, completions and vectors keep 8 KB rows whole and compress vectors with
+/// lz4, whether they existed at migration or were made later.
+#[tokio::test]
+async fn postgres_content_partitions_keep_rows_whole() {
+    let test = postgres().await;
+    let store = &test.store;
+    let pool = store.postgres_pool().unwrap();
+    store
+        .create_partitions(day(40).date(), day(41).date())
+        .await
+        .unwrap();
+    for table in ["GatehouseCallContent", "GatehouseLlmLogPieces"] {
+        let partitions: Vec<(String, Option<Vec<String>>)> = sqlx::query_as(
+            "SELECT c.relname::text, c.reloptions FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = to_regclass(quote_ident($1))",
+        )
+        .bind(table)
+        .fetch_all(pool)
+        .await
+        .unwrap();
+        assert!(partitions.len() > 3, "{partitions:?}");
+        assert!(
+            partitions
+                .iter()
+                .any(|(name, _)| *name == partition_name(table, day(40))),
+            "{partitions:?}"
+        );
+        for (name, options) in &partitions {
+            assert_eq!(
+                options.as_deref(),
+                Some(&["toast_tuple_target=8160".to_owned()][..]),
+                "{name}"
+            );
+        }
+    }
+    let lz4: bool = sqlx::query_scalar(
+        "SELECT 'lz4' = ANY (enumvals) FROM pg_settings WHERE name = 'default_toast_compression'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    if lz4 {
+        let compressions: Vec<(String, String)> = sqlx::query_as(
+            r#"SELECT a.attrelid::regclass::text, a.attcompression::text FROM pg_attribute a
+               WHERE a.attname = 'SearchText' AND a.attrelid IN (
+                   SELECT inhrelid FROM pg_inherits WHERE inhparent = '"GatehouseCallContent"'::regclass)"#,
+        )
+        .fetch_all(pool)
+        .await
+        .unwrap();
+        assert!(
+            compressions.iter().all(|(_, c)| c == "l"),
+            "{compressions:?}"
+        );
+    }
 }
 
 #[tokio::test]

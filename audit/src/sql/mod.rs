@@ -11,11 +11,13 @@
 //!
 //! Every statement binds its values; no text of a record is ever formatted into SQL.
 
+mod full_text;
 mod partitions;
 mod read;
 mod retention;
 pub mod rollup;
 mod search_index;
+mod search_merge;
 mod sqlar;
 mod verify;
 mod write;
@@ -52,7 +54,12 @@ pub(crate) enum Engine {
         search: search_index::SearchIndex,
     },
     /// PostgreSQL.
-    Postgres(PgPool),
+    Postgres {
+        /// Every connection of the store.
+        pool: PgPool,
+        /// Merges the full-text index's pending list after each batch.
+        search_merge: search_merge::SearchMerge,
+    },
 }
 
 /// An audit store in SQLite or PostgreSQL.
@@ -177,7 +184,10 @@ impl SqlStore {
                 .connect_with(options)
                 .await?;
             Ok(SqlStore {
-                engine: Engine::Postgres(pool),
+                engine: Engine::Postgres {
+                    search_merge: search_merge::SearchMerge::start(pool.clone()),
+                    pool,
+                },
             })
         } else {
             Err(StoreError::UnsupportedUrl)
@@ -201,7 +211,7 @@ impl SqlStore {
                 search.migrate(reader).await?;
                 self.optimize().await?;
             }
-            Engine::Postgres(pool) => {
+            Engine::Postgres { pool, .. } => {
                 sqlx::migrate!("../migrations/audit/postgres")
                     .run(pool)
                     .await?;
@@ -278,14 +288,14 @@ impl SqlStore {
     pub fn sqlite_pool(&self) -> Option<&SqlitePool> {
         match &self.engine {
             Engine::Sqlite { reader, .. } => Some(reader),
-            Engine::Postgres(_) => None,
+            Engine::Postgres { .. } => None,
         }
     }
 
     /// The PostgreSQL pool, for ad-hoc queries of the tables.
     pub fn postgres_pool(&self) -> Option<&PgPool> {
         match &self.engine {
-            Engine::Postgres(pool) => Some(pool),
+            Engine::Postgres { pool, .. } => Some(pool),
             Engine::Sqlite { .. } => None,
         }
     }
@@ -304,7 +314,17 @@ impl SqlStore {
                 checkpointer.close().await;
                 search.close().await;
             }
-            Engine::Postgres(pool) => pool.close().await,
+            Engine::Postgres { pool, .. } => pool.close().await,
+        }
+    }
+
+    /// Finishes the full-text index's background work for what has been written: on PostgreSQL
+    /// merges its pending lists into the index now (the store does it after each batch, beside
+    /// the next one); on SQLite, whose index is written with each batch, nothing.
+    pub async fn settle_search_index(&self) -> Result<(), StoreError> {
+        match &self.engine {
+            Engine::Postgres { pool, .. } => search_merge::settle(pool).await,
+            Engine::Sqlite { .. } => Ok(()),
         }
     }
 
@@ -330,7 +350,7 @@ impl AuditSink for SqlStore {
     fn name(&self) -> &'static str {
         match self.engine {
             Engine::Sqlite { .. } => "sqlite",
-            Engine::Postgres(_) => "postgres",
+            Engine::Postgres { .. } => "postgres",
         }
     }
 }
@@ -341,9 +361,14 @@ pub const DEFAULT_SQLITE_WRITER_CACHE_MIB: u32 = 64;
 /// Settings of every PostgreSQL session of the store. No JIT compilation: the store's statements
 /// are short, index-led reads and batched writes, for which compiling took longer than running
 /// (≈ 140 ms added to an 11 ms full-text search on 10 million calls; bench/README.md). Set with
-/// `SET` rather than as a startup option, which connection poolers such as PgBouncer refuse.
+/// `SET` rather than as a startup option, which connection poolers such as PgBouncer refuse. A
+/// large pending list for the full-text index, which the store merges itself (`search_merge.rs`).
 async fn postgres_session(connection: &mut PgConnection) -> Result<(), sqlx::Error> {
     sqlx::query("SET jit = off")
+        .persistent(false)
+        .execute(&mut *connection)
+        .await?;
+    sqlx::query(search_merge::SET_PENDING_LIST_LIMIT)
         .persistent(false)
         .execute(connection)
         .await?;

@@ -43,27 +43,39 @@ pub(crate) struct DailyTable {
     pub(crate) name: &'static str,
     /// Its primary key, quoted, for batched deletes.
     pub(crate) key: &'static str,
+    /// Storage parameters of its partitions (PostgreSQL keeps none on a partitioned table), as
+    /// migration 0006 sets them on the partitions that existed then.
+    pub(crate) storage: &'static str,
 }
+
+/// For tables of prompts and completions: TOAST compresses a row only past 8,160 bytes, not
+/// PostgreSQL's default 2,032, so that a call's 2 KB prompt or completion and its vector stay in
+/// the row as they are (or compressed), without the costlier trip to the TOAST table.
+const WHOLE_ROWS: &str = " WITH (toast_tuple_target = 8160)";
 
 /// Metadata, one row per call.
 pub(crate) const CALLS: DailyTable = DailyTable {
     name: "GatehouseGatewayLogs",
     key: r#""RecordId", "TimeGenerated""#,
+    storage: "",
 };
 /// Bodies and full text.
 pub(crate) const CONTENT: DailyTable = DailyTable {
     name: "GatehouseCallContent",
     key: r#""CorrelationId", "TimeGenerated""#,
+    storage: WHOLE_ROWS,
 };
 /// LLM log header rows (`SequenceNumber` 0): metadata.
 pub(crate) const LLM_HEADERS: DailyTable = DailyTable {
     name: "GatehouseLlmLogHeaders",
     key: r#""CorrelationId", "SequenceNumber", "TimeGenerated""#,
+    storage: "",
 };
 /// LLM log prompt and completion pieces (`SequenceNumber` > 0): content.
 pub(crate) const LLM_PIECES: DailyTable = DailyTable {
     name: "GatehouseLlmLogPieces",
     key: r#""CorrelationId", "SequenceNumber", "TimeGenerated""#,
+    storage: WHOLE_ROWS,
 };
 
 const TABLES: [DailyTable; 4] = [CALLS, CONTENT, LLM_HEADERS, LLM_PIECES];
@@ -81,6 +93,16 @@ fn partition_name(table: &str, day: Date) -> String {
         u8::from(day.month()),
         day.day()
     )
+}
+
+/// The partitions of `table` that may hold `day`: its day partition, the month partition that
+/// migration 0004 gives older days, and the DEFAULT partition (whichever of them exist).
+pub(crate) fn partition_names_for(table: &str, day: Date) -> [String; 3] {
+    [
+        partition_name(table, day),
+        format!("{table}_p{:04}{:02}", day.year(), u8::from(day.month())),
+        format!("{table}_default"),
+    ]
 }
 
 /// The days `[from, to)` a partition holds: one day for a name from [`partition_name`]
@@ -208,10 +230,11 @@ async fn create_day(pool: &PgPool, table: DailyTable, day: Date) -> Result<bool,
             .await?;
     }
     let create = format!(
-        "CREATE TABLE IF NOT EXISTS {} PARTITION OF {parent} FOR VALUES FROM ({}) TO ({})",
+        "CREATE TABLE IF NOT EXISTS {} PARTITION OF {parent} FOR VALUES FROM ({}) TO ({}){}",
         quoted(&name),
         bound_literal(day),
-        bound_literal(next)
+        bound_literal(next),
+        table.storage
     );
     sqlx::query(&create)
         .persistent(false)
@@ -341,7 +364,7 @@ impl SqlStore {
         let first = today - Duration::days(1);
         let last = today + Duration::days(DAYS_AHEAD);
         let mut created = self.create_partitions(first, last).await?;
-        if let Engine::Postgres(pool) = &self.engine {
+        if let Engine::Postgres { pool, .. } = &self.engine {
             let end = last + Duration::days(1);
             for table in TABLES {
                 let days =
@@ -361,7 +384,7 @@ impl SqlStore {
     /// `first..=last` that have none, moving the rows the DEFAULT partition holds for those days
     /// into them. Returns how many it created; nothing to do on SQLite.
     pub async fn create_partitions(&self, first: Date, last: Date) -> Result<u64, StoreError> {
-        let Engine::Postgres(pool) = &self.engine else {
+        let Engine::Postgres { pool, .. } = &self.engine else {
             return Ok(0);
         };
         let mut created = 0;
@@ -392,6 +415,19 @@ mod tests {
     use time::macros::date;
 
     use super::*;
+
+    #[test]
+    fn a_day_may_be_in_its_day_month_or_default_partition() {
+        let day = Date::from_calendar_date(2026, time::Month::March, 7).unwrap();
+        assert_eq!(
+            partition_names_for("T", day),
+            ["T_p20260307", "T_p202603", "T_default"].map(String::from)
+        );
+        for name in &partition_names_for("T", day)[..2] {
+            let (from, to) = partition_range("T", name).unwrap();
+            assert!(from <= day && day < to, "{name}");
+        }
+    }
 
     #[test]
     fn partition_names_round_trip() {

@@ -8,7 +8,7 @@ use sqlx::{Postgres, QueryBuilder, Row, Sqlite};
 use time::OffsetDateTime;
 
 use super::rollup::{Dimension, Granularity};
-use super::{Engine, SqlStore, StoreError, net_key_range, sqlite_time};
+use super::{Engine, SqlStore, StoreError, full_text, net_key_range, sqlite_time};
 
 /// Largest page a search returns.
 pub const MAX_PAGE: u32 = 1_000;
@@ -301,7 +301,7 @@ impl SqlStore {
         let limit = filter.limit.clamp(1, MAX_PAGE);
         let mut items = match &self.engine {
             Engine::Sqlite { reader, .. } => search_sqlite(reader, filter, limit + 1).await?,
-            Engine::Postgres(pool) => search_postgres(pool, filter, limit + 1).await?,
+            Engine::Postgres { pool, .. } => search_postgres(pool, filter, limit + 1).await?,
         };
         let more = items.len() > limit as usize;
         items.truncate(limit as usize);
@@ -355,7 +355,7 @@ impl SqlStore {
     pub async fn call(&self, correlation_id: &str) -> Result<Option<CallDetail>, StoreError> {
         match &self.engine {
             Engine::Sqlite { reader, .. } => call_sqlite(reader, correlation_id).await,
-            Engine::Postgres(pool) => call_postgres(pool, correlation_id).await,
+            Engine::Postgres { pool, .. } => call_postgres(pool, correlation_id).await,
         }
     }
 
@@ -422,7 +422,7 @@ impl SqlStore {
                     })
                     .collect()
             }
-            Engine::Postgres(pool) => {
+            Engine::Postgres { pool, .. } => {
                 let mut q = QueryBuilder::<Postgres>::new(if totals {
                     r#"SELECT MIN("Bucket"), "DimensionValue", SUM("Requests")::bigint, SUM("Errors")::bigint, SUM("PromptTokens")::bigint, SUM("CompletionTokens")::bigint, SUM("TotalTokens")::bigint, SUM("LatencySumMs")::bigint, MAX("LatencyMaxMs") FROM "GatehouseUsageRollup" WHERE "Granularity" = "#
                 } else {
@@ -685,9 +685,17 @@ fn push_postgres_search(
             .push_bind(f.from)
             .push(r#" AND "TimeGenerated" < "#)
             .push_bind(f.to)
-            .push(r#" AND "SearchText" @@ plainto_tsquery('simple', "#)
+            .push(r#" AND "SearchText" @@ "#);
+        // The store's own words (`full_text.rs`); or, for calls stored before it split the words
+        // itself, PostgreSQL's (which also makes e-mail addresses, URLs and paths single words).
+        if let Some(query) = full_text::tsquery(text) {
+            q.push("(").push_bind(query).push("::tsquery || ");
+        } else {
+            q.push("(");
+        }
+        q.push("plainto_tsquery('simple', ")
             .push_bind(text.to_owned())
-            .push("))");
+            .push(")))");
     }
     if let Some(cursor) = f.cursor {
         q.push(r#" AND (l."TimeGenerated", l."RecordId") < ("#)

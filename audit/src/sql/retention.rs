@@ -117,7 +117,7 @@ impl SqlStore {
                     }
                 }
             }
-            Engine::Postgres(pool) => {
+            Engine::Postgres { pool, .. } => {
                 // The DEFAULT partitions' rows of recent days go to their own partitions first,
                 // and the coming days get theirs.
                 self.maintain_partitions().await?;

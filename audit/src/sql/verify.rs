@@ -158,7 +158,7 @@ impl SqlStore {
                     }
                 }
             }
-            Engine::Postgres(pool) => {
+            Engine::Postgres { pool, .. } => {
                 let chains: Vec<String> = sqlx::query_scalar(
                     r#"SELECT DISTINCT "ChainId" FROM "GatehouseGatewayLogs" WHERE "TimeGenerated" >= $1 AND "TimeGenerated" < $2 AND "ChainId" IS NOT NULL ORDER BY "ChainId""#,
                 )

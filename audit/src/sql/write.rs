@@ -9,7 +9,7 @@ use sqlx::{Postgres, QueryBuilder, Sqlite};
 
 use super::rollup::fold;
 use super::search_index::{IndexRow, SearchIndex};
-use super::{Engine, SqlStore, StoreError, ip_key, sqlar, sqlite_time};
+use super::{Engine, SqlStore, StoreError, full_text, ip_key, sqlar, sqlite_time};
 use crate::rows::{GatewayLogRow, LlmLogRow};
 
 /// Rows per multi-row INSERT (SQLite allows 32,766 bound values; the widest table has 52 columns).
@@ -156,7 +156,15 @@ pub(super) async fn write(store: &SqlStore, records: &[AuditRecord]) -> Result<u
             search,
             ..
         } => write_sqlite(writer, reader, search, records).await,
-        Engine::Postgres(pool) => write_postgres(pool, records).await,
+        Engine::Postgres { pool, search_merge } => {
+            let new = write_postgres(pool, records).await?;
+            search_merge.after_write(
+                records
+                    .iter()
+                    .map(|r| r.time_generated.to_offset(time::UtcOffset::UTC).date()),
+            );
+            Ok(new)
+        }
     }
 }
 
@@ -385,10 +393,10 @@ async fn execute_pipelined<'q>(
     }
 }
 
-/// Content rows (bodies and the full-text vector, the costly part) are written by this many
-/// connections at once, each in its own transaction, while the metadata transaction runs beside
-/// them; the metadata commits only after every content row has.
-const POSTGRES_CONTENT_WRITERS: usize = 2;
+/// Content (bodies, the full-text vector and the LLM log's pieces: the costly part) is written
+/// by this many connections at once, each in its own transaction, while the metadata transaction
+/// runs beside them; the metadata commits only after all content has.
+const POSTGRES_CONTENT_WRITERS: usize = 3;
 
 async fn write_postgres(pool: &sqlx::PgPool, records: &[AuditRecord]) -> Result<usize, StoreError> {
     // Content first (committed before the metadata that points at it): a batch retried after a
@@ -417,27 +425,55 @@ async fn write_postgres(pool: &sqlx::PgPool, records: &[AuditRecord]) -> Result<
     Ok(new)
 }
 
-/// Bodies and the full-text vector of `records`, in one transaction.
+/// Bodies, full-text vectors and LLM-log pieces of `records`, in one transaction.
 async fn write_postgres_content(
     pool: &sqlx::PgPool,
     records: &[&AuditRecord],
 ) -> Result<(), StoreError> {
+    // Splitting the text into words takes ≈ 30–60 µs a call: on a blocking thread, while the
+    // transaction starts and the pieces are written.
+    let texts: Vec<(String, String)> = records.iter().map(|r| search_text(r)).collect();
+    let vectors = tokio::task::spawn_blocking(move || {
+        texts
+            .iter()
+            .map(|(prompt, completion)| full_text::TsVector::of(&[prompt, completion]))
+            .collect::<Vec<_>>()
+    });
     let mut tx = pool.begin().await?;
-    for chunk in records.chunks(ROWS_PER_STATEMENT) {
+
+    let pieces: Vec<LlmLogRow> = records
+        .iter()
+        .flat_map(|r| LlmLogRow::from_record(r))
+        .filter(|row| row.sequence_number > 0)
+        .collect();
+    for chunk in pieces.chunks(ROWS_PER_STATEMENT) {
+        let mut query = QueryBuilder::<Postgres>::new(POSTGRES_LLM_PIECE_INSERT);
+        query.push_values(chunk, |mut b, row| {
+            bind_llm_row!(b, row.clone(), row.time_generated);
+        });
+        query.push(
+            r#" ON CONFLICT ("CorrelationId", "SequenceNumber", "TimeGenerated") DO NOTHING"#,
+        );
+        query.build().execute(&mut *tx).await?;
+    }
+
+    let vectors = vectors.await.map_err(|error| {
+        StoreError::Database(sqlx::Error::Protocol(format!(
+            "building the full-text vectors failed: {error}"
+        )))
+    })?;
+    let rows: Vec<(&AuditRecord, full_text::TsVector)> =
+        records.iter().copied().zip(vectors).collect();
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
         let mut query = QueryBuilder::<Postgres>::new(
             r#"INSERT INTO "GatehouseCallContent" ("CorrelationId", "TimeGenerated", "BackendRequestBody", "BackendResponseBody", "SearchText") "#,
         );
-        query.push_values(chunk, |mut b, record| {
-            let (prompt, completion) = search_text(record);
-            b.push_bind(record.correlation_id.clone())
+        query.push_values(chunk, |mut b, (record, vector)| {
+            b.push_bind(record.correlation_id.as_str())
                 .push_bind(record.time_generated)
-                .push_bind(record.backend_request_body.clone())
-                .push_bind(record.backend_response_body.clone())
-                .push_unseparated(", to_tsvector('simple', ")
-                .push_bind_unseparated(prompt)
-                .push_unseparated(" || ' ' || ")
-                .push_bind_unseparated(completion)
-                .push_unseparated(")");
+                .push_bind(record.backend_request_body.as_deref())
+                .push_bind(record.backend_response_body.as_deref())
+                .push_bind(vector);
         });
         // The day partition's key includes "TimeGenerated", which a replayed record repeats.
         query.push(r#" ON CONFLICT ("CorrelationId", "TimeGenerated") DO NOTHING"#);
@@ -447,7 +483,7 @@ async fn write_postgres_content(
     Ok(())
 }
 
-/// Metadata, LLM pieces and rollups of the records not stored yet, in a transaction left open for
+/// Metadata, LLM-log headers and rollups of the records not stored yet, in a transaction left open for
 /// the caller to commit. Returns it and how many records were new.
 async fn write_postgres_metadata<'a>(
     pool: &'a sqlx::PgPool,
@@ -476,24 +512,21 @@ async fn write_postgres_metadata<'a>(
         .filter(|r| inserted.contains(&r.correlation_id))
         .collect();
 
-    let (headers, pieces): (Vec<LlmLogRow>, Vec<LlmLogRow>) = new
+    // The LLM log's header rows; its pieces are written with the content.
+    let headers: Vec<LlmLogRow> = new
         .iter()
         .flat_map(|r| LlmLogRow::from_record(r))
-        .partition(|row| row.sequence_number == 0);
-    for (insert, rows) in [
-        (POSTGRES_LLM_HEADER_INSERT, &headers),
-        (POSTGRES_LLM_PIECE_INSERT, &pieces),
-    ] {
-        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-            let mut query = QueryBuilder::<Postgres>::new(insert);
-            query.push_values(chunk, |mut b, row| {
-                bind_llm_row!(b, row.clone(), row.time_generated);
-            });
-            query.push(
-                r#" ON CONFLICT ("CorrelationId", "SequenceNumber", "TimeGenerated") DO NOTHING"#,
-            );
-            query.build().execute(&mut *tx).await?;
-        }
+        .filter(|row| row.sequence_number == 0)
+        .collect();
+    for chunk in headers.chunks(ROWS_PER_STATEMENT) {
+        let mut query = QueryBuilder::<Postgres>::new(POSTGRES_LLM_HEADER_INSERT);
+        query.push_values(chunk, |mut b, row| {
+            bind_llm_row!(b, row.clone(), row.time_generated);
+        });
+        query.push(
+            r#" ON CONFLICT ("CorrelationId", "SequenceNumber", "TimeGenerated") DO NOTHING"#,
+        );
+        query.build().execute(&mut *tx).await?;
     }
 
     let rollups: Vec<_> = fold(new.iter().copied()).into_iter().collect();
