@@ -386,15 +386,18 @@ impl AuditQueue {
         }
     }
 
-    /// Whether the writer can place records nowhere: it stopped, holds records that neither the
-    /// sink nor the journal takes, or the sink is down with no journal or a full one.
+    /// Whether the writer can place records nowhere: it stopped, or the sink is down with no
+    /// journal, a full one, or records in hand that the journal refused. While the sink works,
+    /// a full journal only slows the writer: the sink drains it, then takes the records the
+    /// writer holds, and room comes at the pace the sink keeps.
     fn stuck(&self) -> bool {
         let shared = &self.shared;
-        if self.sender.is_closed() || shared.blocked.load(Ordering::Relaxed) {
+        if self.sender.is_closed() {
             return true;
         }
         let journal_full = shared.journal_bytes.load(Ordering::Relaxed) >= shared.journal_max_bytes;
-        shared.sink_down.load(Ordering::Relaxed) && (!shared.has_journal || journal_full)
+        shared.sink_down.load(Ordering::Relaxed)
+            && (!shared.has_journal || journal_full || shared.blocked.load(Ordering::Relaxed))
     }
 
     /// Whether the gateway must refuse a call that holds room for its record

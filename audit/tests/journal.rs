@@ -502,6 +502,57 @@ async fn fail_closed_admission_closes_when_the_journal_is_full_and_reopens_after
     assert!(verify(stored).is_intact());
 }
 
+/// A sink slower than the calls (here: stalled, not failing) fills the journal; the calls then
+/// wait for room, and the records come through once the sink catches up. Before, a full journal
+/// made the writer refuse room at once, and the calls went on without their records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_journal_in_front_of_a_working_sink_makes_calls_wait_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = SwitchSink::new();
+    sink.stalling(true);
+    let (queue, writer) = start(
+        &sink,
+        QueueSettings {
+            capacity: 4,
+            journal_max_bytes: 16 * 1024,
+            sink_timeout: Duration::from_secs(60),
+            room_wait: Duration::from_secs(20),
+            ..settings(dir.path())
+        },
+    )
+    .await;
+    let calls: Vec<_> = (0..200)
+        .map(|i| {
+            let queue = queue.clone();
+            tokio::spawn(async move {
+                let slot = queue
+                    .reserve()
+                    .await
+                    .expect("room comes once the sink catches up");
+                slot.submit(record(i));
+            })
+        })
+        .collect();
+    eventually("the journal to fill and calls to wait", || {
+        let stats = queue.stats();
+        stats.journal_bytes > 8 * 1024 && stats.waited > 0
+    })
+    .await;
+    assert!(queue.stats().sink_up, "the sink is slow, not down");
+    assert_ne!(queue.admission(), Admission::Closed);
+
+    sink.stalling(false);
+    for call in calls {
+        call.await.unwrap();
+    }
+    let stats = finish(queue, writer).await;
+    let mut stored = ids(&sink.records());
+    stored.sort();
+    stored.dedup();
+    assert_eq!(stored, expected(0..200), "every call's record");
+    assert_eq!(stats.rejected, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_journal_records_wait_in_the_queue_and_admission_closes() {
     let sink = SwitchSink::new();
