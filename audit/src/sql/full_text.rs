@@ -3,16 +3,17 @@
 //! PostgreSQL's text-search parser was half of the server's time writing a call (≈ 270 µs to
 //! parse 4 KB of prompt and completion: it converts the text to wide characters and classifies
 //! every character through the C library, then sorts every token). The store now splits the text
-//! into words itself and sends the `tsvector` as its text form, which the server only reads
-//! (`'word':1,4 'other':2`, in binary form). Searches split their words the same way, so what is written and
-//! what is searched always agree:
+//! into words itself and sends the `tsvector` in PostgreSQL's binary form, which the server only
+//! checks and copies ([`TsVector`]). Searches split their words the same way, so what is written
+//! and what is searched always agree:
 //!
 //! - a word is a run of letters and digits (Unicode alphanumerics), lower-cased; everything else
 //!   separates words, as SQLite's FTS5 `unicode61` tokenizer does. `INV-2024-0042` is the three
 //!   words `inv`, `2024`, `0042` at consecutive positions;
 //! - a search word that splits into several words is searched as a phrase of them (`<->`), so
 //!   `INV-2024-0042` finds that invoice number and not calls that hold the three parts apart;
-//!   the search words must all match (`&`), as with `plainto_tsquery`.
+//!   the search words must all match (`&`), as with `plainto_tsquery`;
+//! - words hold no NUL (it is not alphanumeric), which the binary form ends each word with.
 //!
 //! PostgreSQL's own limits are kept, as `to_tsvector` keeps them: words longer than 2,046 bytes
 //! are not indexed, positions above 16,383 count as 16,383, a word keeps at most 256 positions,

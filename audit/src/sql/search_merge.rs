@@ -57,6 +57,7 @@ impl SearchMerge {
                         .collect();
                 match merge_pending(&pool, Some(&written)).await {
                     Ok(_) => failing = false,
+                    Err(_) if pool.is_closed() => break,
                     Err(error) if !failing => {
                         failing = true;
                         tracing::warn!(%error, "audit store: merging the full-text index's pending list failed; writes merge it when it reaches 64 MB");
