@@ -502,9 +502,10 @@ async fn fail_closed_admission_closes_when_the_journal_is_full_and_reopens_after
     assert!(verify(stored).is_intact());
 }
 
-/// A sink slower than the calls (here: stalled, not failing) fills the journal; the calls then
-/// wait for room, and the records come through once the sink catches up. Before, a full journal
-/// made the writer refuse room at once, and the calls went on without their records.
+/// A sink slower than the calls (here: stalled, not failing) fills the journal, and the writer
+/// holds records the journal refused; calls that come then wait for room, and every record comes
+/// through once the sink catches up. Before, the writer counted itself stuck while it held them:
+/// such calls got no room at once and went on without their records.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_journal_in_front_of_a_working_sink_makes_calls_wait_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -516,35 +517,37 @@ async fn a_full_journal_in_front_of_a_working_sink_makes_calls_wait_and_loses_no
             capacity: 4,
             journal_max_bytes: 16 * 1024,
             sink_timeout: Duration::from_secs(60),
-            room_wait: Duration::from_secs(20),
+            room_wait: Duration::from_secs(60),
             ..settings(dir.path())
         },
     )
     .await;
-    let calls: Vec<_> = (0..200)
-        .map(|i| {
-            let queue = queue.clone();
-            tokio::spawn(async move {
-                let slot = queue
-                    .reserve()
-                    .await
-                    .expect("room comes once the sink catches up");
-                slot.submit(record(i));
-            })
-        })
-        .collect();
-    eventually("the journal to fill and calls to wait", || {
-        let stats = queue.stats();
-        stats.journal_bytes > 8 * 1024 && stats.waited > 0
-    })
-    .await;
-    assert!(queue.stats().sink_up, "the sink is slow, not down");
-    assert_ne!(queue.admission(), Admission::Closed);
+    queue.reserve().await.unwrap().submit(record(0));
+    eventually("the first write to start", || sink.started() == 1).await;
+    // Calls arrive one every 5 ms for a second while the sink stalls: the journal fills within
+    // the first few, and the later ones find the writer holding what it refused.
+    let mut calls = Vec::new();
+    for i in 1..200 {
+        let queue = queue.clone();
+        calls.push(tokio::spawn(async move {
+            match queue.reserve().await {
+                Ok(slot) => {
+                    slot.submit(record(i));
+                    Ok(())
+                }
+                Err(refused) => Err(format!("call {i} got no room: {refused:?}")),
+            }
+        }));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let stats = queue.stats();
+    assert!(stats.sink_up && stats.waited > 0, "{stats:?}");
 
     sink.stalling(false);
     for call in calls {
-        call.await.unwrap();
+        call.await.unwrap().unwrap();
     }
+    settle(&queue).await;
     let stats = finish(queue, writer).await;
     let mut stored = ids(&sink.records());
     stored.sort();
