@@ -111,6 +111,7 @@ on_both_engines!(
     a_replayed_batch_is_stored_once,
     search_filters_and_keyset_pages,
     full_text_finds_words_and_split_words_as_phrases,
+    full_text_searches_what_the_messages_say_not_their_json,
     usage_comes_from_rollups,
     export_streams_every_match,
     content_expires_before_metadata,
@@ -220,7 +221,9 @@ async fn sqlite_full_text_index_is_a_file_of_its_own_and_catches_up_from_the_llm
     };
 
     let store = SqlStore::open(&url).await.unwrap();
-    assert_eq!(store.write(&records(60)).await.unwrap(), 60);
+    let mut first = records(60);
+    first[10] = record_saying(10, "alpha\nbravo");
+    assert_eq!(store.write(&first).await.unwrap(), 60);
     assert_eq!(
         found(store.search(&find("number 42")).await.unwrap()),
         ["call-00042"]
@@ -257,12 +260,13 @@ async fn sqlite_full_text_index_is_a_file_of_its_own_and_catches_up_from_the_llm
     loop {
         let early = found(store.search(&find("number 42")).await.unwrap());
         let late = found(store.search(&find("number 77")).await.unwrap());
-        if early == ["call-00042"] && late == ["call-00077"] {
+        let second_line = found(store.search(&find("bravo")).await.unwrap());
+        if early == ["call-00042"] && late == ["call-00077"] && second_line == ["call-00010"] {
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "the index did not catch up: {early:?} {late:?}"
+            "the index did not catch up: {early:?} {late:?} {second_line:?}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
@@ -713,6 +717,56 @@ async fn full_text_finds_words_and_split_words_as_phrases(store: &SqlStore) {
     assert_eq!(found(store, "w7").await, ["call-00002"]);
     assert!(found(store, "nowhere").await.is_empty());
     assert!(found(store, "?? --").await.is_empty());
+}
+
+/// Search covers what prompts and completions say: the word after a line break is a word (the
+/// JSON text has `\nword`), and the JSON's keys, roles and inlined media are not searchable.
+async fn full_text_searches_what_the_messages_say_not_their_json(store: &SqlStore) {
+    let mut answered = record_saying(1, "Summarise the report");
+    answered.response_messages = Some(
+        json!([{"role": "assistant", "content": "Revenue rose.\nMargins\tfell.\r\nOutlook: \"stable\""}])
+            .to_string(),
+    );
+    let mut picture = record(2);
+    picture.request_messages = Some(
+        json!([{"role": "user", "content": [
+            {"type": "text", "text": "What is in this picture?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUg"}}
+        ]}])
+        .to_string(),
+    );
+    let batch = vec![
+        record_saying(0, "Dear team,\nplease review\n\nthe budget"),
+        answered,
+        picture,
+    ];
+    assert!(
+        batch[0]
+            .request_messages
+            .as_deref()
+            .unwrap()
+            .contains("\\nplease")
+    );
+    assert_eq!(store.write(&batch).await.unwrap(), 3);
+    store.settle_search_index().await.unwrap();
+
+    assert_eq!(found(store, "please").await, ["call-00000"]);
+    assert_eq!(found(store, "budget team").await, ["call-00000"]);
+    assert_eq!(found(store, "margins").await, ["call-00001"]);
+    assert_eq!(found(store, "fell outlook stable").await, ["call-00001"]);
+    assert_eq!(found(store, "picture").await, ["call-00002"]);
+    for absent in [
+        "nplease",
+        "nmargins",
+        "role",
+        "content",
+        "user",
+        "assistant",
+        "image_url",
+    ] {
+        assert!(found(store, absent).await.is_empty(), "{absent} was found");
+    }
+    assert!(found(store, "iVBORw0KGgoAAAANSUhEUg").await.is_empty());
 }
 
 async fn usage_comes_from_rollups(store: &SqlStore) {

@@ -12,6 +12,7 @@
 //! Every statement binds its values; no text of a record is ever formatted into SQL.
 
 mod full_text;
+mod message_text;
 mod partitions;
 mod read;
 mod retention;

@@ -17,6 +17,7 @@
 //! indexed. The store's reader connections attach the file as `search`, so queries name the table
 //! `GatehouseContentSearch` as before.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +28,7 @@ use sqlx::{QueryBuilder, Sqlite, SqliteConnection, Transaction};
 use tokio::sync::{Mutex, MutexGuard};
 
 use super::StoreError;
+use super::message_text::searchable;
 
 /// Calls indexed per transaction when the index catches up.
 const CATCH_UP_BATCH: i64 = 512;
@@ -240,7 +242,13 @@ impl SearchIndex {
         .bind(through)
         .fetch_all(reader)
         .await?;
-        let rows = join_pieces(pieces);
+        let rows = tokio::task::spawn_blocking(move || searchable_rows(join_pieces(pieces)))
+            .await
+            .map_err(|error| {
+                StoreError::Database(sqlx::Error::Protocol(format!(
+                    "reading the searchable text failed: {error}"
+                )))
+            })?;
         let mut tx = self.pool.begin().await?;
         insert(&mut tx, rows).await?;
         set_indexed_through(&mut tx, through).await?;
@@ -282,6 +290,23 @@ fn join_pieces(pieces: Vec<(i64, Option<String>, Option<String>)>) -> Vec<IndexR
         }
     }
     rows
+}
+
+/// The rows to index for calls whose prompt and completion are `rows`, as recorded (JSON): what
+/// they say, as the store indexes a call it writes (`message_text`).
+fn searchable_rows(rows: Vec<IndexRow>) -> Vec<IndexRow> {
+    rows.into_iter()
+        .map(|(id, prompt, completion)| {
+            let text = |json: String| {
+                let read = match searchable(&json) {
+                    Cow::Owned(text) => Some(text),
+                    Cow::Borrowed(_) => None,
+                };
+                read.unwrap_or(json)
+            };
+            (id, text(prompt), text(completion))
+        })
+        .collect()
 }
 
 async fn insert(tx: &mut Transaction<'static, Sqlite>, rows: Vec<IndexRow>) -> sqlx::Result<()> {
