@@ -57,7 +57,7 @@ fn words(text: &str) -> impl Iterator<Item = Cow<'_, str>> {
         .filter(|word| word.len() <= MAX_WORD_BYTES)
 }
 
-/// Appends `word` quoted as a `tsvector` or `tsquery` lexeme: in single quotes, with quotes
+/// Appends `word` quoted as a `tsquery` lexeme: in single quotes, with quotes
 /// doubled and backslashes escaped (words hold neither, but the quoting does not rely on it).
 fn push_quoted(out: &mut String, word: &str) {
     out.push('\'');
