@@ -1206,14 +1206,30 @@ async fn postgres_full_text_pending_list_is_merged_beside_the_writes() {
     }
     assert_eq!(found(store, "number 42").await, ["call-00042"]);
 
-    // Pending entries are found before the merge too; settling merges them.
+    // Pending entries are found before the merge too.
     let mut late = record_saying(60, "a late question");
     late.correlation_id = "call-late".to_owned();
     store.write(&[late]).await.unwrap();
     assert_eq!(found(store, "late question").await, ["call-late"]);
+
+    // Settling merges what is pending itself: vectors changed behind the store's back (which
+    // wakes no merge task) stay pending until it is asked.
+    sqlx::query(
+        r#"UPDATE "GatehouseCallContent" SET "SearchText" = to_tsvector('simple', 'rewritten words')
+           WHERE "CorrelationId" IN ('call-00001', 'call-00002')"#,
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(pending().await > 0, "nothing was left pending to settle");
     store.settle_search_index().await.unwrap();
     assert_eq!(pending().await, 0);
     assert_eq!(found(store, "late question").await, ["call-late"]);
+    assert_eq!(
+        found(store, "rewritten words").await,
+        ["call-00001", "call-00002"]
+    );
 }
 
 /// Partitions of prompts, completions and vectors keep 8 KB rows whole and compress vectors with
