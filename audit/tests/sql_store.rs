@@ -1213,7 +1213,26 @@ async fn postgres_full_text_pending_list_is_merged_beside_the_writes() {
     assert_eq!(found(store, "late question").await, ["call-late"]);
 
     // Settling merges what is pending itself: vectors changed behind the store's back (which
-    // wakes no merge task) stay pending until it is asked.
+    // wakes no merge task) stay pending until it is asked. First the merge the late call woke
+    // must be over, or it would merge them too.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let merging: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND pid <> pg_backend_pid() AND state <> 'idle' AND query LIKE '%gin_clean_pending_list%'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if merging == 0 && pending().await == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the late call's merge did not end"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     sqlx::query(
         r#"UPDATE "GatehouseCallContent" SET "SearchText" = to_tsvector('simple', 'rewritten words')
            WHERE "CorrelationId" IN ('call-00001', 'call-00002')"#,
