@@ -172,10 +172,15 @@ pub struct RollupSums {
 }
 
 /// Folds records into rollup rows.
+///
+/// Each record adds to about 24 rows, so the map is hashed with foldhash rather than the
+/// slower SipHash, in its quality variant seeded at random: the values (user names,
+/// deployments, addresses) come from callers.
 pub fn fold<'a>(
     records: impl IntoIterator<Item = &'a AuditRecord>,
-) -> HashMap<RollupKey, RollupSums> {
-    let mut rows: HashMap<RollupKey, RollupSums> = HashMap::new();
+) -> HashMap<RollupKey, RollupSums, foldhash::quality::RandomState> {
+    let mut rows: HashMap<RollupKey, RollupSums, foldhash::quality::RandomState> =
+        HashMap::default();
     for record in records {
         let usage = record.usage.unwrap_or_default();
         let latency = i64::try_from(record.total_time).unwrap_or(i64::MAX);

@@ -105,8 +105,9 @@ postgres_log_columns! {
     content_hash: Option<String> = row.content_hash => "ContentHash" "text",
 }
 
-/// JSON text as a `jsonb` value, sent as it is; `null` when it is not JSON (the rows' JSON
-/// columns are serialized by `GatewayLogRow`, so this does not happen).
+/// JSON text as a JSON value (`jsonb` on PostgreSQL, text on SQLite), sent as it is rather than
+/// parsed and written again; `null` when it is not JSON (the rows' JSON columns are serialized by
+/// `GatewayLogRow`, so this does not happen).
 fn json_or_null(text: String) -> Json<Option<Box<RawValue>>> {
     Json(RawValue::from_string(text).ok())
 }
@@ -168,9 +169,7 @@ macro_rules! bind_log_row {
             .push_bind(row.user_id)
             .push_bind(row.user_name)
             .push_bind(row.entra_tenant_id)
-            .push_bind(Json(
-                serde_json::from_str::<serde_json::Value>(&row.groups).unwrap_or_default(),
-            ))
+            .push_bind(json_or_null(row.groups))
             .push_bind(row.deployment_name)
             .push_bind(row.model_name)
             .push_bind(row.api_version)
@@ -181,9 +180,7 @@ macro_rules! bind_log_row {
             .push_bind(row.cached_tokens)
             .push_bind(row.reasoning_tokens)
             .push_bind(row.tokens_estimated)
-            .push_bind(Json(
-                serde_json::from_str::<serde_json::Value>(&row.attempts).unwrap_or_default(),
-            ))
+            .push_bind(json_or_null(row.attempts))
             .push_bind(row.attempt_count)
             .push_bind(row.request_body_truncated)
             .push_bind(row.response_body_truncated)
