@@ -17,7 +17,6 @@
 //! its arguments (a JSON string, searched as text), a refusal, an image's URL. Text that is not
 //! JSON (it never is, from the gateway) is indexed as it is.
 
-use std::borrow::Cow;
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -30,15 +29,15 @@ pub(super) const STRUCTURAL_KEYS: &[&str] = &[
 
 /// The searchable text of `json`, a prompt or a completion as the gateway records it; see the
 /// module's documentation.
-pub(super) fn searchable(json: &str) -> Cow<'_, str> {
+pub(super) fn searchable(json: &str) -> String {
     let mut text = String::with_capacity(json.len());
     let mut deserializer = serde_json::Deserializer::from_str(json);
     let read = Collect { text: &mut text }
         .deserialize(&mut deserializer)
         .and_then(|()| deserializer.end());
     match read {
-        Ok(()) => Cow::Owned(text),
-        Err(_) => Cow::Borrowed(json),
+        Ok(()) => text,
+        Err(_) => json.to_owned(),
     }
 }
 

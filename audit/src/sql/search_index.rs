@@ -17,7 +17,6 @@
 //! indexed. The store's reader connections attach the file as `search`, so queries name the table
 //! `GatehouseContentSearch` as before.
 
-use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -296,16 +295,7 @@ fn join_pieces(pieces: Vec<(i64, Option<String>, Option<String>)>) -> Vec<IndexR
 /// they say, as the store indexes a call it writes (`message_text`).
 fn searchable_rows(rows: Vec<IndexRow>) -> Vec<IndexRow> {
     rows.into_iter()
-        .map(|(id, prompt, completion)| {
-            let text = |json: String| {
-                let read = match searchable(&json) {
-                    Cow::Owned(text) => Some(text),
-                    Cow::Borrowed(_) => None,
-                };
-                read.unwrap_or(json)
-            };
-            (id, text(prompt), text(completion))
-        })
+        .map(|(id, prompt, completion)| (id, searchable(&prompt), searchable(&completion)))
         .collect()
 }
 

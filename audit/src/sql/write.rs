@@ -236,7 +236,7 @@ fn messages(record: &AuditRecord) -> (Option<String>, Option<String>) {
 fn search_texts(messages: &[(Option<String>, Option<String>)]) -> Vec<(String, String)> {
     let text = |json: &Option<String>| {
         json.as_deref()
-            .map(|json| message_text::searchable(json).into_owned())
+            .map(message_text::searchable)
             .unwrap_or_default()
     };
     messages
