@@ -119,6 +119,27 @@ on_both_engines!(
     chains_verify_from_the_store,
 );
 
+/// The SQLite the store runs on is built as `.cargo/config.toml` asks: without the process-wide
+/// mutexes of memory statistics and memory management, on which the store's two writer
+/// connections waited for each other (bench/README.md). A build that lost the setting fails here.
+#[tokio::test]
+async fn sqlite_is_built_without_process_wide_memory_mutexes() {
+    let test = sqlite().await;
+    let options: Vec<String> = sqlx::query_scalar("PRAGMA compile_options")
+        .fetch_all(test.store.sqlite_pool().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        options.iter().any(|o| o == "DEFAULT_MEMSTATUS=0"),
+        "{options:?}"
+    );
+    assert!(
+        !options.iter().any(|o| o == "ENABLE_MEMORY_MANAGEMENT"),
+        "{options:?}"
+    );
+    assert!(options.iter().any(|o| o == "ENABLE_FTS5"), "{options:?}");
+}
+
 /// The planner's statistics are refreshed for every indexed table of the schema, never for the
 /// full-text index's shadow tables, and only while the store is under the bound: `ANALYZE` counts
 /// every index entry exactly, and at every start of a store larger than memory that took minutes.
