@@ -306,8 +306,9 @@ async fn a_slow_sink_sends_records_to_the_journal_without_blocking_submit() {
         "the submit loop finished before the slow sink returned once"
     );
     // The channel is empty as soon as the writer has taken the last batch, but the journal's
-    // append of it runs beside the writer and counts it when done: waited for, then counted
-    // exactly.
+    // append of it runs beside the writer and counts it when done; and a backlog sends the stuck
+    // write's batch to the journal before its timeout has fired. Both are waited for, then
+    // counted exactly.
     eventually(
         "every record journaled and the stuck write timed out",
         || {
