@@ -17,8 +17,9 @@ pub use gatehouse_schema::AuditRecord;
 pub use jsonl::JsonLinesSink;
 pub use memory::MemorySink;
 pub use queue::{
-    Admission, AuditQueue, DEFAULT_CAPACITY, DEFAULT_JOURNAL_MAX_BYTES, DEFAULT_ROOM_WAIT,
-    DEFAULT_SINK_TIMEOUT, QueueSettings, QueueStats, RecordRefused, RecordSlot, WriterHandle,
+    Admission, AuditQueue, DEFAULT_CAPACITY, DEFAULT_JOURNAL_MAX_BYTES, DEFAULT_MAX_BYTES,
+    DEFAULT_ROOM_WAIT, DEFAULT_SINK_TIMEOUT, QueueSettings, QueueStats, RecordRefused, RecordSlot,
+    WriterHandle, record_bytes,
 };
 
 /// Why a sink could not store a batch.

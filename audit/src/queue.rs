@@ -48,6 +48,11 @@
 //! missing, or the writer stopped): then it is served without room (its record is refused if
 //! the queue is still full when it ends) or, failing closed, refused.
 //!
+//! The queue is full in bytes too: [`QueueSettings::max_bytes`] bounds what the records handed
+//! over and not yet stored or journaled weigh ([`record_bytes`]), since captured bodies make some
+//! records thousands of times heavier than others. At the bound new calls wait as for a full
+//! queue; the records of calls already in progress are still taken, so the bound is soft by those.
+//!
 //! # Admission and fail-closed
 //!
 //! [`AuditQueue::admission`] says, before a call is forwarded, whether its record could be kept;
@@ -102,6 +107,8 @@ pub const DEFAULT_SINK_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_JOURNAL_MAX_BYTES: u64 = 1 << 30;
 /// The queue's capacity, unless set.
 pub const DEFAULT_CAPACITY: usize = 10_000;
+/// The bytes of records the queue and its writer hold in memory, unless set: 256 MiB.
+pub const DEFAULT_MAX_BYTES: u64 = 256 << 20;
 
 /// How the queue and its writer behave.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,6 +116,11 @@ pub struct QueueSettings {
     /// Records the channel holds, counting the room that calls in progress took for theirs
     /// ([`AuditQueue::reserve`]): past it, new calls wait, and [`AuditQueue::submit`] refuses.
     pub capacity: usize,
+    /// Bytes of the records held in memory, submitted and neither stored nor journaled yet
+    /// ([`record_bytes`]): at or past it, new calls wait as they do for a full queue, and
+    /// [`AuditQueue::submit`] refuses. Records of calls that already hold room are taken past
+    /// it, so the bound is soft by what those calls bring.
+    pub max_bytes: u64,
     /// Where the journal and the chain state live; `None` keeps no journal (records wait in the
     /// channel while the sink is down) and no chain state (every start begins marked segments).
     pub journal_dir: Option<PathBuf>,
@@ -127,6 +139,7 @@ impl Default for QueueSettings {
     fn default() -> Self {
         QueueSettings {
             capacity: DEFAULT_CAPACITY,
+            max_bytes: DEFAULT_MAX_BYTES,
             journal_dir: None,
             sink_timeout: DEFAULT_SINK_TIMEOUT,
             journal_max_bytes: DEFAULT_JOURNAL_MAX_BYTES,
@@ -163,12 +176,13 @@ impl RecordSlot {
     /// Hands the record over in the room taken for it; never refuses for want of space.
     pub fn submit(self, record: AuditRecord) {
         let correlation_id = record.correlation_id.clone();
+        let bytes = record_bytes(&record);
         let sender = self.permit.send(record);
         if sender.is_closed() {
             // The writer task is gone (it panicked): nothing will take the record.
             self.shared.refused(&correlation_id, RecordRefused::Stopped);
         } else {
-            self.shared.enqueued.fetch_add(1, Ordering::Relaxed);
+            self.shared.taken(bytes);
         }
     }
 }
@@ -176,7 +190,7 @@ impl RecordSlot {
 /// Why [`AuditQueue::try_submit`] refused a record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum RecordRefused {
-    /// The queue is at capacity.
+    /// The queue is at capacity, in records or in bytes.
     #[error("the audit queue is full")]
     Full,
     /// The writer task has stopped.
@@ -197,6 +211,11 @@ struct Shared {
     enqueued: AtomicU64,
     /// Records of `enqueued` written to the sink or the journal.
     settled: AtomicU64,
+    /// Bytes of the records of `enqueued` not settled yet ([`record_bytes`]).
+    held_bytes: AtomicU64,
+    max_bytes: u64,
+    /// Woken when `held_bytes` falls below `max_bytes`.
+    bytes_freed: tokio::sync::Notify,
     written: AtomicU64,
     rejected: AtomicU64,
     write_errors: AtomicU64,
@@ -221,6 +240,44 @@ impl Shared {
         counter.fetch_add(count as u64, Ordering::Relaxed);
     }
 
+    /// Counts a record of `bytes` handed to the writer.
+    fn taken(&self, bytes: u64) {
+        self.held_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.enqueued.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts records handed over earlier as out of memory: stored, journaled, or (at a shutdown
+    /// that could keep them nowhere) lost; `settled` unless lost.
+    fn release(&self, records: &[AuditRecord], settled: bool) {
+        let bytes: u64 = records.iter().map(record_bytes).sum();
+        if settled {
+            Shared::add(&self.settled, records.len());
+        }
+        let before = self.held_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        if before >= self.max_bytes && before - bytes < self.max_bytes {
+            self.bytes_freed.notify_waiters();
+        }
+    }
+
+    /// Whether the records held in memory are under the byte bound.
+    fn under_max_bytes(&self) -> bool {
+        self.held_bytes.load(Ordering::Relaxed) < self.max_bytes
+    }
+
+    /// Waits until the records held in memory are under the byte bound.
+    async fn bytes_under_max(&self) {
+        loop {
+            let freed = self.bytes_freed.notified();
+            tokio::pin!(freed);
+            // Registered before the check, so that a release between the two still wakes it.
+            freed.as_mut().enable();
+            if self.under_max_bytes() {
+                return;
+            }
+            freed.await;
+        }
+    }
+
     /// Counts and logs a record the queue could not take.
     fn refused(&self, correlation_id: &str, reason: RecordRefused) {
         self.rejected.fetch_add(1, Ordering::Relaxed);
@@ -233,6 +290,8 @@ impl Shared {
 pub struct QueueStats {
     /// Records submitted and held in memory: neither in the sink nor in the journal yet.
     pub depth: u64,
+    /// Bytes of those records ([`record_bytes`]).
+    pub depth_bytes: u64,
     /// Records handed to the queue since start.
     pub enqueued: u64,
     /// Records the sink has stored since start, replayed ones included.
@@ -318,22 +377,33 @@ impl AuditQueue {
         self.try_submit(record).is_ok()
     }
 
-    /// Takes room for one call's record. While the queue is full this waits for room, up to
+    /// Takes room for one call's record. While the queue is full (in records, or in bytes:
+    /// [`QueueSettings::max_bytes`]) this waits for room, up to
     /// [`QueueSettings::room_wait`] (counted in [`QueueStats::waited`]) — unless the writer can
     /// place records nowhere (see [`Admission::Closed`]), when waiting would not help. `Err`
     /// when no room came: the call then goes on without (its record is submitted with
     /// [`AuditQueue::submit`]) or, failing closed, is refused.
     pub async fn reserve(&self) -> Result<RecordSlot, RecordRefused> {
-        let sender = match self.sender.clone().try_reserve_owned() {
-            Ok(permit) => return Ok(self.slot(permit)),
-            Err(mpsc::error::TrySendError::Closed(_)) => return Err(RecordRefused::Stopped),
-            Err(mpsc::error::TrySendError::Full(sender)) => sender,
+        let sender = if self.shared.under_max_bytes() {
+            match self.sender.clone().try_reserve_owned() {
+                Ok(permit) => return Ok(self.slot(permit)),
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(RecordRefused::Stopped),
+                Err(mpsc::error::TrySendError::Full(sender)) => sender,
+            }
+        } else if self.sender.is_closed() {
+            return Err(RecordRefused::Stopped);
+        } else {
+            self.sender.clone()
         };
         if self.stuck() {
             return Err(RecordRefused::Full);
         }
         self.shared.waited.fetch_add(1, Ordering::Relaxed);
-        match tokio::time::timeout(self.shared.room_wait, sender.reserve_owned()).await {
+        let room = async {
+            self.shared.bytes_under_max().await;
+            sender.reserve_owned().await
+        };
+        match tokio::time::timeout(self.shared.room_wait, room).await {
             Ok(Ok(permit)) => Ok(self.slot(permit)),
             Ok(Err(_)) => Err(RecordRefused::Stopped),
             Err(_) => {
@@ -356,9 +426,15 @@ impl AuditQueue {
     /// Hands a record to the writer without waiting, saying why when it cannot (the refusal is
     /// counted and logged).
     pub fn try_submit(&self, record: AuditRecord) -> Result<(), RecordRefused> {
+        if !self.shared.under_max_bytes() && !self.sender.is_closed() {
+            self.shared
+                .refused(&record.correlation_id, RecordRefused::Full);
+            return Err(RecordRefused::Full);
+        }
+        let bytes = record_bytes(&record);
         match self.sender.try_send(record) {
             Ok(()) => {
-                self.shared.enqueued.fetch_add(1, Ordering::Relaxed);
+                self.shared.taken(bytes);
                 Ok(())
             }
             Err(error) => {
@@ -375,7 +451,7 @@ impl AuditQueue {
     /// Whether a record handed over now would be kept; see [`Admission`].
     pub fn admission(&self) -> Admission {
         let shared = &self.shared;
-        if self.sender.capacity() == 0 || self.stuck() {
+        if self.sender.capacity() == 0 || !shared.under_max_bytes() || self.stuck() {
             Admission::Closed
         } else if shared.sink_down.load(Ordering::Relaxed)
             || shared.journal_records.load(Ordering::Relaxed) > 0
@@ -422,6 +498,7 @@ fn stats(shared: &Shared) -> QueueStats {
     let enqueued = shared.enqueued.load(Ordering::Relaxed);
     QueueStats {
         depth: enqueued.saturating_sub(shared.settled.load(Ordering::Relaxed)),
+        depth_bytes: shared.held_bytes.load(Ordering::Relaxed),
         enqueued,
         written: shared.written.load(Ordering::Relaxed),
         rejected: shared.rejected.load(Ordering::Relaxed),
@@ -446,6 +523,7 @@ fn spawn(
     let shared = Arc::new(Shared {
         has_journal: journal.is_some(),
         journal_max_bytes: settings.journal_max_bytes,
+        max_bytes: settings.max_bytes,
         fail_closed: settings.fail_closed,
         room_wait: settings.room_wait,
         ..Shared::default()
@@ -490,6 +568,50 @@ fn spawn(
 }
 
 type Batch = Arc<Vec<AuditRecord>>;
+
+/// What a record weighs in memory, as [`QueueSettings::max_bytes`] counts it: its text (bodies,
+/// messages, addresses, names, groups and error texts) and a fixed part for the rest.
+pub fn record_bytes(record: &AuditRecord) -> u64 {
+    /// The record's own size and the numbers, flags and attempts it carries, roughly.
+    const FIXED: usize = 1_024;
+    let optional = [
+        &record.backend_id,
+        &record.backend_url,
+        &record.apim_subscription_id,
+        &record.product_id,
+        &record.user_id,
+        &record.user_name,
+        &record.tenant_id,
+        &record.deployment_name,
+        &record.model_name,
+        &record.api_version,
+        &record.backend_request_body,
+        &record.backend_response_body,
+        &record.request_messages,
+        &record.response_messages,
+        &record.last_error_reason,
+        &record.last_error_message,
+    ];
+    let text = [
+        &record.correlation_id,
+        &record.gateway_id,
+        &record.caller_ip_address,
+        &record.peer_ip_address,
+        &record.method,
+        &record.url,
+        &record.client_protocol,
+    ]
+    .iter()
+    .map(|text| text.len())
+    .chain(
+        optional
+            .iter()
+            .map(|text| text.as_ref().map_or(0, String::len)),
+    )
+    .chain(record.groups.iter().map(String::len))
+    .sum::<usize>();
+    (FIXED + text) as u64
+}
 
 /// The writer task's state.
 struct Writer {
@@ -942,8 +1064,9 @@ impl Writer {
         result: Result<Stretch, JournalError>,
     ) {
         match result {
-            Ok(_) => Shared::add(&self.shared.settled, batch.len()),
+            Ok(_) => self.shared.release(&batch, true),
             Err(error) if force => {
+                self.shared.release(&batch, false);
                 self.shared.journal_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(
                     %error,
@@ -1102,7 +1225,7 @@ impl Writer {
             match self.append(&records, false).await {
                 Ok(stretch) => {
                     *journaled = Some(stretch);
-                    Shared::add(&self.shared.settled, records.len());
+                    self.shared.release(&records, true);
                 }
                 Err(error) => {
                     self.shared.journal_errors.fetch_add(1, Ordering::Relaxed);
@@ -1150,8 +1273,9 @@ impl Writer {
         Shared::add(&self.shared.written, flight.count);
         match flight.job {
             Job::Direct {
-                journaled: None, ..
-            } => Shared::add(&self.shared.settled, flight.count),
+                records,
+                journaled: None,
+            } => self.shared.release(&records, true),
             // A slow write that made it after all takes its batch back out of the journal.
             Job::Direct {
                 journaled: Some(stretch),

@@ -12,7 +12,7 @@ use futures::future::BoxFuture;
 use gatehouse_audit::chain::{BreakReason, STATE_FILE, verify};
 use gatehouse_audit::{
     Admission, AuditQueue, AuditRecord, AuditSink, QueueSettings, QueueStats, RecordRefused,
-    SinkError, WriterHandle,
+    SinkError, WriterHandle, record_bytes,
 };
 
 /// A sink the test switches between working, failing and stalling.
@@ -834,4 +834,135 @@ async fn a_long_write_in_flight_does_not_make_the_queue_refuse_records() {
     );
     assert_eq!(stats.journal_records, 0);
     assert!(verify(sink.records()).is_intact());
+}
+
+/// Record `i` with a captured request body of `body_bytes`.
+fn weighty(i: usize, body_bytes: usize) -> AuditRecord {
+    AuditRecord {
+        backend_request_body: Some("x".repeat(body_bytes)),
+        ..record(i)
+    }
+}
+
+#[test]
+fn a_record_weighs_what_its_bodies_and_messages_hold() {
+    let bare = AuditRecord {
+        backend_request_body: None,
+        ..record(1)
+    };
+    let light = record_bytes(&bare);
+    assert!(light > 0);
+    let heavy = AuditRecord {
+        backend_request_body: Some("a".repeat(10_000)),
+        backend_response_body: Some("b".repeat(20_000)),
+        request_messages: Some("c".repeat(3_000)),
+        response_messages: Some("d".repeat(4_000)),
+        groups: vec!["g".repeat(500)],
+        ..bare.clone()
+    };
+    assert_eq!(record_bytes(&heavy) - light, 37_500);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_wait_for_room_while_the_records_held_reach_the_byte_bound() {
+    let sink = SwitchSink::new();
+    sink.stalling(true);
+    let weight = record_bytes(&weighty(0, 100_000));
+    let settings = QueueSettings {
+        // Room for a thousand records by count: only the bytes bind here.
+        capacity: 1_000,
+        max_bytes: 3 * weight,
+        journal_dir: None,
+        sink_timeout: Duration::from_secs(60),
+        room_wait: Duration::from_secs(20),
+        ..QueueSettings::default()
+    };
+    let (queue, writer) = start(&sink, settings).await;
+    queue.reserve().await.unwrap().submit(weighty(0, 100_000));
+    eventually("the first write to start", || sink.started() == 1).await;
+    // The stalled write still holds record 0: it counts until it is stored.
+    for i in 1..3 {
+        queue.reserve().await.unwrap().submit(weighty(i, 100_000));
+    }
+    assert_eq!(queue.stats().depth_bytes, 3 * weight);
+    assert_eq!(queue.stats().waited, 0, "no wait under the bound");
+    assert_eq!(queue.admission(), Admission::Closed, "at the byte bound");
+
+    let calls: Vec<_> = (3..7)
+        .map(|i| {
+            let queue = queue.clone();
+            tokio::spawn(async move {
+                let slot = queue.reserve().await.expect("room comes once a write ends");
+                slot.submit(weighty(i, 100_000));
+            })
+        })
+        .collect();
+    eventually("every call to wait", || queue.stats().waited == 4).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        calls.iter().all(|call| !call.is_finished()),
+        "no call goes on while the records held weigh the bound"
+    );
+    // A record handed over without room is refused at the bound, and counted.
+    assert_eq!(
+        queue.try_submit(weighty(99, 10)).unwrap_err(),
+        RecordRefused::Full
+    );
+    assert_eq!(queue.stats().rejected, 1);
+
+    sink.stalling(false);
+    for call in calls {
+        call.await.unwrap();
+    }
+    let stats = finish(queue, writer).await;
+    let mut stored = ids(&sink.records());
+    stored.sort();
+    assert_eq!(stored, expected(0..7), "every call's record");
+    assert_eq!((stats.depth, stats.depth_bytes), (0, 0));
+    assert_eq!((stats.waited, stats.rejected), (4, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journaled_records_leave_memory_and_calls_do_not_wait_for_a_stalled_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = SwitchSink::new();
+    sink.stalling(true);
+    let weight = record_bytes(&weighty(0, 100_000));
+    let (queue, writer) = start(
+        &sink,
+        QueueSettings {
+            max_bytes: 2 * weight,
+            sink_timeout: Duration::from_millis(50),
+            room_wait: Duration::from_secs(20),
+            ..settings(dir.path())
+        },
+    )
+    .await;
+    queue.reserve().await.unwrap().submit(weighty(0, 100_000));
+    queue.reserve().await.unwrap().submit(weighty(1, 100_000));
+    // The stalled write times out, its batch goes to the journal, and memory is free again.
+    eventually("the records to leave memory", || {
+        let stats = queue.stats();
+        stats.depth_bytes == 0 && stats.journal_records >= 1
+    })
+    .await;
+    // Forty more calls, twenty times the bound, none of them waiting: the journal takes them.
+    for i in 2..42 {
+        let slot = tokio::time::timeout(Duration::from_secs(10), queue.reserve())
+            .await
+            .expect("room without a long wait")
+            .unwrap();
+        slot.submit(weighty(i, 100_000));
+        if i % 2 == 1 {
+            eventually("the journal to take the records", || {
+                queue.stats().depth_bytes < 2 * weight
+            })
+            .await;
+        }
+    }
+    sink.stalling(false);
+    settle(&queue).await;
+    let stats = finish(queue, writer).await;
+    assert_eq!(ids(&sink.records()), expected(0..42), "all, in order");
+    assert_eq!((stats.depth_bytes, stats.waited, stats.rejected), (0, 0, 0));
 }

@@ -341,6 +341,7 @@ async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
             .metrics
             .audit_queue_depth
             .set(i64::try_from(stats.depth).unwrap_or(i64::MAX));
+        gateway.metrics.audit_queue_bytes.set(stats.depth_bytes);
         gateway.metrics.audit_rejected.set(stats.rejected);
         gateway.metrics.audit_room_waits.set(stats.waited);
         gateway.metrics.audit_write_errors.set(stats.write_errors);

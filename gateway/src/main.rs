@@ -339,6 +339,7 @@ async fn serve(file: ConfigFile) -> anyhow::Result<()> {
         Some(sink) => {
             let queue_settings = QueueSettings {
                 capacity: settings.audit.queue_capacity,
+                max_bytes: settings.audit.queue_max_bytes,
                 journal_dir: Some(settings.state_dir.join("audit-journal")),
                 sink_timeout: Duration::from_millis(settings.audit.sink_timeout_ms),
                 journal_max_bytes: settings.audit.journal_max_bytes,

@@ -87,6 +87,8 @@ pub struct Metrics {
     pub tokens: Family<TokenLabels, Counter>,
     /// Records waiting in the audit queue (refreshed at scrape).
     pub audit_queue_depth: Gauge,
+    /// Bytes of the records waiting in the audit queue and its writer (refreshed at scrape).
+    pub audit_queue_bytes: Gauge<u64, AtomicU64>,
     /// Records the audit queue refused (refreshed at scrape).
     pub audit_rejected: Gauge<u64, AtomicU64>,
     /// Calls that waited for room in the full audit queue (refreshed at scrape).
@@ -122,6 +124,7 @@ impl Default for Metrics {
             backend_available: Family::default(),
             tokens: Family::default(),
             audit_queue_depth: Gauge::default(),
+            audit_queue_bytes: Gauge::default(),
             audit_rejected: Gauge::default(),
             audit_room_waits: Gauge::default(),
             audit_write_errors: Gauge::default(),
@@ -166,6 +169,11 @@ impl Default for Metrics {
             "audit_queue_depth",
             "Audit records waiting to be written",
             metrics.audit_queue_depth.clone(),
+        );
+        registry.register(
+            "audit_queue_bytes",
+            "Bytes of the audit records waiting in memory to be written or journaled",
+            metrics.audit_queue_bytes.clone(),
         );
         registry.register(
             "audit_records_rejected",

@@ -207,6 +207,10 @@ pub struct AuditSettings {
     /// Records the queue holds in memory, counting the room calls in progress hold for theirs.
     #[serde(default = "default_queue_capacity")]
     pub queue_capacity: usize,
+    /// Bytes of records the queue and its writer may hold in memory (bodies and messages
+    /// included); at it, calls wait for room as they do for a full queue.
+    #[serde(default = "default_queue_max_bytes")]
+    pub queue_max_bytes: u64,
     /// How long a call waits for room in a full queue before it is served without (or, failing
     /// closed, refused) (ms). A full queue means records come faster than even the journal takes
     /// them: calls slow down to that pace instead of losing records.
@@ -236,6 +240,7 @@ impl Default for AuditSettings {
             azure_monitor: None,
             jsonl: None,
             queue_capacity: default_queue_capacity(),
+            queue_max_bytes: default_queue_max_bytes(),
             room_wait_ms: default_room_wait_ms(),
             sink_timeout_ms: default_sink_timeout_ms(),
             journal_max_bytes: default_journal_max_bytes(),
@@ -252,6 +257,10 @@ fn default_room_wait_ms() -> u64 {
 
 fn default_sink_timeout_ms() -> u64 {
     5_000
+}
+
+fn default_queue_max_bytes() -> u64 {
+    gatehouse_audit::DEFAULT_MAX_BYTES
 }
 
 fn default_journal_max_bytes() -> u64 {
@@ -355,6 +364,7 @@ mod tests {
             Some(EntraIdentity::ManagedIdentity { .. })
         ));
         assert_eq!(file.server.key_vault_refresh_seconds, 300);
+        assert_eq!(file.server.audit.queue_max_bytes, 256 << 20);
         let member = &file.snapshot.pools[0].members[0];
         assert!(matches!(
             member.credential,

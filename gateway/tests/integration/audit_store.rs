@@ -587,3 +587,78 @@ async fn analyze_audit_refreshes_a_sqlite_stores_statistics() {
         "{refused:?}"
     );
 }
+
+/// Records with large captured bodies reach the queue's byte bound long before its count: calls
+/// then wait for room as they do for a full queue, and memory stays bounded while the store lags.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_wait_for_room_while_the_records_held_weigh_the_byte_bound() {
+    let sim = simulator("bytes").await;
+    let gated = Gated::shut();
+    let settings = QueueSettings {
+        capacity: 1_000,
+        max_bytes: 100_000,
+        journal_dir: None,
+        sink_timeout: Duration::from_secs(60),
+        room_wait: Duration::from_secs(30),
+        ..QueueSettings::default()
+    };
+    let gw = TestGateway::start_recording(
+        &sim.url(),
+        Arc::new(gated.clone()),
+        settings,
+        Arc::new(tempfile::tempdir().unwrap()),
+        gated.inner.clone(),
+    )
+    .await;
+    // A 60 KB prompt: the record holds it in the captured body and in the prompt's messages.
+    let mut body = chat(None, false);
+    body["messages"][1]["content"] = json!("What is this? ".repeat(4_300));
+    let call = |gw: &TestGateway| gw.post(&chat_path("gpt-4o")).json(&body).send();
+
+    assert_eq!(call(&gw).await.unwrap().status(), 200);
+    for _ in 0..100 {
+        if metric(&gw, "gatehouse_audit_queue_bytes")
+            .await
+            .parse::<u64>()
+            .unwrap()
+            >= 100_000
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let held: u64 = metric(&gw, "gatehouse_audit_queue_bytes")
+        .await
+        .parse()
+        .unwrap();
+    assert!(held >= 120_000, "the first record is held, {held} bytes");
+
+    let waiting = tokio::spawn(call(&gw));
+    for _ in 0..100 {
+        if metric(&gw, "gatehouse_audit_room_waits").await == "1" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(metric(&gw, "gatehouse_audit_room_waits").await, "1");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !waiting.is_finished(),
+        "not served while memory is at the bound"
+    );
+    assert_eq!(sim.hits(), 1, "the waiting call reached no backend");
+
+    gated.open.send_replace(true);
+    assert_eq!(waiting.await.unwrap().unwrap().status(), 200);
+    let records = gw.records(2).await;
+    assert_eq!(records.len(), 2);
+    for _ in 0..100 {
+        if metric(&gw, "gatehouse_audit_queue_bytes").await == "0" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(metric(&gw, "gatehouse_audit_queue_bytes").await, "0");
+    assert_eq!(metric(&gw, "gatehouse_audit_records_rejected").await, "0");
+    gw.stop().await;
+}
