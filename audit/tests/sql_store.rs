@@ -113,6 +113,7 @@ on_both_engines!(
     full_text_finds_words_and_split_words_as_phrases,
     full_text_searches_what_the_messages_say_not_their_json,
     full_text_folds_accents_and_cases_alike_on_both_engines,
+    reindexing_a_range_rebuilds_what_an_earlier_version_indexed,
     usage_comes_from_rollups,
     export_streams_every_match,
     content_expires_before_metadata,
@@ -1829,5 +1830,108 @@ async fn postgres_chains_verify_next_to_a_dropped_day() {
         ),
         ("d1-2", "removed"),
         "{report:?}"
+    );
+}
+
+/// Gives every stored call the full-text entry an earlier version made: the JSON of its messages,
+/// split by SQLite's tokenizer or PostgreSQL's parser, so that the first word of a second line is
+/// indexed glued to the `n` of `\n`.
+async fn index_as_before(store: &SqlStore, calls: &[AuditRecord]) {
+    let json = |call: &AuditRecord| {
+        format!(
+            "{} {}",
+            call.request_messages.as_deref().unwrap_or_default(),
+            call.response_messages.as_deref().unwrap_or_default()
+        )
+    };
+    if let Some(pool) = store.sqlite_pool() {
+        for call in calls {
+            let id: i64 = sqlx::query_scalar(
+                "SELECT RecordId FROM GatehouseGatewayLogs WHERE CorrelationId = ?",
+            )
+            .bind(&call.correlation_id)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+            sqlx::query("DELETE FROM search.GatehouseContentSearch WHERE rowid = ?")
+                .bind(id)
+                .execute(pool)
+                .await
+                .unwrap();
+            sqlx::query(
+                "INSERT INTO search.GatehouseContentSearch (rowid, Prompt, Completion) VALUES (?, ?, '')",
+            )
+            .bind(id)
+            .bind(json(call))
+            .execute(pool)
+            .await
+            .unwrap();
+        }
+    } else {
+        let pool = store.postgres_pool().unwrap();
+        for call in calls {
+            sqlx::query(r#"UPDATE "GatehouseCallContent" SET "SearchText" = to_tsvector('simple', $1) WHERE "CorrelationId" = $2"#)
+                .bind(json(call))
+                .bind(&call.correlation_id)
+                .execute(pool)
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// Calls whose full-text entries an earlier version made are searched as new ones once their
+/// time range is indexed again from the LLM log; calls outside the range keep their entries, and
+/// no call is indexed twice.
+async fn reindexing_a_range_rebuilds_what_an_earlier_version_indexed(store: &SqlStore) {
+    let mut calls = records(40);
+    calls[5] = record_saying(5, "alpha\nbravo");
+    calls[30] = record_saying(30, "alpha\nbravo");
+    assert_eq!(store.write(&calls).await.unwrap(), 40);
+    store.settle_search_index().await.unwrap();
+    assert_eq!(found(store, "bravo").await, ["call-00005", "call-00030"]);
+
+    index_as_before(store, &calls).await;
+    assert!(found(store, "bravo").await.is_empty());
+    assert_eq!(found(store, "nbravo").await, ["call-00005", "call-00030"]);
+
+    // Calls 0 to 19: T0 to T0 + 133 s, seven seconds apart.
+    let first_twenty = store
+        .reindex_search(T0, T0 + Duration::seconds(140))
+        .await
+        .unwrap();
+    assert_eq!(first_twenty, 20);
+    assert_eq!(found(store, "bravo").await, ["call-00005"]);
+    assert_eq!(
+        found(store, "nbravo").await,
+        ["call-00030"],
+        "outside the range"
+    );
+
+    let all = store
+        .reindex_search(T0 - Duration::hours(1), T0 + Duration::hours(1))
+        .await
+        .unwrap();
+    assert_eq!(all, 40);
+    assert_eq!(found(store, "bravo").await, ["call-00005", "call-00030"]);
+    assert!(found(store, "nbravo").await.is_empty());
+    // Each call once: an entry left beside its new one would be found twice, or make the
+    // index's insert fail.
+    let invoices = found(store, "invoices").await;
+    assert_eq!(invoices.len(), 38);
+    assert_eq!(
+        invoices
+            .iter()
+            .collect::<std::collections::HashSet<_>>()
+            .len(),
+        38
+    );
+    assert_eq!(
+        store
+            .reindex_search(T0 + Duration::hours(1), T0 + Duration::hours(2))
+            .await
+            .unwrap(),
+        0,
+        "an empty range"
     );
 }

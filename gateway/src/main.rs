@@ -73,6 +73,20 @@ enum Command {
         #[arg(long)]
         database: String,
     },
+    /// Index the prompts and completions of a time range of an audit store again, from its LLM
+    /// log, so that calls an earlier version indexed are searched as new ones are. Runs beside a
+    /// gateway that writes to the store, in batches of 512 calls.
+    ReindexAudit {
+        /// Audit database: `sqlite:PATH` or `postgres://…`.
+        #[arg(long)]
+        database: String,
+        /// Calls at or after this RFC 3339 time (default: the oldest).
+        #[arg(long)]
+        from: Option<String>,
+        /// Calls before this RFC 3339 time (default: now).
+        #[arg(long)]
+        to: Option<String>,
+    },
     /// Print a new subscription key and, on a second line, its hash for the configuration.
     Keygen,
     /// Read a key on standard input and print its hash for the configuration.
@@ -122,6 +136,9 @@ fn main() -> anyhow::Result<()> {
             to.as_deref(),
         ),
         Command::AnalyzeAudit { database } => analyze_audit(&database),
+        Command::ReindexAudit { database, from, to } => {
+            reindex_audit(&database, from.as_deref(), to.as_deref())
+        }
         Command::Serve { config } => {
             let file = ConfigFile::load(&config)?;
             init_logging(file.server.log_format);
@@ -154,18 +171,40 @@ fn analyze_audit(database: &str) -> anyhow::Result<()> {
         })
 }
 
+/// Parses an optional RFC 3339 time of the command line.
+fn parse_time(text: Option<&str>) -> anyhow::Result<Option<time::OffsetDateTime>> {
+    text.map(|t| time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339))
+        .transpose()
+        .context("times are RFC 3339, e.g. 2026-12-01T00:00:00Z")
+}
+
+fn reindex_audit(database: &str, from: Option<&str>, to: Option<&str>) -> anyhow::Result<()> {
+    let from = parse_time(from)?.unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let to = parse_time(to)?.unwrap_or_else(time::OffsetDateTime::now_utc);
+    anyhow::ensure!(from < to, "--from must be before --to");
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(async {
+            let store = SqlStore::open(database).await.context("--database")?;
+            let started = std::time::Instant::now();
+            let indexed = store.reindex_search(from, to).await;
+            store.close().await;
+            write_lines(&[&format!(
+                "{} calls indexed again in {:.1} s",
+                indexed?,
+                started.elapsed().as_secs_f64()
+            )])
+        })
+}
+
 fn verify_audit(
     jsonl: Option<&std::path::Path>,
     database: Option<&str>,
     from: Option<&str>,
     to: Option<&str>,
 ) -> anyhow::Result<()> {
-    let parse = |text: Option<&str>| -> anyhow::Result<Option<time::OffsetDateTime>> {
-        text.map(|t| time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339))
-            .transpose()
-            .context("times are RFC 3339, e.g. 2026-12-01T00:00:00Z")
-    };
-    let (from, to) = (parse(from)?, parse(to)?);
+    let (from, to) = (parse_time(from)?, parse_time(to)?);
     let report = match (jsonl, database) {
         (Some(path), _) => gatehouse_audit::chain::verify_jsonl(path, from, to)?,
         (None, Some(url)) => tokio::runtime::Builder::new_current_thread()

@@ -15,6 +15,7 @@ mod full_text;
 mod message_text;
 mod partitions;
 mod read;
+mod reindex;
 mod retention;
 pub mod rollup;
 mod search_index;

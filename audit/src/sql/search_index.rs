@@ -255,6 +255,36 @@ impl SearchIndex {
         Ok(true)
     }
 
+    /// Replaces the entries of the calls `ids` with `rows` (those of them that have text), leaving
+    /// alone the calls above `IndexedThrough`: the writes or the catch-up index those as they are
+    /// now. Returns how many calls have entries again.
+    pub(super) async fn replace(
+        &self,
+        ids: &[i64],
+        rows: Vec<IndexRow>,
+    ) -> Result<u64, StoreError> {
+        let _order = self.lock().await;
+        let through = self.indexed_through().await?;
+        let ids: Vec<i64> = ids.iter().copied().filter(|id| *id <= through).collect();
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let rows: Vec<IndexRow> = rows.into_iter().filter(|row| row.0 <= through).collect();
+        let replaced = rows.len() as u64;
+        let mut tx = self.pool.begin().await?;
+        let mut delete =
+            QueryBuilder::<Sqlite>::new("DELETE FROM GatehouseContentSearch WHERE rowid IN (");
+        let mut list = delete.separated(", ");
+        for id in &ids {
+            list.push_bind(*id);
+        }
+        delete.push(")");
+        delete.build().execute(&mut *tx).await?;
+        insert(&mut tx, rows).await?;
+        tx.commit().await?;
+        Ok(replaced)
+    }
+
     /// Removes calls from the index (their content expired).
     pub(super) async fn remove(&self, record_ids: &[i64]) -> Result<(), StoreError> {
         let _order = self.lock().await;
@@ -277,7 +307,7 @@ impl SearchIndex {
 
 /// Joins the LLM log's pieces of each call (in `RecordId`, then `SequenceNumber` order) into its
 /// prompt and completion, as the store wrote them.
-fn join_pieces(pieces: Vec<(i64, Option<String>, Option<String>)>) -> Vec<IndexRow> {
+pub(super) fn join_pieces(pieces: Vec<(i64, Option<String>, Option<String>)>) -> Vec<IndexRow> {
     let mut rows: Vec<IndexRow> = Vec::new();
     for (id, request, response) in pieces {
         if rows.last().is_none_or(|(last, _, _)| *last != id) {
@@ -293,7 +323,7 @@ fn join_pieces(pieces: Vec<(i64, Option<String>, Option<String>)>) -> Vec<IndexR
 
 /// The rows to index for calls whose prompt and completion are `rows`, as recorded (JSON): what
 /// they say, as the store indexes a call it writes (`message_text`).
-fn searchable_rows(rows: Vec<IndexRow>) -> Vec<IndexRow> {
+pub(super) fn searchable_rows(rows: Vec<IndexRow>) -> Vec<IndexRow> {
     rows.into_iter()
         .map(|(id, prompt, completion)| (id, searchable(&prompt), searchable(&completion)))
         .collect()

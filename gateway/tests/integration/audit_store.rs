@@ -588,6 +588,73 @@ async fn analyze_audit_refreshes_a_sqlite_stores_statistics() {
     );
 }
 
+/// `gatehouse-gateway reindex-audit` indexes a time range of a store again from its LLM log, and
+/// refuses a range that ends before it starts with a clear error.
+#[tokio::test]
+async fn reindex_audit_indexes_a_range_of_a_store_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:{}", dir.path().join("audit.db").display());
+    let store = SqlStore::open(&url).await.unwrap();
+    let call = |id: &str, at: &str| -> AuditRecord {
+        serde_json::from_value(json!({
+            "TimeGenerated": at, "CorrelationId": id, "GatewayId": "gw", "OperationId": "chatcompletions_create",
+            "CallerIpAddress": "203.0.113.7", "PeerIpAddress": "10.0.0.1", "Method": "POST",
+            "Url": "/openai/deployments/gpt-4o/chat/completions", "ClientProtocol": "HTTP/1.1",
+            "ResponseCode": 200, "IsRequestSuccess": true, "RequestSize": 10, "ResponseSize": 20,
+            "TotalTime": 30, "BackendTime": 25, "IsStreamCompletion": false,
+            "RequestMessages": "[{\"role\":\"user\",\"content\":\"first line\\nsecond line\"}]",
+            "RequestBodyTruncated": false, "ResponseBodyTruncated": false, "ClientAborted": false
+        }))
+        .unwrap()
+    };
+    let calls = [
+        call("reindex-1", "2026-12-01T10:00:00Z"),
+        call("reindex-2", "2026-12-01T11:00:00Z"),
+        call("reindex-3", "2026-12-02T10:00:00Z"),
+    ];
+    assert_eq!(store.write(&calls).await.unwrap(), 3);
+    store.close().await;
+
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_gatehouse-gateway"))
+        .args([
+            "reindex-audit",
+            "--database",
+            &url,
+            "--from",
+            "2026-12-01T00:00:00Z",
+            "--to",
+            "2026-12-02T00:00:00Z",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.starts_with("2 calls indexed again in "),
+        "{output:?}"
+    );
+
+    let refused = tokio::process::Command::new(env!("CARGO_BIN_EXE_gatehouse-gateway"))
+        .args([
+            "reindex-audit",
+            "--database",
+            &url,
+            "--from",
+            "2026-12-02T00:00:00Z",
+            "--to",
+            "2026-12-01T00:00:00Z",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--from must be before --to"),
+        "{refused:?}"
+    );
+}
+
 /// Records with large captured bodies reach the queue's byte bound long before its count: calls
 /// then wait for room as they do for a full queue, and memory stays bounded while the store lags.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

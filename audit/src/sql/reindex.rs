@@ -1,0 +1,204 @@
+//! Indexing the prompts and completions of a time range again, from the LLM log, for calls whose
+//! full-text entries an earlier version made: before 2026-12-03 the JSON of the messages was
+//! indexed instead of what they say (`message_text`), and PostgreSQL's parser made the vectors
+//! instead of the store (`full_text`), so those calls miss searches that find newer ones.
+//!
+//! The work goes in batches of [`REINDEX_BATCH`] calls, each its own short transaction, in
+//! `TimeGenerated` order, while the store keeps writing: on SQLite each batch takes the index's
+//! order lock, as a write of the store does; on PostgreSQL it updates the vectors of the batch's
+//! rows in place. Calls whose content has expired have nothing to index and are left alone.
+
+use std::collections::HashMap;
+
+use sqlx::{Postgres, QueryBuilder, Sqlite};
+use time::OffsetDateTime;
+
+use super::search_index::{SearchIndex, join_pieces, searchable_rows};
+use super::{Engine, SqlStore, StoreError, full_text, message_text, search_merge, sqlite_time};
+
+/// Calls indexed again per transaction.
+const REINDEX_BATCH: i64 = 512;
+
+impl SqlStore {
+    /// Indexes again, from the LLM log, the prompts and completions of the calls with
+    /// `from <= TimeGenerated < to`, so that they are searched as calls written now are. Runs
+    /// beside the store's writes. Returns how many calls were indexed again: on PostgreSQL every
+    /// call with stored content (a call without messages gets an empty vector, as when it was
+    /// written), on SQLite every call with a prompt or a completion.
+    pub async fn reindex_search(
+        &self,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<u64, StoreError> {
+        match &self.engine {
+            Engine::Sqlite { reader, search, .. } => reindex_sqlite(reader, search, from, to).await,
+            Engine::Postgres { pool, .. } => {
+                let count = reindex_postgres(pool, from, to).await?;
+                search_merge::settle(pool).await?;
+                Ok(count)
+            }
+        }
+    }
+}
+
+async fn reindex_sqlite(
+    reader: &sqlx::SqlitePool,
+    search: &SearchIndex,
+    from: OffsetDateTime,
+    to: OffsetDateTime,
+) -> Result<u64, StoreError> {
+    let (from, to) = (sqlite_time(from), sqlite_time(to));
+    let mut after: Option<(String, i64)> = None;
+    let mut count = 0;
+    loop {
+        // Keyset pagination in the time index's order (its entries end with the RecordId).
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "SELECT TimeGenerated, RecordId FROM GatehouseGatewayLogs WHERE TimeGenerated < ",
+        );
+        query.push_bind(to.clone());
+        match &after {
+            Some((time, id)) => {
+                query
+                    .push(" AND (TimeGenerated, RecordId) > (")
+                    .push_bind(time.clone())
+                    .push(", ")
+                    .push_bind(*id)
+                    .push(")");
+            }
+            None => {
+                query.push(" AND TimeGenerated >= ").push_bind(from.clone());
+            }
+        }
+        query
+            .push(" ORDER BY TimeGenerated, RecordId LIMIT ")
+            .push_bind(REINDEX_BATCH);
+        let calls: Vec<(String, i64)> = query.build_query_as().fetch_all(reader).await?;
+        let Some(last) = calls.last().cloned() else {
+            return Ok(count);
+        };
+        let ids: Vec<i64> = calls.iter().map(|(_, id)| *id).collect();
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "SELECT l.RecordId, m.RequestMessages, m.ResponseMessages \
+             FROM GatehouseGatewayLogs l \
+             JOIN ApiManagementGatewayLlmLog m ON m.CorrelationId = l.CorrelationId AND m.SequenceNumber > 0 \
+             WHERE l.RecordId IN (",
+        );
+        let mut list = query.separated(", ");
+        for id in &ids {
+            list.push_bind(*id);
+        }
+        query.push(") ORDER BY l.RecordId, m.SequenceNumber");
+        let pieces: Vec<(i64, Option<String>, Option<String>)> =
+            query.build_query_as().fetch_all(reader).await?;
+        let rows = tokio::task::spawn_blocking(move || searchable_rows(join_pieces(pieces)))
+            .await
+            .map_err(|error| {
+                StoreError::Database(sqlx::Error::Protocol(format!(
+                    "reading the searchable text failed: {error}"
+                )))
+            })?;
+        count += search.replace(&ids, rows).await?;
+        after = Some(last);
+    }
+}
+
+/// One call of a PostgreSQL batch: its key in `GatehouseCallContent`.
+type ContentKey = (String, OffsetDateTime);
+
+async fn reindex_postgres(
+    pool: &sqlx::PgPool,
+    from: OffsetDateTime,
+    to: OffsetDateTime,
+) -> Result<u64, StoreError> {
+    let mut after: Option<ContentKey> = None;
+    let mut count = 0;
+    loop {
+        let mut query = QueryBuilder::<Postgres>::new(
+            r#"SELECT "CorrelationId", "TimeGenerated" FROM "GatehouseCallContent" WHERE "TimeGenerated" < "#,
+        );
+        query.push_bind(to);
+        match &after {
+            Some((id, time)) => {
+                query
+                    .push(r#" AND "TimeGenerated" >= "#)
+                    .push_bind(*time)
+                    .push(r#" AND ("TimeGenerated", "CorrelationId") > ("#)
+                    .push_bind(*time)
+                    .push(", ")
+                    .push_bind(id.clone())
+                    .push(")");
+            }
+            None => {
+                query.push(r#" AND "TimeGenerated" >= "#).push_bind(from);
+            }
+        }
+        query
+            .push(r#" ORDER BY "TimeGenerated", "CorrelationId" LIMIT "#)
+            .push_bind(REINDEX_BATCH);
+        let calls: Vec<ContentKey> = query.build_query_as().fetch_all(pool).await?;
+        let (Some(first), Some(last)) = (calls.first().cloned(), calls.last().cloned()) else {
+            return Ok(count);
+        };
+        let ids: Vec<String> = calls.iter().map(|(id, _)| id.clone()).collect();
+        let pieces: Vec<(String, Option<String>, Option<String>)> = sqlx::query_as(
+            r#"SELECT "CorrelationId", "RequestMessages", "ResponseMessages" FROM "GatehouseLlmLogPieces" WHERE "TimeGenerated" >= $1 AND "TimeGenerated" <= $2 AND "CorrelationId" = ANY($3) ORDER BY "CorrelationId", "SequenceNumber""#,
+        )
+        .bind(first.1)
+        .bind(last.1)
+        .bind(&ids)
+        .fetch_all(pool)
+        .await?;
+        let vectors = tokio::task::spawn_blocking(move || vectors_of(&calls, pieces))
+            .await
+            .map_err(|error| {
+                StoreError::Database(sqlx::Error::Protocol(format!(
+                    "building the full-text vectors failed: {error}"
+                )))
+            })?;
+        let mut update = QueryBuilder::<Postgres>::new(
+            r#"UPDATE "GatehouseCallContent" c SET "SearchText" = v.s FROM ("#,
+        );
+        update.push_values(vectors, |mut row, ((id, time), vector)| {
+            row.push_bind(id).push_bind(time).push_bind(vector);
+        });
+        update
+            .push(r#") AS v(id, t, s) WHERE c."CorrelationId" = v.id AND c."TimeGenerated" = v.t AND c."TimeGenerated" >= "#)
+            .push_bind(first.1)
+            .push(r#" AND c."TimeGenerated" <= "#)
+            .push_bind(last.1);
+        count += update.build().execute(pool).await?.rows_affected();
+        after = Some(last);
+    }
+}
+
+/// The vector of each call of `calls`, built from its LLM-log pieces (in `SequenceNumber` order)
+/// as the store builds it when it writes the call; a call without pieces gets an empty one.
+fn vectors_of(
+    calls: &[ContentKey],
+    pieces: Vec<(String, Option<String>, Option<String>)>,
+) -> Vec<(ContentKey, full_text::TsVector)> {
+    let mut messages: HashMap<String, (String, String)> = HashMap::new();
+    for (id, request, response) in pieces {
+        let (prompt, completion) = messages.entry(id).or_default();
+        prompt.push_str(request.as_deref().unwrap_or_default());
+        completion.push_str(response.as_deref().unwrap_or_default());
+    }
+    calls
+        .iter()
+        .map(|key| {
+            let (prompt, completion) = messages
+                .get(&key.0)
+                .map(|(prompt, completion)| {
+                    (
+                        message_text::searchable(prompt),
+                        message_text::searchable(completion),
+                    )
+                })
+                .unwrap_or_default();
+            (
+                key.clone(),
+                full_text::TsVector::of(&[&prompt, &completion]),
+            )
+        })
+        .collect()
+}
