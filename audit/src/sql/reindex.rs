@@ -51,9 +51,12 @@ async fn reindex_sqlite(
     let mut after: Option<(String, i64)> = None;
     let mut count = 0;
     loop {
-        // Keyset pagination in the time index's order (its entries end with the RecordId).
+        // Keyset pagination in the time index's order (its entries end with the RecordId), over
+        // the calls with text: those past the content window have none, and no index entry.
         let mut query = QueryBuilder::<Sqlite>::new(
-            "SELECT TimeGenerated, RecordId FROM GatehouseGatewayLogs WHERE TimeGenerated < ",
+            "SELECT TimeGenerated, RecordId FROM GatehouseGatewayLogs l WHERE EXISTS \
+             (SELECT 1 FROM ApiManagementGatewayLlmLog m WHERE m.CorrelationId = l.CorrelationId AND m.SequenceNumber > 0) \
+             AND TimeGenerated < ",
         );
         query.push_bind(to.clone());
         match &after {
