@@ -253,8 +253,14 @@ impl Shared {
         if settled {
             Shared::add(&self.settled, records.len());
         }
-        let before = self.held_bytes.fetch_sub(bytes, Ordering::Relaxed);
-        if before >= self.max_bytes && before - bytes < self.max_bytes {
+        // Saturating: a miscount must never wrap around to a queue that looks full for good.
+        let before = self
+            .held_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                Some(held.saturating_sub(bytes))
+            })
+            .unwrap_or_else(|held| held);
+        if before >= self.max_bytes && before.saturating_sub(bytes) < self.max_bytes {
             self.bytes_freed.notify_waiters();
         }
     }
