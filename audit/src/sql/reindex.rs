@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use sqlx::{Postgres, QueryBuilder, Sqlite};
 use time::OffsetDateTime;
 
-use super::search_index::{SearchIndex, join_pieces, searchable_rows};
+use super::search_index::{SearchIndex, rows_of_pieces};
 use super::{Engine, SqlStore, StoreError, full_text, message_text, search_merge, sqlite_time};
 
 /// Calls indexed again per transaction.
@@ -93,13 +93,7 @@ async fn reindex_sqlite(
         query.push(") ORDER BY l.RecordId, m.SequenceNumber");
         let pieces: Vec<(i64, Option<String>, Option<String>)> =
             query.build_query_as().fetch_all(reader).await?;
-        let rows = tokio::task::spawn_blocking(move || searchable_rows(join_pieces(pieces)))
-            .await
-            .map_err(|error| {
-                StoreError::Database(sqlx::Error::Protocol(format!(
-                    "reading the searchable text failed: {error}"
-                )))
-            })?;
+        let rows = rows_of_pieces(pieces).await?;
         count += search.replace(&ids, rows).await?;
         after = Some(last);
     }

@@ -241,13 +241,7 @@ impl SearchIndex {
         .bind(through)
         .fetch_all(reader)
         .await?;
-        let rows = tokio::task::spawn_blocking(move || searchable_rows(join_pieces(pieces)))
-            .await
-            .map_err(|error| {
-                StoreError::Database(sqlx::Error::Protocol(format!(
-                    "reading the searchable text failed: {error}"
-                )))
-            })?;
+        let rows = rows_of_pieces(pieces).await?;
         let mut tx = self.pool.begin().await?;
         insert(&mut tx, rows).await?;
         set_indexed_through(&mut tx, through).await?;
@@ -305,9 +299,23 @@ impl SearchIndex {
     }
 }
 
+/// The rows to index for the calls whose LLM-log pieces are `pieces` (in `RecordId`, then
+/// `SequenceNumber` order), read out of their JSON on a blocking thread.
+pub(super) async fn rows_of_pieces(
+    pieces: Vec<(i64, Option<String>, Option<String>)>,
+) -> Result<Vec<IndexRow>, StoreError> {
+    tokio::task::spawn_blocking(move || searchable_rows(join_pieces(pieces)))
+        .await
+        .map_err(|error| {
+            StoreError::Database(sqlx::Error::Protocol(format!(
+                "reading the searchable text failed: {error}"
+            )))
+        })
+}
+
 /// Joins the LLM log's pieces of each call (in `RecordId`, then `SequenceNumber` order) into its
 /// prompt and completion, as the store wrote them.
-pub(super) fn join_pieces(pieces: Vec<(i64, Option<String>, Option<String>)>) -> Vec<IndexRow> {
+fn join_pieces(pieces: Vec<(i64, Option<String>, Option<String>)>) -> Vec<IndexRow> {
     let mut rows: Vec<IndexRow> = Vec::new();
     for (id, request, response) in pieces {
         if rows.last().is_none_or(|(last, _, _)| *last != id) {
@@ -323,7 +331,7 @@ pub(super) fn join_pieces(pieces: Vec<(i64, Option<String>, Option<String>)>) ->
 
 /// The rows to index for calls whose prompt and completion are `rows`, as recorded (JSON): what
 /// they say, as the store indexes a call it writes (`message_text`).
-pub(super) fn searchable_rows(rows: Vec<IndexRow>) -> Vec<IndexRow> {
+fn searchable_rows(rows: Vec<IndexRow>) -> Vec<IndexRow> {
     rows.into_iter()
         .map(|(id, prompt, completion)| (id, searchable(&prompt), searchable(&completion)))
         .collect()
