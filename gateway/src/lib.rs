@@ -36,6 +36,7 @@ pub mod affinity;
 pub mod app;
 pub mod auth;
 pub mod authorize;
+pub mod backend_url;
 pub mod caller;
 pub mod capture;
 pub mod classify;

@@ -16,9 +16,9 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use http_body_util::BodyExt as _;
 use serde_json::Value;
 use tracing::Instrument;
-use url::Url;
 
 use crate::app::Gateway;
+use crate::backend_url::BackendUrl;
 use crate::capture::{self, BodyCapture, PARSE_LIMIT, SseTap};
 use crate::classify::{Call, ObjectFamily, RouteStyle};
 use crate::error::GatewayError;
@@ -158,13 +158,13 @@ pub async fn forward(
                     .unwrap_or(&r.record.correlation_id)
             }),
         );
-        let url = String::from(url);
         if let Some(record) = record.as_mut() {
             record.backend_started.get_or_insert(attempt_started);
             record.record.backend_id = Some(member.config.id.clone());
             record.record.backend_url = Some(url.clone());
         }
-        // A `Url` is always a valid URI; should it ever not be, the attempt fails like a refused one.
+        // A URL of percent-encoded segments is always a valid URI; should it ever not be, the
+        // attempt fails like a refused one.
         let sent = match http::Uri::try_from(url) {
             Ok(uri) => {
                 member
@@ -323,66 +323,41 @@ fn referenced_objects(call: &Call) -> Vec<String> {
     ids
 }
 
-/// The member's URL for the call, built from segments (never by string formatting).
+/// The member's URL for the call, built from percent-encoded segments (never by string
+/// formatting; see [`BackendUrl`]).
 fn upstream_url(
     member: &Member,
     call: &Call,
     client_query: Option<&str>,
-) -> Result<Url, GatewayError> {
-    let mut url = member.config.endpoint.clone();
+) -> Result<String, GatewayError> {
+    let url = BackendUrl::new(&member.config.endpoint);
     let deployment = member
         .config
         .deployment
         .as_deref()
         .or(call.deployment.as_deref());
-    let mut keep_api_version = false;
-    {
-        let mut segments = url
-            .path_segments_mut()
-            .map_err(|()| GatewayError::Internal)?;
-        segments.pop_if_empty();
-        match (member.config.kind, call.style) {
-            (BackendKind::AzureOpenai, RouteStyle::AzureDeployment) => {
-                let deployment = deployment.ok_or(GatewayError::DeploymentNotFound)?;
-                segments.extend(["openai", "deployments", deployment]);
-                keep_api_version = true;
-            }
-            (BackendKind::AzureOpenai, RouteStyle::AzureResource) => {
-                segments.push("openai");
-                keep_api_version = true;
-            }
-            (BackendKind::AzureOpenai, RouteStyle::AzureV1 | RouteStyle::OpenAi) => {
-                segments.extend(["openai", "v1"]);
-            }
-            (BackendKind::Openai, _) => {}
+    let ops = call.op_path.iter().map(String::as_str);
+    let (url, api_version) = match (member.config.kind, call.style) {
+        (BackendKind::AzureOpenai, RouteStyle::AzureDeployment) => {
+            let deployment = deployment.ok_or(GatewayError::DeploymentNotFound)?;
+            let url = url.segments(["openai", "deployments", deployment].into_iter().chain(ops));
+            (url, Some(classic_api_version(member, call)))
         }
-        segments.extend(call.op_path.iter());
-    }
-    let api_version = keep_api_version.then(|| classic_api_version(member, call).to_owned());
-    let mut pairs: Vec<(String, String)> = client_query
-        .map(|q| {
-            url::form_urlencoded::parse(q.as_bytes())
-                .into_owned()
-                .collect()
-        })
-        .unwrap_or_default();
-    pairs.retain(|(key, _)| {
-        !(key.eq_ignore_ascii_case(crate::auth::KEY_QUERY)
-            || key.eq_ignore_ascii_case("api-key")
-            || key == "api-version")
-    });
-    if let Some(version) = api_version {
-        pairs.insert(0, ("api-version".to_owned(), version));
-    } else if call.style == RouteStyle::AzureV1 && member.config.kind == BackendKind::AzureOpenai {
+        (BackendKind::AzureOpenai, RouteStyle::AzureResource) => (
+            url.segments(std::iter::once("openai").chain(ops)),
+            Some(classic_api_version(member, call)),
+        ),
         // v1 preview features are selected with `api-version=preview`; pass it on.
-        if let Some(version) = &call.api_version {
-            pairs.insert(0, ("api-version".to_owned(), version.clone()));
+        (BackendKind::AzureOpenai, RouteStyle::AzureV1) => (
+            url.segments(["openai", "v1"].into_iter().chain(ops)),
+            call.api_version.as_deref(),
+        ),
+        (BackendKind::AzureOpenai, RouteStyle::OpenAi) => {
+            (url.segments(["openai", "v1"].into_iter().chain(ops)), None)
         }
-    }
-    if !pairs.is_empty() {
-        url.query_pairs_mut().extend_pairs(pairs);
-    }
-    Ok(url)
+        (BackendKind::Openai, _) => (url.segments(ops), None),
+    };
+    Ok(url.query(api_version, client_query))
 }
 
 /// The `api-version` an Azure classic (deployment or resource) route is sent with.

@@ -64,7 +64,7 @@ pub struct SendError {
 }
 
 impl SendError {
-    /// A URL that is not a valid request URI (never expected: every `Url` is one).
+    /// A URL that is not a valid request URI (never expected: every URL the gateway builds is one).
     pub fn invalid_uri() -> SendError {
         SendError {
             connect: false,
