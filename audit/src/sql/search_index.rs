@@ -367,7 +367,132 @@ async fn set_indexed_through(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
+    use gatehouse_schema::AuditRecord;
+    use serde_json::json;
+    use sqlx::{ConnectOptions as _, Connection as _};
+    use time::OffsetDateTime;
+    use time::macros::datetime;
+
     use super::*;
+    use crate::sql::{Engine, SearchFilter, SqlStore};
+
+    const T0: OffsetDateTime = datetime!(2026-12-03 09:00 UTC);
+
+    /// A chat call whose prompt says `words`.
+    fn call(i: usize, words: &str) -> AuditRecord {
+        let prompt = json!([{"role": "user", "content": words}]).to_string();
+        serde_json::from_value(json!({
+            "TimeGenerated": (T0 + time::Duration::seconds(i as i64)).format(&time::format_description::well_known::Rfc3339).unwrap(),
+            "CorrelationId": format!("call-{i:03}"), "GatewayId": "gw-1", "OperationId": "chatcompletions_create",
+            "CallerIpAddress": "198.51.100.7", "PeerIpAddress": "198.51.100.7", "Method": "POST",
+            "Url": "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21", "ClientProtocol": "HTTP/1.1",
+            "ResponseCode": 200, "IsRequestSuccess": true, "BackendResponseCode": 200,
+            "BackendId": "east", "BackendUrl": null, "RequestSize": 100, "ResponseSize": 100,
+            "TotalTime": 100, "BackendTime": 90, "TimeToFirstByte": null, "ApimSubscriptionId": "team-a",
+            "ProductId": null, "UserId": null, "UserName": null, "TenantId": null,
+            "DeploymentName": "gpt-4o", "ModelName": "gpt-4o-2024-08-06", "ApiVersion": "2024-10-21", "IsStreamCompletion": false,
+            "Usage": null, "BackendRequestBody": null, "RequestBodyTruncated": false,
+            "BackendResponseBody": null, "ResponseBodyTruncated": false,
+            "RequestMessages": prompt, "ResponseMessages": null, "ClientAborted": false,
+            "LastErrorReason": null, "LastErrorMessage": null
+        }))
+        .unwrap()
+    }
+
+    async fn found(store: &SqlStore, word: &str) -> Vec<String> {
+        let page = store
+            .search(&SearchFilter {
+                text: Some(word.to_owned()),
+                limit: 100,
+                ..SearchFilter::between(T0, T0 + time::Duration::hours(1))
+            })
+            .await
+            .unwrap();
+        let mut ids: Vec<String> = page.items.into_iter().map(|c| c.correlation_id).collect();
+        ids.sort();
+        ids
+    }
+
+    /// The failure path of the two-file commit: while another connection holds the index file's
+    /// write lock past the index's busy timeout, batches are stored all the same, the index falls
+    /// behind and later batches leave their calls to the catch-up; once the lock is gone the
+    /// catch-up indexes every call, once, and `IndexedThrough` reaches the last call.
+    #[tokio::test]
+    async fn calls_the_index_could_not_take_are_indexed_by_the_catch_up_once_it_can() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite:{}", dir.path().join("audit.db").display());
+        let store = SqlStore::connect(&url).await.unwrap();
+        store.migrate().await.unwrap();
+        let Engine::Sqlite { search, writer, .. } = &store.engine else {
+            unreachable!("a sqlite: URL opens a SQLite store");
+        };
+        assert_eq!(store.write(&[call(0, "alpha")]).await.unwrap(), 1);
+        assert_eq!(found(&store, "alpha").await, ["call-000"]);
+
+        // The index's one connection gives up after 200 ms instead of 30 s.
+        sqlx::query("PRAGMA busy_timeout = 200")
+            .execute(&search.pool)
+            .await
+            .unwrap();
+        let mut holder = SqliteConnectOptions::new()
+            .filename(search.path())
+            .connect()
+            .await
+            .unwrap();
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+
+        assert_eq!(
+            store
+                .write(&[call(1, "bravo"), call(2, "bravo charlie")])
+                .await
+                .unwrap(),
+            2,
+            "the store takes the batch the index cannot"
+        );
+        assert!(search.is_behind());
+        assert_eq!(
+            store.write(&[call(3, "charlie")]).await.unwrap(),
+            1,
+            "a batch written while the index is behind"
+        );
+        let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM GatehouseGatewayLogs")
+            .fetch_one(writer)
+            .await
+            .unwrap();
+        assert_eq!(stored, 4);
+        assert!(found(&store, "bravo").await.is_empty());
+        assert!(found(&store, "charlie").await.is_empty());
+        assert_eq!(found(&store, "alpha").await, ["call-000"]);
+
+        sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+        holder.close().await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while search.is_behind() || search.catching_up.load(Ordering::Acquire) {
+            assert!(
+                Instant::now() < deadline,
+                "the catch-up did not finish within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(found(&store, "bravo").await, ["call-001", "call-002"]);
+        assert_eq!(found(&store, "charlie").await, ["call-002", "call-003"]);
+        assert_eq!(found(&store, "alpha").await, ["call-000"]);
+        let last: i64 = sqlx::query_scalar("SELECT max(RecordId) FROM GatehouseGatewayLogs")
+            .fetch_one(writer)
+            .await
+            .unwrap();
+        assert_eq!(search.indexed_through().await.unwrap(), last);
+        let entries: i64 = sqlx::query_scalar("SELECT count(*) FROM GatehouseContentSearch")
+            .fetch_one(&search.pool)
+            .await
+            .unwrap();
+        assert_eq!(entries, 4, "every call indexed once");
+    }
 
     #[test]
     fn the_index_file_is_the_store_file_with_search_appended() {
