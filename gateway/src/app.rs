@@ -105,6 +105,15 @@ impl Default for SecretSettings {
     }
 }
 
+/// The paths [`Gateway::router`] has routes for; every other path is a model call.
+pub const ROUTED_PATHS: [&str; 5] = [
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    admin::CONFIG_PATH,
+    gatehouse_schema::backends::BACKENDS_PATH,
+];
+
 impl Gateway {
     /// Builds a gateway; fails when the snapshot is invalid or the state directory unusable.
     pub async fn new(parts: GatewayParts) -> anyhow::Result<Arc<Gateway>> {
@@ -206,7 +215,9 @@ impl Gateway {
         self.tokens.forget_validated();
     }
 
-    /// The HTTP router.
+    /// The HTTP router: the operational and admin routes ([`ROUTED_PATHS`]), and every other
+    /// path as a model call. The server sends only [`ROUTED_PATHS`] through it and model calls
+    /// straight to the call pipeline ([`Gateway::serve`]), which answers them the same.
     pub fn router(self: &Arc<Self>) -> Router {
         Router::new()
             .route("/healthz", get(|| async { "ok" }))
@@ -222,6 +233,11 @@ impl Gateway {
             )
             .fallback(any(serve_call))
             .with_state(Arc::clone(self))
+    }
+
+    /// Serves a model call from `peer`: the router's fallback, without the router.
+    pub async fn serve(self: Arc<Self>, peer: SocketAddr, request: Request) -> Response {
+        serve_call(State(self), ConnectInfo(peer), request).await
     }
 
     /// Counts a finished call, settles its token reservation with its usage, and hands its

@@ -66,6 +66,57 @@ async fn health_and_readiness_need_no_key() {
     );
 }
 
+/// The operational and admin paths are served by their routes — a wrong method is refused as
+/// such — and every other path, however close, is a model call: the call pipeline answers it
+/// in Azure's shape and asks for a key.
+#[tokio::test]
+async fn operational_paths_have_their_routes_and_every_other_path_is_a_call() {
+    let sim = simulator("routes").await;
+    let gw = TestGateway::start(snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member("a", &sim.url(), 1)]}]),
+    ))
+    .await;
+    let metrics = gw
+        .raw(reqwest::Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(metrics.status(), 200);
+    assert!(metrics.text().await.unwrap().contains("gatehouse_"));
+    assert_eq!(
+        gw.raw(reqwest::Method::POST, "/healthz")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        405
+    );
+    let backends = gw
+        .raw(reqwest::Method::GET, "/_gatehouse/backends")
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(
+        backends.status(),
+        200,
+        "the backend states need the admin token"
+    );
+    assert!(backends.status().is_client_error());
+    for path in [
+        "/healthz/",
+        "/metrics/x",
+        "/_gatehouse/backendsx",
+        "/openai/models",
+    ] {
+        let answer = gw.raw(reqwest::Method::GET, path).send().await.unwrap();
+        assert_eq!(answer.status(), 401, "{path}");
+        let body: serde_json::Value = answer.json().await.unwrap();
+        assert!(body["error"]["message"].is_string(), "{path}: {body}");
+    }
+    assert_eq!(sim.hits(), 0);
+}
+
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
 
