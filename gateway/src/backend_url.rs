@@ -73,11 +73,7 @@ impl BackendUrl {
         let kept = client_query
             .into_iter()
             .flat_map(|query| form_urlencoded::parse(query.as_bytes()))
-            .filter(|(key, _)| {
-                !(key.eq_ignore_ascii_case(KEY_QUERY)
-                    || key.eq_ignore_ascii_case("api-key")
-                    || key == "api-version")
-            });
+            .filter(|(key, _)| !left_out(key));
         let start = self.text.len();
         self.text.push('?');
         let mut query = form_urlencoded::Serializer::for_suffix(self.text, start + 1);
@@ -93,6 +89,14 @@ impl BackendUrl {
         }
         text
     }
+}
+
+/// Whether a client's query parameter stays out of the member's URL: a key (`subscription-key`,
+/// `api-key`, in any case) or the client's own `api-version` (the member's is put first).
+fn left_out(key: &str) -> bool {
+    key.eq_ignore_ascii_case(KEY_QUERY)
+        || key.eq_ignore_ascii_case("api-key")
+        || key == "api-version"
 }
 
 #[cfg(test)]
@@ -115,11 +119,7 @@ mod tests {
         let mut pairs: Vec<(String, String)> = client_query
             .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
             .unwrap_or_default();
-        pairs.retain(|(key, _)| {
-            !(key.eq_ignore_ascii_case(KEY_QUERY)
-                || key.eq_ignore_ascii_case("api-key")
-                || key == "api-version")
-        });
+        pairs.retain(|(key, _)| !left_out(key));
         if let Some(version) = api_version {
             pairs.insert(0, ("api-version".to_owned(), version.to_owned()));
         }
@@ -214,11 +214,11 @@ mod tests {
                 "a\r\nb\tc",
             ],
             Some("2024-10-21"),
-            Some("api-key=secret&subscription-key=secret"),
+            Some("api-key=secret&Subscription-Key=secret&API-KEY=secret&api-version=client&n=1"),
         );
         assert_eq!(
             url,
-            "https://contoso.openai.azure.com/openai/deployments/..%2F..%2Fadmin/chat%3Fx=1%23f/a%0D%0Ab%09c?api-version=2024-10-21"
+            "https://contoso.openai.azure.com/openai/deployments/..%2F..%2Fadmin/chat%3Fx=1%23f/a%0D%0Ab%09c?api-version=2024-10-21&n=1"
         );
         assert!(http::Uri::try_from(url).is_ok());
     }
