@@ -180,6 +180,12 @@ impl sqlx::Type<Postgres> for TsVector {
     }
 }
 
+impl sqlx::postgres::PgHasArrayType for TsVector {
+    fn array_type_info() -> PgTypeInfo {
+        PgTypeInfo::with_name("_tsvector")
+    }
+}
+
 impl sqlx::Encode<'_, Postgres> for TsVector {
     fn encode_by_ref(&self, buf: &mut PgArgumentBuffer) -> Result<IsNull, BoxDynError> {
         buf.extend_from_slice(&self.0);
