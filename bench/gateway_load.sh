@@ -39,6 +39,10 @@
 #                            callgrind for N calls (one connection, after 300 untimed ones), and
 #                            their ratio, with the gateway's 25 costliest functions. Instruction
 #                            counts do not depend on other load on the machine (seconds do).
+#                            With BENCH_CAPTURE variants, also each capture gateway's instructions
+#                            per call, its audit writer's (and for SQLite its store's) included,
+#                            against the key-only gateway's, both with calls on
+#                            BENCH_INSTRUCTIONS_CONNECTIONS=16 connections at once.
 #
 # Output: a table on stdout, and bench/out/gateway_load-<timestamp>.json. Exit status 0 when every
 # part that ran worked (whether or not the targets were met), 1 when something broke (a process
@@ -61,6 +65,8 @@ instructions=${BENCH_INSTRUCTIONS:-}
 launch=()
 identity_variants=${BENCH_IDENTITY:-jwt jwt-limits jwt-limits-redis}
 capture_variants=${BENCH_CAPTURE:-sqlite postgres}
+# Connections used at once by the capture variants of BENCH_INSTRUCTIONS (and their baseline).
+capture_connections=${BENCH_INSTRUCTIONS_CONNECTIONS:-16}
 [ "$capture_variants" = off ] && capture_variants=""
 postgres_base=${BENCH_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432}
 bench_database="gh_bench_$$"
@@ -511,16 +517,24 @@ EOF
   done
 }
 
-# Run a target under callgrind for $instructions calls; $1 name, $2 port, $3 pid (valgrind's).
-# Writes $work/results/$1-instructions.json.
+# Run a target under callgrind for $instructions calls; $1 name, $2 port, $3 pid (valgrind's),
+# $4 connections used at once (default 1), $5 the capture variant whose store must hold every
+# call before the count stops, so that the audit writer's work for those calls is counted too
+# (empty: nothing is recorded). Writes $work/results/$1-instructions.json.
 measure_instructions() {
-  local name=$1 port=$2 pid=$3 out="$work/$1.callgrind" total
+  local name=$1 port=$2 pid=$3 connections=${4:-1} variant=${5:-} out="$work/$1.callgrind" total
   local post=(python3 "$bench_dir/lib/report.py" post --port "$port" --path "$request_path"
-              --body "$work/body.json" --header "api-key: $api_key")
-  say "$name: user-space instructions per call under callgrind ($instructions calls)"
+              --body "$work/body.json" --header "api-key: $api_key" --connections "$connections")
+  say "$name: user-space instructions per call under callgrind ($instructions calls, $connections connection(s))"
   "${post[@]}" --count 300 >/dev/null || { broken+=("$name: a warm-up call was not answered 200"); return; }
+  if [ -n "$variant" ] && ! wait_for_records "$variant" 300; then
+    broken+=("$name: the store did not take the warm-up calls' records"); return
+  fi
   callgrind_control -i on "$pid" >/dev/null
   "${post[@]}" --count "$instructions" >/dev/null || broken+=("$name: a measured call was not answered 200")
+  if [ -n "$variant" ] && ! wait_for_records "$variant" $((300 + instructions)); then
+    broken+=("$name: the store did not take every measured call's record")
+  fi
   callgrind_control -i off "$pid" >/dev/null
   callgrind_control -d "$pid" >/dev/null
   # The dump written by -d is part 1 (callgrind's file name, then ".1").
@@ -531,8 +545,21 @@ measure_instructions() {
   total=$(sed -n 's/^totals: //p' "$out" | head -1)
   [ -n "$total" ] || { broken+=("$name: no totals in $out"); return; }
   note "$name: $total instructions for $instructions calls: $(( total / instructions )) per call"
-  printf '{"target":"%s","calls":%s,"instructions":%s}\n' "$name" "$instructions" "$total" \
-    > "$work/results/$name-instructions.json"
+  printf '{"target":"%s","calls":%s,"connections":%s,"instructions":%s}\n' "$name" "$instructions" \
+    "$connections" "$total" > "$work/results/$name-instructions.json"
+}
+
+# Waits until the store of capture variant $1 (at `database`) holds at least $2 records; 1 when
+# it does not within 5 minutes (the gateway runs under valgrind, tens of times slower).
+wait_for_records() {
+  local variant=$1 want=$2 waited=0 count
+  while [ "$waited" -lt 300 ]; do
+    count=$(store_count "$variant" "$database")
+    [ "$count" != null ] && [ "$count" -ge "$want" ] && return 0
+    sleep 1; waited=$((waited + 1))
+  done
+  note "the store holds ${count:-no} records of the $want expected"
+  return 1
 }
 
 # BENCH_INSTRUCTIONS mode: nginx and the key-only gateway under callgrind, their ratio.
@@ -548,6 +575,33 @@ instructions_main() {
   start_gateway gateway "$gateway_port" || die "the gateway did not start under valgrind"
   measure_instructions gateway "$gateway_port" "$gateway_pid"
   stop_process "$gateway_pid"; forget_pid "$gateway_pid"
+  # Capture: the audit writer's work is counted with the calls' (for SQLite, the store's too: it
+  # runs in the gateway's process). Calls come over several connections at once, as under load,
+  # so that the writer takes batches of many records; the key-only gateway is measured the same
+  # way as their baseline.
+  if [ -n "$capture_variants" ]; then
+    local keyonly="gateway-c$capture_connections" variant name
+    launch=(valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$work/$keyonly.callgrind.%p")
+    start_gateway "$keyonly" "$gateway_port" || die "the gateway did not start under valgrind"
+    measure_instructions "$keyonly" "$gateway_port" "$gateway_pid" "$capture_connections"
+    stop_process "$gateway_pid"; forget_pid "$gateway_pid"
+    for variant in $capture_variants; do
+      name="gateway-capture-$variant"
+      capture_database "$variant" "$name" || continue
+      audit_yaml="    database: $database"
+      capture_yaml="{max_request_body_bytes: 1048576, max_response_body_bytes: 1048576}"
+      launch=(valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$work/$name.callgrind.%p")
+      if start_gateway "$name" "$gateway_port"; then
+        measure_instructions "$name" "$gateway_port" "$gateway_pid" "$capture_connections" "$variant"
+        stop_process "$gateway_pid"; forget_pid "$gateway_pid"
+      else
+        broken+=("$name: did not start under valgrind (log: $work/$name/gateway.log)")
+      fi
+      audit_yaml="    jsonl: null"
+      capture_yaml="{max_request_body_bytes: 0, max_response_body_bytes: 0}"
+    done
+    drop_bench_database
+  fi
   launch=()
 
   say "results"
@@ -565,7 +619,14 @@ for name, value in per_call.items():
 ratio = per_call["gateway"] / per_call["nginx"] if {"gateway", "nginx"} <= per_call.keys() else None
 if ratio is not None:
     print(f"gateway / nginx: {ratio:.2f} x the user-space instructions per call")
-out.write_text(json.dumps({"git_commit": commit, "runs": runs, "per_call": per_call, "gateway_over_nginx": ratio}, indent=2) + "\n")
+capture = {}
+baseline = next((name for name in per_call if name.startswith("gateway-c")), None)
+for name in sorted(per_call):
+    if name.startswith("gateway-capture-") and baseline:
+        capture[name] = per_call[name] / per_call[baseline]
+        extra = per_call[name] - per_call[baseline]
+        print(f"{name} / {baseline}: {capture[name]:.2f} x ({extra:+,.0f} instructions a call for its record)")
+out.write_text(json.dumps({"git_commit": commit, "runs": runs, "per_call": per_call, "gateway_over_nginx": ratio, "capture_over_key_only": capture}, indent=2) + "\n")
 print(f"JSON: {out}")
 PY
   if [ -s "$work/gateway.callgrind" ] && command -v callgrind_annotate >/dev/null; then
@@ -626,22 +687,31 @@ answered_calls() {
     | python3 -c 'import json,sys; print(1 + sum(json.loads(l)["requests"] for l in sys.stdin))'
 }
 
-# Start, check and measure the gateway recording into SQLite or PostgreSQL ($1), stop it (which
-# flushes its audit queue), and count the records against the calls answered.
-measure_capture_variant() {
-  local variant=$1 name="gateway-capture-$1" database count answered
+# Sets `database` to a new, empty store for capture variant $1 (target name $2): a SQLite file
+# in the target's directory, or a PostgreSQL database of its own (dropped at exit). Returns 1, with
+# the reason in `broken`, when it cannot.
+capture_database() {
+  local variant=$1 name=$2
   case "$variant" in
     sqlite)
       mkdir -p "$work/$name"
       database="sqlite:$work/$name/audit.db" ;;
     postgres)
-      command -v psql >/dev/null || { broken+=("$name: psql is missing"); return; }
+      command -v psql >/dev/null || { broken+=("$name: psql is missing"); return 1; }
+      drop_bench_database
       psql -q "$postgres_base/postgres" -c "CREATE DATABASE \"$bench_database\"" \
-        || { broken+=("$name: could not create database $bench_database"); return; }
+        || { broken+=("$name: could not create database $bench_database"); return 1; }
       made_database=1
       database="$postgres_base/$bench_database" ;;
-    *) broken+=("BENCH_CAPTURE: unknown variant $variant"); return ;;
+    *) broken+=("BENCH_CAPTURE: unknown variant $variant"); return 1 ;;
   esac
+}
+
+# Start, check and measure the gateway recording into SQLite or PostgreSQL ($1), stop it (which
+# flushes its audit queue), and count the records against the calls answered.
+measure_capture_variant() {
+  local variant=$1 name="gateway-capture-$1" database count answered
+  capture_database "$variant" "$name" || return 0
   audit_yaml="    database: $database"
   capture_yaml="{max_request_body_bytes: 1048576, max_response_body_bytes: 1048576}"
   local waits=null

@@ -110,22 +110,41 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def post(port: int, path: str, body: Path, header: str, count: int) -> int:
-    """POSTs `body` `count` times over one keep-alive connection; the number answered 200."""
+def post(port: int, path: str, body: Path, header: str, count: int, connections: int = 1) -> int:
+    """POSTs `body` `count` times, spread over `connections` keep-alive connections used at once
+    (one thread each); the number answered 200."""
     import http.client
+    import threading
 
     name, _, value = header.partition(":")
     headers = {"Content-Type": "application/json", name.strip(): value.strip()}
     payload = body.read_bytes()
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    answered = 0
-    for _ in range(count):
-        connection.request("POST", path, body=payload, headers=headers)
-        response = connection.getresponse()
-        response.read()
-        answered += response.status == 200
-    connection.close()
-    return answered
+    connections = max(1, min(connections, count)) if count else 1
+    answered = [0] * connections
+
+    def run(slot: int, calls: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        try:
+            for _ in range(calls):
+                connection.request("POST", path, body=payload, headers=headers)
+                response = connection.getresponse()
+                response.read()
+                answered[slot] += response.status == 200
+        except (OSError, http.client.HTTPException) as error:
+            print(f"post: connection {slot}: {error}", file=sys.stderr)
+        finally:
+            connection.close()
+
+    share, rest = divmod(count, connections)
+    threads = [
+        threading.Thread(target=run, args=(slot, share + (slot < rest)))
+        for slot in range(connections)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(answered)
 
 
 def derive(run: dict, clk_tck: int) -> dict:
@@ -375,6 +394,7 @@ def main() -> int:
     p.add_argument("--body", type=Path, required=True)
     p.add_argument("--header", required=True)
     p.add_argument("--count", type=int, required=True)
+    p.add_argument("--connections", type=int, default=1)
     p = sub.add_parser("summarize")
     p.add_argument("--results", type=Path, required=True)
     p.add_argument("--meta", type=Path, required=True)
@@ -386,7 +406,7 @@ def main() -> int:
     elif args.command == "entra-fixtures":
         entra_fixtures(args.key, args.public, args.authority, args.tenant, args.audience, args.out)
     elif args.command == "post":
-        answered = post(args.port, args.path, args.body, args.header, args.count)
+        answered = post(args.port, args.path, args.body, args.header, args.count, args.connections)
         print(answered)
         return 0 if answered == args.count else 1
     elif args.command == "line":
