@@ -71,9 +71,18 @@ capture_connections=${BENCH_INSTRUCTIONS_CONNECTIONS:-16}
 postgres_base=${BENCH_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432}
 bench_database="gh_bench_$$"
 made_database=""
-# What the gateway records and keeps (the key-only gateway: nothing, metadata only).
-audit_yaml="    jsonl: null"
-capture_yaml="{max_request_body_bytes: 0, max_response_body_bytes: 0}"
+# What the gateway records and keeps, as start_gateway writes it into the config: the key-only
+# gateway records metadata only, nowhere; a capture gateway records bodies up to 1 MiB into
+# `database` (see capture_database).
+records_nothing() {
+  audit_yaml="    jsonl: null"
+  capture_yaml="{max_request_body_bytes: 0, max_response_body_bytes: 0}"
+}
+records_everything() {
+  audit_yaml="    database: $database"
+  capture_yaml="{max_request_body_bytes: 1048576, max_response_body_bytes: 1048576}"
+}
+records_nothing
 redis_url=${BENCH_REDIS_URL:-redis://127.0.0.1:6379}
 redis_prefix="gatehouse-bench-$$:"
 [ "$identity_variants" = off ] && identity_variants=""
@@ -588,8 +597,7 @@ instructions_main() {
     for variant in $capture_variants; do
       name="gateway-capture-$variant"
       capture_database "$variant" "$name" || continue
-      audit_yaml="    database: $database"
-      capture_yaml="{max_request_body_bytes: 1048576, max_response_body_bytes: 1048576}"
+      records_everything
       launch=(valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$work/$name.callgrind.%p")
       if start_gateway "$name" "$gateway_port"; then
         measure_instructions "$name" "$gateway_port" "$gateway_pid" "$capture_connections" "$variant"
@@ -597,8 +605,7 @@ instructions_main() {
       else
         broken+=("$name: did not start under valgrind (log: $work/$name/gateway.log)")
       fi
-      audit_yaml="    jsonl: null"
-      capture_yaml="{max_request_body_bytes: 0, max_response_body_bytes: 0}"
+      records_nothing
     done
     drop_bench_database
   fi
@@ -712,8 +719,7 @@ capture_database() {
 measure_capture_variant() {
   local variant=$1 name="gateway-capture-$1" database count answered
   capture_database "$variant" "$name" || return 0
-  audit_yaml="    database: $database"
-  capture_yaml="{max_request_body_bytes: 1048576, max_response_body_bytes: 1048576}"
+  records_everything
   local waits=null
   if start_gateway "$name" "$identity_port" && preflight "$name" "$identity_port"; then
     measure_target "$name" "$identity_port" "$gateway_pid"
@@ -743,8 +749,7 @@ measure_capture_variant() {
     stop_process "$gateway_pid"; forget_pid "$gateway_pid"
   fi
   count=$(store_count "$variant" "$database")
-  audit_yaml="    jsonl: null"
-  capture_yaml="{max_request_body_bytes: 0, max_response_body_bytes: 0}"
+  records_nothing
   note "$name: $answered calls answered, ${count} records in the store (journal replayed), $waits calls waited for room in the audit queue"
   printf '{"target":"%s","answered":%s,"records":%s,"room_waits":%s}\n' "$name" "$answered" "${count:-null}" "$waits" \
     > "$work/capture-$variant.json"

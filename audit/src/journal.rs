@@ -779,12 +779,15 @@ mod tests {
     #[test]
     fn lines_written_with_a_sha256_checksum_are_still_read() {
         // The form of lines before XXH3: 16 hex digits of the SHA-256, no mark.
-        let json = serde_json::to_vec(&record(3)).unwrap();
-        let digest = Sha256::digest(&json);
-        let mut line = hex::encode(&digest[..8]).into_bytes();
-        line.push(b' ');
-        line.extend_from_slice(&json);
-        line.push(b'\n');
+        let legacy_line = |id: usize| {
+            let json = serde_json::to_vec(&record(id)).unwrap();
+            let mut line = hex::encode(&Sha256::digest(&json)[..8]).into_bytes();
+            line.push(b' ');
+            line.extend_from_slice(&json);
+            line.push(b'\n');
+            (line, json)
+        };
+        let (line, json) = legacy_line(3);
         assert_eq!(decode_line(&line), Some(&json[..]));
         let mut changed = line.clone();
         changed[40] ^= 0x01;
@@ -793,14 +796,7 @@ mod tests {
         // A journal left with such lines by an earlier version replays after an upgrade, and
         // what is appended now follows them.
         let dir = tempfile::tempdir().unwrap();
-        let mut old = Vec::new();
-        for id in 0..3 {
-            let json = serde_json::to_vec(&record(id)).unwrap();
-            old.extend_from_slice(hex::encode(&Sha256::digest(&json)[..8]).as_bytes());
-            old.push(b' ');
-            old.extend_from_slice(&json);
-            old.push(b'\n');
-        }
+        let old: Vec<u8> = (0..3).flat_map(|id| legacy_line(id).0).collect();
         fs::write(
             dir.path().join("segment-00000000000000000001.journal"),
             &old,
