@@ -167,10 +167,13 @@ pub async fn forward(
         // attempt fails like a refused one.
         let sent = match http::Uri::try_from(url) {
             Ok(uri) => {
-                member
+                let timeout = Duration::from_millis(member.config.response_timeout_ms);
+                let sending = member
                     .client
-                    .send(parts.method.clone(), uri, headers, upstream_body)
+                    .send(parts.method.clone(), uri, headers, upstream_body);
+                tokio::time::timeout(timeout, sending)
                     .await
+                    .unwrap_or_else(|_| Err(SendError::timed_out(timeout)))
             }
             Err(_) => Err(SendError::invalid_uri()),
         };
@@ -178,11 +181,7 @@ pub async fn forward(
         let response = match sent {
             Ok(response) => response,
             Err(error) => {
-                let reason = if error.is_connect() {
-                    "connect_failed"
-                } else {
-                    "request_failed"
-                };
+                let reason = error.reason();
                 tracing::warn!(backend = %member.config.id, reason, "backend attempt failed");
                 member.health.set_aside(
                     SetAsideReason::Failing,

@@ -59,23 +59,52 @@ impl std::fmt::Debug for BackendClient {
 /// Why a call did not get a response.
 #[derive(Debug)]
 pub struct SendError {
-    connect: bool,
+    failure: SendFailure,
     source: Box<dyn StdError + Send + Sync>,
+}
+
+/// The kind of a [`SendError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SendFailure {
+    /// The connection could not be made (refused, unreachable, connect timeout, TLS handshake).
+    Connect,
+    /// The answer did not begin within the member's response timeout.
+    Timeout,
+    /// Anything else: the connection broke while the request was sent or before the answer.
+    Request,
 }
 
 impl SendError {
     /// A URL that is not a valid request URI (never expected: every URL the gateway builds is one).
     pub fn invalid_uri() -> SendError {
         SendError {
-            connect: false,
+            failure: SendFailure::Request,
             source: "the backend URL is not a valid request URI".into(),
+        }
+    }
+
+    /// The member's answer did not begin within `after`.
+    pub fn timed_out(after: Duration) -> SendError {
+        SendError {
+            failure: SendFailure::Timeout,
+            source: format!("no answer within {} ms", after.as_millis()).into(),
         }
     }
 
     /// Whether the connection could not be made (refused, unreachable, connect timeout, TLS
     /// handshake).
     pub fn is_connect(&self) -> bool {
-        self.connect
+        self.failure == SendFailure::Connect
+    }
+
+    /// The attempt's outcome as metrics and audit records name it: `connect_failed`,
+    /// `response_timeout` or `request_failed`.
+    pub fn reason(&self) -> &'static str {
+        match self.failure {
+            SendFailure::Connect => "connect_failed",
+            SendFailure::Timeout => "response_timeout",
+            SendFailure::Request => "request_failed",
+        }
     }
 }
 
@@ -131,7 +160,7 @@ impl BackendClient {
             && matcher.intercept(&uri).is_some()
         {
             let url = reqwest::Url::parse(&uri.to_string()).map_err(|error| SendError {
-                connect: false,
+                failure: SendFailure::Request,
                 source: Box::new(error),
             })?;
             let response = client
@@ -141,7 +170,11 @@ impl BackendClient {
                 .send()
                 .await
                 .map_err(|error| SendError {
-                    connect: error.is_connect(),
+                    failure: if error.is_connect() {
+                        SendFailure::Connect
+                    } else {
+                        SendFailure::Request
+                    },
                     source: Box::new(error),
                 })?;
             return Ok(http::Response::<reqwest::Body>::from(response).map(UpstreamBody::Proxied));
@@ -155,7 +188,11 @@ impl BackendClient {
             .request(request)
             .await
             .map_err(|error| SendError {
-                connect: error.is_connect(),
+                failure: if error.is_connect() {
+                    SendFailure::Connect
+                } else {
+                    SendFailure::Request
+                },
                 source: Box::new(error),
             })?;
         Ok(response.map(UpstreamBody::Direct))

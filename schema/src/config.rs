@@ -190,6 +190,13 @@ pub struct PoolMember {
     /// Connect timeout in milliseconds.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
+    /// How long the gateway waits for the member's answer to begin (its status line and headers)
+    /// once the call is sent, in milliseconds; default 300,000 (five minutes, API Management's
+    /// `forward-request` default). A member that does not answer in time is set aside like one
+    /// that fails, and the call goes to the next member, since nothing has reached the client yet.
+    /// A stream that has begun is not cut by it.
+    #[serde(default = "default_response_timeout_ms")]
+    pub response_timeout_ms: u64,
 }
 
 fn default_priority() -> u32 {
@@ -202,6 +209,10 @@ fn default_weight() -> u32 {
 
 fn default_connect_timeout_ms() -> u64 {
     5_000
+}
+
+fn default_response_timeout_ms() -> u64 {
+    300_000
 }
 
 /// The wire dialect of a backend.

@@ -1,9 +1,12 @@
 //! The failover table: what a 429, a 5xx, a refused connection and a broken stream do.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use gatehouse_simulator::{Fault, RetryHint, SimulatorConfig};
-use serde_json::json;
+use serde_json::{Value, json};
+use tokio::io::AsyncReadExt as _;
 
 use crate::harness::*;
 
@@ -326,4 +329,143 @@ async fn weights_split_traffic_inside_a_priority_group() {
     let (h, l) = (heavy.hits() as f64, light.hits() as f64);
     assert_eq!(h + l, 200.0);
     assert!(h / l > 2.0 && h / l < 4.5, "3:1 weights gave {h}:{l}");
+}
+
+/// A backend that accepts connections and reads what it is sent but never answers; counts the
+/// connections that sent it something.
+async fn silent_backend() -> (String, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let requests = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&requests);
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let counted = Arc::clone(&counted);
+            tokio::spawn(async move {
+                let mut buffer = [0_u8; 4096];
+                let mut seen = false;
+                while let Ok(n) = socket.read(&mut buffer).await {
+                    if n == 0 {
+                        break;
+                    }
+                    if !seen {
+                        seen = true;
+                        counted.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            });
+        }
+    });
+    (url, requests)
+}
+
+/// A pool member that waits at most `response_timeout_ms` for its answer.
+fn impatient_member(id: &str, url: &str, priority: u32, response_timeout_ms: u64) -> Value {
+    let mut member = member(id, url, priority);
+    member["response_timeout_ms"] = json!(response_timeout_ms);
+    member
+}
+
+#[tokio::test]
+async fn a_member_that_does_not_answer_in_time_is_set_aside_and_the_next_one_answers() {
+    let (silent, silent_requests) = silent_backend().await;
+    let second = simulator("second").await;
+    let gw = TestGateway::start(snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o"], "members": [
+            impatient_member("silent", &silent, 1, 300),
+            impatient_member("second", &second.url(), 2, 300),
+        ]}]),
+    ))
+    .await;
+    let response = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "the second member answers");
+    assert_eq!(
+        (silent_requests.load(Ordering::SeqCst), second.hits()),
+        (1, 1)
+    );
+    let records = gw.records(1).await;
+    let attempts = &records[0].attempts;
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    assert_eq!(attempts[0].backend_id, "silent");
+    assert_eq!(attempts[0].status, None);
+    assert_eq!(attempts[0].error.as_deref(), Some("response_timeout"));
+    assert!(
+        attempts[0].elapsed_ms >= 300,
+        "waited the timeout: {attempts:?}"
+    );
+    assert_eq!(attempts[1].status, Some(200));
+    assert!(
+        gw.metrics()
+            .await
+            .contains(r#"backend="silent",outcome="response_timeout""#),
+        "the timeout is counted"
+    );
+
+    // The silent member is set aside: the next call goes straight to the second.
+    let again = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200);
+    assert_eq!(
+        (silent_requests.load(Ordering::SeqCst), second.hits()),
+        (1, 2)
+    );
+}
+
+#[tokio::test]
+async fn a_pool_whose_only_member_does_not_answer_in_time_gets_503() {
+    let (silent, silent_requests) = silent_backend().await;
+    let gw = TestGateway::start(snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o"], "members": [
+            impatient_member("silent", &silent, 1, 200),
+        ]}]),
+    ))
+    .await;
+    let response = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
+    azure_error(response, 503).await;
+    assert_eq!(silent_requests.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_stream_that_has_begun_is_not_cut_by_the_response_timeout() {
+    // Five chunks 100 ms apart: the stream lasts longer than the 200 ms response timeout.
+    let slow = simulator_with(SimulatorConfig {
+        id: "slow".into(),
+        chunk_delay: Duration::from_millis(100),
+        stream_chunks: 5,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let gw = TestGateway::start(snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o"], "members": [
+            impatient_member("slow", &slow.url(), 1, 200),
+        ]}]),
+    ))
+    .await;
+    let response = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    assert_eq!(slow.hits(), 1);
 }
