@@ -58,6 +58,8 @@ pub struct Gateway {
     pub(crate) state_dir: PathBuf,
     pub(crate) config_writes: tokio::sync::Mutex<()>,
     access_log: bool,
+    /// How long clients may take to send a call.
+    pub client_timeouts: ClientTimeouts,
     /// Validates Entra ID tokens (signing keys and Graph answers are cached across snapshots).
     pub tokens: crate::entra::TokenValidator,
     /// Usage-limit counters.
@@ -83,6 +85,31 @@ pub struct GatewayParts {
     pub limits: LimitSettings,
     /// The gateway's own Entra credential and how Key Vault secrets are kept.
     pub secrets: SecretSettings,
+    /// How long clients may take to send a call.
+    pub client_timeouts: ClientTimeouts,
+}
+
+/// How long a client may take to send a call, so that connections that send slowly or not at
+/// all (slowloris) do not hold the gateway's connections and memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientTimeouts {
+    /// HTTP/1.1: the time to send a request's head (request line and headers), counted from when
+    /// the gateway starts waiting for it, so a kept-alive connection idle this long between calls
+    /// is closed as well.
+    pub request_head: Duration,
+    /// The longest pause while the request body arrives; the call is then answered 408 and goes
+    /// to no backend.
+    pub request_body: Duration,
+}
+
+impl Default for ClientTimeouts {
+    /// 60 s each.
+    fn default() -> Self {
+        ClientTimeouts {
+            request_head: Duration::from_secs(60),
+            request_body: Duration::from_secs(60),
+        }
+    }
 }
 
 /// The gateway's own Entra identity (it reads Key Vault secrets, and is there for other outbound
@@ -180,6 +207,7 @@ impl Gateway {
             state_dir: parts.state_dir,
             config_writes: tokio::sync::Mutex::new(()),
             access_log: parts.access_log,
+            client_timeouts: parts.client_timeouts,
             tokens,
             limiter,
         }))
@@ -479,7 +507,13 @@ async fn pipeline(
         return Err(GatewayError::AuditUnavailable);
     }
     // The body, bounded; buffered so that a failed attempt can be replayed on another member.
-    let body = read_body(parts, body, runtime.snapshot.max_request_body_bytes).await?;
+    let body = read_body(
+        parts,
+        body,
+        runtime.snapshot.max_request_body_bytes,
+        gateway.client_timeouts.request_body,
+    )
+    .await?;
     let capture_limit = runtime.snapshot.capture.max_request_body_bytes;
     if let Some(record) = record.as_mut() {
         record.record.request_size = body.len() as u64;
@@ -545,7 +579,13 @@ async fn limit(
 const LINGER_BYTES: u64 = 1024 * 1024;
 const LINGER_TIME: Duration = Duration::from_secs(1);
 
-async fn read_body(parts: &Parts, body: Body, limit: u64) -> Result<bytes::Bytes, GatewayError> {
+/// Reads the whole request body, at most `limit` bytes, waiting at most `idle` for each piece.
+async fn read_body(
+    parts: &Parts,
+    body: Body,
+    limit: u64,
+    idle: Duration,
+) -> Result<bytes::Bytes, GatewayError> {
     use http_body_util::BodyExt as _;
     let declared = parts
         .headers
@@ -561,7 +601,12 @@ async fn read_body(parts: &Parts, body: Body, limit: u64) -> Result<bytes::Bytes
     let mut body = body;
     let mut pieces: Vec<bytes::Bytes> = Vec::new();
     let mut length: u64 = 0;
-    while let Some(frame) = body.frame().await {
+    loop {
+        let frame = match tokio::time::timeout(idle, body.frame()).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(_) => return Err(GatewayError::RequestTimeout { idle }),
+        };
         let Ok(frame) = frame else {
             return Err(GatewayError::BadRequest {
                 message: "The request body could not be read.".to_owned(),

@@ -56,6 +56,15 @@ pub enum GatewayError {
         /// The limit in bytes.
         limit: u64,
     },
+    /// The client paused longer than the gateway waits while sending the request body.
+    #[error(
+        "The request body did not arrive in time: nothing was received for {} s.",
+        idle.as_secs()
+    )]
+    RequestTimeout {
+        /// The longest pause the gateway allows.
+        idle: std::time::Duration,
+    },
     /// The request is malformed in a way the caller can fix.
     #[error("{message}")]
     BadRequest {
@@ -147,6 +156,7 @@ impl GatewayError {
             | GatewayError::DeploymentNotFound
             | GatewayError::ObjectNotFound(_) => StatusCode::NOT_FOUND,
             GatewayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             GatewayError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             GatewayError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             GatewayError::AllThrottled { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -179,6 +189,7 @@ impl GatewayError {
             GatewayError::NotPermitted { .. } => "not_permitted",
             GatewayError::UnknownRoute => "unknown_route",
             GatewayError::BodyTooLarge { .. } => "body_too_large",
+            GatewayError::RequestTimeout { .. } => "request_timeout",
             GatewayError::BadRequest { .. } => "bad_request",
             GatewayError::UnsupportedMediaType { .. } => "unsupported_media_type",
             GatewayError::DeploymentNotFound => "deployment_not_found",

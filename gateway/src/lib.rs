@@ -59,6 +59,6 @@ mod sync;
 pub mod upstream;
 pub mod usage;
 
-pub use app::{Gateway, GatewayParts, SecretSettings};
+pub use app::{ClientTimeouts, Gateway, GatewayParts, SecretSettings};
 pub use error::GatewayError;
 pub use settings::{ConfigFile, ServerSettings};

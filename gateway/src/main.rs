@@ -408,6 +408,7 @@ async fn serve(file: ConfigFile) -> anyhow::Result<()> {
         access_log: settings.access_log,
         limits: settings.limits.clone(),
         secrets,
+        client_timeouts: settings.client_timeouts()?,
     })
     .await?;
     let (listening, task) =

@@ -1,8 +1,10 @@
 //! Step 1: accept connections — plain or TLS, HTTP/1.1 and HTTP/2 — and shut down gracefully.
 
 use std::convert::Infallible;
-use std::future::{Ready, ready};
+use std::future::{Future as _, Ready, ready};
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -12,10 +14,14 @@ use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::response::Response;
 use axum_server::Handle;
+use axum_server::accept::Accept;
 use axum_server::tls_rustls::RustlsConfig;
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto::Builder as HttpBuilder;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tower::ServiceExt as _;
 
 use crate::app::{Gateway, ROUTED_PATHS};
@@ -53,6 +59,7 @@ pub async fn spawn(
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
     let handle = Handle::new();
+    let request_head = gateway.client_timeouts.request_head;
     let service = Connections {
         router: gateway.router(),
         gateway,
@@ -60,9 +67,13 @@ pub async fn spawn(
     let task = match tls {
         None => {
             // Small responses must not wait on Nagle's algorithm and delayed ACKs (~40 ms each).
-            let server = axum_server::from_tcp(listener)
-                .acceptor(axum_server::accept::NoDelayAcceptor::new())
+            let mut server = axum_server::from_tcp(listener)
+                .acceptor(FirstByteDeadline {
+                    inner: axum_server::accept::NoDelayAcceptor::new(),
+                    after: request_head,
+                })
                 .handle(handle.clone());
+            limit_request_head(server.http_builder(), request_head);
             tokio::spawn(async move { server.serve(service).await })
         }
         Some(tls) => {
@@ -70,13 +81,130 @@ pub async fn spawn(
             tokio::spawn(watch_certificates(config.clone(), tls));
             let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(config)
                 .acceptor(axum_server::accept::NoDelayAcceptor::new());
-            let server = axum_server::from_tcp(listener)
-                .acceptor(acceptor)
+            let mut server = axum_server::from_tcp(listener)
+                .acceptor(FirstByteDeadline {
+                    inner: acceptor,
+                    after: request_head,
+                })
                 .handle(handle.clone());
+            limit_request_head(server.http_builder(), request_head);
             tokio::spawn(async move { server.serve(service).await })
         }
     };
     Ok((Listening { addr, handle }, task))
+}
+
+/// Closes an HTTP/1.1 connection whose next request head has not fully arrived `after` it began
+/// to be awaited (hyper's header read timeout, which needs a timer to take effect).
+fn limit_request_head(builder: &mut HttpBuilder<TokioExecutor>, after: Duration) {
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(after);
+}
+
+/// Wraps an acceptor so that a connection on which no byte arrives within `after` of its
+/// acceptance (after the TLS handshake, which has its own timeout) is closed. hyper's header read
+/// timeout covers a request head once the connection is served as HTTP/1.1, but the HTTP version
+/// is told from the first bytes, and a connection that sends none would wait for ever.
+#[derive(Debug, Clone)]
+struct FirstByteDeadline<A> {
+    inner: A,
+    after: Duration,
+}
+
+impl<A, I, S> Accept<I, S> for FirstByteDeadline<A>
+where
+    A: Accept<I, S>,
+    A::Future: Send + 'static,
+    A::Stream: Send + 'static,
+    A::Service: Send + 'static,
+{
+    type Stream = UntilFirstByte<A::Stream>;
+    type Service = A::Service;
+    type Future = BoxFuture<'static, io::Result<(Self::Stream, Self::Service)>>;
+
+    fn accept(&self, stream: I, service: S) -> Self::Future {
+        let after = self.after;
+        let accepted = self.inner.accept(stream, service);
+        Box::pin(async move {
+            let (stream, service) = accepted.await?;
+            let stream = UntilFirstByte {
+                inner: stream,
+                deadline: Some(Box::pin(tokio::time::sleep(after))),
+            };
+            Ok((stream, service))
+        })
+    }
+}
+
+/// A connection whose reads fail with `TimedOut` if its first byte does not come before the
+/// deadline; from the first byte on, it is the plain connection.
+struct UntilFirstByte<S> {
+    inner: S,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for UntilFirstByte<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(result) => {
+                if buf.filled().len() > before {
+                    this.deadline = None;
+                }
+                Poll::Ready(result)
+            }
+            Poll::Pending => {
+                let passed = this
+                    .deadline
+                    .as_mut()
+                    .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
+                if passed {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the client sent nothing within the request head timeout",
+                    )));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for UntilFirstByte<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }
 
 /// Makes the service of each accepted connection, which knows the peer's address.

@@ -53,6 +53,15 @@ pub struct ServerSettings {
     /// How long shutdown waits for in-flight calls (streams included) to finish, in seconds.
     #[serde(default = "default_drain_seconds")]
     pub shutdown_drain_seconds: u64,
+    /// How long an HTTP/1.1 client has to send a request's head (request line and headers), in
+    /// seconds (default 60), counted from when the gateway starts waiting for it: a connection
+    /// that sends its head slowly, or a kept-alive one idle this long between calls, is closed.
+    #[serde(default = "default_client_timeout_seconds")]
+    pub request_head_timeout_seconds: u64,
+    /// The longest pause while a request body arrives, in seconds (default 60); a client that
+    /// sends nothing for this long is answered 408 and the call goes to no backend.
+    #[serde(default = "default_client_timeout_seconds")]
+    pub request_body_timeout_seconds: u64,
     /// Threads that serve calls; absent: `TOKIO_WORKER_THREADS`, else one per CPU.
     #[serde(default)]
     pub worker_threads: Option<usize>,
@@ -74,6 +83,28 @@ pub struct ServerSettings {
 
 fn default_key_vault_refresh_seconds() -> u64 {
     300
+}
+
+fn default_client_timeout_seconds() -> u64 {
+    60
+}
+
+impl ServerSettings {
+    /// The client timeouts, each at least one second.
+    pub fn client_timeouts(&self) -> anyhow::Result<crate::ClientTimeouts> {
+        anyhow::ensure!(
+            self.request_head_timeout_seconds > 0,
+            "server.request_head_timeout_seconds must be at least 1"
+        );
+        anyhow::ensure!(
+            self.request_body_timeout_seconds > 0,
+            "server.request_body_timeout_seconds must be at least 1"
+        );
+        Ok(crate::ClientTimeouts {
+            request_head: std::time::Duration::from_secs(self.request_head_timeout_seconds),
+            request_body: std::time::Duration::from_secs(self.request_body_timeout_seconds),
+        })
+    }
 }
 
 /// Where the counters of `snapshot.limits` live: in this process, or in Redis when several
@@ -365,12 +396,40 @@ mod tests {
         ));
         assert_eq!(file.server.key_vault_refresh_seconds, 300);
         assert_eq!(file.server.audit.queue_max_bytes, 256 << 20);
+        assert_eq!(
+            file.server.client_timeouts().unwrap(),
+            crate::ClientTimeouts::default()
+        );
         let member = &file.snapshot.pools[0].members[0];
+        assert_eq!(member.response_timeout_ms, 300_000);
         assert!(matches!(
             member.credential,
             gatehouse_schema::config::BackendCredential::ApiKey { ref secret }
                 if matches!(secret.source(), gatehouse_schema::config::SecretSource::KeyVault(_))
         ));
+    }
+
+    #[test]
+    fn client_timeouts_are_whole_seconds_of_at_least_one() {
+        let settings = |extra: &str| -> ServerSettings {
+            serde_yaml_ng::from_str(&format!("state_dir: /tmp/gh\n{extra}")).unwrap()
+        };
+        let defaults = settings("").client_timeouts().unwrap();
+        assert_eq!(defaults.request_head, std::time::Duration::from_secs(60));
+        assert_eq!(defaults.request_body, std::time::Duration::from_secs(60));
+        let set = settings("request_head_timeout_seconds: 5\nrequest_body_timeout_seconds: 7")
+            .client_timeouts()
+            .unwrap();
+        assert_eq!(set.request_head, std::time::Duration::from_secs(5));
+        assert_eq!(set.request_body, std::time::Duration::from_secs(7));
+        let zero = settings("request_body_timeout_seconds: 0")
+            .client_timeouts()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            zero.contains("server.request_body_timeout_seconds"),
+            "{zero}"
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use gatehouse_audit::{AuditQueue, AuditSink, MemorySink, QueueSettings, WriterHa
 use gatehouse_gateway::secret::Secret;
 use gatehouse_gateway::server::{self, Listening};
 use gatehouse_gateway::settings::LimitSettings;
-use gatehouse_gateway::{Gateway, GatewayParts, SecretSettings};
+use gatehouse_gateway::{ClientTimeouts, Gateway, GatewayParts, SecretSettings};
 use gatehouse_schema::{AuditRecord, ConfigSnapshot};
 use gatehouse_simulator::{RunningSimulator, Simulator, SimulatorConfig};
 use serde_json::{Value, json};
@@ -54,6 +54,14 @@ pub fn snapshot(version: u64, pools: Value) -> ConfigSnapshot {
     .unwrap()
 }
 
+/// What a test gateway is started with besides its snapshot and audit queue.
+#[derive(Default)]
+struct Settings {
+    secrets: SecretSettings,
+    limits: LimitSettings,
+    client_timeouts: ClientTimeouts,
+}
+
 /// A running gateway with an in-memory audit sink.
 pub struct TestGateway {
     pub url: String,
@@ -96,17 +104,12 @@ impl TestGateway {
         snapshot: ConfigSnapshot,
         secrets: SecretSettings,
     ) -> anyhow::Result<TestGateway> {
-        let sink = MemorySink::new();
-        let (queue, writer) = AuditQueue::start(Arc::new(sink.clone()), 10_000);
-        let state_dir = Arc::new(tempfile::tempdir().unwrap());
-        Self::start_with_everything(
+        Self::start_fresh(
             snapshot,
-            state_dir,
-            sink,
-            queue,
-            writer,
-            secrets,
-            LimitSettings::default(),
+            Settings {
+                secrets,
+                ..Settings::default()
+            },
         )
         .await
     }
@@ -125,8 +128,7 @@ impl TestGateway {
             sink,
             queue,
             writer,
-            SecretSettings::default(),
-            LimitSettings::default(),
+            Settings::default(),
         )
         .await
         .unwrap()
@@ -148,20 +150,42 @@ impl TestGateway {
 
     /// Starts a gateway on a fresh state directory with these limit-store settings.
     pub async fn start_with_limits(snapshot: ConfigSnapshot, limits: LimitSettings) -> TestGateway {
-        let sink = MemorySink::new();
-        let (queue, writer) = AuditQueue::start(Arc::new(sink.clone()), 10_000);
-        let state_dir = Arc::new(tempfile::tempdir().unwrap());
-        Self::start_with_everything(
+        Self::start_fresh(
             snapshot,
-            state_dir,
-            sink,
-            queue,
-            writer,
-            SecretSettings::default(),
-            limits,
+            Settings {
+                limits,
+                ..Settings::default()
+            },
         )
         .await
         .unwrap()
+    }
+
+    /// Starts a gateway on a fresh state directory with these client timeouts.
+    pub async fn start_with_client_timeouts(
+        snapshot: ConfigSnapshot,
+        client_timeouts: ClientTimeouts,
+    ) -> TestGateway {
+        Self::start_fresh(
+            snapshot,
+            Settings {
+                client_timeouts,
+                ..Settings::default()
+            },
+        )
+        .await
+        .unwrap()
+    }
+
+    /// Starts a gateway on a fresh state directory, its records in memory.
+    async fn start_fresh(
+        snapshot: ConfigSnapshot,
+        settings: Settings,
+    ) -> anyhow::Result<TestGateway> {
+        let sink = MemorySink::new();
+        let (queue, writer) = AuditQueue::start(Arc::new(sink.clone()), 10_000);
+        let state_dir = Arc::new(tempfile::tempdir().unwrap());
+        Self::start_with_everything(snapshot, state_dir, sink, queue, writer, settings).await
     }
 
     async fn start_with_everything(
@@ -170,8 +194,7 @@ impl TestGateway {
         sink: MemorySink,
         queue: AuditQueue,
         writer: WriterHandle,
-        secrets: SecretSettings,
-        limits: LimitSettings,
+        settings: Settings,
     ) -> anyhow::Result<TestGateway> {
         let gateway = Gateway::new(GatewayParts {
             id: "test-gateway".to_owned(),
@@ -180,8 +203,9 @@ impl TestGateway {
             admin_token: Some(Secret::new(ADMIN_TOKEN.to_owned())),
             audit: Some(queue),
             access_log: true,
-            secrets,
-            limits,
+            secrets: settings.secrets,
+            limits: settings.limits,
+            client_timeouts: settings.client_timeouts,
         })
         .await?;
         let (listening, _task) =

@@ -24,6 +24,7 @@ mod operations;
 mod routes;
 mod sdk_compat;
 mod secrets;
+mod slow_clients;
 mod stickiness;
 mod store_outage;
 mod streaming;

@@ -112,6 +112,7 @@ pub async fn gateway_at(addr: SocketAddr) -> TestGateway {
         access_log: false,
         limits: Default::default(),
         secrets: SecretSettings::default(),
+        client_timeouts: Default::default(),
     })
     .await
     .unwrap();
