@@ -20,7 +20,7 @@ pub(crate) fn router() -> axum::Router<SimulatorState> {
 
 /// `POST /_simulator/fault` with e.g. `{"kind":"throttle","retry_after_ms":2000,"times":1}`,
 /// `{"kind":"server_error","status":503}`, `{"kind":"break_stream_after","chunks":3}`,
-/// `{"kind":"none"}`.
+/// `{"kind":"stall_stream_after","chunks":3}`, `{"kind":"none"}`.
 async fn set_fault(
     State(state): State<SimulatorState>,
     JsonBody(body): JsonBody,

@@ -39,6 +39,22 @@ pub enum Fault {
         /// Events sent before the connection is dropped (0 = only the response head).
         chunks: usize,
     },
+    /// Streamed answers send this many server-sent events, counting the first
+    /// `prompt_filter_results` event, then fall silent with the connection open, as a backend
+    /// that hangs mid-answer does. Non-streamed answers are unaffected. Lasts until changed.
+    StallStreamAfter {
+        /// Events sent before the silence (0 = only the response head).
+        chunks: usize,
+    },
+}
+
+/// What a stream fault does once its events are sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StreamFault {
+    /// Drop the connection.
+    Break,
+    /// Send nothing more, connection open.
+    Stall,
 }
 
 /// The header a throttled answer carries to say when to retry. Each variant sends exactly one
@@ -148,7 +164,9 @@ impl FaultSwitch {
         let (answer, times) = match &mut self.current {
             Fault::Throttle { hint, times } => (throttled(hint), times),
             Fault::ServerError { status, times } => (server_error(*status), times),
-            Fault::None | Fault::BreakStreamAfter { .. } => return None,
+            Fault::None | Fault::BreakStreamAfter { .. } | Fault::StallStreamAfter { .. } => {
+                return None;
+            }
         };
         match times {
             Some(0) => {
@@ -166,10 +184,11 @@ impl FaultSwitch {
         Some(answer)
     }
 
-    /// After how many events streamed answers break, if they do.
-    pub(crate) fn stream_break(&self) -> Option<usize> {
+    /// After how many events streamed answers break or stall, if they do.
+    pub(crate) fn stream_fault(&self) -> Option<(StreamFault, usize)> {
         match self.current {
-            Fault::BreakStreamAfter { chunks } => Some(chunks),
+            Fault::BreakStreamAfter { chunks } => Some((StreamFault::Break, chunks)),
+            Fault::StallStreamAfter { chunks } => Some((StreamFault::Stall, chunks)),
             _ => None,
         }
     }
@@ -233,6 +252,9 @@ pub(crate) enum FaultRequest {
     BreakStreamAfter {
         chunks: usize,
     },
+    StallStreamAfter {
+        chunks: usize,
+    },
 }
 
 fn default_server_error() -> u16 {
@@ -252,6 +274,7 @@ impl TryFrom<FaultRequest> for Fault {
                 Fault::ServerError { status, times }
             }
             FaultRequest::BreakStreamAfter { chunks } => Fault::BreakStreamAfter { chunks },
+            FaultRequest::StallStreamAfter { chunks } => Fault::StallStreamAfter { chunks },
             FaultRequest::Throttle {
                 retry_after_ms,
                 retry_after_seconds,
@@ -306,6 +329,9 @@ impl Fault {
             }
             Fault::BreakStreamAfter { chunks } => {
                 json!({"kind": "break_stream_after", "chunks": chunks})
+            }
+            Fault::StallStreamAfter { chunks } => {
+                json!({"kind": "stall_stream_after", "chunks": chunks})
             }
             Fault::Throttle { hint, times } => {
                 let mut value = json!({"kind": "throttle", "times": times});

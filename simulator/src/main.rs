@@ -12,8 +12,8 @@ use tracing_subscriber::EnvFilter;
 /// simulated answers (it is not a model). For first runs without Azure and for tests.
 ///
 /// Control routes: POST /_simulator/fault with {"kind":"throttle","retry_after_ms":2000,"times":1},
-/// {"kind":"server_error","status":500}, {"kind":"break_stream_after","chunks":3} or
-/// {"kind":"none"}; GET /_simulator/stats.
+/// {"kind":"server_error","status":500}, {"kind":"break_stream_after","chunks":3},
+/// {"kind":"stall_stream_after","chunks":3} or {"kind":"none"}; GET /_simulator/stats.
 #[derive(Debug, Parser)]
 #[command(name = "gatehouse-simulator", version)]
 struct Args {

@@ -1,5 +1,6 @@
 //! Server-sent event answers, flushed one event per body frame, paced by the configured delay,
-//! and broken on purpose when a [`crate::Fault::BreakStreamAfter`] is in force.
+//! and broken or stalled on purpose when a [`crate::Fault::BreakStreamAfter`] or
+//! [`crate::Fault::StallStreamAfter`] is in force.
 
 use std::io;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use bytes::Bytes;
 use futures::stream::{self, BoxStream, StreamExt};
 use serde_json::Value;
 
+use crate::fault::StreamFault;
 use crate::state::SimulatorState;
 
 /// Pause between the last event sent and the simulated connection drop.
@@ -83,11 +85,19 @@ pub(crate) fn sse_response(
     end: StreamEnd,
 ) -> Response {
     let delay = state.config().chunk_delay;
-    let break_after = state.fault_switch().stream_break();
+    let fault = state.fault_switch().stream_fault();
     let body: BoxStream<'static, Result<Bytes, io::Error>> = {
         let frames = stream::iter(events).then(move |event| paced(event, delay));
-        match (break_after, end) {
-            (Some(sent), _) => {
+        match (fault, end) {
+            (Some((StreamFault::Stall, sent)), _) => {
+                tracing::info!(
+                    simulator = %state.config().id,
+                    after_events = sent,
+                    "simulator stalling the stream on purpose"
+                );
+                frames.take(sent).chain(stream::pending()).boxed()
+            }
+            (Some((StreamFault::Break, sent)), _) => {
                 tracing::info!(
                     simulator = %state.config().id,
                     after_events = sent,

@@ -341,6 +341,45 @@ async fn broken_stream_stops_without_done() {
     assert_eq!(response.status(), 200);
 }
 
+#[tokio::test]
+async fn stalled_stream_sends_its_events_then_falls_silent_with_the_connection_open() {
+    let sim = start_named("sim-stall").await;
+    let set = post_json(
+        format!("{}/_simulator/fault", sim.url()),
+        json!({"kind": "stall_stream_after", "chunks": 2}),
+    )
+    .await;
+    assert_eq!(set.status(), 200);
+    assert_eq!(sim.fault(), Fault::StallStreamAfter { chunks: 2 });
+    let response = post_json(
+        format!("{}/v1/chat/completions", sim.url()),
+        chat_body(true, true),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    let mut body = response.bytes_stream();
+    let mut received = String::new();
+    while sse_data(&received).len() < 2 {
+        let frame = tokio::time::timeout(Duration::from_secs(5), body.next())
+            .await
+            .expect("the first two events arrive");
+        received.push_str(std::str::from_utf8(&frame.unwrap().unwrap()).unwrap());
+    }
+    // Nothing more, and no end either: the stream neither breaks nor completes.
+    let next = tokio::time::timeout(Duration::from_millis(500), body.next()).await;
+    assert!(next.is_err(), "the stream went on: {next:?}");
+    assert_eq!(sse_data(&received).len(), 2);
+    assert!(!received.contains("[DONE]"));
+
+    // Non-streamed answers are unaffected.
+    let response = post_json(
+        format!("{}/v1/chat/completions", sim.url()),
+        chat_body(false, false),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+}
+
 // ---------------------------------------------------------------- faults, auth, counting
 
 #[tokio::test]
