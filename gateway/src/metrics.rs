@@ -37,8 +37,19 @@ pub struct OperationLabels {
 pub struct AttemptLabels {
     /// Member id.
     pub backend: String,
-    /// `answered`, `throttled`, `server_error`, `connect_failed`, `timeout`, `request_failed`.
+    /// `answered`, `throttled`, `server_error`, `connect_failed`, `response_timeout`,
+    /// `request_failed`, `credential_failed`.
     pub outcome: String,
+}
+
+/// Labels of an answer cut after it began.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CutLabels {
+    /// Member id.
+    pub backend: String,
+    /// `backend_stream_failed` (the member's answer broke) or `response_idle_timeout` (the member
+    /// stayed silent too long).
+    pub reason: String,
 }
 
 /// Labels of a backend member.
@@ -81,6 +92,8 @@ pub struct Metrics {
     pub first_byte: Family<OperationLabels, Histogram>,
     /// Backend attempts by outcome.
     pub attempts: Family<AttemptLabels, Counter>,
+    /// Answers cut after they began, by member and reason.
+    pub answers_cut: Family<CutLabels, Counter>,
     /// 1 when a member takes calls, 0 when set aside (refreshed at scrape).
     pub backend_available: Family<BackendLabels, Gauge>,
     /// Tokens reported by backends.
@@ -121,6 +134,7 @@ impl Default for Metrics {
             duration: Family::new_with_constructor(latency_histogram),
             first_byte: Family::new_with_constructor(latency_histogram),
             attempts: Family::default(),
+            answers_cut: Family::default(),
             backend_available: Family::default(),
             tokens: Family::default(),
             audit_queue_depth: Gauge::default(),
@@ -154,6 +168,11 @@ impl Default for Metrics {
             "backend_attempts",
             "Backend attempts by outcome",
             metrics.attempts.clone(),
+        );
+        registry.register(
+            "backend_answers_cut",
+            "Backend answers cut after they began: broken by the member, or silent longer than its response_idle_timeout_ms",
+            metrics.answers_cut.clone(),
         );
         registry.register(
             "backend_available",
@@ -229,6 +248,16 @@ impl Metrics {
             .get_or_create(&AttemptLabels {
                 backend: backend.to_owned(),
                 outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a backend answer cut after it began.
+    pub fn answer_cut(&self, backend: &str, reason: &str) {
+        self.answers_cut
+            .get_or_create(&CutLabels {
+                backend: backend.to_owned(),
+                reason: reason.to_owned(),
             })
             .inc();
     }

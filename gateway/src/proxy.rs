@@ -1,7 +1,10 @@
 //! Steps 7 and 8: pick a member, call it, fail over while nothing has reached the client, and
 //! stream the answer back through the capture tee.
 
+use std::future::Future as _;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::Body;
@@ -593,7 +596,8 @@ async fn relay(
     // A call that creates an object answers with a small JSON object. It is read whole so that the
     // object's member is on record before the client can ask about the object.
     if call.creates.is_some() && !call.is_stream && status.is_success() {
-        let body = match read_limited(response, PARSE_LIMIT).await {
+        let idle = Duration::from_millis(member.config.response_idle_timeout_ms);
+        let body = match read_limited(response, PARSE_LIMIT, idle).await {
             Ok(body) => body,
             Err(()) => {
                 let error = GatewayError::AllUnavailable;
@@ -633,6 +637,9 @@ async fn relay(
 
     let body = RelayBody {
         upstream: Some(response.into_body()),
+        idle: IdleDeadline::new(Duration::from_millis(
+            member.config.response_idle_timeout_ms,
+        )),
         call: Some(RelayCall {
             gateway: Arc::clone(gateway),
             call,
@@ -655,7 +662,53 @@ async fn relay(
 /// so that the record is still complete.
 struct RelayBody {
     upstream: Option<UpstreamBody>,
+    /// How long the backend may stay silent once its answer has begun.
+    idle: IdleDeadline,
     call: Option<RelayCall>,
+}
+
+/// The longest pause allowed between two pieces of a backend's answer. The timer runs only while
+/// the relay waits on the backend (a slow client does not count against it), and is made on the
+/// first wait: an answer already in hand when it is asked for costs no timer.
+struct IdleDeadline {
+    after: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether the timer counts from the current wait (false once a piece arrived).
+    armed: bool,
+}
+
+impl IdleDeadline {
+    fn new(after: Duration) -> IdleDeadline {
+        IdleDeadline {
+            after,
+            timer: None,
+            armed: false,
+        }
+    }
+
+    /// A piece of the answer arrived: the next wait starts a new count.
+    fn progressed(&mut self) {
+        self.armed = false;
+    }
+
+    /// Whether the backend has now been silent for longer than allowed; registers the task to be
+    /// woken when it will have been.
+    fn expired(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        let deadline = tokio::time::Instant::now() + self.after;
+        let timer = match &mut self.timer {
+            Some(timer) => {
+                if !self.armed {
+                    timer.as_mut().reset(deadline);
+                }
+                timer
+            }
+            None => self
+                .timer
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        self.armed = true;
+        timer.as_mut().poll(cx).is_ready()
+    }
 }
 
 /// What the relay needs to finish the call's record.
@@ -721,13 +774,43 @@ impl futures::Stream for RelayBody {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
-        use std::task::Poll;
         let this = &mut *self;
         loop {
             let (Some(upstream), Some(relay)) = (this.upstream.as_mut(), this.call.as_mut()) else {
                 return Poll::Ready(None);
             };
-            match futures::ready!(std::pin::Pin::new(&mut *upstream).poll_frame(cx)) {
+            let polled = match std::pin::Pin::new(&mut *upstream).poll_frame(cx) {
+                Poll::Ready(polled) => polled,
+                Poll::Pending => {
+                    if !this.idle.expired(cx) {
+                        return Poll::Pending;
+                    }
+                    let silence = this.idle.after;
+                    tracing::warn!(parent: &relay.span, backend = %relay.member.config.id, silence_ms = millis(silence), "backend silent too long after its answer began; answer cut");
+                    relay
+                        .gateway
+                        .metrics
+                        .answer_cut(&relay.member.config.id, "response_idle_timeout");
+                    relay.record.record.last_error_reason =
+                        Some("response_idle_timeout".to_owned());
+                    relay.record.record.last_error_message = Some(format!(
+                        "The backend sent nothing for {} ms once its answer had begun (response_idle_timeout_ms); the answer was cut.",
+                        millis(silence)
+                    ));
+                    // Dropping the backend's body closes its connection.
+                    this.upstream = None;
+                    if let Some(relay) = this.call.take() {
+                        relay.finish();
+                    }
+                    // The client must see a broken response, not a short one that looks complete.
+                    return Poll::Ready(Some(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "backend silent too long",
+                    ))));
+                }
+            };
+            this.idle.progressed();
+            match polled {
                 Some(Ok(frame)) => {
                     // Trailers are not relayed.
                     let Ok(chunk) = frame.into_data() else {
@@ -759,6 +842,10 @@ impl futures::Stream for RelayBody {
                 }
                 Some(Err(error)) => {
                     tracing::warn!(parent: &relay.span, backend = %relay.member.config.id, %error, "backend stream broke after the response started");
+                    relay
+                        .gateway
+                        .metrics
+                        .answer_cut(&relay.member.config.id, "backend_stream_failed");
                     relay.record.record.last_error_reason =
                         Some("backend_stream_failed".to_owned());
                     relay.record.record.last_error_message =
@@ -883,10 +970,18 @@ fn build_response(status: StatusCode, headers: HeaderMap, body: Body) -> Respons
     response
 }
 
-async fn read_limited(response: http::Response<UpstreamBody>, limit: usize) -> Result<Bytes, ()> {
+/// Reads a small answer whole: at most `limit` bytes, and no pause longer than `idle`.
+async fn read_limited(
+    response: http::Response<UpstreamBody>,
+    limit: usize,
+    idle: Duration,
+) -> Result<Bytes, ()> {
     let mut upstream = response.into_body();
     let mut body = Vec::new();
-    while let Some(frame) = upstream.frame().await {
+    while let Some(frame) = tokio::time::timeout(idle, upstream.frame())
+        .await
+        .map_err(|_| ())?
+    {
         let Ok(chunk) = frame.map_err(|_| ())?.into_data() else {
             continue;
         };

@@ -439,6 +439,11 @@ fn validate(snapshot: &ConfigSnapshot, errors: &mut Vec<String>) {
             if member.response_timeout_ms == 0 {
                 errors.push(format!("{path}.response_timeout_ms: must be at least 1"));
             }
+            if member.response_idle_timeout_ms == 0 {
+                errors.push(format!(
+                    "{path}.response_idle_timeout_ms: must be at least 1"
+                ));
+            }
             if let Some(deployment) = &member.deployment
                 && (deployment.is_empty()
                     || !deployment.bytes().all(|b| {
@@ -520,7 +525,7 @@ mod tests {
             "version": 2,
             "pools": [
                 {"id": "a", "deployments": ["gpt-4o"], "members": [
-                    {"id": "m1", "endpoint": "ftp://x", "weight": 0, "response_timeout_ms": 0},
+                    {"id": "m1", "endpoint": "ftp://x", "weight": 0, "response_timeout_ms": 0, "response_idle_timeout_ms": 0},
                     {"id": "m1", "endpoint": "https://user:pw@x", "credential": {"type": "api_key", "secret": "env:GATEHOUSE_SURELY_UNSET_VAR"}}
                 ]},
                 {"id": "a", "deployments": ["gpt-4o", "../etc"], "members": []}
@@ -533,6 +538,7 @@ mod tests {
             "pools[0].members[0].endpoint: must be an http or https URL",
             "pools[0].members[0].weight: must be at least 1",
             "pools[0].members[0].response_timeout_ms: must be at least 1",
+            "pools[0].members[0].response_idle_timeout_ms: must be at least 1",
             "pools[0].members[1].id: duplicate member id `m1`",
             "pools[0].members[1].endpoint: must not carry credentials",
             "pools[1].id: duplicate pool id `a`",

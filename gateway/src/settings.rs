@@ -402,6 +402,7 @@ mod tests {
         );
         let member = &file.snapshot.pools[0].members[0];
         assert_eq!(member.response_timeout_ms, 300_000);
+        assert_eq!(member.response_idle_timeout_ms, 300_000);
         assert!(matches!(
             member.credential,
             gatehouse_schema::config::BackendCredential::ApiKey { ref secret }

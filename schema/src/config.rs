@@ -197,6 +197,13 @@ pub struct PoolMember {
     /// A stream that has begun is not cut by it.
     #[serde(default = "default_response_timeout_ms")]
     pub response_timeout_ms: u64,
+    /// The longest the gateway waits for the next bytes of an answer that has begun (between the
+    /// chunks of a stream, or inside a body), in milliseconds; default 300,000. When the member
+    /// stays silent longer, the answer is cut: the client sees it broken, never complete, and the
+    /// call's record says `response_idle_timeout`. It counts only while the gateway waits on the
+    /// member, not while a slow client reads.
+    #[serde(default = "default_response_idle_timeout_ms")]
+    pub response_idle_timeout_ms: u64,
 }
 
 fn default_priority() -> u32 {
@@ -212,6 +219,10 @@ fn default_connect_timeout_ms() -> u64 {
 }
 
 fn default_response_timeout_ms() -> u64 {
+    300_000
+}
+
+fn default_response_idle_timeout_ms() -> u64 {
     300_000
 }
 

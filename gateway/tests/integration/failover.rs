@@ -1,4 +1,5 @@
-//! The failover table: what a 429, a 5xx, a refused connection and a broken stream do.
+//! The failover table: what a 429, a 5xx, a refused connection, a silent member and a broken or
+//! stalled stream do.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -442,8 +443,55 @@ async fn a_pool_whose_only_member_does_not_answer_in_time_gets_503() {
 }
 
 #[tokio::test]
+async fn a_stream_that_falls_silent_after_it_began_is_cut_after_the_idle_timeout() {
+    let stalling = simulator("stalling").await;
+    stalling.set_fault(Fault::StallStreamAfter { chunks: 2 });
+    let mut patient = member("stalling", &stalling.url(), 1);
+    patient["response_idle_timeout_ms"] = json!(300);
+    let gw = TestGateway::start(snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o"], "members": [patient]}]),
+    ))
+    .await;
+    let response = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "headers were already sent");
+    // Bounded, so that a gateway that waits for ever fails the test instead of hanging it.
+    let body = tokio::time::timeout(Duration::from_secs(10), response.bytes())
+        .await
+        .expect("the gateway cut the silent stream");
+    assert!(
+        body.is_err(),
+        "the client must see a broken stream, not a short complete one"
+    );
+    assert_eq!(stalling.hits(), 1, "no retry once bytes reached the client");
+    let records = gw.records(1).await;
+    assert_eq!(
+        records[0].last_error_reason.as_deref(),
+        Some("response_idle_timeout")
+    );
+    let message = records[0].last_error_message.as_deref().unwrap_or_default();
+    assert!(message.contains("300 ms"), "{message}");
+    // What the member sent before it fell silent is on record, reassembled.
+    let captured: Value =
+        serde_json::from_str(records[0].backend_response_body.as_deref().unwrap()).unwrap();
+    assert_eq!(captured["object"], "chat.completion", "{captured}");
+    assert!(
+        gw.metrics()
+            .await
+            .contains(r#"gatehouse_backend_answers_cut_total{backend="stalling",reason="response_idle_timeout"} 1"#),
+        "the cut is counted"
+    );
+}
+
+#[tokio::test]
 async fn a_stream_that_has_begun_is_not_cut_by_the_response_timeout() {
-    // Five chunks 100 ms apart: the stream lasts longer than the 200 ms response timeout.
+    // Five chunks 100 ms apart: the stream lasts longer than the 200 ms response timeout, and
+    // longer than the 400 ms idle timeout, whose count starts again with every chunk.
     let slow = simulator_with(SimulatorConfig {
         id: "slow".into(),
         chunk_delay: Duration::from_millis(100),
@@ -451,11 +499,11 @@ async fn a_stream_that_has_begun_is_not_cut_by_the_response_timeout() {
         ..SimulatorConfig::default()
     })
     .await;
+    let mut slow_member = impatient_member("slow", &slow.url(), 1, 200);
+    slow_member["response_idle_timeout_ms"] = json!(400);
     let gw = TestGateway::start(snapshot(
         1,
-        json!([{"id": "p", "deployments": ["gpt-4o"], "members": [
-            impatient_member("slow", &slow.url(), 1, 200),
-        ]}]),
+        json!([{"id": "p", "deployments": ["gpt-4o"], "members": [slow_member]}]),
     ))
     .await;
     let response = gw
