@@ -95,7 +95,9 @@ pub struct GatewayParts {
 pub struct ClientTimeouts {
     /// HTTP/1.1: the time to send a request's head (request line and headers), counted from when
     /// the gateway starts waiting for it, so a kept-alive connection idle this long between calls
-    /// is closed as well.
+    /// is closed as well. HTTP/2: a connection from which nothing has arrived this long is pinged,
+    /// and closed when the ping is not answered within the same time again. Any connection must
+    /// send its first byte within it.
     pub request_head: Duration,
     /// The longest pause while the request body arrives; the call is then answered 408 and goes
     /// to no backend.

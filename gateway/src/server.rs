@@ -73,7 +73,7 @@ pub async fn spawn(
                     after: request_head,
                 })
                 .handle(handle.clone());
-            limit_request_head(server.http_builder(), request_head);
+            limit_idle_clients(server.http_builder(), request_head);
             tokio::spawn(async move { server.serve(service).await })
         }
         Some(tls) => {
@@ -87,20 +87,28 @@ pub async fn spawn(
                     after: request_head,
                 })
                 .handle(handle.clone());
-            limit_request_head(server.http_builder(), request_head);
+            limit_idle_clients(server.http_builder(), request_head);
             tokio::spawn(async move { server.serve(service).await })
         }
     };
     Ok((Listening { addr, handle }, task))
 }
 
-/// Closes an HTTP/1.1 connection whose next request head has not fully arrived `after` it began
-/// to be awaited (hyper's header read timeout, which needs a timer to take effect).
-fn limit_request_head(builder: &mut HttpBuilder<TokioExecutor>, after: Duration) {
+/// Closes connections whose client has gone quiet: an HTTP/1.1 connection whose next request
+/// head has not fully arrived `after` it began to be awaited (hyper's header read timeout), and an
+/// HTTP/2 connection from which nothing has arrived for `after` and that does not answer a ping
+/// within `after` more (a peer that is gone, or never meant to send). Live HTTP/2 clients answer
+/// pings on their own, so they keep their connections however long they are idle.
+fn limit_idle_clients(builder: &mut HttpBuilder<TokioExecutor>, after: Duration) {
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(after);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(after)
+        .keep_alive_timeout(after);
 }
 
 /// Wraps an acceptor so that a connection on which no byte arrives within `after` of its

@@ -56,6 +56,8 @@ pub struct ServerSettings {
     /// How long an HTTP/1.1 client has to send a request's head (request line and headers), in
     /// seconds (default 60), counted from when the gateway starts waiting for it: a connection
     /// that sends its head slowly, or a kept-alive one idle this long between calls, is closed.
+    /// An HTTP/2 connection silent this long is pinged, and closed when the ping is not answered
+    /// within the same time again.
     #[serde(default = "default_client_timeout_seconds")]
     pub request_head_timeout_seconds: u64,
     /// The longest pause while a request body arrives, in seconds (default 60); a client that

@@ -1,5 +1,6 @@
 //! Clients that send slowly or not at all (slowloris): their connections are closed, or their
-//! call answered 408, and nothing reaches a backend.
+//! call answered 408, and nothing reaches a backend. HTTP/2 peers that vanish are found by a ping;
+//! live ones keep their connections.
 
 use std::time::Duration;
 
@@ -164,4 +165,61 @@ async fn a_request_body_that_stops_arriving_is_answered_408_and_reaches_no_backe
         String::from_utf8_lossy(&received)
     );
     assert_eq!(sim.hits(), 1);
+}
+
+/// The frame types of a server's HTTP/2 byte stream (RFC 9113 §4.1: a 9-byte header whose
+/// bytes 0–2 are the payload length and byte 3 the type).
+fn http2_frame_types(mut bytes: &[u8]) -> Vec<u8> {
+    let mut types = Vec::new();
+    while bytes.len() >= 9 {
+        let length =
+            usize::from(bytes[0]) << 16 | usize::from(bytes[1]) << 8 | usize::from(bytes[2]);
+        types.push(bytes[3]);
+        bytes = &bytes[(9 + length).min(bytes.len())..];
+    }
+    types
+}
+
+#[tokio::test]
+async fn an_http2_connection_whose_peer_stops_answering_is_pinged_then_closed() {
+    const PING: u8 = 0x6;
+    let (_sim, gw) = impatient_gateway().await;
+    let mut stream = connect(&gw).await;
+    // The client preface and an empty SETTINGS frame (RFC 9113 §3.4), then nothing: no request,
+    // no answer to anything the gateway sends.
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let received = read_until_closed(&mut stream, Duration::from_secs(20)).await;
+    let types = http2_frame_types(&received);
+    assert!(
+        types.contains(&PING),
+        "the gateway pinged the silent peer before closing: frame types {types:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_live_http2_client_keeps_its_connection_however_long_it_is_idle() {
+    let (_sim, gw) = impatient_gateway().await;
+    let io = hyper_util::rt::TokioIo::new(connect(&gw).await);
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .unwrap();
+    let open = tokio::spawn(connection);
+    let health = format!("http://{}/healthz", gw.listening.addr);
+    for call in 0..2 {
+        let request = http::Request::get(&health)
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200, "call {call} on the one connection");
+        // Idle past the ping interval and its answer time: the client answers the ping (hyper does
+        // on its own), so the connection stays.
+        if call == 0 {
+            tokio::time::sleep(Duration::from_millis(3_500)).await;
+        }
+    }
+    assert!(!open.is_finished(), "the connection is still open");
 }
