@@ -89,8 +89,9 @@ pub struct GatewayParts {
     pub client_timeouts: ClientTimeouts,
 }
 
-/// How long a client may take to send a call, so that connections that send slowly or not at
-/// all (slowloris) do not hold the gateway's connections and memory.
+/// How long a client may take to send a call, and to take its answer, so that connections that
+/// send or read slowly or not at all (slowloris, slow reads) do not hold the gateway's connections
+/// and memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientTimeouts {
     /// HTTP/1.1: the time to send a request's head (request line and headers), counted from when
@@ -102,6 +103,11 @@ pub struct ClientTimeouts {
     /// The longest pause while the request body arrives; the call is then answered 408 and goes
     /// to no backend.
     pub request_body: Duration,
+    /// The longest a client may leave the gateway's answer untaken (the connection's buffers
+    /// full, the gateway unable to write) before the connection is closed; the call's record
+    /// is completed from the backend and marked client-aborted. HTTP/1.1 and TLS connections; an
+    /// HTTP/2 stream waits on its own flow-control window instead.
+    pub send: Duration,
 }
 
 impl Default for ClientTimeouts {
@@ -110,6 +116,7 @@ impl Default for ClientTimeouts {
         ClientTimeouts {
             request_head: Duration::from_secs(60),
             request_body: Duration::from_secs(60),
+            send: Duration::from_secs(60),
         }
     }
 }

@@ -43,6 +43,7 @@ pub mod classify;
 pub mod entra;
 pub mod entra_credential;
 pub mod error;
+mod idle_deadline;
 pub mod key_vault;
 pub mod limits;
 pub mod metrics;

@@ -1,8 +1,6 @@
 //! Steps 7 and 8: pick a member, call it, fail over while nothing has reached the client, and
 //! stream the answer back through the capture tee.
 
-use std::future::Future as _;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
@@ -25,6 +23,7 @@ use crate::backend_url::BackendUrl;
 use crate::capture::{self, BodyCapture, PARSE_LIMIT, SseTap};
 use crate::classify::{Call, ObjectFamily, RouteStyle};
 use crate::error::GatewayError;
+use crate::idle_deadline::IdleDeadline;
 use crate::peek::{RequestPeek, ResponsePeek, StreamOptions};
 use crate::pool::{Member, MemberCredential, Pool, Selection, SetAsideReason};
 use crate::record::{CallRecord, Holds, millis};
@@ -667,50 +666,6 @@ struct RelayBody {
     call: Option<RelayCall>,
 }
 
-/// The longest pause allowed between two pieces of a backend's answer. The timer runs only while
-/// the relay waits on the backend (a slow client does not count against it), and is made on the
-/// first wait: an answer already in hand when it is asked for costs no timer.
-struct IdleDeadline {
-    after: Duration,
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// Whether the timer counts from the current wait (false once a piece arrived).
-    armed: bool,
-}
-
-impl IdleDeadline {
-    fn new(after: Duration) -> IdleDeadline {
-        IdleDeadline {
-            after,
-            timer: None,
-            armed: false,
-        }
-    }
-
-    /// A piece of the answer arrived: the next wait starts a new count.
-    fn progressed(&mut self) {
-        self.armed = false;
-    }
-
-    /// Whether the backend has now been silent for longer than allowed; registers the task to be
-    /// woken when it will have been.
-    fn expired(&mut self, cx: &mut std::task::Context<'_>) -> bool {
-        let deadline = tokio::time::Instant::now() + self.after;
-        let timer = match &mut self.timer {
-            Some(timer) => {
-                if !self.armed {
-                    timer.as_mut().reset(deadline);
-                }
-                timer
-            }
-            None => self
-                .timer
-                .insert(Box::pin(tokio::time::sleep_until(deadline))),
-        };
-        self.armed = true;
-        timer.as_mut().poll(cx).is_ready()
-    }
-}
-
 /// What the relay needs to finish the call's record.
 struct RelayCall {
     gateway: Arc<Gateway>,
@@ -785,7 +740,7 @@ impl futures::Stream for RelayBody {
                     if !this.idle.expired(cx) {
                         return Poll::Pending;
                     }
-                    let silence = this.idle.after;
+                    let silence = this.idle.after();
                     tracing::warn!(parent: &relay.span, backend = %relay.member.config.id, silence_ms = millis(silence), "backend silent too long after its answer began; answer cut");
                     relay
                         .gateway

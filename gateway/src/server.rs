@@ -25,6 +25,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tower::ServiceExt as _;
 
 use crate::app::{Gateway, ROUTED_PATHS};
+use crate::idle_deadline::IdleDeadline;
 use crate::settings::TlsSettings;
 
 /// A gateway listening on a socket.
@@ -59,7 +60,7 @@ pub async fn spawn(
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
     let handle = Handle::new();
-    let request_head = gateway.client_timeouts.request_head;
+    let timeouts = gateway.client_timeouts;
     let service = Connections {
         router: gateway.router(),
         gateway,
@@ -68,12 +69,13 @@ pub async fn spawn(
         None => {
             // Small responses must not wait on Nagle's algorithm and delayed ACKs (~40 ms each).
             let mut server = axum_server::from_tcp(listener)
-                .acceptor(FirstByteDeadline {
+                .acceptor(ClientDeadlines {
                     inner: axum_server::accept::NoDelayAcceptor::new(),
-                    after: request_head,
+                    first_byte: timeouts.request_head,
+                    send: timeouts.send,
                 })
                 .handle(handle.clone());
-            limit_idle_clients(server.http_builder(), request_head);
+            limit_idle_clients(server.http_builder(), timeouts.request_head);
             tokio::spawn(async move { server.serve(service).await })
         }
         Some(tls) => {
@@ -82,12 +84,13 @@ pub async fn spawn(
             let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(config)
                 .acceptor(axum_server::accept::NoDelayAcceptor::new());
             let mut server = axum_server::from_tcp(listener)
-                .acceptor(FirstByteDeadline {
+                .acceptor(ClientDeadlines {
                     inner: acceptor,
-                    after: request_head,
+                    first_byte: timeouts.request_head,
+                    send: timeouts.send,
                 })
                 .handle(handle.clone());
-            limit_idle_clients(server.http_builder(), request_head);
+            limit_idle_clients(server.http_builder(), timeouts.request_head);
             tokio::spawn(async move { server.serve(service).await })
         }
     };
@@ -111,49 +114,82 @@ fn limit_idle_clients(builder: &mut HttpBuilder<TokioExecutor>, after: Duration)
         .keep_alive_timeout(after);
 }
 
-/// Wraps an acceptor so that a connection on which no byte arrives within `after` of its
-/// acceptance (after the TLS handshake, which has its own timeout) is closed. hyper's header read
-/// timeout covers a request head once the connection is served as HTTP/1.1, but the HTTP version
-/// is told from the first bytes, and a connection that sends none would wait for ever.
+/// Wraps an acceptor so that each connection keeps two deadlines of its own (after the TLS
+/// handshake, which has its own timeout):
+///
+/// - **first byte**: a connection on which no byte arrives within `first_byte` of its acceptance
+///   is closed. hyper's header read timeout covers a request head once the connection is served
+///   as HTTP/1.1, but the HTTP version is told from the first bytes, and a connection that sends
+///   none would wait for ever;
+/// - **send**: a connection the gateway cannot write to for `send` (the client takes nothing, its
+///   buffers are full) is closed, as nginx's `send_timeout` does, so that a client that stops
+///   reading its answer does not hold the connection, the call and the backend's answer for ever.
 #[derive(Debug, Clone)]
-struct FirstByteDeadline<A> {
+struct ClientDeadlines<A> {
     inner: A,
-    after: Duration,
+    first_byte: Duration,
+    send: Duration,
 }
 
-impl<A, I, S> Accept<I, S> for FirstByteDeadline<A>
+impl<A, I, S> Accept<I, S> for ClientDeadlines<A>
 where
     A: Accept<I, S>,
     A::Future: Send + 'static,
     A::Stream: Send + 'static,
     A::Service: Send + 'static,
 {
-    type Stream = UntilFirstByte<A::Stream>;
+    type Stream = ClientStream<A::Stream>;
     type Service = A::Service;
     type Future = BoxFuture<'static, io::Result<(Self::Stream, Self::Service)>>;
 
     fn accept(&self, stream: I, service: S) -> Self::Future {
-        let after = self.after;
+        let (first_byte, send) = (self.first_byte, self.send);
         let accepted = self.inner.accept(stream, service);
         Box::pin(async move {
             let (stream, service) = accepted.await?;
-            let stream = UntilFirstByte {
+            let stream = ClientStream {
                 inner: stream,
-                deadline: Some(Box::pin(tokio::time::sleep(after))),
+                first_byte: Some(Box::pin(tokio::time::sleep(first_byte))),
+                send: IdleDeadline::new(send),
             };
             Ok((stream, service))
         })
     }
 }
 
-/// A connection whose reads fail with `TimedOut` if its first byte does not come before the
-/// deadline; from the first byte on, it is the plain connection.
-struct UntilFirstByte<S> {
+/// A client connection whose reads fail with `TimedOut` if its first byte does not come before
+/// its deadline, and whose writes fail with `TimedOut` when none can be made for the send
+/// timeout. Otherwise it is the plain connection: the send deadline makes no timer until a
+/// write has to wait.
+struct ClientStream<S> {
     inner: S,
-    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    first_byte: Option<Pin<Box<tokio::time::Sleep>>>,
+    send: IdleDeadline,
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for UntilFirstByte<S> {
+impl<S> ClientStream<S> {
+    /// What a write that had to wait becomes: still waiting, or `TimedOut` once the client has
+    /// taken nothing for the send timeout.
+    fn waited<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match polled {
+            Poll::Ready(result) => {
+                self.send.progressed();
+                Poll::Ready(result)
+            }
+            Poll::Pending if self.send.expired(cx) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client took nothing of its answer within the send timeout",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ClientStream<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -164,13 +200,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for UntilFirstByte<S> {
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(result) => {
                 if buf.filled().len() > before {
-                    this.deadline = None;
+                    this.first_byte = None;
                 }
                 Poll::Ready(result)
             }
             Poll::Pending => {
                 let passed = this
-                    .deadline
+                    .first_byte
                     .as_mut()
                     .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
                 if passed {
@@ -185,13 +221,15 @@ impl<S: AsyncRead + Unpin> AsyncRead for UntilFirstByte<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for UntilFirstByte<S> {
+impl<S: AsyncWrite + Unpin> AsyncWrite for ClientStream<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.waited(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -199,7 +237,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for UntilFirstByte<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.waited(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -207,11 +247,15 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for UntilFirstByte<S> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.waited(cx, polled)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.waited(cx, polled)
     }
 }
 

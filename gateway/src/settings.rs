@@ -64,6 +64,11 @@ pub struct ServerSettings {
     /// sends nothing for this long is answered 408 and the call goes to no backend.
     #[serde(default = "default_client_timeout_seconds")]
     pub request_body_timeout_seconds: u64,
+    /// The longest a client may leave its answer untaken, in seconds (default 60, nginx's
+    /// `send_timeout`): when the gateway cannot write to the connection for this long, the
+    /// connection is closed and the call recorded as client-aborted.
+    #[serde(default = "default_client_timeout_seconds")]
+    pub send_timeout_seconds: u64,
     /// Threads that serve calls; absent: `TOKIO_WORKER_THREADS`, else one per CPU.
     #[serde(default)]
     pub worker_threads: Option<usize>,
@@ -102,9 +107,14 @@ impl ServerSettings {
             self.request_body_timeout_seconds > 0,
             "server.request_body_timeout_seconds must be at least 1"
         );
+        anyhow::ensure!(
+            self.send_timeout_seconds > 0,
+            "server.send_timeout_seconds must be at least 1"
+        );
         Ok(crate::ClientTimeouts {
             request_head: std::time::Duration::from_secs(self.request_head_timeout_seconds),
             request_body: std::time::Duration::from_secs(self.request_body_timeout_seconds),
+            send: std::time::Duration::from_secs(self.send_timeout_seconds),
         })
     }
 }
@@ -420,19 +430,22 @@ mod tests {
         let defaults = settings("").client_timeouts().unwrap();
         assert_eq!(defaults.request_head, std::time::Duration::from_secs(60));
         assert_eq!(defaults.request_body, std::time::Duration::from_secs(60));
-        let set = settings("request_head_timeout_seconds: 5\nrequest_body_timeout_seconds: 7")
-            .client_timeouts()
-            .unwrap();
+        assert_eq!(defaults.send, std::time::Duration::from_secs(60));
+        let set = settings(
+            "request_head_timeout_seconds: 5\nrequest_body_timeout_seconds: 7\nsend_timeout_seconds: 9",
+        )
+        .client_timeouts()
+        .unwrap();
         assert_eq!(set.request_head, std::time::Duration::from_secs(5));
         assert_eq!(set.request_body, std::time::Duration::from_secs(7));
-        let zero = settings("request_body_timeout_seconds: 0")
-            .client_timeouts()
-            .unwrap_err()
-            .to_string();
-        assert!(
-            zero.contains("server.request_body_timeout_seconds"),
-            "{zero}"
-        );
+        assert_eq!(set.send, std::time::Duration::from_secs(9));
+        for field in ["request_body_timeout_seconds", "send_timeout_seconds"] {
+            let zero = settings(&format!("{field}: 0"))
+                .client_timeouts()
+                .unwrap_err()
+                .to_string();
+            assert!(zero.contains(&format!("server.{field}")), "{zero}");
+        }
     }
 
     #[test]

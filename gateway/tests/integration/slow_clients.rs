@@ -1,6 +1,6 @@
 //! Clients that send slowly or not at all (slowloris): their connections are closed, or their
-//! call answered 408, and nothing reaches a backend. HTTP/2 peers that vanish are found by a ping;
-//! live ones keep their connections.
+//! call answered 408, and nothing reaches a backend. Clients that stop taking their answer are
+//! disconnected. HTTP/2 peers that vanish are found by a ping; live ones keep their connections.
 
 use std::time::Duration;
 
@@ -11,8 +11,8 @@ use tokio::net::TcpStream;
 
 use crate::harness::*;
 
-/// A gateway that gives clients one second for a request's head and one second of silence in a
-/// body, in front of one simulator.
+/// A gateway that gives clients one second for a request's head, one second of silence in a
+/// body and one second to take more of an answer, in front of one simulator.
 async fn impatient_gateway() -> (gatehouse_simulator::RunningSimulator, TestGateway) {
     let sim = simulator("patient").await;
     let config = snapshot(
@@ -22,6 +22,7 @@ async fn impatient_gateway() -> (gatehouse_simulator::RunningSimulator, TestGate
     let timeouts = ClientTimeouts {
         request_head: Duration::from_secs(1),
         request_body: Duration::from_secs(1),
+        send: Duration::from_secs(1),
     };
     (
         sim,
@@ -222,4 +223,74 @@ async fn a_live_http2_client_keeps_its_connection_however_long_it_is_idle() {
         }
     }
     assert!(!open.is_finished(), "the connection is still open");
+}
+
+/// Asks for an answer of about 16 MB (200 embeddings of 4,096 numbers) on a connection whose
+/// receive buffer is small, reads the response head, pauses for `pause`, then reads on until the
+/// gateway closes the connection. Returns the body bytes received and the length announced.
+async fn large_answer_read_after(gw: &TestGateway, pause: Duration) -> (usize, usize) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(gw.listening.addr).await.unwrap();
+    let inputs: Vec<String> = (0..200).map(|i| format!("document {i}")).collect();
+    let body = serde_json::to_vec(&json!({"input": inputs, "dimensions": 4096})).unwrap();
+    stream
+        .write_all(
+            format!(
+                "POST /openai/deployments/gpt-4o/embeddings?api-version=2024-10-21 HTTP/1.1\r\nHost: gateway\r\napi-key: {KEY}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    stream.write_all(&body).await.unwrap();
+    let mut received = Vec::new();
+    let mut buffer = [0_u8; 4096];
+    let head_end = loop {
+        let n = stream.read(&mut buffer).await.unwrap();
+        assert!(n > 0, "the connection closed before the response head");
+        received.extend_from_slice(&buffer[..n]);
+        if let Some(at) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&received[..head_end]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let announced: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length: "))
+        .expect("a content-length")
+        .trim()
+        .parse()
+        .unwrap();
+    tokio::time::sleep(pause).await;
+    let rest = read_until_closed(&mut stream, Duration::from_secs(60)).await;
+    (received.len() - head_end + rest.len(), announced)
+}
+
+#[tokio::test]
+async fn a_client_that_stops_taking_its_answer_is_disconnected_and_the_call_recorded() {
+    let (sim, gw) = impatient_gateway().await;
+    // Paused three times the send timeout: the gateway gives up on the client.
+    let (received, announced) = large_answer_read_after(&gw, Duration::from_secs(3)).await;
+    assert!(
+        announced > 8 << 20,
+        "an answer larger than the socket buffers: {announced}"
+    );
+    assert!(
+        received < announced,
+        "the gateway closed the connection: {received} of {announced} bytes"
+    );
+    let records = gw.records(1).await;
+    assert!(records[0].client_aborted, "the record says the client went");
+    assert_eq!(records[0].backend_response_code, Some(200));
+    assert_eq!(sim.hits(), 1);
+
+    // Paused less than the send timeout: the whole answer arrives.
+    let (received, announced) = large_answer_read_after(&gw, Duration::from_millis(400)).await;
+    assert_eq!(
+        received, announced,
+        "a pause within the send timeout is not cut"
+    );
 }
