@@ -20,8 +20,11 @@ die() { printf 'end2end/run.sh: %s\n' "$*" >&2; exit 1; }
 command -v node >/dev/null || die "node is missing"
 command -v npm >/dev/null || die "npm is missing"
 scripts/portal-tools.sh
+# The gateway and the simulator as scripts/test.sh builds them (the whole workspace, so that a run
+# after it finds them built instead of compiling their dependencies again with other features),
+# then the portal as cargo leptos builds it, which replaces the workspace build's portal binary.
+cargo build --workspace --bins --locked || die "building the gateway and simulator failed"
 cargo leptos build || die "cargo leptos build failed"
-cargo build --locked -p gatehouse-gateway -p gatehouse-simulator || die "building the gateway and simulator failed"
 (cd end2end && npm ci --no-audit --no-fund) || die "npm ci in end2end failed"
 
 target="${CARGO_TARGET_DIR:-$root/target}"
