@@ -722,6 +722,37 @@ impl RelayCall {
     }
 }
 
+impl RelayBody {
+    /// The backend's answer is over: its connection is let go and the call's record finished.
+    fn finish(&mut self) {
+        self.upstream = None;
+        if let Some(relay) = self.call.take() {
+            relay.finish();
+        }
+    }
+
+    /// Ends the relay with the backend's answer incomplete: the cut is counted and put on the
+    /// call's record with `reason` and `message`, the record finished, and the client gets
+    /// `error`, so that it sees a broken response, not a short one that looks complete.
+    fn cut(
+        &mut self,
+        reason: &'static str,
+        message: String,
+        error: std::io::Error,
+    ) -> Poll<Option<Result<Bytes, std::io::Error>>> {
+        if let Some(relay) = self.call.as_mut() {
+            relay
+                .gateway
+                .metrics
+                .answer_cut(&relay.member.config.id, reason);
+            relay.record.record.last_error_reason = Some(reason.to_owned());
+            relay.record.record.last_error_message = Some(message);
+        }
+        self.finish();
+        Poll::Ready(Some(Err(error)))
+    }
+}
+
 impl futures::Stream for RelayBody {
     type Item = Result<Bytes, std::io::Error>;
 
@@ -740,28 +771,18 @@ impl futures::Stream for RelayBody {
                     if !this.idle.expired(cx) {
                         return Poll::Pending;
                     }
-                    let silence = this.idle.after();
-                    tracing::warn!(parent: &relay.span, backend = %relay.member.config.id, silence_ms = millis(silence), "backend silent too long after its answer began; answer cut");
-                    relay
-                        .gateway
-                        .metrics
-                        .answer_cut(&relay.member.config.id, "response_idle_timeout");
-                    relay.record.record.last_error_reason =
-                        Some("response_idle_timeout".to_owned());
-                    relay.record.record.last_error_message = Some(format!(
-                        "The backend sent nothing for {} ms once its answer had begun (response_idle_timeout_ms); the answer was cut.",
-                        millis(silence)
-                    ));
-                    // Dropping the backend's body closes its connection.
-                    this.upstream = None;
-                    if let Some(relay) = this.call.take() {
-                        relay.finish();
-                    }
-                    // The client must see a broken response, not a short one that looks complete.
-                    return Poll::Ready(Some(Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "backend silent too long",
-                    ))));
+                    let silence = millis(this.idle.after());
+                    tracing::warn!(parent: &relay.span, backend = %relay.member.config.id, silence_ms = silence, "backend silent too long after its answer began; answer cut");
+                    return this.cut(
+                        "response_idle_timeout",
+                        format!(
+                            "The backend sent nothing for {silence} ms once its answer had begun (response_idle_timeout_ms); the answer was cut."
+                        ),
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "backend silent too long",
+                        ),
+                    );
                 }
             };
             this.idle.progressed();
@@ -784,10 +805,7 @@ impl futures::Stream for RelayBody {
                             .get_or_insert_with(|| millis(relay.record.started.elapsed()));
                     }
                     if complete {
-                        this.upstream = None;
-                        if let Some(relay) = this.call.take() {
-                            relay.finish();
-                        }
+                        this.finish();
                         return Poll::Ready(outgoing.map(Ok));
                     }
                     match outgoing {
@@ -797,26 +815,14 @@ impl futures::Stream for RelayBody {
                 }
                 Some(Err(error)) => {
                     tracing::warn!(parent: &relay.span, backend = %relay.member.config.id, %error, "backend stream broke after the response started");
-                    relay
-                        .gateway
-                        .metrics
-                        .answer_cut(&relay.member.config.id, "backend_stream_failed");
-                    relay.record.record.last_error_reason =
-                        Some("backend_stream_failed".to_owned());
-                    relay.record.record.last_error_message =
-                        Some("The backend's response ended early.".to_owned());
-                    this.upstream = None;
-                    if let Some(relay) = this.call.take() {
-                        relay.finish();
-                    }
-                    // The client must see a broken response, not a short one that looks complete.
-                    return Poll::Ready(Some(Err(std::io::Error::other("backend stream failed"))));
+                    return this.cut(
+                        "backend_stream_failed",
+                        "The backend's response ended early.".to_owned(),
+                        std::io::Error::other("backend stream failed"),
+                    );
                 }
                 None => {
-                    this.upstream = None;
-                    if let Some(relay) = this.call.take() {
-                        relay.finish();
-                    }
+                    this.finish();
                     return Poll::Ready(None);
                 }
             }

@@ -11,13 +11,22 @@ use tokio::io::AsyncReadExt as _;
 
 use crate::harness::*;
 
+/// A gateway with one pool serving `gpt-4o` over `members`.
+async fn pool_gateway(members: Value) -> TestGateway {
+    TestGateway::start(snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o"], "members": members}]),
+    ))
+    .await
+}
+
 /// Two members in one priority group would split traffic at random; a lower priority for the
 /// second makes "first, then the other" deterministic.
 async fn two_member_gateway(first: &str, second: &str) -> TestGateway {
-    TestGateway::start(snapshot(
-        1,
-        json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member("first", first, 1), member("second", second, 2)]}]),
-    ))
+    pool_gateway(json!([
+        member("first", first, 1),
+        member("second", second, 2)
+    ]))
     .await
 }
 
@@ -315,11 +324,7 @@ async fn weights_split_traffic_inside_a_priority_group() {
     let light = simulator("light").await;
     let mut heavy_member = member("heavy", &heavy.url(), 1);
     heavy_member["weight"] = json!(3);
-    let gw = TestGateway::start(snapshot(
-        1,
-        json!([{"id": "p", "deployments": ["gpt-4o"], "members": [heavy_member, member("light", &light.url(), 1)]}]),
-    ))
-    .await;
+    let gw = pool_gateway(json!([heavy_member, member("light", &light.url(), 1)])).await;
     for _ in 0..200 {
         gw.post(&chat_path("gpt-4o"))
             .json(&chat(None, false))
@@ -371,13 +376,10 @@ fn impatient_member(id: &str, url: &str, priority: u32, response_timeout_ms: u64
 async fn a_member_that_does_not_answer_in_time_is_set_aside_and_the_next_one_answers() {
     let (silent, silent_requests) = silent_backend().await;
     let second = simulator("second").await;
-    let gw = TestGateway::start(snapshot(
-        1,
-        json!([{"id": "p", "deployments": ["gpt-4o"], "members": [
-            impatient_member("silent", &silent, 1, 300),
-            impatient_member("second", &second.url(), 2, 300),
-        ]}]),
-    ))
+    let gw = pool_gateway(json!([
+        impatient_member("silent", &silent, 1, 300),
+        impatient_member("second", &second.url(), 2, 300),
+    ]))
     .await;
     let response = gw
         .post(&chat_path("gpt-4o"))
@@ -425,13 +427,7 @@ async fn a_member_that_does_not_answer_in_time_is_set_aside_and_the_next_one_ans
 #[tokio::test]
 async fn a_pool_whose_only_member_does_not_answer_in_time_gets_503() {
     let (silent, silent_requests) = silent_backend().await;
-    let gw = TestGateway::start(snapshot(
-        1,
-        json!([{"id": "p", "deployments": ["gpt-4o"], "members": [
-            impatient_member("silent", &silent, 1, 200),
-        ]}]),
-    ))
-    .await;
+    let gw = pool_gateway(json!([impatient_member("silent", &silent, 1, 200)])).await;
     let response = gw
         .post(&chat_path("gpt-4o"))
         .json(&chat(None, false))
@@ -448,11 +444,7 @@ async fn a_stream_that_falls_silent_after_it_began_is_cut_after_the_idle_timeout
     stalling.set_fault(Fault::StallStreamAfter { chunks: 2 });
     let mut patient = member("stalling", &stalling.url(), 1);
     patient["response_idle_timeout_ms"] = json!(300);
-    let gw = TestGateway::start(snapshot(
-        1,
-        json!([{"id": "p", "deployments": ["gpt-4o"], "members": [patient]}]),
-    ))
-    .await;
+    let gw = pool_gateway(json!([patient])).await;
     let response = gw
         .post(&chat_path("gpt-4o"))
         .json(&chat(None, true))
@@ -501,11 +493,7 @@ async fn a_stream_that_has_begun_is_not_cut_by_the_response_timeout() {
     .await;
     let mut slow_member = impatient_member("slow", &slow.url(), 1, 200);
     slow_member["response_idle_timeout_ms"] = json!(400);
-    let gw = TestGateway::start(snapshot(
-        1,
-        json!([{"id": "p", "deployments": ["gpt-4o"], "members": [slow_member]}]),
-    ))
-    .await;
+    let gw = pool_gateway(json!([slow_member])).await;
     let response = gw
         .post(&chat_path("gpt-4o"))
         .json(&chat(None, true))
