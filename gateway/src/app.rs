@@ -544,8 +544,8 @@ async fn pipeline(
             record.record.backend_request_body = capture.into_text();
         }
         // Metadata-only capture (limit 0) keeps no prompt either.
-        if let Some(json) = (capture_limit > 0).then(|| call.json()).flatten() {
-            record.record.request_messages = crate::capture::request_messages(call.operation, json);
+        if capture_limit > 0 {
+            record.record.request_messages = crate::capture::request_messages(&call);
         }
     }
     // 5. Authorize.

@@ -22,6 +22,8 @@ use gatehouse_schema::OperationId;
 use gatehouse_schema::audit::TokenUsage;
 use serde_json::{Map, Value, json};
 
+use crate::classify::Call;
+
 /// Largest non-streamed response body the gateway parses for usage, whatever the capture limit.
 pub const PARSE_LIMIT: usize = 8 * 1024 * 1024;
 
@@ -119,9 +121,11 @@ pub fn usage_of(response: &Value) -> Option<TokenUsage> {
     })
 }
 
-/// The prompt part of a request body, as JSON text, for `RequestMessages`.
-pub fn request_messages(operation: OperationId, body: &Value) -> Option<String> {
-    let field = match operation {
+/// The prompt part of a call's JSON body, as JSON text, for `RequestMessages`: the member that
+/// holds it, as the client wrote it less the whitespace between tokens, read without parsing the
+/// body into a tree ([`crate::peek::member_json`]) unless only the tree can judge the body.
+pub fn request_messages(call: &Call) -> Option<String> {
+    let field = match call.operation {
         OperationId::ChatCompletionsCreate => "messages",
         OperationId::CompletionsCreate | OperationId::ImageGenerationsCreate => "prompt",
         OperationId::EmbeddingsCreate | OperationId::CreateResponse | OperationId::SpeechCreate => {
@@ -129,10 +133,15 @@ pub fn request_messages(operation: OperationId, body: &Value) -> Option<String> 
         }
         _ => return None,
     };
-    body.get(field).map(Value::to_string)
+    match crate::peek::member_json(call.json_bytes()?, field) {
+        Some(member) => member,
+        None => call.json()?.get(field).map(Value::to_string),
+    }
 }
 
-/// The completion part of a response object, as JSON text, for `ResponseMessages`.
+/// The completion part of a response object, as JSON text, for `ResponseMessages` (of a streamed
+/// answer, reassembled; a non-streamed one is read without the tree, see
+/// [`crate::peek::ResponsePeek::read_with_messages`]).
 pub fn response_messages(response: &Value) -> Option<String> {
     if let Some(output) = response.get("output").filter(|o| o.is_array()) {
         return Some(output.to_string());

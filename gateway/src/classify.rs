@@ -108,6 +108,12 @@ impl Call {
         }
     }
 
+    /// The JSON body's bytes, when the body is JSON.
+    pub fn json_bytes(&self) -> Option<&[u8]> {
+        self.peek.as_ref()?;
+        Some(&self.json_body)
+    }
+
     /// The parsed JSON body, when the body is JSON; parsed on first use (capture, estimation,
     /// renaming the model, object references), never on the plain forwarding path.
     pub fn json(&self) -> Option<&serde_json::Value> {

@@ -6,11 +6,16 @@
 //! the document once, skip what they do not need, and keep the same meaning as the `Value`
 //! accessors they replace (`get(..).and_then(Value::as_str)`, `as_bool`, `as_u64`, the last of
 //! duplicate members wins). Everything else still parses the tree, on demand.
+//!
+//! Capture reads the prompt and the completion the same way: the member that holds them is taken
+//! as the JSON text it was sent as ([`RawValue`]), with the whitespace between tokens left out
+//! ([`compact_json`]), instead of being parsed into a tree and written out again.
 
 use std::fmt;
 
 use gatehouse_schema::audit::TokenUsage;
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
 
 /// What classification and routing read from a JSON request body.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -98,9 +103,98 @@ impl ResponsePeek {
     /// Reads an answer body; `None` when it is not a JSON object or when the `Value` parser could
     /// judge it differently.
     pub fn read(body: &[u8]) -> Option<ResponsePeek> {
-        let text = exact_text(body)?;
-        serde_json::from_str(text).ok()
+        Some(Self::read_with_messages(body, false)?.0)
     }
+
+    /// Reads an answer body and, when `messages`, its completion part as JSON text, as
+    /// `capture::response_messages` writes it from the tree: the `output` array (responses), or the
+    /// `message` (else `text`) of every choice as an array (chat, completions). `None` when the
+    /// body is not a JSON object or when the `Value` parser could judge it differently.
+    pub fn read_with_messages(
+        body: &[u8],
+        messages: bool,
+    ) -> Option<(ResponsePeek, Option<String>)> {
+        let text = exact_text(body)?;
+        let mut deserializer = serde_json::Deserializer::from_str(text);
+        let parts = ResponseSeed { messages }
+            .deserialize(&mut deserializer)
+            .ok()?;
+        deserializer.end().ok()?;
+        let completion = match (parts.output, parts.choices) {
+            (Some(output), _) => Some(compact_json(output.get())),
+            (None, Some(choices)) if !choices.is_empty() => {
+                let mut text = String::with_capacity(
+                    choices.iter().map(|c| c.get().len() + 1).sum::<usize>() + 1,
+                );
+                text.push('[');
+                for (index, choice) in choices.iter().enumerate() {
+                    if index > 0 {
+                        text.push(',');
+                    }
+                    text.push_str(&compact_json(choice.get()));
+                }
+                text.push(']');
+                Some(text)
+            }
+            _ => None,
+        };
+        let peek = ResponsePeek {
+            model: parts.model,
+            usage: parts.usage.usage(),
+        };
+        Some((peek, completion))
+    }
+}
+
+/// The member `field` of a JSON object as JSON text ([`compact_json`]): `Some(None)` when the
+/// object has no such member, `None` when `body` is not a JSON object or when the `Value` parser
+/// could judge it differently (the caller then asks the tree). The last of duplicate members wins.
+pub fn member_json(body: &[u8], field: &str) -> Option<Option<String>> {
+    let text = exact_text(body)?;
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    let member = MemberSeed(field).deserialize(&mut deserializer).ok()?;
+    deserializer.end().ok()?;
+    Some(member.map(|raw| compact_json(raw.get())))
+}
+
+/// A JSON text without the whitespace between its tokens, as `serde_json` writes a value: the
+/// text inside strings, escapes included, is kept as it came. `raw` must be valid JSON (a
+/// [`RawValue`]'s text).
+pub fn compact_json(raw: &str) -> String {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while let Some(&byte) = bytes.get(at) {
+        match byte {
+            b' ' | b'\n' | b'\t' | b'\r' => at += 1,
+            b'"' => {
+                // Copy the string through its closing quote; inside it, only `"` and `\\` matter.
+                let start = at;
+                at += 1;
+                loop {
+                    match memchr::memchr2(b'"', b'\\', &bytes[at.min(bytes.len())..]) {
+                        Some(found) if bytes[at + found] == b'\\' => at += found + 2,
+                        Some(found) => {
+                            at += found + 1;
+                            break;
+                        }
+                        None => {
+                            at = bytes.len();
+                            break;
+                        }
+                    }
+                }
+                out.extend_from_slice(&bytes[start..at.min(bytes.len())]);
+            }
+            _ => {
+                out.push(byte);
+                at += 1;
+            }
+        }
+    }
+    // Only ASCII whitespace outside strings was left out, so the text is still UTF-8.
+    String::from_utf8(out)
+        .unwrap_or_else(|error| String::from_utf8_lossy(error.as_bytes()).into_owned())
 }
 
 /// The body as text when skipping members is as strict as parsing them: valid UTF-8 and no
@@ -139,6 +233,10 @@ enum Key {
     Usage,
     IncludeUsage,
     Reference,
+    Choices,
+    Output,
+    Message,
+    Text,
     Other(Option<UsageKey>),
 }
 
@@ -174,6 +272,10 @@ impl<'de> de::Deserialize<'de> for Key {
                     "usage" => Key::Usage,
                     "include_usage" => Key::IncludeUsage,
                     key if REFERENCE_KEYS.contains(&key) => Key::Reference,
+                    "choices" => Key::Choices,
+                    "output" => Key::Output,
+                    "message" => Key::Message,
+                    "text" => Key::Text,
                     "prompt_tokens" => Key::Other(Some(UsageKey::PromptTokens)),
                     "input_tokens" => Key::Other(Some(UsageKey::InputTokens)),
                     "completion_tokens" => Key::Other(Some(UsageKey::CompletionTokens)),
@@ -482,33 +584,185 @@ impl<'de> de::Deserialize<'de> for UsageFields {
     }
 }
 
-impl<'de> de::Deserialize<'de> for ResponsePeek {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct ResponseVisitor;
-        impl<'de> Visitor<'de> for ResponseVisitor {
-            type Value = ResponsePeek;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a JSON object")
+/// What a response's visitor takes from it: the peek's fields and, when messages are wanted, the
+/// completion's members as text.
+struct ResponseParts<'de> {
+    model: Option<String>,
+    usage: UsageFields,
+    /// `output`, when it is an array.
+    output: Option<&'de RawValue>,
+    /// The `message` (else `text`) of each choice that has one, when `choices` is an array.
+    choices: Option<Vec<&'de RawValue>>,
+}
+
+/// Reads a response object; `messages` says whether to take its completion too.
+struct ResponseSeed {
+    messages: bool,
+}
+
+impl<'de> DeserializeSeed<'de> for ResponseSeed {
+    type Value = ResponseParts<'de>;
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ResponseSeed {
+    type Value = ResponseParts<'de>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut parts = ResponseParts {
+            model: None,
+            usage: UsageFields::default(),
+            output: None,
+            choices: None,
+        };
+        while let Some(key) = map.next_key::<Key>()? {
+            match key {
+                Key::Model => parts.model = map.next_value::<Scalar>()?.into_str(),
+                Key::Usage => parts.usage = map.next_value()?,
+                Key::Output if self.messages => {
+                    let output: &RawValue = map.next_value()?;
+                    parts.output = Some(output).filter(|o| o.get().starts_with('['));
+                }
+                Key::Choices if self.messages => {
+                    parts.choices = map.next_value::<Choices<'de>>()?.0;
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ResponsePeek, A::Error> {
-                let mut model = None;
-                let mut usage = UsageFields::default();
+        }
+        Ok(parts)
+    }
+}
+
+/// `choices`: the completion of each choice that has one, when it is an array.
+struct Choices<'de>(Option<Vec<&'de RawValue>>);
+
+impl<'de> de::Deserialize<'de> for Choices<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ChoicesVisitor;
+        impl<'de> Visitor<'de> for ChoicesVisitor {
+            type Value = Choices<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any value")
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Choices(None))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Choices(None))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(Choices(None))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Choices(None))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(Choices(None))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(Choices(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                skip_map(map)?;
+                Ok(Choices(None))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut completions = Vec::new();
+                while let Some(choice) = seq.next_element::<Choice<'de>>()? {
+                    completions.extend(choice.0);
+                }
+                Ok(Choices(Some(completions)))
+            }
+        }
+        deserializer.deserialize_any(ChoicesVisitor)
+    }
+}
+
+/// One choice's `message`, else its `text` (`null` included, as `Value::get` finds it); nothing
+/// for a choice that is not an object or has neither.
+struct Choice<'de>(Option<&'de RawValue>);
+
+impl<'de> de::Deserialize<'de> for Choice<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ChoiceVisitor;
+        impl<'de> Visitor<'de> for ChoiceVisitor {
+            type Value = Choice<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any value")
+            }
+            other_values!(Choice(None));
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(Choice(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let (mut message, mut text) = (None, None);
                 while let Some(key) = map.next_key::<Key>()? {
                     match key {
-                        Key::Model => model = map.next_value::<Scalar>()?.into_str(),
-                        Key::Usage => usage = map.next_value()?,
+                        Key::Message => message = Some(map.next_value()?),
+                        Key::Text => text = Some(map.next_value()?),
                         _ => {
                             map.next_value::<IgnoredAny>()?;
                         }
                     }
                 }
-                Ok(ResponsePeek {
-                    model,
-                    usage: usage.usage(),
-                })
+                Ok(Choice(message.or(text)))
             }
         }
-        deserializer.deserialize_map(ResponseVisitor)
+        deserializer.deserialize_any(ChoiceVisitor)
+    }
+}
+
+/// Reads the member named `.0` of a JSON object as raw text.
+struct MemberSeed<'f>(&'f str);
+
+impl<'de> DeserializeSeed<'de> for MemberSeed<'_> {
+    type Value = Option<&'de RawValue>;
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for MemberSeed<'_> {
+    type Value = Option<&'de RawValue>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut found = None;
+        while let Some(named) = map.next_key_seed(KeyIs(self.0))? {
+            if named {
+                found = Some(map.next_value()?);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// Whether a member's key is `.0`.
+struct KeyIs<'f>(&'f str);
+
+impl<'de> DeserializeSeed<'de> for KeyIs<'_> {
+    type Value = bool;
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<bool, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl Visitor<'_> for KeyIs<'_> {
+    type Value = bool;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a member name")
+    }
+    fn visit_str<E: de::Error>(self, key: &str) -> Result<bool, E> {
+        Ok(key == self.0)
     }
 }
 
@@ -582,5 +836,60 @@ mod tests {
                 "{text}"
             );
         }
+    }
+
+    #[test]
+    fn the_completion_is_read_as_the_tree_writes_it() {
+        for body in [
+            json!({"model": "m", "choices": [{"index": 0, "message": {"role": "assistant", "content": "say \"hi\"\n é \\ {x: [1, 2]}"}, "finish_reason": "stop"}], "usage": {"prompt_tokens": 3}}),
+            json!({"choices": [{"text": "one"}, {"message": null, "text": "two"}, 7, {"neither": 1}, {"text": {"a": [true, null, 1.5]}}]}),
+            json!({"choices": []}),
+            json!({"choices": {"message": "not a list"}}),
+            json!({"choices": "x", "output": [{"type": "message", "content": [{"type": "output_text", "text": "from output"}]}]}),
+            json!({"output": "not a list", "choices": [{"message": {"content": "from choices"}}]}),
+            json!({"data": [{"embedding": [0.1, -2]}]}),
+        ] {
+            // Pretty-printed, so that the whitespace between tokens has to be left out.
+            let text = serde_json::to_string_pretty(&body).unwrap();
+            let (peek, messages) = ResponsePeek::read_with_messages(text.as_bytes(), true).unwrap();
+            assert_eq!(messages, crate::capture::response_messages(&body), "{text}");
+            assert_eq!(peek.usage, crate::capture::usage_of(&body), "{text}");
+            let (_, none) = ResponsePeek::read_with_messages(text.as_bytes(), false).unwrap();
+            assert_eq!(none, None, "messages are read only when wanted");
+        }
+        // The last of duplicate members wins, as in the tree.
+        let twice = br#"{"choices":[{"message":"a"}],"choices":[{"text":"b","text":"c"}]}"#;
+        let (_, messages) = ResponsePeek::read_with_messages(twice, true).unwrap();
+        assert_eq!(messages.as_deref(), Some(r#"["c"]"#));
+    }
+
+    #[test]
+    fn a_member_is_read_as_the_tree_writes_it() {
+        let body = json!({"model": "m", "messages": [{"role": "system", "content": "be \"brief\"\t\u{1F600} \\"}, {"role": "user", "content": ["a", {"type": "image_url", "image_url": {"url": "data:,x y"}}]}], "input": 5, "prompt": null});
+        let text = serde_json::to_string_pretty(&body).unwrap();
+        for field in ["messages", "input", "prompt", "absent"] {
+            assert_eq!(
+                member_json(text.as_bytes(), field),
+                Some(body.get(field).map(Value::to_string)),
+                "{field}"
+            );
+        }
+        assert_eq!(
+            member_json(br#"{"input":1,"input" : [ "x" ] }"#, "input"),
+            Some(Some(r#"["x"]"#.to_owned()))
+        );
+        for refused in [&b"[1]"[..], b"{\"input\":\"\\ud800\"}", b"{\"a\":1", b"{}x"] {
+            assert_eq!(member_json(refused, "input"), None, "left to the tree");
+        }
+    }
+
+    #[test]
+    fn compacting_keeps_the_text_of_strings() {
+        assert_eq!(
+            compact_json("[ {\"a b\" :\t\"c \\\" d\\\\\" } ,\n 1 ]"),
+            r#"[{"a b":"c \" d\\"},1]"#
+        );
+        assert_eq!(compact_json(r#""\u00e9 x""#), r#""\u00e9 x""#);
+        assert_eq!(compact_json("\"unterminated \\"), "\"unterminated \\");
     }
 }

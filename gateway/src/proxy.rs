@@ -1036,11 +1036,10 @@ impl Tee {
         }
         let body = self.parse.as_deref();
         let wants_messages = call.operation.is_inference() && limit > 0;
-        // Without messages to capture, the record needs only `model` and `usage`: read them
-        // without the tree, which is parsed only when usage is missing (for the estimate).
-        if let Some(peek) = body
-            .filter(|_| !wants_messages)
-            .and_then(ResponsePeek::read)
+        // The record needs `model`, `usage` and the completion's messages: read them without the
+        // tree, which is parsed only when usage is missing (for the estimate).
+        if let Some((peek, messages)) =
+            body.and_then(|body| ResponsePeek::read_with_messages(body, wants_messages))
         {
             let answer = peek
                 .usage
@@ -1049,6 +1048,7 @@ impl Tee {
                 .flatten();
             record.usage(peek.usage);
             record.record.model_name = peek.model;
+            record.record.response_messages = messages;
             record.record.response_body_truncated = self.capture.truncated();
             record.record.backend_response_body = self.capture.into_text();
             return answer;
