@@ -100,12 +100,6 @@ impl RequestPeek {
 }
 
 impl ResponsePeek {
-    /// Reads an answer body; `None` when it is not a JSON object or when the `Value` parser could
-    /// judge it differently.
-    pub fn read(body: &[u8]) -> Option<ResponsePeek> {
-        Some(Self::read_with_messages(body, false)?.0)
-    }
-
     /// Reads an answer body and, when `messages`, its completion part as JSON text, as
     /// `capture::response_messages` writes it from the tree: the `output` array (responses), or the
     /// `message` (else `text`) of every choice as an array (chat, completions). `None` when the
@@ -809,7 +803,7 @@ mod tests {
                 "{}",
                 String::from_utf8_lossy(body)
             );
-            assert_eq!(ResponsePeek::read(body), None);
+            assert_eq!(ResponsePeek::read_with_messages(body, true), None);
         }
         // An escaped backslash before `u` is not an escape.
         assert!(RequestPeek::read(br#"{"a":"\\ud800"}"#).is_some());
@@ -828,7 +822,7 @@ mod tests {
             json!({"choices": [{"message": {"content": "usage"}}]}),
         ] {
             let text = body.to_string();
-            let peek = ResponsePeek::read(text.as_bytes()).unwrap();
+            let (peek, _) = ResponsePeek::read_with_messages(text.as_bytes(), false).unwrap();
             assert_eq!(peek.usage, crate::capture::usage_of(&body), "{text}");
             assert_eq!(
                 peek.model.as_deref(),
