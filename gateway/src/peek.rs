@@ -117,18 +117,18 @@ impl ResponsePeek {
         let completion = match (parts.output, parts.choices) {
             (Some(output), _) => Some(compact_json(output.get())),
             (None, Some(choices)) if !choices.is_empty() => {
-                let mut text = String::with_capacity(
+                let mut text = Vec::with_capacity(
                     choices.iter().map(|c| c.get().len() + 1).sum::<usize>() + 1,
                 );
-                text.push('[');
+                text.push(b'[');
                 for (index, choice) in choices.iter().enumerate() {
                     if index > 0 {
-                        text.push(',');
+                        text.push(b',');
                     }
-                    text.push_str(&compact_json(choice.get()));
+                    push_compact(&mut text, choice.get());
                 }
-                text.push(']');
-                Some(text)
+                text.push(b']');
+                Some(into_text(text))
             }
             _ => None,
         };
@@ -155,8 +155,14 @@ pub fn member_json(body: &[u8], field: &str) -> Option<Option<String>> {
 /// text inside strings, escapes included, is kept as it came. `raw` must be valid JSON (a
 /// [`RawValue`]'s text).
 pub fn compact_json(raw: &str) -> String {
+    let mut out = Vec::with_capacity(raw.len());
+    push_compact(&mut out, raw);
+    into_text(out)
+}
+
+/// Appends [`compact_json`]'s text of `raw` to `out`.
+fn push_compact(out: &mut Vec<u8>, raw: &str) {
     let bytes = raw.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
     let mut at = 0;
     while let Some(&byte) = bytes.get(at) {
         match byte {
@@ -186,8 +192,12 @@ pub fn compact_json(raw: &str) -> String {
             }
         }
     }
-    // Only ASCII whitespace outside strings was left out, so the text is still UTF-8.
-    String::from_utf8(out)
+}
+
+/// The text [`push_compact`] wrote: only ASCII whitespace outside strings was left out of UTF-8
+/// input, so it is still UTF-8.
+fn into_text(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes)
         .unwrap_or_else(|error| String::from_utf8_lossy(error.as_bytes()).into_owned())
 }
 
@@ -330,8 +340,8 @@ fn skip_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<(), A::Error> {
     Ok(())
 }
 
-/// The visitor methods for the kinds of value a peek does not look into.
-macro_rules! other_values {
+/// The visitor methods for the scalars a peek does not look into.
+macro_rules! other_scalars {
     ($other:expr) => {
         fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
             Ok($other)
@@ -348,6 +358,13 @@ macro_rules! other_values {
         fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
             Ok($other)
         }
+    };
+}
+
+/// The visitor methods for the kinds of value a peek does not look into: scalars and arrays.
+macro_rules! other_values {
+    ($other:expr) => {
+        other_scalars!($other);
         fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
             skip_seq(seq)?;
             Ok($other)
@@ -644,21 +661,7 @@ impl<'de> de::Deserialize<'de> for Choices<'de> {
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("any value")
             }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(Choices(None))
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(Choices(None))
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(Choices(None))
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(Choices(None))
-            }
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-                Ok(Choices(None))
-            }
+            other_scalars!(Choices(None));
             fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
                 Ok(Choices(None))
             }
