@@ -5,7 +5,7 @@
 //! answers 429 or 5xx, or cannot be reached, is set aside until the time its response asks for.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -62,13 +62,19 @@ pub enum SetAsideReason {
 }
 
 /// Whether a member may take calls, lock-free.
+///
+/// One atomic holds both when the member is back and why it was set aside, so that a reader
+/// never sees the time of one setting with the reason of another.
 #[derive(Debug, Default)]
 pub struct MemberHealth {
-    /// Milliseconds since [`clock_origin`] until which the member is set aside (0 = available).
-    until_ms: AtomicU64,
-    /// 0 = available, 1 = throttled, 2 = failing.
-    reason: AtomicU8,
+    /// Milliseconds since [`clock_origin`] until which the member is set aside, shifted left by
+    /// [`REASON_BITS`], with the reason (0 = available, 1 = throttled, 2 = failing) below: later
+    /// times compare larger whatever the reason. 0 = never set aside.
+    state: AtomicU64,
 }
+
+/// Bits of [`MemberHealth::state`] that hold the reason.
+const REASON_BITS: u32 = 2;
 
 /// A fixed origin for the monotonic clock, so that instants fit in an atomic.
 fn clock_origin() -> Instant {
@@ -81,28 +87,41 @@ fn millis_since_origin(at: Instant) -> u64 {
 }
 
 impl MemberHealth {
-    /// Sets the member aside for `wait` from `now`.
+    /// Sets the member aside for `wait` from `now`, replacing whatever it was set aside for: the
+    /// latest answer of a member says best how long it needs.
     pub fn set_aside(&self, reason: SetAsideReason, wait: Duration, now: Instant) {
+        self.state
+            .store(Self::aside_state(reason, wait, now), Ordering::Release);
+    }
+
+    /// Sets the member aside for `wait` from `now`, unless it is already set aside for longer
+    /// (a throttled member whose `Retry-After` runs past `wait` stays throttled).
+    pub fn set_aside_at_least(&self, reason: SetAsideReason, wait: Duration, now: Instant) {
+        self.state
+            .fetch_max(Self::aside_state(reason, wait, now), Ordering::AcqRel);
+    }
+
+    fn aside_state(reason: SetAsideReason, wait: Duration, now: Instant) -> u64 {
         let wait_ms = u64::try_from(wait.as_micros().div_ceil(1000)).unwrap_or(u64::MAX);
-        let until = millis_since_origin(now).saturating_add(wait_ms).max(1);
-        self.reason.store(
-            match reason {
-                SetAsideReason::Throttled => 1,
-                SetAsideReason::Failing => 2,
-            },
-            Ordering::Relaxed,
-        );
-        self.until_ms.store(until, Ordering::Release);
+        let until = millis_since_origin(now)
+            .saturating_add(wait_ms)
+            .clamp(1, u64::MAX >> REASON_BITS);
+        let reason = match reason {
+            SetAsideReason::Throttled => 1,
+            SetAsideReason::Failing => 2,
+        };
+        until << REASON_BITS | reason
     }
 
     /// `None` when available at `now`, else why and for how much longer.
     pub fn set_aside_state(&self, now: Instant) -> Option<(SetAsideReason, Duration)> {
-        let until = self.until_ms.load(Ordering::Acquire);
+        let state = self.state.load(Ordering::Acquire);
+        let until = state >> REASON_BITS;
         let now_ms = millis_since_origin(now);
         if until == 0 || now_ms >= until {
             return None;
         }
-        let reason = match self.reason.load(Ordering::Relaxed) {
+        let reason = match state & ((1 << REASON_BITS) - 1) {
             1 => SetAsideReason::Throttled,
             _ => SetAsideReason::Failing,
         };
@@ -285,5 +304,31 @@ mod tests {
             .health
             .set_aside(SetAsideReason::Failing, Duration::from_secs(5), now);
         assert!(matches!(pool.select(&[], now).0, Selection::AllUnavailable));
+    }
+
+    #[test]
+    fn a_shorter_set_aside_never_cuts_a_longer_one_short() {
+        let health = MemberHealth::default();
+        let now = Instant::now();
+        health.set_aside(SetAsideReason::Throttled, Duration::from_secs(60), now);
+        health.set_aside_at_least(SetAsideReason::Failing, Duration::from_secs(10), now);
+        assert_eq!(
+            health.set_aside_state(now),
+            Some((SetAsideReason::Throttled, Duration::from_secs(60)))
+        );
+        // Past the throttle's end, a failure sets the member aside again, as failing.
+        let later = now + Duration::from_secs(61);
+        health.set_aside_at_least(SetAsideReason::Failing, Duration::from_secs(10), later);
+        assert_eq!(
+            health.set_aside_state(later),
+            Some((SetAsideReason::Failing, Duration::from_secs(10)))
+        );
+        // A plain set_aside replaces: the latest answer says how long.
+        health.set_aside(SetAsideReason::Throttled, Duration::from_secs(2), later);
+        assert_eq!(
+            health.set_aside_state(later),
+            Some((SetAsideReason::Throttled, Duration::from_secs(2)))
+        );
+        assert_eq!(health.set_aside_state(later + Duration::from_secs(2)), None);
     }
 }

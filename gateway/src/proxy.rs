@@ -732,8 +732,10 @@ impl RelayBody {
     }
 
     /// Ends the relay with the backend's answer incomplete: the cut is counted and put on the
-    /// call's record with `reason` and `message`, the record finished, and the client gets
-    /// `error`, so that it sees a broken response, not a short one that looks complete.
+    /// call's record with `reason` and `message`, the member set aside like a failing one (it
+    /// broke or hung mid-answer, so the next calls go elsewhere), the record finished, and the
+    /// client gets `error`, so that it sees a broken response, not a short one that looks
+    /// complete.
     fn cut(
         &mut self,
         reason: &'static str,
@@ -741,6 +743,7 @@ impl RelayBody {
         error: std::io::Error,
     ) -> Poll<Option<Result<Bytes, std::io::Error>>> {
         if let Some(relay) = self.call.as_mut() {
+            set_aside_after_cut(&relay.member);
             relay
                 .gateway
                 .metrics
@@ -751,6 +754,17 @@ impl RelayBody {
         self.finish();
         Poll::Ready(Some(Err(error)))
     }
+}
+
+/// Sets aside a member whose answer broke or fell silent after it began, for the time a failing
+/// member is set aside when nothing says otherwise; a longer wait it already has (a throttle's
+/// `Retry-After`) stands.
+fn set_aside_after_cut(member: &Member) {
+    member.health.set_aside_at_least(
+        SetAsideReason::Failing,
+        retry_hint::DEFAULT_SET_ASIDE,
+        Instant::now(),
+    );
 }
 
 impl futures::Stream for RelayBody {
@@ -772,7 +786,7 @@ impl futures::Stream for RelayBody {
                         return Poll::Pending;
                     }
                     let silence = millis(this.idle.after());
-                    tracing::warn!(parent: &relay.span, backend = %relay.member.config.id, silence_ms = silence, "backend silent too long after its answer began; answer cut");
+                    tracing::warn!(parent: &relay.span, backend = %relay.member.config.id, silence_ms = silence, "backend silent too long after its answer began; answer cut and member set aside");
                     return this.cut(
                         "response_idle_timeout",
                         format!(
@@ -814,7 +828,7 @@ impl futures::Stream for RelayBody {
                     }
                 }
                 Some(Err(error)) => {
-                    tracing::warn!(parent: &relay.span, backend = %relay.member.config.id, %error, "backend stream broke after the response started");
+                    tracing::warn!(parent: &relay.span, backend = %relay.member.config.id, %error, "backend stream broke after the response started; member set aside");
                     return this.cut(
                         "backend_stream_failed",
                         "The backend's response ended early.".to_owned(),
@@ -864,6 +878,7 @@ impl Drop for RelayBody {
                         }
                     }
                     Ok(Some(Err(_))) => {
+                        set_aside_after_cut(&relay.member);
                         relay.record.record.last_error_reason =
                             Some("backend_stream_failed".to_owned());
                         break;

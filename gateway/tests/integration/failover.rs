@@ -281,6 +281,66 @@ async fn a_stream_that_breaks_after_its_first_byte_is_not_retried() {
         records[0].last_error_reason.as_deref(),
         Some("backend_stream_failed")
     );
+
+    // A member whose answer broke is set aside like a failing one: the next call, a stream
+    // again, goes to the second member, whole.
+    let next = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(next.status(), 200);
+    let text = next.text().await.unwrap();
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    assert_eq!((first.hits(), second.hits()), (1, 1));
+    assert!(
+        gw.metrics()
+            .await
+            .contains(r#"gatehouse_backend_available{pool="p",backend="first"} 0"#),
+        "the broken member is shown set aside"
+    );
+}
+
+#[tokio::test]
+async fn a_stream_that_breaks_after_its_client_left_sets_its_member_aside_too() {
+    let first = simulator_with(SimulatorConfig {
+        id: "first".into(),
+        chunk_delay: Duration::from_millis(50),
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let second = simulator("second").await;
+    first.set_fault(Fault::BreakStreamAfter { chunks: 4 });
+    let gw = two_member_gateway(&first.url(), &second.url()).await;
+    let mut response = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.chunk().await.unwrap().is_some(), "a first chunk");
+    // The client hangs up; the gateway reads on for the record, and the member breaks.
+    drop(response);
+    let records = gw.records(1).await;
+    assert!(records[0].client_aborted);
+    assert_eq!(
+        records[0].last_error_reason.as_deref(),
+        Some("backend_stream_failed")
+    );
+    let next = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(next.status(), 200);
+    assert_eq!(
+        (first.hits(), second.hits()),
+        (1, 1),
+        "the next call avoids it"
+    );
 }
 
 #[tokio::test]
@@ -444,7 +504,8 @@ async fn a_stream_that_falls_silent_after_it_began_is_cut_after_the_idle_timeout
     stalling.set_fault(Fault::StallStreamAfter { chunks: 2 });
     let mut patient = member("stalling", &stalling.url(), 1);
     patient["response_idle_timeout_ms"] = json!(300);
-    let gw = pool_gateway(json!([patient])).await;
+    let second = simulator("second").await;
+    let gw = pool_gateway(json!([patient, member("second", &second.url(), 2)])).await;
     let response = gw
         .post(&chat_path("gpt-4o"))
         .json(&chat(None, true))
@@ -460,7 +521,11 @@ async fn a_stream_that_falls_silent_after_it_began_is_cut_after_the_idle_timeout
         body.is_err(),
         "the client must see a broken stream, not a short complete one"
     );
-    assert_eq!(stalling.hits(), 1, "no retry once bytes reached the client");
+    assert_eq!(
+        (stalling.hits(), second.hits()),
+        (1, 0),
+        "no retry once bytes reached the client"
+    );
     let records = gw.records(1).await;
     assert_eq!(
         records[0].last_error_reason.as_deref(),
@@ -478,6 +543,22 @@ async fn a_stream_that_falls_silent_after_it_began_is_cut_after_the_idle_timeout
             .contains(r#"gatehouse_backend_answers_cut_total{backend="stalling",reason="response_idle_timeout"} 1"#),
         "the cut is counted"
     );
+
+    // A member that hung mid-answer is set aside: the next call goes to the second member at
+    // once instead of waiting on the hung one.
+    let next = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(next.status(), 200);
+    let text = tokio::time::timeout(Duration::from_secs(10), next.text())
+        .await
+        .expect("the second member answers without a stall")
+        .unwrap();
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    assert_eq!((stalling.hits(), second.hits()), (1, 1));
 }
 
 #[tokio::test]
