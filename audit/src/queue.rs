@@ -71,7 +71,7 @@ use tokio::task::{JoinError, JoinHandle};
 use tokio::time::Instant;
 
 use crate::chain::{Chainer, STATE_FILE, write_atomic};
-use crate::journal::{Journal, JournalError, JournalStatus, Stretch};
+use crate::journal::{Journal, JournalError, JournalStatus, LineKind, Stretch};
 use crate::{AuditSink, SinkError};
 
 /// How long a call waits for room in a full queue by default.
@@ -314,7 +314,7 @@ pub struct QueueStats {
     pub journal_records: u64,
     /// Bytes of the journal on disk.
     pub journal_bytes: u64,
-    /// Torn or corrupt journal lines skipped since start.
+    /// Records lost to torn or corrupt journal lines, or unreadable as records, since start.
     pub journal_skipped: u64,
     /// Journal appends and chain state saves the disk refused.
     pub journal_errors: u64,
@@ -668,10 +668,11 @@ fn spawn_append(
     journal: Arc<Mutex<Journal>>,
     records: Batch,
     force: bool,
+    kind: LineKind,
 ) -> JoinHandle<(Result<Stretch, JournalError>, JournalStatus)> {
     tokio::task::spawn_blocking(move || {
         let mut journal = journal.lock().unwrap_or_else(PoisonError::into_inner);
-        let result = journal.append(&records, force);
+        let result = journal.append(&records, force, kind);
         (result, journal.status())
     })
 }
@@ -1019,7 +1020,7 @@ impl Writer {
         if self.closed {
             self.place(batch, true).await;
         } else {
-            let task = spawn_append(journal, Arc::clone(&batch), false);
+            let task = spawn_append(journal, Arc::clone(&batch), false, self.line_kind());
             self.appending = Some(Appending { task, batch });
         }
     }
@@ -1111,8 +1112,21 @@ impl Writer {
                 "no journal directory is set",
             )));
         };
-        let result = spawn_append(Arc::clone(journal), Arc::clone(batch), force).await;
+        let kind = self.line_kind();
+        let result = spawn_append(Arc::clone(journal), Arc::clone(batch), force, kind).await;
         self.take_append(batch.len(), result)
+    }
+
+    /// How a batch goes into the journal: packed while the sink is down, since the records will
+    /// then wait as long as the outage lasts and the journal's size limit decides how long that
+    /// may be; plain while the sink works and is only behind, since they then pass through within
+    /// seconds and packing would cost the calls CPU for nothing.
+    fn line_kind(&self) -> LineKind {
+        if self.shared.sink_down.load(Ordering::Relaxed) {
+            LineKind::Packed
+        } else {
+            LineKind::Plain
+        }
     }
 
     /// With no write running: starts the next one (the held batch, or the next journal chunk)

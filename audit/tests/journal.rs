@@ -3,6 +3,7 @@
 
 #![expect(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -236,6 +237,21 @@ fn segments(dir: &Path) -> Vec<std::path::PathBuf> {
     found
 }
 
+/// The first bytes of the lines in the journal's segments now: `x` for plain lines, `z` for
+/// packed ones.
+fn line_marks(dir: &Path) -> BTreeSet<u8> {
+    segments(dir)
+        .iter()
+        .filter_map(|path| std::fs::read(path).ok())
+        .flat_map(|bytes| {
+            bytes
+                .split(|b| *b == b'\n')
+                .filter_map(|line| line.first().copied())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_thousand_records_survive_a_sink_outage_in_order() {
     let dir = tempfile::tempdir().unwrap();
@@ -248,6 +264,11 @@ async fn five_thousand_records_survive_a_sink_outage_in_order() {
     }
     eventually("records in the journal", || queue.stats().journaled > 0).await;
     assert_eq!(queue.admission(), Admission::Degraded);
+    assert_eq!(
+        line_marks(dir.path()),
+        BTreeSet::from([b'z']),
+        "records wait for a sink that is down in packed lines"
+    );
     for i in 2_500..4_000 {
         assert!(queue.submit(record(i)), "record {i} refused");
     }
@@ -418,39 +439,57 @@ async fn a_torn_journal_line_is_skipped_and_counted() {
     let down = SwitchSink::new();
     down.failing(true);
     let (queue, writer) = start(&down, settings(dir.path())).await;
-    for i in 0..50 {
+    for i in 0..200 {
         assert!(queue.submit(record(i)));
     }
     finish(queue, writer).await;
-    // A crash in the middle of an append: the last line loses its end.
+    // A crash in the middle of an append: the last line loses its end. The sink was down, so
+    // the lines are packed, and the torn one takes all the records it packed.
     let newest = segments(dir.path()).pop().unwrap();
-    let length = std::fs::metadata(&newest).unwrap().len();
+    let bytes = std::fs::read(&newest).unwrap();
+    let last_start = bytes[..bytes.len() - 1]
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map_or(0, |at| at + 1);
+    let last = &bytes[last_start..];
+    assert_eq!(last[0], b'z', "packed while the sink was down");
+    let torn: usize = std::str::from_utf8(&last[18..])
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=64).contains(&torn), "{torn}");
     std::fs::OpenOptions::new()
         .write(true)
         .open(&newest)
         .unwrap()
-        .set_len(length - 40)
+        .set_len(bytes.len() as u64 - 40)
         .unwrap();
 
     let up = SwitchSink::new();
     let (queue, writer) = start(&up, settings(dir.path())).await;
-    assert!(queue.submit(record(50)));
+    assert!(queue.submit(record(200)));
     settle(&queue).await;
     let stats = finish(queue, writer).await;
 
     let stored = up.records();
-    let mut want = expected(0..49);
-    want.push(record(50).correlation_id);
+    let mut want = expected(0..200 - torn);
+    want.push(record(200).correlation_id);
     assert_eq!(ids(&stored), want);
-    assert_eq!(stats.journal_skipped, 1);
-    // The lost record shows in the chain: the one after it names the gap.
+    assert_eq!(
+        stats.journal_skipped, torn as u64,
+        "the torn line's records, as its head names them"
+    );
+    // The lost records show in the chain: the one after them names the gap.
     let broken = verify(stored)
         .first_break()
         .map(|(_, broken)| broken.clone());
     let broken = broken.expect("a gap");
     assert_eq!(broken.reason, BreakReason::Removed);
-    assert_eq!(broken.sequence, 50);
-    assert_eq!(broken.correlation_id, "call-00050");
+    assert_eq!(broken.sequence, 200);
+    assert_eq!(broken.correlation_id, "call-00200");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -732,6 +771,11 @@ async fn a_store_slower_than_the_arrivals_never_makes_the_queue_refuse_records()
     let stats = queue.stats();
     assert_eq!(stats.rejected, 0);
     assert!(stats.journaled > 0, "the backlog went to the journal");
+    assert_eq!(
+        line_marks(dir.path()),
+        BTreeSet::from([b'x']),
+        "a backlog behind a store that works passes through in plain lines"
+    );
     assert_eq!(stats.write_errors, 0, "the store never failed or timed out");
     settle(&queue).await;
     let stats = finish(queue, writer).await;
