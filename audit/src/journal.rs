@@ -620,12 +620,13 @@ fn unpack(size: u64, data: &[u8]) -> io::Result<Vec<u8>> {
     let compressed = BASE64
         .decode(data)
         .map_err(|_| invalid("packed line: data is not base64"))?;
-    let size = usize::try_from(size).map_err(|_| invalid("packed line: size too large"))?;
-    let mut json = Vec::with_capacity(size);
+    // Room for what a line normally holds; a larger one (a single large record) grows as read.
+    let expected = usize::try_from(size).map_err(|_| invalid("packed line: size too large"))?;
+    let mut json = Vec::with_capacity(expected.min(PACKED_LINE_BYTES));
     ZlibDecoder::new(&compressed[..])
-        .take(size as u64 + 1)
+        .take(size.saturating_add(1))
         .read_to_end(&mut json)?;
-    if json.len() != size {
+    if json.len() != expected {
         return Err(invalid("packed line: data does not inflate to its size"));
     }
     Ok(json)
