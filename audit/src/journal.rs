@@ -744,6 +744,28 @@ fn read_stretch(
     Ok(Chunk { records, stretch })
 }
 
+/// What a journal file holds, readable: each line's JSON on a line of its own, a packed line's
+/// records unpacked; torn or damaged lines are left out. For looking into a journal, e.g. to check
+/// that no secret is in it, which the packed lines' compressed bytes would hide from a plain
+/// search.
+pub fn journal_file_text(path: &Path) -> io::Result<Vec<u8>> {
+    let mut text = Vec::new();
+    let mut reader = BufReader::new(File::open(path)?);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line)? == 0 {
+            return Ok(text);
+        }
+        match decode_line(&line) {
+            Some(Line::Record(json)) => text.extend_from_slice(json),
+            Some(Line::Packed { size, data, .. }) => text.extend(unpack(size, data)?),
+            None => continue,
+        }
+        text.push(b'\n');
+    }
+}
+
 /// Adds the record `json` holds to `records`; a line that is not a record is logged.
 fn push_record(records: &mut Vec<AuditRecord>, json: &[u8], segment: u64) {
     match serde_json::from_slice(json) {
@@ -1210,5 +1232,30 @@ mod tests {
             changed[at] ^= 0x01;
             assert_eq!(decode_line(&changed), None, "byte {at} changed");
         }
+    }
+
+    #[test]
+    fn a_journal_file_reads_as_its_records_json_whatever_its_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::open(dir.path(), 1 << 20).unwrap();
+        journal
+            .append(&records(0..3), false, LineKind::Plain)
+            .unwrap();
+        journal
+            .append(&records(3..80), false, LineKind::Packed)
+            .unwrap();
+        let text = journal_file_text(&journal.segments[0].path).unwrap();
+        let expected: Vec<u8> = records(0..80)
+            .iter()
+            .flat_map(|record| {
+                let mut line = serde_json::to_vec(record).unwrap();
+                line.push(b'\n');
+                line
+            })
+            .collect();
+        assert_eq!(
+            String::from_utf8(text).unwrap(),
+            String::from_utf8(expected).unwrap()
+        );
     }
 }

@@ -14,6 +14,7 @@ pub mod sql;
 
 use futures::future::BoxFuture;
 pub use gatehouse_schema::AuditRecord;
+pub use journal::journal_file_text;
 pub use jsonl::JsonLinesSink;
 pub use memory::MemorySink;
 pub use queue::{
