@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
-use gatehouse_simulator::{Fault, RetryHint, SimulatorConfig};
+use gatehouse_simulator::{Fault, RetryHint, RunningSimulator, SimulatorConfig};
 use serde_json::{Value, json};
 use tokio::io::AsyncReadExt as _;
 
@@ -28,6 +28,41 @@ async fn two_member_gateway(first: &str, second: &str) -> TestGateway {
         member("second", second, 2)
     ]))
     .await
+}
+
+/// A pool of two: `first` breaks its streams after `chunks` chunks sent `delay` apart, `second`
+/// answers whole.
+async fn first_breaks_its_streams(
+    delay: Duration,
+    chunks: usize,
+) -> (RunningSimulator, RunningSimulator, TestGateway) {
+    let first = simulator_with(SimulatorConfig {
+        id: "first".into(),
+        chunk_delay: delay,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let second = simulator("second").await;
+    first.set_fault(Fault::BreakStreamAfter { chunks });
+    let gw = two_member_gateway(&first.url(), &second.url()).await;
+    (first, second, gw)
+}
+
+/// Sends a streamed chat call and checks that its answer comes back whole (within 10 s, so that
+/// a stall fails the test instead of hanging it).
+async fn a_whole_stream(gw: &TestGateway) {
+    let response = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let text = tokio::time::timeout(Duration::from_secs(10), response.text())
+        .await
+        .expect("the answer comes without a stall")
+        .unwrap();
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
 }
 
 #[tokio::test]
@@ -250,15 +285,7 @@ async fn all_throttled_is_429_with_the_shortest_wait_and_all_down_is_503() {
 
 #[tokio::test]
 async fn a_stream_that_breaks_after_its_first_byte_is_not_retried() {
-    let first = simulator_with(SimulatorConfig {
-        id: "first".into(),
-        chunk_delay: Duration::from_millis(5),
-        ..SimulatorConfig::default()
-    })
-    .await;
-    let second = simulator("second").await;
-    first.set_fault(Fault::BreakStreamAfter { chunks: 2 });
-    let gw = two_member_gateway(&first.url(), &second.url()).await;
+    let (first, second, gw) = first_breaks_its_streams(Duration::from_millis(5), 2).await;
     let response = gw
         .post(&chat_path("gpt-4o"))
         .json(&chat(None, true))
@@ -284,15 +311,7 @@ async fn a_stream_that_breaks_after_its_first_byte_is_not_retried() {
 
     // A member whose answer broke is set aside like a failing one: the next call, a stream
     // again, goes to the second member, whole.
-    let next = gw
-        .post(&chat_path("gpt-4o"))
-        .json(&chat(None, true))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(next.status(), 200);
-    let text = next.text().await.unwrap();
-    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    a_whole_stream(&gw).await;
     assert_eq!((first.hits(), second.hits()), (1, 1));
     assert!(
         gw.metrics()
@@ -304,15 +323,7 @@ async fn a_stream_that_breaks_after_its_first_byte_is_not_retried() {
 
 #[tokio::test]
 async fn a_stream_that_breaks_after_its_client_left_sets_its_member_aside_too() {
-    let first = simulator_with(SimulatorConfig {
-        id: "first".into(),
-        chunk_delay: Duration::from_millis(50),
-        ..SimulatorConfig::default()
-    })
-    .await;
-    let second = simulator("second").await;
-    first.set_fault(Fault::BreakStreamAfter { chunks: 4 });
-    let gw = two_member_gateway(&first.url(), &second.url()).await;
+    let (first, second, gw) = first_breaks_its_streams(Duration::from_millis(50), 4).await;
     let mut response = gw
         .post(&chat_path("gpt-4o"))
         .json(&chat(None, true))
@@ -546,18 +557,7 @@ async fn a_stream_that_falls_silent_after_it_began_is_cut_after_the_idle_timeout
 
     // A member that hung mid-answer is set aside: the next call goes to the second member at
     // once instead of waiting on the hung one.
-    let next = gw
-        .post(&chat_path("gpt-4o"))
-        .json(&chat(None, true))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(next.status(), 200);
-    let text = tokio::time::timeout(Duration::from_secs(10), next.text())
-        .await
-        .expect("the second member answers without a stall")
-        .unwrap();
-    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    a_whole_stream(&gw).await;
     assert_eq!((stalling.hits(), second.hits()), (1, 1));
 }
 
