@@ -28,8 +28,7 @@ command -v curl >/dev/null || die "curl is missing"
 echo "== building (release)"
 cargo build --release --locked -p gatehouse-gateway -p gatehouse-simulator
 if [ "$mode" = portal ]; then
-  scripts/portal-tools.sh
-  cargo leptos build --release
+  scripts/build-portal-release.sh
 fi
 
 mkdir -p "$dev"
