@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Builds the portal (cargo leptos), the gateway and the simulator, installs the pinned npm packages
-# (package-lock.json), and runs two browser checks in Debian's Chromium (never a downloaded
+# (package-lock.json), and runs three browser checks in Debian's Chromium (never a downloaded
 # browser), each on ports the OS picks:
-#   hydration.mjs  the portal alone with the development sign-in: the wasm app hydrates;
+#   hydration.mjs  the portal alone with the development sign-in: the wasm app hydrates (the
+#                  development build first; at the end the release build that scripts/run.sh
+#                  runs, whose front end wasm-opt has optimised);
 #   scenario.mjs   portal + gateway + simulator + a real OpenID Connect provider (oidc-provider),
 #                  no development sign-in: rules, keys, revocation, roles, activity;
 #   insights.mjs   the same with Entra ID tokens (a local key-set double) from two IPs and the
@@ -32,21 +34,34 @@ bin="$target/debug"
 shots="$root/target/end2end"
 free_port() { node -e "const s=require('net').createServer();s.listen(0,'127.0.0.1',()=>{console.log(s.address().port);s.close()})"; }
 
+# The portal of a hydration check, stopped however the script ends.
+portal="" work=""
+trap '[ -z "$portal" ] || kill "$portal" 2>/dev/null; [ -z "$work" ] || rm -rf "$work"' EXIT
+
+# The portal alone with the development sign-in, from the binary $1: its wasm app must hydrate.
+hydration_check() {
+  local binary=$1 screenshots=$2 port
+  port=$(free_port)
+  work=$(mktemp -d)
+  LEPTOS_SITE_ROOT="$root/target/site" LEPTOS_OUTPUT_NAME=gatehouse-portal \
+    "$binary" --listen "127.0.0.1:$port" \
+    --database "sqlite:$work/portal.db" --dev-sign-in > "$work/portal.log" 2>&1 &
+  portal=$!
+  for _ in $(seq 100); do
+    curl -sf "http://127.0.0.1:$port/" >/dev/null && break
+    sleep 0.2
+  done
+  (cd end2end && PORTAL_URL="http://127.0.0.1:$port" SCREENSHOTS="$screenshots" node hydration.mjs) \
+    || { cat "$work/portal.log" >&2; exit 1; }
+  kill "$portal" 2>/dev/null || true
+  wait "$portal" 2>/dev/null || true
+  portal=""
+  rm -rf "$work"
+  work=""
+}
+
 echo "== hydration check (development sign-in)"
-port=$(free_port)
-work=$(mktemp -d)
-LEPTOS_SITE_ROOT="$root/target/site" LEPTOS_OUTPUT_NAME=gatehouse-portal \
-  "$bin/gatehouse-portal" --listen "127.0.0.1:$port" \
-  --database "sqlite:$work/portal.db" --dev-sign-in > "$work/portal.log" 2>&1 &
-portal=$!
-trap 'kill "$portal" 2>/dev/null || true; rm -rf "$work"' EXIT
-for _ in $(seq 100); do
-  curl -sf "http://127.0.0.1:$port/" >/dev/null && break
-  sleep 0.2
-done
-(cd end2end && PORTAL_URL="http://127.0.0.1:$port" SCREENSHOTS="$shots/hydration" node hydration.mjs) \
-  || { cat "$work/portal.log" >&2; exit 1; }
-kill "$portal" 2>/dev/null || true
+hydration_check "$bin/gatehouse-portal" "$shots/hydration"
 
 echo "== scenario (OpenID Connect provider, gateway, simulator)"
 (cd end2end && GATEHOUSE_BIN_DIR="$bin" LEPTOS_SITE_ROOT="$root/target/site" \
@@ -55,3 +70,9 @@ echo "== scenario (OpenID Connect provider, gateway, simulator)"
 echo "== insights (audit search, usage, dashboard over the gateway's audit store)"
 (cd end2end && GATEHOUSE_BIN_DIR="$bin" LEPTOS_SITE_ROOT="$root/target/site" \
   SCREENSHOTS="$shots/insights" node insights.mjs)
+
+# Last, since it replaces the development build's front end in target/site: the release build
+# that scripts/run.sh runs (optimised by wasm-opt) must start in the browser too.
+echo "== hydration check of the release build (scripts/run.sh's portal)"
+scripts/build-portal-release.sh
+hydration_check "$target/release/gatehouse-portal" "$shots/hydration-release"
