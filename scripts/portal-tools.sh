@@ -3,7 +3,8 @@
 # (built with --features no_downloads, so the build never fetches a binary) and wasm-bindgen-cli at
 # exactly the wasm-bindgen version in Cargo.lock. Idempotent; fails loudly.
 #
-#   scripts/portal-tools.sh && cargo leptos build --release
+#   scripts/portal-tools.sh && cargo leptos build   # a development build; for a release build
+#                                                    # (it needs wasm-opt too): scripts/build-portal-release.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
