@@ -31,8 +31,9 @@
 //! times more records (`bench/journal_pack`: 3.1 × with the store benchmark's records, whose text
 //! is random words; more for real conversations). Packing costs ≈ 9–17 µs of CPU a record to
 //! journal and ≈ 17 µs more to replay, which is why a sink that is only slower than the calls,
-//! where records pass through the journal within seconds, gets plain lines. A torn or damaged packed line loses all its records; the skipped
-//! count takes the number its head gives ([`records_lost`]).
+//! where records pass through the journal within seconds, gets plain lines. A torn or damaged
+//! packed line loses all its records; the skipped count takes the number its head gives
+//! ([`records_lost`]).
 //!
 //! The checksum finds lines that a crash or the disk damaged; it is not what shows tampering (the
 //! records' hash chain does that, [`crate::chain`]). So it is XXH3, which costs next to nothing
@@ -61,6 +62,7 @@
 //!
 //! One writer per directory: two gateways must not share a journal directory.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -88,7 +90,7 @@ const XXH3_MARK: u8 = b'x';
 const PACKED_MARK: u8 = b'z';
 /// Most records in one packed line: a chunk read for the sink may run past the records it asks
 /// for by at most one line's worth.
-pub(crate) const PACKED_LINE_RECORDS: usize = 64;
+const PACKED_LINE_RECORDS: usize = 64;
 /// Most bytes of JSON packed into one line, unless a single record is larger: what a packed line
 /// inflates to is held in memory whole while it is read.
 const PACKED_LINE_BYTES: usize = 16 << 20;
@@ -566,6 +568,29 @@ impl Line<'_> {
             Line::Packed { records, .. } => *records,
         }
     }
+
+    /// The JSON of the line's records, joined by newlines: a packed line's unpacked.
+    fn json(&self) -> io::Result<Cow<'_, [u8]>> {
+        match self {
+            Line::Record(json) => Ok(Cow::Borrowed(json)),
+            Line::Packed { size, data, .. } => unpack(*size, data).map(Cow::Owned),
+        }
+    }
+}
+
+/// The head of a packed line's payload (what follows the checksum): its record count (at least
+/// one), its JSON's size, and its data.
+fn packed_head(payload: &[u8]) -> Option<(u64, u64, &[u8])> {
+    let mut fields = payload.splitn(3, |b| *b == b' ');
+    let mut number = || {
+        std::str::from_utf8(fields.next()?)
+            .ok()?
+            .parse::<u64>()
+            .ok()
+    };
+    let records = number().filter(|n| *n > 0)?;
+    let size = number()?;
+    Some((records, size, fields.next()?))
 }
 
 /// A whole line with a valid checksum, of any kind.
@@ -581,12 +606,7 @@ fn decode_line(line: &[u8]) -> Option<Line<'_>> {
             if body[0] == XXH3_MARK {
                 return Some(Line::Record(payload));
             }
-            let mut fields = payload.splitn(3, |b| *b == b' ');
-            let number =
-                |field: Option<&[u8]>| std::str::from_utf8(field?).ok()?.parse::<u64>().ok();
-            let records = number(fields.next()).filter(|n| *n > 0)?;
-            let size = number(fields.next())?;
-            let data = fields.next()?;
+            let (records, size, data) = packed_head(payload)?;
             Some(Line::Packed {
                 records,
                 size,
@@ -604,13 +624,11 @@ fn decode_line(line: &[u8]) -> Option<Line<'_>> {
 /// How many records a torn or corrupt line held, as far as can be told: the count a packed
 /// line's head gives (unchecked, so only when it is a count a packed line can have), else one.
 fn records_lost(line: &[u8]) -> u64 {
-    let claimed = || {
-        let rest = line.strip_prefix(&[PACKED_MARK])?.get(CHECKSUM_LEN + 1..)?;
-        let count = rest.split(|b| *b == b' ').next()?;
-        std::str::from_utf8(count).ok()?.parse::<u64>().ok()
-    };
-    claimed()
-        .filter(|n| (1..=PACKED_LINE_RECORDS as u64).contains(n))
+    line.strip_prefix(&[PACKED_MARK])
+        .and_then(|rest| rest.get(CHECKSUM_LEN + 1..))
+        .and_then(packed_head)
+        .map(|(records, _, _)| records)
+        .filter(|n| *n <= PACKED_LINE_RECORDS as u64)
         .unwrap_or(1)
 }
 
@@ -637,7 +655,7 @@ struct Scan {
     /// Where counting started: the offset asked for, or 0 when it was not a line start within
     /// the segment.
     from: u64,
-    /// Records (lines with a valid checksum) from `from` on.
+    /// Records of lines with a valid checksum from `from` on.
     records: u64,
     /// Records of torn or corrupt lines from `from` on ([`records_lost`]).
     lost: u64,
@@ -667,11 +685,11 @@ fn scan(path: &Path, from: u64) -> io::Result<Scan> {
         }
     }
     Ok(match before {
-        Some((records_before, bad_before)) => Scan {
+        Some((records_before, lost_before)) => Scan {
             len,
             from,
             records: records - records_before,
-            lost: lost - bad_before,
+            lost: lost - lost_before,
         },
         None => Scan {
             len,
@@ -725,18 +743,15 @@ fn read_stretch(
         let count = decoded.records();
         stretch.lines += count;
         let before = records.len();
-        match decoded {
-            Line::Record(json) => push_record(&mut records, json, segment.index),
-            Line::Packed { size, data, .. } => match unpack(size, data) {
-                Ok(json) => {
-                    for json in json.split(|b| *b == b'\n') {
-                        push_record(&mut records, json, segment.index);
-                    }
+        match decoded.json() {
+            Ok(json) => {
+                for json in json.split(|b| *b == b'\n') {
+                    push_record(&mut records, json, segment.index);
                 }
-                Err(error) => {
-                    tracing::error!(segment = segment.index, %error, records = count, "packed audit journal line does not unpack; its records are skipped");
-                }
-            },
+            }
+            Err(error) => {
+                tracing::error!(segment = segment.index, %error, records = count, "packed audit journal line does not unpack; its records are skipped");
+            }
         }
         let read_back = (records.len() - before) as u64;
         stretch.skipped += count.saturating_sub(read_back);
@@ -757,12 +772,10 @@ pub fn journal_file_text(path: &Path) -> io::Result<Vec<u8>> {
         if reader.read_until(b'\n', &mut line)? == 0 {
             return Ok(text);
         }
-        match decode_line(&line) {
-            Some(Line::Record(json)) => text.extend_from_slice(json),
-            Some(Line::Packed { size, data, .. }) => text.extend(unpack(size, data)?),
-            None => continue,
+        if let Some(decoded) = decode_line(&line) {
+            text.extend_from_slice(&decoded.json()?);
+            text.push(b'\n');
         }
-        text.push(b'\n');
     }
 }
 

@@ -2,5 +2,6 @@
 //! `bench/README.md`).
 
 pub mod postgres;
+pub mod proc_stat;
 pub mod records;
 pub mod report;

@@ -2,7 +2,8 @@
 //!
 //! Selection follows Azure's smart load balancing (`azure-specs.md` §2.6, §7): the lowest priority
 //! number that has an available member wins, weighted-random inside that group. A member that
-//! answers 429 or 5xx, or cannot be reached, is set aside until the time its response asks for.
+//! answers 429 or 5xx, or cannot be reached, is set aside until the time its response asks for;
+//! one whose answer breaks or falls silent after it began, for the default wait.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -7,7 +7,7 @@
 //! which repeat their system prompts, documents and earlier turns). For each layout the benchmark
 //! reports the journal's bytes a record (the size limit holds that many times fewer records),
 //! and the writer's CPU a record to link and journal the records and to replay them (the
-//! process's user and system time over each phase, `getrusage`-like, from `/proc/self/stat`).
+//! process's user and system time over each phase, from `/proc/self/stat`).
 //! Prints a table and the ratios packed / plain, and appends one JSON line to
 //! `bench/out/journal_pack-<UTC timestamp>.json`. See `bench/README.md`.
 #![expect(clippy::print_stdout, reason = "a benchmark prints its report")]
@@ -21,6 +21,7 @@ use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
 use futures::future::BoxFuture;
 use gatehouse_audit::{AuditQueue, AuditSink, QueueSettings, SinkError};
+use gatehouse_bench::proc_stat::{USER_HZ, own_jiffies};
 use gatehouse_bench::records::{Generator, Shape};
 use gatehouse_bench::report::append_result;
 use gatehouse_schema::AuditRecord;
@@ -108,24 +109,10 @@ impl AuditSink for SwitchSink {
     }
 }
 
-/// User plus system CPU time of this process so far (`/proc/self/stat`, clock ticks of 10 ms).
+/// User plus system CPU time of this process so far.
 fn process_cpu() -> Result<Duration> {
-    let stat = std::fs::read_to_string("/proc/self/stat").context("read /proc/self/stat")?;
-    // The fields after the command name, which is in parentheses and may hold spaces.
-    let after = stat
-        .rsplit_once(") ")
-        .map(|(_, rest)| rest)
-        .context("unexpected /proc/self/stat")?;
-    let fields: Vec<&str> = after.split(' ').collect();
-    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
-    let ticks = |at: usize| -> Result<u64> {
-        fields
-            .get(at)
-            .context("short /proc/self/stat")?
-            .parse()
-            .context("a /proc/self/stat field is not a number")
-    };
-    Ok(Duration::from_millis((ticks(11)? + ticks(12)?) * 10))
+    let ticks = own_jiffies().context("no CPU time in /proc/self/stat")?;
+    Ok(Duration::from_secs_f64(ticks as f64 / USER_HZ))
 }
 
 /// What one layout measured.

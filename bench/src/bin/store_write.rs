@@ -25,6 +25,7 @@ use anyhow::{Context, Result, ensure};
 use clap::{Parser, ValueEnum};
 use gatehouse_audit::sql::SqlStore;
 use gatehouse_bench::postgres::{database_url, redact};
+use gatehouse_bench::proc_stat::{USER_HZ, own_jiffies, process_jiffies};
 use gatehouse_bench::records::{Generator, Shape};
 use gatehouse_bench::report::{append_result, count_calls};
 use gatehouse_schema::AuditRecord;
@@ -576,9 +577,6 @@ fn write_json(
 // CPU accounting (Linux /proc; absent elsewhere)
 // ---------------------------------------------------------------------------------------------
 
-/// Clock ticks per second of `/proc` times (`USER_HZ`, 100 on Linux).
-const USER_HZ: f64 = 100.0;
-
 /// Counters read from `/proc` at one instant.
 #[derive(Debug, Clone, Default)]
 struct CpuSample {
@@ -607,9 +605,7 @@ impl CpuSample {
     fn now() -> CpuSample {
         CpuSample {
             host: host_jiffies(),
-            bench: std::fs::read_to_string("/proc/self/stat")
-                .ok()
-                .and_then(|stat| process_jiffies(&stat).map(|(_, jiffies)| jiffies)),
+            bench: own_jiffies(),
             postgres: postgres_jiffies(),
         }
     }
@@ -668,18 +664,6 @@ fn host_jiffies() -> Option<(u64, u64, u64)> {
     Some((total.saturating_sub(idle + iowait), iowait, total))
 }
 
-/// `(comm, utime + stime)` of a `/proc/<pid>/stat` line.
-fn process_jiffies(stat: &str) -> Option<(&str, u64)> {
-    let open = stat.find('(')?;
-    let close = stat.rfind(')')?;
-    let comm = stat.get(open + 1..close)?;
-    // After the comm: state (field 3) … utime (14), stime (15).
-    let fields: Vec<&str> = stat.get(close + 2..)?.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some((comm, utime + stime))
-}
-
 fn postgres_jiffies() -> Vec<(u32, u64)> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -698,13 +682,6 @@ fn postgres_jiffies() -> Vec<(u32, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn proc_stat_lines_parse() {
-        let line = "4242 (postgres: wal writer) S 1 4242 4242 0 -1 4194624 100 0 0 0 37 12 0 0 20 0 1 0 99 0 0";
-        assert_eq!(process_jiffies(line), Some(("postgres: wal writer", 49)));
-        assert_eq!(process_jiffies("garbage"), None);
-    }
 
     #[test]
     fn records_have_the_asked_sizes_and_distinct_ids() {
