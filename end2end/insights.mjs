@@ -16,7 +16,7 @@ import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
-import { freePort, launchChromium, Processes, signInWith, waitFor } from './lib.mjs';
+import { downloadByClick, freePort, launchChromium, Processes, signInWith, waitFor } from './lib.mjs';
 import { LEADS_GROUP, startProvider } from './provider.mjs';
 
 const bin = process.env.GATEHOUSE_BIN_DIR ?? path.resolve('../target/debug');
@@ -260,6 +260,13 @@ try {
   const csvIds = csv.slice(1).map((row) => row[column]).sort();
   check(JSON.stringify(csvIds) === JSON.stringify(pageIds),
     `the CSV holds the page's rows (page ${pageIds.join(' ')}; CSV ${csvIds.join(' ')})`);
+  // The page's own "Export CSV" button downloads the same rows.
+  const clickedCsv = parseCsv(await downloadByClick(auditor, '#audit-export-csv')).filter((row) => row.length > 1);
+  const clickedIds = clickedCsv.slice(1).map((row) => row[column]).sort();
+  check(JSON.stringify(clickedIds) === JSON.stringify(pageIds),
+    `the "Export CSV" button downloads the page's rows (${clickedIds.join(' ')})`);
+  const clickedJsonl = (await downloadByClick(auditor, '#audit-export-jsonl')).split('\n').filter(Boolean);
+  check(clickedJsonl.length === pageIds.length, `the "Export JSON lines" button downloads a line a call (${clickedJsonl.length})`);
   const wordCsv = await auditor.request.get(`${portal}/audit/export?${new URLSearchParams({ format: 'csv', range: '1h', text: 'zebracorn' })}`);
   const wordIds = parseCsv(await wordCsv.text()).filter((row) => row.length > 1).slice(1).map((row) => row[column]);
   check(wordIds.length === 1 && wordIds[0] === found.zoe, 'the CSV of a word search holds that one call');
@@ -286,6 +293,8 @@ try {
   await auditor.waitForSelector('#dashboard-figures');
   const requests = await auditor.textContent('#fig-requests .card-value');
   check(requests?.trim() === '2', `the dashboard counts the two calls (${requests})`);
+  const dashboardCsv = await downloadByClick(auditor, '#dashboard-csv');
+  check(dashboardCsv.split('\n').length > 1, `the dashboard's "Download CSV" button downloads its figures (${dashboardCsv.slice(0, 80)})`);
   await shot(auditor, 'dashboard');
 
   // Who searched and opened which calls is for admins: an auditor's activity page leaves it out.
@@ -331,6 +340,9 @@ try {
   const leadCsvText = await leadCsv.text();
   check(leadCsv.status() === 200 && leadCsvText.includes(GROUP_A) && !leadCsvText.includes(GROUP_B),
     `the team lead's usage CSV holds group A only (${leadCsv.status()})`);
+  const leadClicked = await downloadByClick(lead, '#usage-csv');
+  check(leadClicked.includes(GROUP_A) && !leadClicked.includes(GROUP_B),
+    'the usage page\'s "Download CSV" button downloads group A only');
   await shot(lead, 'usage');
   await lead.goto(`${portal}/audit?range=1h`, { waitUntil: 'networkidle' });
   const leadAudit = await lead.textContent('main');

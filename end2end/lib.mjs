@@ -2,6 +2,7 @@
 // for a server, Debian's Chromium, and signing in through the OpenID Connect provider's forms.
 import { spawn } from 'node:child_process';
 import net from 'node:net';
+import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { chromium } from 'playwright-core';
 
@@ -88,7 +89,12 @@ export function signInWith(browser, portal, failures) {
         failures.push(`${login}: console: ${message.text()}`);
       }
     });
-    await page.goto(`${portal}/auth/sign-in`);
+    // Through the header's "Sign in" link, clicked once the wasm app runs: the server's redirect
+    // to the provider must reach the browser, not the client-side router (which would show
+    // "Page not found" for /auth/sign-in).
+    await page.goto(portal, { waitUntil: 'networkidle' });
+    await page.waitForSelector('html[data-hydrated]', { state: 'attached', timeout: 15000 });
+    await page.click('header a:text-is("Sign in")');
     await page.waitForSelector('input[name=login]');
     await page.fill('input[name=login]', login);
     await page.fill('input[name=password]', 'any password: the development login form');
@@ -102,4 +108,19 @@ export function signInWith(browser, portal, failures) {
     await page.waitForLoadState('networkidle');
     return page;
   };
+}
+
+/**
+ * Clicks the link `selector` once the wasm app runs and returns the text of the file it downloads.
+ * Fails (a timeout) when the click does not download: e.g. when the client-side router takes a
+ * link to a route of the server's and shows "Page not found" instead.
+ */
+export async function downloadByClick(page, selector) {
+  await page.waitForSelector('html[data-hydrated]', { state: 'attached', timeout: 15000 });
+  const [download] = await Promise.all([
+    page.waitForEvent('download', { timeout: 10000 }),
+    page.click(selector),
+  ]);
+  const file = await download.path();
+  return readFile(file, 'utf8');
 }

@@ -9,7 +9,9 @@
 #                  no development sign-in: rules, keys, revocation, roles, activity;
 #   insights.mjs   the same with Entra ID tokens (a local key-set double) from two IPs and the
 #                  portal reading the gateway's SQLite audit store: audit search, call detail,
-#                  CSV export, usage by group for a team lead, dashboard.
+#                  CSV export, usage by group for a team lead, dashboard. Sign-in goes through
+#                  the header's "Sign in" link and the exports through their buttons, clicked
+#                  once the wasm app runs (html[data-hydrated]).
 # Screenshots (1280 px) go to target/end2end.
 #
 #   end2end/run.sh            # needs: chromium (apt-get install chromium), node + npm

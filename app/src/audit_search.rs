@@ -340,10 +340,12 @@ fn results(page: SearchData) -> impl IntoView {
     let empty = page.rows.is_empty();
     view! {
         <Warnings warnings=page.warnings />
+        // The exports are answered by the server, not pages of the portal: `rel="external"`
+        // leaves the click to the browser instead of the client-side router.
         <p>
-            <a class="btn" href=csv id="audit-export-csv">"Export CSV"</a>
+            <a class="btn" href=csv rel="external" id="audit-export-csv">"Export CSV"</a>
             " "
-            <a class="btn" href=jsonl id="audit-export-jsonl">"Export JSON lines"</a>
+            <a class="btn" href=jsonl rel="external" id="audit-export-jsonl">"Export JSON lines"</a>
         </p>
         {if empty {
             view! { <p class="empty" id="audit-no-results">"No calls match."</p> }.into_any()

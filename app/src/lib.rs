@@ -163,7 +163,9 @@ fn Header(info: SessionInfo) -> impl IntoView {
                         }
                             .into_any()
                     }
-                    None => view! { <a href="/auth/sign-in" class="btn">"Sign in"</a> }.into_any(),
+                    // `/auth/sign-in` is the server's redirect to the identity provider, not a
+                    // page: `rel="external"` leaves the click to the browser.
+                    None => view! { <a href="/auth/sign-in" rel="external" class="btn">"Sign in"</a> }.into_any(),
                 }}
             </div>
         </header>

@@ -21,7 +21,7 @@ fn Failure(error: ServerFnError) -> impl IntoView {
             <p>{message}</p>
             <Show when=move || signed_out>
                 <p>
-                    <a href="/auth/sign-in" class="btn">
+                    <a href="/auth/sign-in" rel="external" class="btn">
                         "Sign in"
                     </a>
                 </p>

@@ -476,7 +476,7 @@ pub fn Dashboard() -> impl IntoView {
                                 {o.notes.into_iter().map(|n| view! { <li class="muted">{n}</li> }).collect_view()}
                             </ul>
                             <p>
-                                <a class="btn" href=csv id="dashboard-csv">"Download CSV"</a>
+                                <a class="btn" href=csv rel="external" id="dashboard-csv">"Download CSV"</a>
                             </p>
                         }
                             .into_any()
@@ -619,7 +619,7 @@ pub fn Usage() -> impl IntoView {
                             </div>
                             {(u.more > 0).then(|| view! { <p class="muted">{format!("{} more values in the CSV.", u.more)}</p> })}
                             <p>
-                                <a class="btn" href=csv id="usage-csv">"Download CSV"</a>
+                                <a class="btn" href=csv rel="external" id="usage-csv">"Download CSV"</a>
                             </p>
                         }
                             .into_any()
