@@ -16,6 +16,7 @@ use leptos::prelude::*;
 use leptos_router::hooks::use_query_map;
 use serde::{Deserialize, Serialize};
 
+use crate::ServerLink;
 use crate::usage::{Problem, RangeFields, Warnings, query_string, thousands};
 
 /// One call in the results.
@@ -340,12 +341,10 @@ fn results(page: SearchData) -> impl IntoView {
     let empty = page.rows.is_empty();
     view! {
         <Warnings warnings=page.warnings />
-        // The exports are answered by the server, not pages of the portal: `rel="external"`
-        // leaves the click to the browser instead of the client-side router.
         <p>
-            <a class="btn" href=csv rel="external" id="audit-export-csv">"Export CSV"</a>
+            <ServerLink href=csv id="audit-export-csv">"Export CSV"</ServerLink>
             " "
-            <a class="btn" href=jsonl rel="external" id="audit-export-jsonl">"Export JSON lines"</a>
+            <ServerLink href=jsonl id="audit-export-jsonl">"Export JSON lines"</ServerLink>
         </p>
         {if empty {
             view! { <p class="empty" id="audit-no-results">"No calls match."</p> }.into_any()

@@ -100,6 +100,27 @@ fn NotFound() -> impl IntoView {
     view! { <p class="empty">"Page not found."</p> }
 }
 
+/// A button-styled link to a route the server answers itself (the sign-in redirect to the
+/// identity provider, the exports), not a page of the portal. `rel="external"` leaves its click to
+/// the browser: the client-side router would look for a page of that path and show "Page not
+/// found".
+#[component]
+pub(crate) fn ServerLink(
+    /// Where the server answers.
+    #[prop(into)]
+    href: String,
+    /// The element's id, if any.
+    #[prop(optional)]
+    id: Option<&'static str>,
+    children: Children,
+) -> impl IntoView {
+    view! {
+        <a class="btn" href=href rel="external" id=id>
+            {children()}
+        </a>
+    }
+}
+
 /// The top bar: product name, navigation, who is signed in; the dev sign-in banner above it.
 #[component]
 fn Header(info: SessionInfo) -> impl IntoView {
@@ -163,9 +184,7 @@ fn Header(info: SessionInfo) -> impl IntoView {
                         }
                             .into_any()
                     }
-                    // `/auth/sign-in` is the server's redirect to the identity provider, not a
-                    // page: `rel="external"` leaves the click to the browser.
-                    None => view! { <a href="/auth/sign-in" rel="external" class="btn">"Sign in"</a> }.into_any(),
+                    None => view! { <ServerLink href="/auth/sign-in">"Sign in"</ServerLink> }.into_any(),
                 }}
             </div>
         </header>

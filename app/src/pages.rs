@@ -5,6 +5,7 @@
 use leptos::prelude::*;
 use leptos::server::ServerAction;
 
+use crate::ServerLink;
 use crate::api::{
     ActivityView, CreateSubscription, GatewaysView, IssuedKey, PushNow, RegisterGateway,
     RetireSecondaryKey, RevokeSubscription, Rollback, RotateSubscriptionKey, SubscriptionView,
@@ -21,9 +22,7 @@ fn Failure(error: ServerFnError) -> impl IntoView {
             <p>{message}</p>
             <Show when=move || signed_out>
                 <p>
-                    <a href="/auth/sign-in" rel="external" class="btn">
-                        "Sign in"
-                    </a>
+                    <ServerLink href="/auth/sign-in">"Sign in"</ServerLink>
                 </p>
             </Show>
         </div>

@@ -12,6 +12,8 @@ use leptos::prelude::*;
 use leptos_router::hooks::use_query_map;
 use serde::{Deserialize, Serialize};
 
+use crate::ServerLink;
+
 /// One figure of the dashboard, with its change against the previous range.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FigureCard {
@@ -476,7 +478,7 @@ pub fn Dashboard() -> impl IntoView {
                                 {o.notes.into_iter().map(|n| view! { <li class="muted">{n}</li> }).collect_view()}
                             </ul>
                             <p>
-                                <a class="btn" href=csv rel="external" id="dashboard-csv">"Download CSV"</a>
+                                <ServerLink href=csv id="dashboard-csv">"Download CSV"</ServerLink>
                             </p>
                         }
                             .into_any()
@@ -619,7 +621,7 @@ pub fn Usage() -> impl IntoView {
                             </div>
                             {(u.more > 0).then(|| view! { <p class="muted">{format!("{} more values in the CSV.", u.more)}</p> })}
                             <p>
-                                <a class="btn" href=csv rel="external" id="usage-csv">"Download CSV"</a>
+                                <ServerLink href=csv id="usage-csv">"Download CSV"</ServerLink>
                             </p>
                         }
                             .into_any()

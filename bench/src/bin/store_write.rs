@@ -274,9 +274,8 @@ async fn run(args: &Args) -> Result<bool> {
         let run = async {
             match engine {
                 EngineArg::Sqlite => run_sqlite(args, started).await,
-                EngineArg::Postgres => run_postgres(args, started, WordIndex::Kept).await,
-                EngineArg::PostgresNoWordIndex => {
-                    run_postgres(args, started, WordIndex::Replaced).await
+                EngineArg::Postgres | EngineArg::PostgresNoWordIndex => {
+                    run_postgres(args, started, engine).await
                 }
             }
         };
@@ -414,12 +413,12 @@ async fn run_sqlite(args: &Args, started: OffsetDateTime) -> Result<Measurement>
 /// PostgreSQL: a database `gh_bench_<uuid>` created for the run and dropped at its end, whether
 /// the run worked, failed or was interrupted.
 ///
-/// With [`WordIndex::Replaced`] the full-text word index is swapped for a GIN of one entry a call
-/// before the first write ([`replace_word_index`]).
+/// For [`EngineArg::PostgresNoWordIndex`] the full-text word index is swapped for a GIN of one
+/// entry a call before the first write ([`replace_word_index`]).
 async fn run_postgres(
     args: &Args,
     started: OffsetDateTime,
-    word_index: WordIndex,
+    engine: EngineArg,
 ) -> Result<Measurement> {
     let admin = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
@@ -439,13 +438,9 @@ async fn run_postgres(
         let store = SqlStore::open(&url)
             .await
             .context("open the PostgreSQL store")?;
-        let engine = match word_index {
-            WordIndex::Kept => EngineArg::Postgres,
-            WordIndex::Replaced => {
-                replace_word_index(&store).await?;
-                EngineArg::PostgresNoWordIndex
-            }
-        };
+        if engine == EngineArg::PostgresNoWordIndex {
+            replace_word_index(&store).await?;
+        }
         let result = measure(&store, engine.name(), args, started).await;
         let size = match (&result, store.postgres_pool()) {
             (Ok(_), Some(pool)) => {
@@ -713,6 +708,29 @@ fn postgres_jiffies() -> Vec<(u32, u64)> {
         .collect()
 }
 
+/// Replaces the full-text word index of a freshly migrated PostgreSQL store (GIN over
+/// `"SearchText"`, one entry per distinct word of a call) by a GIN over the call's
+/// `"CorrelationId"` alone (one entry a call), keeping its name, so that the store's background merge and its settling find it and merge its
+/// pending list as before.
+async fn replace_word_index(store: &SqlStore) -> Result<()> {
+    let pool = store
+        .postgres_pool()
+        .context("the PostgreSQL store has no pool")?;
+    let mut tx = pool.begin().await?;
+    sqlx::query(r#"DROP INDEX "GatehouseCallContent_Search""#)
+        .execute(&mut *tx)
+        .await
+        .context("drop the word index")?;
+    sqlx::query(
+        r#"CREATE INDEX "GatehouseCallContent_Search" ON "GatehouseCallContent" USING GIN ((ARRAY["CorrelationId"]))"#,
+    )
+    .execute(&mut *tx)
+    .await
+    .context("create the one-entry index")?;
+    tx.commit().await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -741,37 +759,4 @@ mod tests {
             assert!(record.chain.is_some());
         }
     }
-}
-
-/// Whether a PostgreSQL run keeps the store's full-text word index.
-#[derive(Debug, Clone, Copy)]
-enum WordIndex {
-    /// The store as it is.
-    Kept,
-    /// Replaced by a GIN of one entry a call, under the same name (the store's background merge
-    /// and its settling find it and merge its pending list as before): the
-    /// `postgres-no-word-index` diagnostic.
-    Replaced,
-}
-
-/// Replaces the full-text word index of a freshly migrated PostgreSQL store (GIN over
-/// `"SearchText"`, one entry per distinct word of a call) by a GIN over the call's
-/// `"CorrelationId"` alone (one entry a call), keeping its name.
-async fn replace_word_index(store: &SqlStore) -> Result<()> {
-    let pool = store
-        .postgres_pool()
-        .context("the PostgreSQL store has no pool")?;
-    let mut tx = pool.begin().await?;
-    sqlx::query(r#"DROP INDEX "GatehouseCallContent_Search""#)
-        .execute(&mut *tx)
-        .await
-        .context("drop the word index")?;
-    sqlx::query(
-        r#"CREATE INDEX "GatehouseCallContent_Search" ON "GatehouseCallContent" USING GIN ((ARRAY["CorrelationId"]))"#,
-    )
-    .execute(&mut *tx)
-    .await
-    .context("create the one-entry index")?;
-    tx.commit().await?;
-    Ok(())
 }
