@@ -5,14 +5,26 @@
 //! stateful operations … isn't supported"). The gateway remembers object id → member id and sends
 //! every later call about that object to the same member. The map is an append-only JSON-lines
 //! journal in the state directory, so it survives restarts.
+//!
+//! Replicas behind a load balancer share the map through Redis (`server.affinity.redis_url`):
+//! a gateway writes what it learns there before it answers the create call, and looks up an id it
+//! does not know there before it routes. Each key is `{prefix}gatehouse:affinity:{object id}`
+//! holding the member id, without expiry (an object lives until it is deleted), removed when the
+//! object is deleted through any replica. When Redis cannot be reached, a gateway goes on with
+//! what it knows itself, counts the failure in `gatehouse_affinity_store_errors_total` and logs it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::counter::Counter;
+use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
+
+use crate::settings::AffinitySettings;
 
 /// One journal line: an object was created on a member (or deleted, `member: None`).
 #[derive(Debug, Serialize, Deserialize)]
@@ -27,11 +39,16 @@ pub struct AffinityMap {
     objects: RwLock<HashMap<String, String>>,
     journal: Mutex<tokio::fs::File>,
     path: PathBuf,
+    shared: Option<SharedAffinity>,
 }
 
 impl AffinityMap {
-    /// Loads the journal in `state_dir` (creating it) and compacts it.
-    pub async fn open(state_dir: &Path) -> std::io::Result<AffinityMap> {
+    /// Loads the journal in `state_dir` (creating it) and compacts it; `shared` is the map
+    /// shared with other replicas, if any.
+    pub async fn open(
+        state_dir: &Path,
+        shared: Option<SharedAffinity>,
+    ) -> std::io::Result<AffinityMap> {
         tokio::fs::create_dir_all(state_dir).await?;
         let path = state_dir.join("affinity.jsonl");
         let mut objects = HashMap::new();
@@ -74,10 +91,11 @@ impl AffinityMap {
             objects: RwLock::new(objects),
             journal: Mutex::new(journal),
             path,
+            shared,
         })
     }
 
-    /// The member that created `id`, if known.
+    /// The member that created `id`, if this gateway knows it (see [`AffinityMap::learn`]).
     pub fn member_of(&self, id: &str) -> Option<String> {
         self.objects
             .read()
@@ -86,7 +104,36 @@ impl AffinityMap {
             .cloned()
     }
 
-    /// Records that `id` was created on `member`, durably.
+    /// Looks up in the shared map the members of those `ids` this gateway does not know yet
+    /// (objects created through another replica), so that [`AffinityMap::member_of`] knows
+    /// them. One round trip for all of them; nothing without a shared map or unknown ids. A
+    /// shared map that cannot be read leaves them unknown.
+    pub async fn learn(&self, ids: &[String]) {
+        let Some(shared) = &self.shared else { return };
+        let unknown: Vec<&str> = {
+            let objects = self.objects.read().unwrap_or_else(PoisonError::into_inner);
+            ids.iter()
+                .map(String::as_str)
+                .filter(|id| !objects.contains_key(*id))
+                .collect()
+        };
+        if unknown.is_empty() {
+            return;
+        }
+        match shared.members_of(&unknown).await {
+            Ok(members) => {
+                let mut objects = self.objects.write().unwrap_or_else(PoisonError::into_inner);
+                for (id, member) in unknown.iter().zip(members) {
+                    if let Some(member) = member {
+                        objects.insert((*id).to_owned(), member);
+                    }
+                }
+            }
+            Err(error) => shared.failed("look up objects", &error),
+        }
+    }
+
+    /// Records that `id` was created on `member`, durably, and in the shared map.
     pub async fn remember(&self, id: &str, member: &str) -> std::io::Result<()> {
         self.append(Entry {
             id: id.to_owned(),
@@ -97,10 +144,15 @@ impl AffinityMap {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(id.to_owned(), member.to_owned());
+        if let Some(shared) = &self.shared
+            && let Err(error) = shared.remember(id, member).await
+        {
+            shared.failed("share a new object", &error);
+        }
         Ok(())
     }
 
-    /// Forgets `id` (it was deleted).
+    /// Forgets `id` (it was deleted), here and in the shared map.
     pub async fn forget(&self, id: &str) -> std::io::Result<()> {
         self.append(Entry {
             id: id.to_owned(),
@@ -111,6 +163,11 @@ impl AffinityMap {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(id);
+        if let Some(shared) = &self.shared
+            && let Err(error) = shared.forget(id).await
+        {
+            shared.failed("remove a deleted object", &error);
+        }
         Ok(())
     }
 
@@ -128,6 +185,104 @@ impl AffinityMap {
     }
 }
 
+/// The object map shared by gateway replicas, in Redis.
+pub struct SharedAffinity {
+    connection: ConnectionManager,
+    prefix: String,
+    timeout: Duration,
+    errors: Counter,
+    /// When the last failure was logged: at most one warning every [`WARNING_INTERVAL`].
+    last_warning: std::sync::Mutex<Option<Instant>>,
+}
+
+/// How often failures of the shared map are logged, at most.
+const WARNING_INTERVAL: Duration = Duration::from_secs(10);
+
+impl std::fmt::Debug for SharedAffinity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedAffinity")
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SharedAffinity {
+    /// The shared map `settings` name, if any (it connects on first use); `errors` counts its
+    /// failures.
+    pub fn new(
+        settings: &AffinitySettings,
+        errors: Counter,
+    ) -> anyhow::Result<Option<SharedAffinity>> {
+        let Some(url) = &settings.redis_url else {
+            return Ok(None);
+        };
+        let url = url
+            .resolve()
+            .map_err(|e| anyhow::anyhow!("server.affinity.redis_url: {e}"))?;
+        let timeout = Duration::from_millis(settings.store_timeout_ms);
+        let connection = crate::redis_connection::connect_lazily(&url, timeout)
+            .map_err(|e| anyhow::anyhow!("server.affinity.redis_url: {e}"))?;
+        Ok(Some(SharedAffinity {
+            connection,
+            prefix: settings.key_prefix.clone(),
+            timeout,
+            errors,
+            last_warning: std::sync::Mutex::new(None),
+        }))
+    }
+
+    fn key(&self, id: &str) -> String {
+        format!("{}gatehouse:affinity:{id}", self.prefix)
+    }
+
+    async fn members_of(&self, ids: &[&str]) -> Result<Vec<Option<String>>, String> {
+        let keys: Vec<String> = ids.iter().map(|id| self.key(id)).collect();
+        // MGET of one key answers a one-element array, as of several.
+        self.run(redis::cmd("MGET").arg(keys)).await
+    }
+
+    async fn remember(&self, id: &str, member: &str) -> Result<(), String> {
+        self.run(redis::cmd("SET").arg(self.key(id)).arg(member))
+            .await
+    }
+
+    async fn forget(&self, id: &str) -> Result<(), String> {
+        self.run::<i64>(redis::cmd("DEL").arg(self.key(id)))
+            .await
+            .map(drop)
+    }
+
+    /// Runs one command within the timeout. The error names its kind, never the URL.
+    async fn run<T: redis::FromRedisValue>(&self, command: &mut redis::Cmd) -> Result<T, String> {
+        let mut connection = self.connection.clone();
+        tokio::time::timeout(self.timeout, command.query_async(&mut connection))
+            .await
+            .map_err(|_| format!("no answer within {} ms", self.timeout.as_millis()))?
+            .map_err(|e| format!("{:?}", e.kind()))
+    }
+
+    fn failed(&self, what: &str, error: &str) {
+        self.errors.inc();
+        let now = Instant::now();
+        {
+            let mut last = self
+                .last_warning
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if last.is_some_and(|at| now.duration_since(at) < WARNING_INTERVAL) {
+                return;
+            }
+            *last = Some(now);
+        }
+        tracing::warn!(
+            %error,
+            "could not {what} in the shared object map (Redis); going on with this gateway's own \
+             map (every failure is counted in gatehouse_affinity_store_errors_total)"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,12 +291,12 @@ mod tests {
     async fn survives_reopen_and_honours_deletes() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let map = AffinityMap::open(dir.path()).await.unwrap();
+            let map = AffinityMap::open(dir.path(), None).await.unwrap();
             map.remember("file-1", "east").await.unwrap();
             map.remember("file-2", "west").await.unwrap();
             map.forget("file-1").await.unwrap();
         }
-        let map = AffinityMap::open(dir.path()).await.unwrap();
+        let map = AffinityMap::open(dir.path(), None).await.unwrap();
         assert_eq!(map.member_of("file-1"), None);
         assert_eq!(map.member_of("file-2").as_deref(), Some("west"));
     }

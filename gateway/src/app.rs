@@ -21,7 +21,7 @@ use http::request::Parts;
 use time::OffsetDateTime;
 use tracing::Instrument;
 
-use crate::affinity::AffinityMap;
+use crate::affinity::{AffinityMap, SharedAffinity};
 use crate::auth::Principal;
 use crate::entra_credential::TokenCredential;
 use crate::error::GatewayError;
@@ -34,7 +34,7 @@ use crate::runtime::Resolver;
 use crate::runtime::{Runtime, ValidationErrors};
 use crate::secret::Secret;
 use crate::secret::SecretStore;
-use crate::settings::LimitSettings;
+use crate::settings::{AffinitySettings, LimitSettings};
 use crate::{admin, auth, authorize, caller, classify, proxy};
 
 /// Routes served without a subscription key.
@@ -83,6 +83,8 @@ pub struct GatewayParts {
     pub access_log: bool,
     /// Where usage-limit counters live.
     pub limits: LimitSettings,
+    /// Where the map of stateful objects to members is shared with other replicas.
+    pub affinity: AffinitySettings,
     /// The gateway's own Entra credential and how Key Vault secrets are kept.
     pub secrets: SecretSettings,
     /// How long clients may take to send a call.
@@ -183,8 +185,12 @@ impl Gateway {
                 .secrets
                 .spawn_refresher(parts.secrets.key_vault_refresh);
         }
-        let affinity = AffinityMap::open(&parts.state_dir).await?;
         let metrics = Metrics::default();
+        let affinity = AffinityMap::open(
+            &parts.state_dir,
+            SharedAffinity::new(&parts.affinity, metrics.affinity_store_errors.clone())?,
+        )
+        .await?;
         metrics.config_version.set(runtime.snapshot.version);
         let identity_client = reqwest::Client::builder()
             .connect_timeout(std::time::Duration::from_secs(5))

@@ -19,7 +19,8 @@
 //!    estimate before the call and reconciled with its usage when its record finishes; counters
 //!    in-process or in Redis.
 //! 7. **Route** ([`pool`], [`affinity`], [`retry_hint`]): priority groups, weights, members set
-//!    aside on 429/5xx/connect failure, stateful objects pinned to their member.
+//!    aside on 429/5xx/connect failure, stateful objects pinned to their member (the map shared
+//!    by replicas through Redis when configured).
 //! 8. **Proxy** ([`proxy`]): the member's URL and credential replace the client's, the body is
 //!    replayed on another member while nothing has reached the client, the answer streams back.
 //! 9. **Capture** ([`capture`], [`usage`]): a tee that keeps bodies up to a limit and reassembles
@@ -51,6 +52,7 @@ pub mod peek;
 pub mod pool;
 pub mod proxy;
 pub mod record;
+mod redis_connection;
 pub mod retry_hint;
 pub mod runtime;
 pub mod secret;

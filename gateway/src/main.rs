@@ -407,6 +407,7 @@ async fn serve(file: ConfigFile) -> anyhow::Result<()> {
         audit,
         access_log: settings.access_log,
         limits: settings.limits.clone(),
+        affinity: settings.affinity.clone(),
         secrets,
         client_timeouts: settings.client_timeouts()?,
     })

@@ -118,6 +118,8 @@ pub struct Metrics {
     pub limit_refusals: Family<LimitLabels, Counter>,
     /// Failures of the limit store (Redis).
     pub limit_store_errors: Counter,
+    /// Failures of the shared object map (Redis).
+    pub affinity_store_errors: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -147,6 +149,7 @@ impl Default for Metrics {
             config_version: Gauge::default(),
             limit_refusals: Family::default(),
             limit_store_errors: Counter::default(),
+            affinity_store_errors: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -233,6 +236,11 @@ impl Default for Metrics {
             "limit_store_errors",
             "Failures of the limit store (calls admitted unchecked when failing open)",
             metrics.limit_store_errors.clone(),
+        );
+        registry.register(
+            "affinity_store_errors",
+            "Failures of the object map shared by replicas (objects then found through this gateway's own map only)",
+            metrics.affinity_store_errors.clone(),
         );
         Metrics {
             registry,

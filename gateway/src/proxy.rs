@@ -95,7 +95,10 @@ pub async fn forward(
     body: Bytes,
     record: &mut Option<CallRecord>,
 ) -> Result<Response, GatewayError> {
-    let target = target(gateway, runtime, &call)?;
+    let objects = objects_of(&call);
+    // Objects created through another replica are in the shared map, if there is one.
+    gateway.affinity.learn(&objects).await;
+    let target = target(gateway, runtime, &call, &objects)?;
     let mut tried: Vec<usize> = Vec::new();
     let client_query = parts.uri.query();
     loop {
@@ -265,20 +268,26 @@ fn note_attempt(
     }
 }
 
-/// The pool for the call, pinned to a member when it addresses (or references) a stateful object.
+/// The stateful objects a call addresses (in its path) or references (in its body).
+fn objects_of(call: &Call) -> Vec<String> {
+    call.object
+        .as_ref()
+        .map(|(_, id)| id.clone())
+        .into_iter()
+        .chain(referenced_objects(call))
+        .collect()
+}
+
+/// The pool for the call, pinned to a member when it addresses (or references) one of
+/// `objects`, the call's stateful objects.
 fn target<'a>(
     gateway: &Gateway,
     runtime: &'a Runtime,
     call: &Call,
+    objects: &[String],
 ) -> Result<Target<'a>, GatewayError> {
-    let referenced = call
-        .object
-        .as_ref()
-        .map(|(_, id)| id.clone())
-        .into_iter()
-        .chain(referenced_objects(call));
-    for id in referenced {
-        if let Some(member_id) = gateway.affinity.member_of(&id) {
+    for id in objects {
+        if let Some(member_id) = gateway.affinity.member_of(id) {
             if let Some((pool, index)) = runtime.member(&member_id) {
                 return Ok(Target {
                     pool,
@@ -286,7 +295,7 @@ fn target<'a>(
                 });
             }
             tracing::warn!(object = %id, member = %member_id, "object's member is no longer configured");
-            return Err(GatewayError::ObjectNotFound(id));
+            return Err(GatewayError::ObjectNotFound(id.clone()));
         }
     }
     let pool = runtime

@@ -75,6 +75,10 @@ pub struct ServerSettings {
     /// Where usage-limit counters live and what happens when that store fails.
     #[serde(default)]
     pub limits: LimitSettings,
+    /// Where the map of stateful objects to the members that hold them is shared with other
+    /// replicas.
+    #[serde(default)]
+    pub affinity: AffinitySettings,
     /// The gateway's own Microsoft Entra ID identity, which reads Key Vault secret references:
     /// `{type: entra_client_secret, tenant_id, client_id, secret, authority_host?}`,
     /// `{type: entra_certificate, tenant_id, client_id, certificate, authority_host?}` or
@@ -164,6 +168,37 @@ fn default_completion_tokens() -> u64 {
 
 fn default_store_timeout_ms() -> u64 {
     500
+}
+
+/// Where the map of stateful objects (files, batches, assistants, …) to the member that created
+/// them is shared. Every gateway keeps its own copy in `state_dir`; replicas behind a load
+/// balancer also share it in Redis, so that an object created through one replica is found
+/// through any other.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AffinitySettings {
+    /// `redis://[user:password@]host:port[/db]` or `rediss://…` (TLS), or a secret reference
+    /// (`env:NAME`, `file:/path`) to such a URL. Absent: the map is this gateway's alone. The URL
+    /// may hold a password, so it is never logged.
+    #[serde(default)]
+    pub redis_url: Option<RedisUrl>,
+    /// Text put in front of every Redis key (before `gatehouse:affinity:`), to share one Redis
+    /// between several gateway fleets. A Redis Cluster needs a hash tag here, e.g. `{gh}:`.
+    #[serde(default)]
+    pub key_prefix: String,
+    /// How long one Redis round trip may take before it counts as a store error (ms).
+    #[serde(default = "default_store_timeout_ms")]
+    pub store_timeout_ms: u64,
+}
+
+impl Default for AffinitySettings {
+    fn default() -> Self {
+        AffinitySettings {
+            redis_url: None,
+            key_prefix: String::new(),
+            store_timeout_ms: default_store_timeout_ms(),
+        }
+    }
 }
 
 /// What a call gets when the limit store fails.

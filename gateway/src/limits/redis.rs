@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 
 use super::{Adjustment, Bucket, BucketKind, StoreAnswer, StoreError};
 use crate::secret::Secret;
@@ -179,15 +179,7 @@ pub(crate) struct RedisStore {
 impl RedisStore {
     /// A store at `url`; connects on first use, and again whenever the connection breaks.
     pub(crate) fn new(url: &Secret<String>, timeout: Duration) -> Result<RedisStore, String> {
-        // The parse error of the redis crate may quote the URL; this message never does.
-        let client = redis::Client::open(url.expose().as_str())
-            .map_err(|_| "not a valid redis:// or rediss:// URL".to_owned())?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(0);
-        let connection = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| format!("cannot set up the connection: {:?}", e.kind()))?;
+        let connection = crate::redis_connection::connect_lazily(url, timeout)?;
         Ok(RedisStore {
             connection,
             admit: redis::Script::new(&format!("{WINDOW_LUA}{ADMIT_LUA}")),

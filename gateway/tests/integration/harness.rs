@@ -8,7 +8,7 @@ use std::time::Duration;
 use gatehouse_audit::{AuditQueue, AuditSink, MemorySink, QueueSettings, WriterHandle};
 use gatehouse_gateway::secret::Secret;
 use gatehouse_gateway::server::{self, Listening};
-use gatehouse_gateway::settings::LimitSettings;
+use gatehouse_gateway::settings::{AffinitySettings, LimitSettings};
 use gatehouse_gateway::{ClientTimeouts, Gateway, GatewayParts, SecretSettings};
 use gatehouse_schema::{AuditRecord, ConfigSnapshot};
 use gatehouse_simulator::{RunningSimulator, Simulator, SimulatorConfig};
@@ -59,6 +59,7 @@ pub fn snapshot(version: u64, pools: Value) -> ConfigSnapshot {
 struct Settings {
     secrets: SecretSettings,
     limits: LimitSettings,
+    affinity: AffinitySettings,
     client_timeouts: ClientTimeouts,
 }
 
@@ -205,6 +206,7 @@ impl TestGateway {
             access_log: true,
             secrets: settings.secrets,
             limits: settings.limits,
+            affinity: settings.affinity,
             client_timeouts: settings.client_timeouts,
         })
         .await?;
@@ -345,19 +347,29 @@ pub struct GatewayProcess {
 impl GatewayProcess {
     /// Starts one with `snapshot` and `server.limits`, and waits until `/healthz` answers.
     pub async fn start(name: &str, snapshot: &ConfigSnapshot, limits: Value) -> GatewayProcess {
+        Self::start_with(name, snapshot, json!({ "limits": limits })).await
+    }
+
+    /// Starts one with `snapshot` and the `server` settings in `settings` (an object), and
+    /// waits until `/healthz` answers.
+    pub async fn start_with(
+        name: &str,
+        snapshot: &ConfigSnapshot,
+        settings: Value,
+    ) -> GatewayProcess {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let config = json!({
-            "server": {
-                "listen": format!("127.0.0.1:{port}"),
-                "gateway_id": name,
-                "state_dir": dir.path().join("state"),
-                "log_format": "text",
-                "access_log": false,
-                "limits": limits,
-            },
-            "snapshot": snapshot,
+        let mut server = json!({
+            "listen": format!("127.0.0.1:{port}"),
+            "gateway_id": name,
+            "state_dir": dir.path().join("state"),
+            "log_format": "text",
+            "access_log": false,
         });
+        for (key, value) in settings.as_object().expect("server settings are an object") {
+            server[key] = value.clone();
+        }
+        let config = json!({ "server": server, "snapshot": snapshot });
         // YAML is a superset of JSON.
         let path = dir.path().join("gateway.yaml");
         std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();

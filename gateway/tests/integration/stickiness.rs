@@ -1,4 +1,5 @@
-//! Files and other stateful objects stay on the member that created them, across restarts.
+//! Files and other stateful objects stay on the member that created them, across restarts and
+//! across replicas that share the object map in Redis.
 
 use std::sync::Arc;
 
@@ -10,7 +11,8 @@ fn pool(a: &str, b: &str) -> serde_json::Value {
     json!([{"id": "p", "deployments": ["gpt-4o"], "serves_resources": true, "members": [member("a", a, 1), member("b", b, 1)]}])
 }
 
-async fn upload(gw: &TestGateway, content: &'static [u8]) -> String {
+/// Uploads a file through the gateway at `url` and returns its id.
+async fn upload(url: &str, content: &'static [u8]) -> String {
     let form = reqwest::multipart::Form::new()
         .text("purpose", "batch")
         .part(
@@ -20,8 +22,9 @@ async fn upload(gw: &TestGateway, content: &'static [u8]) -> String {
                 .mime_str("application/jsonl")
                 .unwrap(),
         );
-    let response = gw
-        .post("/openai/files?api-version=2024-10-21")
+    let response = client()
+        .post(format!("{url}/openai/files?api-version=2024-10-21"))
+        .header("api-key", KEY)
         .multipart(form)
         .send()
         .await
@@ -29,6 +32,21 @@ async fn upload(gw: &TestGateway, content: &'static [u8]) -> String {
     assert_eq!(response.status(), 200);
     let file: Value = response.json().await.unwrap();
     file["id"].as_str().unwrap().to_owned()
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+/// `method path` through the gateway at `url`, with the client key: the status and body.
+async fn call(url: &str, method: reqwest::Method, path: &str) -> (u16, bytes::Bytes) {
+    let response = client()
+        .request(method, format!("{url}{path}"))
+        .header("api-key", KEY)
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.bytes().await.unwrap())
 }
 
 #[tokio::test]
@@ -49,7 +67,7 @@ async fn object_calls_follow_the_member_that_created_the_object_even_after_a_res
             a.hits(),
             b.hits()
         );
-        let id = upload(&gw, content).await;
+        let id = upload(&gw.url, content).await;
         for _ in 0..3 {
             let got = gw
                 .get(&format!("/openai/files/{id}?api-version=2024-10-21"))
@@ -101,4 +119,173 @@ async fn object_calls_follow_the_member_that_created_the_object_even_after_a_res
         .unwrap();
     assert_eq!(deleted.status(), 200);
     assert_eq!(gw.gateway.affinity.member_of(&ids[0]), None);
+}
+
+const REDIS: &str = "redis://127.0.0.1:6379";
+
+/// Redis keys under `prefix`.
+async fn redis_keys(prefix: &str) -> Vec<String> {
+    let mut connection = redis::Client::open(REDIS)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut connection)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn replicas_sharing_redis_send_object_calls_to_the_member_that_created_the_object() {
+    let a = simulator("shared-a").await;
+    let b = simulator("shared-b").await;
+    let snapshot = snapshot(1, pool(&a.url(), &b.url()));
+    let prefix = format!("test:affinity:{}:", uuid::Uuid::new_v4());
+    let shared = json!({"affinity": {"redis_url": REDIS, "key_prefix": prefix}});
+    let one = GatewayProcess::start_with("affinity-1", &snapshot, shared.clone()).await;
+    let two = GatewayProcess::start_with("affinity-2", &snapshot, shared.clone()).await;
+    let content: &'static [u8] =
+        b"{\"custom_id\":\"1\",\"method\":\"POST\",\"url\":\"/chat/completions\",\"body\":{}}\n";
+
+    // Files uploaded through replica one, until both members hold some (see the test above);
+    // each then read, and used by a batch, through replica two, which did not create it.
+    let mut ids = Vec::new();
+    while ids.len() < 8 || a.hits() == 0 || b.hits() == 0 {
+        assert!(ids.len() < 64, "64 uploads, all on one member");
+        let id = upload(&one.url, content).await;
+        let (status, _) = call(
+            &two.url,
+            reqwest::Method::GET,
+            &format!("/openai/files/{id}?api-version=2024-10-21"),
+        )
+        .await;
+        assert_eq!(
+            status, 200,
+            "file {id}, created through replica one, read through two"
+        );
+        let (status, body) = call(
+            &two.url,
+            reqwest::Method::GET,
+            &format!("/openai/files/{id}/content?api-version=2024-10-21"),
+        )
+        .await;
+        assert_eq!(status, 200, "content of {id} through replica two");
+        assert_eq!(body.as_ref(), content);
+        let batch = client()
+            .post(format!("{}/openai/batches?api-version=2024-10-21", two.url))
+            .header("api-key", KEY)
+            .json(&json!({"input_file_id": id, "endpoint": "/chat/completions", "completion_window": "24h"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(batch.status(), 200, "batch for {id} through replica two");
+        ids.push(id);
+    }
+    // One key per file and per batch, each naming a configured member.
+    let keys = redis_keys(&prefix).await;
+    assert_eq!(keys.len(), 2 * ids.len(), "{keys:?}");
+    for id in &ids {
+        assert!(
+            keys.contains(&format!("{prefix}gatehouse:affinity:{id}")),
+            "{id}"
+        );
+    }
+
+    // A file deleted through replica two is gone from the shared map: a third replica started
+    // afterwards does not know it, and still finds the others.
+    let (status, _) = call(
+        &two.url,
+        reqwest::Method::DELETE,
+        &format!("/openai/files/{}?api-version=2024-10-21", ids[0]),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(
+        !redis_keys(&prefix)
+            .await
+            .contains(&format!("{prefix}gatehouse:affinity:{}", ids[0]))
+    );
+    let three = GatewayProcess::start_with("affinity-3", &snapshot, shared).await;
+    for id in &ids[1..] {
+        let (status, _) = call(
+            &three.url,
+            reqwest::Method::GET,
+            &format!("/openai/files/{id}?api-version=2024-10-21"),
+        )
+        .await;
+        assert_eq!(status, 200, "file {id} through replica three");
+    }
+    for replica in [one, two, three] {
+        assert!(
+            !replica.log().contains("shared object map"),
+            "{}",
+            replica.log()
+        );
+        replica.stop().await;
+    }
+    for key in redis_keys(&prefix).await {
+        let mut connection = redis::Client::open(REDIS)
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let _: i64 = redis::cmd("DEL")
+            .arg(key)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_gateway_whose_shared_map_is_down_keeps_its_own_and_never_logs_the_url() {
+    let a = simulator("unshared-a").await;
+    let b = simulator("unshared-b").await;
+    let snapshot = snapshot(1, pool(&a.url(), &b.url()));
+    // Nothing listens on port 1; the URL's password must not reach the log or an answer.
+    let password = "affinity-redis-password-7c1f";
+    let gw = GatewayProcess::start_with(
+        "affinity-down",
+        &snapshot,
+        json!({"affinity": {"redis_url": format!("redis://:{password}@127.0.0.1:1"), "store_timeout_ms": 200}}),
+    )
+    .await;
+    let content: &'static [u8] = b"{}\n";
+    let id = upload(&gw.url, content).await;
+    for _ in 0..4 {
+        let (status, body) = call(
+            &gw.url,
+            reqwest::Method::GET,
+            &format!("/openai/files/{id}/content?api-version=2024-10-21"),
+        )
+        .await;
+        assert_eq!(status, 200, "the gateway's own map still pins {id}");
+        assert_eq!(body.as_ref(), content);
+    }
+    // A file this gateway does not know: looked up in the shared map, which fails; the call is
+    // still routed (here to a member that does not hold it).
+    let (status, body) = call(
+        &gw.url,
+        reqwest::Method::GET,
+        "/openai/files/file-unknown?api-version=2024-10-21",
+    )
+    .await;
+    assert_eq!(status, 404, "{}", String::from_utf8_lossy(&body));
+    let (_, metrics) = call(&gw.url, reqwest::Method::GET, "/metrics").await;
+    let metrics = String::from_utf8_lossy(&metrics).into_owned();
+    let errors: f64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("gatehouse_affinity_store_errors_total "))
+        .expect("the counter is exposed")
+        .parse()
+        .unwrap();
+    // The upload's write and the unknown file's look-up.
+    assert_eq!(errors, 2.0, "{metrics}");
+    let log = gw.log();
+    assert!(log.contains("shared object map"), "{log}");
+    assert!(!log.contains(password), "{log}");
+    assert!(!metrics.contains(password));
+    gw.stop().await;
 }

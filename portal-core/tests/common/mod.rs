@@ -111,6 +111,7 @@ pub async fn gateway_at(addr: SocketAddr) -> TestGateway {
         audit: None,
         access_log: false,
         limits: Default::default(),
+        affinity: Default::default(),
         secrets: SecretSettings::default(),
         client_timeouts: Default::default(),
     })
