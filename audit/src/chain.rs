@@ -49,7 +49,9 @@
 //! reads a JSON-lines file (the [`JsonLinesSink`](crate::JsonLinesSink)'s) for a time range.
 //! A chain breaks at a record when its content no longer matches its hash ([`BreakReason::Changed`]),
 //! when records before it are missing or its `previous_hash` is not the hash of the record before
-//! it ([`BreakReason::Removed`]), or when it comes out of order ([`BreakReason::Reordered`]). An
+//! it ([`BreakReason::Removed`]), when it comes out of order ([`BreakReason::Reordered`]), or
+//! when a second intact record claims its place ([`BreakReason::Forked`]: two gateways that share
+//! one `gateway_id` write one chain from two ends; every replica needs its own id). An
 //! exact copy of the record before it (the journal may deliver a record twice after a crash) is
 //! counted as a duplicate, not a break.
 //!
@@ -521,6 +523,9 @@ pub enum BreakReason {
     Removed,
     /// The record comes before a record it follows in the chain.
     Reordered,
+    /// Two records, each intact, claim the same place in the chain: two writers extended it
+    /// (gateways that share one `gateway_id`), or a record was inserted with a hash of its own.
+    Forked,
 }
 
 impl std::fmt::Display for BreakReason {
@@ -529,6 +534,7 @@ impl std::fmt::Display for BreakReason {
             BreakReason::Changed => "changed",
             BreakReason::Removed => "removed",
             BreakReason::Reordered => "reordered",
+            BreakReason::Forked => "forked",
         })
     }
 }
@@ -700,6 +706,14 @@ impl ChainProgress {
                         linked.sequence - 1
                     )
                 },
+            )),
+            Some((last, _, _)) if linked.sequence == last && linked.content_ok => Some((
+                BreakReason::Forked,
+                format!(
+                    "a second record, itself intact, claims sequence {last}: two gateways that \
+                     share one gateway_id write this chain (give each replica its own \
+                     server.gateway_id), or a record was inserted"
+                ),
             )),
             Some((last, _, _)) if linked.sequence == last => Some((
                 BreakReason::Reordered,

@@ -246,6 +246,42 @@ fn swapped_lines_of_a_jsonl_file_are_reordered() {
 }
 
 #[test]
+fn two_gateways_with_one_gateway_id_are_named_as_a_fork() {
+    // Two days ahead: a day neither chainer started without knowing, so both chains get the
+    // plain id `gw-1/{day}` (a gateway's first day is a segment with a marker of its own).
+    let day = OffsetDateTime::now_utc() + Duration::from_secs(2 * 86_400);
+    let mut one = Chainer::in_memory();
+    let mut two = Chainer::in_memory();
+    let mut records = Vec::new();
+    for i in 0..6 {
+        let at = day + Duration::from_secs(u64::try_from(i).expect("small"));
+        let mut record = record(i, at);
+        if i % 2 == 0 {
+            one.link(&mut record);
+        } else {
+            two.link(&mut record);
+        }
+        records.push(record);
+    }
+    let chain = records[0].chain.as_ref().unwrap().chain_id.clone();
+    assert_eq!(records[1].chain.as_ref().unwrap().chain_id, chain);
+    assert!(!chain.contains('#'), "{chain}");
+    // As a store reads them: by chain and sequence.
+    records.sort_by_key(|r| r.chain.as_ref().unwrap().sequence);
+    let report = verify(records);
+    let broken = first_break(&report);
+    assert_eq!(
+        (
+            broken.reason,
+            broken.sequence,
+            broken.correlation_id.as_str()
+        ),
+        (BreakReason::Forked, 0, "call-00001")
+    );
+    assert!(broken.detail.contains("gateway_id"), "{}", broken.detail);
+}
+
+#[test]
 fn a_replayed_stretch_counts_as_duplicates_not_a_break() {
     let records = linked(15, datetime!(2025-03-01 10:00 UTC));
     let mut written = records[..10].to_vec();

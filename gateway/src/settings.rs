@@ -30,7 +30,8 @@ pub struct ServerSettings {
     /// Address to listen on; bind a private address to keep the gateway off public networks.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// Name of this gateway instance in audit records and metrics.
+    /// Name of this gateway instance in audit records and metrics, and of its audit hash
+    /// chains: unique to the instance (default: the machine's host name).
     #[serde(default = "default_gateway_id")]
     pub gateway_id: String,
     /// Directory for the last-known-good snapshot and the object-affinity map.
@@ -360,8 +361,16 @@ fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8080))
 }
 
+/// The machine's host name (a pod's name in Kubernetes), so that replicas started from one
+/// configuration file get ids of their own (their audit hash chains are named after it); `gateway`
+/// on a machine without one.
 fn default_gateway_id() -> String {
-    std::env::var("HOSTNAME").unwrap_or_else(|_| "gateway".to_owned())
+    let name = gethostname::gethostname();
+    let name = name.to_string_lossy();
+    match name.trim() {
+        "" => "gateway".to_owned(),
+        name => name.to_owned(),
+    }
 }
 
 fn default_queue_capacity() -> usize {
@@ -437,6 +446,14 @@ mod tests {
             file.server.limits.redis_url,
             Some(RedisUrl::Reference(_))
         ));
+        assert!(matches!(
+            file.server.affinity.redis_url,
+            Some(RedisUrl::Reference(_))
+        ));
+        // The example leaves the id to each machine: its host name, as the kernel has it.
+        if let Ok(host) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+            assert_eq!(file.server.gateway_id, host.trim());
+        }
         assert!(matches!(
             file.server.entra_credential,
             Some(EntraIdentity::ManagedIdentity { .. })

@@ -109,7 +109,7 @@ fn join(pieces: Vec<Option<String>>) -> Option<String> {
 
 impl SqlStore {
     /// Verifies every chain with a record in `[from, to)`, whole, and names the first record of
-    /// each that was changed, removed or reordered. Content removed by retention is not a break.
+    /// each that was changed, removed, reordered or forked. Content removed by retention is not a break.
     pub async fn verify_chains(
         &self,
         from: OffsetDateTime,
