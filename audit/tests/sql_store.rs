@@ -1116,8 +1116,8 @@ async fn row_counts(pool: &sqlx::PgPool) -> Vec<i64> {
     counts
 }
 
-/// The full-text vector's detailed planner statistics (migration 0005) reach the partitions the
-/// store creates after the migration.
+/// The detailed planner statistics of the full-text vectors (migration 0005) and of the blocks'
+/// words (0007) reach the partitions the store creates after the migrations.
 #[tokio::test]
 async fn postgres_partitions_made_later_keep_the_search_statistics() {
     let test = postgres().await;
@@ -1128,15 +1128,21 @@ async fn postgres_partitions_made_later_keep_the_search_statistics() {
         .create_partitions(later.date(), later.date())
         .await
         .unwrap();
-    let partition = partition_name("GatehouseCallContent", later);
-    let target: i32 = sqlx::query_scalar(
-        r#"SELECT attstattarget::int4 FROM pg_attribute WHERE attrelid = $1::regclass AND attname = 'SearchText'"#,
-    )
-    .bind(format!("\"{partition}\""))
-    .fetch_one(pool)
-    .await
-    .unwrap();
-    assert_eq!(target, 1000, "{partition}");
+    for (table, column) in [
+        ("GatehouseCallContent", "SearchText"),
+        ("GatehouseSearchBlocks", "Words"),
+    ] {
+        let partition = partition_name(table, later);
+        let target: i32 = sqlx::query_scalar(
+            r#"SELECT attstattarget::int4 FROM pg_attribute WHERE attrelid = $1::regclass AND attname = $2"#,
+        )
+        .bind(format!("\"{partition}\""))
+        .bind(column)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        assert_eq!(target, 1000, "{partition}");
+    }
 }
 
 /// Store sessions run without JIT compilation, which costs more than the store's short
@@ -1152,6 +1158,62 @@ async fn postgres_store_sessions_run_without_jit() {
     assert_eq!(jit, "off");
 }
 
+/// The word index holds blocks of up to 64 calls of one day (migration 0007): every call with
+/// words names a block that holds all of them, and a batch needs far fewer blocks than calls.
+#[tokio::test]
+async fn postgres_calls_are_indexed_in_blocks_of_their_day() {
+    let test = postgres().await;
+    let store = &test.store;
+    let pool = store.postgres_pool().unwrap();
+    let mut batch = records(300);
+    batch[7].request_messages = None;
+    batch[7].response_messages = None;
+    assert_eq!(store.write(&batch).await.unwrap(), 300);
+    let (calls, in_blocks, blocks, largest): (i64, i64, i64, i64) = sqlx::query_as(
+        r#"SELECT (SELECT count(*) FROM "GatehouseCallContent"),
+                  (SELECT count(*) FROM "GatehouseCallContent" WHERE "SearchBlock" IS NOT NULL),
+                  (SELECT count(*) FROM "GatehouseSearchBlocks"),
+                  (SELECT max(n) FROM (SELECT count(*) AS n FROM "GatehouseCallContent" GROUP BY "SearchBlock") m)"#,
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    // The call without messages has bodies, so a content row, but no words and no block.
+    assert_eq!((calls, in_blocks), (300, 299));
+    // Three writers share the batch: at most two blocks each here.
+    assert!((5..=6).contains(&blocks), "{blocks} blocks");
+    assert!(largest <= 64, "{largest}");
+    let (outside, wrong_day): (i64, i64) = sqlx::query_as(
+        r#"SELECT count(*) FILTER (WHERE NOT tsvector_to_array(c."SearchText") <@ tsvector_to_array(b."Words")),
+                  count(*) FILTER (WHERE b."TimeGenerated" <> date_trunc('day', c."TimeGenerated" AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')
+           FROM "GatehouseCallContent" c JOIN "GatehouseSearchBlocks" b ON b."BlockId" = c."SearchBlock""#,
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!((outside, wrong_day), (0, 0));
+    // A word of one call of a block finds that call alone.
+    assert_eq!(found(store, "number 123").await, ["call-00123"]);
+}
+
+/// Gives call `id` the full-text vector PostgreSQL's parser makes of `text`, as the store wrote
+/// vectors before it split the words itself, and a block of the word index of its own with
+/// those words, as migration 0007 left the calls stored before it.
+async fn vector_as_before(pool: &sqlx::PgPool, id: &str, text: &str) {
+    sqlx::query(
+        r#"WITH c AS (
+               UPDATE "GatehouseCallContent" SET "SearchText" = to_tsvector('simple', $1), "SearchBlock" = NULL
+               WHERE "CorrelationId" = $2 RETURNING "CorrelationId", "TimeGenerated", "SearchText")
+           INSERT INTO "GatehouseSearchBlocks" SELECT "CorrelationId", "TimeGenerated", strip("SearchText") FROM c
+           ON CONFLICT ("BlockId", "TimeGenerated") DO UPDATE SET "Words" = EXCLUDED."Words""#,
+    )
+    .bind(text)
+    .bind(id)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
 /// Calls stored before the store built its own full-text vectors (PostgreSQL's parser made them,
 /// which keeps an e-mail address as one word) are still found by what found them then.
 #[tokio::test]
@@ -1164,14 +1226,14 @@ async fn postgres_search_finds_calls_whose_vectors_postgres_built() {
         record_saying(1, "bob works at contoso dot com"),
     ];
     store.write(&batch).await.unwrap();
-    sqlx::query(
-        r#"UPDATE "GatehouseCallContent" c SET "SearchText" = to_tsvector('simple', m."RequestMessages")
-           FROM "GatehouseLlmLogPieces" m
-           WHERE m."CorrelationId" = c."CorrelationId" AND m."SequenceNumber" = 1"#,
-    )
-    .execute(pool)
-    .await
-    .unwrap();
+    for call in &batch {
+        vector_as_before(
+            pool,
+            &call.correlation_id,
+            call.request_messages.as_deref().unwrap(),
+        )
+        .await;
+    }
     let legacy: String = sqlx::query_scalar(
         r#"SELECT "SearchText"::text FROM "GatehouseCallContent" WHERE "CorrelationId" = 'call-00000'"#,
     )
@@ -1201,14 +1263,15 @@ async fn postgres_full_text_pending_list_is_merged_beside_the_writes() {
         .execute(pool)
         .await
         .unwrap();
-    // The full-text index of the partition that holds the calls (of the day, or DEFAULT).
+    // The full-text index of the partition that holds the calls' blocks (of the day, or DEFAULT).
     let pending = || async {
         sqlx::query_scalar::<_, i64>(
             r#"SELECT n_pending_tuples FROM gin_metapage_info(get_raw_page((
                    SELECT x.indexrelid::regclass::text FROM pg_index x
                    JOIN pg_class c ON c.oid = x.indexrelid JOIN pg_am a ON a.oid = c.relam
                    WHERE a.amname = 'gin' AND x.indrelid = (
-                       SELECT tableoid FROM "GatehouseCallContent" WHERE "CorrelationId" = 'call-00000')), 0))"#,
+                       SELECT tableoid FROM "GatehouseSearchBlocks" WHERE "BlockId" = (
+                           SELECT "SearchBlock" FROM "GatehouseCallContent" WHERE "CorrelationId" = 'call-00000'))), 0))"#,
         )
         .fetch_one(pool)
         .await
@@ -1255,13 +1318,9 @@ async fn postgres_full_text_pending_list_is_merged_beside_the_writes() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    sqlx::query(
-        r#"UPDATE "GatehouseCallContent" SET "SearchText" = to_tsvector('simple', 'rewritten words')
-           WHERE "CorrelationId" IN ('call-00001', 'call-00002')"#,
-    )
-    .execute(pool)
-    .await
-    .unwrap();
+    for id in ["call-00001", "call-00002"] {
+        vector_as_before(pool, id, "rewritten words").await;
+    }
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert!(pending().await > 0, "nothing was left pending to settle");
     store.settle_search_index().await.unwrap();
@@ -1395,12 +1454,15 @@ async fn postgres_retention_drops_whole_days_and_keeps_the_edge_exact() {
     assert_eq!(report.message_pieces_removed, pieces_before as u64);
     // Metadata: days 0-1 whole (8 calls), day 2 at 06:00, and the call in DEFAULT.
     assert_eq!(report.metadata_removed, 10, "{report:?}");
-    assert_eq!(report.partitions_dropped, 5 + 5 + 2 + 2, "{report:?}");
+    // Content, pieces and the word index's blocks: days 0-4; metadata: days 0-1.
+    assert_eq!(report.partitions_dropped, 5 + 5 + 5 + 2 + 2, "{report:?}");
 
-    // Whole days are gone from the catalog; the days inside the windows are still there.
+    // Whole days are gone from the catalog; the days inside the windows are still there. The
+    // blocks of day 5 stay with the calls of that day whose content is kept.
     for (table, first_kept) in [
         ("GatehouseCallContent", 5),
         ("GatehouseLlmLogPieces", 5),
+        ("GatehouseSearchBlocks", 5),
         ("GatehouseGatewayLogs", 2),
         ("GatehouseLlmLogHeaders", 2),
     ] {
@@ -1416,6 +1478,24 @@ async fn postgres_retention_drops_whole_days_and_keeps_the_edge_exact() {
     assert_eq!(
         row_counts(pool).await,
         vec![33 - 10, 33 - 22, 33 - 10, 11 * 2]
+    );
+
+    // Exactly the calls whose content is kept are found by their words.
+    let kept = store
+        .search(&SearchFilter {
+            text: Some("invoices".into()),
+            limit: 100,
+            ..SearchFilter::between(datetime!(2001-01-01 00:00:00 UTC), day(9))
+        })
+        .await
+        .unwrap();
+    let mut kept: Vec<String> = kept.items.into_iter().map(|c| c.correlation_id).collect();
+    kept.sort();
+    assert_eq!(
+        kept,
+        [
+            "d5-1", "d5-2", "d5-3", "d6-0", "d6-1", "d6-2", "d6-3", "d7-0", "d7-1", "d7-2", "d7-3"
+        ]
     );
 
     // Metadata older than its window is gone, at the exact edge too.
@@ -1543,7 +1623,8 @@ async fn postgres_unexpected_times_land_in_default_and_move_to_their_day() {
             .create_partitions(future.date(), future.date())
             .await
             .unwrap(),
-        4
+        5,
+        "a partition of each per-call table and of the blocks"
     );
     for table in DAILY_TABLES {
         assert_eq!(
@@ -1589,7 +1670,8 @@ async fn postgres_unexpected_times_land_in_default_and_move_to_their_day() {
     )
     .await
     .unwrap();
-    assert_eq!(created.iter().sum::<u64>(), 4 * 10, "{created:?}");
+    // The four per-call tables and the word index's blocks, ten days each.
+    assert_eq!(created.iter().sum::<u64>(), 5 * 10, "{created:?}");
     for other in &others {
         other.close().await;
     }
@@ -1789,7 +1871,8 @@ async fn postgres_chains_verify_next_to_a_dropped_day() {
     // Day 0 expires whole: its partition is dropped and its chain is gone with it; the chains of
     // the days inside the window still verify, on their own and in a range that reaches back.
     let report = store.enforce_retention(day(1), day(1), 100).await.unwrap();
-    assert_eq!((report.metadata_removed, report.partitions_dropped), (5, 4));
+    // Day 0 of the four per-call tables and of the word index's blocks.
+    assert_eq!((report.metadata_removed, report.partitions_dropped), (5, 5));
     let kept = store.verify_chains(day(0), day(3)).await.unwrap();
     assert!(kept.is_intact(), "{kept:?}");
     assert_eq!(kept.chains.len(), 2);
@@ -1870,12 +1953,7 @@ async fn index_as_before(store: &SqlStore, calls: &[AuditRecord]) {
     } else {
         let pool = store.postgres_pool().unwrap();
         for call in calls {
-            sqlx::query(r#"UPDATE "GatehouseCallContent" SET "SearchText" = to_tsvector('simple', $1) WHERE "CorrelationId" = $2"#)
-                .bind(json(call))
-                .bind(&call.correlation_id)
-                .execute(pool)
-                .await
-                .unwrap();
+            vector_as_before(pool, &call.correlation_id, &json(call)).await;
         }
     }
 }

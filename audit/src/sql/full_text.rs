@@ -39,7 +39,7 @@ const MAX_POSITION: u16 = 16_383;
 /// Positions kept per word (`MAXNUMPOS`).
 const MAX_POSITIONS_PER_WORD: usize = 256;
 /// Bytes of words and positions a `tsvector` may hold (`MAXSTRPOS`), less a margin.
-const MAX_VECTOR_BYTES: usize = (1 << 20) - 1 - 4_096;
+pub(super) const MAX_VECTOR_BYTES: usize = (1 << 20) - 1 - 4_096;
 
 /// The words of `text`: runs of word characters ([`in_word`]), folded ([`fold`]).
 fn words(text: &str) -> impl Iterator<Item = Cow<'_, str>> {
@@ -174,6 +174,50 @@ impl TsVector {
     }
 }
 
+impl TsVector {
+    /// Whether the vector holds no word.
+    pub(super) fn is_empty(&self) -> bool {
+        self.0.get(..4).is_none_or(|count| count == [0; 4])
+    }
+
+    /// Its size in PostgreSQL's binary form, in bytes.
+    pub(super) fn size(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Its words, in byte order.
+    fn words(&self) -> impl Iterator<Item = &[u8]> {
+        let mut rest = self.0.get(4..).unwrap_or_default();
+        std::iter::from_fn(move || {
+            let end = rest.iter().position(|&b| b == 0)?;
+            let word = &rest[..end];
+            let count = rest.get(end + 1..end + 3)?;
+            let positions = usize::from(u16::from_be_bytes([count[0], count[1]]));
+            rest = rest.get(end + 3 + 2 * positions..).unwrap_or_default();
+            Some(word)
+        })
+    }
+
+    /// Every word of `vectors`, once, without positions (as `strip` leaves a vector): what a
+    /// block of calls is found by in the word index. Within PostgreSQL's size limit as long as
+    /// the vectors together are.
+    pub(super) fn union_of<'a>(vectors: impl IntoIterator<Item = &'a TsVector>) -> TsVector {
+        let mut words: Vec<&[u8]> = vectors.into_iter().flat_map(TsVector::words).collect();
+        // Byte order, shorter first on a common prefix: PostgreSQL's order of lexemes.
+        words.sort_unstable();
+        words.dedup();
+        let mut out = Vec::with_capacity(4 + words.iter().map(|w| w.len() + 3).sum::<usize>());
+        let count = u32::try_from(words.len()).unwrap_or(u32::MAX);
+        out.extend_from_slice(&count.to_be_bytes());
+        for word in words {
+            out.extend_from_slice(word);
+            out.push(0);
+            out.extend_from_slice(&0_u16.to_be_bytes());
+        }
+        TsVector(out)
+    }
+}
+
 impl sqlx::Type<Postgres> for TsVector {
     fn type_info() -> PgTypeInfo {
         PgTypeInfo::with_name("tsvector")
@@ -197,6 +241,19 @@ impl sqlx::Encode<'_, Postgres> for TsVector {
 /// `text` (split at white space), a word that splits into several as a phrase; `None` when
 /// `text` holds no word at all.
 pub(super) fn tsquery(text: &str) -> Option<String> {
+    query(text, " <-> ")
+}
+
+/// The `tsquery` that finds the blocks of calls holding every word of `text`, a search word that
+/// splits into several as all of its parts (a block's words have no positions, and a phrase
+/// never matches such a vector); `None` when `text` holds no word at all. It finds a superset
+/// of the blocks whose calls [`tsquery`] finds.
+pub(super) fn block_tsquery(text: &str) -> Option<String> {
+    query(text, " & ")
+}
+
+/// The query of `text`'s search words joined by `&`, the parts of each joined by `within`.
+fn query(text: &str, within: &str) -> Option<String> {
     let mut out = String::new();
     for search_word in text.split_whitespace() {
         let mut parts = words(search_word).peekable();
@@ -209,7 +266,7 @@ pub(super) fn tsquery(text: &str) -> Option<String> {
         out.push('(');
         for (i, part) in parts.enumerate() {
             if i > 0 {
-                out.push_str(" <-> ");
+                out.push_str(within);
             }
             push_quoted(&mut out, &part);
         }
@@ -370,5 +427,26 @@ mod tests {
             Some("('invoices') & ('or') & ('near')")
         );
         assert_eq!(tsquery("  ?? -- "), None);
+        assert_eq!(
+            block_tsquery("Number INV-2024-0042").as_deref(),
+            Some("('number') & ('inv' & '2024' & '0042')")
+        );
+        assert_eq!(block_tsquery("  ?? -- "), None);
+    }
+
+    #[test]
+    fn a_union_holds_each_word_of_its_vectors_once_without_positions() {
+        let union = TsVector::union_of([
+            &TsVector::of(&["the cat saw", "a dog"]),
+            &TsVector::of(&["cat catalog ca"]),
+            &TsVector::of(&[""]),
+        ]);
+        assert_eq!(
+            union.to_text(),
+            "'a': 'ca': 'cat': 'catalog': 'dog': 'saw': 'the':"
+        );
+        assert!(!union.is_empty());
+        assert!(TsVector::union_of([&TsVector::of(&["--"])]).is_empty());
+        assert!(TsVector::of(&["--"]).is_empty());
     }
 }

@@ -18,6 +18,7 @@ mod read;
 mod reindex;
 mod retention;
 pub mod rollup;
+mod search_blocks;
 mod search_index;
 mod search_merge;
 mod sqlar;

@@ -78,7 +78,14 @@ pub(crate) const LLM_PIECES: DailyTable = DailyTable {
     storage: WHOLE_ROWS,
 };
 
-const TABLES: [DailyTable; 4] = [CALLS, CONTENT, LLM_HEADERS, LLM_PIECES];
+/// The full-text word index's blocks of calls (migration 0007): content.
+pub(crate) const SEARCH_BLOCKS: DailyTable = DailyTable {
+    name: "GatehouseSearchBlocks",
+    key: r#""BlockId", "TimeGenerated""#,
+    storage: "",
+};
+
+const TABLES: [DailyTable; 5] = [CALLS, CONTENT, LLM_HEADERS, LLM_PIECES, SEARCH_BLOCKS];
 
 /// A quoted SQL identifier.
 pub(crate) fn quoted(name: &str) -> String {

@@ -680,22 +680,27 @@ fn push_postgres_search(
             .push_bind(i32::from(status));
     }
     if let Some(text) = f.text.as_deref().filter(|t| !t.trim().is_empty()) {
-        // The same time range on the content side keeps the search to the range's day partitions.
-        q.push(r#" AND (l."CorrelationId", l."TimeGenerated") IN (SELECT "CorrelationId", "TimeGenerated" FROM "GatehouseCallContent" WHERE "TimeGenerated" >= "#)
+        // The calls of the blocks whose words hold every search word (the word index), each
+        // checked against its own vector (`search_blocks.rs`). The same time range on the
+        // content side keeps the search to the range's day partitions; a block is dated at its
+        // day's UTC midnight.
+        let first_day = f
+            .from
+            .to_offset(time::UtcOffset::UTC)
+            .replace_time(time::Time::MIDNIGHT);
+        q.push(r#" AND (l."CorrelationId", l."TimeGenerated") IN (SELECT c."CorrelationId", c."TimeGenerated" FROM "GatehouseCallContent" c WHERE c."TimeGenerated" >= "#)
             .push_bind(f.from)
-            .push(r#" AND "TimeGenerated" < "#)
+            .push(r#" AND c."TimeGenerated" < "#)
             .push_bind(f.to)
-            .push(r#" AND "SearchText" @@ "#);
-        // The store's own words (`full_text.rs`); or, for calls stored before it split the words
-        // itself, PostgreSQL's (which also makes e-mail addresses, URLs and paths single words).
-        if let Some(query) = full_text::tsquery(text) {
-            q.push("(").push_bind(query).push("::tsquery || ");
-        } else {
-            q.push("(");
-        }
-        q.push("plainto_tsquery('simple', ")
-            .push_bind(text.to_owned())
-            .push(")))");
+            .push(r#" AND c."SearchText" @@ "#);
+        push_postgres_words(q, full_text::tsquery(text), text);
+        q.push(r#" AND coalesce(c."SearchBlock", c."CorrelationId") IN (SELECT b."BlockId" FROM "GatehouseSearchBlocks" b WHERE b."TimeGenerated" >= "#)
+            .push_bind(first_day)
+            .push(r#" AND b."TimeGenerated" < "#)
+            .push_bind(f.to)
+            .push(r#" AND b."Words" @@ "#);
+        push_postgres_words(q, full_text::block_tsquery(text), text);
+        q.push("))");
     }
     if let Some(cursor) = f.cursor {
         q.push(r#" AND (l."TimeGenerated", l."RecordId") < ("#)
@@ -706,6 +711,19 @@ fn push_postgres_search(
     }
     q.push(r#" ORDER BY l."TimeGenerated" DESC, l."RecordId" DESC LIMIT "#)
         .push_bind(i64::from(limit));
+}
+
+/// A `tsquery` of the search `text`: the store's own words (`query`, from `full_text.rs`), or,
+/// for calls stored before the store split the words itself, PostgreSQL's (which also makes
+/// e-mail addresses, URLs and paths single words).
+fn push_postgres_words(q: &mut QueryBuilder<'_, Postgres>, query: Option<String>, text: &str) {
+    q.push("(");
+    if let Some(query) = query {
+        q.push_bind(query).push("::tsquery || ");
+    }
+    q.push("plainto_tsquery('simple', ")
+        .push_bind(text.to_owned())
+        .push("))");
 }
 
 /// Whether a caller filter names so few addresses (an IPv4 /24 or narrower, an IPv6 /64 or

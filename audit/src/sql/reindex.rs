@@ -6,7 +6,7 @@
 //! The work goes in batches of [`REINDEX_BATCH`] calls, each its own short transaction, in
 //! `TimeGenerated` order, while the store keeps writing: on SQLite each batch takes the index's
 //! order lock, as a write of the store does; on PostgreSQL it updates the vectors of the batch's
-//! rows in place. Calls whose content has expired have nothing to index and are left alone.
+//! rows in place and gives them new blocks in the word index (`search_blocks`). Calls whose content has expired have nothing to index and are left alone.
 
 use std::collections::HashMap;
 
@@ -14,7 +14,9 @@ use sqlx::{Postgres, QueryBuilder, Sqlite};
 use time::OffsetDateTime;
 
 use super::search_index::{SearchIndex, rows_of_pieces};
-use super::{Engine, SqlStore, StoreError, full_text, message_text, search_merge, sqlite_time};
+use super::{
+    Engine, SqlStore, StoreError, full_text, message_text, search_blocks, search_merge, sqlite_time,
+};
 
 /// Calls indexed again per transaction.
 const REINDEX_BATCH: i64 = 512;
@@ -145,25 +147,46 @@ async fn reindex_postgres(
         .bind(&ids)
         .fetch_all(pool)
         .await?;
-        let vectors = tokio::task::spawn_blocking(move || vectors_of(&calls, pieces))
-            .await
-            .map_err(|error| {
-                StoreError::Database(sqlx::Error::Protocol(format!(
-                    "building the full-text vectors failed: {error}"
-                )))
-            })?;
+        let (vectors, block_ids, blocks) = tokio::task::spawn_blocking(move || {
+            let vectors = vectors_of(&calls, pieces);
+            let (block_ids, blocks) = search_blocks::blocks_of(
+                &vectors
+                    .iter()
+                    .map(|((_, time), vector)| (*time, vector))
+                    .collect::<Vec<_>>(),
+            );
+            (vectors, block_ids, blocks)
+        })
+        .await
+        .map_err(|error| {
+            StoreError::Database(sqlx::Error::Protocol(format!(
+                "building the full-text vectors failed: {error}"
+            )))
+        })?;
+        // The calls' new blocks, and each call its vector and block, at once. The blocks the
+        // calls had stay for the calls of theirs that are not in this batch.
+        let mut tx = pool.begin().await?;
+        search_blocks::insert(&mut tx, blocks).await?;
         let mut update = QueryBuilder::<Postgres>::new(
-            r#"UPDATE "GatehouseCallContent" c SET "SearchText" = v.s FROM ("#,
+            r#"UPDATE "GatehouseCallContent" c SET "SearchText" = v.s, "SearchBlock" = v.b FROM ("#,
         );
-        update.push_values(vectors, |mut row, ((id, time), vector)| {
-            row.push_bind(id).push_bind(time).push_bind(vector);
-        });
+        update.push_values(
+            vectors.into_iter().zip(block_ids),
+            |mut row, (((id, time), vector), block)| {
+                row.push_bind(id)
+                    .push_bind(time)
+                    .push_bind(vector)
+                    .push_bind(block)
+                    .push_unseparated("::text");
+            },
+        );
         update
-            .push(r#") AS v(id, t, s) WHERE c."CorrelationId" = v.id AND c."TimeGenerated" = v.t AND c."TimeGenerated" >= "#)
+            .push(r#") AS v(id, t, s, b) WHERE c."CorrelationId" = v.id AND c."TimeGenerated" = v.t AND c."TimeGenerated" >= "#)
             .push_bind(first.1)
             .push(r#" AND c."TimeGenerated" <= "#)
             .push_bind(last.1);
-        count += update.build().execute(pool).await?.rows_affected();
+        count += update.build().execute(&mut *tx).await?.rows_affected();
+        tx.commit().await?;
         after = Some(last);
     }
 }

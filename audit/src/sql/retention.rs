@@ -9,7 +9,7 @@ use serde::Serialize;
 use time::OffsetDateTime;
 
 use super::partitions::{
-    CALLS, CONTENT, DailyTable, LLM_HEADERS, LLM_PIECES, drop_days_before, quoted,
+    CALLS, CONTENT, DailyTable, LLM_HEADERS, LLM_PIECES, SEARCH_BLOCKS, drop_days_before, quoted,
 };
 use super::{Engine, SqlStore, StoreError, sqlite_time};
 
@@ -124,6 +124,13 @@ impl SqlStore {
                 let r = &mut report;
                 let content = expire(pool, CONTENT, content_before, batch, r).await?;
                 let pieces = expire(pool, LLM_PIECES, content_before, batch, r).await?;
+                // A block of the word index is dated at its calls' UTC midnight: it goes once
+                // its whole day is past the content cutoff, so that no call left of the cutoff's
+                // day loses the block that finds it.
+                let blocks_before = content_before
+                    .to_offset(time::UtcOffset::UTC)
+                    .replace_time(time::Time::MIDNIGHT);
+                expire(pool, SEARCH_BLOCKS, blocks_before, batch, r).await?;
                 let metadata = expire(pool, CALLS, metadata_before, batch, r).await?;
                 expire(pool, LLM_HEADERS, metadata_before, batch, r).await?;
                 report.content_removed += content;

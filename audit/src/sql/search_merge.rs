@@ -1,6 +1,7 @@
 //! PostgreSQL: merging the full-text index's pending list in the background.
 //!
-//! The full-text index (GIN over `"SearchText"`) takes new calls into a *pending list* (GIN's
+//! The full-text index (GIN over the words of blocks of calls, `"GatehouseSearchBlocks"."Words"`,
+//! see `search_blocks.rs`) takes new blocks into a *pending list* (GIN's
 //! fast update) and merges that list into the index proper when it grows past
 //! `gin_pending_list_limit` (4 MB by default), inside the INSERT of whichever batch passed it.
 //! That merge was ≈ 36 % of the server's time writing calls, and the batch that ran it took 3–5 ×
@@ -21,7 +22,7 @@ use time::Date;
 use tokio::sync::mpsc;
 
 use super::StoreError;
-use super::partitions::{CONTENT, partition_names_for};
+use super::partitions::{SEARCH_BLOCKS, partition_names_for};
 
 /// Sets the pending list's size at which a write merges it itself, on each of the store's
 /// sessions: 64 MB, about 30 batches of 512 calls, far more than the task lets it reach.
@@ -86,12 +87,12 @@ pub(super) async fn settle(pool: &PgPool) -> Result<(), StoreError> {
     merge_pending(pool, None).await.map(drop)
 }
 
-/// Merges the pending lists of the full-text index of the content partitions that hold `days`
+/// Merges the pending lists of the full-text index of the block partitions that hold `days`
 /// (of every partition for `None`). Returns the pending-list pages merged.
 async fn merge_pending(pool: &PgPool, days: Option<&[Date]>) -> Result<i64, StoreError> {
     let names: Option<Vec<String>> = days.map(|days| {
         days.iter()
-            .flat_map(|&day| partition_names_for(CONTENT.name, day))
+            .flat_map(|&day| partition_names_for(SEARCH_BLOCKS.name, day))
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect()
@@ -99,7 +100,7 @@ async fn merge_pending(pool: &PgPool, days: Option<&[Date]>) -> Result<i64, Stor
     Ok(sqlx::query_scalar(
         r#"SELECT coalesce(sum(gin_clean_pending_list(x.indexrelid::regclass)), 0)::bigint
            FROM pg_index x JOIN pg_inherits i ON i.inhrelid = x.indexrelid
-           WHERE i.inhparent = '"GatehouseCallContent_Search"'::regclass
+           WHERE i.inhparent = '"GatehouseSearchBlocks_Words"'::regclass
              AND ($1::text[] IS NULL
                   OR x.indrelid IN (SELECT to_regclass(quote_ident(n)) FROM unnest($1::text[]) AS n))"#,
     )

@@ -10,7 +10,10 @@ use sqlx::{Postgres, QueryBuilder, Sqlite};
 
 use super::rollup::{RollupKey, RollupSums, fold};
 use super::search_index::{IndexRow, SearchIndex};
-use super::{Engine, SqlStore, StoreError, full_text, ip_key, message_text, sqlar, sqlite_time};
+use super::{
+    Engine, SqlStore, StoreError, full_text, ip_key, message_text, search_blocks, sqlar,
+    sqlite_time,
+};
 use crate::rows::{GatewayLogRow, LlmLogRow};
 
 /// Rows per multi-row INSERT (SQLite allows 32,766 bound values; the widest table has 52 columns).
@@ -648,7 +651,7 @@ async fn write_postgres(pool: &sqlx::PgPool, records: &[AuditRecord]) -> Result<
 
 /// The INSERT of content rows, bound as [`ContentColumns`]. The day partition's key includes
 /// `"TimeGenerated"`, which a replayed record repeats.
-const POSTGRES_CONTENT_INSERT: &str = r#"INSERT INTO "GatehouseCallContent" ("CorrelationId", "TimeGenerated", "BackendRequestBody", "BackendResponseBody", "SearchText") SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::tsvector[]) ON CONFLICT ("CorrelationId", "TimeGenerated") DO NOTHING"#;
+const POSTGRES_CONTENT_INSERT: &str = r#"INSERT INTO "GatehouseCallContent" ("CorrelationId", "TimeGenerated", "BackendRequestBody", "BackendResponseBody", "SearchText", "SearchBlock") SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::tsvector[], $6::text[]) ON CONFLICT ("CorrelationId", "TimeGenerated") DO NOTHING"#;
 
 /// Content rows as one array per column, for [`POSTGRES_CONTENT_INSERT`].
 #[derive(Default)]
@@ -658,9 +661,11 @@ struct ContentColumns<'a> {
     request_body: Vec<Option<&'a str>>,
     response_body: Vec<Option<&'a str>>,
     search_text: Vec<full_text::TsVector>,
+    search_block: Vec<Option<String>>,
 }
 
-/// Bodies, full-text vectors and LLM-log pieces of `records`, in one transaction.
+/// Bodies, full-text vectors, their blocks in the word index (`search_blocks`) and LLM-log
+/// pieces of `records`, in one transaction.
 async fn write_postgres_content(
     pool: &sqlx::PgPool,
     records: &[&AuditRecord],
@@ -669,11 +674,15 @@ async fn write_postgres_content(
     // (≈ 30 µs to split 4 KB): on a blocking thread, while the transaction starts and the pieces
     // are written.
     let messages: Vec<_> = records.iter().map(|r| messages(r)).collect();
+    let times: Vec<time::OffsetDateTime> = records.iter().map(|r| r.time_generated).collect();
     let vectors = tokio::task::spawn_blocking(move || {
-        search_texts(&messages)
+        let vectors: Vec<full_text::TsVector> = search_texts(&messages)
             .iter()
             .map(|(prompt, completion)| full_text::TsVector::of(&[prompt, completion]))
-            .collect::<Vec<_>>()
+            .collect();
+        let calls: Vec<_> = times.into_iter().zip(&vectors).collect();
+        let (block_ids, blocks) = search_blocks::blocks_of(&calls);
+        (vectors, block_ids, blocks)
     });
     let mut tx = pool.begin().await?;
 
@@ -684,17 +693,18 @@ async fn write_postgres_content(
         .collect();
     insert_llm_rows(&mut tx, POSTGRES_LLM_PIECES_INSERT, pieces).await?;
 
-    let vectors = vectors.await.map_err(|error| {
+    let (vectors, block_ids, blocks) = vectors.await.map_err(|error| {
         StoreError::Database(sqlx::Error::Protocol(format!(
             "building the full-text vectors failed: {error}"
         )))
     })?;
+    search_blocks::insert(&mut tx, blocks).await?;
     // One array per column, unnested by the server, as for the other tables: cheaper for it
     // than a VALUES list of as many rows (bench/README.md).
-    let mut vectors = vectors.into_iter();
+    let mut vectors = vectors.into_iter().zip(block_ids);
     for chunk in records.chunks(ROWS_PER_STATEMENT) {
         let mut columns = ContentColumns::default();
-        for (record, vector) in chunk.iter().zip(vectors.by_ref()) {
+        for (record, (vector, block)) in chunk.iter().zip(vectors.by_ref()) {
             columns.correlation_id.push(record.correlation_id.as_str());
             columns.time_generated.push(record.time_generated);
             columns
@@ -704,6 +714,7 @@ async fn write_postgres_content(
                 .response_body
                 .push(record.backend_response_body.as_deref());
             columns.search_text.push(vector);
+            columns.search_block.push(block);
         }
         sqlx::query(POSTGRES_CONTENT_INSERT)
             .bind(columns.correlation_id)
@@ -711,6 +722,7 @@ async fn write_postgres_content(
             .bind(columns.request_body)
             .bind(columns.response_body)
             .bind(columns.search_text)
+            .bind(columns.search_block)
             .execute(&mut *tx)
             .await?;
     }

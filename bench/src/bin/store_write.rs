@@ -13,7 +13,8 @@
 //! store goes unmeasured. One untimed warm-up batch goes first.
 //!
 //! `--engines postgres,postgres-no-word-index` also measures PostgreSQL with the full-text word
-//! index replaced by a GIN of one entry a call: a diagnostic of what that index costs the write.
+//! index (over blocks of up to 64 calls) replaced by a GIN of one entry a block: a diagnostic of
+//! what that index costs the write.
 //!
 //! Prints one line per engine (records, seconds, records/s, ratio to the target, PASS/FAIL) and
 //! appends the whole result as one JSON line to `bench/out/store_write-<UTC timestamp>.json`.
@@ -414,7 +415,7 @@ async fn run_sqlite(args: &Args, started: OffsetDateTime) -> Result<Measurement>
 /// the run worked, failed or was interrupted.
 ///
 /// For [`EngineArg::PostgresNoWordIndex`] the full-text word index is swapped for a GIN of one
-/// entry a call before the first write ([`replace_word_index`]).
+/// entry a block before the first write ([`replace_word_index`]).
 async fn run_postgres(
     args: &Args,
     started: OffsetDateTime,
@@ -708,21 +709,21 @@ fn postgres_jiffies() -> Vec<(u32, u64)> {
         .collect()
 }
 
-/// Replaces the full-text word index of a freshly migrated PostgreSQL store (GIN over
-/// `"SearchText"`, one entry per distinct word of a call) by a GIN over the call's
-/// `"CorrelationId"` alone (one entry a call), keeping its name, so that the store's background merge and its settling find it and merge its
-/// pending list as before.
+/// Replaces the full-text word index of a freshly migrated PostgreSQL store (GIN over the
+/// `"Words"` of each block of calls, one entry per distinct word of a block) by a GIN over the
+/// block's `"BlockId"` alone (one entry a block), keeping its name, so that the store's
+/// background merge and its settling find it and merge its pending list as before.
 async fn replace_word_index(store: &SqlStore) -> Result<()> {
     let pool = store
         .postgres_pool()
         .context("the PostgreSQL store has no pool")?;
     let mut tx = pool.begin().await?;
-    sqlx::query(r#"DROP INDEX "GatehouseCallContent_Search""#)
+    sqlx::query(r#"DROP INDEX "GatehouseSearchBlocks_Words""#)
         .execute(&mut *tx)
         .await
         .context("drop the word index")?;
     sqlx::query(
-        r#"CREATE INDEX "GatehouseCallContent_Search" ON "GatehouseCallContent" USING GIN ((ARRAY["CorrelationId"]))"#,
+        r#"CREATE INDEX "GatehouseSearchBlocks_Words" ON "GatehouseSearchBlocks" USING GIN ((ARRAY["BlockId"]))"#,
     )
     .execute(&mut *tx)
     .await

@@ -1,0 +1,187 @@
+//! PostgreSQL: the full-text word index holds blocks of calls, not single calls (migration 0007).
+//!
+//! A GIN entry per distinct word of every call (≈ 250 a call) was about half of the server's time
+//! writing a call (bench/README.md, "What the full-text word index costs PostgreSQL"). Calls that
+//! are written together share most of their words, so the store groups the calls of a batch into
+//! blocks of up to [`CALLS_PER_BLOCK`] calls of one UTC day and indexes each block's words once
+//! (`"GatehouseSearchBlocks"`); each call keeps its own vector, with positions, unindexed
+//! (`"SearchText"`), and names its block (`"SearchBlock"`). A search finds the blocks that hold
+//! every word ([`full_text::block_tsquery`]) through the index and checks each of their calls
+//! against its own vector ([`full_text::tsquery`], phrases included), so it finds exactly the
+//! calls it found before. A call without words belongs to no block.
+
+use std::collections::HashMap;
+
+use sqlx::{Postgres, Transaction};
+use time::{Date, OffsetDateTime, Time, UtcOffset};
+
+use super::StoreError;
+use super::full_text::{self, TsVector};
+
+/// Calls per block at most. On the store_write benchmark's text, blocks of 64 calls hold 8.8 ×
+/// fewer index entries than single calls (5.7 × for blocks of 16); a search for a rare word
+/// checks at most this many calls per block it finds.
+pub(super) const CALLS_PER_BLOCK: usize = 64;
+
+/// One block: its id, its day's UTC midnight (its `"TimeGenerated"`, which puts it in its
+/// day's partition) and the union of its calls' words.
+#[derive(Debug)]
+pub(super) struct Block {
+    pub(super) id: String,
+    pub(super) day: OffsetDateTime,
+    pub(super) words: TsVector,
+}
+
+/// Groups calls, given as their time and vector in write order, into blocks of one UTC day and
+/// at most [`CALLS_PER_BLOCK`] calls whose vectors together stay within PostgreSQL's size of a
+/// vector. Returns each call's block id (`None` for a call without words) and the blocks.
+pub(super) fn blocks_of(
+    calls: &[(OffsetDateTime, &TsVector)],
+) -> (Vec<Option<String>>, Vec<Block>) {
+    // The block of each day that still takes calls, as an index into `groups`.
+    let mut open: HashMap<Date, usize> = HashMap::new();
+    // Day, member calls (indexes into `calls`), their vectors' bytes.
+    let mut groups: Vec<(Date, Vec<usize>, usize)> = Vec::new();
+    for (index, (time, vector)) in calls.iter().enumerate() {
+        if vector.is_empty() {
+            continue;
+        }
+        let day = time.to_offset(UtcOffset::UTC).date();
+        let size = vector.size();
+        let slot = match open.get(&day) {
+            Some(&slot)
+                if groups[slot].1.len() < CALLS_PER_BLOCK
+                    && groups[slot].2 + size <= full_text::MAX_VECTOR_BYTES =>
+            {
+                slot
+            }
+            _ => {
+                groups.push((day, Vec::with_capacity(CALLS_PER_BLOCK), 0));
+                open.insert(day, groups.len() - 1);
+                groups.len() - 1
+            }
+        };
+        groups[slot].1.push(index);
+        groups[slot].2 += size;
+    }
+    let mut ids = vec![None; calls.len()];
+    let blocks = groups
+        .into_iter()
+        .map(|(day, members, _)| {
+            // Random: never a call's `CorrelationId` (the id of a block made by migration 0007),
+            // nor another gateway's block.
+            let id = uuid::Uuid::new_v4().to_string();
+            for &member in &members {
+                ids[member] = Some(id.clone());
+            }
+            Block {
+                words: TsVector::union_of(members.iter().map(|&member| calls[member].1)),
+                id,
+                day: day.with_time(Time::MIDNIGHT).assume_utc(),
+            }
+        })
+        .collect();
+    (ids, blocks)
+}
+
+/// Inserts `blocks` in one statement. A block is new every time its calls are written, so a
+/// replayed batch whose calls are stored already leaves a block that no call names: it is never
+/// found by itself (searches go from blocks to their calls), and goes with its day.
+pub(super) async fn insert(
+    tx: &mut Transaction<'_, Postgres>,
+    blocks: Vec<Block>,
+) -> Result<(), StoreError> {
+    if blocks.is_empty() {
+        return Ok(());
+    }
+    let mut ids = Vec::with_capacity(blocks.len());
+    let mut days = Vec::with_capacity(blocks.len());
+    let mut words = Vec::with_capacity(blocks.len());
+    for block in blocks {
+        ids.push(block.id);
+        days.push(block.day);
+        words.push(block.words);
+    }
+    sqlx::query(
+        r#"INSERT INTO "GatehouseSearchBlocks" ("BlockId", "TimeGenerated", "Words") SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::tsvector[])"#,
+    )
+    .bind(ids)
+    .bind(days)
+    .bind(words)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use time::macros::datetime;
+
+    use super::*;
+
+    #[test]
+    fn calls_are_grouped_by_day_in_blocks_of_at_most_64() {
+        let vector = TsVector::of(&["some words"]);
+        let empty = TsVector::of(&[""]);
+        let before_midnight = datetime!(2026-12-04 23:59:59 UTC);
+        let after_midnight = datetime!(2026-12-05 00:00:01 +01:00); // 2026-12-04 23:00:01 UTC
+        let next_day = datetime!(2026-12-05 00:00:00 UTC);
+        let mut calls: Vec<(OffsetDateTime, &TsVector)> = Vec::new();
+        for i in 0..150 {
+            let time = match i % 3 {
+                0 => before_midnight,
+                1 => after_midnight,
+                _ => next_day,
+            };
+            calls.push((time, if i == 7 { &empty } else { &vector }));
+        }
+        let (ids, blocks) = blocks_of(&calls);
+        assert_eq!(ids[7], None, "a call without words has no block");
+        // 99 calls with words of 2026-12-04 (64 + 35), 50 of 2026-12-05.
+        let sizes: Vec<(OffsetDateTime, usize)> = blocks
+            .iter()
+            .map(|block| {
+                let members = ids
+                    .iter()
+                    .filter(|id| id.as_ref() == Some(&block.id))
+                    .count();
+                (block.day, members)
+            })
+            .collect();
+        assert_eq!(
+            sizes,
+            [
+                (datetime!(2026-12-04 00:00 UTC), 64),
+                (datetime!(2026-12-05 00:00 UTC), 50),
+                (datetime!(2026-12-04 00:00 UTC), 35),
+            ]
+        );
+        for (id, (time, _)) in ids.iter().zip(&calls) {
+            if let Some(id) = id {
+                let block = blocks.iter().find(|b| &b.id == id).unwrap();
+                assert_eq!(block.day.date(), time.to_offset(UtcOffset::UTC).date());
+            }
+        }
+        assert!(
+            blocks
+                .iter()
+                .all(|b| b.words == TsVector::union_of([&vector]))
+        );
+    }
+
+    #[test]
+    fn a_block_closes_before_its_words_pass_postgres_limit() {
+        let words: String = (0..40_000).map(|i| format!("w{i} ")).collect();
+        let big = TsVector::of(&[&words]);
+        assert!(big.size() > full_text::MAX_VECTOR_BYTES / 3);
+        let at = datetime!(2026-12-04 12:00 UTC);
+        let calls = vec![(at, &big); 5];
+        let (_, blocks) = blocks_of(&calls);
+        assert!(blocks.len() >= 2, "{}", blocks.len());
+        assert!(
+            blocks
+                .iter()
+                .all(|b| b.words.size() <= full_text::MAX_VECTOR_BYTES)
+        );
+    }
+}
