@@ -411,3 +411,38 @@ impl GatewayProcess {
         let _ = self.child.kill().await;
     }
 }
+
+/// The Redis server of the tests (keys under a prefix of each test's own).
+pub const REDIS: &str = "redis://127.0.0.1:6379";
+
+/// The Redis keys under `prefix`.
+pub async fn redis_keys(prefix: &str) -> Vec<String> {
+    let mut connection = redis::Client::open(REDIS)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut connection)
+        .await
+        .unwrap()
+}
+
+/// Deletes every Redis key under `prefix`.
+pub async fn delete_keys(prefix: &str) {
+    let keys = redis_keys(prefix).await;
+    if keys.is_empty() {
+        return;
+    }
+    let mut connection = redis::Client::open(REDIS)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: i64 = redis::cmd("DEL")
+        .arg(keys)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+}

@@ -10,7 +10,6 @@ use serde_json::{Value, json};
 
 use crate::harness::*;
 
-const REDIS: &str = "redis://127.0.0.1:6379";
 /// Nothing listens here: a Redis that is down.
 const NO_REDIS: &str = "redis://127.0.0.1:1";
 
@@ -45,27 +44,6 @@ fn on_redis(url: &str, policy: OnStoreError) -> LimitSettings {
         key_prefix: format!("test:{}:", uuid::Uuid::new_v4()),
         on_store_error: policy,
         ..LimitSettings::default()
-    }
-}
-
-/// Deletes every Redis key under `prefix`.
-async fn delete_keys(prefix: &str) {
-    let mut connection = redis::Client::open(REDIS)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}*"))
-        .query_async(&mut connection)
-        .await
-        .unwrap();
-    if !keys.is_empty() {
-        let _: i64 = redis::cmd("DEL")
-            .arg(keys)
-            .query_async(&mut connection)
-            .await
-            .unwrap();
     }
 }
 

@@ -121,22 +121,6 @@ async fn object_calls_follow_the_member_that_created_the_object_even_after_a_res
     assert_eq!(gw.gateway.affinity.member_of(&ids[0]), None);
 }
 
-const REDIS: &str = "redis://127.0.0.1:6379";
-
-/// Redis keys under `prefix`.
-async fn redis_keys(prefix: &str) -> Vec<String> {
-    let mut connection = redis::Client::open(REDIS)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    redis::cmd("KEYS")
-        .arg(format!("{prefix}*"))
-        .query_async(&mut connection)
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn replicas_sharing_redis_send_object_calls_to_the_member_that_created_the_object() {
     let a = simulator("shared-a").await;
@@ -225,18 +209,7 @@ async fn replicas_sharing_redis_send_object_calls_to_the_member_that_created_the
         );
         replica.stop().await;
     }
-    for key in redis_keys(&prefix).await {
-        let mut connection = redis::Client::open(REDIS)
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
-        let _: i64 = redis::cmd("DEL")
-            .arg(key)
-            .query_async(&mut connection)
-            .await
-            .unwrap();
-    }
+    delete_keys(&prefix).await;
 }
 
 #[tokio::test]
