@@ -110,6 +110,10 @@ impl AffinityMap {
     /// shared map that cannot be read leaves them unknown.
     pub async fn learn(&self, ids: &[String]) {
         let Some(shared) = &self.shared else { return };
+        if ids.is_empty() {
+            // Most calls name no object: they never touch the lock.
+            return;
+        }
         let unknown: Vec<&str> = {
             let objects = self.objects.read().unwrap_or_else(PoisonError::into_inner);
             ids.iter()
