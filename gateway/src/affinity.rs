@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{PoisonError, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use redis::aio::ConnectionManager;
@@ -25,6 +25,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 
 use crate::settings::AffinitySettings;
+use crate::warning_throttle::WarningThrottle;
 
 /// One journal line: an object was created on a member (or deleted, `member: None`).
 #[derive(Debug, Serialize, Deserialize)]
@@ -195,8 +196,8 @@ pub struct SharedAffinity {
     prefix: String,
     timeout: Duration,
     errors: Counter,
-    /// When the last failure was logged: at most one warning every [`WARNING_INTERVAL`].
-    last_warning: std::sync::Mutex<Option<Instant>>,
+    /// At most one warning every [`WARNING_INTERVAL`].
+    warnings: WarningThrottle,
 }
 
 /// How often failures of the shared map are logged, at most.
@@ -232,7 +233,7 @@ impl SharedAffinity {
             prefix: settings.key_prefix.clone(),
             timeout,
             errors,
-            last_warning: std::sync::Mutex::new(None),
+            warnings: WarningThrottle::new(WARNING_INTERVAL),
         }))
     }
 
@@ -268,16 +269,8 @@ impl SharedAffinity {
 
     fn failed(&self, what: &str, error: &str) {
         self.errors.inc();
-        let now = Instant::now();
-        {
-            let mut last = self
-                .last_warning
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if last.is_some_and(|at| now.duration_since(at) < WARNING_INTERVAL) {
-                return;
-            }
-            *last = Some(now);
+        if !self.warnings.should_warn() {
+            return;
         }
         tracing::warn!(
             %error,

@@ -61,6 +61,7 @@ pub mod settings;
 mod sync;
 pub mod upstream;
 pub mod usage;
+mod warning_throttle;
 
 pub use app::{ClientTimeouts, Gateway, GatewayParts, SecretSettings};
 pub use error::GatewayError;

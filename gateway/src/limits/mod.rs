@@ -21,7 +21,6 @@
 mod local;
 mod redis;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use gatehouse_schema::audit::TokenUsage;
@@ -36,6 +35,7 @@ use crate::auth::Principal;
 use crate::classify::Call;
 use crate::settings::{LimitSettings, OnStoreError};
 use crate::usage::TokenWork;
+use crate::warning_throttle::WarningThrottle;
 
 /// Response header: tokens left in the tightest tokens-per-minute bucket after this call's
 /// reservation.
@@ -51,8 +51,8 @@ pub const REMAINING_REQUESTS_HEADER: &str = "x-gatehouse-remaining-requests";
 /// Every counter key starts with this (after the configured prefix).
 pub const KEY_NAMESPACE: &str = "gatehouse:limit:";
 
-/// At most one warning about the store per this many milliseconds.
-const WARNING_INTERVAL_MS: u64 = 10_000;
+/// At most one warning about the store per this long.
+const WARNING_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Microseconds in a minute: a rate bucket refills `per_minute` tokens in this long.
 const MINUTE_US: f64 = 60_000_000.0;
@@ -555,7 +555,7 @@ pub struct Limiter {
     on_store_error: OnStoreError,
     default_completion_tokens: u64,
     store_errors: Counter,
-    last_warning_ms: AtomicU64,
+    warnings: WarningThrottle,
 }
 
 impl std::fmt::Debug for Limiter {
@@ -599,7 +599,7 @@ impl Limiter {
             on_store_error: settings.on_store_error,
             default_completion_tokens: settings.default_completion_tokens,
             store_errors,
-            last_warning_ms: AtomicU64::new(0),
+            warnings: WarningThrottle::new(WARNING_INTERVAL),
         })
     }
 
@@ -820,14 +820,7 @@ impl Limiter {
     /// unchecked (fail open) or refused (fail closed).
     fn store_failed(&self, error: StoreError) -> Result<Admission, LimitRefusal> {
         self.store_errors.inc();
-        let now_ms = u64::try_from(now_us() / 1_000).unwrap_or(0);
-        let last = self.last_warning_ms.load(Ordering::Relaxed);
-        if now_ms.saturating_sub(last) >= WARNING_INTERVAL_MS
-            && self
-                .last_warning_ms
-                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
+        if self.warnings.should_warn() {
             tracing::warn!(
                 %error,
                 policy = ?self.on_store_error,
