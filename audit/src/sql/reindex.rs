@@ -147,39 +147,21 @@ async fn reindex_postgres(
         .bind(&ids)
         .fetch_all(pool)
         .await?;
-        let (vectors, block_ids, blocks) = tokio::task::spawn_blocking(move || {
-            let vectors = vectors_of(&calls, pieces);
-            let (block_ids, blocks) = search_blocks::blocks_of(
-                &vectors
-                    .iter()
-                    .map(|((_, time), vector)| (*time, vector))
-                    .collect::<Vec<_>>(),
-            );
-            (vectors, block_ids, blocks)
-        })
-        .await
-        .map_err(|error| {
-            StoreError::Database(sqlx::Error::Protocol(format!(
-                "building the full-text vectors failed: {error}"
-            )))
-        })?;
+        let indexed = search_blocks::vectors_in_blocks(move || vectors_of(&calls, pieces)).await?;
         // The calls' new blocks, and each call its vector and block, at once. The blocks the
         // calls had stay for the calls of theirs that are not in this batch.
         let mut tx = pool.begin().await?;
-        search_blocks::insert(&mut tx, blocks).await?;
+        search_blocks::insert(&mut tx, indexed.blocks).await?;
         let mut update = QueryBuilder::<Postgres>::new(
             r#"UPDATE "GatehouseCallContent" c SET "SearchText" = v.s, "SearchBlock" = v.b FROM ("#,
         );
-        update.push_values(
-            vectors.into_iter().zip(block_ids),
-            |mut row, (((id, time), vector), block)| {
-                row.push_bind(id)
-                    .push_bind(time)
-                    .push_bind(vector)
-                    .push_bind(block)
-                    .push_unseparated("::text");
-            },
-        );
+        update.push_values(indexed.calls, |mut row, ((id, time), vector, block)| {
+            row.push_bind(id)
+                .push_bind(time)
+                .push_bind(vector)
+                .push_bind(block)
+                .push_unseparated("::text");
+        });
         update
             .push(r#") AS v(id, t, s, b) WHERE c."CorrelationId" = v.id AND c."TimeGenerated" = v.t AND c."TimeGenerated" >= "#)
             .push_bind(first.1)
@@ -196,7 +178,7 @@ async fn reindex_postgres(
 fn vectors_of(
     calls: &[ContentKey],
     pieces: Vec<(String, Option<String>, Option<String>)>,
-) -> Vec<(ContentKey, full_text::TsVector)> {
+) -> Vec<(ContentKey, OffsetDateTime, full_text::TsVector)> {
     let mut messages: HashMap<String, (String, String)> = HashMap::new();
     for (id, request, response) in pieces {
         let (prompt, completion) = messages.entry(id).or_default();
@@ -217,6 +199,7 @@ fn vectors_of(
                 .unwrap_or_default();
             (
                 key.clone(),
+                key.1,
                 full_text::TsVector::of(&[&prompt, &completion]),
             )
         })

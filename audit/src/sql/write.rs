@@ -670,19 +670,16 @@ async fn write_postgres_content(
     pool: &sqlx::PgPool,
     records: &[&AuditRecord],
 ) -> Result<(), StoreError> {
-    // Reading the text out of the messages and splitting it into words takes tens of µs a call
-    // (≈ 30 µs to split 4 KB): on a blocking thread, while the transaction starts and the pieces
-    // are written.
     let messages: Vec<_> = records.iter().map(|r| messages(r)).collect();
     let times: Vec<time::OffsetDateTime> = records.iter().map(|r| r.time_generated).collect();
-    let vectors = tokio::task::spawn_blocking(move || {
-        let vectors: Vec<full_text::TsVector> = search_texts(&messages)
+    let indexed = search_blocks::vectors_in_blocks(move || {
+        search_texts(&messages)
             .iter()
-            .map(|(prompt, completion)| full_text::TsVector::of(&[prompt, completion]))
-            .collect();
-        let calls: Vec<_> = times.into_iter().zip(&vectors).collect();
-        let (block_ids, blocks) = search_blocks::blocks_of(&calls);
-        (vectors, block_ids, blocks)
+            .zip(times)
+            .map(|((prompt, completion), time)| {
+                ((), time, full_text::TsVector::of(&[prompt, completion]))
+            })
+            .collect()
     });
     let mut tx = pool.begin().await?;
 
@@ -693,18 +690,14 @@ async fn write_postgres_content(
         .collect();
     insert_llm_rows(&mut tx, POSTGRES_LLM_PIECES_INSERT, pieces).await?;
 
-    let (vectors, block_ids, blocks) = vectors.await.map_err(|error| {
-        StoreError::Database(sqlx::Error::Protocol(format!(
-            "building the full-text vectors failed: {error}"
-        )))
-    })?;
-    search_blocks::insert(&mut tx, blocks).await?;
+    let indexed = indexed.await?;
+    search_blocks::insert(&mut tx, indexed.blocks).await?;
     // One array per column, unnested by the server, as for the other tables: cheaper for it
     // than a VALUES list of as many rows (bench/README.md).
-    let mut vectors = vectors.into_iter().zip(block_ids);
+    let mut vectors = indexed.calls.into_iter();
     for chunk in records.chunks(ROWS_PER_STATEMENT) {
         let mut columns = ContentColumns::default();
-        for (record, (vector, block)) in chunk.iter().zip(vectors.by_ref()) {
+        for (record, ((), vector, block)) in chunk.iter().zip(vectors.by_ref()) {
             columns.correlation_id.push(record.correlation_id.as_str());
             columns.time_generated.push(record.time_generated);
             columns
