@@ -118,6 +118,7 @@ on_both_engines!(
     export_streams_every_match,
     content_expires_before_metadata,
     chains_verify_from_the_store,
+    a_gateway_id_is_held_by_one_live_instance,
 );
 
 /// The SQLite the store runs on is built as `.cargo/config.toml` asks: without the process-wide
@@ -155,7 +156,7 @@ async fn sqlite_planner_statistics_are_bounded_and_skip_the_full_text_shadow_tab
     let indexed: Vec<String> = sqlx::query_scalar(
         "SELECT name FROM sqlite_schema AS t WHERE type = 'table' AND name NOT LIKE 'sqlite_%' \
          AND name <> '_sqlx_migrations' \
-         AND EXISTS (SELECT 1 FROM pragma_index_list(t.name)) ORDER BY name",
+         AND EXISTS (SELECT 1 FROM pragma_index_list(t.name) WHERE origin <> 'pk') ORDER BY name",
     )
     .fetch_all(pool)
     .await
@@ -513,6 +514,85 @@ async fn a_replayed_batch_is_stored_once(store: &SqlStore) {
         .await
         .unwrap();
     assert_eq!(usage.iter().map(|p| p.requests).sum::<i64>(), 20);
+}
+
+/// A gateway id is held by one instance: renewed by it, refused to another while it is renewed,
+/// taken over once it lapsed, free again once released; a release by another instance leaves it.
+async fn a_gateway_id_is_held_by_one_live_instance(store: &SqlStore) {
+    use gatehouse_audit::sql::{ClaimOutcome, GatewayClaim};
+    let lapse = std::time::Duration::from_secs(30);
+    let at = |seconds: i64| T0 + Duration::seconds(seconds);
+
+    assert_eq!(
+        store
+            .claim_gateway_id("gw-1", "a", "host-a", at(0), lapse)
+            .await
+            .unwrap(),
+        ClaimOutcome::Held
+    );
+    assert_eq!(
+        store
+            .claim_gateway_id("gw-1", "a", "host-a", at(10), lapse)
+            .await
+            .unwrap(),
+        ClaimOutcome::Held,
+        "a renewal"
+    );
+    let held_by_a = ClaimOutcome::HeldByAnother(GatewayClaim {
+        instance_id: "a".into(),
+        host: "host-a".into(),
+        seen_at_ms: (at(10).unix_timestamp_nanos() / 1_000_000) as i64,
+    });
+    assert_eq!(
+        store
+            .claim_gateway_id("gw-1", "b", "host-b", at(35), lapse)
+            .await
+            .unwrap(),
+        held_by_a,
+        "renewed 25 s ago: still a's"
+    );
+    assert_eq!(
+        store
+            .claim_gateway_id("gw-2", "b", "host-b", at(35), lapse)
+            .await
+            .unwrap(),
+        ClaimOutcome::Held,
+        "another id is free"
+    );
+    store.release_gateway_id("gw-1", "b").await.unwrap();
+    assert_eq!(
+        store
+            .claim_gateway_id("gw-1", "b", "host-b", at(36), lapse)
+            .await
+            .unwrap(),
+        held_by_a,
+        "b cannot release a's claim"
+    );
+    assert_eq!(
+        store
+            .claim_gateway_id("gw-1", "b", "host-b", at(41), lapse)
+            .await
+            .unwrap(),
+        ClaimOutcome::Held,
+        "not renewed for 31 s: taken over"
+    );
+    assert!(
+        matches!(
+            store.claim_gateway_id("gw-1", "a", "host-a", at(42), lapse).await.unwrap(),
+            ClaimOutcome::HeldByAnother(GatewayClaim { instance_id, .. }) if instance_id == "b"
+        ),
+        "a, back, finds it b's"
+    );
+    store.release_gateway_id("gw-1", "b").await.unwrap();
+    assert_eq!(store.gateway_id_holder("gw-1").await.unwrap(), None);
+    assert_eq!(
+        store
+            .claim_gateway_id("gw-1", "a", "host-a", at(43), lapse)
+            .await
+            .unwrap(),
+        ClaimOutcome::Held,
+        "released: free at once"
+    );
 }
 
 async fn search_filters_and_keyset_pages(store: &SqlStore) {

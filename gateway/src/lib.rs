@@ -44,6 +44,7 @@ pub mod classify;
 pub mod entra;
 pub mod entra_credential;
 pub mod error;
+pub mod gateway_claim;
 mod idle_deadline;
 pub mod key_vault;
 pub mod limits;

@@ -11,6 +11,7 @@ use gatehouse_audit::azure_monitor::AzureMonitorSink;
 use gatehouse_audit::sql::SqlStore;
 use gatehouse_audit::{AuditQueue, AuditSink, JsonLinesSink, QueueSettings};
 use gatehouse_gateway::entra_credential::{TokenCredential, is_key_vault};
+use gatehouse_gateway::gateway_claim::GatewayIdClaim;
 use gatehouse_gateway::key_vault::KeyVaultClient;
 use gatehouse_gateway::runtime::{Resolver, Runtime};
 use gatehouse_gateway::secret::SecretStore;
@@ -278,13 +279,19 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// The one audit sink the settings name.
-async fn audit_sink(audit: &AuditSettings) -> anyhow::Result<Option<Arc<dyn AuditSink>>> {
+/// The one audit sink the settings name, and the SQL store when it is that.
+async fn audit_sink(
+    audit: &AuditSettings,
+) -> anyhow::Result<Option<(Arc<dyn AuditSink>, Option<SqlStore>)>> {
     let named = [
         audit.database.is_some(),
         audit.azure_monitor.is_some(),
         audit.jsonl.is_some(),
     ];
+    anyhow::ensure!(
+        audit.gateway_id_claim_seconds > 0,
+        "server.audit.gateway_id_claim_seconds must be at least 1"
+    );
     if named.iter().filter(|n| **n).count() > 1 {
         anyhow::bail!(
             "server.audit: name one of `database`, `azure_monitor` and `jsonl`, not several"
@@ -297,17 +304,17 @@ async fn audit_sink(audit: &AuditSettings) -> anyhow::Result<Option<Arc<dyn Audi
             audit.content_retention_days,
             audit.metadata_retention_days,
         ));
-        return Ok(Some(Arc::new(store)));
+        return Ok(Some((Arc::new(store.clone()), Some(store))));
     }
     if let Some(config) = &audit.azure_monitor {
         let sink = AzureMonitorSink::new(config.clone()).context("server.audit.azure_monitor")?;
-        return Ok(Some(Arc::new(sink)));
+        return Ok(Some((Arc::new(sink), None)));
     }
     if let Some(path) = &audit.jsonl {
         let sink = JsonLinesSink::open(path)
             .await
             .with_context(|| format!("opening audit file {}", path.display()))?;
-        return Ok(Some(Arc::new(sink)));
+        return Ok(Some((Arc::new(sink), None)));
     }
     Ok(None)
 }
@@ -374,8 +381,22 @@ fn secret_settings(settings: &ServerSettings) -> anyhow::Result<SecretSettings> 
 async fn serve(file: ConfigFile) -> anyhow::Result<()> {
     let settings = file.server;
     let secrets = secret_settings(&settings)?;
+    let mut claim = None;
     let (audit, writer) = match audit_sink(&settings.audit).await? {
-        Some(sink) => {
+        Some((sink, store)) => {
+            // Before the journal is replayed and before any call: a gateway_id held by a running
+            // gateway stops this one here.
+            if let Some(store) = store {
+                claim = Some(Arc::new(
+                    GatewayIdClaim::take(
+                        store,
+                        &settings.gateway_id,
+                        &settings.state_dir,
+                        Duration::from_secs(settings.audit.gateway_id_claim_seconds),
+                    )
+                    .await?,
+                ));
+            }
             let queue_settings = QueueSettings {
                 capacity: settings.audit.queue_capacity,
                 max_bytes: settings.audit.queue_max_bytes,
@@ -412,6 +433,9 @@ async fn serve(file: ConfigFile) -> anyhow::Result<()> {
         client_timeouts: settings.client_timeouts()?,
     })
     .await?;
+    let renewing = claim
+        .as_ref()
+        .map(|claim| claim.keep(gateway.metrics.gateway_id_conflict.clone()));
     let (listening, task) =
         server::spawn(Arc::clone(&gateway), settings.listen, settings.tls.clone()).await?;
     tracing::info!(
@@ -431,6 +455,12 @@ async fn serve(file: ConfigFile) -> anyhow::Result<()> {
     drop(gateway);
     if let Some(writer) = writer {
         writer.finish().await;
+    }
+    if let Some(renewing) = renewing {
+        renewing.abort();
+    }
+    if let Some(claim) = claim {
+        claim.release().await;
     }
     tracing::info!("stopped");
     Ok(())

@@ -120,6 +120,8 @@ pub struct Metrics {
     pub limit_store_errors: Counter,
     /// Failures of the shared object map (Redis).
     pub affinity_store_errors: Counter,
+    /// 1 while another gateway holds this gateway's `gateway_id` in the audit store.
+    pub gateway_id_conflict: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -150,6 +152,7 @@ impl Default for Metrics {
             limit_refusals: Family::default(),
             limit_store_errors: Counter::default(),
             affinity_store_errors: Counter::default(),
+            gateway_id_conflict: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -241,6 +244,11 @@ impl Default for Metrics {
             "affinity_store_errors",
             "Failures of the object map shared by replicas (objects then found through this gateway's own map only)",
             metrics.affinity_store_errors.clone(),
+        );
+        registry.register(
+            "gateway_id_conflict",
+            "1 while another gateway holds this gateway's gateway_id in the audit store: both write the same audit chains",
+            metrics.gateway_id_conflict.clone(),
         );
         Metrics {
             registry,

@@ -310,6 +310,12 @@ pub struct AuditSettings {
     /// Days metadata rows are kept in `database` (none: kept forever).
     #[serde(default)]
     pub metadata_retention_days: Option<u32>,
+    /// With `database`: how long this gateway's claim of its `gateway_id` in the store lasts
+    /// without renewal (it is renewed every third of this). A gateway started with an id whose
+    /// claim is renewed within this refuses to start; one that finds a claim not renewed for this
+    /// long (its holder stopped without giving it up) takes it.
+    #[serde(default = "default_gateway_id_claim_seconds")]
+    pub gateway_id_claim_seconds: u64,
 }
 
 impl Default for AuditSettings {
@@ -326,8 +332,13 @@ impl Default for AuditSettings {
             fail_closed: false,
             content_retention_days: None,
             metadata_retention_days: None,
+            gateway_id_claim_seconds: default_gateway_id_claim_seconds(),
         }
     }
+}
+
+fn default_gateway_id_claim_seconds() -> u64 {
+    30
 }
 
 fn default_room_wait_ms() -> u64 {

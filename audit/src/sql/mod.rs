@@ -12,6 +12,7 @@
 //! Every statement binds its values; no text of a record is ever formatted into SQL.
 
 mod full_text;
+mod gateway_claims;
 mod message_text;
 mod partitions;
 mod read;
@@ -35,6 +36,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
+pub use gateway_claims::{ClaimOutcome, GatewayClaim};
 pub use partitions::{DAYS_AHEAD, DEFAULT_DAYS_BACK};
 pub use read::{CallDetail, CallSummary, Cursor, Page, SearchFilter, UsagePoint, UsageQuery};
 pub use retention::RetentionReport;

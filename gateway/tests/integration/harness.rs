@@ -350,13 +350,26 @@ impl GatewayProcess {
         Self::start_with(name, snapshot, json!({ "limits": limits })).await
     }
 
-    /// Starts one with `snapshot` and the `server` settings in `settings` (an object), and
-    /// waits until `/healthz` answers.
+    /// Starts one with `snapshot` and the `server` settings in `settings` (an object, which may
+    /// set `state_dir`), and waits until `/healthz` answers.
     pub async fn start_with(
         name: &str,
         snapshot: &ConfigSnapshot,
         settings: Value,
     ) -> GatewayProcess {
+        match Self::try_start_with(name, snapshot, settings).await {
+            Ok(gateway) => gateway,
+            Err(log) => panic!("gateway {name} did not come up; its log:\n{log}"),
+        }
+    }
+
+    /// Like [`GatewayProcess::start_with`]; a gateway that exits instead of coming up gives its
+    /// log as the error.
+    pub async fn try_start_with(
+        name: &str,
+        snapshot: &ConfigSnapshot,
+        settings: Value,
+    ) -> Result<GatewayProcess, String> {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let mut server = json!({
@@ -373,8 +386,9 @@ impl GatewayProcess {
         // YAML is a superset of JSON.
         let path = dir.path().join("gateway.yaml");
         std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
-        let log = std::fs::File::create(dir.path().join("gateway.log")).unwrap();
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_gatehouse-gateway"))
+        let log_path = dir.path().join("gateway.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_gatehouse-gateway"))
             .arg("serve")
             .arg("--config")
             .arg(&path)
@@ -387,18 +401,25 @@ impl GatewayProcess {
             .unwrap();
         let url = format!("http://127.0.0.1:{port}");
         let client = reqwest::Client::builder().no_proxy().build().unwrap();
-        for _ in 0..400 {
+        for _ in 0..800 {
             if client
                 .get(format!("{url}/healthz"))
                 .send()
                 .await
                 .is_ok_and(|r| r.status() == 200)
             {
-                return GatewayProcess { url, child, dir };
+                return Ok(GatewayProcess { url, child, dir });
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                let log = std::fs::read_to_string(&log_path).unwrap();
+                return Err(format!("{status}\n{log}"));
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        panic!("gateway {name} did not come up");
+        Err(format!(
+            "no answer from /healthz within 20 s; its log:\n{}",
+            std::fs::read_to_string(&log_path).unwrap()
+        ))
     }
 
     /// What it has logged so far (its standard error).
@@ -406,9 +427,26 @@ impl GatewayProcess {
         std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap()
     }
 
-    /// Kills it.
+    /// Kills it (SIGKILL: nothing of its shutdown runs).
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
+    }
+
+    /// Stops it as a service manager does (SIGTERM), waits until it has exited, and returns its
+    /// log.
+    pub async fn terminate(mut self) -> String {
+        let pid = self.child.id().expect("running").to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let exit = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .expect("exits within 20 s of SIGTERM")
+            .unwrap();
+        assert!(exit.success(), "{exit}");
+        self.log()
     }
 }
 

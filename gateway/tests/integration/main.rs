@@ -19,6 +19,7 @@ mod config_endpoint;
 mod entra;
 mod entra_double;
 mod failover;
+mod gateway_ids;
 mod limits;
 mod operations;
 mod routes;

@@ -1,0 +1,202 @@
+//! One `gateway_id`, one running gateway: gateways whose audit store is the SQL store claim their
+//! id in it, so that a second gateway configured with a running one's id does not start and fork
+//! that id's audit chains (`gateway/src/gateway_claim.rs`). Real gateway processes, the real
+//! PostgreSQL server and a SQLite file.
+
+use std::time::Duration;
+
+use gatehouse_audit::sql::{ClaimOutcome, SqlStore};
+use serde_json::{Value, json};
+
+use crate::harness::*;
+
+fn pool(url: &str) -> Value {
+    json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member("a", url, 1)]}])
+}
+
+/// A PostgreSQL database of this test's own, dropped by [`TestDatabase::drop_now`].
+struct TestDatabase {
+    admin: sqlx::PgPool,
+    name: String,
+    url: String,
+}
+
+impl TestDatabase {
+    async fn new() -> TestDatabase {
+        let admin_url = std::env::var("GATEHOUSE_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+        let name = format!("gh_gateway_{}", uuid::Uuid::new_v4().simple());
+        let admin = sqlx::PgPool::connect(&admin_url).await.unwrap();
+        // The name is made from a UUID above, never from input.
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&admin)
+            .await
+            .unwrap();
+        let url = admin_url
+            .rsplit_once('/')
+            .map(|(base, _)| format!("{base}/{name}"))
+            .unwrap();
+        TestDatabase { admin, name, url }
+    }
+
+    async fn drop_now(self) {
+        sqlx::query(&format!("DROP DATABASE \"{}\" WITH (FORCE)", self.name))
+            .execute(&self.admin)
+            .await
+            .unwrap();
+    }
+}
+
+const WAITING: &str = "another gateway holds this gateway_id in the audit store";
+const TAKEN_OVER: &str = "the earlier claim of this gateway_id lapsed";
+
+#[tokio::test]
+async fn a_second_gateway_with_a_running_gateways_id_does_not_start() {
+    let simulator = simulator("ids-pg").await;
+    let snapshot = snapshot(1, pool(&simulator.url()));
+    let database = TestDatabase::new().await;
+    let settings = json!({"audit": {"database": database.url, "gateway_id_claim_seconds": 2}});
+    let host = gethostname();
+
+    let first = GatewayProcess::start_with("shared-id", &snapshot, settings.clone()).await;
+    let refused = GatewayProcess::try_start_with("shared-id", &snapshot, settings.clone())
+        .await
+        .err()
+        .expect("a second gateway with the id of a running one must not start");
+    assert!(
+        refused.contains("server.gateway_id \"shared-id\" belongs to a running gateway on host")
+            && refused.contains(&format!("{host:?}"))
+            && refused.contains("Give each gateway its own server.gateway_id"),
+        "{refused}"
+    );
+    // A different id starts beside it.
+    let other = GatewayProcess::start_with("other-id", &snapshot, settings.clone()).await;
+    other.terminate().await;
+
+    // Stopped as a service is stopped, the first gives its id up: the next one takes it at once.
+    first.terminate().await;
+    let second = GatewayProcess::start_with("shared-id", &snapshot, settings.clone()).await;
+    assert!(!second.log().contains(WAITING), "{}", second.log());
+
+    // Killed, the second leaves its claim behind: a gateway on another state directory waits
+    // until the claim lapses (2 s) and takes it.
+    second.stop().await;
+    let state = tempfile::tempdir().unwrap();
+    let mut on_state = settings.clone();
+    on_state["state_dir"] = json!(state.path());
+    let third = GatewayProcess::start_with("shared-id", &snapshot, on_state.clone()).await;
+    let log = third.log();
+    assert!(log.contains(WAITING) && log.contains(TAKEN_OVER), "{log}");
+
+    // The same gateway killed and restarted (its state directory keeps its instance id) holds
+    // its claim again at once.
+    third.stop().await;
+    let again = GatewayProcess::start_with("shared-id", &snapshot, on_state).await;
+    assert!(!again.log().contains(WAITING), "{}", again.log());
+    let log = again.terminate().await;
+    assert!(!log.contains("could not give up"), "{log}");
+
+    let store = SqlStore::open(&database.url).await.unwrap();
+    assert_eq!(store.gateway_id_holder("shared-id").await.unwrap(), None);
+    store.close().await;
+    database.drop_now().await;
+}
+
+#[tokio::test]
+async fn a_gateway_whose_id_is_taken_while_it_runs_says_so_in_its_log_and_metrics() {
+    let simulator = simulator("ids-sqlite").await;
+    let snapshot = snapshot(1, pool(&simulator.url()));
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:{}", dir.path().join("audit.db").display());
+    let gateway = GatewayProcess::start_with(
+        "taken-id",
+        &snapshot,
+        json!({"audit": {"database": url, "gateway_id_claim_seconds": 1}}),
+    )
+    .await;
+    assert_eq!(conflict(&gateway.url).await, 0);
+
+    // Another gateway with the id took it over (as it may when this one could not renew for
+    // longer than the lapse) and keeps renewing it.
+    let store = SqlStore::open(&url).await.unwrap();
+    let file = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let lapse = Duration::from_secs(1);
+    let mut taken = false;
+    for _ in 0..100 {
+        let now = time::OffsetDateTime::now_utc();
+        if !taken {
+            sqlx::query(
+                "UPDATE GatehouseGatewayClaims SET InstanceId = 'intruder', Host = 'intruder-host', SeenAtMs = ?1 WHERE GatewayId = 'taken-id'",
+            )
+            .bind(i64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap())
+            .execute(&file)
+            .await
+            .unwrap();
+            taken = true;
+        }
+        assert_eq!(
+            store
+                .claim_gateway_id("taken-id", "intruder", "intruder-host", now, lapse)
+                .await
+                .unwrap(),
+            ClaimOutcome::Held
+        );
+        if conflict(&gateway.url).await == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(conflict(&gateway.url).await, 1);
+    let log = gateway.log();
+    assert!(
+        log.contains("another gateway now holds this gateway_id") && log.contains("intruder-host"),
+        "{log}"
+    );
+
+    // The other one gone (no more renewals), the claim lapses and is this gateway's again.
+    let mut back = false;
+    for _ in 0..100 {
+        if conflict(&gateway.url).await == 0 {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(back, "the lapsed claim was not taken back");
+    assert!(matches!(
+        store.gateway_id_holder("taken-id").await.unwrap(),
+        Some(holder) if holder.instance_id != "intruder"
+    ));
+    file.close().await;
+    store.close().await;
+    gateway.terminate().await;
+}
+
+/// The gateway's `gatehouse_gateway_id_conflict`.
+async fn conflict(url: &str) -> i64 {
+    let metrics = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("gatehouse_gateway_id_conflict "))
+        .expect("the metric is exposed")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn gethostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_owned()
+}
