@@ -1294,6 +1294,121 @@ async fn vector_as_before(pool: &sqlx::PgPool, id: &str, text: &str) {
     .unwrap();
 }
 
+/// A gateway of a version before the word index of blocks (migration 0007), still running during
+/// a rolling upgrade, writes content rows with a vector and no block: migration 0009's trigger
+/// gives each its block as it is written, so its calls are found by text at once; a replay of
+/// such a row fails nothing. Without the trigger they would not be found (checked last).
+#[tokio::test]
+async fn postgres_calls_written_by_an_earlier_version_are_found_by_text() {
+    let test = postgres().await;
+    let store = &test.store;
+    let pool = store.postgres_pool().unwrap();
+    let batch = vec![
+        record_saying(0, "quarterly forecast for the harbour project"),
+        record_saying(1, "the harbour is closed on sunday"),
+        record_saying(2, "nothing to see here"),
+    ];
+    store.write(&batch).await.unwrap();
+    assert_eq!(found(store, "harbour").await, ["call-00000", "call-00001"]);
+
+    // The content rows again, as the INSERT of an earlier version wrote them: its own vector, no
+    // "SearchBlock" column.
+    async fn write_as_before(pool: &sqlx::PgPool, ids: &[&str]) {
+        sqlx::query(
+            r#"WITH old AS (
+                   DELETE FROM "GatehouseCallContent" WHERE "CorrelationId" = ANY($1)
+                   RETURNING "CorrelationId", "TimeGenerated", "BackendRequestBody", "BackendResponseBody", "SearchText", "SearchBlock"),
+               blocks AS (DELETE FROM "GatehouseSearchBlocks" WHERE "BlockId" IN (SELECT coalesce("SearchBlock", "CorrelationId") FROM old))
+               SELECT count(*) FROM old"#,
+        )
+        .bind(ids)
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+    let ids = ["call-00000", "call-00001", "call-00002"];
+    let rows: Vec<(String, OffsetDateTime, Option<String>, Option<String>, String)> =
+        sqlx::query_as(
+            r#"SELECT "CorrelationId", "TimeGenerated", "BackendRequestBody", "BackendResponseBody", "SearchText"::text FROM "GatehouseCallContent" WHERE "CorrelationId" = ANY($1) ORDER BY "CorrelationId""#,
+        )
+        .bind(&ids[..])
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 3);
+    let insert_as_before = |rows: Vec<(
+        String,
+        OffsetDateTime,
+        Option<String>,
+        Option<String>,
+        String,
+    )>| async move {
+        let mut columns: (
+            Vec<String>,
+            Vec<OffsetDateTime>,
+            Vec<Option<String>>,
+            Vec<Option<String>>,
+            Vec<String>,
+        ) = Default::default();
+        for (id, time, request, response, vector) in rows {
+            columns.0.push(id);
+            columns.1.push(time);
+            columns.2.push(request);
+            columns.3.push(response);
+            columns.4.push(vector);
+        }
+        sqlx::query(
+            r#"INSERT INTO "GatehouseCallContent" ("CorrelationId", "TimeGenerated", "BackendRequestBody", "BackendResponseBody", "SearchText") SELECT c, t, q, r, v::tsvector FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::text[]) AS u(c, t, q, r, v) ON CONFLICT ("CorrelationId", "TimeGenerated") DO NOTHING"#,
+        )
+        .bind(columns.0)
+        .bind(columns.1)
+        .bind(columns.2)
+        .bind(columns.3)
+        .bind(columns.4)
+        .execute(pool)
+        .await
+        .unwrap();
+    };
+    write_as_before(pool, &ids).await;
+    assert!(found(store, "harbour").await.is_empty());
+    insert_as_before(rows.clone()).await;
+    assert_eq!(found(store, "harbour").await, ["call-00000", "call-00001"]);
+    assert_eq!(found(store, "quarterly harbour").await, ["call-00000"]);
+    // Replayed: nothing fails, nothing is doubled.
+    insert_as_before(rows.clone()).await;
+    let blocks: i64 = sqlx::query_scalar(
+        r#"SELECT count(*) FROM "GatehouseSearchBlocks" WHERE "BlockId" = ANY($1)"#,
+    )
+    .bind(&ids[..])
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(blocks, 3);
+    // The calls this version writes never fire it: their blocks are the store's own.
+    store
+        .write(&[record_saying(3, "harbour lights")])
+        .await
+        .unwrap();
+    let own: Option<String> = sqlx::query_scalar(
+        r#"SELECT "SearchBlock" FROM "GatehouseCallContent" WHERE "CorrelationId" = 'call-00003'"#,
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert!(own.is_some_and(|block| block != "call-00003"));
+
+    // Without the trigger, the same rows are not found.
+    sqlx::query(
+        r#"DROP TRIGGER "GatehouseCallContent_BlockOfUnblocked" ON "GatehouseCallContent""#,
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    write_as_before(pool, &ids).await;
+    insert_as_before(rows).await;
+    assert_eq!(found(store, "harbour").await, ["call-00003"]);
+}
+
 /// Calls stored before the store built its own full-text vectors (PostgreSQL's parser made them,
 /// which keeps an e-mail address as one word) are still found by what found them then.
 #[tokio::test]
