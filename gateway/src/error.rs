@@ -96,6 +96,18 @@ pub enum GatewayError {
     /// Every member of the pool is failing.
     #[error("No backend for this deployment is available. Try again later.")]
     AllUnavailable,
+    /// A call that creates an object (a file, a batch, a fine-tuning job, …) reached a member
+    /// that then timed out or broke the connection: the member may have created the object, so
+    /// the call is not sent to another one, which could create it twice.
+    #[error(
+        "The backend {} after it was sent this call. The call creates an object and the backend may have created it, so the gateway did not send the call to another backend, which could create it twice: check whether the object exists before you retry.",
+        if *timed_out { "did not answer in time" } else { "broke the connection" }
+    )]
+    OutcomeUnknown {
+        /// The member's answer did not begin within its response timeout (else: the connection
+        /// broke).
+        timed_out: bool,
+    },
     /// The gateway is set to fail closed and cannot record calls now.
     #[error(
         "The gateway cannot record calls right now and is set to refuse them until it can. Try again later."
@@ -163,6 +175,8 @@ impl GatewayError {
             GatewayError::AllUnavailable | GatewayError::AuditUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            GatewayError::OutcomeUnknown { timed_out: true } => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::OutcomeUnknown { timed_out: false } => StatusCode::BAD_GATEWAY,
             GatewayError::InvalidConfig { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             GatewayError::StaleConfig { .. } => StatusCode::CONFLICT,
             GatewayError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -196,6 +210,7 @@ impl GatewayError {
             GatewayError::ObjectNotFound(_) => "object_not_found",
             GatewayError::AllThrottled { .. } => "all_backends_throttled",
             GatewayError::AllUnavailable => "all_backends_unavailable",
+            GatewayError::OutcomeUnknown { .. } => "backend_outcome_unknown",
             GatewayError::AuditUnavailable => "audit_unavailable",
             GatewayError::AdminUnauthorized => "admin_unauthorized",
             GatewayError::InvalidConfig { .. } => "invalid_config",

@@ -195,6 +195,18 @@ pub async fn forward(
                 );
                 gateway.metrics.backend_attempt(&member.config.id, reason);
                 note_attempt(record, &member, None, elapsed_ms, Some(reason));
+                // A call that creates an object goes to another member only when this one cannot
+                // have received it; chat and other completions are retried as they always are
+                // (a stored response is one of those).
+                if !error.is_connect()
+                    && call
+                        .creates
+                        .is_some_and(|family| family != ObjectFamily::Response)
+                {
+                    return Err(GatewayError::OutcomeUnknown {
+                        timed_out: error.is_timeout(),
+                    });
+                }
                 continue;
             }
         };

@@ -97,6 +97,11 @@ impl SendError {
         self.failure == SendFailure::Connect
     }
 
+    /// Whether the member's answer did not begin within its response timeout.
+    pub fn is_timeout(&self) -> bool {
+        self.failure == SendFailure::Timeout
+    }
+
     /// The attempt's outcome as metrics and audit records name it: `connect_failed`,
     /// `response_timeout` or `request_failed`.
     pub fn reason(&self) -> &'static str {

@@ -446,6 +446,87 @@ fn impatient_member(id: &str, url: &str, priority: u32, response_timeout_ms: u64
     member
 }
 
+/// Uploads a small file through `gw`; its status and body.
+async fn upload_file(gw: &TestGateway) -> (u16, Value) {
+    let form = reqwest::multipart::Form::new()
+        .text("purpose", "batch")
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(&b"{\"custom_id\": \"1\"}\n"[..])
+                .file_name("input.jsonl")
+                .mime_str("application/jsonl")
+                .unwrap(),
+        );
+    let response = gw
+        .raw(
+            reqwest::Method::POST,
+            "/openai/files?api-version=2024-10-21",
+        )
+        .header("api-key", KEY)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+/// A call that creates an object (here a file) is not sent to a second member after the first
+/// timed out: the first may have created it, and a second would create it twice. It goes on when
+/// the first cannot have received it (the connection was refused).
+#[tokio::test]
+async fn a_call_creating_an_object_is_not_sent_again_after_a_member_timed_out() {
+    let (silent, silent_requests) = silent_backend().await;
+    let second = simulator("second").await;
+    let gw = TestGateway::start(snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o"], "serves_resources": true, "members": [
+            impatient_member("silent", &silent, 1, 300),
+            impatient_member("second", &second.url(), 2, 300),
+        ]}]),
+    ))
+    .await;
+    let (status, body) = upload_file(&gw).await;
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body["error"]["code"], "504");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("did not answer in time")
+            && message.contains("check whether the object exists before you retry"),
+        "{message}"
+    );
+    assert_eq!(
+        (silent_requests.load(Ordering::SeqCst), second.hits()),
+        (1, 0),
+        "the second member never saw the upload"
+    );
+    let records = gw.records(1).await;
+    assert_eq!(records[0].response_code, 504);
+    assert_eq!(records[0].attempts.len(), 1);
+    assert_eq!(
+        records[0].attempts[0].error.as_deref(),
+        Some("response_timeout")
+    );
+    // A chat completion in the same situation goes on to the next member (the silent one is set
+    // aside by now, so a fresh gateway shows it).
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    let third = simulator("third").await;
+    let gw = TestGateway::start(snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o"], "serves_resources": true, "members": [
+            member("closed", &closed, 1),
+            member("third", &third.url(), 2),
+        ]}]),
+    ))
+    .await;
+    let (status, body) = upload_file(&gw).await;
+    assert_eq!(status, 200, "a refused connection fails over: {body}");
+    assert_eq!(third.hits(), 1);
+}
+
 #[tokio::test]
 async fn a_member_that_does_not_answer_in_time_is_set_aside_and_the_next_one_answers() {
     let (silent, silent_requests) = silent_backend().await;
