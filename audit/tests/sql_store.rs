@@ -2138,6 +2138,13 @@ async fn reindexing_a_range_rebuilds_what_an_earlier_version_indexed(store: &Sql
     assert_eq!(store.write(&calls).await.unwrap(), 40);
     store.settle_search_index().await.unwrap();
     assert_eq!(found(store, "bravo").await, ["call-00005", "call-00030"]);
+    let blocks_of_the_write = match store.postgres_pool() {
+        Some(pool) => sqlx::query_scalar(r#"SELECT "BlockId" FROM "GatehouseSearchBlocks""#)
+            .fetch_all(pool)
+            .await
+            .unwrap(),
+        None => Vec::<String>::new(),
+    };
 
     index_as_before(store, &calls).await;
     assert!(found(store, "bravo").await.is_empty());
@@ -2163,6 +2170,27 @@ async fn reindexing_a_range_rebuilds_what_an_earlier_version_indexed(store: &Sql
     assert_eq!(all, 40);
     assert_eq!(found(store, "bravo").await, ["call-00005", "call-00030"]);
     assert!(found(store, "nbravo").await.is_empty());
+    if let Some(pool) = store.postgres_pool() {
+        // The blocks the calls had (one each, as an earlier version left them, then the first
+        // reindex's) are gone with the last call naming them. Left: the 40 calls' one new
+        // block, and the blocks of the first write, which `index_as_before` left unnamed.
+        let mut blocks: Vec<String> =
+            sqlx::query_scalar(r#"SELECT "BlockId" FROM "GatehouseSearchBlocks""#)
+                .fetch_all(pool)
+                .await
+                .unwrap();
+        let named: Vec<String> =
+            sqlx::query_scalar(r#"SELECT DISTINCT "SearchBlock" FROM "GatehouseCallContent""#)
+                .fetch_all(pool)
+                .await
+                .unwrap();
+        assert_eq!(named.len(), 1, "{named:?}");
+        let mut expected = blocks_of_the_write;
+        expected.extend(named);
+        expected.sort();
+        blocks.sort();
+        assert_eq!(blocks, expected);
+    }
     // Each call once: an entry left beside its new one would be found twice, or make the
     // index's insert fail.
     let invoices = found(store, "invoices").await;

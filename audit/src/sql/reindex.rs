@@ -113,7 +113,7 @@ async fn reindex_postgres(
     let mut count = 0;
     loop {
         let mut query = QueryBuilder::<Postgres>::new(
-            r#"SELECT "CorrelationId", "TimeGenerated" FROM "GatehouseCallContent" WHERE "TimeGenerated" < "#,
+            r#"SELECT "CorrelationId", "TimeGenerated", coalesce("SearchBlock", "CorrelationId") FROM "GatehouseCallContent" WHERE "TimeGenerated" < "#,
         );
         query.push_bind(to);
         match &after {
@@ -134,10 +134,24 @@ async fn reindex_postgres(
         query
             .push(r#" ORDER BY "TimeGenerated", "CorrelationId" LIMIT "#)
             .push_bind(REINDEX_BATCH);
-        let calls: Vec<ContentKey> = query.build_query_as().fetch_all(pool).await?;
-        let (Some(first), Some(last)) = (calls.first().cloned(), calls.last().cloned()) else {
+        let rows: Vec<(String, OffsetDateTime, String)> =
+            query.build_query_as().fetch_all(pool).await?;
+        let (Some(first), Some(last)) = (
+            rows.first().map(|(id, time, _)| (id.clone(), *time)),
+            rows.last().map(|(id, time, _)| (id.clone(), *time)),
+        ) else {
             return Ok(count);
         };
+        let mut old_blocks: Vec<String> = Vec::with_capacity(rows.len());
+        let calls: Vec<ContentKey> = rows
+            .into_iter()
+            .map(|(id, time, block)| {
+                old_blocks.push(block);
+                (id, time)
+            })
+            .collect();
+        old_blocks.sort_unstable();
+        old_blocks.dedup();
         let ids: Vec<String> = calls.iter().map(|(id, _)| id.clone()).collect();
         let pieces: Vec<(String, Option<String>, Option<String>)> = sqlx::query_as(
             r#"SELECT "CorrelationId", "RequestMessages", "ResponseMessages" FROM "GatehouseLlmLogPieces" WHERE "TimeGenerated" >= $1 AND "TimeGenerated" <= $2 AND "CorrelationId" = ANY($3) ORDER BY "CorrelationId", "SequenceNumber""#,
@@ -149,7 +163,8 @@ async fn reindex_postgres(
         .await?;
         let indexed = search_blocks::vectors_in_blocks(move || vectors_of(&calls, pieces)).await?;
         // The calls' new blocks, and each call its vector and block, at once. The blocks the
-        // calls had stay for the calls of theirs that are not in this batch.
+        // calls had stay for the calls of theirs that are not in this batch, and go with the
+        // last of them.
         let mut tx = pool.begin().await?;
         search_blocks::insert(&mut tx, indexed.blocks).await?;
         let mut update = QueryBuilder::<Postgres>::new(
@@ -168,6 +183,15 @@ async fn reindex_postgres(
             .push(r#" AND c."TimeGenerated" <= "#)
             .push_bind(last.1);
         count += update.build().execute(&mut *tx).await?.rows_affected();
+        // The blocks the calls had, once no call names them: left, they would double the word
+        // index of every range indexed again.
+        search_blocks::delete_unnamed(
+            &mut tx,
+            old_blocks,
+            search_blocks::day_start(first.1),
+            last.1,
+        )
+        .await?;
         tx.commit().await?;
         after = Some(last);
     }

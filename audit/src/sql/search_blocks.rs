@@ -155,6 +155,40 @@ pub(super) async fn insert(
     Ok(())
 }
 
+/// Deletes those of `blocks` (dated from `from` to `to`) that no call names any more: the blocks
+/// calls had before `reindex-audit` gave them new ones. A block that a call outside the batch
+/// still names stays until that call is indexed again too. A block's calls are of its day, from
+/// its `TimeGenerated` on (the day's midnight, or the call's own time for the blocks of
+/// migration 0007), which bounds the look-up to a day's partitions.
+pub(super) async fn delete_unnamed(
+    tx: &mut Transaction<'_, Postgres>,
+    blocks: Vec<String>,
+    from: OffsetDateTime,
+    to: OffsetDateTime,
+) -> Result<u64, StoreError> {
+    if blocks.is_empty() {
+        return Ok(0);
+    }
+    let deleted = sqlx::query(
+        r#"DELETE FROM "GatehouseSearchBlocks" b WHERE b."BlockId" = ANY($1) AND b."TimeGenerated" >= $2 AND b."TimeGenerated" <= $3 AND NOT EXISTS (SELECT 1 FROM "GatehouseCallContent" c WHERE coalesce(c."SearchBlock", c."CorrelationId") = b."BlockId" AND c."TimeGenerated" >= b."TimeGenerated" AND c."TimeGenerated" < b."TimeGenerated" + interval '1 day')"#,
+    )
+    .bind(blocks)
+    .bind(from)
+    .bind(to)
+    .execute(&mut **tx)
+    .await?;
+    Ok(deleted.rows_affected())
+}
+
+/// The UTC midnight that begins the day of `time`: the earliest `TimeGenerated` of a block
+/// holding a call of that time.
+pub(super) fn day_start(time: OffsetDateTime) -> OffsetDateTime {
+    time.to_offset(UtcOffset::UTC)
+        .date()
+        .with_time(Time::MIDNIGHT)
+        .assume_utc()
+}
+
 #[cfg(test)]
 mod tests {
     use time::macros::datetime;
