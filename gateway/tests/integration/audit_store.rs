@@ -130,26 +130,11 @@ async fn a_streamed_call_lands_in_sqlite_as_the_client_saw_it() {
 
 #[tokio::test]
 async fn a_streamed_call_lands_in_postgres_as_the_client_saw_it() {
-    let admin_url = std::env::var("GATEHOUSE_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
-    let database = format!("gh_gateway_{}", uuid::Uuid::new_v4().simple());
-    let admin = sqlx::PgPool::connect(&admin_url).await.unwrap();
-    // The name is made from a UUID above, never from input.
-    sqlx::query(&format!("CREATE DATABASE \"{database}\""))
-        .execute(&admin)
-        .await
-        .unwrap();
-    let url = admin_url
-        .rsplit_once('/')
-        .map(|(base, _)| format!("{base}/{database}"))
-        .unwrap();
-    let store = SqlStore::open(&url).await.unwrap();
+    let database = TestDatabase::new().await;
+    let store = SqlStore::open(&database.url).await.unwrap();
     streamed_call_is_stored_as_the_client_saw_it(store.clone()).await;
     store.close().await;
-    sqlx::query(&format!("DROP DATABASE \"{database}\" WITH (FORCE)"))
-        .execute(&admin)
-        .await
-        .unwrap();
+    database.drop_now().await;
 }
 
 /// A sink that fails while `down` is set.

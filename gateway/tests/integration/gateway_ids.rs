@@ -14,39 +14,6 @@ fn pool(url: &str) -> Value {
     json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member("a", url, 1)]}])
 }
 
-/// A PostgreSQL database of this test's own, dropped by [`TestDatabase::drop_now`].
-struct TestDatabase {
-    admin: sqlx::PgPool,
-    name: String,
-    url: String,
-}
-
-impl TestDatabase {
-    async fn new() -> TestDatabase {
-        let admin_url = std::env::var("GATEHOUSE_TEST_POSTGRES_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
-        let name = format!("gh_gateway_{}", uuid::Uuid::new_v4().simple());
-        let admin = sqlx::PgPool::connect(&admin_url).await.unwrap();
-        // The name is made from a UUID above, never from input.
-        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
-            .execute(&admin)
-            .await
-            .unwrap();
-        let url = admin_url
-            .rsplit_once('/')
-            .map(|(base, _)| format!("{base}/{name}"))
-            .unwrap();
-        TestDatabase { admin, name, url }
-    }
-
-    async fn drop_now(self) {
-        sqlx::query(&format!("DROP DATABASE \"{}\" WITH (FORCE)", self.name))
-            .execute(&self.admin)
-            .await
-            .unwrap();
-    }
-}
-
 const WAITING: &str = "another gateway holds this gateway_id in the audit store";
 const TAKEN_OVER: &str = "the earlier claim of this gateway_id lapsed";
 
@@ -114,7 +81,7 @@ async fn a_gateway_whose_id_is_taken_while_it_runs_says_so_in_its_log_and_metric
         json!({"audit": {"database": url, "gateway_id_claim_seconds": 1}}),
     )
     .await;
-    assert_eq!(conflict(&gateway.url).await, 0);
+    assert_eq!(conflict(&gateway).await, 0);
 
     // Another gateway with the id took it over (as it may when this one could not renew for
     // longer than the lapse) and keeps renewing it.
@@ -141,12 +108,12 @@ async fn a_gateway_whose_id_is_taken_while_it_runs_says_so_in_its_log_and_metric
                 .unwrap(),
             ClaimOutcome::Held
         );
-        if conflict(&gateway.url).await == 1 {
+        if conflict(&gateway).await == 1 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(conflict(&gateway.url).await, 1);
+    assert_eq!(conflict(&gateway).await, 1);
     let log = gateway.log();
     assert!(
         log.contains("another gateway now holds this gateway_id") && log.contains("intruder-host"),
@@ -156,7 +123,7 @@ async fn a_gateway_whose_id_is_taken_while_it_runs_says_so_in_its_log_and_metric
     // The other one gone (no more renewals), the claim lapses and is this gateway's again.
     let mut back = false;
     for _ in 0..100 {
-        if conflict(&gateway.url).await == 0 {
+        if conflict(&gateway).await == 0 {
             back = true;
             break;
         }
@@ -173,19 +140,10 @@ async fn a_gateway_whose_id_is_taken_while_it_runs_says_so_in_its_log_and_metric
 }
 
 /// The gateway's `gatehouse_gateway_id_conflict`.
-async fn conflict(url: &str) -> i64 {
-    let metrics = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .get(format!("{url}/metrics"))
-        .send()
+async fn conflict(gateway: &GatewayProcess) -> i64 {
+    gateway
+        .metrics()
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    metrics
         .lines()
         .find_map(|line| line.strip_prefix("gatehouse_gateway_id_conflict "))
         .expect("the metric is exposed")

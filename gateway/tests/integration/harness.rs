@@ -422,6 +422,21 @@ impl GatewayProcess {
         ))
     }
 
+    /// Its `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// What it has logged so far (its standard error).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap()
@@ -483,4 +498,41 @@ pub async fn delete_keys(prefix: &str) {
         .query_async(&mut connection)
         .await
         .unwrap();
+}
+
+/// A PostgreSQL database of a test's own on the tests' server (`GATEHOUSE_TEST_POSTGRES_URL`,
+/// else the local one), so that tests run in parallel; dropped by [`TestDatabase::drop_now`].
+pub struct TestDatabase {
+    admin: sqlx::PgPool,
+    name: String,
+    /// Its URL.
+    pub url: String,
+}
+
+impl TestDatabase {
+    /// Creates an empty database.
+    pub async fn new() -> TestDatabase {
+        let admin_url = std::env::var("GATEHOUSE_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+        let name = format!("gh_gateway_{}", uuid::Uuid::new_v4().simple());
+        let admin = sqlx::PgPool::connect(&admin_url).await.unwrap();
+        // The name is made from a UUID above, never from input.
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&admin)
+            .await
+            .unwrap();
+        let url = admin_url
+            .rsplit_once('/')
+            .map(|(base, _)| format!("{base}/{name}"))
+            .unwrap();
+        TestDatabase { admin, name, url }
+    }
+
+    /// Drops it, whoever is still connected.
+    pub async fn drop_now(self) {
+        sqlx::query(&format!("DROP DATABASE \"{}\" WITH (FORCE)", self.name))
+            .execute(&self.admin)
+            .await
+            .unwrap();
+    }
 }
