@@ -134,7 +134,7 @@ async fn a_streamed_call_lands_in_postgres_as_the_client_saw_it() {
     let store = SqlStore::open(&database.url).await.unwrap();
     streamed_call_is_stored_as_the_client_saw_it(store.clone()).await;
     store.close().await;
-    database.drop_now().await;
+    drop(database);
 }
 
 /// A sink that fails while `down` is set.

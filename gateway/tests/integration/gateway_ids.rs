@@ -66,7 +66,7 @@ async fn a_second_gateway_with_a_running_gateways_id_does_not_start() {
     let store = SqlStore::open(&database.url).await.unwrap();
     assert_eq!(store.gateway_id_holder("shared-id").await.unwrap(), None);
     store.close().await;
-    database.drop_now().await;
+    drop(database);
 }
 
 #[tokio::test]

@@ -501,19 +501,22 @@ pub async fn delete_keys(prefix: &str) {
 }
 
 /// A PostgreSQL database of a test's own on the tests' server (`GATEHOUSE_TEST_POSTGRES_URL`,
-/// else the local one), so that tests run in parallel; dropped by [`TestDatabase::drop_now`].
+/// else the local one), so that tests run in parallel; dropped with it, also when the test fails.
 pub struct TestDatabase {
-    admin: sqlx::PgPool,
     name: String,
     /// Its URL.
     pub url: String,
 }
 
+fn postgres_admin_url() -> String {
+    std::env::var("GATEHOUSE_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
 impl TestDatabase {
     /// Creates an empty database.
     pub async fn new() -> TestDatabase {
-        let admin_url = std::env::var("GATEHOUSE_TEST_POSTGRES_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+        let admin_url = postgres_admin_url();
         let name = format!("gh_gateway_{}", uuid::Uuid::new_v4().simple());
         let admin = sqlx::PgPool::connect(&admin_url).await.unwrap();
         // The name is made from a UUID above, never from input.
@@ -521,18 +524,35 @@ impl TestDatabase {
             .execute(&admin)
             .await
             .unwrap();
+        admin.close().await;
         let url = admin_url
             .rsplit_once('/')
             .map(|(base, _)| format!("{base}/{name}"))
             .unwrap();
-        TestDatabase { admin, name, url }
+        TestDatabase { name, url }
     }
+}
 
-    /// Drops it, whoever is still connected.
-    pub async fn drop_now(self) {
-        sqlx::query(&format!("DROP DATABASE \"{}\" WITH (FORCE)", self.name))
-            .execute(&self.admin)
-            .await
-            .unwrap();
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let name = std::mem::take(&mut self.name);
+        // From a thread with its own runtime: Drop cannot await, and the test's runtime may be
+        // unwinding. `WITH (FORCE)` ends the connections still open to it.
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let admin = sqlx::PgPool::connect(&postgres_admin_url()).await.unwrap();
+                sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                    .execute(&admin)
+                    .await
+                    .unwrap();
+                admin.close().await;
+            });
+        })
+        .join()
+        .unwrap();
     }
 }
