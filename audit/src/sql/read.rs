@@ -8,7 +8,7 @@ use sqlx::{Postgres, QueryBuilder, Row, Sqlite};
 use time::OffsetDateTime;
 
 use super::rollup::{Dimension, Granularity};
-use super::{Engine, SqlStore, StoreError, full_text, net_key_range, sqlite_time};
+use super::{Engine, SqlStore, StoreError, full_text, net_key_range, search_blocks, sqlite_time};
 
 /// Largest page a search returns.
 pub const MAX_PAGE: u32 = 1_000;
@@ -684,10 +684,7 @@ fn push_postgres_search(
         // checked against its own vector (`search_blocks.rs`). The same time range on the
         // content side keeps the search to the range's day partitions; a block is dated at its
         // day's UTC midnight.
-        let first_day = f
-            .from
-            .to_offset(time::UtcOffset::UTC)
-            .replace_time(time::Time::MIDNIGHT);
+        let first_day = search_blocks::day_start(f.from);
         q.push(r#" AND (l."CorrelationId", l."TimeGenerated") IN (SELECT c."CorrelationId", c."TimeGenerated" FROM "GatehouseCallContent" c WHERE c."TimeGenerated" >= "#)
             .push_bind(f.from)
             .push(r#" AND c."TimeGenerated" < "#)

@@ -136,20 +136,14 @@ async fn reindex_postgres(
             .push_bind(REINDEX_BATCH);
         let rows: Vec<(String, OffsetDateTime, String)> =
             query.build_query_as().fetch_all(pool).await?;
-        let (Some(first), Some(last)) = (
-            rows.first().map(|(id, time, _)| (id.clone(), *time)),
-            rows.last().map(|(id, time, _)| (id.clone(), *time)),
-        ) else {
+        // Each call's key, and the block it had (for `delete_unnamed` below).
+        let (calls, mut old_blocks): (Vec<ContentKey>, Vec<String>) = rows
+            .into_iter()
+            .map(|(id, time, block)| ((id, time), block))
+            .unzip();
+        let (Some(first), Some(last)) = (calls.first().cloned(), calls.last().cloned()) else {
             return Ok(count);
         };
-        let mut old_blocks: Vec<String> = Vec::with_capacity(rows.len());
-        let calls: Vec<ContentKey> = rows
-            .into_iter()
-            .map(|(id, time, block)| {
-                old_blocks.push(block);
-                (id, time)
-            })
-            .collect();
         old_blocks.sort_unstable();
         old_blocks.dedup();
         let ids: Vec<String> = calls.iter().map(|(id, _)| id.clone()).collect();

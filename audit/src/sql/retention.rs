@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 use super::partitions::{
     CALLS, CONTENT, DailyTable, LLM_HEADERS, LLM_PIECES, SEARCH_BLOCKS, drop_days_before, quoted,
 };
-use super::{Engine, SqlStore, StoreError, sqlite_time};
+use super::{Engine, SqlStore, StoreError, search_blocks, sqlite_time};
 
 /// What a retention run removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -127,9 +127,7 @@ impl SqlStore {
                 // A block of the word index is dated at its calls' UTC midnight: it goes once
                 // its whole day is past the content cutoff, so that no call left of the cutoff's
                 // day loses the block that finds it.
-                let blocks_before = content_before
-                    .to_offset(time::UtcOffset::UTC)
-                    .replace_time(time::Time::MIDNIGHT);
+                let blocks_before = search_blocks::day_start(content_before);
                 expire(pool, SEARCH_BLOCKS, blocks_before, batch, r).await?;
                 let metadata = expire(pool, CALLS, metadata_before, batch, r).await?;
                 expire(pool, LLM_HEADERS, metadata_before, batch, r).await?;

@@ -67,7 +67,7 @@ pub(super) fn blocks_of(
     let mut ids = vec![None; calls.len()];
     let blocks = groups
         .into_iter()
-        .map(|(day, members, _)| {
+        .map(|(_, members, _)| {
             // Random: never a call's `CorrelationId` (the id of a block made by migration 0007),
             // nor another gateway's block.
             let id = uuid::Uuid::new_v4().to_string();
@@ -77,7 +77,7 @@ pub(super) fn blocks_of(
             Block {
                 words: TsVector::union_of(members.iter().map(|&member| calls[member].1)),
                 id,
-                day: day.with_time(Time::MIDNIGHT).assume_utc(),
+                day: day_start(calls[members[0]].0),
             }
         })
         .collect();
