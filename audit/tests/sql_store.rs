@@ -1263,15 +1263,18 @@ async fn postgres_calls_are_indexed_in_blocks_of_their_day() {
     // Three writers share the batch: at most two blocks each here.
     assert!((5..=6).contains(&blocks), "{blocks} blocks");
     assert!(largest <= 64, "{largest}");
-    let (outside, wrong_day): (i64, i64) = sqlx::query_as(
-        r#"SELECT count(*) FILTER (WHERE NOT tsvector_to_array(c."SearchText") <@ tsvector_to_array(b."Words")),
+    // Every named block exists (a call naming a missing one could never be found), holds all of
+    // its call's words and is of its call's day.
+    let (joined, outside, wrong_day): (i64, i64, i64) = sqlx::query_as(
+        r#"SELECT count(*),
+                  count(*) FILTER (WHERE NOT tsvector_to_array(c."SearchText") <@ tsvector_to_array(b."Words")),
                   count(*) FILTER (WHERE b."TimeGenerated" <> date_trunc('day', c."TimeGenerated" AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')
            FROM "GatehouseCallContent" c JOIN "GatehouseSearchBlocks" b ON b."BlockId" = c."SearchBlock""#,
     )
     .fetch_one(pool)
     .await
     .unwrap();
-    assert_eq!((outside, wrong_day), (0, 0));
+    assert_eq!((joined, outside, wrong_day), (299, 0, 0));
     // A word of one call of a block finds that call alone.
     assert_eq!(found(store, "number 123").await, ["call-00123"]);
 }
@@ -1311,9 +1314,9 @@ async fn postgres_calls_written_by_an_earlier_version_are_found_by_text() {
     store.write(&batch).await.unwrap();
     assert_eq!(found(store, "harbour").await, ["call-00000", "call-00001"]);
 
-    // The content rows again, as the INSERT of an earlier version wrote them: its own vector, no
-    // "SearchBlock" column.
-    async fn write_as_before(pool: &sqlx::PgPool, ids: &[&str]) {
+    // Removes the calls' content rows and their blocks, for them to be written again as the
+    // INSERT of an earlier version wrote them (`insert_as_before`).
+    async fn remove_content(pool: &sqlx::PgPool, ids: &[&str]) {
         sqlx::query(
             r#"WITH old AS (
                    DELETE FROM "GatehouseCallContent" WHERE "CorrelationId" = ANY($1)
@@ -1335,6 +1338,7 @@ async fn postgres_calls_written_by_an_earlier_version_are_found_by_text() {
     .execute(pool)
     .await
     .unwrap();
+    // The INSERT of an earlier version: its own vector, no "SearchBlock" column.
     let insert_as_before = || async {
         sqlx::query(
             r#"INSERT INTO "GatehouseCallContent" ("CorrelationId", "TimeGenerated", "BackendRequestBody", "BackendResponseBody", "SearchText") SELECT * FROM "Kept" ON CONFLICT ("CorrelationId", "TimeGenerated") DO NOTHING"#,
@@ -1344,7 +1348,7 @@ async fn postgres_calls_written_by_an_earlier_version_are_found_by_text() {
         .unwrap()
         .rows_affected()
     };
-    write_as_before(pool, &ids).await;
+    remove_content(pool, &ids).await;
     assert!(found(store, "harbour").await.is_empty());
     assert_eq!(insert_as_before().await, 3);
     assert_eq!(found(store, "harbour").await, ["call-00000", "call-00001"]);
@@ -1364,13 +1368,18 @@ async fn postgres_calls_written_by_an_earlier_version_are_found_by_text() {
         .write(&[record_saying(3, "harbour lights")])
         .await
         .unwrap();
-    let own: Option<String> = sqlx::query_scalar(
-        r#"SELECT "SearchBlock" FROM "GatehouseCallContent" WHERE "CorrelationId" = 'call-00003'"#,
+    let (own, fired): (Option<String>, i64) = sqlx::query_as(
+        r#"SELECT (SELECT "SearchBlock" FROM "GatehouseCallContent" WHERE "CorrelationId" = 'call-00003'),
+                  (SELECT count(*) FROM "GatehouseSearchBlocks" WHERE "BlockId" = 'call-00003')"#,
     )
     .fetch_one(pool)
     .await
     .unwrap();
     assert!(own.is_some_and(|block| block != "call-00003"));
+    assert_eq!(
+        fired, 0,
+        "the trigger made a block for a call of this version"
+    );
 
     // Without the trigger, the same rows are not found.
     sqlx::query(
@@ -1379,7 +1388,7 @@ async fn postgres_calls_written_by_an_earlier_version_are_found_by_text() {
     .execute(pool)
     .await
     .unwrap();
-    write_as_before(pool, &ids).await;
+    remove_content(pool, &ids).await;
     assert_eq!(insert_as_before().await, 3);
     assert_eq!(found(store, "harbour").await, ["call-00003"]);
 }
