@@ -6,47 +6,17 @@ use futures::StreamExt;
 use gatehouse_audit::AuditRecord;
 use gatehouse_audit::sql::rollup::{Dimension, Granularity};
 use gatehouse_audit::sql::{Cursor, SearchFilter, SqlStore, UsageQuery};
+use gatehouse_test_support::TestDatabase;
 use serde_json::{Value, json};
 use sqlx::Row;
 use time::{Duration, OffsetDateTime, macros::datetime};
 
-/// A store and what keeps it alive (a temp dir, or a database dropped at the end).
+/// A store and what keeps it alive (a temp dir, or a database dropped at the end). The store
+/// is dropped first, its database after it.
 struct TestStore {
     store: SqlStore,
     _dir: Option<tempfile::TempDir>,
-    database: Option<String>,
-}
-
-impl Drop for TestStore {
-    fn drop(&mut self) {
-        let Some(database) = self.database.take() else {
-            return;
-        };
-        // Drop the database from a thread with its own runtime: Drop cannot await. `WITH (FORCE)`
-        // ends the store's connections, which belong to the test's (now blocked) runtime.
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let admin = sqlx::PgPool::connect(&admin_url()).await.unwrap();
-                sqlx::query(&format!(
-                    "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
-                ))
-                .execute(&admin)
-                .await
-                .unwrap();
-            });
-        })
-        .join()
-        .unwrap();
-    }
-}
-
-fn admin_url() -> String {
-    std::env::var("GATEHOUSE_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+    _database: Option<TestDatabase>,
 }
 
 async fn sqlite() -> TestStore {
@@ -55,36 +25,22 @@ async fn sqlite() -> TestStore {
     TestStore {
         store: SqlStore::open(&url).await.unwrap(),
         _dir: Some(dir),
-        database: None,
+        _database: None,
     }
 }
 
 async fn postgres() -> TestStore {
-    let (url, database) = postgres_database().await;
+    let database = postgres_database().await;
     TestStore {
-        store: SqlStore::open(&url).await.unwrap(),
+        store: SqlStore::open(&database.url).await.unwrap(),
         _dir: None,
-        database: Some(database),
+        _database: Some(database),
     }
 }
 
-/// A new empty database: its URL and its name.
-async fn postgres_database() -> (String, String) {
-    let database = format!("gh_audit_{}", uuid::Uuid::new_v4().simple());
-    let admin = sqlx::PgPool::connect(&admin_url())
-        .await
-        .expect("PostgreSQL on 127.0.0.1:5432");
-    // The name is generated above from a UUID, never from input.
-    sqlx::query(&format!("CREATE DATABASE \"{database}\""))
-        .execute(&admin)
-        .await
-        .unwrap();
-    admin.close().await;
-    let url = admin_url()
-        .rsplit_once('/')
-        .map(|(base, _)| format!("{base}/{database}"))
-        .unwrap();
-    (url, database)
+/// A new empty database of the test's own.
+async fn postgres_database() -> TestDatabase {
+    TestDatabase::new("gh_audit").await
 }
 
 macro_rules! on_both_engines {
@@ -1766,11 +1722,12 @@ async fn postgres_a_replayed_batch_over_several_days_is_stored_once() {
 
 #[tokio::test]
 async fn postgres_unexpected_times_land_in_default_and_move_to_their_day() {
-    let (url, database) = postgres_database().await;
+    let database = postgres_database().await;
+    let url = database.url.clone();
     let test = TestStore {
         store: SqlStore::open(&url).await.unwrap(),
         _dir: None,
-        database: Some(database),
+        _database: Some(database),
     };
     let store = &test.store;
     let pool = store.postgres_pool().unwrap();
@@ -1858,11 +1815,12 @@ async fn postgres_unexpected_times_land_in_default_and_move_to_their_day() {
 
 #[tokio::test]
 async fn postgres_a_reopened_store_keeps_its_rows() {
-    let (url, database) = postgres_database().await;
+    let database = postgres_database().await;
+    let url = database.url.clone();
     let test = TestStore {
         store: SqlStore::open(&url).await.unwrap(),
         _dir: None,
-        database: Some(database),
+        _database: Some(database),
     };
     let batch: Vec<AuditRecord> = (0..6)
         .map(|i| record_at(&format!("r{i}"), day(i) + Duration::hours(9)))
@@ -1901,11 +1859,12 @@ async fn postgres_a_reopened_store_keeps_its_rows() {
 
 #[tokio::test]
 async fn postgres_a_store_at_migration_3_keeps_its_rows_in_day_and_month_partitions() {
-    let (url, database) = postgres_database().await;
+    let database = postgres_database().await;
+    let url = database.url.clone();
     let _drop = TestStore {
         store: SqlStore::connect(&url).await.unwrap(),
         _dir: None,
-        database: Some(database),
+        _database: Some(database),
     };
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
     let mut migrator = sqlx::migrate::Migrator::new(std::path::Path::new(concat!(

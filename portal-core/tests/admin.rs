@@ -2,7 +2,7 @@
 //! gateway and simulator: rules (with limits) decide what a key may call, bad input changes
 //! nothing, pools route calls and the gateway's view of each member's health comes back, two
 //! versions can be compared and an old one rolled back to, and a rotation's overlap ends by itself.
-#![expect(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
+#![expect(clippy::unwrap_used, reason = "test code")]
 
 mod common;
 

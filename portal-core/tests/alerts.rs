@@ -4,12 +4,7 @@
 //! `quota_nearly_used` on the published limit rules and the rollups, `key_expiring` on the
 //! subscriptions), a notification that could not be delivered is delivered later, and the state
 //! survives a restart of the alerter.
-#![expect(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    reason = "test code"
-)]
+#![expect(clippy::unwrap_used, clippy::panic, reason = "test code")]
 
 mod common;
 

@@ -1,6 +1,6 @@
 //! The config database on both engines: migrations apply (twice), every table round-trips, and
 //! the snapshot built from it is one a gateway accepts.
-#![expect(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
+#![expect(clippy::unwrap_used, reason = "test code")]
 
 mod common;
 

@@ -496,55 +496,10 @@ async fn the_embedded_store_on_sqlite() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_embedded_store_on_postgres() {
-    let audit = AuditDatabase::create().await;
+    let audit = gatehouse_test_support::TestDatabase::new("gh_insights").await;
     let source = EmbeddedSource::open(&audit.url).await.unwrap();
     seed(source.store()).await;
     let config = common::postgres().await;
     exercise(source.clone(), config.db.clone()).await;
     source.store().close().await;
-}
-
-/// An audit database on the local PostgreSQL, dropped at the end.
-struct AuditDatabase {
-    url: String,
-    name: String,
-}
-
-impl AuditDatabase {
-    async fn create() -> AuditDatabase {
-        let name = format!("gh_insights_{}", uuid::Uuid::new_v4().simple());
-        let admin = sqlx::PgPool::connect(&common::admin_url()).await.unwrap();
-        // The name is generated above, never input.
-        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
-            .execute(&admin)
-            .await
-            .unwrap();
-        admin.close().await;
-        let url = common::admin_url()
-            .rsplit_once('/')
-            .map(|(base, _)| format!("{base}/{name}"))
-            .unwrap();
-        AuditDatabase { url, name }
-    }
-}
-
-impl Drop for AuditDatabase {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let admin = sqlx::PgPool::connect(&common::admin_url()).await.unwrap();
-                sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-                    .execute(&admin)
-                    .await
-                    .unwrap();
-            });
-        })
-        .join()
-        .unwrap();
-    }
 }

@@ -130,7 +130,7 @@ async fn a_streamed_call_lands_in_sqlite_as_the_client_saw_it() {
 
 #[tokio::test]
 async fn a_streamed_call_lands_in_postgres_as_the_client_saw_it() {
-    let database = TestDatabase::new().await;
+    let database = TestDatabase::new("gh_gateway").await;
     let store = SqlStore::open(&database.url).await.unwrap();
     streamed_call_is_stored_as_the_client_saw_it(store.clone()).await;
     store.close().await;

@@ -21,7 +21,7 @@ const TAKEN_OVER: &str = "the earlier claim of this gateway_id lapsed";
 async fn a_second_gateway_with_a_running_gateways_id_does_not_start() {
     let simulator = simulator("ids-pg").await;
     let snapshot = snapshot(1, pool(&simulator.url()));
-    let database = TestDatabase::new().await;
+    let database = TestDatabase::new("gh_gateway").await;
     let settings = json!({"audit": {"database": database.url, "gateway_id_claim_seconds": 2}});
     let host = gethostname();
 

@@ -12,6 +12,7 @@ use gatehouse_gateway::settings::{AffinitySettings, LimitSettings};
 use gatehouse_gateway::{ClientTimeouts, Gateway, GatewayParts, SecretSettings};
 use gatehouse_schema::{AuditRecord, ConfigSnapshot};
 use gatehouse_simulator::{RunningSimulator, Simulator, SimulatorConfig};
+pub use gatehouse_test_support::TestDatabase;
 use serde_json::{Value, json};
 
 /// The client key every test subscription accepts.
@@ -498,61 +499,4 @@ pub async fn delete_keys(prefix: &str) {
         .query_async(&mut connection)
         .await
         .unwrap();
-}
-
-/// A PostgreSQL database of a test's own on the tests' server (`GATEHOUSE_TEST_POSTGRES_URL`,
-/// else the local one), so that tests run in parallel; dropped with it, also when the test fails.
-pub struct TestDatabase {
-    name: String,
-    /// Its URL.
-    pub url: String,
-}
-
-fn postgres_admin_url() -> String {
-    std::env::var("GATEHOUSE_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
-
-impl TestDatabase {
-    /// Creates an empty database.
-    pub async fn new() -> TestDatabase {
-        let admin_url = postgres_admin_url();
-        let name = format!("gh_gateway_{}", uuid::Uuid::new_v4().simple());
-        let admin = sqlx::PgPool::connect(&admin_url).await.unwrap();
-        // The name is made from a UUID above, never from input.
-        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
-            .execute(&admin)
-            .await
-            .unwrap();
-        admin.close().await;
-        let url = admin_url
-            .rsplit_once('/')
-            .map(|(base, _)| format!("{base}/{name}"))
-            .unwrap();
-        TestDatabase { name, url }
-    }
-}
-
-impl Drop for TestDatabase {
-    fn drop(&mut self) {
-        let name = std::mem::take(&mut self.name);
-        // From a thread with its own runtime: Drop cannot await, and the test's runtime may be
-        // unwinding. `WITH (FORCE)` ends the connections still open to it.
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let admin = sqlx::PgPool::connect(&postgres_admin_url()).await.unwrap();
-                sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-                    .execute(&admin)
-                    .await
-                    .unwrap();
-                admin.close().await;
-            });
-        })
-        .join()
-        .unwrap();
-    }
 }
