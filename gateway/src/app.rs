@@ -105,10 +105,11 @@ pub struct ClientTimeouts {
     /// The longest pause while the request body arrives; the call is then answered 408 and goes
     /// to no backend.
     pub request_body: Duration,
-    /// The longest a client may leave the gateway's answer untaken (the connection's buffers
-    /// full, the gateway unable to write) before the connection is closed; the call's record
-    /// is completed from the backend and marked client-aborted. HTTP/1.1 and TLS connections; an
-    /// HTTP/2 stream waits on its own flow-control window instead.
+    /// The longest a client may leave the gateway's answer untaken before the gateway gives up
+    /// on it; the call's record is completed from the backend and marked client-aborted. On an
+    /// HTTP/1.1 connection (the connection's buffers full, the gateway unable to write) the
+    /// connection is closed; on HTTP/2 (the stream's flow-control window closed) the stream is
+    /// reset and the connection's other streams go on.
     pub send: Duration,
 }
 

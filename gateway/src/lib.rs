@@ -59,6 +59,7 @@ pub mod runtime;
 pub mod secret;
 pub mod server;
 pub mod settings;
+mod stream_window;
 mod sync;
 pub mod upstream;
 pub mod usage;

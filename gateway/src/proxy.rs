@@ -29,6 +29,7 @@ use crate::pool::{Member, MemberCredential, Pool, Selection, SetAsideReason};
 use crate::record::{CallRecord, Holds, millis};
 use crate::retry_hint;
 use crate::runtime::Runtime;
+use crate::stream_window;
 use crate::upstream::{SendError, UpstreamBody};
 use crate::usage::TokenWork;
 
@@ -252,7 +253,16 @@ pub async fn forward(
         let Some(record) = record.take() else {
             return Err(GatewayError::Internal);
         };
-        return Ok(relay(gateway, call, member, response, record, asked_usage).await);
+        return Ok(relay(
+            gateway,
+            call,
+            member,
+            response,
+            record,
+            asked_usage,
+            parts.version,
+        )
+        .await);
     }
 }
 
@@ -570,7 +580,8 @@ fn upstream_headers(
 /// Streams the backend's answer to the client through the capture, and completes the record.
 ///
 /// `asked_usage`: the gateway added `stream_options.include_usage`, so the usage chunk is read for
-/// the record and left out of what the client receives.
+/// the record and left out of what the client receives. `client_version`: the client's HTTP
+/// version (an HTTP/2 answer is paced by its stream's window, see [`stream_window`]).
 async fn relay(
     gateway: &Arc<Gateway>,
     call: Call,
@@ -578,6 +589,7 @@ async fn relay(
     response: http::Response<UpstreamBody>,
     mut record: CallRecord,
     asked_usage: bool,
+    client_version: http::Version,
 ) -> Response {
     let status = response.status();
     record.record.backend_response_code = Some(status.as_u16());
@@ -671,7 +683,12 @@ async fn relay(
             span: tracing::Span::current(),
         }),
     };
-    build_response(status, headers, Body::from_stream(body))
+    let body = if client_version == http::Version::HTTP_2 {
+        stream_window::paced_by_stream_window(body, gateway.client_timeouts.send)
+    } else {
+        Body::from_stream(body)
+    };
+    build_response(status, headers, body)
 }
 
 /// The response body the client reads: each backend chunk passes through the tee as hyper asks

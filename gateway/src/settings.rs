@@ -66,8 +66,9 @@ pub struct ServerSettings {
     #[serde(default = "default_client_timeout_seconds")]
     pub request_body_timeout_seconds: u64,
     /// The longest a client may leave its answer untaken, in seconds (default 60, nginx's
-    /// `send_timeout`): when the gateway cannot write to the connection for this long, the
-    /// connection is closed and the call recorded as client-aborted.
+    /// `send_timeout`): when the gateway cannot write to an HTTP/1.1 connection, or an HTTP/2
+    /// client keeps a stream's window closed, for this long, the connection is closed (HTTP/1.1)
+    /// or the stream reset (HTTP/2) and the call recorded as client-aborted.
     #[serde(default = "default_client_timeout_seconds")]
     pub send_timeout_seconds: u64,
     /// Threads that serve calls; absent: `TOKIO_WORKER_THREADS`, else one per CPU.

@@ -1,6 +1,7 @@
 //! Clients that send slowly or not at all (slowloris): their connections are closed, or their
 //! call answered 408, and nothing reaches a backend. Clients that stop taking their answer are
-//! disconnected. HTTP/2 peers that vanish are found by a ping; live ones keep their connections.
+//! disconnected (an HTTP/2 client that leaves one stream's window closed has that stream reset).
+//! HTTP/2 peers that vanish are found by a ping; live ones keep their connections.
 
 use std::time::Duration;
 
@@ -293,4 +294,72 @@ async fn a_client_that_stops_taking_its_answer_is_disconnected_and_the_call_reco
         received, announced,
         "a pause within the send timeout is not cut"
     );
+}
+
+#[tokio::test]
+async fn an_http2_client_that_leaves_a_stream_window_closed_has_the_stream_reset_and_the_call_recorded()
+ {
+    let (sim, gw) = impatient_gateway().await;
+    let io = hyper_util::rt::TokioIo::new(connect(&gw).await);
+    // A stream window of 64 KiB, opened again only as the client reads the body (hyper's client
+    // does so on its own); a connection window large enough for other streams to go on.
+    let (mut sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(65_535)
+            .initial_connection_window_size(4 << 20)
+            .handshake(io)
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let inputs: Vec<String> = (0..200).map(|i| format!("document {i}")).collect();
+    let body = serde_json::to_vec(&json!({"input": inputs, "dimensions": 4096})).unwrap();
+    let request = http::Request::post(format!(
+        "http://{}/openai/deployments/gpt-4o/embeddings?api-version=2024-10-21",
+        gw.listening.addr
+    ))
+    .header("api-key", KEY)
+    .header("content-type", "application/json")
+    .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+    .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let announced: usize = response.headers()["content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        announced > 8 << 20,
+        "an answer larger than the window: {announced}"
+    );
+
+    // The client takes nothing for three times the send timeout: the gateway gives the stream
+    // up, the record is completed from the backend and says the client went.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let records = gw.records(1).await;
+    assert!(records[0].client_aborted, "the record says the client went");
+    assert_eq!(records[0].backend_response_code, Some(200));
+    assert_eq!(sim.hits(), 1);
+
+    // The connection itself is fine: another call on it is answered.
+    let health = http::Request::get(format!("http://{}/healthz", gw.listening.addr))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    assert_eq!(sender.send_request(health).await.unwrap().status(), 200);
+
+    // The stalled answer ends with an error, never as a short answer that looks complete.
+    let mut body = response.into_body();
+    let mut received = 0;
+    let ended = loop {
+        match http_body_util::BodyExt::frame(&mut body).await {
+            Some(Ok(frame)) => received += frame.data_ref().map_or(0, bytes::Bytes::len),
+            Some(Err(error)) => break Err(error),
+            None => break Ok(()),
+        }
+    };
+    assert!(
+        ended.is_err(),
+        "the stream was reset after {received} bytes"
+    );
+    assert!(received < announced, "{received} of {announced} bytes");
 }
