@@ -81,7 +81,7 @@ impl GatewayIdClaim {
                         None => tracing::warn!(
                             gateway_id,
                             holder_host = %holder.host,
-                            renewed_ms_ago = claim.ms_since(holder.seen_at_ms),
+                            renewed_ms_ago = holder.renewed_ms_before(OffsetDateTime::now_utc()),
                             lapse_ms = u64::try_from(lapse.as_millis()).unwrap_or(u64::MAX),
                             "another gateway holds this gateway_id in the audit store; waiting for its claim to lapse (a gateway that stopped without giving it up) or to be renewed (a running gateway)"
                         ),
@@ -89,7 +89,7 @@ impl GatewayIdClaim {
                             anyhow::bail!(
                                 "server.gateway_id {gateway_id:?} belongs to a running gateway on host {:?} (it renewed its claim {} ms ago): two gateways with one gateway_id write the same audit chains, which verify-audit then reports as forked. Give each gateway its own server.gateway_id (the default is the machine's host name)",
                                 holder.host,
-                                claim.ms_since(holder.seen_at_ms)
+                                holder.renewed_ms_before(OffsetDateTime::now_utc())
                             );
                         }
                         Some(_) => {}
@@ -168,13 +168,6 @@ impl GatewayIdClaim {
                 self.lapse,
             )
             .await
-    }
-
-    /// Milliseconds from `unix_ms` to now, by this gateway's clock.
-    fn ms_since(&self, unix_ms: i64) -> i64 {
-        let now = i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
-            .unwrap_or(i64::MAX);
-        now.saturating_sub(unix_ms)
     }
 }
 

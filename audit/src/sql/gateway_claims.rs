@@ -26,6 +26,14 @@ pub struct GatewayClaim {
     pub seen_at_ms: i64,
 }
 
+impl GatewayClaim {
+    /// Milliseconds from the holder's last renewal to `now` (negative when the holder's clock is
+    /// ahead of the one `now` was read from).
+    pub fn renewed_ms_before(&self, now: OffsetDateTime) -> i64 {
+        unix_ms(now).saturating_sub(self.seen_at_ms)
+    }
+}
+
 /// What [`SqlStore::claim_gateway_id`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClaimOutcome {
