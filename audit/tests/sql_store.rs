@@ -1139,6 +1139,14 @@ async fn partitions_holding(pool: &sqlx::PgPool, table: &str, id: &str) -> Vec<S
     .unwrap()
 }
 
+/// The ids of the full-text word index's blocks, in order.
+async fn block_ids(pool: &sqlx::PgPool) -> Vec<String> {
+    sqlx::query_scalar(r#"SELECT "BlockId" FROM "GatehouseSearchBlocks" ORDER BY 1"#)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
 /// Rows of each partitioned table, in the order of [`DAILY_TABLES`].
 async fn row_counts(pool: &sqlx::PgPool) -> Vec<i64> {
     let mut counts = Vec::new();
@@ -1704,9 +1712,13 @@ async fn postgres_a_replayed_batch_over_several_days_is_stored_once() {
     assert_eq!(store.write(&batch).await.unwrap(), 16);
     let counts = row_counts(pool).await;
     assert_eq!(counts[0], 16);
+    let blocks = block_ids(pool).await;
+    assert!(!blocks.is_empty());
     assert_eq!(store.write(&batch).await.unwrap(), 0);
     assert_eq!(store.write(&batch[3..9]).await.unwrap(), 0);
     assert_eq!(row_counts(pool).await, counts);
+    // The replays' calls keep their blocks, and the blocks made for them again are gone.
+    assert_eq!(block_ids(pool).await, blocks);
     let usage = store
         .usage(&UsageQuery {
             granularity: Granularity::Hour,

@@ -156,7 +156,8 @@ pub(super) async fn insert(
 }
 
 /// Deletes those of `blocks` (dated from `from` to `to`) that no call names any more: the blocks
-/// calls had before `reindex-audit` gave them new ones. A block that a call outside the batch
+/// calls had before `reindex-audit` gave them new ones, and the new blocks of a replayed batch
+/// whose calls were stored already (they keep the blocks they had). A block that a call outside the batch
 /// still names stays until that call is indexed again too. A block's calls are of its day, from
 /// its `TimeGenerated` on (the day's midnight, or the call's own time for the blocks of
 /// migration 0007), which bounds the look-up to a day's partitions.

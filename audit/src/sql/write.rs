@@ -691,10 +691,19 @@ async fn write_postgres_content(
     insert_llm_rows(&mut tx, POSTGRES_LLM_PIECES_INSERT, pieces).await?;
 
     let indexed = indexed.await?;
+    // The new blocks' ids and days, for a replayed batch (below).
+    let block_ids: Vec<String> = indexed.blocks.iter().map(|b| b.id.clone()).collect();
+    let block_days = indexed.blocks.iter().map(|b| b.day).fold(
+        None,
+        |span: Option<(time::OffsetDateTime, time::OffsetDateTime)>, day| {
+            Some(span.map_or((day, day), |(from, to)| (from.min(day), to.max(day))))
+        },
+    );
     search_blocks::insert(&mut tx, indexed.blocks).await?;
     // One array per column, unnested by the server, as for the other tables: cheaper for it
     // than a VALUES list of as many rows (bench/README.md).
     let mut vectors = indexed.calls.into_iter();
+    let mut inserted: u64 = 0;
     for chunk in records.chunks(ROWS_PER_STATEMENT) {
         let mut columns = ContentColumns::default();
         for (record, ((), vector, block)) in chunk.iter().zip(vectors.by_ref()) {
@@ -709,7 +718,7 @@ async fn write_postgres_content(
             columns.search_text.push(vector);
             columns.search_block.push(block);
         }
-        sqlx::query(POSTGRES_CONTENT_INSERT)
+        let done = sqlx::query(POSTGRES_CONTENT_INSERT)
             .bind(columns.correlation_id)
             .bind(columns.time_generated)
             .bind(columns.request_body)
@@ -718,6 +727,14 @@ async fn write_postgres_content(
             .bind(columns.search_block)
             .execute(&mut *tx)
             .await?;
+        inserted += done.rows_affected();
+    }
+    // A replayed batch finds some of its calls stored already, naming the blocks they were
+    // given then: the new blocks only those calls would have named are taken out again.
+    if inserted < records.len() as u64
+        && let Some((from, to)) = block_days
+    {
+        search_blocks::delete_unnamed(&mut tx, block_ids, from, to).await?;
     }
     tx.commit().await?;
     Ok(())
