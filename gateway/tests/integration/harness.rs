@@ -231,6 +231,17 @@ impl TestGateway {
             .header("api-key", KEY)
     }
 
+    /// The same as [`TestGateway::post`], over HTTP/2 (prior knowledge, on a client of its own).
+    pub fn post_http2(&self, path: &str) -> reqwest::RequestBuilder {
+        reqwest::Client::builder()
+            .no_proxy()
+            .http2_prior_knowledge()
+            .build()
+            .unwrap()
+            .post(format!("{}{path}", self.url))
+            .header("api-key", KEY)
+    }
+
     /// `PUT /_gatehouse/config` of `snapshot` with the admin token.
     pub async fn push_config(&self, snapshot: &impl serde::Serialize) -> reqwest::Response {
         self.raw(reqwest::Method::PUT, "/_gatehouse/config")

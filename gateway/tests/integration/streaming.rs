@@ -29,14 +29,28 @@ async fn slow_gateway(
 
 #[tokio::test]
 async fn chunks_arrive_as_the_backend_sends_them() {
+    chunks_arrive_as_sent(http::Version::HTTP_11).await;
+}
+
+/// An HTTP/2 answer goes through a task and a channel of its own (`stream_window`): its chunks
+/// are not held back either.
+#[tokio::test]
+async fn chunks_arrive_as_the_backend_sends_them_over_http2() {
+    chunks_arrive_as_sent(http::Version::HTTP_2).await;
+}
+
+/// A call over `version`, whose chunks must reach the client ~100 ms apart, as the backend sends
+/// them.
+async fn chunks_arrive_as_sent(version: http::Version) {
     let (_sim, gw) = slow_gateway(100, 6).await;
-    let response = gw
-        .post(&chat_path("gpt-4o"))
-        .json(&chat(None, true))
-        .send()
-        .await
-        .unwrap();
+    let request = if version == http::Version::HTTP_2 {
+        gw.post_http2(&chat_path("gpt-4o"))
+    } else {
+        gw.post(&chat_path("gpt-4o"))
+    };
+    let response = request.json(&chat(None, true)).send().await.unwrap();
     assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), version);
     assert!(
         response.headers()["content-type"]
             .to_str()
@@ -127,13 +141,26 @@ async fn the_record_holds_the_reassembled_completion_and_usage() {
 
 #[tokio::test]
 async fn a_client_hang_up_ends_cleanly_and_the_record_is_still_complete() {
+    client_hang_up(http::Version::HTTP_11).await;
+}
+
+/// On HTTP/2 a hang-up resets the stream, and the connection may stay: the answer's task sees
+/// the stream go and lets the backend's answer be drained for the record.
+#[tokio::test]
+async fn an_http2_client_hang_up_ends_cleanly_and_the_record_is_still_complete() {
+    client_hang_up(http::Version::HTTP_2).await;
+}
+
+/// A client over `version` that takes one chunk of a stream and goes.
+async fn client_hang_up(version: http::Version) {
     let (sim, gw) = slow_gateway(50, 10).await;
-    let response = gw
-        .post(&chat_path("gpt-4o"))
-        .json(&chat(None, true))
-        .send()
-        .await
-        .unwrap();
+    let request = if version == http::Version::HTTP_2 {
+        gw.post_http2(&chat_path("gpt-4o"))
+    } else {
+        gw.post(&chat_path("gpt-4o"))
+    };
+    let response = request.json(&chat(None, true)).send().await.unwrap();
+    assert_eq!(response.version(), version);
     let mut stream = response.bytes_stream();
     stream.next().await.unwrap().unwrap();
     drop(stream);
