@@ -60,6 +60,8 @@ pub struct Gateway {
     access_log: bool,
     /// How long clients may take to send a call.
     pub client_timeouts: ClientTimeouts,
+    /// Gives up HTTP/2 answers whose client leaves the stream's window closed.
+    pub(crate) stall_watch: crate::stream_window::StallWatch,
     /// Validates Entra ID tokens (signing keys and Graph answers are cached across snapshots).
     pub tokens: crate::entra::TokenValidator,
     /// Usage-limit counters.
@@ -224,6 +226,7 @@ impl Gateway {
             config_writes: tokio::sync::Mutex::new(()),
             access_log: parts.access_log,
             client_timeouts: parts.client_timeouts,
+            stall_watch: crate::stream_window::StallWatch::new(parts.client_timeouts.send),
             tokens,
             limiter,
         }))

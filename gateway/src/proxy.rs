@@ -29,7 +29,7 @@ use crate::pool::{Member, MemberCredential, Pool, Selection, SetAsideReason};
 use crate::record::{CallRecord, Holds, millis};
 use crate::retry_hint;
 use crate::runtime::Runtime;
-use crate::stream_window;
+use crate::stream_window::Answer;
 use crate::upstream::{SendError, UpstreamBody};
 use crate::usage::TokenWork;
 
@@ -581,7 +581,8 @@ fn upstream_headers(
 ///
 /// `asked_usage`: the gateway added `stream_options.include_usage`, so the usage chunk is read for
 /// the record and left out of what the client receives. `client_version`: the client's HTTP
-/// version (an HTTP/2 answer is paced by its stream's window, see [`stream_window`]).
+/// version (an HTTP/2 answer is given up when its stream's window stays closed, see
+/// [`crate::stream_window`]).
 async fn relay(
     gateway: &Arc<Gateway>,
     call: Call,
@@ -684,7 +685,7 @@ async fn relay(
         }),
     };
     let body = if client_version == http::Version::HTTP_2 {
-        stream_window::paced_by_stream_window(body, gateway.client_timeouts.send)
+        gateway.stall_watch.body(body)
     } else {
         Body::from_stream(body)
     };
@@ -879,6 +880,12 @@ impl futures::Stream for RelayBody {
                 }
             }
         }
+    }
+}
+
+impl Answer for RelayBody {
+    fn is_over(&self) -> bool {
+        self.call.is_none()
     }
 }
 

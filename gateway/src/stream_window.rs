@@ -1,4 +1,4 @@
-//! An answer to an HTTP/2 client, given up when the client leaves its stream's window closed.
+//! Answers to HTTP/2 clients, given up when the client leaves a stream's window closed.
 //!
 //! On HTTP/1.1 a client that takes nothing of its answer fills the connection's buffers, the
 //! gateway's writes wait, and the send timeout of the connection (`ClientTimeouts::send`) closes
@@ -6,91 +6,198 @@
 //! never open one stream's flow-control window. hyper then stops polling that stream's body
 //! until the window opens, so a deadline inside the body would never be looked at, and the call,
 //! its backend connection and the backend's unread answer would be held for as long as the
-//! client likes.
+//! client liked.
 //!
-//! So an HTTP/2 answer is read from the backend by a task of its own and handed to hyper through
-//! a channel of one chunk. When hyper has taken nothing for the send timeout, the task drops the
-//! answer, which ends the call as a client hang-up does (the record completed from the backend,
-//! bounded, and marked client-aborted), and the stream ends with an error rather than looking
-//! complete. HTTP/1.1 answers keep being relayed on the connection's own task.
+//! So an HTTP/2 answer is relayed as before, on the connection's task, but from a slot that a
+//! [`StallWatch`] looks into a few times per send timeout: an answer whose last chunk hyper took
+//! longer ago than the send timeout, without asking for the next, is taken out of the slot and
+//! dropped, which ends the call as a client hang-up does (the record completed from the backend,
+//! bounded, and marked client-aborted); the stream then ends with an error rather than looking
+//! complete. An answer waiting on its backend is not stalled: hyper polls it again when the
+//! backend sends. HTTP/1.1 answers go to the client without a slot.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use axum::body::Body;
 use bytes::Bytes;
-use futures::{Stream, StreamExt as _};
-use tokio::sync::mpsc;
-use tracing::Instrument as _;
+use futures::Stream;
 
-/// The answer `answer` as a body that hyper takes from a channel, while a task reads `answer`;
-/// `answer` is dropped when hyper takes nothing for `send_timeout` (see the module's doc).
-pub fn paced_by_stream_window<S>(answer: S, send_timeout: Duration) -> Body
-where
-    S: Stream<Item = Result<Bytes, std::io::Error>> + Send + Unpin + 'static,
-{
-    let (chunks, taken) = mpsc::channel(1);
-    let given_up = Arc::new(AtomicBool::new(false));
-    tokio::spawn(relay(answer, chunks, send_timeout, Arc::clone(&given_up)).in_current_span());
-    Body::from_stream(WindowedAnswer { taken, given_up })
+/// An answer that can tell when it has nothing more to relay.
+pub trait Answer: Stream<Item = Result<Bytes, std::io::Error>> + Send + Unpin + 'static {
+    /// Whether the answer is over (its end relayed or its record finished): a finished answer
+    /// that hyper does not poll for its end is left alone.
+    fn is_over(&self) -> bool;
 }
 
-/// Reads `answer` into `chunks` until it ends, the client goes (the channel closes), or a chunk
-/// waits longer than `send_timeout` to be taken.
-async fn relay<S>(
-    mut answer: S,
-    chunks: mpsc::Sender<Result<Bytes, std::io::Error>>,
+/// Watches the HTTP/2 answers in flight and gives up those whose client took nothing for the
+/// send timeout. One per gateway; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct StallWatch {
+    inner: Arc<Watched>,
+}
+
+#[derive(Debug)]
+struct Watched {
     send_timeout: Duration,
-    given_up: Arc<AtomicBool>,
-) where
-    S: Stream<Item = Result<Bytes, std::io::Error>> + Unpin,
-{
+    answers: Mutex<Vec<Weak<dyn Stalling>>>,
+    /// Whether the task that looks into the slots runs.
+    looking: AtomicBool,
+}
+
+/// A slot the watch can look into.
+trait Stalling: Send + Sync {
+    /// Gives the answer up if hyper took its last chunk at least `timeout` before `now` and has
+    /// not asked for more; whether it did.
+    fn give_up_if_stalled(&self, now: Instant, timeout: Duration) -> bool;
+}
+
+impl StallWatch {
+    /// A watch giving answers `send_timeout`.
+    pub fn new(send_timeout: Duration) -> StallWatch {
+        StallWatch {
+            inner: Arc::new(Watched {
+                send_timeout,
+                answers: Mutex::new(Vec::new()),
+                looking: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// `answer` as a body whose stalls this watch gives up. Needs a Tokio runtime (the watch's
+    /// task starts with the first answer).
+    pub fn body<A: Answer>(&self, answer: A) -> Body {
+        let slot = Arc::new(Slot {
+            state: Mutex::new(SlotState {
+                answer: Some(answer),
+                handed_at: None,
+                given_up: false,
+            }),
+        });
+        let weak: Weak<dyn Stalling> = Arc::downgrade(&slot) as Weak<dyn Stalling>;
+        self.inner
+            .answers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(weak);
+        if !self.inner.looking.swap(true, Ordering::AcqRel) {
+            tokio::spawn(look(Arc::downgrade(&self.inner)));
+        }
+        Body::from_stream(WatchedAnswer { slot })
+    }
+}
+
+/// Looks into the slots a few times per send timeout until the watch is gone; drops the slots
+/// of answers that ended.
+async fn look(watched: Weak<Watched>) {
+    let every = match watched.upgrade() {
+        Some(w) => (w.send_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)),
+        None => return,
+    };
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let next = tokio::select! {
-            next = answer.next() => next,
-            // The stream was reset or the connection went: dropping the answer ends the call.
-            () = chunks.closed() => return,
+        ticker.tick().await;
+        let Some(watched) = watched.upgrade() else {
+            return;
         };
-        let Some(item) = next else { return };
-        let failed = item.is_err();
-        match tokio::time::timeout(send_timeout, chunks.send(item)).await {
-            Ok(Ok(())) if !failed => {}
-            Ok(_) => return,
-            Err(_) => {
-                given_up.store(true, Ordering::Release);
-                tracing::info!(
-                    send_timeout_ms = u64::try_from(send_timeout.as_millis()).unwrap_or(u64::MAX),
-                    "the HTTP/2 client took nothing of its answer within the send timeout (its stream's window stayed closed); the answer is given up"
-                );
-                return;
+        let now = Instant::now();
+        // The slots are taken out of the list while they are looked into, so that calls
+        // registering meanwhile do not wait.
+        let answers = std::mem::take(
+            &mut *watched
+                .answers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        let mut kept = Vec::with_capacity(answers.len());
+        for weak in answers {
+            let Some(slot) = weak.upgrade() else { continue };
+            if !slot.give_up_if_stalled(now, watched.send_timeout) {
+                kept.push(weak);
             }
+        }
+        watched
+            .answers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(kept);
+    }
+}
+
+/// One answer and when hyper last took a chunk of it.
+struct Slot<A> {
+    state: Mutex<SlotState<A>>,
+}
+
+struct SlotState<A> {
+    answer: Option<A>,
+    /// When hyper took the last chunk, if it has not polled since.
+    handed_at: Option<Instant>,
+    given_up: bool,
+}
+
+impl<A: Answer> Stalling for Slot<A> {
+    fn give_up_if_stalled(&self, now: Instant, timeout: Duration) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(answer) = state.answer.as_ref() else {
+            return true;
+        };
+        if answer.is_over() {
+            return true;
+        }
+        match state.handed_at {
+            Some(at) if now.saturating_duration_since(at) >= timeout => {
+                let answer = state.answer.take();
+                state.given_up = true;
+                drop(state);
+                tracing::info!(
+                    send_timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                    "an HTTP/2 client took nothing of its answer within the send timeout (its stream's window stayed closed); the answer is given up"
+                );
+                // Outside the lock: dropping the answer ends the call (its record is completed).
+                drop(answer);
+                true
+            }
+            _ => false,
         }
     }
 }
 
-/// The body hyper polls: the chunks the task hands over, then the end, or an error when the
-/// task gave the answer up (so that the client sees a reset stream, not a short answer).
-struct WindowedAnswer {
-    taken: mpsc::Receiver<Result<Bytes, std::io::Error>>,
-    given_up: Arc<AtomicBool>,
+/// The body hyper polls.
+struct WatchedAnswer<A> {
+    slot: Arc<Slot<A>>,
 }
 
-impl Stream for WindowedAnswer {
+impl<A: Answer> Stream for WatchedAnswer<A> {
     type Item = Result<Bytes, std::io::Error>;
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        match self.taken.poll_recv(cx) {
-            Poll::Ready(None) if self.given_up.swap(false, Ordering::AcqRel) => {
-                Poll::Ready(Some(Err(std::io::Error::new(
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let mut state = self
+            .slot
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        state.handed_at = None;
+        let Some(answer) = state.answer.as_mut() else {
+            let given_up = std::mem::take(&mut state.given_up);
+            return Poll::Ready(given_up.then(|| {
+                Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     "the client took nothing of its answer within the send timeout",
-                ))))
-            }
-            polled => polled,
+                ))
+            }));
+        };
+        let polled = Pin::new(answer).poll_next(cx);
+        if let Poll::Ready(Some(Ok(_))) = &polled {
+            state.handed_at = Some(Instant::now());
         }
+        polled
     }
 }
 
@@ -99,93 +206,103 @@ mod tests {
     use super::*;
     use http_body_util::BodyExt as _;
 
-    fn chunks(count: usize) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Unpin {
-        futures::stream::iter((0..count).map(|i| Ok(Bytes::from(format!("chunk {i};")))))
+    /// Chunks from a channel; records when it is dropped.
+    struct Fed {
+        chunks: tokio::sync::mpsc::UnboundedReceiver<Bytes>,
+        over: bool,
+        dropped: Arc<AtomicBool>,
     }
 
-    #[tokio::test]
-    async fn an_answer_taken_in_time_arrives_whole() {
-        let body = paced_by_stream_window(chunks(5), Duration::from_secs(5));
+    impl Drop for Fed {
+        fn drop(&mut self) {
+            self.dropped.store(true, Ordering::Release);
+        }
+    }
+
+    impl Stream for Fed {
+        type Item = Result<Bytes, std::io::Error>;
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            let polled = self.chunks.poll_recv(cx);
+            if let Poll::Ready(None) = polled {
+                self.over = true;
+            }
+            polled.map(|chunk| chunk.map(Ok))
+        }
+    }
+
+    impl Answer for Fed {
+        fn is_over(&self) -> bool {
+            self.over
+        }
+    }
+
+    fn fed() -> (
+        tokio::sync::mpsc::UnboundedSender<Bytes>,
+        Fed,
+        Arc<AtomicBool>,
+    ) {
+        let (sender, chunks) = tokio::sync::mpsc::unbounded_channel();
+        let dropped = Arc::new(AtomicBool::new(false));
+        let answer = Fed {
+            chunks,
+            over: false,
+            dropped: Arc::clone(&dropped),
+        };
+        (sender, answer, dropped)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_taken_in_time_arrives_whole_however_slow_its_backend() {
+        let watch = StallWatch::new(Duration::from_secs(1));
+        let (sender, answer, dropped) = fed();
+        let body = watch.body(answer);
+        tokio::spawn(async move {
+            for i in 0..4 {
+                // The backend is slower than the send timeout: that is not the client's stall.
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                sender.send(Bytes::from(format!("chunk {i};"))).unwrap();
+            }
+        });
         let bytes = body.collect().await.unwrap().to_bytes();
-        assert_eq!(&bytes[..], b"chunk 0;chunk 1;chunk 2;chunk 3;chunk 4;");
+        assert_eq!(&bytes[..], b"chunk 0;chunk 1;chunk 2;chunk 3;");
+        assert!(dropped.load(Ordering::Acquire));
     }
 
     #[tokio::test(start_paused = true)]
     async fn an_answer_left_untaken_is_dropped_and_ends_with_an_error() {
-        let dropped = Arc::new(AtomicBool::new(false));
-        struct Watched<S>(S, Arc<AtomicBool>);
-        impl<S> Drop for Watched<S> {
-            fn drop(&mut self) {
-                self.1.store(true, Ordering::Release);
-            }
+        let watch = StallWatch::new(Duration::from_secs(1));
+        let (sender, answer, dropped) = fed();
+        for i in 0..3 {
+            sender.send(Bytes::from(format!("chunk {i};"))).unwrap();
         }
-        impl<S: Stream + Unpin> Stream for Watched<S> {
-            type Item = S::Item;
-            fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
-                Pin::new(&mut self.0).poll_next(cx)
-            }
-        }
-        let mut body = paced_by_stream_window(
-            Watched(chunks(10), Arc::clone(&dropped)),
-            Duration::from_secs(1),
-        );
-        // One chunk taken, then nothing for longer than the send timeout.
+        let mut body = watch.body(answer);
+        // One chunk taken, then nothing asked for longer than the send timeout.
         let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(&first[..], b"chunk 0;");
         tokio::time::sleep(Duration::from_millis(900)).await;
         assert!(!dropped.load(Ordering::Acquire), "within the send timeout");
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
         assert!(dropped.load(Ordering::Acquire), "given up after it");
-        // What was already handed over arrives, then an error, never a clean end.
-        let mut frames = Vec::new();
-        while let Some(frame) = body.frame().await {
-            frames.push(frame.map(|f| f.into_data().unwrap()));
-        }
-        let last = frames.pop().expect("a last frame");
+        // The stream ends with an error, never a clean end.
+        let last = body.frame().await.expect("a last frame");
         assert!(last.is_err(), "the answer ends with an error");
-        assert!(frames.iter().all(Result::is_ok));
-        assert!(
-            frames.len() <= 2,
-            "at most the chunks in hand: {}",
-            frames.len()
-        );
+        assert!(body.frame().await.is_none());
     }
 
-    #[tokio::test]
-    async fn a_client_that_goes_drops_the_answer() {
-        let dropped = Arc::new(AtomicBool::new(false));
-        let (sender, receiver) = mpsc::channel::<Result<Bytes, std::io::Error>>(1);
-        struct Endless(
-            mpsc::Receiver<Result<Bytes, std::io::Error>>,
-            Arc<AtomicBool>,
-        );
-        impl Drop for Endless {
-            fn drop(&mut self) {
-                self.1.store(true, Ordering::Release);
-            }
-        }
-        impl Stream for Endless {
-            type Item = Result<Bytes, std::io::Error>;
-            fn poll_next(
-                mut self: Pin<&mut Self>,
-                cx: &mut Context<'_>,
-            ) -> Poll<Option<Self::Item>> {
-                self.0.poll_recv(cx)
-            }
-        }
-        let body = paced_by_stream_window(
-            Endless(receiver, Arc::clone(&dropped)),
-            Duration::from_secs(60),
-        );
-        // The backend has sent nothing yet when the client goes.
-        drop(body);
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while !dropped.load(Ordering::Acquire) {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await
-        .expect("the answer is dropped once the client is gone");
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_over_is_never_given_up() {
+        let watch = StallWatch::new(Duration::from_secs(1));
+        let (sender, answer, _dropped) = fed();
+        sender.send(Bytes::from_static(b"all")).unwrap();
         drop(sender);
+        let mut body = watch.body(answer);
+        assert_eq!(
+            &body.frame().await.unwrap().unwrap().into_data().unwrap()[..],
+            b"all"
+        );
+        // The end, then a pause longer than the send timeout: nothing is given up.
+        assert!(body.frame().await.is_none());
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(body.frame().await.is_none(), "no error after the end");
     }
 }
