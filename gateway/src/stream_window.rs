@@ -74,7 +74,7 @@ impl StallWatch {
     pub fn body<A: Answer>(&self, answer: A) -> Body {
         let slot = Arc::new(Slot {
             state: Mutex::new(SlotState {
-                answer: Some(answer),
+                answer: Some(Box::new(answer)),
                 handed_at: None,
                 given_up: false,
             }),
@@ -136,7 +136,9 @@ struct Slot<A> {
 }
 
 struct SlotState<A> {
-    answer: Option<A>,
+    /// Boxed: the watch's weak pointer keeps the slot's own allocation until its next look, and
+    /// that stays small.
+    answer: Option<Box<A>>,
     /// When hyper took the last chunk, if it has not polled since.
     handed_at: Option<Instant>,
     given_up: bool,
@@ -193,7 +195,7 @@ impl<A: Answer> Stream for WatchedAnswer<A> {
                 ))
             }));
         };
-        let polled = Pin::new(answer).poll_next(cx);
+        let polled = Pin::new(&mut **answer).poll_next(cx);
         if let Poll::Ready(Some(Ok(_))) = &polled {
             state.handed_at = Some(Instant::now());
         }
