@@ -22,11 +22,10 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use axum::body::Body;
 use bytes::Bytes;
 use futures::Stream;
+use tokio::time::Instant;
 
 /// An answer that can tell when it has nothing more to relay.
 pub trait Answer: Stream<Item = Result<Bytes, std::io::Error>> + Send + Unpin + 'static {
