@@ -10,7 +10,7 @@
 
 /// The URL of the tests' PostgreSQL server, as a user that may create databases:
 /// `GATEHOUSE_TEST_POSTGRES_URL`, else the local server (`postgres@127.0.0.1:5432`).
-pub fn postgres_admin_url() -> String {
+fn postgres_admin_url() -> String {
     std::env::var("GATEHOUSE_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
@@ -48,11 +48,6 @@ impl TestDatabase {
             .map(|(base, _)| format!("{base}/{name}"))
             .expect("the admin URL names a database");
         TestDatabase { name, url }
-    }
-
-    /// Its name.
-    pub fn name(&self) -> &str {
-        &self.name
     }
 }
 

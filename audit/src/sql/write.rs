@@ -693,12 +693,8 @@ async fn write_postgres_content(
     let indexed = indexed.await?;
     // The new blocks' ids and days, for a replayed batch (below).
     let block_ids: Vec<String> = indexed.blocks.iter().map(|b| b.id.clone()).collect();
-    let block_days = indexed.blocks.iter().map(|b| b.day).fold(
-        None,
-        |span: Option<(time::OffsetDateTime, time::OffsetDateTime)>, day| {
-            Some(span.map_or((day, day), |(from, to)| (from.min(day), to.max(day))))
-        },
-    );
+    let first_day = indexed.blocks.iter().map(|b| b.day).min();
+    let last_day = indexed.blocks.iter().map(|b| b.day).max();
     search_blocks::insert(&mut tx, indexed.blocks).await?;
     // One array per column, unnested by the server, as for the other tables: cheaper for it
     // than a VALUES list of as many rows (bench/README.md).
@@ -732,7 +728,7 @@ async fn write_postgres_content(
     // A replayed batch finds some of its calls stored already, naming the blocks they were
     // given then: the new blocks only those calls would have named are taken out again.
     if inserted < records.len() as u64
-        && let Some((from, to)) = block_days
+        && let (Some(from), Some(to)) = (first_day, last_day)
     {
         search_blocks::delete_unnamed(&mut tx, block_ids, from, to).await?;
     }

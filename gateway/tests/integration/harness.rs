@@ -231,8 +231,12 @@ impl TestGateway {
             .header("api-key", KEY)
     }
 
-    /// The same as [`TestGateway::post`], over HTTP/2 (prior knowledge, on a client of its own).
-    pub fn post_http2(&self, path: &str) -> reqwest::RequestBuilder {
+    /// The same as [`TestGateway::post`], over `version`: HTTP/2 with prior knowledge, on a
+    /// client of its own; anything else as `post`.
+    pub fn post_over(&self, version: http::Version, path: &str) -> reqwest::RequestBuilder {
+        if version != http::Version::HTTP_2 {
+            return self.post(path);
+        }
         reqwest::Client::builder()
             .no_proxy()
             .http2_prior_knowledge()

@@ -43,12 +43,12 @@ async fn chunks_arrive_as_the_backend_sends_them_over_http2() {
 /// them.
 async fn chunks_arrive_as_sent(version: http::Version) {
     let (_sim, gw) = slow_gateway(100, 6).await;
-    let request = if version == http::Version::HTTP_2 {
-        gw.post_http2(&chat_path("gpt-4o"))
-    } else {
-        gw.post(&chat_path("gpt-4o"))
-    };
-    let response = request.json(&chat(None, true)).send().await.unwrap();
+    let response = gw
+        .post_over(version, &chat_path("gpt-4o"))
+        .json(&chat(None, true))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.version(), version);
     assert!(
@@ -154,12 +154,12 @@ async fn an_http2_client_hang_up_ends_cleanly_and_the_record_is_still_complete()
 /// A client over `version` that takes one chunk of a stream and goes.
 async fn client_hang_up(version: http::Version) {
     let (sim, gw) = slow_gateway(50, 10).await;
-    let request = if version == http::Version::HTTP_2 {
-        gw.post_http2(&chat_path("gpt-4o"))
-    } else {
-        gw.post(&chat_path("gpt-4o"))
-    };
-    let response = request.json(&chat(None, true)).send().await.unwrap();
+    let response = gw
+        .post_over(version, &chat_path("gpt-4o"))
+        .json(&chat(None, true))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.version(), version);
     let mut stream = response.bytes_stream();
     stream.next().await.unwrap().unwrap();
