@@ -3,7 +3,6 @@
 //! (`azure_identity_double`), with the simulator accepting only bearer tokens.
 
 use std::io::Write as _;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use gatehouse_gateway::SecretSettings;
@@ -587,29 +586,9 @@ async fn an_unfetchable_key_vault_secret_rejects_the_snapshot() {
     );
 }
 
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn no_credential_secret_token_or_vault_value_reaches_logs_records_or_errors() {
-    let logs = Captured::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .json()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = CapturedLogs::install(tracing::Level::TRACE);
 
     // Gateway identity (client secret) reads the vault; members use a wrong client secret (fails),
     // a certificate, and a key from the vault that rotates.
@@ -694,7 +673,7 @@ async fn no_credential_secret_token_or_vault_value_reaches_logs_records_or_error
     bodies.push(put.text().await.unwrap());
 
     let records = serde_json::to_string(&gw.records(3).await).unwrap();
-    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let logs = logs.text();
     assert!(
         logs.contains("Key Vault secret refresh failed"),
         "the failed refresh warns"

@@ -2,7 +2,7 @@
 
 use std::net::TcpListener;
 use std::process::Stdio;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use gatehouse_audit::{AuditQueue, AuditSink, MemorySink, QueueSettings, WriterHandle};
@@ -21,6 +21,49 @@ pub const KEY: &str = "ghk_TestClientKey0000000000000000000000000";
 pub const ADMIN_TOKEN: &str = "test-admin-token-1234567890";
 /// The key test backends require from the gateway (set in the environment as `GH_TEST_BACKEND_KEY`).
 pub const BACKEND_KEY: &str = "backend-secret-key-abcdef";
+
+/// Log lines written as JSON while the guard [`CapturedLogs::install`] returns lives, on the
+/// test's thread: a current-thread test, whose gateway runs its tasks on that thread too.
+#[derive(Clone, Default)]
+pub struct CapturedLogs(Arc<Mutex<Vec<u8>>>);
+
+impl CapturedLogs {
+    /// Captures every event at `level` and above until the guard is dropped.
+    pub fn install(level: tracing::Level) -> (CapturedLogs, tracing::subscriber::DefaultGuard) {
+        let logs = CapturedLogs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_max_level(level)
+            .with_writer(move || writer.clone())
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+
+    /// Everything written so far.
+    pub fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+
+    /// The first line whose message is `message`, as JSON; panics with every line if none is.
+    pub fn line(&self, message: &str) -> Value {
+        let text = self.text();
+        text.lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .find(|l| l["fields"]["message"] == message)
+            .unwrap_or_else(|| panic!("no `{message}` line in:\n{text}"))
+    }
+}
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 /// A simulator with `id` and default settings.
 pub async fn simulator(id: &str) -> RunningSimulator {

@@ -1,8 +1,7 @@
 //! Operations: health, structured logs with the request id, caller address, backpressure.
 
-use std::io::Write;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -117,28 +116,9 @@ async fn operational_paths_have_their_routes_and_every_other_path_is_a_call() {
     assert_eq!(sim.hits(), 0);
 }
 
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn every_call_logs_one_structured_line_with_its_request_id_and_caller() {
-    let logs = Captured::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .json()
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = CapturedLogs::install(tracing::Level::INFO);
 
     let sim = simulator("logs").await;
     let gw = TestGateway::start(snapshot(
@@ -173,12 +153,7 @@ async fn every_call_logs_one_structured_line_with_its_request_id_and_caller() {
         7
     );
 
-    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
-    let line = text
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .find(|l| l["fields"]["message"] == "call finished")
-        .unwrap_or_else(|| panic!("no `call finished` line in:\n{text}"));
+    let line = logs.line("call finished");
     assert_eq!(
         line["span"]["request_id"],
         correlation_id.as_str(),

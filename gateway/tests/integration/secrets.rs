@@ -1,36 +1,13 @@
 //! No key — the client's or the backend's — reaches a record, a log line, a metric or an error.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use gatehouse_simulator::{Fault, RetryHint};
 use serde_json::json;
 
 use crate::harness::*;
 
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn keys_never_reach_records_logs_metrics_or_errors() {
-    let logs = Captured::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .json()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = CapturedLogs::install(tracing::Level::TRACE);
 
     let (_key_file, key_ref) = backend_key_file();
     let first = simulator("s-first").await;
@@ -96,7 +73,7 @@ async fn keys_never_reach_records_logs_metrics_or_errors() {
 
     let records = gw.records(4).await;
     let records = serde_json::to_string(&records).unwrap();
-    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let logs = logs.text();
     assert!(!logs.is_empty(), "the test must have captured log lines");
     for secret in [
         KEY,
