@@ -887,6 +887,10 @@ impl Answer for RelayBody {
     fn is_over(&self) -> bool {
         self.call.is_none()
     }
+
+    fn span(&self) -> Option<&tracing::Span> {
+        self.call.as_ref().map(|call| &call.span)
+    }
 }
 
 impl Drop for RelayBody {

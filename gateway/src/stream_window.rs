@@ -32,6 +32,10 @@ pub trait Answer: Stream<Item = Result<Bytes, std::io::Error>> + Send + Unpin + 
     /// Whether the answer is over (its end relayed or its record finished): a finished answer
     /// that hyper does not poll for its end is left alone.
     fn is_over(&self) -> bool;
+
+    /// The call's span, if the answer has one: the line that says the answer was given up is
+    /// written in it, so that it carries the call's request id.
+    fn span(&self) -> Option<&tracing::Span>;
 }
 
 /// Watches the HTTP/2 answers in flight and gives up those whose client took nothing for the
@@ -158,6 +162,7 @@ impl<A: Answer> Stalling for Slot<A> {
                 state.given_up = true;
                 drop(state);
                 tracing::info!(
+                    parent: answer.as_ref().and_then(|a| a.span()).and_then(tracing::Span::id),
                     send_timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
                     "an HTTP/2 client took nothing of its answer within the send timeout (its stream's window stayed closed); the answer is given up"
                 );
@@ -234,6 +239,10 @@ mod tests {
     impl Answer for Fed {
         fn is_over(&self) -> bool {
             self.over
+        }
+
+        fn span(&self) -> Option<&tracing::Span> {
+            None
         }
     }
 

@@ -299,6 +299,7 @@ async fn a_client_that_stops_taking_its_answer_is_disconnected_and_the_call_reco
 #[tokio::test]
 async fn an_http2_client_that_leaves_a_stream_window_closed_has_the_stream_reset_and_the_call_recorded()
  {
+    let (logs, _guard) = CapturedLogs::install(tracing::Level::INFO);
     let (sim, gw) = impatient_gateway().await;
     let io = hyper_util::rt::TokioIo::new(connect(&gw).await);
     // A stream window of 64 KiB, opened again only as the client reads the body (hyper's client
@@ -362,4 +363,14 @@ async fn an_http2_client_that_leaves_a_stream_window_closed_has_the_stream_reset
         "the stream was reset after {received} bytes"
     );
     assert!(received < announced, "{received} of {announced} bytes");
+
+    // The line that says so carries the call's request id, as the call's own lines do.
+    let line = logs.line(
+        "an HTTP/2 client took nothing of its answer within the send timeout (its stream's window stayed closed); the answer is given up",
+    );
+    assert_eq!(
+        line["span"]["request_id"].as_str(),
+        Some(records[0].correlation_id.as_str()),
+        "{line}"
+    );
 }
