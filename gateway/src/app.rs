@@ -461,7 +461,9 @@ async fn serve_call(
         caller,
         started,
     ));
-    let outcome = pipeline(&gateway, &runtime, &parts, body, &mut record)
+    // Boxed: the pipeline's future is the largest of the call (it holds the proxy's), and the
+    // futures around it are moved as they are built; a pointer moves cheaper than its bytes.
+    let outcome = Box::pin(pipeline(&gateway, &runtime, &parts, body, &mut record))
         .instrument(span.clone())
         .await;
     let mut response = match outcome {

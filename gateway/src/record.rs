@@ -213,7 +213,7 @@ fn redacted_url(parts: &Parts) -> String {
         return path.to_owned();
     };
     if plain_query(query) {
-        return format!("{path}?{query}");
+        return [path, "?", query].concat();
     }
     let pairs = url::form_urlencoded::parse(query.as_bytes()).map(|(k, v)| {
         if k.eq_ignore_ascii_case(KEY_QUERY) || k.eq_ignore_ascii_case("api-key") {
@@ -225,7 +225,7 @@ fn redacted_url(parts: &Parts) -> String {
     let query: String = url::form_urlencoded::Serializer::new(String::new())
         .extend_pairs(pairs)
         .finish();
-    format!("{path}?{query}")
+    [path, "?", &query].concat()
 }
 
 #[cfg(test)]
