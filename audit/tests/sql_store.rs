@@ -236,20 +236,26 @@ async fn sqlite_full_text_index_is_a_file_of_its_own_and_catches_up_from_the_llm
     let mut later = records(90);
     later.drain(..60);
     assert_eq!(store.write(&later).await.unwrap(), 30);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let early = found(store.search(&find("number 42")).await.unwrap());
-        let late = found(store.search(&find("number 77")).await.unwrap());
-        let second_line = found(store.search(&find("bravo")).await.unwrap());
-        if early == ["call-00042"] && late == ["call-00077"] && second_line == ["call-00010"] {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the index did not catch up: {early:?} {late:?} {second_line:?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    // Settling waits for the catch-up: then searches find every call.
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        store.settle_search_index(),
+    )
+    .await
+    .expect("the index catches up within 30 s")
+    .unwrap();
+    assert_eq!(
+        found(store.search(&find("number 42")).await.unwrap()),
+        ["call-00042"]
+    );
+    assert_eq!(
+        found(store.search(&find("number 77")).await.unwrap()),
+        ["call-00077"]
+    );
+    assert_eq!(
+        found(store.search(&find("bravo")).await.unwrap()),
+        ["call-00010"]
+    );
     let (indexed, rows): (i64, i64) = sqlx::query_as(
         "SELECT (SELECT IndexedThrough FROM search.GatehouseSearchProgress), \
                 (SELECT count(*) FROM search.GatehouseContentSearch_docsize)",

@@ -325,11 +325,15 @@ impl SqlStore {
 
     /// Finishes the full-text index's background work for what has been written: on PostgreSQL
     /// merges its pending lists into the index now (the store does it after each batch, beside
-    /// the next one); on SQLite, whose index is written with each batch, nothing.
+    /// the next one); on SQLite, whose index is written with each batch, waits until an index
+    /// that is behind (`search_index.rs`) has caught up with the store.
     pub async fn settle_search_index(&self) -> Result<(), StoreError> {
         match &self.engine {
             Engine::Postgres { pool, .. } => search_merge::settle(pool).await,
-            Engine::Sqlite { .. } => Ok(()),
+            Engine::Sqlite { search, .. } => {
+                search.caught_up().await;
+                Ok(())
+            }
         }
     }
 

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use sqlx::{QueryBuilder, Sqlite, SqliteConnection, Transaction};
-use tokio::sync::{Mutex, MutexGuard};
+use tokio::sync::{Mutex, MutexGuard, Notify};
 
 use super::StoreError;
 use super::message_text::searchable;
@@ -52,6 +52,8 @@ pub(crate) struct SearchIndex {
     behind: Arc<AtomicBool>,
     /// A catch-up task is running.
     catching_up: Arc<AtomicBool>,
+    /// Told when a catch-up task stops.
+    settled: Arc<Notify>,
 }
 
 /// The index's file for the store's file `store`: its name with `-search` appended, as SQLite
@@ -99,6 +101,7 @@ impl SearchIndex {
             order: Arc::new(Mutex::new(())),
             behind: Arc::new(AtomicBool::new(false)),
             catching_up: Arc::new(AtomicBool::new(false)),
+            settled: Arc::new(Notify::new()),
         })
     }
 
@@ -199,6 +202,7 @@ impl SearchIndex {
                         if index.is_behind() && !index.catching_up.swap(true, Ordering::AcqRel) {
                             continue;
                         }
+                        index.settled.notify_waiters();
                         return;
                     }
                     Err(error) => {
@@ -211,7 +215,24 @@ impl SearchIndex {
                 }
             }
             index.catching_up.store(false, Ordering::Release);
+            index.settled.notify_waiters();
         });
+    }
+
+    /// Waits until the index is no longer behind: no catch-up runs and none is due (or the index
+    /// is closed, which stops a catch-up).
+    pub(super) async fn caught_up(&self) {
+        loop {
+            let settled = self.settled.notified();
+            tokio::pin!(settled);
+            // Registered before the flags are read, so that a task stopping in between is heard.
+            settled.as_mut().enable();
+            let running = self.catching_up.load(Ordering::Acquire);
+            if !running && (!self.is_behind() || self.pool.is_closed()) {
+                return;
+            }
+            settled.await;
+        }
     }
 
     /// Indexes the next calls above `IndexedThrough`, up to [`CATCH_UP_BATCH`] of them, from the
@@ -367,8 +388,6 @@ async fn set_indexed_through(
 
 #[cfg(test)]
 mod tests {
-    use std::time::Instant;
-
     use gatehouse_schema::AuditRecord;
     use serde_json::json;
     use sqlx::{ConnectOptions as _, Connection as _};
@@ -471,14 +490,10 @@ mod tests {
 
         sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
         holder.close().await.unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while search.is_behind() || search.catching_up.load(Ordering::Acquire) {
-            assert!(
-                Instant::now() < deadline,
-                "the catch-up did not finish within 30 s"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        tokio::time::timeout(Duration::from_secs(30), search.caught_up())
+            .await
+            .expect("the catch-up finishes within 30 s");
+        assert!(!search.is_behind());
         assert_eq!(found(&store, "bravo").await, ["call-001", "call-002"]);
         assert_eq!(found(&store, "charlie").await, ["call-002", "call-003"]);
         assert_eq!(found(&store, "alpha").await, ["call-000"]);
