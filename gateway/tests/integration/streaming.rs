@@ -39,18 +39,24 @@ async fn chunks_arrive_as_the_backend_sends_them_over_http2() {
     chunks_arrive_as_sent(http::Version::HTTP_2).await;
 }
 
-/// A call over `version`, whose chunks must reach the client ~100 ms apart, as the backend sends
-/// them.
-async fn chunks_arrive_as_sent(version: http::Version) {
-    let (_sim, gw) = slow_gateway(100, 6).await;
+/// A streamed chat call over `version`, answered over it.
+async fn streamed_chat(gw: &TestGateway, version: http::Version) -> reqwest::Response {
     let response = gw
         .post_over(version, &chat_path("gpt-4o"))
         .json(&chat(None, true))
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 200);
     assert_eq!(response.version(), version);
+    response
+}
+
+/// A call over `version`, whose chunks must reach the client ~100 ms apart, as the backend sends
+/// them.
+async fn chunks_arrive_as_sent(version: http::Version) {
+    let (_sim, gw) = slow_gateway(100, 6).await;
+    let response = streamed_chat(&gw, version).await;
+    assert_eq!(response.status(), 200);
     assert!(
         response.headers()["content-type"]
             .to_str()
@@ -154,13 +160,7 @@ async fn an_http2_client_hang_up_ends_cleanly_and_the_record_is_still_complete()
 /// A client over `version` that takes one chunk of a stream and goes.
 async fn client_hang_up(version: http::Version) {
     let (sim, gw) = slow_gateway(50, 10).await;
-    let response = gw
-        .post_over(version, &chat_path("gpt-4o"))
-        .json(&chat(None, true))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.version(), version);
+    let response = streamed_chat(&gw, version).await;
     let mut stream = response.bytes_stream();
     stream.next().await.unwrap().unwrap();
     drop(stream);
