@@ -15,14 +15,16 @@
 //! one disk. A store can be kept (`--keep`) and measured again without filling it twice: pass
 //! the same `--sqlite-path` or `--postgres-database` and the fill is skipped when the store holds
 //! the records already. Prints one line per query and appends the result as one JSON line to
-//! `bench/out/store_read-<UTC timestamp>.json`. See `bench/README.md`.
+//! `bench/out/store_read-<UTC timestamp>.json`. With `--rebuild-search-index` (SQLite) it then
+//! deletes the store's full-text index file and times the rebuild from the LLM log, as after a
+//! lost or deleted index. See `bench/README.md`.
 #![expect(
     clippy::print_stdout,
     clippy::print_stderr,
     reason = "a benchmark prints its report and its errors"
 )]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -107,6 +109,10 @@ struct Args {
     /// Exit with status 2 when a query misses its target.
     #[arg(long)]
     check: bool,
+    /// SQLite: after the queries, delete the store's full-text index file (`<file>-search`) and
+    /// time its rebuild from the LLM log, then check that searches find the same calls.
+    #[arg(long)]
+    rebuild_search_index: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -182,6 +188,10 @@ async fn run(args: &Args) -> Result<bool> {
         (0..=SPAN_DAYS).contains(&args.content_days),
         "--content-days must be 0..={SPAN_DAYS}"
     );
+    ensure!(
+        !args.rebuild_search_index || args.engine == EngineArg::Sqlite,
+        "--rebuild-search-index: SQLite only (PostgreSQL's index is in its own tables)"
+    );
     let started = OffsetDateTime::now_utc();
     match args.engine {
         EngineArg::Sqlite => {
@@ -202,8 +212,17 @@ async fn run(args: &Args) -> Result<bool> {
             )
             .await
             .context("open the SQLite store")?;
-            let result = measure(&store, args, "sqlite", started).await;
-            store.close().await;
+            let result = match measure(&store, args, "sqlite", started).await {
+                Ok(passed) if args.rebuild_search_index => {
+                    rebuild_search_index(store, &path, args, started)
+                        .await
+                        .map(|()| passed)
+                }
+                other => {
+                    store.close().await;
+                    other
+                }
+            };
             match dir {
                 Some(dir) if args.keep => {
                     let kept = dir.keep();
@@ -456,7 +475,15 @@ async fn measure(
     let export = export(store, now).await?;
 
     print_report(engine, total, fill.as_ref(), &timings, &export);
-    write_json(args, engine, total, fill.as_ref(), &timings, &export)?;
+    write_json(
+        args,
+        engine,
+        started,
+        total,
+        fill.as_ref(),
+        &timings,
+        &export,
+    )?;
     let all_passed = timings.iter().all(QueryTiming::passed);
     Ok(all_passed || !args.check)
 }
@@ -562,6 +589,117 @@ async fn fill(store: &SqlStore, args: &Args, from: usize, started: OffsetDateTim
         elapsed: clock.elapsed(),
         stopped_early,
     })
+}
+
+/// Deletes the full-text index file of the SQLite store at `path` and times its rebuild: the store
+/// opened again finds its index behind and catches up from the LLM log in the background
+/// (`audit/src/sql/search_index.rs`); [`SqlStore::settle_search_index`] waits for the end. The
+/// same searches must then find the same calls. Closes the store.
+async fn rebuild_search_index(
+    store: SqlStore,
+    path: &Path,
+    args: &Args,
+    started: OffsetDateTime,
+) -> Result<()> {
+    let now = OffsetDateTime::now_utc();
+    let mut texts = probe_terms(&store, args, now).await?;
+    texts.extend(["invoice supplier", "budget forecast"].map(str::to_owned));
+    let searches = |store: &SqlStore| {
+        let texts = texts.clone();
+        let store = store.clone();
+        async move {
+            let mut found = Vec::new();
+            for text in texts {
+                let mut filter =
+                    SearchFilter::between(now - time::Duration::days(args.content_days), now);
+                filter.text = Some(text);
+                let page = store.search(&filter).await?;
+                found.push(
+                    page.items
+                        .into_iter()
+                        .map(|c| c.correlation_id)
+                        .collect::<Vec<_>>(),
+                );
+            }
+            anyhow::Ok(found)
+        }
+    };
+    let indexed = |store: &SqlStore| {
+        let pool = store.sqlite_pool().cloned();
+        async move {
+            let pool = pool.context("a SQLite store")?;
+            let (through, entries): (i64, i64) = sqlx::query_as(
+                "SELECT (SELECT IndexedThrough FROM search.GatehouseSearchProgress), \
+                        (SELECT count(*) FROM search.GatehouseContentSearch_docsize)",
+            )
+            .fetch_one(&pool)
+            .await?;
+            anyhow::Ok((through, entries))
+        }
+    };
+    let found_before = searches(&store).await?;
+    let before = indexed(&store).await?;
+    let total = calls_held(&store).await?;
+    store.close().await;
+
+    let mut file = path.as_os_str().to_owned();
+    file.push("-search");
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = file.clone();
+        name.push(suffix);
+        match std::fs::remove_file(&name) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => {
+                return Err(error).with_context(|| format!("remove {}", name.display()));
+            }
+        }
+    }
+    println!(
+        "full-text index file deleted ({} calls with text); rebuilding it ...",
+        before.1
+    );
+    let clock = Instant::now();
+    let store =
+        SqlStore::open_with_cache(&format!("sqlite:{}", path.display()), args.sqlite_cache_mib)
+            .await
+            .context("open the SQLite store again")?;
+    store.settle_search_index().await?;
+    let elapsed = clock.elapsed();
+    let after = indexed(&store).await?;
+    let found_after = searches(&store).await?;
+    store.close().await;
+    ensure!(
+        after == before,
+        "the rebuilt index holds (IndexedThrough, calls) {after:?}, the deleted one {before:?}"
+    );
+    ensure!(
+        found_after == found_before,
+        "the same searches found other calls after the rebuild"
+    );
+    let rate = after.1 as f64 / elapsed.as_secs_f64().max(1e-9);
+    println!(
+        "full-text index rebuilt from the LLM log: {} calls with text ({total} in the store) in {:.1} s, {rate:.0} calls/s; {} searches find the same calls",
+        after.1,
+        elapsed.as_secs_f64(),
+        found_after.len()
+    );
+    let path = append_result(
+        &args.out_dir,
+        "store_read",
+        started,
+        &json!({
+            "benchmark": "store_read_rebuild_search_index",
+            "engine": "sqlite",
+            "records": total,
+            "calls_with_text": after.1,
+            "seconds": elapsed.as_secs_f64(),
+            "calls_per_second": rate,
+            "searches_compared": found_after.len(),
+        }),
+    )?;
+    println!("result: {}", path.display());
+    Ok(())
 }
 
 /// Rare terms that exist in the content window: invoice numbers taken from stored prompts.
@@ -688,9 +826,12 @@ fn print_report(
     );
 }
 
+/// Appends the run's JSON line to the file named after the run's start (`started`), where the
+/// index rebuild's line goes too.
 fn write_json(
     args: &Args,
     engine: &str,
+    started: OffsetDateTime,
     total: i64,
     fill: Option<&Fill>,
     timings: &[QueryTiming],
@@ -732,12 +873,7 @@ fn write_json(
             "rss_peak_kb": export.rss_peak_kb,
         },
     });
-    let path = append_result(
-        &args.out_dir,
-        "store_read",
-        OffsetDateTime::now_utc(),
-        &line,
-    )?;
+    let path = append_result(&args.out_dir, "store_read", started, &line)?;
     println!("result: {}", path.display());
     Ok(())
 }
