@@ -29,6 +29,7 @@
 //! 10. **Record** ([`record`]): one audit record per call, handed to the audit queue off the hot path.
 //!
 //! Configuration ([`settings`], [`runtime`], [`admin`]) is one immutable snapshot swapped atomically.
+//! A serving gateway holds its state directory ([`state_lock`]).
 //! Backend credentials are keys from secret references ([`secret`]: `env:`, `file:`, Key Vault via
 //! [`key_vault`]) or Entra ID access tokens ([`entra_credential`]).
 
@@ -59,6 +60,7 @@ pub mod runtime;
 pub mod secret;
 pub mod server;
 pub mod settings;
+pub mod state_lock;
 mod stream_window;
 mod sync;
 pub mod upstream;

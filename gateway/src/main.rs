@@ -16,6 +16,7 @@ use gatehouse_gateway::key_vault::KeyVaultClient;
 use gatehouse_gateway::runtime::{Resolver, Runtime};
 use gatehouse_gateway::secret::SecretStore;
 use gatehouse_gateway::settings::{AuditSettings, LogFormat, ServerSettings};
+use gatehouse_gateway::state_lock::StateDirLock;
 use gatehouse_gateway::{ConfigFile, Gateway, GatewayParts, SecretSettings, auth, secret, server};
 
 /// mimalloc: the gateway allocates many short-lived buffers per call, where glibc's allocator
@@ -380,6 +381,8 @@ fn secret_settings(settings: &ServerSettings) -> anyhow::Result<SecretSettings> 
 
 async fn serve(file: ConfigFile) -> anyhow::Result<()> {
     let settings = file.server;
+    // Before anything in the state directory is read: held until the process ends.
+    let _state_lock = StateDirLock::take(&settings.state_dir)?;
     let secrets = secret_settings(&settings)?;
     let mut claim = None;
     let (audit, writer) = match audit_sink(&settings.audit).await? {

@@ -26,6 +26,7 @@ mod routes;
 mod sdk_compat;
 mod secrets;
 mod slow_clients;
+mod state_dir;
 mod stickiness;
 mod store_outage;
 mod streaming;
