@@ -11,7 +11,7 @@
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// The lock file's name in the state directory.
 pub const LOCK_FILE: &str = "gateway.lock";
@@ -21,7 +21,6 @@ pub const LOCK_FILE: &str = "gateway.lock";
 pub struct StateDirLock {
     /// Open for as long as the lock is held.
     _file: File,
-    path: PathBuf,
 }
 
 impl StateDirLock {
@@ -68,12 +67,7 @@ impl StateDirLock {
             .and_then(|()| file.seek(SeekFrom::Start(0)))
             .and_then(|_| writeln!(file, "{}", std::process::id()))
             .map_err(|error| anyhow::anyhow!("cannot write {}: {error}", path.display()))?;
-        Ok(StateDirLock { _file: file, path })
-    }
-
-    /// The lock file.
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(StateDirLock { _file: file })
     }
 }
 
@@ -87,7 +81,9 @@ mod tests {
         let state = dir.path().join("state");
         let first = StateDirLock::take(&state).unwrap();
         assert_eq!(
-            std::fs::read_to_string(first.path()).unwrap().trim(),
+            std::fs::read_to_string(state.join(LOCK_FILE))
+                .unwrap()
+                .trim(),
             std::process::id().to_string()
         );
         // A lock is held by an open file, so a second open in this process conflicts as another

@@ -40,6 +40,7 @@ pub use gateway_claims::{ClaimOutcome, GatewayClaim};
 pub use partitions::{DAYS_AHEAD, DEFAULT_DAYS_BACK};
 pub use read::{CallDetail, CallSummary, Cursor, Page, SearchFilter, UsagePoint, UsageQuery};
 pub use retention::RetentionReport;
+pub use search_index::path_for as search_index_path;
 
 use crate::{AuditSink, SinkError};
 

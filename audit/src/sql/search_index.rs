@@ -57,8 +57,8 @@ pub(crate) struct SearchIndex {
 }
 
 /// The index's file for the store's file `store`: its name with `-search` appended, as SQLite
-/// names a database's `-wal` and `-shm` files.
-pub(super) fn path_for(store: &Path) -> PathBuf {
+/// names a database's `-wal` and `-shm` files (the index has its own `-wal` and `-shm` beside it).
+pub fn path_for(store: &Path) -> PathBuf {
     let mut name = store.as_os_str().to_owned();
     name.push("-search");
     PathBuf::from(name)

@@ -33,7 +33,7 @@ use clap::{Parser, ValueEnum};
 use futures::StreamExt;
 use gatehouse_audit::AuditRecord;
 use gatehouse_audit::sql::rollup::{Dimension, Granularity};
-use gatehouse_audit::sql::{SearchFilter, SqlStore, UsageQuery};
+use gatehouse_audit::sql::{SearchFilter, SqlStore, UsageQuery, search_index_path};
 use gatehouse_bench::postgres::{database_url, redact};
 use gatehouse_bench::records::{GROUPS, Generator, Rng, Shape, caller_ip, user_name};
 use gatehouse_bench::report::{append_result, calls_held};
@@ -604,46 +604,13 @@ async fn rebuild_search_index(
     let now = OffsetDateTime::now_utc();
     let mut texts = probe_terms(&store, args, now).await?;
     texts.extend(["invoice supplier", "budget forecast"].map(str::to_owned));
-    let searches = |store: &SqlStore| {
-        let texts = texts.clone();
-        let store = store.clone();
-        async move {
-            let mut found = Vec::new();
-            for text in texts {
-                let mut filter =
-                    SearchFilter::between(now - time::Duration::days(args.content_days), now);
-                filter.text = Some(text);
-                let page = store.search(&filter).await?;
-                found.push(
-                    page.items
-                        .into_iter()
-                        .map(|c| c.correlation_id)
-                        .collect::<Vec<_>>(),
-                );
-            }
-            anyhow::Ok(found)
-        }
-    };
-    let indexed = |store: &SqlStore| {
-        let pool = store.sqlite_pool().cloned();
-        async move {
-            let pool = pool.context("a SQLite store")?;
-            let (through, entries): (i64, i64) = sqlx::query_as(
-                "SELECT (SELECT IndexedThrough FROM search.GatehouseSearchProgress), \
-                        (SELECT count(*) FROM search.GatehouseContentSearch_docsize)",
-            )
-            .fetch_one(&pool)
-            .await?;
-            anyhow::Ok((through, entries))
-        }
-    };
-    let found_before = searches(&store).await?;
+    let window = SearchFilter::between(now - time::Duration::days(args.content_days), now);
+    let found_before = searches(&store, &window, &texts).await?;
     let before = indexed(&store).await?;
     let total = calls_held(&store).await?;
     store.close().await;
 
-    let mut file = path.as_os_str().to_owned();
-    file.push("-search");
+    let file = search_index_path(path).into_os_string();
     for suffix in ["", "-wal", "-shm"] {
         let mut name = file.clone();
         name.push(suffix);
@@ -667,7 +634,7 @@ async fn rebuild_search_index(
     store.settle_search_index().await?;
     let elapsed = clock.elapsed();
     let after = indexed(&store).await?;
-    let found_after = searches(&store).await?;
+    let found_after = searches(&store, &window, &texts).await?;
     store.close().await;
     ensure!(
         after == before,
@@ -700,6 +667,34 @@ async fn rebuild_search_index(
     )?;
     println!("result: {}", path.display());
     Ok(())
+}
+
+/// The calls each full-text search of `texts` finds in `window`, in order.
+async fn searches(
+    store: &SqlStore,
+    window: &SearchFilter,
+    texts: &[String],
+) -> Result<Vec<Vec<String>>> {
+    let mut found = Vec::new();
+    for text in texts {
+        let mut filter = window.clone();
+        filter.text = Some(text.clone());
+        let page = store.search(&filter).await?;
+        found.push(page.items.into_iter().map(|c| c.correlation_id).collect());
+    }
+    Ok(found)
+}
+
+/// The SQLite full-text index's progress: its `IndexedThrough` and the calls it holds.
+async fn indexed(store: &SqlStore) -> Result<(i64, i64)> {
+    let pool = store.sqlite_pool().context("a SQLite store")?;
+    let counts = sqlx::query_as(
+        "SELECT (SELECT IndexedThrough FROM search.GatehouseSearchProgress), \
+                (SELECT count(*) FROM search.GatehouseContentSearch_docsize)",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(counts)
 }
 
 /// Rare terms that exist in the content window: invoice numbers taken from stored prompts.

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use clap::{Parser, ValueEnum};
-use gatehouse_audit::sql::SqlStore;
+use gatehouse_audit::sql::{SqlStore, search_index_path};
 use gatehouse_bench::postgres::{database_url, redact};
 use gatehouse_bench::proc_stat::{USER_HZ, own_jiffies, process_jiffies};
 use gatehouse_bench::records::{Generator, Shape};
@@ -394,19 +394,19 @@ async fn run_sqlite(args: &Args, started: OffsetDateTime) -> Result<Measurement>
     };
     store.close().await;
     let mut measurement = result?;
-    // The store's file and its full-text index's, each with its write-ahead log.
-    measurement.disk_bytes = [
-        "audit.db",
-        "audit.db-wal",
-        "audit.db-shm",
-        "audit.db-search",
-        "audit.db-search-wal",
-        "audit.db-search-shm",
-    ]
-    .iter()
-    .filter_map(|name| std::fs::metadata(dir.path().join(name)).ok())
-    .map(|m| m.len())
-    .sum();
+    // The store's file and its full-text index's, each with its write-ahead log and shared memory.
+    measurement.disk_bytes = [file.clone(), search_index_path(&file)]
+        .into_iter()
+        .flat_map(|name| {
+            ["", "-wal", "-shm"].map(|suffix| {
+                let mut name = name.clone().into_os_string();
+                name.push(suffix);
+                name
+            })
+        })
+        .filter_map(|name| std::fs::metadata(name).ok())
+        .map(|m| m.len())
+        .sum();
     drop(dir);
     Ok(measurement)
 }
