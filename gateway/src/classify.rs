@@ -156,12 +156,12 @@ pub fn classify(
     }
 
     let api_version = query_param(query, "api-version");
+    // As sent: a multipart boundary is matched byte for byte (browsers send capitals in theirs).
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    let (peek, tree) = parse_body(route.body_kind, &content_type, body)?;
+        .unwrap_or("");
+    let (peek, tree) = parse_body(route.body_kind, content_type, body)?;
     let is_stream = peek.as_ref().and_then(|p| p.stream).unwrap_or(false);
 
     let deployment = match deployment {
@@ -170,7 +170,7 @@ pub fn classify(
             let model = match &peek {
                 Some(peek) => peek.model.clone(),
                 None if route.body_kind == BodyKind::Multipart => {
-                    multipart_field(&content_type, body, "model")
+                    multipart_field(content_type, body, "model")
                 }
                 None => None,
             };
@@ -510,11 +510,17 @@ fn parse_body(
     content_type: &str,
     body: &Bytes,
 ) -> Result<(Option<RequestPeek>, Option<serde_json::Value>), GatewayError> {
+    // Media types are case-insensitive (RFC 9110, section 8.3.1).
     let media_type = content_type.split(';').next().unwrap_or("").trim();
+    let is = |name: &str| media_type.eq_ignore_ascii_case(name);
     match kind {
         BodyKind::Json if !body.is_empty() => {
-            if !(media_type == "application/json"
-                || media_type.ends_with("+json")
+            let suffix = media_type
+                .len()
+                .checked_sub(5)
+                .map(|at| &media_type.as_bytes()[at..]);
+            if !(is("application/json")
+                || suffix.is_some_and(|suffix| suffix.eq_ignore_ascii_case(b"+json"))
                 || media_type.is_empty())
             {
                 return Err(unsupported(format!(
@@ -539,7 +545,7 @@ fn parse_body(
             let peek = RequestPeek::of_tree(&value);
             Ok((Some(peek), Some(value)))
         }
-        BodyKind::Multipart if media_type != "multipart/form-data" => Err(unsupported(format!(
+        BodyKind::Multipart if !is("multipart/form-data") => Err(unsupported(format!(
             "This operation takes a multipart/form-data body; the request's Content-Type is `{media_type}`."
         ))),
         _ => Ok((None, None)),

@@ -160,6 +160,51 @@ async fn speech_returns_binary_and_multipart_is_forwarded_intact() {
     assert_eq!(records[0].backend_response_body.as_deref(), None);
 }
 
+/// A multipart body is read with its boundary as sent: browsers put capitals in theirs
+/// (`----WebKitFormBoundary…`), and media types are case-insensitive.
+#[tokio::test]
+async fn a_multipart_boundary_with_capitals_is_read_as_sent() {
+    let sim = simulator("boundary").await;
+    let gw = TestGateway::start(snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["whisper"], "members": [member("a", &sim.url(), 1)]}]),
+    ))
+    .await;
+    let boundary = "----WebKitFormBoundary7MA4YWxkTrZu0gW";
+    let mut body = Vec::new();
+    body.extend_from_slice(
+        format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\
+             Content-Type: audio/wav\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    body.extend_from_slice(&[7u8; 2048]);
+    body.extend_from_slice(
+        format!(
+            "\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n\
+             whisper\r\n--{boundary}--\r\n"
+        )
+        .as_bytes(),
+    );
+    let transcription = gw
+        .post("/v1/audio/transcriptions")
+        .header(
+            "content-type",
+            format!("Multipart/Form-Data; boundary={boundary}"),
+        )
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(transcription.status(), 200);
+    let text: serde_json::Value = transcription.json().await.unwrap();
+    assert!(text["text"].as_str().unwrap().contains("2048"), "{text}");
+    let records = gw.records(1).await;
+    assert_eq!(records[0].deployment_name.as_deref(), Some("whisper"));
+    assert_eq!(sim.hits(), 1);
+}
+
 #[tokio::test]
 async fn unknown_routes_and_deployments_are_404_in_azure_shape() {
     let sim = simulator("unknown").await;
