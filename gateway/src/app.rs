@@ -254,12 +254,14 @@ impl Gateway {
 
     /// Installs a prepared runtime atomically, and forgets secrets and credentials it no longer
     /// uses.
-    pub(crate) fn install(&self, runtime: Runtime) {
+    pub(crate) fn install(&self, mut runtime: Runtime) {
         self.metrics.config_version.set(runtime.snapshot.version);
         self.resolver.retain_for(&runtime.snapshot);
+        // Tokens that passed under the previous identity policy are judged again, and calls still
+        // on the previous runtime (waiting for room in the audit queue, say) do not remember
+        // what they judge under it.
+        runtime.policy_generation = self.tokens.next_policy_generation();
         self.runtime.store(Arc::new(runtime));
-        // Tokens that passed under the previous identity policy are judged again.
-        self.tokens.forget_validated();
     }
 
     /// The HTTP router: the operational and admin routes ([`ROUTED_PATHS`]), and every other
@@ -510,6 +512,7 @@ async fn pipeline(
     let principal = auth::authenticate(
         &runtime.keys,
         &runtime.snapshot.identity,
+        runtime.policy_generation,
         &gateway.tokens,
         &parts.headers,
         parts.uri.query(),

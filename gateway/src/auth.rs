@@ -46,10 +46,12 @@ struct Presented {
     token: Option<String>,
 }
 
-/// Authenticates a request under the snapshot's identity policy.
+/// Authenticates a request under the snapshot's identity policy (of `policy_generation`, see
+/// [`TokenValidator::validate`]).
 pub async fn authenticate(
     keys: &KeyIndex,
     policy: &IdentityPolicy,
+    policy_generation: u64,
     validator: &TokenValidator,
     headers: &HeaderMap,
     query: Option<&str>,
@@ -87,7 +89,7 @@ pub async fn authenticate(
     let user = match token {
         Some(token) => Some(
             validator
-                .validate(entra, &token)
+                .validate(entra, policy_generation, &token)
                 .await
                 .map_err(GatewayError::InvalidToken)?,
         ),

@@ -75,6 +75,9 @@ pub struct Runtime {
     pub keys: KeyIndex,
     /// Pools in snapshot order.
     pub pools: Vec<Arc<Pool>>,
+    /// The token validator's policy generation this runtime was installed with: tokens that
+    /// passed under another runtime's identity policy are judged again.
+    pub policy_generation: u64,
     by_deployment: HashMap<String, usize>,
     wildcard: Option<usize>,
     resources: Option<usize>,
@@ -213,6 +216,7 @@ impl Runtime {
             keys: KeyIndex::new(&snapshot.subscriptions),
             snapshot,
             pools,
+            policy_generation: 0,
             by_deployment,
             wildcard,
             resources,

@@ -188,6 +188,7 @@ impl TokenValidator {
         }
     }
 
+    /// The current policy generation and the key retirements so far.
     fn generation(&self) -> (u64, u64) {
         (
             self.generation.load(std::sync::atomic::Ordering::SeqCst),
@@ -195,23 +196,31 @@ impl TokenValidator {
         )
     }
 
-    /// Forgets every token that passed (the policy they passed under may have changed).
-    pub fn forget_validated(&self) {
+    /// Forgets every token that passed and starts a new policy generation, which the caller
+    /// stamps on the runtime it installs next ([`crate::runtime::Runtime::policy_generation`]).
+    /// A call still served by an older runtime validates under that runtime's policy, and its
+    /// answer is not remembered: a token the new policy refuses is never taken from memory.
+    pub fn next_policy_generation(&self) -> u64 {
         let mut validated = write(&self.validated);
-        self.generation
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let next = self
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
         validated.clear();
+        next
     }
 
-    /// Validates `token` under `policy`, from memory when it passed before and is still valid.
+    /// Validates `token` under `policy`, the policy of generation `policy_generation`, from
+    /// memory when it passed before under the same generation and is still valid.
     pub async fn validate(
         &self,
         policy: &EntraTokenPolicy,
+        policy_generation: u64,
         token: &str,
     ) -> Result<Arc<EntraIdentity>, TokenError> {
         let digest: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(token.as_bytes()).into();
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        let generation = self.generation();
+        let generation = (policy_generation, self.keys.retirements());
         if let Some(known) = read(&self.validated).get(&digest)
             && known.generation == generation
             && (known.usable_from..known.usable_until).contains(&now)

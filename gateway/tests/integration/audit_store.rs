@@ -2,7 +2,7 @@
 //! journaled queue, and failing closed when it cannot record.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -420,40 +420,6 @@ impl AuditSink for Tee {
     }
     fn name(&self) -> &'static str {
         "flaky-store"
-    }
-}
-
-/// A sink whose writes wait while its gate is shut.
-#[derive(Clone)]
-struct Gated {
-    open: Arc<tokio::sync::watch::Sender<bool>>,
-    started: Arc<AtomicU64>,
-    inner: MemorySink,
-}
-
-impl Gated {
-    fn shut() -> Gated {
-        Gated {
-            open: Arc::new(tokio::sync::watch::Sender::new(false)),
-            started: Arc::new(AtomicU64::new(0)),
-            inner: MemorySink::new(),
-        }
-    }
-}
-
-impl AuditSink for Gated {
-    fn write_batch<'a>(
-        &'a self,
-        records: &'a [AuditRecord],
-    ) -> BoxFuture<'a, Result<(), SinkError>> {
-        Box::pin(async move {
-            self.started.fetch_add(1, Ordering::SeqCst);
-            let _ = self.open.subscribe().wait_for(|open| *open).await;
-            self.inner.write_batch(records).await
-        })
-    }
-    fn name(&self) -> &'static str {
-        "gated"
     }
 }
 

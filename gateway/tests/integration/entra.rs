@@ -693,6 +693,75 @@ async fn a_remembered_token_is_judged_again_under_a_new_policy() {
     assert_eq!(sim.hits(), 2);
 }
 
+/// A call that arrived under the old policy and was still waiting (for room in the audit queue)
+/// when a new one was installed is judged under the old policy, but what it judged is not
+/// remembered: the next call with the same token meets the new policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_judged_under_a_replaced_policy_is_not_remembered_under_the_new_one() {
+    let double = EntraDouble::start().await;
+    let sim = simulator("entra-straddle").await;
+    let gated = Gated::shut();
+    let settings = gatehouse_audit::QueueSettings {
+        capacity: 1,
+        // Without a journal the writer takes nothing while a write is in flight.
+        journal_dir: None,
+        sink_timeout: std::time::Duration::from_secs(60),
+        room_wait: std::time::Duration::from_secs(30),
+        ..gatehouse_audit::QueueSettings::default()
+    };
+    let (queue, writer) =
+        gatehouse_audit::AuditQueue::start_with(std::sync::Arc::new(gated.clone()), settings)
+            .await
+            .unwrap();
+    let gw = TestGateway::start_with_queue(
+        entra_snapshot(1, &double, &sim.url(), "token", None),
+        std::sync::Arc::new(tempfile::tempdir().unwrap()),
+        gated.inner.clone(),
+        queue,
+        writer,
+    )
+    .await;
+    let user = |object_id: &str| {
+        sign(
+            TestKey::A,
+            &double.user_claims(TENANT_A, Ver::V2, object_id, &[]),
+        )
+    };
+    let other = user("0000000a-0000-0000-0000-000000000301");
+    let token = user("0000000a-0000-0000-0000-000000000302");
+    // The first record holds the writer at the gate, the second fills the queue; the third call
+    // waits for room before it is authenticated.
+    assert_eq!(call_with_token(&gw, &other).await.status(), 200);
+    gated.wait_for_a_write().await;
+    assert_eq!(call_with_token(&gw, &other).await.status(), 200);
+    let waiting = {
+        let request = gw
+            .raw(reqwest::Method::POST, &chat_path("gpt-4o"))
+            .bearer_auth(&token)
+            .json(&chat(None, false));
+        tokio::spawn(request.send())
+    };
+    for _ in 0..100 {
+        if gw.metrics().await.contains("gatehouse_audit_room_waits 1") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(gw.metrics().await.contains("gatehouse_audit_room_waits 1"));
+
+    // The audience is no longer accepted.
+    let mut next = entra_snapshot(2, &double, &sim.url(), "token", None);
+    next.identity.entra.as_mut().unwrap().audiences = vec!["api://another-api".to_owned()];
+    assert!(gw.push_config(&next).await.status().is_success());
+    gated.open.send_replace(true);
+    // Admitted under the policy it arrived under ...
+    assert_eq!(waiting.await.unwrap().unwrap().status(), 200);
+    // ... and judged again under the new one.
+    let message = azure_error(call_with_token(&gw, &token).await, 401).await;
+    assert!(message.contains("audience"), "{message}");
+    assert_eq!(sim.hits(), 3);
+}
+
 #[tokio::test]
 async fn app_only_tokens_are_told_apart_and_can_be_refused() {
     let double = EntraDouble::start().await;

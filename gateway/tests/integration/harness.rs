@@ -2,10 +2,12 @@
 
 use std::net::TcpListener;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use gatehouse_audit::{AuditQueue, AuditSink, MemorySink, QueueSettings, WriterHandle};
+use futures::future::BoxFuture;
+use gatehouse_audit::{AuditQueue, AuditSink, MemorySink, QueueSettings, SinkError, WriterHandle};
 use gatehouse_gateway::secret::Secret;
 use gatehouse_gateway::server::{self, Listening};
 use gatehouse_gateway::settings::{AffinitySettings, LimitSettings};
@@ -62,6 +64,56 @@ impl std::io::Write for CapturedLogs {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+/// A sink whose writes wait while its gate is shut: the first write holds the writer, and the
+/// queue behind it fills, so that calls wait for room in it.
+#[derive(Clone)]
+pub struct Gated {
+    /// `true` opens the gate.
+    pub open: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Writes begun.
+    pub started: Arc<AtomicU64>,
+    /// What the writes stored once through the gate.
+    pub inner: MemorySink,
+}
+
+impl Gated {
+    /// A gated sink, shut.
+    pub fn shut() -> Gated {
+        Gated {
+            open: Arc::new(tokio::sync::watch::Sender::new(false)),
+            started: Arc::new(AtomicU64::new(0)),
+            inner: MemorySink::new(),
+        }
+    }
+
+    /// Waits (at most a second) until a first write has begun and holds the writer.
+    pub async fn wait_for_a_write(&self) {
+        for _ in 0..50 {
+            if self.started.load(Ordering::SeqCst) >= 1 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("no write began");
+    }
+}
+
+impl AuditSink for Gated {
+    fn write_batch<'a>(
+        &'a self,
+        records: &'a [AuditRecord],
+    ) -> BoxFuture<'a, Result<(), SinkError>> {
+        Box::pin(async move {
+            self.started.fetch_add(1, Ordering::SeqCst);
+            let _ = self.open.subscribe().wait_for(|open| *open).await;
+            self.inner.write_batch(records).await
+        })
+    }
+    fn name(&self) -> &'static str {
+        "gated"
     }
 }
 
