@@ -479,11 +479,20 @@ run_wrk() {
   return "$status"
 }
 
+# A gateway's own count of what it adds (the gatehouse_overhead_seconds histogram) at port $1, as
+# a JSON list of [upper bound, cumulative count]. Read before and after each measured run of a
+# gateway target; the report gives its p50 and p99 beside the added latency wrk measured.
+overhead_buckets() {
+  curl -s --max-time 5 "http://127.0.0.1:$1/metrics" 2>/dev/null \
+    | sed -n 's/^gatehouse_overhead_seconds_bucket{le="\([^"]*\)"} \([0-9]*\)$/\1 \2/p' \
+    | awk 'BEGIN { printf "[" } { printf "%s[\"%s\",%s]", (NR > 1 ? "," : ""), $1, $2 } END { printf "]" }'
+}
+
 # Measure one target at every concurrency; $1 name, $2 port, $3 proxy pid (empty for direct).
 measure_target() {
   local name=$1 port=$2 proxy_pid=${3:-} c
   local proxy_pids mock_pids raw wrk_json
-  local cpu0 cpu1 mock0 mock1 host0 host1 hwm_reset hwm rss
+  local cpu0 cpu1 mock0 mock1 host0 host1 hwm_reset hwm rss overhead0 overhead1
   say "measuring $name (warm-up ${warmup}s + ${duration}s per concurrency)"
   mock_pids=$(tree_pids "$mock_pid")
   for c in $concurrency; do
@@ -497,6 +506,8 @@ measure_target() {
     run_wrk "$c" "$warmup" "$port" "$work/wrk-$name-c$c-warmup.txt" \
       || { broken+=("$name c=$c: wrk warm-up failed"); note "wrk failed: $(tail -3 "$work/wrk-$name-c$c-warmup.txt")"; continue; }
 
+    overhead0=[]
+    case $name in gateway*) overhead0=$(overhead_buckets "$port") ;; esac
     # shellcheck disable=SC2086
     { cpu0=$(cpu_ticks $proxy_pids); mock0=$(cpu_ticks $mock_pids); host0=$(host_jiffies); }
     run_wrk "$c" "$duration" "$port" "$raw" \
@@ -505,6 +516,8 @@ measure_target() {
     { cpu1=$(cpu_ticks $proxy_pids); mock1=$(cpu_ticks $mock_pids); host1=$(host_jiffies); }
     # shellcheck disable=SC2086
     { hwm=$(status_kb VmHWM $proxy_pids); rss=$(status_kb VmRSS $proxy_pids); }
+    overhead1=[]
+    case $name in gateway*) overhead1=$(overhead_buckets "$port") ;; esac
 
     wrk_json=$(sed -n 's/^WRK_JSON //p' "$raw")
     [ -n "$wrk_json" ] || { broken+=("$name c=$c: no result line from wrk"); continue; }
@@ -520,7 +533,8 @@ measure_target() {
  "host_busy_jiffies":$(( ${host1% *} - ${host0% *} )),"host_total_jiffies":$(( ${host1#* } - ${host0#* } )),
  "proxy_vmhwm_kb":$([ -n "$proxy_pids" ] && echo "$hwm" || echo null),
  "proxy_vmrss_kb":$([ -n "$proxy_pids" ] && echo "$rss" || echo null),
- "vmhwm_reset_before_run":$(case $hwm_reset in null) echo null ;; 1) echo true ;; *) echo false ;; esac)}
+ "vmhwm_reset_before_run":$(case $hwm_reset in null) echo null ;; 1) echo true ;; *) echo false ;; esac),
+ "overhead_buckets_before":${overhead0:-[]},"overhead_buckets_after":${overhead1:-[]}}
 EOF
     note "c=$c: $(python3 "$bench_dir/lib/report.py" line "$work/results/$name-c$c.json")"
   done

@@ -183,9 +183,34 @@ def derive(run: dict, clk_tck: int) -> dict:
     if run.get("proxy_vmhwm_kb") is not None:
         out["proxy_peak_rss_mb"] = round(run["proxy_vmhwm_kb"] * 1024 / 1e6, 2)
         out["proxy_rss_after_mb"] = round(run["proxy_vmrss_kb"] * 1024 / 1e6, 2)
+    out["own_overhead_ms"] = None
+    if run.get("overhead_buckets_after"):
+        before, after = run.get("overhead_buckets_before") or [], run["overhead_buckets_after"]
+        quantiles = {name: histogram_quantile(q, before, after) for name, q in (("p50", 0.5), ("p99", 0.99))}
+        if quantiles["p50"] is not None:
+            out["own_overhead_ms"] = {name: round(v * 1000, 4) for name, v in quantiles.items()}
     if run.get("host_total_jiffies"):
         out["host_cpu_busy_pct"] = round(100 * run["host_busy_jiffies"] / run["host_total_jiffies"], 1)
     return out
+
+
+def histogram_quantile(q: float, before: list, after: list) -> float | None:
+    """The q-quantile of what a cumulative Prometheus histogram counted between two scrapes
+    (lists of [upper bound, cumulative count]), interpolated within its bucket as Prometheus's
+    `histogram_quantile` does; None when it counted nothing."""
+    start = {le: count for le, count in before}
+    buckets = sorted(((float(le), count - start.get(le, 0)) for le, count in after), key=lambda b: b[0])
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower, below = 0.0, 0
+    for upper, cumulative in buckets:
+        if cumulative >= rank:
+            if upper == float("inf"):
+                return lower
+            return lower + (upper - lower) * (rank - below) / max(cumulative - below, 1)
+        lower, below = upper, cumulative
+    return lower
 
 
 def fmt(value, spec: str, missing: str = "-") -> str:
@@ -206,6 +231,9 @@ def line(path: Path) -> str:
     if d["proxy_cpu_us_per_request"] is not None:
         parts.append(f"proxy CPU {d['proxy_cpu_us_per_request']:.1f} µs/req")
         parts.append(f"peak RSS {d['proxy_peak_rss_mb']:.1f} MB")
+    if d["own_overhead_ms"] is not None:
+        own = d["own_overhead_ms"]
+        parts.append(f"own overhead p50 {own['p50'] * 1000:.0f} µs, p99 {own['p99'] * 1000:.0f} µs")
     parts.append(f"errors {d['error_count']}")
     return ", ".join(parts)
 
@@ -329,6 +357,14 @@ def summarize(results: Path, meta_path: Path, out: Path) -> int:
                     f"(target <= {MAX_ADDED_P50_RATIO}x) {mark(row['added_p50_ok'])}"
                 )
             w("\n")
+        gateway = runs.get(("gateway", c))
+        if gateway and gateway["own_overhead_ms"] is not None:
+            own = gateway["own_overhead_ms"]
+            w(
+                f"     the gateway's own count (gatehouse_overhead_seconds): p50 {own['p50'] * 1000:.0f} µs, "
+                f"p99 {own['p99'] * 1000:.0f} µs; the rest of its added latency is the wait for CPU, "
+                f"hyper and the kernel\n"
+            )
         if "rps_ratio" in row:
             target = f" (target >= {MIN_RPS_RATIO}x)" if c == max(concurrency) else ""
             ok = f" {mark(row['rps_ratio'] >= MIN_RPS_RATIO)}" if target else ""

@@ -531,6 +531,7 @@ async fn pipeline(
         return Err(GatewayError::AuditUnavailable);
     }
     // The body, bounded; buffered so that a failed attempt can be replayed on another member.
+    let reading = Instant::now();
     let body = read_body(
         parts,
         body,
@@ -540,6 +541,7 @@ async fn pipeline(
     .await?;
     let capture_limit = runtime.snapshot.capture.max_request_body_bytes;
     if let Some(record) = record.as_mut() {
+        record.waited += reading.elapsed();
         record.record.request_size = body.len() as u64;
     }
     // 4. Classify.

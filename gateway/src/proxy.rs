@@ -149,6 +149,7 @@ pub async fn forward(
                     Some(&reason),
                 );
                 if let Some(record) = record.as_mut() {
+                    record.waited += attempt_started.elapsed();
                     record.record.backend_id = Some(member.config.id.clone());
                 }
                 continue;
@@ -183,7 +184,11 @@ pub async fn forward(
             }
             Err(_) => Err(SendError::invalid_uri()),
         };
-        let elapsed_ms = millis(attempt_started.elapsed());
+        let elapsed = attempt_started.elapsed();
+        let elapsed_ms = millis(elapsed);
+        if let Some(record) = record.as_mut() {
+            record.waited += elapsed;
+        }
         let response = match sent {
             Ok(response) => response,
             Err(error) => {
@@ -630,7 +635,10 @@ async fn relay(
     // object's member is on record before the client can ask about the object.
     if call.creates.is_some() && !call.is_stream && status.is_success() {
         let idle = Duration::from_millis(member.config.response_idle_timeout_ms);
-        let body = match read_limited(response, PARSE_LIMIT, idle).await {
+        let reading = Instant::now();
+        let read = read_limited(response, PARSE_LIMIT, idle).await;
+        record.waited += reading.elapsed();
+        let body = match read {
             Ok(body) => body,
             Err(()) => {
                 let error = GatewayError::AllUnavailable;
@@ -644,6 +652,10 @@ async fn relay(
             remember_created(gateway, &call, &member, &summary).await;
         }
         let sent = body.len() as u64;
+        gateway
+            .metrics
+            .overhead
+            .observe(record.overhead().as_secs_f64());
         record.record.time_to_first_byte = Some(millis(record.started.elapsed()));
         let answer = tee.complete(&mut record, &call);
         let estimate = estimate_needed(status, &call, &record, answer.as_ref());
@@ -668,6 +680,10 @@ async fn relay(
         tracing::warn!(%error, "could not journal an object's deletion");
     }
 
+    gateway
+        .metrics
+        .overhead
+        .observe(record.overhead().as_secs_f64());
     let body = RelayBody {
         upstream: Some(response.into_body()),
         idle: IdleDeadline::new(Duration::from_millis(

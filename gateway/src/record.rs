@@ -1,6 +1,6 @@
 //! Step 10: the audit record of one call, filled in as the call goes.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use gatehouse_audit::RecordSlot;
 use gatehouse_schema::AuditRecord;
@@ -33,6 +33,9 @@ pub struct CallRecord {
     pub started: Instant,
     /// When the first backend attempt started.
     pub backend_started: Option<Instant>,
+    /// How long the call has waited for others: for the client's request body, and for each
+    /// backend attempt's answer head (or its failure). The rest of its time is the gateway's own.
+    pub waited: Duration,
     /// What the call holds until its record is handed on.
     pub holds: Holds,
     /// The client's own `x-request-id`, when it sent a sane one: echoed to it and passed to the
@@ -103,6 +106,7 @@ impl CallRecord {
             record,
             started,
             backend_started: None,
+            waited: Duration::ZERO,
             holds: Holds::default(),
             client_request_id,
         }
@@ -153,6 +157,12 @@ impl CallRecord {
             self.record.backend_time = millis(now - backend_started);
         }
         self.record
+    }
+
+    /// The gateway's own time so far: since the call arrived, less what it [waited](Self::waited)
+    /// for.
+    pub fn overhead(&self) -> Duration {
+        self.started.elapsed().saturating_sub(self.waited)
     }
 
     /// Takes what the call holds, to hand it on with the finished record.

@@ -662,3 +662,69 @@ async fn a_stream_that_has_begun_is_not_cut_by_the_response_timeout() {
     a_whole_stream(&gw).await;
     assert_eq!(slow.hits(), 1);
 }
+
+/// `gatehouse_overhead_seconds` is the gateway's own time before the answer's head goes out: a
+/// call that waited 300 ms for the rest of its request body and 300 ms for a member that never
+/// answered, then streamed its answer from the next member a chunk every 100 ms, counts none of
+/// those waits there, while its duration counts all of them.
+#[tokio::test]
+async fn the_overhead_metric_leaves_out_the_waits_for_the_client_and_the_backends() {
+    use futures::StreamExt as _;
+
+    let (silent, silent_requests) = silent_backend().await;
+    let streaming = simulator_with(SimulatorConfig {
+        id: "streaming".to_owned(),
+        chunk_delay: Duration::from_millis(100),
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let gw = pool_gateway(json!([
+        impatient_member("silent", &silent, 1, 300),
+        member("streaming", &streaming.url(), 2),
+    ]))
+    .await;
+    let request = serde_json::to_vec(&chat(None, true)).unwrap();
+    let (head, tail) = request.split_at(10);
+    let pieces = [
+        (Duration::ZERO, bytes::Bytes::copy_from_slice(head)),
+        (
+            Duration::from_millis(300),
+            bytes::Bytes::copy_from_slice(tail),
+        ),
+    ];
+    let slow_body = futures::stream::iter(pieces).then(|(pause, piece)| async move {
+        tokio::time::sleep(pause).await;
+        Ok::<_, std::io::Error>(piece)
+    });
+    let response = gw
+        .post(&chat_path("gpt-4o"))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(slow_body))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    assert!(text.contains("data: [DONE]"), "{text}");
+    let records = gw.records(1).await;
+    assert_eq!(records[0].attempts.len(), 2, "{:?}", records[0].attempts);
+    assert_eq!(silent_requests.load(Ordering::SeqCst), 1);
+
+    let metrics = gw.metrics().await;
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|value| value.parse().ok())
+            .unwrap_or_else(|| panic!("no `{name}` in:\n{metrics}"))
+    };
+    assert_eq!(value("gatehouse_overhead_seconds_count"), 1.0);
+    let duration =
+        value(r#"gatehouse_request_duration_seconds_sum{operation="chatcompletions_create"}"#);
+    let overhead = value("gatehouse_overhead_seconds_sum");
+    assert!(duration >= 0.9, "the call took its waits: {duration} s");
+    assert!(
+        overhead < 0.3,
+        "the overhead counts a wait: {overhead} s of {duration} s"
+    );
+}
