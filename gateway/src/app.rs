@@ -23,6 +23,7 @@ use tracing::Instrument;
 
 use crate::affinity::{AffinityMap, SharedAffinity};
 use crate::auth::Principal;
+use crate::client_gone::ToCompletion;
 use crate::entra_credential::TokenCredential;
 use crate::error::GatewayError;
 use crate::key_vault::KeyVaultClient;
@@ -455,30 +456,32 @@ async fn serve_call(
     if let Some(id) = &client_request_id {
         span.record("client_request_id", id.as_str());
     }
-    let mut record = Some(CallRecord::new(
+    let record = CallRecord::new(
         &gateway.id,
         &correlation_id,
         client_request_id,
         &parts,
         caller,
         started,
-    ));
-    // Boxed: the pipeline's future is the largest of the call (it holds the proxy's), and the
-    // futures around it are moved as they are built; a pointer moves cheaper than its bytes.
-    let outcome = Box::pin(pipeline(&gateway, &runtime, &parts, body, &mut record))
-        .instrument(span.clone())
-        .await;
-    let mut response = match outcome {
-        Ok(response) => response,
-        Err(error) => {
-            if let Some(mut record) = record.take() {
-                let _entered = span.enter();
-                let holds = record.take_holds();
-                gateway.finish(record.finish_error(&error), holds);
+    );
+    let gone = record.client_gone.clone();
+    let call = async move {
+        let mut record = Some(record);
+        match pipeline(&gateway, &runtime, &parts, body, &mut record).await {
+            Ok(response) => response,
+            Err(error) => {
+                if let Some(mut record) = record.take() {
+                    let holds = record.take_holds();
+                    gateway.finish(record.finish_error(&error), holds);
+                }
+                error.into_response()
             }
-            error.into_response()
         }
     };
+    // Boxed (in `ToCompletion`): the call's future is its largest, and the futures around it are
+    // moved as they are built; a pointer moves cheaper than its bytes. Should the client leave
+    // before the answer's head, the call is finished on a task of its own.
+    let mut response = ToCompletion::new(call.instrument(span), gone).await;
     if let Ok(value) = echoed_id {
         response.headers_mut().insert("x-request-id", value);
     }

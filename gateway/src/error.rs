@@ -134,6 +134,11 @@ pub enum GatewayError {
         /// Version running.
         running: u64,
     },
+    /// The client closed its connection or reset its stream before the call reached a backend:
+    /// the call is recorded and not sent on. No one receives this answer; the record's status is
+    /// 499, as nginx logs such a request.
+    #[error("The client closed the request before it was sent to a backend.")]
+    ClientClosedRequest,
     /// Something in the gateway failed; details are logged, not returned.
     #[error("The gateway failed to process the request.")]
     Internal,
@@ -180,6 +185,9 @@ impl GatewayError {
             GatewayError::InvalidConfig { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             GatewayError::StaleConfig { .. } => StatusCode::CONFLICT,
             GatewayError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            GatewayError::ClientClosedRequest => {
+                StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
+            }
             GatewayError::Limit(refusal) => match refusal {
                 LimitRefusal::Rate { .. } => StatusCode::TOO_MANY_REQUESTS,
                 LimitRefusal::Quota { .. } => StatusCode::FORBIDDEN,
@@ -216,6 +224,7 @@ impl GatewayError {
             GatewayError::InvalidConfig { .. } => "invalid_config",
             GatewayError::StaleConfig { .. } => "stale_config",
             GatewayError::Internal => "internal",
+            GatewayError::ClientClosedRequest => "client_closed_request",
             GatewayError::Limit(refusal) => refusal.reason(),
         }
     }

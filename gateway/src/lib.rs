@@ -26,7 +26,9 @@
 //! 9. **Capture** ([`capture`], [`usage`]): a tee that keeps bodies up to a limit and reassembles
 //!    streams; token usage as the backend reports it (the proxy asks a stream for its usage chunk
 //!    and hides it from the client), else estimated with the model's tokenizer.
-//! 10. **Record** ([`record`]): one audit record per call, handed to the audit queue off the hot path.
+//! 10. **Record** ([`record`]): one audit record per call, handed to the audit queue off the hot path;
+//!     a call whose client leaves before the answer's head is finished all the same
+//!     ([`client_gone`]).
 //!
 //! Configuration ([`settings`], [`runtime`], [`admin`]) is one immutable snapshot swapped atomically.
 //! A serving gateway holds its state directory ([`state_lock`]).
@@ -42,6 +44,7 @@ pub mod backend_url;
 pub mod caller;
 pub mod capture;
 pub mod classify;
+pub mod client_gone;
 pub mod entra;
 pub mod entra_credential;
 pub mod error;

@@ -103,6 +103,10 @@ pub async fn forward(
     let mut tried: Vec<usize> = Vec::new();
     let client_query = parts.uri.query();
     loop {
+        // A client that left before the answer's head: no backend is sent its call now.
+        if record.as_ref().is_some_and(|r| r.client_gone.is_gone()) {
+            return Err(GatewayError::ClientClosedRequest);
+        }
         let now = Instant::now();
         let (member, index) = match target.pinned {
             Some(index) => {

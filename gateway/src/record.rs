@@ -2,6 +2,8 @@
 
 use std::time::{Duration, Instant};
 
+use crate::client_gone::ClientGone;
+
 use gatehouse_audit::RecordSlot;
 use gatehouse_schema::AuditRecord;
 use gatehouse_schema::audit::{BackendAttempt, TokenUsage};
@@ -38,6 +40,8 @@ pub struct CallRecord {
     pub waited: Duration,
     /// What the call holds until its record is handed on.
     pub holds: Holds,
+    /// Set when the client left before the answer's head; the call goes on without it.
+    pub client_gone: ClientGone,
     /// The client's own `x-request-id`, when it sent a sane one: echoed to it and passed to the
     /// backend. Never the record's `CorrelationId`, which the gateway always makes itself.
     pub client_request_id: Option<String>,
@@ -108,6 +112,7 @@ impl CallRecord {
             backend_started: None,
             waited: Duration::ZERO,
             holds: Holds::default(),
+            client_gone: ClientGone::default(),
             client_request_id,
         }
     }
@@ -149,6 +154,9 @@ impl CallRecord {
     /// Completes the record for an answer of `status` with `sent` bytes.
     pub fn finish(mut self, status: u16, sent: u64) -> AuditRecord {
         let now = Instant::now();
+        if self.client_gone.is_gone() {
+            self.record.client_aborted = true;
+        }
         self.record.response_code = status;
         self.record.is_request_success = (200..400).contains(&status);
         self.record.response_size = sent;

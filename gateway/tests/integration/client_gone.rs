@@ -1,0 +1,142 @@
+//! Clients that leave before the answer's head: the call goes on without them and is recorded.
+//! The backend has the prompt and bills the answer; an audit trail without the call would lie.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use gatehouse_audit::QueueSettings;
+use serde_json::json;
+
+use crate::harness::*;
+
+/// A backend that thinks for `think` before it answers a chat completion whole (with usage), as a
+/// model does before a non-streamed answer; counts its calls. The answer is Azure's
+/// `chat.completion` shape (`../shared/fixtures/azure/`).
+async fn thinking_backend(think: Duration) -> (String, Arc<AtomicUsize>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&calls);
+    let app = axum::Router::new().fallback(move || {
+        let counted = Arc::clone(&counted);
+        async move {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(think).await;
+            axum::Json(json!({
+                "id": "chatcmpl-late",
+                "object": "chat.completion",
+                "created": 1_733_000_000,
+                "model": "gpt-4o-2024-08-06",
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": "An answer no one read."}}],
+                "usage": {"prompt_tokens": 21, "completion_tokens": 6, "total_tokens": 27}
+            }))
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, calls)
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_while_the_backend_thinks_still_has_its_call_recorded() {
+    left_while_the_backend_thinks(http::Version::HTTP_11).await;
+}
+
+/// On HTTP/2 the client resets its stream; the connection may stay.
+#[tokio::test]
+async fn an_http2_client_that_resets_its_stream_while_the_backend_thinks_still_has_its_call_recorded()
+ {
+    left_while_the_backend_thinks(http::Version::HTTP_2).await;
+}
+
+async fn left_while_the_backend_thinks(version: http::Version) {
+    let (backend, calls) = thinking_backend(Duration::from_millis(600)).await;
+    let gw = TestGateway::start(snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member("thinking", &backend, 1)]}]),
+    ))
+    .await;
+    let gave_up = gw
+        .post_over(version, &chat_path("gpt-4o"))
+        .json(&chat(None, false))
+        .timeout(Duration::from_millis(200))
+        .send()
+        .await;
+    assert!(
+        gave_up.as_ref().is_err_and(reqwest::Error::is_timeout),
+        "the client gave up before the answer: {gave_up:?}"
+    );
+    let record = gw.records(1).await.remove(0);
+    assert!(record.client_aborted, "{record:?}");
+    assert_eq!(record.response_code, 200, "the backend's answer");
+    assert_eq!(record.response_size, 0, "nothing reached the client");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let usage = record.usage.expect("the usage of the answer no one read");
+    assert_eq!((usage.prompt_tokens, usage.completion_tokens), (21, 6));
+    assert!(!usage.is_estimate);
+    assert!(
+        record
+            .response_messages
+            .as_deref()
+            .is_some_and(|text| text.contains("An answer no one read.")),
+        "{:?}",
+        record.response_messages
+    );
+    assert!(record.total_time >= 600, "{}", record.total_time);
+}
+
+/// A call whose client leaves while it waits for room in the audit queue, before any backend
+/// has it, is recorded with 499 and sent to no backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_before_its_call_reaches_a_backend_is_recorded_and_not_sent_on() {
+    let sim = simulator("not-sent").await;
+    let gated = Gated::shut();
+    let settings = QueueSettings {
+        capacity: 1,
+        // Without a journal the writer takes nothing while a write is in flight.
+        journal_dir: None,
+        sink_timeout: Duration::from_secs(60),
+        room_wait: Duration::from_secs(30),
+        ..QueueSettings::default()
+    };
+    let gw = TestGateway::start_recording(
+        &sim.url(),
+        Arc::new(gated.clone()),
+        settings,
+        Arc::new(tempfile::tempdir().unwrap()),
+        gated.inner.clone(),
+    )
+    .await;
+    let call = || {
+        gw.post(&chat_path("gpt-4o"))
+            .json(&chat(None, false))
+            .send()
+    };
+    // The first record holds the writer at the gate, the second fills the queue.
+    assert_eq!(call().await.unwrap().status(), 200);
+    gated.wait_for_a_write().await;
+    assert_eq!(call().await.unwrap().status(), 200);
+    let gave_up = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, false))
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await;
+    assert!(gave_up.is_err_and(|error| error.is_timeout()));
+    assert!(gw.metrics().await.contains("gatehouse_audit_room_waits 1"));
+
+    gated.open.send_replace(true);
+    let records = gw.records(3).await;
+    let left = records
+        .iter()
+        .find(|record| record.client_aborted)
+        .expect("the call whose client left is on record");
+    assert_eq!(left.response_code, 499);
+    assert_eq!(
+        left.last_error_reason.as_deref(),
+        Some("client_closed_request")
+    );
+    assert!(left.attempts.is_empty(), "{:?}", left.attempts);
+    assert_eq!(sim.hits(), 2, "no backend had the third call");
+}
