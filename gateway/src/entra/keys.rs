@@ -155,12 +155,18 @@ impl KeyCache {
         };
         match cached {
             Some(key) if fresh => return Ok(key),
-            // Stale: refresh, but a failed refresh keeps serving the key held.
-            Some(key) => {
+            // Stale: refresh. A failed refresh keeps the keys held, so the key is still there
+            // and still served; a key set that no longer has it came from a refresh that worked
+            // (this one or another caller's): the key is retired, and this token is refused too.
+            Some(_) => {
                 if may_refetch {
                     self.fetch(&slot, authority, tenant, version).await;
                 }
-                return Ok(lock(&slot.state).keys.get(kid).cloned().unwrap_or(key));
+                return lock(&slot.state)
+                    .keys
+                    .get(kid)
+                    .cloned()
+                    .ok_or(KeyError::UnknownKid);
             }
             None if !may_refetch => {
                 let state = lock(&slot.state);

@@ -290,9 +290,18 @@ impl TokenValidator {
             max_age: Duration::from_secs(policy.keys_refresh_seconds),
             unknown_kid_interval: Duration::from_secs(policy.unknown_kid_refetch_seconds),
         };
+        // One key set per tenant however a token spells its id: the allowed tenants match
+        // without regard to case, and a slot per spelling would let anyone multiply the fetches
+        // that `unknown_kid_refetch_seconds` limits.
         let key = self
             .keys
-            .key(&policy.authority_host, &tenant, version, &kid, refresh)
+            .key(
+                &policy.authority_host,
+                &tenant.to_ascii_lowercase(),
+                version,
+                &kid,
+                refresh,
+            )
             .await
             .map_err(|error| match error {
                 KeyError::UnknownKid => TokenError::UnknownKey,

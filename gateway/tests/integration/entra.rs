@@ -381,6 +381,70 @@ async fn signing_keys_rotate_mid_test() {
     assert_eq!(sim.hits(), 2);
 }
 
+/// Keys held longer than `keys_refresh_seconds` are fetched again before they are used; a key
+/// the fresh set no longer has is retired on the very call that refreshed it.
+#[tokio::test]
+async fn a_key_gone_from_a_refreshed_key_set_is_refused_on_the_call_that_refreshed_it() {
+    let double = EntraDouble::start().await;
+    let sim = simulator("entra-refresh").await;
+    let mut snapshot = entra_snapshot(1, &double, &sim.url(), "token", None);
+    let entra = snapshot.identity.entra.as_mut().unwrap();
+    entra.keys_refresh_seconds = 1;
+    entra.unknown_kid_refetch_seconds = 1;
+    let gw = TestGateway::start(snapshot).await;
+    let token = |object_id: &str| {
+        sign(
+            TestKey::A,
+            &double.user_claims(TENANT_A, Ver::V2, object_id, &[]),
+        )
+    };
+    let first = token("0000000a-0000-0000-0000-000000000401");
+    assert_eq!(call_with_token(&gw, &first).await.status(), 200);
+    assert_eq!(double.key_fetches(), 1);
+
+    // The provider retires key A; once the held set is stale, a token signed with A that was
+    // never seen before is refused by the call that refreshes the set.
+    double.publish(&[TestKey::B]);
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let unseen = token("0000000a-0000-0000-0000-000000000402");
+    let message = azure_error(call_with_token(&gw, &unseen).await, 401).await;
+    assert!(message.contains("signing key"), "{message}");
+    assert_eq!(double.key_fetches(), 2);
+    // And the token that passed before is judged again.
+    azure_error(call_with_token(&gw, &first).await, 401).await;
+    assert_eq!(sim.hits(), 1);
+}
+
+/// Tenant ids match without regard to case; however a token spells its tenant, it shares the
+/// tenant's one key set, so spellings cannot multiply the key fetches the refetch interval limits.
+#[tokio::test]
+async fn a_tenant_spelled_in_other_cases_shares_one_key_set() {
+    const TENANT: &str = "aaaaaaaa-bbbb-4ccc-8ddd-eeeeeeeeeeee";
+    let double = EntraDouble::start().await;
+    let sim = simulator("entra-spelling").await;
+    let mut snapshot = entra_snapshot(1, &double, &sim.url(), "token", None);
+    snapshot.identity.entra.as_mut().unwrap().tenants = vec![TENANT.to_owned()];
+    let gw = TestGateway::start(snapshot).await;
+    let spellings = [
+        TENANT.to_owned(),
+        TENANT.to_ascii_uppercase(),
+        "AaAaAaAa-BbBb-4cCc-8dDd-EeEeEeEeEeEe".to_owned(),
+    ];
+    for spelling in &spellings {
+        let claims = double.user_claims(
+            spelling,
+            Ver::V2,
+            "0000000a-0000-0000-0000-000000000501",
+            &[],
+        );
+        let status = call_with_token(&gw, &sign(TestKey::A, &claims))
+            .await
+            .status();
+        assert_eq!(status, 200, "{spelling}");
+    }
+    assert_eq!(double.key_fetches(), 1, "one key set for every spelling");
+}
+
 #[tokio::test]
 async fn a_member_of_two_groups_gets_the_union_and_one_in_none_is_refused() {
     let double = EntraDouble::start().await;
