@@ -3,7 +3,15 @@
 //! The sink holds an exclusive lock (`flock`) on its file while it is open: two gateways
 //! appending to one file would interleave their records and their hash chains, and the file
 //! would no longer verify. A second sink on a locked file is refused.
+//!
+//! A write cut short (the process killed in the middle of a batch, a full disk) leaves a torn
+//! line at the end of the file, and the next record would run into it and be unreadable with it.
+//! So the sink cuts a torn line back to the last whole one when it opens the file, and again
+//! before the next write after a failed one (the failed batch is written again from the queue's
+//! journal). A torn line is never a record: no record was acknowledged before its line was whole
+//! and synced.
 
+use std::io::{Read as _, Seek as _, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use futures::future::BoxFuture;
@@ -18,13 +26,20 @@ use crate::{AuditSink, SinkError};
 #[derive(Debug)]
 pub struct JsonLinesSink {
     path: PathBuf,
-    file: Mutex<File>,
+    file: Mutex<Appender>,
+}
+
+/// The open file, and whether its last write failed (and may have left a torn line).
+#[derive(Debug)]
+struct Appender {
+    file: File,
+    failed: bool,
 }
 
 impl JsonLinesSink {
     /// Opens (creating if needed) the file at `path` for appending, and locks it; fails with
     /// [`std::io::ErrorKind::WouldBlock`] when another sink (this process's or another's) holds
-    /// it.
+    /// it. A torn last line is cut back to the last whole one.
     pub async fn open(path: impl AsRef<Path>) -> std::io::Result<Self> {
         let path = path.as_ref().to_path_buf();
         if let Some(parent) = path.parent() {
@@ -32,25 +47,33 @@ impl JsonLinesSink {
         }
         let opened = path.clone();
         let file = tokio::task::spawn_blocking(move || {
-            let file = std::fs::OpenOptions::new()
+            let mut file = std::fs::OpenOptions::new()
                 .create(true)
+                .read(true)
                 .append(true)
                 .open(&opened)?;
             match file.try_lock() {
-                Ok(()) => Ok(file),
-                Err(std::fs::TryLockError::WouldBlock) => Err(std::io::Error::new(
-                    std::io::ErrorKind::WouldBlock,
-                    "another process (a second gateway?) appends to this file: two writers would \
-                     interleave their records and hash chains",
-                )),
-                Err(std::fs::TryLockError::Error(error)) => Err(error),
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::WouldBlock,
+                        "another process (a second gateway?) appends to this file: two writers \
+                         would interleave their records and hash chains",
+                    ));
+                }
+                Err(std::fs::TryLockError::Error(error)) => return Err(error),
             }
+            cut_torn_line(&mut file, &opened)?;
+            Ok(file)
         })
         .await
         .map_err(std::io::Error::other)??;
         Ok(JsonLinesSink {
             path,
-            file: Mutex::new(File::from_std(file)),
+            file: Mutex::new(Appender {
+                file: File::from_std(file),
+                failed: false,
+            }),
         })
     }
 
@@ -58,6 +81,37 @@ impl JsonLinesSink {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// Cuts the file back to the end of its last whole line when it ends in a torn one; returns the
+/// bytes cut.
+fn cut_torn_line(file: &mut std::fs::File, path: &Path) -> std::io::Result<u64> {
+    const CHUNK: u64 = 64 * 1024;
+    let length = file.metadata()?.len();
+    let mut end = length;
+    let mut chunk = Vec::new();
+    while end > 0 {
+        let start = end.saturating_sub(CHUNK);
+        chunk.resize(usize::try_from(end - start).unwrap_or(0), 0);
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut chunk)?;
+        if let Some(newline) = memchr::memrchr(b'\n', &chunk) {
+            end = start + newline as u64 + 1;
+            break;
+        }
+        end = start;
+    }
+    let torn = length - end;
+    if torn > 0 {
+        file.set_len(end)?;
+        file.sync_data()?;
+        tracing::warn!(
+            file = %path.display(),
+            bytes = torn,
+            "the audit file ended in a torn line (a write cut short); cut back to its last whole line"
+        );
+    }
+    Ok(torn)
 }
 
 impl AuditSink for JsonLinesSink {
@@ -71,10 +125,26 @@ impl AuditSink for JsonLinesSink {
                 serde_json::to_writer(&mut buffer, record)?;
                 buffer.push(b'\n');
             }
-            let mut file = self.file.lock().await;
-            file.write_all(&buffer).await?;
-            file.flush().await?;
-            file.sync_data().await?;
+            let mut appender = self.file.lock().await;
+            if appender.failed {
+                let mut file = appender.file.try_clone().await?.into_std().await;
+                let path = self.path.clone();
+                tokio::task::spawn_blocking(move || cut_torn_line(&mut file, &path))
+                    .await
+                    .map_err(std::io::Error::other)??;
+                appender.failed = false;
+            }
+            let file = &mut appender.file;
+            let written = async {
+                file.write_all(&buffer).await?;
+                file.flush().await?;
+                file.sync_data().await
+            }
+            .await;
+            if written.is_err() {
+                appender.failed = true;
+            }
+            written?;
             Ok(())
         })
     }
@@ -105,5 +175,78 @@ mod tests {
         JsonLinesSink::open(&path)
             .await
             .expect("free again once the first is gone");
+    }
+
+    #[tokio::test]
+    async fn a_torn_last_line_is_cut_back_before_the_next_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("calls.jsonl");
+        // A whole line, then a write cut short in the middle of a record.
+        std::fs::write(&path, b"{\"seq\":1}\n{\"seq\":2,\"Url\":\"https://ga").unwrap();
+        let sink = JsonLinesSink::open(&path).await.unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"{\"seq\":1}\n");
+        let record = crate::queue::tests::record("call-after-the-cut");
+        sink.write_batch(std::slice::from_ref(&record))
+            .await
+            .unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        let written: AuditRecord = serde_json::from_str(lines[1]).unwrap();
+        assert_eq!(written.correlation_id, record.correlation_id);
+    }
+
+    #[test]
+    fn a_file_of_whole_lines_or_none_is_left_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        for content in [&b""[..], b"{}\n{}\n", b"no newline at all"] {
+            let path = dir.path().join("f.jsonl");
+            std::fs::write(&path, content).unwrap();
+            let mut file = std::fs::OpenOptions::new()
+                .read(true)
+                .append(true)
+                .open(&path)
+                .unwrap();
+            let cut = cut_torn_line(&mut file, &path).unwrap();
+            let expected: &[u8] = if content.ends_with(b"\n") || content.is_empty() {
+                content
+            } else {
+                b""
+            };
+            assert_eq!(std::fs::read(&path).unwrap(), expected);
+            assert_eq!(cut, (content.len() - expected.len()) as u64);
+        }
+    }
+
+    #[tokio::test]
+    async fn after_a_failed_write_its_torn_line_is_cut_back_before_the_next() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("calls.jsonl");
+        let sink = JsonLinesSink::open(&path).await.unwrap();
+        let first = crate::queue::tests::record("first");
+        sink.write_batch(std::slice::from_ref(&first))
+            .await
+            .unwrap();
+        // A write that failed half-way: some of its bytes are on disk, its batch is not stored.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"{\"CorrelationId\":\"lost-half")
+            .unwrap();
+        sink.file.lock().await.failed = true;
+        let next = crate::queue::tests::record("next");
+        sink.write_batch(std::slice::from_ref(&next)).await.unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let ids: Vec<String> = text
+            .lines()
+            .map(|line| {
+                serde_json::from_str::<AuditRecord>(line)
+                    .unwrap()
+                    .correlation_id
+            })
+            .collect();
+        assert_eq!(ids, ["first", "next"], "{text}");
     }
 }

@@ -1362,11 +1362,12 @@ impl Writer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::{JsonLinesSink, MemorySink};
 
-    fn record(id: &str) -> AuditRecord {
+    /// A record of a call with id `id` and nothing else; the other modules' tests use it too.
+    pub(crate) fn record(id: &str) -> AuditRecord {
         AuditRecord {
             time_generated: time::OffsetDateTime::UNIX_EPOCH,
             correlation_id: id.to_owned(),
