@@ -272,6 +272,14 @@ impl Chainer {
         });
         if let Some(day) = forgotten {
             self.unknown_through = self.unknown_through.max(day);
+            // A forgotten day seen again (a clock stepped back) starts a segment of its own: under
+            // this marker its first chain would take the same id again, from sequence 0, and
+            // read as a fork.
+            let used = std::mem::take(&mut self.marker);
+            self.marker = segment_marker();
+            while self.marker == used {
+                self.marker = segment_marker();
+            }
         }
     }
 

@@ -429,6 +429,34 @@ fn a_later_day_than_the_start_gets_a_plain_chain_id() {
     assert!(chain_id.starts_with("gw-1/"));
 }
 
+/// A day whose head was forgotten (more than a week older than a later record, as after a clock
+/// stepped forward) and that is seen again (the clock stepped back) starts a new marked segment,
+/// not a second chain under the id of the first: the records verify, with no fork.
+#[test]
+fn a_forgotten_day_seen_again_starts_a_segment_of_its_own() {
+    let mut chainer = Chainer::in_memory();
+    let today = OffsetDateTime::now_utc();
+    let mut records = Vec::new();
+    for (i, at) in [
+        today,
+        today + Duration::from_secs(10 * 86_400),
+        today + Duration::from_secs(1),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut record = record(i, at);
+        chainer.link(&mut record);
+        records.push(record);
+    }
+    let (first, again) = (link_of(&records[0]), link_of(&records[2]));
+    assert!(first.chain_id.contains('#'), "{}", first.chain_id);
+    assert_ne!(first.chain_id, again.chain_id, "a new segment");
+    assert_eq!(again.sequence, 0);
+    let report = verify(records);
+    assert!(report.is_intact(), "{report:#?}");
+}
+
 #[test]
 fn expired_content_still_verifies_but_changed_content_does_not() {
     let mut records = linked(6, datetime!(2025-03-01 10:00 UTC));
