@@ -305,7 +305,12 @@ impl TokenValidator {
             .await
             .map_err(|error| match error {
                 KeyError::UnknownKid => TokenError::UnknownKey,
-                KeyError::Unavailable(text) => TokenError::Unavailable(text),
+                // The cause (the URL and the error) is in the key cache's warning; the caller
+                // learns only that the provider could not be reached.
+                KeyError::Unavailable(_) => TokenError::Unavailable(
+                    "the tenant's signing keys cannot be fetched from the identity provider"
+                        .to_owned(),
+                ),
             })?;
         // A key that states its issuer must state this one (§5.2).
         if version == TokenVersion::V2

@@ -445,6 +445,36 @@ async fn a_tenant_spelled_in_other_cases_shares_one_key_set() {
     assert_eq!(double.key_fetches(), 1, "one key set for every spelling");
 }
 
+/// An identity provider that cannot be reached is the gateway's failure, not the token's: 503
+/// in Azure's shape (a client may retry), with no URL or configuration in the message, and no
+/// backend sees the call.
+#[tokio::test]
+async fn an_unreachable_identity_provider_is_503_without_its_address() {
+    let double = EntraDouble::start().await;
+    let sim = simulator("entra-down").await;
+    let closed = format!("127.0.0.1:{}", free_port());
+    let mut value =
+        serde_json::to_value(entra_snapshot(1, &double, &sim.url(), "token", None)).unwrap();
+    value["identity"]["entra"]["authority_host"] = json!(format!("http://{closed}"));
+    let gw = TestGateway::start(serde_json::from_value(value).unwrap()).await;
+    let claims = double.user_claims(
+        TENANT_A,
+        Ver::V2,
+        "0000000a-0000-0000-0000-000000000601",
+        &[],
+    );
+    let response = call_with_token(&gw, &sign(TestKey::A, &claims)).await;
+    let message = azure_error(response, 503).await;
+    assert!(message.contains("identity provider"), "{message}");
+    assert!(!message.contains(&closed), "{message}");
+    assert_eq!(sim.hits(), 0);
+    let record = gw.records(1).await.remove(0);
+    assert_eq!(
+        record.last_error_reason.as_deref(),
+        Some("token_validation_unavailable")
+    );
+}
+
 #[tokio::test]
 async fn a_member_of_two_groups_gets_the_union_and_one_in_none_is_refused() {
     let double = EntraDouble::start().await;
