@@ -146,35 +146,17 @@ pub fn completion_allowance(operation: OperationId, body: Option<&Value>, defaul
     allowed.unwrap_or(default).saturating_mul(choices)
 }
 
-/// Whether `name` matches `pattern`, where `*` stands for any run of characters.
-pub fn glob_match(pattern: &str, name: &str) -> bool {
-    let mut parts = pattern.split('*');
-    let Some(first) = parts.next() else {
-        return pattern == name;
-    };
-    let Some(mut rest) = name.strip_prefix(first) else {
-        return false;
-    };
-    let middle: Vec<&str> = parts.collect();
-    let Some((last, middle)) = middle.split_last() else {
-        // No `*` at all: the whole name must be the pattern.
-        return rest.is_empty();
-    };
-    for part in middle {
-        match rest.find(part) {
-            Some(at) => rest = &rest[at + part.len()..],
-            None => return false,
-        }
-    }
-    rest.len() >= last.len() && rest.ends_with(last)
-}
-
-/// Whether a rule covers calls to `deployment`.
+/// Whether a rule covers calls to `deployment`: its patterns match as access rules' do, `*`
+/// for any run of characters and ASCII case ignored, as Azure ignores it in deployment names.
 fn covers(rule: &LimitRule, deployment: Option<&str>) -> bool {
     if rule.deployments.is_empty() {
         return true;
     }
-    deployment.is_some_and(|name| rule.deployments.iter().any(|p| glob_match(p, name)))
+    deployment.is_some_and(|name| {
+        rule.deployments
+            .iter()
+            .any(|pattern| gatehouse_schema::identity::glob_matches(pattern, name))
+    })
 }
 
 /// The counter a rule keeps for this subject, or `None` when the rule does not apply to it.
@@ -182,9 +164,12 @@ fn counter_subject(rule: &LimitRule, subject: &LimitSubject<'_>) -> Option<Strin
     match &rule.subject {
         LimitSubjectRule::Subscription { id } => (subject.subscription == Some(id.as_str()))
             .then(|| format!("subscription={}", escape(id))),
-        LimitSubjectRule::User { id } => {
-            (subject.user == Some(id.as_str())).then(|| format!("user={}", escape(id)))
-        }
+        // Object ids are GUIDs: ignoring case as access rules do, whatever case a rule was
+        // entered in.
+        LimitSubjectRule::User { id } => subject
+            .user
+            .is_some_and(|user| user.eq_ignore_ascii_case(id))
+            .then(|| format!("user={}", escape(id))),
         LimitSubjectRule::Group { id } => subject
             .groups
             .iter()
@@ -777,7 +762,8 @@ impl Limiter {
             };
             let scope = match (rule.each_deployment, deployment) {
                 (false, _) => "all".to_owned(),
-                (true, Some(name)) => format!("d.{}", escape(name)),
+                // One counter per deployment however a call spells its name.
+                (true, Some(name)) => format!("d.{}", escape(&name.to_ascii_lowercase())),
                 (true, None) => "none".to_owned(),
             };
             let base = format!(

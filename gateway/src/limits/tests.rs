@@ -36,24 +36,48 @@ fn tokens(prompt: u64, completion: u64) -> Estimate {
     }
 }
 
-#[test]
-fn globs_match_runs_of_characters() {
-    for (pattern, name, expected) in [
-        ("gpt-4o", "gpt-4o", true),
-        ("gpt-4o", "gpt-4o-mini", false),
-        ("gpt-4o*", "gpt-4o-mini", true),
-        ("gpt-4o*", "gpt-4o", true),
-        ("*mini", "gpt-4o-mini", true),
-        ("*mini", "gpt-4o", false),
-        ("gpt-*-mini", "gpt-4o-mini", true),
-        ("gpt-*-mini", "gpt-mini", false),
-        ("*", "anything", true),
-        ("a*a", "a", false),
-        ("a*a", "aa", true),
-        ("*4o*", "prod-gpt-4o-eu", true),
-    ] {
-        assert_eq!(glob_match(pattern, name), expected, "{pattern} ~ {name}");
+/// Deployment patterns and user ids match ignoring ASCII case, as access rules match them: a
+/// rule entered as `GPT-4o*` for `5F1C…` limits that user's calls to `gpt-4o-mini`, and a
+/// deployment spelled two ways has one counter.
+#[tokio::test]
+async fn rules_match_deployments_and_users_ignoring_case() {
+    let limiter = limiter();
+    let rules = vec![
+        rule(
+            json!({"id": "mixed", "subject": {"kind": "user", "id": "5F1C0D3E-8A2B-4C6D-9E0F-123456789ABC"},
+                    "requests_per_minute": 1, "deployments": ["GPT-4o*"]}),
+        ),
+        rule(
+            json!({"id": "per-deployment", "subject": {"kind": "each_user"},
+                    "requests_per_minute": 2, "each_deployment": true}),
+        ),
+    ];
+    let user = LimitSubject {
+        subscription: None,
+        user: Some("5f1c0d3e-8a2b-4c6d-9e0f-123456789abc"),
+        groups: &[],
+    };
+    limiter
+        .admit(&rules, &user, Some("gpt-4o-mini"), Estimate::default())
+        .await
+        .unwrap();
+    let refused = limiter
+        .admit(&rules, &user, Some("gpt-4o-mini"), Estimate::default())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.limit_id(), "mixed", "{refused}");
+    // `o3` and `O3` share one counter of the per-deployment rule.
+    for spelling in ["o3", "O3"] {
+        limiter
+            .admit(&rules, &user, Some(spelling), Estimate::default())
+            .await
+            .unwrap();
     }
+    let refused = limiter
+        .admit(&rules, &user, Some("o3"), Estimate::default())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.limit_id(), "per-deployment", "{refused}");
 }
 
 #[test]
