@@ -82,6 +82,10 @@ where
         let Some(call) = self.call.take() else {
             return;
         };
+        // Unwinding from a panic in the call's own poll: it cannot be resumed.
+        if std::thread::panicking() {
+            return;
+        }
         self.gone.mark();
         // Outside a runtime (a runtime shutting down drops its tasks) there is nothing to run it on.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {

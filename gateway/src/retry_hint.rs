@@ -27,17 +27,25 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .map(str::trim)
 }
 
+/// A wait of `seconds`, at most [`MAX_SET_ASIDE`] (capped before the conversion, which panics on
+/// values past `Duration`'s range: a backend could send `Retry-After: 1e30`); `None` when it is
+/// not a finite number of seconds, zero or more.
+fn seconds(seconds: f64) -> Option<Duration> {
+    (seconds.is_finite() && seconds >= 0.0)
+        .then(|| Duration::from_secs_f64(seconds.min(MAX_SET_ASIDE.as_secs_f64())))
+}
+
 fn hinted_wait(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
-    if let Some(ms) = header(headers, "retry-after-ms").and_then(|v| v.parse::<f64>().ok())
-        && ms.is_finite()
-        && ms >= 0.0
+    if let Some(wait) = header(headers, "retry-after-ms")
+        .and_then(|v| v.parse::<f64>().ok())
+        .and_then(|ms| seconds(ms / 1000.0))
     {
-        return Some(Duration::from_secs_f64(ms / 1000.0));
+        return Some(wait);
     }
     if let Some(value) = header(headers, "retry-after") {
-        if let Ok(seconds) = value.parse::<f64>() {
-            if seconds.is_finite() && seconds >= 0.0 {
-                return Some(Duration::from_secs_f64(seconds));
+        if let Ok(number) = value.parse::<f64>() {
+            if let Some(wait) = seconds(number) {
+                return Some(wait);
             }
         } else if let Ok(date) = httpdate::parse_http_date(value) {
             return Some(date.duration_since(now).unwrap_or(Duration::ZERO));
@@ -53,8 +61,8 @@ fn hinted_wait(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
 
 /// Parses OpenAI's reset durations (`250ms`, `12s`, `6m0s`, `1h2m3.5s`) or plain seconds.
 fn parse_reset_duration(text: &str) -> Option<Duration> {
-    if let Ok(seconds) = text.parse::<f64>() {
-        return (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds));
+    if let Ok(number) = text.parse::<f64>() {
+        return seconds(number);
     }
     let mut total = 0.0_f64;
     let mut rest = text;
@@ -77,7 +85,10 @@ fn parse_reset_duration(text: &str) -> Option<Duration> {
         rest = &rest[unit_end..];
         parsed_any = true;
     }
-    (parsed_any && total.is_finite()).then(|| Duration::from_secs_f64(total))
+    if !parsed_any {
+        return None;
+    }
+    seconds(total)
 }
 
 #[cfg(test)]
@@ -90,6 +101,24 @@ mod tests {
             map.insert(*name, value.parse().unwrap());
         }
         map
+    }
+
+    /// Numbers past `Duration`'s range are capped, not a panic (and the member is set aside).
+    #[test]
+    fn absurd_waits_are_capped_at_a_day() {
+        let now = SystemTime::now();
+        for pairs in [
+            [("retry-after-ms", "1e30")],
+            [("retry-after", "99999999999999999999")],
+            [("x-ratelimit-reset-tokens", "99999999999999999999s")],
+            [("x-ratelimit-reset-requests", "1e300")],
+        ] {
+            assert_eq!(
+                set_aside_for(&headers(&pairs), now),
+                MAX_SET_ASIDE,
+                "{pairs:?}"
+            );
+        }
     }
 
     #[test]
