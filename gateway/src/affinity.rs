@@ -138,13 +138,16 @@ impl AffinityMap {
         }
     }
 
-    /// Records that `id` was created on `member`, durably, and in the shared map.
+    /// Records that `id` was created on `member`, durably, and in the shared map. A journal that
+    /// fails (a full disk) loses the object at the next start, not now: it is pinned in memory
+    /// and in the shared map all the same, and the error is returned.
     pub async fn remember(&self, id: &str, member: &str) -> std::io::Result<()> {
-        self.append(Entry {
-            id: id.to_owned(),
-            member: Some(member.to_owned()),
-        })
-        .await?;
+        let journaled = self
+            .append(Entry {
+                id: id.to_owned(),
+                member: Some(member.to_owned()),
+            })
+            .await;
         self.objects
             .write()
             .unwrap_or_else(PoisonError::into_inner)
@@ -154,16 +157,18 @@ impl AffinityMap {
         {
             shared.failed("share a new object", &error);
         }
-        Ok(())
+        journaled
     }
 
-    /// Forgets `id` (it was deleted), here and in the shared map.
+    /// Forgets `id` (it was deleted), here and in the shared map; like [`AffinityMap::remember`]
+    /// even when the journal fails.
     pub async fn forget(&self, id: &str) -> std::io::Result<()> {
-        self.append(Entry {
-            id: id.to_owned(),
-            member: None,
-        })
-        .await?;
+        let journaled = self
+            .append(Entry {
+                id: id.to_owned(),
+                member: None,
+            })
+            .await;
         self.objects
             .write()
             .unwrap_or_else(PoisonError::into_inner)
@@ -173,7 +178,7 @@ impl AffinityMap {
         {
             shared.failed("remove a deleted object", &error);
         }
-        Ok(())
+        journaled
     }
 
     /// The journal file.
@@ -186,6 +191,9 @@ impl AffinityMap {
         line.push(b'\n');
         let mut journal = self.journal.lock().await;
         journal.write_all(&line).await?;
+        // tokio's file writes in the background: `flush` waits for that write and returns its
+        // error (`sync_data` alone would leave it to the next append).
+        journal.flush().await?;
         journal.sync_data().await
     }
 }
@@ -296,5 +304,18 @@ mod tests {
         let map = AffinityMap::open(dir.path(), None).await.unwrap();
         assert_eq!(map.member_of("file-1"), None);
         assert_eq!(map.member_of("file-2").as_deref(), Some("west"));
+    }
+
+    /// A journal that cannot be written (a full disk) does not unpin the object now.
+    #[tokio::test]
+    async fn an_object_is_pinned_even_when_its_journal_line_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let map = AffinityMap::open(dir.path(), None).await.unwrap();
+        // The journal handle swapped for a read-only one: every append fails.
+        *map.journal.lock().await = tokio::fs::File::open(map.path()).await.unwrap();
+        assert!(map.remember("file-3", "east").await.is_err());
+        assert_eq!(map.member_of("file-3").as_deref(), Some("east"));
+        assert!(map.forget("file-3").await.is_err());
+        assert_eq!(map.member_of("file-3"), None);
     }
 }
