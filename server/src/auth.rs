@@ -57,10 +57,19 @@ fn session_failed(error: impl std::fmt::Display) -> Response {
     )
 }
 
-/// A local path to return to: anything else (another host, `//host`) becomes `/`.
+/// A local path to return to: anything else (another host, `//host`) becomes `/`. Browsers
+/// drop tabs and line breaks from a URL and read `\` as `/`, so `/<tab>/evil.example` would
+/// become `//evil.example`, another host: a path with a control character, white space or a
+/// backslash is refused too.
 fn local_path(path: Option<String>) -> String {
     match path {
-        Some(path) if path.starts_with('/') && !path.starts_with("//") && !path.contains('\\') => {
+        Some(path)
+            if path.starts_with('/')
+                && !path.starts_with("//")
+                && !path
+                    .chars()
+                    .any(|c| c == '\\' || c.is_control() || c.is_whitespace()) =>
+        {
             path
         }
         _ => "/".to_owned(),
@@ -211,4 +220,26 @@ async fn dev_sign_in_handler(
         dev: true,
     };
     start_session(&session, &user, "/").await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::local_path;
+
+    #[test]
+    fn only_local_paths_are_returned_to() {
+        for (asked, returned) in [
+            (Some("/subscriptions?tab=keys"), "/subscriptions?tab=keys"),
+            (None, "/"),
+            (Some("https://evil.example/"), "/"),
+            (Some("//evil.example/"), "/"),
+            (Some("/\\evil.example/"), "/"),
+            (Some("/\t/evil.example/"), "/"),
+            (Some("/\n/evil.example/"), "/"),
+            (Some("/ /evil.example/"), "/"),
+            (Some("relative"), "/"),
+        ] {
+            assert_eq!(local_path(asked.map(str::to_owned)), returned, "{asked:?}");
+        }
+    }
 }
