@@ -110,6 +110,19 @@ fn validate_pool(input: &PoolInput) -> Result<PoolRow, PortalError> {
     if deployments.len() > 100 {
         return Err(PortalError::invalid("deployments", "at most 100 entries"));
     }
+    // A gateway refuses a snapshot whose pool names a deployment twice, and with it every later
+    // one: refused here, before it is published.
+    if let Some(twice) = deployments.iter().enumerate().find_map(|(i, d)| {
+        deployments[..i]
+            .iter()
+            .any(|earlier| earlier.eq_ignore_ascii_case(d))
+            .then_some(d)
+    }) {
+        return Err(PortalError::invalid(
+            "deployments",
+            format!("`{twice}` is listed twice"),
+        ));
+    }
     Ok(PoolRow {
         id,
         deployments: serde_json::to_string(&deployments).unwrap_or_else(|_| "[]".to_owned()),
@@ -476,5 +489,20 @@ mod tests {
         })
         .unwrap();
         assert_eq!(row.deployments, r#"["gpt-4o","*"]"#);
+    }
+
+    #[test]
+    fn a_deployment_listed_twice_is_refused() {
+        for listed in ["gpt-4o gpt-4o", "gpt-4o, o3, GPT-4o"] {
+            let twice = validate_pool(&PoolInput {
+                id: "p".into(),
+                deployments: listed.into(),
+                serves_resources: false,
+            });
+            assert!(
+                matches!(&twice, Err(PortalError::Invalid { field: "deployments", message }) if message.contains("listed twice")),
+                "{listed}: {twice:?}"
+            );
+        }
     }
 }
