@@ -496,7 +496,9 @@ impl ConfigDb {
             .await?))
     }
 
-    /// Registers a gateway, or changes the URL and token reference of one with the same id.
+    /// Registers a gateway, or changes the URL and token reference of one with the same id. A
+    /// gateway at a new URL is another process, which has been pushed nothing yet: its pushed
+    /// version and last error are cleared, so that the next push reaches it.
     pub async fn upsert_gateway(
         &self,
         id: &str,
@@ -504,7 +506,10 @@ impl ConfigDb {
         admin_token_ref: &str,
         activity: NewActivity<'_>,
     ) -> Result<(), PortalError> {
-        const SQL: &str = "INSERT INTO gateways (id, url, admin_token_ref, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO UPDATE SET url = excluded.url, admin_token_ref = excluded.admin_token_ref";
+        const SQL: &str = "INSERT INTO gateways (id, url, admin_token_ref, created_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (id) DO UPDATE SET url = excluded.url, admin_token_ref = excluded.admin_token_ref, \
+             pushed_version = CASE WHEN gateways.url = excluded.url THEN gateways.pushed_version END, \
+             last_error = CASE WHEN gateways.url = excluded.url THEN gateways.last_error END";
         let now = OffsetDateTime::now_utc();
         let result: Result<(), sqlx::Error> = on_pool!(self, |pool| async {
             let mut tx = pool.begin().await?;

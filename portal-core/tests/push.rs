@@ -244,12 +244,29 @@ async fn publish_reaches_gateways(db: ConfigDb) {
     assert_eq!(chat(&up.url, "gpt-4o", &first.key).await, 401);
     assert_eq!(chat(&up.url, "gpt-4o", &second.key).await, 200);
 
+    // The gateway `up` moves to another host: registered again under its id with the new URL,
+    // it is pushed the current version there (the old host's pushed version does not count).
+    let moved = gateway_at("127.0.0.1:0".parse().unwrap()).await;
+    let current = db.latest_snapshot().await.unwrap().unwrap().version;
+    let outcomes = portal
+        .register_gateway(Some(&user), "up", &moved.url, &token_ref)
+        .await
+        .unwrap();
+    assert!(
+        outcomes
+            .iter()
+            .any(|o| o.gateway == "up" && o.result.is_ok()),
+        "{outcomes:?}"
+    );
+    assert_eq!(running_config(&moved.url).await["version"], json!(current));
+    assert_eq!(chat(&moved.url, "gpt-4o", &second.key).await, 200);
+
     let log = db.activity(50).await.unwrap();
     assert!(
         log.iter()
             .any(|e| e.action == "subscription.revoke" && e.actor == "Ada Admin <admin-oid>")
     );
-    drop((up.listening, late.listening));
+    drop((up.listening, late.listening, moved.listening));
 }
 
 #[tokio::test(flavor = "multi_thread")]
