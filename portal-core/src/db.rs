@@ -327,13 +327,17 @@ impl ConfigDb {
         }
     }
 
-    /// Replaces a subscription's keys, state and expiry, and writes its activity entry.
+    /// Replaces a subscription's keys, state and expiry, and writes its activity entry, when the
+    /// row is still as it was read (its `updated_at` is `read_at`). `false`, with nothing written,
+    /// when it changed or went since: read it again and redo the change, so that two changes at
+    /// once (a revocation and a rotation) cannot undo each other.
     pub async fn update_subscription(
         &self,
         row: &SubscriptionRow,
+        read_at: OffsetDateTime,
         activity: NewActivity<'_>,
-    ) -> Result<(), PortalError> {
-        const SQL: &str = "UPDATE subscriptions SET display_name = $2, product = $3, primary_key_hash = $4, secondary_key_hash = $5, state = $6, expires_at = $7, updated_at = $8, secondary_expires_at = $9 WHERE id = $1";
+    ) -> Result<bool, PortalError> {
+        const SQL: &str = "UPDATE subscriptions SET display_name = $2, product = $3, primary_key_hash = $4, secondary_key_hash = $5, state = $6, expires_at = $7, updated_at = $8, secondary_expires_at = $9 WHERE id = $1 AND updated_at = $10";
         let result: Result<u64, sqlx::Error> = on_pool!(self, |pool| async {
             let mut tx = pool.begin().await?;
             let done = sqlx::query(SQL)
@@ -346,9 +350,14 @@ impl ConfigDb {
                 .bind(row.expires_at)
                 .bind(row.updated_at)
                 .bind(row.secondary_expires_at)
+                .bind(read_at)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
+            if done == 0 {
+                // Changed (or removed) since it was read: nothing is written, nor logged.
+                return Ok(0);
+            }
             sqlx::query(ACTIVITY_SQL)
                 .bind(OffsetDateTime::now_utc())
                 .bind(activity.actor)
@@ -362,10 +371,7 @@ impl ConfigDb {
             Ok(done)
         }
         .await);
-        if result? == 0 {
-            return Err(PortalError::NotFound(format!("subscription {}", row.id)));
-        }
-        Ok(())
+        Ok(result? > 0)
     }
 
     // ---- access rules ----

@@ -15,6 +15,10 @@ use crate::error::PortalError;
 use crate::push::{Publisher, PushOutcome};
 use crate::user::{SessionUser, require};
 
+/// How often a subscription change is read and written again when another change got there
+/// first.
+const CHANGE_ATTEMPTS: usize = 5;
+
 /// How the portal runs, as the pages need to know it.
 #[derive(Debug, Clone, Default)]
 pub struct PortalSettings {
@@ -210,30 +214,41 @@ impl Portal {
         user: &SessionUser,
         id: &str,
         action: &str,
-        change: impl FnOnce(&mut SubscriptionRow) -> Result<(), PortalError>,
+        change: impl Fn(&mut SubscriptionRow) -> Result<(), PortalError>,
     ) -> Result<(), PortalError> {
-        let before = self
-            .db
-            .subscription(id)
-            .await?
-            .ok_or_else(|| PortalError::NotFound(format!("subscription {id}")))?;
-        let mut after = before.clone();
-        change(&mut after)?;
-        after.updated_at = OffsetDateTime::now_utc();
-        self.db
-            .update_subscription(
-                &after,
-                NewActivity {
-                    actor: &user.actor(),
-                    action,
-                    target: id,
-                    before: json_of(&before),
-                    after: json_of(&after),
-                },
-            )
-            .await?;
-        self.publisher.publish(&user.actor()).await?;
-        Ok(())
+        // Read, change, write if nothing changed it in between; else again, from what is there.
+        for _ in 0..CHANGE_ATTEMPTS {
+            let before = self
+                .db
+                .subscription(id)
+                .await?
+                .ok_or_else(|| PortalError::NotFound(format!("subscription {id}")))?;
+            let mut after = before.clone();
+            change(&mut after)?;
+            after.updated_at = OffsetDateTime::now_utc();
+            let written = self
+                .db
+                .update_subscription(
+                    &after,
+                    before.updated_at,
+                    NewActivity {
+                        actor: &user.actor(),
+                        action,
+                        target: id,
+                        before: json_of(&before),
+                        after: json_of(&after),
+                    },
+                )
+                .await?;
+            if written {
+                self.publisher.publish(&user.actor()).await?;
+                return Ok(());
+            }
+        }
+        Err(PortalError::invalid(
+            "id",
+            "the subscription kept changing while this change was made; try again",
+        ))
     }
 
     /// Rotates a subscription's key with overlap: a new primary key is issued (returned once) and
@@ -254,7 +269,8 @@ impl Portal {
             if row.state == "revoked" {
                 return Err(PortalError::invalid("id", "the subscription is revoked"));
             }
-            row.secondary_key_hash = Some(std::mem::replace(&mut row.primary_key_hash, hash));
+            row.secondary_key_hash =
+                Some(std::mem::replace(&mut row.primary_key_hash, hash.clone()));
             row.secondary_expires_at = overlap_end;
             Ok(())
         })
@@ -297,9 +313,12 @@ impl Portal {
             after.secondary_key_hash = None;
             after.secondary_expires_at = None;
             after.updated_at = now;
-            self.db
+            // Changed since it was read (revoked, rotated again): the next run looks again.
+            if self
+                .db
                 .update_subscription(
                     &after,
+                    before.updated_at,
                     NewActivity {
                         actor: ACTOR,
                         action: "subscription.retire_secondary",
@@ -308,8 +327,10 @@ impl Portal {
                         after: json_of(&after),
                     },
                 )
-                .await?;
-            retired += 1;
+                .await?
+            {
+                retired += 1;
+            }
         }
         if retired > 0 {
             self.publisher.publish(ACTOR).await?;

@@ -53,9 +53,31 @@ async fn round_trip(db: &ConfigDb) {
     let mut rotated = row.clone();
     rotated.secondary_key_hash = Some(rotated.primary_key_hash.clone());
     rotated.primary_key_hash = hash_key("ghk_b").to_string();
-    db.update_subscription(&rotated, activity("subscription.rotate", "team-a"))
+    rotated.updated_at = now + Duration::seconds(1);
+    assert!(
+        db.update_subscription(
+            &rotated,
+            row.updated_at,
+            activity("subscription.rotate", "team-a")
+        )
         .await
-        .unwrap();
+        .unwrap()
+    );
+    assert_eq!(db.subscriptions().await.unwrap(), vec![rotated.clone()]);
+    // A change made from the row as it was before the rotation is not written: it would undo
+    // the rotation (or a revocation).
+    let mut stale = row.clone();
+    stale.state = "revoked".into();
+    stale.updated_at = now + Duration::seconds(2);
+    assert!(
+        !db.update_subscription(
+            &stale,
+            row.updated_at,
+            activity("subscription.revoke", "team-a")
+        )
+        .await
+        .unwrap()
+    );
     assert_eq!(db.subscriptions().await.unwrap(), vec![rotated.clone()]);
 
     db.upsert_access_rule(
