@@ -5,7 +5,7 @@
 use futures::StreamExt;
 use gatehouse_audit::AuditRecord;
 use gatehouse_audit::sql::rollup::{Dimension, Granularity};
-use gatehouse_audit::sql::{Cursor, SearchFilter, SqlStore, UsageQuery};
+use gatehouse_audit::sql::{Cursor, SearchFilter, SqlStore, StoreError, UsageQuery};
 use gatehouse_test_support::TestDatabase;
 use serde_json::{Value, json};
 use sqlx::Row;
@@ -278,6 +278,29 @@ async fn sqlite_full_text_index_is_a_file_of_its_own_and_catches_up_from_the_llm
 /// SQLite keeps bodies compressed (as its archive format stores files) and the Azure-shaped view
 /// shows them as text: through the store's connections, through the `sqlite3` shell (which has
 /// `sqlar_uncompress` built in), and for rows written before compression, unchanged.
+/// SQLite numbers new calls above every call the full-text index has had, even once retention
+/// has removed them all (a quiet weekend with metadata kept a day): a number used again would
+/// sit at or below `IndexedThrough`, where a batch the index missed is never caught up.
+#[tokio::test]
+async fn sqlite_record_ids_rise_past_the_indexed_calls_even_when_all_are_gone() {
+    let test = sqlite().await;
+    let store = &test.store;
+    store.write(&records(5)).await.unwrap();
+    let gone = T0 + Duration::days(1);
+    let report = store.enforce_retention(gone, gone, 7).await.unwrap();
+    assert_eq!(report.metadata_removed, 5, "{report:?}");
+    store.write(&[record(7)]).await.unwrap();
+    let id: i64 = sqlx::query_scalar(
+        "SELECT RecordId FROM GatehouseGatewayLogs WHERE CorrelationId = 'call-00007'",
+    )
+    .fetch_one(store.sqlite_pool().unwrap())
+    .await
+    .unwrap();
+    assert!(id > 5, "RecordId {id} was used before");
+    store.settle_search_index().await.unwrap();
+    assert_eq!(found(store, "number 7").await, ["call-00007"]);
+}
+
 #[tokio::test]
 async fn sqlite_bodies_are_stored_compressed_and_read_as_text() {
     let test = sqlite().await;
@@ -463,7 +486,11 @@ async fn records_land_in_azure_shaped_tables(store: &SqlStore) {
 
 async fn a_replayed_batch_is_stored_once(store: &SqlStore) {
     let batch = records(20);
-    assert_eq!(store.write(&batch).await.unwrap(), 20);
+    // A batch that holds one record twice (a replay beside the original) stores it once.
+    let mut doubled = batch[..10].to_vec();
+    doubled.push(batch[3].clone());
+    assert_eq!(store.write(&doubled).await.unwrap(), 10);
+    assert_eq!(store.write(&batch).await.unwrap(), 10);
     assert_eq!(store.write(&batch[5..15]).await.unwrap(), 0);
     let usage = store
         .usage(&UsageQuery {
@@ -685,6 +712,18 @@ async fn search_filters_and_keyset_pages(store: &SqlStore) {
     let expected: Vec<String> = (0..60).rev().map(|i| format!("call-{i:05}")).collect();
     assert_eq!(seen, expected);
     assert!(Cursor::decode("garbage").is_err());
+    // Times no record has (PostgreSQL cannot even hold the first), and one whose nanoseconds
+    // overflow: refused as bad cursors, not a store error or a panic.
+    for crafted in [
+        "-300000000000000000_1",
+        "170141183460469231731687303715884105727_1",
+        "253402300800000000_1",
+    ] {
+        assert!(
+            matches!(Cursor::decode(crafted), Err(StoreError::BadCursor)),
+            "{crafted}"
+        );
+    }
 
     // Full-text pages, alone (the index leads) and with a user (the calls table leads): every
     // match once, newest first, and no call without the words.

@@ -79,13 +79,19 @@ impl Cursor {
         format!("{micros}_{}", self.record_id)
     }
 
-    /// Parses a token from [`Cursor::encode`].
+    /// Parses a token from [`Cursor::encode`]. A time outside the years 1 to 9999 is no record's
+    /// and is refused as a bad cursor (PostgreSQL would refuse it as out of range, an error of
+    /// the store rather than of the request).
     pub fn decode(token: &str) -> Result<Cursor, StoreError> {
         let (micros, id) = token.split_once('_').ok_or(StoreError::BadCursor)?;
         let micros: i128 = micros.parse().map_err(|_| StoreError::BadCursor)?;
         let record_id: i64 = id.parse().map_err(|_| StoreError::BadCursor)?;
-        let time = OffsetDateTime::from_unix_timestamp_nanos(micros * 1_000)
-            .map_err(|_| StoreError::BadCursor)?;
+        let nanos = micros.checked_mul(1_000).ok_or(StoreError::BadCursor)?;
+        let time =
+            OffsetDateTime::from_unix_timestamp_nanos(nanos).map_err(|_| StoreError::BadCursor)?;
+        if !(1..=9999).contains(&time.year()) {
+            return Err(StoreError::BadCursor);
+        }
         Ok(Cursor { time, record_id })
     }
 }

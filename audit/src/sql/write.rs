@@ -322,8 +322,12 @@ async fn write_sqlite(
     });
     // Batches reach the full-text index in the order of their RecordIds.
     let _order = search.lock().await;
+    // New calls are numbered above every call the index has had, even when retention has
+    // removed them all: a number used again would sit at or below `IndexedThrough`, where a
+    // batch the index missed is never caught up.
+    let indexed_through = search.indexed_through().await?;
     let mut tx = pool.begin().await?;
-    let ids = new_record_ids(&mut tx, records).await?;
+    let ids = new_record_ids(&mut tx, records, indexed_through).await?;
     let new: Vec<(usize, &AuditRecord, i64)> = records
         .iter()
         .zip(&ids)
@@ -367,13 +371,14 @@ async fn write_sqlite(
 }
 
 /// Which records of a batch are new (not stored yet, and not repeated earlier in the batch), and
-/// the `RecordId` each new one gets: the next after the store's last, in the batch's order, as
-/// SQLite itself would number them. Knowing them before the insert lets the full-text index
+/// the `RecordId` each new one gets: the next after the store's last or `floor` (the index's
+/// `IndexedThrough`), whichever is higher, in the batch's order. Knowing them before the insert lets the full-text index
 /// start at once. Read in the store's transaction: a write by another connection in between
 /// makes the insert fail (SQLite's snapshot check) rather than number calls twice.
 async fn new_record_ids(
     tx: &mut sqlx::Transaction<'_, Sqlite>,
     records: &[AuditRecord],
+    floor: i64,
 ) -> Result<Vec<Option<i64>>, StoreError> {
     let batch = serde_json::to_string(
         &records
@@ -388,10 +393,11 @@ async fn new_record_ids(
     .bind(batch)
     .fetch_all(&mut **tx)
     .await?;
-    let mut last: i64 =
+    let stored_last: i64 =
         sqlx::query_scalar("SELECT coalesce(max(RecordId), 0) FROM GatehouseGatewayLogs")
             .fetch_one(&mut **tx)
             .await?;
+    let mut last = stored_last.max(floor);
     let mut seen: HashSet<&str> = stored.iter().map(String::as_str).collect();
     Ok(records
         .iter()
@@ -748,15 +754,16 @@ async fn write_postgres_metadata<'a>(
     for record in records {
         columns.push(GatewayLogRow::from_record(record), caller_key(record));
     }
-    let inserted: HashSet<String> = columns
+    let mut inserted: HashSet<String> = columns
         .bind(sqlx::query_scalar(POSTGRES_LOG_INSERT))
         .fetch_all(&mut *tx)
         .await?
         .into_iter()
         .collect();
+    // Taken out as it is found: a record the batch holds twice is new once, as on SQLite.
     let new: Vec<&AuditRecord> = records
         .iter()
-        .filter(|r| inserted.contains(&r.correlation_id))
+        .filter(|r| inserted.remove(&r.correlation_id))
         .collect();
 
     // The LLM log's header rows; its pieces are written with the content.
