@@ -105,6 +105,17 @@ impl AffinityMap {
             .cloned()
     }
 
+    /// Pins `id` to `member` in this gateway's memory at once, without waiting for the journal
+    /// or the shared map ([`AffinityMap::remember`] writes those, and must follow): for an
+    /// object learnt at the end of an answer, before the client has all of it and can ask about
+    /// the object.
+    pub fn pin(&self, id: &str, member: &str) {
+        self.objects
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id.to_owned(), member.to_owned());
+    }
+
     /// Looks up in the shared map the members of those `ids` this gateway does not know yet
     /// (objects created through another replica), so that [`AffinityMap::member_of`] knows
     /// them. One round trip for all of them; nothing without a shared map or unknown ids. A

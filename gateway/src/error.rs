@@ -108,6 +108,15 @@ pub enum GatewayError {
         /// broke).
         timed_out: bool,
     },
+    /// A call that creates an object was answered with more than the gateway reads whole to
+    /// learn the object's id: the object may exist, and is not pinned to its member.
+    #[error(
+        "The backend's answer to this call, which creates an object, is larger than the gateway reads whole ({limit} bytes), so it was not passed on. The backend may have created the object: check whether it exists before you retry."
+    )]
+    CreatedAnswerTooLarge {
+        /// The most the gateway reads.
+        limit: usize,
+    },
     /// The gateway is set to fail closed and cannot record calls now.
     #[error(
         "The gateway cannot record calls right now and is set to refuse them until it can. Try again later."
@@ -181,7 +190,8 @@ impl GatewayError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             GatewayError::OutcomeUnknown { timed_out: true } => StatusCode::GATEWAY_TIMEOUT,
-            GatewayError::OutcomeUnknown { timed_out: false } => StatusCode::BAD_GATEWAY,
+            GatewayError::OutcomeUnknown { timed_out: false }
+            | GatewayError::CreatedAnswerTooLarge { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::InvalidConfig { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             GatewayError::StaleConfig { .. } => StatusCode::CONFLICT,
             GatewayError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -218,7 +228,9 @@ impl GatewayError {
             GatewayError::ObjectNotFound(_) => "object_not_found",
             GatewayError::AllThrottled { .. } => "all_backends_throttled",
             GatewayError::AllUnavailable => "all_backends_unavailable",
-            GatewayError::OutcomeUnknown { .. } => "backend_outcome_unknown",
+            GatewayError::OutcomeUnknown { .. } | GatewayError::CreatedAnswerTooLarge { .. } => {
+                "backend_outcome_unknown"
+            }
             GatewayError::AuditUnavailable => "audit_unavailable",
             GatewayError::AdminUnauthorized => "admin_unauthorized",
             GatewayError::InvalidConfig { .. } => "invalid_config",

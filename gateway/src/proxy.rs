@@ -644,10 +644,33 @@ async fn relay(
         record.waited += reading.elapsed();
         let body = match read {
             Ok(body) => body,
-            Err(()) => {
-                let error = GatewayError::AllUnavailable;
+            Err(cut) => {
+                // The member took the call and may have created the object: the client is told
+                // so, not that no backend was available (its SDK would retry, and create it
+                // twice). A member that broke or fell silent is set aside as for a cut stream.
+                let (reason, error) = match cut {
+                    ReadCut::TooLarge => (
+                        "answer_too_large",
+                        GatewayError::CreatedAnswerTooLarge { limit: PARSE_LIMIT },
+                    ),
+                    ReadCut::Broke => (
+                        "backend_stream_failed",
+                        GatewayError::OutcomeUnknown { timed_out: false },
+                    ),
+                    ReadCut::Silent => (
+                        "response_idle_timeout",
+                        GatewayError::OutcomeUnknown { timed_out: true },
+                    ),
+                };
+                if cut != ReadCut::TooLarge {
+                    set_aside_after_cut(&member);
+                    gateway.metrics.answer_cut(&member.config.id, reason);
+                }
+                tracing::warn!(backend = %member.config.id, reason, "the answer to a call that creates an object could not be read whole");
                 let holds = record.take_holds();
-                gateway.finish(record.finish_error(&error), holds);
+                let mut audit = record.finish_error(&error);
+                audit.last_error_reason = Some(reason.to_owned());
+                gateway.finish(audit, holds);
                 return axum::response::IntoResponse::into_response(error);
             }
         };
@@ -743,6 +766,19 @@ impl RelayCall {
     fn finish(mut self) {
         let span = self.span.clone();
         let _entered = span.enter();
+        // Files the backend made itself (a batch's output) live on this member too.
+        let produced: Vec<String> = if self.status.is_success() && names_produced_files(&self.call)
+        {
+            self.tee
+                .json()
+                .map(|answer| produced_files(&answer))
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|id| self.gateway.affinity.member_of(id).is_none())
+                .collect()
+        } else {
+            Vec::new()
+        };
         let answer = self.tee.complete(&mut self.record, &self.call);
         let created = (self.call.creates.is_some() && self.status.is_success())
             .then(|| {
@@ -752,24 +788,29 @@ impl RelayCall {
                     .as_deref()
                     .and_then(|b| serde_json::from_str::<Value>(b).ok())
             })
-            .flatten();
+            .flatten()
+            .and_then(|summary| created_id(&self.call, &summary));
+        // Pinned here at once, before the answer's last chunk reaches the client (it is handed
+        // on after this): the journal and the shared map follow on a task.
+        for id in created.iter().chain(&produced) {
+            self.gateway.affinity.pin(id, &self.member.config.id);
+        }
         let estimate = estimate_needed(self.status, &self.call, &self.record, answer.as_ref());
         let holds = self.record.take_holds();
         let audit = self.record.finish(self.status.as_u16(), self.sent);
-        if created.is_none() && estimate.is_none() {
+        if created.is_none() && estimate.is_none() && produced.is_empty() {
             self.gateway.finish(audit, holds);
             return;
         }
         let RelayCall {
-            gateway,
-            call,
-            member,
-            ..
+            gateway, member, ..
         } = self;
         tokio::spawn(
             async move {
-                if let Some(summary) = created {
-                    remember_created(&gateway, &call, &member, &summary).await;
+                for id in created.into_iter().chain(produced) {
+                    if let Err(error) = gateway.affinity.remember(&id, &member.config.id).await {
+                        tracing::error!(%error, object = %id, "could not journal which member holds an object");
+                    }
                 }
                 match estimate {
                     None => gateway.finish(audit, holds),
@@ -1015,43 +1056,97 @@ fn build_response(status: StatusCode, headers: HeaderMap, body: Body) -> Respons
     response
 }
 
+/// Why an answer could not be read whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadCut {
+    /// Longer than the limit.
+    TooLarge,
+    /// The member broke it off.
+    Broke,
+    /// The member paused longer than its idle limit.
+    Silent,
+}
+
 /// Reads a small answer whole: at most `limit` bytes, and no pause longer than `idle`.
 async fn read_limited(
     response: http::Response<UpstreamBody>,
     limit: usize,
     idle: Duration,
-) -> Result<Bytes, ()> {
+) -> Result<Bytes, ReadCut> {
     let mut upstream = response.into_body();
     let mut body = Vec::new();
     while let Some(frame) = tokio::time::timeout(idle, upstream.frame())
         .await
-        .map_err(|_| ())?
+        .map_err(|_| ReadCut::Silent)?
     {
-        let Ok(chunk) = frame.map_err(|_| ())?.into_data() else {
+        let Ok(chunk) = frame.map_err(|_| ReadCut::Broke)?.into_data() else {
             continue;
         };
         if body.len() + chunk.len() > limit {
-            return Err(());
+            return Err(ReadCut::TooLarge);
         }
         body.extend_from_slice(&chunk);
     }
     Ok(Bytes::from(body))
 }
 
-async fn remember_created(gateway: &Gateway, call: &Call, member: &Member, response: &Value) {
-    let key = match call.creates {
-        Some(ObjectFamily::Thread)
+/// Whether the answer to `call` may name files its member made itself: a batch's output and
+/// error files, a fine-tuning job's result files.
+fn names_produced_files(call: &Call) -> bool {
+    use gatehouse_schema::OperationId as Op;
+    matches!(
+        call.operation,
+        Op::BatchGet
+            | Op::BatchList
+            | Op::BatchCancel
+            | Op::FineTuningGet
+            | Op::FineTuningList
+            | Op::FineTuningCancel
+    )
+}
+
+/// The ids of the files an answer about batches or fine-tuning jobs names as made by the backend
+/// (`output_file_id`, `error_file_id`, `result_files`), of the object or of each in a list's
+/// `data`.
+fn produced_files(answer: &Value) -> Vec<String> {
+    let objects: Vec<&Value> = match answer.get("data").and_then(Value::as_array) {
+        Some(items) => items.iter().collect(),
+        None => vec![answer],
+    };
+    let mut ids = Vec::new();
+    for object in objects {
+        for key in ["output_file_id", "error_file_id"] {
+            if let Some(id) = object.get(key).and_then(Value::as_str) {
+                ids.push(id.to_owned());
+            }
+        }
+        if let Some(files) = object.get("result_files").and_then(Value::as_array) {
+            ids.extend(files.iter().filter_map(Value::as_str).map(str::to_owned));
+        }
+    }
+    ids.retain(|id| !id.is_empty());
+    ids
+}
+
+/// The id of the object a create call's answer names: `thread_id` for a thread created with its
+/// run, else `id`.
+fn created_id(call: &Call, response: &Value) -> Option<String> {
+    let key = match call.creates? {
+        ObjectFamily::Thread
             if call.operation == gatehouse_schema::OperationId::CreateThreadAndRun =>
         {
             "thread_id"
         }
-        Some(_) => "id",
-        None => return,
+        _ => "id",
     };
-    let Some(id) = response.get(key).and_then(Value::as_str) else {
+    response.get(key).and_then(Value::as_str).map(str::to_owned)
+}
+
+async fn remember_created(gateway: &Gateway, call: &Call, member: &Member, response: &Value) {
+    let Some(id) = created_id(call, response) else {
         return;
     };
-    if let Err(error) = gateway.affinity.remember(id, &member.config.id).await {
+    if let Err(error) = gateway.affinity.remember(&id, &member.config.id).await {
         tracing::error!(%error, object = %id, "could not journal which member holds an object");
     }
 }

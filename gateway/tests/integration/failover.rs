@@ -728,3 +728,88 @@ async fn the_overhead_metric_leaves_out_the_waits_for_the_client_and_the_backend
         "the overhead counts a wait: {overhead} s of {duration} s"
     );
 }
+
+/// A member that creates a file and then breaks off its answer, or answers with more than the
+/// gateway reads whole to learn the file's id: the client is told the object may exist (502),
+/// not that no backend was available (503, which SDKs retry, creating the object twice).
+#[tokio::test]
+async fn a_created_objects_answer_that_cannot_be_read_whole_says_the_object_may_exist() {
+    for (answer, reason, message) in [
+        (
+            CreatedAnswer::Broken,
+            "backend_stream_failed",
+            "broke the connection",
+        ),
+        (
+            CreatedAnswer::TooLarge,
+            "answer_too_large",
+            "larger than the gateway reads whole",
+        ),
+    ] {
+        let (url, hits) = creating_backend(answer).await;
+        let gw = TestGateway::start(snapshot(
+            1,
+            json!([{"id": "p", "deployments": ["gpt-4o"], "serves_resources": true,
+                    "members": [member("creating", &url, 1)]}]),
+        ))
+        .await;
+        let (status, body) = upload_file(&gw).await;
+        assert_eq!(status, 502, "{answer:?}: {body}");
+        let text = body["error"]["message"].as_str().unwrap();
+        assert!(
+            text.contains(message) && text.contains("check whether"),
+            "{answer:?}: {text}"
+        );
+        assert_eq!(hits.load(Ordering::SeqCst), 1, "sent once");
+        let record = gw.records(1).await.remove(0);
+        assert_eq!(record.response_code, 502);
+        assert_eq!(record.last_error_reason.as_deref(), Some(reason));
+    }
+}
+
+/// How [`creating_backend`] answers.
+#[derive(Debug, Clone, Copy)]
+enum CreatedAnswer {
+    /// The head and the start of the file object, then the connection breaks.
+    Broken,
+    /// A file object of 9 MiB.
+    TooLarge,
+}
+
+/// A backend that creates a file on every call and answers as `answer` says; counts its calls.
+async fn creating_backend(answer: CreatedAnswer) -> (String, Arc<AtomicUsize>) {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&hits);
+    let app = axum::Router::new().fallback(move || {
+        let counted = Arc::clone(&counted);
+        async move {
+            use futures::StreamExt as _;
+            counted.fetch_add(1, Ordering::SeqCst);
+            let start = bytes::Bytes::from_static(br#"{"id":"file-created","object":"file","#);
+            let rest: Result<bytes::Bytes, std::io::Error> = match answer {
+                CreatedAnswer::Broken => Err(std::io::Error::other("the member broke off")),
+                CreatedAnswer::TooLarge => Ok(bytes::Bytes::from(format!(
+                    r#""filename":"{}"}}"#,
+                    "x".repeat(9 * 1024 * 1024)
+                ))),
+            };
+            // The rest a moment later, so that the head and the start have gone out.
+            let chunks = futures::stream::iter([
+                (Duration::ZERO, Ok(start)),
+                (Duration::from_millis(100), rest),
+            ])
+            .then(|(pause, chunk)| async move {
+                tokio::time::sleep(pause).await;
+                chunk
+            });
+            axum::response::Response::builder()
+                .header("content-type", "application/json")
+                .body(axum::body::Body::from_stream(chunks))
+                .unwrap()
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, hits)
+}

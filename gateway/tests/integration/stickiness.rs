@@ -262,3 +262,94 @@ async fn a_gateway_whose_shared_map_is_down_keeps_its_own_and_never_logs_the_url
     assert!(!metrics.contains(password));
     gw.stop().await;
 }
+
+/// A member that runs batches at once: its batches name output and error files it made itself.
+/// Answers `GET …/files/{id}/content` only for its own files (404 for any other), counting them.
+async fn batch_running_backend(
+    name: &'static str,
+) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use axum::http::{Method, StatusCode, Uri};
+    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = Arc::clone(&served);
+    let app = axum::Router::new().fallback(move |method: Method, uri: Uri| {
+        let counted = Arc::clone(&counted);
+        async move {
+            let path = uri.path().trim_start_matches("/openai");
+            let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+            let (status, body) = match (method, segments.as_slice()) {
+                (Method::POST, ["batches"]) => (
+                    StatusCode::OK,
+                    json!({"id": format!("batch_{name}"), "object": "batch", "status": "validating",
+                           "output_file_id": null, "error_file_id": null}),
+                ),
+                (Method::GET, ["batches", id]) => (
+                    StatusCode::OK,
+                    json!({"id": id, "object": "batch", "status": "completed",
+                           "output_file_id": format!("file-out-{name}"),
+                           "error_file_id": format!("file-err-{name}")}),
+                ),
+                (Method::GET, ["files", id, "content"]) if id.ends_with(name) => {
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    (StatusCode::OK, json!({"output of": name}))
+                }
+                _ => (
+                    StatusCode::NOT_FOUND,
+                    json!({"error": {"code": "404", "message": "not here"}}),
+                ),
+            };
+            (status, axum::Json(body))
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, served)
+}
+
+/// The files a backend makes itself, a batch's output and error files, stay on the member that
+/// ran the batch: the gateway learns them from the batch's answer, as it learns the objects a
+/// client creates from theirs.
+#[tokio::test]
+async fn a_batchs_output_files_follow_the_member_that_ran_it() {
+    let (a, a_served) = batch_running_backend("a").await;
+    let (b, b_served) = batch_running_backend("b").await;
+    let gw = TestGateway::start(snapshot(1, pool(&a, &b))).await;
+    let created: Value = gw
+        .post("/openai/batches?api-version=2024-10-21")
+        .json(
+            &json!({"input_file_id": "file-in", "endpoint": "/chat/completions",
+                      "completion_window": "24h"}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let batch = created["id"].as_str().unwrap().to_owned();
+    let (status, body) = call(
+        &gw.url,
+        reqwest::Method::GET,
+        &format!("/openai/batches/{batch}?api-version=2024-10-21"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let batch: Value = serde_json::from_slice(&body).unwrap();
+    for key in ["output_file_id", "error_file_id"] {
+        let file = batch[key].as_str().unwrap();
+        for _ in 0..12 {
+            let (status, body) = call(
+                &gw.url,
+                reqwest::Method::GET,
+                &format!("/openai/files/{file}/content?api-version=2024-10-21"),
+            )
+            .await;
+            assert_eq!(status, 200, "{file}: {}", String::from_utf8_lossy(&body));
+        }
+    }
+    let served = (
+        a_served.load(std::sync::atomic::Ordering::SeqCst),
+        b_served.load(std::sync::atomic::Ordering::SeqCst),
+    );
+    assert!(served == (24, 0) || served == (0, 24), "{served:?}");
+}
