@@ -238,15 +238,9 @@ mod tests {
         sink.file.lock().await.failed = true;
         let next = crate::queue::tests::record("next");
         sink.write_batch(std::slice::from_ref(&next)).await.unwrap();
-        let text = std::fs::read_to_string(&path).unwrap();
-        let ids: Vec<String> = text
-            .lines()
-            .map(|line| {
-                serde_json::from_str::<AuditRecord>(line)
-                    .unwrap()
-                    .correlation_id
-            })
-            .collect();
-        assert_eq!(ids, ["first", "next"], "{text}");
+        assert_eq!(
+            crate::queue::tests::correlation_ids(&path),
+            ["first", "next"]
+        );
     }
 }

@@ -1366,6 +1366,19 @@ pub(crate) mod tests {
     use super::*;
     use crate::{JsonLinesSink, MemorySink};
 
+    /// The `CorrelationId`s of the records of the JSON-lines file at `path`, in order.
+    pub(crate) fn correlation_ids(path: &std::path::Path) -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|line| {
+                serde_json::from_str::<AuditRecord>(line)
+                    .unwrap()
+                    .correlation_id
+            })
+            .collect()
+    }
+
     /// A record of a call with id `id` and nothing else; the other modules' tests use it too.
     pub(crate) fn record(id: &str) -> AuditRecord {
         AuditRecord {
@@ -1436,15 +1449,6 @@ pub(crate) mod tests {
         let sink = JsonLinesSink::open(&path).await.unwrap();
         sink.write_batch(&[record("a"), record("b")]).await.unwrap();
         sink.write_batch(&[record("c")]).await.unwrap();
-        let text = std::fs::read_to_string(&path).unwrap();
-        let ids: Vec<String> = text
-            .lines()
-            .map(|line| {
-                serde_json::from_str::<AuditRecord>(line)
-                    .unwrap()
-                    .correlation_id
-            })
-            .collect();
-        assert_eq!(ids, ["a", "b", "c"]);
+        assert_eq!(correlation_ids(&path), ["a", "b", "c"]);
     }
 }

@@ -440,22 +440,7 @@ async fn metric(gw: &TestGateway, name: &str) -> String {
 async fn calls_wait_for_room_in_a_full_audit_queue_and_every_record_is_kept() {
     let sim = simulator("room").await;
     let gated = Gated::shut();
-    let settings = QueueSettings {
-        capacity: 4,
-        // Without a journal the writer takes nothing while a write is in flight.
-        journal_dir: None,
-        sink_timeout: Duration::from_secs(60),
-        room_wait: Duration::from_secs(30),
-        ..QueueSettings::default()
-    };
-    let gw = TestGateway::start_recording(
-        &sim.url(),
-        Arc::new(gated.clone()),
-        settings,
-        Arc::new(tempfile::tempdir().unwrap()),
-        gated.inner.clone(),
-    )
-    .await;
+    let gw = TestGateway::start_gated(&sim.url(), &gated, 4).await;
     let call = |gw: &TestGateway| {
         gw.post(&chat_path("gpt-4o"))
             .json(&chat(None, false))

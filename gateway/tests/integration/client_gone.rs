@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use gatehouse_audit::QueueSettings;
 use serde_json::json;
 
 use crate::harness::*;
@@ -32,10 +31,7 @@ async fn thinking_backend(think: Duration) -> (String, Arc<AtomicUsize>) {
             }))
         }
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (url, calls)
+    (serve_stub(app).await, calls)
 }
 
 #[tokio::test]
@@ -92,22 +88,7 @@ async fn left_while_the_backend_thinks(version: http::Version) {
 async fn a_client_that_leaves_before_its_call_reaches_a_backend_is_recorded_and_not_sent_on() {
     let sim = simulator("not-sent").await;
     let gated = Gated::shut();
-    let settings = QueueSettings {
-        capacity: 1,
-        // Without a journal the writer takes nothing while a write is in flight.
-        journal_dir: None,
-        sink_timeout: Duration::from_secs(60),
-        room_wait: Duration::from_secs(30),
-        ..QueueSettings::default()
-    };
-    let gw = TestGateway::start_recording(
-        &sim.url(),
-        Arc::new(gated.clone()),
-        settings,
-        Arc::new(tempfile::tempdir().unwrap()),
-        gated.inner.clone(),
-    )
-    .await;
+    let gw = TestGateway::start_gated(&sim.url(), &gated, 1).await;
     let call = || {
         gw.post(&chat_path("gpt-4o"))
             .json(&chat(None, false))

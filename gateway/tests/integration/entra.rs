@@ -795,18 +795,7 @@ async fn a_token_judged_under_a_replaced_policy_is_not_remembered_under_the_new_
     let double = EntraDouble::start().await;
     let sim = simulator("entra-straddle").await;
     let gated = Gated::shut();
-    let settings = gatehouse_audit::QueueSettings {
-        capacity: 1,
-        // Without a journal the writer takes nothing while a write is in flight.
-        journal_dir: None,
-        sink_timeout: std::time::Duration::from_secs(60),
-        room_wait: std::time::Duration::from_secs(30),
-        ..gatehouse_audit::QueueSettings::default()
-    };
-    let (queue, writer) =
-        gatehouse_audit::AuditQueue::start_with(std::sync::Arc::new(gated.clone()), settings)
-            .await
-            .unwrap();
+    let (queue, writer) = gated.queue(1).await;
     let gw = TestGateway::start_with_queue(
         entra_snapshot(1, &double, &sim.url(), "token", None),
         std::sync::Arc::new(tempfile::tempdir().unwrap()),

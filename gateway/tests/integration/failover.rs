@@ -808,8 +808,5 @@ async fn creating_backend(answer: CreatedAnswer) -> (String, Arc<AtomicUsize>) {
                 .unwrap()
         }
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (url, hits)
+    (serve_stub(app).await, hits)
 }

@@ -89,6 +89,26 @@ impl Gated {
         }
     }
 
+    /// Queue settings under which the first record's write holds the writer at the gate and
+    /// `capacity` more records fill the queue: no journal (the writer takes nothing while a write
+    /// is in flight), and waits for the sink and for room long enough for any test.
+    pub fn holding(capacity: usize) -> QueueSettings {
+        QueueSettings {
+            capacity,
+            journal_dir: None,
+            sink_timeout: Duration::from_secs(60),
+            room_wait: Duration::from_secs(30),
+            ..QueueSettings::default()
+        }
+    }
+
+    /// A queue into this sink with [`Gated::holding`] settings.
+    pub async fn queue(&self, capacity: usize) -> (AuditQueue, WriterHandle) {
+        AuditQueue::start_with(Arc::new(self.clone()), Self::holding(capacity))
+            .await
+            .unwrap()
+    }
+
     /// Waits (at most a second) until a first write has begun and holds the writer.
     pub async fn wait_for_a_write(&self) {
         for _ in 0..50 {
@@ -115,6 +135,14 @@ impl AuditSink for Gated {
     fn name(&self) -> &'static str {
         "gated"
     }
+}
+
+/// Serves `app` on a free loopback port, for as long as the test runs; its base URL.
+pub async fn serve_stub(app: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
 }
 
 /// A simulator with `id` and default settings.
@@ -243,6 +271,19 @@ impl TestGateway {
         let (queue, writer) = AuditQueue::start_with(sink, settings).await.unwrap();
         let pools = json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member("a", backend_url, 1)]}]);
         Self::start_with_queue(snapshot(1, pools), state_dir, records, queue, writer).await
+    }
+
+    /// Starts a gateway with one pool (`gpt-4o` on `backend_url`) whose records go into `gated`
+    /// through a queue of `capacity` ([`Gated::holding`]).
+    pub async fn start_gated(backend_url: &str, gated: &Gated, capacity: usize) -> TestGateway {
+        Self::start_recording(
+            backend_url,
+            Arc::new(gated.clone()),
+            Gated::holding(capacity),
+            Arc::new(tempfile::tempdir().unwrap()),
+            gated.inner.clone(),
+        )
+        .await
     }
 
     /// Starts a gateway on a fresh state directory with these limit-store settings.

@@ -181,10 +181,7 @@ async fn firehose(total_chunks: usize, produced: Arc<AtomicUsize>) -> String {
                 .unwrap()
         }
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    url
+    serve_stub(app).await
 }
 
 #[tokio::test]

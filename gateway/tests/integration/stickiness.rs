@@ -300,10 +300,7 @@ async fn batch_running_backend(
             (status, axum::Json(body))
         }
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (url, served)
+    (serve_stub(app).await, served)
 }
 
 /// The files a backend makes itself, a batch's output and error files, stay on the member that

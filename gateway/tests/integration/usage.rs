@@ -380,10 +380,7 @@ async fn openai_backend() -> String {
             .body(Body::from_stream(futures::stream::iter(events)))
             .unwrap()
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    url
+    serve_stub(app).await
 }
 
 async fn openai_gateway(url: &str) -> TestGateway {
