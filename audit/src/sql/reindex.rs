@@ -8,12 +8,12 @@
 //! order lock, as a write of the store does; on PostgreSQL it updates the vectors of the batch's
 //! rows in place and gives them new blocks in the word index (`search_blocks`). Calls whose content has expired have nothing to index and are left alone.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use sqlx::{Postgres, QueryBuilder, Sqlite};
 use time::OffsetDateTime;
 
-use super::search_index::{SearchIndex, rows_of_pieces};
+use super::search_index::{IndexRow, SearchIndex, rows_of_pieces};
 use super::{
     Engine, SqlStore, StoreError, full_text, message_text, search_blocks, search_merge, sqlite_time,
 };
@@ -82,23 +82,71 @@ async fn reindex_sqlite(
             return Ok(count);
         };
         let ids: Vec<i64> = calls.iter().map(|(_, id)| *id).collect();
-        let mut query = QueryBuilder::<Sqlite>::new(
-            "SELECT l.RecordId, m.RequestMessages, m.ResponseMessages \
-             FROM GatehouseGatewayLogs l \
-             JOIN ApiManagementGatewayLlmLog m ON m.CorrelationId = l.CorrelationId AND m.SequenceNumber > 0 \
-             WHERE l.RecordId IN (",
-        );
-        let mut list = query.separated(", ");
-        for id in &ids {
-            list.push_bind(*id);
-        }
-        query.push(") ORDER BY l.RecordId, m.SequenceNumber");
-        let pieces: Vec<(i64, Option<String>, Option<String>)> =
-            query.build_query_as().fetch_all(reader).await?;
-        let rows = rows_of_pieces(pieces).await?;
-        count += search.replace(&ids, rows).await?;
+        let rows = index_rows(reader, &ids).await?;
+        count += replace_entries(reader, search, &ids, rows).await?;
         after = Some(last);
     }
+}
+
+/// The index entries of the calls `ids` that have text, from their pieces in the LLM log.
+async fn index_rows(reader: &sqlx::SqlitePool, ids: &[i64]) -> Result<Vec<IndexRow>, StoreError> {
+    let mut query = QueryBuilder::<Sqlite>::new(
+        "SELECT l.RecordId, m.RequestMessages, m.ResponseMessages \
+         FROM GatehouseGatewayLogs l \
+         JOIN ApiManagementGatewayLlmLog m ON m.CorrelationId = l.CorrelationId AND m.SequenceNumber > 0 \
+         WHERE l.RecordId IN (",
+    );
+    let mut list = query.separated(", ");
+    for id in ids {
+        list.push_bind(*id);
+    }
+    query.push(") ORDER BY l.RecordId, m.SequenceNumber");
+    let pieces: Vec<(i64, Option<String>, Option<String>)> =
+        query.build_query_as().fetch_all(reader).await?;
+    rows_of_pieces(pieces).await
+}
+
+/// Replaces the index entries of the calls `ids` with `rows` (read from their pieces before),
+/// then takes out again the entries of those whose content retention has removed since, in this
+/// process or in the gateway's: an entry made from pieces read before their removal would
+/// otherwise stay, and the call be found by words of its expired prompt. Retention removes a
+/// call's pieces before its entry, so an entry made here is either found here without its pieces
+/// or removed by retention after. Returns how many calls have entries again.
+async fn replace_entries(
+    reader: &sqlx::SqlitePool,
+    search: &SearchIndex,
+    ids: &[i64],
+    rows: Vec<IndexRow>,
+) -> Result<u64, StoreError> {
+    let with_text: Vec<i64> = rows.iter().map(|row| row.0).collect();
+    let replaced = search.replace(ids, rows).await?;
+    if with_text.is_empty() {
+        return Ok(replaced);
+    }
+    let mut query = QueryBuilder::<Sqlite>::new(
+        "SELECT DISTINCT l.RecordId FROM GatehouseGatewayLogs l \
+         JOIN ApiManagementGatewayLlmLog m ON m.CorrelationId = l.CorrelationId AND m.SequenceNumber > 0 \
+         WHERE l.RecordId IN (",
+    );
+    let mut list = query.separated(", ");
+    for id in &with_text {
+        list.push_bind(*id);
+    }
+    query.push(")");
+    let kept: HashSet<i64> = query
+        .build_query_scalar()
+        .fetch_all(reader)
+        .await?
+        .into_iter()
+        .collect();
+    let gone: Vec<i64> = with_text
+        .into_iter()
+        .filter(|id| !kept.contains(id))
+        .collect();
+    if !gone.is_empty() {
+        search.remove(&gone).await?;
+    }
+    Ok(replaced.saturating_sub(gone.len() as u64))
 }
 
 /// One call of a PostgreSQL batch: its key in `GatehouseCallContent`.
@@ -222,4 +270,57 @@ fn vectors_of(
             )
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sql::SearchFilter;
+
+    /// A reindex that read a call's pieces just before retention removed them (in the gateway,
+    /// while the command ran) does not leave the call findable by its expired words.
+    #[tokio::test]
+    async fn an_entry_made_from_pieces_that_expired_meanwhile_is_taken_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqlStore::open(&format!("sqlite:{}", dir.path().join("audit.db").display()))
+            .await
+            .unwrap();
+        let at = OffsetDateTime::now_utc() - time::Duration::days(3);
+        let calls: Vec<_> = (0..3)
+            .map(|i| {
+                let mut record = crate::queue::tests::record(&format!("call-{i}"));
+                record.time_generated = at + time::Duration::seconds(i);
+                record.operation_id = Some(gatehouse_schema::OperationId::ChatCompletionsCreate);
+                record.request_messages = Some(format!(
+                    r#"[{{"role":"user","content":"quarterly zebra report {i}"}}]"#
+                ));
+                record
+            })
+            .collect();
+        store.write(&calls).await.unwrap();
+        let Engine::Sqlite { reader, search, .. } = &store.engine else {
+            unreachable!("a SQLite store")
+        };
+        let ids: Vec<i64> = sqlx::query_scalar("SELECT RecordId FROM GatehouseGatewayLogs")
+            .fetch_all(reader)
+            .await
+            .unwrap();
+        // The reindex reads the pieces; then retention removes the content (metadata stays) ...
+        let stale = index_rows(reader, &ids).await.unwrap();
+        assert_eq!(stale.len(), 3);
+        let report = store
+            .enforce_retention(OffsetDateTime::now_utc(), at - time::Duration::days(1), 100)
+            .await
+            .unwrap();
+        assert_eq!(report.message_pieces_removed, 3, "{report:?}");
+        // ... and only then does the reindex write its entries.
+        assert_eq!(
+            replace_entries(reader, search, &ids, stale).await.unwrap(),
+            0
+        );
+        let mut filter =
+            SearchFilter::between(at - time::Duration::hours(1), OffsetDateTime::now_utc());
+        filter.text = Some("zebra".to_owned());
+        assert!(store.search(&filter).await.unwrap().items.is_empty());
+    }
 }
