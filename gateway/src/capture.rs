@@ -213,6 +213,13 @@ impl SseTap {
         }
     }
 
+    /// The id of the object the stream has just announced it created, once: a Responses API
+    /// `response.created` event's response, or the thread of an Assistants stream that creates
+    /// one (its first `thread` object).
+    pub fn take_created(&mut self) -> Option<String> {
+        self.assembler.created.take()
+    }
+
     /// Ends the stream and returns the reassembled answer.
     pub fn finish(mut self) -> StreamSummary {
         self.input.close_channel();
@@ -270,9 +277,24 @@ struct StreamAssembler {
     usage: Option<Value>,
     final_response: Option<Value>,
     done: bool,
+    /// An object the stream announced it created, until taken ([`SseTap::take_created`]).
+    created: Option<String>,
+    /// Whether `created` was set once already.
+    announced: bool,
 }
 
 impl StreamAssembler {
+    /// Notes the first created object's id the stream names.
+    fn announce(&mut self, id: Option<&Value>) {
+        if self.announced {
+            return;
+        }
+        if let Some(id) = id.and_then(Value::as_str).filter(|id| !id.is_empty()) {
+            self.created = Some(id.to_owned());
+            self.announced = true;
+        }
+    }
+
     /// Takes in one event's data; returns it parsed, when it is JSON.
     fn event(&mut self, data: &str) -> Option<Value> {
         let data = data.trim();
@@ -288,6 +310,9 @@ impl StreamAssembler {
     fn chunk(&mut self, chunk: &Value) {
         // Responses API: typed events; the terminal one carries the whole response.
         if let Some(kind) = chunk.get("type").and_then(Value::as_str) {
+            if kind == "response.created" {
+                self.announce(chunk.pointer("/response/id"));
+            }
             if matches!(
                 kind,
                 "response.completed" | "response.incomplete" | "response.failed"
@@ -302,6 +327,10 @@ impl StreamAssembler {
             .and_then(Value::as_str)
             .filter(|o| !o.is_empty())
         {
+            // Assistants: `thread.created` carries the new thread.
+            if object == "thread" {
+                self.announce(chunk.get("id"));
+            }
             self.object.get_or_insert_with(|| object.to_owned());
         }
         for key in ["id", "created", "model", "system_fingerprint"] {

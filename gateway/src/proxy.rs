@@ -725,6 +725,7 @@ async fn relay(
             record,
             sent: 0,
             span: tracing::Span::current(),
+            pinned: None,
         }),
     };
     let body = if client_version == http::Version::HTTP_2 {
@@ -758,9 +759,31 @@ struct RelayCall {
     record: CallRecord,
     sent: u64,
     span: tracing::Span,
+    /// The object a streamed create announced, pinned as it passed.
+    pinned: Option<String>,
 }
 
 impl RelayCall {
+    /// Pins the object a streamed create announced to this member, in memory at once and in the
+    /// journal and the shared map on a task.
+    fn pin_early(&mut self, id: String) {
+        if self.call.creates.is_none() || !self.status.is_success() {
+            return;
+        }
+        self.gateway.affinity.pin(&id, &self.member.config.id);
+        let (gateway, member) = (Arc::clone(&self.gateway), self.member.config.id.clone());
+        let object = id.clone();
+        tokio::spawn(
+            async move {
+                if let Err(error) = gateway.affinity.remember(&object, &member).await {
+                    tracing::error!(%error, %object, "could not journal which member holds an object");
+                }
+            }
+            .instrument(self.span.clone()),
+        );
+        self.pinned = Some(id);
+    }
+
     /// Completes the record; async work (journaling a created object, counting tokens) goes to
     /// a task, everything else happens here.
     fn finish(mut self) {
@@ -780,16 +803,20 @@ impl RelayCall {
             Vec::new()
         };
         let answer = self.tee.complete(&mut self.record, &self.call);
+        // From the answer as one object (a stream's reassembled, whatever the capture keeps),
+        // else from the captured body.
         let created = (self.call.creates.is_some() && self.status.is_success())
             .then(|| {
-                self.record
-                    .record
-                    .backend_response_body
-                    .as_deref()
-                    .and_then(|b| serde_json::from_str::<Value>(b).ok())
+                answer
+                    .as_ref()
+                    .and_then(|answer| created_id(&self.call, answer))
+                    .or_else(|| {
+                        let body = self.record.record.backend_response_body.as_deref()?;
+                        created_id(&self.call, &serde_json::from_str::<Value>(body).ok()?)
+                    })
             })
             .flatten()
-            .and_then(|summary| created_id(&self.call, &summary));
+            .filter(|id| self.pinned.as_ref() != Some(id));
         // Pinned here at once, before the answer's last chunk reaches the client (it is handed
         // on after this): the journal and the shared map follow on a task.
         for id in created.iter().chain(&produced) {
@@ -910,6 +937,12 @@ impl futures::Stream for RelayBody {
                     let complete = upstream.is_end_stream();
                     // What goes on to the client: the chunk, or what passes the usage filter.
                     let outgoing = relay.tee.push(chunk);
+                    // A streamed create names its object at the start: pinned before the client
+                    // reads the id, so that a call about it in the meantime (a cancel, the next
+                    // turn) finds its member.
+                    if let Some(id) = relay.tee.take_created() {
+                        relay.pin_early(id);
+                    }
                     if let Some(outgoing) = &outgoing {
                         relay.sent += outgoing.len() as u64;
                         relay
@@ -1193,6 +1226,12 @@ impl Tee {
 
     fn json(&self) -> Option<Value> {
         serde_json::from_slice(self.parse.as_deref()?).ok()
+    }
+
+    /// The id of an object a stream has just announced it created (see
+    /// [`SseTap::take_created`]), once.
+    fn take_created(&mut self) -> Option<String> {
+        self.sse.as_mut()?.take_created()
     }
 
     /// Writes what the response amounted to into the record, and returns the answer as one JSON

@@ -350,3 +350,62 @@ async fn a_batchs_output_files_follow_the_member_that_ran_it() {
     );
     assert!(served == (24, 0) || served == (0, 24), "{served:?}");
 }
+
+/// A streamed Responses call names its response at the start (`response.created`): a call about
+/// it while the stream still runs (a fetch, a cancel, the next turn) goes to the member that
+/// holds it, whichever of the two created it.
+#[tokio::test]
+async fn a_streamed_response_is_pinned_as_soon_as_its_stream_names_it() {
+    use futures::StreamExt as _;
+    let paced = |id: &str| gatehouse_simulator::SimulatorConfig {
+        id: id.to_owned(),
+        chunk_delay: std::time::Duration::from_millis(150),
+        ..gatehouse_simulator::SimulatorConfig::default()
+    };
+    let a = simulator_with(paced("early-a")).await;
+    let b = simulator_with(paced("early-b")).await;
+    let gw = TestGateway::start(snapshot(1, pool(&a.url(), &b.url()))).await;
+    let mut rounds = 0;
+    while rounds < 6 || a.hits() == 0 || b.hits() == 0 {
+        assert!(rounds < 40, "40 streams, all on one member");
+        rounds += 1;
+        let response = gw
+            .post("/openai/v1/responses")
+            .json(&json!({"model": "gpt-4o", "input": "Say hello", "stream": true}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let mut stream = response.bytes_stream();
+        let mut text = String::new();
+        while !text.contains("\n\n") {
+            let chunk = stream.next().await.unwrap().unwrap();
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        let first = text.split("\n\n").next().unwrap();
+        let data = first
+            .lines()
+            .find_map(|line| line.strip_prefix("data: "))
+            .unwrap();
+        let created: Value = serde_json::from_str(data).unwrap();
+        assert_eq!(created["type"], "response.created");
+        let id = created["response"]["id"].as_str().unwrap().to_owned();
+        // The stream runs on (its deltas come 150 ms apart) while the response is fetched.
+        let (status, body) = call(
+            &gw.url,
+            reqwest::Method::GET,
+            &format!("/openai/v1/responses/{id}"),
+        )
+        .await;
+        assert_eq!(
+            status,
+            200,
+            "{id} fetched mid-stream: {}",
+            String::from_utf8_lossy(&body)
+        );
+        while let Some(chunk) = stream.next().await {
+            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        }
+        assert!(text.contains("response.completed"), "{text}");
+    }
+}
