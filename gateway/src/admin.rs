@@ -95,6 +95,10 @@ pub async fn get_backends(State(gateway): State<Arc<Gateway>>, headers: HeaderMa
     .into_response()
 }
 
+/// The largest snapshot `PUT /_gatehouse/config` takes: room for tens of thousands of
+/// subscriptions (≈ 300 bytes each), where axum's default of 2 MiB held about 7,000.
+pub const MAX_SNAPSHOT_BYTES: usize = 64 * 1024 * 1024;
+
 /// `PUT /_gatehouse/config`: replace the running snapshot with a newer, valid one.
 pub async fn put_config(
     State(gateway): State<Arc<Gateway>>,
@@ -129,19 +133,18 @@ async fn apply(gateway: &Gateway, headers: &HeaderMap, body: &[u8]) -> Result<u6
         });
     }
     let version = snapshot.version;
-    let runtime =
+    let (runtime, checkpoint) =
         gateway
             .prepare(snapshot.clone())
             .await
             .map_err(|errors| GatewayError::InvalidConfig {
                 message: errors.to_string(),
             })?;
-    save_last_known_good(&gateway.state_dir, &snapshot)
-        .await
-        .map_err(|error| {
-            tracing::error!(%error, "could not persist the configuration; keeping the running one");
-            GatewayError::Internal
-        })?;
+    if let Err(error) = save_last_known_good(&gateway.state_dir, &snapshot).await {
+        tracing::error!(%error, "could not persist the configuration; keeping the running one");
+        gateway.abandon(checkpoint);
+        return Err(GatewayError::Internal);
+    }
     gateway.install(runtime);
     tracing::info!(version, "configuration applied");
     Ok(version)

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
@@ -34,7 +34,7 @@ use crate::record::{CallRecord, Holds};
 use crate::runtime::Resolver;
 use crate::runtime::{Runtime, ValidationErrors};
 use crate::secret::Secret;
-use crate::secret::SecretStore;
+use crate::secret::{SecretCheckpoint, SecretStore};
 use crate::settings::{AffinitySettings, LimitSettings};
 use crate::{admin, auth, authorize, caller, classify, proxy};
 
@@ -245,12 +245,27 @@ impl Gateway {
     }
 
     /// Validates a snapshot, fetches its Key Vault secrets and builds its runtime without
-    /// installing it.
+    /// installing it. `env:` and `file:` secrets are read again into the holders the running
+    /// configuration shares (a rotated key file takes effect with the next snapshot); a snapshot
+    /// refused here puts them back, and so must [`Gateway::abandon`] one that is not installed.
     pub(crate) async fn prepare(
         &self,
         snapshot: ConfigSnapshot,
-    ) -> Result<Runtime, ValidationErrors> {
-        Runtime::prepare(snapshot, &self.health, &self.resolver).await
+    ) -> Result<(Runtime, SecretCheckpoint), ValidationErrors> {
+        let checkpoint = self.resolver.secrets.checkpoint();
+        match Runtime::prepare(snapshot, &self.health, &self.resolver).await {
+            Ok(runtime) => Ok((runtime, checkpoint)),
+            Err(errors) => {
+                self.resolver.secrets.restore(checkpoint);
+                Err(errors)
+            }
+        }
+    }
+
+    /// Puts back the secrets of the running configuration after a prepared snapshot that is not
+    /// installed (its last-known-good copy could not be written).
+    pub(crate) fn abandon(&self, checkpoint: SecretCheckpoint) {
+        self.resolver.secrets.restore(checkpoint);
     }
 
     /// Installs a prepared runtime atomically, and forgets secrets and credentials it no longer
@@ -275,7 +290,9 @@ impl Gateway {
             .route("/metrics", get(metrics))
             .route(
                 admin::CONFIG_PATH,
-                get(admin::get_config).put(admin::put_config),
+                get(admin::get_config)
+                    .put(admin::put_config)
+                    .layer(DefaultBodyLimit::max(admin::MAX_SNAPSHOT_BYTES)),
             )
             .route(
                 gatehouse_schema::backends::BACKENDS_PATH,
@@ -388,6 +405,9 @@ async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {
 
 async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
     let now = Instant::now();
+    // The members of the running snapshot only: one a newer snapshot removed is not reported
+    // at its last state for ever.
+    gateway.metrics.backend_available.clear();
     for pool in &gateway.runtime().pools {
         for member in &pool.members {
             let available = i64::from(member.health.set_aside_state(now).is_none());

@@ -131,6 +131,10 @@ impl fmt::Debug for SecretValue {
     }
 }
 
+/// The values of a [`SecretStore`] at one moment ([`SecretStore::checkpoint`]).
+#[derive(Debug)]
+pub struct SecretCheckpoint(Vec<(SecretValue, Arc<Secret<String>>)>);
+
 /// The secrets a gateway uses, by reference, shared across snapshots: Key Vault values are fetched
 /// once, kept, and refreshed in the background. Cheap to clone.
 #[derive(Clone, Debug, Default)]
@@ -281,6 +285,26 @@ impl SecretStore {
                 SecretStore { inner }.refresh().await;
             }
         })
+    }
+
+    /// The values the store holds now, to put back with [`SecretStore::restore`] when the
+    /// snapshot they were read for is not installed: [`SecretStore::resolve`] reads `env:` and
+    /// `file:` again into the holders the running configuration shares.
+    pub fn checkpoint(&self) -> SecretCheckpoint {
+        SecretCheckpoint(
+            lock(&self.inner.values)
+                .values()
+                .map(|holder| (holder.clone(), holder.current()))
+                .collect(),
+        )
+    }
+
+    /// Puts back the values of `checkpoint` (holders made since keep theirs: nothing running
+    /// uses them).
+    pub fn restore(&self, checkpoint: SecretCheckpoint) {
+        for (holder, value) in checkpoint.0 {
+            holder.0.store(value);
+        }
     }
 
     /// Forgets every value whose reference is not in `keep`.

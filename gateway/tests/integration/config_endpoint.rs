@@ -141,3 +141,91 @@ async fn calls_during_swaps_see_one_config_or_the_other_never_a_mix() {
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     assert_eq!(old.hits() + new.hits(), 150);
 }
+
+/// A push refused after a key file changed leaves the running members on the key they had: the
+/// file is read for the new snapshot, and put back when that snapshot is not installed.
+#[tokio::test]
+async fn a_refused_push_leaves_the_running_secrets_as_they_were() {
+    let (key_file, key_ref) = backend_key_file();
+    let sim = simulator("config-secret").await;
+    let mut keyed = member("keyed", &sim.url(), 1);
+    keyed["credential"] = json!({"type": "api_key", "secret": key_ref});
+    let gw = TestGateway::start(snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o"], "members": [keyed.clone()]}]),
+    ))
+    .await;
+    std::fs::write(key_file.path(), "a-key-not-yet-in-use\n").unwrap();
+    let mut broken = member("broken", &sim.url(), 2);
+    broken["credential"] =
+        json!({"type": "api_key", "secret": "env:GATEHOUSE_TEST_NEVER_SET_7301"});
+    let next = serde_json::to_value(snapshot(
+        2,
+        json!([{"id": "p", "deployments": ["gpt-4o"], "members": [keyed, broken]}]),
+    ))
+    .unwrap();
+    let refused = put(&gw, Some(ADMIN_TOKEN), &next).await;
+    let message = azure_error(refused, 422).await;
+    assert!(
+        message.contains("members[1].credential.secret"),
+        "{message}"
+    );
+    let answered = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answered.status(), 200);
+    let sent = sim
+        .requests()
+        .last()
+        .unwrap()
+        .header("api-key")
+        .map(str::to_owned);
+    assert_eq!(sent.as_deref(), Some(BACKEND_KEY), "the running key");
+}
+
+/// A member that a newer snapshot removed is no longer reported as available or not.
+#[tokio::test]
+async fn a_removed_member_leaves_the_backend_metrics() {
+    let sim = simulator("config-metrics").await;
+    let two = json!([{"id": "p", "deployments": ["gpt-4o"],
+                      "members": [member("stays", &sim.url(), 1), member("goes", &sim.url(), 2)]}]);
+    let gw = TestGateway::start(snapshot(1, two)).await;
+    assert!(gw.metrics().await.contains(r#"backend="goes""#));
+    let one = serde_json::to_value(snapshot(2, pools(&sim.url(), "gpt-4o"))).unwrap();
+    assert!(
+        put(&gw, Some(ADMIN_TOKEN), &one)
+            .await
+            .status()
+            .is_success()
+    );
+    let text = gw.metrics().await;
+    assert!(!text.contains(r#"backend="goes""#), "{text}");
+    assert!(
+        text.contains(r#"gatehouse_backend_available{pool="p",backend="a"} 1"#),
+        "{text}"
+    );
+}
+
+/// A snapshot of many thousand subscriptions (more than axum's default body limit of 2 MiB)
+/// is taken.
+#[tokio::test]
+async fn a_snapshot_larger_than_two_mebibytes_is_taken() {
+    let sim = simulator("config-large").await;
+    let gw = TestGateway::start(snapshot(1, pools(&sim.url(), "gpt-4o"))).await;
+    let mut next = serde_json::to_value(snapshot(2, pools(&sim.url(), "gpt-4o"))).unwrap();
+    let subscriptions: Vec<Value> = (0..12_000)
+        .map(|i| {
+            let hash = gatehouse_schema::keys::hash_key(&format!("ghk_team_{i}")).to_string();
+            json!({"id": format!("team-{i:05}"), "display_name": format!("Team number {i} of the large enterprise"),
+                   "product": "research", "primary_key_hash": hash})
+        })
+        .collect();
+    next["subscriptions"] = Value::Array(subscriptions);
+    let size = serde_json::to_vec(&next).unwrap().len();
+    assert!(size > 2 * 1024 * 1024, "{size} bytes");
+    let applied = put(&gw, Some(ADMIN_TOKEN), &next).await;
+    assert_eq!(applied.status(), 200, "{}", applied.text().await.unwrap());
+}
