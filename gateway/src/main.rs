@@ -46,8 +46,8 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Verify the hash chain of audit records in a JSON-lines file, and name the first record
-    /// that was changed or removed.
+    /// Verify the hash chain of audit records in a JSON-lines file (--jsonl) or an audit database
+    /// (--database), and name the first record that was changed or removed.
     VerifyAudit {
         /// JSON-lines audit file.
         #[arg(
