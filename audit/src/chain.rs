@@ -319,9 +319,9 @@ impl Chainer {
     }
 }
 
-/// Replaces the file at `path` with `bytes` so that a crash leaves either the old or the new
-/// content.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+/// Replaces the file at `path` with `bytes` so that a crash or a power loss leaves either the
+/// old or the new content: written to `path` + `.tmp`, synced, renamed, and the directory synced.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let mut temporary = path.as_os_str().to_owned();
     temporary.push(".tmp");
     let temporary = PathBuf::from(temporary);

@@ -12,6 +12,7 @@ mod queue;
 pub mod rows;
 pub mod sql;
 
+pub use chain::write_atomic;
 use futures::future::BoxFuture;
 pub use gatehouse_schema::AuditRecord;
 pub use journal::journal_file_text;

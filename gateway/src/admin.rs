@@ -181,11 +181,10 @@ pub async fn load_last_known_good(state_dir: &Path) -> anyhow::Result<Option<Con
 async fn save_last_known_good(state_dir: &Path, snapshot: &ConfigSnapshot) -> std::io::Result<()> {
     tokio::fs::create_dir_all(state_dir).await?;
     let path = state_dir.join(LAST_KNOWN_GOOD);
-    let temporary = state_dir.join(format!("{LAST_KNOWN_GOOD}.tmp"));
     let bytes = serde_json::to_vec_pretty(snapshot).map_err(std::io::Error::other)?;
-    let mut file = tokio::fs::File::create(&temporary).await?;
-    tokio::io::AsyncWriteExt::write_all(&mut file, &bytes).await?;
-    file.sync_all().await?;
-    drop(file);
-    tokio::fs::rename(&temporary, &path).await
+    // Synced, renamed and the directory synced: a power loss right after the push cannot bring
+    // back the snapshot before it.
+    tokio::task::spawn_blocking(move || gatehouse_audit::write_atomic(&path, &bytes))
+        .await
+        .map_err(std::io::Error::other)?
 }
