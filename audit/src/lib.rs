@@ -33,12 +33,32 @@ pub enum SinkError {
     /// The record could not be encoded.
     #[error("audit record could not be encoded: {0}")]
     Encode(#[from] serde_json::Error),
+    /// The destination asked not to be called again for a while (a 429's `Retry-After`, say):
+    /// the queue does not try the sink again before `retry_after` has passed.
+    #[error("audit sink busy, retry in {} ms: {reason}", retry_after.as_millis())]
+    Busy {
+        /// What the destination said.
+        reason: String,
+        /// How long it asked to be left alone.
+        retry_after: std::time::Duration,
+    },
+}
+
+impl SinkError {
+    /// How long the destination asked not to be called again, if it said.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            SinkError::Busy { retry_after, .. } => Some(*retry_after),
+            SinkError::Io(_) | SinkError::Encode(_) => None,
+        }
+    }
 }
 
 /// A destination for audit records.
 ///
 /// `write_batch` either stores every record of the batch or returns an error; the queue retries a
-/// failed batch.
+/// failed batch (after [`SinkError::retry_after`] when the error says), so a sink that stored part
+/// of a batch before it failed receives those records again.
 pub trait AuditSink: Send + Sync + 'static {
     /// Stores a batch of records, in order.
     fn write_batch<'a>(

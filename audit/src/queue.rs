@@ -14,8 +14,9 @@
 //!   keeps taking records; the append runs on a blocking thread while the next batch is linked,
 //!   and is settled before that batch is placed or anything else touches the journal. A replayer
 //!   feeds the journal to the sink, oldest first, one chunk at a time; the first chunk after a
-//!   failure is the probe, retried with exponential backoff (100 ms doubling to 5 s). Once the
-//!   journal is empty, batches go straight to the sink again.
+//!   failure is the probe, retried with exponential backoff (100 ms doubling to 5 s, or longer
+//!   when the sink asks for it, as after a 429: [`SinkError::retry_after`]). Once the journal is
+//!   empty, batches go straight to the sink again.
 //!
 //! At shutdown, a backlog in the journal stays there ([`WriterHandle::finish`]).
 //! At start, whatever an earlier process left in the journal directory is replayed before any new
@@ -91,6 +92,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const ABANDON_AFTER_TIMEOUTS: u32 = 10;
 /// See [`ABANDON_AFTER_TIMEOUTS`].
 const ABANDON_AFTER_AT_LEAST: Duration = Duration::from_secs(60);
+/// Longest wait before the next try that a sink may ask for ([`SinkError::retry_after`]); the
+/// records wait in the journal meanwhile.
+const MAX_ASKED_WAIT: Duration = Duration::from_secs(10 * 60);
 /// Records linked between two yields of the writer task.
 const LINKS_PER_YIELD: usize = 64;
 /// How long the writer waits for a short batch to fill up before it places it. Every batch costs
@@ -766,9 +770,12 @@ impl Writer {
                     }
                 }
                 Event::Completed(Ok(Ok(()))) => self.stored().await,
-                Event::Completed(Ok(Err(error))) => self.failed_write(&error.to_string()).await,
+                Event::Completed(Ok(Err(error))) => {
+                    self.failed_write(&error.to_string(), error.retry_after())
+                        .await;
+                }
                 Event::Completed(Err(error)) => {
-                    self.failed_write(&format!("sink write task failed: {error}"))
+                    self.failed_write(&format!("sink write task failed: {error}"), None)
                         .await;
                 }
                 Event::TimedOut => self.timed_out().await,
@@ -776,7 +783,7 @@ impl Writer {
                     if let Some(flight) = &self.in_flight {
                         flight.task.abort();
                     }
-                    self.failed_write("abandoned: still running long after its timeout")
+                    self.failed_write("abandoned: still running long after its timeout", None)
                         .await;
                 }
                 Event::Wake => {}
@@ -1311,22 +1318,28 @@ impl Writer {
     }
 
     /// The write in flight failed (or was abandoned): its records stay in, or go to, the
-    /// journal, and the sink is tried again after a backoff.
-    async fn failed_write(&mut self, error: &str) {
+    /// journal, and the sink is tried again after a backoff, or after the wait the sink asked
+    /// for when that is longer (at most [`MAX_ASKED_WAIT`]).
+    async fn failed_write(&mut self, error: &str, retry_after: Option<Duration>) {
         let Some(flight) = self.in_flight.take() else {
             return;
         };
         if !flight.timed_out {
             self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
         }
+        let wait = retry_after
+            .unwrap_or_default()
+            .min(MAX_ASKED_WAIT)
+            .max(self.backoff);
         tracing::warn!(
             sink = self.sink.name(),
             error,
             records = flight.count,
-            retry_in_ms = self.backoff.as_millis(),
+            retry_in_ms = wait.as_millis(),
             "audit batch not stored"
         );
         self.failed();
+        self.next_attempt = Instant::now() + wait;
         if let Job::Direct {
             records,
             journaled: None,
@@ -1440,6 +1453,66 @@ pub(crate) mod tests {
         assert_eq!(ids, (0..1000).map(|i| i.to_string()).collect::<Vec<_>>());
         assert_eq!((stats.written, stats.depth), (1000, 0));
         assert!(crate::chain::verify(records).is_intact());
+    }
+
+    /// Refuses its first write with [`SinkError::Busy`], then stores; notes when each write began.
+    struct BusyOnce {
+        asked: Duration,
+        starts: Mutex<Vec<Instant>>,
+        stored: Mutex<Vec<AuditRecord>>,
+    }
+
+    impl AuditSink for BusyOnce {
+        fn write_batch<'a>(
+            &'a self,
+            records: &'a [AuditRecord],
+        ) -> futures::future::BoxFuture<'a, Result<(), SinkError>> {
+            Box::pin(async move {
+                let mut starts = self.starts.lock().unwrap();
+                starts.push(Instant::now());
+                if starts.len() == 1 {
+                    return Err(SinkError::Busy {
+                        reason: "429 (test)".to_owned(),
+                        retry_after: self.asked,
+                    });
+                }
+                self.stored.lock().unwrap().extend_from_slice(records);
+                Ok(())
+            })
+        }
+
+        fn name(&self) -> &'static str {
+            "busy-once"
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sink_that_asks_for_a_wait_is_not_tried_again_before_it() {
+        for (asked, expected) in [
+            (Duration::from_secs(30), Duration::from_secs(30)),
+            // Capped, and never shorter than the queue's own backoff.
+            (Duration::from_secs(3600), MAX_ASKED_WAIT),
+            (Duration::ZERO, FIRST_BACKOFF),
+        ] {
+            let sink = Arc::new(BusyOnce {
+                asked,
+                starts: Mutex::new(Vec::new()),
+                stored: Mutex::new(Vec::new()),
+            });
+            let (queue, writer) = AuditQueue::start(sink.clone(), 16);
+            assert!(queue.submit(record("a")));
+            tokio::time::sleep(expected + Duration::from_secs(1)).await;
+            let starts = sink.starts.lock().unwrap().clone();
+            assert_eq!(starts.len(), 2, "asked {asked:?}: tried again once");
+            let waited = starts[1] - starts[0];
+            assert!(
+                waited >= expected && waited < expected + Duration::from_millis(500),
+                "asked {asked:?}: tried again after {waited:?}, expected {expected:?}"
+            );
+            drop(queue);
+            writer.finish().await;
+            assert_eq!(sink.stored.lock().unwrap().len(), 1);
+        }
     }
 
     #[tokio::test]
