@@ -23,13 +23,38 @@
 //!   per call, compressed or uncompressed; field values over 64 KB are truncated; beyond the rate
 //!   limits the answer is 429 with `Retry-After`.
 //!
-//! Delivery is at least once. The API does not de-duplicate, and a batch is retried whole (by this
-//! sink after a 429 or 5xx, by the queue after an error), so a row can arrive twice — for instance
-//! when a 204 is lost. Every row therefore carries [`ROW_ID_COLUMN`], a deterministic id
+//! Delivery is at least once. The API does not de-duplicate, so a row can arrive twice — for
+//! instance when a 204 is lost, or when the sink or the queue sends a call again whose answer
+//! never came. Every row therefore carries [`ROW_ID_COLUMN`], a deterministic id
 //! (`{CorrelationId}:{table}:{SequenceNumber}`) that a query can `distinct` on.
+//!
+//! # A batch that fails part way
+//!
+//! A batch takes several calls when it is large. The sink remembers the rows of every call
+//! Azure accepted until the whole batch is stored, and skips them when the queue hands it the
+//! same records again (after an error, or from its journal): a batch that fails at its tenth
+//! call resumes there instead of sending the first nine again, and so always gets through,
+//! however often it is interrupted.
+//!
+//! One write never runs longer than [`AzureMonitorConfig::max_write_seconds`] — below the minute
+//! after which the queue abandons a write still running. When retries and waits would take it
+//! past that, the sink stops and tells the queue how long Azure asked it to wait
+//! ([`SinkError::Busy`]); the queue keeps the records in its journal meanwhile, so neither a long
+//! `Retry-After` nor the last one before the tries run out is lost on the way.
+//!
+//! # Fields longer than Azure keeps
+//!
+//! Azure truncates a field value over 64 KB without saying so. The sink cuts such values itself
+//! so that nothing is cut unannounced: the two bodies are cut and their truncation flags raised
+//! (the prompts and completions are whole in the LLM rows, in 32 KB pieces); `Groups` and
+//! `Attempts` keep as many leading entries as fit, still valid JSON arrays; other text (a long
+//! `Url`) is cut on a character boundary. Each cut is logged with the call's correlation id; the
+//! SQL store keeps the whole values.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::io::Write as _;
+use std::sync::PoisonError;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -86,6 +111,10 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 /// How much of an error answer goes into an error message.
 const MAX_ERROR_TEXT: usize = 512;
 
+/// Most row ids remembered as delivered while a batch is not yet stored whole (a few MB); past it
+/// the memory starts again, which at worst sends some rows twice.
+const MAX_REMEMBERED_ROWS: usize = 100_000;
+
 /// Table names used in row ids.
 const GATEWAY_TABLE: &str = "ApiManagementGatewayLogs";
 const LLM_TABLE: &str = "ApiManagementGatewayLlmLog";
@@ -120,7 +149,16 @@ pub struct AzureMonitorConfig {
     /// Time limit of one HTTP call, in seconds.
     #[serde(default = "default_timeout_seconds")]
     pub timeout_seconds: u64,
+    /// Longest time one batch may take, tries and waits included, in seconds; at most
+    /// [`MAX_WRITE_SECONDS`], under the minute after which the audit queue abandons a write. A
+    /// batch not stored by then is resumed later, from the first row not yet accepted.
+    #[serde(default = "default_max_write_seconds")]
+    pub max_write_seconds: u64,
 }
+
+/// The most [`AzureMonitorConfig::max_write_seconds`] may be: the audit queue abandons a write
+/// still running after a minute at the least.
+pub const MAX_WRITE_SECONDS: u64 = 55;
 
 /// Entra ID client credentials (an app registration and one of its client secrets).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -163,6 +201,10 @@ fn default_timeout_seconds() -> u64 {
     30
 }
 
+fn default_max_write_seconds() -> u64 {
+    50
+}
+
 /// Why the Azure Monitor sink could not start or store a batch. Never contains the client secret
 /// or a token.
 #[derive(Debug, thiserror::Error)]
@@ -199,7 +241,7 @@ pub enum AzureMonitorError {
         /// The answer's text, secrets removed.
         message: String,
     },
-    /// Every try of a call failed with a transient error.
+    /// Every try of a call failed with a transient error, or the write's time was up.
     #[error(
         "azure monitor sink: stream `{stream}`: gave up after {attempts} attempts; last: {last}"
     )]
@@ -210,6 +252,9 @@ pub enum AzureMonitorError {
         attempts: u32,
         /// The last failure.
         last: String,
+        /// How long Azure asked to be left alone, or the wait before the next try that did
+        /// not fit in the write's time.
+        retry_after: Option<Duration>,
     },
     /// One row is larger than a call may carry (cannot happen with the rows this crate builds).
     #[error(
@@ -231,7 +276,16 @@ pub enum AzureMonitorError {
 
 impl From<AzureMonitorError> for SinkError {
     fn from(error: AzureMonitorError) -> Self {
-        SinkError::Io(std::io::Error::other(error))
+        match error {
+            AzureMonitorError::GaveUp {
+                retry_after: Some(retry_after),
+                ..
+            } => SinkError::Busy {
+                reason: error.to_string(),
+                retry_after,
+            },
+            error => SinkError::Io(std::io::Error::other(error)),
+        }
     }
 }
 
@@ -301,6 +355,9 @@ pub struct AzureMonitorSink {
     gateway: Stream,
     llm: Stream,
     token: Mutex<Option<CachedToken>>,
+    /// Ids of the rows Azure accepted since the last batch stored whole (see the module
+    /// documentation).
+    delivered: std::sync::Mutex<HashSet<String>>,
 }
 
 impl AzureMonitorSink {
@@ -326,6 +383,11 @@ impl AzureMonitorSink {
         }
         if config.max_attempts == 0 {
             return Err(invalid("max_attempts must be at least 1"));
+        }
+        if !(1..=MAX_WRITE_SECONDS).contains(&config.max_write_seconds) {
+            return Err(AzureMonitorError::Config(format!(
+                "max_write_seconds must be between 1 and {MAX_WRITE_SECONDS}"
+            )));
         }
         let authority = match &config.credential.authority {
             Some(authority) => authority.clone(),
@@ -370,6 +432,7 @@ impl AzureMonitorSink {
             gateway,
             llm,
             token: Mutex::new(None),
+            delivered: std::sync::Mutex::new(HashSet::new()),
         })
     }
 
@@ -378,14 +441,29 @@ impl AzureMonitorSink {
         &self.config
     }
 
-    /// Sends rows to one stream, in calls of at most `max_batch_bytes`; a call refused with 413
-    /// is halved and sent again (the sink's own measure should make that impossible).
-    async fn upload(&self, stream: &Stream, rows: &[Vec<u8>]) -> Result<(), AzureMonitorError> {
-        let mut pending = pack(rows, self.config.max_batch_bytes);
+    /// Sends the rows Azure has not accepted yet to one stream, in calls of at most
+    /// `max_batch_bytes`; a call refused with 413 is halved and sent again (the sink's own
+    /// measure should make that impossible). Gives up at `deadline`.
+    async fn upload(
+        &self,
+        stream: &Stream,
+        rows: &[EncodedRow],
+        deadline: Instant,
+    ) -> Result<(), AzureMonitorError> {
+        let rows: Vec<&EncodedRow> = {
+            let delivered = self
+                .delivered
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            rows.iter()
+                .filter(|row| !delivered.contains(&row.id))
+                .collect()
+        };
+        let mut pending = pack(&rows, self.config.max_batch_bytes);
         pending.reverse();
         while let Some(call) = pending.pop() {
-            match self.post(stream, call).await {
-                Ok(()) => {}
+            match self.post(stream, call, deadline).await {
+                Ok(()) => self.remember_delivered(call),
                 Err(CallError::TooLarge(_)) if call.len() > 1 => {
                     tracing::warn!(
                         stream = %stream.name,
@@ -410,22 +488,55 @@ impl AzureMonitorSink {
         Ok(())
     }
 
-    /// One call: retried on 429, 5xx and network errors, with one token refresh on 401/403.
-    async fn post(&self, stream: &Stream, rows: &[Vec<u8>]) -> Result<(), CallError> {
+    /// Notes the rows of a call Azure accepted, so that a batch sent again skips them.
+    fn remember_delivered(&self, call: &[&EncodedRow]) {
+        let mut delivered = self
+            .delivered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if delivered.len() + call.len() > MAX_REMEMBERED_ROWS {
+            delivered.clear();
+        }
+        delivered.extend(call.iter().map(|row| row.id.clone()));
+    }
+
+    /// One call: retried on 429, 5xx and network errors, with one token refresh on 401/403,
+    /// until `deadline`.
+    async fn post(
+        &self,
+        stream: &Stream,
+        rows: &[&EncodedRow],
+        deadline: Instant,
+    ) -> Result<(), CallError> {
         let body = gzip(json_array(rows)).await.map_err(CallError::Failed)?;
         // One id per call, kept across its retries, so that Azure support can follow them.
         let request_id = Uuid::new_v4().to_string();
+        let call_timeout = Duration::from_secs(self.config.timeout_seconds.max(1));
         let mut attempt = 0;
         let mut refreshed = false;
         loop {
             attempt += 1;
-            let (last, wait) = match self.token().await {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(self.out_of_time(stream, attempt - 1, "no time left".to_owned(), None));
+            }
+            let token = tokio::time::timeout(left, self.token())
+                .await
+                .unwrap_or_else(|_| {
+                    Err(TokenFailure::Transient {
+                        reason: "token endpoint: no answer in the write's time".to_owned(),
+                        wait: None,
+                    })
+                });
+            let (last, wait) = match token {
                 Err(TokenFailure::Fatal(error)) => return Err(CallError::Failed(error)),
                 Err(TokenFailure::Transient { reason, wait }) => (reason, wait),
                 Ok(token) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
                     let sent = self
                         .client
                         .post(stream.url.clone())
+                        .timeout(call_timeout.min(left.max(Duration::from_millis(1))))
                         .bearer_auth(token.expose())
                         .header(CONTENT_TYPE, "application/json")
                         .header(CONTENT_ENCODING, "gzip")
@@ -437,8 +548,15 @@ impl AzureMonitorSink {
                         Ok(response) => response,
                         Err(error) => {
                             let reason = format!("network error: {}", with_causes(&error));
-                            self.give_up_or_wait(stream, attempt, &request_id, reason, None)
-                                .await?;
+                            self.give_up_or_wait(
+                                stream,
+                                attempt,
+                                &request_id,
+                                reason,
+                                None,
+                                deadline,
+                            )
+                            .await?;
                             continue;
                         }
                     };
@@ -470,12 +588,14 @@ impl AzureMonitorSink {
                     (format!("HTTP {}: {message}", status.as_u16()), retry_after)
                 }
             };
-            self.give_up_or_wait(stream, attempt, &request_id, last, wait)
+            self.give_up_or_wait(stream, attempt, &request_id, last, wait, deadline)
                 .await?;
         }
     }
 
-    /// After a transient failure: an error when the tries are spent, else sleeps until the next.
+    /// After a transient failure: an error when the tries are spent or the next would start
+    /// after `deadline` (carrying the wait Azure asked for, for the queue to keep), else sleeps
+    /// until the next.
     async fn give_up_or_wait(
         &self,
         stream: &Stream,
@@ -483,16 +603,21 @@ impl AzureMonitorSink {
         request_id: &str,
         reason: String,
         retry_after: Option<Duration>,
+        deadline: Instant,
     ) -> Result<(), CallError> {
+        let cap = Duration::from_secs(self.config.max_retry_wait_seconds);
         if attempt >= self.config.max_attempts {
             return Err(CallError::Failed(AzureMonitorError::GaveUp {
                 stream: stream.name.clone(),
                 attempts: attempt,
                 last: reason,
+                retry_after: retry_after.map(|wait| wait.min(cap)),
             }));
         }
-        let cap = Duration::from_secs(self.config.max_retry_wait_seconds);
         let wait = retry_after.unwrap_or_else(|| backoff(attempt)).min(cap);
+        if Instant::now() + wait >= deadline {
+            return Err(self.out_of_time(stream, attempt, reason, Some(wait)));
+        }
         tracing::warn!(
             stream = %stream.name,
             attempt,
@@ -503,6 +628,25 @@ impl AzureMonitorSink {
         );
         tokio::time::sleep(wait).await;
         Ok(())
+    }
+
+    /// The error that ends a write whose time is up: the queue tries again after `wait`.
+    fn out_of_time(
+        &self,
+        stream: &Stream,
+        attempts: u32,
+        last: String,
+        wait: Option<Duration>,
+    ) -> CallError {
+        CallError::Failed(AzureMonitorError::GaveUp {
+            stream: stream.name.clone(),
+            attempts,
+            last: format!(
+                "{last} (the write's {} s are up; the rows not yet accepted are sent again later)",
+                self.config.max_write_seconds
+            ),
+            retry_after: Some(wait.unwrap_or(FIRST_BACKOFF)),
+        })
     }
 
     /// The cached token, or a new one when it is missing or due for refresh.
@@ -591,9 +735,15 @@ impl AuditSink for AzureMonitorSink {
         records: &'a [AuditRecord],
     ) -> BoxFuture<'a, Result<(), SinkError>> {
         Box::pin(async move {
+            let deadline = Instant::now() + Duration::from_secs(self.config.max_write_seconds);
             let rows = encode_rows(records)?;
-            self.upload(&self.gateway, &rows.gateway).await?;
-            self.upload(&self.llm, &rows.llm).await?;
+            self.upload(&self.gateway, &rows.gateway, deadline).await?;
+            self.upload(&self.llm, &rows.llm, deadline).await?;
+            // Stored whole: what was remembered is of no more use.
+            self.delivered
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clear();
             Ok(())
         })
     }
@@ -655,10 +805,22 @@ struct IngestionRow<'a, R> {
     row: &'a R,
 }
 
+/// One row as JSON, with its id.
+struct EncodedRow {
+    id: String,
+    json: Vec<u8>,
+}
+
+impl AsRef<[u8]> for EncodedRow {
+    fn as_ref(&self) -> &[u8] {
+        &self.json
+    }
+}
+
 /// The rows of a batch as JSON objects, one list per stream, in record order.
 struct EncodedRows {
-    gateway: Vec<Vec<u8>>,
-    llm: Vec<Vec<u8>>,
+    gateway: Vec<EncodedRow>,
+    llm: Vec<EncodedRow>,
 }
 
 fn encode_rows(records: &[AuditRecord]) -> Result<EncodedRows, AzureMonitorError> {
@@ -666,23 +828,93 @@ fn encode_rows(records: &[AuditRecord]) -> Result<EncodedRows, AzureMonitorError
     let mut llm = Vec::new();
     for record in records {
         let mut row = GatewayLogRow::from_record(record);
-        cap_field(
-            &mut row.backend_request_body,
-            &mut row.request_body_truncated,
-        );
-        cap_field(
-            &mut row.backend_response_body,
-            &mut row.response_body_truncated,
-        );
+        cap_long_fields(&mut row);
         let id = row_id(&row.correlation_id, GATEWAY_TABLE, 0);
-        gateway.push(encode_row(&id, &row)?);
-        // Message pieces are at most 32 KB already (`rows::MESSAGE_PIECE_BYTES`).
+        gateway.push(encode_row(id, &row)?);
+        // Message pieces are at most 32 KB already (`rows::MESSAGE_PIECE_BYTES`), and their
+        // other fields are short.
         for row in LlmLogRow::from_record(record) {
             let id = row_id(&row.correlation_id, LLM_TABLE, row.sequence_number);
-            llm.push(encode_row(&id, &row)?);
+            llm.push(encode_row(id, &row)?);
         }
     }
     Ok(EncodedRows { gateway, llm })
+}
+
+/// Cuts every field of a gateway-log row that Azure would truncate unannounced (see the module
+/// documentation), and logs what was cut.
+fn cap_long_fields(row: &mut GatewayLogRow) {
+    cap_field(
+        &mut row.backend_request_body,
+        &mut row.request_body_truncated,
+    );
+    cap_field(
+        &mut row.backend_response_body,
+        &mut row.response_body_truncated,
+    );
+    let mut cut = Vec::new();
+    for (name, value) in [("Groups", &mut row.groups), ("Attempts", &mut row.attempts)] {
+        if let Some(dropped) = cap_json_array(value) {
+            cut.push(format!("{name}: {dropped} trailing entries left out"));
+        }
+    }
+    let texts = [
+        ("Url", Some(&mut row.url)),
+        ("UserName", row.user_name.as_mut()),
+        ("LastErrorMessage", row.last_error_message.as_mut()),
+        ("BackendUrl", row.backend_url.as_mut()),
+    ];
+    for (name, value) in texts {
+        if let Some(text) = value.filter(|text| text.len() > MAX_FIELD_BYTES) {
+            let length = text.len();
+            cut_text(text);
+            cut.push(format!("{name}: cut from {length} bytes"));
+        }
+    }
+    if !cut.is_empty() {
+        tracing::warn!(
+            correlation_id = %row.correlation_id,
+            cut = %cut.join("; "),
+            "azure monitor keeps at most 64 KB a field; the whole values are in the call's record only"
+        );
+    }
+}
+
+/// Keeps the leading entries of a JSON array that fit in [`MAX_FIELD_BYTES`]; the number left
+/// out, or `None` when the value fits (or is not an array, which the rows never hold).
+fn cap_json_array(value: &mut String) -> Option<usize> {
+    if value.len() <= MAX_FIELD_BYTES {
+        return None;
+    }
+    let Ok(entries) = serde_json::from_str::<Vec<serde_json::Value>>(value) else {
+        cut_text(value);
+        return Some(0);
+    };
+    let mut kept = String::from("[");
+    let mut count = 0;
+    for entry in &entries {
+        let text = entry.to_string();
+        let separator = usize::from(count > 0);
+        if kept.len() + separator + text.len() + 1 > MAX_FIELD_BYTES {
+            break;
+        }
+        if count > 0 {
+            kept.push(',');
+        }
+        kept.push_str(&text);
+        count += 1;
+    }
+    kept.push(']');
+    *value = kept;
+    Some(entries.len() - count)
+}
+
+/// Cuts text to [`MAX_FIELD_BYTES`] on a character boundary.
+fn cut_text(text: &mut String) {
+    let kept = split_at_most(text, MAX_FIELD_BYTES)
+        .first()
+        .map_or(0, |piece| piece.len());
+    text.truncate(kept);
 }
 
 /// `{CorrelationId}:{table}:{SequenceNumber}`: the same row gets the same id every time it is sent.
@@ -690,42 +922,39 @@ fn row_id(correlation_id: &str, table: &str, sequence: i32) -> String {
     format!("{correlation_id}:{table}:{sequence}")
 }
 
-fn encode_row<R: Serialize>(row_id: &str, row: &R) -> Result<Vec<u8>, AzureMonitorError> {
-    let json = serde_json::to_vec(&IngestionRow { row_id, row })?;
+fn encode_row<R: Serialize>(id: String, row: &R) -> Result<EncodedRow, AzureMonitorError> {
+    let json = serde_json::to_vec(&IngestionRow { row_id: &id, row })?;
     if json_array_len(std::slice::from_ref(&json)) > MAX_CALL_BYTES {
         return Err(AzureMonitorError::RowTooLarge {
-            row_id: row_id.to_owned(),
+            row_id: id,
             bytes: json.len(),
         });
     }
-    Ok(json)
+    Ok(EncodedRow { id, json })
 }
 
 /// Cuts a value Azure would truncate silently to [`MAX_FIELD_BYTES`] (on a character boundary)
 /// and raises its truncation flag.
 fn cap_field(value: &mut Option<String>, truncated: &mut bool) {
     if let Some(text) = value.as_mut().filter(|t| t.len() > MAX_FIELD_BYTES) {
-        let kept = split_at_most(text, MAX_FIELD_BYTES)
-            .first()
-            .map_or(0, |piece| piece.len());
-        text.truncate(kept);
+        cut_text(text);
         *truncated = true;
     }
 }
 
 /// Size of `[row,row,…]`.
-fn json_array_len(rows: &[Vec<u8>]) -> usize {
-    2 + rows.iter().map(Vec::len).sum::<usize>() + rows.len().saturating_sub(1)
+fn json_array_len<R: AsRef<[u8]>>(rows: &[R]) -> usize {
+    2 + rows.iter().map(|row| row.as_ref().len()).sum::<usize>() + rows.len().saturating_sub(1)
 }
 
-fn json_array(rows: &[Vec<u8>]) -> Vec<u8> {
+fn json_array<R: AsRef<[u8]>>(rows: &[R]) -> Vec<u8> {
     let mut body = Vec::with_capacity(json_array_len(rows));
     body.push(b'[');
     for (index, row) in rows.iter().enumerate() {
         if index > 0 {
             body.push(b',');
         }
-        body.extend_from_slice(row);
+        body.extend_from_slice(row.as_ref());
     }
     body.push(b']');
     body
@@ -733,16 +962,17 @@ fn json_array(rows: &[Vec<u8>]) -> Vec<u8> {
 
 /// Consecutive runs of rows whose JSON array stays within `limit` bytes; a row that alone
 /// exceeds `limit` is a run of its own.
-fn pack(rows: &[Vec<u8>], limit: usize) -> Vec<&[Vec<u8>]> {
+fn pack<R: AsRef<[u8]>>(rows: &[R], limit: usize) -> Vec<&[R]> {
     let mut calls = Vec::new();
     let mut start = 0;
     let mut size = 2;
     for (index, row) in rows.iter().enumerate() {
-        let added = row.len() + usize::from(index > start);
+        let length = row.as_ref().len();
+        let added = length + usize::from(index > start);
         if index > start && size + added > limit {
             calls.push(&rows[start..index]);
             start = index;
-            size = 2 + row.len();
+            size = 2 + length;
         } else {
             size += added;
         }
@@ -824,7 +1054,7 @@ mod tests {
         assert!(calls[0..1].iter().all(|c| json_array_len(c) <= 100));
         assert_eq!(json_array_len(calls[0]), json_array(calls[0]).len());
         assert_eq!(calls.concat(), rows);
-        assert!(pack(&[], 100).is_empty());
+        assert!(pack::<Vec<u8>>(&[], 100).is_empty());
     }
 
     #[test]

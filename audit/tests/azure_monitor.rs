@@ -2,7 +2,8 @@
 //! The Azure Monitor sink against a local double of Entra ID's token endpoint and the Logs
 //! Ingestion API. The double speaks their documented wire format and enforces their limits: it
 //! checks the client-credentials form, the bearer token and its expiry, `api-version`,
-//! `Content-Type`, gzip, and answers 413 to a call over 1 MB, as Azure does.
+//! `Content-Type`, gzip, and answers 413 to a call over 1 MB, as Azure does; like Azure, it
+//! truncates a field value over 64 KB without saying so (and counts it, so tests can see it).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::Read as _;
@@ -38,6 +39,8 @@ const CLIENT_SECRET: &str = "Zq8~secretValue.OnlyTheTestKnows_123";
 const DCR: &str = "dcr-000a00a000a00000a000000aa000a0aa";
 const MONITOR_SCOPE: &str = "https://monitor.azure.com//.default";
 const API_VERSION: &str = "2023-01-01";
+/// Where Azure cuts a field value ("64 KB").
+const AZURE_FIELD_LIMIT: usize = 65_536;
 
 // ---------------------------------------------------------------------------------------------
 // The double
@@ -48,6 +51,10 @@ const API_VERSION: &str = "2023-01-01";
 enum Fault {
     /// 429 with `Retry-After: 1`.
     Throttle,
+    /// 429 with `Retry-After` of this many seconds.
+    ThrottleFor(u64),
+    /// No answer for two minutes (then a 500).
+    Hang,
     /// 500.
     ServerError,
     /// 401, as for a revoked token.
@@ -78,6 +85,8 @@ struct Inner {
     calls: Vec<Call>,
     /// Rows stored, per stream, in arrival order.
     stored: HashMap<String, Vec<Value>>,
+    /// Field values stored truncated, as `{row id}.{column}`.
+    truncated_fields: Vec<String>,
 }
 
 struct DoubleState {
@@ -140,6 +149,10 @@ impl Double {
 
     fn stored(&self, stream: &str) -> Vec<Value> {
         self.inner().stored.get(stream).cloned().unwrap_or_default()
+    }
+
+    fn truncated_fields(&self) -> Vec<String> {
+        self.inner().truncated_fields.clone()
     }
 
     fn token_requests(&self) -> usize {
@@ -275,6 +288,20 @@ async fn ingest(
     };
     let echo = state.echo.load(Ordering::SeqCst);
     let checked = check_call(&state, &dcr, &query, &headers, &body, &mut call);
+    let hangs = checked.is_ok() && {
+        let mut inner = state.inner.lock().unwrap();
+        let hangs = inner.faults.front() == Some(&Some(Fault::Hang));
+        if hangs {
+            inner.faults.pop_front();
+            call.status = 500;
+            inner.calls.push(call.clone());
+        }
+        hangs
+    };
+    if hangs {
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
     let mut inner = state.inner.lock().unwrap();
     let fault = if checked.is_ok() {
         inner.faults.pop_front().flatten()
@@ -284,20 +311,40 @@ async fn ingest(
     let (status, code, message) = match (checked, fault) {
         (Err(refusal), _) => refusal,
         (Ok(()), None) => {
-            inner
-                .stored
-                .entry(stream)
-                .or_default()
-                .extend(call.rows.iter().cloned());
+            let mut rows = call.rows.clone();
+            for row in &mut rows {
+                let id = row["GatehouseRowId"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                for (column, value) in row.as_object_mut().unwrap() {
+                    if let Value::String(text) = value
+                        && text.len() > AZURE_FIELD_LIMIT
+                    {
+                        let mut end = AZURE_FIELD_LIMIT;
+                        while !text.is_char_boundary(end) {
+                            end -= 1;
+                        }
+                        text.truncate(end);
+                        inner.truncated_fields.push(format!("{id}.{column}"));
+                    }
+                }
+            }
+            inner.stored.entry(stream).or_default().extend(rows);
             inner.calls.push(call);
             return StatusCode::NO_CONTENT.into_response();
         }
         (Ok(()), Some(Fault::Throttle)) => (
             StatusCode::TOO_MANY_REQUESTS,
             "TooManyRequests",
-            "slow down".to_owned(),
+            "1".to_owned(),
         ),
-        (Ok(()), Some(Fault::ServerError)) => (
+        (Ok(()), Some(Fault::ThrottleFor(seconds))) => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "TooManyRequests",
+            seconds.to_string(),
+        ),
+        (Ok(()), Some(Fault::ServerError | Fault::Hang)) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             "ServiceError",
             "try again".to_owned(),
@@ -314,9 +361,10 @@ async fn ingest(
     };
     call.status = status.as_u16();
     inner.calls.push(call);
-    let body = axum::Json(json!({"error": {"code": code, "message": message}}));
+    let body = axum::Json(json!({"error": {"code": code, "message": message.clone()}}));
     if status == StatusCode::TOO_MANY_REQUESTS {
-        (status, [(header::RETRY_AFTER, "1")], body).into_response()
+        // The message carries the seconds to wait, as Azure's 429 messages do.
+        (status, [(header::RETRY_AFTER, message)], body).into_response()
     } else {
         (status, body).into_response()
     }
@@ -750,7 +798,7 @@ async fn throttled_calls_are_retried_after_retry_after_without_loss_and_with_the
 }
 
 #[tokio::test]
-async fn server_errors_end_in_an_error_after_max_attempts_and_a_replay_is_recognisable() {
+async fn server_errors_end_in_an_error_after_max_attempts_and_the_batch_sent_again_resumes() {
     let setup = setup().await;
     let sink = new_sink(&setup, json!({"max_attempts": 2}));
     let records: Vec<AuditRecord> = (0..4).map(|i| record(i, 1_000, true)).collect();
@@ -766,16 +814,214 @@ async fn server_errors_end_in_an_error_after_max_attempts_and_a_replay_is_recogn
     assert!(message.contains(DEFAULT_LLM_STREAM), "{message}");
     assert_eq!(setup.double.calls(DEFAULT_LLM_STREAM).len(), 2);
 
-    // The queue sends the batch again: the gateway rows arrive twice, with the same ids.
+    // The queue sends the batch again: the sink skips the gateway rows Azure already took.
     sink.write_batch(&records).await.unwrap();
+    let gateway = setup.double.stored(DEFAULT_GATEWAY_STREAM);
+    assert_eq!(gateway.len(), records.len(), "no gateway row sent twice");
+    assert_eq!(setup.double.calls(DEFAULT_GATEWAY_STREAM).len(), 1);
+    let llm = setup.double.stored(DEFAULT_LLM_STREAM);
+    let ids = row_ids(&llm);
+    assert!(!ids.is_empty());
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), ids.len());
+
+    // A sink that cannot know (a restarted gateway replaying its journal) sends them again:
+    // the copies carry the same ids.
+    new_sink(&setup, json!({}))
+        .write_batch(&records)
+        .await
+        .unwrap();
     let gateway = setup.double.stored(DEFAULT_GATEWAY_STREAM);
     assert_eq!(gateway.len(), 2 * records.len());
     let distinct: HashSet<String> = row_ids(&gateway).into_iter().collect();
     assert_eq!(distinct.len(), records.len());
-    let llm = setup.double.stored(DEFAULT_LLM_STREAM);
+}
+
+#[tokio::test]
+async fn a_batch_interrupted_part_way_resumes_at_the_first_call_not_accepted() {
+    let setup = setup().await;
+    // ~10 KB a gateway row: a dozen calls of ~25 KB for the gateway stream.
+    let sink = new_sink(
+        &setup,
+        json!({"max_batch_bytes": 25_000, "max_attempts": 1}),
+    );
+    let records: Vec<AuditRecord> = (0..40).map(|i| record(i, 4_000, false)).collect();
+    // Five calls go through, the sixth fails: the write fails.
+    let mut faults = vec![None; 5];
+    faults.push(Some(Fault::ServerError));
+    setup.double.fail_next(&faults);
+    sink.write_batch(&records).await.unwrap_err();
+    let accepted_first = setup.double.stored(DEFAULT_GATEWAY_STREAM).len();
+    assert!(accepted_first > 0 && accepted_first < records.len());
+
+    // Sent again (as the queue does), and interrupted again two calls later.
+    setup
+        .double
+        .fail_next(&[None, None, Some(Fault::ServerError)]);
+    sink.write_batch(&records).await.unwrap_err();
+    // And again, to the end.
+    sink.write_batch(&records).await.unwrap();
+
+    let double = &setup.double;
+    let gateway = double.stored(DEFAULT_GATEWAY_STREAM);
+    let correlation: Vec<&str> = gateway.iter().map(|r| text(r, "CorrelationId")).collect();
+    let expected: Vec<&str> = records.iter().map(|r| r.correlation_id.as_str()).collect();
+    assert_eq!(correlation, expected, "every row once, in order");
+    let llm = double.stored(DEFAULT_LLM_STREAM);
+    let ids = row_ids(&llm);
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), ids.len());
+    for record in &records {
+        assert_eq!(
+            joined(
+                &llm_rows_of(&llm, &record.correlation_id),
+                "RequestMessages"
+            ),
+            record.request_messages.as_deref().unwrap()
+        );
+    }
+    // The first call of the second write began where the first write stopped.
+    let calls = double.calls(DEFAULT_GATEWAY_STREAM);
+    let second_write_first_row = &calls[6].rows[0];
     assert_eq!(
-        row_ids(&llm).into_iter().collect::<HashSet<_>>().len(),
-        llm.len()
+        text(second_write_first_row, "CorrelationId"),
+        records[accepted_first].correlation_id
+    );
+
+    // Stored whole, the batch is forgotten: handed over once more, it is sent once more.
+    sink.write_batch(&records[..1]).await.unwrap();
+    assert_eq!(
+        double.stored(DEFAULT_GATEWAY_STREAM).len(),
+        records.len() + 1
+    );
+}
+
+#[tokio::test]
+async fn a_retry_after_longer_than_the_write_may_take_goes_to_the_queue() {
+    let setup = setup().await;
+    let sink = new_sink(&setup, json!({"max_write_seconds": 5}));
+    let records: Vec<AuditRecord> = (0..3).map(|i| record(i, 500, false)).collect();
+    setup.double.fail_next(&[Some(Fault::ThrottleFor(40))]);
+
+    let error = tokio::time::timeout(Duration::from_secs(20), sink.write_batch(&records))
+        .await
+        .expect("the sink does not sleep through a 40 s Retry-After")
+        .unwrap_err();
+    assert_eq!(
+        error.retry_after(),
+        Some(Duration::from_secs(40)),
+        "{error}"
+    );
+    assert_eq!(setup.double.calls(DEFAULT_GATEWAY_STREAM).len(), 1);
+    sink.write_batch(&records).await.unwrap();
+    assert_eq!(
+        setup.double.stored(DEFAULT_GATEWAY_STREAM).len(),
+        records.len()
+    );
+}
+
+#[tokio::test]
+async fn the_last_retry_after_before_the_tries_run_out_goes_to_the_queue() {
+    let setup = setup().await;
+    let sink = new_sink(&setup, json!({"max_attempts": 2}));
+    let records: Vec<AuditRecord> = (0..2).map(|i| record(i, 500, false)).collect();
+    setup
+        .double
+        .fail_next(&[Some(Fault::Throttle), Some(Fault::ThrottleFor(7))]);
+    let error = sink.write_batch(&records).await.unwrap_err();
+    assert_eq!(error.retry_after(), Some(Duration::from_secs(7)), "{error}");
+    assert!(
+        error.to_string().contains("gave up after 2 attempts"),
+        "{error}"
+    );
+
+    // A 5xx gives no wait: the queue's own backoff applies.
+    let sink = new_sink(&setup, json!({"max_attempts": 1}));
+    setup.double.fail_next(&[Some(Fault::ServerError)]);
+    let error = sink.write_batch(&records).await.unwrap_err();
+    assert_eq!(error.retry_after(), None, "{error}");
+}
+
+#[tokio::test]
+async fn a_write_ends_within_its_time_even_when_azure_never_answers() {
+    let setup = setup().await;
+    let sink = new_sink(
+        &setup,
+        json!({"max_write_seconds": 2, "timeout_seconds": 30}),
+    );
+    let records: Vec<AuditRecord> = (0..2).map(|i| record(i, 500, false)).collect();
+    setup.double.fail_next(&[Some(Fault::Hang)]);
+
+    let error = tokio::time::timeout(Duration::from_secs(20), sink.write_batch(&records))
+        .await
+        .expect("the write gives up when its time is up, not after the 30 s call timeout")
+        .unwrap_err();
+    let message = error.to_string();
+    assert!(message.contains("are up"), "{message}");
+    assert!(error.retry_after().is_some(), "{message}");
+    sink.write_batch(&records).await.unwrap();
+    assert_eq!(
+        setup.double.stored(DEFAULT_GATEWAY_STREAM).len(),
+        records.len()
+    );
+}
+
+#[tokio::test]
+async fn no_field_reaches_azure_longer_than_it_keeps() {
+    let setup = setup().await;
+    let sink = new_sink(&setup, json!({}));
+    let mut record = record(1, 90_000, false);
+    // A user in thousands of groups, a long query string, a long error, many attempts.
+    record.groups = (0..3_000)
+        .map(|i| format!("6f0c1d2e-3b4a-5c6d-7e8f-{i:012}"))
+        .collect();
+    record.url = format!(
+        "/openai/deployments/gpt-4o/chat/completions?q={}",
+        "ü".repeat(40_000)
+    );
+    record.last_error_message = Some("x".repeat(70_000));
+    let attempt = record.attempts[0].clone();
+    record.attempts = vec![attempt; 2_000];
+    let attempts = record.attempts.len();
+
+    sink.write_batch(std::slice::from_ref(&record))
+        .await
+        .unwrap();
+
+    let double = &setup.double;
+    assert_eq!(
+        double.truncated_fields(),
+        Vec::<String>::new(),
+        "Azure cut nothing"
+    );
+    let row = &double.stored(DEFAULT_GATEWAY_STREAM)[0];
+    let groups: Vec<String> = serde_json::from_str(text(row, "Groups")).unwrap();
+    assert!(
+        groups.len() > 1_000 && groups.len() < 3_000,
+        "{} groups",
+        groups.len()
+    );
+    assert_eq!(
+        groups[..],
+        record.groups[..groups.len()],
+        "the leading groups, whole"
+    );
+    let kept: Vec<Value> = serde_json::from_str(text(row, "Attempts")).unwrap();
+    assert!(
+        kept.len() > 100 && kept.len() < attempts,
+        "{} attempts",
+        kept.len()
+    );
+    let url = text(row, "Url");
+    assert!(url.len() <= MAX_FIELD_BYTES && record.url.starts_with(url));
+    assert!(text(row, "LastErrorMessage").len() <= MAX_FIELD_BYTES);
+    assert_eq!(row["RequestBodyTruncated"], true);
+    // The prompt itself is whole, in the LLM rows.
+    let llm = double.stored(DEFAULT_LLM_STREAM);
+    assert_eq!(
+        joined(
+            &llm_rows_of(&llm, &record.correlation_id),
+            "RequestMessages"
+        ),
+        record.request_messages.as_deref().unwrap()
     );
 }
 
