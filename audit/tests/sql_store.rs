@@ -69,6 +69,8 @@ on_both_engines!(
     full_text_finds_words_and_split_words_as_phrases,
     full_text_searches_what_the_messages_say_not_their_json,
     full_text_folds_accents_and_cases_alike_on_both_engines,
+    full_text_drops_accents_written_apart_on_both_engines,
+    full_text_words_joined_by_punctuation_are_phrases_on_both_engines,
     reindexing_a_range_rebuilds_what_an_earlier_version_indexed,
     usage_comes_from_rollups,
     export_streams_every_match,
@@ -905,6 +907,54 @@ async fn full_text_folds_accents_and_cases_alike_on_both_engines(store: &SqlStor
     assert!(found(store, "Montréalais").await.is_empty());
 }
 
+/// A prompt written with accents apart from their letters (`n`, `a`, U+0303, `o`, as text
+/// copied from some systems is) is found by the word with or without its accent, in either form,
+/// and not by the letters before the accent: SQLite's `unicode61 remove_diacritics 2` drops such
+/// an accent inside the word, and the store's words on PostgreSQL do too. An overline (U+0305)
+/// is no accent SQLite drops: it separates words on both.
+async fn full_text_drops_accents_written_apart_on_both_engines(store: &SqlStore) {
+    let batch = vec![
+        record_saying(0, "Eu na\u{303}o sei, cafe\u{301}"),
+        record_saying(1, "na praia"),
+        record_saying(2, "x\u{305}y"),
+    ];
+    assert_eq!(store.write(&batch).await.unwrap(), 3);
+    store.settle_search_index().await.unwrap();
+
+    for search in ["não", "nao", "NA\u{303}O", "café", "cafe\u{301}", "cafe"] {
+        assert_eq!(found(store, search).await, ["call-00000"], "{search}");
+    }
+    assert_eq!(found(store, "na").await, ["call-00001"]);
+    assert!(found(store, "o").await.is_empty());
+    assert_eq!(found(store, "x").await, ["call-00002"]);
+    assert_eq!(found(store, "x\u{305}y").await, ["call-00002"]);
+    assert!(found(store, "xy").await.is_empty());
+}
+
+/// A search word whose parts are joined by `_`, `'`, `,` or a tag is the phrase of its parts on
+/// both engines: `user_id` finds "user_id" and not "user name and id". (PostgreSQL's own parser,
+/// asked about calls stored before the store split words itself, makes of `user_id` the plain
+/// AND of `user` and `id`, and of `x<b>y` the phrase `x y`.)
+async fn full_text_words_joined_by_punctuation_are_phrases_on_both_engines(store: &SqlStore) {
+    let batch = vec![
+        record_saying(0, "look up the user_id first"),
+        record_saying(1, "the user name and the id"),
+        record_saying(2, "don't panic at x,y"),
+        record_saying(3, "t is what don said, y or x"),
+        record_saying(4, "x y and b"),
+    ];
+    assert_eq!(store.write(&batch).await.unwrap(), 5);
+    store.settle_search_index().await.unwrap();
+
+    assert_eq!(found(store, "user_id").await, ["call-00000"]);
+    assert_eq!(found(store, "look USER_ID").await, ["call-00000"]);
+    assert_eq!(found(store, "user").await, ["call-00000", "call-00001"]);
+    assert_eq!(found(store, "don't").await, ["call-00002"]);
+    assert_eq!(found(store, "x,y").await, ["call-00002", "call-00004"]);
+    assert!(found(store, "x<b>y").await.is_empty());
+    assert!(found(store, "id_user").await.is_empty());
+}
+
 async fn usage_comes_from_rollups(store: &SqlStore) {
     let batch = records(60);
     store.write(&batch).await.unwrap();
@@ -1433,6 +1483,50 @@ async fn postgres_search_finds_calls_whose_vectors_postgres_built() {
     assert_eq!(found(store, "bob@contoso.com").await, ["call-00000"]);
     assert_eq!(found(store, "1234.56").await, ["call-00000"]);
     assert_eq!(found(store, "contoso").await, ["call-00001"]);
+}
+
+/// Calls whose vectors PostgreSQL's parser built are found by the words that parser makes and the
+/// store does not (the `-2024` of an invoice number, an accented word), and a search word that
+/// parser splits into the store's own words (`user_id`) is a phrase for them as for every call:
+/// the parser's words are asked for only where they differ from the store's.
+#[tokio::test]
+async fn postgres_vectors_postgres_built_are_found_by_its_words_and_no_wider() {
+    let test = postgres().await;
+    let store = &test.store;
+    let pool = store.postgres_pool().unwrap();
+    let batch = vec![
+        record_saying(0, "pay INV-2024-0042 in Réunion"),
+        record_saying(1, "the user_id is set"),
+        record_saying(2, "the user name and the id"),
+        record_saying(3, "a user and an id, written now"),
+    ];
+    store.write(&batch).await.unwrap();
+    for call in &batch[..3] {
+        vector_as_before(
+            pool,
+            &call.correlation_id,
+            call.request_messages.as_deref().unwrap(),
+        )
+        .await;
+    }
+    let legacy: String = sqlx::query_scalar(
+        r#"SELECT "SearchText"::text FROM "GatehouseCallContent" WHERE "CorrelationId" = 'call-00000'"#,
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert!(
+        legacy.contains("'-2024'") && legacy.contains("'réunion'"),
+        "{legacy}"
+    );
+
+    assert_eq!(found(store, "INV-2024-0042").await, ["call-00000"]);
+    assert_eq!(found(store, "réunion pay").await, ["call-00000"]);
+    assert_eq!(found(store, "user_id").await, ["call-00001"]);
+    assert_eq!(
+        found(store, "id").await,
+        ["call-00001", "call-00002", "call-00003"]
+    );
 }
 
 /// Writes only append to the full-text index's pending list; the store merges it after each

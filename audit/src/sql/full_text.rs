@@ -7,10 +7,12 @@
 //! checks and copies ([`TsVector`]). Searches split their words the same way, so what is written
 //! and what is searched always agree:
 //!
-//! - a word is a run of letters and digits (Unicode alphanumerics, not combining marks), lower-cased and with the
-//!   accents of Latin letters removed; everything else separates words, as SQLite's FTS5
-//!   `unicode61 remove_diacritics 2` tokenizer does. `INV-2024-0042` is the three words `inv`,
-//!   `2024`, `0042` at consecutive positions; `Café` is `cafe`;
+//! - a word is a run of letters and digits (Unicode alphanumerics, not combining marks) and of the
+//!   combining accents of Latin letters ([`is_removed_accent`]), lower-cased and with the accents
+//!   of Latin letters removed, whether written in the letter (`é`) or after it (`e` and U+0301);
+//!   everything else separates words, as SQLite's FTS5 `unicode61 remove_diacritics 2` tokenizer
+//!   does. `INV-2024-0042` is the three words `inv`, `2024`, `0042` at consecutive positions;
+//!   `Café` is `cafe`, in either form;
 //! - a search word that splits into several words is searched as a phrase of them (`<->`), so
 //!   `INV-2024-0042` finds that invoice number and not calls that hold the three parts apart;
 //!   the search words must all match (`&`), as with `plainto_tsquery`;
@@ -41,29 +43,63 @@ const MAX_POSITIONS_PER_WORD: usize = 256;
 /// Bytes of words and positions a `tsvector` may hold (`MAXSTRPOS`), less a margin.
 pub(super) const MAX_VECTOR_BYTES: usize = (1 << 20) - 1 - 4_096;
 
-/// The words of `text`: runs of word characters ([`in_word`]), folded ([`fold`]).
+/// The words of `text`: runs of word characters ([`in_word`]), folded ([`fold`]). A run of
+/// removed accents alone folds to nothing and is no word (it takes no position, as in SQLite).
 fn words(text: &str) -> impl Iterator<Item = Cow<'_, str>> {
     text.split(|c: char| !in_word(c))
         .filter(|word| !word.is_empty())
         .map(fold)
-        .filter(|word| word.len() <= MAX_WORD_BYTES)
+        .filter(|word| !word.is_empty() && word.len() <= MAX_WORD_BYTES)
 }
 
-/// Whether `c` is part of a word: a letter or a digit, but not a combining mark (an accent written
-/// apart, an Indic vowel sign), which separates words in SQLite's `unicode61` tokenizer.
+/// Whether `lexeme` is a word the store could index: one word that folds to itself. A `tsquery`
+/// that needs a lexeme which is not ([`words`] never makes it) matches no vector the store made.
+pub(super) fn is_word(lexeme: &str) -> bool {
+    let mut split = words(lexeme);
+    split.next().is_some_and(|word| word == lexeme) && split.next().is_none()
+}
+
+/// Whether `c` is part of a word: a letter or a digit, but not a combining mark (an Indic vowel
+/// sign, an accent SQLite does not remove), which separates words in SQLite's `unicode61`
+/// tokenizer; or a combining accent of Latin letters, which that tokenizer keeps in the word and
+/// removes ([`is_removed_accent`]).
 fn in_word(c: char) -> bool {
     if c.is_ascii() {
         c.is_ascii_alphanumeric()
     } else {
-        c.is_alphanumeric() && !unicode_normalization::char::is_combining_mark(c)
+        is_removed_accent(c)
+            || (c.is_alphanumeric() && !unicode_normalization::char::is_combining_mark(c))
     }
+}
+
+/// Whether `c` is one of the combining accents that SQLite's `unicode61 remove_diacritics 2`
+/// removes from a word wherever it stands (`sqlite3Fts5UnicodeIsdiacritic`): the accents of the
+/// Latin letters that decompose into a letter and accents (grave, acute, circumflex, tilde,
+/// macron, breve, dot, diaeresis, hook, ring, double acute, caron, double grave, inverted breve,
+/// horn, dot below, diaeresis below, ring below, comma below, cedilla, ogonek, circumflex below,
+/// breve below, tilde below, macron below). The other marks of U+0300–U+036F (an overline,
+/// U+0305) separate words, as other combining marks do; checked against SQLite 3.40 for every
+/// code point.
+fn is_removed_accent(c: char) -> bool {
+    matches!(
+        c,
+        '\u{300}'..='\u{304}'
+            | '\u{306}'..='\u{30C}'
+            | '\u{30F}'
+            | '\u{311}'
+            | '\u{31B}'
+            | '\u{323}'..='\u{328}'
+            | '\u{32D}'..='\u{32E}'
+            | '\u{330}'..='\u{331}'
+    )
 }
 
 /// A word as it is indexed and searched, folded as SQLite's FTS5 tokenizer `unicode61
 /// remove_diacritics 2` folds it, so that both engines find the same calls: lower-cased letter
 /// by letter (a final `ς` is a `σ`), and a letter that decomposes into an ASCII letter and
 /// accents (`é`, `Ü`, `ñ`) is that ASCII letter, so `cafe` finds `Café`. Letters that do not
-/// decompose so (`ß`, `ø`, `ł`, other scripts) stay as they are, as in SQLite.
+/// decompose so (`ß`, `ø`, `ł`, other scripts) stay as they are, as in SQLite. Accents written
+/// apart ([`is_removed_accent`], after any letter) are dropped, so `Cafe` and U+0301 is `cafe`.
 fn fold(word: &str) -> Cow<'_, str> {
     if word
         .bytes()
@@ -75,6 +111,9 @@ fn fold(word: &str) -> Cow<'_, str> {
     for c in word.chars() {
         if c.is_ascii() {
             folded.push(c.to_ascii_lowercase());
+            continue;
+        }
+        if is_removed_accent(c) {
             continue;
         }
         let mut base = None;
@@ -379,6 +418,48 @@ mod tests {
         );
         // Indic vowel signs and viramas are marks, which separate words in both engines.
         assert_eq!(words("हिन्दी").count(), 3);
+    }
+
+    /// Accents written apart from their letter are dropped inside a word, where SQLite's
+    /// `unicode61 remove_diacritics 2` drops them (checked against SQLite 3.40 for every combining
+    /// mark it knows, after a Latin letter, after a Greek one and alone): `na\u{303}o` is `nao`,
+    /// an overline (U+0305) still separates words, and accents alone are no word and take no
+    /// position.
+    #[test]
+    fn accents_written_apart_are_dropped_inside_words() {
+        let split: Vec<Cow<'_, str>> = words(
+            "Na\u{303}o cafe\u{301}x \u{301}abc x\u{305}y a\u{308}\u{301}b \u{3b1}\u{301}\u{3b2}",
+        )
+        .collect();
+        assert_eq!(split, ["nao", "cafex", "abc", "x", "y", "ab", "αβ"]);
+        assert_eq!(
+            TsVector::of(&["abc \u{301}\u{300} def"]).to_text(),
+            "'abc':1 'def':2"
+        );
+        assert_eq!(tsquery("NA\u{303}O").as_deref(), Some("('nao')"));
+        assert_eq!(tsquery("não"), tsquery("na\u{303}o"));
+    }
+
+    /// The words the store may index: what PostgreSQL's parser made of calls stored before, and
+    /// the store never makes, is none of them.
+    #[test]
+    fn a_word_is_what_the_store_could_index() {
+        for word in ["nao", "cafe", "2024", "οδοσ", "straße", "привет"] {
+            assert!(is_word(word), "{word}");
+        }
+        for lexeme in [
+            "",
+            "não",
+            "na\u{303}o",
+            "Nao",
+            "bob@contoso.com",
+            "1234.56",
+            "-2024",
+            "user_id",
+            "οδος",
+        ] {
+            assert!(!is_word(lexeme), "{lexeme}");
+        }
     }
 
     #[test]

@@ -620,19 +620,36 @@ async fn search_postgres(
     f: &SearchFilter,
     limit: u32,
 ) -> Result<Vec<CallSummary>, StoreError> {
+    let words = match f.text.as_deref().filter(|t| !t.trim().is_empty()) {
+        Some(text) => Some(postgres_search_words(pool, text).await?),
+        None => None,
+    };
+    let words = words.as_deref();
     let mut q = QueryBuilder::<Postgres>::new("");
     match &f.user {
         // One branch per user column, each read newest first from its own index and stopped at
         // the page's end (see `search_sqlite`).
         Some(user) => {
             q.push("(");
-            push_postgres_search(&mut q, f, Some((r#" AND l."UserId" = "#, user)), limit);
+            push_postgres_search(
+                &mut q,
+                f,
+                words,
+                Some((r#" AND l."UserId" = "#, user)),
+                limit,
+            );
             q.push(") UNION (");
-            push_postgres_search(&mut q, f, Some((r#" AND l."UserName" = "#, user)), limit);
+            push_postgres_search(
+                &mut q,
+                f,
+                words,
+                Some((r#" AND l."UserName" = "#, user)),
+                limit,
+            );
             q.push(") ORDER BY 2 DESC, 1 DESC LIMIT ")
                 .push_bind(i64::from(limit));
         }
-        None => push_postgres_search(&mut q, f, None, limit),
+        None => push_postgres_search(&mut q, f, words, None, limit),
     }
     // Not a cached prepared statement: after five runs PostgreSQL may switch such a statement to
     // one generic plan, made without the parameters, and a search's best plan depends on them.
@@ -645,11 +662,13 @@ async fn search_postgres(
         .collect()
 }
 
-/// One SELECT of a PostgreSQL search, newest first and limited: `user` is the condition on one
-/// of the user columns and its value.
+/// One SELECT of a PostgreSQL search, newest first and limited: `words` are the search words of
+/// `f.text` ([`postgres_search_words`]), `user` is the condition on one of the user columns and
+/// its value.
 fn push_postgres_search(
     q: &mut QueryBuilder<'_, Postgres>,
     f: &SearchFilter,
+    words: Option<&[PgSearchWord<'_>]>,
     user: Option<(&'static str, &str)>,
     limit: u32,
 ) {
@@ -685,25 +704,32 @@ fn push_postgres_search(
         q.push(r#" AND l."ResponseCode" = "#)
             .push_bind(i32::from(status));
     }
-    if let Some(text) = f.text.as_deref().filter(|t| !t.trim().is_empty()) {
-        // The calls of the blocks whose words hold every search word (the word index), each
-        // checked against its own vector (`search_blocks.rs`). The same time range on the
-        // content side keeps the search to the range's day partitions; a block is dated at its
-        // day's UTC midnight.
-        let first_day = search_blocks::day_start(f.from);
-        q.push(r#" AND (l."CorrelationId", l."TimeGenerated") IN (SELECT c."CorrelationId", c."TimeGenerated" FROM "GatehouseCallContent" c WHERE c."TimeGenerated" >= "#)
-            .push_bind(f.from)
-            .push(r#" AND c."TimeGenerated" < "#)
-            .push_bind(f.to)
-            .push(r#" AND c."SearchText" @@ "#);
-        push_postgres_words(q, full_text::tsquery(text), text);
-        q.push(r#" AND coalesce(c."SearchBlock", c."CorrelationId") IN (SELECT b."BlockId" FROM "GatehouseSearchBlocks" b WHERE b."TimeGenerated" >= "#)
-            .push_bind(first_day)
-            .push(r#" AND b."TimeGenerated" < "#)
-            .push_bind(f.to)
-            .push(r#" AND b."Words" @@ "#);
-        push_postgres_words(q, full_text::block_tsquery(text), text);
-        q.push("))");
+    match words {
+        None => {}
+        // Search words without a word in them (`?? --`) find nothing, as on SQLite.
+        Some(words) if !words.iter().any(PgSearchWord::is_searched) => {
+            q.push(" AND FALSE");
+        }
+        Some(words) => {
+            // The calls of the blocks whose words hold every search word (the word index), each
+            // checked against its own vector (`search_blocks.rs`). The same time range on the
+            // content side keeps the search to the range's day partitions; a block is dated at its
+            // day's UTC midnight.
+            let first_day = search_blocks::day_start(f.from);
+            q.push(r#" AND (l."CorrelationId", l."TimeGenerated") IN (SELECT c."CorrelationId", c."TimeGenerated" FROM "GatehouseCallContent" c WHERE c."TimeGenerated" >= "#)
+                .push_bind(f.from)
+                .push(r#" AND c."TimeGenerated" < "#)
+                .push_bind(f.to)
+                .push(r#" AND c."SearchText" @@ "#);
+            push_postgres_words(q, words, false);
+            q.push(r#" AND coalesce(c."SearchBlock", c."CorrelationId") IN (SELECT b."BlockId" FROM "GatehouseSearchBlocks" b WHERE b."TimeGenerated" >= "#)
+                .push_bind(first_day)
+                .push(r#" AND b."TimeGenerated" < "#)
+                .push_bind(f.to)
+                .push(r#" AND b."Words" @@ "#);
+            push_postgres_words(q, words, true);
+            q.push("))");
+        }
     }
     if let Some(cursor) = f.cursor {
         q.push(r#" AND (l."TimeGenerated", l."RecordId") < ("#)
@@ -716,17 +742,115 @@ fn push_postgres_search(
         .push_bind(i64::from(limit));
 }
 
-/// A `tsquery` of the search `text`: the store's own words (`query`, from `full_text.rs`), or,
-/// for calls stored before the store split the words itself, PostgreSQL's (which also makes
-/// e-mail addresses, URLs and paths single words).
-fn push_postgres_words(q: &mut QueryBuilder<'_, Postgres>, query: Option<String>, text: &str) {
-    q.push("(");
-    if let Some(query) = query {
-        q.push_bind(query).push("::tsquery || ");
+/// One search word of a PostgreSQL search (a run of the text between white space) and what
+/// finds it.
+struct PgSearchWord<'a> {
+    /// The word as it was typed.
+    text: &'a str,
+    /// The store's words of it as a phrase ([`full_text::tsquery`]), for a call's own vector.
+    phrase: Option<String>,
+    /// The store's words of it, all of them ([`full_text::block_tsquery`]), for the blocks of
+    /// the word index.
+    parts: Option<String>,
+    /// Whether PostgreSQL's parser makes of it a word the store never makes, which vectors that
+    /// parser built may hold ([`postgres_search_words`]).
+    legacy: bool,
+}
+
+impl PgSearchWord<'_> {
+    /// Whether the word is searched at all: it holds a word of the store's or of PostgreSQL's.
+    fn is_searched(&self) -> bool {
+        self.phrase.is_some() || self.legacy
     }
-    q.push("plainto_tsquery('simple', ")
-        .push_bind(text.to_owned())
-        .push("))");
+}
+
+/// Whether PostgreSQL's parser and the store split `word` alike without asking: ASCII letters
+/// and digits alone are one word to both (`simple` lower-cases it, as the store does).
+fn parsed_alike(word: &str) -> bool {
+    word.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+/// The search words of `text`. Calls stored before the store split the words itself
+/// (2026-12-03) have vectors that PostgreSQL's parser built, with words the store never makes:
+/// an e-mail address, a URL, a path, `1234.56` or the `-2024` of `INV-2024-0042` as one word,
+/// accented words unfolded. A search word is also searched as that parser splits it (a phrase,
+/// `phraseto_tsquery('simple', …)`), so that those calls are found as they were, but only when
+/// the parser makes of it such a word ([`full_text::is_word`]): every word of a phrase must be
+/// in the vector, so that query matches no vector the store made and finds no call that SQLite
+/// would not find. ORed for every search word, as `plainto_tsquery` (a plain AND of the parser's
+/// words) it was, `user_id`, `don't` or `x,y` found a call saying "user name and id" on
+/// PostgreSQL only. The parser is asked, in one query, only about words it could split
+/// otherwise than the store ([`parsed_alike`]).
+async fn postgres_search_words<'a>(
+    pool: &sqlx::PgPool,
+    text: &'a str,
+) -> Result<Vec<PgSearchWord<'a>>, StoreError> {
+    let mut words: Vec<PgSearchWord<'a>> = text
+        .split_whitespace()
+        .map(|word| PgSearchWord {
+            text: word,
+            phrase: full_text::tsquery(word),
+            parts: full_text::block_tsquery(word),
+            legacy: false,
+        })
+        .collect();
+    let asked: Vec<&str> = words
+        .iter()
+        .map(|word| word.text)
+        .filter(|word| !parsed_alike(word))
+        .collect();
+    if asked.is_empty() {
+        return Ok(words);
+    }
+    let lexemes: Vec<Vec<String>> = sqlx::query_scalar(
+        "SELECT tsvector_to_array(to_tsvector('simple', w)) FROM unnest($1::text[]) WITH ORDINALITY AS a(w, n) ORDER BY n",
+    )
+    .bind(&asked)
+    .fetch_all(pool)
+    .await?;
+    let unlike = words.iter_mut().filter(|word| !parsed_alike(word.text));
+    for (word, lexemes) in unlike.zip(lexemes) {
+        word.legacy = lexemes.iter().any(|lexeme| !full_text::is_word(lexeme));
+    }
+    Ok(words)
+}
+
+/// A `tsquery` that finds what holds every one of `words` (each a searched word, see
+/// [`PgSearchWord::is_searched`]): its store's words (its `phrase`, or its `parts` for the blocks
+/// of the word index, whose vectors have no positions), ORed with PostgreSQL's parse of it (a
+/// phrase, or all of its words for the blocks) where that parse is `legacy`.
+fn push_postgres_words(
+    q: &mut QueryBuilder<'_, Postgres>,
+    words: &[PgSearchWord<'_>],
+    blocks: bool,
+) {
+    q.push("(");
+    let mut first = true;
+    for word in words.iter().filter(|word| word.is_searched()) {
+        if !first {
+            q.push(" && ");
+        }
+        first = false;
+        q.push("(");
+        let store = if blocks { &word.parts } else { &word.phrase };
+        if let Some(store) = store {
+            q.push_bind(store.clone()).push("::tsquery");
+            if word.legacy {
+                q.push(" || ");
+            }
+        }
+        if word.legacy {
+            q.push(if blocks {
+                "plainto_tsquery('simple', "
+            } else {
+                "phraseto_tsquery('simple', "
+            })
+            .push_bind(word.text.to_owned())
+            .push(")");
+        }
+        q.push(")");
+    }
+    q.push(")");
 }
 
 /// Whether a caller filter names so few addresses (an IPv4 /24 or narrower, an IPv6 /64 or
