@@ -4,7 +4,13 @@
 //! and operations. A caller gets the union of every rule that names them; everything else is
 //! denied. The refusal names the deployment and operation the caller asked for and never lists
 //! what other rules grant.
+//!
+//! A call that names no deployment in its path is granted by rules with `resources: true`; when
+//! it makes a model run all the same — an assistant created or changed with a `model`, a run
+//! that names one — that model must be granted too, as a deployment, or `resources` would open
+//! every deployment of the pool that serves them.
 
+use gatehouse_schema::OperationId;
 use gatehouse_schema::identity::{AccessRule, Grantee, glob_matches};
 
 use crate::auth::Principal;
@@ -22,25 +28,52 @@ pub fn authorize(
     };
     let operation = call.operation.as_str();
     let deployment = call.deployment.as_deref();
-    let granted = rules.iter().any(|rule| {
-        names(rule, principal)
-            && covers_operation(rule, operation)
-            && match deployment {
-                Some(deployment) => rule
-                    .deployments
-                    .iter()
-                    .any(|pattern| glob_matches(pattern, deployment)),
-                None => rule.resources,
-            }
+    let applies = |rule: &&AccessRule| names(rule, principal) && covers_operation(rule, operation);
+    let grants_deployment = |rule: &AccessRule, deployment: &str| {
+        rule.deployments
+            .iter()
+            .any(|pattern| glob_matches(pattern, deployment))
+    };
+    let granted = rules.iter().filter(applies).any(|rule| match deployment {
+        Some(deployment) => grants_deployment(rule, deployment),
+        None => rule.resources,
     });
-    if granted {
-        Ok(())
-    } else {
-        Err(GatewayError::NotPermitted {
+    if !granted {
+        return Err(GatewayError::NotPermitted {
             deployment: deployment.map(truncated),
             operation,
-        })
+        });
     }
+    if deployment.is_none()
+        && let Some(model) = model_run_by_resource_call(call)
+        && !rules
+            .iter()
+            .filter(applies)
+            .any(|rule| grants_deployment(rule, model))
+    {
+        return Err(GatewayError::NotPermitted {
+            deployment: Some(truncated(model)),
+            operation,
+        });
+    }
+    Ok(())
+}
+
+/// The deployment a call on the resource routes makes run although its path names none: the
+/// `model` of an assistant's creation or change, or of a run (Azure's Assistants take a
+/// deployment name there).
+fn model_run_by_resource_call(call: &Call) -> Option<&str> {
+    let runs_a_model = matches!(
+        call.operation,
+        OperationId::CreateAssistant
+            | OperationId::ModifyAssistant
+            | OperationId::CreateRun
+            | OperationId::CreateThreadAndRun
+    );
+    if !runs_a_model {
+        return None;
+    }
+    call.peek.as_ref()?.model.as_deref()
 }
 
 /// Whether `rule` grants to `principal`.
@@ -208,6 +241,37 @@ mod tests {
         assert!(authorize(Some(&rules), &subscription, &o1).is_err());
         let mini = call(Some("gpt-4o-mini"), OperationId::ChatCompletionsCreate);
         assert!(authorize(Some(&rules), &user(&[]), &mini).is_ok());
+        // A resources rule does not grant the model an assistant or a run names.
+        let mut assistants = rule(
+            Grantee::Subscription {
+                id: "team-a".to_owned(),
+            },
+            &["gpt-4o-mini"],
+            &[],
+        );
+        assistants.resources = true;
+        let rules_for_assistants = [assistants];
+        for (operation, model, allowed) in [
+            (OperationId::CreateAssistant, Some("gpt-4o-mini"), true),
+            (OperationId::CreateAssistant, Some("o1"), false),
+            (OperationId::CreateRun, Some("O1"), false),
+            (OperationId::CreateThreadAndRun, Some("o1"), false),
+            (OperationId::ModifyAssistant, Some("o1"), false),
+            (OperationId::CreateRun, None, true),
+            // A file's purpose names no deployment.
+            (OperationId::FilesUpload, Some("o1"), true),
+        ] {
+            let mut resource_call = call(None, operation);
+            resource_call.peek = Some(crate::peek::RequestPeek {
+                model: model.map(str::to_owned),
+                ..Default::default()
+            });
+            let result = authorize(Some(&rules_for_assistants), &subscription, &resource_call);
+            assert_eq!(result.is_ok(), allowed, "{operation:?} with {model:?}");
+            if let Err(GatewayError::NotPermitted { deployment, .. }) = result {
+                assert_eq!(deployment.as_deref(), model);
+            }
+        }
         // No rules at all: allowed; an empty list: denied.
         assert!(authorize(None, &subscription, &o1).is_ok());
         assert!(authorize(Some(&[]), &subscription, &o1).is_err());

@@ -165,7 +165,24 @@ pub fn classify(
     let is_stream = peek.as_ref().and_then(|p| p.stream).unwrap_or(false);
 
     let deployment = match deployment {
-        Some(d) => Some(d),
+        Some(d) => {
+            // A form cannot be rewritten as a JSON body is (`proxy::upstream_body`): a `model`
+            // field other than the path's deployment is refused, so that a member taking the
+            // model from the form never runs one the access rules were not asked about.
+            if route.body_kind == BodyKind::Multipart
+                && let Some(model) = multipart_field(content_type, body, "model")
+                && model != d
+            {
+                return Err(GatewayError::BadRequest {
+                    message: format!(
+                        "The form's `model` field names another deployment than the path (`{d}`): \
+                         leave it out or set it to the same name."
+                    ),
+                    param: Some("model"),
+                });
+            }
+            Some(d)
+        }
         None if route.model_in_body => {
             let model = match &peek {
                 Some(peek) => peek.model.clone(),

@@ -320,6 +320,21 @@ fn target<'a>(
     for id in objects {
         if let Some(member_id) = gateway.affinity.member_of(id) {
             if let Some((pool, index)) = runtime.member(&member_id) {
+                // The call was authorized for its deployment: the member holding the object
+                // must serve that one, not run another under the same name (a member's rename).
+                if let Some(deployment) = call.deployment.as_deref()
+                    && !runtime
+                        .pool_for(Some(deployment))
+                        .is_some_and(|serving| Arc::ptr_eq(serving, pool))
+                {
+                    return Err(GatewayError::BadRequest {
+                        message: format!(
+                            "The object the call refers to lives on a backend that does not serve \
+                             deployment `{deployment}`: use a deployment of the pool that created it."
+                        ),
+                        param: None,
+                    });
+                }
                 return Ok(Target {
                     pool,
                     pinned: Some(index),
@@ -490,9 +505,13 @@ fn upstream_body(member: &Member, call: &Call, body: &Bytes) -> (Bytes, bool) {
     let needs_model =
         member.config.kind == BackendKind::Openai || call.style != RouteStyle::AzureDeployment;
     let current = peek.model.as_deref();
+    // On a deployment route the path names the deployment — the one access rules, limits and
+    // the record went by — so a `model` in the body that says otherwise is replaced, never
+    // forwarded to a member that would run it.
+    let path_named = call.style == RouteStyle::AzureDeployment;
     let wanted = match (rename, needs_model) {
         (Some(name), true) => Some(name),
-        (None, true) if current.is_none() => call.deployment.as_deref(),
+        (None, true) if current.is_none() || path_named => call.deployment.as_deref(),
         _ => None,
     };
     let rename = wanted.filter(|name| current != Some(*name));

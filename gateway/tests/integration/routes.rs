@@ -1,5 +1,7 @@
 //! Every route style reaches the right backend path with the right operation id.
 
+use std::sync::{Arc, Mutex};
+
 use gatehouse_schema::OperationId;
 use serde_json::json;
 
@@ -202,6 +204,96 @@ async fn a_multipart_boundary_with_capitals_is_read_as_sent() {
     assert!(text["text"].as_str().unwrap().contains("2048"), "{text}");
     let records = gw.records(1).await;
     assert_eq!(records[0].deployment_name.as_deref(), Some("whisper"));
+    assert_eq!(sim.hits(), 1);
+}
+
+/// On a deployment route the path names the deployment that access rules, limits and the record
+/// go by: a member that takes the model from the body gets that one, whatever the body says.
+#[tokio::test]
+async fn a_body_model_other_than_the_path_deployment_never_reaches_the_member() {
+    let models = Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen = Arc::clone(&models);
+    let url = serve_stub(axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(move |body: axum::Json<serde_json::Value>| {
+            let seen = Arc::clone(&seen);
+            async move {
+                let model = body["model"].as_str().unwrap_or_default().to_owned();
+                seen.lock().unwrap().push(model.clone());
+                axum::Json(json!({
+                    "id": "c1", "object": "chat.completion", "created": 1, "model": model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+                }))
+            }
+        }),
+    ))
+    .await;
+    let gw = TestGateway::start(snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o-mini", "o1"], "members": [
+            {"id": "openai", "kind": "openai", "endpoint": format!("{url}/v1"), "priority": 1, "weight": 1},
+        ]}]),
+    ))
+    .await;
+    let answer = gw
+        .post(&chat_path("gpt-4o-mini"))
+        .json(&chat(Some("o1"), false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(*models.lock().unwrap(), ["gpt-4o-mini"]);
+    let record = gw.records(1).await.remove(0);
+    assert_eq!(record.deployment_name.as_deref(), Some("gpt-4o-mini"));
+
+    // A form cannot be rewritten: another deployment in its `model` field is refused.
+    let form = |model: &str| {
+        reqwest::multipart::Form::new()
+            .part(
+                "file",
+                reqwest::multipart::Part::bytes(vec![7u8; 64])
+                    .file_name("a.wav")
+                    .mime_str("audio/wav")
+                    .unwrap(),
+            )
+            .text("model", model.to_owned())
+    };
+    let refused = gw
+        .post("/openai/deployments/gpt-4o-mini/audio/transcriptions?api-version=2024-10-21")
+        .multipart(form("o1"))
+        .send()
+        .await
+        .unwrap();
+    let message = azure_error(refused, 400).await;
+    assert!(message.contains("`gpt-4o-mini`"), "{message}");
+    assert_eq!(models.lock().unwrap().len(), 1, "no backend saw it");
+}
+
+#[tokio::test]
+async fn a_form_naming_the_path_deployment_is_forwarded() {
+    let sim = simulator("form-model").await;
+    let gw = TestGateway::start(snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["whisper"], "members": [member("a", &sim.url(), 1)]}]),
+    ))
+    .await;
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(vec![7u8; 512])
+                .file_name("a.wav")
+                .mime_str("audio/wav")
+                .unwrap(),
+        )
+        .text("model", "whisper");
+    let transcription = gw
+        .post("/openai/deployments/whisper/audio/transcriptions?api-version=2024-10-21")
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(transcription.status(), 200);
     assert_eq!(sim.hits(), 1);
 }
 

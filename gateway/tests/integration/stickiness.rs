@@ -409,3 +409,52 @@ async fn a_streamed_response_is_pinned_as_soon_as_its_stream_names_it() {
         assert!(text.contains("response.completed"), "{text}");
     }
 }
+
+/// A call authorized for one deployment never runs on the member of another pool because it
+/// refers to an object that member holds (its rename would run that pool's model instead).
+#[tokio::test]
+async fn an_object_of_another_pool_does_not_carry_a_call_to_its_member() {
+    let mini = simulator("pools-mini").await;
+    let o1 = simulator("pools-o1").await;
+    let mut renamed = member("o1", &o1.url(), 1);
+    renamed["deployment"] = json!("o1-prod");
+    let gw = TestGateway::start(snapshot(
+        1,
+        json!([
+            {"id": "mini", "deployments": ["gpt-4o-mini"], "members": [member("mini", &mini.url(), 1)]},
+            {"id": "o1", "deployments": ["o1"], "members": [renamed]},
+        ]),
+    ))
+    .await;
+    let created: Value = gw
+        .post("/openai/v1/responses")
+        .json(&json!({"model": "o1", "input": "Say hello"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"].as_str().unwrap();
+    assert_eq!(o1.hits(), 1);
+
+    let next = gw
+        .post("/openai/v1/responses")
+        .json(&json!({"model": "gpt-4o-mini", "input": "And again", "previous_response_id": id}))
+        .send()
+        .await
+        .unwrap();
+    let message = azure_error(next, 400).await;
+    assert!(message.contains("`gpt-4o-mini`"), "{message}");
+    assert_eq!((o1.hits(), mini.hits()), (1, 0), "no backend saw it");
+
+    // Its own deployment continues it.
+    let same = gw
+        .post("/openai/v1/responses")
+        .json(&json!({"model": "o1", "input": "And again", "previous_response_id": id}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(same.status(), 200);
+    assert_eq!(o1.hits(), 2);
+}
