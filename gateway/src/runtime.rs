@@ -274,13 +274,12 @@ fn validate_identity(
                 errors.push("identity.entra.tenants: name at least one tenant id".to_owned());
             }
             for (t, tenant) in entra.tenants.iter().enumerate() {
-                if tenant.is_empty()
-                    || !tenant
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.'))
-                {
+                // A token's `tid` is always the tenant's GUID: a domain name here would match
+                // no token at all.
+                if uuid::Uuid::try_parse(tenant).is_err() {
                     errors.push(format!(
-                        "identity.entra.tenants[{t}]: a tenant id is a GUID (or a verified domain)"
+                        "identity.entra.tenants[{t}]: a tenant id is the directory's GUID \
+                         (`tid` in its tokens), not a domain name"
                     ));
                 }
             }
@@ -648,6 +647,21 @@ mod tests {
         assert_eq!(
             errors,
             ["identity.require: tokens are required but `identity.entra` is not configured"]
+        );
+        let domain_tenant = snapshot(serde_json::json!({
+            "version": 2,
+            "identity": {"require": "token", "entra": {
+                "tenants": ["11111111-1111-1111-1111-111111111111", "contoso.onmicrosoft.com"],
+                "audiences": ["api://gatehouse"]}},
+        }));
+        let errors = Runtime::build(domain_tenant, &HealthRegistry::default())
+            .unwrap_err()
+            .0;
+        assert_eq!(
+            errors,
+            [
+                "identity.entra.tenants[1]: a tenant id is the directory's GUID (`tid` in its tokens), not a domain name"
+            ]
         );
     }
 }
