@@ -140,6 +140,38 @@ impl ResponsePeek {
     }
 }
 
+impl ResponsePeek {
+    /// Reads `model` and `usage` from the last bytes of an answer too large to parse whole
+    /// (an embeddings batch of thousands of vectors): answers put both at the end, after the data,
+    /// and as object keys they cannot be mistaken for text (a quote inside a JSON string is
+    /// escaped). The last occurrence of each key wins, as the top-level one comes last.
+    pub fn read_tail(tail: &[u8]) -> ResponsePeek {
+        let usage = value_after_last_key(tail, b"\"usage\"")
+            .filter(serde_json::Value::is_object)
+            .and_then(|usage| crate::capture::usage_of(&serde_json::json!({ "usage": usage })));
+        let model = value_after_last_key(tail, b"\"model\"").and_then(|model| match model {
+            serde_json::Value::String(model) => Some(model),
+            _ => None,
+        });
+        ResponsePeek { model, usage }
+    }
+}
+
+/// The JSON value after the last `key` (a quoted name) followed by `:` in `bytes`.
+fn value_after_last_key(bytes: &[u8], key: &[u8]) -> Option<serde_json::Value> {
+    let mut end = bytes.len();
+    while let Some(at) = memchr::memmem::rfind(&bytes[..end], key) {
+        let rest = &bytes[at + key.len()..];
+        let rest = rest.trim_ascii_start();
+        if let Some(value) = rest.strip_prefix(b":") {
+            let mut values = serde_json::Deserializer::from_slice(value).into_iter();
+            return values.next()?.ok();
+        }
+        end = at;
+    }
+    None
+}
+
 /// The member `field` of a JSON object as JSON text ([`compact_json`]): `Some(None)` when the
 /// object has no such member, `None` when `body` is not a JSON object or when the `Value` parser
 /// could judge it differently (the caller then asks the tree). The last of duplicate members wins.
@@ -765,6 +797,30 @@ impl Visitor<'_> for KeyIs<'_> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_tail_of_a_huge_embeddings_answer_gives_its_model_and_usage() {
+        let vector = format!("[{}]", vec!["-0.0123456"; 64].join(","));
+        let data = (0..50)
+            .map(|i| format!(r#"{{"object":"embedding","index":{i},"embedding":{vector}}}"#))
+            .collect::<Vec<_>>()
+            .join(",");
+        let answer = format!(
+            r#"{{"object":"list","data":[{data}],"model":"text-embedding-3-large","usage":{{"prompt_tokens":812,"total_tokens":812}}}}"#
+        );
+        let tail = &answer.as_bytes()[answer.len() - 300..];
+        let peek = super::ResponsePeek::read_tail(tail);
+        assert_eq!(peek.model.as_deref(), Some("text-embedding-3-large"));
+        let usage = peek.usage.unwrap();
+        assert_eq!((usage.prompt_tokens, usage.total_tokens), (812, 812));
+        assert!(!usage.is_estimate);
+        // A quoted key inside text is escaped, and a key cut off by the tail's start is passed by.
+        let chat = br#"nt":"say "usage": {} and "model":1"}}],"model":"gpt-4o","usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#;
+        let peek = super::ResponsePeek::read_tail(chat);
+        assert_eq!(peek.model.as_deref(), Some("gpt-4o"));
+        assert_eq!(peek.usage.unwrap().completion_tokens, 2);
+        assert_eq!(super::ResponsePeek::read_tail(b"sage\":{}").model, None);
+    }
+
     use serde_json::{Value, json};
 
     use super::*;

@@ -1203,10 +1203,16 @@ async fn remember_created(gateway: &Gateway, call: &Call, member: &Member, respo
     }
 }
 
+/// The last bytes of an answer too large to parse that are kept for its `model` and `usage`
+/// ([`ResponsePeek::read_tail`]).
+const ANSWER_TAIL: usize = 64 * 1024;
+
 /// The copy of the response kept for the record.
 struct Tee {
     capture: BodyCapture,
     parse: Option<Vec<u8>>,
+    /// Once `parse` has outgrown [`PARSE_LIMIT`]: the answer's last bytes.
+    tail: Option<Vec<u8>>,
     sse: Option<SseTap>,
 }
 
@@ -1222,6 +1228,7 @@ impl Tee {
         Tee {
             capture: BodyCapture::new(capture_limit),
             parse: (!is_sse).then(Vec::new),
+            tail: None,
             sse,
         }
     }
@@ -1237,7 +1244,14 @@ impl Tee {
             if parse.len() + chunk.len() <= PARSE_LIMIT {
                 parse.extend_from_slice(&chunk);
             } else {
-                self.parse = None;
+                self.tail = self.parse.take();
+            }
+        }
+        if let Some(tail) = &mut self.tail {
+            tail.extend_from_slice(&chunk);
+            // Cut back now and then, not at every chunk.
+            if tail.len() > 2 * ANSWER_TAIL {
+                tail.drain(..tail.len() - ANSWER_TAIL);
             }
         }
         Some(chunk)
@@ -1270,6 +1284,15 @@ impl Tee {
                 record.record.backend_response_body = capture.into_text();
             }
             return summary.response;
+        }
+        if let Some(tail) = &self.tail {
+            // Too large to parse: `model` and `usage` from its end, the messages not at all.
+            let peek = ResponsePeek::read_tail(tail);
+            record.usage(peek.usage);
+            record.record.model_name = peek.model;
+            record.record.response_body_truncated = self.capture.truncated();
+            record.record.backend_response_body = self.capture.into_text();
+            return None;
         }
         let body = self.parse.as_deref();
         let wants_messages = call.operation.is_inference() && limit > 0;

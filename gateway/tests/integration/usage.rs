@@ -444,3 +444,48 @@ async fn a_non_streamed_answer_without_usage_is_estimated() {
     );
     assert!(usage.prompt_tokens > 0);
 }
+
+/// An answer too large to parse whole (an embeddings batch of thousands of vectors, ~9 MB here)
+/// still gives its exact usage and model, read from its end.
+#[tokio::test]
+async fn a_huge_embeddings_answer_keeps_its_exact_usage_and_model() {
+    let vector = format!("[{}]", vec!["-0.012345678"; 3072].join(","));
+    let data = (0..240)
+        .map(|i| format!(r#"{{"object":"embedding","index":{i},"embedding":{vector}}}"#))
+        .collect::<Vec<_>>()
+        .join(",");
+    let answer = format!(
+        r#"{{"object":"list","data":[{data}],"model":"text-embedding-3-large","usage":{{"prompt_tokens":4812,"total_tokens":4812}}}}"#
+    );
+    assert!(answer.len() > 8 * 1024 * 1024, "{} bytes", answer.len());
+    let url = serve_stub(axum::Router::new().route(
+        "/openai/deployments/{deployment}/embeddings",
+        axum::routing::post(move || {
+            let answer = answer.clone();
+            async move { ([("content-type", "application/json")], answer) }
+        }),
+    ))
+    .await;
+    let gw = TestGateway::start(snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["embed"], "members": [member("a", &url, 1)]}]),
+    ))
+    .await;
+    let response = gw
+        .post("/openai/deployments/embed/embeddings?api-version=2024-10-21")
+        .json(&json!({"input": vec!["a sentence to embed"; 240]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let received = response.bytes().await.unwrap();
+    assert!(received.len() > 8 * 1024 * 1024);
+    let record = gw.records(1).await.remove(0);
+    let usage = record.usage.unwrap();
+    assert!(
+        !usage.is_estimate,
+        "the backend's own count, not an estimate"
+    );
+    assert_eq!((usage.prompt_tokens, usage.total_tokens), (4812, 4812));
+    assert_eq!(record.model_name.as_deref(), Some("text-embedding-3-large"));
+}
