@@ -134,6 +134,70 @@ fn row_view(row: gatehouse_portal_core::insights::CallRow) -> AuditRowView {
     }
 }
 
+/// A bound of a range for a link: `YYYY-MM-DDTHH:MM:SS` (UTC, as the form's `datetime-local`
+/// fields show it) on a whole second, RFC 3339 to the nanosecond otherwise; both read back as the
+/// same instant.
+#[cfg(feature = "ssr")]
+fn link_time(at: time::OffsetDateTime) -> String {
+    let at = at.to_offset(time::UtcOffset::UTC);
+    if at.nanosecond() == 0 {
+        format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+            at.year(),
+            u8::from(at.month()),
+            at.day(),
+            at.hour(),
+            at.minute(),
+            at.second()
+        )
+    } else {
+        at.format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|_| gatehouse_portal_core::insights::iso_utc(at))
+    }
+}
+
+/// The query strings of a results page: the search as asked (the exports), and the next page's,
+/// when there is one. The next page keeps the first page's range as absolute `from`/`to` (and the
+/// preset's name, which the form shows): re-reading a preset such as `24h` later would move the
+/// window, and the keyset cursor would then skip the calls between the two windows' ends.
+#[cfg(feature = "ssr")]
+fn page_queries(
+    form: &gatehouse_portal_core::insights::SearchForm,
+    range: &gatehouse_portal_core::insights::TimeRange,
+    next: Option<&str>,
+) -> (String, Option<String>) {
+    let values = [
+        form.range.as_str(),
+        &form.from,
+        &form.to,
+        &form.user,
+        &form.caller,
+        &form.model,
+        &form.deployment,
+        &form.operation,
+        &form.status,
+        &form.subscription,
+        &form.text,
+        &form.limit,
+    ];
+    let pairs: Vec<(&str, &str)> = FIELDS.iter().copied().zip(values).collect();
+    let query = query_string(&pairs);
+    let next_query = next.map(|cursor| {
+        let (from, to) = (link_time(range.from), link_time(range.to));
+        let mut next_pairs: Vec<(&str, &str)> = pairs
+            .iter()
+            .map(|&(key, value)| match key {
+                "from" => (key, from.as_str()),
+                "to" => (key, to.as_str()),
+                _ => (key, value),
+            })
+            .collect();
+        next_pairs.push(("cursor", cursor));
+        query_string(&next_pairs)
+    });
+    (query, next_query)
+}
+
 /// One page of an audit search: Auditor, Admin; recorded in the activity log.
 #[server(endpoint = "audit_search")]
 pub async fn audit_search(
@@ -169,32 +233,16 @@ pub async fn audit_search(
         cursor,
         limit,
     };
-    let request = SearchRequest::parse(&form, time::OffsetDateTime::now_utc()).map_err(to_error)?;
+    // A preset range ends now, to the whole second, so that the next page's link carries bounds
+    // the form's `datetime-local` fields can show.
+    let now = time::OffsetDateTime::now_utc();
+    let now = now.replace_nanosecond(0).unwrap_or(now);
+    let request = SearchRequest::parse(&form, now).map_err(to_error)?;
     let answer = insights
         .search(signed_in.as_ref(), &request)
         .await
         .map_err(to_error)?;
-    let values = [
-        form.range.as_str(),
-        &form.from,
-        &form.to,
-        &form.user,
-        &form.caller,
-        &form.model,
-        &form.deployment,
-        &form.operation,
-        &form.status,
-        &form.subscription,
-        &form.text,
-        &form.limit,
-    ];
-    let pairs: Vec<(&str, &str)> = FIELDS.iter().copied().zip(values).collect();
-    let query = query_string(&pairs);
-    let next_query = answer.value.next.map(|cursor| {
-        let mut with_cursor = pairs.clone();
-        with_cursor.push(("cursor", &cursor));
-        query_string(&with_cursor)
-    });
+    let (query, next_query) = page_queries(&form, &request.range, answer.value.next.as_deref());
     Ok(SearchData {
         rows: answer.value.items.into_iter().map(row_view).collect(),
         next_query,
@@ -490,5 +538,89 @@ fn call_view(call: CallView) -> impl IntoView {
         <pre class="content" id="call-completion">{call.response_messages.unwrap_or_else(|| "(not captured, or removed by retention)".to_owned())}</pre>
         <h2>"Attempts"</h2>
         <pre class="content" id="call-attempts">{call.attempts}</pre>
+    }
+}
+
+#[cfg(test)]
+#[cfg(feature = "ssr")]
+mod tests {
+    use super::*;
+    use gatehouse_portal_core::insights::{SearchForm, SearchRequest};
+    use time::Duration;
+    use time::macros::datetime;
+
+    /// The form a query string fills in, as the page reads it back.
+    fn form_of(query: &str) -> SearchForm {
+        fn decode(text: &str) -> String {
+            let bytes = text.as_bytes();
+            let mut out = Vec::new();
+            let mut i = 0;
+            while i < bytes.len() {
+                if bytes[i] == b'%' {
+                    let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
+                    out.push(u8::from_str_radix(hex, 16).unwrap());
+                    i += 3;
+                } else {
+                    out.push(bytes[i]);
+                    i += 1;
+                }
+            }
+            String::from_utf8(out).unwrap()
+        }
+        let fields: serde_json::Map<String, serde_json::Value> = query
+            .split('&')
+            .map(|pair| {
+                let (key, value) = pair.split_once('=').unwrap();
+                (decode(key), serde_json::Value::String(decode(value)))
+            })
+            .collect();
+        serde_json::from_value(serde_json::Value::Object(fields)).unwrap()
+    }
+
+    #[test]
+    fn the_next_page_keeps_the_first_pages_range() {
+        let preset = SearchForm {
+            range: "24h".into(),
+            user: "alice@contoso.com".into(),
+            limit: "5".into(),
+            ..SearchForm::default()
+        };
+        let open_ended = SearchForm {
+            from: "2026-11-30T09:00".into(),
+            ..preset.clone()
+        };
+        for (form, now) in [
+            (&preset, datetime!(2026-12-01 10:00:30 UTC)),
+            (&preset, datetime!(2026-12-01 10:00:30.123456789 UTC)),
+            (&open_ended, datetime!(2026-12-01 10:00:30 UTC)),
+        ] {
+            let first = SearchRequest::parse(form, now).unwrap();
+            let (query, next) = page_queries(form, &first.range, Some("cursor-1"));
+            let expected_query = if form.from.is_empty() {
+                "range=24h&user=alice%40contoso.com&limit=5"
+            } else {
+                "range=24h&from=2026-11-30T09%3A00&user=alice%40contoso.com&limit=5"
+            };
+            assert_eq!(query, expected_query, "the exports: the search as asked");
+            let next_form = form_of(&next.unwrap());
+            assert_eq!(next_form.range, "24h", "the preset's name stays");
+            assert_eq!(next_form.cursor, "cursor-1");
+            assert_eq!(next_form.user, "alice@contoso.com");
+            // An hour later, the second page still reads the first page's window.
+            let second = SearchRequest::parse(&next_form, now + Duration::HOUR).unwrap();
+            assert_eq!(second.range, first.range, "{next_form:?}");
+            assert_eq!(second.cursor.as_deref(), Some("cursor-1"));
+            assert_eq!(second.user, first.user);
+            assert_eq!(second.limit, 5);
+        }
+        let whole = SearchRequest::parse(&preset, datetime!(2026-12-01 10:00:30 UTC)).unwrap();
+        let (_, next) = page_queries(&preset, &whole.range, Some("c"));
+        assert_eq!(
+            next.unwrap(),
+            "range=24h&from=2026-11-30T10%3A00%3A30&to=2026-12-01T10%3A00%3A30&user=alice%40contoso.com&limit=5&cursor=c",
+            "whole seconds as the form's datetime-local fields show them"
+        );
+        let (_, last) = page_queries(&preset, &whole.range, None);
+        assert_eq!(last, None);
     }
 }
