@@ -503,3 +503,81 @@ async fn the_embedded_store_on_postgres() {
     exercise(source.clone(), config.db.clone()).await;
     source.store().close().await;
 }
+
+/// One model's calls in three hours of an 8-hour range (hourly buckets), another model's in one:
+/// the usage report's points are the rollups' buckets, each with its own sums.
+async fn usage_points_are_per_bucket(source: EmbeddedSource, db: ConfigDb) {
+    let call = |model: &'static str, tokens: (u64, u64)| Call {
+        user: ALICE,
+        ip: "198.51.100.7",
+        groups: &["g-red"],
+        model,
+        prompt: "hello".into(),
+        status: 200,
+        tokens,
+        total_time: 100,
+        ttfb: Some(10),
+    };
+    let records = vec![
+        record(0, T0 + Duration::minutes(5), call("gpt-4o", (10, 20))),
+        record(1, T0 + Duration::minutes(50), call("gpt-4o", (1, 2))),
+        record(2, T0 + Duration::minutes(70), call("gpt-4o", (100, 50))),
+        record(3, T0 + Duration::minutes(75), call("gpt-4o-mini", (7, 7))),
+        record(4, T0 + Duration::minutes(181), call("gpt-4o", (5, 5))),
+    ];
+    assert_eq!(source.store().write(&records).await.unwrap(), 5);
+    let insights = Insights::new(Some(Arc::new(source)), db, PriceTable::default());
+    let admin = user(&[Role::Admin], &[]);
+    let range = TimeRange::new(T0 - Duration::hours(1), T0 + Duration::hours(7)).unwrap();
+    let report = insights
+        .usage(Some(&admin), range, Dimension::Model)
+        .await
+        .unwrap()
+        .value;
+    let points: Vec<(OffsetDateTime, i64, i64)> = report
+        .points
+        .iter()
+        .filter(|p| p.value == "gpt-4o")
+        .map(|p| (p.bucket, p.requests, p.total_tokens))
+        .collect();
+    assert_eq!(
+        points,
+        [
+            (T0, 2, 33),
+            (T0 + Duration::hours(1), 1, 150),
+            (T0 + Duration::hours(3), 1, 10),
+        ],
+        "{:?}",
+        report.points
+    );
+    assert_eq!(report.points.len(), 4, "{:?}", report.points);
+    assert!(
+        report.points.windows(2).all(|w| w[0].bucket <= w[1].bucket),
+        "by time: {:?}",
+        report.points
+    );
+    let totals: Vec<(&str, i64, i64)> = report
+        .totals
+        .iter()
+        .map(|t| (t.value.as_str(), t.requests, t.total_tokens))
+        .collect();
+    assert_eq!(totals, [("gpt-4o", 4, 193), ("gpt-4o-mini", 1, 14)]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_points_are_per_bucket_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:{}", dir.path().join("audit.db").display());
+    let source = EmbeddedSource::open(&url).await.unwrap();
+    let config = common::sqlite().await;
+    usage_points_are_per_bucket(source, config.db.clone()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_points_are_per_bucket_on_postgres() {
+    let audit = gatehouse_test_support::TestDatabase::new("gh_insights_buckets").await;
+    let source = EmbeddedSource::open(&audit.url).await.unwrap();
+    let config = common::postgres().await;
+    usage_points_are_per_bucket(source.clone(), config.db.clone()).await;
+    source.store().close().await;
+}

@@ -136,7 +136,9 @@ pub fn usage_svg(report: &UsageReport, metric: Metric) -> Result<String, Insight
     };
     let from = report.range.from;
     let x_format = move |x: &f64| {
-        let at = from + time::Duration::minutes((*x as i64) * step_minutes);
+        let Some(at) = from.checked_add(time::Duration::minutes((*x as i64) * step_minutes)) else {
+            return String::new();
+        };
         format!(
             "{:02}-{:02} {:02}:{:02}",
             u8::from(at.month()),

@@ -184,9 +184,11 @@ impl AuditSource for EmbeddedSource {
         request: &'a UsageRequest,
     ) -> BoxFuture<'a, Result<Answer<Vec<UsagePoint>>, InsightsError>> {
         async move {
+            // Every bucket of every value (the chart and the CSV export plot them by time), not
+            // the per-value totals the figures and percentiles read.
             let points = self
                 .store
-                .usage_totals(&UsageQuery {
+                .usage(&UsageQuery {
                     granularity: request.granularity,
                     dimension: request.dimension,
                     from: request.range.from,

@@ -48,6 +48,11 @@ pub const EXPORT_PAGE: u32 = 1_000;
 pub const MAX_FILTER_CHARS: usize = 256;
 /// Longest full-text query accepted.
 pub const MAX_TEXT_CHARS: usize = 500;
+/// The earliest time a range may start: 1970-01-01 UTC.
+pub const EARLIEST: OffsetDateTime = time::macros::datetime!(1970-01-01 00:00 UTC);
+/// The latest time a range may end: the start of 9999 UTC, so that widening a range to whole
+/// buckets, and the times shown beside it, stay inside the years the `time` crate represents.
+pub const LATEST: OffsetDateTime = time::macros::datetime!(9999-01-01 00:00 UTC);
 
 /// Why a dashboard or search question could not be answered.
 #[derive(Debug, thiserror::Error)]
@@ -140,8 +145,23 @@ pub struct TimeRange {
 }
 
 impl TimeRange {
-    /// A range; the end must follow the start, and the span be at most [`MAX_SPAN_DAYS`].
+    /// A range; the end must follow the start, the span be at most [`MAX_SPAN_DAYS`], and both
+    /// lie between [`EARLIEST`] and [`LATEST`].
     pub fn new(from: OffsetDateTime, to: OffsetDateTime) -> Result<TimeRange, InsightsError> {
+        // Compared as instants (whatever their offsets), before anything converts or adds to
+        // them: near the end of year 9999 that would panic.
+        if from < EARLIEST {
+            return Err(InsightsError::invalid(
+                "from",
+                "a time from 1970-01-01 (UTC) on",
+            ));
+        }
+        if to > LATEST {
+            return Err(InsightsError::invalid(
+                "to",
+                "a time before 9999-01-01 (UTC)",
+            ));
+        }
         if from >= to {
             return Err(InsightsError::invalid(
                 "to",
@@ -162,7 +182,8 @@ impl TimeRange {
 
     /// The last `span` before `now`.
     pub fn last(span: Duration, now: OffsetDateTime) -> Result<TimeRange, InsightsError> {
-        TimeRange::new(now - span, now)
+        let from = now.checked_sub(span).ok_or_else(|| out_of_years("range"))?;
+        TimeRange::new(from, now)
     }
 
     /// Its length.
@@ -181,8 +202,9 @@ impl TimeRange {
     }
 
     /// The range widened to whole buckets of its granularity (rollups hold whole buckets), with
-    /// that granularity.
-    pub fn aligned(&self) -> (TimeRange, Granularity) {
+    /// that granularity. A range [`TimeRange::new`] accepted always widens; one built by hand
+    /// that ends in the last bucket the `time` crate represents is refused, not a panic.
+    pub fn aligned(&self) -> Result<(TimeRange, Granularity), InsightsError> {
         let granularity = self.granularity();
         let step = match granularity {
             Granularity::Minute => Duration::MINUTE,
@@ -190,22 +212,34 @@ impl TimeRange {
         };
         let from = granularity.bucket(self.from);
         let end = granularity.bucket(self.to);
-        let to = if end == self.to { end } else { end + step };
-        (TimeRange { from, to }, granularity)
+        let to = if end == self.to {
+            end
+        } else {
+            end.checked_add(step).ok_or_else(|| out_of_years("to"))?
+        };
+        Ok((TimeRange { from, to }, granularity))
     }
 
-    /// The range of equal length just before this one.
-    pub fn previous(&self) -> TimeRange {
-        TimeRange {
-            from: self.from - self.span(),
+    /// The range of equal length just before this one (refused, not a panic, for a range built
+    /// by hand that starts in the first span the `time` crate represents).
+    pub fn previous(&self) -> Result<TimeRange, InsightsError> {
+        Ok(TimeRange {
+            from: self
+                .from
+                .checked_sub(self.span())
+                .ok_or_else(|| out_of_years("from"))?,
             to: self.from,
-        }
+        })
     }
 
     /// The range as an ISO 8601 interval (`start/end`), for Log Analytics' `timespan`.
     pub fn iso_interval(&self) -> String {
         format!("{}/{}", iso_utc(self.from), iso_utc(self.to))
     }
+}
+
+fn out_of_years(field: &'static str) -> InsightsError {
+    InsightsError::invalid(field, "a range inside the years 1970 to 9998")
 }
 
 /// A UTC time as `YYYY-MM-DDTHH:MM:SS.ffffffZ` (fixed width, sortable, no untrusted text).
@@ -692,20 +726,85 @@ mod tests {
             datetime!(2026-12-01 11:00:30 UTC),
         )
         .unwrap();
-        let (aligned, granularity) = range.aligned();
+        let (aligned, granularity) = range.aligned().unwrap();
         assert_eq!(granularity, Granularity::Minute);
         assert_eq!(aligned.from, datetime!(2026-12-01 10:00 UTC));
         assert_eq!(aligned.to, datetime!(2026-12-01 11:01 UTC));
-        assert_eq!(aligned.previous().to, aligned.from);
-        assert_eq!(aligned.previous().span(), aligned.span());
+        assert_eq!(aligned.previous().unwrap().to, aligned.from);
+        assert_eq!(aligned.previous().unwrap().span(), aligned.span());
         let week = TimeRange::last(Duration::days(7), datetime!(2026-12-01 10:20 UTC)).unwrap();
-        let (aligned, granularity) = week.aligned();
+        let (aligned, granularity) = week.aligned().unwrap();
         assert_eq!(granularity, Granularity::Hour);
         assert_eq!(aligned.to, datetime!(2026-12-01 11:00 UTC));
         assert_eq!(
             aligned.iso_interval(),
             "2026-11-24T10:00:00.000000Z/2026-12-01T11:00:00.000000Z"
         );
+    }
+
+    #[test]
+    fn ranges_at_the_ends_of_the_representable_years_are_refused_not_a_panic() {
+        let now = datetime!(2026-12-01 10:00 UTC);
+        // Each would panic once widened to whole buckets, shown in UTC or given a previous range.
+        for (from, to, field) in [
+            ("9999-12-31T23:00", "9999-12-31T23:59:30", "to"),
+            ("9999-12-31T23:00", "9999-12-31T23:59", "to"),
+            ("9999-12-30T00:00", "9999-12-31T23:59:59", "to"),
+            (
+                "9999-12-31T20:00:00-05:00",
+                "9999-12-31T22:00:00-05:00",
+                "to",
+            ),
+            ("0000-01-01T00:00", "0000-01-02T00:00", "from"),
+            (
+                "0000-01-01T00:00:00+05:00",
+                "0000-01-01T10:00:00+05:00",
+                "from",
+            ),
+            ("1969-12-31T23:00", "1970-01-01T01:00", "from"),
+        ] {
+            match parse_range("", from, to, now) {
+                Err(error @ InsightsError::Invalid { .. }) => {
+                    assert_eq!(error.status(), 422, "{from}..{to}");
+                    assert!(
+                        matches!(error, InsightsError::Invalid { field: f, .. } if f == field),
+                        "{from}..{to}: {error}"
+                    );
+                }
+                other => panic!("{from}..{to}: {other:?}"),
+            }
+        }
+        // The last and first ranges accepted widen and have a previous range.
+        for (from, to) in [
+            ("9998-12-31T23:00", "9999-01-01T00:00"),
+            ("9998-12-31T23:00:30", "9998-12-31T23:59:30"),
+            ("9998-01-01T00:00", "9998-12-31T23:59:59"),
+            ("1970-01-01T00:00", "1970-01-01T00:00:30"),
+        ] {
+            let range = parse_range("", from, to, now).unwrap();
+            let (aligned, _) = range.aligned().unwrap();
+            assert!(aligned.to <= LATEST, "{from}..{to}");
+            aligned.previous().unwrap();
+        }
+        // A range built by hand at the very end is refused when widened, not a panic.
+        let end = datetime!(9999-12-31 23:59:30 UTC);
+        let by_hand = TimeRange {
+            from: end - Duration::HOUR,
+            to: end,
+        };
+        assert!(matches!(
+            by_hand.aligned(),
+            Err(InsightsError::Invalid { field: "to", .. })
+        ));
+        let start = datetime!(-9999-01-01 00:00:30 UTC);
+        let by_hand = TimeRange {
+            from: start,
+            to: start + Duration::HOUR,
+        };
+        assert!(matches!(
+            by_hand.previous(),
+            Err(InsightsError::Invalid { field: "from", .. })
+        ));
     }
 
     #[test]

@@ -391,8 +391,8 @@ impl Insights {
     ) -> Result<Answer<OverviewReport>, InsightsError> {
         require(user, &[Role::Admin, Role::Auditor, Role::Viewer])?;
         let source = self.source()?;
-        let (range, granularity) = range.aligned();
-        let previous = range.previous();
+        let (range, granularity) = range.aligned()?;
+        let previous = range.previous()?;
         let current_answer = source.figures(range, granularity).await?;
         let previous_answer = source.figures(previous, granularity).await?;
         let mut warnings = current_answer.warnings;
@@ -430,7 +430,7 @@ impl Insights {
             return Err(PortalError::Forbidden.into());
         };
         let source = self.source()?;
-        let (range, granularity) = range.aligned();
+        let (range, granularity) = range.aligned()?;
         let request = UsageRequest {
             range,
             granularity,

@@ -52,7 +52,7 @@ pub(super) async fn evaluate(
         } => {
             let day = now.replace_time(time::Time::MIDNIGHT);
             let (range, granularity) =
-                TimeRange::new(day, now.max(day + Duration::MINUTE))?.aligned();
+                TimeRange::new(day, now.max(day + Duration::MINUTE))?.aligned()?;
             let dimension = if dimension == "group" {
                 Dimension::Group
             } else {
@@ -79,7 +79,7 @@ pub(super) async fn evaluate(
             min_requests,
         } => {
             let (range, granularity) =
-                TimeRange::new(now - Duration::minutes(*minutes), now)?.aligned();
+                TimeRange::new(now - Duration::minutes(*minutes), now)?.aligned()?;
             let points = source()?
                 .usage(&UsageRequest {
                     range,
@@ -107,7 +107,7 @@ pub(super) async fn evaluate(
         }
         AlertCondition::LatencyP95 { minutes, above_ms } => {
             let (range, granularity) =
-                TimeRange::new(now - Duration::minutes(*minutes), now)?.aligned();
+                TimeRange::new(now - Duration::minutes(*minutes), now)?.aligned()?;
             let figures = source()?.figures(range, granularity).await?.value;
             let p95 = figures.latency.p95_ms;
             Ok(Evaluation::single(
@@ -306,7 +306,7 @@ async fn quota_nearly_used(
         counted += 1;
         let (start, _) = quota_window(quota.period, now);
         let (range, granularity) =
-            TimeRange::new(start, now.max(start + Duration::MINUTE))?.aligned();
+            TimeRange::new(start, now.max(start + Duration::MINUTE))?.aligned()?;
         let (kind, dimension, values) = match &limit.subject {
             LimitSubjectRule::Subscription { id } => (
                 "subscription",
