@@ -1,23 +1,23 @@
 //! Step 9: what the call said — bodies up to a limit, the streamed completion reassembled, usage.
 //!
 //! The capture is a tee: chunks are forwarded first and copied second, and nothing here holds a
-//! chunk back from the client. SSE is framed by `eventsource-stream`; this module only interprets
-//! the events (`azure-specs.md` §1.6, §1.7).
+//! chunk back from the client. SSE is framed here, line by line as the HTML specification frames
+//! it (lines end in LF, CRLF or CR; `:` opens a comment; a blank line ends an event), and the
+//! events interpreted (`azure-specs.md` §1.6, §1.7). The framing is this module's own because the
+//! filter below must pass every byte it does not remove exactly as it came, comments and events
+//! without data included: `eventsource-stream`, used before, gives parsed events only (it drops
+//! comments and data-less events, and cannot say which bytes an event was), and panicked on a
+//! stream opening with a byte order mark.
 //!
 //! One exception: when the gateway itself asked a stream for its usage chunk
-//! (`stream_options.include_usage`, see [`crate::proxy`]), [`SseTap::removing_usage`] passes the
-//! stream on event by event and leaves that chunk out, so the client reads what it would have read
-//! without the gateway.
+//! (`stream_options.include_usage`, see [`crate::proxy`]), [`SseTap::removing_usage`] holds each
+//! event's bytes until the event is complete and passes them on as they came, unless the event is
+//! that chunk, so the client reads what it would have read without the gateway.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::convert::Infallible;
-use std::fmt::Write as _;
+use std::ops::Range;
 
 use bytes::Bytes;
-use eventsource_stream::{Event, EventStream, Eventsource};
-use futures::channel::mpsc;
-use futures::{FutureExt, StreamExt};
 use gatehouse_schema::OperationId;
 use gatehouse_schema::audit::TokenUsage;
 use serde_json::{Map, Value, json};
@@ -155,9 +155,17 @@ pub fn response_messages(response: &Value) -> Option<String> {
 }
 
 /// Interprets an SSE response as it passes, and reassembles the answer.
+#[derive(Default)]
 pub struct SseTap {
-    input: mpsc::UnboundedSender<Result<Bytes, Infallible>>,
-    events: EventStream<mpsc::UnboundedReceiver<Result<Bytes, Infallible>>>,
+    /// The line not yet ended, as it came.
+    line: Vec<u8>,
+    /// Whether the last line ended with a CR that closed a chunk: an LF opening the next chunk
+    /// belongs to that line's end.
+    after_cr: bool,
+    /// Whether a line was read yet (the first may open with a byte order mark).
+    started: bool,
+    /// The event being read.
+    event: EventSoFar,
     assembler: StreamAssembler,
     /// Set when the tap rewrites the stream for the client.
     filter: Option<UsageFilter>,
@@ -169,23 +177,16 @@ impl std::fmt::Debug for SseTap {
     }
 }
 
-impl Default for SseTap {
-    fn default() -> Self {
-        let (input, output) = mpsc::unbounded();
-        SseTap {
-            input,
-            events: output.eventsource(),
-            assembler: StreamAssembler::default(),
-            filter: None,
-        }
-    }
-}
+/// The UTF-8 byte order mark, which a stream may open with.
+const BYTE_ORDER_MARK: &[u8] = b"\xEF\xBB\xBF";
 
 impl SseTap {
     /// A tap for a stream whose usage chunk the gateway asked for: [`SseTap::pass`] leaves out the
-    /// chunk with `"choices": []` and a `usage` object, and drops a top-level `"usage": null`
-    /// from the other chunks (OpenAI adds it to every chunk when the option is on; Azure does
-    /// not), so the client reads what the backend would have sent without the option.
+    /// event whose data is the chunk with `"choices": []` and a `usage` object, and drops a
+    /// top-level `"usage": null` from the other chunks (OpenAI adds it to every chunk when the
+    /// option is on; Azure does not), so the client reads what the backend would have sent
+    /// without the option. Everything else — comments, events without data, line ends — passes
+    /// byte for byte.
     pub fn removing_usage() -> SseTap {
         SseTap {
             filter: Some(UsageFilter::default()),
@@ -194,23 +195,59 @@ impl SseTap {
     }
 
     /// Feeds the next chunk of the stream as received.
-    pub fn feed(&mut self, chunk: &Bytes) {
-        // The receiver lives in `self`, so the send cannot fail.
-        let _ = self.input.unbounded_send(Ok(chunk.clone()));
-        self.drain();
+    pub fn feed(&mut self, chunk: &[u8]) {
+        let mut rest = chunk;
+        if self.after_cr && !rest.is_empty() {
+            self.after_cr = false;
+            if let Some(after) = rest.strip_prefix(b"\n") {
+                if let Some(filter) = &mut self.filter {
+                    filter.line_end_continues();
+                }
+                rest = after;
+            }
+        }
+        while let Some(end) = rest.iter().position(|&b| b == b'\n' || b == b'\r') {
+            let ending = match rest.get(end + 1) {
+                _ if rest[end] == b'\n' => 1,
+                Some(b'\n') => 2,
+                Some(_) => 1,
+                None => {
+                    self.after_cr = true;
+                    1
+                }
+            };
+            self.line.extend_from_slice(&rest[..end + ending]);
+            self.take_line(self.line.len() - ending);
+            rest = &rest[end + ending..];
+        }
+        self.line.extend_from_slice(rest);
     }
 
     /// Feeds the next chunk and returns what of it goes on to the client: the chunk itself, or
-    /// for a [`SseTap::removing_usage`] tap the events it completed that pass, each written again
-    /// as `data: …` lines (with its `event:`, `id:` and `retry:` fields) — `None` when nothing is
-    /// to be sent yet.
+    /// for a [`SseTap::removing_usage`] tap the bytes as they came of the lines it completed,
+    /// less the usage the gateway asked for, with an event's lines held until the event is
+    /// complete — `None` when nothing is to be sent yet (see [`SseTap::end`] for what is held at
+    /// the end of the body).
     pub fn pass(&mut self, chunk: Bytes) -> Option<Bytes> {
         self.feed(&chunk);
         match &mut self.filter {
             None => Some(chunk),
-            Some(filter) if filter.out.is_empty() => None,
-            Some(filter) => Some(Bytes::from(std::mem::take(&mut filter.out))),
+            Some(filter) => filter.take_out(),
         }
+    }
+
+    /// The body is over: takes in the last line and event, though unterminated, and returns
+    /// what a [`SseTap::removing_usage`] tap still held for the client, as it came (less the
+    /// usage chunk, should that be the last event) — `None` when nothing was held.
+    pub fn end(&mut self) -> Option<Bytes> {
+        self.after_cr = false;
+        if !self.line.is_empty() {
+            self.take_line(self.line.len());
+        }
+        if self.event.has_fields {
+            self.dispatch(&[]);
+        }
+        self.filter.as_mut().and_then(UsageFilter::take_out)
     }
 
     /// The id of the object the stream has just announced it created, once: a Responses API
@@ -220,36 +257,114 @@ impl SseTap {
         self.assembler.created.take()
     }
 
-    /// Ends the stream and returns the reassembled answer.
+    /// Ends the stream and returns the reassembled answer; what [`SseTap::end`] would have
+    /// returned, if it was not called, is not sent.
     pub fn finish(mut self) -> StreamSummary {
-        self.input.close_channel();
-        self.drain();
+        let _ = self.end();
         self.assembler.finish()
     }
 
-    fn drain(&mut self) {
-        // Every chunk is already queued, so the event stream is ready or needs more input.
-        while let Some(Some(item)) = self.events.next().now_or_never() {
-            match item {
-                Ok(event) => {
-                    let chunk = self.assembler.event(&event.data);
-                    if let Some(filter) = &mut self.filter {
-                        filter.event(&event, chunk.as_ref());
-                    }
+    /// Takes in `self.line`, whose first `content` bytes precede its line end.
+    fn take_line(&mut self, content: usize) {
+        let line = std::mem::take(&mut self.line);
+        let mut text = &line[..content];
+        if !std::mem::replace(&mut self.started, true) {
+            text = text.strip_prefix(BYTE_ORDER_MARK).unwrap_or(text);
+        }
+        if text.is_empty() {
+            self.dispatch(&line);
+        } else if text.starts_with(b":") {
+            // A comment: outside any event when no field came before it.
+            if let Some(filter) = &mut self.filter {
+                filter.line(&line, self.event.has_fields);
+            }
+        } else {
+            let (name, value) = match text.iter().position(|&b| b == b':') {
+                Some(colon) => {
+                    let value = &text[colon + 1..];
+                    (&text[..colon], value.strip_prefix(b" ").unwrap_or(value))
                 }
-                Err(error) => {
-                    tracing::debug!(%error, "unparseable server-sent event skipped");
-                }
+                None => (text, &[][..]),
+            };
+            if name == b"data" {
+                self.event.data_line(value, content, self.filter.as_ref());
+            }
+            self.event.has_fields = true;
+            if let Some(filter) = &mut self.filter {
+                filter.line(&line, true);
             }
         }
+        self.line = line;
+        self.line.clear();
     }
+
+    /// Ends the event being read with the blank line `ending` (empty at the end of the body).
+    fn dispatch(&mut self, ending: &[u8]) {
+        let mut event = std::mem::take(&mut self.event);
+        let chunk = if event.data.is_empty() {
+            None
+        } else {
+            event.data.pop();
+            self.assembler.event(&event.data)
+        };
+        if let Some(filter) = &mut self.filter {
+            filter.event_end(&event, chunk.as_ref(), ending);
+        }
+    }
+}
+
+/// The event being read: what its fields said so far.
+#[derive(Debug, Default)]
+struct EventSoFar {
+    /// Whether a field line came (`data`, `event`, `id`, `retry` or another): comment lines
+    /// alone make no event.
+    has_fields: bool,
+    /// The data buffer: each `data` line's value followed by an LF.
+    data: String,
+    /// Where each `data` line's value is, in `data` and in the held bytes (a usage filter's).
+    data_lines: Vec<DataLine>,
+    /// Whether a `data` value was not UTF-8, so that `data` does not match the bytes.
+    lossy: bool,
+}
+
+impl EventSoFar {
+    /// Takes in a `data` line's `value`, which ends `content` bytes into its line.
+    fn data_line(&mut self, value: &[u8], content: usize, filter: Option<&UsageFilter>) {
+        if let Some(filter) = filter {
+            self.data_lines.push(DataLine {
+                in_data: self.data.len(),
+                in_held: filter.held.len() + content - value.len(),
+                len: value.len(),
+            });
+        }
+        match std::str::from_utf8(value) {
+            Ok(value) => self.data.push_str(value),
+            Err(_) => {
+                self.lossy = true;
+                self.data.push_str(&String::from_utf8_lossy(value));
+            }
+        }
+        self.data.push('\n');
+    }
+}
+
+/// Where one `data` line's value is.
+#[derive(Debug)]
+struct DataLine {
+    /// Its offset in the event's data.
+    in_data: usize,
+    /// Its offset in the event's held bytes.
+    in_held: usize,
+    /// Its length in bytes.
+    len: usize,
 }
 
 /// What a streamed answer amounted to.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StreamSummary {
     /// The answer as one non-streamed response object (`chat.completion`, `text_completion`, or a
-    /// Responses API `response`), when the stream was recognised.
+    /// Responses API `response`), when the stream was recognised. A Responses stream cut before
+    /// its final event gives the response rebuilt from its events, `"status": "incomplete"`.
     pub response: Option<Value>,
     /// Usage from the usage chunk or `response.completed`.
     pub usage: Option<TokenUsage>,
@@ -259,6 +374,21 @@ pub struct StreamSummary {
     pub completed: bool,
 }
 
+impl StreamSummary {
+    /// The summary of the reassembled `response`, with its usage and model.
+    fn of(response: Value, completed: bool) -> StreamSummary {
+        StreamSummary {
+            usage: usage_of(&response),
+            model: response
+                .get("model")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            response: Some(response),
+            completed,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct ChoiceSoFar {
     role: Option<String>,
@@ -266,7 +396,317 @@ struct ChoiceSoFar {
     refusal: Option<String>,
     text: Option<String>,
     tool_calls: BTreeMap<u64, Map<String, Value>>,
+    /// A legacy `function_call`: `name` and `arguments`, each joined from its pieces.
+    function_call: Option<Value>,
+    /// `logprobs`, each array in it joined across chunks.
+    logprobs: Option<Map<String, Value>>,
     finish_reason: Value,
+}
+
+impl ChoiceSoFar {
+    /// The choice as a non-streamed response has it: `text` for a `text_completion`, else a
+    /// `message`.
+    fn into_choice(self, index: u64, is_text: bool) -> Value {
+        let mut choice = Map::new();
+        choice.insert("index".to_owned(), json!(index));
+        if is_text {
+            choice.insert(
+                "text".to_owned(),
+                Value::String(self.text.unwrap_or_default()),
+            );
+        } else {
+            let mut message = Map::new();
+            message.insert(
+                "role".to_owned(),
+                Value::String(self.role.unwrap_or_else(|| "assistant".to_owned())),
+            );
+            message.insert(
+                "content".to_owned(),
+                self.content.map_or(Value::Null, Value::String),
+            );
+            if let Some(refusal) = self.refusal {
+                message.insert("refusal".to_owned(), Value::String(refusal));
+            }
+            if !self.tool_calls.is_empty() {
+                let calls = self.tool_calls.into_values().map(Value::Object).collect();
+                message.insert("tool_calls".to_owned(), Value::Array(calls));
+            }
+            if let Some(function_call) = self.function_call {
+                message.insert("function_call".to_owned(), function_call);
+            }
+            choice.insert("message".to_owned(), Value::Object(message));
+        }
+        if let Some(logprobs) = self.logprobs {
+            choice.insert("logprobs".to_owned(), Value::Object(logprobs));
+        }
+        choice.insert("finish_reason".to_owned(), self.finish_reason);
+        Value::Object(choice)
+    }
+}
+
+/// Appends a streamed function's `name` and `arguments` pieces to those so far.
+fn join_function(so_far: &mut Value, piece: &Value) {
+    for key in ["name", "arguments"] {
+        if let Some(part) = piece.get(key).and_then(Value::as_str)
+            && let Some(Value::String(existing)) = so_far.get_mut(key)
+        {
+            existing.push_str(part);
+        }
+    }
+}
+
+/// Appends a chunk's `logprobs` members to those so far: arrays (chat's `content` and
+/// `refusal`; completions' `tokens`, `token_logprobs`, `top_logprobs`, `text_offset`) are
+/// concatenated in order, any other member kept from its first non-null value.
+fn join_logprobs(so_far: &mut Map<String, Value>, piece: &Map<String, Value>) {
+    for (key, value) in piece {
+        match so_far.get_mut(key) {
+            Some(Value::Array(items)) => {
+                if let Value::Array(more) = value {
+                    items.extend(more.iter().cloned());
+                }
+            }
+            Some(existing) if existing.is_null() => existing.clone_from(value),
+            Some(_) => {}
+            None => {
+                so_far.insert(key.clone(), value.clone());
+            }
+        }
+    }
+}
+
+/// A Responses API stream so far, from its typed events, for a stream cut before its final event
+/// (`response.completed`, `response.incomplete`, `response.failed`): the response as
+/// `response.created` or `response.in_progress` announced it, and its output items. Like the chat
+/// reassembly it keeps about one copy of the answer's text: an item's pieces are let go when the
+/// item comes whole (`response.output_item.done`), and everything when the final event comes.
+#[derive(Debug, Default)]
+struct ResponseSoFar {
+    /// The response object last announced, less its `output` (empty then).
+    head: Option<Map<String, Value>>,
+    /// Output items by `output_index`.
+    items: BTreeMap<u64, ItemSoFar>,
+}
+
+/// One output item of a Responses API stream.
+#[derive(Debug)]
+enum ItemSoFar {
+    /// The item whole, from `response.output_item.done`.
+    Done(Value),
+    /// The item still being streamed.
+    Streaming(PartialItem),
+}
+
+/// An output item whose `response.output_item.done` has not come: the item as
+/// `response.output_item.added` gave it, with its parts joined from their deltas.
+#[derive(Debug, Default)]
+struct PartialItem {
+    /// The item's members (for a function call, `arguments` joined so far).
+    item: Map<String, Value>,
+    /// Content parts by `content_index`: `output_text` with its `text`, `refusal`.
+    content: BTreeMap<u64, Map<String, Value>>,
+    /// Reasoning summary parts by `summary_index`.
+    summary: BTreeMap<u64, Map<String, Value>>,
+}
+
+impl PartialItem {
+    /// The item as a response's `output` has it, marked incomplete.
+    fn into_item(self) -> Value {
+        let mut item = self.item;
+        for (key, parts) in [("content", self.content), ("summary", self.summary)] {
+            if !parts.is_empty() {
+                let parts = parts.into_values().map(Value::Object).collect();
+                item.insert(key.to_owned(), Value::Array(parts));
+            }
+        }
+        item.insert("status".to_owned(), json!("incomplete"));
+        Value::Object(item)
+    }
+}
+
+impl ResponseSoFar {
+    /// Takes in a typed event other than the final one.
+    fn event(&mut self, kind: &str, event: &Value) {
+        let text = |key: &str| event.get(key).and_then(Value::as_str);
+        match kind {
+            "response.created" | "response.queued" | "response.in_progress" => {
+                if let Some(Value::Object(response)) = event.get("response") {
+                    let head = response
+                        .iter()
+                        .filter(|(key, _)| *key != "output")
+                        .map(|(key, value)| (key.clone(), value.clone()))
+                        .collect();
+                    self.head = Some(head);
+                }
+            }
+            "response.output_item.added" => {
+                if let Some(Value::Object(item)) = event.get("item") {
+                    self.items.entry(output_index(event)).or_insert_with(|| {
+                        ItemSoFar::Streaming(PartialItem {
+                            item: item.clone(),
+                            ..PartialItem::default()
+                        })
+                    });
+                }
+            }
+            "response.output_item.done" => {
+                if let Some(item) = event.get("item").filter(|item| item.is_object()) {
+                    self.items
+                        .insert(output_index(event), ItemSoFar::Done(item.clone()));
+                }
+            }
+            "response.content_part.added" | "response.content_part.done" => {
+                if let Some(Value::Object(part)) = event.get("part")
+                    && let Some(item) = self.streaming(event, "message")
+                {
+                    let index = part_index(event, "content_index");
+                    if kind.ends_with(".done") || !item.content.contains_key(&index) {
+                        item.content.insert(index, part.clone());
+                    }
+                }
+            }
+            "response.output_text.delta"
+            | "response.output_text.done"
+            | "response.refusal.delta"
+            | "response.refusal.done" => {
+                let (part_type, key) = if kind.starts_with("response.refusal") {
+                    ("refusal", "refusal")
+                } else {
+                    ("output_text", "text")
+                };
+                let piece = if kind.ends_with(".delta") {
+                    text("delta").map(Piece::More)
+                } else {
+                    text(key).map(Piece::Whole)
+                };
+                if let Some(piece) = piece
+                    && let Some(item) = self.streaming(event, "message")
+                {
+                    let part = item
+                        .content
+                        .entry(part_index(event, "content_index"))
+                        .or_insert_with(|| Map::from_iter([("type".to_owned(), json!(part_type))]));
+                    piece.write_into(part, key);
+                }
+            }
+            "response.function_call_arguments.delta" | "response.function_call_arguments.done" => {
+                let piece = if kind.ends_with(".delta") {
+                    text("delta").map(Piece::More)
+                } else {
+                    text("arguments").map(Piece::Whole)
+                };
+                if let Some(piece) = piece
+                    && let Some(item) = self.streaming(event, "function_call")
+                {
+                    piece.write_into(&mut item.item, "arguments");
+                }
+            }
+            "response.reasoning_summary_part.added" | "response.reasoning_summary_part.done" => {
+                if let Some(Value::Object(part)) = event.get("part")
+                    && let Some(item) = self.streaming(event, "reasoning")
+                {
+                    let index = part_index(event, "summary_index");
+                    if kind.ends_with(".done") || !item.summary.contains_key(&index) {
+                        item.summary.insert(index, part.clone());
+                    }
+                }
+            }
+            "response.reasoning_summary_text.delta" | "response.reasoning_summary_text.done" => {
+                let piece = if kind.ends_with(".delta") {
+                    text("delta").map(Piece::More)
+                } else {
+                    text("text").map(Piece::Whole)
+                };
+                if let Some(piece) = piece
+                    && let Some(item) = self.streaming(event, "reasoning")
+                {
+                    let part = item
+                        .summary
+                        .entry(part_index(event, "summary_index"))
+                        .or_insert_with(|| {
+                            Map::from_iter([("type".to_owned(), json!("summary_text"))])
+                        });
+                    piece.write_into(part, "text");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The item the event is about, while it is streamed (an item of type `item_type` when no
+    /// `response.output_item.added` announced it); `None` once it came whole.
+    fn streaming(&mut self, event: &Value, item_type: &str) -> Option<&mut PartialItem> {
+        let item = self.items.entry(output_index(event)).or_insert_with(|| {
+            let mut item = Map::new();
+            item.insert("type".to_owned(), json!(item_type));
+            if let Some(id) = event.get("item_id").filter(|id| id.is_string()) {
+                item.insert("id".to_owned(), id.clone());
+            }
+            if item_type == "message" {
+                item.insert("role".to_owned(), json!("assistant"));
+            }
+            ItemSoFar::Streaming(PartialItem {
+                item,
+                ..PartialItem::default()
+            })
+        });
+        match item {
+            ItemSoFar::Streaming(item) => Some(item),
+            ItemSoFar::Done(_) => None,
+        }
+    }
+
+    /// The response rebuilt from what came, marked `"status": "incomplete"`; `None` when no
+    /// typed event of a response came.
+    fn into_response(self) -> Option<Value> {
+        if self.head.is_none() && self.items.is_empty() {
+            return None;
+        }
+        let mut response = self
+            .head
+            .unwrap_or_else(|| Map::from_iter([("object".to_owned(), json!("response"))]));
+        let output = self
+            .items
+            .into_values()
+            .map(|item| match item {
+                ItemSoFar::Done(item) => item,
+                ItemSoFar::Streaming(item) => item.into_item(),
+            })
+            .collect();
+        response.insert("status".to_owned(), json!("incomplete"));
+        response.insert("output".to_owned(), Value::Array(output));
+        Some(Value::Object(response))
+    }
+}
+
+/// A streamed text's next piece, or the whole text (a `.done` event's).
+enum Piece<'a> {
+    /// The next piece, appended.
+    More(&'a str),
+    /// The whole text, which replaces the pieces.
+    Whole(&'a str),
+}
+
+impl Piece<'_> {
+    /// Writes the piece into `target`'s `key`.
+    fn write_into(self, target: &mut Map<String, Value>, key: &str) {
+        match (self, target.get_mut(key)) {
+            (Piece::More(piece), Some(Value::String(so_far))) => so_far.push_str(piece),
+            (Piece::More(text) | Piece::Whole(text), _) => {
+                target.insert(key.to_owned(), Value::String(text.to_owned()));
+            }
+        }
+    }
+}
+
+/// A Responses API event's `output_index`.
+fn output_index(event: &Value) -> u64 {
+    part_index(event, "output_index")
+}
+
+/// A Responses API event's index `key` (0 when absent).
+fn part_index(event: &Value, key: &str) -> u64 {
+    event.get(key).and_then(Value::as_u64).unwrap_or(0)
 }
 
 #[derive(Debug, Default)]
@@ -276,6 +716,8 @@ struct StreamAssembler {
     choices: BTreeMap<u64, ChoiceSoFar>,
     usage: Option<Value>,
     final_response: Option<Value>,
+    /// A Responses API stream so far, for when its final event does not come.
+    response_so_far: ResponseSoFar,
     done: bool,
     /// An object the stream announced it created, until taken ([`SseTap::take_created`]).
     created: Option<String>,
@@ -318,7 +760,10 @@ impl StreamAssembler {
                 "response.completed" | "response.incomplete" | "response.failed"
             ) {
                 self.final_response = chunk.get("response").cloned();
+                self.response_so_far = ResponseSoFar::default();
                 self.done = true;
+            } else if self.final_response.is_none() && kind.starts_with("response.") {
+                self.response_so_far.event(kind, chunk);
             }
             return;
         }
@@ -356,6 +801,9 @@ impl StreamAssembler {
             if let Some(text) = choice.get("text").and_then(Value::as_str) {
                 so_far.text.get_or_insert_with(String::new).push_str(text);
             }
+            if let Some(Value::Object(logprobs)) = choice.get("logprobs") {
+                join_logprobs(so_far.logprobs.get_or_insert_with(Map::new), logprobs);
+            }
             let Some(delta) = choice.get("delta") else {
                 continue;
             };
@@ -391,29 +839,24 @@ impl StreamAssembler {
                     let target = entry
                         .entry("function".to_owned())
                         .or_insert_with(|| json!({"name": "", "arguments": ""}));
-                    for key in ["name", "arguments"] {
-                        if let Some(part) = function.get(key).and_then(Value::as_str)
-                            && let Some(Value::String(existing)) = target.get_mut(key)
-                        {
-                            existing.push_str(part);
-                        }
-                    }
+                    join_function(target, function);
                 }
+            }
+            if let Some(function) = delta.get("function_call").filter(|f| f.is_object()) {
+                let target = so_far
+                    .function_call
+                    .get_or_insert_with(|| json!({"name": "", "arguments": ""}));
+                join_function(target, function);
             }
         }
     }
 
     fn finish(self) -> StreamSummary {
-        if let Some(response) = self.final_response {
-            return StreamSummary {
-                usage: usage_of(&response),
-                model: response
-                    .get("model")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned),
-                response: Some(response),
-                completed: self.done,
-            };
+        if let Some(response) = self
+            .final_response
+            .or_else(|| self.response_so_far.into_response())
+        {
+            return StreamSummary::of(response, self.done);
         }
         let Some(object) = self.object else {
             return StreamSummary {
@@ -425,23 +868,7 @@ impl StreamAssembler {
         let choices: Vec<Value> = self
             .choices
             .into_iter()
-            .map(|(index, choice)| {
-                if is_text {
-                    json!({"index": index, "text": choice.text.unwrap_or_default(), "finish_reason": choice.finish_reason})
-                } else {
-                    let mut message = Map::new();
-                    message.insert("role".to_owned(), json!(choice.role.unwrap_or_else(|| "assistant".to_owned())));
-                    message.insert("content".to_owned(), choice.content.map_or(Value::Null, Value::String));
-                    if let Some(refusal) = choice.refusal {
-                        message.insert("refusal".to_owned(), Value::String(refusal));
-                    }
-                    if !choice.tool_calls.is_empty() {
-                        let calls = choice.tool_calls.into_values().map(Value::Object).collect();
-                        message.insert("tool_calls".to_owned(), Value::Array(calls));
-                    }
-                    json!({"index": index, "message": message, "finish_reason": choice.finish_reason})
-                }
-            })
+            .map(|(index, choice)| choice.into_choice(index, is_text))
             .collect();
         let mut response = self.head;
         response.insert(
@@ -456,16 +883,7 @@ impl StreamAssembler {
         if let Some(usage) = self.usage {
             response.insert("usage".to_owned(), usage);
         }
-        let response = Value::Object(response);
-        StreamSummary {
-            usage: usage_of(&response),
-            model: response
-                .get("model")
-                .and_then(Value::as_str)
-                .map(str::to_owned),
-            response: Some(response),
-            completed: self.done,
-        }
+        StreamSummary::of(Value::Object(response), self.done)
     }
 }
 
@@ -474,37 +892,63 @@ impl StreamAssembler {
 struct UsageFilter {
     /// What goes to the client next.
     out: Vec<u8>,
-    /// The last event id written out (the SSE last-event-id carries over between events).
-    last_id: String,
+    /// The event being read, as it came from its first field line on, until it is complete.
+    held: Vec<u8>,
+    /// Whether the last line was left out (with the usage chunk's event).
+    last_line_dropped: bool,
 }
 
 impl UsageFilter {
-    fn event(&mut self, event: &Event, chunk: Option<&Value>) {
-        let mut data = Cow::Borrowed(event.data.as_str());
-        if let Some(chunk) = chunk {
-            if is_usage_chunk(chunk) {
-                return;
-            }
-            if chunk.get("usage").is_some_and(Value::is_null) {
-                data = without_null_usage(&event.data, chunk);
-            }
+    /// Takes a comment or field line: held with the event it is part of, else sent.
+    fn line(&mut self, line: &[u8], in_event: bool) {
+        if in_event {
+            self.held.extend_from_slice(line);
+        } else {
+            self.out.extend_from_slice(line);
         }
-        let mut text = String::with_capacity(data.len() + 16);
-        if event.event != "message" {
-            let _ = writeln!(text, "event: {}", event.event);
+        self.last_line_dropped = false;
+    }
+
+    /// An LF completes the last line's CR line end: it goes where that line went.
+    fn line_end_continues(&mut self) {
+        if self.last_line_dropped {
+            return;
         }
-        if event.id != self.last_id {
-            let _ = writeln!(text, "id: {}", event.id);
-            self.last_id.clone_from(&event.id);
+        // The last line is the held event's last, when one is held, else the last sent.
+        if self.held.is_empty() {
+            self.out.push(b'\n');
+        } else {
+            self.held.push(b'\n');
         }
-        if let Some(retry) = event.retry {
-            let _ = writeln!(text, "retry: {}", retry.as_millis());
+    }
+
+    /// The event is complete with the blank line `ending`: its bytes are sent, or left out when
+    /// its data is the usage chunk; a top-level `"usage": null` is cut from its data.
+    fn event_end(&mut self, event: &EventSoFar, chunk: Option<&Value>, ending: &[u8]) {
+        if chunk.is_some_and(is_usage_chunk) {
+            self.held.clear();
+            self.last_line_dropped = true;
+            return;
         }
-        for line in data.split('\n') {
-            let _ = writeln!(text, "data: {line}");
+        if let Some(chunk) = chunk.filter(|c| c.get("usage").is_some_and(Value::is_null))
+            && !event.lossy
+            && let Some(cut) = null_usage_cut(&event.data, chunk)
+            && let Some(line) = event
+                .data_lines
+                .iter()
+                .find(|l| l.in_data <= cut.start && cut.end <= l.in_data + l.len)
+        {
+            let start = line.in_held + cut.start - line.in_data;
+            self.held.drain(start..start + cut.len());
         }
-        text.push('\n');
-        self.out.extend_from_slice(text.as_bytes());
+        self.out.append(&mut self.held);
+        self.out.extend_from_slice(ending);
+        self.last_line_dropped = false;
+    }
+
+    /// What is to be sent now, if anything.
+    fn take_out(&mut self) -> Option<Bytes> {
+        (!self.out.is_empty()).then(|| Bytes::from(std::mem::take(&mut self.out)))
     }
 }
 
@@ -517,9 +961,10 @@ pub fn is_usage_chunk(chunk: &Value) -> bool {
         && chunk.get("usage").is_some_and(Value::is_object)
 }
 
-/// The event's data without its top-level `"usage": null` member, the rest byte for byte; the data
-/// unchanged when that member cannot be told apart (the cut is checked by parsing the result).
-fn without_null_usage<'a>(data: &'a str, chunk: &Value) -> Cow<'a, str> {
+/// The bytes of an event's data to cut so that its top-level `"usage": null` member goes and the
+/// rest stays byte for byte; `None` when that member cannot be told apart (the cut is checked by
+/// parsing the result).
+fn null_usage_cut(data: &str, chunk: &Value) -> Option<Range<usize>> {
     // Inside a JSON string every `"` is escaped, so an unescaped `"usage"` followed by `:` is a key.
     let mut found = None;
     for (start, key) in data.match_indices("\"usage\"") {
@@ -527,32 +972,31 @@ fn without_null_usage<'a>(data: &'a str, chunk: &Value) -> Cow<'a, str> {
         let after_colon = rest.trim_start().strip_prefix(':').map(str::trim_start);
         if let Some(tail) = after_colon.and_then(|r| r.strip_prefix("null")) {
             if found.is_some() {
-                return Cow::Borrowed(data);
+                return None;
             }
-            found = Some((start, data.len() - tail.len()));
+            found = Some(start..data.len() - tail.len());
         }
     }
-    let Some((start, end)) = found else {
-        return Cow::Borrowed(data);
-    };
-    let before = data[..start].trim_end();
-    let after = data[end..].trim_start();
-    let stripped = if let Some(before) = before.strip_suffix(',') {
+    let member = found?;
+    let before = data[..member.start].trim_end();
+    let after = data[member.end..].trim_start();
+    let cut = if before.ends_with(',') {
         // `…, "usage": null}` → `…}`
-        format!("{before}{}", &data[end..])
+        before.len() - 1..member.end
     } else if let Some(after) = after.strip_prefix(',') {
         // `{"usage": null, …` → `{…`
-        format!("{}{after}", &data[..start])
+        member.start..data.len() - after.len()
     } else {
-        format!("{}{}", &data[..start], &data[end..])
+        member
     };
     let mut expected = chunk.clone();
     if let Some(object) = expected.as_object_mut() {
         object.remove("usage");
     }
+    let stripped = [&data[..cut.start], &data[cut.end..]].concat();
     match serde_json::from_str::<Value>(&stripped) {
-        Ok(parsed) if parsed == expected => Cow::Owned(stripped),
-        _ => Cow::Borrowed(data),
+        Ok(parsed) if parsed == expected => Some(cut),
+        _ => None,
     }
 }
 
@@ -635,6 +1079,139 @@ mod tests {
         assert!(summary.response.unwrap().get("output").is_some());
     }
 
+    /// The Responses fixture's events up to (not including) the first whose type is `stop_at`.
+    fn responses_cut_before(stop_at: &str) -> String {
+        let stream = String::from_utf8(fixture("responses-stream.sse")).unwrap();
+        let marker = format!("event: {stop_at}\n");
+        let cut = stream.find(&marker).unwrap();
+        stream[..cut].to_owned()
+    }
+
+    #[test]
+    fn a_responses_stream_cut_after_its_deltas_gives_an_incomplete_response() {
+        let stream = responses_cut_before("response.output_text.done");
+        assert_eq!(stream.matches("response.output_text.delta\n").count(), 3);
+        let summary = tap(stream.as_bytes());
+        assert!(!summary.completed);
+        assert_eq!(summary.usage, None);
+        assert_eq!(summary.model.as_deref(), Some("gpt-4o-2024-08-06"));
+        let response = summary.response.unwrap();
+        assert_eq!(response["id"], "resp_example");
+        assert_eq!(response["object"], "response");
+        assert_eq!(response["created_at"], 1_733_011_203);
+        assert_eq!(response["status"], "incomplete");
+        let output = response["output"].as_array().unwrap();
+        assert_eq!(output.len(), 1);
+        assert_eq!(output[0]["type"], "message");
+        assert_eq!(output[0]["id"], "msg_example");
+        assert_eq!(output[0]["role"], "assistant");
+        assert_eq!(output[0]["status"], "incomplete");
+        assert_eq!(output[0]["content"][0]["type"], "output_text");
+        assert_eq!(output[0]["content"][0]["text"], "Due Friday.");
+        // The record's messages and the token estimate read the rebuilt answer.
+        assert!(
+            response_messages(&response)
+                .unwrap()
+                .contains("Due Friday.")
+        );
+        let work = crate::usage::TokenWork::plan(
+            OperationId::CreateResponse,
+            Some(&json!({"model": "gpt-4o", "input": "When is the report due?"})),
+            Some(&response),
+            None,
+        )
+        .unwrap();
+        assert_eq!(work.count().completion_tokens, 3);
+    }
+
+    #[test]
+    fn a_responses_stream_cut_mid_item_keeps_the_items_that_came_whole() {
+        let event = |data: Value| {
+            let kind = data["type"].as_str().unwrap().to_owned();
+            format!("event: {kind}\ndata: {data}\n\n")
+        };
+        let done_message = json!({"type": "message", "id": "msg_1", "status": "completed",
+            "role": "assistant", "content": [{"type": "output_text", "text": "Checking.", "annotations": []}]});
+        let stream = [
+            event(json!({"type": "response.created", "sequence_number": 0, "response": {
+                "id": "resp_2", "object": "response", "created_at": 5, "status": "in_progress",
+                "model": "gpt-4.1", "output": [], "usage": null}})),
+            event(json!({"type": "response.output_item.added", "output_index": 0,
+                "item": {"type": "message", "id": "msg_1", "status": "in_progress", "role": "assistant", "content": []}})),
+            event(json!({"type": "response.content_part.added", "item_id": "msg_1", "output_index": 0,
+                "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []}})),
+            event(json!({"type": "response.output_text.delta", "item_id": "msg_1", "output_index": 0,
+                "content_index": 0, "delta": "Check"})),
+            event(json!({"type": "response.output_text.delta", "item_id": "msg_1", "output_index": 0,
+                "content_index": 0, "delta": "ing."})),
+            event(json!({"type": "response.output_item.done", "output_index": 0, "item": done_message})),
+            event(json!({"type": "response.output_item.added", "output_index": 1,
+                "item": {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "get_weather",
+                    "arguments": "", "status": "in_progress"}})),
+            event(json!({"type": "response.function_call_arguments.delta", "item_id": "fc_1",
+                "output_index": 1, "delta": "{\"city\":"})),
+            event(json!({"type": "response.function_call_arguments.delta", "item_id": "fc_1",
+                "output_index": 1, "delta": "\"Oslo\""})),
+            event(json!({"type": "response.output_text.delta", "item_id": "msg_2", "output_index": 2,
+                "content_index": 0, "delta": "Mean"})),
+            event(json!({"type": "response.refusal.delta", "item_id": "msg_2", "output_index": 2,
+                "content_index": 1, "delta": "No"})),
+        ]
+        .concat();
+        let summary = tap(stream.as_bytes());
+        assert!(!summary.completed);
+        assert_eq!(summary.model.as_deref(), Some("gpt-4.1"));
+        let response = summary.response.unwrap();
+        assert_eq!(response["status"], "incomplete");
+        assert_eq!(response["id"], "resp_2");
+        assert_eq!(
+            response["output"],
+            json!([
+                done_message,
+                {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "get_weather",
+                    "arguments": "{\"city\":\"Oslo\"", "status": "incomplete"},
+                {"type": "message", "id": "msg_2", "role": "assistant", "status": "incomplete",
+                    "content": [{"type": "output_text", "text": "Mean"}, {"type": "refusal", "refusal": "No"}]},
+            ])
+        );
+    }
+
+    #[test]
+    fn a_complete_responses_stream_gives_its_final_events_response() {
+        let stream = String::from_utf8(fixture("responses-stream.sse")).unwrap();
+        let last = stream
+            .lines()
+            .rev()
+            .find_map(|line| line.strip_prefix("data: "))
+            .unwrap();
+        let completed: Value = serde_json::from_str(last).unwrap();
+        assert_eq!(completed["type"], "response.completed");
+        let summary = tap(stream.as_bytes());
+        assert!(summary.completed);
+        assert_eq!(summary.response.as_ref(), Some(&completed["response"]));
+        assert_eq!(summary.response.unwrap()["status"], "completed");
+        assert_eq!(summary.usage.unwrap().total_tokens, 16);
+        assert_eq!(summary.model.as_deref(), Some("gpt-4o-2024-08-06"));
+        // A final event that says less than the deltas still wins.
+        let failed = format!(
+            "{}event: response.failed\ndata: {}\n\n",
+            responses_cut_before("response.output_text.done"),
+            json!({"type": "response.failed", "response": {"id": "resp_example", "object": "response",
+                "status": "failed", "model": "gpt-4o-2024-08-06", "output": [], "usage": null}})
+        );
+        let summary = tap(failed.as_bytes());
+        assert!(summary.completed);
+        let response = summary.response.unwrap();
+        assert_eq!(response["status"], "failed");
+        assert_eq!(response["output"], json!([]));
+    }
+
+    #[test]
+    fn a_stream_of_only_an_error_event_gives_no_response() {
+        let stream = "event: error\ndata: {\"type\":\"error\",\"code\":\"server_error\",\"message\":\"x\"}\n\n";
+        assert_eq!(tap(stream.as_bytes()).response, None);
+    }
+
     #[test]
     fn usage_is_normalised_across_shapes() {
         let chat: Value = serde_json::from_slice(&fixture("chat-completion.json")).unwrap();
@@ -671,7 +1248,110 @@ mod tests {
                 client.extend_from_slice(&out);
             }
         }
+        if let Some(out) = tap.end() {
+            assert!(!out.is_empty());
+            client.extend_from_slice(&out);
+        }
         (client, tap.finish())
+    }
+
+    /// A chunk the usage filter must leave out (Azure's framing).
+    const USAGE_EVENT: &str = "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2,\"total_tokens\":7}}\n\n";
+
+    /// A content chunk saying `text`.
+    fn content_event(text: &str) -> String {
+        format!(
+            "data: {{\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{text}\"}},\"finish_reason\":null}}]}}\n\n"
+        )
+    }
+
+    #[test]
+    fn comments_and_events_without_data_reach_the_client_unchanged() {
+        let before = [
+            ": OPENROUTER PROCESSING\n\n".to_owned(),
+            content_event("Hel"),
+            ": keep-alive\n\n".to_owned(),
+            "event: ping\n\n".to_owned(),
+            ":\n".to_owned(),
+            "id: 4\n\n".to_owned(),
+            content_event("lo"),
+            "retry: 300\n\n\n".to_owned(),
+            ": inside an event\n".to_owned(),
+            "event: message\n".to_owned(),
+            content_event("!"),
+        ]
+        .concat();
+        let after = "data: [DONE]\n\n: bye\n\n";
+        let with = format!("{before}{USAGE_EVENT}{after}");
+        let without = format!("{before}{after}");
+        for piece in [1, 2, 7, 64, 100_000] {
+            let (client, summary) = filtered(with.as_bytes(), piece);
+            assert_eq!(
+                String::from_utf8(client).unwrap(),
+                without,
+                "pieces of {piece}"
+            );
+            let response = summary.response.unwrap();
+            assert_eq!(response["choices"][0]["message"]["content"], "Hello!");
+            assert_eq!(summary.usage.unwrap().total_tokens, 7);
+            assert!(summary.completed);
+        }
+    }
+
+    #[test]
+    fn a_last_event_without_its_blank_line_is_sent_at_the_end() {
+        for last in ["data: [DONE]\n", "data: [DONE]", "data: [DONE]\r", ": bye"] {
+            let with = format!("{}{USAGE_EVENT}{last}", content_event("Hi"));
+            let without = format!("{}{last}", content_event("Hi"));
+            for piece in [1, 5, 100_000] {
+                let (client, summary) = filtered(with.as_bytes(), piece);
+                assert_eq!(
+                    String::from_utf8(client).unwrap(),
+                    without,
+                    "{last:?} in pieces of {piece}"
+                );
+                assert_eq!(summary.completed, last.contains("[DONE]"), "{last:?}");
+                assert_eq!(summary.usage.unwrap().total_tokens, 7);
+            }
+        }
+        // A usage chunk left unterminated at the end is still left out.
+        let with = format!("{}{}", content_event("Hi"), USAGE_EVENT.trim_end());
+        let (client, summary) = filtered(with.as_bytes(), 3);
+        assert_eq!(String::from_utf8(client).unwrap(), content_event("Hi"));
+        assert_eq!(summary.usage.unwrap().total_tokens, 7);
+    }
+
+    #[test]
+    fn crlf_and_cr_line_ends_pass_byte_for_byte() {
+        for ending in ["\r\n", "\r"] {
+            let frame = |text: &str| text.replace('\n', ending);
+            let before = frame(&format!(
+                "\u{feff}: hi\n\n{}{}",
+                content_event("a"),
+                content_event("b")
+            ));
+            let after = frame("data: [DONE]\n\n");
+            let with = format!("{before}{}{after}", frame(USAGE_EVENT));
+            let without = format!("{before}{after}");
+            for piece in [1, 2, 3, 7, 100_000] {
+                let (client, summary) = filtered(with.as_bytes(), piece);
+                assert_eq!(
+                    String::from_utf8(client).unwrap(),
+                    without,
+                    "{ending:?} in pieces of {piece}"
+                );
+                let response = summary.response.unwrap();
+                assert_eq!(response["choices"][0]["message"]["content"], "ab");
+                assert_eq!(summary.usage.unwrap().total_tokens, 7);
+                assert!(summary.completed);
+            }
+        }
+    }
+
+    #[test]
+    fn a_plain_tap_reads_a_last_event_without_its_blank_line() {
+        let stream = format!("{}data: [DONE]", content_event("Hi"));
+        assert!(tap(stream.as_bytes()).completed);
     }
 
     #[test]
@@ -732,7 +1412,10 @@ mod tests {
     fn null_usage_is_cut_only_where_it_is_unambiguous() {
         let cut = |data: &str| {
             let chunk: Value = serde_json::from_str(data).unwrap();
-            without_null_usage(data, &chunk).into_owned()
+            match null_usage_cut(data, &chunk) {
+                Some(cut) => [&data[..cut.start], &data[cut.end..]].concat(),
+                None => data.to_owned(),
+            }
         };
         assert_eq!(cut(r#"{"a":1,"usage":null}"#), r#"{"a":1}"#);
         assert_eq!(cut(r#"{"usage":null,"a":1}"#), r#"{"a":1}"#);
@@ -758,6 +1441,90 @@ mod tests {
         assert_eq!(
             String::from_utf8(client).unwrap(),
             "event: thread.message.delta\nid: 7\ndata: {\"a\":1}\n\ndata: {\"b\":2}\n\nretry: 500\ndata: x\ndata: y\n\n"
+        );
+    }
+
+    #[test]
+    fn a_streamed_function_call_is_joined() {
+        let stream = concat!(
+            "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":null,\"function_call\":{\"name\":\"get_weather\",\"arguments\":\"\"}},\"finish_reason\":null}]}\n\n",
+            "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"function_call\":{\"arguments\":\"{\\\"city\\\":\"}},\"finish_reason\":null}]}\n\n",
+            "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"function_call\":{\"arguments\":\"\\\"Oslo\\\"}\"}},\"finish_reason\":null}]}\n\n",
+            "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"function_call\"}]}\n\n",
+            "data: [DONE]\n\n"
+        );
+        let response = tap(stream.as_bytes()).response.unwrap();
+        let choice = &response["choices"][0];
+        assert_eq!(
+            choice["message"]["function_call"],
+            json!({"name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"})
+        );
+        assert_eq!(choice["message"]["content"], Value::Null);
+        assert_eq!(choice["finish_reason"], "function_call");
+    }
+
+    #[test]
+    fn chat_logprobs_are_joined_across_chunks() {
+        let chunk = |delta: Value, logprobs: Value| {
+            let chunk = json!({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": null}]});
+            format!("data: {chunk}\n\n")
+        };
+        let token =
+            |t: &str, p: f64| json!({"token": t, "logprob": p, "bytes": [], "top_logprobs": []});
+        let stream = [
+            chunk(json!({"role": "assistant", "content": ""}), Value::Null),
+            chunk(
+                json!({"content": "Hi"}),
+                json!({"content": [token("Hi", -0.1)], "refusal": null}),
+            ),
+            chunk(
+                json!({"content": " there"}),
+                json!({"content": [token(" there", -0.2)], "refusal": null}),
+            ),
+            chunk(
+                json!({"refusal": "No"}),
+                json!({"content": null, "refusal": [token("No", -0.3)]}),
+            ),
+            chunk(
+                json!({"refusal": "."}),
+                json!({"content": null, "refusal": [token(".", -0.4)]}),
+            ),
+            "data: [DONE]\n\n".to_owned(),
+        ]
+        .concat();
+        let response = tap(stream.as_bytes()).response.unwrap();
+        assert_eq!(
+            response["choices"][0]["logprobs"],
+            json!({
+                "content": [token("Hi", -0.1), token(" there", -0.2)],
+                "refusal": [token("No", -0.3), token(".", -0.4)],
+            })
+        );
+    }
+
+    #[test]
+    fn completion_logprobs_are_joined_across_chunks() {
+        let chunk = |text: &str, offset: u64, logprob: f64| {
+            let chunk = json!({"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
+                "choices": [{"index": 0, "text": text, "finish_reason": null, "logprobs": {
+                    "tokens": [text], "token_logprobs": [logprob],
+                    "top_logprobs": [{text: logprob}], "text_offset": [offset]}}]});
+            format!("data: {chunk}\n\n")
+        };
+        let stream =
+            [chunk("Due", 10, -0.5), chunk(" Friday", 13, -0.25)].concat() + "data: [DONE]\n\n";
+        let response = tap(stream.as_bytes()).response.unwrap();
+        assert_eq!(response["object"], "text_completion");
+        assert_eq!(response["choices"][0]["text"], "Due Friday");
+        assert_eq!(
+            response["choices"][0]["logprobs"],
+            json!({
+                "tokens": ["Due", " Friday"],
+                "token_logprobs": [-0.5, -0.25],
+                "top_logprobs": [{"Due": -0.5}, {" Friday": -0.25}],
+                "text_offset": [10, 13],
+            })
         );
     }
 

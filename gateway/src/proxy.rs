@@ -955,7 +955,10 @@ impl futures::Stream for RelayBody {
                     // Whether this chunk completes the backend's body (its length is reached).
                     let complete = upstream.is_end_stream();
                     // What goes on to the client: the chunk, or what passes the usage filter.
-                    let outgoing = relay.tee.push(chunk);
+                    let mut outgoing = relay.tee.push(chunk);
+                    if complete {
+                        outgoing = relay.tee.end(outgoing);
+                    }
                     // A streamed create names its object at the start: pinned before the client
                     // reads the id, so that a call about it in the meantime (a cancel, the next
                     // turn) finds its member.
@@ -988,6 +991,17 @@ impl futures::Stream for RelayBody {
                     );
                 }
                 None => {
+                    // What the usage filter still held goes out now, as it came.
+                    if let Some(held) = relay.tee.end(None) {
+                        relay.sent += held.len() as u64;
+                        relay
+                            .record
+                            .record
+                            .time_to_first_byte
+                            .get_or_insert_with(|| millis(relay.record.started.elapsed()));
+                        this.finish();
+                        return Poll::Ready(Some(Ok(held)));
+                    }
                     this.finish();
                     return Poll::Ready(None);
                 }
@@ -1255,6 +1269,18 @@ impl Tee {
             }
         }
         Some(chunk)
+    }
+
+    /// The body is over: `passed` (what its last chunk let through) followed by what the usage
+    /// filter still held, which goes on to the client as it came (see [`SseTap::end`]).
+    fn end(&mut self, passed: Option<Bytes>) -> Option<Bytes> {
+        let Some(held) = self.sse.as_mut().and_then(SseTap::end) else {
+            return passed;
+        };
+        match passed {
+            Some(passed) => Some([passed, held].concat().into()),
+            None => Some(held),
+        }
     }
 
     fn json(&self) -> Option<Value> {

@@ -489,3 +489,49 @@ async fn a_huge_embeddings_answer_keeps_its_exact_usage_and_model() {
     assert_eq!((usage.prompt_tokens, usage.total_tokens), (4812, 4812));
     assert_eq!(record.model_name.as_deref(), Some("text-embedding-3-large"));
 }
+
+/// With the usage chunk taken out, everything else reaches the client byte for byte: keep-alive
+/// comments, an event without data, CRLF line ends, and a last event the backend did not close
+/// with a blank line.
+#[tokio::test]
+async fn with_the_usage_chunk_taken_out_every_other_byte_reaches_the_client_as_sent() {
+    fn stream(include_usage: bool) -> Vec<String> {
+        let mut events = openai_stream(include_usage);
+        // `data: [DONE]\n\n` comes last: send it without its blank line.
+        let done = events.pop().unwrap();
+        assert_eq!(done, "data: [DONE]\n\n");
+        events.insert(0, ": keep-alive\r\n\r\n".to_owned());
+        events.insert(2, "event: ping\n\n".to_owned());
+        events.push("data: [DONE]\n".to_owned());
+        events
+    }
+    let app = axum::Router::new().fallback(|body: Bytes| async move {
+        let request: Value = serde_json::from_slice(&body).unwrap();
+        let include_usage = request["stream_options"]["include_usage"]
+            .as_bool()
+            .unwrap_or(false);
+        let events = stream(include_usage)
+            .into_iter()
+            .map(|e| Ok::<_, Infallible>(Bytes::from(e)));
+        Response::builder()
+            .header("content-type", "text/event-stream; charset=utf-8")
+            .body(Body::from_stream(futures::stream::iter(events)))
+            .unwrap()
+    });
+    let url = serve_stub(app).await;
+    let gw = openai_gateway(&url).await;
+    let client_body = gw
+        .post("/v1/chat/completions")
+        .json(&chat(Some("gpt-4o"), true))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(client_body, stream(false).concat());
+    let record = gw.records(1).await.remove(0);
+    let usage = record.usage.unwrap();
+    assert!(!usage.is_estimate);
+    assert_eq!(usage.total_tokens, 26);
+}
