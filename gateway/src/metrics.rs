@@ -135,9 +135,12 @@ fn overhead_histogram() -> Histogram {
     ])
 }
 
+/// Buckets of a call's duration and time to first byte: from 5 ms up to 10 minutes, past the
+/// default response timeout (300 s) and into long streamed answers.
 fn latency_histogram() -> Histogram {
     Histogram::new([
-        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 180.0,
+        300.0, 600.0,
     ])
 }
 
@@ -312,5 +315,36 @@ impl Metrics {
             tracing::error!(%error, "metrics could not be encoded");
         }
         text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A call that waited out the default response timeout (300 s) falls in a bucket of its own,
+    /// not in the one above 120 s that also holds hour-long streams.
+    #[test]
+    fn latency_buckets_reach_past_the_default_response_timeout() {
+        let metrics = Metrics::default();
+        let labels = OperationLabels {
+            operation: "chatcompletions_create".to_owned(),
+        };
+        metrics.duration.get_or_create(&labels).observe(250.0);
+        metrics.duration.get_or_create(&labels).observe(500.0);
+        let text = metrics.encode();
+        let bucket = |bound: &str| -> String {
+            let le = format!(r#"le="{bound}""#);
+            text.lines()
+                .filter(|line| line.starts_with("gatehouse_request_duration_seconds_bucket{"))
+                .find(|line| line.contains(&le))
+                .and_then(|line| line.rsplit(' ').next())
+                .unwrap_or_else(|| panic!("no bucket `{le}` in:\n{text}"))
+                .to_owned()
+        };
+        assert_eq!(bucket("120.0"), "0");
+        assert_eq!(bucket("180.0"), "0");
+        assert_eq!(bucket("300.0"), "1");
+        assert_eq!(bucket("600.0"), "2");
     }
 }
