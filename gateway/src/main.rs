@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use gatehouse_audit::azure_monitor::AzureMonitorSink;
 use gatehouse_audit::sql::SqlStore;
-use gatehouse_audit::{AuditQueue, AuditSink, JsonLinesSink, QueueSettings};
+use gatehouse_audit::{AuditQueue, AuditSink, JsonLinesSink, QueueSettings, WriterHandle};
 use gatehouse_gateway::entra_credential::{TokenCredential, is_key_vault};
 use gatehouse_gateway::gateway_claim::GatewayIdClaim;
 use gatehouse_gateway::key_vault::KeyVaultClient;
@@ -385,6 +385,7 @@ async fn serve(file: ConfigFile) -> anyhow::Result<()> {
     let _state_lock = StateDirLock::take(&settings.state_dir)?;
     let secrets = secret_settings(&settings)?;
     let mut claim = None;
+    let journal_dir = settings.state_dir.join("audit-journal");
     let (audit, writer) = match audit_sink(&settings.audit).await? {
         Some((sink, store)) => {
             // Before the journal is replayed and before any call: a gateway_id held by a running
@@ -403,7 +404,7 @@ async fn serve(file: ConfigFile) -> anyhow::Result<()> {
             let queue_settings = QueueSettings {
                 capacity: settings.audit.queue_capacity,
                 max_bytes: settings.audit.queue_max_bytes,
-                journal_dir: Some(settings.state_dir.join("audit-journal")),
+                journal_dir: Some(journal_dir.clone()),
                 sink_timeout: Duration::from_millis(settings.audit.sink_timeout_ms),
                 journal_max_bytes: settings.audit.journal_max_bytes,
                 fail_closed: settings.audit.fail_closed,
@@ -456,15 +457,180 @@ async fn serve(file: ConfigFile) -> anyhow::Result<()> {
     task.await??;
     // Every response is finished, so every record is queued; flush them.
     drop(gateway);
-    if let Some(writer) = writer {
-        writer.finish().await;
-    }
+    let flushed = match writer {
+        Some(writer) => {
+            let limit = Duration::from_millis(settings.audit.sink_timeout_ms) + FLUSH_GRACE;
+            flush_audit(writer, limit, &journal_dir).await
+        }
+        None => Ok(()),
+    };
     if let Some(renewing) = renewing {
         renewing.abort();
     }
     if let Some(claim) = claim {
         claim.release().await;
     }
+    flushed?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How long the audit queue's last flush may take at shutdown beyond one sink timeout (a sink
+/// write in flight ends or goes to the journal after one): time to append what is left to the
+/// journal on a slow disk.
+const FLUSH_GRACE: Duration = Duration::from_secs(30);
+
+/// Waits at most `limit` for the audit writer to store or journal every record it was handed.
+/// An error (the process then exits non-zero) when records were lost: could be neither stored
+/// nor journaled, or were still in memory when the limit passed (the writer without a journal
+/// retries a failing sink for ever, a journal on a hung disk never answers).
+async fn flush_audit(
+    writer: WriterHandle,
+    limit: Duration,
+    journal_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let Ok(stats) = tokio::time::timeout(limit, writer.finish()).await else {
+        tracing::error!(
+            limit_ms = limit.as_millis(),
+            journal = %journal_dir.display(),
+            "the audit queue was not flushed in time: the records still in memory are lost; \
+             those already in the journal are replayed at the next start"
+        );
+        anyhow::bail!(
+            "the audit queue was not flushed within {} ms: records lost",
+            limit.as_millis()
+        );
+    };
+    if stats.depth > 0 {
+        tracing::error!(
+            lost = stats.depth,
+            journaled = stats.journal_records,
+            journal = %journal_dir.display(),
+            "audit records could be neither stored nor journaled at shutdown: lost"
+        );
+        anyhow::bail!(
+            "{} audit records could be neither stored nor journaled at shutdown",
+            stats.depth
+        );
+    }
+    if stats.journal_records > 0 {
+        tracing::info!(
+            journaled = stats.journal_records,
+            journal = %journal_dir.display(),
+            "audit records stay in the journal; the next start stores them"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::future::BoxFuture;
+    use gatehouse_audit::SinkError;
+    use gatehouse_schema::AuditRecord;
+
+    use super::*;
+
+    /// A sink whose writes never end.
+    struct Hanging;
+
+    impl AuditSink for Hanging {
+        fn write_batch<'a>(&'a self, _: &'a [AuditRecord]) -> BoxFuture<'a, Result<(), SinkError>> {
+            Box::pin(std::future::pending())
+        }
+
+        fn name(&self) -> &'static str {
+            "hanging"
+        }
+    }
+
+    /// A sink whose writes fail at once.
+    struct Failing;
+
+    impl AuditSink for Failing {
+        fn write_batch<'a>(&'a self, _: &'a [AuditRecord]) -> BoxFuture<'a, Result<(), SinkError>> {
+            Box::pin(async { Err(SinkError::Io(std::io::Error::other("the store is down"))) })
+        }
+
+        fn name(&self) -> &'static str {
+            "failing"
+        }
+    }
+
+    /// A record of a call with id `id`.
+    fn record(id: &str) -> AuditRecord {
+        serde_json::from_value(serde_json::json!({
+            "TimeGenerated": "2026-01-01T00:00:00Z", "CorrelationId": id, "GatewayId": "test",
+            "CallerIpAddress": "127.0.0.1", "PeerIpAddress": "127.0.0.1", "Method": "POST",
+            "Url": "/", "ClientProtocol": "HTTP/1.1", "ResponseCode": 200,
+            "IsRequestSuccess": true, "RequestSize": 0, "ResponseSize": 0, "TotalTime": 0,
+            "BackendTime": 0, "IsStreamCompletion": false, "RequestBodyTruncated": false,
+            "ResponseBodyTruncated": false, "ClientAborted": false,
+        }))
+        .unwrap()
+    }
+
+    /// A writer without a journal retries a sink that never answers for ever: the flush gives up
+    /// at its limit, and the process is to exit non-zero.
+    #[tokio::test]
+    async fn a_flush_that_does_not_end_in_time_is_an_error() {
+        let (queue, writer) = AuditQueue::start(Arc::new(Hanging), 16);
+        assert!(queue.submit(record("kept-in-memory")));
+        drop(queue);
+        let dir = tempfile::tempdir().unwrap();
+        // Bounded, so that a flush without a limit fails the test instead of hanging it.
+        let flushed = tokio::time::timeout(
+            Duration::from_secs(20),
+            flush_audit(writer, Duration::from_millis(200), dir.path()),
+        )
+        .await
+        .expect("the flush gives up at its limit");
+        let error = flushed.expect_err("records were lost");
+        assert!(error.to_string().contains("not flushed"), "{error}");
+    }
+
+    /// Records that neither the sink nor the journal takes at shutdown are lost: the flush says
+    /// so, and the process is to exit non-zero.
+    #[tokio::test]
+    async fn records_neither_stored_nor_journaled_are_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal_dir = dir.path().join("audit-journal");
+        let settings = QueueSettings {
+            journal_dir: Some(journal_dir.clone()),
+            ..QueueSettings::default()
+        };
+        let (queue, writer) = AuditQueue::start_with(Arc::new(Failing), settings)
+            .await
+            .unwrap();
+        // The journal's directory becomes a file: no segment can be made in it.
+        std::fs::remove_dir_all(&journal_dir).unwrap();
+        std::fs::write(&journal_dir, "not a directory").unwrap();
+        assert!(queue.submit(record("lost")));
+        drop(queue);
+        let flushed = tokio::time::timeout(
+            Duration::from_secs(20),
+            flush_audit(writer, Duration::from_secs(15), &journal_dir),
+        )
+        .await
+        .expect("the writer stops");
+        let error = flushed.expect_err("the record was lost");
+        assert!(
+            error.to_string().contains("neither stored nor journaled"),
+            "{error}"
+        );
+    }
+
+    /// A flush that stores everything is no error.
+    #[tokio::test]
+    async fn a_flush_that_stores_everything_is_fine() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = Arc::new(gatehouse_audit::MemorySink::default());
+        let (queue, writer) = AuditQueue::start(sink.clone(), 16);
+        assert!(queue.submit(record("stored")));
+        drop(queue);
+        flush_audit(writer, Duration::from_secs(15), dir.path())
+            .await
+            .unwrap();
+        assert_eq!(sink.records().len(), 1);
+    }
 }

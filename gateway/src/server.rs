@@ -22,6 +22,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto::Builder as HttpBuilder;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::watch;
 use tower::ServiceExt as _;
 
 use crate::app::{Gateway, ROUTED_PATHS};
@@ -35,11 +36,17 @@ pub struct Listening {
     pub addr: SocketAddr,
     /// Controls shutdown.
     pub handle: Handle,
+    /// Set when shutdown begins: connections still in their TLS handshake are dropped then.
+    stopping: Arc<watch::Sender<bool>>,
 }
 
 impl Listening {
     /// Stops accepting, lets in-flight calls (streams included) finish for up to `drain`.
+    /// Connections still in their TLS handshake are closed at once: they carry no call, and
+    /// would otherwise hold the gateway (and the audit queue's last flush) until their handshake
+    /// ends or times out.
     pub fn shutdown(&self, drain: Duration) {
+        self.stopping.send_replace(true);
         self.handle.graceful_shutdown(Some(drain));
     }
 }
@@ -60,6 +67,7 @@ pub async fn spawn(
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
     let handle = Handle::new();
+    let (stopping, stopping_seen) = watch::channel(false);
     let timeouts = gateway.client_timeouts;
     let service = Connections {
         router: gateway.router(),
@@ -73,14 +81,18 @@ pub async fn spawn(
                     inner: axum_server::accept::NoDelayAcceptor::new(),
                     first_byte: timeouts.request_head,
                     send: timeouts.send,
+                    stopping: stopping_seen,
                 })
                 .handle(handle.clone());
             limit_idle_clients(server.http_builder(), timeouts.request_head);
             tokio::spawn(async move { server.serve(service).await })
         }
         Some(tls) => {
+            // Taken before the files are read: a renewal landing while they are is then seen as a
+            // change and loaded.
+            let loaded = certificate_times(&tls);
             let config = RustlsConfig::from_pem_file(&tls.cert_file, &tls.key_file).await?;
-            tokio::spawn(watch_certificates(config.clone(), tls));
+            tokio::spawn(watch_certificates(config.clone(), tls, loaded));
             let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(config)
                 .acceptor(axum_server::accept::NoDelayAcceptor::new());
             let mut server = axum_server::from_tcp(listener)
@@ -88,13 +100,21 @@ pub async fn spawn(
                     inner: acceptor,
                     first_byte: timeouts.request_head,
                     send: timeouts.send,
+                    stopping: stopping_seen,
                 })
                 .handle(handle.clone());
             limit_idle_clients(server.http_builder(), timeouts.request_head);
             tokio::spawn(async move { server.serve(service).await })
         }
     };
-    Ok((Listening { addr, handle }, task))
+    Ok((
+        Listening {
+            addr,
+            handle,
+            stopping: Arc::new(stopping),
+        },
+        task,
+    ))
 }
 
 /// Closes connections whose client has gone quiet: an HTTP/1.1 connection whose next request
@@ -114,8 +134,9 @@ fn limit_idle_clients(builder: &mut HttpBuilder<TokioExecutor>, after: Duration)
         .keep_alive_timeout(after);
 }
 
-/// Wraps an acceptor so that each connection keeps two deadlines of its own (after the TLS
-/// handshake, which has its own timeout):
+/// Wraps an acceptor so that a connection still in its TLS handshake when shutdown begins is
+/// dropped (axum-server awaits the handshake without looking at the shutdown), and each
+/// connection keeps two deadlines of its own (after the TLS handshake, which has its own timeout):
 ///
 /// - **first byte**: a connection on which no byte arrives within `first_byte` of its acceptance
 ///   is closed. hyper's header read timeout covers a request head once the connection is served
@@ -129,6 +150,8 @@ struct ClientDeadlines<A> {
     inner: A,
     first_byte: Duration,
     send: Duration,
+    /// Becomes `true` when shutdown begins.
+    stopping: watch::Receiver<bool>,
 }
 
 impl<A, I, S> Accept<I, S> for ClientDeadlines<A>
@@ -145,8 +168,24 @@ where
     fn accept(&self, stream: I, service: S) -> Self::Future {
         let (first_byte, send) = (self.first_byte, self.send);
         let accepted = self.inner.accept(stream, service);
+        let mut stopping = self.stopping.clone();
         Box::pin(async move {
-            let (stream, service) = accepted.await?;
+            let stopped = async move {
+                // A sender gone without a shutdown (its `Listening` dropped) stops nothing.
+                if stopping.wait_for(|stopping| *stopping).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            };
+            let (stream, service) = tokio::select! {
+                biased;
+                () = stopped => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "the gateway is shutting down",
+                    ));
+                }
+                accepted = accepted => accepted?,
+            };
             let stream = ClientStream {
                 inner: stream,
                 first_byte: Some(Box::pin(tokio::time::sleep(first_byte))),
@@ -315,22 +354,29 @@ impl tower::Service<http::Request<Incoming>> for ConnectionService {
     }
 }
 
+/// The modification times of the certificate and key files; `None` when either cannot be read.
+fn certificate_times(tls: &TlsSettings) -> Option<(SystemTime, SystemTime)> {
+    let cert = std::fs::metadata(&tls.cert_file)
+        .and_then(|m| m.modified())
+        .ok()?;
+    let key = std::fs::metadata(&tls.key_file)
+        .and_then(|m| m.modified())
+        .ok()?;
+    Some((cert, key))
+}
+
 /// Reloads the certificate and key when either file changes, so renewals need no restart.
-async fn watch_certificates(config: RustlsConfig, tls: TlsSettings) {
-    let modified = |tls: &TlsSettings| -> Option<(SystemTime, SystemTime)> {
-        let cert = std::fs::metadata(&tls.cert_file)
-            .and_then(|m| m.modified())
-            .ok()?;
-        let key = std::fs::metadata(&tls.key_file)
-            .and_then(|m| m.modified())
-            .ok()?;
-        Some((cert, key))
-    };
-    let mut seen = modified(&tls);
+/// `loaded` is the files' modification times taken before `config` was read from them.
+async fn watch_certificates(
+    config: RustlsConfig,
+    tls: TlsSettings,
+    loaded: Option<(SystemTime, SystemTime)>,
+) {
+    let mut seen = loaded;
     let mut ticker = tokio::time::interval(Duration::from_secs(tls.reload_interval_seconds.max(1)));
     loop {
         ticker.tick().await;
-        let now = modified(&tls);
+        let now = certificate_times(&tls);
         if now.is_some() && now != seen {
             match config
                 .reload_from_pem_file(&tls.cert_file, &tls.key_file)
@@ -367,5 +413,61 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = interrupt => {},
         () = terminate => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes a new self-signed certificate and its key to the files `tls` names.
+    fn write_certificate(tls: &TlsSettings) {
+        let issued = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        std::fs::write(&tls.cert_file, issued.cert.pem()).unwrap();
+        std::fs::write(&tls.key_file, issued.key_pair.serialize_pem()).unwrap();
+    }
+
+    /// A renewal that lands after the certificate's modification times were taken but before
+    /// the watcher looks at them is loaded at the watcher's first look.
+    #[tokio::test]
+    async fn a_renewal_landing_while_the_certificate_loads_is_picked_up() {
+        install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let tls = TlsSettings {
+            cert_file: dir.path().join("cert.pem"),
+            key_file: dir.path().join("key.pem"),
+            reload_interval_seconds: 1,
+        };
+        write_certificate(&tls);
+        // What `spawn` does: the times, then the files.
+        let loaded = certificate_times(&tls);
+        let config = RustlsConfig::from_pem_file(&tls.cert_file, &tls.key_file)
+            .await
+            .unwrap();
+        let first = config.get_inner();
+        // The renewal, dated a minute on so that a coarse file system clock cannot give it the
+        // times of the first files.
+        write_certificate(&tls);
+        let later = SystemTime::now() + Duration::from_secs(60);
+        for path in [&tls.cert_file, &tls.key_file] {
+            std::fs::File::options()
+                .write(true)
+                .open(path)
+                .unwrap()
+                .set_modified(later)
+                .unwrap();
+        }
+        let watcher = tokio::spawn(watch_certificates(config.clone(), tls, loaded));
+        // Bounded, so that a watcher that never reloads fails the test instead of hanging it.
+        let mut reloaded = false;
+        for _ in 0..50 {
+            if !Arc::ptr_eq(&first, &config.get_inner()) {
+                reloaded = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        watcher.abort();
+        assert!(reloaded, "the renewed certificate was not loaded");
     }
 }

@@ -1,9 +1,12 @@
 //! The HTTP client that calls backend members on the hot path.
 //!
 //! It is hyper-util's connection-pooling client over a plain `HttpConnector` (TCP_NODELAY, TCP
-//! keep-alive, the member's connect timeout) wrapped in hyper-rustls: the system roots plus the
-//! member's private CA, its client certificate for mutual TLS, ALPN offering `h2` and `http/1.1`
-//! (HTTP/2 wherever a TLS backend picks it), and redirects never followed. It replaced reqwest
+//! keep-alive) wrapped in hyper-rustls: the system roots plus the member's private CA, its client
+//! certificate for mutual TLS, ALPN offering `h2` and `http/1.1` (HTTP/2 wherever a TLS backend
+//! picks it), and redirects never followed. The member's connect timeout bounds the TCP
+//! connection and the TLS handshake together ([`TimedConnector`]): a backend that accepts the
+//! connection and stalls the handshake is a connect failure, so the call goes to the next member
+//! (nothing was sent) instead of waiting for the response timeout. It replaced reqwest
 //! there because reqwest's extra layers (its own request and response types, a boxed body per
 //! call, proxy matching, header defaults) cost CPU on every call; reqwest stays for the other
 //! outbound calls (Entra, Key Vault, Graph).
@@ -13,6 +16,7 @@
 //! goes through a reqwest client built with the same settings, which speaks to the proxy.
 
 use std::error::Error as StdError;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -43,7 +47,7 @@ const PROXY_VARIABLES: &[&str] = &["HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY"];
 /// A client for one TLS setting and connect timeout; cheap to clone (the pool is shared).
 #[derive(Clone)]
 pub struct BackendClient {
-    direct: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    direct: Client<TimedConnector, Full<Bytes>>,
     /// Set only when the environment names a proxy: which URLs it covers, and a client for them.
     proxy: Option<(std::sync::Arc<Matcher>, reqwest::Client)>,
 }
@@ -136,6 +140,10 @@ impl BackendClient {
             .https_or_http()
             .enable_all_versions()
             .wrap_connector(http);
+        let https = TimedConnector {
+            inner: https,
+            timeout: connect_timeout,
+        };
         let direct = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
@@ -204,6 +212,42 @@ impl BackendClient {
     }
 }
 
+/// The HTTPS connector under one deadline for the TCP connection and the TLS handshake together
+/// (`HttpConnector`'s own connect timeout covers the TCP part alone, and hyper-rustls sets none on
+/// the handshake). A connection not ready in time fails like a refused one: hyper-util reports
+/// what a connector returns as a connect error.
+#[derive(Clone)]
+struct TimedConnector {
+    inner: HttpsConnector<HttpConnector>,
+    timeout: Duration,
+}
+
+/// A connection (TCP, and TLS for `https`) not made within the connect timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("no connection (TCP and TLS handshake) within {} ms", .0.as_millis())]
+struct ConnectTimedOut(Duration);
+
+impl tower::Service<Uri> for TimedConnector {
+    type Response = <HttpsConnector<HttpConnector> as tower::Service<Uri>>::Response;
+    type Error = Box<dyn StdError + Send + Sync>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.inner.call(uri);
+        let timeout = self.timeout;
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, connecting).await {
+                Ok(connected) => connected,
+                Err(_) => Err(ConnectTimedOut(timeout).into()),
+            }
+        })
+    }
+}
+
 /// A backend's response body as it streams in.
 #[derive(Debug)]
 pub enum UpstreamBody {
@@ -262,6 +306,13 @@ fn tls_config(tls: &BackendTls) -> Result<rustls::ClientConfig, String> {
         let certificates = CertificateDer::pem_slice_iter(&pem)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("CA file `{path}` holds no valid PEM certificate: {e}"))?;
+        // A DER file, a key or an empty file holds no PEM certificate: taken as it is, every
+        // call to the member would then fail its TLS handshake.
+        if certificates.is_empty() {
+            return Err(format!(
+                "ca_file `{path}` holds no PEM certificate (`-----BEGIN CERTIFICATE-----`); a DER file, a key or an empty file cannot be used"
+            ));
+        }
         for certificate in certificates {
             roots
                 .add(certificate)

@@ -527,6 +527,52 @@ async fn a_call_creating_an_object_is_not_sent_again_after_a_member_timed_out() 
     assert_eq!(third.hits(), 1);
 }
 
+/// A member that accepts the TCP connection and never answers the TLS ClientHello has not
+/// received the call: past its connect timeout (which covers the handshake) the attempt is a
+/// connect failure, and even a call that creates an object goes on to the next member.
+#[tokio::test]
+async fn a_member_that_stalls_the_tls_handshake_fails_over_as_a_connect_failure() {
+    let (silent, hellos) = silent_backend().await;
+    let stalling = silent.replace("http://", "https://");
+    let second = simulator("second").await;
+    let mut first = member("stalling", &stalling, 1);
+    first["connect_timeout_ms"] = json!(200);
+    // Long enough to tell the two timeouts apart, short enough that a gateway that waits for
+    // it fails the test instead of hanging it.
+    first["response_timeout_ms"] = json!(10_000);
+    let gw = TestGateway::start(snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o"], "serves_resources": true, "members": [
+            first,
+            member("second", &second.url(), 2),
+        ]}]),
+    ))
+    .await;
+    let (status, body) = upload_file(&gw).await;
+    assert_eq!(
+        status, 200,
+        "the upload goes on to the second member: {body}"
+    );
+    assert_eq!(
+        (hellos.load(Ordering::SeqCst), second.hits()),
+        (1, 1),
+        "the stalling member got a ClientHello and nothing else"
+    );
+    let records = gw.records(1).await;
+    let attempts = &records[0].attempts;
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    assert_eq!(attempts[0].backend_id, "stalling");
+    assert_eq!(attempts[0].status, None);
+    assert_eq!(attempts[0].error.as_deref(), Some("connect_failed"));
+    assert_eq!(attempts[1].status, Some(200));
+    assert!(
+        gw.metrics()
+            .await
+            .contains(r#"backend="stalling",outcome="connect_failed""#),
+        "the connect failure is counted"
+    );
+}
+
 #[tokio::test]
 async fn a_member_that_does_not_answer_in_time_is_set_aside_and_the_next_one_answers() {
     let (silent, silent_requests) = silent_backend().await;

@@ -209,3 +209,87 @@ async fn backends_behind_a_private_ca_with_mutual_tls() {
     azure_error(response, 503).await;
     assert_eq!(state.hits(), 1);
 }
+
+/// A `ca_file` that holds no PEM certificate (an empty file, a DER file, a key) is refused with
+/// the snapshot, naming the member's `tls` and the file: taken, it would make every call to the
+/// member fail its TLS handshake.
+#[tokio::test]
+async fn a_ca_file_without_a_pem_certificate_is_refused_with_the_snapshot() {
+    let sim = simulator("ca-file").await;
+    let pool = |member: serde_json::Value| json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member]}]);
+    let gw = TestGateway::start(snapshot(1, pool(member("a", &sim.url(), 1)))).await;
+    let ca = Authority::new("Some CA");
+    let (_, key) = ca.issue(&["localhost"]);
+    let dir = tempfile::tempdir().unwrap();
+    for (name, contents) in [
+        ("empty.pem", Vec::new()),
+        ("ca.der", ca.cert.der().to_vec()),
+        ("key.pem", key.into_bytes()),
+    ] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, contents).unwrap();
+        let mut private = member("private", "https://127.0.0.1:1", 1);
+        private["tls"] = json!({"ca_file": path});
+        let response = gw.push_config(&snapshot(2, pool(private))).await;
+        let message = azure_error(response, 422).await;
+        assert!(
+            message.starts_with("pools[0].members[0].tls: ")
+                && message.contains(&format!("`{}`", path.display()))
+                && message.contains("PEM certificate"),
+            "{name}: {message}"
+        );
+    }
+    assert_eq!(gw.gateway.runtime().snapshot.version, 1, "nothing changed");
+}
+
+/// A connection still in its TLS handshake when shutdown begins carries no call: it is closed at
+/// once, instead of holding the gateway (and so the audit queue's last flush) until its
+/// handshake times out, 10 s later; the drain here is a minute.
+#[tokio::test]
+async fn a_connection_in_its_tls_handshake_at_shutdown_is_closed_at_once() {
+    use tokio::io::AsyncReadExt as _;
+
+    let gw = TestGateway::start(snapshot(1, json!([]))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let (cert, key) = Authority::new("CA").issue(&["localhost", "127.0.0.1"]);
+    std::fs::write(&cert_file, cert).unwrap();
+    std::fs::write(&key_file, key).unwrap();
+    let tls = TlsSettings {
+        cert_file,
+        key_file,
+        reload_interval_seconds: 10,
+    };
+    let (listening, task) = server::spawn(
+        Arc::clone(&gw.gateway),
+        "127.0.0.1:0".parse().unwrap(),
+        Some(tls),
+    )
+    .await
+    .unwrap();
+    // A client that connects and sends no ClientHello: the server waits in the handshake.
+    let mut socket = tokio::net::TcpStream::connect(listening.addr)
+        .await
+        .unwrap();
+    for _ in 0..500 {
+        if listening.handle.connection_count() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(listening.handle.connection_count(), 1, "the server took it");
+
+    listening.shutdown(Duration::from_secs(60));
+    // Bounded below the handshake timeout: a server that waits for the handshake ends only then.
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("the server stops without waiting for the handshake")
+        .unwrap()
+        .unwrap();
+    assert_eq!(listening.handle.connection_count(), 0);
+    let mut buffer = [0_u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), socket.read(&mut buffer))
+        .await
+        .expect("the connection is closed");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+}
