@@ -10,19 +10,24 @@ mod common;
 
 use common::{ADMIN_TOKEN, TestGateway, admin, gateway_at};
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
 use axum::{Json, Router};
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use gatehouse_audit::AuditRecord;
-use gatehouse_portal_core::insights::AuditSource;
 use gatehouse_portal_core::insights::alerts::{
     AlertRule, AlertSetupError, Alerter, parse_rules, quota_window,
 };
 use gatehouse_portal_core::insights::embedded::EmbeddedSource;
+use gatehouse_portal_core::insights::{
+    Answer, AuditSource, CallFull, CallPage, ChainCheck, Figures, Granularity, InsightsError,
+    SearchRequest, TimeRange, UsagePoint, UsageRequest, UsageTotal,
+};
 use gatehouse_portal_core::ops::{NewSubscription, PortalSettings};
 use gatehouse_portal_core::pools::{MemberInput, PoolInput};
 use gatehouse_portal_core::push::Publisher;
@@ -234,6 +239,191 @@ async fn each_usage_rule_fires_once_and_resolves_once(db: ConfigDb) {
     assert_eq!(next_day.len(), 1);
     assert!(next_day[0].starts_with("RESOLVED: red budget: 0 tokens today"));
     assert_eq!(receiver.messages.lock().unwrap().len(), 6);
+}
+
+/// The embedded store, with a `PartialError` warning beside every answer while `partial` is set
+/// (what the Log Analytics source returns when a query passes the Query API's limits: the rows
+/// it could read, and the warning), counting the questions asked bucket by bucket.
+#[derive(Debug)]
+struct PartialSource {
+    inner: EmbeddedSource,
+    partial: AtomicBool,
+    bucketed: AtomicU32,
+}
+
+impl PartialSource {
+    fn with_warnings<T>(&self, mut answer: Answer<T>) -> Answer<T> {
+        if self.partial.load(Ordering::SeqCst) {
+            answer.warnings.push("PartialError: There were some errors when processing your query.; Query result set has exceeded the internal record count limit 500000".to_owned());
+        }
+        answer
+    }
+}
+
+impl AuditSource for PartialSource {
+    fn kind(&self) -> &'static str {
+        "partial"
+    }
+
+    fn figures(
+        &self,
+        range: TimeRange,
+        granularity: Granularity,
+    ) -> BoxFuture<'_, Result<Answer<Figures>, InsightsError>> {
+        async move {
+            let answer = self.inner.figures(range, granularity).await?;
+            Ok(self.with_warnings(answer))
+        }
+        .boxed()
+    }
+
+    fn usage<'a>(
+        &'a self,
+        request: &'a UsageRequest,
+    ) -> BoxFuture<'a, Result<Answer<Vec<UsagePoint>>, InsightsError>> {
+        async move {
+            self.bucketed.fetch_add(1, Ordering::SeqCst);
+            let answer = self.inner.usage(request).await?;
+            Ok(self.with_warnings(answer))
+        }
+        .boxed()
+    }
+
+    fn usage_totals<'a>(
+        &'a self,
+        request: &'a UsageRequest,
+    ) -> BoxFuture<'a, Result<Answer<Vec<UsageTotal>>, InsightsError>> {
+        async move {
+            let answer = self.inner.usage_totals(request).await?;
+            Ok(self.with_warnings(answer))
+        }
+        .boxed()
+    }
+
+    fn search<'a>(
+        &'a self,
+        request: &'a SearchRequest,
+    ) -> BoxFuture<'a, Result<Answer<CallPage>, InsightsError>> {
+        self.inner.search(request)
+    }
+
+    fn call<'a>(
+        &'a self,
+        correlation_id: &'a str,
+    ) -> BoxFuture<'a, Result<Answer<Option<CallFull>>, InsightsError>> {
+        self.inner.call(correlation_id)
+    }
+
+    fn verify_chain<'a>(
+        &'a self,
+        call: &'a CallFull,
+    ) -> BoxFuture<'a, Result<ChainCheck, InsightsError>> {
+        self.inner.verify_chain(call)
+    }
+}
+
+async fn a_partial_answer_neither_fires_nor_resolves(db: ConfigDb) {
+    let (receiver, hook) = receiver().await;
+    let (embedded, _dir) = audit_store().await;
+    let portal = portal(&db);
+    db.set_setting(
+        BASE_SETTING,
+        &json!({"version": 0, "limits": [{
+            "id": "users-daily",
+            "subject": {"kind": "each_user"},
+            "token_quota": {"tokens": 1000, "period": "daily"}
+        }]})
+        .to_string(),
+    )
+    .await
+    .unwrap();
+    portal.publisher.publish("test").await.unwrap();
+    let now = datetime!(2025-03-12 12:00 UTC);
+    embedded
+        .store()
+        .write(&[usage(1, now - Duration::minutes(5), "team-a", "oid-1", 900)])
+        .await
+        .unwrap();
+    let source = Arc::new(PartialSource {
+        inner: embedded,
+        partial: AtomicBool::new(true),
+        bucketed: AtomicU32::new(0),
+    });
+    let rules = rules(json!([
+        {"name": "budget", "condition": {"kind": "daily_tokens", "dimension": "group", "value": "g-red", "above": 500}},
+        {"name": "quota", "condition": {"kind": "quota_nearly_used", "percent": 75}},
+        {"name": "slow", "condition": {"kind": "latency_p95", "minutes": 10, "above_ms": 50}},
+        {"name": "errors", "condition": {"kind": "error_rate", "minutes": 10, "above": 0.5, "min_requests": 1}}
+    ]));
+    let shared: Arc<dyn AuditSource> = Arc::clone(&source) as Arc<dyn AuditSource>;
+    let alerter = Alerter::new(db, Some(shared), rules, Some(hook))
+        .await
+        .unwrap();
+    let partial = "the audit source answered in part: PartialError: There were some errors";
+
+    // Above every threshold but errors, answered in part: nothing fires; the page says why.
+    assert_eq!(alerter.tick(now).await, Vec::<String>::new());
+    for state in alerter.states() {
+        assert!(!state.firing, "{state:?}");
+        assert!(
+            state.error.as_deref().is_some_and(|e| e.contains(partial)),
+            "{state:?}"
+        );
+    }
+    assert!(
+        alerter.states()[1]
+            .error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("limit rule users-daily: ")),
+        "{:?}",
+        alerter.states()[1]
+    );
+
+    // Answered in full: they fire.
+    source.partial.store(false, Ordering::SeqCst);
+    let fired = alerter.tick(now + Duration::minutes(1)).await;
+    assert_eq!(fired.len(), 3, "{fired:?}");
+    assert!(
+        fired[0].starts_with("FIRING: budget: 900 tokens today"),
+        "{fired:?}"
+    );
+    assert!(
+        fired[1].starts_with("FIRING: quota: user oid-1 used 900 of 1000"),
+        "{fired:?}"
+    );
+    assert!(fired[2].starts_with("FIRING: slow: "), "{fired:?}");
+    assert!(alerter.states().iter().all(|s| s.error.is_none()));
+
+    // The next day nothing holds any more, but the answers are partial: nothing resolves, the
+    // state is kept.
+    source.partial.store(true, Ordering::SeqCst);
+    let tomorrow = now + Duration::days(1);
+    assert_eq!(alerter.tick(tomorrow).await, Vec::<String>::new());
+    let states = alerter.states();
+    assert!(
+        states[0].firing && states[1].firing && states[2].firing,
+        "{states:?}"
+    );
+    assert_eq!(states[1].subjects.len(), 1);
+    assert_eq!(states[1].subjects[0].subject, "users-daily/user/oid-1");
+    assert!(
+        states[..3]
+            .iter()
+            .all(|s| s.error.as_deref().is_some_and(|e| e.contains(partial))),
+        "{states:?}"
+    );
+
+    // Answered in full again: they resolve, once.
+    source.partial.store(false, Ordering::SeqCst);
+    let resolved = alerter.tick(tomorrow + Duration::minutes(1)).await;
+    assert_eq!(resolved.len(), 3, "{resolved:?}");
+    assert!(
+        resolved.iter().all(|r| r.starts_with("RESOLVED: ")),
+        "{resolved:?}"
+    );
+    assert_eq!(receiver.messages(), [fired, resolved].concat());
+    // The quota and the budget are totals per subject: never a row per subject and bucket.
+    assert_eq!(source.bucketed.load(Ordering::SeqCst), 0);
 }
 
 /// Two simulators in pool `chat`: `flaky` tried first, `steady` behind it; a key that may call.
@@ -882,4 +1072,5 @@ on_both_engines!(
     a_quota_nearly_used_fires_and_resolves_with_the_next_period,
     a_key_expiring_fires_and_resolves,
     the_state_survives_a_restart,
+    a_partial_answer_neither_fires_nor_resolves,
 );

@@ -4,7 +4,7 @@
 //! `{"tables": [{"name", "columns": [{"name", "type"}], "rows"}]}`, a non-fatal
 //! `"error": {"code": "PartialError", …}` beside the tables, 429 with `Retry-After`; client
 //! credentials token answer `{"token_type", "expires_in", "access_token"}`).
-#![expect(clippy::unwrap_used, reason = "test code")]
+#![expect(clippy::unwrap_used, clippy::panic, reason = "test code")]
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,15 +15,17 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
+use futures::StreamExt;
 use gatehouse_portal_core::insights::log_analytics::{
     ClientCredentials, LogAnalyticsSettings, LogAnalyticsSource,
 };
 use gatehouse_portal_core::insights::{
     AuditSource, Dimension, Granularity, InsightsError, SearchForm, SearchRequest, TimeRange,
-    UsageRequest,
+    UsageRequest, export,
 };
 use gatehouse_schema::config::SecretRef;
 use serde_json::{Value, json};
+use time::OffsetDateTime;
 use time::macros::datetime;
 
 const WORKSPACE: &str = "0b9d5a3e-1111-4c2b-9d2e-0123456789ab";
@@ -42,6 +44,14 @@ struct Double {
     retry_after: AtomicU32,
     /// The token endpoint refuses (echoing the secret, as a careless endpoint might).
     refuse_tokens: AtomicU32,
+    /// The gateway-log rows a search reads: (time in ticks since the Unix epoch, correlation
+    /// id); empty: the seven rows of [`default_calls`].
+    calls: Mutex<Vec<(i128, String)>>,
+    /// From the N-th search on (1-based; 0: never), the answer is partial: half its rows and a
+    /// `PartialError`, as when a query passes the Query API's limits.
+    partial_from_search: AtomicU32,
+    /// Searches answered.
+    searches: AtomicU32,
 }
 
 async fn token(
@@ -94,10 +104,45 @@ const SUMMARY: [(&str, &str); 12] = [
     ("TotalTime", "long"),
 ];
 
-fn summary_row(i: u32) -> Value {
+/// Ticks (100 ns, the unit Log Analytics keeps times in) in a second.
+const TICKS_PER_SECOND: i128 = 10_000_000;
+
+fn ticks(at: OffsetDateTime) -> i128 {
+    at.unix_timestamp_nanos() / 100
+}
+
+/// A time as the Query API writes a `datetime` cell: RFC 3339, UTC, seven fractional digits.
+fn tick_text(ticks: i128) -> String {
+    let seconds = ticks.div_euclid(TICKS_PER_SECOND);
+    let at = OffsetDateTime::from_unix_timestamp(i64::try_from(seconds).unwrap()).unwrap();
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:07}Z",
+        at.year(),
+        u8::from(at.month()),
+        at.day(),
+        at.hour(),
+        at.minute(),
+        at.second(),
+        ticks.rem_euclid(TICKS_PER_SECOND)
+    )
+}
+
+/// `call-0` … `call-6`, a minute apart from 10:59:00.5 back.
+fn default_calls() -> Vec<(i128, String)> {
+    (0..7)
+        .map(|i| {
+            (
+                ticks(datetime!(2026-12-01 10:59:00.5 UTC) - time::Duration::minutes(i)),
+                format!("call-{i}"),
+            )
+        })
+        .collect()
+}
+
+fn summary_row(ticks: i128, id: &str) -> Value {
     json!([
-        format!("2026-12-01T10:{:02}:00.5Z", 59 - i),
-        format!("call-{i}"),
+        tick_text(ticks),
+        id,
         "chatcompletions_create",
         "chat",
         "gpt-4o",
@@ -109,6 +154,70 @@ fn summary_row(i: u32) -> Value {
         30,
         120
     ])
+}
+
+/// The value of the KQL string literal at the start of `text` (after its opening quote), as
+/// `kql::string_literal` escapes it, and the text after its closing quote.
+fn literal_value(text: &str) -> (String, &str) {
+    let mut value = String::new();
+    let mut chars = text.char_indices();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '"' => return (value, &text[i + 1..]),
+            '\\' => match chars.next().unwrap().1 {
+                't' => value.push('\t'),
+                'n' => value.push('\n'),
+                other => value.push(other),
+            },
+            c => value.push(c),
+        }
+    }
+    panic!("unterminated literal: {text}")
+}
+
+/// The left operand and the operator of every `<`, `<=`, `>`, `>=` whose right operand is a
+/// string literal. Kusto defines these between numbers, datetimes and timespans only (the
+/// "Numerical operators" reference; the "String operators" reference has none, strings
+/// compare with `==`, `has`, … or `strcmp()`): such a query is refused with 400.
+fn string_comparisons(kql: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for (i, c) in kql.char_indices() {
+        if c != '<' && c != '>' {
+            continue;
+        }
+        let rest = kql[i + 1..].trim_start_matches('=').trim_start();
+        if rest.starts_with('"') || rest.starts_with('\'') || rest.starts_with("@\"") {
+            let left = kql[..i].split_whitespace().next_back().unwrap_or_default();
+            found.push(format!("{left} {c}"));
+        }
+    }
+    found
+}
+
+/// The keyset position of a search's next page, when it has one: the `datetime(…)` and the
+/// id of `TimeGenerated < at or (TimeGenerated == at and strcmp(CorrelationId, "id") < 0)`.
+fn after(kql: &str) -> Option<(i128, String)> {
+    let datetime = |text: &str| {
+        let at = OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|_| panic!("an unreadable datetime literal: {kql}"));
+        ticks(at)
+    };
+    let (_, rest) = kql.split_once("| where TimeGenerated < datetime(")?;
+    let (at, rest) = rest.split_once(')').unwrap();
+    let rest = rest
+        .strip_prefix(" or (TimeGenerated == datetime(")
+        .unwrap_or_else(|| panic!("an unexpected keyset filter: {kql}"));
+    let (same, rest) = rest.split_once(')').unwrap();
+    assert_eq!(datetime(at), datetime(same), "{kql}");
+    let id = rest
+        .strip_prefix(" and strcmp(CorrelationId, \"")
+        .unwrap_or_else(|| panic!("an unexpected keyset filter: {kql}"));
+    let (id, tail) = literal_value(id);
+    assert!(
+        tail.starts_with(") < 0)\n"),
+        "an unexpected keyset filter: {kql}"
+    );
+    Some((datetime(at), id))
 }
 
 async fn query(
@@ -140,6 +249,15 @@ async fn query(
     let kql = body["query"].as_str().unwrap().to_owned();
     let timespan = body["timespan"].as_str().unwrap().to_owned();
     double.queries.lock().unwrap().push((kql.clone(), timespan));
+    let compared = string_comparisons(&kql);
+    if !compared.is_empty() {
+        // A semantic error is fatal: 400 with the OneAPI error object (§4.1).
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": {"code": "BadArgumentError", "message": "The request had some invalid properties", "details": [{"code": "SemanticError", "message": format!("A semantic error occurred: cannot compare values of types string and string ({})", compared.join("; "))}]}})),
+        )
+            .into_response();
+    }
     if kql.contains("syntax-error") {
         return (
             StatusCode::BAD_REQUEST,
@@ -166,6 +284,12 @@ async fn query(
             &[("Bucket", "datetime"), ("Value", "string"), ("Requests", "long"), ("Errors", "long"), ("PromptTokens", "long"), ("CompletionTokens", "long"), ("TotalTokens", "long"), ("LatencySumMs", "long"), ("LatencyMaxMs", "long")],
             json!([["2026-12-01T10:00:00Z", "g-red", 3, 0, 30, 15, 45, 300, 150], ["2026-12-01T11:00:00Z", "g-red", "2", 1, 20, 10, 30, 200, 120]]),
         )]})
+    } else if kql.contains("by Value\n") {
+        // Usage totals: one row per value.
+        json!({"tables": [table(
+            &[("Value", "string"), ("Requests", "long"), ("Errors", "long"), ("PromptTokens", "long"), ("CompletionTokens", "long"), ("TotalTokens", "long")],
+            json!([["oid-1", 5, "1", 300, 200, 500], ["oid-2", 2, 0, 30, 20, 50]]),
+        )]})
     } else if kql.contains("by SequenceNumber") {
         json!({"tables": [table(
             &[("SequenceNumber", "int"), ("RequestMessages", "string"), ("ResponseMessages", "string")],
@@ -187,7 +311,8 @@ async fn query(
             ("ChainSequence", "long"),
             ("RecordHash", "string"),
         ]);
-        let mut row = summary_row(0).as_array().unwrap().clone();
+        let (at, id) = default_calls().swap_remove(0);
+        let mut row = summary_row(at, &id).as_array().unwrap().clone();
         row.extend([
             json!("east"),
             json!("[]"),
@@ -204,14 +329,45 @@ async fn query(
         ]);
         json!({"tables": [table(&columns, json!([row]))]})
     } else {
-        // A search: as many rows as asked for by `take` (of 7 in all).
-        let take: u32 = kql
+        // A search: the calls after the cursor, in the order of `order by TimeGenerated desc,
+        // CorrelationId desc` (ids compared character by character, as strcmp() does), as many
+        // as `take` asks for.
+        assert!(
+            kql.contains("| order by TimeGenerated desc, CorrelationId desc\n"),
+            "{kql}"
+        );
+        let take: usize = kql
             .split("| take ")
             .nth(1)
             .and_then(|t| t.split('\n').next())
             .and_then(|t| t.trim().parse().ok())
             .unwrap();
-        let rows: Vec<Value> = (0..take.min(7)).map(summary_row).collect();
+        let mut calls = double.calls.lock().unwrap().clone();
+        if calls.is_empty() {
+            calls = default_calls();
+        }
+        calls.sort_by(|a, b| b.cmp(a));
+        let cursor = after(&kql);
+        let mut rows: Vec<Value> = calls
+            .iter()
+            .filter(|(at, id)| {
+                cursor
+                    .as_ref()
+                    .is_none_or(|(after, last)| at < after || (at == after && id < last))
+            })
+            .take(take)
+            .map(|(at, id)| summary_row(*at, id))
+            .collect();
+        let search = double.searches.fetch_add(1, Ordering::SeqCst) + 1;
+        let partial_from = double.partial_from_search.load(Ordering::SeqCst);
+        if partial_from > 0 && search >= partial_from {
+            rows.truncate(rows.len() / 2);
+            return Json(json!({
+                "tables": [table(&SUMMARY, json!(rows))],
+                "error": {"code": "PartialError", "message": "There were some errors when processing your query.", "details": [{"code": "EngineError", "message": "Query result set has exceeded the internal record count limit 500000"}]}
+            }))
+            .into_response();
+        }
         json!({"tables": [table(&SUMMARY, json!(rows))]})
     };
     Json(answer).into_response()
@@ -335,14 +491,41 @@ async fn figures_usage_search_and_call_come_from_the_query_api() {
         })
         .await
         .unwrap();
-    assert!(second.value.items.len() <= 5);
+    let ids: Vec<&str> = second
+        .value
+        .items
+        .iter()
+        .map(|row| row.correlation_id.as_str())
+        .collect();
+    assert_eq!(ids, ["call-5", "call-6"]);
+    assert_eq!(second.value.next, None);
     {
         let queries = double.queries.lock().unwrap();
         let kql = &queries.last().unwrap().0;
         assert!(
-            kql.contains(r#"TimeGenerated == datetime(2026-12-01T10:55:00.500000Z) and CorrelationId < "call-4""#),
+            kql.contains(r#"TimeGenerated == datetime(2026-12-01T10:55:00.5000000Z) and strcmp(CorrelationId, "call-4") < 0)"#),
             "{kql}"
         );
+    }
+
+    // Totals per value: one row per value, no buckets.
+    let totals = source
+        .usage_totals(&UsageRequest {
+            range: range(),
+            granularity: Granularity::Hour,
+            dimension: Dimension::User,
+            only: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(totals.value.len(), 2);
+    assert_eq!(totals.value[0].value, "oid-1");
+    assert_eq!(totals.value[0].errors, 1);
+    assert_eq!(totals.value[0].total_tokens, 500);
+    {
+        let queries = double.queries.lock().unwrap();
+        let kql = &queries.last().unwrap().0;
+        assert!(!kql.contains("bin("), "{kql}");
     }
 
     // One call: the summary, flags, chain link, and the pieces joined in order.
@@ -374,6 +557,92 @@ async fn figures_usage_search_and_call_come_from_the_query_api() {
     }
     // The token was fetched once and reused.
     assert_eq!(double.tokens_issued.load(Ordering::SeqCst), 1);
+}
+
+/// 3,500 calls, seven in each microsecond, at its ticks 6, 6, 5, 4, 4, 3 and 1 (two pairs share
+/// a tick), ids falling with the time: pages of 1,000 end inside a microsecond, on the second
+/// and on the first call of a pair sharing a tick.
+fn many_calls() -> Vec<(i128, String)> {
+    let base = ticks(datetime!(2026-12-01 10:00 UTC));
+    (0..3_500_u32)
+        .map(|i| {
+            let tick = [6, 6, 5, 4, 4, 3, 1][(i % 7) as usize];
+            (
+                base - 10 * i128::from(i / 7) + tick,
+                format!("{:08x}-0000-7000-8000-{i:012x}", u32::MAX - i),
+            )
+        })
+        .collect()
+}
+
+fn whole_day() -> SearchRequest {
+    SearchRequest::parse(
+        &SearchForm {
+            from: "2026-12-01T00:00".into(),
+            to: "2026-12-02T00:00".into(),
+            ..SearchForm::default()
+        },
+        datetime!(2026-12-03 00:00 UTC),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_export_reads_every_page_and_every_call_to_the_tick() {
+    let (base, double) = start_double().await;
+    *double.calls.lock().unwrap() = many_calls();
+    let dir = tempfile::tempdir().unwrap();
+    let source: Arc<dyn AuditSource> = Arc::new(source(&base, &dir).await);
+    let rows: Vec<_> = export(source, whole_day()).collect().await;
+    let rows: Vec<(i128, String)> = rows
+        .into_iter()
+        .map(|row| {
+            let row = row.unwrap_or_else(|error| panic!("the export failed: {error}"));
+            (ticks(row.time_generated), row.correlation_id)
+        })
+        .collect();
+    assert_eq!(rows.len(), 3_500);
+    assert_eq!(rows, many_calls());
+    // Four pages of 1,000 (and one more row each, to know that more follow).
+    let queries = double.queries.lock().unwrap();
+    assert_eq!(queries.len(), 4);
+    assert!(queries.iter().all(|(kql, _)| kql.contains("| take 1001\n")));
+    assert!(
+        queries[3].0.contains(&format!(
+            "TimeGenerated == datetime({}) and strcmp(CorrelationId, \"{}\") < 0",
+            tick_text(many_calls()[2_999].0),
+            many_calls()[2_999].1
+        )),
+        "{}",
+        queries[3].0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_export_answered_in_part_fails_rather_than_end_short() {
+    let (base, double) = start_double().await;
+    *double.calls.lock().unwrap() = many_calls();
+    double.partial_from_search.store(2, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let source: Arc<dyn AuditSource> = Arc::new(source(&base, &dir).await);
+    let mut rows: Vec<_> = export(Arc::clone(&source), whole_day()).collect().await;
+    assert_eq!(rows.len(), 1_001, "the first page, then the error");
+    match rows.pop() {
+        Some(Err(error @ InsightsError::LogAnalytics(_))) => {
+            let shown = error.public_message();
+            assert!(
+                shown.contains("answered in part after 1000 rows"),
+                "{shown}"
+            );
+            assert!(shown.contains("PartialError"), "{shown}");
+            assert!(shown.contains("record count limit"), "{shown}");
+        }
+        other => panic!("expected the export to fail, got {other:?}"),
+    }
+    assert!(rows.iter().all(Result::is_ok));
+    // The search page itself shows the warning beside the rows it has.
+    let page = source.search(&whole_day()).await.unwrap();
+    assert!(page.warnings[0].starts_with("PartialError"), "{page:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -6,9 +6,7 @@
 //! formatted from parsed values ([`datetime_literal`]), numbers from integers, column names from
 //! fixed enums.
 
-use super::{
-    Dimension, Granularity, InsightsError, SearchRequest, TimeRange, UsageRequest, iso_utc,
-};
+use super::{Dimension, Granularity, InsightsError, SearchRequest, TimeRange, UsageRequest};
 use gatehouse_audit::azure_monitor::ROW_ID_COLUMN;
 use ipnet::IpNet;
 
@@ -56,9 +54,27 @@ pub fn string_literal(value: &str) -> Result<String, InsightsError> {
     Ok(literal)
 }
 
-/// A `datetime(…)` literal.
+/// Nanoseconds in a tick, the unit Log Analytics keeps `datetime` values in (the "datetime data
+/// type" reference: "Time values are measured in 100-nanosecond units called ticks").
+pub const NANOS_PER_TICK: i128 = 100;
+
+/// A `datetime(…)` literal to the tick: `datetime(2026-12-01T10:55:00.1234567Z)`.
+///
+/// Seven fractional digits say exactly the tick a stored value holds, so that a row read back
+/// from an answer compares equal to the literal made of its time (the search's cursor relies on
+/// it). Finer parts of `at` are dropped.
 pub fn datetime_literal(at: time::OffsetDateTime) -> String {
-    format!("datetime({})", iso_utc(at))
+    let at = at.to_offset(time::UtcOffset::UTC);
+    format!(
+        "datetime({:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:07}Z)",
+        at.year(),
+        u8::from(at.month()),
+        at.day(),
+        at.hour(),
+        at.minute(),
+        at.second(),
+        at.nanosecond() / 100
+    )
 }
 
 fn time_filter(range: &TimeRange) -> String {
@@ -129,8 +145,9 @@ fn bin_size(granularity: Granularity) -> &'static str {
     }
 }
 
-/// Usage over time, split by a dimension, in the shape of the rollups.
-pub fn usage(request: &UsageRequest) -> Result<String, InsightsError> {
+/// The calls of a usage question's range, each with its `Value` of the dimension, restricted to
+/// the values asked for.
+fn usage_values(request: &UsageRequest) -> Result<String, InsightsError> {
     let mut query = calls_in(&request.range);
     if request.dimension == Dimension::Group {
         query.push_str("| mv-expand Value = todynamic(Groups) to typeof(string)\n");
@@ -153,10 +170,27 @@ pub fn usage(request: &UsageRequest) -> Result<String, InsightsError> {
             query.push_str(&format!("| where Value in ({})\n", values.join(", ")));
         }
     }
+    Ok(query)
+}
+
+/// Usage over time, split by a dimension, in the shape of the rollups.
+pub fn usage(request: &UsageRequest) -> Result<String, InsightsError> {
+    let mut query = usage_values(request)?;
     query.push_str(&format!(
         "| summarize Requests = count(), Errors = countif(ResponseCode >= 400), PromptTokens = sum(PromptTokens), CompletionTokens = sum(CompletionTokens), TotalTokens = sum(TotalTokens), LatencySumMs = sum(TotalTime), LatencyMaxMs = max(TotalTime) by Bucket = bin(TimeGenerated, {}), Value\n| order by Bucket asc, Value asc",
         bin_size(request.granularity)
     ));
+    Ok(query)
+}
+
+/// Usage over the whole range, one row per value (`granularity` is not used): what a question
+/// that only adds the buckets up asks, in as many rows as there are values rather than buckets
+/// times values, far below the Query API's 500,000-row limit.
+pub fn usage_totals(request: &UsageRequest) -> Result<String, InsightsError> {
+    let mut query = usage_values(request)?;
+    query.push_str(
+        "| summarize Requests = count(), Errors = countif(ResponseCode >= 400), PromptTokens = sum(PromptTokens), CompletionTokens = sum(CompletionTokens), TotalTokens = sum(TotalTokens) by Value\n| order by Value asc",
+    );
     Ok(query)
 }
 
@@ -169,26 +203,37 @@ pub struct KqlCursor {
     pub correlation_id: String,
 }
 
+/// The mark of a cursor whose time is in ticks ([`NANOS_PER_TICK`]); a cursor without it is the
+/// earlier form, in microseconds.
+const TICKS_MARK: char = 't';
+
 impl KqlCursor {
-    /// The cursor as a URL token: `{unix micros}_{correlation id}`.
+    /// The cursor as a URL token: `t{unix ticks}_{correlation id}`, to the tick (100 ns) Log
+    /// Analytics keeps: a coarser time would make the next page skip the rows stored within the
+    /// same coarser unit as the last one but before it.
     pub fn encode(&self) -> String {
         format!(
-            "{}_{}",
-            self.time.unix_timestamp_nanos() / 1_000,
+            "{TICKS_MARK}{}_{}",
+            self.time.unix_timestamp_nanos() / NANOS_PER_TICK,
             self.correlation_id
         )
     }
 
-    /// Parses [`KqlCursor::encode`]'s token.
+    /// Parses [`KqlCursor::encode`]'s token, and the earlier `{unix micros}_{correlation id}`
+    /// of links made before it (anything else: an invalid cursor).
     pub fn decode(token: &str) -> Result<KqlCursor, InsightsError> {
         let bad = || InsightsError::invalid("cursor", "the page cursor is not valid");
-        let (micros, id) = token.split_once('_').ok_or_else(bad)?;
-        let micros: i128 = micros.parse().map_err(|_| bad())?;
-        let time =
-            time::OffsetDateTime::from_unix_timestamp_nanos(micros * 1_000).map_err(|_| bad())?;
-        if id.is_empty() {
+        let (number, id) = token.split_once('_').ok_or_else(bad)?;
+        let (digits, nanos_per_unit) = match number.strip_prefix(TICKS_MARK) {
+            Some(ticks) => (ticks, NANOS_PER_TICK),
+            None => (number, 1_000),
+        };
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) || id.is_empty() {
             return Err(bad());
         }
+        let units: i128 = digits.parse().map_err(|_| bad())?;
+        let nanos = units.checked_mul(nanos_per_unit).ok_or_else(bad)?;
+        let time = time::OffsetDateTime::from_unix_timestamp_nanos(nanos).map_err(|_| bad())?;
         Ok(KqlCursor {
             time,
             correlation_id: id.to_owned(),
@@ -251,8 +296,14 @@ pub fn search(request: &SearchRequest, take: u32) -> Result<String, InsightsErro
     if let Some(token) = &request.cursor {
         let cursor = KqlCursor::decode(token)?;
         let at = datetime_literal(cursor.time);
+        // The rows after the cursor in the order below (time, then id, both descending). KQL
+        // has no `<` between two strings (the "Numerical operators" reference defines `<` and
+        // `>` between numbers, datetimes and timespans; the "String operators" reference has
+        // none): the Query API would refuse the query. strcmp() compares them (its reference:
+        // "<0 - the first character that doesn't match has a lower value in string1"),
+        // character by character, as the sort orders the ids (the gateway's lowercase UUIDs).
         query.push_str(&format!(
-            "| where TimeGenerated < {at} or (TimeGenerated == {at} and CorrelationId < {})\n",
+            "| where TimeGenerated < {at} or (TimeGenerated == {at} and strcmp(CorrelationId, {}) < 0)\n",
             string_literal(&cursor.correlation_id)?
         ));
     }
@@ -349,21 +400,121 @@ mod tests {
         assert!(query.contains(r#"ResponseMessages has "\"plan\"""#));
         assert!(query.contains("| where CorrelationId in (text1)"));
         assert!(query.contains(
-            "TimeGenerated >= datetime(2026-12-01T00:00:00.000000Z) and TimeGenerated < datetime(2026-12-02T00:00:00.000000Z)"
+            "TimeGenerated >= datetime(2026-12-01T00:00:00.0000000Z) and TimeGenerated < datetime(2026-12-02T00:00:00.0000000Z)"
         ));
         assert!(query.ends_with(&format!("| take 51\n| project {SUMMARY_COLUMNS}")));
     }
 
     #[test]
-    fn cursors_round_trip_and_bad_ones_are_refused() {
+    fn cursors_round_trip_to_the_tick_and_bad_ones_are_refused() {
+        // The gateway stamps nanoseconds; Log Analytics keeps ticks of 100 ns.
         let cursor = KqlCursor {
-            time: datetime!(2026-12-01 10:00:00.123456 UTC),
+            time: datetime!(2026-12-01 10:00:00.1234567 UTC),
             correlation_id: "id_with_underscores".into(),
         };
+        assert_eq!(cursor.encode(), "t17961192001234567_id_with_underscores");
         assert_eq!(KqlCursor::decode(&cursor.encode()).unwrap(), cursor);
-        for bad in ["", "x_y", "123", "123_"] {
-            assert!(KqlCursor::decode(bad).is_err(), "{bad}");
+        assert_eq!(
+            datetime_literal(cursor.time),
+            "datetime(2026-12-01T10:00:00.1234567Z)"
+        );
+        // A link made before cursors had ticks (microseconds) still reads.
+        assert_eq!(
+            KqlCursor::decode("1796119200123456_abc").unwrap(),
+            KqlCursor {
+                time: datetime!(2026-12-01 10:00:00.123456 UTC),
+                correlation_id: "abc".into(),
+            }
+        );
+        for bad in [
+            "",
+            "x_y",
+            "123",
+            "123_",
+            "t_abc",
+            "t12x_abc",
+            "-5_abc",
+            "+5_abc",
+            "tt5_abc",
+            "t99999999999999999999999999999999999_abc",
+        ] {
+            match KqlCursor::decode(bad) {
+                Err(
+                    error @ InsightsError::Invalid {
+                        field: "cursor", ..
+                    },
+                ) => {
+                    assert_eq!(error.status(), 422, "{bad}");
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
         }
+    }
+
+    /// The left operand and the operator of every comparison `<`, `<=`, `>` or `>=` of a query
+    /// whose right operand is a string literal (KQL defines these between numbers, datetimes
+    /// and timespans only: the Query API refuses the query).
+    fn string_comparisons(query: &str) -> Vec<String> {
+        let mut found = Vec::new();
+        let bytes = query.as_bytes();
+        for (i, &b) in bytes.iter().enumerate() {
+            if b != b'<' && b != b'>' {
+                continue;
+            }
+            let rest = query[i + 1..].trim_start_matches('=').trim_start();
+            if rest.starts_with('"') || rest.starts_with('\'') || rest.starts_with("@\"") {
+                let left = query[..i]
+                    .split_whitespace()
+                    .next_back()
+                    .unwrap_or_default();
+                found.push(format!("{left} {}", char::from(b)));
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn a_next_page_compares_ids_with_strcmp_in_the_order_of_the_sort() {
+        let request = SearchRequest::parse(
+            &SearchForm {
+                from: "2026-12-01T00:00".into(),
+                to: "2026-12-02T00:00".into(),
+                model: "gpt-4o".into(),
+                ..SearchForm::default()
+            },
+            datetime!(2026-12-03 00:00 UTC),
+        )
+        .unwrap();
+        let next = KqlCursor {
+            time: datetime!(2026-12-01 10:55:00.5000001 UTC),
+            correlation_id: "call-\"4".into(),
+        };
+        let query = search(
+            &SearchRequest {
+                cursor: Some(next.encode()),
+                ..request
+            },
+            51,
+        )
+        .unwrap();
+        assert!(
+            query.contains(
+                r#"| where TimeGenerated < datetime(2026-12-01T10:55:00.5000001Z) or (TimeGenerated == datetime(2026-12-01T10:55:00.5000001Z) and strcmp(CorrelationId, "call-\"4") < 0)"#
+            ),
+            "{query}"
+        );
+        assert_eq!(string_comparisons(&query), Vec::<String>::new(), "{query}");
+        // Rows after the cursor in the order the page is taken in: time then id, both
+        // descending, so a smaller time, or the same time and a smaller id.
+        assert!(
+            query.contains("| order by TimeGenerated desc, CorrelationId desc\n| take 51"),
+            "{query}"
+        );
+        // The helper sees the comparison the Query API refuses.
+        assert_eq!(
+            string_comparisons(r#"T | where (A == 1 and CorrelationId < "x")"#),
+            ["CorrelationId <"]
+        );
     }
 
     #[test]
@@ -394,6 +545,35 @@ mod tests {
     }
 
     #[test]
+    fn usage_totals_are_one_row_per_value() {
+        let request = UsageRequest {
+            range: TimeRange::new(
+                datetime!(2026-12-01 00:00 UTC),
+                datetime!(2026-12-31 00:00 UTC),
+            )
+            .unwrap(),
+            granularity: Granularity::Hour,
+            dimension: Dimension::User,
+            only: None,
+        };
+        let query = usage_totals(&request).unwrap();
+        assert!(!query.contains("bin("), "{query}");
+        assert!(
+            query.contains("TotalTokens = sum(TotalTokens) by Value\n| order by Value asc"),
+            "{query}"
+        );
+        assert!(
+            query.contains("| extend Value = tostring(iff(isnotempty(UserId), UserId, UserName))")
+        );
+        let only = usage_totals(&UsageRequest {
+            only: Some(vec!["oid-1".into()]),
+            ..request
+        })
+        .unwrap();
+        assert!(only.contains(r#"| where Value in ("oid-1")"#), "{only}");
+    }
+
+    #[test]
     fn rows_delivered_twice_count_once() {
         let range = TimeRange::new(
             datetime!(2026-12-01 00:00 UTC),
@@ -421,6 +601,16 @@ mod tests {
         })
         .unwrap();
         before(&by_group, "| mv-expand");
+        before(
+            &usage_totals(&UsageRequest {
+                range,
+                granularity: Granularity::Hour,
+                dimension: Dimension::Subscription,
+                only: None,
+            })
+            .unwrap(),
+            "| summarize Requests",
+        );
         let request = SearchRequest::parse(
             &SearchForm {
                 from: "2026-12-01T00:00".into(),

@@ -38,7 +38,7 @@ use url::Url;
 use super::kql::{self, KqlCursor};
 use super::{
     Answer, AuditSource, CallFull, CallPage, CallRow, ChainCheck, ChainLink, Figures, Granularity,
-    InsightsError, ModelTokens, Percentiles, SearchRequest, TimeRange, UsageRequest,
+    InsightsError, ModelTokens, Percentiles, SearchRequest, TimeRange, UsageRequest, UsageTotal,
     merge_warnings,
 };
 
@@ -614,6 +614,33 @@ impl LogAnalyticsSource {
         })
     }
 
+    async fn usage_totals_of(
+        &self,
+        request: &UsageRequest,
+    ) -> Result<Answer<Vec<UsageTotal>>, InsightsError> {
+        let (tables, warnings) = self
+            .query(&kql::usage_totals(request)?, &request.range.iso_interval())
+            .await?;
+        let table = first_table(&tables)?;
+        let cells = Cells { table };
+        let totals = table
+            .rows
+            .iter()
+            .map(|row| UsageTotal {
+                value: cells.string(row, "Value").unwrap_or_default(),
+                requests: cells.i64(row, "Requests").unwrap_or_default(),
+                errors: cells.i64(row, "Errors").unwrap_or_default(),
+                prompt_tokens: cells.i64(row, "PromptTokens").unwrap_or_default(),
+                completion_tokens: cells.i64(row, "CompletionTokens").unwrap_or_default(),
+                total_tokens: cells.i64(row, "TotalTokens").unwrap_or_default(),
+            })
+            .collect();
+        Ok(Answer {
+            value: totals,
+            warnings,
+        })
+    }
+
     async fn search_of(&self, request: &SearchRequest) -> Result<Answer<CallPage>, InsightsError> {
         let limit = request.limit.clamp(1, super::EXPORT_PAGE);
         let (tables, warnings) = self
@@ -734,6 +761,13 @@ impl AuditSource for LogAnalyticsSource {
         request: &'a UsageRequest,
     ) -> BoxFuture<'a, Result<Answer<Vec<UsagePoint>>, InsightsError>> {
         self.usage_of(request).boxed()
+    }
+
+    fn usage_totals<'a>(
+        &'a self,
+        request: &'a UsageRequest,
+    ) -> BoxFuture<'a, Result<Answer<Vec<UsageTotal>>, InsightsError>> {
+        self.usage_totals_of(request).boxed()
     }
 
     fn search<'a>(

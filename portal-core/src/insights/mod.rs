@@ -23,6 +23,7 @@ pub mod service;
 use std::fmt;
 use std::sync::Arc;
 
+use futures::FutureExt;
 use futures::future::BoxFuture;
 use futures::stream::{BoxStream, StreamExt};
 use gatehouse_audit::sql::StoreError;
@@ -337,6 +338,43 @@ pub struct UsageRequest {
     pub dimension: Dimension,
     /// Only these values (a team lead's groups), when set.
     pub only: Option<Vec<String>>,
+}
+
+/// Usage of one value of a dimension over a whole range.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct UsageTotal {
+    /// The dimension's value.
+    pub value: String,
+    /// Calls.
+    pub requests: i64,
+    /// Calls answered with status ≥ 400.
+    pub errors: i64,
+    /// Prompt tokens.
+    pub prompt_tokens: i64,
+    /// Completion tokens.
+    pub completion_tokens: i64,
+    /// Total tokens.
+    pub total_tokens: i64,
+}
+
+/// The buckets of usage points added up per value, in the order of the values.
+pub fn usage_totals(points: &[UsagePoint]) -> Vec<UsageTotal> {
+    let mut totals: std::collections::BTreeMap<&str, UsageTotal> =
+        std::collections::BTreeMap::new();
+    for point in points {
+        let total = totals
+            .entry(point.value.as_str())
+            .or_insert_with(|| UsageTotal {
+                value: point.value.clone(),
+                ..UsageTotal::default()
+            });
+        total.requests += point.requests;
+        total.errors += point.errors;
+        total.prompt_tokens += point.prompt_tokens;
+        total.completion_tokens += point.completion_tokens;
+        total.total_tokens += point.total_tokens;
+    }
+    totals.into_values().collect()
 }
 
 /// One call in a result list.
@@ -662,6 +700,24 @@ pub trait AuditSource: Send + Sync + fmt::Debug {
         request: &'a UsageRequest,
     ) -> BoxFuture<'a, Result<Answer<Vec<UsagePoint>>, InsightsError>>;
 
+    /// Usage over the whole range of `request`, one total per value (its granularity aside):
+    /// for a question that only adds the buckets up. By default the buckets of
+    /// [`AuditSource::usage`] added up; a source whose answers have a row limit asks for the
+    /// totals themselves.
+    fn usage_totals<'a>(
+        &'a self,
+        request: &'a UsageRequest,
+    ) -> BoxFuture<'a, Result<Answer<Vec<UsageTotal>>, InsightsError>> {
+        async move {
+            let answer = self.usage(request).await?;
+            Ok(Answer {
+                value: usage_totals(&answer.value),
+                warnings: answer.warnings,
+            })
+        }
+        .boxed()
+    }
+
     /// One page of calls matching a search, newest first.
     fn search<'a>(
         &'a self,
@@ -683,6 +739,12 @@ pub trait AuditSource: Send + Sync + fmt::Debug {
 
 /// Every call matching `request` (its limit and cursor ignored), newest first, read a page at a
 /// time from the source, so that memory stays flat whatever the size of the export.
+///
+/// A page the source answered only in part (a warning beside it: Log Analytics' `PartialError`,
+/// e.g. past its row or size limits) ends the export with an error instead of its rows: the
+/// export's files (CSV, JSON lines) have no place for a warning that a reader would not take
+/// for a row, and their headers are sent before the first page is read, so the error, which
+/// breaks off the download, is what keeps a file with rows missing from passing for a whole one.
 pub fn export(
     source: Arc<dyn AuditSource>,
     request: SearchRequest,
@@ -692,15 +754,28 @@ pub fn export(
         cursor: None,
         ..request
     };
-    futures::stream::unfold(Some(first), move |state| {
+    futures::stream::unfold(Some((first, 0_u64)), move |state| {
         let source = Arc::clone(&source);
         async move {
-            let request = state?;
+            let (request, exported) = state?;
             match source.search(&request).await {
+                Ok(answer) if !answer.warnings.is_empty() => {
+                    let error = InsightsError::LogAnalytics(format!(
+                        "a page was answered in part after {exported} rows ({}); the export stops here rather than leave rows out",
+                        answer.warnings.join("; ")
+                    ));
+                    Some((futures::stream::iter(vec![Err(error)]), None))
+                }
                 Ok(answer) => {
-                    let next = answer.value.next.map(|cursor| SearchRequest {
-                        cursor: Some(cursor),
-                        ..request.clone()
+                    let exported = exported + answer.value.items.len() as u64;
+                    let next = answer.value.next.map(|cursor| {
+                        (
+                            SearchRequest {
+                                cursor: Some(cursor),
+                                ..request.clone()
+                            },
+                            exported,
+                        )
                     });
                     let items: Vec<Result<CallRow, InsightsError>> =
                         answer.value.items.into_iter().map(Ok).collect();

@@ -35,6 +35,25 @@ fn minute_utc(at: OffsetDateTime) -> String {
     )
 }
 
+/// A problem of a source's answer with a warning beside it.
+fn answered_in_part(warning: &str) -> String {
+    format!("the audit source answered in part: {warning}")
+}
+
+/// The evaluation of a rule that watches one figure when the source answered in part (a warning
+/// beside the answer: Log Analytics' `PartialError`, e.g. past its row or size limits): rows may
+/// be missing from the figure, so neither firing nor resolving is decided on it; the stored
+/// state is kept as it is, and the warnings are the evaluation's problems.
+fn held(warnings: &[String]) -> Evaluation {
+    Evaluation {
+        observed: "not observed: the audit source answered in part".to_owned(),
+        findings: Vec::new(),
+        // The prefix of every subject.
+        unobserved: vec![String::new()],
+        problems: warnings.iter().map(|w| answered_in_part(w)).collect(),
+    }
+}
+
 /// Evaluates `rule` at `now`; `stored` holds the rule's stored subjects (what a rule that
 /// watches a condition over time needs to know since when it holds).
 pub(super) async fn evaluate(
@@ -58,16 +77,18 @@ pub(super) async fn evaluate(
             } else {
                 Dimension::Subscription
             };
-            let points = source()?
-                .usage(&UsageRequest {
+            let answer = source()?
+                .usage_totals(&UsageRequest {
                     range,
                     granularity,
                     dimension,
                     only: Some(vec![value.clone()]),
                 })
-                .await?
-                .value;
-            let tokens: i64 = points.iter().map(|p| p.total_tokens).sum();
+                .await?;
+            if !answer.warnings.is_empty() {
+                return Ok(held(&answer.warnings));
+            }
+            let tokens: i64 = answer.value.iter().map(|t| t.total_tokens).sum();
             Ok(Evaluation::single(
                 tokens > *above,
                 format!("{tokens} tokens today (threshold {above})"),
@@ -80,17 +101,19 @@ pub(super) async fn evaluate(
         } => {
             let (range, granularity) =
                 TimeRange::new(now - Duration::minutes(*minutes), now)?.aligned()?;
-            let points = source()?
-                .usage(&UsageRequest {
+            let answer = source()?
+                .usage_totals(&UsageRequest {
                     range,
                     granularity,
                     dimension: Dimension::All,
                     only: None,
                 })
-                .await?
-                .value;
-            let requests: i64 = points.iter().map(|p| p.requests).sum();
-            let errors: i64 = points.iter().map(|p| p.errors).sum();
+                .await?;
+            if !answer.warnings.is_empty() {
+                return Ok(held(&answer.warnings));
+            }
+            let requests: i64 = answer.value.iter().map(|t| t.requests).sum();
+            let errors: i64 = answer.value.iter().map(|t| t.errors).sum();
             let rate = if requests > 0 {
                 errors as f64 / requests as f64
             } else {
@@ -108,8 +131,11 @@ pub(super) async fn evaluate(
         AlertCondition::LatencyP95 { minutes, above_ms } => {
             let (range, granularity) =
                 TimeRange::new(now - Duration::minutes(*minutes), now)?.aligned()?;
-            let figures = source()?.figures(range, granularity).await?.value;
-            let p95 = figures.latency.p95_ms;
+            let answer = source()?.figures(range, granularity).await?;
+            if !answer.warnings.is_empty() {
+                return Ok(held(&answer.warnings));
+            }
+            let p95 = answer.value.latency.p95_ms;
             Ok(Evaluation::single(
                 p95.is_some_and(|p| p > *above_ms),
                 format!(
@@ -298,7 +324,7 @@ async fn quota_nearly_used(
         unobserved: Vec::new(),
         problems: Vec::new(),
     };
-    let mut counted = 0;
+    let (mut counted, mut held_back) = (0, 0);
     for limit in limits.iter().filter(|l| only.is_none_or(|id| l.id == id)) {
         let Some(quota) = limit.token_quota.filter(|q| q.tokens > 0) else {
             continue;
@@ -320,25 +346,38 @@ async fn quota_nearly_used(
             }
             LimitSubjectRule::EachUser {} => ("user", Dimension::User, None),
         };
-        let points = source
-            .usage(&UsageRequest {
+        // One total per subject: a row per subject and hour would pass the Query API's row
+        // limit with a few hundred subjects over a month.
+        let answer = source
+            .usage_totals(&UsageRequest {
                 range,
                 granularity,
                 dimension,
                 only: values.clone(),
             })
-            .await?
-            .value;
+            .await?;
+        let prefix = format!("{}/{kind}/", limit.id);
+        if !answer.warnings.is_empty() {
+            // Subjects may be missing or undercounted: their stored state is kept.
+            evaluation.unobserved.push(prefix);
+            evaluation.problems.extend(
+                answer
+                    .warnings
+                    .iter()
+                    .map(|w| format!("limit rule {}: {}", limit.id, answered_in_part(w))),
+            );
+            held_back += 1;
+            continue;
+        }
         let mut used: BTreeMap<String, i64> = values
             .unwrap_or_default()
             .into_iter()
             .map(|value| (value, 0))
             .collect();
-        for point in points {
-            *used.entry(point.value).or_default() += point.total_tokens;
+        for total in answer.value {
+            *used.entry(total.value).or_default() += total.total_tokens;
         }
         // A subject that fired in an earlier period may have no calls in this one.
-        let prefix = format!("{}/{kind}/", limit.id);
         for subject in stored.keys() {
             if let Some(value) = subject.strip_prefix(&prefix) {
                 used.entry(value.to_owned()).or_default();
@@ -375,6 +414,11 @@ async fn quota_nearly_used(
     let firing = evaluation.findings.iter().filter(|f| f.firing).count();
     evaluation.observed =
         format!("{firing} subjects at {percent}% or more of their quota ({counted} quotas)");
+    if held_back > 0 {
+        evaluation.observed.push_str(&format!(
+            "; {held_back} not observed: the audit source answered in part"
+        ));
+    }
     Ok(evaluation)
 }
 

@@ -236,7 +236,8 @@ pub struct Evaluation {
     /// The subjects observed; a stored subject absent here (and not unobserved) no longer exists.
     pub findings: Vec<Finding>,
     /// Prefixes of subjects that could not be observed this time (a gateway that did not
-    /// answer): their stored state is kept as it is.
+    /// answer, an audit source that answered in part; the empty prefix: every subject): their
+    /// stored state is kept as it is.
     pub unobserved: Vec<String>,
     /// What could not be observed, for the page.
     pub problems: Vec<String>,
