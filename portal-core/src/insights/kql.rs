@@ -189,7 +189,7 @@ pub fn usage(request: &UsageRequest) -> Result<String, InsightsError> {
 pub fn usage_totals(request: &UsageRequest) -> Result<String, InsightsError> {
     let mut query = usage_values(request)?;
     query.push_str(
-        "| summarize Requests = count(), Errors = countif(ResponseCode >= 400), PromptTokens = sum(PromptTokens), CompletionTokens = sum(CompletionTokens), TotalTokens = sum(TotalTokens) by Value\n| order by Value asc",
+        "| summarize Requests = count(), Errors = countif(ResponseCode >= 400), PromptTokens = sum(PromptTokens), CompletionTokens = sum(CompletionTokens), TotalTokens = sum(TotalTokens), LatencySumMs = sum(TotalTime) by Value\n| order by Value asc",
     );
     Ok(query)
 }
@@ -559,7 +559,7 @@ mod tests {
         let query = usage_totals(&request).unwrap();
         assert!(!query.contains("bin("), "{query}");
         assert!(
-            query.contains("TotalTokens = sum(TotalTokens) by Value\n| order by Value asc"),
+            query.contains("LatencySumMs = sum(TotalTime) by Value\n| order by Value asc"),
             "{query}"
         );
         assert!(

@@ -633,6 +633,7 @@ impl LogAnalyticsSource {
                 prompt_tokens: cells.i64(row, "PromptTokens").unwrap_or_default(),
                 completion_tokens: cells.i64(row, "CompletionTokens").unwrap_or_default(),
                 total_tokens: cells.i64(row, "TotalTokens").unwrap_or_default(),
+                latency_sum_ms: cells.i64(row, "LatencySumMs").unwrap_or_default(),
             })
             .collect();
         Ok(Answer {

@@ -33,7 +33,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
 
-pub use service::Insights;
+pub use service::{Insights, UsageTotal};
 
 use crate::error::PortalError;
 
@@ -338,43 +338,6 @@ pub struct UsageRequest {
     pub dimension: Dimension,
     /// Only these values (a team lead's groups), when set.
     pub only: Option<Vec<String>>,
-}
-
-/// Usage of one value of a dimension over a whole range.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct UsageTotal {
-    /// The dimension's value.
-    pub value: String,
-    /// Calls.
-    pub requests: i64,
-    /// Calls answered with status ≥ 400.
-    pub errors: i64,
-    /// Prompt tokens.
-    pub prompt_tokens: i64,
-    /// Completion tokens.
-    pub completion_tokens: i64,
-    /// Total tokens.
-    pub total_tokens: i64,
-}
-
-/// The buckets of usage points added up per value, in the order of the values.
-pub fn usage_totals(points: &[UsagePoint]) -> Vec<UsageTotal> {
-    let mut totals: std::collections::BTreeMap<&str, UsageTotal> =
-        std::collections::BTreeMap::new();
-    for point in points {
-        let total = totals
-            .entry(point.value.as_str())
-            .or_insert_with(|| UsageTotal {
-                value: point.value.clone(),
-                ..UsageTotal::default()
-            });
-        total.requests += point.requests;
-        total.errors += point.errors;
-        total.prompt_tokens += point.prompt_tokens;
-        total.completion_tokens += point.completion_tokens;
-        total.total_tokens += point.total_tokens;
-    }
-    totals.into_values().collect()
 }
 
 /// One call in a result list.
@@ -711,7 +674,7 @@ pub trait AuditSource: Send + Sync + fmt::Debug {
         async move {
             let answer = self.usage(request).await?;
             Ok(Answer {
-                value: usage_totals(&answer.value),
+                value: UsageTotal::sum_by_value(&answer.value),
                 warnings: answer.warnings,
             })
         }

@@ -8,7 +8,6 @@
 //! - usage by any dimension: Admin; by group, restricted to the groups they lead: TeamLead;
 //! - audit search, call detail and export: Auditor, Admin.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures::stream::BoxStream;
@@ -174,6 +173,27 @@ pub struct UsageTotal {
 }
 
 impl UsageTotal {
+    /// The buckets of usage points added up per value, in the order of the values.
+    pub fn sum_by_value(points: &[UsagePoint]) -> Vec<UsageTotal> {
+        let mut totals: std::collections::BTreeMap<&str, UsageTotal> =
+            std::collections::BTreeMap::new();
+        for point in points {
+            let total = totals
+                .entry(point.value.as_str())
+                .or_insert_with(|| UsageTotal {
+                    value: point.value.clone(),
+                    ..UsageTotal::default()
+                });
+            total.requests += point.requests;
+            total.errors += point.errors;
+            total.prompt_tokens += point.prompt_tokens;
+            total.completion_tokens += point.completion_tokens;
+            total.total_tokens += point.total_tokens;
+            total.latency_sum_ms += point.latency_sum_ms;
+        }
+        totals.into_values().collect()
+    }
+
     /// Mean latency, ms.
     pub fn average_latency_ms(&self) -> i64 {
         if self.requests > 0 {
@@ -206,22 +226,7 @@ pub struct UsageReport {
 impl UsageReport {
     /// Sums the points per value.
     pub fn build(request: &UsageRequest, points: Vec<UsagePoint>) -> UsageReport {
-        let mut totals: HashMap<&str, UsageTotal> = HashMap::new();
-        for point in &points {
-            let total = totals
-                .entry(point.value.as_str())
-                .or_insert_with(|| UsageTotal {
-                    value: point.value.clone(),
-                    ..UsageTotal::default()
-                });
-            total.requests += point.requests;
-            total.errors += point.errors;
-            total.prompt_tokens += point.prompt_tokens;
-            total.completion_tokens += point.completion_tokens;
-            total.total_tokens += point.total_tokens;
-            total.latency_sum_ms += point.latency_sum_ms;
-        }
-        let mut totals: Vec<UsageTotal> = totals.into_values().collect();
+        let mut totals = UsageTotal::sum_by_value(&points);
         totals.sort_by(|a, b| {
             b.total_tokens
                 .cmp(&a.total_tokens)
