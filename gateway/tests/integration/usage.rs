@@ -358,7 +358,13 @@ fn openai_stream(include_usage: bool) -> Vec<String> {
 /// A backend that answers like OpenAI: streams per [`openai_stream`], and non-streamed answers
 /// without any `usage` (as some OpenAI-compatible servers do).
 async fn openai_backend() -> String {
-    let app = axum::Router::new().fallback(|body: Bytes| async move {
+    sse_backend(openai_stream).await
+}
+
+/// An OpenAI-style backend: a plain answer to a call that does not stream, else the events
+/// `stream` gives (told whether the call asked for the usage chunk).
+async fn sse_backend(stream: fn(bool) -> Vec<String>) -> String {
+    let app = axum::Router::new().fallback(move |body: Bytes| async move {
         let request: Value = serde_json::from_slice(&body).unwrap();
         if !request["stream"].as_bool().unwrap_or(false) {
             return axum::Json(json!({
@@ -372,7 +378,7 @@ async fn openai_backend() -> String {
         let include_usage = request["stream_options"]["include_usage"]
             .as_bool()
             .unwrap_or(false);
-        let events = openai_stream(include_usage)
+        let events = stream(include_usage)
             .into_iter()
             .map(|e| Ok::<_, Infallible>(Bytes::from(e)));
         Response::builder()
@@ -505,20 +511,7 @@ async fn with_the_usage_chunk_taken_out_every_other_byte_reaches_the_client_as_s
         events.push("data: [DONE]\n".to_owned());
         events
     }
-    let app = axum::Router::new().fallback(|body: Bytes| async move {
-        let request: Value = serde_json::from_slice(&body).unwrap();
-        let include_usage = request["stream_options"]["include_usage"]
-            .as_bool()
-            .unwrap_or(false);
-        let events = stream(include_usage)
-            .into_iter()
-            .map(|e| Ok::<_, Infallible>(Bytes::from(e)));
-        Response::builder()
-            .header("content-type", "text/event-stream; charset=utf-8")
-            .body(Body::from_stream(futures::stream::iter(events)))
-            .unwrap()
-    });
-    let url = serve_stub(app).await;
+    let url = sse_backend(stream).await;
     let gw = openai_gateway(&url).await;
     let client_body = gw
         .post("/v1/chat/completions")
