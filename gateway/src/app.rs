@@ -404,15 +404,29 @@ async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {
 }
 
 async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
+    let text = gateway
+        .metrics
+        .scrape(|metrics| refresh_metrics(&gateway, metrics));
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// Sets the gauges read at scrape time: members' availability and the audit queue's state.
+fn refresh_metrics(gateway: &Gateway, metrics: &crate::metrics::Metrics) {
     let now = Instant::now();
     // The members of the running snapshot only: one a newer snapshot removed is not reported
     // at its last state for ever.
-    gateway.metrics.backend_available.clear();
+    metrics.backend_available.clear();
     for pool in &gateway.runtime().pools {
         for member in &pool.members {
             let available = i64::from(member.health.set_aside_state(now).is_none());
-            gateway
-                .metrics
+            metrics
                 .backend_available
                 .get_or_create(&BackendLabels {
                     pool: pool.id.clone(),
@@ -423,28 +437,16 @@ async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
     }
     if let Some(queue) = &gateway.audit {
         let stats = queue.stats();
-        gateway
-            .metrics
+        metrics
             .audit_queue_depth
             .set(i64::try_from(stats.depth).unwrap_or(i64::MAX));
-        gateway.metrics.audit_queue_bytes.set(stats.depth_bytes);
-        gateway.metrics.audit_rejected.set(stats.rejected);
-        gateway.metrics.audit_room_waits.set(stats.waited);
-        gateway.metrics.audit_write_errors.set(stats.write_errors);
-        gateway.metrics.audit_journal_bytes.set(stats.journal_bytes);
-        gateway
-            .metrics
-            .audit_journal_records
-            .set(stats.journal_records);
+        metrics.audit_queue_bytes.set(stats.depth_bytes);
+        metrics.audit_rejected.set(stats.rejected);
+        metrics.audit_room_waits.set(stats.waited);
+        metrics.audit_write_errors.set(stats.write_errors);
+        metrics.audit_journal_bytes.set(stats.journal_bytes);
+        metrics.audit_journal_records.set(stats.journal_records);
     }
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        gateway.metrics.encode(),
-    )
-        .into_response()
 }
 
 /// One model call, through the pipeline.

@@ -84,6 +84,9 @@ pub struct LimitLabels {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    /// Held while a scrape refreshes the gauges it sets and encodes them, so that two scrapes
+    /// at once (an HA pair of Prometheus servers) do not see each other's half-refilled series.
+    scraping: std::sync::Mutex<()>,
     /// Calls finished.
     pub requests: Family<CallLabels, Counter>,
     /// Seconds from arrival to the last byte.
@@ -169,6 +172,7 @@ impl Default for Metrics {
             affinity_store_errors: Counter::default(),
             gateway_id_conflict: Gauge::default(),
             registry: Registry::default(),
+            scraping: std::sync::Mutex::new(()),
         };
         registry.register(
             "requests",
@@ -308,6 +312,17 @@ impl Metrics {
             .inc();
     }
 
+    /// Runs `refresh` (which sets the gauges read at scrape time, clearing families first if it
+    /// must) and encodes the result, one scrape at a time.
+    pub fn scrape(&self, refresh: impl FnOnce(&Metrics)) -> String {
+        let _one_at_a_time = self
+            .scraping
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        refresh(self);
+        self.encode()
+    }
+
     /// The exposition text.
     pub fn encode(&self) -> String {
         let mut text = String::new();
@@ -321,6 +336,45 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two scrapes at once each see every member: one's clearing and refilling never shows in
+    /// the other's text.
+    #[test]
+    fn concurrent_scrapes_each_report_every_member() {
+        const MEMBERS: usize = 50;
+        let metrics = std::sync::Arc::new(Metrics::default());
+        let refresh = |metrics: &Metrics| {
+            metrics.backend_available.clear();
+            for member in 0..MEMBERS {
+                metrics
+                    .backend_available
+                    .get_or_create(&BackendLabels {
+                        pool: "p".to_owned(),
+                        backend: format!("m{member}"),
+                    })
+                    .set(1);
+            }
+        };
+        let scrapers: Vec<_> = (0..2)
+            .map(|_| {
+                let metrics = std::sync::Arc::clone(&metrics);
+                std::thread::spawn(move || {
+                    (0..300)
+                        .map(|_| {
+                            metrics
+                                .scrape(refresh)
+                                .matches("gatehouse_backend_available{")
+                                .count()
+                        })
+                        .filter(|&seen| seen != MEMBERS)
+                        .count()
+                })
+            })
+            .collect();
+        for scraper in scrapers {
+            assert_eq!(scraper.join().unwrap(), 0, "scrapes that missed members");
+        }
+    }
 
     /// A call that waited out the default response timeout (300 s) falls in a bucket of its own,
     /// not in the one above 120 s that also holds hour-long streams.
