@@ -458,3 +458,142 @@ async fn an_object_of_another_pool_does_not_carry_a_call_to_its_member() {
     assert_eq!(same.status(), 200);
     assert_eq!(o1.hits(), 2);
 }
+
+/// A member for the Assistants stream test: `POST /openai/threads/runs` streams the
+/// `thread.created` event of a thread named after the member, then the run's events 300 ms
+/// apart; `GET /openai/threads/{id}` finds only its own threads (404 otherwise), as Azure's
+/// resources do. Event names and shapes: the OpenAI SDK's Assistants stream decoder dispatches on
+/// `event: thread.*` (`azure-specs.md` §1.6, citing `openai-python: src/openai/_streaming.py`).
+async fn assistants_member(
+    name: &'static str,
+    hits: Arc<std::sync::atomic::AtomicUsize>,
+) -> String {
+    use axum::body::{Body, Bytes};
+    use axum::extract::Path;
+    use axum::routing::{get, post};
+    use futures::StreamExt as _;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let created = Arc::new(AtomicUsize::new(0));
+    let get_hits = hits.clone();
+    let app = axum::Router::new()
+        .route(
+            "/openai/threads/runs",
+            post(move || {
+                let n = created.fetch_add(1, Ordering::SeqCst);
+                hits.fetch_add(1, Ordering::SeqCst);
+                let thread = format!("thread_{name}_{n}");
+                let events = vec![
+                    format!(
+                        "event: thread.created\ndata: {{\"id\":\"{thread}\",\"object\":\"thread\",\"created_at\":1700000000,\"metadata\":{{}}}}\n\n"
+                    ),
+                    format!(
+                        "event: thread.run.created\ndata: {{\"id\":\"run_{name}_{n}\",\"object\":\"thread.run\",\"thread_id\":\"{thread}\",\"assistant_id\":\"asst_1\",\"status\":\"queued\"}}\n\n"
+                    ),
+                    format!(
+                        "event: thread.run.completed\ndata: {{\"id\":\"run_{name}_{n}\",\"object\":\"thread.run\",\"thread_id\":\"{thread}\",\"assistant_id\":\"asst_1\",\"status\":\"completed\"}}\n\n"
+                    ),
+                    "event: done\ndata: [DONE]\n\n".to_owned(),
+                ];
+                let paced = futures::stream::iter(events.into_iter().enumerate()).then(
+                    |(i, event)| async move {
+                        if i > 0 {
+                            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                        }
+                        Ok::<_, std::convert::Infallible>(Bytes::from(event))
+                    },
+                );
+                async move {
+                    axum::response::Response::builder()
+                        .header("content-type", "text/event-stream")
+                        .body(Body::from_stream(paced))
+                        .unwrap()
+                }
+            }),
+        )
+        .route(
+            "/openai/threads/{thread_id}",
+            get(move |Path(thread): Path<String>| async move {
+                get_hits.fetch_add(1, Ordering::SeqCst);
+                if thread.starts_with(&format!("thread_{name}_")) {
+                    (
+                        http::StatusCode::OK,
+                        axum::Json(json!({"id": thread, "object": "thread", "created_at": 1700000000})),
+                    )
+                } else {
+                    (
+                        http::StatusCode::NOT_FOUND,
+                        axum::Json(json!({"error": {"code": "NotFound", "message": "No thread found"}})),
+                    )
+                }
+            }),
+        );
+    serve_stub(app).await
+}
+
+/// The thread a streamed create-thread-and-run makes is pinned to its member as soon as the
+/// stream's `thread.created` event passes, so a client that reads the thread while the run still
+/// streams (as the SDKs' event handlers do) reaches the member that holds it.
+#[tokio::test]
+async fn a_thread_created_by_a_streamed_run_is_pinned_as_soon_as_its_stream_names_it() {
+    use futures::StreamExt as _;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let hits_a = Arc::new(AtomicUsize::new(0));
+    let hits_b = Arc::new(AtomicUsize::new(0));
+    let a = assistants_member("a", hits_a.clone()).await;
+    let b = assistants_member("b", hits_b.clone()).await;
+    let gw = TestGateway::start(snapshot(1, pool(&a, &b))).await;
+    let mut rounds = 0;
+    let mut threads = Vec::new();
+    while rounds < 6
+        || !threads.iter().any(|t: &String| t.starts_with("thread_a_"))
+        || !threads.iter().any(|t: &String| t.starts_with("thread_b_"))
+    {
+        assert!(rounds < 40, "40 runs, all on one member: {threads:?}");
+        rounds += 1;
+        let response = gw
+            .post("/openai/threads/runs?api-version=2024-05-01-preview")
+            .json(&json!({"assistant_id": "asst_1", "stream": true}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let mut stream = response.bytes_stream();
+        let mut text = String::new();
+        while !text.contains("\n\n") {
+            let chunk = stream.next().await.unwrap().unwrap();
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        let first = text.split("\n\n").next().unwrap();
+        assert!(first.starts_with("event: thread.created"), "{first}");
+        let data = first
+            .lines()
+            .find_map(|line| line.strip_prefix("data: "))
+            .unwrap();
+        let thread: Value = serde_json::from_str(data).unwrap();
+        let id = thread["id"].as_str().unwrap().to_owned();
+        // The run's events come 300 ms apart: the thread is read while its stream runs on.
+        let (status, body) = call(
+            &gw.url,
+            reqwest::Method::GET,
+            &format!("/openai/threads/{id}?api-version=2024-05-01-preview"),
+        )
+        .await;
+        assert_eq!(
+            status,
+            200,
+            "{id} read mid-stream: {}",
+            String::from_utf8_lossy(&body)
+        );
+        while let Some(chunk) = stream.next().await {
+            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        }
+        assert!(text.contains("thread.run.completed"), "{text}");
+        threads.push(id);
+    }
+    assert_eq!(
+        hits_a.load(Ordering::SeqCst) + hits_b.load(Ordering::SeqCst),
+        2 * rounds,
+        "one run and one read a round, none retried on the other member"
+    );
+}
