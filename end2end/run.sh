@@ -3,8 +3,8 @@
 # (package-lock.json), and runs three browser checks in Debian's Chromium (never a downloaded
 # browser), each on ports the OS picks:
 #   hydration.mjs  the portal alone with the development sign-in: the wasm app hydrates (the
-#                  development build first; at the end the release build that scripts/run.sh
-#                  runs, whose front end wasm-opt has optimised);
+#                  development front end first; at the end the release front end that
+#                  scripts/run.sh serves, which wasm-opt has optimised);
 #   scenario.mjs   portal + gateway + simulator + a real OpenID Connect provider (oidc-provider),
 #                  no development sign-in: rules, keys, revocation, roles, activity;
 #   insights.mjs   the same with Entra ID tokens (a local key-set double) from two IPs and the
@@ -24,11 +24,14 @@ die() { printf 'end2end/run.sh: %s\n' "$*" >&2; exit 1; }
 command -v node >/dev/null || die "node is missing"
 command -v npm >/dev/null || die "npm is missing"
 scripts/portal-tools.sh
-# The gateway and the simulator as scripts/test.sh builds them (the whole workspace, so that a run
-# after it finds them built instead of compiling their dependencies again with other features),
-# then the portal as cargo leptos builds it, which replaces the workspace build's portal binary.
-cargo build --workspace --bins --locked || die "building the gateway and simulator failed"
-cargo leptos build || die "cargo leptos build failed"
+# The portal server, the gateway and the simulator exactly as scripts/test.sh builds them (the
+# whole workspace with its tests, so that the dependencies are compiled once, with one set of
+# features: after scripts/test.sh this is done already), then only the portal's front end with
+# cargo leptos (the wasm app, the style sheet and the assets in target/site). The server binary
+# is the workspace build's: a server cargo leptos built would be the same code, compiled again
+# with the features of the portal package alone.
+cargo build --workspace --bins --tests --locked || die "building the workspace failed"
+cargo leptos build --frontend-only || die "cargo leptos build --frontend-only failed"
 (cd end2end && npm ci --no-audit --no-fund) || die "npm ci in end2end failed"
 
 target="${CARGO_TARGET_DIR:-$root/target}"
@@ -73,8 +76,11 @@ echo "== insights (audit search, usage, dashboard over the gateway's audit store
 (cd end2end && GATEHOUSE_BIN_DIR="$bin" LEPTOS_SITE_ROOT="$root/target/site" \
   SCREENSHOTS="$shots/insights" node insights.mjs)
 
-# Last, since it replaces the development build's front end in target/site: the release build
-# that scripts/run.sh runs (optimised by wasm-opt) must start in the browser too.
-echo "== hydration check of the release build (scripts/run.sh's portal)"
-scripts/build-portal-release.sh
-hydration_check "$target/release/gatehouse-portal" "$shots/hydration-release"
+# Last, since it replaces the development front end in target/site: the release front end that
+# scripts/run.sh serves (optimised by wasm-opt, the step that can break an app that works in a
+# development build) must start in the browser too. Only the front end is built for release: the
+# server's release build is the same code as the one under test, and it would compile every
+# dependency a third time.
+echo "== hydration check of the release front end (the one scripts/run.sh serves)"
+scripts/build-portal-release.sh --frontend-only
+hydration_check "$bin/gatehouse-portal" "$shots/hydration-release"

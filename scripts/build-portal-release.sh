@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the portal for release (cargo leptos build --release), as scripts/run.sh runs it: the
 # server binary in the target directory's release/ and the optimised front end in target/site.
+# Extra arguments go to cargo leptos (end2end/run.sh passes --frontend-only).
 #
 # A release build runs Binaryen's wasm-opt over the front end's WebAssembly, and cargo-leptos built
 # with no_downloads takes it from the PATH. Debian's wasm-opt (108) is too old for what rustc emits
@@ -15,5 +16,5 @@ die() { printf 'scripts/build-portal-release.sh: %s\n' "$*" >&2; exit 1; }
 scripts/portal-tools.sh
 command -v npm >/dev/null || die "npm is missing (Debian: apt-get install -y nodejs npm)"
 (cd scripts/binaryen && npm ci --no-audit --no-fund) || die "npm ci in scripts/binaryen failed"
-PATH="$root/scripts/binaryen/node_modules/.bin:$PATH" cargo leptos build --release \
+PATH="$root/scripts/binaryen/node_modules/.bin:$PATH" cargo leptos build --release "$@" \
   || die "cargo leptos build --release failed"

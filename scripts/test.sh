@@ -49,7 +49,10 @@ if ! command -v sqlite3 >/dev/null; then
 fi
 
 say "build"
-cargo build --workspace --bins --locked
+# The binaries the tests start and the tests themselves, in one build: one set of features for
+# every dependency (the tests' dev-dependencies included), so that nextest and end2end/run.sh
+# find everything built instead of compiling it again with other features.
+cargo build --workspace --bins --tests --locked
 export GATEHOUSE_BIN_DIR="${CARGO_TARGET_DIR:-$root/target}/debug"
 
 say "tests"
