@@ -9,7 +9,7 @@
 // A 1280 px screenshot of each page goes to $SCREENSHOTS.
 //
 //   GATEHOUSE_BIN_DIR=…/debug LEPTOS_SITE_ROOT=…/target/site node scenario.mjs
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { freePort, launchChromium, Processes, signInWith, waitFor } from './lib.mjs';
@@ -182,10 +182,49 @@ try {
   check((await admin.textContent('[data-testid=version-diff]'))?.includes('revoked'), 'the diff shows the revocation');
   await shot(admin, 'gateways');
 
+  // Gateway settings: a wrong field is named by its path and nothing is published; right, they
+  // are published and the gateway runs them.
+  const settings = '[data-testid=gateway-settings]';
+  const settingsPanel = `section:has(${settings})`;
+  check((await admin.inputValue(settings)).trim() === '{}', 'no gateway settings at first');
+  await admin.fill(settings, '{"trusted_proxies": ["127.0.0.1/32", "not an address"]}');
+  await admin.click(`${settingsPanel} button:has-text("Save and publish")`);
+  const settingsError = await admin.waitForSelector(`${settingsPanel} .field-error`);
+  check((await settingsError.textContent())?.includes('trusted_proxies[1]'),
+    `the wrong address is named by its path (${await settingsError.textContent()})`);
+  await admin.fill(settings, '{"trusted_proxies": ["127.0.0.1/32"]}');
+  await admin.click(`${settingsPanel} button:has-text("Save and publish")`);
+  const saved = await admin.waitForSelector(`${settingsPanel} .saved-note`);
+  const published = Number((await saved.textContent())?.match(/version (\d+)/)?.[1]);
+  // The page reads the settings back as stored (pretty-printed) and lists the new version.
+  await admin.waitForFunction(
+    (selector) => document.querySelector(selector)?.value.includes('\n  "trusted_proxies"'),
+    settings,
+  );
+  await admin.waitForFunction(
+    (version) => document.querySelector('[data-testid=versions] tr:has(.badge-active) td')
+      ?.textContent.trim() === String(version),
+    published,
+  );
+  let running;
+  for (let i = 0; i < 50 && running?.version !== published; i += 1) {
+    if (i) await new Promise((resolve) => setTimeout(resolve, 200));
+    const response = await fetch(`${gateway}/_gatehouse/config`, {
+      headers: { authorization: `Bearer ${readFileSync(adminToken, 'utf8').trim()}` },
+    });
+    running = await response.json();
+  }
+  check(running?.version === published, `the gateway runs version ${published}, which the settings made`);
+  check(JSON.stringify(running?.trusted_proxies) === '["127.0.0.1/32"]',
+    `the gateway runs the saved settings (${JSON.stringify(running?.trusted_proxies)})`);
+  check(running?.access_rules?.length === 2 && running?.subscriptions?.some((s) => s.id === 'e2e-team'),
+    'the rules and subscriptions are still sent beside the settings');
+  await shot(admin, 'gateway-settings');
+
   // The activity log names the admin as the author of each change.
   await admin.goto(`${portal}/activity`, { waitUntil: 'networkidle' });
   const entries = await admin.$$eval('.activity-entry > div', (divs) => divs.map((d) => d.textContent));
-  for (const action of ['pool.create', 'member.create', 'subscription.create', 'access_rule.create', 'subscription.revoke']) {
+  for (const action of ['pool.create', 'member.create', 'subscription.create', 'access_rule.create', 'subscription.revoke', 'settings.update']) {
     check(entries.some((e) => e.includes(action) && e.includes('Alice Admin <alice>')),
       `the activity log lists ${action} by the admin`);
   }

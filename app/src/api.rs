@@ -298,6 +298,28 @@ pub async fn register_gateway(
     Ok(())
 }
 
+/// The gateway settings no other page manages (trusted proxies, identity, capture, limits of
+/// their own), as pretty JSON: Admin.
+#[server(endpoint = "gateway_settings")]
+pub async fn gateway_settings() -> Result<String, ServerFnError> {
+    let (portal, user) = portal_and_user().await?;
+    portal
+        .gateway_settings(user.as_ref())
+        .await
+        .map_err(to_server_error)
+}
+
+/// Checks and stores the gateway settings and publishes a version built on them: Admin.
+/// Returns the version.
+#[server(endpoint = "save_gateway_settings")]
+pub async fn save_gateway_settings(settings: String) -> Result<u64, ServerFnError> {
+    let (portal, user) = portal_and_user().await?;
+    portal
+        .save_gateway_settings(user.as_ref(), &settings)
+        .await
+        .map_err(to_server_error)
+}
+
 /// Pushes the current version to every lagging gateway now: Admin.
 #[server(endpoint = "push_now")]
 pub async fn push_now() -> Result<(), ServerFnError> {

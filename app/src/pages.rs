@@ -8,8 +8,8 @@ use leptos::server::ServerAction;
 use crate::ServerLink;
 use crate::api::{
     ActivityView, CreateSubscription, GatewaysView, IssuedKey, PushNow, RegisterGateway,
-    RetireSecondaryKey, RevokeSubscription, Rollback, RotateSubscriptionKey, SubscriptionView,
-    list_activity, list_gateways, list_subscriptions, overview,
+    RetireSecondaryKey, RevokeSubscription, Rollback, RotateSubscriptionKey, SaveGatewaySettings,
+    SubscriptionView, gateway_settings, list_activity, list_gateways, list_subscriptions, overview,
 };
 
 /// An error from the server, shown where the content would be.
@@ -359,12 +359,14 @@ pub fn Gateways() -> impl IntoView {
     let register = ServerAction::<RegisterGateway>::new();
     let push = ServerAction::<PushNow>::new();
     let rollback = ServerAction::<Rollback>::new();
+    let settings = ServerAction::<SaveGatewaySettings>::new();
     let list = Resource::new(
         move || {
             (
                 register.version().get(),
                 push.version().get(),
                 rollback.version().get(),
+                settings.version().get(),
             )
         },
         |_| list_gateways(),
@@ -404,7 +406,76 @@ pub fn Gateways() -> impl IntoView {
             </ActionForm>
             {action_error!(register)}
         </section>
-        <Versions rollback />
+        <GatewaySettings save=settings />
+        <Versions rollback settings />
+    }
+}
+
+/// The settings every gateway gets besides what the other pages manage, edited as the JSON of
+/// that part of the snapshot (docs/portal.md lists its fields).
+#[component]
+fn GatewaySettings(save: ServerAction<SaveGatewaySettings>) -> impl IntoView {
+    // Read again after a save that published, not after a refused one: the text being fixed
+    // stays in the box.
+    let current = Resource::new(
+        move || save.value().get().and_then(Result::ok),
+        |_| gateway_settings(),
+    );
+    view! {
+        <section class="panel">
+            <h2>"Gateway settings"</h2>
+            <p class="muted">
+                "Trusted proxies, the identity policy (Entra ID tenants and audiences, what a caller must present), capture, the request size limit and limits of their own, as JSON: the part of every published snapshot that the other pages do not manage. Saving publishes a new version."
+            </p>
+            {move || {
+                save.value()
+                    .get()
+                    .and_then(Result::ok)
+                    .map(|version| {
+                        view! {
+                            <p class="saved-note" role="status">
+                                {format!("Saved: published as version {version}.")}
+                            </p>
+                        }
+                    })
+            }}
+            <Transition fallback=|| view! { <p class="muted">"Loading…"</p> }>
+                {move || Suspend::new(async move {
+                    match current.await {
+                        Ok(text) => {
+                            let value = text.clone();
+                            view! {
+                                <ActionForm action=save attr:class="form-grid">
+                                    <label class="wide">
+                                        "Settings (JSON)"
+                                        // The text for the page as sent, the value for the
+                                        // box once edited and saved.
+                                        <textarea
+                                            name="settings"
+                                            rows="12"
+                                            spellcheck="false"
+                                            class="code"
+                                            data-testid="gateway-settings"
+                                            prop:value=value
+                                        >
+                                            {text}
+                                        </textarea>
+                                    </label>
+                                    <div class="form-actions">
+                                        <button type="submit" class="btn btn-primary">
+                                            "Save and publish"
+                                        </button>
+                                    </div>
+                                </ActionForm>
+                            }
+                                .into_any()
+                        }
+                        Err(error) => view! { <Failure error /> }.into_any(),
+                    }
+                })}
+            </Transition>
+            {action_error!(save)}
+        </section>
     }
 }
 

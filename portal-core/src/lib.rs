@@ -6,6 +6,7 @@
 
 pub mod db;
 pub mod error;
+pub mod gateway_settings;
 pub mod health;
 pub mod insights;
 pub mod ops;

@@ -28,13 +28,17 @@ pub const RULE_LIMIT_PREFIX: &str = "rule:";
 
 /// Builds the snapshot the database describes, numbered `version`.
 pub async fn build(db: &ConfigDb, version: u64) -> Result<ConfigSnapshot, PortalError> {
-    let mut snapshot: ConfigSnapshot = match db.setting(BASE_SETTING).await? {
+    // The base's own `version`, if it has one (a base written by hand), is replaced.
+    let mut base = match db.setting(BASE_SETTING).await? {
         Some(text) => serde_json::from_str(&text)
             .map_err(|error| PortalError::Corrupt(format!("{BASE_SETTING}: {error}")))?,
-        None => serde_json::from_value(json!({"version": 0}))
-            .map_err(|error| PortalError::Corrupt(format!("default snapshot: {error}")))?,
+        None => json!({}),
     };
-    snapshot.version = version;
+    if let Some(base) = base.as_object_mut() {
+        base.insert("version".to_owned(), json!(version));
+    }
+    let mut snapshot: ConfigSnapshot = serde_json::from_value(base)
+        .map_err(|error| PortalError::Corrupt(format!("{BASE_SETTING}: {error}")))?;
     let now = OffsetDateTime::now_utc();
     snapshot.subscriptions = db
         .subscriptions()

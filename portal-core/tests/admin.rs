@@ -474,6 +474,118 @@ async fn a_rotation_overlap_ends_by_itself(db: ConfigDb) {
     );
 }
 
+/// The gateway settings page: what it saves is published beside the portal's own tables and
+/// runs on the gateway; what it refuses changes nothing; what only the gateway can refuse leaves
+/// the gateway on the version it runs, with the reason on the Gateways page.
+async fn gateway_settings_are_published_beside_the_portals_tables(db: ConfigDb) {
+    let fleet = fleet(&db, None).await;
+    let portal = &fleet.portal;
+    let user = admin();
+    simulator_pool(&fleet).await;
+    let key = subscription(portal, "team-a").await;
+    portal
+        .save_access_rule(
+            Some(&user),
+            AccessRuleInput {
+                tokens_per_minute: "20000".into(),
+                ..rule("team-a-gpt", "team-a", "gpt-4o")
+            },
+            false,
+        )
+        .await
+        .unwrap();
+    assert_eq!(portal.gateway_settings(Some(&user)).await.unwrap(), "{}");
+
+    let settings = r#"{"version": 99, "trusted_proxies": ["10.0.1.0/24"],
+        "limits": [{"id": "everyone", "subject": {"kind": "each_user"}, "requests_per_minute": 600}]}"#;
+    let version = portal
+        .save_gateway_settings(Some(&user), settings)
+        .await
+        .unwrap();
+    let config = running(&fleet.gateway).await;
+    assert_eq!(
+        config["version"],
+        json!(version),
+        "the portal numbers the version"
+    );
+    assert_eq!(config["trusted_proxies"], json!(["10.0.1.0/24"]));
+    let limit_ids: Vec<&str> = config["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|limit| limit["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(limit_ids, ["everyone", "rule:team-a-gpt"]);
+    assert_eq!(config["access_rules"][0]["id"], "team-a-gpt");
+    assert_eq!(chat(&fleet.gateway, "gpt-4o", &key).await, 200);
+    let entry = &db.activity(1).await.unwrap()[0];
+    assert_eq!(
+        (
+            entry.action.as_str(),
+            entry.target.as_str(),
+            entry.before.as_deref()
+        ),
+        ("settings.update", "snapshot.base", None)
+    );
+    assert!(entry.after.as_deref().unwrap().contains("10.0.1.0/24"));
+    let shown = portal.gateway_settings(Some(&user)).await.unwrap();
+    assert!(
+        shown.contains("\"trusted_proxies\"") && !shown.contains("\"version\""),
+        "{shown}"
+    );
+
+    // Refused: nothing stored, nothing published, no activity.
+    let auditor = SessionUser {
+        roles: vec![Role::Auditor],
+        ..admin()
+    };
+    for (who, text) in [
+        (&auditor, r#"{"trusted_proxies": []}"#),
+        (
+            &user,
+            r#"{"trusted_proxies": ["10.0.1.0/24", "10.0.2.0/33"]}"#,
+        ),
+        (&user, r#"{"pools": []}"#),
+    ] {
+        let error = portal
+            .save_gateway_settings(Some(who), text)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, PortalError::Forbidden | PortalError::Invalid { .. }),
+            "{error}"
+        );
+    }
+    assert_eq!(
+        db.latest_snapshot().await.unwrap().unwrap().version,
+        i64::try_from(version).unwrap()
+    );
+    assert_eq!(db.activity(1).await.unwrap()[0].id, entry.id);
+    assert!(portal.gateway_settings(Some(&auditor)).await.is_err());
+
+    // A tenant given as a domain has a snapshot's shape, but the gateway refuses it (tenants are
+    // GUIDs): it keeps the version it runs, and the Gateways page says why.
+    let domain = r#"{"identity": {"require": "key_or_token",
+        "entra": {"tenants": ["contoso.onmicrosoft.com"], "audiences": ["api://gatehouse"]}}}"#;
+    let refused = portal
+        .save_gateway_settings(Some(&user), domain)
+        .await
+        .unwrap();
+    assert_eq!(running(&fleet.gateway).await["version"], json!(version));
+    let gateway = &db.gateways().await.unwrap()[0];
+    assert_eq!(
+        gateway.pushed_version,
+        Some(i64::try_from(version).unwrap())
+    );
+    let reason = gateway.last_error.as_deref().unwrap();
+    assert!(
+        reason.contains("422") && reason.contains("identity.entra.tenants"),
+        "{reason}"
+    );
+    assert!(refused > version);
+    assert_eq!(chat(&fleet.gateway, "gpt-4o", &key).await, 200);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sqlite_rules_decide_what_a_key_may_call() {
     let test = common::sqlite().await;
@@ -502,4 +614,16 @@ async fn postgres_pools_route_and_report_member_health() {
 async fn sqlite_a_rotation_overlap_ends_by_itself() {
     let test = common::sqlite().await;
     a_rotation_overlap_ends_by_itself(test.db.clone()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_gateway_settings_are_published_beside_the_portals_tables() {
+    let test = common::sqlite().await;
+    gateway_settings_are_published_beside_the_portals_tables(test.db.clone()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_gateway_settings_are_published_beside_the_portals_tables() {
+    let test = common::postgres().await;
+    gateway_settings_are_published_beside_the_portals_tables(test.db.clone()).await;
 }

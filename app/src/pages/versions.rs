@@ -6,13 +6,22 @@ use leptos::server::ServerAction;
 use leptos_router::hooks::use_query_map;
 
 use super::{Failure, error_text, unplaced};
-use crate::api::{DiffLineView, Rollback, VersionView, list_versions, version_diff};
+use crate::api::{
+    DiffLineView, Rollback, SaveGatewaySettings, VersionView, list_versions, version_diff,
+};
 
-/// Versions, diff and roll-back.
+/// Versions, diff and roll-back; listed again after a roll-back or a save of the gateway
+/// settings (`settings`), which both publish a version.
 #[component]
-pub fn Versions(rollback: ServerAction<Rollback>) -> impl IntoView {
+pub fn Versions(
+    rollback: ServerAction<Rollback>,
+    settings: ServerAction<SaveGatewaySettings>,
+) -> impl IntoView {
     let query = use_query_map();
-    let versions = Resource::new(move || rollback.version().get(), |_| list_versions());
+    let versions = Resource::new(
+        move || (rollback.version().get(), settings.version().get()),
+        |_| list_versions(),
+    );
     let wanted = move || {
         let query = query.read();
         let number = |name: &str| query.get(name).and_then(|v| v.parse::<i64>().ok());
