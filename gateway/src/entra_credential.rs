@@ -368,12 +368,75 @@ impl TokenCredential {
         Ok(self.access_token(scope).await?.token)
     }
 
+    /// A bearer token for `scope` from the tenant `tenant` (a GUID): for a multi-tenant app
+    /// registration, a token of another directory that has consented to it (Microsoft Graph
+    /// answers about the directory its token is from). A client secret or certificate asks
+    /// `{authority}/{tenant}/oauth2/v2.0/token`; a managed identity belongs to one tenant and
+    /// always gets its own tenant's token. Cached per tenant and scope.
+    pub async fn token_in_tenant(
+        &self,
+        scope: &str,
+        tenant: &str,
+    ) -> Result<Secret<String>, CredentialError> {
+        match self.token_url_in(tenant)? {
+            Some(url) => Ok(self
+                .cached_token(&format!("tenant {tenant} {scope}"), scope, Some(url))
+                .await?
+                .token),
+            None => self.token(scope).await,
+        }
+    }
+
+    /// The token endpoint of `tenant` when it is not the credential's own and the credential
+    /// can ask another tenant; `None` to use the credential's own.
+    fn token_url_in(&self, tenant: &str) -> Result<Option<Url>, CredentialError> {
+        let (Source::ClientSecret { token_url, .. } | Source::Certificate { token_url, .. }) =
+            &self.inner.source
+        else {
+            return Ok(None);
+        };
+        if uuid::Uuid::try_parse(tenant).is_err() {
+            return Err(CredentialError::Config(format!(
+                "tenant `{tenant}`: must be a tenant id (GUID)"
+            )));
+        }
+        // `{authority path}/{tenant}/oauth2/v2.0/token`: the tenant is the fourth segment from
+        // the end.
+        let segments: Vec<&str> = token_url.path_segments().into_iter().flatten().collect();
+        let Some(own) = segments.len().checked_sub(4).map(|i| segments[i]) else {
+            return Ok(None);
+        };
+        if own.eq_ignore_ascii_case(tenant) {
+            return Ok(None);
+        }
+        let mut url = token_url.clone();
+        url.path_segments_mut()
+            .map_err(|()| CredentialError::Config("authority_host: not a base URL".to_owned()))?
+            .pop()
+            .pop()
+            .pop()
+            .pop()
+            .extend([tenant, "oauth2", "v2.0", "token"]);
+        Ok(Some(url))
+    }
+
     /// Like [`TokenCredential::token`], with the token's expiry.
     pub async fn access_token(&self, scope: &str) -> Result<AccessToken, CredentialError> {
+        self.cached_token(scope, scope, None).await
+    }
+
+    /// The token of the cache slot `key`, for `scope`, from `token_url` instead of the
+    /// credential's own endpoint when given; refreshed single-flight.
+    async fn cached_token(
+        &self,
+        key: &str,
+        scope: &str,
+        token_url: Option<Url>,
+    ) -> Result<AccessToken, CredentialError> {
         let now = Instant::now();
         let (pending, fallback) = {
             let mut slots = self.slots();
-            let slot = slots.entry(scope.to_owned()).or_default();
+            let slot = slots.entry(key.to_owned()).or_default();
             if let Some(cached) = &slot.token
                 && now < cached.refresh_at
             {
@@ -387,7 +450,10 @@ impl TokenCredential {
             let pending = match &slot.inflight {
                 Some(pending) => pending.clone(),
                 None => {
-                    let pending = self.refresh(scope.to_owned()).boxed().shared();
+                    let pending = self
+                        .refresh(key.to_owned(), scope.to_owned(), token_url)
+                        .boxed()
+                        .shared();
                     slot.inflight = Some(pending.clone());
                     pending
                 }
@@ -421,16 +487,18 @@ impl TokenCredential {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The one request for `scope`; stores its outcome for every waiter.
+    /// The one request for `scope` into the slot `key`; stores its outcome for every waiter.
     fn refresh(
         &self,
+        key: String,
         scope: String,
+        token_url: Option<Url>,
     ) -> impl Future<Output = Result<CachedToken, CredentialError>> + Send + 'static {
         let credential = self.clone();
         async move {
-            let outcome = credential.request(&scope).await;
+            let outcome = credential.request(&scope, token_url.as_ref()).await;
             let mut slots = credential.slots();
-            let slot = slots.entry(scope.clone()).or_default();
+            let slot = slots.entry(key).or_default();
             slot.inflight = None;
             match &outcome {
                 Ok(token) => slot.token = Some(token.clone()),
@@ -440,7 +508,11 @@ impl TokenCredential {
         }
     }
 
-    async fn request(&self, scope: &str) -> Result<CachedToken, CredentialError> {
+    async fn request(
+        &self,
+        scope: &str,
+        other_tenant: Option<&Url>,
+    ) -> Result<CachedToken, CredentialError> {
         let started = Instant::now();
         let (request, endpoint) = match &self.inner.source {
             Source::ClientSecret {
@@ -448,6 +520,7 @@ impl TokenCredential {
                 client_id,
                 secret,
             } => {
+                let token_url = other_tenant.unwrap_or(token_url);
                 let secret = secret.current();
                 let form = form(&[
                     ("client_id", client_id),
@@ -462,6 +535,7 @@ impl TokenCredential {
                 client_id,
                 certificate,
             } => {
+                let token_url = other_tenant.unwrap_or(token_url);
                 let assertion = SigningCertificate::parse(certificate.current().expose())?
                     .assertion(token_url, client_id)?;
                 let form = form(&[
@@ -873,6 +947,36 @@ pub fn is_key_vault(reference: &gatehouse_schema::config::SecretRef) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_of_another_tenant_comes_from_that_tenants_endpoint() {
+        const OWN: &str = "11111111-1111-1111-1111-111111111111";
+        const OTHER: &str = "22222222-2222-2222-2222-222222222222";
+        let authority = Url::parse("https://login.example/sovereign/").unwrap();
+        let credential = TokenCredential::client_secret(
+            OWN,
+            "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee",
+            SecretValue::new(Secret::new("s".into())),
+            Some(&authority),
+        )
+        .unwrap();
+        assert_eq!(
+            credential.token_url_in(OTHER).unwrap().unwrap().as_str(),
+            format!("https://login.example/sovereign/{OTHER}/oauth2/v2.0/token")
+        );
+        assert!(credential.token_url_in(OWN).unwrap().is_none());
+        assert!(
+            credential
+                .token_url_in(&OWN.to_uppercase())
+                .unwrap()
+                .is_none()
+        );
+        assert!(credential.token_url_in("../evil").is_err());
+        let imds = Url::parse("http://169.254.169.254/metadata/identity/oauth2/token").unwrap();
+        let managed =
+            TokenCredential::managed_identity(None, ManagedIdentityEndpoint::Imds(imds)).unwrap();
+        assert!(managed.token_url_in(OTHER).unwrap().is_none());
+    }
 
     #[test]
     fn early_refresh_for_long_tokens_and_half_life_for_short_ones() {

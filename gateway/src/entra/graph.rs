@@ -4,8 +4,11 @@
 //! Wire format: `POST {graph}/v1.0/users/{oid}/getMemberObjects` (or `servicePrincipals/{oid}` for
 //! an app-only token) with `{"securityEnabledOnly": true}`, answered `{"value": ["<id>", …]}`
 //! (Microsoft Graph v1.0, "directoryObject: getMemberObjects"; `azure-specs.md` §5.4). The call
-//! carries the gateway's own app token for `https://graph.microsoft.com/.default`. Answers are
-//! cached per tenant and object id for `graph.cache_seconds`.
+//! carries the gateway's own app token for `https://graph.microsoft.com/.default`, from the
+//! user's tenant: Graph answers about the directory its token is from, so a user of a second
+//! tenant (a multi-tenant app registration consented there) is looked up with a token of that
+//! tenant (a managed identity has its own tenant's only). Answers are cached per tenant and
+//! object id for `graph.cache_seconds`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -23,14 +26,23 @@ pub use crate::entra_credential::GRAPH_SCOPE;
 
 /// Something that obtains access tokens for a scope with the gateway's own identity.
 pub trait AccessTokenSource: Send + Sync + std::fmt::Debug {
-    /// A token for `scope`; the error text never contains a secret.
-    fn token<'a>(&'a self, scope: &'a str) -> BoxFuture<'a, Result<Secret<String>, String>>;
+    /// A token for `scope` from the directory `tenant` (Graph answers about the directory its
+    /// token is from); the error text never contains a secret.
+    fn token<'a>(
+        &'a self,
+        scope: &'a str,
+        tenant: &'a str,
+    ) -> BoxFuture<'a, Result<Secret<String>, String>>;
 }
 
 impl AccessTokenSource for crate::entra_credential::TokenCredential {
-    fn token<'a>(&'a self, scope: &'a str) -> BoxFuture<'a, Result<Secret<String>, String>> {
+    fn token<'a>(
+        &'a self,
+        scope: &'a str,
+        tenant: &'a str,
+    ) -> BoxFuture<'a, Result<Secret<String>, String>> {
         Box::pin(async move {
-            crate::entra_credential::TokenCredential::token(self, scope)
+            self.token_in_tenant(scope, tenant)
                 .await
                 .map_err(|error| error.to_string())
         })
@@ -94,10 +106,13 @@ impl GroupResolver {
             );
             return Err(TokenError::Groups);
         };
-        let token = credential.token(GRAPH_SCOPE).await.map_err(|error| {
-            tracing::warn!(%error, "no Microsoft Graph token");
-            TokenError::Unavailable("Microsoft Graph cannot be reached".to_owned())
-        })?;
+        let token = credential
+            .token(GRAPH_SCOPE, tenant)
+            .await
+            .map_err(|error| {
+                tracing::warn!(%error, tenant, "no Microsoft Graph token");
+                TokenError::Unavailable("Microsoft Graph cannot be reached".to_owned())
+            })?;
         if !object_id
             .bytes()
             .all(|b| b.is_ascii_hexdigit() || b == b'-')

@@ -82,6 +82,11 @@ pub struct EntraState {
     /// Client assertions whose signature, audience, subject, lifetime and thumbprint checked out.
     pub assertions_verified: AtomicUsize,
     issued: Mutex<Vec<(String, String)>>,
+    /// The tenant of each token issued by the token endpoint.
+    issued_in: Mutex<HashMap<String, String>>,
+    /// The tenants whose token endpoint knows the app: its own ([`TENANT`]) and those that
+    /// consented to it (a multi-tenant app registration).
+    tenants: Mutex<HashSet<String>>,
     assertions: Mutex<Vec<String>>,
     jtis: Mutex<HashSet<String>>,
 }
@@ -99,6 +104,7 @@ impl EntraDouble {
     pub async fn start(proof: Proof, expires_in: u64) -> EntraDouble {
         let state = Arc::new(EntraState::default());
         *state.proof.lock().unwrap() = Some(proof);
+        state.tenants.lock().unwrap().insert(TENANT.to_owned());
         state.expires_in.store(expires_in, Ordering::SeqCst);
         let app = Router::new()
             .route("/{tenant}/oauth2/v2.0/token", post(token))
@@ -133,6 +139,17 @@ impl EntraDouble {
     /// Every token issued (token, scope or resource it was issued for).
     pub fn issued(&self) -> Vec<(String, String)> {
         self.state.issued.lock().unwrap().clone()
+    }
+
+    /// Makes the token endpoint of `tenant` know the app too, as a directory that consented to
+    /// a multi-tenant app registration does.
+    pub fn consent_in(&self, tenant: &str) {
+        self.state.tenants.lock().unwrap().insert(tenant.to_owned());
+    }
+
+    /// The tenant the token endpoint issued `token` in, if it issued it.
+    pub fn tenant_of(&self, token: &str) -> Option<String> {
+        self.state.issued_in.lock().unwrap().get(token).cloned()
     }
 
     /// Every client assertion received.
@@ -228,7 +245,7 @@ async fn token(
     let form: HashMap<String, String> = url::form_urlencoded::parse(body.as_bytes())
         .into_owned()
         .collect();
-    if tenant != TENANT {
+    if !state.tenants.lock().unwrap().contains(&tenant) {
         return oauth_error(
             StatusCode::BAD_REQUEST,
             "invalid_request",
@@ -277,7 +294,7 @@ async fn token(
         }
         Some(Proof::Certificate { der, pem }) => {
             let base = state.base_url.lock().unwrap().clone();
-            let token_url = format!("{base}/{TENANT}/oauth2/v2.0/token");
+            let token_url = format!("{base}/{tenant}/oauth2/v2.0/token");
             if let Err(problem) = verify_assertion(&state, &form, &der, &pem, &token_url) {
                 return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", 700027, problem);
             }
@@ -294,6 +311,11 @@ async fn token(
     }
     let expires_in = state.expires_in.load(Ordering::SeqCst);
     let token = issue(&state, scope);
+    state
+        .issued_in
+        .lock()
+        .unwrap()
+        .insert(token.clone(), tenant);
     axum::Json(json!({
         "token_type": "Bearer",
         "expires_in": expires_in,

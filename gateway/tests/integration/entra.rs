@@ -611,10 +611,12 @@ async fn the_groups_overage_is_resolved_through_graph_and_cached() {
     let double = EntraDouble::start().await;
     let sim = simulator("entra-overage").await;
     // The gateway's own identity: client credentials against a token-endpoint double.
+    // Registered in the users' tenant (A), as a single-tenant app is.
     let token_endpoint = TokenEndpoint::start(Proof::Secret(GATEWAY_SECRET.to_owned()), 3600).await;
+    token_endpoint.consent_in(TENANT_A);
     double.trust_graph_tokens_of(&token_endpoint);
     let credential = TokenCredential::client_secret(
-        identity::TENANT,
+        TENANT_A,
         identity::CLIENT_ID,
         SecretValue::new(Secret::new(GATEWAY_SECRET.to_owned())),
         Some(&url::Url::parse(&token_endpoint.url).unwrap()),
@@ -655,6 +657,68 @@ async fn the_groups_overage_is_resolved_through_graph_and_cached() {
     let message = azure_error(call_with_token(&gw, &sign(TestKey::A, &claims)).await, 401).await;
     assert!(message.contains("group memberships"), "{message}");
     assert_eq!(sim.hits(), 2);
+}
+
+/// A multi-tenant app registration: a user of the second tenant (B) with a groups overage is
+/// looked up in Graph with a token of tenant B, since Graph answers about its token's directory;
+/// the same object id in the app's own tenant (A) says nothing about them.
+#[tokio::test]
+async fn a_user_of_a_second_tenant_is_looked_up_in_graph_with_a_token_of_that_tenant() {
+    let double = EntraDouble::start().await;
+    let sim = simulator("entra-overage-b").await;
+    let token_endpoint = TokenEndpoint::start(Proof::Secret(GATEWAY_SECRET.to_owned()), 3600).await;
+    token_endpoint.consent_in(TENANT_A);
+    token_endpoint.consent_in(TENANT_B);
+    double.trust_graph_tokens_of(&token_endpoint);
+    let credential = TokenCredential::client_secret(
+        TENANT_A,
+        identity::CLIENT_ID,
+        SecretValue::new(Secret::new(GATEWAY_SECRET.to_owned())),
+        Some(&url::Url::parse(&token_endpoint.url).unwrap()),
+    )
+    .unwrap();
+    let gw = TestGateway::start_with_secrets(
+        entra_snapshot(1, &double, &sim.url(), "token", Some(group_rules())),
+        SecretSettings {
+            entra_credential: Some(credential),
+            ..SecretSettings::default()
+        },
+    )
+    .await;
+    let in_tenant = |tenant: &str, oid: &str| {
+        let mut claims = overage_claims(&double, oid);
+        let own = double.user_claims(tenant, Ver::V2, oid, &[]);
+        claims["tid"] = own["tid"].clone();
+        claims["iss"] = own["iss"].clone();
+        sign(TestKey::A, &claims)
+    };
+
+    // A user of tenant B, in the chat group there.
+    let user_b = "0000000b-0000-0000-0000-0000000000f0";
+    double.set_graph_groups_in(TENANT_B, user_b, &[GROUP_CHAT]);
+    let answer = call_with_token(&gw, &in_tenant(TENANT_B, user_b)).await;
+    assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
+    let tenants: Vec<String> = token_endpoint
+        .issued()
+        .iter()
+        .filter_map(|(token, _)| token_endpoint.tenant_of(token))
+        .collect();
+    assert_eq!(tenants, [TENANT_B], "one Graph token, from tenant B");
+
+    // The same object id holds the chat group in tenant A: a user of B is not judged by it.
+    let other = "0000000b-0000-0000-0000-0000000000f1";
+    double.set_graph_groups_in(TENANT_A, other, &[GROUP_CHAT]);
+    let message = azure_error(call_with_token(&gw, &in_tenant(TENANT_B, other)).await, 401).await;
+    assert!(message.contains("group memberships"), "{message}");
+    // And a user of the app's own tenant still gets a token of it.
+    let answer = call_with_token(&gw, &in_tenant(TENANT_A, other)).await;
+    assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
+    assert_eq!(sim.hits(), 2);
+    assert_eq!(
+        token_endpoint.token_requests(),
+        2,
+        "one token per tenant, cached"
+    );
 }
 
 #[tokio::test]

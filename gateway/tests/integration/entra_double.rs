@@ -11,7 +11,9 @@
 //! Tokens are signed with the test-only keys in `tests/fixtures/entra/` by the `jsonwebtoken`
 //! crate. The published key set can be switched mid-test (key rotation). Graph accepts only the
 //! app tokens a token-endpoint double ([`crate::azure_identity_double`]) issued for the Graph
-//! scope, so the gateway's real client-credentials code is what obtains them.
+//! scope, so the gateway's real client-credentials code is what obtains them, and answers about
+//! the users of the tenant the token was issued in, as Graph answers about its token's directory
+//! (https://learn.microsoft.com/entra/identity-platform/howto-convert-app-to-be-multi-tenant).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -80,7 +82,8 @@ struct DoubleState {
     published: Mutex<Vec<TestKey>>,
     key_fetches: AtomicU64,
     graph_calls: AtomicU64,
-    graph_groups: Mutex<HashMap<String, Vec<String>>>,
+    /// Groups by tenant and object id: Graph answers about the directory its token is from.
+    graph_groups: Mutex<HashMap<(String, String), Vec<String>>>,
     graph_tokens: Mutex<Option<crate::azure_identity_double::EntraDouble>>,
 }
 
@@ -153,10 +156,15 @@ impl EntraDouble {
         self.state.graph_calls.load(Ordering::SeqCst)
     }
 
-    /// Sets the groups Graph reports for `oid`.
+    /// Sets the groups Graph reports for the user `oid` of tenant A.
     pub fn set_graph_groups(&self, oid: &str, groups: &[&str]) {
+        self.set_graph_groups_in(TENANT_A, oid, groups);
+    }
+
+    /// Sets the groups Graph reports for the user `oid` of `tenant`, to a token of that tenant.
+    pub fn set_graph_groups_in(&self, tenant: &str, oid: &str, groups: &[&str]) {
         self.state.graph_groups.lock().unwrap().insert(
-            oid.to_owned(),
+            (tenant.to_owned(), oid.to_owned()),
             groups.iter().map(|g| (*g).to_owned()).collect(),
         );
     }
@@ -281,21 +289,23 @@ async fn member_objects(
         .unwrap_or_default()
         .to_owned();
     let issuer = state.graph_tokens.lock().unwrap().clone();
-    let authorized = issuer.is_some_and(|issuer| {
-        issuer.issued().iter().any(|(token, scope)| {
+    // The directory Graph answers about is the one the token was issued in.
+    let tenant = issuer.and_then(|issuer| {
+        let for_graph = issuer.issued().iter().any(|(token, scope)| {
             scope == "https://graph.microsoft.com/.default" && *token == presented
-        })
+        });
+        for_graph.then(|| issuer.tenant_of(&presented)).flatten()
     });
-    if !authorized {
+    let Some(tenant) = tenant else {
         return (
             StatusCode::UNAUTHORIZED,
             Json(json!({"error": {"code": "InvalidAuthenticationToken", "message": "Access token is empty."}})),
         )
             .into_response();
-    }
+    };
     assert_eq!(body["securityEnabledOnly"], json!(true));
     state.graph_calls.fetch_add(1, Ordering::SeqCst);
-    match state.graph_groups.lock().unwrap().get(&oid) {
+    match state.graph_groups.lock().unwrap().get(&(tenant, oid.clone())) {
         Some(groups) => Json(json!({
             "@odata.context": "https://graph.microsoft.com/v1.0/$metadata#Collection(Edm.String)",
             "value": groups,
