@@ -594,45 +594,58 @@ async fn a_rule_pushed_through_the_config_endpoint_takes_effect_on_the_next_call
 
 /// Claims of a user in more groups than a token carries: no `groups`, `_claim_names` and the
 /// (never called) Azure AD Graph source instead.
-fn overage_claims(double: &EntraDouble, oid: &str) -> Value {
-    let mut claims = double.user_claims(TENANT_A, Ver::V2, oid, &[]);
+fn overage_claims(double: &EntraDouble, tenant: &str, oid: &str) -> Value {
+    let mut claims = double.user_claims(tenant, Ver::V2, oid, &[]);
     let object = claims.as_object_mut().unwrap();
     object.remove("groups");
     object.insert("_claim_names".to_owned(), json!({"groups": "src1"}));
     object.insert(
         "_claim_sources".to_owned(),
-        json!({"src1": {"endpoint": format!("https://graph.windows.net/{TENANT_A}/users/{oid}/getMemberObjects")}}),
+        json!({"src1": {"endpoint": format!("https://graph.windows.net/{tenant}/users/{oid}/getMemberObjects")}}),
     );
     claims
 }
 
-#[tokio::test]
-async fn the_groups_overage_is_resolved_through_graph_and_cached() {
-    let double = EntraDouble::start().await;
-    let sim = simulator("entra-overage").await;
-    // The gateway's own identity: client credentials against a token-endpoint double.
-    // Registered in the users' tenant (A), as a single-tenant app is.
+/// A gateway requiring tokens, with the group rules, whose own identity (client credentials
+/// against a token-endpoint double whose tokens Graph trusts) is an app registered in
+/// `tenants[0]` and consented in every one of `tenants`.
+async fn overage_gateway(
+    double: &EntraDouble,
+    backend: &str,
+    tenants: &[&str],
+) -> (TestGateway, TokenEndpoint) {
     let token_endpoint = TokenEndpoint::start(Proof::Secret(GATEWAY_SECRET.to_owned()), 3600).await;
-    token_endpoint.consent_in(TENANT_A);
+    for tenant in tenants {
+        token_endpoint.consent_in(tenant);
+    }
     double.trust_graph_tokens_of(&token_endpoint);
     let credential = TokenCredential::client_secret(
-        TENANT_A,
+        tenants[0],
         identity::CLIENT_ID,
         SecretValue::new(Secret::new(GATEWAY_SECRET.to_owned())),
         Some(&url::Url::parse(&token_endpoint.url).unwrap()),
     )
     .unwrap();
     let gw = TestGateway::start_with_secrets(
-        entra_snapshot(1, &double, &sim.url(), "token", Some(group_rules())),
+        entra_snapshot(1, double, backend, "token", Some(group_rules())),
         SecretSettings {
             entra_credential: Some(credential),
             ..SecretSettings::default()
         },
     )
     .await;
+    (gw, token_endpoint)
+}
+
+#[tokio::test]
+async fn the_groups_overage_is_resolved_through_graph_and_cached() {
+    let double = EntraDouble::start().await;
+    let sim = simulator("entra-overage").await;
+    // Registered in the users' tenant (A), as a single-tenant app is.
+    let (gw, token_endpoint) = overage_gateway(&double, &sim.url(), &[TENANT_A]).await;
     let oid = "0000000a-0000-0000-0000-0000000000f0";
     double.set_graph_groups(oid, &["cccccccc-0000-0000-0000-000000000000", GROUP_CHAT]);
-    let token = sign(TestKey::A, &overage_claims(&double, oid));
+    let token = sign(TestKey::A, &overage_claims(&double, TENANT_A, oid));
     let first = call_with_token(&gw, &token).await;
     assert_eq!(first.status(), 200, "{}", first.text().await.unwrap());
     assert_eq!(call_with_token(&gw, &token).await.status(), 200);
@@ -653,7 +666,7 @@ async fn the_groups_overage_is_resolved_through_graph_and_cached() {
 
     // A user Graph does not know is refused, not let through.
     let stranger = "0000000a-0000-0000-0000-0000000000f1";
-    let claims = overage_claims(&double, stranger);
+    let claims = overage_claims(&double, TENANT_A, stranger);
     let message = azure_error(call_with_token(&gw, &sign(TestKey::A, &claims)).await, 401).await;
     assert!(message.contains("group memberships"), "{message}");
     assert_eq!(sim.hits(), 2);
@@ -666,32 +679,9 @@ async fn the_groups_overage_is_resolved_through_graph_and_cached() {
 async fn a_user_of_a_second_tenant_is_looked_up_in_graph_with_a_token_of_that_tenant() {
     let double = EntraDouble::start().await;
     let sim = simulator("entra-overage-b").await;
-    let token_endpoint = TokenEndpoint::start(Proof::Secret(GATEWAY_SECRET.to_owned()), 3600).await;
-    token_endpoint.consent_in(TENANT_A);
-    token_endpoint.consent_in(TENANT_B);
-    double.trust_graph_tokens_of(&token_endpoint);
-    let credential = TokenCredential::client_secret(
-        TENANT_A,
-        identity::CLIENT_ID,
-        SecretValue::new(Secret::new(GATEWAY_SECRET.to_owned())),
-        Some(&url::Url::parse(&token_endpoint.url).unwrap()),
-    )
-    .unwrap();
-    let gw = TestGateway::start_with_secrets(
-        entra_snapshot(1, &double, &sim.url(), "token", Some(group_rules())),
-        SecretSettings {
-            entra_credential: Some(credential),
-            ..SecretSettings::default()
-        },
-    )
-    .await;
-    let in_tenant = |tenant: &str, oid: &str| {
-        let mut claims = overage_claims(&double, oid);
-        let own = double.user_claims(tenant, Ver::V2, oid, &[]);
-        claims["tid"] = own["tid"].clone();
-        claims["iss"] = own["iss"].clone();
-        sign(TestKey::A, &claims)
-    };
+    let (gw, token_endpoint) = overage_gateway(&double, &sim.url(), &[TENANT_A, TENANT_B]).await;
+    let in_tenant =
+        |tenant: &str, oid: &str| sign(TestKey::A, &overage_claims(&double, tenant, oid));
 
     // A user of tenant B, in the chat group there.
     let user_b = "0000000b-0000-0000-0000-0000000000f0";

@@ -49,6 +49,48 @@ async fn call(url: &str, method: reqwest::Method, path: &str) -> (u16, bytes::By
     (response.status().as_u16(), response.bytes().await.unwrap())
 }
 
+/// Reads an SSE answer into `text` up to the end of its first event; returns that event's text
+/// and its data parsed.
+async fn first_event(
+    stream: &mut (impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
+    text: &mut String,
+) -> (String, Value) {
+    use futures::StreamExt as _;
+    while !text.contains("\n\n") {
+        let chunk = stream.next().await.unwrap().unwrap();
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let first = text.split("\n\n").next().unwrap().to_owned();
+    let data = first
+        .lines()
+        .find_map(|line| line.strip_prefix("data: "))
+        .unwrap();
+    let data = serde_json::from_str(data).unwrap();
+    (first, data)
+}
+
+/// Reads the rest of an SSE answer into `text`.
+async fn read_to_end(
+    stream: &mut (impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
+    text: &mut String,
+) {
+    use futures::StreamExt as _;
+    while let Some(chunk) = stream.next().await {
+        text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+    }
+}
+
+/// `GET path` through the gateway at `url` finds the object (while its stream still runs).
+async fn found_mid_stream(url: &str, path: &str) {
+    let (status, body) = call(url, reqwest::Method::GET, path).await;
+    assert_eq!(
+        status,
+        200,
+        "{path} read mid-stream: {}",
+        String::from_utf8_lossy(&body)
+    );
+}
+
 #[tokio::test]
 async fn object_calls_follow_the_member_that_created_the_object_even_after_a_restart() {
     let a = simulator("sticky-a").await;
@@ -356,7 +398,6 @@ async fn a_batchs_output_files_follow_the_member_that_ran_it() {
 /// holds it, whichever of the two created it.
 #[tokio::test]
 async fn a_streamed_response_is_pinned_as_soon_as_its_stream_names_it() {
-    use futures::StreamExt as _;
     let paced = |id: &str| gatehouse_simulator::SimulatorConfig {
         id: id.to_owned(),
         chunk_delay: std::time::Duration::from_millis(150),
@@ -378,34 +419,12 @@ async fn a_streamed_response_is_pinned_as_soon_as_its_stream_names_it() {
         assert_eq!(response.status(), 200);
         let mut stream = response.bytes_stream();
         let mut text = String::new();
-        while !text.contains("\n\n") {
-            let chunk = stream.next().await.unwrap().unwrap();
-            text.push_str(&String::from_utf8_lossy(&chunk));
-        }
-        let first = text.split("\n\n").next().unwrap();
-        let data = first
-            .lines()
-            .find_map(|line| line.strip_prefix("data: "))
-            .unwrap();
-        let created: Value = serde_json::from_str(data).unwrap();
+        let (_, created) = first_event(&mut stream, &mut text).await;
         assert_eq!(created["type"], "response.created");
         let id = created["response"]["id"].as_str().unwrap().to_owned();
         // The stream runs on (its deltas come 150 ms apart) while the response is fetched.
-        let (status, body) = call(
-            &gw.url,
-            reqwest::Method::GET,
-            &format!("/openai/v1/responses/{id}"),
-        )
-        .await;
-        assert_eq!(
-            status,
-            200,
-            "{id} fetched mid-stream: {}",
-            String::from_utf8_lossy(&body)
-        );
-        while let Some(chunk) = stream.next().await {
-            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
-        }
+        found_mid_stream(&gw.url, &format!("/openai/v1/responses/{id}")).await;
+        read_to_end(&mut stream, &mut text).await;
         assert!(text.contains("response.completed"), "{text}");
     }
 }
@@ -536,7 +555,6 @@ async fn assistants_member(
 /// streams (as the SDKs' event handlers do) reaches the member that holds it.
 #[tokio::test]
 async fn a_thread_created_by_a_streamed_run_is_pinned_as_soon_as_its_stream_names_it() {
-    use futures::StreamExt as _;
     use std::sync::atomic::{AtomicUsize, Ordering};
     let hits_a = Arc::new(AtomicUsize::new(0));
     let hits_b = Arc::new(AtomicUsize::new(0));
@@ -560,34 +578,16 @@ async fn a_thread_created_by_a_streamed_run_is_pinned_as_soon_as_its_stream_name
         assert_eq!(response.status(), 200);
         let mut stream = response.bytes_stream();
         let mut text = String::new();
-        while !text.contains("\n\n") {
-            let chunk = stream.next().await.unwrap().unwrap();
-            text.push_str(&String::from_utf8_lossy(&chunk));
-        }
-        let first = text.split("\n\n").next().unwrap();
+        let (first, thread) = first_event(&mut stream, &mut text).await;
         assert!(first.starts_with("event: thread.created"), "{first}");
-        let data = first
-            .lines()
-            .find_map(|line| line.strip_prefix("data: "))
-            .unwrap();
-        let thread: Value = serde_json::from_str(data).unwrap();
         let id = thread["id"].as_str().unwrap().to_owned();
         // The run's events come 300 ms apart: the thread is read while its stream runs on.
-        let (status, body) = call(
+        found_mid_stream(
             &gw.url,
-            reqwest::Method::GET,
             &format!("/openai/threads/{id}?api-version=2024-05-01-preview"),
         )
         .await;
-        assert_eq!(
-            status,
-            200,
-            "{id} read mid-stream: {}",
-            String::from_utf8_lossy(&body)
-        );
-        while let Some(chunk) = stream.next().await {
-            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
-        }
+        read_to_end(&mut stream, &mut text).await;
         assert!(text.contains("thread.run.completed"), "{text}");
         threads.push(id);
     }
