@@ -3,11 +3,12 @@
 //! of the operator's own. They are the `snapshot.base` setting, a snapshot-shaped JSON object
 //! every published snapshot starts from ([`crate::snapshot::build`]).
 //!
-//! Checked here as far as the portal can: JSON, one object, none of the parts the portal's own
-//! pages own, and the shape of a snapshot (every name and type, unknown names refused, with the
-//! path of the first wrong field). The gateway validates the whole snapshot again when it is
-//! pushed: what only it can judge (say an Entra tenant that is not a GUID) shows as the push's
-//! error on the Gateways page, and each gateway keeps the version it runs.
+//! Checked before anything is stored: JSON, one object, none of the parts the portal's own pages
+//! own, the shape of a snapshot (every name and type, unknown names refused, with the path of the
+//! first wrong field), then the snapshot they would publish with the portal's tables, by the same
+//! checks a gateway makes ([`gatehouse_schema::validate`]: a tenant that is not a GUID, a limit
+//! that limits nothing, …). What a gateway can still refuse at the push (a secret it cannot
+//! read) shows as that push's error on the Gateways page, and the gateway keeps its version.
 
 use gatehouse_schema::ConfigSnapshot;
 use gatehouse_schema::portal::Role;
@@ -17,7 +18,7 @@ use time::OffsetDateTime;
 use crate::db::{NewActivity, Statement};
 use crate::error::PortalError;
 use crate::ops::Portal;
-use crate::snapshot::{BASE_SETTING, RULE_LIMIT_PREFIX};
+use crate::snapshot::{self, BASE_SETTING, RULE_LIMIT_PREFIX};
 use crate::user::{SessionUser, require};
 
 /// The form field the errors name.
@@ -97,6 +98,11 @@ impl Portal {
         const SQL: &str = "INSERT INTO settings (key, value, updated_at) VALUES ($1, $2, $3) ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at";
         let user = require(user, &[Role::Admin])?;
         let base = parse(text)?;
+        let trial = snapshot::build_on(&self.db, Value::Object(base.clone()), 1).await?;
+        let problems = gatehouse_schema::validate::problems(&trial);
+        if !problems.is_empty() {
+            return Err(PortalError::invalid(FIELD, problems.join("; ")));
+        }
         let stored = serde_json::to_string(&base)
             .map_err(|error| PortalError::Corrupt(format!("{BASE_SETTING}: {error}")))?;
         let before = self.db.setting(BASE_SETTING).await?;

@@ -28,12 +28,22 @@ pub const RULE_LIMIT_PREFIX: &str = "rule:";
 
 /// Builds the snapshot the database describes, numbered `version`.
 pub async fn build(db: &ConfigDb, version: u64) -> Result<ConfigSnapshot, PortalError> {
-    // The base's own `version`, if it has one (a base written by hand), is replaced.
-    let mut base = match db.setting(BASE_SETTING).await? {
+    let base = match db.setting(BASE_SETTING).await? {
         Some(text) => serde_json::from_str(&text)
             .map_err(|error| PortalError::Corrupt(format!("{BASE_SETTING}: {error}")))?,
         None => json!({}),
     };
+    build_on(db, base, version).await
+}
+
+/// Builds the snapshot the database's tables describe on `base` (gateway settings, as stored
+/// or about to be), numbered `version`.
+pub async fn build_on(
+    db: &ConfigDb,
+    mut base: serde_json::Value,
+    version: u64,
+) -> Result<ConfigSnapshot, PortalError> {
+    // The base's own `version`, if it has one (a base written by hand), is replaced.
     if let Some(base) = base.as_object_mut() {
         base.insert("version".to_owned(), json!(version));
     }

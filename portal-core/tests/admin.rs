@@ -475,8 +475,8 @@ async fn a_rotation_overlap_ends_by_itself(db: ConfigDb) {
 }
 
 /// The gateway settings page: what it saves is published beside the portal's own tables and
-/// runs on the gateway; what it refuses changes nothing; what only the gateway can refuse leaves
-/// the gateway on the version it runs, with the reason on the Gateways page.
+/// runs on the gateway; what it refuses (by shape, or by the checks a gateway makes) changes
+/// nothing.
 async fn gateway_settings_are_published_beside_the_portals_tables(db: ConfigDb) {
     let fleet = fleet(&db, None).await;
     let portal = &fleet.portal;
@@ -563,26 +563,27 @@ async fn gateway_settings_are_published_beside_the_portals_tables(db: ConfigDb) 
     assert_eq!(db.activity(1).await.unwrap()[0].id, entry.id);
     assert!(portal.gateway_settings(Some(&auditor)).await.is_err());
 
-    // A tenant given as a domain has a snapshot's shape, but the gateway refuses it (tenants are
-    // GUIDs): it keeps the version it runs, and the Gateways page says why.
+    // A tenant given as a domain has a snapshot's shape, but a gateway would refuse it (tenants
+    // are GUIDs): refused here, by the gateway's own checks, before anything is published.
     let domain = r#"{"identity": {"require": "key_or_token",
         "entra": {"tenants": ["contoso.onmicrosoft.com"], "audiences": ["api://gatehouse"]}}}"#;
-    let refused = portal
+    let error = portal
         .save_gateway_settings(Some(&user), domain)
         .await
-        .unwrap();
-    assert_eq!(running(&fleet.gateway).await["version"], json!(version));
-    let gateway = &db.gateways().await.unwrap()[0];
-    assert_eq!(
-        gateway.pushed_version,
-        Some(i64::try_from(version).unwrap())
-    );
-    let reason = gateway.last_error.as_deref().unwrap();
+        .unwrap_err();
+    let message = error.to_string();
     assert!(
-        reason.contains("422") && reason.contains("identity.entra.tenants"),
-        "{reason}"
+        message.starts_with(
+            "settings: identity.entra.tenants[0]: a tenant id is the directory's GUID"
+        ),
+        "{message}"
     );
-    assert!(refused > version);
+    assert_eq!(
+        db.latest_snapshot().await.unwrap().unwrap().version,
+        i64::try_from(version).unwrap()
+    );
+    assert_eq!(running(&fleet.gateway).await["version"], json!(version));
+    assert_eq!(db.gateways().await.unwrap()[0].last_error, None);
     assert_eq!(chat(&fleet.gateway, "gpt-4o", &key).await, 200);
 }
 

@@ -12,6 +12,7 @@ pub mod keys;
 pub mod limits;
 pub mod operation;
 pub mod portal;
+pub mod validate;
 
 pub use audit::AuditRecord;
 pub use config::ConfigSnapshot;

@@ -1,0 +1,281 @@
+//! The checks a gateway makes of a whole [`ConfigSnapshot`] before it runs it, beyond what its
+//! types say: unique ids, references that resolve, numbers above zero, names a URL path can
+//! carry, tenants given as GUIDs. Here, not in the gateway, so that the portal can refuse what a
+//! gateway would refuse before it publishes it.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::ConfigSnapshot;
+use crate::identity::{CredentialRequirement, Grantee};
+use crate::limits::{LimitRule, LimitSubjectRule};
+
+/// Every problem of `snapshot`, each as `field.path: what is wrong`; empty when it may run.
+pub fn problems(snapshot: &ConfigSnapshot) -> Vec<String> {
+    let mut errors = Vec::new();
+    validate(snapshot, &mut errors);
+    errors
+}
+
+/// The identity policy and the access rules.
+fn validate_identity(
+    snapshot: &ConfigSnapshot,
+    subscription_ids: &HashSet<&String>,
+    errors: &mut Vec<String>,
+) {
+    let identity = &snapshot.identity;
+    match &identity.entra {
+        None => {
+            if matches!(
+                identity.require,
+                CredentialRequirement::Token | CredentialRequirement::KeyAndToken
+            ) {
+                errors.push(
+                    "identity.require: tokens are required but `identity.entra` is not configured"
+                        .to_owned(),
+                );
+            }
+        }
+        Some(entra) => {
+            if entra.tenants.is_empty() {
+                errors.push("identity.entra.tenants: name at least one tenant id".to_owned());
+            }
+            for (t, tenant) in entra.tenants.iter().enumerate() {
+                // A token's `tid` is always the tenant's GUID: a domain name here would match
+                // no token at all.
+                if uuid::Uuid::try_parse(tenant).is_err() {
+                    errors.push(format!(
+                        "identity.entra.tenants[{t}]: a tenant id is the directory's GUID \
+                         (`tid` in its tokens), not a domain name"
+                    ));
+                }
+            }
+            if entra.audiences.is_empty() {
+                errors.push(
+                    "identity.entra.audiences: name at least one accepted audience".to_owned(),
+                );
+            }
+            if entra.unknown_kid_refetch_seconds == 0 {
+                errors.push("identity.entra.unknown_kid_refetch_seconds: must be at least 1 (it protects the identity provider)".to_owned());
+            }
+        }
+    }
+    let Some(rules) = &snapshot.access_rules else {
+        return;
+    };
+    let mut rule_ids = HashSet::new();
+    for (r, rule) in rules.iter().enumerate() {
+        if rule.id.trim().is_empty() {
+            errors.push(format!("access_rules[{r}].id: must not be empty"));
+        }
+        if !rule_ids.insert(&rule.id) {
+            errors.push(format!(
+                "access_rules[{r}].id: duplicate rule id `{}`",
+                rule.id
+            ));
+        }
+        if rule.deployments.is_empty() && !rule.resources {
+            errors.push(format!(
+                "access_rules[{r}].deployments: the rule grants nothing; name deployments or set `resources: true`"
+            ));
+        }
+        match &rule.grantee {
+            Grantee::Subscription { id } if !subscription_ids.contains(id) => {
+                errors.push(format!(
+                    "access_rules[{r}].grantee.id: no subscription `{id}` in this snapshot"
+                ));
+            }
+            Grantee::Group { id, .. } | Grantee::User { id } if id.trim().is_empty() => {
+                errors.push(format!("access_rules[{r}].grantee.id: must not be empty"));
+            }
+            Grantee::AppRole { value } if value.trim().is_empty() => {
+                errors.push(format!(
+                    "access_rules[{r}].grantee.value: must not be empty"
+                ));
+            }
+            _ => {}
+        }
+    }
+}
+
+fn validate(snapshot: &ConfigSnapshot, errors: &mut Vec<String>) {
+    validate_limits(&snapshot.limits, errors);
+    let mut subscription_ids = HashSet::new();
+    let mut digests = HashSet::new();
+    for (i, subscription) in snapshot.subscriptions.iter().enumerate() {
+        if subscription.id.trim().is_empty() {
+            errors.push(format!("subscriptions[{i}].id: must not be empty"));
+        }
+        if !subscription_ids.insert(&subscription.id) {
+            errors.push(format!(
+                "subscriptions[{i}].id: duplicate subscription id `{}`",
+                subscription.id
+            ));
+        }
+        if !digests.insert(&subscription.primary_key_hash) {
+            errors.push(format!(
+                "subscriptions[{i}].primary_key_hash: the same key is used by another subscription"
+            ));
+        }
+        if let Some(secondary) = &subscription.secondary_key_hash
+            && !digests.insert(secondary)
+        {
+            errors.push(format!("subscriptions[{i}].secondary_key_hash: the same key is used by another subscription"));
+        }
+    }
+
+    validate_identity(snapshot, &subscription_ids, errors);
+
+    let mut pool_ids = HashSet::new();
+    let mut member_ids = HashSet::new();
+    let mut deployments = HashMap::new();
+    let mut resource_pools = 0;
+    for (p, pool) in snapshot.pools.iter().enumerate() {
+        if pool.id.trim().is_empty() {
+            errors.push(format!("pools[{p}].id: must not be empty"));
+        }
+        if !pool_ids.insert(&pool.id) {
+            errors.push(format!("pools[{p}].id: duplicate pool id `{}`", pool.id));
+        }
+        if pool.members.is_empty() {
+            errors.push(format!(
+                "pools[{p}].members: a pool needs at least one member"
+            ));
+        }
+        if pool.deployments.is_empty() && !pool.serves_resources {
+            errors.push(format!(
+                "pools[{p}].deployments: a pool must serve a deployment or resources"
+            ));
+        }
+        if pool.serves_resources {
+            resource_pools += 1;
+            if resource_pools > 1 {
+                errors.push(format!(
+                    "pools[{p}].serves_resources: only one pool may serve resource calls"
+                ));
+            }
+        }
+        for (d, deployment) in pool.deployments.iter().enumerate() {
+            if let Some(other) = deployments.insert(deployment.clone(), p) {
+                errors.push(format!("pools[{p}].deployments[{d}]: `{deployment}` is already served by pools[{other}]"));
+            }
+            let valid = deployment == "*"
+                || (!deployment.is_empty()
+                    && deployment.len() <= 64
+                    && deployment.bytes().all(|b| {
+                        b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':')
+                    }));
+            if !valid {
+                errors.push(format!(
+                    "pools[{p}].deployments[{d}]: `{deployment}` is not a valid deployment name"
+                ));
+            }
+        }
+        for (m, member) in pool.members.iter().enumerate() {
+            let path = format!("pools[{p}].members[{m}]");
+            if member.id.trim().is_empty() {
+                errors.push(format!("{path}.id: must not be empty"));
+            }
+            if !member_ids.insert(&member.id) {
+                errors.push(format!(
+                    "{path}.id: duplicate member id `{}` (member ids are unique across pools)",
+                    member.id
+                ));
+            }
+            if !matches!(member.endpoint.scheme(), "http" | "https") {
+                errors.push(format!("{path}.endpoint: must be an http or https URL"));
+            }
+            if !member.endpoint.username().is_empty() || member.endpoint.password().is_some() {
+                errors.push(format!(
+                    "{path}.endpoint: must not carry credentials; use `credential`"
+                ));
+            }
+            if member.endpoint.query().is_some() {
+                errors.push(format!("{path}.endpoint: must not carry a query string"));
+            }
+            if let Some((_, scope)) = member.credential.entra()
+                && (scope.is_empty() || scope.len() > 512 || scope.contains(char::is_whitespace))
+            {
+                errors.push(format!(
+                    "{path}.credential.scope: must be one scope, such as `https://cognitiveservices.azure.com/.default`"
+                ));
+            }
+            if member.weight == 0 {
+                errors.push(format!("{path}.weight: must be at least 1"));
+            }
+            if member.connect_timeout_ms == 0 {
+                errors.push(format!("{path}.connect_timeout_ms: must be at least 1"));
+            }
+            if member.response_timeout_ms == 0 {
+                errors.push(format!("{path}.response_timeout_ms: must be at least 1"));
+            }
+            if member.response_idle_timeout_ms == 0 {
+                errors.push(format!(
+                    "{path}.response_idle_timeout_ms: must be at least 1"
+                ));
+            }
+            if let Some(deployment) = &member.deployment
+                && (deployment.is_empty()
+                    || !deployment.bytes().all(|b| {
+                        b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':')
+                    }))
+            {
+                errors.push(format!(
+                    "{path}.deployment: `{deployment}` is not a valid deployment name"
+                ));
+            }
+        }
+    }
+}
+
+/// Limit rules: unique ids, at least one limit each, every number above zero, sane patterns.
+fn validate_limits(rules: &[LimitRule], errors: &mut Vec<String>) {
+    let mut ids = HashSet::new();
+    for (i, rule) in rules.iter().enumerate() {
+        let path = format!("limits[{i}]");
+        if rule.id.trim().is_empty() {
+            errors.push(format!("{path}.id: must not be empty"));
+        }
+        if !ids.insert(&rule.id) {
+            errors.push(format!("{path}.id: duplicate limit id `{}`", rule.id));
+        }
+        match &rule.subject {
+            LimitSubjectRule::Subscription { id }
+            | LimitSubjectRule::User { id }
+            | LimitSubjectRule::Group { id }
+                if id.trim().is_empty() =>
+            {
+                errors.push(format!("{path}.subject.id: must not be empty"));
+            }
+            _ => {}
+        }
+        if rule.requests_per_minute.is_none()
+            && rule.tokens_per_minute.is_none()
+            && rule.token_quota.is_none()
+        {
+            errors.push(format!(
+                "{path}: set at least one of requests_per_minute, tokens_per_minute and token_quota"
+            ));
+        }
+        if rule.requests_per_minute == Some(0) {
+            errors.push(format!("{path}.requests_per_minute: must be at least 1"));
+        }
+        if rule.tokens_per_minute == Some(0) {
+            errors.push(format!("{path}.tokens_per_minute: must be at least 1"));
+        }
+        if rule.token_quota.is_some_and(|q| q.tokens == 0) {
+            errors.push(format!("{path}.token_quota.tokens: must be at least 1"));
+        }
+        for (d, pattern) in rule.deployments.iter().enumerate() {
+            let valid = !pattern.is_empty()
+                && pattern.len() <= 64
+                && pattern.bytes().all(|b| {
+                    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':' | b'*')
+                });
+            if !valid {
+                errors.push(format!(
+                    "{path}.deployments[{d}]: `{pattern}` is not a deployment name or `*` pattern"
+                ));
+            }
+        }
+    }
+}
