@@ -818,7 +818,14 @@ mod tests {
         let peek = super::ResponsePeek::read_tail(chat);
         assert_eq!(peek.model.as_deref(), Some("gpt-4o"));
         assert_eq!(peek.usage.unwrap().completion_tokens, 2);
-        assert_eq!(super::ResponsePeek::read_tail(b"sage\":{}").model, None);
+        let cut = super::ResponsePeek::read_tail(
+            br#"sage":{"prompt_tokens":9,"total_tokens":9},"model":"gpt-4o"}"#,
+        );
+        assert_eq!(cut.model.as_deref(), Some("gpt-4o"));
+        assert!(
+            cut.usage.is_none(),
+            "a key cut by the tail's start is not read"
+        );
     }
 
     use serde_json::{Value, json};
