@@ -622,14 +622,31 @@ impl ConfigDb {
 
     /// Sets a setting.
     pub async fn set_setting(&self, key: &str, value: &str) -> Result<(), PortalError> {
-        const SQL: &str = "INSERT INTO settings (key, value, updated_at) VALUES ($1, $2, $3) ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at";
-        on_pool!(self, |pool| sqlx::query(SQL)
+        on_pool!(self, |pool| sqlx::query(SETTING_SQL)
             .bind(key)
             .bind(value)
             .bind(OffsetDateTime::now_utc())
             .execute(pool)
             .await?
             .rows_affected());
+        Ok(())
+    }
+
+    /// Sets a setting and writes its activity entry, in one transaction.
+    pub async fn save_setting(
+        &self,
+        key: &str,
+        value: &str,
+        activity: NewActivity<'_>,
+    ) -> Result<(), PortalError> {
+        self.write(
+            &[Statement::new(
+                SETTING_SQL,
+                vec![key.into(), value.into(), OffsetDateTime::now_utc().into()],
+            )],
+            activity,
+        )
+        .await?;
         Ok(())
     }
 
@@ -812,6 +829,7 @@ macro_rules! bind_all {
     }};
 }
 
+const SETTING_SQL: &str = "INSERT INTO settings (key, value, updated_at) VALUES ($1, $2, $3) ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at";
 const POOL_SQL: &str = "SELECT id, deployments, serves_resources FROM backend_pools WHERE id = $1";
 const RULE_SQL: &str = "SELECT id, grantee_kind, grantee_id, grantee_display_name, deployments, operations, resources, requests_per_minute, tokens_per_minute, quota_tokens, quota_period FROM access_rules WHERE id = $1";
 

@@ -13,9 +13,8 @@
 use gatehouse_schema::ConfigSnapshot;
 use gatehouse_schema::portal::Role;
 use serde_json::{Map, Value};
-use time::OffsetDateTime;
 
-use crate::db::{NewActivity, Statement};
+use crate::db::NewActivity;
 use crate::error::PortalError;
 use crate::ops::Portal;
 use crate::snapshot::{self, BASE_SETTING, RULE_LIMIT_PREFIX};
@@ -95,7 +94,6 @@ impl Portal {
         user: Option<&SessionUser>,
         text: &str,
     ) -> Result<u64, PortalError> {
-        const SQL: &str = "INSERT INTO settings (key, value, updated_at) VALUES ($1, $2, $3) ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at";
         let user = require(user, &[Role::Admin])?;
         let base = parse(text)?;
         let trial = snapshot::build_on(&self.db, Value::Object(base.clone()), 1).await?;
@@ -107,15 +105,9 @@ impl Portal {
             .map_err(|error| PortalError::Corrupt(format!("{BASE_SETTING}: {error}")))?;
         let before = self.db.setting(BASE_SETTING).await?;
         self.db
-            .write(
-                &[Statement::new(
-                    SQL,
-                    vec![
-                        BASE_SETTING.into(),
-                        stored.as_str().into(),
-                        OffsetDateTime::now_utc().into(),
-                    ],
-                )],
+            .save_setting(
+                BASE_SETTING,
+                &stored,
                 NewActivity {
                     actor: &user.actor(),
                     action: "settings.update",

@@ -82,7 +82,7 @@ pub struct EntraState {
     /// Client assertions whose signature, audience, subject, lifetime and thumbprint checked out.
     pub assertions_verified: AtomicUsize,
     issued: Mutex<Vec<(String, String)>>,
-    /// The tenant of each token issued by the token endpoint.
+    /// The tenant of each token issued.
     issued_in: Mutex<HashMap<String, String>>,
     /// The tenants whose token endpoint knows the app: its own ([`TENANT`]) and those that
     /// consented to it (a multi-tenant app registration).
@@ -147,7 +147,7 @@ impl EntraDouble {
         self.state.tenants.lock().unwrap().insert(tenant.to_owned());
     }
 
-    /// The tenant the token endpoint issued `token` in, if it issued it.
+    /// The tenant the double issued `token` in, if it issued it.
     pub fn tenant_of(&self, token: &str) -> Option<String> {
         self.state.issued_in.lock().unwrap().get(token).cloned()
     }
@@ -170,7 +170,8 @@ impl EntraDouble {
     }
 }
 
-fn issue(state: &EntraState, scope: &str) -> String {
+/// A new token for `scope` in `tenant` (a managed identity's are in [`TENANT`]), recorded.
+fn issue(state: &EntraState, scope: &str, tenant: &str) -> String {
     let mut issued = state.issued.lock().unwrap();
     let token = format!(
         "{TOKEN_PREFIX}{}-{}",
@@ -178,6 +179,11 @@ fn issue(state: &EntraState, scope: &str) -> String {
         uuid::Uuid::new_v4().simple()
     );
     issued.push((token.clone(), scope.to_owned()));
+    state
+        .issued_in
+        .lock()
+        .unwrap()
+        .insert(token.clone(), tenant.to_owned());
     token
 }
 
@@ -310,12 +316,7 @@ async fn token(
         }
     }
     let expires_in = state.expires_in.load(Ordering::SeqCst);
-    let token = issue(&state, scope);
-    state
-        .issued_in
-        .lock()
-        .unwrap()
-        .insert(token.clone(), tenant);
+    let token = issue(&state, scope, &tenant);
     axum::Json(json!({
         "token_type": "Bearer",
         "expires_in": expires_in,
@@ -432,7 +433,7 @@ async fn imds(
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let token = issue(&state, &resource);
+    let token = issue(&state, &resource, TENANT);
     // IMDS sends its numbers as strings.
     axum::Json(json!({
         "access_token": token,
@@ -477,7 +478,7 @@ async fn app_service(
         .unwrap()
         .as_secs();
     let expires_in = state.expires_in.load(Ordering::SeqCst);
-    let token = issue(&state, &resource);
+    let token = issue(&state, &resource, TENANT);
     axum::Json(json!({
         "access_token": token,
         "expires_on": (now + expires_in).to_string(),
