@@ -739,7 +739,7 @@ measure_capture_variant() {
     measure_target "$name" "$identity_port" "$gateway_pid"
     # Calls that waited for room in a full audit queue (they slow down rather than lose records).
     waits=$(curl -s "http://127.0.0.1:$identity_port/metrics" \
-      | sed -n 's/^gatehouse_audit_room_waits \([0-9]*\)$/\1/p')
+      | sed -n 's/^gatehouse_audit_room_waits_total \([0-9]*\)$/\1/p')
     waits=${waits:-null}
   else
     broken+=("$name: did not start or does not answer the request (log: $work/$name/gateway.log)")

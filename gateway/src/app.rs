@@ -441,9 +441,9 @@ fn refresh_metrics(gateway: &Gateway, metrics: &crate::metrics::Metrics) {
             .audit_queue_depth
             .set(i64::try_from(stats.depth).unwrap_or(i64::MAX));
         metrics.audit_queue_bytes.set(stats.depth_bytes);
-        metrics.audit_rejected.set(stats.rejected);
-        metrics.audit_room_waits.set(stats.waited);
-        metrics.audit_write_errors.set(stats.write_errors);
+        Metrics::catch_up(&metrics.audit_rejected, stats.rejected);
+        Metrics::catch_up(&metrics.audit_room_waits, stats.waited);
+        Metrics::catch_up(&metrics.audit_write_errors, stats.write_errors);
         metrics.audit_journal_bytes.set(stats.journal_bytes);
         metrics.audit_journal_records.set(stats.journal_records);
     }

@@ -107,12 +107,12 @@ pub struct Metrics {
     pub audit_queue_depth: Gauge,
     /// Bytes of the records waiting in the audit queue and its writer (refreshed at scrape).
     pub audit_queue_bytes: Gauge<u64, AtomicU64>,
-    /// Records the audit queue refused (refreshed at scrape).
-    pub audit_rejected: Gauge<u64, AtomicU64>,
-    /// Calls that waited for room in the full audit queue (refreshed at scrape).
-    pub audit_room_waits: Gauge<u64, AtomicU64>,
-    /// Batches the audit sink failed to store (refreshed at scrape).
-    pub audit_write_errors: Gauge<u64, AtomicU64>,
+    /// Records the audit queue refused (caught up with the queue's total at scrape).
+    pub audit_rejected: Counter<u64, AtomicU64>,
+    /// Calls that waited for room in the full audit queue (caught up at scrape).
+    pub audit_room_waits: Counter<u64, AtomicU64>,
+    /// Batches the audit sink failed to store (caught up at scrape).
+    pub audit_write_errors: Counter<u64, AtomicU64>,
     /// Bytes in the audit disk journal (refreshed at scrape).
     pub audit_journal_bytes: Gauge<u64, AtomicU64>,
     /// Records in the audit disk journal (refreshed at scrape).
@@ -161,9 +161,9 @@ impl Default for Metrics {
             tokens: Family::default(),
             audit_queue_depth: Gauge::default(),
             audit_queue_bytes: Gauge::default(),
-            audit_rejected: Gauge::default(),
-            audit_room_waits: Gauge::default(),
-            audit_write_errors: Gauge::default(),
+            audit_rejected: Counter::default(),
+            audit_room_waits: Counter::default(),
+            audit_write_errors: Counter::default(),
             audit_journal_bytes: Gauge::default(),
             audit_journal_records: Gauge::default(),
             config_version: Gauge::default(),
@@ -312,6 +312,16 @@ impl Metrics {
             .inc();
     }
 
+    /// Brings `counter` up to `total`, a running total kept elsewhere (the audit queue's), so
+    /// that it is exposed as a counter (`_total`, only ever rising) and not as a gauge. Called
+    /// while a scrape holds the metrics, so two scrapes do not both add the same difference.
+    pub fn catch_up(counter: &Counter<u64, AtomicU64>, total: u64) {
+        let exposed = counter.get();
+        if total > exposed {
+            counter.inc_by(total - exposed);
+        }
+    }
+
     /// Runs `refresh` (which sets the gauges read at scrape time, clearing families first if it
     /// must) and encodes the result, one scrape at a time.
     pub fn scrape(&self, refresh: impl FnOnce(&Metrics)) -> String {
@@ -337,43 +347,42 @@ impl Metrics {
 mod tests {
     use super::*;
 
-    /// Two scrapes at once each see every member: one's clearing and refilling never shows in
-    /// the other's text.
+    /// A scrape that comes while another refreshes (between its clearing and its refilling of
+    /// the members' gauges) waits for it, and so sees every member, not the cleared family.
     #[test]
-    fn concurrent_scrapes_each_report_every_member() {
+    fn a_scrape_during_another_ones_refresh_sees_every_member() {
         const MEMBERS: usize = 50;
         let metrics = std::sync::Arc::new(Metrics::default());
-        let refresh = |metrics: &Metrics| {
-            metrics.backend_available.clear();
-            for member in 0..MEMBERS {
-                metrics
-                    .backend_available
-                    .get_or_create(&BackendLabels {
-                        pool: "p".to_owned(),
-                        backend: format!("m{member}"),
-                    })
-                    .set(1);
-            }
-        };
-        let scrapers: Vec<_> = (0..2)
-            .map(|_| {
-                let metrics = std::sync::Arc::clone(&metrics);
-                std::thread::spawn(move || {
-                    (0..300)
-                        .map(|_| {
-                            metrics
-                                .scrape(refresh)
-                                .matches("gatehouse_backend_available{")
-                                .count()
-                        })
-                        .filter(|&seen| seen != MEMBERS)
-                        .count()
+        let (cleared, on_cleared) = std::sync::mpsc::channel();
+        let first = {
+            let metrics = std::sync::Arc::clone(&metrics);
+            std::thread::spawn(move || {
+                metrics.scrape(|metrics| {
+                    metrics.backend_available.clear();
+                    cleared.send(()).unwrap();
+                    // Time for the second scrape to read the cleared family, were it not held.
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                    for member in 0..MEMBERS {
+                        metrics
+                            .backend_available
+                            .get_or_create(&BackendLabels {
+                                pool: "p".to_owned(),
+                                backend: format!("m{member}"),
+                            })
+                            .set(1);
+                    }
                 })
             })
-            .collect();
-        for scraper in scrapers {
-            assert_eq!(scraper.join().unwrap(), 0, "scrapes that missed members");
-        }
+        };
+        on_cleared.recv().unwrap();
+        let second = metrics.scrape(|_| {});
+        let count = |text: &str| text.matches("gatehouse_backend_available{").count();
+        assert_eq!(
+            count(&second),
+            MEMBERS,
+            "the second scrape saw a half-refreshed family"
+        );
+        assert_eq!(count(&first.join().unwrap()), MEMBERS);
     }
 
     /// A call that waited out the default response timeout (300 s) falls in a bucket of its own,
@@ -400,5 +409,34 @@ mod tests {
         assert_eq!(bucket("180.0"), "0");
         assert_eq!(bucket("300.0"), "1");
         assert_eq!(bucket("600.0"), "2");
+    }
+
+    #[test]
+    fn a_total_kept_elsewhere_is_exposed_as_a_counter_that_only_rises() {
+        let metrics = Metrics::default();
+        Metrics::catch_up(&metrics.audit_write_errors, 3);
+        Metrics::catch_up(&metrics.audit_write_errors, 3);
+        assert_eq!(
+            metrics.audit_write_errors.get(),
+            3,
+            "the same total is not added twice"
+        );
+        Metrics::catch_up(&metrics.audit_write_errors, 5);
+        assert_eq!(metrics.audit_write_errors.get(), 5);
+        Metrics::catch_up(&metrics.audit_write_errors, 1);
+        assert_eq!(
+            metrics.audit_write_errors.get(),
+            5,
+            "a counter never goes down"
+        );
+        let text = metrics.encode();
+        assert!(
+            text.contains("# TYPE gatehouse_audit_write_errors counter"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\ngatehouse_audit_write_errors_total 5\n"),
+            "{text}"
+        );
     }
 }

@@ -465,12 +465,22 @@ async fn calls_wait_for_room_in_a_full_audit_queue_and_every_record_is_kept() {
     // Six more calls wait for room before they are served.
     let waiting: Vec<_> = (0..6).map(|_| tokio::spawn(call(&gw))).collect();
     for _ in 0..100 {
-        if metric(&gw, "gatehouse_audit_room_waits").await == "6" {
+        if metric(&gw, "gatehouse_audit_room_waits_total").await == "6" {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(metric(&gw, "gatehouse_audit_room_waits").await, "6");
+    assert_eq!(metric(&gw, "gatehouse_audit_room_waits_total").await, "6");
+    // A counter (not a gauge), and the scrapes above did not add the same waits twice.
+    let text = gw.metrics().await;
+    assert!(
+        text.contains("# TYPE gatehouse_audit_room_waits counter"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE gatehouse_audit_write_errors counter"),
+        "{text}"
+    );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
         waiting.iter().all(|call| !call.is_finished()),
@@ -487,7 +497,10 @@ async fn calls_wait_for_room_in_a_full_audit_queue_and_every_record_is_kept() {
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), 11, "one record for every call");
-    assert_eq!(metric(&gw, "gatehouse_audit_records_rejected").await, "0");
+    assert_eq!(
+        metric(&gw, "gatehouse_audit_records_rejected_total").await,
+        "0"
+    );
     gw.stop().await;
 }
 
@@ -664,12 +677,12 @@ async fn calls_wait_for_room_while_the_records_held_weigh_the_byte_bound() {
 
     let waiting = tokio::spawn(call(&gw));
     for _ in 0..100 {
-        if metric(&gw, "gatehouse_audit_room_waits").await == "1" {
+        if metric(&gw, "gatehouse_audit_room_waits_total").await == "1" {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(metric(&gw, "gatehouse_audit_room_waits").await, "1");
+    assert_eq!(metric(&gw, "gatehouse_audit_room_waits_total").await, "1");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
         !waiting.is_finished(),
@@ -688,6 +701,9 @@ async fn calls_wait_for_room_while_the_records_held_weigh_the_byte_bound() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(metric(&gw, "gatehouse_audit_queue_bytes").await, "0");
-    assert_eq!(metric(&gw, "gatehouse_audit_records_rejected").await, "0");
+    assert_eq!(
+        metric(&gw, "gatehouse_audit_records_rejected_total").await,
+        "0"
+    );
     gw.stop().await;
 }

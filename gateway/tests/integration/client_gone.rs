@@ -105,7 +105,11 @@ async fn a_client_that_leaves_before_its_call_reaches_a_backend_is_recorded_and_
         .send()
         .await;
     assert!(gave_up.is_err_and(|error| error.is_timeout()));
-    assert!(gw.metrics().await.contains("gatehouse_audit_room_waits 1"));
+    assert!(
+        gw.metrics()
+            .await
+            .contains("gatehouse_audit_room_waits_total 1")
+    );
 
     gated.open.send_replace(true);
     let records = gw.records(3).await;

@@ -879,12 +879,20 @@ async fn a_token_judged_under_a_replaced_policy_is_not_remembered_under_the_new_
         tokio::spawn(request.send())
     };
     for _ in 0..100 {
-        if gw.metrics().await.contains("gatehouse_audit_room_waits 1") {
+        if gw
+            .metrics()
+            .await
+            .contains("gatehouse_audit_room_waits_total 1")
+        {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    assert!(gw.metrics().await.contains("gatehouse_audit_room_waits 1"));
+    assert!(
+        gw.metrics()
+            .await
+            .contains("gatehouse_audit_room_waits_total 1")
+    );
 
     // The audience is no longer accepted.
     let mut next = entra_snapshot(2, &double, &sim.url(), "token", None);
