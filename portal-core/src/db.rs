@@ -39,6 +39,41 @@ macro_rules! on_pool {
     };
 }
 
+/// Reads everything a snapshot is built from through `$conn` (a transaction), as
+/// [`ConfigTables`].
+macro_rules! read_config_tables {
+    ($conn:expr) => {
+        ConfigTables {
+            base: sqlx::query_scalar(SETTING_VALUE_SQL)
+                .bind(crate::snapshot::BASE_SETTING)
+                .fetch_optional(&mut *$conn)
+                .await?,
+            subscriptions: sqlx::query_as(SUBSCRIPTIONS_SQL)
+                .fetch_all(&mut *$conn)
+                .await?,
+            access_rules: sqlx::query_as(ACCESS_RULES_SQL)
+                .fetch_all(&mut *$conn)
+                .await?,
+            pools: sqlx::query_as(POOLS_SQL).fetch_all(&mut *$conn).await?,
+            members: sqlx::query_as(MEMBERS_SQL).fetch_all(&mut *$conn).await?,
+        }
+    };
+}
+
+/// Inside a transaction that changes what snapshots are built from, before its commit: takes
+/// the config lock (PostgreSQL, `$postgres`; SQLite has one writer connection), reads the
+/// tables as the change leaves them and returns [`PortalError::Invalid`] (the transaction then
+/// rolls back) when a gateway would refuse the snapshot they make.
+macro_rules! check_config {
+    ($tx:expr, $postgres:expr) => {{
+        if $postgres {
+            sqlx::query(CONFIG_LOCK_SQL).execute(&mut *$tx).await?;
+        }
+        let tables = read_config_tables!($tx);
+        crate::snapshot::check(&tables)?;
+    }};
+}
+
 /// A subscription row: key hashes only.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow, Serialize, Deserialize)]
 pub struct SubscriptionRow {
@@ -194,6 +229,33 @@ pub struct AlertStateRow {
     pub updated_at: OffsetDateTime,
 }
 
+/// Everything a snapshot is built from, read at one moment (in one transaction).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ConfigTables {
+    /// The gateway settings (`snapshot.base`), if set.
+    pub base: Option<String>,
+    /// Every subscription, by id.
+    pub subscriptions: Vec<SubscriptionRow>,
+    /// Every access rule, by id.
+    pub access_rules: Vec<AccessRuleRow>,
+    /// Every pool, by id.
+    pub pools: Vec<PoolRow>,
+    /// Every pool member, by pool, priority and id.
+    pub members: Vec<MemberRow>,
+}
+
+const SUBSCRIPTIONS_SQL: &str = "SELECT id, display_name, product, primary_key_hash, secondary_key_hash, secondary_expires_at, state, expires_at, created_at, created_by, updated_at FROM subscriptions ORDER BY id";
+const ACCESS_RULES_SQL: &str = "SELECT id, grantee_kind, grantee_id, grantee_display_name, deployments, operations, resources, requests_per_minute, tokens_per_minute, quota_tokens, quota_period FROM access_rules ORDER BY id";
+const POOLS_SQL: &str = "SELECT id, deployments, serves_resources FROM backend_pools ORDER BY id";
+const MEMBERS_SQL: &str = "SELECT pool_id, id, kind, endpoint, deployment, api_version, priority, weight, credential FROM pool_members ORDER BY pool_id, priority, id";
+const SETTING_VALUE_SQL: &str = "SELECT value FROM settings WHERE key = $1";
+
+/// Serialises the changes to what snapshots are built from, and the reads a snapshot is built
+/// from, on PostgreSQL: a transaction-scoped advisory lock (its key is Gatehouse's own number),
+/// so that two changes at once (two admins, two portal replicas) cannot each pass the check
+/// without the other and together make a snapshot a gateway refuses.
+const CONFIG_LOCK_SQL: &str = "SELECT pg_advisory_xact_lock(4735867001)";
+
 /// An activity entry to write.
 #[derive(Debug, Clone)]
 pub struct NewActivity<'a> {
@@ -264,12 +326,31 @@ impl ConfigDb {
         Ok(db)
     }
 
+    /// Everything a snapshot is built from, read in one transaction (on PostgreSQL under the
+    /// config lock, so that no change is seen in part).
+    pub async fn config_tables(&self) -> Result<ConfigTables, PortalError> {
+        let postgres = self.is_postgres();
+        on_pool!(self, |pool| async {
+            let mut tx = pool.begin().await?;
+            if postgres {
+                sqlx::query(CONFIG_LOCK_SQL).execute(&mut *tx).await?;
+            }
+            let tables = read_config_tables!(tx);
+            tx.commit().await?;
+            Ok(tables)
+        }
+        .await)
+    }
+
+    fn is_postgres(&self) -> bool {
+        matches!(self.engine, Engine::Postgres(_))
+    }
+
     // ---- subscriptions ----
 
     /// Every subscription, by id.
     pub async fn subscriptions(&self) -> Result<Vec<SubscriptionRow>, PortalError> {
-        const SQL: &str = "SELECT id, display_name, product, primary_key_hash, secondary_key_hash, secondary_expires_at, state, expires_at, created_at, created_by, updated_at FROM subscriptions ORDER BY id";
-        Ok(on_pool!(self, |pool| sqlx::query_as(SQL)
+        Ok(on_pool!(self, |pool| sqlx::query_as(SUBSCRIPTIONS_SQL)
             .fetch_all(pool)
             .await?))
     }
@@ -290,7 +371,8 @@ impl ConfigDb {
         activity: NewActivity<'_>,
     ) -> Result<(), PortalError> {
         const SQL: &str = "INSERT INTO subscriptions (id, display_name, product, primary_key_hash, secondary_key_hash, state, expires_at, created_at, created_by, updated_at, secondary_expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
-        let result: Result<(), sqlx::Error> = on_pool!(self, |pool| async {
+        let postgres = self.is_postgres();
+        on_pool!(self, |pool| async {
             let mut tx = pool.begin().await?;
             sqlx::query(SQL)
                 .bind(&row.id)
@@ -305,7 +387,15 @@ impl ConfigDb {
                 .bind(row.updated_at)
                 .bind(row.secondary_expires_at)
                 .execute(&mut *tx)
-                .await?;
+                .await
+                .map_err(|error| {
+                    if PortalError::is_unique_violation(&error) {
+                        PortalError::invalid("id", "a subscription with this id exists")
+                    } else {
+                        error.into()
+                    }
+                })?;
+            check_config!(tx, postgres);
             sqlx::query(ACTIVITY_SQL)
                 .bind(OffsetDateTime::now_utc())
                 .bind(activity.actor)
@@ -315,16 +405,10 @@ impl ConfigDb {
                 .bind(&activity.after)
                 .execute(&mut *tx)
                 .await?;
-            tx.commit().await
+            tx.commit().await?;
+            Ok(())
         }
-        .await);
-        match result {
-            Err(error) if PortalError::is_unique_violation(&error) => Err(PortalError::invalid(
-                "id",
-                "a subscription with this id exists",
-            )),
-            other => Ok(other?),
-        }
+        .await)
     }
 
     /// Replaces a subscription's keys, state and expiry, and writes its activity entry, when the
@@ -338,7 +422,8 @@ impl ConfigDb {
         activity: NewActivity<'_>,
     ) -> Result<bool, PortalError> {
         const SQL: &str = "UPDATE subscriptions SET display_name = $2, product = $3, primary_key_hash = $4, secondary_key_hash = $5, state = $6, expires_at = $7, updated_at = $8, secondary_expires_at = $9 WHERE id = $1 AND updated_at = $10";
-        let result: Result<u64, sqlx::Error> = on_pool!(self, |pool| async {
+        let postgres = self.is_postgres();
+        let result: Result<u64, PortalError> = on_pool!(self, |pool| async {
             let mut tx = pool.begin().await?;
             let done = sqlx::query(SQL)
                 .bind(&row.id)
@@ -358,6 +443,7 @@ impl ConfigDb {
                 // Changed (or removed) since it was read: nothing is written, nor logged.
                 return Ok(0);
             }
+            check_config!(tx, postgres);
             sqlx::query(ACTIVITY_SQL)
                 .bind(OffsetDateTime::now_utc())
                 .bind(activity.actor)
@@ -378,8 +464,7 @@ impl ConfigDb {
 
     /// Every access rule, by id.
     pub async fn access_rules(&self) -> Result<Vec<AccessRuleRow>, PortalError> {
-        const SQL: &str = "SELECT id, grantee_kind, grantee_id, grantee_display_name, deployments, operations, resources, requests_per_minute, tokens_per_minute, quota_tokens, quota_period FROM access_rules ORDER BY id";
-        Ok(on_pool!(self, |pool| sqlx::query_as(SQL)
+        Ok(on_pool!(self, |pool| sqlx::query_as(ACCESS_RULES_SQL)
             .fetch_all(pool)
             .await?))
     }
@@ -392,7 +477,8 @@ impl ConfigDb {
     ) -> Result<(), PortalError> {
         const SQL: &str = "INSERT INTO access_rules (id, grantee_kind, grantee_id, grantee_display_name, deployments, operations, resources, created_at, updated_at, requests_per_minute, tokens_per_minute, quota_tokens, quota_period) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9, $10, $11, $12) ON CONFLICT (id) DO UPDATE SET grantee_kind = excluded.grantee_kind, grantee_id = excluded.grantee_id, grantee_display_name = excluded.grantee_display_name, deployments = excluded.deployments, operations = excluded.operations, resources = excluded.resources, updated_at = excluded.updated_at, requests_per_minute = excluded.requests_per_minute, tokens_per_minute = excluded.tokens_per_minute, quota_tokens = excluded.quota_tokens, quota_period = excluded.quota_period";
         let now = OffsetDateTime::now_utc();
-        let result: Result<(), sqlx::Error> = on_pool!(self, |pool| async {
+        let postgres = self.is_postgres();
+        on_pool!(self, |pool| async {
             let mut tx = pool.begin().await?;
             sqlx::query(SQL)
                 .bind(&row.id)
@@ -409,6 +495,7 @@ impl ConfigDb {
                 .bind(&row.quota_period)
                 .execute(&mut *tx)
                 .await?;
+            check_config!(tx, postgres);
             sqlx::query(ACTIVITY_SQL)
                 .bind(now)
                 .bind(activity.actor)
@@ -418,26 +505,24 @@ impl ConfigDb {
                 .bind(&activity.after)
                 .execute(&mut *tx)
                 .await?;
-            tx.commit().await
+            tx.commit().await?;
+            Ok(())
         }
-        .await);
-        Ok(result?)
+        .await)
     }
 
     // ---- backend pools ----
 
     /// Every pool, by id.
     pub async fn pools(&self) -> Result<Vec<PoolRow>, PortalError> {
-        const SQL: &str = "SELECT id, deployments, serves_resources FROM backend_pools ORDER BY id";
-        Ok(on_pool!(self, |pool| sqlx::query_as(SQL)
+        Ok(on_pool!(self, |pool| sqlx::query_as(POOLS_SQL)
             .fetch_all(pool)
             .await?))
     }
 
     /// Every pool member, by pool, priority and id.
     pub async fn members(&self) -> Result<Vec<MemberRow>, PortalError> {
-        const SQL: &str = "SELECT pool_id, id, kind, endpoint, deployment, api_version, priority, weight, credential FROM pool_members ORDER BY pool_id, priority, id";
-        Ok(on_pool!(self, |pool| sqlx::query_as(SQL)
+        Ok(on_pool!(self, |pool| sqlx::query_as(MEMBERS_SQL)
             .fetch_all(pool)
             .await?))
     }
@@ -453,7 +538,8 @@ impl ConfigDb {
         const CLEAR: &str = "DELETE FROM pool_members WHERE pool_id = $1";
         const MEMBER: &str = "INSERT INTO pool_members (pool_id, id, kind, endpoint, deployment, api_version, priority, weight, credential) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
         let now = OffsetDateTime::now_utc();
-        let result: Result<(), sqlx::Error> = on_pool!(self, |pool| async {
+        let postgres = self.is_postgres();
+        on_pool!(self, |pool| async {
             let mut tx = pool.begin().await?;
             sqlx::query(POOL)
                 .bind(&row.id)
@@ -477,6 +563,7 @@ impl ConfigDb {
                     .execute(&mut *tx)
                     .await?;
             }
+            check_config!(tx, postgres);
             sqlx::query(ACTIVITY_SQL)
                 .bind(now)
                 .bind(activity.actor)
@@ -486,10 +573,10 @@ impl ConfigDb {
                 .bind(&activity.after)
                 .execute(&mut *tx)
                 .await?;
-            tx.commit().await
+            tx.commit().await?;
+            Ok(())
         }
-        .await);
-        Ok(result?)
+        .await)
     }
 
     // ---- gateways ----
@@ -612,8 +699,7 @@ impl ConfigDb {
 
     /// A setting's value.
     pub async fn setting(&self, key: &str) -> Result<Option<String>, PortalError> {
-        const SQL: &str = "SELECT value FROM settings WHERE key = $1";
-        let value: Option<(String,)> = on_pool!(self, |pool| sqlx::query_as(SQL)
+        let value: Option<(String,)> = on_pool!(self, |pool| sqlx::query_as(SETTING_VALUE_SQL)
             .bind(key)
             .fetch_optional(pool)
             .await?);
@@ -834,14 +920,17 @@ const POOL_SQL: &str = "SELECT id, deployments, serves_resources FROM backend_po
 const RULE_SQL: &str = "SELECT id, grantee_kind, grantee_id, grantee_display_name, deployments, operations, resources, requests_per_minute, tokens_per_minute, quota_tokens, quota_period FROM access_rules WHERE id = $1";
 
 impl ConfigDb {
-    /// Runs `statements` and writes `activity`, all in one transaction: every change or none.
-    /// Returns the rows each statement affected.
+    /// Runs `statements` (a change to what snapshots are built from) and writes `activity`, all
+    /// in one transaction: every change or none. The change is checked before its commit:
+    /// [`PortalError::Invalid`] (field `configuration`), with nothing written, when a gateway
+    /// would refuse the snapshot it makes. Returns the rows each statement affected.
     pub async fn write(
         &self,
         statements: &[Statement],
         activity: NewActivity<'_>,
-    ) -> Result<Vec<u64>, sqlx::Error> {
+    ) -> Result<Vec<u64>, PortalError> {
         let now = OffsetDateTime::now_utc();
+        let postgres = self.is_postgres();
         on_pool!(self, |pool| async {
             let mut tx = pool.begin().await?;
             let mut affected = Vec::with_capacity(statements.len());
@@ -851,6 +940,7 @@ impl ConfigDb {
                     .await?;
                 affected.push(done.rows_affected());
             }
+            check_config!(tx, postgres);
             sqlx::query(ACTIVITY_SQL)
                 .bind(now)
                 .bind(activity.actor)

@@ -17,7 +17,7 @@ use gatehouse_schema::limits::{LimitRule, LimitSubjectRule, QuotaPeriod, TokenQu
 use serde_json::json;
 use time::OffsetDateTime;
 
-use crate::db::{AccessRuleRow, ConfigDb, MemberRow, PoolRow, SubscriptionRow};
+use crate::db::{AccessRuleRow, ConfigDb, ConfigTables, MemberRow, PoolRow, SubscriptionRow};
 use crate::error::PortalError;
 
 /// The setting holding the base of every snapshot.
@@ -28,19 +28,49 @@ pub const RULE_LIMIT_PREFIX: &str = "rule:";
 
 /// Builds the snapshot the database describes, numbered `version`.
 pub async fn build(db: &ConfigDb, version: u64) -> Result<ConfigSnapshot, PortalError> {
-    let base = match db.setting(BASE_SETTING).await? {
-        Some(text) => serde_json::from_str(&text)
-            .map_err(|error| PortalError::Corrupt(format!("{BASE_SETTING}: {error}")))?,
-        None => json!({}),
-    };
-    build_on(db, base, version).await
+    assemble(&db.config_tables().await?, version)
 }
 
 /// Builds the snapshot the database's tables describe on `base` (gateway settings, as stored
 /// or about to be), numbered `version`.
 pub async fn build_on(
     db: &ConfigDb,
+    base: serde_json::Value,
+    version: u64,
+) -> Result<ConfigSnapshot, PortalError> {
+    assemble_on(base, &db.config_tables().await?, version)
+}
+
+/// The snapshot `tables` describe, numbered `version`.
+pub fn assemble(tables: &ConfigTables, version: u64) -> Result<ConfigSnapshot, PortalError> {
+    let base = match &tables.base {
+        Some(text) => serde_json::from_str(text)
+            .map_err(|error| PortalError::Corrupt(format!("{BASE_SETTING}: {error}")))?,
+        None => json!({}),
+    };
+    assemble_on(base, tables, version)
+}
+
+/// [`PortalError::Invalid`] (field `configuration`) naming every problem a gateway would
+/// refuse the snapshot `tables` describe for (the checks of [`gatehouse_schema::validate`]).
+pub fn check(tables: &ConfigTables) -> Result<(), PortalError> {
+    let problems = gatehouse_schema::validate::problems(&assemble(tables, 1)?);
+    if problems.is_empty() {
+        return Ok(());
+    }
+    Err(PortalError::invalid(
+        "configuration",
+        format!(
+            "a gateway would refuse the configuration this change makes: {}",
+            problems.join("; ")
+        ),
+    ))
+}
+
+/// The snapshot of the portal's tables in `tables` on `base`, numbered `version`.
+fn assemble_on(
     mut base: serde_json::Value,
+    tables: &ConfigTables,
     version: u64,
 ) -> Result<ConfigSnapshot, PortalError> {
     // The base's own `version`, if it has one (a base written by hand), is replaced.
@@ -50,27 +80,25 @@ pub async fn build_on(
     let mut snapshot: ConfigSnapshot = serde_json::from_value(base)
         .map_err(|error| PortalError::Corrupt(format!("{BASE_SETTING}: {error}")))?;
     let now = OffsetDateTime::now_utc();
-    snapshot.subscriptions = db
-        .subscriptions()
-        .await?
+    snapshot.subscriptions = tables
+        .subscriptions
         .iter()
         .map(|row| subscription_at(row, now))
         .collect::<Result<_, _>>()?;
-    let rules = db.access_rules().await?;
+    let rules = &tables.access_rules;
     // Deny by default: the portal always sends its rules, even none.
     snapshot.access_rules = Some(rules.iter().map(access_rule).collect::<Result<_, _>>()?);
-    for rule in &rules {
+    for rule in rules {
         if let Some(limit) = rule_limit(rule)? {
             snapshot.limits.push(limit);
         }
     }
-    let members = db.members().await?;
-    snapshot.pools = db
-        .pools()
-        .await?
+    let members = &tables.members;
+    snapshot.pools = tables
+        .pools
         .iter()
         .filter(|pool| members.iter().any(|member| member.pool_id == pool.id))
-        .map(|pool| backend_pool(pool, &members))
+        .map(|pool| backend_pool(pool, members))
         .collect::<Result<_, _>>()?;
     Ok(snapshot)
 }

@@ -1,12 +1,15 @@
 //! The config database on both engines: migrations apply (twice), every table round-trips, and
-//! the snapshot built from it is one a gateway accepts.
+//! the snapshot built from it is one a gateway accepts; a change that would make one a gateway
+//! refuses is not written, nor published.
 #![expect(clippy::unwrap_used, reason = "test code")]
 
 mod common;
 
-use gatehouse_portal_core::ConfigDb;
-use gatehouse_portal_core::db::{AccessRuleRow, MemberRow, NewActivity, PoolRow, SubscriptionRow};
-use gatehouse_portal_core::snapshot;
+use gatehouse_portal_core::db::{
+    AccessRuleRow, Engine, MemberRow, NewActivity, PoolRow, SubscriptionRow,
+};
+use gatehouse_portal_core::push::Publisher;
+use gatehouse_portal_core::{ConfigDb, PortalError, snapshot};
 use gatehouse_schema::config::SubscriptionState;
 use gatehouse_schema::identity::Grantee;
 use gatehouse_schema::keys::hash_key;
@@ -208,4 +211,253 @@ async fn sqlite_migrates_and_round_trips() {
 async fn postgres_migrates_and_round_trips() {
     let test = common::postgres().await;
     round_trip(&test.db).await;
+}
+
+fn pool(id: &str, deployment: &str) -> PoolRow {
+    PoolRow {
+        id: id.into(),
+        deployments: format!("[\"{deployment}\"]"),
+        serves_resources: false,
+    }
+}
+
+fn member(pool_id: &str, id: &str) -> MemberRow {
+    MemberRow {
+        pool_id: pool_id.into(),
+        id: id.into(),
+        kind: "azure_openai".into(),
+        endpoint: format!("https://{id}.example.invalid"),
+        deployment: None,
+        api_version: None,
+        priority: 1,
+        weight: 1,
+        credential: "{\"type\":\"api_key\",\"secret\":\"env:KEY\"}".into(),
+    }
+}
+
+fn refused(error: PortalError) -> String {
+    assert!(
+        matches!(
+            &error,
+            PortalError::Invalid {
+                field: "configuration",
+                ..
+            }
+        ),
+        "expected the configuration to be refused, got {error:?}"
+    );
+    error.to_string()
+}
+
+/// Each way of writing what snapshots are built from checks the result as a gateway would,
+/// before its commit: a change that would make a snapshot every gateway refuses (here written
+/// past the portal's own form checks) is refused whole — no row, no activity entry — and the
+/// database still builds a snapshot a gateway runs.
+async fn refuses_what_a_gateway_would(db: &ConfigDb) {
+    db.replace_pool(
+        &pool("a", "gpt-4o"),
+        &[member("a", "east")],
+        activity("pool.replace", "a"),
+    )
+    .await
+    .unwrap();
+
+    // `replace_pool`: a second pool serving the same deployment.
+    let message = refused(
+        db.replace_pool(
+            &pool("b", "gpt-4o"),
+            &[member("b", "west")],
+            activity("pool.replace", "b"),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert!(
+        message.contains("`gpt-4o` is already served by"),
+        "{message}"
+    );
+
+    // `write` (`upsert_pool`, `upsert_member`): a pool without members is not sent, so it may
+    // name the deployment; its first member would make it served twice.
+    db.upsert_pool(&pool("c", "gpt-4o"), activity("pool.upsert", "c"))
+        .await
+        .unwrap();
+    let message = refused(
+        db.upsert_member(&member("c", "north"), activity("member.upsert", "c"))
+            .await
+            .unwrap_err(),
+    );
+    assert!(message.contains("already served by"), "{message}");
+    // A member id used in another pool.
+    db.upsert_pool(&pool("d", "gpt-4o-mini"), activity("pool.upsert", "d"))
+        .await
+        .unwrap();
+    let message = refused(
+        db.upsert_member(&member("d", "east"), activity("member.upsert", "d"))
+            .await
+            .unwrap_err(),
+    );
+    assert!(message.contains("duplicate member id `east`"), "{message}");
+
+    // `upsert_access_rule`: a rule for a subscription that does not exist.
+    let message = refused(
+        db.upsert_access_rule(
+            &AccessRuleRow {
+                id: "ghost".into(),
+                grantee_kind: "subscription".into(),
+                grantee_id: "nobody".into(),
+                deployments: "[\"gpt-4o\"]".into(),
+                operations: "[]".into(),
+                ..Default::default()
+            },
+            activity("rule.create", "ghost"),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert!(message.contains("no subscription `nobody`"), "{message}");
+
+    // `save_setting`: gateway settings naming a tenant by its domain.
+    let settings =
+        r#"{"identity":{"entra":{"tenants":["contoso.com"],"audiences":["api://gatehouse"]}}}"#;
+    let message = refused(
+        db.save_setting(
+            snapshot::BASE_SETTING,
+            settings,
+            activity("settings.update", snapshot::BASE_SETTING),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert!(message.contains("identity.entra.tenants[0]"), "{message}");
+    assert_eq!(db.setting(snapshot::BASE_SETTING).await.unwrap(), None);
+
+    let pools: Vec<String> = db
+        .pools()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.id)
+        .collect();
+    assert_eq!(pools, ["a", "c", "d"], "the refused pool was not written");
+    let members: Vec<String> = db
+        .members()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(members, ["east"], "no refused member was written");
+    assert!(db.access_rules().await.unwrap().is_empty());
+    let log = db.activity(20).await.unwrap();
+    let actions: Vec<&str> = log.iter().map(|entry| entry.action.as_str()).collect();
+    assert_eq!(
+        actions,
+        ["pool.upsert", "pool.upsert", "pool.replace"],
+        "only the changes written have an activity entry"
+    );
+    let built = snapshot::build(db, 1).await.unwrap();
+    assert!(gatehouse_schema::validate::problems(&built).is_empty());
+}
+
+#[tokio::test]
+async fn sqlite_refuses_a_change_a_gateway_would_refuse() {
+    let test = common::sqlite().await;
+    refuses_what_a_gateway_would(&test.db).await;
+}
+
+#[tokio::test]
+async fn postgres_refuses_a_change_a_gateway_would_refuse() {
+    let test = common::postgres().await;
+    refuses_what_a_gateway_would(&test.db).await;
+}
+
+/// Two changes at once that each pass the check alone but not together (two pools claiming one
+/// deployment, from two admins or two portal replicas): exactly one is written, every time.
+async fn two_changes_at_once_cannot_both_pass(db: &ConfigDb) {
+    for round in 0..20 {
+        let deployment = format!("model-{round}");
+        let (left, right) = (format!("left-{round}"), format!("right-{round}"));
+        let (left_pool, right_pool) = (pool(&left, &deployment), pool(&right, &deployment));
+        let left_members = [member(&left, &format!("{left}-m"))];
+        let right_members = [member(&right, &format!("{right}-m"))];
+        let (first, second) = tokio::join!(
+            db.replace_pool(&left_pool, &left_members, activity("pool.replace", &left)),
+            db.replace_pool(
+                &right_pool,
+                &right_members,
+                activity("pool.replace", &right)
+            ),
+        );
+        assert!(
+            first.is_ok() != second.is_ok(),
+            "round {round}: exactly one of the two pools is written ({first:?}, {second:?})"
+        );
+    }
+    let built = snapshot::build(db, 1).await.unwrap();
+    assert_eq!(built.pools.len(), 20);
+    assert!(gatehouse_schema::validate::problems(&built).is_empty());
+}
+
+#[tokio::test]
+async fn sqlite_two_changes_at_once_cannot_both_pass_the_check() {
+    let test = common::sqlite().await;
+    two_changes_at_once_cannot_both_pass(&test.db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_two_changes_at_once_cannot_both_pass_the_check() {
+    let test = common::postgres().await;
+    two_changes_at_once_cannot_both_pass(&test.db).await;
+}
+
+/// What was written around the portal (by hand here) and would make a snapshot gateways refuse
+/// is not published: no version is stored, and the error says why.
+async fn publishes_nothing_a_gateway_would_refuse(db: &ConfigDb) {
+    const POOL: &str = "INSERT INTO backend_pools (id, deployments, serves_resources, created_at, updated_at) VALUES ($1, $2, FALSE, $3, $3)";
+    const MEMBER: &str = "INSERT INTO pool_members (pool_id, id, kind, endpoint, deployment, api_version, priority, weight, credential) VALUES ($1, $2, 'azure_openai', 'https://x.example.invalid', NULL, NULL, 1, 1, '{\"type\":\"api_key\",\"secret\":\"env:KEY\"}')";
+    let now = OffsetDateTime::now_utc();
+    macro_rules! insert_two_pools {
+        ($conn:expr) => {
+            for (pool, member) in [("a", "a-1"), ("b", "b-1")] {
+                sqlx::query(POOL)
+                    .bind(pool)
+                    .bind("[\"gpt-4o\"]")
+                    .bind(now)
+                    .execute($conn)
+                    .await
+                    .unwrap();
+                sqlx::query(MEMBER)
+                    .bind(pool)
+                    .bind(member)
+                    .execute($conn)
+                    .await
+                    .unwrap();
+            }
+        };
+    }
+    match &db.engine {
+        Engine::Sqlite(conn) => insert_two_pools!(conn),
+        Engine::Postgres(conn) => insert_two_pools!(conn),
+    }
+    let publisher = Publisher::new(db.clone(), std::time::Duration::from_secs(2)).unwrap();
+    let message = refused(publisher.publish("tester").await.unwrap_err());
+    assert!(message.contains("nothing was published"), "{message}");
+    assert!(
+        message.contains("`gpt-4o` is already served by"),
+        "{message}"
+    );
+    assert!(db.latest_snapshot().await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn sqlite_publishes_nothing_a_gateway_would_refuse() {
+    let test = common::sqlite().await;
+    publishes_nothing_a_gateway_would_refuse(&test.db).await;
+}
+
+#[tokio::test]
+async fn postgres_publishes_nothing_a_gateway_would_refuse() {
+    let test = common::postgres().await;
+    publishes_nothing_a_gateway_would_refuse(&test.db).await;
 }

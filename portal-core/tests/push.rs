@@ -138,7 +138,6 @@ async fn publish_reaches_gateways(db: ConfigDb) {
             .any(|o| o.gateway == "down" && o.result.is_err())
     );
 
-    seed_pool_and_rule(&db, &simulator, "team-a").await;
     let issued = portal
         .create_subscription(
             Some(&user),
@@ -151,6 +150,9 @@ async fn publish_reaches_gateways(db: ConfigDb) {
         )
         .await
         .unwrap();
+    // A rule names an existing subscription (the database refuses one that does not).
+    seed_pool_and_rule(&db, &simulator, "team-a").await;
+    portal.publisher.publish("seed").await.unwrap();
     assert!(issued.key.starts_with("ghk_"));
 
     let current = db.latest_snapshot().await.unwrap().unwrap().version;
