@@ -396,7 +396,7 @@ pub fn Gateways() -> impl IntoView {
                 </label>
                 <label>
                     "Admin token (secret reference)"
-                    <input name="admin_token_ref" required placeholder="file:/run/secrets/gatehouse-admin" />
+                    <input name="admin_token_ref" required placeholder="file:/run/secrets/gatehouse/admin-token" />
                 </label>
                 <div class="form-actions">
                     <button type="submit" class="btn btn-primary">

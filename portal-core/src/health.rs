@@ -11,6 +11,7 @@ use crate::db::GatewayRow;
 use crate::error::PortalError;
 use crate::ops::Portal;
 use crate::push::{admin_endpoint, without_url};
+use crate::secret::AdminTokenRefs;
 use crate::user::{SessionUser, require};
 
 /// How long one gateway may take to answer before it counts as unreachable.
@@ -25,14 +26,15 @@ pub struct GatewayBackends {
     pub result: Result<BackendStates, String>,
 }
 
-/// Asks one gateway for its members' states with `http`; the error says why it could not (it
-/// names neither the admin token nor the URL).
+/// Asks one gateway for its members' states with `http`, its admin token read as `refs` allows;
+/// the error says why it could not (it names neither the admin token nor the URL).
 pub async fn gateway_backends(
     http: &reqwest::Client,
+    refs: &AdminTokenRefs,
     gateway: &GatewayRow,
 ) -> Result<BackendStates, String> {
     let segments: Vec<&str> = BACKENDS_PATH.split('/').filter(|s| !s.is_empty()).collect();
-    let (url, token) = admin_endpoint(gateway, &segments).await?;
+    let (url, token) = admin_endpoint(gateway, &segments, refs).await?;
     let response = http
         .get(url)
         .bearer_auth(token)
@@ -58,7 +60,12 @@ impl Portal {
         require(user, &[Role::Admin])?;
         let mut reports = Vec::new();
         for gateway in self.db.gateways().await? {
-            let result = gateway_backends(self.publisher.http(), &gateway).await;
+            let result = gateway_backends(
+                self.publisher.http(),
+                self.publisher.admin_token_refs(),
+                &gateway,
+            )
+            .await;
             reports.push(GatewayBackends {
                 gateway: gateway.id,
                 result,

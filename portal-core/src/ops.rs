@@ -380,6 +380,13 @@ impl Portal {
         }
         let reference = SecretRef::try_from(admin_token_ref.trim().to_owned())
             .map_err(|error| PortalError::invalid("admin_token_ref", error))?;
+        let refs = self.publisher.admin_token_refs();
+        if !refs.allows(&reference) {
+            return Err(PortalError::invalid(
+                "admin_token_ref",
+                refs.refusal(&reference),
+            ));
+        }
         self.db
             .upsert_gateway(
                 id,

@@ -13,7 +13,8 @@ use url::Url;
 
 use crate::db::{ConfigDb, GatewayRow};
 use crate::error::PortalError;
-use crate::{secret, snapshot};
+use crate::secret::AdminTokenRefs;
+use crate::snapshot;
 
 /// The gateway's config endpoint, as path segments under its base URL.
 const CONFIG_PATH_SEGMENTS: [&str; 2] = ["_gatehouse", "config"];
@@ -35,6 +36,7 @@ pub struct PushOutcome {
 pub struct Publisher {
     db: ConfigDb,
     http: reqwest::Client,
+    admin_token_refs: AdminTokenRefs,
     writing: Mutex<()>,
 }
 
@@ -49,8 +51,21 @@ impl Publisher {
         Ok(Publisher {
             db,
             http,
+            admin_token_refs: AdminTokenRefs::default(),
             writing: Mutex::new(()),
         })
+    }
+
+    /// This publisher, reading gateway admin tokens only from the references `refs` allows
+    /// (without it: [`AdminTokenRefs::default`]).
+    pub fn with_admin_token_refs(mut self, refs: AdminTokenRefs) -> Publisher {
+        self.admin_token_refs = refs;
+        self
+    }
+
+    /// The references gateway admin tokens may be read from.
+    pub fn admin_token_refs(&self) -> &AdminTokenRefs {
+        &self.admin_token_refs
     }
 
     /// Builds the next version from the database, stores it and pushes it to every gateway.
@@ -125,7 +140,8 @@ impl Publisher {
     }
 
     async fn push_to(&self, gateway: &GatewayRow, snapshot_json: &str) -> Result<(), String> {
-        let (url, token) = admin_endpoint(gateway, &CONFIG_PATH_SEGMENTS).await?;
+        let (url, token) =
+            admin_endpoint(gateway, &CONFIG_PATH_SEGMENTS, &self.admin_token_refs).await?;
         let response = self
             .http
             .put(url)
@@ -160,14 +176,15 @@ impl Publisher {
 }
 
 /// The URL of one of a gateway's admin endpoints (path segments under its base URL) and its
-/// admin token, read from the token's secret reference.
+/// admin token, read from the token's secret reference if `refs` allows it.
 pub async fn admin_endpoint(
     gateway: &GatewayRow,
     segments: &[&str],
+    refs: &AdminTokenRefs,
 ) -> Result<(Url, String), String> {
     let reference = SecretRef::try_from(gateway.admin_token_ref.clone())
         .map_err(|_| "the admin token reference is not a secret reference".to_owned())?;
-    let token = secret::resolve(&reference).await?;
+    let token = refs.resolve(&reference).await?;
     let mut url = Url::parse(&gateway.url).map_err(|error| format!("gateway URL: {error}"))?;
     url.path_segments_mut()
         .map_err(|()| "gateway URL cannot have a path".to_owned())?

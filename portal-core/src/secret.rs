@@ -19,3 +19,197 @@ pub async fn resolve(reference: &SecretRef) -> Result<String, String> {
         }
     }
 }
+
+/// The secret references the portal reads as gateway admin tokens.
+///
+/// The portal sends a gateway's admin token to the URL registered with it. Without a limit, an
+/// Admin of the portal could register a gateway at a URL of their own with the reference of any
+/// secret the portal's process can read (`env:` its OIDC client secret, `file:` a key on its
+/// host) and receive that secret as a bearer token. So the portal reads only references under
+/// the operator's prefixes (`--gateway-token-refs`), and the exact references the operator gave
+/// with `--gateway` at start; this holds where a reference is registered and again where it is
+/// read, so that a row written before the policy (or by hand) is not read either.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminTokenRefs {
+    prefixes: Vec<SecretRef>,
+    exact: Vec<SecretRef>,
+}
+
+/// The default prefixes: environment variables named `GATEHOUSE_GATEWAY_TOKEN…`, and files
+/// under `/run/secrets/gatehouse/` (where container platforms mount secrets).
+pub const DEFAULT_ADMIN_TOKEN_PREFIXES: &str =
+    "env:GATEHOUSE_GATEWAY_TOKEN,file:/run/secrets/gatehouse/";
+
+impl Default for AdminTokenRefs {
+    fn default() -> Self {
+        AdminTokenRefs::parse(DEFAULT_ADMIN_TOKEN_PREFIXES).unwrap_or(AdminTokenRefs {
+            prefixes: Vec::new(),
+            exact: Vec::new(),
+        })
+    }
+}
+
+impl AdminTokenRefs {
+    /// Prefixes separated by commas: `env:NAME_PREFIX` (variables whose name starts so) or
+    /// `file:/DIR/` (files under that directory, an absolute path). Key Vault references are
+    /// not read by the portal, so none is accepted; an empty text allows no prefix at all.
+    pub fn parse(text: &str) -> Result<AdminTokenRefs, String> {
+        let mut prefixes = Vec::new();
+        for item in text
+            .split(',')
+            .map(str::trim)
+            .filter(|item| !item.is_empty())
+        {
+            let reference = SecretRef::try_from(item.to_owned())
+                .map_err(|error| format!("`{item}`: {error}"))?;
+            match reference.source() {
+                SecretSource::Env(name) if !name.is_empty() => {}
+                SecretSource::File(path) if path.starts_with('/') && !has_parent_dir(path) => {
+                    if !path.ends_with('/') {
+                        return Err(format!(
+                            "`{item}`: a file prefix is a directory and ends with `/`"
+                        ));
+                    }
+                }
+                _ => {
+                    return Err(format!(
+                        "`{item}`: a prefix is env:NAME_PREFIX or file:/absolute/directory/"
+                    ));
+                }
+            }
+            prefixes.push(reference);
+        }
+        Ok(AdminTokenRefs {
+            prefixes,
+            exact: Vec::new(),
+        })
+    }
+
+    /// These references allowed as they are (the operator's own, from `--gateway`).
+    pub fn with_exact(mut self, references: impl IntoIterator<Item = SecretRef>) -> Self {
+        self.exact.extend(references);
+        self
+    }
+
+    /// Whether the portal may read `reference` as a gateway admin token.
+    pub fn allows(&self, reference: &SecretRef) -> bool {
+        if self.exact.iter().any(|exact| exact == reference) {
+            return true;
+        }
+        self.prefixes
+            .iter()
+            .any(|prefix| match (prefix.source(), reference.source()) {
+                (SecretSource::Env(prefix), SecretSource::Env(name)) => name.starts_with(prefix),
+                (SecretSource::File(directory), SecretSource::File(path)) => {
+                    // Whole path components: `/run/secrets/gatehouse/` holds `…/gatehouse/a`,
+                    // not `…/gatehouse-other`.
+                    std::path::Path::new(path).starts_with(directory) && !has_parent_dir(path)
+                }
+                _ => false,
+            })
+    }
+
+    /// Why `reference` is refused, for the form and the push error.
+    pub fn refusal(&self, reference: &SecretRef) -> String {
+        let prefixes: Vec<&str> = self.prefixes.iter().map(SecretRef::as_str).collect();
+        format!(
+            "the portal reads gateway admin tokens only from references starting with {} (its --gateway-token-refs); `{}` is not one",
+            if prefixes.is_empty() {
+                "nothing".to_owned()
+            } else {
+                prefixes.join(" or ")
+            },
+            reference.as_str()
+        )
+    }
+
+    /// Reads the admin token `reference` points to, if this policy allows it.
+    pub async fn resolve(&self, reference: &SecretRef) -> Result<String, String> {
+        if !self.allows(reference) {
+            return Err(self.refusal(reference));
+        }
+        resolve(reference).await
+    }
+}
+
+/// Whether a path has a `..` component (which could climb out of an allowed directory).
+fn has_parent_dir(path: &str) -> bool {
+    std::path::Path::new(path)
+        .components()
+        .any(|component| matches!(component, std::path::Component::ParentDir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(text: &str) -> SecretRef {
+        SecretRef::try_from(text.to_owned()).unwrap()
+    }
+
+    #[test]
+    fn the_default_allows_the_gateway_token_variables_and_the_secrets_directory_only() {
+        let refs = AdminTokenRefs::default();
+        assert!(refs.allows(&reference("env:GATEHOUSE_GATEWAY_TOKEN")));
+        assert!(refs.allows(&reference("env:GATEHOUSE_GATEWAY_TOKEN_WEST")));
+        assert!(refs.allows(&reference("file:/run/secrets/gatehouse/west")));
+        for refused in [
+            "env:GATEHOUSE_PORTAL_OIDC_CLIENT_SECRET",
+            "env:PATH",
+            "file:/etc/passwd",
+            "file:/run/secrets/gatehouse-other",
+            "file:/run/secrets/gatehouse/../db-password",
+            "file:/run/secrets/gatehouse/a/../../db-password",
+        ] {
+            assert!(!refs.allows(&reference(refused)), "{refused}");
+        }
+        let message = refs.refusal(&reference("env:PATH"));
+        assert!(
+            message.contains("env:GATEHOUSE_GATEWAY_TOKEN or file:/run/secrets/gatehouse/"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn the_operators_own_references_are_allowed_as_they_are() {
+        let refs = AdminTokenRefs::parse("")
+            .unwrap()
+            .with_exact([reference("file:/srv/dev/admin-token")]);
+        assert!(refs.allows(&reference("file:/srv/dev/admin-token")));
+        assert!(!refs.allows(&reference("file:/srv/dev/admin-token2")));
+        assert!(!refs.allows(&reference("file:/srv/dev/other")));
+    }
+
+    #[test]
+    fn prefixes_are_checked_when_read() {
+        for bad in [
+            "file:relative/",
+            "file:/no/trailing/slash",
+            "file:/a/../b/",
+            "env:",
+            "vault:x",
+        ] {
+            assert!(AdminTokenRefs::parse(bad).is_err(), "{bad}");
+        }
+        let refs = AdminTokenRefs::parse(" env:TOKENS_ , file:/etc/gatehouse/ ").unwrap();
+        assert!(refs.allows(&reference("env:TOKENS_A")));
+        assert!(refs.allows(&reference("file:/etc/gatehouse/a")));
+        assert!(!refs.allows(&reference("env:GATEHOUSE_GATEWAY_TOKEN")));
+    }
+
+    #[tokio::test]
+    async fn a_refused_reference_is_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "s3cret\n").unwrap();
+        let inside = reference(&format!("file:{}", path.display()));
+        let refs = AdminTokenRefs::parse(&format!("file:{}/", dir.path().display())).unwrap();
+        assert_eq!(refs.resolve(&inside).await.unwrap(), "s3cret");
+        let outside = AdminTokenRefs::default()
+            .resolve(&inside)
+            .await
+            .unwrap_err();
+        assert!(!outside.contains("s3cret"), "{outside}");
+        assert!(outside.contains("is not one"), "{outside}");
+    }
+}

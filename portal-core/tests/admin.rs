@@ -8,14 +8,12 @@ mod common;
 
 use common::{ADMIN_TOKEN, TestGateway, admin, gateway_at, simulator};
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use gatehouse_gateway::server::Listening;
 use gatehouse_portal_core::db::{ActivityRow, NewActivity};
 use gatehouse_portal_core::ops::{NewSubscription, PortalSettings};
 use gatehouse_portal_core::pools::{MemberInput, PoolInput};
-use gatehouse_portal_core::push::Publisher;
 use gatehouse_portal_core::rules::AccessRuleInput;
 use gatehouse_portal_core::user::SessionUser;
 use gatehouse_portal_core::{ConfigDb, Portal, PortalError};
@@ -44,7 +42,7 @@ async fn fleet(db: &ConfigDb, rotation_overlap: Option<time::Duration>) -> Fleet
     let simulator = simulator().await;
     let portal = Portal {
         db: db.clone(),
-        publisher: Arc::new(Publisher::new(db.clone(), Duration::from_secs(5)).unwrap()),
+        publisher: common::publisher(db),
         settings: PortalSettings {
             rotation_overlap,
             ..PortalSettings::default()

@@ -30,7 +30,6 @@ use gatehouse_portal_core::insights::{
 };
 use gatehouse_portal_core::ops::{NewSubscription, PortalSettings};
 use gatehouse_portal_core::pools::{MemberInput, PoolInput};
-use gatehouse_portal_core::push::Publisher;
 use gatehouse_portal_core::rules::AccessRuleInput;
 use gatehouse_portal_core::snapshot::BASE_SETTING;
 use gatehouse_portal_core::{ConfigDb, Portal};
@@ -91,7 +90,7 @@ async fn audit_store() -> (EmbeddedSource, tempfile::TempDir) {
 fn portal(db: &ConfigDb) -> Portal {
     Portal {
         db: db.clone(),
-        publisher: Arc::new(Publisher::new(db.clone(), std::time::Duration::from_secs(5)).unwrap()),
+        publisher: common::publisher(db),
         settings: PortalSettings::default(),
     }
 }
@@ -174,7 +173,8 @@ async fn each_usage_rule_fires_once_and_resolves_once(db: ConfigDb) {
     let source: Arc<dyn AuditSource> = Arc::new(source);
     let alerter = Alerter::new(db, Some(source), rules, Some(hook))
         .await
-        .unwrap();
+        .unwrap()
+        .with_admin_token_refs(common::test_token_refs());
 
     let fired = alerter.tick(now).await;
     assert_eq!(fired.len(), 3, "{fired:?}");
@@ -358,7 +358,8 @@ async fn a_partial_answer_neither_fires_nor_resolves(db: ConfigDb) {
     let shared: Arc<dyn AuditSource> = Arc::clone(&source) as Arc<dyn AuditSource>;
     let alerter = Alerter::new(db, Some(shared), rules, Some(hook))
         .await
-        .unwrap();
+        .unwrap()
+        .with_admin_token_refs(common::test_token_refs());
     let partial = "the audit source answered in part: PartialError: There were some errors";
 
     // Above every threshold but errors, answered in part: nothing fires; the page says why.
@@ -583,7 +584,8 @@ async fn a_member_set_aside_too_long_fires_and_resolves(db: ConfigDb) {
     // No audit source: this kind reads the gateways and the config database only.
     let alerter = Alerter::new(db.clone(), None, rules.clone(), Some(hook.clone()))
         .await
-        .unwrap();
+        .unwrap()
+        .with_admin_token_refs(common::test_token_refs());
     let t0 = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
     assert!(alerter.tick(t0).await.is_empty(), "every member available");
     assert_eq!(
@@ -627,7 +629,8 @@ async fn a_member_set_aside_too_long_fires_and_resolves(db: ConfigDb) {
     drop(alerter);
     let alerter = Alerter::new(db.clone(), None, rules.clone(), Some(hook.clone()))
         .await
-        .unwrap();
+        .unwrap()
+        .with_admin_token_refs(common::test_token_refs());
     assert!(alerter.states()[0].firing, "loaded from the database");
     assert!(alerter.tick(t0 + Duration::minutes(8)).await.is_empty());
 
@@ -745,7 +748,8 @@ async fn a_quota_nearly_used_fires_and_resolves_with_the_next_period(db: ConfigD
     assert!(matches!(missing, AlertSetupError::NoAuditSource(ref name) if name == "quota"));
     let alerter = Alerter::new(db.clone(), Some(source), rules, Some(hook))
         .await
-        .unwrap();
+        .unwrap()
+        .with_admin_token_refs(common::test_token_refs());
 
     let fired = alerter.tick(now).await;
     assert_eq!(
@@ -821,7 +825,8 @@ async fn a_key_expiring_fires_and_resolves(db: ConfigDb) {
         Some(hook),
     )
     .await
-    .unwrap();
+    .unwrap()
+    .with_admin_token_refs(common::test_token_refs());
     let now = OffsetDateTime::now_utc();
     let first = alerter.tick(now).await;
     assert_eq!(first.len(), 1, "{first:?}");
@@ -930,14 +935,16 @@ async fn the_state_survives_a_restart(db: ConfigDb) {
     let now = OffsetDateTime::now_utc();
     let first = Alerter::new(db.clone(), None, rules.clone(), Some(hook.clone()))
         .await
-        .unwrap();
+        .unwrap()
+        .with_admin_token_refs(common::test_token_refs());
     assert_eq!(first.tick(now).await.len(), 2);
     drop(first);
 
     // Restarted: the two keys still expire; nothing is sent again.
     let second = Alerter::new(db.clone(), None, rules.clone(), Some(hook.clone()))
         .await
-        .unwrap();
+        .unwrap()
+        .with_admin_token_refs(common::test_token_refs());
     let state = &second.states()[0];
     assert!(state.firing && state.subjects.len() == 2, "{state:?}");
     assert!(state.checked_at.is_none());
@@ -962,7 +969,8 @@ async fn the_state_survives_a_restart(db: ConfigDb) {
         .unwrap();
     let third = Alerter::new(db.clone(), None, rules.clone(), Some(hook.clone()))
         .await
-        .unwrap();
+        .unwrap()
+        .with_admin_token_refs(common::test_token_refs());
     let mut resolved = third.tick(now + Duration::minutes(3)).await;
     resolved.sort();
     assert_eq!(
@@ -995,7 +1003,8 @@ async fn the_state_survives_a_restart(db: ConfigDb) {
     let renamed = rules_renamed(&rules);
     let fourth = Alerter::new(db.clone(), None, renamed, Some(hook))
         .await
-        .unwrap();
+        .unwrap()
+        .with_admin_token_refs(common::test_token_refs());
     assert!(db.alert_states().await.unwrap().is_empty());
     let fired = fourth.tick(now + Duration::minutes(6)).await;
     assert_eq!(fired.len(), 1, "{fired:?}");

@@ -14,14 +14,13 @@ use std::time::Duration;
 
 use gatehouse_portal_core::db::{AccessRuleRow, MemberRow, NewActivity, PoolRow};
 use gatehouse_portal_core::ops::{NewSubscription, PortalSettings};
-use gatehouse_portal_core::push::Publisher;
 use gatehouse_portal_core::{ConfigDb, Portal};
 use serde_json::{Value, json};
 
 fn portal(db: &ConfigDb) -> Portal {
     Portal {
         db: db.clone(),
-        publisher: Arc::new(Publisher::new(db.clone(), Duration::from_secs(5)).unwrap()),
+        publisher: common::publisher(db),
         settings: PortalSettings::default(),
     }
 }
@@ -281,4 +280,80 @@ async fn sqlite_changes_reach_every_gateway_and_a_down_one_catches_up() {
 async fn postgres_changes_reach_every_gateway_and_a_down_one_catches_up() {
     let test = common::postgres().await;
     publish_reaches_gateways(test.db.clone()).await;
+}
+
+/// A gateway's admin token is read only from the references the portal's policy allows: an
+/// Admin cannot register a gateway at a URL of their own with the reference of another of the
+/// portal's secrets, and a row that names one anyway (written before the policy, or by hand) is
+/// not read: nothing is sent to its URL, and its push and health errors say why.
+#[tokio::test]
+async fn a_token_reference_outside_the_policy_is_neither_registered_nor_read() {
+    let test = common::sqlite().await;
+    let db = &test.db;
+    let portal = portal(db);
+    let user = admin();
+    // Where the secret would go: a listener that counts the connections it gets.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let collector = format!("http://{}", listener.local_addr().unwrap());
+    let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = Arc::clone(&connections);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(stream);
+        }
+    });
+
+    for reference in [
+        "env:GATEHOUSE_PORTAL_OIDC_CLIENT_SECRET",
+        "file:/etc/hostname",
+        "file:/run/secrets/gatehouse-db-password",
+    ] {
+        let refused = portal
+            .register_gateway(Some(&user), "collector", &collector, reference)
+            .await
+            .unwrap_err();
+        match refused {
+            gatehouse_portal_core::PortalError::Invalid {
+                field: "admin_token_ref",
+                message,
+            } => assert!(message.contains("is not one"), "{message}"),
+            other => panic!("{reference}: {other:?}"),
+        }
+    }
+    assert!(db.gateways().await.unwrap().is_empty());
+    assert!(db.activity(10).await.unwrap().is_empty());
+
+    // Written around the portal's check.
+    db.upsert_gateway(
+        "collector",
+        &collector,
+        "file:/etc/hostname",
+        NewActivity {
+            actor: "by hand",
+            action: "gateway.register",
+            target: "collector",
+            before: None,
+            after: None,
+        },
+    )
+    .await
+    .unwrap();
+    portal
+        .save_gateway_settings(Some(&user), "{}")
+        .await
+        .unwrap();
+    let gateway = &db.gateways().await.unwrap()[0];
+    let error = gateway.last_error.as_deref().unwrap();
+    assert!(error.contains("`file:/etc/hostname` is not one"), "{error}");
+    assert_eq!(gateway.pushed_version, None);
+    let health = portal.backend_health(Some(&user)).await.unwrap();
+    let reason = health[0].result.as_ref().unwrap_err();
+    assert!(reason.contains("is not one"), "{reason}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        connections.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "nothing was sent to the registered URL"
+    );
 }

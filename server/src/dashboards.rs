@@ -21,6 +21,7 @@ use gatehouse_portal_core::insights::service::{ExportFormat, PriceTable, parse_d
 use gatehouse_portal_core::insights::{
     AuditSource, Insights, InsightsError, SearchForm, SearchRequest, csv, iso_utc, parse_range,
 };
+use gatehouse_portal_core::secret::AdminTokenRefs;
 use gatehouse_portal_core::user::current_user;
 use gatehouse_portal_core::{ConfigDb, Portal, SessionUser};
 use gatehouse_schema::config::SecretRef;
@@ -47,8 +48,13 @@ pub struct InsightsSettings {
 }
 
 impl InsightsSettings {
-    /// Opens the configured source (at most one).
-    pub async fn open(&self, db: ConfigDb) -> anyhow::Result<Insights> {
+    /// Opens the configured source (at most one); the alerter reads gateway admin tokens as
+    /// `admin_token_refs` allows.
+    pub async fn open(
+        &self,
+        db: ConfigDb,
+        admin_token_refs: AdminTokenRefs,
+    ) -> anyhow::Result<Insights> {
         let source: Option<Arc<dyn AuditSource>> = match (&self.audit_database, &self.log_analytics)
         {
             (Some(_), Some(_)) => anyhow::bail!(
@@ -91,7 +97,8 @@ impl InsightsSettings {
                     webhook,
                 )
                 .await
-                .context("alert rules")?,
+                .context("alert rules")?
+                .with_admin_token_refs(admin_token_refs),
             ))
         };
         let insights = Insights::new(source, db, self.prices.clone());

@@ -21,7 +21,9 @@ use gatehouse_portal_app::{App, shell};
 use gatehouse_portal_core::db::Engine;
 use gatehouse_portal_core::ops::PortalSettings;
 use gatehouse_portal_core::push::Publisher;
+use gatehouse_portal_core::secret::AdminTokenRefs;
 use gatehouse_portal_core::{ConfigDb, Portal};
+use gatehouse_schema::config::SecretRef;
 use leptos::config::LeptosOptions;
 use leptos_axum::{LeptosRoutes, generate_route_list};
 use tower_sessions::cookie::SameSite;
@@ -61,6 +63,9 @@ pub struct Settings {
     pub rotation_overlap: Option<Duration>,
     /// Gateways to register at start (id, URL, admin-token secret reference).
     pub gateways: Vec<(String, String, String)>,
+    /// The references gateway admin tokens may be read from (besides those of `gateways`,
+    /// always allowed).
+    pub admin_token_refs: AdminTokenRefs,
     /// Leptos' site settings (output name, site root, package directory).
     pub leptos: LeptosOptions,
     /// The dashboards' and the audit search's source, and the price table.
@@ -91,7 +96,16 @@ pub async fn build(settings: Settings) -> anyhow::Result<PortalServer> {
     let db = ConfigDb::open(&settings.database)
         .await
         .context("config database")?;
-    let publisher = Arc::new(Publisher::new(db.clone(), Duration::from_secs(10))?);
+    let admin_token_refs = settings.admin_token_refs.clone().with_exact(
+        settings
+            .gateways
+            .iter()
+            .filter_map(|(_, _, reference)| SecretRef::try_from(reference.clone()).ok()),
+    );
+    let publisher = Arc::new(
+        Publisher::new(db.clone(), Duration::from_secs(10))?
+            .with_admin_token_refs(admin_token_refs.clone()),
+    );
     let portal = Portal {
         db: db.clone(),
         publisher,
@@ -128,7 +142,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<PortalServer> {
     }
     let insights = settings
         .insights
-        .open(db.clone())
+        .open(db.clone(), admin_token_refs)
         .await
         .context("dashboards' audit source")?;
     let oidc = match &settings.oidc {

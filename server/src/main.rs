@@ -13,6 +13,7 @@ use gatehouse_portal::{Settings, serve};
 use gatehouse_portal_core::insights::alerts::parse_rules;
 use gatehouse_portal_core::insights::log_analytics::{ClientCredentials, LogAnalyticsSettings};
 use gatehouse_portal_core::insights::service::PriceTable;
+use gatehouse_portal_core::secret::AdminTokenRefs;
 use gatehouse_schema::config::SecretRef;
 use gatehouse_schema::portal::Role;
 use url::Url;
@@ -89,9 +90,20 @@ struct Args {
         default_value_t = 24
     )]
     rotation_overlap_hours: u64,
-    /// Register a gateway at start: `ID=URL=SECRET_REF` (repeatable).
+    /// Register a gateway at start: `ID=URL=SECRET_REF` (repeatable). Its reference is read
+    /// whatever `--gateway-token-refs` says.
     #[arg(long = "gateway")]
     gateways: Vec<String>,
+    /// The secret references the portal may read gateway admin tokens from, as prefixes
+    /// separated by commas: `env:NAME_PREFIX`, `file:/directory/`. A gateway registered on the
+    /// Gateways page must use one; so that an Admin cannot have the portal send another of its
+    /// secrets (read from its environment or files) to a URL of their choosing.
+    #[arg(
+        long,
+        env = "GATEHOUSE_PORTAL_GATEWAY_TOKEN_REFS",
+        default_value = gatehouse_portal_core::secret::DEFAULT_ADMIN_TOKEN_PREFIXES
+    )]
+    gateway_token_refs: String,
     /// Dashboards and audit search: the embedded audit store, `sqlite:PATH` or `postgres://…`.
     #[arg(long, env = "GATEHOUSE_PORTAL_AUDIT_DATABASE")]
     audit_database: Option<String>,
@@ -287,6 +299,8 @@ async fn main() -> anyhow::Result<()> {
             .iter()
             .map(|text| gateway(text))
             .collect::<anyhow::Result<_>>()?,
+        admin_token_refs: AdminTokenRefs::parse(&args.gateway_token_refs)
+            .map_err(|error| anyhow::anyhow!("--gateway-token-refs: {error}"))?,
         leptos,
         insights: insights(&args)?,
     };

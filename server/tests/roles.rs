@@ -46,7 +46,10 @@ fn matrix() -> Vec<Case> {
             vec![
                 ("id", "gw"),
                 ("url", "http://127.0.0.1:9/"),
-                ("admin_token_ref", "env:GATEHOUSE_PORTAL_TEST_NO_SUCH_TOKEN"),
+                (
+                    "admin_token_ref",
+                    "env:GATEHOUSE_GATEWAY_TOKEN_TEST_NO_SUCH",
+                ),
             ],
             ADMIN,
         ),

@@ -3,10 +3,13 @@
 #![allow(dead_code, reason = "each test file uses a part")]
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use gatehouse_gateway::secret::Secret;
 use gatehouse_gateway::server::{self, Listening};
 use gatehouse_gateway::{Gateway, GatewayParts, SecretSettings};
+use gatehouse_portal_core::push::Publisher;
+use gatehouse_portal_core::secret::AdminTokenRefs;
 use gatehouse_portal_core::{ConfigDb, SessionUser};
 use gatehouse_schema::ConfigSnapshot;
 use gatehouse_schema::portal::Role;
@@ -44,6 +47,21 @@ pub async fn postgres() -> TestDb {
         _dir: None,
         _database: Some(database),
     }
+}
+
+/// The gateway admin token references the tests' portals may read: files in the temp
+/// directory, where each test writes its gateway's token.
+pub fn test_token_refs() -> AdminTokenRefs {
+    AdminTokenRefs::parse(&format!("file:{}/", std::env::temp_dir().display())).unwrap()
+}
+
+/// A publisher on `db` that reads the tests' token files.
+pub fn publisher(db: &ConfigDb) -> Arc<Publisher> {
+    Arc::new(
+        Publisher::new(db.clone(), std::time::Duration::from_secs(5))
+            .unwrap()
+            .with_admin_token_refs(test_token_refs()),
+    )
 }
 
 /// The admin token of the test gateways.

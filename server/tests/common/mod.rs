@@ -29,6 +29,7 @@ pub fn settings(dir: &tempfile::TempDir, addr: SocketAddr, oidc: Option<OidcSett
         push_retry: Duration::from_secs(60),
         rotation_overlap: None,
         gateways: Vec::new(),
+        admin_token_refs: Default::default(),
         leptos: leptos::config::LeptosOptions::builder()
             .output_name(gatehouse_portal_app::OUTPUT_NAME)
             .site_root(dir.path().join("site").display().to_string())

@@ -11,6 +11,7 @@ use super::{AlertCondition, AlertRule, Evaluation, Finding};
 use crate::db::{AlertStateRow, ConfigDb, SubscriptionRow};
 use crate::health::gateway_backends;
 use crate::insights::{AuditSource, Dimension, InsightsError, TimeRange, UsageRequest};
+use crate::secret::AdminTokenRefs;
 
 /// What an evaluation may read.
 pub(super) struct Context<'a> {
@@ -20,6 +21,8 @@ pub(super) struct Context<'a> {
     pub db: &'a ConfigDb,
     /// The client the gateways are asked with.
     pub http: &'a reqwest::Client,
+    /// The references their admin tokens may be read from.
+    pub admin_token_refs: &'a AdminTokenRefs,
 }
 
 /// A time to the minute, UTC, for a person: `2025-03-01 14:05 UTC`.
@@ -217,7 +220,7 @@ async fn backend_set_aside(
     };
     let (mut watched, mut aside) = (0, 0);
     for gateway in &gateways {
-        let states = match gateway_backends(context.http, gateway).await {
+        let states = match gateway_backends(context.http, context.admin_token_refs, gateway).await {
             Ok(states) => states,
             Err(why) => {
                 evaluation.unobserved.push(format!("{}/", gateway.id));

@@ -33,6 +33,7 @@ pub use evaluate::quota_window;
 use super::AuditSource;
 use crate::db::{AlertStateRow, ConfigDb};
 use crate::error::PortalError;
+use crate::secret::AdminTokenRefs;
 
 /// The longest a member may be watched for: a week, in minutes.
 const MAX_SET_ASIDE_MINUTES: i64 = 7 * 24 * 60;
@@ -349,6 +350,7 @@ pub struct Alerter {
     db: ConfigDb,
     webhook: Option<Url>,
     client: reqwest::Client,
+    admin_token_refs: AdminTokenRefs,
     states: Mutex<Vec<AlertState>>,
 }
 
@@ -400,8 +402,16 @@ impl Alerter {
             db,
             webhook,
             client,
+            admin_token_refs: AdminTokenRefs::default(),
             states: Mutex::new(states),
         })
+    }
+
+    /// This alerter, reading gateway admin tokens only from the references `refs` allows
+    /// (without it: [`AdminTokenRefs::default`]).
+    pub fn with_admin_token_refs(mut self, refs: AdminTokenRefs) -> Alerter {
+        self.admin_token_refs = refs;
+        self
     }
 
     /// The rules and their states.
@@ -497,6 +507,7 @@ impl Alerter {
                 source: self.source.as_deref(),
                 db: &self.db,
                 http: &self.client,
+                admin_token_refs: &self.admin_token_refs,
             },
             rule,
             now,
