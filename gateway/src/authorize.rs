@@ -7,8 +7,8 @@
 //!
 //! A call that names no deployment in its path is granted by rules with `resources: true`; when
 //! it makes a model run all the same — an assistant created or changed with a `model`, a run
-//! that names one — that model must be granted too, as a deployment, or `resources` would open
-//! every deployment of the pool that serves them.
+//! that names one, a fine-tuning job trained on its base `model` — that model must be granted
+//! too, as a deployment, or `resources` would open every model of the pool that serves them.
 
 use gatehouse_schema::OperationId;
 use gatehouse_schema::identity::{AccessRule, Grantee, glob_matches};
@@ -61,7 +61,9 @@ pub fn authorize(
 
 /// The deployment a call on the resource routes makes run although its path names none: the
 /// `model` of an assistant's creation or change, or of a run (Azure's Assistants take a
-/// deployment name there).
+/// deployment name there), or the base `model` a fine-tuning job trains (billed by the hour of
+/// training: a base model name such as `gpt-4o-mini-2024-07-18`, which a rule grants with a
+/// pattern such as `gpt-4o-mini*`).
 fn model_run_by_resource_call(call: &Call) -> Option<&str> {
     let runs_a_model = matches!(
         call.operation,
@@ -69,6 +71,7 @@ fn model_run_by_resource_call(call: &Call) -> Option<&str> {
             | OperationId::ModifyAssistant
             | OperationId::CreateRun
             | OperationId::CreateThreadAndRun
+            | OperationId::FineTuningCreate
     );
     if !runs_a_model {
         return None;
@@ -241,7 +244,8 @@ mod tests {
         assert!(authorize(Some(&rules), &subscription, &o1).is_err());
         let mini = call(Some("gpt-4o-mini"), OperationId::ChatCompletionsCreate);
         assert!(authorize(Some(&rules), &user(&[]), &mini).is_ok());
-        // A resources rule does not grant the model an assistant or a run names.
+        // A resources rule does not grant the model an assistant, a run or a fine-tuning job
+        // names.
         let mut assistants = rule(
             Grantee::Subscription {
                 id: "team-a".to_owned(),
@@ -258,6 +262,12 @@ mod tests {
             (OperationId::CreateThreadAndRun, Some("o1"), false),
             (OperationId::ModifyAssistant, Some("o1"), false),
             (OperationId::CreateRun, None, true),
+            (OperationId::FineTuningCreate, Some("gpt-4o-mini"), true),
+            (
+                OperationId::FineTuningCreate,
+                Some("gpt-4o-2024-08-06"),
+                false,
+            ),
             // A file's purpose names no deployment.
             (OperationId::FilesUpload, Some("o1"), true),
         ] {

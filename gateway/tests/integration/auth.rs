@@ -136,3 +136,50 @@ async fn the_callers_key_never_reaches_the_backend_which_gets_its_own() {
         seen.headers
     );
 }
+
+/// A key whose rule grants calls without a deployment (`resources`) and one model family: a
+/// fine-tuning job on that family's base model is relayed, one on another base model is refused
+/// with 403 naming it, before any backend sees it; an assistant on it likewise.
+#[tokio::test]
+async fn a_resources_rule_grants_fine_tuning_only_on_the_base_models_it_names() {
+    let sim = simulator("auth-fine-tuning").await;
+    let mut value = serde_json::to_value(snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o-mini"], "serves_resources": true,
+                "members": [member("a", &sim.url(), 1)]}]),
+    ))
+    .unwrap();
+    value["access_rules"] = json!([
+        {"id": "team-a-tuning", "grantee": {"kind": "subscription", "id": "team-a"},
+         "deployments": ["gpt-4o-mini*"], "resources": true}
+    ]);
+    let gw = TestGateway::start(serde_json::from_value(value).unwrap()).await;
+    let create = |path: &str, model: &str| {
+        gw.post(path)
+            .json(&json!({"model": model, "training_file": "file-abc123"}))
+            .send()
+    };
+    let jobs = "/openai/fine_tuning/jobs?api-version=2024-10-21";
+
+    let granted = create(jobs, "gpt-4o-mini-2024-07-18").await.unwrap();
+    assert_ne!(granted.status(), 403, "{}", granted.text().await.unwrap());
+    assert_eq!(sim.hits(), 1, "the granted job reached the backend");
+
+    for (path, model) in [
+        (jobs, "gpt-4o-2024-08-06"),
+        (
+            "/openai/assistants?api-version=2024-05-01-preview",
+            "gpt-4o",
+        ),
+    ] {
+        let refused = create(path, model).await.unwrap();
+        assert_eq!(refused.status(), 403, "{path}");
+        let body: serde_json::Value = refused.json().await.unwrap();
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(&format!("deployment '{model}'")),
+            "{message}"
+        );
+    }
+    assert_eq!(sim.hits(), 1, "no refused call reached the backend");
+}
