@@ -706,7 +706,9 @@ impl ConfigDb {
         Ok(value.map(|(value,)| value))
     }
 
-    /// Sets a setting.
+    /// Sets a setting, unchecked: for the settings no snapshot is built from (the gateway
+    /// settings, [`crate::snapshot::BASE_SETTING`], go through [`ConfigDb::save_setting`], which
+    /// checks them).
     pub async fn set_setting(&self, key: &str, value: &str) -> Result<(), PortalError> {
         on_pool!(self, |pool| sqlx::query(SETTING_SQL)
             .bind(key)
