@@ -1221,60 +1221,77 @@ async fn remember_created(gateway: &Gateway, call: &Call, member: &Member, respo
 /// ([`ResponsePeek::read_tail`]).
 const ANSWER_TAIL: usize = 64 * 1024;
 
+/// Appends `chunk` to an answer's tail, keeping its last [`ANSWER_TAIL`] bytes at least (cut back
+/// now and then, not at every chunk).
+fn append_to_tail(tail: &mut Vec<u8>, chunk: &[u8]) {
+    tail.extend_from_slice(chunk);
+    if tail.len() > 2 * ANSWER_TAIL {
+        tail.drain(..tail.len() - ANSWER_TAIL);
+    }
+}
+
 /// The copy of the response kept for the record.
 struct Tee {
     capture: BodyCapture,
-    parse: Option<Vec<u8>>,
-    /// Once `parse` has outgrown [`PARSE_LIMIT`]: the answer's last bytes.
-    tail: Option<Vec<u8>>,
-    sse: Option<SseTap>,
+    answer: AnswerCopy,
+}
+
+/// What is kept of an answer, besides its captured bytes, for the record's model, usage and
+/// messages.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one per call, in the relay's state, as the three options it replaces were; a boxed tap would cost every streamed call an allocation"
+)]
+enum AnswerCopy {
+    /// A stream, reassembled as it passes (its tap captures the bytes too).
+    Stream(SseTap),
+    /// The whole answer, while it stays within [`PARSE_LIMIT`].
+    Whole(Vec<u8>),
+    /// An answer that outgrew [`PARSE_LIMIT`]: its last bytes.
+    Tail(Vec<u8>),
 }
 
 impl Tee {
     /// `filter_usage`: the stream's usage chunk was asked for by the gateway and is kept from the
     /// client.
     fn new(capture_limit: usize, is_sse: bool, filter_usage: bool) -> Tee {
-        let sse = match (is_sse, filter_usage) {
-            (false, _) => None,
-            (true, false) => Some(SseTap::default()),
-            (true, true) => Some(SseTap::removing_usage()),
+        let answer = match (is_sse, filter_usage) {
+            (false, _) => AnswerCopy::Whole(Vec::new()),
+            (true, false) => AnswerCopy::Stream(SseTap::default()),
+            (true, true) => AnswerCopy::Stream(SseTap::removing_usage()),
         };
         Tee {
             capture: BodyCapture::new(capture_limit),
-            parse: (!is_sse).then(Vec::new),
-            tail: None,
-            sse,
+            answer,
         }
     }
 
     /// Copies a chunk and returns what goes on to the client: the chunk itself, unless the usage
     /// filter holds part of it back (then what passes, possibly nothing).
     fn push(&mut self, chunk: Bytes) -> Option<Bytes> {
-        if let Some(sse) = &mut self.sse {
-            return sse.pass(chunk);
+        match &mut self.answer {
+            AnswerCopy::Stream(sse) => return sse.pass(chunk),
+            AnswerCopy::Whole(whole) if whole.len() + chunk.len() <= PARSE_LIMIT => {
+                whole.extend_from_slice(&chunk);
+            }
+            AnswerCopy::Whole(whole) => {
+                let mut tail = std::mem::take(whole);
+                append_to_tail(&mut tail, &chunk);
+                self.answer = AnswerCopy::Tail(tail);
+            }
+            AnswerCopy::Tail(tail) => append_to_tail(tail, &chunk),
         }
         self.capture.push(&chunk);
-        if let Some(parse) = &mut self.parse {
-            if parse.len() + chunk.len() <= PARSE_LIMIT {
-                parse.extend_from_slice(&chunk);
-            } else {
-                self.tail = self.parse.take();
-            }
-        }
-        if let Some(tail) = &mut self.tail {
-            tail.extend_from_slice(&chunk);
-            // Cut back now and then, not at every chunk.
-            if tail.len() > 2 * ANSWER_TAIL {
-                tail.drain(..tail.len() - ANSWER_TAIL);
-            }
-        }
         Some(chunk)
     }
 
     /// The body is over: `passed` (what its last chunk let through) followed by what the usage
     /// filter still held, which goes on to the client as it came (see [`SseTap::end`]).
     fn end(&mut self, passed: Option<Bytes>) -> Option<Bytes> {
-        let Some(held) = self.sse.as_mut().and_then(SseTap::end) else {
+        let AnswerCopy::Stream(sse) = &mut self.answer else {
+            return passed;
+        };
+        let Some(held) = sse.end() else {
             return passed;
         };
         match passed {
@@ -1283,72 +1300,77 @@ impl Tee {
         }
     }
 
+    /// The whole answer as JSON, when it is kept whole and is JSON.
     fn json(&self) -> Option<Value> {
-        serde_json::from_slice(self.parse.as_deref()?).ok()
+        match &self.answer {
+            AnswerCopy::Whole(whole) => serde_json::from_slice(whole).ok(),
+            AnswerCopy::Stream(_) | AnswerCopy::Tail(_) => None,
+        }
     }
 
     /// The id of an object a stream has just announced it created (see
     /// [`SseTap::take_created`]), once.
     fn take_created(&mut self) -> Option<String> {
-        self.sse.as_mut()?.take_created()
+        match &mut self.answer {
+            AnswerCopy::Stream(sse) => sse.take_created(),
+            AnswerCopy::Whole(_) | AnswerCopy::Tail(_) => None,
+        }
     }
 
     /// Writes what the response amounted to into the record, and returns the answer as one JSON
     /// object (a stream reassembled), when it is one.
     fn complete(self, record: &mut CallRecord, call: &Call) -> Option<Value> {
         let limit = self.capture.limit();
-        if let Some(sse) = self.sse {
-            let summary = sse.finish();
-            record.usage(summary.usage);
-            record.record.model_name = summary.model;
-            if let Some(response) = summary.response.as_ref().filter(|_| limit > 0) {
-                record.record.response_messages = capture::response_messages(response);
-                let text = response.to_string();
-                record.record.response_body_truncated = text.len() > limit;
-                let mut capture = BodyCapture::new(limit);
-                capture.push(text.as_bytes());
-                record.record.backend_response_body = capture.into_text();
+        let body = match self.answer {
+            AnswerCopy::Stream(sse) => {
+                let summary = sse.finish();
+                record.usage(summary.usage);
+                record.record.model_name = summary.model;
+                if let Some(response) = summary.response.as_ref().filter(|_| limit > 0) {
+                    record.record.response_messages = capture::response_messages(response);
+                    let text = response.to_string();
+                    record.record.response_body_truncated = text.len() > limit;
+                    let mut capture = BodyCapture::new(limit);
+                    capture.push(text.as_bytes());
+                    record.record.backend_response_body = capture.into_text();
+                }
+                return summary.response;
             }
-            return summary.response;
-        }
-        if let Some(tail) = &self.tail {
-            // Too large to parse: `model` and `usage` from its end, the messages not at all.
-            let peek = ResponsePeek::read_tail(tail);
-            record.usage(peek.usage);
-            record.record.model_name = peek.model;
-            record.record.response_body_truncated = self.capture.truncated();
-            record.record.backend_response_body = self.capture.into_text();
-            return None;
-        }
-        let body = self.parse.as_deref();
+            AnswerCopy::Tail(tail) => {
+                // Too large to parse: `model` and `usage` from its end, the messages not at all.
+                let peek = ResponsePeek::read_tail(&tail);
+                record.usage(peek.usage);
+                record.record.model_name = peek.model;
+                record.record.response_body_truncated = self.capture.truncated();
+                record.record.backend_response_body = self.capture.into_text();
+                return None;
+            }
+            AnswerCopy::Whole(body) => body,
+        };
         let wants_messages = call.operation.is_inference() && limit > 0;
+        record.record.response_body_truncated = self.capture.truncated();
+        record.record.backend_response_body = self.capture.into_text();
         // The record needs `model`, `usage` and the completion's messages: read them without the
         // tree, which is parsed only when usage is missing (for the estimate).
-        if let Some((peek, messages)) =
-            body.and_then(|body| ResponsePeek::read_with_messages(body, wants_messages))
-        {
+        if let Some((peek, messages)) = ResponsePeek::read_with_messages(&body, wants_messages) {
             let answer = peek
                 .usage
                 .is_none()
-                .then(|| body.and_then(|b| serde_json::from_slice::<Value>(b).ok()))
+                .then(|| serde_json::from_slice::<Value>(&body).ok())
                 .flatten();
             record.usage(peek.usage);
             record.record.model_name = peek.model;
             record.record.response_messages = messages;
-            record.record.response_body_truncated = self.capture.truncated();
-            record.record.backend_response_body = self.capture.into_text();
             return answer;
         }
-        let json = body.and_then(|b| serde_json::from_slice::<Value>(b).ok());
+        let json = serde_json::from_slice::<Value>(&body).ok();
         if let Some(json) = &json {
             record.usage(capture::usage_of(json));
             record.record.model_name = json.get("model").and_then(Value::as_str).map(str::to_owned);
-            if call.operation.is_inference() && limit > 0 {
+            if wants_messages {
                 record.record.response_messages = capture::response_messages(json);
             }
         }
-        record.record.response_body_truncated = self.capture.truncated();
-        record.record.backend_response_body = self.capture.into_text();
         json
     }
 }
