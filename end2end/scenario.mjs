@@ -182,6 +182,21 @@ try {
   check((await admin.textContent('[data-testid=version-diff]'))?.includes('revoked'), 'the diff shows the revocation');
   await shot(admin, 'gateways');
 
+  // Registering a gateway whose admin-token reference is outside the portal's policy (here the
+  // portal's own PATH) is refused, and the page says which references it reads.
+  const prefixes = await admin.textContent('[data-testid=token-prefixes]');
+  check(prefixes?.includes('env:GATEHOUSE_GATEWAY_TOKEN') && prefixes?.includes('file:/run/secrets/gatehouse/'),
+    `the page names the allowed token references (${prefixes})`);
+  const registerPanel = 'section:has(input[name=admin_token_ref])';
+  await admin.fill(`${registerPanel} input[name=id]`, 'collector');
+  await admin.fill(`${registerPanel} input[name=url]`, 'http://127.0.0.1:9');
+  await admin.fill(`${registerPanel} input[name=admin_token_ref]`, 'env:PATH');
+  await admin.click(`${registerPanel} button:has-text("Register")`);
+  const refusedToken = await admin.waitForSelector(`${registerPanel} .field-error`);
+  check((await refusedToken.textContent())?.includes('`env:PATH` is not one'),
+    `a token reference outside the policy is refused (${await refusedToken.textContent()})`);
+  check(!(await admin.textContent('table'))?.includes('collector'), 'the refused gateway is not listed');
+
   // Gateway settings: a wrong field is named by its path and nothing is published; right, they
   // are published and the gateway runs them.
   const settings = '[data-testid=gateway-settings]';

@@ -115,6 +115,8 @@ pub struct GatewaysView {
     pub current_version: Option<i64>,
     /// Every gateway.
     pub gateways: Vec<GatewayView>,
+    /// The prefixes a registered gateway's admin-token reference must start with.
+    pub token_prefixes: Vec<String>,
 }
 
 /// One activity entry.
@@ -268,6 +270,13 @@ pub async fn list_gateways() -> Result<GatewaysView, ServerFnError> {
         .await
         .map_err(to_server_error)?;
     Ok(GatewaysView {
+        token_prefixes: portal
+            .publisher
+            .admin_token_refs()
+            .prefixes()
+            .into_iter()
+            .map(str::to_owned)
+            .collect(),
         current_version,
         gateways: rows
             .into_iter()

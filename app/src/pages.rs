@@ -404,6 +404,21 @@ pub fn Gateways() -> impl IntoView {
                     </button>
                 </div>
             </ActionForm>
+            <Transition fallback=|| ()>
+                {move || Suspend::new(async move {
+                    list.await
+                        .ok()
+                        .map(|view| {
+                            view! {
+                                <p class="muted" data-testid="token-prefixes">
+                                    "The portal reads admin tokens only from references starting with "
+                                    {view.token_prefixes.join(" or ")}
+                                    " (its --gateway-token-refs), so that no other secret of its own is sent to a gateway's URL."
+                                </p>
+                            }
+                        })
+                })}
+            </Transition>
             {action_error!(register)}
         </section>
         <GatewaySettings save=settings />

@@ -109,9 +109,14 @@ impl AdminTokenRefs {
             })
     }
 
+    /// The allowed prefixes, as given.
+    pub fn prefixes(&self) -> Vec<&str> {
+        self.prefixes.iter().map(SecretRef::as_str).collect()
+    }
+
     /// Why `reference` is refused, for the form and the push error.
     pub fn refusal(&self, reference: &SecretRef) -> String {
-        let prefixes: Vec<&str> = self.prefixes.iter().map(SecretRef::as_str).collect();
+        let prefixes = self.prefixes();
         format!(
             "the portal reads gateway admin tokens only from references starting with {} (its --gateway-token-refs); `{}` is not one",
             if prefixes.is_empty() {
