@@ -96,14 +96,16 @@ impl Portal {
     ) -> Result<u64, PortalError> {
         let user = require(user, &[Role::Admin])?;
         let base = parse(text)?;
-        let trial = snapshot::build_on(&self.db, Value::Object(base.clone()), 1).await?;
-        let problems = gatehouse_schema::validate::problems(&trial);
+        let stored = serde_json::to_string(&base)
+            .map_err(|error| PortalError::Corrupt(format!("{BASE_SETTING}: {error}")))?;
+        // The snapshot the new settings make with the portal's tables, checked here so that the
+        // refusal names the settings' field (the write checks again, under its lock).
+        let mut trial = self.db.config_tables().await?;
+        let before = trial.base.replace(stored.clone());
+        let problems = snapshot::problems(&trial)?;
         if !problems.is_empty() {
             return Err(PortalError::invalid(FIELD, problems.join("; ")));
         }
-        let stored = serde_json::to_string(&base)
-            .map_err(|error| PortalError::Corrupt(format!("{BASE_SETTING}: {error}")))?;
-        let before = self.db.setting(BASE_SETTING).await?;
         self.db
             .save_setting(
                 BASE_SETTING,

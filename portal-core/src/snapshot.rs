@@ -31,30 +31,16 @@ pub async fn build(db: &ConfigDb, version: u64) -> Result<ConfigSnapshot, Portal
     assemble(&db.config_tables().await?, version)
 }
 
-/// Builds the snapshot the database's tables describe on `base` (gateway settings, as stored
-/// or about to be), numbered `version`.
-pub async fn build_on(
-    db: &ConfigDb,
-    base: serde_json::Value,
-    version: u64,
-) -> Result<ConfigSnapshot, PortalError> {
-    assemble_on(base, &db.config_tables().await?, version)
+/// What a gateway would refuse the snapshot `tables` describe for (the checks of
+/// [`gatehouse_schema::validate`]); empty when it would run it.
+pub fn problems(tables: &ConfigTables) -> Result<Vec<String>, PortalError> {
+    Ok(gatehouse_schema::validate::problems(&assemble(tables, 1)?))
 }
 
-/// The snapshot `tables` describe, numbered `version`.
-pub fn assemble(tables: &ConfigTables, version: u64) -> Result<ConfigSnapshot, PortalError> {
-    let base = match &tables.base {
-        Some(text) => serde_json::from_str(text)
-            .map_err(|error| PortalError::Corrupt(format!("{BASE_SETTING}: {error}")))?,
-        None => json!({}),
-    };
-    assemble_on(base, tables, version)
-}
-
-/// [`PortalError::Invalid`] (field `configuration`) naming every problem a gateway would
-/// refuse the snapshot `tables` describe for (the checks of [`gatehouse_schema::validate`]).
+/// [`PortalError::Invalid`] (field `configuration`) naming every [`problems`] of the snapshot
+/// `tables` describe.
 pub fn check(tables: &ConfigTables) -> Result<(), PortalError> {
-    let problems = gatehouse_schema::validate::problems(&assemble(tables, 1)?);
+    let problems = problems(tables)?;
     if problems.is_empty() {
         return Ok(());
     }
@@ -67,12 +53,14 @@ pub fn check(tables: &ConfigTables) -> Result<(), PortalError> {
     ))
 }
 
-/// The snapshot of the portal's tables in `tables` on `base`, numbered `version`.
-fn assemble_on(
-    mut base: serde_json::Value,
-    tables: &ConfigTables,
-    version: u64,
-) -> Result<ConfigSnapshot, PortalError> {
+/// The snapshot `tables` describe (the portal's tables on the gateway settings), numbered
+/// `version`.
+pub fn assemble(tables: &ConfigTables, version: u64) -> Result<ConfigSnapshot, PortalError> {
+    let mut base = match &tables.base {
+        Some(text) => serde_json::from_str(text)
+            .map_err(|error| PortalError::Corrupt(format!("{BASE_SETTING}: {error}")))?,
+        None => json!({}),
+    };
     // The base's own `version`, if it has one (a base written by hand), is replaced.
     if let Some(base) = base.as_object_mut() {
         base.insert("version".to_owned(), json!(version));
