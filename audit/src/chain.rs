@@ -7,8 +7,17 @@
 //! The audit writer links records in the order it writes them ([`Chainer::link`]):
 //!
 //! ```text
-//! record_hash = hex(SHA-256(previous_hash ‖ canonical JSON of the record with Chain = null))
+//! content_hash = hex(SHA-256("gatehouse-audit-content/2\n" ‖ field₁ ‖ field₂ ‖ field₃ ‖ field₄))
+//!   fieldᵢ     = 0x00                              when absent
+//!              | 0x01 ‖ u64 BE byte length ‖ UTF-8  when present
+//! record_hash  = hex(SHA-256(previous_hash ‖ canonical JSON of the metadata ‖ content_hash))
 //! ```
+//!
+//! The content is the four fields retention may remove before the metadata: the request body,
+//! the response body, the prompt and the completion (`BackendRequestBody`, `BackendResponseBody`,
+//! `RequestMessages`, `ResponseMessages`), in that order. The *metadata* is the record with those
+//! four and `Chain` set to `None`. Content removed by retention therefore leaves the metadata
+//! verifiable through the `content_hash` its link carries.
 //!
 //! `previous_hash` is taken as the ASCII bytes of the previous record's `record_hash` text (64
 //! lower-case hex digits), [`GENESIS_HASH`] (64 zeros) for the first record of a chain. The
@@ -19,6 +28,12 @@
 //! - a store must give a record back exactly as it was written, field for field, for it to verify;
 //! - a field added to `AuditRecord` later must be left out of the JSON when it has its default
 //!   value (`skip_serializing_if`), or every record written before it stops verifying.
+//!
+//! The content is hashed as it is, not as JSON: a captured body is JSON text whose every quote
+//! JSON would escape, and escaping it cost more than hashing it. Records linked before this
+//! (format 1) carry `content_hash = hex(SHA-256(canonical JSON of the four fields as an array))`;
+//! [`verify`] accepts either. The format-2 input opens with its tag and a format-1 input with
+//! `[`, so no input is read in both formats.
 //!
 //! Before hashing, [`Chainer::link`] normalises `TimeGenerated` to UTC with microsecond precision
 //! (the precision of the SQL stores), so that a record read back from any store hashes the same.
@@ -221,10 +236,9 @@ impl Chainer {
         // hashed as `record_hash` would hash a copy without content, without copying the bodies.
         let content = take_content(record);
         let [a, b, c, d] = &content;
-        let hashes = hash_content(&(a, b, c, d)).and_then(|content_hash| {
-            hash_metadata(&head.last_hash, record, &content_hash)
-                .map(|record_hash| (record_hash, content_hash))
-        });
+        let content_hash = hash_content(&(a, b, c, d));
+        let hashes = hash_metadata(&head.last_hash, record, &content_hash)
+            .map(|record_hash| (record_hash, content_hash));
         put_content(record, content);
         let (record_hash, content_hash) = match hashes {
             Ok(hashes) => hashes,
@@ -416,13 +430,50 @@ fn has_no_content(record: &AuditRecord) -> bool {
     a.is_none() && b.is_none() && c.is_none() && d.is_none()
 }
 
-/// Hex SHA-256 of the canonical JSON of a record's content.
-pub fn content_hash(record: &AuditRecord) -> Result<String, serde_json::Error> {
+/// Hex SHA-256 of a record's content as [`Chainer::link`] hashes it now (format 2, see the module
+/// docs).
+pub fn content_hash(record: &AuditRecord) -> String {
     hash_content(&content_of(record))
 }
 
-fn hash_content(content: &Content<'_>) -> Result<String, serde_json::Error> {
+/// Opens the input of a format-2 content hash. A format-1 input is JSON and opens with `[`, so no
+/// input of one format is an input of the other.
+const CONTENT_HASH_TAG: &[u8] = b"gatehouse-audit-content/2\n";
+
+/// Format 2: SHA-256 over [`CONTENT_HASH_TAG`] and each of the four fields as a presence byte
+/// (`0` absent, `1` present) followed, when present, by its length in bytes (u64, big-endian) and
+/// its UTF-8 bytes as they are. The text is hashed as it is: no escaping, one `update` a field.
+fn hash_content(content: &Content<'_>) -> String {
+    let (a, b, c, d) = *content;
+    let mut hasher = Sha256::new();
+    hasher.update(CONTENT_HASH_TAG);
+    for field in [a, b, c, d] {
+        match field {
+            None => hasher.update([0]),
+            Some(text) => {
+                hasher.update([1]);
+                hasher.update((text.len() as u64).to_be_bytes());
+                hasher.update(text.as_bytes());
+            }
+        }
+    }
+    hex::encode(hasher.finalize())
+}
+
+/// Hex SHA-256 of a record's content as records linked before format 2 carry it (format 1: the
+/// canonical JSON of the four fields as an array). [`verify`] still accepts it.
+pub fn content_hash_format_1(record: &AuditRecord) -> Result<String, serde_json::Error> {
+    hash_content_json(&content_of(record))
+}
+
+fn hash_content_json(content: &Content<'_>) -> Result<String, serde_json::Error> {
     json_sha256(b"", content, b"")
+}
+
+/// Whether `hash` is the content hash of `record`'s content in either format.
+fn content_matches(record: &AuditRecord, hash: &str) -> bool {
+    let content = content_of(record);
+    hash_content(&content) == hash || hash_content_json(&content).is_ok_and(|json| json == hash)
 }
 
 /// Hex SHA-256 over `previous_hash`, the canonical JSON of `record` without its content and its
@@ -636,11 +687,7 @@ fn digest(mut record: AuditRecord, position: u64) -> Option<(String, Linked)> {
     let link = record.chain.take()?;
     // Content removed by retention cannot be checked, but the metadata still can, through the
     // content hash the link carries.
-    let content_expired = has_no_content(&record)
-        && content_hash(&record).is_ok_and(|empty| empty != link.content_hash);
-    let content_matches =
-        content_expired || content_hash(&record).is_ok_and(|hash| hash == link.content_hash);
-    let content_ok = content_matches
+    let content_ok = (content_matches(&record, &link.content_hash) || has_no_content(&record))
         && record_hash(&link.previous_hash, &record, &link.content_hash)
             .is_ok_and(|hash| hash == link.record_hash);
     Some((

@@ -96,35 +96,162 @@ fn link_of(record: &AuditRecord) -> &gatehouse_schema::audit::ChainLink {
     record.chain.as_ref().expect("linked")
 }
 
+/// The content hash of format 2: the tag, then each field as a presence byte and, when present,
+/// its length (u64, big-endian) and bytes.
+fn content_hash_v2(record: &AuditRecord) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(b"gatehouse-audit-content/2\n");
+    for field in content_fields(record) {
+        match field {
+            None => hasher.update([0]),
+            Some(text) => {
+                hasher.update([1]);
+                hasher.update(u64::try_from(text.len()).unwrap().to_be_bytes());
+                hasher.update(text.as_bytes());
+            }
+        }
+    }
+    hex::encode(hasher.finalize())
+}
+
+/// The content hash of format 1 (records linked before format 2): SHA-256 of the four fields
+/// as a JSON array.
+fn content_hash_v1(record: &AuditRecord) -> String {
+    hex::encode(Sha256::digest(
+        serde_json::to_vec(&content_fields(record)).unwrap(),
+    ))
+}
+
+fn content_fields(record: &AuditRecord) -> [Option<&str>; 4] {
+    [
+        record.backend_request_body.as_deref(),
+        record.backend_response_body.as_deref(),
+        record.request_messages.as_deref(),
+        record.response_messages.as_deref(),
+    ]
+}
+
+/// SHA-256 over the previous hash, the record's metadata as JSON and the content hash.
+fn record_hash_of(previous: &str, record: &AuditRecord, content_hash: &str) -> String {
+    let mut metadata = record.clone();
+    metadata.chain = None;
+    metadata.backend_request_body = None;
+    metadata.backend_response_body = None;
+    metadata.request_messages = None;
+    metadata.response_messages = None;
+    let mut hasher = Sha256::new();
+    hasher.update(previous.as_bytes());
+    hasher.update(serde_json::to_vec(&metadata).unwrap());
+    hasher.update(content_hash.as_bytes());
+    hex::encode(hasher.finalize())
+}
+
+/// `records` linked by hand the way a writer of format 1 linked them.
+fn linked_in_format_1(records: &mut [AuditRecord]) {
+    let mut previous = GENESIS_HASH.to_owned();
+    for (sequence, record) in records.iter_mut().enumerate() {
+        record.chain = None;
+        let content_hash = content_hash_v1(record);
+        let record_hash = record_hash_of(&previous, record, &content_hash);
+        record.chain = Some(gatehouse_schema::audit::ChainLink {
+            chain_id: "gw-1/2025-03-01".to_owned(),
+            sequence: sequence as u64,
+            previous_hash: std::mem::replace(&mut previous, record_hash.clone()),
+            record_hash,
+            content_hash,
+        });
+    }
+}
+
 #[test]
-fn the_link_is_sha256_of_the_previous_hash_and_the_canonical_json() {
-    let records = linked(3, datetime!(2025-03-01 10:00 UTC));
+fn the_link_is_sha256_of_the_previous_hash_the_metadata_and_the_content_as_it_is() {
+    let mut records = linked(3, datetime!(2025-03-01 10:00 UTC));
+    records[2].request_messages = Some("[\"a \\\"quoted\\\" prompt\"]".to_owned());
+    records[2].chain = None;
+    let mut chainer = Chainer::in_memory();
+    for record in &mut records {
+        chainer.link(record);
+    }
     let mut previous = GENESIS_HASH.to_owned();
     for (sequence, record) in records.iter().enumerate() {
         let link = link_of(record);
-        let mut metadata = record.clone();
-        metadata.chain = None;
-        let content = (
-            &metadata.backend_request_body,
-            &metadata.backend_response_body,
-            &metadata.request_messages,
-            &metadata.response_messages,
-        );
-        let content_hash = hex::encode(Sha256::digest(serde_json::to_vec(&content).unwrap()));
-        metadata.backend_request_body = None;
-        metadata.backend_response_body = None;
-        metadata.request_messages = None;
-        metadata.response_messages = None;
-        let mut hasher = Sha256::new();
-        hasher.update(previous.as_bytes());
-        hasher.update(serde_json::to_vec(&metadata).unwrap());
-        hasher.update(content_hash.as_bytes());
+        let content_hash = content_hash_v2(record);
         assert_eq!(link.sequence, sequence as u64);
         assert_eq!(link.previous_hash, previous);
         assert_eq!(link.content_hash, content_hash);
-        assert_eq!(link.record_hash, hex::encode(hasher.finalize()));
+        assert_ne!(link.content_hash, content_hash_v1(record));
+        assert_eq!(
+            link.record_hash,
+            record_hash_of(&previous, record, &content_hash)
+        );
         previous.clone_from(&link.record_hash);
     }
+}
+
+#[test]
+fn content_moved_between_fields_or_across_their_boundary_is_changed() {
+    let mut records = linked(4, datetime!(2025-03-01 10:00 UTC));
+    for record in &mut records {
+        record.chain = None;
+        record.backend_request_body = Some("ab".to_owned());
+        record.backend_response_body = Some("c".to_owned());
+    }
+    let mut chainer = Chainer::in_memory();
+    for record in &mut records {
+        chainer.link(record);
+    }
+    assert!(verify(records.clone()).is_intact());
+
+    // The same bytes, the boundary moved: "a" and "bc".
+    let mut shifted = records.clone();
+    shifted[1].backend_request_body = Some("a".to_owned());
+    shifted[1].backend_response_body = Some("bc".to_owned());
+    let broken = first_break(&verify(shifted));
+    assert_eq!((broken.reason, broken.sequence), (BreakReason::Changed, 1));
+
+    // The request body moved to the prompt's field.
+    records[3].request_messages = records[3].backend_request_body.take();
+    let broken = first_break(&verify(records));
+    assert_eq!((broken.reason, broken.sequence), (BreakReason::Changed, 3));
+}
+
+#[test]
+fn records_linked_in_format_1_still_verify_and_their_changes_are_named() {
+    let mut records: Vec<_> = (0..6)
+        .map(|i| {
+            let mut record = record(i, datetime!(2025-03-01 10:00 UTC));
+            record.response_messages = Some(format!("[\"answer {i}\"]"));
+            record
+        })
+        .collect();
+    linked_in_format_1(&mut records);
+    assert!(verify(records.clone()).is_intact());
+
+    // Content removed by retention from a format-1 record still leaves its metadata verifiable.
+    records[1].backend_request_body = None;
+    records[1].response_messages = None;
+    assert!(verify(records.clone()).is_intact());
+
+    records[3].response_messages = Some("[\"a different answer\"]".to_owned());
+    let broken = first_break(&verify(records.clone()));
+    assert_eq!((broken.reason, broken.sequence), (BreakReason::Changed, 3));
+
+    // A format-1 chain continued by a writer of format 2 verifies across the change.
+    let mut later = records[..3].to_vec();
+    let head = link_of(&later[2]).clone();
+    let mut next = record(9, datetime!(2025-03-01 10:00 UTC));
+    next.chain = None;
+    let content_hash = content_hash_v2(&next);
+    let record_hash = record_hash_of(&head.record_hash, &next, &content_hash);
+    next.chain = Some(gatehouse_schema::audit::ChainLink {
+        sequence: 3,
+        previous_hash: head.record_hash,
+        record_hash,
+        content_hash,
+        ..head
+    });
+    later.push(next);
+    assert!(verify(later).is_intact());
 }
 
 #[test]

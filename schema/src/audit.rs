@@ -105,8 +105,9 @@ pub struct AuditRecord {
 
 /// A record's link in a hash chain (one chain per gateway instance and UTC day).
 ///
-/// `content_hash` = SHA-256 of the canonical JSON of the record's content (request and response
-/// bodies, prompt and completion); `record_hash` = SHA-256 over `previous_hash`, the canonical JSON
+/// `content_hash` = SHA-256 of the record's content (request and response bodies, prompt and
+/// completion, each as its length and bytes; `gatehouse_audit::chain` has the exact input);
+/// `record_hash` = SHA-256 over `previous_hash`, the canonical JSON
 /// of the record without content and chain, and `content_hash`. Changing or removing any record
 /// breaks every later link; content can expire under retention and the metadata still verifies.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
