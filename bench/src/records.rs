@@ -8,6 +8,36 @@ use gatehouse_schema::{AuditRecord, OperationId};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
+/// The command-line options of a benchmark that makes chat records of fixed text sizes
+/// (`--prompt-bytes`, `--completion-bytes`, `--seed`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct TextArgs {
+    /// Bytes of the prompt (`RequestMessages` JSON).
+    #[arg(long, default_value_t = 2048)]
+    pub prompt_bytes: usize,
+    /// Bytes of the completion (`ResponseMessages` JSON).
+    #[arg(long, default_value_t = 2048)]
+    pub completion_bytes: usize,
+    /// Seed of the record generator.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+}
+
+impl TextArgs {
+    /// `records` records of these sizes over the last hour, from `users` users.
+    pub fn shape(&self, records: usize, users: usize, vary_sizes: bool) -> Shape {
+        Shape {
+            seed: self.seed,
+            records,
+            spread: time::Duration::hours(1),
+            prompt_bytes: self.prompt_bytes,
+            completion_bytes: self.completion_bytes,
+            users,
+            vary_sizes,
+        }
+    }
+}
+
 /// What the generated records look like.
 #[derive(Debug, Clone)]
 pub struct Shape {

@@ -22,7 +22,7 @@ use clap::Parser;
 use futures::future::BoxFuture;
 use gatehouse_audit::{AuditQueue, AuditSink, QueueSettings, SinkError};
 use gatehouse_bench::proc_stat::{USER_HZ, own_jiffies};
-use gatehouse_bench::records::{Generator, Shape};
+use gatehouse_bench::records::{Generator, TextArgs};
 use gatehouse_bench::report::append_result;
 use gatehouse_schema::AuditRecord;
 use serde_json::json;
@@ -38,15 +38,8 @@ struct Args {
     /// Records journaled and replayed for each layout, at most 200,000.
     #[arg(long, default_value_t = 50_000)]
     records: usize,
-    /// Bytes of the prompt (`RequestMessages` JSON).
-    #[arg(long, default_value_t = 2048)]
-    prompt_bytes: usize,
-    /// Bytes of the completion (`ResponseMessages` JSON).
-    #[arg(long, default_value_t = 2048)]
-    completion_bytes: usize,
-    /// Seed of the record generator.
-    #[arg(long, default_value_t = 7)]
-    seed: u64,
+    #[command(flatten)]
+    text: TextArgs,
     /// Where the JSON result goes.
     #[arg(long, default_value = "bench/out")]
     out_dir: PathBuf,
@@ -237,15 +230,7 @@ async fn main() -> Result<()> {
         bail!("--records must be between 1 and {MAX_RECORDS}");
     }
     let started_at = OffsetDateTime::now_utc();
-    let shape = Shape {
-        seed: args.seed,
-        records: args.records,
-        spread: time::Duration::hours(1),
-        prompt_bytes: args.prompt_bytes,
-        completion_bytes: args.completion_bytes,
-        users: 400,
-        vary_sizes: true,
-    };
+    let shape = args.text.shape(args.records, 400, true);
     let mut generator = Generator::new(&shape, started_at);
     let mut records = generator.batch(0, args.records);
     // The writer links them itself, as it links the gateway's.
@@ -254,7 +239,7 @@ async fn main() -> Result<()> {
     }
     println!(
         "journal_pack: {} records (prompt {} B, completion {} B, sizes varied), journaled and replayed per layout",
-        args.records, args.prompt_bytes, args.completion_bytes
+        args.records, args.text.prompt_bytes, args.text.completion_bytes
     );
 
     let plain = measure("plain (sink slow)", Mode::Stall, &records).await?;
@@ -314,9 +299,9 @@ async fn main() -> Result<()> {
             "benchmark": "journal_pack",
             "started": started_at.to_string(),
             "records": args.records,
-            "prompt_bytes": args.prompt_bytes,
-            "completion_bytes": args.completion_bytes,
-            "seed": args.seed,
+            "prompt_bytes": args.text.prompt_bytes,
+            "completion_bytes": args.text.completion_bytes,
+            "seed": args.text.seed,
             "layouts": [layout_json(&plain), layout_json(&packed)],
             "capacity_ratio": capacity,
             "journal_cpu_us_added": journal_cpu,
