@@ -76,6 +76,7 @@ on_both_engines!(
     export_streams_every_match,
     content_expires_before_metadata,
     chains_verify_from_the_store,
+    chains_linked_before_the_content_hash_change_verify_from_the_store,
     a_gateway_id_is_held_by_one_live_instance,
 );
 
@@ -1173,6 +1174,77 @@ async fn chains_verify_from_the_store(store: &SqlStore) {
             broken.reason.to_string().as_str()
         ),
         ("call-00021", "removed"),
+        "{report:?}"
+    );
+}
+
+/// `batch` linked into one chain as a gateway from before the chain's content hash format 2
+/// linked it (its first `format_1` records: the content hashed as a JSON array), and the rest as
+/// a gateway of format 2 continues that chain after an upgrade.
+fn linked_across_the_content_hash_change(
+    mut batch: Vec<AuditRecord>,
+    format_1: usize,
+) -> Vec<AuditRecord> {
+    use gatehouse_audit::chain;
+    let chain_id = format!("gw-1/{}", T0.date());
+    let mut previous = chain::GENESIS_HASH.to_owned();
+    for (sequence, record) in batch.iter_mut().enumerate() {
+        record.chain = None;
+        let content_hash = if sequence < format_1 {
+            chain::content_hash_format_1(record).unwrap()
+        } else {
+            chain::content_hash(record)
+        };
+        let record_hash = chain::record_hash(&previous, record, &content_hash).unwrap();
+        record.chain = Some(gatehouse_schema::audit::ChainLink {
+            chain_id: chain_id.clone(),
+            sequence: sequence as u64,
+            previous_hash: std::mem::replace(&mut previous, record_hash.clone()),
+            record_hash,
+            content_hash,
+        });
+    }
+    batch
+}
+
+async fn chains_linked_before_the_content_hash_change_verify_from_the_store(store: &SqlStore) {
+    let mut batch = records(20);
+    batch[2].request_messages = Some("ü".repeat(40_000)); // split into LLM pieces, rebuilt on read
+    let batch = linked_across_the_content_hash_change(batch, 12);
+    assert_eq!(store.write(&batch).await.unwrap(), 20);
+    let range = (T0, T0 + Duration::hours(1));
+    let report = store.verify_chains(range.0, range.1).await.unwrap();
+    assert!(report.is_intact(), "{report:?}");
+    assert_eq!(report.chains.iter().map(|c| c.records).sum::<u64>(), 20);
+
+    // Content removed by retention from records of both formats does not break the chain.
+    store
+        .enforce_retention(T0 + Duration::seconds(100), T0, 100)
+        .await
+        .unwrap();
+    let report = store.verify_chains(range.0, range.1).await.unwrap();
+    assert!(report.is_intact(), "after content retention: {report:?}");
+
+    // A changed field of a format-1 record is named.
+    match (store.sqlite_pool(), store.postgres_pool()) {
+        (Some(pool), _) => {
+            sqlx::query("UPDATE GatehouseGatewayLogs SET ResponseCode = 500 WHERE CorrelationId = 'call-00016'").execute(pool).await.unwrap();
+            sqlx::query("UPDATE GatehouseGatewayLogs SET ResponseCode = 500 WHERE CorrelationId = 'call-00009'").execute(pool).await.unwrap();
+        }
+        (_, Some(pool)) => {
+            sqlx::query(r#"UPDATE "GatehouseGatewayLogs" SET "ResponseCode" = 500 WHERE "CorrelationId" = 'call-00016'"#).execute(pool).await.unwrap();
+            sqlx::query(r#"UPDATE "GatehouseGatewayLogs" SET "ResponseCode" = 500 WHERE "CorrelationId" = 'call-00009'"#).execute(pool).await.unwrap();
+        }
+        _ => unreachable!(),
+    }
+    let report = store.verify_chains(range.0, range.1).await.unwrap();
+    let (_, broken) = report.first_break().expect("a break");
+    assert_eq!(
+        (
+            broken.correlation_id.as_str(),
+            broken.reason.to_string().as_str()
+        ),
+        ("call-00009", "changed"),
         "{report:?}"
     );
 }
