@@ -1110,6 +1110,34 @@ async fn content_expires_before_metadata(store: &SqlStore) {
     );
 }
 
+/// Writes `batch` (linked, `T0` onwards), checks that its chains verify from the store, removes
+/// the content of the records before `T0` + `content_seconds` by retention, checks again, and
+/// returns the range checked.
+async fn chains_verify_written_and_after_content_retention(
+    store: &SqlStore,
+    batch: &[AuditRecord],
+    content_seconds: i64,
+) -> (OffsetDateTime, OffsetDateTime) {
+    assert_eq!(store.write(batch).await.unwrap(), batch.len());
+    let range = (T0, T0 + Duration::hours(1));
+    let report = store.verify_chains(range.0, range.1).await.unwrap();
+    assert!(report.is_intact(), "{report:?}");
+    assert_eq!(
+        report.chains.iter().map(|c| c.records).sum::<u64>(),
+        batch.len() as u64
+    );
+
+    // Content removed by retention does not break the chain.
+    let removed = store
+        .enforce_retention(T0 + Duration::seconds(content_seconds), T0, 100)
+        .await
+        .unwrap();
+    assert!(removed.content_removed > 0, "{removed:?}");
+    let report = store.verify_chains(range.0, range.1).await.unwrap();
+    assert!(report.is_intact(), "after content retention: {report:?}");
+    range
+}
+
 async fn chains_verify_from_the_store(store: &SqlStore) {
     let mut chainer = gatehouse_audit::chain::Chainer::in_memory();
     let mut batch = records(30);
@@ -1117,19 +1145,7 @@ async fn chains_verify_from_the_store(store: &SqlStore) {
     for record in &mut batch {
         chainer.link(record);
     }
-    store.write(&batch).await.unwrap();
-    let range = (T0, T0 + Duration::hours(1));
-    let report = store.verify_chains(range.0, range.1).await.unwrap();
-    assert!(report.is_intact(), "{report:?}");
-    assert_eq!(report.chains.iter().map(|c| c.records).sum::<u64>(), 30);
-
-    // Content removed by retention does not break the chain.
-    store
-        .enforce_retention(T0 + Duration::seconds(50), T0, 100)
-        .await
-        .unwrap();
-    let report = store.verify_chains(range.0, range.1).await.unwrap();
-    assert!(report.is_intact(), "after content retention: {report:?}");
+    let range = chains_verify_written_and_after_content_retention(store, &batch, 50).await;
 
     // A changed field is named.
     match (store.sqlite_pool(), store.postgres_pool()) {
@@ -1211,31 +1227,31 @@ async fn chains_linked_before_the_content_hash_change_verify_from_the_store(stor
     let mut batch = records(20);
     batch[2].request_messages = Some("ü".repeat(40_000)); // split into LLM pieces, rebuilt on read
     let batch = linked_across_the_content_hash_change(batch, 12);
-    assert_eq!(store.write(&batch).await.unwrap(), 20);
-    let range = (T0, T0 + Duration::hours(1));
-    let report = store.verify_chains(range.0, range.1).await.unwrap();
-    assert!(report.is_intact(), "{report:?}");
-    assert_eq!(report.chains.iter().map(|c| c.records).sum::<u64>(), 20);
+    // Records 0 to 14 lose their content: format-1 and format-2 records alike.
+    let range = chains_verify_written_and_after_content_retention(store, &batch, 100).await;
 
-    // Content removed by retention from records of both formats does not break the chain.
-    store
-        .enforce_retention(T0 + Duration::seconds(100), T0, 100)
-        .await
-        .unwrap();
-    let report = store.verify_chains(range.0, range.1).await.unwrap();
-    assert!(report.is_intact(), "after content retention: {report:?}");
-
-    // A changed field of a format-1 record is named.
-    match (store.sqlite_pool(), store.postgres_pool()) {
-        (Some(pool), _) => {
-            sqlx::query("UPDATE GatehouseGatewayLogs SET ResponseCode = 500 WHERE CorrelationId = 'call-00016'").execute(pool).await.unwrap();
-            sqlx::query("UPDATE GatehouseGatewayLogs SET ResponseCode = 500 WHERE CorrelationId = 'call-00009'").execute(pool).await.unwrap();
-        }
-        (_, Some(pool)) => {
-            sqlx::query(r#"UPDATE "GatehouseGatewayLogs" SET "ResponseCode" = 500 WHERE "CorrelationId" = 'call-00016'"#).execute(pool).await.unwrap();
-            sqlx::query(r#"UPDATE "GatehouseGatewayLogs" SET "ResponseCode" = 500 WHERE "CorrelationId" = 'call-00009'"#).execute(pool).await.unwrap();
-        }
-        _ => unreachable!(),
+    // A changed field of a format-1 record (9) is named, before one of a format-2 record (16).
+    for call in ["call-00016", "call-00009"] {
+        let updated = match (store.sqlite_pool(), store.postgres_pool()) {
+            (Some(pool), _) => sqlx::query(
+                "UPDATE GatehouseGatewayLogs SET ResponseCode = 500 WHERE CorrelationId = ?",
+            )
+            .bind(call)
+            .execute(pool)
+            .await
+            .unwrap()
+            .rows_affected(),
+            (_, Some(pool)) => sqlx::query(
+                r#"UPDATE "GatehouseGatewayLogs" SET "ResponseCode" = 500 WHERE "CorrelationId" = $1"#,
+            )
+            .bind(call)
+            .execute(pool)
+            .await
+            .unwrap()
+            .rows_affected(),
+            _ => unreachable!(),
+        };
+        assert_eq!(updated, 1, "{call}");
     }
     let report = store.verify_chains(range.0, range.1).await.unwrap();
     let (_, broken) = report.first_break().expect("a break");
