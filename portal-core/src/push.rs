@@ -82,16 +82,10 @@ impl Publisher {
             // Every change the portal makes is checked before it is stored; this catches what
             // was written around it (by hand, or by an older portal), so that no version a
             // gateway would refuse is stored and pushed.
-            let problems = gatehouse_schema::validate::problems(&built);
-            if !problems.is_empty() {
-                return Err(PortalError::invalid(
-                    "configuration",
-                    format!(
-                        "the configuration database makes a configuration gateways refuse, so nothing was published: {}",
-                        problems.join("; ")
-                    ),
-                ));
-            }
+            snapshot::refuse(
+                "the configuration database makes a configuration gateways refuse, so nothing was published",
+                &gatehouse_schema::validate::problems(&built),
+            )?;
             let text = serde_json::to_string(&built)
                 .map_err(|error| PortalError::Corrupt(format!("snapshot: {error}")))?;
             self.db

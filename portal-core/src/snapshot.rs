@@ -40,16 +40,21 @@ pub fn problems(tables: &ConfigTables) -> Result<Vec<String>, PortalError> {
 /// [`PortalError::Invalid`] (field `configuration`) naming every [`problems`] of the snapshot
 /// `tables` describe.
 pub fn check(tables: &ConfigTables) -> Result<(), PortalError> {
-    let problems = problems(tables)?;
+    refuse(
+        "a gateway would refuse the configuration this change makes",
+        &problems(tables)?,
+    )
+}
+
+/// [`PortalError::Invalid`] (field `configuration`) saying `what`, then every one of
+/// `problems`; `Ok` when there are none.
+pub fn refuse(what: &str, problems: &[String]) -> Result<(), PortalError> {
     if problems.is_empty() {
         return Ok(());
     }
     Err(PortalError::invalid(
         "configuration",
-        format!(
-            "a gateway would refuse the configuration this change makes: {}",
-            problems.join("; ")
-        ),
+        format!("{what}: {}", problems.join("; ")),
     ))
 }
 
