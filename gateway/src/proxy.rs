@@ -500,7 +500,13 @@ fn upstream_body(member: &Member, call: &Call, body: &Bytes) -> (Bytes, bool) {
     let Some(peek) = &call.peek else {
         return (body.clone(), false);
     };
-    let rename = member.config.deployment.as_deref();
+    // The member's name for the pool's deployment: only a call that names that deployment (in the
+    // path or the body) is about it. A resource call names another model (an assistant's, a
+    // fine-tuning base) or none (a batch, a continued response) and keeps its body.
+    let rename = call
+        .deployment
+        .as_ref()
+        .and(member.config.deployment.as_deref());
     // A member that takes the model in the body needs it even when the client named it in the path.
     let needs_model =
         member.config.kind == BackendKind::Openai || call.style != RouteStyle::AzureDeployment;

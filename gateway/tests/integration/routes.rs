@@ -115,6 +115,68 @@ async fn each_route_style_is_classified_and_rewritten_for_the_member() {
 }
 
 #[tokio::test]
+async fn a_member_rename_is_put_only_into_calls_that_name_a_deployment() {
+    // The rename is the member's name for the pool's deployment: a resource call names another
+    // model (an assistant's) or none (a batch, a continued response), and is sent as it came.
+    let sim = simulator("rename-resources").await;
+    let mut renamed = member("east", &sim.url(), 1);
+    renamed["deployment"] = json!("gpt-4o-eastus");
+    let gw = TestGateway::start(snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o"], "serves_resources": true, "members": [renamed]}]),
+    ))
+    .await;
+
+    let assistant = json!({"model": "gpt-4o-mini", "instructions": "Be brief."});
+    gw.post("/openai/assistants?api-version=2024-05-01-preview")
+        .json(&assistant)
+        .send()
+        .await
+        .unwrap();
+    let seen = sim.requests().pop().unwrap();
+    assert!(seen.path.starts_with("/openai/assistants"), "{}", seen.path);
+    assert_eq!(
+        seen.json().unwrap(),
+        assistant,
+        "the assistant's model is the caller's"
+    );
+
+    let batch = json!({"input_file_id": "file-abc", "endpoint": "/chat/completions", "completion_window": "24h"});
+    gw.post("/openai/batches?api-version=2024-10-21")
+        .json(&batch)
+        .send()
+        .await
+        .unwrap();
+    let seen = sim.requests().pop().unwrap();
+    assert!(seen.path.starts_with("/openai/batches"), "{}", seen.path);
+    assert_eq!(seen.json().unwrap(), batch, "a batch gets no model added");
+
+    let continued = json!({"previous_response_id": "resp_abc", "input": "and then?"});
+    gw.post("/openai/v1/responses")
+        .json(&continued)
+        .send()
+        .await
+        .unwrap();
+    let seen = sim.requests().pop().unwrap();
+    assert_eq!(
+        seen.json().unwrap(),
+        continued,
+        "a continued response gets no model added"
+    );
+
+    // A call that names the pool's deployment still gets the member's name.
+    gw.post("/openai/v1/responses")
+        .json(&json!({"model": "gpt-4o", "input": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        sim.requests().pop().unwrap().json().unwrap()["model"],
+        "gpt-4o-eastus"
+    );
+}
+
+#[tokio::test]
 async fn speech_returns_binary_and_multipart_is_forwarded_intact() {
     let sim = simulator("binary").await;
     let gw = TestGateway::start(snapshot(1, json!([{"id": "p", "deployments": ["tts", "whisper"], "members": [member("a", &sim.url(), 1)]}]))).await;
