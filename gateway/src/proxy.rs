@@ -101,6 +101,10 @@ pub async fn forward(
     gateway.affinity.learn(&objects).await;
     let target = target(gateway, runtime, &call, &objects)?;
     let mut tried: Vec<usize> = Vec::new();
+    // The shortest wait a member asked for in a 429 during this call: a member that answered 429
+    // with a wait of zero (or a `Retry-After` date already past) is not set aside, yet the call
+    // ran out of members because of a throttle, and the client is told so.
+    let mut throttled: Option<Duration> = None;
     let client_query = parts.uri.query();
     loop {
         // A client that left before the answer's head: no backend is sent its call now.
@@ -111,11 +115,8 @@ pub async fn forward(
         let (member, index) = match target.pinned {
             Some(index) => {
                 let member = &target.pool.members[index];
-                if !tried.is_empty() {
-                    return Err(unavailable(member, now));
-                }
-                if member.health.set_aside_state(now).is_some() {
-                    return Err(unavailable(member, now));
+                if !tried.is_empty() || member.health.set_aside_state(now).is_some() {
+                    return Err(unavailable(member, now, throttled));
                 }
                 (Arc::clone(member), index)
             }
@@ -124,7 +125,7 @@ pub async fn forward(
                 (Selection::AllThrottled(wait), _) => {
                     return Err(GatewayError::AllThrottled { retry_after: wait });
                 }
-                _ => return Err(GatewayError::AllUnavailable),
+                _ => return Err(out_of_members(throttled)),
             },
         };
         tried.push(index);
@@ -235,6 +236,9 @@ pub async fn forward(
                 SetAsideReason::Failing
             };
             member.health.set_aside(reason, wait, Instant::now());
+            if reason == SetAsideReason::Throttled {
+                throttled = Some(throttled.map_or(wait, |shortest| shortest.min(wait)));
+            }
             let outcome = if reason == SetAsideReason::Throttled {
                 "throttled"
             } else {
@@ -275,10 +279,20 @@ pub async fn forward(
     }
 }
 
-fn unavailable(member: &Member, now: Instant) -> GatewayError {
+/// Why a call pinned to `member` cannot be sent to it now.
+fn unavailable(member: &Member, now: Instant, throttled: Option<Duration>) -> GatewayError {
     match member.health.set_aside_state(now) {
         Some((SetAsideReason::Throttled, wait)) => GatewayError::AllThrottled { retry_after: wait },
-        _ => GatewayError::AllUnavailable,
+        _ => out_of_members(throttled),
+    }
+}
+
+/// No member is left to try and none is set aside as throttled: 429 when a member answered this
+/// call with a 429 (its wait was zero, so it is not set aside), else 503.
+fn out_of_members(throttled: Option<Duration>) -> GatewayError {
+    match throttled {
+        Some(wait) => GatewayError::AllThrottled { retry_after: wait },
+        None => GatewayError::AllUnavailable,
     }
 }
 

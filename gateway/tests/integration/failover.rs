@@ -217,6 +217,31 @@ async fn server_errors_and_refused_connections_fail_over() {
 }
 
 #[tokio::test]
+async fn a_429_that_asks_for_no_wait_is_still_a_429() {
+    // `retry-after-ms: 0` leaves the members available, but the call met only throttles: the
+    // client gets 429 (as from Azure), not 503 "no backend".
+    let first = simulator("zero-a").await;
+    let second = simulator("zero-b").await;
+    for sim in [&first, &second] {
+        sim.set_fault(Fault::Throttle {
+            hint: RetryHint::RetryAfterMs(0),
+            times: None,
+        });
+    }
+    let gw = two_member_gateway(&first.url(), &second.url()).await;
+    let response = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+    assert_eq!(response.headers()["retry-after"], "1");
+    azure_error(response, 429).await;
+    assert_eq!((first.hits(), second.hits()), (1, 1));
+}
+
+#[tokio::test]
 async fn all_throttled_is_429_with_the_shortest_wait_and_all_down_is_503() {
     let first = simulator("first").await;
     let second = simulator("second").await;
