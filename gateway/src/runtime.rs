@@ -76,7 +76,9 @@ pub struct Runtime {
     /// The token validator's policy generation this runtime was installed with: tokens that
     /// passed under another runtime's identity policy are judged again.
     pub policy_generation: u64,
-    by_deployment: HashMap<String, usize>,
+    /// Pool index and configured name by deployment name in ASCII lower case: deployment names
+    /// ignore case, as Azure's do and as access rules and limits compare them.
+    by_deployment: HashMap<String, (usize, String)>,
     wildcard: Option<usize>,
     resources: Option<usize>,
     members: HashMap<String, (usize, usize)>,
@@ -195,7 +197,7 @@ impl Runtime {
                 if deployment == "*" {
                     wildcard = Some(p);
                 } else {
-                    by_deployment.insert(deployment.clone(), p);
+                    by_deployment.insert(deployment.to_ascii_lowercase(), (p, deployment.clone()));
                 }
             }
             if pool.serves_resources {
@@ -224,19 +226,35 @@ impl Runtime {
     /// The pool serving `deployment`, or the resource pool when the call names none.
     pub fn pool_for(&self, deployment: Option<&str>) -> Option<&Arc<Pool>> {
         let index = match deployment {
-            Some(name) => self.by_deployment.get(name).copied().or(self.wildcard)?,
+            Some(name) => self
+                .named_pool(name)
+                .map(|(index, _)| *index)
+                .or(self.wildcard)?,
             None => self.resources?,
         };
         self.pools.get(index)
     }
 
+    /// The pool index and configured name of a deployment a pool names, whatever its case.
+    fn named_pool(&self, name: &str) -> Option<&(usize, String)> {
+        if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.by_deployment.get(&name.to_ascii_lowercase())
+        } else {
+            self.by_deployment.get(name)
+        }
+    }
+
     /// The metric label of a deployment: its name when a pool names it, `*` when only the wildcard
     /// pool serves it (so clients cannot grow the label space by inventing names), else `none`.
-    pub fn deployment_label<'a>(&self, deployment: Option<&'a str>) -> &'a str {
+    /// A name a pool serves is labelled as the configuration spells it.
+    pub fn deployment_label<'a>(&'a self, deployment: Option<&str>) -> &'a str {
         match deployment {
-            Some(name) if self.by_deployment.contains_key(name) => name,
-            Some(_) if self.wildcard.is_some() => "*",
-            _ => "none",
+            Some(name) => match self.named_pool(name) {
+                Some((_, configured)) => configured,
+                None if self.wildcard.is_some() => "*",
+                None => "none",
+            },
+            None => "none",
         }
     }
 
@@ -264,7 +282,7 @@ mod tests {
                     {"id": "m1", "endpoint": "ftp://x", "weight": 0, "response_timeout_ms": 0, "response_idle_timeout_ms": 0},
                     {"id": "m1", "endpoint": "https://user:pw@x", "credential": {"type": "api_key", "secret": "env:GATEHOUSE_SURELY_UNSET_VAR"}}
                 ]},
-                {"id": "a", "deployments": ["gpt-4o", "../etc"], "members": []}
+                {"id": "a", "deployments": ["GPT-4o", "../etc"], "members": []}
             ]
         }));
         let errors = Runtime::build(bad, &HealthRegistry::default())
@@ -279,7 +297,7 @@ mod tests {
             "pools[0].members[1].endpoint: must not carry credentials",
             "pools[1].id: duplicate pool id `a`",
             "pools[1].members: a pool needs at least one member",
-            "pools[1].deployments[0]: `gpt-4o` is already served by pools[0]",
+            "pools[1].deployments[0]: `GPT-4o` is already served by pools[0]",
             "pools[1].deployments[1]: `../etc` is not a valid deployment name",
         ];
         for needle in expected {
@@ -288,6 +306,27 @@ mod tests {
                 "missing `{needle}` in {errors:#?}"
             );
         }
+    }
+
+    #[test]
+    fn deployment_names_find_their_pool_whatever_their_case() {
+        let runtime = Runtime::build(
+            snapshot(serde_json::json!({
+                "version": 1,
+                "pools": [
+                    {"id": "eu", "deployments": ["GPT-4o"], "members": [{"id": "m", "endpoint": "http://127.0.0.1:9"}]},
+                    {"id": "any", "deployments": ["*"], "members": [{"id": "w", "endpoint": "http://127.0.0.1:9"}]}
+                ]
+            })),
+            &HealthRegistry::default(),
+        )
+        .unwrap();
+        for name in ["GPT-4o", "gpt-4o", "GPT-4O"] {
+            assert_eq!(runtime.pool_for(Some(name)).unwrap().id, "eu", "{name}");
+            assert_eq!(runtime.deployment_label(Some(name)), "GPT-4o", "{name}");
+        }
+        assert_eq!(runtime.pool_for(Some("gpt-4o-mini")).unwrap().id, "any");
+        assert_eq!(runtime.deployment_label(Some("gpt-4o-mini")), "*");
     }
 
     #[test]

@@ -254,7 +254,11 @@ impl Portal {
         let mine = deployments_of(&input.deployments);
         for other in pools.iter().filter(|p| p.id != row.id) {
             let theirs: Vec<String> = serde_json::from_str(&other.deployments).unwrap_or_default();
-            if let Some(shared) = mine.iter().find(|d| theirs.contains(d)) {
+            // Names ignore ASCII case, as the gateway routes them.
+            if let Some(shared) = mine
+                .iter()
+                .find(|d| theirs.iter().any(|t| t.eq_ignore_ascii_case(d)))
+            {
                 return Err(PortalError::invalid(
                     "deployments",
                     format!("`{shared}` is already served by pool {}", other.id),

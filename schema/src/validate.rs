@@ -155,7 +155,8 @@ fn validate(snapshot: &ConfigSnapshot, errors: &mut Vec<String>) {
             }
         }
         for (d, deployment) in pool.deployments.iter().enumerate() {
-            if let Some(other) = deployments.insert(deployment.clone(), p) {
+            // Names ignore ASCII case (as Azure's do): `gpt-4o` and `GPT-4o` are one deployment.
+            if let Some(other) = deployments.insert(deployment.to_ascii_lowercase(), p) {
                 errors.push(format!("pools[{p}].deployments[{d}]: `{deployment}` is already served by pools[{other}]"));
             }
             let valid = deployment == "*"
