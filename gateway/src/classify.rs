@@ -156,6 +156,22 @@ pub fn classify(
     }
 
     let api_version = query_param(query, "api-version");
+    // Azure's versions are dates with an optional `-preview`, or `preview`/`latest` on v1: a
+    // value with other characters (a NUL, a line break) is refused before it reaches a backend,
+    // a log line or the record.
+    if let Some(version) = &api_version
+        && (version.len() > 64
+            || !version
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_')))
+    {
+        return Err(GatewayError::BadRequest {
+            message: "The api-version query parameter is not valid: use a version such as \
+                      `2024-10-21` or `2025-04-01-preview`."
+                .to_owned(),
+            param: Some("api-version"),
+        });
+    }
     // As sent: a multipart boundary is matched byte for byte (browsers send capitals in theirs).
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -170,7 +186,7 @@ pub fn classify(
             // field other than the path's deployment is refused, so that a member taking the
             // model from the form never runs one the access rules were not asked about.
             if route.body_kind == BodyKind::Multipart
-                && let Some(model) = multipart_field(content_type, body, "model")
+                && let Some(model) = multipart_field(content_type, body, "model")?
                 && model != d
             {
                 return Err(GatewayError::BadRequest {
@@ -187,7 +203,7 @@ pub fn classify(
             let model = match &peek {
                 Some(peek) => peek.model.clone(),
                 None if route.body_kind == BodyKind::Multipart => {
-                    multipart_field(content_type, body, "model")
+                    multipart_field(content_type, body, "model")?
                 }
                 None => None,
             };
@@ -573,20 +589,36 @@ fn unsupported(message: String) -> GatewayError {
     GatewayError::UnsupportedMediaType { message }
 }
 
-/// Reads one text field of a buffered multipart body, without copying file parts.
-fn multipart_field(content_type: &str, body: &Bytes, name: &str) -> Option<String> {
-    let boundary = multer::parse_boundary(content_type).ok()?;
+/// Reads one text field of a buffered multipart body, without copying file parts. A form that
+/// carries the field twice is refused: the gateway would judge the call by one of them and the
+/// member might run the other (servers differ in which one they take).
+fn multipart_field(
+    content_type: &str,
+    body: &Bytes,
+    name: &'static str,
+) -> Result<Option<String>, GatewayError> {
+    let Ok(boundary) = multer::parse_boundary(content_type) else {
+        return Ok(None);
+    };
     let stream = futures::stream::once(futures::future::ready(Ok::<Bytes, std::io::Error>(
         body.clone(),
     )));
     let mut multipart = multer::Multipart::new(stream, boundary);
     // The whole body is already in memory, so every poll below is ready at once.
     futures::executor::block_on(async {
+        let mut found = None;
         while let Ok(Some(field)) = multipart.next_field().await {
-            if field.name() == Some(name) {
-                return field.text().await.ok();
+            if field.name() != Some(name) {
+                continue;
             }
+            if found.is_some() {
+                return Err(GatewayError::BadRequest {
+                    message: format!("The form has more than one `{name}` field: send it once."),
+                    param: Some(name),
+                });
+            }
+            found = Some(field.text().await.ok());
         }
-        None
+        Ok(found.flatten())
     })
 }

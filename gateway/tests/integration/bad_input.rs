@@ -102,6 +102,14 @@ async fn path_traversal_and_header_injection_are_refused() {
         assert!(status == 400 || status == 404, "{path}: {status}");
         azure_error(response, status).await;
     }
+    for path in [
+        "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21%00",
+        "/openai/deployments/gpt-4o/chat/completions?api-version=x%0d%0aX-Injected:%201",
+    ] {
+        let response = gw.post(path).json(&chat(None, false)).send().await.unwrap();
+        let message = azure_error(response, 400).await;
+        assert!(message.contains("api-version"), "{path}: {message}");
+    }
     let traversal_in_body = gw
         .post("/v1/chat/completions")
         .json(&chat(Some("../../etc/passwd"), false))

@@ -385,3 +385,37 @@ async fn unknown_routes_and_deployments_are_404_in_azure_shape() {
     assert!(message.contains("deployment"), "{message}");
     assert_eq!(sim.hits(), 0);
 }
+
+#[tokio::test]
+async fn a_form_with_two_model_fields_is_refused() {
+    // Authorized by one `model` field, the member could run the other: refused before any
+    // backend sees it, on the deployment route and on the v1 route alike.
+    let sim = simulator("form-two-models").await;
+    let gw = TestGateway::start(snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["whisper"], "members": [member("a", &sim.url(), 1)]}]),
+    ))
+    .await;
+    for path in [
+        "/openai/deployments/whisper/audio/transcriptions?api-version=2024-10-21",
+        "/openai/v1/audio/transcriptions",
+    ] {
+        let form = reqwest::multipart::Form::new()
+            .part(
+                "file",
+                reqwest::multipart::Part::bytes(vec![7u8; 512])
+                    .file_name("a.wav")
+                    .mime_str("audio/wav")
+                    .unwrap(),
+            )
+            .text("model", "whisper")
+            .text("model", "o1");
+        let refused = gw.post(path).multipart(form).send().await.unwrap();
+        let message = azure_error(refused, 400).await;
+        assert!(
+            message.contains("more than one `model`"),
+            "{path}: {message}"
+        );
+    }
+    assert_eq!(sim.hits(), 0);
+}
