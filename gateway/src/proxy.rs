@@ -256,8 +256,31 @@ pub async fn forward(
             if let Some(record) = record.as_mut() {
                 record.record.backend_response_code = Some(status.as_u16());
             }
-            // Nothing has reached the client: the next member gets the call at once.
-            continue;
+            // A call that creates an object and got a 500, 502 or 504 may have created it (the
+            // member, or a proxy in front of it, failed after taking the call): sent to another
+            // member it could create a second one. Its answer goes to the client as it is, as a
+            // broken connection after sending does (`OutcomeUnknown`).
+            let outcome_unknown = matches!(status.as_u16(), 500 | 502 | 504)
+                && call
+                    .creates
+                    .is_some_and(|family| family != ObjectFamily::Response);
+            if !outcome_unknown {
+                // Nothing has reached the client: the next member gets the call at once.
+                continue;
+            }
+            let Some(record) = record.take() else {
+                return Err(GatewayError::Internal);
+            };
+            return Ok(relay(
+                gateway,
+                call,
+                member,
+                response,
+                record,
+                asked_usage,
+                parts.version,
+            )
+            .await);
         }
         gateway
             .metrics

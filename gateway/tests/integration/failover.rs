@@ -552,6 +552,46 @@ async fn a_call_creating_an_object_is_not_sent_again_after_a_member_timed_out() 
     assert_eq!(third.hits(), 1);
 }
 
+/// A 500, 502 or 504 to a call that creates an object may come after the object was made: the
+/// member's answer goes to the client instead of the call to a second member (which could make
+/// a second object). A 503 (the member did not take the call) goes on as for any call.
+#[tokio::test]
+async fn a_call_creating_an_object_is_not_sent_again_after_a_gateway_timeout() {
+    for (status, goes_on) in [(504, false), (500, false), (503, true)] {
+        let first = simulator("first").await;
+        let second = simulator("second").await;
+        first.set_fault(Fault::ServerError {
+            status,
+            times: None,
+        });
+        let gw = TestGateway::start(snapshot(
+            1,
+            json!([{"id": "p", "deployments": ["gpt-4o"], "serves_resources": true, "members": [
+                member("first", &first.url(), 1),
+                member("second", &second.url(), 2),
+            ]}]),
+        ))
+        .await;
+        let (answered, body) = upload_file(&gw).await;
+        assert_eq!(
+            (first.hits(), second.hits()),
+            (1, u64::from(goes_on)),
+            "{status}: {body}"
+        );
+        assert_eq!(answered, if goes_on { 200 } else { status }, "{body}");
+        let records = gw.records(1).await;
+        assert_eq!(records[0].attempts.len(), 1 + usize::from(goes_on));
+        // A chat completion is retried after any of them.
+        let chat_answer = gw
+            .post(&chat_path("gpt-4o"))
+            .json(&chat(None, false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(chat_answer.status(), 200, "{status}");
+    }
+}
+
 /// A member that accepts the TCP connection and never answers the TLS ClientHello has not
 /// received the call: past its connect timeout (which covers the handshake) the attempt is a
 /// connect failure, and even a call that creates an object goes on to the next member.
