@@ -387,33 +387,68 @@ fn target<'a>(
     Ok(Target { pool, pinned: None })
 }
 
-/// Ids of stateful objects a create call refers to in its body (a batch's input file, a run's
-/// assistant, a response's predecessor), which pin it to their member.
+/// Ids of stateful objects a call refers to in its body (a batch's input file, a run's
+/// assistant, an assistant's vector stores, a message's attachments, a response's predecessor),
+/// which pin it to their member.
 fn referenced_objects(call: &Call) -> Vec<String> {
-    if !call.peek.as_ref().is_some_and(|peek| peek.references) {
+    // Resource calls (an assistant's `tool_resources`, a thread's messages' `attachments`) and
+    // Responses (`tools[].vector_store_ids`, `input_file` parts) name objects below the top
+    // level, so their whole body is read; other calls only when a top-level member names one.
+    let whole_body = call.deployment.is_none()
+        || call.operation == gatehouse_schema::OperationId::CreateResponse;
+    if !whole_body && !call.peek.as_ref().is_some_and(|peek| peek.references) {
         return Vec::new();
     }
     let Some(json) = call.json() else {
         return Vec::new();
     };
     let mut ids = Vec::new();
-    for key in [
-        "input_file_id",
-        "training_file",
-        "validation_file",
-        "previous_response_id",
-        "assistant_id",
-        "file_id",
-        "thread_id",
-    ] {
-        if let Some(id) = json.get(key).and_then(Value::as_str) {
-            ids.push(id.to_owned());
-        }
-    }
-    if let Some(files) = json.get("file_ids").and_then(Value::as_array) {
-        ids.extend(files.iter().filter_map(Value::as_str).map(str::to_owned));
-    }
+    collect_references(json, 0, &mut ids);
     ids
+}
+
+/// Members whose string value is the id of a stateful object.
+const REFERENCE_ID_KEYS: &[&str] = &[
+    "input_file_id",
+    "training_file",
+    "validation_file",
+    "previous_response_id",
+    "assistant_id",
+    "file_id",
+    "thread_id",
+    "vector_store_id",
+];
+/// Members whose array value holds ids of stateful objects.
+const REFERENCE_LIST_KEYS: &[&str] = &["file_ids", "vector_store_ids"];
+/// How deep references are looked for (`messages[].attachments[].file_id` is 4 levels down).
+const REFERENCE_DEPTH: usize = 8;
+
+/// Adds the object ids `value` names, at any depth up to [`REFERENCE_DEPTH`], in document order.
+fn collect_references(value: &Value, depth: usize, ids: &mut Vec<String>) {
+    if depth > REFERENCE_DEPTH {
+        return;
+    }
+    match value {
+        Value::Object(members) => {
+            for (key, member) in members {
+                if REFERENCE_ID_KEYS.contains(&key.as_str()) {
+                    ids.extend(member.as_str().map(str::to_owned));
+                } else if REFERENCE_LIST_KEYS.contains(&key.as_str()) {
+                    if let Some(list) = member.as_array() {
+                        ids.extend(list.iter().filter_map(Value::as_str).map(str::to_owned));
+                    }
+                } else {
+                    collect_references(member, depth + 1, ids);
+                }
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                collect_references(item, depth + 1, ids);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// The member's URL for the call, built from percent-encoded segments (never by string

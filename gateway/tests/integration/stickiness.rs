@@ -597,3 +597,63 @@ async fn a_thread_created_by_a_streamed_run_is_pinned_as_soon_as_its_stream_name
         "one run and one read a round, none retried on the other member"
     );
 }
+
+/// Objects named below the top level of a body pin the call too: an assistant whose
+/// `tool_resources` name a vector store, and a thread whose messages attach a file, are created
+/// on the member that holds them.
+#[tokio::test]
+async fn objects_named_deep_in_a_body_pin_the_call_to_their_member() {
+    let a = simulator("deep-a").await;
+    let b = simulator("deep-b").await;
+    let gw = TestGateway::start(snapshot(1, pool(&a.url(), &b.url()))).await;
+    let store = gw
+        .post("/openai/vector_stores?api-version=2024-05-01-preview")
+        .json(&json!({"name": "manuals"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(store.status(), 200);
+    let store: Value = store.json().await.unwrap();
+    let store_id = store["id"].as_str().unwrap().to_owned();
+    let holder = if a.hits() == 1 { &a } else { &b };
+    let other = if a.hits() == 1 { &b } else { &a };
+    for _ in 0..8 {
+        let assistant = gw
+            .post("/openai/assistants?api-version=2024-05-01-preview")
+            .json(&json!({
+                "model": "gpt-4o",
+                "tools": [{"type": "file_search"}],
+                "tool_resources": {"file_search": {"vector_store_ids": [store_id]}},
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(assistant.status(), 200);
+    }
+    assert_eq!((holder.hits(), other.hits()), (9, 0));
+
+    // Files until one lands on the member that does not hold the store (1:1 weights).
+    let mut uploads = 0;
+    let file_id = loop {
+        uploads += 1;
+        assert!(uploads <= 64, "64 uploads, none on the other member");
+        let id = upload(&gw.url, b"{\"a\":1}\n").await;
+        if other.hits() == 1 {
+            break id;
+        }
+    };
+    let holder_hits = holder.hits();
+    for _ in 0..4 {
+        let thread = gw
+            .post("/openai/threads?api-version=2024-05-01-preview")
+            .json(
+                &json!({"messages": [{"role": "user", "content": "Read this.",
+                "attachments": [{"file_id": file_id, "tools": [{"type": "file_search"}]}]}]}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(thread.status(), 200);
+    }
+    assert_eq!((other.hits(), holder.hits()), (5, holder_hits));
+}
