@@ -189,9 +189,14 @@ enum Source {
 
 type TokenFuture = Shared<BoxFuture<'static, Result<CachedToken, CredentialError>>>;
 
+/// How long a token is kept however often resources refuse it ([`TokenCredential::forget_refused`]).
+const REFUSED_TOKEN_KEPT: Duration = Duration::from_secs(30);
+
 #[derive(Clone, Debug)]
 struct CachedToken {
     token: Secret<String>,
+    /// When the request that got it was sent.
+    obtained_at: Instant,
     refresh_at: Instant,
     /// After this the token is not handed out even when a refresh fails.
     usable_until: Instant,
@@ -202,7 +207,13 @@ struct CachedToken {
 struct Slot {
     token: Option<CachedToken>,
     inflight: Option<TokenFuture>,
+    /// After a failed refresh, while the cached token is still usable: no new attempt before
+    /// this ([`REFRESH_RETRY`]).
+    retry_at: Option<Instant>,
 }
+
+/// How long after a failed refresh the next is tried, while the cached token still serves.
+const REFRESH_RETRY: Duration = Duration::from_secs(5);
 
 struct Inner {
     source: Source,
@@ -434,7 +445,7 @@ impl TokenCredential {
         token_url: Option<Url>,
     ) -> Result<AccessToken, CredentialError> {
         let now = Instant::now();
-        let (pending, fallback) = {
+        let pending = {
             let mut slots = self.slots();
             let slot = slots.entry(key.to_owned()).or_default();
             if let Some(cached) = &slot.token
@@ -442,12 +453,26 @@ impl TokenCredential {
             {
                 return Ok(public(cached));
             }
-            let fallback = slot
+            if let Some(cached) = slot
                 .token
                 .as_ref()
                 .filter(|cached| now < cached.usable_until)
-                .cloned();
-            let pending = match &slot.inflight {
+            {
+                // Due for refresh but still valid: it serves while the refresh runs on its own
+                // (a slow or unreachable token endpoint delays no call), and after a failed
+                // refresh the next waits `REFRESH_RETRY` (no request per call).
+                let token = public(cached);
+                if slot.inflight.is_none() && slot.retry_at.is_none_or(|at| now >= at) {
+                    let pending = self
+                        .refresh(key.to_owned(), scope.to_owned(), token_url)
+                        .boxed()
+                        .shared();
+                    slot.inflight = Some(pending.clone());
+                    tokio::spawn(pending);
+                }
+                return Ok(token);
+            }
+            match &slot.inflight {
                 Some(pending) => pending.clone(),
                 None => {
                     let pending = self
@@ -457,25 +482,31 @@ impl TokenCredential {
                     slot.inflight = Some(pending.clone());
                     pending
                 }
-            };
-            (pending, fallback)
+            }
         };
-        match pending.await {
-            Ok(fresh) => Ok(public(&fresh)),
-            Err(error) => match fallback {
-                Some(cached) if Instant::now() < cached.usable_until => {
-                    tracing::warn!(%error, scope, "token refresh failed; the current token is still valid and stays in use");
-                    Ok(public(&cached))
-                }
-                _ => Err(error),
-            },
-        }
+        pending.await.map(|fresh| public(&fresh))
     }
 
     /// Drops the cached token for `scope` (e.g. after the resource answered 401 to it), so that
     /// the next call fetches a new one.
     pub fn forget(&self, scope: &str) {
         if let Some(slot) = self.slots().get_mut(scope) {
+            slot.token = None;
+        }
+    }
+
+    /// Drops the cached token for `scope` after a resource refused it (401), unless it was
+    /// obtained within [`REFUSED_TOKEN_KEPT`]: a token that new was not revoked or expired, the
+    /// identity lacks a permission (Azure answers 401 `PermissionDenied` to an operation its role
+    /// does not allow), and dropping it on every such answer would fetch a token per call, until
+    /// the token endpoint throttles the gateway and every call fails.
+    pub fn forget_refused(&self, scope: &str) {
+        if let Some(slot) = self.slots().get_mut(scope)
+            && slot
+                .token
+                .as_ref()
+                .is_some_and(|cached| cached.obtained_at.elapsed() >= REFUSED_TOKEN_KEPT)
+        {
             slot.token = None;
         }
     }
@@ -501,8 +532,22 @@ impl TokenCredential {
             let slot = slots.entry(key).or_default();
             slot.inflight = None;
             match &outcome {
-                Ok(token) => slot.token = Some(token.clone()),
-                Err(error) => tracing::warn!(%error, scope, "no access token"),
+                Ok(token) => {
+                    slot.token = Some(token.clone());
+                    slot.retry_at = None;
+                }
+                Err(error) => {
+                    slot.retry_at = Some(Instant::now() + REFRESH_RETRY);
+                    if slot
+                        .token
+                        .as_ref()
+                        .is_some_and(|cached| Instant::now() < cached.usable_until)
+                    {
+                        tracing::warn!(%error, scope, "token refresh failed; the current token is still valid and stays in use");
+                    } else {
+                        tracing::warn!(%error, scope, "no access token");
+                    }
+                }
             }
             outcome
         }
@@ -647,6 +692,7 @@ fn cached_token(token: Secret<String>, started: Instant, lifetime: Duration) -> 
     let margin = (lifetime / 4).min(Duration::from_secs(60));
     CachedToken {
         token,
+        obtained_at: started,
         refresh_at: started + refresh_after,
         usable_until: started + lifetime.saturating_sub(margin),
         expires_at: started + lifetime,

@@ -225,8 +225,9 @@ pub async fn forward(
         if status == StatusCode::UNAUTHORIZED
             && let Some(MemberCredential::Entra { credential, scope }) = &member.credential
         {
-            // A token revoked or expired early: the next call fetches a new one.
-            credential.forget(scope);
+            // A token revoked or expired early: the next call fetches a new one (not after every
+            // 401: see `forget_refused`).
+            credential.forget_refused(scope);
         }
         if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
             let wait = retry_hint::set_aside_for(response.headers(), SystemTime::now());

@@ -181,6 +181,43 @@ async fn token_credential_is_single_flight_per_scope_and_shared_by_clones() {
     assert_eq!(entra.token_requests(), 3);
 }
 
+/// A member that refuses the gateway's fresh token (Azure answers 401 `PermissionDenied` to an
+/// operation the identity's role does not allow) does not make every call fetch a new token: a
+/// token is dropped after a 401 only once it is some time old.
+#[tokio::test]
+async fn a_member_refusing_a_fresh_token_does_not_make_every_call_fetch_one() {
+    let entra = EntraDouble::start(Proof::Secret(CLIENT_SECRET.to_owned()), 3600).await;
+    let sim = simulator_with(SimulatorConfig {
+        id: "s-refusing".to_owned(),
+        require_bearer_prefix: Some("a-prefix-no-token-has-".to_owned()),
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let (_file, secret) = secret_file(CLIENT_SECRET);
+    let gw = TestGateway::start(snapshot(
+        1,
+        pool(json!([client_secret_member(
+            "m",
+            &sim.url(),
+            1,
+            &entra,
+            &secret
+        )])),
+    ))
+    .await;
+    for _ in 0..20 {
+        let refused = gw
+            .post(&chat_path("gpt-4o"))
+            .json(&chat(None, false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 401);
+    }
+    assert_eq!(sim.hits(), 20);
+    assert_eq!(entra.token_requests(), 1);
+}
+
 #[tokio::test]
 async fn tokens_are_refreshed_before_they_expire() {
     // A 2-second token is refreshed after half its life.
@@ -202,13 +239,62 @@ async fn tokens_are_refreshed_before_they_expire() {
     chat_ok(&gw).await;
     assert_eq!(entra.token_requests(), 1);
     tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Due for refresh: this call still goes with the valid token, and starts the refresh.
     chat_ok(&gw).await;
+    for _ in 0..100 {
+        if entra.issued().len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(entra.token_requests(), 2, "refreshed before expiry");
+    chat_ok(&gw).await;
     let tokens = bearer_tokens(&sim);
     assert_eq!(tokens[0], tokens[1]);
-    assert_ne!(tokens[1], tokens[2]);
+    assert_eq!(tokens[1], tokens[2]);
+    assert_ne!(tokens[2], tokens[3]);
     let issued: Vec<String> = entra.issued().into_iter().map(|(t, _)| t).collect();
-    assert_eq!(tokens[2], issued[1]);
+    assert_eq!(tokens[3], issued[1]);
+}
+
+/// A token due for refresh but still valid serves while the refresh runs: a slow (or
+/// unreachable) token endpoint delays no call, and a failed refresh is not tried again on every
+/// call.
+#[tokio::test]
+async fn a_slow_token_endpoint_delays_no_call_while_the_token_is_valid() {
+    // A 4-second token: due for refresh after 2 s, usable until 3 s.
+    let entra = EntraDouble::start(Proof::Secret(CLIENT_SECRET.to_owned()), 4).await;
+    let sim = bearer_simulator("s-slow-refresh").await;
+    let (_file, secret) = secret_file(CLIENT_SECRET);
+    let gw = TestGateway::start(snapshot(
+        1,
+        pool(json!([client_secret_member(
+            "m",
+            &sim.url(),
+            1,
+            &entra,
+            &secret
+        )])),
+    ))
+    .await;
+    chat_ok(&gw).await;
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    entra.set_delay(Duration::from_secs(30));
+    chat_ok(&gw).await;
+    for _ in 0..100 {
+        if entra.token_requests() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for _ in 0..5 {
+        chat_ok(&gw).await;
+    }
+    // Answered while the one refresh the first of them started still waits on the endpoint.
+    assert_eq!(entra.token_requests(), 2, "one refresh, not one per call");
+    assert_eq!(entra.issued().len(), 1, "no new token came yet");
+    let tokens = bearer_tokens(&sim);
+    assert!(tokens.iter().all(|token| *token == tokens[0]));
 }
 
 #[tokio::test]
