@@ -423,7 +423,8 @@ mod tests {
         let domain_tenant = snapshot(serde_json::json!({
             "version": 2,
             "identity": {"require": "token", "entra": {
-                "tenants": ["11111111-1111-1111-1111-111111111111", "contoso.onmicrosoft.com"],
+                "tenants": ["11111111-1111-1111-1111-111111111111", "contoso.onmicrosoft.com",
+                            "{11111111-1111-1111-1111-1111111111AA}", "11111111111111111111111111111111"],
                 "audiences": ["api://gatehouse"]}},
         }));
         let errors = Runtime::build(domain_tenant, &HealthRegistry::default())
@@ -432,7 +433,9 @@ mod tests {
         assert_eq!(
             errors,
             [
-                "identity.entra.tenants[1]: a tenant id is the directory's GUID (`tid` in its tokens), not a domain name"
+                "identity.entra.tenants[1]: a tenant id is the directory's GUID (`tid` in its tokens), not a domain name",
+                "identity.entra.tenants[2]: write the GUID as tokens carry it: `11111111-1111-1111-1111-1111111111aa`",
+                "identity.entra.tenants[3]: write the GUID as tokens carry it: `11111111-1111-1111-1111-111111111111`",
             ]
         );
     }

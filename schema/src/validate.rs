@@ -42,11 +42,18 @@ fn validate_identity(
             for (t, tenant) in entra.tenants.iter().enumerate() {
                 // A token's `tid` is always the tenant's GUID: a domain name here would match
                 // no token at all.
-                if uuid::Uuid::try_parse(tenant).is_err() {
-                    errors.push(format!(
+                match uuid::Uuid::try_parse(tenant) {
+                    Err(_) => errors.push(format!(
                         "identity.entra.tenants[{t}]: a tenant id is the directory's GUID \
                          (`tid` in its tokens), not a domain name"
-                    ));
+                    )),
+                    // Tokens spell it one way only, and it is compared as written.
+                    Ok(id) if id.hyphenated().to_string() != *tenant => errors.push(format!(
+                        "identity.entra.tenants[{t}]: write the GUID as tokens carry it: \
+                         `{}`",
+                        id.hyphenated()
+                    )),
+                    Ok(_) => {}
                 }
             }
             if entra.audiences.is_empty() {

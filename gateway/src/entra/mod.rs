@@ -148,6 +148,10 @@ struct Claims {
     scp: Option<String>,
     #[serde(default, rename = "_claim_names")]
     claim_names: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Set instead of `groups` in a token of the implicit flow when the user is in more groups
+    /// than it carries (six): the groups are looked up as for `_claim_names` (azure-specs §5.3).
+    #[serde(default)]
+    hasgroups: Option<bool>,
 }
 
 /// Most remembered tokens; beyond it, expired ones are dropped, then all.
@@ -361,7 +365,8 @@ impl TokenValidator {
         let overage = claims
             .claim_names
             .as_ref()
-            .is_some_and(|names| names.contains_key("groups"));
+            .is_some_and(|names| names.contains_key("groups"))
+            || claims.hasgroups == Some(true);
         let groups = match (claims.groups, overage) {
             (Some(groups), _) => groups,
             (None, true) => {

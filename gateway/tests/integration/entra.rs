@@ -672,6 +672,29 @@ async fn the_groups_overage_is_resolved_through_graph_and_cached() {
     assert_eq!(sim.hits(), 2);
 }
 
+/// A token of the implicit flow carries at most six groups: past them it says `hasgroups: true`
+/// and no `groups` (azure-specs §5.3), and the groups are looked up in Graph as for an overage.
+#[tokio::test]
+async fn a_token_saying_hasgroups_is_looked_up_in_graph() {
+    let double = EntraDouble::start().await;
+    let sim = simulator("entra-hasgroups").await;
+    let (gw, _token_endpoint) = overage_gateway(&double, &sim.url(), &[TENANT_A]).await;
+    let oid = "0000000a-0000-0000-0000-0000000000f2";
+    double.set_graph_groups(oid, &[GROUP_CHAT]);
+    let mut claims = double.user_claims(TENANT_A, Ver::V1, oid, &[]);
+    let object = claims.as_object_mut().unwrap();
+    object.remove("groups");
+    object.insert("hasgroups".to_owned(), json!(true));
+    let answer = call_with_token(&gw, &sign(TestKey::A, &claims)).await;
+    assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
+    assert_eq!(double.graph_calls(), 1);
+    assert!(
+        gw.records(1).await[0]
+            .groups
+            .contains(&GROUP_CHAT.to_owned())
+    );
+}
+
 /// A multi-tenant app registration: a user of the second tenant (B) with a groups overage is
 /// looked up in Graph with a token of tenant B, since Graph answers about its token's directory;
 /// the same object id in the app's own tenant (A) says nothing about them.
