@@ -587,7 +587,10 @@ async fn pipeline(
         }
         // Metadata-only capture (limit 0) keeps no prompt either.
         if capture_limit > 0 {
-            record.record.request_messages = crate::capture::request_messages(&call);
+            record.record.request_messages = crate::capture::within_limit(
+                crate::capture::request_messages(&call),
+                capture_limit,
+            );
         }
     }
     // 5. Authorize.

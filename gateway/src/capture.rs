@@ -48,7 +48,8 @@ impl BodyCapture {
     /// Appends what fits of `chunk`.
     pub fn push(&mut self, chunk: &[u8]) {
         let room = self.limit.saturating_sub(self.kept.len());
-        if chunk.len() > room {
+        // With a limit of 0 nothing is captured (metadata only), so nothing is cut either.
+        if chunk.len() > room && self.limit > 0 {
             self.truncated = true;
         }
         self.kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
@@ -82,6 +83,21 @@ pub fn text_prefix(bytes: &[u8]) -> String {
         }
         Err(_) => String::from_utf8_lossy(bytes).into_owned(),
     }
+}
+
+/// `text` cut to at most `limit` bytes, at a character boundary: the messages of a record are
+/// kept within the capture limit of the body they come from, whose truncation flag says that
+/// they were cut (they are never longer than that body, so they are cut only with it).
+pub fn within_limit(text: Option<String>, limit: usize) -> Option<String> {
+    let mut text = text?;
+    if text.len() > limit {
+        let mut end = limit;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    Some(text)
 }
 
 /// Normalised token usage from a response object's `usage` (chat, completions, embeddings,

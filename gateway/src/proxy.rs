@@ -1406,7 +1406,8 @@ impl Tee {
                 record.usage(summary.usage);
                 record.record.model_name = summary.model;
                 if let Some(response) = summary.response.as_ref().filter(|_| limit > 0) {
-                    record.record.response_messages = capture::response_messages(response);
+                    record.record.response_messages =
+                        capture::within_limit(capture::response_messages(response), limit);
                     let text = response.to_string();
                     record.record.response_body_truncated = text.len() > limit;
                     let mut capture = BodyCapture::new(limit);
@@ -1439,7 +1440,7 @@ impl Tee {
                 .flatten();
             record.usage(peek.usage);
             record.record.model_name = peek.model;
-            record.record.response_messages = messages;
+            record.record.response_messages = capture::within_limit(messages, limit);
             return answer;
         }
         let json = serde_json::from_slice::<Value>(&body).ok();
@@ -1447,7 +1448,8 @@ impl Tee {
             record.usage(capture::usage_of(json));
             record.record.model_name = json.get("model").and_then(Value::as_str).map(str::to_owned);
             if wants_messages {
-                record.record.response_messages = capture::response_messages(json);
+                record.record.response_messages =
+                    capture::within_limit(capture::response_messages(json), limit);
             }
         }
         json

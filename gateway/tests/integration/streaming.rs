@@ -209,6 +209,60 @@ async fn bodies_over_the_capture_limit_are_cut_and_flagged() {
         record.usage.unwrap().total_tokens,
         full["usage"]["total_tokens"].as_u64().unwrap()
     );
+
+    // The messages are kept within the same limits (cut at a character), streamed or not.
+    let long = json!({"messages": [{"role": "user", "content": "é".repeat(200)}]});
+    for stream in [false, true] {
+        let mut body = long.clone();
+        body["stream"] = json!(stream);
+        let response = gw
+            .post(&chat_path("gpt-4o"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.bytes().await.unwrap();
+    }
+    let records = gw.records(3).await;
+    for record in &records[1..] {
+        let prompt = record.request_messages.as_deref().unwrap();
+        let completion = record.response_messages.as_deref().unwrap();
+        assert!(prompt.len() <= 64 && prompt.len() >= 62, "{prompt}");
+        assert!(
+            prompt.starts_with("[{") && prompt.ends_with("éé"),
+            "{prompt}"
+        );
+        assert!(completion.len() <= 32, "{completion}");
+        assert!(record.request_body_truncated && record.response_body_truncated);
+    }
+}
+
+#[tokio::test]
+async fn metadata_only_capture_flags_nothing_as_cut() {
+    let sim = simulator("capture-none").await;
+    let mut config = snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member("a", &sim.url(), 1)]}]),
+    );
+    config.capture.max_request_body_bytes = 0;
+    config.capture.max_response_body_bytes = 0;
+    let gw = TestGateway::start(config).await;
+    for stream in [false, true] {
+        let response = gw
+            .post(&chat_path("gpt-4o"))
+            .json(&chat(None, stream))
+            .send()
+            .await
+            .unwrap();
+        response.bytes().await.unwrap();
+    }
+    for record in gw.records(2).await {
+        assert!(!record.request_body_truncated && !record.response_body_truncated);
+        assert!(record.backend_request_body.is_none() && record.backend_response_body.is_none());
+        assert!(record.request_messages.is_none() && record.response_messages.is_none());
+        assert!(record.usage.is_some(), "usage is still read");
+    }
 }
 
 #[tokio::test]
