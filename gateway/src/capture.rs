@@ -416,6 +416,9 @@ struct ChoiceSoFar {
     function_call: Option<Value>,
     /// `logprobs`, each array in it joined across chunks.
     logprobs: Option<Map<String, Value>>,
+    /// Azure's content filter verdicts, by category, joined across chunks (see
+    /// [`join_filter_results`]).
+    content_filter_results: Option<Map<String, Value>>,
     finish_reason: Value,
 }
 
@@ -455,8 +458,29 @@ impl ChoiceSoFar {
         if let Some(logprobs) = self.logprobs {
             choice.insert("logprobs".to_owned(), Value::Object(logprobs));
         }
+        if let Some(results) = self.content_filter_results {
+            choice.insert("content_filter_results".to_owned(), Value::Object(results));
+        }
         choice.insert("finish_reason".to_owned(), self.finish_reason);
         Value::Object(choice)
+    }
+}
+
+/// Adds a chunk's `content_filter_results` to those so far, category by category: a later
+/// verdict replaces an earlier one, except that a category once `filtered` (or `detected`, for
+/// jailbreak and protected material) stays so, so that the record names what stopped the answer
+/// as a non-streamed answer's single verdict does.
+fn join_filter_results(so_far: &mut Map<String, Value>, piece: &Map<String, Value>) {
+    let flagged = |verdict: &Value| {
+        ["filtered", "detected"]
+            .iter()
+            .any(|key| verdict.get(*key).and_then(Value::as_bool) == Some(true))
+    };
+    for (category, verdict) in piece {
+        if so_far.get(category).is_some_and(flagged) {
+            continue;
+        }
+        so_far.insert(category.clone(), verdict.clone());
     }
 }
 
@@ -778,8 +802,20 @@ impl StreamAssembler {
                 self.final_response = chunk.get("response").cloned();
                 self.response_so_far = ResponseSoFar::default();
                 self.done = true;
-            } else if self.final_response.is_none() && kind.starts_with("response.") {
-                self.response_so_far.event(kind, chunk);
+            } else if kind.starts_with("response.") {
+                if self.final_response.is_none() {
+                    self.response_so_far.event(kind, chunk);
+                }
+            } else {
+                // Other typed streams (a transcription's `transcript.text.done`, speech's
+                // `speech.audio.done`) carry the call's usage on their last event: without it the
+                // call would count no tokens against its limits.
+                if let Some(usage) = chunk.get("usage").filter(|u| u.is_object()) {
+                    self.usage = Some(usage.clone());
+                }
+                if kind.ends_with(".done") {
+                    self.done = true;
+                }
             }
             return;
         }
@@ -794,7 +830,15 @@ impl StreamAssembler {
             }
             self.object.get_or_insert_with(|| object.to_owned());
         }
-        for key in ["id", "created", "model", "system_fingerprint"] {
+        // Azure's first event carries the prompt's filter verdicts (a non-streamed answer has
+        // them at its top level too).
+        for key in [
+            "id",
+            "created",
+            "model",
+            "system_fingerprint",
+            "prompt_filter_results",
+        ] {
             if let Some(value) = chunk.get(key).filter(|v| !is_blank(v)) {
                 self.head
                     .entry(key.to_owned())
@@ -819,6 +863,14 @@ impl StreamAssembler {
             }
             if let Some(Value::Object(logprobs)) = choice.get("logprobs") {
                 join_logprobs(so_far.logprobs.get_or_insert_with(Map::new), logprobs);
+            }
+            if let Some(Value::Object(results)) = choice.get("content_filter_results")
+                && !results.is_empty()
+            {
+                join_filter_results(
+                    so_far.content_filter_results.get_or_insert_with(Map::new),
+                    results,
+                );
             }
             let Some(delta) = choice.get("delta") else {
                 continue;
@@ -876,6 +928,9 @@ impl StreamAssembler {
         }
         let Some(object) = self.object else {
             return StreamSummary {
+                usage: self
+                    .usage
+                    .and_then(|usage| usage_of(&json!({ "usage": usage }))),
                 completed: self.done,
                 ..StreamSummary::default()
             };
@@ -1041,6 +1096,45 @@ mod tests {
             tap.feed(&Bytes::copy_from_slice(piece));
         }
         tap.finish()
+    }
+
+    #[test]
+    fn a_filtered_azure_stream_keeps_its_filter_verdicts() {
+        let summary = tap(&fixture("chat-stream-content-filtered.sse"));
+        let response = summary.response.unwrap();
+        assert!(
+            response["prompt_filter_results"][0]["content_filter_results"].is_object(),
+            "{response}"
+        );
+        let choice = &response["choices"][0];
+        assert_eq!(choice["finish_reason"], "content_filter");
+        let verdicts = choice["content_filter_results"].as_object().unwrap();
+        assert!(
+            verdicts.values().any(|v| v["filtered"] == true),
+            "the category that stopped the answer is named: {verdicts:?}"
+        );
+    }
+
+    #[test]
+    fn a_streamed_transcription_gives_its_usage() {
+        // gpt-4o-transcribe with `stream=true`: deltas, then the text and the usage.
+        let stream = concat!(
+            "data: {\"type\":\"transcript.text.delta\",\"delta\":\"Hi\"}\n\n",
+            "data: {\"type\":\"transcript.text.done\",\"text\":\"Hi\",\"usage\":",
+            "{\"type\":\"tokens\",\"input_tokens\":14,\"output_tokens\":2,\"total_tokens\":16}}\n\n",
+        );
+        let summary = tap(stream.as_bytes());
+        let usage = summary.usage.unwrap();
+        assert_eq!(
+            (
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                usage.total_tokens
+            ),
+            (14, 2, 16)
+        );
+        assert!(summary.completed);
+        assert!(summary.response.is_none());
     }
 
     #[test]
