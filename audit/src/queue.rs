@@ -181,12 +181,14 @@ impl RecordSlot {
     pub fn submit(self, record: AuditRecord) {
         let correlation_id = record.correlation_id.clone();
         let bytes = record_bytes(&record);
+        // Counted before the send: once sent, the writer may store the record and release its
+        // bytes before this thread runs again, and a count added after that would stay for good.
+        self.shared.taken(bytes);
         let sender = self.permit.send(record);
         if sender.is_closed() {
             // The writer task is gone (it panicked): nothing will take the record.
+            self.shared.untaken(bytes);
             self.shared.refused(&correlation_id, RecordRefused::Stopped);
-        } else {
-            self.shared.taken(bytes);
         }
     }
 }
@@ -250,6 +252,12 @@ impl Shared {
         self.enqueued.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Takes back the count of a record [`Shared::taken`] counted and the writer never got.
+    fn untaken(&self, bytes: u64) {
+        self.enqueued.fetch_sub(1, Ordering::Relaxed);
+        self.release_bytes(bytes);
+    }
+
     /// Counts records handed over earlier as out of memory: stored, journaled, or (at a shutdown
     /// that could keep them nowhere) lost; `settled` unless lost.
     fn release(&self, records: &[AuditRecord], settled: bool) {
@@ -257,6 +265,12 @@ impl Shared {
         if settled {
             Shared::add(&self.settled, records.len());
         }
+        self.release_bytes(bytes);
+    }
+
+    /// Takes `bytes` off the bytes held in memory, waking calls that wait for room when that
+    /// brings them under the bound.
+    fn release_bytes(&self, bytes: u64) {
         // Saturating: a miscount must never wrap around to a queue that looks full for good.
         let before = self
             .held_bytes
@@ -442,12 +456,12 @@ impl AuditQueue {
             return Err(RecordRefused::Full);
         }
         let bytes = record_bytes(&record);
+        // Counted before the send, as in `RecordSlot::submit`.
+        self.shared.taken(bytes);
         match self.sender.try_send(record) {
-            Ok(()) => {
-                self.shared.taken(bytes);
-                Ok(())
-            }
+            Ok(()) => Ok(()),
             Err(error) => {
+                self.shared.untaken(bytes);
                 let (record, refused) = match error {
                     mpsc::error::TrySendError::Full(record) => (record, RecordRefused::Full),
                     mpsc::error::TrySendError::Closed(record) => (record, RecordRefused::Stopped),
@@ -1437,6 +1451,36 @@ pub(crate) mod tests {
             last_error_message: None,
             chain: None,
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn the_bytes_held_come_back_to_zero_when_everything_is_stored() {
+        // Submitters on four threads race the writer: a record's bytes must be counted before
+        // the writer can store it and take them off, or the count drifts up for good.
+        let sink = MemorySink::new();
+        let (queue, writer) = AuditQueue::start(Arc::new(sink.clone()), 64);
+        let submitters: Vec<_> = (0..8)
+            .map(|t| {
+                let queue = queue.clone();
+                tokio::spawn(async move {
+                    for i in 0..1_500 {
+                        let mut record = record(&format!("{t}-{i}"));
+                        record.backend_request_body = Some("x".repeat(100));
+                        queue.reserve().await.unwrap().submit(record);
+                        if i % 2 == 0 {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        for submitter in submitters {
+            submitter.await.unwrap();
+        }
+        drop(queue);
+        let stats = writer.finish().await;
+        assert_eq!(stats.written, 12_000);
+        assert_eq!((stats.depth, stats.depth_bytes), (0, 0));
     }
 
     #[tokio::test]
