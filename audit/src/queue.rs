@@ -955,6 +955,9 @@ impl Writer {
     /// Links a received batch and writes it to the sink or, behind older records, the journal.
     async fn accept(&mut self, mut batch: Vec<AuditRecord>) {
         for (index, record) in batch.iter_mut().enumerate() {
+            // Before the link: every store keeps, and the verifier reads back, the same text
+            // (PostgreSQL cannot hold U+0000).
+            record.replace_nul();
             self.chainer.link(record);
             if index % LINKS_PER_YIELD == LINKS_PER_YIELD - 1 {
                 tokio::task::yield_now().await;
@@ -1481,6 +1484,25 @@ pub(crate) mod tests {
         let stats = writer.finish().await;
         assert_eq!(stats.written, 12_000);
         assert_eq!((stats.depth, stats.depth_bytes), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn nul_characters_are_replaced_before_the_record_is_linked() {
+        let sink = MemorySink::new();
+        let (queue, writer) = AuditQueue::start(Arc::new(sink.clone()), 16);
+        let mut odd = record("nul");
+        odd.api_version = Some("v\0".to_owned());
+        odd.backend_response_body = Some("a\0b".to_owned());
+        assert!(queue.submit(odd));
+        drop(queue);
+        writer.finish().await;
+        let records = sink.records();
+        assert_eq!(records[0].api_version.as_deref(), Some("v\u{FFFD}"));
+        assert_eq!(
+            records[0].backend_response_body.as_deref(),
+            Some("a\u{FFFD}b")
+        );
+        assert!(crate::chain::verify(records).is_intact());
     }
 
     #[tokio::test]

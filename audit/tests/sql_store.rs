@@ -78,7 +78,48 @@ on_both_engines!(
     chains_verify_from_the_store,
     chains_linked_before_the_content_hash_change_verify_from_the_store,
     a_gateway_id_is_held_by_one_live_instance,
+    records_holding_nul_characters_are_stored,
+    absurd_token_counts_keep_the_rollups_positive,
 );
+
+/// Two gateways writing to one PostgreSQL store at once share rollup rows (the minute's `all`
+/// row, the status classes, the models): each batch locks them in key order, so neither waits for
+/// a row the other holds while holding one it wants (PostgreSQL would abort one of them as a
+/// deadlock, and its batch would go to the journal).
+#[tokio::test]
+async fn postgres_writers_sharing_rollup_rows_do_not_deadlock() {
+    let database = postgres_database().await;
+    let first = SqlStore::open(&database.url).await.unwrap();
+    let second = SqlStore::open(&database.url).await.unwrap();
+    let batch = |writer: usize, round: usize| -> Vec<AuditRecord> {
+        (0..100)
+            .map(|i| {
+                let mut record = record(i);
+                record.correlation_id = format!("w{writer}-r{round}-{i}");
+                record.time_generated = T0 + Duration::seconds(i as i64 % 3);
+                record.user_name = Some(format!("user-{}", (i * 7 + writer) % 13));
+                record.model_name = Some(format!("model-{}", (i + round) % 5));
+                record
+            })
+            .collect()
+    };
+    for round in 0..20 {
+        let (a, b) = (batch(0, round), batch(1, round));
+        let (a, b) = tokio::join!(first.write(&a), second.write(&b));
+        assert_eq!((a.unwrap(), b.unwrap()), (100, 100), "round {round}");
+    }
+    let usage = first
+        .usage(&UsageQuery {
+            granularity: Granularity::Minute,
+            dimension: Dimension::All,
+            from: T0,
+            to: T0 + Duration::hours(1),
+            only: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(usage.iter().map(|p| p.requests).sum::<i64>(), 2 * 20 * 100);
+}
 
 /// The SQLite the store runs on is built as `.cargo/config.toml` asks: without the process-wide
 /// mutexes of memory statistics and memory management, on which the store's two writer
@@ -485,6 +526,41 @@ async fn records_land_in_azure_shaped_tables(store: &SqlStore) {
     };
     assert_eq!(pieces, 4);
     assert!(store.call("no-such-call").await.unwrap().is_none());
+}
+
+/// A NUL character (a client's `api-version=%00`, a backend's text answer) in a record that did
+/// not come through the audit writer (which replaces them before linking): PostgreSQL's `text`
+/// and `jsonb` refuse U+0000, so it stores U+FFFD instead of refusing the batch with every
+/// other record in it, on every retry. SQLite keeps the text as it is.
+async fn records_holding_nul_characters_are_stored(store: &SqlStore) {
+    let mut batch = records(2);
+    let odd = &mut batch[1];
+    odd.api_version = Some("v\0".to_owned());
+    odd.backend_request_body = Some("a\0b".to_owned());
+    odd.request_messages = Some("[{\"role\":\"user\",\"content\":\"x\u{0}y\"}]".to_owned());
+    odd.groups = vec!["group\0red".to_owned()];
+    odd.attempts[0].error = Some("e\0".to_owned());
+    assert_eq!(store.write(&batch).await.unwrap(), 2);
+    let expected = |text: &str| {
+        if store.postgres_pool().is_some() {
+            text.replace('\0', "\u{FFFD}")
+        } else {
+            text.to_owned()
+        }
+    };
+    let detail = store.call("call-00001").await.unwrap().unwrap();
+    assert_eq!(
+        detail.backend_request_body.as_deref(),
+        Some(expected("a\0b").as_str())
+    );
+    assert_eq!(
+        detail.request_messages.as_deref(),
+        Some(expected("[{\"role\":\"user\",\"content\":\"x\u{0}y\"}]").as_str())
+    );
+    assert!(detail.attempts.contains('e'), "{}", detail.attempts);
+    assert!(store.call("call-00000").await.unwrap().is_some());
+    // Stored once: written again, it is the same call.
+    assert_eq!(store.write(&batch).await.unwrap(), 0);
 }
 
 async fn a_replayed_batch_is_stored_once(store: &SqlStore) {
@@ -954,6 +1030,46 @@ async fn full_text_words_joined_by_punctuation_are_phrases_on_both_engines(store
     assert_eq!(found(store, "x,y").await, ["call-00002", "call-00004"]);
     assert!(found(store, "x<b>y").await.is_empty());
     assert!(found(store, "id_user").await.is_empty());
+}
+
+/// A backend may report any number of tokens: a call counts as at most `u32::MAX`, and the
+/// sums of a rollup row stay positive (in release builds a plain sum wrapped to a negative; on
+/// PostgreSQL `bigint` refused it with every other record of the batch).
+async fn absurd_token_counts_keep_the_rollups_positive(store: &SqlStore) {
+    let mut batch = records(3);
+    for record in &mut batch[..2] {
+        let usage = record.usage.as_mut().unwrap();
+        usage.prompt_tokens = u64::MAX;
+        usage.total_tokens = u64::MAX;
+    }
+    batch[2].time_generated = batch[0].time_generated;
+    assert_eq!(store.write(&batch).await.unwrap(), 3);
+    // Written again in a second batch, into the same rows.
+    let mut more = records(2);
+    for (i, record) in more.iter_mut().enumerate() {
+        record.correlation_id = format!("more-{i}");
+        record.time_generated = batch[0].time_generated;
+        record.usage.as_mut().unwrap().total_tokens = u64::MAX;
+    }
+    assert_eq!(store.write(&more).await.unwrap(), 2);
+    let usage = store
+        .usage(&UsageQuery {
+            granularity: Granularity::Minute,
+            dimension: Dimension::All,
+            from: T0,
+            to: T0 + Duration::hours(1),
+            only: None,
+        })
+        .await
+        .unwrap();
+    let max = i64::from(u32::MAX);
+    let total: i64 = usage.iter().map(|p| p.total_tokens).sum();
+    assert_eq!(total, 4 * max + batch[2].usage.unwrap().total_tokens as i64);
+    assert!(
+        usage
+            .iter()
+            .all(|p| p.prompt_tokens >= 0 && p.total_tokens >= 0)
+    );
 }
 
 async fn usage_comes_from_rollups(store: &SqlStore) {

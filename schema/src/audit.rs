@@ -10,6 +10,125 @@ use time::OffsetDateTime;
 
 use crate::operation::OperationId;
 
+/// What a NUL character (U+0000) in a record's text becomes ([`AuditRecord::replace_nul`]).
+pub const NUL_REPLACEMENT: char = '\u{FFFD}';
+
+impl AuditRecord {
+    /// Replaces every NUL character (U+0000) in the record's text with [`NUL_REPLACEMENT`], and
+    /// says whether there was one. PostgreSQL's `text` and `jsonb` cannot hold U+0000 (a batch
+    /// holding one would be refused whole, and on every retry), while a client puts one in a
+    /// record with `api-version=%00` or a backend with a NUL in a text answer. The audit writer
+    /// does this before it links a record into its hash chain, so every store keeps, and the
+    /// verifier reads back, the same text.
+    pub fn replace_nul(&mut self) -> bool {
+        // Destructured whole, without `..`: a text field added later must be named here.
+        let AuditRecord {
+            time_generated: _,
+            correlation_id,
+            gateway_id,
+            operation_id: _,
+            caller_ip_address,
+            peer_ip_address,
+            method,
+            url,
+            client_protocol,
+            response_code: _,
+            is_request_success: _,
+            backend_response_code: _,
+            backend_id,
+            backend_url,
+            request_size: _,
+            response_size: _,
+            total_time: _,
+            backend_time: _,
+            time_to_first_byte: _,
+            apim_subscription_id,
+            product_id,
+            user_id,
+            user_name,
+            tenant_id,
+            groups,
+            deployment_name,
+            model_name,
+            api_version,
+            is_stream_completion: _,
+            usage: _,
+            attempts,
+            backend_request_body,
+            request_body_truncated: _,
+            backend_response_body,
+            response_body_truncated: _,
+            request_messages,
+            response_messages,
+            client_aborted: _,
+            last_error_reason,
+            last_error_message,
+            chain,
+        } = self;
+        let mut texts: Vec<&mut String> = vec![
+            correlation_id,
+            gateway_id,
+            caller_ip_address,
+            peer_ip_address,
+            method,
+            url,
+            client_protocol,
+        ];
+        texts.extend(
+            [
+                backend_id,
+                backend_url,
+                apim_subscription_id,
+                product_id,
+                user_id,
+                user_name,
+                tenant_id,
+                deployment_name,
+                model_name,
+                api_version,
+                backend_request_body,
+                backend_response_body,
+                request_messages,
+                response_messages,
+                last_error_reason,
+                last_error_message,
+            ]
+            .into_iter()
+            .flatten(),
+        );
+        texts.extend(groups.iter_mut());
+        for attempt in attempts.iter_mut() {
+            let BackendAttempt {
+                backend_id,
+                status: _,
+                elapsed_ms: _,
+                error,
+            } = attempt;
+            texts.push(backend_id);
+            texts.extend(error.as_mut());
+        }
+        if let Some(ChainLink {
+            chain_id,
+            sequence: _,
+            previous_hash,
+            record_hash,
+            content_hash,
+        }) = chain
+        {
+            texts.extend([chain_id, previous_hash, record_hash, content_hash]);
+        }
+        let mut replaced = false;
+        for text in texts {
+            // `contains` on bytes is a `memchr`: a record without NUL costs one scan.
+            if text.as_bytes().contains(&0) {
+                *text = text.replace('\0', NUL_REPLACEMENT.encode_utf8(&mut [0; 4]));
+                replaced = true;
+            }
+        }
+        replaced
+    }
+}
+
 /// One call through the gateway, as recorded.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
@@ -156,4 +275,117 @@ pub struct BackendAttempt {
     pub elapsed_ms: u64,
     /// Why the attempt did not answer the call, when it did not.
     pub error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+
+    use super::*;
+
+    /// A record with every optional field present.
+    fn full_record() -> AuditRecord {
+        let text = |s: &str| Some(s.to_owned());
+        AuditRecord {
+            time_generated: OffsetDateTime::UNIX_EPOCH,
+            correlation_id: "c".into(),
+            gateway_id: "g".into(),
+            operation_id: Some(OperationId::ChatCompletionsCreate),
+            caller_ip_address: "10.0.0.1".into(),
+            peer_ip_address: "10.0.0.2".into(),
+            method: "POST".into(),
+            url: "/u".into(),
+            client_protocol: "HTTP/1.1".into(),
+            response_code: 200,
+            is_request_success: true,
+            backend_response_code: Some(200),
+            backend_id: text("b"),
+            backend_url: text("http://b"),
+            request_size: 1,
+            response_size: 2,
+            total_time: 3,
+            backend_time: 4,
+            time_to_first_byte: Some(5),
+            apim_subscription_id: text("s"),
+            product_id: text("p"),
+            user_id: text("u"),
+            user_name: text("n"),
+            tenant_id: text("t"),
+            groups: vec!["g1".into(), "g2".into()],
+            deployment_name: text("d"),
+            model_name: text("m"),
+            api_version: text("v"),
+            is_stream_completion: false,
+            usage: Some(TokenUsage::default()),
+            attempts: vec![BackendAttempt {
+                backend_id: "b".into(),
+                status: None,
+                elapsed_ms: 1,
+                error: text("e"),
+            }],
+            backend_request_body: text("q"),
+            request_body_truncated: false,
+            backend_response_body: text("a"),
+            response_body_truncated: false,
+            request_messages: text("qm"),
+            response_messages: text("am"),
+            client_aborted: false,
+            last_error_reason: text("r"),
+            last_error_message: text("x"),
+            chain: Some(ChainLink {
+                chain_id: "ch".into(),
+                sequence: 1,
+                previous_hash: "ph".into(),
+                record_hash: "rh".into(),
+                content_hash: "co".into(),
+            }),
+        }
+    }
+
+    /// The JSON pointers of every string in `value`.
+    fn strings(value: &Value, at: String, out: &mut Vec<String>) {
+        match value {
+            Value::String(_) => out.push(at),
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    strings(item, format!("{at}/{i}"), out);
+                }
+            }
+            Value::Object(members) => {
+                for (key, member) in members {
+                    strings(member, format!("{at}/{key}"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn every_text_field_loses_its_nul_characters() {
+        // Every string of the serialised record that is free text (an enum or a time refuses
+        // the NUL) gets one; a field `replace_nul` forgot would keep it.
+        let mut json = serde_json::to_value(full_record()).unwrap();
+        let mut pointers = Vec::new();
+        strings(&json, String::new(), &mut pointers);
+        let mut with_nul = 0;
+        for pointer in &pointers {
+            let before = json.pointer(pointer).unwrap().clone();
+            let text = format!("a\0{}\0", before.as_str().unwrap());
+            *json.pointer_mut(pointer).unwrap() = Value::String(text);
+            if serde_json::from_value::<AuditRecord>(json.clone()).is_ok() {
+                with_nul += 1;
+            } else {
+                *json.pointer_mut(pointer).unwrap() = before;
+            }
+        }
+        assert!(with_nul >= 30, "only {with_nul} text fields found");
+        let mut record: AuditRecord = serde_json::from_value(json).unwrap();
+        assert!(record.replace_nul());
+        let out = serde_json::to_string(&record).unwrap();
+        assert!(!out.contains("\\u0000"), "{out}");
+        assert_eq!(out.matches(NUL_REPLACEMENT).count(), 2 * with_nul);
+        assert_eq!(record.api_version.as_deref(), Some("a\u{FFFD}v\u{FFFD}"));
+        assert!(!record.replace_nul(), "nothing left to replace");
+        assert!(!full_record().replace_nul());
+    }
 }

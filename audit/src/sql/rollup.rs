@@ -9,7 +9,7 @@ use gatehouse_schema::AuditRecord;
 use time::OffsetDateTime;
 
 /// The rollup granularity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Granularity {
     /// Buckets of one minute.
     Minute,
@@ -42,7 +42,7 @@ impl Granularity {
 }
 
 /// A dimension usage can be split by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Dimension {
     /// Everything together (value `*`).
     All,
@@ -139,8 +139,9 @@ impl Dimension {
     }
 }
 
-/// The key of one rollup row.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// The key of one rollup row; ordered (granularity, bucket, dimension, value), the order writers
+/// lock rows in.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RollupKey {
     /// Granularity.
     pub granularity: Granularity,
@@ -183,8 +184,10 @@ pub fn fold<'a>(
         HashMap::default();
     for record in records {
         let usage = record.usage.unwrap_or_default();
-        let latency = i64::try_from(record.total_time).unwrap_or(i64::MAX);
-        let tokens = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        // A call's counts are taken as at most `u32::MAX` (a backend could report any number),
+        // and sums saturate: a row of a store's `bigint` never overflows, on either engine.
+        let bounded = |v: u64| i64::from(u32::try_from(v).unwrap_or(u32::MAX));
+        let latency = bounded(record.total_time);
         for granularity in [Granularity::Minute, Granularity::Hour] {
             let bucket = granularity.bucket(record.time_generated);
             for dimension in Dimension::ALL.into_iter().chain(Dimension::HISTOGRAMS) {
@@ -197,17 +200,35 @@ pub fn fold<'a>(
                             value,
                         })
                         .or_default();
-                    sums.requests += 1;
-                    sums.errors += i64::from(record.response_code >= 400);
-                    sums.prompt_tokens += tokens(usage.prompt_tokens);
-                    sums.completion_tokens += tokens(usage.completion_tokens);
-                    sums.total_tokens += tokens(usage.total_tokens);
-                    sums.latency_sum_ms += latency;
+                    sums.requests = sums.requests.saturating_add(1);
+                    sums.errors = sums
+                        .errors
+                        .saturating_add(i64::from(record.response_code >= 400));
+                    sums.prompt_tokens = sums
+                        .prompt_tokens
+                        .saturating_add(bounded(usage.prompt_tokens));
+                    sums.completion_tokens = sums
+                        .completion_tokens
+                        .saturating_add(bounded(usage.completion_tokens));
+                    sums.total_tokens = sums
+                        .total_tokens
+                        .saturating_add(bounded(usage.total_tokens));
+                    sums.latency_sum_ms = sums.latency_sum_ms.saturating_add(latency);
                     sums.latency_max_ms = sums.latency_max_ms.max(latency);
                 }
             }
         }
     }
+    rows
+}
+
+/// [`fold`]'s rows in key order, the order every writer upserts (and so locks) them in: two
+/// writers on one PostgreSQL store then never each hold a row the other waits for.
+pub fn fold_in_lock_order<'a>(
+    records: impl IntoIterator<Item = &'a AuditRecord>,
+) -> Vec<(RollupKey, RollupSums)> {
+    let mut rows: Vec<(RollupKey, RollupSums)> = fold(records).into_iter().collect();
+    rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     rows
 }
 
@@ -270,6 +291,29 @@ mod tests {
         assert_eq!(latency_bucket(1), 1);
         assert_eq!(latency_bucket(10), 10);
         assert_eq!(latency_bucket(1_000), 1_000);
+    }
+
+    #[test]
+    fn rows_come_in_the_one_lock_order() {
+        let records: Vec<AuditRecord> = (0..40)
+            .map(|i| {
+                let mut record = crate::queue::tests::record(&format!("c{i}"));
+                record.time_generated += time::Duration::seconds(i * 50);
+                record.model_name = Some(format!("model-{}", i % 7));
+                record.user_name = Some(format!("user-{}", i % 5));
+                record.groups = vec![format!("group-{}", i % 3)];
+                record.response_code = if i % 4 == 0 { 429 } else { 200 };
+                record.total_time = 10 * i as u64;
+                record
+            })
+            .collect();
+        let rows = fold_in_lock_order(&records);
+        assert_eq!(rows.len(), fold(&records).len());
+        assert!(rows.len() > 100, "{} rows", rows.len());
+        assert!(
+            rows.windows(2).all(|pair| pair[0].0 < pair[1].0),
+            "rows are in strictly increasing key order"
+        );
     }
 
     #[test]

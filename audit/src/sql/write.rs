@@ -8,7 +8,7 @@ use serde_json::value::RawValue;
 use sqlx::types::Json;
 use sqlx::{Postgres, QueryBuilder, Sqlite};
 
-use super::rollup::{RollupKey, RollupSums, fold};
+use super::rollup::{RollupKey, RollupSums, fold, fold_in_lock_order};
 use super::search_index::{IndexRow, SearchIndex};
 use super::{
     Engine, SqlStore, StoreError, full_text, ip_key, message_text, search_blocks, sqlar,
@@ -278,7 +278,25 @@ pub(super) async fn write(store: &SqlStore, records: &[AuditRecord]) -> Result<u
             ..
         } => write_sqlite(writer, reader, search, records).await,
         Engine::Postgres { pool, search_merge } => {
-            let new = write_postgres(pool, records).await?;
+            let new = match write_postgres(pool, records).await {
+                // A NUL character, which `text` and `jsonb` refuse: the audit writer replaces
+                // them before it links a record, so only records from elsewhere (a journal an
+                // earlier version wrote) get here. Stored with the replacement instead of
+                // refusing the whole batch on every retry; content already committed is kept
+                // (it held no NUL) and the rest is written again.
+                Err(error) if refuses_nul(&error) => {
+                    let cleaned: Vec<AuditRecord> = records
+                        .iter()
+                        .cloned()
+                        .map(|mut record| {
+                            record.replace_nul();
+                            record
+                        })
+                        .collect();
+                    write_postgres(pool, &cleaned).await?
+                }
+                result => result?,
+            };
             search_merge.after_write(
                 records
                     .iter()
@@ -286,6 +304,17 @@ pub(super) async fn write(store: &SqlStore, records: &[AuditRecord]) -> Result<u
             );
             Ok(new)
         }
+    }
+}
+
+/// Whether PostgreSQL refused a NUL character: in `text` (`invalid byte sequence for encoding
+/// "UTF8": 0x00`, 22021) or as `\u0000` in `jsonb` (`unsupported Unicode escape sequence`, 22P05).
+fn refuses_nul(error: &StoreError) -> bool {
+    match error {
+        StoreError::Database(sqlx::Error::Database(database)) => {
+            matches!(database.code().as_deref(), Some("22021" | "22P05"))
+        }
+        _ => false,
     }
 }
 
@@ -650,7 +679,8 @@ async fn write_postgres(pool: &sqlx::PgPool, records: &[AuditRecord]) -> Result<
     let (main, content) =
         futures::future::join(write_postgres_metadata(pool, records), content).await;
     content?;
-    let (tx, new) = main?;
+    let (mut tx, new, rollups) = main?;
+    upsert_postgres_rollups(&mut tx, rollups).await?;
     tx.commit().await?;
     Ok(new)
 }
@@ -742,12 +772,20 @@ async fn write_postgres_content(
     Ok(())
 }
 
-/// Metadata, LLM-log headers and rollups of the records not stored yet, in a transaction left open for
-/// the caller to commit. Returns it and how many records were new.
+/// Metadata and LLM-log headers of the records not stored yet, in a transaction left open for
+/// the caller to add the rollups to and commit ([`upsert_postgres_rollups`]). Returns it, how
+/// many records were new, and their rollups in key order.
 async fn write_postgres_metadata<'a>(
     pool: &'a sqlx::PgPool,
     records: &[AuditRecord],
-) -> Result<(sqlx::Transaction<'a, Postgres>, usize), StoreError> {
+) -> Result<
+    (
+        sqlx::Transaction<'a, Postgres>,
+        usize,
+        Vec<(RollupKey, RollupSums)>,
+    ),
+    StoreError,
+> {
     let mut tx = pool.begin().await?;
     // One array per column, unnested by the server: cheaper for it than a VALUES list.
     let mut columns = LogColumns::default();
@@ -774,9 +812,22 @@ async fn write_postgres_metadata<'a>(
         .collect();
     insert_llm_rows(&mut tx, POSTGRES_LLM_HEADERS_INSERT, headers).await?;
 
+    // In key order: every writer (two gateways on one store) locks the rows it upserts in the
+    // same order, so two batches never each hold a row the other waits for (a deadlock aborts
+    // one of them).
+    let rollups = fold_in_lock_order(new.iter().copied());
+    Ok((tx, new.len(), rollups))
+}
+
+/// Adds `rollups` to their rows in `tx`: the last statement of the metadata transaction, so
+/// that the rows shared by every writer (the `all` row of the minute, the status classes) are
+/// locked only for the moment before its commit, not while the content is written.
+async fn upsert_postgres_rollups(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    rollups: Vec<(RollupKey, RollupSums)>,
+) -> Result<(), StoreError> {
     // The rollups (≈ 4 rows a call) as one array per column, unnested by the server, which
     // costs it less than a VALUES list of as many rows (bench/README.md).
-    let rollups = fold(new.iter().copied());
     if !rollups.is_empty() {
         let mut columns = RollupColumns::default();
         for (key, sums) in rollups {
@@ -794,10 +845,10 @@ async fn write_postgres_metadata<'a>(
             .bind(columns.total_tokens)
             .bind(columns.latency_sum_ms)
             .bind(columns.latency_max_ms)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
     }
-    Ok((tx, new.len()))
+    Ok(())
 }
 
 #[cfg(test)]
