@@ -134,17 +134,15 @@ impl AuditSink for JsonLinesSink {
                     .map_err(std::io::Error::other)??;
                 appender.failed = false;
             }
+            // Marked failed until the batch is on disk: a write dropped half way (the queue
+            // abandons a write that hangs) returns no error, yet may have left part of a line,
+            // which the next write must cut before it appends.
+            appender.failed = true;
             let file = &mut appender.file;
-            let written = async {
-                file.write_all(&buffer).await?;
-                file.flush().await?;
-                file.sync_data().await
-            }
-            .await;
-            if written.is_err() {
-                appender.failed = true;
-            }
-            written?;
+            file.write_all(&buffer).await?;
+            file.flush().await?;
+            file.sync_data().await?;
+            appender.failed = false;
             Ok(())
         })
     }
@@ -156,7 +154,42 @@ impl AuditSink for JsonLinesSink {
 
 #[cfg(test)]
 mod tests {
+    use futures::FutureExt as _;
+
     use super::*;
+    use crate::queue::tests::record;
+
+    #[tokio::test]
+    async fn a_write_dropped_half_way_is_cut_back_before_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("calls.jsonl");
+        let sink = JsonLinesSink::open(&path).await.unwrap();
+        sink.write_batch(&[record("before")]).await.unwrap();
+        // Many writes of the file (2 MiB each): the first poll starts the first parts only.
+        let mut big = record("big");
+        big.backend_request_body = Some("x".repeat(16 << 20));
+        let batch = [big];
+        assert!(
+            sink.write_batch(&batch).now_or_never().is_none(),
+            "the write is not done at its first poll"
+        );
+        sink.write_batch(&[record("after")]).await.unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let ids: Vec<String> = text
+            .lines()
+            .map(|line| {
+                serde_json::from_str::<AuditRecord>(line)
+                    .expect("every line is a whole record")
+                    .correlation_id
+            })
+            .collect();
+        // The dropped batch is cut back whole, or (had its last part been started before the
+        // drop) kept whole; never torn.
+        assert!(
+            ids == ["before", "after"] || ids == ["before", "big", "after"],
+            "{ids:?}"
+        );
+    }
 
     #[tokio::test]
     async fn a_second_sink_on_one_file_is_refused_until_the_first_is_dropped() {
