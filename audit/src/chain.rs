@@ -900,9 +900,10 @@ pub fn verify(records: impl IntoIterator<Item = AuditRecord>) -> VerifyReport {
 /// order, as [`JsonLinesSink`](crate::JsonLinesSink) writes them) for records with
 /// `from <= TimeGenerated < to` (either bound optional).
 ///
-/// In each chain, every record from the first to the last in range (by sequence) is checked; the
-/// record before them anchors the first (a missing one is reported as removed), and the records
-/// outside that span are not checked.
+/// Every chain with a record in range, or with records on both sides of it (all its records in
+/// range were removed), is checked whole, as [`SqlStore::verify_chains`](crate::sql::SqlStore::verify_chains)
+/// checks stored chains: a range checked from its first to its last record alone would miss a
+/// record removed just after it, or one changed and moved out of it by its `TimeGenerated`.
 /// Since a chain follows the write order, a record is also [`BreakReason::Reordered`] when it
 /// stands in the file before the record it follows. Memory: a small summary (about 150 bytes)
 /// per chained record of the file.
@@ -911,10 +912,17 @@ pub fn verify_jsonl(
     from: Option<OffsetDateTime>,
     to: Option<OffsetDateTime>,
 ) -> io::Result<VerifyReport> {
-    let in_range =
-        |at: OffsetDateTime| from.is_none_or(|from| at >= from) && to.is_none_or(|to| at < to);
+    let place = |at: OffsetDateTime| {
+        if from.is_some_and(|from| at < from) {
+            Place::Before
+        } else if to.is_some_and(|to| at >= to) {
+            Place::After
+        } else {
+            Place::In
+        }
+    };
     let mut reader = BufReader::new(File::open(path)?);
-    let mut chains: HashMap<String, Vec<(Linked, bool)>> = HashMap::new();
+    let mut chains: HashMap<String, (Vec<Linked>, [bool; 3])> = HashMap::new();
     let mut report = VerifyReport::default();
     let mut line = Vec::new();
     let mut number = 0_u64;
@@ -935,45 +943,42 @@ pub fn verify_jsonl(
                 continue;
             }
         };
-        let checked = in_range(record.time_generated);
+        let place = place(record.time_generated);
         match digest(record, number) {
-            Some((chain_id, linked)) => chains.entry(chain_id).or_default().push((linked, checked)),
-            None if checked => report.unchained += 1,
+            Some((chain_id, linked)) => {
+                let (records, places) = chains.entry(chain_id).or_default();
+                records.push(linked);
+                places[place as usize] = true;
+            }
+            None if place == Place::In => report.unchained += 1,
             None => {}
         }
     }
-    let mut chains: Vec<_> = chains.into_iter().collect();
+    let mut chains: Vec<_> = chains
+        .into_iter()
+        .filter(|(_, (_, places))| {
+            places[Place::In as usize]
+                || (places[Place::Before as usize] && places[Place::After as usize])
+        })
+        .collect();
     chains.sort_by(|a, b| a.0.cmp(&b.0));
-    for (chain_id, mut records) in chains {
-        records.sort_by_key(|(linked, _)| (linked.sequence, linked.position));
-        let checked = records.iter().filter(|(_, checked)| *checked);
-        let (Some(first), Some(last)) = (
-            checked.clone().map(|(linked, _)| linked.sequence).min(),
-            checked.map(|(linked, _)| linked.sequence).max(),
-        ) else {
-            continue;
-        };
-        // The anchor is the nearest record before the span (its first copy): when that is not
-        // the one just before, the check names the gap.
+    for (chain_id, (mut records, _)) in chains {
+        records.sort_by_key(|linked| (linked.sequence, linked.position));
         let mut progress = ChainProgress::default();
-        let before = records
-            .iter()
-            .map(|(linked, _)| linked.sequence)
-            .take_while(|sequence| *sequence < first)
-            .last();
-        if let Some((anchor, _)) =
-            before.and_then(|before| records.iter().find(|(linked, _)| linked.sequence == before))
-        {
-            progress.anchor(anchor);
-        }
-        for (linked, _) in records {
-            if (first..=last).contains(&linked.sequence) {
-                progress.check(linked);
-            }
+        for linked in records {
+            progress.check(linked);
         }
         report.chains.push(progress.report(chain_id));
     }
     Ok(report)
+}
+
+/// Where a record's time lies against the range [`verify_jsonl`] was asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    Before = 0,
+    In = 1,
+    After = 2,
 }
 
 #[cfg(test)]

@@ -426,7 +426,8 @@ fn a_replayed_stretch_counts_as_duplicates_not_a_break() {
 }
 
 #[test]
-fn a_time_range_checks_its_records_anchored_on_the_one_before() {
+fn a_time_range_checks_the_chains_it_touches_whole() {
+    // Records one second apart; the range holds records 10 to 14.
     let start = datetime!(2025-03-01 10:00 UTC);
     let from = Some(start + Duration::from_secs(10));
     let to = Some(start + Duration::from_secs(15));
@@ -437,15 +438,9 @@ fn a_time_range_checks_its_records_anchored_on_the_one_before() {
         verify_jsonl(&path, from, to).unwrap()
     };
 
-    let mut records = linked(20, start);
-    records[3].url = "/changed".to_owned();
-    records[17].url = "/changed".to_owned();
-    let report = check(&records);
-    assert!(
-        report.is_intact(),
-        "changes outside the range are not checked: {report:#?}"
-    );
-    assert_eq!(report.chains[0].records, 5);
+    let report = check(&linked(20, start));
+    assert!(report.is_intact(), "{report:#?}");
+    assert_eq!(report.chains[0].records, 20);
 
     let mut records = linked(20, start);
     records[12].url = "/changed".to_owned();
@@ -457,6 +452,40 @@ fn a_time_range_checks_its_records_anchored_on_the_one_before() {
     let broken = first_break(&check(&records));
     assert_eq!((broken.reason, broken.sequence), (BreakReason::Removed, 10));
     assert!(broken.detail.contains("record 9"), "{}", broken.detail);
+
+    // The record just after the range removed: the range's own records are intact, the chain
+    // is not.
+    let mut records = linked(20, start);
+    records.remove(15);
+    let broken = first_break(&check(&records));
+    assert_eq!(broken.reason, BreakReason::Removed);
+
+    // A record changed and moved out of the range by its time, after it or before it.
+    for (index, moved_to) in [(14, 16), (10, 9)] {
+        let mut records = linked(20, start);
+        records[index].url = "/changed".to_owned();
+        records[index].time_generated = start + Duration::from_secs(moved_to);
+        let broken = first_break(&check(&records));
+        assert_eq!(
+            (broken.reason, broken.sequence),
+            (BreakReason::Changed, index as u64),
+            "record {index} moved to {moved_to} s"
+        );
+    }
+
+    // Every record of the range removed: the chain has records on both sides, and shows the gap.
+    let mut records = linked(20, start);
+    records.drain(10..15);
+    let report = check(&records);
+    assert!(!report.is_intact(), "{report:#?}");
+    assert_eq!(first_break(&report).reason, BreakReason::Removed);
+
+    // A change elsewhere in a chain the range touches is named too (the SQL stores check chains
+    // whole as well).
+    let mut records = linked(20, start);
+    records[3].url = "/changed".to_owned();
+    let broken = first_break(&check(&records));
+    assert_eq!((broken.reason, broken.sequence), (BreakReason::Changed, 3));
 }
 
 #[test]

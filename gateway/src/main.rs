@@ -47,7 +47,8 @@ enum Command {
         config: PathBuf,
     },
     /// Verify the hash chain of audit records in a JSON-lines file (--jsonl) or an audit database
-    /// (--database), and name the first record that was changed or removed.
+    /// (--database), and name the first record that was changed or removed. With --from/--to,
+    /// every chain (one per gateway and day) with records in that range is checked whole.
     VerifyAudit {
         /// JSON-lines audit file.
         #[arg(
@@ -59,10 +60,10 @@ enum Command {
         /// Audit database: `sqlite:PATH` or `postgres://…`.
         #[arg(long)]
         database: Option<String>,
-        /// Only records at or after this RFC 3339 time.
+        /// Only chains with records at or after this RFC 3339 time.
         #[arg(long)]
         from: Option<String>,
-        /// Only records before this RFC 3339 time.
+        /// Only chains with records before this RFC 3339 time.
         #[arg(long)]
         to: Option<String>,
     },
