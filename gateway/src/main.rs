@@ -110,6 +110,8 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Check { config } => {
             let file = ConfigFile::load(&config)?;
+            check_server_settings(&file.server)
+                .map_err(|error| anyhow::anyhow!("{}: {error:#}", config.display()))?;
             let secrets = secret_settings(&file.server)?;
             // Key Vault references are fetched, as the running gateway would.
             tokio::runtime::Builder::new_current_thread()
@@ -145,9 +147,9 @@ fn main() -> anyhow::Result<()> {
         Command::Serve { config } => {
             let file = ConfigFile::load(&config)?;
             init_logging(file.server.log_format);
+            check_server_settings(&file.server)?;
             let mut runtime = tokio::runtime::Builder::new_multi_thread();
             if let Some(threads) = file.server.worker_threads {
-                anyhow::ensure!(threads > 0, "server.worker_threads must be at least 1");
                 runtime.worker_threads(threads);
             }
             runtime.enable_all().build()?.block_on(serve(file))
@@ -282,9 +284,31 @@ fn init_logging(format: LogFormat) {
 }
 
 /// The one audit sink the settings name, and the SQL store when it is that.
-async fn audit_sink(
-    audit: &AuditSettings,
-) -> anyhow::Result<Option<(Arc<dyn AuditSink>, Option<SqlStore>)>> {
+/// What `serve` refuses in the server settings before it opens anything, so that `check` refuses
+/// it too: thread count, client timeouts, the audit sink's shape, and the secrets the settings
+/// name (the admin token, the Redis URLs).
+fn check_server_settings(settings: &ServerSettings) -> anyhow::Result<()> {
+    if settings.worker_threads == Some(0) {
+        anyhow::bail!("server.worker_threads must be at least 1");
+    }
+    settings.client_timeouts()?;
+    check_audit_settings(&settings.audit)?;
+    if let Some(reference) = &settings.admin_token {
+        secret::resolve(reference).context("server.admin_token")?;
+    }
+    for (name, url) in [
+        ("server.limits.redis_url", &settings.limits.redis_url),
+        ("server.affinity.redis_url", &settings.affinity.redis_url),
+    ] {
+        if let Some(url) = url {
+            url.resolve().context(name)?;
+        }
+    }
+    Ok(())
+}
+
+/// The audit settings' own shape: one sink at most, a claim period.
+fn check_audit_settings(audit: &AuditSettings) -> anyhow::Result<()> {
     let named = [
         audit.database.is_some(),
         audit.azure_monitor.is_some(),
@@ -299,6 +323,13 @@ async fn audit_sink(
             "server.audit: name one of `database`, `azure_monitor` and `jsonl`, not several"
         );
     }
+    Ok(())
+}
+
+async fn audit_sink(
+    audit: &AuditSettings,
+) -> anyhow::Result<Option<(Arc<dyn AuditSink>, Option<SqlStore>)>> {
+    check_audit_settings(audit)?;
     if let Some(url) = &audit.database {
         let store = SqlStore::open(url).await.context("server.audit.database")?;
         tokio::spawn(maintain_audit_store(

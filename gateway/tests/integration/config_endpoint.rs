@@ -229,3 +229,53 @@ async fn a_snapshot_larger_than_two_mebibytes_is_taken() {
     let applied = put(&gw, Some(ADMIN_TOKEN), &next).await;
     assert_eq!(applied.status(), 200, "{}", applied.text().await.unwrap());
 }
+
+/// `check` refuses what `serve` would refuse in the server settings, not only in the snapshot:
+/// a file it calls valid starts.
+#[tokio::test]
+async fn check_refuses_the_server_settings_serve_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let snapshot = "snapshot:\n  version: 1\n  pools:\n    - id: p\n      deployments: [d]\n      members:\n        - {id: m, endpoint: 'http://127.0.0.1:9'}\n";
+    let check = |name: &str, server: &str| {
+        let path = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(
+            &path,
+            format!(
+                "server:\n  state_dir: {}\n{server}{snapshot}",
+                state.display()
+            ),
+        )
+        .unwrap();
+        std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse-gateway"))
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap()
+    };
+    let valid = check("valid", "");
+    assert!(valid.status.success(), "{valid:?}");
+    for (name, server, expected) in [
+        (
+            "timeout",
+            "  request_head_timeout_seconds: 0\n",
+            "request_head_timeout_seconds",
+        ),
+        ("threads", "  worker_threads: 0\n", "worker_threads"),
+        (
+            "sinks",
+            "  audit:\n    jsonl: /tmp/a.jsonl\n    database: 'sqlite:/tmp/a.db'\n",
+            "name one of",
+        ),
+        (
+            "token",
+            "  admin_token: env:GATEHOUSE_SURELY_UNSET_TOKEN\n",
+            "server.admin_token",
+        ),
+    ] {
+        let refused = check(name, server);
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "{name}: {refused:?}");
+        assert!(stderr.contains(expected), "{name}: {stderr}");
+    }
+}
