@@ -655,24 +655,29 @@ impl ConfigDb {
 
     // ---- snapshot versions ----
 
-    /// Stores a newly built snapshot; fails (unique violation) if the version is taken.
+    /// Stores a newly built snapshot; `false` (nothing stored) when the version is taken, by
+    /// another portal replica that published at the same moment.
     pub async fn insert_snapshot(
         &self,
         version: i64,
         snapshot_json: &str,
         created_by: &str,
-    ) -> Result<(), PortalError> {
+    ) -> Result<bool, PortalError> {
         const SQL: &str = "INSERT INTO snapshot_versions (version, snapshot, created_at, created_by) VALUES ($1, $2, $3, $4)";
         let now = OffsetDateTime::now_utc();
-        on_pool!(self, |pool| sqlx::query(SQL)
+        let result = on_pool!(self, |pool| sqlx::query(SQL)
             .bind(version)
             .bind(snapshot_json)
             .bind(now)
             .bind(created_by)
             .execute(pool)
-            .await?
-            .rows_affected());
-        Ok(())
+            .await
+            .map(|done| done.rows_affected()));
+        match result {
+            Ok(_) => Ok(true),
+            Err(error) if PortalError::is_unique_violation(&error) => Ok(false),
+            Err(error) => Err(error.into()),
+        }
     }
 
     /// The newest stored snapshot.

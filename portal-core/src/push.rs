@@ -19,6 +19,9 @@ use crate::snapshot;
 /// The gateway's config endpoint, as path segments under its base URL.
 const CONFIG_PATH_SEGMENTS: [&str; 2] = ["_gatehouse", "config"];
 
+/// How often a publish builds again when other portal replicas took its version number.
+const MAX_PUBLISH_ATTEMPTS: u32 = 8;
+
 /// Longest part of a gateway's error answer kept in the database.
 const MAX_ERROR_CHARS: usize = 300;
 
@@ -69,29 +72,53 @@ impl Publisher {
     }
 
     /// Builds the next version from the database, stores it and pushes it to every gateway.
+    ///
+    /// Portal replicas on one database may publish at the same moment: each builds the version
+    /// after the newest stored one, and the one that finds its number taken builds again from
+    /// the database as it is then, which holds both changes (each was committed before its
+    /// publish began). So every committed change reaches a stored version.
     pub async fn publish(&self, actor: &str) -> Result<(u64, Vec<PushOutcome>), PortalError> {
         let version = {
             let _writing = self.writing.lock().await;
-            let latest = self
-                .db
-                .latest_snapshot()
-                .await?
-                .map_or(0, |row| row.version);
-            let version = u64::try_from(latest).unwrap_or(0) + 1;
-            let built = snapshot::build(&self.db, version).await?;
-            // Every change the portal makes is checked before it is stored; this catches what
-            // was written around it (by hand, or by an older portal), so that no version a
-            // gateway would refuse is stored and pushed.
-            snapshot::refuse(
-                "the configuration database makes a configuration gateways refuse, so nothing was published",
-                &gatehouse_schema::validate::problems(&built),
-            )?;
-            let text = serde_json::to_string(&built)
-                .map_err(|error| PortalError::Corrupt(format!("snapshot: {error}")))?;
-            self.db
-                .insert_snapshot(i64::try_from(version).unwrap_or(i64::MAX), &text, actor)
-                .await?;
-            version
+            let mut attempts = 0;
+            loop {
+                let latest = self
+                    .db
+                    .latest_snapshot()
+                    .await?
+                    .map_or(0, |row| row.version);
+                let version = u64::try_from(latest).unwrap_or(0) + 1;
+                let built = snapshot::build(&self.db, version).await?;
+                // Every change the portal makes is checked before it is stored; this catches
+                // what was written around it (by hand, or by an older portal), so that no
+                // version a gateway would refuse is stored and pushed.
+                snapshot::refuse(
+                    "the configuration database makes a configuration gateways refuse, so nothing was published",
+                    &gatehouse_schema::validate::problems(&built),
+                )?;
+                let text = serde_json::to_string(&built)
+                    .map_err(|error| PortalError::Corrupt(format!("snapshot: {error}")))?;
+                let stored = self
+                    .db
+                    .insert_snapshot(i64::try_from(version).unwrap_or(i64::MAX), &text, actor)
+                    .await?;
+                if stored {
+                    break version;
+                }
+                attempts += 1;
+                if attempts == MAX_PUBLISH_ATTEMPTS {
+                    return Err(PortalError::invalid(
+                        "version",
+                        format!(
+                            "saved, but not published: the next version number was taken {MAX_PUBLISH_ATTEMPTS} times by other portal replicas publishing at once; push again from the Gateways page"
+                        ),
+                    ));
+                }
+                tracing::info!(
+                    version,
+                    "version taken by another portal replica; building again"
+                );
+            }
         };
         tracing::info!(version, actor, "configuration published");
         Ok((version, self.push_current().await?))

@@ -176,9 +176,9 @@ async fn round_trip(db: &ConfigDb) {
         "schema defaults apply"
     );
     let text = serde_json::to_string(&built).unwrap();
-    db.insert_snapshot(7, &text, "tester").await.unwrap();
+    assert!(db.insert_snapshot(7, &text, "tester").await.unwrap());
     assert!(
-        db.insert_snapshot(7, &text, "tester").await.is_err(),
+        !db.insert_snapshot(7, &text, "tester").await.unwrap(),
         "a version is stored once"
     );
     let latest = db.latest_snapshot().await.unwrap().unwrap();
@@ -460,4 +460,31 @@ async fn sqlite_publishes_nothing_a_gateway_would_refuse() {
 async fn postgres_publishes_nothing_a_gateway_would_refuse() {
     let test = common::postgres().await;
     publishes_nothing_a_gateway_would_refuse(&test.db).await;
+}
+
+/// Two portal replicas on one database publishing at the same moment both store a version, one
+/// after the other: the one that finds its number taken builds again.
+async fn replicas_publishing_at_once_both_store_a_version(db: &ConfigDb) {
+    let first = Publisher::new(db.clone(), std::time::Duration::from_secs(2)).unwrap();
+    let second = Publisher::new(db.clone(), std::time::Duration::from_secs(2)).unwrap();
+    for round in 0..10_u64 {
+        let (a, b) = tokio::join!(first.publish("first"), second.publish("second"));
+        let mut versions = [a.unwrap().0, b.unwrap().0];
+        versions.sort_unstable();
+        assert_eq!(versions, [2 * round + 1, 2 * round + 2]);
+    }
+    let latest = db.latest_snapshot().await.unwrap().unwrap();
+    assert_eq!(latest.version, 20);
+}
+
+#[tokio::test]
+async fn sqlite_replicas_publishing_at_once_both_store_a_version() {
+    let test = common::sqlite().await;
+    replicas_publishing_at_once_both_store_a_version(&test.db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_replicas_publishing_at_once_both_store_a_version() {
+    let test = common::postgres().await;
+    replicas_publishing_at_once_both_store_a_version(&test.db).await;
 }
