@@ -270,7 +270,7 @@ impl IntoResponse for GatewayError {
             s if s.is_server_error() => "server_error",
             _ => "invalid_request_error",
         };
-        let body = json!({
+        let mut body = json!({
             "error": {
                 "code": self.code(),
                 "message": self.to_string(),
@@ -281,6 +281,11 @@ impl IntoResponse for GatewayError {
             "statusCode": status.as_u16(),
             "message": self.to_string(),
         });
+        if let GatewayError::StaleConfig { running, .. } = &self {
+            // For the portal: a push it repeats (a lost answer, a gateway registered again) finds
+            // the version already running, and is done.
+            body["runningVersion"] = json!(running);
+        }
         let mut response = (status, axum::Json(body)).into_response();
         let retry_after = match &self {
             GatewayError::AllThrottled { retry_after } => Some(*retry_after),

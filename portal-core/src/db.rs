@@ -640,7 +640,9 @@ impl ConfigDb {
         pushed_version: Option<i64>,
         error: Option<&str>,
     ) -> Result<(), PortalError> {
-        const SQL: &str = "UPDATE gateways SET pushed_version = COALESCE($2, pushed_version), last_attempt_at = $3, last_error = $4 WHERE id = $1";
+        // Never lowered: two pushes that end out of order (a publish and the catch-up) leave
+        // the newer version recorded.
+        const SQL: &str = "UPDATE gateways SET pushed_version = CASE WHEN pushed_version IS NULL OR $2 > pushed_version THEN COALESCE($2, pushed_version) ELSE pushed_version END, last_attempt_at = $3, last_error = $4 WHERE id = $1";
         let now = OffsetDateTime::now_utc();
         on_pool!(self, |pool| sqlx::query(SQL)
             .bind(id)

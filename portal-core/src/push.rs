@@ -177,6 +177,18 @@ impl Publisher {
             return Ok(());
         }
         let body = response.text().await.unwrap_or_default();
+        // Refused as not newer than what it runs, and it runs this very version: the push was
+        // applied before (its answer was lost, or the gateway was registered again).
+        if status == StatusCode::CONFLICT
+            && let Ok(refusal) = serde_json::from_str::<serde_json::Value>(&body)
+            && let Some(running) = refusal.get("runningVersion").and_then(|v| v.as_u64())
+            && serde_json::from_str::<serde_json::Value>(snapshot_json)
+                .ok()
+                .and_then(|offered| offered.get("version").and_then(|v| v.as_u64()))
+                == Some(running)
+        {
+            return Ok(());
+        }
         let body: String = body.chars().take(MAX_ERROR_CHARS).collect();
         Err(format!("refused with {status}: {body}"))
     }

@@ -262,6 +262,38 @@ async fn publish_reaches_gateways(db: ConfigDb) {
     assert_eq!(running_config(&moved.url).await["version"], json!(current));
     assert_eq!(chat(&moved.url, "gpt-4o", &second.key).await, 200);
 
+    // Registered once more under another spelling of the same address, it is offered the
+    // version it already runs: the gateway refuses it as not newer, which is being current.
+    let outcomes = portal
+        .register_gateway(
+            Some(&user),
+            "up",
+            &moved.url.replace("127.0.0.1", "localhost"),
+            &token_ref,
+        )
+        .await
+        .unwrap();
+    assert!(
+        outcomes
+            .iter()
+            .any(|o| o.gateway == "up" && o.result.is_ok()),
+        "{outcomes:?}"
+    );
+    let row = |gateways: Vec<gatehouse_portal_core::db::GatewayRow>| {
+        gateways.into_iter().find(|g| g.id == "up").unwrap()
+    };
+    let up_row = row(db.gateways().await.unwrap());
+    assert_eq!(
+        (up_row.pushed_version, up_row.last_error),
+        (Some(current), None)
+    );
+    // A push that ends after a newer one does not lower the version recorded.
+    db.record_push("up", Some(current - 1), None).await.unwrap();
+    assert_eq!(
+        row(db.gateways().await.unwrap()).pushed_version,
+        Some(current)
+    );
+
     let log = db.activity(50).await.unwrap();
     assert!(
         log.iter()

@@ -54,6 +54,9 @@ async fn a_newer_valid_snapshot_is_applied_persisted_and_used_at_the_next_start(
 
     let stale = put(&gw, Some(ADMIN_TOKEN), &next).await;
     assert_eq!(stale.status(), 409);
+    let refusal: serde_json::Value = stale.json().await.unwrap();
+    assert_eq!(refusal["error"]["code"], "409");
+    assert_eq!(refusal["runningVersion"], 2);
 
     // A restart with the old file still runs version 2.
     let state_dir = Arc::clone(&gw.state_dir);
