@@ -35,7 +35,8 @@ try {
   await page.goto(`${base}/subscriptions`, { waitUntil: 'networkidle' });
   let navigated = false;
   page.on('framenavigated', () => { navigated = true; });
-  await page.fill('input[name=id]', `e2e-${Date.now()}`);
+  const firstId = `e2e-${Date.now()}`;
+  await page.fill('input[name=id]', firstId);
   await page.fill('input[name=display_name]', 'End-to-end <b>team</b>');
   await page.click('text=Create and show key');
   const key = await page.waitForSelector('[data-testid=issued-key]', { timeout: 10000 });
@@ -49,6 +50,25 @@ try {
   const row = await page.textContent('table');
   if (!row?.includes('End-to-end <b>team</b>')) failures.push('the new row is missing or not escaped');
   await page.screenshot({ path: `${shots}/subscriptions.png`, fullPage: true });
+
+  // The key shown is the one of the action that answered last: rotate the first subscription's
+  // key, then create a second subscription, and the second one's key is shown.
+  await page.click(`tr:has(code:text-is("${firstId}")) button:has-text("Rotate key")`);
+  await page.waitForFunction(
+    (previous) => document.querySelector('[data-testid=issued-key]')?.textContent?.trim() !== previous,
+    text, { timeout: 10000 });
+  const rotated = (await page.textContent('[data-testid=issued-key]'))?.trim() ?? '';
+  const secondId = `e2e-b-${Date.now()}`;
+  await page.fill('input[name=id]', secondId);
+  await page.fill('input[name=display_name]', 'Second team');
+  await page.click('text=Create and show key');
+  await page.waitForFunction(
+    (previous) => document.querySelector('[data-testid=issued-key]')?.textContent?.trim() !== previous,
+    rotated, { timeout: 10000 });
+  const callout = (await page.textContent('.callout-success')) ?? '';
+  const second = (await page.textContent('[data-testid=issued-key]'))?.trim() ?? '';
+  if (!callout.includes(secondId)) failures.push(`after a rotation and a creation the key shown is not the new subscription's: ${callout}`);
+  if (!second.startsWith('ghk_') || second === rotated || second === text) failures.push('the second subscription\'s key is not a new key');
 
   for (const name of ['gateways', 'activity']) {
     await page.goto(`${base}/${name}`, { waitUntil: 'networkidle' });

@@ -213,17 +213,24 @@ pub fn Subscriptions() -> impl IntoView {
         },
         |_| list_subscriptions(),
     );
-    let issued = move || {
-        let created = create.value().get().and_then(Result::ok);
-        let rotated = rotate.value().get().and_then(Result::ok);
-        // The most recent of the two actions wins.
-        let latest = if rotate.version().get() > 0 && rotated.is_some() {
-            rotated.or(created)
-        } else {
-            created.or(rotated)
-        };
-        latest.map(|issued| view! { <KeyOnce issued /> })
-    };
+    // The key of whichever action answered last: an action keeps its last value, so deciding by
+    // which one ever answered would show an older rotation's key after a newer creation.
+    let shown = RwSignal::new(None::<IssuedKey>);
+    Effect::new(move |_| {
+        if let Some(Ok(issued)) = create.value().get() {
+            shown.set(Some(issued));
+        }
+    });
+    Effect::new(move |_| {
+        if let Some(Ok(issued)) = rotate.value().get() {
+            shown.set(Some(issued));
+        }
+    });
+    let issued = move || shown.get().map(|issued| view! { <KeyOnce issued /> });
+    // A form sent before the page is interactive is answered with a redirect that drops the
+    // key; the buttons that issue a key wait until the page can show it.
+    let interactive = RwSignal::new(false);
+    Effect::new(move |_| interactive.set(true));
     view! {
         <h1>"Subscriptions"</h1>
         {issued}
@@ -237,7 +244,11 @@ pub fn Subscriptions() -> impl IntoView {
                 <label>"Team or group" <input name="product" maxlength="200" /></label>
                 <label>"Expires on" <input name="expires_on" type="date" /></label>
                 <div class="form-actions">
-                    <button type="submit" class="btn btn-primary">
+                    <button
+                        type="submit"
+                        class="btn btn-primary"
+                        disabled=move || !interactive.get()
+                    >
                         "Create and show key"
                     </button>
                 </div>
@@ -270,7 +281,9 @@ pub fn Subscriptions() -> impl IntoView {
                                     <tbody>
                                         {rows
                                             .into_iter()
-                                            .map(|row| subscription_row(row, rotate, retire, revoke))
+                                            .map(|row| {
+                                                subscription_row(row, rotate, retire, revoke, interactive)
+                                            })
                                             .collect_view()}
                                     </tbody>
                                 </table>
@@ -290,6 +303,7 @@ fn subscription_row(
     rotate: ServerAction<RotateSubscriptionKey>,
     retire: ServerAction<RetireSecondaryKey>,
     revoke: ServerAction<RevokeSubscription>,
+    interactive: RwSignal<bool>,
 ) -> impl IntoView {
     let revoked = row.state == "revoked";
     let has_secondary = row.has_secondary;
@@ -320,7 +334,11 @@ fn subscription_row(
                         view! {
                             <ActionForm action=rotate attr:class="inline">
                                 <input type="hidden" name="id" value=id1 />
-                                <button type="submit" class="btn btn-quiet">
+                                <button
+                                    type="submit"
+                                    class="btn btn-quiet"
+                                    disabled=move || !interactive.get()
+                                >
                                     "Rotate key"
                                 </button>
                             </ActionForm>
