@@ -35,6 +35,7 @@ use crate::runtime::Resolver;
 use crate::runtime::{Runtime, ValidationErrors};
 use crate::secret::Secret;
 use crate::secret::{SecretCheckpoint, SecretStore};
+use crate::secret_policy::SecretRefPolicy;
 use crate::settings::{AffinitySettings, LimitSettings};
 use crate::{admin, auth, authorize, caller, classify, proxy};
 
@@ -136,6 +137,8 @@ pub struct SecretSettings {
     /// How often every Key Vault value in use is fetched again (a rotated secret takes effect
     /// within this time).
     pub key_vault_refresh: Duration,
+    /// Which secret references a snapshot may name.
+    pub snapshot_refs: SecretRefPolicy,
 }
 
 impl Default for SecretSettings {
@@ -143,6 +146,7 @@ impl Default for SecretSettings {
         SecretSettings {
             entra_credential: None,
             key_vault_refresh: Duration::from_secs(300),
+            snapshot_refs: SecretRefPolicy::default(),
         }
     }
 }
@@ -179,6 +183,7 @@ impl Gateway {
         let resolver = Resolver {
             secrets: SecretStore::new(key_vault),
             credentials: Arc::default(),
+            policy: Arc::new(parts.secrets.snapshot_refs.clone()),
         };
         let runtime = Runtime::prepare(snapshot, &health, &resolver)
             .await

@@ -61,6 +61,7 @@ mod redis_connection;
 pub mod retry_hint;
 pub mod runtime;
 pub mod secret;
+pub mod secret_policy;
 pub mod server;
 pub mod settings;
 pub mod state_lock;

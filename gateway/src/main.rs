@@ -1,7 +1,7 @@
 //! The `gatehouse-gateway` command.
 
 use std::io::{IsTerminal as _, Read};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,9 +15,11 @@ use gatehouse_gateway::gateway_claim::GatewayIdClaim;
 use gatehouse_gateway::key_vault::KeyVaultClient;
 use gatehouse_gateway::runtime::{Resolver, Runtime};
 use gatehouse_gateway::secret::SecretStore;
-use gatehouse_gateway::settings::{AuditSettings, LogFormat, ServerSettings};
+use gatehouse_gateway::secret_policy::SecretRefPolicy;
+use gatehouse_gateway::settings::{AuditSettings, LogFormat, RedisUrl, ServerSettings};
 use gatehouse_gateway::state_lock::StateDirLock;
 use gatehouse_gateway::{ConfigFile, Gateway, GatewayParts, SecretSettings, auth, secret, server};
+use gatehouse_schema::config::SecretRef;
 
 /// mimalloc: the gateway allocates many short-lived buffers per call, where glibc's allocator
 /// showed up as ~12% of CPU under load.
@@ -112,7 +114,7 @@ fn main() -> anyhow::Result<()> {
             let file = ConfigFile::load(&config)?;
             check_server_settings(&file.server)
                 .map_err(|error| anyhow::anyhow!("{}: {error:#}", config.display()))?;
-            let secrets = secret_settings(&file.server)?;
+            let secrets = secret_settings(&file.server, &config)?;
             // Key Vault references are fetched, as the running gateway would.
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -123,6 +125,7 @@ fn main() -> anyhow::Result<()> {
                             secrets.entra_credential.map(KeyVaultClient::new),
                         ),
                         credentials: Arc::default(),
+                        policy: Arc::new(secrets.snapshot_refs),
                     };
                     Runtime::prepare(file.snapshot, &Default::default(), &resolver).await
                 })
@@ -152,7 +155,7 @@ fn main() -> anyhow::Result<()> {
             if let Some(threads) = file.server.worker_threads {
                 runtime.worker_threads(threads);
             }
-            runtime.enable_all().build()?.block_on(serve(file))
+            runtime.enable_all().build()?.block_on(serve(file, &config))
         }
     }
 }
@@ -386,7 +389,46 @@ async fn maintain_audit_store(
 }
 
 /// The gateway's own Entra credential and the Key Vault refresh interval, from the settings.
-fn secret_settings(settings: &ServerSettings) -> anyhow::Result<SecretSettings> {
+/// Which secret references a snapshot may name: never those the server settings use, nor the
+/// configuration file, the TLS files or anything in the state directory; and only under
+/// `server.snapshot_secret_refs` when it is set (see `gateway/src/secret_policy.rs`).
+fn snapshot_ref_policy(
+    settings: &ServerSettings,
+    config: &Path,
+) -> anyhow::Result<SecretRefPolicy> {
+    let mut reserved: Vec<SecretRef> = settings.admin_token.iter().cloned().collect();
+    if let Some((_, reference)) = settings
+        .entra_credential
+        .as_ref()
+        .and_then(|identity| identity.secret_ref())
+    {
+        reserved.push(reference.clone());
+    }
+    for url in [&settings.limits.redis_url, &settings.affinity.redis_url]
+        .into_iter()
+        .flatten()
+    {
+        if let RedisUrl::Reference(reference) = url {
+            reserved.push(reference.clone());
+        }
+    }
+    if let Some(monitor) = &settings.audit.azure_monitor {
+        reserved.push(monitor.credential.client_secret.clone());
+    }
+    let mut files: Vec<&Path> = vec![config];
+    if let Some(tls) = &settings.tls {
+        files.extend([tls.cert_file.as_path(), tls.key_file.as_path()]);
+    }
+    SecretRefPolicy::new(
+        reserved,
+        &files,
+        &[settings.state_dir.as_path()],
+        settings.snapshot_secret_refs.as_deref(),
+    )
+    .map_err(|problem| anyhow::anyhow!(problem))
+}
+
+fn secret_settings(settings: &ServerSettings, config: &Path) -> anyhow::Result<SecretSettings> {
     let entra_credential = match &settings.entra_credential {
         Some(identity) => {
             if let Some((field, reference)) = identity.secret_ref() {
@@ -408,14 +450,15 @@ fn secret_settings(settings: &ServerSettings) -> anyhow::Result<SecretSettings> 
     Ok(SecretSettings {
         entra_credential,
         key_vault_refresh: Duration::from_secs(settings.key_vault_refresh_seconds),
+        snapshot_refs: snapshot_ref_policy(settings, config)?,
     })
 }
 
-async fn serve(file: ConfigFile) -> anyhow::Result<()> {
+async fn serve(file: ConfigFile, config: &Path) -> anyhow::Result<()> {
     let settings = file.server;
     // Before anything in the state directory is read: held until the process ends.
     let _state_lock = StateDirLock::take(&settings.state_dir)?;
-    let secrets = secret_settings(&settings)?;
+    let secrets = secret_settings(&settings, config)?;
     let mut claim = None;
     let journal_dir = settings.state_dir.join("audit-journal");
     let (audit, writer) = match audit_sink(&settings.audit).await? {

@@ -18,6 +18,7 @@ use crate::auth::KeyIndex;
 use crate::entra_credential::CredentialRegistry;
 use crate::pool::{HealthRegistry, Member, MemberCredential, Pool};
 use crate::secret::SecretStore;
+use crate::secret_policy::SecretRefPolicy;
 use crate::upstream::BackendClient;
 
 /// Where a runtime's secrets and Entra credentials come from; shared across snapshots so that Key
@@ -28,6 +29,8 @@ pub struct Resolver {
     pub secrets: SecretStore,
     /// Entra credentials by identity.
     pub credentials: Arc<CredentialRegistry>,
+    /// Which references a snapshot may name; one it may not is refused before it is read.
+    pub policy: Arc<SecretRefPolicy>,
 }
 
 impl Resolver {
@@ -62,6 +65,28 @@ pub fn secret_refs(snapshot: &ConfigSnapshot) -> Vec<(String, &SecretRef)> {
         }
     }
     references
+}
+
+/// Refuses a snapshot that names a secret reference the policy keeps from snapshots (one of the
+/// gateway's own secrets, see [`SecretRefPolicy`]), naming each with its field path.
+fn refuse_reserved_refs(
+    snapshot: &ConfigSnapshot,
+    resolver: &Resolver,
+) -> Result<(), ValidationErrors> {
+    let refused: Vec<String> = secret_refs(snapshot)
+        .into_iter()
+        .filter_map(|(path, reference)| {
+            resolver
+                .policy
+                .refusal(reference)
+                .map(|why| format!("{path}: {why}"))
+        })
+        .collect();
+    if refused.is_empty() {
+        Ok(())
+    } else {
+        Err(ValidationErrors(refused))
+    }
 }
 
 /// A snapshot ready to serve.
@@ -107,6 +132,7 @@ impl Runtime {
         health: &HealthRegistry,
         resolver: &Resolver,
     ) -> Result<Runtime, ValidationErrors> {
+        refuse_reserved_refs(&snapshot, resolver)?;
         resolver
             .secrets
             .prefetch(
@@ -129,6 +155,7 @@ impl Runtime {
         if !errors.is_empty() {
             return Err(ValidationErrors(errors));
         }
+        refuse_reserved_refs(&snapshot, resolver)?;
 
         let mut clients: HashMap<(BackendTls, u64), BackendClient> = HashMap::new();
         let mut pools = Vec::new();

@@ -92,6 +92,13 @@ pub struct ServerSettings {
     /// backend key takes effect within this time. A failed refresh keeps the last value.
     #[serde(default = "default_key_vault_refresh_seconds")]
     pub key_vault_refresh_seconds: u64,
+    /// The only secret references a snapshot's members may name, as prefixes:
+    /// `env:NAME_PREFIX`, `file:/absolute/directory/`, or the start of a Key Vault secret URL
+    /// (`https://{vault}.vault.azure.net/secrets/aoai-`). Absent: any reference, except the
+    /// gateway's own secrets and files, which a snapshot never names (see
+    /// `gateway/src/secret_policy.rs`).
+    #[serde(default)]
+    pub snapshot_secret_refs: Option<Vec<String>>,
 }
 
 fn default_key_vault_refresh_seconds() -> u64 {

@@ -523,6 +523,7 @@ fn key_vault_settings(entra: &EntraDouble, refresh: Duration) -> SecretSettings 
     SecretSettings {
         entra_credential: Some(gateway_credential(entra)),
         key_vault_refresh: refresh,
+        ..SecretSettings::default()
     }
 }
 
@@ -607,6 +608,7 @@ async fn a_key_vault_client_secret_authenticates_a_member() {
                 .unwrap(),
             ),
             key_vault_refresh: Duration::from_secs(300),
+            ..SecretSettings::default()
         },
     )
     .await;

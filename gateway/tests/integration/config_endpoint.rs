@@ -282,3 +282,90 @@ async fn check_refuses_the_server_settings_serve_refuses() {
         assert!(stderr.contains(expected), "{name}: {stderr}");
     }
 }
+
+/// A snapshot cannot make the gateway send one of its own secrets to a member: the admin
+/// token's reference, the configuration file, anything in the state directory, and, with
+/// `server.snapshot_secret_refs`, anything outside the listed prefixes, are refused (422, with
+/// the field path) before they are read, and no member is called.
+#[tokio::test]
+async fn a_snapshot_cannot_name_the_gateways_own_secrets() {
+    let sim = simulator("own-secrets").await;
+    let secrets = tempfile::tempdir().unwrap();
+    let token_file = secrets.path().join("admin-token");
+    std::fs::write(&token_file, format!("{ADMIN_TOKEN}\n")).unwrap();
+    let token_ref = format!("file:{}", token_file.display());
+    let start = |name: &'static str, extra: Value| {
+        let mut settings = json!({"admin_token": token_ref});
+        for (key, value) in extra.as_object().unwrap() {
+            settings[key] = value.clone();
+        }
+        let snapshot = snapshot(1, pools(&sim.url(), "gpt-4o"));
+        async move { GatewayProcess::start_with(name, &snapshot, settings).await }
+    };
+    let sim_url = sim.url();
+    let push = |url: String, secret: String| {
+        let sim_url = sim_url.clone();
+        async move { push_member_secret(&url, &sim_url, &secret).await }
+    };
+
+    let gateway = start("own-secrets", json!({})).await;
+    let config = gateway.config_path();
+    let state_file = gateway.state_dir().join("instance-id");
+    for secret in [
+        token_ref.clone(),
+        format!("file:{}", config.display()),
+        format!("file:{}", state_file.display()),
+    ] {
+        let refused = push(gateway.url.clone(), secret.clone()).await;
+        let message = azure_error(refused, 422).await;
+        assert!(
+            message.contains("pools[0].members[0].credential.secret") && message.contains("own"),
+            "{secret}: {message}"
+        );
+        assert!(!message.contains(ADMIN_TOKEN), "{message}");
+    }
+    // Any other reference is taken.
+    let backend_key = secrets.path().join("backend-key");
+    std::fs::write(&backend_key, "backend-key-value\n").unwrap();
+    let taken = push(
+        gateway.url.clone(),
+        format!("file:{}", backend_key.display()),
+    )
+    .await;
+    assert_eq!(taken.status(), 200, "{}", taken.text().await.unwrap());
+    gateway.stop().await;
+
+    // With listed prefixes, only references under them.
+    let listed = start(
+        "listed-secrets",
+        json!({"snapshot_secret_refs": ["env:GATEHOUSE_TEST_AOAI_"]}),
+    )
+    .await;
+    let refused = push(
+        listed.url.clone(),
+        format!("file:{}", backend_key.display()),
+    )
+    .await;
+    let message = azure_error(refused, 422).await;
+    assert!(message.contains("snapshot_secret_refs"), "{message}");
+    assert_eq!(sim.hits(), 0, "no member was called");
+    listed.stop().await;
+}
+
+/// Pushes version 2 to the gateway at `url`: one pool whose member (at `backend`) has its
+/// `api-key` from `secret`.
+async fn push_member_secret(url: &str, backend: &str, secret: &str) -> reqwest::Response {
+    let mut member = member("m", backend, 1);
+    member["credential"] = json!({"type": "api_key", "secret": secret});
+    let body = json!({"version": 2, "pools": [{"id": "p", "deployments": ["gpt-4o"], "members": [member]}]});
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .put(format!("{url}/_gatehouse/config"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}

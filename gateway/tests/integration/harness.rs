@@ -1,6 +1,7 @@
 //! Starting simulators and a gateway, and waiting for audit records.
 
 use std::net::TcpListener;
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -587,6 +588,16 @@ impl GatewayProcess {
             .text()
             .await
             .unwrap()
+    }
+
+    /// The configuration file it was started with.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("gateway.yaml")
+    }
+
+    /// Its state directory.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
     }
 
     /// What it has logged so far (its standard error).

@@ -1,0 +1,229 @@
+//! Which secret references a configuration snapshot may name.
+//!
+//! A snapshot comes from whoever holds the gateway's admin token or is an Admin of the portal,
+//! and it decides where the gateway sends each member's credential: a member at a URL of their
+//! own whose `api-key` is `env:` or `file:` one of the gateway's own secrets would receive that
+//! secret on the first call. So a snapshot never names
+//!
+//! - a reference the server settings use: the admin token, the gateway's own Entra credential
+//!   (which also reads Key Vault and Microsoft Graph), the Redis URLs, the Azure Monitor secret;
+//! - a file of the gateway's own: its configuration file, its TLS certificate and key, anything
+//!   in its state directory (compared after symbolic links and `..` are resolved);
+//!
+//! and, when the operator lists prefixes (`server.snapshot_secret_refs`), only references
+//! under one of them: `env:NAME_PREFIX`, `file:/directory/`, or the start of a Key Vault secret
+//! URL (`https://{vault}.vault.azure.net/secrets/aoai-`).
+
+use std::path::{Path, PathBuf};
+
+use gatehouse_schema::config::{SecretRef, SecretSource};
+
+/// The references a snapshot may not name, and the prefixes it must name them under.
+#[derive(Debug, Clone, Default)]
+pub struct SecretRefPolicy {
+    /// References of the server settings, as written.
+    reserved: Vec<SecretRef>,
+    /// Files of the gateway's own, resolved.
+    reserved_files: Vec<PathBuf>,
+    /// Directories of the gateway's own, resolved.
+    reserved_dirs: Vec<PathBuf>,
+    /// When set, the only prefixes allowed.
+    allowed: Option<Vec<Prefix>>,
+}
+
+#[derive(Debug, Clone)]
+enum Prefix {
+    Env(String),
+    /// A resolved directory.
+    Dir(PathBuf),
+    KeyVault(String),
+}
+
+impl SecretRefPolicy {
+    /// A policy that refuses `reserved` references, the `files` and whatever lies under `dirs`,
+    /// and, when `allowed` is given, everything not under one of its prefixes (see the module
+    /// documentation for their forms).
+    pub fn new(
+        reserved: Vec<SecretRef>,
+        files: &[&Path],
+        dirs: &[&Path],
+        allowed: Option<&[String]>,
+    ) -> Result<SecretRefPolicy, String> {
+        let allowed = match allowed {
+            None => None,
+            Some(prefixes) => Some(
+                prefixes
+                    .iter()
+                    .map(|prefix| parse_prefix(prefix))
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+        };
+        Ok(SecretRefPolicy {
+            reserved,
+            reserved_files: files.iter().map(|path| resolved(path)).collect(),
+            reserved_dirs: dirs.iter().map(|path| resolved(path)).collect(),
+            allowed,
+        })
+    }
+
+    /// Why a snapshot may not name `reference`, or `None` when it may.
+    pub fn refusal(&self, reference: &SecretRef) -> Option<String> {
+        if self.reserved.contains(reference) {
+            return Some(format!(
+                "`{}` is one of the gateway's own secrets (its server settings use it); a snapshot may not name it",
+                reference.as_str()
+            ));
+        }
+        let file = match reference.source() {
+            SecretSource::File(path) => Some(resolved(Path::new(path))),
+            SecretSource::Env(_) | SecretSource::KeyVault(_) => None,
+        };
+        if let Some(file) = &file
+            && (self.reserved_files.contains(file)
+                || self.reserved_dirs.iter().any(|dir| file.starts_with(dir)))
+        {
+            return Some(format!(
+                "`{}` is a file of the gateway's own (its configuration, TLS key or state); a snapshot may not name it",
+                reference.as_str()
+            ));
+        }
+        let allowed = self.allowed.as_ref()?;
+        let under = allowed
+            .iter()
+            .any(|prefix| match (prefix, reference.source()) {
+                (Prefix::Env(prefix), SecretSource::Env(name)) => name.starts_with(prefix.as_str()),
+                (Prefix::Dir(dir), SecretSource::File(_)) => {
+                    file.as_ref().is_some_and(|file| file.starts_with(dir))
+                }
+                (Prefix::KeyVault(prefix), SecretSource::KeyVault(url)) => {
+                    url.starts_with(prefix.as_str())
+                }
+                _ => false,
+            });
+        (!under).then(|| {
+            format!(
+                "`{}` is not under a prefix of server.snapshot_secret_refs",
+                reference.as_str()
+            )
+        })
+    }
+}
+
+/// `path` with symbolic links and `..` resolved when it exists (a reference to a file that does
+/// not exist reads nothing), else as written.
+fn resolved(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+fn parse_prefix(text: &str) -> Result<Prefix, String> {
+    let problem = || {
+        format!(
+            "server.snapshot_secret_refs: `{text}` is not a prefix; use env:NAME_PREFIX, file:/absolute/directory/ or https://{{vault}}.vault.azure.net/secrets/NAME_PREFIX"
+        )
+    };
+    if let Some(name) = text.strip_prefix("env:") {
+        return if name.is_empty() {
+            Err(problem())
+        } else {
+            Ok(Prefix::Env(name.to_owned()))
+        };
+    }
+    if let Some(dir) = text.strip_prefix("file:") {
+        return if dir.starts_with('/') && dir.ends_with('/') {
+            Ok(Prefix::Dir(resolved(Path::new(dir))))
+        } else {
+            Err(problem())
+        };
+    }
+    match url::Url::parse(text) {
+        Ok(url)
+            if url.scheme() == "https"
+                && url.host_str().is_some_and(|host| host.contains(".vault."))
+                && url.path().starts_with("/secrets/") =>
+        {
+            Ok(Prefix::KeyVault(text.to_owned()))
+        }
+        _ => Err(problem()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(text: &str) -> SecretRef {
+        SecretRef::try_from(text.to_owned()).unwrap()
+    }
+
+    #[test]
+    fn the_gateways_own_secrets_and_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(state.join("sub")).unwrap();
+        let config = dir.path().join("gateway.yaml");
+        std::fs::write(&config, "server: {}").unwrap();
+        std::fs::write(state.join("sub/instance-id"), "x").unwrap();
+        let policy = SecretRefPolicy::new(
+            vec![reference("env:GATEHOUSE_ADMIN_TOKEN")],
+            &[&config],
+            &[&state],
+            None,
+        )
+        .unwrap();
+        assert!(
+            policy
+                .refusal(&reference("env:GATEHOUSE_ADMIN_TOKEN"))
+                .is_some()
+        );
+        assert!(policy.refusal(&reference("env:AOAI_KEY")).is_none());
+        let config_ref = format!("file:{}", config.display());
+        assert!(policy.refusal(&reference(&config_ref)).is_some());
+        // Reached through `..`, still the same file.
+        let around = format!("file:{}/state/../gateway.yaml", dir.path().display());
+        assert!(policy.refusal(&reference(&around)).is_some());
+        let in_state = format!("file:{}/sub/instance-id", state.display());
+        assert!(policy.refusal(&reference(&in_state)).is_some());
+    }
+
+    #[test]
+    fn listed_prefixes_are_the_only_ones_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let backends = dir.path().join("backends");
+        std::fs::create_dir_all(&backends).unwrap();
+        std::fs::write(backends.join("east"), "k").unwrap();
+        std::fs::write(dir.path().join("other"), "k").unwrap();
+        let allowed = [
+            "env:AOAI_".to_owned(),
+            format!("file:{}/", backends.display()),
+            "https://kv1.vault.azure.net/secrets/aoai-".to_owned(),
+        ];
+        let policy = SecretRefPolicy::new(Vec::new(), &[], &[], Some(&allowed)).unwrap();
+        for allowed in [
+            "env:AOAI_EAST".to_owned(),
+            format!("file:{}/east", backends.display()),
+            "https://kv1.vault.azure.net/secrets/aoai-east".to_owned(),
+        ] {
+            assert!(policy.refusal(&reference(&allowed)).is_none(), "{allowed}");
+        }
+        for refused in [
+            "env:PGPASSWORD".to_owned(),
+            format!("file:{}/other", dir.path().display()),
+            format!("file:{}/../other", backends.display()),
+            "https://kv1.vault.azure.net/secrets/db-password".to_owned(),
+        ] {
+            let why = policy.refusal(&reference(&refused)).unwrap();
+            assert!(why.contains("server.snapshot_secret_refs"), "{why}");
+        }
+        for wrong in [
+            "env:",
+            "file:relative/",
+            "file:/no/slash",
+            "https://example.com/x",
+        ] {
+            assert!(
+                SecretRefPolicy::new(Vec::new(), &[], &[], Some(&[wrong.to_owned()])).is_err(),
+                "{wrong}"
+            );
+        }
+    }
+}
