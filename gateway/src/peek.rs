@@ -48,8 +48,9 @@ pub enum StreamOptions {
     Other,
 }
 
-/// Request members that name a stateful object (see `proxy::referenced_objects`).
-pub const REFERENCE_KEYS: &[&str] = &[
+/// Request members whose string value is the id of a stateful object (see
+/// `proxy::referenced_objects`).
+pub const REFERENCE_ID_KEYS: &[&str] = &[
     "input_file_id",
     "training_file",
     "validation_file",
@@ -57,8 +58,16 @@ pub const REFERENCE_KEYS: &[&str] = &[
     "assistant_id",
     "file_id",
     "thread_id",
-    "file_ids",
+    "vector_store_id",
 ];
+
+/// Request members whose array value holds ids of stateful objects.
+pub const REFERENCE_LIST_KEYS: &[&str] = &["file_ids", "vector_store_ids"];
+
+/// Whether a request member names stateful objects.
+pub fn is_reference_key(key: &str) -> bool {
+    REFERENCE_ID_KEYS.contains(&key) || REFERENCE_LIST_KEYS.contains(&key)
+}
 
 /// What the record reads from a non-streamed JSON answer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -94,7 +103,9 @@ impl RequestPeek {
             model: body.get("model").and_then(Value::as_str).map(str::to_owned),
             stream: body.get("stream").and_then(Value::as_bool),
             stream_options,
-            references: REFERENCE_KEYS.iter().any(|key| body.get(*key).is_some()),
+            references: body
+                .as_object()
+                .is_some_and(|members| members.keys().any(|key| is_reference_key(key))),
         }
     }
 }
@@ -307,7 +318,7 @@ impl<'de> de::Deserialize<'de> for Key {
                     "stream_options" => Key::StreamOptions,
                     "usage" => Key::Usage,
                     "include_usage" => Key::IncludeUsage,
-                    key if REFERENCE_KEYS.contains(&key) => Key::Reference,
+                    key if is_reference_key(key) => Key::Reference,
                     "choices" => Key::Choices,
                     "output" => Key::Output,
                     "message" => Key::Message,

@@ -24,7 +24,9 @@ use crate::capture::{self, BodyCapture, PARSE_LIMIT, SseTap};
 use crate::classify::{Call, ObjectFamily, RouteStyle};
 use crate::error::GatewayError;
 use crate::idle_deadline::IdleDeadline;
-use crate::peek::{RequestPeek, ResponsePeek, StreamOptions};
+use crate::peek::{
+    REFERENCE_ID_KEYS, REFERENCE_LIST_KEYS, RequestPeek, ResponsePeek, StreamOptions,
+};
 use crate::pool::{Member, MemberCredential, Pool, Selection, SetAsideReason};
 use crate::record::{CallRecord, Holds, millis};
 use crate::retry_hint;
@@ -269,24 +271,12 @@ pub async fn forward(
                 // Nothing has reached the client: the next member gets the call at once.
                 continue;
             }
-            let Some(record) = record.take() else {
-                return Err(GatewayError::Internal);
-            };
-            return Ok(relay(
-                gateway,
-                call,
-                member,
-                response,
-                record,
-                asked_usage,
-                parts.version,
-            )
-            .await);
+        } else {
+            gateway
+                .metrics
+                .backend_attempt(&member.config.id, "answered");
+            note_attempt(record, &member, Some(status.as_u16()), elapsed_ms, None);
         }
-        gateway
-            .metrics
-            .backend_attempt(&member.config.id, "answered");
-        note_attempt(record, &member, Some(status.as_u16()), elapsed_ms, None);
         let Some(record) = record.take() else {
             return Err(GatewayError::Internal);
         };
@@ -408,19 +398,6 @@ fn referenced_objects(call: &Call) -> Vec<String> {
     ids
 }
 
-/// Members whose string value is the id of a stateful object.
-const REFERENCE_ID_KEYS: &[&str] = &[
-    "input_file_id",
-    "training_file",
-    "validation_file",
-    "previous_response_id",
-    "assistant_id",
-    "file_id",
-    "thread_id",
-    "vector_store_id",
-];
-/// Members whose array value holds ids of stateful objects.
-const REFERENCE_LIST_KEYS: &[&str] = &["file_ids", "vector_store_ids"];
 /// How deep references are looked for (`messages[].attachments[].file_id` is 4 levels down).
 const REFERENCE_DEPTH: usize = 8;
 
