@@ -15,6 +15,17 @@ const browser = await chromium.launch({
     '--disable-component-update', '--no-first-run'],
 });
 const failures = [];
+
+/** The shown key once it is another than `previous` (the page's CSP allows no eval, so no
+ * waitForFunction): polled for up to 10 s. */
+async function keyOtherThan(page, previous) {
+  for (let i = 0; i < 100; i++) {
+    const shown = (await page.textContent('[data-testid=issued-key]'))?.trim() ?? '';
+    if (shown && shown !== previous) return shown;
+    await page.waitForTimeout(100);
+  }
+  throw new Error(`the key shown stayed ${previous}`);
+}
 try {
   const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
   await context.grantPermissions(['clipboard-read', 'clipboard-write'], { origin: base });
@@ -54,19 +65,13 @@ try {
   // The key shown is the one of the action that answered last: rotate the first subscription's
   // key, then create a second subscription, and the second one's key is shown.
   await page.click(`tr:has(code:text-is("${firstId}")) button:has-text("Rotate key")`);
-  await page.waitForFunction(
-    (previous) => document.querySelector('[data-testid=issued-key]')?.textContent?.trim() !== previous,
-    text, { timeout: 10000 });
-  const rotated = (await page.textContent('[data-testid=issued-key]'))?.trim() ?? '';
+  const rotated = await keyOtherThan(page, text);
   const secondId = `e2e-b-${Date.now()}`;
   await page.fill('input[name=id]', secondId);
   await page.fill('input[name=display_name]', 'Second team');
   await page.click('text=Create and show key');
-  await page.waitForFunction(
-    (previous) => document.querySelector('[data-testid=issued-key]')?.textContent?.trim() !== previous,
-    rotated, { timeout: 10000 });
+  const second = await keyOtherThan(page, rotated);
   const callout = (await page.textContent('.callout-success')) ?? '';
-  const second = (await page.textContent('[data-testid=issued-key]'))?.trim() ?? '';
   if (!callout.includes(secondId)) failures.push(`after a rotation and a creation the key shown is not the new subscription's: ${callout}`);
   if (!second.startsWith('ghk_') || second === rotated || second === text) failures.push('the second subscription\'s key is not a new key');
 
