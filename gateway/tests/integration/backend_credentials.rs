@@ -57,6 +57,27 @@ fn client_secret_member(
     m
 }
 
+/// A gateway with one pool member at `sim` that signs in to `entra` with [`CLIENT_SECRET`] (from
+/// a file, kept alive by the first value).
+async fn client_secret_gateway(
+    entra: &EntraDouble,
+    sim: &RunningSimulator,
+) -> (tempfile::NamedTempFile, TestGateway) {
+    let (file, secret) = secret_file(CLIENT_SECRET);
+    let gw = TestGateway::start(snapshot(
+        1,
+        pool(json!([client_secret_member(
+            "m",
+            &sim.url(),
+            1,
+            entra,
+            &secret
+        )])),
+    ))
+    .await;
+    (file, gw)
+}
+
 fn pool(members: Value) -> Value {
     json!([{"id": "p", "deployments": ["gpt-4o"], "members": members}])
 }
@@ -92,18 +113,7 @@ async fn client_secret_tokens_are_sent_as_bearer_and_cached_across_parallel_call
     let entra = EntraDouble::start(Proof::Secret(CLIENT_SECRET.to_owned()), 3600).await;
     entra.set_delay(Duration::from_millis(200));
     let sim = bearer_simulator("s-entra").await;
-    let (_file, secret) = secret_file(CLIENT_SECRET);
-    let gw = TestGateway::start(snapshot(
-        1,
-        pool(json!([client_secret_member(
-            "m",
-            &sim.url(),
-            1,
-            &entra,
-            &secret
-        )])),
-    ))
-    .await;
+    let (_file, gw) = client_secret_gateway(&entra, &sim).await;
 
     // 50 parallel calls while the first token request is still in flight: one token request.
     let calls = (0..50).map(|_| {
@@ -193,18 +203,7 @@ async fn a_member_refusing_a_fresh_token_does_not_make_every_call_fetch_one() {
         ..SimulatorConfig::default()
     })
     .await;
-    let (_file, secret) = secret_file(CLIENT_SECRET);
-    let gw = TestGateway::start(snapshot(
-        1,
-        pool(json!([client_secret_member(
-            "m",
-            &sim.url(),
-            1,
-            &entra,
-            &secret
-        )])),
-    ))
-    .await;
+    let (_file, gw) = client_secret_gateway(&entra, &sim).await;
     for _ in 0..20 {
         let refused = gw
             .post(&chat_path("gpt-4o"))
@@ -223,18 +222,7 @@ async fn tokens_are_refreshed_before_they_expire() {
     // A 2-second token is refreshed after half its life.
     let entra = EntraDouble::start(Proof::Secret(CLIENT_SECRET.to_owned()), 2).await;
     let sim = bearer_simulator("s-refresh").await;
-    let (_file, secret) = secret_file(CLIENT_SECRET);
-    let gw = TestGateway::start(snapshot(
-        1,
-        pool(json!([client_secret_member(
-            "m",
-            &sim.url(),
-            1,
-            &entra,
-            &secret
-        )])),
-    ))
-    .await;
+    let (_file, gw) = client_secret_gateway(&entra, &sim).await;
     chat_ok(&gw).await;
     chat_ok(&gw).await;
     assert_eq!(entra.token_requests(), 1);
@@ -265,18 +253,7 @@ async fn a_slow_token_endpoint_delays_no_call_while_the_token_is_valid() {
     // A 4-second token: due for refresh after 2 s, usable until 3 s.
     let entra = EntraDouble::start(Proof::Secret(CLIENT_SECRET.to_owned()), 4).await;
     let sim = bearer_simulator("s-slow-refresh").await;
-    let (_file, secret) = secret_file(CLIENT_SECRET);
-    let gw = TestGateway::start(snapshot(
-        1,
-        pool(json!([client_secret_member(
-            "m",
-            &sim.url(),
-            1,
-            &entra,
-            &secret
-        )])),
-    ))
-    .await;
+    let (_file, gw) = client_secret_gateway(&entra, &sim).await;
     chat_ok(&gw).await;
     tokio::time::sleep(Duration::from_millis(2200)).await;
     entra.set_delay(Duration::from_secs(30));

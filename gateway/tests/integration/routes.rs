@@ -340,15 +340,7 @@ async fn a_form_naming_the_path_deployment_is_forwarded() {
         json!([{"id": "p", "deployments": ["whisper"], "members": [member("a", &sim.url(), 1)]}]),
     ))
     .await;
-    let form = reqwest::multipart::Form::new()
-        .part(
-            "file",
-            reqwest::multipart::Part::bytes(vec![7u8; 512])
-                .file_name("a.wav")
-                .mime_str("audio/wav")
-                .unwrap(),
-        )
-        .text("model", "whisper");
+    let form = audio_form().text("model", "whisper");
     let transcription = gw
         .post("/openai/deployments/whisper/audio/transcriptions?api-version=2024-10-21")
         .multipart(form)
@@ -400,16 +392,7 @@ async fn a_form_with_two_model_fields_is_refused() {
         "/openai/deployments/whisper/audio/transcriptions?api-version=2024-10-21",
         "/openai/v1/audio/transcriptions",
     ] {
-        let form = reqwest::multipart::Form::new()
-            .part(
-                "file",
-                reqwest::multipart::Part::bytes(vec![7u8; 512])
-                    .file_name("a.wav")
-                    .mime_str("audio/wav")
-                    .unwrap(),
-            )
-            .text("model", "whisper")
-            .text("model", "o1");
+        let form = audio_form().text("model", "whisper").text("model", "o1");
         let refused = gw.post(path).multipart(form).send().await.unwrap();
         let message = azure_error(refused, 400).await;
         assert!(
@@ -418,4 +401,15 @@ async fn a_form_with_two_model_fields_is_refused() {
         );
     }
     assert_eq!(sim.hits(), 0);
+}
+
+/// A transcription form with a 512-byte WAV file part and no other field.
+fn audio_form() -> reqwest::multipart::Form {
+    reqwest::multipart::Form::new().part(
+        "file",
+        reqwest::multipart::Part::bytes(vec![7u8; 512])
+            .file_name("a.wav")
+            .mime_str("audio/wav")
+            .unwrap(),
+    )
 }
