@@ -108,16 +108,7 @@ async fn postgres_writers_sharing_rollup_rows_do_not_deadlock() {
         let (a, b) = tokio::join!(first.write(&a), second.write(&b));
         assert_eq!((a.unwrap(), b.unwrap()), (100, 100), "round {round}");
     }
-    let usage = first
-        .usage(&UsageQuery {
-            granularity: Granularity::Minute,
-            dimension: Dimension::All,
-            from: T0,
-            to: T0 + Duration::hours(1),
-            only: None,
-        })
-        .await
-        .unwrap();
+    let usage = usage_of_all(&first, Granularity::Minute, Duration::hours(1)).await;
     assert_eq!(usage.iter().map(|p| p.requests).sum::<i64>(), 2 * 20 * 100);
 }
 
@@ -571,16 +562,7 @@ async fn a_replayed_batch_is_stored_once(store: &SqlStore) {
     assert_eq!(store.write(&doubled).await.unwrap(), 10);
     assert_eq!(store.write(&batch).await.unwrap(), 10);
     assert_eq!(store.write(&batch[5..15]).await.unwrap(), 0);
-    let usage = store
-        .usage(&UsageQuery {
-            granularity: Granularity::Hour,
-            dimension: Dimension::All,
-            from: T0,
-            to: T0 + Duration::days(1),
-            only: None,
-        })
-        .await
-        .unwrap();
+    let usage = usage_of_all(store, Granularity::Hour, Duration::days(1)).await;
     assert_eq!(usage.iter().map(|p| p.requests).sum::<i64>(), 20);
 }
 
@@ -1052,16 +1034,7 @@ async fn absurd_token_counts_keep_the_rollups_positive(store: &SqlStore) {
         record.usage.as_mut().unwrap().total_tokens = u64::MAX;
     }
     assert_eq!(store.write(&more).await.unwrap(), 2);
-    let usage = store
-        .usage(&UsageQuery {
-            granularity: Granularity::Minute,
-            dimension: Dimension::All,
-            from: T0,
-            to: T0 + Duration::hours(1),
-            only: None,
-        })
-        .await
-        .unwrap();
+    let usage = usage_of_all(store, Granularity::Minute, Duration::hours(1)).await;
     let max = i64::from(u32::MAX);
     let total: i64 = usage.iter().map(|p| p.total_tokens).sum();
     assert_eq!(total, 4 * max + batch[2].usage.unwrap().total_tokens as i64);
@@ -1070,6 +1043,24 @@ async fn absurd_token_counts_keep_the_rollups_positive(store: &SqlStore) {
             .iter()
             .all(|p| p.prompt_tokens >= 0 && p.total_tokens >= 0)
     );
+}
+
+/// Usage of every call (`Dimension::All`) from T0 over `span`.
+async fn usage_of_all(
+    store: &SqlStore,
+    granularity: Granularity,
+    span: Duration,
+) -> Vec<gatehouse_audit::sql::UsagePoint> {
+    store
+        .usage(&UsageQuery {
+            granularity,
+            dimension: Dimension::All,
+            from: T0,
+            to: T0 + span,
+            only: None,
+        })
+        .await
+        .unwrap()
 }
 
 async fn usage_comes_from_rollups(store: &SqlStore) {
