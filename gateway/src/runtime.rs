@@ -357,6 +357,45 @@ mod tests {
     }
 
     #[test]
+    fn the_graph_endpoint_is_microsoft_graph_or_a_local_double() {
+        let with_graph = |endpoint: &str| {
+            snapshot(serde_json::json!({
+                "version": 2,
+                "identity": {"require": "token", "entra": {
+                    "tenants": ["11111111-1111-1111-1111-111111111111"],
+                    "audiences": ["api://gatehouse"],
+                    "graph": {"endpoint": endpoint}}},
+            }))
+        };
+        for allowed in [
+            "https://graph.microsoft.com",
+            "https://graph.microsoft.us/",
+            "https://microsoftgraph.chinacloudapi.cn",
+            "http://127.0.0.1:9000",
+            "https://localhost:8443",
+        ] {
+            assert!(
+                Runtime::build(with_graph(allowed), &HealthRegistry::default()).is_ok(),
+                "{allowed}"
+            );
+        }
+        for refused in [
+            "https://graph.example.com",
+            "https://graph.microsoft.com.example.net",
+            "http://graph.microsoft.com",
+            "https://user:pw@graph.microsoft.com",
+        ] {
+            let errors = Runtime::build(with_graph(refused), &HealthRegistry::default())
+                .unwrap_err()
+                .0;
+            assert!(
+                errors[0].starts_with("identity.entra.graph.endpoint: "),
+                "{refused}: {errors:?}"
+            );
+        }
+    }
+
+    #[test]
     fn limit_rules_are_validated_with_their_paths() {
         let bad = snapshot(serde_json::json!({
             "version": 2,

@@ -64,6 +64,15 @@ fn validate_identity(
             if entra.unknown_kid_refetch_seconds == 0 {
                 errors.push("identity.entra.unknown_kid_refetch_seconds: must be at least 1 (it protects the identity provider)".to_owned());
             }
+            // The gateway sends its own Graph token there: a snapshot must not be able to send it
+            // to a host of the pusher's choice.
+            if !is_graph_endpoint(&entra.graph.endpoint) {
+                errors.push(format!(
+                    "identity.entra.graph.endpoint: `{}` is not Microsoft Graph; use https:// and one of {} (plain http:// and other hosts only on loopback, for local doubles)",
+                    entra.graph.endpoint,
+                    GRAPH_HOSTS.join(", ")
+                ));
+            }
         }
     }
     let Some(rules) = &snapshot.access_rules else {
@@ -102,6 +111,36 @@ fn validate_identity(
             _ => {}
         }
     }
+}
+
+/// Microsoft Graph's hosts: the global service and the national clouds (US Government L4 and
+/// L5, China).
+const GRAPH_HOSTS: [&str; 4] = [
+    "graph.microsoft.com",
+    "graph.microsoft.us",
+    "dod-graph.microsoft.us",
+    "microsoftgraph.chinacloudapi.cn",
+];
+
+/// Whether `url` is Microsoft Graph over HTTPS, or a loopback address (a local double).
+fn is_graph_endpoint(url: &url::Url) -> bool {
+    let loopback = match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        None => false,
+    };
+    let graph = url.host_str().is_some_and(|host| {
+        GRAPH_HOSTS
+            .iter()
+            .any(|known| host.eq_ignore_ascii_case(known))
+    });
+    let scheme_ok = match url.scheme() {
+        "https" => graph || loopback,
+        "http" => loopback,
+        _ => false,
+    };
+    scheme_ok && url.username().is_empty() && url.password().is_none()
 }
 
 fn validate(snapshot: &ConfigSnapshot, errors: &mut Vec<String>) {
