@@ -69,6 +69,19 @@ pub fn is_reference_key(key: &str) -> bool {
     REFERENCE_ID_KEYS.contains(&key) || REFERENCE_LIST_KEYS.contains(&key)
 }
 
+/// Whether a JSON body holds a member named as one that names stateful objects, at any depth:
+/// the quoted name found in its bytes, so that a body without one is not parsed into a tree to
+/// look for them. (A name written with escapes is not found; its call is then not pinned.)
+pub fn mentions_reference_key(body: &[u8]) -> bool {
+    REFERENCE_ID_KEYS
+        .iter()
+        .chain(REFERENCE_LIST_KEYS)
+        .any(|key| {
+            memchr::memmem::find_iter(body, key.as_bytes())
+                .any(|at| at > 0 && body[at - 1] == b'"' && body.get(at + key.len()) == Some(&b'"'))
+        })
+}
+
 /// What the record reads from a non-streamed JSON answer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ResponsePeek {
@@ -808,6 +821,22 @@ impl Visitor<'_> for KeyIs<'_> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_reference_key_is_found_at_any_depth_and_only_as_a_member_name() {
+        use super::mentions_reference_key as mentions;
+        assert!(mentions(
+            br#"{"tool_resources":{"file_search":{"vector_store_ids":["vs_1"]}}}"#
+        ));
+        assert!(mentions(
+            br#"{"messages":[{"attachments":[{"file_id":"file-1"}]}]}"#
+        ));
+        assert!(!mentions(br#"{"input":"what is a file_id?","model":"m"}"#));
+        assert!(!mentions(
+            br#"{"input":"x","tools":[{"type":"web_search"}]}"#
+        ));
+        assert!(!mentions(br#""file_id"#));
+    }
+
     #[test]
     fn the_tail_of_a_huge_embeddings_answer_gives_its_model_and_usage() {
         let vector = format!("[{}]", vec!["-0.0123456"; 64].join(","));

@@ -387,7 +387,13 @@ fn referenced_objects(call: &Call) -> Vec<String> {
     // level, so their whole body is read; other calls only when a top-level member names one.
     let whole_body = call.deployment.is_none()
         || call.operation == gatehouse_schema::OperationId::CreateResponse;
-    if !whole_body && !call.peek.as_ref().is_some_and(|peek| peek.references) {
+    let names_any = if whole_body {
+        call.json_bytes()
+            .is_some_and(crate::peek::mentions_reference_key)
+    } else {
+        call.peek.as_ref().is_some_and(|peek| peek.references)
+    };
+    if !names_any {
         return Vec::new();
     }
     let Some(json) = call.json() else {
