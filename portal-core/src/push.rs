@@ -134,8 +134,8 @@ impl Publisher {
             if gateway.pushed_version.is_some_and(|v| v >= latest.version) {
                 continue;
             }
-            let result = self.push_to(&gateway, &latest.snapshot).await;
             let version = u64::try_from(latest.version).unwrap_or(0);
+            let result = self.push_to(&gateway, &latest.snapshot, version).await;
             match &result {
                 Ok(()) => {
                     self.db
@@ -160,7 +160,13 @@ impl Publisher {
         &self.http
     }
 
-    async fn push_to(&self, gateway: &GatewayRow, snapshot_json: &str) -> Result<(), String> {
+    /// Offers `snapshot_json`, which is version `version`, to `gateway`.
+    async fn push_to(
+        &self,
+        gateway: &GatewayRow,
+        snapshot_json: &str,
+        version: u64,
+    ) -> Result<(), String> {
         let (url, token) =
             admin_endpoint(gateway, &CONFIG_PATH_SEGMENTS, &self.admin_token_refs).await?;
         let response = self
@@ -181,11 +187,7 @@ impl Publisher {
         // applied before (its answer was lost, or the gateway was registered again).
         if status == StatusCode::CONFLICT
             && let Ok(refusal) = serde_json::from_str::<serde_json::Value>(&body)
-            && let Some(running) = refusal.get("runningVersion").and_then(|v| v.as_u64())
-            && serde_json::from_str::<serde_json::Value>(snapshot_json)
-                .ok()
-                .and_then(|offered| offered.get("version").and_then(|v| v.as_u64()))
-                == Some(running)
+            && refusal.get("runningVersion").and_then(|v| v.as_u64()) == Some(version)
         {
             return Ok(());
         }

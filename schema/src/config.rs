@@ -476,16 +476,21 @@ impl fmt::Debug for SecretRef {
 /// Whether `text` is a Key Vault secret URL this gateway fetches: `https`, a `*.vault.azure.net`
 /// host (any host when it is a loopback address, where `http` is accepted too), the path
 /// `/secrets/{name}` or `/secrets/{name}/{version}`, no credentials, query or fragment.
-fn is_key_vault_url(text: &str) -> bool {
-    let Ok(url) = Url::parse(text) else {
-        return false;
-    };
-    let loopback = match url.host() {
+/// Whether `url`'s host is a loopback address or `localhost` (where local test doubles listen).
+pub(crate) fn is_loopback(url: &Url) -> bool {
+    match url.host() {
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
         Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
         Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
         None => false,
+    }
+}
+
+fn is_key_vault_url(text: &str) -> bool {
+    let Ok(url) = Url::parse(text) else {
+        return false;
     };
+    let loopback = is_loopback(&url);
     let vault_host = url.host_str().is_some_and(|host| {
         host.len() > KEY_VAULT_DNS_SUFFIX.len()
             && host.to_ascii_lowercase().ends_with(KEY_VAULT_DNS_SUFFIX)

@@ -124,12 +124,7 @@ const GRAPH_HOSTS: [&str; 4] = [
 
 /// Whether `url` is Microsoft Graph over HTTPS, or a loopback address (a local double).
 fn is_graph_endpoint(url: &url::Url) -> bool {
-    let loopback = match url.host() {
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
-        None => false,
-    };
+    let loopback = crate::config::is_loopback(url);
     let graph = url.host_str().is_some_and(|host| {
         GRAPH_HOSTS
             .iter()
