@@ -548,7 +548,8 @@ async fn records_holding_nul_characters_are_stored(store: &SqlStore) {
         detail.request_messages.as_deref(),
         Some(expected("[{\"role\":\"user\",\"content\":\"x\u{0}y\"}]").as_str())
     );
-    assert!(detail.attempts.contains('e'), "{}", detail.attempts);
+    let attempts: Value = serde_json::from_str(&detail.attempts).unwrap();
+    assert_eq!(attempts[0]["Error"], expected("e\0"), "{attempts}");
     assert!(store.call("call-00000").await.unwrap().is_some());
     // Stored once: written again, it is the same call.
     assert_eq!(store.write(&batch).await.unwrap(), 0);
