@@ -606,7 +606,8 @@ async fn pipeline(
         record.holds.reservation = admission.take_reservation();
     }
     // 7–9. Route, proxy, capture.
-    let mut response = proxy::forward(gateway, runtime, call, parts, body, record).await?;
+    let mut response =
+        proxy::forward(gateway, runtime, &principal, call, parts, body, record).await?;
     admission.write_headers(response.headers_mut());
     Ok(response)
 }

@@ -9,11 +9,14 @@
 //! it makes a model run all the same — an assistant created or changed with a `model`, a run
 //! that names one, a fine-tuning job trained on its base `model` — that model must be granted
 //! too, as a deployment, or `resources` would open every model of the pool that serves them.
+//! A batch runs the calls its input file names ([`crate::batch_input`]): each must be granted as
+//! the same call made directly would be ([`authorize_batch`]).
 
 use gatehouse_schema::OperationId;
 use gatehouse_schema::identity::{AccessRule, Grantee, glob_matches};
 
 use crate::auth::Principal;
+use crate::batch_input::BatchCall;
 use crate::classify::Call;
 use crate::error::GatewayError;
 
@@ -55,6 +58,36 @@ pub fn authorize(
             deployment: Some(truncated(model)),
             operation,
         });
+    }
+    Ok(())
+}
+
+/// Checks the calls a batch's input file makes, after `batch_create` itself passed
+/// [`authorize`]: each (operation, deployment) must be granted to `principal` by a rule that
+/// covers that operation, as if the call were made directly. The refusal names the first line
+/// that makes an ungranted call.
+pub fn authorize_batch(
+    rules: &[AccessRule],
+    principal: &Principal,
+    calls: &[BatchCall],
+) -> Result<(), GatewayError> {
+    for call in calls {
+        let operation = call.operation.as_str();
+        let granted = rules
+            .iter()
+            .filter(|rule| names(rule, principal) && covers_operation(rule, operation))
+            .any(|rule| {
+                rule.deployments
+                    .iter()
+                    .any(|pattern| glob_matches(pattern, &call.deployment))
+            });
+        if !granted {
+            return Err(GatewayError::BatchCallNotPermitted {
+                line: call.line,
+                deployment: truncated(&call.deployment),
+                operation,
+            });
+        }
     }
     Ok(())
 }

@@ -150,7 +150,7 @@ pub fn classify(
         _ => return Err(GatewayError::UnknownRoute),
     };
     let rest: Vec<&str> = rest.iter().copied().filter(|s| !s.is_empty()).collect();
-    let route = match_operation(method, &rest)?;
+    let route = route_of(method, &rest)?;
     if style == RouteStyle::AzureDeployment && !route.deployment_scoped {
         return Err(GatewayError::UnknownRoute);
     }
@@ -243,13 +243,14 @@ pub fn classify(
     })
 }
 
-struct Route {
-    operation: OperationId,
-    body_kind: BodyKind,
+/// What a method and path make: the operation and how it is called.
+pub(crate) struct Route {
+    pub(crate) operation: OperationId,
+    pub(crate) body_kind: BodyKind,
     /// Whether the Azure classic deployment route exists for it.
     deployment_scoped: bool,
     /// Whether non-deployment styles name the model in the body.
-    model_in_body: bool,
+    pub(crate) model_in_body: bool,
     object: Option<(ObjectFamily, String)>,
     creates: Option<ObjectFamily>,
 }
@@ -290,7 +291,8 @@ fn creating(route: Route, family: ObjectFamily) -> Route {
     }
 }
 
-fn match_operation(method: &Method, rest: &[&str]) -> Result<Route, GatewayError> {
+/// The route of a method and the path segments after the style prefix (`["chat", "completions"]`).
+pub(crate) fn route_of(method: &Method, rest: &[&str]) -> Result<Route, GatewayError> {
     use BodyKind::{Json, Multipart, None as NoBody};
     use ObjectFamily as F;
     use OperationId as Op;
@@ -492,7 +494,7 @@ fn on_with(
 }
 
 /// A deployment or model name: letters, digits, `.`, `_`, `-`, at most 64, not only dots.
-fn valid_name(name: &str) -> Result<String, GatewayError> {
+pub(crate) fn valid_name(name: &str) -> Result<String, GatewayError> {
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME
         && name
@@ -510,7 +512,7 @@ fn valid_name(name: &str) -> Result<String, GatewayError> {
 }
 
 /// An object id in a path: the same alphabet as names, at most 128 characters.
-fn valid_id(id: &str) -> Result<String, GatewayError> {
+pub(crate) fn valid_id(id: &str) -> Result<String, GatewayError> {
     let ok = !id.is_empty()
         && id.len() <= MAX_ID
         && id

@@ -47,6 +47,18 @@ pub enum GatewayError {
         /// The operation id.
         operation: &'static str,
     },
+    /// A line of a batch's input file makes a call no access rule grants the caller.
+    #[error(
+        "Line {line} of the batch's input file uses deployment '{deployment}' for operation '{operation}', which the caller is not permitted to use: no access rule grants it."
+    )]
+    BatchCallNotPermitted {
+        /// The first line making that call.
+        line: usize,
+        /// The deployment the line names.
+        deployment: String,
+        /// The operation of the line's `url`.
+        operation: &'static str,
+    },
     /// No route of Azure OpenAI or OpenAI matches.
     #[error("Resource not found")]
     UnknownRoute,
@@ -177,7 +189,9 @@ impl GatewayError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             GatewayError::InvalidToken(_) => StatusCode::UNAUTHORIZED,
-            GatewayError::NotPermitted { .. } => StatusCode::FORBIDDEN,
+            GatewayError::NotPermitted { .. } | GatewayError::BatchCallNotPermitted { .. } => {
+                StatusCode::FORBIDDEN
+            }
             GatewayError::UnknownRoute
             | GatewayError::DeploymentNotFound
             | GatewayError::ObjectNotFound(_) => StatusCode::NOT_FOUND,
@@ -218,7 +232,9 @@ impl GatewayError {
                 "token_validation_unavailable"
             }
             GatewayError::InvalidToken(_) => "invalid_token",
-            GatewayError::NotPermitted { .. } => "not_permitted",
+            GatewayError::NotPermitted { .. } | GatewayError::BatchCallNotPermitted { .. } => {
+                "not_permitted"
+            }
             GatewayError::UnknownRoute => "unknown_route",
             GatewayError::BodyTooLarge { .. } => "body_too_large",
             GatewayError::RequestTimeout { .. } => "request_timeout",
@@ -250,7 +266,9 @@ impl GatewayError {
                 "invalid_request_error".to_owned()
             }
             GatewayError::InvalidConfig { .. } => "InvalidConfiguration".to_owned(),
-            GatewayError::NotPermitted { .. } => "PermissionDenied".to_owned(),
+            GatewayError::NotPermitted { .. } | GatewayError::BatchCallNotPermitted { .. } => {
+                "PermissionDenied".to_owned()
+            }
             _ => self.status().as_u16().to_string(),
         }
     }

@@ -41,6 +41,7 @@ pub mod app;
 pub mod auth;
 pub mod authorize;
 pub mod backend_url;
+pub mod batch_input;
 pub mod caller;
 pub mod capture;
 pub mod classify;

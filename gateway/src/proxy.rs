@@ -9,9 +9,9 @@ use axum::body::Body;
 use axum::body::HttpBody as _;
 use axum::response::Response;
 use bytes::Bytes;
-use gatehouse_schema::AuditRecord;
 use gatehouse_schema::audit::BackendAttempt;
 use gatehouse_schema::config::BackendKind;
+use gatehouse_schema::{AuditRecord, OperationId};
 use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use http_body_util::BodyExt as _;
@@ -19,9 +19,12 @@ use serde_json::Value;
 use tracing::Instrument;
 
 use crate::app::Gateway;
+use crate::auth::Principal;
+use crate::authorize;
 use crate::backend_url::BackendUrl;
+use crate::batch_input::{self, InputFileRead};
 use crate::capture::{self, BodyCapture, PARSE_LIMIT, SseTap};
-use crate::classify::{Call, ObjectFamily, RouteStyle};
+use crate::classify::{self, Call, ObjectFamily, RouteStyle};
 use crate::error::GatewayError;
 use crate::idle_deadline::IdleDeadline;
 use crate::peek::{
@@ -93,6 +96,7 @@ struct Target<'a> {
 pub async fn forward(
     gateway: &Arc<Gateway>,
     runtime: &Runtime,
+    principal: &Principal,
     call: Call,
     parts: &Parts,
     body: Bytes,
@@ -162,16 +166,85 @@ pub async fn forward(
                 continue;
             }
         };
+        let request_id = record.as_ref().map(|r| {
+            r.client_request_id
+                .as_deref()
+                .unwrap_or(&r.record.correlation_id)
+                .to_owned()
+        });
+        // A batch runs the calls its input file names: they are authorized before it is sent.
+        if call.operation == OperationId::BatchCreate
+            && let Some(rules) = runtime.snapshot.access_rules.as_deref()
+        {
+            let headers =
+                upstream_headers(&HeaderMap::new(), credential.clone(), request_id.as_deref());
+            let read = read_batch_input(&member, &call, headers).await?;
+            let elapsed = attempt_started.elapsed();
+            if let Some(record) = record.as_mut() {
+                record.waited += elapsed;
+            }
+            match read {
+                InputFileRead::Calls(calls) => {
+                    authorize::authorize_batch(rules, principal, &calls)?;
+                }
+                InputFileRead::Invalid(error) => {
+                    return Err(GatewayError::BadRequest {
+                        message: error.to_string(),
+                        param: Some("input_file_id"),
+                    });
+                }
+                InputFileRead::Failed {
+                    reason,
+                    status,
+                    wait,
+                } => {
+                    let why = if status == Some(StatusCode::TOO_MANY_REQUESTS) {
+                        throttled = Some(throttled.map_or(wait, |shortest| shortest.min(wait)));
+                        SetAsideReason::Throttled
+                    } else {
+                        SetAsideReason::Failing
+                    };
+                    tracing::warn!(backend = %member.config.id, reason, "could not read a batch's input file; member set aside");
+                    member.health.set_aside(why, wait, Instant::now());
+                    gateway.metrics.backend_attempt(&member.config.id, reason);
+                    note_attempt(
+                        record,
+                        &member,
+                        status.map(|s| s.as_u16()),
+                        millis(elapsed),
+                        Some(reason),
+                    );
+                    continue;
+                }
+                InputFileRead::Refused(response) => {
+                    gateway
+                        .metrics
+                        .backend_attempt(&member.config.id, "answered");
+                    note_attempt(
+                        record,
+                        &member,
+                        Some(response.status().as_u16()),
+                        millis(elapsed),
+                        Some("input_file_refused"),
+                    );
+                    let Some(record) = record.take() else {
+                        return Err(GatewayError::Internal);
+                    };
+                    return Ok(relay(
+                        gateway,
+                        call,
+                        member,
+                        response,
+                        record,
+                        false,
+                        parts.version,
+                    )
+                    .await);
+                }
+            }
+        }
         let (upstream_body, asked_usage) = upstream_body(&member, &call, &body);
-        let headers = upstream_headers(
-            &parts.headers,
-            credential,
-            record.as_ref().map(|r| {
-                r.client_request_id
-                    .as_deref()
-                    .unwrap_or(&r.record.correlation_id)
-            }),
-        );
+        let headers = upstream_headers(&parts.headers, credential, request_id.as_deref());
         if let Some(record) = record.as_mut() {
             record.backend_started.get_or_insert(attempt_started);
             record.record.backend_id = Some(member.config.id.clone());
@@ -385,8 +458,7 @@ fn referenced_objects(call: &Call) -> Vec<String> {
     // Resource calls (an assistant's `tool_resources`, a thread's messages' `attachments`) and
     // Responses (`tools[].vector_store_ids`, `input_file` parts) name objects below the top
     // level, so their whole body is read; other calls only when a top-level member names one.
-    let whole_body = call.deployment.is_none()
-        || call.operation == gatehouse_schema::OperationId::CreateResponse;
+    let whole_body = call.deployment.is_none() || call.operation == OperationId::CreateResponse;
     let names_any = if whole_body {
         call.json_bytes()
             .is_some_and(crate::peek::mentions_reference_key)
@@ -435,11 +507,56 @@ fn collect_references(value: &Value, depth: usize, ids: &mut Vec<String>) {
     }
 }
 
+/// Reads the input file a batch names from `member`, which the batch will be sent to. A batch
+/// naming no `input_file_id` (Azure's `input_blob` is read by the member from storage the gateway
+/// cannot see) is refused: what it would run cannot be checked.
+async fn read_batch_input(
+    member: &Member,
+    call: &Call,
+    headers: HeaderMap,
+) -> Result<InputFileRead, GatewayError> {
+    let file = call
+        .json()
+        .and_then(|body| body.get("input_file_id"))
+        .and_then(Value::as_str)
+        .ok_or_else(|| GatewayError::BadRequest {
+            message: "The batch names no `input_file_id`: access rules apply to this gateway, so \
+                      a batch must run a file uploaded to it, which the gateway reads to check \
+                      the deployments it uses."
+                .to_owned(),
+            param: Some("input_file_id"),
+        })?;
+    let file = classify::valid_id(file).map_err(|_| GatewayError::BadRequest {
+        message: "The batch's `input_file_id` is not a valid file id.".to_owned(),
+        param: Some("input_file_id"),
+    })?;
+    let url = member_url(member, call, ["files", file.as_str(), "content"], None)?;
+    let Ok(uri) = http::Uri::try_from(url) else {
+        return Err(GatewayError::Internal);
+    };
+    Ok(batch_input::read_input_file(member, uri, headers).await)
+}
+
 /// The member's URL for the call, built from percent-encoded segments (never by string
 /// formatting; see [`BackendUrl`]).
 fn upstream_url(
     member: &Member,
     call: &Call,
+    client_query: Option<&str>,
+) -> Result<String, GatewayError> {
+    member_url(
+        member,
+        call,
+        call.op_path.iter().map(String::as_str),
+        client_query,
+    )
+}
+
+/// The member's URL for `ops` (the path after the style prefix) in the style `call` was made in.
+fn member_url<'a>(
+    member: &'a Member,
+    call: &'a Call,
+    ops: impl IntoIterator<Item = &'a str>,
     client_query: Option<&str>,
 ) -> Result<String, GatewayError> {
     let url = BackendUrl::new(&member.config.endpoint);
@@ -448,7 +565,7 @@ fn upstream_url(
         .deployment
         .as_deref()
         .or(call.deployment.as_deref());
-    let ops = call.op_path.iter().map(String::as_str);
+    let ops = ops.into_iter();
     let (url, api_version) = match (member.config.kind, call.style) {
         (BackendKind::AzureOpenai, RouteStyle::AzureDeployment) => {
             let deployment = deployment.ok_or(GatewayError::DeploymentNotFound)?;

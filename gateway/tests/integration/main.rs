@@ -15,6 +15,7 @@ mod audit_store;
 mod auth;
 mod backend_credentials;
 mod bad_input;
+mod batches;
 mod client_gone;
 mod config_endpoint;
 mod entra;
