@@ -23,6 +23,7 @@ use gatehouse_schema::audit::TokenUsage;
 use serde_json::{Map, Value, json};
 
 use crate::classify::Call;
+use crate::run_stream::RunSoFar;
 
 /// Largest non-streamed response body the gateway parses for usage, whatever the capture limit.
 pub const PARSE_LIMIT: usize = 8 * 1024 * 1024;
@@ -159,6 +160,14 @@ pub fn request_messages(call: &Call) -> Option<String> {
 /// answer, reassembled; a non-streamed one is read without the tree, see
 /// [`crate::peek::ResponsePeek::read_with_messages`]).
 pub fn response_messages(response: &Value) -> Option<String> {
+    // A streamed Assistants run: the messages it wrote (see `crate::run_stream`).
+    if response.get("object").and_then(Value::as_str) == Some("thread.run") {
+        return response
+            .get("messages")
+            .and_then(Value::as_array)
+            .filter(|messages| !messages.is_empty())
+            .map(|messages| Value::Array(messages.clone()).to_string());
+    }
     if let Some(output) = response.get("output").filter(|o| o.is_array()) {
         return Some(output.to_string());
     }
@@ -273,6 +282,12 @@ impl SseTap {
         self.assembler.created.take()
     }
 
+    /// Whether the stream so far is one the tap reassembles into a response object (chat,
+    /// completions, Responses, an Assistants run): once it is, [`SseTap::finish`] gives one.
+    pub fn recognised(&self) -> bool {
+        self.assembler.recognised()
+    }
+
     /// Ends the stream and returns the reassembled answer; what [`SseTap::end`] would have
     /// returned, if it was not called, is not sent.
     pub fn finish(mut self) -> StreamSummary {
@@ -378,8 +393,9 @@ struct DataLine {
 /// What a streamed answer amounted to.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StreamSummary {
-    /// The answer as one non-streamed response object (`chat.completion`, `text_completion`, or a
-    /// Responses API `response`), when the stream was recognised. A Responses stream cut before
+    /// The answer as one non-streamed response object (`chat.completion`, `text_completion`, a
+    /// Responses API `response`, or an Assistants `thread.run` with the `messages` it wrote, see
+    /// [`crate::run_stream`]), when the stream was recognised. A Responses stream cut before
     /// its final event gives the response rebuilt from its events, `"status": "incomplete"`.
     pub response: Option<Value>,
     /// Usage from the usage chunk or `response.completed`.
@@ -758,6 +774,8 @@ struct StreamAssembler {
     final_response: Option<Value>,
     /// A Responses API stream so far, for when its final event does not come.
     response_so_far: ResponseSoFar,
+    /// An Assistants run's stream so far.
+    run: RunSoFar,
     done: bool,
     /// An object the stream announced it created, until taken ([`SseTap::take_created`]).
     created: Option<String>,
@@ -766,6 +784,15 @@ struct StreamAssembler {
 }
 
 impl StreamAssembler {
+    /// Whether [`StreamAssembler::finish`] will give a response object.
+    fn recognised(&self) -> bool {
+        self.object.is_some()
+            || self.final_response.is_some()
+            || self.response_so_far.head.is_some()
+            || !self.response_so_far.items.is_empty()
+            || !self.run.is_empty()
+    }
+
     /// Notes the first created object's id the stream names.
     fn announce(&mut self, id: Option<&Value>) {
         if self.announced {
@@ -790,6 +817,16 @@ impl StreamAssembler {
     }
 
     fn chunk(&mut self, chunk: &Value) {
+        // Assistants runs: the objects of `thread.run.*` and `thread.message.*` events (a run
+        // step has a `type` of its own, so this comes before the typed events).
+        if let Some(object) = chunk
+            .get("object")
+            .and_then(Value::as_str)
+            .filter(|object| object.starts_with("thread."))
+        {
+            self.run.event(object, chunk);
+            return;
+        }
         // Responses API: typed events; the terminal one carries the whole response.
         if let Some(kind) = chunk.get("type").and_then(Value::as_str) {
             if kind == "response.created" {
@@ -925,6 +962,9 @@ impl StreamAssembler {
             .or_else(|| self.response_so_far.into_response())
         {
             return StreamSummary::of(response, self.done);
+        }
+        if !self.run.is_empty() {
+            return StreamSummary::of(self.run.into_response(), self.done);
         }
         let Some(object) = self.object else {
             return StreamSummary {
@@ -1178,6 +1218,33 @@ mod tests {
             summary.response.unwrap()["choices"][0]["finish_reason"],
             "content_filter"
         );
+    }
+
+    #[test]
+    fn an_assistants_run_stream_gives_the_run_and_the_messages_it_wrote() {
+        let summary = tap(&fixture("assistants-run-stream.sse"));
+        assert!(summary.completed);
+        // The run's usage, not a step's (the same here) or none.
+        let usage = summary.usage.unwrap();
+        assert_eq!(
+            (
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                usage.total_tokens
+            ),
+            (131, 11, 142)
+        );
+        assert_eq!(summary.model.as_deref(), Some("gpt-4o"));
+        let response = summary.response.unwrap();
+        assert_eq!(response["object"], "thread.run");
+        assert_eq!(response["status"], "completed");
+        let messages = response_messages(&response).unwrap();
+        let messages: Value = serde_json::from_str(&messages).unwrap();
+        assert_eq!(
+            messages[0]["content"][0]["text"]["value"],
+            "Invoice 42 was paid on 3 March."
+        );
+        assert_eq!(messages.as_array().unwrap().len(), 1);
     }
 
     #[test]

@@ -60,6 +60,7 @@ pub mod proxy;
 pub mod record;
 mod redis_connection;
 pub mod retry_hint;
+mod run_stream;
 pub mod runtime;
 pub mod secret;
 pub mod secret_policy;

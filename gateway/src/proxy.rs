@@ -1422,7 +1422,8 @@ struct Tee {
     reason = "one per call, in the relay's state, as the three options it replaces were; a boxed tap would cost every streamed call an allocation"
 )]
 enum AnswerCopy {
-    /// A stream, reassembled as it passes (its tap captures the bytes too).
+    /// A stream, reassembled as it passes; its bytes are captured only while its shape is not
+    /// recognised ([`SseTap::recognised`]).
     Stream(SseTap),
     /// The whole answer, while it stays within [`PARSE_LIMIT`].
     Whole(Vec<u8>),
@@ -1449,7 +1450,16 @@ impl Tee {
     /// filter holds part of it back (then what passes, possibly nothing).
     fn push(&mut self, chunk: Bytes) -> Option<Bytes> {
         match &mut self.answer {
-            AnswerCopy::Stream(sse) => return sse.pass(chunk),
+            AnswerCopy::Stream(sse) if sse.recognised() => return sse.pass(chunk),
+            AnswerCopy::Stream(sse) => {
+                // A stream of a shape the tap does not reassemble (yet) is kept as it came, up to
+                // the limit, for the record.
+                let passed = sse.pass(chunk.clone());
+                if !sse.recognised() {
+                    self.capture.push(&chunk);
+                }
+                return passed;
+            }
             AnswerCopy::Whole(whole) if whole.len() + chunk.len() <= PARSE_LIMIT => {
                 whole.extend_from_slice(&chunk);
             }
@@ -1505,14 +1515,22 @@ impl Tee {
                 let summary = sse.finish();
                 record.usage(summary.usage);
                 record.record.model_name = summary.model;
-                if let Some(response) = summary.response.as_ref().filter(|_| limit > 0) {
-                    record.record.response_messages =
-                        capture::within_limit(capture::response_messages(response), limit);
-                    let text = response.to_string();
-                    record.record.response_body_truncated = text.len() > limit;
-                    let mut capture = BodyCapture::new(limit);
-                    capture.push(text.as_bytes());
-                    record.record.backend_response_body = capture.into_text();
+                match summary.response.as_ref() {
+                    Some(response) if limit > 0 => {
+                        record.record.response_messages =
+                            capture::within_limit(capture::response_messages(response), limit);
+                        let text = response.to_string();
+                        record.record.response_body_truncated = text.len() > limit;
+                        let mut capture = BodyCapture::new(limit);
+                        capture.push(text.as_bytes());
+                        record.record.backend_response_body = capture.into_text();
+                    }
+                    Some(_) => {}
+                    // Not reassembled: the events as they came (nothing with a limit of 0).
+                    None => {
+                        record.record.response_body_truncated = self.capture.truncated();
+                        record.record.backend_response_body = self.capture.into_text();
+                    }
                 }
                 return summary.response;
             }

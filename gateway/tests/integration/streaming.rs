@@ -326,3 +326,81 @@ async fn metrics_count_calls_tokens_attempts_and_member_state() {
         assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
     }
 }
+
+/// A stub that answers an Assistants run with the run stream fixture, and a chat call with a
+/// stream of events in no shape the gateway knows.
+async fn stream_shapes_backend() -> String {
+    use axum::response::IntoResponse as _;
+    let sse = |body: &'static str| {
+        ([(http::header::CONTENT_TYPE, "text/event-stream")], body).into_response()
+    };
+    let app = axum::Router::new()
+        .route(
+            "/openai/threads/{thread}/runs",
+            axum::routing::post(move || async move {
+                sse(include_str!("../fixtures/azure/assistants-run-stream.sse"))
+            }),
+        )
+        .route(
+            "/openai/deployments/{deployment}/chat/completions",
+            axum::routing::post(move || async move { sse(UNKNOWN_STREAM) }),
+        );
+    serve_stub(app).await
+}
+
+const UNKNOWN_STREAM: &str = "event: note\ndata: {\"note\": \"first\"}\n\n: a comment\nevent: note\ndata: {\"note\": \"second\"}\n\n";
+
+/// A streamed Assistants run is recorded as its run and the messages it wrote, with the run's
+/// usage; a stream of a shape the gateway does not know keeps its events as they came. Both reach
+/// the client unchanged.
+#[tokio::test]
+async fn assistants_runs_and_unknown_streams_are_kept_on_record() {
+    let backend = stream_shapes_backend().await;
+    let gw = TestGateway::start(snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o"], "serves_resources": true,
+                "members": [member("a", &backend, 1)]}]),
+    ))
+    .await;
+    let run = gw
+        .post("/openai/threads/thread_abc123/runs?api-version=2024-05-01-preview")
+        .json(&json!({"assistant_id": "asst_abc123", "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(run.status(), 200);
+    let received = run.text().await.unwrap();
+    assert_eq!(
+        received,
+        include_str!("../fixtures/azure/assistants-run-stream.sse")
+    );
+    let chat = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(chat.text().await.unwrap(), UNKNOWN_STREAM);
+
+    let records = gw.records(2).await;
+    let run = &records[0];
+    let body: Value = serde_json::from_str(run.backend_response_body.as_deref().unwrap()).unwrap();
+    assert_eq!(
+        (body["object"].as_str(), body["status"].as_str()),
+        (Some("thread.run"), Some("completed"))
+    );
+    let usage = run.usage.as_ref().unwrap();
+    assert_eq!((usage.total_tokens, usage.is_estimate), (142, false));
+    assert_eq!(run.model_name.as_deref(), Some("gpt-4o"));
+    let messages: Value = serde_json::from_str(run.response_messages.as_deref().unwrap()).unwrap();
+    assert_eq!(
+        messages[0]["content"][0]["text"]["value"],
+        "Invoice 42 was paid on 3 March."
+    );
+    let unknown = &records[1];
+    assert_eq!(
+        unknown.backend_response_body.as_deref(),
+        Some(UNKNOWN_STREAM)
+    );
+    assert!(!unknown.response_body_truncated);
+}
