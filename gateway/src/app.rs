@@ -621,12 +621,21 @@ async fn limit(
     call: &classify::Call,
 ) -> Result<Admission, GatewayError> {
     let rules = &runtime.snapshot.limits;
-    if rules.is_empty() || runtime.pool_for(call.deployment.as_deref()).is_none() {
+    if rules.is_empty() {
         return Ok(Admission::default());
     }
+    let Some(pool) = runtime.pool_for(call.deployment.as_deref()) else {
+        return Ok(Admission::default());
+    };
+    // A member that renames runs its own deployment whatever the call names.
+    let renamed_by = pool
+        .members
+        .iter()
+        .any(|member| member.config.deployment.is_some())
+        .then_some(pool.id.as_str());
     gateway
         .limiter
-        .admit_call(rules, &LimitSubject::of(principal), call)
+        .admit_call(rules, &LimitSubject::of(principal), call, renamed_by)
         .await
         .map_err(|refusal| {
             gateway.metrics.limit_refused(&refusal);

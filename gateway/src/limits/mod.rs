@@ -595,11 +595,17 @@ impl Limiter {
 
     /// Checks and charges a classified call: estimates its tokens only when a token limit
     /// applies to it.
+    ///
+    /// `renamed_by`: the id of the pool serving the call when its members rename every call to a
+    /// deployment of their own; such a pool runs one deployment under whatever name a client
+    /// gives, so its calls share one per-deployment counter (`each_deployment`) instead of one
+    /// per invented name.
     pub async fn admit_call(
         &self,
         rules: &[LimitRule],
         subject: &LimitSubject<'_>,
         call: &Call,
+        renamed_by: Option<&str>,
     ) -> Result<Admission, LimitRefusal> {
         let deployment = call.deployment.as_deref();
         let applicable = || {
@@ -617,7 +623,8 @@ impl Limiter {
         } else {
             Estimate::default()
         };
-        self.admit(rules, subject, deployment, estimate).await
+        self.admit_renamed(rules, subject, deployment, renamed_by, estimate)
+            .await
     }
 
     /// Checks every rule that applies to a call of `subject` to `deployment` and charges them all
@@ -629,7 +636,20 @@ impl Limiter {
         deployment: Option<&str>,
         estimate: Estimate,
     ) -> Result<Admission, LimitRefusal> {
-        let buckets = self.buckets(rules, subject, deployment, estimate.total());
+        self.admit_renamed(rules, subject, deployment, None, estimate)
+            .await
+    }
+
+    /// [`Limiter::admit`] for a call a renaming pool serves (see [`Limiter::admit_call`]).
+    pub async fn admit_renamed(
+        &self,
+        rules: &[LimitRule],
+        subject: &LimitSubject<'_>,
+        deployment: Option<&str>,
+        renamed_by: Option<&str>,
+        estimate: Estimate,
+    ) -> Result<Admission, LimitRefusal> {
+        let buckets = self.buckets(rules, subject, deployment, renamed_by, estimate.total());
         if buckets.is_empty() {
             return Ok(Admission::default());
         }
@@ -750,6 +770,7 @@ impl Limiter {
         rules: &[LimitRule],
         subject: &LimitSubject<'_>,
         deployment: Option<&str>,
+        renamed_by: Option<&str>,
         tokens: u64,
     ) -> Vec<Bucket> {
         let mut buckets = Vec::new();
@@ -760,11 +781,13 @@ impl Limiter {
             let Some(who) = counter_subject(rule, subject) else {
                 continue;
             };
-            let scope = match (rule.each_deployment, deployment) {
-                (false, _) => "all".to_owned(),
+            let scope = match (rule.each_deployment, renamed_by, deployment) {
+                (false, ..) => "all".to_owned(),
+                // Every name runs the pool's own deployment: one counter.
+                (true, Some(pool), _) => format!("p.{}", escape(pool)),
                 // One counter per deployment however a call spells its name.
-                (true, Some(name)) => format!("d.{}", escape(&name.to_ascii_lowercase())),
-                (true, None) => "none".to_owned(),
+                (true, None, Some(name)) => format!("d.{}", escape(&name.to_ascii_lowercase())),
+                (true, None, None) => "none".to_owned(),
             };
             let base = format!(
                 "{}{KEY_NAMESPACE}{}:{who}:{scope}",

@@ -513,3 +513,40 @@ async fn calls_outside_a_rule_are_not_limited() {
     }
     gw.stop().await;
 }
+
+/// A pool whose member renames every call to a deployment of its own runs that one deployment
+/// under any name a client gives: a per-deployment limit counts its calls on one counter, however
+/// many names are invented. A pool that does not rename keeps a counter per name.
+#[tokio::test]
+async fn a_renaming_pool_counts_every_name_as_its_one_deployment() {
+    let sim = simulator("renaming-limits").await;
+    let mut renaming = member("a", &sim.url(), 1);
+    renaming["deployment"] = json!("gpt-4o");
+    let mut snapshot = snapshot(
+        1,
+        json!([
+            {"id": "any-name", "deployments": ["*"], "members": [renaming]},
+            {"id": "named", "deployments": ["m1", "m2"], "members": [member("b", &sim.url(), 1)]}
+        ]),
+    );
+    snapshot.limits = serde_json::from_value(json!([
+        {"id": "per-deployment", "subject": {"kind": "each_subscription"},
+         "requests_per_minute": 2, "each_deployment": true}
+    ]))
+    .unwrap();
+    let gw = TestGateway::start(snapshot).await;
+    let call = |name: &'static str| gw.post(&chat_path(name)).json(&chat(None, false)).send();
+    for name in ["alpha", "beta"] {
+        let response = call(name).await.unwrap();
+        assert_eq!(response.status(), 200, "{name}");
+    }
+    let refused = call("gamma").await.unwrap();
+    let message = azure_error(refused, 429).await;
+    assert!(message.contains("per-deployment"), "{message}");
+    // The named pool's deployments each have their own counter.
+    for name in ["m1", "m1", "m2", "m2"] {
+        let response = call(name).await.unwrap();
+        assert_eq!(response.status(), 200, "{name}");
+    }
+    assert_eq!(call("m1").await.unwrap().status(), 429);
+}
