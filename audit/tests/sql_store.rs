@@ -1300,6 +1300,37 @@ async fn chains_verify_from_the_store(store: &SqlStore) {
         ("call-00021", "removed"),
         "{report:?}"
     );
+
+    // Every record a range held removed: the chain around it is still checked, whole.
+    let removed: Vec<String> = (22..=24).map(|i| format!("call-{i:05}")).collect();
+    for id in &removed {
+        match (store.sqlite_pool(), store.postgres_pool()) {
+            (Some(pool), _) => {
+                sqlx::query("DELETE FROM GatehouseGatewayLogs WHERE CorrelationId = ?")
+                    .bind(id)
+                    .execute(pool)
+                    .await
+                    .unwrap();
+            }
+            (_, Some(pool)) => {
+                sqlx::query(r#"DELETE FROM "GatehouseGatewayLogs" WHERE "CorrelationId" = $1"#)
+                    .bind(id)
+                    .execute(pool)
+                    .await
+                    .unwrap();
+            }
+            _ => unreachable!(),
+        }
+    }
+    // Records 22 to 24 were written at T0 + 154 s to T0 + 168 s.
+    let emptied = (T0 + Duration::seconds(150), T0 + Duration::seconds(170));
+    let report = store.verify_chains(emptied.0, emptied.1).await.unwrap();
+    assert_eq!(report.chains.len(), 1, "{report:?}");
+    assert!(!report.is_intact(), "{report:?}");
+    // A range with no record on one side names no chain.
+    let after_all = (T0 + Duration::hours(2), T0 + Duration::hours(3));
+    let report = store.verify_chains(after_all.0, after_all.1).await.unwrap();
+    assert!(report.chains.is_empty(), "{report:?}");
 }
 
 /// `batch` linked into one chain as a gateway from before the chain's content hash format 2

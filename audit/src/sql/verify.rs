@@ -10,6 +10,10 @@ use time::OffsetDateTime;
 use super::{Engine, SqlStore, StoreError, sqlite_time};
 use crate::chain::{Verifier, VerifyReport};
 
+/// How far around a verified range the records of a chain that spans it are looked for: a chain
+/// holds the records of one UTC day.
+const CHAIN_SPAN: time::Duration = time::Duration::days(1);
+
 fn count(value: Option<i64>) -> u64 {
     value.and_then(|v| u64::try_from(v).ok()).unwrap_or(0)
 }
@@ -108,8 +112,11 @@ fn join(pieces: Vec<Option<String>>) -> Option<String> {
 }
 
 impl SqlStore {
-    /// Verifies every chain with a record in `[from, to)`, whole, and names the first record of
-    /// each that was changed, removed, reordered or forked. Content removed by retention is not a break.
+    /// Verifies every chain with a record in `[from, to)`, or with records on both sides of it
+    /// (every record it had in the range was removed), whole, and names the first record of each
+    /// that was changed, removed, reordered or forked. Content removed by retention is not a
+    /// break. A chain holds one UTC day of one gateway, so the records on both sides are looked
+    /// for within a day of the range ([`CHAIN_SPAN`]), on the time index.
     pub async fn verify_chains(
         &self,
         from: OffsetDateTime,
@@ -119,10 +126,17 @@ impl SqlStore {
         match &self.engine {
             Engine::Sqlite { reader, .. } => {
                 let chains: Vec<String> = sqlx::query_scalar(
-                    "SELECT DISTINCT ChainId FROM GatehouseGatewayLogs WHERE TimeGenerated >= ? AND TimeGenerated < ? AND ChainId IS NOT NULL ORDER BY ChainId",
+                    "SELECT ChainId FROM GatehouseGatewayLogs WHERE TimeGenerated >= ?1 AND TimeGenerated < ?2 AND ChainId IS NOT NULL \
+                     UNION \
+                     SELECT * FROM (SELECT ChainId FROM GatehouseGatewayLogs WHERE TimeGenerated >= ?3 AND TimeGenerated < ?1 AND ChainId IS NOT NULL \
+                     INTERSECT \
+                     SELECT ChainId FROM GatehouseGatewayLogs WHERE TimeGenerated >= ?2 AND TimeGenerated < ?4 AND ChainId IS NOT NULL) \
+                     ORDER BY 1",
                 )
                 .bind(sqlite_time(from))
                 .bind(sqlite_time(to))
+                .bind(sqlite_time(from - CHAIN_SPAN))
+                .bind(sqlite_time(to + CHAIN_SPAN))
                 .fetch_all(reader)
                 .await?;
                 for chain in chains {
@@ -160,10 +174,17 @@ impl SqlStore {
             }
             Engine::Postgres { pool, .. } => {
                 let chains: Vec<String> = sqlx::query_scalar(
-                    r#"SELECT DISTINCT "ChainId" FROM "GatehouseGatewayLogs" WHERE "TimeGenerated" >= $1 AND "TimeGenerated" < $2 AND "ChainId" IS NOT NULL ORDER BY "ChainId""#,
+                    r#"SELECT "ChainId" FROM "GatehouseGatewayLogs" WHERE "TimeGenerated" >= $1 AND "TimeGenerated" < $2 AND "ChainId" IS NOT NULL
+                       UNION
+                       (SELECT "ChainId" FROM "GatehouseGatewayLogs" WHERE "TimeGenerated" >= $3 AND "TimeGenerated" < $1 AND "ChainId" IS NOT NULL
+                        INTERSECT
+                        SELECT "ChainId" FROM "GatehouseGatewayLogs" WHERE "TimeGenerated" >= $2 AND "TimeGenerated" < $4 AND "ChainId" IS NOT NULL)
+                       ORDER BY 1"#,
                 )
                 .bind(from)
                 .bind(to)
+                .bind(from - CHAIN_SPAN)
+                .bind(to + CHAIN_SPAN)
                 .fetch_all(pool)
                 .await?;
                 for chain in chains {
