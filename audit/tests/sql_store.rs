@@ -1145,8 +1145,10 @@ async fn export_streams_every_match(store: &SqlStore) {
 }
 
 async fn content_expires_before_metadata(store: &SqlStore) {
-    // Calls every 7 s from T0: 0..=413 s.
-    store.write(&records(60)).await.unwrap();
+    // Calls every 7 s from T0: 0..=413 s; call 21's prompt is split into LLM-log pieces.
+    let mut batch = records(60);
+    batch[21].request_messages = Some("ü".repeat(40_000));
+    store.write(&batch).await.unwrap();
     let report = store
         .enforce_retention(T0 + Duration::seconds(200), T0 + Duration::seconds(100), 7)
         .await
@@ -1216,6 +1218,42 @@ async fn content_expires_before_metadata(store: &SqlStore) {
         ),
         (0, 0, 0)
     );
+
+    // A journal replaying calls whose metadata is kept does not bring their content back.
+    assert_eq!(store.write(&batch[15..45]).await.unwrap(), 0);
+    for id in ["call-00020", "call-00021"] {
+        let kept = store.call(id).await.unwrap().expect("metadata kept");
+        assert_eq!(
+            (
+                kept.backend_request_body,
+                kept.backend_response_body,
+                kept.request_messages,
+                kept.response_messages
+            ),
+            (None, None, None, None),
+            "{id}"
+        );
+    }
+    let text = store
+        .search(&SearchFilter {
+            text: Some("number 20".into()),
+            ..SearchFilter::between(T0, T0 + Duration::hours(1))
+        })
+        .await
+        .unwrap();
+    assert!(text.items.is_empty(), "the replay indexed nothing");
+    let again = store
+        .enforce_retention(T0 + Duration::seconds(200), T0 + Duration::seconds(100), 7)
+        .await
+        .unwrap();
+    assert_eq!(
+        again.content_removed + again.message_pieces_removed,
+        0,
+        "{again:?}"
+    );
+    // Newer content is as it was.
+    let fresh = store.call("call-00040").await.unwrap().unwrap();
+    assert!(fresh.backend_response_body.is_some() && fresh.request_messages.is_some());
 }
 
 /// Writes `batch` (linked, `T0` onwards), checks that its chains verify from the store, removes

@@ -124,17 +124,24 @@ const SQLITE_LLM_INSERT: &str = "INSERT INTO ApiManagementGatewayLlmLog (TimeGen
 /// On PostgreSQL the LLM log's header rows (`SequenceNumber` 0, metadata) and its pieces
 /// (content) are kept in tables of their own, so that pieces can be dropped by day before headers;
 /// the view `ApiManagementGatewayLlmLog` shows both. Rows come as one array per column.
+/// Pieces, written before their call's metadata, are skipped for a call stored already (a
+/// replay), as its bodies are ([`POSTGRES_CONTENT_INSERT`]).
 macro_rules! postgres_llm_insert {
-    ($table:literal) => {
+    ($table:literal, $filter:literal) => {
         concat!(
             r#"INSERT INTO ""#,
             $table,
-            r#"" ("TimeGenerated", "CorrelationId", "OperationName", "DeploymentName", "ModelName", "ApiVersion", "IsStreamCompletion", "PromptTokens", "CompletionTokens", "TotalTokens", "SequenceNumber", "RequestMessages", "ResponseMessages") SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::boolean[], $8::bigint[], $9::bigint[], $10::bigint[], $11::integer[], $12::text[], $13::text[]) ON CONFLICT ("CorrelationId", "SequenceNumber", "TimeGenerated") DO NOTHING"#
+            r#"" ("TimeGenerated", "CorrelationId", "OperationName", "DeploymentName", "ModelName", "ApiVersion", "IsStreamCompletion", "PromptTokens", "CompletionTokens", "TotalTokens", "SequenceNumber", "RequestMessages", "ResponseMessages") SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::boolean[], $8::bigint[], $9::bigint[], $10::bigint[], $11::integer[], $12::text[], $13::text[]) AS p ("TimeGenerated", "CorrelationId") "#,
+            $filter,
+            r#" ON CONFLICT ("CorrelationId", "SequenceNumber", "TimeGenerated") DO NOTHING"#
         )
     };
 }
-const POSTGRES_LLM_HEADERS_INSERT: &str = postgres_llm_insert!("GatehouseLlmLogHeaders");
-const POSTGRES_LLM_PIECES_INSERT: &str = postgres_llm_insert!("GatehouseLlmLogPieces");
+const POSTGRES_LLM_HEADERS_INSERT: &str = postgres_llm_insert!("GatehouseLlmLogHeaders", "");
+const POSTGRES_LLM_PIECES_INSERT: &str = postgres_llm_insert!(
+    "GatehouseLlmLogPieces",
+    r#"WHERE NOT EXISTS (SELECT 1 FROM "GatehouseGatewayLogs" l WHERE l."CorrelationId" = p."CorrelationId" AND l."TimeGenerated" = p."TimeGenerated")"#
+);
 
 const SQLITE_ROLLUP_UPSERT_HEAD: &str = "INSERT INTO GatehouseUsageRollup (Granularity, Bucket, Dimension, DimensionValue, Requests, Errors, PromptTokens, CompletionTokens, TotalTokens, LatencySumMs, LatencyMaxMs) ";
 const SQLITE_ROLLUP_UPSERT_TAIL: &str = " ON CONFLICT (Granularity, Dimension, Bucket, DimensionValue) DO UPDATE SET Requests = Requests + excluded.Requests, Errors = Errors + excluded.Errors, PromptTokens = PromptTokens + excluded.PromptTokens, CompletionTokens = CompletionTokens + excluded.CompletionTokens, TotalTokens = TotalTokens + excluded.TotalTokens, LatencySumMs = LatencySumMs + excluded.LatencySumMs, LatencyMaxMs = max(LatencyMaxMs, excluded.LatencyMaxMs)";
@@ -687,7 +694,9 @@ async fn write_postgres(pool: &sqlx::PgPool, records: &[AuditRecord]) -> Result<
 
 /// The INSERT of content rows, bound as [`ContentColumns`]. The day partition's key includes
 /// `"TimeGenerated"`, which a replayed record repeats.
-const POSTGRES_CONTENT_INSERT: &str = r#"INSERT INTO "GatehouseCallContent" ("CorrelationId", "TimeGenerated", "BackendRequestBody", "BackendResponseBody", "SearchText", "SearchBlock") SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::tsvector[], $6::text[]) ON CONFLICT ("CorrelationId", "TimeGenerated") DO NOTHING"#;
+/// A call whose metadata is stored already (a replay) gets no content: retention may have removed
+/// it since, and must not see it come back.
+const POSTGRES_CONTENT_INSERT: &str = r#"INSERT INTO "GatehouseCallContent" ("CorrelationId", "TimeGenerated", "BackendRequestBody", "BackendResponseBody", "SearchText", "SearchBlock") SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::tsvector[], $6::text[]) AS c ("CorrelationId", "TimeGenerated") WHERE NOT EXISTS (SELECT 1 FROM "GatehouseGatewayLogs" l WHERE l."CorrelationId" = c."CorrelationId" AND l."TimeGenerated" = c."TimeGenerated") ON CONFLICT ("CorrelationId", "TimeGenerated") DO NOTHING"#;
 
 /// Content rows as one array per column, for [`POSTGRES_CONTENT_INSERT`].
 #[derive(Default)]
