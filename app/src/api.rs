@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 
 #[cfg(feature = "ssr")]
 use crate::ssr::{portal_and_user, to_server_error};
+#[cfg(feature = "ssr")]
+use gatehouse_portal_core::ops::version_text;
 
 /// Who is signed in, as pages show it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -134,6 +136,15 @@ pub struct ActivityView {
     pub before: Option<String>,
     /// JSON after.
     pub after: Option<String>,
+}
+
+/// The gateway settings as their form shows them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GatewaySettingsView {
+    /// The settings as JSON, pretty-printed (`{}` when none are set).
+    pub text: String,
+    /// Their version, which the form carries back (empty while none are set).
+    pub version: String,
 }
 
 #[cfg(feature = "ssr")]
@@ -308,23 +319,31 @@ pub async fn register_gateway(
 }
 
 /// The gateway settings no other page manages (trusted proxies, identity, capture, limits of
-/// their own), as pretty JSON: Admin.
+/// their own), as pretty JSON, with their version: Admin.
 #[server(endpoint = "gateway_settings")]
-pub async fn gateway_settings() -> Result<String, ServerFnError> {
+pub async fn gateway_settings() -> Result<GatewaySettingsView, ServerFnError> {
     let (portal, user) = portal_and_user().await?;
-    portal
+    let settings = portal
         .gateway_settings(user.as_ref())
         .await
-        .map_err(to_server_error)
+        .map_err(to_server_error)?;
+    Ok(GatewaySettingsView {
+        text: settings.text,
+        version: settings.version.map(version_text).unwrap_or_default(),
+    })
 }
 
 /// Checks and stores the gateway settings and publishes a version built on them: Admin.
-/// Returns the version.
+/// `version` is theirs as the form read it (empty: none were set); settings saved by someone
+/// else since are not overwritten. Returns the published version.
 #[server(endpoint = "save_gateway_settings")]
-pub async fn save_gateway_settings(settings: String) -> Result<u64, ServerFnError> {
+pub async fn save_gateway_settings(
+    settings: String,
+    #[server(default)] version: String,
+) -> Result<u64, ServerFnError> {
     let (portal, user) = portal_and_user().await?;
     portal
-        .save_gateway_settings(user.as_ref(), &settings)
+        .save_gateway_settings(user.as_ref(), &settings, &version)
         .await
         .map_err(to_server_error)
 }
@@ -386,6 +405,8 @@ pub struct AccessRuleView {
     pub quota_tokens: Option<i64>,
     /// The quota period.
     pub quota_period: Option<String>,
+    /// Its version (when it last changed), which its edit and delete forms carry back.
+    pub version: String,
 }
 
 /// The state of one member as one gateway sees it.
@@ -423,6 +444,8 @@ pub struct MemberView {
     pub other_credential: Option<String>,
     /// The member's state at each gateway that answered.
     pub health: Vec<MemberHealthView>,
+    /// Its version (when it last changed), which its edit and remove forms carry back.
+    pub version: String,
 }
 
 /// A pool and its members.
@@ -436,6 +459,9 @@ pub struct PoolView {
     pub serves_resources: bool,
     /// Members by priority.
     pub members: Vec<MemberView>,
+    /// Its version (when its deployments last changed), which its edit and delete forms carry
+    /// back.
+    pub version: String,
 }
 
 /// The pools page.
@@ -494,6 +520,7 @@ pub async fn list_access_rules() -> Result<Vec<AccessRuleView>, ServerFnError> {
             tokens_per_minute: row.tokens_per_minute,
             quota_tokens: row.quota_tokens,
             quota_period: row.quota_period,
+            version: version_text(row.updated_at),
         })
         .collect())
 }
@@ -511,6 +538,7 @@ fn rule_input(
     tokens_per_minute: String,
     quota_tokens: String,
     quota_period: String,
+    version: String,
 ) -> gatehouse_portal_core::rules::AccessRuleInput {
     gatehouse_portal_core::rules::AccessRuleInput {
         id,
@@ -524,6 +552,7 @@ fn rule_input(
         tokens_per_minute,
         quota_tokens,
         quota_period,
+        version,
     }
 }
 
@@ -555,14 +584,17 @@ pub async fn create_access_rule(
         tokens_per_minute,
         quota_tokens,
         quota_period,
+        String::new(),
     );
     portal
         .save_access_rule(user.as_ref(), input, false)
         .await
-        .map_err(to_server_error)
+        .map_err(to_server_error)?;
+    Ok(())
 }
 
-/// Changes an access rule (found by its id): Admin.
+/// Changes an access rule (found by its id) from the version its form read (`version`): Admin.
+/// A rule changed by someone else since is not overwritten. Returns the rule's new version.
 #[server(endpoint = "update_access_rule")]
 pub async fn update_access_rule(
     id: String,
@@ -576,7 +608,8 @@ pub async fn update_access_rule(
     #[server(default)] tokens_per_minute: String,
     #[server(default)] quota_tokens: String,
     #[server(default)] quota_period: String,
-) -> Result<(), ServerFnError> {
+    #[server(default)] version: String,
+) -> Result<String, ServerFnError> {
     let (portal, user) = portal_and_user().await?;
     let input = rule_input(
         id,
@@ -590,19 +623,24 @@ pub async fn update_access_rule(
         tokens_per_minute,
         quota_tokens,
         quota_period,
+        version,
     );
     portal
         .save_access_rule(user.as_ref(), input, true)
         .await
+        .map(version_text)
         .map_err(to_server_error)
 }
 
-/// Deletes an access rule: Admin.
+/// Deletes an access rule as the page showed it (`version`): Admin.
 #[server(endpoint = "delete_access_rule")]
-pub async fn delete_access_rule(id: String) -> Result<(), ServerFnError> {
+pub async fn delete_access_rule(
+    id: String,
+    #[server(default)] version: String,
+) -> Result<(), ServerFnError> {
     let (portal, user) = portal_and_user().await?;
     portal
-        .delete_access_rule(user.as_ref(), &id)
+        .delete_access_rule(user.as_ref(), &id, &version)
         .await
         .map_err(to_server_error)
 }
@@ -682,10 +720,12 @@ pub async fn list_pools() -> Result<PoolsView, ServerFnError> {
                         weight: member.weight,
                         api_key_ref,
                         other_credential,
+                        version: version_text(member.updated_at),
                     }
                 })
                 .collect(),
             deployments: list_of(&entry.pool.deployments),
+            version: version_text(entry.pool.updated_at),
             id: entry.pool.id,
             serves_resources: entry.pool.serves_resources,
         })
@@ -705,43 +745,53 @@ pub async fn create_pool(
         id,
         deployments,
         serves_resources: serves_resources.is_some_and(|v| !v.is_empty() && v != "false"),
+        version: String::new(),
     };
     portal
         .save_pool(user.as_ref(), input, false)
         .await
-        .map_err(to_server_error)
+        .map_err(to_server_error)?;
+    Ok(())
 }
 
-/// Changes a pool's deployments: Admin.
+/// Changes a pool's deployments from the version its form read (`version`): Admin. A pool
+/// changed by someone else since is not overwritten. Returns the pool's new version.
 #[server(endpoint = "update_pool")]
 pub async fn update_pool(
     id: String,
     #[server(default)] deployments: String,
     #[server(default)] serves_resources: Option<String>,
-) -> Result<(), ServerFnError> {
+    #[server(default)] version: String,
+) -> Result<String, ServerFnError> {
     let (portal, user) = portal_and_user().await?;
     let input = gatehouse_portal_core::pools::PoolInput {
         id,
         deployments,
         serves_resources: serves_resources.is_some_and(|v| !v.is_empty() && v != "false"),
+        version,
     };
     portal
         .save_pool(user.as_ref(), input, true)
         .await
+        .map(version_text)
         .map_err(to_server_error)
 }
 
-/// Deletes a pool and its members: Admin.
+/// Deletes a pool and its members, the pool as the page showed it (`version`): Admin.
 #[server(endpoint = "delete_pool")]
-pub async fn delete_pool(id: String) -> Result<(), ServerFnError> {
+pub async fn delete_pool(
+    id: String,
+    #[server(default)] version: String,
+) -> Result<(), ServerFnError> {
     let (portal, user) = portal_and_user().await?;
     portal
-        .delete_pool(user.as_ref(), &id)
+        .delete_pool(user.as_ref(), &id, &version)
         .await
         .map_err(to_server_error)
 }
 
-/// Adds or changes a pool member: Admin.
+/// Adds a pool member (no `version`) or changes one from the version its form read: Admin. A
+/// member changed by someone else since is not overwritten. Returns the member's new version.
 #[server(endpoint = "save_member")]
 pub async fn save_member(
     pool_id: String,
@@ -753,7 +803,8 @@ pub async fn save_member(
     #[server(default)] priority: String,
     #[server(default)] weight: String,
     #[server(default)] api_key_ref: String,
-) -> Result<(), ServerFnError> {
+    #[server(default)] version: String,
+) -> Result<String, ServerFnError> {
     let (portal, user) = portal_and_user().await?;
     let input = gatehouse_portal_core::pools::MemberInput {
         pool_id,
@@ -765,19 +816,25 @@ pub async fn save_member(
         priority,
         weight,
         api_key_ref,
+        version,
     };
     portal
         .save_member(user.as_ref(), input)
         .await
+        .map(version_text)
         .map_err(to_server_error)
 }
 
-/// Removes a member from a pool: Admin.
+/// Removes a member from a pool, as the page showed it (`version`): Admin.
 #[server(endpoint = "delete_member")]
-pub async fn delete_member(pool_id: String, id: String) -> Result<(), ServerFnError> {
+pub async fn delete_member(
+    pool_id: String,
+    id: String,
+    #[server(default)] version: String,
+) -> Result<(), ServerFnError> {
     let (portal, user) = portal_and_user().await?;
     portal
-        .delete_member(user.as_ref(), &pool_id, &id)
+        .delete_member(user.as_ref(), &pool_id, &id, &version)
         .await
         .map_err(to_server_error)
 }

@@ -219,6 +219,7 @@ pub mod ssr {
             PortalError::Forbidden => http::StatusCode::FORBIDDEN,
             PortalError::NotFound(_) => http::StatusCode::NOT_FOUND,
             PortalError::Invalid { .. } => http::StatusCode::UNPROCESSABLE_ENTITY,
+            PortalError::Conflict { .. } => http::StatusCode::CONFLICT,
             _ => http::StatusCode::INTERNAL_SERVER_ERROR,
         };
         // Only a server function's own response to a script carries the status; a page that

@@ -109,6 +109,27 @@ fn unplaced(error: Signal<Option<String>>, fields: &'static [&'static str]) -> i
     }
 }
 
+/// The version an edit form saves from (a hidden `version` field): the one it was opened on,
+/// then the one each of its saves returns, so that saving twice from one form is not refused as
+/// someone else's change (the form, and what is typed in it, stays across saves).
+fn saved_version<S>(opened: String, save: ServerAction<S>) -> RwSignal<String>
+where
+    S: leptos::server_fn::ServerFn<Output = String> + Clone + Send + Sync + 'static,
+    S::Error: Clone + Send + Sync + 'static,
+{
+    let version = RwSignal::new(opened);
+    // Only the saves made from this form: the action may still hold one of another item's form.
+    let before = save.version().get_untracked();
+    Effect::new(move |_| {
+        if save.version().get() > before
+            && let Some(Ok(saved)) = save.value().get()
+        {
+            version.set(saved);
+        }
+    });
+    version
+}
+
 /// A note after an action succeeded.
 macro_rules! saved_note {
     ($action:expr, $text:literal) => {{
@@ -475,10 +496,14 @@ fn GatewaySettings(save: ServerAction<SaveGatewaySettings>) -> impl IntoView {
             <Transition fallback=|| view! { <p class="muted">"Loading…"</p> }>
                 {move || Suspend::new(async move {
                     match current.await {
-                        Ok(text) => {
+                        Ok(settings) => {
+                            let (text, version) = (settings.text, settings.version);
                             let value = text.clone();
                             view! {
                                 <ActionForm action=save attr:class="form-grid">
+                                    // The version the settings were read at: a save from it
+                                    // is refused when someone else saved them since.
+                                    <input type="hidden" name="version" value=version />
                                     <label class="wide">
                                         "Settings (JSON)"
                                         // The text for the page as sent, the value for the

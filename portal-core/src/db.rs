@@ -102,7 +102,7 @@ pub struct SubscriptionRow {
 }
 
 /// An access-rule row; list columns hold JSON arrays.
-#[derive(Debug, Clone, Default, PartialEq, sqlx::FromRow, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow, Serialize, Deserialize)]
 pub struct AccessRuleRow {
     /// Stable id.
     pub id: String,
@@ -126,6 +126,28 @@ pub struct AccessRuleRow {
     pub quota_tokens: Option<i64>,
     /// `hourly`, `daily`, `weekly`, `monthly` or `yearly`.
     pub quota_period: Option<String>,
+    /// When it last changed: its version, which an edit form carries (see [`next_version`]).
+    pub updated_at: OffsetDateTime,
+}
+
+impl Default for AccessRuleRow {
+    /// An empty rule, never written (its `updated_at` is the epoch).
+    fn default() -> Self {
+        AccessRuleRow {
+            id: String::new(),
+            grantee_kind: String::new(),
+            grantee_id: String::new(),
+            grantee_display_name: String::new(),
+            deployments: String::new(),
+            operations: String::new(),
+            resources: false,
+            requests_per_minute: None,
+            tokens_per_minute: None,
+            quota_tokens: None,
+            quota_period: None,
+            updated_at: OffsetDateTime::UNIX_EPOCH,
+        }
+    }
 }
 
 /// A backend pool row.
@@ -137,6 +159,9 @@ pub struct PoolRow {
     pub deployments: String,
     /// Whether the pool serves calls that name no deployment.
     pub serves_resources: bool,
+    /// When it last changed (its deployments; not its members): its version, which an edit form
+    /// carries.
+    pub updated_at: OffsetDateTime,
 }
 
 /// A pool member row; the credential is a `BackendCredential` as JSON (secret references only).
@@ -160,6 +185,8 @@ pub struct MemberRow {
     pub weight: i64,
     /// `BackendCredential` JSON.
     pub credential: String,
+    /// When it last changed: its version, which an edit form carries.
+    pub updated_at: OffsetDateTime,
 }
 
 /// A registered gateway.
@@ -245,9 +272,10 @@ pub struct ConfigTables {
 }
 
 const SUBSCRIPTIONS_SQL: &str = "SELECT id, display_name, product, primary_key_hash, secondary_key_hash, secondary_expires_at, state, expires_at, created_at, created_by, updated_at FROM subscriptions ORDER BY id";
-const ACCESS_RULES_SQL: &str = "SELECT id, grantee_kind, grantee_id, grantee_display_name, deployments, operations, resources, requests_per_minute, tokens_per_minute, quota_tokens, quota_period FROM access_rules ORDER BY id";
-const POOLS_SQL: &str = "SELECT id, deployments, serves_resources FROM backend_pools ORDER BY id";
-const MEMBERS_SQL: &str = "SELECT pool_id, id, kind, endpoint, deployment, api_version, priority, weight, credential FROM pool_members ORDER BY pool_id, priority, id";
+const ACCESS_RULES_SQL: &str = "SELECT id, grantee_kind, grantee_id, grantee_display_name, deployments, operations, resources, requests_per_minute, tokens_per_minute, quota_tokens, quota_period, updated_at FROM access_rules ORDER BY id";
+const POOLS_SQL: &str =
+    "SELECT id, deployments, serves_resources, updated_at FROM backend_pools ORDER BY id";
+const MEMBERS_SQL: &str = "SELECT pool_id, id, kind, endpoint, deployment, api_version, priority, weight, credential, updated_at FROM pool_members ORDER BY pool_id, priority, id";
 const SETTING_VALUE_SQL: &str = "SELECT value FROM settings WHERE key = $1";
 
 /// Serialises the changes to what snapshots are built from, and the reads a snapshot is built
@@ -469,46 +497,36 @@ impl ConfigDb {
             .await?))
     }
 
-    /// Inserts or replaces an access rule and writes its activity entry.
-    pub async fn upsert_access_rule(
+    /// Inserts a new access rule (its `updated_at` as given) and writes its activity entry, in one
+    /// transaction; `false`, with nothing written, when a rule with its id exists.
+    pub async fn insert_access_rule(
         &self,
         row: &AccessRuleRow,
         activity: NewActivity<'_>,
-    ) -> Result<(), PortalError> {
-        const SQL: &str = "INSERT INTO access_rules (id, grantee_kind, grantee_id, grantee_display_name, deployments, operations, resources, created_at, updated_at, requests_per_minute, tokens_per_minute, quota_tokens, quota_period) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9, $10, $11, $12) ON CONFLICT (id) DO UPDATE SET grantee_kind = excluded.grantee_kind, grantee_id = excluded.grantee_id, grantee_display_name = excluded.grantee_display_name, deployments = excluded.deployments, operations = excluded.operations, resources = excluded.resources, updated_at = excluded.updated_at, requests_per_minute = excluded.requests_per_minute, tokens_per_minute = excluded.tokens_per_minute, quota_tokens = excluded.quota_tokens, quota_period = excluded.quota_period";
-        let now = OffsetDateTime::now_utc();
-        let postgres = self.is_postgres();
-        on_pool!(self, |pool| async {
-            let mut tx = pool.begin().await?;
-            sqlx::query(SQL)
-                .bind(&row.id)
-                .bind(&row.grantee_kind)
-                .bind(&row.grantee_id)
-                .bind(&row.grantee_display_name)
-                .bind(&row.deployments)
-                .bind(&row.operations)
-                .bind(row.resources)
-                .bind(now)
-                .bind(row.requests_per_minute)
-                .bind(row.tokens_per_minute)
-                .bind(row.quota_tokens)
-                .bind(&row.quota_period)
-                .execute(&mut *tx)
-                .await?;
-            check_config!(tx, postgres);
-            sqlx::query(ACTIVITY_SQL)
-                .bind(now)
-                .bind(activity.actor)
-                .bind(activity.action)
-                .bind(activity.target)
-                .bind(&activity.before)
-                .bind(&activity.after)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
-            Ok(())
-        }
-        .await)
+    ) -> Result<bool, PortalError> {
+        const SQL: &str = "INSERT INTO access_rules (id, grantee_kind, grantee_id, grantee_display_name, deployments, operations, resources, created_at, updated_at, requests_per_minute, tokens_per_minute, quota_tokens, quota_period) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9, $10, $11, $12) ON CONFLICT (id) DO NOTHING";
+        Ok(self
+            .write(&[Statement::guarded(SQL, rule_binds(row))], activity)
+            .await?
+            .is_some())
+    }
+
+    /// Changes an access rule (to `row`, its new `updated_at` included) and writes its activity
+    /// entry, in one transaction, when the rule is still as it was read: its `updated_at` is
+    /// `read_at`. `false`, with nothing written, when it changed or went since.
+    pub async fn update_access_rule(
+        &self,
+        row: &AccessRuleRow,
+        read_at: OffsetDateTime,
+        activity: NewActivity<'_>,
+    ) -> Result<bool, PortalError> {
+        const SQL: &str = "UPDATE access_rules SET grantee_kind = $2, grantee_id = $3, grantee_display_name = $4, deployments = $5, operations = $6, resources = $7, updated_at = $8, requests_per_minute = $9, tokens_per_minute = $10, quota_tokens = $11, quota_period = $12 WHERE id = $1 AND updated_at = $13";
+        let mut binds = rule_binds(row);
+        binds.push(read_at.into());
+        Ok(self
+            .write(&[Statement::guarded(SQL, binds)], activity)
+            .await?
+            .is_some())
     }
 
     // ---- backend pools ----
@@ -527,7 +545,9 @@ impl ConfigDb {
             .await?))
     }
 
-    /// Replaces a pool and all its members, and writes the activity entry.
+    /// Replaces a pool and all its members, whatever they were, and writes the activity entry (for
+    /// seeding and tests: the pages change one pool or member at a time, from the version they
+    /// read).
     pub async fn replace_pool(
         &self,
         row: &PoolRow,
@@ -536,7 +556,7 @@ impl ConfigDb {
     ) -> Result<(), PortalError> {
         const POOL: &str = "INSERT INTO backend_pools (id, deployments, serves_resources, created_at, updated_at) VALUES ($1, $2, $3, $4, $4) ON CONFLICT (id) DO UPDATE SET deployments = excluded.deployments, serves_resources = excluded.serves_resources, updated_at = excluded.updated_at";
         const CLEAR: &str = "DELETE FROM pool_members WHERE pool_id = $1";
-        const MEMBER: &str = "INSERT INTO pool_members (pool_id, id, kind, endpoint, deployment, api_version, priority, weight, credential) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+        const MEMBER: &str = "INSERT INTO pool_members (pool_id, id, kind, endpoint, deployment, api_version, priority, weight, credential, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
         let now = OffsetDateTime::now_utc();
         let postgres = self.is_postgres();
         on_pool!(self, |pool| async {
@@ -560,6 +580,7 @@ impl ConfigDb {
                     .bind(member.priority)
                     .bind(member.weight)
                     .bind(&member.credential)
+                    .bind(now)
                     .execute(&mut *tx)
                     .await?;
             }
@@ -727,22 +748,44 @@ impl ConfigDb {
         Ok(())
     }
 
-    /// Sets a setting and writes its activity entry, in one transaction.
+    /// A setting's value and its version (when it was last set).
+    pub async fn setting_with_version(
+        &self,
+        key: &str,
+    ) -> Result<Option<(String, OffsetDateTime)>, PortalError> {
+        const SQL: &str = "SELECT value, updated_at FROM settings WHERE key = $1";
+        Ok(on_pool!(self, |pool| sqlx::query_as(SQL)
+            .bind(key)
+            .fetch_optional(pool)
+            .await?))
+    }
+
+    /// Sets a setting (its version becomes `updated_at`) and writes its activity entry, in one
+    /// transaction, when it is still as it was read: unset (`read_at` `None`) or set at
+    /// `read_at`. `false`, with nothing written, when it was set, changed or removed since.
     pub async fn save_setting(
         &self,
         key: &str,
         value: &str,
+        updated_at: OffsetDateTime,
+        read_at: Option<OffsetDateTime>,
         activity: NewActivity<'_>,
-    ) -> Result<(), PortalError> {
-        self.write(
-            &[Statement::new(
-                SETTING_SQL,
-                vec![key.into(), value.into(), OffsetDateTime::now_utc().into()],
-            )],
-            activity,
-        )
-        .await?;
-        Ok(())
+    ) -> Result<bool, PortalError> {
+        const INSERT: &str = "INSERT INTO settings (key, value, updated_at) VALUES ($1, $2, $3) ON CONFLICT (key) DO NOTHING";
+        const UPDATE: &str =
+            "UPDATE settings SET value = $2, updated_at = $3 WHERE key = $1 AND updated_at = $4";
+        let mut binds = vec![key.into(), value.into(), updated_at.into()];
+        let sql = match read_at {
+            None => INSERT,
+            Some(read_at) => {
+                binds.push(read_at.into());
+                UPDATE
+            }
+        };
+        Ok(self
+            .write(&[Statement::guarded(sql, binds)], activity)
+            .await?
+            .is_some())
     }
 
     // ---- alert states ----
@@ -899,13 +942,44 @@ pub struct Statement {
     pub sql: &'static str,
     /// The parameters, in order.
     pub binds: Vec<Bind>,
+    /// Whether the change depends on it affecting a row: when it affects none (the row it
+    /// changes is no longer as it was read, or exists already), nothing is written.
+    pub guard: bool,
 }
 
 impl Statement {
     /// A statement with its parameters.
     pub fn new(sql: &'static str, binds: Vec<Bind>) -> Statement {
-        Statement { sql, binds }
+        Statement {
+            sql,
+            binds,
+            guard: false,
+        }
     }
+
+    /// A statement the change depends on (a conditional `UPDATE`, `DELETE` or an `INSERT … ON
+    /// CONFLICT DO NOTHING`): when it affects no row, the whole change is not written.
+    pub fn guarded(sql: &'static str, binds: Vec<Bind>) -> Statement {
+        Statement {
+            sql,
+            binds,
+            guard: true,
+        }
+    }
+}
+
+/// A row's next version (its `updated_at`): now, or, should the clock say otherwise, just after
+/// the version it replaces (`read_at`), so that a change always makes a version no form holds.
+/// In whole microseconds, as PostgreSQL keeps them: the version returned is the one stored on
+/// either engine, so a form given it saves again without reading the row first.
+pub fn next_version(read_at: Option<OffsetDateTime>) -> OffsetDateTime {
+    let microsecond = time::Duration::microseconds(1);
+    let at = match read_at {
+        Some(read_at) => OffsetDateTime::now_utc().max(read_at + microsecond),
+        None => OffsetDateTime::now_utc(),
+    };
+    at.replace_nanosecond(at.nanosecond() / 1000 * 1000)
+        .unwrap_or(at)
 }
 
 /// Binds every value of a statement to a query, on whichever engine the arm is for.
@@ -924,20 +998,59 @@ macro_rules! bind_all {
     }};
 }
 
+/// An access rule's columns in the order `insert_access_rule` and `update_access_rule` bind
+/// them: id, grantee kind, id and name, deployments, operations, resources, updated_at, limits.
+fn rule_binds(row: &AccessRuleRow) -> Vec<Bind> {
+    vec![
+        (&row.id).into(),
+        (&row.grantee_kind).into(),
+        (&row.grantee_id).into(),
+        (&row.grantee_display_name).into(),
+        (&row.deployments).into(),
+        (&row.operations).into(),
+        row.resources.into(),
+        row.updated_at.into(),
+        row.requests_per_minute.into(),
+        row.tokens_per_minute.into(),
+        row.quota_tokens.into(),
+        (&row.quota_period).into(),
+    ]
+}
+
+/// A pool member's columns in the order `insert_member` and `update_member` bind them.
+fn member_binds(member: &MemberRow) -> Vec<Bind> {
+    vec![
+        (&member.pool_id).into(),
+        (&member.id).into(),
+        (&member.kind).into(),
+        (&member.endpoint).into(),
+        (&member.deployment).into(),
+        (&member.api_version).into(),
+        member.priority.into(),
+        member.weight.into(),
+        (&member.credential).into(),
+        member.updated_at.into(),
+    ]
+}
+
+/// Sets a setting, whatever it was (see [`ConfigDb::set_setting`]).
 const SETTING_SQL: &str = "INSERT INTO settings (key, value, updated_at) VALUES ($1, $2, $3) ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at";
-const POOL_SQL: &str = "SELECT id, deployments, serves_resources FROM backend_pools WHERE id = $1";
-const RULE_SQL: &str = "SELECT id, grantee_kind, grantee_id, grantee_display_name, deployments, operations, resources, requests_per_minute, tokens_per_minute, quota_tokens, quota_period FROM access_rules WHERE id = $1";
+const POOL_SQL: &str =
+    "SELECT id, deployments, serves_resources, updated_at FROM backend_pools WHERE id = $1";
+const RULE_SQL: &str = "SELECT id, grantee_kind, grantee_id, grantee_display_name, deployments, operations, resources, requests_per_minute, tokens_per_minute, quota_tokens, quota_period, updated_at FROM access_rules WHERE id = $1";
+const MEMBER_SQL: &str = "SELECT pool_id, id, kind, endpoint, deployment, api_version, priority, weight, credential, updated_at FROM pool_members WHERE pool_id = $1 AND id = $2";
 
 impl ConfigDb {
     /// Runs `statements` (a change to what snapshots are built from) and writes `activity`, all
     /// in one transaction: every change or none. The change is checked before its commit:
     /// [`PortalError::Invalid`] (field `configuration`), with nothing written, when a gateway
-    /// would refuse the snapshot it makes. Returns the rows each statement affected.
+    /// would refuse the snapshot it makes. Returns the rows each statement affected, or `None`,
+    /// with nothing written nor logged, when a [guarded](Statement::guarded) one affected none.
     pub async fn write(
         &self,
         statements: &[Statement],
         activity: NewActivity<'_>,
-    ) -> Result<Vec<u64>, PortalError> {
+    ) -> Result<Option<Vec<u64>>, PortalError> {
         let now = OffsetDateTime::now_utc();
         let postgres = self.is_postgres();
         on_pool!(self, |pool| async {
@@ -946,8 +1059,14 @@ impl ConfigDb {
             for statement in statements {
                 let done = bind_all!(sqlx::query(statement.sql), &statement.binds)
                     .execute(&mut *tx)
-                    .await?;
-                affected.push(done.rows_affected());
+                    .await?
+                    .rows_affected();
+                if statement.guard && done == 0 {
+                    // Changed (or removed, or created) since it was read: the transaction rolls
+                    // back as it is dropped.
+                    return Ok(None);
+                }
+                affected.push(done);
             }
             check_config!(tx, postgres);
             sqlx::query(ACTIVITY_SQL)
@@ -960,7 +1079,7 @@ impl ConfigDb {
                 .execute(&mut *tx)
                 .await?;
             tx.commit().await?;
-            Ok(affected)
+            Ok(Some(affected))
         }
         .await)
     }
@@ -973,25 +1092,24 @@ impl ConfigDb {
             .await?))
     }
 
-    /// Deletes an access rule and writes its activity entry; `NotFound` when there is none.
+    /// Deletes an access rule and writes its activity entry when it is still as it was read (its
+    /// `updated_at` is `read_at`); `false`, with nothing written, when it changed or went since.
     pub async fn delete_access_rule(
         &self,
         id: &str,
+        read_at: OffsetDateTime,
         activity: NewActivity<'_>,
-    ) -> Result<(), PortalError> {
-        let affected = self
+    ) -> Result<bool, PortalError> {
+        Ok(self
             .write(
-                &[Statement::new(
-                    "DELETE FROM access_rules WHERE id = $1",
-                    vec![id.into()],
+                &[Statement::guarded(
+                    "DELETE FROM access_rules WHERE id = $1 AND updated_at = $2",
+                    vec![id.into(), read_at.into()],
                 )],
                 activity,
             )
-            .await?;
-        if affected.first().copied().unwrap_or(0) == 0 {
-            return Err(PortalError::NotFound(format!("access rule {id}")));
-        }
-        Ok(())
+            .await?
+            .is_some())
     }
 
     /// One pool.
@@ -1002,107 +1120,153 @@ impl ConfigDb {
             .await?))
     }
 
-    /// Creates or changes a pool (its members stay), and writes the activity entry.
-    pub async fn upsert_pool(
+    /// Creates a pool (without members; its `updated_at` as given) and writes the activity entry;
+    /// `false`, with nothing written, when a pool with its id exists.
+    pub async fn insert_pool(
         &self,
         row: &PoolRow,
         activity: NewActivity<'_>,
-    ) -> Result<(), PortalError> {
-        const SQL: &str = "INSERT INTO backend_pools (id, deployments, serves_resources, created_at, updated_at) VALUES ($1, $2, $3, $4, $4) ON CONFLICT (id) DO UPDATE SET deployments = excluded.deployments, serves_resources = excluded.serves_resources, updated_at = excluded.updated_at";
-        self.write(
-            &[Statement::new(
-                SQL,
-                vec![
-                    (&row.id).into(),
-                    (&row.deployments).into(),
-                    row.serves_resources.into(),
-                    OffsetDateTime::now_utc().into(),
-                ],
-            )],
-            activity,
-        )
-        .await?;
-        Ok(())
+    ) -> Result<bool, PortalError> {
+        const SQL: &str = "INSERT INTO backend_pools (id, deployments, serves_resources, created_at, updated_at) VALUES ($1, $2, $3, $4, $4) ON CONFLICT (id) DO NOTHING";
+        Ok(self
+            .write(
+                &[Statement::guarded(
+                    SQL,
+                    vec![
+                        (&row.id).into(),
+                        (&row.deployments).into(),
+                        row.serves_resources.into(),
+                        row.updated_at.into(),
+                    ],
+                )],
+                activity,
+            )
+            .await?
+            .is_some())
     }
 
-    /// Deletes a pool with its members; `NotFound` when there is none.
+    /// Changes a pool's deployments (its members stay) to `row`, its new `updated_at` included,
+    /// and writes the activity entry, when the pool is still as it was read (its `updated_at` is
+    /// `read_at`); `false`, with nothing written, when it changed or went since.
+    pub async fn update_pool(
+        &self,
+        row: &PoolRow,
+        read_at: OffsetDateTime,
+        activity: NewActivity<'_>,
+    ) -> Result<bool, PortalError> {
+        const SQL: &str = "UPDATE backend_pools SET deployments = $2, serves_resources = $3, updated_at = $4 WHERE id = $1 AND updated_at = $5";
+        Ok(self
+            .write(
+                &[Statement::guarded(
+                    SQL,
+                    vec![
+                        (&row.id).into(),
+                        (&row.deployments).into(),
+                        row.serves_resources.into(),
+                        row.updated_at.into(),
+                        read_at.into(),
+                    ],
+                )],
+                activity,
+            )
+            .await?
+            .is_some())
+    }
+
+    /// Deletes a pool with its members when the pool is still as it was read (its `updated_at`
+    /// is `read_at`); `false`, with nothing written, when it changed or went since.
     pub async fn delete_pool(
         &self,
         id: &str,
+        read_at: OffsetDateTime,
         activity: NewActivity<'_>,
-    ) -> Result<(), PortalError> {
-        let affected = self
+    ) -> Result<bool, PortalError> {
+        Ok(self
             .write(
                 &[
+                    // First, so that nothing is deleted unless the pool is as it was read.
+                    Statement::guarded(
+                        "DELETE FROM backend_pools WHERE id = $1 AND updated_at = $2",
+                        vec![id.into(), read_at.into()],
+                    ),
+                    // Its members went with it (ON DELETE CASCADE); said again, not assumed.
                     Statement::new(
                         "DELETE FROM pool_members WHERE pool_id = $1",
                         vec![id.into()],
                     ),
-                    Statement::new("DELETE FROM backend_pools WHERE id = $1", vec![id.into()]),
                 ],
                 activity,
             )
-            .await?;
-        if affected.get(1).copied().unwrap_or(0) == 0 {
-            return Err(PortalError::NotFound(format!("pool {id}")));
-        }
-        Ok(())
+            .await?
+            .is_some())
     }
 
-    /// Creates or changes one pool member, and writes the activity entry.
-    pub async fn upsert_member(
+    /// One pool member.
+    pub async fn member(&self, pool_id: &str, id: &str) -> Result<Option<MemberRow>, PortalError> {
+        Ok(on_pool!(self, |pool| sqlx::query_as(MEMBER_SQL)
+            .bind(pool_id)
+            .bind(id)
+            .fetch_optional(pool)
+            .await?))
+    }
+
+    /// Adds a member to its pool (its `updated_at` as given) and writes the activity entry;
+    /// `false`, with nothing written, when the pool has a member with its id.
+    pub async fn insert_member(
         &self,
         member: &MemberRow,
         activity: NewActivity<'_>,
-    ) -> Result<(), PortalError> {
-        const SQL: &str = "INSERT INTO pool_members (pool_id, id, kind, endpoint, deployment, api_version, priority, weight, credential) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (pool_id, id) DO UPDATE SET kind = excluded.kind, endpoint = excluded.endpoint, deployment = excluded.deployment, api_version = excluded.api_version, priority = excluded.priority, weight = excluded.weight, credential = excluded.credential";
-        self.write(
-            &[Statement::new(
-                SQL,
-                vec![
-                    (&member.pool_id).into(),
-                    (&member.id).into(),
-                    (&member.kind).into(),
-                    (&member.endpoint).into(),
-                    (&member.deployment).into(),
-                    (&member.api_version).into(),
-                    member.priority.into(),
-                    member.weight.into(),
-                    (&member.credential).into(),
-                ],
-            )],
-            activity,
-        )
-        .await?;
-        Ok(())
+    ) -> Result<bool, PortalError> {
+        const SQL: &str = "INSERT INTO pool_members (pool_id, id, kind, endpoint, deployment, api_version, priority, weight, credential, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (pool_id, id) DO NOTHING";
+        Ok(self
+            .write(&[Statement::guarded(SQL, member_binds(member))], activity)
+            .await?
+            .is_some())
     }
 
-    /// Deletes one pool member; `NotFound` when there is none.
+    /// Changes one pool member to `member`, its new `updated_at` included, and writes the
+    /// activity entry, when the member is still as it was read (its `updated_at` is `read_at`);
+    /// `false`, with nothing written, when it changed or went since.
+    pub async fn update_member(
+        &self,
+        member: &MemberRow,
+        read_at: OffsetDateTime,
+        activity: NewActivity<'_>,
+    ) -> Result<bool, PortalError> {
+        const SQL: &str = "UPDATE pool_members SET kind = $3, endpoint = $4, deployment = $5, api_version = $6, priority = $7, weight = $8, credential = $9, updated_at = $10 WHERE pool_id = $1 AND id = $2 AND updated_at = $11";
+        let mut binds = member_binds(member);
+        binds.push(read_at.into());
+        Ok(self
+            .write(&[Statement::guarded(SQL, binds)], activity)
+            .await?
+            .is_some())
+    }
+
+    /// Deletes one pool member when it is still as it was read (its `updated_at` is `read_at`);
+    /// `false`, with nothing written, when it changed or went since.
     pub async fn delete_member(
         &self,
         pool_id: &str,
         id: &str,
+        read_at: OffsetDateTime,
         activity: NewActivity<'_>,
-    ) -> Result<(), PortalError> {
-        let affected = self
+    ) -> Result<bool, PortalError> {
+        Ok(self
             .write(
-                &[Statement::new(
-                    "DELETE FROM pool_members WHERE pool_id = $1 AND id = $2",
-                    vec![pool_id.into(), id.into()],
+                &[Statement::guarded(
+                    "DELETE FROM pool_members WHERE pool_id = $1 AND id = $2 AND updated_at = $3",
+                    vec![pool_id.into(), id.into(), read_at.into()],
                 )],
                 activity,
             )
-            .await?;
-        if affected.first().copied().unwrap_or(0) == 0 {
-            return Err(PortalError::NotFound(format!(
-                "member {id} of pool {pool_id}"
-            )));
-        }
-        Ok(())
+            .await?
+            .is_some())
     }
 
     /// Replaces every access rule, pool and member with the given ones (a rollback), and writes
-    /// the activity entry, in one transaction.
+    /// the activity entry, in one transaction. Each row is written with its `updated_at` as given:
+    /// a rollback gives them a new version, so that no form opened before it saves over what it
+    /// puts back.
     pub async fn restore_rules_and_pools(
         &self,
         rules: &[AccessRuleRow],
@@ -1112,32 +1276,17 @@ impl ConfigDb {
     ) -> Result<(), PortalError> {
         const RULE: &str = "INSERT INTO access_rules (id, grantee_kind, grantee_id, grantee_display_name, deployments, operations, resources, created_at, updated_at, requests_per_minute, tokens_per_minute, quota_tokens, quota_period) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9, $10, $11, $12)";
         const POOL: &str = "INSERT INTO backend_pools (id, deployments, serves_resources, created_at, updated_at) VALUES ($1, $2, $3, $4, $4)";
-        const MEMBER: &str = "INSERT INTO pool_members (pool_id, id, kind, endpoint, deployment, api_version, priority, weight, credential) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
-        let now = OffsetDateTime::now_utc();
+        const MEMBER: &str = "INSERT INTO pool_members (pool_id, id, kind, endpoint, deployment, api_version, priority, weight, credential, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
         let mut statements = vec![
             Statement::new("DELETE FROM access_rules", vec![]),
             Statement::new("DELETE FROM pool_members", vec![]),
             Statement::new("DELETE FROM backend_pools", vec![]),
         ];
-        statements.extend(rules.iter().map(|rule| {
-            Statement::new(
-                RULE,
-                vec![
-                    (&rule.id).into(),
-                    (&rule.grantee_kind).into(),
-                    (&rule.grantee_id).into(),
-                    (&rule.grantee_display_name).into(),
-                    (&rule.deployments).into(),
-                    (&rule.operations).into(),
-                    rule.resources.into(),
-                    now.into(),
-                    rule.requests_per_minute.into(),
-                    rule.tokens_per_minute.into(),
-                    rule.quota_tokens.into(),
-                    (&rule.quota_period).into(),
-                ],
-            )
-        }));
+        statements.extend(
+            rules
+                .iter()
+                .map(|rule| Statement::new(RULE, rule_binds(rule))),
+        );
         statements.extend(pools.iter().map(|pool| {
             Statement::new(
                 POOL,
@@ -1145,26 +1294,15 @@ impl ConfigDb {
                     (&pool.id).into(),
                     (&pool.deployments).into(),
                     pool.serves_resources.into(),
-                    now.into(),
+                    pool.updated_at.into(),
                 ],
             )
         }));
-        statements.extend(members.iter().map(|member| {
-            Statement::new(
-                MEMBER,
-                vec![
-                    (&member.pool_id).into(),
-                    (&member.id).into(),
-                    (&member.kind).into(),
-                    (&member.endpoint).into(),
-                    (&member.deployment).into(),
-                    (&member.api_version).into(),
-                    member.priority.into(),
-                    member.weight.into(),
-                    (&member.credential).into(),
-                ],
-            )
-        }));
+        statements.extend(
+            members
+                .iter()
+                .map(|member| Statement::new(MEMBER, member_binds(member))),
+        );
         self.write(&statements, activity).await?;
         Ok(())
     }

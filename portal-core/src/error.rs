@@ -1,5 +1,7 @@
 //! The one error type of the portal's operations, and what a user may be told about it.
 
+use time::OffsetDateTime;
+
 /// Why an operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PortalError {
@@ -20,6 +22,15 @@ pub enum PortalError {
         /// What is wrong with it.
         message: String,
     },
+    /// Someone else changed (or deleted) what a form edits since the form was opened: nothing was
+    /// written. `changed_at` is its version now (`None`: it is gone).
+    #[error("{}", .what.refusal(.changed_at.as_ref()))]
+    Conflict {
+        /// What the form edits.
+        what: Edited,
+        /// When it was last changed, if it still exists.
+        changed_at: Option<OffsetDateTime>,
+    },
     /// The database failed.
     #[error("config database: {0}")]
     Database(#[from] sqlx::Error),
@@ -29,6 +40,49 @@ pub enum PortalError {
     /// A stored value could not be read back.
     #[error("config database holds an unreadable value: {0}")]
     Corrupt(String),
+}
+
+/// What an edit form edits, as a [`PortalError::Conflict`] names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Edited {
+    /// An access rule.
+    AccessRule,
+    /// A backend pool (its deployments).
+    Pool,
+    /// A pool member.
+    Member,
+    /// The gateway settings.
+    GatewaySettings,
+}
+
+impl Edited {
+    /// The refusal of a change made from a form opened on an older version of it.
+    fn refusal(self, changed_at: Option<&OffsetDateTime>) -> String {
+        let (this, was, it) = match self {
+            Edited::AccessRule => ("This access rule", "was", "it"),
+            Edited::Pool => ("This pool", "was", "it"),
+            Edited::Member => ("This pool member", "was", "it"),
+            Edited::GatewaySettings => ("The gateway settings", "were", "them"),
+        };
+        match changed_at {
+            Some(at) => format!(
+                "{this} {was} changed by someone else since you opened {it} (at {}): reload {it} and apply your change again.",
+                moment(*at)
+            ),
+            None => format!(
+                "{this} {was} deleted by someone else since you opened {it}: reload the page."
+            ),
+        }
+    }
+}
+
+/// An instant as a person reads it: to the second, in UTC.
+fn moment(at: OffsetDateTime) -> String {
+    let format =
+        time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second] UTC");
+    at.to_offset(time::UtcOffset::UTC)
+        .format(format)
+        .unwrap_or_else(|_| at.to_string())
 }
 
 impl PortalError {

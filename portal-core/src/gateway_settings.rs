@@ -12,11 +12,13 @@
 
 use gatehouse_schema::ConfigSnapshot;
 use gatehouse_schema::portal::Role;
+use serde::Serialize;
 use serde_json::{Map, Value};
+use time::OffsetDateTime;
 
-use crate::db::NewActivity;
-use crate::error::PortalError;
-use crate::ops::Portal;
+use crate::db::{NewActivity, next_version};
+use crate::error::{Edited, PortalError};
+use crate::ops::{Portal, read_version};
 use crate::snapshot::{self, BASE_SETTING, RULE_LIMIT_PREFIX};
 use crate::user::{SessionUser, require};
 
@@ -29,6 +31,16 @@ const OWNED: [(&str, &str); 3] = [
     ("access_rules", "Access rules"),
     ("pools", "Backend pools"),
 ];
+
+/// The gateway settings as their form shows them.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GatewaySettings {
+    /// The settings as stored, pretty-printed (`{}` when none are set).
+    pub text: String,
+    /// Their version (when they were last saved), `None` while none are set: the form carries
+    /// it back to [`Portal::save_gateway_settings`].
+    pub version: Option<OffsetDateTime>,
+}
 
 /// Checks `text` as gateway settings and returns the object to store (without `version`: the
 /// portal numbers the versions it publishes).
@@ -72,32 +84,61 @@ pub fn parse(text: &str) -> Result<Map<String, Value>, PortalError> {
 }
 
 impl Portal {
-    /// The gateway settings as stored, pretty-printed (`{}` when none are set): Admin.
+    /// The gateway settings as stored, pretty-printed (`{}` when none are set), and their
+    /// version: Admin.
     pub async fn gateway_settings(
         &self,
         user: Option<&SessionUser>,
-    ) -> Result<String, PortalError> {
+    ) -> Result<GatewaySettings, PortalError> {
         require(user, &[Role::Admin])?;
-        let Some(text) = self.db.setting(BASE_SETTING).await? else {
-            return Ok("{}".to_owned());
+        let Some((text, version)) = self.db.setting_with_version(BASE_SETTING).await? else {
+            return Ok(GatewaySettings {
+                text: "{}".to_owned(),
+                version: None,
+            });
         };
         let value: Value = serde_json::from_str(&text)
             .map_err(|error| PortalError::Corrupt(format!("{BASE_SETTING}: {error}")))?;
-        serde_json::to_string_pretty(&value)
-            .map_err(|error| PortalError::Corrupt(format!("{BASE_SETTING}: {error}")))
+        let text = serde_json::to_string_pretty(&value)
+            .map_err(|error| PortalError::Corrupt(format!("{BASE_SETTING}: {error}")))?;
+        Ok(GatewaySettings {
+            text,
+            version: Some(version),
+        })
     }
 
     /// Checks and stores new gateway settings (with their activity entry, in one transaction)
     /// and publishes a snapshot built on them: Admin. Returns the published version.
+    ///
+    /// They are saved from the version their form was opened on (`version`, as
+    /// [`crate::ops::version_text`] writes it; empty when none were set): settings saved by
+    /// someone else since are not overwritten, the save is refused ([`PortalError::Conflict`])
+    /// with nothing written, logged or published.
     pub async fn save_gateway_settings(
         &self,
         user: Option<&SessionUser>,
         text: &str,
+        version: &str,
     ) -> Result<u64, PortalError> {
         let user = require(user, &[Role::Admin])?;
+        let read_at = read_version(version)?;
         let base = parse(text)?;
         let stored = serde_json::to_string(&base)
             .map_err(|error| PortalError::Corrupt(format!("{BASE_SETTING}: {error}")))?;
+        let conflict = |changed_at| PortalError::Conflict {
+            what: Edited::GatewaySettings,
+            changed_at,
+        };
+        // Refused before anything else when they changed since the form read them; the write
+        // checks again, in its transaction.
+        let current = self
+            .db
+            .setting_with_version(BASE_SETTING)
+            .await?
+            .map(|(_, at)| at);
+        if current != read_at {
+            return Err(conflict(current));
+        }
         // The snapshot the new settings make with the portal's tables, checked here so that the
         // refusal names the settings' field (the write checks again, under its lock).
         let mut trial = self.db.config_tables().await?;
@@ -106,10 +147,13 @@ impl Portal {
         if !problems.is_empty() {
             return Err(PortalError::invalid(FIELD, problems.join("; ")));
         }
-        self.db
+        let written = self
+            .db
             .save_setting(
                 BASE_SETTING,
                 &stored,
+                next_version(read_at),
+                read_at,
                 NewActivity {
                     actor: &user.actor(),
                     action: "settings.update",
@@ -119,6 +163,15 @@ impl Portal {
                 },
             )
             .await?;
+        if !written {
+            // Saved (or removed) by someone else between the check and the write.
+            let current = self
+                .db
+                .setting_with_version(BASE_SETTING)
+                .await?
+                .map(|(_, at)| at);
+            return Err(conflict(current));
+        }
         let (version, _) = self.publisher.publish(&user.actor()).await?;
         Ok(version)
     }

@@ -8,10 +8,11 @@ use gatehouse_schema::config::SecretRef;
 use gatehouse_schema::keys::{generate_key, hash_key};
 use gatehouse_schema::portal::Role;
 use serde::Serialize;
+use time::format_description::well_known::Rfc3339;
 use time::{Date, OffsetDateTime, Time};
 
 use crate::db::{ActivityRow, ConfigDb, GatewayRow, NewActivity, SubscriptionRow};
-use crate::error::PortalError;
+use crate::error::{Edited, PortalError};
 use crate::push::{Publisher, PushOutcome};
 use crate::user::{SessionUser, require};
 
@@ -124,6 +125,56 @@ fn expiry(text: &str) -> Result<Option<OffsetDateTime>, PortalError> {
 
 pub(crate) fn json_of<T: Serialize>(value: &T) -> Option<String> {
     serde_json::to_string(value).ok()
+}
+
+/// A row's version (its `updated_at`) as an edit form carries it: RFC 3339 with every digit, so
+/// that it reads back as the same instant, in the offset it was read in.
+pub fn version_text(at: OffsetDateTime) -> String {
+    at.format(&Rfc3339).unwrap_or_default()
+}
+
+/// The version a form sent back, as [`version_text`] wrote it; `None` when it carries none.
+pub(crate) fn read_version(text: &str) -> Result<Option<OffsetDateTime>, PortalError> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    OffsetDateTime::parse(text, &Rfc3339)
+        .map(Some)
+        .map_err(|_| {
+            PortalError::invalid(
+                "version",
+                "the form carries a version this portal did not write: reload the page and apply your change again",
+            )
+        })
+}
+
+/// The version a form that changes or deletes an existing item must carry.
+pub(crate) fn required_version(text: &str) -> Result<OffsetDateTime, PortalError> {
+    read_version(text)?.ok_or_else(|| {
+        PortalError::invalid(
+            "version",
+            "the form carries no version of what it changes (opened before an upgrade of the portal?): reload the page and apply your change again",
+        )
+    })
+}
+
+/// Refuses a change made from a form opened on version `read_at` of an item whose version is now
+/// `current` (`None`: gone). Checked before the write, so that the refusal costs nothing; the
+/// write checks again in its transaction.
+pub(crate) fn check_version(
+    what: Edited,
+    current: Option<OffsetDateTime>,
+    read_at: OffsetDateTime,
+) -> Result<(), PortalError> {
+    if current == Some(read_at) {
+        Ok(())
+    } else {
+        Err(PortalError::Conflict {
+            what,
+            changed_at: current,
+        })
+    }
 }
 
 impl Portal {

@@ -5,9 +5,11 @@ use gatehouse_schema::config::{BackendCredential, SecretRef};
 use gatehouse_schema::portal::Role;
 use serde::Serialize;
 
-use crate::db::{MemberRow, NewActivity, PoolRow};
-use crate::error::PortalError;
-use crate::ops::{Portal, json_of, valid_id};
+use time::OffsetDateTime;
+
+use crate::db::{MemberRow, NewActivity, PoolRow, next_version};
+use crate::error::{Edited, PortalError};
+use crate::ops::{Portal, check_version, json_of, read_version, required_version, valid_id};
 use crate::rules::is_deployment_pattern;
 use crate::user::{SessionUser, require};
 
@@ -21,6 +23,9 @@ pub struct PoolInput {
     pub deployments: String,
     /// Whether the pool serves calls that name no deployment (files, batches, …).
     pub serves_resources: bool,
+    /// The version of the pool the form was opened on ([`crate::ops::version_text`] of its
+    /// `updated_at`); empty for a new pool.
+    pub version: String,
 }
 
 /// A pool member as a form sends it.
@@ -45,6 +50,9 @@ pub struct MemberInput {
     /// Secret reference of the member's API key (`env:NAME`, `file:PATH`, Key Vault URL), or
     /// empty for none.
     pub api_key_ref: String,
+    /// The version of the member the form was opened on ([`crate::ops::version_text`] of its
+    /// `updated_at`); empty to add a new member.
+    pub version: String,
 }
 
 /// A pool with its members, as the pools page lists it.
@@ -127,6 +135,8 @@ fn validate_pool(input: &PoolInput) -> Result<PoolRow, PortalError> {
         id,
         deployments: serde_json::to_string(&deployments).unwrap_or_else(|_| "[]".to_owned()),
         serves_resources: input.serves_resources,
+        // Set as it is written.
+        updated_at: OffsetDateTime::UNIX_EPOCH,
     })
 }
 
@@ -205,6 +215,8 @@ fn validate_member(input: &MemberInput) -> Result<MemberRow, PortalError> {
         priority,
         weight,
         credential,
+        // Set as it is written.
+        updated_at: OffsetDateTime::UNIX_EPOCH,
     })
 }
 
@@ -234,22 +246,36 @@ impl Portal {
 
     /// Creates (`existing = false`) or changes (`existing = true`) a pool, then publishes: Admin.
     /// A deployment may be served by one pool only, and calls without a deployment by one pool.
+    /// Returns the pool's new version, for the form to carry to its next save.
+    ///
+    /// A change is made from the version of the pool its form was opened on (`input.version`)
+    /// and written only while the pool still has it (its members' changes do not count), else
+    /// refused ([`PortalError::Conflict`]) with nothing written, logged or published. A new pool
+    /// is written only if no pool has its id.
     pub async fn save_pool(
         &self,
         user: Option<&SessionUser>,
         input: PoolInput,
         existing: bool,
-    ) -> Result<(), PortalError> {
+    ) -> Result<OffsetDateTime, PortalError> {
         let user = require(user, &[Role::Admin])?;
-        let row = validate_pool(&input)?;
+        let read_at = if existing {
+            Some(required_version(&input.version)?)
+        } else {
+            None
+        };
+        let mut row = validate_pool(&input)?;
         let pools = self.db.pools().await?;
         let before = pools.iter().find(|p| p.id == row.id).cloned();
-        match (&before, existing) {
-            (Some(_), false) => {
-                return Err(PortalError::invalid("id", "a pool with this id exists"));
-            }
-            (None, true) => return Err(PortalError::NotFound(format!("pool {}", row.id))),
-            _ => {}
+        let exists = || PortalError::invalid("id", "a pool with this id exists");
+        match read_at {
+            None if before.is_some() => return Err(exists()),
+            None => {}
+            Some(read_at) => check_version(
+                Edited::Pool,
+                before.as_ref().map(|pool| pool.updated_at),
+                read_at,
+            )?,
         }
         let mine = deployments_of(&input.deployments);
         for other in pools.iter().filter(|p| p.id != row.id) {
@@ -274,41 +300,60 @@ impl Portal {
                 ));
             }
         }
-        self.db
-            .upsert_pool(
-                &row,
-                NewActivity {
-                    actor: &user.actor(),
-                    action: if existing {
-                        "pool.update"
-                    } else {
-                        "pool.create"
-                    },
-                    target: &row.id,
-                    before: before.as_ref().and_then(json_of),
-                    after: json_of(&row),
+        row.updated_at = next_version(read_at);
+        let actor = user.actor();
+        let activity = NewActivity {
+            actor: &actor,
+            action: if existing {
+                "pool.update"
+            } else {
+                "pool.create"
+            },
+            target: &row.id,
+            before: before.as_ref().and_then(json_of),
+            after: json_of(&row),
+        };
+        let written = match read_at {
+            None => self.db.insert_pool(&row, activity).await?,
+            Some(read_at) => self.db.update_pool(&row, read_at, activity).await?,
+        };
+        if !written {
+            // Created, changed or deleted by someone else between the check and the write.
+            return Err(match read_at {
+                None => exists(),
+                Some(_) => PortalError::Conflict {
+                    what: Edited::Pool,
+                    changed_at: self.db.pool(&row.id).await?.map(|pool| pool.updated_at),
                 },
-            )
-            .await?;
-        self.publisher.publish(&user.actor()).await?;
-        Ok(())
+            });
+        }
+        self.publisher.publish(&actor).await?;
+        Ok(row.updated_at)
     }
 
-    /// Deletes a pool and its members, then publishes: Admin.
+    /// Deletes a pool and its members, then publishes: Admin. Only the version of the pool the
+    /// page showed (`version`) is deleted: one changed since is refused
+    /// ([`PortalError::Conflict`]) and stays.
     pub async fn delete_pool(
         &self,
         user: Option<&SessionUser>,
         id: &str,
+        version: &str,
     ) -> Result<(), PortalError> {
         let user = require(user, &[Role::Admin])?;
+        let read_at = required_version(version)?;
+        let not_found = || PortalError::NotFound(format!("pool {id}"));
         let pools = self.pools(Some(user)).await?;
         let before = pools
             .iter()
             .find(|p| p.pool.id == id)
-            .ok_or_else(|| PortalError::NotFound(format!("pool {id}")))?;
-        self.db
+            .ok_or_else(not_found)?;
+        check_version(Edited::Pool, Some(before.pool.updated_at), read_at)?;
+        let deleted = self
+            .db
             .delete_pool(
                 id,
+                read_at,
                 NewActivity {
                     actor: &user.actor(),
                     action: "pool.delete",
@@ -318,18 +363,35 @@ impl Portal {
                 },
             )
             .await?;
+        if !deleted {
+            return Err(match self.db.pool(id).await? {
+                Some(now) => PortalError::Conflict {
+                    what: Edited::Pool,
+                    changed_at: Some(now.updated_at),
+                },
+                None => not_found(),
+            });
+        }
         self.publisher.publish(&user.actor()).await?;
         Ok(())
     }
 
-    /// Adds a member to a pool or changes one (same pool and id), then publishes: Admin.
+    /// Adds a member to a pool (`input.version` empty) or changes one (same pool and id), then
+    /// publishes: Admin. Returns the member's new version, for the form to carry to its next
+    /// save.
+    ///
+    /// A change is made from the version of the member its form was opened on (`input.version`)
+    /// and written only while the member still has it, else refused ([`PortalError::Conflict`])
+    /// with nothing written, logged or published. A new member is written only if its pool has
+    /// no member with its id.
     pub async fn save_member(
         &self,
         user: Option<&SessionUser>,
         input: MemberInput,
-    ) -> Result<(), PortalError> {
+    ) -> Result<OffsetDateTime, PortalError> {
         let user = require(user, &[Role::Admin])?;
-        let row = validate_member(&input)?;
+        let read_at = read_version(&input.version)?;
+        let mut row = validate_member(&input)?;
         if self.db.pool(&row.pool_id).await?.is_none() {
             return Err(PortalError::NotFound(format!("pool {}", row.pool_id)));
         }
@@ -350,46 +412,79 @@ impl Portal {
             .iter()
             .find(|m| m.id == row.id && m.pool_id == row.pool_id)
             .cloned();
-        self.db
-            .upsert_member(
-                &row,
-                NewActivity {
-                    actor: &user.actor(),
-                    action: if before.is_some() {
-                        "member.update"
-                    } else {
-                        "member.create"
-                    },
-                    target: &format!("{}/{}", row.pool_id, row.id),
-                    before: before.as_ref().and_then(json_of),
-                    after: json_of(&row),
-                },
+        let exists = || {
+            PortalError::invalid(
+                "id",
+                "the pool has a member with this id: edit that member instead",
             )
-            .await?;
-        self.publisher.publish(&user.actor()).await?;
-        Ok(())
+        };
+        match read_at {
+            None if before.is_some() => return Err(exists()),
+            None => {}
+            Some(read_at) => check_version(
+                Edited::Member,
+                before.as_ref().map(|member| member.updated_at),
+                read_at,
+            )?,
+        }
+        row.updated_at = next_version(read_at);
+        let actor = user.actor();
+        let target = format!("{}/{}", row.pool_id, row.id);
+        let activity = NewActivity {
+            actor: &actor,
+            action: if read_at.is_some() {
+                "member.update"
+            } else {
+                "member.create"
+            },
+            target: &target,
+            before: before.as_ref().and_then(json_of),
+            after: json_of(&row),
+        };
+        let written = match read_at {
+            None => self.db.insert_member(&row, activity).await?,
+            Some(read_at) => self.db.update_member(&row, read_at, activity).await?,
+        };
+        if !written {
+            // Created, changed or deleted by someone else between the check and the write.
+            return Err(match read_at {
+                None => exists(),
+                Some(_) => PortalError::Conflict {
+                    what: Edited::Member,
+                    changed_at: self
+                        .db
+                        .member(&row.pool_id, &row.id)
+                        .await?
+                        .map(|member| member.updated_at),
+                },
+            });
+        }
+        self.publisher.publish(&actor).await?;
+        Ok(row.updated_at)
     }
 
     /// Removes a member from its pool, then publishes: Admin. A pool left without members is
-    /// not sent to the gateways until it has one again.
+    /// not sent to the gateways until it has one again. Only the version the page showed
+    /// (`version`) is removed: one changed since is refused ([`PortalError::Conflict`]) and
+    /// stays.
     pub async fn delete_member(
         &self,
         user: Option<&SessionUser>,
         pool_id: &str,
         id: &str,
+        version: &str,
     ) -> Result<(), PortalError> {
         let user = require(user, &[Role::Admin])?;
-        let before = self
+        let read_at = required_version(version)?;
+        let not_found = || PortalError::NotFound(format!("member {id} of pool {pool_id}"));
+        let before = self.db.member(pool_id, id).await?.ok_or_else(not_found)?;
+        check_version(Edited::Member, Some(before.updated_at), read_at)?;
+        let deleted = self
             .db
-            .members()
-            .await?
-            .into_iter()
-            .find(|m| m.id == id && m.pool_id == pool_id)
-            .ok_or_else(|| PortalError::NotFound(format!("member {id} of pool {pool_id}")))?;
-        self.db
             .delete_member(
                 pool_id,
                 id,
+                read_at,
                 NewActivity {
                     actor: &user.actor(),
                     action: "member.delete",
@@ -399,6 +494,15 @@ impl Portal {
                 },
             )
             .await?;
+        if !deleted {
+            return Err(match self.db.member(pool_id, id).await? {
+                Some(now) => PortalError::Conflict {
+                    what: Edited::Member,
+                    changed_at: Some(now.updated_at),
+                },
+                None => not_found(),
+            });
+        }
         self.publisher.publish(&user.actor()).await?;
         Ok(())
     }
@@ -489,7 +593,7 @@ mod tests {
         let row = validate_pool(&PoolInput {
             id: "p".into(),
             deployments: "gpt-4o, *".into(),
-            serves_resources: false,
+            ..PoolInput::default()
         })
         .unwrap();
         assert_eq!(row.deployments, r#"["gpt-4o","*"]"#);
@@ -501,7 +605,7 @@ mod tests {
             let twice = validate_pool(&PoolInput {
                 id: "p".into(),
                 deployments: listed.into(),
-                serves_resources: false,
+                ..PoolInput::default()
             });
             assert!(
                 matches!(&twice, Err(PortalError::Invalid { field: "deployments", message }) if message.contains("listed twice")),

@@ -6,9 +6,11 @@ use gatehouse_schema::OperationId;
 use gatehouse_schema::portal::Role;
 use serde::Serialize;
 
-use crate::db::{AccessRuleRow, NewActivity};
-use crate::error::PortalError;
-use crate::ops::{Portal, json_of, valid_id};
+use time::OffsetDateTime;
+
+use crate::db::{AccessRuleRow, NewActivity, next_version};
+use crate::error::{Edited, PortalError};
+use crate::ops::{Portal, check_version, json_of, required_version, valid_id};
 use crate::snapshot;
 use crate::user::{SessionUser, require};
 
@@ -37,6 +39,9 @@ pub struct AccessRuleInput {
     pub quota_tokens: String,
     /// `hourly`, `daily`, `weekly`, `monthly`, `yearly`, or empty.
     pub quota_period: String,
+    /// The version of the rule the form was opened on ([`crate::ops::version_text`] of its
+    /// `updated_at`); empty for a new rule.
+    pub version: String,
 }
 
 /// Longest list a rule may hold, and longest display name.
@@ -217,6 +222,8 @@ fn validate(input: &AccessRuleInput) -> Result<AccessRuleRow, PortalError> {
         tokens_per_minute,
         quota_tokens,
         quota_period,
+        // Set as it is written.
+        updated_at: OffsetDateTime::UNIX_EPOCH,
     })
 }
 
@@ -231,15 +238,27 @@ impl Portal {
     }
 
     /// Creates (`existing = false`) or changes (`existing = true`) an access rule after checking
-    /// every field, then publishes: Admin.
+    /// every field, then publishes: Admin. Returns the rule's new version, for the form to carry
+    /// to its next save.
+    ///
+    /// A change is made from the version of the rule its form was opened on (`input.version`):
+    /// it is written only while the rule still has that version, checked in the transaction that
+    /// writes it, and otherwise refused ([`PortalError::Conflict`]) with nothing written, logged
+    /// or published, so that two admins editing one rule cannot undo each other's change. A new
+    /// rule is written only if no rule has its id.
     pub async fn save_access_rule(
         &self,
         user: Option<&SessionUser>,
         input: AccessRuleInput,
         existing: bool,
-    ) -> Result<(), PortalError> {
+    ) -> Result<OffsetDateTime, PortalError> {
         let user = require(user, &[Role::Admin])?;
-        let row = validate(&input)?;
+        let read_at = if existing {
+            Some(required_version(&input.version)?)
+        } else {
+            None
+        };
+        let mut row = validate(&input)?;
         if row.grantee_kind == "subscription"
             && self.db.subscription(&row.grantee_id).await?.is_none()
         {
@@ -248,49 +267,83 @@ impl Portal {
                 "no subscription has this id; create the subscription first",
             ));
         }
+        let exists = || PortalError::invalid("id", "a rule with this id exists");
         let before = self.db.access_rule(&row.id).await?;
-        match (&before, existing) {
-            (Some(_), false) => {
-                return Err(PortalError::invalid("id", "a rule with this id exists"));
+        let actor = user.actor();
+        let written = match read_at {
+            None => {
+                if before.is_some() {
+                    return Err(exists());
+                }
+                row.updated_at = next_version(None);
+                self.db
+                    .insert_access_rule(
+                        &row,
+                        NewActivity {
+                            actor: &actor,
+                            action: "access_rule.create",
+                            target: &row.id,
+                            before: None,
+                            after: json_of(&row),
+                        },
+                    )
+                    .await?
             }
-            (None, true) => return Err(PortalError::NotFound(format!("access rule {}", row.id))),
-            _ => {}
-        }
-        self.db
-            .upsert_access_rule(
-                &row,
-                NewActivity {
-                    actor: &user.actor(),
-                    action: if existing {
-                        "access_rule.update"
-                    } else {
-                        "access_rule.create"
-                    },
-                    target: &row.id,
-                    before: before.as_ref().and_then(json_of),
-                    after: json_of(&row),
+            Some(read_at) => {
+                check_version(
+                    Edited::AccessRule,
+                    before.as_ref().map(|rule| rule.updated_at),
+                    read_at,
+                )?;
+                row.updated_at = next_version(Some(read_at));
+                self.db
+                    .update_access_rule(
+                        &row,
+                        read_at,
+                        NewActivity {
+                            actor: &actor,
+                            action: "access_rule.update",
+                            target: &row.id,
+                            before: before.as_ref().and_then(json_of),
+                            after: json_of(&row),
+                        },
+                    )
+                    .await?
+            }
+        };
+        if !written {
+            // Created, changed or deleted by someone else between the check and the write.
+            return Err(match read_at {
+                None => exists(),
+                Some(_) => PortalError::Conflict {
+                    what: Edited::AccessRule,
+                    changed_at: self.db.access_rule(&row.id).await?.map(|r| r.updated_at),
                 },
-            )
-            .await?;
-        self.publisher.publish(&user.actor()).await?;
-        Ok(())
+            });
+        }
+        self.publisher.publish(&actor).await?;
+        Ok(row.updated_at)
     }
 
-    /// Deletes an access rule, then publishes: Admin.
+    /// Deletes an access rule, then publishes: Admin. Only the version the page showed (`version`,
+    /// as [`crate::ops::version_text`] writes it) is deleted: one changed since is refused
+    /// ([`PortalError::Conflict`]) and stays.
     pub async fn delete_access_rule(
         &self,
         user: Option<&SessionUser>,
         id: &str,
+        version: &str,
     ) -> Result<(), PortalError> {
         let user = require(user, &[Role::Admin])?;
-        let before = self
+        let read_at = required_version(version)?;
+        let not_found = || PortalError::NotFound(format!("access rule {id}"));
+        let before = self.db.access_rule(id).await?.ok_or_else(not_found)?;
+        check_version(Edited::AccessRule, Some(before.updated_at), read_at)?;
+        let deleted = self
             .db
-            .access_rule(id)
-            .await?
-            .ok_or_else(|| PortalError::NotFound(format!("access rule {id}")))?;
-        self.db
             .delete_access_rule(
                 id,
+                read_at,
                 NewActivity {
                     actor: &user.actor(),
                     action: "access_rule.delete",
@@ -300,6 +353,15 @@ impl Portal {
                 },
             )
             .await?;
+        if !deleted {
+            return Err(match self.db.access_rule(id).await? {
+                Some(now) => PortalError::Conflict {
+                    what: Edited::AccessRule,
+                    changed_at: Some(now.updated_at),
+                },
+                None => not_found(),
+            });
+        }
         self.publisher.publish(&user.actor()).await?;
         Ok(())
     }

@@ -11,8 +11,9 @@ use gatehouse_schema::limits::LimitRule;
 use gatehouse_schema::portal::Role;
 use serde::Serialize;
 use similar::{ChangeTag, TextDiff};
+use time::OffsetDateTime;
 
-use crate::db::{AccessRuleRow, MemberRow, NewActivity, PoolRow, SnapshotVersionRow};
+use crate::db::{AccessRuleRow, MemberRow, NewActivity, PoolRow, SnapshotVersionRow, next_version};
 use crate::error::PortalError;
 use crate::ops::{Portal, json_of};
 use crate::snapshot::RULE_LIMIT_PREFIX;
@@ -68,7 +69,11 @@ pub fn diff_lines(old: &str, new: &str) -> Vec<DiffLine> {
     lines
 }
 
-fn rule_row(rule: &gatehouse_schema::identity::AccessRule, limits: &[LimitRule]) -> AccessRuleRow {
+fn rule_row(
+    rule: &gatehouse_schema::identity::AccessRule,
+    limits: &[LimitRule],
+    updated_at: OffsetDateTime,
+) -> AccessRuleRow {
     let (kind, id, display_name) = match &rule.grantee {
         Grantee::Group { id, display_name } => ("group", id.clone(), display_name.clone()),
         Grantee::Subscription { id } => ("subscription", id.clone(), String::new()),
@@ -94,10 +99,14 @@ fn rule_row(rule: &gatehouse_schema::identity::AccessRule, limits: &[LimitRule])
         quota_period: limit
             .and_then(|l| l.token_quota)
             .map(|q| q.period.as_str().to_owned()),
+        updated_at,
     }
 }
 
-fn pool_rows(snapshot: &ConfigSnapshot) -> Result<(Vec<PoolRow>, Vec<MemberRow>), PortalError> {
+fn pool_rows(
+    snapshot: &ConfigSnapshot,
+    updated_at: OffsetDateTime,
+) -> Result<(Vec<PoolRow>, Vec<MemberRow>), PortalError> {
     let mut pools = Vec::new();
     let mut members = Vec::new();
     for pool in &snapshot.pools {
@@ -106,6 +115,7 @@ fn pool_rows(snapshot: &ConfigSnapshot) -> Result<(Vec<PoolRow>, Vec<MemberRow>)
             deployments: serde_json::to_string(&pool.deployments)
                 .map_err(|error| corrupt("pool deployments", error))?,
             serves_resources: pool.serves_resources,
+            updated_at,
         });
         for member in &pool.members {
             let kind = serde_json::to_value(member.kind)
@@ -123,6 +133,7 @@ fn pool_rows(snapshot: &ConfigSnapshot) -> Result<(Vec<PoolRow>, Vec<MemberRow>)
                 weight: i64::from(member.weight),
                 credential: serde_json::to_string(&member.credential)
                     .map_err(|error| corrupt("member credential", error))?,
+                updated_at,
             });
         }
     }
@@ -182,13 +193,16 @@ impl Portal {
         }
         let snapshot: ConfigSnapshot = serde_json::from_str(&old.snapshot)
             .map_err(|error| corrupt("stored snapshot", error))?;
+        // Every row put back is a new version of it: a form opened before the roll-back is
+        // refused instead of saving over it.
+        let now = next_version(None);
         let rules: Vec<AccessRuleRow> = snapshot
             .access_rules
             .iter()
             .flatten()
-            .map(|rule| rule_row(rule, &snapshot.limits))
+            .map(|rule| rule_row(rule, &snapshot.limits, now))
             .collect();
-        let (pools, members) = pool_rows(&snapshot)?;
+        let (pools, members) = pool_rows(&snapshot, now)?;
         let before = serde_json::json!({
             "access_rules": self.db.access_rules().await?,
             "pools": self.db.pools().await?,

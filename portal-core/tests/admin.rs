@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use gatehouse_gateway::server::Listening;
 use gatehouse_portal_core::db::{ActivityRow, NewActivity};
-use gatehouse_portal_core::ops::{NewSubscription, PortalSettings};
+use gatehouse_portal_core::ops::{NewSubscription, PortalSettings, version_text};
 use gatehouse_portal_core::pools::{MemberInput, PoolInput};
 use gatehouse_portal_core::rules::AccessRuleInput;
 use gatehouse_portal_core::user::SessionUser;
@@ -119,6 +119,7 @@ async fn simulator_pool(fleet: &Fleet) {
                 id: "sim".into(),
                 deployments: "gpt-4o, gpt-4o-mini".into(),
                 serves_resources: false,
+                ..PoolInput::default()
             },
             false,
         )
@@ -224,10 +225,14 @@ async fn rules_decide_what_a_key_may_call(db: ConfigDb) {
         .await
         .unwrap_err();
     assert!(matches!(again, PortalError::Invalid { field: "id", .. }));
+    let opened = db.access_rule("team-a-gpt").await.unwrap().unwrap();
     portal
         .save_access_rule(
             Some(&user),
-            rule("team-a-gpt", "team-a", "gpt-4o gpt-4o-mini"),
+            AccessRuleInput {
+                version: version_text(opened.updated_at),
+                ..rule("team-a-gpt", "team-a", "gpt-4o gpt-4o-mini")
+            },
             true,
         )
         .await
@@ -236,8 +241,9 @@ async fn rules_decide_what_a_key_may_call(db: ConfigDb) {
     assert_eq!(running(&fleet.gateway).await["limits"], json!([]));
 
     // Deleting it denies everything again.
+    let shown = db.access_rule("team-a-gpt").await.unwrap().unwrap();
     portal
-        .delete_access_rule(Some(&user), "team-a-gpt")
+        .delete_access_rule(Some(&user), "team-a-gpt", &version_text(shown.updated_at))
         .await
         .unwrap();
     assert_eq!(chat(&fleet.gateway, "gpt-4o", &key).await, 403);
@@ -392,6 +398,7 @@ async fn pools_route_and_report_member_health(db: ConfigDb) {
                 id: "other".into(),
                 deployments: "gpt-4o".into(),
                 serves_resources: false,
+                ..PoolInput::default()
             },
             false,
         )
@@ -411,6 +418,7 @@ async fn pools_route_and_report_member_health(db: ConfigDb) {
                 id: "empty".into(),
                 deployments: "o1".into(),
                 serves_resources: false,
+                ..PoolInput::default()
             },
             false,
         )
@@ -430,15 +438,23 @@ async fn pools_route_and_report_member_health(db: ConfigDb) {
         "only the reference travels"
     );
 
+    let dead = db.member("sim", "dead").await.unwrap().unwrap();
     portal
-        .delete_member(Some(&user), "sim", "dead")
+        .delete_member(Some(&user), "sim", "dead", &version_text(dead.updated_at))
         .await
         .unwrap();
-    portal.delete_pool(Some(&user), "empty").await.unwrap();
+    let empty = version_text(db.pool("empty").await.unwrap().unwrap().updated_at);
+    portal
+        .delete_pool(Some(&user), "empty", &empty)
+        .await
+        .unwrap();
     let left = portal.pools(Some(&user)).await.unwrap();
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].members.len(), 1);
-    let gone = portal.delete_pool(Some(&user), "empty").await.unwrap_err();
+    let gone = portal
+        .delete_pool(Some(&user), "empty", &empty)
+        .await
+        .unwrap_err();
     assert!(matches!(gone, PortalError::NotFound(_)));
 }
 
@@ -492,12 +508,13 @@ async fn gateway_settings_are_published_beside_the_portals_tables(db: ConfigDb) 
         )
         .await
         .unwrap();
-    assert_eq!(portal.gateway_settings(Some(&user)).await.unwrap(), "{}");
+    let opened = portal.gateway_settings(Some(&user)).await.unwrap();
+    assert_eq!((opened.text.as_str(), opened.version), ("{}", None));
 
     let settings = r#"{"version": 99, "trusted_proxies": ["10.0.1.0/24"],
         "limits": [{"id": "everyone", "subject": {"kind": "each_user"}, "requests_per_minute": 600}]}"#;
     let version = portal
-        .save_gateway_settings(Some(&user), settings)
+        .save_gateway_settings(Some(&user), settings, "")
         .await
         .unwrap();
     let config = running(&fleet.gateway).await;
@@ -528,9 +545,10 @@ async fn gateway_settings_are_published_beside_the_portals_tables(db: ConfigDb) 
     assert!(entry.after.as_deref().unwrap().contains("10.0.1.0/24"));
     let shown = portal.gateway_settings(Some(&user)).await.unwrap();
     assert!(
-        shown.contains("\"trusted_proxies\"") && !shown.contains("\"version\""),
-        "{shown}"
+        shown.text.contains("\"trusted_proxies\"") && !shown.text.contains("\"version\""),
+        "{shown:?}"
     );
+    let shown_version = version_text(shown.version.unwrap());
 
     // Refused: nothing stored, nothing published, no activity.
     let auditor = SessionUser {
@@ -546,7 +564,7 @@ async fn gateway_settings_are_published_beside_the_portals_tables(db: ConfigDb) 
         (&user, r#"{"pools": []}"#),
     ] {
         let error = portal
-            .save_gateway_settings(Some(who), text)
+            .save_gateway_settings(Some(who), text, &shown_version)
             .await
             .unwrap_err();
         assert!(
@@ -566,7 +584,7 @@ async fn gateway_settings_are_published_beside_the_portals_tables(db: ConfigDb) 
     let domain = r#"{"identity": {"require": "key_or_token",
         "entra": {"tenants": ["contoso.onmicrosoft.com"], "audiences": ["api://gatehouse"]}}}"#;
     let error = portal
-        .save_gateway_settings(Some(&user), domain)
+        .save_gateway_settings(Some(&user), domain, &shown_version)
         .await
         .unwrap_err();
     let message = error.to_string();

@@ -471,6 +471,7 @@ async fn fleet(db: &ConfigDb) -> Fleet {
                 id: "chat".into(),
                 deployments: "gpt-4o".into(),
                 serves_resources: false,
+                ..PoolInput::default()
             },
             false,
         )

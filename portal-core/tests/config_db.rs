@@ -83,26 +83,30 @@ async fn round_trip(db: &ConfigDb) {
     );
     assert_eq!(db.subscriptions().await.unwrap(), vec![rotated.clone()]);
 
-    db.upsert_access_rule(
-        &AccessRuleRow {
-            id: "r1".into(),
-            grantee_kind: "group".into(),
-            grantee_id: "0000-group".into(),
-            grantee_display_name: "Researchers".into(),
-            deployments: "[\"gpt-4o*\"]".into(),
-            operations: "[]".into(),
-            resources: false,
-            ..Default::default()
-        },
-        activity("rule.create", "r1"),
-    )
-    .await
-    .unwrap();
+    assert!(
+        db.insert_access_rule(
+            &AccessRuleRow {
+                id: "r1".into(),
+                grantee_kind: "group".into(),
+                grantee_id: "0000-group".into(),
+                grantee_display_name: "Researchers".into(),
+                deployments: "[\"gpt-4o*\"]".into(),
+                operations: "[]".into(),
+                resources: false,
+                updated_at: now,
+                ..Default::default()
+            },
+            activity("rule.create", "r1"),
+        )
+        .await
+        .unwrap()
+    );
     db.replace_pool(
         &PoolRow {
             id: "main".into(),
             deployments: "[\"gpt-4o\"]".into(),
             serves_resources: true,
+            updated_at: now,
         },
         &[MemberRow {
             pool_id: "main".into(),
@@ -114,6 +118,7 @@ async fn round_trip(db: &ConfigDb) {
             priority: 1,
             weight: 2,
             credential: "{\"type\":\"api_key\",\"secret\":\"env:EAST_KEY\"}".into(),
+            updated_at: now,
         }],
         activity("pool.replace", "main"),
     )
@@ -218,6 +223,7 @@ fn pool(id: &str, deployment: &str) -> PoolRow {
         id: id.into(),
         deployments: format!("[\"{deployment}\"]"),
         serves_resources: false,
+        updated_at: OffsetDateTime::now_utc(),
     }
 }
 
@@ -232,6 +238,7 @@ fn member(pool_id: &str, id: &str) -> MemberRow {
         priority: 1,
         weight: 1,
         credential: "{\"type\":\"api_key\",\"secret\":\"env:KEY\"}".into(),
+        updated_at: OffsetDateTime::now_utc(),
     }
 }
 
@@ -277,31 +284,35 @@ async fn refuses_what_a_gateway_would(db: &ConfigDb) {
         "{message}"
     );
 
-    // `write` (`upsert_pool`, `upsert_member`): a pool without members is not sent, so it may
+    // `write` (`insert_pool`, `insert_member`): a pool without members is not sent, so it may
     // name the deployment; its first member would make it served twice.
-    db.upsert_pool(&pool("c", "gpt-4o"), activity("pool.upsert", "c"))
-        .await
-        .unwrap();
+    assert!(
+        db.insert_pool(&pool("c", "gpt-4o"), activity("pool.upsert", "c"))
+            .await
+            .unwrap()
+    );
     let message = refused(
-        db.upsert_member(&member("c", "north"), activity("member.upsert", "c"))
+        db.insert_member(&member("c", "north"), activity("member.upsert", "c"))
             .await
             .unwrap_err(),
     );
     assert!(message.contains("already served by"), "{message}");
     // A member id used in another pool.
-    db.upsert_pool(&pool("d", "gpt-4o-mini"), activity("pool.upsert", "d"))
-        .await
-        .unwrap();
+    assert!(
+        db.insert_pool(&pool("d", "gpt-4o-mini"), activity("pool.upsert", "d"))
+            .await
+            .unwrap()
+    );
     let message = refused(
-        db.upsert_member(&member("d", "east"), activity("member.upsert", "d"))
+        db.insert_member(&member("d", "east"), activity("member.upsert", "d"))
             .await
             .unwrap_err(),
     );
     assert!(message.contains("duplicate member id `east`"), "{message}");
 
-    // `upsert_access_rule`: a rule for a subscription that does not exist.
+    // `insert_access_rule`: a rule for a subscription that does not exist.
     let message = refused(
-        db.upsert_access_rule(
+        db.insert_access_rule(
             &AccessRuleRow {
                 id: "ghost".into(),
                 grantee_kind: "subscription".into(),
@@ -324,6 +335,8 @@ async fn refuses_what_a_gateway_would(db: &ConfigDb) {
         db.save_setting(
             snapshot::BASE_SETTING,
             settings,
+            OffsetDateTime::now_utc(),
+            None,
             activity("settings.update", snapshot::BASE_SETTING),
         )
         .await

@@ -64,11 +64,13 @@ async fn seed_pool_and_rule(db: &ConfigDb, simulator: &RunningSimulator, subscri
         before: None,
         after: None,
     };
+    let now = time::OffsetDateTime::now_utc();
     db.replace_pool(
         &PoolRow {
             id: "sim".into(),
             deployments: "[\"gpt-4o\", \"gpt-4o-mini\"]".into(),
             serves_resources: false,
+            updated_at: now,
         },
         &[MemberRow {
             pool_id: "sim".into(),
@@ -80,26 +82,35 @@ async fn seed_pool_and_rule(db: &ConfigDb, simulator: &RunningSimulator, subscri
             priority: 1,
             weight: 1,
             credential: "{\"type\":\"none\"}".into(),
+            updated_at: now,
         }],
         activity("pool.replace"),
     )
     .await
     .unwrap();
-    db.upsert_access_rule(
-        &AccessRuleRow {
-            id: "team-a-gpt-4o".into(),
-            grantee_kind: "subscription".into(),
-            grantee_id: subscription.into(),
-            grantee_display_name: String::new(),
-            deployments: "[\"gpt-4o\"]".into(),
-            operations: "[]".into(),
-            resources: false,
-            ..Default::default()
-        },
-        activity("rule.create"),
-    )
-    .await
-    .unwrap();
+    let rule = AccessRuleRow {
+        id: "team-a-gpt-4o".into(),
+        grantee_kind: "subscription".into(),
+        grantee_id: subscription.into(),
+        grantee_display_name: String::new(),
+        deployments: "[\"gpt-4o\"]".into(),
+        operations: "[]".into(),
+        resources: false,
+        updated_at: now,
+        ..Default::default()
+    };
+    // Seeded again for another subscription: changed from the version there.
+    let written = match db.access_rule(&rule.id).await.unwrap() {
+        Some(seeded) => db
+            .update_access_rule(&rule, seeded.updated_at, activity("rule.update"))
+            .await
+            .unwrap(),
+        None => db
+            .insert_access_rule(&rule, activity("rule.create"))
+            .await
+            .unwrap(),
+    };
+    assert!(written);
 }
 
 async fn publish_reaches_gateways(db: ConfigDb) {
@@ -372,7 +383,7 @@ async fn a_token_reference_outside_the_policy_is_neither_registered_nor_read() {
     .await
     .unwrap();
     portal
-        .save_gateway_settings(Some(&user), "{}")
+        .save_gateway_settings(Some(&user), "{}", "")
         .await
         .unwrap();
     let gateway = &db.gateways().await.unwrap()[0];

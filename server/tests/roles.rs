@@ -5,6 +5,7 @@
 mod common;
 
 use common::{Browser, TestPortal, start};
+use gatehouse_portal_core::ops::version_text;
 
 /// Roles, and signed out (`None`).
 const CALLERS: [Option<&str>; 5] = [
@@ -73,11 +74,16 @@ fn matrix() -> Vec<Case> {
                 ("grantee_id", "team-a"),
                 ("deployments", "gpt-4o, gpt-4o-mini"),
                 ("tokens_per_minute", "1000"),
+                ("version", RULE_VERSION),
             ],
             ADMIN,
         ),
         ("list_access_rules", vec![], ADMIN),
-        ("delete_access_rule", vec![("id", "team-a-gpt")], ADMIN),
+        (
+            "delete_access_rule",
+            vec![("id", "team-a-gpt"), ("version", RULE_VERSION)],
+            ADMIN,
+        ),
         (
             "create_pool",
             vec![("id", "main"), ("deployments", "gpt-4o")],
@@ -85,7 +91,11 @@ fn matrix() -> Vec<Case> {
         ),
         (
             "update_pool",
-            vec![("id", "main"), ("deployments", "gpt-4o, gpt-4o-mini")],
+            vec![
+                ("id", "main"),
+                ("deployments", "gpt-4o, gpt-4o-mini"),
+                ("version", POOL_VERSION),
+            ],
             ADMIN,
         ),
         (
@@ -102,10 +112,18 @@ fn matrix() -> Vec<Case> {
         ("list_pools", vec![], ADMIN),
         (
             "delete_member",
-            vec![("pool_id", "main"), ("id", "east")],
+            vec![
+                ("pool_id", "main"),
+                ("id", "east"),
+                ("version", MEMBER_VERSION),
+            ],
             ADMIN,
         ),
-        ("delete_pool", vec![("id", "main")], ADMIN),
+        (
+            "delete_pool",
+            vec![("id", "main"), ("version", POOL_VERSION)],
+            ADMIN,
+        ),
         ("list_versions", vec![], ADMIN),
         ("version_diff", vec![("from", "1"), ("to", "2")], ADMIN),
         ("rollback", vec![("version", "1")], ADMIN),
@@ -128,6 +146,42 @@ fn matrix() -> Vec<Case> {
         ("audit_search", search_form(), &["Admin", "Auditor"]),
         ("list_alerts", vec![], ADMIN),
     ]
+}
+
+/// Form values read from the config database as the form is posted: the version of the access
+/// rule, pool or member the form changes, as its page would carry it (empty while there is none).
+const RULE_VERSION: &str = "<version of access rule team-a-gpt>";
+const POOL_VERSION: &str = "<version of pool main>";
+const MEMBER_VERSION: &str = "<version of member east of pool main>";
+
+/// `form` with each version placeholder replaced by the version it names.
+async fn filled(
+    portal: &TestPortal,
+    form: &[(&'static str, &'static str)],
+) -> Vec<(&'static str, String)> {
+    let db = &portal.server.portal.db;
+    let mut filled = Vec::with_capacity(form.len());
+    for &(name, value) in form {
+        let version = match value {
+            RULE_VERSION => db
+                .access_rule("team-a-gpt")
+                .await
+                .unwrap()
+                .map(|r| r.updated_at),
+            POOL_VERSION => db.pool("main").await.unwrap().map(|p| p.updated_at),
+            MEMBER_VERSION => db
+                .member("main", "east")
+                .await
+                .unwrap()
+                .map(|m| m.updated_at),
+            _ => {
+                filled.push((name, value.to_owned()));
+                continue;
+            }
+        };
+        filled.push((name, version.map(version_text).unwrap_or_default()));
+    }
+    filled
 }
 
 /// Every field of the audit search form, empty but the range.
@@ -175,6 +229,8 @@ async fn every_server_function_checks_the_role_on_the_server() {
     for caller in CALLERS.iter().rev() {
         let mut browser = browser_for(&portal, *caller).await;
         for (function, form, allowed) in matrix() {
+            let form = filled(&portal, &form).await;
+            let form: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
             let response = browser
                 .post(&format!("{}/api/{function}", portal.url), &form)
                 .await;

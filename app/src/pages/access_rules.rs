@@ -1,11 +1,13 @@
 //! Access rules: list, create, edit (`?edit=ID`), delete. The forms post to server functions, so
-//! they work before hydration; a refusal is shown beside the field it names.
+//! they work before hydration; a refusal is shown beside the field it names. The edit and delete
+//! forms carry the version of the rule they were opened on: a rule someone else changed since is
+//! not overwritten, the form says so instead.
 
 use leptos::prelude::*;
 use leptos::server::ServerAction;
 use leptos_router::hooks::use_query_map;
 
-use super::{Failure, beside, error_text, unplaced};
+use super::{Failure, beside, error_text, saved_version, unplaced};
 use crate::api::{
     AccessRuleView, CreateAccessRule, DeleteAccessRule, UpdateAccessRule, list_access_rules,
 };
@@ -164,7 +166,7 @@ fn rules_table(
                                 rule.operations.join(", ")
                             };
                             let edit = format!("/access-rules?edit={}", rule.id);
-                            let id = rule.id.clone();
+                            let (id, version) = (rule.id.clone(), rule.version.clone());
                             view! {
                                 <tr>
                                     <td>
@@ -180,6 +182,7 @@ fn rules_table(
                                         </a>
                                         <ActionForm action=delete attr:class="inline">
                                             <input type="hidden" name="id" value=id />
+                                            <input type="hidden" name="version" value=version />
                                             <button type="submit" class="btn btn-danger">
                                                 "Delete"
                                             </button>
@@ -210,6 +213,7 @@ fn rule_form(
         grantee_kind: "group".to_owned(),
         ..AccessRuleView::default()
     });
+    let version = saved_version(rule.version.clone(), update);
     let fields = move || {
         let kind = rule.grantee_kind.clone();
         let period = rule.quota_period.clone().unwrap_or_default();
@@ -327,6 +331,7 @@ fn rule_form(
             <section class="panel">
                 <h2>"Edit access rule"</h2>
                 <ActionForm action=update attr:class="form-grid" attr:data-testid="rule-form">
+                    <input type="hidden" name="version" value=version />
                     {fields()}
                     <div class="form-actions">
                         <button type="submit" class="btn btn-primary">

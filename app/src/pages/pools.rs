@@ -1,12 +1,13 @@
 //! Backend pools: pools and their members, each member's state at every gateway, and the forms
 //! to create, edit (`?edit_pool=ID`, `?pool=ID&edit_member=ID`, `?add_to=ID`) and delete them.
-//! Credentials are secret references only.
+//! Credentials are secret references only. The edit and delete forms carry the version of the
+//! pool or member they were opened on: one someone else changed since is not overwritten.
 
 use leptos::prelude::*;
 use leptos::server::ServerAction;
 use leptos_router::hooks::use_query_map;
 
-use super::{Failure, beside, error_text, unplaced};
+use super::{Failure, beside, error_text, saved_version, unplaced};
 use crate::api::{
     CreatePool, DeleteMember, DeletePool, MemberView, PoolView, PoolsView, SaveMember, UpdatePool,
     list_pools,
@@ -168,6 +169,7 @@ fn pool_panel(
     let edit = format!("/pools?edit_pool={}", pool.id);
     let add = format!("/pools?add_to={}", pool.id);
     let pool_id = pool.id.clone();
+    let version = pool.version.clone();
     let members = pool
         .members
         .into_iter()
@@ -189,6 +191,7 @@ fn pool_panel(
                 </a>
                 <ActionForm action=delete_pool attr:class="inline">
                     <input type="hidden" name="id" value=pool_id.clone() />
+                    <input type="hidden" name="version" value=version />
                     <button type="submit" class="btn btn-danger">
                         "Delete pool"
                     </button>
@@ -265,7 +268,7 @@ fn member_row(
             .collect_view()
             .into_any()
     };
-    let (id, row_id) = (member.id.clone(), member.id.clone());
+    let (id, row_id, version) = (member.id.clone(), member.id.clone(), member.version.clone());
     view! {
         <tr data-member=row_id>
             <td>
@@ -285,6 +288,7 @@ fn member_row(
                 <ActionForm action=delete attr:class="inline">
                     <input type="hidden" name="pool_id" value=pool_id />
                     <input type="hidden" name="id" value=id />
+                    <input type="hidden" name="version" value=version />
                     <button type="submit" class="btn btn-danger">
                         "Remove"
                     </button>
@@ -310,7 +314,9 @@ fn pool_form(
         deployments: Vec::new(),
         serves_resources: false,
         members: Vec::new(),
+        version: String::new(),
     });
+    let version = saved_version(pool.version.clone(), update);
     let fields = view! {
         <label>
             "Pool id"
@@ -340,6 +346,7 @@ fn pool_form(
     let form = if editing {
         view! {
             <ActionForm action=update attr:class="form-grid" attr:data-testid="pool-form">
+                <input type="hidden" name="version" value=version />
                 {fields}
                 <div class="form-actions">
                     <button type="submit" class="btn btn-primary">
@@ -398,13 +405,17 @@ fn member_form(
         api_key_ref: None,
         other_credential: None,
         health: Vec::new(),
+        version: String::new(),
     });
+    // Adding a member sends no version; editing one sends the version it was opened on.
+    let version = saved_version(member.version.clone(), save);
     let openai = member.kind == "openai";
     let replaces_other = member.other_credential.is_some();
     view! {
         <section class="panel">
             <h2>{if editing { "Edit member" } else { "Add a member" }}</h2>
             <ActionForm action=save attr:class="form-grid" attr:data-testid="member-form">
+                {editing.then(|| view! { <input type="hidden" name="version" value=version /> })}
                 <label>
                     "Pool id"
                     <input name="pool_id" required maxlength="64" value=pool_id readonly=editing />
