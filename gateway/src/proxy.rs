@@ -227,19 +227,12 @@ pub async fn forward(
                         millis(elapsed),
                         Some("input_file_refused"),
                     );
-                    let Some(record) = record.take() else {
-                        return Err(GatewayError::Internal);
-                    };
-                    return Ok(relay(
-                        gateway,
-                        call,
+                    let answer = Answered {
                         member,
                         response,
-                        record,
-                        false,
-                        parts.version,
-                    )
-                    .await);
+                        asked_usage: false,
+                    };
+                    return answer.relay(gateway, call, record, parts.version).await;
                 }
             }
         }
@@ -350,19 +343,45 @@ pub async fn forward(
                 .backend_attempt(&member.config.id, "answered");
             note_attempt(record, &member, Some(status.as_u16()), elapsed_ms, None);
         }
+        let answer = Answered {
+            member,
+            response,
+            asked_usage,
+        };
+        return answer.relay(gateway, call, record, parts.version).await;
+    }
+}
+
+/// A member's answer that goes to the client.
+struct Answered {
+    member: Arc<Member>,
+    response: http::Response<UpstreamBody>,
+    /// Whether the gateway asked the stream for its usage chunk (see [`relay`]).
+    asked_usage: bool,
+}
+
+impl Answered {
+    /// Relays the answer with the call's record, which the relay owns from here on.
+    async fn relay(
+        self,
+        gateway: &Arc<Gateway>,
+        call: Call,
+        record: &mut Option<CallRecord>,
+        client_version: http::Version,
+    ) -> Result<Response, GatewayError> {
         let Some(record) = record.take() else {
             return Err(GatewayError::Internal);
         };
-        return Ok(relay(
+        Ok(relay(
             gateway,
             call,
-            member,
-            response,
+            self.member,
+            self.response,
             record,
-            asked_usage,
-            parts.version,
+            self.asked_usage,
+            client_version,
         )
-        .await);
+        .await)
     }
 }
 

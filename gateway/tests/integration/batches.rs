@@ -43,24 +43,7 @@ fn line(id: usize, url: &str, model: &str) -> String {
 
 /// Uploads `content` as a batch input file through the gateway; its id.
 async fn upload(gw: &TestGateway, content: String) -> String {
-    let form = reqwest::multipart::Form::new()
-        .text("purpose", "batch")
-        .part(
-            "file",
-            reqwest::multipart::Part::bytes(content.into_bytes())
-                .file_name("input.jsonl")
-                .mime_str("application/jsonl")
-                .unwrap(),
-        );
-    let response = gw
-        .post("/openai/files?api-version=2024-10-21")
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let file: Value = response.json().await.unwrap();
-    file["id"].as_str().unwrap().to_owned()
+    upload_batch_file(&gw.url, content).await
 }
 
 async fn create_batch(gw: &TestGateway, body: Value) -> reqwest::Response {

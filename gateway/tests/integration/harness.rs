@@ -472,6 +472,33 @@ pub async fn azure_error(response: reqwest::Response, status: u16) -> String {
     message
 }
 
+/// Uploads `content` as a batch input file (`purpose=batch`) through the gateway at `url` with
+/// the client key, and returns the new file's id.
+pub async fn upload_batch_file(url: &str, content: impl Into<Vec<u8>>) -> String {
+    let form = reqwest::multipart::Form::new()
+        .text("purpose", "batch")
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(content.into())
+                .file_name("input.jsonl")
+                .mime_str("application/jsonl")
+                .unwrap(),
+        );
+    let response = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .post(format!("{url}/openai/files?api-version=2024-10-21"))
+        .header("api-key", KEY)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let file: Value = response.json().await.unwrap();
+    file["id"].as_str().unwrap().to_owned()
+}
+
 /// A file holding [`BACKEND_KEY`] and its `file:` secret reference; keep the file alive.
 pub fn backend_key_file() -> (tempfile::NamedTempFile, String) {
     let mut file = tempfile::NamedTempFile::new().unwrap();

@@ -11,27 +11,9 @@ fn pool(a: &str, b: &str) -> serde_json::Value {
     json!([{"id": "p", "deployments": ["gpt-4o"], "serves_resources": true, "members": [member("a", a, 1), member("b", b, 1)]}])
 }
 
-/// Uploads a file through the gateway at `url` and returns its id.
+/// Uploads a batch input file through the gateway at `url` and returns its id.
 async fn upload(url: &str, content: &'static [u8]) -> String {
-    let form = reqwest::multipart::Form::new()
-        .text("purpose", "batch")
-        .part(
-            "file",
-            reqwest::multipart::Part::bytes(content)
-                .file_name("input.jsonl")
-                .mime_str("application/jsonl")
-                .unwrap(),
-        );
-    let response = client()
-        .post(format!("{url}/openai/files?api-version=2024-10-21"))
-        .header("api-key", KEY)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let file: Value = response.json().await.unwrap();
-    file["id"].as_str().unwrap().to_owned()
+    upload_batch_file(url, content).await
 }
 
 fn client() -> reqwest::Client {
