@@ -76,6 +76,95 @@ pub struct SubscriptionView {
     pub created_by: String,
 }
 
+/// A gateway that did not take the version a change published.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NotTakenView {
+    /// The gateway's id.
+    pub gateway: String,
+    /// Why, as the gateway answered (untrusted text, shortened) or why it was not reached.
+    pub reason: String,
+    /// Whether it was not reached (it is offered the version again), rather than refusing it.
+    pub unreachable: bool,
+    /// The version it keeps running, as far as the portal knows.
+    pub running: Option<u64>,
+}
+
+/// What a change published: its version and the gateways that did not take it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PublishedView {
+    /// The version published.
+    pub version: u64,
+    /// The gateways that did not take it.
+    pub not_taken: Vec<NotTakenView>,
+}
+
+/// What an edit form's save returns: the item's new version (for the form's next save) and
+/// what was published.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SavedView {
+    /// The item's new version.
+    pub version: String,
+    /// What the save published.
+    pub published: PublishedView,
+}
+
+/// A result that says what was published.
+pub trait Publishes {
+    /// What was published.
+    fn published(&self) -> &PublishedView;
+}
+
+impl Publishes for PublishedView {
+    fn published(&self) -> &PublishedView {
+        self
+    }
+}
+
+impl Publishes for SavedView {
+    fn published(&self) -> &PublishedView {
+        &self.published
+    }
+}
+
+impl Publishes for IssuedKey {
+    fn published(&self) -> &PublishedView {
+        &self.published
+    }
+}
+
+/// Longest gateway answer the page shows (the portal keeps 300 characters of it already).
+#[cfg(feature = "ssr")]
+const MAX_REASON_CHARS: usize = 400;
+
+#[cfg(feature = "ssr")]
+impl From<gatehouse_portal_core::push::Published> for PublishedView {
+    fn from(published: gatehouse_portal_core::push::Published) -> PublishedView {
+        PublishedView {
+            version: published.version,
+            not_taken: published
+                .not_taken
+                .into_iter()
+                .map(|not_taken| NotTakenView {
+                    unreachable: not_taken.unreachable(),
+                    reason: not_taken.reason.chars().take(MAX_REASON_CHARS).collect(),
+                    gateway: not_taken.gateway,
+                    running: not_taken.running,
+                })
+                .collect(),
+        }
+    }
+}
+
+#[cfg(feature = "ssr")]
+fn saved_view(
+    (version, published): (time::OffsetDateTime, gatehouse_portal_core::push::Published),
+) -> SavedView {
+    SavedView {
+        version: version_text(version),
+        published: published.into(),
+    }
+}
+
 /// A key just issued: shown once.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct IssuedKey {
@@ -83,6 +172,8 @@ pub struct IssuedKey {
     pub subscription: String,
     /// The key.
     pub key: String,
+    /// What issuing it published.
+    pub published: PublishedView,
 }
 
 impl std::fmt::Debug for IssuedKey {
@@ -235,6 +326,7 @@ pub async fn create_subscription(
     Ok(IssuedKey {
         subscription: issued.subscription,
         key: issued.key,
+        published: issued.published.into(),
     })
 }
 
@@ -249,26 +341,29 @@ pub async fn rotate_subscription_key(id: String) -> Result<IssuedKey, ServerFnEr
     Ok(IssuedKey {
         subscription: issued.subscription,
         key: issued.key,
+        published: issued.published.into(),
     })
 }
 
 /// Ends a rotation's overlap: the previous key stops working: Admin.
 #[server(endpoint = "retire_secondary_key")]
-pub async fn retire_secondary_key(id: String) -> Result<(), ServerFnError> {
+pub async fn retire_secondary_key(id: String) -> Result<PublishedView, ServerFnError> {
     let (portal, user) = portal_and_user().await?;
     portal
         .retire_secondary_key(user.as_ref(), &id)
         .await
+        .map(PublishedView::from)
         .map_err(to_server_error)
 }
 
 /// Revokes a subscription: Admin.
 #[server(endpoint = "revoke_subscription")]
-pub async fn revoke_subscription(id: String) -> Result<(), ServerFnError> {
+pub async fn revoke_subscription(id: String) -> Result<PublishedView, ServerFnError> {
     let (portal, user) = portal_and_user().await?;
     portal
         .revoke_subscription(user.as_ref(), &id)
         .await
+        .map(PublishedView::from)
         .map_err(to_server_error)
 }
 
@@ -335,16 +430,17 @@ pub async fn gateway_settings() -> Result<GatewaySettingsView, ServerFnError> {
 
 /// Checks and stores the gateway settings and publishes a version built on them: Admin.
 /// `version` is theirs as the form read it (empty: none were set); settings saved by someone
-/// else since are not overwritten. Returns the published version.
+/// else since are not overwritten. Returns what was published.
 #[server(endpoint = "save_gateway_settings")]
 pub async fn save_gateway_settings(
     settings: String,
     #[server(default)] version: String,
-) -> Result<u64, ServerFnError> {
+) -> Result<PublishedView, ServerFnError> {
     let (portal, user) = portal_and_user().await?;
     portal
         .save_gateway_settings(user.as_ref(), &settings, &version)
         .await
+        .map(PublishedView::from)
         .map_err(to_server_error)
 }
 
@@ -570,7 +666,7 @@ pub async fn create_access_rule(
     #[server(default)] tokens_per_minute: String,
     #[server(default)] quota_tokens: String,
     #[server(default)] quota_period: String,
-) -> Result<(), ServerFnError> {
+) -> Result<PublishedView, ServerFnError> {
     let (portal, user) = portal_and_user().await?;
     let input = rule_input(
         id,
@@ -589,12 +685,13 @@ pub async fn create_access_rule(
     portal
         .save_access_rule(user.as_ref(), input, false)
         .await
-        .map_err(to_server_error)?;
-    Ok(())
+        .map(|(_, published)| published.into())
+        .map_err(to_server_error)
 }
 
 /// Changes an access rule (found by its id) from the version its form read (`version`): Admin.
-/// A rule changed by someone else since is not overwritten. Returns the rule's new version.
+/// A rule changed by someone else since is not overwritten. Returns the rule's new version and
+/// what was published.
 #[server(endpoint = "update_access_rule")]
 pub async fn update_access_rule(
     id: String,
@@ -609,7 +706,7 @@ pub async fn update_access_rule(
     #[server(default)] quota_tokens: String,
     #[server(default)] quota_period: String,
     #[server(default)] version: String,
-) -> Result<String, ServerFnError> {
+) -> Result<SavedView, ServerFnError> {
     let (portal, user) = portal_and_user().await?;
     let input = rule_input(
         id,
@@ -628,7 +725,7 @@ pub async fn update_access_rule(
     portal
         .save_access_rule(user.as_ref(), input, true)
         .await
-        .map(version_text)
+        .map(saved_view)
         .map_err(to_server_error)
 }
 
@@ -637,11 +734,12 @@ pub async fn update_access_rule(
 pub async fn delete_access_rule(
     id: String,
     #[server(default)] version: String,
-) -> Result<(), ServerFnError> {
+) -> Result<PublishedView, ServerFnError> {
     let (portal, user) = portal_and_user().await?;
     portal
         .delete_access_rule(user.as_ref(), &id, &version)
         .await
+        .map(PublishedView::from)
         .map_err(to_server_error)
 }
 
@@ -739,7 +837,7 @@ pub async fn create_pool(
     id: String,
     #[server(default)] deployments: String,
     #[server(default)] serves_resources: Option<String>,
-) -> Result<(), ServerFnError> {
+) -> Result<PublishedView, ServerFnError> {
     let (portal, user) = portal_and_user().await?;
     let input = gatehouse_portal_core::pools::PoolInput {
         id,
@@ -750,19 +848,20 @@ pub async fn create_pool(
     portal
         .save_pool(user.as_ref(), input, false)
         .await
-        .map_err(to_server_error)?;
-    Ok(())
+        .map(|(_, published)| published.into())
+        .map_err(to_server_error)
 }
 
 /// Changes a pool's deployments from the version its form read (`version`): Admin. A pool
-/// changed by someone else since is not overwritten. Returns the pool's new version.
+/// changed by someone else since is not overwritten. Returns the pool's new version and what was
+/// published.
 #[server(endpoint = "update_pool")]
 pub async fn update_pool(
     id: String,
     #[server(default)] deployments: String,
     #[server(default)] serves_resources: Option<String>,
     #[server(default)] version: String,
-) -> Result<String, ServerFnError> {
+) -> Result<SavedView, ServerFnError> {
     let (portal, user) = portal_and_user().await?;
     let input = gatehouse_portal_core::pools::PoolInput {
         id,
@@ -773,7 +872,7 @@ pub async fn update_pool(
     portal
         .save_pool(user.as_ref(), input, true)
         .await
-        .map(version_text)
+        .map(saved_view)
         .map_err(to_server_error)
 }
 
@@ -782,16 +881,18 @@ pub async fn update_pool(
 pub async fn delete_pool(
     id: String,
     #[server(default)] version: String,
-) -> Result<(), ServerFnError> {
+) -> Result<PublishedView, ServerFnError> {
     let (portal, user) = portal_and_user().await?;
     portal
         .delete_pool(user.as_ref(), &id, &version)
         .await
+        .map(PublishedView::from)
         .map_err(to_server_error)
 }
 
 /// Adds a pool member (no `version`) or changes one from the version its form read: Admin. A
-/// member changed by someone else since is not overwritten. Returns the member's new version.
+/// member changed by someone else since is not overwritten. Returns the member's new version and
+/// what was published.
 #[server(endpoint = "save_member")]
 pub async fn save_member(
     pool_id: String,
@@ -804,7 +905,7 @@ pub async fn save_member(
     #[server(default)] weight: String,
     #[server(default)] api_key_ref: String,
     #[server(default)] version: String,
-) -> Result<String, ServerFnError> {
+) -> Result<SavedView, ServerFnError> {
     let (portal, user) = portal_and_user().await?;
     let input = gatehouse_portal_core::pools::MemberInput {
         pool_id,
@@ -821,7 +922,7 @@ pub async fn save_member(
     portal
         .save_member(user.as_ref(), input)
         .await
-        .map(version_text)
+        .map(saved_view)
         .map_err(to_server_error)
 }
 
@@ -831,11 +932,12 @@ pub async fn delete_member(
     pool_id: String,
     id: String,
     #[server(default)] version: String,
-) -> Result<(), ServerFnError> {
+) -> Result<PublishedView, ServerFnError> {
     let (portal, user) = portal_and_user().await?;
     portal
         .delete_member(user.as_ref(), &pool_id, &id, &version)
         .await
+        .map(PublishedView::from)
         .map_err(to_server_error)
 }
 
@@ -876,10 +978,11 @@ pub async fn version_diff(from: i64, to: i64) -> Result<Vec<DiffLineView>, Serve
 
 /// Rolls back to a stored version (a new version equal to it is published): Admin.
 #[server(endpoint = "rollback")]
-pub async fn rollback(version: i64) -> Result<u64, ServerFnError> {
+pub async fn rollback(version: i64) -> Result<PublishedView, ServerFnError> {
     let (portal, user) = portal_and_user().await?;
     portal
         .rollback(user.as_ref(), version)
         .await
+        .map(PublishedView::from)
         .map_err(to_server_error)
 }

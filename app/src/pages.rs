@@ -7,9 +7,10 @@ use leptos::server::ServerAction;
 
 use crate::ServerLink;
 use crate::api::{
-    ActivityView, CreateSubscription, GatewaysView, IssuedKey, PushNow, RegisterGateway,
-    RetireSecondaryKey, RevokeSubscription, Rollback, RotateSubscriptionKey, SaveGatewaySettings,
-    SubscriptionView, gateway_settings, list_activity, list_gateways, list_subscriptions, overview,
+    ActivityView, CreateSubscription, GatewaysView, IssuedKey, NotTakenView, PublishedView,
+    PushNow, RegisterGateway, RetireSecondaryKey, RevokeSubscription, Rollback,
+    RotateSubscriptionKey, SaveGatewaySettings, SavedView, SubscriptionView, gateway_settings,
+    list_activity, list_gateways, list_subscriptions, overview,
 };
 
 /// An error from the server, shown where the content would be.
@@ -114,7 +115,7 @@ fn unplaced(error: Signal<Option<String>>, fields: &'static [&'static str]) -> i
 /// someone else's change (the form, and what is typed in it, stays across saves).
 fn saved_version<S>(opened: String, save: ServerAction<S>) -> RwSignal<String>
 where
-    S: leptos::server_fn::ServerFn<Output = String> + Clone + Send + Sync + 'static,
+    S: leptos::server_fn::ServerFn<Output = SavedView> + Clone + Send + Sync + 'static,
     S::Error: Clone + Send + Sync + 'static,
 {
     let version = RwSignal::new(opened);
@@ -124,24 +125,95 @@ where
         if save.version().get() > before
             && let Some(Ok(saved)) = save.value().get()
         {
-            version.set(saved);
+            version.set(saved.version);
         }
     });
     version
 }
 
-/// A note after an action succeeded.
+/// A note after an action that published succeeded: `$text` when every gateway took the
+/// version, else which gateways did not and why ([`published_note`]).
 macro_rules! saved_note {
     ($action:expr, $text:literal) => {{
         let action = $action;
         move || {
-            action
-                .value()
-                .get()
-                .is_some_and(|result| result.is_ok())
-                .then(|| view! { <p class="saved-note" role="status">{$text}</p> })
+            action.value().get().and_then(Result::ok).map(|result| {
+                published_note(
+                    crate::api::Publishes::published(&result),
+                    "Saved",
+                    Some($text.to_owned()),
+                )
+            })
         }
     }};
+}
+
+/// After an action that published succeeded, which gateways did not take the version and why
+/// (nothing when every gateway took it). `$done` says what the action did ("Deleted").
+macro_rules! not_taken_note {
+    ($action:expr, $done:literal) => {{
+        let action = $action;
+        move || {
+            action.value().get().and_then(Result::ok).map(|result| {
+                published_note(crate::api::Publishes::published(&result), $done, None)
+            })
+        }
+    }};
+}
+
+/// What a change published, where it was made: `saved` (the success note, if any) when every
+/// gateway took the version; else, per gateway that did not, why, and what happens now. The
+/// reasons are gateways' answers: shown as text, never as markup.
+fn published_note(published: &PublishedView, done: &'static str, saved: Option<String>) -> AnyView {
+    if published.not_taken.is_empty() {
+        return saved
+            .map(|text| view! { <p class="saved-note" role="status">{text}</p> })
+            .into_any();
+    }
+    let version = published.version;
+    let lines = published
+        .not_taken
+        .iter()
+        .cloned()
+        .map(|not_taken| {
+            let NotTakenView {
+                gateway,
+                reason,
+                unreachable,
+                running,
+            } = not_taken;
+            let (verb, then) = if unreachable {
+                ("did not take it", "; it will be pushed again".to_owned())
+            } else {
+                let running = running.map_or("its previous version".to_owned(), |v| {
+                    format!("version {v}")
+                });
+                (
+                    "refused it",
+                    format!(" — it keeps running {running} until the configuration is fixed"),
+                )
+            };
+            let id = gateway.clone();
+            view! {
+                <p data-gateway=id>
+                    {format!("{done}: published as version {version}, but gateway ")}
+                    <code>{gateway}</code>
+                    {format!(" {verb}: ")}
+                    <span class="error-text">{reason}</span>
+                    {then}
+                    " (see "
+                    <a href="/gateways">"Gateways"</a>
+                    ")."
+                </p>
+            }
+        })
+        .collect_view();
+    view! {
+        <div class="callout callout-warn" role="alert" data-testid="not-taken">
+            {lines}
+        </div>
+    }
+    .into_any()
 }
 
 /// The overview: counts and how current the gateways are.
@@ -276,9 +348,13 @@ pub fn Subscriptions() -> impl IntoView {
             </ActionForm>
             {action_error!(create)}
         </section>
+        {not_taken_note!(create, "Created")}
         {action_error!(rotate)}
+        {not_taken_note!(rotate, "Key rotated")}
         {action_error!(retire)}
+        {not_taken_note!(retire, "Previous key retired")}
         {action_error!(revoke)}
+        {not_taken_note!(revoke, "Revoked")}
         <Transition fallback=|| view! { <p class="muted">"Loading…"</p> }>
             {move || Suspend::new(async move {
                 match list.await {
@@ -485,12 +561,9 @@ fn GatewaySettings(save: ServerAction<SaveGatewaySettings>) -> impl IntoView {
                 save.value()
                     .get()
                     .and_then(Result::ok)
-                    .map(|version| {
-                        view! {
-                            <p class="saved-note" role="status">
-                                {format!("Saved: published as version {version}.")}
-                            </p>
-                        }
+                    .map(|published| {
+                        let saved = format!("Saved: published as version {}.", published.version);
+                        published_note(&published, "Saved", Some(saved))
                     })
             }}
             <Transition fallback=|| view! { <p class="muted">"Loading…"</p> }>
@@ -645,3 +718,66 @@ mod versions;
 pub use access_rules::AccessRules;
 pub use pools::Pools;
 use versions::Versions;
+
+// Rendering a view to HTML needs the server build.
+#[cfg(all(test, feature = "ssr"))]
+mod tests {
+    use super::*;
+
+    fn not_taken(gateway: &str, reason: &str, unreachable: bool) -> NotTakenView {
+        NotTakenView {
+            gateway: gateway.to_owned(),
+            reason: reason.to_owned(),
+            unreachable,
+            running: Some(11),
+        }
+    }
+
+    #[test]
+    fn the_note_names_each_gateway_that_did_not_take_the_version_and_escapes_its_answer() {
+        let all = PublishedView {
+            version: 12,
+            not_taken: Vec::new(),
+        };
+        let html = published_note(&all, "Saved", Some("Saved and published.".to_owned())).to_html();
+        assert!(
+            html.contains("saved-note") && html.contains("Saved and published."),
+            "{html}"
+        );
+
+        let some = PublishedView {
+            version: 12,
+            not_taken: vec![
+                not_taken(
+                    "gw-eu",
+                    "refused with 422: <b>env:X</b> is not under a prefix",
+                    false,
+                ),
+                not_taken("gw-us", "unreachable: connection refused", true),
+            ],
+        };
+        let html =
+            published_note(&some, "Saved", Some("Saved and published.".to_owned())).to_html();
+        assert!(!html.contains("saved-note"), "{html}");
+        assert!(
+            html.contains("Saved: published as version 12, but gateway "),
+            "{html}"
+        );
+        assert!(
+            html.contains("gw-eu") && html.contains("refused it: "),
+            "{html}"
+        );
+        assert!(
+            html.contains("&lt;b&gt;env:X&lt;/b&gt;") && !html.contains("<b>"),
+            "{html}"
+        );
+        assert!(
+            html.contains("keeps running version 11 until the configuration is fixed"),
+            "{html}"
+        );
+        assert!(
+            html.contains("did not take it: ") && html.contains("it will be pushed again"),
+            "{html}"
+        );
+    }
+}

@@ -19,6 +19,7 @@ use time::OffsetDateTime;
 use crate::db::{NewActivity, next_version};
 use crate::error::{Edited, PortalError};
 use crate::ops::{Portal, read_version};
+use crate::push::Published;
 use crate::snapshot::{self, BASE_SETTING, RULE_LIMIT_PREFIX};
 use crate::user::{SessionUser, require};
 
@@ -108,7 +109,8 @@ impl Portal {
     }
 
     /// Checks and stores new gateway settings (with their activity entry, in one transaction)
-    /// and publishes a snapshot built on them: Admin. Returns the published version.
+    /// and publishes a snapshot built on them: Admin. Returns what was published: the version,
+    /// and the gateways that did not take it.
     ///
     /// They are saved from the version their form was opened on (`version`, as
     /// [`crate::ops::version_text`] writes it; empty when none were set): settings saved by
@@ -119,7 +121,7 @@ impl Portal {
         user: Option<&SessionUser>,
         text: &str,
         version: &str,
-    ) -> Result<u64, PortalError> {
+    ) -> Result<Published, PortalError> {
         let user = require(user, &[Role::Admin])?;
         let read_at = read_version(version)?;
         let base = parse(text)?;
@@ -172,8 +174,9 @@ impl Portal {
                 .map(|(_, at)| at);
             return Err(conflict(current));
         }
-        let (version, _) = self.publisher.publish(&user.actor()).await?;
-        Ok(version)
+        Ok(Published::from(
+            self.publisher.publish(&user.actor()).await?,
+        ))
     }
 }
 

@@ -13,7 +13,7 @@ use time::{Date, OffsetDateTime, Time};
 
 use crate::db::{ActivityRow, ConfigDb, GatewayRow, NewActivity, SubscriptionRow};
 use crate::error::{Edited, PortalError};
-use crate::push::{Publisher, PushOutcome};
+use crate::push::{Published, Publisher, PushOutcome};
 use crate::user::{SessionUser, require};
 
 /// How often a subscription change is read and written again when another change got there
@@ -63,6 +63,8 @@ pub struct IssuedKey {
     pub subscription: String,
     /// The key itself.
     pub key: String,
+    /// What the change was published as, with the gateways that did not take it.
+    pub published: Published,
 }
 
 impl std::fmt::Debug for IssuedKey {
@@ -253,10 +255,11 @@ impl Portal {
                 },
             )
             .await?;
-        self.publisher.publish(&user.actor()).await?;
+        let published = Published::from(self.publisher.publish(&user.actor()).await?);
         Ok(IssuedKey {
             subscription: id,
             key,
+            published,
         })
     }
 
@@ -266,7 +269,7 @@ impl Portal {
         id: &str,
         action: &str,
         change: impl Fn(&mut SubscriptionRow) -> Result<(), PortalError>,
-    ) -> Result<(), PortalError> {
+    ) -> Result<Published, PortalError> {
         // Read, change, write if nothing changed it in between; else again, from what is there.
         for _ in 0..CHANGE_ATTEMPTS {
             let before = self
@@ -292,8 +295,9 @@ impl Portal {
                 )
                 .await?;
             if written {
-                self.publisher.publish(&user.actor()).await?;
-                return Ok(());
+                return Ok(Published::from(
+                    self.publisher.publish(&user.actor()).await?,
+                ));
             }
         }
         Err(PortalError::invalid(
@@ -316,28 +320,31 @@ impl Portal {
             .settings
             .rotation_overlap
             .map(|overlap| OffsetDateTime::now_utc() + overlap);
-        self.change_subscription(user, id, "subscription.rotate", |row| {
-            if row.state == "revoked" {
-                return Err(PortalError::invalid("id", "the subscription is revoked"));
-            }
-            row.secondary_key_hash =
-                Some(std::mem::replace(&mut row.primary_key_hash, hash.clone()));
-            row.secondary_expires_at = overlap_end;
-            Ok(())
-        })
-        .await?;
+        let published = self
+            .change_subscription(user, id, "subscription.rotate", |row| {
+                if row.state == "revoked" {
+                    return Err(PortalError::invalid("id", "the subscription is revoked"));
+                }
+                row.secondary_key_hash =
+                    Some(std::mem::replace(&mut row.primary_key_hash, hash.clone()));
+                row.secondary_expires_at = overlap_end;
+                Ok(())
+            })
+            .await?;
         Ok(IssuedKey {
             subscription: id.to_owned(),
             key,
+            published,
         })
     }
 
-    /// Ends a rotation's overlap: the secondary (previous) key stops working: Admin.
+    /// Ends a rotation's overlap: the secondary (previous) key stops working: Admin. Returns
+    /// what was published.
     pub async fn retire_secondary_key(
         &self,
         user: Option<&SessionUser>,
         id: &str,
-    ) -> Result<(), PortalError> {
+    ) -> Result<Published, PortalError> {
         let user = require(user, &[Role::Admin])?;
         self.change_subscription(user, id, "subscription.retire_secondary", |row| {
             row.secondary_key_hash = None;
@@ -389,12 +396,13 @@ impl Portal {
         Ok(retired)
     }
 
-    /// Revokes a subscription: its keys are refused from the next snapshot on: Admin.
+    /// Revokes a subscription: its keys are refused from the next snapshot on: Admin. Returns
+    /// what was published.
     pub async fn revoke_subscription(
         &self,
         user: Option<&SessionUser>,
         id: &str,
-    ) -> Result<(), PortalError> {
+    ) -> Result<Published, PortalError> {
         let user = require(user, &[Role::Admin])?;
         self.change_subscription(user, id, "subscription.revoke", |row| {
             row.state = "revoked".to_owned();

@@ -10,6 +10,7 @@ use time::OffsetDateTime;
 use crate::db::{MemberRow, NewActivity, PoolRow, next_version};
 use crate::error::{Edited, PortalError};
 use crate::ops::{Portal, check_version, json_of, read_version, required_version, valid_id};
+use crate::push::Published;
 use crate::rules::is_deployment_pattern;
 use crate::user::{SessionUser, require};
 
@@ -246,7 +247,8 @@ impl Portal {
 
     /// Creates (`existing = false`) or changes (`existing = true`) a pool, then publishes: Admin.
     /// A deployment may be served by one pool only, and calls without a deployment by one pool.
-    /// Returns the pool's new version, for the form to carry to its next save.
+    /// Returns the pool's new version, for the form to carry to its next save, and what was
+    /// published.
     ///
     /// A change is made from the version of the pool its form was opened on (`input.version`)
     /// and written only while the pool still has it (its members' changes do not count), else
@@ -257,7 +259,7 @@ impl Portal {
         user: Option<&SessionUser>,
         input: PoolInput,
         existing: bool,
-    ) -> Result<OffsetDateTime, PortalError> {
+    ) -> Result<(OffsetDateTime, Published), PortalError> {
         let user = require(user, &[Role::Admin])?;
         let read_at = if existing {
             Some(required_version(&input.version)?)
@@ -327,19 +329,19 @@ impl Portal {
                 },
             });
         }
-        self.publisher.publish(&actor).await?;
-        Ok(row.updated_at)
+        let published = Published::from(self.publisher.publish(&actor).await?);
+        Ok((row.updated_at, published))
     }
 
     /// Deletes a pool and its members, then publishes: Admin. Only the version of the pool the
     /// page showed (`version`) is deleted: one changed since is refused
-    /// ([`PortalError::Conflict`]) and stays.
+    /// ([`PortalError::Conflict`]) and stays. Returns what was published.
     pub async fn delete_pool(
         &self,
         user: Option<&SessionUser>,
         id: &str,
         version: &str,
-    ) -> Result<(), PortalError> {
+    ) -> Result<Published, PortalError> {
         let user = require(user, &[Role::Admin])?;
         let read_at = required_version(version)?;
         let not_found = || PortalError::NotFound(format!("pool {id}"));
@@ -372,13 +374,14 @@ impl Portal {
                 None => not_found(),
             });
         }
-        self.publisher.publish(&user.actor()).await?;
-        Ok(())
+        Ok(Published::from(
+            self.publisher.publish(&user.actor()).await?,
+        ))
     }
 
     /// Adds a member to a pool (`input.version` empty) or changes one (same pool and id), then
     /// publishes: Admin. Returns the member's new version, for the form to carry to its next
-    /// save.
+    /// save, and what was published.
     ///
     /// A change is made from the version of the member its form was opened on (`input.version`)
     /// and written only while the member still has it, else refused ([`PortalError::Conflict`])
@@ -388,7 +391,7 @@ impl Portal {
         &self,
         user: Option<&SessionUser>,
         input: MemberInput,
-    ) -> Result<OffsetDateTime, PortalError> {
+    ) -> Result<(OffsetDateTime, Published), PortalError> {
         let user = require(user, &[Role::Admin])?;
         let read_at = read_version(&input.version)?;
         let mut row = validate_member(&input)?;
@@ -459,21 +462,21 @@ impl Portal {
                 },
             });
         }
-        self.publisher.publish(&actor).await?;
-        Ok(row.updated_at)
+        let published = Published::from(self.publisher.publish(&actor).await?);
+        Ok((row.updated_at, published))
     }
 
     /// Removes a member from its pool, then publishes: Admin. A pool left without members is
     /// not sent to the gateways until it has one again. Only the version the page showed
     /// (`version`) is removed: one changed since is refused ([`PortalError::Conflict`]) and
-    /// stays.
+    /// stays. Returns what was published.
     pub async fn delete_member(
         &self,
         user: Option<&SessionUser>,
         pool_id: &str,
         id: &str,
         version: &str,
-    ) -> Result<(), PortalError> {
+    ) -> Result<Published, PortalError> {
         let user = require(user, &[Role::Admin])?;
         let read_at = required_version(version)?;
         let not_found = || PortalError::NotFound(format!("member {id} of pool {pool_id}"));
@@ -503,8 +506,9 @@ impl Portal {
                 None => not_found(),
             });
         }
-        self.publisher.publish(&user.actor()).await?;
-        Ok(())
+        Ok(Published::from(
+            self.publisher.publish(&user.actor()).await?,
+        ))
     }
 }
 

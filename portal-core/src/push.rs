@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use gatehouse_schema::config::SecretRef;
 use reqwest::StatusCode;
+use serde::Serialize;
 use tokio::sync::Mutex;
 use url::Url;
 
@@ -25,6 +26,9 @@ const MAX_PUBLISH_ATTEMPTS: u32 = 8;
 /// Longest part of a gateway's error answer kept in the database.
 const MAX_ERROR_CHARS: usize = 300;
 
+/// How the reason of a push that did not reach the gateway starts.
+const UNREACHABLE: &str = "unreachable: ";
+
 /// What happened when one gateway was offered one version.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PushOutcome {
@@ -32,6 +36,55 @@ pub struct PushOutcome {
     pub gateway: String,
     /// `Ok` when it runs the version now; the reason otherwise.
     pub result: Result<u64, String>,
+    /// The version it ran before it was offered this one, as far as the portal knows.
+    pub running_before: Option<u64>,
+}
+
+/// A gateway that did not take a published version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NotTaken {
+    /// The gateway's id.
+    pub gateway: String,
+    /// Why: the gateway's refusal (its answer, cut to 300 characters) or why it was not reached.
+    /// Gateways' answers name secret references, never secret values.
+    pub reason: String,
+    /// The version it keeps running, as far as the portal knows.
+    pub running: Option<u64>,
+}
+
+impl NotTaken {
+    /// Whether the gateway was not reached (rather than refusing the version).
+    pub fn unreachable(&self) -> bool {
+        self.reason.starts_with(UNREACHABLE)
+    }
+}
+
+/// What a change published: its version, and the gateways that did not take it (each is
+/// offered the current version again by [`Publisher::spawn_catch_up`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct Published {
+    /// The version the change was published as.
+    pub version: u64,
+    /// The gateways that did not take it, and why.
+    pub not_taken: Vec<NotTaken>,
+}
+
+impl From<(u64, Vec<PushOutcome>)> for Published {
+    /// What [`Publisher::publish`] returns, as the change that published reports it.
+    fn from((version, outcomes): (u64, Vec<PushOutcome>)) -> Published {
+        let not_taken = outcomes
+            .into_iter()
+            .filter_map(|outcome| match outcome.result {
+                Ok(_) => None,
+                Err(reason) => Some(NotTaken {
+                    gateway: outcome.gateway,
+                    reason,
+                    running: outcome.running_before,
+                }),
+            })
+            .collect();
+        Published { version, not_taken }
+    }
 }
 
 /// Builds, stores and pushes snapshots. One publish at a time, so versions are consecutive.
@@ -150,6 +203,7 @@ impl Publisher {
             outcomes.push(PushOutcome {
                 gateway: gateway.id,
                 result: result.map(|()| version),
+                running_before: gateway.pushed_version.and_then(|v| u64::try_from(v).ok()),
             });
         }
         Ok(outcomes)
@@ -177,7 +231,7 @@ impl Publisher {
             .body(snapshot_json.to_owned())
             .send()
             .await
-            .map_err(|error| format!("unreachable: {}", without_url(&error)))?;
+            .map_err(|error| format!("{UNREACHABLE}{}", without_url(&error)))?;
         let status = response.status();
         if status == StatusCode::OK {
             return Ok(());

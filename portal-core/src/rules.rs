@@ -11,6 +11,7 @@ use time::OffsetDateTime;
 use crate::db::{AccessRuleRow, NewActivity, next_version};
 use crate::error::{Edited, PortalError};
 use crate::ops::{Portal, check_version, json_of, required_version, valid_id};
+use crate::push::Published;
 use crate::snapshot;
 use crate::user::{SessionUser, require};
 
@@ -239,7 +240,7 @@ impl Portal {
 
     /// Creates (`existing = false`) or changes (`existing = true`) an access rule after checking
     /// every field, then publishes: Admin. Returns the rule's new version, for the form to carry
-    /// to its next save.
+    /// to its next save, and what was published (with the gateways that did not take it).
     ///
     /// A change is made from the version of the rule its form was opened on (`input.version`):
     /// it is written only while the rule still has that version, checked in the transaction that
@@ -251,7 +252,7 @@ impl Portal {
         user: Option<&SessionUser>,
         input: AccessRuleInput,
         existing: bool,
-    ) -> Result<OffsetDateTime, PortalError> {
+    ) -> Result<(OffsetDateTime, Published), PortalError> {
         let user = require(user, &[Role::Admin])?;
         let read_at = if existing {
             Some(required_version(&input.version)?)
@@ -321,19 +322,19 @@ impl Portal {
                 },
             });
         }
-        self.publisher.publish(&actor).await?;
-        Ok(row.updated_at)
+        let published = Published::from(self.publisher.publish(&actor).await?);
+        Ok((row.updated_at, published))
     }
 
     /// Deletes an access rule, then publishes: Admin. Only the version the page showed (`version`,
     /// as [`crate::ops::version_text`] writes it) is deleted: one changed since is refused
-    /// ([`PortalError::Conflict`]) and stays.
+    /// ([`PortalError::Conflict`]) and stays. Returns what was published.
     pub async fn delete_access_rule(
         &self,
         user: Option<&SessionUser>,
         id: &str,
         version: &str,
-    ) -> Result<(), PortalError> {
+    ) -> Result<Published, PortalError> {
         let user = require(user, &[Role::Admin])?;
         let read_at = required_version(version)?;
         let not_found = || PortalError::NotFound(format!("access rule {id}"));
@@ -362,8 +363,9 @@ impl Portal {
                 None => not_found(),
             });
         }
-        self.publisher.publish(&user.actor()).await?;
-        Ok(())
+        Ok(Published::from(
+            self.publisher.publish(&user.actor()).await?,
+        ))
     }
 }
 

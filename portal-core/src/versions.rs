@@ -16,6 +16,7 @@ use time::OffsetDateTime;
 use crate::db::{AccessRuleRow, MemberRow, NewActivity, PoolRow, SnapshotVersionRow, next_version};
 use crate::error::PortalError;
 use crate::ops::{Portal, json_of};
+use crate::push::Published;
 use crate::snapshot::RULE_LIMIT_PREFIX;
 use crate::user::{SessionUser, require};
 
@@ -170,12 +171,13 @@ impl Portal {
     }
 
     /// Rolls the access rules, limits and pools back to those of `version` and publishes them
-    /// as a new version, which is returned: Admin.
+    /// as a new version: Admin. Returns what was published: the new version, and the gateways
+    /// that did not take it.
     pub async fn rollback(
         &self,
         user: Option<&SessionUser>,
         version: i64,
-    ) -> Result<u64, PortalError> {
+    ) -> Result<Published, PortalError> {
         let user = require(user, &[Role::Admin])?;
         let old = self.db.snapshot(version).await?.ok_or_else(|| {
             PortalError::invalid("version", format!("there is no version {version}"))
@@ -228,8 +230,9 @@ impl Portal {
                 },
             )
             .await?;
-        let (new_version, _) = self.publisher.publish(&user.actor()).await?;
-        Ok(new_version)
+        Ok(Published::from(
+            self.publisher.publish(&user.actor()).await?,
+        ))
     }
 }
 

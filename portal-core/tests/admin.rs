@@ -313,7 +313,11 @@ async fn rules_decide_what_a_key_may_call(db: ConfigDb) {
         .revoke_subscription(Some(&user), "team-a")
         .await
         .unwrap();
-    let new_version = portal.rollback(Some(&user), with_rule).await.unwrap();
+    let new_version = portal
+        .rollback(Some(&user), with_rule)
+        .await
+        .unwrap()
+        .version;
     assert_eq!(
         db.latest_snapshot().await.unwrap().unwrap().version,
         i64::try_from(new_version).unwrap()
@@ -516,7 +520,8 @@ async fn gateway_settings_are_published_beside_the_portals_tables(db: ConfigDb) 
     let version = portal
         .save_gateway_settings(Some(&user), settings, "")
         .await
-        .unwrap();
+        .unwrap()
+        .version;
     let config = running(&fleet.gateway).await;
     assert_eq!(
         config["version"],

@@ -91,7 +91,7 @@ async fn rule_version(db: &ConfigDb) -> OffsetDateTime {
 async fn an_access_rule_is_saved_only_from_the_version_read(db: ConfigDb) {
     let portal = portal(&db);
     let (ada, bea) = (admin(), bea());
-    let created = portal
+    let (created, _) = portal
         .save_access_rule(Some(&ada), rule("gpt-4o", ""), false)
         .await
         .unwrap();
@@ -106,7 +106,7 @@ async fn an_access_rule_is_saved_only_from_the_version_read(db: ConfigDb) {
     let opened = version_text(listed[0].updated_at);
 
     // Ada saves first, from the version she read: written.
-    let first = portal
+    let (first, _) = portal
         .save_access_rule(Some(&ada), rule("gpt-4o, gpt-4o-mini", &opened), true)
         .await
         .unwrap();
@@ -171,7 +171,7 @@ async fn an_access_rule_is_saved_only_from_the_version_read(db: ConfigDb) {
 
     // Bea reads it again and applies her change: written, logged, published.
     let reread = version_text(rule_version(&db).await);
-    let second = portal
+    let (second, _) = portal
         .save_access_rule(Some(&bea), rule("gpt-4o, o3", &reread), true)
         .await
         .unwrap();
@@ -186,7 +186,7 @@ async fn an_access_rule_is_saved_only_from_the_version_read(db: ConfigDb) {
     assert_eq!(now.published, before.published.map(|v| v + 1));
 
     // The version a save returns is the one stored: her form saves again without reading.
-    let third = portal
+    let (third, _) = portal
         .save_access_rule(Some(&bea), rule("o3", &version_text(second)), true)
         .await
         .unwrap();
@@ -286,7 +286,7 @@ async fn a_pool_is_saved_only_from_the_version_read(db: ConfigDb) {
     let listed = portal.pools(Some(&ada)).await.unwrap();
     let opened = version_text(listed[0].pool.updated_at);
 
-    let first = portal
+    let (first, _) = portal
         .save_pool(Some(&ada), pool("gpt-4o, gpt-4o-mini", &opened), true)
         .await
         .unwrap();
@@ -326,7 +326,7 @@ async fn a_pool_is_saved_only_from_the_version_read(db: ConfigDb) {
     assert_eq!(written(&db).await, before);
 
     let reread = version_text(pool_version(&db).await);
-    let second = portal
+    let (second, _) = portal
         .save_pool(Some(&bea), pool("gpt-4o, o3", &reread), true)
         .await
         .unwrap();
@@ -393,7 +393,7 @@ async fn a_pool_member_is_saved_only_from_the_version_read(db: ConfigDb) {
         .save_pool(Some(&ada), pool("gpt-4o", ""), false)
         .await
         .unwrap();
-    let created = portal
+    let (created, _) = portal
         .save_member(Some(&ada), member("1", ""))
         .await
         .unwrap();
@@ -401,7 +401,7 @@ async fn a_pool_member_is_saved_only_from_the_version_read(db: ConfigDb) {
     let listed = portal.pools(Some(&ada)).await.unwrap();
     let opened = version_text(listed[0].members[0].updated_at);
 
-    let first = portal
+    let (first, _) = portal
         .save_member(Some(&ada), member("5", &opened))
         .await
         .unwrap();
@@ -441,7 +441,7 @@ async fn a_pool_member_is_saved_only_from_the_version_read(db: ConfigDb) {
     assert_eq!(written(&db).await, before);
 
     let reread = version_text(member_version(&db).await);
-    let second = portal
+    let (second, _) = portal
         .save_member(Some(&bea), member("9", &reread))
         .await
         .unwrap();
@@ -614,7 +614,7 @@ async fn two_saves_from_one_version_at_once_write_one(db: ConfigDb) {
         );
         assert!(a.is_ok() != b.is_ok(), "round {round}: {a:?} {b:?}");
         let (saved, refused) = match (a, b) {
-            (Ok(saved), Err(refused)) | (Err(refused), Ok(saved)) => (saved, refused),
+            (Ok((saved, _)), Err(refused)) | (Err(refused), Ok((saved, _))) => (saved, refused),
             other => panic!("{other:?}"),
         };
         assert_conflict(&refused, Edited::AccessRule, Some(saved));

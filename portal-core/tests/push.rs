@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{ADMIN_TOKEN, admin, gateway_at, simulator};
+use common::{ADMIN_TOKEN, admin, gateway_allowing_refs, gateway_at, simulator};
 use gatehouse_simulator::RunningSimulator;
 
 use std::net::SocketAddr;
@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use gatehouse_portal_core::db::{AccessRuleRow, MemberRow, NewActivity, PoolRow};
 use gatehouse_portal_core::ops::{NewSubscription, PortalSettings};
+use gatehouse_portal_core::pools::{MemberInput, PoolInput};
+use gatehouse_portal_core::rules::AccessRuleInput;
 use gatehouse_portal_core::{ConfigDb, Portal};
 use serde_json::{Value, json};
 
@@ -323,6 +325,172 @@ async fn sqlite_changes_reach_every_gateway_and_a_down_one_catches_up() {
 async fn postgres_changes_reach_every_gateway_and_a_down_one_catches_up() {
     let test = common::postgres().await;
     publish_reaches_gateways(test.db.clone()).await;
+}
+
+/// A save tells which gateways did not take the version it published, and why: one that refuses
+/// it (its `server.snapshot_secret_refs` do not cover the member's key reference) and one that
+/// is down; never one that took it.
+async fn a_save_reports_the_gateways_that_did_not_take_its_version(db: ConfigDb) {
+    let secrets = tempfile::tempdir().unwrap();
+    let token_file = secrets.path().join("admin-token");
+    std::fs::write(&token_file, format!("{ADMIN_TOKEN}\n")).unwrap();
+    let token_ref = format!("file:{}", token_file.display());
+    let key_file = secrets.path().join("member-key");
+    std::fs::write(&key_file, "member-key-value-never-shown").unwrap();
+    let key_ref = format!("file:{}", key_file.display());
+    let simulator = simulator().await;
+    let healthy = gateway_at("127.0.0.1:0".parse().unwrap()).await;
+    let strict = gateway_allowing_refs(&["env:GATEHOUSE_BACKEND_".to_owned()]).await;
+    let down_addr = free_port();
+    let portal = portal(&db);
+    let user = admin();
+    for (id, url) in [
+        ("gw-healthy", healthy.url.clone()),
+        ("gw-strict", strict.url.clone()),
+        ("gw-down", format!("http://{down_addr}")),
+    ] {
+        portal
+            .register_gateway(Some(&user), id, &url, &token_ref)
+            .await
+            .unwrap();
+    }
+    let names = |published: &gatehouse_portal_core::push::Published| -> Vec<String> {
+        let mut names: Vec<String> = published
+            .not_taken
+            .iter()
+            .map(|n| n.gateway.clone())
+            .collect();
+        names.sort();
+        names
+    };
+
+    // A pool without members is not sent: only the gateway that is down misses the version.
+    let (_, published) = portal
+        .save_pool(
+            Some(&user),
+            PoolInput {
+                id: "sim".into(),
+                deployments: "gpt-4o".into(),
+                ..PoolInput::default()
+            },
+            false,
+        )
+        .await
+        .unwrap();
+    assert_eq!(names(&published), ["gw-down"], "{published:?}");
+    let before = published.version;
+
+    // A member whose key reference the strict gateway does not allow: it refuses the version.
+    let (_, published) = portal
+        .save_member(
+            Some(&user),
+            MemberInput {
+                pool_id: "sim".into(),
+                id: "east".into(),
+                kind: "azure_openai".into(),
+                endpoint: simulator.url(),
+                priority: "1".into(),
+                api_key_ref: key_ref.clone(),
+                ..MemberInput::default()
+            },
+        )
+        .await
+        .unwrap();
+    let current = db.latest_snapshot().await.unwrap().unwrap().version;
+    assert_eq!(i64::try_from(published.version).unwrap(), current);
+    assert_eq!(names(&published), ["gw-down", "gw-strict"], "{published:?}");
+    let strict_refusal = published
+        .not_taken
+        .iter()
+        .find(|n| n.gateway == "gw-strict")
+        .unwrap();
+    assert!(!strict_refusal.unreachable());
+    assert!(
+        strict_refusal.reason.starts_with("refused with 422")
+            && strict_refusal
+                .reason
+                .contains("is not under a prefix of server.snapshot_secret_refs"),
+        "{strict_refusal:?}"
+    );
+    assert!(
+        !strict_refusal
+            .reason
+            .contains("member-key-value-never-shown")
+    );
+    assert_eq!(
+        strict_refusal.running,
+        Some(before),
+        "it keeps the version before"
+    );
+    let down = published
+        .not_taken
+        .iter()
+        .find(|n| n.gateway == "gw-down")
+        .unwrap();
+    assert!(down.unreachable(), "{down:?}");
+    assert_eq!(down.running, None);
+    assert_eq!(
+        running_config(&healthy.url).await["version"],
+        json!(current)
+    );
+    assert_eq!(running_config(&strict.url).await["version"], json!(before));
+
+    // An access rule saved meanwhile is refused by the strict gateway as well: the member is
+    // still in every version.
+    portal
+        .create_subscription(
+            Some(&user),
+            NewSubscription {
+                id: "team-a".into(),
+                display_name: "Team A".into(),
+                ..NewSubscription::default()
+            },
+        )
+        .await
+        .unwrap();
+    let (_, published) = portal
+        .save_access_rule(
+            Some(&user),
+            AccessRuleInput {
+                id: "team-a".into(),
+                grantee_kind: "subscription".into(),
+                grantee_id: "team-a".into(),
+                deployments: "gpt-4o".into(),
+                ..AccessRuleInput::default()
+            },
+            false,
+        )
+        .await
+        .unwrap();
+    assert_eq!(names(&published), ["gw-down", "gw-strict"], "{published:?}");
+
+    // Without the member, the strict gateway takes the next version again.
+    let member = db.member("sim", "east").await.unwrap().unwrap();
+    let published = portal
+        .delete_member(
+            Some(&user),
+            "sim",
+            "east",
+            &gatehouse_portal_core::ops::version_text(member.updated_at),
+        )
+        .await
+        .unwrap();
+    assert_eq!(names(&published), ["gw-down"], "{published:?}");
+    let current = db.latest_snapshot().await.unwrap().unwrap().version;
+    assert_eq!(running_config(&strict.url).await["version"], json!(current));
+    drop((healthy.listening, strict.listening));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_a_save_reports_the_gateways_that_did_not_take_its_version() {
+    let test = common::sqlite().await;
+    a_save_reports_the_gateways_that_did_not_take_its_version(test.db.clone()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_a_save_reports_the_gateways_that_did_not_take_its_version() {
+    let test = common::postgres().await;
+    a_save_reports_the_gateways_that_did_not_take_its_version(test.db.clone()).await;
 }
 
 /// A gateway's admin token is read only from the references the portal's policy allows: an

@@ -7,7 +7,7 @@ use leptos::prelude::*;
 use leptos::server::ServerAction;
 use leptos_router::hooks::use_query_map;
 
-use super::{Failure, beside, error_text, saved_version, unplaced};
+use super::{Failure, beside, error_text, published_note, saved_version, unplaced};
 use crate::api::{
     AccessRuleView, CreateAccessRule, DeleteAccessRule, UpdateAccessRule, list_access_rules,
 };
@@ -118,6 +118,7 @@ pub fn AccessRules() -> impl IntoView {
             })}
         </Transition>
         {unplaced(last_error!(delete), &[])}
+        {not_taken_note!(delete, "Deleted")}
         <Suspense fallback=|| ()>
             {move || Suspend::new(async move {
                 match editing.await {

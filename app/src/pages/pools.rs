@@ -7,7 +7,7 @@ use leptos::prelude::*;
 use leptos::server::ServerAction;
 use leptos_router::hooks::use_query_map;
 
-use super::{Failure, beside, error_text, saved_version, unplaced};
+use super::{Failure, beside, error_text, published_note, saved_version, unplaced};
 use crate::api::{
     CreatePool, DeleteMember, DeletePool, MemberView, PoolView, PoolsView, SaveMember, UpdatePool,
     list_pools,
@@ -104,7 +104,9 @@ pub fn Pools() -> impl IntoView {
             })}
         </Transition>
         {unplaced(last_error!(delete_pool), &[])}
+        {not_taken_note!(delete_pool, "Deleted")}
         {unplaced(last_error!(delete_member), &[])}
+        {not_taken_note!(delete_member, "Removed")}
         <Suspense fallback=|| ()>
             {move || Suspend::new(async move {
                 match editing.await {
@@ -370,12 +372,22 @@ fn pool_form(
         .into_any()
     };
     let saved = move || {
-        let done = if editing {
-            update.value().get().is_some_and(|r| r.is_ok())
+        let published = if editing {
+            update
+                .value()
+                .get()
+                .and_then(Result::ok)
+                .map(|saved| saved.published)
         } else {
-            create.value().get().is_some_and(|r| r.is_ok())
+            create.value().get().and_then(Result::ok)
         };
-        done.then(|| view! { <p class="saved-note" role="status">"Saved and published to the gateways."</p> })
+        published.map(|published| {
+            published_note(
+                &published,
+                "Saved",
+                Some("Saved and published to the gateways.".to_owned()),
+            )
+        })
     };
     view! {
         <section class="panel">
@@ -501,12 +513,7 @@ fn member_form(
                 </p>
             </Show>
             {unplaced(error, &MEMBER_FIELDS)}
-            {move || {
-                save.value()
-                    .get()
-                    .is_some_and(|r| r.is_ok())
-                    .then(|| view! { <p class="saved-note" role="status">"Saved and published to the gateways."</p> })
-            }}
+            {saved_note!(save, "Saved and published to the gateways.")}
         </section>
     }
 }

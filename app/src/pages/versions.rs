@@ -5,7 +5,7 @@ use leptos::prelude::*;
 use leptos::server::ServerAction;
 use leptos_router::hooks::use_query_map;
 
-use super::{Failure, error_text, unplaced};
+use super::{Failure, error_text, published_note, unplaced};
 use crate::api::{
     DiffLineView, Rollback, SaveGatewaySettings, VersionView, list_versions, version_diff,
 };
@@ -41,12 +41,12 @@ pub fn Versions(
                     .value()
                     .get()
                     .and_then(Result::ok)
-                    .map(|version| {
-                        view! {
-                            <p class="saved-note" role="status">
-                                {format!("Rolled back: published as version {version}.")}
-                            </p>
-                        }
+                    .map(|published| {
+                        let saved = format!(
+                            "Rolled back: published as version {}.",
+                            published.version,
+                        );
+                        published_note(&published, "Rolled back", Some(saved))
                     })
             }}
             {unplaced(last_error!(rollback), &[])}

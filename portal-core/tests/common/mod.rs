@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use gatehouse_gateway::secret::Secret;
+use gatehouse_gateway::secret_policy::SecretRefPolicy;
 use gatehouse_gateway::server::{self, Listening};
 use gatehouse_gateway::{Gateway, GatewayParts, SecretSettings};
 use gatehouse_portal_core::push::Publisher;
@@ -78,6 +79,21 @@ pub struct TestGateway {
 /// A gateway on `addr` (port 0: any), started empty at version 0 so that the portal's first
 /// version is accepted, with [`ADMIN_TOKEN`].
 pub async fn gateway_at(addr: SocketAddr) -> TestGateway {
+    gateway_with(addr, SecretSettings::default()).await
+}
+
+/// A gateway as [`gateway_at`] whose snapshots may name secret references only under
+/// `prefixes` (its `server.snapshot_secret_refs`).
+pub async fn gateway_allowing_refs(prefixes: &[String]) -> TestGateway {
+    let policy = SecretRefPolicy::new(Vec::new(), &[], &[], Some(prefixes)).unwrap();
+    let secrets = SecretSettings {
+        snapshot_refs: policy,
+        ..SecretSettings::default()
+    };
+    gateway_with("127.0.0.1:0".parse().unwrap(), secrets).await
+}
+
+async fn gateway_with(addr: SocketAddr, secrets: SecretSettings) -> TestGateway {
     let state = tempfile::tempdir().unwrap();
     let snapshot: ConfigSnapshot = serde_json::from_value(json!({"version": 0})).unwrap();
     let gateway = Gateway::new(GatewayParts {
@@ -89,7 +105,7 @@ pub async fn gateway_at(addr: SocketAddr) -> TestGateway {
         access_log: false,
         limits: Default::default(),
         affinity: Default::default(),
-        secrets: SecretSettings::default(),
+        secrets,
         client_timeouts: Default::default(),
     })
     .await
