@@ -166,7 +166,7 @@ pub fn response_messages(response: &Value) -> Option<String> {
             .get("messages")
             .and_then(Value::as_array)
             .filter(|messages| !messages.is_empty())
-            .map(|messages| Value::Array(messages.clone()).to_string());
+            .and_then(|messages| serde_json::to_string(messages).ok());
     }
     if let Some(output) = response.get("output").filter(|o| o.is_array()) {
         return Some(output.to_string());

@@ -114,26 +114,25 @@ impl MessageSoFar {
         if self.text.is_empty() {
             return Value::Object(message);
         }
-        // Text came after the last whole message: the message as far as its deltas go.
-        let mut content: Vec<Value> = message
-            .get("content")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
+        // Text came after the last whole message: the message as far as its deltas go. A part
+        // index past the parts known is the next part, so that an index the backend sends never
+        // makes the record hold more than the text it sent.
+        let mut content = match message.remove("content") {
+            Some(Value::Array(parts)) => parts,
+            _ => Vec::new(),
+        };
         for (index, text) in self.text {
-            let Ok(at) = usize::try_from(index) else {
-                continue;
-            };
-            if content.len() <= at {
-                content.resize(at + 1, Value::Null);
-            }
-            let known = content[at]
-                .pointer("/text/value")
+            let at = usize::try_from(index).ok().filter(|&at| at < content.len());
+            let known = at
+                .and_then(|at| content[at].pointer("/text/value"))
                 .and_then(Value::as_str)
                 .unwrap_or_default();
-            content[at] = json!({"type": "text", "text": {"value": format!("{known}{text}"), "annotations": []}});
+            let part = json!({"type": "text", "text": {"value": format!("{known}{text}"), "annotations": []}});
+            match at {
+                Some(at) => content[at] = part,
+                None => content.push(part),
+            }
         }
-        content.retain(|part| !part.is_null());
         message.insert("content".to_owned(), Value::Array(content));
         message.insert("status".to_owned(), json!("incomplete"));
         Value::Object(message)
@@ -208,7 +207,17 @@ mod tests {
         assert_eq!(messages[0]["content"][0]["text"]["value"], "First.");
         assert_eq!(messages[1]["content"][0]["text"]["value"], "Second");
         assert_eq!(messages[1]["status"], "incomplete");
-        // Deltas of a message never announced whole.
+        // Deltas of a message never announced whole; a part index far past the parts there are
+        // is the next part, not room for billions.
+        let mut far = delta("msg_8", "Far");
+        far["delta"]["content"][0]["index"] = json!(4_000_000_000_u64);
+        let response = feed(&[delta("msg_8", "Near"), far]);
+        let parts = response["messages"][0]["content"].as_array().unwrap();
+        let texts: Vec<&str> = parts
+            .iter()
+            .map(|p| p["text"]["value"].as_str().unwrap())
+            .collect();
+        assert_eq!(texts, ["Near", "Far"]);
         let response = feed(&[delta("msg_9", "Only deltas")]);
         assert_eq!(response["object"], "thread.run");
         assert_eq!(response["messages"][0]["id"], "msg_9");
