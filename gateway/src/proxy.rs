@@ -166,18 +166,12 @@ pub async fn forward(
                 continue;
             }
         };
-        let request_id = record.as_ref().map(|r| {
-            r.client_request_id
-                .as_deref()
-                .unwrap_or(&r.record.correlation_id)
-                .to_owned()
-        });
         // A batch runs the calls its input file names: they are authorized before it is sent.
         if call.operation == OperationId::BatchCreate
             && let Some(rules) = runtime.snapshot.access_rules.as_deref()
         {
             let headers =
-                upstream_headers(&HeaderMap::new(), credential.clone(), request_id.as_deref());
+                upstream_headers(&HeaderMap::new(), credential.clone(), request_id(record));
             let read = read_batch_input(&member, &call, headers).await?;
             let elapsed = attempt_started.elapsed();
             if let Some(record) = record.as_mut() {
@@ -198,22 +192,14 @@ pub async fn forward(
                     status,
                     wait,
                 } => {
-                    let why = if status == Some(StatusCode::TOO_MANY_REQUESTS) {
-                        throttled = Some(throttled.map_or(wait, |shortest| shortest.min(wait)));
-                        SetAsideReason::Throttled
-                    } else {
-                        SetAsideReason::Failing
-                    };
                     tracing::warn!(backend = %member.config.id, reason, "could not read a batch's input file; member set aside");
-                    member.health.set_aside(why, wait, Instant::now());
-                    gateway.metrics.backend_attempt(&member.config.id, reason);
-                    note_attempt(
-                        record,
-                        &member,
-                        status.map(|s| s.as_u16()),
-                        millis(elapsed),
-                        Some(reason),
-                    );
+                    let attempt = FailedAttempt {
+                        status: status.map(|s| s.as_u16()),
+                        wait,
+                        outcome: reason,
+                        elapsed_ms: millis(elapsed),
+                    };
+                    attempt.set_aside(gateway, &member, record, &mut throttled);
                     continue;
                 }
                 InputFileRead::Refused(response) => {
@@ -237,7 +223,7 @@ pub async fn forward(
             }
         }
         let (upstream_body, asked_usage) = upstream_body(&member, &call, &body);
-        let headers = upstream_headers(&parts.headers, credential, request_id.as_deref());
+        let headers = upstream_headers(&parts.headers, credential, request_id(record));
         if let Some(record) = record.as_mut() {
             record.backend_started.get_or_insert(attempt_started);
             record.record.backend_id = Some(member.config.id.clone());
@@ -267,13 +253,13 @@ pub async fn forward(
             Err(error) => {
                 let reason = error.reason();
                 tracing::warn!(backend = %member.config.id, reason, "backend attempt failed");
-                member.health.set_aside(
-                    SetAsideReason::Failing,
-                    retry_hint::DEFAULT_SET_ASIDE,
-                    Instant::now(),
-                );
-                gateway.metrics.backend_attempt(&member.config.id, reason);
-                note_attempt(record, &member, None, elapsed_ms, Some(reason));
+                let attempt = FailedAttempt {
+                    status: None,
+                    wait: retry_hint::DEFAULT_SET_ASIDE,
+                    outcome: reason,
+                    elapsed_ms,
+                };
+                attempt.set_aside(gateway, &member, record, &mut throttled);
                 // A call that creates an object goes to another member only when this one cannot
                 // have received it; chat and other completions are retried as they always are
                 // (a stored response is one of those).
@@ -299,29 +285,18 @@ pub async fn forward(
         }
         if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
             let wait = retry_hint::set_aside_for(response.headers(), SystemTime::now());
-            let reason = if status == StatusCode::TOO_MANY_REQUESTS {
-                SetAsideReason::Throttled
-            } else {
-                SetAsideReason::Failing
-            };
-            member.health.set_aside(reason, wait, Instant::now());
-            if reason == SetAsideReason::Throttled {
-                throttled = Some(throttled.map_or(wait, |shortest| shortest.min(wait)));
-            }
-            let outcome = if reason == SetAsideReason::Throttled {
-                "throttled"
-            } else {
-                "server_error"
-            };
             tracing::info!(backend = %member.config.id, status = status.as_u16(), wait_ms = millis(wait), "backend set aside");
-            gateway.metrics.backend_attempt(&member.config.id, outcome);
-            note_attempt(
-                record,
-                &member,
-                Some(status.as_u16()),
+            let attempt = FailedAttempt {
+                status: Some(status.as_u16()),
+                wait,
+                outcome: if status == StatusCode::TOO_MANY_REQUESTS {
+                    "throttled"
+                } else {
+                    "server_error"
+                },
                 elapsed_ms,
-                Some(outcome),
-            );
+            };
+            attempt.set_aside(gateway, &member, record, &mut throttled);
             if let Some(record) = record.as_mut() {
                 record.record.backend_response_code = Some(status.as_u16());
             }
@@ -382,6 +357,58 @@ impl Answered {
             client_version,
         )
         .await)
+    }
+}
+
+/// The id a member is sent as `x-request-id`: the client's own, else the call's correlation id.
+fn request_id(record: &Option<CallRecord>) -> Option<&str> {
+    record.as_ref().map(|r| {
+        r.client_request_id
+            .as_deref()
+            .unwrap_or(&r.record.correlation_id)
+    })
+}
+
+/// An attempt that failed before anything reached the client: the member could not be reached,
+/// throttled (429) or failed (5xx).
+struct FailedAttempt {
+    /// The member's status, when it answered.
+    status: Option<u16>,
+    /// How long the member is set aside.
+    wait: Duration,
+    /// The attempt's outcome as metrics and the record name it.
+    outcome: &'static str,
+    elapsed_ms: u64,
+}
+
+impl FailedAttempt {
+    /// Sets `member` aside (as throttled after a 429, else as failing), notes a 429's wait as
+    /// the call's shortest throttle so far, and counts and records the attempt.
+    fn set_aside(
+        self,
+        gateway: &Gateway,
+        member: &Member,
+        record: &mut Option<CallRecord>,
+        throttled: &mut Option<Duration>,
+    ) {
+        let wait = self.wait;
+        let reason = if self.status == Some(StatusCode::TOO_MANY_REQUESTS.as_u16()) {
+            *throttled = Some(throttled.map_or(wait, |shortest| shortest.min(wait)));
+            SetAsideReason::Throttled
+        } else {
+            SetAsideReason::Failing
+        };
+        member.health.set_aside(reason, wait, Instant::now());
+        gateway
+            .metrics
+            .backend_attempt(&member.config.id, self.outcome);
+        note_attempt(
+            record,
+            member,
+            self.status,
+            self.elapsed_ms,
+            Some(self.outcome),
+        );
     }
 }
 
