@@ -31,16 +31,12 @@ pub fn authorize(
     };
     let operation = call.operation.as_str();
     let deployment = call.deployment.as_deref();
-    let applies = |rule: &&AccessRule| names(rule, principal) && covers_operation(rule, operation);
-    let grants_deployment = |rule: &AccessRule, deployment: &str| {
-        rule.deployments
+    let granted = match deployment {
+        Some(deployment) => grants(rules, principal, operation, deployment),
+        None => rules
             .iter()
-            .any(|pattern| glob_matches(pattern, deployment))
+            .any(|rule| applies(rule, principal, operation) && rule.resources),
     };
-    let granted = rules.iter().filter(applies).any(|rule| match deployment {
-        Some(deployment) => grants_deployment(rule, deployment),
-        None => rule.resources,
-    });
     if !granted {
         return Err(GatewayError::NotPermitted {
             deployment: deployment.map(truncated),
@@ -49,10 +45,7 @@ pub fn authorize(
     }
     if deployment.is_none()
         && let Some(model) = model_run_by_resource_call(call)
-        && !rules
-            .iter()
-            .filter(applies)
-            .any(|rule| grants_deployment(rule, model))
+        && !grants(rules, principal, operation, model)
     {
         return Err(GatewayError::NotPermitted {
             deployment: Some(truncated(model)),
@@ -71,25 +64,33 @@ pub fn authorize_batch(
     principal: &Principal,
     calls: &[BatchCall],
 ) -> Result<(), GatewayError> {
-    for call in calls {
-        let operation = call.operation.as_str();
-        let granted = rules
-            .iter()
-            .filter(|rule| names(rule, principal) && covers_operation(rule, operation))
-            .any(|rule| {
-                rule.deployments
-                    .iter()
-                    .any(|pattern| glob_matches(pattern, &call.deployment))
-            });
-        if !granted {
-            return Err(GatewayError::BatchCallNotPermitted {
-                line: call.line,
-                deployment: truncated(&call.deployment),
-                operation,
-            });
-        }
+    match calls
+        .iter()
+        .find(|call| !grants(rules, principal, call.operation.as_str(), &call.deployment))
+    {
+        Some(call) => Err(GatewayError::BatchCallNotPermitted {
+            line: call.line,
+            deployment: truncated(&call.deployment),
+            operation: call.operation.as_str(),
+        }),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+/// Whether a rule for `principal` and `operation` grants `deployment`.
+fn grants(rules: &[AccessRule], principal: &Principal, operation: &str, deployment: &str) -> bool {
+    rules.iter().any(|rule| {
+        applies(rule, principal, operation)
+            && rule
+                .deployments
+                .iter()
+                .any(|pattern| glob_matches(pattern, deployment))
+    })
+}
+
+/// Whether `rule` is one for `principal` and `operation`.
+fn applies(rule: &AccessRule, principal: &Principal, operation: &str) -> bool {
+    names(rule, principal) && covers_operation(rule, operation)
 }
 
 /// The deployment a call on the resource routes makes run although its path names none: the
