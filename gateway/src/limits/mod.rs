@@ -623,25 +623,14 @@ impl Limiter {
         } else {
             Estimate::default()
         };
-        self.admit_renamed(rules, subject, deployment, renamed_by, estimate)
+        self.admit(rules, subject, deployment, renamed_by, estimate)
             .await
     }
 
-    /// Checks every rule that applies to a call of `subject` to `deployment` and charges them all
-    /// (one request, `estimate` tokens), or none when one refuses.
+    /// Checks every rule that applies to a call of `subject` to `deployment` (served by the
+    /// renaming pool `renamed_by`, if one: see [`Limiter::admit_call`]) and charges them all (one
+    /// request, `estimate` tokens), or none when one refuses.
     pub async fn admit(
-        &self,
-        rules: &[LimitRule],
-        subject: &LimitSubject<'_>,
-        deployment: Option<&str>,
-        estimate: Estimate,
-    ) -> Result<Admission, LimitRefusal> {
-        self.admit_renamed(rules, subject, deployment, None, estimate)
-            .await
-    }
-
-    /// [`Limiter::admit`] for a call a renaming pool serves (see [`Limiter::admit_call`]).
-    pub async fn admit_renamed(
         &self,
         rules: &[LimitRule],
         subject: &LimitSubject<'_>,

@@ -58,23 +58,35 @@ async fn rules_match_deployments_and_users_ignoring_case() {
         groups: &[],
     };
     limiter
-        .admit(&rules, &user, Some("gpt-4o-mini"), Estimate::default())
+        .admit(
+            &rules,
+            &user,
+            Some("gpt-4o-mini"),
+            None,
+            Estimate::default(),
+        )
         .await
         .unwrap();
     let refused = limiter
-        .admit(&rules, &user, Some("gpt-4o-mini"), Estimate::default())
+        .admit(
+            &rules,
+            &user,
+            Some("gpt-4o-mini"),
+            None,
+            Estimate::default(),
+        )
         .await
         .unwrap_err();
     assert_eq!(refused.limit_id(), "mixed", "{refused}");
     // `o3` and `O3` share one counter of the per-deployment rule.
     for spelling in ["o3", "O3"] {
         limiter
-            .admit(&rules, &user, Some(spelling), Estimate::default())
+            .admit(&rules, &user, Some(spelling), None, Estimate::default())
             .await
             .unwrap();
     }
     let refused = limiter
-        .admit(&rules, &user, Some("o3"), Estimate::default())
+        .admit(&rules, &user, Some("o3"), None, Estimate::default())
         .await
         .unwrap_err();
     assert_eq!(refused.limit_id(), "per-deployment", "{refused}");
@@ -358,7 +370,7 @@ async fn rules_apply_by_subject_and_deployment() {
         groups: &groups,
     };
     let admitted = limiter
-        .admit(&rules, &alice, Some("gpt-4o"), Estimate::default())
+        .admit(&rules, &alice, Some("gpt-4o"), None, Estimate::default())
         .await
         .unwrap();
     // Three rules applied; the tightest has nothing left.
@@ -366,7 +378,7 @@ async fn rules_apply_by_subject_and_deployment() {
     assert!(admitted.reservation.is_none(), "no token limit applies");
     // `per-deployment` (one a minute) refuses, for exactly a minute.
     let refused = limiter
-        .admit(&rules, &alice, Some("gpt-4o"), Estimate::default())
+        .admit(&rules, &alice, Some("gpt-4o"), None, Estimate::default())
         .await
         .unwrap_err();
     assert_eq!(refused.limit_id(), "per-deployment", "{refused}");
@@ -375,29 +387,35 @@ async fn rules_apply_by_subject_and_deployment() {
     );
     // The per-deployment counter of u1 is separate for another deployment.
     limiter
-        .admit(&rules, &alice, Some("gpt-4o-mini"), Estimate::default())
+        .admit(
+            &rules,
+            &alice,
+            Some("gpt-4o-mini"),
+            None,
+            Estimate::default(),
+        )
         .await
         .unwrap();
     let refused = limiter
-        .admit(&rules, &alice, Some("o3"), Estimate::default())
+        .admit(&rules, &alice, Some("o3"), None, Estimate::default())
         .await
         .unwrap_err();
     assert_eq!(refused.limit_id(), "each", "{refused}");
     // Bob has his own subscription counter but shares the group's: 3 - 2 = 1 left.
     let admitted = limiter
-        .admit(&rules, &bob, Some("gpt-4o"), Estimate::default())
+        .admit(&rules, &bob, Some("gpt-4o"), None, Estimate::default())
         .await
         .unwrap();
     assert_eq!(admitted.remaining_requests, Some(0));
     let refused = limiter
-        .admit(&rules, &bob, Some("gpt-4o"), Estimate::default())
+        .admit(&rules, &bob, Some("gpt-4o"), None, Estimate::default())
         .await
         .unwrap_err();
     assert_eq!(refused.limit_id(), "group");
     assert!(matches!(refused, LimitRefusal::Rate { tokens: false, .. }));
     // The group's rule does not cover other deployments.
     limiter
-        .admit(&rules, &bob, Some("o3"), Estimate::default())
+        .admit(&rules, &bob, Some("o3"), None, Estimate::default())
         .await
         .unwrap();
 }
@@ -409,7 +427,7 @@ async fn an_estimate_larger_than_a_limit_is_refused_outright() {
         json!({"id": "small", "subject": {"kind": "each_subscription"}, "tokens_per_minute": 1000}),
     )];
     let refused = limiter
-        .admit(&rules, &team_a(), Some("gpt-4o"), tokens(100, 1024))
+        .admit(&rules, &team_a(), Some("gpt-4o"), None, tokens(100, 1024))
         .await
         .unwrap_err();
     assert!(matches!(
@@ -437,7 +455,7 @@ async fn admissions_report_headers_and_reconcile() {
         "token_quota": {"tokens": 5000, "period": "monthly"}
     }))];
     let mut admission = limiter
-        .admit(&rules, &team_a(), Some("gpt-4o"), tokens(100, 500))
+        .admit(&rules, &team_a(), Some("gpt-4o"), None, tokens(100, 500))
         .await
         .unwrap();
     let mut headers = HeaderMap::new();
@@ -452,7 +470,7 @@ async fn admissions_report_headers_and_reconcile() {
     // The call used 150: 450 come back (a little more refilled meanwhile, at most).
     limiter.reconcile(reservation, Some(150));
     let after = limiter
-        .admit(&rules, &team_a(), Some("gpt-4o"), tokens(0, 0))
+        .admit(&rules, &team_a(), Some("gpt-4o"), None, tokens(0, 0))
         .await
         .unwrap();
     let remaining = after.remaining_tokens.unwrap();
