@@ -108,26 +108,21 @@ pub struct SavedView {
     pub published: PublishedView,
 }
 
-/// A result that says what was published.
-pub trait Publishes {
-    /// What was published.
-    fn published(&self) -> &PublishedView;
-}
-
-impl Publishes for PublishedView {
-    fn published(&self) -> &PublishedView {
+// A result that says what was published (read by the pages' notes).
+impl AsRef<PublishedView> for PublishedView {
+    fn as_ref(&self) -> &PublishedView {
         self
     }
 }
 
-impl Publishes for SavedView {
-    fn published(&self) -> &PublishedView {
+impl AsRef<PublishedView> for SavedView {
+    fn as_ref(&self) -> &PublishedView {
         &self.published
     }
 }
 
-impl Publishes for IssuedKey {
-    fn published(&self) -> &PublishedView {
+impl AsRef<PublishedView> for IssuedKey {
+    fn as_ref(&self) -> &PublishedView {
         &self.published
     }
 }

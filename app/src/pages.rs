@@ -139,7 +139,7 @@ macro_rules! saved_note {
         move || {
             action.value().get().and_then(Result::ok).map(|result| {
                 published_note(
-                    crate::api::Publishes::published(&result),
+                    AsRef::<crate::api::PublishedView>::as_ref(&result),
                     "Saved",
                     Some($text.to_owned()),
                 )
@@ -155,7 +155,11 @@ macro_rules! not_taken_note {
         let action = $action;
         move || {
             action.value().get().and_then(Result::ok).map(|result| {
-                published_note(crate::api::Publishes::published(&result), $done, None)
+                published_note(
+                    AsRef::<crate::api::PublishedView>::as_ref(&result),
+                    $done,
+                    None,
+                )
             })
         }
     }};

@@ -174,9 +174,7 @@ impl Portal {
                 .map(|(_, at)| at);
             return Err(conflict(current));
         }
-        Ok(Published::from(
-            self.publisher.publish(&user.actor()).await?,
-        ))
+        self.publisher.publish_change(&user.actor()).await
     }
 }
 

@@ -255,7 +255,7 @@ impl Portal {
                 },
             )
             .await?;
-        let published = Published::from(self.publisher.publish(&user.actor()).await?);
+        let published = self.publisher.publish_change(&user.actor()).await?;
         Ok(IssuedKey {
             subscription: id,
             key,
@@ -295,9 +295,7 @@ impl Portal {
                 )
                 .await?;
             if written {
-                return Ok(Published::from(
-                    self.publisher.publish(&user.actor()).await?,
-                ));
+                return self.publisher.publish_change(&user.actor()).await;
             }
         }
         Err(PortalError::invalid(

@@ -329,7 +329,7 @@ impl Portal {
                 },
             });
         }
-        let published = Published::from(self.publisher.publish(&actor).await?);
+        let published = self.publisher.publish_change(&actor).await?;
         Ok((row.updated_at, published))
     }
 
@@ -374,9 +374,7 @@ impl Portal {
                 None => not_found(),
             });
         }
-        Ok(Published::from(
-            self.publisher.publish(&user.actor()).await?,
-        ))
+        self.publisher.publish_change(&user.actor()).await
     }
 
     /// Adds a member to a pool (`input.version` empty) or changes one (same pool and id), then
@@ -462,7 +460,7 @@ impl Portal {
                 },
             });
         }
-        let published = Published::from(self.publisher.publish(&actor).await?);
+        let published = self.publisher.publish_change(&actor).await?;
         Ok((row.updated_at, published))
     }
 
@@ -506,9 +504,7 @@ impl Portal {
                 None => not_found(),
             });
         }
-        Ok(Published::from(
-            self.publisher.publish(&user.actor()).await?,
-        ))
+        self.publisher.publish_change(&user.actor()).await
     }
 }
 

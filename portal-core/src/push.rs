@@ -69,24 +69,6 @@ pub struct Published {
     pub not_taken: Vec<NotTaken>,
 }
 
-impl From<(u64, Vec<PushOutcome>)> for Published {
-    /// What [`Publisher::publish`] returns, as the change that published reports it.
-    fn from((version, outcomes): (u64, Vec<PushOutcome>)) -> Published {
-        let not_taken = outcomes
-            .into_iter()
-            .filter_map(|outcome| match outcome.result {
-                Ok(_) => None,
-                Err(reason) => Some(NotTaken {
-                    gateway: outcome.gateway,
-                    reason,
-                    running: outcome.running_before,
-                }),
-            })
-            .collect();
-        Published { version, not_taken }
-    }
-}
-
 /// Builds, stores and pushes snapshots. One publish at a time, so versions are consecutive.
 #[derive(Debug)]
 pub struct Publisher {
@@ -175,6 +157,24 @@ impl Publisher {
         };
         tracing::info!(version, actor, "configuration published");
         Ok((version, self.push_current().await?))
+    }
+
+    /// Publishes the change `actor` made ([`Publisher::publish`]) and reports, for the form it
+    /// was made in, its version and the gateways that did not take it.
+    pub async fn publish_change(&self, actor: &str) -> Result<Published, PortalError> {
+        let (version, outcomes) = self.publish(actor).await?;
+        let not_taken = outcomes
+            .into_iter()
+            .filter_map(|outcome| match outcome.result {
+                Ok(_) => None,
+                Err(reason) => Some(NotTaken {
+                    gateway: outcome.gateway,
+                    reason,
+                    running: outcome.running_before,
+                }),
+            })
+            .collect();
+        Ok(Published { version, not_taken })
     }
 
     /// Pushes the newest stored version to every gateway that does not run it yet.

@@ -322,7 +322,7 @@ impl Portal {
                 },
             });
         }
-        let published = Published::from(self.publisher.publish(&actor).await?);
+        let published = self.publisher.publish_change(&actor).await?;
         Ok((row.updated_at, published))
     }
 
@@ -363,9 +363,7 @@ impl Portal {
                 None => not_found(),
             });
         }
-        Ok(Published::from(
-            self.publisher.publish(&user.actor()).await?,
-        ))
+        self.publisher.publish_change(&user.actor()).await
     }
 }
 

@@ -230,9 +230,7 @@ impl Portal {
                 },
             )
             .await?;
-        Ok(Published::from(
-            self.publisher.publish(&user.actor()).await?,
-        ))
+        self.publisher.publish_change(&user.actor()).await
     }
 }
 
