@@ -17,6 +17,8 @@
 //! Partition names are built from dates computed here and table names from constants, quoted;
 //! never from a record.
 
+use std::collections::BTreeMap;
+
 use sqlx::{PgPool, Postgres, Transaction};
 use time::{Date, Duration, OffsetDateTime, Time};
 
@@ -318,47 +320,69 @@ async fn default_days(
         .await?)
 }
 
-/// Drops the whole partitions of `table` that end at or before `cutoff`, each in its own short
-/// transaction, counting its rows first. Returns (rows removed, partitions dropped).
+/// What [`drop_days_before`] dropped.
+#[derive(Debug, Default)]
+pub(crate) struct Dropped {
+    /// Rows the dropped partitions held, per table, in the order the tables were given.
+    pub(crate) rows: Vec<u64>,
+    /// Partitions dropped.
+    pub(crate) partitions: u64,
+    /// Transactions used: one a day (or month) of partitions.
+    pub(crate) transactions: u64,
+}
+
+/// Drops the whole partitions of `tables` that end at or before `cutoff`, counting their rows
+/// first. The partitions of the same days go in one short transaction, so that (for the content
+/// tables) no one sees a day's bodies without its pieces or the other way round.
 pub(crate) async fn drop_days_before(
     pool: &PgPool,
-    table: DailyTable,
+    tables: &[DailyTable],
     cutoff: OffsetDateTime,
-) -> Result<(u64, u64), StoreError> {
-    let mut rows = 0;
-    let mut dropped = 0;
-    for (_, to, name) in day_partitions(pool, table).await? {
+) -> Result<Dropped, StoreError> {
+    let mut days: BTreeMap<(Date, Date), Vec<(usize, String)>> = BTreeMap::new();
+    for (i, table) in tables.iter().enumerate() {
+        for (from, to, name) in day_partitions(pool, *table).await? {
+            days.entry((from, to)).or_default().push((i, name));
+        }
+    }
+    let mut dropped = Dropped {
+        rows: vec![0; tables.len()],
+        ..Dropped::default()
+    };
+    for ((_, to), partitions) in days {
         if start_of(to) > cutoff {
             break;
         }
         let mut tx = partition_transaction(pool).await?;
-        if !exists(&mut tx, &name).await? {
-            tx.commit().await?;
-            continue;
+        for (i, name) in partitions {
+            if !exists(&mut tx, &name).await? {
+                continue;
+            }
+            let partition = quoted(&name);
+            // A late write into the old day waits for the drop (and then lands in DEFAULT), so
+            // that the count is exactly what is dropped.
+            let lock = format!("LOCK TABLE {partition} IN EXCLUSIVE MODE");
+            sqlx::query(&lock)
+                .persistent(false)
+                .execute(&mut *tx)
+                .await?;
+            let count = format!("SELECT count(*) FROM {partition}");
+            let held: i64 = sqlx::query_scalar(&count)
+                .persistent(false)
+                .fetch_one(&mut *tx)
+                .await?;
+            let drop = format!("DROP TABLE {partition}");
+            sqlx::query(&drop)
+                .persistent(false)
+                .execute(&mut *tx)
+                .await?;
+            dropped.rows[i] += u64::try_from(held).unwrap_or(0);
+            dropped.partitions += 1;
         }
-        let partition = quoted(&name);
-        // A late write into the old day waits for the drop (and then lands in DEFAULT), so that
-        // the count is exactly what is dropped.
-        let lock = format!("LOCK TABLE {partition} IN EXCLUSIVE MODE");
-        sqlx::query(&lock)
-            .persistent(false)
-            .execute(&mut *tx)
-            .await?;
-        let count = format!("SELECT count(*) FROM {partition}");
-        let held: i64 = sqlx::query_scalar(&count)
-            .persistent(false)
-            .fetch_one(&mut *tx)
-            .await?;
-        let drop = format!("DROP TABLE {partition}");
-        sqlx::query(&drop)
-            .persistent(false)
-            .execute(&mut *tx)
-            .await?;
         tx.commit().await?;
-        rows += u64::try_from(held).unwrap_or(0);
-        dropped += 1;
+        dropped.transactions += 1;
     }
-    Ok((rows, dropped))
+    Ok(dropped)
 }
 
 impl SqlStore {

@@ -110,8 +110,8 @@ async fn index_rows(reader: &sqlx::SqlitePool, ids: &[i64]) -> Result<Vec<IndexR
 /// then takes out again the entries of those whose content retention has removed since, in this
 /// process or in the gateway's: an entry made from pieces read before their removal would
 /// otherwise stay, and the call be found by words of its expired prompt. Retention removes a
-/// call's pieces before its entry, so an entry made here is either found here without its pieces
-/// or removed by retention after. Returns how many calls have entries again.
+/// call's entry and its pieces under the index's order lock, which the replacement takes too, so
+/// an entry made here is either found here without its pieces or removed by retention after. Returns how many calls have entries again.
 async fn replace_entries(
     reader: &sqlx::SqlitePool,
     search: &SearchIndex,

@@ -3,6 +3,12 @@
 //! the writer is never locked out for long; PostgreSQL drops the whole daily partitions older than
 //! the cutoff (see `partitions.rs`) and deletes the rest of the cutoff's day in such batches.
 //!
+//! A call's content goes whole or not at all: its bodies and its prompt and completion pieces are
+//! removed in one transaction (on PostgreSQL, a day's partitions of both tables are dropped in
+//! one), so that a verification of its chain, which reads a record and its pieces from one
+//! snapshot, finds either all of the content the record was linked with or none of it; never
+//! a part, which it could not tell from a change.
+//!
 //! Rollups are aggregates without content and are kept.
 
 use serde::Serialize;
@@ -11,6 +17,7 @@ use time::OffsetDateTime;
 use super::partitions::{
     CALLS, CONTENT, DailyTable, LLM_HEADERS, LLM_PIECES, SEARCH_BLOCKS, drop_days_before, quoted,
 };
+use super::search_index::SearchIndex;
 use super::{Engine, SqlStore, StoreError, search_blocks, sqlite_time};
 
 /// What a retention run removed.
@@ -44,48 +51,24 @@ impl SqlStore {
             Engine::Sqlite { writer, search, .. } => {
                 let content_cutoff = sqlite_time(content_before);
                 let metadata_cutoff = sqlite_time(metadata_before);
-                // The LLM log's pieces before the full-text index: the index's catch-up reads them,
-                // so once they are gone it cannot index an expired call again after the loop
-                // below has removed it.
-                loop {
-                    let removed = sqlx::query(
-                        "DELETE FROM ApiManagementGatewayLlmLog WHERE rowid IN (SELECT rowid FROM ApiManagementGatewayLlmLog WHERE SequenceNumber > 0 AND TimeGenerated < ? LIMIT ?)",
-                    )
-                    .bind(&content_cutoff)
-                    .bind(batch)
-                    .execute(writer)
-                    .await?
-                    .rows_affected();
-                    report.batches += 1;
-                    report.message_pieces_removed += removed;
-                    if (removed as i64) < batch {
-                        break;
-                    }
-                }
-                loop {
-                    let expired: Vec<(String, Option<i64>)> = sqlx::query_as(
-                        "SELECT c.CorrelationId, l.RecordId FROM GatehouseCallContent c LEFT JOIN GatehouseGatewayLogs l ON l.CorrelationId = c.CorrelationId WHERE c.TimeGenerated < ? ORDER BY c.TimeGenerated LIMIT ?",
-                    )
-                    .bind(&content_cutoff)
-                    .bind(batch)
-                    .fetch_all(writer)
-                    .await?;
-                    // The full-text index (its own file) first: a run stopped in between finds
-                    // the content again next time and removes it then.
-                    let record_ids: Vec<i64> = expired.iter().filter_map(|(_, id)| *id).collect();
-                    search.remove(&record_ids).await?;
-                    let mut tx = writer.begin().await?;
-                    for (id, _) in &expired {
-                        sqlx::query("DELETE FROM GatehouseCallContent WHERE CorrelationId = ?")
-                            .bind(id)
-                            .execute(&mut *tx)
+                // Content call by call, a batch at a time: the calls with bodies, then any with
+                // pieces only. A call's pieces and bodies go in one transaction, so that no one
+                // (a verification of its chain above all) ever sees a call with one and not the
+                // other.
+                for expired in [EXPIRED_BODIES, EXPIRED_PIECES] {
+                    loop {
+                        let calls: Vec<(String, Option<i64>)> = sqlx::query_as(expired)
+                            .bind(&content_cutoff)
+                            .bind(batch)
+                            .fetch_all(writer)
                             .await?;
-                    }
-                    tx.commit().await?;
-                    report.batches += 1;
-                    report.content_removed += expired.len() as u64;
-                    if (expired.len() as i64) < batch {
-                        break;
+                        let (bodies, pieces) = remove_content(writer, search, &calls).await?;
+                        report.batches += 1;
+                        report.content_removed += bodies;
+                        report.message_pieces_removed += pieces;
+                        if (calls.len() as i64) < batch {
+                            break;
+                        }
                     }
                 }
                 loop {
@@ -122,8 +105,10 @@ impl SqlStore {
                 // and the coming days get theirs.
                 self.maintain_partitions().await?;
                 let r = &mut report;
-                let content = expire(pool, CONTENT, content_before, batch, r).await?;
-                let pieces = expire(pool, LLM_PIECES, content_before, batch, r).await?;
+                // A call's bodies and pieces go in one transaction (a day's partitions of both
+                // tables together), then the pieces of any call captured without bodies.
+                let (content, mut pieces) = expire_content(pool, content_before, batch, r).await?;
+                pieces += expire(pool, LLM_PIECES, content_before, batch, r).await?;
                 // A block of the word index is dated at its calls' UTC midnight: it goes once
                 // its whole day is past the content cutoff, so that no call left of the cutoff's
                 // day loses the block that finds it.
@@ -142,6 +127,96 @@ impl SqlStore {
     }
 }
 
+/// SQLite: calls with bodies older than the cutoff (`?1`), at most `?2` of them, oldest first, with
+/// their `RecordId` (none when their metadata is gone).
+const EXPIRED_BODIES: &str = "SELECT c.CorrelationId, l.RecordId FROM GatehouseCallContent c \
+     LEFT JOIN GatehouseGatewayLogs l ON l.CorrelationId = c.CorrelationId \
+     WHERE c.TimeGenerated < ?1 ORDER BY c.TimeGenerated LIMIT ?2";
+
+/// SQLite: calls with prompt or completion pieces older than the cutoff, as [`EXPIRED_BODIES`]:
+/// those captured without bodies, once the calls with bodies are gone.
+const EXPIRED_PIECES: &str = "SELECT m.CorrelationId, l.RecordId FROM ApiManagementGatewayLlmLog m \
+     LEFT JOIN GatehouseGatewayLogs l ON l.CorrelationId = m.CorrelationId \
+     WHERE m.SequenceNumber > 0 AND m.TimeGenerated < ?1 GROUP BY m.CorrelationId LIMIT ?2";
+
+/// SQLite: removes the content of `calls` (correlation id, `RecordId`): their full-text entries,
+/// then their LLM-log pieces and bodies in one transaction. The index's order lock is held
+/// throughout, so that its catch-up, which indexes calls from their pieces, cannot index one of
+/// them in between. A run stopped between the two steps finds the content again next time.
+/// Returns (calls whose bodies were removed, pieces removed).
+async fn remove_content(
+    writer: &sqlx::SqlitePool,
+    search: &SearchIndex,
+    calls: &[(String, Option<i64>)],
+) -> Result<(u64, u64), StoreError> {
+    if calls.is_empty() {
+        return Ok((0, 0));
+    }
+    let order = search.lock().await;
+    let record_ids: Vec<i64> = calls.iter().filter_map(|(_, id)| *id).collect();
+    search.remove_holding(&order, &record_ids).await?;
+    let mut tx = writer.begin().await?;
+    let (mut bodies, mut pieces) = (0, 0);
+    for (id, _) in calls {
+        pieces += sqlx::query(
+            "DELETE FROM ApiManagementGatewayLlmLog WHERE CorrelationId = ? AND SequenceNumber > 0",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        bodies += sqlx::query("DELETE FROM GatehouseCallContent WHERE CorrelationId = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+    }
+    tx.commit().await?;
+    Ok((bodies, pieces))
+}
+
+/// PostgreSQL: removes the bodies older than `cutoff` and the pieces of the same calls: the whole
+/// day partitions of both tables that end by the cutoff, a day per transaction, then the rest a
+/// batch of calls per statement. Returns (calls whose bodies were removed, pieces removed).
+async fn expire_content(
+    pool: &sqlx::PgPool,
+    cutoff: OffsetDateTime,
+    batch: i64,
+    report: &mut RetentionReport,
+) -> Result<(u64, u64), StoreError> {
+    let dropped = drop_days_before(pool, &[CONTENT, LLM_PIECES], cutoff).await?;
+    report.partitions_dropped += dropped.partitions;
+    report.batches += dropped.transactions;
+    let (mut calls, mut pieces) = (dropped.rows[0], dropped.rows[1]);
+    loop {
+        let (removed, removed_pieces): (i64, i64) = sqlx::query_as(
+            r#"WITH gone AS (
+                   DELETE FROM "GatehouseCallContent"
+                   WHERE "TimeGenerated" < $1 AND ("CorrelationId", "TimeGenerated") IN (
+                       SELECT "CorrelationId", "TimeGenerated" FROM "GatehouseCallContent"
+                       WHERE "TimeGenerated" < $1 ORDER BY "TimeGenerated" LIMIT $2)
+                   RETURNING "CorrelationId", "TimeGenerated"),
+               pieces AS (
+                   DELETE FROM "GatehouseLlmLogPieces" p USING gone
+                   WHERE p."TimeGenerated" < $1
+                     AND p."CorrelationId" = gone."CorrelationId"
+                     AND p."TimeGenerated" = gone."TimeGenerated"
+                   RETURNING 1)
+               SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM pieces)"#,
+        )
+        .bind(cutoff)
+        .bind(batch)
+        .fetch_one(pool)
+        .await?;
+        report.batches += 1;
+        calls += u64::try_from(removed).unwrap_or(0);
+        pieces += u64::try_from(removed_pieces).unwrap_or(0);
+        if removed < batch {
+            return Ok((calls, pieces));
+        }
+    }
+}
+
 /// Removes the rows of `table` older than `cutoff`: drops the day partitions that end by the cutoff
 /// whole, then deletes what is left (rows of the day that holds the cutoff, and any in the DEFAULT
 /// partition), `batch` rows per transaction, so that the window is exact. Returns how many rows.
@@ -152,15 +227,15 @@ async fn expire(
     batch: i64,
     report: &mut RetentionReport,
 ) -> Result<u64, StoreError> {
-    let (dropped_rows, dropped) = drop_days_before(pool, table, cutoff).await?;
-    report.partitions_dropped += dropped;
-    report.batches += dropped;
+    let dropped = drop_days_before(pool, &[table], cutoff).await?;
+    report.partitions_dropped += dropped.partitions;
+    report.batches += dropped.transactions;
     let name = quoted(table.name);
     let key = table.key;
     let sql = format!(
         r#"DELETE FROM {name} WHERE "TimeGenerated" < $1 AND ({key}) IN (SELECT {key} FROM {name} WHERE "TimeGenerated" < $1 ORDER BY "TimeGenerated" LIMIT $2)"#
     );
-    let mut deleted = dropped_rows;
+    let mut deleted = dropped.rows[0];
     loop {
         let removed = sqlx::query(&sql)
             .bind(cutoff)

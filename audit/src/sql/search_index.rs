@@ -302,7 +302,20 @@ impl SearchIndex {
 
     /// Removes calls from the index (their content expired).
     pub(super) async fn remove(&self, record_ids: &[i64]) -> Result<(), StoreError> {
-        let _order = self.lock().await;
+        let order = self.lock().await;
+        self.remove_holding(&order, record_ids).await
+    }
+
+    /// [`SearchIndex::remove`] for a caller that holds the order lock ([`SearchIndex::lock`]),
+    /// so that it can remove what the index was made from before letting the catch-up go on.
+    pub(super) async fn remove_holding(
+        &self,
+        _order: &MutexGuard<'_, ()>,
+        record_ids: &[i64],
+    ) -> Result<(), StoreError> {
+        if record_ids.is_empty() {
+            return Ok(());
+        }
         let mut tx = self.pool.begin().await?;
         for id in record_ids {
             sqlx::query("DELETE FROM GatehouseContentSearch WHERE rowid = ?")

@@ -1,10 +1,12 @@
 //! Verifying the hash chains of stored records: each record is rebuilt from its rows, field for
 //! field, and fed to the chain verifier in (chain, sequence) order.
 
+use std::collections::HashMap;
+
 use gatehouse_schema::audit::{BackendAttempt, ChainLink, TokenUsage};
 use gatehouse_schema::{AuditRecord, OperationId};
 use sqlx::types::Json;
-use sqlx::{Row, Sqlite};
+use sqlx::{QueryBuilder, Row, Sqlite};
 use time::OffsetDateTime;
 
 use super::{Engine, SqlStore, StoreError, sqlite_time};
@@ -106,9 +108,45 @@ macro_rules! record_from_row {
     }};
 }
 
+/// Records of a chain read per transaction: each page, and the prompt and completion pieces of
+/// its records, come from one snapshot of the store, so that a retention run removing content
+/// meanwhile is seen for a record whole or not at all; and a chain of a busy day (hundreds of
+/// thousands of records, with their bodies) is never held in memory at once.
+const PAGE: i64 = 256;
+
+/// A chain's records are read in (`ChainSequence`, `RecordId`) order, from after this position.
+type Position = (i64, i64);
+
+/// Joins a record's pieces (in `SequenceNumber` order) into its `RequestMessages` and
+/// `ResponseMessages`: `None` where no piece holds that side.
+fn put_pieces(record: &mut AuditRecord, pieces: Vec<(Option<String>, Option<String>)>) {
+    let (requests, responses): (Vec<_>, Vec<_>) = pieces.into_iter().unzip();
+    record.request_messages = join(requests);
+    record.response_messages = join(responses);
+}
+
 fn join(pieces: Vec<Option<String>>) -> Option<String> {
     let pieces: Vec<String> = pieces.into_iter().flatten().collect();
     (!pieces.is_empty()).then(|| pieces.concat())
+}
+
+/// The position of the last of a page's rows, when the page was full (so that more may follow).
+fn next_position<R: Row>(rows: &[R]) -> Result<Option<Position>, StoreError>
+where
+    for<'r> &'r str: sqlx::ColumnIndex<R>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    if (rows.len() as i64) < PAGE {
+        return Ok(None);
+    }
+    let Some(last) = rows.last() else {
+        return Ok(None);
+    };
+    Ok(Some((
+        last.try_get::<Option<i64>, _>("ChainSequence")?
+            .unwrap_or(i64::MIN),
+        last.try_get("RecordId")?,
+    )))
 }
 
 impl SqlStore {
@@ -140,35 +178,42 @@ impl SqlStore {
                 .fetch_all(reader)
                 .await?;
                 for chain in chains {
-                    let rows = sqlx::query::<Sqlite>("SELECT * FROM ApiManagementGatewayLogs WHERE ChainId = ? ORDER BY ChainSequence")
-                        .bind(&chain)
-                        .fetch_all(reader)
-                        .await?;
-                    for row in &rows {
-                        let time: String = row.try_get("TimeGenerated")?;
-                        let time = OffsetDateTime::parse(
-                            &time,
-                            &time::format_description::well_known::Rfc3339,
-                        )
-                        .map_err(|e| StoreError::Database(sqlx::Error::Decode(Box::new(e))))?;
-                        let mut record = record_from_row!(row, time);
-                        let pieces = sqlx::query("SELECT RequestMessages, ResponseMessages FROM ApiManagementGatewayLlmLog WHERE CorrelationId = ? AND SequenceNumber > 0 ORDER BY SequenceNumber")
-                            .bind(&record.correlation_id)
-                            .fetch_all(reader)
-                            .await?;
-                        record.request_messages = join(
-                            pieces
-                                .iter()
-                                .map(|p| p.try_get(0))
-                                .collect::<Result<_, _>>()?,
+                    let mut after = None;
+                    loop {
+                        // A read transaction: one snapshot of the store for the page and its pieces.
+                        let mut tx = reader.begin().await?;
+                        let mut page = QueryBuilder::<Sqlite>::new(
+                            "SELECT * FROM ApiManagementGatewayLogs WHERE ChainId = ",
                         );
-                        record.response_messages = join(
-                            pieces
-                                .iter()
-                                .map(|p| p.try_get(1))
-                                .collect::<Result<_, _>>()?,
-                        );
-                        verifier.check(record);
+                        page.push_bind(&chain);
+                        if let Some((sequence, record)) = after {
+                            page.push(" AND (ChainSequence, RecordId) > (")
+                                .push_bind(sequence)
+                                .push(", ")
+                                .push_bind(record)
+                                .push(")");
+                        }
+                        page.push(" ORDER BY ChainSequence, RecordId LIMIT ")
+                            .push_bind(PAGE);
+                        let rows = page.build().fetch_all(&mut *tx).await?;
+                        let mut pieces = sqlite_pieces(&mut tx, &rows).await?;
+                        tx.commit().await?;
+                        for row in &rows {
+                            let time: String = row.try_get("TimeGenerated")?;
+                            let time = OffsetDateTime::parse(
+                                &time,
+                                &time::format_description::well_known::Rfc3339,
+                            )
+                            .map_err(|e| StoreError::Database(sqlx::Error::Decode(Box::new(e))))?;
+                            let mut record = record_from_row!(row, time);
+                            let own = pieces.remove(&record.correlation_id);
+                            put_pieces(&mut record, own.unwrap_or_default());
+                            verifier.check(record);
+                        }
+                        match next_position(&rows)? {
+                            Some(position) => after = Some(position),
+                            None => break,
+                        }
                     }
                 }
             }
@@ -188,38 +233,112 @@ impl SqlStore {
                 .fetch_all(pool)
                 .await?;
                 for chain in chains {
-                    // No time bound: a record whose TimeGenerated was moved to another day is
-                    // still found, and named as changed.
-                    let rows = sqlx::query(r#"SELECT * FROM "ApiManagementGatewayLogs" WHERE "ChainId" = $1 ORDER BY "ChainSequence""#)
-                        .bind(&chain)
-                        .fetch_all(pool)
-                        .await?;
-                    for row in &rows {
-                        let time: OffsetDateTime = row.try_get("TimeGenerated")?;
-                        let mut record = record_from_row!(row, time);
-                        // The record's time names the day partition of its pieces.
-                        let pieces = sqlx::query(r#"SELECT "RequestMessages", "ResponseMessages" FROM "GatehouseLlmLogPieces" WHERE "CorrelationId" = $1 AND "TimeGenerated" = $2 ORDER BY "SequenceNumber""#)
-                            .bind(&record.correlation_id)
-                            .bind(time)
-                            .fetch_all(pool)
+                    let mut after = None;
+                    loop {
+                        let mut tx = pool.begin().await?;
+                        // One snapshot for the page and its pieces (READ COMMITTED would take
+                        // one per statement).
+                        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                            .execute(&mut *tx)
                             .await?;
-                        record.request_messages = join(
-                            pieces
-                                .iter()
-                                .map(|p| p.try_get(0))
-                                .collect::<Result<_, _>>()?,
-                        );
-                        record.response_messages = join(
-                            pieces
-                                .iter()
-                                .map(|p| p.try_get(1))
-                                .collect::<Result<_, _>>()?,
-                        );
-                        verifier.check(record);
+                        // No time bound: a record whose TimeGenerated was moved to another day
+                        // is still found, and named as changed.
+                        let (sequence, record) = after.unwrap_or((i64::MIN, i64::MIN));
+                        let rows = sqlx::query(
+                            r#"SELECT * FROM "ApiManagementGatewayLogs" WHERE "ChainId" = $1
+                               AND ("ChainSequence", "RecordId") > ($2, $3)
+                               ORDER BY "ChainSequence", "RecordId" LIMIT $4"#,
+                        )
+                        .bind(&chain)
+                        .bind(sequence)
+                        .bind(record)
+                        .bind(PAGE)
+                        .fetch_all(&mut *tx)
+                        .await?;
+                        let mut pieces = postgres_pieces(&mut tx, &rows).await?;
+                        tx.commit().await?;
+                        for row in &rows {
+                            let time: OffsetDateTime = row.try_get("TimeGenerated")?;
+                            let mut record = record_from_row!(row, time);
+                            // A record's pieces are in the day partition of its time.
+                            let own = pieces.remove(&(record.correlation_id.clone(), time));
+                            put_pieces(&mut record, own.unwrap_or_default());
+                            verifier.check(record);
+                        }
+                        match next_position(&rows)? {
+                            Some(position) => after = Some(position),
+                            None => break,
+                        }
                     }
                 }
             }
         }
         Ok(verifier.finish())
     }
+}
+
+/// A record's prompt and completion pieces, in `SequenceNumber` order.
+type Pieces = Vec<(Option<String>, Option<String>)>;
+
+/// The pieces of the records `rows`, by `CorrelationId`, read in the transaction `tx`.
+async fn sqlite_pieces(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    rows: &[sqlx::sqlite::SqliteRow],
+) -> Result<HashMap<String, Pieces>, StoreError> {
+    let mut pieces: HashMap<String, Pieces> = HashMap::new();
+    if rows.is_empty() {
+        return Ok(pieces);
+    }
+    let mut query = QueryBuilder::<Sqlite>::new(
+        "SELECT CorrelationId, RequestMessages, ResponseMessages FROM ApiManagementGatewayLlmLog \
+         WHERE SequenceNumber > 0 AND CorrelationId IN (",
+    );
+    let mut list = query.separated(", ");
+    for row in rows {
+        list.push_bind(row.try_get::<String, _>("CorrelationId")?);
+    }
+    query.push(") ORDER BY CorrelationId, SequenceNumber");
+    let found: Vec<(String, Option<String>, Option<String>)> =
+        query.build_query_as().fetch_all(&mut **tx).await?;
+    for (id, request, response) in found {
+        pieces.entry(id).or_default().push((request, response));
+    }
+    Ok(pieces)
+}
+
+/// The pieces of the records `rows`, by `CorrelationId` and `TimeGenerated`, read in the
+/// transaction `tx`. A page's records are of one chain, so of one day: the time range of the
+/// page limits the search to that day's partitions.
+async fn postgres_pieces(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    rows: &[sqlx::postgres::PgRow],
+) -> Result<HashMap<(String, OffsetDateTime), Pieces>, StoreError> {
+    let mut pieces: HashMap<(String, OffsetDateTime), Pieces> = HashMap::new();
+    let mut ids = Vec::with_capacity(rows.len());
+    let mut times = Vec::with_capacity(rows.len());
+    for row in rows {
+        ids.push(row.try_get::<String, _>("CorrelationId")?);
+        times.push(row.try_get::<OffsetDateTime, _>("TimeGenerated")?);
+    }
+    let (Some(first), Some(last)) = (times.iter().min(), times.iter().max()) else {
+        return Ok(pieces);
+    };
+    let found: Vec<(String, OffsetDateTime, Option<String>, Option<String>)> = sqlx::query_as(
+        r#"SELECT "CorrelationId", "TimeGenerated", "RequestMessages", "ResponseMessages"
+           FROM "GatehouseLlmLogPieces"
+           WHERE "TimeGenerated" >= $1 AND "TimeGenerated" <= $2 AND "CorrelationId" = ANY($3)
+           ORDER BY "CorrelationId", "TimeGenerated", "SequenceNumber""#,
+    )
+    .bind(*first)
+    .bind(*last)
+    .bind(&ids)
+    .fetch_all(&mut **tx)
+    .await?;
+    for (id, time, request, response) in found {
+        pieces
+            .entry((id, time))
+            .or_default()
+            .push((request, response));
+    }
+    Ok(pieces)
 }
