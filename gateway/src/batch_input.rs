@@ -234,7 +234,7 @@ pub(crate) async fn read_input_file(
                 "server_error"
             },
             status: Some(status),
-            wait: retry_hint::set_aside_for(response.headers(), SystemTime::now()),
+            wait: retry_hint::set_aside_for(status, response.headers(), SystemTime::now()),
         };
     }
     if !status.is_success() {

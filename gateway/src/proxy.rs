@@ -284,7 +284,7 @@ pub async fn forward(
             credential.forget_refused(scope);
         }
         if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
-            let wait = retry_hint::set_aside_for(response.headers(), SystemTime::now());
+            let wait = retry_hint::set_aside_for(status, response.headers(), SystemTime::now());
             tracing::info!(backend = %member.config.id, status = status.as_u16(), wait_ms = millis(wait), "backend set aside");
             let attempt = FailedAttempt {
                 status: Some(status.as_u16()),

@@ -2,20 +2,30 @@
 //!
 //! Order of precedence, as Azure's smart load-balancing samples and the OpenAI SDK read them
 //! (`azure-specs.md` §1.4, §7.4): `retry-after-ms`, `Retry-After` (seconds, possibly fractional,
-//! or an HTTP date), `x-ratelimit-reset-requests`, `x-ratelimit-reset-tokens`, else a default.
+//! or an HTTP date), then for a 429 only `x-ratelimit-reset-requests` and
+//! `x-ratelimit-reset-tokens`, else a default.
+//!
+//! The `x-ratelimit-reset-*` headers say when a rate window refills, and OpenAI sends them on
+//! every answer: on a 5xx they say nothing about when the member will work again, so a failing
+//! member waits the default. On a 429 the reset of the limit that is used up comes first (the
+//! tokens' when `x-ratelimit-remaining-tokens` is 0 and the requests' is not), and a reset of 0
+//! from these headers is no hint (Azure's Responses API throttles with
+//! `x-ratelimit-reset-tokens: 0` and no `Retry-After`, `azure-specs.md` §1.4): the member waits
+//! the default rather than staying first in line. Only an explicit `retry-after(-ms)` of 0
+//! sets nothing aside.
 
 use std::time::{Duration, SystemTime};
 
-use http::HeaderMap;
+use http::{HeaderMap, StatusCode};
 
 /// Wait when a backend gives no hint.
 pub const DEFAULT_SET_ASIDE: Duration = Duration::from_secs(10);
 /// Longest wait a hint can impose; protects against absurd values.
 const MAX_SET_ASIDE: Duration = Duration::from_secs(24 * 60 * 60);
 
-/// The wait a failed response asks for, or [`DEFAULT_SET_ASIDE`].
-pub fn set_aside_for(headers: &HeaderMap, now: SystemTime) -> Duration {
-    hinted_wait(headers, now)
+/// The wait a failed response (`status`: a 429 or a 5xx) asks for, or [`DEFAULT_SET_ASIDE`].
+pub fn set_aside_for(status: StatusCode, headers: &HeaderMap, now: SystemTime) -> Duration {
+    hinted_wait(status, headers, now)
         .unwrap_or(DEFAULT_SET_ASIDE)
         .min(MAX_SET_ASIDE)
 }
@@ -35,7 +45,7 @@ fn seconds(seconds: f64) -> Option<Duration> {
         .then(|| Duration::from_secs_f64(seconds.min(MAX_SET_ASIDE.as_secs_f64())))
 }
 
-fn hinted_wait(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+fn hinted_wait(status: StatusCode, headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     if let Some(wait) = header(headers, "retry-after-ms")
         .and_then(|v| v.parse::<f64>().ok())
         .and_then(|ms| seconds(ms / 1000.0))
@@ -51,12 +61,21 @@ fn hinted_wait(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
             return Some(date.duration_since(now).unwrap_or(Duration::ZERO));
         }
     }
-    for name in ["x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"] {
-        if let Some(wait) = header(headers, name).and_then(parse_reset_duration) {
-            return Some(wait);
-        }
+    if status != StatusCode::TOO_MANY_REQUESTS {
+        return None;
     }
-    None
+    let used_up = |name| header(headers, name).is_some_and(|v| v == "0");
+    let resets =
+        if used_up("x-ratelimit-remaining-tokens") && !used_up("x-ratelimit-remaining-requests") {
+            ["x-ratelimit-reset-tokens", "x-ratelimit-reset-requests"]
+        } else {
+            ["x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"]
+        };
+    resets.into_iter().find_map(|name| {
+        header(headers, name)
+            .and_then(parse_reset_duration)
+            .filter(|wait| !wait.is_zero())
+    })
 }
 
 /// Parses OpenAI's reset durations (`250ms`, `12s`, `6m0s`, `1h2m3.5s`) or plain seconds.
@@ -114,7 +133,7 @@ mod tests {
             [("x-ratelimit-reset-requests", "1e300")],
         ] {
             assert_eq!(
-                set_aside_for(&headers(&pairs), now),
+                set_aside_for(StatusCode::TOO_MANY_REQUESTS, &headers(&pairs), now),
                 MAX_SET_ASIDE,
                 "{pairs:?}"
             );
@@ -124,7 +143,9 @@ mod tests {
     #[test]
     fn precedence_and_formats() {
         let now = SystemTime::now();
-        let wait = |pairs: &[(&'static str, &str)]| set_aside_for(&headers(pairs), now);
+        let wait = |pairs: &[(&'static str, &str)]| {
+            set_aside_for(StatusCode::TOO_MANY_REQUESTS, &headers(pairs), now)
+        };
         assert_eq!(
             wait(&[("retry-after-ms", "1850"), ("retry-after", "2")]),
             Duration::from_millis(1850)
@@ -156,5 +177,79 @@ mod tests {
         assert_eq!(wait(&[]), DEFAULT_SET_ASIDE);
         assert_eq!(wait(&[("retry-after", "soon")]), DEFAULT_SET_ASIDE);
         assert_eq!(wait(&[("retry-after", "99999999")]), MAX_SET_ASIDE);
+    }
+
+    /// A 429 whose rate headers say "0" (Azure's Responses API) is no hint: the member waits the
+    /// default instead of staying first in line; an explicit `retry-after: 0` still means none.
+    #[test]
+    fn a_zero_rate_window_reset_is_no_hint() {
+        let now = SystemTime::now();
+        let throttled = |pairs: &[(&'static str, &str)]| {
+            set_aside_for(StatusCode::TOO_MANY_REQUESTS, &headers(pairs), now)
+        };
+        assert_eq!(
+            throttled(&[
+                ("x-ratelimit-reset-tokens", "0"),
+                ("x-ratelimit-remaining-tokens", "-1")
+            ]),
+            DEFAULT_SET_ASIDE
+        );
+        assert_eq!(
+            throttled(&[
+                ("x-ratelimit-reset-requests", "0s"),
+                ("x-ratelimit-reset-tokens", "4s")
+            ]),
+            Duration::from_secs(4)
+        );
+        assert_eq!(throttled(&[("retry-after", "0")]), Duration::ZERO);
+        assert_eq!(throttled(&[("retry-after-ms", "0")]), Duration::ZERO);
+    }
+
+    /// A 429 for tokens waits for the tokens' window, not the requests' one.
+    #[test]
+    fn the_used_up_limit_says_how_long_to_wait() {
+        let now = SystemTime::now();
+        let throttled = |pairs: &[(&'static str, &str)]| {
+            set_aside_for(StatusCode::TOO_MANY_REQUESTS, &headers(pairs), now)
+        };
+        let tokens_used_up = [
+            ("x-ratelimit-remaining-requests", "57"),
+            ("x-ratelimit-remaining-tokens", "0"),
+            ("x-ratelimit-reset-requests", "120ms"),
+            ("x-ratelimit-reset-tokens", "45s"),
+        ];
+        assert_eq!(throttled(&tokens_used_up), Duration::from_secs(45));
+        let requests_used_up = [
+            ("x-ratelimit-remaining-requests", "0"),
+            ("x-ratelimit-remaining-tokens", "9000"),
+            ("x-ratelimit-reset-requests", "2s"),
+            ("x-ratelimit-reset-tokens", "45s"),
+        ];
+        assert_eq!(throttled(&requests_used_up), Duration::from_secs(2));
+    }
+
+    /// On a 5xx the rate windows say nothing about when the member works again.
+    #[test]
+    fn a_failing_member_is_not_set_aside_for_its_rate_window() {
+        let now = SystemTime::now();
+        let rate_headers = headers(&[
+            ("x-ratelimit-reset-requests", "6m0s"),
+            ("x-ratelimit-reset-tokens", "1h"),
+        ]);
+        for status in [
+            StatusCode::INTERNAL_SERVER_ERROR,
+            StatusCode::SERVICE_UNAVAILABLE,
+        ] {
+            assert_eq!(
+                set_aside_for(status, &rate_headers, now),
+                DEFAULT_SET_ASIDE,
+                "{status}"
+            );
+        }
+        let asked = headers(&[("retry-after", "3"), ("x-ratelimit-reset-requests", "6m0s")]);
+        assert_eq!(
+            set_aside_for(StatusCode::SERVICE_UNAVAILABLE, &asked, now),
+            Duration::from_secs(3)
+        );
     }
 }
