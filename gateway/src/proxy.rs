@@ -1306,7 +1306,7 @@ fn estimate_needed(
     record: &CallRecord,
     answer: Option<&Value>,
 ) -> Option<TokenWork> {
-    if !status.is_success() || record.record.usage.is_some() {
+    if !status.is_success() || record.record.usage.is_some() || still_running(answer) {
         return None;
     }
     TokenWork::plan(
@@ -1315,6 +1315,20 @@ fn estimate_needed(
         answer,
         call.deployment.as_deref(),
     )
+}
+
+/// Whether an answer is an object whose model work goes on after the call: a background
+/// response or a run, queued or in progress. What it will use is not known yet, so nothing is
+/// counted for it (the tokens reserved for the call stay charged: `limits::tokens_used`); an
+/// estimate from the prompt alone would give back the whole allowance for the answer.
+fn still_running(answer: Option<&Value>) -> bool {
+    let Some(answer) = answer else {
+        return false;
+    };
+    let object = answer.get("object").and_then(Value::as_str);
+    let status = answer.get("status").and_then(Value::as_str);
+    matches!(object, Some("response" | "thread.run"))
+        && matches!(status, Some("queued" | "in_progress" | "requires_action"))
 }
 
 /// Counts the tokens off the client's path and hands the record on.

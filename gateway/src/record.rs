@@ -144,9 +144,16 @@ impl CallRecord {
         self.record.attempts.push(attempt);
     }
 
-    /// Notes usage.
+    /// Notes the usage an answer reports, for a call that runs a model. Any other answer that
+    /// carries `usage` (a stored response fetched again, a run or a batch polled) reports the
+    /// work of the call that made the object, which is on that call's record: counted again
+    /// here, every poll would add it to the caller's limits and to the usage dashboards.
     pub fn usage(&mut self, usage: Option<TokenUsage>) {
-        if usage.is_some() {
+        let runs_a_model = self
+            .record
+            .operation_id
+            .is_some_and(|operation| operation.is_inference());
+        if usage.is_some() && runs_a_model {
             self.record.usage = usage;
         }
     }

@@ -550,3 +550,115 @@ async fn a_renaming_pool_counts_every_name_as_its_one_deployment() {
     }
     assert_eq!(call("m1").await.unwrap().status(), 429);
 }
+
+/// A member for the stored-object test: a chat call uses 20 tokens; a background response is
+/// answered `queued` without usage (its model work comes after the call); fetching a stored
+/// response answers it `completed` with the 20,010 tokens it used, as the Responses API does
+/// (`GET /responses/{id}` returns the response object with its `usage`).
+async fn responses_member() -> String {
+    use axum::routing::{get, post};
+    let app = axum::Router::new()
+        .route(
+            "/openai/deployments/gpt-4o/chat/completions",
+            post(|| async {
+                axum::Json(json!({"id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Oslo."}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 15, "completion_tokens": 5, "total_tokens": 20}}))
+            }),
+        )
+        .route(
+            "/openai/v1/responses",
+            post(|| async {
+                axum::Json(json!({"id": "resp_bg", "object": "response", "model": "gpt-4o",
+                    "status": "queued", "background": true, "output": [], "usage": null}))
+            }),
+        )
+        .route(
+            "/openai/v1/responses/{id}",
+            get(|axum::extract::Path(id): axum::extract::Path<String>| async move {
+                axum::Json(json!({"id": id, "object": "response", "model": "gpt-4o", "status": "completed",
+                    "output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "A long essay."}]}],
+                    "usage": {"input_tokens": 10, "output_tokens": 20000, "total_tokens": 20010}}))
+            }),
+        );
+    serve_stub(app).await
+}
+
+/// A stored object fetched again carries the usage of the call that made it: that is not charged
+/// to the caller again (nor put on the fetch's record), however often it is polled. A background
+/// response is answered before its model runs: what was reserved for it stays charged, instead
+/// of being settled at a count of its prompt alone.
+#[tokio::test]
+async fn fetching_a_stored_response_costs_nothing_and_background_work_stays_reserved() {
+    let url = responses_member().await;
+    let pool = member("a", &url, 1);
+    let mut snapshot = snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o"], "serves_resources": true, "members": [pool]}]),
+    );
+    const QUOTA: u64 = 1_000_000;
+    snapshot.limits = serde_json::from_value(
+        json!([{"id": "daily", "subject": {"kind": "each_subscription"},
+        "token_quota": {"tokens": QUOTA, "period": "daily"}}]),
+    )
+    .unwrap();
+    let gw = TestGateway::start(snapshot).await;
+    let probe = || async {
+        let response = gw
+            .post(&chat_path("gpt-4o"))
+            .json(&chat_with_max(10, false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let reserved = header(&response, "x-gatehouse-consumed-tokens").unwrap();
+        let remaining = header(&response, "x-gatehouse-remaining-quota-tokens").unwrap();
+        response.bytes().await.unwrap();
+        (reserved, remaining)
+    };
+    let (reserved, remaining) = probe().await;
+    assert_eq!(remaining, QUOTA - reserved);
+
+    let created = gw
+        .post("/openai/v1/responses")
+        .json(&json!({"model": "gpt-4o", "input": "Write an essay.", "background": true, "max_output_tokens": 5000}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 200);
+    let background = header(&created, "x-gatehouse-consumed-tokens").unwrap();
+    assert!(background > 5000, "{background}");
+    created.bytes().await.unwrap();
+    for _ in 0..3 {
+        let fetched = gw.get("/openai/v1/responses/resp_bg").send().await.unwrap();
+        assert_eq!(fetched.status(), 200);
+        let body: Value = fetched.json().await.unwrap();
+        assert_eq!(body["usage"]["total_tokens"], 20010);
+    }
+    let records = gw.records(5).await;
+    let mut usage: Vec<(String, Option<u64>)> = records
+        .iter()
+        .map(|r| {
+            (
+                r.operation_id.map(|o| o.to_string()).unwrap_or_default(),
+                r.usage.map(|u| u.total_tokens),
+            )
+        })
+        .collect();
+    usage.sort();
+    assert_eq!(
+        usage,
+        [
+            ("chatcompletions_create".to_owned(), Some(20)),
+            ("create_response".to_owned(), None),
+            ("get_response".to_owned(), None),
+            ("get_response".to_owned(), None),
+            ("get_response".to_owned(), None),
+        ]
+    );
+
+    // Charged so far: the first chat's 20 tokens and the background response's reservation.
+    let (reserved, remaining) = probe().await;
+    assert_eq!(remaining, QUOTA - 20 - background - reserved);
+    gw.stop().await;
+}
