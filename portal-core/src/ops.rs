@@ -14,7 +14,7 @@ use time::{Date, OffsetDateTime, Time};
 use crate::db::{ActivityRow, ConfigDb, GatewayRow, NewActivity, SubscriptionRow};
 use crate::error::{Edited, PortalError};
 use crate::push::{Published, Publisher, PushOutcome};
-use crate::user::{SessionUser, require};
+use crate::user::{SessionLifetime, SessionUser, require};
 
 /// How often a subscription change is read and written again when another change got there
 /// first.
@@ -25,8 +25,8 @@ const CHANGE_ATTEMPTS: usize = 5;
 pub struct PortalSettings {
     /// Whether the development sign-in is on (the pages show a banner).
     pub dev_sign_in: bool,
-    /// Sessions older than this are ended, however active.
-    pub session_absolute: time::Duration,
+    /// How long a signed-in session lasts: unused, and at most.
+    pub sessions: SessionLifetime,
     /// How long the previous key stays valid after a rotation; `None`: until *Retire previous
     /// key*.
     pub rotation_overlap: Option<time::Duration>,

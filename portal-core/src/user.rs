@@ -10,6 +10,29 @@ use crate::error::PortalError;
 /// The session key under which the signed-in user is kept.
 pub const SESSION_USER_KEY: &str = "gatehouse.user";
 
+/// The session key under which the time the session was last saved to move its expiry is kept;
+/// while it is absent, the last save was the sign-in (`signed_in_at`).
+const SESSION_SAVED_AT_KEY: &str = "gatehouse.saved_at";
+
+/// How long a signed-in session lasts.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SessionLifetime {
+    /// A session unused this long ends: the expiry the session store keeps and the cookie's
+    /// Max-Age, both set again whenever the session is saved.
+    pub idle: Duration,
+    /// A session this old ends, however active: counted from sign-in.
+    pub absolute: Duration,
+}
+
+impl SessionLifetime {
+    /// How long a session in use goes unsaved: a minute, or a quarter of the idle timeout when
+    /// that is shorter. Saved this often rather than on every request (a write to the store each
+    /// time), a session ends between `idle` minus this and `idle` after its last use.
+    fn save_every(&self) -> Duration {
+        (self.idle / 4_u32).min(Duration::MINUTE)
+    }
+}
+
 /// Who is signed in: taken from a validated ID token (or the dev sign-in) at sign-in.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SessionUser {
@@ -59,25 +82,35 @@ pub fn require<'a>(
     }
 }
 
-/// The signed-in user of a session; a session older than `absolute` is ended here.
+/// The signed-in user of a session. A session older than `lifetime.absolute` is ended here;
+/// one in use is saved again now and then, so that its idle timeout counts from its last use.
 pub async fn current_user(
     session: &Session,
-    absolute: Duration,
+    lifetime: SessionLifetime,
 ) -> Result<Option<SessionUser>, PortalError> {
-    let user: Option<SessionUser> = session
-        .get(SESSION_USER_KEY)
-        .await
-        .map_err(|error| PortalError::Corrupt(format!("session: {error}")))?;
-    match user {
-        Some(user) if OffsetDateTime::now_utc() - user.signed_in_at > absolute => {
-            session
-                .flush()
-                .await
-                .map_err(|error| PortalError::Corrupt(format!("session: {error}")))?;
-            Ok(None)
-        }
-        other => Ok(other),
+    let failed =
+        |error: tower_sessions::session::Error| PortalError::Corrupt(format!("session: {error}"));
+    let user: Option<SessionUser> = session.get(SESSION_USER_KEY).await.map_err(failed)?;
+    let Some(user) = user else {
+        return Ok(None);
+    };
+    let now = OffsetDateTime::now_utc();
+    if now - user.signed_in_at > lifetime.absolute {
+        session.flush().await.map_err(failed)?;
+        return Ok(None);
     }
+    // tower-sessions saves a session, and so moves its expiry in the store and the cookie's
+    // Max-Age, only when the request changed it: without a change now and then, a session in
+    // use would end `idle` after sign-in.
+    let saved_at: Option<OffsetDateTime> =
+        session.get(SESSION_SAVED_AT_KEY).await.map_err(failed)?;
+    if now - saved_at.unwrap_or(user.signed_in_at) >= lifetime.save_every() {
+        session
+            .insert(SESSION_SAVED_AT_KEY, now)
+            .await
+            .map_err(failed)?;
+    }
+    Ok(Some(user))
 }
 
 #[cfg(test)]

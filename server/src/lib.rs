@@ -22,6 +22,7 @@ use gatehouse_portal_core::db::Engine;
 use gatehouse_portal_core::ops::PortalSettings;
 use gatehouse_portal_core::push::Publisher;
 use gatehouse_portal_core::secret::AdminTokenRefs;
+use gatehouse_portal_core::user::SessionLifetime;
 use gatehouse_portal_core::{ConfigDb, Portal};
 use gatehouse_schema::config::SecretRef;
 use leptos::config::LeptosOptions;
@@ -106,13 +107,17 @@ pub async fn build(settings: Settings) -> anyhow::Result<PortalServer> {
         Publisher::new(db.clone(), Duration::from_secs(10))?
             .with_admin_token_refs(admin_token_refs.clone()),
     );
+    let sessions = SessionLifetime {
+        idle: time::Duration::try_from(settings.session_idle).context("session idle timeout")?,
+        absolute: time::Duration::try_from(settings.session_absolute)
+            .context("session absolute timeout")?,
+    };
     let portal = Portal {
         db: db.clone(),
         publisher,
         settings: PortalSettings {
             dev_sign_in: settings.dev_sign_in,
-            session_absolute: time::Duration::try_from(settings.session_absolute)
-                .context("session absolute timeout")?,
+            sessions,
             rotation_overlap: settings
                 .rotation_overlap
                 .map(time::Duration::try_from)
@@ -181,7 +186,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<PortalServer> {
             let store = SqliteStore::new(pool.clone());
             store.migrate().await.context("session table")?;
             (
-                with_sessions(app, store.clone(), &settings, secure),
+                with_sessions(app, store.clone(), sessions.idle, secure),
                 SessionCleanup::Sqlite(store),
             )
         }
@@ -189,7 +194,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<PortalServer> {
             let store = PostgresStore::new(pool.clone());
             store.migrate().await.context("session table")?;
             (
-                with_sessions(app, store.clone(), &settings, secure),
+                with_sessions(app, store.clone(), sessions.idle, secure),
                 SessionCleanup::Postgres(store),
             )
         }
@@ -250,11 +255,13 @@ pub fn spawn_overlap_retirement(portal: Portal, every: Duration) -> tokio::task:
     })
 }
 
-fn with_sessions<S>(app: Router, store: S, settings: &Settings, secure: bool) -> Router
+/// Sessions in `store` that end `idle` after their last use: the store's expiry and the cookie's
+/// Max-Age move when a session is saved, which `current_user` makes happen now and then while the
+/// session is in use (tower-sessions saves only a session the request changed).
+fn with_sessions<S>(app: Router, store: S, idle: time::Duration, secure: bool) -> Router
 where
     S: SessionStore + Clone,
 {
-    let idle = time::Duration::try_from(settings.session_idle).unwrap_or(time::Duration::HOUR);
     app.layer(
         SessionManagerLayer::new(store)
             .with_name(SESSION_COOKIE)
