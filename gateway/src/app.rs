@@ -27,7 +27,7 @@ use crate::client_gone::ToCompletion;
 use crate::entra_credential::TokenCredential;
 use crate::error::GatewayError;
 use crate::key_vault::KeyVaultClient;
-use crate::limits::{self, Admission, LimitSubject, Limiter};
+use crate::limits::{self, Admission, LimitSubject, Limiter, Renaming};
 use crate::metrics::{BackendLabels, CallLabels, Metrics, OperationLabels, TokenLabels};
 use crate::pool::HealthRegistry;
 use crate::record::{CallRecord, Holds};
@@ -628,14 +628,18 @@ async fn limit(
         return Ok(Admission::default());
     };
     // A member that renames runs its own deployment whatever the call names.
-    let renamed_by = pool
+    let runs: Vec<&str> = pool
         .members
         .iter()
-        .any(|member| member.config.deployment.is_some())
-        .then_some(pool.id.as_str());
+        .filter_map(|member| member.config.deployment.as_deref())
+        .collect();
+    let renaming = (!runs.is_empty()).then_some(Renaming {
+        pool: &pool.id,
+        runs: &runs,
+    });
     gateway
         .limiter
-        .admit_call(rules, &LimitSubject::of(principal), call, renamed_by)
+        .admit_call(rules, &LimitSubject::of(principal), call, renaming)
         .await
         .map_err(|refusal| {
             gateway.metrics.limit_refused(&refusal);

@@ -146,13 +146,27 @@ pub fn completion_allowance(operation: OperationId, body: Option<&Value>, defaul
     allowed.unwrap_or(default).saturating_mul(choices)
 }
 
-/// Whether a rule covers calls to `deployment`: its patterns match as access rules' do, `*`
-/// for any run of characters and ASCII case ignored, as Azure ignores it in deployment names.
-fn covers(rule: &LimitRule, deployment: Option<&str>) -> bool {
+/// A pool whose members rename every call to a deployment of their own: whatever name a client
+/// gives, the call runs one of `runs`.
+#[derive(Debug, Clone, Copy)]
+pub struct Renaming<'a> {
+    /// The pool's id: its calls share one per-deployment counter (`each_deployment`).
+    pub pool: &'a str,
+    /// The deployments its members run.
+    pub runs: &'a [&'a str],
+}
+
+/// Whether a rule covers calls to `deployment` (served by the renaming pool `renaming`, if one):
+/// its patterns match as access rules' do, `*` for any run of characters and ASCII case ignored,
+/// as Azure ignores it in deployment names. A call a pool renames is covered by a rule for the
+/// name it gives or for a deployment the pool runs, so that no invented name escapes a rule for
+/// the model it runs.
+fn covers(rule: &LimitRule, deployment: Option<&str>, renaming: Option<Renaming<'_>>) -> bool {
     if rule.deployments.is_empty() {
         return true;
     }
-    deployment.is_some_and(|name| {
+    let runs = renaming.map_or(&[][..], |renaming| renaming.runs);
+    deployment.into_iter().chain(runs.iter().copied()).any(|name| {
         rule.deployments
             .iter()
             .any(|pattern| gatehouse_schema::identity::glob_matches(pattern, name))
@@ -596,22 +610,22 @@ impl Limiter {
     /// Checks and charges a classified call: estimates its tokens only when a token limit
     /// applies to it.
     ///
-    /// `renamed_by`: the id of the pool serving the call when its members rename every call to a
-    /// deployment of their own; such a pool runs one deployment under whatever name a client
-    /// gives, so its calls share one per-deployment counter (`each_deployment`) instead of one
-    /// per invented name.
+    /// `renaming`: the pool serving the call when its members rename every call to a deployment
+    /// of their own; such a pool runs its deployment under whatever name a client gives, so its
+    /// calls share one per-deployment counter (`each_deployment`) instead of one per invented
+    /// name, and rules for the deployments it runs cover them.
     pub async fn admit_call(
         &self,
         rules: &[LimitRule],
         subject: &LimitSubject<'_>,
         call: &Call,
-        renamed_by: Option<&str>,
+        renaming: Option<Renaming<'_>>,
     ) -> Result<Admission, LimitRefusal> {
         let deployment = call.deployment.as_deref();
         let applicable = || {
-            rules
-                .iter()
-                .filter(|rule| covers(rule, deployment) && counter_subject(rule, subject).is_some())
+            rules.iter().filter(|rule| {
+                covers(rule, deployment, renaming) && counter_subject(rule, subject).is_some()
+            })
         };
         if applicable().next().is_none() {
             return Ok(Admission::default());
@@ -623,22 +637,22 @@ impl Limiter {
         } else {
             Estimate::default()
         };
-        self.admit(rules, subject, deployment, renamed_by, estimate)
+        self.admit(rules, subject, deployment, renaming, estimate)
             .await
     }
 
     /// Checks every rule that applies to a call of `subject` to `deployment` (served by the
-    /// renaming pool `renamed_by`, if one: see [`Limiter::admit_call`]) and charges them all (one
+    /// renaming pool `renaming`, if one: see [`Limiter::admit_call`]) and charges them all (one
     /// request, `estimate` tokens), or none when one refuses.
     pub async fn admit(
         &self,
         rules: &[LimitRule],
         subject: &LimitSubject<'_>,
         deployment: Option<&str>,
-        renamed_by: Option<&str>,
+        renaming: Option<Renaming<'_>>,
         estimate: Estimate,
     ) -> Result<Admission, LimitRefusal> {
-        let buckets = self.buckets(rules, subject, deployment, renamed_by, estimate.total());
+        let buckets = self.buckets(rules, subject, deployment, renaming, estimate.total());
         if buckets.is_empty() {
             return Ok(Admission::default());
         }
@@ -759,21 +773,21 @@ impl Limiter {
         rules: &[LimitRule],
         subject: &LimitSubject<'_>,
         deployment: Option<&str>,
-        renamed_by: Option<&str>,
+        renaming: Option<Renaming<'_>>,
         tokens: u64,
     ) -> Vec<Bucket> {
         let mut buckets = Vec::new();
         for (index, rule) in rules.iter().enumerate() {
-            if !covers(rule, deployment) {
+            if !covers(rule, deployment, renaming) {
                 continue;
             }
             let Some(who) = counter_subject(rule, subject) else {
                 continue;
             };
-            let scope = match (rule.each_deployment, renamed_by, deployment) {
+            let scope = match (rule.each_deployment, renaming, deployment) {
                 (false, ..) => "all".to_owned(),
                 // Every name runs the pool's own deployment: one counter.
-                (true, Some(pool), _) => format!("p.{}", escape(pool)),
+                (true, Some(renaming), _) => format!("p.{}", escape(renaming.pool)),
                 // One counter per deployment however a call spells its name.
                 (true, None, Some(name)) => format!("d.{}", escape(&name.to_ascii_lowercase())),
                 (true, None, None) => "none".to_owned(),

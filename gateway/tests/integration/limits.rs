@@ -551,6 +551,31 @@ async fn a_renaming_pool_counts_every_name_as_its_one_deployment() {
     assert_eq!(call("m1").await.unwrap().status(), 429);
 }
 
+/// A rule for a deployment covers the calls a renaming pool runs on it, under whatever name they
+/// give: an invented name does not escape the limit of the model it runs.
+#[tokio::test]
+async fn a_rule_for_a_deployment_covers_the_calls_a_pool_renames_to_it() {
+    let sim = simulator("renamed-rule").await;
+    let mut renaming = member("a", &sim.url(), 1);
+    renaming["deployment"] = json!("gpt-4o");
+    let mut snapshot = snapshot(
+        1,
+        json!([{"id": "any-name", "deployments": ["*"], "members": [renaming]}]),
+    );
+    snapshot.limits = serde_json::from_value(json!([
+        {"id": "gpt-4o-rate", "deployments": ["gpt-4o"], "subject": {"kind": "each_subscription"},
+         "requests_per_minute": 1}
+    ]))
+    .unwrap();
+    let gw = TestGateway::start(snapshot).await;
+    let call = |name: &'static str| gw.post(&chat_path(name)).json(&chat(None, false)).send();
+    assert_eq!(call("alpha").await.unwrap().status(), 200);
+    let refused = call("beta").await.unwrap();
+    let message = azure_error(refused, 429).await;
+    assert!(message.contains("gpt-4o-rate"), "{message}");
+    assert_eq!(sim.hits(), 1);
+}
+
 /// A member for the stored-object test: a chat call uses 20 tokens; a background response is
 /// answered `queued` without usage (its model work comes after the call); fetching a stored
 /// response answers it `completed` with the 20,010 tokens it used, as the Responses API does
