@@ -2,7 +2,9 @@
 //! and the usage views, and the streamed export of an audit search (CSV or JSON lines). Each one
 //! reads the signed-in user from the session and calls a role-checked operation of
 //! `gatehouse_portal_core::insights`; errors are plain text with the status that says what
-//! happened.
+//! happened. None of them has a place for the warnings the pages show beside their figures, so an
+//! answer the source gave only in part is refused (502, naming the warnings) rather than served
+//! as a whole one.
 
 use std::sync::Arc;
 
@@ -19,7 +21,8 @@ use gatehouse_portal_core::insights::embedded::EmbeddedSource;
 use gatehouse_portal_core::insights::log_analytics::{LogAnalyticsSettings, LogAnalyticsSource};
 use gatehouse_portal_core::insights::service::{ExportFormat, PriceTable, parse_dimension};
 use gatehouse_portal_core::insights::{
-    AuditSource, Insights, InsightsError, SearchForm, SearchRequest, csv, iso_utc, parse_range,
+    Answer, AuditSource, Insights, InsightsError, SearchForm, SearchRequest, csv, iso_utc,
+    parse_range,
 };
 use gatehouse_portal_core::secret::AdminTokenRefs;
 use gatehouse_portal_core::user::current_user;
@@ -156,6 +159,8 @@ fn download(content_type: &'static str, name: &str, body: Body) -> Response {
     response
 }
 
+/// The usage report for the chart and the CSV download: refused when the source answered only in
+/// part, since neither has a place for the warning the usage page shows beside its figures.
 async fn usage_report(
     portal: &Portal,
     insights: &Insights,
@@ -174,7 +179,7 @@ async fn usage_report(
     insights
         .usage(user.as_ref(), range, dimension)
         .await
-        .map(|answer| answer.value)
+        .and_then(Answer::whole)
         .map_err(failure)
 }
 
@@ -247,8 +252,12 @@ async fn overview_csv(
         Ok(range) => range,
         Err(error) => return failure(error),
     };
-    let report = match insights.overview(user.as_ref(), range).await {
-        Ok(answer) => answer.value,
+    let report = match insights
+        .overview(user.as_ref(), range)
+        .await
+        .and_then(Answer::whole)
+    {
+        Ok(report) => report,
         Err(error) => return failure(error),
     };
     let mut out = csv::line(

@@ -470,9 +470,9 @@ async fn an_auditor_finds_opens_and_exports_calls_and_every_look_is_recorded() {
     );
 }
 
-/// A Query API double that answers every query with one documented table (figures, or tokens by
-/// model) and a `PartialError` beside it (`shared/reference/azure-specs.md` §4.1), and a token
-/// endpoint.
+/// A Query API double that answers every query with one documented table (figures, usage over
+/// time, or tokens by model) and a `PartialError` beside it (`shared/reference/azure-specs.md`
+/// §4.1), and a token endpoint.
 async fn log_analytics_double() -> String {
     use axum::Json;
     use axum::routing::post;
@@ -483,7 +483,22 @@ async fn log_analytics_double() -> String {
     }
     async fn query(Json(body): Json<serde_json::Value>) -> Json<serde_json::Value> {
         let kql = body["query"].as_str().unwrap_or_default();
-        let table = if kql.contains("by Model") {
+        let table = if kql.contains("by Bucket") {
+            let hour = OffsetDateTime::now_utc()
+                .replace_minute(0)
+                .unwrap()
+                .replace_second(0)
+                .unwrap()
+                .replace_nanosecond(0)
+                .unwrap()
+                - Duration::HOUR;
+            let bucket = hour
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap();
+            serde_json::json!({"name": "PrimaryResult",
+                "columns": [{"name": "Bucket", "type": "datetime"}, {"name": "Value", "type": "string"}, {"name": "Requests", "type": "long"}, {"name": "Errors", "type": "long"}, {"name": "PromptTokens", "type": "long"}, {"name": "CompletionTokens", "type": "long"}, {"name": "TotalTokens", "type": "long"}, {"name": "LatencySumMs", "type": "long"}, {"name": "LatencyMaxMs", "type": "long"}],
+                "rows": [[bucket, "gpt-4o", 7, 0, 1000000, 0, 1000000, 560, 420]]})
+        } else if kql.contains("by Model") {
             serde_json::json!({"name": "PrimaryResult",
                 "columns": [{"name": "Model", "type": "string"}, {"name": "Requests", "type": "long"}, {"name": "PromptTokens", "type": "long"}, {"name": "CompletionTokens", "type": "long"}],
                 "rows": [["gpt-4o", 7, 1000000, 0]]})
@@ -506,8 +521,9 @@ async fn log_analytics_double() -> String {
     format!("http://{addr}")
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_same_pages_read_log_analytics_and_show_its_partial_errors() {
+/// A portal whose dashboards read the Log Analytics double; the directory holds its client
+/// secret.
+async fn portal_on_log_analytics() -> (TestPortal, tempfile::TempDir) {
     use gatehouse_portal_core::insights::log_analytics::{ClientCredentials, LogAnalyticsSettings};
     let double = log_analytics_double().await;
     let secrets = tempfile::tempdir().unwrap();
@@ -533,6 +549,15 @@ async fn the_same_pages_read_log_analytics_and_show_its_partial_errors() {
             gatehouse_portal_core::insights::service::PriceTable::parse("gpt-4o=2.5/10").unwrap();
     })
     .await;
+    (portal, secrets)
+}
+
+/// The warning of every answer of the double, as the pages show it.
+const PARTIAL_ERROR: &str = "PartialError: There were some errors when processing your query.; workspace eu-2 did not answer";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_pages_read_log_analytics_and_show_its_partial_errors() {
+    let (portal, _secrets) = portal_on_log_analytics().await;
     let mut viewer = signed_in(&portal, &[("role", "Viewer")]).await;
     let page = viewer
         .get(&format!("{}/dashboard?range=24h", portal.url))
@@ -543,7 +568,7 @@ async fn the_same_pages_read_log_analytics_and_show_its_partial_errors() {
     assert!(page.contains("Log Analytics"), "{page}");
     assert!(page.contains("id=\"source-warnings\""), "{page}");
     assert_eq!(
-        page.matches("<li>PartialError: There were some errors when processing your query.; workspace eu-2 did not answer</li>").count(),
+        page.matches(&format!("<li>{PARTIAL_ERROR}</li>")).count(),
         1,
         "one warning, however many queries carried it: {page}"
     );
@@ -552,4 +577,40 @@ async fn the_same_pages_read_log_analytics_and_show_its_partial_errors() {
         "1M prompt tokens of gpt-4o at $2.5: {page}"
     );
     assert!(!page.contains("not-shown"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn downloads_of_a_partial_log_analytics_answer_are_refused_with_its_warning() {
+    let (portal, _secrets) = portal_on_log_analytics().await;
+    let mut admin = signed_in(&portal, &[("role", "Admin")]).await;
+    // The page shows the figures with the warning beside them.
+    let usage = admin
+        .get(&format!("{}/usage?range=24h&dimension=model", portal.url))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(usage.contains("id=\"source-warnings\""), "{usage}");
+    assert!(
+        usage.contains(&format!("<li>{PARTIAL_ERROR}</li>")),
+        "{usage}"
+    );
+    assert!(usage.contains("gpt-4o"), "{usage}");
+    // A file or an image has no place for the warning: each is refused, as the audit export
+    // refuses a page answered in part, rather than passed off as a whole answer.
+    for path in [
+        "/usage/export.csv?range=24h&dimension=model",
+        "/usage/chart.svg?range=24h&dimension=model&metric=tokens",
+        "/dashboard/export.csv?range=24h",
+    ] {
+        let response = admin.get(&format!("{}{path}", portal.url)).await;
+        let status = response.status();
+        let body = response.text().await.unwrap();
+        assert_eq!(status, 502, "{path}: {body}");
+        assert!(body.contains(PARTIAL_ERROR), "{path}: {body}");
+        assert!(
+            !body.contains("gpt-4o") && !body.contains("1000000"),
+            "{path}: {body}"
+        );
+    }
 }

@@ -275,6 +275,22 @@ impl<T> Answer<T> {
             warnings: Vec::new(),
         }
     }
+
+    /// The value, if the source answered in whole; an answer with warnings (Log Analytics'
+    /// `PartialError`) is refused with an error that names them. For what has no place to show a
+    /// warning beside the figures (a CSV file, a chart opened on its own), which would otherwise
+    /// pass a cut-short answer off as a whole one; [`export`] refuses a page answered in part
+    /// in the same way.
+    pub fn whole(self) -> Result<T, InsightsError> {
+        if self.warnings.is_empty() {
+            Ok(self.value)
+        } else {
+            Err(InsightsError::LogAnalytics(format!(
+                "answered only in part ({}); refused rather than served with figures missing",
+                self.warnings.join("; ")
+            )))
+        }
+    }
 }
 
 /// Adds warnings not already present (several queries of one page often share one).
