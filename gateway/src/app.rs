@@ -26,6 +26,7 @@ use crate::auth::Principal;
 use crate::client_gone::ToCompletion;
 use crate::entra_credential::TokenCredential;
 use crate::error::GatewayError;
+use crate::in_flight::CallsInFlight;
 use crate::key_vault::KeyVaultClient;
 use crate::limits::{self, Admission, LimitSubject, Limiter, Renaming};
 use crate::metrics::{BackendLabels, CallLabels, Metrics, OperationLabels, TokenLabels};
@@ -68,6 +69,8 @@ pub struct Gateway {
     pub tokens: crate::entra::TokenValidator,
     /// Usage-limit counters.
     pub limiter: Limiter,
+    /// The calls that have not handed their records on yet; a shutdown waits for them.
+    pub calls: CallsInFlight,
 }
 
 /// How to build a [`Gateway`].
@@ -235,6 +238,7 @@ impl Gateway {
             stall_watch: crate::stream_window::StallWatch::new(parts.client_timeouts.send),
             tokens,
             limiter,
+            calls: CallsInFlight::default(),
         }))
     }
 
@@ -492,6 +496,7 @@ async fn serve_call(
         started,
     );
     let gone = record.client_gone.clone();
+    let in_flight = gateway.calls.enter();
     let call = async move {
         let mut record = Some(record);
         match pipeline(&gateway, &runtime, &parts, body, &mut record).await {
@@ -508,7 +513,7 @@ async fn serve_call(
     // Boxed (in `ToCompletion`): the call's future is its largest, and the futures around it are
     // moved as they are built; a pointer moves cheaper than its bytes. Should the client leave
     // before the answer's head, the call is finished on a task of its own.
-    let mut response = ToCompletion::new(call.instrument(span), gone).await;
+    let mut response = ToCompletion::new(call.instrument(span), gone, in_flight).await;
     if let Ok(value) = echoed_id {
         response.headers_mut().insert("x-request-id", value);
     }

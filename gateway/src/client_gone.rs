@@ -15,6 +15,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
+use crate::in_flight::InFlight;
+
 /// Whether a call's client has gone away before its answer's head; shared by the call and the
 /// future that serves it.
 #[derive(Debug, Clone, Default)]
@@ -39,6 +41,8 @@ where
 {
     call: Option<Pin<Box<F>>>,
     gone: ClientGone,
+    /// The call counted as under way, until it is done here or on its own task.
+    in_flight: Option<InFlight>,
 }
 
 impl<F> ToCompletion<F>
@@ -46,11 +50,12 @@ where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    /// Wraps `call`, whose record watches `gone`.
-    pub fn new(call: F, gone: ClientGone) -> Self {
+    /// Wraps `call`, whose record watches `gone`; `in_flight` is held until the call is done.
+    pub fn new(call: F, gone: ClientGone, in_flight: InFlight) -> Self {
         ToCompletion {
             call: Some(Box::pin(call)),
             gone,
+            in_flight: Some(in_flight),
         }
     }
 }
@@ -69,6 +74,7 @@ where
         };
         let output = std::task::ready!(call.as_mut().poll(cx));
         self.call = None;
+        self.in_flight = None;
         Poll::Ready(output)
     }
 }
@@ -89,9 +95,11 @@ where
         self.gone.mark();
         // Outside a runtime (a runtime shutting down drops its tasks) there is nothing to run it on.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let in_flight = self.in_flight.take();
             // The answer has no one to go to: dropping it lets the relay drain the backend.
             runtime.spawn(async move {
                 drop(call.await);
+                drop(in_flight);
             });
         }
     }
@@ -100,6 +108,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::in_flight::CallsInFlight;
 
     #[tokio::test]
     async fn a_call_dropped_before_it_is_done_is_finished_on_its_own_task() {
@@ -107,12 +116,14 @@ mod tests {
         let (release, released) = tokio::sync::oneshot::channel::<()>();
         let (done, finished) = tokio::sync::oneshot::channel::<bool>();
         let seen = gone.clone();
+        let calls = CallsInFlight::default();
         let call = ToCompletion::new(
             async move {
                 let _ = released.await;
                 let _ = done.send(seen.is_gone());
             },
             gone.clone(),
+            calls.enter(),
         );
         // Polled once, then dropped as hyper drops a request whose client went away.
         let mut call = Box::pin(call);
@@ -126,7 +137,8 @@ mod tests {
     #[tokio::test]
     async fn a_call_that_finished_is_not_flagged() {
         let gone = ClientGone::default();
-        let output = ToCompletion::new(async { 7 }, gone.clone()).await;
+        let calls = CallsInFlight::default();
+        let output = ToCompletion::new(async { 7 }, gone.clone(), calls.enter()).await;
         assert_eq!(output, 7);
         assert!(!gone.is_gone());
     }

@@ -160,6 +160,11 @@ pub enum GatewayError {
     /// 499, as nginx logs such a request.
     #[error("The client closed the request before it was sent to a backend.")]
     ClientClosedRequest,
+    /// The gateway's shutdown ended its drain while the call still waited for a backend's answer
+    /// (its connection is closed by then, so no one receives this answer): the call is recorded
+    /// as it stands and waited for no more.
+    #[error("The gateway shut down before the backend answered.")]
+    ShuttingDown,
     /// Something in the gateway failed; details are logged, not returned.
     #[error("The gateway failed to process the request.")]
     Internal,
@@ -200,9 +205,9 @@ impl GatewayError {
             GatewayError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             GatewayError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             GatewayError::AllThrottled { .. } => StatusCode::TOO_MANY_REQUESTS,
-            GatewayError::AllUnavailable | GatewayError::AuditUnavailable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            GatewayError::AllUnavailable
+            | GatewayError::AuditUnavailable
+            | GatewayError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::OutcomeUnknown { timed_out: true } => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::OutcomeUnknown { timed_out: false }
             | GatewayError::CreatedAnswerTooLarge { .. } => StatusCode::BAD_GATEWAY,
@@ -253,6 +258,7 @@ impl GatewayError {
             GatewayError::StaleConfig { .. } => "stale_config",
             GatewayError::Internal => "internal",
             GatewayError::ClientClosedRequest => "client_closed_request",
+            GatewayError::ShuttingDown => crate::in_flight::SHUTDOWN_REASON,
             GatewayError::Limit(refusal) => refusal.reason(),
         }
     }

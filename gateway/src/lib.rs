@@ -28,7 +28,7 @@
 //!    and hides it from the client), else estimated with the model's tokenizer.
 //! 10. **Record** ([`record`]): one audit record per call, handed to the audit queue off the hot path;
 //!     a call whose client leaves before the answer's head is finished all the same
-//!     ([`client_gone`]).
+//!     ([`client_gone`]); a shutdown waits for every call's record ([`in_flight`]).
 //!
 //! Configuration ([`settings`], [`runtime`], [`admin`]) is one immutable snapshot swapped atomically.
 //! A serving gateway holds its state directory ([`state_lock`]).
@@ -51,6 +51,7 @@ pub mod entra_credential;
 pub mod error;
 pub mod gateway_claim;
 mod idle_deadline;
+pub mod in_flight;
 pub mod key_vault;
 pub mod limits;
 pub mod metrics;

@@ -530,7 +530,17 @@ async fn serve(file: ConfigFile, config: &Path) -> anyhow::Result<()> {
     );
     listening.shutdown(Duration::from_secs(settings.shutdown_drain_seconds));
     task.await??;
-    // Every response is finished, so every record is queued; flush them.
+    // The drain is over and every connection closed, but calls cut off by it go on on tasks of
+    // their own (waiting for an answer's head, or reading the rest of one for the record): they
+    // stop waiting now and hand their records on, and only then is the queue flushed.
+    if let Err(running) = gateway.calls.stop(CALLS_GRACE).await {
+        tracing::error!(
+            running,
+            limit_ms = CALLS_GRACE.as_millis(),
+            "calls still running after the shutdown's drain did not finish their records in time: \
+             their records are lost"
+        );
+    }
     drop(gateway);
     let flushed = match writer {
         Some(writer) => {
@@ -549,6 +559,11 @@ async fn serve(file: ConfigFile, config: &Path) -> anyhow::Result<()> {
     tracing::info!("stopped");
     Ok(())
 }
+
+/// How long calls cut off by the end of the shutdown's drain may take to finish their records
+/// once told to (they stop waiting on their backends at once; counting a cut answer's tokens
+/// or journaling a created object may take a moment).
+const CALLS_GRACE: Duration = Duration::from_secs(5);
 
 /// How long the audit queue's last flush may take at shutdown beyond one sink timeout (a sink
 /// write in flight ends or goes to the journal after one): time to append what is left to the

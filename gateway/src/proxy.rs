@@ -27,6 +27,7 @@ use crate::capture::{self, BodyCapture, PARSE_LIMIT, SseTap};
 use crate::classify::{self, Call, ObjectFamily, RouteStyle};
 use crate::error::GatewayError;
 use crate::idle_deadline::IdleDeadline;
+use crate::in_flight::{InFlight, SHUTDOWN_REASON};
 use crate::peek::{
     REFERENCE_ID_KEYS, REFERENCE_LIST_KEYS, RequestPeek, ResponsePeek, StreamOptions,
 };
@@ -237,9 +238,22 @@ pub async fn forward(
                 let sending = member
                     .client
                     .send(parts.method.clone(), uri, headers, upstream_body);
-                tokio::time::timeout(timeout, sending)
-                    .await
-                    .unwrap_or_else(|_| Err(SendError::timed_out(timeout)))
+                // A shutdown whose drain is over waits for no answer: the record is finished now.
+                tokio::select! {
+                    sent = tokio::time::timeout(timeout, sending) => {
+                        sent.unwrap_or_else(|_| Err(SendError::timed_out(timeout)))
+                    }
+                    () = gateway.calls.stopped() => {
+                        note_attempt(
+                            record,
+                            &member,
+                            None,
+                            millis(attempt_started.elapsed()),
+                            Some(SHUTDOWN_REASON),
+                        );
+                        return Err(GatewayError::ShuttingDown);
+                    }
+                }
             }
             Err(_) => Err(SendError::invalid_uri()),
         };
@@ -936,8 +950,14 @@ async fn relay(
             None => gateway.finish(audit, holds),
             // Counting must not delay the answer.
             Some(work) => {
+                let in_flight = gateway.calls.enter();
+                let finishing = finish_estimated(Arc::clone(gateway), audit, holds, work);
                 tokio::spawn(
-                    finish_estimated(Arc::clone(gateway), audit, holds, work).in_current_span(),
+                    async move {
+                        finishing.await;
+                        drop(in_flight);
+                    }
+                    .in_current_span(),
                 );
             }
         }
@@ -970,6 +990,7 @@ async fn relay(
             sent: 0,
             span: tracing::Span::current(),
             pinned: None,
+            in_flight: gateway.calls.enter(),
         }),
     };
     let body = if client_version == http::Version::HTTP_2 {
@@ -1005,6 +1026,8 @@ struct RelayCall {
     span: tracing::Span,
     /// The object a streamed create announced, pinned as it passed.
     pinned: Option<String>,
+    /// The call counted as under way until its record is handed on.
+    in_flight: InFlight,
 }
 
 impl RelayCall {
@@ -1074,7 +1097,10 @@ impl RelayCall {
             return;
         }
         let RelayCall {
-            gateway, member, ..
+            gateway,
+            member,
+            in_flight,
+            ..
         } = self;
         tokio::spawn(
             async move {
@@ -1087,6 +1113,7 @@ impl RelayCall {
                     None => gateway.finish(audit, holds),
                     Some(work) => finish_estimated(gateway, audit, holds, work).await,
                 }
+                drop(in_flight);
             }
             .in_current_span(),
         );
@@ -1265,7 +1292,16 @@ impl Drop for RelayBody {
             let deadline = tokio::time::Instant::now() + DRAIN_TIME;
             let mut drained: u64 = 0;
             loop {
-                match tokio::time::timeout_at(deadline, upstream.frame()).await {
+                // Once the shutdown's drain is over, the record is finished with what came.
+                let next = tokio::select! {
+                    biased;
+                    () = relay.gateway.calls.stopped() => {
+                        relay.record.record.last_error_reason = Some(SHUTDOWN_REASON.to_owned());
+                        break;
+                    }
+                    next = tokio::time::timeout_at(deadline, upstream.frame()) => next,
+                };
+                match next {
                     Ok(Some(Ok(frame))) => {
                         let Ok(chunk) = frame.into_data() else {
                             continue;

@@ -27,6 +27,7 @@ mod operations;
 mod routes;
 mod sdk_compat;
 mod secrets;
+mod shutdown;
 mod slow_clients;
 mod state_dir;
 mod stickiness;

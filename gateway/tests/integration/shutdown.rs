@@ -1,0 +1,118 @@
+//! Shutdown through the real binary: calls still running when the drain ends are recorded.
+
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::routing::post;
+use bytes::Bytes;
+use serde_json::{Value, json};
+
+use crate::harness::{GatewayProcess, KEY, chat, chat_path, member, serve_stub, snapshot};
+
+/// How long the stub backend takes for what the calls wait on: far beyond the drain.
+const BACKEND_TAKES: Duration = Duration::from_secs(40);
+
+/// A backend that answers the head of a stream at once, sends one chunk, then nothing for
+/// [`BACKEND_TAKES`].
+async fn stalling_stream() -> axum::response::Response {
+    let first = "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"Oslo\"}}]}\n\n";
+    let chunks = futures::stream::unfold(0, move |step| async move {
+        match step {
+            0 => Some((Ok::<_, std::io::Error>(Bytes::from(first)), 1)),
+            1 => {
+                tokio::time::sleep(BACKEND_TAKES).await;
+                Some((Ok(Bytes::from("data: [DONE]\n\n")), 2))
+            }
+            _ => None,
+        }
+    });
+    axum::response::Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(Body::from_stream(chunks))
+        .unwrap()
+}
+
+/// A backend that takes [`BACKEND_TAKES`] before the head of its answer.
+async fn slow_head() -> axum::Json<Value> {
+    tokio::time::sleep(BACKEND_TAKES).await;
+    axum::Json(json!({"id": "c1", "object": "chat.completion", "choices": []}))
+}
+
+/// A gateway on `backend` with a drain of one second and its records in a JSONL file.
+async fn gateway_on(name: &str, backend: &str, audit: &std::path::Path) -> GatewayProcess {
+    let pools =
+        json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member("a", backend, 1)]}]);
+    GatewayProcess::start_with(
+        name,
+        &snapshot(1, pools),
+        json!({"shutdown_drain_seconds": 1, "audit": {"jsonl": audit}}),
+    )
+    .await
+}
+
+/// Sends a call that the backend keeps waiting, shuts the gateway down (SIGTERM) while it runs,
+/// and returns the records the gateway wrote with its log, asserting that the shutdown took a few
+/// seconds and ended well.
+async fn shut_down_during(name: &str, backend: Router, stream: bool) -> (Vec<Value>, String) {
+    let backend = serve_stub(backend).await;
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let gateway = gateway_on(name, &backend, &audit).await;
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let call = client
+        .post(format!("{}{}", gateway.url, chat_path("gpt-4o")))
+        .header("api-key", KEY)
+        .json(&chat(None, stream))
+        .send();
+    let call = tokio::spawn(async move {
+        let response = call.await?;
+        response.bytes().await
+    });
+    // The call has reached the backend (and, streamed, its first chunk the client).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stopping = Instant::now();
+    let log = gateway.terminate().await;
+    let took = stopping.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "the shutdown took {took:?}; its log:\n{log}"
+    );
+    assert!(
+        call.await.unwrap().is_err(),
+        "the client's call was cut by the shutdown"
+    );
+    assert!(!log.contains("records lost"), "{log}");
+    let records = std::fs::read_to_string(&audit)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    (records, log)
+}
+
+#[tokio::test]
+async fn a_call_waiting_for_its_answer_when_the_drain_ends_is_recorded() {
+    let backend = Router::new().route("/{*path}", post(slow_head));
+    let (records, log) = shut_down_during("shutdown-head", backend, false).await;
+    assert_eq!(records.len(), 1, "{records:?}\n{log}");
+    let record = &records[0];
+    assert_eq!(record["LastErrorReason"], "gateway_shutdown", "{record}");
+    assert_eq!(record["ClientAborted"], true, "{record}");
+    assert_eq!(record["BackendId"], "a", "{record}");
+}
+
+#[tokio::test]
+async fn a_stream_still_running_when_the_drain_ends_is_recorded_with_what_came() {
+    let backend = Router::new().route("/{*path}", post(|| stalling_stream()));
+    let (records, log) = shut_down_during("shutdown-stream", backend, true).await;
+    assert_eq!(records.len(), 1, "{records:?}\n{log}");
+    let record = &records[0];
+    assert_eq!(record["LastErrorReason"], "gateway_shutdown", "{record}");
+    assert_eq!(record["ClientAborted"], true, "{record}");
+    assert_eq!(record["BackendResponseCode"], 200, "{record}");
+    assert!(
+        record.to_string().contains("Oslo"),
+        "the record keeps what the backend sent: {record}"
+    );
+}
