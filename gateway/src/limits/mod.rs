@@ -166,11 +166,14 @@ fn covers(rule: &LimitRule, deployment: Option<&str>, renaming: Option<Renaming<
         return true;
     }
     let runs = renaming.map_or(&[][..], |renaming| renaming.runs);
-    deployment.into_iter().chain(runs.iter().copied()).any(|name| {
-        rule.deployments
-            .iter()
-            .any(|pattern| gatehouse_schema::identity::glob_matches(pattern, name))
-    })
+    deployment
+        .into_iter()
+        .chain(runs.iter().copied())
+        .any(|name| {
+            rule.deployments
+                .iter()
+                .any(|pattern| gatehouse_schema::identity::glob_matches(pattern, name))
+        })
 }
 
 /// The counter a rule keeps for this subject, or `None` when the rule does not apply to it.
