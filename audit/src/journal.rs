@@ -51,14 +51,23 @@
 //! segment is started once the current one reaches 1/16 of the journal's size limit (between
 //! 4 KiB and 64 MiB).
 //!
-//! Replay reads from the oldest segment at a cursor; the cursor moves past a chunk only once the
-//! sink has stored it ([`Journal::commit`]), and a segment is deleted once all of it is stored.
-//! The cursor is saved in the file `head` (`{segment} {offset}`, replaced atomically) at every
-//! commit, so that the next process resumes the oldest segment where this one stopped: a shutdown
-//! with a backlog in the journal replays nothing twice. Only a crash between a chunk's store and
+//! Replay reads from the oldest segment at a cursor, a chunk at a time; the cursor moves past a
+//! chunk only once the sink has stored it ([`Journal::commit`]), and a segment is deleted once all
+//! of it is stored. The cursor is saved in the file `head` (`{segment} {offset}`, replaced
+//! atomically) at every commit, so that the next process resumes the oldest segment where this
+//! one stopped: a shutdown with a backlog in the journal replays nothing twice. Only a crash between a chunk's store and
 //! its commit, or a lost `head` file, replays part of a segment again (at most one segment's
 //! worth); a store de-duplicates on `CorrelationId`, and [`verify`](crate::chain::verify) counts
 //! such copies as duplicates.
+//!
+//! A chunk is bounded in records (as the reader asks) and in weight: its records weigh at most the
+//! journal's chunk budget ([`record_bytes`], as the queue weighs what it holds in memory), unless
+//! its first line alone weighs more, since a chunk holds at least one line for the replay to go
+//! on. A line is judged before it is decoded, by its JSON's size plus the fixed part of a record's
+//! weight for each of its records ([`weight_bound`]), which is never less than what they weigh:
+//! their text is all in their JSON, where escapes only lengthen it. Packed lines are cut so that
+//! each fits the budget by that measure; only a single record heavier than the budget, or a line
+//! written by a process with a larger budget, makes a chunk heavier.
 //!
 //! One writer per directory: two gateways must not share a journal directory.
 
@@ -77,6 +86,7 @@ use gatehouse_schema::AuditRecord;
 use sha2::{Digest, Sha256};
 
 use crate::chain::{sync_dir, write_atomic};
+use crate::queue::{RECORD_FIXED_BYTES, record_bytes};
 
 const SEGMENT_PREFIX: &str = "segment-";
 const SEGMENT_SUFFIX: &str = ".journal";
@@ -92,7 +102,8 @@ const PACKED_MARK: u8 = b'z';
 /// for by at most one line's worth.
 const PACKED_LINE_RECORDS: usize = 64;
 /// Most bytes of JSON packed into one line, unless a single record is larger: what a packed line
-/// inflates to is held in memory whole while it is read.
+/// inflates to is held in memory whole while it is read. A line is also cut to the journal's chunk
+/// budget (see the module's documentation).
 const PACKED_LINE_BYTES: usize = 16 << 20;
 const MIN_SEGMENT_BYTES: u64 = 4 << 10;
 const MAX_SEGMENT_BYTES: u64 = 64 << 20;
@@ -184,13 +195,18 @@ pub(crate) struct Journal {
     head: u64,
     next_index: u64,
     max_bytes: u64,
+    /// The most a chunk read for the sink weighs ([`record_bytes`]), unless its first line alone
+    /// weighs more; packed lines are cut to fit it.
+    chunk_bytes: u64,
     segment_bytes: u64,
     skipped: u64,
 }
 
 impl Journal {
     /// Opens (creating it if needed) the journal in `dir`, finding what an earlier process left.
-    pub(crate) fn open(dir: &Path, max_bytes: u64) -> io::Result<Journal> {
+    /// `max_bytes` is its size limit on disk, `chunk_bytes` what a chunk read for the sink may
+    /// weigh (see the module's documentation).
+    pub(crate) fn open(dir: &Path, max_bytes: u64, chunk_bytes: u64) -> io::Result<Journal> {
         fs::create_dir_all(dir)?;
         let mut found = Vec::new();
         for entry in fs::read_dir(dir)? {
@@ -207,6 +223,7 @@ impl Journal {
             head: 0,
             next_index: found.last().map_or(0, |(index, _)| index + 1),
             max_bytes,
+            chunk_bytes,
             segment_bytes: (max_bytes / 16).clamp(MIN_SEGMENT_BYTES, MAX_SEGMENT_BYTES),
             skipped: 0,
         };
@@ -288,7 +305,7 @@ impl Journal {
             LineKind::Plain => {
                 // Room for the whole batch at once, so that the buffer is not copied as it grows:
                 // the records' weight, and a quarter more for JSON's escapes and field names.
-                let weight: u64 = records.iter().map(crate::queue::record_bytes).sum();
+                let weight: u64 = records.iter().map(record_bytes).sum();
                 let mut buffer =
                     Vec::with_capacity(usize::try_from(weight + weight / 4).unwrap_or(0));
                 for record in records {
@@ -296,7 +313,7 @@ impl Journal {
                 }
                 buffer
             }
-            LineKind::Packed => encode_packed_lines(records)?,
+            LineKind::Packed => encode_packed_lines(records, self.chunk_bytes)?,
         };
         let bytes = self.bytes();
         let added = buffer.len() as u64;
@@ -360,9 +377,10 @@ impl Journal {
         Ok(())
     }
 
-    /// Reads up to `max_records` records from the head of the journal, without consuming them;
-    /// `None` when the journal is empty. A chunk never spans two segments, and may hold no
-    /// record when only skipped lines were left in a segment.
+    /// Reads up to `max_records` records (more by at most a packed line's) weighing at most the
+    /// chunk budget (more only when its first line alone does) from the head of the journal,
+    /// without consuming them; `None` when the journal is empty. A chunk never spans two
+    /// segments, and may hold no record when only skipped lines were left in a segment.
     pub(crate) fn read_chunk(&mut self, max_records: usize) -> io::Result<Option<Chunk>> {
         loop {
             let Some(front) = self.segments.front() else {
@@ -383,7 +401,7 @@ impl Journal {
                 }
                 Err(error) => return Err(error),
             };
-            return read_stretch(file, front, self.head, max_records).map(Some);
+            return read_stretch(file, front, self.head, max_records, self.chunk_bytes).map(Some);
         }
     }
 
@@ -482,26 +500,46 @@ fn encode_line(buffer: &mut Vec<u8>, record: &AuditRecord) -> Result<(), serde_j
     Ok(())
 }
 
-/// The packed lines of `records`: as many records a line as [`PACKED_LINE_RECORDS`] and
-/// [`PACKED_LINE_BYTES`] allow, at least one.
-fn encode_packed_lines(records: &[AuditRecord]) -> Result<Vec<u8>, JournalError> {
+/// The packed lines of `records`: as many records a line as [`PACKED_LINE_RECORDS`],
+/// [`PACKED_LINE_BYTES`] and a replay chunk's budget of `chunk_bytes` ([`weight_bound`]) allow,
+/// at least one.
+fn encode_packed_lines(records: &[AuditRecord], chunk_bytes: u64) -> Result<Vec<u8>, JournalError> {
     let mut buffer = Vec::new();
     let mut json = Vec::new();
     let mut packed = 0;
-    for (index, record) in records.iter().enumerate() {
+    for record in records {
+        let line_end = json.len();
         if packed > 0 {
             json.push(b'\n');
         }
         serde_json::to_writer(&mut json, record)?;
+        if packed > 0 && weight_bound(packed as u64 + 1, json.len() as u64) > chunk_bytes {
+            // With this record the line could not be replayed within the budget: it starts the
+            // next line.
+            encode_packed_line(&mut buffer, packed, &json[..line_end])?;
+            json.drain(..=line_end);
+            packed = 0;
+        }
         packed += 1;
-        let last = index + 1 == records.len();
-        if last || packed == PACKED_LINE_RECORDS || json.len() >= PACKED_LINE_BYTES {
+        if packed == PACKED_LINE_RECORDS || json.len() >= PACKED_LINE_BYTES {
             encode_packed_line(&mut buffer, packed, &json)?;
             json.clear();
             packed = 0;
         }
     }
+    if packed > 0 {
+        encode_packed_line(&mut buffer, packed, &json)?;
+    }
     Ok(buffer)
+}
+
+/// At least what `records` records whose JSON (joined by newlines) takes `json_bytes` weigh
+/// ([`record_bytes`]): each one's text is in its JSON, where escapes only make it longer, and the
+/// rest of its weight is the fixed part.
+fn weight_bound(records: u64, json_bytes: u64) -> u64 {
+    records
+        .saturating_mul(RECORD_FIXED_BYTES)
+        .saturating_add(json_bytes)
 }
 
 /// Appends the packed line of `records` records whose JSON, joined by newlines, is `json`.
@@ -566,6 +604,14 @@ impl Line<'_> {
         match self {
             Line::Record(_) => 1,
             Line::Packed { records, .. } => *records,
+        }
+    }
+
+    /// At least what the line's records weigh ([`weight_bound`]), known before it is decoded.
+    fn weight_bound(&self) -> u64 {
+        match self {
+            Line::Record(json) => weight_bound(1, json.len() as u64),
+            Line::Packed { records, size, .. } => weight_bound(*records, *size),
         }
     }
 
@@ -707,11 +753,14 @@ fn read_head(dir: &Path) -> Option<(u64, u64)> {
     Some((segment.parse().ok()?, offset.parse().ok()?))
 }
 
+/// Reads the chunk of `segment` that starts at `start`: lines up to `max_records` records and,
+/// unless it is the chunk's first line with records, up to `max_weight` ([`Line::weight_bound`]).
 fn read_stretch(
     mut file: File,
     segment: &Segment,
     start: u64,
     max_records: usize,
+    max_weight: u64,
 ) -> io::Result<Chunk> {
     file.seek(SeekFrom::Start(start))?;
     let mut reader = BufReader::new(file.take(segment.len.saturating_sub(start)));
@@ -724,22 +773,29 @@ fn read_stretch(
         skipped: 0,
     };
     let mut line = Vec::new();
+    // What the records read so far weigh, as the queue weighs them.
+    let mut weight = 0;
     while records.len() < max_records {
         line.clear();
         let read = reader.read_until(b'\n', &mut line)?;
         if read == 0 {
             break;
         }
-        stretch.end += read as u64;
         let Some(decoded) = decode_line(&line) else {
             tracing::warn!(
                 segment = segment.index,
-                offset = stretch.end - read as u64,
+                offset = stretch.end,
                 "torn or corrupt audit journal line skipped"
             );
+            stretch.end += read as u64;
             stretch.skipped += records_lost(&line);
             continue;
         };
+        if !records.is_empty() && weight + decoded.weight_bound() > max_weight {
+            // Left for the next chunk, which starts with it.
+            break;
+        }
+        stretch.end += read as u64;
         let count = decoded.records();
         stretch.lines += count;
         let before = records.len();
@@ -748,6 +804,7 @@ fn read_stretch(
                 for json in json.split(|b| *b == b'\n') {
                     push_record(&mut records, json, segment.index);
                 }
+                weight += records[before..].iter().map(record_bytes).sum::<u64>();
             }
             Err(error) => {
                 tracing::error!(segment = segment.index, %error, records = count, "packed audit journal line does not unpack; its records are skipped");
@@ -792,6 +849,9 @@ fn push_record(records: &mut Vec<AuditRecord>, json: &[u8], segment: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The chunk budget of the tests that are not about it: the queue's largest.
+    const TEST_CHUNK_BYTES: u64 = 32 << 20;
 
     fn record(id: usize) -> AuditRecord {
         serde_json::from_value(serde_json::json!({
@@ -857,7 +917,7 @@ mod tests {
     #[test]
     fn appended_records_come_back_in_order_across_segments() {
         let dir = tempfile::tempdir().unwrap();
-        let mut journal = Journal::open(dir.path(), 16 << 10).unwrap();
+        let mut journal = Journal::open(dir.path(), 16 << 10, TEST_CHUNK_BYTES).unwrap();
         for start in (0..100).step_by(10) {
             journal
                 .append(&records(start..start + 10), true, LineKind::Plain)
@@ -882,7 +942,7 @@ mod tests {
     #[test]
     fn a_chunk_not_committed_is_read_again() {
         let dir = tempfile::tempdir().unwrap();
-        let mut journal = Journal::open(dir.path(), 1 << 20).unwrap();
+        let mut journal = Journal::open(dir.path(), 1 << 20, TEST_CHUNK_BYTES).unwrap();
         journal
             .append(&records(0..5), false, LineKind::Plain)
             .unwrap();
@@ -900,12 +960,12 @@ mod tests {
     fn a_reopened_journal_replays_and_never_appends_to_an_old_segment() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let mut journal = Journal::open(dir.path(), 1 << 20).unwrap();
+            let mut journal = Journal::open(dir.path(), 1 << 20, TEST_CHUNK_BYTES).unwrap();
             journal
                 .append(&records(0..4), false, LineKind::Plain)
                 .unwrap();
         }
-        let mut journal = Journal::open(dir.path(), 1 << 20).unwrap();
+        let mut journal = Journal::open(dir.path(), 1 << 20, TEST_CHUNK_BYTES).unwrap();
         assert_eq!(journal.status().records, 4);
         journal
             .append(&records(4..6), false, LineKind::Plain)
@@ -918,7 +978,7 @@ mod tests {
     fn a_reopened_journal_resumes_where_the_last_commit_left_it() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let mut journal = Journal::open(dir.path(), 1 << 20).unwrap();
+            let mut journal = Journal::open(dir.path(), 1 << 20, TEST_CHUNK_BYTES).unwrap();
             journal
                 .append(&records(0..10), false, LineKind::Plain)
                 .unwrap();
@@ -927,7 +987,7 @@ mod tests {
             // Read but not stored: replayed again.
             journal.read_chunk(3).unwrap().unwrap();
         }
-        let mut journal = Journal::open(dir.path(), 1 << 20).unwrap();
+        let mut journal = Journal::open(dir.path(), 1 << 20, TEST_CHUNK_BYTES).unwrap();
         assert_eq!(journal.status().records, 6);
         assert_eq!(drain(&mut journal), ids(4..10));
         assert!(
@@ -940,13 +1000,13 @@ mod tests {
         {
             let dir = tempfile::tempdir().unwrap();
             fs::write(dir.path().join(HEAD_FILE), "0 100\n").unwrap();
-            let mut journal = Journal::open(dir.path(), 1 << 20).unwrap();
+            let mut journal = Journal::open(dir.path(), 1 << 20, TEST_CHUNK_BYTES).unwrap();
             assert!(!dir.path().join(HEAD_FILE).exists());
             journal
                 .append(&records(0..3), false, LineKind::Plain)
                 .unwrap();
             drop(journal);
-            let mut journal = Journal::open(dir.path(), 1 << 20).unwrap();
+            let mut journal = Journal::open(dir.path(), 1 << 20, TEST_CHUNK_BYTES).unwrap();
             assert_eq!(drain(&mut journal), ids(0..3));
         }
 
@@ -955,7 +1015,7 @@ mod tests {
         for offset in ["999999", "5"] {
             let dir = tempfile::tempdir().unwrap();
             {
-                let mut journal = Journal::open(dir.path(), 1 << 20).unwrap();
+                let mut journal = Journal::open(dir.path(), 1 << 20, TEST_CHUNK_BYTES).unwrap();
                 journal
                     .append(&records(0..3), false, LineKind::Plain)
                     .unwrap();
@@ -966,7 +1026,7 @@ mod tests {
                 .find_map(|name| segment_index(&name))
                 .unwrap();
             fs::write(dir.path().join(HEAD_FILE), format!("{segment} {offset}\n")).unwrap();
-            let mut journal = Journal::open(dir.path(), 1 << 20).unwrap();
+            let mut journal = Journal::open(dir.path(), 1 << 20, TEST_CHUNK_BYTES).unwrap();
             assert_eq!(journal.status().records, 3, "head {offset}");
             assert_eq!(drain(&mut journal), ids(0..3), "head {offset}");
         }
@@ -976,7 +1036,7 @@ mod tests {
     fn torn_and_corrupt_lines_are_skipped_and_counted() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let mut journal = Journal::open(dir.path(), 1 << 20).unwrap();
+            let mut journal = Journal::open(dir.path(), 1 << 20, TEST_CHUNK_BYTES).unwrap();
             journal
                 .append(&records(0..5), false, LineKind::Plain)
                 .unwrap();
@@ -993,7 +1053,7 @@ mod tests {
         bytes[second] ^= 0x20;
         bytes.truncate(bytes.len() - 10);
         fs::write(&path, &bytes).unwrap();
-        let mut journal = Journal::open(dir.path(), 1 << 20).unwrap();
+        let mut journal = Journal::open(dir.path(), 1 << 20, TEST_CHUNK_BYTES).unwrap();
         assert_eq!(journal.status().records, 3);
         assert_eq!(drain(&mut journal), ["0", "2", "3"]);
         assert_eq!(journal.status().skipped, 2);
@@ -1045,7 +1105,7 @@ mod tests {
             &old,
         )
         .unwrap();
-        let mut journal = Journal::open(dir.path(), 1 << 20).unwrap();
+        let mut journal = Journal::open(dir.path(), 1 << 20, TEST_CHUNK_BYTES).unwrap();
         assert_eq!(journal.status().records, 3);
         journal
             .append(&records(3..5), false, LineKind::Plain)
@@ -1062,7 +1122,7 @@ mod tests {
             b"0123 {\"Torn",
         )
         .unwrap();
-        let journal = Journal::open(dir.path(), 1 << 20).unwrap();
+        let journal = Journal::open(dir.path(), 1 << 20, TEST_CHUNK_BYTES).unwrap();
         let status = journal.status();
         assert!(status.empty);
         assert_eq!(status.skipped, 1);
@@ -1072,7 +1132,7 @@ mod tests {
     #[test]
     fn the_size_limit_refuses_appends_unless_empty_or_forced() {
         let dir = tempfile::tempdir().unwrap();
-        let mut journal = Journal::open(dir.path(), 2000).unwrap();
+        let mut journal = Journal::open(dir.path(), 2000, TEST_CHUNK_BYTES).unwrap();
         journal
             .append(&records(0..3), false, LineKind::Plain)
             .unwrap();
@@ -1138,10 +1198,10 @@ mod tests {
     fn packed_lines_come_back_as_the_records_in_a_fraction_of_the_bytes() {
         let calls: Vec<AuditRecord> = (0..300).map(chat_record).collect();
         let plain_dir = tempfile::tempdir().unwrap();
-        let mut plain = Journal::open(plain_dir.path(), 1 << 30).unwrap();
+        let mut plain = Journal::open(plain_dir.path(), 1 << 30, TEST_CHUNK_BYTES).unwrap();
         plain.append(&calls, false, LineKind::Plain).unwrap();
         let packed_dir = tempfile::tempdir().unwrap();
-        let mut packed = Journal::open(packed_dir.path(), 1 << 30).unwrap();
+        let mut packed = Journal::open(packed_dir.path(), 1 << 30, TEST_CHUNK_BYTES).unwrap();
         let stretch = packed.append(&calls, false, LineKind::Packed).unwrap();
         assert_eq!(stretch.lines, 300);
         assert_eq!(packed.status().records, 300);
@@ -1161,7 +1221,7 @@ mod tests {
 
         // Read back whole, field for field, after a restart too.
         drop(packed);
-        let mut packed = Journal::open(packed_dir.path(), 1 << 30).unwrap();
+        let mut packed = Journal::open(packed_dir.path(), 1 << 30, TEST_CHUNK_BYTES).unwrap();
         assert_eq!(packed.status().records, 300);
         let mut read = Vec::new();
         while let Some(chunk) = packed.read_chunk(100).unwrap() {
@@ -1181,7 +1241,7 @@ mod tests {
     fn plain_and_packed_lines_mix_and_a_restart_resumes_between_them() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let mut journal = Journal::open(dir.path(), 1 << 20).unwrap();
+            let mut journal = Journal::open(dir.path(), 1 << 20, TEST_CHUNK_BYTES).unwrap();
             journal
                 .append(&records(0..5), false, LineKind::Plain)
                 .unwrap();
@@ -1196,7 +1256,7 @@ mod tests {
             assert_eq!(chunk.records.len(), 5 + PACKED_LINE_RECORDS);
             journal.commit(chunk.stretch);
         }
-        let mut journal = Journal::open(dir.path(), 1 << 20).unwrap();
+        let mut journal = Journal::open(dir.path(), 1 << 20, TEST_CHUNK_BYTES).unwrap();
         assert_eq!(
             journal.status().records,
             145 - 5 - PACKED_LINE_RECORDS as u64
@@ -1208,7 +1268,7 @@ mod tests {
     fn a_damaged_packed_line_is_skipped_with_the_records_its_head_names() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let mut journal = Journal::open(dir.path(), 1 << 20).unwrap();
+            let mut journal = Journal::open(dir.path(), 1 << 20, TEST_CHUNK_BYTES).unwrap();
             journal
                 .append(&records(0..10), false, LineKind::Packed)
                 .unwrap();
@@ -1227,7 +1287,7 @@ mod tests {
         bytes[first_end - 5] ^= 0x01;
         bytes.truncate(bytes.len() - 3);
         fs::write(&path, &bytes).unwrap();
-        let mut journal = Journal::open(dir.path(), 1 << 20).unwrap();
+        let mut journal = Journal::open(dir.path(), 1 << 20, TEST_CHUNK_BYTES).unwrap();
         assert!(journal.status().empty, "nothing readable is left");
         assert_eq!(
             journal.status().skipped,
@@ -1248,9 +1308,43 @@ mod tests {
     }
 
     #[test]
+    fn chunks_stay_within_the_budget_and_a_heavier_record_comes_alone() {
+        let budget: u64 = 16 << 10;
+        let with_body = |id: usize, bytes: usize| {
+            let mut record = record(id);
+            record.backend_request_body = Some("b".repeat(bytes));
+            record
+        };
+        // Records of ≈ 4 KiB, and one of 40 KiB, more than the whole budget.
+        let mut heavy: Vec<AuditRecord> = (0..30).map(|id| with_body(id, 3_000)).collect();
+        heavy[12] = with_body(12, 40_000);
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::open(dir.path(), 1 << 30, budget).unwrap();
+        journal
+            .append(&heavy[..10], false, LineKind::Plain)
+            .unwrap();
+        journal
+            .append(&heavy[10..], false, LineKind::Packed)
+            .unwrap();
+        let mut read = Vec::new();
+        while let Some(chunk) = journal.read_chunk(512).unwrap() {
+            let weight: u64 = chunk.records.iter().map(record_bytes).sum();
+            assert!(
+                weight <= budget || chunk.records.len() == 1,
+                "{} records weigh {weight}, over {budget}",
+                chunk.records.len()
+            );
+            read.extend(chunk.records);
+            journal.commit(chunk.stretch);
+        }
+        assert_eq!(read, heavy);
+        assert_eq!(journal.status().skipped, 0);
+    }
+
+    #[test]
     fn a_journal_file_reads_as_its_records_json_whatever_its_lines() {
         let dir = tempfile::tempdir().unwrap();
-        let mut journal = Journal::open(dir.path(), 1 << 20).unwrap();
+        let mut journal = Journal::open(dir.path(), 1 << 20, TEST_CHUNK_BYTES).unwrap();
         journal
             .append(&records(0..3), false, LineKind::Plain)
             .unwrap();

@@ -53,6 +53,9 @@
 //! over and not yet stored or journaled weigh ([`record_bytes`]), since captured bodies make some
 //! records thousands of times heavier than others. At the bound new calls wait as for a full
 //! queue; the records of calls already in progress are still taken, so the bound is soft by those.
+//! A chunk replayed from the journal is read up to 512 records and up to
+//! [`QueueSettings::replay_chunk_bytes`] (a quarter of the bound, at most 32 MiB), so that a
+//! backlog of heavy records is not read into memory hundreds of megabytes at a time beside them.
 //!
 //! # Admission and fail-closed
 //!
@@ -113,6 +116,9 @@ pub const DEFAULT_JOURNAL_MAX_BYTES: u64 = 1 << 30;
 pub const DEFAULT_CAPACITY: usize = 10_000;
 /// The bytes of records the queue and its writer hold in memory, unless set: 256 MiB.
 pub const DEFAULT_MAX_BYTES: u64 = 256 << 20;
+/// The most a chunk replayed from the journal weighs, whatever [`QueueSettings::max_bytes`]:
+/// 32 MiB ([`QueueSettings::replay_chunk_bytes`]).
+pub const MAX_REPLAY_CHUNK_BYTES: u64 = 32 << 20;
 
 /// How the queue and its writer behave.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,7 +129,9 @@ pub struct QueueSettings {
     /// Bytes of the records held in memory, submitted and neither stored nor journaled yet
     /// ([`record_bytes`]): at or past it, new calls wait as they do for a full queue, and
     /// [`AuditQueue::submit`] refuses. Records of calls that already hold room are taken past
-    /// it, so the bound is soft by what those calls bring.
+    /// it, so the bound is soft by what those calls bring. The chunk of the journal being
+    /// replayed is held beside them, and weighs at most
+    /// [`QueueSettings::replay_chunk_bytes`].
     pub max_bytes: u64,
     /// Where the journal and the chain state live; `None` keeps no journal (records wait in the
     /// channel while the sink is down) and no chain state (every start begins marked segments).
@@ -137,6 +145,16 @@ pub struct QueueSettings {
     /// How long a call waits for room in a full queue before it goes on without
     /// ([`AuditQueue::reserve`]).
     pub room_wait: Duration,
+}
+
+impl QueueSettings {
+    /// The most a chunk replayed from the journal weighs ([`record_bytes`]), on top of the
+    /// records [`QueueSettings::max_bytes`] bounds: a quarter of that bound, at most
+    /// [`MAX_REPLAY_CHUNK_BYTES`]. A chunk is heavier only when it is a single record (or a single
+    /// packed line of an earlier process) that weighs more, so that the replay goes on.
+    pub fn replay_chunk_bytes(&self) -> u64 {
+        (self.max_bytes / 4).min(MAX_REPLAY_CHUNK_BYTES)
+    }
 }
 
 impl Default for QueueSettings {
@@ -385,8 +403,9 @@ impl AuditQueue {
             return Ok(spawn(sink, &settings, Chainer::in_memory(), None));
         };
         let max_bytes = settings.journal_max_bytes;
+        let chunk_bytes = settings.replay_chunk_bytes();
         let (journal, chainer) = tokio::task::spawn_blocking(move || {
-            let journal = Journal::open(&dir, max_bytes)?;
+            let journal = Journal::open(&dir, max_bytes, chunk_bytes)?;
             let chainer = Chainer::open(dir.join(STATE_FILE));
             Ok::<_, io::Error>((journal, chainer))
         })
@@ -593,11 +612,16 @@ fn spawn(
 
 type Batch = Arc<Vec<AuditRecord>>;
 
+/// The part of a record's weight ([`record_bytes`]) that does not depend on its text: the
+/// record's own size and the numbers, flags and attempts it carries, roughly.
+pub(crate) const RECORD_FIXED_BYTES: u64 = 1_024;
+
 /// What a record weighs in memory, as [`QueueSettings::max_bytes`] counts it: its text (bodies,
 /// messages, addresses, names, groups and error texts) and a fixed part for the rest.
+///
+/// The journal bounds a replay chunk's weight by its lines' JSON before it decodes them (see
+/// `journal`), which holds only while every text counted here is one the record's JSON holds.
 pub fn record_bytes(record: &AuditRecord) -> u64 {
-    /// The record's own size and the numbers, flags and attempts it carries, roughly.
-    const FIXED: usize = 1_024;
     let optional = [
         &record.backend_id,
         &record.backend_url,
@@ -634,7 +658,7 @@ pub fn record_bytes(record: &AuditRecord) -> u64 {
     )
     .chain(record.groups.iter().map(String::len))
     .sum::<usize>();
-    (FIXED + text) as u64
+    RECORD_FIXED_BYTES + text as u64
 }
 
 /// The writer task's state.

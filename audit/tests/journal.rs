@@ -1010,3 +1010,75 @@ async fn journaled_records_leave_memory_and_calls_do_not_wait_for_a_stalled_stor
     assert_eq!(ids(&sink.records()), expected(0..42), "all, in order");
     assert_eq!((stats.depth_bytes, stats.waited, stats.rejected), (0, 0, 0));
 }
+
+/// A sink that fails while the test says, and notes of each batch it stores the records' ids and
+/// what the batch weighs ([`record_bytes`]), without keeping the records.
+#[derive(Default)]
+struct WeighingSink {
+    failing: AtomicBool,
+    /// Per batch stored: its records' ids and its weight.
+    batches: Mutex<Vec<(Vec<String>, u64)>>,
+}
+
+impl AuditSink for WeighingSink {
+    fn write_batch<'a>(
+        &'a self,
+        records: &'a [AuditRecord],
+    ) -> BoxFuture<'a, Result<(), SinkError>> {
+        Box::pin(async move {
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(SinkError::Io(std::io::Error::other("sink down (test)")));
+            }
+            let weight = records.iter().map(record_bytes).sum();
+            self.batches.lock().unwrap().push((ids(records), weight));
+            Ok(())
+        })
+    }
+
+    fn name(&self) -> &'static str {
+        "weighing"
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_of_heavy_records_is_replayed_in_chunks_within_the_replay_budget() {
+    // 600 records of 256 KiB each wait in the journal through an outage. Read 512 at a time, a
+    // replay chunk would hold 128 MiB beside the 4 MiB the byte bound lets the queue hold (with
+    // bodies of a megabyte, half a gigabyte).
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Arc::new(WeighingSink::default());
+    sink.failing.store(true, Ordering::SeqCst);
+    let settings = QueueSettings {
+        max_bytes: 4 << 20,
+        room_wait: Duration::from_secs(60),
+        ..settings(dir.path())
+    };
+    let budget = settings.replay_chunk_bytes();
+    assert_eq!(budget, 1 << 20, "a quarter of the byte bound");
+    let (queue, writer) = AuditQueue::start_with(sink.clone(), settings)
+        .await
+        .unwrap();
+    for i in 0..600 {
+        queue.reserve().await.unwrap().submit(weighty(i, 256 << 10));
+    }
+    eventually("every record to be journaled", || {
+        let stats = queue.stats();
+        stats.depth == 0 && stats.journal_records == 600
+    })
+    .await;
+    sink.failing.store(false, Ordering::SeqCst);
+    settle(&queue).await;
+    let stats = finish(queue, writer).await;
+    assert_eq!((stats.written, stats.rejected), (600, 0));
+
+    let batches = sink.batches.lock().unwrap().clone();
+    for (records, weight) in &batches {
+        assert!(
+            *weight <= budget,
+            "a replayed batch of {} records weighs {weight} bytes, over the budget of {budget}",
+            records.len()
+        );
+    }
+    let stored: Vec<String> = batches.into_iter().flat_map(|(ids, _)| ids).collect();
+    assert_eq!(stored, expected(0..600), "every record once, in order");
+}
