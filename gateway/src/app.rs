@@ -617,8 +617,10 @@ async fn pipeline(
     Ok(response)
 }
 
-/// Step 6: the usage limits of the snapshot, for calls a pool serves (any other call is
-/// answered 404 without reaching a backend, and costs nothing).
+/// Step 6: the usage limits of the snapshot, for calls a pool serves and for calls that run a
+/// model without naming a deployment a pool serves (a Responses call continuing a stored
+/// response, which goes to the member that holds it); any other call is answered 404 without
+/// reaching a backend, and costs nothing.
 async fn limit(
     gateway: &Gateway,
     runtime: &Runtime,
@@ -629,16 +631,17 @@ async fn limit(
     if rules.is_empty() {
         return Ok(Admission::default());
     }
-    let Some(pool) = runtime.pool_for(call.deployment.as_deref()) else {
+    let pool = runtime.pool_for(call.deployment.as_deref());
+    if pool.is_none() && !call.operation.is_inference() {
         return Ok(Admission::default());
-    };
+    }
     // A member that renames runs its own deployment whatever the call names.
     let runs: Vec<&str> = pool
-        .members
         .iter()
+        .flat_map(|pool| &pool.members)
         .filter_map(|member| member.config.deployment.as_deref())
         .collect();
-    let renaming = (!runs.is_empty()).then_some(Renaming {
+    let renaming = pool.filter(|_| !runs.is_empty()).map(|pool| Renaming {
         pool: &pool.id,
         runs: &runs,
     });

@@ -146,6 +146,19 @@ pub fn completion_allowance(operation: OperationId, body: Option<&Value>, defaul
     allowed.unwrap_or(default).saturating_mul(choices)
 }
 
+/// The deployment whose model a call runs: the one it names, or for an Assistants run (whose
+/// path names none) the `model` of its body, which Azure takes as a deployment name.
+fn deployment_run(call: &Call) -> Option<&str> {
+    call.deployment.as_deref().or_else(|| {
+        matches!(
+            call.operation,
+            OperationId::CreateRun | OperationId::CreateThreadAndRun
+        )
+        .then(|| call.peek.as_ref()?.model.as_deref())
+        .flatten()
+    })
+}
+
 /// A pool whose members rename every call to a deployment of their own: whatever name a client
 /// gives, the call runs one of `runs`.
 #[derive(Debug, Clone, Copy)]
@@ -624,7 +637,7 @@ impl Limiter {
         call: &Call,
         renaming: Option<Renaming<'_>>,
     ) -> Result<Admission, LimitRefusal> {
-        let deployment = call.deployment.as_deref();
+        let deployment = deployment_run(call);
         let applicable = || {
             rules.iter().filter(|rule| {
                 covers(rule, deployment, renaming) && counter_subject(rule, subject).is_some()

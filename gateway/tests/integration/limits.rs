@@ -687,3 +687,67 @@ async fn fetching_a_stored_response_costs_nothing_and_background_work_stays_rese
     assert_eq!(remaining, QUOTA - 20 - background - reserved);
     gw.stop().await;
 }
+
+/// A Responses call that continues a stored response names no model and runs on the member that
+/// holds it: a rule over every call limits it although no pool serves resource calls. An
+/// Assistants run names its deployment in its body: a rule for that deployment limits it.
+#[tokio::test]
+async fn calls_that_run_a_model_without_naming_a_deployment_are_limited() {
+    use axum::routing::post;
+    let app = axum::Router::new()
+        .route(
+            "/openai/v1/responses",
+            post(|| async {
+                axum::Json(json!({"id": "resp_1", "object": "response", "model": "gpt-4o", "status": "completed",
+                    "output": [], "usage": {"input_tokens": 5, "output_tokens": 5, "total_tokens": 10}}))
+            }),
+        )
+        .route(
+            "/openai/threads/{thread}/runs",
+            post(|| async {
+                axum::Json(json!({"id": "run_1", "object": "thread.run", "status": "queued", "model": "gpt-4o"}))
+            }),
+        );
+    let url = serve_stub(app).await;
+
+    let mut continuing = snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member("a", &url, 1)]}]),
+    );
+    continuing.limits = serde_json::from_value(json!([{"id": "every-call",
+        "subject": {"kind": "each_subscription"}, "requests_per_minute": 2}]))
+    .unwrap();
+    let gw = TestGateway::start(continuing).await;
+    let respond = |body: Value| gw.post("/openai/v1/responses").json(&body).send();
+    let first = respond(json!({"model": "gpt-4o", "input": "Hello"}))
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    first.bytes().await.unwrap();
+    let next = json!({"input": "And again", "previous_response_id": "resp_1"});
+    let second = respond(next.clone()).await.unwrap();
+    assert_eq!(second.status(), 200);
+    assert_eq!(header(&second, "x-gatehouse-remaining-requests"), Some(0));
+    second.bytes().await.unwrap();
+    let message = azure_error(respond(next).await.unwrap(), 429).await;
+    assert!(message.contains("every-call"), "{message}");
+    gw.stop().await;
+
+    let mut runs = snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o"], "serves_resources": true, "members": [member("a", &url, 1)]}]),
+    );
+    runs.limits = serde_json::from_value(json!([{"id": "gpt-4o-rate", "deployments": ["gpt-4o"],
+        "subject": {"kind": "each_subscription"}, "requests_per_minute": 1}]))
+    .unwrap();
+    let gw = TestGateway::start(runs).await;
+    let run = || {
+        gw.post("/openai/threads/thread_1/runs?api-version=2024-05-01-preview")
+            .json(&json!({"assistant_id": "asst_1", "model": "gpt-4o"}))
+            .send()
+    };
+    assert_eq!(run().await.unwrap().status(), 200);
+    let message = azure_error(run().await.unwrap(), 429).await;
+    assert!(message.contains("gpt-4o-rate"), "{message}");
+    gw.stop().await;
+}
