@@ -196,9 +196,9 @@ pub struct RecordSlot {
 
 impl RecordSlot {
     /// Hands the record over in the room taken for it; never refuses for want of space.
-    pub fn submit(self, record: AuditRecord) {
+    pub fn submit(self, mut record: AuditRecord) {
+        let bytes = take_in(&mut record);
         let correlation_id = record.correlation_id.clone();
-        let bytes = record_bytes(&record);
         // Counted before the send: once sent, the writer may store the record and release its
         // bytes before this thread runs again, and a count added after that would stay for good.
         self.shared.taken(bytes);
@@ -468,13 +468,13 @@ impl AuditQueue {
 
     /// Hands a record to the writer without waiting, saying why when it cannot (the refusal is
     /// counted and logged).
-    pub fn try_submit(&self, record: AuditRecord) -> Result<(), RecordRefused> {
+    pub fn try_submit(&self, mut record: AuditRecord) -> Result<(), RecordRefused> {
         if !self.shared.under_max_bytes() && !self.sender.is_closed() {
             self.shared
                 .refused(&record.correlation_id, RecordRefused::Full);
             return Err(RecordRefused::Full);
         }
-        let bytes = record_bytes(&record);
+        let bytes = take_in(&mut record);
         // Counted before the send, as in `RecordSlot::submit`.
         self.shared.taken(bytes);
         match self.sender.try_send(record) {
@@ -611,6 +611,16 @@ fn spawn(
 }
 
 type Batch = Arc<Vec<AuditRecord>>;
+
+/// Makes a record handed to the queue what the writer will link and store, and weighs it as
+/// such: its NUL characters replaced with U+FFFD, since every store keeps, and the verifier reads
+/// back, the same text (PostgreSQL cannot hold U+0000). Replaced before it is weighed: each NUL
+/// takes three bytes instead of one, and a record weighed first would be released heavier than it
+/// was counted, so that the bytes held drifted down and the byte bound stopped holding.
+fn take_in(record: &mut AuditRecord) -> u64 {
+    record.replace_nul();
+    record_bytes(record)
+}
 
 /// The part of a record's weight ([`record_bytes`]) that does not depend on its text: the
 /// record's own size and the numbers, flags and attempts it carries, roughly.
@@ -979,9 +989,7 @@ impl Writer {
     /// Links a received batch and writes it to the sink or, behind older records, the journal.
     async fn accept(&mut self, mut batch: Vec<AuditRecord>) {
         for (index, record) in batch.iter_mut().enumerate() {
-            // Before the link: every store keeps, and the verifier reads back, the same text
-            // (PostgreSQL cannot hold U+0000).
-            record.replace_nul();
+            // Its NUL characters were replaced as it was handed over (`take_in`).
             self.chainer.link(record);
             if index % LINKS_PER_YIELD == LINKS_PER_YIELD - 1 {
                 tokio::task::yield_now().await;
@@ -1527,6 +1535,82 @@ pub(crate) mod tests {
             Some("a\u{FFFD}b")
         );
         assert!(crate::chain::verify(records).is_intact());
+    }
+
+    /// Lets writes through one at a time, as the test opens the gate; counts the writes begun.
+    struct GatedSink {
+        gate: tokio::sync::Semaphore,
+        started: AtomicU64,
+    }
+
+    impl AuditSink for GatedSink {
+        fn write_batch<'a>(
+            &'a self,
+            _records: &'a [AuditRecord],
+        ) -> futures::future::BoxFuture<'a, Result<(), SinkError>> {
+            Box::pin(async move {
+                self.started.fetch_add(1, Ordering::SeqCst);
+                self.gate
+                    .acquire()
+                    .await
+                    .map_err(|error| SinkError::Io(io::Error::other(error)))?
+                    .forget();
+                Ok(())
+            })
+        }
+
+        fn name(&self) -> &'static str {
+            "gated"
+        }
+    }
+
+    /// Waits (at most 20 s) until `sink` has begun `writes` writes.
+    async fn writes_begun(sink: &GatedSink, writes: u64) {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while sink.started.load(Ordering::SeqCst) < writes {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_record_with_nul_characters_is_released_with_the_bytes_it_was_counted_with() {
+        // PCM silence captured in a text answer: 100,000 NULs, each stored as U+FFFD (3 bytes).
+        let sink = Arc::new(GatedSink {
+            gate: tokio::sync::Semaphore::new(0),
+            started: AtomicU64::new(0),
+        });
+        let settings = QueueSettings {
+            capacity: 16,
+            sink_timeout: Duration::from_secs(60),
+            ..QueueSettings::default()
+        };
+        let (queue, writer) = AuditQueue::start_with(sink.clone(), settings)
+            .await
+            .unwrap();
+        let mut silence = record("silence");
+        silence.backend_response_body = Some("\0".repeat(100_000));
+        queue.reserve().await.unwrap().submit(silence);
+        writes_begun(&sink, 1).await;
+        // Handed over while the record with NULs is being stored, and still held after.
+        let mut held = record("held");
+        held.backend_request_body = Some("x".repeat(300_000));
+        let held_bytes = record_bytes(&held);
+        queue.reserve().await.unwrap().submit(held);
+        assert!(queue.stats().depth_bytes > held_bytes);
+        sink.gate.add_permits(1);
+        writes_begun(&sink, 2).await;
+        assert_eq!(
+            queue.stats().depth_bytes,
+            held_bytes,
+            "only the record still held weighs"
+        );
+        sink.gate.add_permits(1);
+        drop(queue);
+        let stats = writer.finish().await;
+        assert_eq!((stats.written, stats.depth, stats.depth_bytes), (2, 0, 0));
     }
 
     #[tokio::test]
