@@ -1,7 +1,8 @@
 //! Audit search (Auditor, Admin): filters in a GET form, results with keyset paging, the detail
 //! of one call with the prompt and the completion as text (never HTML), and links to the
 //! streamed CSV / JSON-lines export. Every search and every detail view is recorded in the
-//! activity log on the server before it runs.
+//! activity log on the server before it runs; one that a link on another site asked for does not
+//! run (and is not recorded) until the user asks for it again from the portal, one click away.
 
 #![allow(
     clippy::too_many_arguments,
@@ -96,6 +97,17 @@ pub struct CallView {
     pub chain_ok: Option<bool>,
     /// The source's warnings.
     pub warnings: Vec<String>,
+}
+
+/// What a search or a call opened gives back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Look<T> {
+    /// It ran, and is in the activity log.
+    Done(T),
+    /// The request came from another site (`Sec-Fetch-Site`, see
+    /// `crate::ssr::from_another_site`): nothing ran and nothing was recorded; the page offers to
+    /// run it from the portal.
+    FromAnotherSite,
 }
 
 const FIELDS: [&str; 12] = [
@@ -198,7 +210,8 @@ fn page_queries(
     (query, next_query)
 }
 
-/// One page of an audit search: Auditor, Admin; recorded in the activity log.
+/// One page of an audit search: Auditor, Admin; recorded in the activity log. Not run when the
+/// request came from another site.
 #[server(endpoint = "audit_search")]
 pub async fn audit_search(
     range: String,
@@ -214,9 +227,12 @@ pub async fn audit_search(
     text: String,
     limit: String,
     cursor: String,
-) -> Result<SearchData, ServerFnError> {
+) -> Result<Look<SearchData>, ServerFnError> {
     use crate::usage::ssr::{insights_and_user, to_error};
     use gatehouse_portal_core::insights::{SearchForm, SearchRequest};
+    if crate::ssr::request_from_another_site() {
+        return Ok(Look::FromAnotherSite);
+    }
     let (insights, signed_in) = insights_and_user().await?;
     let form = SearchForm {
         range,
@@ -243,19 +259,23 @@ pub async fn audit_search(
         .await
         .map_err(to_error)?;
     let (query, next_query) = page_queries(&form, &request.range, answer.value.next.as_deref());
-    Ok(SearchData {
+    Ok(Look::Done(SearchData {
         rows: answer.value.items.into_iter().map(row_view).collect(),
         next_query,
         query,
         warnings: answer.warnings,
-    })
+    }))
 }
 
-/// One call in full (its chain verified when `verify` is `1`): Auditor, Admin; recorded.
+/// One call in full (its chain verified when `verify` is `1`): Auditor, Admin; recorded. Neither
+/// shown nor verified when the request came from another site.
 #[server(endpoint = "audit_call")]
-pub async fn audit_call(id: String, verify: String) -> Result<CallView, ServerFnError> {
+pub async fn audit_call(id: String, verify: String) -> Result<Look<CallView>, ServerFnError> {
     use crate::usage::ssr::{insights_and_user, to_error};
     use gatehouse_portal_core::insights::ChainCheck;
+    if crate::ssr::request_from_another_site() {
+        return Ok(Look::FromAnotherSite);
+    }
     let (insights, signed_in) = insights_and_user().await?;
     let answer = insights
         .call(signed_in.as_ref(), &id, verify == "1")
@@ -277,7 +297,7 @@ pub async fn audit_call(id: String, verify: String) -> Result<CallView, ServerFn
         Some(ChainCheck::Unavailable(why)) => (Some(why), None),
     };
     let opt = |v: Option<i64>| v.map(thousands).unwrap_or_else(|| "–".to_owned());
-    Ok(CallView {
+    Ok(Look::Done(CallView {
         id: call.row.correlation_id.clone(),
         backend: call.backend_id.unwrap_or_default(),
         attempts: call.attempts,
@@ -300,7 +320,7 @@ pub async fn audit_call(id: String, verify: String) -> Result<CallView, ServerFn
         chain_ok,
         warnings: answer.warnings,
         row: row_view(call.row),
-    })
+    }))
 }
 
 fn text_field(name: &'static str, label: &'static str, value: String) -> impl IntoView {
@@ -353,6 +373,17 @@ pub fn AuditSearch() -> impl IntoView {
     );
     let values = asked();
     let get = |i: usize| values.get(i).cloned().unwrap_or_default();
+    // The page's own address, for the link that runs a search another site's link asked for.
+    let this_search = move || {
+        let values = asked();
+        let pairs: Vec<(&str, &str)> = FIELDS
+            .iter()
+            .copied()
+            .chain(["cursor"])
+            .zip(values.iter().map(String::as_str))
+            .collect();
+        format!("/audit?{}", query_string(&pairs))
+    };
     view! {
         <h1>"Audit search"</h1>
         <form method="get" action="/audit" class="form-grid" id="audit-form">
@@ -372,13 +403,31 @@ pub fn AuditSearch() -> impl IntoView {
         </form>
         <p class="muted">"Every search and every call opened is recorded in the activity log."</p>
         <Suspense fallback=|| view! { <p class="muted">"Searching…"</p> }>
-            {move || Suspend::new(async move {
-                match data.await {
-                    Ok(Some(page)) => results(page).into_any(),
-                    Ok(None) => view! { <p class="empty">"Choose filters and search."</p> }.into_any(),
-                    Err(error) => view! { <Problem error /> }.into_any(),
-                }
-            })}
+            {move || {
+                let this_search = this_search();
+                Suspend::new(async move {
+                    match data.await {
+                        Ok(Some(Look::Done(page))) => results(page).into_any(),
+                        Ok(Some(Look::FromAnotherSite)) => {
+                            view! {
+                                <div class="callout callout-warn" role="status" id="audit-held-back">
+                                    <p>
+                                        "This search comes from a link on another site, so it has not run and nothing is in the activity log. Check the filters above, then run it:"
+                                    </p>
+                                    <p>
+                                        <ServerLink href=this_search id="audit-run">
+                                            "Run this search"
+                                        </ServerLink>
+                                    </p>
+                                </div>
+                            }
+                                .into_any()
+                        }
+                        Ok(None) => view! { <p class="empty">"Choose filters and search."</p> }.into_any(),
+                        Err(error) => view! { <Problem error /> }.into_any(),
+                    }
+                })
+            }}
         </Suspense>
     }
 }
@@ -477,12 +526,36 @@ pub fn AuditCall() -> impl IntoView {
         <h1>"Call"</h1>
         <p><a href="/audit" class="muted">"← audit search"</a></p>
         <Suspense fallback=|| view! { <p class="muted">"Loading…"</p> }>
-            {move || Suspend::new(async move {
-                match data.await {
-                    Ok(call) => call_view(call).into_any(),
-                    Err(error) => view! { <Problem error /> }.into_any(),
-                }
-            })}
+            {move || {
+                // The page's own address, for the link that opens a call another site's link
+                // asked for.
+                let (id, verify) = asked();
+                let this_call = format!(
+                    "/audit/call?{}",
+                    query_string(&[("id", &id), ("verify", &verify)])
+                );
+                Suspend::new(async move {
+                    match data.await {
+                        Ok(Look::Done(call)) => call_view(call).into_any(),
+                        Ok(Look::FromAnotherSite) => {
+                            view! {
+                                <div class="callout callout-warn" role="status" id="call-held-back">
+                                    <p>
+                                        "This call comes from a link on another site, so it is not shown, its chain is not verified and nothing is in the activity log. Open it from here:"
+                                    </p>
+                                    <p>
+                                        <ServerLink href=this_call id="call-open">
+                                            "Open call " {id}
+                                        </ServerLink>
+                                    </p>
+                                </div>
+                            }
+                                .into_any()
+                        }
+                        Err(error) => view! { <Problem error /> }.into_any(),
+                    }
+                })
+            }}
         </Suspense>
     }
 }

@@ -211,6 +211,29 @@ pub mod ssr {
         Ok((portal, user))
     }
 
+    /// Whether the browser says the request was started by another site: `Sec-Fetch-Site` is
+    /// `cross-site` or `same-site` (a link, a form or a script on another origin). The session
+    /// cookie is `SameSite=Lax`, so a top-level GET from another site still carries it: a GET
+    /// that records an audit access in the user's name (a search, a call opened, an export)
+    /// must not run on such a request, or any site could write entries in that user's activity
+    /// log. `same-origin` (the portal's own pages) and `none` (typed in, a bookmark, a link
+    /// opened from another application) are not from another site, nor is a request without
+    /// the header: browsers send it on every request to an https or loopback origin (Chrome 76,
+    /// Firefox 90, Safari 16.4 and later), so that is a client that is not a browser, which
+    /// another site cannot drive, or a browser this does not protect (an older one, or a portal
+    /// served over plain http). (A state-changing request is checked by its `Origin` in the
+    /// server's `security` layer.)
+    pub fn from_another_site(headers: &http::HeaderMap) -> bool {
+        headers
+            .get("sec-fetch-site")
+            .is_some_and(|site| matches!(site.as_bytes(), b"cross-site" | b"same-site"))
+    }
+
+    /// [`from_another_site`] for the request being served: a page's, or a server function's.
+    pub fn request_from_another_site() -> bool {
+        use_context::<http::request::Parts>().is_some_and(|parts| from_another_site(&parts.headers))
+    }
+
     /// Turns an operation's error into what the caller sees: a generic message for internal
     /// failures, and the HTTP status that says what happened.
     pub fn to_server_error(error: PortalError) -> ServerFnError {

@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Router};
 use futures::StreamExt;
+use gatehouse_portal_app::ssr::from_another_site;
 use gatehouse_portal_core::insights::alerts::{AlertRule, Alerter};
 use gatehouse_portal_core::insights::chart::{Metric, usage_svg};
 use gatehouse_portal_core::insights::embedded::EmbeddedSource;
@@ -28,7 +29,7 @@ use gatehouse_portal_core::secret::AdminTokenRefs;
 use gatehouse_portal_core::user::current_user;
 use gatehouse_portal_core::{ConfigDb, Portal, SessionUser};
 use gatehouse_schema::config::SecretRef;
-use http::{HeaderValue, StatusCode, header};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
 use leptos::config::LeptosOptions;
 use serde::Deserialize;
 use time::OffsetDateTime;
@@ -307,12 +308,25 @@ pub struct ExportParams {
     pub search: SearchForm,
 }
 
+/// Streams the export of an audit search: Auditor, Admin; recorded. Refused (403) when the
+/// browser says another site started it: a link there would otherwise export, and record an
+/// export, in the name of whoever follows it signed in.
 async fn audit_export(
     Extension(portal): Extension<Portal>,
     Extension(insights): Extension<Insights>,
     session: Session,
+    headers: HeaderMap,
     Query(params): Query<ExportParams>,
 ) -> Response {
+    if from_another_site(&headers) {
+        tracing::warn!("refused an audit export started from another site");
+        return (
+            StatusCode::FORBIDDEN,
+            "An audit export started from another site (a link or a script elsewhere) is refused: \
+             start it from the portal's audit search.",
+        )
+            .into_response();
+    }
     let user = match user_of(&portal, &session).await {
         Ok(user) => user,
         Err(response) => return response,

@@ -1,4 +1,6 @@
-//! Security headers on every response and the Origin check on state-changing requests.
+//! Security headers on every response and the Origin check on state-changing requests. (GET
+//! requests that record an audit access are checked by `Sec-Fetch-Site` where they are served:
+//! `gatehouse_portal_app::ssr::from_another_site`.)
 
 use axum::Router;
 use axum::extract::Request;

@@ -470,6 +470,99 @@ async fn an_auditor_finds_opens_and_exports_calls_and_every_look_is_recorded() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_links_from_another_site_open_the_pages_but_run_and_record_nothing() {
+    let portal = portal_with_calls().await;
+    let mut auditor = signed_in(&portal, &[("role", "Auditor")]).await;
+    let search = format!("{}/audit?range=24h&user=alice%40contoso.com", portal.url);
+    let call = format!("{}/audit/call?id=call-000&verify=1", portal.url);
+    let export = format!("{}/audit/export?format=csv&range=24h", portal.url);
+    let audit_activity = || async {
+        let log = portal.server.portal.db.activity(100).await.unwrap();
+        log.into_iter()
+            .filter(|e| e.action.starts_with("audit."))
+            .map(|e| e.action)
+            .collect::<Vec<_>>()
+    };
+
+    // A link (or a script) on another site, followed with the auditor's session cookie.
+    for site in ["cross-site", "same-site"] {
+        let page = auditor.navigate(&search, site).await;
+        assert_eq!(page.status(), 200, "{site}");
+        let page = page.text().await.unwrap();
+        assert!(
+            page.contains("value=\"alice@contoso.com\""),
+            "{site}: the form shows the link's filters: {page}"
+        );
+        let held_back = page
+            .split("id=\"audit-held-back\"")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{site}: the page says the search did not run: {page}"));
+        assert!(
+            held_back.contains("href=\"/audit?range=24h&amp;user=alice%40contoso.com\""),
+            "{site}: one click runs it: {held_back}"
+        );
+        assert!(!page.contains("data-id=\"call-"), "{site}: {page}");
+
+        let detail = auditor.navigate(&call, site).await;
+        assert_eq!(detail.status(), 200, "{site}");
+        let detail = detail.text().await.unwrap();
+        let held_back = detail
+            .split("id=\"call-held-back\"")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{site}: the page says the call is not shown: {detail}"));
+        assert!(
+            held_back.contains("href=\"/audit/call?id=call-000&amp;verify=1\""),
+            "{site}: one click opens it: {held_back}"
+        );
+        assert!(!detail.contains("secret launch"), "{site}: {detail}");
+        assert!(
+            !detail.contains("id=\"call-chain-check\""),
+            "{site}: {detail}"
+        );
+
+        let refused = auditor.navigate(&export, site).await;
+        assert_eq!(refused.status(), 403, "{site}");
+        assert!(refused.headers().get("content-disposition").is_none());
+        let message = refused.text().await.unwrap();
+        assert!(message.contains("another site"), "{site}: {message}");
+    }
+    assert_eq!(
+        audit_activity().await,
+        Vec::<String>::new(),
+        "nothing ran, so nothing is recorded"
+    );
+
+    // The same links followed from the portal's own pages, or typed in.
+    for site in ["same-origin", "none"] {
+        let page = auditor.navigate(&search, site).await.text().await.unwrap();
+        assert!(page.contains("data-id=\"call-000\""), "{site}: {page}");
+        assert!(!page.contains("id=\"audit-held-back\""), "{site}");
+        let detail = auditor.navigate(&call, site).await.text().await.unwrap();
+        assert!(detail.contains("secret launch"), "{site}: {detail}");
+        assert!(
+            detail.contains("id=\"call-chain-check\""),
+            "{site}: {detail}"
+        );
+        let csv = auditor.navigate(&export, site).await;
+        assert_eq!(csv.status(), 200, "{site}");
+        assert_eq!(csv.text().await.unwrap().lines().count(), 4, "{site}");
+    }
+    let mut recorded = audit_activity().await;
+    recorded.sort();
+    assert_eq!(
+        recorded,
+        [
+            "audit.export",
+            "audit.export",
+            "audit.search",
+            "audit.search",
+            "audit.view",
+            "audit.view"
+        ]
+    );
+}
+
 /// A Query API double that answers every query with one documented table (figures, usage over
 /// time, or tokens by model) and a `PartialError` beside it (`shared/reference/azure-specs.md`
 /// §4.1), and a token endpoint.

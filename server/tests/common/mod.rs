@@ -113,6 +113,24 @@ impl Browser {
         response
     }
 
+    /// A top-level navigation as a browser sends it, with the `Sec-Fetch-Site` that says who
+    /// started it: `same-origin` (a link on the portal's pages), `none` (typed in, a bookmark),
+    /// `cross-site` or `same-site` (a link on another site).
+    pub async fn navigate(&mut self, url: &str, site: &str) -> reqwest::Response {
+        let mut request = self
+            .client
+            .get(url)
+            .header("sec-fetch-site", site)
+            .header("sec-fetch-mode", "navigate")
+            .header("sec-fetch-dest", "document");
+        if let Some(cookie) = &self.cookie {
+            request = request.header("cookie", cookie);
+        }
+        let response = request.send().await.unwrap();
+        self.remember(response.headers());
+        response
+    }
+
     /// A form post from the portal's own pages.
     pub async fn post(&mut self, url: &str, form: &[(&str, &str)]) -> reqwest::Response {
         let mut request = self
