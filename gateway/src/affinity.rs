@@ -245,7 +245,7 @@ impl SharedAffinity {
             .resolve()
             .map_err(|e| anyhow::anyhow!("server.affinity.redis_url: {e}"))?;
         let timeout = Duration::from_millis(settings.store_timeout_ms);
-        let connection = crate::redis_connection::connect_lazily(&url, timeout)
+        let connection = crate::redis_connection::connect_lazily(&url, timeout, None)
             .map_err(|e| anyhow::anyhow!("server.affinity.redis_url: {e}"))?;
         Ok(Some(SharedAffinity {
             connection,

@@ -167,6 +167,9 @@ end
 return 1
 "#;
 
+/// How long an answer of Redis is still waited for after the caller stopped waiting for it.
+const LATE_ANSWER_WAIT: Duration = Duration::from_secs(30);
+
 /// Counters in Redis, through one multiplexed connection that reconnects by itself.
 #[derive(Clone)]
 pub(crate) struct RedisStore {
@@ -179,7 +182,10 @@ pub(crate) struct RedisStore {
 impl RedisStore {
     /// A store at `url`; connects on first use, and again whenever the connection breaks.
     pub(crate) fn new(url: &Secret<String>, timeout: Duration) -> Result<RedisStore, String> {
-        let connection = crate::redis_connection::connect_lazily(url, timeout)?;
+        // Answers are waited for longer than callers wait (`timeout`), so that a charge Redis
+        // answers late can be given back (see `admit`).
+        let connection =
+            crate::redis_connection::connect_lazily(url, timeout, Some(LATE_ANSWER_WAIT))?;
         Ok(RedisStore {
             connection,
             admit: redis::Script::new(&format!("{WINDOW_LUA}{ADMIT_LUA}")),
@@ -190,29 +196,78 @@ impl RedisStore {
 
     /// Checks every bucket and charges them all, or none. `now_us` replaces Redis's clock
     /// (tests only pass one).
+    ///
+    /// An answer that does not come within the store's timeout is an error, but the script was
+    /// sent and may still run: it goes on on a task of its own, and if it charged the buckets
+    /// after all, that task gives the charge back (the caller has refused the call, or admitted
+    /// it without a reservation to settle), so that a slow Redis does not use up quotas with
+    /// calls that never ran or were never counted.
     pub(crate) async fn admit(
         &self,
         buckets: &[Bucket],
         now_us: Option<i64>,
     ) -> Result<StoreAnswer, StoreError> {
-        let mut invocation = self.admit.prepare_invoke();
-        invocation.arg(now_us.map_or_else(String::new, |t| t.to_string()));
+        let mut args = vec![now_us.map_or_else(String::new, |t| t.to_string())];
         for bucket in buckets {
-            invocation.key(&bucket.key);
             let (kind, period) = code(bucket.kind);
-            invocation
-                .arg(kind)
-                .arg(bucket.kind.capacity())
-                .arg(bucket.cost)
-                .arg(period);
+            args.extend([
+                kind.to_owned(),
+                bucket.kind.capacity().to_string(),
+                bucket.cost.to_string(),
+                period.to_owned(),
+            ]);
         }
+        let keys: Vec<String> = buckets.iter().map(|bucket| bucket.key.clone()).collect();
+        let script = self.admit.clone();
         let mut connection = self.connection.clone();
-        let answer: Vec<i64> =
-            tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection))
-                .await
-                .map_err(|_| StoreError::Timeout(millis(self.timeout)))?
-                .map_err(|e| StoreError::Redis(e.to_string()))?;
-        parse_admit(&answer, buckets.len())
+        let mut reply = tokio::spawn(async move {
+            let mut invocation = script.prepare_invoke();
+            for key in &keys {
+                invocation.key(key);
+            }
+            for arg in &args {
+                invocation.arg(arg);
+            }
+            invocation.invoke_async::<Vec<i64>>(&mut connection).await
+        });
+        match tokio::time::timeout(self.timeout, &mut reply).await {
+            Ok(joined) => {
+                let answer = joined
+                    .map_err(|e| StoreError::Redis(e.to_string()))?
+                    .map_err(|e| StoreError::Redis(e.to_string()))?;
+                parse_admit(&answer, buckets.len())
+            }
+            Err(_) => {
+                let charges: Vec<(String, BucketKind, u64)> = buckets
+                    .iter()
+                    .map(|bucket| (bucket.key.clone(), bucket.kind, bucket.cost))
+                    .collect();
+                let store = self.clone();
+                tokio::spawn(async move {
+                    let Ok(Ok(answer)) = reply.await else {
+                        return;
+                    };
+                    let Ok(StoreAnswer::Admitted(levels)) = parse_admit(&answer, charges.len())
+                    else {
+                        return;
+                    };
+                    let refunds: Vec<Adjustment> = charges
+                        .into_iter()
+                        .zip(levels)
+                        .map(|((key, kind, cost), (_, window_start))| Adjustment {
+                            key,
+                            kind,
+                            delta: -i64::try_from(cost).unwrap_or(i64::MAX),
+                            window_start,
+                        })
+                        .collect();
+                    if let Err(error) = store.adjust(&refunds, now_us).await {
+                        tracing::warn!(%error, "usage limits: could not give back a charge that Redis made after the gateway stopped waiting for it");
+                    }
+                });
+                Err(StoreError::Timeout(millis(self.timeout)))
+            }
+        }
     }
 
     /// Applies corrections. `now_us` replaces Redis's clock (tests only pass one).

@@ -751,3 +751,116 @@ async fn calls_that_run_a_model_without_naming_a_deployment_are_limited() {
     assert!(message.contains("gpt-4o-rate"), "{message}");
     gw.stop().await;
 }
+
+/// A relay to the tests' Redis that holds Redis's replies back by `delay` while `slow` is set.
+async fn slow_redis(
+    slow: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    delay: Duration,
+) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("redis://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let slow = slow.clone();
+            tokio::spawn(async move {
+                let redis = tokio::net::TcpStream::connect("127.0.0.1:6379")
+                    .await
+                    .unwrap();
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_redis, mut to_redis) = redis.into_split();
+                tokio::spawn(async move { tokio::io::copy(&mut from_client, &mut to_redis).await });
+                let mut buffer = vec![0; 64 * 1024];
+                while let Ok(n @ 1..) = from_redis.read(&mut buffer).await {
+                    if slow.load(std::sync::atomic::Ordering::SeqCst) {
+                        tokio::time::sleep(delay).await;
+                    }
+                    if to_client.write_all(&buffer[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
+/// The tokens a quota's counter in Redis holds, read from its hash (`u`).
+async fn quota_used(prefix: &str) -> u64 {
+    let keys = redis_keys(prefix).await;
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let mut connection = redis::Client::open(REDIS)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let used: Option<String> = redis::cmd("HGET")
+        .arg(&keys[0])
+        .arg("u")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    used.map_or(0, |u| u.parse().unwrap())
+}
+
+/// Redis answering a charge after the gateway stopped waiting for it: the call is refused
+/// (failing closed), and what the script charged after all is given back, so that a slow Redis
+/// does not use up a quota with calls that never ran.
+#[tokio::test]
+async fn a_charge_redis_makes_after_the_gateway_gave_up_is_given_back() {
+    let sim = simulator("slow-redis").await;
+    let slow = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let url = slow_redis(slow.clone(), Duration::from_millis(600)).await;
+    let mut settings = on_redis(&url, OnStoreError::FailClosed);
+    settings.store_timeout_ms = 200;
+    let prefix = settings.key_prefix.clone();
+    let gw = TestGateway::start_with_limits(
+        limited(
+            &sim,
+            json!([{"id": "daily", "subject": {"kind": "each_subscription"},
+                    "token_quota": {"tokens": 100000, "period": "daily"}}]),
+        ),
+        settings,
+    )
+    .await;
+    let first = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat_with_max(500, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    first.bytes().await.unwrap();
+    let used = gw.records(1).await[0].usage.unwrap().total_tokens;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while quota_used(&prefix).await != used {
+        assert!(
+            Instant::now() < deadline,
+            "the first call was never settled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    slow.store(true, std::sync::atomic::Ordering::SeqCst);
+    let refused = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat_with_max(500, false))
+        .send()
+        .await
+        .unwrap();
+    let message = azure_error(refused, 503).await;
+    assert!(message.contains("cannot check usage limits"), "{message}");
+    assert_eq!(sim.hits(), 1);
+    // The late reply arrives 600 ms after the script ran; the give-back follows it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    slow.store(false, std::sync::atomic::Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut held = quota_used(&prefix).await;
+    while held != used && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        held = quota_used(&prefix).await;
+    }
+    assert_eq!(held, used, "the refused call's charge stayed");
+    gw.stop().await;
+    delete_keys(&prefix).await;
+}
