@@ -47,9 +47,13 @@
 //! Azure truncates a field value over 64 KB without saying so. The sink cuts such values itself
 //! so that nothing is cut unannounced: the two bodies are cut and their truncation flags raised
 //! (the prompts and completions are whole in the LLM rows, in 32 KB pieces); `Groups` and
-//! `Attempts` keep as many leading entries as fit, still valid JSON arrays; other text (a long
-//! `Url`) is cut on a character boundary. Each cut is logged with the call's correlation id; the
-//! SQL store keeps the whole values.
+//! `Attempts` keep as many leading entries as fit, still valid JSON arrays; other text that comes
+//! from the request, the backend's answer or the caller's token (`Method`, `Url`, `UserId`,
+//! `UserName`, `EntraTenantId`, `DeploymentName`, `ModelName`, `ApiVersion`, `LastErrorMessage`,
+//! `BackendUrl`, and in the LLM rows `DeploymentName`, `ModelName` and `ApiVersion`) is cut on a
+//! character boundary. Each cut is logged with the call's correlation id; the SQL store keeps the
+//! whole values. The other columns are the gateway's own (ids, addresses, codes, error reasons,
+//! chain hashes) or its configuration's (subscription, product, backend id).
 
 use std::collections::HashSet;
 use std::fmt;
@@ -831,9 +835,9 @@ fn encode_rows(records: &[AuditRecord]) -> Result<EncodedRows, AzureMonitorError
         cap_long_fields(&mut row);
         let id = row_id(&row.correlation_id, GATEWAY_TABLE, 0);
         gateway.push(encode_row(id, &row)?);
-        // Message pieces are at most 32 KB already (`rows::MESSAGE_PIECE_BYTES`), and their
-        // other fields are short.
-        for row in LlmLogRow::from_record(record) {
+        // Message pieces are at most 32 KB already (`rows::MESSAGE_PIECE_BYTES`).
+        for mut row in LlmLogRow::from_record(record) {
+            cap_llm_fields(&mut row);
             let id = row_id(&row.correlation_id, LLM_TABLE, row.sequence_number);
             llm.push(encode_row(id, &row)?);
         }
@@ -858,19 +862,20 @@ fn cap_long_fields(row: &mut GatewayLogRow) {
             cut.push(format!("{name}: {dropped} trailing entries left out"));
         }
     }
-    let texts = [
+    // The text that comes from the request, the backend's answer or the caller's token. The rest
+    // is the gateway's own (ids, addresses, status codes, error reasons) or its configuration's.
+    cut.extend(cut_long_texts([
+        ("Method", Some(&mut row.method)),
         ("Url", Some(&mut row.url)),
+        ("UserId", row.user_id.as_mut()),
         ("UserName", row.user_name.as_mut()),
+        ("EntraTenantId", row.entra_tenant_id.as_mut()),
+        ("DeploymentName", row.deployment_name.as_mut()),
+        ("ModelName", row.model_name.as_mut()),
+        ("ApiVersion", row.api_version.as_mut()),
         ("LastErrorMessage", row.last_error_message.as_mut()),
         ("BackendUrl", row.backend_url.as_mut()),
-    ];
-    for (name, value) in texts {
-        if let Some(text) = value.filter(|text| text.len() > MAX_FIELD_BYTES) {
-            let length = text.len();
-            cut_text(text);
-            cut.push(format!("{name}: cut from {length} bytes"));
-        }
-    }
+    ]));
     if !cut.is_empty() {
         tracing::warn!(
             correlation_id = %row.correlation_id,
@@ -878,6 +883,32 @@ fn cap_long_fields(row: &mut GatewayLogRow) {
             "azure monitor keeps at most 64 KB a field; the whole values are in the call's record only"
         );
     }
+}
+
+/// Cuts the texts of an LLM-log row that come from the call or its answer (deployment, model,
+/// `api-version`) as [`cap_long_fields`] does. Silently: they are the gateway-log row's values,
+/// whose cut is logged.
+fn cap_llm_fields(row: &mut LlmLogRow) {
+    cut_long_texts([
+        ("DeploymentName", Some(&mut row.deployment_name)),
+        ("ModelName", Some(&mut row.model_name)),
+        ("ApiVersion", Some(&mut row.api_version)),
+    ]);
+}
+
+/// Cuts each text over [`MAX_FIELD_BYTES`] to it, on a character boundary; says what it cut.
+fn cut_long_texts<'a>(
+    texts: impl IntoIterator<Item = (&'static str, Option<&'a mut String>)>,
+) -> Vec<String> {
+    let mut cut = Vec::new();
+    for (name, value) in texts {
+        if let Some(text) = value.filter(|text| text.len() > MAX_FIELD_BYTES) {
+            let length = text.len();
+            cut_text(text);
+            cut.push(format!("{name}: cut from {length} bytes"));
+        }
+    }
+    cut
 }
 
 /// Keeps the leading entries of a JSON array that fit in [`MAX_FIELD_BYTES`]; the number left

@@ -981,6 +981,14 @@ async fn no_field_reaches_azure_longer_than_it_keeps() {
     let attempt = record.attempts[0].clone();
     record.attempts = vec![attempt; 2_000];
     let attempts = record.attempts.len();
+    // A backend that names its model at length, and the other text that comes from the request
+    // or the caller's token: the gateway bounds some of it before, the sink does not count on it.
+    record.model_name = Some("gpt-4o-".repeat(10_000));
+    record.method = "PROPFIND".repeat(9_000);
+    record.deployment_name = Some("d".repeat(70_000));
+    record.api_version = Some("2024-10-21".repeat(7_000));
+    record.user_id = Some("u".repeat(70_000));
+    record.tenant_id = Some("t".repeat(70_000));
 
     sink.write_batch(std::slice::from_ref(&record))
         .await
@@ -1013,9 +1021,29 @@ async fn no_field_reaches_azure_longer_than_it_keeps() {
     let url = text(row, "Url");
     assert!(url.len() <= MAX_FIELD_BYTES && record.url.starts_with(url));
     assert!(text(row, "LastErrorMessage").len() <= MAX_FIELD_BYTES);
+    for (column, whole) in [
+        ("ModelName", record.model_name.as_deref().unwrap()),
+        ("Method", &record.method),
+        ("DeploymentName", record.deployment_name.as_deref().unwrap()),
+        ("ApiVersion", record.api_version.as_deref().unwrap()),
+        ("UserId", record.user_id.as_deref().unwrap()),
+        ("EntraTenantId", record.tenant_id.as_deref().unwrap()),
+    ] {
+        let sent = text(row, column);
+        assert!(
+            sent.len() <= MAX_FIELD_BYTES && sent.len() > 60_000 && whole.starts_with(sent),
+            "{column}: {} bytes sent",
+            sent.len()
+        );
+    }
     assert_eq!(row["RequestBodyTruncated"], true);
-    // The prompt itself is whole, in the LLM rows.
     let llm = double.stored(DEFAULT_LLM_STREAM);
+    let header = llm_rows_of(&llm, &record.correlation_id)[0];
+    assert_eq!(header["SequenceNumber"], 0);
+    for column in ["ModelName", "DeploymentName", "ApiVersion"] {
+        assert_eq!(header[column], row[column], "the LLM header's {column}");
+    }
+    // The prompt itself is whole, in the LLM rows.
     assert_eq!(
         joined(
             &llm_rows_of(&llm, &record.correlation_id),
