@@ -322,6 +322,41 @@ impl AuditSource for PartialSource {
     }
 }
 
+/// A window of seven hours reaches seven hours back, not to the start of the hour before: errors
+/// seven and a half hours ago do not fire an error-rate rule over the last 420 minutes (rollups
+/// are read by the minute, not by the hour, for windows of any length).
+async fn a_long_window_reaches_no_further_back_than_its_minutes(db: ConfigDb) {
+    let (_receiver, hook) = receiver().await;
+    let (source, _dir) = audit_store().await;
+    let now = OffsetDateTime::now_utc().replace_time(time::macros::time!(10:59));
+    let old_errors: Vec<AuditRecord> = (0..4)
+        .map(|i| {
+            record(
+                i,
+                now - Duration::minutes(450) + Duration::seconds(i as i64),
+                500,
+                100,
+            )
+        })
+        .collect();
+    source.store().write(&old_errors).await.unwrap();
+    let rules = parse_rules(
+        r#"[{"name": "errors", "condition": {"kind": "error_rate", "minutes": 420, "above": 0.5, "min_requests": 1}},
+            {"name": "slow", "condition": {"kind": "latency_p95", "minutes": 420, "above_ms": 50}}]"#,
+    )
+    .unwrap();
+    let source: Arc<dyn AuditSource> = Arc::new(source);
+    let alerter = Alerter::new(db, Some(source), rules, Some(hook))
+        .await
+        .unwrap()
+        .with_admin_token_refs(common::test_token_refs());
+    let fired = alerter.tick(now).await;
+    assert!(fired.is_empty(), "{fired:?}");
+    // Half an hour later than the errors' window, the same calls are inside it.
+    let fired = alerter.tick(now - Duration::minutes(40)).await;
+    assert_eq!(fired.len(), 2, "{fired:?}");
+}
+
 async fn a_partial_answer_neither_fires_nor_resolves(db: ConfigDb) {
     let (receiver, hook) = receiver().await;
     let (embedded, _dir) = audit_store().await;
@@ -1083,4 +1118,5 @@ on_both_engines!(
     a_key_expiring_fires_and_resolves,
     the_state_survives_a_restart,
     a_partial_answer_neither_fires_nor_resolves,
+    a_long_window_reaches_no_further_back_than_its_minutes,
 );

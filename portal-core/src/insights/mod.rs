@@ -206,7 +206,16 @@ impl TimeRange {
     /// that granularity. A range [`TimeRange::new`] accepted always widens; one built by hand
     /// that ends in the last bucket the `time` crate represents is refused, not a panic.
     pub fn aligned(&self) -> Result<(TimeRange, Granularity), InsightsError> {
-        let granularity = self.granularity();
+        self.aligned_at(self.granularity())
+    }
+
+    /// The range widened to whole buckets of `granularity`: for a window that must not reach
+    /// further back than it says by more than a minute (an alert's "last `minutes`"), whatever
+    /// its length.
+    pub fn aligned_at(
+        &self,
+        granularity: Granularity,
+    ) -> Result<(TimeRange, Granularity), InsightsError> {
         let step = match granularity {
             Granularity::Minute => Duration::MINUTE,
             Granularity::Hour => Duration::HOUR,

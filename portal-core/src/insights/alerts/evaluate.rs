@@ -10,7 +10,9 @@ use time::{Duration, OffsetDateTime};
 use super::{AlertCondition, AlertRule, Evaluation, Finding};
 use crate::db::{AlertStateRow, ConfigDb, SubscriptionRow};
 use crate::health::gateway_backends;
-use crate::insights::{AuditSource, Dimension, InsightsError, TimeRange, UsageRequest};
+use crate::insights::{
+    AuditSource, Dimension, Granularity, InsightsError, TimeRange, UsageRequest,
+};
 use crate::secret::AdminTokenRefs;
 
 /// What an evaluation may read.
@@ -102,8 +104,8 @@ pub(super) async fn evaluate(
             above,
             min_requests,
         } => {
-            let (range, granularity) =
-                TimeRange::new(now - Duration::minutes(*minutes), now)?.aligned()?;
+            let (range, granularity) = TimeRange::new(now - Duration::minutes(*minutes), now)?
+                .aligned_at(Granularity::Minute)?;
             let answer = source()?
                 .usage_totals(&UsageRequest {
                     range,
@@ -132,8 +134,8 @@ pub(super) async fn evaluate(
             ))
         }
         AlertCondition::LatencyP95 { minutes, above_ms } => {
-            let (range, granularity) =
-                TimeRange::new(now - Duration::minutes(*minutes), now)?.aligned()?;
+            let (range, granularity) = TimeRange::new(now - Duration::minutes(*minutes), now)?
+                .aligned_at(Granularity::Minute)?;
             let answer = source()?.figures(range, granularity).await?;
             if !answer.warnings.is_empty() {
                 return Ok(held(&answer.warnings));
