@@ -154,7 +154,7 @@ impl SqlStore {
     /// (every record it had in the range was removed), whole, and names the first record of each
     /// that was changed, removed, reordered or forked. Content removed by retention is not a
     /// break. A chain holds one UTC day of one gateway, so the records on both sides are looked
-    /// for within a day of the range ([`CHAIN_SPAN`]), on the time index.
+    /// for within a day of the range, on the time index.
     pub async fn verify_chains(
         &self,
         from: OffsetDateTime,

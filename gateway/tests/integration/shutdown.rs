@@ -104,7 +104,7 @@ async fn a_call_waiting_for_its_answer_when_the_drain_ends_is_recorded() {
 
 #[tokio::test]
 async fn a_stream_still_running_when_the_drain_ends_is_recorded_with_what_came() {
-    let backend = Router::new().route("/{*path}", post(|| stalling_stream()));
+    let backend = Router::new().route("/{*path}", post(stalling_stream));
     let (records, log) = shut_down_during("shutdown-stream", backend, true).await;
     assert_eq!(records.len(), 1, "{records:?}\n{log}");
     let record = &records[0];
