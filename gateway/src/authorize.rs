@@ -10,7 +10,9 @@
 //! that names one, a fine-tuning job trained on its base `model` — that model must be granted
 //! too, as a deployment, or `resources` would open every model of the pool that serves them.
 //! A batch runs the calls its input file names ([`crate::batch_input`]): each must be granted as
-//! the same call made directly would be ([`authorize_batch`]).
+//! the same call made directly would be ([`authorize_batch`]). A Responses call must name its
+//! `model` when rules are in force: one that continues a stored response without it would run
+//! that response's model, which no rule was asked about.
 
 use gatehouse_schema::OperationId;
 use gatehouse_schema::identity::{AccessRule, Grantee, glob_matches};
@@ -31,6 +33,16 @@ pub fn authorize(
     };
     let operation = call.operation.as_str();
     let deployment = call.deployment.as_deref();
+    if deployment.is_none() && call.operation == OperationId::CreateResponse {
+        // A Responses call without `model` continues a stored response on that response's
+        // model, which the gateway does not know: it would run a model no rule was asked about.
+        return Err(GatewayError::BadRequest {
+            message: "The request names no model: with access rules in force, a Responses call \
+                      names its deployment in `model`, also when it continues a stored response."
+                .to_owned(),
+            param: Some("model"),
+        });
+    }
     let granted = match deployment {
         Some(deployment) => grants(rules, principal, operation, deployment),
         None => rules

@@ -183,3 +183,40 @@ async fn a_resources_rule_grants_fine_tuning_only_on_the_base_models_it_names() 
     }
     assert_eq!(sim.hits(), 1, "no refused call reached the backend");
 }
+
+/// With access rules in force a Responses call names its model, also when it continues a stored
+/// response: without one it would run the stored response's model, which no rule was asked
+/// about (one created on a deployment the caller may not use, by someone who may). Refused with
+/// 400 before any backend sees it; the same call naming a granted deployment is relayed.
+#[tokio::test]
+async fn a_responses_call_without_a_model_is_refused_when_rules_are_in_force() {
+    let sim = simulator("auth-responses-model").await;
+    let mut value = serde_json::to_value(snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o-mini"], "serves_resources": true,
+                "members": [member("a", &sim.url(), 1)]}]),
+    ))
+    .unwrap();
+    value["access_rules"] = json!([
+        {"id": "team-a", "grantee": {"kind": "subscription", "id": "team-a"},
+         "deployments": ["gpt-4o-mini"], "resources": true}
+    ]);
+    let gw = TestGateway::start(serde_json::from_value(value).unwrap()).await;
+    let continued = gw
+        .post("/openai/v1/responses")
+        .json(&json!({"input": "And again", "previous_response_id": "resp_of_someone_else"}))
+        .send()
+        .await
+        .unwrap();
+    let message = azure_error(continued, 400).await;
+    assert!(message.contains("`model`"), "{message}");
+    assert_eq!(sim.hits(), 0);
+    let named = gw
+        .post("/openai/v1/responses")
+        .json(&json!({"model": "gpt-4o-mini", "input": "Hello"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(named.status(), 200);
+    assert_eq!(sim.hits(), 1);
+}
