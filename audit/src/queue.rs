@@ -18,7 +18,8 @@
 //!   when the sink asks for it, as after a 429: [`SinkError::retry_after`]). Once the journal is
 //!   empty, batches go straight to the sink again.
 //!
-//! At shutdown, a backlog in the journal stays there ([`WriterHandle::finish`]).
+//! At shutdown, a backlog in the journal stays there ([`WriterHandle::finish`]), and so do the
+//! records the sink has no time left for ([`WriterHandle::finish_within`]).
 //! At start, whatever an earlier process left in the journal directory is replayed before any new
 //! record. The writer has at most one sink write in flight, so the sink receives records in
 //! submit order. A sink write still running after ten timeouts (and at least a minute) is
@@ -70,7 +71,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use gatehouse_schema::AuditRecord;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinError, JoinHandle};
 use tokio::time::Instant;
 
@@ -358,11 +359,26 @@ pub struct QueueStats {
     pub sink_up: bool,
 }
 
-/// The writer task; await [`WriterHandle::finish`] at shutdown to flush what is queued.
+/// The writer task; await [`WriterHandle::finish_within`] (or [`WriterHandle::finish`]) at
+/// shutdown to flush what is queued.
 #[derive(Debug)]
 pub struct WriterHandle {
     task: JoinHandle<()>,
     shared: Arc<Shared>,
+    /// Tells the writer by when it must have finished ([`WriterHandle::finish_within`]).
+    finish_by: oneshot::Sender<Instant>,
+}
+
+/// The writer did not finish within the limit [`WriterHandle::finish_within`] gave it: the
+/// records still in memory (`stats.depth`) are lost when the process ends; those in the journal
+/// are replayed at the next start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the audit writer did not finish within {} ms", limit.as_millis())]
+pub struct FlushOverrun {
+    /// The limit it was given.
+    pub limit: Duration,
+    /// The counters when the limit passed.
+    pub stats: QueueStats,
 }
 
 impl WriterHandle {
@@ -374,11 +390,51 @@ impl WriterHandle {
     /// after the queue closed (or a write still runs one timeout after it). At shutdown the
     /// journal takes records past its size limit rather than lose them. Without a journal the
     /// writer keeps retrying the sink. Returns the final counters.
+    ///
+    /// This waits as long as the writer takes: with a sink that is slow but answers within its
+    /// timeout, that is one write per batch of 512 records queued. A caller with a limit uses
+    /// [`WriterHandle::finish_within`].
     pub async fn finish(self) -> QueueStats {
         if let Err(error) = self.task.await {
             tracing::error!(%error, "audit writer task failed");
         }
         stats(&self.shared)
+    }
+
+    /// [`WriterHandle::finish`] within `limit`, which the writer is told: once the queue is
+    /// closed it sends batches to the sink only while more than one sink timeout plus half of
+    /// the rest of `limit` is left. Then, with a journal, the batch being written is also
+    /// appended to the journal (taken out again if its write succeeds), everything else goes
+    /// behind it, and the writer stops once that write ends or times out, so that it finishes
+    /// within the limit however slow the sink is, with half of what the limit leaves beyond one
+    /// sink timeout for the journal's appends. The next start replays the journal, oldest first.
+    /// Without a journal the writer keeps trying the sink until the limit passes.
+    ///
+    /// # Errors
+    ///
+    /// [`FlushOverrun`] when the writer has not finished when `limit` passes: the records it
+    /// still holds are lost if the process ends.
+    pub async fn finish_within(self, limit: Duration) -> Result<QueueStats, FlushOverrun> {
+        let WriterHandle {
+            task,
+            shared,
+            finish_by,
+        } = self;
+        let deadline = Instant::now() + limit;
+        // Refused only when the writer has stopped already.
+        let _ = finish_by.send(deadline);
+        match tokio::time::timeout_at(deadline, task).await {
+            Ok(joined) => {
+                if let Err(error) = joined {
+                    tracing::error!(%error, "audit writer task failed");
+                }
+                Ok(stats(&shared))
+            }
+            Err(_) => Err(FlushOverrun {
+                limit,
+                stats: stats(&shared),
+            }),
+        }
     }
 }
 
@@ -580,9 +636,13 @@ fn spawn(
         },
         Journal::status,
     );
+    let (finish_by, told_finish_by) = oneshot::channel();
     let writer = Writer {
         sink,
         receiver,
+        told_finish_by: Some(told_finish_by),
+        sink_until: None,
+        out_of_sink_time: false,
         shared: Arc::clone(&shared),
         chainer,
         journal: journal.map(|journal| Arc::new(Mutex::new(journal))),
@@ -606,7 +666,11 @@ fn spawn(
             sender,
             shared: Arc::clone(&shared),
         },
-        WriterHandle { task, shared },
+        WriterHandle {
+            task,
+            shared,
+            finish_by,
+        },
     )
 }
 
@@ -675,6 +739,15 @@ pub fn record_bytes(record: &AuditRecord) -> u64 {
 struct Writer {
     sink: Arc<dyn AuditSink>,
     receiver: mpsc::Receiver<AuditRecord>,
+    /// Where [`WriterHandle::finish_within`] says by when the writer must have finished; `None`
+    /// once the writer has heard (a deadline, or that none will come: the handle was dropped).
+    told_finish_by: Option<oneshot::Receiver<Instant>>,
+    /// With a journal, once the queue is closed, batches go to the sink only until then, so that
+    /// the writer finishes by the time it was given ([`WriterHandle::finish_within`]).
+    sink_until: Option<Instant>,
+    /// `sink_until` has passed since the queue closed: the writer starts no sink write, and what
+    /// it holds goes to the journal.
+    out_of_sink_time: bool,
     shared: Arc<Shared>,
     chainer: Chainer,
     journal: Option<Arc<Mutex<Journal>>>,
@@ -775,6 +848,8 @@ enum Event {
     Wake,
     /// Time to look whether records pile up behind the direct write in flight.
     CheckBacklog,
+    /// [`WriterHandle::finish_within`] gave the writer until then (`None`: it never will).
+    FinishBy(Option<Instant>),
 }
 
 impl Writer {
@@ -783,6 +858,18 @@ impl Writer {
         loop {
             if !self.closed && self.receiver.is_closed() {
                 self.close();
+            }
+            if self.sink_time_runs_out() {
+                self.settle_append().await;
+                self.out_of_sink_time = true;
+                tracing::warn!(
+                    sink = self.sink.name(),
+                    "audit sink too slow to store every record before the shutdown's limit; \
+                     the rest go to the journal for the next start"
+                );
+                // The records behind the write in flight may follow it into the journal only
+                // once it is there.
+                self.journal_in_flight().await;
             }
             if self.in_flight.is_none() {
                 self.settle_append().await;
@@ -840,6 +927,16 @@ impl Writer {
                         self.journal_in_flight().await;
                     }
                 }
+                Event::FinishBy(deadline) => {
+                    self.told_finish_by = None;
+                    if let Some(deadline) = deadline {
+                        // Half of what is left beyond one sink timeout for the sink, half for
+                        // the journal; the last write gets its timeout after that.
+                        let now = Instant::now();
+                        let left = deadline.saturating_duration_since(now);
+                        self.sink_until = Some(now + left.saturating_sub(self.sink_timeout) / 2);
+                    }
+                }
             }
         }
         self.publish();
@@ -858,13 +955,25 @@ impl Writer {
         }
     }
 
+    /// Whether the queue is closed, the writer has a journal, and the time it may give the sink
+    /// ([`WriterHandle::finish_within`]) has just run out.
+    fn sink_time_runs_out(&self) -> bool {
+        self.closed
+            && !self.out_of_sink_time
+            && self.journal.is_some()
+            && self.sink_until.is_some_and(|until| Instant::now() >= until)
+    }
+
     /// At shutdown, whether the records not stored yet go to the journal rather than the sink:
-    /// the sink failed since the queue closed, or the journal holds a backlog. Replaying a backlog
-    /// can take longer than the process is given to stop (a supervisor then kills it, and the
-    /// records in memory with it); the next start replays it instead.
+    /// the sink failed since the queue closed, the journal holds a backlog, or the time the
+    /// writer may give the sink has run out. Replaying a backlog, or writing batch after batch to
+    /// a slow sink, can take longer than the process is given to stop (a supervisor then kills
+    /// it, and the records in memory with it); the next start replays the journal instead.
     fn shutting_down_without_sink(&self) -> bool {
         self.closed
-            && (self.failed_since_close || (self.journal.is_some() && !self.journal_status.empty))
+            && (self.failed_since_close
+                || self.out_of_sink_time
+                || (self.journal.is_some() && !self.journal_status.empty))
     }
 
     /// Once drained: whether everything is stored, or (see [`Writer::shutting_down_without_sink`])
@@ -910,6 +1019,17 @@ impl Writer {
             self.next_attempt
         };
         let limit = self.batch_limit();
+        let sink_until = self
+            .sink_until
+            .filter(|_| self.closed && !self.out_of_sink_time && self.journal.is_some());
+        let has_finish_by = self.told_finish_by.is_some();
+        let told_finish_by = &mut self.told_finish_by;
+        let finish_by = async {
+            match told_finish_by {
+                Some(told) => told.await.ok(),
+                None => std::future::pending().await,
+            }
+        };
         let receiver = &mut self.receiver;
         let in_flight = &mut self.in_flight;
         let has_append = self.appending.is_some();
@@ -942,6 +1062,10 @@ impl Writer {
             () = tokio::time::sleep_until(abandon_at), if has_flight => Event::Abandon,
             () = tokio::time::sleep_until(wake_at), if waiting => Event::Wake,
             () = tokio::time::sleep(BACKLOG_CHECK_EVERY), if direct_in_flight => Event::CheckBacklog,
+            deadline = finish_by, if has_finish_by => Event::FinishBy(deadline),
+            () = tokio::time::sleep_until(sink_until.unwrap_or(now)), if sink_until.is_some() => {
+                Event::Wake
+            }
             else => {
                 // Not reached: with nothing to wait for, the writer has exited. Never spin.
                 tokio::time::sleep(FIRST_BACKOFF).await;
@@ -1003,6 +1127,7 @@ impl Writer {
         if self.held.is_none()
             && self.in_flight.is_none()
             && self.journal_status.empty
+            && !self.out_of_sink_time
             && batch.len() <= MAX_BATCH
             && !self.backlogged(batch.len())
         {
@@ -1190,7 +1315,7 @@ impl Writer {
     async fn start_next(&mut self) {
         let now = Instant::now();
         if let Some(held) = self.held.take() {
-            if self.journal_status.empty {
+            if self.journal_status.empty && !self.out_of_sink_time {
                 if now >= self.next_attempt {
                     self.start_write(
                         Job::Direct {
@@ -1298,7 +1423,9 @@ impl Writer {
             && self.journal.is_some()
         {
             let records = Arc::clone(records);
-            match self.append(&records, false).await {
+            // At shutdown past its size limit, as every batch then.
+            let force = self.shutting_down_without_sink();
+            match self.append(&records, force).await {
                 Ok(stretch) => {
                     *journaled = Some(stretch);
                     self.shared.release(&records, true);

@@ -1082,3 +1082,61 @@ async fn a_backlog_of_heavy_records_is_replayed_in_chunks_within_the_replay_budg
     let stored: Vec<String> = batches.into_iter().flat_map(|(ids, _)| ids).collect();
     assert_eq!(stored, expected(0..600), "every record once, in order");
 }
+
+/// What the gateway gives the flush at shutdown with `sink_timeout_ms` 5,000: one sink timeout
+/// plus 30 s (`gateway/src/main.rs`, `FLUSH_GRACE`).
+const GATEWAY_FLUSH_LIMIT: Duration = Duration::from_secs(35);
+
+/// A store that answers every write, but only after 4.5 s (Azure answering 429 with
+/// `Retry-After: 4`, a loaded PostgreSQL), just under the 5 s timeout: the 4,500 records queued
+/// at shutdown would take nine such writes, 40 s, past the flush's limit. The writer sends to
+/// the sink only while there is time, journals the rest, and the next start delivers them all in
+/// order.
+#[tokio::test(start_paused = true)]
+async fn a_slow_sink_at_shutdown_leaves_the_rest_in_the_journal_within_the_flush_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow = SwitchSink::new();
+    slow.delay(Duration::from_millis(4_500));
+    let (queue, writer) = start(&slow, settings(dir.path())).await;
+    for i in 0..4_500 {
+        assert!(queue.submit(record(i)));
+    }
+    drop(queue);
+    let started = tokio::time::Instant::now();
+    let stats = writer
+        .finish_within(GATEWAY_FLUSH_LIMIT)
+        .await
+        .expect("the flush ends within the gateway's limit");
+    assert!(started.elapsed() <= GATEWAY_FLUSH_LIMIT);
+    let first = slow.records();
+    assert_eq!(stats.depth, 0, "nothing left in memory: {stats:?}");
+    // Until 15 s into the flush (half of what 35 s leave beyond the 5 s timeout) batches go to
+    // the sink: the fourth, begun at 13.5 s, ends at 18 s.
+    assert_eq!(
+        (first.len(), slow.started()),
+        (4 * 512, 4),
+        "the sink stores what it has time for, and no write starts after that: {stats:?}"
+    );
+    assert!(
+        stats.journal_records > 0,
+        "the records the sink had no time for are journaled: {stats:?}"
+    );
+    assert_eq!(
+        first.len() as u64 + stats.journal_records,
+        4_500,
+        "every record is stored or journaled: {stats:?}"
+    );
+
+    let up = SwitchSink::new();
+    let (queue, writer) = start(&up, settings(dir.path())).await;
+    settle(&queue).await;
+    finish(queue, writer).await;
+    let mut all = first;
+    all.extend(up.records());
+    assert!(
+        ids(&all) == expected(0..4_500),
+        "every record once, in order, across the restart ({} stored)",
+        all.len()
+    );
+    assert!(verify(all).is_intact());
+}

@@ -566,30 +566,36 @@ async fn serve(file: ConfigFile, config: &Path) -> anyhow::Result<()> {
 const CALLS_GRACE: Duration = Duration::from_secs(5);
 
 /// How long the audit queue's last flush may take at shutdown beyond one sink timeout (a sink
-/// write in flight ends or goes to the journal after one): time to append what is left to the
-/// journal on a slow disk.
+/// write in flight ends or goes to the journal after one): the writer, told the limit, sends
+/// batches to a slow sink for half of it and keeps the other half to append what is left to the
+/// journal on a slow disk ([`WriterHandle::finish_within`]).
 const FLUSH_GRACE: Duration = Duration::from_secs(30);
 
-/// Waits at most `limit` for the audit writer to store or journal every record it was handed.
-/// An error (the process then exits non-zero) when records were lost: could be neither stored
-/// nor journaled, or were still in memory when the limit passed (the writer without a journal
-/// retries a failing sink for ever, a journal on a hung disk never answers).
+/// Waits at most `limit` for the audit writer to store or journal every record it was handed,
+/// telling it the limit, so that it journals what a slow sink has no time left for. An error
+/// (the process then exits non-zero) when records were lost: could be neither stored nor
+/// journaled, or were still in memory when the limit passed (the writer without a journal
+/// retries a failing or slow sink until then, a journal on a hung disk never answers).
 async fn flush_audit(
     writer: WriterHandle,
     limit: Duration,
     journal_dir: &std::path::Path,
 ) -> anyhow::Result<()> {
-    let Ok(stats) = tokio::time::timeout(limit, writer.finish()).await else {
-        tracing::error!(
-            limit_ms = limit.as_millis(),
-            journal = %journal_dir.display(),
-            "the audit queue was not flushed in time: the records still in memory are lost; \
-             those already in the journal are replayed at the next start"
-        );
-        anyhow::bail!(
-            "the audit queue was not flushed within {} ms: records lost",
-            limit.as_millis()
-        );
+    let stats = match writer.finish_within(limit).await {
+        Ok(stats) => stats,
+        Err(overrun) => {
+            tracing::error!(
+                limit_ms = limit.as_millis(),
+                in_memory = overrun.stats.depth,
+                journal = %journal_dir.display(),
+                "the audit queue was not flushed in time: the records still in memory are lost; \
+                 those already in the journal are replayed at the next start"
+            );
+            anyhow::bail!(
+                "the audit queue was not flushed within {} ms: records lost",
+                limit.as_millis()
+            );
+        }
     };
     if stats.depth > 0 {
         tracing::error!(
