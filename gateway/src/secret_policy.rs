@@ -7,8 +7,12 @@
 //!
 //! - a reference the server settings use: the admin token, the gateway's own Entra credential
 //!   (which also reads Key Vault and Microsoft Graph), the Redis URLs, the Azure Monitor secret;
-//! - a file of the gateway's own: its configuration file, its TLS certificate and key, anything
-//!   in its state directory (compared after symbolic links and `..` are resolved);
+//! - a file of the gateway's own: its configuration file, its TLS certificate and key, the files
+//!   its server settings' `file:` references name, anything in its state directory (compared
+//!   after symbolic links, `.` and `..` are resolved), and anything under `/proc`, `/sys` or
+//!   `/dev` (`/proc/self/environ` holds every `env:` secret of the process);
+//! - a Key Vault secret of the server settings under another spelling (compared by vault and
+//!   secret name, ignoring case, dot segments and the version);
 //!
 //! and, when the operator lists prefixes (`server.snapshot_secret_refs`), only references
 //! under one of them: `env:NAME_PREFIX`, `file:/directory/`, or the start of a Key Vault secret
@@ -23,6 +27,8 @@ use gatehouse_schema::config::{SecretRef, SecretSource};
 pub struct SecretRefPolicy {
     /// References of the server settings, as written.
     reserved: Vec<SecretRef>,
+    /// The Key Vault secrets among them, by vault and name.
+    reserved_vault_secrets: Vec<VaultSecret>,
     /// Files of the gateway's own, resolved.
     reserved_files: Vec<PathBuf>,
     /// Directories of the gateway's own, resolved.
@@ -36,8 +42,45 @@ enum Prefix {
     Env(String),
     /// A resolved directory.
     Dir(PathBuf),
-    KeyVault(String),
+    /// A vault and the start of its secrets' names (lower case).
+    KeyVault(VaultSecret),
 }
+
+/// Where a Key Vault secret URL points, as the gateway fetches it: the vault (scheme and host in
+/// lower case) and the secret's name in lower case (Key Vault names ignore case), dot segments
+/// resolved; the version aside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct VaultSecret {
+    vault: String,
+    name: String,
+}
+
+impl VaultSecret {
+    /// The secret a Key Vault URL (or the start of one, `…/secrets/aoai-`) names.
+    fn of(text: &str) -> Option<VaultSecret> {
+        let url = url::Url::parse(text).ok()?;
+        let mut segments = url.path_segments()?;
+        if segments.next()? != "secrets" {
+            return None;
+        }
+        let name = segments.next()?.to_ascii_lowercase();
+        Some(VaultSecret {
+            vault: format!(
+                "{}://{}",
+                url.scheme(),
+                url.host_str()?.to_ascii_lowercase()
+            ) + &url
+                .port()
+                .map(|port| format!(":{port}"))
+                .unwrap_or_default(),
+            name,
+        })
+    }
+}
+
+/// Directories no snapshot may name a file under, whatever the operator allows: the kernel's
+/// views of the process (its environment, memory and open files) and devices.
+const SYSTEM_DIRS: [&str; 3] = ["/proc", "/sys", "/dev"];
 
 impl SecretRefPolicy {
     /// A policy that refuses `reserved` references, the `files` and whatever lies under `dirs`,
@@ -58,9 +101,21 @@ impl SecretRefPolicy {
                     .collect::<Result<Vec<_>, _>>()?,
             ),
         };
+        let mut reserved_files: Vec<PathBuf> = files.iter().map(|path| resolved(path)).collect();
+        let mut reserved_vault_secrets = Vec::new();
+        for reference in &reserved {
+            match reference.source() {
+                SecretSource::File(path) => reserved_files.push(resolved(Path::new(path))),
+                SecretSource::KeyVault(url) => {
+                    reserved_vault_secrets.extend(VaultSecret::of(url));
+                }
+                SecretSource::Env(_) => {}
+            }
+        }
         Ok(SecretRefPolicy {
             reserved,
-            reserved_files: files.iter().map(|path| resolved(path)).collect(),
+            reserved_vault_secrets,
+            reserved_files,
             reserved_dirs: dirs.iter().map(|path| resolved(path)).collect(),
             allowed,
         })
@@ -68,16 +123,35 @@ impl SecretRefPolicy {
 
     /// Why a snapshot may not name `reference`, or `None` when it may.
     pub fn refusal(&self, reference: &SecretRef) -> Option<String> {
-        if self.reserved.contains(reference) {
+        let vault_secret = match reference.source() {
+            SecretSource::KeyVault(url) => VaultSecret::of(url),
+            SecretSource::Env(_) | SecretSource::File(_) => None,
+        };
+        if self.reserved.contains(reference)
+            || vault_secret
+                .as_ref()
+                .is_some_and(|secret| self.reserved_vault_secrets.contains(secret))
+        {
             return Some(format!(
                 "`{}` is one of the gateway's own secrets (its server settings use it); a snapshot may not name it",
                 reference.as_str()
             ));
         }
         let file = match reference.source() {
-            SecretSource::File(path) => Some(resolved(Path::new(path))),
+            SecretSource::File(path) => Some((Path::new(path), resolved(Path::new(path)))),
             SecretSource::Env(_) | SecretSource::KeyVault(_) => None,
         };
+        if let Some((written, file)) = &file
+            && SYSTEM_DIRS
+                .iter()
+                .any(|dir| written.starts_with(dir) || file.starts_with(dir))
+        {
+            return Some(format!(
+                "`{}` is under /proc, /sys or /dev, which hold the process's own environment and memory; a snapshot may not name it",
+                reference.as_str()
+            ));
+        }
+        let file = file.map(|(_, file)| file);
         if let Some(file) = &file
             && (self.reserved_files.contains(file)
                 || self.reserved_dirs.iter().any(|dir| file.starts_with(dir)))
@@ -95,8 +169,10 @@ impl SecretRefPolicy {
                 (Prefix::Dir(dir), SecretSource::File(_)) => {
                     file.as_ref().is_some_and(|file| file.starts_with(dir))
                 }
-                (Prefix::KeyVault(prefix), SecretSource::KeyVault(url)) => {
-                    url.starts_with(prefix.as_str())
+                (Prefix::KeyVault(prefix), SecretSource::KeyVault(_)) => {
+                    vault_secret.as_ref().is_some_and(|secret| {
+                        secret.vault == prefix.vault && secret.name.starts_with(&prefix.name)
+                    })
                 }
                 _ => false,
             });
@@ -141,7 +217,9 @@ fn parse_prefix(text: &str) -> Result<Prefix, String> {
                 && url.host_str().is_some_and(|host| host.contains(".vault."))
                 && url.path().starts_with("/secrets/") =>
         {
-            Ok(Prefix::KeyVault(text.to_owned()))
+            VaultSecret::of(text)
+                .map(Prefix::KeyVault)
+                .ok_or_else(problem)
         }
         _ => Err(problem()),
     }
@@ -185,6 +263,51 @@ mod tests {
         assert!(policy.refusal(&reference(&in_state)).is_some());
     }
 
+    /// The files and Key Vault secrets the server settings name are refused under any other
+    /// spelling, and the process's own views (`/proc/self/environ` holds every `env:` secret)
+    /// always.
+    #[test]
+    fn other_spellings_of_the_gateways_own_secrets_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("admin-token");
+        std::fs::write(&token, "secret").unwrap();
+        std::os::unix::fs::symlink(&token, dir.path().join("link")).unwrap();
+        let policy = SecretRefPolicy::new(
+            vec![
+                reference(&format!("file:{}", token.display())),
+                reference("https://ops.vault.azure.net/secrets/gateway-client-secret"),
+            ],
+            &[],
+            &[],
+            None,
+        )
+        .unwrap();
+        let dir = dir.path().display();
+        for refused in [
+            format!("file:{dir}/./admin-token"),
+            format!("file:{dir}//admin-token"),
+            format!("file:{dir}/link"),
+            "file:/proc/self/environ".to_owned(),
+            "file:/proc/1/environ".to_owned(),
+            "file:/etc/../proc/self/environ".to_owned(),
+            "file:/dev/stdin".to_owned(),
+            "file:/sys/kernel/notes".to_owned(),
+            "https://OPS.vault.azure.net/secrets/Gateway-Client-Secret".to_owned(),
+            "https://ops.vault.azure.net/secrets/gateway-client-secret/0123456789abcdef0123456789abcdef".to_owned(),
+            "https://ops.vault.azure.net/secrets/x/../gateway-client-secret".to_owned(),
+        ] {
+            assert!(
+                policy.refusal(&reference(&refused)).is_some(),
+                "{refused}"
+            );
+        }
+        assert!(
+            policy
+                .refusal(&reference("https://ops.vault.azure.net/secrets/aoai-east"))
+                .is_none()
+        );
+    }
+
     #[test]
     fn listed_prefixes_are_the_only_ones_allowed() {
         let dir = tempfile::tempdir().unwrap();
@@ -202,6 +325,7 @@ mod tests {
             "env:AOAI_EAST".to_owned(),
             format!("file:{}/east", backends.display()),
             "https://kv1.vault.azure.net/secrets/aoai-east".to_owned(),
+            "https://KV1.vault.azure.net/secrets/AOAI-West".to_owned(),
         ] {
             assert!(policy.refusal(&reference(&allowed)).is_none(), "{allowed}");
         }
@@ -210,6 +334,9 @@ mod tests {
             format!("file:{}/other", dir.path().display()),
             format!("file:{}/../other", backends.display()),
             "https://kv1.vault.azure.net/secrets/db-password".to_owned(),
+            // Fetched as `/secrets/db-password`: dot segments are resolved before comparing.
+            "https://kv1.vault.azure.net/secrets/aoai-x/../db-password".to_owned(),
+            "https://kv2.vault.azure.net/secrets/aoai-east".to_owned(),
         ] {
             let why = policy.refusal(&reference(&refused)).unwrap();
             assert!(why.contains("server.snapshot_secret_refs"), "{why}");
