@@ -448,6 +448,60 @@ mod tests {
         );
     }
 
+    /// A member's Entra token goes to the member's endpoint, which the snapshot chooses: a
+    /// scope other than Azure OpenAI's would hand it a token for the gateway identity's Key
+    /// Vault, Graph or Resource Manager access. And a clock skew beyond an hour is refused (a
+    /// value past the Unix epoch's seconds made every token fail to validate).
+    #[test]
+    fn member_token_scopes_and_clock_skew_are_bounded() {
+        let with = |scope: &str| {
+            snapshot(serde_json::json!({
+                "version": 2,
+                "pools": [{"id": "a", "deployments": ["d"], "members": [{"id": "m", "endpoint": "https://evil.example",
+                    "credential": {"type": "managed_identity", "scope": scope}}]}]
+            }))
+        };
+        for scope in [
+            "https://vault.azure.net/.default",
+            "https://graph.microsoft.com/.default",
+            "https://management.azure.com/.default",
+            "https://cognitiveservices.azure.com/other",
+        ] {
+            let errors = Runtime::build(with(scope), &HealthRegistry::default())
+                .unwrap_err()
+                .0;
+            assert!(
+                errors.len() == 1
+                    && errors[0].starts_with(
+                        "pools[0].members[0].credential.scope: must be the scope of Azure OpenAI"
+                    ),
+                "{scope}: {errors:?}"
+            );
+        }
+        for scope in [
+            "https://cognitiveservices.azure.com/.default",
+            "https://ai.azure.com/.default",
+        ] {
+            assert!(
+                Runtime::build(with(scope), &HealthRegistry::default()).is_ok(),
+                "{scope}"
+            );
+        }
+        let skewed = snapshot(serde_json::json!({
+            "version": 2,
+            "identity": {"require": "token", "entra": {
+                "tenants": ["11111111-1111-1111-1111-111111111111"], "audiences": ["api://gatehouse"],
+                "clock_skew_seconds": 2_000_000_000u64}},
+        }));
+        let errors = Runtime::build(skewed, &HealthRegistry::default())
+            .unwrap_err()
+            .0;
+        assert_eq!(
+            errors,
+            ["identity.entra.clock_skew_seconds: at most 3600 (tokens live about an hour)"]
+        );
+    }
+
     #[test]
     fn identity_and_access_rule_problems_are_named() {
         let bad = snapshot(serde_json::json!({

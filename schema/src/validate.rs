@@ -16,6 +16,21 @@ pub fn problems(snapshot: &ConfigSnapshot) -> Vec<String> {
     errors
 }
 
+/// The token scopes a member's Entra credential may ask for: Azure OpenAI's (Cognitive Services,
+/// `azure-specs.md` §1.3; Azure AI Foundry's; the US Government and China clouds'). The token is
+/// the gateway identity's and goes to the member's endpoint, which the snapshot chooses: any
+/// other scope would hand that endpoint a token for the identity's other resources (Key Vault,
+/// Microsoft Graph, Azure Resource Manager).
+pub const MEMBER_TOKEN_SCOPES: [&str; 4] = [
+    "https://cognitiveservices.azure.com/.default",
+    "https://ai.azure.com/.default",
+    "https://cognitiveservices.azure.us/.default",
+    "https://cognitiveservices.azure.cn/.default",
+];
+
+/// The largest clock skew allowed when validating tokens (`identity.entra.clock_skew_seconds`).
+pub const MAX_CLOCK_SKEW_SECONDS: u64 = 3600;
+
 /// The identity policy and the access rules.
 fn validate_identity(
     snapshot: &ConfigSnapshot,
@@ -60,6 +75,11 @@ fn validate_identity(
                 errors.push(
                     "identity.entra.audiences: name at least one accepted audience".to_owned(),
                 );
+            }
+            if entra.clock_skew_seconds > MAX_CLOCK_SKEW_SECONDS {
+                errors.push(format!(
+                    "identity.entra.clock_skew_seconds: at most {MAX_CLOCK_SKEW_SECONDS} (tokens live about an hour)"
+                ));
             }
             if entra.unknown_kid_refetch_seconds == 0 {
                 errors.push("identity.entra.unknown_kid_refetch_seconds: must be at least 1 (it protects the identity provider)".to_owned());
@@ -235,10 +255,13 @@ fn validate(snapshot: &ConfigSnapshot, errors: &mut Vec<String>) {
                 errors.push(format!("{path}.endpoint: must not carry a query string"));
             }
             if let Some((_, scope)) = member.credential.entra()
-                && (scope.is_empty() || scope.len() > 512 || scope.contains(char::is_whitespace))
+                && !MEMBER_TOKEN_SCOPES
+                    .iter()
+                    .any(|allowed| scope.eq_ignore_ascii_case(allowed))
             {
                 errors.push(format!(
-                    "{path}.credential.scope: must be one scope, such as `https://cognitiveservices.azure.com/.default`"
+                    "{path}.credential.scope: must be the scope of Azure OpenAI ({}): the gateway's identity gets a token for it and sends it to the member, so a snapshot may not ask for one to Key Vault, Microsoft Graph or Azure Resource Manager",
+                    MEMBER_TOKEN_SCOPES.join(", ")
                 ));
             }
             if member.weight == 0 {
