@@ -78,7 +78,7 @@ pub struct Gateway {
 pub struct GatewayParts {
     /// Instance name.
     pub id: String,
-    /// The snapshot to start on (the last-known-good one is preferred when newer).
+    /// The snapshot to start on (the last-known-good one is preferred when newer and it builds).
     pub snapshot: ConfigSnapshot,
     /// State directory.
     pub state_dir: PathBuf,
@@ -164,19 +164,10 @@ pub const ROUTED_PATHS: [&str; 5] = [
 ];
 
 impl Gateway {
-    /// Builds a gateway; fails when the snapshot is invalid or the state directory unusable.
+    /// Builds a gateway; fails when the snapshot it starts on is invalid (a last-known-good one
+    /// that no longer builds gives way to the file's) or the state directory unusable.
     pub async fn new(parts: GatewayParts) -> anyhow::Result<Arc<Gateway>> {
         let health = HealthRegistry::default();
-        let snapshot = match admin::load_last_known_good(&parts.state_dir).await? {
-            Some(saved) if saved.version > parts.snapshot.version => {
-                tracing::info!(
-                    version = saved.version,
-                    "starting on the last-known-good configuration"
-                );
-                saved
-            }
-            _ => parts.snapshot,
-        };
         let key_vault = parts
             .secrets
             .entra_credential
@@ -188,22 +179,22 @@ impl Gateway {
             credentials: Arc::default(),
             policy: Arc::new(parts.secrets.snapshot_refs.clone()),
         };
-        let runtime = Runtime::prepare(snapshot, &health, &resolver)
-            .await
-            .map_err(|e: ValidationErrors| anyhow::anyhow!("invalid configuration: {e}"))?;
+        let metrics = Metrics::default();
+        let saved = admin::load_last_known_good(&parts.state_dir)
+            .await?
+            .filter(|saved| saved.version > parts.snapshot.version);
+        let runtime = start_runtime(saved, parts.snapshot, &health, &resolver, &metrics).await?;
         if has_key_vault {
             // Stops by itself when the gateway (and with it the store) is dropped.
             resolver
                 .secrets
                 .spawn_refresher(parts.secrets.key_vault_refresh);
         }
-        let metrics = Metrics::default();
         let affinity = AffinityMap::open(
             &parts.state_dir,
             SharedAffinity::new(&parts.affinity, metrics.affinity_store_errors.clone())?,
         )
         .await?;
-        metrics.config_version.set(runtime.snapshot.version);
         let identity_client = reqwest::Client::builder()
             .connect_timeout(std::time::Duration::from_secs(5))
             .timeout(std::time::Duration::from_secs(15))
@@ -281,6 +272,8 @@ impl Gateway {
     /// uses.
     pub(crate) fn install(&self, mut runtime: Runtime) {
         self.metrics.config_version.set(runtime.snapshot.version);
+        // The pushed snapshot replaced the last-known-good one that could not be built.
+        self.metrics.last_known_good_refused.set(0);
         self.resolver.retain_for(&runtime.snapshot);
         // Tokens that passed under the previous identity policy are judged again, and calls still
         // on the previous runtime (waiting for room in the audit queue, say) do not remember
@@ -383,6 +376,64 @@ impl Gateway {
             (None, None) => {}
         }
     }
+}
+
+/// The runtime a gateway starts on: the last-known-good snapshot `saved` (newer than the
+/// configuration file's, when given) if it can still be built, else the file's `snapshot`.
+///
+/// A pushed snapshot can stop building while the gateway is down: a `file:` or `env:` secret it
+/// names was removed, Key Vault cannot be reached, `server.snapshot_secret_refs` was tightened.
+/// Refusing to start would loop for ever, whatever the operator puts in the file; instead the
+/// gateway says why and starts on the file's snapshot. The last-known-good file is left where it
+/// is, for inspection and for the next start (a Key Vault outage passes); the next push replaces
+/// it. `gatehouse_config_last_known_good_refused` holds its version until then.
+async fn start_runtime(
+    saved: Option<ConfigSnapshot>,
+    snapshot: ConfigSnapshot,
+    health: &HealthRegistry,
+    resolver: &Resolver,
+    metrics: &Metrics,
+) -> anyhow::Result<Runtime> {
+    let file_version = snapshot.version;
+    let mut refused = None;
+    if let Some(saved) = saved {
+        let version = saved.version;
+        let checkpoint = resolver.secrets.checkpoint();
+        match Runtime::prepare(saved, health, resolver).await {
+            Ok(runtime) => {
+                tracing::info!(version, "starting on the last-known-good configuration");
+                metrics.config_version.set(version);
+                return Ok(runtime);
+            }
+            Err(errors) => {
+                resolver.secrets.restore(checkpoint);
+                // The problems name field paths and secret references, never a secret's value.
+                tracing::error!(
+                    version,
+                    file_version,
+                    problems = %errors,
+                    "the last-known-good configuration could not be built; starting on the \
+                     configuration file's snapshot (the last-known-good file is kept)"
+                );
+                metrics.last_known_good_refused.set(version);
+                refused = Some((version, errors));
+            }
+        }
+    }
+    let runtime =
+        Runtime::prepare(snapshot, health, resolver)
+            .await
+            .map_err(|e: ValidationErrors| match &refused {
+                None => anyhow::anyhow!("invalid configuration: {e}"),
+                Some((version, saved)) => anyhow::anyhow!(
+                    "invalid configuration: {e} (and the last-known-good configuration, version \
+                 {version}, could not be built either: {saved})"
+                ),
+            })?;
+    // Secrets and credentials read for the refused snapshot alone are not kept (nor refreshed).
+    resolver.retain_for(&runtime.snapshot);
+    metrics.config_version.set(runtime.snapshot.version);
+    Ok(runtime)
 }
 
 /// The access-log line of a call.

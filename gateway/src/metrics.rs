@@ -119,6 +119,9 @@ pub struct Metrics {
     pub audit_journal_records: Gauge<u64, AtomicU64>,
     /// Version of the running configuration snapshot.
     pub config_version: Gauge<u64, AtomicU64>,
+    /// Version of the last-known-good snapshot that could not be built at start (the gateway
+    /// runs on its configuration file's instead); 0 when none, and again after a push.
+    pub last_known_good_refused: Gauge<u64, AtomicU64>,
     /// Calls refused by usage limits.
     pub limit_refusals: Family<LimitLabels, Counter>,
     /// Failures of the limit store (Redis).
@@ -167,6 +170,7 @@ impl Default for Metrics {
             audit_journal_bytes: Gauge::default(),
             audit_journal_records: Gauge::default(),
             config_version: Gauge::default(),
+            last_known_good_refused: Gauge::default(),
             limit_refusals: Family::default(),
             limit_store_errors: Counter::default(),
             affinity_store_errors: Counter::default(),
@@ -253,6 +257,11 @@ impl Default for Metrics {
             "config_version",
             "Version of the running configuration snapshot",
             metrics.config_version.clone(),
+        );
+        registry.register(
+            "config_last_known_good_refused",
+            "Version of the last-known-good snapshot that could not be built at start, the gateway running on its configuration file's instead; 0 when none",
+            metrics.last_known_good_refused.clone(),
         );
         registry.register(
             "limit_refusals",

@@ -74,6 +74,68 @@ async fn a_newer_valid_snapshot_is_applied_persisted_and_used_at_the_next_start(
     );
 }
 
+/// A pushed snapshot that no longer builds at the next start (its member's key file was removed
+/// meanwhile) does not keep the gateway down: it says why and starts on the file's snapshot,
+/// keeping the last-known-good file.
+#[tokio::test]
+async fn a_last_known_good_snapshot_that_no_longer_builds_gives_way_to_the_files() {
+    let sim = simulator("config-lkg").await;
+    let gw = TestGateway::start(snapshot(1, pools(&sim.url(), "gpt-4o"))).await;
+    let (key_file, key_ref) = backend_key_file();
+    let mut keyed = member("keyed", &sim.url(), 1);
+    keyed["credential"] = json!({"type": "api_key", "secret": key_ref});
+    let pushed = serde_json::to_value(snapshot(
+        2,
+        json!([{"id": "p", "deployments": ["gpt-4o-mini"], "members": [keyed]}]),
+    ))
+    .unwrap();
+    assert_eq!(put(&gw, Some(ADMIN_TOKEN), &pushed).await.status(), 200);
+    let state_dir = Arc::clone(&gw.state_dir);
+    gw.stop().await;
+    key_file.close().unwrap();
+
+    let (logs, _guard) = CapturedLogs::install(tracing::Level::INFO);
+    let gw = TestGateway::start_in(snapshot(1, pools(&sim.url(), "gpt-4o")), state_dir).await;
+    assert_eq!(gw.gateway.runtime().snapshot.version, 1);
+    assert_eq!(
+        gw.post(&chat_path("gpt-4o"))
+            .json(&chat(None, false))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let line = logs.line(
+        "the last-known-good configuration could not be built; starting on the configuration \
+         file's snapshot (the last-known-good file is kept)",
+    );
+    assert_eq!(line["level"], "ERROR");
+    assert_eq!(line["fields"]["version"], 2);
+    assert_eq!(line["fields"]["file_version"], 1);
+    let problems = line["fields"]["problems"].as_str().unwrap();
+    assert!(
+        problems.contains("pools[0].members[0].credential.secret"),
+        "{problems}"
+    );
+    assert!(!logs.text().contains(BACKEND_KEY));
+    assert!(gw.state_dir.path().join("last-known-good.json").exists());
+    let text = gw.metrics().await;
+    assert!(
+        text.contains("gatehouse_config_last_known_good_refused 2"),
+        "{text}"
+    );
+
+    // The next push replaces it.
+    let next = serde_json::to_value(snapshot(3, pools(&sim.url(), "gpt-4o"))).unwrap();
+    assert_eq!(put(&gw, Some(ADMIN_TOKEN), &next).await.status(), 200);
+    let text = gw.metrics().await;
+    assert!(
+        text.contains("gatehouse_config_last_known_good_refused 0"),
+        "{text}"
+    );
+}
+
 #[tokio::test]
 async fn an_invalid_snapshot_is_refused_whole_with_the_field_path() {
     let sim = simulator("config-bad").await;
