@@ -1122,6 +1122,58 @@ async fn usage_comes_from_rollups(store: &SqlStore) {
         );
     }
     assert_eq!(totals.iter().map(|p| p.total_tokens).sum::<i64>(), expected);
+    // Every sum, and a team lead's restriction, alike on the totals: per value, the points of
+    // `usage` added up, by group (a call counted in each of its groups) and by user.
+    for (dimension, only) in [
+        (Dimension::Group, None),
+        (Dimension::Group, Some(vec!["group-blue".to_owned()])),
+        (Dimension::Group, Some(vec![])),
+        (Dimension::User, None),
+    ] {
+        let points = store.usage(&query(dimension, only.clone())).await.unwrap();
+        let totals = store
+            .usage_totals(&query(dimension, only.clone()))
+            .await
+            .unwrap();
+        let mut summed: std::collections::BTreeMap<&str, [i64; 7]> = Default::default();
+        for p in &points {
+            let sums = summed.entry(p.value.as_str()).or_default();
+            for (sum, add) in sums.iter_mut().zip([
+                p.requests,
+                p.errors,
+                p.prompt_tokens,
+                p.completion_tokens,
+                p.total_tokens,
+                p.latency_sum_ms,
+                0,
+            ]) {
+                *sum += add;
+            }
+            sums[6] = sums[6].max(p.latency_max_ms);
+        }
+        let got: std::collections::BTreeMap<&str, [i64; 7]> = totals
+            .iter()
+            .map(|t| {
+                (
+                    t.value.as_str(),
+                    [
+                        t.requests,
+                        t.errors,
+                        t.prompt_tokens,
+                        t.completion_tokens,
+                        t.total_tokens,
+                        t.latency_sum_ms,
+                        t.latency_max_ms,
+                    ],
+                )
+            })
+            .collect();
+        assert_eq!(got, summed, "{dimension:?} {only:?}");
+        assert_eq!(got.len(), totals.len(), "one row per value");
+        if let Some(only) = &only {
+            assert!(totals.iter().all(|t| only.contains(&t.value)), "{totals:?}");
+        }
+    }
 }
 
 async fn export_streams_every_match(store: &SqlStore) {

@@ -12,10 +12,12 @@ use gatehouse_audit::AuditRecord;
 use gatehouse_audit::chain::Chainer;
 use gatehouse_audit::sql::SqlStore;
 use gatehouse_portal_core::insights::embedded::EmbeddedSource;
-use gatehouse_portal_core::insights::service::{ExportFormat, PriceTable};
+use gatehouse_portal_core::insights::service::{
+    ExportFormat, MAX_USAGE_POINTS, PriceTable, UsagePoints,
+};
 use gatehouse_portal_core::insights::{
     AuditSource, ChainCheck, Dimension, Insights, InsightsError, SearchForm, SearchRequest,
-    TimeRange, csv,
+    TimeRange, UsageTotal, csv,
 };
 use gatehouse_portal_core::{ConfigDb, PortalError, SessionUser};
 use gatehouse_schema::OperationId;
@@ -264,8 +266,24 @@ async fn exercise(source: EmbeddedSource, db: ConfigDb) {
         .value;
     assert_eq!(mine.totals.len(), 1);
     assert_eq!(mine.totals[0].value, "g-red");
-    assert!(mine.points.iter().all(|p| p.value == "g-red"));
+    assert!(mine.points.is_empty(), "the table reads totals only");
     assert_eq!(mine.restricted_to, Some(vec!["g-red".to_owned()]));
+    // The chart's and the CSV's buckets are restricted alike.
+    for which in [UsagePoints::All, UsagePoints::Top(1)] {
+        let over_time = insights
+            .usage_over_time(Some(&lead), range(), Dimension::Group, which)
+            .await
+            .unwrap()
+            .value;
+        assert_eq!(over_time.totals, mine.totals);
+        assert!(!over_time.points.is_empty());
+        assert!(over_time.points.iter().all(|p| p.value == "g-red"));
+    }
+    assert!(forbidden(
+        insights
+            .usage_over_time(Some(&lead), range(), Dimension::Model, UsagePoints::All)
+            .await
+    ));
     assert!(forbidden(
         insights.usage(Some(&lead), range(), Dimension::Model).await
     ));
@@ -530,10 +548,11 @@ async fn usage_points_are_per_bucket(source: EmbeddedSource, db: ConfigDb) {
     let admin = user(&[Role::Admin], &[]);
     let range = TimeRange::new(T0 - Duration::hours(1), T0 + Duration::hours(7)).unwrap();
     let report = insights
-        .usage(Some(&admin), range, Dimension::Model)
+        .usage_over_time(Some(&admin), range, Dimension::Model, UsagePoints::All)
         .await
         .unwrap()
         .value;
+    assert!(report.points_complete);
     let points: Vec<(OffsetDateTime, i64, i64)> = report
         .points
         .iter()
@@ -562,6 +581,111 @@ async fn usage_points_are_per_bucket(source: EmbeddedSource, db: ConfigDb) {
         .map(|t| (t.value.as_str(), t.requests, t.total_tokens))
         .collect();
     assert_eq!(totals, [("gpt-4o", 4, 193), ("gpt-4o-mini", 1, 14)]);
+    // The table's totals, asked of the store as totals (GROUP BY value), are the points added up.
+    let table = insights
+        .usage(Some(&admin), range, Dimension::Model)
+        .await
+        .unwrap();
+    assert!(table.warnings.is_empty());
+    assert!(table.value.points.is_empty(), "the table reads no bucket");
+    let mut summed = UsageTotal::sum_by_value(&report.points);
+    summed.sort_by_key(|t| std::cmp::Reverse(t.total_tokens));
+    assert_eq!(table.value.totals, summed);
+    assert_eq!(table.value.totals, report.totals);
+}
+
+/// More buckets × values than `MAX_USAGE_POINTS` (30 days by the hour, 150 users): the table's
+/// totals come whole, the CSV's every bucket is refused with a 422 that says why, and the chart
+/// reads the buckets of its top values only.
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_points_beyond_the_bound_are_read_for_the_top_values_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:{}", dir.path().join("audit.db").display());
+    let source = EmbeddedSource::open(&url).await.unwrap();
+    let users: Vec<(&'static str, &'static str)> = (0..150)
+        .map(|i| {
+            let id: &'static str = Box::leak(format!("oid-{i:03}").into_boxed_str());
+            let name: &'static str = Box::leak(format!("user-{i:03}@contoso.com").into_boxed_str());
+            (id, name)
+        })
+        .collect();
+    let records: Vec<AuditRecord> = users
+        .iter()
+        .enumerate()
+        .map(|(i, user)| {
+            record(
+                i,
+                T0 - Duration::days(i as i64 % 29) - Duration::minutes(i as i64),
+                Call {
+                    user: *user,
+                    ip: "198.51.100.7",
+                    groups: &["g-red"],
+                    model: "gpt-4o",
+                    prompt: "hello".to_owned(),
+                    status: 200,
+                    tokens: (i as u64 + 1, 1),
+                    total_time: 100,
+                    ttfb: Some(10),
+                },
+            )
+        })
+        .collect();
+    assert_eq!(source.store().write(&records).await.unwrap(), 150);
+    let config = common::sqlite().await;
+    let insights = Insights::new(
+        Some(Arc::new(source)),
+        config.db.clone(),
+        PriceTable::default(),
+    );
+    let admin = user(&[Role::Admin], &[]);
+    let range = TimeRange::new(T0 - Duration::days(30), T0 + Duration::hours(1)).unwrap();
+    const { assert!(721 * 150 > MAX_USAGE_POINTS) };
+    let table = insights
+        .usage(Some(&admin), range, Dimension::User)
+        .await
+        .unwrap()
+        .value;
+    assert_eq!(table.totals.len(), 150);
+    assert_eq!(table.totals[0].value, "oid-149");
+    assert_eq!(table.totals[0].total_tokens, 151);
+    match insights
+        .usage_over_time(Some(&admin), range, Dimension::User, UsagePoints::All)
+        .await
+    {
+        Err(error @ InsightsError::Invalid { .. }) => {
+            assert_eq!(error.status(), 422);
+            assert!(
+                error.to_string().contains("choose a shorter range"),
+                "{error}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let chart = insights
+        .usage_over_time(Some(&admin), range, Dimension::User, UsagePoints::Top(6))
+        .await
+        .unwrap()
+        .value;
+    assert!(!chart.points_complete);
+    assert_eq!(chart.totals, table.totals);
+    let drawn: std::collections::BTreeSet<&str> =
+        chart.points.iter().map(|p| p.value.as_str()).collect();
+    let top: std::collections::BTreeSet<&str> = table
+        .totals
+        .iter()
+        .take(6)
+        .map(|t| t.value.as_str())
+        .collect();
+    assert_eq!(drawn, top);
+    // A short range fits: every value's buckets.
+    let day = TimeRange::new(T0 - Duration::hours(2), T0 + Duration::hours(3)).unwrap();
+    let all = insights
+        .usage_over_time(Some(&admin), day, Dimension::User, UsagePoints::All)
+        .await
+        .unwrap()
+        .value;
+    assert!(all.points_complete);
+    assert_eq!(all.points.len(), all.totals.len());
 }
 
 #[tokio::test(flavor = "multi_thread")]

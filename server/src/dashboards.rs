@@ -17,10 +17,12 @@ use axum::{Extension, Router};
 use futures::StreamExt;
 use gatehouse_portal_app::ssr::from_another_site;
 use gatehouse_portal_core::insights::alerts::{AlertRule, Alerter};
-use gatehouse_portal_core::insights::chart::{Metric, usage_svg};
+use gatehouse_portal_core::insights::chart::{MAX_SERIES, Metric, usage_svg};
 use gatehouse_portal_core::insights::embedded::EmbeddedSource;
 use gatehouse_portal_core::insights::log_analytics::{LogAnalyticsSettings, LogAnalyticsSource};
-use gatehouse_portal_core::insights::service::{ExportFormat, PriceTable, parse_dimension};
+use gatehouse_portal_core::insights::service::{
+    ExportFormat, PriceTable, UsagePoints, parse_dimension,
+};
 use gatehouse_portal_core::insights::{
     Answer, AuditSource, Insights, InsightsError, SearchForm, SearchRequest, csv, iso_utc,
     parse_range,
@@ -160,13 +162,15 @@ fn download(content_type: &'static str, name: &str, body: Body) -> Response {
     response
 }
 
-/// The usage report for the chart and the CSV download: refused when the source answered only in
-/// part, since neither has a place for the warning the usage page shows beside its figures.
+/// The usage report for the chart (the top values' buckets) and the CSV download (every bucket,
+/// refused with a 422 beyond `MAX_USAGE_POINTS`): refused when the source answered only in part,
+/// since neither has a place for the warning the usage page shows beside its figures.
 async fn usage_report(
     portal: &Portal,
     insights: &Insights,
     session: &Session,
     params: &UsageParams,
+    which: UsagePoints,
 ) -> Result<gatehouse_portal_core::insights::service::UsageReport, Response> {
     let user = user_of(portal, session).await?;
     let range = parse_range(
@@ -178,7 +182,7 @@ async fn usage_report(
     .map_err(failure)?;
     let dimension = parse_dimension(&params.dimension).map_err(failure)?;
     insights
-        .usage(user.as_ref(), range, dimension)
+        .usage_over_time(user.as_ref(), range, dimension, which)
         .await
         .and_then(Answer::whole)
         .map_err(failure)
@@ -194,7 +198,15 @@ async fn chart(
         Ok(metric) => metric,
         Err(error) => return failure(error),
     };
-    let report = match usage_report(&portal, &insights, &session, &params).await {
+    let report = match usage_report(
+        &portal,
+        &insights,
+        &session,
+        &params,
+        UsagePoints::Top(MAX_SERIES),
+    )
+    .await
+    {
         Ok(report) => report,
         Err(response) => return response,
     };
@@ -224,7 +236,7 @@ async fn usage_csv(
     session: Session,
     Query(params): Query<UsageParams>,
 ) -> Response {
-    match usage_report(&portal, &insights, &session, &params).await {
+    match usage_report(&portal, &insights, &session, &params, UsagePoints::All).await {
         Ok(report) => download(
             "text/csv; charset=utf-8",
             "usage.csv",

@@ -564,18 +564,43 @@ async fn audit_links_from_another_site_open_the_pages_but_run_and_record_nothing
 }
 
 /// A Query API double that answers every query with one documented table (figures, usage over
-/// time, or tokens by model) and a `PartialError` beside it (`shared/reference/azure-specs.md`
-/// §4.1), and a token endpoint.
-async fn log_analytics_double() -> String {
+/// time, usage totals per value, or tokens by model) and a `PartialError` beside it
+/// (`shared/reference/azure-specs.md` §4.1), and a token endpoint. With `whole_totals`, the
+/// usage totals (`by Value` alone) are answered in whole, with more than the buckets it cuts
+/// short hold, as a workspace answers a question of one row per value under the row limit that
+/// its buckets meet.
+async fn log_analytics_double(whole_totals: bool) -> String {
     use axum::Json;
+    use axum::extract::State;
     use axum::routing::post;
     async fn token() -> Json<serde_json::Value> {
         Json(
             serde_json::json!({"token_type": "Bearer", "expires_in": 3599, "access_token": "token-of-the-double"}),
         )
     }
-    async fn query(Json(body): Json<serde_json::Value>) -> Json<serde_json::Value> {
+    async fn query(
+        State(whole_totals): State<bool>,
+        Json(body): Json<serde_json::Value>,
+    ) -> Json<serde_json::Value> {
         let kql = body["query"].as_str().unwrap_or_default();
+        if kql.contains("by Value") && !kql.contains("bin(") {
+            let (requests, tokens) = if whole_totals {
+                (9, 1_234_567)
+            } else {
+                (7, 1_000_000)
+            };
+            let table = serde_json::json!({"name": "PrimaryResult",
+                "columns": [{"name": "Value", "type": "string"}, {"name": "Requests", "type": "long"}, {"name": "Errors", "type": "long"}, {"name": "PromptTokens", "type": "long"}, {"name": "CompletionTokens", "type": "long"}, {"name": "TotalTokens", "type": "long"}, {"name": "LatencySumMs", "type": "long"}],
+                "rows": [["gpt-4o", requests, 0, tokens, 0, tokens, 560]]});
+            return Json(if whole_totals {
+                serde_json::json!({"tables": [table]})
+            } else {
+                serde_json::json!({
+                    "tables": [table],
+                    "error": {"code": "PartialError", "message": "There were some errors when processing your query.", "details": [{"message": "workspace eu-2 did not answer"}]}
+                })
+            });
+        }
         let table = if kql.contains("by Bucket") {
             let hour = OffsetDateTime::now_utc()
                 .replace_minute(0)
@@ -607,7 +632,8 @@ async fn log_analytics_double() -> String {
     }
     let app = axum::Router::new()
         .route("/{tenant}/oauth2/v2.0/token", post(token))
-        .route("/v1/workspaces/{workspace}/query", post(query));
+        .route("/v1/workspaces/{workspace}/query", post(query))
+        .with_state(whole_totals);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
@@ -616,9 +642,9 @@ async fn log_analytics_double() -> String {
 
 /// A portal whose dashboards read the Log Analytics double; the directory holds its client
 /// secret.
-async fn portal_on_log_analytics() -> (TestPortal, tempfile::TempDir) {
+async fn portal_on_log_analytics(whole_totals: bool) -> (TestPortal, tempfile::TempDir) {
     use gatehouse_portal_core::insights::log_analytics::{ClientCredentials, LogAnalyticsSettings};
-    let double = log_analytics_double().await;
+    let double = log_analytics_double(whole_totals).await;
     let secrets = tempfile::tempdir().unwrap();
     let secret = secrets.path().join("client-secret");
     std::fs::write(&secret, "not-shown").unwrap();
@@ -650,7 +676,7 @@ const PARTIAL_ERROR: &str = "PartialError: There were some errors when processin
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_same_pages_read_log_analytics_and_show_its_partial_errors() {
-    let (portal, _secrets) = portal_on_log_analytics().await;
+    let (portal, _secrets) = portal_on_log_analytics(false).await;
     let mut viewer = signed_in(&portal, &[("role", "Viewer")]).await;
     let page = viewer
         .get(&format!("{}/dashboard?range=24h", portal.url))
@@ -674,7 +700,7 @@ async fn the_same_pages_read_log_analytics_and_show_its_partial_errors() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn downloads_of_a_partial_log_analytics_answer_are_refused_with_its_warning() {
-    let (portal, _secrets) = portal_on_log_analytics().await;
+    let (portal, _secrets) = portal_on_log_analytics(false).await;
     let mut admin = signed_in(&portal, &[("role", "Admin")]).await;
     // The page shows the figures with the warning beside them.
     let usage = admin
@@ -706,4 +732,47 @@ async fn downloads_of_a_partial_log_analytics_answer_are_refused_with_its_warnin
             "{path}: {body}"
         );
     }
+}
+
+/// The usage table asks Log Analytics for one row per value, not for every bucket: a workspace
+/// that cuts the buckets short (the 500,000-row limit of 30 days by the hour × many users) but
+/// answers the totals whole gives the table exact totals and no warning.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_usage_table_reads_whole_totals_where_the_buckets_are_cut_short() {
+    let (portal, _secrets) = portal_on_log_analytics(true).await;
+    let mut admin = signed_in(&portal, &[("role", "Admin")]).await;
+    let usage: serde_json::Value = admin
+        .post(
+            &format!("{}/api/usage_breakdown", portal.url),
+            &[
+                ("range", "30d"),
+                ("from", ""),
+                ("to", ""),
+                ("dimension", "model"),
+            ],
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(usage["warnings"], serde_json::json!([]), "{usage}");
+    assert_eq!(usage["rows"][0]["value"], "gpt-4o", "{usage}");
+    assert_eq!(usage["rows"][0]["requests"], 9, "{usage}");
+    assert_eq!(usage["rows"][0]["total_tokens"], 1_234_567, "{usage}");
+    let page = admin
+        .get(&format!("{}/usage?range=30d&dimension=model", portal.url))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(!page.contains("id=\"source-warnings\""), "{page}");
+    assert!(page.contains("gpt-4o"), "{page}");
+    // The chart still reads buckets, and a cut-short answer is refused there, as before.
+    let chart = admin
+        .get(&format!(
+            "{}/usage/chart.svg?range=30d&dimension=model&metric=tokens",
+            portal.url
+        ))
+        .await;
+    assert_eq!(chart.status(), 502);
 }

@@ -81,7 +81,8 @@ fn draw_error<E: std::error::Error + Send + Sync>(
 }
 
 /// The report's usage over time as an SVG document: the [`MAX_SERIES`] largest values as lines,
-/// the others summed as "other", with axes (time in UTC; tokens or calls per bucket) and a legend.
+/// the others summed as "other" (when the report holds their points), with axes (time in UTC;
+/// tokens or calls per bucket) and a legend.
 pub fn usage_svg(report: &UsageReport, metric: Metric) -> Result<String, InsightsError> {
     let step_minutes: i64 = match report.granularity {
         Granularity::Minute => 1,
@@ -100,7 +101,10 @@ pub fn usage_svg(report: &UsageReport, metric: Metric) -> Result<String, Insight
         .take(MAX_SERIES)
         .map(|t| t.value.as_str())
         .collect();
-    let has_other = report.totals.len() > MAX_SERIES;
+    // The others' line needs every value's buckets; when only the top values' were read (too
+    // many points), the caption says how many values are not drawn instead.
+    let left_out = report.totals.len().saturating_sub(MAX_SERIES);
+    let has_other = left_out > 0 && report.points_complete;
     let mut series = vec![vec![0f64; buckets as usize]; shown.len() + usize::from(has_other)];
     for point in &report.points {
         let i = index(point.bucket);
@@ -124,7 +128,7 @@ pub fn usage_svg(report: &UsageReport, metric: Metric) -> Result<String, Insight
         Granularity::Minute => "minute",
         Granularity::Hour => "hour",
     };
-    let (y_desc, caption) = match metric {
+    let (y_desc, mut caption) = match metric {
         Metric::Tokens => (
             format!("tokens per {unit}"),
             format!("Tokens by {}", report.dimension.as_str().replace('_', " ")),
@@ -134,6 +138,9 @@ pub fn usage_svg(report: &UsageReport, metric: Metric) -> Result<String, Insight
             format!("Calls by {}", report.dimension.as_str().replace('_', " ")),
         ),
     };
+    if left_out > 0 && !report.points_complete {
+        caption.push_str(&format!(" (top {MAX_SERIES}; {left_out} more not drawn)"));
+    }
     let from = report.range.from;
     let x_format = move |x: &f64| {
         let Some(at) = from.checked_add(time::Duration::minutes((*x as i64) * step_minutes)) else {
@@ -259,6 +266,24 @@ mod tests {
         assert!(svg.contains("other"), "the values beyond six are summed");
         assert!(svg.contains("&lt;script&gt;"));
         assert!(!svg.contains("<script"));
+        // Only the top values' buckets read (too many points): no "other" line, and the caption
+        // says how many values are left out.
+        let top = UsageReport {
+            points: report
+                .points
+                .iter()
+                .filter(|p| p.value == "bob" || p.value.starts_with('<'))
+                .cloned()
+                .collect(),
+            points_complete: false,
+            ..report.clone()
+        };
+        let svg = usage_svg(&top, Metric::Tokens).unwrap();
+        assert!(!svg.contains("\nother\n"), "no other line");
+        assert!(
+            svg.contains("Tokens by user (top 6; 4 more not drawn)"),
+            "{svg}"
+        );
         let empty = UsageReport::build(&request, Vec::new());
         assert!(
             usage_svg(&empty, Metric::Requests)

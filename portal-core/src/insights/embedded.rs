@@ -14,7 +14,7 @@ use gatehouse_audit::sql::{SearchFilter, SqlStore, UsagePoint, UsageQuery};
 use super::{
     Answer, AuditSource, CallFull, CallPage, CallRow, ChainCheck, ChainLink, Dimension, Figures,
     Granularity, InsightsError, ModelTokens, Percentiles, SearchRequest, TimeRange, UsageRequest,
-    last_backend,
+    UsageTotal, last_backend,
 };
 
 /// The embedded store (SQLite or PostgreSQL).
@@ -197,6 +197,39 @@ impl AuditSource for EmbeddedSource {
                 })
                 .await?;
             Ok(Answer::new(points))
+        }
+        .boxed()
+    }
+
+    fn usage_totals<'a>(
+        &'a self,
+        request: &'a UsageRequest,
+    ) -> BoxFuture<'a, Result<Answer<Vec<UsageTotal>>, InsightsError>> {
+        async move {
+            // Summed by the database (GROUP BY value over the range's rollup rows): one row per
+            // value, whatever the number of buckets.
+            let totals = self
+                .store
+                .usage_totals(&UsageQuery {
+                    granularity: request.granularity,
+                    dimension: request.dimension,
+                    from: request.range.from,
+                    to: request.range.to,
+                    only: request.only.clone(),
+                })
+                .await?
+                .into_iter()
+                .map(|point| UsageTotal {
+                    value: point.value,
+                    requests: point.requests,
+                    errors: point.errors,
+                    prompt_tokens: point.prompt_tokens,
+                    completion_tokens: point.completion_tokens,
+                    total_tokens: point.total_tokens,
+                    latency_sum_ms: point.latency_sum_ms,
+                })
+                .collect();
+            Ok(Answer::new(totals))
         }
         .boxed()
     }

@@ -689,9 +689,9 @@ pub trait AuditSource: Send + Sync + fmt::Debug {
     ) -> BoxFuture<'a, Result<Answer<Vec<UsagePoint>>, InsightsError>>;
 
     /// Usage over the whole range of `request`, one total per value (its granularity aside):
-    /// for a question that only adds the buckets up. By default the buckets of
-    /// [`AuditSource::usage`] added up; a source whose answers have a row limit asks for the
-    /// totals themselves.
+    /// for a question that only adds the buckets up (the usage table, the alert rules). By
+    /// default the buckets of [`AuditSource::usage`] added up; the embedded store and Log
+    /// Analytics ask for the totals themselves (one row per value, however many buckets).
     fn usage_totals<'a>(
         &'a self,
         request: &'a UsageRequest,

@@ -204,6 +204,21 @@ impl UsageTotal {
     }
 }
 
+/// At most this many usage points (buckets × values) are read for one chart or CSV: the CSV of
+/// a request that would hold more is refused (a shorter range or another split), and the chart
+/// then reads only the values it draws.
+pub const MAX_USAGE_POINTS: usize = 100_000;
+
+/// Which buckets a usage report reads besides the totals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsagePoints {
+    /// Every bucket of every value (the CSV); refused beyond [`MAX_USAGE_POINTS`].
+    All,
+    /// Every bucket of every value when they fit in [`MAX_USAGE_POINTS`], else those of the
+    /// `n` values with the most tokens only (the chart's lines).
+    Top(usize),
+}
+
 /// Usage over a range split by a dimension.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct UsageReport {
@@ -217,16 +232,30 @@ pub struct UsageReport {
     pub dimension: Dimension,
     /// The values the caller may see, when restricted (a team lead's groups).
     pub restricted_to: Option<Vec<String>>,
-    /// Totals per value, most tokens first.
+    /// Totals per value, most tokens first, asked of the source as totals (never the points
+    /// added up, which a source with a row limit may have cut short).
     pub totals: Vec<UsageTotal>,
-    /// Every bucket of every value, by time.
+    /// The buckets read, by time: none for the totals alone ([`Insights::usage`]); every value's,
+    /// or only the top values' when `points_complete` is false ([`Insights::usage_over_time`]).
     pub points: Vec<UsagePoint>,
+    /// Whether `points` holds the buckets of every value in `totals`.
+    pub points_complete: bool,
 }
 
 impl UsageReport {
-    /// Sums the points per value.
+    /// Sums the points per value (for a report built from points alone).
     pub fn build(request: &UsageRequest, points: Vec<UsagePoint>) -> UsageReport {
-        let mut totals = UsageTotal::sum_by_value(&points);
+        let totals = UsageTotal::sum_by_value(&points);
+        UsageReport::of(request, totals, points, true)
+    }
+
+    /// A report of totals (sorted here, most tokens first) and the points read beside them.
+    pub fn of(
+        request: &UsageRequest,
+        mut totals: Vec<UsageTotal>,
+        points: Vec<UsagePoint>,
+        points_complete: bool,
+    ) -> UsageReport {
         totals.sort_by(|a, b| {
             b.total_tokens
                 .cmp(&a.total_tokens)
@@ -240,6 +269,7 @@ impl UsageReport {
             restricted_to: request.only.clone(),
             totals,
             points,
+            points_complete,
         }
     }
 }
@@ -418,14 +448,13 @@ impl Insights {
         })
     }
 
-    /// Usage over `range` split by `dimension`: Admin (any), TeamLead (by group, their own
-    /// groups only).
-    pub async fn usage(
-        &self,
+    /// The usage question of `user` over `range` split by `dimension`: Admin (any), TeamLead
+    /// (by group, their own groups only).
+    fn usage_request(
         user: Option<&SessionUser>,
         range: TimeRange,
         dimension: Dimension,
-    ) -> Result<Answer<UsageReport>, InsightsError> {
+    ) -> Result<UsageRequest, InsightsError> {
         let user = require(user, &[Role::Admin, Role::TeamLead])?;
         let only = if user.has(Role::Admin) {
             None
@@ -434,18 +463,106 @@ impl Insights {
         } else {
             return Err(PortalError::Forbidden.into());
         };
-        let source = self.source()?;
         let (range, granularity) = range.aligned()?;
-        let request = UsageRequest {
+        Ok(UsageRequest {
             range,
             granularity,
             dimension,
             only,
-        };
-        let answer = source.usage(&request).await?;
+        })
+    }
+
+    /// The totals per value of usage over `range` split by `dimension` (no points): Admin (any),
+    /// TeamLead (by group, their own groups only). One row per value from the source, exact
+    /// where the buckets would meet a row limit.
+    pub async fn usage(
+        &self,
+        user: Option<&SessionUser>,
+        range: TimeRange,
+        dimension: Dimension,
+    ) -> Result<Answer<UsageReport>, InsightsError> {
+        let request = Self::usage_request(user, range, dimension)?;
+        let answer = self.source()?.usage_totals(&request).await?;
         Ok(Answer {
-            value: UsageReport::build(&request, answer.value),
+            value: UsageReport::of(&request, answer.value, Vec::new(), false),
             warnings: answer.warnings,
+        })
+    }
+
+    /// The totals and the buckets of usage over `range` split by `dimension`, for the chart and
+    /// the CSV; who may ask as for [`Insights::usage`]. The buckets are read for every value when
+    /// there are at most [`MAX_USAGE_POINTS`] of them (buckets × values); beyond that, only the
+    /// top values' for [`UsagePoints::Top`], and [`UsagePoints::All`] is refused.
+    pub async fn usage_over_time(
+        &self,
+        user: Option<&SessionUser>,
+        range: TimeRange,
+        dimension: Dimension,
+        which: UsagePoints,
+    ) -> Result<Answer<UsageReport>, InsightsError> {
+        let request = Self::usage_request(user, range, dimension)?;
+        let source = self.source()?;
+        let totals = source.usage_totals(&request).await?;
+        let mut warnings = totals.warnings;
+        let report = UsageReport::of(&request, totals.value, Vec::new(), false);
+        if report.totals.is_empty() {
+            return Ok(Answer {
+                value: UsageReport {
+                    points_complete: true,
+                    ..report
+                },
+                warnings,
+            });
+        }
+        let step_minutes: i64 = match request.granularity {
+            Granularity::Minute => 1,
+            Granularity::Hour => 60,
+        };
+        let buckets = usize::try_from(
+            ((request.range.to - request.range.from).whole_minutes() / step_minutes).max(1),
+        )
+        .unwrap_or(usize::MAX);
+        let everything = buckets.saturating_mul(report.totals.len());
+        let points_request = if everything <= MAX_USAGE_POINTS {
+            None
+        } else {
+            match which {
+                UsagePoints::All => {
+                    return Err(InsightsError::invalid(
+                        "range",
+                        format!(
+                            "{} values × {buckets} buckets is more than {MAX_USAGE_POINTS} points; choose a shorter range or another split",
+                            report.totals.len()
+                        ),
+                    ));
+                }
+                UsagePoints::Top(n) => Some(UsageRequest {
+                    // The top values are among those the caller may see (the totals were
+                    // restricted), so this narrows a team lead's restriction, never widens it.
+                    only: Some(
+                        report
+                            .totals
+                            .iter()
+                            .take(n.max(1))
+                            .map(|t| t.value.clone())
+                            .collect(),
+                    ),
+                    ..request.clone()
+                }),
+            }
+        };
+        let points_complete = points_request.is_none();
+        let points = source
+            .usage(points_request.as_ref().unwrap_or(&request))
+            .await?;
+        super::merge_warnings(&mut warnings, points.warnings);
+        Ok(Answer {
+            value: UsageReport {
+                points: points.value,
+                points_complete,
+                ..report
+            },
+            warnings,
         })
     }
 
