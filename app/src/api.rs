@@ -96,6 +96,8 @@ pub struct PublishedView {
     pub version: u64,
     /// The gateways that did not take it.
     pub not_taken: Vec<NotTakenView>,
+    /// Why the change, saved, was not published (it is published by the next push).
+    pub not_published: Option<String>,
 }
 
 /// What an edit form's save returns: the item's new version (for the form's next save) and
@@ -146,6 +148,7 @@ impl From<gatehouse_portal_core::push::Published> for PublishedView {
                     running: not_taken.running,
                 })
                 .collect(),
+            not_published: published.not_published,
         }
     }
 }

@@ -169,6 +169,18 @@ macro_rules! not_taken_note {
 /// gateway took the version; else, per gateway that did not, why, and what happens now. The
 /// reasons are gateways' answers: shown as text, never as markup.
 fn published_note(published: &PublishedView, done: &'static str, saved: Option<String>) -> AnyView {
+    // Saved, not published: the page still shows what the change returned (a new key).
+    if let Some(message) = published.not_published.clone() {
+        return view! {
+            <p class="error-text" role="alert" data-not-published="">
+                {message}
+                " (see "
+                <a href="/gateways">"Gateways"</a>
+                ")"
+            </p>
+        }
+        .into_any();
+    }
     if published.not_taken.is_empty() {
         return saved
             .map(|text| view! { <p class="saved-note" role="status">{text}</p> })
@@ -742,6 +754,7 @@ mod tests {
         let all = PublishedView {
             version: 12,
             not_taken: Vec::new(),
+            not_published: None,
         };
         let html = published_note(&all, "Saved", Some("Saved and published.".to_owned())).to_html();
         assert!(
@@ -759,6 +772,7 @@ mod tests {
                 ),
                 not_taken("gw-us", "unreachable: connection refused", true),
             ],
+            not_published: None,
         };
         let html =
             published_note(&some, "Saved", Some("Saved and published.".to_owned())).to_html();
@@ -781,6 +795,26 @@ mod tests {
         );
         assert!(
             html.contains("did not take it: ") && html.contains("it will be pushed again"),
+            "{html}"
+        );
+    }
+
+    #[test]
+    fn a_change_saved_and_not_published_says_so_instead_of_the_success_note() {
+        let saved = PublishedView {
+            not_published: Some("Saved, but not published: internal error.".to_owned()),
+            ..PublishedView::default()
+        };
+        let html = published_note(
+            &saved,
+            "Key rotated",
+            Some("Saved and published.".to_owned()),
+        )
+        .to_html();
+        assert!(!html.contains("saved-note"), "{html}");
+        assert!(
+            html.contains("Saved, but not published: internal error.")
+                && html.contains("/gateways"),
             "{html}"
         );
     }

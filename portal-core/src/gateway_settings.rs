@@ -174,7 +174,7 @@ impl Portal {
                 .map(|(_, at)| at);
             return Err(conflict(current));
         }
-        self.publisher.publish_change(&user.actor()).await
+        Ok(self.publisher.publish_change(&user.actor()).await)
     }
 }
 

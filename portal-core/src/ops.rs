@@ -63,7 +63,8 @@ pub struct IssuedKey {
     pub subscription: String,
     /// The key itself.
     pub key: String,
-    /// What the change was published as, with the gateways that did not take it.
+    /// What the change was published as, with the gateways that did not take it; or why it was
+    /// saved and not published (the key works once the catch-up publishes it).
     pub published: Published,
 }
 
@@ -255,7 +256,8 @@ impl Portal {
                 },
             )
             .await?;
-        let published = self.publisher.publish_change(&user.actor()).await?;
+        // Saved: the key is returned even when the publish failed (it says so beside it).
+        let published = self.publisher.publish_change(&user.actor()).await;
         Ok(IssuedKey {
             subscription: id,
             key,
@@ -295,7 +297,7 @@ impl Portal {
                 )
                 .await?;
             if written {
-                return self.publisher.publish_change(&user.actor()).await;
+                return Ok(self.publisher.publish_change(&user.actor()).await);
             }
         }
         Err(PortalError::invalid(
@@ -389,6 +391,7 @@ impl Portal {
             }
         }
         if retired > 0 {
+            // Saved already: when this publish fails, the catch-up publishes them.
             self.publisher.publish(ACTOR).await?;
         }
         Ok(retired)
@@ -458,19 +461,18 @@ impl Portal {
                 },
             )
             .await?;
-        if self.db.latest_snapshot().await?.is_none() {
-            return Ok(self.publisher.publish(&user.actor()).await?.1);
-        }
-        self.publisher.push_current().await
+        // The first version when there is none; a saved change not published yet.
+        self.publisher.catch_up(&user.actor()).await
     }
 
-    /// Pushes the current version to every gateway that lags, now: Admin.
+    /// Publishes what was saved and not published (a change whose publish failed), and pushes
+    /// the current version to every gateway that lags, now: Admin.
     pub async fn push_now(
         &self,
         user: Option<&SessionUser>,
     ) -> Result<Vec<PushOutcome>, PortalError> {
-        require(user, &[Role::Admin])?;
-        self.publisher.push_current().await
+        let user = require(user, &[Role::Admin])?;
+        self.publisher.catch_up(&user.actor()).await
     }
 
     /// The newest entries of the activity log. An Admin reads all of it, the record of who

@@ -329,7 +329,7 @@ impl Portal {
                 },
             });
         }
-        let published = self.publisher.publish_change(&actor).await?;
+        let published = self.publisher.publish_change(&actor).await;
         Ok((row.updated_at, published))
     }
 
@@ -374,7 +374,7 @@ impl Portal {
                 None => not_found(),
             });
         }
-        self.publisher.publish_change(&user.actor()).await
+        Ok(self.publisher.publish_change(&user.actor()).await)
     }
 
     /// Adds a member to a pool (`input.version` empty) or changes one (same pool and id), then
@@ -460,7 +460,7 @@ impl Portal {
                 },
             });
         }
-        let published = self.publisher.publish_change(&actor).await?;
+        let published = self.publisher.publish_change(&actor).await;
         Ok((row.updated_at, published))
     }
 
@@ -504,7 +504,7 @@ impl Portal {
                 None => not_found(),
             });
         }
-        self.publisher.publish_change(&user.actor()).await
+        Ok(self.publisher.publish_change(&user.actor()).await)
     }
 }
 

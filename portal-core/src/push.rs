@@ -1,7 +1,9 @@
 //! Publishing: every change becomes a new versioned snapshot, pushed to every registered
 //! gateway's `PUT /_gatehouse/config`. A gateway that could not take it (down, refusing) keeps
 //! its old version, the failure is recorded, and [`Publisher::spawn_catch_up`] pushes the
-//! current version again until it does.
+//! current version again until it does. A change that was saved but not published (its publish
+//! failed) is published by the next catch-up or *Push now*: they publish a new version whenever
+//! the configuration tables no longer make the newest stored one.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +14,9 @@ use serde::Serialize;
 use tokio::sync::Mutex;
 use url::Url;
 
-use crate::db::{ConfigDb, GatewayRow};
+use gatehouse_schema::ConfigSnapshot;
+
+use crate::db::{ConfigDb, GatewayRow, SnapshotVersionRow};
 use crate::error::PortalError;
 use crate::secret::AdminTokenRefs;
 use crate::snapshot;
@@ -25,6 +29,9 @@ const MAX_PUBLISH_ATTEMPTS: u32 = 8;
 
 /// Longest part of a gateway's error answer kept in the database.
 const MAX_ERROR_CHARS: usize = 300;
+
+/// Who the catch-up task publishes a saved but unpublished change as.
+const CATCH_UP_ACTOR: &str = "portal (unpublished changes)";
 
 /// How the reason of a push that did not reach the gateway starts.
 const UNREACHABLE: &str = "unreachable: ";
@@ -60,13 +67,26 @@ impl NotTaken {
 }
 
 /// What a change published: its version, and the gateways that did not take it (each is
-/// offered the current version again by [`Publisher::spawn_catch_up`]).
+/// offered the current version again by [`Publisher::spawn_catch_up`]); or, when the change was
+/// saved but its publish failed, why (the catch-up publishes it).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
 pub struct Published {
-    /// The version the change was published as.
+    /// The version the change was published as; 0 when it was not published.
     pub version: u64,
     /// The gateways that did not take it, and why.
     pub not_taken: Vec<NotTaken>,
+    /// Why the change, saved, was not published (a message for the page): it reaches the
+    /// gateways with the next *Push now* or catch-up.
+    pub not_published: Option<String>,
+}
+
+/// When [`Publisher::publish_when`] stores a new version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PublishWhen {
+    /// Always (a change was just saved).
+    Always,
+    /// Only when the tables make another snapshot than the newest stored one.
+    Changed,
 }
 
 /// Builds, stores and pushes snapshots. One publish at a time, so versions are consecutive.
@@ -113,17 +133,49 @@ impl Publisher {
     /// the database as it is then, which holds both changes (each was committed before its
     /// publish began). So every committed change reaches a stored version.
     pub async fn publish(&self, actor: &str) -> Result<(u64, Vec<PushOutcome>), PortalError> {
+        let (version, outcomes) = self.publish_when(actor, PublishWhen::Always).await?;
+        Ok((version.unwrap_or_default(), outcomes))
+    }
+
+    /// Publishes a new version when the configuration tables changed since the newest stored one
+    /// was built (a change was saved but its publish failed), or when none is stored and a
+    /// gateway is registered; else pushes the newest stored version to the gateways that lag.
+    /// *Push now* and the catch-up task call it, so that a saved change always reaches the
+    /// gateways. A failed publish is returned after the stored version was pushed.
+    pub async fn catch_up(&self, actor: &str) -> Result<Vec<PushOutcome>, PortalError> {
+        match self.publish_when(actor, PublishWhen::Changed).await {
+            Ok((_, outcomes)) => Ok(outcomes),
+            Err(error) => {
+                if let Err(push) = self.push_current().await {
+                    tracing::warn!(error = %push, "push of the current version failed");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Builds the next version, stores it and pushes it (with `Changed`, only when it differs
+    /// from the newest stored one; else the stored one is pushed); the version stored, if any.
+    async fn publish_when(
+        &self,
+        actor: &str,
+        when: PublishWhen,
+    ) -> Result<(Option<u64>, Vec<PushOutcome>), PortalError> {
         let version = {
             let _writing = self.writing.lock().await;
             let mut attempts = 0;
             loop {
-                let latest = self
-                    .db
-                    .latest_snapshot()
-                    .await?
-                    .map_or(0, |row| row.version);
-                let version = u64::try_from(latest).unwrap_or(0) + 1;
+                let latest = self.db.latest_snapshot().await?;
+                let version = latest
+                    .as_ref()
+                    .map_or(0, |row| u64::try_from(row.version).unwrap_or(0))
+                    + 1;
                 let built = snapshot::build(&self.db, version).await?;
+                if when == PublishWhen::Changed
+                    && !self.unpublished(latest.as_ref(), &built).await?
+                {
+                    break None;
+                }
                 // Every change the portal makes is checked before it is stored; this catches
                 // what was written around it (by hand, or by an older portal), so that no
                 // version a gateway would refuse is stored and pushed.
@@ -138,14 +190,14 @@ impl Publisher {
                     .insert_snapshot(i64::try_from(version).unwrap_or(i64::MAX), &text, actor)
                     .await?;
                 if stored {
-                    break version;
+                    break Some(version);
                 }
                 attempts += 1;
                 if attempts == MAX_PUBLISH_ATTEMPTS {
                     return Err(PortalError::invalid(
                         "version",
                         format!(
-                            "saved, but not published: the next version number was taken {MAX_PUBLISH_ATTEMPTS} times by other portal replicas publishing at once; push again from the Gateways page"
+                            "the next version number was taken {MAX_PUBLISH_ATTEMPTS} times by other portal replicas publishing at once"
                         ),
                     ));
                 }
@@ -155,14 +207,49 @@ impl Publisher {
                 );
             }
         };
-        tracing::info!(version, actor, "configuration published");
+        if let Some(version) = version {
+            tracing::info!(version, actor, "configuration published");
+        }
         Ok((version, self.push_current().await?))
     }
 
-    /// Publishes the change `actor` made ([`Publisher::publish`]) and reports, for the form it
-    /// was made in, its version and the gateways that did not take it.
-    pub async fn publish_change(&self, actor: &str) -> Result<Published, PortalError> {
-        let (version, outcomes) = self.publish(actor).await?;
+    /// Whether `built` (the next version) holds what `latest` (the newest stored version) does
+    /// not: a change was saved and not published. With no version stored, whether there is a
+    /// gateway to publish to.
+    async fn unpublished(
+        &self,
+        latest: Option<&SnapshotVersionRow>,
+        built: &ConfigSnapshot,
+    ) -> Result<bool, PortalError> {
+        let Some(latest) = latest else {
+            return Ok(!self.db.gateways().await?.is_empty());
+        };
+        let mut built = serde_json::to_value(built)
+            .map_err(|error| PortalError::Corrupt(format!("snapshot: {error}")))?;
+        built["version"] = serde_json::json!(latest.version);
+        // A stored version this portal cannot read is replaced by one it built.
+        let stored: Option<serde_json::Value> = serde_json::from_str(&latest.snapshot).ok();
+        Ok(stored.as_ref() != Some(&built))
+    }
+
+    /// Publishes the change `actor` made, which is saved ([`Publisher::publish`]), and reports,
+    /// for the form it was made in, its version and the gateways that did not take it; or, when
+    /// the publish failed, why, so that the form still shows what the change returned (a new
+    /// key). The change is published by the next [`Publisher::catch_up`].
+    pub async fn publish_change(&self, actor: &str) -> Published {
+        let (version, outcomes) = match self.publish(actor).await {
+            Ok(published) => published,
+            Err(error) => {
+                tracing::warn!(%error, actor, "a saved change was not published");
+                return Published {
+                    not_published: Some(format!(
+                        "Saved, but not published: {}. It reaches the gateways with the next push (Push now on the Gateways page, or the portal's retry).",
+                        error.public_message()
+                    )),
+                    ..Published::default()
+                };
+            }
+        };
         let not_taken = outcomes
             .into_iter()
             .filter_map(|outcome| match outcome.result {
@@ -174,7 +261,11 @@ impl Publisher {
                 }),
             })
             .collect();
-        Ok(Published { version, not_taken })
+        Published {
+            version,
+            not_taken,
+            not_published: None,
+        }
     }
 
     /// Pushes the newest stored version to every gateway that does not run it yet.
@@ -249,14 +340,15 @@ impl Publisher {
         Err(format!("refused with {status}: {body}"))
     }
 
-    /// Every `every`, pushes the current version to the gateways that lag.
+    /// Every `every`, publishes what was saved and not published, and pushes the current
+    /// version to the gateways that lag ([`Publisher::catch_up`]).
     pub fn spawn_catch_up(self: Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(every);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticks.tick().await;
-                if let Err(error) = self.push_current().await {
+                if let Err(error) = self.catch_up(CATCH_UP_ACTOR).await {
                     tracing::warn!(%error, "catch-up push failed");
                 }
             }

@@ -322,7 +322,7 @@ impl Portal {
                 },
             });
         }
-        let published = self.publisher.publish_change(&actor).await?;
+        let published = self.publisher.publish_change(&actor).await;
         Ok((row.updated_at, published))
     }
 
@@ -363,7 +363,7 @@ impl Portal {
                 None => not_found(),
             });
         }
-        self.publisher.publish_change(&user.actor()).await
+        Ok(self.publisher.publish_change(&user.actor()).await)
     }
 }
 

@@ -230,7 +230,7 @@ impl Portal {
                 },
             )
             .await?;
-        self.publisher.publish_change(&user.actor()).await
+        Ok(self.publisher.publish_change(&user.actor()).await)
     }
 }
 

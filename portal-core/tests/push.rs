@@ -568,3 +568,150 @@ async fn a_token_reference_outside_the_policy_is_neither_registered_nor_read() {
         "nothing was sent to the registered URL"
     );
 }
+
+/// Makes every insert of a snapshot version fail (`on`), or not any more.
+async fn snapshot_inserts_fail(db: &ConfigDb, on: bool) {
+    use gatehouse_portal_core::db::Engine;
+    let statements: &[&str] = match (&db.engine, on) {
+        (Engine::Sqlite(_), true) => &[
+            "CREATE TRIGGER no_snapshots BEFORE INSERT ON snapshot_versions BEGIN SELECT RAISE(ABORT, 'publishing is broken'); END",
+        ],
+        (Engine::Sqlite(_), false) => &["DROP TRIGGER no_snapshots"],
+        (Engine::Postgres(_), true) => &[
+            "CREATE FUNCTION no_snapshots() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'publishing is broken'; END $$",
+            "CREATE TRIGGER no_snapshots BEFORE INSERT ON snapshot_versions FOR EACH ROW EXECUTE FUNCTION no_snapshots()",
+        ],
+        (Engine::Postgres(_), false) => &[
+            "DROP TRIGGER no_snapshots ON snapshot_versions",
+            "DROP FUNCTION no_snapshots()",
+        ],
+    };
+    for statement in statements {
+        match &db.engine {
+            Engine::Sqlite(pool) => sqlx::query(statement).execute(pool).await.map(|_| ()),
+            Engine::Postgres(pool) => sqlx::query(statement).execute(pool).await.map(|_| ()),
+        }
+        .unwrap();
+    }
+}
+
+/// A change saved whose publish fails: a rotation still returns its new key, saying it was not
+/// published, and a revocation says so too; the catch-up and *Push now* then publish what was
+/// saved, so that the gateway takes the new key and refuses the revoked one.
+async fn a_saved_change_whose_publish_failed_is_published_by_the_next_push(db: ConfigDb) {
+    let secrets = tempfile::tempdir().unwrap();
+    let token_file = secrets.path().join("admin-token");
+    std::fs::write(&token_file, format!("{ADMIN_TOKEN}\n")).unwrap();
+    let token_ref = format!("file:{}", token_file.display());
+    let simulator = simulator().await;
+    let gateway = gateway_at("127.0.0.1:0".parse().unwrap()).await;
+    let portal = portal(&db);
+    let user = admin();
+    portal
+        .register_gateway(Some(&user), "gw", &gateway.url, &token_ref)
+        .await
+        .unwrap();
+    let created = portal
+        .create_subscription(
+            Some(&user),
+            NewSubscription {
+                id: "team-a".into(),
+                display_name: "Team A".into(),
+                ..NewSubscription::default()
+            },
+        )
+        .await
+        .unwrap();
+    seed_pool_and_rule(&db, &simulator, "team-a").await;
+    portal.publisher.publish("seed").await.unwrap();
+    assert_eq!(chat(&gateway.url, "gpt-4o", &created.key).await, 200);
+    let published = db.latest_snapshot().await.unwrap().unwrap().version;
+
+    // The rotation is saved; its publish fails. The new key is returned all the same.
+    snapshot_inserts_fail(&db, true).await;
+    let rotated = portal
+        .rotate_subscription_key(Some(&user), "team-a")
+        .await
+        .expect("a saved rotation returns its key");
+    assert!(rotated.key.starts_with("ghk_") && rotated.key != created.key);
+    let why = rotated.published.not_published.as_deref().unwrap();
+    assert!(why.starts_with("Saved, but not published"), "{why}");
+    assert_eq!(
+        db.latest_snapshot().await.unwrap().unwrap().version,
+        published
+    );
+    assert_eq!(
+        chat(&gateway.url, "gpt-4o", &rotated.key).await,
+        401,
+        "not published yet"
+    );
+    // Nothing is published while publishing fails; the gateway keeps what it runs.
+    assert!(portal.push_now(Some(&user)).await.is_err());
+    assert_eq!(
+        db.latest_snapshot().await.unwrap().unwrap().version,
+        published
+    );
+    snapshot_inserts_fail(&db, false).await;
+
+    // The catch-up publishes what was saved: the gateway takes the new key.
+    let catch_up = Arc::clone(&portal.publisher).spawn_catch_up(Duration::from_millis(100));
+    let mut taken = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if chat(&gateway.url, "gpt-4o", &rotated.key).await == 200 {
+            taken = true;
+            break;
+        }
+    }
+    assert!(taken, "the catch-up published the rotation");
+    let caught_up = db.latest_snapshot().await.unwrap().unwrap();
+    assert_eq!(caught_up.version, published + 1);
+    assert_eq!(caught_up.created_by, "portal (unpublished changes)");
+    // With nothing unpublished, it publishes no other version.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    catch_up.abort();
+    assert_eq!(
+        db.latest_snapshot().await.unwrap().unwrap().version,
+        caught_up.version
+    );
+    assert_eq!(
+        chat(&gateway.url, "gpt-4o", &created.key).await,
+        200,
+        "the previous key overlaps"
+    );
+
+    // A revocation whose publish fails is published by Push now.
+    snapshot_inserts_fail(&db, true).await;
+    let revoked = portal
+        .revoke_subscription(Some(&user), "team-a")
+        .await
+        .unwrap();
+    assert!(revoked.not_published.is_some(), "{revoked:?}");
+    assert_eq!(chat(&gateway.url, "gpt-4o", &rotated.key).await, 200);
+    snapshot_inserts_fail(&db, false).await;
+    let outcomes = portal.push_now(Some(&user)).await.unwrap();
+    assert!(
+        outcomes
+            .iter()
+            .any(|o| o.gateway == "gw" && o.result.is_ok()),
+        "{outcomes:?}"
+    );
+    assert_eq!(chat(&gateway.url, "gpt-4o", &rotated.key).await, 401);
+    assert_eq!(
+        db.latest_snapshot().await.unwrap().unwrap().version,
+        caught_up.version + 1
+    );
+    drop(gateway.listening);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_a_saved_change_whose_publish_failed_is_published_by_the_next_push() {
+    let test = common::sqlite().await;
+    a_saved_change_whose_publish_failed_is_published_by_the_next_push(test.db.clone()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_a_saved_change_whose_publish_failed_is_published_by_the_next_push() {
+    let test = common::postgres().await;
+    a_saved_change_whose_publish_failed_is_published_by_the_next_push(test.db.clone()).await;
+}
