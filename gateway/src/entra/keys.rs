@@ -52,6 +52,10 @@ pub enum KeyError {
     Unavailable(String),
 }
 
+/// How soon a tenant's keys are fetched again after the first fetch failed (at most
+/// [`KeyRefresh::unknown_kid_interval`]).
+pub const FIRST_FETCH_RETRY: Duration = Duration::from_secs(5);
+
 /// How often keys are re-read.
 #[derive(Debug, Clone, Copy)]
 pub struct KeyRefresh {
@@ -148,9 +152,17 @@ impl KeyCache {
             let fresh = state
                 .fetched_at
                 .is_some_and(|at| now.duration_since(at) < refresh.max_age);
+            // With no keys held yet every token of the tenant is refused, so a failed first
+            // fetch is tried again soon; once keys are held, unknown key ids wait the full
+            // interval (they protect the identity provider from made-up `kid`s).
+            let interval = if state.fetched_at.is_some() {
+                refresh.unknown_kid_interval
+            } else {
+                refresh.unknown_kid_interval.min(FIRST_FETCH_RETRY)
+            };
             let may_refetch = state
                 .attempted_at
-                .is_none_or(|at| now.duration_since(at) >= refresh.unknown_kid_interval);
+                .is_none_or(|at| now.duration_since(at) >= interval);
             (state.keys.get(kid).cloned(), fresh, may_refetch)
         };
         match cached {

@@ -475,6 +475,33 @@ async fn an_unreachable_identity_provider_is_503_without_its_address() {
     );
 }
 
+/// The first fetch of a tenant's signing keys fails (the provider is unreachable for a moment):
+/// its tokens are refused with 503, and tried again a few seconds later, not only after the
+/// five minutes that protect the provider from made-up key ids once keys are held.
+#[tokio::test]
+async fn a_failed_first_fetch_of_signing_keys_is_tried_again_soon() {
+    let double = EntraDouble::start().await;
+    let sim = simulator("entra-flaky").await;
+    double.fail_key_fetches(1);
+    let gw = TestGateway::start(entra_snapshot(1, &double, &sim.url(), "token", None)).await;
+    let claims = double.user_claims(
+        TENANT_A,
+        Ver::V2,
+        "0000000a-0000-0000-0000-000000000602",
+        &[],
+    );
+    let token = sign(TestKey::A, &claims);
+    let first = call_with_token(&gw, &token).await;
+    azure_error(first, 503).await;
+    tokio::time::sleep(
+        gatehouse_gateway::entra::keys::FIRST_FETCH_RETRY + std::time::Duration::from_millis(200),
+    )
+    .await;
+    let again = call_with_token(&gw, &token).await;
+    assert_eq!(again.status(), 200, "{}", again.text().await.unwrap());
+    assert_eq!(sim.hits(), 1);
+}
+
 #[tokio::test]
 async fn a_member_of_two_groups_gets_the_union_and_one_in_none_is_refused() {
     let double = EntraDouble::start().await;

@@ -81,6 +81,8 @@ struct DoubleState {
     url: String,
     published: Mutex<Vec<TestKey>>,
     key_fetches: AtomicU64,
+    /// Key fetches still to answer 503 (the provider unreachable for a moment).
+    failing_key_fetches: AtomicU64,
     graph_calls: AtomicU64,
     /// Groups by tenant and object id: Graph answers about the directory its token is from.
     graph_groups: Mutex<HashMap<(String, String), Vec<String>>>,
@@ -109,6 +111,7 @@ impl EntraDouble {
             url: url.clone(),
             published: Mutex::new(vec![TestKey::A]),
             key_fetches: AtomicU64::new(0),
+            failing_key_fetches: AtomicU64::new(0),
             graph_calls: AtomicU64::new(0),
             graph_groups: Mutex::default(),
             graph_tokens: Mutex::default(),
@@ -134,6 +137,13 @@ impl EntraDouble {
             axum::serve(listener, router).await.unwrap();
         });
         EntraDouble { url, state, task }
+    }
+
+    /// Answers the next `count` key fetches 503.
+    pub fn fail_key_fetches(&self, count: u64) {
+        self.state
+            .failing_key_fetches
+            .store(count, Ordering::SeqCst);
     }
 
     /// Publishes exactly `keys` from now on (rotation).
@@ -256,8 +266,15 @@ async fn v1_metadata(
     }))
 }
 
-async fn keys(State(state): State<Arc<DoubleState>>) -> Json<Value> {
+async fn keys(State(state): State<Arc<DoubleState>>) -> Response {
     state.key_fetches.fetch_add(1, Ordering::SeqCst);
+    if state
+        .failing_key_fetches
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
     let published = state.published.lock().unwrap().clone();
     let keys: Vec<Value> = published
         .into_iter()
@@ -273,7 +290,7 @@ async fn keys(State(state): State<Arc<DoubleState>>) -> Json<Value> {
             })
         })
         .collect();
-    Json(json!({ "keys": keys }))
+    Json(json!({ "keys": keys })).into_response()
 }
 
 async fn member_objects(
