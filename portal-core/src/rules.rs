@@ -210,6 +210,21 @@ fn validate(input: &AccessRuleInput) -> Result<AccessRuleRow, PortalError> {
             "limits apply to a group, a subscription or a user, not to an app role",
         ));
     }
+    // A limit rule covers the deployments it names, and one that names none covers every call:
+    // the limits of a rule for resource calls only would throttle all of the grantee's calls.
+    if limited && deployments.is_empty() {
+        let field = if requests_per_minute.is_some() {
+            "requests_per_minute"
+        } else if tokens_per_minute.is_some() {
+            "tokens_per_minute"
+        } else {
+            "quota_tokens"
+        };
+        return Err(PortalError::invalid(
+            field,
+            "limits apply to the deployments a rule names; a rule for calls without a deployment only cannot carry limits — put them on a rule that names deployments, or use the gateway settings' limits",
+        ));
+    }
     let as_json = |list: &[String]| serde_json::to_string(list).unwrap_or_else(|_| "[]".to_owned());
     Ok(AccessRuleRow {
         id,

@@ -201,6 +201,25 @@ async fn rules_decide_what_a_key_may_call(db: ConfigDb) {
         ),
         "{error}"
     );
+    // Limits on a rule for calls without a deployment only would limit every call of the
+    // grantee (a limit rule that names no deployment covers them all): refused at the limit.
+    let mut resources_only = rule("team-a-files", "team-a", "");
+    resources_only.resources = true;
+    resources_only.tokens_per_minute = "5".into();
+    let error = portal
+        .save_access_rule(Some(&user), resources_only, false)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &error,
+            PortalError::Invalid {
+                field: "tokens_per_minute",
+                message,
+            } if message.starts_with("limits apply to the deployments a rule names")
+        ),
+        "{error}"
+    );
     assert_eq!(db.snapshot_versions(100).await.unwrap().len(), versions);
     assert_eq!(db.activity(1000).await.unwrap().len(), activity);
 
