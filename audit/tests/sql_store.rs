@@ -675,6 +675,18 @@ async fn search_filters_and_keyset_pages(store: &SqlStore) {
         .await
         .unwrap();
     assert_eq!(by_oid.items.len(), 30);
+    // A user as an auditor types it: names and object ids ignore ASCII case, on both engines.
+    for typed in ["Bob@Contoso.COM", "OID-1"] {
+        let found = store
+            .search(&SearchFilter {
+                user: Some(typed.into()),
+                limit: 100,
+                ..range.clone()
+            })
+            .await
+            .unwrap();
+        assert_eq!(found.items.len(), 30, "{typed}");
+    }
 
     let by_ip = store
         .search(&SearchFilter {

@@ -478,7 +478,7 @@ async fn figures_usage_search_and_call_come_from_the_query_api() {
         let queries = double.queries.lock().unwrap();
         let kql = &queries.last().unwrap().0;
         assert!(
-            kql.contains(r#"UserId == "x\" or 1==1 | union *""#),
+            kql.contains(r#"UserId =~ "x\" or 1==1 | union *""#),
             "{kql}"
         );
         assert!(kql.contains("| take 6\n"));

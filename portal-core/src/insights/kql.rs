@@ -271,7 +271,7 @@ pub fn search(request: &SearchRequest, take: u32) -> Result<String, InsightsErro
     query.push('\n');
     if let Some(user) = &request.user {
         let user = string_literal(user)?;
-        query.push_str(&format!("| where UserId == {user} or UserName == {user}\n"));
+        query.push_str(&format!("| where UserId =~ {user} or UserName =~ {user}\n"));
     }
     if let Some(net) = request.caller {
         query.push_str(&caller_filter(net)?);
@@ -389,7 +389,7 @@ mod tests {
         let query = search(&request, 51).unwrap();
         assert!(
             query.contains(
-                r#"| where UserId == "eve\" or true or \"" or UserName == "eve\" or true or \"""#
+                r#"| where UserId =~ "eve\" or true or \"" or UserName =~ "eve\" or true or \"""#
             ),
             "{query}"
         );
