@@ -550,7 +550,7 @@ async fn serve_call(
     let in_flight = gateway.calls.enter();
     let call = async move {
         let mut record = Some(record);
-        match pipeline(&gateway, &runtime, &parts, body, &mut record).await {
+        match pipeline(&gateway, runtime, &parts, body, &mut record).await {
             Ok(response) => response,
             Err(error) => {
                 if let Some(mut record) = record.take() {
@@ -579,7 +579,7 @@ pub const CORRELATION_ID_HEADER: &str = "x-gatehouse-correlation-id";
 
 async fn pipeline(
     gateway: &Arc<Gateway>,
-    runtime: &Runtime,
+    runtime: Arc<Runtime>,
     parts: &Parts,
     body: Body,
     record: &mut Option<CallRecord>,
@@ -625,11 +625,40 @@ async fn pipeline(
         gateway.client_timeouts.request_body,
     )
     .await?;
-    let capture_limit = runtime.snapshot.capture.max_request_body_bytes;
     if let Some(record) = record.as_mut() {
         record.waited += reading.elapsed();
         record.record.request_size = body.len() as u64;
     }
+    // A push applied while the call waited for room in the audit queue or for its body (which
+    // may take minutes, a pause at a time) judges it: the call goes on wholly under the runtime
+    // now in force, its caller authenticated again against that runtime's keys and identity
+    // settings, so that a subscription revoked or a rule removed by a push answered 200 stops the
+    // calls still arriving. It never mixes the two: everything below reads one runtime.
+    let (runtime, principal) = match gateway.runtime() {
+        current if Arc::ptr_eq(&current, &runtime) => (runtime, principal),
+        current => {
+            let principal = auth::authenticate(
+                &current.keys,
+                &current.snapshot.identity,
+                current.policy_generation,
+                &gateway.tokens,
+                &parts.headers,
+                parts.uri.query(),
+                OffsetDateTime::now_utc(),
+            )
+            .await?;
+            if let Some(record) = record.as_mut() {
+                record.principal(&principal);
+            }
+            let limit = current.snapshot.max_request_body_bytes;
+            if body.len() as u64 > limit {
+                return Err(GatewayError::BodyTooLarge { limit });
+            }
+            (current, principal)
+        }
+    };
+    let runtime = &*runtime;
+    let capture_limit = runtime.snapshot.capture.max_request_body_bytes;
     // 4. Classify.
     let call = classify::classify(
         &parts.method,

@@ -31,6 +31,8 @@
 //!     ([`client_gone`]); a shutdown waits for every call's record ([`in_flight`]).
 //!
 //! Configuration ([`settings`], [`runtime`], [`admin`]) is one immutable snapshot swapped atomically.
+//! A call goes through steps 3–9 under one snapshot: when a push was applied while it waited for
+//! room in the audit queue or for its body, it is authenticated again and goes on under the new one.
 //! A serving gateway holds its state directory ([`state_lock`]).
 //! Backend credentials are keys from secret references ([`secret`]: `env:`, `file:`, Key Vault via
 //! [`key_vault`]) or Entra ID access tokens ([`entra_credential`]).

@@ -117,18 +117,17 @@ impl CallRecord {
         }
     }
 
-    /// Notes the authenticated caller.
+    /// Notes the authenticated caller, in place of one noted before (a call authenticated again
+    /// under a newer configuration).
     pub fn principal(&mut self, principal: &Principal) {
-        if let Some(subscription) = &principal.subscription {
-            self.record.apim_subscription_id = Some(subscription.id.clone());
-            self.record.product_id = subscription.product.clone();
-        }
-        if let Some(user) = &principal.user {
-            self.record.user_id = Some(user.object_id.clone());
-            self.record.user_name = user.username.clone().or_else(|| user.name.clone());
-            self.record.tenant_id = Some(user.tenant_id.clone());
-            self.record.groups = user.groups.clone();
-        }
+        let subscription = principal.subscription.as_ref();
+        self.record.apim_subscription_id = subscription.map(|s| s.id.clone());
+        self.record.product_id = subscription.and_then(|s| s.product.clone());
+        let user = principal.user.as_ref();
+        self.record.user_id = user.map(|u| u.object_id.clone());
+        self.record.user_name = user.and_then(|u| u.username.clone().or_else(|| u.name.clone()));
+        self.record.tenant_id = user.map(|u| u.tenant_id.clone());
+        self.record.groups = user.map(|u| u.groups.clone()).unwrap_or_default();
     }
 
     /// Notes what the call is.

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use futures::StreamExt as _;
 use serde_json::{Value, json};
 
 use crate::harness::*;
@@ -172,6 +173,9 @@ async fn an_invalid_snapshot_is_refused_whole_with_the_field_path() {
     );
 }
 
+/// A call is served whole under one configuration: the one in force when it arrived or, when a
+/// push was applied while it waited or its body arrived, the newer one, from authentication on;
+/// never parts of two.
 #[tokio::test]
 async fn calls_during_swaps_see_one_config_or_the_other_never_a_mix() {
     let old = simulator("old").await;
@@ -205,6 +209,96 @@ async fn calls_during_swaps_see_one_config_or_the_other_never_a_mix() {
     let statuses = caller.await.unwrap();
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     assert_eq!(old.hits() + new.hits(), 150);
+}
+
+/// A chat call to `gpt-4o` whose body stops halfway: the rest goes when the sender is given it.
+/// Returns once the gateway has had the head and the first half a while (it has authenticated
+/// the caller and is waiting for the rest).
+async fn call_with_a_slow_body(
+    gw: &TestGateway,
+) -> (
+    futures::channel::oneshot::Sender<()>,
+    tokio::task::JoinHandle<reqwest::Response>,
+) {
+    let body = serde_json::to_vec(&chat(None, false)).unwrap();
+    let (first, rest) = body.split_at(body.len() / 2);
+    let (first, rest) = (first.to_vec(), rest.to_vec());
+    let (go, wait) = futures::channel::oneshot::channel::<()>();
+    let chunks = futures::stream::once(async move { Ok::<_, std::io::Error>(first) }).chain(
+        futures::stream::once(async move {
+            let _ = wait.await;
+            Ok(rest)
+        }),
+    );
+    let request = gw
+        .post(&chat_path("gpt-4o"))
+        .header("content-type", "application/json")
+        .header("content-length", body.len())
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send();
+    let call = tokio::spawn(async move { request.await.unwrap() });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    (go, call)
+}
+
+/// A subscription revoked by a push answered 200 stops a call whose body was still arriving:
+/// the call is authenticated again under the configuration in force when its body is in.
+#[tokio::test]
+async fn a_push_that_revokes_a_subscription_stops_calls_still_sending_their_body() {
+    let sim = simulator("config-revoke").await;
+    let gw = TestGateway::start(snapshot(1, pools(&sim.url(), "gpt-4o"))).await;
+    let (go, call) = call_with_a_slow_body(&gw).await;
+    let mut revoked = serde_json::to_value(snapshot(2, pools(&sim.url(), "gpt-4o"))).unwrap();
+    revoked["subscriptions"][0]["state"] = json!("revoked");
+    assert_eq!(put(&gw, Some(ADMIN_TOKEN), &revoked).await.status(), 200);
+    go.send(()).unwrap();
+    azure_error(call.await.unwrap(), 401).await;
+    assert_eq!(sim.hits(), 0);
+    let records = gw.records(1).await;
+    assert_eq!(records[0].response_code, 401);
+}
+
+/// An access rule removed by a push answered 200 stops a call whose body was still arriving.
+#[tokio::test]
+async fn a_push_that_removes_a_rule_stops_calls_still_sending_their_body() {
+    let sim = simulator("config-rule").await;
+    let with_rules = |version: u64, deployments: Value| {
+        let mut value =
+            serde_json::to_value(snapshot(version, pools(&sim.url(), "gpt-4o"))).unwrap();
+        value["access_rules"] = json!([
+            {"id": "team-a", "grantee": {"kind": "subscription", "id": "team-a"},
+             "deployments": deployments}
+        ]);
+        value
+    };
+    let gw =
+        TestGateway::start(serde_json::from_value(with_rules(1, json!(["gpt-4o"]))).unwrap()).await;
+    let (go, call) = call_with_a_slow_body(&gw).await;
+    assert_eq!(
+        put(
+            &gw,
+            Some(ADMIN_TOKEN),
+            &with_rules(2, json!(["gpt-4o-mini"]))
+        )
+        .await
+        .status(),
+        200
+    );
+    go.send(()).unwrap();
+    azure_error(call.await.unwrap(), 403).await;
+    assert_eq!(sim.hits(), 0);
+
+    // A call under way when a push changes nothing it depends on goes through.
+    let (go, call) = call_with_a_slow_body(&gw).await;
+    assert_eq!(
+        put(&gw, Some(ADMIN_TOKEN), &with_rules(3, json!(["gpt-4o*"])))
+            .await
+            .status(),
+        200
+    );
+    go.send(()).unwrap();
+    assert_eq!(call.await.unwrap().status(), 200);
+    assert_eq!(sim.hits(), 1);
 }
 
 /// A push refused after a key file changed leaves the running members on the key they had: the
