@@ -934,6 +934,12 @@ async fn full_text_searches_what_the_messages_say_not_their_json(store: &SqlStor
     assert_eq!(found(store, "margins").await, ["call-00001"]);
     assert_eq!(found(store, "fell outlook stable").await, ["call-00001"]);
     assert_eq!(found(store, "picture").await, ["call-00002"]);
+    // A phrase never runs from the prompt into the completion (FTS5 keeps them in two columns;
+    // PostgreSQL's vector leaves a gap between them): "the report" ends the prompt, "Revenue"
+    // starts the completion.
+    assert_eq!(found(store, "summarise-the-report").await, ["call-00001"]);
+    assert_eq!(found(store, "revenue-rose").await, ["call-00001"]);
+    assert!(found(store, "report-revenue").await.is_empty());
     for absent in [
         "nplease",
         "nmargins",

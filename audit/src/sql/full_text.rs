@@ -151,8 +151,10 @@ fn push_quoted(out: &mut String, word: &str) {
 pub(super) struct TsVector(Vec<u8>);
 
 impl TsVector {
-    /// The vector of `texts` read one after the other, as if joined by a space: every word with
-    /// the positions it occurs at.
+    /// The vector of `texts` read one after the other, every word with the positions it occurs
+    /// at, and a position left free between two texts, so that a phrase never runs from one
+    /// into the next (the prompt's last word and the completion's first are not side by side,
+    /// as they are not in SQLite's index, which keeps them in two columns).
     pub(super) fn of(texts: &[&str]) -> TsVector {
         // Keys are one call's own words, the map lives for one call: a fast hash without DoS
         // resistance risks nothing.
@@ -183,6 +185,7 @@ impl TsVector {
                     }
                 }
             }
+            position = position.saturating_add(1).min(MAX_POSITION);
         }
         // PostgreSQL keeps words in byte order; given sorted, it does not sort them again. Most
         // words differ in their first 8 bytes, compared as one number (words hold no NUL, so
@@ -464,9 +467,10 @@ mod tests {
 
     #[test]
     fn a_vector_lists_each_word_once_in_byte_order_with_its_positions() {
+        // The second text starts a position after the first's last word plus one.
         assert_eq!(
             TsVector::of(&["the cat saw the", "Cat"]).to_text(),
-            "'cat':2,5 'saw':3 'the':1,4"
+            "'cat':2,6 'saw':3 'the':1,4"
         );
         assert_eq!(TsVector::of(&["", "  ", "--"]).to_text(), "");
     }
