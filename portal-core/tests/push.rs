@@ -1,7 +1,7 @@
 //! Publishing to real in-process gateways: a change reaches every gateway at once, the key the
 //! portal issued works there (and stops working when revoked), and a gateway that was down
 //! during a change catches up when it is back.
-#![expect(clippy::unwrap_used, reason = "test code")]
+#![expect(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
 
 mod common;
 
