@@ -134,7 +134,8 @@ impl KeyIndex {
         })
     }
 
-    /// The active subscription `key` belongs to.
+    /// The active subscription `key` belongs to, at `now`: past the subscription's
+    /// `expires_at` no key is accepted, past its `secondary_expires_at` not the secondary one.
     pub fn subscription_for(
         &self,
         key: &str,
@@ -146,20 +147,29 @@ impl KeyIndex {
         let subscription = self
             .by_digest
             .get(&digest)
-            .filter(|s| {
-                let primary: bool = s.primary_key_hash.0.ct_eq(&digest).into();
-                let secondary: bool = s
-                    .secondary_key_hash
-                    .as_ref()
-                    .is_some_and(|h| h.0.ct_eq(&digest).into());
-                primary | secondary
-            })
             .ok_or(GatewayError::InvalidKey)?;
+        let primary: bool = subscription.primary_key_hash.0.ct_eq(&digest).into();
+        let secondary: bool = subscription
+            .secondary_key_hash
+            .as_ref()
+            .is_some_and(|h| h.0.ct_eq(&digest).into());
+        if !(primary | secondary) {
+            return Err(GatewayError::InvalidKey);
+        }
         if subscription.state != SubscriptionState::Active {
             return Err(GatewayError::InvalidKey);
         }
         if subscription.expires_at.is_some_and(|at| at <= now) {
             return Err(GatewayError::ExpiredKey);
+        }
+        // Compared here rather than left to the portal's next snapshot, so that a rotation's
+        // overlap ends on time with the portal down or this gateway unreachable.
+        if !primary
+            && subscription
+                .secondary_expires_at
+                .is_some_and(|at| at <= now)
+        {
+            return Err(GatewayError::RetiredKey);
         }
         Ok(Arc::clone(subscription))
     }
@@ -213,6 +223,7 @@ mod tests {
             product: None,
             primary_key_hash: hash_key(primary),
             secondary_key_hash: secondary.map(hash_key),
+            secondary_expires_at: None,
             state: SubscriptionState::Active,
             expires_at: None,
         }
@@ -275,6 +286,25 @@ mod tests {
             index.authenticate(&with_header("api-key", "key-e"), None, now),
             Err(GatewayError::ExpiredKey)
         ));
+    }
+
+    #[test]
+    fn a_secondary_key_is_refused_from_its_end_and_the_primary_is_not() {
+        let now = OffsetDateTime::now_utc();
+        let mut rotated = subscription("rotated", "new", Some("old"));
+        rotated.secondary_expires_at = Some(now);
+        let index = KeyIndex::new(&[rotated]);
+        let before = now - Duration::seconds(1);
+        assert!(index.subscription_for("old", before).is_ok());
+        assert!(matches!(
+            index.subscription_for("old", now),
+            Err(GatewayError::RetiredKey)
+        ));
+        assert!(
+            index
+                .subscription_for("new", now + Duration::days(1))
+                .is_ok()
+        );
     }
 
     #[test]

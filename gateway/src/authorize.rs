@@ -252,6 +252,7 @@ mod tests {
                 product: None,
                 primary_key_hash: KeyHash([0; 32]),
                 secondary_key_hash: None,
+                secondary_expires_at: None,
                 state: SubscriptionState::Active,
                 expires_at: None,
             })),

@@ -31,6 +31,12 @@ pub enum GatewayError {
         "Access denied because the subscription has expired. Ask an administrator to renew it."
     )]
     ExpiredKey,
+    /// A subscription's secondary key after its `secondary_expires_at`: the previous key of a
+    /// rotation whose overlap has ended.
+    #[error(
+        "Access denied because this subscription key was replaced and its overlap has ended. Use the subscription's current key."
+    )]
+    RetiredKey,
     /// An Entra ID token is required and none was presented.
     #[error(
         "Access denied due to missing Entra ID access token. Send one in the Authorization header as `Bearer <token>`."
@@ -188,6 +194,7 @@ impl GatewayError {
             GatewayError::MissingKey
             | GatewayError::InvalidKey
             | GatewayError::ExpiredKey
+            | GatewayError::RetiredKey
             | GatewayError::AdminUnauthorized
             | GatewayError::MissingToken => StatusCode::UNAUTHORIZED,
             GatewayError::InvalidToken(error) if error.is_unavailable() => {
@@ -232,6 +239,7 @@ impl GatewayError {
             GatewayError::MissingKey => "missing_key",
             GatewayError::InvalidKey => "invalid_key",
             GatewayError::ExpiredKey => "expired_key",
+            GatewayError::RetiredKey => "retired_key",
             GatewayError::MissingToken => "missing_token",
             GatewayError::InvalidToken(error) if error.is_unavailable() => {
                 "token_validation_unavailable"

@@ -157,23 +157,28 @@ pub fn subscription(row: &SubscriptionRow) -> Result<Subscription, PortalError> 
 }
 
 /// The snapshot form of a subscription row at `now`: a secondary key whose overlap has ended
-/// is left out.
+/// is left out; one still in its overlap carries the overlap's end, so that gateways refuse it
+/// from then on even if no newer snapshot reaches them.
 pub fn subscription_at(
     row: &SubscriptionRow,
     now: OffsetDateTime,
 ) -> Result<Subscription, PortalError> {
     let overlap_over = row.secondary_expires_at.is_some_and(|end| end <= now);
+    let secondary_key_hash = row
+        .secondary_key_hash
+        .as_deref()
+        .filter(|_| !overlap_over)
+        .map(key_hash)
+        .transpose()?;
     Ok(Subscription {
         id: row.id.clone(),
         display_name: row.display_name.clone(),
         product: row.product.clone(),
         primary_key_hash: key_hash(&row.primary_key_hash)?,
-        secondary_key_hash: row
-            .secondary_key_hash
-            .as_deref()
-            .filter(|_| !overlap_over)
-            .map(key_hash)
-            .transpose()?,
+        secondary_expires_at: row
+            .secondary_expires_at
+            .filter(|_| secondary_key_hash.is_some()),
+        secondary_key_hash,
         state: state(&row.state)?,
         expires_at: row.expires_at,
     })

@@ -1,7 +1,8 @@
 //! The admin operations behind the access-rule, pool and gateway pages, against a real in-process
 //! gateway and simulator: rules (with limits) decide what a key may call, bad input changes
 //! nothing, pools route calls and the gateway's view of each member's health comes back, two
-//! versions can be compared and an old one rolled back to, and a rotation's overlap ends by itself.
+//! versions can be compared and an old one rolled back to, and a rotation's overlap ends by itself
+//! (by the portal's task, and at the gateway on the snapshot it has).
 #![expect(clippy::unwrap_used, reason = "test code")]
 
 mod common;
@@ -511,6 +512,69 @@ async fn a_rotation_overlap_ends_by_itself(db: ConfigDb) {
     );
 }
 
+/// The end of a rotation's overlap travels in the published snapshot, so a gateway refuses the
+/// previous key from then on by itself: here the portal's retire task never runs and no newer
+/// snapshot reaches the gateway (as with the portal down).
+async fn a_previous_key_is_refused_after_its_overlap_without_the_portal(db: ConfigDb) {
+    let fleet = fleet(&db, Some(time::Duration::seconds(2))).await;
+    let portal = &fleet.portal;
+    let user = admin();
+    simulator_pool(&fleet).await;
+    let first = subscription(portal, "team-o").await;
+    portal
+        .save_access_rule(Some(&user), rule("team-o", "team-o", "gpt-4o"), false)
+        .await
+        .unwrap();
+    let second = portal
+        .rotate_subscription_key(Some(&user), "team-o")
+        .await
+        .unwrap()
+        .key;
+    let end = db
+        .subscription("team-o")
+        .await
+        .unwrap()
+        .unwrap()
+        .secondary_expires_at
+        .expect("a rotation with overlap stores its end");
+
+    let config = running(&fleet.gateway).await;
+    let published = config["subscriptions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "team-o")
+        .unwrap();
+    assert!(published["secondary_key_hash"].is_string(), "{published}");
+    let published_end = OffsetDateTime::parse(
+        published["secondary_expires_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    assert_eq!(published_end, end, "the snapshot carries the overlap's end");
+    assert_eq!(chat(&fleet.gateway, "gpt-4o", &first).await, 200, "overlap");
+
+    let left = end - OffsetDateTime::now_utc();
+    tokio::time::sleep(Duration::try_from(left).unwrap_or_default() + Duration::from_millis(100))
+        .await;
+    assert_eq!(chat(&fleet.gateway, "gpt-4o", &first).await, 401);
+    assert_eq!(chat(&fleet.gateway, "gpt-4o", &second).await, 200);
+    assert_eq!(
+        running(&fleet.gateway).await["version"],
+        config["version"],
+        "the gateway refused the key on the snapshot it already had"
+    );
+    assert!(
+        db.subscription("team-o")
+            .await
+            .unwrap()
+            .unwrap()
+            .secondary_key_hash
+            .is_some(),
+        "the portal has not retired the key"
+    );
+}
+
 /// The gateway settings page: what it saves is published beside the portal's own tables and
 /// runs on the gateway; what it refuses (by shape, or by the checks a gateway makes) changes
 /// nothing.
@@ -655,6 +719,18 @@ async fn postgres_pools_route_and_report_member_health() {
 async fn sqlite_a_rotation_overlap_ends_by_itself() {
     let test = common::sqlite().await;
     a_rotation_overlap_ends_by_itself(test.db.clone()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_a_previous_key_is_refused_after_its_overlap_without_the_portal() {
+    let test = common::sqlite().await;
+    a_previous_key_is_refused_after_its_overlap_without_the_portal(test.db.clone()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_a_previous_key_is_refused_after_its_overlap_without_the_portal() {
+    let test = common::postgres().await;
+    a_previous_key_is_refused_after_its_overlap_without_the_portal(test.db.clone()).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

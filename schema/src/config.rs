@@ -69,6 +69,16 @@ pub struct Subscription {
     /// SHA-256 of the secondary key, if one is issued.
     #[serde(default)]
     pub secondary_key_hash: Option<KeyHash>,
+    /// After this instant the secondary key is refused, the primary still accepted: the end of
+    /// a rotation's overlap, enforced by the gateway itself so that it holds without a newer
+    /// snapshot. Absent: the secondary is accepted as long as it is issued. Left out of the
+    /// JSON when absent, so snapshots without one read the same as before it existed.
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub secondary_expires_at: Option<OffsetDateTime>,
     /// Whether the subscription may be used.
     #[serde(default)]
     pub state: SubscriptionState,
@@ -673,6 +683,48 @@ mod tests {
         assert_eq!(
             identity.secret_ref().map(|(field, _)| field),
             Some("certificate")
+        );
+    }
+
+    #[test]
+    fn a_secondary_keys_end_is_optional_and_checked() {
+        let hash = format!("sha256:{}", "ab".repeat(32));
+        let other = format!("sha256:{}", "cd".repeat(32));
+        let without: Subscription = serde_json::from_value(serde_json::json!({
+            "id": "s", "primary_key_hash": hash, "secondary_key_hash": other
+        }))
+        .unwrap();
+        assert_eq!(without.secondary_expires_at, None);
+        assert!(
+            !serde_json::to_string(&without)
+                .unwrap()
+                .contains("secondary_expires_at"),
+            "a snapshot without an end serializes as before the field existed"
+        );
+        let with: Subscription = serde_json::from_value(serde_json::json!({
+            "id": "s", "primary_key_hash": hash, "secondary_key_hash": other,
+            "secondary_expires_at": "2030-01-02T03:04:05Z"
+        }))
+        .unwrap();
+        assert_eq!(
+            with.secondary_expires_at
+                .map(OffsetDateTime::unix_timestamp),
+            Some(1_893_553_445)
+        );
+        let round_trip: Subscription =
+            serde_json::from_str(&serde_json::to_string(&with).unwrap()).unwrap();
+        assert_eq!(round_trip, with);
+
+        let mut snapshot: ConfigSnapshot = serde_json::from_str(r#"{"version": 1}"#).unwrap();
+        snapshot.subscriptions.push(with);
+        assert!(crate::validate::problems(&snapshot).is_empty());
+        snapshot.subscriptions[0].secondary_key_hash = None;
+        let problems = crate::validate::problems(&snapshot);
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("subscriptions[0].secondary_expires_at")),
+            "{problems:?}"
         );
     }
 

@@ -182,6 +182,12 @@ fn validate(snapshot: &ConfigSnapshot, errors: &mut Vec<String>) {
         {
             errors.push(format!("subscriptions[{i}].secondary_key_hash: the same key is used by another subscription"));
         }
+        if subscription.secondary_expires_at.is_some() && subscription.secondary_key_hash.is_none()
+        {
+            errors.push(format!(
+                "subscriptions[{i}].secondary_expires_at: there is no secondary key to end"
+            ));
+        }
     }
 
     validate_identity(snapshot, &subscription_ids, errors);

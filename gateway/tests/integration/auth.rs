@@ -2,6 +2,7 @@
 
 use gatehouse_schema::config::SubscriptionState;
 use serde_json::json;
+use time::{Duration, OffsetDateTime};
 
 use crate::harness::*;
 
@@ -104,6 +105,45 @@ async fn missing_wrong_and_revoked_keys_get_401_and_no_backend_call() {
             .iter()
             .all(|r| r.response_code == 401 && r.backend_id.is_none())
     );
+}
+
+#[tokio::test]
+async fn a_previous_key_is_refused_once_its_overlap_has_ended_without_a_new_snapshot() {
+    let sim = simulator("auth-overlap").await;
+    let mut config = snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member("a", &sim.url(), 1)]}]),
+    );
+    let previous = "ghk_PreviousKey000000000000000000000000000";
+    let mut ended = config.subscriptions[0].clone();
+    ended.id = "rotated".into();
+    ended.primary_key_hash = gatehouse_gateway::auth::hash_key("ghk_CurrentKey");
+    ended.secondary_key_hash = Some(gatehouse_gateway::auth::hash_key(previous));
+    ended.secondary_expires_at = Some(OffsetDateTime::now_utc() - Duration::seconds(1));
+    let mut running = config.subscriptions[0].clone();
+    running.id = "overlapping".into();
+    running.primary_key_hash = gatehouse_gateway::auth::hash_key("ghk_NewKey");
+    running.secondary_key_hash = Some(gatehouse_gateway::auth::hash_key("ghk_OldKey"));
+    running.secondary_expires_at = Some(OffsetDateTime::now_utc() + Duration::hours(1));
+    config.subscriptions.extend([ended, running]);
+    let gw = TestGateway::start(config).await;
+    let path = chat_path("gpt-4o");
+    let call = |key: &str| {
+        gw.raw(reqwest::Method::POST, &path)
+            .header("api-key", key)
+            .json(&chat(None, false))
+            .send()
+    };
+
+    let message = azure_error(call(previous).await.unwrap(), 401).await;
+    assert!(message.contains("replaced"), "{message}");
+    assert_eq!(sim.hits(), 0, "a refused key never reaches a backend");
+
+    for key in ["ghk_CurrentKey", "ghk_NewKey", "ghk_OldKey"] {
+        let response = call(key).await.unwrap();
+        assert_eq!(response.status(), 200, "{key}");
+    }
+    assert_eq!(sim.hits(), 3);
 }
 
 #[tokio::test]
