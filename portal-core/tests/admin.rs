@@ -3,7 +3,7 @@
 //! nothing, pools route calls and the gateway's view of each member's health comes back, two
 //! versions can be compared and an old one rolled back to, and a rotation's overlap ends by itself
 //! (by the portal's task, and at the gateway on the snapshot it has).
-#![expect(clippy::unwrap_used, reason = "test code")]
+#![expect(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
 
 mod common;
 

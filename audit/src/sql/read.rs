@@ -647,7 +647,10 @@ async fn search_postgres(
                 &mut q,
                 f,
                 words,
-                Some((r#" AND lower(l."UserName" COLLATE "C") = "#, folded.as_str())),
+                Some((
+                    r#" AND lower(l."UserName" COLLATE "C") = "#,
+                    folded.as_str(),
+                )),
                 limit,
             );
             q.push(") ORDER BY 2 DESC, 1 DESC LIMIT ")
