@@ -595,16 +595,7 @@ async fn pipeline(
         record.holds.slot = slot;
     }
     // 3. Authenticate, before reading a byte of the body.
-    let principal = auth::authenticate(
-        &runtime.keys,
-        &runtime.snapshot.identity,
-        runtime.policy_generation,
-        &gateway.tokens,
-        &parts.headers,
-        parts.uri.query(),
-        OffsetDateTime::now_utc(),
-    )
-    .await?;
+    let principal = authenticate(gateway, &runtime, parts).await?;
     if let Some(record) = record.as_mut() {
         record.principal(&principal);
     }
@@ -637,16 +628,7 @@ async fn pipeline(
     let (runtime, principal) = match gateway.runtime() {
         current if Arc::ptr_eq(&current, &runtime) => (runtime, principal),
         current => {
-            let principal = auth::authenticate(
-                &current.keys,
-                &current.snapshot.identity,
-                current.policy_generation,
-                &gateway.tokens,
-                &parts.headers,
-                parts.uri.query(),
-                OffsetDateTime::now_utc(),
-            )
-            .await?;
+            let principal = authenticate(gateway, &current, parts).await?;
             if let Some(record) = record.as_mut() {
                 record.principal(&principal);
             }
@@ -695,6 +677,24 @@ async fn pipeline(
         proxy::forward(gateway, runtime, &principal, call, parts, body, record).await?;
     admission.write_headers(response.headers_mut());
     Ok(response)
+}
+
+/// Step 3: the caller, by the keys and identity settings of `runtime`.
+async fn authenticate(
+    gateway: &Gateway,
+    runtime: &Runtime,
+    parts: &Parts,
+) -> Result<Principal, GatewayError> {
+    auth::authenticate(
+        &runtime.keys,
+        &runtime.snapshot.identity,
+        runtime.policy_generation,
+        &gateway.tokens,
+        &parts.headers,
+        parts.uri.query(),
+        OffsetDateTime::now_utc(),
+    )
+    .await
 }
 
 /// Step 6: the usage limits of the snapshot, for calls a pool serves and for calls that run a
