@@ -721,6 +721,19 @@ async fn search_filters_and_keyset_pages(store: &SqlStore) {
         .await
         .unwrap();
     assert_eq!(by_v6.items.len(), 20);
+    // Every IPv6 caller, and no IPv4 one (stored as IPv4-mapped IPv6 keys); the mapped range
+    // itself means the IPv4 callers.
+    for (net, callers) in [("::/0", 20), ("::/64", 0), ("::ffff:0:0/96", 40)] {
+        let found = store
+            .search(&SearchFilter {
+                caller: Some(net.parse().unwrap()),
+                limit: 100,
+                ..range.clone()
+            })
+            .await
+            .unwrap();
+        assert_eq!(found.items.len(), callers, "{net}");
+    }
 
     let by_text = store
         .search(&SearchFilter {

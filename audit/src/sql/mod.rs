@@ -449,6 +449,17 @@ fn hex_u128(value: u128) -> String {
     format!("{value:032x}")
 }
 
+/// The key range of the IPv4 callers (IPv4-mapped IPv6, `::ffff:0:0/96`) when `net` is an IPv6
+/// network that spans it without being inside it (`::/0`, `::/64`): its key range holds every
+/// IPv4 caller too, and a search of it means IPv6 callers, so the range is left out.
+pub(crate) fn ipv4_keys_left_out(net: ipnet::IpNet) -> Option<(String, String)> {
+    let ipnet::IpNet::V6(v6) = net else {
+        return None;
+    };
+    let mapped = ipnet::Ipv6Net::new(std::net::Ipv4Addr::UNSPECIFIED.to_ipv6_mapped(), 96).ok()?;
+    (v6.contains(&mapped) && v6 != mapped).then(|| net_key_range(ipnet::IpNet::V6(mapped)))
+}
+
 /// The inclusive key range of a network.
 pub(crate) fn net_key_range(net: ipnet::IpNet) -> (String, String) {
     let (low, high) = match net {

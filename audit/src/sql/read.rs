@@ -8,7 +8,10 @@ use sqlx::{Postgres, QueryBuilder, Row, Sqlite};
 use time::OffsetDateTime;
 
 use super::rollup::{Dimension, Granularity};
-use super::{Engine, SqlStore, StoreError, full_text, net_key_range, search_blocks, sqlite_time};
+use super::{
+    Engine, SqlStore, StoreError, full_text, ipv4_keys_left_out, net_key_range, search_blocks,
+    sqlite_time,
+};
 
 /// Largest page a search returns.
 pub const MAX_PAGE: u32 = 1_000;
@@ -568,6 +571,12 @@ fn push_sqlite_search(
                 .push(" AND ")
                 .push_bind(high);
         }
+        if let Some((low, high)) = ipv4_keys_left_out(net) {
+            q.push(" AND l.CallerIpKey NOT BETWEEN ")
+                .push_bind(low)
+                .push(" AND ")
+                .push_bind(high);
+        }
     }
     for (column, value) in [
         (" AND l.ModelName = ", &f.model),
@@ -692,6 +701,12 @@ fn push_postgres_search(
             q.push(r#" AND l."CallerIpKey" = "#).push_bind(low);
         } else {
             q.push(r#" AND l."CallerIpKey" BETWEEN "#)
+                .push_bind(low)
+                .push(" AND ")
+                .push_bind(high);
+        }
+        if let Some((low, high)) = ipv4_keys_left_out(net) {
+            q.push(r#" AND l."CallerIpKey" NOT BETWEEN "#)
                 .push_bind(low)
                 .push(" AND ")
                 .push_bind(high);
