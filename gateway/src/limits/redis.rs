@@ -9,6 +9,7 @@
 //! Keys: a rate bucket is a hash `{u: used, t: microseconds}`; a quota is a hash
 //! `{w: window start in seconds, u: used}` that starts again at zero when the window changes.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
@@ -174,8 +175,8 @@ const LATE_ANSWER_WAIT: Duration = Duration::from_secs(30);
 #[derive(Clone)]
 pub(crate) struct RedisStore {
     connection: ConnectionManager,
-    admit: redis::Script,
-    adjust: redis::Script,
+    admit: Arc<redis::Script>,
+    adjust: Arc<redis::Script>,
     timeout: Duration,
 }
 
@@ -188,8 +189,8 @@ impl RedisStore {
             crate::redis_connection::connect_lazily(url, timeout, Some(LATE_ANSWER_WAIT))?;
         Ok(RedisStore {
             connection,
-            admit: redis::Script::new(&format!("{WINDOW_LUA}{ADMIT_LUA}")),
-            adjust: redis::Script::new(&format!("{WINDOW_LUA}{ADJUST_LUA}")),
+            admit: Arc::new(redis::Script::new(&format!("{WINDOW_LUA}{ADMIT_LUA}"))),
+            adjust: Arc::new(redis::Script::new(&format!("{WINDOW_LUA}{ADJUST_LUA}"))),
             timeout,
         })
     }
@@ -198,10 +199,10 @@ impl RedisStore {
     /// (tests only pass one).
     ///
     /// An answer that does not come within the store's timeout is an error, but the script was
-    /// sent and may still run: it goes on on a task of its own, and if it charged the buckets
-    /// after all, that task gives the charge back (the caller has refused the call, or admitted
-    /// it without a reservation to settle), so that a slow Redis does not use up quotas with
-    /// calls that never ran or were never counted.
+    /// sent and may still run: its answer is then waited for on a task of its own, and if it
+    /// charged the buckets after all, that task gives the charge back (the caller has refused
+    /// the call, or admitted it without a reservation to settle), so that a slow Redis does not
+    /// use up quotas with calls that never ran or were never counted.
     pub(crate) async fn admit(
         &self,
         buckets: &[Bucket],
@@ -218,9 +219,10 @@ impl RedisStore {
             ]);
         }
         let keys: Vec<String> = buckets.iter().map(|bucket| bucket.key.clone()).collect();
-        let script = self.admit.clone();
+        let script = Arc::clone(&self.admit);
         let mut connection = self.connection.clone();
-        let mut reply = tokio::spawn(async move {
+        // An owned future: awaited here, and handed to a task of its own only if it times out.
+        let mut reply = Box::pin(async move {
             let mut invocation = script.prepare_invoke();
             for key in &keys {
                 invocation.key(key);
@@ -231,10 +233,8 @@ impl RedisStore {
             invocation.invoke_async::<Vec<i64>>(&mut connection).await
         });
         match tokio::time::timeout(self.timeout, &mut reply).await {
-            Ok(joined) => {
-                let answer = joined
-                    .map_err(|e| StoreError::Redis(e.to_string()))?
-                    .map_err(|e| StoreError::Redis(e.to_string()))?;
+            Ok(answer) => {
+                let answer = answer.map_err(|e| StoreError::Redis(e.to_string()))?;
                 parse_admit(&answer, buckets.len())
             }
             Err(_) => {
@@ -244,7 +244,7 @@ impl RedisStore {
                     .collect();
                 let store = self.clone();
                 tokio::spawn(async move {
-                    let Ok(Ok(answer)) = reply.await else {
+                    let Ok(answer) = reply.await else {
                         return;
                     };
                     let Ok(StoreAnswer::Admitted(levels)) = parse_admit(&answer, charges.len())
