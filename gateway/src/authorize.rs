@@ -56,7 +56,7 @@ pub fn authorize(
         });
     }
     if deployment.is_none()
-        && let Some(model) = model_run_by_resource_call(call)
+        && let Some(model) = call.body_model_of(RESOURCE_CALLS_RUNNING_A_MODEL)
         && !grants(rules, principal, operation, model)
     {
         return Err(GatewayError::NotPermitted {
@@ -105,25 +105,17 @@ fn applies(rule: &AccessRule, principal: &Principal, operation: &str) -> bool {
     names(rule, principal) && covers_operation(rule, operation)
 }
 
-/// The deployment a call on the resource routes makes run although its path names none: the
-/// `model` of an assistant's creation or change, or of a run (Azure's Assistants take a
-/// deployment name there), or the base `model` a fine-tuning job trains (billed by the hour of
-/// training: a base model name such as `gpt-4o-mini-2024-07-18`, which a rule grants with a
-/// pattern such as `gpt-4o-mini*`).
-fn model_run_by_resource_call(call: &Call) -> Option<&str> {
-    let runs_a_model = matches!(
-        call.operation,
-        OperationId::CreateAssistant
-            | OperationId::ModifyAssistant
-            | OperationId::CreateRun
-            | OperationId::CreateThreadAndRun
-            | OperationId::FineTuningCreate
-    );
-    if !runs_a_model {
-        return None;
-    }
-    call.peek.as_ref()?.model.as_deref()
-}
+/// The calls on the resource routes that make a deployment run although their path names none:
+/// an assistant's creation or change, or a run (Azure's Assistants take a deployment name in
+/// `model`), and a fine-tuning job (billed by the hour of training its base `model`, a name such
+/// as `gpt-4o-mini-2024-07-18`, which a rule grants with a pattern such as `gpt-4o-mini*`).
+const RESOURCE_CALLS_RUNNING_A_MODEL: &[OperationId] = &[
+    OperationId::CreateAssistant,
+    OperationId::ModifyAssistant,
+    OperationId::CreateRun,
+    OperationId::CreateThreadAndRun,
+    OperationId::FineTuningCreate,
+];
 
 /// Whether `rule` grants to `principal`.
 fn names(rule: &AccessRule, principal: &Principal) -> bool {

@@ -114,6 +114,16 @@ impl Call {
         Some(&self.json_body)
     }
 
+    /// The `model` the JSON body names when the call is one of `operations`: the deployment a
+    /// call on the resource routes makes run although its path names none (an assistant's or a
+    /// run's `model`, a fine-tuning job's base model).
+    pub fn body_model_of(&self, operations: &[OperationId]) -> Option<&str> {
+        if !operations.contains(&self.operation) {
+            return None;
+        }
+        self.peek.as_ref()?.model.as_deref()
+    }
+
     /// The parsed JSON body, when the body is JSON; parsed on first use (capture, estimation,
     /// renaming the model, object references), never on the plain forwarding path.
     pub fn json(&self) -> Option<&serde_json::Value> {

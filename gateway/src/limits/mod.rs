@@ -149,14 +149,9 @@ pub fn completion_allowance(operation: OperationId, body: Option<&Value>, defaul
 /// The deployment whose model a call runs: the one it names, or for an Assistants run (whose
 /// path names none) the `model` of its body, which Azure takes as a deployment name.
 fn deployment_run(call: &Call) -> Option<&str> {
-    call.deployment.as_deref().or_else(|| {
-        matches!(
-            call.operation,
-            OperationId::CreateRun | OperationId::CreateThreadAndRun
-        )
-        .then(|| call.peek.as_ref()?.model.as_deref())
-        .flatten()
-    })
+    call.deployment
+        .as_deref()
+        .or_else(|| call.body_model_of(&[OperationId::CreateRun, OperationId::CreateThreadAndRun]))
 }
 
 /// A pool whose members rename every call to a deployment of their own: whatever name a client
