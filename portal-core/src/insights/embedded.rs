@@ -51,13 +51,7 @@ impl EmbeddedSource {
         range: TimeRange,
         granularity: Granularity,
     ) -> Result<Answer<Figures>, InsightsError> {
-        let query = |dimension| UsageQuery {
-            granularity,
-            dimension,
-            from: range.from,
-            to: range.to,
-            only: None,
-        };
+        let query = |dimension| usage_query(range, granularity, dimension, None);
         let mut figures = Figures::default();
         for point in self.store.usage_totals(&query(Dimension::All)).await? {
             figures.requests += point.requests;
@@ -103,13 +97,7 @@ impl EmbeddedSource {
         {
             let points = self
                 .store
-                .usage_totals(&UsageQuery {
-                    granularity,
-                    dimension,
-                    from: range.from,
-                    to: range.to,
-                    only: None,
-                })
+                .usage_totals(&usage_query(range, granularity, dimension, None))
                 .await?;
             let buckets: Vec<(u64, i64)> = points
                 .iter()
@@ -124,6 +112,32 @@ impl EmbeddedSource {
         let [latency, ttft] = result;
         Ok((latency, ttft))
     }
+}
+
+/// A rollup question over `range`, split by `dimension`, only for the values `only` when set.
+fn usage_query(
+    range: TimeRange,
+    granularity: Granularity,
+    dimension: Dimension,
+    only: Option<Vec<String>>,
+) -> UsageQuery {
+    UsageQuery {
+        granularity,
+        dimension,
+        from: range.from,
+        to: range.to,
+        only,
+    }
+}
+
+/// The rollup question a usage request asks.
+fn query_of(request: &UsageRequest) -> UsageQuery {
+    usage_query(
+        request.range,
+        request.granularity,
+        request.dimension,
+        request.only.clone(),
+    )
 }
 
 fn filter_of(request: &SearchRequest, limit: u32) -> Result<SearchFilter, InsightsError> {
@@ -186,16 +200,7 @@ impl AuditSource for EmbeddedSource {
         async move {
             // Every bucket of every value (the chart and the CSV export plot them by time), not
             // the per-value totals the figures and percentiles read.
-            let points = self
-                .store
-                .usage(&UsageQuery {
-                    granularity: request.granularity,
-                    dimension: request.dimension,
-                    from: request.range.from,
-                    to: request.range.to,
-                    only: request.only.clone(),
-                })
-                .await?;
+            let points = self.store.usage(&query_of(request)).await?;
             Ok(Answer::new(points))
         }
         .boxed()
@@ -210,13 +215,7 @@ impl AuditSource for EmbeddedSource {
             // value, whatever the number of buckets.
             let totals = self
                 .store
-                .usage_totals(&UsageQuery {
-                    granularity: request.granularity,
-                    dimension: request.dimension,
-                    from: request.range.from,
-                    to: request.range.to,
-                    only: request.only.clone(),
-                })
+                .usage_totals(&query_of(request))
                 .await?
                 .into_iter()
                 .map(|point| UsageTotal {
