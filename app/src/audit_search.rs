@@ -410,16 +410,14 @@ pub fn AuditSearch() -> impl IntoView {
                         Ok(Some(Look::Done(page))) => results(page).into_any(),
                         Ok(Some(Look::FromAnotherSite)) => {
                             view! {
-                                <div class="callout callout-warn" role="status" id="audit-held-back">
-                                    <p>
-                                        "This search comes from a link on another site, so it has not run and nothing is in the activity log. Check the filters above, then run it:"
-                                    </p>
-                                    <p>
-                                        <ServerLink href=this_search id="audit-run">
-                                            "Run this search"
-                                        </ServerLink>
-                                    </p>
-                                </div>
+                                <HeldBack
+                                    id="audit-held-back"
+                                    explanation="This search comes from a link on another site, so it has not run and nothing is in the activity log. Check the filters above, then run it:"
+                                    href=this_search
+                                    link_id="audit-run"
+                                >
+                                    "Run this search"
+                                </HeldBack>
                             }
                                 .into_any()
                         }
@@ -505,6 +503,32 @@ fn results(page: SearchData) -> impl IntoView {
     }
 }
 
+/// What a page shows instead of a look (a search, a call) that a link on another site asked
+/// for: nothing ran and nothing was recorded until the auditor follows the link to run it.
+#[component]
+fn HeldBack(
+    /// The notice's id.
+    id: &'static str,
+    /// What was held back and why.
+    explanation: &'static str,
+    /// The look's own address, to run it from here.
+    href: String,
+    /// The link's id.
+    link_id: &'static str,
+    children: Children,
+) -> impl IntoView {
+    view! {
+        <div class="callout callout-warn" role="status" id=id>
+            <p>{explanation}</p>
+            <p>
+                <ServerLink href id=link_id>
+                    {children()}
+                </ServerLink>
+            </p>
+        </div>
+    }
+}
+
 fn flag(on: bool, text: &'static str) -> Option<impl IntoView> {
     on.then(|| view! { <span class="badge badge-warn">{text}</span> })
 }
@@ -539,16 +563,15 @@ pub fn AuditCall() -> impl IntoView {
                         Ok(Look::Done(call)) => call_view(call).into_any(),
                         Ok(Look::FromAnotherSite) => {
                             view! {
-                                <div class="callout callout-warn" role="status" id="call-held-back">
-                                    <p>
-                                        "This call comes from a link on another site, so it is not shown, its chain is not verified and nothing is in the activity log. Open it from here:"
-                                    </p>
-                                    <p>
-                                        <ServerLink href=this_call id="call-open">
-                                            "Open call " {id}
-                                        </ServerLink>
-                                    </p>
-                                </div>
+                                <HeldBack
+                                    id="call-held-back"
+                                    explanation="This call comes from a link on another site, so it is not shown, its chain is not verified and nothing is in the activity log. Open it from here:"
+                                    href=this_call
+                                    link_id="call-open"
+                                >
+                                    "Open call "
+                                    {id}
+                                </HeldBack>
                             }
                                 .into_any()
                         }
