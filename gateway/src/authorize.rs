@@ -89,6 +89,24 @@ pub fn authorize_batch(
     }
 }
 
+/// Checks the deployment a run runs when it names no `model` (its assistant's, read from the
+/// member the run goes to; see `assistant_model`), after the run itself passed [`authorize`]:
+/// it must be granted to `principal` for the run's operation as if the run named it.
+pub fn authorize_assistant_model(
+    rules: &[AccessRule],
+    principal: &Principal,
+    operation: OperationId,
+    deployment: &str,
+) -> Result<(), GatewayError> {
+    if grants(rules, principal, operation.as_str(), deployment) {
+        return Ok(());
+    }
+    Err(GatewayError::AssistantModelNotPermitted {
+        deployment: truncated(deployment),
+        operation: operation.as_str(),
+    })
+}
+
 /// Whether a rule for `principal` and `operation` grants `deployment`.
 fn grants(rules: &[AccessRule], principal: &Principal, operation: &str, deployment: &str) -> bool {
     rules.iter().any(|rule| {

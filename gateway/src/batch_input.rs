@@ -14,17 +14,14 @@
 
 use std::borrow::Cow;
 use std::collections::HashSet;
-use std::time::{Duration, SystemTime};
 
 use gatehouse_schema::OperationId;
-use http::{HeaderMap, Method, StatusCode, Uri};
-use http_body_util::BodyExt as _;
+use http::{HeaderMap, Method, Uri};
 use serde::Deserialize;
 
 use crate::classify::{self, BodyKind};
+use crate::member_read::{self, MemberRead};
 use crate::pool::Member;
-use crate::retry_hint;
-use crate::upstream::{SendError, UpstreamBody};
 
 /// The most of an input file the gateway reads. Azure accepts batch input files of up to 200 MB
 /// ("Batch limits", Azure OpenAI global batch how-to); a larger file is not a batch Azure runs.
@@ -186,92 +183,33 @@ impl InputFileReader {
     }
 }
 
-/// How reading a batch's input file from its member ended.
-#[derive(Debug)]
-pub(crate) enum InputFileRead {
-    /// The calls the file makes.
-    Calls(Vec<BatchCall>),
-    /// The file is not one the gateway can authorize.
-    Invalid(InputFileError),
-    /// The member could not be asked, throttled or failed: it is set aside for `wait` and the
-    /// batch goes to another member, as a failed attempt does.
-    Failed {
-        /// The attempt's outcome as metrics and records name it.
-        reason: &'static str,
-        /// The member's status, when it answered.
-        status: Option<StatusCode>,
-        /// How long the member is set aside.
-        wait: Duration,
-    },
-    /// The member refused to give the file (it is not there, the credential may not read it):
-    /// its answer goes to the client, and no batch is created.
-    Refused(http::Response<UpstreamBody>),
-}
-
 /// Reads the input file at `uri` (its `…/files/{id}/content`) from `member` with `headers` (the
-/// member's credential), within the member's response and idle timeouts.
+/// member's credential), within the member's response and idle timeouts: the calls it makes, or
+/// why the gateway cannot authorize it.
 pub(crate) async fn read_input_file(
     member: &Member,
     uri: Uri,
     headers: HeaderMap,
-) -> InputFileRead {
-    let timeout = Duration::from_millis(member.config.response_timeout_ms);
-    let idle = Duration::from_millis(member.config.response_idle_timeout_ms);
-    let sending = member
-        .client
-        .send(Method::GET, uri, headers, bytes::Bytes::new());
-    let response = match tokio::time::timeout(timeout, sending).await {
-        Ok(Ok(response)) => response,
-        Ok(Err(error)) => return failed(&error),
-        Err(_) => return failed(&SendError::timed_out(timeout)),
+) -> MemberRead<Result<Vec<BatchCall>, InputFileError>> {
+    let response = match member_read::get(member, uri, headers).await.into_read() {
+        Ok(response) => response,
+        Err(ended) => return ended,
     };
     let status = response.status();
-    if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
-        return InputFileRead::Failed {
-            reason: if status == StatusCode::TOO_MANY_REQUESTS {
-                "throttled"
-            } else {
-                "server_error"
-            },
-            status: Some(status),
-            wait: retry_hint::set_aside_for(status, response.headers(), SystemTime::now()),
-        };
-    }
-    if !status.is_success() {
-        return InputFileRead::Refused(response);
-    }
     let mut body = response.into_body();
     let mut reader = InputFileReader::new();
     loop {
-        let frame = match tokio::time::timeout(idle, body.frame()).await {
-            Ok(Some(Ok(frame))) => frame,
-            Ok(None) => break,
-            Ok(Some(Err(_))) | Err(_) => {
-                return InputFileRead::Failed {
-                    reason: "input_file_cut",
-                    status: Some(status),
-                    wait: retry_hint::DEFAULT_SET_ASIDE,
-                };
+        match member_read::next_chunk(member, &mut body).await {
+            Ok(Some(data)) => {
+                if let Err(error) = reader.push(&data) {
+                    return MemberRead::Read(Err(error));
+                }
             }
-        };
-        if let Ok(data) = frame.into_data()
-            && let Err(error) = reader.push(&data)
-        {
-            return InputFileRead::Invalid(error);
+            Ok(None) => break,
+            Err(()) => return MemberRead::cut("input_file_cut", status),
         }
     }
-    match reader.finish() {
-        Ok(calls) => InputFileRead::Calls(calls),
-        Err(error) => InputFileRead::Invalid(error),
-    }
-}
-
-fn failed(error: &SendError) -> InputFileRead {
-    InputFileRead::Failed {
-        reason: error.reason(),
-        status: None,
-        wait: retry_hint::DEFAULT_SET_ASIDE,
-    }
+    MemberRead::Read(reader.finish())
 }
 
 /// The operation a line's `method` and `url` make: a model call with its model in the body, at

@@ -65,6 +65,17 @@ pub enum GatewayError {
         /// The operation of the line's `url`.
         operation: &'static str,
     },
+    /// A run names no model, and its assistant runs a deployment no access rule grants the
+    /// caller.
+    #[error(
+        "The run's assistant runs deployment '{deployment}', which the caller is not permitted to use for operation '{operation}': no access rule grants it. A run may name a permitted deployment in `model` instead."
+    )]
+    AssistantModelNotPermitted {
+        /// The assistant's `model`.
+        deployment: String,
+        /// The run's operation.
+        operation: &'static str,
+    },
     /// No route of Azure OpenAI or OpenAI matches.
     #[error("Resource not found")]
     UnknownRoute,
@@ -201,9 +212,9 @@ impl GatewayError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             GatewayError::InvalidToken(_) => StatusCode::UNAUTHORIZED,
-            GatewayError::NotPermitted { .. } | GatewayError::BatchCallNotPermitted { .. } => {
-                StatusCode::FORBIDDEN
-            }
+            GatewayError::NotPermitted { .. }
+            | GatewayError::BatchCallNotPermitted { .. }
+            | GatewayError::AssistantModelNotPermitted { .. } => StatusCode::FORBIDDEN,
             GatewayError::UnknownRoute
             | GatewayError::DeploymentNotFound
             | GatewayError::ObjectNotFound(_) => StatusCode::NOT_FOUND,
@@ -245,9 +256,9 @@ impl GatewayError {
                 "token_validation_unavailable"
             }
             GatewayError::InvalidToken(_) => "invalid_token",
-            GatewayError::NotPermitted { .. } | GatewayError::BatchCallNotPermitted { .. } => {
-                "not_permitted"
-            }
+            GatewayError::NotPermitted { .. }
+            | GatewayError::BatchCallNotPermitted { .. }
+            | GatewayError::AssistantModelNotPermitted { .. } => "not_permitted",
             GatewayError::UnknownRoute => "unknown_route",
             GatewayError::BodyTooLarge { .. } => "body_too_large",
             GatewayError::RequestTimeout { .. } => "request_timeout",
@@ -280,9 +291,9 @@ impl GatewayError {
                 "invalid_request_error".to_owned()
             }
             GatewayError::InvalidConfig { .. } => "InvalidConfiguration".to_owned(),
-            GatewayError::NotPermitted { .. } | GatewayError::BatchCallNotPermitted { .. } => {
-                "PermissionDenied".to_owned()
-            }
+            GatewayError::NotPermitted { .. }
+            | GatewayError::BatchCallNotPermitted { .. }
+            | GatewayError::AssistantModelNotPermitted { .. } => "PermissionDenied".to_owned(),
             _ => self.status().as_u16().to_string(),
         }
     }

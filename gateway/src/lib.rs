@@ -40,6 +40,7 @@
 pub mod admin;
 pub mod affinity;
 pub mod app;
+pub mod assistant_model;
 pub mod auth;
 pub mod authorize;
 pub mod backend_url;
@@ -56,6 +57,7 @@ mod idle_deadline;
 pub mod in_flight;
 pub mod key_vault;
 pub mod limits;
+mod member_read;
 pub mod metrics;
 pub mod peek;
 pub mod pool;

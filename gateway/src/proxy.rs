@@ -11,6 +11,7 @@ use axum::response::Response;
 use bytes::Bytes;
 use gatehouse_schema::audit::BackendAttempt;
 use gatehouse_schema::config::BackendKind;
+use gatehouse_schema::identity::AccessRule;
 use gatehouse_schema::{AuditRecord, OperationId};
 use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
@@ -19,15 +20,17 @@ use serde_json::Value;
 use tracing::Instrument;
 
 use crate::app::Gateway;
+use crate::assistant_model;
 use crate::auth::Principal;
 use crate::authorize;
 use crate::backend_url::BackendUrl;
-use crate::batch_input::{self, InputFileRead};
+use crate::batch_input::{self, BatchCall, InputFileError};
 use crate::capture::{self, BodyCapture, PARSE_LIMIT, SseTap};
 use crate::classify::{self, Call, ObjectFamily, RouteStyle};
 use crate::error::GatewayError;
 use crate::idle_deadline::IdleDeadline;
 use crate::in_flight::{InFlight, SHUTDOWN_REASON};
+use crate::member_read::MemberRead;
 use crate::peek::{
     REFERENCE_ID_KEYS, REFERENCE_LIST_KEYS, RequestPeek, ResponsePeek, StreamOptions,
 };
@@ -167,33 +170,24 @@ pub async fn forward(
                 continue;
             }
         };
-        // A batch runs the calls its input file names: they are authorized before it is sent.
-        if call.operation == OperationId::BatchCreate
-            && let Some(rules) = runtime.snapshot.access_rules.as_deref()
-        {
+        // What only the member can tell — the calls a batch's input file makes, the model a
+        // run's assistant runs — is authorized before the call is sent.
+        if let Some(rules) = runtime.snapshot.access_rules.as_deref() {
             let headers =
                 upstream_headers(&HeaderMap::new(), credential.clone(), request_id(record));
-            let read = read_batch_input(&member, &call, headers).await?;
+            let checked = authorize_on_member(rules, principal, &member, &call, headers).await?;
             let elapsed = attempt_started.elapsed();
             if let Some(record) = record.as_mut() {
                 record.waited += elapsed;
             }
-            match read {
-                InputFileRead::Calls(calls) => {
-                    authorize::authorize_batch(rules, principal, &calls)?;
-                }
-                InputFileRead::Invalid(error) => {
-                    return Err(GatewayError::BadRequest {
-                        message: error.to_string(),
-                        param: Some("input_file_id"),
-                    });
-                }
-                InputFileRead::Failed {
+            match checked {
+                MemberRead::Read(()) => {}
+                MemberRead::Failed {
                     reason,
                     status,
                     wait,
                 } => {
-                    tracing::warn!(backend = %member.config.id, reason, "could not read a batch's input file; member set aside");
+                    tracing::warn!(backend = %member.config.id, reason, "could not read from the backend what the call runs; member set aside");
                     let attempt = FailedAttempt {
                         status: status.map(|s| s.as_u16()),
                         wait,
@@ -203,7 +197,7 @@ pub async fn forward(
                     attempt.set_aside(gateway, &member, record, &mut throttled);
                     continue;
                 }
-                InputFileRead::Refused(response) => {
+                MemberRead::Refused(response) => {
                     gateway
                         .metrics
                         .backend_attempt(&member.config.id, "answered");
@@ -212,7 +206,7 @@ pub async fn forward(
                         &member,
                         Some(response.status().as_u16()),
                         millis(elapsed),
-                        Some("input_file_refused"),
+                        Some(refused_read_reason(&call)),
                     );
                     let answer = Answered {
                         member,
@@ -567,6 +561,80 @@ fn collect_references(value: &Value, depth: usize, ids: &mut Vec<String>) {
     }
 }
 
+/// Authorizes what `call` will run that only `member` can tell, read from it with `headers`
+/// (the member's credential): the calls of a batch's input file, the model of the assistant a
+/// run names no model for (see [`assistant_model`]). `Read(())` when there was nothing to read
+/// or all of it is granted.
+async fn authorize_on_member(
+    rules: &[AccessRule],
+    principal: &Principal,
+    member: &Member,
+    call: &Call,
+    headers: HeaderMap,
+) -> Result<MemberRead<()>, GatewayError> {
+    if call.operation == OperationId::BatchCreate {
+        let calls = match read_batch_input(member, call, headers).await?.into_read() {
+            Ok(calls) => calls,
+            Err(ended) => return Ok(ended),
+        };
+        let calls = calls.map_err(|error| GatewayError::BadRequest {
+            message: error.to_string(),
+            param: Some("input_file_id"),
+        })?;
+        authorize::authorize_batch(rules, principal, &calls)?;
+    } else if let Some(assistant) = assistant_of_run_without_model(call)? {
+        let url = member_url(member, call, ["assistants", assistant.as_str()], None)?;
+        let Ok(uri) = http::Uri::try_from(url) else {
+            return Err(GatewayError::Internal);
+        };
+        let model = match assistant_model::read_assistant_model(member, uri, headers)
+            .await
+            .into_read()
+        {
+            Ok(model) => model,
+            Err(ended) => return Ok(ended),
+        };
+        authorize::authorize_assistant_model(rules, principal, call.operation, &model)?;
+    }
+    Ok(MemberRead::Read(()))
+}
+
+/// The outcome recorded for an attempt whose member refused the read [`authorize_on_member`]
+/// made.
+fn refused_read_reason(call: &Call) -> &'static str {
+    if call.operation == OperationId::BatchCreate {
+        "input_file_refused"
+    } else {
+        "assistant_refused"
+    }
+}
+
+/// The assistant whose model a run runs, when the run (or thread-and-run) names no `model` of
+/// its own.
+fn assistant_of_run_without_model(call: &Call) -> Result<Option<String>, GatewayError> {
+    if !matches!(
+        call.operation,
+        OperationId::CreateRun | OperationId::CreateThreadAndRun
+    ) || call.peek.as_ref().is_some_and(|peek| peek.model.is_some())
+    {
+        return Ok(None);
+    }
+    // A run without an assistant is the member's to refuse; it runs nothing.
+    let Some(assistant) = call
+        .json()
+        .and_then(|body| body.get("assistant_id"))
+        .and_then(Value::as_str)
+    else {
+        return Ok(None);
+    };
+    classify::valid_id(assistant)
+        .map(Some)
+        .map_err(|_| GatewayError::BadRequest {
+            message: "The run's `assistant_id` is not a valid assistant id.".to_owned(),
+            param: Some("assistant_id"),
+        })
+}
+
 /// Reads the input file a batch names from `member`, which the batch will be sent to. A batch
 /// naming no `input_file_id` (Azure's `input_blob` is read by the member from storage the gateway
 /// cannot see) is refused: what it would run cannot be checked.
@@ -574,7 +642,7 @@ async fn read_batch_input(
     member: &Member,
     call: &Call,
     headers: HeaderMap,
-) -> Result<InputFileRead, GatewayError> {
+) -> Result<MemberRead<Result<Vec<BatchCall>, InputFileError>>, GatewayError> {
     let file = call
         .json()
         .and_then(|body| body.get("input_file_id"))

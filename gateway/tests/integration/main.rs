@@ -11,6 +11,7 @@
 mod azure_identity_double;
 mod harness;
 
+mod assistants;
 mod audit_store;
 mod auth;
 mod backend_credentials;
