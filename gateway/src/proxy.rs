@@ -175,7 +175,20 @@ pub async fn forward(
         if let Some(rules) = runtime.snapshot.access_rules.as_deref() {
             let headers =
                 upstream_headers(&HeaderMap::new(), credential.clone(), request_id(record));
-            let checked = authorize_on_member(rules, principal, &member, &call, headers).await?;
+            // A shutdown whose drain is over waits for no read either.
+            let checked = tokio::select! {
+                checked = authorize_on_member(rules, principal, &member, &call, headers) => checked?,
+                () = gateway.calls.stopped() => {
+                    note_attempt(
+                        record,
+                        &member,
+                        None,
+                        millis(attempt_started.elapsed()),
+                        Some(SHUTDOWN_REASON),
+                    );
+                    return Err(GatewayError::ShuttingDown);
+                }
+            };
             let elapsed = attempt_started.elapsed();
             if let Some(record) = record.as_mut() {
                 record.waited += elapsed;
@@ -966,7 +979,11 @@ async fn relay(
     if call.creates.is_some() && !call.is_stream && status.is_success() {
         let idle = Duration::from_millis(member.config.response_idle_timeout_ms);
         let reading = Instant::now();
-        let read = read_limited(response, PARSE_LIMIT, idle).await;
+        // A shutdown whose drain is over waits no more for the rest of the answer.
+        let read = tokio::select! {
+            read = read_limited(response, PARSE_LIMIT, idle) => read,
+            () = gateway.calls.stopped() => Err(ReadCut::ShuttingDown),
+        };
         record.waited += reading.elapsed();
         let body = match read {
             Ok(body) => body,
@@ -987,8 +1004,12 @@ async fn relay(
                         "response_idle_timeout",
                         GatewayError::OutcomeUnknown { timed_out: true },
                     ),
+                    ReadCut::ShuttingDown => (
+                        SHUTDOWN_REASON,
+                        GatewayError::OutcomeUnknown { timed_out: false },
+                    ),
                 };
-                if cut != ReadCut::TooLarge {
+                if matches!(cut, ReadCut::Broke | ReadCut::Silent) {
                     set_aside_after_cut(&member);
                     gateway.metrics.answer_cut(&member.config.id, reason);
                 }
@@ -1474,6 +1495,8 @@ enum ReadCut {
     Broke,
     /// The member paused longer than its idle limit.
     Silent,
+    /// The gateway's shutdown stopped waiting for it.
+    ShuttingDown,
 }
 
 /// Reads a small answer whole: at most `limit` bytes, and no pause longer than `idle`.

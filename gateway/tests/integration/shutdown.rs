@@ -39,10 +39,32 @@ async fn slow_head() -> axum::Json<Value> {
     axum::Json(json!({"id": "c1", "object": "chat.completion", "choices": []}))
 }
 
+/// A backend that creates an object: the head of its answer at once, half of the object, then
+/// nothing for [`BACKEND_TAKES`].
+async fn stalling_creation() -> axum::response::Response {
+    let chunks = futures::stream::unfold(0, move |step| async move {
+        match step {
+            0 => Some((
+                Ok::<_, std::io::Error>(Bytes::from(r#"{"id":"asst_1","object":"assistant","#)),
+                1,
+            )),
+            1 => {
+                tokio::time::sleep(BACKEND_TAKES).await;
+                Some((Ok(Bytes::from(r#""model":"gpt-4o"}"#)), 2))
+            }
+            _ => None,
+        }
+    });
+    axum::response::Response::builder()
+        .header("content-type", "application/json")
+        .body(Body::from_stream(chunks))
+        .unwrap()
+}
+
 /// A gateway on `backend` with a drain of one second and its records in a JSONL file.
 async fn gateway_on(name: &str, backend: &str, audit: &std::path::Path) -> GatewayProcess {
-    let pools =
-        json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member("a", backend, 1)]}]);
+    let pools = json!([{"id": "p", "deployments": ["gpt-4o"], "serves_resources": true,
+                        "members": [member("a", backend, 1)]}]);
     GatewayProcess::start_with(
         name,
         &snapshot(1, pools),
@@ -54,16 +76,21 @@ async fn gateway_on(name: &str, backend: &str, audit: &std::path::Path) -> Gatew
 /// Sends a call that the backend keeps waiting, shuts the gateway down (SIGTERM) while it runs,
 /// and returns the records the gateway wrote with its log, asserting that the shutdown took a few
 /// seconds and ended well.
-async fn shut_down_during(name: &str, backend: Router, stream: bool) -> (Vec<Value>, String) {
+async fn shut_down_during(
+    name: &str,
+    backend: Router,
+    path: &str,
+    body: Value,
+) -> (Vec<Value>, String) {
     let backend = serve_stub(backend).await;
     let dir = tempfile::tempdir().unwrap();
     let audit = dir.path().join("audit.jsonl");
     let gateway = gateway_on(name, &backend, &audit).await;
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let call = client
-        .post(format!("{}{}", gateway.url, chat_path("gpt-4o")))
+        .post(format!("{}{path}", gateway.url))
         .header("api-key", KEY)
-        .json(&chat(None, stream))
+        .json(&body)
         .send();
     let call = tokio::spawn(async move {
         let response = call.await?;
@@ -94,7 +121,13 @@ async fn shut_down_during(name: &str, backend: Router, stream: bool) -> (Vec<Val
 #[tokio::test]
 async fn a_call_waiting_for_its_answer_when_the_drain_ends_is_recorded() {
     let backend = Router::new().route("/{*path}", post(slow_head));
-    let (records, log) = shut_down_during("shutdown-head", backend, false).await;
+    let (records, log) = shut_down_during(
+        "shutdown-head",
+        backend,
+        &chat_path("gpt-4o"),
+        chat(None, false),
+    )
+    .await;
     assert_eq!(records.len(), 1, "{records:?}\n{log}");
     let record = &records[0];
     assert_eq!(record["LastErrorReason"], "gateway_shutdown", "{record}");
@@ -105,7 +138,13 @@ async fn a_call_waiting_for_its_answer_when_the_drain_ends_is_recorded() {
 #[tokio::test]
 async fn a_stream_still_running_when_the_drain_ends_is_recorded_with_what_came() {
     let backend = Router::new().route("/{*path}", post(stalling_stream));
-    let (records, log) = shut_down_during("shutdown-stream", backend, true).await;
+    let (records, log) = shut_down_during(
+        "shutdown-stream",
+        backend,
+        &chat_path("gpt-4o"),
+        chat(None, true),
+    )
+    .await;
     assert_eq!(records.len(), 1, "{records:?}\n{log}");
     let record = &records[0];
     assert_eq!(record["LastErrorReason"], "gateway_shutdown", "{record}");
@@ -115,4 +154,21 @@ async fn a_stream_still_running_when_the_drain_ends_is_recorded_with_what_came()
         record.to_string().contains("Oslo"),
         "the record keeps what the backend sent: {record}"
     );
+}
+
+#[tokio::test]
+async fn a_creation_whose_answer_is_still_arriving_when_the_drain_ends_is_recorded() {
+    let backend = Router::new().route("/{*path}", post(stalling_creation));
+    let (records, log) = shut_down_during(
+        "shutdown-creation",
+        backend,
+        "/openai/assistants?api-version=2024-05-01-preview",
+        json!({"model": "gpt-4o"}),
+    )
+    .await;
+    assert_eq!(records.len(), 1, "{records:?}\n{log}");
+    let record = &records[0];
+    assert_eq!(record["LastErrorReason"], "gateway_shutdown", "{record}");
+    assert_eq!(record["OperationId"], "create_assistant", "{record}");
+    assert_eq!(record["BackendResponseCode"], 200, "{record}");
 }
