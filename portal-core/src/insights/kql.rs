@@ -246,8 +246,20 @@ fn caller_filter(net: IpNet) -> Result<String, InsightsError> {
     let literal = string_literal(&net.to_string())?;
     Ok(match net {
         IpNet::V4(_) => format!("| where ipv4_is_in_range(CallerIpAddress, {literal})"),
+        // `ipv6_is_in_range` takes an IPv4 address as IPv4-mapped IPv6, so a network spanning
+        // the mapped range (`::/0`, `::/64`) would find every IPv4 caller too; a search of it
+        // means IPv6 callers, as on the SQL stores.
+        IpNet::V6(v6) if spans_ipv4_mapped(v6) => format!(
+            "| where ipv6_is_in_range(CallerIpAddress, {literal}) and isnull(parse_ipv4(CallerIpAddress))"
+        ),
         IpNet::V6(_) => format!("| where ipv6_is_in_range(CallerIpAddress, {literal})"),
     })
+}
+
+/// Whether an IPv6 network holds the IPv4-mapped range `::ffff:0:0/96` without being it.
+fn spans_ipv4_mapped(net: ipnet::Ipv6Net) -> bool {
+    ipnet::Ipv6Net::new(std::net::Ipv4Addr::UNSPECIFIED.to_ipv6_mapped(), 96)
+        .is_ok_and(|mapped| net.contains(&mapped) && net != mapped)
 }
 
 /// One page of a search (`take` is the page size plus one, to know whether more follow).
@@ -394,6 +406,22 @@ mod tests {
             "{query}"
         );
         assert!(query.contains(r#"ipv4_is_in_range(CallerIpAddress, "10.1.0.0/16")"#));
+        // An IPv6 network that spans the IPv4-mapped range finds IPv6 callers only; one inside
+        // it finds the IPv4 callers it holds.
+        for (caller, ipv6_only) in [
+            ("::/0", true),
+            ("2001:db8::/32", false),
+            ("::ffff:0:0/96", false),
+            ("::ffff:10.0.0.0/104", false),
+        ] {
+            let filter = caller_filter(caller.parse().unwrap()).unwrap();
+            assert!(filter.contains("ipv6_is_in_range(CallerIpAddress, "), "{filter}");
+            assert_eq!(
+                filter.ends_with("and isnull(parse_ipv4(CallerIpAddress))"),
+                ipv6_only,
+                "{caller}: {filter}"
+            );
+        }
         assert!(query.contains("| where ModelName == \"gpt-4o\""));
         assert!(query.contains("| where ResponseCode == 429"));
         assert!(query.contains(r#"RequestMessages has "secret""#));
