@@ -13,9 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
+use tokio::sync::Semaphore;
 
 use super::{Adjustment, Bucket, BucketKind, StoreAnswer, StoreError};
 use crate::secret::Secret;
+use crate::warning_throttle::WarningThrottle;
 use gatehouse_schema::limits::QuotaPeriod;
 
 /// Calendar windows in UTC, shared by both scripts (the same arithmetic as
@@ -171,6 +173,14 @@ return 1
 /// How long an answer of Redis is still waited for after the caller stopped waiting for it.
 const LATE_ANSWER_WAIT: Duration = Duration::from_secs(30);
 
+/// The most late answers waited for at once. A hung Redis makes every call time out; each one's
+/// wait holds a task (a few KB) for up to [`LATE_ANSWER_WAIT`], so at thousands of calls a second
+/// they are bounded: past this many, a late charge is not waited for, and may stand.
+const MAX_LATE_WAITS: usize = 10_000;
+
+/// How often a late charge that cannot be waited for is logged.
+const LATE_WAIT_WARNING_INTERVAL: Duration = Duration::from_secs(60);
+
 /// Counters in Redis, through one multiplexed connection that reconnects by itself.
 #[derive(Clone)]
 pub(crate) struct RedisStore {
@@ -178,11 +188,23 @@ pub(crate) struct RedisStore {
     admit: Arc<redis::Script>,
     adjust: Arc<redis::Script>,
     timeout: Duration,
+    /// Room for the late answers waited for at once (see [`MAX_LATE_WAITS`]).
+    late_waits: Arc<Semaphore>,
+    warnings: Arc<WarningThrottle>,
 }
 
 impl RedisStore {
     /// A store at `url`; connects on first use, and again whenever the connection breaks.
     pub(crate) fn new(url: &Secret<String>, timeout: Duration) -> Result<RedisStore, String> {
+        RedisStore::waiting_late_for_at_most(url, timeout, MAX_LATE_WAITS)
+    }
+
+    /// A store that waits for at most `late_waits` late answers at once.
+    fn waiting_late_for_at_most(
+        url: &Secret<String>,
+        timeout: Duration,
+        late_waits: usize,
+    ) -> Result<RedisStore, String> {
         // Answers are waited for longer than callers wait (`timeout`), so that a charge Redis
         // answers late can be given back (see `admit`).
         let connection =
@@ -192,6 +214,8 @@ impl RedisStore {
             admit: Arc::new(redis::Script::new(&format!("{WINDOW_LUA}{ADMIT_LUA}"))),
             adjust: Arc::new(redis::Script::new(&format!("{WINDOW_LUA}{ADJUST_LUA}"))),
             timeout,
+            late_waits: Arc::new(Semaphore::new(late_waits)),
+            warnings: Arc::new(WarningThrottle::new(LATE_WAIT_WARNING_INTERVAL)),
         })
     }
 
@@ -202,7 +226,8 @@ impl RedisStore {
     /// sent and may still run: its answer is then waited for on a task of its own, and if it
     /// charged the buckets after all, that task gives the charge back (the caller has refused
     /// the call, or admitted it without a reservation to settle), so that a slow Redis does not
-    /// use up quotas with calls that never ran or were never counted.
+    /// use up quotas with calls that never ran or were never counted. At most [`MAX_LATE_WAITS`]
+    /// such answers are waited for at once.
     pub(crate) async fn admit(
         &self,
         buckets: &[Bucket],
@@ -238,12 +263,22 @@ impl RedisStore {
                 parse_admit(&answer, buckets.len())
             }
             Err(_) => {
+                let Ok(room) = Arc::clone(&self.late_waits).try_acquire_owned() else {
+                    if self.warnings.should_warn() {
+                        tracing::warn!(
+                            waits = MAX_LATE_WAITS,
+                            "usage limits: Redis is answering late for many calls at once; a charge it makes after the gateway stopped waiting is not given back"
+                        );
+                    }
+                    return Err(StoreError::Timeout(millis(self.timeout)));
+                };
                 let charges: Vec<(String, BucketKind, u64)> = buckets
                     .iter()
                     .map(|bucket| (bucket.key.clone(), bucket.kind, bucket.cost))
                     .collect();
                 let store = self.clone();
                 tokio::spawn(async move {
+                    let _room = room;
                     let Ok(answer) = reply.await else {
                         return;
                     };
@@ -338,6 +373,90 @@ fn millis(duration: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A relay to the tests' Redis (127.0.0.1:6379) that holds its replies back while `hold` is
+    /// set.
+    async fn holding_relay(hold: Arc<std::sync::atomic::AtomicBool>) -> Secret<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("redis://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let hold = Arc::clone(&hold);
+                tokio::spawn(async move {
+                    let redis = tokio::net::TcpStream::connect("127.0.0.1:6379")
+                        .await
+                        .unwrap();
+                    let (mut from_client, mut to_client) = client.into_split();
+                    let (mut from_redis, mut to_redis) = redis.into_split();
+                    tokio::spawn(
+                        async move { tokio::io::copy(&mut from_client, &mut to_redis).await },
+                    );
+                    let mut buffer = vec![0; 64 * 1024];
+                    while let Ok(n @ 1..) = from_redis.read(&mut buffer).await {
+                        while hold.load(std::sync::atomic::Ordering::SeqCst) {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        if to_client.write_all(&buffer[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Secret::new(url)
+    }
+
+    #[tokio::test]
+    async fn a_hung_redis_holds_at_most_the_late_waits_allowed() {
+        let hold = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let url = holding_relay(Arc::clone(&hold)).await;
+        let store =
+            RedisStore::waiting_late_for_at_most(&url, Duration::from_millis(200), 2).unwrap();
+        let key = format!("gatehouse-test:late-waits:{}", uuid::Uuid::new_v4());
+        let bucket = Bucket {
+            key: key.clone(),
+            kind: BucketKind::Requests { per_minute: 1000 },
+            cost: 1,
+            rule: 0,
+        };
+        let admit = || store.admit(std::slice::from_ref(&bucket), None);
+        // Connected, and the script loaded, while Redis answers.
+        assert!(matches!(admit().await, Ok(StoreAnswer::Admitted(_))));
+        hold.store(true, std::sync::atomic::Ordering::SeqCst);
+        let tasks = || {
+            tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks()
+        };
+        for _ in 0..2 {
+            let answer = admit().await;
+            assert!(
+                matches!(answer, Err(StoreError::Timeout(200))),
+                "{answer:?}"
+            );
+        }
+        let waiting = tasks();
+        for _ in 0..5 {
+            let answer = admit().await;
+            assert!(
+                matches!(answer, Err(StoreError::Timeout(200))),
+                "{answer:?}"
+            );
+        }
+        assert_eq!(tasks(), waiting, "no more late waits than allowed");
+        assert_eq!(store.late_waits.available_permits(), 0);
+        let mut redis = redis::Client::open("redis://127.0.0.1:6379")
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let _: i64 = redis::cmd("DEL")
+            .arg(&key)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    }
 
     #[test]
     fn script_answers_parse() {
