@@ -31,7 +31,7 @@ pub(crate) enum MemberRead<T> {
     },
     /// The member refused to give it (it is not there, the credential may not read it): its
     /// answer goes to the client, and the call is not sent.
-    Refused(http::Response<UpstreamBody>),
+    Refused(Box<http::Response<UpstreamBody>>),
 }
 
 impl<T> MemberRead<T> {
@@ -91,7 +91,7 @@ pub(crate) async fn get(
         };
     }
     if !status.is_success() {
-        return MemberRead::Refused(response);
+        return MemberRead::Refused(Box::new(response));
     }
     MemberRead::Read(response)
 }

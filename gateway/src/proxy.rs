@@ -223,7 +223,7 @@ pub async fn forward(
                     );
                     let answer = Answered {
                         member,
-                        response,
+                        response: *response,
                         asked_usage: false,
                     };
                     return answer.relay(gateway, call, record, parts.version).await;
