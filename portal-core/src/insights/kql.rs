@@ -415,7 +415,10 @@ mod tests {
             ("::ffff:10.0.0.0/104", false),
         ] {
             let filter = caller_filter(caller.parse().unwrap()).unwrap();
-            assert!(filter.contains("ipv6_is_in_range(CallerIpAddress, "), "{filter}");
+            assert!(
+                filter.contains("ipv6_is_in_range(CallerIpAddress, "),
+                "{filter}"
+            );
             assert_eq!(
                 filter.ends_with("and isnull(parse_ipv4(CallerIpAddress))"),
                 ipv6_only,
