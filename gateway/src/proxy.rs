@@ -172,7 +172,12 @@ pub async fn forward(
         };
         // What only the member can tell — the calls a batch's input file makes, the model a
         // run's assistant runs — is authorized before the call is sent.
-        if let Some(rules) = runtime.snapshot.access_rules.as_deref() {
+        if let Some(rules) = runtime.snapshot.access_rules.as_deref()
+            && matches!(
+                call.operation,
+                OperationId::BatchCreate | OperationId::CreateRun | OperationId::CreateThreadAndRun
+            )
+        {
             let headers =
                 upstream_headers(&HeaderMap::new(), credential.clone(), request_id(record));
             // A shutdown whose drain is over waits for no read either.
