@@ -138,10 +138,12 @@ fn limit_idle_clients(builder: &mut HttpBuilder<TokioExecutor>, after: Duration)
 /// dropped (axum-server awaits the handshake without looking at the shutdown), and each
 /// connection keeps two deadlines of its own (after the TLS handshake, which has its own timeout):
 ///
-/// - **first byte**: a connection on which no byte arrives within `first_byte` of its acceptance
-///   is closed. hyper's header read timeout covers a request head once the connection is served
-///   as HTTP/1.1, but the HTTP version is told from the first bytes, and a connection that sends
-///   none would wait for ever;
+/// - **version**: a connection whose HTTP version cannot be told within `first_byte` of its
+///   acceptance is closed. hyper's header read timeout covers a request head once the connection
+///   is served as HTTP/1.1, and HTTP/2's pings once it is served as HTTP/2, but the version is
+///   told from the first bytes (HTTP/2 by its 24-byte preface, `PRI * HTTP/2.0…`), and hyper
+///   waits for them without a timer: a connection that sends none, or only the start of the
+///   preface (`PRI`), would wait for ever;
 /// - **send**: a connection the gateway cannot write to for `send` (the client takes nothing, its
 ///   buffers are full) is closed, as nginx's `send_timeout` does, so that a client that stops
 ///   reading its answer does not hold the connection, the call and the backend's answer for ever.
@@ -188,7 +190,8 @@ where
             };
             let stream = ClientStream {
                 inner: stream,
-                first_byte: Some(Box::pin(tokio::time::sleep(first_byte))),
+                version_deadline: Some(Box::pin(tokio::time::sleep(first_byte))),
+                preface_seen: 0,
                 send: IdleDeadline::new(send),
             };
             Ok((stream, service))
@@ -196,14 +199,38 @@ where
     }
 }
 
-/// A client connection whose reads fail with `TimedOut` if its first byte does not come before
-/// its deadline, and whose writes fail with `TimedOut` when none can be made for the send
-/// timeout. Otherwise it is the plain connection: the send deadline makes no timer until a
-/// write has to wait.
+/// The HTTP/2 connection preface (RFC 9113 §3.4): the bytes hyper reads before it knows a
+/// connection is HTTP/2 rather than HTTP/1.1.
+const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// A client connection whose reads fail with `TimedOut` if the bytes that tell its HTTP version
+/// do not come before its deadline, and whose writes fail with `TimedOut` when none can be made
+/// for the send timeout. Otherwise it is the plain connection: the send deadline makes no timer
+/// until a write has to wait.
 struct ClientStream<S> {
     inner: S,
-    first_byte: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Until the version is told: the first byte that differs from the HTTP/2 preface, or the
+    /// whole preface.
+    version_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// How many bytes of the HTTP/2 preface have arrived so far.
+    preface_seen: usize,
     send: IdleDeadline,
+}
+
+impl<S> ClientStream<S> {
+    /// Notes bytes that arrived: once they tell the version, the version deadline is lifted.
+    fn arrived(&mut self, bytes: &[u8]) {
+        if self.version_deadline.is_none() {
+            return;
+        }
+        let expected = &HTTP2_PREFACE[self.preface_seen..];
+        let n = bytes.len().min(expected.len());
+        if bytes[..n] != expected[..n] || self.preface_seen + n == HTTP2_PREFACE.len() {
+            self.version_deadline = None;
+        } else {
+            self.preface_seen += n;
+        }
+    }
 }
 
 impl<S> ClientStream<S> {
@@ -238,20 +265,18 @@ impl<S: AsyncRead + Unpin> AsyncRead for ClientStream<S> {
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(result) => {
-                if buf.filled().len() > before {
-                    this.first_byte = None;
-                }
+                this.arrived(&buf.filled()[before..]);
                 Poll::Ready(result)
             }
             Poll::Pending => {
                 let passed = this
-                    .first_byte
+                    .version_deadline
                     .as_mut()
                     .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
                 if passed {
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::TimedOut,
-                        "the client sent nothing within the request head timeout",
+                        "the client did not begin a request within the request head timeout",
                     )));
                 }
                 Poll::Pending

@@ -75,9 +75,15 @@ async fn a_request_head_that_does_not_arrive_in_time_closes_the_connection() {
     );
     assert_eq!(sim.hits(), 0, "no backend saw the call");
 
-    // A connection that never sends a byte is closed as well.
+    // A connection that never sends a byte is closed as well, and so is one that sends only the
+    // start of the HTTP/2 preface (hyper waits for the rest to tell the version, with no timer).
     let mut silent = connect(&gw).await;
     read_until_closed(&mut silent, Duration::from_secs(20)).await;
+    for start in [&b"P"[..], b"PRI", b"PRI * HTTP/2.0\r\n\r\nSM\r\n"] {
+        let mut stream = connect(&gw).await;
+        stream.write_all(start).await.unwrap();
+        read_until_closed(&mut stream, Duration::from_secs(20)).await;
+    }
 
     // The gateway goes on serving.
     let response = gw
