@@ -8,8 +8,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use gatehouse_schema::ConfigSnapshot;
@@ -100,12 +99,28 @@ pub async fn get_backends(State(gateway): State<Arc<Gateway>>, headers: HeaderMa
 pub const MAX_SNAPSHOT_BYTES: usize = 64 * 1024 * 1024;
 
 /// `PUT /_gatehouse/config`: replace the running snapshot with a newer, valid one.
-pub async fn put_config(
-    State(gateway): State<Arc<Gateway>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    match apply(&gateway, &headers, &body).await {
+///
+/// The admin token is checked before the body is read, and the body is read as a call's is: at
+/// most [`MAX_SNAPSHOT_BYTES`], with no pause longer than the request body timeout, so that a
+/// client without the token can hold neither memory nor the connection with it.
+pub async fn put_config(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    if let Err(error) = authorize(&gateway, &parts.headers) {
+        crate::app::linger(body).await;
+        return error.into_response();
+    }
+    let body = match crate::app::read_body(
+        &parts,
+        body,
+        MAX_SNAPSHOT_BYTES as u64,
+        gateway.client_timeouts.request_body,
+    )
+    .await
+    {
+        Ok(body) => body,
+        Err(error) => return error.into_response(),
+    };
+    match apply(&gateway, &parts.headers, &body).await {
         Ok(version) => (
             StatusCode::OK,
             axum::Json(json!({"version": version, "status": "applied"})),
@@ -115,8 +130,8 @@ pub async fn put_config(
     }
 }
 
+/// Applies a snapshot pushed by a caller already authorized.
 async fn apply(gateway: &Gateway, headers: &HeaderMap, body: &[u8]) -> Result<u64, GatewayError> {
-    authorize(gateway, headers)?;
     let is_yaml = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

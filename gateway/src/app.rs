@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
@@ -292,9 +292,7 @@ impl Gateway {
             .route("/metrics", get(metrics))
             .route(
                 admin::CONFIG_PATH,
-                get(admin::get_config)
-                    .put(admin::put_config)
-                    .layer(DefaultBodyLimit::max(admin::MAX_SNAPSHOT_BYTES)),
+                get(admin::get_config).put(admin::put_config),
             )
             .route(
                 gatehouse_schema::backends::BACKENDS_PATH,
@@ -741,7 +739,7 @@ const LINGER_BYTES: u64 = 1024 * 1024;
 const LINGER_TIME: Duration = Duration::from_secs(1);
 
 /// Reads the whole request body, at most `limit` bytes, waiting at most `idle` for each piece.
-async fn read_body(
+pub(crate) async fn read_body(
     parts: &Parts,
     body: Body,
     limit: u64,
@@ -795,7 +793,7 @@ async fn read_body(
 /// [`LINGER_BYTES`] and for at most [`LINGER_TIME`], so that the refusal reaches it: a connection
 /// closed with unread data in it is reset by the kernel, and the reset can destroy the answer
 /// before the client has read it (the client then sees a broken connection instead of a 413).
-async fn linger(mut body: Body) {
+pub(crate) async fn linger(mut body: Body) {
     use http_body_util::BodyExt as _;
     let deadline = tokio::time::Instant::now() + LINGER_TIME;
     let mut read: u64 = 0;

@@ -389,6 +389,46 @@ async fn a_snapshot_larger_than_two_mebibytes_is_taken() {
     assert_eq!(applied.status(), 200, "{}", applied.text().await.unwrap());
 }
 
+/// A push without the admin token is refused before its body is read, and a push whose body
+/// stops arriving is answered 408: neither holds memory or the connection.
+#[tokio::test]
+async fn a_push_is_refused_before_its_body_and_a_stalled_one_times_out() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let sim = simulator("config-slow-push").await;
+    let gw = TestGateway::start_with_client_timeouts(
+        snapshot(1, pools(&sim.url(), "gpt-4o")),
+        gatehouse_gateway::ClientTimeouts {
+            request_head: std::time::Duration::from_secs(10),
+            request_body: std::time::Duration::from_secs(1),
+            send: std::time::Duration::from_secs(10),
+        },
+    )
+    .await;
+    for (token, expected) in [("", "HTTP/1.1 401"), (ADMIN_TOKEN, "HTTP/1.1 408")] {
+        let mut stream = tokio::net::TcpStream::connect(gw.listening.addr)
+            .await
+            .unwrap();
+        let auth = if token.is_empty() {
+            String::new()
+        } else {
+            format!("Authorization: Bearer {token}\r\n")
+        };
+        // A body of 32 MiB is announced; one byte of it is sent.
+        let head = format!(
+            "PUT /_gatehouse/config HTTP/1.1\r\nHost: gateway\r\n{auth}Content-Type: application/json\r\nContent-Length: 33554432\r\n\r\n{{"
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = vec![0_u8; 1024];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut answer))
+            .await
+            .expect("the gateway answers without the rest of the body")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer[..n]);
+        assert!(answer.starts_with(expected), "{answer}");
+    }
+    assert_eq!(gw.gateway.runtime().snapshot.version, 1);
+}
+
 /// `check` refuses what `serve` would refuse in the server settings, not only in the snapshot:
 /// a file it calls valid starts.
 #[tokio::test]
