@@ -108,10 +108,20 @@ impl GatewayIdClaim {
         }
     }
 
-    /// Renews the claim every third of the lapse until the task is aborted; `conflict` is set to
-    /// 1 while another gateway holds the id, 0 while this one does.
-    pub fn keep(self: &Arc<Self>, conflict: Gauge) -> tokio::task::JoinHandle<()> {
+    /// Renews the claim every third of the lapse until the task is aborted, from right after
+    /// [`GatewayIdClaim::take`]: the gateway's start (a Key Vault that does not answer may take
+    /// a minute) must not let the claim lapse. `conflict`, once set (the gateway's metric, made
+    /// with the gateway), is set to 1 while another gateway holds the id, 0 while this one does.
+    pub fn keep(
+        self: &Arc<Self>,
+        conflict: Arc<std::sync::OnceLock<Gauge>>,
+    ) -> tokio::task::JoinHandle<()> {
         let claim = Arc::clone(self);
+        let conflict = move |value| {
+            if let Some(gauge) = conflict.get() {
+                gauge.set(value);
+            }
+        };
         tokio::spawn(async move {
             let warnings = WarningThrottle::new(WARNING_INTERVAL);
             let mut ticker = tokio::time::interval(claim.lapse / 3);
@@ -121,10 +131,10 @@ impl GatewayIdClaim {
                 ticker.tick().await;
                 match claim.renew().await {
                     Ok(ClaimOutcome::Held) => {
-                        conflict.set(0);
+                        conflict(0);
                     }
                     Ok(ClaimOutcome::HeldByAnother(holder)) => {
-                        conflict.set(1);
+                        conflict(1);
                         if warnings.should_warn() {
                             tracing::error!(
                                 gateway_id = %claim.gateway_id,

@@ -460,13 +460,15 @@ async fn serve(file: ConfigFile, config: &Path) -> anyhow::Result<()> {
     let _state_lock = StateDirLock::take(&settings.state_dir)?;
     let secrets = secret_settings(&settings, config)?;
     let mut claim = None;
+    let mut renewing = None;
+    let conflict = Arc::new(std::sync::OnceLock::new());
     let journal_dir = settings.state_dir.join("audit-journal");
     let (audit, writer) = match audit_sink(&settings.audit).await? {
         Some((sink, store)) => {
             // Before the journal is replayed and before any call: a gateway_id held by a running
             // gateway stops this one here.
             if let Some(store) = store {
-                claim = Some(Arc::new(
+                let taken = Arc::new(
                     GatewayIdClaim::take(
                         store,
                         &settings.gateway_id,
@@ -474,7 +476,9 @@ async fn serve(file: ConfigFile, config: &Path) -> anyhow::Result<()> {
                         Duration::from_secs(settings.audit.gateway_id_claim_seconds),
                     )
                     .await?,
-                ));
+                );
+                renewing = Some(taken.keep(Arc::clone(&conflict)));
+                claim = Some(taken);
             }
             let queue_settings = QueueSettings {
                 capacity: settings.audit.queue_capacity,
@@ -512,9 +516,7 @@ async fn serve(file: ConfigFile, config: &Path) -> anyhow::Result<()> {
         client_timeouts: settings.client_timeouts()?,
     })
     .await?;
-    let renewing = claim
-        .as_ref()
-        .map(|claim| claim.keep(gateway.metrics.gateway_id_conflict.clone()));
+    let _ = conflict.set(gateway.metrics.gateway_id_conflict.clone());
     let (listening, task) =
         server::spawn(Arc::clone(&gateway), settings.listen, settings.tls.clone()).await?;
     tracing::info!(

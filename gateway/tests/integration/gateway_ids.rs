@@ -139,6 +139,83 @@ async fn a_gateway_whose_id_is_taken_while_it_runs_says_so_in_its_log_and_metric
     gateway.terminate().await;
 }
 
+/// A gateway that takes its id and then starts slowly (its snapshot's backend key is in a Key
+/// Vault whose token comes seconds later) keeps renewing its claim meanwhile: another gateway
+/// cannot take the id while the first is starting, and then runs beside it.
+#[tokio::test]
+async fn a_gateway_keeps_its_claim_while_it_starts_slowly() {
+    use crate::azure_identity_double::{CLIENT_ID, EntraDouble, KeyVaultDouble, Proof, TENANT};
+    const SECRET: &str = "gateway-own-secret-S3~0123456789abcdef";
+    let entra = EntraDouble::start(Proof::Secret(SECRET.to_owned()), 3600).await;
+    let vault = KeyVaultDouble::start(&entra).await;
+    vault.set("aoai-key", "kv-backend-key");
+    let simulator = simulator("ids-slow-start").await;
+    let mut member = member("a", &simulator.url(), 1);
+    member["credential"] = json!({"type": "api_key", "secret": vault.reference("aoai-key")});
+    let snapshot = snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member]}]),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("gateway-secret");
+    std::fs::write(&secret_file, SECRET).unwrap();
+    let url = format!("sqlite:{}", dir.path().join("audit.db").display());
+    let lapse = Duration::from_secs(1);
+    let start_takes = Duration::from_secs(4);
+    entra.set_delay(start_takes);
+    let settings = json!({
+        "audit": {"database": url, "gateway_id_claim_seconds": 1},
+        "entra_credential": {"type": "entra_client_secret", "tenant_id": TENANT,
+                             "client_id": CLIENT_ID, "secret": format!("file:{}", secret_file.display()),
+                             "authority_host": entra.url},
+    });
+    let starting =
+        tokio::spawn(
+            async move { GatewayProcess::start_with("slow-id", &snapshot, settings).await },
+        );
+    // Once the gateway holds the id, the claim stays its own for as long as the start takes:
+    // an intruder's claim is refused every time, not taken after the lapse.
+    // (Read with a plain connection until the claim is there: the gateway makes the store.)
+    loop {
+        if let Ok(file) = sqlx::SqlitePool::connect(&url).await {
+            let held: Result<i64, _> = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM GatehouseGatewayClaims WHERE GatewayId = 'slow-id'",
+            )
+            .fetch_one(&file)
+            .await;
+            file.close().await;
+            if held.is_ok_and(|count| count == 1) {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let store = SqlStore::open(&url).await.unwrap();
+    let claimed = std::time::Instant::now();
+    while claimed.elapsed() < start_takes - Duration::from_millis(500) {
+        let outcome = store
+            .claim_gateway_id(
+                "slow-id",
+                "intruder",
+                "intruder-host",
+                time::OffsetDateTime::now_utc(),
+                lapse,
+            )
+            .await
+            .unwrap();
+        assert!(
+            matches!(outcome, ClaimOutcome::HeldByAnother(_)),
+            "the claim lapsed {:?} into the start: {outcome:?}",
+            claimed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    store.close().await;
+    let gateway = starting.await.unwrap();
+    assert_eq!(conflict(&gateway).await, 0);
+    gateway.terminate().await;
+}
+
 /// The gateway's `gatehouse_gateway_id_conflict`.
 async fn conflict(gateway: &GatewayProcess) -> i64 {
     gateway
