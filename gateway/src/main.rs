@@ -531,11 +531,16 @@ async fn serve(file: ConfigFile, config: &Path) -> anyhow::Result<()> {
         "shutting down; draining in-flight calls"
     );
     listening.shutdown(Duration::from_secs(settings.shutdown_drain_seconds));
-    task.await??;
+    // A server that failed still has its calls' records to flush: its error is returned after.
+    let served = task
+        .await
+        .map_err(anyhow::Error::from)
+        .and_then(|served| served.map_err(anyhow::Error::from));
     // The drain is over and every connection closed, but calls cut off by it go on on tasks of
     // their own (waiting for an answer's head, or reading the rest of one for the record): they
     // stop waiting now and hand their records on, and only then is the queue flushed.
-    if let Err(running) = gateway.calls.stop(CALLS_GRACE).await {
+    let unrecorded = gateway.calls.stop(CALLS_GRACE).await.err();
+    if let Some(running) = unrecorded {
         tracing::error!(
             running,
             limit_ms = CALLS_GRACE.as_millis(),
@@ -558,6 +563,11 @@ async fn serve(file: ConfigFile, config: &Path) -> anyhow::Result<()> {
         claim.release().await;
     }
     flushed?;
+    served?;
+    // Records lost make the exit status say so, for the supervisor (docs/audit.md).
+    if let Some(running) = unrecorded {
+        anyhow::bail!("the records of {running} calls still running at shutdown are lost");
+    }
     tracing::info!("stopped");
     Ok(())
 }
