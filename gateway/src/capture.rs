@@ -432,6 +432,8 @@ struct ChoiceSoFar {
     function_call: Option<Value>,
     /// `logprobs`, each array in it joined across chunks.
     logprobs: Option<Map<String, Value>>,
+    /// Whether `logprobs` were let go (see [`LOGPROBS_KEPT_BYTES`]).
+    logprobs_dropped: bool,
     /// Azure's content filter verdicts, by category, joined across chunks (see
     /// [`join_filter_results`]).
     content_filter_results: Option<Map<String, Value>>,
@@ -765,8 +767,19 @@ fn part_index(event: &Value, key: &str) -> u64 {
     event.get(key).and_then(Value::as_u64).unwrap_or(0)
 }
 
+/// The most stream data (the events' `data`) whose `logprobs` a reassembled answer keeps.
+/// Log probabilities weigh many times their token (`top_logprobs: 20` adds some twenty
+/// alternatives with their bytes to each), so a long answer asked with them would otherwise be
+/// held as a tree of hundreds of megabytes for the record; past this much data the reassembled
+/// answer has none (and its content whole). 8 MiB of events is some 100,000 tokens without them.
+const LOGPROBS_KEPT_BYTES: usize = 8 * 1024 * 1024;
+
 #[derive(Debug, Default)]
 struct StreamAssembler {
+    /// The events' data taken in so far, in bytes.
+    data_seen: usize,
+    /// [`LOGPROBS_KEPT_BYTES`], unless a test sets another.
+    logprobs_kept_bytes: Option<usize>,
     object: Option<String>,
     head: Map<String, Value>,
     choices: BTreeMap<u64, ChoiceSoFar>,
@@ -811,6 +824,7 @@ impl StreamAssembler {
             self.done = true;
             return None;
         }
+        self.data_seen = self.data_seen.saturating_add(data.len());
         let chunk = serde_json::from_str::<Value>(data).ok()?;
         self.chunk(&chunk);
         Some(chunk)
@@ -889,6 +903,8 @@ impl StreamAssembler {
         let Some(choices) = chunk.get("choices").and_then(Value::as_array) else {
             return;
         };
+        let keeps_logprobs =
+            self.data_seen <= self.logprobs_kept_bytes.unwrap_or(LOGPROBS_KEPT_BYTES);
         for choice in choices {
             let index = choice.get("index").and_then(Value::as_u64).unwrap_or(0);
             let so_far = self.choices.entry(index).or_default();
@@ -899,7 +915,12 @@ impl StreamAssembler {
                 so_far.text.get_or_insert_with(String::new).push_str(text);
             }
             if let Some(Value::Object(logprobs)) = choice.get("logprobs") {
-                join_logprobs(so_far.logprobs.get_or_insert_with(Map::new), logprobs);
+                if !keeps_logprobs {
+                    so_far.logprobs = None;
+                    so_far.logprobs_dropped = true;
+                } else if !so_far.logprobs_dropped {
+                    join_logprobs(so_far.logprobs.get_or_insert_with(Map::new), logprobs);
+                }
             }
             if let Some(Value::Object(results)) = choice.get("content_filter_results")
                 && !results.is_empty()
@@ -1430,6 +1451,45 @@ mod tests {
             client.extend_from_slice(&out);
         }
         (client, tap.finish())
+    }
+
+    /// A content chunk saying `text`, with twenty alternatives for its token.
+    fn content_event_with_logprobs(text: &str) -> String {
+        let top: Vec<Value> = (0..20)
+            .map(|i| json!({"token": format!("t{i}"), "logprob": -1.5, "bytes": [116, 48 + i]}))
+            .collect();
+        let chunk = json!({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+            "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null,
+                "logprobs": {"content": [{"token": text, "logprob": -0.1, "bytes": [104], "top_logprobs": top}]}}]});
+        format!("data: {chunk}\n\n")
+    }
+
+    #[test]
+    fn a_long_stream_keeps_its_logprobs_only_up_to_a_bound() {
+        let tap_of = |events: usize, kept: usize| {
+            let mut tap = SseTap::default();
+            tap.assembler.logprobs_kept_bytes = Some(kept);
+            for _ in 0..events {
+                let _ = tap.pass(Bytes::from(content_event_with_logprobs("a")));
+            }
+            let _ = tap.pass(Bytes::from_static(b"data: [DONE]\n\n"));
+            tap.finish().response.unwrap()
+        };
+        // Within the bound: every token's log probabilities, in order.
+        let kept = tap_of(10, 1 << 20);
+        assert_eq!(
+            kept["choices"][0]["logprobs"]["content"]
+                .as_array()
+                .unwrap()
+                .len(),
+            10
+        );
+        assert_eq!(kept["choices"][0]["message"]["content"], "a".repeat(10));
+        // Past it: none, and the content whole.
+        let event = content_event_with_logprobs("a").len();
+        let dropped = tap_of(100, 20 * event);
+        assert!(dropped["choices"][0].get("logprobs").is_none(), "{dropped}");
+        assert_eq!(dropped["choices"][0]["message"]["content"], "a".repeat(100));
     }
 
     /// A chunk the usage filter must leave out (Azure's framing).
