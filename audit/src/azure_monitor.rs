@@ -340,7 +340,12 @@ fn resolve_secret(reference: &SecretRef) -> Result<Secret, AzureMonitorError> {
 struct CachedToken {
     token: Secret,
     refresh_at: Instant,
+    /// When Entra said it expires.
+    expires_at: Instant,
 }
+
+/// How long before its expiry a cached token is no longer used while its refresh fails.
+const TOKEN_EXPIRY_SAFETY: Duration = Duration::from_secs(30);
 
 /// One stream of the DCR and the URL that writes to it.
 #[derive(Debug)]
@@ -609,17 +614,21 @@ impl AzureMonitorSink {
         retry_after: Option<Duration>,
         deadline: Instant,
     ) -> Result<(), CallError> {
-        let cap = Duration::from_secs(self.config.max_retry_wait_seconds);
+        // The queue is told the wait Azure asked for, whole (it bounds it itself): trying again
+        // sooner would only be throttled again.
         if attempt >= self.config.max_attempts {
             return Err(CallError::Failed(AzureMonitorError::GaveUp {
                 stream: stream.name.clone(),
                 attempts: attempt,
                 last: reason,
-                retry_after: retry_after.map(|wait| wait.min(cap)),
+                retry_after,
             }));
         }
-        let wait = retry_after.unwrap_or_else(|| backoff(attempt)).min(cap);
-        if Instant::now() + wait >= deadline {
+        // Within a write the sink waits at most `max_retry_wait_seconds`; a longer wait asked
+        // for is the queue's to keep.
+        let cap = Duration::from_secs(self.config.max_retry_wait_seconds);
+        let wait = retry_after.unwrap_or_else(|| backoff(attempt));
+        if wait > cap || Instant::now() + wait >= deadline {
             return Err(self.out_of_time(stream, attempt, reason, Some(wait)));
         }
         tracing::warn!(
@@ -653,12 +662,38 @@ impl AzureMonitorSink {
         })
     }
 
-    /// The cached token, or a new one when it is missing or due for refresh.
+    /// The cached token, or a new one when it is missing or due for refresh. A refresh that
+    /// fails for a while (Entra throttling or unreachable) leaves the cached token in use until
+    /// shortly before it expires: the writes go on meanwhile.
     async fn token(&self) -> Result<Secret, TokenFailure> {
         let mut cached = self.token.lock().await;
         if let Some(current) = cached.as_ref().filter(|c| Instant::now() < c.refresh_at) {
             return Ok(current.token.clone());
         }
+        match self.new_token().await {
+            Ok(fresh) => {
+                let token = fresh.token.clone();
+                *cached = Some(fresh);
+                Ok(token)
+            }
+            Err(TokenFailure::Transient { reason, wait }) => {
+                match cached
+                    .as_ref()
+                    .filter(|c| Instant::now() + TOKEN_EXPIRY_SAFETY < c.expires_at)
+                {
+                    Some(current) => {
+                        tracing::warn!(%reason, "Azure Monitor: could not refresh the access token; using the current one until it expires");
+                        Ok(current.token.clone())
+                    }
+                    None => Err(TokenFailure::Transient { reason, wait }),
+                }
+            }
+            Err(fatal) => Err(fatal),
+        }
+    }
+
+    /// A new token from the token endpoint.
+    async fn new_token(&self) -> Result<CachedToken, TokenFailure> {
         let issued_at = Instant::now();
         let form = [
             ("grant_type", "client_credentials"),
@@ -701,12 +736,11 @@ impl AzureMonitorSink {
                     wait: None,
                 })?;
         let lifetime = Duration::from_secs(answer.expires_in.seconds());
-        let token = Secret(answer.access_token);
-        *cached = Some(CachedToken {
-            token: token.clone(),
+        Ok(CachedToken {
+            token: Secret(answer.access_token),
             refresh_at: issued_at + lifetime.saturating_sub(TOKEN_REFRESH_MARGIN),
-        });
-        Ok(token)
+            expires_at: issued_at + lifetime,
+        })
     }
 
     /// Drops the cached token if it is still `stale` (another call may have refreshed it).

@@ -95,6 +95,8 @@ struct DoubleState {
     max_body_bytes: AtomicUsize,
     /// Echo the received secret / token in error answers, as a careless server might.
     echo: AtomicBool,
+    /// Answer token requests 503, as Entra does when it is unavailable.
+    token_unavailable: AtomicBool,
     inner: Mutex<Inner>,
 }
 
@@ -110,6 +112,7 @@ impl Double {
             token_lifetime_seconds: AtomicU64::new(3599),
             max_body_bytes: AtomicUsize::new(MAX_CALL_BYTES),
             echo: AtomicBool::new(false),
+            token_unavailable: AtomicBool::new(false),
             inner: Mutex::new(Inner::default()),
         });
         let app = Router::new()
@@ -212,6 +215,13 @@ async fn issue_token(
     let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
     let field = |name: &str| form.get(name).map(String::as_str).unwrap_or_default();
     state.inner.lock().unwrap().token_requests += 1;
+    if state.token_unavailable.load(Ordering::SeqCst) {
+        return oauth_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "temporarily_unavailable",
+            "AADSTS90033: A transient error has occurred. Please try again.".to_owned(),
+        );
+    }
     if tenant != TENANT {
         return oauth_error(
             StatusCode::BAD_REQUEST,
@@ -916,6 +926,33 @@ async fn a_retry_after_longer_than_the_write_may_take_goes_to_the_queue() {
         setup.double.stored(DEFAULT_GATEWAY_STREAM).len(),
         records.len()
     );
+
+    // A wait longer than the sink waits between tries (`max_retry_wait_seconds`) is not cut to
+    // it: the queue is told the whole wait, and Azure is not called again inside it.
+    let sink = new_sink(&setup, json!({"max_retry_wait_seconds": 2}));
+    let calls = setup.double.calls(DEFAULT_GATEWAY_STREAM).len();
+    setup.double.fail_next(&[Some(Fault::ThrottleFor(30))]);
+    let error = tokio::time::timeout(Duration::from_secs(20), sink.write_batch(&records))
+        .await
+        .expect("the sink hands a long wait to the queue at once")
+        .unwrap_err();
+    assert_eq!(
+        error.retry_after(),
+        Some(Duration::from_secs(30)),
+        "{error}"
+    );
+    assert_eq!(setup.double.calls(DEFAULT_GATEWAY_STREAM).len(), calls + 1);
+    let sink = new_sink(
+        &setup,
+        json!({"max_retry_wait_seconds": 2, "max_attempts": 1}),
+    );
+    setup.double.fail_next(&[Some(Fault::ThrottleFor(120))]);
+    let error = sink.write_batch(&records).await.unwrap_err();
+    assert_eq!(
+        error.retry_after(),
+        Some(Duration::from_secs(120)),
+        "{error}"
+    );
 }
 
 #[tokio::test]
@@ -1136,6 +1173,15 @@ async fn the_token_is_reused_across_calls_and_refreshed_after_revocation_and_bef
     let third = double.inner().calls.last().unwrap().token.clone();
     assert_ne!(third, second);
     assert_eq!(double.stored(DEFAULT_GATEWAY_STREAM).len(), 8);
+
+    // Past its refresh time with Entra unavailable, the token still valid (for almost five
+    // minutes) is used: the write goes through.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    double.state.token_unavailable.store(true, Ordering::SeqCst);
+    sink.write_batch(&batch(8)).await.unwrap();
+    assert!(double.token_requests() > 3, "a refresh was tried");
+    assert_eq!(double.inner().calls.last().unwrap().token, third);
+    assert_eq!(double.stored(DEFAULT_GATEWAY_STREAM).len(), 10);
 }
 
 #[tokio::test]
