@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 use crate::client_gone::ClientGone;
 
 use gatehouse_audit::RecordSlot;
-use gatehouse_schema::AuditRecord;
 use gatehouse_schema::audit::{BackendAttempt, TokenUsage};
+use gatehouse_schema::{AuditRecord, OperationId};
 use http::request::Parts;
 use time::OffsetDateTime;
 
@@ -147,11 +147,14 @@ impl CallRecord {
     /// carries `usage` (a stored response fetched again, a run or a batch polled) reports the
     /// work of the call that made the object, which is on that call's record: counted again
     /// here, every poll would add it to the caller's limits and to the usage dashboards.
+    ///
+    /// Tool outputs submitted to a run run the model again, and a run that stopped for a tool
+    /// (`requires_action`) reports no usage yet: the answer that takes it to its end (a stream
+    /// ending in `thread.run.completed`) carries the run's usage, which is on this call's record.
     pub fn usage(&mut self, usage: Option<TokenUsage>) {
-        let runs_a_model = self
-            .record
-            .operation_id
-            .is_some_and(|operation| operation.is_inference());
+        let runs_a_model = self.record.operation_id.is_some_and(|operation| {
+            operation.is_inference() || operation == OperationId::SubmitToolOutputsToRun
+        });
         if usage.is_some() && runs_a_model {
             self.record.usage = usage;
         }

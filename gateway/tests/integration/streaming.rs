@@ -342,6 +342,12 @@ async fn stream_shapes_backend() -> String {
             }),
         )
         .route(
+            "/openai/threads/{thread}/runs/{run}/submit_tool_outputs",
+            axum::routing::post(move || async move {
+                sse(include_str!("../fixtures/azure/assistants-run-stream.sse"))
+            }),
+        )
+        .route(
             "/openai/deployments/{deployment}/chat/completions",
             axum::routing::post(move || async move { sse(UNKNOWN_STREAM) }),
         );
@@ -381,9 +387,33 @@ async fn assistants_runs_and_unknown_streams_are_kept_on_record() {
         .await
         .unwrap();
     assert_eq!(chat.text().await.unwrap(), UNKNOWN_STREAM);
+    // A run that stopped for a tool goes on with its outputs: the stream that carries it to its
+    // end carries the run's usage, which is on that call's record (the first stream's ended at
+    // `requires_action`, with none).
+    let submitted = gw
+        .post("/openai/threads/thread_abc123/runs/run_abc123/submit_tool_outputs?api-version=2024-05-01-preview")
+        .json(&json!({"tool_outputs": [{"tool_call_id": "call_1", "output": "paid"}], "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(submitted.status(), 200);
+    let _ = submitted.text().await.unwrap();
 
-    let records = gw.records(2).await;
-    let run = &records[0];
+    let records = gw.records(3).await;
+    let of = |operation| {
+        records
+            .iter()
+            .find(|record| record.operation_id == Some(operation))
+            .unwrap()
+    };
+    use gatehouse_schema::OperationId;
+    let submitted = of(OperationId::SubmitToolOutputsToRun);
+    assert_eq!(
+        submitted.usage.as_ref().map(|usage| usage.total_tokens),
+        Some(142),
+        "{submitted:?}"
+    );
+    let run = of(OperationId::CreateRun);
     let body: Value = serde_json::from_str(run.backend_response_body.as_deref().unwrap()).unwrap();
     assert_eq!(
         (body["object"].as_str(), body["status"].as_str()),
@@ -397,7 +427,7 @@ async fn assistants_runs_and_unknown_streams_are_kept_on_record() {
         messages[0]["content"][0]["text"]["value"],
         "Invoice 42 was paid on 3 March."
     );
-    let unknown = &records[1];
+    let unknown = of(OperationId::ChatCompletionsCreate);
     assert_eq!(
         unknown.backend_response_body.as_deref(),
         Some(UNKNOWN_STREAM)
