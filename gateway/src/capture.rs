@@ -404,6 +404,9 @@ pub struct StreamSummary {
     pub model: Option<String>,
     /// Whether `data: [DONE]` (or a terminal Responses event) arrived.
     pub completed: bool,
+    /// Whether the stream carried an error event (`data: {"error": …}`, a Responses API
+    /// `error` event): the backend failed part way, although its HTTP status said 200.
+    pub failed: bool,
 }
 
 impl StreamSummary {
@@ -417,6 +420,7 @@ impl StreamSummary {
                 .map(str::to_owned),
             response: Some(response),
             completed,
+            failed: false,
         }
     }
 }
@@ -792,6 +796,8 @@ struct StreamAssembler {
     done: bool,
     /// An object the stream announced it created, until taken ([`SseTap::take_created`]).
     created: Option<String>,
+    /// The error an error event carried (its `error` object, or a Responses `error` event).
+    error: Option<Value>,
     /// Whether `created` was set once already.
     announced: bool,
 }
@@ -857,6 +863,9 @@ impl StreamAssembler {
                 if self.final_response.is_none() {
                     self.response_so_far.event(kind, chunk);
                 }
+            } else if kind == "error" {
+                // A Responses API stream's error event: `{"type": "error", "code", "message", …}`.
+                self.error = Some(chunk.clone());
             } else {
                 // Other typed streams (a transcription's `transcript.text.done`, speech's
                 // `speech.audio.done`) carry the call's usage on their last event: without it the
@@ -868,6 +877,13 @@ impl StreamAssembler {
                     self.done = true;
                 }
             }
+            return;
+        }
+        // A failure part way, as OpenAI-style streams send it: `data: {"error": {…}}`.
+        if let Some(error) = chunk.get("error").filter(|error| error.is_object())
+            && chunk.get("choices").is_none()
+        {
+            self.error = Some(error.clone());
             return;
         }
         if let Some(object) = chunk
@@ -977,7 +993,22 @@ impl StreamAssembler {
         }
     }
 
-    fn finish(self) -> StreamSummary {
+    fn finish(mut self) -> StreamSummary {
+        let error = self.error.take();
+        let mut summary = self.finish_answer();
+        if let Some(error) = error {
+            // The answer as it stood, with the error that ended it, as a non-streamed error's
+            // body has it.
+            if let Some(Value::Object(response)) = summary.response.as_mut() {
+                response.insert("error".to_owned(), error);
+            }
+            summary.failed = true;
+        }
+        summary
+    }
+
+    /// The answer the stream amounted to, its error aside.
+    fn finish_answer(self) -> StreamSummary {
         if let Some(response) = self
             .final_response
             .or_else(|| self.response_so_far.into_response())
@@ -1462,6 +1493,30 @@ mod tests {
             "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null,
                 "logprobs": {"content": [{"token": text, "logprob": -0.1, "bytes": [104], "top_logprobs": top}]}}]});
         format!("data: {chunk}\n\n")
+    }
+
+    #[test]
+    fn an_error_part_way_is_kept_with_the_answer_so_far() {
+        let finish = |stream: String| {
+            let mut tap = SseTap::default();
+            let _ = tap.pass(Bytes::from(stream));
+            tap.finish()
+        };
+        let chat = finish(format!(
+            "{}data: {{\"error\":{{\"message\":\"The server had an error while processing your request.\",\"type\":\"server_error\"}}}}\n\n",
+            content_event("Hel")
+        ));
+        assert!(chat.failed);
+        let response = chat.response.unwrap();
+        assert_eq!(response["choices"][0]["message"]["content"], "Hel");
+        assert_eq!(response["error"]["type"], "server_error");
+        let responses = finish(concat!(
+            "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_1\",\"object\":\"response\",\"status\":\"in_progress\",\"output\":[]}}\n\n",
+            "event: error\ndata: {\"type\":\"error\",\"code\":\"server_error\",\"message\":\"boom\",\"param\":null}\n\n",
+        ).to_owned());
+        assert!(responses.failed);
+        assert_eq!(responses.response.unwrap()["error"]["message"], "boom");
+        assert!(!finish(content_event("fine")).failed);
     }
 
     #[test]

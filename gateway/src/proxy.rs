@@ -1707,6 +1707,9 @@ impl Tee {
                 let summary = sse.finish();
                 record.usage(summary.usage);
                 record.record.model_name = summary.model;
+                if summary.failed && record.record.last_error_reason.is_none() {
+                    record.record.last_error_reason = Some("backend_stream_error".to_owned());
+                }
                 match summary.response.as_ref() {
                     Some(response) if limit > 0 => {
                         record.record.response_messages =
