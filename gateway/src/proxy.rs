@@ -1069,6 +1069,13 @@ async fn relay(
         .metrics
         .overhead
         .observe(record.overhead().as_secs_f64());
+    // The length the backend declared, so that the chunk that completes it ends the call even
+    // when the backend ends its stream only later (HTTP/2: END_STREAM in a frame of its own).
+    let body_left = response
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     let body = RelayBody {
         upstream: Some(response.into_body()),
         idle: IdleDeadline::new(Duration::from_millis(
@@ -1082,6 +1089,7 @@ async fn relay(
             tee,
             record,
             sent: 0,
+            body_left,
             span: tracing::Span::current(),
             pinned: None,
             in_flight: gateway.calls.enter(),
@@ -1117,6 +1125,8 @@ struct RelayCall {
     tee: Tee,
     record: CallRecord,
     sent: u64,
+    /// What the backend's declared `Content-Length` still holds, when it declared one.
+    body_left: Option<u64>,
     span: tracing::Span,
     /// The object a streamed create announced, pinned as it passed.
     pinned: Option<String>,
@@ -1298,8 +1308,13 @@ impl futures::Stream for RelayBody {
                     let Ok(chunk) = frame.into_data() else {
                         continue;
                     };
-                    // Whether this chunk completes the backend's body (its length is reached).
-                    let complete = upstream.is_end_stream();
+                    // Whether this chunk completes the backend's body: its stream ended, or the
+                    // length it declared is reached (hyper stops polling a body whose
+                    // `Content-Length` it has written, so the end may never be polled for).
+                    if let Some(left) = relay.body_left.as_mut() {
+                        *left = left.saturating_sub(chunk.len() as u64);
+                    }
+                    let complete = upstream.is_end_stream() || relay.body_left == Some(0);
                     // What goes on to the client: the chunk, or what passes the usage filter.
                     let mut outgoing = relay.tee.push(chunk);
                     if complete {

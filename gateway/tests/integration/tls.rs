@@ -293,3 +293,97 @@ async fn a_connection_in_its_tls_handshake_at_shutdown_is_closed_at_once() {
         .expect("the connection is closed");
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
 }
+
+/// A backend over TLS that speaks HTTP/2 and answers every call with a whole `chat.completion`
+/// whose length it declares, but ends the stream (END_STREAM) in a frame of its own, a moment
+/// after the last byte, as servers behind some proxies do.
+async fn http2_backend_ending_apart(ca: &Authority) -> std::net::SocketAddr {
+    use axum::response::IntoResponse as _;
+    server::install_crypto_provider();
+    let (cert, key) = ca.issue(&["localhost", "127.0.0.1"]);
+    let certs = rustls_pemfile::certs(&mut cert.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls_pemfile::private_key(&mut key.as_bytes())
+        .unwrap()
+        .unwrap();
+    let mut config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let answer = json!({"id": "chatcmpl-1", "object": "chat.completion", "created": 1,
+        "model": "gpt-4o-2024-11-20",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Oslo."}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14}})
+    .to_string();
+    let app = axum::Router::new().fallback(move |version: http::Version| {
+        let answer = answer.clone();
+        async move {
+            assert_eq!(
+                version,
+                http::Version::HTTP_2,
+                "the gateway speaks HTTP/2 here"
+            );
+            let length = answer.len();
+            let body = futures::stream::unfold(0, move |step| {
+                let answer = answer.clone();
+                async move {
+                    match step {
+                        0 => Some((Ok::<_, std::io::Error>(bytes::Bytes::from(answer)), 1)),
+                        1 => {
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                            None
+                        }
+                        _ => None,
+                    }
+                }
+            });
+            (
+                [
+                    (http::header::CONTENT_TYPE, "application/json".to_owned()),
+                    (http::header::CONTENT_LENGTH, length.to_string()),
+                ],
+                axum::body::Body::from_stream(body),
+            )
+                .into_response()
+        }
+    });
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(config));
+    tokio::spawn(axum_server::from_tcp_rustls(listener, tls).serve(app.into_make_service()));
+    addr
+}
+
+/// An answer whose every declared byte reached the client is complete, although the backend
+/// (over HTTP/2) ended its stream a moment later: the record is not marked client-aborted.
+#[tokio::test]
+async fn an_http2_backend_that_ends_its_stream_after_the_last_byte_is_not_a_client_abort() {
+    let ca = Authority::new("HTTP/2 backend CA");
+    let addr = http2_backend_ending_apart(&ca).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let mut backend = member("h2", &format!("https://127.0.0.1:{}", addr.port()), 1);
+    backend["tls"] = json!({"ca_file": ca_file});
+    let gw = TestGateway::start(snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o"], "members": [backend]}]),
+    ))
+    .await;
+    let response = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let answer: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(answer["choices"][0]["message"]["content"], "Oslo.");
+    let record = &gw.records(1).await[0];
+    assert!(!record.client_aborted, "{record:?}");
+    assert_eq!(record.last_error_reason, None, "{record:?}");
+    assert_eq!(record.usage.as_ref().map(|u| u.total_tokens), Some(14));
+}
