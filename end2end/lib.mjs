@@ -18,6 +18,20 @@ export function freePort() {
   });
 }
 
+/**
+ * Waits until `predicate(arg)`, run in `page`, is true: polled from here for up to `timeout` ms.
+ * Not `page.waitForFunction`: after its first try that polls inside the page by evaluating a
+ * string, which the portal's Content Security Policy (no `unsafe-eval`) refuses.
+ */
+export async function waitInPage(page, predicate, arg, timeout = 10_000) {
+  const deadline = Date.now() + timeout;
+  for (;;) {
+    if (await page.evaluate(predicate, arg)) return;
+    if (Date.now() > deadline) throw new Error(`waited ${timeout} ms in vain for: ${predicate}`);
+    await page.waitForTimeout(100);
+  }
+}
+
 /** Child processes started from `bin`, with their output kept for a failure report. */
 export class Processes {
   constructor(bin) {

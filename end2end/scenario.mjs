@@ -12,7 +12,7 @@
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { freePort, launchChromium, Processes, signInWith, waitFor } from './lib.mjs';
+import { freePort, launchChromium, Processes, signInWith, waitFor, waitInPage } from './lib.mjs';
 import { LEADS_GROUP, startProvider } from './provider.mjs';
 
 const bin = process.env.GATEHOUSE_BIN_DIR ?? path.resolve('../target/debug');
@@ -212,11 +212,13 @@ try {
   const saved = await admin.waitForSelector(`${settingsPanel} .saved-note`);
   const published = Number((await saved.textContent())?.match(/version (\d+)/)?.[1]);
   // The page reads the settings back as stored (pretty-printed) and lists the new version.
-  await admin.waitForFunction(
+  await waitInPage(
+    admin,
     (selector) => document.querySelector(selector)?.value.includes('\n  "trusted_proxies"'),
     settings,
   );
-  await admin.waitForFunction(
+  await waitInPage(
+    admin,
     (version) => document.querySelector('[data-testid=versions] tr:has(.badge-active) td')
       ?.textContent.trim() === String(version),
     published,
