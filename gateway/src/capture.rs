@@ -891,9 +891,11 @@ impl StreamAssembler {
             .and_then(Value::as_str)
             .filter(|o| !o.is_empty())
         {
-            // Assistants: `thread.created` carries the new thread.
+            // Assistants: `thread.created` carries the new thread; the run's events follow
+            // (a stream cut before them is kept as it came, not taken for a chat completion).
             if object == "thread" {
                 self.announce(chunk.get("id"));
+                return;
             }
             self.object.get_or_insert_with(|| object.to_owned());
         }
@@ -1493,6 +1495,17 @@ mod tests {
             "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null,
                 "logprobs": {"content": [{"token": text, "logprob": -0.1, "bytes": [104], "top_logprobs": top}]}}]});
         format!("data: {chunk}\n\n")
+    }
+
+    #[test]
+    fn a_thread_and_run_stream_cut_after_its_thread_is_no_chat_completion() {
+        let mut tap = SseTap::default();
+        let _ = tap.pass(Bytes::from_static(
+            b"event: thread.created\ndata: {\"id\":\"thread_1\",\"object\":\"thread\",\"created_at\":1,\"metadata\":{}}\n\n",
+        ));
+        assert_eq!(tap.take_created().as_deref(), Some("thread_1"));
+        assert!(!tap.recognised(), "kept as it came");
+        assert_eq!(tap.finish().response, None);
     }
 
     #[test]
