@@ -178,6 +178,7 @@ impl Gateway {
             secrets: SecretStore::new(key_vault),
             credentials: Arc::default(),
             policy: Arc::new(parts.secrets.snapshot_refs.clone()),
+            clients: Arc::default(),
         };
         let metrics = Metrics::default();
         let saved = admin::load_last_known_good(&parts.state_dir)
@@ -274,7 +275,7 @@ impl Gateway {
         self.metrics.config_version.set(runtime.snapshot.version);
         // The pushed snapshot replaced the last-known-good one that could not be built.
         self.metrics.last_known_good_refused.set(0);
-        self.resolver.retain_for(&runtime.snapshot);
+        self.resolver.retain_for(&runtime);
         // Tokens that passed under the previous identity policy are judged again, and calls still
         // on the previous runtime (waiting for room in the audit queue, say) do not remember
         // what they judge under it.
@@ -429,7 +430,7 @@ async fn start_runtime(
                 ),
             })?;
     // Secrets and credentials read for the refused snapshot alone are not kept (nor refreshed).
-    resolver.retain_for(&runtime.snapshot);
+    resolver.retain_for(&runtime);
     metrics.config_version.set(runtime.snapshot.version);
     Ok(runtime)
 }

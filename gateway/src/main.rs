@@ -126,6 +126,7 @@ fn main() -> anyhow::Result<()> {
                         ),
                         credentials: Arc::default(),
                         policy: Arc::new(secrets.snapshot_refs),
+                        clients: Arc::default(),
                     };
                     Runtime::prepare(file.snapshot, &Default::default(), &resolver).await
                 })

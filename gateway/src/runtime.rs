@@ -7,19 +7,16 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
 
 use gatehouse_schema::ConfigSnapshot;
-use gatehouse_schema::config::{
-    BackendCredential, BackendTls, EntraIdentity, PoolMember, SecretRef,
-};
+use gatehouse_schema::config::{BackendCredential, EntraIdentity, PoolMember, SecretRef};
 
 use crate::auth::KeyIndex;
 use crate::entra_credential::CredentialRegistry;
 use crate::pool::{HealthRegistry, Member, MemberCredential, Pool};
 use crate::secret::SecretStore;
 use crate::secret_policy::SecretRefPolicy;
-use crate::upstream::BackendClient;
+use crate::upstream::{ClientCache, ClientKey};
 
 /// Where a runtime's secrets and Entra credentials come from; shared across snapshots so that Key
 /// Vault values and access tokens outlive a configuration push.
@@ -31,11 +28,15 @@ pub struct Resolver {
     pub credentials: Arc<CredentialRegistry>,
     /// Which references a snapshot may name; one it may not is refused before it is read.
     pub policy: Arc<SecretRefPolicy>,
+    /// Backend clients, kept while their settings stay (see [`ClientCache`]).
+    pub clients: Arc<ClientCache>,
 }
 
 impl Resolver {
-    /// Forgets secrets and credentials that `snapshot` does not use.
-    pub fn retain_for(&self, snapshot: &ConfigSnapshot) {
+    /// Forgets secrets, credentials and backend clients that `runtime` does not use.
+    pub fn retain_for(&self, runtime: &Runtime) {
+        self.clients.retain(&runtime.client_keys);
+        let snapshot = &runtime.snapshot;
         let references = secret_refs(snapshot);
         let keep: HashSet<&str> = references.iter().map(|(_, r)| r.as_str()).collect();
         self.secrets.retain(&keep);
@@ -107,6 +108,8 @@ pub struct Runtime {
     wildcard: Option<usize>,
     resources: Option<usize>,
     members: HashMap<String, (usize, usize)>,
+    /// The backend clients' keys, kept by [`Resolver::retain_for`].
+    client_keys: Vec<ClientKey>,
 }
 
 /// A list of problems, each with its field path.
@@ -157,7 +160,7 @@ impl Runtime {
         }
         refuse_reserved_refs(&snapshot, resolver)?;
 
-        let mut clients: HashMap<(BackendTls, u64), BackendClient> = HashMap::new();
+        let mut client_keys = Vec::new();
         let mut pools = Vec::new();
         let mut by_deployment = HashMap::new();
         let mut wildcard = None;
@@ -195,22 +198,18 @@ impl Runtime {
                         None => None,
                     },
                 };
-                let key = (member.tls.clone(), member.connect_timeout_ms);
-                let client = match clients.get(&key) {
-                    Some(client) => client.clone(),
-                    None => match BackendClient::new(
-                        &member.tls,
-                        Duration::from_millis(member.connect_timeout_ms),
-                    ) {
-                        Ok(client) => {
-                            clients.insert(key, client.clone());
-                            client
-                        }
-                        Err(error) => {
-                            errors.push(format!("{path}.tls: {error}"));
-                            continue;
-                        }
-                    },
+                let client = match resolver
+                    .clients
+                    .get_or_build(&member.tls, member.connect_timeout_ms)
+                {
+                    Ok((key, client)) => {
+                        client_keys.push(key);
+                        client
+                    }
+                    Err(error) => {
+                        errors.push(format!("{path}.tls: {error}"));
+                        continue;
+                    }
                 };
                 members_index.insert(member.id.clone(), (p, m));
                 members.push(Arc::new(Member {
@@ -247,6 +246,7 @@ impl Runtime {
             wildcard,
             resources,
             members: members_index,
+            client_keys,
         })
     }
 

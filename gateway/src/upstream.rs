@@ -123,11 +123,108 @@ impl std::fmt::Display for SendError {
     }
 }
 
+/// The files a member's TLS settings name, as read: a client is built from them, and kept while
+/// they read the same.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct TlsFiles {
+    ca: Option<Vec<u8>>,
+    identity: Option<Vec<u8>>,
+}
+
+impl TlsFiles {
+    /// Reads the files `tls` names; the error names the file that could not be read.
+    pub fn read(tls: &BackendTls) -> Result<TlsFiles, String> {
+        let ca = match &tls.ca_file {
+            Some(path) => Some(
+                std::fs::read(path).map_err(|e| format!("cannot read CA file `{path}`: {e}"))?,
+            ),
+            None => None,
+        };
+        let identity = match &tls.client_identity_file {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .map_err(|e| format!("cannot read client identity `{path}`: {e}"))?,
+            ),
+            None => None,
+        };
+        Ok(TlsFiles { ca, identity })
+    }
+}
+
+/// What a backend client is built from: a member's TLS settings, the files they name as read,
+/// and its connect timeout.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ClientKey {
+    tls: BackendTls,
+    files: TlsFiles,
+    connect_timeout_ms: u64,
+}
+
+/// The backend clients in use, kept across snapshots: a push that leaves a member's TLS settings,
+/// their files and its connect timeout as they were keeps its client, and with it the pooled
+/// connections (and their TLS sessions) to the member. A changed CA or client identity file
+/// makes a new client.
+#[derive(Debug, Default)]
+pub struct ClientCache {
+    clients: std::sync::Mutex<std::collections::HashMap<ClientKey, BackendClient>>,
+}
+
+impl ClientCache {
+    /// The client for `tls` (its files read now) and `connect_timeout_ms`, built when there is
+    /// none yet; with its key, for [`ClientCache::retain`].
+    pub fn get_or_build(
+        &self,
+        tls: &BackendTls,
+        connect_timeout_ms: u64,
+    ) -> Result<(ClientKey, BackendClient), String> {
+        let key = ClientKey {
+            tls: tls.clone(),
+            files: TlsFiles::read(tls)?,
+            connect_timeout_ms,
+        };
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(client) = clients.get(&key) {
+            return Ok((key, client.clone()));
+        }
+        let client =
+            BackendClient::with_files(tls, &key.files, Duration::from_millis(connect_timeout_ms))?;
+        clients.insert(key.clone(), client.clone());
+        Ok((key, client))
+    }
+
+    /// Forgets the clients not in `keep` (those of the snapshot now running).
+    pub fn retain(&self, keep: &[ClientKey]) {
+        self.clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|key, _| keep.contains(key));
+    }
+
+    /// How many clients are kept.
+    pub fn len(&self) -> usize {
+        self.clients.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether none is kept.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 impl BackendClient {
     /// Builds the client for a member's TLS settings and connect timeout; the error names the
     /// file that could not be used.
     pub fn new(tls: &BackendTls, connect_timeout: Duration) -> Result<BackendClient, String> {
-        let config = tls_config(tls)?;
+        BackendClient::with_files(tls, &TlsFiles::read(tls)?, connect_timeout)
+    }
+
+    /// Builds the client from the files `tls` names, already read.
+    fn with_files(
+        tls: &BackendTls,
+        files: &TlsFiles,
+        connect_timeout: Duration,
+    ) -> Result<BackendClient, String> {
+        let config = tls_config(tls, files)?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -152,7 +249,7 @@ impl BackendClient {
         let proxy = if proxy_configured() {
             Some((
                 std::sync::Arc::new(Matcher::from_system()),
-                proxied_client(tls, connect_timeout)?,
+                proxied_client(tls, files, connect_timeout)?,
             ))
         } else {
             None
@@ -295,15 +392,20 @@ fn proxy_configured() -> bool {
     })
 }
 
+/// The system's trusted roots, read once per process (as most clients read them at start: a
+/// change to the system store takes effect at the next start).
+fn system_roots() -> &'static [CertificateDer<'static>] {
+    static ROOTS: std::sync::OnceLock<Vec<CertificateDer<'static>>> = std::sync::OnceLock::new();
+    ROOTS.get_or_init(|| rustls_native_certs::load_native_certs().certs)
+}
+
 /// TLS for backends: the system roots plus the member's CA file, its client identity, ring.
-fn tls_config(tls: &BackendTls) -> Result<rustls::ClientConfig, String> {
+fn tls_config(tls: &BackendTls, files: &TlsFiles) -> Result<rustls::ClientConfig, String> {
     let mut roots = rustls::RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
     // Native stores often hold a few certificates rustls cannot parse; those are skipped.
-    let (_valid, _invalid) = roots.add_parsable_certificates(native.certs);
-    if let Some(path) = &tls.ca_file {
-        let pem = std::fs::read(path).map_err(|e| format!("cannot read CA file `{path}`: {e}"))?;
-        let certificates = CertificateDer::pem_slice_iter(&pem)
+    let (_valid, _invalid) = roots.add_parsable_certificates(system_roots().iter().cloned());
+    if let (Some(path), Some(pem)) = (&tls.ca_file, &files.ca) {
+        let certificates = CertificateDer::pem_slice_iter(pem)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("CA file `{path}` holds no valid PEM certificate: {e}"))?;
         // A DER file, a key or an empty file holds no PEM certificate: taken as it is, every
@@ -325,48 +427,47 @@ fn tls_config(tls: &BackendTls) -> Result<rustls::ClientConfig, String> {
     .with_safe_default_protocol_versions()
     .map_err(|e| format!("cannot build the backend client: {e}"))?
     .with_root_certificates(roots);
-    match &tls.client_identity_file {
-        None => Ok(builder.with_no_client_auth()),
-        Some(path) => {
-            let pem = std::fs::read(path)
-                .map_err(|e| format!("cannot read client identity `{path}`: {e}"))?;
+    match (&tls.client_identity_file, &files.identity) {
+        (Some(path), Some(pem)) => {
             let not_identity = |e: &dyn std::fmt::Display| {
                 format!("client identity `{path}` is not a PEM certificate and key: {e}")
             };
-            let chain = CertificateDer::pem_slice_iter(&pem)
+            let chain = CertificateDer::pem_slice_iter(pem)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| not_identity(&e))?;
             if chain.is_empty() {
                 return Err(not_identity(&"no certificate found"));
             }
-            let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| not_identity(&e))?;
+            let key = PrivateKeyDer::from_pem_slice(pem).map_err(|e| not_identity(&e))?;
             builder
                 .with_client_auth_cert(chain, key)
                 .map_err(|e| not_identity(&e))
         }
+        _ => Ok(builder.with_no_client_auth()),
     }
 }
 
 /// The reqwest client used for calls that go through a proxy named by the environment.
-fn proxied_client(tls: &BackendTls, connect_timeout: Duration) -> Result<reqwest::Client, String> {
+fn proxied_client(
+    tls: &BackendTls,
+    files: &TlsFiles,
+    connect_timeout: Duration,
+) -> Result<reqwest::Client, String> {
     let mut builder = reqwest::Client::builder()
         .connect_timeout(connect_timeout)
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .tcp_nodelay(true)
         // Never follow redirects: a redirect could carry the backend credential elsewhere.
         .redirect(reqwest::redirect::Policy::none());
-    if let Some(path) = &tls.ca_file {
-        let pem = std::fs::read(path).map_err(|e| format!("cannot read CA file `{path}`: {e}"))?;
-        for certificate in reqwest::Certificate::from_pem_bundle(&pem)
+    if let (Some(path), Some(pem)) = (&tls.ca_file, &files.ca) {
+        for certificate in reqwest::Certificate::from_pem_bundle(pem)
             .map_err(|e| format!("CA file `{path}` holds no valid PEM certificate: {e}"))?
         {
             builder = builder.add_root_certificate(certificate);
         }
     }
-    if let Some(path) = &tls.client_identity_file {
-        let pem = std::fs::read(path)
-            .map_err(|e| format!("cannot read client identity `{path}`: {e}"))?;
-        let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
+    if let (Some(path), Some(pem)) = (&tls.client_identity_file, &files.identity) {
+        let identity = reqwest::Identity::from_pem(pem).map_err(|e| {
             format!("client identity `{path}` is not a PEM certificate and key: {e}")
         })?;
         builder = builder.identity(identity);

@@ -429,6 +429,58 @@ async fn a_push_is_refused_before_its_body_and_a_stalled_one_times_out() {
     assert_eq!(gw.gateway.runtime().snapshot.version, 1);
 }
 
+/// A push that leaves a member as it was keeps its client, and with it the pooled connection:
+/// the next call reuses it, with no new connection (nor, over TLS, handshake) to the backend.
+#[tokio::test]
+async fn a_push_keeps_the_connections_of_members_it_leaves_as_they_were() {
+    use axum::serve::ListenerExt as _;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&connections);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let listener = listener.tap_io(move |_| {
+        counted.fetch_add(1, Ordering::SeqCst);
+    });
+    let app = axum::Router::new().fallback(|| async {
+        axum::Json(json!({"id": "c1", "object": "chat.completion", "model": "gpt-4o",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "Oslo."}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}))
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let gw = TestGateway::start(snapshot(1, pools(&url, "gpt-4o"))).await;
+    let call = || async {
+        let response = gw
+            .post(&chat_path("gpt-4o"))
+            .json(&chat(None, false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.bytes().await.unwrap();
+    };
+    call().await;
+    assert_eq!(connections.load(Ordering::SeqCst), 1);
+    // Another subscription, the same member.
+    let mut next = serde_json::to_value(snapshot(2, pools(&url, "gpt-4o"))).unwrap();
+    next["subscriptions"][0]["display_name"] = json!("Team A, renamed");
+    let applied = put(&gw, Some(ADMIN_TOKEN), &next).await;
+    assert_eq!(applied.status(), 200, "{}", applied.text().await.unwrap());
+    call().await;
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        1,
+        "the pooled connection is reused"
+    );
+    // A member whose settings change gets a new client.
+    let mut changed = serde_json::to_value(snapshot(3, pools(&url, "gpt-4o"))).unwrap();
+    changed["pools"][0]["members"][0]["connect_timeout_ms"] = json!(4321);
+    let applied = put(&gw, Some(ADMIN_TOKEN), &changed).await;
+    assert_eq!(applied.status(), 200, "{}", applied.text().await.unwrap());
+    call().await;
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+}
+
 /// `check` refuses what `serve` would refuse in the server settings, not only in the snapshot:
 /// a file it calls valid starts.
 #[tokio::test]
