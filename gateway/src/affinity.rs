@@ -9,36 +9,87 @@
 //! Replicas behind a load balancer share the map through Redis (`server.affinity.redis_url`):
 //! a gateway writes what it learns there before it answers the create call, and looks up an id it
 //! does not know there before it routes. Each key is `{prefix}gatehouse:affinity:{object id}`
-//! holding the member id, without expiry (an object lives until it is deleted), removed when the
-//! object is deleted through any replica. When Redis cannot be reached, a gateway goes on with
+//! holding the member id, without expiry (an object lives until it is deleted; a stored response
+//! 30 days, [`RESPONSE_LIFETIME`]), removed when the object is deleted through any replica. When Redis cannot be reached, a gateway goes on with
 //! what it knows itself, counts the failure in `gatehouse_affinity_store_errors_total` and logs it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{PoisonError, RwLock};
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 
+use crate::classify::ObjectFamily;
 use crate::settings::AffinitySettings;
 use crate::warning_throttle::WarningThrottle;
 
-/// One journal line: an object was created on a member (or deleted, `member: None`).
+/// How long a stored response lives on its member: Azure OpenAI and OpenAI keep a response
+/// (`store`, the default) for 30 days. Its pin goes with it, so that a gateway serving the
+/// Responses API does not remember every response it ever saw.
+pub const RESPONSE_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// How long an object learnt from the shared map is remembered here without being used again
+/// by name (it is looked up in the shared map again after that).
+const LEARNT_LIFETIME: Duration = RESPONSE_LIFETIME;
+
+/// The journal is compacted (expired and deleted objects dropped) once this many lines, or as
+/// many as it held objects when it last was, were appended since.
+const COMPACT_AFTER_LINES: usize = 10_000;
+
+/// Until when an object of `family` is remembered (unix seconds): `None` for objects that live
+/// until they are deleted.
+pub fn expiry_of(family: ObjectFamily, now: OffsetDateTime) -> Option<i64> {
+    (family == ObjectFamily::Response).then(|| (now + RESPONSE_LIFETIME).unix_timestamp())
+}
+
+/// One journal line: an object was created on a member (or deleted, `member: None`), and until
+/// when it lives, when it expires by itself.
 #[derive(Debug, Serialize, Deserialize)]
 struct Entry {
     id: String,
     member: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    until: Option<i64>,
+}
+
+/// Where an object lives, and until when.
+#[derive(Debug, Clone)]
+struct Pin {
+    member: String,
+    until: Option<i64>,
+}
+
+impl Pin {
+    fn live_at(&self, now: i64) -> bool {
+        self.until.is_none_or(|until| until > now)
+    }
+}
+
+/// The journal file, its length with every line written whole, and whether the last append
+/// failed (or was dropped half way), leaving what the next must cut back first.
+#[derive(Debug)]
+struct Journal {
+    file: tokio::fs::File,
+    len: u64,
+    failed: bool,
 }
 
 /// The object → member map.
 #[derive(Debug)]
 pub struct AffinityMap {
-    objects: RwLock<HashMap<String, String>>,
-    journal: Mutex<tokio::fs::File>,
+    objects: RwLock<HashMap<String, Pin>>,
+    journal: Mutex<Journal>,
+    /// Lines appended since the journal was last compacted.
+    appended: AtomicUsize,
+    /// How many objects the journal held when it was last compacted.
+    compacted: AtomicUsize,
     path: PathBuf,
     shared: Option<SharedAffinity>,
 }
@@ -62,7 +113,13 @@ impl AffinityMap {
                         continue;
                     };
                     match entry.member {
-                        Some(member) => objects.insert(entry.id, member),
+                        Some(member) => objects.insert(
+                            entry.id,
+                            Pin {
+                                member,
+                                until: entry.until,
+                            },
+                        ),
                         None => objects.remove(&entry.id),
                     };
                 }
@@ -70,50 +127,44 @@ impl AffinityMap {
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
             Err(error) => return Err(error),
         }
-        // Compact: rewrite only the live entries, atomically.
-        let compacted = path.with_extension("jsonl.tmp");
-        let mut text = String::new();
-        for (id, member) in &objects {
-            let line = serde_json::to_string(&Entry {
-                id: id.clone(),
-                member: Some(member.clone()),
-            })
-            .map_err(std::io::Error::other)?;
-            text.push_str(&line);
-            text.push('\n');
-        }
-        tokio::fs::write(&compacted, text).await?;
-        tokio::fs::rename(&compacted, &path).await?;
-        let journal = tokio::fs::OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .await?;
+        let journal = compact(&path, &mut objects).await?;
         Ok(AffinityMap {
+            compacted: AtomicUsize::new(objects.len()),
             objects: RwLock::new(objects),
             journal: Mutex::new(journal),
+            appended: AtomicUsize::new(0),
             path,
             shared,
         })
     }
 
-    /// The member that created `id`, if this gateway knows it (see [`AffinityMap::learn`]).
+    /// The member that created `id`, if this gateway knows it and it has not expired (see
+    /// [`AffinityMap::learn`]).
     pub fn member_of(&self, id: &str) -> Option<String> {
+        let now = OffsetDateTime::now_utc().unix_timestamp();
         self.objects
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .get(id)
-            .cloned()
+            .filter(|pin| pin.live_at(now))
+            .map(|pin| pin.member.clone())
     }
 
-    /// Pins `id` to `member` in this gateway's memory at once, without waiting for the journal
-    /// or the shared map ([`AffinityMap::remember`] writes those, and must follow): for an
-    /// object learnt at the end of an answer, before the client has all of it and can ask about
-    /// the object.
-    pub fn pin(&self, id: &str, member: &str) {
+    /// Pins `id` to `member` (until `until`, unix seconds, for an object that expires) in this
+    /// gateway's memory at once, without waiting for the journal or the shared map
+    /// ([`AffinityMap::remember`] writes those, and must follow): for an object learnt at the end
+    /// of an answer, before the client has all of it and can ask about the object.
+    pub fn pin(&self, id: &str, member: &str, until: Option<i64>) {
         self.objects
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(id.to_owned(), member.to_owned());
+            .insert(
+                id.to_owned(),
+                Pin {
+                    member: member.to_owned(),
+                    until,
+                },
+            );
     }
 
     /// Looks up in the shared map the members of those `ids` this gateway does not know yet
@@ -126,11 +177,16 @@ impl AffinityMap {
             // Most calls name no object: they never touch the lock.
             return;
         }
+        let now = OffsetDateTime::now_utc();
         let unknown: Vec<&str> = {
             let objects = self.objects.read().unwrap_or_else(PoisonError::into_inner);
             ids.iter()
                 .map(String::as_str)
-                .filter(|id| !objects.contains_key(*id))
+                .filter(|id| {
+                    !objects
+                        .get(*id)
+                        .is_some_and(|pin| pin.live_at(now.unix_timestamp()))
+                })
                 .collect()
         };
         if unknown.is_empty() {
@@ -138,10 +194,11 @@ impl AffinityMap {
         }
         match shared.members_of(&unknown).await {
             Ok(members) => {
+                let until = Some((now + LEARNT_LIFETIME).unix_timestamp());
                 let mut objects = self.objects.write().unwrap_or_else(PoisonError::into_inner);
                 for (id, member) in unknown.iter().zip(members) {
                     if let Some(member) = member {
-                        objects.insert((*id).to_owned(), member);
+                        objects.insert((*id).to_owned(), Pin { member, until });
                     }
                 }
             }
@@ -149,22 +206,26 @@ impl AffinityMap {
         }
     }
 
-    /// Records that `id` was created on `member`, durably, and in the shared map. A journal that
-    /// fails (a full disk) loses the object at the next start, not now: it is pinned in memory
-    /// and in the shared map all the same, and the error is returned.
-    pub async fn remember(&self, id: &str, member: &str) -> std::io::Result<()> {
+    /// Records that `id` was created on `member` (living until `until`, unix seconds, when it
+    /// expires by itself), durably, and in the shared map. A journal that fails (a full disk)
+    /// loses the object at the next start, not now: it is pinned in memory and in the shared
+    /// map all the same, and the error is returned.
+    pub async fn remember(
+        &self,
+        id: &str,
+        member: &str,
+        until: Option<i64>,
+    ) -> std::io::Result<()> {
         let journaled = self
             .append(Entry {
                 id: id.to_owned(),
                 member: Some(member.to_owned()),
+                until,
             })
             .await;
-        self.objects
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(id.to_owned(), member.to_owned());
+        self.pin(id, member, until);
         if let Some(shared) = &self.shared
-            && let Err(error) = shared.remember(id, member).await
+            && let Err(error) = shared.remember(id, member, until).await
         {
             shared.failed("share a new object", &error);
         }
@@ -178,6 +239,7 @@ impl AffinityMap {
             .append(Entry {
                 id: id.to_owned(),
                 member: None,
+                until: None,
             })
             .await;
         self.objects
@@ -197,16 +259,98 @@ impl AffinityMap {
         &self.path
     }
 
+    /// How many objects this gateway remembers (expired ones until the next compaction).
+    pub fn len(&self) -> usize {
+        self.objects
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// Whether it remembers none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends one line, whole or not at all: what a failed write left is cut back, so that the
+    /// next line does not land on a torn one. Every so often the journal is compacted.
     async fn append(&self, entry: Entry) -> std::io::Result<()> {
         let mut line = serde_json::to_vec(&entry).map_err(std::io::Error::other)?;
         line.push(b'\n');
         let mut journal = self.journal.lock().await;
-        journal.write_all(&line).await?;
+        if journal.failed {
+            let len = journal.len;
+            journal.file.set_len(len).await?;
+            journal.failed = false;
+        }
+        // Marked failed until the line is on disk: a write that fails, or is dropped half way,
+        // may leave part of it.
+        journal.failed = true;
+        journal.file.write_all(&line).await?;
         // tokio's file writes in the background: `flush` waits for that write and returns its
         // error (`sync_data` alone would leave it to the next append).
-        journal.flush().await?;
-        journal.sync_data().await
+        journal.file.flush().await?;
+        journal.file.sync_data().await?;
+        journal.failed = false;
+        journal.len += line.len() as u64;
+        let appended = self.appended.fetch_add(1, Ordering::Relaxed) + 1;
+        if appended >= COMPACT_AFTER_LINES.max(self.compacted.load(Ordering::Relaxed)) {
+            self.appended.store(0, Ordering::Relaxed);
+            let mut objects = self
+                .objects
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            match compact(&self.path, &mut objects).await {
+                Ok(compacted) => {
+                    *journal = compacted;
+                    self.compacted.store(objects.len(), Ordering::Relaxed);
+                    // Expired objects leave memory too (those pinned meanwhile stay).
+                    let now = OffsetDateTime::now_utc().unix_timestamp();
+                    self.objects
+                        .write()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .retain(|_, pin| pin.live_at(now));
+                }
+                Err(error) => {
+                    tracing::warn!(%error, path = %self.path.display(), "could not compact the affinity journal; it goes on growing until the next try");
+                }
+            }
+        }
+        Ok(())
     }
+}
+
+/// Drops the expired objects of `objects` and rewrites the journal at `path` with the others,
+/// atomically (written, synced, renamed, the directory synced); the journal opened for appends.
+async fn compact(path: &Path, objects: &mut HashMap<String, Pin>) -> std::io::Result<Journal> {
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    objects.retain(|_, pin| pin.live_at(now));
+    let mut text = String::new();
+    for (id, pin) in objects.iter() {
+        let line = serde_json::to_string(&Entry {
+            id: id.clone(),
+            member: Some(pin.member.clone()),
+            until: pin.until,
+        })
+        .map_err(std::io::Error::other)?;
+        text.push_str(&line);
+        text.push('\n');
+    }
+    let len = text.len() as u64;
+    let target = path.to_path_buf();
+    tokio::task::spawn_blocking(move || gatehouse_audit::write_atomic(&target, text.as_bytes()))
+        .await
+        .map_err(std::io::Error::other)??;
+    let file = tokio::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .await?;
+    Ok(Journal {
+        file,
+        len,
+        failed: false,
+    })
 }
 
 /// The object map shared by gateway replicas, in Redis.
@@ -266,9 +410,14 @@ impl SharedAffinity {
         self.run(redis::cmd("MGET").arg(keys)).await
     }
 
-    async fn remember(&self, id: &str, member: &str) -> Result<(), String> {
-        self.run(redis::cmd("SET").arg(self.key(id)).arg(member))
-            .await
+    async fn remember(&self, id: &str, member: &str, until: Option<i64>) -> Result<(), String> {
+        let mut command = redis::cmd("SET");
+        command.arg(self.key(id)).arg(member);
+        if let Some(until) = until {
+            // Redis forgets it when the object expires.
+            command.arg("EXAT").arg(until);
+        }
+        self.run(&mut command).await
     }
 
     async fn forget(&self, id: &str) -> Result<(), String> {
@@ -308,8 +457,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let map = AffinityMap::open(dir.path(), None).await.unwrap();
-            map.remember("file-1", "east").await.unwrap();
-            map.remember("file-2", "west").await.unwrap();
+            map.remember("file-1", "east", None).await.unwrap();
+            map.remember("file-2", "west", None).await.unwrap();
             map.forget("file-1").await.unwrap();
         }
         let map = AffinityMap::open(dir.path(), None).await.unwrap();
@@ -323,10 +472,77 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let map = AffinityMap::open(dir.path(), None).await.unwrap();
         // The journal handle swapped for a read-only one: every append fails.
-        *map.journal.lock().await = tokio::fs::File::open(map.path()).await.unwrap();
-        assert!(map.remember("file-3", "east").await.is_err());
+        map.journal.lock().await.file = tokio::fs::File::open(map.path()).await.unwrap();
+        assert!(map.remember("file-3", "east", None).await.is_err());
         assert_eq!(map.member_of("file-3").as_deref(), Some("east"));
         assert!(map.forget("file-3").await.is_err());
         assert_eq!(map.member_of("file-3"), None);
+    }
+
+    /// What a failed write left of its line is cut back: the next line, written whole, is read
+    /// back at the next start.
+    #[tokio::test]
+    async fn a_failed_line_is_cut_back_and_the_next_one_survives_a_restart() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let map = AffinityMap::open(dir.path(), None).await.unwrap();
+            map.remember("file-1", "east", None).await.unwrap();
+            // A write that failed half way (a full disk): part of a line is on disk.
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(map.path())
+                .unwrap()
+                .write_all(b"{\"id\":\"file-3\",\"mem")
+                .unwrap();
+            map.journal.lock().await.failed = true;
+            map.remember("file-4", "west", None).await.unwrap();
+        }
+        let map = AffinityMap::open(dir.path(), None).await.unwrap();
+        assert_eq!(map.member_of("file-1").as_deref(), Some("east"));
+        assert_eq!(map.member_of("file-4").as_deref(), Some("west"));
+        assert_eq!(map.member_of("file-3"), None);
+    }
+
+    /// A stored response's pin expires with it: gone from memory and, at the next compaction,
+    /// from the journal; objects without an end stay.
+    #[tokio::test]
+    async fn expired_pins_are_forgotten_and_compacted_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        {
+            let map = AffinityMap::open(dir.path(), None).await.unwrap();
+            map.remember("resp_old", "east", Some(now - 1))
+                .await
+                .unwrap();
+            map.remember("resp_new", "east", Some(now + 3600))
+                .await
+                .unwrap();
+            map.remember("file-1", "west", None).await.unwrap();
+            assert_eq!(map.member_of("resp_old"), None, "expired");
+            assert_eq!(map.member_of("resp_new").as_deref(), Some("east"));
+        }
+        let map = AffinityMap::open(dir.path(), None).await.unwrap();
+        assert_eq!(map.len(), 2);
+        let journal = std::fs::read_to_string(map.path()).unwrap();
+        assert!(!journal.contains("resp_old"), "{journal}");
+        assert!(
+            journal.contains("resp_new") && journal.contains("file-1"),
+            "{journal}"
+        );
+        // Compaction while running: after enough lines, the journal holds the live objects only.
+        for i in 0..COMPACT_AFTER_LINES {
+            map.remember(&format!("resp_{i}"), "east", Some(now - 1))
+                .await
+                .unwrap();
+        }
+        let journal = std::fs::read_to_string(map.path()).unwrap();
+        assert!(
+            journal.lines().count() < 10,
+            "{} lines",
+            journal.lines().count()
+        );
+        // Memory too (the last one was pinned after the compaction).
+        assert!(map.len() <= 3, "{} objects", map.len());
     }
 }

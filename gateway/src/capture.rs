@@ -849,7 +849,10 @@ impl StreamAssembler {
         }
         // Responses API: typed events; the terminal one carries the whole response.
         if let Some(kind) = chunk.get("type").and_then(Value::as_str) {
-            if kind == "response.created" {
+            // A response made with `"store": false` is kept nowhere: nothing to pin.
+            if kind == "response.created"
+                && chunk.pointer("/response/store").and_then(Value::as_bool) != Some(false)
+            {
                 self.announce(chunk.pointer("/response/id"));
             }
             if matches!(

@@ -19,6 +19,7 @@ use http_body_util::BodyExt as _;
 use serde_json::Value;
 use tracing::Instrument;
 
+use crate::affinity;
 use crate::app::Gateway;
 use crate::assistant_model;
 use crate::auth::Principal;
@@ -1141,12 +1142,18 @@ impl RelayCall {
         if self.call.creates.is_none() || !self.status.is_success() {
             return;
         }
-        self.gateway.affinity.pin(&id, &self.member.config.id);
+        let until = self
+            .call
+            .creates
+            .and_then(|family| affinity::expiry_of(family, time::OffsetDateTime::now_utc()));
+        self.gateway
+            .affinity
+            .pin(&id, &self.member.config.id, until);
         let (gateway, member) = (Arc::clone(&self.gateway), self.member.config.id.clone());
         let object = id.clone();
         tokio::spawn(
             async move {
-                if let Err(error) = gateway.affinity.remember(&object, &member).await {
+                if let Err(error) = gateway.affinity.remember(&object, &member, until).await {
                     tracing::error!(%error, %object, "could not journal which member holds an object");
                 }
             }
@@ -1190,8 +1197,15 @@ impl RelayCall {
             .filter(|id| self.pinned.as_ref() != Some(id));
         // Pinned here at once, before the answer's last chunk reaches the client (it is handed
         // on after this): the journal and the shared map follow on a task.
-        for id in created.iter().chain(&produced) {
-            self.gateway.affinity.pin(id, &self.member.config.id);
+        let until = self
+            .call
+            .creates
+            .and_then(|family| affinity::expiry_of(family, time::OffsetDateTime::now_utc()));
+        if let Some(id) = &created {
+            self.gateway.affinity.pin(id, &self.member.config.id, until);
+        }
+        for id in &produced {
+            self.gateway.affinity.pin(id, &self.member.config.id, None);
         }
         let estimate = estimate_needed(self.status, &self.call, &self.record, answer.as_ref());
         let holds = self.record.take_holds();
@@ -1208,8 +1222,16 @@ impl RelayCall {
         } = self;
         tokio::spawn(
             async move {
-                for id in created.into_iter().chain(produced) {
-                    if let Err(error) = gateway.affinity.remember(&id, &member.config.id).await {
+                let pins = created
+                    .into_iter()
+                    .map(|id| (id, until))
+                    .chain(produced.into_iter().map(|id| (id, None)));
+                for (id, until) in pins {
+                    if let Err(error) = gateway
+                        .affinity
+                        .remember(&id, &member.config.id, until)
+                        .await
+                    {
                         tracing::error!(%error, object = %id, "could not journal which member holds an object");
                     }
                 }
@@ -1581,8 +1603,13 @@ fn produced_files(answer: &Value) -> Vec<String> {
 }
 
 /// The id of the object a create call's answer names: `thread_id` for a thread created with its
-/// run, else `id`.
+/// run, else `id`. A response made with `"store": false` is kept nowhere: none.
 fn created_id(call: &Call, response: &Value) -> Option<String> {
+    if call.creates == Some(ObjectFamily::Response)
+        && response.get("store").and_then(Value::as_bool) == Some(false)
+    {
+        return None;
+    }
     let key = match call.creates? {
         ObjectFamily::Thread
             if call.operation == gatehouse_schema::OperationId::CreateThreadAndRun =>
@@ -1598,7 +1625,14 @@ async fn remember_created(gateway: &Gateway, call: &Call, member: &Member, respo
     let Some(id) = created_id(call, response) else {
         return;
     };
-    if let Err(error) = gateway.affinity.remember(&id, &member.config.id).await {
+    let until = call
+        .creates
+        .and_then(|family| affinity::expiry_of(family, time::OffsetDateTime::now_utc()));
+    if let Err(error) = gateway
+        .affinity
+        .remember(&id, &member.config.id, until)
+        .await
+    {
         tracing::error!(%error, object = %id, "could not journal which member holds an object");
     }
 }

@@ -411,6 +411,57 @@ async fn a_streamed_response_is_pinned_as_soon_as_its_stream_names_it() {
     }
 }
 
+/// A stored response is pinned until it expires with its member's copy (30 days); one made with
+/// `"store": false` is kept nowhere, so it is not pinned at all, streamed or not: a gateway
+/// serving the Responses API does not remember every call it saw.
+#[tokio::test]
+async fn responses_not_stored_are_not_pinned_and_stored_ones_expire() {
+    let a = simulator("store-a").await;
+    let b = simulator("store-b").await;
+    let gw = TestGateway::start(snapshot(1, pool(&a.url(), &b.url()))).await;
+    let create = |store: Option<bool>, stream: bool| {
+        let mut body = json!({"model": "gpt-4o", "input": "Say hello", "stream": stream});
+        if let Some(store) = store {
+            body["store"] = json!(store);
+        }
+        let request = gw.post("/openai/v1/responses").json(&body);
+        async move {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            let text = response.text().await.unwrap();
+            let id_start = text.find("\"id\":\"resp").unwrap() + 6;
+            let id_end = id_start + text[id_start..].find('"').unwrap();
+            text[id_start..id_end].to_owned()
+        }
+    };
+    for stream in [false, true] {
+        let kept = create(None, stream).await;
+        assert!(gw.gateway.affinity.member_of(&kept).is_some(), "{kept}");
+        let not_kept = create(Some(false), stream).await;
+        assert_eq!(gw.gateway.affinity.member_of(&not_kept), None, "{not_kept}");
+    }
+    // The journal is written on a task after a stream: waited for.
+    let path = gw.gateway.affinity.path().to_owned();
+    let mut journal = String::new();
+    for _ in 0..100 {
+        journal = std::fs::read_to_string(&path).unwrap();
+        if journal.lines().count() >= 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let kept: Vec<serde_json::Value> = journal
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(kept.len(), 2, "{journal}");
+    let in_30_days = time::OffsetDateTime::now_utc().unix_timestamp() + 30 * 24 * 3600;
+    for pin in kept {
+        let until = pin["until"].as_i64().unwrap();
+        assert!((in_30_days - 120..=in_30_days).contains(&until), "{pin}");
+    }
+}
+
 /// A call authorized for one deployment never runs on the member of another pool because it
 /// refers to an object that member holds (its rename would run that pool's model instead).
 #[tokio::test]
