@@ -14,7 +14,7 @@
 use std::fmt;
 
 use gatehouse_schema::audit::TokenUsage;
-use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
 /// What classification and routing read from a JSON request body.
@@ -386,13 +386,59 @@ impl Scalar {
     }
 }
 
+/// A value the peeks do not look into, skipped as strictly as `serde_json::Value` parses it:
+/// nesting deeper than serde_json's recursion limit (128) and numbers out of `f64`'s range fail
+/// here too. (`IgnoredAny` lets both pass: a body the peek read would then be one the tree
+/// parser refuses, and everything that reads the tree — renaming `model`, checking what a run
+/// runs, estimating tokens — would silently see no body while the backend reads one.)
+struct Skip;
+
+impl<'de> de::Deserialize<'de> for Skip {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct SkipVisitor;
+        impl<'de> Visitor<'de> for SkipVisitor {
+            type Value = Skip;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any value")
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Skip, A::Error> {
+                skip_seq(seq)?;
+                Ok(Skip)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Skip, A::Error> {
+                skip_map(map)?;
+                Ok(Skip)
+            }
+        }
+        deserializer.deserialize_any(SkipVisitor)
+    }
+}
+
 fn skip_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<(), A::Error> {
-    while seq.next_element::<IgnoredAny>()?.is_some() {}
+    while seq.next_element::<Skip>()?.is_some() {}
     Ok(())
 }
 
 fn skip_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<(), A::Error> {
-    while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+    while map.next_entry::<Skip, Skip>()?.is_some() {}
     Ok(())
 }
 
@@ -485,7 +531,7 @@ impl<'de> de::Deserialize<'de> for StreamOptions {
                     if matches!(key, Key::IncludeUsage) {
                         include_usage = map.next_value::<Scalar>()?.as_bool();
                     } else {
-                        map.next_value::<IgnoredAny>()?;
+                        map.next_value::<Skip>()?;
                     }
                 }
                 Ok(StreamOptions::Object { include_usage })
@@ -512,10 +558,10 @@ impl<'de> de::Deserialize<'de> for RequestPeek {
                         Key::StreamOptions => peek.stream_options = map.next_value()?,
                         Key::Reference => {
                             peek.references = true;
-                            map.next_value::<IgnoredAny>()?;
+                            map.next_value::<Skip>()?;
                         }
                         _ => {
-                            map.next_value::<IgnoredAny>()?;
+                            map.next_value::<Skip>()?;
                         }
                     }
                 }
@@ -587,7 +633,7 @@ impl<'de> Visitor<'de> for DetailVisitor {
                     found = map.next_value::<Scalar>()?.as_u64();
                 }
                 _ => {
-                    map.next_value::<IgnoredAny>()?;
+                    map.next_value::<Skip>()?;
                 }
             }
         }
@@ -614,7 +660,7 @@ impl<'de> de::Deserialize<'de> for UsageFields {
                 };
                 while let Some(key) = map.next_key::<Key>()? {
                     let Key::Other(Some(key)) = key else {
-                        map.next_value::<IgnoredAny>()?;
+                        map.next_value::<Skip>()?;
                         continue;
                     };
                     let number = match key {
@@ -638,7 +684,7 @@ impl<'de> de::Deserialize<'de> for UsageFields {
                             continue;
                         }
                         UsageKey::CachedTokens | UsageKey::ReasoningTokens => {
-                            map.next_value::<IgnoredAny>()?;
+                            map.next_value::<Skip>()?;
                             continue;
                         }
                     };
@@ -698,7 +744,7 @@ impl<'de> Visitor<'de> for ResponseSeed {
                     parts.choices = map.next_value::<Choices<'de>>()?.0;
                 }
                 _ => {
-                    map.next_value::<IgnoredAny>()?;
+                    map.next_value::<Skip>()?;
                 }
             }
         }
@@ -760,7 +806,7 @@ impl<'de> de::Deserialize<'de> for Choice<'de> {
                         Key::Message => message = Some(map.next_value()?),
                         Key::Text => text = Some(map.next_value()?),
                         _ => {
-                            map.next_value::<IgnoredAny>()?;
+                            map.next_value::<Skip>()?;
                         }
                     }
                 }
@@ -792,7 +838,7 @@ impl<'de> Visitor<'de> for MemberSeed<'_> {
             if named {
                 found = Some(map.next_value()?);
             } else {
-                map.next_value::<IgnoredAny>()?;
+                map.next_value::<Skip>()?;
             }
         }
         Ok(found)
@@ -913,6 +959,32 @@ mod tests {
         }
         // An escaped backslash before `u` is not an escape.
         assert!(RequestPeek::read(br#"{"a":"\\ud800"}"#).is_some());
+        // What the tree parser refuses deep inside a member the peek skips: a number out of
+        // range, nesting past serde_json's recursion limit (128).
+        let deep = format!(
+            r#"{{"model":"o1","x":{}1{}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        let shallow = format!(
+            r#"{{"model":"o1","x":{}1{}}}"#,
+            "[".repeat(100),
+            "]".repeat(100)
+        );
+        for body in [
+            r#"{"model":"o1","x":1e400}"#.to_owned(),
+            r#"{"model":"o1","x":{"y":[-1e309]}}"#.to_owned(),
+            deep,
+        ] {
+            assert!(serde_json::from_str::<Value>(&body).is_err());
+            assert_eq!(RequestPeek::read(body.as_bytes()), None, "{body}");
+            assert_eq!(
+                ResponsePeek::read_with_messages(body.as_bytes(), true),
+                None
+            );
+        }
+        assert!(serde_json::from_str::<Value>(&shallow).is_ok());
+        assert!(RequestPeek::read(shallow.as_bytes()).is_some());
     }
 
     #[test]
