@@ -197,7 +197,7 @@ pub fn classify(
             // model from the form never runs one the access rules were not asked about.
             if route.body_kind == BodyKind::Multipart
                 && let Some(model) = multipart_field(content_type, body, "model")?
-                && model != d
+                && !model.eq_ignore_ascii_case(&d)
             {
                 return Err(GatewayError::BadRequest {
                     message: format!(
@@ -603,15 +603,21 @@ fn unsupported(message: String) -> GatewayError {
 
 /// Reads one text field of a buffered multipart body, without copying file parts. A form that
 /// carries the field twice is refused: the gateway would judge the call by one of them and the
-/// member might run the other (servers differ in which one they take).
+/// member might run the other (servers differ in which one they take). So is a form the gateway
+/// cannot read whole, and a part that names itself in a way the reader does not see
+/// (`NAME="model"`, `name*=…`: parameter names ignore case, and a backend may read them) — what
+/// the gateway cannot read, it cannot judge.
 fn multipart_field(
     content_type: &str,
     body: &Bytes,
     name: &'static str,
 ) -> Result<Option<String>, GatewayError> {
-    let Ok(boundary) = multer::parse_boundary(content_type) else {
-        return Ok(None);
+    let unreadable = |problem: String| GatewayError::BadRequest {
+        message: format!("The multipart form cannot be read: {problem}."),
+        param: None,
     };
+    let boundary = multer::parse_boundary(content_type)
+        .map_err(|_| unreadable("its Content-Type names no boundary".to_owned()))?;
     let stream = futures::stream::once(futures::future::ready(Ok::<Bytes, std::io::Error>(
         body.clone(),
     )));
@@ -619,7 +625,19 @@ fn multipart_field(
     // The whole body is already in memory, so every poll below is ready at once.
     futures::executor::block_on(async {
         let mut found = None;
-        while let Ok(Some(field)) = multipart.next_field().await {
+        loop {
+            let field = match multipart.next_field().await {
+                Ok(Some(field)) => field,
+                Ok(None) => break,
+                Err(error) => return Err(unreadable(error.to_string())),
+            };
+            if let Some(disposition) = field.headers().get(http::header::CONTENT_DISPOSITION)
+                && names_itself_unusually(disposition.as_bytes())
+            {
+                return Err(unreadable(
+                    "a part's Content-Disposition spells its `name` parameter other than `name=` in lower case".to_owned(),
+                ));
+            }
             if field.name() != Some(name) {
                 continue;
             }
@@ -629,8 +647,38 @@ fn multipart_field(
                     param: Some(name),
                 });
             }
-            found = Some(field.text().await.ok());
+            found = Some(
+                field
+                    .text()
+                    .await
+                    .map_err(|error| unreadable(error.to_string()))?,
+            );
         }
-        Ok(found.flatten())
+        Ok(found)
+    })
+}
+
+/// Whether a part's `Content-Disposition` has a `name` parameter spelled other than `name=`
+/// (another case, or the extended `name*=`), which the form reader does not take for the name.
+fn names_itself_unusually(disposition: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(disposition);
+    let mut in_quotes = false;
+    let mut parameter_start = None;
+    let mut parameters = Vec::new();
+    for (at, c) in text.char_indices() {
+        match c {
+            '"' => in_quotes = !in_quotes,
+            ';' if !in_quotes => parameter_start = Some(at + 1),
+            '=' if !in_quotes => {
+                if let Some(start) = parameter_start.take() {
+                    parameters.push(text[start..at].trim());
+                }
+            }
+            _ => {}
+        }
+    }
+    parameters.iter().any(|parameter| {
+        let lower = parameter.to_ascii_lowercase();
+        (lower == "name" && *parameter != "name") || lower.starts_with("name*")
     })
 }

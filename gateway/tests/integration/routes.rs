@@ -399,6 +399,44 @@ async fn a_form_with_two_model_fields_is_refused() {
             message.contains("more than one `model`"),
             "{path}: {message}"
         );
+        // A second `model` the form reader would not see (`NAME=`, `name*=`; parameter names
+        // ignore case), and a form it cannot read whole: refused too.
+        for (disposition, expected) in [
+            (r#"form-data; NAME="model""#, "spells its `name` parameter"),
+            (
+                r#"form-data; name*=UTF-8''model"#,
+                "spells its `name` parameter",
+            ),
+        ] {
+            let body = format!(
+                "--b0undary\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper\r\n\
+                 --b0undary\r\nContent-Disposition: {disposition}\r\n\r\no1\r\n\
+                 --b0undary\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\nRIFF\r\n\
+                 --b0undary--\r\n"
+            );
+            let refused = gw
+                .post(path)
+                .header("content-type", "multipart/form-data; boundary=b0undary")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let message = azure_error(refused, 400).await;
+            assert!(
+                message.contains(expected),
+                "{path} {disposition}: {message}"
+            );
+        }
+        let cut = "--b0undary\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper";
+        let refused = gw
+            .post(path)
+            .header("content-type", "multipart/form-data; boundary=b0undary")
+            .body(cut)
+            .send()
+            .await
+            .unwrap();
+        let message = azure_error(refused, 400).await;
+        assert!(message.contains("cannot be read"), "{path}: {message}");
     }
     assert_eq!(sim.hits(), 0);
 }
