@@ -77,6 +77,10 @@ const DROPPED_REQUEST_HEADERS: &[&str] = &[
     // Asked for identity so that the capture can read the body.
     "accept-encoding",
     "x-request-id",
+    // The OpenAI organization and project a call is billed to, and whose files and assistants
+    // it reaches, are those of the member's own key, never the caller's choice.
+    "openai-organization",
+    "openai-project",
 ];
 
 /// Response headers never passed back: hop-by-hop.

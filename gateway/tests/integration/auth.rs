@@ -161,6 +161,8 @@ async fn the_callers_key_never_reaches_the_backend_which_gets_its_own() {
         .raw(reqwest::Method::POST, &chat_path("gpt-4o"))
         .header("authorization", format!("Bearer {KEY}"))
         .header("cookie", "session=abc")
+        .header("openai-organization", "org-someone-else")
+        .header("openai-project", "proj_someone_else")
         .json(&chat(None, false))
         .send()
         .await
@@ -170,6 +172,9 @@ async fn the_callers_key_never_reaches_the_backend_which_gets_its_own() {
     assert_eq!(seen.header("api-key"), Some(BACKEND_KEY));
     assert_eq!(seen.header("authorization"), None);
     assert_eq!(seen.header("cookie"), None);
+    // The organization and project billed are the member key's, not the caller's choice.
+    assert_eq!(seen.header("openai-organization"), None);
+    assert_eq!(seen.header("openai-project"), None);
     assert!(
         seen.headers.iter().all(|(_, v)| !v.contains(KEY)),
         "client key leaked: {:?}",
