@@ -88,11 +88,18 @@ fn millis_since_origin(at: Instant) -> u64 {
 }
 
 impl MemberHealth {
-    /// Sets the member aside for `wait` from `now`, replacing whatever it was set aside for: the
-    /// latest answer of a member says best how long it needs.
+    /// Sets the member aside for `wait` from `now`. A throttle replaces whatever the member was
+    /// set aside for (the latest answer of a member says best how long it needs); a failure
+    /// does not cut short a longer throttle (a call already under way that then times out, or a
+    /// 5xx without a hint, says nothing of when the member takes calls again), so that a pool
+    /// whose members all throttle still answers 429 with their wait, not 503.
     pub fn set_aside(&self, reason: SetAsideReason, wait: Duration, now: Instant) {
-        self.state
-            .store(Self::aside_state(reason, wait, now), Ordering::Release);
+        match reason {
+            SetAsideReason::Throttled => self
+                .state
+                .store(Self::aside_state(reason, wait, now), Ordering::Release),
+            SetAsideReason::Failing => self.set_aside_at_least(reason, wait, now),
+        }
     }
 
     /// Sets the member aside for `wait` from `now`, unless it is already set aside for longer
@@ -243,6 +250,27 @@ mod tests {
             credential: None,
             health: Arc::new(MemberHealth::default()),
         })
+    }
+
+    #[test]
+    fn a_failure_does_not_cut_a_longer_throttle_short() {
+        let pool = Pool {
+            id: "p".into(),
+            members: vec![member("a", 1, 1)],
+        };
+        let now = Instant::now();
+        let health = &pool.members[0].health;
+        health.set_aside(SetAsideReason::Throttled, Duration::from_secs(60), now);
+        // A call already under way when the throttle came times out.
+        health.set_aside(SetAsideReason::Failing, Duration::from_secs(10), now);
+        match pool.select(&[], now).0 {
+            Selection::AllThrottled(wait) => assert_eq!(wait, Duration::from_secs(60)),
+            other => panic!("{other:?}"),
+        }
+        // A shorter throttle the member answers later replaces it; a longer failure outlasts it.
+        health.set_aside(SetAsideReason::Throttled, Duration::from_secs(5), now);
+        health.set_aside(SetAsideReason::Failing, Duration::from_secs(30), now);
+        assert!(matches!(pool.select(&[], now).0, Selection::AllUnavailable));
     }
 
     fn chosen(pool: &Pool, now: Instant) -> String {
