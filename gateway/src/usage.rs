@@ -44,8 +44,17 @@ const TOKENS_PER_MESSAGE: u64 = 3;
 const TOKENS_PER_NAME: u64 = 1;
 /// Cookbook: every reply is primed with `<|start|>assistant<|message|>`.
 const REPLY_PRIMING: u64 = 3;
-/// An image part: the base cost of a low-detail image (high-detail images cost more).
-const TOKENS_PER_IMAGE: u64 = 85;
+/// OpenAI's vision pricing, which Azure OpenAI's follows: a low-detail image costs the base; a
+/// high- or automatic-detail one the base plus a tile's cost per 512-pixel tile of the image
+/// scaled to fit 2048 × 2048 and then to 768 pixels on its shorter side. The image's size is not
+/// read (it may be a URL), so such an image is counted as a square one's four tiles (a
+/// 1024 × 1024 image's: 765 tokens on gpt-4o). gpt-4o-mini counts its images ≈ 33 times as many
+/// tokens (2,833 and 5,667), so that they cost what gpt-4o's do.
+const IMAGE_BASE_TOKENS: u64 = 85;
+const IMAGE_TILE_TOKENS: u64 = 170;
+const IMAGE_TILES_COUNTED: u64 = 4;
+const MINI_IMAGE_BASE_TOKENS: u64 = 2_833;
+const MINI_IMAGE_TILE_TOKENS: u64 = 5_667;
 /// Cookbook (`num_tokens_for_tools`, gpt-4o constants): overhead per function definition.
 const TOKENS_PER_FUNCTION: u64 = 7;
 /// Cookbook (`num_tokens_for_tools`): overhead once after the function definitions.
@@ -217,9 +226,37 @@ pub struct TokenWork {
 struct Tally {
     texts: Vec<String>,
     fixed: u64,
+    /// Whether images are counted at gpt-4o-mini's rates.
+    mini_images: bool,
 }
 
 impl Tally {
+    /// An empty tally for a call to `model`.
+    fn for_model(model: &str) -> Tally {
+        Tally {
+            mini_images: model.to_ascii_lowercase().contains("4o-mini"),
+            ..Tally::default()
+        }
+    }
+
+    /// Counts an image part (see [`IMAGE_BASE_TOKENS`]): its `detail` is the chat part's
+    /// `image_url.detail` or the Responses part's `detail`.
+    fn image(&mut self, part: &Value) {
+        let detail = part
+            .pointer("/image_url/detail")
+            .or_else(|| part.get("detail"))
+            .and_then(Value::as_str);
+        let (base, tile) = if self.mini_images {
+            (MINI_IMAGE_BASE_TOKENS, MINI_IMAGE_TILE_TOKENS)
+        } else {
+            (IMAGE_BASE_TOKENS, IMAGE_TILE_TOKENS)
+        };
+        self.fixed += match detail {
+            Some("low") => base,
+            _ => base + IMAGE_TILES_COUNTED * tile,
+        };
+    }
+
     fn text(&mut self, text: &str) {
         if !text.is_empty() {
             self.texts.push(text.to_owned());
@@ -269,8 +306,8 @@ impl TokenWork {
             .or_else(|| model_of(request))
             .or(fallback_model)
             .unwrap_or_default();
-        let mut prompt = Tally::default();
-        let mut completion = Tally::default();
+        let mut prompt = Tally::for_model(model);
+        let mut completion = Tally::for_model(model);
         match operation {
             OperationId::ChatCompletionsCreate => {
                 if let Some(request) = request {
@@ -417,11 +454,11 @@ fn function_call(tally: &mut Tally, function: Option<&Value>) {
     }
 }
 
-/// Content parts of chat and Responses messages: text by its tokens, images at a flat rate.
+/// Content parts of chat and Responses messages: text by its tokens, images by their detail.
 fn content_parts(tally: &mut Tally, parts: &[Value]) {
     for part in parts {
         match part.get("type").and_then(Value::as_str) {
-            Some("image_url" | "input_image" | "image_file") => tally.fixed += TOKENS_PER_IMAGE,
+            Some("image_url" | "input_image" | "image_file") => tally.image(part),
             _ => {
                 tally.value_text(part.get("text"));
                 tally.value_text(part.get("refusal"));
@@ -537,6 +574,40 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn images_count_by_their_detail_and_the_models_rates() {
+        let prompt = |model: &str, detail: Option<&str>| {
+            let mut image =
+                json!({"type": "image_url", "image_url": {"url": "https://example.com/a.png"}});
+            if let Some(detail) = detail {
+                image["image_url"]["detail"] = json!(detail);
+            }
+            let request =
+                json!({"model": model, "messages": [{"role": "user", "content": [image]}]});
+            TokenWork::plan(
+                OperationId::ChatCompletionsCreate,
+                Some(&request),
+                None,
+                None,
+            )
+            .unwrap()
+            .count()
+            .prompt_tokens
+        };
+        // The message framing, its role and the reply priming: 3 + 1 + 3 tokens.
+        assert_eq!(prompt("gpt-4o", Some("low")), 85 + 7);
+        assert_eq!(prompt("gpt-4o", Some("high")), 765 + 7);
+        assert_eq!(prompt("gpt-4o", None), 765 + 7);
+        assert_eq!(prompt("gpt-4o-mini", Some("low")), 2_833 + 7);
+        assert_eq!(prompt("GPT-4o-mini-2024-07-18", Some("auto")), 25_501 + 7);
+        // A Responses input image names its detail on the part.
+        let request = json!({"model": "gpt-4.1", "input": [{"role": "user", "content": [
+            {"type": "input_image", "image_url": "https://example.com/a.png", "detail": "low"}]}]});
+        let work =
+            TokenWork::plan(OperationId::CreateResponse, Some(&request), None, None).unwrap();
+        assert!(work.count().prompt_tokens < 100);
+    }
 
     #[test]
     fn hello_world_is_two_tokens_in_both_encodings() {
