@@ -138,6 +138,9 @@ pub async fn forward(
             None => match target.pool.select(&tried, now) {
                 (Selection::Member(member), Some(index)) => (member, index),
                 (Selection::AllThrottled(wait), _) => {
+                    // A member that answered this call 429 with a shorter wait (zero: it was not
+                    // set aside) is free sooner than the ones set aside.
+                    let wait = throttled.map_or(wait, |shortest| shortest.min(wait));
                     return Err(GatewayError::AllThrottled { retry_after: wait });
                 }
                 _ => return Err(out_of_members(throttled)),

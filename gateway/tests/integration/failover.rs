@@ -239,6 +239,28 @@ async fn a_429_that_asks_for_no_wait_is_still_a_429() {
     assert_eq!(response.headers()["retry-after"], "1");
     azure_error(response, 429).await;
     assert_eq!((first.hits(), second.hits()), (1, 1));
+
+    // One member asks for no wait, the other for a minute: whichever is tried first, the client
+    // is told the shortest (the first member is free at once), not the minute.
+    second.set_fault(Fault::Throttle {
+        hint: RetryHint::RetryAfterSeconds(60),
+        times: None,
+    });
+    for _ in 0..6 {
+        let response = gw
+            .post(&chat_path("gpt-4o"))
+            .json(&chat(None, false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 429);
+        let retry_after_ms: u64 = response.headers()["retry-after-ms"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(retry_after_ms <= 1_000, "{retry_after_ms} ms");
+    }
 }
 
 #[tokio::test]
