@@ -27,7 +27,7 @@ use crate::authorize;
 use crate::backend_url::BackendUrl;
 use crate::batch_input::{self, BatchCall, InputFileError};
 use crate::capture::{self, BodyCapture, PARSE_LIMIT, SseTap};
-use crate::classify::{self, Call, ObjectFamily, RouteStyle};
+use crate::classify::{self, BodyKind, Call, ObjectFamily, RouteStyle};
 use crate::error::GatewayError;
 use crate::idle_deadline::IdleDeadline;
 use crate::in_flight::{InFlight, SHUTDOWN_REASON};
@@ -243,7 +243,11 @@ pub async fn forward(
                 }
             }
         }
-        let (upstream_body, asked_usage) = upstream_body(&member, &call, &body);
+        let content_type = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok());
+        let (upstream_body, asked_usage) = upstream_body(&member, &call, &body, content_type);
         let headers = upstream_headers(&parts.headers, credential, request_id(record));
         if let Some(record) = record.as_mut() {
             record.backend_started.get_or_insert(attempt_started);
@@ -751,6 +755,51 @@ fn classic_api_version<'a>(member: &'a Member, call: &'a Call) -> &'a str {
         .unwrap_or(DEFAULT_API_VERSION)
 }
 
+/// The multipart form `body` with its `model` field set to `model`: the field's value replaced,
+/// or, when it has none, a `model` part added in front. `None` when the form has no usable
+/// boundary (the gateway read it whole before, see `classify`).
+fn form_with_model(body: &Bytes, content_type: &str, model: &str) -> Option<Bytes> {
+    let boundary = multer::parse_boundary(content_type).ok()?;
+    let delimiter = format!("--{boundary}");
+    let delimiter = delimiter.as_bytes();
+    // Where each delimiter line starts: at the body's start or after a CRLF.
+    let starts: Vec<usize> = memchr::memmem::find_iter(body, delimiter)
+        .filter(|&at| at == 0 || body[..at].ends_with(b"\r\n"))
+        .collect();
+    let first = *starts.first()?;
+    for pair in starts.windows(2) {
+        let (start, next) = (pair[0], pair[1]);
+        let part = &body[start..next];
+        let Some(head_end) = memchr::memmem::find(part, b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&part[..head_end]).to_ascii_lowercase();
+        let names_model = head.lines().any(|line| {
+            line.starts_with("content-disposition:")
+                && (line.contains("; name=\"model\"") || line.contains(";name=\"model\""))
+        });
+        if !names_model {
+            continue;
+        }
+        // The value runs from after the blank line to the CRLF before the next delimiter.
+        let value_start = start + head_end + 4;
+        let value_end = next.checked_sub(2)?;
+        let mut form = Vec::with_capacity(body.len() + model.len());
+        form.extend_from_slice(&body[..value_start]);
+        form.extend_from_slice(model.as_bytes());
+        form.extend_from_slice(&body[value_end.max(value_start)..]);
+        return Some(Bytes::from(form));
+    }
+    let mut form = Vec::with_capacity(body.len() + model.len() + 96);
+    form.extend_from_slice(&body[..first]);
+    form.extend_from_slice(delimiter);
+    form.extend_from_slice(b"\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n");
+    form.extend_from_slice(model.as_bytes());
+    form.extend_from_slice(b"\r\n");
+    form.extend_from_slice(&body[first..]);
+    Some(Bytes::from(form))
+}
+
 /// Whether the member answers `stream_options.include_usage` with a usage chunk: OpenAI and
 /// OpenAI-compatible members, Azure v1 routes, and Azure classic routes from api-version
 /// `2024-09-01-preview` on (`preview` and `latest` too).
@@ -823,10 +872,12 @@ fn with_stream_usage_option(body: &[u8]) -> Option<Bytes> {
 
 /// The body for the member, and whether the gateway asked it for the stream's usage chunk: the
 /// client's bytes, unless the model name must change or the usage option is added.
-fn upstream_body(member: &Member, call: &Call, body: &Bytes) -> (Bytes, bool) {
-    let Some(peek) = &call.peek else {
-        return (body.clone(), false);
-    };
+fn upstream_body(
+    member: &Member,
+    call: &Call,
+    body: &Bytes,
+    content_type: Option<&str>,
+) -> (Bytes, bool) {
     // The member's name for the pool's deployment: only a call that names that deployment (in the
     // path or the body) is about it. A resource call names another model (an assistant's, a
     // fine-tuning base) or none (a batch, a continued response) and keeps its body.
@@ -837,6 +888,22 @@ fn upstream_body(member: &Member, call: &Call, body: &Bytes) -> (Bytes, bool) {
     // A member that takes the model in the body needs it even when the client named it in the path.
     let needs_model =
         member.config.kind == BackendKind::Openai || call.style != RouteStyle::AzureDeployment;
+    let Some(peek) = &call.peek else {
+        // A form (a transcription, an image edit) names its model in its `model` field: the
+        // member's name, or the path's deployment for a member that takes it there.
+        let wanted = match (rename, needs_model) {
+            (Some(name), true) => Some(name),
+            (None, true) if call.style == RouteStyle::AzureDeployment => call.deployment.as_deref(),
+            _ => None,
+        };
+        if call.body_kind == BodyKind::Multipart
+            && let (Some(model), Some(content_type)) = (wanted, content_type)
+            && let Some(form) = form_with_model(body, content_type, model)
+        {
+            return (form, false);
+        }
+        return (body.clone(), false);
+    };
     let current = peek.model.as_deref();
     // On a deployment route the path names the deployment — the one access rules, limits and
     // the record went by — so a `model` in the body that says otherwise is replaced, never
@@ -1828,6 +1895,42 @@ impl Tee {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_forms_model_is_replaced_or_added_and_every_other_byte_kept() {
+        let content_type = "multipart/form-data; boundary=XyZ";
+        let file = "RIFF--XyZ not a delimiter\r\n--XyZ-- neither, mid-line";
+        let with_model = format!(
+            "--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\n{file}\r\n\
+             --XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper\r\n\
+             --XyZ\r\nContent-Disposition: form-data; name=\"language\"\r\n\r\nde\r\n--XyZ--\r\n"
+        );
+        let renamed = form_with_model(
+            &Bytes::from(with_model.clone()),
+            content_type,
+            "whisper-prod",
+        )
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(renamed.to_vec()).unwrap(),
+            with_model.replace("\r\n\r\nwhisper\r\n", "\r\n\r\nwhisper-prod\r\n")
+        );
+        let without = format!(
+            "--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\n{file}\r\n--XyZ--\r\n"
+        );
+        let added =
+            form_with_model(&Bytes::from(without.clone()), content_type, "whisper").unwrap();
+        assert_eq!(
+            String::from_utf8(added.to_vec()).unwrap(),
+            format!(
+                "--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper\r\n{without}"
+            )
+        );
+        assert_eq!(
+            form_with_model(&Bytes::from(without), "multipart/form-data", "m"),
+            None
+        );
+    }
 
     #[test]
     fn api_versions_with_stream_usage_start_at_2024_09_01_preview() {

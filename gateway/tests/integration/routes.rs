@@ -309,7 +309,8 @@ async fn a_body_model_other_than_the_path_deployment_never_reaches_the_member() 
     let record = gw.records(1).await.remove(0);
     assert_eq!(record.deployment_name.as_deref(), Some("gpt-4o-mini"));
 
-    // A form cannot be rewritten: another deployment in its `model` field is refused.
+    // A form whose `model` field names another deployment than the path is refused (its model
+    // is judged, and set for the member, by the path).
     let form = |model: &str| {
         reqwest::multipart::Form::new()
             .part(
@@ -439,6 +440,40 @@ async fn a_form_with_two_model_fields_is_refused() {
         assert!(message.contains("cannot be read"), "{path}: {message}");
     }
     assert_eq!(sim.hits(), 0);
+}
+
+/// A member that runs its own deployment gets it in a form's `model` too (a v1 transcription),
+/// and a member that takes the model in the body gets the path's deployment added to a form
+/// that names none: the form is never sent with a model the member would not run.
+#[tokio::test]
+async fn a_forms_model_is_the_members_name() {
+    let sim = simulator("form-rename").await;
+    let mut renamed = member("a", &sim.url(), 1);
+    renamed["deployment"] = json!("whisper-prod");
+    let gw = TestGateway::start(snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["whisper"], "members": [renamed]}]),
+    ))
+    .await;
+    let form = audio_form().text("model", "whisper").text("language", "de");
+    let response = gw
+        .post("/openai/v1/audio/transcriptions")
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    let seen = sim.requests().remove(0);
+    let body = String::from_utf8_lossy(&seen.body).into_owned();
+    assert!(
+        body.contains("name=\"model\"\r\n\r\nwhisper-prod\r\n"),
+        "{body}"
+    );
+    assert!(body.contains("name=\"language\"\r\n\r\nde\r\n"), "{body}");
+    assert!(
+        body.contains(&"\u{7}".repeat(512)),
+        "the file part is kept whole"
+    );
 }
 
 /// A transcription form with a 512-byte WAV file part and no other field.
