@@ -192,14 +192,7 @@ pub async fn forward(
             let checked = tokio::select! {
                 checked = authorize_on_member(rules, principal, &member, &call, headers) => checked?,
                 () = gateway.calls.stopped() => {
-                    note_attempt(
-                        record,
-                        &member,
-                        None,
-                        millis(attempt_started.elapsed()),
-                        Some(SHUTDOWN_REASON),
-                    );
-                    return Err(GatewayError::ShuttingDown);
+                    return Err(shut_down(record, &member, attempt_started));
                 }
             };
             let elapsed = attempt_started.elapsed();
@@ -268,14 +261,7 @@ pub async fn forward(
                         sent.unwrap_or_else(|_| Err(SendError::timed_out(timeout)))
                     }
                     () = gateway.calls.stopped() => {
-                        note_attempt(
-                            record,
-                            &member,
-                            None,
-                            millis(attempt_started.elapsed()),
-                            Some(SHUTDOWN_REASON),
-                        );
-                        return Err(GatewayError::ShuttingDown);
+                        return Err(shut_down(record, &member, attempt_started));
                     }
                 }
             }
@@ -460,6 +446,19 @@ fn unavailable(member: &Member, now: Instant, throttled: Option<Duration>) -> Ga
 
 /// No member is left to try and none is set aside as throttled: 429 when a member answered this
 /// call with a 429 (its wait was zero, so it is not set aside), else 503.
+/// Notes the attempt on `member`, begun at `started`, that a shutdown whose drain is over stopped
+/// waiting for; the call's error.
+fn shut_down(record: &mut Option<CallRecord>, member: &Member, started: Instant) -> GatewayError {
+    note_attempt(
+        record,
+        member,
+        None,
+        millis(started.elapsed()),
+        Some(SHUTDOWN_REASON),
+    );
+    GatewayError::ShuttingDown
+}
+
 fn out_of_members(throttled: Option<Duration>) -> GatewayError {
     match throttled {
         Some(wait) => GatewayError::AllThrottled { retry_after: wait },
