@@ -232,6 +232,27 @@ impl AffinityMap {
         journaled
     }
 
+    /// Writes to the journal and the shared map what [`AffinityMap::pin`] pinned in memory,
+    /// unless the object was forgotten meanwhile: a client that deleted it as soon as it had its
+    /// id (the pin is written on a task after the answer) does not find it pinned again.
+    pub async fn remember_pinned(
+        &self,
+        id: &str,
+        member: &str,
+        until: Option<i64>,
+    ) -> std::io::Result<()> {
+        let still_pinned = self
+            .objects
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .is_some_and(|pin| pin.member == member);
+        if !still_pinned {
+            return Ok(());
+        }
+        self.remember(id, member, until).await
+    }
+
     /// Forgets `id` (it was deleted), here and in the shared map; like [`AffinityMap::remember`]
     /// even when the journal fails.
     pub async fn forget(&self, id: &str) -> std::io::Result<()> {
@@ -544,5 +565,23 @@ mod tests {
         );
         // Memory too (the last one was pinned after the compaction).
         assert!(map.len() <= 3, "{} objects", map.len());
+    }
+
+    /// An object deleted before its pin was written is not pinned again by the write.
+    #[tokio::test]
+    async fn a_pin_written_after_its_object_was_deleted_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let map = AffinityMap::open(dir.path(), None).await.unwrap();
+            map.pin("file-1", "east", None);
+            map.forget("file-1").await.unwrap();
+            map.remember_pinned("file-1", "east", None).await.unwrap();
+            assert_eq!(map.member_of("file-1"), None);
+            map.pin("file-2", "west", None);
+            map.remember_pinned("file-2", "west", None).await.unwrap();
+        }
+        let map = AffinityMap::open(dir.path(), None).await.unwrap();
+        assert_eq!(map.member_of("file-1"), None);
+        assert_eq!(map.member_of("file-2").as_deref(), Some("west"));
     }
 }

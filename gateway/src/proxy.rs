@@ -1226,7 +1226,11 @@ impl RelayCall {
         let object = id.clone();
         tokio::spawn(
             async move {
-                if let Err(error) = gateway.affinity.remember(&object, &member, until).await {
+                if let Err(error) = gateway
+                    .affinity
+                    .remember_pinned(&object, &member, until)
+                    .await
+                {
                     tracing::error!(%error, %object, "could not journal which member holds an object");
                 }
             }
@@ -1302,7 +1306,7 @@ impl RelayCall {
                 for (id, until) in pins {
                     if let Err(error) = gateway
                         .affinity
-                        .remember(&id, &member.config.id, until)
+                        .remember_pinned(&id, &member.config.id, until)
                         .await
                     {
                         tracing::error!(%error, object = %id, "could not journal which member holds an object");
