@@ -192,9 +192,9 @@ pub fn classify(
 
     let deployment = match deployment {
         Some(d) => {
-            // A form cannot be rewritten as a JSON body is (`proxy::upstream_body`): a `model`
-            // field other than the path's deployment is refused, so that a member taking the
-            // model from the form never runs one the access rules were not asked about.
+            // On a deployment route the path names the deployment the call is judged by: a form
+            // whose `model` field names another is refused (a JSON body's is replaced; a form's
+            // is set to the path's for a member that reads it there, `proxy::upstream_body`).
             if route.body_kind == BodyKind::Multipart
                 && let Some(model) = multipart_field(content_type, body, "model")?
                 && !model.eq_ignore_ascii_case(&d)
