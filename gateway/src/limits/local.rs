@@ -115,7 +115,7 @@ impl LocalStore {
                     levels.push((remaining(per_minute as f64 - used), 0));
                 }
                 BucketKind::Quota { tokens, .. } => {
-                    let used = used as u64 + b.cost;
+                    let used = (used as u64).saturating_add(b.cost);
                     state.slots.insert(
                         b.key.clone(),
                         Slot::Quota {

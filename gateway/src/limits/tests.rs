@@ -236,6 +236,27 @@ fn the_local_store_charges_all_or_nothing() {
     );
 }
 
+/// A quota as large as a counter holds, charged with the largest cost a client's `max_tokens`
+/// can make: no overflow (a panic in a debug build, a counter wrapping to almost nothing in a
+/// release one).
+#[test]
+fn the_local_store_never_overflows_a_quota() {
+    let store = LocalStore::default();
+    let bucket = |cost| quota_bucket("q", u64::MAX, QuotaPeriod::Daily, cost);
+    assert!(matches!(
+        store.admit(&[bucket(u64::MAX)], T0),
+        StoreAnswer::Admitted(_)
+    ));
+    assert!(matches!(
+        store.admit(&[bucket(u64::MAX)], T0),
+        StoreAnswer::Admitted(_) | StoreAnswer::Refused { .. }
+    ));
+    assert!(matches!(
+        store.admit(&[bucket(1)], T0),
+        StoreAnswer::Admitted(_) | StoreAnswer::Refused { .. }
+    ));
+}
+
 #[test]
 fn the_local_store_refuses_the_longest_wait_and_quotas_first() {
     let store = LocalStore::default();
