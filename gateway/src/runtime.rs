@@ -404,8 +404,12 @@ mod tests {
                 {"id": "a", "subject": {"kind": "group", "id": " "}},
                 {"id": "", "subject": {"kind": "each_user"}, "token_quota": {"tokens": 0, "period": "daily"},
                  "requests_per_minute": 0, "deployments": ["gpt-4o*", "bad name"]},
-                {"id": "ok", "subject": {"kind": "subscription", "id": "s"}, "requests_per_minute": 5}
-            ]
+                {"id": "ok", "subject": {"kind": "subscription", "id": "s"}, "requests_per_minute": 5},
+                // A subscription the snapshot does not have: the limit would limit nobody.
+                {"id": "typo", "subject": {"kind": "subscription", "id": "S"}, "requests_per_minute": 5}
+            ],
+            "subscriptions": [{"id": "s", "display_name": "S", "product": "p",
+                "primary_key_hash": "sha256:0000000000000000000000000000000000000000000000000000000000000000"}]
         }));
         let errors = Runtime::build(bad, &HealthRegistry::default())
             .unwrap_err()
@@ -419,6 +423,7 @@ mod tests {
             "limits[2].requests_per_minute: must be at least 1",
             "limits[2].token_quota.tokens: must be at least 1",
             "limits[2].deployments[1]: `bad name` is not",
+            "limits[4].subject.id: no subscription `S`",
         ];
         for needle in expected {
             assert!(
@@ -427,6 +432,63 @@ mod tests {
             );
         }
         assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+    }
+
+    /// What would run but never work, or fetch token signing keys over plain HTTP, is refused
+    /// with its path; a URL's credentials never reach the message.
+    #[test]
+    fn identity_urls_patterns_and_numbers_that_cannot_work_are_refused() {
+        let bad = snapshot(serde_json::json!({
+            "version": 2,
+            "max_request_body_bytes": 0,
+            "identity": {"require": "token", "entra": {
+                "tenants": ["11111111-1111-1111-1111-111111111111"],
+                "audiences": ["api://gatehouse"],
+                "authority_host": "http://login.microsoftonline.com",
+                "unknown_kid_refetch_seconds": 86400,
+                "graph": {"endpoint": "https://svc:S3cret@graph.microsoft.com", "cache_seconds": 0}}},
+            "access_rules": [
+                {"id": "r", "grantee": {"kind": "group", "id": "g"}, "deployments": ["", "gpt-4o "],
+                 "operations": ["Chat Completions"]}
+            ],
+            "pools": [{"id": "p", "deployments": ["..", "gpt-4o"], "members": [
+                {"id": "m", "endpoint": "https://x", "deployment": ".."}]}]
+        }));
+        let errors = Runtime::build(bad, &HealthRegistry::default())
+            .unwrap_err()
+            .0;
+        let expected = [
+            "max_request_body_bytes: must be at least 1",
+            "identity.entra.authority_host: `http://login.microsoftonline.com/` must be an https://",
+            "identity.entra.unknown_kid_refetch_seconds: at most 3600",
+            "identity.entra.graph.cache_seconds: must be at least 1",
+            "identity.entra.graph.endpoint: `https://graph.microsoft.com/` is not Microsoft Graph",
+            "access_rules[0].deployments[0]: `` is not",
+            "access_rules[0].deployments[1]: `gpt-4o ` is not",
+            "access_rules[0].operations[0]: `Chat Completions` is not",
+            "pools[0].deployments[0]: `..` is not",
+            "pools[0].members[0].deployment: `..` is not",
+        ];
+        for needle in expected {
+            assert!(
+                errors.iter().any(|e| e.starts_with(needle)),
+                "missing `{needle}` in {errors:#?}"
+            );
+        }
+        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+        assert!(errors.iter().all(|e| !e.contains("S3cret")), "{errors:#?}");
+        for host in ["https://login.microsoftonline.us", "http://127.0.0.1:9000"] {
+            let good = snapshot(serde_json::json!({
+                "version": 2,
+                "identity": {"require": "token", "entra": {
+                    "tenants": ["11111111-1111-1111-1111-111111111111"],
+                    "audiences": ["api://gatehouse"], "authority_host": host}},
+            }));
+            assert!(
+                Runtime::build(good, &HealthRegistry::default()).is_ok(),
+                "{host}"
+            );
+        }
     }
 
     #[test]

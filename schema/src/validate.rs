@@ -84,12 +84,31 @@ fn validate_identity(
             if entra.unknown_kid_refetch_seconds == 0 {
                 errors.push("identity.entra.unknown_kid_refetch_seconds: must be at least 1 (it protects the identity provider)".to_owned());
             }
+            // Keys Entra rolls in are learnt when a token names one: waiting longer than this
+            // would refuse every token signed with a new key for as long.
+            if entra.unknown_kid_refetch_seconds > MAX_UNKNOWN_KID_REFETCH_SECONDS {
+                errors.push(format!("identity.entra.unknown_kid_refetch_seconds: at most {MAX_UNKNOWN_KID_REFETCH_SECONDS} (tokens signed with a key Entra rolled in are refused until it is fetched)"));
+            }
+            if entra.keys_refresh_seconds == 0 {
+                errors.push("identity.entra.keys_refresh_seconds: must be at least 1".to_owned());
+            }
+            if entra.graph.cache_seconds == 0 {
+                errors.push("identity.entra.graph.cache_seconds: must be at least 1 (without it every call of a user in many groups asks Microsoft Graph)".to_owned());
+            }
+            // Signing keys are fetched there: over plain HTTP anyone on the way could hand the
+            // gateway keys of their own and sign tokens for any user and group.
+            if !is_https_base(&entra.authority_host) {
+                errors.push(format!(
+                    "identity.entra.authority_host: `{}` must be an https:// URL (plain http:// only on loopback, for local doubles) without credentials, query or fragment",
+                    without_credentials(&entra.authority_host)
+                ));
+            }
             // The gateway sends its own Graph token there: a snapshot must not be able to send it
             // to a host of the pusher's choice.
             if !is_graph_endpoint(&entra.graph.endpoint) {
                 errors.push(format!(
-                    "identity.entra.graph.endpoint: `{}` is not Microsoft Graph; use https:// and one of {} (plain http:// and other hosts only on loopback, for local doubles)",
-                    entra.graph.endpoint,
+                    "identity.entra.graph.endpoint: `{}` is not Microsoft Graph; use https:// and one of {} (plain http:// and other hosts only on loopback, for local doubles), without credentials",
+                    without_credentials(&entra.graph.endpoint),
                     GRAPH_HOSTS.join(", ")
                 ));
             }
@@ -108,6 +127,25 @@ fn validate_identity(
                 "access_rules[{r}].id: duplicate rule id `{}`",
                 rule.id
             ));
+        }
+        for (d, pattern) in rule.deployments.iter().enumerate() {
+            if !is_deployment_pattern(pattern) {
+                errors.push(format!(
+                    "access_rules[{r}].deployments[{d}]: `{pattern}` is not a deployment name or `*` pattern"
+                ));
+            }
+        }
+        for (o, pattern) in rule.operations.iter().enumerate() {
+            let valid = !pattern.is_empty()
+                && pattern.len() <= 64
+                && pattern
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'*'));
+            if !valid {
+                errors.push(format!(
+                    "access_rules[{r}].operations[{o}]: `{pattern}` is not an operation id (`chatcompletions_create`) or `*` pattern"
+                ));
+            }
         }
         if rule.deployments.is_empty() && !rule.resources {
             errors.push(format!(
@@ -142,6 +180,44 @@ const GRAPH_HOSTS: [&str; 4] = [
     "microsoftgraph.chinacloudapi.cn",
 ];
 
+/// The longest `identity.entra.unknown_kid_refetch_seconds`.
+pub const MAX_UNKNOWN_KID_REFETCH_SECONDS: u64 = 3600;
+
+/// Whether `url` is an HTTPS base URL (plain HTTP on a loopback address, a local double) without
+/// credentials, query or fragment.
+fn is_https_base(url: &url::Url) -> bool {
+    let scheme_ok = match url.scheme() {
+        "https" => true,
+        "http" => crate::config::is_loopback(url),
+        _ => false,
+    };
+    scheme_ok
+        && url.host().is_some()
+        && url.username().is_empty()
+        && url.password().is_none()
+        && url.query().is_none()
+        && url.fragment().is_none()
+}
+
+/// `url` for a message: without the user name and password it may carry.
+fn without_credentials(url: &url::Url) -> url::Url {
+    let mut shown = url.clone();
+    let _ = shown.set_username("");
+    let _ = shown.set_password(None);
+    shown
+}
+
+/// Whether `pattern` is a deployment name, or a `*` pattern of one, that a URL path can carry
+/// (not made of dots only, which a path would read as `.` or `..`).
+fn is_deployment_pattern(pattern: &str) -> bool {
+    !pattern.is_empty()
+        && pattern.len() <= 64
+        && !pattern.bytes().all(|b| b == b'.')
+        && pattern
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':' | b'*'))
+}
+
 /// Whether `url` is Microsoft Graph over HTTPS, or a loopback address (a local double).
 fn is_graph_endpoint(url: &url::Url) -> bool {
     let loopback = crate::config::is_loopback(url);
@@ -159,7 +235,6 @@ fn is_graph_endpoint(url: &url::Url) -> bool {
 }
 
 fn validate(snapshot: &ConfigSnapshot, errors: &mut Vec<String>) {
-    validate_limits(&snapshot.limits, errors);
     let mut subscription_ids = HashSet::new();
     let mut digests = HashSet::new();
     for (i, subscription) in snapshot.subscriptions.iter().enumerate() {
@@ -190,6 +265,10 @@ fn validate(snapshot: &ConfigSnapshot, errors: &mut Vec<String>) {
         }
     }
 
+    if snapshot.max_request_body_bytes == 0 {
+        errors.push("max_request_body_bytes: must be at least 1 (0 refuses every body)".to_owned());
+    }
+    validate_limits(&snapshot.limits, &subscription_ids, errors);
     validate_identity(snapshot, &subscription_ids, errors);
 
     let mut pool_ids = HashSet::new();
@@ -227,11 +306,7 @@ fn validate(snapshot: &ConfigSnapshot, errors: &mut Vec<String>) {
                 errors.push(format!("pools[{p}].deployments[{d}]: `{deployment}` is already served by pools[{other}]"));
             }
             let valid = deployment == "*"
-                || (!deployment.is_empty()
-                    && deployment.len() <= 64
-                    && deployment.bytes().all(|b| {
-                        b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':')
-                    }));
+                || (is_deployment_pattern(deployment) && !deployment.contains('*'));
             if !valid {
                 errors.push(format!(
                     "pools[{p}].deployments[{d}]: `{deployment}` is not a valid deployment name"
@@ -285,10 +360,7 @@ fn validate(snapshot: &ConfigSnapshot, errors: &mut Vec<String>) {
                 ));
             }
             if let Some(deployment) = &member.deployment
-                && (deployment.is_empty()
-                    || !deployment.bytes().all(|b| {
-                        b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':')
-                    }))
+                && (!is_deployment_pattern(deployment) || deployment.contains('*'))
             {
                 errors.push(format!(
                     "{path}.deployment: `{deployment}` is not a valid deployment name"
@@ -299,7 +371,11 @@ fn validate(snapshot: &ConfigSnapshot, errors: &mut Vec<String>) {
 }
 
 /// Limit rules: unique ids, at least one limit each, every number above zero, sane patterns.
-fn validate_limits(rules: &[LimitRule], errors: &mut Vec<String>) {
+fn validate_limits(
+    rules: &[LimitRule],
+    subscription_ids: &HashSet<&String>,
+    errors: &mut Vec<String>,
+) {
     let mut ids = HashSet::new();
     for (i, rule) in rules.iter().enumerate() {
         let path = format!("limits[{i}]");
@@ -316,6 +392,12 @@ fn validate_limits(rules: &[LimitRule], errors: &mut Vec<String>) {
                 if id.trim().is_empty() =>
             {
                 errors.push(format!("{path}.subject.id: must not be empty"));
+            }
+            // Compared as written with a caller's subscription: a typo would limit nobody.
+            LimitSubjectRule::Subscription { id } if !subscription_ids.contains(id) => {
+                errors.push(format!(
+                    "{path}.subject.id: no subscription `{id}` in this snapshot"
+                ));
             }
             _ => {}
         }
@@ -337,12 +419,7 @@ fn validate_limits(rules: &[LimitRule], errors: &mut Vec<String>) {
             errors.push(format!("{path}.token_quota.tokens: must be at least 1"));
         }
         for (d, pattern) in rule.deployments.iter().enumerate() {
-            let valid = !pattern.is_empty()
-                && pattern.len() <= 64
-                && pattern.bytes().all(|b| {
-                    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':' | b'*')
-                });
-            if !valid {
+            if !is_deployment_pattern(pattern) {
                 errors.push(format!(
                     "{path}.deployments[{d}]: `{pattern}` is not a deployment name or `*` pattern"
                 ));
