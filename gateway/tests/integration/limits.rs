@@ -488,14 +488,20 @@ async fn an_unreachable_redis_refuses_calls_when_failing_closed() {
 #[tokio::test]
 async fn calls_outside_a_rule_are_not_limited() {
     let sim = simulator("outside").await;
-    let gw = TestGateway::start(limited(
+    let mut snapshot = limited(
         &sim,
         json!([
             {"id": "other-team", "subject": {"kind": "subscription", "id": "team-b"}, "requests_per_minute": 1},
             {"id": "mini-only", "subject": {"kind": "each_subscription"}, "deployments": ["*-mini"], "requests_per_minute": 1}
         ]),
-    ))
-    .await;
+    );
+    // Another team, with a key of its own (a limit names a subscription of the snapshot).
+    snapshot.subscriptions.push(
+        serde_json::from_value(json!({"id": "team-b", "display_name": "Team B", "product": "research",
+            "primary_key_hash": gatehouse_gateway::auth::hash_key("ghk_TeamBKey000000000000000000000000000").to_string()}))
+        .unwrap(),
+    );
+    let gw = TestGateway::start(snapshot).await;
     for _ in 0..3 {
         let response = gw
             .post(&chat_path("gpt-4o"))
