@@ -199,16 +199,6 @@ impl ClientCache {
             .unwrap_or_else(|e| e.into_inner())
             .retain(|key, _| keep.contains(key));
     }
-
-    /// How many clients are kept.
-    pub fn len(&self) -> usize {
-        self.clients.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    /// Whether none is kept.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 impl BackendClient {
