@@ -188,15 +188,25 @@ pub fn classify(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let (peek, tree) = parse_body(route.body_kind, content_type, body)?;
-    let is_stream = peek.as_ref().and_then(|p| p.stream).unwrap_or(false);
+    // A model call's form is read for its `model` and `stream` fields (a file upload's is not).
+    let form = if route.body_kind == BodyKind::Multipart
+        && (deployment.is_some() || route.model_in_body)
+    {
+        Some(form_fields(content_type, body)?)
+    } else {
+        None
+    };
+    let is_stream = match &form {
+        Some(form) => form.asks_for_a_stream(),
+        None => peek.as_ref().and_then(|p| p.stream).unwrap_or(false),
+    };
 
     let deployment = match deployment {
         Some(d) => {
             // On a deployment route the path names the deployment the call is judged by: a form
             // whose `model` field names another is refused (a JSON body's is replaced; a form's
             // is set to the path's for a member that reads it there, `proxy::upstream_body`).
-            if route.body_kind == BodyKind::Multipart
-                && let Some(model) = multipart_field(content_type, body, "model")?
+            if let Some(model) = form.as_ref().and_then(|form| form.model.as_deref())
                 && !model.eq_ignore_ascii_case(&d)
             {
                 return Err(GatewayError::BadRequest {
@@ -210,12 +220,10 @@ pub fn classify(
             Some(d)
         }
         None if route.model_in_body => {
-            let model = match &peek {
-                Some(peek) => peek.model.clone(),
-                None if route.body_kind == BodyKind::Multipart => {
-                    multipart_field(content_type, body, "model")?
-                }
-                None => None,
+            let model = match (&peek, form) {
+                (Some(peek), _) => peek.model.clone(),
+                (None, Some(form)) => form.model,
+                (None, None) => None,
             };
             match model {
                 Some(model) => Some(valid_name(&model)?),
@@ -601,17 +609,31 @@ fn unsupported(message: String) -> GatewayError {
     GatewayError::UnsupportedMediaType { message }
 }
 
-/// Reads one text field of a buffered multipart body, without copying file parts. A form that
-/// carries the field twice is refused: the gateway would judge the call by one of them and the
-/// member might run the other (servers differ in which one they take). So is a form the gateway
-/// cannot read whole, and a part that names itself in a way the reader does not see
-/// (`NAME="model"`, `name*=…`: parameter names ignore case, and a backend may read them) — what
-/// the gateway cannot read, it cannot judge.
-fn multipart_field(
-    content_type: &str,
-    body: &Bytes,
-    name: &'static str,
-) -> Result<Option<String>, GatewayError> {
+/// The text fields of a buffered multipart body the gateway reads for its judgement.
+#[derive(Debug, Default)]
+struct FormFields {
+    /// The `model` field: the deployment a v1 or OpenAI-style form names.
+    model: Option<String>,
+    /// The `stream` field: `true` when the client asks for the answer as events (a transcription).
+    stream: Option<String>,
+}
+
+impl FormFields {
+    /// Whether the form asks for a streamed answer, as the SDKs spell it (`stream=true`).
+    fn asks_for_a_stream(&self) -> bool {
+        self.stream
+            .as_deref()
+            .is_some_and(|value| value.trim().eq_ignore_ascii_case("true"))
+    }
+}
+
+/// Reads the text fields the gateway judges a form by ([`FormFields`]) in one pass over a
+/// buffered multipart body, without copying file parts. A form that carries one of them twice is
+/// refused: the gateway would judge the call by one of them and the member might run the other
+/// (servers differ in which one they take). So is a form the gateway cannot read whole, and a part
+/// that names itself in a way the reader does not see (`NAME="model"`, `name*=…`: parameter names
+/// ignore case, and a backend may read them) — what the gateway cannot read, it cannot judge.
+fn form_fields(content_type: &str, body: &Bytes) -> Result<FormFields, GatewayError> {
     let unreadable = |problem: String| GatewayError::BadRequest {
         message: format!("The multipart form cannot be read: {problem}."),
         param: None,
@@ -624,7 +646,7 @@ fn multipart_field(
     let mut multipart = multer::Multipart::new(stream, boundary);
     // The whole body is already in memory, so every poll below is ready at once.
     futures::executor::block_on(async {
-        let mut found = None;
+        let mut fields = FormFields::default();
         loop {
             let field = match multipart.next_field().await {
                 Ok(Some(field)) => field,
@@ -638,23 +660,25 @@ fn multipart_field(
                     "a part's Content-Disposition spells its `name` parameter other than `name=` in lower case".to_owned(),
                 ));
             }
-            if field.name() != Some(name) {
-                continue;
-            }
-            if found.is_some() {
+            let (name, slot) = match field.name() {
+                Some("model") => ("model", &mut fields.model),
+                Some("stream") => ("stream", &mut fields.stream),
+                _ => continue,
+            };
+            if slot.is_some() {
                 return Err(GatewayError::BadRequest {
                     message: format!("The form has more than one `{name}` field: send it once."),
                     param: Some(name),
                 });
             }
-            found = Some(
+            *slot = Some(
                 field
                     .text()
                     .await
                     .map_err(|error| unreadable(error.to_string()))?,
             );
         }
-        Ok(found)
+        Ok(fields)
     })
 }
 

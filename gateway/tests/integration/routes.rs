@@ -486,3 +486,83 @@ fn audio_form() -> reqwest::multipart::Form {
             .unwrap(),
     )
 }
+
+/// A transcription form with `stream=true` (gpt-4o-transcribe) is a streamed call: the record
+/// says so and carries the usage of the final event. The stub speaks the streamed transcription
+/// events of OpenAI's API reference (Audio, "Stream Event (transcript.text.delta)" and
+/// "(transcript.text.done)"), which Azure's v1 route passes on.
+#[tokio::test]
+async fn a_streamed_transcription_is_recorded_as_a_stream_with_its_usage() {
+    let url = serve_stub(axum::Router::new().route(
+        "/openai/v1/audio/transcriptions",
+        axum::routing::post(|| async {
+            (
+                [("content-type", "text/event-stream")],
+                concat!(
+                    "data: {\"type\":\"transcript.text.delta\",\"delta\":\"Hello\"}\n\n",
+                    "data: {\"type\":\"transcript.text.done\",\"text\":\"Hello\",\"usage\":",
+                    "{\"type\":\"tokens\",\"input_tokens\":14,\"output_tokens\":2,\"total_tokens\":16}}\n\n",
+                ),
+            )
+        }),
+    ))
+    .await;
+    let gw = TestGateway::start(snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o-transcribe"], "members": [member("a", &url, 1)]}]),
+    ))
+    .await;
+    for (at, (stream, streamed)) in [("true", true), ("false", false)].into_iter().enumerate() {
+        let form = reqwest::multipart::Form::new()
+            .part(
+                "file",
+                reqwest::multipart::Part::bytes(vec![7u8; 512])
+                    .file_name("a.wav")
+                    .mime_str("audio/wav")
+                    .unwrap(),
+            )
+            .text("model", "gpt-4o-transcribe")
+            .text("stream", stream);
+        let answer = gw
+            .post("/openai/v1/audio/transcriptions")
+            .multipart(form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+        assert!(
+            answer
+                .text()
+                .await
+                .unwrap()
+                .contains("transcript.text.done")
+        );
+        let record = gw.records(at + 1).await.remove(at);
+        assert_eq!(record.operation_id, Some(OperationId::TranscriptionsCreate));
+        assert_eq!(record.is_stream_completion, streamed, "stream={stream}");
+        let usage = record.usage.expect("the final event's usage");
+        assert_eq!(
+            (
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                usage.is_estimate
+            ),
+            (14, 2, false),
+            "stream={stream}"
+        );
+    }
+    // A form that asks twice is refused before any member is called.
+    let form = reqwest::multipart::Form::new()
+        .text("model", "gpt-4o-transcribe")
+        .text("stream", "true")
+        .text("stream", "false");
+    let refused = gw
+        .post("/openai/v1/audio/transcriptions")
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["param"], "stream", "{body}");
+}
