@@ -98,7 +98,23 @@ impl Encoding {
             "davinci-002",
             "babbage-002",
         ];
-        if O200K.iter().any(|family| name.contains(family)) {
+        // Deployments often drop the dots and dashes (`gpt41-mini`, `prod_gpt45`): the name with
+        // only its letters and digits is searched too, a `gpt41`/`gpt45` only when no digit
+        // follows (`gpt-4-1106-preview` is a gpt-4).
+        let squashed: String = name.chars().filter(char::is_ascii_alphanumeric).collect();
+        let squashed_family = |family: &str, digit_may_follow: bool| {
+            squashed.match_indices(family).any(|(at, _)| {
+                digit_may_follow
+                    || !squashed[at + family.len()..].starts_with(|c: char| c.is_ascii_digit())
+            })
+        };
+        if O200K.iter().any(|family| name.contains(family))
+            || squashed_family("gpt4o", true)
+            || squashed_family("gpt5", true)
+            || squashed_family("gptoss", true)
+            || squashed_family("gpt41", false)
+            || squashed_family("gpt45", false)
+        {
             Encoding::O200kBase
         } else if CL100K.iter().any(|family| name.contains(family)) {
             Encoding::Cl100kBase
@@ -640,6 +656,13 @@ mod tests {
             "o3-mini",
             "o1",
             "prod-gpt4o",
+            "gpt41",
+            "gpt41-mini",
+            "GPT41Nano",
+            "prod_gpt45",
+            "gpt5mini",
+            "gpt51",
+            "gpt_oss_120b",
             "my-deployment",
             "",
         ] {
@@ -655,6 +678,10 @@ mod tests {
             "text-embedding-3-small",
             "team-gpt4-turbo",
             "GPT-4",
+            "gpt-4-1106-preview",
+            "prod-gpt4-1106",
+            "gpt4-32k",
+            "gpt35turbo",
         ] {
             assert_eq!(Encoding::for_model(model), Encoding::Cl100kBase, "{model}");
         }
