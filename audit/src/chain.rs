@@ -221,6 +221,7 @@ impl Chainer {
     pub fn link(&mut self, record: &mut AuditRecord) {
         record.time_generated = canonical_time(record.time_generated);
         record.chain = None;
+        clamp_token_counts(record);
         let key = ChainKey {
             gateway_id: record.gateway_id.clone(),
             day: record.time_generated.date(),
@@ -398,6 +399,24 @@ fn format_day(day: Date) -> String {
 fn parse_day(text: &str) -> Option<Date> {
     let format = time::macros::format_description!("[year]-[month]-[day]");
     Date::parse(text, &format).ok()
+}
+
+/// Caps a record's token counts at the largest a store keeps (`i64::MAX`, a `BIGINT`): a backend
+/// may report any number, and a count hashed into the chain larger than the one stored would
+/// read as a changed record.
+fn clamp_token_counts(record: &mut AuditRecord) {
+    const MAX: u64 = i64::MAX as u64;
+    if let Some(usage) = record.usage.as_mut() {
+        for count in [
+            &mut usage.prompt_tokens,
+            &mut usage.completion_tokens,
+            &mut usage.total_tokens,
+            &mut usage.cached_tokens,
+            &mut usage.reasoning_tokens,
+        ] {
+            *count = (*count).min(MAX);
+        }
+    }
 }
 
 /// UTC, truncated to whole microseconds.
@@ -900,10 +919,11 @@ pub fn verify(records: impl IntoIterator<Item = AuditRecord>) -> VerifyReport {
 /// order, as [`JsonLinesSink`](crate::JsonLinesSink) writes them) for records with
 /// `from <= TimeGenerated < to` (either bound optional).
 ///
-/// Every chain with a record in range, or with records on both sides of it (all its records in
-/// range were removed), is checked whole, as [`SqlStore::verify_chains`](crate::sql::SqlStore::verify_chains)
-/// checks stored chains: a range checked from its first to its last record alone would miss a
-/// record removed just after it, or one changed and moved out of it by its `TimeGenerated`.
+/// Every chain of a UTC day the range touches is checked whole, as
+/// [`SqlStore::verify_chains`](crate::sql::SqlStore::verify_chains) checks stored chains: a range
+/// checked from its first to its last record alone would miss a record removed just after it,
+/// one changed and moved out of it by its `TimeGenerated`, or the first records of a day removed
+/// with all the chain had in the range.
 /// Since a chain follows the write order, a record is also [`BreakReason::Reordered`] when it
 /// stands in the file before the record it follows. Memory: a small summary (about 150 bytes)
 /// per chained record of the file.
@@ -912,17 +932,18 @@ pub fn verify_jsonl(
     from: Option<OffsetDateTime>,
     to: Option<OffsetDateTime>,
 ) -> io::Result<VerifyReport> {
-    let place = |at: OffsetDateTime| {
-        if from.is_some_and(|from| at < from) {
-            Place::Before
-        } else if to.is_some_and(|to| at >= to) {
-            Place::After
-        } else {
-            Place::In
-        }
-    };
+    let in_range =
+        |at: OffsetDateTime| from.is_none_or(|from| at >= from) && to.is_none_or(|to| at < to);
     let mut reader = BufReader::new(File::open(path)?);
-    let mut chains: HashMap<String, (Vec<Linked>, [bool; 3])> = HashMap::new();
+    // Whether the UTC day of a record (its chain's day) overlaps the range.
+    let day_touched = |at: OffsetDateTime| {
+        let start = at
+            .to_offset(time::UtcOffset::UTC)
+            .replace_time(time::Time::MIDNIGHT);
+        from.is_none_or(|from| start + time::Duration::days(1) > from)
+            && to.is_none_or(|to| start < to)
+    };
+    let mut chains: HashMap<String, (Vec<Linked>, bool)> = HashMap::new();
     let mut report = VerifyReport::default();
     let mut line = Vec::new();
     let mut number = 0_u64;
@@ -943,23 +964,21 @@ pub fn verify_jsonl(
                 continue;
             }
         };
-        let place = place(record.time_generated);
+        let in_range = in_range(record.time_generated);
+        let touched = day_touched(record.time_generated);
         match digest(record, number) {
             Some((chain_id, linked)) => {
-                let (records, places) = chains.entry(chain_id).or_default();
+                let (records, day_in_range) = chains.entry(chain_id).or_default();
                 records.push(linked);
-                places[place as usize] = true;
+                *day_in_range |= touched;
             }
-            None if place == Place::In => report.unchained += 1,
+            None if in_range => report.unchained += 1,
             None => {}
         }
     }
     let mut chains: Vec<_> = chains
         .into_iter()
-        .filter(|(_, (_, places))| {
-            places[Place::In as usize]
-                || (places[Place::Before as usize] && places[Place::After as usize])
-        })
+        .filter(|(_, (_, day_in_range))| *day_in_range)
         .collect();
     chains.sort_by(|a, b| a.0.cmp(&b.0));
     for (chain_id, (mut records, _)) in chains {
@@ -971,14 +990,6 @@ pub fn verify_jsonl(
         report.chains.push(progress.report(chain_id));
     }
     Ok(report)
-}
-
-/// Where a record's time lies against the range [`verify_jsonl`] was asked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Place {
-    Before = 0,
-    In = 1,
-    After = 2,
 }
 
 #[cfg(test)]

@@ -223,9 +223,15 @@ impl GatewayLogRow {
 }
 
 impl LlmLogRow {
-    /// The LLM-log rows of a record: none for calls that are not model inference.
+    /// The LLM-log rows of a record: none for a call that is not model inference and carries
+    /// no messages (a streamed `submit_tool_outputs`, which continues a run, carries the run's
+    /// answer in `ResponseMessages`, and its pieces are kept as an inference call's are).
     pub fn from_record(record: &AuditRecord) -> Vec<LlmLogRow> {
-        let Some(operation) = record.operation_id.filter(|o| o.is_inference()) else {
+        let has_messages = record.request_messages.is_some() || record.response_messages.is_some();
+        let Some(operation) = record
+            .operation_id
+            .filter(|o| o.is_inference() || has_messages)
+        else {
             return Vec::new();
         };
         let usage = record.usage;

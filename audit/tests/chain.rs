@@ -486,6 +486,20 @@ fn a_time_range_checks_the_chains_it_touches_whole() {
     records[3].url = "/changed".to_owned();
     let broken = first_break(&check(&records));
     assert_eq!((broken.reason, broken.sequence), (BreakReason::Changed, 3));
+
+    // The first records of the day removed up to the range's end: nothing of the chain is left
+    // before the range, yet its day is in it, and the chain shows its missing start.
+    let mut records = linked(20, start);
+    records.drain(..15);
+    let report = check(&records);
+    assert_eq!(report.chains.len(), 1, "{report:#?}");
+    assert_eq!(first_break(&report).reason, BreakReason::Removed);
+
+    // A range on another day checks none of it.
+    write_jsonl(&path, &linked(20, start));
+    let next_day = Some(start + Duration::from_secs(86_400));
+    let report = verify_jsonl(&path, next_day, None).unwrap();
+    assert!(report.chains.is_empty(), "{report:#?}");
 }
 
 #[test]

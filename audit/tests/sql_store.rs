@@ -76,6 +76,7 @@ on_both_engines!(
     export_streams_every_match,
     content_expires_before_metadata,
     chains_verify_from_the_store,
+    chains_verify_a_day_whose_first_records_were_removed,
     chains_verify_while_retention_removes_content,
     chains_linked_before_the_content_hash_change_verify_from_the_store,
     a_gateway_id_is_held_by_one_live_instance,
@@ -1372,6 +1373,11 @@ async fn chains_verify_from_the_store(store: &SqlStore) {
     let mut chainer = gatehouse_audit::chain::Chainer::in_memory();
     let mut batch = records(30);
     batch[3].request_messages = Some("ü".repeat(40_000)); // split into LLM pieces, rebuilt on read
+    // A backend's absurd count: stored as the largest a BIGINT holds, hashed as stored.
+    batch[4].usage.as_mut().unwrap().prompt_tokens = u64::MAX;
+    // A streamed submit_tool_outputs carries the run's answer as its messages, though it is not
+    // an inference call: its pieces are kept and read back.
+    batch[5].operation_id = Some(gatehouse_schema::OperationId::SubmitToolOutputsToRun);
     for record in &mut batch {
         chainer.link(record);
     }
@@ -1449,10 +1455,60 @@ async fn chains_verify_from_the_store(store: &SqlStore) {
     let report = store.verify_chains(emptied.0, emptied.1).await.unwrap();
     assert_eq!(report.chains.len(), 1, "{report:?}");
     assert!(!report.is_intact(), "{report:?}");
-    // A range with no record on one side names no chain.
-    let after_all = (T0 + Duration::hours(2), T0 + Duration::hours(3));
-    let report = store.verify_chains(after_all.0, after_all.1).await.unwrap();
+    // A range on a day the chain does not hold names no chain.
+    let next_day = (
+        T0 + Duration::days(1),
+        T0 + Duration::days(1) + Duration::hours(1),
+    );
+    let report = store.verify_chains(next_day.0, next_day.1).await.unwrap();
     assert!(report.chains.is_empty(), "{report:?}");
+}
+
+/// The first records of a chain's day removed with everything the chain had in the range: no
+/// record of it is left before the range, but its day is in the range, and the chain, checked
+/// from its start, shows the gap.
+async fn chains_verify_a_day_whose_first_records_were_removed(store: &SqlStore) {
+    let mut chainer = gatehouse_audit::chain::Chainer::in_memory();
+    let mut batch = records(30);
+    for record in &mut batch {
+        chainer.link(record);
+    }
+    assert_eq!(store.write(&batch).await.unwrap(), batch.len());
+    // Records 0 to 4 were written at T0 to T0 + 28 s.
+    for i in 0..5 {
+        let id = format!("call-{i:05}");
+        match (store.sqlite_pool(), store.postgres_pool()) {
+            (Some(pool), _) => {
+                sqlx::query("DELETE FROM GatehouseGatewayLogs WHERE CorrelationId = ?")
+                    .bind(&id)
+                    .execute(pool)
+                    .await
+                    .unwrap();
+            }
+            (_, Some(pool)) => {
+                sqlx::query(r#"DELETE FROM "GatehouseGatewayLogs" WHERE "CorrelationId" = $1"#)
+                    .bind(&id)
+                    .execute(pool)
+                    .await
+                    .unwrap();
+            }
+            _ => unreachable!(),
+        }
+    }
+    let report = store
+        .verify_chains(T0 - Duration::hours(1), T0 + Duration::seconds(30))
+        .await
+        .unwrap();
+    assert_eq!(report.chains.len(), 1, "{report:?}");
+    let (_, broken) = report.first_break().expect("a break");
+    assert_eq!(
+        (
+            broken.correlation_id.as_str(),
+            broken.reason.to_string().as_str()
+        ),
+        ("call-00005", "removed"),
+        "{report:?}"
+    );
 }
 
 /// Retention removes content while a verification runs: each call's bodies and pieces go

@@ -12,9 +12,30 @@ use time::OffsetDateTime;
 use super::{Engine, SqlStore, StoreError, sqlite_time};
 use crate::chain::{Verifier, VerifyReport};
 
-/// How far around a verified range the records of a chain that spans it are looked for: a chain
-/// holds the records of one UTC day.
-const CHAIN_SPAN: time::Duration = time::Duration::days(1);
+/// The times whose records belong to the chains of the UTC days `[from, to)` touches: from the
+/// start of `from`'s day to the first midnight at or after `to` (empty when the range is).
+/// Every record of a chain lies in the chain's day, by its `TimeGenerated`
+/// ([`Chainer::link`](crate::chain::Chainer::link)).
+pub(crate) fn chain_days(
+    from: OffsetDateTime,
+    to: OffsetDateTime,
+) -> (OffsetDateTime, OffsetDateTime) {
+    let midnight = |at: OffsetDateTime| {
+        at.to_offset(time::UtcOffset::UTC)
+            .replace_time(time::Time::MIDNIGHT)
+    };
+    let start = midnight(from);
+    if to <= from {
+        return (start, start);
+    }
+    let last = midnight(to);
+    let end = if last == to.to_offset(time::UtcOffset::UTC) {
+        last
+    } else {
+        last + time::Duration::days(1)
+    };
+    (start, end)
+}
 
 fn count(value: Option<i64>) -> u64 {
     value.and_then(|v| u64::try_from(v).ok()).unwrap_or(0)
@@ -150,31 +171,26 @@ where
 }
 
 impl SqlStore {
-    /// Verifies every chain with a record in `[from, to)`, or with records on both sides of it
-    /// (every record it had in the range was removed), whole, and names the first record of each
-    /// that was changed, removed, reordered or forked. Content removed by retention is not a
-    /// break. A chain holds one UTC day of one gateway, so the records on both sides are looked
-    /// for within a day of the range, on the time index.
+    /// Verifies every chain of a UTC day that `[from, to)` touches, whole, and names the first
+    /// record of each that was changed, removed, reordered or forked. Content removed by
+    /// retention is not a break. A chain holds one UTC day of one gateway, so a chain whose
+    /// records in the range were all removed — the first ones of its day too — is still found
+    /// by the records its day has left ([`chain_days`]).
     pub async fn verify_chains(
         &self,
         from: OffsetDateTime,
         to: OffsetDateTime,
     ) -> Result<VerifyReport, StoreError> {
         let mut verifier = Verifier::new();
+        let days = chain_days(from, to);
         match &self.engine {
             Engine::Sqlite { reader, .. } => {
                 let chains: Vec<String> = sqlx::query_scalar(
-                    "SELECT ChainId FROM GatehouseGatewayLogs WHERE TimeGenerated >= ?1 AND TimeGenerated < ?2 AND ChainId IS NOT NULL \
-                     UNION \
-                     SELECT * FROM (SELECT ChainId FROM GatehouseGatewayLogs WHERE TimeGenerated >= ?3 AND TimeGenerated < ?1 AND ChainId IS NOT NULL \
-                     INTERSECT \
-                     SELECT ChainId FROM GatehouseGatewayLogs WHERE TimeGenerated >= ?2 AND TimeGenerated < ?4 AND ChainId IS NOT NULL) \
-                     ORDER BY 1",
+                    "SELECT DISTINCT ChainId FROM GatehouseGatewayLogs \
+                     WHERE TimeGenerated >= ?1 AND TimeGenerated < ?2 AND ChainId IS NOT NULL ORDER BY 1",
                 )
-                .bind(sqlite_time(from))
-                .bind(sqlite_time(to))
-                .bind(sqlite_time(from - CHAIN_SPAN))
-                .bind(sqlite_time(to + CHAIN_SPAN))
+                .bind(sqlite_time(days.0))
+                .bind(sqlite_time(days.1))
                 .fetch_all(reader)
                 .await?;
                 for chain in chains {
@@ -219,17 +235,11 @@ impl SqlStore {
             }
             Engine::Postgres { pool, .. } => {
                 let chains: Vec<String> = sqlx::query_scalar(
-                    r#"SELECT "ChainId" FROM "GatehouseGatewayLogs" WHERE "TimeGenerated" >= $1 AND "TimeGenerated" < $2 AND "ChainId" IS NOT NULL
-                       UNION
-                       (SELECT "ChainId" FROM "GatehouseGatewayLogs" WHERE "TimeGenerated" >= $3 AND "TimeGenerated" < $1 AND "ChainId" IS NOT NULL
-                        INTERSECT
-                        SELECT "ChainId" FROM "GatehouseGatewayLogs" WHERE "TimeGenerated" >= $2 AND "TimeGenerated" < $4 AND "ChainId" IS NOT NULL)
-                       ORDER BY 1"#,
+                    r#"SELECT DISTINCT "ChainId" FROM "GatehouseGatewayLogs"
+                       WHERE "TimeGenerated" >= $1 AND "TimeGenerated" < $2 AND "ChainId" IS NOT NULL ORDER BY 1"#,
                 )
-                .bind(from)
-                .bind(to)
-                .bind(from - CHAIN_SPAN)
-                .bind(to + CHAIN_SPAN)
+                .bind(days.0)
+                .bind(days.1)
                 .fetch_all(pool)
                 .await?;
                 for chain in chains {
