@@ -14,8 +14,10 @@
 //! - numbers, booleans and nulls (a prompt given as token ids says nothing searchable).
 //!
 //! What a message says stays whole: the text of a message or a content part, a tool's name and
-//! its arguments (a JSON string, searched as text), a refusal, an image's URL. Text that is not
-//! JSON (it never is, from the gateway) is indexed as it is.
+//! its arguments (a JSON string, searched as text), a refusal, an image's URL. JSON cut off at
+//! the capture limit (a prompt longer than it) is closed where it was cut and read the same way,
+//! the message it was cut in up to the cut. Other text that is not JSON (it never is, from the
+//! gateway) is indexed as it is.
 
 use std::fmt;
 
@@ -37,8 +39,106 @@ pub(super) fn searchable(json: &str) -> String {
         .and_then(|()| deserializer.end());
     match read {
         Ok(()) => text,
+        // Cut off at the capture limit: the JSON closed where it was cut, and read again.
+        Err(error) if error.is_eof() => {
+            let mut closed_text = String::with_capacity(json.len());
+            let closed = closed(json);
+            let mut deserializer = serde_json::Deserializer::from_str(&closed);
+            let read = Collect {
+                text: &mut closed_text,
+            }
+            .deserialize(&mut deserializer)
+            .and_then(|()| deserializer.end());
+            // (Closing always makes JSON of what was read; if not, what was read whole.)
+            if read.is_ok() { closed_text } else { text }
+        }
         Err(_) => json.to_owned(),
     }
+}
+
+/// `json` cut off at its end, closed into JSON that says what it said up to the cut: the string
+/// it was cut in ended (an escape the cut split left out; a key given a `null` value), a
+/// number or literal cut short and a dangling `,` or `:` dropped or completed, then every open
+/// array and object closed.
+fn closed(json: &str) -> String {
+    let mut closers = Vec::new();
+    let mut string_start = None;
+    let mut escaped = false;
+    let mut expect_key = false;
+    let mut in_key = false;
+    for (at, byte) in json.bytes().enumerate() {
+        if string_start.is_some() {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => string_start = None,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => {
+                string_start = Some(at + 1);
+                in_key = expect_key;
+                expect_key = false;
+            }
+            b'{' => {
+                closers.push('}');
+                expect_key = true;
+            }
+            b'[' => {
+                closers.push(']');
+                expect_key = false;
+            }
+            b'}' | b']' => {
+                closers.pop();
+                expect_key = false;
+            }
+            b',' => expect_key = closers.last() == Some(&'}'),
+            b':' => expect_key = false,
+            _ => {}
+        }
+    }
+    let mut out = String::with_capacity(json.len() + closers.len() + 8);
+    match string_start {
+        Some(start) => {
+            out.push_str(&json[..start]);
+            out.push_str(whole_escapes(&json[start..]));
+            out.push('"');
+            if in_key {
+                out.push_str(":null");
+            }
+        }
+        None => {
+            // A number or literal cut short says nothing searchable: it goes.
+            let kept = json.trim_end_matches(|c: char| {
+                c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '+') || c.is_whitespace()
+            });
+            out.push_str(kept.strip_suffix(',').unwrap_or(kept));
+            if out.ends_with(':') {
+                out.push_str("null");
+            }
+        }
+    }
+    out.extend(closers.iter().rev());
+    out
+}
+
+/// The longest start of a JSON string's text (without its quotes) that is whole: an escape split
+/// by a cut (`\`, `\u00`, the first half of a surrogate pair) left out.
+fn whole_escapes(text: &str) -> &str {
+    let mut text = text;
+    // At most `\uXXXX\uXXX` (a surrogate pair cut in its second half) is not whole.
+    for _ in 0..16 {
+        if serde_json::from_str::<String>(&format!("\"{text}\"")).is_ok() {
+            return text;
+        }
+        let Some((last, _)) = text.char_indices().next_back() else {
+            break;
+        };
+        text = &text[..last];
+    }
+    ""
 }
 
 /// Appends the string values of a JSON value to `text`, one per line.
@@ -194,6 +294,37 @@ mod tests {
     }
 
     #[test]
+    fn a_prompt_cut_at_the_capture_limit_is_searched_as_text_not_json() {
+        let json = json!([
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "first line\nBudget for \"2025\" \u{e9}t\u{e9}"}
+        ])
+        .to_string();
+        // Cut in the middle of the last message, and inside each kind of escape.
+        let cut = json.find("2025").unwrap() + 2;
+        assert_eq!(
+            searchable(&json[..cut]),
+            "Be brief.\nfirst line\nBudget for \"20"
+        );
+        let escape = json.find("\\nBudget").unwrap() + 1;
+        assert_eq!(searchable(&json[..escape]), "Be brief.\nfirst line");
+        assert_eq!(searchable(r#"["a", "Caf\u00e9 \ud83d\ude"#), "a\nCafé ");
+        assert_eq!(searchable("[\"unfinished"), "unfinished");
+        // Cut in a key, a structural value, a literal or between values: what was read whole.
+        assert_eq!(searchable(r#"[{"role":"user","cont"#), "");
+        assert_eq!(searchable(r#"[{"content":"hi"},{"role":"us"#), "hi");
+        assert_eq!(searchable(r#"[{"content":"hi"},"#), "hi");
+        assert_eq!(searchable(r#"[{"content":"hi","n":tr"#), "hi");
+        assert_eq!(searchable(r#"[{"content":"hi","n": "#), "hi");
+        assert_eq!(searchable(r#"[{"content":"hi","text""#), "hi");
+        // Inlined media cut short stays out.
+        assert_eq!(
+            searchable(r#"[{"content":"hi","url":"data:image/png;base64,iVBO"#),
+            "hi"
+        );
+    }
+
+    #[test]
     fn unicode_escapes_are_decoded() {
         assert_eq!(searchable(r#"["Caf\u00e9 \ud83d\ude00"]"#), "Café 😀");
     }
@@ -201,7 +332,6 @@ mod tests {
     #[test]
     fn text_that_is_not_json_is_searched_as_it_is() {
         assert_eq!(searchable("plain words"), "plain words");
-        assert_eq!(searchable("[\"unfinished"), "[\"unfinished");
         assert_eq!(searchable("\"one\" \"two\""), "\"one\" \"two\"");
     }
 
