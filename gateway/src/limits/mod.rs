@@ -102,6 +102,21 @@ impl Estimate {
     /// when they finish.
     pub async fn of_call(call: &Call, default_completion_tokens: u64) -> Estimate {
         let json = call.json();
+        if is_run(call.operation) {
+            // A run's prompt is its thread, which the gateway does not see: what the run allows
+            // itself (`max_prompt_tokens`), and its completion's allowance.
+            return Estimate {
+                prompt_tokens: json
+                    .and_then(|body| body.get("max_prompt_tokens"))
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0),
+                completion_tokens: completion_allowance(
+                    call.operation,
+                    json,
+                    default_completion_tokens,
+                ),
+            };
+        }
         let Some(work) = TokenWork::plan(call.operation, json, None, call.deployment.as_deref())
         else {
             return Estimate::default();
@@ -141,9 +156,22 @@ pub fn completion_allowance(operation: OperationId, body: Option<&Value>, defaul
             field("n").unwrap_or(1).max(field("best_of").unwrap_or(1)),
         ),
         OperationId::CreateResponse => (field("max_output_tokens"), 1),
+        // A run's whole completion, over all its steps.
+        OperationId::CreateRun | OperationId::CreateThreadAndRun => {
+            (field("max_completion_tokens"), 1)
+        }
         _ => return 0,
     };
     allowed.unwrap_or(default).saturating_mul(choices)
+}
+
+/// Whether `operation` starts an Assistants run, whose model works on a thread the gateway does
+/// not see.
+fn is_run(operation: OperationId) -> bool {
+    matches!(
+        operation,
+        OperationId::CreateRun | OperationId::CreateThreadAndRun
+    )
 }
 
 /// The deployment whose model a call runs: the one it names, or for an Assistants run (whose

@@ -744,16 +744,38 @@ async fn calls_that_run_a_model_without_naming_a_deployment_are_limited() {
         json!([{"id": "p", "deployments": ["gpt-4o"], "serves_resources": true, "members": [member("a", &url, 1)]}]),
     );
     runs.limits = serde_json::from_value(json!([{"id": "gpt-4o-rate", "deployments": ["gpt-4o"],
-        "subject": {"kind": "each_subscription"}, "requests_per_minute": 1}]))
+        "subject": {"kind": "each_subscription"}, "requests_per_minute": 2,
+        "tokens_per_minute": 4000}]))
     .unwrap();
     let gw = TestGateway::start(runs).await;
-    let run = || {
+    let run = |body: Value| {
         gw.post("/openai/threads/thread_1/runs?api-version=2024-05-01-preview")
-            .json(&json!({"assistant_id": "asst_1", "model": "gpt-4o"}))
+            .json(&body)
             .send()
     };
-    assert_eq!(run().await.unwrap().status(), 200);
-    let message = azure_error(run().await.unwrap(), 429).await;
+    // A queued run reports no usage: what it allows itself stays charged, its prompt
+    // (`max_prompt_tokens`) and its completion (`max_completion_tokens`, else the default).
+    let first = run(json!({"assistant_id": "asst_1", "model": "gpt-4o",
+        "max_prompt_tokens": 1000, "max_completion_tokens": 500}))
+    .await
+    .unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(header(&first, "x-gatehouse-consumed-tokens"), Some(1500));
+    assert_eq!(header(&first, "x-gatehouse-remaining-tokens"), Some(2500));
+    first.bytes().await.unwrap();
+    let second = run(json!({"assistant_id": "asst_1", "model": "gpt-4o"}))
+        .await
+        .unwrap();
+    assert_eq!(second.status(), 200);
+    assert_eq!(header(&second, "x-gatehouse-consumed-tokens"), Some(1024));
+    second.bytes().await.unwrap();
+    let message = azure_error(
+        run(json!({"assistant_id": "asst_1", "model": "gpt-4o"}))
+            .await
+            .unwrap(),
+        429,
+    )
+    .await;
     assert!(message.contains("gpt-4o-rate"), "{message}");
     gw.stop().await;
 }
