@@ -85,20 +85,21 @@ impl GroupResolver {
         }
     }
 
-    /// The groups `object_id` of `tenant` is a member of (transitively).
+    /// The groups `object_id` of `tenant` is a member of (transitively), and how long ago Graph
+    /// said so (zero when it was asked now; at most `cache_seconds` for a cached answer).
     pub async fn member_groups(
         &self,
         policy: &GraphPolicy,
         tenant: &str,
         object_id: &str,
         app_only: bool,
-    ) -> Result<Arc<Vec<String>>, TokenError> {
+    ) -> Result<(Arc<Vec<String>>, Duration), TokenError> {
         let ttl = Duration::from_secs(policy.cache_seconds);
         let key = (tenant.to_owned(), object_id.to_owned());
         if let Some((at, groups)) = lock(&self.cache).get(&key)
             && at.elapsed() < ttl
         {
-            return Ok(Arc::clone(groups));
+            return Ok((Arc::clone(groups), at.elapsed()));
         }
         let Some(credential) = &self.credential else {
             tracing::warn!(
@@ -167,6 +168,6 @@ impl GroupResolver {
             }
         }
         cache.insert(key, (Instant::now(), Arc::clone(&groups)));
-        Ok(groups)
+        Ok((groups, Duration::ZERO))
     }
 }

@@ -231,14 +231,26 @@ impl TokenValidator {
         {
             return Ok(Arc::clone(&known.identity));
         }
-        let (identity, exp, nbf) = self.validate_fully(policy, token).await?;
-        let identity = Arc::new(identity);
+        let validation = self.validate_fully(policy, token).await?;
+        let identity = Arc::new(validation.identity);
         let skew = i64::try_from(policy.clock_skew_seconds).unwrap_or(i64::MAX);
-        let graph_age = i64::try_from(policy.graph.cache_seconds).unwrap_or(i64::MAX);
+        // Groups from Graph are used no longer than `cache_seconds` after Graph gave them: a
+        // token first seen with a cached answer is remembered only for what is left of its age.
+        let graph_age = i64::try_from(policy.graph.cache_seconds)
+            .unwrap_or(i64::MAX)
+            .saturating_sub(
+                // In whole seconds, as `now`, rounded up.
+                i64::try_from(validation.groups_age.as_millis().div_ceil(1000)).unwrap_or(i64::MAX),
+            );
         let remembered = Validated {
             identity: Arc::clone(&identity),
-            usable_from: nbf.map_or(i64::MIN, |nbf| nbf.saturating_sub(skew)),
-            usable_until: exp.saturating_add(skew).min(now.saturating_add(graph_age)),
+            usable_from: validation
+                .nbf
+                .map_or(i64::MIN, |nbf| nbf.saturating_sub(skew)),
+            usable_until: validation
+                .exp
+                .saturating_add(skew)
+                .min(now.saturating_add(graph_age)),
             generation,
         };
         let mut validated = write(&self.validated);
@@ -255,13 +267,12 @@ impl TokenValidator {
         Ok(identity)
     }
 
-    /// The whole validation: header, tenant, issuer, key, signature, claims, groups. Returns the
-    /// identity with `exp` and `nbf`.
+    /// The whole validation: header, tenant, issuer, key, signature, claims, groups.
     async fn validate_fully(
         &self,
         policy: &EntraTokenPolicy,
         token: &str,
-    ) -> Result<(EntraIdentity, i64, Option<i64>), TokenError> {
+    ) -> Result<FullValidation, TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(|error| match error.kind() {
             // An `alg` the crate does not know (`none`, …) fails header parsing.
             ErrorKind::Json(_) => TokenError::Algorithm,
@@ -367,16 +378,16 @@ impl TokenValidator {
             .as_ref()
             .is_some_and(|names| names.contains_key("groups"))
             || claims.hasgroups == Some(true);
-        let groups = match (claims.groups, overage) {
-            (Some(groups), _) => groups,
+        let (groups, groups_age) = match (claims.groups, overage) {
+            (Some(groups), _) => (groups, Duration::ZERO),
             (None, true) => {
-                let groups = self
+                let (groups, age) = self
                     .graph
                     .member_groups(&policy.graph, &tenant, &object_id, app_only)
                     .await?;
-                groups.as_ref().clone()
+                (groups.as_ref().clone(), age)
             }
-            (None, false) => Vec::new(),
+            (None, false) => (Vec::new(), Duration::ZERO),
         };
         let identity = EntraIdentity {
             object_id,
@@ -392,8 +403,22 @@ impl TokenValidator {
             app_only,
             groups_overage: overage,
         };
-        Ok((identity, exp, claims.nbf))
+        Ok(FullValidation {
+            identity,
+            exp,
+            nbf: claims.nbf,
+            groups_age,
+        })
     }
+}
+
+/// What a whole validation found: the identity, the token's `exp` and `nbf`, and the age of the
+/// groups Graph gave for it (zero when the token carried them).
+struct FullValidation {
+    identity: EntraIdentity,
+    exp: i64,
+    nbf: Option<i64>,
+    groups_age: Duration,
 }
 
 /// The issuer a token of `tenant` and `version` must carry.

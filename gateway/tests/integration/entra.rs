@@ -641,6 +641,16 @@ async fn overage_gateway(
     backend: &str,
     tenants: &[&str],
 ) -> (TestGateway, TokenEndpoint) {
+    overage_gateway_caching(double, backend, tenants, 600).await
+}
+
+/// [`overage_gateway`] keeping Graph's answers `cache_seconds`.
+async fn overage_gateway_caching(
+    double: &EntraDouble,
+    backend: &str,
+    tenants: &[&str],
+    cache_seconds: u64,
+) -> (TestGateway, TokenEndpoint) {
     let token_endpoint = TokenEndpoint::start(Proof::Secret(GATEWAY_SECRET.to_owned()), 3600).await;
     for tenant in tenants {
         token_endpoint.consent_in(tenant);
@@ -653,8 +663,17 @@ async fn overage_gateway(
         Some(&url::Url::parse(&token_endpoint.url).unwrap()),
     )
     .unwrap();
+    let mut snapshot = serde_json::to_value(entra_snapshot(
+        1,
+        double,
+        backend,
+        "token",
+        Some(group_rules()),
+    ))
+    .unwrap();
+    snapshot["identity"]["entra"]["graph"]["cache_seconds"] = json!(cache_seconds);
     let gw = TestGateway::start_with_secrets(
-        entra_snapshot(1, double, backend, "token", Some(group_rules())),
+        serde_json::from_value(snapshot).unwrap(),
         SecretSettings {
             entra_credential: Some(credential),
             ..SecretSettings::default()
@@ -697,6 +716,39 @@ async fn the_groups_overage_is_resolved_through_graph_and_cached() {
     let message = azure_error(call_with_token(&gw, &sign(TestKey::A, &claims)).await, 401).await;
     assert!(message.contains("group memberships"), "{message}");
     assert_eq!(sim.hits(), 2);
+}
+
+/// Groups from Graph are used at most `cache_seconds` after Graph gave them, also for a token
+/// first seen while its user's answer was already in the cache (it was remembered for
+/// `cache_seconds` from then, so a group removed in Entra went on granting for up to twice as
+/// long).
+#[tokio::test]
+async fn groups_from_graph_are_not_used_past_their_cache_time_through_a_new_token() {
+    let double = EntraDouble::start().await;
+    let sim = simulator("entra-overage-age").await;
+    let (gw, _token_endpoint) = overage_gateway_caching(&double, &sim.url(), &[TENANT_A], 3).await;
+    let oid = "0000000a-0000-0000-0000-0000000000f3";
+    double.set_graph_groups(oid, &[GROUP_CHAT]);
+    let token = |n: u32| {
+        let mut claims = overage_claims(&double, TENANT_A, oid);
+        claims["uti"] = json!(format!("token-{n}"));
+        sign(TestKey::A, &claims)
+    };
+    assert_eq!(call_with_token(&gw, &token(1)).await.status(), 200);
+    // Graph was asked before this.
+    let asked = std::time::Instant::now();
+    // The user leaves the group; the cached answer still grants, through a new token too.
+    double.set_graph_groups(oid, &[]);
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let second = token(2);
+    assert_eq!(call_with_token(&gw, &second).await.status(), 200);
+    assert_eq!(double.graph_calls(), 1);
+    // Past the cache time of Graph's answer (and before that of the second token's first use),
+    // the new token is judged by a new answer.
+    tokio::time::sleep(std::time::Duration::from_millis(3200).saturating_sub(asked.elapsed()))
+        .await;
+    azure_error(call_with_token(&gw, &second).await, 403).await;
+    assert_eq!(double.graph_calls(), 2);
 }
 
 /// A token of the implicit flow carries at most six groups: past them it says `hasgroups: true`
