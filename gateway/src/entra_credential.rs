@@ -699,20 +699,28 @@ fn cached_token(token: Secret<String>, started: Instant, lifetime: Duration) -> 
     }
 }
 
+/// The longest a token is taken to live, whatever its endpoint says: Entra's access tokens live
+/// 60 to 90 minutes, a managed identity's up to 24 hours. (A larger `expires_in` would also
+/// overflow the clock's arithmetic.)
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// The token's lifetime from `expires_in` (seconds; a number, or a string from IMDS) or else
-/// `expires_on` (Unix seconds, App Service).
+/// `expires_on` (Unix seconds, App Service), at most [`MAX_TOKEN_LIFETIME`].
 fn lifetime(answer: &Value) -> Option<Duration> {
     let seconds = |value: &Value| match value {
         Value::Number(n) => n.as_u64(),
         Value::String(s) => s.trim().parse::<u64>().ok(),
         _ => None,
     };
-    if let Some(expires_in) = answer.get("expires_in").and_then(seconds) {
-        return Some(Duration::from_secs(expires_in));
-    }
-    let expires_on = answer.get("expires_on").and_then(seconds)?;
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs();
-    Some(Duration::from_secs(expires_on.saturating_sub(now)))
+    let lifetime = match answer.get("expires_in").and_then(seconds) {
+        Some(expires_in) => Duration::from_secs(expires_in),
+        None => {
+            let expires_on = answer.get("expires_on").and_then(seconds)?;
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs();
+            Duration::from_secs(expires_on.saturating_sub(now))
+        }
+    };
+    Some(lifetime.min(MAX_TOKEN_LIFETIME))
 }
 
 fn form(pairs: &[(&str, &str)]) -> String {
@@ -1053,6 +1061,17 @@ mod tests {
         let from_on = json(serde_json::json!({"expires_on": on.to_string()})).unwrap();
         assert!(from_on <= Duration::from_secs(100) && from_on >= Duration::from_secs(98));
         assert_eq!(json(serde_json::json!({})), None);
+        // An absurd lifetime is capped, so that the refresh times can be computed.
+        for absurd in [
+            serde_json::json!({"expires_in": u64::MAX}),
+            serde_json::json!({"expires_in": "18446744073709551615"}),
+            serde_json::json!({"expires_on": u64::MAX}),
+        ] {
+            let capped = json(absurd).unwrap();
+            assert_eq!(capped, MAX_TOKEN_LIFETIME);
+            let cached = cached_token(Secret::new("t".into()), Instant::now(), capped);
+            assert!(cached.expires_at > cached.refresh_at);
+        }
     }
 
     #[test]

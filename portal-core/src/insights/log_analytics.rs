@@ -458,7 +458,9 @@ impl LogAnalyticsSource {
             Value::String(s) => s.parse().ok(),
             _ => None,
         }
-        .unwrap_or(300);
+        .unwrap_or(300)
+        // At most a day (Entra's tokens live about an hour; an absurd value would overflow).
+        .min(24 * 60 * 60);
         let token = Secret(answer.access_token);
         *cached = Some(CachedToken {
             token: token.clone(),
