@@ -216,14 +216,28 @@ impl AffinityMap {
         member: &str,
         until: Option<i64>,
     ) -> std::io::Result<()> {
-        let journaled = self
-            .append(Entry {
-                id: id.to_owned(),
-                member: Some(member.to_owned()),
-                until,
-            })
-            .await;
-        self.pin(id, member, until);
+        self.remember_if(id, member, until, false).await
+    }
+
+    /// [`AffinityMap::remember`], or nothing when `only_if_pinned` and `id` is no longer pinned
+    /// to `member` in memory.
+    async fn remember_if(
+        &self,
+        id: &str,
+        member: &str,
+        until: Option<i64>,
+        only_if_pinned: bool,
+    ) -> std::io::Result<()> {
+        let entry = Entry {
+            id: id.to_owned(),
+            member: Some(member.to_owned()),
+            until,
+        };
+        let journaled = match self.append(entry, only_if_pinned).await {
+            Ok(false) => return Ok(()),
+            Ok(true) => Ok(()),
+            Err(error) => Err(error),
+        };
         if let Some(shared) = &self.shared
             && let Err(error) = shared.remember(id, member, until).await
         {
@@ -241,32 +255,18 @@ impl AffinityMap {
         member: &str,
         until: Option<i64>,
     ) -> std::io::Result<()> {
-        let still_pinned = self
-            .objects
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(id)
-            .is_some_and(|pin| pin.member == member);
-        if !still_pinned {
-            return Ok(());
-        }
-        self.remember(id, member, until).await
+        self.remember_if(id, member, until, true).await
     }
 
     /// Forgets `id` (it was deleted), here and in the shared map; like [`AffinityMap::remember`]
     /// even when the journal fails.
     pub async fn forget(&self, id: &str) -> std::io::Result<()> {
-        let journaled = self
-            .append(Entry {
-                id: id.to_owned(),
-                member: None,
-                until: None,
-            })
-            .await;
-        self.objects
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(id);
+        let entry = Entry {
+            id: id.to_owned(),
+            member: None,
+            until: None,
+        };
+        let journaled = self.append(entry, false).await.map(|_| ());
         if let Some(shared) = &self.shared
             && let Err(error) = shared.forget(id).await
         {
@@ -293,12 +293,40 @@ impl AffinityMap {
         self.len() == 0
     }
 
-    /// Appends one line, whole or not at all: what a failed write left is cut back, so that the
-    /// next line does not land on a torn one. Every so often the journal is compacted.
-    async fn append(&self, entry: Entry) -> std::io::Result<()> {
+    /// Applies `entry` to the objects in memory and appends it to the journal as one line, whole
+    /// or not at all: what a failed write left is cut back, so that the next line does not land
+    /// on a torn one. Every so often the journal is compacted. Both happen under the journal's
+    /// lock, so a compaction (which rewrites the journal from memory) never misses a line
+    /// written before it, its own included. With `only_if_pinned`, a pin that is no longer in
+    /// memory (its object was deleted meanwhile) is neither applied nor written: `Ok(false)`.
+    async fn append(&self, entry: Entry, only_if_pinned: bool) -> std::io::Result<bool> {
         let mut line = serde_json::to_vec(&entry).map_err(std::io::Error::other)?;
         line.push(b'\n');
         let mut journal = self.journal.lock().await;
+        {
+            let mut objects = self.objects.write().unwrap_or_else(PoisonError::into_inner);
+            match &entry.member {
+                Some(member) => {
+                    if only_if_pinned
+                        && !objects
+                            .get(&entry.id)
+                            .is_some_and(|pin| &pin.member == member)
+                    {
+                        return Ok(false);
+                    }
+                    objects.insert(
+                        entry.id,
+                        Pin {
+                            member: member.clone(),
+                            until: entry.until,
+                        },
+                    );
+                }
+                None => {
+                    objects.remove(&entry.id);
+                }
+            }
+        }
         if journal.failed {
             let len = journal.len;
             journal.file.set_len(len).await?;
@@ -338,7 +366,7 @@ impl AffinityMap {
                 }
             }
         }
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -565,6 +593,37 @@ mod tests {
         );
         // Memory too (the last one was pinned after the compaction).
         assert!(map.len() <= 3, "{} objects", map.len());
+    }
+
+    /// The line whose write compacts the journal is in the compacted journal: the object it pins
+    /// survives a restart, the object it forgets does not come back.
+    #[tokio::test]
+    async fn the_line_that_compacts_the_journal_is_kept_by_the_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let map = AffinityMap::open(dir.path(), None).await.unwrap();
+            for i in 0..COMPACT_AFTER_LINES {
+                map.remember(&format!("file-{i}"), "east", None)
+                    .await
+                    .unwrap();
+            }
+        }
+        let last = format!("file-{}", COMPACT_AFTER_LINES - 1);
+        {
+            let map = AffinityMap::open(dir.path(), None).await.unwrap();
+            assert_eq!(map.member_of(&last).as_deref(), Some("east"));
+            // The 10,000th line from now compacts again (10,000 objects live): it forgets.
+            for i in 0..COMPACT_AFTER_LINES - 1 {
+                map.remember(&format!("file-{i}"), "east", None)
+                    .await
+                    .unwrap();
+            }
+            map.forget("file-0").await.unwrap();
+        }
+        let map = AffinityMap::open(dir.path(), None).await.unwrap();
+        assert_eq!(map.member_of(&last).as_deref(), Some("east"));
+        assert_eq!(map.member_of("file-0"), None);
+        assert_eq!(map.len(), COMPACT_AFTER_LINES - 1);
     }
 
     /// An object deleted before its pin was written is not pinned again by the write.
