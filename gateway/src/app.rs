@@ -450,11 +450,24 @@ fn log_call(record: &AuditRecord) {
     );
 }
 
+/// `/readyz`: 503 while the gateway cannot serve a model call — no pool configured, or, set to
+/// fail closed, an audit store it cannot record into (every call would be refused; a load
+/// balancer then sends them to a replica that can).
 async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {
     if gateway.runtime().pools.is_empty() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "no backend pool configured",
+        )
+            .into_response()
+    } else if gateway
+        .audit
+        .as_ref()
+        .is_some_and(|queue| queue.refuses_calls())
+    {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "calls are refused: the audit store cannot record them (audit.fail_closed)",
         )
             .into_response()
     } else {

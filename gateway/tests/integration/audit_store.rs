@@ -202,6 +202,8 @@ async fn fail_closed_refuses_calls_it_cannot_record_and_recovers() {
         refused,
         "a fail-closed gateway must refuse calls once it cannot record them"
     );
+    // It says so to the load balancer.
+    assert_eq!(gw.get("/readyz").send().await.unwrap().status(), 503);
     let hits_when_closed = sim.hits();
     let response = gw
         .post(&chat_path("gpt-4o"))
@@ -234,6 +236,7 @@ async fn fail_closed_refuses_calls_it_cannot_record_and_recovers() {
         }
     }
     assert!(recovered, "calls are served again once the store is back");
+    assert_eq!(gw.get("/readyz").send().await.unwrap().status(), 200);
     // Every call that was answered 200 is on record, those held while the store was down too.
     let answered = sim.hits() as usize;
     let mut recorded = 0;
