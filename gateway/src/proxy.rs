@@ -186,8 +186,13 @@ pub async fn forward(
                 OperationId::BatchCreate | OperationId::CreateRun | OperationId::CreateThreadAndRun
             )
         {
-            let headers =
-                upstream_headers(&HeaderMap::new(), credential.clone(), request_id(record));
+            // The member's credential, and the client's `OpenAI-Beta` (OpenAI answers an
+            // Assistants read without `assistants=v2` with 400 `invalid_beta`).
+            let mut beta = HeaderMap::new();
+            if let Some(value) = parts.headers.get("openai-beta") {
+                beta.insert("openai-beta", value.clone());
+            }
+            let headers = upstream_headers(&beta, credential.clone(), request_id(record));
             // A shutdown whose drain is over waits for no read either.
             let checked = tokio::select! {
                 checked = authorize_on_member(rules, principal, &member, &call, headers) => checked?,

@@ -185,3 +185,39 @@ async fn without_access_rules_a_run_is_sent_without_reading_its_assistant() {
     assert_eq!(runs_sent(&sim), 1);
     assert_eq!(assistant_reads(&sim, &assistant), 0);
 }
+
+/// The assistant is read with the client's `OpenAI-Beta`: OpenAI answers an Assistants read
+/// without `assistants=v2` with 400 `invalid_beta`, so a run through an OpenAI member would get
+/// that answer instead of running.
+#[tokio::test]
+async fn the_assistant_is_read_with_the_clients_openai_beta_header() {
+    let sim = simulator("assistant-runs-beta").await;
+    let gw = gateway_with_rules(&sim.url()).await;
+    let assistant = assistant_at_member(&sim.url(), "gpt-4o-mini").await;
+    let response = gw
+        .post(&format!("/openai/threads/thread_1/runs?{API}"))
+        .header("OpenAI-Beta", "assistants=v2")
+        .json(&json!({"assistant_id": assistant}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404, "the simulator's answer to the run");
+    let read = sim
+        .requests()
+        .into_iter()
+        .find(|seen| {
+            seen.method == "GET"
+                && seen
+                    .path
+                    .starts_with(&format!("/openai/assistants/{assistant}?"))
+        })
+        .expect("the assistant was read");
+    assert_eq!(read.header("openai-beta"), Some("assistants=v2"));
+    // Nothing else of the client's is: never its key.
+    assert!(
+        read.headers.iter().all(|(_, value)| !value.contains(KEY)),
+        "{:?}",
+        read.headers
+    );
+    assert_eq!(runs_sent(&sim), 1);
+}
