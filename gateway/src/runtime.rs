@@ -309,7 +309,10 @@ mod tests {
                     {"id": "m1", "endpoint": "ftp://x", "weight": 0, "response_timeout_ms": 0, "response_idle_timeout_ms": 0},
                     {"id": "m1", "endpoint": "https://user:pw@x", "credential": {"type": "api_key", "secret": "env:GATEHOUSE_SURELY_UNSET_VAR"}}
                 ]},
-                {"id": "a", "deployments": ["GPT-4o", "../etc"], "members": []}
+                {"id": "a", "deployments": ["GPT-4o", "../etc"], "members": []},
+                {"id": "eu west", "deployments": ["o3"], "members": [
+                    {"id": "corp\\aoai-1", "endpoint": "https://x"}
+                ]}
             ]
         }));
         let errors = Runtime::build(bad, &HealthRegistry::default())
@@ -326,6 +329,8 @@ mod tests {
             "pools[1].members: a pool needs at least one member",
             "pools[1].deployments[0]: `GPT-4o` is already served by pools[0]",
             "pools[1].deployments[1]: `../etc` is not a valid deployment name",
+            "pools[2].id: use 1 to 64 letters, digits, dots, underscores or hyphens",
+            "pools[2].members[0].id: use 1 to 64 letters",
         ];
         for needle in expected {
             assert!(
@@ -405,6 +410,8 @@ mod tests {
                 {"id": "", "subject": {"kind": "each_user"}, "token_quota": {"tokens": 0, "period": "daily"},
                  "requests_per_minute": 0, "deployments": ["gpt-4o*", "bad name"]},
                 {"id": "ok", "subject": {"kind": "subscription", "id": "s"}, "requests_per_minute": 5},
+                // A quote or a line break in an id would break the metrics' label values.
+                {"id": "per \"team\"\n", "subject": {"kind": "each_subscription"}, "requests_per_minute": 5},
                 // A subscription the snapshot does not have: the limit would limit nobody.
                 {"id": "typo", "subject": {"kind": "subscription", "id": "S"}, "requests_per_minute": 5}
             ],
@@ -423,7 +430,8 @@ mod tests {
             "limits[2].requests_per_minute: must be at least 1",
             "limits[2].token_quota.tokens: must be at least 1",
             "limits[2].deployments[1]: `bad name` is not",
-            "limits[4].subject.id: no subscription `S`",
+            "limits[5].subject.id: no subscription `S`",
+            "limits[4].id: use 1 to 64 letters, digits, dots, underscores or hyphens",
         ];
         for needle in expected {
             assert!(

@@ -276,9 +276,7 @@ fn validate(snapshot: &ConfigSnapshot, errors: &mut Vec<String>) {
     let mut deployments = HashMap::new();
     let mut resource_pools = 0;
     for (p, pool) in snapshot.pools.iter().enumerate() {
-        if pool.id.trim().is_empty() {
-            errors.push(format!("pools[{p}].id: must not be empty"));
-        }
+        check_label_id(&format!("pools[{p}].id"), &pool.id, errors);
         if !pool_ids.insert(&pool.id) {
             errors.push(format!("pools[{p}].id: duplicate pool id `{}`", pool.id));
         }
@@ -315,9 +313,7 @@ fn validate(snapshot: &ConfigSnapshot, errors: &mut Vec<String>) {
         }
         for (m, member) in pool.members.iter().enumerate() {
             let path = format!("pools[{p}].members[{m}]");
-            if member.id.trim().is_empty() {
-                errors.push(format!("{path}.id: must not be empty"));
-            }
+            check_label_id(&format!("{path}.id"), &member.id, errors);
             if !member_ids.insert(&member.id) {
                 errors.push(format!(
                     "{path}.id: duplicate member id `{}` (member ids are unique across pools)",
@@ -379,9 +375,7 @@ fn validate_limits(
     let mut ids = HashSet::new();
     for (i, rule) in rules.iter().enumerate() {
         let path = format!("limits[{i}]");
-        if rule.id.trim().is_empty() {
-            errors.push(format!("{path}.id: must not be empty"));
-        }
+        check_label_id(&format!("{path}.id"), &rule.id, errors);
         if !ids.insert(&rule.id) {
             errors.push(format!("{path}.id: duplicate limit id `{}`", rule.id));
         }
@@ -425,5 +419,22 @@ fn validate_limits(
                 ));
             }
         }
+    }
+}
+
+/// The ids that name metric label values, log fields and Redis keys — pools, members, limits —
+/// are 1 to 64 letters, digits, `.`, `_` or `-`, as the portal makes them: a quote, a backslash
+/// or a line break in a label value breaks the whole Prometheus scrape.
+fn check_label_id(path: &str, id: &str, errors: &mut Vec<String>) {
+    if id.is_empty() {
+        errors.push(format!("{path}: must not be empty"));
+    } else if id.len() > 64
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        errors.push(format!(
+            "{path}: use 1 to 64 letters, digits, dots, underscores or hyphens"
+        ));
     }
 }
