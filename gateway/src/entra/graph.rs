@@ -21,6 +21,7 @@ use serde::Deserialize;
 use super::TokenError;
 use crate::secret::Secret;
 use crate::sync::lock;
+use crate::warning_throttle::WarningThrottle;
 
 pub use crate::entra_credential::GRAPH_SCOPE;
 
@@ -52,12 +53,24 @@ impl AccessTokenSource for crate::entra_credential::TokenCredential {
 /// Most cached users; beyond it, expired entries are dropped, then the cache is cleared.
 const MAX_CACHED: usize = 50_000;
 
+/// How long Graph is left alone after it failed without saying how long (5xx, unreachable, a
+/// 429 without `Retry-After`), and the longest wait a `Retry-After` may ask.
+const DEFAULT_PAUSE: Duration = Duration::from_secs(5);
+const MAX_PAUSE: Duration = Duration::from_secs(60);
+
+/// How often a failing Graph is logged (every failure is answered 503 all the same).
+const WARNING_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Resolves and caches group memberships.
 #[derive(Debug)]
 pub struct GroupResolver {
     client: reqwest::Client,
     credential: Option<Arc<dyn AccessTokenSource>>,
     cache: Mutex<HashMap<UserKey, Cached>>,
+    /// Per tenant, until when Graph is not asked: it throttled (`Retry-After`) or failed. Calls
+    /// meanwhile are answered 503 at once instead of adding to its load.
+    paused: Mutex<HashMap<String, Instant>>,
+    warnings: WarningThrottle,
 }
 
 /// Tenant id and object id.
@@ -82,6 +95,8 @@ impl GroupResolver {
             client,
             credential,
             cache: Mutex::default(),
+            paused: Mutex::default(),
+            warnings: WarningThrottle::new(WARNING_INTERVAL),
         }
     }
 
@@ -102,16 +117,29 @@ impl GroupResolver {
             return Ok((Arc::clone(groups), at.elapsed()));
         }
         let Some(credential) = &self.credential else {
-            tracing::warn!(
-                "a token carries a groups overage but the gateway has no Entra credential to ask Microsoft Graph (server.entra_credential)"
-            );
+            if self.warnings.should_warn() {
+                tracing::warn!(
+                    "a token carries a groups overage but the gateway has no Entra credential to ask Microsoft Graph (server.entra_credential)"
+                );
+            }
             return Err(TokenError::Groups);
         };
+        if lock(&self.paused)
+            .get(tenant)
+            .is_some_and(|until| Instant::now() < *until)
+        {
+            return Err(TokenError::Unavailable(
+                "Microsoft Graph asked the gateway to wait (it was throttling or failing); try again shortly"
+                    .to_owned(),
+            ));
+        }
         let token = credential
             .token(GRAPH_SCOPE, tenant)
             .await
             .map_err(|error| {
-                tracing::warn!(%error, tenant, "no Microsoft Graph token");
+                if self.warnings.should_warn() {
+                    tracing::warn!(%error, tenant, "no Microsoft Graph token");
+                }
                 TokenError::Unavailable("Microsoft Graph cannot be reached".to_owned())
             })?;
         if !object_id
@@ -137,26 +165,41 @@ impl GroupResolver {
             .send()
             .await
             .map_err(|error| {
-                tracing::warn!(error = %error.without_url(), "Microsoft Graph unreachable");
+                self.pause(tenant, DEFAULT_PAUSE);
+                if self.warnings.should_warn() {
+                    tracing::warn!(error = %error.without_url(), "Microsoft Graph unreachable");
+                }
                 TokenError::Unavailable("Microsoft Graph cannot be reached".to_owned())
             })?;
         let status = response.status();
         if status.is_server_error() || status.as_u16() == 429 {
-            tracing::warn!(status = status.as_u16(), "Microsoft Graph refused");
+            let wait = retry_after(response.headers()).unwrap_or(DEFAULT_PAUSE);
+            self.pause(tenant, wait);
+            if self.warnings.should_warn() {
+                tracing::warn!(
+                    status = status.as_u16(),
+                    wait_ms = wait.as_millis(),
+                    "Microsoft Graph refused; not asked again before the wait is over"
+                );
+            }
             return Err(TokenError::Unavailable(format!(
                 "Microsoft Graph answered HTTP {}",
                 status.as_u16()
             )));
         }
         if !status.is_success() {
-            tracing::warn!(
-                status = status.as_u16(),
-                "Microsoft Graph refused the lookup"
-            );
+            if self.warnings.should_warn() {
+                tracing::warn!(
+                    status = status.as_u16(),
+                    "Microsoft Graph refused the lookup"
+                );
+            }
             return Err(TokenError::Groups);
         }
         let groups: MemberObjects = response.json().await.map_err(|error| {
-            tracing::warn!(error = %error.without_url(), "unexpected Microsoft Graph answer");
+            if self.warnings.should_warn() {
+                tracing::warn!(error = %error.without_url(), "unexpected Microsoft Graph answer");
+            }
             TokenError::Groups
         })?;
         let groups = Arc::new(groups.value);
@@ -170,4 +213,25 @@ impl GroupResolver {
         cache.insert(key, (Instant::now(), Arc::clone(&groups)));
         Ok((groups, Duration::ZERO))
     }
+
+    /// Asks Graph nothing for `tenant` for `wait` (at most [`MAX_PAUSE`]).
+    fn pause(&self, tenant: &str, wait: Duration) {
+        let until = Instant::now() + wait.min(MAX_PAUSE);
+        let mut paused = lock(&self.paused);
+        // Tenants are the policy's, a short list; expired pauses go when another is set.
+        paused.retain(|_, until| Instant::now() < *until);
+        paused.insert(tenant.to_owned(), until);
+    }
+}
+
+/// A `Retry-After` in seconds, as Graph sends it when it throttles.
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(Duration::from_secs)
 }

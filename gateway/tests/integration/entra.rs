@@ -751,6 +751,31 @@ async fn groups_from_graph_are_not_used_past_their_cache_time_through_a_new_toke
     assert_eq!(double.graph_calls(), 2);
 }
 
+/// Graph throttling the gateway (429 with `Retry-After`) is not asked again before that wait is
+/// over: the calls meanwhile are answered 503 at once, and the first one after it is served.
+#[tokio::test]
+async fn graph_is_not_asked_again_before_its_retry_after() {
+    let double = EntraDouble::start().await;
+    let sim = simulator("entra-overage-throttled").await;
+    let (gw, _token_endpoint) = overage_gateway(&double, &sim.url(), &[TENANT_A]).await;
+    let oid = "0000000a-0000-0000-0000-0000000000f4";
+    double.set_graph_groups(oid, &[GROUP_CHAT]);
+    double.throttle_graph(1, 2);
+    let token = sign(TestKey::A, &overage_claims(&double, TENANT_A, oid));
+    let throttled = std::time::Instant::now();
+    for _ in 0..5 {
+        let message = azure_error(call_with_token(&gw, &token).await, 503).await;
+        assert!(message.contains("Microsoft Graph"), "{message}");
+    }
+    assert_eq!(double.graph_calls(), 1, "asked once, then waited");
+    tokio::time::sleep(std::time::Duration::from_millis(2200).saturating_sub(throttled.elapsed()))
+        .await;
+    let served = call_with_token(&gw, &token).await;
+    assert_eq!(served.status(), 200, "{}", served.text().await.unwrap());
+    assert_eq!(double.graph_calls(), 2);
+    assert_eq!(sim.hits(), 1);
+}
+
 /// A token of the implicit flow carries at most six groups: past them it says `hasgroups: true`
 /// and no `groups` (azure-specs §5.3), and the groups are looked up in Graph as for an overage.
 #[tokio::test]

@@ -84,6 +84,9 @@ struct DoubleState {
     /// Key fetches still to answer 503 (the provider unreachable for a moment).
     failing_key_fetches: AtomicU64,
     graph_calls: AtomicU64,
+    /// Graph calls still to answer 429 with `Retry-After: graph_retry_after` (seconds).
+    throttled_graph_calls: AtomicU64,
+    graph_retry_after: AtomicU64,
     /// Groups by tenant and object id: Graph answers about the directory its token is from.
     graph_groups: Mutex<HashMap<(String, String), Vec<String>>>,
     graph_tokens: Mutex<Option<crate::azure_identity_double::EntraDouble>>,
@@ -113,6 +116,8 @@ impl EntraDouble {
             key_fetches: AtomicU64::new(0),
             failing_key_fetches: AtomicU64::new(0),
             graph_calls: AtomicU64::new(0),
+            throttled_graph_calls: AtomicU64::new(0),
+            graph_retry_after: AtomicU64::new(0),
             graph_groups: Mutex::default(),
             graph_tokens: Mutex::default(),
         });
@@ -162,6 +167,18 @@ impl EntraDouble {
     }
 
     /// How many Graph lookups were made.
+    /// Makes Graph answer the next `count` calls 429 with `Retry-After: {seconds}`, as Graph
+    /// throttles ("Microsoft Graph throttling guidance": 429 Too Many Requests and a
+    /// `Retry-After` header in seconds).
+    pub fn throttle_graph(&self, count: u64, seconds: u64) {
+        self.state
+            .graph_retry_after
+            .store(seconds, Ordering::SeqCst);
+        self.state
+            .throttled_graph_calls
+            .store(count, Ordering::SeqCst);
+    }
+
     pub fn graph_calls(&self) -> u64 {
         self.state.graph_calls.load(Ordering::SeqCst)
     }
@@ -322,6 +339,19 @@ async fn member_objects(
     };
     assert_eq!(body["securityEnabledOnly"], json!(true));
     state.graph_calls.fetch_add(1, Ordering::SeqCst);
+    if state
+        .throttled_graph_calls
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        let seconds = state.graph_retry_after.load(Ordering::SeqCst);
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [("retry-after", seconds.to_string())],
+            Json(json!({"error": {"code": "TooManyRequests", "message": "Too many requests."}})),
+        )
+            .into_response();
+    }
     match state.graph_groups.lock().unwrap().get(&(tenant, oid.clone())) {
         Some(groups) => Json(json!({
             "@odata.context": "https://graph.microsoft.com/v1.0/$metadata#Collection(Edm.String)",
