@@ -207,6 +207,52 @@ pub fn member_json(body: &[u8], field: &str) -> Option<Option<String>> {
     Some(member.map(|raw| compact_json(raw.get())))
 }
 
+/// The string member `field` of a JSON object whose text may be cut off after it: the start of
+/// an answer too large to read whole (a Responses object opens with its `id`). The first such
+/// member counts; `None` when the text does not reach it or it is not a string.
+pub fn leading_member_str(prefix: &[u8], field: &str) -> Option<String> {
+    let mut found = None;
+    let mut deserializer = serde_json::Deserializer::from_slice(prefix);
+    // The read stops with an error at the cut, or once the member is found: what it found stays.
+    let _ = LeadingSeed {
+        field,
+        found: &mut found,
+    }
+    .deserialize(&mut deserializer);
+    found
+}
+
+/// Reads an object's members up to `field`, setting `found` to its value if it is a string;
+/// stops there with an error, so that the rest is not read.
+struct LeadingSeed<'f, 'o> {
+    field: &'f str,
+    found: &'o mut Option<String>,
+}
+
+impl<'de> DeserializeSeed<'de> for LeadingSeed<'_, '_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for LeadingSeed<'_, '_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(named) = map.next_key_seed(KeyIs(self.field))? {
+            if named {
+                *self.found = map.next_value::<String>().ok();
+                return Err(de::Error::custom("found"));
+            }
+            map.next_value::<Skip>()?;
+        }
+        Ok(())
+    }
+}
+
 /// A JSON text without the whitespace between its tokens, as `serde_json` writes a value: the
 /// text inside strings, escapes included, is kept as it came. `raw` must be valid JSON (a
 /// [`RawValue`]'s text).
@@ -867,6 +913,24 @@ impl Visitor<'_> for KeyIs<'_> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_leading_member_is_read_from_a_cut_off_object() {
+        use super::leading_member_str as leading;
+        let answer = br#"{"id":"resp_1","object":"response","output":[{"type":"image_generation_call","result":"iVBORw0KGgoAAAANSUhEUgAA"#;
+        assert_eq!(leading(answer, "id").as_deref(), Some("resp_1"));
+        assert_eq!(leading(answer, "object").as_deref(), Some("response"));
+        let later = br#"{"object":"response","created_at":1,"id" : "resp_2","output":["#;
+        assert_eq!(leading(later, "id").as_deref(), Some("resp_2"));
+        // Not reached before the cut, not a string, not an object.
+        assert_eq!(
+            leading(br#"{"object":"response","output":[{"x":"#, "id"),
+            None
+        );
+        assert_eq!(leading(br#"{"id":7,"#, "id"), None);
+        assert_eq!(leading(br#"["id","resp_1"]"#, "id"), None);
+        assert_eq!(leading(br#"{"id":"resp_"#, "id"), None);
+    }
+
     #[test]
     fn a_reference_key_is_found_at_any_depth_and_only_as_a_member_name() {
         use super::mentions_reference_key as mentions;

@@ -1019,7 +1019,7 @@ async fn relay(
     gateway: &Arc<Gateway>,
     call: Call,
     member: Arc<Member>,
-    response: http::Response<UpstreamBody>,
+    mut response: http::Response<UpstreamBody>,
     mut record: CallRecord,
     asked_usage: bool,
     client_version: http::Version,
@@ -1056,7 +1056,7 @@ async fn relay(
         // The client receives fewer bytes than the backend sent.
         headers.remove(header::CONTENT_LENGTH);
     }
-    let mut tee = Tee::new(capture_limit, is_sse, filter_usage);
+    let tee = Tee::new(capture_limit, is_sse, filter_usage);
 
     // A call that creates an object answers with a small JSON object. It is read whole so that the
     // object's member is on record before the client can ask about the object.
@@ -1064,19 +1064,52 @@ async fn relay(
         let idle = Duration::from_millis(member.config.response_idle_timeout_ms);
         let reading = Instant::now();
         // A shutdown whose drain is over waits no more for the rest of the answer.
+        let (parts, mut upstream) = response.into_parts();
         let read = tokio::select! {
-            read = read_limited(response, PARSE_LIMIT, idle) => read,
+            read = read_limited(&mut upstream, PARSE_LIMIT, idle) => read,
             () = gateway.calls.stopped() => Err(ReadCut::ShuttingDown),
         };
         record.waited += reading.elapsed();
-        let body = match read {
-            Ok(body) => body,
+        match read {
+            Ok(body) => {
+                return finish_created(gateway, call, member, status, headers, record, tee, body)
+                    .await;
+            }
+            // A response that is too large to read whole (images of the image-generation tool
+            // in its output) is relayed as it streams, pinned by the `id` it opens with.
+            Err(ReadCut::TooLarge(head)) if call.creates == Some(ObjectFamily::Response) => {
+                let stored = call
+                    .json()
+                    .and_then(|body| body.get("store"))
+                    .and_then(Value::as_bool)
+                    != Some(false);
+                if stored && let Some(id) = crate::peek::leading_member_str(&head, "id") {
+                    let until = affinity::expiry_of(
+                        ObjectFamily::Response,
+                        time::OffsetDateTime::now_utc(),
+                    );
+                    if let Err(error) = gateway
+                        .affinity
+                        .remember(&id, &member.config.id, until)
+                        .await
+                    {
+                        tracing::error!(%error, object = %id, "could not journal which member holds an object");
+                    }
+                }
+                response = http::Response::from_parts(
+                    parts,
+                    UpstreamBody::Resumed {
+                        head: Some(head),
+                        rest: Box::new(upstream),
+                    },
+                );
+            }
             Err(cut) => {
                 // The member took the call and may have created the object: the client is told
                 // so, not that no backend was available (its SDK would retry, and create it
                 // twice). A member that broke or fell silent is set aside as for a cut stream.
                 let (reason, error) = match cut {
-                    ReadCut::TooLarge => (
+                    ReadCut::TooLarge(_) => (
                         "answer_too_large",
                         GatewayError::CreatedAnswerTooLarge { limit: PARSE_LIMIT },
                     ),
@@ -1104,37 +1137,7 @@ async fn relay(
                 gateway.finish(audit, holds);
                 return axum::response::IntoResponse::into_response(error);
             }
-        };
-        let _ = tee.push(body.clone());
-        if let Some(summary) = tee.json() {
-            remember_created(gateway, &call, &member, &summary).await;
         }
-        let sent = body.len() as u64;
-        gateway
-            .metrics
-            .overhead
-            .observe(record.overhead().as_secs_f64());
-        record.record.time_to_first_byte = Some(millis(record.started.elapsed()));
-        let answer = tee.complete(&mut record, &call);
-        let estimate = estimate_needed(status, &call, &record, answer.as_ref());
-        let holds = record.take_holds();
-        let audit = record.finish(status.as_u16(), sent);
-        match estimate {
-            None => gateway.finish(audit, holds),
-            // Counting must not delay the answer.
-            Some(work) => {
-                let in_flight = gateway.calls.enter();
-                let finishing = finish_estimated(Arc::clone(gateway), audit, holds, work);
-                tokio::spawn(
-                    async move {
-                        finishing.await;
-                        drop(in_flight);
-                    }
-                    .in_current_span(),
-                );
-            }
-        }
-        return build_response(status, headers, Body::from(body));
     }
     if status.is_success()
         && call.object.as_ref().is_some_and(|_| call_deletes(&call))
@@ -1180,6 +1183,54 @@ async fn relay(
         Body::from_stream(body)
     };
     build_response(status, headers, body)
+}
+
+/// Finishes a call that created an object, its answer read whole (`body`): the object pinned to
+/// its member before the client has its id, the record completed, the answer sent.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the relay's state, handed over whole at the one place it ends this way"
+)]
+async fn finish_created(
+    gateway: &Arc<Gateway>,
+    call: Call,
+    member: Arc<Member>,
+    status: StatusCode,
+    headers: HeaderMap,
+    mut record: CallRecord,
+    mut tee: Tee,
+    body: Bytes,
+) -> Response {
+    let _ = tee.push(body.clone());
+    if let Some(summary) = tee.json() {
+        remember_created(gateway, &call, &member, &summary).await;
+    }
+    let sent = body.len() as u64;
+    gateway
+        .metrics
+        .overhead
+        .observe(record.overhead().as_secs_f64());
+    record.record.time_to_first_byte = Some(millis(record.started.elapsed()));
+    let answer = tee.complete(&mut record, &call);
+    let estimate = estimate_needed(status, &call, &record, answer.as_ref());
+    let holds = record.take_holds();
+    let audit = record.finish(status.as_u16(), sent);
+    match estimate {
+        None => gateway.finish(audit, holds),
+        // Counting must not delay the answer.
+        Some(work) => {
+            let in_flight = gateway.calls.enter();
+            let finishing = finish_estimated(Arc::clone(gateway), audit, holds, work);
+            tokio::spawn(
+                async move {
+                    finishing.await;
+                    drop(in_flight);
+                }
+                .in_current_span(),
+            );
+        }
+    }
+    return build_response(status, headers, Body::from(body));
 }
 
 /// The response body the client reads: each backend chunk passes through the tee as hyper asks
@@ -1611,10 +1662,10 @@ fn build_response(status: StatusCode, headers: HeaderMap, body: Body) -> Respons
 }
 
 /// Why an answer could not be read whole.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 enum ReadCut {
-    /// Longer than the limit.
-    TooLarge,
+    /// Longer than the limit: what was read (the limit and at most a chunk more).
+    TooLarge(Bytes),
     /// The member broke it off.
     Broke,
     /// The member paused longer than its idle limit.
@@ -1623,13 +1674,13 @@ enum ReadCut {
     ShuttingDown,
 }
 
-/// Reads a small answer whole: at most `limit` bytes, and no pause longer than `idle`.
+/// Reads a small answer whole: at most `limit` bytes, and no pause longer than `idle`. An answer
+/// too large leaves the rest of it in `upstream`.
 async fn read_limited(
-    response: http::Response<UpstreamBody>,
+    upstream: &mut UpstreamBody,
     limit: usize,
     idle: Duration,
 ) -> Result<Bytes, ReadCut> {
-    let mut upstream = response.into_body();
     let mut body = Vec::new();
     while let Some(frame) = tokio::time::timeout(idle, upstream.frame())
         .await
@@ -1639,7 +1690,8 @@ async fn read_limited(
             continue;
         };
         if body.len() + chunk.len() > limit {
-            return Err(ReadCut::TooLarge);
+            body.extend_from_slice(&chunk);
+            return Err(ReadCut::TooLarge(Bytes::from(body)));
         }
         body.extend_from_slice(&chunk);
     }

@@ -342,6 +342,13 @@ pub enum UpstreamBody {
     Direct(Incoming),
     /// Through an HTTP(S) proxy.
     Proxied(reqwest::Body),
+    /// The start of a body already read (`head`, handed out first), then the rest of it.
+    Resumed {
+        /// What was read, until handed out.
+        head: Option<Bytes>,
+        /// The body the head was read from.
+        rest: Box<UpstreamBody>,
+    },
 }
 
 impl HttpBody for UpstreamBody {
@@ -355,6 +362,10 @@ impl HttpBody for UpstreamBody {
         match self.get_mut() {
             UpstreamBody::Direct(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
             UpstreamBody::Proxied(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            UpstreamBody::Resumed { head, rest } => match head.take() {
+                Some(head) => Poll::Ready(Some(Ok(Frame::data(head)))),
+                None => Pin::new(rest.as_mut()).poll_frame(cx),
+            },
         }
     }
 
@@ -362,6 +373,7 @@ impl HttpBody for UpstreamBody {
         match self {
             UpstreamBody::Direct(body) => body.is_end_stream(),
             UpstreamBody::Proxied(body) => body.is_end_stream(),
+            UpstreamBody::Resumed { head, rest } => head.is_none() && rest.is_end_stream(),
         }
     }
 
@@ -369,6 +381,16 @@ impl HttpBody for UpstreamBody {
         match self {
             UpstreamBody::Direct(body) => body.size_hint(),
             UpstreamBody::Proxied(body) => body.size_hint(),
+            UpstreamBody::Resumed { head, rest } => {
+                let head = head.as_ref().map_or(0, |head| head.len() as u64);
+                let rest = rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(rest.lower().saturating_add(head));
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper.saturating_add(head));
+                }
+                hint
+            }
         }
     }
 }

@@ -690,3 +690,66 @@ async fn objects_named_deep_in_a_body_pin_the_call_to_their_member() {
     }
     assert_eq!((other.hits(), holder.hits()), (5, holder_hits));
 }
+
+/// A Responses answer too large to read whole (images of the image-generation tool, base64 in
+/// its output) is relayed as it streams, not refused, and the response is pinned by the `id` it
+/// opens with — unless the request said `"store": false`. The stub answers as OpenAI's Responses
+/// API does ("Create a model response": the `response` object, `id` first).
+#[tokio::test]
+async fn a_response_too_large_to_read_whole_is_relayed_and_pinned() {
+    const IMAGE_BYTES: usize = 9 * 1024 * 1024;
+    let app = axum::Router::new().route(
+        "/openai/v1/responses",
+        axum::routing::post(|body: axum::Json<Value>| async move {
+            let id = if body["store"] == json!(false) {
+                "resp_big_unstored"
+            } else {
+                "resp_big"
+            };
+            let answer = json!({
+                "id": id, "object": "response", "status": "completed", "model": "gpt-4o",
+                "output": [{"type": "image_generation_call", "status": "completed",
+                            "result": "A".repeat(IMAGE_BYTES)}],
+                "usage": {"input_tokens": 12, "output_tokens": 1500, "total_tokens": 1512}
+            });
+            axum::Json(answer)
+        }),
+    );
+    let url = serve_stub(app).await;
+    let gw = TestGateway::start(snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o"], "serves_resources": true,
+                "members": [member("a", &url, 1)]}]),
+    ))
+    .await;
+    for (store, id, pinned) in [
+        (None, "resp_big", true),
+        (Some(false), "resp_big_unstored", false),
+    ] {
+        let mut body = json!({"model": "gpt-4o", "input": "Draw a cat",
+                              "tools": [{"type": "image_generation"}]});
+        if let Some(store) = store {
+            body["store"] = json!(store);
+        }
+        let response = gw
+            .post("/openai/v1/responses")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let answer: Value = response.json().await.unwrap();
+        assert_eq!(answer["id"], id);
+        assert_eq!(
+            answer["output"][0]["result"].as_str().unwrap().len(),
+            IMAGE_BYTES
+        );
+        assert_eq!(gw.gateway.affinity.member_of(id).is_some(), pinned, "{id}");
+    }
+    let records = gw.records(2).await;
+    for record in &records {
+        assert_eq!(record.response_code, 200);
+        assert_eq!(record.last_error_reason, None);
+        assert_eq!(record.usage.unwrap().total_tokens, 1512);
+    }
+}
