@@ -1265,6 +1265,17 @@ struct RelayCall {
 }
 
 impl RelayCall {
+    /// Notes that the member broke off or fell silent while the rest of an answer was read after
+    /// its client left: the cut is counted, the member set aside as while a client reads
+    /// ([`RelayBody::cut`]), `reason` put on the record.
+    fn cut(&mut self, reason: &'static str) {
+        set_aside_after_cut(&self.member);
+        self.gateway
+            .metrics
+            .answer_cut(&self.member.config.id, reason);
+        self.record.record.last_error_reason = Some(reason.to_owned());
+    }
+
     /// Pins the object a streamed create announced to this member, in memory at once and in the
     /// journal and the shared map on a task.
     fn pin_early(&mut self, id: String) {
@@ -1554,8 +1565,11 @@ impl Drop for RelayBody {
         };
         runtime.spawn(async move {
             let deadline = tokio::time::Instant::now() + DRAIN_TIME;
+            // The member may pause as long as while a client reads, no longer.
+            let idle = Duration::from_millis(relay.member.config.response_idle_timeout_ms);
             let mut drained: u64 = 0;
             loop {
+                let wait_until = deadline.min(tokio::time::Instant::now() + idle);
                 // Once the shutdown's drain is over, the record is finished with what came.
                 let next = tokio::select! {
                     biased;
@@ -1563,7 +1577,7 @@ impl Drop for RelayBody {
                         relay.record.record.last_error_reason = Some(SHUTDOWN_REASON.to_owned());
                         break;
                     }
-                    next = tokio::time::timeout_at(deadline, upstream.frame()) => next,
+                    next = tokio::time::timeout_at(wait_until, upstream.frame()) => next,
                 };
                 match next {
                     Ok(Some(Ok(frame))) => {
@@ -1579,12 +1593,14 @@ impl Drop for RelayBody {
                         }
                     }
                     Ok(Some(Err(_))) => {
-                        set_aside_after_cut(&relay.member);
-                        relay.record.record.last_error_reason =
-                            Some("backend_stream_failed".to_owned());
+                        relay.cut("backend_stream_failed");
                         break;
                     }
                     Ok(None) => break,
+                    Err(_) if wait_until < deadline => {
+                        relay.cut("response_idle_timeout");
+                        break;
+                    }
                     Err(_) => {
                         relay.record.record.last_error_reason =
                             Some("drain_time_exceeded".to_owned());

@@ -125,3 +125,78 @@ async fn a_client_that_leaves_before_its_call_reaches_a_backend_is_recorded_and_
     assert!(left.attempts.is_empty(), "{:?}", left.attempts);
     assert_eq!(sim.hits(), 2, "no backend had the third call");
 }
+
+/// A backend that streams one chat chunk (Azure's `chat.completion.chunk`,
+/// `../shared/fixtures/azure/chat-stream-no-usage.sse`), then, after 300 ms, breaks the
+/// connection (`breaks`) or falls silent for 30 s.
+async fn stalling_stream_backend(breaks: bool) -> String {
+    use futures::StreamExt as _;
+    let app = axum::Router::new().fallback(move || async move {
+        let first = "data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"Hel\"},\"finish_reason\":null}]}\n\n";
+        let stream = futures::stream::once(async move { Ok::<_, std::io::Error>(first) }).chain(
+            futures::stream::once(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                if breaks {
+                    Err(std::io::Error::other("the backend broke off"))
+                } else {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    Ok("data: [DONE]\n\n")
+                }
+            }),
+        );
+        (
+            [("content-type", "text/event-stream")],
+            axum::body::Body::from_stream(stream),
+        )
+    });
+    serve_stub(app).await
+}
+
+/// After the client left a stream, the rest is read for the record as the member would be read
+/// with the client there: one that breaks off or stays silent past its idle limit is set aside
+/// and counted in `gatehouse_backend_answers_cut_total`, as it is while a client reads.
+#[tokio::test]
+async fn a_member_that_breaks_or_stalls_after_the_client_left_is_set_aside_and_counted() {
+    use futures::StreamExt as _;
+    for (breaks, reason) in [
+        (true, "backend_stream_failed"),
+        (false, "response_idle_timeout"),
+    ] {
+        let url = stalling_stream_backend(breaks).await;
+        let mut stalling = member("a", &url, 1);
+        stalling["response_idle_timeout_ms"] = json!(1000);
+        let gw = TestGateway::start(snapshot(
+            1,
+            json!([{"id": "p", "deployments": ["gpt-4o"], "members": [stalling]}]),
+        ))
+        .await;
+        let response = gw
+            .post(&chat_path("gpt-4o"))
+            .json(&chat(None, true))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let mut stream = response.bytes_stream();
+        stream.next().await.unwrap().unwrap();
+        drop(stream);
+        let record = gw.records(1).await.remove(0);
+        assert!(record.client_aborted, "{record:?}");
+        assert_eq!(record.last_error_reason.as_deref(), Some(reason));
+        let metrics = gw.metrics().await;
+        assert!(
+            metrics.contains(&format!(
+                "gatehouse_backend_answers_cut_total{{backend=\"a\",reason=\"{reason}\"}} 1"
+            )),
+            "{metrics}"
+        );
+        // Set aside: the next call finds no member to take it.
+        let next = gw
+            .post(&chat_path("gpt-4o"))
+            .json(&chat(None, false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(next.status(), 503, "{reason}");
+    }
+}
