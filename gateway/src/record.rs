@@ -130,10 +130,15 @@ impl CallRecord {
         self.record.groups = user.map(|u| u.groups.clone()).unwrap_or_default();
     }
 
-    /// Notes what the call is.
+    /// Notes what the call is. An Assistants run names its deployment in its body's `model`
+    /// (when it names one), and is recorded under it.
     pub fn call(&mut self, call: &Call) {
+        use gatehouse_schema::OperationId as Op;
         self.record.operation_id = Some(call.operation);
-        self.record.deployment_name = call.deployment.clone();
+        self.record.deployment_name = call.deployment.clone().or_else(|| {
+            call.body_model_of(&[Op::CreateRun, Op::CreateThreadAndRun])
+                .and_then(|model| crate::classify::valid_name(model).ok())
+        });
         self.record.api_version = call.api_version.clone();
         self.record.is_stream_completion = call.is_stream;
     }

@@ -763,6 +763,9 @@ async fn calls_that_run_a_model_without_naming_a_deployment_are_limited() {
     assert_eq!(header(&first, "x-gatehouse-consumed-tokens"), Some(1500));
     assert_eq!(header(&first, "x-gatehouse-remaining-tokens"), Some(2500));
     first.bytes().await.unwrap();
+    // Recorded under the deployment it runs.
+    let record = gw.records(1).await.remove(0);
+    assert_eq!(record.deployment_name.as_deref(), Some("gpt-4o"));
     let second = run(json!({"assistant_id": "asst_1", "model": "gpt-4o"}))
         .await
         .unwrap();
