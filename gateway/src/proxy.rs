@@ -222,6 +222,13 @@ pub async fn forward(
                     continue;
                 }
                 MemberRead::Refused(response) => {
+                    if response.status() == StatusCode::UNAUTHORIZED
+                        && let Some(MemberCredential::Entra { credential, scope }) =
+                            &member.credential
+                    {
+                        // As for the call's own answer, below.
+                        credential.forget_refused(scope);
+                    }
                     gateway
                         .metrics
                         .backend_attempt(&member.config.id, "answered");
