@@ -366,7 +366,13 @@ mod tests {
         assert_eq!(sequence, (0..rows.len() as i32).collect::<Vec<_>>());
         assert!(rows[1..].iter().all(|r| r.deployment_name.is_empty()));
 
+        // A call that runs no model: its messages' pieces are kept all the same (a streamed
+        // submit_tool_outputs carries the run's answer); without messages it has no rows.
+        record.operation_id = Some(OperationId::SubmitToolOutputsToRun);
+        assert_eq!(LlmLogRow::from_record(&record).len(), rows.len());
         record.operation_id = Some(OperationId::FilesList);
+        record.request_messages = None;
+        record.response_messages = None;
         assert!(LlmLogRow::from_record(&record).is_empty());
     }
 }

@@ -308,9 +308,9 @@ impl AffinityMap {
             match &entry.member {
                 Some(member) => {
                     if only_if_pinned
-                        && !objects
+                        && objects
                             .get(&entry.id)
-                            .is_some_and(|pin| &pin.member == member)
+                            .is_none_or(|pin| &pin.member != member)
                     {
                         return Ok(false);
                     }

@@ -1237,7 +1237,7 @@ async fn finish_created(
             );
         }
     }
-    return build_response(status, headers, Body::from(body));
+    build_response(status, headers, Body::from(body))
 }
 
 /// The response body the client reads: each backend chunk passes through the tee as hyper asks
