@@ -73,6 +73,17 @@ struct TenantKeys {
     attempted_at: Option<Instant>,
 }
 
+impl TenantKeys {
+    /// Whether the keys held came from the last attempt to fetch them (a failed attempt keeps
+    /// older keys and leaves `fetched_at` before `attempted_at`).
+    fn last_attempt_worked(&self) -> bool {
+        self.fetched_at.is_some_and(|fetched| {
+            self.attempted_at
+                .is_none_or(|attempted| fetched >= attempted)
+        })
+    }
+}
+
 /// Key sets of every tenant the gateway has seen tokens from; survives configuration changes.
 #[derive(Default)]
 pub struct KeyCache {
@@ -181,8 +192,10 @@ impl KeyCache {
                     .ok_or(KeyError::UnknownKid);
             }
             None if !may_refetch => {
-                let state = lock(&slot.state);
-                return if state.fetched_at.is_some() {
+                // A key id not in a set fetched at the last attempt is unknown; after a failed
+                // attempt it may be a new key the provider published meanwhile (a rollover
+                // during its outage): the token cannot be judged yet, which is not its fault.
+                return if lock(&slot.state).last_attempt_worked() {
                     Err(KeyError::UnknownKid)
                 } else {
                     Err(KeyError::Unavailable(
@@ -196,10 +209,10 @@ impl KeyCache {
         let state = lock(&slot.state);
         match state.keys.get(kid) {
             Some(key) => Ok(Arc::clone(key)),
-            None if state.fetched_at.is_some() => Err(KeyError::UnknownKid),
-            None => Err(KeyError::Unavailable(
-                error.unwrap_or_else(|| "no keys".to_owned()),
-            )),
+            None if state.last_attempt_worked() => Err(KeyError::UnknownKid),
+            None => Err(KeyError::Unavailable(error.unwrap_or_else(|| {
+                "the last attempt failed; retrying shortly".to_owned()
+            }))),
         }
     }
 

@@ -381,6 +381,54 @@ async fn signing_keys_rotate_mid_test() {
     assert_eq!(sim.hits(), 2);
 }
 
+/// The provider rolls to a new key while its metadata cannot be fetched: a token signed with the
+/// new key cannot be judged, which is not the token's fault, so it is answered 503 (try again),
+/// not 401; once the keys can be fetched, it is accepted.
+#[tokio::test]
+async fn a_new_key_during_a_key_fetch_outage_is_unavailable_not_unknown() {
+    let double = EntraDouble::start().await;
+    let sim = simulator("entra-rollover-outage").await;
+    let mut snapshot = entra_snapshot(1, &double, &sim.url(), "token", None);
+    snapshot
+        .identity
+        .entra
+        .as_mut()
+        .unwrap()
+        .unknown_kid_refetch_seconds = 1;
+    let gw = TestGateway::start(snapshot).await;
+    let claims = double.user_claims(
+        TENANT_A,
+        Ver::V2,
+        "0000000a-0000-0000-0000-00000000000d",
+        &[],
+    );
+    assert_eq!(
+        call_with_token(&gw, &sign(TestKey::A, &claims))
+            .await
+            .status(),
+        200
+    );
+    double.publish(&[TestKey::A, TestKey::B]);
+    double.fail_key_fetches(2);
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let signed_with_b = sign(TestKey::B, &claims);
+    // The re-fetch fails, and so does the next call within the interval.
+    azure_error(call_with_token(&gw, &signed_with_b).await, 503).await;
+    azure_error(call_with_token(&gw, &signed_with_b).await, 503).await;
+    // Tokens of the key held are still served.
+    assert_eq!(
+        call_with_token(&gw, &sign(TestKey::A, &claims))
+            .await
+            .status(),
+        200
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    azure_error(call_with_token(&gw, &signed_with_b).await, 503).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let accepted = call_with_token(&gw, &signed_with_b).await;
+    assert_eq!(accepted.status(), 200, "{}", accepted.text().await.unwrap());
+}
+
 /// Keys held longer than `keys_refresh_seconds` are fetched again before they are used; a key
 /// the fresh set no longer has is retired on the very call that refreshed it.
 #[tokio::test]
