@@ -329,8 +329,8 @@ mod tests {
             "pools[1].members: a pool needs at least one member",
             "pools[1].deployments[0]: `GPT-4o` is already served by pools[0]",
             "pools[1].deployments[1]: `../etc` is not a valid deployment name",
-            "pools[2].id: use 1 to 64 letters, digits, dots, underscores or hyphens",
-            "pools[2].members[0].id: use 1 to 64 letters",
+            "pools[2].id: use 1 to 128 letters, digits, dots, colons, underscores or hyphens",
+            "pools[2].members[0].id: use 1 to 128 letters",
         ];
         for needle in expected {
             assert!(
@@ -431,7 +431,7 @@ mod tests {
             "limits[2].token_quota.tokens: must be at least 1",
             "limits[2].deployments[1]: `bad name` is not",
             "limits[5].subject.id: no subscription `S`",
-            "limits[4].id: use 1 to 64 letters, digits, dots, underscores or hyphens",
+            "limits[4].id: use 1 to 128 letters, digits, dots, colons, underscores or hyphens",
         ];
         for needle in expected {
             assert!(

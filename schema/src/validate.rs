@@ -423,18 +423,19 @@ fn validate_limits(
 }
 
 /// The ids that name metric label values, log fields and Redis keys — pools, members, limits —
-/// are 1 to 64 letters, digits, `.`, `_` or `-`, as the portal makes them: a quote, a backslash
-/// or a line break in a label value breaks the whole Prometheus scrape.
+/// are 1 to 128 letters, digits, `.`, `:`, `_` or `-`, as the portal makes them (an access rule's
+/// limits are `rule:{rule id}`): a quote, a backslash or a line break in a label value breaks
+/// the whole Prometheus scrape.
 fn check_label_id(path: &str, id: &str, errors: &mut Vec<String>) {
     if id.is_empty() {
         errors.push(format!("{path}: must not be empty"));
-    } else if id.len() > 64
+    } else if id.len() > 128
         || !id
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b':' | b'_' | b'-'))
     {
         errors.push(format!(
-            "{path}: use 1 to 64 letters, digits, dots, underscores or hyphens"
+            "{path}: use 1 to 128 letters, digits, dots, colons, underscores or hyphens"
         ));
     }
 }
