@@ -16,6 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::extract::{Request, State};
+use axum::http::Uri;
 use axum::{Extension, Router};
 use gatehouse_portal_app::{App, shell};
 use gatehouse_portal_core::db::Engine;
@@ -168,6 +170,12 @@ pub async fn build(settings: Settings) -> anyhow::Result<PortalServer> {
     });
     let leptos_options = settings.leptos.clone();
     let routes = generate_route_list(App);
+    // Static files, or the not-found page: only the files may be cached.
+    let files = leptos_axum::file_and_error_handler(shell);
+    let files = move |uri: Uri, state: State<LeptosOptions>, request: Request| {
+        let files = files.clone();
+        async move { security::mark_static_file(files(uri, state, request).await) }
+    };
     let app: Router = Router::new()
         .merge(auth::routes(settings.dev_sign_in))
         .merge(dashboards::routes())
@@ -175,7 +183,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<PortalServer> {
             let options = leptos_options.clone();
             move || shell(options.clone())
         })
-        .fallback(leptos_axum::file_and_error_handler(shell))
+        .fallback(files)
         .with_state(leptos_options)
         .layer(Extension(portal.clone()))
         .layer(Extension(insights.clone()))

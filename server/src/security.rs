@@ -1,6 +1,10 @@
 //! Security headers on every response and the Origin check on state-changing requests. (GET
 //! requests that record an audit access are checked by `Sec-Fetch-Site` where they are served:
 //! `gatehouse_portal_app::ssr::from_another_site`.)
+//!
+//! Pages and server functions answer with prompts, completions, names and keys shown once: every
+//! response but a static file of the site ([`mark_static_file`]) is `Cache-Control: no-store`,
+//! so that no browser or proxy cache keeps one after its user signed out.
 
 use axum::Router;
 use axum::extract::Request;
@@ -55,9 +59,28 @@ async fn check_origin(expected: &str, request: Request, next: Next) -> Response 
     }
 }
 
+/// Marks a response as one of the site's static files (`/pkg/…`, `/favicon.svg`): the same for
+/// everyone, so that caches may keep it; every other response is `Cache-Control: no-store`.
+#[derive(Debug, Clone, Copy)]
+pub struct StaticFile;
+
+/// `response` of the site's file handler (`leptos_axum::file_and_error_handler`), marked as a
+/// static file when it is one: the handler answers 200 only with a file, and otherwise renders
+/// its not-found page (404) or a redirect, which are not marked.
+pub fn mark_static_file(mut response: Response) -> Response {
+    if response.status() == StatusCode::OK {
+        response.extensions_mut().insert(StaticFile);
+    }
+    response
+}
+
 async fn headers(hsts: bool, request: Request, next: Next) -> Response {
     let mut response = next.run(request).await;
+    let static_file = response.extensions().get::<StaticFile>().is_some();
     let headers = response.headers_mut();
+    if !static_file {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
     headers
         .entry(header::CONTENT_SECURITY_POLICY)
         .or_insert(HeaderValue::from_static(DEFAULT_CSP));

@@ -470,6 +470,65 @@ async fn an_auditor_finds_opens_and_exports_calls_and_every_look_is_recorded() {
     );
 }
 
+/// Whether a response forbids every cache to keep it.
+fn not_stored(response: &reqwest::Response) -> bool {
+    response
+        .headers()
+        .get_all("cache-control")
+        .iter()
+        .any(|value| value.to_str().unwrap().contains("no-store"))
+}
+
+/// Pages and server functions answer with prompts, completions and names: no browser or proxy
+/// cache may keep them (`Cache-Control: no-store`), signed in or not, so that nobody reads them
+/// back from a shared computer's cache after the auditor signed out. The static files (the
+/// front end's bundle, the icon) are the same for everyone and may be cached.
+#[tokio::test(flavor = "multi_thread")]
+async fn pages_and_server_functions_are_never_cached_and_static_files_may_be() {
+    let portal = portal_with_calls().await;
+    std::fs::create_dir_all(portal.site_root().join("pkg")).unwrap();
+    std::fs::write(
+        portal.site_root().join("pkg/gatehouse-portal.css"),
+        "body { margin: 0 }\n",
+    )
+    .unwrap();
+    std::fs::write(portal.site_root().join("favicon.svg"), "<svg/>").unwrap();
+    let mut auditor = signed_in(&portal, &[("role", "Auditor")]).await;
+
+    let call = auditor
+        .get(&format!("{}/audit/call?id=call-000", portal.url))
+        .await;
+    assert_eq!(call.status(), 200);
+    assert!(not_stored(&call), "{:?}", call.headers());
+    assert!(call.text().await.unwrap().contains("secret launch"));
+    let search = auditor
+        .get(&format!("{}/audit?range=24h&text=launch", portal.url))
+        .await;
+    assert!(not_stored(&search), "{:?}", search.headers());
+    let answer = auditor
+        .post(
+            &format!("{}/api/audit_call", portal.url),
+            &[("id", "call-000"), ("verify", "")],
+        )
+        .await;
+    assert_eq!(answer.status(), 200);
+    assert!(not_stored(&answer), "{:?}", answer.headers());
+    assert!(answer.text().await.unwrap().contains("secret launch"));
+    let refused = auditor
+        .post(&format!("{}/api/list_gateways", portal.url), &[])
+        .await;
+    assert_eq!(refused.status(), 403);
+    assert!(not_stored(&refused), "{:?}", refused.headers());
+    let home = Browser::new(&portal).get(&format!("{}/", portal.url)).await;
+    assert!(not_stored(&home), "{:?}", home.headers());
+
+    for asset in ["/pkg/gatehouse-portal.css", "/favicon.svg"] {
+        let file = auditor.get(&format!("{}{asset}", portal.url)).await;
+        assert_eq!(file.status(), 200, "{asset}");
+        assert!(!not_stored(&file), "{asset}: {:?}", file.headers());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn audit_links_from_another_site_open_the_pages_but_run_and_record_nothing() {
     let portal = portal_with_calls().await;

@@ -71,6 +71,13 @@ pub async fn try_start_with(
     })
 }
 
+impl TestPortal {
+    /// The directory the portal serves its static files from (`/pkg/…`, `/favicon.svg`).
+    pub fn site_root(&self) -> std::path::PathBuf {
+        self._dir.path().join("site")
+    }
+}
+
 /// A browser stand-in: no redirects followed, the session cookie kept by hand.
 pub struct Browser {
     pub client: reqwest::Client,
