@@ -974,12 +974,14 @@ pub async fn version_diff(from: i64, to: i64) -> Result<Vec<DiffLineView>, Serve
         .collect())
 }
 
-/// Rolls back to a stored version (a new version equal to it is published): Admin.
+/// Rolls back to a stored version (a new version equal to it is published): Admin. `latest` is
+/// the newest version the page showed; when another was published since, the roll-back is
+/// refused (409) and nothing is written.
 #[server(endpoint = "rollback")]
-pub async fn rollback(version: i64) -> Result<PublishedView, ServerFnError> {
+pub async fn rollback(version: i64, latest: i64) -> Result<PublishedView, ServerFnError> {
     let (portal, user) = portal_and_user().await?;
     portal
-        .rollback(user.as_ref(), version)
+        .rollback(user.as_ref(), version, latest)
         .await
         .map(PublishedView::from)
         .map_err(to_server_error)

@@ -661,8 +661,9 @@ impl ConfigDb {
         pushed_version: Option<i64>,
         error: Option<&str>,
     ) -> Result<(), PortalError> {
-        // Never lowered: two pushes that end out of order (a publish and the catch-up) leave
-        // the newer version recorded.
+        // Never lowered here: two pushes that end out of order (a publish and the catch-up)
+        // leave the newer version recorded. (A gateway that says it runs an older version is
+        // recorded so by `record_running_version`.)
         const SQL: &str = "UPDATE gateways SET pushed_version = CASE WHEN pushed_version IS NULL OR $2 > pushed_version THEN COALESCE($2, pushed_version) ELSE pushed_version END, last_attempt_at = $3, last_error = $4 WHERE id = $1";
         let now = OffsetDateTime::now_utc();
         on_pool!(self, |pool| sqlx::query(SQL)
@@ -674,6 +675,28 @@ impl ConfigDb {
             .await?
             .rows_affected());
         Ok(())
+    }
+
+    /// Lowers the version recorded as pushed to gateway `id`, still registered at `url`, to
+    /// `running`, the version it says it runs, when that is lower: the gateway came back without
+    /// the versions it was pushed (an empty state directory, a last-known-good it could not
+    /// load). The Gateways page then shows its lag, and the next push sends it the current
+    /// version. `false` when nothing was lowered.
+    pub async fn record_running_version(
+        &self,
+        id: &str,
+        url: &str,
+        running: i64,
+    ) -> Result<bool, PortalError> {
+        const SQL: &str = "UPDATE gateways SET pushed_version = $3 WHERE id = $1 AND url = $2 AND pushed_version > $3";
+        let lowered = on_pool!(self, |pool| sqlx::query(SQL)
+            .bind(id)
+            .bind(url)
+            .bind(running)
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(lowered > 0)
     }
 
     // ---- snapshot versions ----
@@ -1266,18 +1289,24 @@ impl ConfigDb {
     /// Replaces every access rule, pool and member with the given ones (a rollback), and writes
     /// the activity entry, in one transaction. Each row is written with its `updated_at` as given:
     /// a rollback gives them a new version, so that no form opened before it saves over what it
-    /// puts back.
+    /// puts back. Written only while `latest` is the newest stored version (the one the page
+    /// showed); `false`, with nothing written, when another was stored since.
     pub async fn restore_rules_and_pools(
         &self,
+        latest: i64,
         rules: &[AccessRuleRow],
         pools: &[PoolRow],
         members: &[MemberRow],
         activity: NewActivity<'_>,
-    ) -> Result<(), PortalError> {
+    ) -> Result<bool, PortalError> {
+        // Touches the newest stored version's row, and only while `latest` is the newest.
+        const LATEST: &str = "UPDATE snapshot_versions SET created_by = created_by WHERE version = $1 \
+             AND NOT EXISTS (SELECT 1 FROM snapshot_versions AS newer WHERE newer.version > $1)";
         const RULE: &str = "INSERT INTO access_rules (id, grantee_kind, grantee_id, grantee_display_name, deployments, operations, resources, created_at, updated_at, requests_per_minute, tokens_per_minute, quota_tokens, quota_period) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9, $10, $11, $12)";
         const POOL: &str = "INSERT INTO backend_pools (id, deployments, serves_resources, created_at, updated_at) VALUES ($1, $2, $3, $4, $4)";
         const MEMBER: &str = "INSERT INTO pool_members (pool_id, id, kind, endpoint, deployment, api_version, priority, weight, credential, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
         let mut statements = vec![
+            Statement::guarded(LATEST, vec![latest.into()]),
             Statement::new("DELETE FROM access_rules", vec![]),
             Statement::new("DELETE FROM pool_members", vec![]),
             Statement::new("DELETE FROM backend_pools", vec![]),
@@ -1303,8 +1332,7 @@ impl ConfigDb {
                 .iter()
                 .map(|member| Statement::new(MEMBER, member_binds(member))),
         );
-        self.write(&statements, activity).await?;
-        Ok(())
+        Ok(self.write(&statements, activity).await?.is_some())
     }
 
     /// One stored snapshot version, with its JSON.

@@ -53,6 +53,8 @@ pub enum Edited {
     Member,
     /// The gateway settings.
     GatewaySettings,
+    /// The configuration as a whole (a roll-back, from the newest version its page showed).
+    Configuration,
 }
 
 impl Edited {
@@ -63,6 +65,7 @@ impl Edited {
             Edited::Pool => ("This pool", "was", "it"),
             Edited::Member => ("This pool member", "was", "it"),
             Edited::GatewaySettings => ("The gateway settings", "were", "them"),
+            Edited::Configuration => ("The configuration", "was", "it"),
         };
         match changed_at {
             Some(at) => format!(

@@ -1,6 +1,8 @@
 //! Live health of the pool members as each registered gateway sees it: the portal asks every
 //! gateway's `GET /_gatehouse/backends` (with its admin token) when the pools page is shown, and
-//! the alerter does every minute (`insights::alerts`, rule `backend_set_aside`).
+//! the alerter does every minute (`insights::alerts`, rule `backend_set_aside`). The answer names
+//! the version the gateway runs: one older than it was pushed is recorded
+//! ([`crate::push::note_running`]), so that it shows as lagging and is pushed again.
 
 use std::time::Duration;
 
@@ -10,7 +12,7 @@ use gatehouse_schema::portal::Role;
 use crate::db::GatewayRow;
 use crate::error::PortalError;
 use crate::ops::Portal;
-use crate::push::{admin_endpoint, without_url};
+use crate::push::{admin_endpoint, note_running, without_url};
 use crate::secret::AdminTokenRefs;
 use crate::user::{SessionUser, require};
 
@@ -66,6 +68,12 @@ impl Portal {
                 &gateway,
             )
             .await;
+            // The version it runs: one older than it was pushed shows as its lag.
+            if let Ok(states) = &result
+                && let Err(error) = note_running(&self.db, &gateway, states.version).await
+            {
+                tracing::warn!(gateway = %gateway.id, %error, "could not record the version the gateway runs");
+            }
             reports.push(GatewayBackends {
                 gateway: gateway.id,
                 result,

@@ -111,6 +111,28 @@ pub(crate) fn valid_id(field: &'static str, id: &str) -> Result<(), PortalError>
     }
 }
 
+/// A gateway's id and base URL as given to the Gateways page or the portal's `--gateway`
+/// option, checked: the id as every id, the URL an `http://` or `https://` URL with a host and
+/// without credentials (`https://user:password@…`, refused as a pool member's endpoint with
+/// them is; the message does not repeat them). Returns the id trimmed and the URL parsed (as it
+/// is stored).
+pub fn checked_gateway(id: &str, url: &str) -> Result<(String, url::Url), PortalError> {
+    let id = id.trim();
+    valid_id("id", id)?;
+    let parsed = url::Url::parse(url.trim())
+        .map_err(|_| PortalError::invalid("url", "an http:// or https:// URL"))?;
+    if !matches!(parsed.scheme(), "http" | "https") || !parsed.has_host() {
+        return Err(PortalError::invalid("url", "an http:// or https:// URL"));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(PortalError::invalid(
+            "url",
+            "no credentials in the URL: give the gateway's admin token as a secret reference",
+        ));
+    }
+    Ok((id.to_owned(), parsed))
+}
+
 fn expiry(text: &str) -> Result<Option<OffsetDateTime>, PortalError> {
     let text = text.trim();
     if text.is_empty() {
@@ -431,13 +453,8 @@ impl Portal {
         admin_token_ref: &str,
     ) -> Result<Vec<PushOutcome>, PortalError> {
         let user = require(user, &[Role::Admin])?;
-        let id = id.trim();
-        valid_id("id", id)?;
-        let parsed = url::Url::parse(url.trim())
-            .map_err(|_| PortalError::invalid("url", "an http:// or https:// URL"))?;
-        if !matches!(parsed.scheme(), "http" | "https") || parsed.cannot_be_a_base() {
-            return Err(PortalError::invalid("url", "an http:// or https:// URL"));
-        }
+        let (id, parsed) = checked_gateway(id, url)?;
+        let id = id.as_str();
         let reference = SecretRef::try_from(admin_token_ref.trim().to_owned())
             .map_err(|error| PortalError::invalid("admin_token_ref", error))?;
         let refs = self.publisher.admin_token_refs();

@@ -3,7 +3,9 @@
 //! its old version, the failure is recorded, and [`Publisher::spawn_catch_up`] pushes the
 //! current version again until it does. A change that was saved but not published (its publish
 //! failed) is published by the next catch-up or *Push now*: they publish a new version whenever
-//! the configuration tables no longer make the newest stored one.
+//! the configuration tables no longer make the newest stored one. A gateway that came back on an
+//! older version than it was pushed (restarted with an empty state directory) is noticed by the
+//! version it says it runs ([`note_running`]) and pushed the current version again.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +20,7 @@ use gatehouse_schema::ConfigSnapshot;
 
 use crate::db::{ConfigDb, GatewayRow, SnapshotVersionRow};
 use crate::error::PortalError;
+use crate::health::gateway_backends;
 use crate::secret::AdminTokenRefs;
 use crate::snapshot;
 
@@ -268,15 +271,21 @@ impl Publisher {
         }
     }
 
-    /// Pushes the newest stored version to every gateway that does not run it yet.
+    /// Pushes the newest stored version to every gateway that does not run it yet: those the
+    /// portal has not pushed it to, and those it has that say they run an older one (asked with
+    /// `GET /_gatehouse/backends`: they restarted without it).
     pub async fn push_current(&self) -> Result<Vec<PushOutcome>, PortalError> {
         let Some(latest) = self.db.latest_snapshot().await? else {
             return Ok(Vec::new());
         };
         let mut outcomes = Vec::new();
-        for gateway in self.db.gateways().await? {
+        for mut gateway in self.db.gateways().await? {
             if gateway.pushed_version.is_some_and(|v| v >= latest.version) {
-                continue;
+                // Pushed already: current, unless it came back on an older version.
+                match self.restarted_behind(&gateway).await? {
+                    Some(running) => gateway.pushed_version = Some(running),
+                    None => continue,
+                }
             }
             let version = u64::try_from(latest.version).unwrap_or(0);
             let result = self.push_to(&gateway, &latest.snapshot, version).await;
@@ -298,6 +307,19 @@ impl Publisher {
             });
         }
         Ok(outcomes)
+    }
+
+    /// The version `gateway`, recorded as pushed a version, says it runs when that is older
+    /// (it restarted without it), which is then recorded ([`note_running`]); `None` when it runs
+    /// the version recorded or a newer one, or could not be asked (a push would not reach it).
+    async fn restarted_behind(&self, gateway: &GatewayRow) -> Result<Option<i64>, PortalError> {
+        match gateway_backends(&self.http, &self.admin_token_refs, gateway).await {
+            Ok(states) => note_running(&self.db, gateway, states.version).await,
+            Err(why) => {
+                tracing::debug!(gateway = %gateway.id, %why, "could not ask which version the gateway runs");
+                Ok(None)
+            }
+        }
     }
 
     /// The HTTP client the publisher talks to gateways with.
@@ -372,6 +394,35 @@ pub async fn admin_endpoint(
         .pop_if_empty()
         .extend(segments);
     Ok((url, token))
+}
+
+/// Notes that `gateway` says it runs version `running` (its `GET /_gatehouse/backends`). When
+/// that is older than the version recorded as pushed to it, the gateway came back without it (an
+/// empty state directory, a last-known-good it could not load): the record is lowered to it, so
+/// that the Gateways page shows the lag and the next push (the catch-up, *Push now*) sends it the
+/// current version. Returns the version recorded now when it was lowered.
+pub async fn note_running(
+    db: &ConfigDb,
+    gateway: &GatewayRow,
+    running: u64,
+) -> Result<Option<i64>, PortalError> {
+    let running = i64::try_from(running).unwrap_or(i64::MAX);
+    if gateway
+        .pushed_version
+        .is_none_or(|pushed| pushed <= running)
+        || !db
+            .record_running_version(&gateway.id, &gateway.url, running)
+            .await?
+    {
+        return Ok(None);
+    }
+    tracing::warn!(
+        gateway = %gateway.id,
+        running,
+        pushed = gateway.pushed_version,
+        "the gateway runs an older version than it was pushed (it restarted without it); it is pushed the current one again"
+    );
+    Ok(Some(running))
 }
 
 /// A reqwest error without the URL it names (the page shows the URL beside it already).

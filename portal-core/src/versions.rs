@@ -14,7 +14,7 @@ use similar::{ChangeTag, TextDiff};
 use time::OffsetDateTime;
 
 use crate::db::{AccessRuleRow, MemberRow, NewActivity, PoolRow, SnapshotVersionRow, next_version};
-use crate::error::PortalError;
+use crate::error::{Edited, PortalError};
 use crate::ops::{Portal, json_of};
 use crate::push::Published;
 use crate::snapshot::RULE_LIMIT_PREFIX;
@@ -141,6 +141,14 @@ fn pool_rows(
     Ok((pools, members))
 }
 
+/// The refusal of a roll-back from a page that showed an older newest version than `newest`.
+fn changed_since(newest: Option<&SnapshotVersionRow>) -> PortalError {
+    PortalError::Conflict {
+        what: Edited::Configuration,
+        changed_at: newest.map(|newest| newest.created_at),
+    }
+}
+
 impl Portal {
     /// The stored versions, newest first (without their content): Admin.
     pub async fn versions(
@@ -171,27 +179,36 @@ impl Portal {
     }
 
     /// Rolls the access rules, limits and pools back to those of `version` and publishes them
-    /// as a new version: Admin. Returns what was published: the new version, and the gateways
-    /// that did not take it.
+    /// as a new version: Admin. `latest` is the newest version the page showed: when another
+    /// has been published since (someone else's change or roll-back), nothing is written and
+    /// the roll-back is refused ([`PortalError::Conflict`]), as a form opened on an older
+    /// version of what it edits is. Returns what was published: the new version, and the
+    /// gateways that did not take it.
     pub async fn rollback(
         &self,
         user: Option<&SessionUser>,
         version: i64,
+        latest: i64,
     ) -> Result<Published, PortalError> {
         let user = require(user, &[Role::Admin])?;
         let old = self.db.snapshot(version).await?.ok_or_else(|| {
             PortalError::invalid("version", format!("there is no version {version}"))
         })?;
-        if self
-            .db
-            .latest_snapshot()
-            .await?
-            .is_some_and(|latest| latest.version == version)
+        let newest = self.db.latest_snapshot().await?;
+        if newest
+            .as_ref()
+            .is_some_and(|newest| newest.version == version)
         {
             return Err(PortalError::invalid(
                 "version",
                 "this is the current version already",
             ));
+        }
+        if newest
+            .as_ref()
+            .is_none_or(|newest| newest.version != latest)
+        {
+            return Err(changed_since(newest.as_ref()));
         }
         let snapshot: ConfigSnapshot = serde_json::from_str(&old.snapshot)
             .map_err(|error| corrupt("stored snapshot", error))?;
@@ -216,8 +233,11 @@ impl Portal {
             "pools": pools,
             "members": members,
         });
-        self.db
+        // Checked again as it is written: a version published meanwhile refuses it too.
+        let written = self
+            .db
             .restore_rules_and_pools(
+                latest,
                 &rules,
                 &pools,
                 &members,
@@ -230,6 +250,9 @@ impl Portal {
                 },
             )
             .await?;
+        if !written {
+            return Err(changed_since(self.db.latest_snapshot().await?.as_ref()));
+        }
         Ok(self.publisher.publish_change(&user.actor()).await)
     }
 }

@@ -333,8 +333,9 @@ async fn rules_decide_what_a_key_may_call(db: ConfigDb) {
         .revoke_subscription(Some(&user), "team-a")
         .await
         .unwrap();
+    let shown = db.latest_snapshot().await.unwrap().unwrap().version;
     let new_version = portal
-        .rollback(Some(&user), with_rule)
+        .rollback(Some(&user), with_rule, shown)
         .await
         .unwrap()
         .version;
@@ -357,7 +358,10 @@ async fn rules_decide_what_a_key_may_call(db: ConfigDb) {
     assert_eq!(entry.action, "config.rollback");
     assert_eq!(entry.actor, "Ada Admin <admin-oid>");
     let current = db.latest_snapshot().await.unwrap().unwrap().version;
-    let same = portal.rollback(Some(&user), current).await.unwrap_err();
+    let same = portal
+        .rollback(Some(&user), current, current)
+        .await
+        .unwrap_err();
     assert!(matches!(
         same,
         PortalError::Invalid {
@@ -743,4 +747,79 @@ async fn sqlite_gateway_settings_are_published_beside_the_portals_tables() {
 async fn postgres_gateway_settings_are_published_beside_the_portals_tables() {
     let test = common::postgres().await;
     gateway_settings_are_published_beside_the_portals_tables(test.db.clone()).await;
+}
+
+/// A gateway URL that carries credentials (`https://user:password@…`) is refused beside the URL
+/// field, without repeating the password, as a pool member's endpoint is: the portal sends the
+/// gateway's admin token as a secret reference's value, never a password in a URL. Nothing is
+/// registered or logged.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gateway_url_with_credentials_is_refused() {
+    let test = common::sqlite().await;
+    let db = &test.db;
+    let portal = Portal {
+        db: db.clone(),
+        publisher: common::publisher(db),
+        settings: PortalSettings::default(),
+    };
+    let user = admin();
+    let token_ref = format!(
+        "file:{}/gatehouse-admin-token",
+        std::env::temp_dir().display()
+    );
+    for url in [
+        "https://ops:hunter2-gateway-pass@gw.example.com:8443",
+        "http://:hunter2-gateway-pass@127.0.0.1:9",
+        "http://hunter2-gateway-user@127.0.0.1:9/",
+    ] {
+        let refused = portal
+            .register_gateway(Some(&user), "gw", url, &token_ref)
+            .await
+            .unwrap_err();
+        match &refused {
+            PortalError::Invalid {
+                field: "url",
+                message,
+            } => assert!(!message.contains("hunter2"), "{message}"),
+            other => panic!("{url}: {other:?}"),
+        }
+        assert!(!refused.public_message().contains("hunter2"));
+    }
+    assert!(db.gateways().await.unwrap().is_empty());
+    assert!(db.activity(10).await.unwrap().is_empty());
+
+    // The start option `--gateway ID=URL=SECRET_REF` uses the same check.
+    let refused =
+        gatehouse_portal_core::ops::checked_gateway("gw", "https://ops:hunter2@gw.example.com")
+            .unwrap_err();
+    assert!(
+        matches!(&refused, PortalError::Invalid { field: "url", message } if !message.contains("hunter2")),
+        "{refused:?}"
+    );
+    let refused =
+        gatehouse_portal_core::ops::checked_gateway("g w", "https://gw.example.com").unwrap_err();
+    assert!(
+        matches!(refused, PortalError::Invalid { field: "id", .. }),
+        "{refused:?}"
+    );
+    let refused =
+        gatehouse_portal_core::ops::checked_gateway("gw", "ftp://gw.example.com").unwrap_err();
+    assert!(
+        matches!(refused, PortalError::Invalid { field: "url", .. }),
+        "{refused:?}"
+    );
+    let (id, url) =
+        gatehouse_portal_core::ops::checked_gateway(" gw ", " https://gw.example.com:8443")
+            .unwrap();
+    assert_eq!(
+        (id.as_str(), url.as_str()),
+        ("gw", "https://gw.example.com:8443/")
+    );
+
+    // Without credentials the same gateway is registered (and, down, not reached).
+    portal
+        .register_gateway(Some(&user), "gw", "http://127.0.0.1:9", &token_ref)
+        .await
+        .unwrap();
+    assert_eq!(db.gateways().await.unwrap()[0].url, "http://127.0.0.1:9/");
 }

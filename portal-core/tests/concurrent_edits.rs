@@ -221,7 +221,10 @@ async fn an_access_rule_is_saved_only_from_the_version_read(db: ConfigDb) {
     // A roll-back gives what it puts back a new version: a form opened before it is refused.
     let before_rollback = version_text(third);
     let published = db.latest_snapshot().await.unwrap().unwrap().version;
-    portal.rollback(Some(&ada), published - 1).await.unwrap();
+    portal
+        .rollback(Some(&ada), published - 1, published)
+        .await
+        .unwrap();
     let rolled_back = rule_version(&db).await;
     assert!(rolled_back > third);
     let error = portal
@@ -624,6 +627,100 @@ async fn two_saves_from_one_version_at_once_write_one(db: ConfigDb) {
         );
         assert_eq!(db.activity(1000).await.unwrap().len(), entries + 1);
     }
+}
+
+/// A roll-back is done only from the newest version the page showed, as every other change is
+/// saved only from the version its form read: once someone else published a version (a change,
+/// or a roll-back of their own), a roll-back from the page opened before it is refused and
+/// writes nothing — the tables, the activity log and the published versions stay as they are.
+async fn a_rollback_is_done_only_from_the_newest_version_shown(db: ConfigDb) {
+    let portal = portal(&db);
+    let (ada, bea) = (admin(), bea());
+    let (created, _) = portal
+        .save_access_rule(Some(&ada), rule("gpt-4o", ""), false)
+        .await
+        .unwrap();
+    let first = db.latest_snapshot().await.unwrap().unwrap().version;
+    portal
+        .save_access_rule(
+            Some(&ada),
+            rule("gpt-4o, gpt-4o-mini", &version_text(created)),
+            true,
+        )
+        .await
+        .unwrap();
+    let deployments = |db: ConfigDb| async move {
+        db.access_rule("research")
+            .await
+            .unwrap()
+            .unwrap()
+            .deployments
+    };
+    let both = deployments(db.clone()).await;
+
+    // Both open the Gateways page: its versions list shows the newest.
+    let shown = portal.versions(Some(&ada)).await.unwrap()[0].version;
+    assert_eq!(shown, first + 1);
+
+    // Ada rolls back to the first version from the newest she was shown: written.
+    let rolled_back = portal.rollback(Some(&ada), first, shown).await.unwrap();
+    let newest = db.latest_snapshot().await.unwrap().unwrap();
+    assert_eq!(newest.version, i64::try_from(rolled_back.version).unwrap());
+    let one = deployments(db.clone()).await;
+    assert_ne!(one, both);
+
+    // Bea, on the page that still shows the version before it, rolls back too: refused.
+    let before = written(&db).await;
+    let error = portal.rollback(Some(&bea), shown, shown).await.unwrap_err();
+    assert_conflict(&error, Edited::Configuration, Some(newest.created_at));
+    assert!(error.to_string().contains("someone else"), "{error}");
+    assert_eq!(written(&db).await, before);
+    assert_eq!(deployments(db.clone()).await, one);
+    // A newest version the page cannot have shown (none is that new) is refused likewise.
+    let error = portal
+        .rollback(Some(&bea), shown, newest.version + 1)
+        .await
+        .unwrap_err();
+    assert_conflict(&error, Edited::Configuration, Some(newest.created_at));
+    assert_eq!(written(&db).await, before);
+
+    // After reading the versions again, her roll-back is written.
+    let shown = portal.versions(Some(&bea)).await.unwrap()[0].version;
+    portal.rollback(Some(&bea), first + 1, shown).await.unwrap();
+    assert_eq!(deployments(db.clone()).await, both);
+    assert_eq!(
+        written(&db).await.newest_activity,
+        Some(("config.rollback".into(), "Bea Admin <bea-oid>".into()))
+    );
+
+    // A change saved and published after the page was opened is not rolled over either.
+    let opened = portal.versions(Some(&ada)).await.unwrap()[0].version;
+    let rule_now = version_text(rule_version(&db).await);
+    portal
+        .save_access_rule(Some(&bea), rule("o3", &rule_now), true)
+        .await
+        .unwrap();
+    let before = written(&db).await;
+    let error = portal
+        .rollback(Some(&ada), first, opened)
+        .await
+        .unwrap_err();
+    let newest = db.latest_snapshot().await.unwrap().unwrap();
+    assert_conflict(&error, Edited::Configuration, Some(newest.created_at));
+    assert_eq!(written(&db).await, before);
+    assert!(deployments(db.clone()).await.contains("o3"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_a_rollback_is_done_only_from_the_newest_version_shown() {
+    let test = common::sqlite().await;
+    a_rollback_is_done_only_from_the_newest_version_shown(test.db.clone()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_a_rollback_is_done_only_from_the_newest_version_shown() {
+    let test = common::postgres().await;
+    a_rollback_is_done_only_from_the_newest_version_shown(test.db.clone()).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{ADMIN_TOKEN, admin, gateway_allowing_refs, gateway_at, simulator};
+use common::{ADMIN_TOKEN, admin, gateway_allowing_refs, gateway_at, restart_empty, simulator};
 use gatehouse_simulator::RunningSimulator;
 
 use std::net::SocketAddr;
@@ -714,4 +714,119 @@ async fn sqlite_a_saved_change_whose_publish_failed_is_published_by_the_next_pus
 async fn postgres_a_saved_change_whose_publish_failed_is_published_by_the_next_push() {
     let test = common::postgres().await;
     a_saved_change_whose_publish_failed_is_published_by_the_next_push(test.db.clone()).await;
+}
+
+/// A gateway that restarts at its address on an older version than the portal pushed to it (an
+/// empty state directory, or a last-known-good it could not load) is noticed: *Push now* and the
+/// catch-up push it the current version again, and the pools page's look at the gateways lowers
+/// the version recorded for it to the one it runs, so that the Gateways page shows its lag.
+async fn a_restarted_gateway_on_an_older_version_is_pushed_the_current_one(db: ConfigDb) {
+    let secrets = tempfile::tempdir().unwrap();
+    let token_file = secrets.path().join("admin-token");
+    std::fs::write(&token_file, format!("{ADMIN_TOKEN}\n")).unwrap();
+    let token_ref = format!("file:{}", token_file.display());
+    let simulator = simulator().await;
+    let gateway = gateway_at("127.0.0.1:0".parse().unwrap()).await;
+    let portal = portal(&db);
+    let user = admin();
+    portal
+        .register_gateway(Some(&user), "gw", &gateway.url, &token_ref)
+        .await
+        .unwrap();
+    let issued = portal
+        .create_subscription(
+            Some(&user),
+            NewSubscription {
+                id: "team-a".into(),
+                display_name: "Team A".into(),
+                ..NewSubscription::default()
+            },
+        )
+        .await
+        .unwrap();
+    seed_pool_and_rule(&db, &simulator, "team-a").await;
+    portal.publisher.publish("seed").await.unwrap();
+    let current = db.latest_snapshot().await.unwrap().unwrap().version;
+    assert_eq!(
+        running_config(&gateway.url).await["version"],
+        json!(current)
+    );
+    let recorded = |db: ConfigDb| async move {
+        db.gateways()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|g| g.id == "gw")
+            .unwrap()
+            .pushed_version
+    };
+    assert_eq!(recorded(db.clone()).await, Some(current));
+
+    // It restarts at the same address with nothing: version 0. Push now notices and pushes.
+    let gateway = restart_empty(gateway).await;
+    assert_eq!(running_config(&gateway.url).await["version"], json!(0));
+    assert_eq!(chat(&gateway.url, "gpt-4o", &issued.key).await, 401);
+    let outcomes = portal.push_now(Some(&user)).await.unwrap();
+    let expected = u64::try_from(current).unwrap();
+    assert!(
+        outcomes
+            .iter()
+            .any(|o| o.gateway == "gw" && o.result == Ok(expected) && o.running_before == Some(0)),
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        running_config(&gateway.url).await["version"],
+        json!(current)
+    );
+    assert_eq!(chat(&gateway.url, "gpt-4o", &issued.key).await, 200);
+    assert_eq!(recorded(db.clone()).await, Some(current));
+    // Current again: nothing more to push.
+    assert!(portal.push_now(Some(&user)).await.unwrap().is_empty());
+
+    // Again: the pools page asks each gateway for its members' states, which carries the
+    // version it runs; the lag shows, and the catch-up brings it to the current version.
+    let gateway = restart_empty(gateway).await;
+    let health = portal.backend_health(Some(&user)).await.unwrap();
+    assert_eq!(health[0].result.as_ref().unwrap().version, 0);
+    assert_eq!(recorded(db.clone()).await, Some(0), "the lag shows");
+    let catch_up = Arc::clone(&portal.publisher).spawn_catch_up(Duration::from_millis(100));
+    let mut caught_up = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if running_config(&gateway.url).await["version"] == json!(current) {
+            caught_up = true;
+            break;
+        }
+    }
+    catch_up.abort();
+    assert!(caught_up, "the catch-up pushed the current version again");
+    assert_eq!(chat(&gateway.url, "gpt-4o", &issued.key).await, 200);
+
+    // And a third time, with nothing but the catch-up task to notice it.
+    let gateway = restart_empty(gateway).await;
+    let catch_up = Arc::clone(&portal.publisher).spawn_catch_up(Duration::from_millis(100));
+    let mut caught_up = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if running_config(&gateway.url).await["version"] == json!(current) {
+            caught_up = true;
+            break;
+        }
+    }
+    catch_up.abort();
+    assert!(caught_up, "the catch-up noticed the restart by itself");
+    assert_eq!(recorded(db.clone()).await, Some(current));
+    drop(gateway.listening);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_a_restarted_gateway_on_an_older_version_is_pushed_the_current_one() {
+    let test = common::sqlite().await;
+    a_restarted_gateway_on_an_older_version_is_pushed_the_current_one(test.db.clone()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_a_restarted_gateway_on_an_older_version_is_pushed_the_current_one() {
+    let test = common::postgres().await;
+    a_restarted_gateway_on_an_older_version_is_pushed_the_current_one(test.db.clone()).await;
 }

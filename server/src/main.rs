@@ -13,6 +13,7 @@ use gatehouse_portal::{Settings, serve};
 use gatehouse_portal_core::insights::alerts::parse_rules;
 use gatehouse_portal_core::insights::log_analytics::{ClientCredentials, LogAnalyticsSettings};
 use gatehouse_portal_core::insights::service::PriceTable;
+use gatehouse_portal_core::ops::checked_gateway;
 use gatehouse_portal_core::secret::AdminTokenRefs;
 use gatehouse_schema::config::SecretRef;
 use gatehouse_schema::portal::Role;
@@ -204,18 +205,21 @@ fn group_roles(text: &str) -> anyhow::Result<HashMap<String, Role>> {
         .collect()
 }
 
+/// A `--gateway ID=URL=SECRET_REF`: the id and URL checked as the Gateways page checks them (no
+/// credentials in the URL), the URL as it is stored.
 fn gateway(text: &str) -> anyhow::Result<(String, String, String)> {
-    let mut parts = text.splitn(2, '=');
-    let id = parts.next().unwrap_or_default().to_owned();
-    let rest = parts
-        .next()
+    let (id, rest) = text
+        .split_once('=')
         .context("--gateway: expected ID=URL=SECRET_REF")?;
     let (url, token) = rest
         .rsplit_once('=')
         .context("--gateway: expected ID=URL=SECRET_REF")?;
+    // The message names the field, never the URL (it may hold a password).
+    let (id, url) =
+        checked_gateway(id, url).map_err(|error| anyhow::anyhow!("--gateway: {error}"))?;
     SecretRef::try_from(token.to_owned())
         .map_err(|error| anyhow::anyhow!("--gateway {id}: {error}"))?;
-    Ok((id, url.to_owned(), token.to_owned()))
+    Ok((id, url.to_string(), token.to_owned()))
 }
 
 async fn oidc(args: &Args) -> anyhow::Result<Option<OidcSettings>> {
@@ -308,4 +312,32 @@ async fn main() -> anyhow::Result<()> {
         tracing::warn!("no sign-in configured: set --oidc-issuer and --oidc-client-id");
     }
     serve(settings).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gateway;
+
+    #[test]
+    fn a_gateway_option_is_checked_as_the_gateways_page_checks_it() {
+        let (id, url, token) =
+            gateway("dev=http://127.0.0.1:8080=file:var/dev/admin-token").unwrap();
+        assert_eq!(
+            (id.as_str(), url.as_str(), token.as_str()),
+            ("dev", "http://127.0.0.1:8080/", "file:var/dev/admin-token")
+        );
+        let refused = gateway("dev=https://ops:hunter2@gw.example.com=env:GATEHOUSE_GATEWAY_TOKEN")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("url: ") && !refused.contains("hunter2"),
+            "{refused}"
+        );
+        let refused = gateway("d v=http://127.0.0.1:8080=env:GATEHOUSE_GATEWAY_TOKEN")
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("id: "), "{refused}");
+        assert!(gateway("dev=ftp://127.0.0.1=env:GATEHOUSE_GATEWAY_TOKEN").is_err());
+        assert!(gateway("dev=http://127.0.0.1:8080").is_err());
+    }
 }

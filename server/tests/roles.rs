@@ -126,7 +126,11 @@ fn matrix() -> Vec<Case> {
         ),
         ("list_versions", vec![], ADMIN),
         ("version_diff", vec![("from", "1"), ("to", "2")], ADMIN),
-        ("rollback", vec![("version", "1")], ADMIN),
+        (
+            "rollback",
+            vec![("version", "1"), ("latest", LATEST_VERSION)],
+            ADMIN,
+        ),
         ("list_activity", vec![], &["Admin", "Auditor"]),
         (
             "dashboard_overview",
@@ -153,6 +157,8 @@ fn matrix() -> Vec<Case> {
 const RULE_VERSION: &str = "<version of access rule team-a-gpt>";
 const POOL_VERSION: &str = "<version of pool main>";
 const MEMBER_VERSION: &str = "<version of member east of pool main>";
+/// The newest published version, as the Gateways page shows it to a roll-back.
+const LATEST_VERSION: &str = "<newest published version>";
 
 /// `form` with each version placeholder replaced by the version it names.
 async fn filled(
@@ -174,6 +180,11 @@ async fn filled(
                 .await
                 .unwrap()
                 .map(|m| m.updated_at),
+            LATEST_VERSION => {
+                let latest = db.latest_snapshot().await.unwrap().map(|v| v.version);
+                filled.push((name, latest.unwrap_or_default().to_string()));
+                continue;
+            }
             _ => {
                 filled.push((name, value.to_owned()));
                 continue;

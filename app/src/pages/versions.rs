@@ -149,6 +149,7 @@ fn versions_table(rows: Vec<VersionView>, rollback: ServerAction<Rollback>) -> i
                                                 </a>
                                                 <ActionForm action=rollback attr:class="inline">
                                                     <input type="hidden" name="version" value=version />
+                                                    <input type="hidden" name="latest" value=newest.to_string() />
                                                     <button type="submit" class="btn btn-danger">
                                                         "Roll back to this"
                                                     </button>

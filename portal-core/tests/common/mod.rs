@@ -94,6 +94,48 @@ pub async fn gateway_allowing_refs(prefixes: &[String]) -> TestGateway {
 }
 
 async fn gateway_with(addr: SocketAddr, secrets: SecretSettings) -> TestGateway {
+    let (gateway, state) = empty_gateway(secrets).await;
+    let (listening, _task) = server::spawn(gateway, addr, None).await.unwrap();
+    TestGateway {
+        url: format!("http://{}", listening.addr),
+        listening,
+        state_dir: state,
+    }
+}
+
+/// Stops `gateway` and starts another at its address with an empty state directory, as a
+/// gateway that restarts without the versions it was pushed (a lost state directory, a
+/// last-known-good it could not load) comes back: at version 0.
+pub async fn restart_empty(gateway: TestGateway) -> TestGateway {
+    let addr = gateway.listening.addr;
+    gateway.listening.shutdown(std::time::Duration::ZERO);
+    drop(gateway);
+    let (fresh, state) = empty_gateway(SecretSettings::default()).await;
+    // The stopped gateway lets go of its address soon after the shutdown.
+    let mut attempts = 0;
+    loop {
+        match server::spawn(Arc::clone(&fresh), addr, None).await {
+            Ok((listening, _task)) => {
+                return TestGateway {
+                    url: format!("http://{}", listening.addr),
+                    listening,
+                    state_dir: state,
+                };
+            }
+            Err(error) => {
+                attempts += 1;
+                assert!(
+                    attempts < 100,
+                    "{addr} stayed taken after the gateway stopped: {error}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// A gateway at version 0 in a new state directory, not listening yet.
+async fn empty_gateway(secrets: SecretSettings) -> (Arc<Gateway>, tempfile::TempDir) {
     let state = tempfile::tempdir().unwrap();
     let snapshot: ConfigSnapshot = serde_json::from_value(json!({"version": 0})).unwrap();
     let gateway = Gateway::new(GatewayParts {
@@ -110,12 +152,7 @@ async fn gateway_with(addr: SocketAddr, secrets: SecretSettings) -> TestGateway 
     })
     .await
     .unwrap();
-    let (listening, _task) = server::spawn(gateway, addr, None).await.unwrap();
-    TestGateway {
-        url: format!("http://{}", listening.addr),
-        listening,
-        state_dir: state,
-    }
+    (gateway, state)
 }
 
 /// The simulator backend on a free loopback port.

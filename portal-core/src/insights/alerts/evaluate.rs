@@ -13,6 +13,7 @@ use crate::health::gateway_backends;
 use crate::insights::{
     AuditSource, Dimension, Granularity, InsightsError, TimeRange, UsageRequest,
 };
+use crate::push::note_running;
 use crate::secret::AdminTokenRefs;
 
 /// What an evaluation may read.
@@ -223,7 +224,13 @@ async fn backend_set_aside(
     let (mut watched, mut aside) = (0, 0);
     for gateway in &gateways {
         let states = match gateway_backends(context.http, context.admin_token_refs, gateway).await {
-            Ok(states) => states,
+            Ok(states) => {
+                // The version it runs: one older than it was pushed shows as its lag.
+                if let Err(error) = note_running(context.db, gateway, states.version).await {
+                    tracing::warn!(gateway = %gateway.id, %error, "could not record the version the gateway runs");
+                }
+                states
+            }
             Err(why) => {
                 evaluation.unobserved.push(format!("{}/", gateway.id));
                 evaluation
