@@ -82,6 +82,7 @@ on_both_engines!(
     a_gateway_id_is_held_by_one_live_instance,
     records_holding_nul_characters_are_stored,
     absurd_token_counts_keep_the_rollups_positive,
+    an_absurdly_long_model_name_is_stored,
 );
 
 /// Two gateways writing to one PostgreSQL store at once share rollup rows (the minute's `all`
@@ -1076,6 +1077,38 @@ async fn absurd_token_counts_keep_the_rollups_positive(store: &SqlStore) {
         usage
             .iter()
             .all(|p| p.prompt_tokens >= 0 && p.total_tokens >= 0)
+    );
+}
+
+/// A backend that names an absurdly long `model` does not make the batch unstorable (the rollup
+/// key on PostgreSQL holds at most ≈ 2,700 bytes): the call's row keeps the name whole, its
+/// rollups a start of it.
+async fn an_absurdly_long_model_name_is_stored(store: &SqlStore) {
+    let mut batch = records(2);
+    let long: String = (0..8_000)
+        .map(|i| char::from(b'a' + (i * 7 % 26) as u8))
+        .collect();
+    batch[0].model_name = Some(long.clone());
+    assert_eq!(store.write(&batch).await.unwrap(), 2);
+    let stored = store.call("call-00000").await.unwrap().unwrap();
+    assert_eq!(stored.summary.model_name.as_deref(), Some(long.as_str()));
+    let by_model = store
+        .usage(&UsageQuery {
+            granularity: Granularity::Minute,
+            dimension: Dimension::Model,
+            from: T0,
+            to: T0 + Duration::hours(1),
+            only: None,
+        })
+        .await
+        .unwrap();
+    let cut = by_model
+        .iter()
+        .find(|p| long.starts_with(&p.value) && p.value.len() > 100)
+        .expect("the long model's rollup");
+    assert_eq!(
+        cut.value.len(),
+        gatehouse_audit::sql::rollup::MAX_DIMENSION_VALUE
     );
 }
 
