@@ -115,6 +115,48 @@ async fn postgres_writers_sharing_rollup_rows_do_not_deadlock() {
     assert_eq!(usage.iter().map(|p| p.requests).sum::<i64>(), 2 * 20 * 100);
 }
 
+/// Another process writing the same SQLite file (the portal's `ANALYZE` at its start, a reindex)
+/// makes a batch wait for the lock, not fail: the batch's transaction reads before it writes,
+/// and SQLite does not wait for a read lock to be raised to a write one.
+#[tokio::test]
+async fn sqlite_batches_wait_for_another_writer_of_the_file() {
+    use sqlx::ConnectOptions as _;
+    let test = sqlite().await;
+    let path: String =
+        sqlx::query_scalar("SELECT file FROM pragma_database_list WHERE name = 'main'")
+            .fetch_one(test.store.sqlite_pool().unwrap())
+            .await
+            .unwrap();
+    let mut other = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&path)
+        .busy_timeout(std::time::Duration::from_secs(30))
+        .connect()
+        .await
+        .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let analyzing = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut runs = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                sqlx::query("ANALYZE").execute(&mut other).await.unwrap();
+                runs += 1;
+                tokio::task::yield_now().await;
+            }
+            runs
+        })
+    };
+    for round in 0..100 {
+        let mut batch = records(3);
+        for (i, record) in batch.iter_mut().enumerate() {
+            record.correlation_id = format!("r{round}-{i}");
+        }
+        assert_eq!(test.store.write(&batch).await.unwrap(), 3, "round {round}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(analyzing.await.unwrap() > 0);
+}
+
 /// The SQLite the store runs on is built as `.cargo/config.toml` asks: without the process-wide
 /// mutexes of memory statistics and memory management, on which the store's two writer
 /// connections waited for each other (bench/README.md). A build that lost the setting fails here.

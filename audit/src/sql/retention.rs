@@ -72,7 +72,8 @@ impl SqlStore {
                     }
                 }
                 loop {
-                    let mut tx = writer.begin().await?;
+                    // IMMEDIATE: it reads before it writes (see `write`'s batch).
+                    let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
                     let ids: Vec<String> = sqlx::query_scalar(
                         "SELECT CorrelationId FROM GatehouseGatewayLogs WHERE TimeGenerated < ? ORDER BY TimeGenerated LIMIT ?",
                     )

@@ -362,7 +362,10 @@ async fn write_sqlite(
     // removed them all: a number used again would sit at or below `IndexedThrough`, where a
     // batch the index missed is never caught up.
     let indexed_through = search.indexed_through().await?;
-    let mut tx = pool.begin().await?;
+    // IMMEDIATE: the transaction reads before it writes, and SQLite does not wait (busy_timeout)
+    // for a lock a reading transaction wants to raise to a write; another process writing the
+    // file (the portal's `ANALYZE`, a reindex) would fail the batch at once.
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     let ids = new_record_ids(&mut tx, records, indexed_through).await?;
     let new: Vec<(usize, &AuditRecord, i64)> = records
         .iter()
