@@ -85,6 +85,43 @@ on_both_engines!(
     an_absurdly_long_model_name_is_stored,
 );
 
+/// Retention dropping a day's content partitions while a batch's content transaction writes the
+/// pieces and then the bodies of today's calls: both take their tables in the same order, so
+/// neither is aborted as a deadlock. The batch's transaction is played here by the locks its
+/// inserts take (`ROW EXCLUSIVE` on the pieces' table, then on the bodies').
+#[tokio::test]
+async fn postgres_retention_and_a_content_write_do_not_deadlock() {
+    let database = postgres_database().await;
+    let store = SqlStore::open(&database.url).await.unwrap();
+    let now = OffsetDateTime::now_utc();
+    let mut old = records(1);
+    old[0].time_generated = now - Duration::days(10);
+    assert_eq!(store.write(&old).await.unwrap(), 1);
+    store.maintain_partitions().await.unwrap();
+    let pool = store.postgres_pool().unwrap().clone();
+    let mut writing = pool.begin().await.unwrap();
+    sqlx::query(r#"LOCK TABLE "GatehouseLlmLogPieces" IN ROW EXCLUSIVE MODE"#)
+        .execute(&mut *writing)
+        .await
+        .unwrap();
+    let retention = tokio::spawn({
+        let store = SqlStore::open(&database.url).await.unwrap();
+        async move {
+            store
+                .enforce_retention(now - Duration::days(9), now - Duration::days(365), 100)
+                .await
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    sqlx::query(r#"LOCK TABLE "GatehouseCallContent" IN ROW EXCLUSIVE MODE"#)
+        .execute(&mut *writing)
+        .await
+        .unwrap();
+    writing.commit().await.unwrap();
+    let report = retention.await.unwrap().unwrap();
+    assert!(report.content_removed >= 1, "{report:?}");
+}
+
 /// Two gateways writing to one PostgreSQL store at once share rollup rows (the minute's `all`
 /// row, the status classes, the models): each batch locks them in key order, so neither waits for
 /// a row the other holds while holding one it wants (PostgreSQL would abort one of them as a

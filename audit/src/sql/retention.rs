@@ -185,10 +185,13 @@ async fn expire_content(
     batch: i64,
     report: &mut RetentionReport,
 ) -> Result<(u64, u64), StoreError> {
-    let dropped = drop_days_before(pool, &[CONTENT, LLM_PIECES], cutoff).await?;
+    // The pieces' partition first, then the bodies': the order in which a batch's content
+    // transaction writes them (`write`), so that the two never wait for each other (a drop takes
+    // its parent table whole; in the other order PostgreSQL found a deadlock and aborted one).
+    let dropped = drop_days_before(pool, &[LLM_PIECES, CONTENT], cutoff).await?;
     report.partitions_dropped += dropped.partitions;
     report.batches += dropped.transactions;
-    let (mut calls, mut pieces) = (dropped.rows[0], dropped.rows[1]);
+    let (mut pieces, mut calls) = (dropped.rows[0], dropped.rows[1]);
     loop {
         let (removed, removed_pieces): (i64, i64) = sqlx::query_as(
             r#"WITH gone AS (
