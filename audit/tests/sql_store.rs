@@ -392,6 +392,78 @@ async fn sqlite_full_text_index_is_a_file_of_its_own_and_catches_up_from_the_llm
     store.close().await;
 }
 
+/// Two processes on one SQLite store (the gateway and the portal) may both catch the full-text
+/// index up. A catch-up that read a call's pieces before retention in the other process removed
+/// them does not leave an entry for the expired prompt, and a catch-up that finds the index moved
+/// on meanwhile indexes nothing twice.
+#[tokio::test]
+async fn a_catch_up_in_a_second_process_indexes_no_expired_call_and_nothing_twice() {
+    use sqlx::ConnectOptions as _;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.db");
+    let url = format!("sqlite:{}", path.display());
+    let first = SqlStore::open(&url).await.unwrap();
+    assert_eq!(
+        first
+            .write(&[record_saying(1, "zebra"), record_saying(2, "yak")])
+            .await
+            .unwrap(),
+        2
+    );
+    first.close().await;
+    // The index lacks both calls (as after a crash between the two files' commits).
+    let connect = |file: std::path::PathBuf| async move {
+        sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(file)
+            .busy_timeout(std::time::Duration::from_secs(30))
+            .connect()
+            .await
+    };
+    let mut index = connect(dir.path().join("audit.db-search")).await.unwrap();
+    sqlx::query("UPDATE GatehouseSearchProgress SET IndexedThrough = 0")
+        .execute(&mut index)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM GatehouseContentSearch")
+        .execute(&mut index)
+        .await
+        .unwrap();
+    // The other process holds the index's write lock while the catch-up reads the pieces.
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut index)
+        .await
+        .unwrap();
+    let second = SqlStore::open(&url).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // Meanwhile retention there removes the first call's content (not indexed yet: no entry).
+    let mut main = connect(path.clone()).await.unwrap();
+    sqlx::query("DELETE FROM ApiManagementGatewayLlmLog WHERE CorrelationId = 'call-00001' AND SequenceNumber > 0")
+        .execute(&mut main)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM GatehouseCallContent WHERE CorrelationId = 'call-00001'")
+        .execute(&mut main)
+        .await
+        .unwrap();
+    sqlx::query("COMMIT").execute(&mut index).await.unwrap();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        second.settle_search_index(),
+    )
+    .await
+    .expect("the index catches up within 30 s")
+    .unwrap();
+    assert_eq!(found(&second, "zebra").await, Vec::<String>::new());
+    assert_eq!(found(&second, "yak").await, ["call-00002"]);
+    let entries: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM search.GatehouseContentSearch_docsize")
+            .fetch_one(second.sqlite_pool().unwrap())
+            .await
+            .unwrap();
+    assert_eq!(entries, 1, "one entry, for the call that kept its content");
+    second.close().await;
+}
+
 /// SQLite keeps bodies compressed (as its archive format stores files) and the Azure-shaped view
 /// shows them as text: through the store's connections, through the `sqlite3` shell (which has
 /// `sqlar_uncompress` built in), and for rows written before compression, unchanged.

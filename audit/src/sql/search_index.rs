@@ -239,7 +239,7 @@ impl SearchIndex {
     /// LLM log's pieces. Returns whether there may be more; when there are none, the index is no
     /// longer behind.
     async fn catch_up_step(&self, reader: &SqlitePool) -> Result<bool, StoreError> {
-        let _order = self.lock().await;
+        let order = self.lock().await;
         let from = self.indexed_through().await?;
         let ids: Vec<i64> = sqlx::query_scalar(
             "SELECT RecordId FROM GatehouseGatewayLogs WHERE RecordId > ? ORDER BY RecordId LIMIT ?",
@@ -263,10 +263,49 @@ impl SearchIndex {
         .fetch_all(reader)
         .await?;
         let rows = rows_of_pieces(pieces).await?;
-        let mut tx = self.pool.begin().await?;
+        let with_text: Vec<i64> = rows.iter().map(|row| row.0).collect();
+        // Another process on the same files (the portal, a reindex) may catch up too; the order
+        // lock is this process's only. Under the index file's write lock, the calls are indexed
+        // only if no one indexed past `from` meanwhile (the index keeps no text, so it would take
+        // a second entry of a call without complaint).
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let now_through: i64 =
+            sqlx::query_scalar("SELECT IndexedThrough FROM GatehouseSearchProgress WHERE Id = 1")
+                .fetch_one(&mut *tx)
+                .await?;
+        if now_through != from {
+            tx.rollback().await?;
+            return Ok(true);
+        }
         insert(&mut tx, rows).await?;
         set_indexed_through(&mut tx, through).await?;
         tx.commit().await?;
+        // Retention in another process may have removed the calls' pieces since they were read
+        // (it removes a call's entry first, then its pieces): their entries go again, as a
+        // reindex's do (`reindex::replace_entries`).
+        if !with_text.is_empty() {
+            let mut query = QueryBuilder::<Sqlite>::new(
+                "SELECT DISTINCT l.RecordId FROM GatehouseGatewayLogs l \
+                 JOIN ApiManagementGatewayLlmLog m ON m.CorrelationId = l.CorrelationId AND m.SequenceNumber > 0 \
+                 WHERE l.RecordId IN (",
+            );
+            let mut list = query.separated(", ");
+            for id in &with_text {
+                list.push_bind(*id);
+            }
+            query.push(")");
+            let kept: std::collections::HashSet<i64> = query
+                .build_query_scalar()
+                .fetch_all(reader)
+                .await?
+                .into_iter()
+                .collect();
+            let gone: Vec<i64> = with_text
+                .into_iter()
+                .filter(|id| !kept.contains(id))
+                .collect();
+            self.remove_holding(&order, &gone).await?;
+        }
         Ok(true)
     }
 
