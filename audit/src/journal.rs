@@ -200,7 +200,17 @@ pub(crate) struct Journal {
     chunk_bytes: u64,
     segment_bytes: u64,
     skipped: u64,
+    /// The last record (segment, line offset, record of the line) copied to [`SET_ASIDE_FILE`],
+    /// so that a chunk read again (its sink failed) copies none twice.
+    set_aside_through: Option<(u64, u64, usize)>,
 }
+
+/// The file in the journal's directory that keeps the lines whose checksum is right but whose
+/// JSON this build cannot read as a record (written by a newer build that knows an operation
+/// this one does not: a downgrade with a backlog). Their segment is deleted once replayed; the
+/// lines stay here, one JSON record a line, to be stored once a build that reads them runs
+/// (`gatehouse-gateway` never reads this file itself).
+pub const SET_ASIDE_FILE: &str = "unreadable-records.jsonl";
 
 impl Journal {
     /// Opens (creating it if needed) the journal in `dir`, finding what an earlier process left.
@@ -226,6 +236,7 @@ impl Journal {
             chunk_bytes,
             segment_bytes: (max_bytes / 16).clamp(MIN_SEGMENT_BYTES, MAX_SEGMENT_BYTES),
             skipped: 0,
+            set_aside_through: None,
         };
         // Where an earlier process stopped replaying: it applies to the oldest segment only.
         let mut resume = read_head(dir);
@@ -401,7 +412,19 @@ impl Journal {
                 }
                 Err(error) => return Err(error),
             };
-            return read_stretch(file, front, self.head, max_records, self.chunk_bytes).map(Some);
+            let mut set_aside = SetAside {
+                path: self.dir.join(SET_ASIDE_FILE),
+                through: &mut self.set_aside_through,
+            };
+            return read_stretch(
+                file,
+                front,
+                self.head,
+                max_records,
+                self.chunk_bytes,
+                &mut set_aside,
+            )
+            .map(Some);
         }
     }
 
@@ -761,6 +784,7 @@ fn read_stretch(
     start: u64,
     max_records: usize,
     max_weight: u64,
+    set_aside: &mut SetAside<'_>,
 ) -> io::Result<Chunk> {
     file.seek(SeekFrom::Start(start))?;
     let mut reader = BufReader::new(file.take(segment.len.saturating_sub(start)));
@@ -795,14 +819,17 @@ fn read_stretch(
             // Left for the next chunk, which starts with it.
             break;
         }
+        let offset = stretch.end;
         stretch.end += read as u64;
         let count = decoded.records();
         stretch.lines += count;
         let before = records.len();
         match decoded.json() {
             Ok(json) => {
-                for json in json.split(|b| *b == b'\n') {
-                    push_record(&mut records, json, segment.index);
+                for (n, json) in json.split(|b| *b == b'\n').enumerate() {
+                    if !push_record(&mut records, json, segment.index) {
+                        set_aside.keep((segment.index, offset, n), json);
+                    }
                 }
                 weight += records[before..].iter().map(record_bytes).sum::<u64>();
             }
@@ -836,12 +863,50 @@ pub fn journal_file_text(path: &Path) -> io::Result<Vec<u8>> {
     }
 }
 
-/// Adds the record `json` holds to `records`; a line that is not a record is logged.
-fn push_record(records: &mut Vec<AuditRecord>, json: &[u8], segment: u64) {
+/// Adds the record `json` holds to `records`; `false` (logged) when it is not a record.
+fn push_record(records: &mut Vec<AuditRecord>, json: &[u8], segment: u64) -> bool {
     match serde_json::from_slice(json) {
-        Ok(record) => records.push(record),
+        Ok(record) => {
+            records.push(record);
+            true
+        }
         Err(error) => {
-            tracing::error!(segment, %error, "audit journal line is not a record; skipped");
+            tracing::error!(segment, %error, "audit journal line is not a record this build reads; set aside in {SET_ASIDE_FILE}");
+            false
+        }
+    }
+}
+
+/// Where lines that do not read as records are copied ([`SET_ASIDE_FILE`]).
+struct SetAside<'a> {
+    path: PathBuf,
+    through: &'a mut Option<(u64, u64, usize)>,
+}
+
+impl SetAside<'_> {
+    /// Appends `json`, the record at `at` (segment, line offset, record of the line), unless
+    /// one at or after it was copied already; synced, as the journal's own lines are. A failure
+    /// is logged: the record is then lost with its segment, as before there was this file.
+    fn keep(&mut self, at: (u64, u64, usize), json: &[u8]) {
+        if self.through.is_some_and(|through| through >= at) {
+            return;
+        }
+        let written = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .and_then(|mut file| {
+                let mut line = Vec::with_capacity(json.len() + 1);
+                line.extend_from_slice(json);
+                line.push(b'\n');
+                file.write_all(&line)?;
+                file.sync_data()
+            });
+        match written {
+            Ok(()) => *self.through = Some(at),
+            Err(error) => {
+                tracing::error!(%error, path = %self.path.display(), "could not set aside an unreadable audit journal line; it is lost");
+            }
         }
     }
 }
@@ -937,6 +1002,38 @@ mod tests {
             0,
             "stored segments are deleted"
         );
+    }
+
+    /// A line whose checksum is right but whose JSON this build does not read as a record (a
+    /// newer build's operation, after a downgrade) is not lost with its segment: it is copied,
+    /// once however often its chunk is read, to the set-aside file.
+    #[test]
+    fn a_line_this_build_cannot_read_is_set_aside_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut unknown = serde_json::to_value(record(1)).unwrap();
+        unknown["OperationId"] = serde_json::json!("some_future_operation");
+        let unknown = serde_json::to_vec(&unknown).unwrap();
+        let mut bytes = Vec::new();
+        encode_line(&mut bytes, &record(0)).unwrap();
+        bytes.push(XXH3_MARK);
+        bytes.extend_from_slice(&xxh3_checksum(&unknown));
+        bytes.push(b' ');
+        bytes.extend_from_slice(&unknown);
+        bytes.push(b'\n');
+        encode_line(&mut bytes, &record(2)).unwrap();
+        fs::write(
+            dir.path()
+                .join(format!("{SEGMENT_PREFIX}{:020}{SEGMENT_SUFFIX}", 0)),
+            &bytes,
+        )
+        .unwrap();
+        let mut journal = Journal::open(dir.path(), 1 << 20, TEST_CHUNK_BYTES).unwrap();
+        let first = journal.read_chunk(10).unwrap().unwrap();
+        let again = journal.read_chunk(10).unwrap().unwrap();
+        assert_eq!(first.records, again.records);
+        assert_eq!(drain(&mut journal), ["0", "2"]);
+        let kept = fs::read(dir.path().join(SET_ASIDE_FILE)).unwrap();
+        assert_eq!(kept, [unknown.as_slice(), b"\n"].concat());
     }
 
     #[test]
