@@ -70,7 +70,8 @@ enum Command {
         to: Option<String>,
     },
     /// Refresh the query planner's statistics of a SQLite audit store in full. The store does
-    /// this itself at every start and hourly while it holds at most 1,000,000 calls; past that,
+    /// this itself at every start and after each hourly retention run (when a retention is set)
+    /// while it holds at most 1,000,000 calls; past that,
     /// run this in a quiet hour: it reads every index and holds the write lock meanwhile (the
     /// gateway's records wait in its journal).
     AnalyzeAudit {
