@@ -1009,6 +1009,21 @@ impl StreamAssembler {
             }
             summary.failed = true;
         }
+        // A stream that ends with the model's work failed: a Responses API `response.failed`
+        // (`"status": "failed"`, its `error`), an Assistants run `failed` or `expired`.
+        let status = |object: &str| {
+            summary
+                .response
+                .as_ref()
+                .filter(|response| response.get("object").and_then(Value::as_str) == Some(object))
+                .and_then(|response| response.get("status"))
+                .and_then(Value::as_str)
+        };
+        if status("response") == Some("failed")
+            || matches!(status("thread.run"), Some("failed" | "expired"))
+        {
+            summary.failed = true;
+        }
         summary
     }
 
@@ -1422,6 +1437,7 @@ mod tests {
         assert_eq!(completed["type"], "response.completed");
         let summary = tap(stream.as_bytes());
         assert!(summary.completed);
+        assert!(!summary.failed);
         assert_eq!(summary.response.as_ref(), Some(&completed["response"]));
         assert_eq!(summary.response.unwrap()["status"], "completed");
         assert_eq!(summary.usage.unwrap().total_tokens, 16);
@@ -1435,6 +1451,8 @@ mod tests {
         );
         let summary = tap(failed.as_bytes());
         assert!(summary.completed);
+        // The model's work failed: the record says so (`backend_stream_error`).
+        assert!(summary.failed);
         let response = summary.response.unwrap();
         assert_eq!(response["status"], "failed");
         assert_eq!(response["output"], json!([]));
@@ -1533,6 +1551,16 @@ mod tests {
         assert!(responses.failed);
         assert_eq!(responses.response.unwrap()["error"]["message"], "boom");
         assert!(!finish(content_event("fine")).failed);
+        // An Assistants run that ends failed (its `last_error`), or expired: the model's work
+        // failed though the stream ended as it should.
+        for (status, failed) in [("failed", true), ("expired", true), ("completed", false)] {
+            let run = json!({"id": "run_1", "object": "thread.run", "status": status, "model": "gpt-4o",
+                "last_error": if failed { json!({"code": "server_error", "message": "boom"}) } else { Value::Null }});
+            let summary = finish(format!(
+                "event: thread.run.{status}\ndata: {run}\n\nevent: done\ndata: [DONE]\n\n"
+            ));
+            assert_eq!(summary.failed, failed, "{status}");
+        }
     }
 
     #[test]
