@@ -10,7 +10,8 @@
 //! - object keys (`role`, `content`, `tool_calls`, …);
 //! - the values of keys that name structure rather than say anything: [`STRUCTURAL_KEYS`]
 //!   (`"role": "user"`, `"type": "text"`, ids, statuses) and encoded media (`data`);
-//! - `data:` URLs (an image or a file inlined as base64);
+//! - `data:` URLs (an image or a file inlined as base64), and bare base64 of 256 characters or more
+//!   (a generated image's `result`, a reasoning item's `encrypted_content`);
 //! - numbers, booleans and nulls (a prompt given as token ids says nothing searchable).
 //!
 //! What a message says stays whole: the text of a message or a content part, a tool's name and
@@ -162,7 +163,7 @@ impl<'de> Visitor<'de> for Collect<'_> {
     }
 
     fn visit_str<E: de::Error>(self, value: &str) -> Result<(), E> {
-        if !value.is_empty() && !is_data_url(value) {
+        if !value.is_empty() && !is_data_url(value) && !is_base64_blob(value) {
             if !self.text.is_empty() {
                 self.text.push('\n');
             }
@@ -239,6 +240,17 @@ impl Visitor<'_> for IsStructural {
 }
 
 /// Whether `value` is a `data:` URL carrying base64 (an inlined image, audio clip or file).
+/// Whether `value` is encoded media given bare: a long run of base64 (or base64url) without a
+/// space, as a Responses API `image_generation_call` gives its image in `result`, or a
+/// reasoning item its `encrypted_content`. No one searches for it, and it would fill the index.
+fn is_base64_blob(value: &str) -> bool {
+    const SHORTEST: usize = 256;
+    value.len() >= SHORTEST
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'-' | b'_'))
+}
+
 fn is_data_url(value: &str) -> bool {
     value
         .get(..5)
@@ -333,6 +345,22 @@ mod tests {
     fn text_that_is_not_json_is_searched_as_it_is() {
         assert_eq!(searchable("plain words"), "plain words");
         assert_eq!(searchable("\"one\" \"two\""), "\"one\" \"two\"");
+    }
+
+    #[test]
+    fn bare_base64_is_media_and_long_words_are_not() {
+        let image = "iVBORw0KGgoAAAANSUhEUgAA".repeat(20);
+        let json = json!([
+            {"type": "image_generation_call", "result": image},
+            {"type": "reasoning", "encrypted_content": format!("gAAAAAB{}", "x_Y-z9".repeat(60))},
+            {"type": "message", "content": [{"type": "output_text", "text": "Here is your cat."}]}
+        ])
+        .to_string();
+        assert_eq!(searchable(&json), "Here is your cat.");
+        // Text with spaces, or a short token, stays searchable.
+        let text = "word ".repeat(100);
+        assert_eq!(searchable(&json!([text]).to_string()), text);
+        assert_eq!(searchable(r#"["INV-2024-0042"]"#), "INV-2024-0042");
     }
 
     #[test]
