@@ -142,6 +142,10 @@ pub fn usage_of(response: &Value) -> Option<TokenUsage> {
 /// holds it, as the client wrote it less the whitespace between tokens, read without parsing the
 /// body into a tree ([`crate::peek::member_json`]) unless only the tree can judge the body.
 pub fn request_messages(call: &Call) -> Option<String> {
+    // A form's prompt (an image edit's instruction, a transcription's hint), as a JSON string.
+    if let Some(prompt) = &call.form_prompt {
+        return serde_json::to_string(prompt).ok();
+    }
     let field = match call.operation {
         OperationId::ChatCompletionsCreate => "messages",
         OperationId::CompletionsCreate | OperationId::ImageGenerationsCreate => "prompt",

@@ -81,6 +81,8 @@ pub struct Call {
     pub body_kind: BodyKind,
     /// Whether the client asked for a stream.
     pub is_stream: bool,
+    /// A form's `prompt` field (an image edit's, a transcription's), for the record.
+    pub form_prompt: Option<String>,
     /// What the hot path reads from a JSON body (`None` when the body is not JSON).
     pub peek: Option<RequestPeek>,
     /// The JSON body's bytes, parsed into [`Call::json`] only when something needs the tree.
@@ -102,6 +104,7 @@ impl Call {
             creates: None,
             body_kind: BodyKind::None,
             is_stream: false,
+            form_prompt: None,
             peek: None,
             json_body: Bytes::new(),
             json: OnceLock::new(),
@@ -189,7 +192,7 @@ pub fn classify(
         .unwrap_or("");
     let (peek, tree) = parse_body(route.body_kind, content_type, body)?;
     // A model call's form is read for its `model` and `stream` fields (a file upload's is not).
-    let form = if route.body_kind == BodyKind::Multipart
+    let mut form = if route.body_kind == BodyKind::Multipart
         && (deployment.is_some() || route.model_in_body)
     {
         Some(form_fields(content_type, body)?)
@@ -200,6 +203,7 @@ pub fn classify(
         Some(form) => form.asks_for_a_stream(),
         None => peek.as_ref().and_then(|p| p.stream).unwrap_or(false),
     };
+    let form_prompt = form.as_mut().and_then(|form| form.prompt.take());
 
     let deployment = match deployment {
         Some(d) => {
@@ -251,6 +255,7 @@ pub fn classify(
         creates: route.creates,
         body_kind: route.body_kind,
         is_stream,
+        form_prompt,
         json_body: if peek.is_some() {
             body.clone()
         } else {
@@ -616,6 +621,9 @@ struct FormFields {
     model: Option<String>,
     /// The `stream` field: `true` when the client asks for the answer as events (a transcription).
     stream: Option<String>,
+    /// The `prompt` field: an image edit's instruction, a transcription's hint (the record's
+    /// `RequestMessages`).
+    prompt: Option<String>,
 }
 
 impl FormFields {
@@ -663,6 +671,7 @@ fn form_fields(content_type: &str, body: &Bytes) -> Result<FormFields, GatewayEr
             let (name, slot) = match field.name() {
                 Some("model") => ("model", &mut fields.model),
                 Some("stream") => ("stream", &mut fields.stream),
+                Some("prompt") => ("prompt", &mut fields.prompt),
                 _ => continue,
             };
             if slot.is_some() {

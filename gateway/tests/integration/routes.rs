@@ -566,3 +566,49 @@ async fn a_streamed_transcription_is_recorded_as_a_stream_with_its_usage() {
     let body: serde_json::Value = refused.json().await.unwrap();
     assert_eq!(body["error"]["param"], "stream", "{body}");
 }
+
+/// A form's `prompt` — an image edit's instruction, a transcription's hint — is the record's
+/// `RequestMessages` (as a JSON string), so that an auditor finds who asked for what; the file
+/// parts are never recorded. The stub answers as OpenAI's "Create image edit" does.
+#[tokio::test]
+async fn a_forms_prompt_is_on_record_and_its_files_are_not() {
+    let url = serve_stub(axum::Router::new().route(
+        "/openai/v1/images/edits",
+        axum::routing::post(|| async {
+            axum::Json(json!({"created": 1, "data": [{"b64_json": "AAAA"}],
+                "usage": {"input_tokens": 50, "output_tokens": 4160, "total_tokens": 4210,
+                          "input_tokens_details": {"text_tokens": 10, "image_tokens": 40}}}))
+        }),
+    ))
+    .await;
+    let gw = TestGateway::start(snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-image-1"], "members": [member("a", &url, 1)]}]),
+    ))
+    .await;
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "image",
+            reqwest::multipart::Part::bytes(b"\x89PNG secret pixels".to_vec())
+                .file_name("cat.png")
+                .mime_str("image/png")
+                .unwrap(),
+        )
+        .text("model", "gpt-image-1")
+        .text("prompt", "Add a red \"hat\"");
+    let answer = gw
+        .post("/openai/v1/images/edits")
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let record = gw.records(1).await.remove(0);
+    assert_eq!(record.operation_id, Some(OperationId::ImageEditsCreate));
+    assert_eq!(
+        record.request_messages.as_deref(),
+        Some(r#""Add a red \"hat\"""#)
+    );
+    assert_eq!(record.backend_request_body, None);
+    assert_eq!(record.usage.unwrap().total_tokens, 4210);
+}
