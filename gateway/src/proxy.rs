@@ -1825,8 +1825,13 @@ enum AnswerCopy {
     Stream(SseTap),
     /// The whole answer, while it stays within [`PARSE_LIMIT`].
     Whole(Vec<u8>),
-    /// An answer that outgrew [`PARSE_LIMIT`]: its last bytes.
-    Tail(Vec<u8>),
+    /// An answer that outgrew [`PARSE_LIMIT`]: its last bytes, and the `model` its start named
+    /// before the large part (a Responses object names it before its `output`; an embeddings
+    /// list only after its `data`, where the tail has it).
+    Tail {
+        tail: Vec<u8>,
+        head_model: Option<String>,
+    },
 }
 
 impl Tee {
@@ -1862,11 +1867,14 @@ impl Tee {
                 whole.extend_from_slice(&chunk);
             }
             AnswerCopy::Whole(whole) => {
+                // (The answer's start: what was kept, or this chunk when it is the first.)
+                let start: &[u8] = if whole.is_empty() { &chunk } else { whole };
+                let head_model = crate::peek::leading_member_str(start, "model");
                 let mut tail = std::mem::take(whole);
                 append_to_tail(&mut tail, &chunk);
-                self.answer = AnswerCopy::Tail(tail);
+                self.answer = AnswerCopy::Tail { tail, head_model };
             }
-            AnswerCopy::Tail(tail) => append_to_tail(tail, &chunk),
+            AnswerCopy::Tail { tail, .. } => append_to_tail(tail, &chunk),
         }
         self.capture.push(&chunk);
         Some(chunk)
@@ -1891,7 +1899,7 @@ impl Tee {
     fn json(&self) -> Option<Value> {
         match &self.answer {
             AnswerCopy::Whole(whole) => serde_json::from_slice(whole).ok(),
-            AnswerCopy::Stream(_) | AnswerCopy::Tail(_) => None,
+            AnswerCopy::Stream(_) | AnswerCopy::Tail { .. } => None,
         }
     }
 
@@ -1900,7 +1908,7 @@ impl Tee {
     fn take_created(&mut self) -> Option<String> {
         match &mut self.answer {
             AnswerCopy::Stream(sse) => sse.take_created(),
-            AnswerCopy::Whole(_) | AnswerCopy::Tail(_) => None,
+            AnswerCopy::Whole(_) | AnswerCopy::Tail { .. } => None,
         }
     }
 
@@ -1935,11 +1943,12 @@ impl Tee {
                 }
                 return summary.response;
             }
-            AnswerCopy::Tail(tail) => {
-                // Too large to parse: `model` and `usage` from its end, the messages not at all.
+            AnswerCopy::Tail { tail, head_model } => {
+                // Too large to parse: `usage` from its end, `model` from its start or its end,
+                // the messages not at all.
                 let peek = ResponsePeek::read_tail(&tail);
                 record.usage(peek.usage);
-                record.record.model_name = peek.model;
+                record.record.model_name = head_model.or(peek.model);
                 record.record.response_body_truncated = self.capture.truncated();
                 record.record.backend_response_body = self.capture.into_text();
                 return None;

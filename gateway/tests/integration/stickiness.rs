@@ -706,13 +706,13 @@ async fn a_response_too_large_to_read_whole_is_relayed_and_pinned() {
             } else {
                 "resp_big"
             };
-            let answer = json!({
-                "id": id, "object": "response", "status": "completed", "model": "gpt-4o",
-                "output": [{"type": "image_generation_call", "status": "completed",
-                            "result": "A".repeat(IMAGE_BYTES)}],
-                "usage": {"input_tokens": 12, "output_tokens": 1500, "total_tokens": 1512}
-            });
-            axum::Json(answer)
+            // In the order OpenAI writes a response: `model` before `output`, the echoed `tools`
+            // (the image tool names its own model) and `usage` after.
+            let answer = format!(
+                r#"{{"id":"{id}","object":"response","status":"completed","model":"gpt-4o","output":[{{"type":"image_generation_call","status":"completed","result":"{}"}}],"tools":[{{"type":"image_generation","model":"gpt-image-1"}}],"usage":{{"input_tokens":12,"output_tokens":1500,"total_tokens":1512}}}}"#,
+                "A".repeat(IMAGE_BYTES)
+            );
+            ([("content-type", "application/json")], answer)
         }),
     );
     let url = serve_stub(app).await;
@@ -751,5 +751,6 @@ async fn a_response_too_large_to_read_whole_is_relayed_and_pinned() {
         assert_eq!(record.response_code, 200);
         assert_eq!(record.last_error_reason, None);
         assert_eq!(record.usage.unwrap().total_tokens, 1512);
+        assert_eq!(record.model_name.as_deref(), Some("gpt-4o"));
     }
 }
