@@ -146,6 +146,25 @@ pub fn request_messages(call: &Call) -> Option<String> {
     if let Some(prompt) = &call.form_prompt {
         return serde_json::to_string(prompt).ok();
     }
+    // The Assistants API's prompts: the messages a thread starts with, a run adds, or a message
+    // posted to a thread, as a JSON array of messages.
+    let messages_at = |pointer: &str| -> Option<String> {
+        let messages = call.json()?.pointer(pointer)?;
+        (messages.is_array() && !messages.as_array()?.is_empty()).then(|| messages.to_string())
+    };
+    match call.operation {
+        OperationId::CreateThread => return messages_at("/messages"),
+        OperationId::CreateThreadAndRun => return messages_at("/thread/messages"),
+        OperationId::CreateRun => return messages_at("/additional_messages"),
+        OperationId::CreateMessage => {
+            let message = call.json()?;
+            return message
+                .get("content")
+                .is_some()
+                .then(|| Value::Array(vec![message.clone()]).to_string());
+        }
+        _ => {}
+    }
     let field = match call.operation {
         OperationId::ChatCompletionsCreate => "messages",
         OperationId::CompletionsCreate | OperationId::ImageGenerationsCreate => "prompt",
@@ -1520,6 +1539,56 @@ mod tests {
             "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null,
                 "logprobs": {"content": [{"token": text, "logprob": -0.1, "bytes": [104], "top_logprobs": top}]}}]});
         format!("data: {chunk}\n\n")
+    }
+
+    #[test]
+    fn assistants_prompts_are_the_messages_a_call_adds() {
+        let prompt_of = |path: &str, body: Value| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(
+                http::header::CONTENT_TYPE,
+                "application/json".parse().unwrap(),
+            );
+            let call = crate::classify::classify(
+                &http::Method::POST,
+                path,
+                Some("api-version=2024-05-01-preview"),
+                &headers,
+                &Bytes::from(body.to_string()),
+            )
+            .unwrap();
+            request_messages(&call).map(|text| serde_json::from_str::<Value>(&text).unwrap())
+        };
+        let ask = json!([{"role": "user", "content": "Summarise the Q3 report"}]);
+        assert_eq!(
+            prompt_of("/openai/threads", json!({"messages": ask})),
+            Some(ask.clone())
+        );
+        assert_eq!(
+            prompt_of(
+                "/openai/threads/runs",
+                json!({"assistant_id": "asst_1", "thread": {"messages": ask}})
+            ),
+            Some(ask.clone())
+        );
+        assert_eq!(
+            prompt_of(
+                "/openai/threads/thread_1/runs",
+                json!({"assistant_id": "asst_1", "additional_messages": ask})
+            ),
+            Some(ask.clone())
+        );
+        assert_eq!(
+            prompt_of(
+                "/openai/threads/thread_1/runs",
+                json!({"assistant_id": "asst_1"})
+            ),
+            None
+        );
+        assert_eq!(
+            prompt_of("/openai/threads/thread_1/messages", ask[0].clone()),
+            Some(ask)
+        );
     }
 
     #[test]
