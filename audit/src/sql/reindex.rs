@@ -8,12 +8,12 @@
 //! order lock, as a write of the store does; on PostgreSQL it updates the vectors of the batch's
 //! rows in place and gives them new blocks in the word index (`search_blocks`). Calls whose content has expired have nothing to index and are left alone.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use sqlx::{Postgres, QueryBuilder, Sqlite};
 use time::OffsetDateTime;
 
-use super::search_index::{IndexRow, SearchIndex, rows_of_pieces};
+use super::search_index::{IndexRow, SearchIndex, rows_of_pieces, without_pieces};
 use super::{
     Engine, SqlStore, StoreError, full_text, message_text, search_blocks, search_merge, sqlite_time,
 };
@@ -123,26 +123,7 @@ async fn replace_entries(
     if with_text.is_empty() {
         return Ok(replaced);
     }
-    let mut query = QueryBuilder::<Sqlite>::new(
-        "SELECT DISTINCT l.RecordId FROM GatehouseGatewayLogs l \
-         JOIN ApiManagementGatewayLlmLog m ON m.CorrelationId = l.CorrelationId AND m.SequenceNumber > 0 \
-         WHERE l.RecordId IN (",
-    );
-    let mut list = query.separated(", ");
-    for id in &with_text {
-        list.push_bind(*id);
-    }
-    query.push(")");
-    let kept: HashSet<i64> = query
-        .build_query_scalar()
-        .fetch_all(reader)
-        .await?
-        .into_iter()
-        .collect();
-    let gone: Vec<i64> = with_text
-        .into_iter()
-        .filter(|id| !kept.contains(id))
-        .collect();
+    let gone = without_pieces(reader, with_text).await?;
     if !gone.is_empty() {
         search.remove(&gone).await?;
     }

@@ -283,29 +283,8 @@ impl SearchIndex {
         // Retention in another process may have removed the calls' pieces since they were read
         // (it removes a call's entry first, then its pieces): their entries go again, as a
         // reindex's do (`reindex::replace_entries`).
-        if !with_text.is_empty() {
-            let mut query = QueryBuilder::<Sqlite>::new(
-                "SELECT DISTINCT l.RecordId FROM GatehouseGatewayLogs l \
-                 JOIN ApiManagementGatewayLlmLog m ON m.CorrelationId = l.CorrelationId AND m.SequenceNumber > 0 \
-                 WHERE l.RecordId IN (",
-            );
-            let mut list = query.separated(", ");
-            for id in &with_text {
-                list.push_bind(*id);
-            }
-            query.push(")");
-            let kept: std::collections::HashSet<i64> = query
-                .build_query_scalar()
-                .fetch_all(reader)
-                .await?
-                .into_iter()
-                .collect();
-            let gone: Vec<i64> = with_text
-                .into_iter()
-                .filter(|id| !kept.contains(id))
-                .collect();
-            self.remove_holding(&order, &gone).await?;
-        }
+        let gone = without_pieces(reader, with_text).await?;
+        self.remove_holding(&order, &gone).await?;
         Ok(true)
     }
 
@@ -370,6 +349,34 @@ impl SearchIndex {
     pub(super) async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// Those of the calls `ids` (`RecordId`s) that no longer have LLM-log pieces: retention removed
+/// their content since their entries were made from them.
+pub(super) async fn without_pieces(
+    reader: &SqlitePool,
+    ids: Vec<i64>,
+) -> Result<Vec<i64>, StoreError> {
+    if ids.is_empty() {
+        return Ok(ids);
+    }
+    let mut query = QueryBuilder::<Sqlite>::new(
+        "SELECT DISTINCT l.RecordId FROM GatehouseGatewayLogs l \
+         JOIN ApiManagementGatewayLlmLog m ON m.CorrelationId = l.CorrelationId AND m.SequenceNumber > 0 \
+         WHERE l.RecordId IN (",
+    );
+    let mut list = query.separated(", ");
+    for id in &ids {
+        list.push_bind(*id);
+    }
+    query.push(")");
+    let kept: std::collections::HashSet<i64> = query
+        .build_query_scalar()
+        .fetch_all(reader)
+        .await?
+        .into_iter()
+        .collect();
+    Ok(ids.into_iter().filter(|id| !kept.contains(id)).collect())
 }
 
 /// The rows to index for the calls whose LLM-log pieces are `pieces` (in `RecordId`, then
