@@ -205,7 +205,7 @@ pub mod ssr {
     pub async fn portal_and_user() -> Result<(Portal, Option<SessionUser>), ServerFnError> {
         let Extension(portal): Extension<Portal> = leptos_axum::extract().await?;
         let session: Session = leptos_axum::extract().await?;
-        let user = current_user(&session, portal.settings.sessions)
+        let user = current_user(&session, &portal.db, portal.settings.sessions)
             .await
             .map_err(to_server_error)?;
         Ok((portal, user))

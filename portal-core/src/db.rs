@@ -853,6 +853,52 @@ impl ConfigDb {
         Ok(())
     }
 
+    // ---- signed-out sessions ----
+
+    /// Records that the session whose id hashes to `session_hash` is signed out, until
+    /// `expires_at` (Unix seconds; past it the session is refused anyway), and deletes the
+    /// records whose time has passed: the table holds only the sign-outs of sessions that could
+    /// still be alive.
+    pub async fn record_signed_out(
+        &self,
+        session_hash: &str,
+        expires_at: i64,
+    ) -> Result<(), PortalError> {
+        const CLEAN: &str = "DELETE FROM signed_out_sessions WHERE expires_at < $1";
+        const INSERT: &str = "INSERT INTO signed_out_sessions (session_hash, expires_at) VALUES ($1, $2) ON CONFLICT (session_hash) DO UPDATE SET expires_at = excluded.expires_at";
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        on_pool!(self, |pool| async {
+            let mut tx = pool.begin().await?;
+            sqlx::query(CLEAN).bind(now).execute(&mut *tx).await?;
+            sqlx::query(INSERT)
+                .bind(session_hash)
+                .bind(expires_at)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok::<(), PortalError>(())
+        }
+        .await)
+    }
+
+    /// Whether the session whose id hashes to `session_hash` was signed out.
+    pub async fn is_signed_out(&self, session_hash: &str) -> Result<bool, PortalError> {
+        const SQL: &str = "SELECT COUNT(*) FROM signed_out_sessions WHERE session_hash = $1";
+        let count: i64 = on_pool!(self, |pool| sqlx::query_scalar(SQL)
+            .bind(session_hash)
+            .fetch_one(pool)
+            .await?);
+        Ok(count > 0)
+    }
+
+    /// How many sign-outs are recorded (expired ones included until the next sign-out).
+    pub async fn signed_out_count(&self) -> Result<i64, PortalError> {
+        const SQL: &str = "SELECT COUNT(*) FROM signed_out_sessions";
+        Ok(on_pool!(self, |pool| sqlx::query_scalar(SQL)
+            .fetch_one(pool)
+            .await?))
+    }
+
     // ---- activity ----
 
     /// The newest activity entries.

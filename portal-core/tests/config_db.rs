@@ -501,3 +501,27 @@ async fn postgres_replicas_publishing_at_once_both_store_a_version() {
     let test = common::postgres().await;
     replicas_publishing_at_once_both_store_a_version(&test.db).await;
 }
+
+/// Sign-outs are found by hash, and those past their time are deleted at the next sign-out.
+async fn signed_out_sessions(db: &ConfigDb) {
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    assert!(!db.is_signed_out("sha256:aa").await.unwrap());
+    db.record_signed_out("sha256:aa", now - 10).await.unwrap();
+    db.record_signed_out("sha256:bb", now + 3600).await.unwrap();
+    assert!(db.is_signed_out("sha256:bb").await.unwrap());
+    // Recorded again (signed out twice): one row.
+    db.record_signed_out("sha256:bb", now + 3600).await.unwrap();
+    // "aa", past its time, went at the sign-out after it.
+    assert!(!db.is_signed_out("sha256:aa").await.unwrap());
+    assert_eq!(db.signed_out_count().await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn sqlite_signed_out_sessions_are_kept_until_their_time() {
+    signed_out_sessions(&common::sqlite().await.db).await;
+}
+
+#[tokio::test]
+async fn postgres_signed_out_sessions_are_kept_until_their_time() {
+    signed_out_sessions(&common::postgres().await.db).await;
+}

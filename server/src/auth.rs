@@ -7,8 +7,8 @@ use axum::extract::{Form, Query};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
-use gatehouse_portal_core::SessionUser;
-use gatehouse_portal_core::user::SESSION_USER_KEY;
+use gatehouse_portal_core::user::{self, SESSION_USER_KEY};
+use gatehouse_portal_core::{Portal, SessionUser};
 use gatehouse_schema::portal::Role;
 use http::StatusCode;
 use leptos::config::LeptosOptions;
@@ -115,6 +115,7 @@ struct CallbackQuery {
 
 async fn callback(
     Extension(auth): Extension<Arc<AuthState>>,
+    Extension(portal): Extension<Portal>,
     session: Session,
     Query(query): Query<CallbackQuery>,
 ) -> Response {
@@ -154,10 +155,20 @@ async fn callback(
             return page(StatusCode::FORBIDDEN, "Sign-in failed.");
         }
     };
-    start_session(&session, &user, &pending.return_to).await
+    start_session(&portal, &session, &user, &pending.return_to).await
 }
 
-async fn start_session(session: &Session, user: &SessionUser, return_to: &str) -> Response {
+async fn start_session(
+    portal: &Portal,
+    session: &Session,
+    user: &SessionUser,
+    return_to: &str,
+) -> Response {
+    // Signed in already (as someone else, say): the old session ends as at sign-out, so that a
+    // request in flight cannot bring it back under its old id.
+    if let Err(error) = user::revoke(session, &portal.db, portal.settings.sessions).await {
+        return session_failed(error);
+    }
     // A new id at sign-in: a session id planted before sign-in is worthless after it.
     if let Err(error) = session.cycle_id().await {
         return session_failed(error);
@@ -169,8 +180,10 @@ async fn start_session(session: &Session, user: &SessionUser, return_to: &str) -
     Redirect::to(return_to).into_response()
 }
 
-async fn sign_out(session: Session) -> Response {
-    if let Err(error) = session.flush().await {
+/// Ends the session for good: see [`user::sign_out`] (a request still in flight cannot bring it
+/// back).
+async fn sign_out(Extension(portal): Extension<Portal>, session: Session) -> Response {
+    if let Err(error) = user::sign_out(&session, &portal.db, portal.settings.sessions).await {
         return session_failed(error);
     }
     Redirect::to("/").into_response()
@@ -188,6 +201,7 @@ struct DevSignIn {
 
 async fn dev_sign_in_handler(
     Extension(auth): Extension<Arc<AuthState>>,
+    Extension(portal): Extension<Portal>,
     session: Session,
     Form(form): Form<DevSignIn>,
 ) -> Response {
@@ -219,7 +233,7 @@ async fn dev_sign_in_handler(
         signed_in_at: OffsetDateTime::now_utc(),
         dev: true,
     };
-    start_session(&session, &user, "/").await
+    start_session(&portal, &session, &user, "/").await
 }
 
 #[cfg(test)]

@@ -130,7 +130,7 @@ fn failure(error: InsightsError) -> Response {
 }
 
 async fn user_of(portal: &Portal, session: &Session) -> Result<Option<SessionUser>, Response> {
-    current_user(session, portal.settings.sessions)
+    current_user(session, &portal.db, portal.settings.sessions)
         .await
         .map_err(|error| failure(error.into()))
 }
