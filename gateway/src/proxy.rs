@@ -456,8 +456,6 @@ fn unavailable(member: &Member, now: Instant, throttled: Option<Duration>) -> Ga
     }
 }
 
-/// No member is left to try and none is set aside as throttled: 429 when a member answered this
-/// call with a 429 (its wait was zero, so it is not set aside), else 503.
 /// Notes the attempt on `member`, begun at `started`, that a shutdown whose drain is over stopped
 /// waiting for; the call's error.
 fn shut_down(record: &mut Option<CallRecord>, member: &Member, started: Instant) -> GatewayError {
@@ -471,6 +469,8 @@ fn shut_down(record: &mut Option<CallRecord>, member: &Member, started: Instant)
     GatewayError::ShuttingDown
 }
 
+/// No member is left to try and none is set aside as throttled: 429 when a member answered this
+/// call with a 429 (its wait was zero, so it is not set aside), else 503.
 fn out_of_members(throttled: Option<Duration>) -> GatewayError {
     match throttled {
         Some(wait) => GatewayError::AllThrottled { retry_after: wait },
@@ -1091,17 +1091,7 @@ async fn relay(
                     .and_then(Value::as_bool)
                     != Some(false);
                 if stored && let Some(id) = crate::peek::leading_member_str(&head, "id") {
-                    let until = affinity::expiry_of(
-                        ObjectFamily::Response,
-                        time::OffsetDateTime::now_utc(),
-                    );
-                    if let Err(error) = gateway
-                        .affinity
-                        .remember(&id, &member.config.id, until)
-                        .await
-                    {
-                        tracing::error!(%error, object = %id, "could not journal which member holds an object");
-                    }
+                    remember_object(gateway, &call, &member, &id).await;
                 }
                 response = http::Response::from_parts(
                     parts,
@@ -1289,10 +1279,7 @@ impl RelayCall {
         if self.call.creates.is_none() || !self.status.is_success() {
             return;
         }
-        let until = self
-            .call
-            .creates
-            .and_then(|family| affinity::expiry_of(family, time::OffsetDateTime::now_utc()));
+        let until = expiry_for(&self.call);
         self.gateway
             .affinity
             .pin(&id, &self.member.config.id, until);
@@ -1348,10 +1335,7 @@ impl RelayCall {
             .filter(|id| self.pinned.as_ref() != Some(id));
         // Pinned here at once, before the answer's last chunk reaches the client (it is handed
         // on after this): the journal and the shared map follow on a task.
-        let until = self
-            .call
-            .creates
-            .and_then(|family| affinity::expiry_of(family, time::OffsetDateTime::now_utc()));
+        let until = expiry_for(&self.call);
         if let Some(id) = &created {
             self.gateway.affinity.pin(id, &self.member.config.id, until);
         }
@@ -1779,19 +1763,27 @@ fn created_id(call: &Call, response: &Value) -> Option<String> {
 }
 
 async fn remember_created(gateway: &Gateway, call: &Call, member: &Member, response: &Value) {
-    let Some(id) = created_id(call, response) else {
-        return;
-    };
-    let until = call
-        .creates
-        .and_then(|family| affinity::expiry_of(family, time::OffsetDateTime::now_utc()));
+    if let Some(id) = created_id(call, response) {
+        remember_object(gateway, call, member, &id).await;
+    }
+}
+
+/// Journals that `call` created object `id` on `member`, living as long as its family does.
+async fn remember_object(gateway: &Gateway, call: &Call, member: &Member, id: &str) {
     if let Err(error) = gateway
         .affinity
-        .remember(&id, &member.config.id, until)
+        .remember(id, &member.config.id, expiry_for(call))
         .await
     {
         tracing::error!(%error, object = %id, "could not journal which member holds an object");
     }
+}
+
+/// When the object `call` creates expires by itself (unix seconds): a stored response's 30 days;
+/// `None` for objects that live until deleted.
+fn expiry_for(call: &Call) -> Option<i64> {
+    call.creates
+        .and_then(|family| affinity::expiry_of(family, time::OffsetDateTime::now_utc()))
 }
 
 /// The last bytes of an answer too large to parse that are kept for its `model` and `usage`
