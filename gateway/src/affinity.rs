@@ -15,7 +15,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{PoisonError, RwLock};
 use std::time::Duration;
 
@@ -72,13 +71,18 @@ impl Pin {
     }
 }
 
-/// The journal file, its length with every line written whole, and whether the last append
-/// failed (or was dropped half way), leaving what the next must cut back first.
+/// The journal file, its length with every line written whole, whether the last append failed
+/// (or was dropped half way), leaving what the next must cut back first, and what decides its
+/// next compaction.
 #[derive(Debug)]
 struct Journal {
     file: tokio::fs::File,
     len: u64,
     failed: bool,
+    /// Lines appended since the journal was last compacted.
+    appended: usize,
+    /// How many objects the journal held when it was last compacted.
+    compacted: usize,
 }
 
 /// The object → member map.
@@ -86,10 +90,6 @@ struct Journal {
 pub struct AffinityMap {
     objects: RwLock<HashMap<String, Pin>>,
     journal: Mutex<Journal>,
-    /// Lines appended since the journal was last compacted.
-    appended: AtomicUsize,
-    /// How many objects the journal held when it was last compacted.
-    compacted: AtomicUsize,
     path: PathBuf,
     shared: Option<SharedAffinity>,
 }
@@ -129,10 +129,8 @@ impl AffinityMap {
         }
         let journal = compact(&path, &mut objects).await?;
         Ok(AffinityMap {
-            compacted: AtomicUsize::new(objects.len()),
             objects: RwLock::new(objects),
             journal: Mutex::new(journal),
-            appended: AtomicUsize::new(0),
             path,
             shared,
         })
@@ -342,9 +340,9 @@ impl AffinityMap {
         journal.file.sync_data().await?;
         journal.failed = false;
         journal.len += line.len() as u64;
-        let appended = self.appended.fetch_add(1, Ordering::Relaxed) + 1;
-        if appended >= COMPACT_AFTER_LINES.max(self.compacted.load(Ordering::Relaxed)) {
-            self.appended.store(0, Ordering::Relaxed);
+        journal.appended += 1;
+        if journal.appended >= COMPACT_AFTER_LINES.max(journal.compacted) {
+            journal.appended = 0;
             let mut objects = self
                 .objects
                 .read()
@@ -353,7 +351,6 @@ impl AffinityMap {
             match compact(&self.path, &mut objects).await {
                 Ok(compacted) => {
                     *journal = compacted;
-                    self.compacted.store(objects.len(), Ordering::Relaxed);
                     // Expired objects leave memory too (those pinned meanwhile stay).
                     let now = OffsetDateTime::now_utc().unix_timestamp();
                     self.objects
@@ -399,6 +396,8 @@ async fn compact(path: &Path, objects: &mut HashMap<String, Pin>) -> std::io::Re
         file,
         len,
         failed: false,
+        appended: 0,
+        compacted: objects.len(),
     })
 }
 
