@@ -419,6 +419,22 @@ fn clamp_token_counts(record: &mut AuditRecord) {
     }
 }
 
+/// The start of `at`'s UTC day: a chain's records all lie in its day.
+pub(crate) fn day_start(at: OffsetDateTime) -> OffsetDateTime {
+    at.to_offset(time::UtcOffset::UTC)
+        .replace_time(time::Time::MIDNIGHT)
+}
+
+/// The first UTC midnight at or after `at`.
+pub(crate) fn day_end_at_or_after(at: OffsetDateTime) -> OffsetDateTime {
+    let start = day_start(at);
+    if start == at {
+        start
+    } else {
+        start + time::Duration::days(1)
+    }
+}
+
 /// UTC, truncated to whole microseconds.
 fn canonical_time(at: OffsetDateTime) -> OffsetDateTime {
     let at = at.to_offset(UtcOffset::UTC);
@@ -935,13 +951,11 @@ pub fn verify_jsonl(
     let in_range =
         |at: OffsetDateTime| from.is_none_or(|from| at >= from) && to.is_none_or(|to| at < to);
     let mut reader = BufReader::new(File::open(path)?);
-    // Whether the UTC day of a record (its chain's day) overlaps the range.
+    // Whether the UTC day of a record (its chain's day) overlaps the range: whether the record
+    // lies between the start of `from`'s day and the first midnight at or after `to`.
+    let (days_from, days_to) = (from.map(day_start), to.map(day_end_at_or_after));
     let day_touched = |at: OffsetDateTime| {
-        let start = at
-            .to_offset(time::UtcOffset::UTC)
-            .replace_time(time::Time::MIDNIGHT);
-        from.is_none_or(|from| start + time::Duration::days(1) > from)
-            && to.is_none_or(|to| start < to)
+        days_from.is_none_or(|start| at >= start) && days_to.is_none_or(|end| at < end)
     };
     let mut chains: HashMap<String, (Vec<Linked>, bool)> = HashMap::new();
     let mut report = VerifyReport::default();

@@ -10,7 +10,7 @@ use sqlx::{QueryBuilder, Row, Sqlite};
 use time::OffsetDateTime;
 
 use super::{Engine, SqlStore, StoreError, sqlite_time};
-use crate::chain::{Verifier, VerifyReport};
+use crate::chain::{Verifier, VerifyReport, day_end_at_or_after, day_start};
 
 /// The times whose records belong to the chains of the UTC days `[from, to)` touches: from the
 /// start of `from`'s day to the first midnight at or after `to` (empty when the range is).
@@ -20,21 +20,11 @@ pub(crate) fn chain_days(
     from: OffsetDateTime,
     to: OffsetDateTime,
 ) -> (OffsetDateTime, OffsetDateTime) {
-    let midnight = |at: OffsetDateTime| {
-        at.to_offset(time::UtcOffset::UTC)
-            .replace_time(time::Time::MIDNIGHT)
-    };
-    let start = midnight(from);
+    let start = day_start(from);
     if to <= from {
         return (start, start);
     }
-    let last = midnight(to);
-    let end = if last == to.to_offset(time::UtcOffset::UTC) {
-        last
-    } else {
-        last + time::Duration::days(1)
-    };
-    (start, end)
+    (start, day_end_at_or_after(to))
 }
 
 fn count(value: Option<i64>) -> u64 {
