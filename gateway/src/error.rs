@@ -117,7 +117,7 @@ pub enum GatewayError {
     #[error("No object with id '{0}' was created through this gateway.")]
     ObjectNotFound(String),
     /// Every member of the pool is throttled.
-    #[error("Every backend for this deployment is rate limited. Try again in {} seconds.", retry_after.as_secs().max(1))]
+    #[error("Every backend for this deployment is rate limited. Try again in {} seconds.", crate::limits::whole_seconds(*retry_after))]
     AllThrottled {
         /// The shortest remaining wait among the members.
         retry_after: Duration,

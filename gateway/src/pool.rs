@@ -137,18 +137,32 @@ impl MemberHealth {
     }
 }
 
-/// Member health by member id, kept across snapshot swaps so that a config push does not forget
-/// that a member is throttled.
+/// Member health by member id and where the member sends calls, kept across snapshot swaps so
+/// that a config push does not forget that a member is throttled — unless the push moves the
+/// member (another endpoint or deployment): the new target has never been seen failing, and an
+/// operator who fixes a wrong endpoint must not wait out the old one's `Retry-After`.
 #[derive(Debug, Default)]
 pub struct HealthRegistry {
-    members: Mutex<HashMap<String, Arc<MemberHealth>>>,
+    members: Mutex<HashMap<HealthKey, Arc<MemberHealth>>>,
 }
 
+/// What a member's health belongs to: its id, endpoint and deployment rename.
+type HealthKey = (String, String, Option<String>);
+
 impl HealthRegistry {
-    /// The health record of `member_id`, created on first use.
-    pub fn health_of(&self, member_id: &str) -> Arc<MemberHealth> {
+    /// The health record of `member`, created on first use; a member whose endpoint or
+    /// deployment changed gets a new one (and its old record is dropped).
+    pub fn health_of(&self, member: &PoolMember) -> Arc<MemberHealth> {
+        let key = (
+            member.id.clone(),
+            member.endpoint.as_str().to_owned(),
+            member.deployment.clone(),
+        );
         let mut members = self.members.lock().unwrap_or_else(PoisonError::into_inner);
-        Arc::clone(members.entry(member_id.to_owned()).or_default())
+        if !members.contains_key(&key) {
+            members.retain(|(id, _, _), _| *id != member.id);
+        }
+        Arc::clone(members.entry(key).or_default())
     }
 }
 
@@ -187,16 +201,19 @@ impl Pool {
                 Some(index),
             );
         }
-        let shortest_throttle = self
+        // 429 when any member is throttled, with the wait until the first member of any kind
+        // is back: a failing member that returns in 10 s ends the wait of a 60 s throttle.
+        let set_aside: Vec<(SetAsideReason, Duration)> = self
             .members
             .iter()
             .filter_map(|m| m.health.set_aside_state(now))
-            .filter(|(reason, _)| *reason == SetAsideReason::Throttled)
-            .map(|(_, wait)| wait)
-            .min();
-        match shortest_throttle {
-            Some(wait) => (Selection::AllThrottled(wait), None),
-            None => (Selection::AllUnavailable, None),
+            .collect();
+        let any_throttled = set_aside
+            .iter()
+            .any(|(reason, _)| *reason == SetAsideReason::Throttled);
+        match set_aside.iter().map(|(_, wait)| *wait).min() {
+            Some(wait) if any_throttled => (Selection::AllThrottled(wait), None),
+            _ => (Selection::AllUnavailable, None),
         }
     }
 
@@ -320,6 +337,63 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(chosen(&pool, now + Duration::from_secs(6)), "a");
+    }
+
+    #[test]
+    fn a_throttled_pool_waits_only_until_its_first_member_is_back() {
+        let pool = Pool {
+            id: "p".into(),
+            members: vec![member("a", 1, 1), member("b", 1, 1)],
+        };
+        let now = Instant::now();
+        pool.members[0]
+            .health
+            .set_aside(SetAsideReason::Throttled, Duration::from_secs(60), now);
+        pool.members[1]
+            .health
+            .set_aside(SetAsideReason::Failing, Duration::from_secs(10), now);
+        match pool.select(&[], now).0 {
+            Selection::AllThrottled(wait) => assert_eq!(wait, Duration::from_secs(10)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_member_moved_to_another_endpoint_or_deployment_starts_afresh() {
+        let registry = HealthRegistry::default();
+        let now = Instant::now();
+        let config = member("a", 1, 1).config.clone();
+        registry.health_of(&config).set_aside(
+            SetAsideReason::Failing,
+            Duration::from_secs(3600),
+            now,
+        );
+        // The same member pushed again (another weight) keeps its state.
+        let reweighted = PoolMember {
+            weight: 5,
+            ..config.clone()
+        };
+        assert!(
+            registry
+                .health_of(&reweighted)
+                .set_aside_state(now)
+                .is_some()
+        );
+        let moved = PoolMember {
+            endpoint: "http://127.0.0.1:2".parse().unwrap(),
+            ..config.clone()
+        };
+        assert_eq!(registry.health_of(&moved).set_aside_state(now), None);
+        let renamed = PoolMember {
+            deployment: Some("gpt-4o-2".into()),
+            ..config
+        };
+        assert_eq!(registry.health_of(&renamed).set_aside_state(now), None);
+        assert_eq!(
+            registry.members.lock().unwrap().len(),
+            1,
+            "a member's old records are dropped"
+        );
     }
 
     #[test]

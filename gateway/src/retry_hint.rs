@@ -11,8 +11,10 @@
 //! tokens' when `x-ratelimit-remaining-tokens` is 0 and the requests' is not), and a reset of 0
 //! from these headers is no hint (Azure's Responses API throttles with
 //! `x-ratelimit-reset-tokens: 0` and no `Retry-After`, `azure-specs.md` §1.4): the member waits
-//! the default rather than staying first in line. Only an explicit `retry-after(-ms)` of 0
-//! sets nothing aside.
+//! the default rather than staying first in line. Only a 429's explicit `retry-after(-ms)` of 0
+//! sets nothing aside; on a 5xx a wait of 0 (or a date past) is no hint (a load balancer's
+//! `503 Retry-After: 0` in front of a dead member says nothing of when it works again, and the
+//! member would take the first attempt of every call).
 
 use std::time::{Duration, SystemTime};
 
@@ -26,6 +28,7 @@ const MAX_SET_ASIDE: Duration = Duration::from_secs(24 * 60 * 60);
 /// The wait a failed response (`status`: a 429 or a 5xx) asks for, or [`DEFAULT_SET_ASIDE`].
 pub fn set_aside_for(status: StatusCode, headers: &HeaderMap, now: SystemTime) -> Duration {
     hinted_wait(status, headers, now)
+        .filter(|wait| status == StatusCode::TOO_MANY_REQUESTS || !wait.is_zero())
         .unwrap_or(DEFAULT_SET_ASIDE)
         .min(MAX_SET_ASIDE)
 }
@@ -203,6 +206,25 @@ mod tests {
         );
         assert_eq!(throttled(&[("retry-after", "0")]), Duration::ZERO);
         assert_eq!(throttled(&[("retry-after-ms", "0")]), Duration::ZERO);
+    }
+
+    /// A 5xx that asks for no wait, or for one already past, waits the default: a failing
+    /// member must not take the first attempt of every call.
+    #[test]
+    fn a_failing_member_asking_for_no_wait_waits_the_default() {
+        let now = SystemTime::now();
+        let failing = |pairs: &[(&'static str, &str)]| {
+            set_aside_for(StatusCode::SERVICE_UNAVAILABLE, &headers(pairs), now)
+        };
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(30));
+        for pairs in [
+            [("retry-after", "0")],
+            [("retry-after-ms", "0")],
+            [("retry-after", past.as_str())],
+        ] {
+            assert_eq!(failing(&pairs), DEFAULT_SET_ASIDE, "{pairs:?}");
+        }
+        assert_eq!(failing(&[("retry-after", "3")]), Duration::from_secs(3));
     }
 
     /// A 429 for tokens waits for the tokens' window, not the requests' one.

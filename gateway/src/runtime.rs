@@ -216,7 +216,7 @@ impl Runtime {
                     config: member.clone(),
                     client,
                     credential,
-                    health: health.health_of(&member.id),
+                    health: health.health_of(member),
                 }));
             }
             for deployment in &pool.deployments {

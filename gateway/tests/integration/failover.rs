@@ -330,6 +330,117 @@ async fn all_throttled_is_429_with_the_shortest_wait_and_all_down_is_503() {
     assert_eq!((down_a.hits(), down_b.hits()), (1, 1));
 }
 
+/// Throttled and failing members together: 429, with the wait until the first member of either
+/// kind is back (the failing one's 10 s, not the throttled one's 60 s).
+#[tokio::test]
+async fn a_pool_of_throttled_and_failing_members_waits_for_the_first_back() {
+    let throttled = simulator("throttled").await;
+    let failing = simulator("failing").await;
+    throttled.set_fault(Fault::Throttle {
+        hint: RetryHint::RetryAfterSeconds(60),
+        times: None,
+    });
+    failing.set_fault(Fault::ServerError {
+        status: 503,
+        times: None,
+    });
+    let gw = two_member_gateway(&throttled.url(), &failing.url()).await;
+    let response = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((9..=10).contains(&retry_after), "retry-after {retry_after}");
+    let message = azure_error(response, 429).await;
+    assert!(
+        message.contains(&format!("Try again in {retry_after} seconds")),
+        "the message says the header's wait: {message}"
+    );
+}
+
+/// A load balancer's `503 Retry-After: 0` in front of a dead member is no hint: the member is
+/// set aside for the default wait instead of taking the first attempt of every call.
+#[tokio::test]
+async fn a_failing_member_that_asks_for_no_wait_is_still_set_aside() {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&hits);
+    let dead = serve_stub(axum::Router::new().fallback(move || {
+        let counted = Arc::clone(&counted);
+        async move {
+            counted.fetch_add(1, Ordering::SeqCst);
+            (
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                [("retry-after", "0")],
+                "no healthy upstream",
+            )
+        }
+    }))
+    .await;
+    let healthy = simulator("healthy").await;
+    let gw = two_member_gateway(&dead, &healthy.url()).await;
+    for _ in 0..3 {
+        let response = gw
+            .post(&chat_path("gpt-4o"))
+            .json(&chat(None, false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    assert_eq!(
+        (hits.load(Ordering::SeqCst), healthy.hits()),
+        (1, 3),
+        "the dead member is tried once, then left alone"
+    );
+}
+
+/// A push that moves a member to another endpoint (the operator fixed a wrong one) does not
+/// keep the old endpoint's set-aside; a push that leaves it where it was does.
+#[tokio::test]
+async fn a_member_pushed_with_another_endpoint_is_not_kept_aside() {
+    let wrong = serve_stub(axum::Router::new().fallback(|| async {
+        (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            [("retry-after", "3600")],
+            "maintenance",
+        )
+    }))
+    .await;
+    let pools = |url: &str| json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member("east", url, 1)]}]);
+    let gw = TestGateway::start(snapshot(1, pools(&wrong))).await;
+    let call = || async {
+        gw.post(&chat_path("gpt-4o"))
+            .json(&chat(None, false))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(call().await, 503);
+    // The same member pushed again, unchanged: still set aside.
+    assert_eq!(
+        gw.push_config(&snapshot(2, pools(&wrong))).await.status(),
+        200
+    );
+    assert_eq!(call().await, 503);
+    let fixed = simulator("fixed").await;
+    assert_eq!(
+        gw.push_config(&snapshot(3, pools(&fixed.url())))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(call().await, 200);
+    assert_eq!(fixed.hits(), 1);
+}
+
 #[tokio::test]
 async fn a_stream_that_breaks_after_its_first_byte_is_not_retried() {
     let (first, second, gw) = first_breaks_its_streams(Duration::from_millis(5), 2).await;
