@@ -20,11 +20,15 @@ pub(crate) struct IdleDeadline {
     armed: bool,
 }
 
+/// The longest limit kept: a setting past it (`u64::MAX` seconds meant as "never") would
+/// overflow the clock when a timer is set again (`Instant + Duration` panics).
+const LONGEST: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
 impl IdleDeadline {
-    /// A limit of `after` on each pause.
+    /// A limit of `after` on each pause (at most a year).
     pub(crate) fn new(after: Duration) -> IdleDeadline {
         IdleDeadline {
-            after,
+            after: after.min(LONGEST),
             timer: None,
             armed: false,
         }
@@ -82,5 +86,16 @@ mod tests {
         assert!(!expired(&mut deadline), "9 s of 10 since that wait began");
         tokio::time::advance(Duration::from_secs(2)).await;
         assert!(expired(&mut deadline), "11 s without progress");
+    }
+
+    /// `send_timeout_seconds: 18446744073709551615` (meant as "never") sets the timer again
+    /// after progress without overflowing the clock.
+    #[tokio::test(start_paused = true)]
+    async fn a_limit_past_the_clocks_range_is_a_year() {
+        let mut deadline = IdleDeadline::new(Duration::from_secs(u64::MAX));
+        assert!(!expired(&mut deadline));
+        deadline.progressed();
+        assert!(!expired(&mut deadline), "the timer set again");
+        assert_eq!(deadline.after(), LONGEST);
     }
 }
