@@ -287,14 +287,17 @@ impl SecretStore {
         })
     }
 
-    /// The values the store holds now, to put back with [`SecretStore::restore`] when the
-    /// snapshot they were read for is not installed: [`SecretStore::resolve`] reads `env:` and
-    /// `file:` again into the holders the running configuration shares.
+    /// The `env:` and `file:` values the store holds now, to put back with
+    /// [`SecretStore::restore`] when the snapshot they were read for is not installed:
+    /// [`SecretStore::resolve`] reads them again into the holders the running configuration
+    /// shares. Key Vault values are left out: only the refresher changes them, and a rotation it
+    /// installs while a push is prepared must survive the push being refused.
     pub fn checkpoint(&self) -> SecretCheckpoint {
         SecretCheckpoint(
             lock(&self.inner.values)
-                .values()
-                .map(|holder| (holder.clone(), holder.current()))
+                .iter()
+                .filter(|(key, _)| key.starts_with("env:") || key.starts_with("file:"))
+                .map(|(_, holder)| (holder.clone(), holder.current()))
                 .collect(),
         )
     }
@@ -354,5 +357,30 @@ mod tests {
         store.prefetch([&vault]).await;
         let error = store.resolve(&vault).unwrap_err().to_string();
         assert!(error.contains("server.entra_credential"), "{error}");
+    }
+
+    /// A refused push puts back the `env:`/`file:` values it read, never a Key Vault value the
+    /// refresher rotated meanwhile (the old one may be revoked).
+    #[test]
+    fn a_restore_puts_back_files_and_keeps_a_key_vault_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        std::fs::write(&path, "old-file").unwrap();
+        let file = SecretRef::try_from(format!("file:{}", path.display())).unwrap();
+        let store = SecretStore::default();
+        let file_holder = store.resolve(&file).unwrap();
+        let vault_url = "https://v.vault.azure.net/secrets/k";
+        let vault_holder = SecretValue::new(Secret::new("old-vault".to_owned()));
+        lock(&store.inner.values).insert(vault_url.to_owned(), vault_holder.clone());
+
+        let checkpoint = store.checkpoint();
+        // The push being prepared reads the file again; the refresher rotates the vault value.
+        std::fs::write(&path, "new-file").unwrap();
+        store.resolve(&file).unwrap();
+        vault_holder.replace(Secret::new("rotated-vault".to_owned()));
+        store.restore(checkpoint);
+
+        assert_eq!(file_holder.current().expose(), "old-file");
+        assert_eq!(vault_holder.current().expose(), "rotated-vault");
     }
 }
