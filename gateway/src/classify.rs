@@ -83,6 +83,9 @@ pub struct Call {
     pub is_stream: bool,
     /// A form's `prompt` field (an image edit's, a transcription's), for the record.
     pub form_prompt: Option<String>,
+    /// A form's `model` field: its position among the form's parts and its value, as the form
+    /// reader saw them (so that the member's name replaces that very part).
+    pub form_model: Option<(usize, String)>,
     /// What the hot path reads from a JSON body (`None` when the body is not JSON).
     pub peek: Option<RequestPeek>,
     /// The JSON body's bytes, parsed into [`Call::json`] only when something needs the tree.
@@ -105,6 +108,7 @@ impl Call {
             body_kind: BodyKind::None,
             is_stream: false,
             form_prompt: None,
+            form_model: None,
             peek: None,
             json_body: Bytes::new(),
             json: OnceLock::new(),
@@ -204,6 +208,9 @@ pub fn classify(
         None => peek.as_ref().and_then(|p| p.stream).unwrap_or(false),
     };
     let form_prompt = form.as_mut().and_then(|form| form.prompt.take());
+    let form_model = form
+        .as_ref()
+        .and_then(|form| Some((form.model_part?, form.model.clone()?)));
 
     let deployment = match deployment {
         Some(d) => {
@@ -256,6 +263,7 @@ pub fn classify(
         body_kind: route.body_kind,
         is_stream,
         form_prompt,
+        form_model,
         json_body: if peek.is_some() {
             body.clone()
         } else {
@@ -624,6 +632,8 @@ struct FormFields {
     /// The `prompt` field: an image edit's instruction, a transcription's hint (the record's
     /// `RequestMessages`).
     prompt: Option<String>,
+    /// The position of the `model` field among the form's parts (counting every part).
+    model_part: Option<usize>,
 }
 
 impl FormFields {
@@ -655,7 +665,7 @@ fn form_fields(content_type: &str, body: &Bytes) -> Result<FormFields, GatewayEr
     // The whole body is already in memory, so every poll below is ready at once.
     futures::executor::block_on(async {
         let mut fields = FormFields::default();
-        loop {
+        for part in 0.. {
             let field = match multipart.next_field().await {
                 Ok(Some(field)) => field,
                 Ok(None) => break,
@@ -679,6 +689,9 @@ fn form_fields(content_type: &str, body: &Bytes) -> Result<FormFields, GatewayEr
                     message: format!("The form has more than one `{name}` field: send it once."),
                     param: Some(name),
                 });
+            }
+            if name == "model" {
+                fields.model_part = Some(part);
             }
             *slot = Some(
                 field

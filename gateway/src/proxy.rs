@@ -766,39 +766,40 @@ fn classic_api_version<'a>(member: &'a Member, call: &'a Call) -> &'a str {
         .unwrap_or(DEFAULT_API_VERSION)
 }
 
-/// The multipart form `body` with its `model` field set to `model`: the field's value replaced,
-/// or, when it has none, a `model` part added in front. `None` when the form has no usable
-/// boundary (the gateway read it whole before, see `classify`).
-fn form_with_model(body: &Bytes, content_type: &str, model: &str) -> Option<Bytes> {
+/// The multipart form `body` with its `model` field set to `model`: the value of the part the
+/// form reader took for `model` (`field`: its position among the parts and its value, see
+/// `classify`) replaced, or, when the form has none, a `model` part added in front. The part is
+/// found by position, not by reading its header again: however the part spells its name
+/// (`name=model`, `name = "model"`), the member gets one `model` field, never two. `None` when
+/// the form has no usable boundary or the part at that position does not hold that value.
+fn form_with_model(
+    body: &Bytes,
+    content_type: &str,
+    field: Option<(usize, &str)>,
+    model: &str,
+) -> Option<Bytes> {
     let boundary = multer::parse_boundary(content_type).ok()?;
     let delimiter = format!("--{boundary}");
     let delimiter = delimiter.as_bytes();
-    // Where each delimiter line starts: at the body's start or after a CRLF.
+    // Where each delimiter line starts: at the body's start or after a CRLF (a part's data ends
+    // at the first CRLF and delimiter, as the form reader ends it).
     let starts: Vec<usize> = memchr::memmem::find_iter(body, delimiter)
         .filter(|&at| at == 0 || body[..at].ends_with(b"\r\n"))
         .collect();
     let first = *starts.first()?;
-    for pair in starts.windows(2) {
-        let (start, next) = (pair[0], pair[1]);
-        let part = &body[start..next];
-        let Some(head_end) = memchr::memmem::find(part, b"\r\n\r\n") else {
-            continue;
-        };
-        let head = String::from_utf8_lossy(&part[..head_end]).to_ascii_lowercase();
-        let names_model = head.lines().any(|line| {
-            line.starts_with("content-disposition:")
-                && (line.contains("; name=\"model\"") || line.contains(";name=\"model\""))
-        });
-        if !names_model {
-            continue;
-        }
+    if let Some((position, value)) = field {
+        let (start, next) = (*starts.get(position)?, *starts.get(position + 1)?);
+        let head_end = memchr::memmem::find(&body[start..next], b"\r\n\r\n")?;
         // The value runs from after the blank line to the CRLF before the next delimiter.
         let value_start = start + head_end + 4;
-        let value_end = next.checked_sub(2)?;
+        let value_end = next.checked_sub(2)?.max(value_start);
+        if &body[value_start..value_end] != value.as_bytes() {
+            return None;
+        }
         let mut form = Vec::with_capacity(body.len() + model.len());
         form.extend_from_slice(&body[..value_start]);
         form.extend_from_slice(model.as_bytes());
-        form.extend_from_slice(&body[value_end.max(value_start)..]);
+        form.extend_from_slice(&body[value_end..]);
         return Some(Bytes::from(form));
     }
     let mut form = Vec::with_capacity(body.len() + model.len() + 96);
@@ -909,7 +910,14 @@ fn upstream_body(
         };
         if call.body_kind == BodyKind::Multipart
             && let (Some(model), Some(content_type)) = (wanted, content_type)
-            && let Some(form) = form_with_model(body, content_type, model)
+            && let Some(form) = form_with_model(
+                body,
+                content_type,
+                call.form_model
+                    .as_ref()
+                    .map(|(position, value)| (*position, value.as_str())),
+                model,
+            )
         {
             return (form, false);
         }
@@ -1980,38 +1988,73 @@ impl Tee {
 mod tests {
     use super::*;
 
+    /// The form as the form reader classifies it on an OpenAI-style route, renamed for a member.
+    fn renamed_form(content_type: &str, form: &str, model: &str) -> Option<Bytes> {
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::CONTENT_TYPE, content_type.parse().unwrap());
+        let body = Bytes::from(form.to_owned());
+        let call = crate::classify::classify(
+            &http::Method::POST,
+            "/v1/audio/transcriptions",
+            None,
+            &headers,
+            &body,
+        )
+        .unwrap();
+        let field = call
+            .form_model
+            .as_ref()
+            .map(|(position, value)| (*position, value.as_str()));
+        form_with_model(&body, content_type, field, model)
+    }
+
     #[test]
     fn a_forms_model_is_replaced_or_added_and_every_other_byte_kept() {
         let content_type = "multipart/form-data; boundary=XyZ";
-        let file = "RIFF--XyZ not a delimiter\r\n--XyZ-- neither, mid-line";
-        let with_model = format!(
-            "--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\n{file}\r\n\
-             --XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper\r\n\
-             --XyZ\r\nContent-Disposition: form-data; name=\"language\"\r\n\r\nde\r\n--XyZ--\r\n"
-        );
-        let renamed = form_with_model(
-            &Bytes::from(with_model.clone()),
-            content_type,
-            "whisper-prod",
-        )
-        .unwrap();
-        assert_eq!(
-            String::from_utf8(renamed.to_vec()).unwrap(),
-            with_model.replace("\r\n\r\nwhisper\r\n", "\r\n\r\nwhisper-prod\r\n")
-        );
+        let file = "RIFF--XyZ not a delimiter\r\n-XyZ neither";
+        // However the part spells its name, as long as the form reader takes it for `model`.
+        for disposition in [
+            "form-data; name=\"model\"",
+            "form-data; name=model",
+            "form-data; name = \"model\"",
+            "form-data;\tname=\"model\"",
+        ] {
+            let with_model = format!(
+                "--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\n{file}\r\n\
+                 --XyZ\r\nContent-Disposition: {disposition}\r\n\r\nwhisper\r\n\
+                 --XyZ\r\nContent-Disposition: form-data; name=\"language\"\r\n\r\nde\r\n--XyZ--\r\n"
+            );
+            let renamed = renamed_form(content_type, &with_model, "whisper-prod").unwrap();
+            assert_eq!(
+                String::from_utf8(renamed.to_vec()).unwrap(),
+                with_model.replace("\r\n\r\nwhisper\r\n", "\r\n\r\nwhisper-prod\r\n"),
+                "{disposition}"
+            );
+        }
         let without = format!(
             "--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\n{file}\r\n--XyZ--\r\n"
         );
-        let added =
-            form_with_model(&Bytes::from(without.clone()), content_type, "whisper").unwrap();
+        let body = Bytes::from(without.clone());
+        let added = form_with_model(&body, content_type, None, "whisper").unwrap();
         assert_eq!(
             String::from_utf8(added.to_vec()).unwrap(),
             format!(
                 "--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper\r\n{without}"
             )
         );
+        // A position that does not hold the value read is not overwritten.
+        let with_model = format!(
+            "--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\n{file}\r\n\
+             --XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper\r\n--XyZ--\r\n"
+        );
+        let with_model = Bytes::from(with_model);
         assert_eq!(
-            form_with_model(&Bytes::from(without), "multipart/form-data", "m"),
+            form_with_model(&with_model, content_type, Some((0, "whisper")), "m"),
+            None
+        );
+        assert!(form_with_model(&with_model, content_type, Some((1, "whisper")), "m").is_some());
+        assert_eq!(
+            form_with_model(&body, "multipart/form-data", None, "m"),
             None
         );
     }
