@@ -76,10 +76,20 @@ pub fn mentions_reference_key(body: &[u8]) -> bool {
     REFERENCE_ID_KEYS
         .iter()
         .chain(REFERENCE_LIST_KEYS)
-        .any(|key| {
-            memchr::memmem::find_iter(body, key.as_bytes())
-                .any(|at| at > 0 && body[at - 1] == b'"' && body.get(at + key.len()) == Some(&b'"'))
-        })
+        .any(|key| mentions_key(body, key))
+}
+
+/// Whether a JSON body has a string `"file_id"` anywhere (a chat message's file part), judged
+/// as [`mentions_reference_key`] judges.
+pub fn mentions_file_id(body: &[u8]) -> bool {
+    mentions_key(body, "file_id")
+}
+
+/// Whether `key` appears in `body` between quotes (a member name, or a string equal to it: the
+/// caller parses the body to tell).
+fn mentions_key(body: &[u8], key: &str) -> bool {
+    memchr::memmem::find_iter(body, key.as_bytes())
+        .any(|at| at > 0 && body[at - 1] == b'"' && body.get(at + key.len()) == Some(&b'"'))
 }
 
 /// What the record reads from a non-streamed JSON answer.

@@ -547,8 +547,8 @@ fn target<'a>(
 }
 
 /// Ids of stateful objects a call refers to in its body (a batch's input file, a run's
-/// assistant, an assistant's vector stores, a message's attachments, a response's predecessor),
-/// which pin it to their member.
+/// assistant, an assistant's vector stores, a message's attachments, a chat message's file part,
+/// a response's predecessor), which pin it to their member.
 fn referenced_objects(call: &Call) -> Vec<String> {
     // Resource calls (an assistant's `tool_resources`, a thread's messages' `attachments`) and
     // Responses (`tools[].vector_store_ids`, `input_file` parts) name objects below the top
@@ -557,6 +557,11 @@ fn referenced_objects(call: &Call) -> Vec<String> {
     let names_any = if whole_body {
         call.json_bytes()
             .is_some_and(crate::peek::mentions_reference_key)
+    } else if call.operation == OperationId::ChatCompletionsCreate {
+        // A chat message's file part (`{"type": "file", "file": {"file_id": …}}`) names an
+        // uploaded file deep in `messages`: one scan for that key, not for every reference key.
+        call.peek.as_ref().is_some_and(|peek| peek.references)
+            || call.json_bytes().is_some_and(crate::peek::mentions_file_id)
     } else {
         call.peek.as_ref().is_some_and(|peek| peek.references)
     };

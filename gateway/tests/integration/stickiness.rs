@@ -754,3 +754,43 @@ async fn a_response_too_large_to_read_whole_is_relayed_and_pinned() {
         assert_eq!(record.model_name.as_deref(), Some("gpt-4o"));
     }
 }
+
+/// A chat message's file part (`{"type": "file", "file": {"file_id": …}}`, OpenAI's "file
+/// content part" of Create chat completion) names an uploaded file deep in `messages`: the call
+/// goes to the member that holds the file, whichever member the weights would pick.
+#[tokio::test]
+async fn a_chat_message_naming_a_file_goes_to_the_member_that_holds_it() {
+    let a = simulator("chat-file-a").await;
+    let b = simulator("chat-file-b").await;
+    let gw = TestGateway::start(snapshot(1, pool(&a.url(), &b.url()))).await;
+    let file_id = upload(&gw.url, b"{\"a\":1}\n").await;
+    let (holder, other) = if a.hits() == 1 { (&a, &b) } else { (&b, &a) };
+    for _ in 0..8 {
+        let answer = gw
+            .post("/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21")
+            .json(&json!({"messages": [{"role": "user", "content": [
+                {"type": "text", "text": "Summarise the file."},
+                {"type": "file", "file": {"file_id": file_id}},
+            ]}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+    }
+    assert_eq!((holder.hits(), other.hits()), (9, 0));
+
+    // A chat call that only mentions the words is spread as usual.
+    for _ in 0..16 {
+        let answer = gw
+            .post("/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21")
+            .json(&json!({"messages": [{"role": "user", "content": "what is a \"file_id\"?"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+    }
+    assert!(
+        other.hits() > 0,
+        "the weights spread calls that name no file"
+    );
+}
