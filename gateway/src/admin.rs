@@ -140,13 +140,16 @@ async fn apply(gateway: &Gateway, headers: &HeaderMap, body: &[u8]) -> Result<u6
         parse_snapshot(body, is_yaml).map_err(|message| GatewayError::InvalidConfig { message })?;
     // One write at a time, so that version checks and the file agree.
     let _guard = gateway.config_writes.lock().await;
-    let running = gateway.runtime().snapshot.version;
+    let current = gateway.runtime();
+    let running = current.snapshot.version;
     if snapshot.version <= running {
         return Err(GatewayError::StaleConfig {
             offered: snapshot.version,
             running,
+            same_content: snapshot == current.snapshot,
         });
     }
+    drop(current);
     let version = snapshot.version;
     let (runtime, checkpoint) =
         gateway

@@ -171,6 +171,8 @@ pub enum GatewayError {
         offered: u64,
         /// Version running.
         running: u64,
+        /// Whether the offered snapshot is the running one, field for field (a push repeated).
+        same_content: bool,
     },
     /// The client closed its connection or reset its stream before the call reached a backend:
     /// the call is recorded and not sent on. No one receives this answer; the record's status is
@@ -324,10 +326,17 @@ impl IntoResponse for GatewayError {
             "statusCode": status.as_u16(),
             "message": self.to_string(),
         });
-        if let GatewayError::StaleConfig { running, .. } = &self {
+        if let GatewayError::StaleConfig {
+            running,
+            same_content,
+            ..
+        } = &self
+        {
             // For the portal: a push it repeats (a lost answer, a gateway registered again) finds
-            // the version already running, and is done.
+            // the version already running with the same content, and is done; the same version
+            // with other content (the configuration file's own `version: 1`) is not.
             body["runningVersion"] = json!(running);
+            body["sameContent"] = json!(same_content);
         }
         let mut response = (status, axum::Json(body)).into_response();
         let retry_after = match &self {

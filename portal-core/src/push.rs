@@ -351,11 +351,20 @@ impl Publisher {
         }
         let body = response.text().await.unwrap_or_default();
         // Refused as not newer than what it runs, and it runs this very version: the push was
-        // applied before (its answer was lost, or the gateway was registered again).
+        // applied before (its answer was lost, or the gateway was registered again) — unless
+        // the gateway says it runs other content under that number (its configuration file's
+        // own snapshot, started at `version: 1`), which the portal's version never reached.
         if status == StatusCode::CONFLICT
             && let Ok(refusal) = serde_json::from_str::<serde_json::Value>(&body)
             && refusal.get("runningVersion").and_then(|v| v.as_u64()) == Some(version)
         {
+            if refusal.get("sameContent").and_then(|v| v.as_bool()) == Some(false) {
+                return Err(format!(
+                    "the gateway runs another configuration under version {version} (its \
+                     configuration file's snapshot, or another portal's): start it on a file \
+                     snapshot with `version: 0`, or publish a new version"
+                ));
+            }
             return Ok(());
         }
         let body: String = body.chars().take(MAX_ERROR_CHARS).collect();

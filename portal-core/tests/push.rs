@@ -5,7 +5,10 @@
 
 mod common;
 
-use common::{ADMIN_TOKEN, admin, gateway_allowing_refs, gateway_at, restart_empty, simulator};
+use common::{
+    ADMIN_TOKEN, admin, gateway_allowing_refs, gateway_at, gateway_on_snapshot, restart_empty,
+    simulator,
+};
 use gatehouse_simulator::RunningSimulator;
 
 use std::net::SocketAddr;
@@ -497,6 +500,59 @@ async fn postgres_a_save_reports_the_gateways_that_did_not_take_its_version() {
 /// Admin cannot register a gateway at a URL of their own with the reference of another of the
 /// portal's secrets, and a row that names one anyway (written before the policy, or by hand) is
 /// not read: nothing is sent to its URL, and its push and health errors say why.
+/// A gateway started on a configuration file of its own at `version: 1` (the annotated example's
+/// number) runs other content under the portal's first version: the portal says so instead of
+/// taking the 409 for "already applied", and the gateway takes the next version.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_version_with_other_content_is_not_taken_for_applied() {
+    let db = common::sqlite().await;
+    let secrets = tempfile::tempdir().unwrap();
+    let token_file = secrets.path().join("admin-token");
+    std::fs::write(&token_file, ADMIN_TOKEN).unwrap();
+    let token_ref = format!("file:{}", token_file.display());
+    let gateway =
+        gateway_on_snapshot(json!({"version": 1, "trusted_proxies": ["10.0.0.0/8"]})).await;
+    let portal = portal(&db.db);
+    let user = admin();
+    // Registering publishes the portal's first version, 1, and pushes it.
+    portal
+        .register_gateway(Some(&user), "gw-file", &gateway.url, &token_ref)
+        .await
+        .unwrap();
+    assert_eq!(db.db.latest_snapshot().await.unwrap().unwrap().version, 1);
+    let row = db.db.gateways().await.unwrap().remove(0);
+    assert_eq!(
+        row.pushed_version, None,
+        "version 1 is not taken for applied"
+    );
+    let error = row.last_error.unwrap_or_default();
+    assert!(
+        error.contains("another configuration under version 1"),
+        "{error}"
+    );
+    assert_eq!(
+        running_config(&gateway.url).await["trusted_proxies"],
+        json!(["10.0.0.0/8"])
+    );
+
+    let (_, published) = portal
+        .save_pool(
+            Some(&user),
+            PoolInput {
+                id: "sim".into(),
+                deployments: "gpt-4o".into(),
+                ..PoolInput::default()
+            },
+            false,
+        )
+        .await
+        .unwrap();
+    assert_eq!(published.version, 2);
+    assert!(published.not_taken.is_empty(), "{published:?}");
+    assert_eq!(running_config(&gateway.url).await["version"], json!(2));
+    drop(gateway.listening);
+}
+
 #[tokio::test]
 async fn a_token_reference_outside_the_policy_is_neither_registered_nor_read() {
     let test = common::sqlite().await;

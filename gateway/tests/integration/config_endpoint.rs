@@ -58,6 +58,19 @@ async fn a_newer_valid_snapshot_is_applied_persisted_and_used_at_the_next_start(
     let refusal: serde_json::Value = stale.json().await.unwrap();
     assert_eq!(refusal["error"]["code"], "409");
     assert_eq!(refusal["runningVersion"], 2);
+    assert_eq!(
+        refusal["sameContent"], true,
+        "the very snapshot, pushed again"
+    );
+    let mut other = next.clone();
+    other["trusted_proxies"] = serde_json::json!([]);
+    let refusal: serde_json::Value = put(&gw, Some(ADMIN_TOKEN), &other)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(refusal["runningVersion"], 2);
+    assert_eq!(refusal["sameContent"], false, "version 2, other content");
 
     // A restart with the old file still runs version 2.
     let state_dir = Arc::clone(&gw.state_dir);

@@ -94,7 +94,25 @@ pub async fn gateway_allowing_refs(prefixes: &[String]) -> TestGateway {
 }
 
 async fn gateway_with(addr: SocketAddr, secrets: SecretSettings) -> TestGateway {
-    let (gateway, state) = empty_gateway(secrets).await;
+    gateway_on(addr, secrets, json!({"version": 0})).await
+}
+
+/// A gateway on any loopback port started on the file snapshot `snapshot` (not empty at 0).
+pub async fn gateway_on_snapshot(snapshot: serde_json::Value) -> TestGateway {
+    gateway_on(
+        "127.0.0.1:0".parse().unwrap(),
+        SecretSettings::default(),
+        snapshot,
+    )
+    .await
+}
+
+async fn gateway_on(
+    addr: SocketAddr,
+    secrets: SecretSettings,
+    snapshot: serde_json::Value,
+) -> TestGateway {
+    let (gateway, state) = gateway_started_on(secrets, snapshot).await;
     let (listening, _task) = server::spawn(gateway, addr, None).await.unwrap();
     TestGateway {
         url: format!("http://{}", listening.addr),
@@ -136,8 +154,15 @@ pub async fn restart_empty(gateway: TestGateway) -> TestGateway {
 
 /// A gateway at version 0 in a new state directory, not listening yet.
 async fn empty_gateway(secrets: SecretSettings) -> (Arc<Gateway>, tempfile::TempDir) {
+    gateway_started_on(secrets, json!({"version": 0})).await
+}
+
+async fn gateway_started_on(
+    secrets: SecretSettings,
+    snapshot: serde_json::Value,
+) -> (Arc<Gateway>, tempfile::TempDir) {
     let state = tempfile::tempdir().unwrap();
-    let snapshot: ConfigSnapshot = serde_json::from_value(json!({"version": 0})).unwrap();
+    let snapshot: ConfigSnapshot = serde_json::from_value(snapshot).unwrap();
     let gateway = Gateway::new(GatewayParts {
         id: "portal-test".to_owned(),
         snapshot,
