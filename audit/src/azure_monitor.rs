@@ -44,9 +44,12 @@
 //!
 //! # Fields longer than Azure keeps
 //!
-//! Azure truncates a field value over 64 KB without saying so. The sink cuts such values itself
-//! so that nothing is cut unannounced: the two bodies are cut and their truncation flags raised
-//! (the prompts and completions are whole in the LLM rows, in 32 KB pieces); `Groups` and
+//! Azure truncates a field value over 64 KB without saying so. The documentation does not say
+//! whether the value is counted as sent (JSON text, escapes included) or as stored, so the sink
+//! counts it as JSON, which is never the smaller: a `"` takes 2 bytes, a control character 6
+//! (`\u0001`). It cuts such values itself so that nothing is cut unannounced: the two bodies are
+//! cut and their truncation flags raised (the prompts and completions are whole in the LLM rows,
+//! in 32 KB pieces, a piece whose escapes take it over 64 KB split further); `Groups` and
 //! `Attempts` keep as many leading entries as fit, still valid JSON arrays; other text that comes
 //! from the request, the backend's answer or the caller's token (`Method`, `Url`, `UserId`,
 //! `UserName`, `EntraTenantId`, `DeploymentName`, `ModelName`, `ApiVersion`, `LastErrorMessage`,
@@ -54,11 +57,22 @@
 //! character boundary. Each cut is logged with the call's correlation id; the SQL store keeps the
 //! whole values. The other columns are the gateway's own (ids, addresses, codes, error reasons,
 //! chain hashes) or its configuration's (subscription, product, backend id).
+//!
+//! # Rows that must fit in one call
+//!
+//! A row cannot be split over calls, and a batch is retried until it is stored, so one row too
+//! large for a call would hold back every later one. A row over [`MAX_ROW_BYTES`] of JSON has its
+//! longest texts shortened, all to one length, until it fits (any text column but its id, time
+//! and correlation id; a body's truncation flag is raised), and the cut is logged. Should Azure
+//! still refuse a row alone as too large, the sink halves it the same way until Azure takes it;
+//! a row that cannot be made small enough is left out with an error in the log and counted
+//! ([`AzureMonitorSink::rows_set_aside`]), and the rest of the batch goes on.
 
 use std::collections::HashSet;
 use std::fmt;
 use std::io::Write as _;
 use std::sync::PoisonError;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -70,6 +84,7 @@ use gatehouse_schema::config::{SecretRef, SecretSource};
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_ENCODING, CONTENT_TYPE, HeaderMap, RETRY_AFTER};
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 use url::Url;
@@ -86,9 +101,19 @@ pub const LOGS_INGESTION_API_VERSION: &str = "2023-01-01";
 /// read as 1,000,000 bytes, the smaller of its two readings.
 pub const MAX_CALL_BYTES: usize = 1_000_000;
 
-/// The longest field value Azure stores whole, in UTF-8 bytes ("64 KB", read as 64,000 bytes: a
-/// value this sink lets through is never cut by Azure without the truncation flag).
+/// The longest field value Azure stores whole, in bytes of the value as a JSON string, escapes
+/// included and quotes not ("64 KB", read as 64,000 bytes; the JSON form is never shorter than the
+/// UTF-8 value, so a value this sink lets through is within the limit however Azure counts it,
+/// and never cut by Azure without the truncation flag).
 pub const MAX_FIELD_BYTES: usize = 64_000;
+
+/// The most bytes of JSON one row may take: it always goes in one call, with the headroom the
+/// default `max_batch_bytes` keeps under [`MAX_CALL_BYTES`] and room for the array's brackets.
+/// A longer row has its longest texts shortened (see the module documentation).
+pub const MAX_ROW_BYTES: usize = MAX_CALL_BYTES - CALL_HEADROOM - 2;
+
+/// Bytes kept free under [`MAX_CALL_BYTES`] by default, in case Azure counts a few we do not.
+const CALL_HEADROOM: usize = 50_000;
 
 /// The column added to every row sent: a deterministic id, the same when a batch is sent again.
 pub const ROW_ID_COLUMN: &str = "GatehouseRowId";
@@ -189,8 +214,7 @@ fn default_llm_stream() -> String {
 }
 
 fn default_max_batch_bytes() -> usize {
-    // Headroom under the hard limit, in case Azure counts a few bytes we do not.
-    MAX_CALL_BYTES - 50_000
+    MAX_CALL_BYTES - CALL_HEADROOM
 }
 
 fn default_max_attempts() -> u32 {
@@ -260,9 +284,11 @@ pub enum AzureMonitorError {
         /// not fit in the write's time.
         retry_after: Option<Duration>,
     },
-    /// One row is larger than a call may carry (cannot happen with the rows this crate builds).
+    /// One row cannot be made small enough for a call, even with its texts shortened. Never
+    /// returned by a write: the row is left out, and this is logged (see the module
+    /// documentation).
     #[error(
-        "azure monitor sink: row `{row_id}` is {bytes} bytes of JSON, more than one call may carry ({MAX_CALL_BYTES})"
+        "azure monitor sink: row `{row_id}` is {bytes} bytes of JSON and cannot be shortened enough for one call"
     )]
     RowTooLarge {
         /// The row's id.
@@ -367,6 +393,8 @@ pub struct AzureMonitorSink {
     /// Ids of the rows Azure accepted since the last batch stored whole (see the module
     /// documentation).
     delivered: std::sync::Mutex<HashSet<String>>,
+    /// Rows left out because no shortening made them small enough (see the module documentation).
+    set_aside: AtomicU64,
 }
 
 impl AzureMonitorSink {
@@ -442,6 +470,7 @@ impl AzureMonitorSink {
             llm,
             token: Mutex::new(None),
             delivered: std::sync::Mutex::new(HashSet::new()),
+            set_aside: AtomicU64::new(0),
         })
     }
 
@@ -450,9 +479,16 @@ impl AzureMonitorSink {
         &self.config
     }
 
+    /// Rows left out of Azure Monitor since the sink started because even shortened they were
+    /// too large for one call (each one is also logged as an error).
+    pub fn rows_set_aside(&self) -> u64 {
+        self.set_aside.load(Ordering::Relaxed)
+    }
+
     /// Sends the rows Azure has not accepted yet to one stream, in calls of at most
-    /// `max_batch_bytes`; a call refused with 413 is halved and sent again (the sink's own
-    /// measure should make that impossible). Gives up at `deadline`.
+    /// `max_batch_bytes`; a call refused with 413 is halved and sent again, and a row refused
+    /// alone is shortened (the sink's own measure should make both impossible). Gives up at
+    /// `deadline`.
     async fn upload(
         &self,
         stream: &Stream,
@@ -485,16 +521,66 @@ impl AzureMonitorSink {
                     pending.push(first);
                 }
                 Err(CallError::TooLarge(message)) => {
-                    return Err(AzureMonitorError::Rejected {
-                        stream: stream.name.clone(),
-                        status: StatusCode::PAYLOAD_TOO_LARGE.as_u16(),
-                        message,
-                    });
+                    // Refusing the same row again and again would hold back the whole stream.
+                    for row in call {
+                        self.send_shortened(stream, row, &message, deadline).await?;
+                    }
                 }
                 Err(CallError::Failed(error)) => return Err(error),
             }
         }
         Ok(())
+    }
+
+    /// Sends a row Azure refused alone as too large, its texts shortened to half its size, then
+    /// half again, until Azure takes it; a row that cannot be shortened enough is left out with
+    /// an error in the log (and remembered as done, so that the batch is not held back by it).
+    async fn send_shortened(
+        &self,
+        stream: &Stream,
+        row: &EncodedRow,
+        refusal: &str,
+        deadline: Instant,
+    ) -> Result<(), AzureMonitorError> {
+        let mut refusal = refusal.to_owned();
+        let mut size = row.json.len();
+        loop {
+            let (shortened, cut) = match shorten_row(&row.id, &row.json, size / 2) {
+                Ok(shortened) => shortened,
+                Err(error @ AzureMonitorError::RowTooLarge { .. }) => {
+                    self.set_aside.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(
+                        stream = %stream.name,
+                        row_id = %row.id,
+                        bytes = row.json.len(),
+                        %refusal,
+                        %error,
+                        "azure monitor refused a row as too large even shortened; it is left out of Azure Monitor, the rest of the batch goes on"
+                    );
+                    self.remember_delivered(&[row]);
+                    return Ok(());
+                }
+                Err(error) => return Err(error),
+            };
+            size = shortened.json.len();
+            match self.post(stream, &[&shortened], deadline).await {
+                Ok(()) => {
+                    tracing::warn!(
+                        stream = %stream.name,
+                        row_id = %row.id,
+                        bytes = row.json.len(),
+                        sent_bytes = size,
+                        %cut,
+                        %refusal,
+                        "azure monitor refused a row alone as too large; it was stored with its longest texts shortened"
+                    );
+                    self.remember_delivered(&[row]);
+                    return Ok(());
+                }
+                Err(CallError::TooLarge(again)) => refusal = again,
+                Err(CallError::Failed(error)) => return Err(error),
+            }
+        }
     }
 
     /// Notes the rows of a call Azure accepted, so that a batch sent again skips them.
@@ -775,6 +861,7 @@ impl AuditSink for AzureMonitorSink {
         Box::pin(async move {
             let deadline = Instant::now() + Duration::from_secs(self.config.max_write_seconds);
             let rows = encode_rows(records)?;
+            self.set_aside.fetch_add(rows.set_aside, Ordering::Relaxed);
             self.upload(&self.gateway, &rows.gateway, deadline).await?;
             self.upload(&self.llm, &rows.llm, deadline).await?;
             // Stored whole: what was remembered is of no more use.
@@ -859,24 +946,86 @@ impl AsRef<[u8]> for EncodedRow {
 struct EncodedRows {
     gateway: Vec<EncodedRow>,
     llm: Vec<EncodedRow>,
+    /// Rows left out: too large even shortened.
+    set_aside: u64,
 }
 
 fn encode_rows(records: &[AuditRecord]) -> Result<EncodedRows, AzureMonitorError> {
-    let mut gateway = Vec::with_capacity(records.len());
-    let mut llm = Vec::new();
+    let mut rows = EncodedRows {
+        gateway: Vec::with_capacity(records.len()),
+        llm: Vec::new(),
+        set_aside: 0,
+    };
     for record in records {
         let mut row = GatewayLogRow::from_record(record);
         cap_long_fields(&mut row);
         let id = row_id(&row.correlation_id, GATEWAY_TABLE, 0);
-        gateway.push(encode_row(id, &row)?);
-        // Message pieces are at most 32 KB already (`rows::MESSAGE_PIECE_BYTES`).
-        for mut row in LlmLogRow::from_record(record) {
+        let encoded = encode_row(id, &row);
+        rows.keep(encoded, |rows| &mut rows.gateway)?;
+        // Message pieces are at most 32 KB (`rows::MESSAGE_PIECE_BYTES`), but may take more as
+        // JSON: those are split further, and the rows numbered again in order.
+        let pieces = LlmLogRow::from_record(record)
+            .into_iter()
+            .flat_map(fit_pieces);
+        for (sequence, mut row) in pieces.enumerate() {
+            row.sequence_number = i32::try_from(sequence).unwrap_or(i32::MAX);
             cap_llm_fields(&mut row);
             let id = row_id(&row.correlation_id, LLM_TABLE, row.sequence_number);
-            llm.push(encode_row(id, &row)?);
+            let encoded = encode_row(id, &row);
+            rows.keep(encoded, |rows| &mut rows.llm)?;
         }
     }
-    Ok(EncodedRows { gateway, llm })
+    Ok(rows)
+}
+
+impl EncodedRows {
+    /// Adds a row to its list; a row too large even shortened is left out with an error in the
+    /// log (it would hold back every later batch), any other error ends the batch.
+    fn keep(
+        &mut self,
+        row: Result<EncodedRow, AzureMonitorError>,
+        list: impl FnOnce(&mut Self) -> &mut Vec<EncodedRow>,
+    ) -> Result<(), AzureMonitorError> {
+        match row {
+            Ok(row) => list(self).push(row),
+            Err(error @ AzureMonitorError::RowTooLarge { .. }) => {
+                self.set_aside += 1;
+                tracing::error!(%error, "azure monitor: a row is left out of Azure Monitor, the rest of the batch goes on");
+            }
+            Err(error) => return Err(error),
+        }
+        Ok(())
+    }
+}
+
+/// A message row whose piece takes more than [`MAX_FIELD_BYTES`] as JSON (a 32 KB piece of
+/// quotes or control characters) as several rows with smaller pieces, in order; any other row as
+/// it is.
+fn fit_pieces(mut row: LlmLogRow) -> Vec<LlmLogRow> {
+    let too_long = |piece: &Option<String>| {
+        piece
+            .as_deref()
+            .is_some_and(|piece| json_len(piece) > MAX_FIELD_BYTES)
+    };
+    if !too_long(&row.request_messages) && !too_long(&row.response_messages) {
+        return vec![row];
+    }
+    let request = row.request_messages.take().unwrap_or_default();
+    let response = row.response_messages.take().unwrap_or_default();
+    let mut rows = Vec::new();
+    for piece in split_json_at_most(&request, MAX_FIELD_BYTES) {
+        rows.push(LlmLogRow {
+            request_messages: Some(piece.to_owned()),
+            ..row.clone()
+        });
+    }
+    for piece in split_json_at_most(&response, MAX_FIELD_BYTES) {
+        rows.push(LlmLogRow {
+            response_messages: Some(piece.to_owned()),
+            ..row.clone()
+        });
+    }
+    rows
 }
 
 /// Cuts every field of a gateway-log row that Azure would truncate unannounced (see the module
@@ -892,7 +1041,7 @@ fn cap_long_fields(row: &mut GatewayLogRow) {
     );
     let mut cut = Vec::new();
     for (name, value) in [("Groups", &mut row.groups), ("Attempts", &mut row.attempts)] {
-        if let Some(dropped) = cap_json_array(value) {
+        if let Some(dropped) = cap_json_array(value, MAX_FIELD_BYTES) {
             cut.push(format!("{name}: {dropped} trailing entries left out"));
         }
     }
@@ -930,43 +1079,47 @@ fn cap_llm_fields(row: &mut LlmLogRow) {
     ]);
 }
 
-/// Cuts each text over [`MAX_FIELD_BYTES`] to it, on a character boundary; says what it cut.
+/// Cuts each text over [`MAX_FIELD_BYTES`] as JSON to it, on a character boundary; says what it
+/// cut.
 fn cut_long_texts<'a>(
     texts: impl IntoIterator<Item = (&'static str, Option<&'a mut String>)>,
 ) -> Vec<String> {
     let mut cut = Vec::new();
     for (name, value) in texts {
-        if let Some(text) = value.filter(|text| text.len() > MAX_FIELD_BYTES) {
+        if let Some(text) = value.filter(|text| json_len(text) > MAX_FIELD_BYTES) {
             let length = text.len();
-            cut_text(text);
+            cut_text(text, MAX_FIELD_BYTES);
             cut.push(format!("{name}: cut from {length} bytes"));
         }
     }
     cut
 }
 
-/// Keeps the leading entries of a JSON array that fit in [`MAX_FIELD_BYTES`]; the number left
-/// out, or `None` when the value fits (or is not an array, which the rows never hold).
-fn cap_json_array(value: &mut String) -> Option<usize> {
-    if value.len() <= MAX_FIELD_BYTES {
+/// Keeps the leading entries of a JSON array that fit in `limit` bytes as JSON text; the number
+/// left out, or `None` when the value fits (or is not an array, which the rows never hold).
+fn cap_json_array(value: &mut String, limit: usize) -> Option<usize> {
+    if json_len(value) <= limit {
         return None;
     }
-    let Ok(entries) = serde_json::from_str::<Vec<serde_json::Value>>(value) else {
-        cut_text(value);
+    let Ok(entries) = serde_json::from_str::<Vec<Value>>(value) else {
+        cut_text(value, limit);
         return Some(0);
     };
     let mut kept = String::from("[");
+    // The brackets, then each entry and its comma, as they will be escaped.
+    let mut size = 2;
     let mut count = 0;
     for entry in &entries {
         let text = entry.to_string();
-        let separator = usize::from(count > 0);
-        if kept.len() + separator + text.len() + 1 > MAX_FIELD_BYTES {
+        let added = json_len(&text) + usize::from(count > 0);
+        if size + added > limit {
             break;
         }
         if count > 0 {
             kept.push(',');
         }
         kept.push_str(&text);
+        size += added;
         count += 1;
     }
     kept.push(']');
@@ -974,12 +1127,60 @@ fn cap_json_array(value: &mut String) -> Option<usize> {
     Some(entries.len() - count)
 }
 
-/// Cuts text to [`MAX_FIELD_BYTES`] on a character boundary.
-fn cut_text(text: &mut String) {
-    let kept = split_at_most(text, MAX_FIELD_BYTES)
-        .first()
-        .map_or(0, |piece| piece.len());
+/// Cuts text on a character boundary to the longest start that takes at most `limit` bytes as
+/// JSON.
+fn cut_text(text: &mut String, limit: usize) {
+    let kept = json_prefix_len(text, limit);
     text.truncate(kept);
+}
+
+/// Bytes a text takes inside a JSON string as `serde_json` writes it, quotes excluded: `"`, `\`
+/// and the short escapes (`\n`…) take 2, the other control characters 6 (`\u0001`), every other
+/// byte 1 (characters beyond ASCII are written as they are).
+fn json_len(text: &str) -> usize {
+    text.bytes().map(escaped_len).sum()
+}
+
+/// Bytes one byte of UTF-8 takes in a JSON string (see [`json_len`]).
+fn escaped_len(byte: u8) -> usize {
+    match byte {
+        b'"' | b'\\' | 0x08 | b'\t' | b'\n' | 0x0c | b'\r' => 2,
+        0x00..=0x1f => 6,
+        _ => 1,
+    }
+}
+
+/// Length in bytes of the longest start of `text`, ending on a character boundary, that takes at
+/// most `limit` bytes as JSON.
+fn json_prefix_len(text: &str, limit: usize) -> usize {
+    let mut size = 0;
+    for (index, character) in text.char_indices() {
+        // Only ASCII is escaped; other characters are written as their UTF-8.
+        let width = if character.is_ascii() {
+            escaped_len(character as u8)
+        } else {
+            character.len_utf8()
+        };
+        if size + width > limit {
+            return index;
+        }
+        size += width;
+    }
+    text.len()
+}
+
+/// Splits text into pieces (at least one character each) that take at most `limit` bytes as
+/// JSON, on character boundaries.
+fn split_json_at_most(text: &str, limit: usize) -> Vec<&str> {
+    let mut pieces = Vec::new();
+    let mut rest = text;
+    while !rest.is_empty() {
+        // 6 bytes hold any character's JSON form.
+        let (piece, tail) = rest.split_at(json_prefix_len(rest, limit.max(6)));
+        pieces.push(piece);
+        rest = tail;
+    }
+    pieces
 }
 
 /// `{CorrelationId}:{table}:{SequenceNumber}`: the same row gets the same id every time it is sent.
@@ -987,22 +1188,113 @@ fn row_id(correlation_id: &str, table: &str, sequence: i32) -> String {
     format!("{correlation_id}:{table}:{sequence}")
 }
 
+/// A row as JSON, shortened to [`MAX_ROW_BYTES`] when it is longer.
 fn encode_row<R: Serialize>(id: String, row: &R) -> Result<EncodedRow, AzureMonitorError> {
     let json = serde_json::to_vec(&IngestionRow { row_id: &id, row })?;
-    if json_array_len(std::slice::from_ref(&json)) > MAX_CALL_BYTES {
-        return Err(AzureMonitorError::RowTooLarge {
-            row_id: id,
-            bytes: json.len(),
-        });
+    if json.len() <= MAX_ROW_BYTES {
+        return Ok(EncodedRow { id, json });
     }
-    Ok(EncodedRow { id, json })
+    let (shortened, cut) = shorten_row(&id, &json, MAX_ROW_BYTES)?;
+    tracing::warn!(
+        row_id = %id,
+        bytes = json.len(),
+        sent_bytes = shortened.json.len(),
+        %cut,
+        "azure monitor takes at most 1 MB a call; the row's longest texts were shortened, the whole values are in the call's record only"
+    );
+    Ok(shortened)
 }
 
-/// Cuts a value Azure would truncate silently to [`MAX_FIELD_BYTES`] (on a character boundary)
-/// and raises its truncation flag.
+/// Columns a row is never shortened in: they identify it.
+const IDENTITY_COLUMNS: [&str; 3] = [ROW_ID_COLUMN, "CorrelationId", "TimeGenerated"];
+
+/// Columns holding a JSON array, shortened by whole entries so that they stay one.
+const ARRAY_COLUMNS: [&str; 2] = ["Groups", "Attempts"];
+
+/// The body columns and the flag raised when one is cut.
+const BODY_FLAGS: [(&str, &str); 2] = [
+    ("BackendRequestBody", "RequestBodyTruncated"),
+    ("BackendResponseBody", "ResponseBodyTruncated"),
+];
+
+/// A row (as JSON) with its longest texts shortened, all to one length, until it takes at most
+/// `budget` bytes, and what was cut; [`AzureMonitorError::RowTooLarge`] when no shortening gets
+/// it there.
+fn shorten_row(
+    id: &str,
+    json: &[u8],
+    budget: usize,
+) -> Result<(EncodedRow, String), AzureMonitorError> {
+    let mut row: Map<String, Value> = serde_json::from_slice(json)?;
+    let mut cut = Vec::new();
+    let mut shortened = json.to_vec();
+    while shortened.len() > budget {
+        let size = shortened.len();
+        let lengths: Vec<(String, usize)> = row
+            .iter()
+            .filter(|(column, _)| !IDENTITY_COLUMNS.contains(&column.as_str()))
+            .filter_map(|(column, value)| Some((column.clone(), json_len(value.as_str()?))))
+            .collect();
+        let level = water_level(lengths.iter().map(|(_, length)| *length), size - budget);
+        for (column, length) in lengths.into_iter().filter(|(_, length)| *length > level) {
+            if let Some(Value::String(text)) = row.get_mut(&column) {
+                if ARRAY_COLUMNS.contains(&column.as_str()) {
+                    cap_json_array(text, level);
+                } else {
+                    cut_text(text, level);
+                }
+            }
+            if let Some((_, flag)) = BODY_FLAGS.iter().find(|(body, _)| *body == column) {
+                row.insert((*flag).to_owned(), Value::Bool(true));
+            }
+            cut.push(format!("{column}: {length} bytes of JSON, cut to {level}"));
+        }
+        let shorter = serde_json::to_vec(&row)?;
+        if shorter.len() >= size {
+            // Nothing left to take but the row's identity, numbers and empty texts.
+            return Err(AzureMonitorError::RowTooLarge {
+                row_id: id.to_owned(),
+                bytes: json.len(),
+            });
+        }
+        shortened = shorter;
+    }
+    let row = EncodedRow {
+        id: id.to_owned(),
+        json: shortened,
+    };
+    Ok((row, cut.join("; ")))
+}
+
+/// The greatest length that, with every longer text cut to it, takes `excess` bytes or more off
+/// `lengths` (0 when even cutting them all does not).
+fn water_level(lengths: impl Iterator<Item = usize> + Clone, excess: usize) -> usize {
+    let taken = |level: usize| {
+        lengths
+            .clone()
+            .map(|length| length.saturating_sub(level))
+            .sum::<usize>()
+    };
+    let (mut low, mut high) = (0, lengths.clone().max().unwrap_or(0));
+    while low < high {
+        let middle = low + (high - low).div_ceil(2);
+        if taken(middle) >= excess {
+            low = middle;
+        } else {
+            high = middle - 1;
+        }
+    }
+    low
+}
+
+/// Cuts a value Azure would truncate silently to [`MAX_FIELD_BYTES`] as JSON (on a character
+/// boundary) and raises its truncation flag.
 fn cap_field(value: &mut Option<String>, truncated: &mut bool) {
-    if let Some(text) = value.as_mut().filter(|t| t.len() > MAX_FIELD_BYTES) {
-        cut_text(text);
+    if let Some(text) = value
+        .as_mut()
+        .filter(|text| json_len(text) > MAX_FIELD_BYTES)
+    {
+        cut_text(text, MAX_FIELD_BYTES);
         *truncated = true;
     }
 }
@@ -1105,6 +1397,7 @@ fn url_with_segments(base: &Url, segments: &[&str]) -> Option<Url> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn rows(sizes: &[usize]) -> Vec<Vec<u8>> {
         sizes.iter().map(|&n| vec![b'x'; n]).collect()
@@ -1136,6 +1429,134 @@ mod tests {
         let mut flag = false;
         cap_field(&mut short, &mut flag);
         assert_eq!((short.as_deref(), flag), (Some("{}"), false));
+    }
+
+    /// The JSON string form of `text` without its quotes, as serde_json writes it.
+    fn as_json(text: &str) -> String {
+        let quoted = serde_json::to_string(text).unwrap();
+        quoted[1..quoted.len() - 1].to_owned()
+    }
+
+    #[test]
+    fn json_len_counts_escapes_as_serde_json_writes_them() {
+        let every_ascii: String = (0u8..128).map(char::from).collect();
+        for text in [
+            "",
+            "plain",
+            "\"quoted\" \\ back",
+            "\u{1}\u{8}\t\n\u{b}\u{c}\r\u{1f}\u{7f}",
+            "Grüße — 東京 🦀 \u{2028}",
+            every_ascii.as_str(),
+        ] {
+            assert_eq!(json_len(text), as_json(text).len(), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn texts_are_cut_so_that_their_json_fits_and_no_character_is_split() {
+        let unit = "a\u{1}ü\"€\n🦀\\";
+        let whole = unit.repeat(20_000);
+        for limit in [0, 1, 5, 6, 7, 100, 1_001, MAX_FIELD_BYTES] {
+            let mut text = whole.clone();
+            cut_text(&mut text, limit);
+            assert!(whole.starts_with(&text));
+            assert!(json_len(&text) <= limit, "limit {limit}");
+            assert_eq!(as_json(&text).len(), json_len(&text));
+            // The longest such start: the next character would not fit.
+            let next = whole[text.len()..].chars().next().unwrap();
+            assert!(json_len(&whole[..text.len() + next.len_utf8()]) > limit);
+        }
+        // 70,000 control characters: 420,000 bytes as JSON, cut to 10,666 of them.
+        let mut control = "\u{1}".repeat(70_000);
+        cut_text(&mut control, MAX_FIELD_BYTES);
+        assert_eq!(control.len(), MAX_FIELD_BYTES / 6);
+        assert!(as_json(&control).len() <= MAX_FIELD_BYTES);
+
+        let pieces = split_json_at_most(&whole, 1_000);
+        assert_eq!(pieces.concat(), whole);
+        assert!(pieces.iter().all(|p| !p.is_empty() && json_len(p) <= 1_000));
+        assert!(split_json_at_most("", 10).is_empty());
+        assert_eq!(split_json_at_most("\u{1}\u{1}", 0), ["\u{1}", "\u{1}"]);
+    }
+
+    #[test]
+    fn a_message_piece_over_the_field_limit_as_json_is_split_further() {
+        let piece = "\u{1}ü".repeat(crate::rows::MESSAGE_PIECE_BYTES / 3);
+        let row = LlmLogRow {
+            time_generated: time::OffsetDateTime::UNIX_EPOCH,
+            correlation_id: "c".to_owned(),
+            operation_name: "chatcompletions_create".to_owned(),
+            deployment_name: String::new(),
+            model_name: String::new(),
+            api_version: "2024-10-21".to_owned(),
+            is_stream_completion: false,
+            prompt_tokens: None,
+            completion_tokens: None,
+            total_tokens: None,
+            sequence_number: 3,
+            request_messages: Some(piece.clone()),
+            response_messages: None,
+        };
+        let rows = fit_pieces(row.clone());
+        assert!(rows.len() > 1);
+        let joined: String = rows
+            .iter()
+            .map(|r| r.request_messages.as_deref().unwrap())
+            .collect();
+        assert_eq!(joined, piece);
+        assert!(rows.iter().all(|r| {
+            r.response_messages.is_none()
+                && json_len(r.request_messages.as_deref().unwrap()) <= MAX_FIELD_BYTES
+        }));
+        let short = LlmLogRow {
+            request_messages: Some("[\"hi\"]".to_owned()),
+            ..row
+        };
+        assert_eq!(fit_pieces(short.clone()), [short]);
+    }
+
+    #[test]
+    fn a_row_over_its_budget_has_its_longest_texts_shortened_alike() {
+        let row = json!({
+            "GatehouseRowId": "c:ApiManagementGatewayLogs:0",
+            "CorrelationId": "c",
+            "TimeGenerated": "2026-12-01T10:00:00Z",
+            "ResponseCode": 200,
+            "ModelName": "\u{1}".repeat(20_000),
+            "UserName": "\"".repeat(30_000),
+            "Url": "/short",
+            "BackendRequestBody": "b".repeat(50_000),
+            "RequestBodyTruncated": false,
+            "Groups": serde_json::to_string(&vec!["group"; 10_000]).unwrap(),
+            "UserId": null,
+        });
+        let json = serde_json::to_vec(&row).unwrap();
+        let (shortened, cut) = shorten_row("c:ApiManagementGatewayLogs:0", &json, 100_000).unwrap();
+        assert!(shortened.json.len() <= 100_000);
+        assert!(shortened.json.len() > 95_000, "no more is cut than needed");
+        assert!(cut.contains("ModelName") && !cut.contains("Url"));
+        let row: Value = serde_json::from_slice(&shortened.json).unwrap();
+        assert_eq!(row["CorrelationId"], "c");
+        assert_eq!(row["ResponseCode"], 200);
+        assert_eq!(row["Url"], "/short");
+        assert_eq!(row["RequestBodyTruncated"], true);
+        let groups: Vec<String> = serde_json::from_str(row["Groups"].as_str().unwrap()).unwrap();
+        assert!(!groups.is_empty() && groups.len() < 10_000);
+        // The longest texts were brought to about one length.
+        let lengths: Vec<usize> = ["ModelName", "UserName", "BackendRequestBody", "Groups"]
+            .iter()
+            .map(|c| json_len(row[c].as_str().unwrap()))
+            .collect();
+        let (low, high) = (lengths.iter().min().unwrap(), lengths.iter().max().unwrap());
+        assert!(high - low <= 10, "{lengths:?}");
+
+        // Too small a budget even for the row's identity.
+        assert!(matches!(
+            shorten_row("c:ApiManagementGatewayLogs:0", &json, 100),
+            Err(AzureMonitorError::RowTooLarge { .. })
+        ));
+        assert_eq!(water_level([10, 50, 30].into_iter(), 25), 27);
+        assert_eq!(water_level([10, 50, 30].into_iter(), 1_000), 0);
     }
 
     #[test]

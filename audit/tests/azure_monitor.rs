@@ -21,7 +21,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use gatehouse_audit::azure_monitor::{
     AzureMonitorConfig, AzureMonitorSink, DEFAULT_AUTHORITY, DEFAULT_GATEWAY_STREAM,
-    DEFAULT_LLM_STREAM, MAX_CALL_BYTES, MAX_FIELD_BYTES,
+    DEFAULT_LLM_STREAM, MAX_CALL_BYTES, MAX_FIELD_BYTES, MAX_ROW_BYTES,
 };
 use gatehouse_audit::rows::MESSAGE_PIECE_BYTES;
 use gatehouse_audit::{AuditRecord, AuditSink};
@@ -599,6 +599,41 @@ fn joined(rows: &[&Value], column: &str) -> String {
     rows.iter().filter_map(|r| r[column].as_str()).collect()
 }
 
+/// Bytes a text takes inside a JSON string (escapes included, quotes not): how the sink counts
+/// a field.
+fn json_len(text: &str) -> usize {
+    serde_json::to_string(text).unwrap().len() - 2
+}
+
+/// Every text field of every row the double stored is within the field limit, counted as JSON.
+fn assert_every_field_within_the_limit(double: &Double) {
+    for stream in [DEFAULT_GATEWAY_STREAM, DEFAULT_LLM_STREAM] {
+        for row in double.stored(stream) {
+            for (column, value) in row.as_object().unwrap() {
+                if let Value::String(text) = value {
+                    assert!(
+                        json_len(text) <= MAX_FIELD_BYTES,
+                        "{column}: {} bytes as JSON",
+                        json_len(text)
+                    );
+                }
+            }
+        }
+    }
+    assert_eq!(
+        double.truncated_fields(),
+        Vec::<String>::new(),
+        "Azure cut nothing"
+    );
+}
+
+/// A body as the gateway captures it at its limit (1 MiB by default), heavy with escapes: its
+/// JSON form is twice as long.
+fn escaped_body(field: &str) -> String {
+    let body = format!(r#"{{"{field}":"{}"#, r#"\"\\"#.repeat(1024 * 1024 / 4));
+    body[..1024 * 1024].to_owned()
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------------------------
@@ -662,7 +697,7 @@ async fn a_batch_arrives_complete_in_both_tables_with_azure_column_names() {
         let full_body = record.backend_request_body.as_deref().unwrap();
         assert!(sent_body.len() <= MAX_FIELD_BYTES);
         assert!(full_body.starts_with(sent_body));
-        let cut = full_body.len() > MAX_FIELD_BYTES;
+        let cut = json_len(full_body) > MAX_FIELD_BYTES;
         assert_eq!(row["RequestBodyTruncated"], json!(cut));
         assert_eq!(
             cut,
@@ -1088,6 +1123,238 @@ async fn no_field_reaches_azure_longer_than_it_keeps() {
         ),
         record.request_messages.as_deref().unwrap()
     );
+}
+
+#[tokio::test]
+async fn a_row_of_escaped_text_fits_in_a_call_and_every_field_in_its_limit() {
+    let setup = setup().await;
+    let sink = new_sink(&setup, json!({}));
+    let mut record = record(1, 2_000, false);
+    // A backend naming its model in control characters (6 bytes each as JSON), a long error
+    // likewise, a user name of quotes (2 bytes each), and both bodies as large as the gateway
+    // captures them: cut at 64,000 bytes of UTF-8 each, this row took over 1 MB as JSON.
+    record.model_name = Some("\u{1}".repeat(70_000));
+    record.last_error_message = Some("\u{1}".repeat(70_000));
+    record.user_name = Some("\"".repeat(70_000));
+    record.backend_request_body = Some(escaped_body("messages"));
+    record.request_body_truncated = true;
+    record.backend_response_body = Some(escaped_body("choices"));
+    record.response_body_truncated = true;
+
+    sink.write_batch(std::slice::from_ref(&record))
+        .await
+        .unwrap();
+
+    let double = &setup.double;
+    double.assert_no_call_over_the_limit();
+    assert!(!double.inner().calls.is_empty());
+    assert_every_field_within_the_limit(double);
+    assert_eq!(sink.rows_set_aside(), 0);
+    let gateway = double.stored(DEFAULT_GATEWAY_STREAM);
+    assert_eq!(gateway.len(), 1, "the row is stored");
+    let row = &gateway[0];
+    assert_eq!(text(row, "CorrelationId"), record.correlation_id);
+    for (column, whole) in [
+        ("ModelName", record.model_name.as_deref().unwrap()),
+        (
+            "LastErrorMessage",
+            record.last_error_message.as_deref().unwrap(),
+        ),
+        ("UserName", record.user_name.as_deref().unwrap()),
+        (
+            "BackendRequestBody",
+            record.backend_request_body.as_deref().unwrap(),
+        ),
+        (
+            "BackendResponseBody",
+            record.backend_response_body.as_deref().unwrap(),
+        ),
+    ] {
+        let sent = text(row, column);
+        assert!(
+            sent.len() < whole.len() && whole.starts_with(sent),
+            "{column}: cut, and on a character"
+        );
+        assert!(
+            json_len(sent) > MAX_FIELD_BYTES - 6,
+            "{column}: cut no shorter than needed ({} bytes as JSON)",
+            json_len(sent)
+        );
+    }
+    assert_eq!(row["RequestBodyTruncated"], true);
+    assert_eq!(row["ResponseBodyTruncated"], true);
+    let llm = double.stored(DEFAULT_LLM_STREAM);
+    let header = llm_rows_of(&llm, &record.correlation_id)[0];
+    assert_eq!(header["ModelName"], row["ModelName"]);
+    assert_eq!(
+        joined(
+            &llm_rows_of(&llm, &record.correlation_id),
+            "RequestMessages"
+        ),
+        record.request_messages.as_deref().unwrap()
+    );
+}
+
+#[tokio::test]
+async fn a_prompt_of_escapes_is_whole_in_pieces_each_within_the_field_limit() {
+    let setup = setup().await;
+    let sink = new_sink(&setup, json!({}));
+    let mut record = record(1, 2_000, false);
+    // 32 KB pieces of control characters would take 192 KB each as JSON.
+    let prompt = "\u{1}\u{2}ü".repeat(40_000);
+    record.request_messages = Some(prompt.clone());
+
+    sink.write_batch(std::slice::from_ref(&record))
+        .await
+        .unwrap();
+
+    let double = &setup.double;
+    double.assert_no_call_over_the_limit();
+    assert_every_field_within_the_limit(double);
+    let llm = double.stored(DEFAULT_LLM_STREAM);
+    let pieces = llm_rows_of(&llm, &record.correlation_id);
+    assert_eq!(joined(&pieces, "RequestMessages"), prompt);
+    let sequence: Vec<i64> = pieces
+        .iter()
+        .map(|r| r["SequenceNumber"].as_i64().unwrap())
+        .collect();
+    assert_eq!(sequence, (0..pieces.len() as i64).collect::<Vec<_>>());
+    assert_eq!(
+        joined(&pieces, "ResponseMessages"),
+        record.response_messages.as_deref().unwrap()
+    );
+    let ids = row_ids(&llm);
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), ids.len());
+}
+
+#[tokio::test]
+async fn a_row_over_the_row_budget_has_its_longest_texts_shortened_to_fit() {
+    let setup = setup().await;
+    let sink = new_sink(&setup, json!({}));
+    let mut record = record(1, 2_000, false);
+    // Every text the sink caps at the field limit, at it, and the gateway's own error reason
+    // (which it does not cap) beyond it: together more than a call may carry.
+    let control = "\u{1}".repeat(70_000);
+    record.method = control.clone();
+    record.url = control.clone();
+    record.user_id = Some(control.clone());
+    record.user_name = Some(control.clone());
+    record.tenant_id = Some(control.clone());
+    record.deployment_name = Some(control.clone());
+    record.model_name = Some(control.clone());
+    record.api_version = Some(control.clone());
+    record.last_error_message = Some(control.clone());
+    record.backend_url = Some(control.clone());
+    record.groups = (0..3_000)
+        .map(|i| format!("6f0c1d2e-3b4a-5c6d-7e8f-{i:012}"))
+        .collect();
+    record.backend_request_body = Some(escaped_body("messages"));
+    record.backend_response_body = Some(escaped_body("choices"));
+    record.last_error_reason = Some("\u{1}".repeat(100_000));
+    let attempt = record.attempts[0].clone();
+    record.attempts = vec![attempt; 2_000];
+
+    sink.write_batch(std::slice::from_ref(&record))
+        .await
+        .unwrap();
+    // Sent again, the row is shortened alike and keeps its id.
+    sink.write_batch(std::slice::from_ref(&record))
+        .await
+        .unwrap();
+
+    let double = &setup.double;
+    double.assert_no_call_over_the_limit();
+    assert_every_field_within_the_limit(double);
+    assert_eq!(sink.rows_set_aside(), 0);
+    let gateway = double.stored(DEFAULT_GATEWAY_STREAM);
+    assert_eq!(gateway.len(), 2);
+    assert_eq!(gateway[0], gateway[1], "the same row both times");
+    let row = &gateway[0];
+    assert!(serde_json::to_vec(row).unwrap().len() <= MAX_ROW_BYTES);
+    assert_eq!(text(row, "CorrelationId"), record.correlation_id);
+    assert_eq!(
+        text(row, "GatehouseRowId"),
+        format!("{}:ApiManagementGatewayLogs:0", record.correlation_id)
+    );
+    let reason = text(row, "LastErrorReason");
+    assert!(
+        !reason.is_empty()
+            && record
+                .last_error_reason
+                .as_deref()
+                .unwrap()
+                .starts_with(reason)
+    );
+    let groups: Vec<String> = serde_json::from_str(text(row, "Groups")).unwrap();
+    assert!(!groups.is_empty() && groups.len() < 3_000);
+    assert_eq!(groups[..], record.groups[..groups.len()], "whole groups");
+    let attempts: Vec<Value> = serde_json::from_str(text(row, "Attempts")).unwrap();
+    assert!(!attempts.is_empty() && attempts.len() < 2_000);
+    assert_eq!(row["AttemptCount"], 2_000);
+    assert_eq!(row["RequestBodyTruncated"], true);
+    assert_eq!(row["ResponseBodyTruncated"], true);
+}
+
+#[tokio::test]
+async fn a_row_refused_alone_as_too_large_is_shortened_or_left_out_never_retried_forever() {
+    let setup = setup().await;
+    // An endpoint far stricter than documented.
+    setup
+        .double
+        .state
+        .max_body_bytes
+        .store(30_000, Ordering::SeqCst);
+    let sink = new_sink(&setup, json!({}));
+    let mut record = record(1, 1_000, false);
+    record.backend_request_body = Some("b".repeat(60_000));
+
+    sink.write_batch(std::slice::from_ref(&record))
+        .await
+        .unwrap();
+
+    let double = &setup.double;
+    let calls = double.inner().calls.clone();
+    assert!(calls.iter().any(|c| c.status == 413));
+    assert!(
+        calls
+            .iter()
+            .filter(|c| c.status == 204)
+            .all(|c| c.json_bytes <= 30_000)
+    );
+    let gateway = double.stored(DEFAULT_GATEWAY_STREAM);
+    assert_eq!(gateway.len(), 1);
+    let body = text(&gateway[0], "BackendRequestBody");
+    assert!(!body.is_empty() && body.len() < 30_000);
+    assert_eq!(gateway[0]["RequestBodyTruncated"], true);
+    let llm = double.stored(DEFAULT_LLM_STREAM);
+    assert_eq!(
+        joined(
+            &llm_rows_of(&llm, &record.correlation_id),
+            "RequestMessages"
+        ),
+        record.request_messages.as_deref().unwrap(),
+        "small rows are sent as they are"
+    );
+    assert_eq!(sink.rows_set_aside(), 0);
+
+    // So strict that no row fits, however short: each row is left out, counted, and the write
+    // ends instead of failing forever.
+    setup
+        .double
+        .state
+        .max_body_bytes
+        .store(200, Ordering::SeqCst);
+    let other = self::record(2, 1_000, false);
+    sink.write_batch(std::slice::from_ref(&other))
+        .await
+        .unwrap();
+    assert_eq!(
+        sink.rows_set_aside(),
+        4,
+        "the gateway row and three LLM rows"
+    );
+    assert_eq!(double.stored(DEFAULT_GATEWAY_STREAM).len(), 1);
+    assert!(llm_rows_of(&double.stored(DEFAULT_LLM_STREAM), &other.correlation_id).is_empty());
 }
 
 #[tokio::test]
