@@ -16,7 +16,8 @@ use serde::Deserialize;
 use time::OffsetDateTime;
 use tower_sessions::Session;
 
-use crate::oidc::{Oidc, PendingSignIn};
+use crate::oidc::graph::GraphError;
+use crate::oidc::{Oidc, PendingSignIn, SignInError};
 
 /// Path of the OpenID Connect redirect URI.
 pub const CALLBACK_PATH: &str = "/auth/callback";
@@ -144,7 +145,7 @@ async fn callback(
     };
     let user = match oidc.finish(&pending, &code, &state).await {
         Ok(user) => user,
-        Err(crate::oidc::SignInError::NoRole) => {
+        Err(SignInError::NoRole) => {
             return page(
                 StatusCode::FORBIDDEN,
                 "Your account holds no Gatehouse portal role; ask an administrator.",
@@ -152,10 +153,41 @@ async fn callback(
         }
         Err(error) => {
             tracing::warn!(%error, "sign-in failed");
-            return page(StatusCode::FORBIDDEN, "Sign-in failed.");
+            return match &error {
+                SignInError::Groups(graph) => groups_unavailable(graph),
+                _ => page(StatusCode::FORBIDDEN, "Sign-in failed."),
+            };
         }
     };
     start_session(&portal, &session, &user, &pending.return_to).await
+}
+
+/// The page for a user whose role comes from groups the ID token left out (groups overage) and
+/// which Microsoft Graph did not give: what happened and what to check, never the cause's detail
+/// (which is logged).
+fn groups_unavailable(error: &GraphError) -> Response {
+    const WHY: &str = "Your group memberships could not be read from Microsoft Graph. You are in \
+        more groups than a sign-in token carries, and your Gatehouse portal role comes from them.";
+    const CHECK: &str = "If this persists, ask an administrator to check that the portal's app \
+        registration has the delegated Microsoft Graph permission User.Read and that it is \
+        consented for your organisation.";
+    let (status, next) = if error.is_refusal() {
+        (
+            StatusCode::FORBIDDEN,
+            "Microsoft Graph refused the portal's request for them.",
+        )
+    } else if error.is_unavailable() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Microsoft Graph is unavailable or busy; try again in a few minutes.",
+        )
+    } else {
+        (
+            StatusCode::BAD_GATEWAY,
+            "Microsoft Graph's answer could not be used; try again.",
+        )
+    };
+    page(status, &format!("{WHY} {next} {CHECK}"))
 }
 
 async fn start_session(

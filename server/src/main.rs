@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use gatehouse_portal::dashboards::InsightsSettings;
+use gatehouse_portal::oidc::graph::graph_url;
 use gatehouse_portal::oidc::{ClientCertificate, OidcSettings};
 use gatehouse_portal::{Settings, serve};
 use gatehouse_portal_core::insights::alerts::parse_rules;
@@ -60,6 +61,11 @@ struct Args {
     /// Group→role mapping, `GROUP_OBJECT_ID=Role` separated by commas.
     #[arg(long, env = "GATEHOUSE_PORTAL_GROUP_ROLES", default_value = "")]
     group_roles: String,
+    /// Microsoft Graph, for users in more groups than an ID token carries (Entra ID's groups
+    /// overage): an https origin, or `off`. Default: https://graph.microsoft.com when the issuer
+    /// is login.microsoftonline.com, else off.
+    #[arg(long, env = "GATEHOUSE_PORTAL_GRAPH_URL")]
+    graph_url: Option<String>,
     /// Enable the development sign-in (only accepted on a loopback listen address).
     #[arg(long, env = "GATEHOUSE_PORTAL_DEV_SIGN_IN")]
     dev_sign_in: bool,
@@ -258,6 +264,8 @@ async fn oidc(args: &Args) -> anyhow::Result<Option<OidcSettings>> {
         client_secret,
         client_certificate,
         group_roles: group_roles(&args.group_roles)?,
+        graph: graph_url(args.graph_url.as_deref(), issuer)
+            .map_err(|error| anyhow::anyhow!("--graph-url: {error}"))?,
         clock_skew: Duration::from_secs(60),
     }))
 }

@@ -12,6 +12,11 @@
 //! claims `aud` = the token endpoint, `iss` = `sub` = the client id, a unique `jti`, `nbf`, `iat`
 //! and `exp`, sent as `client_assertion` with `client_assertion_type`
 //! `urn:ietf:params:oauth:client-assertion-type:jwt-bearer`.
+//!
+//! A user in more groups than an ID token carries (Entra ID's groups overage) gets their groups
+//! from Microsoft Graph, with their own delegated token: see [`graph`].
+
+pub mod graph;
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -24,9 +29,9 @@ use oauth2::basic::{
     BasicTokenType,
 };
 use oauth2::{
-    AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken, EndpointNotSet, EndpointSet,
-    ExtraTokenFields, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, Scope,
-    StandardRevocableToken, StandardTokenResponse, TokenUrl,
+    AccessToken, AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken, EndpointNotSet,
+    EndpointSet, ExtraTokenFields, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, Scope,
+    StandardRevocableToken, StandardTokenResponse, TokenResponse, TokenUrl,
 };
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
@@ -34,8 +39,8 @@ use time::OffsetDateTime;
 use tokio::sync::RwLock;
 use url::Url;
 
-/// How the portal signs users in.
-#[derive(Debug, Clone)]
+/// How the portal signs users in. Its `Debug` shows no client secret.
+#[derive(Clone)]
 pub struct OidcSettings {
     /// The issuer (`iss`), whose `/.well-known/openid-configuration` is read at start.
     pub issuer: Url,
@@ -48,8 +53,28 @@ pub struct OidcSettings {
     pub client_certificate: Option<ClientCertificate>,
     /// Group object id → portal role, for issuers without app roles.
     pub group_roles: HashMap<String, Role>,
+    /// The Microsoft Graph origin the groups of a user in too many groups for the ID token are
+    /// read from ([`graph::graph_url`] works it out from the setting); `None`: no lookups.
+    pub graph: Option<Url>,
     /// Allowed clock difference for `exp`, `nbf` and `iat`.
     pub clock_skew: Duration,
+}
+
+impl std::fmt::Debug for OidcSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OidcSettings")
+            .field("issuer", &self.issuer.as_str())
+            .field("client_id", &self.client_id)
+            .field(
+                "client_secret",
+                &self.client_secret.as_ref().map(|_| "*****"),
+            )
+            .field("client_certificate", &self.client_certificate)
+            .field("group_roles", &self.group_roles)
+            .field("graph", &self.graph.as_ref().map(Url::as_str))
+            .field("clock_skew", &self.clock_skew)
+            .finish()
+    }
 }
 
 /// The `client_assertion_type` of a JWT client assertion.
@@ -139,6 +164,12 @@ pub enum SignInError {
     /// The user holds no portal role.
     #[error("the account has no portal role")]
     NoRole,
+    /// The ID token left the groups out (groups overage), Microsoft Graph could not give them,
+    /// and the token's app roles give the user no role.
+    #[error(
+        "the group memberships could not be read from Microsoft Graph (check that the portal's app registration has the delegated Microsoft Graph permission User.Read, consented): {0}"
+    )]
+    Groups(#[from] graph::GraphError),
 }
 
 /// What the sign-in keeps in the session between the redirect and the callback.
@@ -219,6 +250,23 @@ struct IdClaims {
     roles: Vec<String>,
     #[serde(default)]
     groups: Vec<String>,
+    /// Entra ID's groups overage: `{"groups": "src1"}` instead of `groups`. Its
+    /// `_claim_sources` endpoint is never read, let alone called.
+    #[serde(default, rename = "_claim_names")]
+    claim_names: Option<serde_json::Value>,
+    /// The groups overage of implicit-flow tokens: always `true` when present.
+    #[serde(default)]
+    hasgroups: Option<serde_json::Value>,
+}
+
+impl IdClaims {
+    /// Whether the token says the user is in more groups than it carries.
+    fn groups_overage(&self) -> bool {
+        self.claim_names
+            .as_ref()
+            .is_some_and(|names| names.get("groups").is_some())
+            || self.hasgroups == Some(serde_json::Value::Bool(true))
+    }
 }
 
 struct KeyCache {
@@ -286,6 +334,9 @@ impl Oidc {
                 discovery.issuer, settings.issuer
             )));
         }
+        if let Some(graph) = &settings.graph {
+            graph::check_graph_url(graph).map_err(SignInError::Provider)?;
+        }
         if settings.client_secret.is_some() && settings.client_certificate.is_some() {
             return Err(SignInError::Provider(
                 "configure a client secret or a client certificate, not both".to_owned(),
@@ -317,12 +368,18 @@ impl Oidc {
     pub fn start(&self, return_to: String) -> (Url, PendingSignIn) {
         let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
         let nonce = random_token();
-        let (url, state) = self
+        let mut request = self
             .client
             .authorize_url(CsrfToken::new_random)
             .add_scope(Scope::new("openid".to_owned()))
             .add_scope(Scope::new("profile".to_owned()))
-            .add_scope(Scope::new("email".to_owned()))
+            .add_scope(Scope::new("email".to_owned()));
+        // Graph's scope only where Graph is asked: another issuer would refuse a scope it does
+        // not know, and the user is asked to consent to no more than is used.
+        if let Some(graph) = self.graph_lookups() {
+            request = request.add_scope(Scope::new(graph::user_read_scope(graph)));
+        }
+        let (url, state) = request
             .add_extra_param("nonce", nonce.clone())
             .set_pkce_challenge(challenge)
             .url();
@@ -365,7 +422,51 @@ impl Oidc {
         let claims = self
             .validate(&response.extra_fields().id_token, &pending.nonce)
             .await?;
-        self.user(claims)
+        let overage_groups = self
+            .overage_groups(&claims, response.access_token())
+            .await?;
+        self.user(claims, overage_groups)
+    }
+
+    /// The Graph to read a groups overage from: only when groups map to roles at all.
+    fn graph_lookups(&self) -> Option<&Url> {
+        self.settings
+            .graph
+            .as_ref()
+            .filter(|_| !self.settings.group_roles.is_empty())
+    }
+
+    /// The groups left out of the ID token (groups overage), from Microsoft Graph with the
+    /// user's delegated `token`; none when the token carries them all, groups map to no role,
+    /// lookups are off, or Graph failed for a user the token's app roles give a role.
+    async fn overage_groups(
+        &self,
+        claims: &IdClaims,
+        token: &AccessToken,
+    ) -> Result<Vec<String>, SignInError> {
+        if !claims.groups_overage() || self.settings.group_roles.is_empty() {
+            return Ok(Vec::new());
+        }
+        let subject = claims.oid.as_deref().unwrap_or(&claims.sub);
+        let Some(graph) = self.graph_lookups() else {
+            tracing::warn!(
+                subject,
+                "the ID token leaves out the user's groups (groups overage) and Microsoft Graph lookups are off (GATEHOUSE_PORTAL_GRAPH_URL, --graph-url): the roles of the groups left out are not given"
+            );
+            return Ok(Vec::new());
+        };
+        match graph::member_groups(&self.http, graph, token).await {
+            Ok(groups) => Ok(groups),
+            Err(error) if claims.roles.iter().any(|role| Role::parse(role).is_some()) => {
+                tracing::warn!(
+                    subject,
+                    %error,
+                    "the user's groups could not be read from Microsoft Graph (groups overage): signed in with the token's app roles only"
+                );
+                Ok(Vec::new())
+            }
+            Err(error) => Err(error.into()),
+        }
     }
 
     async fn validate(&self, token: &str, nonce: &str) -> Result<IdClaims, SignInError> {
@@ -442,14 +543,20 @@ impl Oidc {
             .ok_or_else(|| SignInError::Token(format!("unknown signing key {kid}")))
     }
 
-    fn user(&self, claims: IdClaims) -> Result<SessionUser, SignInError> {
+    /// The signed-in user: roles from the `roles` claim and from the groups of the token and
+    /// of `overage_groups` alike.
+    fn user(
+        &self,
+        claims: IdClaims,
+        overage_groups: Vec<String>,
+    ) -> Result<SessionUser, SignInError> {
         let mut roles: BTreeSet<Role> =
             claims.roles.iter().filter_map(|r| Role::parse(r)).collect();
         let mut led_groups = Vec::new();
-        for group in &claims.groups {
+        for group in claims.groups.iter().chain(&overage_groups) {
             if let Some(role) = self.settings.group_roles.get(group) {
                 roles.insert(*role);
-                if *role == Role::TeamLead {
+                if *role == Role::TeamLead && !led_groups.contains(group) {
                     led_groups.push(group.clone());
                 }
             }
@@ -470,5 +577,26 @@ impl Oidc {
             signed_in_at: OffsetDateTime::now_utc(),
             dev: false,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_never_print_the_client_secret() {
+        let settings = OidcSettings {
+            issuer: Url::parse("https://login.microsoftonline.com/t/v2.0").unwrap(),
+            client_id: "portal".to_owned(),
+            client_secret: Some("very-secret-client-secret".to_owned()),
+            client_certificate: None,
+            group_roles: HashMap::new(),
+            graph: None,
+            clock_skew: Duration::from_secs(60),
+        };
+        let printed = format!("{settings:?}");
+        assert!(!printed.contains("very-secret-client-secret"), "{printed}");
+        assert!(printed.contains("*****"), "{printed}");
     }
 }

@@ -2,6 +2,8 @@
 //! session cookie and the portal's Origin by hand.
 #![allow(dead_code, reason = "each test file uses a part")]
 
+pub mod provider;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
