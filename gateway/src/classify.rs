@@ -593,7 +593,17 @@ fn parse_body(
                     "This operation takes a JSON body; the request's Content-Type is `{media_type}`."
                 )));
             }
+            let duplicate = |member: &'static str| GatewayError::BadRequest {
+                message: format!(
+                    "The request body gives `{member}` more than once: send it once (servers \
+                     differ in which one they take)."
+                ),
+                param: Some(member),
+            };
             if let Some(peek) = RequestPeek::read(body) {
+                if let Some(member) = peek.duplicate {
+                    return Err(duplicate(member));
+                }
                 return Ok((Some(peek), None));
             }
             let value: serde_json::Value =
@@ -606,6 +616,9 @@ fn parse_body(
                     message: "The request body must be a JSON object.".to_owned(),
                     param: None,
                 });
+            }
+            if let Some(member) = RequestPeek::duplicate_in(body) {
+                return Err(duplicate(member));
             }
             // Valid, but declined by the fast read: read the same fields from the tree.
             let peek = RequestPeek::of_tree(&value);
@@ -661,6 +674,19 @@ fn form_fields(content_type: &str, body: &Bytes) -> Result<FormFields, GatewayEr
     let stream = futures::stream::once(futures::future::ready(Ok::<Bytes, std::io::Error>(
         body.clone(),
     )));
+    // The reader keeps one of a part's repeated headers; a backend may take another.
+    if part_heads(body, &boundary).any(|head| {
+        head.split(|&b| b == b'\n')
+            .filter(|line| {
+                line.len() >= 20 && line[..20].eq_ignore_ascii_case(b"content-disposition:")
+            })
+            .count()
+            > 1
+    }) {
+        return Err(unreadable(
+            "a part has more than one Content-Disposition header".to_owned(),
+        ));
+    }
     let mut multipart = multer::Multipart::new(stream, boundary);
     // The whole body is already in memory, so every poll below is ready at once.
     futures::executor::block_on(async {
@@ -671,11 +697,23 @@ fn form_fields(content_type: &str, body: &Bytes) -> Result<FormFields, GatewayEr
                 Ok(None) => break,
                 Err(error) => return Err(unreadable(error.to_string())),
             };
-            if let Some(disposition) = field.headers().get(http::header::CONTENT_DISPOSITION)
-                && names_itself_unusually(disposition.as_bytes())
-            {
+            if let Some(disposition) = field.headers().get(http::header::CONTENT_DISPOSITION) {
+                if names_itself_unusually(disposition.as_bytes()) {
+                    return Err(unreadable(
+                        "a part's Content-Disposition spells its `name` parameter other than `name=` in lower case".to_owned(),
+                    ));
+                }
+                // The reader takes the first `name=` it finds in the header's bytes, quoted or
+                // not; a backend parses the parameters. Both must see one and the same name.
+                let parsed = disposition_name(disposition.as_bytes());
+                if !parsed.is_ok_and(|name| name.as_deref() == field.name()) {
+                    return Err(unreadable(
+                        "a part's Content-Disposition names it more than once or ambiguously (one `name` parameter, outside any quoted value)".to_owned(),
+                    ));
+                }
+            } else {
                 return Err(unreadable(
-                    "a part's Content-Disposition spells its `name` parameter other than `name=` in lower case".to_owned(),
+                    "a part has no Content-Disposition header".to_owned(),
                 ));
             }
             let (name, slot) = match field.name() {
@@ -702,6 +740,74 @@ fn form_fields(content_type: &str, body: &Bytes) -> Result<FormFields, GatewayEr
         }
         Ok(fields)
     })
+}
+
+/// The head (header lines) of each part of a multipart `body`: from after a delimiter line (at
+/// the start or after a CRLF) to the blank line.
+fn part_heads<'a>(body: &'a [u8], boundary: &str) -> impl Iterator<Item = &'a [u8]> {
+    let delimiter = format!("--{boundary}").into_bytes();
+    let length = delimiter.len();
+    let starts: Vec<usize> = memchr::memmem::find_iter(body, &delimiter)
+        .filter(|&at| at == 0 || body[..at].ends_with(b"\r\n"))
+        .collect();
+    starts.into_iter().filter_map(move |at| {
+        let part = &body[at + length..];
+        let end = memchr::memmem::find(part, b"\r\n\r\n")?;
+        Some(&part[..end])
+    })
+}
+
+/// The `name` parameter of a part's `Content-Disposition`, its parameters read as RFC 7578 and
+/// RFC 6266 write them (split at `;` outside quoted strings, a quoted value unescaped): `None`
+/// without one, `Err` with more than one.
+fn disposition_name(disposition: &[u8]) -> Result<Option<String>, ()> {
+    let text = String::from_utf8_lossy(disposition);
+    let mut parameters = Vec::new();
+    let (mut start, mut in_quotes, mut escaped) = (0, false, false);
+    for (at, c) in text.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if in_quotes => escaped = true,
+            '"' => in_quotes = !in_quotes,
+            ';' if !in_quotes => {
+                parameters.push(&text[start..at]);
+                start = at + 1;
+            }
+            _ => {}
+        }
+    }
+    parameters.push(&text[start..]);
+    let mut name = None;
+    // The first piece is the disposition type (`form-data`).
+    for parameter in parameters.iter().skip(1) {
+        let Some((key, value)) = parameter.split_once('=') else {
+            continue;
+        };
+        if key.trim() != "name" {
+            continue;
+        }
+        if name.is_some() {
+            return Err(());
+        }
+        let value = value.trim();
+        let value = match value.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+            Some(quoted) => {
+                let mut unquoted = String::with_capacity(quoted.len());
+                let mut chars = quoted.chars();
+                while let Some(c) = chars.next() {
+                    unquoted.push(if c == '\\' {
+                        chars.next().unwrap_or(c)
+                    } else {
+                        c
+                    });
+                }
+                unquoted
+            }
+            None => value.to_owned(),
+        };
+        name = Some(value);
+    }
+    Ok(name)
 }
 
 /// Whether a part's `Content-Disposition` has a `name` parameter spelled other than `name=`

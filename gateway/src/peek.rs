@@ -29,6 +29,9 @@ pub struct RequestPeek {
     /// Whether the body has a member that names a stateful object (`input_file_id`,
     /// `assistant_id`, `file_ids`, …), so that routing must look at it.
     pub references: bool,
+    /// A member the gateway judges the call by (`model`, `stream`, `stream_options`) that the
+    /// object gives more than once: the gateway reads the last, a backend may read the first.
+    pub duplicate: Option<&'static str>,
 }
 
 /// The shape of a request's `stream_options`.
@@ -129,7 +132,16 @@ impl RequestPeek {
             references: body
                 .as_object()
                 .is_some_and(|members| members.keys().any(|key| is_reference_key(key))),
+            // The tree kept the last of each; the bytes tell (see `RequestPeek::duplicate_in`).
+            duplicate: None,
         }
+    }
+
+    /// The first member judged by the gateway that `body`, a JSON object, gives more than once.
+    pub fn duplicate_in(body: &[u8]) -> Option<&'static str> {
+        serde_json::from_slice::<RequestPeek>(body)
+            .ok()
+            .and_then(|peek| peek.duplicate)
     }
 }
 
@@ -607,11 +619,26 @@ impl<'de> de::Deserialize<'de> for RequestPeek {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RequestPeek, A::Error> {
                 let mut peek = RequestPeek::default();
+                let mut seen = [false; 3];
+                let mut once = |peek: &mut RequestPeek, index: usize, name: &'static str| {
+                    if std::mem::replace(&mut seen[index], true) && peek.duplicate.is_none() {
+                        peek.duplicate = Some(name);
+                    }
+                };
                 while let Some(key) = map.next_key::<Key>()? {
                     match key {
-                        Key::Model => peek.model = map.next_value::<Scalar>()?.into_str(),
-                        Key::Stream => peek.stream = map.next_value::<Scalar>()?.as_bool(),
-                        Key::StreamOptions => peek.stream_options = map.next_value()?,
+                        Key::Model => {
+                            once(&mut peek, 0, "model");
+                            peek.model = map.next_value::<Scalar>()?.into_str();
+                        }
+                        Key::Stream => {
+                            once(&mut peek, 1, "stream");
+                            peek.stream = map.next_value::<Scalar>()?.as_bool();
+                        }
+                        Key::StreamOptions => {
+                            once(&mut peek, 2, "stream_options");
+                            peek.stream_options = map.next_value()?;
+                        }
                         Key::Reference => {
                             peek.references = true;
                             map.next_value::<Skip>()?;
@@ -1004,12 +1031,28 @@ mod tests {
             r#"{}"#,
         ] {
             let tree: Value = serde_json::from_str(body).unwrap();
+            let read = RequestPeek::read(body.as_bytes()).unwrap();
+            // The tree keeps the last of a repeated member; the bytes say it was repeated.
+            assert_eq!(read.duplicate, RequestPeek::duplicate_in(body.as_bytes()));
             assert_eq!(
-                RequestPeek::read(body.as_bytes()),
-                Some(RequestPeek::of_tree(&tree)),
+                RequestPeek {
+                    duplicate: None,
+                    ..read
+                },
+                RequestPeek::of_tree(&tree),
                 "{body}"
             );
         }
+        let repeated = br#"{"model":"a","model":"b\n","stream":true,"stream":false}"#;
+        assert_eq!(RequestPeek::duplicate_in(repeated), Some("model"));
+        assert_eq!(
+            RequestPeek::duplicate_in(br#"{"stream":1,"stream":2}"#),
+            Some("stream")
+        );
+        assert_eq!(
+            RequestPeek::duplicate_in(br#"{"model":"a","x":{"model":"b"}}"#),
+            None
+        );
     }
 
     #[test]

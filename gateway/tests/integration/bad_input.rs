@@ -153,3 +153,42 @@ async fn path_traversal_and_header_injection_are_refused() {
         Some("req-123")
     );
 }
+
+/// A JSON body that gives `model` (or `stream`, `stream_options`) twice is refused: the gateway
+/// would judge the call by the last, a backend that takes the first would run the other model.
+/// Escaped spellings of the key, which take the tree's slower path, are caught as well.
+#[tokio::test]
+async fn a_member_the_gateway_judges_by_given_twice_is_refused() {
+    let (sim, gw) = gateway().await;
+    for (path, body, member) in [
+        (
+            "/v1/chat/completions".to_owned(),
+            r#"{"model":"o1","model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#,
+            "model",
+        ),
+        (
+            chat_path("gpt-4o"),
+            r#"{"stream":false,"messages":[],"stream":true}"#,
+            "stream",
+        ),
+        (
+            "/v1/chat/completions".to_owned(),
+            r#"{"model":"o1","messages":[{"role":"user","content":"\ud83d\ude00"}],"mod\u0065l":"gpt-4o"}"#,
+            "model",
+        ),
+    ] {
+        let refused = gw
+            .post(&path)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let message = azure_error(refused, 400).await;
+        assert!(
+            message.contains(&format!("gives `{member}` more than once")),
+            "{body}: {message}"
+        );
+    }
+    assert_eq!(sim.hits(), 0, "no backend was called");
+}

@@ -408,6 +408,24 @@ async fn a_form_with_two_model_fields_is_refused() {
                 r#"form-data; name*=UTF-8''model"#,
                 "spells its `name` parameter",
             ),
+            // A `model` the reader would not see but a backend taking the last `name` would: a
+            // second `name`, a second header, a `name=` inside a quoted filename.
+            (
+                r#"form-data; name="x"; name="model""#,
+                "more than once or ambiguously",
+            ),
+            (
+                "form-data; name=\"x\"\r\nContent-Disposition: form-data; name=\"model\"",
+                "more than one Content-Disposition header",
+            ),
+            (
+                r#"form-data; filename="a name=x;"; name="model""#,
+                "more than once or ambiguously",
+            ),
+            (
+                "form-data; name=\"model\"\r\nContent-Disposition: form-data; name=\"x\"",
+                "more than one Content-Disposition header",
+            ),
         ] {
             let body = format!(
                 "--b0undary\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper\r\n\
