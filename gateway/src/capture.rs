@@ -125,7 +125,7 @@ pub fn usage_of(response: &Value) -> Option<TokenUsage> {
     Some(TokenUsage {
         prompt_tokens: prompt,
         completion_tokens: completion,
-        total_tokens: number(&["total_tokens"]).unwrap_or(prompt + completion),
+        total_tokens: number(&["total_tokens"]).unwrap_or(prompt.saturating_add(completion)),
         cached_tokens: nested(
             &["prompt_tokens_details", "input_tokens_details"],
             "cached_tokens",

@@ -678,7 +678,7 @@ impl UsageFields {
         Some(TokenUsage {
             prompt_tokens: prompt,
             completion_tokens: completion,
-            total_tokens: total.unwrap_or(prompt + completion),
+            total_tokens: total.unwrap_or(prompt.saturating_add(completion)),
             cached_tokens: self.cached[0].or(self.cached[1]).unwrap_or(0),
             reasoning_tokens: self.reasoning[0].or(self.reasoning[1]).unwrap_or(0),
             is_estimate: false,
@@ -1115,6 +1115,8 @@ mod tests {
             json!({"usage": null, "model": 5}),
             json!({"usage": [1, 2]}),
             json!({"choices": [{"message": {"content": "usage"}}]}),
+            // A member's absurd counts without a total: saturated, never an overflow.
+            json!({"usage": {"prompt_tokens": u64::MAX, "completion_tokens": 2}}),
         ] {
             let text = body.to_string();
             let (peek, _) = ResponsePeek::read_with_messages(text.as_bytes(), false).unwrap();
@@ -1125,6 +1127,11 @@ mod tests {
                 "{text}"
             );
         }
+        let absurd = json!({"usage": {"prompt_tokens": u64::MAX, "completion_tokens": 2}});
+        assert_eq!(
+            crate::capture::usage_of(&absurd).map(|usage| usage.total_tokens),
+            Some(u64::MAX)
+        );
     }
 
     #[test]
