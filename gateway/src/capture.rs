@@ -305,6 +305,12 @@ impl SseTap {
         self.assembler.created.take()
     }
 
+    /// Whether the stream has said it is over (`[DONE]`, a Responses API terminal event, an
+    /// Assistants run's end): whatever comes after it carries no more of the answer.
+    pub fn ended(&self) -> bool {
+        self.assembler.done
+    }
+
     /// Whether the stream so far is one the tap reassembles into a response object (chat,
     /// completions, Responses, an Assistants run): once it is, [`SseTap::finish`] gives one.
     pub fn recognised(&self) -> bool {

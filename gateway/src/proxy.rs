@@ -1562,7 +1562,11 @@ impl Drop for RelayBody {
             return;
         }
         // The client hung up before the end: read the rest of the answer, bounded, for the record.
-        relay.record.record.client_aborted = true;
+        // A client that leaves once the stream said it is over (`[DONE]`, while the member has
+        // not closed the body yet) had the whole answer: it did not abort.
+        if !relay.tee.stream_ended() {
+            relay.record.record.client_aborted = true;
+        }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             relay.finish();
             return;
@@ -1905,6 +1909,14 @@ impl Tee {
         match &self.answer {
             AnswerCopy::Whole(whole) => serde_json::from_slice(whole).ok(),
             AnswerCopy::Stream(_) | AnswerCopy::Tail { .. } => None,
+        }
+    }
+
+    /// Whether a stream has passed its end (see [`SseTap::ended`]).
+    fn stream_ended(&self) -> bool {
+        match &self.answer {
+            AnswerCopy::Stream(sse) => sse.ended(),
+            AnswerCopy::Whole(_) | AnswerCopy::Tail { .. } => false,
         }
     }
 

@@ -528,3 +528,44 @@ async fn with_the_usage_chunk_taken_out_every_other_byte_reaches_the_client_as_s
     assert!(!usage.is_estimate);
     assert_eq!(usage.total_tokens, 26);
 }
+
+/// A client that stops reading at `[DONE]`, while the member has not closed its body yet (its
+/// last chunk or HTTP/2 `END_STREAM` comes later), had the whole answer: the record does not say
+/// it aborted.
+#[tokio::test]
+async fn a_client_that_leaves_after_done_did_not_abort() {
+    let app = axum::Router::new().fallback(|| async {
+        // With the usage chunk the gateway asks an OpenAI member for.
+        let events = openai_stream(true)
+            .into_iter()
+            .map(|e| Ok::<_, Infallible>(Bytes::from(e)));
+        // The body ends two seconds after `[DONE]`.
+        let late_end = futures::stream::once(async {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            Ok::<_, Infallible>(Bytes::new())
+        });
+        Response::builder()
+            .header("content-type", "text/event-stream; charset=utf-8")
+            .body(Body::from_stream(
+                futures::stream::iter(events).chain(late_end),
+            ))
+            .unwrap()
+    });
+    let url = serve_stub(app).await;
+    let gw = openai_gateway(&url).await;
+    let response = gw
+        .post("/v1/chat/completions")
+        .json(&chat(Some("gpt-4o"), true))
+        .send()
+        .await
+        .unwrap();
+    let mut stream = response.bytes_stream();
+    let mut received = Vec::new();
+    while !received.ends_with(b"data: [DONE]\n\n") {
+        received.extend_from_slice(&stream.next().await.unwrap().unwrap());
+    }
+    drop(stream);
+    let record = gw.records(1).await.remove(0);
+    assert!(!record.client_aborted, "the client had the whole answer");
+    assert!(!record.usage.unwrap().is_estimate);
+}
