@@ -177,7 +177,8 @@ pub fn classify(
     // value with other characters (a NUL, a line break) is refused before it reaches a backend,
     // a log line or the record.
     if let Some(version) = &api_version
-        && (version.len() > 64
+        && (version.is_empty()
+            || version.len() > 64
             || !version
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_')))
