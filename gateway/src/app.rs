@@ -562,7 +562,10 @@ async fn serve_call(
     let in_flight = gateway.calls.enter();
     let call = async move {
         let mut record = Some(record);
-        match pipeline(&gateway, runtime, &parts, body, &mut record).await {
+        // Boxed where it is made: the pipeline's future is the call's largest (it holds the
+        // proxy's), and every future around it is moved as it is built and wrapped (here into
+        // its span and `ToCompletion`); those moves copy a pointer, not the pipeline's bytes.
+        match Box::pin(pipeline(&gateway, runtime, &parts, body, &mut record)).await {
             Ok(response) => response,
             Err(error) => {
                 if let Some(mut record) = record.take() {
@@ -573,9 +576,8 @@ async fn serve_call(
             }
         }
     };
-    // Boxed (in `ToCompletion`): the call's future is its largest, and the futures around it are
-    // moved as they are built; a pointer moves cheaper than its bytes. Should the client leave
-    // before the answer's head, the call is finished on a task of its own.
+    // Should the client leave before the answer's head, the call is finished on a task of its
+    // own.
     let mut response = ToCompletion::new(call.instrument(span), gone, in_flight).await;
     if let Ok(value) = echoed_id {
         response.headers_mut().insert("x-request-id", value);
