@@ -30,6 +30,11 @@ async fn two_member_gateway(first: &str, second: &str) -> TestGateway {
     .await
 }
 
+/// The whole number a response header holds.
+fn header_number(response: &reqwest::Response, name: &str) -> u64 {
+    response.headers()[name].to_str().unwrap().parse().unwrap()
+}
+
 /// A pool of two: `first` breaks its streams after `chunks` chunks sent `delay` apart, `second`
 /// answers whole.
 async fn first_breaks_its_streams(
@@ -283,16 +288,8 @@ async fn all_throttled_is_429_with_the_shortest_wait_and_all_down_is_503() {
         .await
         .unwrap();
     assert_eq!(response.status(), 429);
-    let retry_after: u64 = response.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let retry_after_ms: u64 = response.headers()["retry-after-ms"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let retry_after = header_number(&response, "retry-after");
+    let retry_after_ms = header_number(&response, "retry-after-ms");
     assert!((7..=8).contains(&retry_after), "retry-after {retry_after}");
     assert!(
         (6_000..=7_500).contains(&retry_after_ms),
@@ -352,11 +349,7 @@ async fn a_pool_of_throttled_and_failing_members_waits_for_the_first_back() {
         .await
         .unwrap();
     assert_eq!(response.status(), 429);
-    let retry_after: u64 = response.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let retry_after = header_number(&response, "retry-after");
     assert!((9..=10).contains(&retry_after), "retry-after {retry_after}");
     let message = azure_error(response, 429).await;
     assert!(
