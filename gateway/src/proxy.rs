@@ -819,8 +819,12 @@ fn form_with_model(
 
 /// Whether the member answers `stream_options.include_usage` with a usage chunk: OpenAI and
 /// OpenAI-compatible members, Azure v1 routes, and Azure classic routes from api-version
-/// `2024-09-01-preview` on (`preview` and `latest` too).
+/// `2024-09-01-preview` on (`preview` and `latest` too) — unless its configuration says it
+/// refuses the parameter (`stream_usage: false`).
 fn reports_stream_usage(member: &Member, call: &Call) -> bool {
+    if !member.config.stream_usage {
+        return false;
+    }
     match (member.config.kind, call.style) {
         (BackendKind::Openai, _)
         | (BackendKind::AzureOpenai, RouteStyle::AzureV1 | RouteStyle::OpenAi) => true,

@@ -185,6 +185,14 @@ pub struct PoolMember {
     /// `api-version` sent to an Azure member when the client's route carries none.
     #[serde(default)]
     pub api_version: Option<String>,
+    /// Whether the gateway asks this member's streamed chat and completions for their usage
+    /// chunk (`stream_options.include_usage`) when the client did not, and keeps the chunk from
+    /// the client (default true; Azure classic routes are asked only from api-version
+    /// `2024-09-01-preview` on). `false` for an OpenAI-compatible server that refuses the
+    /// parameter: the tokens of its streams are then counted with the tokenizer, flagged
+    /// estimated.
+    #[serde(default = "default_stream_usage")]
+    pub stream_usage: bool,
     /// Lower number = tried first.
     #[serde(default = "default_priority")]
     pub priority: u32,
@@ -214,6 +222,10 @@ pub struct PoolMember {
     /// member, not while a slow client reads.
     #[serde(default = "default_response_idle_timeout_ms")]
     pub response_idle_timeout_ms: u64,
+}
+
+fn default_stream_usage() -> bool {
+    true
 }
 
 fn default_priority() -> u32 {

@@ -569,3 +569,52 @@ async fn a_client_that_leaves_after_done_did_not_abort() {
     assert!(!record.client_aborted, "the client had the whole answer");
     assert!(!record.usage.unwrap().is_estimate);
 }
+
+/// An OpenAI-compatible member that refuses `stream_options` (as Azure did before
+/// `2024-09-01-preview`: "Unrecognized request argument supplied: stream_options") fails every
+/// stream when asked; configured `stream_usage: false`, it is not asked, its streams reach the
+/// client as sent and their tokens are estimated.
+#[tokio::test]
+async fn a_member_that_refuses_stream_options_can_be_left_unasked() {
+    let app = axum::Router::new().fallback(|body: Bytes| async move {
+        let request: Value = serde_json::from_slice(&body).unwrap();
+        if request.get("stream_options").is_some() {
+            let refusal = json!({"error": {"message": "Unrecognized request argument supplied: stream_options",
+                                           "type": "invalid_request_error", "param": null, "code": null}});
+            return (axum::http::StatusCode::BAD_REQUEST, axum::Json(refusal)).into_response();
+        }
+        let events = openai_stream(false)
+            .into_iter()
+            .map(|e| Ok::<_, Infallible>(Bytes::from(e)));
+        Response::builder()
+            .header("content-type", "text/event-stream; charset=utf-8")
+            .body(Body::from_stream(futures::stream::iter(events)))
+            .unwrap()
+    });
+    let url = serve_stub(app).await;
+    for (stream_usage, status) in [(true, 400), (false, 200)] {
+        let gw = TestGateway::start(snapshot(
+            1,
+            json!([{"id": "p", "deployments": ["gpt-4o"], "members": [
+                {"id": "compat", "kind": "openai", "endpoint": format!("{url}/v1"), "priority": 1,
+                 "weight": 1, "stream_usage": stream_usage},
+            ]}]),
+        ))
+        .await;
+        let response = gw
+            .post("/v1/chat/completions")
+            .json(&chat(Some("gpt-4o"), true))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status, "stream_usage: {stream_usage}");
+        if status == 200 {
+            assert_eq!(
+                response.text().await.unwrap(),
+                openai_stream(false).concat()
+            );
+            let usage = gw.records(1).await.remove(0).usage.unwrap();
+            assert!(usage.is_estimate, "counted with the tokenizer");
+        }
+    }
+}
