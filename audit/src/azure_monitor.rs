@@ -876,6 +876,10 @@ impl AuditSink for AzureMonitorSink {
     fn name(&self) -> &'static str {
         "azure_monitor"
     }
+
+    fn rows_left_out(&self) -> u64 {
+        self.rows_set_aside()
+    }
 }
 
 /// Why one call failed.

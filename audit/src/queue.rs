@@ -233,6 +233,8 @@ pub struct AuditQueue {
 /// What the queue and the writer share: counters and the writer's state.
 #[derive(Debug, Default)]
 struct Shared {
+    /// The sink's [`AuditSink::rows_left_out`], read after each successful write.
+    sink_rows_left_out: AtomicU64,
     enqueued: AtomicU64,
     /// Records of `enqueued` written to the sink or the journal.
     settled: AtomicU64,
@@ -355,6 +357,9 @@ pub struct QueueStats {
     pub journal_skipped: u64,
     /// Journal appends and chain state saves the disk refused.
     pub journal_errors: u64,
+    /// Rows the sink left out of its store for good ([`AuditSink::rows_left_out`]), as of its
+    /// last successful write.
+    pub sink_rows_left_out: u64,
     /// Whether the last sink write succeeded.
     pub sink_up: bool,
 }
@@ -608,6 +613,7 @@ fn stats(shared: &Shared) -> QueueStats {
         journal_bytes: shared.journal_bytes.load(Ordering::Relaxed),
         journal_skipped: shared.journal_skipped.load(Ordering::Relaxed),
         journal_errors: shared.journal_errors.load(Ordering::Relaxed),
+        sink_rows_left_out: shared.sink_rows_left_out.load(Ordering::Relaxed),
         sink_up: !shared.sink_down.load(Ordering::Relaxed),
     }
 }
@@ -1486,6 +1492,9 @@ impl Writer {
             }
             | Job::Replay { stretch } => self.commit(stretch).await,
         }
+        self.shared
+            .sink_rows_left_out
+            .store(self.sink.rows_left_out(), Ordering::Relaxed);
         if self.shared.sink_down.swap(false, Ordering::Relaxed) {
             tracing::info!(sink = self.sink.name(), "audit sink stores records again");
         }
@@ -1643,6 +1652,37 @@ pub(crate) mod tests {
         let stats = writer.finish().await;
         assert_eq!(stats.written, 12_000);
         assert_eq!((stats.depth, stats.depth_bytes), (0, 0));
+    }
+
+    /// A sink that stores every record but says it left some rows out of its store (as the
+    /// Azure Monitor sink does with a row too large even shortened).
+    struct LeavingOut(MemorySink);
+
+    impl AuditSink for LeavingOut {
+        fn write_batch<'a>(
+            &'a self,
+            records: &'a [AuditRecord],
+        ) -> futures::future::BoxFuture<'a, Result<(), SinkError>> {
+            self.0.write_batch(records)
+        }
+
+        fn name(&self) -> &'static str {
+            "leaving-out"
+        }
+
+        fn rows_left_out(&self) -> u64 {
+            3
+        }
+    }
+
+    #[tokio::test]
+    async fn the_rows_a_sink_left_out_are_in_the_stats() {
+        let (queue, writer) = AuditQueue::start(Arc::new(LeavingOut(MemorySink::new())), 16);
+        assert_eq!(queue.stats().sink_rows_left_out, 0, "before any write");
+        queue.reserve().await.unwrap().submit(record("a"));
+        drop(queue);
+        let stats = writer.finish().await;
+        assert_eq!((stats.written, stats.sink_rows_left_out), (1, 3));
     }
 
     #[tokio::test]

@@ -516,6 +516,7 @@ fn refresh_metrics(gateway: &Gateway, metrics: &crate::metrics::Metrics) {
         Metrics::catch_up(&metrics.audit_rejected, stats.rejected);
         Metrics::catch_up(&metrics.audit_room_waits, stats.waited);
         Metrics::catch_up(&metrics.audit_write_errors, stats.write_errors);
+        Metrics::catch_up(&metrics.audit_rows_left_out, stats.sink_rows_left_out);
         metrics.audit_journal_bytes.set(stats.journal_bytes);
         metrics.audit_journal_records.set(stats.journal_records);
     }

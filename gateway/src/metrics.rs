@@ -113,6 +113,8 @@ pub struct Metrics {
     pub audit_room_waits: Counter<u64, AtomicU64>,
     /// Batches the audit sink failed to store (caught up at scrape).
     pub audit_write_errors: Counter<u64, AtomicU64>,
+    /// Rows the audit sink left out of its store for good (caught up at scrape).
+    pub audit_rows_left_out: Counter<u64, AtomicU64>,
     /// Bytes in the audit disk journal (refreshed at scrape).
     pub audit_journal_bytes: Gauge<u64, AtomicU64>,
     /// Records in the audit disk journal (refreshed at scrape).
@@ -167,6 +169,7 @@ impl Default for Metrics {
             audit_rejected: Counter::default(),
             audit_room_waits: Counter::default(),
             audit_write_errors: Counter::default(),
+            audit_rows_left_out: Counter::default(),
             audit_journal_bytes: Gauge::default(),
             audit_journal_records: Gauge::default(),
             config_version: Gauge::default(),
@@ -242,6 +245,11 @@ impl Default for Metrics {
             "audit_write_errors",
             "Audit batches the sink failed to store",
             metrics.audit_write_errors.clone(),
+        );
+        registry.register(
+            "audit_rows_left_out",
+            "Audit rows the sink left out of its store for good (an Azure Monitor row too large even shortened; each is logged)",
+            metrics.audit_rows_left_out.clone(),
         );
         registry.register(
             "audit_journal_bytes",
