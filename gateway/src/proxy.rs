@@ -83,7 +83,8 @@ const DROPPED_REQUEST_HEADERS: &[&str] = &[
     "openai-project",
 ];
 
-/// Response headers never passed back: hop-by-hop.
+/// Response headers never passed back: hop-by-hop, a member's cookies, and the OpenAI
+/// organization and project of the member's own key (the gateway's account, not the caller's).
 const DROPPED_RESPONSE_HEADERS: &[&str] = &[
     "connection",
     "keep-alive",
@@ -93,6 +94,8 @@ const DROPPED_RESPONSE_HEADERS: &[&str] = &[
     "transfer-encoding",
     "upgrade",
     "set-cookie",
+    "openai-organization",
+    "openai-project",
 ];
 
 /// Where a call goes: one pool, possibly pinned to one member.

@@ -265,3 +265,41 @@ async fn a_responses_call_without_a_model_is_refused_when_rules_are_in_force() {
     assert_eq!(named.status(), 200);
     assert_eq!(sim.hits(), 1);
 }
+
+/// A member's answer keeps its own account to itself: the OpenAI organization and project of the
+/// member's key and its cookies do not reach the caller; its rate-limit headers do.
+#[tokio::test]
+async fn the_members_account_and_cookies_never_reach_the_caller() {
+    let member_url = serve_stub(axum::Router::new().fallback(|| async {
+        (
+            [
+                ("openai-organization", "org-gateway-account"),
+                ("openai-project", "proj_gateway"),
+                ("set-cookie", "__cf_bm=member-session; HttpOnly"),
+                ("x-ratelimit-remaining-requests", "499"),
+                ("content-type", "application/json"),
+            ],
+            r#"{"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o","choices":[]}"#,
+        )
+    }))
+    .await;
+    let gw = TestGateway::start(snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o"], "members": [
+            {"id": "openai", "kind": "openai", "endpoint": format!("{member_url}/v1"), "priority": 1, "weight": 1},
+        ]}]),
+    ))
+    .await;
+    let response = gw
+        .post("/v1/chat/completions")
+        .json(&chat(Some("gpt-4o"), false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let headers = response.headers();
+    for name in ["openai-organization", "openai-project", "set-cookie"] {
+        assert_eq!(headers.get(name), None, "{name} reached the caller");
+    }
+    assert_eq!(headers["x-ratelimit-remaining-requests"], "499");
+}
