@@ -1135,16 +1135,18 @@ impl UsageFilter {
     }
 
     /// The event is complete with the blank line `ending`: its bytes are sent, or left out when
-    /// its data is the usage chunk; a top-level `"usage": null` is cut from its data.
+    /// its data is the usage chunk; a top-level `usage` member is cut from the data of any other
+    /// chunk: OpenAI's `"usage": null`, or the usage itself where a server puts it on its last
+    /// chunk with choices (some models behind Azure's v1 routes) instead of a chunk of its own.
     fn event_end(&mut self, event: &EventSoFar, chunk: Option<&Value>, ending: &[u8]) {
         if chunk.is_some_and(is_usage_chunk) {
             self.held.clear();
             self.last_line_dropped = true;
             return;
         }
-        if let Some(chunk) = chunk.filter(|c| c.get("usage").is_some_and(Value::is_null))
+        if let Some(chunk) = chunk.filter(|c| c.get("usage").is_some())
             && !event.lossy
-            && let Some(cut) = null_usage_cut(&event.data, chunk)
+            && let Some(cut) = usage_member_cut(&event.data, chunk)
             && let Some(line) = event
                 .data_lines
                 .iter()
@@ -1164,30 +1166,36 @@ impl UsageFilter {
     }
 }
 
-/// The chunk `stream_options.include_usage` adds: no choices, a usage object.
+/// The chunk `stream_options.include_usage` adds: no choices (an empty array, or none at all), a
+/// usage object.
 pub fn is_usage_chunk(chunk: &Value) -> bool {
     chunk
         .get("choices")
-        .and_then(Value::as_array)
-        .is_some_and(Vec::is_empty)
+        .is_none_or(|choices| choices.as_array().is_some_and(Vec::is_empty))
         && chunk.get("usage").is_some_and(Value::is_object)
 }
 
-/// The bytes of an event's data to cut so that its top-level `"usage": null` member goes and the
-/// rest stays byte for byte; `None` when that member cannot be told apart (the cut is checked by
-/// parsing the result).
-fn null_usage_cut(data: &str, chunk: &Value) -> Option<Range<usize>> {
+/// The bytes of an event's data to cut so that its top-level `usage` member (`null` or an object)
+/// goes and the rest stays byte for byte; `None` when that member cannot be told apart (the cut
+/// is checked by parsing the result).
+fn usage_member_cut(data: &str, chunk: &Value) -> Option<Range<usize>> {
     // Inside a JSON string every `"` is escaped, so an unescaped `"usage"` followed by `:` is a key.
     let mut found = None;
     for (start, key) in data.match_indices("\"usage\"") {
         let rest = &data[start + key.len()..];
-        let after_colon = rest.trim_start().strip_prefix(':').map(str::trim_start);
-        if let Some(tail) = after_colon.and_then(|r| r.strip_prefix("null")) {
-            if found.is_some() {
-                return None;
-            }
-            found = Some(start..data.len() - tail.len());
+        let Some(value) = rest.trim_start().strip_prefix(':').map(str::trim_start) else {
+            continue;
+        };
+        // The value's extent: one JSON value read from its first byte.
+        let mut values = serde_json::Deserializer::from_str(value).into_iter::<Value>();
+        if !matches!(values.next(), Some(Ok(Value::Null | Value::Object(_)))) {
+            continue;
         }
+        if found.is_some() {
+            return None;
+        }
+        let tail = &value[values.byte_offset()..];
+        found = Some(start..data.len() - tail.len());
     }
     let member = found?;
     let before = data[..member.start].trim_end();
@@ -1827,7 +1835,7 @@ mod tests {
     fn null_usage_is_cut_only_where_it_is_unambiguous() {
         let cut = |data: &str| {
             let chunk: Value = serde_json::from_str(data).unwrap();
-            match null_usage_cut(data, &chunk) {
+            match usage_member_cut(data, &chunk) {
                 Some(cut) => [&data[..cut.start], &data[cut.end..]].concat(),
                 None => data.to_owned(),
             }
@@ -1839,6 +1847,10 @@ mod tests {
             r#"{"a": 1, "b": 2}"#
         );
         assert_eq!(cut(r#"{"usage":null}"#), "{}");
+        assert_eq!(
+            cut(r#"{"a":1,"usage":{"total_tokens":3,"d":{"x":[1]}},"b":2}"#),
+            r#"{"a":1,"b":2}"#
+        );
         // A nested `usage: null` too: which one is top-level is not told apart, so nothing is cut.
         let nested = r#"{"x":{"usage":null},"usage":null}"#;
         assert_eq!(cut(nested), nested);
@@ -1847,6 +1859,28 @@ mod tests {
             cut(r#"{"t":"\"usage\":null","usage":null}"#),
             r#"{"t":"\"usage\":null"}"#
         );
+    }
+
+    /// Servers that put the usage they were asked for on their last chunk with choices, or on a
+    /// chunk with no `choices` at all: the client sees neither, the record has the usage.
+    #[test]
+    fn a_usage_riding_on_a_chunk_or_alone_is_kept_from_the_client() {
+        let last = r#"{"id":"c1","object":"chat.completion.chunk","model":"mistral-large","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]"#;
+        let usage = r#""usage":{"prompt_tokens":9,"completion_tokens":3,"total_tokens":12}"#;
+        for (with, without) in [
+            (
+                format!("data: {last},{usage}}}\n\ndata: [DONE]\n\n"),
+                format!("data: {last}}}\n\ndata: [DONE]\n\n"),
+            ),
+            (
+                format!("data: {last}}}\n\ndata: {{\"id\":\"c1\",{usage}}}\n\ndata: [DONE]\n\n"),
+                format!("data: {last}}}\n\ndata: [DONE]\n\n"),
+            ),
+        ] {
+            let (client, summary) = filtered(with.as_bytes(), 7);
+            assert_eq!(String::from_utf8(client).unwrap(), without);
+            assert_eq!(summary.usage.unwrap().total_tokens, 12);
+        }
     }
 
     #[test]
