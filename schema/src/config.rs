@@ -190,8 +190,12 @@ pub struct PoolMember {
     /// the client (default true; Azure classic routes are asked only from api-version
     /// `2024-09-01-preview` on). `false` for an OpenAI-compatible server that refuses the
     /// parameter: the tokens of its streams are then counted with the tokenizer, flagged
-    /// estimated.
-    #[serde(default = "default_stream_usage")]
+    /// estimated. Left out when true, so that a snapshot of members that keep the default reads
+    /// the same to a gateway of an earlier release (which refuses fields it does not know).
+    #[serde(
+        default = "default_stream_usage",
+        skip_serializing_if = "is_default_stream_usage"
+    )]
     pub stream_usage: bool,
     /// Lower number = tried first.
     #[serde(default = "default_priority")]
@@ -226,6 +230,12 @@ pub struct PoolMember {
 
 fn default_stream_usage() -> bool {
     true
+}
+
+// serde's `skip_serializing_if` passes the field by reference.
+#[expect(clippy::trivially_copy_pass_by_ref, reason = "serde's signature")]
+fn is_default_stream_usage(stream_usage: &bool) -> bool {
+    *stream_usage
 }
 
 fn default_priority() -> u32 {
@@ -616,6 +626,23 @@ impl Default for CapturePolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A member that keeps the default writes no `stream_usage`: a gateway of an earlier
+    /// release, which refuses unknown fields, takes the portal's snapshot as before.
+    #[test]
+    fn stream_usage_is_written_only_when_turned_off() {
+        let member: PoolMember =
+            serde_json::from_value(serde_json::json!({"id": "m", "endpoint": "https://a.example"}))
+                .unwrap();
+        assert!(member.stream_usage);
+        let written = serde_json::to_value(&member).unwrap();
+        assert!(written.get("stream_usage").is_none(), "{written}");
+        let off = PoolMember {
+            stream_usage: false,
+            ..member
+        };
+        assert_eq!(serde_json::to_value(&off).unwrap()["stream_usage"], false);
+    }
 
     #[test]
     fn key_hash_round_trips_and_rejects_garbage() {
