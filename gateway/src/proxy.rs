@@ -516,6 +516,10 @@ fn target<'a>(
     call: &Call,
     objects: &[String],
 ) -> Result<Target<'a>, GatewayError> {
+    // A chat message's file part is a hint, not an address: a file held by a member of another
+    // pool (a resource pool on the same Azure resource as the deployment's) leaves the call to
+    // its deployment's pool, which may read it, rather than refusing it.
+    let hint_only = call.operation == OperationId::ChatCompletionsCreate;
     for id in objects {
         if let Some(member_id) = gateway.affinity.member_of(id) {
             if let Some((pool, index)) = runtime.member(&member_id) {
@@ -526,6 +530,9 @@ fn target<'a>(
                         .pool_for(Some(deployment))
                         .is_some_and(|serving| Arc::ptr_eq(serving, pool))
                 {
+                    if hint_only {
+                        continue;
+                    }
                     return Err(GatewayError::BadRequest {
                         message: format!(
                             "The object the call refers to lives on a backend that does not serve \
@@ -538,6 +545,9 @@ fn target<'a>(
                     pool,
                     pinned: Some(index),
                 });
+            }
+            if hint_only {
+                continue;
             }
             tracing::warn!(object = %id, member = %member_id, "object's member is no longer configured");
             return Err(GatewayError::ObjectNotFound(id.clone()));

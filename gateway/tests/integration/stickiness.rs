@@ -794,3 +794,33 @@ async fn a_chat_message_naming_a_file_goes_to_the_member_that_holds_it() {
         "the weights spread calls that name no file"
     );
 }
+
+/// A file held by a member of the resource pool does not carry a chat call away from its
+/// deployment's pool (one on the same Azure resource can read the file): the call goes to the
+/// deployment's pool, not refused.
+#[tokio::test]
+async fn a_file_of_another_pool_leaves_a_chat_call_to_its_deployments_pool() {
+    let files = simulator("chat-file-resources").await;
+    let models = simulator("chat-file-models").await;
+    let gw = TestGateway::start(snapshot(
+        1,
+        json!([
+            {"id": "resources", "deployments": ["gpt-4o"], "serves_resources": true,
+             "members": [member("files", &files.url(), 1)]},
+            {"id": "reasoning", "deployments": ["o3-mini"], "members": [member("o3", &models.url(), 1)]},
+        ]),
+    ))
+    .await;
+    let file_id = upload(&gw.url, b"{\"a\":1}\n").await;
+    assert_eq!(files.hits(), 1);
+    let answer = gw
+        .post("/openai/deployments/o3-mini/chat/completions?api-version=2024-10-21")
+        .json(&json!({"messages": [{"role": "user", "content": [
+            {"type": "file", "file": {"file_id": file_id}},
+        ]}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!((files.hits(), models.hits()), (1, 1));
+}
