@@ -305,8 +305,9 @@ impl SseTap {
         self.assembler.created.take()
     }
 
-    /// Whether the stream has said it is over (`[DONE]`, a Responses API terminal event, an
-    /// Assistants run's end): whatever comes after it carries no more of the answer.
+    /// Whether the stream has said it is over (`[DONE]`, a Responses API terminal event, a typed
+    /// `*.done` event): whatever comes after it carries no more of the answer. It is read from
+    /// the member's side: bytes the tap saw may still have failed to reach a client that left.
     pub fn ended(&self) -> bool {
         self.assembler.done
     }

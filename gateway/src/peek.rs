@@ -1033,7 +1033,10 @@ mod tests {
             let tree: Value = serde_json::from_str(body).unwrap();
             let read = RequestPeek::read(body.as_bytes()).unwrap();
             // The tree keeps the last of a repeated member; the bytes say it was repeated.
-            assert_eq!(read.duplicate, RequestPeek::duplicate_in(body.as_bytes()));
+            assert_eq!(
+                read.duplicate.is_some(),
+                body.starts_with(r#"{"model":"a","model""#)
+            );
             assert_eq!(
                 RequestPeek {
                     duplicate: None,

@@ -496,10 +496,6 @@ async fn postgres_a_save_reports_the_gateways_that_did_not_take_its_version() {
     a_save_reports_the_gateways_that_did_not_take_its_version(test.db.clone()).await;
 }
 
-/// A gateway's admin token is read only from the references the portal's policy allows: an
-/// Admin cannot register a gateway at a URL of their own with the reference of another of the
-/// portal's secrets, and a row that names one anyway (written before the policy, or by hand) is
-/// not read: nothing is sent to its URL, and its push and health errors say why.
 /// A gateway started on a configuration file of its own at `version: 1` (the annotated example's
 /// number) runs other content under the portal's first version: the portal says so instead of
 /// taking the 409 for "already applied", and the gateway takes the next version.
@@ -553,6 +549,10 @@ async fn the_same_version_with_other_content_is_not_taken_for_applied() {
     drop(gateway.listening);
 }
 
+/// A gateway's admin token is read only from the references the portal's policy allows: an
+/// Admin cannot register a gateway at a URL of their own with the reference of another of the
+/// portal's secrets, and a row that names one anyway (written before the policy, or by hand) is
+/// not read: nothing is sent to its URL, and its push and health errors say why.
 #[tokio::test]
 async fn a_token_reference_outside_the_policy_is_neither_registered_nor_read() {
     let test = common::sqlite().await;
