@@ -699,18 +699,22 @@ fn form_fields(content_type: &str, body: &Bytes) -> Result<FormFields, GatewayEr
                 Err(error) => return Err(unreadable(error.to_string())),
             };
             if let Some(disposition) = field.headers().get(http::header::CONTENT_DISPOSITION) {
-                if names_itself_unusually(disposition.as_bytes()) {
-                    return Err(unreadable(
-                        "a part's Content-Disposition spells its `name` parameter other than `name=` in lower case".to_owned(),
-                    ));
-                }
                 // The reader takes the first `name=` it finds in the header's bytes, quoted or
                 // not; a backend parses the parameters. Both must see one and the same name.
-                let parsed = disposition_name(disposition.as_bytes());
-                if !parsed.is_ok_and(|name| name.as_deref() == field.name()) {
-                    return Err(unreadable(
+                let ambiguous = || {
+                    unreadable(
                         "a part's Content-Disposition names it more than once or ambiguously (one `name` parameter, outside any quoted value)".to_owned(),
-                    ));
+                    )
+                };
+                match disposition_name(disposition.as_bytes()) {
+                    Err(NameProblem::Spelling) => {
+                        return Err(unreadable(
+                            "a part's Content-Disposition spells its `name` parameter other than `name=` in lower case".to_owned(),
+                        ));
+                    }
+                    Err(NameProblem::Repeated) => return Err(ambiguous()),
+                    Ok(name) if name.as_deref() != field.name() => return Err(ambiguous()),
+                    Ok(_) => {}
                 }
             } else {
                 return Err(unreadable(
@@ -743,27 +747,45 @@ fn form_fields(content_type: &str, body: &Bytes) -> Result<FormFields, GatewayEr
     })
 }
 
-/// The head (header lines) of each part of a multipart `body`: from after a delimiter line (at
-/// the start or after a CRLF) to the blank line.
+/// Where each delimiter line (`delimiter` is `--` and the boundary) of a multipart `body`
+/// starts: at the body's start or after a CRLF. A part's data ends at the next one, as the form
+/// reader ends it.
+pub(crate) fn delimiter_starts(body: &[u8], delimiter: &[u8]) -> Vec<usize> {
+    memchr::memmem::find_iter(body, delimiter)
+        .filter(|&at| at == 0 || body[..at].ends_with(b"\r\n"))
+        .collect()
+}
+
+/// The head (header lines) of each part of a multipart `body`: from after a delimiter line to
+/// the blank line.
 fn part_heads<'a>(body: &'a [u8], boundary: &str) -> impl Iterator<Item = &'a [u8]> {
     let delimiter = format!("--{boundary}").into_bytes();
     let length = delimiter.len();
-    let starts: Vec<usize> = memchr::memmem::find_iter(body, &delimiter)
-        .filter(|&at| at == 0 || body[..at].ends_with(b"\r\n"))
-        .collect();
-    starts.into_iter().filter_map(move |at| {
-        let part = &body[at + length..];
-        let end = memchr::memmem::find(part, b"\r\n\r\n")?;
-        Some(&part[..end])
-    })
+    delimiter_starts(body, &delimiter)
+        .into_iter()
+        .filter_map(move |at| {
+            let part = &body[at + length..];
+            let end = memchr::memmem::find(part, b"\r\n\r\n")?;
+            Some(&part[..end])
+        })
+}
+
+/// Why a part's `Content-Disposition` does not name it plainly.
+#[derive(Debug, PartialEq)]
+enum NameProblem {
+    /// A `name` parameter spelled other than `name=` (another case, or the extended `name*=`),
+    /// which the form reader does not take for the name.
+    Spelling,
+    /// More than one `name` parameter.
+    Repeated,
 }
 
 /// The `name` parameter of a part's `Content-Disposition`, its parameters read as RFC 7578 and
 /// RFC 6266 write them (split at `;` outside quoted strings, a quoted value unescaped): `None`
-/// without one, `Err` with more than one.
-fn disposition_name(disposition: &[u8]) -> Result<Option<String>, ()> {
+/// without one.
+fn disposition_name(disposition: &[u8]) -> Result<Option<String>, NameProblem> {
     let text = String::from_utf8_lossy(disposition);
-    let mut parameters = Vec::new();
+    let mut pieces = Vec::new();
     let (mut start, mut in_quotes, mut escaped) = (0, false, false);
     for (at, c) in text.char_indices() {
         match c {
@@ -771,67 +793,47 @@ fn disposition_name(disposition: &[u8]) -> Result<Option<String>, ()> {
             '\\' if in_quotes => escaped = true,
             '"' => in_quotes = !in_quotes,
             ';' if !in_quotes => {
-                parameters.push(&text[start..at]);
+                pieces.push(&text[start..at]);
                 start = at + 1;
             }
             _ => {}
         }
     }
-    parameters.push(&text[start..]);
-    let mut name = None;
+    pieces.push(&text[start..]);
     // The first piece is the disposition type (`form-data`).
-    for parameter in parameters.iter().skip(1) {
-        let Some((key, value)) = parameter.split_once('=') else {
-            continue;
-        };
-        if key.trim() != "name" {
-            continue;
-        }
-        if name.is_some() {
-            return Err(());
-        }
-        let value = value.trim();
-        let value = match value.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
-            Some(quoted) => {
-                let mut unquoted = String::with_capacity(quoted.len());
-                let mut chars = quoted.chars();
-                while let Some(c) = chars.next() {
-                    unquoted.push(if c == '\\' {
-                        chars.next().unwrap_or(c)
-                    } else {
-                        c
-                    });
-                }
-                unquoted
-            }
-            None => value.to_owned(),
-        };
-        name = Some(value);
+    let parameters: Vec<(&str, &str)> = pieces
+        .iter()
+        .skip(1)
+        .filter_map(|piece| piece.split_once('='))
+        .map(|(key, value)| (key.trim(), value.trim()))
+        .collect();
+    if parameters.iter().any(|(key, _)| {
+        let lower = key.to_ascii_lowercase();
+        (lower == "name" && *key != "name") || lower.starts_with("name*")
+    }) {
+        return Err(NameProblem::Spelling);
     }
-    Ok(name)
-}
-
-/// Whether a part's `Content-Disposition` has a `name` parameter spelled other than `name=`
-/// (another case, or the extended `name*=`), which the form reader does not take for the name.
-fn names_itself_unusually(disposition: &[u8]) -> bool {
-    let text = String::from_utf8_lossy(disposition);
-    let mut in_quotes = false;
-    let mut parameter_start = None;
-    let mut parameters = Vec::new();
-    for (at, c) in text.char_indices() {
-        match c {
-            '"' => in_quotes = !in_quotes,
-            ';' if !in_quotes => parameter_start = Some(at + 1),
-            '=' if !in_quotes => {
-                if let Some(start) = parameter_start.take() {
-                    parameters.push(text[start..at].trim());
-                }
-            }
-            _ => {}
-        }
+    let mut names = parameters.iter().filter(|(key, _)| *key == "name");
+    let Some((_, value)) = names.next() else {
+        return Ok(None);
+    };
+    if names.next().is_some() {
+        return Err(NameProblem::Repeated);
     }
-    parameters.iter().any(|parameter| {
-        let lower = parameter.to_ascii_lowercase();
-        (lower == "name" && *parameter != "name") || lower.starts_with("name*")
-    })
+    let name = match value.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+        Some(quoted) => {
+            let mut unquoted = String::with_capacity(quoted.len());
+            let mut chars = quoted.chars();
+            while let Some(c) = chars.next() {
+                unquoted.push(if c == '\\' {
+                    chars.next().unwrap_or(c)
+                } else {
+                    c
+                });
+            }
+            unquoted
+        }
+        None => (*value).to_owned(),
+    };
+    Ok(Some(name))
 }

@@ -799,11 +799,7 @@ fn form_with_model(
     let boundary = multer::parse_boundary(content_type).ok()?;
     let delimiter = format!("--{boundary}");
     let delimiter = delimiter.as_bytes();
-    // Where each delimiter line starts: at the body's start or after a CRLF (a part's data ends
-    // at the first CRLF and delimiter, as the form reader ends it).
-    let starts: Vec<usize> = memchr::memmem::find_iter(body, delimiter)
-        .filter(|&at| at == 0 || body[..at].ends_with(b"\r\n"))
-        .collect();
+    let starts = crate::classify::delimiter_starts(body, delimiter);
     let first = *starts.first()?;
     if let Some((position, value)) = field {
         let (start, next) = (*starts.get(position)?, *starts.get(position + 1)?);
