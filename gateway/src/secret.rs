@@ -131,6 +131,12 @@ impl fmt::Debug for SecretValue {
     }
 }
 
+/// Whether a key of [`SecretStore`]'s values is a Key Vault reference: keys are references as
+/// written, and only `env:` and `file:` are not URLs.
+fn is_key_vault(key: &str) -> bool {
+    !key.starts_with("env:") && !key.starts_with("file:")
+}
+
 /// The values of a [`SecretStore`] at one moment ([`SecretStore::checkpoint`]).
 #[derive(Debug)]
 pub struct SecretCheckpoint(Vec<(SecretValue, Arc<Secret<String>>)>);
@@ -244,8 +250,7 @@ impl SecretStore {
         };
         let entries: Vec<(String, SecretValue)> = lock(&self.inner.values)
             .iter()
-            // Keys are references as written: only Key Vault URLs start with `http`.
-            .filter(|(key, _)| !key.starts_with("env:") && !key.starts_with("file:"))
+            .filter(|(key, _)| is_key_vault(key))
             .map(|(key, value)| (key.clone(), value.clone()))
             .collect();
         let fetches = entries.iter().map(|(url, holder)| async move {
@@ -296,7 +301,7 @@ impl SecretStore {
         SecretCheckpoint(
             lock(&self.inner.values)
                 .iter()
-                .filter(|(key, _)| key.starts_with("env:") || key.starts_with("file:"))
+                .filter(|(key, _)| !is_key_vault(key))
                 .map(|(_, holder)| (holder.clone(), holder.current()))
                 .collect(),
         )
