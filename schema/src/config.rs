@@ -505,11 +505,8 @@ impl fmt::Debug for SecretRef {
     }
 }
 
-/// Whether `text` is a Key Vault secret URL this gateway fetches: `https`, a `*.vault.azure.net`
-/// host (any host when it is a loopback address, where `http` is accepted too), the path
-/// `/secrets/{name}` or `/secrets/{name}/{version}`, no credentials, query or fragment.
 /// Whether `url`'s host is a loopback address or `localhost` (where local test doubles listen).
-pub(crate) fn is_loopback(url: &Url) -> bool {
+pub fn is_loopback(url: &Url) -> bool {
     match url.host() {
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
         Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
@@ -518,6 +515,9 @@ pub(crate) fn is_loopback(url: &Url) -> bool {
     }
 }
 
+/// Whether `text` is a Key Vault secret URL this gateway fetches: `https`, a `*.vault.azure.net`
+/// host (any host when it is a loopback address, where `http` is accepted too), the path
+/// `/secrets/{name}` or `/secrets/{name}/{version}`, no credentials, query or fragment.
 fn is_key_vault_url(text: &str) -> bool {
     let Ok(url) = Url::parse(text) else {
         return false;

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use oauth2::AccessToken;
 use serde::Deserialize;
-use url::{Host, Url};
+use url::Url;
 
 /// The Microsoft Graph of Entra ID's global cloud, used when the issuer is Entra ID's.
 pub const DEFAULT_GRAPH_URL: &str = "https://graph.microsoft.com";
@@ -59,12 +59,10 @@ pub fn graph_url(setting: Option<&str>, issuer: &Url) -> Result<Option<Url>, Str
 /// Accepts a Graph base URL: an origin (no path, query, fragment or credentials) over https, or
 /// over http on a loopback address (a local double). The portal sends users' access tokens there.
 pub fn check_graph_url(url: &Url) -> Result<(), String> {
-    let loopback = match url.host() {
-        Some(Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(Host::Ipv6(ip)) => ip.is_loopback(),
-        Some(Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
-        None => return Err("the Microsoft Graph URL has no host".to_owned()),
-    };
+    if url.host().is_none() {
+        return Err("the Microsoft Graph URL has no host".to_owned());
+    }
+    let loopback = gatehouse_schema::config::is_loopback(url);
     if url.scheme() != "https" && !(url.scheme() == "http" && loopback) {
         return Err(
             "the Microsoft Graph URL must be https (http only on a loopback address)".into(),
