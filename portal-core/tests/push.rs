@@ -6,8 +6,8 @@
 mod common;
 
 use common::{
-    ADMIN_TOKEN, admin, gateway_allowing_refs, gateway_at, gateway_on_snapshot, restart_empty,
-    simulator,
+    ADMIN_TOKEN, admin, admin_token_file, gateway_allowing_refs, gateway_at, gateway_on_snapshot,
+    restart_empty, simulator,
 };
 use gatehouse_simulator::RunningSimulator;
 
@@ -120,10 +120,7 @@ async fn seed_pool_and_rule(db: &ConfigDb, simulator: &RunningSimulator, subscri
 
 async fn publish_reaches_gateways(db: ConfigDb) {
     // The portal stores a reference to the gateway's admin token, never the token.
-    let secrets = tempfile::tempdir().unwrap();
-    let token_file = secrets.path().join("admin-token");
-    std::fs::write(&token_file, format!("{ADMIN_TOKEN}\n")).unwrap();
-    let token_ref = format!("file:{}", token_file.display());
+    let (_secrets, token_ref) = admin_token_file();
     let simulator = simulator().await;
     let up = gateway_at("127.0.0.1:0".parse().unwrap()).await;
     let down_addr = free_port();
@@ -334,10 +331,7 @@ async fn postgres_changes_reach_every_gateway_and_a_down_one_catches_up() {
 /// it (its `server.snapshot_secret_refs` do not cover the member's key reference) and one that
 /// is down; never one that took it.
 async fn a_save_reports_the_gateways_that_did_not_take_its_version(db: ConfigDb) {
-    let secrets = tempfile::tempdir().unwrap();
-    let token_file = secrets.path().join("admin-token");
-    std::fs::write(&token_file, format!("{ADMIN_TOKEN}\n")).unwrap();
-    let token_ref = format!("file:{}", token_file.display());
+    let (secrets, token_ref) = admin_token_file();
     let key_file = secrets.path().join("member-key");
     std::fs::write(&key_file, "member-key-value-never-shown").unwrap();
     let key_ref = format!("file:{}", key_file.display());
@@ -502,10 +496,7 @@ async fn postgres_a_save_reports_the_gateways_that_did_not_take_its_version() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_same_version_with_other_content_is_not_taken_for_applied() {
     let db = common::sqlite().await;
-    let secrets = tempfile::tempdir().unwrap();
-    let token_file = secrets.path().join("admin-token");
-    std::fs::write(&token_file, ADMIN_TOKEN).unwrap();
-    let token_ref = format!("file:{}", token_file.display());
+    let (_secrets, token_ref) = admin_token_file();
     let gateway =
         gateway_on_snapshot(json!({"version": 1, "trusted_proxies": ["10.0.0.0/8"]})).await;
     let portal = portal(&db.db);
@@ -655,10 +646,7 @@ async fn snapshot_inserts_fail(db: &ConfigDb, on: bool) {
 /// published, and a revocation says so too; the catch-up and *Push now* then publish what was
 /// saved, so that the gateway takes the new key and refuses the revoked one.
 async fn a_saved_change_whose_publish_failed_is_published_by_the_next_push(db: ConfigDb) {
-    let secrets = tempfile::tempdir().unwrap();
-    let token_file = secrets.path().join("admin-token");
-    std::fs::write(&token_file, format!("{ADMIN_TOKEN}\n")).unwrap();
-    let token_ref = format!("file:{}", token_file.display());
+    let (_secrets, token_ref) = admin_token_file();
     let simulator = simulator().await;
     let gateway = gateway_at("127.0.0.1:0".parse().unwrap()).await;
     let portal = portal(&db);
@@ -777,10 +765,7 @@ async fn postgres_a_saved_change_whose_publish_failed_is_published_by_the_next_p
 /// catch-up push it the current version again, and the pools page's look at the gateways lowers
 /// the version recorded for it to the one it runs, so that the Gateways page shows its lag.
 async fn a_restarted_gateway_on_an_older_version_is_pushed_the_current_one(db: ConfigDb) {
-    let secrets = tempfile::tempdir().unwrap();
-    let token_file = secrets.path().join("admin-token");
-    std::fs::write(&token_file, format!("{ADMIN_TOKEN}\n")).unwrap();
-    let token_ref = format!("file:{}", token_file.display());
+    let (_secrets, token_ref) = admin_token_file();
     let simulator = simulator().await;
     let gateway = gateway_at("127.0.0.1:0".parse().unwrap()).await;
     let portal = portal(&db);

@@ -338,18 +338,27 @@ async fn every_bad_token_is_refused_with_401_and_no_backend_call() {
     assert_eq!(double.key_fetches(), 1);
 }
 
-#[tokio::test]
-async fn signing_keys_rotate_mid_test() {
-    let double = EntraDouble::start().await;
-    let sim = simulator("entra-rotate").await;
-    let mut snapshot = entra_snapshot(1, &double, &sim.url(), "token", None);
+/// A gateway taking tokens from `double` for `sim`, which fetches the signing keys again for an
+/// unknown `kid` once a second at most.
+async fn refetching_keys_after_a_second(
+    double: &EntraDouble,
+    sim: &gatehouse_simulator::RunningSimulator,
+) -> TestGateway {
+    let mut snapshot = entra_snapshot(1, double, &sim.url(), "token", None);
     snapshot
         .identity
         .entra
         .as_mut()
         .unwrap()
         .unknown_kid_refetch_seconds = 1;
-    let gw = TestGateway::start(snapshot).await;
+    TestGateway::start(snapshot).await
+}
+
+#[tokio::test]
+async fn signing_keys_rotate_mid_test() {
+    let double = EntraDouble::start().await;
+    let sim = simulator("entra-rotate").await;
+    let gw = refetching_keys_after_a_second(&double, &sim).await;
     let claims = double.user_claims(
         TENANT_A,
         Ver::V2,
@@ -388,14 +397,7 @@ async fn signing_keys_rotate_mid_test() {
 async fn a_new_key_during_a_key_fetch_outage_is_unavailable_not_unknown() {
     let double = EntraDouble::start().await;
     let sim = simulator("entra-rollover-outage").await;
-    let mut snapshot = entra_snapshot(1, &double, &sim.url(), "token", None);
-    snapshot
-        .identity
-        .entra
-        .as_mut()
-        .unwrap()
-        .unknown_kid_refetch_seconds = 1;
-    let gw = TestGateway::start(snapshot).await;
+    let gw = refetching_keys_after_a_second(&double, &sim).await;
     let claims = double.user_claims(
         TENANT_A,
         Ver::V2,

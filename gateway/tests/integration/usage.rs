@@ -355,6 +355,22 @@ fn openai_stream(include_usage: bool) -> Vec<String> {
     events
 }
 
+/// An answer of server-sent `events`, then whatever `after` yields before the body ends.
+fn event_stream(
+    events: Vec<String>,
+    after: impl futures::Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
+) -> Response {
+    let events = events
+        .into_iter()
+        .map(|e| Ok::<_, Infallible>(Bytes::from(e)));
+    Response::builder()
+        .header("content-type", "text/event-stream; charset=utf-8")
+        .body(Body::from_stream(
+            futures::stream::iter(events).chain(after),
+        ))
+        .unwrap()
+}
+
 /// A backend that answers like OpenAI: streams per [`openai_stream`], and non-streamed answers
 /// without any `usage` (as some OpenAI-compatible servers do).
 async fn openai_backend() -> String {
@@ -378,13 +394,7 @@ async fn sse_backend(stream: fn(bool) -> Vec<String>) -> String {
         let include_usage = request["stream_options"]["include_usage"]
             .as_bool()
             .unwrap_or(false);
-        let events = stream(include_usage)
-            .into_iter()
-            .map(|e| Ok::<_, Infallible>(Bytes::from(e)));
-        Response::builder()
-            .header("content-type", "text/event-stream; charset=utf-8")
-            .body(Body::from_stream(futures::stream::iter(events)))
-            .unwrap()
+        event_stream(stream(include_usage), futures::stream::empty())
     });
     serve_stub(app).await
 }
@@ -535,21 +545,13 @@ async fn with_the_usage_chunk_taken_out_every_other_byte_reaches_the_client_as_s
 #[tokio::test]
 async fn a_client_that_leaves_after_done_did_not_abort() {
     let app = axum::Router::new().fallback(|| async {
-        // With the usage chunk the gateway asks an OpenAI member for.
-        let events = openai_stream(true)
-            .into_iter()
-            .map(|e| Ok::<_, Infallible>(Bytes::from(e)));
-        // The body ends two seconds after `[DONE]`.
+        // With the usage chunk the gateway asks an OpenAI member for; the body ends two seconds
+        // after `[DONE]`.
         let late_end = futures::stream::once(async {
             tokio::time::sleep(Duration::from_secs(2)).await;
             Ok::<_, Infallible>(Bytes::new())
         });
-        Response::builder()
-            .header("content-type", "text/event-stream; charset=utf-8")
-            .body(Body::from_stream(
-                futures::stream::iter(events).chain(late_end),
-            ))
-            .unwrap()
+        event_stream(openai_stream(true), late_end)
     });
     let url = serve_stub(app).await;
     let gw = openai_gateway(&url).await;
@@ -583,13 +585,7 @@ async fn a_member_that_refuses_stream_options_can_be_left_unasked() {
                                            "type": "invalid_request_error", "param": null, "code": null}});
             return (axum::http::StatusCode::BAD_REQUEST, axum::Json(refusal)).into_response();
         }
-        let events = openai_stream(false)
-            .into_iter()
-            .map(|e| Ok::<_, Infallible>(Bytes::from(e)));
-        Response::builder()
-            .header("content-type", "text/event-stream; charset=utf-8")
-            .body(Body::from_stream(futures::stream::iter(events)))
-            .unwrap()
+        event_stream(openai_stream(false), futures::stream::empty())
     });
     let url = serve_stub(app).await;
     for (stream_usage, status) in [(true, 400), (false, 200)] {

@@ -68,6 +68,16 @@ pub fn publisher(db: &ConfigDb) -> Arc<Publisher> {
 /// The admin token of the test gateways.
 pub const ADMIN_TOKEN: &str = "portal-test-admin-token-0123456789";
 
+/// A temporary directory with [`ADMIN_TOKEN`] in a file (and a line break, as editors write
+/// one), and the `file:` reference a gateway is registered with; the directory must outlive it.
+pub fn admin_token_file() -> (tempfile::TempDir, String) {
+    let secrets = tempfile::tempdir().unwrap();
+    let token_file = secrets.path().join("admin-token");
+    std::fs::write(&token_file, format!("{ADMIN_TOKEN}\n")).unwrap();
+    let token_ref = format!("file:{}", token_file.display());
+    (secrets, token_ref)
+}
+
 /// An in-process gateway on loopback.
 pub struct TestGateway {
     pub url: String,
