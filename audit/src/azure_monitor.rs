@@ -11,7 +11,10 @@
 //!   (<https://learn.microsoft.com/entra/identity-platform/v2-oauth2-client-creds-grant-flow>):
 //!   `POST {authority}/{tenant}/oauth2/v2.0/token` with the form `grant_type=client_credentials`,
 //!   `client_id`, `client_secret`, `scope=https://monitor.azure.com//.default`; the answer is
-//!   `{"token_type":"Bearer","expires_in":3599,"access_token":"…"}`.
+//!   `{"token_type":"Bearer","expires_in":3599,"access_token":"…"}`. The token is reused until
+//!   five minutes before it expires; a refresh that fails leaves it in use until then. When
+//!   Entra refuses the client secret, it is read again from its `env:`/`file:` reference, so a
+//!   rotated secret is taken up without a restart.
 //! - **Upload** — Logs Ingestion API
 //!   (<https://learn.microsoft.com/azure/azure-monitor/logs/logs-ingestion-api-overview>):
 //!   `POST {endpoint}/dataCollectionRules/{dcr immutable id}/streams/{stream}?api-version=2023-01-01`
@@ -385,7 +388,9 @@ struct Stream {
 pub struct AzureMonitorSink {
     config: AzureMonitorConfig,
     client: reqwest::Client,
-    client_secret: Secret,
+    /// The client secret as last read from its reference: read again when Entra refuses it, so
+    /// a secret rotated in its file or variable is taken up without a restart.
+    client_secret: std::sync::RwLock<Secret>,
     token_url: Url,
     gateway: Stream,
     llm: Stream,
@@ -464,7 +469,7 @@ impl AzureMonitorSink {
         Ok(AzureMonitorSink {
             config,
             client,
-            client_secret,
+            client_secret: std::sync::RwLock::new(client_secret),
             token_url,
             gateway,
             llm,
@@ -749,42 +754,91 @@ impl AzureMonitorSink {
     }
 
     /// The cached token, or a new one when it is missing or due for refresh. A refresh that
-    /// fails for a while (Entra throttling or unreachable) leaves the cached token in use until
-    /// shortly before it expires: the writes go on meanwhile.
+    /// fails (Entra throttling or unreachable, or a secret it no longer takes) leaves the cached
+    /// token in use until shortly before it expires: the writes go on meanwhile, and the
+    /// operator has the token's remaining lifetime to put the new secret in place.
     async fn token(&self) -> Result<Secret, TokenFailure> {
         let mut cached = self.token.lock().await;
         if let Some(current) = cached.as_ref().filter(|c| Instant::now() < c.refresh_at) {
             return Ok(current.token.clone());
         }
-        match self.new_token().await {
+        let failure = match self.new_token().await {
             Ok(fresh) => {
                 let token = fresh.token.clone();
                 *cached = Some(fresh);
-                Ok(token)
+                return Ok(token);
             }
-            Err(TokenFailure::Transient { reason, wait }) => {
-                match cached
-                    .as_ref()
-                    .filter(|c| Instant::now() + TOKEN_EXPIRY_SAFETY < c.expires_at)
-                {
-                    Some(current) => {
-                        tracing::warn!(%reason, "Azure Monitor: could not refresh the access token; using the current one until it expires");
-                        Ok(current.token.clone())
+            Err(failure) => failure,
+        };
+        let Some(current) = cached
+            .as_ref()
+            .filter(|c| Instant::now() + TOKEN_EXPIRY_SAFETY < c.expires_at)
+        else {
+            return Err(failure);
+        };
+        match &failure {
+            TokenFailure::Transient { reason, .. } => {
+                tracing::warn!(%reason, "Azure Monitor: could not refresh the access token; using the current one until it expires");
+            }
+            TokenFailure::Fatal(error) => {
+                tracing::error!(%error, "Azure Monitor: Entra ID refused to refresh the access token; using the current one until it expires");
+            }
+        }
+        Ok(current.token.clone())
+    }
+
+    /// A new token from the token endpoint. When Entra refuses the client secret, the secret is
+    /// read again from its reference and, if it changed (a rotation), asked with once more.
+    async fn new_token(&self) -> Result<CachedToken, TokenFailure> {
+        let sent = self.current_secret();
+        match self.token_with(&sent).await {
+            Err(TokenFailure::Fatal(AzureMonitorError::Token { status, message }))
+                if matches!(status, 400 | 401) =>
+            {
+                let refused = || {
+                    TokenFailure::Fatal(AzureMonitorError::Token {
+                        status,
+                        message: message.clone(),
+                    })
+                };
+                let reread = match resolve_secret(&self.config.credential.client_secret) {
+                    Ok(secret) => secret,
+                    Err(error) => {
+                        tracing::warn!(%error, "Azure Monitor: could not read the client secret again after Entra ID refused it");
+                        return Err(refused());
                     }
-                    None => Err(TokenFailure::Transient { reason, wait }),
+                };
+                if reread == sent {
+                    return Err(refused());
                 }
+                tracing::info!(
+                    "Azure Monitor: the client secret changed at its reference; asking Entra ID with the new one"
+                );
+                *self
+                    .client_secret
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner) = reread.clone();
+                self.token_with(&reread).await
             }
-            Err(fatal) => Err(fatal),
+            other => other,
         }
     }
 
-    /// A new token from the token endpoint.
-    async fn new_token(&self) -> Result<CachedToken, TokenFailure> {
+    /// The client secret as last read.
+    fn current_secret(&self) -> Secret {
+        self.client_secret
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// A new token from the token endpoint, asked for with `secret`.
+    async fn token_with(&self, secret: &Secret) -> Result<CachedToken, TokenFailure> {
         let issued_at = Instant::now();
         let form = [
             ("grant_type", "client_credentials"),
             ("client_id", self.config.credential.client_id.as_str()),
-            ("client_secret", self.client_secret.expose()),
+            ("client_secret", secret.expose()),
             ("scope", MONITOR_SCOPE),
         ];
         let response = self
@@ -800,14 +854,14 @@ impl AzureMonitorSink {
         let status = response.status();
         if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
             let wait = retry_after(response.headers());
-            let message = self.error_text(response, None).await;
+            let message = self.error_text(response, Some(secret)).await;
             return Err(TokenFailure::Transient {
                 reason: format!("token endpoint: HTTP {}: {message}", status.as_u16()),
                 wait,
             });
         }
         if !status.is_success() {
-            let message = self.error_text(response, None).await;
+            let message = self.error_text(response, Some(secret)).await;
             return Err(TokenFailure::Fatal(AzureMonitorError::Token {
                 status: status.as_u16(),
                 message,
@@ -837,11 +891,13 @@ impl AzureMonitorSink {
         }
     }
 
-    /// A short text of an error answer with every secret this sink knows replaced by `*****`
-    /// (an endpoint that echoes what it received must not leak it into logs).
-    async fn error_text(&self, response: reqwest::Response, token: Option<&Secret>) -> String {
+    /// A short text of an error answer with every secret this sink knows, and `sent` (the token
+    /// or client secret the call carried), replaced by `*****` (an endpoint that echoes what it
+    /// received must not leak it into logs).
+    async fn error_text(&self, response: reqwest::Response, sent: Option<&Secret>) -> String {
         let mut text = response.text().await.unwrap_or_default();
-        for secret in std::iter::once(&self.client_secret).chain(token) {
+        let current = self.current_secret();
+        for secret in std::iter::once(&current).chain(sent) {
             text = text.replace(secret.expose(), "*****");
         }
         let text = text.trim();

@@ -90,7 +90,8 @@ struct Inner {
 }
 
 struct DoubleState {
-    expected_secret: String,
+    /// The client secret Entra takes (a test rotates it).
+    expected_secret: Mutex<String>,
     token_lifetime_seconds: AtomicU64,
     max_body_bytes: AtomicUsize,
     /// Echo the received secret / token in error answers, as a careless server might.
@@ -108,7 +109,7 @@ struct Double {
 impl Double {
     async fn start_expecting(secret: &str) -> Double {
         let state = Arc::new(DoubleState {
-            expected_secret: secret.to_owned(),
+            expected_secret: Mutex::new(secret.to_owned()),
             token_lifetime_seconds: AtomicU64::new(3599),
             max_body_bytes: AtomicUsize::new(MAX_CALL_BYTES),
             echo: AtomicBool::new(false),
@@ -243,7 +244,9 @@ async fn issue_token(
             format!("AADSTS70011: scope '{}' is not valid", field("scope")),
         );
     }
-    if field("client_id") != CLIENT_ID || field("client_secret") != state.expected_secret {
+    if field("client_id") != CLIENT_ID
+        || field("client_secret") != *state.expected_secret.lock().unwrap()
+    {
         let mut description = "AADSTS7000215: Invalid client secret provided.".to_owned();
         if state.echo.load(Ordering::SeqCst) {
             description.push_str(&format!(" Received '{}'.", field("client_secret")));
@@ -1449,6 +1452,38 @@ async fn the_token_is_reused_across_calls_and_refreshed_after_revocation_and_bef
     assert!(double.token_requests() > 3, "a refresh was tried");
     assert_eq!(double.inner().calls.last().unwrap().token, third);
     assert_eq!(double.stored(DEFAULT_GATEWAY_STREAM).len(), 10);
+}
+
+/// A client secret rotated in Entra: while the old one is refused the token in hand is used to
+/// its end, and once the new secret is at the reference (the file a secret store mounts) it is
+/// read again and asked with, without a restart.
+#[tokio::test]
+async fn a_rotated_client_secret_is_read_again_and_the_current_token_used_meanwhile() {
+    let setup = setup().await;
+    let double = &setup.double;
+    // Tokens valid 301 s: the sink refreshes them after 1 s (5 minutes before expiry).
+    double
+        .state
+        .token_lifetime_seconds
+        .store(301, Ordering::SeqCst);
+    let sink = new_sink(&setup, json!({}));
+    sink.write_batch(&[record(0, 100, false)]).await.unwrap();
+    let first = double.inner().calls.last().unwrap().token.clone();
+
+    // Entra now takes only the new secret; the file still holds the old one.
+    *double.state.expected_secret.lock().unwrap() = "the-rotated-secret".to_owned();
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    sink.write_batch(&[record(1, 100, false)]).await.unwrap();
+    assert!(double.token_requests() > 1, "a refresh was tried");
+    let calls = double.inner().calls.clone();
+    assert!(calls.iter().all(|c| c.token == first && c.status == 204));
+
+    // The new secret arrives at the reference: the next refresh reads it.
+    std::fs::write(&setup.secret_path, "the-rotated-secret\n").unwrap();
+    sink.write_batch(&[record(2, 100, false)]).await.unwrap();
+    let second = double.inner().calls.last().unwrap().token.clone();
+    assert_ne!(second, first);
+    assert_eq!(double.stored(DEFAULT_GATEWAY_STREAM).len(), 3);
 }
 
 #[tokio::test]
