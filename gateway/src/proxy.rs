@@ -1018,14 +1018,39 @@ async fn credential_header(
     }))
 }
 
+/// The fields a message's `Connection` header names: they were meant for that one connection,
+/// so a proxy removes them with the header itself (RFC 9110 §7.6.1), or a client could hand a
+/// backend headers its own hop never carried, and a member the client. `Content-Type` is never
+/// among them: the gateway read the body by it, and the next hop must read it the same way.
+/// Empty, without allocating, for the messages that name none or only `keep-alive`/`close`.
+fn connection_options(headers: &HeaderMap) -> Vec<HeaderName> {
+    let mut listed = Vec::new();
+    for value in headers.get_all(header::CONNECTION) {
+        for option in value.as_bytes().split(|&b| b == b',') {
+            let option = option.trim_ascii();
+            if option.eq_ignore_ascii_case(b"keep-alive") || option.eq_ignore_ascii_case(b"close") {
+                continue;
+            }
+            // `from_bytes` lower-cases; what is no field name names no field.
+            if let Ok(name) = HeaderName::from_bytes(option)
+                && name != header::CONTENT_TYPE
+            {
+                listed.push(name);
+            }
+        }
+    }
+    listed
+}
+
 fn upstream_headers(
     client: &HeaderMap,
     credential: Option<(HeaderName, HeaderValue)>,
     request_id: Option<&str>,
 ) -> HeaderMap {
     let mut headers = HeaderMap::with_capacity(client.len() + 2);
+    let listed = connection_options(client);
     for (name, value) in client {
-        if !DROPPED_REQUEST_HEADERS.contains(&name.as_str()) {
+        if !DROPPED_REQUEST_HEADERS.contains(&name.as_str()) && !listed.contains(name) {
             headers.append(name.clone(), value.clone());
         }
     }
@@ -1060,8 +1085,9 @@ async fn relay(
     let status = response.status();
     record.record.backend_response_code = Some(status.as_u16());
     let mut headers = HeaderMap::with_capacity(response.headers().len() + 2);
+    let listed = connection_options(response.headers());
     for (name, value) in response.headers() {
-        if !DROPPED_RESPONSE_HEADERS.contains(&name.as_str()) {
+        if !DROPPED_RESPONSE_HEADERS.contains(&name.as_str()) && !listed.contains(name) {
             headers.append(name.clone(), value.clone());
         }
     }

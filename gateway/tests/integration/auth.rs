@@ -303,3 +303,57 @@ async fn the_members_account_and_cookies_never_reach_the_caller() {
     }
     assert_eq!(headers["x-ratelimit-remaining-requests"], "499");
 }
+
+/// A field the client's `Connection` header names was meant for the client's own hop (RFC 9110
+/// §7.6.1): it does not reach the backend, and neither does one a member's `Connection` names
+/// reach the client; the fields no `Connection` names pass, and `Content-Type` always does.
+#[tokio::test]
+async fn fields_named_by_connection_stay_on_their_hop() {
+    let member_url = serve_stub(axum::Router::new().fallback(
+        |headers: axum::http::HeaderMap| async move {
+            let seen = |name: &str| headers.get(name).is_some();
+            let body = json!({
+                "id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o", "choices": [],
+                "seen_hop": seen("x-client-hop"),
+                "seen_other": seen("x-client-other"),
+                "seen_type": seen("content-type"),
+            });
+            (
+                [
+                    ("connection", "keep-alive, X-Member-Hop"),
+                    ("x-member-hop", "member-only"),
+                    ("x-ratelimit-remaining-requests", "499"),
+                    ("content-type", "application/json"),
+                ],
+                body.to_string(),
+            )
+        },
+    ))
+    .await;
+    let gw = TestGateway::start(snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o"], "members": [
+            {"id": "openai", "kind": "openai", "endpoint": format!("{member_url}/v1"), "priority": 1, "weight": 1},
+        ]}]),
+    ))
+    .await;
+    let response = gw
+        .post("/v1/chat/completions")
+        .header("connection", "X-Client-Hop , content-type")
+        .header("x-client-hop", "client-only")
+        .header("x-client-other", "passes")
+        .json(&chat(Some("gpt-4o"), false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers().get("x-member-hop"), None);
+    assert_eq!(response.headers()["x-ratelimit-remaining-requests"], "499");
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(
+        body["seen_hop"], false,
+        "the client's hop field reached the member"
+    );
+    assert_eq!(body["seen_other"], true);
+    assert_eq!(body["seen_type"], true);
+}
