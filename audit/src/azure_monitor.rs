@@ -917,9 +917,10 @@ impl AuditSink for AzureMonitorSink {
         Box::pin(async move {
             let deadline = Instant::now() + Duration::from_secs(self.config.max_write_seconds);
             let rows = encode_rows(records)?;
-            self.set_aside.fetch_add(rows.set_aside, Ordering::Relaxed);
             self.upload(&self.gateway, &rows.gateway, deadline).await?;
             self.upload(&self.llm, &rows.llm, deadline).await?;
+            // Counted when the batch is stored, so once however often it was sent.
+            self.set_aside.fetch_add(rows.set_aside, Ordering::Relaxed);
             // Stored whole: what was remembered is of no more use.
             self.delivered
                 .lock()

@@ -1360,6 +1360,27 @@ async fn a_row_refused_alone_as_too_large_is_shortened_or_left_out_never_retried
     assert!(llm_rows_of(&double.stored(DEFAULT_LLM_STREAM), &other.correlation_id).is_empty());
 }
 
+/// A record whose rows cannot fit in a call however short (its correlation id alone is over a
+/// megabyte) is left out, and counted once: not again each time the queue sends its batch anew
+/// after a failed write.
+#[tokio::test]
+async fn rows_left_out_are_counted_once_however_often_their_batch_is_sent() {
+    let setup = setup().await;
+    let mut huge = record(0, 100, false);
+    huge.correlation_id = "x".repeat(MAX_CALL_BYTES + 1);
+    let records = [huge, record(1, 100, false)];
+    let once = new_sink(&setup, json!({}));
+    once.write_batch(&records).await.unwrap();
+    let rows_of_the_record = once.rows_set_aside();
+    assert!(rows_of_the_record > 0);
+
+    let sink = new_sink(&setup, json!({"max_attempts": 1}));
+    setup.double.fail_next(&[Some(Fault::ServerError)]);
+    sink.write_batch(&records).await.unwrap_err();
+    sink.write_batch(&records).await.unwrap();
+    assert_eq!(sink.rows_set_aside(), rows_of_the_record);
+}
+
 #[tokio::test]
 async fn network_errors_are_retried_with_backoff_then_reported() {
     let setup = setup().await;
