@@ -68,24 +68,34 @@ impl SearchFilter {
     }
 }
 
-/// A position in a newest-first listing: (time, record id) of the last row of a page.
+/// A position in a newest-first listing: (time, record id) of the last row of a page, and which
+/// order the listing ran in. Most searches list by time; a SQLite full-text search led by its
+/// index lists newest stored first (by record id, which a call replayed late from the journal
+/// puts out of time order), so a cursor of one order is refused by a search of the other, where
+/// it would skip or repeat calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cursor {
     time: OffsetDateTime,
     record_id: i64,
+    by_record: bool,
 }
 
 impl Cursor {
     /// The cursor as an opaque token for URLs.
     pub fn encode(&self) -> String {
         let micros = self.time.unix_timestamp_nanos() / 1_000;
-        format!("{micros}_{}", self.record_id)
+        let order = if self.by_record { "r" } else { "" };
+        format!("{order}{micros}_{}", self.record_id)
     }
 
     /// Parses a token from [`Cursor::encode`]. A time outside the years 1 to 9999 is no record's
     /// and is refused as a bad cursor (PostgreSQL would refuse it as out of range, an error of
     /// the store rather than of the request).
     pub fn decode(token: &str) -> Result<Cursor, StoreError> {
+        let (by_record, token) = match token.strip_prefix('r') {
+            Some(rest) => (true, rest),
+            None => (false, token),
+        };
         let (micros, id) = token.split_once('_').ok_or(StoreError::BadCursor)?;
         let micros: i128 = micros.parse().map_err(|_| StoreError::BadCursor)?;
         let record_id: i64 = id.parse().map_err(|_| StoreError::BadCursor)?;
@@ -95,7 +105,11 @@ impl Cursor {
         if !(1..=9999).contains(&time.year()) {
             return Err(StoreError::BadCursor);
         }
-        Ok(Cursor { time, record_id })
+        Ok(Cursor {
+            time,
+            record_id,
+            by_record,
+        })
     }
 }
 
@@ -308,6 +322,13 @@ impl SqlStore {
     /// Searches calls, newest first, one page at a time.
     pub async fn search(&self, filter: &SearchFilter) -> Result<Page, StoreError> {
         let limit = filter.limit.clamp(1, MAX_PAGE);
+        let by_record = matches!(self.engine, Engine::Sqlite { .. }) && sqlite_text_leads(filter);
+        if filter
+            .cursor
+            .is_some_and(|cursor| cursor.by_record != by_record)
+        {
+            return Err(StoreError::BadCursor);
+        }
         let mut items = match &self.engine {
             Engine::Sqlite { reader, .. } => search_sqlite(reader, filter, limit + 1).await?,
             Engine::Postgres { pool, .. } => search_postgres(pool, filter, limit + 1).await?,
@@ -320,6 +341,7 @@ impl SqlStore {
                     Cursor {
                         time: last.time_generated,
                         record_id: last.record_id,
+                        by_record,
                     }
                     .encode()
                 })
@@ -478,18 +500,22 @@ impl SqlStore {
     }
 }
 
+/// Whether a SQLite search is led by the full-text index: full text without a selective filter.
+/// The index then lists newest stored first (its rowid is the RecordId), and the query stops at
+/// the page's end instead of collecting every call that holds a common word. Otherwise the calls
+/// table leads, by time, and the index is asked about each candidate by rowid.
+fn sqlite_text_leads(f: &SearchFilter) -> bool {
+    let selective = f.user.is_some() || f.subscription.is_some() || f.caller.is_some_and(is_narrow);
+    f.text.as_deref().and_then(fts5_terms).is_some() && !selective
+}
+
 async fn search_sqlite(
     pool: &sqlx::SqlitePool,
     f: &SearchFilter,
     limit: u32,
 ) -> Result<Vec<CallSummary>, StoreError> {
     let terms = f.text.as_deref().and_then(fts5_terms);
-    let selective = f.user.is_some() || f.subscription.is_some() || f.caller.is_some_and(is_narrow);
-    // Full text without a selective filter: the full-text index leads, newest stored first (its
-    // rowid is the RecordId), and the query stops at the page's end instead of collecting every
-    // call that holds a common word. Otherwise the calls table leads and the index is asked about
-    // each candidate by rowid.
-    let text_leads = terms.is_some() && !selective;
+    let text_leads = sqlite_text_leads(f);
     let mut q = QueryBuilder::<Sqlite>::new("");
     match &f.user {
         // A user is named by object id or by name: one branch per column, each read newest first
