@@ -53,7 +53,8 @@ pub struct Settings {
     pub public_url: Url,
     /// OpenID Connect sign-in; `None` leaves only the dev sign-in (if enabled).
     pub oidc: Option<OidcSettings>,
-    /// The development sign-in: refused unless `listen` is a loopback address.
+    /// The development sign-in: refused unless `listen` and `public_url` are loopback addresses
+    /// and OpenID Connect is off.
     pub dev_sign_in: bool,
     /// A session unused this long ends.
     pub session_idle: Duration,
@@ -90,11 +91,26 @@ pub struct PortalServer {
 
 /// Opens the database (migrating it), discovers the OIDC issuer, and builds the router.
 pub async fn build(settings: Settings) -> anyhow::Result<PortalServer> {
-    if settings.dev_sign_in && !settings.listen.ip().is_loopback() {
-        anyhow::bail!(
-            "the development sign-in is only available when the portal listens on a loopback address, not {}",
-            settings.listen
-        );
+    if settings.dev_sign_in {
+        // Anyone who reaches the portal could sign in as Admin: only on a developer's own machine,
+        // never behind a proxy that serves it under another address, never beside real sign-in.
+        if !settings.listen.ip().is_loopback() {
+            anyhow::bail!(
+                "the development sign-in is only available when the portal listens on a loopback address, not {}",
+                settings.listen
+            );
+        }
+        if !gatehouse_schema::config::is_loopback(&settings.public_url) {
+            anyhow::bail!(
+                "the development sign-in is only available when the portal's public URL is a loopback address, not {} (a proxy would let anyone sign in as Admin)",
+                settings.public_url
+            );
+        }
+        if settings.oidc.is_some() {
+            anyhow::bail!(
+                "the development sign-in cannot run beside OpenID Connect sign-in: turn one of them off"
+            );
+        }
     }
     let db = ConfigDb::open(&settings.database)
         .await

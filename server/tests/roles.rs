@@ -430,6 +430,12 @@ async fn the_dev_sign_in_does_not_exist_unless_enabled_and_never_off_loopback() 
     let settings = common::settings(&dir, "0.0.0.0:3000".parse().unwrap(), None);
     let error = gatehouse_portal::build(settings).await.unwrap_err();
     assert!(error.to_string().contains("loopback"), "{error}");
+
+    // On loopback behind a proxy that serves it to others: refused too.
+    let mut settings = common::settings(&dir, "127.0.0.1:3000".parse().unwrap(), None);
+    settings.public_url = "https://portal.example.com".parse().unwrap();
+    let error = gatehouse_portal::build(settings).await.unwrap_err();
+    assert!(error.to_string().contains("public URL"), "{error}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -24,8 +24,9 @@ pub fn settings(dir: &tempfile::TempDir, addr: SocketAddr, oidc: Option<OidcSett
         listen: addr,
         database: format!("sqlite:{}", dir.path().join("portal.db").display()),
         public_url: Url::parse(&format!("http://{addr}")).unwrap(),
+        // The dev sign-in never runs beside OpenID Connect.
+        dev_sign_in: oidc.is_none(),
         oidc,
-        dev_sign_in: true,
         session_idle: Duration::from_secs(600),
         session_absolute: Duration::from_secs(3600),
         push_retry: Duration::from_secs(60),
