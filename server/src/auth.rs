@@ -134,7 +134,9 @@ async fn callback(
         );
     };
     if let Some(error) = query.error {
-        tracing::warn!(%error, "the identity provider refused the sign-in");
+        // Debug-quoted: the text comes from the query string, and a line break in it would
+        // forge a log line.
+        tracing::warn!(?error, "the identity provider refused the sign-in");
         return page(
             StatusCode::FORBIDDEN,
             "The identity provider refused the sign-in.",

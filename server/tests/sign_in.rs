@@ -110,6 +110,64 @@ async fn bad_id_tokens_and_a_forged_state_are_refused() {
     assert_eq!(info(&mut browser, &portal).await["user"], Value::Null);
 }
 
+/// The development sign-in never runs beside OpenID Connect: anyone could take Admin there.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dev_sign_in_is_refused_beside_openid_connect() {
+    let provider = provider().await;
+    let refused = common::try_start_with(Some(oidc(&provider)), |settings| {
+        settings.dev_sign_in = true;
+    })
+    .await;
+    let error = refused
+        .err()
+        .expect("the portal started with both sign-ins");
+    assert!(error.to_string().contains("OpenID Connect"), "{error}");
+}
+
+/// What the identity provider's `error` says reaches the log quoted: a line break in it, which
+/// anyone can put in the callback's query, forges no log line.
+#[tokio::test]
+async fn an_error_in_the_callback_forges_no_log_line() {
+    let logs = TextLogs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let provider = provider().await;
+    let portal = common::start(Some(oidc(&provider))).await;
+    let mut browser = Browser::new(&portal);
+    browser.get(&format!("{}/auth/sign-in", portal.url)).await;
+    let response = browser
+        .get(&format!(
+            "{}/auth/callback?error=access_denied%0AFORGED%20INFO%20signed%20in%20roles=[Admin]",
+            portal.url
+        ))
+        .await;
+    assert_eq!(response.status(), 403);
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(text.contains("refused the sign-in"), "{text}");
+    assert!(
+        !text.lines().any(|line| line.starts_with("FORGED")),
+        "{text}"
+    );
+}
+
+/// Log lines written as text.
+#[derive(Clone, Default)]
+struct TextLogs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for TextLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A self-signed certificate for the committed test-only RSA key: (DER, PEM of certificate and
 /// key, public key PEM).
 fn client_certificate(name: &str) -> (Vec<u8>, String, String) {
