@@ -152,6 +152,26 @@ pub(crate) fn json_of<T: Serialize>(value: &T) -> Option<String> {
     serde_json::to_string(value).ok()
 }
 
+/// A subscription as the activity log keeps it: its key hashes shortened to a fingerprint
+/// (`sha256:` and 8 hex digits), which shows a rotation without handing the hash to every
+/// Auditor who reads the log.
+fn subscription_activity(row: &SubscriptionRow) -> Option<String> {
+    let fingerprint = |hash: &str| {
+        let end = hash
+            .char_indices()
+            .nth("sha256:".len() + 8)
+            .map_or(hash.len(), |(at, _)| at);
+        format!("{}…", &hash[..end])
+    };
+    let mut value = serde_json::to_value(row).ok()?;
+    for field in ["primary_key_hash", "secondary_key_hash"] {
+        if let Some(hash) = value.get(field).and_then(serde_json::Value::as_str) {
+            value[field] = serde_json::Value::String(fingerprint(hash));
+        }
+    }
+    json_of(&value)
+}
+
 /// A row's version (its `updated_at`) as an edit form carries it: RFC 3339 with every digit, so
 /// that it reads back as the same instant, in the offset it was read in.
 pub fn version_text(at: OffsetDateTime) -> String {
@@ -274,7 +294,7 @@ impl Portal {
                     action: "subscription.create",
                     target: &id,
                     before: None,
-                    after: json_of(&row),
+                    after: subscription_activity(&row),
                 },
             )
             .await?;
@@ -313,8 +333,8 @@ impl Portal {
                         actor: &user.actor(),
                         action,
                         target: id,
-                        before: json_of(&before),
-                        after: json_of(&after),
+                        before: subscription_activity(&before),
+                        after: subscription_activity(&after),
                     },
                 )
                 .await?;
@@ -403,8 +423,8 @@ impl Portal {
                         actor: ACTOR,
                         action: "subscription.retire_secondary",
                         target: &after.id,
-                        before: json_of(&before),
-                        after: json_of(&after),
+                        before: subscription_activity(&before),
+                        after: subscription_activity(&after),
                     },
                 )
                 .await?
@@ -464,6 +484,17 @@ impl Portal {
                 refs.refusal(&reference),
             ));
         }
+        // A gateway registered again (another URL, another token reference): the log keeps
+        // what it replaced.
+        let before = self
+            .db
+            .gateways()
+            .await?
+            .into_iter()
+            .find(|gateway| gateway.id == id)
+            .and_then(|gateway| {
+                json_of(&serde_json::json!({"url": gateway.url, "admin_token_ref": gateway.admin_token_ref}))
+            });
         self.db
             .upsert_gateway(
                 id,
@@ -473,7 +504,7 @@ impl Portal {
                     actor: &user.actor(),
                     action: "gateway.register",
                     target: id,
-                    before: None,
+                    before,
                     after: json_of(&serde_json::json!({"url": parsed.as_str(), "admin_token_ref": reference.as_str()})),
                 },
             )
