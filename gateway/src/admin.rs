@@ -1,5 +1,7 @@
-//! The admin endpoints (admin token required): `PUT /_gatehouse/config` takes a whole versioned
-//! snapshot; `GET /_gatehouse/backends` tells each pool member's state as this gateway sees it.
+//! The admin endpoints (admin token required, as `Authorization: Bearer` or as a signature made
+//! with it: [`gatehouse_schema::admin_signature`]): `PUT /_gatehouse/config` takes a whole
+//! versioned snapshot; `GET /_gatehouse/backends` tells each pool member's state as this gateway
+//! sees it.
 //!
 //! The snapshot is validated whole (422 naming the exact field, the running config untouched),
 //! must be newer than the running one (409 otherwise), is written to the state directory as
@@ -9,9 +11,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use gatehouse_schema::ConfigSnapshot;
+use gatehouse_schema::admin_signature;
 use gatehouse_schema::backends::{BackendStates, MemberAvailability, MemberState};
 use serde_json::json;
 use subtle::ConstantTimeEq;
@@ -25,29 +29,102 @@ pub const CONFIG_PATH: &str = "/_gatehouse/config";
 /// File name of the last-known-good snapshot in the state directory.
 const LAST_KNOWN_GOOD: &str = "last-known-good.json";
 
-fn authorize(gateway: &Gateway, headers: &HeaderMap) -> Result<(), GatewayError> {
+/// How an admin request proved that its sender holds the admin token.
+#[derive(Debug)]
+enum Proof {
+    /// `Authorization: Bearer` with the token itself (an operator's own client).
+    Bearer,
+    /// Signed with the token (the portal, [`admin_signature`]): the body must have this digest.
+    Signed { content_sha256: String },
+}
+
+impl Proof {
+    /// Checks a body read after a signature was: it must be the body that was signed.
+    fn check_body(&self, body: &[u8]) -> Result<(), GatewayError> {
+        match self {
+            Proof::Signed { content_sha256 }
+                if *content_sha256 != admin_signature::content_sha256(body) =>
+            {
+                Err(GatewayError::AdminSignatureRefused {
+                    reason: format!(
+                        "the body is not the one signed (its SHA-256 differs from {})",
+                        admin_signature::CONTENT_SHA256_HEADER
+                    ),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Checks the admin token of a request, before its body is read: as a bearer token, or as a
+/// signature over the method, the path, the time and the body's claimed digest.
+fn authorize(gateway: &Gateway, parts: &Parts) -> Result<Proof, GatewayError> {
     let Some(expected) = &gateway.admin_token else {
         return Err(GatewayError::AdminUnauthorized);
     };
-    let presented = headers
+    let authorization = parts
+        .headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
+    if let Some(signed) = admin_signature::Signed::parse(authorization) {
+        let refused = |reason: String| GatewayError::AdminSignatureRefused { reason };
+        let signed = signed
+            .map_err(|_| refused("the signed Authorization header is malformed".to_owned()))?;
+        let content_sha256 = parts
+            .headers
+            .get(admin_signature::CONTENT_SHA256_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| {
+                refused(format!(
+                    "a signed request carries {}",
+                    admin_signature::CONTENT_SHA256_HEADER
+                ))
+            })?
+            .to_owned();
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        return match signed.verify(
+            expected.expose(),
+            parts.method.as_str(),
+            parts.uri.path(),
+            &content_sha256,
+            now,
+        ) {
+            Ok(()) => Ok(Proof::Signed { content_sha256 }),
+            Err(admin_signature::Refusal::Skewed(skew)) => Err(refused(format!(
+                "the signature's time is {} s {} the gateway's clock (at most {} s either way: check both clocks)",
+                skew.unsigned_abs(),
+                if skew < 0 { "behind" } else { "ahead of" },
+                admin_signature::MAX_CLOCK_SKEW_SECONDS
+            ))),
+            Err(_) => Err(refused(
+                "the signature does not match this gateway's admin token and this request"
+                    .to_owned(),
+            )),
+        };
+    }
+    let presented = authorization.strip_prefix("Bearer ").unwrap_or("");
     let matches: bool = presented
         .as_bytes()
         .ct_eq(expected.expose().as_bytes())
         .into();
     if matches {
-        Ok(())
+        Ok(Proof::Bearer)
     } else {
         Err(GatewayError::AdminUnauthorized)
     }
 }
 
+/// Checks the admin token of a body-less request: a signature must be over an empty body.
+fn authorize_read(gateway: &Gateway, request: Request) -> Result<(), GatewayError> {
+    let (parts, _body) = request.into_parts();
+    authorize(gateway, &parts)?.check_body(b"")
+}
+
 /// `GET /_gatehouse/config`: the running snapshot (it holds key hashes and secret references only).
-pub async fn get_config(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
-    if let Err(error) = authorize(&gateway, &headers) {
+pub async fn get_config(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
+    if let Err(error) = authorize_read(&gateway, request) {
         return error.into_response();
     }
     axum::Json(&gateway.runtime().snapshot).into_response()
@@ -55,8 +132,8 @@ pub async fn get_config(State(gateway): State<Arc<Gateway>>, headers: HeaderMap)
 
 /// `GET /_gatehouse/backends`: every pool member of the running snapshot, available or set aside
 /// (throttled or failing) and until when.
-pub async fn get_backends(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
-    if let Err(error) = authorize(&gateway, &headers) {
+pub async fn get_backends(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
+    if let Err(error) = authorize_read(&gateway, request) {
         return error.into_response();
     }
     let runtime = gateway.runtime();
@@ -105,10 +182,13 @@ pub const MAX_SNAPSHOT_BYTES: usize = 64 * 1024 * 1024;
 /// client without the token can hold neither memory nor the connection with it.
 pub async fn put_config(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
-    if let Err(error) = authorize(&gateway, &parts.headers) {
-        crate::app::linger(body).await;
-        return error.into_response();
-    }
+    let proof = match authorize(&gateway, &parts) {
+        Ok(proof) => proof,
+        Err(error) => {
+            crate::app::linger(body).await;
+            return error.into_response();
+        }
+    };
     let body = match crate::app::read_body(
         &parts,
         body,
@@ -120,6 +200,9 @@ pub async fn put_config(State(gateway): State<Arc<Gateway>>, request: Request) -
         Ok(body) => body,
         Err(error) => return error.into_response(),
     };
+    if let Err(error) = proof.check_body(&body) {
+        return error.into_response();
+    }
     match apply(&gateway, &parts.headers, &body).await {
         Ok(version) => (
             StatusCode::OK,

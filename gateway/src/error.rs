@@ -158,6 +158,12 @@ pub enum GatewayError {
     /// The admin endpoint was called without a valid admin token.
     #[error("Access denied: a valid admin token is required.")]
     AdminUnauthorized,
+    /// A signed admin request whose signature was refused, and why (it holds no secret).
+    #[error("Access denied: {reason}.")]
+    AdminSignatureRefused {
+        /// Why: malformed, another time than the gateway's clock, or not matching.
+        reason: String,
+    },
     /// A configuration snapshot failed validation.
     #[error("{message}")]
     InvalidConfig {
@@ -209,6 +215,7 @@ impl GatewayError {
             | GatewayError::ExpiredKey
             | GatewayError::RetiredKey
             | GatewayError::AdminUnauthorized
+            | GatewayError::AdminSignatureRefused { .. }
             | GatewayError::MissingToken => StatusCode::UNAUTHORIZED,
             GatewayError::InvalidToken(error) if error.is_unavailable() => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -274,7 +281,9 @@ impl GatewayError {
                 "backend_outcome_unknown"
             }
             GatewayError::AuditUnavailable => "audit_unavailable",
-            GatewayError::AdminUnauthorized => "admin_unauthorized",
+            GatewayError::AdminUnauthorized | GatewayError::AdminSignatureRefused { .. } => {
+                "admin_unauthorized"
+            }
             GatewayError::InvalidConfig { .. } => "invalid_config",
             GatewayError::StaleConfig { .. } => "stale_config",
             GatewayError::Internal => "internal",

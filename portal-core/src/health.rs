@@ -1,6 +1,6 @@
 //! Live health of the pool members as each registered gateway sees it: the portal asks every
-//! gateway's `GET /_gatehouse/backends` (with its admin token) when the pools page is shown, and
-//! the alerter does every minute (`insights::alerts`, rule `backend_set_aside`). The answer names
+//! gateway's `GET /_gatehouse/backends` (signed with its admin token) when the pools page is
+//! shown, and the alerter does every minute (`insights::alerts`, rule `backend_set_aside`). The answer names
 //! the version the gateway runs: one older than it was pushed is recorded
 //! ([`crate::push::note_running`]), so that it shows as lagging and is pushed again.
 
@@ -37,9 +37,8 @@ pub async fn gateway_backends(
 ) -> Result<BackendStates, String> {
     let segments: Vec<&str> = BACKENDS_PATH.split('/').filter(|s| !s.is_empty()).collect();
     let (url, token) = admin_endpoint(gateway, &segments, refs).await?;
-    let response = http
-        .get(url)
-        .bearer_auth(token)
+    let request = crate::push::signed(http.get(url), &token, &reqwest::Method::GET, &segments, b"");
+    let response = request
         .timeout(HEALTH_TIMEOUT)
         .send()
         .await

@@ -274,6 +274,45 @@ async fn publish_reaches_gateways(db: ConfigDb) {
     );
     assert_eq!(running_config(&moved.url).await["version"], json!(current));
     assert_eq!(chat(&moved.url, "gpt-4o", &second.key).await, 200);
+    // The activity log keeps the address the new registration replaced, and of the keys'
+    // hashes only fingerprints (Auditors read the log).
+    let log = db.activity(1000).await.unwrap();
+    let moved_entry = log
+        .iter()
+        .find(|entry| entry.action == "gateway.register" && entry.target == "up")
+        .unwrap();
+    assert!(
+        moved_entry
+            .before
+            .as_deref()
+            .is_some_and(|before| before.contains(&up.url)),
+        "{moved_entry:?}"
+    );
+    let hashes = [&first.key, &second.key].map(|key| {
+        gatehouse_schema::keys::hash_key(key)
+            .to_string()
+            .trim_start_matches("sha256:")
+            .to_owned()
+    });
+    let rotation = log
+        .iter()
+        .find(|entry| entry.action.starts_with("subscription.rotate"))
+        .unwrap();
+    assert!(
+        rotation
+            .after
+            .as_deref()
+            .is_some_and(|after| after.contains("sha256:")),
+        "{rotation:?}"
+    );
+    for entry in &log {
+        for text in [&entry.before, &entry.after].into_iter().flatten() {
+            assert!(
+                hashes.iter().all(|hash| !text.contains(hash.as_str())),
+                "{entry:?}"
+            );
+        }
+    }
 
     // Registered once more under another spelling of the same address, it is offered the
     // version it already runs: the gateway refuses it as not newer, which is being current.
@@ -614,6 +653,62 @@ async fn a_token_reference_outside_the_policy_is_neither_registered_nor_read() {
         0,
         "nothing was sent to the registered URL"
     );
+}
+
+/// An Admin who registers a URL of their own with the token reference of a real gateway gets
+/// signed requests there, which expire in minutes and cover one request each, never the token:
+/// the push and the health check both sign.
+#[tokio::test]
+async fn a_registered_url_receives_signatures_never_the_admin_token() {
+    let test = common::sqlite().await;
+    let db = &test.db;
+    let portal = portal(db);
+    let user = admin();
+    let (_secrets, token_ref) = admin_token_file();
+    let seen: Arc<std::sync::Mutex<Vec<(String, String)>>> = Arc::default();
+    let recorded = Arc::clone(&seen);
+    let collector = axum::Router::new().fallback(
+        move |method: axum::http::Method, headers: axum::http::HeaderMap| {
+            let recorded = Arc::clone(&recorded);
+            async move {
+                let authorization = headers
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                recorded
+                    .lock()
+                    .unwrap()
+                    .push((method.to_string(), authorization));
+                axum::http::StatusCode::SERVICE_UNAVAILABLE
+            }
+        },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, collector).await.unwrap() });
+
+    portal
+        .register_gateway(Some(&user), "prod", &url, &token_ref)
+        .await
+        .unwrap();
+    portal.backend_health(Some(&user)).await.unwrap();
+    let seen = seen.lock().unwrap().clone();
+    let methods: Vec<&str> = seen.iter().map(|(method, _)| method.as_str()).collect();
+    assert!(
+        methods.contains(&"PUT") && methods.contains(&"GET"),
+        "{seen:?}"
+    );
+    for (method, authorization) in &seen {
+        assert!(
+            authorization.starts_with("Gatehouse-HMAC-SHA256 time="),
+            "{method}: {authorization}"
+        );
+        assert!(
+            !authorization.contains(ADMIN_TOKEN),
+            "{method}: {authorization}"
+        );
+    }
 }
 
 /// Makes every insert of a snapshot version fail (`on`), or not any more.

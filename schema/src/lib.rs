@@ -3,6 +3,8 @@
 //! Everything here is plain data, serialisable and wasm-safe: the gateway, the audit store and
 //! the portal speak to each other only through these types and HTTP.
 
+#[cfg(feature = "keys")]
+pub mod admin_signature;
 pub mod audit;
 pub mod backends;
 pub mod config;

@@ -402,6 +402,79 @@ async fn a_snapshot_larger_than_two_mebibytes_is_taken() {
     assert_eq!(applied.status(), 200, "{}", applied.text().await.unwrap());
 }
 
+/// A request signed with the admin token (as the portal sends it, so that the token never
+/// leaves the portal) is taken; one signed with another token, at another time, for another
+/// request or with another body than the one signed is refused 401 with the reason, and a
+/// signed request replayed with a changed body changes nothing.
+#[tokio::test]
+async fn a_push_signed_with_the_admin_token_is_taken_and_a_tampered_one_refused() {
+    use gatehouse_schema::admin_signature::{CONTENT_SHA256_HEADER, authorization, content_sha256};
+    let sim = simulator("config-signed").await;
+    let gw = TestGateway::start(snapshot(1, pools(&sim.url(), "gpt-4o"))).await;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let signed_put = |token: &str, time: i64, signed_body: &[u8], sent_body: Vec<u8>| {
+        let digest = content_sha256(signed_body);
+        gw.raw(reqwest::Method::PUT, "/_gatehouse/config")
+            .header(
+                "authorization",
+                authorization(token, "PUT", "/_gatehouse/config", time, &digest),
+            )
+            .header(CONTENT_SHA256_HEADER, digest)
+            .header("content-type", "application/json")
+            .body(sent_body)
+            .send()
+    };
+    let version =
+        |n: u64| serde_json::to_vec(&snapshot(n, pools(&sim.url(), "gpt-4o-mini"))).unwrap();
+
+    let refusals = [
+        (
+            signed_put("wrong-token", now, &version(2), version(2))
+                .await
+                .unwrap(),
+            "does not match",
+        ),
+        (
+            signed_put(ADMIN_TOKEN, now - 3_600, &version(2), version(2))
+                .await
+                .unwrap(),
+            "behind the gateway's clock",
+        ),
+        (
+            signed_put(ADMIN_TOKEN, now, &version(2), version(3))
+                .await
+                .unwrap(),
+            "not the one signed",
+        ),
+    ];
+    for (response, reason) in refusals {
+        let message = azure_error(response, 401).await;
+        assert!(message.contains(reason), "{message}");
+        assert!(!message.contains(ADMIN_TOKEN), "{message}");
+    }
+    assert_eq!(gw.gateway.runtime().snapshot.version, 1);
+
+    let applied = signed_put(ADMIN_TOKEN, now, &version(2), version(2))
+        .await
+        .unwrap();
+    assert_eq!(applied.status(), 200);
+    assert_eq!(gw.gateway.runtime().snapshot.version, 2);
+
+    // A signed read: its signature covers the method and path, and an empty body.
+    let digest = content_sha256(b"");
+    let read = |method: &str| {
+        gw.raw(reqwest::Method::GET, "/_gatehouse/backends")
+            .header(
+                "authorization",
+                authorization(ADMIN_TOKEN, method, "/_gatehouse/backends", now, &digest),
+            )
+            .header(CONTENT_SHA256_HEADER, digest.clone())
+            .send()
+    };
+    assert_eq!(read("GET").await.unwrap().status(), 200);
+    azure_error(read("PUT").await.unwrap(), 401).await;
+}
+
 /// A push without the admin token is refused before its body is read, and a push whose body
 /// stops arriving is answered 408: neither holds memory or the connection.
 #[tokio::test]
