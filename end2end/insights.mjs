@@ -81,6 +81,8 @@ async function startEntra() {
         aud: AUDIENCE, iss: `${base}/${TENANT}/v2.0`, iat: now - 10, nbf: now - 10, exp: now + 3600,
         ver: '2.0', tid: TENANT, oid: user.oid, sub: `sub-${user.oid}`, name: user.name,
         preferred_username: user.upn, scp: 'user_impersonation', groups: [user.group],
+        // The client application the access token was issued to, as Entra's v2 tokens name it.
+        azp: '5e3a0000-0000-0000-0000-0000000c11e1',
       }));
       const signature = sign('sha256', Buffer.from(`${header}.${claims}`), privateKey).toString('base64url');
       return `${header}.${claims}.${signature}`;

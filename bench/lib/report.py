@@ -81,6 +81,7 @@ def entra_fixtures(key: Path, public: Path, authority: str, tenant: str, audienc
         "ver": "2.0", "tid": tenant, "oid": "00000000-0000-0000-0000-0000000be4c0",
         "preferred_username": "bench@contoso.example", "name": "Bench User",
         "scp": "user_impersonation", "groups": ["bench-group"],
+        "azp": "00000000-0000-0000-0000-00000000c11e",
     }
     signing_input = f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(claims).encode())}"
     signature = subprocess.run(

@@ -70,6 +70,10 @@ pub struct GroupResolver {
     /// Per tenant, until when Graph is not asked: it throttled (`Retry-After`) or failed. Calls
     /// meanwhile are answered 503 at once instead of adding to its load.
     paused: Mutex<HashMap<String, Instant>>,
+    /// Per user, the turn to ask Graph: calls that miss the cache for the same user at once
+    /// (an SDK's parallel calls with a fresh token) wait for the first one's answer instead of
+    /// each asking Graph. An entry lives while someone holds or waits for it.
+    asking: Mutex<HashMap<UserKey, Arc<tokio::sync::Mutex<()>>>>,
     warnings: WarningThrottle,
 }
 
@@ -96,6 +100,7 @@ impl GroupResolver {
             credential,
             cache: Mutex::default(),
             paused: Mutex::default(),
+            asking: Mutex::default(),
             warnings: WarningThrottle::new(WARNING_INTERVAL),
         }
     }
@@ -111,11 +116,45 @@ impl GroupResolver {
     ) -> Result<(Arc<Vec<String>>, Duration), TokenError> {
         let ttl = Duration::from_secs(policy.cache_seconds);
         let key = (tenant.to_owned(), object_id.to_owned());
-        if let Some((at, groups)) = lock(&self.cache).get(&key)
-            && at.elapsed() < ttl
-        {
-            return Ok((Arc::clone(groups), at.elapsed()));
+        let cached = || {
+            lock(&self.cache)
+                .get(&key)
+                .filter(|(at, _)| at.elapsed() < ttl)
+                .map(|(at, groups)| (Arc::clone(groups), at.elapsed()))
+        };
+        if let Some(found) = cached() {
+            return Ok(found);
         }
+        let turn = Arc::clone(lock(&self.asking).entry(key.clone()).or_default());
+        let answer = {
+            let _turn = turn.lock().await;
+            // The call before in line may have asked already.
+            match cached() {
+                Some(found) => Ok(found),
+                None => {
+                    self.ask(policy, tenant, object_id, app_only, key.clone())
+                        .await
+                }
+            }
+        };
+        let mut asking = lock(&self.asking);
+        // Only the map and this call hold it: nobody waits, the entry goes.
+        if Arc::strong_count(&turn) == 2 {
+            asking.remove(&key);
+        }
+        answer
+    }
+
+    /// Asks Graph for the groups of `object_id` of `tenant` and caches the answer under `key`.
+    async fn ask(
+        &self,
+        policy: &GraphPolicy,
+        tenant: &str,
+        object_id: &str,
+        app_only: bool,
+        key: UserKey,
+    ) -> Result<(Arc<Vec<String>>, Duration), TokenError> {
+        let ttl = Duration::from_secs(policy.cache_seconds);
         let Some(credential) = &self.credential else {
             if self.warnings.should_warn() {
                 tracing::warn!(
@@ -172,10 +211,21 @@ impl GroupResolver {
                 TokenError::Unavailable("Microsoft Graph cannot be reached".to_owned())
             })?;
         let status = response.status();
-        if status.is_server_error() || status.as_u16() == 429 {
+        // 401/403: Graph refuses the gateway (consent revoked, `GroupMember.Read.All` not
+        // granted), not the caller: a fault of the gateway's set-up, paused and answered 503
+        // like an outage, so that neither the user is told their token is bad nor Graph is asked
+        // on every call meanwhile.
+        let refuses_the_gateway = matches!(status.as_u16(), 401 | 403);
+        if status.is_server_error() || status.as_u16() == 429 || refuses_the_gateway {
             let wait = retry_after(response.headers()).unwrap_or(DEFAULT_PAUSE);
             self.pause(tenant, wait);
-            if self.warnings.should_warn() {
+            if refuses_the_gateway && self.warnings.should_warn() {
+                tracing::error!(
+                    status = status.as_u16(),
+                    wait_ms = wait.as_millis(),
+                    "Microsoft Graph refused the gateway's own token: check the Entra credential's Graph permission (GroupMember.Read.All) and consent; not asked again before the wait is over"
+                );
+            } else if self.warnings.should_warn() {
                 tracing::warn!(
                     status = status.as_u16(),
                     wait_ms = wait.as_millis(),

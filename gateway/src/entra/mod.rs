@@ -85,6 +85,11 @@ pub enum TokenError {
     /// An app-only token where only user tokens are accepted.
     #[error("app-only tokens are not accepted")]
     AppOnly,
+    /// No `appid`/`azp`: not an access token (an OpenID Connect ID token is not a credential).
+    #[error(
+        "the token is not an access token for this API (it names no client application: an ID token?)"
+    )]
+    NotAccessToken,
     /// A required claim (`oid`, `exp`, …) is missing.
     #[error("the token lacks the `{0}` claim")]
     MissingClaim(&'static str),
@@ -362,6 +367,14 @@ impl TokenValidator {
         let exp = claims.exp.ok_or(TokenError::MissingClaim("exp"))?;
         if claims.tid.as_deref() != Some(tenant.as_str()) {
             return Err(TokenError::Tenant);
+        }
+        // An access token names the application it was issued to (`appid` in v1, `azp` in v2,
+        // azure-specs.md §5.3, Entra's access token claims reference); an OpenID Connect ID
+        // token, made for the client that signed the user in, names none. Same tenant, same
+        // keys, and an `aud` that can be the API's own client id: without this check, an ID
+        // token a client keeps in a browser would be a credential for the gateway.
+        if claims.appid.is_none() && claims.azp.is_none() {
+            return Err(TokenError::NotAccessToken);
         }
         let object_id = claims.oid.ok_or(TokenError::MissingClaim("oid"))?;
         let app_only = match claims.idtyp.as_deref() {

@@ -244,6 +244,26 @@ async fn every_bad_token_is_refused_with_401_and_no_backend_call() {
             "signature",
         ),
     ];
+    // OpenID Connect ID tokens of the same tenant and keys, their `aud` accepted: they name
+    // no client application (`azp` in v2, `appid` in v1), which every access token does.
+    let id_token = |ver: Ver, client_claim: &str| {
+        let mut claims = double.user_claims(TENANT_A, ver, oid, &[]);
+        let object = claims.as_object_mut().unwrap();
+        object.remove(client_claim);
+        object.remove("scp");
+        object.insert("nonce".to_owned(), json!("n-0S6_WzA2Mj"));
+        sign(TestKey::A, &claims)
+    };
+    cases.push((
+        "v2 ID token",
+        id_token(Ver::V2, "azp"),
+        "not an access token",
+    ));
+    cases.push((
+        "v1 ID token",
+        id_token(Ver::V1, "appid"),
+        "not an access token",
+    ));
     // Unknown kid: signed by a key the tenant does not publish.
     let mut header = Header::new(Algorithm::RS256);
     header.kid = Some("kid-unpublished".to_owned());
@@ -334,8 +354,9 @@ async fn every_bad_token_is_refused_with_401_and_no_backend_call() {
             .iter()
             .all(|r| r.last_error_reason.as_deref().is_some())
     );
-    // The unknown kid did not make the gateway hammer the provider: one fetch, at the first call.
-    assert_eq!(double.key_fetches(), 1);
+    // The unknown kid did not make the gateway hammer the provider: one fetch for each token
+    // version's key set (v2 at the first call, v1 for the v1 ID token), none more.
+    assert_eq!(double.key_fetches(), 2);
 }
 
 /// A gateway taking tokens from `double` for `sim`, which fetches the signing keys again for an
@@ -824,6 +845,45 @@ async fn graph_is_not_asked_again_before_its_retry_after() {
     assert_eq!(served.status(), 200, "{}", served.text().await.unwrap());
     assert_eq!(double.graph_calls(), 2);
     assert_eq!(sim.hits(), 1);
+}
+
+/// Graph refusing the gateway itself (403: its app lacks the permission) is the gateway's
+/// fault, not the caller's: 503 naming Graph, not a 401 that says the caller's groups could not
+/// be resolved, and Graph is not asked again on every call meanwhile.
+#[tokio::test]
+async fn graph_refusing_the_gateways_own_token_is_503_and_paused() {
+    let double = EntraDouble::start().await;
+    let sim = simulator("entra-overage-forbidden").await;
+    let (gw, _token_endpoint) = overage_gateway(&double, &sim.url(), &[TENANT_A]).await;
+    let oid = "0000000a-0000-0000-0000-0000000000f5";
+    double.set_graph_groups(oid, &[GROUP_CHAT]);
+    double.forbid_graph(1);
+    let token = sign(TestKey::A, &overage_claims(&double, TENANT_A, oid));
+    for _ in 0..5 {
+        let message = azure_error(call_with_token(&gw, &token).await, 503).await;
+        assert!(message.contains("Microsoft Graph"), "{message}");
+    }
+    assert_eq!(double.graph_calls(), 1, "asked once, then paused");
+    assert_eq!(sim.hits(), 0);
+}
+
+/// Parallel calls of one user whose token carries an overage (an SDK's concurrent requests with
+/// a fresh token) ask Graph once: the others wait for that answer.
+#[tokio::test]
+async fn parallel_calls_of_one_overage_user_ask_graph_once() {
+    let double = EntraDouble::start().await;
+    let sim = simulator("entra-overage-parallel").await;
+    let (gw, _token_endpoint) = overage_gateway(&double, &sim.url(), &[TENANT_A]).await;
+    let oid = "0000000a-0000-0000-0000-0000000000f6";
+    double.set_graph_groups(oid, &[GROUP_CHAT]);
+    double.slow_graph(300);
+    let token = sign(TestKey::A, &overage_claims(&double, TENANT_A, oid));
+    let calls = (0..20).map(|_| call_with_token(&gw, &token));
+    for answer in futures::future::join_all(calls).await {
+        assert_eq!(answer.status(), 200);
+    }
+    assert_eq!(double.graph_calls(), 1);
+    assert_eq!(sim.hits(), 20);
 }
 
 /// A token of the implicit flow carries at most six groups: past them it says `hasgroups: true`

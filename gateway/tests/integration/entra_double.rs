@@ -34,6 +34,8 @@ pub const TENANT_B: &str = "22222222-2222-2222-2222-222222222222";
 pub const TENANT_EVIL: &str = "99999999-9999-9999-9999-999999999999";
 /// The gateway's audience.
 pub const AUDIENCE: &str = "api://gatehouse";
+/// The client application the users sign in to (the `appid`/`azp` of their access tokens).
+pub const CLIENT_APP: &str = "5e3a0000-0000-0000-0000-0000000c11e1";
 
 /// A signing key of the double.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +88,10 @@ struct DoubleState {
     graph_calls: AtomicU64,
     /// Graph calls still to answer 429 with `Retry-After: graph_retry_after` (seconds).
     throttled_graph_calls: AtomicU64,
+    /// Graph calls still to be refused 403, as for an app without `GroupMember.Read.All`.
+    forbidden_graph_calls: AtomicU64,
+    /// Milliseconds Graph takes to answer.
+    graph_delay_ms: AtomicU64,
     graph_retry_after: AtomicU64,
     /// Groups by tenant and object id: Graph answers about the directory its token is from.
     graph_groups: Mutex<HashMap<(String, String), Vec<String>>>,
@@ -117,6 +123,8 @@ impl EntraDouble {
             failing_key_fetches: AtomicU64::new(0),
             graph_calls: AtomicU64::new(0),
             throttled_graph_calls: AtomicU64::new(0),
+            forbidden_graph_calls: AtomicU64::new(0),
+            graph_delay_ms: AtomicU64::new(0),
             graph_retry_after: AtomicU64::new(0),
             graph_groups: Mutex::default(),
             graph_tokens: Mutex::default(),
@@ -179,6 +187,20 @@ impl EntraDouble {
             .store(count, Ordering::SeqCst);
     }
 
+    /// Makes Graph refuse the next `count` calls 403 `Authorization_RequestDenied`, as it does
+    /// for an app that lacks the permission ("Microsoft Graph error responses": 403 Forbidden,
+    /// "Insufficient privileges to complete the operation.").
+    pub fn forbid_graph(&self, count: u64) {
+        self.state
+            .forbidden_graph_calls
+            .store(count, Ordering::SeqCst);
+    }
+
+    /// Makes Graph take `millis` to answer each call.
+    pub fn slow_graph(&self, millis: u64) {
+        self.state.graph_delay_ms.store(millis, Ordering::SeqCst);
+    }
+
     pub fn graph_calls(&self) -> u64 {
         self.state.graph_calls.load(Ordering::SeqCst)
     }
@@ -236,9 +258,16 @@ impl EntraDouble {
             "scp": "user_impersonation",
             "groups": groups,
         });
+        // The client application the access token was issued to: `appid` in v1, `azp` in v2.
         match ver {
-            Ver::V1 => claims["upn"] = json!(format!("{oid}@contoso.example")),
-            Ver::V2 => claims["preferred_username"] = json!(format!("{oid}@contoso.example")),
+            Ver::V1 => {
+                claims["upn"] = json!(format!("{oid}@contoso.example"));
+                claims["appid"] = json!(CLIENT_APP);
+            }
+            Ver::V2 => {
+                claims["preferred_username"] = json!(format!("{oid}@contoso.example"));
+                claims["azp"] = json!(CLIENT_APP);
+            }
         }
         claims
     }
@@ -339,6 +368,10 @@ async fn member_objects(
     };
     assert_eq!(body["securityEnabledOnly"], json!(true));
     state.graph_calls.fetch_add(1, Ordering::SeqCst);
+    let delay = state.graph_delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+    }
     if state
         .throttled_graph_calls
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -349,6 +382,18 @@ async fn member_objects(
             StatusCode::TOO_MANY_REQUESTS,
             [("retry-after", seconds.to_string())],
             Json(json!({"error": {"code": "TooManyRequests", "message": "Too many requests."}})),
+        )
+            .into_response();
+    }
+    if state
+        .forbidden_graph_calls
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        return (
+            StatusCode::FORBIDDEN,
+            Json(json!({"error": {"code": "Authorization_RequestDenied",
+                                  "message": "Insufficient privileges to complete the operation."}})),
         )
             .into_response();
     }
