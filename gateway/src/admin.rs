@@ -104,6 +104,11 @@ fn authorize(gateway: &Gateway, parts: &Parts) -> Result<Proof, GatewayError> {
             )),
         };
     }
+    if gateway.admin_signed_only {
+        return Err(GatewayError::AdminSignatureRefused {
+            reason: "this gateway takes only admin requests signed with its admin token (server.admin_signed_only), not the token itself".to_owned(),
+        });
+    }
     let presented = authorization.strip_prefix("Bearer ").unwrap_or("");
     let matches: bool = presented
         .as_bytes()

@@ -58,6 +58,7 @@ pub struct Gateway {
     /// Metrics.
     pub metrics: Metrics,
     pub(crate) admin_token: Option<Secret<String>>,
+    pub(crate) admin_signed_only: bool,
     pub(crate) state_dir: PathBuf,
     pub(crate) config_writes: tokio::sync::Mutex<()>,
     access_log: bool,
@@ -84,6 +85,8 @@ pub struct GatewayParts {
     pub state_dir: PathBuf,
     /// Admin token for the config endpoint.
     pub admin_token: Option<Secret<String>>,
+    /// Whether admin requests must be signed with the token (no `Authorization: Bearer`).
+    pub admin_signed_only: bool,
     /// Where audit records go.
     pub audit: Option<AuditQueue>,
     /// Whether every call writes a log line (the audit record holds the same and more).
@@ -223,6 +226,7 @@ impl Gateway {
             audit: parts.audit,
             metrics,
             admin_token: parts.admin_token,
+            admin_signed_only: parts.admin_signed_only,
             state_dir: parts.state_dir,
             config_writes: tokio::sync::Mutex::new(()),
             access_log: parts.access_log,

@@ -510,6 +510,7 @@ async fn serve(file: ConfigFile, config: &Path) -> anyhow::Result<()> {
         snapshot: file.snapshot,
         state_dir: settings.state_dir.clone(),
         admin_token,
+        admin_signed_only: settings.admin_signed_only,
         audit,
         access_log: settings.access_log,
         limits: settings.limits.clone(),

@@ -39,6 +39,11 @@ pub struct ServerSettings {
     /// Token that authorises `PUT /_gatehouse/config`; without it the endpoint is off.
     #[serde(default)]
     pub admin_token: Option<SecretRef>,
+    /// Take only admin requests signed with the admin token (as the portal sends them), never
+    /// the token itself as `Authorization: Bearer`: a gateway the portal manages then has no
+    /// use for its token outside the portal.
+    #[serde(default)]
+    pub admin_signed_only: bool,
     /// TLS termination; plain HTTP when absent.
     #[serde(default)]
     pub tls: Option<TlsSettings>,

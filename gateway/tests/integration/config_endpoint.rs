@@ -475,6 +475,48 @@ async fn a_push_signed_with_the_admin_token_is_taken_and_a_tampered_one_refused(
     azure_error(read("PUT").await.unwrap(), 401).await;
 }
 
+/// A gateway set to take only signed admin requests (`server.admin_signed_only`) refuses its
+/// own token as a bearer token, saying why, and takes the same push signed.
+#[tokio::test]
+async fn a_gateway_taking_signed_requests_only_refuses_the_bearer_token() {
+    use gatehouse_schema::admin_signature::{CONTENT_SHA256_HEADER, authorization, content_sha256};
+    let sim = simulator("config-signed-only").await;
+    let gw = TestGateway::start_taking_signed_admin_requests_only(snapshot(
+        1,
+        pools(&sim.url(), "gpt-4o"),
+    ))
+    .await;
+    let next = serde_json::to_vec(&snapshot(2, pools(&sim.url(), "gpt-4o-mini"))).unwrap();
+    let bearer = gw
+        .raw(reqwest::Method::PUT, "/_gatehouse/config")
+        .bearer_auth(ADMIN_TOKEN)
+        .header("content-type", "application/json")
+        .body(next.clone())
+        .send()
+        .await
+        .unwrap();
+    let message = azure_error(bearer, 401).await;
+    assert!(message.contains("admin_signed_only"), "{message}");
+    assert_eq!(gw.gateway.runtime().snapshot.version, 1);
+
+    let digest = content_sha256(&next);
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let signed = gw
+        .raw(reqwest::Method::PUT, "/_gatehouse/config")
+        .header(
+            "authorization",
+            authorization(ADMIN_TOKEN, "PUT", "/_gatehouse/config", now, &digest),
+        )
+        .header(CONTENT_SHA256_HEADER, digest)
+        .header("content-type", "application/json")
+        .body(next)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed.status(), 200);
+    assert_eq!(gw.gateway.runtime().snapshot.version, 2);
+}
+
 /// A push without the admin token is refused before its body is read, and a push whose body
 /// stops arriving is answered 408: neither holds memory or the connection.
 #[tokio::test]

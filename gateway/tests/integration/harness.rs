@@ -186,6 +186,7 @@ struct Settings {
     limits: LimitSettings,
     affinity: AffinitySettings,
     client_timeouts: ClientTimeouts,
+    admin_signed_only: bool,
 }
 
 /// A running gateway with an in-memory audit sink.
@@ -316,6 +317,19 @@ impl TestGateway {
         .unwrap()
     }
 
+    /// Starts a gateway that takes only signed admin requests (`server.admin_signed_only`).
+    pub async fn start_taking_signed_admin_requests_only(snapshot: ConfigSnapshot) -> TestGateway {
+        Self::start_fresh(
+            snapshot,
+            Settings {
+                admin_signed_only: true,
+                ..Settings::default()
+            },
+        )
+        .await
+        .unwrap()
+    }
+
     /// Starts a gateway on a fresh state directory, its records in memory.
     async fn start_fresh(
         snapshot: ConfigSnapshot,
@@ -340,6 +354,7 @@ impl TestGateway {
             snapshot,
             state_dir: state_dir.path().to_path_buf(),
             admin_token: Some(Secret::new(ADMIN_TOKEN.to_owned())),
+            admin_signed_only: settings.admin_signed_only,
             audit: Some(queue),
             access_log: true,
             secrets: settings.secrets,

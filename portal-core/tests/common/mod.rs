@@ -174,6 +174,7 @@ async fn gateway_started_on(
     let state = tempfile::tempdir().unwrap();
     let snapshot: ConfigSnapshot = serde_json::from_value(snapshot).unwrap();
     let gateway = Gateway::new(GatewayParts {
+        admin_signed_only: false,
         id: "portal-test".to_owned(),
         snapshot,
         state_dir: state.path().to_path_buf(),
