@@ -21,7 +21,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use common::provider::{LEADS_GROUP, Mode, Provider, info, oidc, provider, sign_in};
-use common::{TestPortal, location};
+use common::{CapturedLogs, TestPortal, location};
 use gatehouse_portal::oidc::{Oidc, OidcSettings, SignInError};
 use gatehouse_portal_core::SessionUser;
 use gatehouse_schema::portal::Role;
@@ -203,54 +203,13 @@ async fn asked_scopes(settings: OidcSettings) -> Vec<String> {
     scope.split(' ').map(str::to_owned).collect()
 }
 
-/// Log lines written as JSON while the guard [`CapturedLogs::install`] returns lives, on the
-/// test's thread (the portal's tasks run there too in a current-thread test).
-#[derive(Clone, Default)]
-struct CapturedLogs(Arc<Mutex<Vec<u8>>>);
-
-impl CapturedLogs {
-    fn install() -> (CapturedLogs, tracing::subscriber::DefaultGuard) {
-        let logs = CapturedLogs::default();
-        let writer = logs.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .json()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_writer(move || writer.clone())
-            .finish();
-        (logs, tracing::subscriber::set_default(subscriber))
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
-    }
-
-    /// The lines at WARN whose text holds `needle`.
-    fn warnings(&self, needle: &str) -> usize {
-        self.text()
-            .lines()
-            .map(|line| serde_json::from_str::<Value>(line).unwrap())
-            .filter(|line| line["level"] == "WARN" && line.to_string().contains(needle))
-            .count()
-    }
-}
-
-impl std::io::Write for CapturedLogs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 async fn portal(settings: OidcSettings) -> TestPortal {
     common::start(Some(settings)).await
 }
 
 #[tokio::test]
 async fn an_overage_user_gets_the_roles_of_groups_on_the_second_graph_page() {
-    let (logs, _guard) = CapturedLogs::install();
+    let (logs, _guard) = CapturedLogs::install_json();
     let provider = provider().await;
     *provider.mode.lock().unwrap() = Mode::Overage;
     let graph = graph_double(&provider).await;
@@ -298,7 +257,7 @@ async fn both_forms_of_the_overage_give_the_led_groups_from_graph() {
 
 #[tokio::test]
 async fn a_next_link_off_the_configured_graph_is_not_followed() {
-    let (logs, _guard) = CapturedLogs::install();
+    let (logs, _guard) = CapturedLogs::install_json();
     let provider = provider().await;
     *provider.mode.lock().unwrap() = Mode::Overage;
     let graph = graph_double(&provider).await;
@@ -343,7 +302,7 @@ async fn a_graph_without_a_last_page_is_read_fifty_pages_deep_at_most() {
 
 #[tokio::test]
 async fn a_failing_graph_refuses_a_user_without_an_app_role_and_says_why() {
-    let (logs, _guard) = CapturedLogs::install();
+    let (logs, _guard) = CapturedLogs::install_json();
     let provider = provider().await;
     *provider.mode.lock().unwrap() = Mode::Overage;
     let graph = graph_double(&provider).await;
@@ -398,7 +357,7 @@ async fn a_failing_graph_refuses_a_user_without_an_app_role_and_says_why() {
 
 #[tokio::test]
 async fn a_failing_graph_leaves_a_user_with_an_app_role_signed_in_with_it() {
-    let (logs, _guard) = CapturedLogs::install();
+    let (logs, _guard) = CapturedLogs::install_json();
     let provider = provider().await;
     *provider.mode.lock().unwrap() = Mode::OverageWithAppRole;
     let graph = graph_double(&provider).await;
@@ -449,7 +408,7 @@ async fn the_graph_scope_is_asked_for_only_when_graph_lookups_are_on() {
 
 #[tokio::test]
 async fn an_overage_with_graph_lookups_off_keeps_the_token_roles_and_warns() {
-    let (logs, _guard) = CapturedLogs::install();
+    let (logs, _guard) = CapturedLogs::install_json();
     let provider = provider().await;
     let portal = portal(settings(&provider, None)).await;
     *provider.mode.lock().unwrap() = Mode::OverageWithAppRole;

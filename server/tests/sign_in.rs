@@ -128,13 +128,7 @@ async fn the_dev_sign_in_is_refused_beside_openid_connect() {
 /// anyone can put in the callback's query, forges no log line.
 #[tokio::test]
 async fn an_error_in_the_callback_forges_no_log_line() {
-    let logs = TextLogs::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = common::CapturedLogs::install_text();
     let provider = provider().await;
     let portal = common::start(Some(oidc(&provider))).await;
     let mut browser = Browser::new(&portal);
@@ -146,26 +140,12 @@ async fn an_error_in_the_callback_forges_no_log_line() {
         ))
         .await;
     assert_eq!(response.status(), 403);
-    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let text = logs.text();
     assert!(text.contains("refused the sign-in"), "{text}");
     assert!(
         !text.lines().any(|line| line.starts_with("FORGED")),
         "{text}"
     );
-}
-
-/// Log lines written as text.
-#[derive(Clone, Default)]
-struct TextLogs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for TextLogs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 /// A self-signed certificate for the committed test-only RSA key: (DER, PEM of certificate and
