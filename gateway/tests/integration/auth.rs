@@ -283,13 +283,7 @@ async fn the_members_account_and_cookies_never_reach_the_caller() {
         )
     }))
     .await;
-    let gw = TestGateway::start(snapshot(
-        1,
-        json!([{"id": "p", "deployments": ["gpt-4o"], "members": [
-            {"id": "openai", "kind": "openai", "endpoint": format!("{member_url}/v1"), "priority": 1, "weight": 1},
-        ]}]),
-    ))
-    .await;
+    let gw = openai_gateway(&member_url).await;
     let response = gw
         .post("/v1/chat/completions")
         .json(&chat(Some("gpt-4o"), false))
@@ -330,13 +324,7 @@ async fn fields_named_by_connection_stay_on_their_hop() {
         },
     ))
     .await;
-    let gw = TestGateway::start(snapshot(
-        1,
-        json!([{"id": "p", "deployments": ["gpt-4o"], "members": [
-            {"id": "openai", "kind": "openai", "endpoint": format!("{member_url}/v1"), "priority": 1, "weight": 1},
-        ]}]),
-    ))
-    .await;
+    let gw = openai_gateway(&member_url).await;
     let response = gw
         .post("/v1/chat/completions")
         .header("connection", "X-Client-Hop , content-type")

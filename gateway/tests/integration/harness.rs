@@ -138,6 +138,18 @@ impl AuditSink for Gated {
     }
 }
 
+/// A gateway whose one pool serves `gpt-4o` from one OpenAI member at `url` (its API under
+/// `{url}/v1`).
+pub async fn openai_gateway(url: &str) -> TestGateway {
+    TestGateway::start(snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o"], "members": [
+            {"id": "openai", "kind": "openai", "endpoint": format!("{url}/v1"), "priority": 1, "weight": 1},
+        ]}]),
+    ))
+    .await
+}
+
 /// Serves `app` on a free loopback port, for as long as the test runs; its base URL.
 pub async fn serve_stub(app: axum::Router) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -399,16 +399,6 @@ async fn sse_backend(stream: fn(bool) -> Vec<String>) -> String {
     serve_stub(app).await
 }
 
-async fn openai_gateway(url: &str) -> TestGateway {
-    TestGateway::start(snapshot(
-        1,
-        json!([{"id": "p", "deployments": ["gpt-4o"], "members": [
-            {"id": "openai", "kind": "openai", "endpoint": format!("{url}/v1"), "priority": 1, "weight": 1},
-        ]}]),
-    ))
-    .await
-}
-
 #[tokio::test]
 async fn openai_members_are_asked_too_and_the_client_sees_openai_framing_unchanged() {
     let url = openai_backend().await;
