@@ -156,13 +156,7 @@ pub(crate) fn json_of<T: Serialize>(value: &T) -> Option<String> {
 /// (`sha256:` and 8 hex digits), which shows a rotation without handing the hash to every
 /// Auditor who reads the log.
 fn subscription_activity(row: &SubscriptionRow) -> Option<String> {
-    let fingerprint = |hash: &str| {
-        let end = hash
-            .char_indices()
-            .nth("sha256:".len() + 8)
-            .map_or(hash.len(), |(at, _)| at);
-        format!("{}…", &hash[..end])
-    };
+    let fingerprint = |hash: &str| format!("{}…", hash.get(.."sha256:".len() + 8).unwrap_or(hash));
     let mut value = serde_json::to_value(row).ok()?;
     for field in ["primary_key_hash", "secondary_key_hash"] {
         if let Some(hash) = value.get(field).and_then(serde_json::Value::as_str) {
