@@ -472,6 +472,8 @@ impl Portal {
         let reference = SecretRef::try_from(admin_token_ref.trim().to_owned())
             .map_err(|error| PortalError::invalid("admin_token_ref", error))?;
         let refs = self.publisher.admin_token_refs();
+        refs.check_gateway_url(&parsed)
+            .map_err(|why| PortalError::invalid("url", why))?;
         if !refs.allows(&reference) {
             return Err(PortalError::invalid(
                 "admin_token_ref",

@@ -417,7 +417,8 @@ pub fn signed(
 }
 
 /// The URL of one of a gateway's admin endpoints (path segments under its base URL) and its
-/// admin token, read from the token's secret reference if `refs` allows it.
+/// admin token, read from the token's secret reference if `refs` allows it, and the URL's
+/// transport too ([`AdminTokenRefs::check_gateway_url`]).
 pub async fn admin_endpoint(
     gateway: &GatewayRow,
     segments: &[&str],
@@ -425,8 +426,10 @@ pub async fn admin_endpoint(
 ) -> Result<(Url, String), String> {
     let reference = SecretRef::try_from(gateway.admin_token_ref.clone())
         .map_err(|_| "the admin token reference is not a secret reference".to_owned())?;
-    let token = refs.resolve(&reference).await?;
     let mut url = Url::parse(&gateway.url).map_err(|error| format!("gateway URL: {error}"))?;
+    // Also for a row written before the policy: nothing is signed for a URL it refuses.
+    refs.check_gateway_url(&url)?;
+    let token = refs.resolve(&reference).await?;
     url.path_segments_mut()
         .map_err(|()| "gateway URL cannot have a path".to_owned())?
         .pop_if_empty()

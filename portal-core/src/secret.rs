@@ -29,10 +29,17 @@ pub async fn resolve(reference: &SecretRef) -> Result<String, String> {
 /// the operator's prefixes (`--gateway-token-refs`), and the exact references the operator gave
 /// with `--gateway` at start; this holds where a reference is registered and again where it is
 /// read, so that a row written before the policy (or by hand) is not read either.
+///
+/// The same policy says where the requests a token signs may go: a snapshot carries the
+/// subscriptions' key hashes and a signed request can be replayed unchanged for minutes, so the
+/// portal talks to a gateway over plain `http://` only on a loopback host (`localhost`,
+/// `127.0.0.0/8`, `::1`), unless the operator allows it everywhere
+/// (`--allow-plain-http-gateways`, for a private network that is trusted as it is).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminTokenRefs {
     prefixes: Vec<SecretRef>,
     exact: Vec<SecretRef>,
+    plain_http_anywhere: bool,
 }
 
 /// The default prefixes: environment variables named `GATEHOUSE_GATEWAY_TOKEN…`, and files
@@ -45,6 +52,7 @@ impl Default for AdminTokenRefs {
         AdminTokenRefs::parse(DEFAULT_ADMIN_TOKEN_PREFIXES).unwrap_or(AdminTokenRefs {
             prefixes: Vec::new(),
             exact: Vec::new(),
+            plain_http_anywhere: false,
         })
     }
 }
@@ -82,7 +90,38 @@ impl AdminTokenRefs {
         Ok(AdminTokenRefs {
             prefixes,
             exact: Vec::new(),
+            plain_http_anywhere: false,
         })
+    }
+
+    /// This policy, letting the portal reach gateways over plain `http://` on any host when
+    /// `allowed` (else on loopback hosts only).
+    pub fn with_plain_http_anywhere(mut self, allowed: bool) -> Self {
+        self.plain_http_anywhere = allowed;
+        self
+    }
+
+    /// Whether the portal may send a gateway's requests to `url`: `https://` always, `http://`
+    /// on a loopback host, or anywhere when the operator allowed it. The refusal does not repeat
+    /// the URL.
+    pub fn check_gateway_url(&self, url: &url::Url) -> Result<(), String> {
+        if url.scheme() != "http" || self.plain_http_anywhere {
+            return Ok(());
+        }
+        let loopback = match url.host() {
+            Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+            None => false,
+        };
+        if loopback {
+            Ok(())
+        } else {
+            Err("a gateway on another host is reached over https:// only: the configuration \
+                 and the signed requests would cross the network in clear (start the portal \
+                 with --allow-plain-http-gateways for a network you trust as it is)"
+                .to_owned())
+        }
     }
 
     /// These references allowed as they are (the operator's own, from `--gateway`).
@@ -150,6 +189,39 @@ mod tests {
 
     fn reference(text: &str) -> SecretRef {
         SecretRef::try_from(text.to_owned()).unwrap()
+    }
+
+    #[test]
+    fn plain_http_reaches_loopback_gateways_only_unless_allowed() {
+        let refs = AdminTokenRefs::default();
+        let url = |text: &str| url::Url::parse(text).unwrap();
+        for ok in [
+            "https://gw.example.com",
+            "https://10.0.0.4:8443",
+            "http://127.0.0.1:8080",
+            "http://127.8.9.10",
+            "http://localhost:8080",
+            "http://LOCALHOST",
+            "http://[::1]:8080",
+        ] {
+            assert_eq!(refs.check_gateway_url(&url(ok)), Ok(()), "{ok}");
+        }
+        for refused in [
+            "http://gw.example.com",
+            "http://10.0.0.4:8080",
+            "http://[fd00::1]:8080",
+            "http://localhost.example.com",
+            "http://0.0.0.0:8080",
+        ] {
+            let why = refs.check_gateway_url(&url(refused)).unwrap_err();
+            assert!(why.contains("https://"), "{why}");
+            assert!(!why.contains(url(refused).host_str().unwrap()), "{why}");
+        }
+        let anywhere = refs.with_plain_http_anywhere(true);
+        assert_eq!(
+            anywhere.check_gateway_url(&url("http://gw.internal:8080")),
+            Ok(())
+        );
     }
 
     #[test]

@@ -823,3 +823,57 @@ async fn a_gateway_url_with_credentials_is_refused() {
         .unwrap();
     assert_eq!(db.gateways().await.unwrap()[0].url, "http://127.0.0.1:9/");
 }
+
+/// A gateway on another host is reached over https:// only: the Gateways page refuses a plain
+/// http:// URL there, and a row stored anyway (before the rule, or by hand) is not pushed to,
+/// its push error saying why. (`--allow-plain-http-gateways` lifting the rule is shown by
+/// `secret::tests::plain_http_reaches_loopback_gateways_only_unless_allowed`: a test here would
+/// ask a resolver for the host.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plain_http_gateway_on_another_host_is_refused_and_never_pushed_to() {
+    let test = common::sqlite().await;
+    let db = &test.db;
+    let portal = Portal {
+        db: db.clone(),
+        publisher: common::publisher(db),
+        settings: PortalSettings::default(),
+    };
+    let user = admin();
+    let token_ref = format!(
+        "file:{}/gatehouse-admin-token",
+        std::env::temp_dir().display()
+    );
+    for url in ["http://gw.example.invalid:8080", "http://10.0.0.4:8080"] {
+        let refused = portal
+            .register_gateway(Some(&user), "gw", url, &token_ref)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&refused, PortalError::Invalid { field: "url", message } if message.contains("https://")),
+            "{url}: {refused:?}"
+        );
+    }
+    assert!(db.gateways().await.unwrap().is_empty());
+    assert!(db.activity(10).await.unwrap().is_empty());
+
+    // Stored anyway: the push names the rule and reaches nothing (the host does not resolve, so
+    // a connection attempt would have said "unreachable" instead).
+    db.upsert_gateway(
+        "legacy",
+        "http://gw.example.invalid:8080/",
+        &token_ref,
+        NewActivity {
+            actor: "test",
+            action: "gateway.register",
+            target: "legacy",
+            before: None,
+            after: None,
+        },
+    )
+    .await
+    .unwrap();
+    let outcomes = portal.push_now(Some(&user)).await.unwrap();
+    let legacy = outcomes.iter().find(|o| o.gateway == "legacy").unwrap();
+    let why = legacy.result.as_ref().unwrap_err();
+    assert!(why.contains("https:// only"), "{why}");
+}

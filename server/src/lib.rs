@@ -115,6 +115,15 @@ pub async fn build(settings: Settings) -> anyhow::Result<PortalServer> {
     let db = ConfigDb::open(&settings.database)
         .await
         .context("config database")?;
+    // A gateway given at start over plain http:// to another host is refused as the Gateways
+    // page refuses it, before anything is pushed.
+    for (id, url, _) in &settings.gateways {
+        let url = url::Url::parse(url).with_context(|| format!("--gateway {id}: URL"))?;
+        settings
+            .admin_token_refs
+            .check_gateway_url(&url)
+            .map_err(|why| anyhow::anyhow!("--gateway {id}: {why}"))?;
+    }
     let admin_token_refs = settings.admin_token_refs.clone().with_exact(
         settings
             .gateways

@@ -111,6 +111,11 @@ struct Args {
         default_value = gatehouse_portal_core::secret::DEFAULT_ADMIN_TOKEN_PREFIXES
     )]
     gateway_token_refs: String,
+    /// Let the portal reach gateways over plain `http://` on any host, not only on loopback
+    /// ones: for a private network trusted as it is (the configuration, with the key hashes,
+    /// and the signed admin requests then cross it in clear).
+    #[arg(long, env = "GATEHOUSE_PORTAL_ALLOW_PLAIN_HTTP_GATEWAYS")]
+    allow_plain_http_gateways: bool,
     /// Dashboards and audit search: the embedded audit store, `sqlite:PATH` or `postgres://…`.
     #[arg(long, env = "GATEHOUSE_PORTAL_AUDIT_DATABASE")]
     audit_database: Option<String>,
@@ -312,7 +317,8 @@ async fn main() -> anyhow::Result<()> {
             .map(|text| gateway(text))
             .collect::<anyhow::Result<_>>()?,
         admin_token_refs: AdminTokenRefs::parse(&args.gateway_token_refs)
-            .map_err(|error| anyhow::anyhow!("--gateway-token-refs: {error}"))?,
+            .map_err(|error| anyhow::anyhow!("--gateway-token-refs: {error}"))?
+            .with_plain_http_anywhere(args.allow_plain_http_gateways),
         leptos,
         insights: insights(&args)?,
     };
