@@ -117,10 +117,12 @@ impl AdminTokenRefs {
         if loopback {
             Ok(())
         } else {
-            Err("a gateway on another host is reached over https:// only: the configuration \
+            Err(
+                "a gateway on another host is reached over https:// only: the configuration \
                  and the signed requests would cross the network in clear (start the portal \
                  with --allow-plain-http-gateways for a network you trust as it is)"
-                .to_owned())
+                    .to_owned(),
+            )
         }
     }
 
