@@ -34,6 +34,10 @@ use crate::warning_throttle::WarningThrottle;
 /// Responses API does not remember every response it ever saw.
 pub const RESPONSE_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
 
+/// How long an upload in parts is remembered: an upload expires an hour after it was created
+/// (OpenAI's API reference, `POST /uploads`); the file it becomes is pinned on its own, for good.
+pub const UPLOAD_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
 /// How long an object learnt from the shared map is remembered here without being used again
 /// by name (it is looked up in the shared map again after that).
 const LEARNT_LIFETIME: Duration = RESPONSE_LIFETIME;
@@ -45,7 +49,21 @@ const COMPACT_AFTER_LINES: usize = 10_000;
 /// Until when an object of `family` is remembered (unix seconds): `None` for objects that live
 /// until they are deleted.
 pub fn expiry_of(family: ObjectFamily, now: OffsetDateTime) -> Option<i64> {
-    (family == ObjectFamily::Response).then(|| (now + RESPONSE_LIFETIME).unix_timestamp())
+    let lifetime = match family {
+        // Stored responses and stored chat completions are kept 30 days; a container expires
+        // after a spell of disuse that its owner sets, so 30 days bounds what is remembered of it.
+        ObjectFamily::Response | ObjectFamily::ChatCompletion | ObjectFamily::Container => {
+            RESPONSE_LIFETIME
+        }
+        ObjectFamily::Upload => UPLOAD_LIFETIME,
+        ObjectFamily::File
+        | ObjectFamily::Batch
+        | ObjectFamily::FineTuningJob
+        | ObjectFamily::Assistant
+        | ObjectFamily::Thread
+        | ObjectFamily::VectorStore => return None,
+    };
+    Some((now + lifetime).unix_timestamp())
 }
 
 /// One journal line: an object was created on a member (or deleted, `member: None`), and until

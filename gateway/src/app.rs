@@ -54,7 +54,7 @@ pub struct Gateway {
     entra_credential: Option<TokenCredential>,
     /// Object → member map for stateful calls.
     pub affinity: AffinityMap,
-    audit: Option<AuditQueue>,
+    pub(crate) audit: Option<AuditQueue>,
     /// Metrics.
     pub metrics: Metrics,
     pub(crate) admin_token: Option<Secret<String>>,
@@ -563,6 +563,20 @@ async fn serve_call(
         caller,
         started,
     );
+    // The Realtime API is a WebSocket session, relayed by its own module.
+    if let Some(style) = crate::classify::realtime_style(parts.uri.path()) {
+        drop(body);
+        let mut response = crate::realtime::serve(gateway, style, parts, record)
+            .instrument(span)
+            .await;
+        if let Ok(value) = echoed_id {
+            response.headers_mut().insert("x-request-id", value);
+        }
+        if let Ok(value) = HeaderValue::from_str(&correlation_id) {
+            response.headers_mut().insert(CORRELATION_ID_HEADER, value);
+        }
+        return response;
+    }
     let gone = record.client_gone.clone();
     let in_flight = gateway.calls.enter();
     let call = async move {
@@ -699,7 +713,7 @@ async fn pipeline(
 }
 
 /// Step 3: the caller, by the keys and identity settings of `runtime`.
-async fn authenticate(
+pub(crate) async fn authenticate(
     gateway: &Gateway,
     runtime: &Runtime,
     parts: &Parts,
@@ -720,7 +734,7 @@ async fn authenticate(
 /// model without naming a deployment a pool serves (a Responses call continuing a stored
 /// response, which goes to the member that holds it); any other call is answered 404 without
 /// reaching a backend, and costs nothing.
-async fn limit(
+pub(crate) async fn limit(
     gateway: &Gateway,
     runtime: &Runtime,
     principal: &Principal,

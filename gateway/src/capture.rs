@@ -61,6 +61,11 @@ impl BodyCapture {
         self.limit
     }
 
+    /// Whether nothing was kept yet.
+    pub fn is_empty(&self) -> bool {
+        self.kept.is_empty()
+    }
+
     /// Whether bytes were dropped.
     pub fn truncated(&self) -> bool {
         self.truncated
@@ -299,8 +304,8 @@ impl SseTap {
     }
 
     /// The id of the object the stream has just announced it created, once: a Responses API
-    /// `response.created` event's response, or the thread of an Assistants stream that creates
-    /// one (its first `thread` object).
+    /// `response.created` event's response, the thread of an Assistants stream that creates one
+    /// (its first `thread` object), or a chat completion's (its first chunk's `id`).
     pub fn take_created(&mut self) -> Option<String> {
         self.assembler.created.take()
     }
@@ -929,6 +934,11 @@ impl StreamAssembler {
             if object == "thread" {
                 self.announce(chunk.get("id"));
                 return;
+            }
+            // A chat completion made with `"store": true` is kept under its chunks' `id` (the
+            // relay pins it only for such a call).
+            if object == "chat.completion.chunk" {
+                self.announce(chunk.get("id"));
             }
             self.object.get_or_insert_with(|| object.to_owned());
         }

@@ -58,6 +58,21 @@ pub enum ObjectFamily {
     Response,
     /// Vector stores.
     VectorStore,
+    /// Chat completions stored with `"store": true`.
+    ChatCompletion,
+    /// Uploads of a file in parts.
+    Upload,
+    /// Containers (the code interpreter's sandboxes).
+    Container,
+}
+
+impl ObjectFamily {
+    /// Whether objects of the family are made by model calls (a stored response, a stored chat
+    /// completion): such a call is retried on another member as every model call is, since a
+    /// second copy costs tokens but breaks nothing; other creates are not sent twice.
+    pub fn made_by_model_calls(self) -> bool {
+        matches!(self, ObjectFamily::Response | ObjectFamily::ChatCompletion)
+    }
 }
 
 /// A classified request.
@@ -167,7 +182,7 @@ pub fn classify(
         _ => return Err(GatewayError::UnknownRoute),
     };
     let rest: Vec<&str> = rest.iter().copied().filter(|s| !s.is_empty()).collect();
-    let route = route_of(method, &rest)?;
+    let mut route = route_of(method, &rest)?;
     if style == RouteStyle::AzureDeployment && !route.deployment_scoped {
         return Err(GatewayError::UnknownRoute);
     }
@@ -195,7 +210,18 @@ pub fn classify(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
+    if route.operation == OperationId::CreateContainerFile && is_multipart(content_type) {
+        // A container file is uploaded as a form or named (`file_id`) in a JSON body.
+        route.body_kind = BodyKind::Multipart;
+    }
     let (peek, tree) = parse_body(route.body_kind, content_type, body)?;
+    // A chat completion made with `"store": true` is kept by its member, which alone can answer
+    // about it afterwards.
+    if route.operation == OperationId::ChatCompletionsCreate
+        && peek.as_ref().and_then(|peek| peek.store) == Some(true)
+    {
+        route.creates = Some(ObjectFamily::ChatCompletion);
+    }
     // A model call's form is read for its `model` and `stream` fields (a file upload's is not).
     let mut form = if route.body_kind == BodyKind::Multipart
         && (deployment.is_some() || route.model_in_body)
@@ -275,6 +301,63 @@ pub fn classify(
     })
 }
 
+/// The Realtime API's WebSocket paths, by route style: `/openai/realtime` (Azure classic, the
+/// deployment in `deployment`), `/openai/v1/realtime` (Azure v1) and `/v1/realtime` (OpenAI),
+/// the model in `model`. `None` for any other path.
+pub(crate) fn realtime_style(path: &str) -> Option<RouteStyle> {
+    match path.trim_end_matches('/') {
+        "/openai/realtime" => Some(RouteStyle::AzureResource),
+        "/openai/v1/realtime" => Some(RouteStyle::AzureV1),
+        "/v1/realtime" => Some(RouteStyle::OpenAi),
+        _ => None,
+    }
+}
+
+/// Classifies a Realtime API session by its query: the deployment it names (`deployment`, as
+/// Azure's SDKs send it, else `model`, as the v1 and OpenAI routes take it) and the client's
+/// `api-version`.
+pub(crate) fn realtime(style: RouteStyle, query: Option<&str>) -> Result<Call, GatewayError> {
+    let named = query_param(query, "deployment").or_else(|| query_param(query, "model"));
+    let Some(named) = named else {
+        return Err(GatewayError::BadRequest {
+            message: "The Realtime API call names no deployment: add `deployment=` (Azure) or \
+                      `model=` to the URL's query."
+                .to_owned(),
+            param: Some("deployment"),
+        });
+    };
+    let deployment = valid_name(&named)?;
+    let api_version = query_param(query, "api-version");
+    if let Some(version) = &api_version
+        && (version.is_empty()
+            || version.len() > 64
+            || !version
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_')))
+    {
+        return Err(GatewayError::BadRequest {
+            message: "The api-version query parameter is not valid.".to_owned(),
+            param: Some("api-version"),
+        });
+    }
+    Ok(Call {
+        operation: OperationId::RealtimeSession,
+        style,
+        deployment: Some(deployment),
+        op_path: vec!["realtime".to_owned()],
+        api_version,
+        object: None,
+        creates: None,
+        body_kind: BodyKind::None,
+        is_stream: true,
+        form_prompt: None,
+        form_model: None,
+        peek: None,
+        json_body: Bytes::new(),
+        json: OnceLock::new(),
+    })
+}
+
 /// What a method and path make: the operation and how it is called.
 pub(crate) struct Route {
     pub(crate) operation: OperationId,
@@ -333,10 +416,32 @@ pub(crate) fn route_of(method: &Method, rest: &[&str]) -> Result<Route, GatewayE
     let delete = method == Method::DELETE;
     let route = match rest {
         ["chat", "completions"] if post => inference(Op::ChatCompletionsCreate, Json),
+        ["chat", "completions"] if get => resource(Op::ListChatCompletions, NoBody),
+        ["chat", "completions", id] if get => on(
+            resource(Op::GetChatCompletion, NoBody),
+            F::ChatCompletion,
+            id,
+        )?,
+        ["chat", "completions", id] if post => on(
+            resource(Op::UpdateChatCompletion, Json),
+            F::ChatCompletion,
+            id,
+        )?,
+        ["chat", "completions", id] if delete => on(
+            resource(Op::DeleteChatCompletion, NoBody),
+            F::ChatCompletion,
+            id,
+        )?,
+        ["chat", "completions", id, "messages"] if get => on(
+            resource(Op::GetChatCompletionMessages, NoBody),
+            F::ChatCompletion,
+            id,
+        )?,
         ["completions"] if post => inference(Op::CompletionsCreate, Json),
         ["embeddings"] if post => inference(Op::EmbeddingsCreate, Json),
         ["images", "generations"] if post => inference(Op::ImageGenerationsCreate, Json),
         ["images", "edits"] if post => inference(Op::ImageEditsCreate, Multipart),
+        ["images", "variations"] if post => inference(Op::ImageVariationsCreate, Multipart),
         ["audio", "transcriptions"] if post => inference(Op::TranscriptionsCreate, Multipart),
         ["audio", "translations"] if post => inference(Op::TranslationsCreate, Multipart),
         ["audio", "speech"] if post => inference(Op::SpeechCreate, Json),
@@ -360,6 +465,15 @@ pub(crate) fn route_of(method: &Method, rest: &[&str]) -> Result<Route, GatewayE
         ["files", id] if get => on(resource(Op::FilesGet, NoBody), F::File, id)?,
         ["files", id] if delete => on(resource(Op::FilesDelete, NoBody), F::File, id)?,
         ["files", id, "content"] if get => on(resource(Op::FilesGetContent, NoBody), F::File, id)?,
+
+        ["uploads"] if post => creating(resource(Op::CreateUpload, Json), F::Upload),
+        ["uploads", id, "parts"] if post => {
+            on(resource(Op::AddUploadPart, Multipart), F::Upload, id)?
+        }
+        ["uploads", id, "complete"] if post => {
+            on(resource(Op::CompleteUpload, Json), F::Upload, id)?
+        }
+        ["uploads", id, "cancel"] if post => on(resource(Op::CancelUpload, Json), F::Upload, id)?,
 
         ["batches"] if get => resource(Op::BatchList, NoBody),
         ["batches"] if post => creating(resource(Op::BatchCreate, Json), F::Batch),
@@ -481,6 +595,18 @@ pub(crate) fn route_of(method: &Method, rest: &[&str]) -> Result<Route, GatewayE
             id,
             f,
         )?,
+        ["vector_stores", id, "files", f] if post => on_with(
+            resource(Op::UpdateVectorStoreFileAttributes, Json),
+            F::VectorStore,
+            id,
+            f,
+        )?,
+        ["vector_stores", id, "files", f, "content"] if get => on_with(
+            resource(Op::RetrieveVectorStoreFileContent, NoBody),
+            F::VectorStore,
+            id,
+            f,
+        )?,
         ["vector_stores", id, "files", f] if delete => on_with(
             resource(Op::DeleteVectorStoreFile, NoBody),
             F::VectorStore,
@@ -509,6 +635,37 @@ pub(crate) fn route_of(method: &Method, rest: &[&str]) -> Result<Route, GatewayE
             F::VectorStore,
             id,
             b,
+        )?,
+
+        ["containers"] if get => resource(Op::ListContainers, NoBody),
+        ["containers"] if post => creating(resource(Op::CreateContainer, Json), F::Container),
+        ["containers", id] if get => on(resource(Op::RetrieveContainer, NoBody), F::Container, id)?,
+        ["containers", id] if delete => {
+            on(resource(Op::DeleteContainer, NoBody), F::Container, id)?
+        }
+        ["containers", id, "files"] if get => {
+            on(resource(Op::ListContainerFiles, NoBody), F::Container, id)?
+        }
+        ["containers", id, "files"] if post => {
+            on(resource(Op::CreateContainerFile, Json), F::Container, id)?
+        }
+        ["containers", id, "files", f] if get => on_with(
+            resource(Op::RetrieveContainerFile, NoBody),
+            F::Container,
+            id,
+            f,
+        )?,
+        ["containers", id, "files", f] if delete => on_with(
+            resource(Op::DeleteContainerFile, NoBody),
+            F::Container,
+            id,
+            f,
+        )?,
+        ["containers", id, "files", f, "content"] if get => on_with(
+            resource(Op::RetrieveContainerFileContent, NoBody),
+            F::Container,
+            id,
+            f,
         )?,
         _ => return Err(GatewayError::UnknownRoute),
     };
@@ -630,6 +787,16 @@ fn parse_body(
         ))),
         _ => Ok((None, None)),
     }
+}
+
+/// Whether a Content-Type names a form (`multipart/form-data`, in any case).
+fn is_multipart(content_type: &str) -> bool {
+    content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .eq_ignore_ascii_case("multipart/form-data")
 }
 
 fn unsupported(message: String) -> GatewayError {
@@ -836,4 +1003,340 @@ fn disposition_name(disposition: &[u8]) -> Result<Option<String>, NameProblem> {
         None => (*value).to_owned(),
     };
     Ok(Some(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json_headers() -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+        headers
+    }
+
+    fn form_headers() -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            "multipart/form-data; boundary=b".parse().unwrap(),
+        );
+        headers
+    }
+
+    /// A form with a `model` field.
+    fn form_body() -> Bytes {
+        Bytes::from_static(
+            b"--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ndall-e-2\r\n\
+              --b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\
+              Content-Type: image/png\r\n\r\nPNG\r\n--b--\r\n",
+        )
+    }
+
+    /// Routes the README once listed as unrouted, in each style that has them: their operation,
+    /// the object they address and the one they create.
+    #[test]
+    fn stored_completions_uploads_containers_and_the_rest_are_classified() {
+        use ObjectFamily as F;
+        use OperationId as Op;
+        let json = Bytes::from_static(b"{\"metadata\": {\"k\": \"v\"}}");
+        let none = Bytes::new();
+        // (method, path after the style prefix, body, operation, addressed object, created family)
+        type Case<'a> = (
+            Method,
+            &'a str,
+            &'a Bytes,
+            Op,
+            Option<(F, &'a str)>,
+            Option<F>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                Method::GET,
+                "chat/completions",
+                &none,
+                Op::ListChatCompletions,
+                None,
+                None,
+            ),
+            (
+                Method::GET,
+                "chat/completions/chatcmpl-1",
+                &none,
+                Op::GetChatCompletion,
+                Some((F::ChatCompletion, "chatcmpl-1")),
+                None,
+            ),
+            (
+                Method::POST,
+                "chat/completions/chatcmpl-1",
+                &json,
+                Op::UpdateChatCompletion,
+                Some((F::ChatCompletion, "chatcmpl-1")),
+                None,
+            ),
+            (
+                Method::DELETE,
+                "chat/completions/chatcmpl-1",
+                &none,
+                Op::DeleteChatCompletion,
+                Some((F::ChatCompletion, "chatcmpl-1")),
+                None,
+            ),
+            (
+                Method::GET,
+                "chat/completions/chatcmpl-1/messages",
+                &none,
+                Op::GetChatCompletionMessages,
+                Some((F::ChatCompletion, "chatcmpl-1")),
+                None,
+            ),
+            (
+                Method::POST,
+                "uploads",
+                &json,
+                Op::CreateUpload,
+                None,
+                Some(F::Upload),
+            ),
+            (
+                Method::POST,
+                "uploads/upload_1/complete",
+                &json,
+                Op::CompleteUpload,
+                Some((F::Upload, "upload_1")),
+                None,
+            ),
+            (
+                Method::POST,
+                "uploads/upload_1/cancel",
+                &none,
+                Op::CancelUpload,
+                Some((F::Upload, "upload_1")),
+                None,
+            ),
+            (
+                Method::POST,
+                "vector_stores/vs_1/files/file-1",
+                &json,
+                Op::UpdateVectorStoreFileAttributes,
+                Some((F::VectorStore, "vs_1")),
+                None,
+            ),
+            (
+                Method::GET,
+                "vector_stores/vs_1/files/file-1/content",
+                &none,
+                Op::RetrieveVectorStoreFileContent,
+                Some((F::VectorStore, "vs_1")),
+                None,
+            ),
+            (
+                Method::GET,
+                "containers",
+                &none,
+                Op::ListContainers,
+                None,
+                None,
+            ),
+            (
+                Method::POST,
+                "containers",
+                &json,
+                Op::CreateContainer,
+                None,
+                Some(F::Container),
+            ),
+            (
+                Method::GET,
+                "containers/cntr_1",
+                &none,
+                Op::RetrieveContainer,
+                Some((F::Container, "cntr_1")),
+                None,
+            ),
+            (
+                Method::DELETE,
+                "containers/cntr_1",
+                &none,
+                Op::DeleteContainer,
+                Some((F::Container, "cntr_1")),
+                None,
+            ),
+            (
+                Method::GET,
+                "containers/cntr_1/files",
+                &none,
+                Op::ListContainerFiles,
+                Some((F::Container, "cntr_1")),
+                None,
+            ),
+            (
+                Method::POST,
+                "containers/cntr_1/files",
+                &json,
+                Op::CreateContainerFile,
+                Some((F::Container, "cntr_1")),
+                None,
+            ),
+            (
+                Method::GET,
+                "containers/cntr_1/files/cfile_1",
+                &none,
+                Op::RetrieveContainerFile,
+                Some((F::Container, "cntr_1")),
+                None,
+            ),
+            (
+                Method::DELETE,
+                "containers/cntr_1/files/cfile_1",
+                &none,
+                Op::DeleteContainerFile,
+                Some((F::Container, "cntr_1")),
+                None,
+            ),
+            (
+                Method::GET,
+                "containers/cntr_1/files/cfile_1/content",
+                &none,
+                Op::RetrieveContainerFileContent,
+                Some((F::Container, "cntr_1")),
+                None,
+            ),
+        ];
+        for prefix in ["/openai/", "/openai/v1/", "/v1/"] {
+            for (method, rest, body, operation, object, creates) in &cases {
+                let path = format!("{prefix}{rest}");
+                let headers = if body.is_empty() {
+                    HeaderMap::new()
+                } else {
+                    json_headers()
+                };
+                let call = classify(
+                    method,
+                    &path,
+                    Some("api-version=2025-04-01-preview"),
+                    &headers,
+                    body,
+                )
+                .unwrap_or_else(|error| panic!("{method} {path}: {error:?}"));
+                assert_eq!(call.operation, *operation, "{method} {path}");
+                assert_eq!(
+                    call.object,
+                    object.map(|(family, id)| (family, id.to_owned())),
+                    "{method} {path}"
+                );
+                assert_eq!(call.creates, *creates, "{method} {path}");
+                assert_eq!(call.deployment, None, "{method} {path}");
+            }
+            // None of them is a deployment route.
+            let path = "/openai/deployments/gpt-4o/chat/completions/chatcmpl-1";
+            assert!(matches!(
+                classify(&Method::GET, path, None, &HeaderMap::new(), &none),
+                Err(GatewayError::UnknownRoute)
+            ));
+        }
+    }
+
+    #[test]
+    fn an_upload_part_and_a_container_file_may_be_forms() {
+        let part = classify(
+            &Method::POST,
+            "/openai/uploads/upload_1/parts",
+            Some("api-version=2025-04-01-preview"),
+            &form_headers(),
+            &form_body(),
+        )
+        .unwrap();
+        assert_eq!(part.operation, OperationId::AddUploadPart);
+        assert_eq!(part.body_kind, BodyKind::Multipart);
+        // A part must be a form.
+        assert!(matches!(
+            classify(
+                &Method::POST,
+                "/openai/uploads/upload_1/parts",
+                None,
+                &json_headers(),
+                &Bytes::from_static(b"{}"),
+            ),
+            Err(GatewayError::UnsupportedMediaType { .. })
+        ));
+        // A container file is a form or JSON naming a file.
+        let form = classify(
+            &Method::POST,
+            "/v1/containers/cntr_1/files",
+            None,
+            &form_headers(),
+            &form_body(),
+        )
+        .unwrap();
+        assert_eq!(form.body_kind, BodyKind::Multipart);
+        let named = classify(
+            &Method::POST,
+            "/v1/containers/cntr_1/files",
+            None,
+            &json_headers(),
+            &Bytes::from_static(b"{\"file_id\": \"file-1\"}"),
+        )
+        .unwrap();
+        assert_eq!(named.body_kind, BodyKind::Json);
+    }
+
+    #[test]
+    fn an_image_variation_names_its_model_in_the_form() {
+        let call = classify(
+            &Method::POST,
+            "/v1/images/variations",
+            None,
+            &form_headers(),
+            &form_body(),
+        )
+        .unwrap();
+        assert_eq!(call.operation, OperationId::ImageVariationsCreate);
+        assert_eq!(call.deployment.as_deref(), Some("dall-e-2"));
+        assert!(call.operation.is_inference());
+    }
+
+    #[test]
+    fn only_a_chat_completion_asked_to_be_stored_creates_an_object() {
+        let chat = |body: &'static [u8]| {
+            classify(
+                &Method::POST,
+                "/openai/v1/chat/completions",
+                None,
+                &json_headers(),
+                &Bytes::from_static(body),
+            )
+        };
+        let stored = chat(b"{\"model\": \"gpt-4o\", \"store\": true, \"messages\": []}").unwrap();
+        assert_eq!(stored.creates, Some(ObjectFamily::ChatCompletion));
+        for body in [
+            &b"{\"model\": \"gpt-4o\", \"messages\": []}"[..],
+            b"{\"model\": \"gpt-4o\", \"store\": false, \"messages\": []}",
+            b"{\"model\": \"gpt-4o\", \"store\": \"yes\", \"messages\": []}",
+        ] {
+            assert_eq!(
+                chat(body).unwrap().creates,
+                None,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        // Given twice, a backend could read the other one: refused.
+        let twice = chat(b"{\"model\": \"gpt-4o\", \"store\": false, \"store\": true}");
+        assert!(
+            matches!(
+                &twice,
+                Err(GatewayError::BadRequest {
+                    param: Some("store"),
+                    ..
+                })
+            ),
+            "{twice:?}"
+        );
+        // A name written with escapes is the name a backend reads.
+        let escaped =
+            chat(b"{\"model\": \"gpt-4o\", \"st\\u006fre\": true, \"messages\": []}").unwrap();
+        assert_eq!(escaped.creates, Some(ObjectFamily::ChatCompletion));
+    }
 }

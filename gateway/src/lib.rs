@@ -62,6 +62,7 @@ pub mod metrics;
 pub mod peek;
 pub mod pool;
 pub mod proxy;
+mod realtime;
 pub mod record;
 mod redis_connection;
 pub mod retry_hint;

@@ -26,6 +26,8 @@ pub struct RequestPeek {
     pub stream: Option<bool>,
     /// Top-level `stream_options`.
     pub stream_options: StreamOptions,
+    /// Top-level `store`, when it is a boolean (a chat completion kept by its member).
+    pub store: Option<bool>,
     /// Whether the body has a member that names a stateful object (`input_file_id`,
     /// `assistant_id`, `file_ids`, …), so that routing must look at it.
     pub references: bool,
@@ -129,6 +131,7 @@ impl RequestPeek {
             model: body.get("model").and_then(Value::as_str).map(str::to_owned),
             stream: body.get("stream").and_then(Value::as_bool),
             stream_options,
+            store: body.get("store").and_then(Value::as_bool),
             references: body
                 .as_object()
                 .is_some_and(|members| members.keys().any(|key| is_reference_key(key))),
@@ -358,6 +361,7 @@ enum Key {
     Model,
     Stream,
     StreamOptions,
+    Store,
     Usage,
     IncludeUsage,
     Reference,
@@ -397,6 +401,7 @@ impl<'de> de::Deserialize<'de> for Key {
                     "model" => Key::Model,
                     "stream" => Key::Stream,
                     "stream_options" => Key::StreamOptions,
+                    "store" => Key::Store,
                     "usage" => Key::Usage,
                     "include_usage" => Key::IncludeUsage,
                     key if is_reference_key(key) => Key::Reference,
@@ -619,7 +624,7 @@ impl<'de> de::Deserialize<'de> for RequestPeek {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RequestPeek, A::Error> {
                 let mut peek = RequestPeek::default();
-                let mut seen = [false; 3];
+                let mut seen = [false; 4];
                 let mut once = |peek: &mut RequestPeek, index: usize, name: &'static str| {
                     if std::mem::replace(&mut seen[index], true) && peek.duplicate.is_none() {
                         peek.duplicate = Some(name);
@@ -638,6 +643,10 @@ impl<'de> de::Deserialize<'de> for RequestPeek {
                         Key::StreamOptions => {
                             once(&mut peek, 2, "stream_options");
                             peek.stream_options = map.next_value()?;
+                        }
+                        Key::Store => {
+                            once(&mut peek, 3, "store");
+                            peek.store = map.next_value::<Scalar>()?.as_bool();
                         }
                         Key::Reference => {
                             peek.references = true;

@@ -305,7 +305,7 @@ pub async fn forward(
                 if !error.is_connect()
                     && call
                         .creates
-                        .is_some_and(|family| family != ObjectFamily::Response)
+                        .is_some_and(|family| !family.made_by_model_calls())
                 {
                     return Err(GatewayError::OutcomeUnknown {
                         timed_out: error.is_timeout(),
@@ -346,7 +346,7 @@ pub async fn forward(
             let outcome_unknown = matches!(status.as_u16(), 500 | 502 | 504)
                 && call
                     .creates
-                    .is_some_and(|family| family != ObjectFamily::Response);
+                    .is_some_and(|family| !family.made_by_model_calls());
             if !outcome_unknown {
                 // Nothing has reached the client: the next member gets the call at once.
                 continue;
@@ -400,7 +400,7 @@ impl Answered {
 }
 
 /// The id a member is sent as `x-request-id`: the client's own, else the call's correlation id.
-fn request_id(record: &Option<CallRecord>) -> Option<&str> {
+pub(crate) fn request_id(record: &Option<CallRecord>) -> Option<&str> {
     record.as_ref().map(|r| {
         r.client_request_id
             .as_deref()
@@ -410,7 +410,7 @@ fn request_id(record: &Option<CallRecord>) -> Option<&str> {
 
 /// An attempt that failed before anything reached the client: the member could not be reached,
 /// throttled (429) or failed (5xx).
-struct FailedAttempt {
+pub(crate) struct FailedAttempt {
     /// The member's status, when it answered.
     status: Option<u16>,
     /// How long the member is set aside.
@@ -421,9 +421,25 @@ struct FailedAttempt {
 }
 
 impl FailedAttempt {
+    /// An attempt that ended with `status` (when the member answered) after `elapsed_ms`, its
+    /// member to be set aside for `wait`; `outcome` names it in metrics and the record.
+    pub(crate) fn new(
+        status: Option<u16>,
+        wait: Duration,
+        outcome: &'static str,
+        elapsed_ms: u64,
+    ) -> FailedAttempt {
+        FailedAttempt {
+            status,
+            wait,
+            outcome,
+            elapsed_ms,
+        }
+    }
+
     /// Sets `member` aside (as throttled after a 429, else as failing), notes a 429's wait as
     /// the call's shortest throttle so far, and counts and records the attempt.
-    fn set_aside(
+    pub(crate) fn set_aside(
         self,
         gateway: &Gateway,
         member: &Member,
@@ -474,14 +490,14 @@ fn shut_down(record: &mut Option<CallRecord>, member: &Member, started: Instant)
 
 /// No member is left to try and none is set aside as throttled: 429 when a member answered this
 /// call with a 429 (its wait was zero, so it is not set aside), else 503.
-fn out_of_members(throttled: Option<Duration>) -> GatewayError {
+pub(crate) fn out_of_members(throttled: Option<Duration>) -> GatewayError {
     match throttled {
         Some(wait) => GatewayError::AllThrottled { retry_after: wait },
         None => GatewayError::AllUnavailable,
     }
 }
 
-fn note_attempt(
+pub(crate) fn note_attempt(
     record: &mut Option<CallRecord>,
     member: &Member,
     status: Option<u16>,
@@ -991,7 +1007,7 @@ fn upstream_body(
 /// The header that carries the member's credential: its key as `api-key` (Azure) or
 /// `Authorization: Bearer` (OpenAI), or an Entra access token as `Authorization: Bearer` (and no
 /// `api-key`). Marked sensitive, so that it is never logged.
-async fn credential_header(
+pub(crate) async fn credential_header(
     member: &Member,
 ) -> Result<Option<(HeaderName, HeaderValue)>, crate::entra_credential::CredentialError> {
     let (name, value) = match &member.credential {
@@ -1140,12 +1156,17 @@ async fn relay(
             }
             // A response that is too large to read whole (images of the image-generation tool
             // in its output) is relayed as it streams, pinned by the `id` it opens with.
-            Err(ReadCut::TooLarge(head)) if call.creates == Some(ObjectFamily::Response) => {
-                let stored = call
-                    .json()
-                    .and_then(|body| body.get("store"))
-                    .and_then(Value::as_bool)
-                    != Some(false);
+            Err(ReadCut::TooLarge(head))
+                if call.creates.is_some_and(ObjectFamily::made_by_model_calls) =>
+            {
+                // A stored chat completion's call asked for it to be kept; a response is kept
+                // unless it asked not to be.
+                let stored = call.creates == Some(ObjectFamily::ChatCompletion)
+                    || call
+                        .json()
+                        .and_then(|body| body.get("store"))
+                        .and_then(Value::as_bool)
+                        != Some(false);
                 if stored && let Some(id) = crate::peek::leading_member_str(&head, "id") {
                     remember_object(gateway, &call, &member, &id).await;
                 }
@@ -1474,7 +1495,7 @@ impl RelayBody {
 /// Sets aside a member whose answer broke or fell silent after it began, for the time a failing
 /// member is set aside when nothing says otherwise; a longer wait it already has (a throttle's
 /// `Retry-After`) stands.
-fn set_aside_after_cut(member: &Member) {
+pub(crate) fn set_aside_after_cut(member: &Member) {
     member.health.set_aside_at_least(
         SetAsideReason::Failing,
         retry_hint::DEFAULT_SET_ASIDE,
@@ -1718,6 +1739,8 @@ fn call_deletes(call: &Call) -> bool {
             | Op::DeleteThread
             | Op::DeleteResponse
             | Op::DeleteVectorStore
+            | Op::DeleteChatCompletion
+            | Op::DeleteContainer
     )
 }
 
@@ -1766,7 +1789,7 @@ async fn read_limited(
 }
 
 /// Whether the answer to `call` may name files its member made itself: a batch's output and
-/// error files, a fine-tuning job's result files.
+/// error files, a fine-tuning job's result files, the file a completed upload became.
 fn names_produced_files(call: &Call) -> bool {
     use gatehouse_schema::OperationId as Op;
     matches!(
@@ -1777,12 +1800,13 @@ fn names_produced_files(call: &Call) -> bool {
             | Op::FineTuningGet
             | Op::FineTuningList
             | Op::FineTuningCancel
+            | Op::CompleteUpload
     )
 }
 
-/// The ids of the files an answer about batches or fine-tuning jobs names as made by the backend
-/// (`output_file_id`, `error_file_id`, `result_files`), of the object or of each in a list's
-/// `data`.
+/// The ids of the files an answer about batches, fine-tuning jobs or uploads names as made by the
+/// backend (`output_file_id`, `error_file_id`, `result_files`, a completed upload's `file`), of
+/// the object or of each in a list's `data`.
 fn produced_files(answer: &Value) -> Vec<String> {
     let objects: Vec<&Value> = match answer.get("data").and_then(Value::as_array) {
         Some(items) => items.iter().collect(),
@@ -1797,6 +1821,12 @@ fn produced_files(answer: &Value) -> Vec<String> {
         }
         if let Some(files) = object.get("result_files").and_then(Value::as_array) {
             ids.extend(files.iter().filter_map(Value::as_str).map(str::to_owned));
+        }
+        // A completed upload: `{"object": "upload", "status": "completed", "file": {"id": …}}`.
+        if object.get("object").and_then(Value::as_str) == Some("upload")
+            && let Some(id) = object.pointer("/file/id").and_then(Value::as_str)
+        {
+            ids.push(id.to_owned());
         }
     }
     ids.retain(|id| !id.is_empty());

@@ -50,6 +50,10 @@ pub struct BackendClient {
     direct: Client<TimedConnector, Full<Bytes>>,
     /// Set only when the environment names a proxy: which URLs it covers, and a client for them.
     proxy: Option<(std::sync::Arc<Matcher>, reqwest::Client)>,
+    /// The member's TLS settings offering HTTP/1.1 only, for WebSocket connections (an upgrade
+    /// is an HTTP/1.1 exchange).
+    websocket_tls: std::sync::Arc<rustls::ClientConfig>,
+    connect_timeout: Duration,
 }
 
 impl std::fmt::Debug for BackendClient {
@@ -215,6 +219,8 @@ impl BackendClient {
         connect_timeout: Duration,
     ) -> Result<BackendClient, String> {
         let config = tls_config(tls, files)?;
+        let mut websocket_tls = config.clone();
+        websocket_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -244,7 +250,77 @@ impl BackendClient {
         } else {
             None
         };
-        Ok(BackendClient { direct, proxy })
+        Ok(BackendClient {
+            direct,
+            proxy,
+            websocket_tls: std::sync::Arc::new(websocket_tls),
+            connect_timeout,
+        })
+    }
+
+    /// Opens a WebSocket to `request`'s URL (`ws://` or `wss://`, its headers the member's
+    /// credential and the like): the TCP connection and the TLS handshake within the connect
+    /// timeout, the WebSocket handshake within `handshake_timeout`. A member that answers the
+    /// upgrade with another status than 101 gives [`WebSocketRefusal::Answered`], with its status,
+    /// headers and body. A proxy named by the environment is not used for WebSockets.
+    pub async fn connect_websocket(
+        &self,
+        request: http::Request<()>,
+        handshake_timeout: Duration,
+    ) -> Result<
+        (
+            tokio_tungstenite::WebSocketStream<WebSocketTransport>,
+            http::Response<Option<Vec<u8>>>,
+        ),
+        WebSocketRefusal,
+    > {
+        let uri = request.uri().clone();
+        let secure = match uri.scheme_str() {
+            Some("wss") => true,
+            Some("ws") => false,
+            _ => {
+                return Err(WebSocketRefusal::Unreachable(
+                    "not a ws:// or wss:// URL".into(),
+                ));
+            }
+        };
+        let host = uri
+            .host()
+            .ok_or_else(|| WebSocketRefusal::Unreachable("the URL names no host".into()))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
+        let connecting = async {
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+                .await
+                .map_err(|error| WebSocketRefusal::Unreachable(error.to_string()))?;
+            let _ = tcp.set_nodelay(true);
+            if !secure {
+                return Ok(WebSocketTransport::Plain(tcp));
+            }
+            let name = rustls::pki_types::ServerName::try_from(host.clone())
+                .map_err(|error| WebSocketRefusal::Unreachable(error.to_string()))?;
+            let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::clone(&self.websocket_tls))
+                .connect(name, tcp)
+                .await
+                .map_err(|error| WebSocketRefusal::Unreachable(error.to_string()))?;
+            Ok(WebSocketTransport::Tls(Box::new(tls)))
+        };
+        let transport = tokio::time::timeout(self.connect_timeout, connecting)
+            .await
+            .map_err(|_| {
+                WebSocketRefusal::Unreachable(ConnectTimedOut(self.connect_timeout).to_string())
+            })??;
+        let handshake = tokio_tungstenite::client_async_with_config(request, transport, None);
+        match tokio::time::timeout(handshake_timeout, handshake).await {
+            Err(_) => Err(WebSocketRefusal::TimedOut),
+            Ok(Ok(connected)) => Ok(connected),
+            Ok(Err(tokio_tungstenite::tungstenite::Error::Http(answer))) => {
+                Err(WebSocketRefusal::Answered(*answer))
+            }
+            Ok(Err(error)) => Err(WebSocketRefusal::Broke(error.to_string())),
+        }
     }
 
     /// Sends one request; the body is a buffer, so a failed attempt can be sent again elsewhere.
@@ -333,6 +409,68 @@ impl tower::Service<Uri> for TimedConnector {
             }
         })
     }
+}
+
+/// The connection under a WebSocket to a member: plain TCP (`ws://`) or TLS (`wss://`).
+#[derive(Debug)]
+pub enum WebSocketTransport {
+    /// `ws://`.
+    Plain(tokio::net::TcpStream),
+    /// `wss://`.
+    Tls(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for WebSocketTransport {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            WebSocketTransport::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            WebSocketTransport::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for WebSocketTransport {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            WebSocketTransport::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
+            WebSocketTransport::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            WebSocketTransport::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
+            WebSocketTransport::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            WebSocketTransport::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
+            WebSocketTransport::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Why a member's WebSocket could not be opened.
+#[derive(Debug)]
+pub enum WebSocketRefusal {
+    /// No connection (TCP, TLS) was made.
+    Unreachable(String),
+    /// The member did not finish the handshake in time.
+    TimedOut,
+    /// The member answered the upgrade with another status than 101.
+    Answered(http::Response<Option<Vec<u8>>>),
+    /// The handshake failed otherwise (a malformed answer, a connection cut).
+    Broke(String),
 }
 
 /// A backend's response body as it streams in.

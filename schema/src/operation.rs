@@ -5,7 +5,10 @@
 //! (`tolower(OperationId) in (...)`) match (see `azure-specs.md` §2.8). Inference ids come from the
 //! inference spec (2023-05-15 / 2025-03-01-preview); files, batches, fine-tuning and models from the
 //! authoring spec (2024-10-21); assistants, threads, responses and vector stores from the
-//! 2025-03-01-preview spec that Microsoft's AI-Gateway labs import.
+//! 2025-03-01-preview spec that Microsoft's AI-Gateway labs import; containers from the labs' v1
+//! spec (`AIFoundryOpenAIV1.json`). Stored chat completions, image variations and uploads are in
+//! neither Azure spec: their ids are those of the OpenAI spec the labs import for OpenAI
+//! backends (`LLMOpenAI.json`), lower-cased likewise.
 
 use serde::{Deserialize, Serialize};
 
@@ -46,12 +49,27 @@ operations! {
     ImageGenerationsCreate => "imagegenerations_create",
     /// Image edits.
     ImageEditsCreate => "imageedits_create",
+    /// Image variations (multipart; OpenAI's `createImageVariation`).
+    ImageVariationsCreate => "createimagevariation",
     /// Audio transcription (multipart).
     TranscriptionsCreate => "transcriptions_create",
     /// Audio translation (multipart).
     TranslationsCreate => "translations_create",
     /// Text to speech (binary response).
     SpeechCreate => "speech_create",
+    /// A Realtime API session over a WebSocket. API Management's WebSocket APIs have one
+    /// operation, `onHandshake`, under which it logs the connection.
+    RealtimeSession => "onhandshake",
+    /// Stored chat completions: list (OpenAI's `listChatCompletions`).
+    ListChatCompletions => "listchatcompletions",
+    /// Stored chat completions: get one.
+    GetChatCompletion => "getchatcompletion",
+    /// Stored chat completions: change the metadata of one.
+    UpdateChatCompletion => "updatechatcompletion",
+    /// Stored chat completions: delete one.
+    DeleteChatCompletion => "deletechatcompletion",
+    /// Stored chat completions: the messages of one.
+    GetChatCompletionMessages => "getchatcompletionmessages",
     /// Responses API: create.
     CreateResponse => "create_response",
     /// Responses API: get.
@@ -74,6 +92,14 @@ operations! {
     FilesDelete => "files_delete",
     /// Files: download content.
     FilesGetContent => "files_getcontent",
+    /// Uploads: begin a file upload in parts (OpenAI's `createUpload`).
+    CreateUpload => "createupload",
+    /// Uploads: add a part (multipart).
+    AddUploadPart => "adduploadpart",
+    /// Uploads: complete, making the file.
+    CompleteUpload => "completeupload",
+    /// Uploads: cancel.
+    CancelUpload => "cancelupload",
     /// Batches: create.
     BatchCreate => "batch_create",
     /// Batches: list.
@@ -168,6 +194,10 @@ operations! {
     GetVectorStoreFile => "get_vector_store_file",
     /// Vector store files: delete.
     DeleteVectorStoreFile => "delete_vector_store_file",
+    /// Vector store files: change a file's attributes.
+    UpdateVectorStoreFileAttributes => "update_vector_store_file_attributes",
+    /// Vector store files: the parsed content of a file.
+    RetrieveVectorStoreFileContent => "retrieve_vector_store_file_content",
     /// Vector store file batches: create.
     CreateVectorStoreFileBatch => "create_vector_store_file_batch",
     /// Vector store file batches: get.
@@ -176,6 +206,24 @@ operations! {
     CancelVectorStoreFileBatch => "cancel_vector_store_file_batch",
     /// Vector store file batches: list files.
     ListVectorStoreFileBatchFiles => "list_vector_store_file_batch_files",
+    /// Containers (the code interpreter's sandboxes): list.
+    ListContainers => "listcontainers",
+    /// Containers: create.
+    CreateContainer => "createcontainer",
+    /// Containers: get.
+    RetrieveContainer => "retrievecontainer",
+    /// Containers: delete.
+    DeleteContainer => "deletecontainer",
+    /// Container files: create (multipart upload, or JSON naming an uploaded file).
+    CreateContainerFile => "createcontainerfile",
+    /// Container files: list.
+    ListContainerFiles => "listcontainerfiles",
+    /// Container files: get.
+    RetrieveContainerFile => "retrievecontainerfile",
+    /// Container files: delete.
+    DeleteContainerFile => "deletecontainerfile",
+    /// Container files: download content.
+    RetrieveContainerFileContent => "retrievecontainerfilecontent",
 }
 
 impl OperationId {
@@ -188,9 +236,11 @@ impl OperationId {
                 | OperationId::EmbeddingsCreate
                 | OperationId::ImageGenerationsCreate
                 | OperationId::ImageEditsCreate
+                | OperationId::ImageVariationsCreate
                 | OperationId::TranscriptionsCreate
                 | OperationId::TranslationsCreate
                 | OperationId::SpeechCreate
+                | OperationId::RealtimeSession
                 | OperationId::CreateResponse
                 | OperationId::CreateRun
                 | OperationId::CreateThreadAndRun

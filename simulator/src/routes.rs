@@ -20,8 +20,8 @@ use axum::routing::{MethodRouter, get, post};
 
 use crate::control;
 use crate::error::{self, ApiError};
-use crate::inference::{audio, chat, completions, embeddings, images, responses};
-use crate::objects::{assistants, batches, files, models};
+use crate::inference::{audio, chat, completions, embeddings, images, realtime, responses};
+use crate::objects::{assistants, batches, files, models, stored_completions};
 use crate::observe::{self, MAX_BODY_BYTES};
 use crate::state::SimulatorState;
 
@@ -45,9 +45,23 @@ fn inference_routes() -> Routes {
     ]
 }
 
-/// Operations on the resource as a whole: stored objects, the Responses API, models.
+/// Operations on the resource as a whole: stored objects (stored chat completions among them),
+/// the Responses API, the Realtime API (a WebSocket that names its deployment in the query),
+/// models.
 fn resource_routes() -> Routes {
     vec![
+        ("/chat/completions", get(stored_completions::list)),
+        (
+            "/chat/completions/{completion_id}",
+            get(stored_completions::retrieve)
+                .post(stored_completions::update)
+                .delete(stored_completions::delete),
+        ),
+        (
+            "/chat/completions/{completion_id}/messages",
+            get(stored_completions::messages),
+        ),
+        ("/realtime", get(realtime::connect)),
         ("/responses", post(responses::create)),
         (
             "/responses/{response_id}",

@@ -11,6 +11,7 @@ Environment:
   GATEHOUSE_CHAT_DEPLOYMENT        deployment / model names
   GATEHOUSE_EMBEDDING_DEPLOYMENT
   GATEHOUSE_AUDIO_DEPLOYMENT
+  GATEHOUSE_REALTIME_DEPLOYMENT
   GATEHOUSE_API_VERSION            default 2024-10-21
   GATEHOUSE_STICKY_ROUNDS          file round trips per client, default 6
   GATEHOUSE_EXPECT_AUTH            "1" when the server checks keys (enables the wrong-key test)
@@ -32,6 +33,7 @@ KEY = os.environ.get("GATEHOUSE_KEY", "")
 CHAT = os.environ.get("GATEHOUSE_CHAT_DEPLOYMENT", "gpt-4o")
 EMBEDDING = os.environ.get("GATEHOUSE_EMBEDDING_DEPLOYMENT", "text-embedding-3-small")
 AUDIO = os.environ.get("GATEHOUSE_AUDIO_DEPLOYMENT", "whisper")
+REALTIME = os.environ.get("GATEHOUSE_REALTIME_DEPLOYMENT", "gpt-4o-realtime")
 API_VERSION = os.environ.get("GATEHOUSE_API_VERSION", "2024-10-21")
 STICKY_ROUNDS = int(os.environ.get("GATEHOUSE_STICKY_ROUNDS", "6"))
 EXPECT_AUTH = os.environ.get("GATEHOUSE_EXPECT_AUTH") == "1"
@@ -42,11 +44,19 @@ CLIENT_MODES = ["azure", "openai-v1", "azure-v1"]
 PROMPT = [{"role": "user", "content": "Say hello to the Gatehouse compatibility tests."}]
 
 
+# The SDKs open Realtime sessions with wss:// whatever the endpoint's scheme; a gateway served
+# over plain http (as in the test suite) is given its ws:// base, as a user of one would give it.
+WS_URL = "ws://" + URL.removeprefix("http://") if URL.startswith("http://") else None
+
+
 def make_client(mode: str, key: str = KEY):
+    prefix = {"azure": "/openai", "openai-v1": "/v1", "azure-v1": "/openai/v1"}[mode]
+    websocket = {"websocket_base_url": f"{WS_URL}{prefix}"} if WS_URL else {}
     if mode == "azure":
-        return AzureOpenAI(azure_endpoint=URL, api_key=key, api_version=API_VERSION, max_retries=0)
-    base_url = {"openai-v1": f"{URL}/v1", "azure-v1": f"{URL}/openai/v1"}[mode]
-    return OpenAI(base_url=base_url, api_key=key, max_retries=0)
+        return AzureOpenAI(
+            azure_endpoint=URL, api_key=key, api_version=API_VERSION, max_retries=0, **websocket
+        )
+    return OpenAI(base_url=f"{URL}{prefix}", api_key=key, max_retries=0, **websocket)
 
 
 @pytest.fixture(params=CLIENT_MODES)
@@ -111,6 +121,48 @@ def test_multipart_transcription(client):
     transcription = client.audio.transcriptions.create(file=("a.wav", small_wav(), "audio/wav"), model=AUDIO)
 
     assert transcription.text
+
+
+def test_stored_chat_completion_is_read_back(client):
+    # A stored completion lives on the backend that made it: reading it, its messages, its
+    # metadata update and its deletion must all reach that one.
+    completion = client.chat.completions.create(
+        model=CHAT, messages=PROMPT, store=True, metadata={"suite": "gatehouse"}
+    )
+    stored = client.chat.completions.retrieve(completion.id)
+    assert stored.id == completion.id
+    assert stored.choices[0].message.content == completion.choices[0].message.content
+    messages = client.chat.completions.messages.list(completion.id)
+    assert PROMPT[0]["content"] in [m.content for m in messages.data]
+    updated = client.chat.completions.update(completion.id, metadata={"suite": "done"})
+    assert updated.metadata == {"suite": "done"}
+    assert client.chat.completions.delete(completion.id).deleted
+
+
+@pytest.mark.parametrize("beta", [False, True], ids=["ga", "beta"])
+def test_realtime_text_session(client, beta):
+    # The Realtime API over a WebSocket: the SDK opens it (Azure: /openai/realtime?deployment=,
+    # v1: /realtime?model=), sends a user message and asks for a response, and reads the text
+    # back with its usage.
+    realtime = client.beta.realtime if beta else client.realtime
+    delta_type = "response.text.delta" if beta else "response.output_text.delta"
+    with realtime.connect(model=REALTIME) as connection:
+        connection.conversation.item.create(
+            item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Say hello"}]}
+        )
+        connection.response.create()
+        text = []
+        for event in connection:
+            if event.type == "error":
+                pytest.fail(f"error event: {event}")
+            if event.type == delta_type:
+                text.append(event.delta)
+            if event.type == "response.done":
+                usage = event.response.usage
+                break
+
+    assert "Say hello" in "".join(text)
+    assert usage.total_tokens == usage.input_tokens + usage.output_tokens > 0
 
 
 def test_file_round_trips_stick_to_their_backend(client):

@@ -25,6 +25,7 @@ mod failover;
 mod gateway_ids;
 mod limits;
 mod operations;
+mod realtime;
 mod routes;
 mod sdk_compat;
 mod secrets;

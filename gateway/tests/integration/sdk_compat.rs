@@ -21,7 +21,7 @@ async fn the_official_python_sdk_works_through_the_gateway() {
         1,
         json!([{
             "id": "pool",
-            "deployments": ["gpt-4o", "text-embedding-3-small", "whisper"],
+            "deployments": ["gpt-4o", "text-embedding-3-small", "whisper", "gpt-4o-realtime"],
             "serves_resources": true,
             "members": [member("east", &east.url(), 1), member("west", &west.url(), 1)],
         }]),
@@ -36,6 +36,7 @@ async fn the_official_python_sdk_works_through_the_gateway() {
         .env("GATEHOUSE_CHAT_DEPLOYMENT", "gpt-4o")
         .env("GATEHOUSE_EMBEDDING_DEPLOYMENT", "text-embedding-3-small")
         .env("GATEHOUSE_AUDIO_DEPLOYMENT", "whisper")
+        .env("GATEHOUSE_REALTIME_DEPLOYMENT", "gpt-4o-realtime")
         .env("GATEHOUSE_EXPECT_AUTH", "1")
         .env("GATEHOUSE_STICKY_ROUNDS", "6")
         .stdin(Stdio::null())

@@ -824,3 +824,278 @@ async fn a_file_of_another_pool_leaves_a_chat_call_to_its_deployments_pool() {
     assert_eq!(answer.status(), 200);
     assert_eq!((files.hits(), models.hits()), (1, 1));
 }
+
+/// The id of the first chat completion chunk in an SSE answer, read from `stream` into `text`
+/// as far as needed (Azure's first event names no completion: its `id` is empty).
+async fn first_completion_id(
+    stream: &mut (impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
+    text: &mut String,
+) -> String {
+    use futures::StreamExt as _;
+    const MARK: &str = "\"id\":\"chatcmpl";
+    loop {
+        if let Some(at) = text.find(MARK) {
+            let start = at + "\"id\":\"".len();
+            if let Some(len) = text[start..].find('"') {
+                return text[start..start + len].to_owned();
+            }
+        }
+        let chunk = stream.next().await.unwrap().unwrap();
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+}
+
+/// A chat completion made with `"store": true` is kept by the member that made it: reading it
+/// (on the v1 and the classic resource routes), its messages, a change of its metadata and its
+/// deletion go there, streamed or not; a streamed one is found while its stream still runs.
+/// One made without `store` is pinned nowhere.
+#[tokio::test]
+async fn a_stored_chat_completion_is_read_where_it_was_made() {
+    let paced = |id: &str| gatehouse_simulator::SimulatorConfig {
+        id: id.to_owned(),
+        chunk_delay: std::time::Duration::from_millis(150),
+        ..gatehouse_simulator::SimulatorConfig::default()
+    };
+    let a = simulator_with(paced("stored-a")).await;
+    let b = simulator_with(paced("stored-b")).await;
+    let gw = TestGateway::start(snapshot(1, pool(&a.url(), &b.url()))).await;
+    let mut rounds = 0;
+    while rounds < 6 || a.hits() == 0 || b.hits() == 0 {
+        assert!(rounds < 40, "40 completions, all on one member");
+        rounds += 1;
+        let stream = rounds % 2 == 0;
+        let response = gw
+            .post("/openai/v1/chat/completions")
+            .json(&json!({
+                "model": "gpt-4o",
+                "messages": [{"role": "user", "content": "Say hello"}],
+                "store": true,
+                "metadata": {"team": "red"},
+                "stream": stream,
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let id = if stream {
+            let mut chunks = response.bytes_stream();
+            let mut text = String::new();
+            let id = first_completion_id(&mut chunks, &mut text).await;
+            // The answer's pieces come 150 ms apart: the completion is read while they do.
+            found_mid_stream(&gw.url, &format!("/openai/v1/chat/completions/{id}")).await;
+            read_to_end(&mut chunks, &mut text).await;
+            assert!(text.contains("[DONE]"), "{text}");
+            id
+        } else {
+            let answer: Value = response.json().await.unwrap();
+            answer["id"].as_str().unwrap().to_owned()
+        };
+        let hits_before = a.hits() + b.hits();
+        let (status, body) = call(
+            &gw.url,
+            reqwest::Method::GET,
+            &format!("/openai/chat/completions/{id}?api-version=2025-04-01-preview"),
+        )
+        .await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        let kept: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(kept["id"], id.as_str());
+        assert_eq!(kept["metadata"]["team"], "red");
+        let (status, body) = call(
+            &gw.url,
+            reqwest::Method::GET,
+            &format!("/v1/chat/completions/{id}/messages"),
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert!(
+            String::from_utf8_lossy(&body).contains("Say hello"),
+            "{}",
+            String::from_utf8_lossy(&body)
+        );
+        let updated = gw
+            .post(&format!("/openai/v1/chat/completions/{id}"))
+            .json(&json!({"metadata": {"team": "blue"}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(updated.status(), 200);
+        let updated: Value = updated.json().await.unwrap();
+        assert_eq!(updated["metadata"]["team"], "blue");
+        let (status, _) = call(
+            &gw.url,
+            reqwest::Method::DELETE,
+            &format!("/openai/v1/chat/completions/{id}"),
+        )
+        .await;
+        assert_eq!(status, 200);
+        // Four calls, each answered by the member that holds the completion, none retried.
+        assert_eq!(a.hits() + b.hits(), hits_before + 4);
+        assert_eq!(
+            gw.gateway.affinity.member_of(&id),
+            None,
+            "deleted: forgotten"
+        );
+    }
+
+    // Not stored: not pinned.
+    let response = gw
+        .post("/openai/v1/chat/completions")
+        .json(&chat(Some("gpt-4o"), false))
+        .send()
+        .await
+        .unwrap();
+    let answer: Value = response.json().await.unwrap();
+    let id = answer["id"].as_str().unwrap();
+    assert_eq!(gw.gateway.affinity.member_of(id), None, "{id}");
+}
+
+/// A member that takes uploads in parts, as OpenAI's and Azure's Uploads API does: an upload it
+/// made (`upload_{name}_…`) takes parts and completes into a file (`file_{name}_…`) that only it
+/// can read; another member's upload or file is 404 here. Shapes: OpenAI's API reference,
+/// `POST /uploads`, `POST /uploads/{id}/parts`, `POST /uploads/{id}/complete`.
+async fn uploads_member(name: &'static str, hits: Arc<std::sync::atomic::AtomicUsize>) -> String {
+    use axum::extract::Path;
+    use axum::response::IntoResponse as _;
+    use axum::routing::{get, post};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let not_found = || {
+        (
+            http::StatusCode::NOT_FOUND,
+            axum::Json(json!({"error": {"code": "NotFound", "message": "No such object"}})),
+        )
+    };
+    let counter = Arc::new(AtomicUsize::new(0));
+    let (create_hits, part_hits, complete_hits, file_hits) =
+        (hits.clone(), hits.clone(), hits.clone(), hits);
+    let app = axum::Router::new()
+        .route(
+            "/openai/uploads",
+            post(move || {
+                create_hits.fetch_add(1, Ordering::SeqCst);
+                let n = counter.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    axum::Json(json!({
+                        "id": format!("upload_{name}_{n}"), "object": "upload",
+                        "status": "pending", "bytes": 6, "purpose": "assistants",
+                        "filename": "notes.txt", "created_at": 1700000000, "expires_at": 1700003600,
+                    }))
+                }
+            }),
+        )
+        .route(
+            "/openai/uploads/{upload_id}/parts",
+            post(move |Path(upload): Path<String>, body: axum::body::Bytes| {
+                part_hits.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    let has_data = String::from_utf8_lossy(&body).contains("name=\"data\"");
+                    if !upload.starts_with(&format!("upload_{name}_")) || !has_data {
+                        return not_found().into_response();
+                    }
+                    axum::Json(json!({"id": format!("part_{upload}"), "object": "upload.part", "upload_id": upload, "created_at": 1700000001}))
+                        .into_response()
+                }
+            }),
+        )
+        .route(
+            "/openai/uploads/{upload_id}/complete",
+            post(move |Path(upload): Path<String>| {
+                complete_hits.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    let Some(n) = upload.strip_prefix(&format!("upload_{name}_")) else {
+                        return not_found().into_response();
+                    };
+                    axum::Json(json!({
+                        "id": upload, "object": "upload", "status": "completed", "bytes": 6,
+                        "file": {"id": format!("file_{name}_{n}"), "object": "file", "bytes": 6, "purpose": "assistants"},
+                    }))
+                    .into_response()
+                }
+            }),
+        )
+        .route(
+            "/openai/files/{file_id}",
+            get(move |Path(file): Path<String>| {
+                file_hits.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    if file.starts_with(&format!("file_{name}_")) {
+                        axum::Json(json!({"id": file, "object": "file"})).into_response()
+                    } else {
+                        not_found().into_response()
+                    }
+                }
+            }),
+        );
+    serve_stub(app).await
+}
+
+/// An upload in parts goes to the member that began it, part after part, and the file it becomes
+/// is read there too.
+#[tokio::test]
+async fn an_upload_in_parts_and_its_file_stay_on_the_member_that_began_it() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let hits_a = Arc::new(AtomicUsize::new(0));
+    let hits_b = Arc::new(AtomicUsize::new(0));
+    let a = uploads_member("a", hits_a.clone()).await;
+    let b = uploads_member("b", hits_b.clone()).await;
+    let gw = TestGateway::start(snapshot(1, pool(&a, &b))).await;
+    let version = "api-version=2025-04-01-preview";
+    let mut files = Vec::new();
+    let mut rounds = 0;
+    while rounds < 6
+        || !files.iter().any(|f: &String| f.starts_with("file_a_"))
+        || !files.iter().any(|f: &String| f.starts_with("file_b_"))
+    {
+        assert!(rounds < 40, "40 uploads, all on one member: {files:?}");
+        rounds += 1;
+        let begun = gw
+            .post(&format!("/openai/uploads?{version}"))
+            .json(&json!({"purpose": "assistants", "filename": "notes.txt", "bytes": 6, "mime_type": "text/plain"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(begun.status(), 200);
+        let upload: Value = begun.json().await.unwrap();
+        let upload = upload["id"].as_str().unwrap().to_owned();
+        for part in ["abc", "def"] {
+            let form = reqwest::multipart::Form::new().part(
+                "data",
+                reqwest::multipart::Part::bytes(part.as_bytes().to_vec()).file_name("blob"),
+            );
+            let added = gw
+                .raw(
+                    reqwest::Method::POST,
+                    &format!("/openai/uploads/{upload}/parts?{version}"),
+                )
+                .header("api-key", KEY)
+                .multipart(form)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(added.status(), 200, "part of {upload}");
+        }
+        let completed = gw
+            .post(&format!("/openai/uploads/{upload}/complete?{version}"))
+            .json(&json!({"part_ids": [format!("part_{upload}")]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(completed.status(), 200, "complete {upload}");
+        let completed: Value = completed.json().await.unwrap();
+        let file = completed["file"]["id"].as_str().unwrap().to_owned();
+        let (status, _) = call(
+            &gw.url,
+            reqwest::Method::GET,
+            &format!("/openai/files/{file}?{version}"),
+        )
+        .await;
+        assert_eq!(status, 200, "file {file} of {upload}");
+        files.push(file);
+    }
+    assert_eq!(
+        hits_a.load(Ordering::SeqCst) + hits_b.load(Ordering::SeqCst),
+        5 * rounds,
+        "five calls a round, each answered by the member that holds its object, none retried"
+    );
+}

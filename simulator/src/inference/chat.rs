@@ -1,5 +1,5 @@
 //! `chat/completions`: a deterministic answer to the last user message, streamed like Azure
-//! streams it when asked.
+//! streams it when asked, and kept when the call asks (`"store": true`).
 
 use axum::Json;
 use axum::extract::State;
@@ -12,6 +12,7 @@ use crate::answer::{
     split_for_stream, tokens_for_chars, wants_stream, wants_stream_usage,
 };
 use crate::error::ApiError;
+use crate::objects::stored_completions;
 use crate::request::{DeploymentInPath, JsonBody};
 use crate::sse::{SseEvent, StreamEnd, sse_response};
 use crate::state::{SimulatorState, unix_now};
@@ -38,25 +39,28 @@ pub(crate) async fn create(
     );
     let id = state.new_id("chatcmpl", '-');
     let created = unix_now();
+    let completion = json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+        "prompt_filter_results": prompt_filter_results(),
+        "choices": [{
+            "index": 0,
+            "finish_reason": "stop",
+            "logprobs": null,
+            "message": {"role": "assistant", "content": text, "refusal": null},
+            "content_filter_results": content_filter_results(),
+        }],
+        "usage": usage,
+    });
+    if body.get("store").and_then(Value::as_bool) == Some(true) {
+        stored_completions::store(&state, &completion, &body, messages);
+    }
 
     if !wants_stream(&body) {
-        return Ok(Json(json!({
-            "id": id,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "system_fingerprint": SYSTEM_FINGERPRINT,
-            "prompt_filter_results": prompt_filter_results(),
-            "choices": [{
-                "index": 0,
-                "finish_reason": "stop",
-                "logprobs": null,
-                "message": {"role": "assistant", "content": text, "refusal": null},
-                "content_filter_results": content_filter_results(),
-            }],
-            "usage": usage,
-        }))
-        .into_response());
+        return Ok(Json(completion).into_response());
     }
 
     let chunk = |choices: Value| {

@@ -1,4 +1,5 @@
-//! Stateful objects: files, batches, assistants, threads, vector stores and stored responses.
+//! Stateful objects: files, batches, assistants, threads, vector stores, stored responses and
+//! stored chat completions.
 //! Every object belongs to the instance that created it; any other instance answers 404 for its
 //! id, which is how a client proves that its calls stick to the right backend.
 
@@ -6,6 +7,7 @@ pub(crate) mod assistants;
 pub(crate) mod batches;
 pub(crate) mod files;
 pub(crate) mod models;
+pub(crate) mod stored_completions;
 
 use std::collections::HashMap;
 
@@ -23,6 +25,7 @@ pub(crate) enum ObjectKind {
     Thread,
     VectorStore,
     Response,
+    ChatCompletion,
 }
 
 impl ObjectKind {
@@ -35,6 +38,7 @@ impl ObjectKind {
             Self::Thread => "thread",
             Self::VectorStore => "vector store",
             Self::Response => "response",
+            Self::ChatCompletion => "chat completion",
         }
     }
 }

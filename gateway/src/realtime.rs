@@ -1,0 +1,775 @@
+//! The Realtime API: a WebSocket session between a client and a member, relayed event by event.
+//!
+//! Clients open the session as Azure's and OpenAI's SDKs do (`azure-specs.md` §1.8; OpenAI's
+//! Python SDK, `lib/azure.py` `_configure_realtime`): `GET /openai/realtime?api-version=…&
+//! deployment=…` with an `Upgrade: websocket` head (Azure classic), `/openai/v1/realtime?model=…`
+//! (Azure v1) or `/v1/realtime?model=…` (OpenAI). The gateway judges the handshake as it judges a
+//! call — key or token, access rules, limits — before it opens the member's side, and answers the
+//! client's upgrade only once the member accepted its own: every refusal, a member's too, is an
+//! HTTP answer. A member that refuses the upgrade with 429 or 5xx, or cannot be reached, is set
+//! aside and the next one is tried, as for any call.
+//!
+//! Events then pass both ways unchanged (pings are answered on each side by its own end). The
+//! session is one record (`OperationId` `onhandshake`, as API Management logs a WebSocket API):
+//! the client's events and the member's, one JSON text a line (audio appends and `*.delta`
+//! events left out: each `*.done` event holds the whole), the user's messages, every response's
+//! output, and the usage every `response.done` reported, summed. Each `response.create` the
+//! client sends is admitted against the caller's limits as a call is, and settled with the usage
+//! of the `response.done` that answers it; a refused one never reaches the member, and the client
+//! gets an `error` event instead (the Realtime API's shape for a client event that failed).
+//! Responses the member starts by itself (voice activity detection) are charged when the session
+//! ends.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::FromRequestParts as _;
+use axum::extract::ws::{self, WebSocket, WebSocketUpgrade};
+use axum::response::{IntoResponse as _, Response};
+use futures::{SinkExt as _, StreamExt as _};
+use gatehouse_schema::audit::TokenUsage;
+use gatehouse_schema::config::BackendKind;
+use http::request::Parts;
+use http::{HeaderValue, StatusCode, header};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest as _};
+use tracing::Instrument as _;
+
+use crate::app::{self, Gateway};
+use crate::auth::Principal;
+use crate::backend_url::BackendUrl;
+use crate::capture::BodyCapture;
+use crate::classify::{self, Call, RouteStyle};
+use crate::error::GatewayError;
+use crate::limits::Reservation;
+use crate::pool::{Member, Selection};
+use crate::proxy::{self, FailedAttempt};
+use crate::record::{CallRecord, millis};
+use crate::retry_hint;
+use crate::runtime::Runtime;
+use crate::upstream::{WebSocketRefusal, WebSocketTransport};
+
+/// How long a member has to finish the WebSocket handshake once connected.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The member's side of a session.
+type MemberSocket = tokio_tungstenite::WebSocketStream<WebSocketTransport>;
+
+/// Why a handshake was not accepted: an error of the gateway's, or a member's own answer.
+enum Refused {
+    Error(GatewayError),
+    Answered(http::Response<Option<Vec<u8>>>),
+}
+
+impl From<GatewayError> for Refused {
+    fn from(error: GatewayError) -> Self {
+        Refused::Error(error)
+    }
+}
+
+/// What an accepted handshake opened.
+struct Opened {
+    member: Arc<Member>,
+    socket: MemberSocket,
+    principal: Principal,
+    call: Call,
+}
+
+/// Serves a Realtime API handshake and, once both sides are upgraded, the session.
+pub(crate) async fn serve(
+    gateway: Arc<Gateway>,
+    style: RouteStyle,
+    mut parts: Parts,
+    record: CallRecord,
+) -> Response {
+    let runtime = gateway.runtime();
+    let mut record = Some(record);
+    let opened = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+        Ok(upgrade) => open(&gateway, &runtime, style, &parts, &mut record)
+            .await
+            .map(|opened| (upgrade, opened)),
+        Err(rejection) => Err(Refused::Error(GatewayError::BadRequest {
+            message: format!(
+                "The Realtime API is a WebSocket: open it with an HTTP/1.1 upgrade (wss://…). \
+                 {rejection}"
+            ),
+            param: None,
+        })),
+    };
+    let Some(mut record) = record else {
+        return GatewayError::Internal.into_response();
+    };
+    let (mut upgrade, opened) = match opened {
+        Ok(opened) => opened,
+        Err(Refused::Error(error)) => {
+            let holds = record.take_holds();
+            gateway.finish(record.finish_error(&error), holds);
+            return error.into_response();
+        }
+        Err(Refused::Answered(answer)) => {
+            let status = answer.status().as_u16();
+            record.record.backend_response_code = Some(status);
+            let response = relay_refusal(answer);
+            let holds = record.take_holds();
+            gateway.finish(record.finish(status, 0), holds);
+            return response;
+        }
+    };
+    if parts
+        .headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|protocol| protocol.trim() == "realtime")
+    {
+        upgrade = upgrade.protocols(["realtime"]);
+    }
+    record.record.backend_response_code = Some(101);
+    let in_flight = gateway.calls.enter();
+    let span = tracing::Span::current();
+    let failed = Arc::clone(&gateway);
+    upgrade
+        .on_failed_upgrade(move |error| {
+            tracing::warn!(%error, "the client's side of a Realtime session could not be upgraded");
+            drop(failed);
+        })
+        .on_upgrade(move |client| {
+            async move {
+                Session::new(gateway, runtime, opened, record)
+                    .relay(client)
+                    .await;
+                drop(in_flight);
+            }
+            .instrument(span)
+        })
+}
+
+/// Judges the handshake and opens the member's side.
+async fn open(
+    gateway: &Arc<Gateway>,
+    runtime: &Arc<Runtime>,
+    style: RouteStyle,
+    parts: &Parts,
+    record: &mut Option<CallRecord>,
+) -> Result<Opened, Refused> {
+    // Room for the record, the caller, fail-closed: as for any call (`app::pipeline`).
+    let slot = match &gateway.audit {
+        Some(queue) => queue.reserve().await.ok(),
+        None => None,
+    };
+    let has_slot = slot.is_some();
+    if let Some(record) = record.as_mut() {
+        record.holds.slot = slot;
+    }
+    let principal = app::authenticate(gateway, runtime, parts).await?;
+    if let Some(record) = record.as_mut() {
+        record.principal(&principal);
+    }
+    if gateway
+        .audit
+        .as_ref()
+        .is_some_and(|queue| queue.refuses_calls() || (queue.fail_closed() && !has_slot))
+    {
+        return Err(GatewayError::AuditUnavailable.into());
+    }
+    let call = classify::realtime(style, parts.uri.query())?;
+    if let Some(record) = record.as_mut() {
+        record.call(&call);
+    }
+    crate::authorize::authorize(runtime.snapshot.access_rules.as_deref(), &principal, &call)?;
+    let mut admission = app::limit(gateway, runtime, &principal, &call).await?;
+    if let Some(record) = record.as_mut() {
+        record.holds.reservation = admission.take_reservation();
+    }
+    let (member, socket) = connect_member(gateway, runtime, &call, parts, record).await?;
+    Ok(Opened {
+        member,
+        socket,
+        principal,
+        call,
+    })
+}
+
+/// Opens the session on a member of the deployment's pool, trying the next member when one
+/// cannot be reached, throttles (429) or fails (5xx) the handshake.
+async fn connect_member(
+    gateway: &Gateway,
+    runtime: &Runtime,
+    call: &Call,
+    parts: &Parts,
+    record: &mut Option<CallRecord>,
+) -> Result<(Arc<Member>, MemberSocket), Refused> {
+    let pool = runtime
+        .pool_for(call.deployment.as_deref())
+        .ok_or(GatewayError::DeploymentNotFound)?;
+    let mut tried: Vec<usize> = Vec::new();
+    let mut throttled: Option<Duration> = None;
+    loop {
+        let (member, index) = match pool.select(&tried, Instant::now()) {
+            (Selection::Member(member), Some(index)) => (member, index),
+            (Selection::AllThrottled(wait), _) => {
+                let wait = throttled.map_or(wait, |shortest| shortest.min(wait));
+                return Err(GatewayError::AllThrottled { retry_after: wait }.into());
+            }
+            _ => return Err(proxy::out_of_members(throttled).into()),
+        };
+        tried.push(index);
+        let started = Instant::now();
+        let request = match member_request(&member, call, parts, record).await {
+            Ok(request) => request,
+            Err(reason) => {
+                tracing::warn!(backend = %member.config.id, %reason, "no Realtime request for the backend; member set aside");
+                FailedAttempt::new(None, retry_hint::DEFAULT_SET_ASIDE, "credential_failed", 0)
+                    .set_aside(gateway, &member, record, &mut throttled);
+                continue;
+            }
+        };
+        if let Some(record) = record.as_mut() {
+            record.backend_started.get_or_insert(started);
+            record.record.backend_id = Some(member.config.id.clone());
+            record.record.backend_url = Some(request.uri().to_string());
+        }
+        let connecting = member.client.connect_websocket(request, HANDSHAKE_TIMEOUT);
+        let connected = tokio::select! {
+            connected = connecting => connected,
+            () = gateway.calls.stopped() => return Err(GatewayError::ShuttingDown.into()),
+        };
+        let elapsed_ms = millis(started.elapsed());
+        if let Some(record) = record.as_mut() {
+            record.waited += started.elapsed();
+        }
+        let refusal = match connected {
+            Ok((socket, _)) => {
+                gateway
+                    .metrics
+                    .backend_attempt(&member.config.id, "answered");
+                proxy::note_attempt(record, &member, Some(101), elapsed_ms, None);
+                return Ok((member, socket));
+            }
+            Err(refusal) => refusal,
+        };
+        let (status, wait, outcome) = match refusal {
+            WebSocketRefusal::Answered(answer) => {
+                let status = answer.status();
+                if status != StatusCode::TOO_MANY_REQUESTS && !status.is_server_error() {
+                    // The member's own refusal (a 401 for its key, a 404 for a deployment it
+                    // lacks) goes to the client as it came.
+                    gateway
+                        .metrics
+                        .backend_attempt(&member.config.id, "answered");
+                    proxy::note_attempt(record, &member, Some(status.as_u16()), elapsed_ms, None);
+                    return Err(Refused::Answered(answer));
+                }
+                let wait = retry_hint::set_aside_for(
+                    status,
+                    answer.headers(),
+                    std::time::SystemTime::now(),
+                );
+                let outcome = if status == StatusCode::TOO_MANY_REQUESTS {
+                    "throttled"
+                } else {
+                    "server_error"
+                };
+                (Some(status.as_u16()), wait, outcome)
+            }
+            WebSocketRefusal::Unreachable(detail) | WebSocketRefusal::Broke(detail) => {
+                tracing::warn!(backend = %member.config.id, %detail, "Realtime handshake with the backend failed");
+                (None, retry_hint::DEFAULT_SET_ASIDE, "connect_failed")
+            }
+            WebSocketRefusal::TimedOut => {
+                tracing::warn!(backend = %member.config.id, "Realtime handshake with the backend timed out");
+                (None, retry_hint::DEFAULT_SET_ASIDE, "handshake_timeout")
+            }
+        };
+        FailedAttempt::new(status, wait, outcome, elapsed_ms).set_aside(
+            gateway,
+            &member,
+            record,
+            &mut throttled,
+        );
+    }
+}
+
+/// The member's handshake request: its URL in the style of its kind, its credential, the call's
+/// request id, and the client's `OpenAI-Beta`.
+async fn member_request(
+    member: &Member,
+    call: &Call,
+    parts: &Parts,
+    record: &Option<CallRecord>,
+) -> Result<http::Request<()>, String> {
+    let url = member_url(member, call, parts.uri.query());
+    let mut request = url
+        .as_str()
+        .into_client_request()
+        .map_err(|error| format!("the member's Realtime URL: {error}"))?;
+    let headers = request.headers_mut();
+    if let Some((name, value)) = proxy::credential_header(member)
+        .await
+        .map_err(|error| error.to_string())?
+    {
+        headers.insert(name, value);
+    }
+    if let Some(id) = proxy::request_id(record)
+        && let Ok(value) = HeaderValue::from_str(id)
+    {
+        headers.insert("x-request-id", value);
+    }
+    if let Some(beta) = parts.headers.get("openai-beta") {
+        headers.insert("openai-beta", beta.clone());
+    }
+    Ok(request)
+}
+
+/// The member's Realtime URL: `ws(s)://…/openai/realtime?api-version=…&deployment=…` for an Azure
+/// member addressed in the classic style, `…/openai/v1/realtime?model=…` in the v1 and OpenAI
+/// styles, `…/realtime?model=…` under an OpenAI member's endpoint. The deployment is the member's
+/// name for it; the client's other query parameters pass on, its key and names do not.
+fn member_url(member: &Member, call: &Call, client_query: Option<&str>) -> String {
+    let deployment = member
+        .config
+        .deployment
+        .as_deref()
+        .or(call.deployment.as_deref())
+        .unwrap_or_default();
+    let url = BackendUrl::new(&member.config.endpoint);
+    let (url, api_version, name) = match (member.config.kind, call.style) {
+        (BackendKind::AzureOpenai, RouteStyle::AzureResource | RouteStyle::AzureDeployment) => {
+            let version = call
+                .api_version
+                .as_deref()
+                .or(member.config.api_version.as_deref())
+                .unwrap_or(proxy::DEFAULT_API_VERSION);
+            (
+                url.segments(["openai", "realtime"]),
+                Some(version),
+                "deployment",
+            )
+        }
+        (BackendKind::AzureOpenai, RouteStyle::AzureV1) => (
+            url.segments(["openai", "v1", "realtime"]),
+            call.api_version.as_deref(),
+            "model",
+        ),
+        (BackendKind::AzureOpenai, RouteStyle::OpenAi) => {
+            (url.segments(["openai", "v1", "realtime"]), None, "model")
+        }
+        (BackendKind::Openai, _) => (url.segments(["realtime"]), None, "model"),
+    };
+    let mut query = url::form_urlencoded::Serializer::new(String::new());
+    query.append_pair(name, deployment);
+    for (key, value) in client_query
+        .into_iter()
+        .flat_map(|query| url::form_urlencoded::parse(query.as_bytes()))
+    {
+        if !matches!(key.as_ref(), "deployment" | "model") {
+            query.append_pair(&key, &value);
+        }
+    }
+    let url = url.query(api_version, Some(&query.finish()));
+    match url.split_once("://") {
+        Some(("https", rest)) => format!("wss://{rest}"),
+        Some(("http", rest)) => format!("ws://{rest}"),
+        _ => url,
+    }
+}
+
+/// A member's refusal of the handshake, relayed: its status, content type and body.
+fn relay_refusal(answer: http::Response<Option<Vec<u8>>>) -> Response {
+    let (head, body) = answer.into_parts();
+    let mut response = Response::new(axum::body::Body::from(body.unwrap_or_default()));
+    *response.status_mut() = head.status;
+    for name in [header::CONTENT_TYPE, header::RETRY_AFTER] {
+        if let Some(value) = head.headers.get(&name) {
+            response.headers_mut().insert(name, value.clone());
+        }
+    }
+    for name in ["retry-after-ms", "x-ms-error-code", "apim-request-id"] {
+        if let Some(value) = head.headers.get(name) {
+            response.headers_mut().insert(name, value.clone());
+        }
+    }
+    response
+}
+
+/// One relayed session and what its record keeps of it.
+struct Session {
+    gateway: Arc<Gateway>,
+    runtime: Arc<Runtime>,
+    principal: Principal,
+    call: Call,
+    member: Arc<Member>,
+    socket: Option<MemberSocket>,
+    record: CallRecord,
+    /// The client's events, as kept for `BackendRequestBody`.
+    sent: BodyCapture,
+    /// The member's events, as kept for `BackendResponseBody`.
+    received: BodyCapture,
+    /// The user's messages (`conversation.item.create` items).
+    prompt: Vec<Value>,
+    /// Every response's output items.
+    output: Vec<Value>,
+    usage: Option<TokenUsage>,
+    /// Reservations of the client's `response.create` events not answered by a `response.done`
+    /// yet, oldest first.
+    pending: VecDeque<Option<Reservation>>,
+    /// Tokens of responses no reservation covered.
+    unreserved_tokens: u64,
+    /// Bytes from the client and to it.
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+/// How a session ended, for the record.
+enum Ended {
+    /// The client closed it (or left).
+    Client,
+    /// The member closed it.
+    Member,
+    /// The member's side broke.
+    MemberBroke,
+    /// The gateway shut down.
+    ShuttingDown,
+}
+
+impl Session {
+    fn new(
+        gateway: Arc<Gateway>,
+        runtime: Arc<Runtime>,
+        opened: Opened,
+        record: CallRecord,
+    ) -> Session {
+        let capture = &runtime.snapshot.capture;
+        let (request_limit, response_limit) = (
+            capture.max_request_body_bytes,
+            capture.max_response_body_bytes,
+        );
+        Session {
+            sent: BodyCapture::new(request_limit),
+            received: BodyCapture::new(response_limit),
+            gateway,
+            runtime,
+            principal: opened.principal,
+            call: opened.call,
+            member: opened.member,
+            socket: Some(opened.socket),
+            record,
+            prompt: Vec::new(),
+            output: Vec::new(),
+            usage: None,
+            pending: VecDeque::new(),
+            unreserved_tokens: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+        }
+    }
+
+    /// Relays events both ways until one side closes, then finishes the record.
+    async fn relay(mut self, mut client: WebSocket) {
+        let Some(mut member) = self.socket.take() else {
+            return;
+        };
+        let ended = loop {
+            tokio::select! {
+                from_client = client.recv() => {
+                    let Some(Ok(message)) = from_client else {
+                        // Gone without a close frame: the member's side is closed for it.
+                        let _ = member.close(None).await;
+                        break Ended::Client;
+                    };
+                    let closing = matches!(message, ws::Message::Close(_));
+                    if let Some(refusal) = self.note_client(&message).await {
+                        // A response the caller's limits refuse: the client is told, the
+                        // member never sees it.
+                        if client.send(ws::Message::Text(refusal.into())).await.is_err() {
+                            let _ = member.close(None).await;
+                            break Ended::Client;
+                        }
+                        continue;
+                    }
+                    let Some(message) = to_member(message) else { continue };
+                    if member.send(message).await.is_err() {
+                        let _ = client.send(close_message(1011, "the backend's side of the session broke")).await;
+                        break Ended::MemberBroke;
+                    }
+                    if closing {
+                        break Ended::Client;
+                    }
+                }
+                from_member = member.next() => {
+                    let Some(Ok(message)) = from_member else {
+                        let _ = client.send(close_message(1011, "the backend's side of the session broke")).await;
+                        break Ended::MemberBroke;
+                    };
+                    let closing = matches!(message, tungstenite::Message::Close(_));
+                    self.note_member(&message);
+                    let Some(message) = to_client(message) else { continue };
+                    if client.send(message).await.is_err() {
+                        let _ = member.close(None).await;
+                        break Ended::Client;
+                    }
+                    if closing {
+                        break Ended::Member;
+                    }
+                }
+                () = self.gateway.calls.stopped() => {
+                    let _ = client.send(close_message(1001, "the gateway is shutting down")).await;
+                    let _ = member.close(None).await;
+                    break Ended::ShuttingDown;
+                }
+            }
+        };
+        self.finish(ended);
+    }
+
+    /// Notes a client's message; a `response.create` the caller's limits refuse gives the
+    /// `error` event to answer it with.
+    async fn note_client(&mut self, message: &ws::Message) -> Option<String> {
+        let text = match message {
+            ws::Message::Text(text) => text.as_str(),
+            ws::Message::Binary(bytes) => {
+                self.bytes_in += bytes.len() as u64;
+                return None;
+            }
+            _ => return None,
+        };
+        self.bytes_in += text.len() as u64;
+        let event: Value = serde_json::from_str(text).ok()?;
+        let kind = event
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        if kind == "input_audio_buffer.append" {
+            // Audio, base64: counted in the size, not kept.
+            return None;
+        }
+        keep_line(&mut self.sent, text);
+        match kind {
+            "conversation.item.create" => {
+                if let Some(item) = event
+                    .get("item")
+                    .filter(|item| item.get("type").and_then(Value::as_str) == Some("message"))
+                {
+                    self.prompt.push(item.clone());
+                }
+            }
+            "response.create" => return self.admit_response(&event).await,
+            _ => {}
+        }
+        None
+    }
+
+    /// Admits a `response.create` against the caller's limits: its reservation waits for the
+    /// `response.done` that answers it; a refusal is the `error` event for the client.
+    async fn admit_response(&mut self, event: &Value) -> Option<String> {
+        if self.runtime.snapshot.limits.is_empty() {
+            self.pending.push_back(None);
+            return None;
+        }
+        match app::limit(&self.gateway, &self.runtime, &self.principal, &self.call).await {
+            Ok(mut admission) => {
+                self.pending.push_back(admission.take_reservation());
+                None
+            }
+            Err(error) => {
+                tracing::info!(
+                    reason = error.reason(),
+                    "a Realtime response was refused by the caller's limits"
+                );
+                Some(
+                    json!({
+                        "type": "error",
+                        "event_id": format!("event_gatehouse_{}", uuid::Uuid::now_v7().simple()),
+                        "error": {
+                            "type": "invalid_request_error",
+                            "code": "rate_limit_exceeded",
+                            "message": error.to_string(),
+                            "param": null,
+                            "event_id": event.get("event_id").cloned().unwrap_or(Value::Null),
+                        },
+                    })
+                    .to_string(),
+                )
+            }
+        }
+    }
+
+    /// Notes a member's message.
+    fn note_member(&mut self, message: &tungstenite::Message) {
+        let text = match message {
+            tungstenite::Message::Text(text) => text.as_str(),
+            tungstenite::Message::Binary(bytes) => {
+                self.bytes_out += bytes.len() as u64;
+                return;
+            }
+            _ => return,
+        };
+        self.bytes_out += text.len() as u64;
+        self.record
+            .record
+            .time_to_first_byte
+            .get_or_insert_with(|| millis(self.record.started.elapsed()));
+        let Ok(event) = serde_json::from_str::<Value>(text) else {
+            return;
+        };
+        let kind = event
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        if !kind.ends_with(".delta") {
+            keep_line(&mut self.received, text);
+        }
+        match kind {
+            "session.created" | "session.updated" => {
+                if let Some(model) = event.pointer("/session/model").and_then(Value::as_str) {
+                    self.record.record.model_name = Some(model.to_owned());
+                }
+            }
+            "response.done" => self.response_done(&event),
+            _ => {}
+        }
+    }
+
+    /// A response ended: its output and usage are kept, and the reservation of the
+    /// `response.create` it answers settled with its tokens.
+    fn response_done(&mut self, event: &Value) {
+        let response = event.get("response").unwrap_or(&Value::Null);
+        if let Some(items) = response.get("output").and_then(Value::as_array) {
+            self.output.extend(items.iter().cloned());
+        }
+        let usage = response.get("usage").and_then(realtime_usage);
+        let tokens = usage.map(|usage| usage.total_tokens);
+        if let Some(usage) = usage {
+            let total = self.usage.get_or_insert(TokenUsage::default());
+            total.prompt_tokens += usage.prompt_tokens;
+            total.completion_tokens += usage.completion_tokens;
+            total.total_tokens += usage.total_tokens;
+            total.cached_tokens += usage.cached_tokens;
+        }
+        match self.pending.pop_front() {
+            Some(Some(reservation)) => self.gateway.limiter.reconcile(reservation, tokens),
+            Some(None) => {}
+            None => self.unreserved_tokens += tokens.unwrap_or(0),
+        }
+    }
+
+    /// Finishes the record: what the session kept, its usage, and its end.
+    fn finish(mut self, ended: Ended) {
+        let record = &mut self.record;
+        record.record.request_size = self.bytes_in;
+        let limit = self.runtime.snapshot.capture.max_request_body_bytes;
+        if limit > 0 {
+            record.record.request_body_truncated = self.sent.truncated();
+            record.record.backend_request_body = self.sent.into_text();
+            record.record.response_body_truncated = self.received.truncated();
+            record.record.backend_response_body = self.received.into_text();
+            if !self.prompt.is_empty() {
+                record.record.request_messages = crate::capture::within_limit(
+                    Some(Value::Array(self.prompt).to_string()),
+                    limit,
+                );
+            }
+            if !self.output.is_empty() {
+                record.record.response_messages = crate::capture::within_limit(
+                    Some(Value::Array(self.output).to_string()),
+                    self.runtime.snapshot.capture.max_response_body_bytes,
+                );
+            }
+        }
+        record.usage(self.usage);
+        match ended {
+            Ended::Client | Ended::Member => {}
+            Ended::MemberBroke => {
+                record.record.last_error_reason = Some("backend_stream_failed".to_owned());
+                crate::proxy::set_aside_after_cut(&self.member);
+            }
+            Ended::ShuttingDown => {
+                record.record.last_error_reason =
+                    Some(crate::in_flight::SHUTDOWN_REASON.to_owned());
+            }
+        }
+        // Responses still open when the session ended, and those the member started by itself,
+        // are charged on the session's own reservation.
+        let mut holds = record.take_holds();
+        for reservation in self.pending.into_iter().flatten() {
+            self.gateway.limiter.reconcile(reservation, None);
+        }
+        if let Some(reservation) = holds.reservation.take() {
+            self.gateway
+                .limiter
+                .reconcile(reservation, Some(self.unreserved_tokens));
+        }
+        let audit = self.record.finish(101, self.bytes_out);
+        self.gateway.finish(audit, holds);
+    }
+}
+
+/// The usage of a Realtime `response.done` (`input_tokens`, `output_tokens`, `total_tokens`,
+/// `input_token_details.cached_tokens`; OpenAI's Realtime API reference, server event
+/// `response.done`).
+fn realtime_usage(usage: &Value) -> Option<TokenUsage> {
+    let number = |key: &str| usage.get(key).and_then(Value::as_u64);
+    let prompt = number("input_tokens")?;
+    let completion = number("output_tokens").unwrap_or(0);
+    Some(TokenUsage {
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        total_tokens: number("total_tokens").unwrap_or(prompt.saturating_add(completion)),
+        cached_tokens: usage
+            .pointer("/input_token_details/cached_tokens")
+            .and_then(Value::as_u64)
+            .unwrap_or(0),
+        reasoning_tokens: 0,
+        is_estimate: false,
+    })
+}
+
+/// Appends one event to a capture, a line each.
+fn keep_line(capture: &mut BodyCapture, text: &str) {
+    if !capture.is_empty() {
+        capture.push(b"\n");
+    }
+    capture.push(text.as_bytes());
+}
+
+/// A client's message as the member is sent it; pings and pongs stay on their side.
+fn to_member(message: ws::Message) -> Option<tungstenite::Message> {
+    Some(match message {
+        ws::Message::Text(text) => tungstenite::Message::Text(text.as_str().into()),
+        ws::Message::Binary(bytes) => tungstenite::Message::Binary(bytes),
+        ws::Message::Close(frame) => {
+            tungstenite::Message::Close(frame.map(|frame| tungstenite::protocol::CloseFrame {
+                code: frame.code.into(),
+                reason: frame.reason.as_str().into(),
+            }))
+        }
+        ws::Message::Ping(_) | ws::Message::Pong(_) => return None,
+    })
+}
+
+/// A member's message as the client is sent it; pings and pongs stay on their side.
+fn to_client(message: tungstenite::Message) -> Option<ws::Message> {
+    Some(match message {
+        tungstenite::Message::Text(text) => ws::Message::Text(text.as_str().into()),
+        tungstenite::Message::Binary(bytes) => ws::Message::Binary(bytes),
+        tungstenite::Message::Close(frame) => {
+            ws::Message::Close(frame.map(|frame| ws::CloseFrame {
+                code: frame.code.into(),
+                reason: frame.reason.as_str().into(),
+            }))
+        }
+        tungstenite::Message::Ping(_)
+        | tungstenite::Message::Pong(_)
+        | tungstenite::Message::Frame(_) => return None,
+    })
+}
+
+/// A close frame for the client.
+fn close_message(code: u16, reason: &'static str) -> ws::Message {
+    ws::Message::Close(Some(ws::CloseFrame {
+        code,
+        reason: reason.into(),
+    }))
+}

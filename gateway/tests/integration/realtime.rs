@@ -1,0 +1,478 @@
+//! The Realtime API over WebSocket: the handshake judged as a call, the session relayed both
+//! ways, one record for the session, limits on each response, failover at the handshake.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures::{SinkExt as _, StreamExt as _};
+use gatehouse_schema::OperationId;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+
+use crate::harness::*;
+
+/// A handshake's URI and headers, as a member double saw them.
+type Handshake = (String, Vec<(String, String)>);
+
+/// What a Realtime member double saw: each handshake, and the `response.create` events it
+/// received.
+#[derive(Default)]
+struct Seen {
+    handshakes: Mutex<Vec<Handshake>>,
+    responses_asked: AtomicUsize,
+}
+
+/// A Realtime API member double on 127.0.0.1: it accepts WebSocket handshakes (or refuses each
+/// with `refuse`, a status and its `retry-after-ms`) and speaks the Realtime API's events as its
+/// reference documents them (OpenAI's Realtime API reference, server events `session.created`,
+/// `conversation.item.created`, `response.created`, `response.text.delta`, `response.text.done`,
+/// `response.done` with `usage`; Azure's realtime-audio-websockets how-to uses the same events):
+/// each `response.create` is answered "Hello there" in two deltas, with 20 input tokens (5 of
+/// them cached) and 10 output tokens.
+async fn realtime_member(refuse: Option<(u16, &'static str)>) -> (String, Arc<Seen>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = Arc::new(Seen::default());
+    let state = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let seen = Arc::clone(&state);
+            tokio::spawn(async move {
+                // The refusal is tungstenite's own type, as large as it is.
+                #[expect(clippy::result_large_err, reason = "tungstenite's callback signature")]
+                let callback = |request: &Request, response: Response| {
+                    let headers = request
+                        .headers()
+                        .iter()
+                        .map(|(name, value)| {
+                            (
+                                name.as_str().to_owned(),
+                                value.to_str().unwrap_or_default().to_owned(),
+                            )
+                        })
+                        .collect();
+                    seen.handshakes
+                        .lock()
+                        .unwrap()
+                        .push((request.uri().to_string(), headers));
+                    match refuse {
+                        None => Ok(response),
+                        Some((status, wait_ms)) => {
+                            let mut refusal = ErrorResponse::new(Some(
+                                json!({"error": {"code": "429", "message": "Rate limit is exceeded."}})
+                                    .to_string(),
+                            ));
+                            *refusal.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                            refusal
+                                .headers_mut()
+                                .insert("retry-after-ms", wait_ms.parse().unwrap());
+                            refusal
+                                .headers_mut()
+                                .insert("content-type", "application/json".parse().unwrap());
+                            Err(refusal)
+                        }
+                    }
+                };
+                let Ok(mut socket) = tokio_tungstenite::accept_hdr_async(stream, callback).await
+                else {
+                    return;
+                };
+                let created = json!({"type": "session.created", "event_id": "event_1", "session": {"id": "sess_1", "object": "realtime.session", "model": "gpt-4o-realtime-preview-2024-12-17", "modalities": ["text"]}});
+                if socket
+                    .send(Message::Text(created.to_string().into()))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                let mut serial = 0;
+                while let Some(Ok(message)) = socket.next().await {
+                    let Message::Text(text) = message else {
+                        if let Message::Close(_) = message {
+                            return;
+                        }
+                        continue;
+                    };
+                    let event: Value = serde_json::from_str(text.as_str()).unwrap();
+                    let replies = match event["type"].as_str().unwrap_or_default() {
+                        "conversation.item.create" => vec![
+                            json!({"type": "conversation.item.created", "event_id": "event_2", "item": event["item"]}),
+                        ],
+                        "response.create" => {
+                            seen.responses_asked.fetch_add(1, Ordering::SeqCst);
+                            serial += 1;
+                            let id = format!("resp_{serial}");
+                            vec![
+                                json!({"type": "response.created", "event_id": "event_3", "response": {"id": id, "object": "realtime.response", "status": "in_progress", "output": []}}),
+                                json!({"type": "response.text.delta", "event_id": "event_4", "response_id": id, "item_id": "item_2", "output_index": 0, "content_index": 0, "delta": "Hello"}),
+                                json!({"type": "response.text.delta", "event_id": "event_5", "response_id": id, "item_id": "item_2", "output_index": 0, "content_index": 0, "delta": " there"}),
+                                json!({"type": "response.text.done", "event_id": "event_6", "response_id": id, "item_id": "item_2", "output_index": 0, "content_index": 0, "text": "Hello there"}),
+                                json!({"type": "response.done", "event_id": "event_7", "response": {
+                                    "id": id, "object": "realtime.response", "status": "completed",
+                                    "output": [{"id": "item_2", "object": "realtime.item", "type": "message", "role": "assistant", "content": [{"type": "text", "text": "Hello there"}]}],
+                                    "usage": {"total_tokens": 30, "input_tokens": 20, "output_tokens": 10,
+                                              "input_token_details": {"cached_tokens": 5, "text_tokens": 20, "audio_tokens": 0},
+                                              "output_token_details": {"text_tokens": 10, "audio_tokens": 0}}}}),
+                            ]
+                        }
+                        _ => Vec::new(),
+                    };
+                    for reply in replies {
+                        if socket
+                            .send(Message::Text(reply.to_string().into()))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (url, seen)
+}
+
+fn realtime_pool(members: Value) -> Value {
+    json!([{"id": "voice", "deployments": ["gpt-4o-realtime"], "members": members}])
+}
+
+/// Opens a session through the gateway at `url` (`http://…`) on `path_and_query`, with the
+/// client key unless `key` is `None`.
+async fn connect(
+    url: &str,
+    path_and_query: &str,
+    key: Option<&str>,
+) -> Result<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    tokio_tungstenite::tungstenite::Error,
+> {
+    let ws_url = format!("{}{path_and_query}", url.replacen("http://", "ws://", 1));
+    let mut request = ws_url.into_client_request().unwrap();
+    if let Some(key) = key {
+        request
+            .headers_mut()
+            .insert("api-key", key.parse().unwrap());
+    }
+    tokio_tungstenite::connect_async(request)
+        .await
+        .map(|(socket, _)| socket)
+}
+
+/// The next text event of `socket`, parsed.
+async fn next_event(
+    socket: &mut (
+             impl futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin
+         ),
+) -> Value {
+    loop {
+        let message = tokio::time::timeout(std::time::Duration::from_secs(10), socket.next())
+            .await
+            .expect("an event within 10 s")
+            .expect("the session is open")
+            .unwrap();
+        if let Message::Text(text) = message {
+            return serde_json::from_str(text.as_str()).unwrap();
+        }
+    }
+}
+
+/// Events until (and with) the first of type `until`.
+async fn events_until(
+    socket: &mut (
+             impl futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin
+         ),
+    until: &str,
+) -> Vec<Value> {
+    let mut events = Vec::new();
+    loop {
+        let event = next_event(socket).await;
+        let done = event["type"] == until;
+        events.push(event);
+        if done {
+            return events;
+        }
+    }
+}
+
+fn user_message(text: &str) -> Message {
+    Message::Text(
+        json!({"type": "conversation.item.create", "event_id": "client_1", "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}})
+            .to_string()
+            .into(),
+    )
+}
+
+fn response_create() -> Message {
+    Message::Text(
+        json!({"type": "response.create", "event_id": "client_2", "response": {"modalities": ["text"]}})
+            .to_string()
+            .into(),
+    )
+}
+
+/// A session opened the way Azure's SDKs open it is relayed event by event, the member reached
+/// with its own key under its own name for the deployment, and the session is one record: the
+/// events each way (without deltas), the user's message, the response and its usage.
+#[tokio::test]
+async fn a_realtime_session_is_relayed_and_recorded_as_one_call() {
+    let (member_url, seen) = realtime_member(None).await;
+    let (_key_file, key_ref) = backend_key_file();
+    let mut voice = member("voice-east", &member_url, 1);
+    voice["credential"] = json!({"type": "api_key", "secret": key_ref});
+    voice["deployment"] = json!("gpt-4o-realtime-eastus");
+    let gw = TestGateway::start(snapshot(1, realtime_pool(json!([voice])))).await;
+
+    let mut socket = connect(
+        &gw.url,
+        "/openai/realtime?api-version=2025-04-01-preview&deployment=gpt-4o-realtime",
+        Some(KEY),
+    )
+    .await
+    .unwrap();
+    let created = next_event(&mut socket).await;
+    assert_eq!(created["type"], "session.created");
+    socket.send(user_message("Say hello")).await.unwrap();
+    socket.send(response_create()).await.unwrap();
+    let events = events_until(&mut socket, "response.done").await;
+    let deltas: Vec<&str> = events
+        .iter()
+        .filter(|e| e["type"] == "response.text.delta")
+        .map(|e| e["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(deltas, ["Hello", " there"], "{events:?}");
+    socket.close(None).await.unwrap();
+
+    // The member: its own URL, name and key; never the client's key.
+    let handshakes = seen.handshakes.lock().unwrap().clone();
+    assert_eq!(handshakes.len(), 1);
+    let (uri, headers) = &handshakes[0];
+    assert_eq!(
+        uri,
+        "/openai/realtime?api-version=2025-04-01-preview&deployment=gpt-4o-realtime-eastus"
+    );
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    };
+    assert_eq!(header("api-key"), Some(BACKEND_KEY));
+    assert!(
+        headers.iter().all(|(_, value)| !value.contains(KEY)),
+        "{headers:?}"
+    );
+
+    let record = gw.records(1).await.remove(0);
+    assert_eq!(record.operation_id, Some(OperationId::RealtimeSession));
+    assert_eq!(record.operation_id.unwrap().as_str(), "onhandshake");
+    assert_eq!(record.response_code, 101);
+    assert_eq!(record.backend_response_code, Some(101));
+    assert_eq!(record.deployment_name.as_deref(), Some("gpt-4o-realtime"));
+    assert_eq!(
+        record.model_name.as_deref(),
+        Some("gpt-4o-realtime-preview-2024-12-17")
+    );
+    assert_eq!(record.backend_id.as_deref(), Some("voice-east"));
+    assert!(record.is_stream_completion);
+    let usage = record.usage.unwrap();
+    assert_eq!(
+        (
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.total_tokens,
+            usage.cached_tokens
+        ),
+        (20, 10, 30, 5)
+    );
+    let prompt = record.request_messages.unwrap();
+    assert!(prompt.contains("Say hello"), "{prompt}");
+    let answer = record.response_messages.unwrap();
+    assert!(answer.contains("Hello there"), "{answer}");
+    let sent = record.backend_request_body.unwrap();
+    assert!(sent.contains("\"response.create\""), "{sent}");
+    let received = record.backend_response_body.unwrap();
+    assert!(received.contains("\"response.done\""), "{received}");
+    assert!(!received.contains("response.text.delta"), "{received}");
+    assert!(record.time_to_first_byte.is_some());
+    assert!(!record.url.contains(KEY));
+}
+
+/// The v1 and OpenAI routes name the deployment in `model`, and reach an Azure member's v1
+/// route with the member's name for it.
+#[tokio::test]
+async fn the_v1_routes_take_the_deployment_from_model() {
+    let (member_url, seen) = realtime_member(None).await;
+    let gw = TestGateway::start(snapshot(
+        1,
+        realtime_pool(json!([member("voice", &member_url, 1)])),
+    ))
+    .await;
+    for path in [
+        "/openai/v1/realtime?model=gpt-4o-realtime",
+        "/v1/realtime?model=gpt-4o-realtime",
+    ] {
+        let mut socket = connect(&gw.url, path, Some(KEY)).await.unwrap();
+        assert_eq!(next_event(&mut socket).await["type"], "session.created");
+        socket.close(None).await.unwrap();
+    }
+    let uris: Vec<String> = seen
+        .handshakes
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(uri, _)| uri.clone())
+        .collect();
+    assert_eq!(
+        uris,
+        [
+            "/openai/v1/realtime?model=gpt-4o-realtime",
+            "/openai/v1/realtime?model=gpt-4o-realtime"
+        ]
+    );
+    let records = gw.records(2).await;
+    assert!(records.iter().all(|r| r.response_code == 101));
+}
+
+/// A handshake without a key, with a wrong one, for a deployment no pool serves, or without a
+/// deployment is answered over HTTP in Azure's shape, and no member is asked.
+#[tokio::test]
+async fn a_refused_handshake_is_an_http_answer_and_reaches_no_member() {
+    let (member_url, seen) = realtime_member(None).await;
+    let gw = TestGateway::start(snapshot(
+        1,
+        realtime_pool(json!([member("voice", &member_url, 1)])),
+    ))
+    .await;
+    let classic = "/openai/realtime?api-version=2025-04-01-preview&deployment=gpt-4o-realtime";
+    for (path, key, status) in [
+        (classic, None, 401),
+        (classic, Some("ghk_wrong"), 401),
+        (
+            "/openai/realtime?api-version=2025-04-01-preview&deployment=gpt-4o-nope",
+            Some(KEY),
+            404,
+        ),
+        (
+            "/openai/realtime?api-version=2025-04-01-preview",
+            Some(KEY),
+            400,
+        ),
+    ] {
+        let refused = connect(&gw.url, path, key).await.unwrap_err();
+        let tokio_tungstenite::tungstenite::Error::Http(answer) = refused else {
+            panic!("{path}: {refused:?}");
+        };
+        assert_eq!(answer.status().as_u16(), status, "{path}");
+        let body: Value = serde_json::from_slice(answer.body().as_deref().unwrap()).unwrap();
+        assert!(body["error"]["message"].is_string(), "{path}: {body}");
+    }
+    // A plain GET (no upgrade) is told how to open the session.
+    let plain = gw.get(classic).send().await.unwrap();
+    assert_eq!(plain.status(), 400);
+    let message = azure_error(plain, 400).await;
+    assert!(message.contains("WebSocket"), "{message}");
+    assert!(seen.handshakes.lock().unwrap().is_empty());
+    let records = gw.records(5).await;
+    assert!(records.iter().all(|r| r.backend_id.is_none()));
+}
+
+/// A member that throttles the handshake is set aside and the session opens on the next; with
+/// every member throttled the client gets 429 with the shortest wait.
+#[tokio::test]
+async fn a_throttled_handshake_goes_to_the_next_member() {
+    let (throttled_url, throttled) = realtime_member(Some((429, "2000"))).await;
+    let (open_url, open) = realtime_member(None).await;
+    let gw = TestGateway::start(snapshot(
+        1,
+        realtime_pool(json!([
+            member("busy", &throttled_url, 1),
+            member("free", &open_url, 2)
+        ])),
+    ))
+    .await;
+    let path = "/openai/realtime?api-version=2025-04-01-preview&deployment=gpt-4o-realtime";
+    let mut socket = connect(&gw.url, path, Some(KEY)).await.unwrap();
+    assert_eq!(next_event(&mut socket).await["type"], "session.created");
+    socket.close(None).await.unwrap();
+    assert_eq!(throttled.handshakes.lock().unwrap().len(), 1);
+    assert_eq!(open.handshakes.lock().unwrap().len(), 1);
+    let record = gw.records(1).await.remove(0);
+    let attempts: Vec<(String, Option<u16>)> = record
+        .attempts
+        .iter()
+        .map(|a| (a.backend_id.clone(), a.status))
+        .collect();
+    assert_eq!(
+        attempts,
+        [
+            ("busy".to_owned(), Some(429)),
+            ("free".to_owned(), Some(101))
+        ]
+    );
+
+    // Only the throttled member: 429 with its wait, the member asked once.
+    let (alone_url, alone) = realtime_member(Some((429, "3000"))).await;
+    let gw = TestGateway::start(snapshot(
+        1,
+        realtime_pool(json!([member("alone", &alone_url, 1)])),
+    ))
+    .await;
+    let refused = connect(&gw.url, path, Some(KEY)).await.unwrap_err();
+    let tokio_tungstenite::tungstenite::Error::Http(answer) = refused else {
+        panic!("{refused:?}");
+    };
+    assert_eq!(answer.status(), 429);
+    let wait: u64 = answer.headers()["retry-after-ms"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((2_000..=3_000).contains(&wait), "{wait}");
+    assert_eq!(alone.handshakes.lock().unwrap().len(), 1);
+}
+
+/// Each `response.create` is admitted against the caller's token limit: once the responses so
+/// far spent it, the next is answered with an `error` event and never reaches the member; the
+/// session stays open.
+#[tokio::test]
+async fn a_response_over_the_callers_token_limit_never_reaches_the_member() {
+    let (member_url, seen) = realtime_member(None).await;
+    let mut config = snapshot(1, realtime_pool(json!([member("voice", &member_url, 1)])));
+    config.limits = serde_json::from_value(json!([
+        {"id": "voice-tpm", "subject": {"kind": "each_subscription"}, "tokens_per_minute": 50}
+    ]))
+    .unwrap();
+    let gw = TestGateway::start(config).await;
+    let mut socket = connect(
+        &gw.url,
+        "/openai/realtime?api-version=2025-04-01-preview&deployment=gpt-4o-realtime",
+        Some(KEY),
+    )
+    .await
+    .unwrap();
+    next_event(&mut socket).await;
+    // 30 tokens each: the first two responses are admitted (0, then 30 of 50 spent), the third
+    // (60 spent) is not.
+    for _ in 0..2 {
+        socket.send(response_create()).await.unwrap();
+        events_until(&mut socket, "response.done").await;
+    }
+    socket.send(response_create()).await.unwrap();
+    let refusal = next_event(&mut socket).await;
+    assert_eq!(refusal["type"], "error", "{refusal}");
+    assert_eq!(refusal["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(refusal["error"]["event_id"], "client_2");
+    // Still open: a message goes through.
+    socket.send(user_message("still there?")).await.unwrap();
+    assert_eq!(
+        next_event(&mut socket).await["type"],
+        "conversation.item.created"
+    );
+    socket.close(None).await.unwrap();
+    assert_eq!(seen.responses_asked.load(Ordering::SeqCst), 2);
+    let record = gw.records(1).await.remove(0);
+    assert_eq!(record.usage.unwrap().total_tokens, 60);
+}
