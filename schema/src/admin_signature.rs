@@ -114,7 +114,8 @@ impl Signed {
         now: i64,
     ) -> Result<(), Refusal> {
         let skew = self.time.saturating_sub(now);
-        if skew.abs() > MAX_CLOCK_SKEW_SECONDS {
+        // `unsigned_abs`: a time of `i64::MIN` has no positive `abs`.
+        if skew.unsigned_abs() > MAX_CLOCK_SKEW_SECONDS.unsigned_abs() {
             return Err(Refusal::Skewed(skew));
         }
         // `verify_slice` compares in constant time.
@@ -130,6 +131,19 @@ mod tests {
 
     const TOKEN: &str = "gateway-admin-token";
     const NOW: i64 = 1_796_000_000;
+
+    #[test]
+    fn a_time_at_the_ends_of_the_range_is_skewed_not_a_panic() {
+        for time in [i64::MIN, i64::MAX] {
+            let value = format!("{SCHEME} time={time}, signature={}", "0".repeat(64));
+            let signed = Signed::parse(&value).unwrap().unwrap();
+            let refused = signed.verify(TOKEN, "PUT", "/_gatehouse/config", "x", NOW);
+            assert!(
+                matches!(refused, Err(Refusal::Skewed(_))),
+                "{time}: {refused:?}"
+            );
+        }
+    }
 
     fn signed(method: &str, path: &str, time: i64, body: &[u8]) -> Signed {
         let value = authorization(TOKEN, method, path, time, &content_sha256(body));
