@@ -234,7 +234,14 @@ fn is_graph_endpoint(url: &url::Url) -> bool {
     scheme_ok && url.username().is_empty() && url.password().is_none()
 }
 
+/// The largest snapshot version: what the portal's database and the gateway's metrics (a
+/// Prometheus gauge, exposed as a signed 64-bit number) hold.
+pub const MAX_VERSION: u64 = i64::MAX.unsigned_abs();
+
 fn validate(snapshot: &ConfigSnapshot, errors: &mut Vec<String>) {
+    if snapshot.version > MAX_VERSION {
+        errors.push(format!("version: at most {MAX_VERSION}"));
+    }
     let mut subscription_ids = HashSet::new();
     let mut digests = HashSet::new();
     for (i, subscription) in snapshot.subscriptions.iter().enumerate() {
@@ -437,5 +444,25 @@ fn check_label_id(path: &str, id: &str, errors: &mut Vec<String>) {
         errors.push(format!(
             "{path}: use 1 to 128 letters, digits, dots, colons, underscores or hyphens"
         ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_version_past_what_a_signed_64_bit_number_holds_is_refused() {
+        let mut snapshot: ConfigSnapshot = serde_json::from_str(r#"{"version": 1}"#).unwrap();
+        assert!(problems(&snapshot).is_empty());
+        snapshot.version = MAX_VERSION;
+        assert!(problems(&snapshot).is_empty());
+        for version in [MAX_VERSION + 1, u64::MAX] {
+            snapshot.version = version;
+            assert_eq!(
+                problems(&snapshot),
+                [format!("version: at most {MAX_VERSION}")]
+            );
+        }
     }
 }
