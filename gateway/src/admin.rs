@@ -268,18 +268,42 @@ fn parse_snapshot(body: &[u8], is_yaml: bool) -> Result<ConfigSnapshot, String> 
     result.map_err(|(path, message)| format!("{path}: {message}"))
 }
 
-/// Reads the last-known-good snapshot of a previous run, if any.
-pub async fn load_last_known_good(state_dir: &Path) -> anyhow::Result<Option<ConfigSnapshot>> {
+/// The last-known-good snapshot of a previous run, as read at start.
+#[derive(Debug)]
+pub enum LastKnownGood {
+    /// None was saved.
+    None,
+    /// The saved snapshot.
+    Saved(Box<ConfigSnapshot>),
+    /// A file is there but holds no snapshot this gateway reads (a gateway of an older version
+    /// started on a newer one's file, an edit by hand): its `version`, when even that can be
+    /// read. The file is left in place.
+    Unreadable(Option<u64>),
+}
+
+/// Reads the last-known-good snapshot of a previous run, if any. One that cannot be read is
+/// logged as an error (it may be newer than the file the gateway starts on, with keys revoked
+/// since that file was written).
+pub async fn load_last_known_good(state_dir: &Path) -> anyhow::Result<LastKnownGood> {
     let path = state_dir.join(LAST_KNOWN_GOOD);
     match tokio::fs::read(&path).await {
         Ok(bytes) => match serde_json::from_slice(&bytes) {
-            Ok(snapshot) => Ok(Some(snapshot)),
+            Ok(snapshot) => Ok(LastKnownGood::Saved(Box::new(snapshot))),
             Err(error) => {
-                tracing::warn!(path = %path.display(), %error, "ignoring an unreadable last-known-good configuration");
-                Ok(None)
+                let version = serde_json::from_slice::<serde_json::Value>(&bytes)
+                    .ok()
+                    .and_then(|saved| saved.get("version").and_then(serde_json::Value::as_u64));
+                tracing::error!(
+                    path = %path.display(),
+                    version,
+                    %error,
+                    "the last-known-good configuration cannot be read; starting on the \
+                     configuration file's snapshot (the last-known-good file is kept)"
+                );
+                Ok(LastKnownGood::Unreadable(version))
             }
         },
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(LastKnownGood::None),
         Err(error) => Err(error.into()),
     }
 }

@@ -184,9 +184,19 @@ impl Gateway {
             clients: Arc::default(),
         };
         let metrics = Metrics::default();
-        let saved = admin::load_last_known_good(&parts.state_dir)
-            .await?
-            .filter(|saved| saved.version > parts.snapshot.version);
+        let saved = match admin::load_last_known_good(&parts.state_dir).await? {
+            admin::LastKnownGood::Saved(saved) => Some(*saved),
+            admin::LastKnownGood::None => None,
+            admin::LastKnownGood::Unreadable(version) => {
+                // Refused as one that cannot be built is: the gauge says so (the largest value
+                // the exposition takes, `i64::MAX`, when not even its version can be read).
+                metrics
+                    .last_known_good_refused
+                    .set(version.unwrap_or(i64::MAX.unsigned_abs()));
+                None
+            }
+        }
+        .filter(|saved| saved.version > parts.snapshot.version);
         let runtime = start_runtime(saved, parts.snapshot, &health, &resolver, &metrics).await?;
         if has_key_vault {
             // Stops by itself when the gateway (and with it the store) is dropped.

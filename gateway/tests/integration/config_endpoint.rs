@@ -150,6 +150,47 @@ async fn a_last_known_good_snapshot_that_no_longer_builds_gives_way_to_the_files
     );
 }
 
+/// A last-known-good file this gateway cannot read (written by a newer version, torn, edited by
+/// hand) is an error in the log and in `gatehouse_config_last_known_good_refused`, as one that no
+/// longer builds is, not a quiet warning; the gateway starts on the file's snapshot.
+#[tokio::test]
+async fn an_unreadable_last_known_good_snapshot_is_an_error_not_a_warning() {
+    let sim = simulator("config-lkg-unreadable").await;
+    let gw = TestGateway::start(snapshot(1, pools(&sim.url(), "gpt-4o"))).await;
+    let state_dir = Arc::clone(&gw.state_dir);
+    gw.stop().await;
+    for (content, gauge) in [
+        // A field this version does not know, in a subscription (which admits none).
+        (
+            json!({"version": 5, "subscriptions": [{"id": "a", "bogus": 1}]}).to_string(),
+            "gatehouse_config_last_known_good_refused 5",
+        ),
+        // Not JSON at all: not even the version can be read.
+        (
+            "{\"version\": 7, \"subscr".to_owned(),
+            "gatehouse_config_last_known_good_refused 9223372036854775807",
+        ),
+    ] {
+        std::fs::write(state_dir.path().join("last-known-good.json"), &content).unwrap();
+        let (logs, _guard) = CapturedLogs::install(tracing::Level::INFO);
+        let gw = TestGateway::start_in(
+            snapshot(1, pools(&sim.url(), "gpt-4o")),
+            Arc::clone(&state_dir),
+        )
+        .await;
+        assert_eq!(gw.gateway.runtime().snapshot.version, 1);
+        let line = logs.line(
+            "the last-known-good configuration cannot be read; starting on the configuration \
+             file's snapshot (the last-known-good file is kept)",
+        );
+        assert_eq!(line["level"], "ERROR", "{content}");
+        let text = gw.metrics().await;
+        assert!(text.contains(gauge), "{content}: {text}");
+        assert!(state_dir.path().join("last-known-good.json").exists());
+        gw.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn an_invalid_snapshot_is_refused_whole_with_the_field_path() {
     let sim = simulator("config-bad").await;
