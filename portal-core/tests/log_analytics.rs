@@ -52,6 +52,9 @@ struct Double {
     partial_from_search: AtomicU32,
     /// Searches answered.
     searches: AtomicU32,
+    /// Refuse every query with an error whose message echoes the token across the 300th
+    /// character of the error text.
+    echo_token: AtomicU32,
 }
 
 async fn token(
@@ -243,6 +246,15 @@ async fn query(
             StatusCode::TOO_MANY_REQUESTS,
             [("retry-after", retry)],
             Json(json!({"error": {"code": "ThrottledError", "message": "too many requests"}})),
+        )
+            .into_response();
+    }
+    if double.echo_token.load(Ordering::SeqCst) > 0 {
+        // "BadArgumentError: " is 18 characters: the token starts at the 295th.
+        let message = format!("{} Bearer {TOKEN} was used", "x".repeat(270));
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": {"code": "BadArgumentError", "message": message}})),
         )
             .into_response();
     }
@@ -711,6 +723,17 @@ async fn the_client_limits_itself_and_never_shows_the_secret() {
     assert!(shown.contains("HTTP 401"), "{shown}");
     assert!(!shown.contains(SECRET), "{shown}");
     assert!(!format!("{fresh:?}").contains(SECRET));
+
+    // An error that echoes the token where the shown text is cut: no part of it is shown.
+    double.echo_token.store(1, Ordering::SeqCst);
+    let error = source
+        .figures(range(), Granularity::Hour)
+        .await
+        .unwrap_err();
+    let shown = format!("{error} {error:?} {}", error.public_message());
+    assert!(shown.contains("HTTP 400"), "{shown}");
+    assert!(!shown.contains("Bearer t"), "{shown}");
+    double.echo_token.store(0, Ordering::SeqCst);
 
     // Bad settings are refused before any request.
     let mut bad = settings;

@@ -225,6 +225,8 @@ struct ErrorAnswer {
 }
 
 impl ApiError {
+    /// The whole text, to be scrubbed before it is shortened (a cut through a token would leave
+    /// a part that no longer matches it).
     fn text(&self) -> String {
         let mut text = format!("{}: {}", self.code, self.message);
         for detail in &self.details {
@@ -233,7 +235,7 @@ impl ApiError {
                 text.push_str(message);
             }
         }
-        shorten(&text)
+        text
     }
 }
 
@@ -523,12 +525,11 @@ impl LogAnalyticsSource {
             let text = response.text().await.unwrap_or_default();
             if !status.is_success() {
                 let error = serde_json::from_str::<ErrorAnswer>(&text)
-                    .map(|answer| answer.error.text())
-                    .unwrap_or_else(|_| shorten(&text));
+                    .map_or(text, |answer| answer.error.text());
                 return Err(InsightsError::LogAnalytics(format!(
                     "the query was refused (HTTP {}): {}",
                     status.as_u16(),
-                    self.scrub(&error, Some(&token))
+                    shorten(&self.scrub(&error, Some(&token)))
                 )));
             }
             let answer: QueryAnswer = serde_json::from_str(&text).map_err(|_| {
@@ -536,7 +537,7 @@ impl LogAnalyticsSource {
             })?;
             let warnings = answer
                 .error
-                .map(|error| vec![self.scrub(&error.text(), Some(&token))])
+                .map(|error| vec![shorten(&self.scrub(&error.text(), Some(&token)))])
                 .unwrap_or_default();
             return Ok((answer.tables, warnings));
         }
