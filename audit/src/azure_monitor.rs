@@ -921,11 +921,16 @@ impl AuditSink for AzureMonitorSink {
             self.upload(&self.llm, &rows.llm, deadline).await?;
             // Counted when the batch is stored, so once however often it was sent.
             self.set_aside.fetch_add(rows.set_aside, Ordering::Relaxed);
-            // Stored whole: what was remembered is of no more use.
-            self.delivered
+            // Stored whole: its rows need remembering no more. Only its own: the queue may hand
+            // a failed batch back in smaller pieces (its journal replays it a chunk at a time),
+            // and the rows of the pieces still to come that Azure accepted must still be skipped.
+            let mut delivered = self
+                .delivered
                 .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clear();
+                .unwrap_or_else(PoisonError::into_inner);
+            for row in rows.gateway.iter().chain(&rows.llm) {
+                delivered.remove(&row.id);
+            }
             Ok(())
         })
     }

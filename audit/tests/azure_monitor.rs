@@ -942,6 +942,35 @@ async fn a_batch_interrupted_part_way_resumes_at_the_first_call_not_accepted() {
     );
 }
 
+/// A failed batch that the queue hands back in smaller pieces (its journal replays a chunk at a
+/// time) sends no row Azure accepted twice: storing one piece forgets that piece's rows only.
+#[tokio::test]
+async fn a_failed_batch_replayed_in_pieces_sends_no_row_twice() {
+    let setup = setup().await;
+    let sink = new_sink(
+        &setup,
+        json!({"max_batch_bytes": 25_000, "max_attempts": 1}),
+    );
+    let records: Vec<AuditRecord> = (0..40).map(|i| record(i, 4_000, false)).collect();
+    let mut faults = vec![None; 5];
+    faults.push(Some(Fault::ServerError));
+    setup.double.fail_next(&faults);
+    sink.write_batch(&records).await.unwrap_err();
+    let accepted_first = setup.double.stored(DEFAULT_GATEWAY_STREAM).len();
+    assert!(accepted_first > 1 && accepted_first < records.len());
+
+    // The replay: a first piece Azure accepted whole, then the rest.
+    sink.write_batch(&records[..1]).await.unwrap();
+    sink.write_batch(&records[1..]).await.unwrap();
+
+    let gateway = setup.double.stored(DEFAULT_GATEWAY_STREAM);
+    let correlation: Vec<&str> = gateway.iter().map(|r| text(r, "CorrelationId")).collect();
+    let expected: Vec<&str> = records.iter().map(|r| r.correlation_id.as_str()).collect();
+    assert_eq!(correlation, expected, "every row once, in order");
+    let llm = row_ids(&setup.double.stored(DEFAULT_LLM_STREAM));
+    assert_eq!(llm.iter().collect::<HashSet<_>>().len(), llm.len());
+}
+
 #[tokio::test]
 async fn a_retry_after_longer_than_the_write_may_take_goes_to_the_queue() {
     let setup = setup().await;
