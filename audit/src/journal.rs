@@ -238,9 +238,21 @@ impl Journal {
             skipped: 0,
             set_aside_through: None,
         };
-        // Where an earlier process stopped replaying: it applies to the oldest segment only.
+        // Where an earlier process stopped replaying: the segment the cursor names. Segments
+        // before it were stored whole (the cursor names the oldest segment not stored), and one
+        // still here is one whose deletion failed: it is deleted now, not replayed again.
         let mut resume = read_head(dir);
         for (index, path) in found {
+            if let Some((segment, _)) = resume
+                && index < segment
+            {
+                tracing::warn!(
+                    path = %path.display(),
+                    "audit journal segment stored by an earlier run but not deleted; deleted now"
+                );
+                fs::remove_file(&path)?;
+                continue;
+            }
             let from = match resume.take() {
                 Some((segment, offset)) if segment == index => offset,
                 _ => 0,
@@ -1105,6 +1117,44 @@ mod tests {
             drop(journal);
             let mut journal = Journal::open(dir.path(), 1 << 20, TEST_CHUNK_BYTES).unwrap();
             assert_eq!(drain(&mut journal), ids(0..3));
+        }
+
+        // A segment stored whole whose deletion failed is still there, older than the one the
+        // cursor names: it is not replayed, and the cursor still applies to its own segment.
+        {
+            let dir = tempfile::tempdir().unwrap();
+            let (first, second) = {
+                let mut journal = Journal::open(dir.path(), 16 << 10, TEST_CHUNK_BYTES).unwrap();
+                let first = journal.next_index;
+                journal
+                    .append(&records(0..3), false, LineKind::Plain)
+                    .unwrap();
+                journal.start_segment().unwrap();
+                let second = journal.next_index - 1;
+                journal
+                    .append(&records(3..9), false, LineKind::Plain)
+                    .unwrap();
+                (first, second)
+            };
+            let name = |index: u64| format!("{SEGMENT_PREFIX}{index:020}{SEGMENT_SUFFIX}");
+            assert!(dir.path().join(name(first)).exists());
+            // Where the cursor would be after records 3 and 4 of the second segment were stored.
+            let second_lines = fs::read(dir.path().join(name(second))).unwrap();
+            let two_lines = second_lines
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| **b == b'\n')
+                .nth(1)
+                .map(|(at, _)| at + 1)
+                .unwrap();
+            fs::write(
+                dir.path().join(HEAD_FILE),
+                format!("{second} {two_lines}\n"),
+            )
+            .unwrap();
+            let mut journal = Journal::open(dir.path(), 16 << 10, TEST_CHUNK_BYTES).unwrap();
+            assert!(!dir.path().join(name(first)).exists(), "deleted at open");
+            assert_eq!(drain(&mut journal), ids(5..9));
         }
 
         // A head that does not fit the segment (past its end, or not at a line start) is
