@@ -718,11 +718,20 @@ struct Linked {
 }
 
 /// Splits a record into its chain id and what verification needs of it; `None` when unchained.
-fn digest(mut record: AuditRecord, position: u64) -> Option<(String, Linked)> {
+/// A record made at or after `content_since` must still hold the content it was linked with;
+/// one made before may have lost it to retention.
+fn digest(
+    mut record: AuditRecord,
+    position: u64,
+    content_since: Option<OffsetDateTime>,
+) -> Option<(String, Linked)> {
     let link = record.chain.take()?;
     // Content removed by retention cannot be checked, but the metadata still can, through the
-    // content hash the link carries.
-    let content_ok = (content_matches(&record, &link.content_hash) || has_no_content(&record))
+    // content hash the link carries. Within the content window no content may be missing: a
+    // record whose bodies and messages were all deleted there was tampered with.
+    let removable = content_since.is_none_or(|since| record.time_generated < since);
+    let content_ok = (content_matches(&record, &link.content_hash)
+        || (removable && has_no_content(&record)))
         && record_hash(&link.previous_hash, &record, &link.content_hash)
             .is_ok_and(|hash| hash == link.record_hash);
     Some((
@@ -867,12 +876,22 @@ pub struct Verifier {
     chains: BTreeMap<String, ChainProgress>,
     unchained: u64,
     position: u64,
+    content_since: Option<OffsetDateTime>,
 }
 
 impl Verifier {
-    /// A verifier with nothing checked.
+    /// A verifier with nothing checked, which takes a record without its content as one whose
+    /// content retention removed.
     pub fn new() -> Verifier {
         Verifier::default()
+    }
+
+    /// This verifier, taking a record made at or after `since` without the content it was
+    /// linked with as changed: retention removes content only from records older than its
+    /// window, so within the window missing content was deleted by someone else.
+    pub fn expecting_content_since(mut self, since: OffsetDateTime) -> Verifier {
+        self.content_since = Some(since);
+        self
     }
 
     /// Takes `record` as the record before the checked ones in its chain, without checking it.
@@ -896,7 +915,7 @@ impl Verifier {
     /// Checks `record` against the record before it in its chain.
     pub fn check(&mut self, record: AuditRecord) {
         let position = self.next_position();
-        match digest(record, position) {
+        match digest(record, position, self.content_since) {
             Some((chain_id, linked)) => self.chains.entry(chain_id).or_default().check(linked),
             None => self.unchained += 1,
         }
@@ -980,7 +999,9 @@ pub fn verify_jsonl(
         };
         let in_range = in_range(record.time_generated);
         let touched = day_touched(record.time_generated);
-        match digest(record, number) {
+        // Nothing removes content from a JSON-lines file: a record without the content it was
+        // linked with was edited.
+        match digest(record, number, Some(OffsetDateTime::UNIX_EPOCH)) {
             Some((chain_id, linked)) => {
                 let (records, day_in_range) = chains.entry(chain_id).or_default();
                 records.push(linked);

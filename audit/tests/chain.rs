@@ -321,6 +321,42 @@ fn a_changed_field_names_that_record_as_changed() {
     assert_eq!(broken.correlation_id, "call-00004");
 }
 
+/// A record whose content was all taken out is taken for one whose content retention removed
+/// by `verify`, which knows no window; nothing removes content from a JSON-lines file, so there
+/// it is `changed`, and so it is for a verifier told where the content window starts.
+#[test]
+fn content_taken_out_of_a_record_inside_its_window_is_changed() {
+    let mut records = linked(6, datetime!(2025-03-01 10:00 UTC));
+    records[3].backend_request_body = None;
+    records[3].backend_response_body = None;
+    records[3].request_messages = None;
+    records[3].response_messages = None;
+    assert!(verify(records.clone()).is_intact());
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    write_jsonl(&path, &records);
+    let broken = first_break(&verify_jsonl(&path, None, None).unwrap());
+    assert_eq!(
+        (broken.reason, broken.correlation_id.as_str()),
+        (BreakReason::Changed, "call-00003")
+    );
+
+    let mut verifier = gatehouse_audit::chain::Verifier::new()
+        .expecting_content_since(datetime!(2025-03-01 00:00 UTC));
+    for record in records.clone() {
+        verifier.check(record);
+    }
+    let broken = first_break(&verifier.finish());
+    assert_eq!(broken.correlation_id, "call-00003");
+    let mut verifier = gatehouse_audit::chain::Verifier::new()
+        .expecting_content_since(datetime!(2025-03-02 00:00 UTC));
+    for record in records {
+        verifier.check(record);
+    }
+    assert!(verifier.finish().is_intact());
+}
+
 #[test]
 fn a_deleted_record_names_the_record_after_the_gap_as_removed() {
     let mut records = linked(10, datetime!(2025-03-01 10:00 UTC));

@@ -78,6 +78,7 @@ on_both_engines!(
     chains_verify_from_the_store,
     chains_verify_a_day_whose_first_records_were_removed,
     chains_verify_while_retention_removes_content,
+    content_deleted_inside_its_window_breaks_the_chain,
     chains_linked_before_the_content_hash_change_verify_from_the_store,
     a_gateway_id_is_held_by_one_live_instance,
     records_holding_nul_characters_are_stored,
@@ -1784,6 +1785,73 @@ async fn chains_verify_while_retention_removes_content(store: &SqlStore) {
     );
     let call = store.call("call-00007").await.unwrap().unwrap();
     assert!(call.request_messages.is_none() && call.backend_request_body.is_none());
+}
+
+/// A call's content deleted by hand inside the content window (no retention removes it there)
+/// is named `changed` by a verification told where the window starts; a verification not told
+/// takes it for content retention removed, as before.
+async fn content_deleted_inside_its_window_breaks_the_chain(store: &SqlStore) {
+    let mut chainer = gatehouse_audit::chain::Chainer::in_memory();
+    let mut batch = records(4);
+    for record in &mut batch {
+        // Bodies only: the content is then one row of `GatehouseCallContent` a call.
+        record.request_messages = None;
+        record.response_messages = None;
+        chainer.link(record);
+    }
+    assert_eq!(store.write(&batch).await.unwrap(), batch.len());
+    let range = (T0, T0 + Duration::hours(1));
+    let window_start = T0 - Duration::days(1);
+    let report = store
+        .verify_chains_expecting_content(range.0, range.1, window_start)
+        .await
+        .unwrap();
+    assert!(report.is_intact(), "{report:?}");
+    match (store.sqlite_pool(), store.postgres_pool()) {
+        (Some(pool), _) => {
+            sqlx::query("DELETE FROM GatehouseCallContent WHERE CorrelationId = 'call-00002'")
+                .execute(pool)
+                .await
+                .unwrap();
+        }
+        (_, Some(pool)) => {
+            sqlx::query(
+                r#"DELETE FROM "GatehouseCallContent" WHERE "CorrelationId" = 'call-00002'"#,
+            )
+            .execute(pool)
+            .await
+            .unwrap();
+        }
+        _ => unreachable!(),
+    }
+    let call = store.call("call-00002").await.unwrap().unwrap();
+    assert!(call.backend_request_body.is_none() && call.backend_response_body.is_none());
+    let report = store
+        .verify_chains_expecting_content(range.0, range.1, window_start)
+        .await
+        .unwrap();
+    let (_, broken) = report.first_break().expect("a break");
+    assert_eq!(
+        (
+            broken.correlation_id.as_str(),
+            broken.reason.to_string().as_str()
+        ),
+        ("call-00002", "changed"),
+        "{report:?}"
+    );
+    // Past the window's start the same record may have lost its content to retention.
+    let report = store
+        .verify_chains_expecting_content(range.0, range.1, T0 + Duration::hours(1))
+        .await
+        .unwrap();
+    assert!(report.is_intact(), "{report:?}");
+    assert!(
+        store
+            .verify_chains(range.0, range.1)
+            .await
+            .unwrap()
+            .is_intact()
+    );
 }
 
 /// `batch` linked into one chain as a gateway from before the chain's content hash format 2

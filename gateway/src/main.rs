@@ -68,6 +68,12 @@ enum Command {
         /// Only chains with records before this RFC 3339 time.
         #[arg(long)]
         to: Option<String>,
+        /// The store's content retention (`audit.content_retention_days`): a record younger
+        /// than this that lacks the content it was linked with is named `changed` (without it,
+        /// missing content is taken for content retention removed). A JSON-lines file, which
+        /// nothing removes content from, is always checked so.
+        #[arg(long, requires = "database")]
+        content_retention_days: Option<u32>,
     },
     /// Refresh the query planner's statistics of a SQLite audit store in full. The store does
     /// this itself at every start and after each hourly retention run (when a retention is set)
@@ -139,11 +145,13 @@ fn main() -> anyhow::Result<()> {
             database,
             from,
             to,
+            content_retention_days,
         } => verify_audit(
             jsonl.as_deref(),
             database.as_deref(),
             from.as_deref(),
             to.as_deref(),
+            content_retention_days,
         ),
         Command::AnalyzeAudit { database } => analyze_audit(&database),
         Command::ReindexAudit { database, from, to } => {
@@ -213,6 +221,7 @@ fn verify_audit(
     database: Option<&str>,
     from: Option<&str>,
     to: Option<&str>,
+    content_retention_days: Option<u32>,
 ) -> anyhow::Result<()> {
     let (from, to) = (parse_time(from)?, parse_time(to)?);
     let report = match (jsonl, database) {
@@ -222,14 +231,17 @@ fn verify_audit(
             .build()?
             .block_on(async {
                 let store = SqlStore::connect(url).await?;
-                let report = store
-                    .verify_chains(
-                        from.unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
-                        to.unwrap_or_else(|| {
-                            time::OffsetDateTime::now_utc() + time::Duration::days(1)
-                        }),
-                    )
-                    .await;
+                let from = from.unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+                let to =
+                    to.unwrap_or_else(|| time::OffsetDateTime::now_utc() + time::Duration::days(1));
+                let report = match content_retention_days {
+                    Some(days) => {
+                        let since =
+                            time::OffsetDateTime::now_utc() - time::Duration::days(i64::from(days));
+                        store.verify_chains_expecting_content(from, to, since).await
+                    }
+                    None => store.verify_chains(from, to).await,
+                };
                 store.close().await;
                 report
             })?,

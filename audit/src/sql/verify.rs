@@ -171,7 +171,33 @@ impl SqlStore {
         from: OffsetDateTime,
         to: OffsetDateTime,
     ) -> Result<VerifyReport, StoreError> {
-        let mut verifier = Verifier::new();
+        self.verify_chains_with(from, to, Verifier::new()).await
+    }
+
+    /// [`SqlStore::verify_chains`], with records made at or after `content_since` required to
+    /// hold their content ([`Verifier::expecting_content_since`]): give it the start of the
+    /// store's content window, and a record whose content was deleted inside the window is named
+    /// `changed`.
+    pub async fn verify_chains_expecting_content(
+        &self,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+        content_since: OffsetDateTime,
+    ) -> Result<VerifyReport, StoreError> {
+        self.verify_chains_with(
+            from,
+            to,
+            Verifier::new().expecting_content_since(content_since),
+        )
+        .await
+    }
+
+    async fn verify_chains_with(
+        &self,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+        mut verifier: Verifier,
+    ) -> Result<VerifyReport, StoreError> {
         let days = chain_days(from, to);
         match &self.engine {
             Engine::Sqlite { reader, .. } => {
