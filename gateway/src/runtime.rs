@@ -69,12 +69,13 @@ pub fn secret_refs(snapshot: &ConfigSnapshot) -> Vec<(String, &SecretRef)> {
 }
 
 /// Refuses a snapshot that names a secret reference the policy keeps from snapshots (one of the
-/// gateway's own secrets, see [`SecretRefPolicy`]), naming each with its field path.
+/// gateway's own secrets, see [`SecretRefPolicy`]), or one of the gateway's own files as a
+/// member's TLS file, naming each with its field path.
 fn refuse_reserved_refs(
     snapshot: &ConfigSnapshot,
     resolver: &Resolver,
 ) -> Result<(), ValidationErrors> {
-    let refused: Vec<String> = secret_refs(snapshot)
+    let mut refused: Vec<String> = secret_refs(snapshot)
         .into_iter()
         .filter_map(|(path, reference)| {
             resolver
@@ -83,6 +84,22 @@ fn refuse_reserved_refs(
                 .map(|why| format!("{path}: {why}"))
         })
         .collect();
+    // A member's TLS files go to its endpoint too (a client identity is presented to it).
+    for (p, pool) in snapshot.pools.iter().enumerate() {
+        for (m, member) in pool.members.iter().enumerate() {
+            for (field, file) in [
+                ("ca_file", &member.tls.ca_file),
+                ("client_identity_file", &member.tls.client_identity_file),
+            ] {
+                if let Some(why) = file
+                    .as_deref()
+                    .and_then(|file| resolver.policy.tls_file_refusal(file))
+                {
+                    refused.push(format!("pools[{p}].members[{m}].tls.{field}: {why}"));
+                }
+            }
+        }
+    }
     if refused.is_empty() {
         Ok(())
     } else {

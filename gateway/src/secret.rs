@@ -72,6 +72,29 @@ pub enum SecretError {
     },
 }
 
+/// The largest file the gateway reads for a snapshot (a `file:` secret, a member's CA or client
+/// identity): PEM bundles and keys are kilobytes.
+pub const MAX_SNAPSHOT_FILE_BYTES: u64 = 1024 * 1024;
+
+/// Reads a file a snapshot names: a regular file (not a FIFO, which would block the reader, nor
+/// a device such as `/dev/zero`, which never ends) of at most [`MAX_SNAPSHOT_FILE_BYTES`].
+pub fn read_bounded(path: &str) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_SNAPSHOT_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_SNAPSHOT_FILE_BYTES {
+        return Err(std::io::Error::other(format!(
+            "larger than {MAX_SNAPSHOT_FILE_BYTES} bytes"
+        )));
+    }
+    Ok(bytes)
+}
+
 /// Reads the secret an `env:` or `file:` reference points to. A trailing newline of a file is not
 /// part of the secret. A Key Vault reference needs the network: use a [`SecretStore`].
 pub fn resolve(reference: &SecretRef) -> Result<Secret<String>, SecretError> {
@@ -85,7 +108,8 @@ pub fn resolve(reference: &SecretRef) -> Result<Secret<String>, SecretError> {
         SecretSource::Env(name) => {
             std::env::var(name).map_err(|_| SecretError::MissingEnv(name.to_owned()))?
         }
-        SecretSource::File(path) => std::fs::read_to_string(path)
+        SecretSource::File(path) => read_bounded(path)
+            .and_then(|bytes| String::from_utf8(bytes).map_err(std::io::Error::other))
             .map_err(|source| SecretError::File {
                 path: path.to_owned(),
                 source,

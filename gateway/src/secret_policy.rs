@@ -161,16 +161,50 @@ impl SecretRefPolicy {
                 reference.as_str()
             ));
         }
+        self.allowed_prefix_refusal(reference, file.as_ref(), vault_secret.as_ref())
+    }
+
+    /// Why a snapshot may not name `path` as a member's TLS file (its CA or client identity):
+    /// the gateway's own files and `/proc`, `/sys`, `/dev` are refused as they are for a `file:`
+    /// secret; the operator's prefixes (`server.snapshot_secret_refs`) are for secrets only.
+    pub fn tls_file_refusal(&self, path: &str) -> Option<String> {
+        let written = Path::new(path);
+        let file = resolved(written);
+        if SYSTEM_DIRS
+            .iter()
+            .any(|dir| written.starts_with(dir) || file.starts_with(dir))
+        {
+            return Some(format!(
+                "`{path}` is under /proc, /sys or /dev; a snapshot may not name it"
+            ));
+        }
+        if self.reserved_files.contains(&file)
+            || self.reserved_dirs.iter().any(|dir| file.starts_with(dir))
+        {
+            return Some(format!(
+                "`{path}` is a file of the gateway's own (its configuration, TLS key or state); a snapshot may not name it"
+            ));
+        }
+        None
+    }
+
+    /// Why `reference` is refused by the operator's prefixes, when they are set.
+    fn allowed_prefix_refusal(
+        &self,
+        reference: &SecretRef,
+        file: Option<&PathBuf>,
+        vault_secret: Option<&VaultSecret>,
+    ) -> Option<String> {
         let allowed = self.allowed.as_ref()?;
         let under = allowed
             .iter()
             .any(|prefix| match (prefix, reference.source()) {
                 (Prefix::Env(prefix), SecretSource::Env(name)) => name.starts_with(prefix.as_str()),
                 (Prefix::Dir(dir), SecretSource::File(_)) => {
-                    file.as_ref().is_some_and(|file| file.starts_with(dir))
+                    file.is_some_and(|file| file.starts_with(dir))
                 }
                 (Prefix::KeyVault(prefix), SecretSource::KeyVault(_)) => {
-                    vault_secret.as_ref().is_some_and(|secret| {
+                    vault_secret.is_some_and(|secret| {
                         secret.vault == prefix.vault && secret.name.starts_with(&prefix.name)
                     })
                 }

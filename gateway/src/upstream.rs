@@ -140,13 +140,14 @@ impl TlsFiles {
     pub fn read(tls: &BackendTls) -> Result<TlsFiles, String> {
         let ca = match &tls.ca_file {
             Some(path) => Some(
-                std::fs::read(path).map_err(|e| format!("cannot read CA file `{path}`: {e}"))?,
+                crate::secret::read_bounded(path)
+                    .map_err(|e| format!("cannot read CA file `{path}`: {e}"))?,
             ),
             None => None,
         };
         let identity = match &tls.client_identity_file {
             Some(path) => Some(
-                std::fs::read(path)
+                crate::secret::read_bounded(path)
                     .map_err(|e| format!("cannot read client identity `{path}`: {e}"))?,
             ),
             None => None,

@@ -741,6 +741,19 @@ async fn a_snapshot_cannot_name_the_gateways_own_secrets() {
         );
         assert!(!message.contains(ADMIN_TOKEN), "{message}");
     }
+    // Nor a file of its own as a member's TLS file, which goes to the member too.
+    for field in ["ca_file", "client_identity_file"] {
+        let mut member = member("m", &sim.url(), 1);
+        member["tls"] = json!({field: state_file.display().to_string()});
+        let body = json!({"version": 2, "pools": [{"id": "p", "deployments": ["gpt-4o"], "members": [member]}]});
+        let refused = put_to(&gateway.url, &body).await;
+        let message = azure_error(refused, 422).await;
+        assert!(
+            message.contains(&format!("pools[0].members[0].tls.{field}"))
+                && message.contains("own"),
+            "{field}: {message}"
+        );
+    }
     // Any other reference is taken.
     let backend_key = secrets.path().join("backend-key");
     std::fs::write(&backend_key, "backend-key-value\n").unwrap();
@@ -769,20 +782,77 @@ async fn a_snapshot_cannot_name_the_gateways_own_secrets() {
     listed.stop().await;
 }
 
-/// Pushes version 2 to the gateway at `url`: one pool whose member (at `backend`) has its
-/// `api-key` from `secret`.
-async fn push_member_secret(url: &str, backend: &str, secret: &str) -> reqwest::Response {
-    let mut member = member("m", backend, 1);
-    member["credential"] = json!({"type": "api_key", "secret": secret});
-    let body = json!({"version": 2, "pools": [{"id": "p", "deployments": ["gpt-4o"], "members": [member]}]});
+/// A member's TLS file that is not a small regular file — a device that never ends, a FIFO that
+/// would block the reader, a file of megabytes — is refused (422, with the field path) without
+/// being read through, and the running snapshot stays; so is such a `file:` secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_members_file_that_is_no_small_regular_file_is_refused_unread() {
+    let sim = simulator("odd-files").await;
+    let gw = TestGateway::start(snapshot(1, pools(&sim.url(), "gpt-4o"))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo.pem");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let big = dir.path().join("big.pem");
+    std::fs::write(&big, vec![b'A'; 2 * 1024 * 1024]).unwrap();
+    for (file, why) in [
+        ("/dev/zero".to_owned(), "/dev"),
+        (fifo.display().to_string(), "not a regular file"),
+        (big.display().to_string(), "larger than 1048576 bytes"),
+    ] {
+        for field in ["ca_file", "client_identity_file"] {
+            let mut member = member("m", &sim.url(), 1);
+            member["tls"] = json!({field: file});
+            let body = json!({"version": 2, "pools": [{"id": "p", "deployments": ["gpt-4o"], "members": [member]}]});
+            let refused = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                put(&gw, Some(ADMIN_TOKEN), &body),
+            )
+            .await
+            .expect("answered without reading the file through");
+            let message = azure_error(refused, 422).await;
+            assert!(
+                message.contains("pools[0].members[0].tls") && message.contains(why),
+                "{file} as {field}: {message}"
+            );
+        }
+        let refused = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            push_member_secret(&gw.url, &sim.url(), &format!("file:{file}")),
+        )
+        .await
+        .expect("answered without reading the file through");
+        let message = azure_error(refused, 422).await;
+        assert!(
+            message.contains("pools[0].members[0].credential.secret") && message.contains(why),
+            "{file} as a secret: {message}"
+        );
+    }
+    assert_eq!(gw.gateway.runtime().snapshot.version, 1);
+}
+
+/// Pushes `body` to the gateway at `url` with the admin token.
+async fn put_to(url: &str, body: &Value) -> reqwest::Response {
     reqwest::Client::builder()
         .no_proxy()
         .build()
         .unwrap()
         .put(format!("{url}/_gatehouse/config"))
         .bearer_auth(ADMIN_TOKEN)
-        .json(&body)
+        .json(body)
         .send()
         .await
         .unwrap()
+}
+
+/// Pushes version 2 to the gateway at `url`: one pool whose member (at `backend`) has its
+/// `api-key` from `secret`.
+async fn push_member_secret(url: &str, backend: &str, secret: &str) -> reqwest::Response {
+    let mut member = member("m", backend, 1);
+    member["credential"] = json!({"type": "api_key", "secret": secret});
+    let body = json!({"version": 2, "pools": [{"id": "p", "deployments": ["gpt-4o"], "members": [member]}]});
+    put_to(url, &body).await
 }
