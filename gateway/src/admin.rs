@@ -208,13 +208,25 @@ pub async fn put_config(State(gateway): State<Arc<Gateway>>, request: Request) -
     if let Err(error) = proof.check_body(&body) {
         return error.into_response();
     }
-    match apply(&gateway, &parts.headers, &body).await {
-        Ok(version) => (
+    // Applied on a task of its own: should the client leave while the snapshot is built or
+    // saved, the request's future is dropped, and an apply dropped there would leave the
+    // last-known-good file newer than the running snapshot, or the secrets it read half taken
+    // up. On its task it runs to its end, whole or not at all, holding the write lock until then.
+    let applying = {
+        let gateway = Arc::clone(&gateway);
+        tokio::spawn(async move { apply(&gateway, &parts.headers, &body).await })
+    };
+    match applying.await {
+        Ok(Ok(version)) => (
             StatusCode::OK,
             axum::Json(json!({"version": version, "status": "applied"})),
         )
             .into_response(),
-        Err(error) => error.into_response(),
+        Ok(Err(error)) => error.into_response(),
+        Err(error) => {
+            tracing::error!(%error, "applying a configuration failed");
+            GatewayError::Internal.into_response()
+        }
     }
 }
 

@@ -782,3 +782,52 @@ async fn no_credential_secret_token_or_vault_value_reaches_logs_records_or_error
         }
     }
 }
+
+/// A push whose client leaves while the snapshot is built (here: its member's key is still being
+/// fetched from Key Vault, behind a slow token) is applied whole all the same: the running
+/// snapshot and the last-known-good file agree, never one without the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_whose_client_leaves_midway_is_applied_whole() {
+    let entra = EntraDouble::start(Proof::Secret(GATEWAY_SECRET.to_owned()), 3600).await;
+    let vault = KeyVaultDouble::start(&entra).await;
+    vault.set("aoai-key", "kv-backend-key");
+    let sim = simulator("s-kv-push").await;
+    let gw = TestGateway::start_with_secrets(
+        snapshot(1, pool(json!([member("m", &sim.url(), 1)]))),
+        key_vault_settings(&entra, Duration::from_secs(300)),
+    )
+    .await;
+    entra.set_delay(Duration::from_millis(1500));
+    let mut keyed = member("m", &sim.url(), 1);
+    keyed["credential"] = json!({"type": "api_key", "secret": vault.reference("aoai-key")});
+    let pushed = serde_json::to_value(snapshot(2, pool(json!([keyed])))).unwrap();
+    let left = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap()
+        .put(format!("{}/_gatehouse/config", gw.url))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&pushed)
+        .send()
+        .await;
+    assert!(left.is_err(), "the client gave up before the answer");
+    let saved = gw.state_dir.path().join("last-known-good.json");
+    let mut applied = false;
+    for _ in 0..100 {
+        if gw.gateway.runtime().snapshot.version == 2 {
+            applied = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(applied, "the push was applied once its key came");
+    let on_disk: Value = serde_json::from_slice(&std::fs::read(&saved).unwrap()).unwrap();
+    assert_eq!(on_disk["version"], 2);
+    entra.set_delay(Duration::ZERO);
+    chat_ok(&gw).await;
+    assert_eq!(
+        sim.requests().last().unwrap().header("api-key"),
+        Some("kv-backend-key")
+    );
+}
