@@ -15,7 +15,7 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
-use gatehouse_audit::AuditQueue;
+use gatehouse_audit::{AuditQueue, RecordSlot};
 use gatehouse_schema::{AuditRecord, ConfigSnapshot};
 use http::request::Parts;
 use time::OffsetDateTime;
@@ -54,7 +54,7 @@ pub struct Gateway {
     entra_credential: Option<TokenCredential>,
     /// Object → member map for stateful calls.
     pub affinity: AffinityMap,
-    pub(crate) audit: Option<AuditQueue>,
+    audit: Option<AuditQueue>,
     /// Metrics.
     pub metrics: Metrics,
     pub(crate) admin_token: Option<Secret<String>>,
@@ -320,6 +320,25 @@ impl Gateway {
     /// Serves a model call from `peer`: the router's fallback, without the router.
     pub async fn serve(self: Arc<Self>, peer: SocketAddr, request: Request) -> Response {
         serve_call(State(self), ConnectInfo(peer), request).await
+    }
+
+    /// Room for a call's record in the audit queue: while records come faster than the audit
+    /// writer keeps them, calls wait here, so that none is lost. `None` without a queue, or when
+    /// the queue has none to give.
+    pub(crate) async fn record_room(&self) -> Option<RecordSlot> {
+        match &self.audit {
+            Some(queue) => queue.reserve().await.ok(),
+            None => None,
+        }
+    }
+
+    /// Whether a call must be refused because it could not be recorded (fail closed, when so
+    /// configured): the queue refuses calls, or the call got no room (`has_room`) in a queue set
+    /// to fail closed.
+    pub(crate) fn refuses_unrecorded(&self, has_room: bool) -> bool {
+        self.audit
+            .as_ref()
+            .is_some_and(|queue| queue.refuses_calls() || (queue.fail_closed() && !has_room))
     }
 
     /// Counts a finished call, settles its token reservation with its usage, and hands its
@@ -627,12 +646,7 @@ async fn pipeline(
     body: Body,
     record: &mut Option<CallRecord>,
 ) -> Result<Response, GatewayError> {
-    // Room for the call's record: while records come faster than the audit writer keeps them,
-    // calls wait here, so that none is lost.
-    let slot = match &gateway.audit {
-        Some(queue) => queue.reserve().await.ok(),
-        None => None,
-    };
+    let slot = gateway.record_room().await;
     let has_slot = slot.is_some();
     if let Some(record) = record.as_mut() {
         record.holds.slot = slot;
@@ -642,12 +656,7 @@ async fn pipeline(
     if let Some(record) = record.as_mut() {
         record.principal(&principal);
     }
-    // Fail closed: a call that could not be recorded is not served (when so configured).
-    if gateway
-        .audit
-        .as_ref()
-        .is_some_and(|queue| queue.refuses_calls() || (queue.fail_closed() && !has_slot))
-    {
+    if gateway.refuses_unrecorded(has_slot) {
         return Err(GatewayError::AuditUnavailable);
     }
     // The body, bounded; buffered so that a failed attempt can be replayed on another member.

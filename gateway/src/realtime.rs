@@ -155,10 +155,7 @@ async fn open(
     record: &mut Option<CallRecord>,
 ) -> Result<Opened, Refused> {
     // Room for the record, the caller, fail-closed: as for any call (`app::pipeline`).
-    let slot = match &gateway.audit {
-        Some(queue) => queue.reserve().await.ok(),
-        None => None,
-    };
+    let slot = gateway.record_room().await;
     let has_slot = slot.is_some();
     if let Some(record) = record.as_mut() {
         record.holds.slot = slot;
@@ -167,11 +164,7 @@ async fn open(
     if let Some(record) = record.as_mut() {
         record.principal(&principal);
     }
-    if gateway
-        .audit
-        .as_ref()
-        .is_some_and(|queue| queue.refuses_calls() || (queue.fail_closed() && !has_slot))
-    {
+    if gateway.refuses_unrecorded(has_slot) {
         return Err(GatewayError::AuditUnavailable.into());
     }
     let call = classify::realtime(style, parts.uri.query())?;
