@@ -129,17 +129,32 @@ pub(crate) async fn serve(
     record.record.backend_response_code = Some(101);
     let in_flight = gateway.calls.enter();
     let span = tracing::Span::current();
-    let failed = Arc::clone(&gateway);
+    // The session goes to whichever of the two callbacks runs: a client gone between the 101 and
+    // the upgrade still gets its record.
+    let session = Arc::new(std::sync::Mutex::new(Some(Session::new(
+        gateway, runtime, opened, record,
+    ))));
+    let failed = Arc::clone(&session);
     upgrade
         .on_failed_upgrade(move |error| {
             tracing::warn!(%error, "the client's side of a Realtime session could not be upgraded");
-            drop(failed);
+            let taken = failed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            if let Some(session) = taken {
+                session.finish(Ended::ClientGone);
+            }
         })
         .on_upgrade(move |client| {
             async move {
-                Session::new(gateway, runtime, opened, record)
-                    .relay(client)
-                    .await;
+                let taken = session
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take();
+                if let Some(session) = taken {
+                    session.relay(client).await;
+                }
                 drop(in_flight);
             }
             .instrument(span)
@@ -419,6 +434,8 @@ struct Session {
 enum Ended {
     /// The client closed it (or left).
     Client,
+    /// The client left before its side was upgraded.
+    ClientGone,
     /// The member closed it.
     Member,
     /// The member's side broke.
@@ -674,6 +691,7 @@ impl Session {
         record.usage(self.usage);
         match ended {
             Ended::Client | Ended::Member => {}
+            Ended::ClientGone => record.record.client_aborted = true,
             Ended::MemberBroke => {
                 record.record.last_error_reason = Some("backend_stream_failed".to_owned());
                 crate::proxy::set_aside_after_cut(&self.member);
