@@ -546,6 +546,11 @@ impl Session {
             _ => return None,
         };
         self.bytes_in += text.len() as u64;
+        // Audio appends come many a second, each tens of kilobytes of base64: told by their type
+        // (written first, as the SDKs write it) without parsing them.
+        if leading_type_is(text, |kind| kind == "input_audio_buffer.append") {
+            return None;
+        }
         let event: Value = serde_json::from_str(text).ok()?;
         let kind = event
             .get("type")
@@ -621,6 +626,11 @@ impl Session {
             .record
             .time_to_first_byte
             .get_or_insert_with(|| millis(self.record.started.elapsed()));
+        // Deltas (audio ones are large) are neither kept nor read: told by their type, which the
+        // member writes first, without parsing them.
+        if leading_type_is(text, |kind| kind.ends_with(".delta")) {
+            return;
+        }
         let Ok(event) = serde_json::from_str::<Value>(text) else {
             return;
         };
@@ -737,6 +747,29 @@ fn realtime_usage(usage: &Value) -> Option<TokenUsage> {
     })
 }
 
+/// Whether an event's text opens with a `type` member whose value `matches`: `{"type":"…"`,
+/// with or without spaces. An event that puts its `type` later is parsed whole instead.
+fn leading_type_is(text: &str, matches: impl Fn(&str) -> bool) -> bool {
+    let rest = text.trim_start();
+    let Some(rest) = rest.strip_prefix('{') else {
+        return false;
+    };
+    let Some(rest) = rest.trim_start().strip_prefix("\"type\"") else {
+        return false;
+    };
+    let Some(rest) = rest.trim_start().strip_prefix(':') else {
+        return false;
+    };
+    let Some(rest) = rest.trim_start().strip_prefix('"') else {
+        return false;
+    };
+    // Event types hold no escapes; one that did is not matched.
+    match rest.find(['"', '\\']) {
+        Some(end) if rest.as_bytes()[end] == b'"' => matches(&rest[..end]),
+        _ => false,
+    }
+}
+
 /// Appends one event to a capture, a line each.
 fn keep_line(capture: &mut BodyCapture, text: &str) {
     if !capture.is_empty() {
@@ -783,4 +816,30 @@ fn close_message(code: u16, reason: &'static str) -> ws::Message {
         code,
         reason: reason.into(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_leading_type_is_read_without_parsing() {
+        let delta = |kind: &str| kind.ends_with(".delta");
+        assert!(leading_type_is(
+            r#"{"type":"response.audio.delta","delta":"AAAA"}"#,
+            delta
+        ));
+        assert!(leading_type_is(
+            r#" { "type" : "response.text.delta" }"#,
+            delta
+        ));
+        assert!(!leading_type_is(r#"{"type":"response.done"}"#, delta));
+        // Later, escaped or absent: not told here (the event is parsed whole).
+        assert!(!leading_type_is(
+            r#"{"event_id":"e","type":"response.audio.delta"}"#,
+            delta
+        ));
+        assert!(!leading_type_is(r#"{"type":"x.\u0064elta"}"#, delta));
+        assert!(!leading_type_is("not json", delta));
+    }
 }
