@@ -793,7 +793,7 @@ fn member_url<'a>(
 }
 
 /// The `api-version` an Azure classic (deployment or resource) route is sent with.
-fn classic_api_version<'a>(member: &'a Member, call: &'a Call) -> &'a str {
+pub(crate) fn classic_api_version<'a>(member: &'a Member, call: &'a Call) -> &'a str {
     call.api_version
         .as_deref()
         .or(member.config.api_version.as_deref())

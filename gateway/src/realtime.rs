@@ -344,18 +344,11 @@ fn member_url(member: &Member, call: &Call, client_query: Option<&str>) -> Strin
         .unwrap_or_default();
     let url = BackendUrl::new(&member.config.endpoint);
     let (url, api_version, name) = match (member.config.kind, call.style) {
-        (BackendKind::AzureOpenai, RouteStyle::AzureResource | RouteStyle::AzureDeployment) => {
-            let version = call
-                .api_version
-                .as_deref()
-                .or(member.config.api_version.as_deref())
-                .unwrap_or(proxy::DEFAULT_API_VERSION);
-            (
-                url.segments(["openai", "realtime"]),
-                Some(version),
-                "deployment",
-            )
-        }
+        (BackendKind::AzureOpenai, RouteStyle::AzureResource | RouteStyle::AzureDeployment) => (
+            url.segments(["openai", "realtime"]),
+            Some(proxy::classic_api_version(member, call)),
+            "deployment",
+        ),
         (BackendKind::AzureOpenai, RouteStyle::AzureV1) => (
             url.segments(["openai", "v1", "realtime"]),
             call.api_version.as_deref(),
