@@ -135,6 +135,15 @@ async fn realtime_member(refuse: Option<(u16, &'static str)>) -> (String, Arc<Se
     (url, seen)
 }
 
+/// A gateway whose Realtime deployment is served by the one member at `member_url`.
+async fn gateway_before(member_url: &str) -> TestGateway {
+    TestGateway::start(snapshot(
+        1,
+        realtime_pool(json!([member("voice", member_url, 1)])),
+    ))
+    .await
+}
+
 fn realtime_pool(members: Value) -> Value {
     json!([{"id": "voice", "deployments": ["gpt-4o-realtime"], "members": members}])
 }
@@ -305,11 +314,7 @@ async fn a_realtime_session_is_relayed_and_recorded_as_one_call() {
 #[tokio::test]
 async fn the_v1_routes_take_the_deployment_from_model() {
     let (member_url, seen) = realtime_member(None).await;
-    let gw = TestGateway::start(snapshot(
-        1,
-        realtime_pool(json!([member("voice", &member_url, 1)])),
-    ))
-    .await;
+    let gw = gateway_before(&member_url).await;
     for path in [
         "/openai/v1/realtime?model=gpt-4o-realtime",
         "/v1/realtime?model=gpt-4o-realtime",
@@ -341,11 +346,7 @@ async fn the_v1_routes_take_the_deployment_from_model() {
 #[tokio::test]
 async fn a_refused_handshake_is_an_http_answer_and_reaches_no_member() {
     let (member_url, seen) = realtime_member(None).await;
-    let gw = TestGateway::start(snapshot(
-        1,
-        realtime_pool(json!([member("voice", &member_url, 1)])),
-    ))
-    .await;
+    let gw = gateway_before(&member_url).await;
     let classic = "/openai/realtime?api-version=2025-04-01-preview&deployment=gpt-4o-realtime";
     for (path, key, status) in [
         (classic, None, 401),
