@@ -246,11 +246,18 @@ impl Journal {
             if let Some((segment, _)) = resume
                 && index < segment
             {
-                tracing::warn!(
-                    path = %path.display(),
-                    "audit journal segment stored by an earlier run but not deleted; deleted now"
-                );
-                fs::remove_file(&path)?;
+                // Not replayed either way: a deletion that fails again is logged, not fatal.
+                match fs::remove_file(&path) {
+                    Ok(()) => tracing::warn!(
+                        path = %path.display(),
+                        "audit journal segment stored by an earlier run but not deleted; deleted now"
+                    ),
+                    Err(error) => tracing::error!(
+                        path = %path.display(),
+                        %error,
+                        "audit journal segment stored by an earlier run cannot be deleted; it is not replayed"
+                    ),
+                }
                 continue;
             }
             let from = match resume.take() {
