@@ -595,9 +595,12 @@ async fn serve_call(
     // The Realtime API is a WebSocket session, relayed by its own module.
     if let Some(style) = crate::classify::realtime_style(parts.uri.path()) {
         drop(body);
-        let mut response = crate::realtime::serve(gateway, style, parts, record)
-            .instrument(span)
-            .await;
+        // A client that leaves during the handshake (while a member's side opens) still gets
+        // its record, as any call's client does.
+        let gone = record.client_gone.clone();
+        let in_flight = gateway.calls.enter();
+        let session = crate::realtime::serve(gateway, style, parts, record).instrument(span);
+        let mut response = ToCompletion::new(session, gone, in_flight).await;
         if let Ok(value) = echoed_id {
             response.headers_mut().insert("x-request-id", value);
         }

@@ -215,6 +215,10 @@ async fn connect_member(
     let mut tried: Vec<usize> = Vec::new();
     let mut throttled: Option<Duration> = None;
     loop {
+        // A client that left is not given a member's session now.
+        if record.as_ref().is_some_and(|r| r.client_gone.is_gone()) {
+            return Err(GatewayError::ClientClosedRequest.into());
+        }
         let (member, index) = match pool.select(&tried, Instant::now()) {
             (Selection::Member(member), Some(index)) => (member, index),
             (Selection::AllThrottled(wait), _) => {

@@ -22,6 +22,17 @@ type Handshake = (String, Vec<(String, String)>);
 struct Seen {
     handshakes: Mutex<Vec<Handshake>>,
     responses_asked: AtomicUsize,
+    /// Sessions the member accepted that have ended since (its connection closed).
+    sessions_ended: AtomicUsize,
+}
+
+/// Counts a member double's session as ended when dropped.
+struct SessionEnd(Arc<Seen>);
+
+impl Drop for SessionEnd {
+    fn drop(&mut self) {
+        self.0.sessions_ended.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 /// A Realtime API member double on 127.0.0.1: it accepts WebSocket handshakes (or refuses each
@@ -32,6 +43,14 @@ struct Seen {
 /// each `response.create` is answered "Hello there" in two deltas, with 20 input tokens (5 of
 /// them cached) and 10 output tokens.
 async fn realtime_member(refuse: Option<(u16, &'static str)>) -> (String, Arc<Seen>) {
+    slow_realtime_member(std::time::Duration::ZERO, refuse).await
+}
+
+/// [`realtime_member`], answering each handshake only after `delay`.
+async fn slow_realtime_member(
+    delay: std::time::Duration,
+    refuse: Option<(u16, &'static str)>,
+) -> (String, Arc<Seen>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let seen = Arc::new(Seen::default());
@@ -40,6 +59,7 @@ async fn realtime_member(refuse: Option<(u16, &'static str)>) -> (String, Arc<Se
         while let Ok((stream, _)) = listener.accept().await {
             let seen = Arc::clone(&state);
             tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
                 // The refusal is tungstenite's own type, as large as it is.
                 #[expect(clippy::result_large_err, reason = "tungstenite's callback signature")]
                 let callback = |request: &Request, response: Response| {
@@ -79,6 +99,7 @@ async fn realtime_member(refuse: Option<(u16, &'static str)>) -> (String, Arc<Se
                 else {
                     return;
                 };
+                let _end = SessionEnd(Arc::clone(&seen));
                 let created = json!({"type": "session.created", "event_id": "event_1", "session": {"id": "sess_1", "object": "realtime.session", "model": "gpt-4o-realtime-preview-2024-12-17", "modalities": ["text"]}});
                 if socket
                     .send(Message::Text(created.to_string().into()))
@@ -476,4 +497,39 @@ async fn a_response_over_the_callers_token_limit_never_reaches_the_member() {
     assert_eq!(seen.responses_asked.load(Ordering::SeqCst), 2);
     let record = gw.records(1).await.remove(0);
     assert_eq!(record.usage.unwrap().total_tokens, 60);
+}
+
+/// A client that leaves while the gateway opens the member's side never sees its 101: the
+/// session still gets its record, marked client-aborted, and the member's side is closed.
+#[tokio::test]
+async fn a_client_gone_before_its_upgrade_still_gets_a_record() {
+    use tokio::io::AsyncWriteExt as _;
+    let (member_url, seen) =
+        slow_realtime_member(std::time::Duration::from_millis(500), None).await;
+    let gw = gateway_before(&member_url).await;
+    let address = gw.url.trim_start_matches("http://").to_owned();
+    let mut client = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let handshake = format!(
+        "GET /openai/realtime?api-version=2025-04-01-preview&deployment=gpt-4o-realtime HTTP/1.1\r\n\
+         Host: {address}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         api-key: {KEY}\r\n\r\n"
+    );
+    client.write_all(handshake.as_bytes()).await.unwrap();
+    // Gone while the member takes its time to accept.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    drop(client);
+    let record = gw.records(1).await.remove(0);
+    assert_eq!(record.operation_id, Some(OperationId::RealtimeSession));
+    assert!(record.client_aborted, "{record:?}");
+    assert_eq!(record.response_code, 101);
+    assert_eq!(seen.handshakes.lock().unwrap().len(), 1);
+    // The member's side is not left open.
+    for _ in 0..200 {
+        if seen.sessions_ended.load(Ordering::SeqCst) == 1 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("the member's side of the session is still open");
 }
