@@ -17,8 +17,9 @@
 //! client sends is admitted against the caller's limits as a call is, and settled with the usage
 //! of the `response.done` that answers it; a refused one never reaches the member, and the client
 //! gets an `error` event instead (the Realtime API's shape for a client event that failed).
-//! Responses the member starts by itself (voice activity detection) are charged when the session
-//! ends.
+//! Responses the member starts by itself (voice activity detection) cannot be refused, but each
+//! is charged to the session's own counters as its `response.done` arrives, so the caller's next
+//! `response.create` is judged with them counted.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -420,8 +421,6 @@ struct Session {
     /// Reservations of the client's `response.create` events not answered by a `response.done`
     /// yet, oldest first.
     pending: VecDeque<Option<Reservation>>,
-    /// Tokens of responses no reservation covered.
-    unreserved_tokens: u64,
     /// Bytes from the client and to it.
     bytes_in: u64,
     bytes_out: u64,
@@ -467,7 +466,6 @@ impl Session {
             output: Vec::new(),
             usage: None,
             pending: VecDeque::new(),
-            unreserved_tokens: 0,
             bytes_in: 0,
             bytes_out: 0,
         }
@@ -668,7 +666,16 @@ impl Session {
         match self.pending.pop_front() {
             Some(Some(reservation)) => self.gateway.limiter.reconcile(reservation, tokens),
             Some(None) => {}
-            None => self.unreserved_tokens += tokens.unwrap_or(0),
+            // A response the member started by itself (voice activity): no `response.create`
+            // reserved for it, so its tokens go on the session's own counters now, where the
+            // caller's next response is judged, not when the session ends.
+            None => {
+                if let (Some(reservation), Some(tokens)) =
+                    (self.record.holds.reservation.as_ref(), tokens)
+                {
+                    self.gateway.limiter.charge(reservation, tokens);
+                }
+            }
         }
     }
 
@@ -708,16 +715,15 @@ impl Session {
                     Some(crate::in_flight::SHUTDOWN_REASON.to_owned());
             }
         }
-        // Responses still open when the session ended, and those the member started by itself,
-        // are charged on the session's own reservation.
+        // Responses still open when the session ended keep their reservations charged; the
+        // session's own reservation is refunded (the tokens of responses the member started by
+        // itself were charged as each ended).
         let mut holds = record.take_holds();
         for reservation in self.pending.into_iter().flatten() {
             self.gateway.limiter.reconcile(reservation, None);
         }
         if let Some(reservation) = holds.reservation.take() {
-            self.gateway
-                .limiter
-                .reconcile(reservation, Some(self.unreserved_tokens));
+            self.gateway.limiter.reconcile(reservation, Some(0));
         }
         let audit = self.record.finish(101, self.bytes_out);
         self.gateway.finish(audit, holds);

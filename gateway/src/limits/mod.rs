@@ -773,17 +773,32 @@ impl Limiter {
         let delta = i64::try_from(actual)
             .unwrap_or(i64::MAX)
             .saturating_sub(i64::try_from(reservation.estimate).unwrap_or(i64::MAX));
-        if delta == 0 {
+        self.adjust(&reservation.charged, delta);
+    }
+
+    /// Charges `tokens` more to the counters `reservation` charged, leaving it to be settled
+    /// later: the tokens of work its call did beyond what it reserved for (a Realtime session's
+    /// responses that the member started by itself), charged as they are known instead of when
+    /// the call ends. Never waits, as [`Limiter::reconcile`].
+    pub fn charge(&self, reservation: &Reservation, tokens: u64) {
+        self.adjust(
+            &reservation.charged,
+            i64::try_from(tokens).unwrap_or(i64::MAX),
+        );
+    }
+
+    /// Moves the token counters `charged` by `delta` (refunds when negative).
+    fn adjust(&self, charged: &[(String, BucketKind, i64)], delta: i64) {
+        if delta == 0 || charged.is_empty() {
             return;
         }
-        let adjustments: Vec<Adjustment> = reservation
-            .charged
-            .into_iter()
+        let adjustments: Vec<Adjustment> = charged
+            .iter()
             .map(|(key, kind, window_start)| Adjustment {
-                key,
-                kind,
+                key: key.clone(),
+                kind: *kind,
                 delta,
-                window_start,
+                window_start: *window_start,
             })
             .collect();
         match &self.store {

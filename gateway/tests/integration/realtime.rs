@@ -41,7 +41,8 @@ impl Drop for SessionEnd {
 /// `conversation.item.created`, `response.created`, `response.text.delta`, `response.text.done`,
 /// `response.done` with `usage`; Azure's realtime-audio-websockets how-to uses the same events):
 /// each `response.create` is answered "Hello there" in two deltas, with 20 input tokens (5 of
-/// them cached) and 10 output tokens.
+/// them cached) and 10 output tokens, and each audio append is taken for a whole spoken turn,
+/// which the member answers so by itself, as server voice activity detection does.
 async fn realtime_member(refuse: Option<(u16, &'static str)>) -> (String, Arc<Seen>) {
     slow_realtime_member(std::time::Duration::ZERO, refuse).await
 }
@@ -124,19 +125,20 @@ async fn slow_realtime_member(
                         "response.create" => {
                             seen.responses_asked.fetch_add(1, Ordering::SeqCst);
                             serial += 1;
-                            let id = format!("resp_{serial}");
-                            vec![
-                                json!({"type": "response.created", "event_id": "event_3", "response": {"id": id, "object": "realtime.response", "status": "in_progress", "output": []}}),
-                                json!({"type": "response.text.delta", "event_id": "event_4", "response_id": id, "item_id": "item_2", "output_index": 0, "content_index": 0, "delta": "Hello"}),
-                                json!({"type": "response.text.delta", "event_id": "event_5", "response_id": id, "item_id": "item_2", "output_index": 0, "content_index": 0, "delta": " there"}),
-                                json!({"type": "response.text.done", "event_id": "event_6", "response_id": id, "item_id": "item_2", "output_index": 0, "content_index": 0, "text": "Hello there"}),
-                                json!({"type": "response.done", "event_id": "event_7", "response": {
-                                    "id": id, "object": "realtime.response", "status": "completed",
-                                    "output": [{"id": "item_2", "object": "realtime.item", "type": "message", "role": "assistant", "content": [{"type": "text", "text": "Hello there"}]}],
-                                    "usage": {"total_tokens": 30, "input_tokens": 20, "output_tokens": 10,
-                                              "input_token_details": {"cached_tokens": 5, "text_tokens": 20, "audio_tokens": 0},
-                                              "output_token_details": {"text_tokens": 10, "audio_tokens": 0}}}}),
-                            ]
+                            response_events(&format!("resp_{serial}"))
+                        }
+                        // Server voice activity detection, the Realtime API's default turn
+                        // detection: the member decides the speech has stopped, commits the
+                        // audio and starts a response by itself (server events
+                        // `input_audio_buffer.speech_stopped`, `input_audio_buffer.committed`).
+                        "input_audio_buffer.append" => {
+                            serial += 1;
+                            let mut events = vec![
+                                json!({"type": "input_audio_buffer.speech_stopped", "event_id": "event_8", "audio_end_ms": 900, "item_id": "item_1"}),
+                                json!({"type": "input_audio_buffer.committed", "event_id": "event_9", "previous_item_id": null, "item_id": "item_1"}),
+                            ];
+                            events.extend(response_events(&format!("resp_{serial}")));
+                            events
                         }
                         _ => Vec::new(),
                     };
@@ -154,6 +156,23 @@ async fn slow_realtime_member(
         }
     });
     (url, seen)
+}
+
+/// The events of one response of the member double: "Hello there" in two deltas, 20 input
+/// tokens (5 of them cached) and 10 output tokens.
+fn response_events(id: &str) -> Vec<Value> {
+    vec![
+        json!({"type": "response.created", "event_id": "event_3", "response": {"id": id, "object": "realtime.response", "status": "in_progress", "output": []}}),
+        json!({"type": "response.text.delta", "event_id": "event_4", "response_id": id, "item_id": "item_2", "output_index": 0, "content_index": 0, "delta": "Hello"}),
+        json!({"type": "response.text.delta", "event_id": "event_5", "response_id": id, "item_id": "item_2", "output_index": 0, "content_index": 0, "delta": " there"}),
+        json!({"type": "response.text.done", "event_id": "event_6", "response_id": id, "item_id": "item_2", "output_index": 0, "content_index": 0, "text": "Hello there"}),
+        json!({"type": "response.done", "event_id": "event_7", "response": {
+            "id": id, "object": "realtime.response", "status": "completed",
+            "output": [{"id": "item_2", "object": "realtime.item", "type": "message", "role": "assistant", "content": [{"type": "text", "text": "Hello there"}]}],
+            "usage": {"total_tokens": 30, "input_tokens": 20, "output_tokens": 10,
+                      "input_token_details": {"cached_tokens": 5, "text_tokens": 20, "audio_tokens": 0},
+                      "output_token_details": {"text_tokens": 10, "audio_tokens": 0}}}}),
+    ]
 }
 
 /// A gateway whose Realtime deployment is served by the one member at `member_url`.
@@ -495,6 +514,44 @@ async fn a_response_over_the_callers_token_limit_never_reaches_the_member() {
     );
     socket.close(None).await.unwrap();
     assert_eq!(seen.responses_asked.load(Ordering::SeqCst), 2);
+    let record = gw.records(1).await.remove(0);
+    assert_eq!(record.usage.unwrap().total_tokens, 60);
+}
+
+/// Responses the member starts by itself (server voice activity detection) cannot be refused, but
+/// their tokens count at once: the caller's next `response.create` is judged with them.
+#[tokio::test]
+async fn responses_the_member_starts_by_itself_count_against_the_callers_limit_at_once() {
+    let (member_url, seen) = realtime_member(None).await;
+    let mut config = snapshot(1, realtime_pool(json!([member("voice", &member_url, 1)])));
+    config.limits = serde_json::from_value(json!([
+        {"id": "voice-tpm", "subject": {"kind": "each_subscription"}, "tokens_per_minute": 50}
+    ]))
+    .unwrap();
+    let gw = TestGateway::start(config).await;
+    let mut socket = connect(
+        &gw.url,
+        "/openai/realtime?api-version=2025-04-01-preview&deployment=gpt-4o-realtime",
+        Some(KEY),
+    )
+    .await
+    .unwrap();
+    next_event(&mut socket).await;
+    // Two spoken turns, each answered by the member on its own: 60 tokens of the 50 a minute.
+    for _ in 0..2 {
+        let append = json!({"type": "input_audio_buffer.append", "event_id": "client_audio", "audio": "AAAA"});
+        socket
+            .send(Message::Text(append.to_string().into()))
+            .await
+            .unwrap();
+        events_until(&mut socket, "response.done").await;
+    }
+    socket.send(response_create()).await.unwrap();
+    let refusal = next_event(&mut socket).await;
+    assert_eq!(refusal["type"], "error", "{refusal}");
+    assert_eq!(refusal["error"]["code"], "rate_limit_exceeded");
+    socket.close(None).await.unwrap();
+    assert_eq!(seen.responses_asked.load(Ordering::SeqCst), 0);
     let record = gw.records(1).await.remove(0);
     assert_eq!(record.usage.unwrap().total_tokens, 60);
 }
