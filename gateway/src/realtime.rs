@@ -683,22 +683,25 @@ impl Session {
     fn finish(mut self, ended: Ended) {
         let record = &mut self.record;
         record.record.request_size = self.bytes_in;
-        let limit = self.runtime.snapshot.capture.max_request_body_bytes;
-        if limit > 0 {
+        // Each side as its capture limit says; a limit of 0 (metadata only) keeps nothing of it.
+        let capture = &self.runtime.snapshot.capture;
+        if capture.max_request_body_bytes > 0 {
             record.record.request_body_truncated = self.sent.truncated();
             record.record.backend_request_body = self.sent.into_text();
-            record.record.response_body_truncated = self.received.truncated();
-            record.record.backend_response_body = self.received.into_text();
             if !self.prompt.is_empty() {
                 record.record.request_messages = crate::capture::within_limit(
                     Some(Value::Array(self.prompt).to_string()),
-                    limit,
+                    capture.max_request_body_bytes,
                 );
             }
+        }
+        if capture.max_response_body_bytes > 0 {
+            record.record.response_body_truncated = self.received.truncated();
+            record.record.backend_response_body = self.received.into_text();
             if !self.output.is_empty() {
                 record.record.response_messages = crate::capture::within_limit(
                     Some(Value::Array(self.output).to_string()),
-                    self.runtime.snapshot.capture.max_response_body_bytes,
+                    capture.max_response_body_bytes,
                 );
             }
         }

@@ -590,3 +590,40 @@ async fn a_client_gone_before_its_upgrade_still_gets_a_record() {
     }
     panic!("the member's side of the session is still open");
 }
+
+/// Each side of a session is kept as its own capture limit says: with the answers' limit at 0
+/// (metadata only) nothing the member said is kept, while the client's side still is.
+#[tokio::test]
+async fn each_side_of_a_session_is_kept_by_its_own_capture_limit() {
+    let (member_url, _seen) = realtime_member(None).await;
+    let mut config = snapshot(1, realtime_pool(json!([member("voice", &member_url, 1)])));
+    config.capture.max_response_body_bytes = 0;
+    let gw = TestGateway::start(config).await;
+    let mut socket = connect(
+        &gw.url,
+        "/openai/realtime?api-version=2025-04-01-preview&deployment=gpt-4o-realtime",
+        Some(KEY),
+    )
+    .await
+    .unwrap();
+    next_event(&mut socket).await;
+    socket.send(user_message("Say hello")).await.unwrap();
+    socket.send(response_create()).await.unwrap();
+    events_until(&mut socket, "response.done").await;
+    socket.close(None).await.unwrap();
+    let record = gw.records(1).await.remove(0);
+    assert_eq!(record.backend_response_body, None);
+    assert_eq!(record.response_messages, None);
+    assert!(!record.response_body_truncated);
+    assert!(
+        record
+            .request_messages
+            .as_deref()
+            .is_some_and(|m| m.contains("Say hello")),
+        "{:?}",
+        record.request_messages
+    );
+    assert!(record.backend_request_body.is_some());
+    // The usage is metadata: kept.
+    assert_eq!(record.usage.unwrap().total_tokens, 30);
+}
