@@ -266,7 +266,7 @@ impl LlmLogRow {
         for piece in record
             .request_messages
             .as_deref()
-            .map(split_pieces)
+            .map(message_pieces)
             .unwrap_or_default()
         {
             rows.push(message_row(rows.len(), Some(piece.to_owned()), None));
@@ -274,13 +274,21 @@ impl LlmLogRow {
         for piece in record
             .response_messages
             .as_deref()
-            .map(split_pieces)
+            .map(message_pieces)
             .unwrap_or_default()
         {
             rows.push(message_row(rows.len(), None, Some(piece.to_owned())));
         }
         rows
     }
+}
+
+/// The LLM-log pieces of a prompt or a completion: an empty one is one empty piece, so that a
+/// record's `Some("")` is stored apart from its `None` and reads back as it was written (the
+/// record's hash chain link tells the two apart).
+fn message_pieces(text: &str) -> Vec<&str> {
+    let pieces = split_pieces(text);
+    if pieces.is_empty() { vec![""] } else { pieces }
 }
 
 /// Splits text into pieces of at most [`MESSAGE_PIECE_BYTES`], never inside a character.
@@ -374,5 +382,19 @@ mod tests {
         record.request_messages = None;
         record.response_messages = None;
         assert!(LlmLogRow::from_record(&record).is_empty());
+    }
+
+    #[test]
+    fn an_empty_message_is_one_empty_piece_and_no_message_none() {
+        let mut record = record();
+        record.request_messages = Some(String::new());
+        record.response_messages = None;
+        let rows = LlmLogRow::from_record(&record);
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        assert_eq!(rows[1].sequence_number, 1);
+        assert_eq!(rows[1].request_messages.as_deref(), Some(""));
+        assert_eq!(rows[1].response_messages, None);
+        record.request_messages = None;
+        assert_eq!(LlmLogRow::from_record(&record).len(), 1);
     }
 }

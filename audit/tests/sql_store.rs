@@ -1595,10 +1595,25 @@ async fn chains_verify_from_the_store(store: &SqlStore) {
     // A streamed submit_tool_outputs carries the run's answer as its messages, though it is not
     // an inference call: its pieces are kept and read back.
     batch[5].operation_id = Some(gatehouse_schema::OperationId::SubmitToolOutputsToRun);
+    // An empty completion is not a missing one: hashed apart, so stored and read back apart.
+    batch[20].response_messages = Some(String::new());
+    batch[21].request_messages = Some(String::new());
+    batch[21].response_messages = None;
     for record in &mut batch {
         chainer.link(record);
     }
     let range = chains_verify_written_and_after_content_retention(store, &batch, 50).await;
+    for (id, record) in [("call-00020", &batch[20]), ("call-00021", &batch[21])] {
+        let read = store.call(id).await.unwrap().unwrap();
+        assert_eq!(
+            (read.request_messages, read.response_messages),
+            (
+                record.request_messages.clone(),
+                record.response_messages.clone()
+            ),
+            "{id}"
+        );
+    }
 
     // A changed field is named.
     match (store.sqlite_pool(), store.postgres_pool()) {
