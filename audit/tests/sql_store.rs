@@ -75,6 +75,7 @@ on_both_engines!(
     usage_comes_from_rollups,
     export_streams_every_match,
     content_expires_before_metadata,
+    a_call_whose_metadata_went_and_content_stayed_is_stored_again,
     chains_verify_from_the_store,
     chains_verify_a_day_whose_first_records_were_removed,
     chains_verify_while_retention_removes_content,
@@ -1444,6 +1445,40 @@ async fn export_streams_every_match(store: &SqlStore) {
             .iter()
             .all(|r| r.as_ref().unwrap().user_name.as_deref() == Some("alice@contoso.com"))
     );
+}
+
+/// A call whose metadata rows are gone while its content row stayed (retention's metadata step
+/// ran between a journaled batch's write and its replay) is stored again when the journal
+/// replays it: the content row already there does not fail the batch, and so does not hold
+/// the journal back.
+async fn a_call_whose_metadata_went_and_content_stayed_is_stored_again(store: &SqlStore) {
+    let batch = records(3);
+    assert_eq!(store.write(&batch).await.unwrap(), 3);
+    // What retention's metadata step removes of a call.
+    match (store.sqlite_pool(), store.postgres_pool()) {
+        (Some(pool), _) => {
+            for statement in [
+                "DELETE FROM ApiManagementGatewayLlmLog WHERE CorrelationId = 'call-00001'",
+                "DELETE FROM GatehouseGatewayLogs WHERE CorrelationId = 'call-00001'",
+            ] {
+                sqlx::query(statement).execute(pool).await.unwrap();
+            }
+        }
+        (_, Some(pool)) => {
+            for statement in [
+                r#"DELETE FROM "GatehouseLlmLogHeaders" WHERE "CorrelationId" = 'call-00001'"#,
+                r#"DELETE FROM "GatehouseGatewayLogs" WHERE "CorrelationId" = 'call-00001'"#,
+            ] {
+                sqlx::query(statement).execute(pool).await.unwrap();
+            }
+        }
+        _ => unreachable!(),
+    }
+    assert!(store.call("call-00001").await.unwrap().is_none());
+    assert_eq!(store.write(&batch).await.unwrap(), 1);
+    let again = store.call("call-00001").await.unwrap().unwrap();
+    assert_eq!(again.backend_request_body, batch[1].backend_request_body);
+    assert_eq!(again.backend_response_body, batch[1].backend_response_body);
 }
 
 async fn content_expires_before_metadata(store: &SqlStore) {

@@ -502,6 +502,9 @@ async fn write_sqlite_rows(
                 .push_bind(response.as_deref())
                 .push_bind(*response_size);
         });
+        // A call new to the metadata may still have its content row: retention's metadata step
+        // ran between a batch's write and the journal's replay of it. The row is the call's own.
+        query.push(" ON CONFLICT (CorrelationId) DO NOTHING");
         query
     });
 
