@@ -29,6 +29,9 @@ use crate::warning_throttle::WarningThrottle;
 /// The file in the state directory that holds this gateway's instance id.
 pub const INSTANCE_ID_FILE: &str = "instance-id";
 
+/// How long giving the id up at shutdown may take.
+const RELEASE_LIMIT: Duration = Duration::from_secs(5);
+
 /// How often a failing renewal or a clash is logged, at most.
 const WARNING_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -157,15 +160,25 @@ impl GatewayIdClaim {
         })
     }
 
-    /// Gives the id up (a gateway stopping), so that another gateway may take it at once.
+    /// Gives the id up (a gateway stopping), so that another gateway may take it at once. A
+    /// store that does not answer within [`RELEASE_LIMIT`] does not keep the gateway from
+    /// stopping: the claim is left to lapse.
     pub async fn release(&self) {
-        if let Err(error) = self
-            .store
-            .release_gateway_id(&self.gateway_id, &self.instance_id)
-            .await
-        {
-            tracing::warn!(%error, gateway_id = %self.gateway_id, "could not give up the claim of this gateway_id; another gateway may take it once it lapses");
-        }
+        let released = tokio::time::timeout(
+            RELEASE_LIMIT,
+            self.store
+                .release_gateway_id(&self.gateway_id, &self.instance_id),
+        )
+        .await;
+        let error = match released {
+            Ok(Ok(())) => return,
+            Ok(Err(error)) => error.to_string(),
+            Err(_) => format!(
+                "the audit store did not answer within {} s",
+                RELEASE_LIMIT.as_secs()
+            ),
+        };
+        tracing::warn!(%error, gateway_id = %self.gateway_id, "could not give up the claim of this gateway_id; another gateway may take it once it lapses");
     }
 
     async fn renew(&self) -> Result<ClaimOutcome, gatehouse_audit::sql::StoreError> {

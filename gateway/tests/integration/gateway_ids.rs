@@ -235,3 +235,88 @@ fn gethostname() -> String {
         .trim()
         .to_owned()
 }
+
+/// A TCP relay to `target` that passes bytes both ways until frozen, and then holds its
+/// connections open without passing another: a server that stopped answering.
+struct FreezableRelay {
+    port: u16,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FreezableRelay {
+    async fn to(target: String) -> FreezableRelay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let frozen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&frozen);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                tokio::spawn(pass(
+                    client_read,
+                    server_write,
+                    std::sync::Arc::clone(&flag),
+                ));
+                tokio::spawn(pass(
+                    server_read,
+                    client_write,
+                    std::sync::Arc::clone(&flag),
+                ));
+            }
+        });
+        FreezableRelay { port, frozen }
+    }
+
+    fn freeze(&self) {
+        self.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Copies `from` to `to` until `frozen`; then holds both open for ever.
+async fn pass(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buffer = vec![0; 16 * 1024];
+    loop {
+        let read = from.read(&mut buffer).await.unwrap_or(0);
+        if frozen.load(std::sync::atomic::Ordering::SeqCst) {
+            let _held = (from, to);
+            std::future::pending::<()>().await;
+            return;
+        }
+        if read == 0 || to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A gateway whose audit store stops answering (a hung PostgreSQL, its connections open) still
+/// stops when told to: giving its id up is bounded in time, and the claim is left to lapse.
+#[tokio::test]
+async fn a_store_that_stops_answering_does_not_keep_the_gateway_from_stopping() {
+    let simulator = simulator("ids-hung").await;
+    let snapshot = snapshot(1, pool(&simulator.url()));
+    let database = TestDatabase::new("gh_gateway").await;
+    // postgres://user@host:port/name: the relay goes to host:port.
+    let (before, after) = database.url.split_once('@').unwrap();
+    let (server, name) = after.split_once('/').unwrap();
+    let relay = FreezableRelay::to(server.to_owned()).await;
+    let through_relay = format!("{before}@127.0.0.1:{}/{name}", relay.port);
+    let settings = json!({"audit": {"database": through_relay}});
+    let gateway = GatewayProcess::start_with("hung-store", &snapshot, settings).await;
+    relay.freeze();
+    let log = gateway.terminate().await;
+    assert!(
+        log.contains("could not give up the claim of this gateway_id")
+            && log.contains("did not answer within"),
+        "{log}"
+    );
+    drop(database);
+}
