@@ -167,9 +167,15 @@ fn literal_value(text: &str) -> (String, &str) {
     while let Some((i, c)) = chars.next() {
         match c {
             '"' => return (value, &text[i + 1..]),
+            // Kusto's escapes (`grammar/KqlTokens.g4` of microsoft/Kusto-Query-Language).
             '\\' => match chars.next().unwrap().1 {
                 't' => value.push('\t'),
                 'n' => value.push('\n'),
+                'r' => value.push('\r'),
+                'u' => {
+                    let hex: String = (0..4).map(|_| chars.next().unwrap().1).collect();
+                    value.push(char::from_u32(u32::from_str_radix(&hex, 16).unwrap()).unwrap());
+                }
                 other => value.push(other),
             },
             c => value.push(c),
@@ -464,6 +470,22 @@ async fn figures_usage_search_and_call_come_from_the_query_api() {
     assert_eq!(usage.value.len(), 2);
     assert_eq!(usage.value[1].requests, 2);
     assert_eq!(usage.value[0].bucket, datetime!(2026-12-01 10:00 UTC));
+    // A top value read back from the store may hold any character: it is escaped, not refused.
+    source
+        .usage(&UsageRequest {
+            range: range(),
+            granularity: Granularity::Hour,
+            dimension: Dimension::User,
+            only: Some(vec!["mallory\u{1}\r".into()]),
+        })
+        .await
+        .unwrap();
+    {
+        let queries = double.queries.lock().unwrap();
+        let kql = &queries.last().unwrap().0;
+        let at = kql.find("Value in (\"").expect(kql) + "Value in (\"".len();
+        assert_eq!(literal_value(&kql[at..]).0, "mallory\u{1}\r", "{kql}");
+    }
 
     // Search: a page of 5 of 7 and a cursor; hostile input stays inside literals.
     let request = SearchRequest::parse(

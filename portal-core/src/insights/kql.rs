@@ -2,9 +2,9 @@
 //! sink writes (`ApiManagementGatewayLogs_CL`, `ApiManagementGatewayLlmLog_CL`; column names as in
 //! `gatehouse_audit::rows`).
 //!
-//! Nothing a user typed is ever placed in a query except through [`string_literal`]; times are
-//! formatted from parsed values ([`datetime_literal`]), numbers from integers, column names from
-//! fixed enums.
+//! Nothing a user typed is ever placed in a query except through [`string_literal`], nor a value
+//! read back from the store except through [`escaped_literal`]; times are formatted from parsed
+//! values ([`datetime_literal`]), numbers from integers, column names from fixed enums.
 
 use super::{Dimension, Granularity, InsightsError, SearchRequest, TimeRange, UsageRequest};
 use gatehouse_audit::azure_monitor::ROW_ID_COLUMN;
@@ -20,12 +20,8 @@ pub const MAX_LITERAL_CHARS: usize = 1_000;
 /// The columns a search result row needs, in order.
 pub const SUMMARY_COLUMNS: &str = "TimeGenerated, CorrelationId, OperationId, DeploymentName, ModelName, CallerIpAddress, UserId, UserName, ApimSubscriptionId, ResponseCode, TotalTokens, TotalTime";
 
-/// `value` as a double-quoted KQL string literal.
-///
-/// KQL string literals (the "string data type" reference, section "string literals") escape the
-/// enclosing quote, tab (`\t`), newline (`\n`) and the backslash itself with a backslash; a
-/// carriage return cannot appear in a quoted literal at all. Anything else that is a control
-/// character is refused rather than guessed at, and so is a value over [`MAX_LITERAL_CHARS`].
+/// `value`, typed by a user, as a double-quoted KQL string literal: [`escaped_literal`], refused
+/// when it is over [`MAX_LITERAL_CHARS`].
 pub fn string_literal(value: &str) -> Result<String, InsightsError> {
     if value.chars().count() > MAX_LITERAL_CHARS {
         return Err(InsightsError::invalid(
@@ -33,6 +29,19 @@ pub fn string_literal(value: &str) -> Result<String, InsightsError> {
             format!("a value of at most {MAX_LITERAL_CHARS} characters"),
         ));
     }
+    Ok(escaped_literal(value))
+}
+
+/// `value` as a double-quoted KQL string literal, whatever it holds: for values read back from
+/// the store (a chart's top values), which may be long or hold any character.
+///
+/// KQL string literals (the "string data type" reference, section "string literals") escape the
+/// enclosing quote, tab (`\t`), newline (`\n`) and the backslash itself with a backslash; a raw
+/// line break ends a literal. Kusto's own grammar (`grammar/KqlTokens.g4` of
+/// microsoft/Kusto-Query-Language, `EscapeSequence`) also takes `\r` and `\u` with four hex
+/// digits, which spell every other control character here (all of them, and the Unicode line and
+/// paragraph separators, are in the Basic Multilingual Plane).
+pub fn escaped_literal(value: &str) -> String {
     let mut literal = String::with_capacity(value.len() + 2);
     literal.push('"');
     for c in value.chars() {
@@ -41,17 +50,15 @@ pub fn string_literal(value: &str) -> Result<String, InsightsError> {
             '\\' => literal.push_str("\\\\"),
             '\t' => literal.push_str("\\t"),
             '\n' => literal.push_str("\\n"),
+            '\r' => literal.push_str("\\r"),
             c if c.is_control() || c == '\u{2028}' || c == '\u{2029}' => {
-                return Err(InsightsError::invalid(
-                    "query",
-                    "control characters cannot be searched for",
-                ));
+                literal.push_str(&format!("\\u{:04x}", u32::from(c)));
             }
             c => literal.push(c),
         }
     }
     literal.push('"');
-    Ok(literal)
+    literal
 }
 
 /// Nanoseconds in a tick, the unit Log Analytics keeps `datetime` values in (the "datetime data
@@ -159,10 +166,8 @@ fn usage_values(request: &UsageRequest) -> Result<String, InsightsError> {
     }
     query.push_str("| where isnotempty(Value)\n");
     if let Some(only) = &request.only {
-        let values = only
-            .iter()
-            .map(|value| string_literal(value))
-            .collect::<Result<Vec<_>, _>>()?;
+        // The values a chart's top values were read as, or a lead's groups: never refused.
+        let values: Vec<String> = only.iter().map(|value| escaped_literal(value)).collect();
         if values.is_empty() {
             // Nothing may be seen: a query that matches nothing, rather than everything.
             query.push_str("| where false\n");
@@ -372,14 +377,41 @@ mod tests {
     }
 
     #[test]
-    fn what_cannot_be_escaped_is_refused() {
-        for bad in ["a\rb", "a\u{0}b", "\u{1b}[31m", "a\u{2028}b", "\u{7f}"] {
+    fn control_characters_are_escaped_and_only_typed_values_are_bounded() {
+        for (value, literal) in [
+            ("a\rb", r#""a\rb""#),
+            ("a\u{0}b", r#""a\u0000b""#),
+            ("\u{1b}[31m", r#""\u001b[31m""#),
+            ("a\u{2028}b", r#""a\u2028b""#),
+            ("\u{7f}", r#""\u007f""#),
+            ("\u{85}", r#""\u0085""#),
+        ] {
+            assert_eq!(string_literal(value).unwrap(), literal, "{value:?}");
             assert!(
-                matches!(string_literal(bad), Err(InsightsError::Invalid { .. })),
-                "{bad:?}"
+                !literal.chars().any(char::is_control),
+                "{literal:?} holds a raw control character"
             );
         }
-        assert!(string_literal(&"x".repeat(MAX_LITERAL_CHARS + 1)).is_err());
+        let long = "x".repeat(MAX_LITERAL_CHARS + 1);
+        assert!(string_literal(&long).is_err());
+        assert_eq!(escaped_literal(&long).len(), long.len() + 2);
+    }
+
+    #[test]
+    fn a_charts_top_values_are_placed_whatever_they_hold() {
+        let stored = format!("eve\u{1}{}", "x".repeat(MAX_LITERAL_CHARS));
+        let query = usage(&UsageRequest {
+            range: TimeRange::new(
+                datetime!(2026-12-01 00:00 UTC),
+                datetime!(2026-12-02 00:00 UTC),
+            )
+            .unwrap(),
+            granularity: Granularity::Hour,
+            dimension: Dimension::User,
+            only: Some(vec![stored]),
+        })
+        .unwrap();
+        assert!(query.contains(r#"in ("eve\u0001xxx"#), "{query}");
     }
 
     #[test]
