@@ -74,6 +74,16 @@ const DROPPED_REQUEST_HEADERS: &[&str] = &[
     "x-forwarded-host",
     "x-forwarded-proto",
     "x-real-ip",
+    // Other claims of the client's address, which only the gateway's trusted proxies may make
+    // (`server.trusted_proxies`): a member must not take a caller's word for where it is.
+    "x-client-ip",
+    "true-client-ip",
+    "x-cluster-client-ip",
+    "x-original-forwarded-for",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-azure-clientip",
+    "x-azure-socketip",
     // Asked for identity so that the capture can read the body.
     "accept-encoding",
     "x-request-id",

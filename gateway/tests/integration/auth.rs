@@ -163,6 +163,9 @@ async fn the_callers_key_never_reaches_the_backend_which_gets_its_own() {
         .header("cookie", "session=abc")
         .header("openai-organization", "org-someone-else")
         .header("openai-project", "proj_someone_else")
+        .header("x-client-ip", "203.0.113.9")
+        .header("true-client-ip", "203.0.113.9")
+        .header("x-azure-clientip", "203.0.113.9")
         .json(&chat(None, false))
         .send()
         .await
@@ -175,6 +178,12 @@ async fn the_callers_key_never_reaches_the_backend_which_gets_its_own() {
     // The organization and project billed are the member key's, not the caller's choice.
     assert_eq!(seen.header("openai-organization"), None);
     assert_eq!(seen.header("openai-project"), None);
+    // Nor does a caller's claim of its address reach it.
+    assert!(
+        seen.headers.iter().all(|(_, v)| v != "203.0.113.9"),
+        "{:?}",
+        seen.headers
+    );
     assert!(
         seen.headers.iter().all(|(_, v)| !v.contains(KEY)),
         "client key leaked: {:?}",
