@@ -24,6 +24,8 @@ struct Seen {
     responses_asked: AtomicUsize,
     /// Sessions the member accepted that have ended since (its connection closed).
     sessions_ended: AtomicUsize,
+    /// Connections the member took, before their handshakes.
+    connections: AtomicUsize,
 }
 
 /// Counts a member double's session as ended when dropped.
@@ -59,6 +61,7 @@ async fn slow_realtime_member(
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let seen = Arc::clone(&state);
+            seen.connections.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
                 // The refusal is tungstenite's own type, as large as it is.
@@ -556,13 +559,14 @@ async fn responses_the_member_starts_by_itself_count_against_the_callers_limit_a
     assert_eq!(record.usage.unwrap().total_tokens, 60);
 }
 
-/// A client that leaves while the gateway opens the member's side never sees its 101: the
-/// session still gets its record, marked client-aborted, and the member's side is closed.
+/// A client that leaves while the gateway opens the member's side (a member that takes 1.5 s to
+/// accept) never sees its 101: the session still gets its record, marked client-aborted, and the
+/// member's side is closed.
 #[tokio::test]
 async fn a_client_gone_before_its_upgrade_still_gets_a_record() {
     use tokio::io::AsyncWriteExt as _;
     let (member_url, seen) =
-        slow_realtime_member(std::time::Duration::from_millis(500), None).await;
+        slow_realtime_member(std::time::Duration::from_millis(1_500), None).await;
     let gw = gateway_before(&member_url).await;
     let address = gw.url.trim_start_matches("http://").to_owned();
     let mut client = tokio::net::TcpStream::connect(&address).await.unwrap();
@@ -573,8 +577,14 @@ async fn a_client_gone_before_its_upgrade_still_gets_a_record() {
          api-key: {KEY}\r\n\r\n"
     );
     client.write_all(handshake.as_bytes()).await.unwrap();
-    // Gone while the member takes its time to accept.
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // Gone once the gateway is connecting to the member, which takes its time to accept.
+    for _ in 0..400 {
+        if seen.connections.load(Ordering::SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 1);
     drop(client);
     let record = gw.records(1).await.remove(0);
     assert_eq!(record.operation_id, Some(OperationId::RealtimeSession));
