@@ -30,7 +30,7 @@ use crate::in_flight::CallsInFlight;
 use crate::key_vault::KeyVaultClient;
 use crate::limits::{self, Admission, LimitSubject, Limiter, Renaming};
 use crate::metrics::{BackendLabels, CallLabels, Metrics, OperationLabels, TokenLabels};
-use crate::pool::HealthRegistry;
+use crate::pool::{HealthRegistry, Pool};
 use crate::record::{CallRecord, Holds};
 use crate::runtime::Resolver;
 use crate::runtime::{Runtime, ValidationErrors};
@@ -770,24 +770,65 @@ pub(crate) async fn limit(
     if pool.is_none() && !call.operation.is_inference() {
         return Ok(Admission::default());
     }
-    // A member that renames runs its own deployment whatever the call names.
-    let runs: Vec<&str> = pool
-        .iter()
-        .flat_map(|pool| &pool.members)
-        .filter_map(|member| member.config.deployment.as_deref())
-        .collect();
-    let renaming = pool.filter(|_| !runs.is_empty()).map(|pool| Renaming {
-        pool: &pool.id,
-        runs: &runs,
-    });
+    let runs = renamed_runs(pool);
     gateway
         .limiter
-        .admit_call(rules, &LimitSubject::of(principal), call, renaming)
+        .admit_call(
+            rules,
+            &LimitSubject::of(principal),
+            call,
+            renaming(pool, &runs),
+        )
         .await
         .map_err(|refusal| {
             gateway.metrics.limit_refused(&refusal);
             GatewayError::Limit(refusal)
         })
+}
+
+/// Charges `tokens` that `call` used without a reservation (a response a Realtime member started
+/// by itself) to the caller's token counters under the snapshot's rules: refuses nothing, the
+/// work is done.
+pub(crate) async fn charge(
+    gateway: &Gateway,
+    runtime: &Runtime,
+    principal: &Principal,
+    call: &classify::Call,
+    tokens: u64,
+) {
+    let rules = &runtime.snapshot.limits;
+    if rules.is_empty() {
+        return;
+    }
+    let pool = runtime.pool_for(call.deployment.as_deref());
+    let runs = renamed_runs(pool);
+    gateway
+        .limiter
+        .charge(
+            rules,
+            &LimitSubject::of(principal),
+            call,
+            renaming(pool, &runs),
+            tokens,
+        )
+        .await;
+}
+
+/// The deployments the members of `pool` rename every call to: a member that renames runs its
+/// own deployment whatever the call names.
+fn renamed_runs(pool: Option<&Arc<Pool>>) -> Vec<&str> {
+    pool.iter()
+        .flat_map(|pool| &pool.members)
+        .filter_map(|member| member.config.deployment.as_deref())
+        .collect()
+}
+
+/// The renaming of `pool` for the limits, when its members rename (`runs` not empty).
+fn renaming<'a>(pool: Option<&'a Arc<Pool>>, runs: &'a [&'a str]) -> Option<Renaming<'a>> {
+    pool.filter(|_| !runs.is_empty()).map(|pool| Renaming {
+        pool: &pool.id,
+        runs,
+    })
 }
 
 /// How much of a refused (too large) body the gateway still reads, and for how long, before it

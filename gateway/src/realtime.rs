@@ -18,8 +18,9 @@
 //! of the `response.done` that answers it; a refused one never reaches the member, and the client
 //! gets an `error` event instead (the Realtime API's shape for a client event that failed).
 //! Responses the member starts by itself (voice activity detection) cannot be refused, but each
-//! is charged to the session's own counters as its `response.done` arrives, so the caller's next
-//! `response.create` is judged with them counted.
+//! is charged to the caller's counters as its `response.done` arrives, so the caller's next
+//! `response.create` is judged with them counted. Both follow the rules the gateway runs at the
+//! time, not those of the handshake.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -509,7 +510,7 @@ impl Session {
                         break Ended::MemberBroke;
                     };
                     let closing = matches!(message, tungstenite::Message::Close(_));
-                    self.note_member(&message);
+                    self.note_member(&message).await;
                     let Some(message) = to_client(message) else { continue };
                     if client.send(message).await.is_err() {
                         let _ = member.close(None).await;
@@ -574,11 +575,13 @@ impl Session {
     /// Admits a `response.create` against the caller's limits: its reservation waits for the
     /// `response.done` that answers it; a refusal is the `error` event for the client.
     async fn admit_response(&mut self, event: &Value) -> Option<String> {
-        if self.runtime.snapshot.limits.is_empty() {
+        // Judged by the rules the gateway runs now: a push during the session applies to it.
+        let runtime = self.gateway.runtime();
+        if runtime.snapshot.limits.is_empty() {
             self.pending.push_back(None);
             return None;
         }
-        match app::limit(&self.gateway, &self.runtime, &self.principal, &self.call).await {
+        match app::limit(&self.gateway, &runtime, &self.principal, &self.call).await {
             Ok(mut admission) => {
                 self.pending.push_back(admission.take_reservation());
                 None
@@ -607,7 +610,7 @@ impl Session {
     }
 
     /// Notes a member's message.
-    fn note_member(&mut self, message: &tungstenite::Message) {
+    async fn note_member(&mut self, message: &tungstenite::Message) {
         let text = match message {
             tungstenite::Message::Text(text) => text.as_str(),
             tungstenite::Message::Binary(bytes) => {
@@ -642,14 +645,14 @@ impl Session {
                     self.record.record.model_name = Some(model.to_owned());
                 }
             }
-            "response.done" => self.response_done(&event),
+            "response.done" => self.response_done(&event).await,
             _ => {}
         }
     }
 
     /// A response ended: its output and usage are kept, and the reservation of the
     /// `response.create` it answers settled with its tokens.
-    fn response_done(&mut self, event: &Value) {
+    async fn response_done(&mut self, event: &Value) {
         let response = event.get("response").unwrap_or(&Value::Null);
         if let Some(items) = response.get("output").and_then(Value::as_array) {
             self.output.extend(items.iter().cloned());
@@ -667,13 +670,12 @@ impl Session {
             Some(Some(reservation)) => self.gateway.limiter.reconcile(reservation, tokens),
             Some(None) => {}
             // A response the member started by itself (voice activity): no `response.create`
-            // reserved for it, so its tokens go on the session's own counters now, where the
-            // caller's next response is judged, not when the session ends.
+            // reserved for it, so its tokens are charged now, under the rules the gateway runs
+            // now and in their windows of now, before the caller's next response is judged.
             None => {
-                if let (Some(reservation), Some(tokens)) =
-                    (self.record.holds.reservation.as_ref(), tokens)
-                {
-                    self.gateway.limiter.charge(reservation, tokens);
+                if let Some(tokens) = tokens {
+                    let runtime = self.gateway.runtime();
+                    app::charge(&self.gateway, &runtime, &self.principal, &self.call, tokens).await;
                 }
             }
         }
@@ -719,8 +721,8 @@ impl Session {
             }
         }
         // Responses still open when the session ended keep their reservations charged; the
-        // session's own reservation is refunded (the tokens of responses the member started by
-        // itself were charged as each ended).
+        // session's own reservation (the handshake's, of no tokens) is settled at none: the
+        // tokens of responses the member started by itself were charged as each ended.
         let mut holds = record.take_holds();
         for reservation in self.pending.into_iter().flatten() {
             self.gateway.limiter.reconcile(reservation, None);

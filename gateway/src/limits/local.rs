@@ -131,6 +131,45 @@ impl LocalStore {
         StoreAnswer::Admitted(levels)
     }
 
+    /// Charges every bucket its cost at `now_us`, refusing none (work already done): a rate
+    /// drains first, a quota is charged in its window of `now_us`, a new one if it has begun.
+    pub(crate) fn charge(&self, buckets: &[Bucket], now_us: i64) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let now_s = now_us.div_euclid(1_000_000);
+        for b in buckets {
+            let slot = match b.kind {
+                BucketKind::Requests { per_minute } | BucketKind::Tokens { per_minute } => {
+                    let used = match state.slots.get(&b.key) {
+                        Some(Slot::Rate { used, at_us, .. }) => {
+                            bucket::drained(*used, now_us - at_us, per_minute)
+                        }
+                        _ => 0.0,
+                    };
+                    Slot::Rate {
+                        used: used + b.cost as f64,
+                        at_us: now_us,
+                        per_minute,
+                    }
+                }
+                BucketKind::Quota { period, .. } => {
+                    let (start, end) = period.window(now_s);
+                    let used = match state.slots.get(&b.key) {
+                        Some(Slot::Quota {
+                            used, window_start, ..
+                        }) if *window_start == start => *used,
+                        _ => 0,
+                    };
+                    Slot::Quota {
+                        used: used.saturating_add(b.cost),
+                        window_start: start,
+                        window_end: end,
+                    }
+                }
+            };
+            state.slots.insert(b.key.clone(), slot);
+        }
+    }
+
     /// Applies corrections at `now_us`: rates drain first, then take the delta (never below
     /// zero); a quota is corrected only while it is still in the window that was charged.
     pub(crate) fn adjust(&self, adjustments: &[Adjustment], now_us: i64) {

@@ -776,15 +776,43 @@ impl Limiter {
         self.adjust(&reservation.charged, delta);
     }
 
-    /// Charges `tokens` more to the counters `reservation` charged, leaving it to be settled
-    /// later: the tokens of work its call did beyond what it reserved for (a Realtime session's
-    /// responses that the member started by itself), charged as they are known instead of when
-    /// the call ends. Never waits, as [`Limiter::reconcile`].
-    pub fn charge(&self, reservation: &Reservation, tokens: u64) {
-        self.adjust(
-            &reservation.charged,
-            i64::try_from(tokens).unwrap_or(i64::MAX),
-        );
+    /// Charges `tokens` of work already done that nothing reserved for (a response a Realtime
+    /// member started by itself) to every token counter of the rules that apply to `call` of
+    /// `subject` (served by `renaming`, see [`Limiter::admit_call`]), quotas in their window of
+    /// now. Refuses nothing, since the work is done: a caller it takes over a limit is refused
+    /// at its next call. A store that fails is counted and logged.
+    pub async fn charge(
+        &self,
+        rules: &[LimitRule],
+        subject: &LimitSubject<'_>,
+        call: &Call,
+        renaming: Option<Renaming<'_>>,
+        tokens: u64,
+    ) {
+        if tokens == 0 {
+            return;
+        }
+        let buckets: Vec<Bucket> = self
+            .buckets(rules, subject, deployment_run(call), renaming, tokens)
+            .into_iter()
+            .filter(|bucket| !matches!(bucket.kind, BucketKind::Requests { .. }))
+            .collect();
+        if buckets.is_empty() {
+            return;
+        }
+        let charged = match &self.store {
+            Store::Local(store) => {
+                store.charge(&buckets, now_us());
+                Ok(())
+            }
+            Store::Redis(store) => store.charge(&buckets, None).await,
+        };
+        if let Err(error) = charged {
+            self.store_errors.inc();
+            if self.warnings.should_warn() {
+                tracing::warn!(%error, "usage limits: tokens used without a reservation could not be charged");
+            }
+        }
     }
 
     /// Moves the token counters `charged` by `delta` (refunds when negative).

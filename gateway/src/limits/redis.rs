@@ -146,6 +146,28 @@ end
 return out
 "#;
 
+/// Charges counters for work already done, refusing none. KEYS and ARGV as [`ADMIT_LUA`]'s: a
+/// rate drains first, a quota is charged in its window of now (a new one if it has begun).
+const CHARGE_LUA: &str = r#"
+local now = now_us()
+local now_s = math.floor(now / 1000000)
+for i = 1, #KEYS do
+  local b = 2 + (i - 1) * 4
+  local kind, cap, cost = ARGV[b], tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
+  if kind == 'r' then
+    store_rate(KEYS[i], drained(KEYS[i], cap, now) + cost, cap, now)
+  else
+    local s, e = window(ARGV[b + 3], now_s)
+    local state = redis.call('HMGET', KEYS[i], 'w', 'u')
+    local u = 0
+    if tonumber(state[1]) == s then u = tonumber(state[2]) or 0 end
+    redis.call('HSET', KEYS[i], 'w', string.format('%.0f', s), 'u', string.format('%.0f', u + cost))
+    redis.call('PEXPIRE', KEYS[i], math.max(1000, math.floor((e * 1000000 - now) / 1000) + 60000))
+  end
+end
+return 1
+"#;
+
 /// Corrects counters after calls finished. KEYS: the counters. ARGV[1]: the time in
 /// microseconds, or empty for Redis's own; then per key: kind (`r`, `q`), capacity, delta,
 /// quota window start. A rate drains first and never goes below zero; a quota is corrected only
@@ -186,6 +208,7 @@ const LATE_WAIT_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 pub(crate) struct RedisStore {
     connection: ConnectionManager,
     admit: Arc<redis::Script>,
+    charge: Arc<redis::Script>,
     adjust: Arc<redis::Script>,
     timeout: Duration,
     /// Room for the late answers waited for at once (see [`MAX_LATE_WAITS`]).
@@ -212,6 +235,7 @@ impl RedisStore {
         Ok(RedisStore {
             connection,
             admit: Arc::new(redis::Script::new(&format!("{WINDOW_LUA}{ADMIT_LUA}"))),
+            charge: Arc::new(redis::Script::new(&format!("{WINDOW_LUA}{CHARGE_LUA}"))),
             adjust: Arc::new(redis::Script::new(&format!("{WINDOW_LUA}{ADJUST_LUA}"))),
             timeout,
             late_waits: Arc::new(Semaphore::new(late_waits)),
@@ -303,6 +327,32 @@ impl RedisStore {
                 Err(StoreError::Timeout(millis(self.timeout)))
             }
         }
+    }
+
+    /// Charges every bucket its cost, refusing none (see [`CHARGE_LUA`]). `now_us` replaces
+    /// Redis's clock (tests only pass one).
+    pub(crate) async fn charge(
+        &self,
+        buckets: &[Bucket],
+        now_us: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let mut invocation = self.charge.prepare_invoke();
+        invocation.arg(now_us.map_or_else(String::new, |t| t.to_string()));
+        for bucket in buckets {
+            let (kind, period) = code(bucket.kind);
+            invocation
+                .key(&bucket.key)
+                .arg(kind)
+                .arg(bucket.kind.capacity())
+                .arg(bucket.cost)
+                .arg(period);
+        }
+        let mut connection = self.connection.clone();
+        let _: i64 = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection))
+            .await
+            .map_err(|_| StoreError::Timeout(millis(self.timeout)))?
+            .map_err(|e| StoreError::Redis(e.to_string()))?;
+        Ok(())
     }
 
     /// Applies corrections. `now_us` replaces Redis's clock (tests only pass one).

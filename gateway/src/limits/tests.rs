@@ -350,6 +350,45 @@ fn the_local_store_reconciles() {
     );
 }
 
+/// Work already done is charged whatever the counters hold, and a quota in its window of the
+/// time of the charge: a new one if it has begun since the call was admitted.
+#[test]
+fn the_local_store_charges_done_work_in_the_window_of_now() {
+    let store = LocalStore::default();
+    let before = at(datetime!(2025-03-12 10:59:59 UTC)) * 1_000_000;
+    let after = at(datetime!(2025-03-12 11:00:01 UTC)) * 1_000_000;
+    let eleven = at(datetime!(2025-03-12 11:00 UTC));
+    // The session's handshake, admitted at 10:59:59, reserved nothing.
+    store.admit(&[quota_bucket("q", 100, QuotaPeriod::Hourly, 0)], before);
+    // 150 tokens of a response that began by itself end at 11:00:01: charged past the quota.
+    store.charge(
+        &[
+            quota_bucket("q", 100, QuotaPeriod::Hourly, 150),
+            tpm_bucket("t", 100, 150),
+        ],
+        after,
+    );
+    assert_eq!(
+        store.admit(&[quota_bucket("q", 100, QuotaPeriod::Hourly, 0)], after),
+        StoreAnswer::Refused {
+            bucket: 0,
+            wait_ms: 3_599_000
+        }
+    );
+    assert!(matches!(
+        store.admit(&[tpm_bucket("t", 100, 0)], after),
+        StoreAnswer::Refused { bucket: 0, .. }
+    ));
+    // The next hour starts empty.
+    assert_eq!(
+        store.admit(
+            &[quota_bucket("q", 100, QuotaPeriod::Hourly, 0)],
+            after + 3_600_000_000
+        ),
+        StoreAnswer::Admitted(vec![(100, eleven + 3_600)])
+    );
+}
+
 #[test]
 fn the_local_store_forgets_drained_counters() {
     let store = LocalStore::default();
@@ -808,6 +847,41 @@ async fn redis_reconciles_like_the_local_store() {
     assert_eq!(
         both(T0 + 6_000_000).await,
         StoreAnswer::Admitted(vec![(1_000, 0), (600, start)])
+    );
+    let ttls = redis.ttls().await;
+    assert!(ttls.iter().all(|(_, ttl)| *ttl > 0), "{ttls:?}");
+    redis.cleanup().await;
+}
+
+#[tokio::test]
+async fn redis_charges_done_work_like_the_local_store() {
+    let redis = RedisFixture::new("charge");
+    let local = LocalStore::default();
+    let (t, q) = (redis.key("t"), redis.key("q"));
+    let before = at(datetime!(2025-03-12 10:59:59 UTC)) * 1_000_000;
+    let after = at(datetime!(2025-03-12 11:00:01 UTC)) * 1_000_000;
+    let probe = [
+        tpm_bucket(&t, 100, 0),
+        quota_bucket(&q, 100, QuotaPeriod::Hourly, 0),
+    ];
+    assert_eq!(
+        redis.store.admit(&probe, Some(before)).await.unwrap(),
+        local.admit(&probe, before)
+    );
+    let work = [
+        tpm_bucket(&t, 100, 150),
+        quota_bucket(&q, 100, QuotaPeriod::Hourly, 150),
+    ];
+    redis.store.charge(&work, Some(after)).await.unwrap();
+    local.charge(&work, after);
+    let remote = redis.store.admit(&probe, Some(after)).await.unwrap();
+    assert_eq!(remote, local.admit(&probe, after));
+    assert_eq!(
+        remote,
+        StoreAnswer::Refused {
+            bucket: 1,
+            wait_ms: 3_599_000
+        }
     );
     let ttls = redis.ttls().await;
     assert!(ttls.iter().all(|(_, ttl)| *ttl > 0), "{ttls:?}");

@@ -637,3 +637,40 @@ async fn each_side_of_a_session_is_kept_by_its_own_capture_limit() {
     // The usage is metadata: kept.
     assert_eq!(record.usage.unwrap().total_tokens, 30);
 }
+
+/// Limits pushed while a session is open apply to it from its next response: the responses the
+/// member starts by itself are charged under them, and the caller's next one is judged by them.
+#[tokio::test]
+async fn limits_pushed_during_a_session_apply_to_its_next_responses() {
+    let (member_url, seen) = realtime_member(None).await;
+    let pools = realtime_pool(json!([member("voice", &member_url, 1)]));
+    let gw = TestGateway::start(snapshot(1, pools.clone())).await;
+    let mut socket = connect(
+        &gw.url,
+        "/openai/realtime?api-version=2025-04-01-preview&deployment=gpt-4o-realtime",
+        Some(KEY),
+    )
+    .await
+    .unwrap();
+    next_event(&mut socket).await;
+    let mut limited = snapshot(2, pools);
+    limited.limits = serde_json::from_value(json!([
+        {"id": "voice-tpm", "subject": {"kind": "each_subscription"}, "tokens_per_minute": 50}
+    ]))
+    .unwrap();
+    assert_eq!(gw.push_config(&limited).await.status(), 200);
+    for _ in 0..2 {
+        let append = json!({"type": "input_audio_buffer.append", "event_id": "client_audio", "audio": "AAAA"});
+        socket
+            .send(Message::Text(append.to_string().into()))
+            .await
+            .unwrap();
+        events_until(&mut socket, "response.done").await;
+    }
+    socket.send(response_create()).await.unwrap();
+    let refusal = next_event(&mut socket).await;
+    assert_eq!(refusal["type"], "error", "{refusal}");
+    assert_eq!(refusal["error"]["code"], "rate_limit_exceeded");
+    socket.close(None).await.unwrap();
+    assert_eq!(seen.responses_asked.load(Ordering::SeqCst), 0);
+}
