@@ -61,7 +61,8 @@ pub fn expiry_of(family: ObjectFamily, now: OffsetDateTime) -> Option<i64> {
         | ObjectFamily::FineTuningJob
         | ObjectFamily::Assistant
         | ObjectFamily::Thread
-        | ObjectFamily::VectorStore => return None,
+        | ObjectFamily::VectorStore
+        | ObjectFamily::Conversation => return None,
     };
     Some((now + lifetime).unix_timestamp())
 }

@@ -64,6 +64,8 @@ pub enum ObjectFamily {
     Upload,
     /// Containers (the code interpreter's sandboxes).
     Container,
+    /// Conversations of the Responses API.
+    Conversation,
 }
 
 impl ObjectFamily {
@@ -637,6 +639,43 @@ pub(crate) fn route_of(method: &Method, rest: &[&str]) -> Result<Route, GatewayE
             b,
         )?,
 
+        ["conversations"] if post => {
+            creating(resource(Op::CreateConversation, Json), F::Conversation)
+        }
+        ["conversations", id] if get => {
+            on(resource(Op::GetConversation, NoBody), F::Conversation, id)?
+        }
+        ["conversations", id] if post => {
+            on(resource(Op::UpdateConversation, Json), F::Conversation, id)?
+        }
+        ["conversations", id] if delete => on(
+            resource(Op::DeleteConversation, NoBody),
+            F::Conversation,
+            id,
+        )?,
+        ["conversations", id, "items"] if get => on(
+            resource(Op::ListConversationItems, NoBody),
+            F::Conversation,
+            id,
+        )?,
+        ["conversations", id, "items"] if post => on(
+            resource(Op::CreateConversationItems, Json),
+            F::Conversation,
+            id,
+        )?,
+        ["conversations", id, "items", item] if get => on_with(
+            resource(Op::GetConversationItem, NoBody),
+            F::Conversation,
+            id,
+            item,
+        )?,
+        ["conversations", id, "items", item] if delete => on_with(
+            resource(Op::DeleteConversationItem, NoBody),
+            F::Conversation,
+            id,
+            item,
+        )?,
+
         ["containers"] if get => resource(Op::ListContainers, NoBody),
         ["containers"] if post => creating(resource(Op::CreateContainer, Json), F::Container),
         ["containers", id] if get => on(resource(Op::RetrieveContainer, NoBody), F::Container, id)?,
@@ -1201,6 +1240,70 @@ mod tests {
                 &none,
                 Op::RetrieveContainerFileContent,
                 Some((F::Container, "cntr_1")),
+                None,
+            ),
+            (
+                Method::POST,
+                "conversations",
+                &json,
+                Op::CreateConversation,
+                None,
+                Some(F::Conversation),
+            ),
+            (
+                Method::GET,
+                "conversations/conv_1",
+                &none,
+                Op::GetConversation,
+                Some((F::Conversation, "conv_1")),
+                None,
+            ),
+            (
+                Method::POST,
+                "conversations/conv_1",
+                &json,
+                Op::UpdateConversation,
+                Some((F::Conversation, "conv_1")),
+                None,
+            ),
+            (
+                Method::DELETE,
+                "conversations/conv_1",
+                &none,
+                Op::DeleteConversation,
+                Some((F::Conversation, "conv_1")),
+                None,
+            ),
+            (
+                Method::GET,
+                "conversations/conv_1/items",
+                &none,
+                Op::ListConversationItems,
+                Some((F::Conversation, "conv_1")),
+                None,
+            ),
+            (
+                Method::POST,
+                "conversations/conv_1/items",
+                &json,
+                Op::CreateConversationItems,
+                Some((F::Conversation, "conv_1")),
+                None,
+            ),
+            (
+                Method::GET,
+                "conversations/conv_1/items/msg_1",
+                &none,
+                Op::GetConversationItem,
+                Some((F::Conversation, "conv_1")),
+                None,
+            ),
+            (
+                Method::DELETE,
+                "conversations/conv_1/items/msg_1",
+                &none,
+                Op::DeleteConversationItem,
+                Some((F::Conversation, "conv_1")),
                 None,
             ),
         ];

@@ -60,6 +60,8 @@ pub const REFERENCE_ID_KEYS: &[&str] = &[
     "training_file",
     "validation_file",
     "previous_response_id",
+    // A response's conversation: its id, or an object holding it (`{"id": …}`).
+    "conversation",
     "assistant_id",
     "file_id",
     "thread_id",

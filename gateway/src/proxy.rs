@@ -587,7 +587,7 @@ fn target<'a>(
 
 /// Ids of stateful objects a call refers to in its body (a batch's input file, a run's
 /// assistant, an assistant's vector stores, a message's attachments, a chat message's file part,
-/// a response's predecessor), which pin it to their member.
+/// a response's predecessor or conversation), which pin it to their member.
 fn referenced_objects(call: &Call) -> Vec<String> {
     // Resource calls (an assistant's `tool_resources`, a thread's messages' `attachments`) and
     // Responses (`tools[].vector_store_ids`, `input_file` parts) name objects below the top
@@ -627,7 +627,14 @@ fn collect_references(value: &Value, depth: usize, ids: &mut Vec<String>) {
         Value::Object(members) => {
             for (key, member) in members {
                 if REFERENCE_ID_KEYS.contains(&key.as_str()) {
-                    ids.extend(member.as_str().map(str::to_owned));
+                    match member {
+                        Value::String(id) => ids.push(id.clone()),
+                        // A response's `conversation` is its id or `{"id": …}`.
+                        Value::Object(object) if key == "conversation" => {
+                            ids.extend(object.get("id").and_then(Value::as_str).map(str::to_owned));
+                        }
+                        _ => {}
+                    }
                 } else if REFERENCE_LIST_KEYS.contains(&key.as_str()) {
                     if let Some(list) = member.as_array() {
                         ids.extend(list.iter().filter_map(Value::as_str).map(str::to_owned));
@@ -1751,6 +1758,7 @@ fn call_deletes(call: &Call) -> bool {
             | Op::DeleteVectorStore
             | Op::DeleteChatCompletion
             | Op::DeleteContainer
+            | Op::DeleteConversation
     )
 }
 

@@ -8,7 +8,9 @@
 //! 2025-03-01-preview spec that Microsoft's AI-Gateway labs import; containers from the labs' v1
 //! spec (`AIFoundryOpenAIV1.json`). Stored chat completions, image variations and uploads are in
 //! neither Azure spec: their ids are those of the OpenAI spec the labs import for OpenAI
-//! backends (`LLMOpenAI.json`), lower-cased likewise.
+//! backends (`LLMOpenAI.json`), lower-cased likewise, and so are conversations' (Azure documents
+//! them in its v1 REST reference, "Conversations", `{endpoint}/openai/v1/conversations`, with
+//! OpenAI's paths).
 
 use serde::{Deserialize, Serialize};
 
@@ -206,6 +208,22 @@ operations! {
     CancelVectorStoreFileBatch => "cancel_vector_store_file_batch",
     /// Vector store file batches: list files.
     ListVectorStoreFileBatchFiles => "list_vector_store_file_batch_files",
+    /// Conversations (the Responses API's stored conversations): create.
+    CreateConversation => "createconversation",
+    /// Conversations: get.
+    GetConversation => "getconversation",
+    /// Conversations: update (metadata).
+    UpdateConversation => "updateconversation",
+    /// Conversations: delete.
+    DeleteConversation => "deleteconversation",
+    /// Conversation items: list.
+    ListConversationItems => "listconversationitems",
+    /// Conversation items: add.
+    CreateConversationItems => "createconversationitems",
+    /// Conversation items: get.
+    GetConversationItem => "getconversationitem",
+    /// Conversation items: delete.
+    DeleteConversationItem => "deleteconversationitem",
     /// Containers (the code interpreter's sandboxes): list.
     ListContainers => "listcontainers",
     /// Containers: create.

@@ -1099,3 +1099,179 @@ async fn an_upload_in_parts_and_its_file_stay_on_the_member_that_began_it() {
         "five calls a round, each answered by the member that holds its object, none retried"
     );
 }
+
+/// A member double that keeps Responses API conversations as OpenAI's Conversations API and
+/// Azure's v1 REST reference ("Conversations") describe them: `POST …/conversations` makes
+/// `conv_{name}_{n}`; the conversation, its update, its items and its deletion answer 200 only on
+/// the member that made it, 404 elsewhere; and `POST …/responses` naming a `conversation` (its id
+/// or `{"id": …}`) answers only where that conversation lives. Every call is counted in `hits`.
+async fn conversations_member(
+    name: &'static str,
+    hits: Arc<std::sync::atomic::AtomicUsize>,
+) -> String {
+    use axum::response::IntoResponse as _;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let made = Arc::new(AtomicUsize::new(0));
+    let ours = move |id: &str| id.starts_with(&format!("conv_{name}_"));
+    let app = axum::Router::new().fallback(
+        move |method: http::Method, uri: http::Uri, body: axum::body::Bytes| {
+            hits.fetch_add(1, Ordering::SeqCst);
+            let made = Arc::clone(&made);
+            async move {
+                let not_found = || {
+                    (
+                        http::StatusCode::NOT_FOUND,
+                        axum::Json(json!({"error": {"code": "not_found", "message": "Conversation not found"}})),
+                    )
+                        .into_response()
+                };
+                let path = uri.path().trim_start_matches("/openai").trim_start_matches("/v1");
+                let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+                match (method.as_str(), segments.as_slice()) {
+                    ("POST", ["conversations"]) => {
+                        let n = made.fetch_add(1, Ordering::SeqCst);
+                        axum::Json(json!({"id": format!("conv_{name}_{n}"), "object": "conversation", "created_at": 1_741_900_000, "metadata": {}}))
+                            .into_response()
+                    }
+                    (_, ["conversations", id, ..]) if !ours(id) => not_found(),
+                    ("DELETE", ["conversations", id]) => {
+                        axum::Json(json!({"id": id, "object": "conversation.deleted", "deleted": true})).into_response()
+                    }
+                    (_, ["conversations", id]) => {
+                        axum::Json(json!({"id": id, "object": "conversation", "created_at": 1_741_900_000, "metadata": {}})).into_response()
+                    }
+                    (_, ["conversations", _, "items", ..]) => {
+                        axum::Json(json!({"object": "list", "data": [], "has_more": false})).into_response()
+                    }
+                    ("POST", ["responses"]) => {
+                        let request: Value = serde_json::from_slice(&body).unwrap_or_default();
+                        let conversation = request["conversation"]
+                            .as_str()
+                            .or_else(|| request["conversation"]["id"].as_str());
+                        if conversation.is_some_and(|id| !ours(id)) {
+                            return not_found();
+                        }
+                        axum::Json(json!({
+                            "id": format!("resp_{name}_{}", made.fetch_add(1, Ordering::SeqCst)),
+                            "object": "response", "status": "completed", "model": "gpt-4o",
+                            "output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Noted."}]}],
+                            "usage": {"input_tokens": 5, "output_tokens": 2, "total_tokens": 7},
+                        }))
+                        .into_response()
+                    }
+                    _ => not_found(),
+                }
+            }
+        },
+    );
+    serve_stub(app).await
+}
+
+/// A conversation, its items and the responses that name it (by id or as `{"id": …}`) go to the
+/// member that made it, in the Azure v1 and OpenAI styles; once deleted it is no longer pinned.
+#[tokio::test]
+async fn a_conversation_and_the_responses_that_name_it_stay_on_its_member() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let hits_a = Arc::new(AtomicUsize::new(0));
+    let hits_b = Arc::new(AtomicUsize::new(0));
+    let a = conversations_member("a", hits_a.clone()).await;
+    let b = conversations_member("b", hits_b.clone()).await;
+    let gw = TestGateway::start(snapshot(1, pool(&a, &b))).await;
+    let mut made: Vec<String> = Vec::new();
+    let mut rounds = 0;
+    while rounds < 4
+        || !made.iter().any(|c| c.starts_with("conv_a_"))
+        || !made.iter().any(|c| c.starts_with("conv_b_"))
+    {
+        assert!(rounds < 40, "40 conversations, all on one member: {made:?}");
+        let prefix = if rounds % 2 == 0 { "/openai/v1" } else { "/v1" };
+        rounds += 1;
+        let created = gw
+            .post(&format!("{prefix}/conversations"))
+            .json(&json!({"metadata": {"topic": "travel"}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(created.status(), 200);
+        let created: Value = created.json().await.unwrap();
+        let id = created["id"].as_str().unwrap().to_owned();
+        let calls: [(reqwest::Method, String, Option<Value>); 8] = [
+            (
+                reqwest::Method::GET,
+                format!("{prefix}/conversations/{id}"),
+                None,
+            ),
+            (
+                reqwest::Method::POST,
+                format!("{prefix}/conversations/{id}"),
+                Some(json!({"metadata": {"topic": "work"}})),
+            ),
+            (
+                reqwest::Method::POST,
+                format!("{prefix}/conversations/{id}/items"),
+                Some(json!({"items": [{"type": "message", "role": "user", "content": "Hello"}]})),
+            ),
+            (
+                reqwest::Method::GET,
+                format!("{prefix}/conversations/{id}/items"),
+                None,
+            ),
+            (
+                reqwest::Method::GET,
+                format!("{prefix}/conversations/{id}/items/msg_1"),
+                None,
+            ),
+            (
+                reqwest::Method::DELETE,
+                format!("{prefix}/conversations/{id}/items/msg_1"),
+                None,
+            ),
+            (
+                reqwest::Method::POST,
+                format!("{prefix}/responses"),
+                Some(json!({"model": "gpt-4o", "input": "Where to?", "conversation": id})),
+            ),
+            (
+                reqwest::Method::POST,
+                format!("{prefix}/responses"),
+                Some(json!({"model": "gpt-4o", "input": "And then?", "conversation": {"id": id}})),
+            ),
+        ];
+        for (method, path, body) in calls {
+            let mut request = gw.raw(method.clone(), &path).header("api-key", KEY);
+            if let Some(body) = body {
+                request = request.json(&body);
+            }
+            let answered = request.send().await.unwrap();
+            assert_eq!(answered.status(), 200, "{method} {path}");
+        }
+        let (status, _) = call(
+            &gw.url,
+            reqwest::Method::DELETE,
+            &format!("{prefix}/conversations/{id}"),
+        )
+        .await;
+        assert_eq!(status, 200, "delete {id}");
+        made.push(id);
+    }
+    assert_eq!(
+        hits_a.load(Ordering::SeqCst) + hits_b.load(Ordering::SeqCst),
+        10 * rounds,
+        "ten calls a conversation, each answered by its member, none retried"
+    );
+    // Deleted, a conversation pins nothing: a call about it goes wherever the pool sends it
+    // (here a member that never made it answers 404).
+    let gone = made.last().unwrap();
+    let mut statuses = std::collections::BTreeSet::new();
+    for _ in 0..16 {
+        let (status, _) = call(
+            &gw.url,
+            reqwest::Method::GET,
+            &format!("/openai/v1/conversations/{gone}"),
+        )
+        .await;
+        statuses.insert(status);
+    }
+    assert!(statuses.contains(&404), "{statuses:?}");
+}
