@@ -62,7 +62,8 @@ pub fn expiry_of(family: ObjectFamily, now: OffsetDateTime) -> Option<i64> {
         | ObjectFamily::Assistant
         | ObjectFamily::Thread
         | ObjectFamily::VectorStore
-        | ObjectFamily::Conversation => return None,
+        | ObjectFamily::Conversation
+        | ObjectFamily::Eval => return None,
     };
     Some((now + lifetime).unix_timestamp())
 }

@@ -66,6 +66,8 @@ pub enum ObjectFamily {
     Container,
     /// Conversations of the Responses API.
     Conversation,
+    /// Evals (and their runs, addressed under them).
+    Eval,
 }
 
 impl ObjectFamily {
@@ -676,6 +678,33 @@ pub(crate) fn route_of(method: &Method, rest: &[&str]) -> Result<Route, GatewayE
             item,
         )?,
 
+        ["evals"] if get => resource(Op::ListEvals, NoBody),
+        ["evals"] if post => creating(resource(Op::CreateEval, Json), F::Eval),
+        ["evals", id] if get => on(resource(Op::GetEval, NoBody), F::Eval, id)?,
+        ["evals", id] if post => on(resource(Op::UpdateEval, Json), F::Eval, id)?,
+        ["evals", id] if delete => on(resource(Op::DeleteEval, NoBody), F::Eval, id)?,
+        ["evals", id, "runs"] if get => on(resource(Op::GetEvalRuns, NoBody), F::Eval, id)?,
+        ["evals", id, "runs"] if post => on(resource(Op::CreateEvalRun, Json), F::Eval, id)?,
+        ["evals", id, "runs", run] if get => {
+            on_with(resource(Op::GetEvalRun, NoBody), F::Eval, id, run)?
+        }
+        ["evals", id, "runs", run] if post => {
+            on_with(resource(Op::CancelEvalRun, Json), F::Eval, id, run)?
+        }
+        ["evals", id, "runs", run] if delete => {
+            on_with(resource(Op::DeleteEvalRun, NoBody), F::Eval, id, run)?
+        }
+        ["evals", id, "runs", run, "output_items"] if get => on_with(
+            resource(Op::GetEvalRunOutputItems, NoBody),
+            F::Eval,
+            id,
+            run,
+        )?,
+        ["evals", id, "runs", run, "output_items", item] if get => {
+            valid_id(item)?;
+            on_with(resource(Op::GetEvalRunOutputItem, NoBody), F::Eval, id, run)?
+        }
+
         ["containers"] if get => resource(Op::ListContainers, NoBody),
         ["containers"] if post => creating(resource(Op::CreateContainer, Json), F::Container),
         ["containers", id] if get => on(resource(Op::RetrieveContainer, NoBody), F::Container, id)?,
@@ -1240,6 +1269,95 @@ mod tests {
                 &none,
                 Op::RetrieveContainerFileContent,
                 Some((F::Container, "cntr_1")),
+                None,
+            ),
+            (Method::GET, "evals", &none, Op::ListEvals, None, None),
+            (
+                Method::POST,
+                "evals",
+                &json,
+                Op::CreateEval,
+                None,
+                Some(F::Eval),
+            ),
+            (
+                Method::GET,
+                "evals/eval_1",
+                &none,
+                Op::GetEval,
+                Some((F::Eval, "eval_1")),
+                None,
+            ),
+            (
+                Method::POST,
+                "evals/eval_1",
+                &json,
+                Op::UpdateEval,
+                Some((F::Eval, "eval_1")),
+                None,
+            ),
+            (
+                Method::DELETE,
+                "evals/eval_1",
+                &none,
+                Op::DeleteEval,
+                Some((F::Eval, "eval_1")),
+                None,
+            ),
+            (
+                Method::GET,
+                "evals/eval_1/runs",
+                &none,
+                Op::GetEvalRuns,
+                Some((F::Eval, "eval_1")),
+                None,
+            ),
+            (
+                Method::POST,
+                "evals/eval_1/runs",
+                &json,
+                Op::CreateEvalRun,
+                Some((F::Eval, "eval_1")),
+                None,
+            ),
+            (
+                Method::GET,
+                "evals/eval_1/runs/evalrun_1",
+                &none,
+                Op::GetEvalRun,
+                Some((F::Eval, "eval_1")),
+                None,
+            ),
+            (
+                Method::POST,
+                "evals/eval_1/runs/evalrun_1",
+                &json,
+                Op::CancelEvalRun,
+                Some((F::Eval, "eval_1")),
+                None,
+            ),
+            (
+                Method::DELETE,
+                "evals/eval_1/runs/evalrun_1",
+                &none,
+                Op::DeleteEvalRun,
+                Some((F::Eval, "eval_1")),
+                None,
+            ),
+            (
+                Method::GET,
+                "evals/eval_1/runs/evalrun_1/output_items",
+                &none,
+                Op::GetEvalRunOutputItems,
+                Some((F::Eval, "eval_1")),
+                None,
+            ),
+            (
+                Method::GET,
+                "evals/eval_1/runs/evalrun_1/output_items/outputitem_1",
+                &none,
+                Op::GetEvalRunOutputItem,
+                Some((F::Eval, "eval_1")),
                 None,
             ),
             (

@@ -1759,6 +1759,7 @@ fn call_deletes(call: &Call) -> bool {
             | Op::DeleteChatCompletion
             | Op::DeleteContainer
             | Op::DeleteConversation
+            | Op::DeleteEval
     )
 }
 

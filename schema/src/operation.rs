@@ -10,7 +10,8 @@
 //! neither Azure spec: their ids are those of the OpenAI spec the labs import for OpenAI
 //! backends (`LLMOpenAI.json`), lower-cased likewise, and so are conversations' (Azure documents
 //! them in its v1 REST reference, "Conversations", `{endpoint}/openai/v1/conversations`, with
-//! OpenAI's paths).
+//! OpenAI's paths) and evals' (Azure OpenAI's evaluation API, `{endpoint}/openai/evals` from
+//! api-version 2025-04-01-preview and on v1, with OpenAI's paths).
 
 use serde::{Deserialize, Serialize};
 
@@ -224,6 +225,30 @@ operations! {
     GetConversationItem => "getconversationitem",
     /// Conversation items: delete.
     DeleteConversationItem => "deleteconversationitem",
+    /// Evals: list.
+    ListEvals => "listevals",
+    /// Evals: create.
+    CreateEval => "createeval",
+    /// Evals: get.
+    GetEval => "geteval",
+    /// Evals: update (name, metadata).
+    UpdateEval => "updateeval",
+    /// Evals: delete.
+    DeleteEval => "deleteeval",
+    /// Eval runs: list.
+    GetEvalRuns => "getevalruns",
+    /// Eval runs: create (the run calls the member's models).
+    CreateEvalRun => "createevalrun",
+    /// Eval runs: get.
+    GetEvalRun => "getevalrun",
+    /// Eval runs: cancel.
+    CancelEvalRun => "cancelevalrun",
+    /// Eval runs: delete.
+    DeleteEvalRun => "deleteevalrun",
+    /// Eval run output items: list.
+    GetEvalRunOutputItems => "getevalrunoutputitems",
+    /// Eval run output items: get.
+    GetEvalRunOutputItem => "getevalrunoutputitem",
     /// Containers (the code interpreter's sandboxes): list.
     ListContainers => "listcontainers",
     /// Containers: create.

@@ -1275,3 +1275,159 @@ async fn a_conversation_and_the_responses_that_name_it_stay_on_its_member() {
     }
     assert!(statuses.contains(&404), "{statuses:?}");
 }
+
+/// A member double of the evals API (OpenAI's Evals API; Azure OpenAI's evaluation API has its
+/// paths): `POST …/evals` makes `eval_{name}_{n}`, and every call under an eval (its runs and
+/// their output items) answers 200 only on the member that made the eval, 404 elsewhere. Every
+/// call is counted in `hits`.
+async fn evals_member(name: &'static str, hits: Arc<std::sync::atomic::AtomicUsize>) -> String {
+    use axum::response::IntoResponse as _;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let made = Arc::new(AtomicUsize::new(0));
+    let app = axum::Router::new().fallback(move |method: http::Method, uri: http::Uri| {
+        hits.fetch_add(1, Ordering::SeqCst);
+        let made = Arc::clone(&made);
+        async move {
+            let path = uri
+                .path()
+                .trim_start_matches("/openai")
+                .trim_start_matches("/v1");
+            let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+            match (method.as_str(), segments.as_slice()) {
+                ("POST", ["evals"]) => {
+                    let n = made.fetch_add(1, Ordering::SeqCst);
+                    axum::Json(
+                        json!({"id": format!("eval_{name}_{n}"), "object": "eval", "name": "tone"}),
+                    )
+                    .into_response()
+                }
+                (_, ["evals", id, ..]) if id.starts_with(&format!("eval_{name}_")) => {
+                    axum::Json(json!({"id": id, "object": "eval"})).into_response()
+                }
+                _ => (
+                    http::StatusCode::NOT_FOUND,
+                    axum::Json(
+                        json!({"error": {"code": "not_found", "message": "Eval not found"}}),
+                    ),
+                )
+                    .into_response(),
+            }
+        }
+    });
+    serve_stub(app).await
+}
+
+/// An eval, its runs and their output items go to the member that made the eval; once the eval
+/// is deleted it is no longer pinned.
+#[tokio::test]
+async fn an_eval_and_its_runs_stay_on_the_member_that_made_it() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let hits_a = Arc::new(AtomicUsize::new(0));
+    let hits_b = Arc::new(AtomicUsize::new(0));
+    let a = evals_member("a", hits_a.clone()).await;
+    let b = evals_member("b", hits_b.clone()).await;
+    let gw = TestGateway::start(snapshot(1, pool(&a, &b))).await;
+    let version = "api-version=2025-04-01-preview";
+    let mut made: Vec<String> = Vec::new();
+    let mut rounds = 0;
+    while rounds < 4
+        || !made.iter().any(|e| e.starts_with("eval_a_"))
+        || !made.iter().any(|e| e.starts_with("eval_b_"))
+    {
+        assert!(rounds < 40, "40 evals, all on one member: {made:?}");
+        rounds += 1;
+        let created = gw
+            .post(&format!("/openai/evals?{version}"))
+            .json(&json!({"name": "tone", "data_source_config": {"type": "custom", "item_schema": {"type": "object"}}, "testing_criteria": []}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(created.status(), 200);
+        let created: Value = created.json().await.unwrap();
+        let id = created["id"].as_str().unwrap().to_owned();
+        let run = "evalrun_1";
+        let calls: [(reqwest::Method, String, Option<Value>); 9] = [
+            (
+                reqwest::Method::GET,
+                format!("/openai/evals/{id}?{version}"),
+                None,
+            ),
+            (
+                reqwest::Method::POST,
+                format!("/openai/evals/{id}?{version}"),
+                Some(json!({"name": "tone of voice"})),
+            ),
+            (
+                reqwest::Method::POST,
+                format!("/openai/evals/{id}/runs?{version}"),
+                Some(
+                    json!({"name": "first", "data_source": {"type": "jsonl", "source": {"type": "file_content", "content": []}}}),
+                ),
+            ),
+            (
+                reqwest::Method::GET,
+                format!("/openai/evals/{id}/runs?{version}"),
+                None,
+            ),
+            (
+                reqwest::Method::GET,
+                format!("/openai/evals/{id}/runs/{run}?{version}"),
+                None,
+            ),
+            (
+                reqwest::Method::GET,
+                format!("/openai/evals/{id}/runs/{run}/output_items?{version}"),
+                None,
+            ),
+            (
+                reqwest::Method::GET,
+                format!("/openai/evals/{id}/runs/{run}/output_items/outputitem_1?{version}"),
+                None,
+            ),
+            (
+                reqwest::Method::POST,
+                format!("/openai/evals/{id}/runs/{run}?{version}"),
+                Some(json!({})),
+            ),
+            (
+                reqwest::Method::DELETE,
+                format!("/openai/evals/{id}/runs/{run}?{version}"),
+                None,
+            ),
+        ];
+        for (method, path, body) in calls {
+            let mut request = gw.raw(method.clone(), &path).header("api-key", KEY);
+            if let Some(body) = body {
+                request = request.json(&body);
+            }
+            let answered = request.send().await.unwrap();
+            assert_eq!(answered.status(), 200, "{method} {path}");
+        }
+        let (status, _) = call(
+            &gw.url,
+            reqwest::Method::DELETE,
+            &format!("/openai/evals/{id}?{version}"),
+        )
+        .await;
+        assert_eq!(status, 200, "delete {id}");
+        made.push(id);
+    }
+    assert_eq!(
+        hits_a.load(Ordering::SeqCst) + hits_b.load(Ordering::SeqCst),
+        11 * rounds,
+        "eleven calls an eval, each answered by its member, none retried"
+    );
+    let gone = made.last().unwrap();
+    let mut statuses = std::collections::BTreeSet::new();
+    for _ in 0..16 {
+        let (status, _) = call(
+            &gw.url,
+            reqwest::Method::GET,
+            &format!("/openai/evals/{gone}?{version}"),
+        )
+        .await;
+        statuses.insert(status);
+    }
+    assert!(statuses.contains(&404), "{statuses:?}");
+}
