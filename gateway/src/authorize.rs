@@ -7,8 +7,9 @@
 //!
 //! A call that names no deployment in its path is granted by rules with `resources: true`; when
 //! it makes a model run all the same — an assistant created or changed with a `model`, a run
-//! that names one, a fine-tuning job trained on its base `model` — that model must be granted
-//! too, as a deployment, or `resources` would open every model of the pool that serves them.
+//! that names one, a fine-tuning job trained on its base `model`, an eval run's model, an eval's
+//! graders' models — that model must be granted too, as a deployment, or `resources` would open
+//! every model of the pool that serves them.
 //! A batch runs the calls its input file names ([`crate::batch_input`]): each must be granted as
 //! the same call made directly would be ([`authorize_batch`]). A Responses call must name its
 //! `model` when rules are in force: one that continues a stored response without it would run
@@ -56,8 +57,9 @@ pub fn authorize(
         });
     }
     if deployment.is_none()
-        && let Some(model) = call.body_model_of(RESOURCE_CALLS_RUNNING_A_MODEL)
-        && !grants(rules, principal, operation, model)
+        && let Some(model) = models_run(call)
+            .into_iter()
+            .find(|model| !grants(rules, principal, operation, model))
     {
         return Err(GatewayError::NotPermitted {
             deployment: Some(truncated(model)),
@@ -65,6 +67,56 @@ pub fn authorize(
         });
     }
     Ok(())
+}
+
+/// The deployments a call on the resource routes makes run although its path names none: the
+/// top-level `model` of [`RESOURCE_CALLS_RUNNING_A_MODEL`]; an eval run's `data_source.model`
+/// (the model that answers the eval's items, OpenAI's "completions" and "responses" run data
+/// sources); an eval's graders' `model`s (`testing_criteria`, `score_model` and `label_model`
+/// graders, and those inside a `multi` grader), which every run of it calls.
+fn models_run(call: &Call) -> Vec<&str> {
+    if let Some(model) = call.body_model_of(RESOURCE_CALLS_RUNNING_A_MODEL) {
+        return vec![model];
+    }
+    let Some(body) = call.json() else {
+        return Vec::new();
+    };
+    let mut models = Vec::new();
+    match call.operation {
+        OperationId::CreateEvalRun => {
+            models.extend(body.pointer("/data_source/model").and_then(|m| m.as_str()));
+        }
+        OperationId::CreateEval => {
+            if let Some(criteria) = body.get("testing_criteria") {
+                grader_models(criteria, 0, &mut models);
+            }
+        }
+        _ => {}
+    }
+    models
+}
+
+/// Every string `model` in `value`, a grader or a list or map of graders, to a few levels down.
+fn grader_models<'a>(value: &'a serde_json::Value, depth: usize, models: &mut Vec<&'a str>) {
+    if depth > 4 {
+        return;
+    }
+    match value {
+        serde_json::Value::Object(members) => {
+            for (key, member) in members {
+                match member.as_str() {
+                    Some(model) if key == "model" => models.push(model),
+                    _ => grader_models(member, depth + 1, models),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for item in items {
+                grader_models(item, depth + 1, models);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Checks the calls a batch's input file makes, after `batch_create` itself passed

@@ -193,7 +193,8 @@ async fn the_callers_key_never_reaches_the_backend_which_gets_its_own() {
 
 /// A key whose rule grants calls without a deployment (`resources`) and one model family: a
 /// fine-tuning job on that family's base model is relayed, one on another base model is refused
-/// with 403 naming it, before any backend sees it; an assistant on it likewise.
+/// with 403 naming it, before any backend sees it; an assistant, an eval run and an eval's
+/// grader on it likewise.
 #[tokio::test]
 async fn a_resources_rule_grants_fine_tuning_only_on_the_base_models_it_names() {
     let sim = simulator("auth-fine-tuning").await;
@@ -219,6 +220,54 @@ async fn a_resources_rule_grants_fine_tuning_only_on_the_base_models_it_names() 
     assert_ne!(granted.status(), 403, "{}", granted.text().await.unwrap());
     assert_eq!(sim.hits(), 1, "the granted job reached the backend");
 
+    // An eval run's model, and an eval's graders' models (which each run of it calls), are
+    // judged as the deployments they are.
+    let evals = "/openai/evals?api-version=2025-04-01-preview";
+    let eval_runs = "/openai/evals/eval_1/runs?api-version=2025-04-01-preview";
+    let run_on = |model: &str| {
+        json!({"name": "nightly", "data_source": {"type": "completions", "model": model,
+               "source": {"type": "file_id", "id": "file-abc123"}}})
+    };
+    let graded_by = |model: &str| {
+        json!({"name": "tone", "data_source_config": {"type": "custom", "item_schema": {"type": "object"}},
+        "testing_criteria": [
+            {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}", "reference": "yes", "operation": "eq"},
+            {"type": "multi", "name": "both", "calculate_output": "a", "graders": {
+                "a": {"type": "score_model", "name": "judge", "model": model, "input": []}}}
+        ]})
+    };
+    for (path, body) in [
+        (eval_runs, run_on("gpt-4o-mini")),
+        (evals, graded_by("gpt-4o-mini-2024-07-18")),
+    ] {
+        let granted = gw.post(path).json(&body).send().await.unwrap();
+        assert_ne!(
+            granted.status(),
+            403,
+            "{path}: {}",
+            granted.text().await.unwrap()
+        );
+    }
+    let relayed = sim.hits();
+    assert_eq!(relayed, 3, "the granted calls reached the backend");
+    for (path, body, model) in [
+        (eval_runs, run_on("o1"), "o1"),
+        (evals, graded_by("gpt-4o"), "gpt-4o"),
+    ] {
+        let refused = gw.post(path).json(&body).send().await.unwrap();
+        assert_eq!(refused.status(), 403, "{path}");
+        let message = azure_error(refused, 403).await;
+        assert!(
+            message.contains(&format!("deployment '{model}'")),
+            "{message}"
+        );
+    }
+    assert_eq!(
+        sim.hits(),
+        relayed,
+        "no refused eval call reached the backend"
+    );
+
     for (path, model) in [
         (jobs, "gpt-4o-2024-08-06"),
         (
@@ -235,7 +284,7 @@ async fn a_resources_rule_grants_fine_tuning_only_on_the_base_models_it_names() 
             "{message}"
         );
     }
-    assert_eq!(sim.hits(), 1, "no refused call reached the backend");
+    assert_eq!(sim.hits(), 3, "no refused call reached the backend");
 }
 
 /// With access rules in force a Responses call names its model, also when it continues a stored
