@@ -666,19 +666,28 @@ impl Session {
             total.total_tokens += usage.total_tokens;
             total.cached_tokens += usage.cached_tokens;
         }
-        match self.pending.pop_front() {
-            Some(Some(reservation)) => self.gateway.limiter.reconcile(reservation, tokens),
-            Some(None) => {}
-            // A response the member started by itself (voice activity): no `response.create`
-            // reserved for it, so its tokens are charged now, under the rules the gateway runs
-            // now and in their windows of now, before the caller's next response is judged.
-            None => {
-                if let Some(tokens) = tokens {
-                    let runtime = self.gateway.runtime();
-                    app::charge(&self.gateway, &runtime, &self.principal, &self.call, tokens).await;
-                }
+        // What a response used is charged under the rules the gateway runs now, in their
+        // windows of now (a quota's hour may have ended while the response ran), before the
+        // caller's next response is judged; the reservation of the `response.create` it answers
+        // (of no tokens: the gateway reads no maximum in it) is given back. A response the
+        // member started by itself (voice activity) has no reservation. With Redis, the relay
+        // waits for the charge (at most the store's timeout) so that the next response sees it.
+        let reserved = self.pending.pop_front().flatten();
+        match (reserved, tokens) {
+            (Some(reservation), Some(tokens)) => {
+                self.gateway.limiter.reconcile(reservation, Some(0));
+                self.charge(tokens).await;
             }
+            (Some(reservation), None) => self.gateway.limiter.reconcile(reservation, None),
+            (None, Some(tokens)) => self.charge(tokens).await,
+            (None, None) => {}
         }
+    }
+
+    /// Charges `tokens` the session used to the caller's counters, under the rules of now.
+    async fn charge(&self, tokens: u64) {
+        let runtime = self.gateway.runtime();
+        app::charge(&self.gateway, &runtime, &self.principal, &self.call, tokens).await;
     }
 
     /// Finishes the record: what the session kept, its usage, and its end.

@@ -135,6 +135,7 @@ impl LocalStore {
     /// drains first, a quota is charged in its window of `now_us`, a new one if it has begun.
     pub(crate) fn charge(&self, buckets: &[Bucket], now_us: i64) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.sweep_now_and_then(now_us);
         let now_s = now_us.div_euclid(1_000_000);
         for b in buckets {
             let slot = match b.kind {
