@@ -257,6 +257,25 @@ fn user_message(text: &str) -> Message {
     )
 }
 
+/// Speaks `turns` turns of audio on `socket`, each answered by a response the member starts by
+/// itself (see [`realtime_member`]), and waits for each one's `response.done`.
+async fn speak_turns<S>(socket: &mut S, turns: usize)
+where
+    S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>>
+        + futures::Sink<Message>
+        + Unpin,
+    <S as futures::Sink<Message>>::Error: std::fmt::Debug,
+{
+    for _ in 0..turns {
+        let append = json!({"type": "input_audio_buffer.append", "event_id": "client_audio", "audio": "AAAA"});
+        socket
+            .send(Message::Text(append.to_string().into()))
+            .await
+            .unwrap();
+        events_until(socket, "response.done").await;
+    }
+}
+
 fn response_create() -> Message {
     Message::Text(
         json!({"type": "response.create", "event_id": "client_2", "response": {"modalities": ["text"]}})
@@ -541,14 +560,7 @@ async fn responses_the_member_starts_by_itself_count_against_the_callers_limit_a
     .unwrap();
     next_event(&mut socket).await;
     // Two spoken turns, each answered by the member on its own: 60 tokens of the 50 a minute.
-    for _ in 0..2 {
-        let append = json!({"type": "input_audio_buffer.append", "event_id": "client_audio", "audio": "AAAA"});
-        socket
-            .send(Message::Text(append.to_string().into()))
-            .await
-            .unwrap();
-        events_until(&mut socket, "response.done").await;
-    }
+    speak_turns(&mut socket, 2).await;
     socket.send(response_create()).await.unwrap();
     let refusal = next_event(&mut socket).await;
     assert_eq!(refusal["type"], "error", "{refusal}");
@@ -659,14 +671,7 @@ async fn limits_pushed_during_a_session_apply_to_its_next_responses() {
     ]))
     .unwrap();
     assert_eq!(gw.push_config(&limited).await.status(), 200);
-    for _ in 0..2 {
-        let append = json!({"type": "input_audio_buffer.append", "event_id": "client_audio", "audio": "AAAA"});
-        socket
-            .send(Message::Text(append.to_string().into()))
-            .await
-            .unwrap();
-        events_until(&mut socket, "response.done").await;
-    }
+    speak_turns(&mut socket, 2).await;
     socket.send(response_create()).await.unwrap();
     let refusal = next_event(&mut socket).await;
     assert_eq!(refusal["type"], "error", "{refusal}");

@@ -1168,112 +1168,119 @@ async fn conversations_member(
     serve_stub(app).await
 }
 
-/// A conversation, its items and the responses that name it (by id or as `{"id": …}`) go to the
-/// member that made it, in the Azure v1 and OpenAI styles; once deleted it is no longer pinned.
-#[tokio::test]
-async fn a_conversation_and_the_responses_that_name_it_stay_on_its_member() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let hits_a = Arc::new(AtomicUsize::new(0));
-    let hits_b = Arc::new(AtomicUsize::new(0));
-    let a = conversations_member("a", hits_a.clone()).await;
-    let b = conversations_member("b", hits_b.clone()).await;
-    let gw = TestGateway::start(snapshot(1, pool(&a, &b))).await;
+/// Calls about an object, each expected to answer 200 from the member that holds it.
+type ObjectCalls = Vec<(reqwest::Method, String, Option<Value>)>;
+
+/// Makes objects through `gw` (`create(round)`: the path and body of round `round`'s create) until
+/// at least four were made and both members of the pool hold one (the member doubles name their
+/// objects `{family}_{member}_{n}`: `conv_a_0`); after each, makes the calls `about(round, id)`
+/// (its deletion last), each answered 200 by the member that made it. Then checks that each call
+/// reached one member once (none retried elsewhere), and that a deleted object pins nothing: a
+/// call about it (`gone(id)`) reaches, among others, a member that never made it (404).
+async fn objects_stay_on_their_member(
+    gw: &TestGateway,
+    hits: [&std::sync::atomic::AtomicUsize; 2],
+    family: &str,
+    create: impl Fn(usize) -> (String, Value),
+    about: impl Fn(usize, &str) -> ObjectCalls,
+    gone: impl Fn(&str) -> String,
+) {
+    use std::sync::atomic::Ordering;
     let mut made: Vec<String> = Vec::new();
-    let mut rounds = 0;
-    while rounds < 4
-        || !made.iter().any(|c| c.starts_with("conv_a_"))
-        || !made.iter().any(|c| c.starts_with("conv_b_"))
+    let mut calls = 0;
+    let on = |member: &str| format!("{family}_{member}_");
+    let mut round = 0;
+    while round < 4
+        || !made.iter().any(|id| id.starts_with(&on("a")))
+        || !made.iter().any(|id| id.starts_with(&on("b")))
     {
-        assert!(rounds < 40, "40 conversations, all on one member: {made:?}");
-        let prefix = if rounds % 2 == 0 { "/openai/v1" } else { "/v1" };
-        rounds += 1;
-        let created = gw
-            .post(&format!("{prefix}/conversations"))
-            .json(&json!({"metadata": {"topic": "travel"}}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(created.status(), 200);
+        assert!(round < 40, "40 objects, all on one member: {made:?}");
+        let (path, body) = create(round);
+        let created = gw.post(&path).json(&body).send().await.unwrap();
+        assert_eq!(created.status(), 200, "{path}");
         let created: Value = created.json().await.unwrap();
         let id = created["id"].as_str().unwrap().to_owned();
-        let calls: [(reqwest::Method, String, Option<Value>); 8] = [
-            (
-                reqwest::Method::GET,
-                format!("{prefix}/conversations/{id}"),
-                None,
-            ),
-            (
-                reqwest::Method::POST,
-                format!("{prefix}/conversations/{id}"),
-                Some(json!({"metadata": {"topic": "work"}})),
-            ),
-            (
-                reqwest::Method::POST,
-                format!("{prefix}/conversations/{id}/items"),
-                Some(json!({"items": [{"type": "message", "role": "user", "content": "Hello"}]})),
-            ),
-            (
-                reqwest::Method::GET,
-                format!("{prefix}/conversations/{id}/items"),
-                None,
-            ),
-            (
-                reqwest::Method::GET,
-                format!("{prefix}/conversations/{id}/items/msg_1"),
-                None,
-            ),
-            (
-                reqwest::Method::DELETE,
-                format!("{prefix}/conversations/{id}/items/msg_1"),
-                None,
-            ),
-            (
-                reqwest::Method::POST,
-                format!("{prefix}/responses"),
-                Some(json!({"model": "gpt-4o", "input": "Where to?", "conversation": id})),
-            ),
-            (
-                reqwest::Method::POST,
-                format!("{prefix}/responses"),
-                Some(json!({"model": "gpt-4o", "input": "And then?", "conversation": {"id": id}})),
-            ),
-        ];
-        for (method, path, body) in calls {
+        calls += 1;
+        for (method, path, body) in about(round, &id) {
             let mut request = gw.raw(method.clone(), &path).header("api-key", KEY);
             if let Some(body) = body {
                 request = request.json(&body);
             }
             let answered = request.send().await.unwrap();
             assert_eq!(answered.status(), 200, "{method} {path}");
+            calls += 1;
         }
-        let (status, _) = call(
-            &gw.url,
-            reqwest::Method::DELETE,
-            &format!("{prefix}/conversations/{id}"),
-        )
-        .await;
-        assert_eq!(status, 200, "delete {id}");
         made.push(id);
+        round += 1;
     }
     assert_eq!(
-        hits_a.load(Ordering::SeqCst) + hits_b.load(Ordering::SeqCst),
-        10 * rounds,
-        "ten calls a conversation, each answered by its member, none retried"
+        hits[0].load(Ordering::SeqCst) + hits[1].load(Ordering::SeqCst),
+        calls,
+        "each call answered by the member that holds its object, none retried"
     );
-    // Deleted, a conversation pins nothing: a call about it goes wherever the pool sends it
-    // (here a member that never made it answers 404).
-    let gone = made.last().unwrap();
     let mut statuses = std::collections::BTreeSet::new();
     for _ in 0..16 {
-        let (status, _) = call(
-            &gw.url,
-            reqwest::Method::GET,
-            &format!("/openai/v1/conversations/{gone}"),
-        )
-        .await;
+        let (status, _) = call(&gw.url, reqwest::Method::GET, &gone(made.last().unwrap())).await;
         statuses.insert(status);
     }
     assert!(statuses.contains(&404), "{statuses:?}");
+}
+
+/// A conversation, its items and the responses that name it (by id or as `{"id": …}`) go to the
+/// member that made it, in the Azure v1 and OpenAI styles; once deleted it is no longer pinned.
+#[tokio::test]
+async fn a_conversation_and_the_responses_that_name_it_stay_on_its_member() {
+    use reqwest::Method;
+    use std::sync::atomic::AtomicUsize;
+    let hits = [Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0))];
+    let a = conversations_member("a", hits[0].clone()).await;
+    let b = conversations_member("b", hits[1].clone()).await;
+    let gw = TestGateway::start(snapshot(1, pool(&a, &b))).await;
+    let style = |round: usize| {
+        if round.is_multiple_of(2) {
+            "/openai/v1"
+        } else {
+            "/v1"
+        }
+    };
+    objects_stay_on_their_member(
+        &gw,
+        [&hits[0], &hits[1]],
+        "conv",
+        |round| {
+            let path = format!("{}/conversations", style(round));
+            (path, json!({"metadata": {"topic": "travel"}}))
+        },
+        |round, id| {
+            let at = |rest: &str| format!("{}/conversations/{id}{rest}", style(round));
+            let responses = format!("{}/responses", style(round));
+            vec![
+                (Method::GET, at(""), None),
+                (Method::POST, at(""), Some(json!({"metadata": {"topic": "work"}}))),
+                (
+                    Method::POST,
+                    at("/items"),
+                    Some(json!({"items": [{"type": "message", "role": "user", "content": "Hello"}]})),
+                ),
+                (Method::GET, at("/items"), None),
+                (Method::GET, at("/items/msg_1"), None),
+                (Method::DELETE, at("/items/msg_1"), None),
+                (
+                    Method::POST,
+                    responses.clone(),
+                    Some(json!({"model": "gpt-4o", "input": "Where to?", "conversation": id})),
+                ),
+                (
+                    Method::POST,
+                    responses,
+                    Some(json!({"model": "gpt-4o", "input": "And then?", "conversation": {"id": id}})),
+                ),
+                (Method::DELETE, at(""), None),
+            ]
+        },
+        |id| format!("/openai/v1/conversations/{id}"),
+    )
+    .await;
 }
 
 /// A member double of the evals API (OpenAI's Evals API; Azure OpenAI's evaluation API has its
@@ -1322,112 +1329,42 @@ async fn evals_member(name: &'static str, hits: Arc<std::sync::atomic::AtomicUsi
 /// is deleted it is no longer pinned.
 #[tokio::test]
 async fn an_eval_and_its_runs_stay_on_the_member_that_made_it() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let hits_a = Arc::new(AtomicUsize::new(0));
-    let hits_b = Arc::new(AtomicUsize::new(0));
-    let a = evals_member("a", hits_a.clone()).await;
-    let b = evals_member("b", hits_b.clone()).await;
+    use reqwest::Method;
+    use std::sync::atomic::AtomicUsize;
+    let hits = [Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0))];
+    let a = evals_member("a", hits[0].clone()).await;
+    let b = evals_member("b", hits[1].clone()).await;
     let gw = TestGateway::start(snapshot(1, pool(&a, &b))).await;
     let version = "api-version=2025-04-01-preview";
-    let mut made: Vec<String> = Vec::new();
-    let mut rounds = 0;
-    while rounds < 4
-        || !made.iter().any(|e| e.starts_with("eval_a_"))
-        || !made.iter().any(|e| e.starts_with("eval_b_"))
-    {
-        assert!(rounds < 40, "40 evals, all on one member: {made:?}");
-        rounds += 1;
-        let created = gw
-            .post(&format!("/openai/evals?{version}"))
-            .json(&json!({"name": "tone", "data_source_config": {"type": "custom", "item_schema": {"type": "object"}}, "testing_criteria": []}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(created.status(), 200);
-        let created: Value = created.json().await.unwrap();
-        let id = created["id"].as_str().unwrap().to_owned();
-        let run = "evalrun_1";
-        let calls: [(reqwest::Method, String, Option<Value>); 9] = [
-            (
-                reqwest::Method::GET,
-                format!("/openai/evals/{id}?{version}"),
-                None,
-            ),
-            (
-                reqwest::Method::POST,
-                format!("/openai/evals/{id}?{version}"),
-                Some(json!({"name": "tone of voice"})),
-            ),
-            (
-                reqwest::Method::POST,
-                format!("/openai/evals/{id}/runs?{version}"),
-                Some(
-                    json!({"name": "first", "data_source": {"type": "jsonl", "source": {"type": "file_content", "content": []}}}),
+    objects_stay_on_their_member(
+        &gw,
+        [&hits[0], &hits[1]],
+        "eval",
+        |_| {
+            let eval = json!({"name": "tone", "data_source_config": {"type": "custom", "item_schema": {"type": "object"}}, "testing_criteria": []});
+            (format!("/openai/evals?{version}"), eval)
+        },
+        |_, id| {
+            let at = |rest: &str| format!("/openai/evals/{id}{rest}?{version}");
+            let run = "/runs/evalrun_1";
+            vec![
+                (Method::GET, at(""), None),
+                (Method::POST, at(""), Some(json!({"name": "tone of voice"}))),
+                (
+                    Method::POST,
+                    at("/runs"),
+                    Some(json!({"name": "first", "data_source": {"type": "jsonl", "source": {"type": "file_content", "content": []}}})),
                 ),
-            ),
-            (
-                reqwest::Method::GET,
-                format!("/openai/evals/{id}/runs?{version}"),
-                None,
-            ),
-            (
-                reqwest::Method::GET,
-                format!("/openai/evals/{id}/runs/{run}?{version}"),
-                None,
-            ),
-            (
-                reqwest::Method::GET,
-                format!("/openai/evals/{id}/runs/{run}/output_items?{version}"),
-                None,
-            ),
-            (
-                reqwest::Method::GET,
-                format!("/openai/evals/{id}/runs/{run}/output_items/outputitem_1?{version}"),
-                None,
-            ),
-            (
-                reqwest::Method::POST,
-                format!("/openai/evals/{id}/runs/{run}?{version}"),
-                Some(json!({})),
-            ),
-            (
-                reqwest::Method::DELETE,
-                format!("/openai/evals/{id}/runs/{run}?{version}"),
-                None,
-            ),
-        ];
-        for (method, path, body) in calls {
-            let mut request = gw.raw(method.clone(), &path).header("api-key", KEY);
-            if let Some(body) = body {
-                request = request.json(&body);
-            }
-            let answered = request.send().await.unwrap();
-            assert_eq!(answered.status(), 200, "{method} {path}");
-        }
-        let (status, _) = call(
-            &gw.url,
-            reqwest::Method::DELETE,
-            &format!("/openai/evals/{id}?{version}"),
-        )
-        .await;
-        assert_eq!(status, 200, "delete {id}");
-        made.push(id);
-    }
-    assert_eq!(
-        hits_a.load(Ordering::SeqCst) + hits_b.load(Ordering::SeqCst),
-        11 * rounds,
-        "eleven calls an eval, each answered by its member, none retried"
-    );
-    let gone = made.last().unwrap();
-    let mut statuses = std::collections::BTreeSet::new();
-    for _ in 0..16 {
-        let (status, _) = call(
-            &gw.url,
-            reqwest::Method::GET,
-            &format!("/openai/evals/{gone}?{version}"),
-        )
-        .await;
-        statuses.insert(status);
-    }
-    assert!(statuses.contains(&404), "{statuses:?}");
+                (Method::GET, at("/runs"), None),
+                (Method::GET, at(run), None),
+                (Method::GET, at(&format!("{run}/output_items")), None),
+                (Method::GET, at(&format!("{run}/output_items/outputitem_1")), None),
+                (Method::POST, at(run), Some(json!({}))),
+                (Method::DELETE, at(run), None),
+                (Method::DELETE, at(""), None),
+            ]
+        },
+        |id| format!("/openai/evals/{id}?{version}"),
+    )
+    .await;
 }
