@@ -66,12 +66,7 @@ impl LocalStore {
         for (index, b) in buckets.iter().enumerate() {
             match b.kind {
                 BucketKind::Requests { per_minute } | BucketKind::Tokens { per_minute } => {
-                    let used = match state.slots.get(&b.key) {
-                        Some(Slot::Rate { used, at_us, .. }) => {
-                            bucket::drained(*used, now_us - at_us, per_minute)
-                        }
-                        _ => 0.0,
-                    };
+                    let used = state.rate_used(&b.key, per_minute, now_us);
                     let wait = bucket::wait_ms(used, b.cost, per_minute);
                     if wait > 0 && rate_refusal.is_none_or(|(_, longest)| wait > longest) {
                         rate_refusal = Some((index, wait));
@@ -80,12 +75,7 @@ impl LocalStore {
                 }
                 BucketKind::Quota { tokens, period } => {
                     let (start, end) = period.window(now_s);
-                    let used = match state.slots.get(&b.key) {
-                        Some(Slot::Quota {
-                            used, window_start, ..
-                        }) if *window_start == start => *used,
-                        _ => 0,
-                    };
+                    let used = state.quota_used(&b.key, start);
                     if used.saturating_add(b.cost) > tokens && quota_refusal.is_none() {
                         let wait = u64::try_from((end * 1_000_000 - now_us).div_euclid(1_000))
                             .unwrap_or(0);
@@ -140,28 +130,16 @@ impl LocalStore {
         for b in buckets {
             let slot = match b.kind {
                 BucketKind::Requests { per_minute } | BucketKind::Tokens { per_minute } => {
-                    let used = match state.slots.get(&b.key) {
-                        Some(Slot::Rate { used, at_us, .. }) => {
-                            bucket::drained(*used, now_us - at_us, per_minute)
-                        }
-                        _ => 0.0,
-                    };
                     Slot::Rate {
-                        used: used + b.cost as f64,
+                        used: state.rate_used(&b.key, per_minute, now_us) + b.cost as f64,
                         at_us: now_us,
                         per_minute,
                     }
                 }
                 BucketKind::Quota { period, .. } => {
                     let (start, end) = period.window(now_s);
-                    let used = match state.slots.get(&b.key) {
-                        Some(Slot::Quota {
-                            used, window_start, ..
-                        }) if *window_start == start => *used,
-                        _ => 0,
-                    };
                     Slot::Quota {
-                        used: used.saturating_add(b.cost),
+                        used: state.quota_used(&b.key, start).saturating_add(b.cost),
                         window_start: start,
                         window_end: end,
                     }
@@ -226,6 +204,27 @@ impl LocalStore {
 }
 
 impl State {
+    /// What the rate bucket `key` (draining at `per_minute`) holds at `now_us`.
+    fn rate_used(&self, key: &str, per_minute: u64, now_us: i64) -> f64 {
+        match self.slots.get(key) {
+            Some(Slot::Rate { used, at_us, .. }) => {
+                bucket::drained(*used, now_us - at_us, per_minute)
+            }
+            _ => 0.0,
+        }
+    }
+
+    /// What the quota `key` holds in the window that starts at `start` (nothing when its count
+    /// is of another window).
+    fn quota_used(&self, key: &str, start: i64) -> u64 {
+        match self.slots.get(key) {
+            Some(Slot::Quota {
+                used, window_start, ..
+            }) if *window_start == start => *used,
+            _ => 0,
+        }
+    }
+
     /// Forgets counters that hold nothing, every [`SWEEP_EVERY`] operations, so that counters of
     /// callers who went away do not pile up.
     fn sweep_now_and_then(&mut self, now_us: i64) {

@@ -347,6 +347,11 @@ impl RedisStore {
                 .arg(bucket.cost)
                 .arg(period);
         }
+        self.run(&invocation).await
+    }
+
+    /// Runs a script that answers 1, within the store's timeout.
+    async fn run(&self, invocation: &redis::ScriptInvocation<'_>) -> Result<(), StoreError> {
         let mut connection = self.connection.clone();
         let _: i64 = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection))
             .await
@@ -371,12 +376,7 @@ impl RedisStore {
                 .arg(adjustment.delta)
                 .arg(adjustment.window_start);
         }
-        let mut connection = self.connection.clone();
-        let _: i64 = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection))
-            .await
-            .map_err(|_| StoreError::Timeout(millis(self.timeout)))?
-            .map_err(|e| StoreError::Redis(e.to_string()))?;
-        Ok(())
+        self.run(&invocation).await
     }
 }
 
