@@ -20,8 +20,9 @@ use crate::secret::Secret;
 use crate::warning_throttle::WarningThrottle;
 use gatehouse_schema::limits::QuotaPeriod;
 
-/// Calendar windows in UTC, shared by both scripts (the same arithmetic as
-/// [`QuotaPeriod::window`]; civil dates from day numbers after Howard Hinnant's algorithms).
+/// Calendar windows in UTC (the same arithmetic as [`QuotaPeriod::window`]; civil dates from day
+/// numbers after Howard Hinnant's algorithms) and the reading and writing of the counters, shared
+/// by the scripts.
 const WINDOW_LUA: &str = r#"
 local function days_from_civil(y, m, d)
   if m <= 2 then y = y - 1 end
@@ -80,6 +81,15 @@ local function drained(key, cap, now)
   if used < 0 then used = 0 end
   return used
 end
+local function quota_used(key, s)
+  local state = redis.call('HMGET', key, 'w', 'u')
+  if tonumber(state[1]) == s then return tonumber(state[2]) or 0 end
+  return 0
+end
+local function store_quota(key, s, e, used, now)
+  redis.call('HSET', key, 'w', string.format('%.0f', s), 'u', string.format('%.0f', used))
+  redis.call('PEXPIRE', key, math.max(1000, math.floor((e * 1000000 - now) / 1000) + 60000))
+end
 local function store_rate(key, used, cap, now)
   if used <= 0 then
     redis.call('DEL', key)
@@ -116,9 +126,7 @@ for i = 1, #KEYS do
   else
     local s, e = window(ARGV[b + 3], now_s)
     starts[i], ends[i] = s, e
-    local state = redis.call('HMGET', KEYS[i], 'w', 'u')
-    local u = 0
-    if tonumber(state[1]) == s then u = tonumber(state[2]) or 0 end
+    local u = quota_used(KEYS[i], s)
     used[i] = u
     if u + cost > cap and quota_refusal == 0 then
       quota_refusal, quota_wait = i, math.floor((e * 1000000 - now) / 1000)
@@ -137,8 +145,7 @@ for i = 1, #KEYS do
     out[#out + 1] = math.max(0, math.floor(cap - u))
     out[#out + 1] = 0
   else
-    redis.call('HSET', KEYS[i], 'w', string.format('%.0f', starts[i]), 'u', string.format('%.0f', u))
-    redis.call('PEXPIRE', KEYS[i], math.max(1000, math.floor((ends[i] * 1000000 - now) / 1000) + 60000))
+    store_quota(KEYS[i], starts[i], ends[i], u, now)
     out[#out + 1] = math.max(0, cap - u)
     out[#out + 1] = starts[i]
   end
@@ -158,11 +165,7 @@ for i = 1, #KEYS do
     store_rate(KEYS[i], drained(KEYS[i], cap, now) + cost, cap, now)
   else
     local s, e = window(ARGV[b + 3], now_s)
-    local state = redis.call('HMGET', KEYS[i], 'w', 'u')
-    local u = 0
-    if tonumber(state[1]) == s then u = tonumber(state[2]) or 0 end
-    redis.call('HSET', KEYS[i], 'w', string.format('%.0f', s), 'u', string.format('%.0f', u + cost))
-    redis.call('PEXPIRE', KEYS[i], math.max(1000, math.floor((e * 1000000 - now) / 1000) + 60000))
+    store_quota(KEYS[i], s, e, quota_used(KEYS[i], s) + cost, now)
   end
 end
 return 1

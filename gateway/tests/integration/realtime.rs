@@ -213,6 +213,28 @@ async fn connect(
         .map(|(socket, _)| socket)
 }
 
+/// The Realtime path Azure's SDKs open for deployment `gpt-4o-realtime`.
+const SESSION_PATH: &str =
+    "/openai/realtime?api-version=2025-04-01-preview&deployment=gpt-4o-realtime";
+
+/// Opens a session with the client key on [`SESSION_PATH`] through the gateway at `url`, and
+/// reads the member's `session.created`.
+async fn open_session(
+    url: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    let mut socket = connect(url, SESSION_PATH, Some(KEY)).await.unwrap();
+    assert_eq!(next_event(&mut socket).await["type"], "session.created");
+    socket
+}
+
+/// A rule of 50 tokens a minute for each subscription.
+fn fifty_tokens_a_minute() -> Vec<gatehouse_schema::limits::LimitRule> {
+    serde_json::from_value(json!([
+        {"id": "voice-tpm", "subject": {"kind": "each_subscription"}, "tokens_per_minute": 50}
+    ]))
+    .unwrap()
+}
+
 /// The next text event of `socket`, parsed.
 async fn next_event(
     socket: &mut (
@@ -296,13 +318,7 @@ async fn a_realtime_session_is_relayed_and_recorded_as_one_call() {
     voice["deployment"] = json!("gpt-4o-realtime-eastus");
     let gw = TestGateway::start(snapshot(1, realtime_pool(json!([voice])))).await;
 
-    let mut socket = connect(
-        &gw.url,
-        "/openai/realtime?api-version=2025-04-01-preview&deployment=gpt-4o-realtime",
-        Some(KEY),
-    )
-    .await
-    .unwrap();
+    let mut socket = connect(&gw.url, SESSION_PATH, Some(KEY)).await.unwrap();
     let created = next_event(&mut socket).await;
     assert_eq!(created["type"], "session.created");
     socket.send(user_message("Say hello")).await.unwrap();
@@ -409,7 +425,7 @@ async fn the_v1_routes_take_the_deployment_from_model() {
 async fn a_refused_handshake_is_an_http_answer_and_reaches_no_member() {
     let (member_url, seen) = realtime_member(None).await;
     let gw = gateway_before(&member_url).await;
-    let classic = "/openai/realtime?api-version=2025-04-01-preview&deployment=gpt-4o-realtime";
+    let classic = SESSION_PATH;
     for (path, key, status) in [
         (classic, None, 401),
         (classic, Some("ghk_wrong"), 401),
@@ -456,7 +472,7 @@ async fn a_throttled_handshake_goes_to_the_next_member() {
         ])),
     ))
     .await;
-    let path = "/openai/realtime?api-version=2025-04-01-preview&deployment=gpt-4o-realtime";
+    let path = SESSION_PATH;
     let mut socket = connect(&gw.url, path, Some(KEY)).await.unwrap();
     assert_eq!(next_event(&mut socket).await["type"], "session.created");
     socket.close(None).await.unwrap();
@@ -504,19 +520,9 @@ async fn a_throttled_handshake_goes_to_the_next_member() {
 async fn a_response_over_the_callers_token_limit_never_reaches_the_member() {
     let (member_url, seen) = realtime_member(None).await;
     let mut config = snapshot(1, realtime_pool(json!([member("voice", &member_url, 1)])));
-    config.limits = serde_json::from_value(json!([
-        {"id": "voice-tpm", "subject": {"kind": "each_subscription"}, "tokens_per_minute": 50}
-    ]))
-    .unwrap();
+    config.limits = fifty_tokens_a_minute();
     let gw = TestGateway::start(config).await;
-    let mut socket = connect(
-        &gw.url,
-        "/openai/realtime?api-version=2025-04-01-preview&deployment=gpt-4o-realtime",
-        Some(KEY),
-    )
-    .await
-    .unwrap();
-    next_event(&mut socket).await;
+    let mut socket = open_session(&gw.url).await;
     // 30 tokens each: the first two responses are admitted (0, then 30 of 50 spent), the third
     // (60 spent) is not.
     for _ in 0..2 {
@@ -546,19 +552,9 @@ async fn a_response_over_the_callers_token_limit_never_reaches_the_member() {
 async fn responses_the_member_starts_by_itself_count_against_the_callers_limit_at_once() {
     let (member_url, seen) = realtime_member(None).await;
     let mut config = snapshot(1, realtime_pool(json!([member("voice", &member_url, 1)])));
-    config.limits = serde_json::from_value(json!([
-        {"id": "voice-tpm", "subject": {"kind": "each_subscription"}, "tokens_per_minute": 50}
-    ]))
-    .unwrap();
+    config.limits = fifty_tokens_a_minute();
     let gw = TestGateway::start(config).await;
-    let mut socket = connect(
-        &gw.url,
-        "/openai/realtime?api-version=2025-04-01-preview&deployment=gpt-4o-realtime",
-        Some(KEY),
-    )
-    .await
-    .unwrap();
-    next_event(&mut socket).await;
+    let mut socket = open_session(&gw.url).await;
     // Two spoken turns, each answered by the member on its own: 60 tokens of the 50 a minute.
     speak_turns(&mut socket, 2).await;
     socket.send(response_create()).await.unwrap();
@@ -583,7 +579,7 @@ async fn a_client_gone_before_its_upgrade_still_gets_a_record() {
     let address = gw.url.trim_start_matches("http://").to_owned();
     let mut client = tokio::net::TcpStream::connect(&address).await.unwrap();
     let handshake = format!(
-        "GET /openai/realtime?api-version=2025-04-01-preview&deployment=gpt-4o-realtime HTTP/1.1\r\n\
+        "GET {SESSION_PATH} HTTP/1.1\r\n\
          Host: {address}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
          api-key: {KEY}\r\n\r\n"
@@ -621,14 +617,7 @@ async fn each_side_of_a_session_is_kept_by_its_own_capture_limit() {
     let mut config = snapshot(1, realtime_pool(json!([member("voice", &member_url, 1)])));
     config.capture.max_response_body_bytes = 0;
     let gw = TestGateway::start(config).await;
-    let mut socket = connect(
-        &gw.url,
-        "/openai/realtime?api-version=2025-04-01-preview&deployment=gpt-4o-realtime",
-        Some(KEY),
-    )
-    .await
-    .unwrap();
-    next_event(&mut socket).await;
+    let mut socket = open_session(&gw.url).await;
     socket.send(user_message("Say hello")).await.unwrap();
     socket.send(response_create()).await.unwrap();
     events_until(&mut socket, "response.done").await;
@@ -657,19 +646,9 @@ async fn limits_pushed_during_a_session_apply_to_its_next_responses() {
     let (member_url, seen) = realtime_member(None).await;
     let pools = realtime_pool(json!([member("voice", &member_url, 1)]));
     let gw = TestGateway::start(snapshot(1, pools.clone())).await;
-    let mut socket = connect(
-        &gw.url,
-        "/openai/realtime?api-version=2025-04-01-preview&deployment=gpt-4o-realtime",
-        Some(KEY),
-    )
-    .await
-    .unwrap();
-    next_event(&mut socket).await;
+    let mut socket = open_session(&gw.url).await;
     let mut limited = snapshot(2, pools);
-    limited.limits = serde_json::from_value(json!([
-        {"id": "voice-tpm", "subject": {"kind": "each_subscription"}, "tokens_per_minute": 50}
-    ]))
-    .unwrap();
+    limited.limits = fifty_tokens_a_minute();
     assert_eq!(gw.push_config(&limited).await.status(), 200);
     speak_turns(&mut socket, 2).await;
     socket.send(response_create()).await.unwrap();

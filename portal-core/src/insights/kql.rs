@@ -6,6 +6,8 @@
 //! read back from the store except through [`escaped_literal`]; times are formatted from parsed
 //! values ([`datetime_literal`]), numbers from integers, column names from fixed enums.
 
+use std::fmt::Write as _;
+
 use super::{Dimension, Granularity, InsightsError, SearchRequest, TimeRange, UsageRequest};
 use gatehouse_audit::azure_monitor::ROW_ID_COLUMN;
 use ipnet::IpNet;
@@ -52,7 +54,8 @@ pub fn escaped_literal(value: &str) -> String {
             '\n' => literal.push_str("\\n"),
             '\r' => literal.push_str("\\r"),
             c if c.is_control() || c == '\u{2028}' || c == '\u{2029}' => {
-                literal.push_str(&format!("\\u{:04x}", u32::from(c)));
+                // Writing to a String cannot fail.
+                let _ = write!(literal, "\\u{:04x}", u32::from(c));
             }
             c => literal.push(c),
         }
