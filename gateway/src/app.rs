@@ -72,6 +72,9 @@ pub struct Gateway {
     pub limiter: Limiter,
     /// The calls that have not handed their records on yet; a shutdown waits for them.
     pub calls: CallsInFlight,
+    /// Counts the runtimes installed after the first: sessions that outlive a call (the Realtime
+    /// API's) watch it to judge their caller again under each new snapshot.
+    installs: tokio::sync::watch::Sender<u64>,
 }
 
 /// How to build a [`Gateway`].
@@ -245,6 +248,7 @@ impl Gateway {
             tokens,
             limiter,
             calls: CallsInFlight::default(),
+            installs: tokio::sync::watch::Sender::new(0),
         }))
     }
 
@@ -295,6 +299,12 @@ impl Gateway {
         // what they judge under it.
         runtime.policy_generation = self.tokens.next_policy_generation();
         self.runtime.store(Arc::new(runtime));
+        self.installs.send_modify(|installed| *installed += 1);
+    }
+
+    /// Changes each time a runtime is installed (a pushed snapshot took effect).
+    pub(crate) fn installs(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.installs.subscribe()
     }
 
     /// The HTTP router: the operational and admin routes ([`ROUTED_PATHS`]), and every other

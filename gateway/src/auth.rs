@@ -141,18 +141,25 @@ impl KeyIndex {
         key: &str,
         now: OffsetDateTime,
     ) -> Result<Arc<Subscription>, GatewayError> {
-        let digest = digest(key);
+        self.subscription_for_digest(&digest(key), now)
+    }
+
+    /// [`KeyIndex::subscription_for`] the key whose SHA-256 is `digest`: how a session opened
+    /// earlier has its key judged again under a newer snapshot without the gateway keeping the
+    /// key itself.
+    pub fn subscription_for_digest(
+        &self,
+        digest: &[u8; 32],
+        now: OffsetDateTime,
+    ) -> Result<Arc<Subscription>, GatewayError> {
         // The map is keyed by a digest of a high-entropy key, so a lookup reveals nothing an
         // attacker can steer; the final comparison is constant-time regardless.
-        let subscription = self
-            .by_digest
-            .get(&digest)
-            .ok_or(GatewayError::InvalidKey)?;
-        let primary: bool = subscription.primary_key_hash.0.ct_eq(&digest).into();
+        let subscription = self.by_digest.get(digest).ok_or(GatewayError::InvalidKey)?;
+        let primary: bool = subscription.primary_key_hash.0.ct_eq(digest).into();
         let secondary: bool = subscription
             .secondary_key_hash
             .as_ref()
-            .is_some_and(|h| h.0.ct_eq(&digest).into());
+            .is_some_and(|h| h.0.ct_eq(digest).into());
         if !(primary | secondary) {
             return Err(GatewayError::InvalidKey);
         }
@@ -173,6 +180,19 @@ impl KeyIndex {
         }
         Ok(Arc::clone(subscription))
     }
+}
+
+/// The SHA-256 of the subscription key a request presents under `policy` (the key
+/// [`authenticate`] judged), if it presents one the policy takes.
+pub fn presented_key_digest(
+    policy: &IdentityPolicy,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Option<[u8; 32]> {
+    let takes_key =
+        policy.entra.is_none() || !matches!(policy.require, CredentialRequirement::Token);
+    let key = presented(headers, query, policy.entra.is_some()).key?;
+    takes_key.then(|| digest(&key))
 }
 
 /// The key the client presented (from the first place that has one) and, when tokens are

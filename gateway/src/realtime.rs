@@ -21,6 +21,12 @@
 //! is charged to the caller's counters as its `response.done` arrives, so the caller's next
 //! `response.create` is judged with them counted. Both follow the rules the gateway runs at the
 //! time, not those of the handshake.
+//!
+//! Access is judged again while the session lasts: under each snapshot pushed during it (a
+//! subscription revoked or suspended, its key regenerated, an access rule withdrawn), and when
+//! the subscription's key expires. A caller no longer admitted gets an `error` event and the
+//! session is closed (1008, policy violation); the record says why. An Entra token is judged at
+//! the handshake only, as Azure OpenAI judges it (a session outlives its token).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -75,6 +81,8 @@ struct Opened {
     member: Arc<Member>,
     socket: MemberSocket,
     principal: Principal,
+    /// The SHA-256 of the subscription key the handshake presented, to judge it again.
+    key_digest: Option<[u8; 32]>,
     call: Call,
 }
 
@@ -85,6 +93,9 @@ pub(crate) async fn serve(
     mut parts: Parts,
     record: CallRecord,
 ) -> Response {
+    // Watched from before the handshake is judged: a snapshot installed during it is judged
+    // again once the session runs.
+    let installs = gateway.installs();
     let runtime = gateway.runtime();
     let mut record = Some(record);
     let opened = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
@@ -134,7 +145,7 @@ pub(crate) async fn serve(
     // The session goes to whichever of the two callbacks runs: a client gone between the 101 and
     // the upgrade still gets its record.
     let session = Arc::new(std::sync::Mutex::new(Some(Session::new(
-        gateway, runtime, opened, record,
+        gateway, runtime, installs, opened, record,
     ))));
     let failed = Arc::clone(&session);
     upgrade
@@ -178,6 +189,13 @@ async fn open(
         record.holds.slot = slot;
     }
     let principal = app::authenticate(gateway, runtime, parts).await?;
+    let key_digest = principal.subscription.as_ref().and_then(|_| {
+        crate::auth::presented_key_digest(
+            &runtime.snapshot.identity,
+            &parts.headers,
+            parts.uri.query(),
+        )
+    });
     if let Some(record) = record.as_mut() {
         record.principal(&principal);
     }
@@ -198,6 +216,7 @@ async fn open(
         member,
         socket,
         principal,
+        key_digest,
         call,
     })
 }
@@ -406,6 +425,10 @@ struct Session {
     gateway: Arc<Gateway>,
     runtime: Arc<Runtime>,
     principal: Principal,
+    /// See [`Opened::key_digest`].
+    key_digest: Option<[u8; 32]>,
+    /// Changes with each snapshot installed; the caller is judged again under each.
+    installs: tokio::sync::watch::Receiver<u64>,
     call: Call,
     member: Arc<Member>,
     socket: Option<MemberSocket>,
@@ -439,12 +462,15 @@ enum Ended {
     MemberBroke,
     /// The gateway shut down.
     ShuttingDown,
+    /// The caller's access ended (the reason: a [`GatewayError::reason`]).
+    Withdrawn(&'static str),
 }
 
 impl Session {
     fn new(
         gateway: Arc<Gateway>,
         runtime: Arc<Runtime>,
+        installs: tokio::sync::watch::Receiver<u64>,
         opened: Opened,
         record: CallRecord,
     ) -> Session {
@@ -459,6 +485,8 @@ impl Session {
             gateway,
             runtime,
             principal: opened.principal,
+            key_digest: opened.key_digest,
+            installs,
             call: opened.call,
             member: opened.member,
             socket: Some(opened.socket),
@@ -477,6 +505,9 @@ impl Session {
         let Some(mut member) = self.socket.take() else {
             return;
         };
+        let mut installs = self.installs.clone();
+        let access_ends = tokio::time::sleep_until(self.access_ends());
+        tokio::pin!(access_ends);
         let ended = loop {
             tokio::select! {
                 from_client = client.recv() => {
@@ -525,9 +556,97 @@ impl Session {
                     let _ = member.close(None).await;
                     break Ended::ShuttingDown;
                 }
+                Ok(()) = installs.changed() => {
+                    if let Err(error) = self.judge_again() {
+                        break self.withdraw(error, &mut client, &mut member).await;
+                    }
+                    access_ends.as_mut().reset(self.access_ends());
+                }
+                () = &mut access_ends => {
+                    match self.judge_again() {
+                        Err(error) => break self.withdraw(error, &mut client, &mut member).await,
+                        // Still admitted (the key's expiry was moved or lifted meanwhile).
+                        Ok(()) => access_ends.as_mut().reset(self.access_ends()),
+                    }
+                }
             }
         };
         self.finish(ended);
+    }
+
+    /// Judges the caller again under the snapshot the gateway runs now: its subscription key
+    /// (revoked, suspended, regenerated, expired) and the access rules for the session's
+    /// deployment.
+    fn judge_again(&mut self) -> Result<(), GatewayError> {
+        let runtime = self.gateway.runtime();
+        if let Some(digest) = &self.key_digest {
+            let subscription = runtime
+                .keys
+                .subscription_for_digest(digest, time::OffsetDateTime::now_utc())?;
+            self.principal.subscription = Some(subscription);
+        }
+        crate::authorize::authorize(
+            runtime.snapshot.access_rules.as_deref(),
+            &self.principal,
+            &self.call,
+        )
+    }
+
+    /// When the caller's key stops being accepted (the subscription's `expires_at`, or the
+    /// secondary key's `secondary_expires_at`), as an instant of the runtime's clock; far off
+    /// when it does not expire.
+    fn access_ends(&self) -> tokio::time::Instant {
+        // A year: as good as never for a session, and far from overflowing the clock.
+        const NEVER: Duration = Duration::from_secs(365 * 24 * 3600);
+        let ends = match (&self.principal.subscription, &self.key_digest) {
+            (Some(subscription), Some(digest)) => {
+                let secondary = subscription.primary_key_hash.0 != *digest;
+                let retired = subscription.secondary_expires_at.filter(|_| secondary);
+                match (subscription.expires_at, retired) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            }
+            _ => None,
+        };
+        let left = ends.map_or(NEVER, |at| {
+            Duration::try_from(at - time::OffsetDateTime::now_utc()).unwrap_or(Duration::ZERO)
+        });
+        tokio::time::Instant::now() + left.min(NEVER)
+    }
+
+    /// Ends a session whose caller is no longer admitted: the client is told why in an `error`
+    /// event and its side closed with 1008 (policy violation), and the member's side is closed.
+    async fn withdraw(
+        &self,
+        error: GatewayError,
+        client: &mut WebSocket,
+        member: &mut MemberSocket,
+    ) -> Ended {
+        let reason = error.reason();
+        tracing::info!(
+            reason,
+            "a Realtime session was closed: its caller is no longer admitted"
+        );
+        let event = json!({
+            "type": "error",
+            "event_id": format!("event_gatehouse_{}", uuid::Uuid::now_v7().simple()),
+            "error": {
+                "type": "invalid_request_error",
+                "code": reason,
+                "message": format!("The session was closed: {error}"),
+                "param": null,
+                "event_id": null,
+            },
+        });
+        let _ = client
+            .send(ws::Message::Text(event.to_string().into()))
+            .await;
+        let _ = client
+            .send(close_message(1008, "the caller is no longer admitted"))
+            .await;
+        let _ = member.close(None).await;
+        Ended::Withdrawn(reason)
     }
 
     /// Notes a client's message; a `response.create` the caller's limits refuse gives the
@@ -727,6 +846,9 @@ impl Session {
             Ended::ShuttingDown => {
                 record.record.last_error_reason =
                     Some(crate::in_flight::SHUTDOWN_REASON.to_owned());
+            }
+            Ended::Withdrawn(reason) => {
+                record.record.last_error_reason = Some(reason.to_owned());
             }
         }
         // Responses still open when the session ended keep their reservations charged; the

@@ -658,3 +658,131 @@ async fn limits_pushed_during_a_session_apply_to_its_next_responses() {
     socket.close(None).await.unwrap();
     assert_eq!(seen.responses_asked.load(Ordering::SeqCst), 0);
 }
+
+/// Reads `socket` until the gateway closes it for a caller no longer admitted: its `error` event
+/// (returned) and then its close frame, 1008 (policy violation).
+async fn withdrawn(
+    socket: &mut tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+) -> Value {
+    let event = next_event(socket).await;
+    assert_eq!(event["type"], "error", "{event}");
+    let close = tokio::time::timeout(std::time::Duration::from_secs(10), socket.next())
+        .await
+        .expect("the close frame within 10 s");
+    match close {
+        Some(Ok(Message::Close(Some(frame)))) => {
+            assert_eq!(u16::from(frame.code), 1008, "{frame:?}");
+        }
+        other => panic!("not a close frame: {other:?}"),
+    }
+    event
+}
+
+/// Waits until the member double has seen `count` sessions end.
+async fn member_sessions_ended(seen: &Seen, count: usize) {
+    for _ in 0..400 {
+        if seen.sessions_ended.load(Ordering::SeqCst) == count {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!(
+        "{} of the member's sessions ended, not {count}",
+        seen.sessions_ended.load(Ordering::SeqCst)
+    );
+}
+
+/// A subscription revoked while its session is open closes the session: the client is told why
+/// and gets a 1008 close, the member's side is closed, and the record says why it ended. A push
+/// that leaves the caller admitted leaves the session alone.
+#[tokio::test]
+async fn a_session_whose_subscription_is_revoked_is_closed() {
+    let (member_url, seen) = realtime_member(None).await;
+    let pools = realtime_pool(json!([member("voice", &member_url, 1)]));
+    let gw = TestGateway::start(snapshot(1, pools.clone())).await;
+    let mut socket = open_session(&gw.url).await;
+    // Another change: the session goes on.
+    let mut renamed = snapshot(2, pools.clone());
+    renamed.subscriptions[0].display_name = "Team A (voice)".to_owned();
+    assert_eq!(gw.push_config(&renamed).await.status(), 200);
+    speak_turns(&mut socket, 1).await;
+
+    let mut revoked = snapshot(3, pools);
+    revoked.subscriptions[0].state = gatehouse_schema::config::SubscriptionState::Revoked;
+    assert_eq!(gw.push_config(&revoked).await.status(), 200);
+    let error = withdrawn(&mut socket).await;
+    assert_eq!(error["error"]["code"], "invalid_key", "{error}");
+    assert!(!error.to_string().contains(KEY), "{error}");
+    member_sessions_ended(&seen, 1).await;
+    let record = gw.records(1).await.remove(0);
+    assert_eq!(record.last_error_reason.as_deref(), Some("invalid_key"));
+    assert_eq!(record.usage.unwrap().total_tokens, 30);
+}
+
+/// A regenerated key and a withdrawn access rule end the sessions opened with the key or under
+/// the rule.
+#[tokio::test]
+async fn a_session_ends_with_its_key_or_its_access_rule() {
+    let (member_url, seen) = realtime_member(None).await;
+    let pools = realtime_pool(json!([member("voice", &member_url, 1)]));
+    let with_rule = |version: u64, deployments: Value| {
+        let mut value = serde_json::to_value(snapshot(version, pools.clone())).unwrap();
+        value["access_rules"] = json!([
+            {"id": "team-a-voice", "grantee": {"kind": "subscription", "id": "team-a"},
+             "deployments": deployments}
+        ]);
+        serde_json::from_value::<gatehouse_schema::config::ConfigSnapshot>(value).unwrap()
+    };
+    let gw = TestGateway::start(with_rule(1, json!(["gpt-4o-realtime"]))).await;
+
+    let mut socket = open_session(&gw.url).await;
+    assert_eq!(
+        gw.push_config(&with_rule(2, json!(["gpt-4o-mini"])))
+            .await
+            .status(),
+        200
+    );
+    let error = withdrawn(&mut socket).await;
+    assert_eq!(error["error"]["code"], "not_permitted", "{error}");
+    member_sessions_ended(&seen, 1).await;
+
+    assert_eq!(
+        gw.push_config(&with_rule(3, json!(["gpt-4o-*"])))
+            .await
+            .status(),
+        200
+    );
+    let mut socket = open_session(&gw.url).await;
+    let mut rotated = with_rule(4, json!(["gpt-4o-*"]));
+    rotated.subscriptions[0].primary_key_hash =
+        gatehouse_gateway::auth::hash_key("ghk_TheNewPrimaryKey00000000000000000000000");
+    assert_eq!(gw.push_config(&rotated).await.status(), 200);
+    let error = withdrawn(&mut socket).await;
+    assert_eq!(error["error"]["code"], "invalid_key", "{error}");
+    member_sessions_ended(&seen, 2).await;
+    let records = gw.records(2).await;
+    let reasons: Vec<_> = records
+        .iter()
+        .map(|record| record.last_error_reason.as_deref())
+        .collect();
+    assert_eq!(reasons, [Some("not_permitted"), Some("invalid_key")]);
+}
+
+/// A subscription whose key expires while its session is open: the session ends then, with no
+/// snapshot pushed.
+#[tokio::test]
+async fn a_session_ends_when_its_key_expires() {
+    let (member_url, seen) = realtime_member(None).await;
+    let mut config = snapshot(1, realtime_pool(json!([member("voice", &member_url, 1)])));
+    config.subscriptions[0].expires_at =
+        Some(time::OffsetDateTime::now_utc() + time::Duration::seconds(2));
+    let gw = TestGateway::start(config).await;
+    let mut socket = open_session(&gw.url).await;
+    let error = withdrawn(&mut socket).await;
+    assert_eq!(error["error"]["code"], "expired_key", "{error}");
+    member_sessions_ended(&seen, 1).await;
+    let record = gw.records(1).await.remove(0);
+    assert_eq!(record.last_error_reason.as_deref(), Some("expired_key"));
+}
