@@ -766,7 +766,7 @@ async fn a_gateway_id_is_held_by_one_live_instance(store: &SqlStore) {
         ClaimOutcome::Held,
         "another id is free"
     );
-    store.release_gateway_id("gw-1", "b").await.unwrap();
+    store.release_gateway_id("gw-1", "b", at(35)).await.unwrap();
     assert_eq!(
         store
             .claim_gateway_id("gw-1", "b", "host-b", at(36), lapse)
@@ -790,7 +790,14 @@ async fn a_gateway_id_is_held_by_one_live_instance(store: &SqlStore) {
         ),
         "a, back, finds it b's"
     );
-    store.release_gateway_id("gw-1", "b").await.unwrap();
+    // A release that comes late, after the same instance (restarted) renewed again, leaves the
+    // claim it holds now.
+    store.release_gateway_id("gw-1", "b", at(40)).await.unwrap();
+    assert!(
+        store.gateway_id_holder("gw-1").await.unwrap().is_some(),
+        "renewed at 41 s: a release of the claim as of 40 s leaves it"
+    );
+    store.release_gateway_id("gw-1", "b", at(41)).await.unwrap();
     assert_eq!(store.gateway_id_holder("gw-1").await.unwrap(), None);
     assert_eq!(
         store

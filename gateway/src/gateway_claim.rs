@@ -43,6 +43,9 @@ pub struct GatewayIdClaim {
     instance_id: String,
     host: String,
     lapse: Duration,
+    /// The latest time a renewal was sent with (Unix milliseconds): what [`Self::release`]
+    /// gives up.
+    renewed_until_ms: std::sync::atomic::AtomicI64,
 }
 
 impl GatewayIdClaim {
@@ -62,6 +65,7 @@ impl GatewayIdClaim {
             instance_id: instance_id(state_dir)?,
             host: gethostname::gethostname().to_string_lossy().into_owned(),
             lapse,
+            renewed_until_ms: std::sync::atomic::AtomicI64::new(0),
         };
         let started = Instant::now();
         let poll = (lapse / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
@@ -162,12 +166,21 @@ impl GatewayIdClaim {
 
     /// Gives the id up (a gateway stopping), so that another gateway may take it at once. A
     /// store that does not answer within [`RELEASE_LIMIT`] does not keep the gateway from
-    /// stopping: the claim is left to lapse.
+    /// stopping: the claim is left to lapse. Only the claim as this gateway last renewed it is
+    /// given up, so a release the store runs late cannot take the claim from this gateway
+    /// restarted meanwhile (the same instance, renewing later).
     pub async fn release(&self) {
+        let renewed_until = OffsetDateTime::from_unix_timestamp_nanos(
+            i128::from(
+                self.renewed_until_ms
+                    .load(std::sync::atomic::Ordering::SeqCst),
+            ) * 1_000_000,
+        )
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
         let released = tokio::time::timeout(
             RELEASE_LIMIT,
             self.store
-                .release_gateway_id(&self.gateway_id, &self.instance_id),
+                .release_gateway_id(&self.gateway_id, &self.instance_id, renewed_until),
         )
         .await;
         let error = match released {
@@ -182,12 +195,17 @@ impl GatewayIdClaim {
     }
 
     async fn renew(&self) -> Result<ClaimOutcome, gatehouse_audit::sql::StoreError> {
+        let now = OffsetDateTime::now_utc();
+        // Noted before it is sent: a renewal the store may have run is one the release covers.
+        let now_ms = i64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX);
+        self.renewed_until_ms
+            .fetch_max(now_ms, std::sync::atomic::Ordering::SeqCst);
         self.store
             .claim_gateway_id(
                 &self.gateway_id,
                 &self.instance_id,
                 &self.host,
-                OffsetDateTime::now_utc(),
+                now,
                 self.lapse,
             )
             .await

@@ -57,10 +57,8 @@ const SQLITE_HOLDER: &str =
     "SELECT InstanceId, Host, SeenAtMs FROM GatehouseGatewayClaims WHERE GatewayId = ?1";
 const POSTGRES_HOLDER: &str = r#"SELECT "InstanceId", "Host", "SeenAtMs" FROM "GatehouseGatewayClaims" WHERE "GatewayId" = $1"#;
 
-const SQLITE_RELEASE: &str =
-    "DELETE FROM GatehouseGatewayClaims WHERE GatewayId = ?1 AND InstanceId = ?2";
-const POSTGRES_RELEASE: &str =
-    r#"DELETE FROM "GatehouseGatewayClaims" WHERE "GatewayId" = $1 AND "InstanceId" = $2"#;
+const SQLITE_RELEASE: &str = "DELETE FROM GatehouseGatewayClaims WHERE GatewayId = ?1 AND InstanceId = ?2 AND SeenAtMs <= ?3";
+const POSTGRES_RELEASE: &str = r#"DELETE FROM "GatehouseGatewayClaims" WHERE "GatewayId" = $1 AND "InstanceId" = $2 AND "SeenAtMs" <= $3"#;
 
 /// Unix milliseconds of `time`.
 fn unix_ms(time: OffsetDateTime) -> i64 {
@@ -146,17 +144,22 @@ impl SqlStore {
     }
 
     /// Gives up `instance_id`'s claim of `gateway_id` (a gateway stopping), so that another
-    /// gateway may take the id at once. Another instance's claim is left alone.
+    /// gateway may take the id at once, if the claim was last renewed at or before
+    /// `renewed_until` (the latest renewal the stopping gateway sent). Another instance's claim is
+    /// left alone, and so is a later renewal of this instance's: the same gateway restarted while
+    /// a slow store had not run this release yet keeps the claim it holds again.
     pub async fn release_gateway_id(
         &self,
         gateway_id: &str,
         instance_id: &str,
+        renewed_until: OffsetDateTime,
     ) -> Result<(), StoreError> {
         match &self.engine {
             Engine::Sqlite { writer, .. } => {
                 sqlx::query(SQLITE_RELEASE)
                     .bind(gateway_id)
                     .bind(instance_id)
+                    .bind(unix_ms(renewed_until))
                     .execute(writer)
                     .await?;
             }
@@ -164,6 +167,7 @@ impl SqlStore {
                 sqlx::query(POSTGRES_RELEASE)
                     .bind(gateway_id)
                     .bind(instance_id)
+                    .bind(unix_ms(renewed_until))
                     .execute(pool)
                     .await?;
             }
