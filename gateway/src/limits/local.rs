@@ -150,13 +150,52 @@ impl LocalStore {
     }
 
     /// Applies corrections at `now_us`: rates drain first, then take the delta (never below
-    /// zero); a quota is corrected only while it is still in the window that was charged.
+    /// zero). A quota is corrected in the window that was charged while it lasts; once another
+    /// window has begun, tokens the call used beyond its reservation are charged to the window
+    /// of now (the work was done) and a refund is dropped (the new window never held it).
     pub(crate) fn adjust(&self, adjustments: &[Adjustment], now_us: i64) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         for adjustment in adjustments {
+            if let BucketKind::Quota { period, .. } = adjustment.kind {
+                let now_s = now_us.div_euclid(1_000_000);
+                let (start, end) = period.window(now_s);
+                let in_charged_window = matches!(
+                    state.slots.get(&adjustment.key),
+                    Some(Slot::Quota { window_start, .. }) if *window_start == adjustment.window_start
+                );
+                let used = if in_charged_window {
+                    state
+                        .quota_used(&adjustment.key, adjustment.window_start)
+                        .saturating_add_signed(adjustment.delta)
+                } else if adjustment.delta > 0 && start >= adjustment.window_start {
+                    state
+                        .quota_used(&adjustment.key, start)
+                        .saturating_add(adjustment.delta.unsigned_abs())
+                } else {
+                    continue;
+                };
+                let (window_start, window_end) = if in_charged_window {
+                    let Some(Slot::Quota { window_end, .. }) = state.slots.get(&adjustment.key)
+                    else {
+                        continue;
+                    };
+                    (adjustment.window_start, *window_end)
+                } else {
+                    (start, end)
+                };
+                state.slots.insert(
+                    adjustment.key.clone(),
+                    Slot::Quota {
+                        used,
+                        window_start,
+                        window_end,
+                    },
+                );
+                continue;
+            }
             let Some(slot) = state.slots.get_mut(&adjustment.key) else {
-                // A drained rate bucket or an ended quota window: nothing to correct, except
-                // a rate that the call overran — the excess still counts.
+                // A drained rate bucket: nothing to correct, except a rate that the call
+                // overran — the excess still counts.
                 if let BucketKind::Tokens { per_minute } = adjustment.kind
                     && adjustment.delta > 0
                 {
@@ -181,13 +220,8 @@ impl LocalStore {
                     *used = (drained + adjustment.delta as f64).max(0.0);
                     *at_us = now_us;
                 }
-                Slot::Quota {
-                    used, window_start, ..
-                } => {
-                    if *window_start == adjustment.window_start {
-                        *used = used.saturating_add_signed(adjustment.delta);
-                    }
-                }
+                // A rate's key never holds a quota (the key names its kind).
+                Slot::Quota { .. } => {}
             }
         }
     }

@@ -173,22 +173,31 @@ return 1
 
 /// Corrects counters after calls finished. KEYS: the counters. ARGV[1]: the time in
 /// microseconds, or empty for Redis's own; then per key: kind (`r`, `q`), capacity, delta,
-/// quota window start. A rate drains first and never goes below zero; a quota is corrected only
-/// while it is still in the window that was charged.
+/// quota window start, period (as [`ADMIT_LUA`]'s). A rate drains first and never goes below
+/// zero. A quota is corrected in the window that was charged while it lasts; once another has
+/// begun, tokens used beyond the reservation are charged to the window of now and a refund is
+/// dropped (as `LocalStore::adjust`).
 const ADJUST_LUA: &str = r#"
 local now = now_us()
+local now_s = math.floor(now / 1000000)
 for i = 1, #KEYS do
-  local b = 2 + (i - 1) * 4
+  local b = 2 + (i - 1) * 5
   local kind, cap, delta = ARGV[b], tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
   if kind == 'r' then
     local u = drained(KEYS[i], cap, now) + delta
     store_rate(KEYS[i], u, cap, now)
   else
+    local charged = tonumber(ARGV[b + 3])
     local state = redis.call('HMGET', KEYS[i], 'w', 'u')
-    if state[1] and tonumber(state[1]) == tonumber(ARGV[b + 3]) then
+    if state[1] and tonumber(state[1]) == charged then
       local u = (tonumber(state[2]) or 0) + delta
       if u < 0 then u = 0 end
       redis.call('HSET', KEYS[i], 'u', string.format('%.0f', u))
+    elseif delta > 0 then
+      local s, e = window(ARGV[b + 4], now_s)
+      if s >= charged then
+        store_quota(KEYS[i], s, e, quota_used(KEYS[i], s) + delta, now)
+      end
     end
   end
 end
@@ -373,11 +382,13 @@ impl RedisStore {
         invocation.arg(now_us.map_or_else(String::new, |t| t.to_string()));
         for adjustment in adjustments {
             invocation.key(&adjustment.key);
+            let (kind, period) = code(adjustment.kind);
             invocation
-                .arg(code(adjustment.kind).0)
+                .arg(kind)
                 .arg(adjustment.kind.capacity())
                 .arg(adjustment.delta)
-                .arg(adjustment.window_start);
+                .arg(adjustment.window_start)
+                .arg(period);
         }
         self.run(&invocation).await
     }

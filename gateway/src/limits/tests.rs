@@ -348,6 +348,19 @@ fn the_local_store_reconciles() {
         ),
         StoreAnswer::Admitted(vec![(1_000, 0), (600, start)])
     );
+    // A call admitted yesterday that used 200 more than it reserved: the work was done, so the
+    // excess counts in the window of now.
+    adjust(200, start - 86_400, T0);
+    assert_eq!(
+        store.admit(
+            &[
+                tpm_bucket("t", 1_000, 0),
+                quota_bucket("q", 1_000, QuotaPeriod::Daily, 0)
+            ],
+            T0
+        ),
+        StoreAnswer::Admitted(vec![(800, 0), (400, start)])
+    );
 }
 
 /// Work already done is charged whatever the counters hold, and a quota in its window of the
@@ -834,6 +847,7 @@ async fn redis_reconciles_like_the_local_store() {
         (-400, start, vec![(900, 0), (900, start)]),
         (300, start, vec![(600, 0), (600, start)]),
         (-10_000, start - 86_400, vec![(1_000, 0), (600, start)]),
+        (200, start - 86_400, vec![(800, 0), (400, start)]),
     ] {
         redis
             .store
@@ -843,10 +857,10 @@ async fn redis_reconciles_like_the_local_store() {
         local.adjust(&adjustments(delta, window), T0);
         assert_eq!(both(T0).await, StoreAnswer::Admitted(expected));
     }
-    // Six seconds later a 1,000-per-minute bucket has drained 100 more (it was full: no change).
+    // Six seconds later a 1,000-per-minute bucket has drained 100.
     assert_eq!(
         both(T0 + 6_000_000).await,
-        StoreAnswer::Admitted(vec![(1_000, 0), (600, start)])
+        StoreAnswer::Admitted(vec![(900, 0), (400, start)])
     );
     let ttls = redis.ttls().await;
     assert!(ttls.iter().all(|(_, ttl)| *ttl > 0), "{ttls:?}");
