@@ -75,6 +75,8 @@ pub struct Gateway {
     /// Counts the runtimes installed after the first: sessions that outlive a call (the Realtime
     /// API's) watch it to judge their caller again under each new snapshot.
     installs: tokio::sync::watch::Sender<u64>,
+    /// Where each member stands after the pages of merged lists (`crate::list_merge`).
+    pub(crate) list_cursors: crate::list_merge::ListCursors,
 }
 
 /// How to build a [`Gateway`].
@@ -249,6 +251,7 @@ impl Gateway {
             limiter,
             calls: CallsInFlight::default(),
             installs: tokio::sync::watch::Sender::new(0),
+            list_cursors: crate::list_merge::ListCursors::default(),
         }))
     }
 

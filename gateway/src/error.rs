@@ -125,6 +125,16 @@ pub enum GatewayError {
     /// Every member of the pool is failing.
     #[error("No backend for this deployment is available. Try again later.")]
     AllUnavailable,
+    /// A list whose objects several members hold, one of which could not be read: a list
+    /// without that member's objects would look complete.
+    #[error(
+        "The list is kept by several backends and one of them cannot be read now (it is rate limited or failing), so no part of it is answered.{}",
+        retry_after.map(|wait| format!(" Try again in {} seconds.", crate::limits::whole_seconds(wait))).unwrap_or_default()
+    )]
+    ListIncomplete {
+        /// How long that member asked to be left alone, when it said.
+        retry_after: Option<Duration>,
+    },
     /// A call that creates an object (a file, a batch, a fine-tuning job, …) reached a member
     /// that then timed out or broke the connection: the member may have created the object, so
     /// the call is not sent to another one, which could create it twice.
@@ -233,6 +243,7 @@ impl GatewayError {
             GatewayError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             GatewayError::AllThrottled { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::AllUnavailable
+            | GatewayError::ListIncomplete { .. }
             | GatewayError::AuditUnavailable
             | GatewayError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::OutcomeUnknown { timed_out: true } => StatusCode::GATEWAY_TIMEOUT,
@@ -277,6 +288,7 @@ impl GatewayError {
             GatewayError::ObjectNotFound(_) => "object_not_found",
             GatewayError::AllThrottled { .. } => "all_backends_throttled",
             GatewayError::AllUnavailable => "all_backends_unavailable",
+            GatewayError::ListIncomplete { .. } => "list_incomplete",
             GatewayError::OutcomeUnknown { .. } | GatewayError::CreatedAnswerTooLarge { .. } => {
                 "backend_outcome_unknown"
             }
@@ -350,6 +362,7 @@ impl IntoResponse for GatewayError {
         let mut response = (status, axum::Json(body)).into_response();
         let retry_after = match &self {
             GatewayError::AllThrottled { retry_after } => Some(*retry_after),
+            GatewayError::ListIncomplete { retry_after } => *retry_after,
             GatewayError::Limit(refusal) => refusal.retry_after(),
             _ => None,
         };

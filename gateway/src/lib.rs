@@ -57,6 +57,7 @@ mod idle_deadline;
 pub mod in_flight;
 pub mod key_vault;
 pub mod limits;
+mod list_merge;
 mod member_read;
 pub mod metrics;
 pub mod peek;

@@ -128,6 +128,10 @@ pub async fn forward(
     // Objects created through another replica are in the shared map, if there is one.
     gateway.affinity.learn(&objects).await;
     let target = target(gateway, runtime, &call, &objects)?;
+    // Each member of a resource pool lists only the objects it holds: a list goes to all of them.
+    if target.pinned.is_none() && crate::list_merge::merges(&call, &parts.method, target.pool) {
+        return crate::list_merge::forward(gateway, call, parts, target.pool, record).await;
+    }
     let mut tried: Vec<usize> = Vec::new();
     // The shortest wait a member asked for in a 429 during this call: a member that answered 429
     // with a wait of zero (or a `Retry-After` date already past) is not set aside, yet the call
@@ -374,6 +378,24 @@ pub async fn forward(
         };
         return answer.relay(gateway, call, record, parts.version).await;
     }
+}
+
+/// Relays `response`, `member`'s answer (or one the gateway made of its members' answers), with
+/// the call's record.
+pub(crate) async fn relay_answer(
+    gateway: &Arc<Gateway>,
+    call: Call,
+    member: Arc<Member>,
+    response: http::Response<UpstreamBody>,
+    record: &mut Option<CallRecord>,
+    client_version: http::Version,
+) -> Result<Response, GatewayError> {
+    let answer = Answered {
+        member,
+        response,
+        asked_usage: false,
+    };
+    answer.relay(gateway, call, record, client_version).await
 }
 
 /// A member's answer that goes to the client.
@@ -773,7 +795,7 @@ fn upstream_url(
 }
 
 /// The member's URL for `ops` (the path after the style prefix) in the style `call` was made in.
-fn member_url<'a>(
+pub(crate) fn member_url<'a>(
     member: &'a Member,
     call: &'a Call,
     ops: impl IntoIterator<Item = &'a str>,
@@ -1075,7 +1097,7 @@ fn connection_options(headers: &HeaderMap) -> Vec<HeaderName> {
     listed
 }
 
-fn upstream_headers(
+pub(crate) fn upstream_headers(
     client: &HeaderMap,
     credential: Option<(HeaderName, HeaderValue)>,
     request_id: Option<&str>,

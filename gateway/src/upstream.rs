@@ -488,6 +488,9 @@ pub enum UpstreamBody {
         /// The body the head was read from.
         rest: Box<UpstreamBody>,
     },
+    /// A whole body the gateway made itself (a list merged from its members' lists), until
+    /// handed out.
+    Whole(Option<Bytes>),
 }
 
 impl HttpBody for UpstreamBody {
@@ -505,6 +508,7 @@ impl HttpBody for UpstreamBody {
                 Some(head) => Poll::Ready(Some(Ok(Frame::data(head)))),
                 None => Pin::new(rest.as_mut()).poll_frame(cx),
             },
+            UpstreamBody::Whole(body) => Poll::Ready(body.take().map(|body| Ok(Frame::data(body)))),
         }
     }
 
@@ -513,6 +517,7 @@ impl HttpBody for UpstreamBody {
             UpstreamBody::Direct(body) => body.is_end_stream(),
             UpstreamBody::Proxied(body) => body.is_end_stream(),
             UpstreamBody::Resumed { head, rest } => head.is_none() && rest.is_end_stream(),
+            UpstreamBody::Whole(body) => body.is_none(),
         }
     }
 
@@ -529,6 +534,9 @@ impl HttpBody for UpstreamBody {
                     hint.set_upper(upper.saturating_add(head));
                 }
                 hint
+            }
+            UpstreamBody::Whole(body) => {
+                SizeHint::with_exact(body.as_ref().map_or(0, |body| body.len() as u64))
             }
         }
     }

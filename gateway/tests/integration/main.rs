@@ -24,6 +24,7 @@ mod entra_double;
 mod failover;
 mod gateway_ids;
 mod limits;
+mod lists;
 mod operations;
 mod realtime;
 mod routes;
