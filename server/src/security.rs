@@ -1,4 +1,5 @@
-//! Security headers on every response and the Origin check on state-changing requests. (GET
+//! Security headers on every response, the Origin check on state-changing requests, and no
+//! server function errors shown from a link made elsewhere ([`ACTION_ERROR_PARAMS`]). (GET
 //! requests that record an audit access are checked by `Sec-Fetch-Site` where they are served:
 //! `gatehouse_portal_app::ssr::from_another_site`.)
 //!
@@ -26,6 +27,7 @@ pub fn layers(app: Router, public_url: &Url) -> Router {
         let origin = origin.clone();
         async move { check_origin(&origin, request, next).await }
     }))
+    .layer(middleware::from_fn(drop_foreign_action_errors))
     .layer(middleware::from_fn(
         move |request: Request, next: Next| async move { headers(hsts, request, next).await },
     ))
@@ -56,6 +58,52 @@ async fn check_origin(expected: &str, request: Request, next: Next) -> Response 
             "Cross-origin requests that change state are refused.",
         )
             .into_response()
+    }
+}
+
+/// The query parameters in which Leptos carries a server function's error to the page a form
+/// without JavaScript returns to (`server_fn`'s `ServerFnUrlError`): the page shows it as that
+/// action's error.
+const ACTION_ERROR_PARAMS: [&str; 2] = ["__err", "__path"];
+
+/// Redirects (303) a page request that carries a server function's error in its query
+/// ([`ACTION_ERROR_PARAMS`]) to the same page without it, unless the browser says the request
+/// came from the portal itself (`Sec-Fetch-Site: same-origin`, as after the portal's own form
+/// post): a link from anywhere else (a mail, another site) could otherwise make a portal page
+/// show text of the link's author's choosing as an error of the portal ("your key was leaked,
+/// call …").
+async fn drop_foreign_action_errors(request: Request, next: Next) -> Response {
+    if !matches!(*request.method(), Method::GET | Method::HEAD) {
+        return next.run(request).await;
+    }
+    let Some(query) = request.uri().query() else {
+        return next.run(request).await;
+    };
+    let carries_error = url::form_urlencoded::parse(query.as_bytes())
+        .any(|(key, _)| ACTION_ERROR_PARAMS.contains(&key.as_ref()));
+    let from_the_portal = request
+        .headers()
+        .get("sec-fetch-site")
+        .is_some_and(|site| site.as_bytes() == b"same-origin");
+    if !carries_error || from_the_portal {
+        return next.run(request).await;
+    }
+    let kept: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
+        .filter(|(key, _)| !ACTION_ERROR_PARAMS.contains(&key.as_ref()))
+        .map(|(key, value)| (key.into_owned(), value.into_owned()))
+        .collect();
+    let mut target = request.uri().path().to_owned();
+    if !kept.is_empty() {
+        target.push('?');
+        target.push_str(
+            &url::form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(&kept)
+                .finish(),
+        );
+    }
+    match HeaderValue::from_str(&target) {
+        Ok(location) => (StatusCode::SEE_OTHER, [(header::LOCATION, location)]).into_response(),
+        Err(_) => (StatusCode::BAD_REQUEST, "Malformed query.").into_response(),
     }
 }
 

@@ -415,6 +415,47 @@ async fn pages_render_on_the_server_with_security_headers_and_the_dev_banner() {
     }
 }
 
+/// A link made elsewhere cannot make a page show an error of its author's choosing: the query
+/// parameters in which a form without JavaScript gets its server function's error back are
+/// dropped (a 303 to the page without them) unless the browser says the request came from the
+/// portal itself.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_link_from_elsewhere_cannot_put_an_error_on_a_page() {
+    let portal = start(None).await;
+    let mut browser = browser_for(&portal, Some("Admin")).await;
+    // "ServerError|Your key leaked: call +1 555 0100", as `server_fn` encodes an error.
+    let made_up = "U2VydmVyRXJyb3J8WW91ciBrZXkgbGVha2VkOiBjYWxsICsxIDU1NSAwMTAw";
+    let link = format!(
+        "{}/subscriptions?__path=%2Fapi%2Fcreate_subscription&__err={made_up}&view=all",
+        portal.url
+    );
+    for site in ["cross-site", "same-site", "none"] {
+        let response = browser.navigate(&link, site).await;
+        assert_eq!(response.status(), 303, "{site}");
+        assert_eq!(
+            common::location(&response),
+            "/subscriptions?view=all",
+            "{site}"
+        );
+    }
+    let bare = browser.get(&link).await;
+    assert_eq!(
+        bare.status(),
+        303,
+        "no Sec-Fetch-Site: not known to come from the portal"
+    );
+    let only = browser
+        .navigate(
+            &format!("{}/subscriptions?__err={made_up}", portal.url),
+            "cross-site",
+        )
+        .await;
+    assert_eq!(common::location(&only), "/subscriptions");
+    // The portal's own form, returning to its page: kept.
+    let own = browser.navigate(&link, "same-origin").await;
+    assert_eq!(own.status(), 200);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_dev_sign_in_does_not_exist_unless_enabled_and_never_off_loopback() {
     let portal = common::start_with(None, |settings| settings.dev_sign_in = false).await;
