@@ -159,10 +159,13 @@ impl LocalStore {
             if let BucketKind::Quota { period, .. } = adjustment.kind {
                 let now_s = now_us.div_euclid(1_000_000);
                 let (start, end) = period.window(now_s);
-                let in_charged_window = matches!(
-                    state.slots.get(&adjustment.key),
-                    Some(Slot::Quota { window_start, .. }) if *window_start == adjustment.window_start
-                );
+                // The window charged at admission, if it is still the window of now (a slot is
+                // moved to a new window only by the next charge).
+                let in_charged_window = start == adjustment.window_start
+                    && matches!(
+                        state.slots.get(&adjustment.key),
+                        Some(Slot::Quota { window_start, .. }) if *window_start == start
+                    );
                 let used = if in_charged_window {
                     state
                         .quota_used(&adjustment.key, adjustment.window_start)

@@ -188,16 +188,14 @@ for i = 1, #KEYS do
     store_rate(KEYS[i], u, cap, now)
   else
     local charged = tonumber(ARGV[b + 3])
+    local s, e = window(ARGV[b + 4], now_s)
     local state = redis.call('HMGET', KEYS[i], 'w', 'u')
-    if state[1] and tonumber(state[1]) == charged then
+    if s == charged and state[1] and tonumber(state[1]) == charged then
       local u = (tonumber(state[2]) or 0) + delta
       if u < 0 then u = 0 end
       redis.call('HSET', KEYS[i], 'u', string.format('%.0f', u))
-    elseif delta > 0 then
-      local s, e = window(ARGV[b + 4], now_s)
-      if s >= charged then
-        store_quota(KEYS[i], s, e, quota_used(KEYS[i], s) + delta, now)
-      end
+    elseif delta > 0 and s >= charged then
+      store_quota(KEYS[i], s, e, quota_used(KEYS[i], s) + delta, now)
     end
   end
 end

@@ -804,6 +804,62 @@ async fn redis_quota_windows_match_the_calendar() {
     redis.cleanup().await;
 }
 
+/// A call admitted in one quota window and settled in the next, with no other charge between
+/// (nothing moved the counter to the new window): its excess counts in the window of now, not in
+/// the one that ended, and a refund is dropped. The same in Redis as in the process.
+#[tokio::test]
+async fn an_excess_settled_after_the_window_ended_counts_in_the_window_of_now() {
+    let redis = RedisFixture::new("rollover");
+    let local = LocalStore::default();
+    let q = redis.key("q");
+    let before = at(datetime!(2025-03-12 23:59:50 UTC));
+    let after = at(datetime!(2025-03-13 00:00:20 UTC));
+    let (yesterday, today) = (
+        at(datetime!(2025-03-12 0:00 UTC)),
+        at(datetime!(2025-03-13 0:00 UTC)),
+    );
+    let admitted = [quota_bucket(&q, 1_000, QuotaPeriod::Daily, 300)];
+    assert_eq!(
+        redis
+            .store
+            .admit(&admitted, Some(before * 1_000_000))
+            .await
+            .unwrap(),
+        StoreAnswer::Admitted(vec![(700, yesterday)])
+    );
+    assert_eq!(
+        local.admit(&admitted, before * 1_000_000),
+        StoreAnswer::Admitted(vec![(700, yesterday)])
+    );
+    let settle = |delta: i64| {
+        [Adjustment {
+            key: q.clone(),
+            kind: admitted[0].kind,
+            delta,
+            window_start: yesterday,
+        }]
+    };
+    for delta in [200, -50] {
+        redis
+            .store
+            .adjust(&settle(delta), Some(after * 1_000_000))
+            .await
+            .unwrap();
+        local.adjust(&settle(delta), after * 1_000_000);
+    }
+    let probe = [quota_bucket(&q, 1_000, QuotaPeriod::Daily, 0)];
+    let now = (after + 10) * 1_000_000;
+    assert_eq!(
+        redis.store.admit(&probe, Some(now)).await.unwrap(),
+        StoreAnswer::Admitted(vec![(800, today)])
+    );
+    assert_eq!(
+        local.admit(&probe, now),
+        StoreAnswer::Admitted(vec![(800, today)])
+    );
+    redis.cleanup().await;
+}
+
 #[tokio::test]
 async fn redis_reconciles_like_the_local_store() {
     let redis = RedisFixture::new("reconcile");
