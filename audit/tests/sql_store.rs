@@ -797,6 +797,17 @@ async fn a_gateway_id_is_held_by_one_live_instance(store: &SqlStore) {
         store.gateway_id_holder("gw-1").await.unwrap().is_some(),
         "renewed at 41 s: a release of the claim as of 40 s leaves it"
     );
+    // A renewal the store runs late (sent at 40 s, run after the one of 41 s) does not move the
+    // claim back in time, so the late release of the claim as of 40 s still leaves it.
+    assert_eq!(
+        store
+            .claim_gateway_id("gw-1", "b", "host-b", at(40), lapse)
+            .await
+            .unwrap(),
+        ClaimOutcome::Held
+    );
+    store.release_gateway_id("gw-1", "b", at(40)).await.unwrap();
+    assert!(store.gateway_id_holder("gw-1").await.unwrap().is_some());
     store.release_gateway_id("gw-1", "b", at(41)).await.unwrap();
     assert_eq!(store.gateway_id_holder("gw-1").await.unwrap(), None);
     assert_eq!(

@@ -44,14 +44,17 @@ pub enum ClaimOutcome {
 }
 
 /// Inserts a claim, or renews this instance's, or takes over one not renewed since `$5`; answers
-/// a row only when the id is this instance's afterwards.
+/// a row only when the id is this instance's afterwards. A renewal never moves `SeenAtMs` back
+/// (one the store runs late, or a clock stepped back), so that a release of the claim as it was
+/// renewed earlier leaves a later renewal's.
 const SQLITE_CLAIM: &str = "INSERT INTO GatehouseGatewayClaims (GatewayId, InstanceId, Host, ClaimedAtMs, SeenAtMs) VALUES (?1, ?2, ?3, ?4, ?4) \
      ON CONFLICT (GatewayId) DO UPDATE SET \
      ClaimedAtMs = CASE WHEN GatehouseGatewayClaims.InstanceId = excluded.InstanceId THEN GatehouseGatewayClaims.ClaimedAtMs ELSE excluded.ClaimedAtMs END, \
-     InstanceId = excluded.InstanceId, Host = excluded.Host, SeenAtMs = excluded.SeenAtMs \
+     SeenAtMs = CASE WHEN GatehouseGatewayClaims.InstanceId = excluded.InstanceId THEN MAX(GatehouseGatewayClaims.SeenAtMs, excluded.SeenAtMs) ELSE excluded.SeenAtMs END, \
+     InstanceId = excluded.InstanceId, Host = excluded.Host \
      WHERE GatehouseGatewayClaims.InstanceId = excluded.InstanceId OR GatehouseGatewayClaims.SeenAtMs < ?5 \
      RETURNING GatewayId";
-const POSTGRES_CLAIM: &str = r#"INSERT INTO "GatehouseGatewayClaims" AS c ("GatewayId", "InstanceId", "Host", "ClaimedAtMs", "SeenAtMs") VALUES ($1, $2, $3, $4, $4) ON CONFLICT ("GatewayId") DO UPDATE SET "ClaimedAtMs" = CASE WHEN c."InstanceId" = EXCLUDED."InstanceId" THEN c."ClaimedAtMs" ELSE EXCLUDED."ClaimedAtMs" END, "InstanceId" = EXCLUDED."InstanceId", "Host" = EXCLUDED."Host", "SeenAtMs" = EXCLUDED."SeenAtMs" WHERE c."InstanceId" = EXCLUDED."InstanceId" OR c."SeenAtMs" < $5 RETURNING "GatewayId""#;
+const POSTGRES_CLAIM: &str = r#"INSERT INTO "GatehouseGatewayClaims" AS c ("GatewayId", "InstanceId", "Host", "ClaimedAtMs", "SeenAtMs") VALUES ($1, $2, $3, $4, $4) ON CONFLICT ("GatewayId") DO UPDATE SET "ClaimedAtMs" = CASE WHEN c."InstanceId" = EXCLUDED."InstanceId" THEN c."ClaimedAtMs" ELSE EXCLUDED."ClaimedAtMs" END, "InstanceId" = EXCLUDED."InstanceId", "Host" = EXCLUDED."Host", "SeenAtMs" = CASE WHEN c."InstanceId" = EXCLUDED."InstanceId" THEN GREATEST(c."SeenAtMs", EXCLUDED."SeenAtMs") ELSE EXCLUDED."SeenAtMs" END WHERE c."InstanceId" = EXCLUDED."InstanceId" OR c."SeenAtMs" < $5 RETURNING "GatewayId""#;
 
 const SQLITE_HOLDER: &str =
     "SELECT InstanceId, Host, SeenAtMs FROM GatehouseGatewayClaims WHERE GatewayId = ?1";
