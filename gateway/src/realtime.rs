@@ -61,6 +61,9 @@ use crate::upstream::{WebSocketRefusal, WebSocketTransport};
 /// How long a member has to finish the WebSocket handshake once connected.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long closing each side of a session whose caller is no longer admitted may take.
+const WITHDRAW_NOTICE_LIMIT: Duration = Duration::from_secs(5);
+
 /// The member's side of a session.
 type MemberSocket = tokio_tungstenite::WebSocketStream<WebSocketTransport>;
 
@@ -615,8 +618,10 @@ impl Session {
         tokio::time::Instant::now() + left.min(NEVER)
     }
 
-    /// Ends a session whose caller is no longer admitted: the client is told why in an `error`
-    /// event and its side closed with 1008 (policy violation), and the member's side is closed.
+    /// Ends a session whose caller is no longer admitted: the member's side is closed first, then
+    /// the client is told why in an `error` event and its side closed with 1008 (policy
+    /// violation), each within [`WITHDRAW_NOTICE_LIMIT`] (a client that reads nothing does not
+    /// hold the session open).
     async fn withdraw(
         &self,
         error: GatewayError,
@@ -639,13 +644,16 @@ impl Session {
                 "event_id": null,
             },
         });
-        let _ = client
-            .send(ws::Message::Text(event.to_string().into()))
-            .await;
-        let _ = client
-            .send(close_message(1008, "the caller is no longer admitted"))
-            .await;
-        let _ = member.close(None).await;
+        let _ = tokio::time::timeout(WITHDRAW_NOTICE_LIMIT, member.close(None)).await;
+        let notice = async {
+            client
+                .send(ws::Message::Text(event.to_string().into()))
+                .await?;
+            client
+                .send(close_message(1008, "the caller is no longer admitted"))
+                .await
+        };
+        let _ = tokio::time::timeout(WITHDRAW_NOTICE_LIMIT, notice).await;
         Ended::Withdrawn(reason)
     }
 

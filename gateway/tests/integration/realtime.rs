@@ -770,16 +770,18 @@ async fn a_session_ends_with_its_key_or_its_access_rule() {
     assert_eq!(reasons, [Some("not_permitted"), Some("invalid_key")]);
 }
 
-/// A subscription whose key expires while its session is open: the session ends then, with no
-/// snapshot pushed.
+/// A subscription whose key expires while its session is open: the session ends then. The
+/// expiry is set by a push during the session, which leaves the caller admitted until then.
 #[tokio::test]
 async fn a_session_ends_when_its_key_expires() {
     let (member_url, seen) = realtime_member(None).await;
-    let mut config = snapshot(1, realtime_pool(json!([member("voice", &member_url, 1)])));
-    config.subscriptions[0].expires_at =
-        Some(time::OffsetDateTime::now_utc() + time::Duration::seconds(2));
-    let gw = TestGateway::start(config).await;
+    let pools = realtime_pool(json!([member("voice", &member_url, 1)]));
+    let gw = TestGateway::start(snapshot(1, pools.clone())).await;
     let mut socket = open_session(&gw.url).await;
+    let mut expiring = snapshot(2, pools);
+    expiring.subscriptions[0].expires_at =
+        Some(time::OffsetDateTime::now_utc() + time::Duration::seconds(1));
+    assert_eq!(gw.push_config(&expiring).await.status(), 200);
     let error = withdrawn(&mut socket).await;
     assert_eq!(error["error"]["code"], "expired_key", "{error}");
     member_sessions_ended(&seen, 1).await;
