@@ -63,23 +63,28 @@ struct ListDefaults {
     limit: u64,
     /// Newest first.
     descending: bool,
+    /// Whether the API takes `order` (batches and fine-tuning jobs are always newest first).
+    orderable: bool,
 }
 
 /// The list APIs whose objects stay on the member that made them, with their defaults (OpenAI's
 /// API reference and Azure OpenAI's v1 reference: files 10,000 a page and the others 20; chat
 /// completions and evals oldest first, the others newest first).
 fn defaults(operation: OperationId) -> Option<ListDefaults> {
-    let (limit, descending) = match operation {
-        OperationId::FilesList => (10_000, true),
-        OperationId::BatchList
-        | OperationId::FineTuningList
-        | OperationId::ListAssistants
+    let (limit, descending, orderable) = match operation {
+        OperationId::FilesList => (10_000, true, true),
+        OperationId::BatchList | OperationId::FineTuningList => (20, true, false),
+        OperationId::ListAssistants
         | OperationId::ListVectorStores
-        | OperationId::ListContainers => (20, true),
-        OperationId::ListChatCompletions | OperationId::ListEvals => (20, false),
+        | OperationId::ListContainers => (20, true, true),
+        OperationId::ListChatCompletions | OperationId::ListEvals => (20, false, true),
         _ => return None,
     };
-    Some(ListDefaults { limit, descending })
+    Some(ListDefaults {
+        limit,
+        descending,
+        orderable,
+    })
 }
 
 /// Whether `call` is a list this module answers: a top-level list of objects that stay on their
@@ -91,16 +96,69 @@ pub(crate) fn merges(call: &Call, method: &Method, pool: &Pool) -> bool {
         && defaults(call.operation).is_some()
 }
 
+/// What a list is ordered by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SortKey {
+    /// `created_at` (a chat completion's `created`).
+    Created,
+    /// `updated_at` (evals listed with `order_by=updated_at`).
+    Updated,
+}
+
+impl SortKey {
+    /// An object's time by this key (Unix seconds; 0 when it has none).
+    fn time(self, item: &Value) -> f64 {
+        let field = match self {
+            SortKey::Created => item.get("created_at").or_else(|| item.get("created")),
+            SortKey::Updated => item.get("updated_at"),
+        };
+        field.and_then(Value::as_f64).unwrap_or(0.0)
+    }
+}
+
+/// The place in the merged order of the last object of a page: every object the next page holds
+/// comes after it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Boundary {
+    /// Its time by the list's key.
+    at: f64,
+    /// Its member's position in the pool.
+    member: usize,
+}
+
+impl Boundary {
+    /// Whether an object of time `item_time` of the member at `member` comes after the boundary
+    /// in the merged order (`descending`: newest first): not earlier by time, nor as old and of a
+    /// member listed first. A member's objects after its own standing come after the boundary,
+    /// unless they were made since the page was answered.
+    fn is_after(&self, item_time: f64, member: usize, descending: bool) -> bool {
+        let earlier = if descending {
+            item_time > self.at
+        } else {
+            item_time < self.at
+        };
+        !(earlier || (item_time == self.at && member < self.member))
+    }
+}
+
 /// Where a member stands after a page, for the next one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Standing {
     /// Its next objects come after this one of its own (from its start when `None`).
     After(Option<String>),
-    /// Every object of it was listed.
+    /// Every object of it was listed (newest-first lists only: an object made since would come
+    /// before the page).
     Done,
 }
 
-/// The cursors of pages answered with more to come: where each member stands after them.
+/// Where the members stand after a page answered with more to come.
+#[derive(Debug, Clone, PartialEq)]
+struct Cursor {
+    standings: Vec<Standing>,
+    boundary: Boundary,
+}
+
+/// The cursors of pages answered with more to come.
 #[derive(Debug, Default)]
 pub(crate) struct ListCursors {
     inner: Mutex<CursorMap>,
@@ -108,21 +166,21 @@ pub(crate) struct ListCursors {
 
 #[derive(Debug, Default)]
 struct CursorMap {
-    by_key: HashMap<String, (Instant, Vec<Standing>)>,
+    by_key: HashMap<String, (Instant, Cursor)>,
     /// Keys in the order they were kept, to drop the oldest.
     order: VecDeque<(Instant, String)>,
 }
 
 impl ListCursors {
-    fn get(&self, key: &str, now: Instant) -> Option<Vec<Standing>> {
+    fn get(&self, key: &str, now: Instant) -> Option<Cursor> {
         let map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         map.by_key
             .get(key)
             .filter(|(kept, _)| now.duration_since(*kept) < CURSOR_LIFETIME)
-            .map(|(_, standings)| standings.clone())
+            .map(|(_, cursor)| cursor.clone())
     }
 
-    fn keep(&self, key: String, standings: Vec<Standing>, now: Instant) {
+    fn keep(&self, key: String, cursor: Cursor, now: Instant) {
         let mut map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         while let Some((kept, _)) = map.order.front() {
             if map.order.len() < MAX_CURSORS && now.duration_since(*kept) < CURSOR_LIFETIME {
@@ -135,7 +193,7 @@ impl ListCursors {
             }
         }
         map.order.push_back((now, key.clone()));
-        map.by_key.insert(key, (now, standings));
+        map.by_key.insert(key, (now, cursor));
     }
 
     /// How many cursors are kept (for tests).
@@ -157,15 +215,21 @@ struct ListQuery {
     /// `limit` as the client gave it.
     limit: Option<u64>,
     descending: bool,
+    sort: SortKey,
 }
 
 impl ListQuery {
-    fn parse(query: Option<&str>, defaults: ListDefaults) -> Result<ListQuery, GatewayError> {
+    fn parse(
+        query: Option<&str>,
+        operation: OperationId,
+        defaults: ListDefaults,
+    ) -> Result<ListQuery, GatewayError> {
         let mut parsed = ListQuery {
             rest: Vec::new(),
             after: None,
             limit: None,
             descending: defaults.descending,
+            sort: SortKey::Created,
         };
         for (key, value) in query
             .into_iter()
@@ -180,8 +244,16 @@ impl ListQuery {
                         param: Some("limit"),
                     })?);
                 }
+                "before" => {
+                    return Err(GatewayError::BadRequest {
+                        message: "This list is kept by several backends and is paged forward \
+                                  only: use `after` (or `order`) instead of `before`."
+                            .to_owned(),
+                        param: Some("before"),
+                    });
+                }
                 _ => {
-                    if key == "order" {
+                    if key == "order" && defaults.orderable {
                         parsed.descending = match value.as_ref() {
                             "desc" => true,
                             "asc" => false,
@@ -189,6 +261,19 @@ impl ListQuery {
                                 return Err(GatewayError::BadRequest {
                                     message: "`order` must be `asc` or `desc`.".to_owned(),
                                     param: Some("order"),
+                                });
+                            }
+                        };
+                    }
+                    if key == "order_by" && operation == OperationId::ListEvals {
+                        parsed.sort = match value.as_ref() {
+                            "created_at" => SortKey::Created,
+                            "updated_at" => SortKey::Updated,
+                            _ => {
+                                return Err(GatewayError::BadRequest {
+                                    message: "`order_by` must be `created_at` or `updated_at`."
+                                        .to_owned(),
+                                    param: Some("order_by"),
                                 });
                             }
                         };
@@ -212,6 +297,11 @@ impl ListQuery {
         }
         query.finish()
     }
+
+    /// The time of `item` by the list's key.
+    fn time(&self, item: &Value) -> f64 {
+        self.sort.time(item)
+    }
 }
 
 /// One member's list, as read.
@@ -220,6 +310,9 @@ struct MemberList {
     has_more: bool,
     /// The answer's other members (`object`, `first_id`, …).
     fields: Map<String, Value>,
+    /// The last of the objects left out for coming before the page's boundary (made since the
+    /// last page), which the member's standing moves past.
+    skipped: Option<String>,
 }
 
 /// Why a list could not be merged.
@@ -241,6 +334,7 @@ struct Lister<'a> {
     gateway: &'a Arc<Gateway>,
     call: &'a Call,
     pool: &'a Pool,
+    query: ListQuery,
     /// The client's `OpenAI-Beta` (OpenAI answers an Assistants list without `assistants=v2`
     /// with 400).
     beta: HeaderMap,
@@ -258,7 +352,7 @@ pub(crate) async fn forward(
     let Some(defaults) = defaults(call.operation) else {
         return Err(GatewayError::Internal);
     };
-    let query = ListQuery::parse(parts.uri.query(), defaults)?;
+    let query = ListQuery::parse(parts.uri.query(), call.operation, defaults)?;
     let mut beta = HeaderMap::new();
     if let Some(value) = parts.headers.get("openai-beta") {
         beta.insert("openai-beta", value.clone());
@@ -267,10 +361,11 @@ pub(crate) async fn forward(
         gateway,
         call: &call,
         pool,
+        query,
         beta,
         request_id: proxy::request_id(record).map(str::to_owned),
     };
-    let page = match lister.page(&query, defaults, record).await {
+    let page = match lister.page(defaults, record).await {
         Ok(page) => page,
         Err(Stopped::Error(error)) => return Err(error),
         Err(Stopped::Refused(member, response)) => {
@@ -291,36 +386,38 @@ impl Lister<'_> {
     /// The merged page, as the JSON text the client gets.
     async fn page(
         &self,
-        query: &ListQuery,
         defaults: ListDefaults,
         record: &mut Option<CallRecord>,
     ) -> Result<Bytes, Stopped> {
+        let query = &self.query;
         let now = Instant::now();
         // A member set aside is not asked: its part of the list cannot be had now.
-        for member in &self.pool.members {
-            if let Some((_, wait)) = member.health.set_aside_state(now) {
-                return Err(GatewayError::ListIncomplete {
-                    retry_after: Some(wait),
-                }
-                .into());
+        let set_aside = self
+            .pool
+            .members
+            .iter()
+            .filter_map(|member| member.health.set_aside_state(now).map(|(_, wait)| wait))
+            .max();
+        if let Some(wait) = set_aside {
+            return Err(GatewayError::ListIncomplete {
+                retry_after: Some(wait),
             }
+            .into());
         }
         if let Some(record) = record.as_mut() {
             record.backend_started.get_or_insert(now);
             record.record.backend_id = Some(self.pool.members[0].config.id.clone());
         }
-        let standings = match &query.after {
-            None => vec![Standing::After(None); self.pool.members.len()],
-            Some(after) => match self
-                .gateway
-                .list_cursors
-                .get(&self.cursor_key(query, after), now)
-            {
-                Some(standings) => standings,
-                None => self.place(query, after, record).await?,
+        let (standings, boundary) = match &query.after {
+            None => (vec![Standing::After(None); self.pool.members.len()], None),
+            Some(after) => match self.gateway.list_cursors.get(&self.cursor_key(after), now) {
+                Some(cursor) => (cursor.standings, Some(cursor.boundary)),
+                None => {
+                    let cursor = self.place(after, record).await?;
+                    (cursor.standings, Some(cursor.boundary))
+                }
             },
         };
-        let mut lists = Vec::with_capacity(standings.len());
         // Every member at once: the list takes as long as its slowest member, not their sum.
         let reads = self
             .pool
@@ -332,53 +429,107 @@ impl Lister<'_> {
                 let read = match standing {
                     Standing::Done => Ok(None),
                     Standing::After(after) => {
-                        let query = query.for_member(query.limit, after.as_deref());
-                        self.list(member, &query, after.as_deref()).await.map(Some)
+                        self.page_of(member, after.as_deref()).await.map(Some)
                     }
                 };
                 (read, millis(started.elapsed()))
             });
         let read = futures::future::join_all(reads).await;
-        let mut took = Vec::with_capacity(read.len());
-        for (member, (read, elapsed_ms)) in self.pool.members.iter().zip(read) {
+        let mut lists = Vec::with_capacity(read.len());
+        let mut standings = standings;
+        let mut failed: Option<Stopped> = None;
+        for (index, (read, elapsed_ms)) in read.into_iter().enumerate() {
+            let member = &self.pool.members[index];
+            let read = match (read, boundary, &standings[index]) {
+                // The object a member's standing names was deleted since the last page: the
+                // member is placed again from the page's boundary.
+                (Err(MemberRead::Refused(_)), Some(boundary), Standing::After(Some(_))) => {
+                    match self.place_member(index, boundary).await {
+                        Ok(standing) => {
+                            standings[index] = standing.clone();
+                            match standing {
+                                Standing::Done => Ok(None),
+                                Standing::After(after) => {
+                                    self.page_of(member, after.as_deref()).await.map(Some)
+                                }
+                            }
+                        }
+                        Err(read) => Err(read),
+                    }
+                }
+                (read, _, _) => read,
+            };
             match read {
                 Ok(list) => {
+                    if list.is_some() {
+                        self.gateway
+                            .metrics
+                            .backend_attempt(&member.config.id, "answered");
+                        proxy::note_attempt(record, member, Some(200), elapsed_ms, None);
+                    }
                     lists.push(list);
-                    took.push(elapsed_ms);
                 }
-                Err(stop) => return Err(self.stop(member, stop, record)),
+                Err(read) => {
+                    let stopped = self.stop(member, read, record);
+                    // Every failed member is set aside and recorded; the first refusal, or the
+                    // longest wait, answers.
+                    failed = Some(match (failed, stopped) {
+                        (Some(Stopped::Refused(m, r)), _) | (_, Stopped::Refused(m, r)) => {
+                            Stopped::Refused(m, r)
+                        }
+                        (
+                            Some(Stopped::Error(GatewayError::ListIncomplete { retry_after: a })),
+                            Stopped::Error(GatewayError::ListIncomplete { retry_after: b }),
+                        ) => Stopped::Error(GatewayError::ListIncomplete {
+                            retry_after: a.max(b),
+                        }),
+                        (_, stopped) => stopped,
+                    });
+                }
             }
         }
-        for ((member, list), elapsed_ms) in self.pool.members.iter().zip(&lists).zip(took) {
-            if list.is_some() {
-                self.gateway
-                    .metrics
-                    .backend_attempt(&member.config.id, "answered");
-                proxy::note_attempt(record, member, Some(200), elapsed_ms, None);
+        if let Some(failed) = failed {
+            return Err(failed);
+        }
+        if let Some(boundary) = boundary {
+            for (index, list) in lists.iter_mut().enumerate() {
+                if let Some(list) = list {
+                    leave_out_before(list, boundary, index, query);
+                }
             }
         }
         let limit = query.limit.unwrap_or(defaults.limit);
-        let merged = merge(&lists, &standings, limit, query.descending);
+        let merged = merge(&lists, &standings, limit, query);
         if merged.more
-            && let Some(last) = merged.items.last().and_then(object_id)
+            && let Some((last, member)) = merged.last.as_ref()
         {
-            self.gateway.list_cursors.keep(
-                self.cursor_key(query, last),
-                merged.standings.clone(),
-                Instant::now(),
-            );
+            let cursor = Cursor {
+                standings: merged.standings.clone(),
+                boundary: Boundary {
+                    at: merged.items.last().map_or(0.0, |item| query.time(item)),
+                    member: *member,
+                },
+            };
+            self.gateway
+                .list_cursors
+                .keep(self.cursor_key(last), cursor, Instant::now());
         }
         Ok(Bytes::from(merged.into_answer(&lists).to_string()))
     }
 
+    /// A page of `member`'s list after its own object `after` (from its start when `None`).
+    async fn page_of(
+        &self,
+        member: &Member,
+        after: Option<&str>,
+    ) -> Result<MemberList, MemberRead<()>> {
+        let page_query = self.query.for_member(self.query.limit, after);
+        self.list(member, &page_query, after).await
+    }
+
     /// Where each member stands after the object `after`, read from the members: for a cursor
     /// of a page this gateway did not answer (another replica's, or one from before a restart).
-    async fn place(
-        &self,
-        query: &ListQuery,
-        after: &str,
-        record: &mut Option<CallRecord>,
-    ) -> Result<Vec<Standing>, Stopped> {
+    async fn place(&self, after: &str, record: &mut Option<CallRecord>) -> Result<Cursor, Stopped> {
         let unknown = || {
             Stopped::Error(GatewayError::BadRequest {
                 message: format!(
@@ -397,81 +548,76 @@ impl Lister<'_> {
             .position(|member| member.config.id == holder_id)
             .ok_or_else(unknown)?;
         let member = &self.pool.members[holder];
-        let object = match self.read(member, Some(after), "").await {
+        let object = match self
+            .read(member, Some(after), &self.query.for_member(None, None))
+            .await
+        {
             Ok(object) => object,
-            Err(stop) => return Err(self.stop(member, stop, record)),
+            Err(read) => return Err(self.stop(member, read, record)),
         };
-        let at = created(&object);
+        let boundary = Boundary {
+            at: self.query.time(&object),
+            member: holder,
+        };
         let mut standings = Vec::with_capacity(self.pool.members.len());
         for (index, member) in self.pool.members.iter().enumerate() {
             if index == holder {
                 standings.push(Standing::After(Some(after.to_owned())));
                 continue;
             }
-            // Comes before `after` in the merged order: newer (older, ascending), or as old and
-            // of a member listed first.
-            let before = |item: &Value| {
-                let time = created(item);
-                let earlier = if query.descending {
-                    time > at
-                } else {
-                    time < at
-                };
-                earlier || (time == at && index < holder)
-            };
-            let mut standing = None;
-            let mut last: Option<String> = None;
-            for _ in 0..PLACEMENT_PAGES {
-                let page_query = query.for_member(Some(PLACEMENT_PAGE), last.as_deref());
-                let list = match self.list(member, &page_query, last.as_deref()).await {
-                    Ok(list) => list,
-                    Err(stop) => return Err(self.stop(member, stop, record)),
-                };
-                let mut reached = false;
-                for item in &list.items {
-                    if !before(item) {
-                        reached = true;
-                        break;
-                    }
-                    if let Some(id) = object_id(item) {
-                        last = Some(id.to_owned());
-                    }
+            match self.place_member(index, boundary).await {
+                Ok(standing) => standings.push(standing),
+                Err(read) => return Err(self.stop(member, read, record)),
+            }
+        }
+        Ok(Cursor {
+            standings,
+            boundary,
+        })
+    }
+
+    /// Where the member at `index` stands after `boundary`: its last object before it, read from
+    /// its start (at most [`PLACEMENT_PAGES`] pages).
+    async fn place_member(
+        &self,
+        index: usize,
+        boundary: Boundary,
+    ) -> Result<Standing, MemberRead<()>> {
+        let member = &self.pool.members[index];
+        let mut last: Option<String> = None;
+        for _ in 0..PLACEMENT_PAGES {
+            let page_query = self.query.for_member(Some(PLACEMENT_PAGE), last.as_deref());
+            let list = self.list(member, &page_query, last.as_deref()).await?;
+            for item in &list.items {
+                if boundary.is_after(self.query.time(item), index, self.query.descending) {
+                    return Ok(Standing::After(last));
                 }
-                if reached {
-                    standing = Some(Standing::After(last.clone()));
-                    break;
-                }
-                if !list.has_more || list.items.is_empty() {
-                    standing = Some(Standing::Done);
-                    break;
+                if let Some(id) = object_id(item) {
+                    last = Some(id.to_owned());
                 }
             }
-            let Some(standing) = standing else {
-                return Err(Stopped::Error(GatewayError::BadRequest {
-                    message: format!(
-                        "The list cannot be resumed after {}: this gateway no longer holds where that page ended, and the backends hold more than {} objects before it. List again from the start.",
-                        truncated(after),
-                        PLACEMENT_PAGE * PLACEMENT_PAGES as u64
-                    ),
-                    param: Some("after"),
-                }));
-            };
-            standings.push(standing);
+            if !list.has_more || list.items.is_empty() {
+                return Ok(if self.query.descending {
+                    Standing::Done
+                } else {
+                    Standing::After(last)
+                });
+            }
         }
-        Ok(standings)
+        Err(MemberRead::Refused(Box::new(too_deep())))
     }
 
     /// The key a page's cursor is kept under: the pool and its members (a push that changes them
     /// makes every cursor be placed again), the operation, the client's other parameters, and
     /// the page's last object.
-    fn cursor_key(&self, query: &ListQuery, last: &str) -> String {
+    fn cursor_key(&self, last: &str) -> String {
         let members: Vec<&str> = self
             .pool
             .members
             .iter()
             .map(|member| member.config.id.as_str())
             .collect();
-        let rest = query.for_member(None, None);
+        let rest = self.query.for_member(None, None);
         [
             self.pool.id.as_str(),
             &members.join(","),
@@ -492,10 +638,10 @@ impl Lister<'_> {
     ) -> Result<MemberList, MemberRead<()>> {
         let answer = self.read(member, None, query).await?;
         let Value::Object(mut fields) = answer else {
-            return Err(MemberRead::cut("bad_list_answer", StatusCode::OK));
+            return Err(MemberRead::cut(BAD_LIST_ANSWER, StatusCode::OK));
         };
         let Some(Value::Array(mut items)) = fields.remove("data") else {
-            return Err(MemberRead::cut("bad_list_answer", StatusCode::OK));
+            return Err(MemberRead::cut(BAD_LIST_ANSWER, StatusCode::OK));
         };
         if let Some(after) = after
             && let Some(position) = items.iter().position(|item| object_id(item) == Some(after))
@@ -510,6 +656,7 @@ impl Lister<'_> {
             items,
             has_more,
             fields,
+            skipped: None,
         })
     }
 
@@ -531,9 +678,9 @@ impl Lister<'_> {
         })?;
         let ops = self.call.op_path.iter().map(String::as_str).chain(object);
         let url = proxy::member_url(member, self.call, ops, Some(query))
-            .map_err(|_| MemberRead::cut("invalid_uri", StatusCode::OK))?;
-        let uri =
-            http::Uri::try_from(url).map_err(|_| MemberRead::cut("invalid_uri", StatusCode::OK))?;
+            .map_err(|_| MemberRead::cut(BAD_LIST_ANSWER, StatusCode::OK))?;
+        let uri = http::Uri::try_from(url)
+            .map_err(|_| MemberRead::cut(BAD_LIST_ANSWER, StatusCode::OK))?;
         let headers = proxy::upstream_headers(&self.beta, credential, self.request_id.as_deref());
         let response = match member_read::get(member, uri, headers).await {
             MemberRead::Read(response) => response,
@@ -557,7 +704,7 @@ impl Lister<'_> {
             match member_read::next_chunk(member, &mut body).await {
                 Ok(Some(chunk)) => {
                     if bytes.len() + chunk.len() > MAX_LIST_BYTES {
-                        return Err(MemberRead::cut("list_too_large", status));
+                        return Err(MemberRead::cut(LIST_TOO_LARGE, status));
                     }
                     bytes.extend_from_slice(&chunk);
                 }
@@ -565,11 +712,12 @@ impl Lister<'_> {
                 Err(()) => return Err(MemberRead::cut("backend_stream_failed", status)),
             }
         }
-        serde_json::from_slice(&bytes).map_err(|_| MemberRead::cut("bad_list_answer", status))
+        serde_json::from_slice(&bytes).map_err(|_| MemberRead::cut(BAD_LIST_ANSWER, status))
     }
 
-    /// What a member's failed read makes of the list call: the member set aside and the list
-    /// refused (503), or the member's refusal relayed.
+    /// What a member's failed read makes of the list call: the member set aside (unless it
+    /// answered, with something that is no list) and the list refused (503), or the member's
+    /// refusal relayed.
     fn stop(
         &self,
         member: &Arc<Member>,
@@ -583,16 +731,26 @@ impl Lister<'_> {
                 status,
                 wait,
             } => {
+                let status = status.map(|s| s.as_u16());
+                if matches!(reason, BAD_LIST_ANSWER | LIST_TOO_LARGE) {
+                    // It answered: it is not set aside for calls of other kinds.
+                    tracing::warn!(backend = %member.config.id, reason, "a backend's part of a merged list could not be read");
+                    self.gateway
+                        .metrics
+                        .backend_attempt(&member.config.id, reason);
+                    proxy::note_attempt(record, member, status, 0, Some(reason));
+                    return Stopped::Error(GatewayError::ListIncomplete { retry_after: None });
+                }
                 tracing::warn!(backend = %member.config.id, reason, "a backend's part of a merged list could not be read; member set aside");
                 let mut throttled = None;
-                FailedAttempt::new(status.map(|s| s.as_u16()), wait, reason, 0).set_aside(
+                FailedAttempt::new(status, wait, reason, 0).set_aside(
                     self.gateway,
                     member,
                     record,
                     &mut throttled,
                 );
                 Stopped::Error(GatewayError::ListIncomplete {
-                    retry_after: throttled,
+                    retry_after: Some(wait),
                 })
             }
             MemberRead::Refused(response) => {
@@ -609,10 +767,58 @@ impl Lister<'_> {
     }
 }
 
+/// A member's answer that is no list (not JSON, no `data` array).
+const BAD_LIST_ANSWER: &str = "bad_list_answer";
+
+/// A member's list answer larger than [`MAX_LIST_BYTES`].
+const LIST_TOO_LARGE: &str = "list_too_large";
+
+/// The answer to a cursor that cannot be placed within [`PLACEMENT_PAGES`] pages of a member.
+fn too_deep() -> http::Response<UpstreamBody> {
+    let body = serde_json::json!({
+        "error": {
+            "code": "invalid_request_error",
+            "message": format!(
+                "The list cannot be resumed at this `after`: this gateway no longer holds where that page ended, and a backend holds more than {} objects before it. List again from the start.",
+                PLACEMENT_PAGE * PLACEMENT_PAGES as u64
+            ),
+            "type": "invalid_request_error",
+            "param": "after",
+        }
+    });
+    let mut response =
+        http::Response::new(UpstreamBody::Whole(Some(Bytes::from(body.to_string()))));
+    *response.status_mut() = StatusCode::BAD_REQUEST;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// Leaves out of `list` (of the member at `member`) the objects at its start that come before
+/// `boundary`: made since the last page, they would come before it in the merged order.
+fn leave_out_before(list: &mut MemberList, boundary: Boundary, member: usize, query: &ListQuery) {
+    let before = list
+        .items
+        .iter()
+        .take_while(|item| !boundary.is_after(query.time(item), member, query.descending))
+        .count();
+    if before > 0 {
+        list.skipped = list.items[before - 1]
+            .get("id")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        list.items.drain(..before);
+    }
+}
+
 /// A merged page.
 struct Merged {
     /// The page's objects, in order.
     items: Vec<Value>,
+    /// The id of the page's last object and its member's position.
+    last: Option<(String, usize)>,
     /// Whether objects come after the page.
     more: bool,
     /// Where each member stands after the page.
@@ -660,7 +866,7 @@ fn merge(
     lists: &[Option<MemberList>],
     standings: &[Standing],
     limit: u64,
-    descending: bool,
+    query: &ListQuery,
 ) -> Merged {
     let empty = Vec::new();
     let items: Vec<&Vec<Value>> = lists
@@ -669,17 +875,18 @@ fn merge(
         .collect();
     let mut next = vec![0_usize; lists.len()];
     let mut page = Vec::new();
+    let mut last = None;
     while (page.len() as u64) < limit {
         let mut best: Option<(usize, f64)> = None;
         for (member, list) in items.iter().enumerate() {
             let Some(item) = list.get(next[member]) else {
                 continue;
             };
-            let time = created(item);
+            let time = query.time(item);
             let first = match best {
                 None => true,
                 Some((_, best_time)) => {
-                    if descending {
+                    if query.descending {
                         time > best_time
                     } else {
                         time < best_time
@@ -693,7 +900,9 @@ fn merge(
         let Some((member, _)) = best else {
             break;
         };
-        page.push(items[member][next[member]].clone());
+        let item = items[member][next[member]].clone();
+        last = object_id(&item).map(|id| (id.to_owned(), member));
+        page.push(item);
         next[member] += 1;
     }
     let mut more = false;
@@ -707,10 +916,13 @@ fn merge(
             };
             let left = next[member] < list.items.len() || list.has_more;
             more |= left;
-            if !left {
+            if !left && query.descending {
+                // Anything it makes from now on comes before this page.
                 Standing::Done
             } else if next[member] > 0 {
                 Standing::After(object_id(&list.items[next[member] - 1]).map(str::to_owned))
+            } else if let Some(skipped) = &list.skipped {
+                Standing::After(Some(skipped.clone()))
             } else {
                 standing.clone()
             }
@@ -718,17 +930,10 @@ fn merge(
         .collect();
     Merged {
         items: page,
+        last,
         more,
         standings,
     }
-}
-
-/// When an object was made: `created_at`, or a chat completion's `created` (Unix seconds).
-fn created(item: &Value) -> f64 {
-    item.get("created_at")
-        .or_else(|| item.get("created"))
-        .and_then(Value::as_f64)
-        .unwrap_or(0.0)
 }
 
 fn object_id(item: &Value) -> Option<&str> {
@@ -757,12 +962,29 @@ mod tests {
                 .collect(),
             has_more,
             fields: Map::new(),
+            skipped: None,
         })
     }
 
     fn ids(merged: &Merged) -> Vec<&str> {
         merged.items.iter().filter_map(object_id).collect()
     }
+
+    fn query(descending: bool) -> ListQuery {
+        ListQuery {
+            rest: Vec::new(),
+            after: None,
+            limit: None,
+            descending,
+            sort: SortKey::Created,
+        }
+    }
+
+    const FILES: ListDefaults = ListDefaults {
+        limit: 20,
+        descending: true,
+        orderable: true,
+    };
 
     #[test]
     fn lists_merge_newest_first_and_keep_each_members_place() {
@@ -771,9 +993,10 @@ mod tests {
             list(&[("b3", 30), ("b2", 25), ("b1", 5)], true),
         ];
         let from_start = [Standing::After(None), Standing::After(None)];
-        let merged = merge(&lists, &from_start, 4, true);
+        let merged = merge(&lists, &from_start, 4, &query(true));
         // Equal times: the pool's first member first.
         assert_eq!(ids(&merged), ["a3", "b3", "b2", "a2"]);
+        assert_eq!(merged.last, Some(("a2".to_owned(), 0)));
         assert!(merged.more);
         assert_eq!(
             merged.standings,
@@ -782,7 +1005,7 @@ mod tests {
                 Standing::After(Some("b2".to_owned()))
             ]
         );
-        let merged = merge(&lists, &from_start, 10, true);
+        let merged = merge(&lists, &from_start, 10, &query(true));
         assert_eq!(ids(&merged), ["a3", "b3", "b2", "a2", "a1", "b1"]);
         // The second member said it has more: the list is not over.
         assert!(merged.more);
@@ -802,7 +1025,7 @@ mod tests {
             Standing::After(Some("a3".to_owned())),
             Standing::After(Some("b2".to_owned())),
         ];
-        let merged = merge(&lists, &standings, 1, true);
+        let merged = merge(&lists, &standings, 1, &query(true));
         assert_eq!(ids(&merged), ["a2"]);
         assert_eq!(
             merged.standings,
@@ -811,12 +1034,54 @@ mod tests {
                 Standing::After(Some("b2".to_owned()))
             ]
         );
-        // Oldest first, and a member listed whole earlier.
+        // Oldest first: a member listed whole is asked again (what it makes next comes after
+        // the page).
         let lists = [list(&[("a1", 10), ("a2", 20)], false), None];
-        let merged = merge(&lists, &[Standing::After(None), Standing::Done], 5, false);
+        let merged = merge(
+            &lists,
+            &[Standing::After(None), Standing::Done],
+            5,
+            &query(false),
+        );
         assert_eq!(ids(&merged), ["a1", "a2"]);
         assert!(!merged.more);
-        assert_eq!(merged.standings, [Standing::Done, Standing::Done]);
+        assert_eq!(
+            merged.standings,
+            [Standing::After(Some("a2".to_owned())), Standing::Done]
+        );
+    }
+
+    #[test]
+    fn objects_made_since_the_last_page_are_left_out_and_passed() {
+        // The last page ended at b's object of time 20; a has made a new one (40) since.
+        let boundary = Boundary {
+            at: 20.0,
+            member: 1,
+        };
+        let mut a = list(&[("a9", 40), ("a2", 20), ("a1", 10)], false).unwrap();
+        leave_out_before(&mut a, boundary, 0, &query(true));
+        // a2 (as old, of a member listed first) was on an earlier page.
+        let kept: Vec<&str> = a.items.iter().filter_map(object_id).collect();
+        assert_eq!(kept, ["a1"]);
+        assert_eq!(a.skipped.as_deref(), Some("a2"));
+        let mut b = list(&[("b2", 20), ("b1", 15)], false).unwrap();
+        leave_out_before(&mut b, boundary, 2, &query(true));
+        assert_eq!(
+            b.items.len(),
+            2,
+            "as old, of a member listed after: not yet listed"
+        );
+        let merged = merge(
+            &[Some(a), list(&[], false)],
+            &[Standing::After(None), Standing::After(Some("x".to_owned()))],
+            0,
+            &query(true),
+        );
+        assert_eq!(
+            merged.standings[0],
+            Standing::After(Some("a2".to_owned())),
+            "the left-out objects are passed"
+        );
     }
 
     #[test]
@@ -832,7 +1097,7 @@ mod tests {
             &lists,
             &[Standing::After(None), Standing::After(None)],
             20,
-            true,
+            &query(true),
         );
         let answer = merged.into_answer(&lists);
         assert_eq!(answer["data"].as_array().unwrap().len(), 2);
@@ -844,43 +1109,57 @@ mod tests {
 
     #[test]
     fn list_parameters_are_read_and_checked() {
-        let defaults = ListDefaults {
-            limit: 20,
-            descending: true,
-        };
-        let query = ListQuery::parse(
+        let parsed = ListQuery::parse(
             Some("api-version=1&limit=5&after=f%201&order=asc&purpose=batch"),
-            defaults,
+            OperationId::FilesList,
+            FILES,
         )
         .ok()
         .unwrap();
-        assert_eq!(query.limit, Some(5));
-        assert_eq!(query.after.as_deref(), Some("f 1"));
-        assert!(!query.descending);
+        assert_eq!(parsed.limit, Some(5));
+        assert_eq!(parsed.after.as_deref(), Some("f 1"));
+        assert!(!parsed.descending);
         assert_eq!(
-            query.for_member(Some(7), Some("x&y")),
+            parsed.for_member(Some(7), Some("x&y")),
             "api-version=1&order=asc&purpose=batch&limit=7&after=x%26y"
         );
-        for bad in ["limit=0", "limit=ten", "order=sideways"] {
-            assert!(ListQuery::parse(Some(bad), defaults).is_err(), "{bad}");
+        for bad in ["limit=0", "limit=ten", "order=sideways", "before=file-1"] {
+            assert!(
+                ListQuery::parse(Some(bad), OperationId::FilesList, FILES).is_err(),
+                "{bad}"
+            );
         }
+        // Batches are always newest first, whatever `order` says.
+        let batches = defaults(OperationId::BatchList).unwrap();
+        let parsed = ListQuery::parse(Some("order=asc"), OperationId::BatchList, batches)
+            .ok()
+            .unwrap();
+        assert!(parsed.descending);
+        // Evals ordered by their last update.
+        let evals = defaults(OperationId::ListEvals).unwrap();
+        let parsed = ListQuery::parse(Some("order_by=updated_at"), OperationId::ListEvals, evals)
+            .ok()
+            .unwrap();
+        assert_eq!(parsed.sort, SortKey::Updated);
+        assert_eq!(parsed.time(&json!({"created_at": 1, "updated_at": 9})), 9.0);
+        assert!(ListQuery::parse(Some("order_by=name"), OperationId::ListEvals, evals).is_err());
     }
 
     #[test]
     fn cursors_are_kept_for_an_hour_and_the_oldest_go_first() {
         let cursors = ListCursors::default();
         let start = Instant::now();
-        cursors.keep("a".to_owned(), vec![Standing::Done], start);
-        assert_eq!(cursors.get("a", start), Some(vec![Standing::Done]));
+        let cursor = Cursor {
+            standings: vec![Standing::Done],
+            boundary: Boundary { at: 1.0, member: 0 },
+        };
+        cursors.keep("a".to_owned(), cursor.clone(), start);
+        assert_eq!(cursors.get("a", start), Some(cursor.clone()));
         assert_eq!(cursors.get("a", start + CURSOR_LIFETIME), None);
-        cursors.keep(
-            "b".to_owned(),
-            vec![Standing::Done],
-            start + CURSOR_LIFETIME,
-        );
+        cursors.keep("b".to_owned(), cursor.clone(), start + CURSOR_LIFETIME);
         assert_eq!(cursors.len(), 1, "the expired cursor was dropped");
         for n in 0..MAX_CURSORS + 5 {
-            cursors.keep(n.to_string(), vec![Standing::Done], start + CURSOR_LIFETIME);
+            cursors.keep(n.to_string(), cursor.clone(), start + CURSOR_LIFETIME);
         }
         assert_eq!(cursors.len(), MAX_CURSORS);
         assert_eq!(cursors.get("0", start + CURSOR_LIFETIME), None);

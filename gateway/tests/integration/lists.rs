@@ -16,24 +16,26 @@ const BATCHES: &str = "/openai/batches?api-version=2024-10-21";
 /// `created_at` from the clock both members share, one second a batch) and lists them as
 /// OpenAI's and Azure OpenAI's batch API does (OpenAI's API reference, "List batch"; Azure
 /// OpenAI's REST reference, Batch - List): newest first, `limit` (default 20), `after` (the
-/// batches after that one), and `object`, `data`, `first_id`, `last_id`, `has_more`. `GET
-/// /openai/batches/{id}` answers one of its own. A list while `fail` holds a status is answered
-/// with that status (a 429 with `retry-after-ms: 4000`).
+/// batches after that one; 404 when it holds no such batch), and `object`, `data`, `first_id`,
+/// `last_id`, `has_more`. `GET /openai/batches/{id}` answers one of its own. A list while `fail`
+/// holds a status is answered with that status (a 429 with `retry-after-ms: 4000`). `made` is
+/// what it holds: a test may take a batch out, as a backend does with one that expired.
 struct BatchMember {
     url: String,
     lists: Arc<AtomicUsize>,
     fail: Arc<AtomicU16>,
+    made: Arc<Mutex<Vec<Value>>>,
 }
 
 async fn batch_member(name: &'static str, clock: Arc<AtomicI64>) -> BatchMember {
     let made: Arc<Mutex<Vec<Value>>> = Arc::default();
     let lists = Arc::new(AtomicUsize::new(0));
     let fail = Arc::new(AtomicU16::new(0));
-    let (counted, failing) = (Arc::clone(&lists), Arc::clone(&fail));
+    let (counted, failing, held) = (Arc::clone(&lists), Arc::clone(&fail), Arc::clone(&made));
     let app = axum::Router::new().fallback(
         move |method: http::Method, uri: http::Uri| {
             let (made, clock, lists, fail) = (
-                Arc::clone(&made),
+                Arc::clone(&held),
                 Arc::clone(&clock),
                 Arc::clone(&counted),
                 Arc::clone(&failing),
@@ -88,11 +90,16 @@ async fn batch_member(name: &'static str, clock: Arc<AtomicI64>) -> BatchMember 
                             made.lock().unwrap().iter().rev().cloned().collect();
                         let start = match param("after") {
                             Some(after) => {
-                                newest_first
-                                    .iter()
-                                    .position(|b| b["id"] == after.as_str())
-                                    .expect("`after` names one of this member's batches")
-                                    + 1
+                                match newest_first.iter().position(|b| b["id"] == after.as_str()) {
+                                    Some(position) => position + 1,
+                                    None => {
+                                        return (
+                                            http::StatusCode::NOT_FOUND,
+                                            axum::Json(json!({"error": {"code": "not_found", "message": format!("No batch found with id '{after}'.")}})),
+                                        )
+                                            .into_response();
+                                    }
+                                }
                             }
                             None => 0,
                         };
@@ -122,7 +129,12 @@ async fn batch_member(name: &'static str, clock: Arc<AtomicI64>) -> BatchMember 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    BatchMember { url, lists, fail }
+    BatchMember {
+        url,
+        lists,
+        fail,
+        made,
+    }
 }
 
 /// Two batch members sharing a clock, and a snapshot whose resource pool holds both.
@@ -295,4 +307,43 @@ async fn a_list_is_answered_whole_or_not_at_all() {
     let (status, refused) = list_page(&gw, "&limit=5").await;
     assert_eq!(status, 400, "{refused}");
     assert_eq!(refused["error"]["message"], "Invalid value for 'limit'.");
+}
+
+/// A batch made while a client pages through the list is newer than every page: it does not
+/// turn up in the middle of the pages (a single member's list would not show it either), and a
+/// member whose standing object is gone since the last page is placed again, so that no batch is
+/// listed twice or skipped.
+#[tokio::test]
+async fn pages_stay_in_order_while_objects_come_and_go() {
+    let (a, b, config) = two_members().await;
+    let gw = TestGateway::start(config).await;
+    let made = make_batches(&gw, 8).await;
+    let (status, first) = list_page(&gw, "&limit=3").await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(ids(&first), made[..3]);
+    // Made now: newer than everything listed.
+    let newer = make_batches_once(&gw).await;
+    // The standing object of one member (its last batch on the page) is gone.
+    let gone = ids(&first)[2].clone();
+    let holder = if gone.starts_with("batch_a_") { &a } else { &b };
+    holder
+        .made
+        .lock()
+        .unwrap()
+        .retain(|batch| batch["id"] != gone.as_str());
+    let rest = every_page(&gw, 2, first["last_id"].as_str().map(str::to_owned)).await;
+    assert_eq!(rest, made[3..], "made since: {newer}");
+}
+
+/// Makes one batch through `gw`; returns its id.
+async fn make_batches_once(gw: &TestGateway) -> String {
+    let created = gw
+        .post(BATCHES)
+        .json(&json!({"input_file_id": "file-1", "endpoint": "/chat/completions", "completion_window": "24h"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 200);
+    let created: Value = created.json().await.unwrap();
+    created["id"].as_str().unwrap().to_owned()
 }
