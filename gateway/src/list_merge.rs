@@ -8,18 +8,23 @@
 //! or the API's default says otherwise; for equal times the pool's member order, and each
 //! member's own order kept) and cut at `limit`. `has_more`, `first_id` and `last_id` describe the
 //! merged page, so that the SDKs' pagination (`after` = the last id of a page) works unchanged.
+//! Members are sent the list's `order` and `limit` explicitly, and a member whose objects run
+//! out on a page while it has more is read further before the page goes on, so that the merge
+//! never has to guess where its next object goes.
 //!
 //! The next page starts where each member's part of the last one ended. The gateway keeps, for
-//! an hour, where each member stands after each page it answered with more to come
-//! ([`ListCursors`]). A cursor it does not hold (another replica answered that page, or the
-//! gateway restarted) is placed again from the object it names: the member holding that object
-//! (the object map) goes on after it, and each other member is read from its start up to the
-//! first object that comes after it in the merged order (at most [`PLACEMENT_PAGES`] pages of
-//! [`PLACEMENT_PAGE`] objects each).
+//! an hour, where each member stands after each page it answered with more to come, and the
+//! place of the page's last object ([`ListCursors`]). Objects a member made since (they come
+//! before that place) are passed, as one member's own paging would; a member whose last listed
+//! object is gone since is placed again from that place. A cursor the gateway does not hold
+//! (another replica answered that page, or the gateway restarted) is placed from the object it
+//! names: the member holding that object (the object map) goes on after it, and each other
+//! member is read from its start up to the first object that comes after it in the merged order
+//! (at most [`PLACEMENT_PAGES`] pages of [`PLACEMENT_PAGE`] objects each).
 //!
 //! A member that cannot be read (set aside, throttled, failing, unreachable) fails the whole
-//! list, 503 with the member's wait when it gave one: a list with one member's objects missing
-//! would look complete. A member's refusal (400 for a bad parameter, …) is the answer, as it came.
+//! list, 503 with the member's wait: a list with one member's objects missing would look
+//! complete. A member's refusal (400 for a bad parameter, …) is the answer, as it came.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -53,35 +58,47 @@ const PLACEMENT_PAGE: u64 = 100;
 /// The most pages read from one member to place a cursor.
 const PLACEMENT_PAGES: usize = 50;
 
-/// The largest list answer read from a member.
-const MAX_LIST_BYTES: usize = 64 << 20;
+/// The most pages read from one member for one merged page (a member whose pages end early, or
+/// hold only objects made since the last page).
+const MAX_READS: usize = 20;
 
-/// How a list API orders and cuts its pages when the client does not say.
+/// The most ids of objects as old as a page's last one, of its member, that a cursor keeps (see
+/// [`Boundary::tied`]).
+const MAX_TIED: usize = 1_000;
+
+/// The largest list answer read from a member.
+const MAX_LIST_BYTES: usize = 16 << 20;
+
+/// How a list API orders and cuts its pages.
 #[derive(Debug, Clone, Copy)]
 struct ListDefaults {
-    /// Objects a page holds.
+    /// Objects a page holds when the client does not say.
     limit: u64,
-    /// Newest first.
+    /// The most objects a page may hold.
+    max_limit: u64,
+    /// Newest first, when the client does not say.
     descending: bool,
     /// Whether the API takes `order` (batches and fine-tuning jobs are always newest first).
     orderable: bool,
 }
 
 /// The list APIs whose objects stay on the member that made them, with their defaults (OpenAI's
-/// API reference and Azure OpenAI's v1 reference: files 10,000 a page and the others 20; chat
-/// completions and evals oldest first, the others newest first).
+/// API reference and Azure OpenAI's v1 reference: files 10,000 a page at most and by default,
+/// the others 20 by default and 100 at most; chat completions and evals oldest first, the others
+/// newest first).
 fn defaults(operation: OperationId) -> Option<ListDefaults> {
-    let (limit, descending, orderable) = match operation {
-        OperationId::FilesList => (10_000, true, true),
-        OperationId::BatchList | OperationId::FineTuningList => (20, true, false),
+    let (limit, max_limit, descending, orderable) = match operation {
+        OperationId::FilesList => (10_000, 10_000, true, true),
+        OperationId::BatchList | OperationId::FineTuningList => (20, 100, true, false),
         OperationId::ListAssistants
         | OperationId::ListVectorStores
-        | OperationId::ListContainers => (20, true, true),
-        OperationId::ListChatCompletions | OperationId::ListEvals => (20, false, true),
+        | OperationId::ListContainers => (20, 100, true, true),
+        OperationId::ListChatCompletions | OperationId::ListEvals => (20, 100, false, true),
         _ => return None,
     };
     Some(ListDefaults {
         limit,
+        max_limit,
         descending,
         orderable,
     })
@@ -96,48 +113,52 @@ pub(crate) fn merges(call: &Call, method: &Method, pool: &Pool) -> bool {
         && defaults(call.operation).is_some()
 }
 
-/// What a list is ordered by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum SortKey {
-    /// `created_at` (a chat completion's `created`).
-    Created,
-    /// `updated_at` (evals listed with `order_by=updated_at`).
-    Updated,
+/// When an object was made: `created_at`, or a chat completion's `created` (Unix seconds; 0 when
+/// it has neither).
+fn created(item: &Value) -> f64 {
+    item.get("created_at")
+        .or_else(|| item.get("created"))
+        .and_then(Value::as_f64)
+        .unwrap_or(0.0)
 }
 
-impl SortKey {
-    /// An object's time by this key (Unix seconds; 0 when it has none).
-    fn time(self, item: &Value) -> f64 {
-        let field = match self {
-            SortKey::Created => item.get("created_at").or_else(|| item.get("created")),
-            SortKey::Updated => item.get("updated_at"),
-        };
-        field.and_then(Value::as_f64).unwrap_or(0.0)
-    }
+fn object_id(item: &Value) -> Option<&str> {
+    item.get("id").and_then(Value::as_str)
 }
 
 /// The place in the merged order of the last object of a page: every object the next page holds
 /// comes after it.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 struct Boundary {
-    /// Its time by the list's key.
+    /// Its time.
     at: f64,
     /// Its member's position in the pool.
     member: usize,
+    /// The ids of that member's objects as old as it that were listed (it among them): the
+    /// member's own order of objects of one time is known only by its list.
+    tied: Vec<String>,
 }
 
 impl Boundary {
-    /// Whether an object of time `item_time` of the member at `member` comes after the boundary
-    /// in the merged order (`descending`: newest first): not earlier by time, nor as old and of a
-    /// member listed first. A member's objects after its own standing come after the boundary,
-    /// unless they were made since the page was answered.
-    fn is_after(&self, item_time: f64, member: usize, descending: bool) -> bool {
-        let earlier = if descending {
-            item_time > self.at
+    /// Whether `item` of the member at `member` comes after the boundary in the merged order
+    /// (`descending`: newest first): not earlier, and if as old, of a member listed later or,
+    /// of the boundary's own member, not listed yet.
+    fn is_after(&self, item: &Value, member: usize, descending: bool) -> bool {
+        let time = created(item);
+        if time == self.at {
+            return match member.cmp(&self.member) {
+                std::cmp::Ordering::Less => false,
+                std::cmp::Ordering::Greater => true,
+                std::cmp::Ordering::Equal => {
+                    object_id(item).is_none_or(|id| !self.tied.iter().any(|t| t == id))
+                }
+            };
+        }
+        if descending {
+            time < self.at
         } else {
-            item_time < self.at
-        };
-        !(earlier || (item_time == self.at && member < self.member))
+            time > self.at
+        }
     }
 }
 
@@ -209,13 +230,12 @@ impl ListCursors {
 
 /// The client's list parameters.
 struct ListQuery {
-    /// Every parameter but `after` and `limit`, in the client's order.
+    /// Every parameter but `after` and `limit`, in the client's order, and `order` when the API
+    /// takes it and the client did not give it.
     rest: Vec<(String, String)>,
     after: Option<String>,
-    /// `limit` as the client gave it.
-    limit: Option<u64>,
+    limit: u64,
     descending: bool,
-    sort: SortKey,
 }
 
 impl ListQuery {
@@ -227,10 +247,10 @@ impl ListQuery {
         let mut parsed = ListQuery {
             rest: Vec::new(),
             after: None,
-            limit: None,
+            limit: defaults.limit,
             descending: defaults.descending,
-            sort: SortKey::Created,
         };
+        let mut ordered = false;
         for (key, value) in query
             .into_iter()
             .flat_map(|query| form_urlencoded::parse(query.as_bytes()))
@@ -238,11 +258,17 @@ impl ListQuery {
             match key.as_ref() {
                 "after" => parsed.after = Some(value.into_owned()).filter(|v| !v.is_empty()),
                 "limit" => {
-                    let limit = value.parse::<u64>().ok().filter(|limit| *limit > 0);
-                    parsed.limit = Some(limit.ok_or_else(|| GatewayError::BadRequest {
-                        message: "`limit` must be a whole number of at least 1.".to_owned(),
-                        param: Some("limit"),
-                    })?);
+                    parsed.limit = value
+                        .parse::<u64>()
+                        .ok()
+                        .filter(|limit| (1..=defaults.max_limit).contains(limit))
+                        .ok_or_else(|| GatewayError::BadRequest {
+                            message: format!(
+                                "`limit` must be a whole number from 1 to {}.",
+                                defaults.max_limit
+                            ),
+                            param: Some("limit"),
+                        })?;
                 }
                 "before" => {
                     return Err(GatewayError::BadRequest {
@@ -254,6 +280,7 @@ impl ListQuery {
                 }
                 _ => {
                     if key == "order" && defaults.orderable {
+                        ordered = true;
                         parsed.descending = match value.as_ref() {
                             "desc" => true,
                             "asc" => false,
@@ -265,54 +292,269 @@ impl ListQuery {
                             }
                         };
                     }
-                    if key == "order_by" && operation == OperationId::ListEvals {
-                        parsed.sort = match value.as_ref() {
-                            "created_at" => SortKey::Created,
-                            "updated_at" => SortKey::Updated,
-                            _ => {
-                                return Err(GatewayError::BadRequest {
-                                    message: "`order_by` must be `created_at` or `updated_at`."
-                                        .to_owned(),
-                                    param: Some("order_by"),
-                                });
-                            }
-                        };
+                    if key == "order_by"
+                        && operation == OperationId::ListEvals
+                        && value != "created_at"
+                    {
+                        return Err(GatewayError::BadRequest {
+                            message: "This list is kept by several backends and is merged by \
+                                      `created_at`: `order_by` may only be `created_at`."
+                                .to_owned(),
+                            param: Some("order_by"),
+                        });
                     }
                     parsed.rest.push((key.into_owned(), value.into_owned()));
                 }
             }
         }
+        if defaults.orderable && !ordered {
+            let order = if parsed.descending { "desc" } else { "asc" };
+            parsed.rest.push(("order".to_owned(), order.to_owned()));
+        }
         Ok(parsed)
     }
 
-    /// The query a member is sent: the client's parameters, `limit`, and `after`.
-    fn for_member(&self, limit: Option<u64>, after: Option<&str>) -> String {
+    /// The query a member is sent: the list's parameters, `limit`, and `after`.
+    fn for_member(&self, limit: u64, after: Option<&str>) -> String {
         let mut query = form_urlencoded::Serializer::new(String::new());
         query.extend_pairs(&self.rest);
-        if let Some(limit) = limit {
-            query.append_pair("limit", &limit.to_string());
-        }
+        query.append_pair("limit", &limit.to_string());
         if let Some(after) = after {
             query.append_pair("after", after);
         }
         query.finish()
     }
 
-    /// The time of `item` by the list's key.
-    fn time(&self, item: &Value) -> f64 {
-        self.sort.time(item)
+    /// Whether `a` comes before `b` in the list's order (by time only).
+    fn sooner(&self, a: f64, b: f64) -> bool {
+        if self.descending { a > b } else { a < b }
     }
 }
 
-/// One member's list, as read.
+/// One page of a member's list, as read.
 struct MemberList {
     items: Vec<Value>,
     has_more: bool,
     /// The answer's other members (`object`, `first_id`, …).
     fields: Map<String, Value>,
-    /// The last of the objects left out for coming before the page's boundary (made since the
-    /// last page), which the member's standing moves past.
-    skipped: Option<String>,
+}
+
+/// Reads pages of the members' lists.
+trait PageSource {
+    /// A page of at most `limit` objects of the list of the member at `member`, after its own
+    /// object `after` (from its start when `None`).
+    async fn fetch(
+        &self,
+        member: usize,
+        after: Option<&str>,
+        limit: u64,
+    ) -> Result<MemberList, MemberRead<()>>;
+}
+
+/// One member's part of a merged page.
+struct Feed {
+    /// Objects read and not yet put on the page, in the member's order.
+    buffer: VecDeque<Value>,
+    /// The last object put on the page or passed (the member's standing for the next page);
+    /// `None`: none yet.
+    passed: Option<String>,
+    /// Where the member stood before the page.
+    standing: Option<String>,
+    /// The last object read (where the next read starts).
+    read_to: Option<String>,
+    has_more: bool,
+    reads: usize,
+}
+
+impl Feed {
+    fn new(standing: Option<String>, list: MemberList) -> Feed {
+        let mut feed = Feed {
+            buffer: VecDeque::new(),
+            passed: None,
+            standing: standing.clone(),
+            read_to: standing,
+            has_more: false,
+            reads: 0,
+        };
+        feed.take(list);
+        feed
+    }
+
+    /// Takes a page read from the member.
+    fn take(&mut self, list: MemberList) {
+        self.reads += 1;
+        self.has_more = list.has_more;
+        if let Some(id) = list.items.last().and_then(object_id) {
+            self.read_to = Some(id.to_owned());
+        }
+        self.buffer.extend(list.items);
+    }
+
+    /// Passes the objects at the front that come before `boundary` (made since the last page, or
+    /// listed on it).
+    fn pass_before(&mut self, boundary: &Boundary, member: usize, descending: bool) {
+        while let Some(item) = self.buffer.front() {
+            if boundary.is_after(item, member, descending) {
+                break;
+            }
+            if let Some(id) = object_id(item) {
+                self.passed = Some(id.to_owned());
+            }
+            self.buffer.pop_front();
+        }
+    }
+
+    /// Where the member stands after the page.
+    fn standing_after(&self, descending: bool) -> Standing {
+        if self.buffer.is_empty() && !self.has_more && descending {
+            // Anything it makes from now on comes before this page.
+            return Standing::Done;
+        }
+        Standing::After(self.passed.clone().or_else(|| self.standing.clone()))
+    }
+
+    fn has_left(&self) -> bool {
+        !self.buffer.is_empty() || self.has_more
+    }
+}
+
+/// A merged page.
+struct Merged {
+    /// The page's objects, in order, each with its member's position.
+    items: Vec<(Value, usize)>,
+    /// Whether objects come after the page.
+    more: bool,
+    /// Where each member stands after the page.
+    standings: Vec<Standing>,
+}
+
+/// Why a merge stopped: a member's read failed.
+type ReadFailed = (usize, MemberRead<()>);
+
+/// Merges the members' lists into a page of at most `query.limit` objects. `feeds` holds each
+/// member's first read (`None`: a member listed whole before). Objects that come before
+/// `boundary` are passed. A member whose read objects run out while it has more is read further
+/// (at most [`MAX_READS`] reads) before the page goes on.
+async fn merge<S: PageSource>(
+    source: &S,
+    mut feeds: Vec<Option<Feed>>,
+    boundary: Option<&Boundary>,
+    query: &ListQuery,
+) -> Result<Merged, ReadFailed> {
+    let mut items = Vec::new();
+    while (items.len() as u64) < query.limit {
+        let mut best: Option<(usize, f64)> = None;
+        for (member, feed) in feeds.iter_mut().enumerate() {
+            let Some(feed) = feed else { continue };
+            loop {
+                if let Some(boundary) = boundary {
+                    feed.pass_before(boundary, member, query.descending);
+                }
+                if !feed.buffer.is_empty() || !feed.has_more {
+                    break;
+                }
+                if feed.reads >= MAX_READS {
+                    return Err((member, MemberRead::cut(NO_PROGRESS, StatusCode::OK)));
+                }
+                let list = source
+                    .fetch(member, feed.read_to.as_deref(), query.limit)
+                    .await
+                    .map_err(|read| (member, read))?;
+                feed.take(list);
+            }
+            if let Some(item) = feed.buffer.front() {
+                let time = created(item);
+                if best.is_none_or(|(_, best_time)| query.sooner(time, best_time)) {
+                    best = Some((member, time));
+                }
+            }
+        }
+        let Some((member, _)) = best else { break };
+        let Some(feed) = feeds[member].as_mut() else {
+            break;
+        };
+        let Some(item) = feed.buffer.pop_front() else {
+            break;
+        };
+        if let Some(id) = object_id(&item) {
+            feed.passed = Some(id.to_owned());
+        }
+        items.push((item, member));
+    }
+    let more = feeds.iter().flatten().any(Feed::has_left);
+    let standings = feeds
+        .iter()
+        .map(|feed| {
+            feed.as_ref()
+                .map_or(Standing::Done, |feed| feed.standing_after(query.descending))
+        })
+        .collect();
+    Ok(Merged {
+        items,
+        more,
+        standings,
+    })
+}
+
+/// The boundary after `items`, the page's objects with their members: its last object's place,
+/// and the objects as old of its member listed on this page and, when the last page ended at the
+/// same place, on that one.
+fn boundary_after(items: &[(Value, usize)], previous: Option<&Boundary>) -> Option<Boundary> {
+    let (last, member) = items.last()?;
+    let at = created(last);
+    let mut tied: Vec<String> = previous
+        .filter(|previous| previous.at == at && previous.member == *member)
+        .map(|previous| previous.tied.clone())
+        .unwrap_or_default();
+    tied.extend(
+        items
+            .iter()
+            .filter(|(item, of)| of == member && created(item) == at)
+            .filter_map(|(item, _)| object_id(item).map(str::to_owned)),
+    );
+    if tied.len() > MAX_TIED {
+        tied.drain(..tied.len() - MAX_TIED);
+    }
+    Some(Boundary {
+        at,
+        member: *member,
+        tied,
+    })
+}
+
+/// The list object the client gets: the first answer's own members (`object`, …) with the
+/// page's `data`, `has_more` and, when the members' answers have them, `first_id` and `last_id`.
+fn answer(fields: Option<Map<String, Value>>, merged: Merged) -> Value {
+    let mut answer = fields.unwrap_or_default();
+    answer
+        .entry("object")
+        .or_insert_with(|| Value::String("list".to_owned()));
+    let first = merged
+        .items
+        .first()
+        .and_then(|(item, _)| object_id(item))
+        .map(str::to_owned);
+    let last = merged
+        .items
+        .last()
+        .and_then(|(item, _)| object_id(item))
+        .map(str::to_owned);
+    if answer.contains_key("first_id") {
+        answer.insert(
+            "first_id".to_owned(),
+            first.map_or(Value::Null, Value::String),
+        );
+    }
+    if answer.contains_key("last_id") {
+        answer.insert(
+            "last_id".to_owned(),
+            last.map_or(Value::Null, Value::String),
+        );
+    }
+    let data = merged.items.into_iter().map(|(item, _)| item).collect();
+    answer.insert("data".to_owned(), Value::Array(data));
+    answer.insert("has_more".to_owned(), Value::Bool(merged.more));
+    Value::Object(answer)
 }
 
 /// Why a list could not be merged.
@@ -327,6 +569,14 @@ impl From<GatewayError> for Stopped {
     fn from(error: GatewayError) -> Self {
         Stopped::Error(error)
     }
+}
+
+/// Why a member could not be placed.
+enum Unplaced {
+    /// A read failed.
+    Read(MemberRead<()>),
+    /// More than [`PLACEMENT_PAGES`] pages come before the place.
+    TooDeep,
 }
 
 /// What a list call asks every member, and of whom.
@@ -365,7 +615,7 @@ pub(crate) async fn forward(
         beta,
         request_id: proxy::request_id(record).map(str::to_owned),
     };
-    let page = match lister.page(defaults, record).await {
+    let page = match lister.page(record).await {
         Ok(page) => page,
         Err(Stopped::Error(error)) => return Err(error),
         Err(Stopped::Refused(member, response)) => {
@@ -382,13 +632,45 @@ pub(crate) async fn forward(
     proxy::relay_answer(gateway, call, first, response, record, parts.version).await
 }
 
+impl PageSource for Lister<'_> {
+    async fn fetch(
+        &self,
+        member: usize,
+        after: Option<&str>,
+        limit: u64,
+    ) -> Result<MemberList, MemberRead<()>> {
+        let member = &self.pool.members[member];
+        let answer = self
+            .read(member, None, &self.query.for_member(limit, after))
+            .await?;
+        let Value::Object(mut fields) = answer else {
+            return Err(MemberRead::cut(BAD_LIST_ANSWER, StatusCode::OK));
+        };
+        let Some(Value::Array(mut items)) = fields.remove("data") else {
+            return Err(MemberRead::cut(BAD_LIST_ANSWER, StatusCode::OK));
+        };
+        // A member that does not page answers from its start again: what it gave up to `after`
+        // was read before.
+        if let Some(after) = after
+            && let Some(position) = items.iter().position(|item| object_id(item) == Some(after))
+        {
+            items.drain(..=position);
+        }
+        let has_more = fields
+            .get("has_more")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        Ok(MemberList {
+            items,
+            has_more,
+            fields,
+        })
+    }
+}
+
 impl Lister<'_> {
     /// The merged page, as the JSON text the client gets.
-    async fn page(
-        &self,
-        defaults: ListDefaults,
-        record: &mut Option<CallRecord>,
-    ) -> Result<Bytes, Stopped> {
+    async fn page(&self, record: &mut Option<CallRecord>) -> Result<Bytes, Stopped> {
         let query = &self.query;
         let now = Instant::now();
         // A member set aside is not asked: its part of the list cannot be had now.
@@ -418,157 +700,170 @@ impl Lister<'_> {
                 }
             },
         };
-        // Every member at once: the list takes as long as its slowest member, not their sum.
-        let reads = self
-            .pool
-            .members
-            .iter()
-            .zip(&standings)
-            .map(|(member, standing)| async move {
+        // Every member at once: the page takes as long as its slowest member, not their sum.
+        let reads = standings.iter().enumerate().map(|(index, standing)| {
+            let boundary = boundary.as_ref();
+            async move {
                 let started = Instant::now();
                 let read = match standing {
                     Standing::Done => Ok(None),
-                    Standing::After(after) => {
-                        self.page_of(member, after.as_deref()).await.map(Some)
-                    }
+                    Standing::After(after) => self
+                        .first_read(index, after.clone(), boundary)
+                        .await
+                        .map(Some),
                 };
                 (read, millis(started.elapsed()))
-            });
+            }
+        });
         let read = futures::future::join_all(reads).await;
-        let mut lists = Vec::with_capacity(read.len());
-        let mut standings = standings;
+        let mut feeds = Vec::with_capacity(read.len());
+        let mut fields = None;
         let mut failed: Option<Stopped> = None;
         for (index, (read, elapsed_ms)) in read.into_iter().enumerate() {
             let member = &self.pool.members[index];
-            let read = match (read, boundary, &standings[index]) {
-                // The object a member's standing names was deleted since the last page: the
-                // member is placed again from the page's boundary.
-                (Err(MemberRead::Refused(_)), Some(boundary), Standing::After(Some(_))) => {
-                    match self.place_member(index, boundary).await {
-                        Ok(standing) => {
-                            standings[index] = standing.clone();
-                            match standing {
-                                Standing::Done => Ok(None),
-                                Standing::After(after) => {
-                                    self.page_of(member, after.as_deref()).await.map(Some)
-                                }
-                            }
-                        }
-                        Err(read) => Err(read),
-                    }
-                }
-                (read, _, _) => read,
-            };
             match read {
-                Ok(list) => {
-                    if list.is_some() {
-                        self.gateway
-                            .metrics
-                            .backend_attempt(&member.config.id, "answered");
-                        proxy::note_attempt(record, member, Some(200), elapsed_ms, None);
+                Ok(Some((standing, list))) => {
+                    self.gateway
+                        .metrics
+                        .backend_attempt(&member.config.id, "answered");
+                    proxy::note_attempt(record, member, Some(200), elapsed_ms, None);
+                    if fields.is_none() {
+                        fields = Some(list.fields.clone());
                     }
-                    lists.push(list);
+                    feeds.push(Some(Feed::new(standing, list)));
                 }
-                Err(read) => {
-                    let stopped = self.stop(member, read, record);
-                    // Every failed member is set aside and recorded; the first refusal, or the
-                    // longest wait, answers.
-                    failed = Some(match (failed, stopped) {
-                        (Some(Stopped::Refused(m, r)), _) | (_, Stopped::Refused(m, r)) => {
-                            Stopped::Refused(m, r)
-                        }
-                        (
-                            Some(Stopped::Error(GatewayError::ListIncomplete { retry_after: a })),
-                            Stopped::Error(GatewayError::ListIncomplete { retry_after: b }),
-                        ) => Stopped::Error(GatewayError::ListIncomplete {
-                            retry_after: a.max(b),
-                        }),
-                        (_, stopped) => stopped,
-                    });
+                Ok(None) => feeds.push(None),
+                Err(unplaced) => {
+                    let stopped = self.stop(member, unplaced, record);
+                    failed = Some(worse(failed, stopped));
                 }
             }
         }
         if let Some(failed) = failed {
             return Err(failed);
         }
-        if let Some(boundary) = boundary {
-            for (index, list) in lists.iter_mut().enumerate() {
-                if let Some(list) = list {
-                    leave_out_before(list, boundary, index, query);
-                }
+        let merged = match merge(self, feeds, boundary.as_ref(), query).await {
+            Ok(merged) => merged,
+            Err((index, read)) => {
+                return Err(self.stop(&self.pool.members[index], Unplaced::Read(read), record));
             }
-        }
-        let limit = query.limit.unwrap_or(defaults.limit);
-        let merged = merge(&lists, &standings, limit, query);
+        };
         if merged.more
-            && let Some((last, member)) = merged.last.as_ref()
+            && let Some(next) = boundary_after(&merged.items, boundary.as_ref())
+            && let Some(last) = merged.items.last().and_then(|(item, _)| object_id(item))
         {
             let cursor = Cursor {
                 standings: merged.standings.clone(),
-                boundary: Boundary {
-                    at: merged.items.last().map_or(0.0, |item| query.time(item)),
-                    member: *member,
-                },
+                boundary: next,
             };
             self.gateway
                 .list_cursors
                 .keep(self.cursor_key(last), cursor, Instant::now());
         }
-        Ok(Bytes::from(merged.into_answer(&lists).to_string()))
+        Ok(Bytes::from(answer(fields, merged).to_string()))
     }
 
-    /// A page of `member`'s list after its own object `after` (from its start when `None`).
-    async fn page_of(
+    /// The first read of the member at `index` for a page, after its standing object `after`;
+    /// when that object is gone since the last page (the member answers 404), the member is
+    /// placed again from the page's `boundary`. Answers the standing read from, and the page.
+    async fn first_read(
         &self,
-        member: &Member,
-        after: Option<&str>,
-    ) -> Result<MemberList, MemberRead<()>> {
-        let page_query = self.query.for_member(self.query.limit, after);
-        self.list(member, &page_query, after).await
+        index: usize,
+        after: Option<String>,
+        boundary: Option<&Boundary>,
+    ) -> Result<(Option<String>, MemberList), Unplaced> {
+        match self.fetch(index, after.as_deref(), self.query.limit).await {
+            Ok(list) => Ok((after, list)),
+            Err(MemberRead::Refused(response))
+                if response.status() == StatusCode::NOT_FOUND && after.is_some() =>
+            {
+                let Some(boundary) = boundary else {
+                    return Err(Unplaced::Read(MemberRead::Refused(response)));
+                };
+                let standing = match self.place_member(index, boundary).await? {
+                    Standing::After(after) => after,
+                    Standing::Done => {
+                        return Ok((
+                            None,
+                            MemberList {
+                                items: Vec::new(),
+                                has_more: false,
+                                fields: Map::new(),
+                            },
+                        ));
+                    }
+                };
+                let list = self
+                    .fetch(index, standing.as_deref(), self.query.limit)
+                    .await
+                    .map_err(Unplaced::Read)?;
+                Ok((standing, list))
+            }
+            Err(read) => Err(Unplaced::Read(read)),
+        }
     }
 
     /// Where each member stands after the object `after`, read from the members: for a cursor
     /// of a page this gateway did not answer (another replica's, or one from before a restart).
     async fn place(&self, after: &str, record: &mut Option<CallRecord>) -> Result<Cursor, Stopped> {
-        let unknown = || {
+        let unknown = |reason: &str| {
             Stopped::Error(GatewayError::BadRequest {
                 message: format!(
-                    "`after` names no object of this list that the gateway knows ({}): list again from the start.",
+                    "`after` names no object of this list that the gateway can find ({}: {reason}): list again from the start.",
                     truncated(after)
                 ),
                 param: Some("after"),
             })
         };
         self.gateway.affinity.learn(&[after.to_owned()]).await;
-        let holder_id = self.gateway.affinity.member_of(after).ok_or_else(unknown)?;
+        let holder_id = self
+            .gateway
+            .affinity
+            .member_of(after)
+            .ok_or_else(|| unknown("not made through this gateway"))?;
         let holder = self
             .pool
             .members
             .iter()
             .position(|member| member.config.id == holder_id)
-            .ok_or_else(unknown)?;
+            .ok_or_else(|| unknown("held by a backend of another pool"))?;
         let member = &self.pool.members[holder];
-        let object = match self
-            .read(member, Some(after), &self.query.for_member(None, None))
-            .await
-        {
+        let object = match self.read(member, Some(after), "").await {
             Ok(object) => object,
-            Err(read) => return Err(self.stop(member, read, record)),
+            Err(MemberRead::Refused(response)) if response.status() == StatusCode::NOT_FOUND => {
+                return Err(unknown("it is gone"));
+            }
+            Err(read) => return Err(self.stop(member, Unplaced::Read(read), record)),
         };
         let boundary = Boundary {
-            at: self.query.time(&object),
+            at: created(&object),
             member: holder,
+            tied: vec![after.to_owned()],
         };
-        let mut standings = Vec::with_capacity(self.pool.members.len());
-        for (index, member) in self.pool.members.iter().enumerate() {
-            if index == holder {
-                standings.push(Standing::After(Some(after.to_owned())));
-                continue;
+        let placing = (0..self.pool.members.len()).map(|index| {
+            let boundary = &boundary;
+            async move {
+                if index == holder {
+                    Ok(Standing::After(Some(after.to_owned())))
+                } else {
+                    self.place_member(index, boundary).await
+                }
             }
-            match self.place_member(index, boundary).await {
+        });
+        let placed = futures::future::join_all(placing).await;
+        let mut standings = Vec::with_capacity(placed.len());
+        let mut failed: Option<Stopped> = None;
+        for (index, placed) in placed.into_iter().enumerate() {
+            match placed {
                 Ok(standing) => standings.push(standing),
-                Err(read) => return Err(self.stop(member, read, record)),
+                Err(unplaced) => {
+                    let stopped = self.stop(&self.pool.members[index], unplaced, record);
+                    failed = Some(worse(failed, stopped));
+                }
             }
+        }
+        if let Some(failed) = failed {
+            return Err(failed);
         }
         Ok(Cursor {
             standings,
@@ -578,25 +873,22 @@ impl Lister<'_> {
 
     /// Where the member at `index` stands after `boundary`: its last object before it, read from
     /// its start (at most [`PLACEMENT_PAGES`] pages).
-    async fn place_member(
-        &self,
-        index: usize,
-        boundary: Boundary,
-    ) -> Result<Standing, MemberRead<()>> {
-        let member = &self.pool.members[index];
+    async fn place_member(&self, index: usize, boundary: &Boundary) -> Result<Standing, Unplaced> {
         let mut last: Option<String> = None;
         for _ in 0..PLACEMENT_PAGES {
-            let page_query = self.query.for_member(Some(PLACEMENT_PAGE), last.as_deref());
-            let list = self.list(member, &page_query, last.as_deref()).await?;
+            let list = self
+                .fetch(index, last.as_deref(), PLACEMENT_PAGE)
+                .await
+                .map_err(Unplaced::Read)?;
             for item in &list.items {
-                if boundary.is_after(self.query.time(item), index, self.query.descending) {
+                if boundary.is_after(item, index, self.query.descending) {
                     return Ok(Standing::After(last));
                 }
                 if let Some(id) = object_id(item) {
                     last = Some(id.to_owned());
                 }
             }
-            if !list.has_more || list.items.is_empty() {
+            if !list.has_more {
                 return Ok(if self.query.descending {
                     Standing::Done
                 } else {
@@ -604,12 +896,12 @@ impl Lister<'_> {
                 });
             }
         }
-        Err(MemberRead::Refused(Box::new(too_deep())))
+        Err(Unplaced::TooDeep)
     }
 
     /// The key a page's cursor is kept under: the pool and its members (a push that changes them
-    /// makes every cursor be placed again), the operation, the client's other parameters, and
-    /// the page's last object.
+    /// makes every cursor be placed again), the operation, the list's other parameters, and the
+    /// page's last object.
     fn cursor_key(&self, last: &str) -> String {
         let members: Vec<&str> = self
             .pool
@@ -617,7 +909,10 @@ impl Lister<'_> {
             .iter()
             .map(|member| member.config.id.as_str())
             .collect();
-        let rest = self.query.for_member(None, None);
+        // Without `limit`: a client may page on with another page size.
+        let rest = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(&self.query.rest)
+            .finish();
         [
             self.pool.id.as_str(),
             &members.join(","),
@@ -626,38 +921,6 @@ impl Lister<'_> {
             last,
         ]
         .join("\n")
-    }
-
-    /// One page of `member`'s list, without the object `after` if the member gave it again (a
-    /// member that does not page answers its whole list each time).
-    async fn list(
-        &self,
-        member: &Member,
-        query: &str,
-        after: Option<&str>,
-    ) -> Result<MemberList, MemberRead<()>> {
-        let answer = self.read(member, None, query).await?;
-        let Value::Object(mut fields) = answer else {
-            return Err(MemberRead::cut(BAD_LIST_ANSWER, StatusCode::OK));
-        };
-        let Some(Value::Array(mut items)) = fields.remove("data") else {
-            return Err(MemberRead::cut(BAD_LIST_ANSWER, StatusCode::OK));
-        };
-        if let Some(after) = after
-            && let Some(position) = items.iter().position(|item| object_id(item) == Some(after))
-        {
-            items.drain(..=position);
-        }
-        let has_more = fields
-            .get("has_more")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        Ok(MemberList {
-            items,
-            has_more,
-            fields,
-            skipped: None,
-        })
     }
 
     /// `GET` of the list's path (with `/{object}` when given) on `member` with `query`, its
@@ -715,15 +978,27 @@ impl Lister<'_> {
         serde_json::from_slice(&bytes).map_err(|_| MemberRead::cut(BAD_LIST_ANSWER, status))
     }
 
-    /// What a member's failed read makes of the list call: the member set aside (unless it
-    /// answered, with something that is no list) and the list refused (503), or the member's
-    /// refusal relayed.
+    /// What a member's failed read or placement makes of the list call: the member set aside
+    /// (unless it answered, with something that is no list) and the list refused (503), the
+    /// gateway's 400 for a cursor placed too deep, or the member's refusal relayed.
     fn stop(
         &self,
         member: &Arc<Member>,
-        read: MemberRead<()>,
+        unplaced: Unplaced,
         record: &mut Option<CallRecord>,
     ) -> Stopped {
+        let read = match unplaced {
+            Unplaced::TooDeep => {
+                return Stopped::Error(GatewayError::BadRequest {
+                    message: format!(
+                        "The list cannot be resumed at this `after`: this gateway no longer holds where that page ended, and a backend holds more than {} objects before it. List again from the start.",
+                        PLACEMENT_PAGE * PLACEMENT_PAGES as u64
+                    ),
+                    param: Some("after"),
+                });
+            }
+            Unplaced::Read(read) => read,
+        };
         match read {
             MemberRead::Read(()) => Stopped::Error(GatewayError::Internal),
             MemberRead::Failed {
@@ -732,7 +1007,7 @@ impl Lister<'_> {
                 wait,
             } => {
                 let status = status.map(|s| s.as_u16());
-                if matches!(reason, BAD_LIST_ANSWER | LIST_TOO_LARGE) {
+                if matches!(reason, BAD_LIST_ANSWER | LIST_TOO_LARGE | NO_PROGRESS) {
                     // It answered: it is not set aside for calls of other kinds.
                     tracing::warn!(backend = %member.config.id, reason, "a backend's part of a merged list could not be read");
                     self.gateway
@@ -767,178 +1042,31 @@ impl Lister<'_> {
     }
 }
 
+/// Of two reasons a list stopped, the one that answers: a member's refusal (the first), else the
+/// longest wait.
+fn worse(earlier: Option<Stopped>, later: Stopped) -> Stopped {
+    match (earlier, later) {
+        (Some(Stopped::Refused(member, response)), _) | (_, Stopped::Refused(member, response)) => {
+            Stopped::Refused(member, response)
+        }
+        (
+            Some(Stopped::Error(GatewayError::ListIncomplete { retry_after: a })),
+            Stopped::Error(GatewayError::ListIncomplete { retry_after: b }),
+        ) => Stopped::Error(GatewayError::ListIncomplete {
+            retry_after: a.max(b),
+        }),
+        (_, later) => later,
+    }
+}
+
 /// A member's answer that is no list (not JSON, no `data` array).
 const BAD_LIST_ANSWER: &str = "bad_list_answer";
 
 /// A member's list answer larger than [`MAX_LIST_BYTES`].
 const LIST_TOO_LARGE: &str = "list_too_large";
 
-/// The answer to a cursor that cannot be placed within [`PLACEMENT_PAGES`] pages of a member.
-fn too_deep() -> http::Response<UpstreamBody> {
-    let body = serde_json::json!({
-        "error": {
-            "code": "invalid_request_error",
-            "message": format!(
-                "The list cannot be resumed at this `after`: this gateway no longer holds where that page ended, and a backend holds more than {} objects before it. List again from the start.",
-                PLACEMENT_PAGE * PLACEMENT_PAGES as u64
-            ),
-            "type": "invalid_request_error",
-            "param": "after",
-        }
-    });
-    let mut response =
-        http::Response::new(UpstreamBody::Whole(Some(Bytes::from(body.to_string()))));
-    *response.status_mut() = StatusCode::BAD_REQUEST;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
-/// Leaves out of `list` (of the member at `member`) the objects at its start that come before
-/// `boundary`: made since the last page, they would come before it in the merged order.
-fn leave_out_before(list: &mut MemberList, boundary: Boundary, member: usize, query: &ListQuery) {
-    let before = list
-        .items
-        .iter()
-        .take_while(|item| !boundary.is_after(query.time(item), member, query.descending))
-        .count();
-    if before > 0 {
-        list.skipped = list.items[before - 1]
-            .get("id")
-            .and_then(Value::as_str)
-            .map(str::to_owned);
-        list.items.drain(..before);
-    }
-}
-
-/// A merged page.
-struct Merged {
-    /// The page's objects, in order.
-    items: Vec<Value>,
-    /// The id of the page's last object and its member's position.
-    last: Option<(String, usize)>,
-    /// Whether objects come after the page.
-    more: bool,
-    /// Where each member stands after the page.
-    standings: Vec<Standing>,
-}
-
-impl Merged {
-    /// The list object the client gets: the first answer's own members (`object`, …) with the
-    /// page's `data`, `has_more` and, when the members' answers have them, `first_id` and
-    /// `last_id`.
-    fn into_answer(self, lists: &[Option<MemberList>]) -> Value {
-        let mut answer = lists
-            .iter()
-            .flatten()
-            .next()
-            .map(|list| list.fields.clone())
-            .unwrap_or_default();
-        answer
-            .entry("object")
-            .or_insert_with(|| Value::String("list".to_owned()));
-        let first = self.items.first().and_then(object_id).map(str::to_owned);
-        let last = self.items.last().and_then(object_id).map(str::to_owned);
-        if answer.contains_key("first_id") {
-            answer.insert(
-                "first_id".to_owned(),
-                first.map_or(Value::Null, Value::String),
-            );
-        }
-        if answer.contains_key("last_id") {
-            answer.insert(
-                "last_id".to_owned(),
-                last.map_or(Value::Null, Value::String),
-            );
-        }
-        answer.insert("data".to_owned(), Value::Array(self.items));
-        answer.insert("has_more".to_owned(), Value::Bool(self.more));
-        Value::Object(answer)
-    }
-}
-
-/// Merges the members' lists (`None`: a member already listed whole) into a page of at most
-/// `limit` objects in the list's order; for equal times the member listed first in the pool
-/// comes first, and each member's own order is kept.
-fn merge(
-    lists: &[Option<MemberList>],
-    standings: &[Standing],
-    limit: u64,
-    query: &ListQuery,
-) -> Merged {
-    let empty = Vec::new();
-    let items: Vec<&Vec<Value>> = lists
-        .iter()
-        .map(|list| list.as_ref().map_or(&empty, |list| &list.items))
-        .collect();
-    let mut next = vec![0_usize; lists.len()];
-    let mut page = Vec::new();
-    let mut last = None;
-    while (page.len() as u64) < limit {
-        let mut best: Option<(usize, f64)> = None;
-        for (member, list) in items.iter().enumerate() {
-            let Some(item) = list.get(next[member]) else {
-                continue;
-            };
-            let time = query.time(item);
-            let first = match best {
-                None => true,
-                Some((_, best_time)) => {
-                    if query.descending {
-                        time > best_time
-                    } else {
-                        time < best_time
-                    }
-                }
-            };
-            if first {
-                best = Some((member, time));
-            }
-        }
-        let Some((member, _)) = best else {
-            break;
-        };
-        let item = items[member][next[member]].clone();
-        last = object_id(&item).map(|id| (id.to_owned(), member));
-        page.push(item);
-        next[member] += 1;
-    }
-    let mut more = false;
-    let standings = lists
-        .iter()
-        .zip(standings)
-        .enumerate()
-        .map(|(member, (list, standing))| {
-            let Some(list) = list else {
-                return Standing::Done;
-            };
-            let left = next[member] < list.items.len() || list.has_more;
-            more |= left;
-            if !left && query.descending {
-                // Anything it makes from now on comes before this page.
-                Standing::Done
-            } else if next[member] > 0 {
-                Standing::After(object_id(&list.items[next[member] - 1]).map(str::to_owned))
-            } else if let Some(skipped) = &list.skipped {
-                Standing::After(Some(skipped.clone()))
-            } else {
-                standing.clone()
-            }
-        })
-        .collect();
-    Merged {
-        items: page,
-        last,
-        more,
-        standings,
-    }
-}
-
-fn object_id(item: &Value) -> Option<&str> {
-    item.get("id").and_then(Value::as_str)
-}
+/// A member that keeps saying it has more without giving objects that come after the page.
+const NO_PROGRESS: &str = "list_without_progress";
 
 /// An id quoted in an error, cut to 64 characters.
 fn truncated(id: &str) -> String {
@@ -954,152 +1082,313 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn list(items: &[(&str, i64)], has_more: bool) -> Option<MemberList> {
-        Some(MemberList {
-            items: items
-                .iter()
-                .map(|(id, at)| json!({"id": id, "created_at": at}))
-                .collect(),
-            has_more,
-            fields: Map::new(),
-            skipped: None,
-        })
+    /// Members' lists in memory, paged as OpenAI's list APIs page (`after`, `limit`,
+    /// `has_more`; 404 for an `after` the member does not hold), each in the list's order.
+    struct Members {
+        lists: Vec<Vec<Value>>,
+        /// The most objects a member gives a page, whatever `limit` asks.
+        page_cap: usize,
     }
 
-    fn ids(merged: &Merged) -> Vec<&str> {
-        merged.items.iter().filter_map(object_id).collect()
-    }
-
-    fn query(descending: bool) -> ListQuery {
-        ListQuery {
-            rest: Vec::new(),
-            after: None,
-            limit: None,
-            descending,
-            sort: SortKey::Created,
+    impl Members {
+        fn new(lists: &[&[(&str, i64)]], descending: bool) -> Members {
+            Members {
+                lists: lists
+                    .iter()
+                    .map(|list| {
+                        let mut items: Vec<Value> = list
+                            .iter()
+                            .map(|(id, at)| json!({"id": id, "created_at": at}))
+                            .collect();
+                        // Stable: a member's objects of one time stay in the order given.
+                        items.sort_by(|a, b| {
+                            let (a, b) = (created(a), created(b));
+                            if descending {
+                                b.total_cmp(&a)
+                            } else {
+                                a.total_cmp(&b)
+                            }
+                        });
+                        items
+                    })
+                    .collect(),
+                page_cap: usize::MAX,
+            }
         }
     }
 
-    const FILES: ListDefaults = ListDefaults {
-        limit: 20,
-        descending: true,
-        orderable: true,
-    };
+    impl PageSource for Members {
+        async fn fetch(
+            &self,
+            member: usize,
+            after: Option<&str>,
+            limit: u64,
+        ) -> Result<MemberList, MemberRead<()>> {
+            let list = &self.lists[member];
+            let start = match after {
+                None => 0,
+                Some(after) => match list.iter().position(|item| object_id(item) == Some(after)) {
+                    Some(position) => position + 1,
+                    None => {
+                        let mut response =
+                            http::Response::new(UpstreamBody::Whole(Some(Bytes::new())));
+                        *response.status_mut() = StatusCode::NOT_FOUND;
+                        return Err(MemberRead::Refused(Box::new(response)));
+                    }
+                },
+            };
+            let take = usize::try_from(limit)
+                .unwrap_or(usize::MAX)
+                .min(self.page_cap);
+            let items: Vec<Value> = list.iter().skip(start).take(take).cloned().collect();
+            Ok(MemberList {
+                has_more: start + items.len() < list.len(),
+                items,
+                fields: Map::new(),
+            })
+        }
+    }
 
-    #[test]
-    fn lists_merge_newest_first_and_keep_each_members_place() {
-        let lists = [
-            list(&[("a3", 30), ("a2", 20), ("a1", 10)], false),
-            list(&[("b3", 30), ("b2", 25), ("b1", 5)], true),
+    fn query(descending: bool, limit: u64) -> ListQuery {
+        ListQuery {
+            rest: Vec::new(),
+            after: None,
+            limit,
+            descending,
+        }
+    }
+
+    /// Pages through `members` with `limit` as a client does (`after` = the page's last id),
+    /// each page's cursor kept as the gateway keeps it, and `between` run before each page but
+    /// the first; every id listed, in order.
+    async fn page_through(
+        members: &mut Members,
+        descending: bool,
+        limit: u64,
+        mut between: impl FnMut(&mut Members, usize),
+    ) -> Vec<String> {
+        let query = query(descending, limit);
+        let mut cursor: Option<Cursor> = None;
+        let mut listed = Vec::new();
+        for page in 0..100 {
+            if page > 0 {
+                between(members, page);
+            }
+            let standings = cursor.as_ref().map_or_else(
+                || vec![Standing::After(None); members.lists.len()],
+                |cursor| cursor.standings.clone(),
+            );
+            let boundary = cursor.as_ref().map(|cursor| cursor.boundary.clone());
+            let mut feeds = Vec::new();
+            for (index, standing) in standings.iter().enumerate() {
+                feeds.push(match standing {
+                    Standing::Done => None,
+                    Standing::After(after) => {
+                        let read = members.fetch(index, after.as_deref(), limit).await;
+                        match read {
+                            Ok(list) => Some(Feed::new(after.clone(), list)),
+                            Err(_) => panic!("member {index} refused {after:?}"),
+                        }
+                    }
+                });
+            }
+            let merged = match merge(&*members, feeds, boundary.as_ref(), &query).await {
+                Ok(merged) => merged,
+                Err((member, _)) => panic!("member {member} failed"),
+            };
+            assert!(
+                !merged.items.is_empty() || !merged.more,
+                "an empty page with more to come"
+            );
+            listed.extend(
+                merged
+                    .items
+                    .iter()
+                    .filter_map(|(item, _)| object_id(item).map(str::to_owned)),
+            );
+            if !merged.more {
+                return listed;
+            }
+            cursor = Some(Cursor {
+                boundary: boundary_after(&merged.items, boundary.as_ref()).unwrap(),
+                standings: merged.standings,
+            });
+        }
+        panic!("100 pages and more: {listed:?}");
+    }
+
+    fn strings(ids: &[&str]) -> Vec<String> {
+        ids.iter().map(|id| (*id).to_owned()).collect()
+    }
+
+    #[tokio::test]
+    async fn lists_merge_in_order_whatever_the_page_size() {
+        let lists: &[&[(&str, i64)]] = &[
+            &[("a3", 30), ("a2", 20), ("a1", 10)],
+            &[("b3", 30), ("b2", 25), ("b1", 5)],
         ];
-        let from_start = [Standing::After(None), Standing::After(None)];
-        let merged = merge(&lists, &from_start, 4, &query(true));
-        // Equal times: the pool's first member first.
-        assert_eq!(ids(&merged), ["a3", "b3", "b2", "a2"]);
-        assert_eq!(merged.last, Some(("a2".to_owned(), 0)));
-        assert!(merged.more);
+        // Newest first; equal times: the pool's first member first.
+        let newest = strings(&["a3", "b3", "b2", "a2", "a1", "b1"]);
+        for limit in 1..=7 {
+            let mut members = Members::new(lists, true);
+            assert_eq!(
+                page_through(&mut members, true, limit, |_, _| {}).await,
+                newest,
+                "limit {limit}"
+            );
+        }
+        let oldest = strings(&["b1", "a1", "a2", "b2", "a3", "b3"]);
+        for limit in 1..=7 {
+            let mut members = Members::new(lists, false);
+            assert_eq!(
+                page_through(&mut members, false, limit, |_, _| {}).await,
+                oldest,
+                "limit {limit}"
+            );
+        }
+    }
+
+    /// The review's first case: a member whose read objects run out on a page while it has more
+    /// is read further, so that nothing of it is skipped (here its pages hold one object).
+    #[tokio::test]
+    async fn a_member_with_short_pages_is_read_further() {
+        let lists: &[&[(&str, i64)]] = &[
+            &[("a50", 50), ("a40", 40), ("a30", 30)],
+            &[
+                ("b100", 100),
+                ("b90", 90),
+                ("b85", 85),
+                ("b45", 45),
+                ("b35", 35),
+                ("b20", 20),
+            ],
+        ];
+        let mut members = Members::new(lists, true);
+        members.page_cap = 1;
+        let expected = strings(&[
+            "b100", "b90", "b85", "a50", "b45", "a40", "b35", "a30", "b20",
+        ]);
         assert_eq!(
-            merged.standings,
-            [
-                Standing::After(Some("a2".to_owned())),
-                Standing::After(Some("b2".to_owned()))
-            ]
+            page_through(&mut members, true, 3, |_, _| {}).await,
+            expected
         );
-        let merged = merge(&lists, &from_start, 10, &query(true));
-        assert_eq!(ids(&merged), ["a3", "b3", "b2", "a2", "a1", "b1"]);
-        // The second member said it has more: the list is not over.
-        assert!(merged.more);
+    }
+
+    /// Objects made while a client pages: they come before the page in a newest-first list and
+    /// are passed, never listed in the middle, nor do they hide older objects; in an
+    /// oldest-first list they come at its end.
+    #[tokio::test]
+    async fn objects_made_while_paging_are_passed_or_come_last() {
+        let lists: &[&[(&str, i64)]] = &[&[("a1", 100)], &[("b1", 50)]];
+        // The review's second case: a member with nothing on the first page then makes one.
+        let mut members = Members::new(lists, true);
+        let listed = page_through(&mut members, true, 1, |members, page| {
+            if page == 1 {
+                members.lists[1].insert(0, json!({"id": "bnew", "created_at": 200}));
+            }
+        })
+        .await;
+        assert_eq!(listed, strings(&["a1", "b1"]));
+
+        let lists: &[&[(&str, i64)]] = &[
+            &[("a50", 50), ("a40", 40), ("a30", 30)],
+            &[
+                ("b100", 100),
+                ("b90", 90),
+                ("b85", 85),
+                ("b45", 45),
+                ("b35", 35),
+                ("b20", 20),
+            ],
+        ];
+        let mut members = Members::new(lists, true);
+        let listed = page_through(&mut members, true, 3, |members, page| {
+            if page == 1 {
+                members.lists[0].insert(0, json!({"id": "a200", "created_at": 200}));
+                members.lists[0].insert(1, json!({"id": "a150", "created_at": 150}));
+            }
+        })
+        .await;
         assert_eq!(
-            merged.standings,
-            [Standing::Done, Standing::After(Some("b1".to_owned()))]
+            listed,
+            strings(&[
+                "b100", "b90", "b85", "a50", "b45", "a40", "b35", "a30", "b20"
+            ])
+        );
+
+        let lists: &[&[(&str, i64)]] = &[&[("a1", 10), ("a2", 20)], &[("b1", 15)]];
+        let mut members = Members::new(lists, false);
+        let listed = page_through(&mut members, false, 2, |members, page| {
+            if page == 1 {
+                members.lists[0].push(json!({"id": "a9", "created_at": 90}));
+            }
+        })
+        .await;
+        assert_eq!(listed, strings(&["a1", "b1", "a2", "a9"]));
+    }
+
+    /// Objects of one time on one member, cut by a page: the next page goes on after the ones
+    /// listed, also when the last one listed is gone since (the review's third case).
+    #[tokio::test]
+    async fn objects_of_one_time_are_listed_once() {
+        let lists: &[&[(&str, i64)]] = &[
+            &[("a1", 100), ("a2", 100), ("a3", 100), ("a4", 90)],
+            &[("b1", 100), ("b2", 95)],
+        ];
+        let mut members = Members::new(lists, true);
+        assert_eq!(
+            page_through(&mut members, true, 2, |_, _| {}).await,
+            strings(&["a1", "a2", "a3", "b1", "b2", "a4"])
         );
     }
 
     #[test]
-    fn a_member_with_nothing_on_the_page_keeps_its_place() {
-        let lists = [
-            list(&[("a2", 20), ("a1", 10)], false),
-            list(&[("b1", 1)], false),
-        ];
-        let standings = [
-            Standing::After(Some("a3".to_owned())),
-            Standing::After(Some("b2".to_owned())),
-        ];
-        let merged = merge(&lists, &standings, 1, &query(true));
-        assert_eq!(ids(&merged), ["a2"]);
-        assert_eq!(
-            merged.standings,
-            [
-                Standing::After(Some("a2".to_owned())),
-                Standing::After(Some("b2".to_owned()))
-            ]
-        );
-        // Oldest first: a member listed whole is asked again (what it makes next comes after
-        // the page).
-        let lists = [list(&[("a1", 10), ("a2", 20)], false), None];
-        let merged = merge(
-            &lists,
-            &[Standing::After(None), Standing::Done],
-            5,
-            &query(false),
-        );
-        assert_eq!(ids(&merged), ["a1", "a2"]);
-        assert!(!merged.more);
-        assert_eq!(
-            merged.standings,
-            [Standing::After(Some("a2".to_owned())), Standing::Done]
-        );
-    }
-
-    #[test]
-    fn objects_made_since_the_last_page_are_left_out_and_passed() {
-        // The last page ended at b's object of time 20; a has made a new one (40) since.
+    fn the_boundary_knows_the_objects_of_its_time() {
         let boundary = Boundary {
-            at: 20.0,
+            at: 100.0,
             member: 1,
+            tied: strings(&["b1", "b2"]),
         };
-        let mut a = list(&[("a9", 40), ("a2", 20), ("a1", 10)], false).unwrap();
-        leave_out_before(&mut a, boundary, 0, &query(true));
-        // a2 (as old, of a member listed first) was on an earlier page.
-        let kept: Vec<&str> = a.items.iter().filter_map(object_id).collect();
-        assert_eq!(kept, ["a1"]);
-        assert_eq!(a.skipped.as_deref(), Some("a2"));
-        let mut b = list(&[("b2", 20), ("b1", 15)], false).unwrap();
-        leave_out_before(&mut b, boundary, 2, &query(true));
-        assert_eq!(
-            b.items.len(),
-            2,
-            "as old, of a member listed after: not yet listed"
+        let item = |id: &str, at: i64| json!({"id": id, "created_at": at});
+        assert!(
+            !boundary.is_after(&item("a9", 100), 0, true),
+            "a member listed first"
         );
-        let merged = merge(
-            &[Some(a), list(&[], false)],
-            &[Standing::After(None), Standing::After(Some("x".to_owned()))],
-            0,
-            &query(true),
+        assert!(
+            boundary.is_after(&item("c1", 100), 2, true),
+            "a member listed later"
         );
-        assert_eq!(
-            merged.standings[0],
-            Standing::After(Some("a2".to_owned())),
-            "the left-out objects are passed"
+        assert!(!boundary.is_after(&item("b2", 100), 1, true), "listed");
+        assert!(
+            boundary.is_after(&item("b3", 100), 1, true),
+            "not listed yet"
         );
+        assert!(!boundary.is_after(&item("a9", 200), 0, true), "newer");
+        assert!(boundary.is_after(&item("a9", 50), 0, true), "older");
+        assert!(
+            boundary.is_after(&item("a9", 200), 0, false),
+            "newer, oldest first"
+        );
+        // The tied ids add up while pages end at the same place.
+        let items = vec![(item("b3", 100), 1), (item("b4", 100), 1)];
+        let next = boundary_after(&items, Some(&boundary)).unwrap();
+        assert_eq!(next.tied, strings(&["b1", "b2", "b3", "b4"]));
+        let next = boundary_after(&[(item("b5", 90), 1)], Some(&next)).unwrap();
+        assert_eq!(next.tied, strings(&["b5"]));
     }
 
     #[test]
     fn the_answer_describes_the_merged_page() {
-        let mut first = list(&[("a1", 10)], true).unwrap();
-        first.fields =
-            json!({"object": "list", "first_id": "a1", "last_id": "a1", "has_more": true})
-                .as_object()
-                .unwrap()
-                .clone();
-        let lists = [Some(first), list(&[("b1", 20)], false)];
-        let merged = merge(
-            &lists,
-            &[Standing::After(None), Standing::After(None)],
-            20,
-            &query(true),
-        );
-        let answer = merged.into_answer(&lists);
+        let fields = json!({"object": "list", "first_id": "x", "last_id": "y", "has_more": false});
+        let merged = Merged {
+            items: vec![
+                (json!({"id": "b1", "created_at": 20}), 1),
+                (json!({"id": "a1", "created_at": 10}), 0),
+            ],
+            more: true,
+            standings: Vec::new(),
+        };
+        let answer = answer(fields.as_object().cloned(), merged);
         assert_eq!(answer["data"].as_array().unwrap().len(), 2);
         assert_eq!(answer["first_id"], "b1");
         assert_eq!(answer["last_id"], "a1");
@@ -1109,40 +1398,56 @@ mod tests {
 
     #[test]
     fn list_parameters_are_read_and_checked() {
+        let files = defaults(OperationId::FilesList).unwrap();
         let parsed = ListQuery::parse(
             Some("api-version=1&limit=5&after=f%201&order=asc&purpose=batch"),
             OperationId::FilesList,
-            FILES,
+            files,
         )
         .ok()
         .unwrap();
-        assert_eq!(parsed.limit, Some(5));
+        assert_eq!(parsed.limit, 5);
         assert_eq!(parsed.after.as_deref(), Some("f 1"));
         assert!(!parsed.descending);
         assert_eq!(
-            parsed.for_member(Some(7), Some("x&y")),
+            parsed.for_member(7, Some("x&y")),
             "api-version=1&order=asc&purpose=batch&limit=7&after=x%26y"
         );
-        for bad in ["limit=0", "limit=ten", "order=sideways", "before=file-1"] {
+        // Members are told the order and the page size even when the client is not.
+        let parsed = ListQuery::parse(None, OperationId::FilesList, files)
+            .ok()
+            .unwrap();
+        assert_eq!(
+            parsed.for_member(parsed.limit, None),
+            "order=desc&limit=10000"
+        );
+        for bad in [
+            "limit=0",
+            "limit=ten",
+            "limit=10001",
+            "order=sideways",
+            "before=file-1",
+        ] {
             assert!(
-                ListQuery::parse(Some(bad), OperationId::FilesList, FILES).is_err(),
+                ListQuery::parse(Some(bad), OperationId::FilesList, files).is_err(),
                 "{bad}"
             );
         }
-        // Batches are always newest first, whatever `order` says.
+        // Batches are always newest first, whatever `order` says, and take no `order`.
         let batches = defaults(OperationId::BatchList).unwrap();
         let parsed = ListQuery::parse(Some("order=asc"), OperationId::BatchList, batches)
             .ok()
             .unwrap();
         assert!(parsed.descending);
-        // Evals ordered by their last update.
+        assert!(ListQuery::parse(Some("limit=101"), OperationId::BatchList, batches).is_err());
+        // Evals are merged by when they were made.
         let evals = defaults(OperationId::ListEvals).unwrap();
-        let parsed = ListQuery::parse(Some("order_by=updated_at"), OperationId::ListEvals, evals)
-            .ok()
-            .unwrap();
-        assert_eq!(parsed.sort, SortKey::Updated);
-        assert_eq!(parsed.time(&json!({"created_at": 1, "updated_at": 9})), 9.0);
-        assert!(ListQuery::parse(Some("order_by=name"), OperationId::ListEvals, evals).is_err());
+        assert!(
+            ListQuery::parse(Some("order_by=updated_at"), OperationId::ListEvals, evals).is_err()
+        );
+        assert!(
+            ListQuery::parse(Some("order_by=created_at"), OperationId::ListEvals, evals).is_ok()
+        );
     }
 
     #[test]
@@ -1151,7 +1456,11 @@ mod tests {
         let start = Instant::now();
         let cursor = Cursor {
             standings: vec![Standing::Done],
-            boundary: Boundary { at: 1.0, member: 0 },
+            boundary: Boundary {
+                at: 1.0,
+                member: 0,
+                tied: Vec::new(),
+            },
         };
         cursors.keep("a".to_owned(), cursor.clone(), start);
         assert_eq!(cursors.get("a", start), Some(cursor.clone()));

@@ -163,15 +163,7 @@ async fn make_batches(gw: &TestGateway, count: usize) -> Vec<String> {
         || !made.iter().any(|id: &String| id.starts_with("batch_b_"))
     {
         assert!(made.len() < 64, "64 batches, all on one member");
-        let created = gw
-            .post(BATCHES)
-            .json(&json!({"input_file_id": "file-1", "endpoint": "/chat/completions", "completion_window": "24h"}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(created.status(), 200);
-        let created: Value = created.json().await.unwrap();
-        made.push(created["id"].as_str().unwrap().to_owned());
+        made.push(make_batch(gw).await);
     }
     made.reverse();
     made
@@ -322,7 +314,7 @@ async fn pages_stay_in_order_while_objects_come_and_go() {
     assert_eq!(status, 200, "{first}");
     assert_eq!(ids(&first), made[..3]);
     // Made now: newer than everything listed.
-    let newer = make_batches_once(&gw).await;
+    let newer = make_batch(&gw).await;
     // The standing object of one member (its last batch on the page) is gone.
     let gone = ids(&first)[2].clone();
     let holder = if gone.starts_with("batch_a_") { &a } else { &b };
@@ -336,7 +328,7 @@ async fn pages_stay_in_order_while_objects_come_and_go() {
 }
 
 /// Makes one batch through `gw`; returns its id.
-async fn make_batches_once(gw: &TestGateway) -> String {
+async fn make_batch(gw: &TestGateway) -> String {
     let created = gw
         .post(BATCHES)
         .json(&json!({"input_file_id": "file-1", "endpoint": "/chat/completions", "completion_window": "24h"}))
