@@ -27,7 +27,13 @@ pub fn layers(app: Router, public_url: &Url) -> Router {
         let origin = origin.clone();
         async move { check_origin(&origin, request, next).await }
     }))
-    .layer(middleware::from_fn(drop_foreign_action_errors))
+    .layer(middleware::from_fn({
+        let origin = public_url.origin().ascii_serialization();
+        move |request: Request, next: Next| {
+            let origin = origin.clone();
+            async move { drop_foreign_action_errors(&origin, request, next).await }
+        }
+    }))
     .layer(middleware::from_fn(
         move |request: Request, next: Next| async move { headers(hsts, request, next).await },
     ))
@@ -69,10 +75,10 @@ const ACTION_ERROR_PARAMS: [&str; 2] = ["__err", "__path"];
 /// Redirects (303) a page request that carries a server function's error in its query
 /// ([`ACTION_ERROR_PARAMS`]) to the same page without it, unless the browser says the request
 /// came from the portal itself (`Sec-Fetch-Site: same-origin`, as after the portal's own form
-/// post): a link from anywhere else (a mail, another site) could otherwise make a portal page
-/// show text of the link's author's choosing as an error of the portal ("your key was leaked,
-/// call …").
-async fn drop_foreign_action_errors(request: Request, next: Next) -> Response {
+/// post; a browser that sends no `Sec-Fetch-Site`: a `Referer` of the portal's origin): a link
+/// from anywhere else (a mail, another site) could otherwise make a portal page show text of the
+/// link's author's choosing as an error of the portal ("your key was leaked, call …").
+async fn drop_foreign_action_errors(origin: &str, request: Request, next: Next) -> Response {
     if !matches!(*request.method(), Method::GET | Method::HEAD) {
         return next.run(request).await;
     }
@@ -81,10 +87,15 @@ async fn drop_foreign_action_errors(request: Request, next: Next) -> Response {
     };
     let carries_error = url::form_urlencoded::parse(query.as_bytes())
         .any(|(key, _)| ACTION_ERROR_PARAMS.contains(&key.as_ref()));
-    let from_the_portal = request
-        .headers()
-        .get("sec-fetch-site")
-        .is_some_and(|site| site.as_bytes() == b"same-origin");
+    let headers = request.headers();
+    let from_the_portal = match headers.get("sec-fetch-site") {
+        Some(site) => site.as_bytes() == b"same-origin",
+        None => headers
+            .get(header::REFERER)
+            .and_then(|referer| referer.to_str().ok())
+            .and_then(|referer| Url::parse(referer).ok())
+            .is_some_and(|referer| referer.origin().ascii_serialization() == origin),
+    };
     if !carries_error || from_the_portal {
         return next.run(request).await;
     }

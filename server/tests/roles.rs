@@ -442,8 +442,23 @@ async fn a_link_from_elsewhere_cannot_put_an_error_on_a_page() {
     assert_eq!(
         bare.status(),
         303,
-        "no Sec-Fetch-Site: not known to come from the portal"
+        "no Sec-Fetch-Site nor Referer: not known to come from the portal"
     );
+    // A browser that sends no Sec-Fetch-Site: its Referer says where the request came from.
+    for (referer, status) in [
+        ("https://mail.example.com/inbox".to_owned(), 303),
+        (format!("{}/subscriptions", portal.url), 200),
+    ] {
+        let response = browser
+            .client
+            .get(&link)
+            .header("referer", &referer)
+            .header("cookie", browser.cookie.clone().unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status, "{referer}");
+    }
     let only = browser
         .navigate(
             &format!("{}/subscriptions?__err={made_up}", portal.url),
@@ -507,7 +522,13 @@ async fn a_refused_form_shows_its_error_beside_the_field_without_javascript() {
         back.starts_with(&format!("{}/access-rules?", portal.url)),
         "{back}"
     );
-    let page = browser.get(&back).await.text().await.unwrap();
+    // The browser follows the redirect from the portal's own form post.
+    let page = browser
+        .navigate(&back, "same-origin")
+        .await
+        .text()
+        .await
+        .unwrap();
     let beside = page
         .split("data-field=\"grantee_id\"")
         .nth(1)
