@@ -58,13 +58,14 @@ const PLACEMENT_PAGE: u64 = 100;
 /// The most pages read from one member to place a cursor.
 const PLACEMENT_PAGES: usize = 50;
 
-/// The most pages read from one member for one merged page (a member whose pages end early, or
-/// hold only objects made since the last page).
-const MAX_READS: usize = 20;
+/// The most reads of one member in a row, for one merged page, that give nothing to put on it
+/// (pages that hold only objects made since the last page, or none): then the page ends early,
+/// or, with nothing on it yet, the list is answered 503.
+const MAX_IDLE_READS: usize = PLACEMENT_PAGES;
 
 /// The most ids of objects as old as a page's last one, of its member, that a cursor keeps (see
 /// [`Boundary::tied`]).
-const MAX_TIED: usize = 1_000;
+const MAX_TIED: usize = 100;
 
 /// The largest list answer read from a member.
 const MAX_LIST_BYTES: usize = 16 << 20;
@@ -235,6 +236,9 @@ struct ListQuery {
     rest: Vec<(String, String)>,
     after: Option<String>,
     limit: u64,
+    /// The page size of the reads that go on after a member's first read of a page: at least
+    /// [`PLACEMENT_PAGE`], within the API's maximum.
+    read_limit: u64,
     descending: bool,
 }
 
@@ -248,6 +252,7 @@ impl ListQuery {
             rest: Vec::new(),
             after: None,
             limit: defaults.limit,
+            read_limit: PLACEMENT_PAGE.min(defaults.max_limit),
             descending: defaults.descending,
         };
         let mut ordered = false;
@@ -307,6 +312,7 @@ impl ListQuery {
                 }
             }
         }
+        parsed.read_limit = parsed.limit.max(parsed.read_limit);
         if defaults.orderable && !ordered {
             let order = if parsed.descending { "desc" } else { "asc" };
             parsed.rest.push(("order".to_owned(), order.to_owned()));
@@ -363,7 +369,8 @@ struct Feed {
     /// The last object read (where the next read starts).
     read_to: Option<String>,
     has_more: bool,
-    reads: usize,
+    /// Reads in a row that gave nothing to put on the page.
+    idle_reads: usize,
 }
 
 impl Feed {
@@ -374,7 +381,7 @@ impl Feed {
             standing: standing.clone(),
             read_to: standing,
             has_more: false,
-            reads: 0,
+            idle_reads: 0,
         };
         feed.take(list);
         feed
@@ -382,7 +389,6 @@ impl Feed {
 
     /// Takes a page read from the member.
     fn take(&mut self, list: MemberList) {
-        self.reads += 1;
         self.has_more = list.has_more;
         if let Some(id) = list.items.last().and_then(object_id) {
             self.read_to = Some(id.to_owned());
@@ -428,13 +434,32 @@ struct Merged {
     standings: Vec<Standing>,
 }
 
-/// Why a merge stopped: a member's read failed.
-type ReadFailed = (usize, MemberRead<()>);
+/// Why a merge stopped: the read of the member at `member` failed. `standings`: where each
+/// member stood then, past what the page had passed, so that trying the page again goes on from
+/// there.
+struct ReadFailed {
+    member: usize,
+    read: MemberRead<()>,
+    standings: Vec<Standing>,
+}
+
+/// Where each member of `feeds` stands (see [`Feed::standing_after`]).
+fn standings_of(feeds: &[Option<Feed>], descending: bool) -> Vec<Standing> {
+    feeds
+        .iter()
+        .map(|feed| {
+            feed.as_ref()
+                .map_or(Standing::Done, |feed| feed.standing_after(descending))
+        })
+        .collect()
+}
 
 /// Merges the members' lists into a page of at most `query.limit` objects. `feeds` holds each
 /// member's first read (`None`: a member listed whole before). Objects that come before
 /// `boundary` are passed. A member whose read objects run out while it has more is read further
-/// (at most [`MAX_READS`] reads) before the page goes on.
+/// (pages of `query.read_limit`) before the page goes on; after [`MAX_IDLE_READS`] reads in a row
+/// that give nothing for the page, the page ends there (the member's standing past what it
+/// passed), or fails if nothing is on it yet.
 async fn merge<S: PageSource>(
     source: &S,
     mut feeds: Vec<Option<Feed>>,
@@ -442,6 +467,8 @@ async fn merge<S: PageSource>(
     query: &ListQuery,
 ) -> Result<Merged, ReadFailed> {
     let mut items = Vec::new();
+    let mut stalled = false;
+    let mut failed: Option<(usize, MemberRead<()>)> = None;
     while (items.len() as u64) < query.limit {
         let mut best: Option<(usize, f64)> = None;
         for (member, feed) in feeds.iter_mut().enumerate() {
@@ -450,17 +477,46 @@ async fn merge<S: PageSource>(
                 if let Some(boundary) = boundary {
                     feed.pass_before(boundary, member, query.descending);
                 }
-                if !feed.buffer.is_empty() || !feed.has_more {
+                if !feed.buffer.is_empty() {
+                    feed.idle_reads = 0;
                     break;
                 }
-                if feed.reads >= MAX_READS {
-                    return Err((member, MemberRead::cut(NO_PROGRESS, StatusCode::OK)));
+                if !feed.has_more {
+                    break;
                 }
-                let list = source
-                    .fetch(member, feed.read_to.as_deref(), query.limit)
+                if feed.idle_reads >= MAX_IDLE_READS {
+                    if items.is_empty() {
+                        failed = Some((member, MemberRead::cut(NO_PROGRESS, StatusCode::OK)));
+                        break;
+                    }
+                    // Ends the page here: what the member passed is kept in its standing.
+                    stalled = true;
+                    break;
+                }
+                feed.idle_reads += 1;
+                let list = match source
+                    .fetch(member, feed.read_to.as_deref(), query.read_limit)
                     .await
-                    .map_err(|read| (member, read))?;
+                {
+                    Ok(list) => list,
+                    // The object the read goes on from is gone within this page: the list is
+                    // tried again rather than answered with the member's 404.
+                    Err(MemberRead::Refused(response))
+                        if response.status() == StatusCode::NOT_FOUND =>
+                    {
+                        failed =
+                            Some((member, MemberRead::cut(NO_PROGRESS, StatusCode::NOT_FOUND)));
+                        break;
+                    }
+                    Err(read) => {
+                        failed = Some((member, read));
+                        break;
+                    }
+                };
                 feed.take(list);
+            }
+            if stalled || failed.is_some() {
+                break;
             }
             if let Some(item) = feed.buffer.front() {
                 let time = created(item);
@@ -468,6 +524,16 @@ async fn merge<S: PageSource>(
                     best = Some((member, time));
                 }
             }
+        }
+        if let Some((member, read)) = failed {
+            return Err(ReadFailed {
+                member,
+                read,
+                standings: standings_of(&feeds, query.descending),
+            });
+        }
+        if stalled {
+            break;
         }
         let Some((member, _)) = best else { break };
         let Some(feed) = feeds[member].as_mut() else {
@@ -482,18 +548,78 @@ async fn merge<S: PageSource>(
         items.push((item, member));
     }
     let more = feeds.iter().flatten().any(Feed::has_left);
-    let standings = feeds
-        .iter()
-        .map(|feed| {
-            feed.as_ref()
-                .map_or(Standing::Done, |feed| feed.standing_after(query.descending))
-        })
-        .collect();
+    let standings = standings_of(&feeds, query.descending);
     Ok(Merged {
         items,
         more,
         standings,
     })
+}
+
+/// The first read of the member at `index` for a page, after its standing object `after`;
+/// when that object is gone since the last page (the member answers 404), the member is placed
+/// again from the page's `boundary`. Answers the standing read from and the page, or `None` for
+/// a member placed after all its objects (newest first: nothing of it is left for the list).
+async fn first_read<S: PageSource>(
+    source: &S,
+    index: usize,
+    after: Option<String>,
+    boundary: Option<&Boundary>,
+    query: &ListQuery,
+) -> Result<Option<(Option<String>, MemberList)>, Unplaced> {
+    match source.fetch(index, after.as_deref(), query.limit).await {
+        Ok(list) => Ok(Some((after, list))),
+        Err(MemberRead::Refused(response))
+            if response.status() == StatusCode::NOT_FOUND && after.is_some() =>
+        {
+            let Some(boundary) = boundary else {
+                return Err(Unplaced::Read(MemberRead::Refused(response)));
+            };
+            let Standing::After(standing) = place_member(source, index, boundary, query).await?
+            else {
+                return Ok(None);
+            };
+            let list = source
+                .fetch(index, standing.as_deref(), query.limit)
+                .await
+                .map_err(Unplaced::Read)?;
+            Ok(Some((standing, list)))
+        }
+        Err(read) => Err(Unplaced::Read(read)),
+    }
+}
+
+/// Where the member at `index` stands after `boundary`: its last object before it, read from its
+/// start (at most [`PLACEMENT_PAGES`] pages of [`PLACEMENT_PAGE`]).
+async fn place_member<S: PageSource>(
+    source: &S,
+    index: usize,
+    boundary: &Boundary,
+    query: &ListQuery,
+) -> Result<Standing, Unplaced> {
+    let mut last: Option<String> = None;
+    for _ in 0..PLACEMENT_PAGES {
+        let list = source
+            .fetch(index, last.as_deref(), PLACEMENT_PAGE)
+            .await
+            .map_err(Unplaced::Read)?;
+        for item in &list.items {
+            if boundary.is_after(item, index, query.descending) {
+                return Ok(Standing::After(last));
+            }
+            if let Some(id) = object_id(item) {
+                last = Some(id.to_owned());
+            }
+        }
+        if !list.has_more {
+            return Ok(if query.descending {
+                Standing::Done
+            } else {
+                Standing::After(last)
+            });
+        }
+    }
+    Err(Unplaced::TooDeep)
 }
 
 /// The boundary after `items`, the page's objects with their members: its last object's place,
@@ -707,10 +833,9 @@ impl Lister<'_> {
                 let started = Instant::now();
                 let read = match standing {
                     Standing::Done => Ok(None),
-                    Standing::After(after) => self
-                        .first_read(index, after.clone(), boundary)
-                        .await
-                        .map(Some),
+                    Standing::After(after) => {
+                        first_read(self, index, after.clone(), boundary, query).await
+                    }
                 };
                 (read, millis(started.elapsed()))
             }
@@ -732,6 +857,7 @@ impl Lister<'_> {
                     }
                     feeds.push(Some(Feed::new(standing, list)));
                 }
+                // Listed whole before, or placed after all its objects.
                 Ok(None) => feeds.push(None),
                 Err(unplaced) => {
                     let stopped = self.stop(member, unplaced, record);
@@ -744,8 +870,19 @@ impl Lister<'_> {
         }
         let merged = match merge(self, feeds, boundary.as_ref(), query).await {
             Ok(merged) => merged,
-            Err((index, read)) => {
-                return Err(self.stop(&self.pool.members[index], Unplaced::Read(read), record));
+            Err(failed) => {
+                // What the page passed is not read again when the client tries it again.
+                if let (Some(after), Some(boundary)) = (&query.after, boundary) {
+                    let cursor = Cursor {
+                        standings: failed.standings,
+                        boundary,
+                    };
+                    self.gateway
+                        .list_cursors
+                        .keep(self.cursor_key(after), cursor, Instant::now());
+                }
+                let member = &self.pool.members[failed.member];
+                return Err(self.stop(member, Unplaced::Read(failed.read), record));
             }
         };
         if merged.more
@@ -761,46 +898,6 @@ impl Lister<'_> {
                 .keep(self.cursor_key(last), cursor, Instant::now());
         }
         Ok(Bytes::from(answer(fields, merged).to_string()))
-    }
-
-    /// The first read of the member at `index` for a page, after its standing object `after`;
-    /// when that object is gone since the last page (the member answers 404), the member is
-    /// placed again from the page's `boundary`. Answers the standing read from, and the page.
-    async fn first_read(
-        &self,
-        index: usize,
-        after: Option<String>,
-        boundary: Option<&Boundary>,
-    ) -> Result<(Option<String>, MemberList), Unplaced> {
-        match self.fetch(index, after.as_deref(), self.query.limit).await {
-            Ok(list) => Ok((after, list)),
-            Err(MemberRead::Refused(response))
-                if response.status() == StatusCode::NOT_FOUND && after.is_some() =>
-            {
-                let Some(boundary) = boundary else {
-                    return Err(Unplaced::Read(MemberRead::Refused(response)));
-                };
-                let standing = match self.place_member(index, boundary).await? {
-                    Standing::After(after) => after,
-                    Standing::Done => {
-                        return Ok((
-                            None,
-                            MemberList {
-                                items: Vec::new(),
-                                has_more: false,
-                                fields: Map::new(),
-                            },
-                        ));
-                    }
-                };
-                let list = self
-                    .fetch(index, standing.as_deref(), self.query.limit)
-                    .await
-                    .map_err(Unplaced::Read)?;
-                Ok((standing, list))
-            }
-            Err(read) => Err(Unplaced::Read(read)),
-        }
     }
 
     /// Where each member stands after the object `after`, read from the members: for a cursor
@@ -846,7 +943,7 @@ impl Lister<'_> {
                 if index == holder {
                     Ok(Standing::After(Some(after.to_owned())))
                 } else {
-                    self.place_member(index, boundary).await
+                    place_member(self, index, boundary, &self.query).await
                 }
             }
         });
@@ -869,34 +966,6 @@ impl Lister<'_> {
             standings,
             boundary,
         })
-    }
-
-    /// Where the member at `index` stands after `boundary`: its last object before it, read from
-    /// its start (at most [`PLACEMENT_PAGES`] pages).
-    async fn place_member(&self, index: usize, boundary: &Boundary) -> Result<Standing, Unplaced> {
-        let mut last: Option<String> = None;
-        for _ in 0..PLACEMENT_PAGES {
-            let list = self
-                .fetch(index, last.as_deref(), PLACEMENT_PAGE)
-                .await
-                .map_err(Unplaced::Read)?;
-            for item in &list.items {
-                if boundary.is_after(item, index, self.query.descending) {
-                    return Ok(Standing::After(last));
-                }
-                if let Some(id) = object_id(item) {
-                    last = Some(id.to_owned());
-                }
-            }
-            if !list.has_more {
-                return Ok(if self.query.descending {
-                    Standing::Done
-                } else {
-                    Standing::After(last)
-                });
-            }
-        }
-        Err(Unplaced::TooDeep)
     }
 
     /// The key a page's cursor is kept under: the pool and its members (a push that changes them
@@ -1008,13 +1077,15 @@ impl Lister<'_> {
             } => {
                 let status = status.map(|s| s.as_u16());
                 if matches!(reason, BAD_LIST_ANSWER | LIST_TOO_LARGE | NO_PROGRESS) {
-                    // It answered: it is not set aside for calls of other kinds.
+                    // It answered: it is not set aside for calls of other kinds. A page that
+                    // passed many objects goes on from there when tried again.
                     tracing::warn!(backend = %member.config.id, reason, "a backend's part of a merged list could not be read");
                     self.gateway
                         .metrics
                         .backend_attempt(&member.config.id, reason);
                     proxy::note_attempt(record, member, status, 0, Some(reason));
-                    return Stopped::Error(GatewayError::ListIncomplete { retry_after: None });
+                    let retry_after = (reason == NO_PROGRESS).then_some(Duration::from_secs(1));
+                    return Stopped::Error(GatewayError::ListIncomplete { retry_after });
                 }
                 tracing::warn!(backend = %member.config.id, reason, "a backend's part of a merged list could not be read; member set aside");
                 let mut throttled = None;
@@ -1088,6 +1159,8 @@ mod tests {
         lists: Vec<Vec<Value>>,
         /// The most objects a member gives a page, whatever `limit` asks.
         page_cap: usize,
+        /// Pages read.
+        reads: std::cell::Cell<usize>,
     }
 
     impl Members {
@@ -1113,6 +1186,7 @@ mod tests {
                     })
                     .collect(),
                 page_cap: usize::MAX,
+                reads: std::cell::Cell::new(0),
             }
         }
     }
@@ -1124,6 +1198,7 @@ mod tests {
             after: Option<&str>,
             limit: u64,
         ) -> Result<MemberList, MemberRead<()>> {
+            self.reads.set(self.reads.get() + 1);
             let list = &self.lists[member];
             let start = match after {
                 None => 0,
@@ -1154,6 +1229,7 @@ mod tests {
             rest: Vec::new(),
             after: None,
             limit,
+            read_limit: limit.max(PLACEMENT_PAGE),
             descending,
         }
     }
@@ -1170,6 +1246,7 @@ mod tests {
         let query = query(descending, limit);
         let mut cursor: Option<Cursor> = None;
         let mut listed = Vec::new();
+        let mut retries = 0;
         for page in 0..100 {
             if page > 0 {
                 between(members, page);
@@ -1184,9 +1261,11 @@ mod tests {
                 feeds.push(match standing {
                     Standing::Done => None,
                     Standing::After(after) => {
-                        let read = members.fetch(index, after.as_deref(), limit).await;
+                        let read =
+                            first_read(&*members, index, after.clone(), boundary.as_ref(), &query)
+                                .await;
                         match read {
-                            Ok(list) => Some(Feed::new(after.clone(), list)),
+                            Ok(read) => read.map(|(standing, list)| Feed::new(standing, list)),
                             Err(_) => panic!("member {index} refused {after:?}"),
                         }
                     }
@@ -1194,7 +1273,16 @@ mod tests {
             }
             let merged = match merge(&*members, feeds, boundary.as_ref(), &query).await {
                 Ok(merged) => merged,
-                Err((member, _)) => panic!("member {member} failed"),
+                // Tried again, as a client does after the 503, from where the page stopped.
+                Err(failed) => {
+                    retries += 1;
+                    assert!(retries < 10, "member {} failed 10 times", failed.member);
+                    cursor = Some(Cursor {
+                        standings: failed.standings,
+                        boundary: boundary.expect("a page after the first"),
+                    });
+                    continue;
+                }
             };
             assert!(
                 !merged.items.is_empty() || !merged.more,
@@ -1328,17 +1416,59 @@ mod tests {
     }
 
     /// Objects of one time on one member, cut by a page: the next page goes on after the ones
-    /// listed, also when the last one listed is gone since (the review's third case).
+    /// listed, also when the last one listed is gone since (the member is placed again from the
+    /// page's boundary, which knows the objects of its time already listed).
     #[tokio::test]
     async fn objects_of_one_time_are_listed_once() {
         let lists: &[&[(&str, i64)]] = &[
             &[("a1", 100), ("a2", 100), ("a3", 100), ("a4", 90)],
             &[("b1", 100), ("b2", 95)],
         ];
+        let all = strings(&["a1", "a2", "a3", "b1", "b2", "a4"]);
         let mut members = Members::new(lists, true);
-        assert_eq!(
-            page_through(&mut members, true, 2, |_, _| {}).await,
-            strings(&["a1", "a2", "a3", "b1", "b2", "a4"])
+        assert_eq!(page_through(&mut members, true, 2, |_, _| {}).await, all);
+        // a2 ends the first page and is gone before the second.
+        let mut members = Members::new(lists, true);
+        let listed = page_through(&mut members, true, 2, |members, page| {
+            if page == 1 {
+                members.lists[0].retain(|item| item["id"] != "a2");
+            }
+        })
+        .await;
+        assert_eq!(listed, all);
+        // b's standing (b1) is gone before the third page: b is placed again.
+        let mut members = Members::new(lists, true);
+        let listed = page_through(&mut members, true, 2, |members, page| {
+            if page == 2 {
+                members.lists[1].retain(|item| item["id"] != "b1");
+            }
+        })
+        .await;
+        assert_eq!(listed, all);
+    }
+
+    /// A member that made many objects since the last page, read one object at a time: the page
+    /// is not read without end — it ends early, or fails and goes on from there when tried
+    /// again — and no object is skipped or listed twice.
+    #[tokio::test]
+    async fn a_member_that_passes_many_objects_ends_the_page_early() {
+        let lists: &[&[(&str, i64)]] = &[&[("a3", 30), ("a2", 20), ("a1", 10)], &[("b5", 5)]];
+        let mut members = Members::new(lists, true);
+        members.page_cap = 1;
+        let listed = page_through(&mut members, true, 2, |members, page| {
+            if page == 1 {
+                for n in 0..120 {
+                    let id = format!("bnew{n}");
+                    members.lists[1].insert(0, json!({"id": id, "created_at": 1_000 + n}));
+                }
+            }
+        })
+        .await;
+        assert_eq!(listed, strings(&["a3", "a2", "a1", "b5"]));
+        assert!(
+            members.reads.get() > 120,
+            "the new objects were read one at a time: {}",
+            members.reads.get()
         );
     }
 
