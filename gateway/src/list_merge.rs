@@ -364,6 +364,9 @@ struct Feed {
     /// The last object put on the page or passed (the member's standing for the next page);
     /// `None`: none yet.
     passed: Option<String>,
+    /// The last object passed for coming before the boundary (objects are passed before any is
+    /// put on the page): where a page that fails goes on when tried again.
+    skipped: Option<String>,
     /// Where the member stood before the page.
     standing: Option<String>,
     /// The last object read (where the next read starts).
@@ -378,6 +381,7 @@ impl Feed {
         let mut feed = Feed {
             buffer: VecDeque::new(),
             passed: None,
+            skipped: None,
             standing: standing.clone(),
             read_to: standing,
             has_more: false,
@@ -405,6 +409,7 @@ impl Feed {
             }
             if let Some(id) = object_id(item) {
                 self.passed = Some(id.to_owned());
+                self.skipped = Some(id.to_owned());
             }
             self.buffer.pop_front();
         }
@@ -417,6 +422,12 @@ impl Feed {
             return Standing::Done;
         }
         Standing::After(self.passed.clone().or_else(|| self.standing.clone()))
+    }
+
+    /// Where the member stands for a page that failed, to be tried again: past the objects it
+    /// passed, not past those put on the page (the client never got them).
+    fn standing_for_retry(&self) -> Standing {
+        Standing::After(self.skipped.clone().or_else(|| self.standing.clone()))
     }
 
     fn has_left(&self) -> bool {
@@ -435,8 +446,8 @@ struct Merged {
 }
 
 /// Why a merge stopped: the read of the member at `member` failed. `standings`: where each
-/// member stood then, past what the page had passed, so that trying the page again goes on from
-/// there.
+/// member stood then, past what the page had passed (not what it had put on the page), so that
+/// trying the page again goes on from there.
 struct ReadFailed {
     member: usize,
     read: MemberRead<()>,
@@ -466,6 +477,14 @@ async fn merge<S: PageSource>(
     boundary: Option<&Boundary>,
     query: &ListQuery,
 ) -> Result<Merged, ReadFailed> {
+    let standings_before: Vec<Standing> = feeds
+        .iter()
+        .map(|feed| {
+            feed.as_ref().map_or(Standing::Done, |feed| {
+                Standing::After(feed.standing.clone())
+            })
+        })
+        .collect();
     let mut items = Vec::new();
     let mut stalled = false;
     let mut failed: Option<(usize, MemberRead<()>)> = None;
@@ -526,10 +545,15 @@ async fn merge<S: PageSource>(
             }
         }
         if let Some((member, read)) = failed {
+            let standings = feeds
+                .iter()
+                .zip(standings_before)
+                .map(|(feed, before)| feed.as_ref().map_or(before, Feed::standing_for_retry))
+                .collect();
             return Err(ReadFailed {
                 member,
                 read,
-                standings: standings_of(&feeds, query.descending),
+                standings,
             });
         }
         if stalled {
@@ -1161,6 +1185,8 @@ mod tests {
         page_cap: usize,
         /// Pages read.
         reads: std::cell::Cell<usize>,
+        /// The read (by count) that fails, once, as a member that breaks off.
+        fail_at: std::cell::Cell<Option<usize>>,
     }
 
     impl Members {
@@ -1187,6 +1213,7 @@ mod tests {
                     .collect(),
                 page_cap: usize::MAX,
                 reads: std::cell::Cell::new(0),
+                fail_at: std::cell::Cell::new(None),
             }
         }
     }
@@ -1199,6 +1226,14 @@ mod tests {
             limit: u64,
         ) -> Result<MemberList, MemberRead<()>> {
             self.reads.set(self.reads.get() + 1);
+            if self.fail_at.get() == Some(self.reads.get()) {
+                self.fail_at.set(None);
+                return Err(MemberRead::Failed {
+                    reason: "backend_stream_failed",
+                    status: None,
+                    wait: Duration::from_secs(1),
+                });
+            }
             let list = &self.lists[member];
             let start = match after {
                 None => 0,
@@ -1445,6 +1480,28 @@ mod tests {
         })
         .await;
         assert_eq!(listed, all);
+    }
+
+    /// A page that fails after it put objects on it (a member breaks off while read further) is
+    /// tried again from where the members stood before it: the client never got those objects.
+    #[tokio::test]
+    async fn a_failed_page_loses_nothing_it_had_taken() {
+        let lists: &[&[(&str, i64)]] = &[
+            &[("a3", 30), ("a2", 20), ("a1", 10), ("a0", 5)],
+            &[("b9", 9), ("b1", 1)],
+        ];
+        let mut members = Members::new(lists, true);
+        members.page_cap = 1;
+        let listed = page_through(&mut members, true, 2, |members, page| {
+            if page == 1 {
+                // The second page: both first reads, then a's next read breaks off, after a1
+                // was put on the page.
+                members.fail_at.set(Some(members.reads.get() + 3));
+            }
+        })
+        .await;
+        assert_eq!(listed, strings(&["a3", "a2", "a1", "b9", "a0", "b1"]));
+        assert_eq!(members.fail_at.get(), None, "the read failed");
     }
 
     /// A member that made many objects since the last page, read one object at a time: the page
