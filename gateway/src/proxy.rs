@@ -129,8 +129,17 @@ pub async fn forward(
     gateway.affinity.learn(&objects).await;
     let target = target(gateway, runtime, &call, &objects)?;
     // Each member of a resource pool lists only the objects it holds: a list goes to all of them.
+    // Boxed: its future is large, and every call's future would otherwise carry (and move) room
+    // for it.
     if target.pinned.is_none() && crate::list_merge::merges(&call, &parts.method, target.pool) {
-        return crate::list_merge::forward(gateway, call, parts, target.pool, record).await;
+        return Box::pin(crate::list_merge::forward(
+            gateway,
+            call,
+            parts,
+            target.pool,
+            record,
+        ))
+        .await;
     }
     let mut tried: Vec<usize> = Vec::new();
     // The shortest wait a member asked for in a 429 during this call: a member that answered 429
