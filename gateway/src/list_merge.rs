@@ -1371,29 +1371,34 @@ mod tests {
         }
     }
 
+    /// Two members whose objects interleave (the reviews' cases), newest first in
+    /// [`INTERLEAVED_ORDER`].
+    const INTERLEAVED: &[&[(&str, i64)]] = &[
+        &[("a50", 50), ("a40", 40), ("a30", 30)],
+        &[
+            ("b100", 100),
+            ("b90", 90),
+            ("b85", 85),
+            ("b45", 45),
+            ("b35", 35),
+            ("b20", 20),
+        ],
+    ];
+
+    const INTERLEAVED_ORDER: &[&str] = &[
+        "b100", "b90", "b85", "a50", "b45", "a40", "b35", "a30", "b20",
+    ];
+
     /// The review's first case: a member whose read objects run out on a page while it has more
     /// is read further, so that nothing of it is skipped (here its pages hold one object).
     #[tokio::test]
     async fn a_member_with_short_pages_is_read_further() {
-        let lists: &[&[(&str, i64)]] = &[
-            &[("a50", 50), ("a40", 40), ("a30", 30)],
-            &[
-                ("b100", 100),
-                ("b90", 90),
-                ("b85", 85),
-                ("b45", 45),
-                ("b35", 35),
-                ("b20", 20),
-            ],
-        ];
+        let lists = INTERLEAVED;
         let mut members = Members::new(lists, true);
         members.page_cap = 1;
-        let expected = strings(&[
-            "b100", "b90", "b85", "a50", "b45", "a40", "b35", "a30", "b20",
-        ]);
         assert_eq!(
             page_through(&mut members, true, 3, |_, _| {}).await,
-            expected
+            strings(INTERLEAVED_ORDER)
         );
     }
 
@@ -1413,17 +1418,7 @@ mod tests {
         .await;
         assert_eq!(listed, strings(&["a1", "b1"]));
 
-        let lists: &[&[(&str, i64)]] = &[
-            &[("a50", 50), ("a40", 40), ("a30", 30)],
-            &[
-                ("b100", 100),
-                ("b90", 90),
-                ("b85", 85),
-                ("b45", 45),
-                ("b35", 35),
-                ("b20", 20),
-            ],
-        ];
+        let lists = INTERLEAVED;
         let mut members = Members::new(lists, true);
         let listed = page_through(&mut members, true, 3, |members, page| {
             if page == 1 {
@@ -1432,12 +1427,7 @@ mod tests {
             }
         })
         .await;
-        assert_eq!(
-            listed,
-            strings(&[
-                "b100", "b90", "b85", "a50", "b45", "a40", "b35", "a30", "b20"
-            ])
-        );
+        assert_eq!(listed, strings(INTERLEAVED_ORDER));
 
         let lists: &[&[(&str, i64)]] = &[&[("a1", 10), ("a2", 20)], &[("b1", 15)]];
         let mut members = Members::new(lists, false);
