@@ -40,19 +40,18 @@ pub(crate) async fn read_assistant_model(
         Ok(response) => response,
         Err(ended) => return ended,
     };
-    let status = response.status();
-    let mut body = response.into_body();
-    let mut read = Vec::new();
-    loop {
-        match member_read::next_chunk(member, &mut body).await {
-            Ok(Some(data)) if read.len() + data.len() <= MAX_ASSISTANT_BYTES => {
-                read.extend_from_slice(&data);
-            }
-            Ok(Some(_)) => return MemberRead::cut("assistant_too_large", status),
-            Ok(None) => break,
-            Err(()) => return MemberRead::cut("assistant_cut", status),
-        }
-    }
+    let (status, read) = match member_read::whole_body(
+        member,
+        response,
+        MAX_ASSISTANT_BYTES,
+        "assistant_too_large",
+        "assistant_cut",
+    )
+    .await
+    {
+        Ok(read) => read,
+        Err(ended) => return ended,
+    };
     match serde_json::from_slice::<Assistant>(&read) {
         Ok(assistant) if !assistant.model.is_empty() => MemberRead::Read(assistant.model),
         _ => MemberRead::Failed {

@@ -1038,36 +1038,15 @@ impl Lister<'_> {
         let uri = http::Uri::try_from(url)
             .map_err(|_| MemberRead::cut(BAD_LIST_ANSWER, StatusCode::OK))?;
         let headers = proxy::upstream_headers(&self.beta, credential, self.request_id.as_deref());
-        let response = match member_read::get(member, uri, headers).await {
-            MemberRead::Read(response) => response,
-            MemberRead::Failed {
-                reason,
-                status,
-                wait,
-            } => {
-                return Err(MemberRead::Failed {
-                    reason,
-                    status,
-                    wait,
-                });
-            }
-            MemberRead::Refused(response) => return Err(MemberRead::Refused(response)),
-        };
-        let status = response.status();
-        let mut body = response.into_body();
-        let mut bytes = Vec::new();
-        loop {
-            match member_read::next_chunk(member, &mut body).await {
-                Ok(Some(chunk)) => {
-                    if bytes.len() + chunk.len() > MAX_LIST_BYTES {
-                        return Err(MemberRead::cut(LIST_TOO_LARGE, status));
-                    }
-                    bytes.extend_from_slice(&chunk);
-                }
-                Ok(None) => break,
-                Err(()) => return Err(MemberRead::cut("backend_stream_failed", status)),
-            }
-        }
+        let response = member_read::get(member, uri, headers).await.into_read()?;
+        let (status, bytes) = member_read::whole_body(
+            member,
+            response,
+            MAX_LIST_BYTES,
+            LIST_TOO_LARGE,
+            "backend_stream_failed",
+        )
+        .await?;
         serde_json::from_slice(&bytes).map_err(|_| MemberRead::cut(BAD_LIST_ANSWER, status))
     }
 

@@ -96,6 +96,29 @@ pub(crate) async fn get(
     MemberRead::Read(response)
 }
 
+/// The whole body of `response`, a member's answer, with its status: at most `max` bytes (a
+/// larger one ends as `too_large`), each piece within the member's idle timeout (an answer that
+/// breaks off or pauses longer ends as `cut`).
+pub(crate) async fn whole_body<T>(
+    member: &Member,
+    response: http::Response<UpstreamBody>,
+    max: usize,
+    too_large: &'static str,
+    cut: &'static str,
+) -> Result<(StatusCode, Vec<u8>), MemberRead<T>> {
+    let status = response.status();
+    let mut body = response.into_body();
+    let mut read = Vec::new();
+    loop {
+        match next_chunk(member, &mut body).await {
+            Ok(Some(data)) if read.len() + data.len() <= max => read.extend_from_slice(&data),
+            Ok(Some(_)) => return Err(MemberRead::cut(too_large, status)),
+            Ok(None) => return Ok((status, read)),
+            Err(()) => return Err(MemberRead::cut(cut, status)),
+        }
+    }
+}
+
 /// The next piece of a member's answer, waiting at most the member's idle timeout: `None` at its
 /// end, `Err` when it broke off or paused too long.
 pub(crate) async fn next_chunk(

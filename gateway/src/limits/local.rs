@@ -166,32 +166,20 @@ impl LocalStore {
                         state.slots.get(&adjustment.key),
                         Some(Slot::Quota { window_start, .. }) if *window_start == start
                     );
+                let used = state.quota_used(&adjustment.key, start);
                 let used = if in_charged_window {
-                    state
-                        .quota_used(&adjustment.key, adjustment.window_start)
-                        .saturating_add_signed(adjustment.delta)
+                    used.saturating_add_signed(adjustment.delta)
                 } else if adjustment.delta > 0 && start >= adjustment.window_start {
-                    state
-                        .quota_used(&adjustment.key, start)
-                        .saturating_add(adjustment.delta.unsigned_abs())
+                    used.saturating_add(adjustment.delta.unsigned_abs())
                 } else {
                     continue;
-                };
-                let (window_start, window_end) = if in_charged_window {
-                    let Some(Slot::Quota { window_end, .. }) = state.slots.get(&adjustment.key)
-                    else {
-                        continue;
-                    };
-                    (adjustment.window_start, *window_end)
-                } else {
-                    (start, end)
                 };
                 state.slots.insert(
                     adjustment.key.clone(),
                     Slot::Quota {
                         used,
-                        window_start,
-                        window_end,
+                        window_start: start,
+                        window_end: end,
                     },
                 );
                 continue;
