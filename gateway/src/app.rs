@@ -70,6 +70,8 @@ pub struct Gateway {
     pub tokens: crate::entra::TokenValidator,
     /// Usage-limit counters.
     pub limiter: Limiter,
+    /// Background responses and runs whose work goes on after their call.
+    pub(crate) deferred: crate::deferred_work::DeferredWork,
     /// The calls that have not handed their records on yet; a shutdown waits for them.
     pub calls: CallsInFlight,
     /// Counts the runtimes installed after the first: sessions that outlive a call (the Realtime
@@ -231,6 +233,7 @@ impl Gateway {
             ),
         );
         let limiter = Limiter::new(&parts.limits, metrics.limit_store_errors.clone())?;
+        let deferred = crate::deferred_work::DeferredWork::new(&parts.limits)?;
         Ok(Arc::new(Gateway {
             id: parts.id,
             runtime: ArcSwap::from_pointee(runtime),
@@ -249,6 +252,7 @@ impl Gateway {
             stall_watch: crate::stream_window::StallWatch::new(parts.client_timeouts.send),
             tokens,
             limiter,
+            deferred,
             calls: CallsInFlight::default(),
             installs: tokio::sync::watch::Sender::new(0),
             list_cursors: crate::list_merge::ListCursors::default(),
@@ -345,6 +349,57 @@ impl Gateway {
         }
     }
 
+    /// Does what a finished call's answer says about work that goes on after a call
+    /// (`crate::deferred_work`), then [`Gateway::finish`]es the call:
+    ///
+    /// - work started (or continued by tool outputs) and not over: the call's reservation is
+    ///   left for the call that will see the work end; when the object has an entry already
+    ///   (a run waiting for tool outputs again), the run's reservation covers this call's work,
+    ///   so its own is given back;
+    /// - work seen ended: the reservation left for it is settled with the usage the object
+    ///   reports, which this call's record carries (with the deployment that ran it), and this
+    ///   call's own reservation is given back.
+    pub(crate) async fn finish_following(
+        &self,
+        mut record: AuditRecord,
+        mut holds: Holds,
+        follow: crate::deferred_work::Follow,
+    ) {
+        use crate::deferred_work::{Entry, Follow, Left};
+        match follow {
+            Follow::Leave { id, deployment } => {
+                let entry = Entry {
+                    reservation: holds.reservation.take(),
+                    deployment,
+                };
+                match self.deferred.leave(&id, entry).await {
+                    Left::Kept => {}
+                    Left::Present(entry) => {
+                        holds.reservation = entry.reservation;
+                        holds.counted_with_deferred_work = true;
+                    }
+                    Left::Failed(entry) => holds.reservation = entry.reservation,
+                }
+            }
+            Follow::Ended { id, usage } => {
+                if let Some(entry) = self.deferred.take(&id).await {
+                    if let Some(reservation) = entry.reservation {
+                        self.limiter
+                            .reconcile(reservation, usage.as_ref().map(|u| u.total_tokens));
+                    }
+                    holds.counted_with_deferred_work = true;
+                    if record.usage.is_none() {
+                        record.usage = usage;
+                    }
+                    if record.deployment_name.is_none() {
+                        record.deployment_name = entry.deployment;
+                    }
+                }
+            }
+        }
+        self.finish(record, holds);
+    }
+
     /// Whether a call must be refused because it could not be recorded (fail closed, when so
     /// configured): the queue refuses calls, or the call got no room (`has_room`) in a queue set
     /// to fail closed.
@@ -358,8 +413,13 @@ impl Gateway {
     /// record to the audit queue — in the room the call took for it, never waiting.
     pub(crate) fn finish(&self, record: AuditRecord, holds: Holds) {
         if let Some(reservation) = holds.reservation {
-            self.limiter
-                .reconcile(reservation, limits::tokens_used(&record));
+            // Work counted with the deferred work it continued or ended used nothing of its own.
+            let used = if holds.counted_with_deferred_work {
+                Some(0)
+            } else {
+                limits::tokens_used(&record)
+            };
+            self.limiter.reconcile(reservation, used);
         }
         let operation = record
             .operation_id

@@ -49,6 +49,7 @@ pub mod caller;
 pub mod capture;
 pub mod classify;
 pub mod client_gone;
+mod deferred_work;
 pub mod entra;
 pub mod entra_credential;
 pub mod error;

@@ -1335,14 +1335,17 @@ async fn finish_created(
     record.record.time_to_first_byte = Some(millis(record.started.elapsed()));
     let answer = tee.complete(&mut record, &call);
     let estimate = estimate_needed(status, &call, &record, answer.as_ref());
+    let follow = crate::deferred_work::follow(&call, status, answer.as_ref());
     let holds = record.take_holds();
     let audit = record.finish(status.as_u16(), sent);
-    match estimate {
-        None => gateway.finish(audit, holds),
+    match (estimate, follow) {
+        (None, None) => gateway.finish(audit, holds),
+        // Left before the client has the object's id, so that its first poll finds the entry.
+        (None, Some(follow)) => gateway.finish_following(audit, holds, follow).await,
         // Counting must not delay the answer.
-        Some(work) => {
+        (Some(work), follow) => {
             let in_flight = gateway.calls.enter();
-            let finishing = finish_estimated(Arc::clone(gateway), audit, holds, work);
+            let finishing = finish_estimated(Arc::clone(gateway), audit, holds, work, follow);
             tokio::spawn(
                 async move {
                     finishing.await;
@@ -1468,9 +1471,10 @@ impl RelayCall {
             self.gateway.affinity.pin(id, &self.member.config.id, None);
         }
         let estimate = estimate_needed(self.status, &self.call, &self.record, answer.as_ref());
+        let follow = crate::deferred_work::follow(&self.call, self.status, answer.as_ref());
         let holds = self.record.take_holds();
         let audit = self.record.finish(self.status.as_u16(), self.sent);
-        if created.is_none() && estimate.is_none() && produced.is_empty() {
+        if created.is_none() && estimate.is_none() && produced.is_empty() && follow.is_none() {
             self.gateway.finish(audit, holds);
             return;
         }
@@ -1495,9 +1499,12 @@ impl RelayCall {
                         tracing::error!(%error, object = %id, "could not journal which member holds an object");
                     }
                 }
-                match estimate {
-                    None => gateway.finish(audit, holds),
-                    Some(work) => finish_estimated(gateway, audit, holds, work).await,
+                match (estimate, follow) {
+                    (None, None) => gateway.finish(audit, holds),
+                    (None, Some(follow)) => gateway.finish_following(audit, holds, follow).await,
+                    (Some(work), follow) => {
+                        finish_estimated(gateway, audit, holds, work, follow).await;
+                    }
                 }
                 drop(in_flight);
             }
@@ -1754,9 +1761,10 @@ fn estimate_needed(
 }
 
 /// Whether an answer is an object whose model work goes on after the call: a background
-/// response or a run, queued or in progress. What it will use is not known yet, so nothing is
-/// counted for it (the tokens reserved for the call stay charged: `limits::tokens_used`); an
-/// estimate from the prompt alone would give back the whole allowance for the answer.
+/// response or a run, queued, in progress or waiting for tool outputs. What it will use is not
+/// known yet, so nothing is counted for it (an estimate from the prompt alone would give back
+/// the whole allowance for the answer): the tokens reserved for the call wait for the call that
+/// sees the work end (`crate::deferred_work`).
 fn still_running(answer: Option<&Value>) -> bool {
     let Some(answer) = answer else {
         return false;
@@ -1767,15 +1775,20 @@ fn still_running(answer: Option<&Value>) -> bool {
         && matches!(status, Some("queued" | "in_progress" | "requires_action"))
 }
 
-/// Counts the tokens off the client's path and hands the record on.
+/// Counts the tokens off the client's path and hands the record on, after what `follow` says
+/// about work that goes on after a call.
 async fn finish_estimated(
     gateway: Arc<Gateway>,
     mut audit: AuditRecord,
     holds: Holds,
     work: TokenWork,
+    follow: Option<crate::deferred_work::Follow>,
 ) {
     audit.usage = work.count_off_path().await;
-    gateway.finish(audit, holds);
+    match follow {
+        None => gateway.finish(audit, holds),
+        Some(follow) => gateway.finish_following(audit, holds, follow).await,
+    }
 }
 
 fn call_deletes(call: &Call) -> bool {
@@ -2101,9 +2114,7 @@ impl Tee {
         // The record needs `model`, `usage` and the completion's messages: read them without the
         // tree, which is parsed only when usage is missing (for the estimate).
         if let Some((peek, messages)) = ResponsePeek::read_with_messages(&body, wants_messages) {
-            let answer = peek
-                .usage
-                .is_none()
+            let answer = (peek.usage.is_none() || crate::deferred_work::reports_on(call.operation))
                 .then(|| serde_json::from_slice::<Value>(&body).ok())
                 .flatten();
             record.usage(peek.usage);

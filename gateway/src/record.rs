@@ -24,6 +24,9 @@ pub struct Holds {
     pub reservation: Option<Reservation>,
     /// Room for the record in the audit queue, taken before the call was served.
     pub slot: Option<RecordSlot>,
+    /// Set when the call's work is counted with work that goes on after a call
+    /// (`crate::deferred_work`): its own reservation is then given back whole.
+    pub counted_with_deferred_work: bool,
 }
 
 /// An audit record under construction.
@@ -156,6 +159,8 @@ impl CallRecord {
     /// Tool outputs submitted to a run run the model again, and a run that stopped for a tool
     /// (`requires_action`) reports no usage yet: the answer that takes it to its end (a stream
     /// ending in `thread.run.completed`) carries the run's usage, which is on this call's record.
+    /// A fetch that sees a background response or a run end gets its usage later, from
+    /// `crate::deferred_work`, when the call that started the work left an entry for it.
     pub fn usage(&mut self, usage: Option<TokenUsage>) {
         let runs_a_model = self.record.operation_id.is_some_and(|operation| {
             operation.is_inference() || operation == OperationId::SubmitToolOutputsToRun

@@ -143,11 +143,13 @@ impl ServerSettings {
 #[serde(deny_unknown_fields)]
 pub struct LimitSettings {
     /// `redis://[user:password@]host:port[/db]` or `rediss://…` (TLS), or a secret reference
-    /// (`env:NAME`, `file:/path`) to such a URL. Absent: counters are kept in this process only.
+    /// (`env:NAME`, `file:/path`) to such a URL. Absent: counters (and the reservations of work
+    /// that goes on after its call, `crate::deferred_work`) are kept in this process only.
     /// The URL may hold a password, so it is never logged.
     #[serde(default)]
     pub redis_url: Option<RedisUrl>,
-    /// Text put in front of every Redis key (before `gatehouse:limit:`), to share one Redis
+    /// Text put in front of every Redis key (before `gatehouse:limit:` and
+    /// `gatehouse:deferred:`), to share one Redis
     /// between several gateway fleets. A Redis Cluster needs a hash tag here, e.g. `{gh}:`.
     #[serde(default)]
     pub key_prefix: String,

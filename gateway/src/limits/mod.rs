@@ -176,7 +176,7 @@ fn is_run(operation: OperationId) -> bool {
 
 /// The deployment whose model a call runs: the one it names, or for an Assistants run (whose
 /// path names none) the `model` of its body, which Azure takes as a deployment name.
-fn deployment_run(call: &Call) -> Option<&str> {
+pub(crate) fn deployment_run(call: &Call) -> Option<&str> {
     call.deployment
         .as_deref()
         .or_else(|| call.body_model_of(&[OperationId::CreateRun, OperationId::CreateThreadAndRun]))
@@ -250,7 +250,8 @@ fn escape(text: &str) -> String {
 }
 
 /// What one counter limits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub(crate) enum BucketKind {
     /// Calls per minute.
     Requests {
@@ -514,8 +515,10 @@ fn spoken_duration(wait: Duration) -> String {
     parts.join(" and ")
 }
 
-/// The tokens held for one admitted call, to be reconciled when it finishes.
-#[derive(Debug, PartialEq, Eq)]
+/// The tokens held for one admitted call, to be reconciled when it finishes (or, for work that
+/// goes on after its call, when a later call sees it end: `crate::deferred_work`, which keeps it
+/// as JSON in Redis).
+#[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Reservation {
     /// What was reserved.
     estimate: u64,

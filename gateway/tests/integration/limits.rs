@@ -582,12 +582,14 @@ async fn a_rule_for_a_deployment_covers_the_calls_a_pool_renames_to_it() {
     assert_eq!(sim.hits(), 1);
 }
 
-/// A member for the stored-object test: a chat call uses 20 tokens; a background response is
-/// answered `queued` without usage (its model work comes after the call); fetching a stored
-/// response answers it `completed` with the 20,010 tokens it used, as the Responses API does
-/// (`GET /responses/{id}` returns the response object with its `usage`).
+/// A member for the background-response test: a chat call uses 20 tokens; a background
+/// response is answered `queued` without usage (its model work comes after the call); the first
+/// fetch of a response finds it `in_progress`, every later one `completed` with the 20,010 tokens
+/// it used, as the Responses API does (`GET /responses/{id}` returns the response object with
+/// its `usage` once it has ended).
 async fn responses_member() -> String {
     use axum::routing::{get, post};
+    let fetches = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let app = axum::Router::new()
         .route(
             "/openai/deployments/gpt-4o/chat/completions",
@@ -606,21 +608,29 @@ async fn responses_member() -> String {
         )
         .route(
             "/openai/v1/responses/{id}",
-            get(|axum::extract::Path(id): axum::extract::Path<String>| async move {
-                axum::Json(json!({"id": id, "object": "response", "model": "gpt-4o", "status": "completed",
-                    "output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "A long essay."}]}],
-                    "usage": {"input_tokens": 10, "output_tokens": 20000, "total_tokens": 20010}}))
+            get(move |axum::extract::Path(id): axum::extract::Path<String>| {
+                let fetch = fetches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async move {
+                    if fetch == 0 {
+                        return axum::Json(json!({"id": id, "object": "response", "model": "gpt-4o",
+                            "status": "in_progress", "background": true, "output": [], "usage": null}));
+                    }
+                    axum::Json(json!({"id": id, "object": "response", "model": "gpt-4o", "status": "completed",
+                        "output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "A long essay."}]}],
+                        "usage": {"input_tokens": 10, "output_tokens": 20000, "total_tokens": 20010}}))
+                }
             }),
         );
     serve_stub(app).await
 }
 
-/// A stored object fetched again carries the usage of the call that made it: that is not charged
-/// to the caller again (nor put on the fetch's record), however often it is polled. A background
-/// response is answered before its model runs: what was reserved for it stays charged, instead
-/// of being settled at a count of its prompt alone.
+/// A background response is answered before its model runs: what was reserved for it stays
+/// charged until a fetch sees it end, and is then settled with the usage it reports — once,
+/// and on that fetch's record, so that the usage figures hold it. A stored object fetched again
+/// after that carries the usage of work already counted: it is not charged to the caller again
+/// (nor put on the fetch's record), however often it is polled.
 #[tokio::test]
-async fn fetching_a_stored_response_costs_nothing_and_background_work_stays_reserved() {
+async fn a_background_response_is_charged_what_it_used_once_a_fetch_sees_it_end() {
     let url = responses_member().await;
     let pool = member("a", &url, 1);
     let mut snapshot = snapshot(
@@ -660,14 +670,297 @@ async fn fetching_a_stored_response_costs_nothing_and_background_work_stays_rese
     let background = header(&created, "x-gatehouse-consumed-tokens").unwrap();
     assert!(background > 5000, "{background}");
     created.bytes().await.unwrap();
-    for _ in 0..3 {
+    let fetch = || async {
         let fetched = gw.get("/openai/v1/responses/resp_bg").send().await.unwrap();
         assert_eq!(fetched.status(), 200);
-        let body: Value = fetched.json().await.unwrap();
-        assert_eq!(body["usage"]["total_tokens"], 20010);
+        fetched.json::<Value>().await.unwrap()
+    };
+    // Still running: the reservation stays as it was.
+    assert_eq!(fetch().await["status"], "in_progress");
+    gw.records(3).await;
+    let (reserved, remaining) = probe().await;
+    assert_eq!(remaining, QUOTA - 20 - background - reserved);
+
+    for _ in 0..3 {
+        assert_eq!(fetch().await["usage"]["total_tokens"], 20010);
     }
-    let records = gw.records(5).await;
-    let mut usage: Vec<(String, Option<u64>)> = records
+    let records = gw.records(7).await;
+    let mut usage: Vec<(String, Option<u64>, Option<String>)> = records
+        .iter()
+        .map(|r| {
+            (
+                r.operation_id.map(|o| o.to_string()).unwrap_or_default(),
+                r.usage.map(|u| u.total_tokens),
+                r.deployment_name.clone(),
+            )
+        })
+        .collect();
+    usage.sort();
+    let get = |tokens: Option<u64>, deployment: Option<&str>| {
+        (
+            "get_response".to_owned(),
+            tokens,
+            deployment.map(str::to_owned),
+        )
+    };
+    assert_eq!(
+        usage,
+        [
+            (
+                "chatcompletions_create".to_owned(),
+                Some(20),
+                Some("gpt-4o".to_owned())
+            ),
+            (
+                "chatcompletions_create".to_owned(),
+                Some(20),
+                Some("gpt-4o".to_owned())
+            ),
+            (
+                "create_response".to_owned(),
+                None,
+                Some("gpt-4o".to_owned())
+            ),
+            get(None, None),
+            get(None, None),
+            get(None, None),
+            // The fetch that saw it end, under the deployment that ran it.
+            get(Some(20010), Some("gpt-4o")),
+        ]
+    );
+
+    // Charged: the two chats' 20 tokens each and the background response's 20,010.
+    let (reserved, remaining) = probe().await;
+    assert_eq!(remaining, QUOTA - 20 - 20 - 20010 - reserved);
+    gw.stop().await;
+}
+
+/// A member for the run test: a run created waits for tool outputs; tool outputs submitted
+/// answer the run queued again; the run fetched has `completed` with the 3,000 tokens its steps
+/// used, as the Assistants API reports a run's `usage` once it has ended.
+async fn runs_member() -> String {
+    use axum::routing::{get, post};
+    let app = axum::Router::new()
+        .route(
+            "/openai/threads/{thread}/runs",
+            post(|| async {
+                axum::Json(json!({"id": "run_1", "object": "thread.run", "thread_id": "thread_1",
+                    "status": "requires_action", "model": "gpt-4o", "usage": null,
+                    "required_action": {"type": "submit_tool_outputs", "submit_tool_outputs":
+                        {"tool_calls": [{"id": "call_1", "type": "function",
+                            "function": {"name": "weather", "arguments": "{}"}}]}}}))
+            }),
+        )
+        .route(
+            "/openai/threads/{thread}/runs/{run}/submit_tool_outputs",
+            post(|| async {
+                axum::Json(json!({"id": "run_1", "object": "thread.run", "thread_id": "thread_1",
+                    "status": "queued", "model": "gpt-4o", "usage": null}))
+            }),
+        )
+        .route(
+            "/openai/threads/{thread}/runs/{run}",
+            get(|| async {
+                axum::Json(json!({"id": "run_1", "object": "thread.run", "thread_id": "thread_1",
+                    "status": "completed", "model": "gpt-4o",
+                    "usage": {"prompt_tokens": 2000, "completion_tokens": 1000, "total_tokens": 3000}}))
+            }),
+        );
+    serve_stub(app).await
+}
+
+/// An Assistants run that waits for tool outputs goes on through calls that name no deployment
+/// and may reach another replica: its reservation waits in Redis for the call that sees the run
+/// end, and is settled there with the run's usage, once — on the rule for the deployment it
+/// runs, which the later calls do not name, and on the rule over every call, which charges the
+/// tool outputs' own reservations back.
+#[tokio::test]
+async fn a_run_that_waits_for_tool_outputs_is_charged_what_it_used_across_replicas() {
+    let url = runs_member().await;
+    let mut snapshot = snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o"], "serves_resources": true, "members": [member("a", &url, 1)]}]),
+    );
+    snapshot.limits = serde_json::from_value(json!([
+        {"id": "gpt-4o-daily", "deployments": ["gpt-4o"], "subject": {"kind": "each_subscription"},
+         "token_quota": {"tokens": 1_000_000, "period": "daily"}},
+        {"id": "all-daily", "subject": {"kind": "each_subscription"},
+         "token_quota": {"tokens": 1_000_000, "period": "daily"}}
+    ]))
+    .unwrap();
+    let settings = on_redis(REDIS, OnStoreError::FailClosed);
+    let prefix = settings.key_prefix.clone();
+    let one = TestGateway::start_with_limits(snapshot.clone(), settings.clone()).await;
+    let two = TestGateway::start_with_limits(snapshot, settings).await;
+    const RUNS: &str = "/openai/threads/thread_1/runs";
+    const VERSION: &str = "?api-version=2024-05-01-preview";
+
+    let created = one
+        .post(&format!("{RUNS}{VERSION}"))
+        .json(&json!({"assistant_id": "asst_1", "model": "gpt-4o",
+            "max_prompt_tokens": 1000, "max_completion_tokens": 500}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 200);
+    assert_eq!(header(&created, "x-gatehouse-consumed-tokens"), Some(1500));
+    created.bytes().await.unwrap();
+    one.records(1).await;
+    assert_eq!(quota_by_rule(&prefix).await, [1500, 1500]);
+
+    // Twice, on the other replica: each reserves its own estimate under the rule over every
+    // call, given back since the run's reservation covers its work.
+    for _ in 0..2 {
+        let submitted = two
+            .post(&format!("{RUNS}/run_1/submit_tool_outputs{VERSION}"))
+            .json(&json!({"tool_outputs": [{"tool_call_id": "call_1", "output": "22 degrees and sunny"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(submitted.status(), 200);
+        submitted.bytes().await.unwrap();
+    }
+    two.records(2).await;
+    settled_to(&prefix, [1500, 1500]).await;
+
+    let fetch = |gw: &TestGateway| gw.get(&format!("{RUNS}/run_1{VERSION}")).send();
+    let fetched = fetch(&one).await.unwrap();
+    assert_eq!(fetched.status(), 200);
+    fetched.bytes().await.unwrap();
+    let record = one.records(2).await.remove(1);
+    assert_eq!(record.operation_id.unwrap().to_string(), "get_run");
+    assert_eq!(record.usage.map(|u| u.total_tokens), Some(3000));
+    assert_eq!(record.deployment_name.as_deref(), Some("gpt-4o"));
+    settled_to(&prefix, [3000, 3000]).await;
+
+    // Counted once: a fetch on either replica adds nothing.
+    for gw in [&one, &two] {
+        let again = fetch(gw).await.unwrap();
+        assert_eq!(again.status(), 200);
+        again.bytes().await.unwrap();
+    }
+    let records = [one.records(3).await, two.records(3).await].concat();
+    let counted: Vec<u64> = records
+        .iter()
+        .filter_map(|r| r.usage.map(|u| u.total_tokens))
+        .collect();
+    assert_eq!(counted, [3000]);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(quota_by_rule(&prefix).await, [3000, 3000]);
+    assert!(
+        !redis_keys(&prefix)
+            .await
+            .iter()
+            .any(|key| key.contains("gatehouse:deferred:")),
+        "the run's entry was left behind"
+    );
+    one.stop().await;
+    two.stop().await;
+    delete_keys(&prefix).await;
+}
+
+/// An SSE answer of `events` (name, data), ended by `done` as the Assistants API ends a stream.
+fn run_events(events: &[(&str, Value)]) -> axum::response::Response {
+    let mut body = String::new();
+    for (name, data) in events {
+        body.push_str(&format!("event: {name}\ndata: {data}\n\n"));
+    }
+    body.push_str("event: done\ndata: [DONE]\n\n");
+    axum::response::Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(axum::body::Body::from(body))
+        .unwrap()
+}
+
+/// A streamed run stops for a tool call (`thread.run.requires_action`, no usage yet); the tool
+/// outputs, streamed too, take it to `thread.run.completed` with the usage of its every step.
+/// That usage is charged once, to the rule for the deployment the run names (the tool outputs
+/// name none), in place of what the run reserved.
+#[tokio::test]
+async fn a_streamed_run_that_stops_for_a_tool_is_charged_its_usage_once() {
+    use axum::routing::post;
+    let run = |status: &str, usage: Value| {
+        json!({"id": "run_1", "object": "thread.run", "thread_id": "thread_1",
+            "assistant_id": "asst_1", "status": status, "model": "gpt-4o", "usage": usage})
+    };
+    let (waiting, completed) = (
+        run("requires_action", Value::Null),
+        run(
+            "completed",
+            json!({"prompt_tokens": 2000, "completion_tokens": 1000, "total_tokens": 3000}),
+        ),
+    );
+    let queued = run("queued", Value::Null);
+    let app = axum::Router::new()
+        .route(
+            "/openai/deployments/gpt-4o/chat/completions",
+            post(|| async {
+                axum::Json(json!({"id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Oslo."}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 15, "completion_tokens": 5, "total_tokens": 20}}))
+            }),
+        )
+        .route(
+            "/openai/threads/{thread}/runs",
+            post({
+                let queued = queued.clone();
+                move || async move {
+                    run_events(&[
+                        ("thread.run.created", queued.clone()),
+                        ("thread.run.requires_action", waiting),
+                    ])
+                }
+            }),
+        )
+        .route(
+            "/openai/threads/{thread}/runs/{run}/submit_tool_outputs",
+            post(move || async move {
+                run_events(&[
+                    ("thread.run.queued", queued),
+                    ("thread.run.completed", completed),
+                ])
+            }),
+        );
+    let url = serve_stub(app).await;
+    let mut snapshot = snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o"], "serves_resources": true, "members": [member("a", &url, 1)]}]),
+    );
+    const QUOTA: u64 = 1_000_000;
+    snapshot.limits = serde_json::from_value(json!([{"id": "gpt-4o-daily",
+        "deployments": ["gpt-4o"], "subject": {"kind": "each_subscription"},
+        "token_quota": {"tokens": QUOTA, "period": "daily"}}]))
+    .unwrap();
+    let gw = TestGateway::start(snapshot).await;
+    let version = "?api-version=2024-05-01-preview";
+    let created = gw
+        .post(&format!("/openai/threads/thread_1/runs{version}"))
+        .json(
+            &json!({"assistant_id": "asst_1", "model": "gpt-4o", "stream": true,
+            "max_prompt_tokens": 1000, "max_completion_tokens": 500}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 200);
+    assert_eq!(header(&created, "x-gatehouse-consumed-tokens"), Some(1500));
+    assert!(created.text().await.unwrap().contains("requires_action"));
+    let submitted = gw
+        .post(&format!("/openai/threads/thread_1/runs/run_1/submit_tool_outputs{version}"))
+        .json(&json!({"stream": true, "tool_outputs": [{"tool_call_id": "call_1", "output": "22 degrees"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(submitted.status(), 200);
+    assert!(
+        submitted
+            .text()
+            .await
+            .unwrap()
+            .contains("thread.run.completed")
+    );
+    let records = gw.records(2).await;
+    let counted: Vec<(String, Option<u64>)> = records
         .iter()
         .map(|r| {
             (
@@ -676,22 +969,63 @@ async fn fetching_a_stored_response_costs_nothing_and_background_work_stays_rese
             )
         })
         .collect();
-    usage.sort();
     assert_eq!(
-        usage,
+        counted,
         [
-            ("chatcompletions_create".to_owned(), Some(20)),
-            ("create_response".to_owned(), None),
-            ("get_response".to_owned(), None),
-            ("get_response".to_owned(), None),
-            ("get_response".to_owned(), None),
+            ("create_run".to_owned(), None),
+            ("submit_tool_outputs_to_run".to_owned(), Some(3000)),
         ]
     );
-
-    // Charged so far: the first chat's 20 tokens and the background response's reservation.
-    let (reserved, remaining) = probe().await;
-    assert_eq!(remaining, QUOTA - 20 - background - reserved);
+    let probe = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat_with_max(10, false))
+        .send()
+        .await
+        .unwrap();
+    let reserved = header(&probe, "x-gatehouse-consumed-tokens").unwrap();
+    let remaining = header(&probe, "x-gatehouse-remaining-quota-tokens").unwrap();
+    assert_eq!(remaining, QUOTA - 3000 - reserved);
     gw.stop().await;
+}
+
+/// The tokens used of each quota counter under `prefix`, in the order of their keys.
+async fn quota_by_rule(prefix: &str) -> Vec<u64> {
+    let mut keys: Vec<String> = redis_keys(prefix)
+        .await
+        .into_iter()
+        .filter(|key| key.contains("gatehouse:limit:"))
+        .collect();
+    keys.sort();
+    let mut connection = redis::Client::open(REDIS)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut used = Vec::new();
+    for key in keys {
+        let value: Option<String> = redis::cmd("HGET")
+            .arg(&key)
+            .arg("u")
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        used.push(value.map_or(0, |u| u.parse().unwrap()));
+    }
+    used
+}
+
+/// Waits (bounded) for the quota counters under `prefix` to read `expected`: settlements in
+/// Redis run on tasks of their own.
+async fn settled_to(prefix: &str, expected: [u64; 2]) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let used = quota_by_rule(prefix).await;
+        if used == expected {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{used:?}, expected {expected:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A Responses call that continues a stored response names no model and runs on the member that

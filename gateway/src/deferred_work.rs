@@ -1,0 +1,445 @@
+//! Model work that goes on after its call: a background response, or an Assistants run, answered
+//! while still queued, in progress or waiting for tool outputs.
+//!
+//! Its usage is known only when a later call sees the object end — a poll (`GET` of the response
+//! or the run), a cancel, tool outputs submitted, a resumed stream. The call that started the
+//! work leaves an entry here, keyed by the object's id: the tokens usage limits reserved for it
+//! and the deployment it runs. The first later call whose answer shows the object ended takes the
+//! entry (once: in Redis with `GETDEL` when the limits' Redis is configured, so across replicas),
+//! settles the reservation with the usage the object reports, and carries that usage on its own
+//! audit record. So the work is counted once, exactly, in the limits and in the usage figures,
+//! and a poll of an object whose work was already counted (by its stream, or by an earlier
+//! poll) adds nothing.
+//!
+//! An entry no call takes expires after [`ENTRY_LIFETIME`] and its reservation stays charged,
+//! as it does when the store fails (the call that started the work keeps its estimate).
+//! Entries kept in this process are lost with it.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use gatehouse_schema::OperationId;
+use gatehouse_schema::audit::TokenUsage;
+use http::StatusCode;
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::classify::Call;
+use crate::limits::Reservation;
+use crate::settings::LimitSettings;
+use crate::warning_throttle::WarningThrottle;
+
+/// How long an entry waits for a call that sees its object end. Runs that wait for tool outputs
+/// expire after ten minutes; background responses are polled within minutes to hours.
+pub(crate) const ENTRY_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// The most entries kept in this process; past it, new work is not followed (its reservation
+/// stays charged and its usage off the usage figures, as without this module).
+const MAX_LOCAL_ENTRIES: usize = 100_000;
+
+/// How often a failing store is logged.
+const WARNING_INTERVAL: Duration = Duration::from_secs(60);
+
+/// What a call that started work leaves for the call that sees it end.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Entry {
+    /// The tokens usage limits reserved for the work.
+    pub(crate) reservation: Option<Reservation>,
+    /// The deployment that runs it.
+    pub(crate) deployment: Option<String>,
+}
+
+/// What a finished call's answer says about work that goes on after a call.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Follow {
+    /// The call started (or continued) work that is not over: it leaves an entry for `id`,
+    /// unless one is there already.
+    Leave {
+        /// The response or run.
+        id: String,
+        /// The deployment that runs it.
+        deployment: Option<String>,
+    },
+    /// The call saw the work of `id` ended, with `usage` when the object reports it.
+    Ended {
+        /// The response or run.
+        id: String,
+        /// What the whole work used.
+        usage: Option<TokenUsage>,
+    },
+}
+
+/// Whether the answers of calls of `operation` can show deferred work ended, so that the proxy
+/// keeps their answer as JSON for [`follow`].
+pub(crate) fn reports_on(operation: OperationId) -> bool {
+    use OperationId as Op;
+    matches!(
+        operation,
+        Op::CreateResponse
+            | Op::GetResponse
+            | Op::CancelResponse
+            | Op::CreateRun
+            | Op::CreateThreadAndRun
+            | Op::GetRun
+            | Op::CancelRun
+            | Op::SubmitToolOutputsToRun
+    )
+}
+
+/// What `answer`, a successful answer of `call` (as one JSON object: a stream reassembled), says
+/// about deferred work.
+pub(crate) fn follow(call: &Call, status: StatusCode, answer: Option<&Value>) -> Option<Follow> {
+    use OperationId as Op;
+    if !status.is_success() || !reports_on(call.operation) {
+        return None;
+    }
+    let answer = answer?;
+    let object = answer.get("object").and_then(Value::as_str)?;
+    if !matches!(object, "response" | "thread.run") {
+        return None;
+    }
+    let id = answer.get("id").and_then(Value::as_str)?.to_owned();
+    let running = match answer.get("status").and_then(Value::as_str)? {
+        "queued" | "in_progress" | "requires_action" | "cancelling" => true,
+        "completed" | "failed" | "incomplete" | "cancelled" | "expired" => false,
+        _ => return None,
+    };
+    match (call.operation, running) {
+        // A create answered at its end used what its answer says; nothing follows.
+        (Op::CreateResponse | Op::CreateRun | Op::CreateThreadAndRun, true)
+        | (Op::SubmitToolOutputsToRun, true) => Some(Follow::Leave {
+            id,
+            deployment: crate::limits::deployment_run(call).map(str::to_owned),
+        }),
+        (Op::SubmitToolOutputsToRun | Op::GetResponse | Op::CancelResponse, false)
+        | (Op::GetRun | Op::CancelRun, false) => Some(Follow::Ended {
+            id,
+            usage: crate::capture::usage_of(answer),
+        }),
+        _ => None,
+    }
+}
+
+/// What became of an entry left.
+#[derive(Debug)]
+pub(crate) enum Left {
+    /// It is kept.
+    Kept,
+    /// The object has an entry already (a run that waited for tool outputs again): this one is
+    /// handed back.
+    Present(Entry),
+    /// The store failed: the entry is handed back.
+    Failed(Entry),
+}
+
+/// Where entries live.
+enum Store {
+    Local(std::sync::Mutex<HashMap<String, (Entry, Instant)>>),
+    Redis {
+        connection: ConnectionManager,
+        key_prefix: String,
+        timeout: Duration,
+    },
+}
+
+/// The entries of work that goes on after its call; one per gateway.
+pub(crate) struct DeferredWork {
+    store: Store,
+    warnings: WarningThrottle,
+}
+
+impl std::fmt::Debug for DeferredWork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the Redis connection: its address may carry a password.
+        f.debug_struct("DeferredWork")
+            .field(
+                "store",
+                &match self.store {
+                    Store::Local(_) => "local",
+                    Store::Redis { .. } => "redis",
+                },
+            )
+            .finish()
+    }
+}
+
+impl DeferredWork {
+    /// Entries in the limits' Redis when one is configured, else in this process. Call this
+    /// inside a Tokio runtime.
+    pub(crate) fn new(settings: &LimitSettings) -> anyhow::Result<DeferredWork> {
+        let store = match &settings.redis_url {
+            None => Store::Local(std::sync::Mutex::default()),
+            Some(url) => {
+                let url = url
+                    .resolve()
+                    .map_err(|e| anyhow::anyhow!("server.limits.redis_url: {e}"))?;
+                let timeout = Duration::from_millis(settings.store_timeout_ms);
+                Store::Redis {
+                    connection: crate::redis_connection::connect_lazily(&url, timeout, None)
+                        .map_err(|e| anyhow::anyhow!("server.limits.redis_url: {e}"))?,
+                    key_prefix: settings.key_prefix.clone(),
+                    timeout,
+                }
+            }
+        };
+        Ok(DeferredWork {
+            store,
+            warnings: WarningThrottle::new(WARNING_INTERVAL),
+        })
+    }
+
+    /// Leaves `entry` for the work of object `id`, unless it has one already.
+    pub(crate) async fn leave(&self, id: &str, entry: Entry) -> Left {
+        match &self.store {
+            Store::Local(entries) => {
+                let now = Instant::now();
+                let mut entries = entries.lock().unwrap_or_else(|e| e.into_inner());
+                if entries.get(id).is_some_and(|(_, until)| *until > now) {
+                    return Left::Present(entry);
+                }
+                if entries.len() >= MAX_LOCAL_ENTRIES {
+                    entries.retain(|_, (_, until)| *until > now);
+                    if entries.len() >= MAX_LOCAL_ENTRIES {
+                        drop(entries);
+                        self.warn("too many objects whose work goes on after their call are followed at once");
+                        return Left::Failed(entry);
+                    }
+                }
+                entries.insert(id.to_owned(), (entry, now + ENTRY_LIFETIME));
+                Left::Kept
+            }
+            Store::Redis {
+                connection,
+                key_prefix,
+                timeout,
+            } => {
+                let Ok(value) = serde_json::to_string(&entry) else {
+                    return Left::Failed(entry);
+                };
+                let mut connection = connection.clone();
+                let mut set = redis::cmd("SET");
+                set.arg(key(key_prefix, id))
+                    .arg(value)
+                    .arg("NX")
+                    .arg("EX")
+                    .arg(ENTRY_LIFETIME.as_secs());
+                match tokio::time::timeout(
+                    *timeout,
+                    set.query_async::<Option<String>>(&mut connection),
+                )
+                .await
+                {
+                    Ok(Ok(Some(_))) => Left::Kept,
+                    Ok(Ok(None)) => Left::Present(entry),
+                    Ok(Err(error)) => {
+                        self.warn_store(&error.to_string());
+                        Left::Failed(entry)
+                    }
+                    Err(_) => {
+                        self.warn_store("no answer in time");
+                        Left::Failed(entry)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes the entry of object `id`, when one is there: once, whichever call asks first.
+    pub(crate) async fn take(&self, id: &str) -> Option<Entry> {
+        match &self.store {
+            Store::Local(entries) => {
+                let mut entries = entries.lock().unwrap_or_else(|e| e.into_inner());
+                let (entry, until) = entries.remove(id)?;
+                (until > Instant::now()).then_some(entry)
+            }
+            Store::Redis {
+                connection,
+                key_prefix,
+                timeout,
+            } => {
+                let mut connection = connection.clone();
+                let mut getdel = redis::cmd("GETDEL");
+                getdel.arg(key(key_prefix, id));
+                let value = match tokio::time::timeout(
+                    *timeout,
+                    getdel.query_async::<Option<String>>(&mut connection),
+                )
+                .await
+                {
+                    Ok(Ok(value)) => value?,
+                    Ok(Err(error)) => {
+                        self.warn_store(&error.to_string());
+                        return None;
+                    }
+                    Err(_) => {
+                        self.warn_store("no answer in time");
+                        return None;
+                    }
+                };
+                match serde_json::from_str(&value) {
+                    Ok(entry) => Some(entry),
+                    Err(error) => {
+                        self.warn(&format!(
+                            "an entry of deferred work is not readable: {error}"
+                        ));
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    fn warn_store(&self, error: &str) {
+        self.warn(&format!(
+            "the Redis store of deferred work failed ({error}): the work's reservation stays charged and its usage is not recorded"
+        ));
+    }
+
+    fn warn(&self, message: &str) {
+        if self.warnings.should_warn() {
+            tracing::warn!("{message}");
+        }
+    }
+}
+
+/// The Redis key of object `id`'s entry.
+fn key(prefix: &str, id: &str) -> String {
+    format!("{prefix}gatehouse:deferred:{id}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(method: &str, path: &str, body: &str) -> Call {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        crate::classify::classify(
+            &method.parse().unwrap(),
+            path,
+            Some("api-version=2025-04-01-preview"),
+            &headers,
+            &bytes::Bytes::from(body.to_owned()),
+        )
+        .unwrap()
+    }
+
+    fn answer(object: &str, status: &str) -> Value {
+        serde_json::json!({
+            "id": "resp_1", "object": object, "status": status, "model": "gpt-4o",
+            "usage": {"input_tokens": 10, "output_tokens": 5, "total_tokens": 15},
+        })
+    }
+
+    #[test]
+    fn a_background_response_answered_queued_leaves_an_entry() {
+        let create = call(
+            "POST",
+            "/openai/v1/responses",
+            r#"{"model":"gpt-4o","input":"hi","background":true}"#,
+        );
+        assert_eq!(
+            follow(&create, StatusCode::OK, Some(&answer("response", "queued"))),
+            Some(Follow::Leave {
+                id: "resp_1".to_owned(),
+                deployment: Some("gpt-4o".to_owned())
+            })
+        );
+        // Answered at its end, a create leaves nothing.
+        assert_eq!(
+            follow(
+                &create,
+                StatusCode::OK,
+                Some(&answer("response", "completed"))
+            ),
+            None
+        );
+        assert_eq!(
+            follow(
+                &create,
+                StatusCode::BAD_REQUEST,
+                Some(&answer("response", "queued"))
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn a_poll_that_sees_the_end_reports_the_usage() {
+        let poll = call("GET", "/openai/v1/responses/resp_1", "");
+        assert_eq!(
+            follow(
+                &poll,
+                StatusCode::OK,
+                Some(&answer("response", "completed"))
+            ),
+            Some(Follow::Ended {
+                id: "resp_1".to_owned(),
+                usage: crate::capture::usage_of(&answer("response", "completed")),
+            })
+        );
+        assert_eq!(
+            follow(
+                &poll,
+                StatusCode::OK,
+                Some(&answer("response", "in_progress"))
+            ),
+            None
+        );
+        // Not an object whose work goes on.
+        assert_eq!(
+            follow(
+                &poll,
+                StatusCode::OK,
+                Some(&answer("chat.completion", "completed"))
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn tool_outputs_continue_or_end_a_run() {
+        let submit = call(
+            "POST",
+            "/openai/threads/thread_1/runs/run_1/submit_tool_outputs",
+            r#"{"tool_outputs":[{"tool_call_id":"call_1","output":"42"}]}"#,
+        );
+        assert!(matches!(
+            follow(
+                &submit,
+                StatusCode::OK,
+                Some(&answer("thread.run", "requires_action"))
+            ),
+            Some(Follow::Leave { .. })
+        ));
+        assert!(matches!(
+            follow(
+                &submit,
+                StatusCode::OK,
+                Some(&answer("thread.run", "completed"))
+            ),
+            Some(Follow::Ended { usage: Some(_), .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_entry_is_taken_once() {
+        let work = DeferredWork::new(&LimitSettings::default()).unwrap();
+        let entry = || Entry {
+            reservation: None,
+            deployment: Some("gpt-4o".to_owned()),
+        };
+        assert!(matches!(work.leave("resp_1", entry()).await, Left::Kept));
+        assert!(matches!(
+            work.leave("resp_1", entry()).await,
+            Left::Present(_)
+        ));
+        let taken = work.take("resp_1").await.unwrap();
+        assert_eq!(taken.deployment.as_deref(), Some("gpt-4o"));
+        assert!(work.take("resp_1").await.is_none());
+    }
+}
