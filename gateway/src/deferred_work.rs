@@ -1,5 +1,5 @@
-//! Model work that goes on after its call: a background response, or an Assistants run, answered
-//! while still queued, in progress or waiting for tool outputs.
+//! Model work that goes on after its call: a background response, an Assistants run or an eval
+//! run, answered while still queued, in progress or waiting for tool outputs.
 //!
 //! Its usage is known only when a later call sees the object end — a poll (`GET` of the response
 //! or the run), a cancel, tool outputs submitted, a resumed stream. The call that started the
@@ -84,6 +84,9 @@ pub(crate) fn reports_on(operation: OperationId) -> bool {
             | Op::GetRun
             | Op::CancelRun
             | Op::SubmitToolOutputsToRun
+            | Op::CreateEvalRun
+            | Op::GetEvalRun
+            | Op::CancelEvalRun
     )
 }
 
@@ -96,29 +99,61 @@ pub(crate) fn follow(call: &Call, status: StatusCode, answer: Option<&Value>) ->
     }
     let answer = answer?;
     let object = answer.get("object").and_then(Value::as_str)?;
-    if !matches!(object, "response" | "thread.run") {
+    if !matches!(object, "response" | "thread.run" | "eval.run") {
         return None;
     }
     let id = answer.get("id").and_then(Value::as_str)?.to_owned();
     let running = match answer.get("status").and_then(Value::as_str)? {
         "queued" | "in_progress" | "requires_action" | "cancelling" => true,
-        "completed" | "failed" | "incomplete" | "cancelled" | "expired" => false,
+        "completed" | "failed" | "incomplete" | "cancelled" | "canceled" | "expired" => false,
         _ => return None,
     };
     match (call.operation, running) {
         // A create answered at its end used what its answer says; nothing follows.
         (Op::CreateResponse | Op::CreateRun | Op::CreateThreadAndRun, true)
-        | (Op::SubmitToolOutputsToRun, true) => Some(Follow::Leave {
+        | (Op::SubmitToolOutputsToRun | Op::CreateEvalRun, true) => Some(Follow::Leave {
             id,
             deployment: crate::limits::deployment_run(call).map(str::to_owned),
         }),
         (Op::SubmitToolOutputsToRun | Op::GetResponse | Op::CancelResponse, false)
-        | (Op::GetRun | Op::CancelRun, false) => Some(Follow::Ended {
-            id,
-            usage: crate::capture::usage_of(answer),
-        }),
+        | (Op::GetRun | Op::CancelRun | Op::GetEvalRun | Op::CancelEvalRun, false) => {
+            Some(Follow::Ended {
+                id,
+                usage: if object == "eval.run" {
+                    eval_run_usage(answer)
+                } else {
+                    crate::capture::usage_of(answer)
+                },
+            })
+        }
         _ => None,
     }
+}
+
+/// What an eval run used: the sum of its `per_model_usage`, one entry for each model it called
+/// (the model that answers its items and its graders'; OpenAI's eval run object, which Azure
+/// OpenAI's evaluations follow). `None` when it reports none.
+fn eval_run_usage(run: &Value) -> Option<TokenUsage> {
+    let models = run.get("per_model_usage")?.as_array()?;
+    let mut usage = TokenUsage::default();
+    let mut reported = false;
+    for model in models {
+        let count = |key: &str| model.get(key).and_then(Value::as_u64);
+        let Some(prompt) = count("prompt_tokens") else {
+            continue;
+        };
+        let completion = count("completion_tokens").unwrap_or(0);
+        reported = true;
+        usage.prompt_tokens = usage.prompt_tokens.saturating_add(prompt);
+        usage.completion_tokens = usage.completion_tokens.saturating_add(completion);
+        usage.total_tokens = usage.total_tokens.saturating_add(
+            count("total_tokens").unwrap_or_else(|| prompt.saturating_add(completion)),
+        );
+        usage.cached_tokens = usage
+            .cached_tokens
+            .saturating_add(count("cached_tokens").unwrap_or(0));
+    }
+    reported.then_some(usage)
 }
 
 /// What became of an entry left.
@@ -424,6 +459,51 @@ mod tests {
             ),
             Some(Follow::Ended { usage: Some(_), .. })
         ));
+    }
+
+    #[test]
+    fn an_eval_run_reports_what_its_every_model_used() {
+        let create = call(
+            "POST",
+            "/openai/evals/eval_1/runs",
+            r#"{"name":"nightly","data_source":{"type":"completions","model":"gpt-4o-mini","source":{"type":"file_id","id":"file-1"}}}"#,
+        );
+        let run = |status: &str| {
+            serde_json::json!({"id": "evalrun_1", "object": "eval.run", "status": status,
+                "per_model_usage": [
+                    {"model_name": "gpt-4o-mini", "invocation_count": 10, "prompt_tokens": 1000,
+                     "completion_tokens": 500, "total_tokens": 1500, "cached_tokens": 100},
+                    {"model_name": "o3-mini", "invocation_count": 10, "prompt_tokens": 2000,
+                     "completion_tokens": 300, "total_tokens": 2300, "cached_tokens": 0}]})
+        };
+        assert_eq!(
+            follow(&create, StatusCode::CREATED, Some(&run("queued"))),
+            Some(Follow::Leave {
+                id: "evalrun_1".to_owned(),
+                deployment: Some("gpt-4o-mini".to_owned())
+            })
+        );
+        let poll = call("GET", "/openai/evals/eval_1/runs/evalrun_1", "");
+        let Some(Follow::Ended {
+            usage: Some(usage), ..
+        }) = follow(&poll, StatusCode::OK, Some(&run("canceled")))
+        else {
+            panic!("a canceled eval run is over");
+        };
+        assert_eq!(
+            (
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                usage.total_tokens,
+                usage.cached_tokens
+            ),
+            (3000, 800, 3800, 100)
+        );
+        assert!(!usage.is_estimate);
+        assert_eq!(
+            follow(&poll, StatusCode::OK, Some(&run("in_progress"))),
+            None
+        );
     }
 
     #[tokio::test]

@@ -175,11 +175,17 @@ fn is_run(operation: OperationId) -> bool {
 }
 
 /// The deployment whose model a call runs: the one it names, or for an Assistants run (whose
-/// path names none) the `model` of its body, which Azure takes as a deployment name.
+/// path names none) the `model` of its body, which Azure takes as a deployment name, or for an
+/// eval run the model of its data source (the one that answers the eval's items).
 pub(crate) fn deployment_run(call: &Call) -> Option<&str> {
     call.deployment
         .as_deref()
         .or_else(|| call.body_model_of(&[OperationId::CreateRun, OperationId::CreateThreadAndRun]))
+        .or_else(|| {
+            (call.operation == OperationId::CreateEvalRun)
+                .then(|| call.json()?.pointer("/data_source/model")?.as_str())
+                .flatten()
+        })
 }
 
 /// A pool whose members rename every call to a deployment of their own: whatever name a client

@@ -988,6 +988,100 @@ async fn a_streamed_run_that_stops_for_a_tool_is_charged_its_usage_once() {
     gw.stop().await;
 }
 
+/// An eval run is answered queued and runs its model (and its graders) over the eval's items
+/// afterwards: when a fetch sees it end, its usage (`per_model_usage`, summed) is charged to the
+/// rule for the deployment its data source names, and put on that fetch's record.
+#[tokio::test]
+async fn an_eval_run_is_charged_what_its_models_used_once_a_fetch_sees_it_end() {
+    use axum::routing::{get, post};
+    let run = |status: &str, usage: Value| {
+        json!({"id": "evalrun_1", "object": "eval.run", "eval_id": "eval_1", "status": status,
+            "model": "gpt-4o-mini", "name": "nightly", "per_model_usage": usage})
+    };
+    let queued = run("queued", Value::Null);
+    let completed = run(
+        "completed",
+        json!([{"model_name": "gpt-4o-mini", "invocation_count": 40, "prompt_tokens": 4000,
+                "completion_tokens": 2000, "total_tokens": 6000, "cached_tokens": 0},
+               {"model_name": "o3-mini", "invocation_count": 40, "prompt_tokens": 3000,
+                "completion_tokens": 1000, "total_tokens": 4000, "cached_tokens": 0}]),
+    );
+    let app = axum::Router::new()
+        .route(
+            "/openai/evals/{eval}/runs",
+            post(move || async move { axum::Json(queued) }),
+        )
+        .route(
+            "/openai/evals/{eval}/runs/{run}",
+            get(move || async move { axum::Json(completed) }),
+        );
+    let url = serve_stub(app).await;
+    let mut snapshot = snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o-mini"], "serves_resources": true, "members": [member("a", &url, 1)]}]),
+    );
+    const QUOTA: u64 = 100_000;
+    snapshot.limits = serde_json::from_value(json!([{"id": "mini-daily",
+        "deployments": ["gpt-4o-mini"], "subject": {"kind": "each_subscription"},
+        "token_quota": {"tokens": QUOTA, "period": "daily"}}]))
+    .unwrap();
+    let gw = TestGateway::start(snapshot).await;
+    let version = "?api-version=2025-04-01-preview";
+    let create = || {
+        gw.post(&format!("/openai/evals/eval_1/runs{version}"))
+            .json(
+                &json!({"name": "nightly", "data_source": {"type": "completions",
+                "model": "gpt-4o-mini", "source": {"type": "file_id", "id": "file-1"}}}),
+            )
+            .send()
+    };
+    let created = create().await.unwrap();
+    assert_eq!(created.status(), 200);
+    // Limited under the deployment it runs, though its path names none.
+    assert_eq!(
+        header(&created, "x-gatehouse-remaining-quota-tokens"),
+        Some(QUOTA)
+    );
+    created.bytes().await.unwrap();
+    let fetch = || {
+        gw.get(&format!("/openai/evals/eval_1/runs/evalrun_1{version}"))
+            .send()
+    };
+    for _ in 0..2 {
+        let fetched = fetch().await.unwrap();
+        assert_eq!(fetched.status(), 200);
+        fetched.bytes().await.unwrap();
+    }
+    let records = gw.records(3).await;
+    let counted: Vec<(String, Option<u64>, Option<String>)> = records
+        .iter()
+        .map(|r| {
+            (
+                r.operation_id.map(|o| o.to_string()).unwrap_or_default(),
+                r.usage.map(|u| u.total_tokens),
+                r.deployment_name.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        counted[1..],
+        [
+            (
+                "getevalrun".to_owned(),
+                Some(10_000),
+                Some("gpt-4o-mini".to_owned())
+            ),
+            ("getevalrun".to_owned(), None, None),
+        ]
+    );
+    let next = create().await.unwrap();
+    assert_eq!(
+        header(&next, "x-gatehouse-remaining-quota-tokens"),
+        Some(QUOTA - 10_000)
+    );
+    gw.stop().await;
+}
+
 /// The tokens used of each quota counter under `prefix`, in the order of their keys.
 async fn quota_by_rule(prefix: &str) -> Vec<u64> {
     let mut keys: Vec<String> = redis_keys(prefix)
