@@ -355,7 +355,8 @@ impl Gateway {
     /// - work started (or continued by tool outputs) and not over: the call's reservation is
     ///   left for the call that will see the work end; when the object has an entry already
     ///   (a run waiting for tool outputs again), the run's reservation covers this call's work,
-    ///   so its own is given back;
+    ///   so its own is given back (and a create's entry takes the place of one that tool
+    ///   outputs, answered first, left, whose reservation is given back);
     /// - work seen ended: the reservation left for it is settled with the usage the object
     ///   reports, which this call's record carries (with the deployment that ran it), and this
     ///   call's own reservation is given back.
@@ -367,13 +368,23 @@ impl Gateway {
     ) {
         use crate::deferred_work::{Entry, Follow, Left};
         match follow {
-            Follow::Leave { id, deployment } => {
+            Follow::Leave {
+                id,
+                deployment,
+                starts,
+            } => {
                 let entry = Entry {
                     reservation: holds.reservation.take(),
                     deployment,
                 };
-                match self.deferred.leave(&id, entry).await {
-                    Left::Kept => {}
+                match self.deferred.leave(&id, entry, starts).await {
+                    Left::Kept { replaced } => {
+                        // Tool outputs answered before the run's create left its entry: the
+                        // run's reservation covers their work.
+                        if let Some(reservation) = replaced.and_then(|entry| entry.reservation) {
+                            self.limiter.reconcile(reservation, Some(0));
+                        }
+                    }
                     Left::Present(entry) => {
                         holds.reservation = entry.reservation;
                         holds.counted_with_deferred_work = true;

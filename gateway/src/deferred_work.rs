@@ -5,9 +5,9 @@
 //! or the run), a cancel, tool outputs submitted, a resumed stream. The call that started the
 //! work leaves an entry here, keyed by the object's id: the tokens usage limits reserved for it
 //! and the deployment it runs. The first later call whose answer shows the object ended takes the
-//! entry (once: in Redis with `GETDEL` when the limits' Redis is configured, so across replicas),
-//! settles the reservation with the usage the object reports, and carries that usage on its own
-//! audit record. So the work is counted once, exactly, in the limits and in the usage figures,
+//! entry (once: in the limits' Redis, when one is configured, by a script that reads and deletes
+//! it, so across replicas), settles the reservation with the usage the object reports, and
+//! carries that usage on its own audit record. So the work is counted once, exactly, in the limits and in the usage figures,
 //! and a poll of an object whose work was already counted (by its stream, or by an earlier
 //! poll) adds nothing.
 //!
@@ -53,13 +53,15 @@ pub(crate) struct Entry {
 /// What a finished call's answer says about work that goes on after a call.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Follow {
-    /// The call started (or continued) work that is not over: it leaves an entry for `id`,
-    /// unless one is there already.
+    /// The call started (or continued) work that is not over: it leaves an entry for `id`.
     Leave {
         /// The response or run.
         id: String,
         /// The deployment that runs it.
         deployment: Option<String>,
+        /// The call created the object: its entry replaces one that tool outputs answered
+        /// before the create's was left. Tool outputs leave theirs only where none is.
+        starts: bool,
     },
     /// The call saw the work of `id` ended, with `usage` when the object reports it.
     Ended {
@@ -90,6 +92,39 @@ pub(crate) fn reports_on(operation: OperationId) -> bool {
     )
 }
 
+/// Whether an answer of `operation` whose text is `body` may say something of deferred work,
+/// judged from its top-level `status` alone (an object opens with it, before its large parts),
+/// so that only those answers are parsed whole: a create or tool outputs still running, a fetch
+/// or cancel of an object that has ended.
+pub(crate) fn may_follow(operation: OperationId, body: &[u8]) -> bool {
+    use OperationId as Op;
+    if !reports_on(operation) {
+        return false;
+    }
+    let Some(status) = crate::peek::leading_member_str(body, "status") else {
+        return false;
+    };
+    let running = RUNNING.contains(&status.as_str());
+    match operation {
+        Op::SubmitToolOutputsToRun => true,
+        Op::CreateResponse | Op::CreateRun | Op::CreateThreadAndRun | Op::CreateEvalRun => running,
+        _ => !running,
+    }
+}
+
+/// The statuses of a response, a run or an eval run whose work goes on.
+const RUNNING: [&str; 4] = ["queued", "in_progress", "requires_action", "cancelling"];
+
+/// The statuses of a response, a run or an eval run whose work has ended.
+const ENDED: [&str; 6] = [
+    "completed",
+    "failed",
+    "incomplete",
+    "cancelled",
+    "canceled",
+    "expired",
+];
+
 /// What `answer`, a successful answer of `call` (as one JSON object: a stream reassembled), says
 /// about deferred work.
 pub(crate) fn follow(call: &Call, status: StatusCode, answer: Option<&Value>) -> Option<Follow> {
@@ -103,10 +138,11 @@ pub(crate) fn follow(call: &Call, status: StatusCode, answer: Option<&Value>) ->
         return None;
     }
     let id = answer.get("id").and_then(Value::as_str)?.to_owned();
-    let running = match answer.get("status").and_then(Value::as_str)? {
-        "queued" | "in_progress" | "requires_action" | "cancelling" => true,
-        "completed" | "failed" | "incomplete" | "cancelled" | "canceled" | "expired" => false,
-        _ => return None,
+    let status = answer.get("status").and_then(Value::as_str)?;
+    let running = match () {
+        () if RUNNING.contains(&status) => true,
+        () if ENDED.contains(&status) => false,
+        () => return None,
     };
     match (call.operation, running) {
         // A create answered at its end used what its answer says; nothing follows.
@@ -114,6 +150,7 @@ pub(crate) fn follow(call: &Call, status: StatusCode, answer: Option<&Value>) ->
         | (Op::SubmitToolOutputsToRun | Op::CreateEvalRun, true) => Some(Follow::Leave {
             id,
             deployment: crate::limits::deployment_run(call).map(str::to_owned),
+            starts: call.operation != Op::SubmitToolOutputsToRun,
         }),
         (Op::SubmitToolOutputsToRun | Op::GetResponse | Op::CancelResponse, false)
         | (Op::GetRun | Op::CancelRun | Op::GetEvalRun | Op::CancelEvalRun, false) => {
@@ -159,8 +196,12 @@ fn eval_run_usage(run: &Value) -> Option<TokenUsage> {
 /// What became of an entry left.
 #[derive(Debug)]
 pub(crate) enum Left {
-    /// It is kept.
-    Kept,
+    /// It is kept; `replaced` is the entry it took the place of (one that tool outputs left
+    /// before their run's create left its own).
+    Kept {
+        /// The entry replaced.
+        replaced: Option<Entry>,
+    },
     /// The object has an entry already (a run that waited for tool outputs again): this one is
     /// handed back.
     Present(Entry),
@@ -168,13 +209,49 @@ pub(crate) enum Left {
     Failed(Entry),
 }
 
+/// Entries kept in this process.
+#[derive(Default)]
+struct LocalEntries {
+    entries: HashMap<String, (Entry, Instant)>,
+    /// When the expired entries were last removed, because the map was full.
+    swept: Option<Instant>,
+}
+
+/// How often a full map is searched for expired entries: at most once in this long, so that a
+/// map full of live entries does not cost every call that leaves one a pass over it.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Stores the entry (`ARGV[1]`) at `KEYS[1]` for `ARGV[2]` seconds: only where none is when
+/// `ARGV[3]` is `nx` (answering 1 if stored, 0 if one was there), else in place of the one there
+/// (answering it, or `false`).
+const LEAVE_LUA: &str = r#"
+if ARGV[3] == 'nx' then
+  if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  return 1
+end
+local old = redis.call('GET', KEYS[1])
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return old
+"#;
+
+/// Takes the entry at `KEYS[1]`: answers it (or `false`) and deletes it, at once (`GETDEL`
+/// needs Redis 6.2; this runs on any Redis with scripting).
+const TAKE_LUA: &str = r#"
+local entry = redis.call('GET', KEYS[1])
+if entry then redis.call('DEL', KEYS[1]) end
+return entry
+"#;
+
 /// Where entries live.
 enum Store {
-    Local(std::sync::Mutex<HashMap<String, (Entry, Instant)>>),
+    Local(std::sync::Mutex<LocalEntries>),
     Redis {
         connection: ConnectionManager,
         key_prefix: String,
         timeout: Duration,
+        leave: redis::Script,
+        take: redis::Script,
     },
 }
 
@@ -215,6 +292,8 @@ impl DeferredWork {
                         .map_err(|e| anyhow::anyhow!("server.limits.redis_url: {e}"))?,
                     key_prefix: settings.key_prefix.clone(),
                     timeout,
+                    leave: redis::Script::new(LEAVE_LUA),
+                    take: redis::Script::new(TAKE_LUA),
                 }
             }
         };
@@ -224,49 +303,66 @@ impl DeferredWork {
         })
     }
 
-    /// Leaves `entry` for the work of object `id`, unless it has one already.
-    pub(crate) async fn leave(&self, id: &str, entry: Entry) -> Left {
+    /// Leaves `entry` for the work of object `id`: in place of the entry there when `replace`
+    /// (the object's create), else only where none is.
+    pub(crate) async fn leave(&self, id: &str, entry: Entry, replace: bool) -> Left {
         match &self.store {
-            Store::Local(entries) => {
+            Store::Local(local) => {
                 let now = Instant::now();
-                let mut entries = entries.lock().unwrap_or_else(|e| e.into_inner());
-                if entries.get(id).is_some_and(|(_, until)| *until > now) {
+                let mut local = local.lock().unwrap_or_else(|e| e.into_inner());
+                let there = local.entries.get(id).is_some_and(|(_, until)| *until > now);
+                if there && !replace {
                     return Left::Present(entry);
                 }
-                if entries.len() >= MAX_LOCAL_ENTRIES {
-                    entries.retain(|_, (_, until)| *until > now);
-                    if entries.len() >= MAX_LOCAL_ENTRIES {
-                        drop(entries);
+                if !there && local.entries.len() >= MAX_LOCAL_ENTRIES {
+                    if local
+                        .swept
+                        .is_none_or(|swept| now - swept >= SWEEP_INTERVAL)
+                    {
+                        local.entries.retain(|_, (_, until)| *until > now);
+                        local.swept = Some(now);
+                    }
+                    if local.entries.len() >= MAX_LOCAL_ENTRIES {
+                        drop(local);
                         self.warn("too many objects whose work goes on after their call are followed at once");
                         return Left::Failed(entry);
                     }
                 }
-                entries.insert(id.to_owned(), (entry, now + ENTRY_LIFETIME));
-                Left::Kept
+                let replaced = local
+                    .entries
+                    .insert(id.to_owned(), (entry, now + ENTRY_LIFETIME))
+                    .filter(|(_, until)| *until > now)
+                    .map(|(entry, _)| entry);
+                Left::Kept { replaced }
             }
             Store::Redis {
                 connection,
                 key_prefix,
                 timeout,
+                leave,
+                ..
             } => {
                 let Ok(value) = serde_json::to_string(&entry) else {
                     return Left::Failed(entry);
                 };
                 let mut connection = connection.clone();
-                let mut set = redis::cmd("SET");
-                set.arg(key(key_prefix, id))
+                let mut invocation = leave.key(key(key_prefix, id));
+                invocation
                     .arg(value)
-                    .arg("NX")
-                    .arg("EX")
-                    .arg(ENTRY_LIFETIME.as_secs());
-                match tokio::time::timeout(
+                    .arg(ENTRY_LIFETIME.as_secs())
+                    .arg(if replace { "replace" } else { "nx" });
+                let answer = tokio::time::timeout(
                     *timeout,
-                    set.query_async::<Option<String>>(&mut connection),
+                    invocation.invoke_async::<redis::Value>(&mut connection),
                 )
-                .await
-                {
-                    Ok(Ok(Some(_))) => Left::Kept,
-                    Ok(Ok(None)) => Left::Present(entry),
+                .await;
+                match answer {
+                    Ok(Ok(redis::Value::Int(1))) => Left::Kept { replaced: None },
+                    Ok(Ok(redis::Value::Int(_))) => Left::Present(entry),
+                    Ok(Ok(redis::Value::Nil)) => Left::Kept { replaced: None },
+                    Ok(Ok(old)) => Left::Kept {
+                        replaced: self.read(redis::from_redis_value::<String>(old).ok()),
+                    },
                     Ok(Err(error)) => {
                         self.warn_store(&error.to_string());
                         Left::Failed(entry)
@@ -283,44 +379,49 @@ impl DeferredWork {
     /// Takes the entry of object `id`, when one is there: once, whichever call asks first.
     pub(crate) async fn take(&self, id: &str) -> Option<Entry> {
         match &self.store {
-            Store::Local(entries) => {
-                let mut entries = entries.lock().unwrap_or_else(|e| e.into_inner());
-                let (entry, until) = entries.remove(id)?;
+            Store::Local(local) => {
+                let mut local = local.lock().unwrap_or_else(|e| e.into_inner());
+                let (entry, until) = local.entries.remove(id)?;
                 (until > Instant::now()).then_some(entry)
             }
             Store::Redis {
                 connection,
                 key_prefix,
                 timeout,
+                take,
+                ..
             } => {
                 let mut connection = connection.clone();
-                let mut getdel = redis::cmd("GETDEL");
-                getdel.arg(key(key_prefix, id));
-                let value = match tokio::time::timeout(
+                let invocation = take.key(key(key_prefix, id));
+                let answer = tokio::time::timeout(
                     *timeout,
-                    getdel.query_async::<Option<String>>(&mut connection),
+                    invocation.invoke_async::<Option<String>>(&mut connection),
                 )
-                .await
-                {
-                    Ok(Ok(value)) => value?,
+                .await;
+                match answer {
+                    Ok(Ok(value)) => self.read(value),
                     Ok(Err(error)) => {
                         self.warn_store(&error.to_string());
-                        return None;
+                        None
                     }
                     Err(_) => {
                         self.warn_store("no answer in time");
-                        return None;
-                    }
-                };
-                match serde_json::from_str(&value) {
-                    Ok(entry) => Some(entry),
-                    Err(error) => {
-                        self.warn(&format!(
-                            "an entry of deferred work is not readable: {error}"
-                        ));
                         None
                     }
                 }
+            }
+        }
+    }
+
+    /// An entry as Redis keeps it.
+    fn read(&self, value: Option<String>) -> Option<Entry> {
+        match serde_json::from_str(&value?) {
+            Ok(entry) => Some(entry),
+            Err(error) => {
+                self.warn(&format!(
+                    "an entry of deferred work is not readable: {error}"
+                ));
+                None
             }
         }
     }
@@ -381,7 +482,8 @@ mod tests {
             follow(&create, StatusCode::OK, Some(&answer("response", "queued"))),
             Some(Follow::Leave {
                 id: "resp_1".to_owned(),
-                deployment: Some("gpt-4o".to_owned())
+                deployment: Some("gpt-4o".to_owned()),
+                starts: true,
             })
         );
         // Answered at its end, a create leaves nothing.
@@ -480,7 +582,8 @@ mod tests {
             follow(&create, StatusCode::CREATED, Some(&run("queued"))),
             Some(Follow::Leave {
                 id: "evalrun_1".to_owned(),
-                deployment: Some("gpt-4o-mini".to_owned())
+                deployment: Some("gpt-4o-mini".to_owned()),
+                starts: true,
             })
         );
         let poll = call("GET", "/openai/evals/eval_1/runs/evalrun_1", "");
@@ -506,20 +609,76 @@ mod tests {
         );
     }
 
+    fn entry(deployment: &str) -> Entry {
+        Entry {
+            reservation: None,
+            deployment: Some(deployment.to_owned()),
+        }
+    }
+
+    /// Entries are taken once; tool outputs leave theirs only where none is, a create in place
+    /// of one that tool outputs left first. The same on Redis, which replicas share.
+    async fn entries_are_taken_once(work: DeferredWork, id: &str) {
+        assert!(matches!(
+            work.leave(id, entry("tools"), false).await,
+            Left::Kept { replaced: None }
+        ));
+        let Left::Kept {
+            replaced: Some(replaced),
+        } = work.leave(id, entry("gpt-4o"), true).await
+        else {
+            panic!("a create's entry replaces the tool outputs' one");
+        };
+        assert_eq!(replaced.deployment.as_deref(), Some("tools"));
+        assert!(matches!(
+            work.leave(id, entry("tools"), false).await,
+            Left::Present(_)
+        ));
+        let taken = work.take(id).await.unwrap();
+        assert_eq!(taken.deployment.as_deref(), Some("gpt-4o"));
+        assert!(work.take(id).await.is_none());
+    }
+
     #[tokio::test]
     async fn an_entry_is_taken_once() {
         let work = DeferredWork::new(&LimitSettings::default()).unwrap();
-        let entry = || Entry {
-            reservation: None,
-            deployment: Some("gpt-4o".to_owned()),
+        entries_are_taken_once(work, "resp_1").await;
+    }
+
+    #[tokio::test]
+    async fn an_entry_in_redis_is_taken_once() {
+        let prefix = format!("test:{}:", uuid::Uuid::new_v4());
+        let settings = LimitSettings {
+            redis_url: Some(crate::settings::RedisUrl::from(
+                "redis://127.0.0.1:6379".to_owned(),
+            )),
+            key_prefix: prefix.clone(),
+            ..LimitSettings::default()
         };
-        assert!(matches!(work.leave("resp_1", entry()).await, Left::Kept));
-        assert!(matches!(
-            work.leave("resp_1", entry()).await,
-            Left::Present(_)
-        ));
-        let taken = work.take("resp_1").await.unwrap();
-        assert_eq!(taken.deployment.as_deref(), Some("gpt-4o"));
-        assert!(work.take("resp_1").await.is_none());
+        let work = DeferredWork::new(&settings).unwrap();
+        entries_are_taken_once(work, "run_1").await;
+        let mut connection = redis::Client::open("redis://127.0.0.1:6379")
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let left: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}*"))
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
+    fn only_answers_that_may_say_something_are_parsed() {
+        let running = br#"{"id":"resp_1","object":"response","status":"queued","output":[]}"#;
+        let ended = br#"{"id":"resp_1","object":"response","status":"completed","output":[]}"#;
+        assert!(may_follow(OperationId::CreateResponse, running));
+        assert!(!may_follow(OperationId::CreateResponse, ended));
+        assert!(may_follow(OperationId::GetResponse, ended));
+        assert!(!may_follow(OperationId::GetResponse, running));
+        assert!(may_follow(OperationId::SubmitToolOutputsToRun, ended));
+        assert!(!may_follow(OperationId::ChatCompletionsCreate, running));
     }
 }

@@ -2112,11 +2112,13 @@ impl Tee {
         record.record.response_body_truncated = self.capture.truncated();
         record.record.backend_response_body = self.capture.into_text();
         // The record needs `model`, `usage` and the completion's messages: read them without the
-        // tree, which is parsed only when usage is missing (for the estimate).
+        // tree, which is parsed only when usage is missing (for the estimate), or when the answer
+        // may say that work going on after its call has ended or goes on (`deferred_work`).
         if let Some((peek, messages)) = ResponsePeek::read_with_messages(&body, wants_messages) {
-            let answer = (peek.usage.is_none() || crate::deferred_work::reports_on(call.operation))
-                .then(|| serde_json::from_slice::<Value>(&body).ok())
-                .flatten();
+            let answer = (peek.usage.is_none()
+                || crate::deferred_work::may_follow(call.operation, &body))
+            .then(|| serde_json::from_slice::<Value>(&body).ok())
+            .flatten();
             record.usage(peek.usage);
             record.record.model_name = peek.model;
             record.record.response_messages = capture::within_limit(messages, limit);

@@ -530,6 +530,8 @@ pub struct Reservation {
     estimate: u64,
     /// The token counters charged (tokens per minute and quotas), with their quota windows.
     charged: Vec<(String, BucketKind, i64)>,
+    /// When it was charged (µs since the Unix epoch, this gateway's clock).
+    charged_at_us: i64,
 }
 
 impl Reservation {
@@ -767,6 +769,7 @@ impl Limiter {
             admission.reservation = Some(Reservation {
                 estimate: estimate.total(),
                 charged,
+                charged_at_us: now_us(),
             });
         }
         Ok(admission)
@@ -782,6 +785,19 @@ impl Limiter {
         let delta = i64::try_from(actual)
             .unwrap_or(i64::MAX)
             .saturating_sub(i64::try_from(reservation.estimate).unwrap_or(i64::MAX));
+        if delta < 0 && now_us().saturating_sub(reservation.charged_at_us) as f64 > MINUTE_US {
+            // A tokens-per-minute bucket has drained what was charged a minute or more ago: a
+            // refund now would give back room the caller has had already (and a caller could
+            // bank it, settling old reservations when it wants room). Quotas keep theirs, in
+            // the window they were charged to.
+            let quotas: Vec<(String, BucketKind, i64)> = reservation
+                .charged
+                .into_iter()
+                .filter(|(_, kind, _)| matches!(kind, BucketKind::Quota { .. }))
+                .collect();
+            self.adjust(&quotas, delta);
+            return;
+        }
         self.adjust(&reservation.charged, delta);
     }
 

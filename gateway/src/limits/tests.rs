@@ -551,6 +551,48 @@ async fn admissions_report_headers_and_reconcile() {
     assert_eq!(after.remaining_quota_tokens, Some(4850));
 }
 
+/// A reservation settled a minute or more after it was charged (work that went on after its
+/// call, `crate::deferred_work`) gives its refund back to quotas only: a tokens-per-minute
+/// bucket has drained it already, and a refund there would be room the caller could bank.
+#[tokio::test]
+async fn a_late_refund_reaches_quotas_only() {
+    let limiter = limiter();
+    let rules = vec![rule(json!({
+        "id": "team", "subject": {"kind": "subscription", "id": "team-a"},
+        "tokens_per_minute": 1000, "token_quota": {"tokens": 5000, "period": "monthly"}
+    }))];
+    let mut admission = limiter
+        .admit(&rules, &team_a(), Some("gpt-4o"), None, tokens(100, 500))
+        .await
+        .unwrap();
+    let mut reservation = admission.take_reservation().unwrap();
+    reservation.charged_at_us -= 120_000_000;
+    limiter.reconcile(reservation, Some(150));
+    let after = limiter
+        .admit(&rules, &team_a(), Some("gpt-4o"), None, tokens(0, 0))
+        .await
+        .unwrap();
+    let remaining = after.remaining_tokens.unwrap();
+    assert!((400..=420).contains(&remaining), "{remaining}");
+    assert_eq!(after.remaining_quota_tokens, Some(4850));
+
+    // An excess is charged to both, however late.
+    let mut admission = limiter
+        .admit(&rules, &team_a(), Some("gpt-4o"), None, tokens(0, 100))
+        .await
+        .unwrap();
+    let mut reservation = admission.take_reservation().unwrap();
+    reservation.charged_at_us -= 120_000_000;
+    limiter.reconcile(reservation, Some(300));
+    let after = limiter
+        .admit(&rules, &team_a(), Some("gpt-4o"), None, tokens(0, 0))
+        .await
+        .unwrap();
+    let remaining = after.remaining_tokens.unwrap();
+    assert!((100..=120).contains(&remaining), "{remaining}");
+    assert_eq!(after.remaining_quota_tokens, Some(4550));
+}
+
 #[test]
 fn usage_settles_reservations() {
     let (parts, ()) = http::Request::new(()).into_parts();

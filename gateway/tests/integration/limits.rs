@@ -808,8 +808,8 @@ async fn a_run_that_waits_for_tool_outputs_is_charged_what_it_used_across_replic
     one.records(1).await;
     assert_eq!(quota_by_rule(&prefix).await, [1500, 1500]);
 
-    // Twice, on the other replica: each reserves its own estimate under the rule over every
-    // call, given back since the run's reservation covers its work.
+    // Twice, on the other replica: tool outputs reserve no tokens of their own (the run's
+    // reservation covers its every step), charge nothing, and leave the run's entry as it is.
     for _ in 0..2 {
         let submitted = two
             .post(&format!("{RUNS}/run_1/submit_tool_outputs{VERSION}"))
