@@ -283,7 +283,20 @@ try {
   const prompt = await auditor.textContent('#call-prompt');
   check(prompt?.includes('quokkaphant <b>x</b> real?'), `the prompt is shown as text (${prompt?.slice(0, 200)})`);
   check(prompt?.includes('<script>'), 'the script tag in the prompt is shown as text');
-  check((await auditor.$$('#call-prompt *')).length === 0, 'the prompt creates no element');
+  const ownElements = await auditor.$$eval('#call-prompt *', (elements) =>
+    elements.every((e) => (e.tagName === 'DIV' && ['message', 'message-label'].includes(e.className))
+      || (e.tagName === 'DIV' && e.className === 'content message-text')));
+  check(ownElements, 'the prompt creates no element: the page\'s own messages only');
+  check((await auditor.textContent('#call-prompt .message-label'))?.trim() === 'user',
+    'the prompt\'s message is shown under its speaker');
+  check((await auditor.textContent('#call-completion'))?.includes('Simulated answer to: Is the quokkaphant'),
+    'the completion is shown as text');
+  check((await auditor.textContent('#call-attempts td code'))?.trim() === 'simulator',
+    'the attempts are a table naming the member');
+  const requestBody = await auditor.textContent('#call-request-body .content');
+  check(requestBody?.includes('"messages":[') && requestBody?.includes('<script>window.pwned=1</script>'),
+    `the request body is shown as captured, as text (${requestBody?.slice(0, 200)})`);
+  check((await auditor.$$('#call-request-body .content *')).length === 0, 'the request body creates no element');
   const boldX = await auditor.$$eval('b', (bs) => bs.filter((b) => b.textContent === 'x').length);
   check(boldX === 0, 'no <b> element holds the prompt\'s x');
   check(await auditor.evaluate(() => window.pwned === undefined), 'the prompt\'s script did not run');

@@ -60,6 +60,53 @@ pub struct SearchData {
     pub warnings: Vec<String>,
 }
 
+/// One message of a prompt or a completion.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MessageView {
+    /// Who speaks, or what the item is; empty when the capture does not say.
+    pub label: String,
+    /// What it says (shown as text).
+    pub text: String,
+}
+
+/// A captured prompt or completion, as the page shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum TranscriptView {
+    /// Messages in order.
+    Messages(Vec<MessageView>),
+    /// Text of another shape, as captured (JSON pretty-printed).
+    Text(String),
+    /// Not captured, or removed by content retention.
+    Missing,
+}
+
+/// One backend attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptView {
+    /// The pool member tried.
+    pub backend: String,
+    /// What it answered (`–` when the connection failed).
+    pub status: String,
+    /// Time to its answer's head.
+    pub elapsed: String,
+    /// Why it did not answer the call.
+    pub error: String,
+}
+
+/// How much of a body the call page shows, in characters: the page carries it twice (as HTML
+/// and in the data the app starts from), so a body of megabytes is not put in it whole.
+pub const BODY_SHOWN: usize = 256 * 1024;
+
+/// A captured body, byte for byte as kept (never reformatted: key order, duplicate keys and
+/// escapes are part of the evidence), up to [`BODY_SHOWN`] characters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BodyView {
+    /// The text shown.
+    pub text: String,
+    /// The whole body's length in characters.
+    pub chars: usize,
+}
+
 /// One call in full.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CallView {
@@ -69,8 +116,11 @@ pub struct CallView {
     pub row: AuditRowView,
     /// Backend of the final attempt.
     pub backend: String,
-    /// Attempts (JSON text).
+    /// Attempts (JSON text) when they do not read as [`CallView::attempt_rows`]; empty when
+    /// they do.
     pub attempts: String,
+    /// The attempts, one row each.
+    pub attempt_rows: Option<Vec<AttemptView>>,
     /// Prompt tokens.
     pub prompt_tokens: String,
     /// Completion tokens.
@@ -79,10 +129,14 @@ pub struct CallView {
     pub tokens_estimated: bool,
     /// Time to first byte.
     pub time_to_first_byte: String,
-    /// Prompt messages (text).
-    pub request_messages: Option<String>,
-    /// Completion (text).
-    pub response_messages: Option<String>,
+    /// The prompt.
+    pub prompt: TranscriptView,
+    /// The completion.
+    pub completion: TranscriptView,
+    /// The request body as captured (its first [`BODY_SHOWN`] characters), when kept.
+    pub request_body: Option<BodyView>,
+    /// The response body as captured, when kept.
+    pub response_body: Option<BodyView>,
     /// Request body cut at the capture limit.
     pub request_truncated: bool,
     /// Response body cut.
@@ -276,6 +330,33 @@ pub async fn audit_search(
 pub async fn audit_call(id: String, verify: String) -> Result<Look<CallView>, ServerFnError> {
     use crate::usage::ssr::{insights_and_user, to_error};
     use gatehouse_portal_core::insights::ChainCheck;
+    use gatehouse_portal_core::insights::transcript::{self, Transcript};
+    /// A captured body, its start when it is long.
+    fn body_view(body: String) -> BodyView {
+        let chars = body.chars().count();
+        let text = if chars > BODY_SHOWN {
+            body.chars().take(BODY_SHOWN).collect()
+        } else {
+            body
+        };
+        BodyView { text, chars }
+    }
+    /// A captured prompt or completion, read for the page.
+    fn transcript_view(captured: Option<&str>) -> TranscriptView {
+        match captured.map(transcript::transcript) {
+            None => TranscriptView::Missing,
+            Some(Transcript::Text(text)) => TranscriptView::Text(text),
+            Some(Transcript::Entries(entries)) => TranscriptView::Messages(
+                entries
+                    .into_iter()
+                    .map(|entry| MessageView {
+                        label: entry.label,
+                        text: entry.text,
+                    })
+                    .collect(),
+            ),
+        }
+    }
     if crate::ssr::request_from_another_site() {
         return Ok(Look::FromAnotherSite);
     }
@@ -300,10 +381,28 @@ pub async fn audit_call(id: String, verify: String) -> Result<Look<CallView>, Se
         Some(ChainCheck::Unavailable(why)) => (Some(why), None),
     };
     let opt = |v: Option<i64>| v.map(thousands).unwrap_or_else(|| "–".to_owned());
+    let attempt_rows = transcript::attempt_rows(&call.attempts).map(|rows| {
+        rows.into_iter()
+            .map(|row| AttemptView {
+                backend: row.backend,
+                status: opt(row.status),
+                elapsed: row
+                    .elapsed_ms
+                    .map(|ms| format!("{} ms", thousands(ms)))
+                    .unwrap_or_else(|| "–".to_owned()),
+                error: row.error.unwrap_or_default(),
+            })
+            .collect()
+    });
     Ok(Look::Done(CallView {
         id: call.row.correlation_id.clone(),
         backend: call.backend_id.unwrap_or_default(),
-        attempts: call.attempts,
+        attempts: if attempt_rows.is_some() {
+            String::new()
+        } else {
+            call.attempts
+        },
+        attempt_rows,
         prompt_tokens: opt(call.prompt_tokens),
         completion_tokens: opt(call.completion_tokens),
         tokens_estimated: call.tokens_estimated,
@@ -311,8 +410,10 @@ pub async fn audit_call(id: String, verify: String) -> Result<Look<CallView>, Se
             .time_to_first_byte
             .map(|v| format!("{} ms", thousands(v)))
             .unwrap_or_else(|| "–".to_owned()),
-        request_messages: call.request_messages,
-        response_messages: call.response_messages,
+        prompt: transcript_view(call.request_messages.as_deref()),
+        completion: transcript_view(call.response_messages.as_deref()),
+        request_body: call.request_body.map(body_view),
+        response_body: call.response_body.map(body_view),
         request_truncated: call.request_truncated,
         response_truncated: call.response_truncated,
         client_aborted: call.client_aborted,
@@ -632,12 +733,113 @@ fn call_view(call: CallView) -> impl IntoView {
             </dd>
         </dl>
         <h2>"Prompt"</h2>
-        <pre class="content" id="call-prompt">{call.request_messages.unwrap_or_else(|| "(not captured, or removed by retention)".to_owned())}</pre>
+        <div class="transcript" id="call-prompt">{transcript(call.prompt)}</div>
         <h2>"Completion"</h2>
-        <pre class="content" id="call-completion">{call.response_messages.unwrap_or_else(|| "(not captured, or removed by retention)".to_owned())}</pre>
+        <div class="transcript" id="call-completion">{transcript(call.completion)}</div>
         <h2>"Attempts"</h2>
-        <pre class="content" id="call-attempts">{call.attempts}</pre>
+        {attempts(call.attempt_rows, call.attempts)}
+        <h2>"Bodies"</h2>
+        {body("call-request-body", "Request body", call.request_body)}
+        {body("call-response-body", "Response body", call.response_body)}
     }
+}
+
+/// A prompt or a completion: each message under its speaker, as text.
+fn transcript(transcript: TranscriptView) -> AnyView {
+    match transcript {
+        TranscriptView::Messages(messages) if !messages.is_empty() => messages
+            .into_iter()
+            .map(|message| {
+                let label = if message.label.is_empty() {
+                    "–".to_owned()
+                } else {
+                    message.label
+                };
+                view! {
+                    <div class="message">
+                        <div class="message-label">{label}</div>
+                        <div class="content message-text">{shown(message.text)}</div>
+                    </div>
+                }
+            })
+            .collect_view()
+            .into_any(),
+        TranscriptView::Messages(_) => view! { <div class="content">"(empty)"</div> }.into_any(),
+        TranscriptView::Text(text) => view! { <div class="content">{shown(text)}</div> }.into_any(),
+        TranscriptView::Missing => {
+            view! { <p class="muted">"(not captured, or removed by retention)"</p> }.into_any()
+        }
+    }
+}
+
+/// Text for a block that keeps its line breaks (a `div`, not a `pre`, whose first line break the
+/// HTML parser drops); never empty, so that the page and the app agree on its text node.
+fn shown(text: String) -> String {
+    if text.is_empty() {
+        "(empty)".to_owned()
+    } else {
+        text
+    }
+}
+
+/// The backend attempts as a table (as captured when they do not read as rows).
+fn attempts(rows: Option<Vec<AttemptView>>, raw: String) -> AnyView {
+    let Some(rows) = rows else {
+        return view! { <div class="content" id="call-attempts">{shown(raw)}</div> }.into_any();
+    };
+    view! {
+        <div class="table-wrap">
+        <table class="table" id="call-attempts">
+            <thead><tr><th>"Member"</th><th>"Status"</th><th>"Time"</th><th>"Error"</th></tr></thead>
+            <tbody>
+                {rows
+                    .into_iter()
+                    .map(|row| view! {
+                        <tr>
+                            <td><code>{row.backend}</code></td>
+                            <td>{row.status}</td>
+                            <td>{row.elapsed}</td>
+                            <td>{row.error}</td>
+                        </tr>
+                    })
+                    .collect_view()}
+            </tbody>
+        </table>
+        </div>
+    }
+    .into_any()
+}
+
+/// A captured body as kept, folded away until asked for.
+fn body(id: &'static str, title: &'static str, body: Option<BodyView>) -> impl IntoView {
+    match body {
+        Some(body) => {
+            let summary = if body.chars > BODY_SHOWN {
+                format!(
+                    "{title} ({} characters; the first {} shown)",
+                    thousands_usize(body.chars),
+                    thousands_usize(BODY_SHOWN)
+                )
+            } else {
+                format!("{title} ({} characters)", thousands_usize(body.chars))
+            };
+            view! {
+                <details class="body" id=id>
+                    <summary>{summary}</summary>
+                    <div class="content">{shown(body.text)}</div>
+                </details>
+            }
+            .into_any()
+        }
+        None => view! {
+            <p class="muted" id=id>{format!("{title}: not captured, or removed by retention")}</p>
+        }
+        .into_any(),
+    }
+}
+
+fn thousands_usize(n: usize) -> String {
+    thousands(i64::try_from(n).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

@@ -83,7 +83,7 @@ fn record(i: usize, at: OffsetDateTime, call: Call) -> AuditRecord {
             elapsed_ms: call.total_time,
             error: None,
         }],
-        backend_request_body: Some("{}".to_owned()),
+        backend_request_body: Some(format!("{{\"model\":\"{}\"}}", call.model)),
         request_body_truncated: false,
         backend_response_body: Some("{}".to_owned()),
         response_body_truncated: false,
@@ -432,6 +432,12 @@ async fn exercise(source: EmbeddedSource, db: ConfigDb) {
             .contains("secret launch plan <script>")
     );
     assert_eq!(detail.call.backend_id.as_deref(), Some("east"));
+    // The bodies as captured.
+    assert_eq!(
+        detail.call.request_body.as_deref(),
+        Some("{\"model\":\"gpt-4o\"}")
+    );
+    assert_eq!(detail.call.response_body.as_deref(), Some("{}"));
     assert_eq!(detail.call.prompt_tokens, Some(10));
     assert!(detail.call.chain.is_some());
     assert_eq!(detail.chain_check, Some(ChainCheck::Intact { records: 13 }));

@@ -328,6 +328,8 @@ async fn query(
             ("ChainId", "string"),
             ("ChainSequence", "long"),
             ("RecordHash", "string"),
+            ("BackendRequestBody", "string"),
+            ("BackendResponseBody", "string"),
         ]);
         let (at, id) = default_calls().swap_remove(0);
         let mut row = summary_row(at, &id).as_array().unwrap().clone();
@@ -344,6 +346,8 @@ async fn query(
             json!("gw-1/2026-12-01"),
             json!(4),
             json!("ab12"),
+            json!("{\"messages\":[]}"),
+            Value::Null,
         ]);
         json!({"tables": [table(&columns, json!([row]))]})
     } else {
@@ -573,6 +577,10 @@ async fn figures_usage_search_and_call_come_from_the_query_api() {
         Some("[{\"role\":\"user\",\"content\":\"first half second half\"}]")
     );
     assert_eq!(call.response_messages.as_deref(), Some("[\"the answer\"]"));
+    // The bodies as Azure Monitor keeps them; one removed by retention (or never captured) is
+    // absent.
+    assert_eq!(call.request_body.as_deref(), Some("{\"messages\":[]}"));
+    assert_eq!(call.response_body, None);
 
     // A refused query is an error with the API's code and message.
     let bad = source

@@ -57,8 +57,15 @@ fn record(
             total_tokens: 15,
             ..TokenUsage::default()
         }),
-        attempts: vec![],
-        backend_request_body: None,
+        attempts: vec![gatehouse_schema::audit::BackendAttempt {
+            backend_id: "east".to_owned(),
+            status: Some(status),
+            elapsed_ms: 30,
+            error: None,
+        }],
+        backend_request_body: Some(
+            serde_json::json!({"messages": [{"role": "user", "content": prompt}]}).to_string(),
+        ),
         request_body_truncated: false,
         backend_response_body: None,
         response_body_truncated: false,
@@ -379,6 +386,15 @@ async fn an_auditor_finds_opens_and_exports_calls_and_every_look_is_recorded() {
         "{detail}"
     );
     assert!(!detail.contains("<script>alert(1)"));
+    // The attempts as a table, the request body as captured, as text too.
+    assert!(detail.contains("<td><code>east</code></td>"), "{detail}");
+    assert!(detail.contains("id=\"call-request-body\""), "{detail}");
+    assert!(
+        detail.contains("&quot;content&quot;:&quot;secret launch &lt;script&gt;")
+            || detail.contains("\"content\":\"secret launch &lt;script&gt;"),
+        "{detail}"
+    );
+    assert!(detail.contains("Response body: not captured"), "{detail}");
 
     // Exports: CSV (formula-safe) and JSON lines, streamed.
     let csv = auditor

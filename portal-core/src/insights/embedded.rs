@@ -268,6 +268,8 @@ impl AuditSource for EmbeddedSource {
                 time_to_first_byte: detail.time_to_first_byte,
                 request_messages: detail.request_messages,
                 response_messages: detail.response_messages,
+                request_body: detail.backend_request_body,
+                response_body: detail.backend_response_body,
                 request_truncated: detail.truncated.0,
                 response_truncated: detail.truncated.1,
                 client_aborted: detail.client_aborted,

@@ -339,7 +339,7 @@ pub fn search(request: &SearchRequest, take: u32) -> Result<String, InsightsErro
 /// One call's gateway-log row.
 pub fn call(correlation_id: &str) -> Result<String, InsightsError> {
     Ok(format!(
-        "{GATEWAY_TABLE}\n| where CorrelationId == {}\n| take 1\n| project {SUMMARY_COLUMNS}, BackendId, Attempts, PromptTokens, CompletionTokens, TokensEstimated, TimeToFirstByte, RequestBodyTruncated, ResponseBodyTruncated, ClientAborted, ChainId, ChainSequence, RecordHash",
+        "{GATEWAY_TABLE}\n| where CorrelationId == {}\n| take 1\n| project {SUMMARY_COLUMNS}, BackendId, Attempts, PromptTokens, CompletionTokens, TokensEstimated, TimeToFirstByte, RequestBodyTruncated, ResponseBodyTruncated, ClientAborted, ChainId, ChainSequence, RecordHash, BackendRequestBody, BackendResponseBody",
         string_literal(correlation_id)?
     ))
 }

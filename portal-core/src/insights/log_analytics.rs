@@ -720,6 +720,8 @@ impl LogAnalyticsSource {
             time_to_first_byte: cells.i64(row, "TimeToFirstByte"),
             request_messages: None,
             response_messages: None,
+            request_body: cells.string(row, "BackendRequestBody"),
+            response_body: cells.string(row, "BackendResponseBody"),
             request_truncated: cells.bool(row, "RequestBodyTruncated"),
             response_truncated: cells.bool(row, "ResponseBodyTruncated"),
             client_aborted: cells.bool(row, "ClientAborted"),

@@ -19,6 +19,7 @@ pub mod embedded;
 pub mod kql;
 pub mod log_analytics;
 pub mod service;
+pub mod transcript;
 
 use std::fmt;
 use std::sync::Arc;
@@ -456,6 +457,12 @@ pub struct CallFull {
     pub request_messages: Option<String>,
     /// The completion (JSON text as captured).
     pub response_messages: Option<String>,
+    /// The request body as captured (`BackendRequestBody`: cut at the capture limit, in Azure
+    /// Monitor at 64 KB too), when content retention has not removed it.
+    pub request_body: Option<String>,
+    /// The response body as captured (`BackendResponseBody`: a stream's answer reassembled as
+    /// one object).
+    pub response_body: Option<String>,
     /// Request body cut at the capture limit.
     pub request_truncated: bool,
     /// Response body cut at the capture limit.
