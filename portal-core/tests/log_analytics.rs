@@ -770,3 +770,44 @@ async fn the_client_limits_itself_and_never_shows_the_secret() {
     bad.workspace_id = "../../other".to_owned();
     assert!(LogAnalyticsSource::new(bad).await.is_err());
 }
+
+/// Every column the detail of one call asks Log Analytics for is a column of the gateway-log table
+/// that the deployment template creates (`deploy/azure/gatehouse-dcr.json`): the double above
+/// answers whatever the query names, so this is what fails when the query names a column the
+/// real table does not have.
+#[test]
+fn the_call_query_asks_only_for_columns_the_table_has() {
+    let template: Value =
+        serde_json::from_str(include_str!("../../deploy/azure/gatehouse-dcr.json")).unwrap();
+    let table = template["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|resource| {
+            resource["properties"]["schema"]["name"]
+                == gatehouse_portal_core::insights::kql::GATEWAY_TABLE
+        })
+        .expect("the template declares the gateway-log table");
+    let columns: Vec<&str> = table["properties"]["schema"]["columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|column| column["name"].as_str().unwrap())
+        .collect();
+    let query = gatehouse_portal_core::insights::kql::call("call-1").unwrap();
+    let projected: Vec<&str> = query
+        .split("| project ")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .map(str::trim)
+        .collect();
+    assert!(projected.contains(&"BackendRequestBody"), "{projected:?}");
+    assert!(projected.contains(&"BackendResponseBody"), "{projected:?}");
+    for column in projected {
+        assert!(
+            columns.contains(&column),
+            "{column} is not a column of the table"
+        );
+    }
+}
