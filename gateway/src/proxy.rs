@@ -1179,7 +1179,10 @@ async fn relay(
         // The client receives fewer bytes than the backend sent.
         headers.remove(header::CONTENT_LENGTH);
     }
-    let tee = Tee::new(capture_limit, is_sse, filter_usage);
+    let mut tee = Tee::new(capture_limit, is_sse, filter_usage);
+    // A fetch or a cancel whose answer may show deferred work ended is read for it even when too
+    // large to parse (a response whose output holds generated images).
+    tee.follows = call.creates.is_none() && crate::deferred_work::reports_on(call.operation);
 
     // A call that creates an object answers with a small JSON object. It is read whole so that the
     // object's member is on record before the client can ask about the object.
@@ -1939,6 +1942,28 @@ fn expiry_for(call: &Call) -> Option<i64> {
         .and_then(|family| affinity::expiry_of(family, time::OffsetDateTime::now_utc()))
 }
 
+/// The `object`, `id` and `status` that the start of an answer too large to parse names (an
+/// object opens with them), as a JSON object; `None` unless it names all three.
+fn object_head(start: &[u8]) -> Option<Value> {
+    let mut head = serde_json::Map::new();
+    for field in ["object", "id", "status"] {
+        let value = crate::peek::leading_member_str(start, field)?;
+        head.insert(field.to_owned(), Value::String(value));
+    }
+    Some(Value::Object(head))
+}
+
+/// Usage as an answer's `usage` member, the way [`capture::usage_of`] reads it back.
+fn usage_json(usage: &gatehouse_schema::audit::TokenUsage) -> Value {
+    serde_json::json!({
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
+    })
+}
+
 /// The last bytes of an answer too large to parse that are kept for its `model` and `usage`
 /// ([`ResponsePeek::read_tail`]).
 const ANSWER_TAIL: usize = 64 * 1024;
@@ -1956,6 +1981,9 @@ fn append_to_tail(tail: &mut Vec<u8>, chunk: &[u8]) {
 struct Tee {
     capture: BodyCapture,
     answer: AnswerCopy,
+    /// Whether an answer too large to parse is read for what it says of deferred work: its
+    /// `object`, `id` and `status` from its start (`AnswerCopy::Tail::head`).
+    follows: bool,
 }
 
 /// What is kept of an answer, besides its captured bytes, for the record's model, usage and
@@ -1976,6 +2004,8 @@ enum AnswerCopy {
     Tail {
         tail: Vec<u8>,
         head_model: Option<String>,
+        /// The `object`, `id` and `status` its start names, when read (see [`Tee::follows`]).
+        head: Option<Value>,
     },
 }
 
@@ -1991,6 +2021,7 @@ impl Tee {
         Tee {
             capture: BodyCapture::new(capture_limit),
             answer,
+            follows: false,
         }
     }
 
@@ -2015,9 +2046,14 @@ impl Tee {
                 // (The answer's start: what was kept, or this chunk when it is the first.)
                 let start: &[u8] = if whole.is_empty() { &chunk } else { whole };
                 let head_model = crate::peek::leading_member_str(start, "model");
+                let head = self.follows.then(|| object_head(start)).flatten();
                 let mut tail = std::mem::take(whole);
                 append_to_tail(&mut tail, &chunk);
-                self.answer = AnswerCopy::Tail { tail, head_model };
+                self.answer = AnswerCopy::Tail {
+                    tail,
+                    head_model,
+                    head,
+                };
             }
             AnswerCopy::Tail { tail, .. } => append_to_tail(tail, &chunk),
         }
@@ -2096,7 +2132,11 @@ impl Tee {
                 }
                 return summary.response;
             }
-            AnswerCopy::Tail { tail, head_model } => {
+            AnswerCopy::Tail {
+                tail,
+                head_model,
+                head,
+            } => {
                 // Too large to parse: `usage` from its end, `model` from its start or its end,
                 // the messages not at all.
                 let peek = ResponsePeek::read_tail(&tail);
@@ -2104,7 +2144,13 @@ impl Tee {
                 record.record.model_name = head_model.or(peek.model);
                 record.record.response_body_truncated = self.capture.truncated();
                 record.record.backend_response_body = self.capture.into_text();
-                return None;
+                // What deferred work needs of it: its head, and the usage from its end.
+                return head.map(|mut head| {
+                    if let (Value::Object(fields), Some(usage)) = (&mut head, peek.usage) {
+                        fields.insert("usage".to_owned(), usage_json(&usage));
+                    }
+                    head
+                });
             }
             AnswerCopy::Whole(body) => body,
         };

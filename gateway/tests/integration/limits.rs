@@ -735,6 +735,74 @@ async fn a_background_response_is_charged_what_it_used_once_a_fetch_sees_it_end(
     gw.stop().await;
 }
 
+/// A background response fetched at its end with an answer too large to parse whole (over
+/// 8 MiB: the image-generation tool's images in its output) is settled too: its `object`, `id`
+/// and `status` come from the answer's start, its usage from the answer's end.
+#[tokio::test]
+async fn a_background_response_too_large_to_parse_is_settled_from_its_ends() {
+    use axum::routing::{get, post};
+    let image = "A".repeat(9 * 1024 * 1024);
+    let app = axum::Router::new()
+        .route(
+            "/openai/v1/responses",
+            post(|| async {
+                axum::Json(json!({"id": "resp_big", "object": "response", "model": "gpt-4o",
+                    "status": "queued", "background": true, "output": [], "usage": null}))
+            }),
+        )
+        .route(
+            "/openai/v1/responses/{id}",
+            // In the API's order (the response object opens with its id, object and status),
+            // which `json!` would not keep.
+            get(move || {
+                let body = format!(
+                    r#"{{"id":"resp_big","object":"response","created_at":1,"status":"completed","model":"gpt-4o","output":[{{"type":"image_generation_call","id":"ig_1","status":"completed","result":"{image}"}}],"usage":{{"input_tokens":100,"output_tokens":6000,"total_tokens":6100}}}}"#
+                );
+                async move { ([(http::header::CONTENT_TYPE, "application/json")], body) }
+            }),
+        );
+    let url = serve_stub(app).await;
+    let mut snapshot = snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o"], "serves_resources": true, "members": [member("a", &url, 1)]}]),
+    );
+    const QUOTA: u64 = 1_000_000;
+    snapshot.limits = serde_json::from_value(json!([{"id": "daily",
+        "subject": {"kind": "each_subscription"}, "token_quota": {"tokens": QUOTA, "period": "daily"}}]))
+    .unwrap();
+    let gw = TestGateway::start(snapshot).await;
+    let created = gw
+        .post("/openai/v1/responses")
+        .json(&json!({"model": "gpt-4o", "input": "Draw a cat.", "background": true, "max_output_tokens": 10000}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 200);
+    let reserved = header(&created, "x-gatehouse-consumed-tokens").unwrap();
+    assert!(reserved > 10_000, "{reserved}");
+    created.bytes().await.unwrap();
+    let fetched = gw
+        .get("/openai/v1/responses/resp_big")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(fetched.status(), 200);
+    assert!(fetched.bytes().await.unwrap().len() > 9 * 1024 * 1024);
+    let record = gw.records(2).await.remove(1);
+    assert_eq!(record.usage.map(|u| u.total_tokens), Some(6100));
+    // The reservation is settled at 6,100: a call reserving nothing sees what is left.
+    let next = gw
+        .post("/openai/v1/responses")
+        .json(&json!({"model": "gpt-4o", "input": "x", "background": true, "max_output_tokens": 1}))
+        .send()
+        .await
+        .unwrap();
+    let next_reserved = header(&next, "x-gatehouse-consumed-tokens").unwrap();
+    let remaining = header(&next, "x-gatehouse-remaining-quota-tokens").unwrap();
+    assert_eq!(remaining, QUOTA - 6100 - next_reserved);
+    gw.stop().await;
+}
+
 /// A member for the run test: a run created waits for tool outputs; tool outputs submitted
 /// answer the run queued again; the run fetched has `completed` with the 3,000 tokens its steps
 /// used, as the Assistants API reports a run's `usage` once it has ended.
