@@ -384,12 +384,12 @@ pub async fn audit_call(id: String, verify: String) -> Result<Look<CallView>, Se
     let attempt_rows = transcript::attempt_rows(&call.attempts).map(|rows| {
         rows.into_iter()
             .map(|row| AttemptView {
-                backend: row.backend,
-                status: opt(row.status),
-                elapsed: row
-                    .elapsed_ms
-                    .map(|ms| format!("{} ms", thousands(ms)))
-                    .unwrap_or_else(|| "–".to_owned()),
+                backend: row.backend_id,
+                status: opt(row.status.map(i64::from)),
+                elapsed: format!(
+                    "{} ms",
+                    thousands(i64::try_from(row.elapsed_ms).unwrap_or(i64::MAX))
+                ),
                 error: row.error.unwrap_or_default(),
             })
             .collect()
@@ -773,7 +773,7 @@ fn transcript(transcript: TranscriptView) -> AnyView {
 }
 
 /// Text for a block that keeps its line breaks (a `div`, not a `pre`, whose first line break the
-/// HTML parser drops); never empty, so that the page and the app agree on its text node.
+/// HTML parser drops); an empty text says so.
 fn shown(text: String) -> String {
     if text.is_empty() {
         "(empty)".to_owned()

@@ -350,7 +350,7 @@ impl Gateway {
     }
 
     /// Does what a finished call's answer says about work that goes on after a call
-    /// (`crate::deferred_work`), then [`Gateway::finish`]es the call:
+    /// (`crate::deferred_work`), if anything, then [`Gateway::finish`]es the call:
     ///
     /// - work started (or continued by tool outputs) and not over: the call's reservation is
     ///   left for the call that will see the work end; when the object has an entry already
@@ -364,15 +364,16 @@ impl Gateway {
         &self,
         mut record: AuditRecord,
         mut holds: Holds,
-        follow: crate::deferred_work::Follow,
+        follow: Option<crate::deferred_work::Follow>,
     ) {
         use crate::deferred_work::{Entry, Follow, Left};
         match follow {
-            Follow::Leave {
+            None => {}
+            Some(Follow::Leave {
                 id,
                 deployment,
                 starts,
-            } => {
+            }) => {
                 let entry = Entry {
                     reservation: holds.reservation.take(),
                     deployment,
@@ -392,7 +393,7 @@ impl Gateway {
                     Left::Failed(entry) => holds.reservation = entry.reservation,
                 }
             }
-            Follow::Ended { id, usage } => {
+            Some(Follow::Ended { id, usage }) => {
                 if let Some(entry) = self.deferred.take(&id).await {
                     if let Some(reservation) = entry.reservation {
                         self.limiter

@@ -1341,12 +1341,12 @@ async fn finish_created(
     let follow = crate::deferred_work::follow(&call, status, answer.as_ref());
     let holds = record.take_holds();
     let audit = record.finish(status.as_u16(), sent);
-    match (estimate, follow) {
-        (None, None) => gateway.finish(audit, holds),
-        // Left before the client has the object's id, so that its first poll finds the entry.
-        (None, Some(follow)) => gateway.finish_following(audit, holds, follow).await,
+    match estimate {
+        // Deferred work is left before the client has the object's id, so that its first poll
+        // finds the entry.
+        None => gateway.finish_following(audit, holds, follow).await,
         // Counting must not delay the answer.
-        (Some(work), follow) => {
+        Some(work) => {
             let in_flight = gateway.calls.enter();
             let finishing = finish_estimated(Arc::clone(gateway), audit, holds, work, follow);
             tokio::spawn(
@@ -1502,12 +1502,9 @@ impl RelayCall {
                         tracing::error!(%error, object = %id, "could not journal which member holds an object");
                     }
                 }
-                match (estimate, follow) {
-                    (None, None) => gateway.finish(audit, holds),
-                    (None, Some(follow)) => gateway.finish_following(audit, holds, follow).await,
-                    (Some(work), follow) => {
-                        finish_estimated(gateway, audit, holds, work, follow).await;
-                    }
+                match estimate {
+                    None => gateway.finish_following(audit, holds, follow).await,
+                    Some(work) => finish_estimated(gateway, audit, holds, work, follow).await,
                 }
                 drop(in_flight);
             }
@@ -1788,10 +1785,7 @@ async fn finish_estimated(
     follow: Option<crate::deferred_work::Follow>,
 ) {
     audit.usage = work.count_off_path().await;
-    match follow {
-        None => gateway.finish(audit, holds),
-        Some(follow) => gateway.finish_following(audit, holds, follow).await,
-    }
+    gateway.finish_following(audit, holds, follow).await;
 }
 
 fn call_deletes(call: &Call) -> bool {

@@ -561,36 +561,36 @@ async fn a_late_refund_reaches_quotas_only() {
         "id": "team", "subject": {"kind": "subscription", "id": "team-a"},
         "tokens_per_minute": 1000, "token_quota": {"tokens": 5000, "period": "monthly"}
     }))];
-    let mut admission = limiter
-        .admit(&rules, &team_a(), Some("gpt-4o"), None, tokens(100, 500))
-        .await
-        .unwrap();
-    let mut reservation = admission.take_reservation().unwrap();
-    reservation.charged_at_us -= 120_000_000;
-    limiter.reconcile(reservation, Some(150));
-    let after = limiter
-        .admit(&rules, &team_a(), Some("gpt-4o"), None, tokens(0, 0))
-        .await
-        .unwrap();
-    let remaining = after.remaining_tokens.unwrap();
-    assert!((400..=420).contains(&remaining), "{remaining}");
-    assert_eq!(after.remaining_quota_tokens, Some(4850));
+    // Reserves `estimate`, settles it two minutes after its charge at `used`, and answers what
+    // is left then: of the tokens per minute, and of the quota.
+    let settled_late = |estimate: Estimate, used: u64| {
+        let (limiter, rules) = (&limiter, &rules);
+        async move {
+            let mut admission = limiter
+                .admit(rules, &team_a(), Some("gpt-4o"), None, estimate)
+                .await
+                .unwrap();
+            let mut reservation = admission.take_reservation().unwrap();
+            reservation.charged_at_us -= 120_000_000;
+            limiter.reconcile(reservation, Some(used));
+            let after = limiter
+                .admit(rules, &team_a(), Some("gpt-4o"), None, tokens(0, 0))
+                .await
+                .unwrap();
+            (
+                after.remaining_tokens.unwrap(),
+                after.remaining_quota_tokens,
+            )
+        }
+    };
+    let (per_minute, quota) = settled_late(tokens(100, 500), 150).await;
+    assert!((400..=420).contains(&per_minute), "{per_minute}");
+    assert_eq!(quota, Some(4850));
 
     // An excess is charged to both, however late.
-    let mut admission = limiter
-        .admit(&rules, &team_a(), Some("gpt-4o"), None, tokens(0, 100))
-        .await
-        .unwrap();
-    let mut reservation = admission.take_reservation().unwrap();
-    reservation.charged_at_us -= 120_000_000;
-    limiter.reconcile(reservation, Some(300));
-    let after = limiter
-        .admit(&rules, &team_a(), Some("gpt-4o"), None, tokens(0, 0))
-        .await
-        .unwrap();
-    let remaining = after.remaining_tokens.unwrap();
-    assert!((100..=120).contains(&remaining), "{remaining}");
-    assert_eq!(after.remaining_quota_tokens, Some(4550));
+    let (per_minute, quota) = settled_late(tokens(0, 100), 300).await;
+    assert!((100..=120).contains(&per_minute), "{per_minute}");
+    assert_eq!(quota, Some(4550));
 }
 
 #[test]

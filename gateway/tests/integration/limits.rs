@@ -582,6 +582,62 @@ async fn a_rule_for_a_deployment_covers_the_calls_a_pool_renames_to_it() {
     assert_eq!(sim.hits(), 1);
 }
 
+/// A chat completion of gpt-4o that used 20 tokens, whatever it is asked.
+fn chat_of_20_tokens() -> axum::routing::MethodRouter {
+    axum::routing::post(|| async {
+        axum::Json(
+            json!({"id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "Oslo."}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 15, "completion_tokens": 5, "total_tokens": 20}}),
+        )
+    })
+}
+
+/// A pool of the one member at `url`, running `deployment` and serving resource calls, under a
+/// daily token quota of `tokens` for each subscription per rule of `rules`: its id, and whether it
+/// covers `deployment` alone (else every call).
+fn daily_quotas(
+    url: &str,
+    deployment: &str,
+    rules: &[(&str, bool)],
+    tokens: u64,
+) -> ConfigSnapshot {
+    let mut snapshot = snapshot(
+        1,
+        json!([{"id": "p", "deployments": [deployment], "serves_resources": true,
+            "members": [member("a", url, 1)]}]),
+    );
+    let rules: Vec<Value> = rules
+        .iter()
+        .map(|(id, deployment_only)| {
+            let mut rule = json!({"id": id, "subject": {"kind": "each_subscription"},
+                "token_quota": {"tokens": tokens, "period": "daily"}});
+            if *deployment_only {
+                rule["deployments"] = json!([deployment]);
+            }
+            rule
+        })
+        .collect();
+    snapshot.limits = serde_json::from_value(Value::Array(rules)).unwrap();
+    snapshot
+}
+
+/// Each record's operation, total tokens and deployment, in the order the records came.
+fn tokens_by_call(
+    records: &[gatehouse_schema::AuditRecord],
+) -> Vec<(String, Option<u64>, Option<String>)> {
+    records
+        .iter()
+        .map(|r| {
+            (
+                r.operation_id.map(|o| o.to_string()).unwrap_or_default(),
+                r.usage.map(|u| u.total_tokens),
+                r.deployment_name.clone(),
+            )
+        })
+        .collect()
+}
+
 /// A member for the background-response test: a chat call uses 20 tokens; a background
 /// response is answered `queued` without usage (its model work comes after the call); the first
 /// fetch of a response finds it `in_progress`, every later one `completed` with the 20,010 tokens
@@ -591,14 +647,7 @@ async fn responses_member() -> String {
     use axum::routing::{get, post};
     let fetches = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let app = axum::Router::new()
-        .route(
-            "/openai/deployments/gpt-4o/chat/completions",
-            post(|| async {
-                axum::Json(json!({"id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o",
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Oslo."}, "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 15, "completion_tokens": 5, "total_tokens": 20}}))
-            }),
-        )
+        .route("/openai/deployments/gpt-4o/chat/completions", chat_of_20_tokens())
         .route(
             "/openai/v1/responses",
             post(|| async {
@@ -632,18 +681,8 @@ async fn responses_member() -> String {
 #[tokio::test]
 async fn a_background_response_is_charged_what_it_used_once_a_fetch_sees_it_end() {
     let url = responses_member().await;
-    let pool = member("a", &url, 1);
-    let mut snapshot = snapshot(
-        1,
-        json!([{"id": "p", "deployments": ["gpt-4o"], "serves_resources": true, "members": [pool]}]),
-    );
     const QUOTA: u64 = 1_000_000;
-    snapshot.limits = serde_json::from_value(
-        json!([{"id": "daily", "subject": {"kind": "each_subscription"},
-        "token_quota": {"tokens": QUOTA, "period": "daily"}}]),
-    )
-    .unwrap();
-    let gw = TestGateway::start(snapshot).await;
+    let gw = TestGateway::start(daily_quotas(&url, "gpt-4o", &[("daily", false)], QUOTA)).await;
     let probe = || async {
         let response = gw
             .post(&chat_path("gpt-4o"))
@@ -685,16 +724,7 @@ async fn a_background_response_is_charged_what_it_used_once_a_fetch_sees_it_end(
         assert_eq!(fetch().await["usage"]["total_tokens"], 20010);
     }
     let records = gw.records(7).await;
-    let mut usage: Vec<(String, Option<u64>, Option<String>)> = records
-        .iter()
-        .map(|r| {
-            (
-                r.operation_id.map(|o| o.to_string()).unwrap_or_default(),
-                r.usage.map(|u| u.total_tokens),
-                r.deployment_name.clone(),
-            )
-        })
-        .collect();
+    let mut usage = tokens_by_call(&records);
     usage.sort();
     let get = |tokens: Option<u64>, deployment: Option<&str>| {
         (
@@ -762,15 +792,8 @@ async fn a_background_response_too_large_to_parse_is_settled_from_its_ends() {
             }),
         );
     let url = serve_stub(app).await;
-    let mut snapshot = snapshot(
-        1,
-        json!([{"id": "p", "deployments": ["gpt-4o"], "serves_resources": true, "members": [member("a", &url, 1)]}]),
-    );
     const QUOTA: u64 = 1_000_000;
-    snapshot.limits = serde_json::from_value(json!([{"id": "daily",
-        "subject": {"kind": "each_subscription"}, "token_quota": {"tokens": QUOTA, "period": "daily"}}]))
-    .unwrap();
-    let gw = TestGateway::start(snapshot).await;
+    let gw = TestGateway::start(daily_quotas(&url, "gpt-4o", &[("daily", false)], QUOTA)).await;
     let created = gw
         .post("/openai/v1/responses")
         .json(&json!({"model": "gpt-4o", "input": "Draw a cat.", "background": true, "max_output_tokens": 10000}))
@@ -845,17 +868,12 @@ async fn runs_member() -> String {
 #[tokio::test]
 async fn a_run_that_waits_for_tool_outputs_is_charged_what_it_used_across_replicas() {
     let url = runs_member().await;
-    let mut snapshot = snapshot(
-        1,
-        json!([{"id": "p", "deployments": ["gpt-4o"], "serves_resources": true, "members": [member("a", &url, 1)]}]),
+    let snapshot = daily_quotas(
+        &url,
+        "gpt-4o",
+        &[("gpt-4o-daily", true), ("all-daily", false)],
+        1_000_000,
     );
-    snapshot.limits = serde_json::from_value(json!([
-        {"id": "gpt-4o-daily", "deployments": ["gpt-4o"], "subject": {"kind": "each_subscription"},
-         "token_quota": {"tokens": 1_000_000, "period": "daily"}},
-        {"id": "all-daily", "subject": {"kind": "each_subscription"},
-         "token_quota": {"tokens": 1_000_000, "period": "daily"}}
-    ]))
-    .unwrap();
     let settings = on_redis(REDIS, OnStoreError::FailClosed);
     let prefix = settings.key_prefix.clone();
     let one = TestGateway::start_with_limits(snapshot.clone(), settings.clone()).await;
@@ -962,11 +980,7 @@ async fn a_streamed_run_that_stops_for_a_tool_is_charged_its_usage_once() {
     let app = axum::Router::new()
         .route(
             "/openai/deployments/gpt-4o/chat/completions",
-            post(|| async {
-                axum::Json(json!({"id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o",
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Oslo."}, "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 15, "completion_tokens": 5, "total_tokens": 20}}))
-            }),
+            chat_of_20_tokens(),
         )
         .route(
             "/openai/threads/{thread}/runs",
@@ -990,16 +1004,14 @@ async fn a_streamed_run_that_stops_for_a_tool_is_charged_its_usage_once() {
             }),
         );
     let url = serve_stub(app).await;
-    let mut snapshot = snapshot(
-        1,
-        json!([{"id": "p", "deployments": ["gpt-4o"], "serves_resources": true, "members": [member("a", &url, 1)]}]),
-    );
     const QUOTA: u64 = 1_000_000;
-    snapshot.limits = serde_json::from_value(json!([{"id": "gpt-4o-daily",
-        "deployments": ["gpt-4o"], "subject": {"kind": "each_subscription"},
-        "token_quota": {"tokens": QUOTA, "period": "daily"}}]))
-    .unwrap();
-    let gw = TestGateway::start(snapshot).await;
+    let gw = TestGateway::start(daily_quotas(
+        &url,
+        "gpt-4o",
+        &[("gpt-4o-daily", true)],
+        QUOTA,
+    ))
+    .await;
     let version = "?api-version=2024-05-01-preview";
     let created = gw
         .post(&format!("/openai/threads/thread_1/runs{version}"))
@@ -1028,20 +1040,13 @@ async fn a_streamed_run_that_stops_for_a_tool_is_charged_its_usage_once() {
             .contains("thread.run.completed")
     );
     let records = gw.records(2).await;
-    let counted: Vec<(String, Option<u64>)> = records
-        .iter()
-        .map(|r| {
-            (
-                r.operation_id.map(|o| o.to_string()).unwrap_or_default(),
-                r.usage.map(|u| u.total_tokens),
-            )
-        })
-        .collect();
+    let gpt_4o = Some("gpt-4o".to_owned());
     assert_eq!(
-        counted,
+        tokens_by_call(&records),
         [
-            ("create_run".to_owned(), None),
-            ("submit_tool_outputs_to_run".to_owned(), Some(3000)),
+            ("create_run".to_owned(), None, gpt_4o.clone()),
+            // Under the deployment the run's create named, which tool outputs do not name.
+            ("submit_tool_outputs_to_run".to_owned(), Some(3000), gpt_4o),
         ]
     );
     let probe = gw
@@ -1084,16 +1089,14 @@ async fn an_eval_run_is_charged_what_its_models_used_once_a_fetch_sees_it_end() 
             get(move || async move { axum::Json(completed) }),
         );
     let url = serve_stub(app).await;
-    let mut snapshot = snapshot(
-        1,
-        json!([{"id": "p", "deployments": ["gpt-4o-mini"], "serves_resources": true, "members": [member("a", &url, 1)]}]),
-    );
     const QUOTA: u64 = 100_000;
-    snapshot.limits = serde_json::from_value(json!([{"id": "mini-daily",
-        "deployments": ["gpt-4o-mini"], "subject": {"kind": "each_subscription"},
-        "token_quota": {"tokens": QUOTA, "period": "daily"}}]))
-    .unwrap();
-    let gw = TestGateway::start(snapshot).await;
+    let gw = TestGateway::start(daily_quotas(
+        &url,
+        "gpt-4o-mini",
+        &[("mini-daily", true)],
+        QUOTA,
+    ))
+    .await;
     let version = "?api-version=2025-04-01-preview";
     let create = || {
         gw.post(&format!("/openai/evals/eval_1/runs{version}"))
@@ -1121,16 +1124,7 @@ async fn an_eval_run_is_charged_what_its_models_used_once_a_fetch_sees_it_end() 
         fetched.bytes().await.unwrap();
     }
     let records = gw.records(3).await;
-    let counted: Vec<(String, Option<u64>, Option<String>)> = records
-        .iter()
-        .map(|r| {
-            (
-                r.operation_id.map(|o| o.to_string()).unwrap_or_default(),
-                r.usage.map(|u| u.total_tokens),
-                r.deployment_name.clone(),
-            )
-        })
-        .collect();
+    let counted = tokens_by_call(&records);
     assert_eq!(
         counted[1..],
         [

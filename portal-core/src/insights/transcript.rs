@@ -9,6 +9,7 @@
 //! `text` holds a `value`), completion choices' text, and plain strings (a completion's prompt,
 //! an embedding's input, a form's prompt). Anything else is shown as its JSON.
 
+use gatehouse_schema::audit::BackendAttempt;
 use serde_json::Value;
 
 /// One message of a transcript.
@@ -217,37 +218,9 @@ fn part_text(part: &Value) -> String {
     }
 }
 
-/// One backend attempt, as the record's `Attempts` holds it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AttemptRow {
-    /// The pool member tried.
-    pub backend: String,
-    /// The status it answered; `None` when the connection failed.
-    pub status: Option<i64>,
-    /// Milliseconds to its answer's head (or its failure).
-    pub elapsed_ms: Option<i64>,
-    /// Why it did not answer the call.
-    pub error: Option<String>,
-}
-
 /// The attempts of a call, when `attempts` is the JSON array the gateway writes.
-pub fn attempt_rows(attempts: &str) -> Option<Vec<AttemptRow>> {
-    let items: Vec<Value> = serde_json::from_str(attempts).ok()?;
-    items
-        .iter()
-        .map(|attempt| {
-            let attempt = attempt.as_object()?;
-            Some(AttemptRow {
-                backend: attempt.get("BackendId")?.as_str()?.to_owned(),
-                status: attempt.get("Status").and_then(Value::as_i64),
-                elapsed_ms: attempt.get("ElapsedMs").and_then(Value::as_i64),
-                error: attempt
-                    .get("Error")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned),
-            })
-        })
-        .collect()
+pub fn attempt_rows(attempts: &str) -> Option<Vec<BackendAttempt>> {
+    serde_json::from_str(attempts).ok()
 }
 
 #[cfg(test)]
@@ -367,7 +340,8 @@ mod tests {
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[0].status, Some(429));
         assert_eq!(rows[0].error.as_deref(), Some("throttled"));
-        assert_eq!(rows[1].backend, "west");
+        assert_eq!(rows[1].backend_id, "west");
+        assert_eq!(rows[1].elapsed_ms, 80);
         assert_eq!(attempt_rows("not json"), None);
         assert_eq!(attempt_rows("[{\"Status\":1}]"), None);
     }
