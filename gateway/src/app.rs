@@ -126,17 +126,23 @@ pub struct ClientTimeouts {
     /// on it; the call's record is completed from the backend and marked client-aborted. On an
     /// HTTP/1.1 connection (the connection's buffers full, the gateway unable to write) the
     /// connection is closed; on HTTP/2 (the stream's flow-control window closed) the stream is
-    /// reset and the connection's other streams go on.
+    /// reset and the connection's other streams go on. A Realtime session's client that leaves
+    /// an event untaken this long (or a member that does) ends the session.
     pub send: Duration,
+    /// The longest a Realtime session may pass no frame either way (an event, a ping or a pong);
+    /// it is then closed on both sides (1001, going away), so that a client gone without closing
+    /// its connection does not hold a member's session.
+    pub realtime_idle: Duration,
 }
 
 impl Default for ClientTimeouts {
-    /// 60 s each.
+    /// 60 s each, and 600 s for an idle Realtime session.
     fn default() -> Self {
         ClientTimeouts {
             request_head: Duration::from_secs(60),
             request_body: Duration::from_secs(60),
             send: Duration::from_secs(60),
+            realtime_idle: Duration::from_secs(600),
         }
     }
 }

@@ -27,6 +27,11 @@
 //! the subscription's key expires. A caller no longer admitted gets an `error` event and the
 //! session is closed (1008, policy violation); the record says why. An Entra token is judged at
 //! the handshake only, as Azure OpenAI judges it (a session outlives its token).
+//!
+//! A session through which no frame passes either way (an event, a ping or a pong) for the
+//! Realtime idle timeout (`server.realtime_idle_timeout_seconds`) is closed on both sides, so a
+//! client gone without closing its connection does not hold a member's session; a side that
+//! leaves an event untaken for the send timeout (`server.send_timeout_seconds`) ends it too.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -63,6 +68,14 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long closing each side of a session whose caller is no longer admitted may take.
 const WITHDRAW_NOTICE_LIMIT: Duration = Duration::from_secs(5);
+
+/// The record's `LastErrorReason` for a session closed because no frame passed either way for
+/// the Realtime idle timeout.
+const IDLE_REASON: &str = "realtime_idle_timeout";
+
+/// The record's `LastErrorReason` for a session whose client left an event untaken for the send
+/// timeout.
+const CLIENT_STALLED_REASON: &str = "client_send_timeout";
 
 /// The member's side of a session.
 type MemberSocket = tokio_tungstenite::WebSocketStream<WebSocketTransport>;
@@ -457,6 +470,8 @@ struct Session {
 enum Ended {
     /// The client closed it (or left).
     Client,
+    /// The client left an event untaken for the send timeout.
+    ClientStalled,
     /// The client left before its side was upgraded.
     ClientGone,
     /// The member closed it.
@@ -467,6 +482,8 @@ enum Ended {
     ShuttingDown,
     /// The caller's access ended (the reason: a [`GatewayError::reason`]).
     Withdrawn(&'static str),
+    /// No frame passed either way for the Realtime idle timeout.
+    Idle,
 }
 
 impl Session {
@@ -503,35 +520,48 @@ impl Session {
         }
     }
 
-    /// Relays events both ways until one side closes, then finishes the record.
+    /// Relays events both ways until one side closes, then finishes the record. A side that
+    /// leaves an event untaken for the send timeout, or a session that passes no frame either way
+    /// for the Realtime idle timeout, ends the session.
     async fn relay(mut self, mut client: WebSocket) {
         let Some(mut member) = self.socket.take() else {
             return;
         };
+        let timeouts = self.gateway.client_timeouts;
         let mut installs = self.installs.clone();
         let access_ends = tokio::time::sleep_until(self.access_ends());
         tokio::pin!(access_ends);
+        // Each frame notes its time; the timer is moved only when it fires, cheaper than
+        // resetting it for every audio append.
+        let mut last_frame = tokio::time::Instant::now();
+        let idle_check = tokio::time::sleep(timeouts.realtime_idle);
+        tokio::pin!(idle_check);
         let ended = loop {
             tokio::select! {
                 from_client = client.recv() => {
                     let Some(Ok(message)) = from_client else {
                         // Gone without a close frame: the member's side is closed for it.
-                        let _ = member.close(None).await;
+                        close_member(&mut member, timeouts.send).await;
                         break Ended::Client;
                     };
+                    last_frame = tokio::time::Instant::now();
                     let closing = matches!(message, ws::Message::Close(_));
                     if let Some(refusal) = self.note_client(&message).await {
                         // A response the caller's limits refuse: the client is told, the
                         // member never sees it.
-                        if client.send(ws::Message::Text(refusal.into())).await.is_err() {
-                            let _ = member.close(None).await;
-                            break Ended::Client;
+                        if let Err(error) = client.send(ws::Message::Text(refusal.into())).await {
+                            close_member(&mut member, timeouts.send).await;
+                            break client_send_failed(&error);
                         }
                         continue;
                     }
                     let Some(message) = to_member(message) else { continue };
-                    if member.send(message).await.is_err() {
-                        let _ = client.send(close_message(1011, "the backend's side of the session broke")).await;
+                    // The member's connection has no send deadline of its own (the client's has,
+                    // `server::ClientStream`).
+                    let sent = tokio::time::timeout(timeouts.send, member.send(message)).await;
+                    if !matches!(sent, Ok(Ok(()))) {
+                        let broke = client.send(close_message(1011, "the backend's side of the session broke"));
+                        let _ = tokio::time::timeout(WITHDRAW_NOTICE_LIMIT, broke).await;
                         break Ended::MemberBroke;
                     }
                     if closing {
@@ -540,23 +570,26 @@ impl Session {
                 }
                 from_member = member.next() => {
                     let Some(Ok(message)) = from_member else {
-                        let _ = client.send(close_message(1011, "the backend's side of the session broke")).await;
+                        let broke = client.send(close_message(1011, "the backend's side of the session broke"));
+                        let _ = tokio::time::timeout(WITHDRAW_NOTICE_LIMIT, broke).await;
                         break Ended::MemberBroke;
                     };
+                    last_frame = tokio::time::Instant::now();
                     let closing = matches!(message, tungstenite::Message::Close(_));
                     self.note_member(&message).await;
                     let Some(message) = to_client(message) else { continue };
-                    if client.send(message).await.is_err() {
-                        let _ = member.close(None).await;
-                        break Ended::Client;
+                    if let Err(error) = client.send(message).await {
+                        close_member(&mut member, timeouts.send).await;
+                        break client_send_failed(&error);
                     }
                     if closing {
                         break Ended::Member;
                     }
                 }
                 () = self.gateway.calls.stopped() => {
-                    let _ = client.send(close_message(1001, "the gateway is shutting down")).await;
-                    let _ = member.close(None).await;
+                    let going = client.send(close_message(1001, "the gateway is shutting down"));
+                    let _ = tokio::time::timeout(WITHDRAW_NOTICE_LIMIT, going).await;
+                    close_member(&mut member, WITHDRAW_NOTICE_LIMIT).await;
                     break Ended::ShuttingDown;
                 }
                 Ok(()) = installs.changed() => {
@@ -571,6 +604,14 @@ impl Session {
                         // Still admitted (the key's expiry was moved or lifted meanwhile).
                         Ok(()) => access_ends.as_mut().reset(self.access_ends()),
                     }
+                }
+                () = &mut idle_check => {
+                    let idle_until = last_frame + timeouts.realtime_idle;
+                    if tokio::time::Instant::now() < idle_until {
+                        idle_check.as_mut().reset(idle_until);
+                        continue;
+                    }
+                    break close_idle(timeouts.realtime_idle, &mut client, &mut member).await;
                 }
             }
         };
@@ -644,7 +685,7 @@ impl Session {
                 "event_id": null,
             },
         });
-        let _ = tokio::time::timeout(WITHDRAW_NOTICE_LIMIT, member.close(None)).await;
+        close_member(member, WITHDRAW_NOTICE_LIMIT).await;
         let notice = async {
             client
                 .send(ws::Message::Text(event.to_string().into()))
@@ -847,6 +888,11 @@ impl Session {
         match ended {
             Ended::Client | Ended::Member => {}
             Ended::ClientGone => record.record.client_aborted = true,
+            Ended::ClientStalled => {
+                record.record.client_aborted = true;
+                record.record.last_error_reason = Some(CLIENT_STALLED_REASON.to_owned());
+            }
+            Ended::Idle => record.record.last_error_reason = Some(IDLE_REASON.to_owned()),
             Ended::MemberBroke => {
                 record.record.last_error_reason = Some("backend_stream_failed".to_owned());
                 crate::proxy::set_aside_after_cut(&self.member);
@@ -955,6 +1001,63 @@ fn to_client(message: tungstenite::Message) -> Option<ws::Message> {
         | tungstenite::Message::Pong(_)
         | tungstenite::Message::Frame(_) => return None,
     })
+}
+
+/// How a session ends when a frame could not be sent to its client: its connection's writes
+/// fail with `TimedOut` once it has taken nothing for the send timeout (`server::ClientStream`).
+fn client_send_failed(error: &axum::Error) -> Ended {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(error) = cause {
+        let timed_out = error
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|error| error.kind() == std::io::ErrorKind::TimedOut);
+        if timed_out {
+            return Ended::ClientStalled;
+        }
+        cause = error.source();
+    }
+    Ended::Client
+}
+
+/// Closes the member's side, giving up after `limit` (a member that reads nothing does not hold
+/// the session open).
+async fn close_member(member: &mut MemberSocket, limit: Duration) {
+    let _ = tokio::time::timeout(limit, member.close(None)).await;
+}
+
+/// Ends a session that passed no frame either way for `idle`: the member's side is closed, and
+/// the client is told why in an `error` event and its side closed with 1001 (going away), each
+/// within [`WITHDRAW_NOTICE_LIMIT`].
+async fn close_idle(idle: Duration, client: &mut WebSocket, member: &mut MemberSocket) -> Ended {
+    tracing::info!(
+        idle_seconds = idle.as_secs(),
+        "a Realtime session was closed: no event passed either way"
+    );
+    let event = json!({
+        "type": "error",
+        "event_id": format!("event_gatehouse_{}", uuid::Uuid::now_v7().simple()),
+        "error": {
+            "type": "invalid_request_error",
+            "code": IDLE_REASON,
+            "message": format!(
+                "The session was closed: no event passed either way for {} s.",
+                idle.as_secs()
+            ),
+            "param": null,
+            "event_id": null,
+        },
+    });
+    close_member(member, WITHDRAW_NOTICE_LIMIT).await;
+    let notice = async {
+        client
+            .send(ws::Message::Text(event.to_string().into()))
+            .await?;
+        client
+            .send(close_message(1001, "the session was idle too long"))
+            .await
+    };
+    let _ = tokio::time::timeout(WITHDRAW_NOTICE_LIMIT, notice).await;
+    Ended::Idle
 }
 
 /// A close frame for the client.

@@ -76,6 +76,11 @@ pub struct ServerSettings {
     /// or the stream reset (HTTP/2) and the call recorded as client-aborted.
     #[serde(default = "default_client_timeout_seconds")]
     pub send_timeout_seconds: u64,
+    /// The longest a Realtime API session may pass no frame either way (an event, a ping or a
+    /// pong), in seconds (default 600, as long as Amazon API Gateway lets a WebSocket idle): it
+    /// is then closed on both sides, and its record says `realtime_idle_timeout`.
+    #[serde(default = "default_realtime_idle_timeout_seconds")]
+    pub realtime_idle_timeout_seconds: u64,
     /// Threads that serve calls; absent: `TOKIO_WORKER_THREADS`, else one per CPU.
     #[serde(default)]
     pub worker_threads: Option<usize>,
@@ -114,6 +119,10 @@ fn default_client_timeout_seconds() -> u64 {
     60
 }
 
+fn default_realtime_idle_timeout_seconds() -> u64 {
+    600
+}
+
 impl ServerSettings {
     /// The client timeouts, each at least one second.
     pub fn client_timeouts(&self) -> anyhow::Result<crate::ClientTimeouts> {
@@ -129,10 +138,15 @@ impl ServerSettings {
             self.send_timeout_seconds > 0,
             "server.send_timeout_seconds must be at least 1"
         );
+        anyhow::ensure!(
+            self.realtime_idle_timeout_seconds > 0,
+            "server.realtime_idle_timeout_seconds must be at least 1"
+        );
         Ok(crate::ClientTimeouts {
             request_head: std::time::Duration::from_secs(self.request_head_timeout_seconds),
             request_body: std::time::Duration::from_secs(self.request_body_timeout_seconds),
             send: std::time::Duration::from_secs(self.send_timeout_seconds),
+            realtime_idle: std::time::Duration::from_secs(self.realtime_idle_timeout_seconds),
         })
     }
 }
@@ -509,15 +523,22 @@ mod tests {
         assert_eq!(defaults.request_head, std::time::Duration::from_secs(60));
         assert_eq!(defaults.request_body, std::time::Duration::from_secs(60));
         assert_eq!(defaults.send, std::time::Duration::from_secs(60));
+        assert_eq!(defaults.realtime_idle, std::time::Duration::from_secs(600));
         let set = settings(
-            "request_head_timeout_seconds: 5\nrequest_body_timeout_seconds: 7\nsend_timeout_seconds: 9",
+            "request_head_timeout_seconds: 5\nrequest_body_timeout_seconds: 7\nsend_timeout_seconds: 9\n\
+             realtime_idle_timeout_seconds: 11",
         )
         .client_timeouts()
         .unwrap();
         assert_eq!(set.request_head, std::time::Duration::from_secs(5));
         assert_eq!(set.request_body, std::time::Duration::from_secs(7));
         assert_eq!(set.send, std::time::Duration::from_secs(9));
-        for field in ["request_body_timeout_seconds", "send_timeout_seconds"] {
+        assert_eq!(set.realtime_idle, std::time::Duration::from_secs(11));
+        for field in [
+            "request_body_timeout_seconds",
+            "send_timeout_seconds",
+            "realtime_idle_timeout_seconds",
+        ] {
             let zero = settings(&format!("{field}: 0"))
                 .client_timeouts()
                 .unwrap_err()

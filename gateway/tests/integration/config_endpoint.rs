@@ -570,6 +570,7 @@ async fn a_push_is_refused_before_its_body_and_a_stalled_one_times_out() {
             request_head: std::time::Duration::from_secs(10),
             request_body: std::time::Duration::from_secs(1),
             send: std::time::Duration::from_secs(10),
+            ..gatehouse_gateway::ClientTimeouts::default()
         },
     )
     .await;

@@ -788,3 +788,181 @@ async fn a_session_ends_when_its_key_expires() {
     let record = gw.records(1).await.remove(0);
     assert_eq!(record.last_error_reason.as_deref(), Some("expired_key"));
 }
+
+/// A gateway in front of the member at `member_url` whose Realtime sessions may idle for one
+/// second and whose clients have one second to take each event.
+async fn impatient_gateway(member_url: &str) -> TestGateway {
+    TestGateway::start_with_client_timeouts(
+        snapshot(1, realtime_pool(json!([member("voice", member_url, 1)]))),
+        gatehouse_gateway::ClientTimeouts {
+            send: std::time::Duration::from_secs(1),
+            realtime_idle: std::time::Duration::from_secs(1),
+            ..gatehouse_gateway::ClientTimeouts::default()
+        },
+    )
+    .await
+}
+
+/// A session that passes no frame either way for the idle timeout is closed on both sides: the
+/// client is told why and gets a 1001 close, the member's side is closed, and the record says
+/// why it ended. Events, and pings alone, keep a session open past the timeout.
+#[tokio::test]
+async fn a_session_idle_too_long_is_closed_on_both_sides() {
+    let (member_url, seen) = realtime_member(None).await;
+    let gw = impatient_gateway(&member_url).await;
+    let mut socket = open_session(&gw.url).await;
+    // 2.4 s, more than twice the timeout: an event or a ping every 400 ms.
+    for round in 0..6 {
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        if round % 2 == 0 {
+            socket.send(Message::Ping(Vec::new().into())).await.unwrap();
+        } else {
+            socket.send(user_message("still here")).await.unwrap();
+            assert_eq!(
+                next_event(&mut socket).await["type"],
+                "conversation.item.created"
+            );
+        }
+    }
+    speak_turns(&mut socket, 1).await;
+    assert_eq!(seen.sessions_ended.load(Ordering::SeqCst), 0);
+
+    // Then silence.
+    let started = std::time::Instant::now();
+    let event = next_event(&mut socket).await;
+    assert_eq!(event["type"], "error", "{event}");
+    assert_eq!(event["error"]["code"], "realtime_idle_timeout", "{event}");
+    let close = tokio::time::timeout(std::time::Duration::from_secs(10), socket.next())
+        .await
+        .expect("the close frame within 10 s");
+    match close {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 1001),
+        other => panic!("not a close frame: {other:?}"),
+    }
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(900),
+        "closed after {:?} of silence",
+        started.elapsed()
+    );
+    member_sessions_ended(&seen, 1).await;
+    let record = gw.records(1).await.remove(0);
+    assert_eq!(
+        record.last_error_reason.as_deref(),
+        Some("realtime_idle_timeout")
+    );
+    assert!(!record.client_aborted);
+    assert_eq!(record.usage.unwrap().total_tokens, 30);
+}
+
+/// A Realtime member double that, once its handshake is done, streams audio deltas of 64 KiB
+/// (`response.audio.delta`, OpenAI's Realtime API reference) until its connection fails: a long
+/// spoken answer. Counts its sessions that ended.
+async fn talkative_member() -> (String, Arc<Seen>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = Arc::new(Seen::default());
+    let state = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let seen = Arc::clone(&state);
+            tokio::spawn(async move {
+                let Ok(mut socket) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                let _end = SessionEnd(seen);
+                let audio = "A".repeat(64 * 1024);
+                let delta = json!({"type": "response.audio.delta", "event_id": "event_4", "response_id": "resp_1", "item_id": "item_2", "output_index": 0, "content_index": 0, "delta": audio}).to_string();
+                // Bounded: 4 GiB at most, far past any socket buffer.
+                for _ in 0..65_536 {
+                    if socket
+                        .send(Message::Text(delta.clone().into()))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, seen)
+}
+
+/// A client that takes none of the events of a session: after the send timeout the session
+/// ends, the member's side is closed, and the record says the client stalled.
+#[tokio::test]
+async fn a_client_that_takes_no_events_ends_its_session() {
+    let (member_url, seen) = talkative_member().await;
+    let gw = impatient_gateway(&member_url).await;
+    let socket = connect(&gw.url, SESSION_PATH, Some(KEY)).await.unwrap();
+    // The client reads nothing: the member's deltas fill the connection's buffers.
+    member_sessions_ended(&seen, 1).await;
+    let record = gw.records(1).await.remove(0);
+    assert_eq!(
+        record.last_error_reason.as_deref(),
+        Some("client_send_timeout")
+    );
+    assert!(record.client_aborted);
+    assert!(record.response_size > 0);
+    drop(socket);
+}
+
+/// A Realtime member double that accepts the handshake and then reads nothing, as a member
+/// stuck on its side would.
+async fn deaf_member() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(socket) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+                drop(socket);
+            });
+        }
+    });
+    url
+}
+
+/// A member that takes none of the client's events for the send timeout ends the session: the
+/// client gets a 1011 close, and the record says the member's side failed.
+#[tokio::test]
+async fn a_member_that_takes_no_events_ends_its_session() {
+    let gw = impatient_gateway(&deaf_member().await).await;
+    let socket = connect(&gw.url, SESSION_PATH, Some(KEY)).await.unwrap();
+    let (mut sending, mut receiving) = socket.split();
+    let audio = json!({"type": "input_audio_buffer.append", "event_id": "client_audio", "audio": "A".repeat(64 * 1024)}).to_string();
+    let flood = tokio::spawn(async move {
+        // Bounded: 1 GiB at most, far past any socket buffer.
+        for _ in 0..16_384 {
+            if sending
+                .send(Message::Text(audio.clone().into()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let close = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            match receiving.next().await {
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(_)) => {}
+                other => panic!("the session ended without a close frame: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the close frame within 10 s");
+    assert_eq!(close.map(|frame| u16::from(frame.code)), Some(1011));
+    flood.abort();
+    let record = gw.records(1).await.remove(0);
+    assert_eq!(
+        record.last_error_reason.as_deref(),
+        Some("backend_stream_failed")
+    );
+    assert!(record.request_size > 0);
+}

@@ -24,6 +24,7 @@ async fn impatient_gateway() -> (gatehouse_simulator::RunningSimulator, TestGate
         request_head: Duration::from_secs(1),
         request_body: Duration::from_secs(1),
         send: Duration::from_secs(1),
+        ..ClientTimeouts::default()
     };
     (
         sim,
