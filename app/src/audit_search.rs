@@ -688,6 +688,8 @@ pub fn AuditCall() -> impl IntoView {
 }
 
 fn call_view(call: CallView) -> impl IntoView {
+    let request_body = body(&call.id, BodyOf::Request, call.request_body);
+    let response_body = body(&call.id, BodyOf::Response, call.response_body);
     let verify = format!(
         "/audit/call?{}",
         query_string(&[("id", &call.id), ("verify", "1")])
@@ -739,8 +741,8 @@ fn call_view(call: CallView) -> impl IntoView {
         <h2>"Attempts"</h2>
         {attempts(call.attempt_rows, call.attempts)}
         <h2>"Bodies"</h2>
-        {body("call-request-body", "Request body", call.request_body)}
-        {body("call-response-body", "Response body", call.response_body)}
+        {request_body}
+        {response_body}
     }
 }
 
@@ -811,7 +813,38 @@ fn attempts(rows: Option<Vec<AttemptView>>, raw: String) -> AnyView {
 }
 
 /// A captured body as kept, folded away until asked for.
-fn body(id: &'static str, title: &'static str, body: Option<BodyView>) -> impl IntoView {
+/// Which body of a call a section of its page shows.
+#[derive(Clone, Copy)]
+enum BodyOf {
+    Request,
+    Response,
+}
+
+impl BodyOf {
+    /// The section's element id, its title, the `part` of its download and the download link's
+    /// element id.
+    fn names(self) -> (&'static str, &'static str, &'static str, &'static str) {
+        match self {
+            BodyOf::Request => (
+                "call-request-body",
+                "Request body",
+                "request",
+                "call-request-body-download",
+            ),
+            BodyOf::Response => (
+                "call-response-body",
+                "Response body",
+                "response",
+                "call-response-body-download",
+            ),
+        }
+    }
+}
+
+/// A body as captured, folded, its first [`BODY_SHOWN`] characters shown, and a link that
+/// downloads it whole.
+fn body(call_id: &str, of: BodyOf, body: Option<BodyView>) -> AnyView {
+    let (id, title, part, download_id) = of.names();
     match body {
         Some(body) => {
             let summary = if body.chars > BODY_SHOWN {
@@ -823,9 +856,18 @@ fn body(id: &'static str, title: &'static str, body: Option<BodyView>) -> impl I
             } else {
                 format!("{title} ({} characters)", thousands_usize(body.chars))
             };
+            let download = format!(
+                "/audit/call/body?{}",
+                query_string(&[("id", call_id), ("part", part)])
+            );
             view! {
                 <details class="body" id=id>
                     <summary>{summary}</summary>
+                    <p>
+                        <ServerLink href=download id=download_id>
+                            "Download the whole body"
+                        </ServerLink>
+                    </p>
                     <div class="content">{shown(body.text)}</div>
                 </details>
             }

@@ -1,5 +1,6 @@
 //! The dashboards' plain HTTP routes: the usage chart (SVG), the CSV downloads of the overview
-//! and the usage views, and the streamed export of an audit search (CSV or JSON lines). Each one
+//! and the usage views, the streamed export of an audit search (CSV or JSON lines) and the
+//! download of one call's whole request or response body. Each one
 //! reads the signed-in user from the session and calls a role-checked operation of
 //! `gatehouse_portal_core::insights`; errors are plain text with the status that says what
 //! happened. None of them has a place for the warnings the pages show beside their figures, so an
@@ -21,7 +22,7 @@ use gatehouse_portal_core::insights::chart::{MAX_SERIES, Metric, usage_svg};
 use gatehouse_portal_core::insights::embedded::EmbeddedSource;
 use gatehouse_portal_core::insights::log_analytics::{LogAnalyticsSettings, LogAnalyticsSource};
 use gatehouse_portal_core::insights::service::{
-    ExportFormat, PriceTable, UsagePoints, parse_dimension,
+    BodyPart, ExportFormat, PriceTable, UsagePoints, parse_dimension,
 };
 use gatehouse_portal_core::insights::{
     Answer, AuditSource, Insights, InsightsError, SearchForm, SearchRequest, csv, iso_utc,
@@ -122,6 +123,7 @@ pub fn routes() -> Router<LeptosOptions> {
         .route("/usage/export.csv", get(usage_csv))
         .route("/dashboard/export.csv", get(overview_csv))
         .route("/audit/export", get(audit_export))
+        .route("/audit/call/body", get(call_body))
 }
 
 fn failure(error: InsightsError) -> Response {
@@ -381,4 +383,96 @@ async fn audit_export(
             Body::from_stream(lines),
         ),
     }
+}
+
+/// The body download's query.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct BodyParams {
+    /// The call's correlation id.
+    pub id: String,
+    /// `request` or `response`.
+    pub part: String,
+}
+
+/// Downloads one call's request or response body, whole and as captured (the call page shows
+/// the first [`gatehouse_portal_app::audit_search::BODY_SHOWN`] characters): Auditor, Admin;
+/// recorded. A body that reads as JSON is `application/json`, any other `text/plain`; both are
+/// attachments, never shown by the browser as a page (the content is the callers' untrusted
+/// text). Refused (403) when the browser says another site started it, as the export is.
+async fn call_body(
+    Extension(portal): Extension<Portal>,
+    Extension(insights): Extension<Insights>,
+    session: Session,
+    headers: HeaderMap,
+    Query(params): Query<BodyParams>,
+) -> Response {
+    if from_another_site(&headers) {
+        tracing::warn!("refused a call body download started from another site");
+        return (
+            StatusCode::FORBIDDEN,
+            "A body download started from another site (a link or a script elsewhere) is \
+             refused: start it from the call's page in the portal.",
+        )
+            .into_response();
+    }
+    let user = match user_of(&portal, &session).await {
+        Ok(user) => user,
+        Err(response) => return response,
+    };
+    let part = match BodyPart::parse(&params.part) {
+        Ok(part) => part,
+        Err(error) => return failure(error),
+    };
+    let body = match insights
+        .call_body(user.as_ref(), &params.id, part)
+        .await
+        .and_then(Answer::whole)
+    {
+        Ok(Some(body)) => body,
+        Ok(None) => {
+            return (
+                StatusCode::NOT_FOUND,
+                format!(
+                    "The {} body of this call was not captured, or retention removed it.",
+                    part.as_str()
+                ),
+            )
+                .into_response();
+        }
+        Err(error) => return failure(error),
+    };
+    let json = body.trim_start().starts_with(['{', '['])
+        && serde_json::from_str::<serde::de::IgnoredAny>(&body).is_ok();
+    let (content_type, extension) = if json {
+        ("application/json", "json")
+    } else {
+        ("text/plain; charset=utf-8", "txt")
+    };
+    download(
+        content_type,
+        &format!(
+            "call-{}-{}.{extension}",
+            file_name_part(&params.id),
+            part.as_str()
+        ),
+        Body::from(body),
+    )
+}
+
+/// `text` with every character but ASCII letters, digits, `-` and `.` made `_`, at most 80 of
+/// them: a part of a download's file name that cannot break out of its header quotes or name a
+/// directory.
+fn file_name_part(text: &str) -> String {
+    text.trim()
+        .chars()
+        .take(80)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }

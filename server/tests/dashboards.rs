@@ -486,6 +486,120 @@ async fn an_auditor_finds_opens_and_exports_calls_and_every_look_is_recorded() {
     );
 }
 
+/// A body longer than the call page shows is downloaded whole, as captured, by an auditor only,
+/// as an attachment the browser does not render; each download is recorded, and one a link on
+/// another site starts is refused and recorded nowhere.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_auditor_downloads_a_whole_body_the_page_shows_only_the_start_of() {
+    let mut audit_url = String::new();
+    let portal = common::start_with(None, |settings| {
+        audit_url = settings.database.replace("portal.db", "audit.db");
+        settings.insights.audit_database = Some(audit_url.clone());
+    })
+    .await;
+    // 300,000 characters, more than the page's 262,144, with markup and characters of two and
+    // four bytes: the download is the text, not its start or an escaped copy.
+    let prompt = format!(
+        "<script>alert(1)</script> é 😀 {}the end",
+        "word ".repeat(60_000)
+    );
+    let mut call = record(
+        0,
+        "alice@contoso.com",
+        "198.51.100.7",
+        &["g-red"],
+        &prompt,
+        200,
+    );
+    call.correlation_id = "call-big".to_owned();
+    call.backend_response_body = Some("plain text, not JSON".to_owned());
+    // The prompt as messages is shown whole in the transcript; this test is about the body.
+    call.request_messages = Some("a long prompt".to_owned());
+    let whole = call.backend_request_body.clone().unwrap();
+    assert!(whole.chars().count() > 262_144);
+    let store = SqlStore::open(&audit_url).await.unwrap();
+    store.write(&[call]).await.unwrap();
+    store.close().await;
+    let mut auditor = signed_in(&portal, &[("role", "Auditor")]).await;
+
+    let page = auditor
+        .navigate(&format!("{}/audit/call?id=call-big", portal.url), "none")
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("the first 262,144 shown"), "{page}");
+    assert!(
+        page.contains("href=\"/audit/call/body?id=call-big&amp;part=request\""),
+        "{page}"
+    );
+    assert!(page.contains("id=\"call-request-body-download\""), "{page}");
+    assert!(!page.contains("the end"), "the page shows the start only");
+
+    let url = |part: &str| format!("{}/audit/call/body?id=call-big&part={part}", portal.url);
+    let download = auditor.navigate(&url("request"), "same-origin").await;
+    assert_eq!(download.status(), 200);
+    let header = |name: &str| download.headers()[name].to_str().unwrap().to_owned();
+    assert_eq!(header("content-type"), "application/json");
+    assert_eq!(
+        header("content-disposition"),
+        "attachment; filename=\"call-call-big-request.json\""
+    );
+    assert_eq!(header("x-content-type-options"), "nosniff");
+    assert!(not_stored(&download));
+    assert_eq!(download.text().await.unwrap(), whole);
+
+    let answer = auditor.navigate(&url("response"), "same-origin").await;
+    assert_eq!(answer.status(), 200);
+    assert_eq!(
+        answer.headers()["content-type"].to_str().unwrap(),
+        "text/plain; charset=utf-8"
+    );
+    assert_eq!(answer.text().await.unwrap(), "plain text, not JSON");
+
+    // What is not there, and what is asked wrongly.
+    let absent = auditor
+        .navigate(
+            &format!("{}/audit/call/body?id=call-none&part=request", portal.url),
+            "same-origin",
+        )
+        .await;
+    assert_eq!(absent.status(), 404);
+    let wrong = auditor.navigate(&url("headers"), "same-origin").await;
+    assert_eq!(wrong.status(), 422);
+    assert!(wrong.text().await.unwrap().contains("request or response"));
+
+    // Another site's link, and other roles.
+    for site in ["cross-site", "same-site"] {
+        let refused = auditor.navigate(&url("request"), site).await;
+        assert_eq!(refused.status(), 403, "{site}");
+        assert!(refused.headers().get("content-disposition").is_none());
+    }
+    for role in ["Viewer", "TeamLead"] {
+        let mut other = signed_in(&portal, &[("role", role)]).await;
+        let refused = other.navigate(&url("request"), "same-origin").await;
+        assert_eq!(refused.status(), 403, "{role}");
+        assert!(!refused.text().await.unwrap().contains("the end"));
+    }
+
+    let log = portal.server.portal.db.activity(100).await.unwrap();
+    let mut bodies: Vec<(String, String)> = log
+        .into_iter()
+        .filter(|e| e.action == "audit.body")
+        .map(|e| (e.actor, e.target))
+        .collect();
+    bodies.sort();
+    let auditor_name = "dev Auditor (dev sign-in)".to_owned();
+    assert_eq!(
+        bodies,
+        [
+            (auditor_name.clone(), "call-big request".to_owned()),
+            (auditor_name.clone(), "call-big response".to_owned()),
+            (auditor_name.clone(), "call-none request".to_owned()),
+        ]
+    );
+}
+
 /// Whether a response forbids every cache to keep it.
 fn not_stored(response: &reqwest::Response) -> bool {
     response

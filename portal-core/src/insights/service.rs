@@ -283,6 +283,34 @@ pub struct CallReport {
     pub chain_check: Option<ChainCheck>,
 }
 
+/// Which body of a call: what the gateway sent its backend, or what the backend answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyPart {
+    /// `BackendRequestBody`.
+    Request,
+    /// `BackendResponseBody`.
+    Response,
+}
+
+impl BodyPart {
+    /// `request` or `response`.
+    pub fn parse(text: &str) -> Result<BodyPart, InsightsError> {
+        match text {
+            "request" => Ok(BodyPart::Request),
+            "response" => Ok(BodyPart::Response),
+            _ => Err(InsightsError::invalid("part", "request or response")),
+        }
+    }
+
+    /// The name [`BodyPart::parse`] reads.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BodyPart::Request => "request",
+            BodyPart::Response => "response",
+        }
+    }
+}
+
 /// The export formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExportFormat {
@@ -607,6 +635,33 @@ impl Insights {
         };
         Ok(Answer {
             value: CallReport { call, chain_check },
+            warnings: answer.warnings,
+        })
+    }
+
+    /// One body of a call, whole and as captured (`None` when it was not captured, or retention
+    /// removed it): Auditor, Admin; recorded (`audit.body`, the call's id and which body).
+    pub async fn call_body(
+        &self,
+        user: Option<&SessionUser>,
+        correlation_id: &str,
+        part: BodyPart,
+    ) -> Result<Answer<Option<String>>, InsightsError> {
+        let user = require(user, &[Role::Auditor])?;
+        let id = super::filter_value("id", correlation_id, super::MAX_FILTER_CHARS)?
+            .ok_or_else(|| InsightsError::invalid("id", "a call id"))?;
+        let source = self.source()?;
+        self.record(user, "audit.body", &format!("{id} {}", part.as_str()), None)
+            .await?;
+        let answer = source.call(&id).await?;
+        let call = answer
+            .value
+            .ok_or_else(|| PortalError::NotFound(format!("call {id}")))?;
+        Ok(Answer {
+            value: match part {
+                BodyPart::Request => call.request_body,
+                BodyPart::Response => call.response_body,
+            },
             warnings: answer.warnings,
         })
     }
