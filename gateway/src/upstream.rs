@@ -263,7 +263,8 @@ impl BackendClient {
     /// credential and the like): the TCP connection and the TLS handshake within the connect
     /// timeout, the WebSocket handshake within `handshake_timeout`. A member that answers the
     /// upgrade with another status than 101 gives [`WebSocketRefusal::Answered`], with its status,
-    /// headers and body. A proxy named by the environment is not used for WebSockets.
+    /// headers and body. When the environment names a proxy that covers the member's URL (as for
+    /// calls), the connection goes through it, in an HTTP `CONNECT` tunnel.
     pub async fn connect_websocket(
         &self,
         request: http::Request<()>,
@@ -292,10 +293,25 @@ impl BackendClient {
             .trim_end_matches(']')
             .to_owned();
         let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
+        // The environment's proxy matcher reads http(s) URLs: ws:// is matched as http://,
+        // wss:// as https://, so HTTP_PROXY and HTTPS_PROXY (and NO_PROXY) apply as to calls.
+        let proxy = self.proxy.as_ref().and_then(|(matcher, _)| {
+            let scheme = if secure { "https" } else { "http" };
+            let matched = Uri::builder()
+                .scheme(scheme)
+                .authority(uri.authority()?.as_str())
+                .path_and_query("/")
+                .build()
+                .ok()?;
+            matcher.intercept(&matched)
+        });
         let connecting = async {
-            let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
-                .await
-                .map_err(|error| WebSocketRefusal::Unreachable(error.to_string()))?;
+            let tcp = match &proxy {
+                None => tokio::net::TcpStream::connect((host.as_str(), port))
+                    .await
+                    .map_err(|error| WebSocketRefusal::Unreachable(error.to_string()))?,
+                Some(proxy) => through_proxy(proxy, &host, port).await?,
+            };
             let _ = tcp.set_nodelay(true);
             if !secure {
                 return Ok(WebSocketTransport::Plain(tcp));
@@ -538,6 +554,56 @@ impl HttpBody for UpstreamBody {
             UpstreamBody::Whole(body) => {
                 SizeHint::with_exact(body.as_ref().map_or(0, |body| body.len() as u64))
             }
+        }
+    }
+}
+
+/// A TCP connection to `host:port` through an HTTP proxy's `CONNECT` tunnel (with the proxy's
+/// credentials from its URL, as `Proxy-Authorization: Basic`), for a WebSocket to a member. The
+/// proxy must be an `http://` one; errors never repeat the proxy's URL (it may hold a password).
+async fn through_proxy(
+    proxy: &hyper_util::client::proxy::matcher::Intercept,
+    host: &str,
+    port: u16,
+) -> Result<tokio::net::TcpStream, WebSocketRefusal> {
+    use tower::Service as _;
+    let proxy_uri = proxy.uri();
+    let proxy_name = format!(
+        "the proxy {}:{}",
+        proxy_uri.host().unwrap_or_default(),
+        proxy_uri.port_u16().unwrap_or(80)
+    );
+    if proxy_uri.scheme_str() != Some("http") {
+        return Err(WebSocketRefusal::Unreachable(format!(
+            "{proxy_name} is not an http:// proxy: WebSockets to members go through an HTTP \
+             CONNECT tunnel only"
+        )));
+    }
+    let mut tcp = HttpConnector::new();
+    tcp.set_nodelay(true);
+    let mut tunnel =
+        hyper_util::client::legacy::connect::proxy::Tunnel::new(proxy_uri.clone(), tcp);
+    if let Some(credentials) = proxy.basic_auth() {
+        tunnel = tunnel.with_auth(credentials.clone());
+    }
+    // The tunnel's destination: its host and port are what CONNECT names.
+    let literal = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    };
+    let destination: Uri = format!("http://{literal}:{port}")
+        .parse()
+        .map_err(|error: http::uri::InvalidUri| WebSocketRefusal::Unreachable(error.to_string()))?;
+    match tunnel.call(destination).await {
+        Ok(io) => Ok(io.into_inner()),
+        Err(error) => {
+            let cause = StdError::source(&error)
+                .map(|cause| format!(" ({cause})"))
+                .unwrap_or_default();
+            Err(WebSocketRefusal::Unreachable(format!(
+                "{proxy_name}: {error}{cause}"
+            )))
         }
     }
 }

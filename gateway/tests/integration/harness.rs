@@ -577,6 +577,28 @@ impl GatewayProcess {
         snapshot: &ConfigSnapshot,
         settings: Value,
     ) -> Result<GatewayProcess, String> {
+        Self::try_start_with_env(name, snapshot, settings, &[]).await
+    }
+
+    /// Like [`GatewayProcess::start_with`], with `env` added to the process's environment.
+    pub async fn start_with_env(
+        name: &str,
+        snapshot: &ConfigSnapshot,
+        settings: Value,
+        env: &[(&str, &str)],
+    ) -> GatewayProcess {
+        match Self::try_start_with_env(name, snapshot, settings, env).await {
+            Ok(gateway) => gateway,
+            Err(log) => panic!("gateway {name} did not come up; its log:\n{log}"),
+        }
+    }
+
+    async fn try_start_with_env(
+        name: &str,
+        snapshot: &ConfigSnapshot,
+        settings: Value,
+        env: &[(&str, &str)],
+    ) -> Result<GatewayProcess, String> {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let mut server = json!({
@@ -600,6 +622,7 @@ impl GatewayProcess {
             .arg("--config")
             .arg(&path)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))

@@ -966,3 +966,147 @@ async fn a_member_that_takes_no_events_ends_its_session() {
     );
     assert!(record.request_size > 0);
 }
+
+/// What the proxy double saw: the target of each `CONNECT` it tunnelled, and how many it refused.
+#[derive(Default)]
+struct ProxySeen {
+    tunnels: Mutex<Vec<String>>,
+    refused: AtomicUsize,
+}
+
+/// An HTTP proxy double on 127.0.0.1 that speaks `CONNECT` as RFC 9110 §9.3.6 describes it:
+/// a request `CONNECT host:port HTTP/1.1` answered `200` and then a tunnel that relays bytes
+/// both ways, or `407 Proxy Authentication Required` when `Proxy-Authorization` is not `Basic`
+/// of `user:password` (RFC 9110 §11.7.1, RFC 7617). Anything but `CONNECT` is answered 405.
+async fn connect_proxy(user: &'static str, password: &'static str) -> (u16, Arc<ProxySeen>) {
+    use base64::Engine as _;
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = Arc::new(ProxySeen::default());
+    let state = Arc::clone(&seen);
+    let expected = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    );
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let seen = Arc::clone(&state);
+            let expected = expected.clone();
+            tokio::spawn(async move {
+                let mut client = tokio::io::BufReader::new(stream);
+                let mut request_line = String::new();
+                if client.read_line(&mut request_line).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                let mut authorized = false;
+                loop {
+                    let mut line = String::new();
+                    if client.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let line = line.trim_end();
+                    if line.is_empty() {
+                        break;
+                    }
+                    if let Some((name, value)) = line.split_once(':')
+                        && name.eq_ignore_ascii_case("proxy-authorization")
+                    {
+                        authorized = value.trim() == expected;
+                    }
+                }
+                let mut parts = request_line.split_whitespace();
+                let (Some("CONNECT"), Some(target)) = (parts.next(), parts.next()) else {
+                    let _ = client
+                        .get_mut()
+                        .write_all(b"HTTP/1.1 405 Method Not Allowed\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                    return;
+                };
+                if !authorized {
+                    seen.refused.fetch_add(1, Ordering::SeqCst);
+                    let _ = client
+                        .get_mut()
+                        .write_all(b"HTTP/1.1 407 Proxy Authentication Required\r\nproxy-authenticate: Basic realm=\"test\"\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                    return;
+                }
+                seen.tunnels.lock().unwrap().push(target.to_owned());
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(target).await else {
+                    let _ = client
+                        .get_mut()
+                        .write_all(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                    return;
+                };
+                if client
+                    .get_mut()
+                    .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            });
+        }
+    });
+    (port, seen)
+}
+
+/// When the environment names a proxy for the member's URL (`HTTP_PROXY` for `ws://`,
+/// `HTTPS_PROXY` for `wss://`, as for calls), the member's side of a session goes through it in a
+/// `CONNECT` tunnel, with the credentials of the proxy's URL; a proxy that refuses them sets the
+/// member aside, and neither the answer nor the log repeats the proxy's password.
+#[tokio::test]
+async fn a_session_reaches_its_member_through_the_environments_proxy() {
+    let (member_url, seen) = realtime_member(None).await;
+    let member_authority = member_url.trim_start_matches("http://").to_owned();
+    let snapshot = snapshot(1, realtime_pool(json!([member("voice", &member_url, 1)])));
+    let (proxy_port, proxy) = connect_proxy("gatehouse", "proxy-Pa55word").await;
+
+    let through = |password: &'static str| {
+        let proxy_url = format!("http://gatehouse:{password}@127.0.0.1:{proxy_port}");
+        let snapshot = snapshot.clone();
+        async move {
+            GatewayProcess::start_with_env(
+                "realtime-proxied",
+                &snapshot,
+                json!({}),
+                &[
+                    ("HTTP_PROXY", proxy_url.as_str()),
+                    ("HTTPS_PROXY", proxy_url.as_str()),
+                    ("NO_PROXY", ""),
+                    ("no_proxy", ""),
+                ],
+            )
+            .await
+        }
+    };
+
+    let gateway = through("proxy-Pa55word").await;
+    let mut socket = open_session(&gateway.url).await;
+    socket.send(user_message("Say hello")).await.unwrap();
+    socket.send(response_create()).await.unwrap();
+    events_until(&mut socket, "response.done").await;
+    socket.close(None).await.unwrap();
+    assert_eq!(*proxy.tunnels.lock().unwrap(), [member_authority]);
+    assert_eq!(seen.handshakes.lock().unwrap().len(), 1);
+    drop(gateway);
+
+    let refused = through("Wr0ng-proxy-password").await;
+    let answer = connect(&refused.url, SESSION_PATH, Some(KEY)).await;
+    let Err(tokio_tungstenite::tungstenite::Error::Http(answer)) = answer else {
+        panic!("the handshake was not refused: {answer:?}");
+    };
+    assert_eq!(answer.status(), 503);
+    let body = String::from_utf8_lossy(answer.body().as_deref().unwrap_or_default()).into_owned();
+    assert_eq!(proxy.refused.load(Ordering::SeqCst), 1);
+    assert_eq!(seen.handshakes.lock().unwrap().len(), 1, "no new handshake");
+    let log = refused.log();
+    assert!(log.contains("proxy authorization required"), "{log}");
+    for text in [&body, &log] {
+        assert!(!text.contains("Wr0ng-proxy-password"), "{text}");
+        assert!(!text.contains("gatehouse:"), "{text}");
+    }
+}
