@@ -528,6 +528,7 @@ impl Session {
             return;
         };
         let timeouts = self.gateway.client_timeouts;
+        member.get_mut().limit_sends(timeouts.send);
         let mut installs = self.installs.clone();
         let access_ends = tokio::time::sleep_until(self.access_ends());
         tokio::pin!(access_ends);
@@ -539,10 +540,19 @@ impl Session {
         let ended = loop {
             tokio::select! {
                 from_client = client.recv() => {
-                    let Some(Ok(message)) = from_client else {
-                        // Gone without a close frame: the member's side is closed for it.
-                        close_member(&mut member, timeouts.send).await;
-                        break Ended::Client;
+                    let message = match from_client {
+                        Some(Ok(message)) => message,
+                        // Gone without a close frame: the member's side is closed for it. A
+                        // read also flushes what waits to be sent (a pong, a close): its send
+                        // deadline may be what failed it.
+                        Some(Err(error)) => {
+                            close_member(&mut member).await;
+                            break client_send_failed(&error);
+                        }
+                        None => {
+                            close_member(&mut member).await;
+                            break Ended::Client;
+                        }
                     };
                     last_frame = tokio::time::Instant::now();
                     let closing = matches!(message, ws::Message::Close(_));
@@ -550,16 +560,15 @@ impl Session {
                         // A response the caller's limits refuse: the client is told, the
                         // member never sees it.
                         if let Err(error) = client.send(ws::Message::Text(refusal.into())).await {
-                            close_member(&mut member, timeouts.send).await;
+                            close_member(&mut member).await;
                             break client_send_failed(&error);
                         }
                         continue;
                     }
                     let Some(message) = to_member(message) else { continue };
-                    // The member's connection has no send deadline of its own (the client's has,
-                    // `server::ClientStream`).
-                    let sent = tokio::time::timeout(timeouts.send, member.send(message)).await;
-                    if !matches!(sent, Ok(Ok(()))) {
+                    // Its writes fail once the member has taken nothing for the send timeout
+                    // (`WebSocketTransport::limit_sends`).
+                    if member.send(message).await.is_err() {
                         let broke = client.send(close_message(1011, "the backend's side of the session broke"));
                         let _ = tokio::time::timeout(WITHDRAW_NOTICE_LIMIT, broke).await;
                         break Ended::MemberBroke;
@@ -574,12 +583,16 @@ impl Session {
                         let _ = tokio::time::timeout(WITHDRAW_NOTICE_LIMIT, broke).await;
                         break Ended::MemberBroke;
                     };
-                    last_frame = tokio::time::Instant::now();
+                    // The member's own pings and pongs stay on its side: they say nothing of
+                    // the client, whose vanishing the idle limit is there to notice.
+                    if !matches!(message, tungstenite::Message::Ping(_) | tungstenite::Message::Pong(_)) {
+                        last_frame = tokio::time::Instant::now();
+                    }
                     let closing = matches!(message, tungstenite::Message::Close(_));
                     self.note_member(&message).await;
                     let Some(message) = to_client(message) else { continue };
                     if let Err(error) = client.send(message).await {
-                        close_member(&mut member, timeouts.send).await;
+                        close_member(&mut member).await;
                         break client_send_failed(&error);
                     }
                     if closing {
@@ -589,7 +602,7 @@ impl Session {
                 () = self.gateway.calls.stopped() => {
                     let going = client.send(close_message(1001, "the gateway is shutting down"));
                     let _ = tokio::time::timeout(WITHDRAW_NOTICE_LIMIT, going).await;
-                    close_member(&mut member, WITHDRAW_NOTICE_LIMIT).await;
+                    close_member(&mut member).await;
                     break Ended::ShuttingDown;
                 }
                 Ok(()) = installs.changed() => {
@@ -685,7 +698,7 @@ impl Session {
                 "event_id": null,
             },
         });
-        close_member(member, WITHDRAW_NOTICE_LIMIT).await;
+        close_member(member).await;
         let notice = async {
             client
                 .send(ws::Message::Text(event.to_string().into()))
@@ -1019,10 +1032,10 @@ fn client_send_failed(error: &axum::Error) -> Ended {
     Ended::Client
 }
 
-/// Closes the member's side, giving up after `limit` (a member that reads nothing does not hold
-/// the session open).
-async fn close_member(member: &mut MemberSocket, limit: Duration) {
-    let _ = tokio::time::timeout(limit, member.close(None)).await;
+/// Closes the member's side, giving up after [`WITHDRAW_NOTICE_LIMIT`] (a member that reads
+/// nothing does not hold the session open).
+async fn close_member(member: &mut MemberSocket) {
+    let _ = tokio::time::timeout(WITHDRAW_NOTICE_LIMIT, member.close(None)).await;
 }
 
 /// Ends a session that passed no frame either way for `idle`: the member's side is closed, and
@@ -1047,7 +1060,7 @@ async fn close_idle(idle: Duration, client: &mut WebSocket, member: &mut MemberS
             "event_id": null,
         },
     });
-    close_member(member, WITHDRAW_NOTICE_LIMIT).await;
+    close_member(member).await;
     let notice = async {
         client
             .send(ws::Message::Text(event.to_string().into()))

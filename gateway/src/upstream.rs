@@ -303,7 +303,18 @@ impl BackendClient {
                 .path_and_query("/")
                 .build()
                 .ok()?;
-            matcher.intercept(&matched)
+            let proxy = matcher.intercept(&matched)?;
+            if proxy.uri().scheme_str() == Some("http") {
+                return Some(proxy);
+            }
+            // Only an http:// proxy speaks CONNECT here; with another (https://, socks5://),
+            // the member is reached directly, as before WebSockets used the proxy at all.
+            tracing::warn!(
+                scheme = proxy.uri().scheme_str().unwrap_or_default(),
+                "the proxy named by the environment is not an http:// proxy: a Realtime \
+                 session's WebSocket goes to its member directly"
+            );
+            None
         });
         let connecting = async {
             let tcp = match &proxy {
@@ -314,7 +325,7 @@ impl BackendClient {
             };
             let _ = tcp.set_nodelay(true);
             if !secure {
-                return Ok(WebSocketTransport::Plain(tcp));
+                return Ok(WebSocketTransport::new(MemberStream::Plain(tcp)));
             }
             let name = rustls::pki_types::ServerName::try_from(host.clone())
                 .map_err(|error| WebSocketRefusal::Unreachable(error.to_string()))?;
@@ -322,7 +333,7 @@ impl BackendClient {
                 .connect(name, tcp)
                 .await
                 .map_err(|error| WebSocketRefusal::Unreachable(error.to_string()))?;
-            Ok(WebSocketTransport::Tls(Box::new(tls)))
+            Ok(WebSocketTransport::new(MemberStream::Tls(Box::new(tls))))
         };
         let transport = tokio::time::timeout(self.connect_timeout, connecting)
             .await
@@ -428,13 +439,57 @@ impl tower::Service<Uri> for TimedConnector {
     }
 }
 
-/// The connection under a WebSocket to a member: plain TCP (`ws://`) or TLS (`wss://`).
+/// The connection under a WebSocket to a member: plain TCP (`ws://`) or TLS (`wss://`), and,
+/// once the session runs, a limit on how long a write may wait for the member to take anything
+/// ([`WebSocketTransport::limit_sends`]).
 #[derive(Debug)]
-pub enum WebSocketTransport {
-    /// `ws://`.
+pub struct WebSocketTransport {
+    stream: MemberStream,
+    /// Counts while a write waits; `None` until the session runs (the handshake has its own
+    /// timeout).
+    send: Option<crate::idle_deadline::IdleDeadline>,
+}
+
+#[derive(Debug)]
+enum MemberStream {
     Plain(tokio::net::TcpStream),
-    /// `wss://`.
     Tls(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
+}
+
+impl WebSocketTransport {
+    fn new(stream: MemberStream) -> WebSocketTransport {
+        WebSocketTransport { stream, send: None }
+    }
+
+    /// From now on, a write (or flush) that can take nothing for `after` fails with `TimedOut`:
+    /// a member that stops reading does not hold the session, however long a message is, as long
+    /// as it takes some of it.
+    pub fn limit_sends(&mut self, after: Duration) {
+        self.send = Some(crate::idle_deadline::IdleDeadline::new(after));
+    }
+
+    /// What a write that had to wait becomes: still waiting, or `TimedOut` once the member has
+    /// taken nothing for the send limit.
+    fn waited<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        let Some(send) = &mut self.send else {
+            return polled;
+        };
+        match polled {
+            Poll::Ready(result) => {
+                send.progressed();
+                Poll::Ready(result)
+            }
+            Poll::Pending if send.expired(cx) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the member took nothing of the session's events within the send timeout",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }
 
 impl tokio::io::AsyncRead for WebSocketTransport {
@@ -443,9 +498,9 @@ impl tokio::io::AsyncRead for WebSocketTransport {
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            WebSocketTransport::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
-            WebSocketTransport::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
+        match &mut self.get_mut().stream {
+            MemberStream::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            MemberStream::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -456,23 +511,27 @@ impl tokio::io::AsyncWrite for WebSocketTransport {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            WebSocketTransport::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
-            WebSocketTransport::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
-        }
+        let this = self.get_mut();
+        let polled = match &mut this.stream {
+            MemberStream::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
+            MemberStream::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
+        };
+        this.waited(cx, polled)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            WebSocketTransport::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
-            WebSocketTransport::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
-        }
+        let this = self.get_mut();
+        let polled = match &mut this.stream {
+            MemberStream::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
+            MemberStream::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
+        };
+        this.waited(cx, polled)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            WebSocketTransport::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
-            WebSocketTransport::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
+        match &mut self.get_mut().stream {
+            MemberStream::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
+            MemberStream::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -558,9 +617,9 @@ impl HttpBody for UpstreamBody {
     }
 }
 
-/// A TCP connection to `host:port` through an HTTP proxy's `CONNECT` tunnel (with the proxy's
-/// credentials from its URL, as `Proxy-Authorization: Basic`), for a WebSocket to a member. The
-/// proxy must be an `http://` one; errors never repeat the proxy's URL (it may hold a password).
+/// A TCP connection to `host:port` through an `http://` proxy's `CONNECT` tunnel (with the
+/// proxy's credentials from its URL, as `Proxy-Authorization: Basic`), for a WebSocket to a
+/// member. Errors name the proxy's host and port, never its URL (it may hold a password).
 async fn through_proxy(
     proxy: &hyper_util::client::proxy::matcher::Intercept,
     host: &str,
@@ -573,12 +632,6 @@ async fn through_proxy(
         proxy_uri.host().unwrap_or_default(),
         proxy_uri.port_u16().unwrap_or(80)
     );
-    if proxy_uri.scheme_str() != Some("http") {
-        return Err(WebSocketRefusal::Unreachable(format!(
-            "{proxy_name} is not an http:// proxy: WebSockets to members go through an HTTP \
-             CONNECT tunnel only"
-        )));
-    }
     let mut tcp = HttpConnector::new();
     tcp.set_nodelay(true);
     let mut tunnel =
@@ -598,12 +651,15 @@ async fn through_proxy(
     match tunnel.call(destination).await {
         Ok(io) => Ok(io.into_inner()),
         Err(error) => {
-            let cause = StdError::source(&error)
-                .map(|cause| format!(" ({cause})"))
-                .unwrap_or_default();
-            Err(WebSocketRefusal::Unreachable(format!(
-                "{proxy_name}: {error}{cause}"
-            )))
+            // hyper-util's errors say little in their own text ("tcp connect error"): the
+            // causes say what happened (refused, not resolved).
+            let mut text = format!("{proxy_name}: {error}");
+            let mut cause = StdError::source(&error);
+            while let Some(error) = cause {
+                text.push_str(&format!(": {error}"));
+                cause = error.source();
+            }
+            Err(WebSocketRefusal::Unreachable(text))
         }
     }
 }

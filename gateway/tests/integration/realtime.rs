@@ -805,7 +805,7 @@ async fn impatient_gateway(member_url: &str) -> TestGateway {
 
 /// A session that passes no frame either way for the idle timeout is closed on both sides: the
 /// client is told why and gets a 1001 close, the member's side is closed, and the record says
-/// why it ended. Events, and pings alone, keep a session open past the timeout.
+/// why it ended. Events, and the client's pings alone, keep a session open past the timeout.
 #[tokio::test]
 async fn a_session_idle_too_long_is_closed_on_both_sides() {
     let (member_url, seen) = realtime_member(None).await;
@@ -824,6 +824,11 @@ async fn a_session_idle_too_long_is_closed_on_both_sides() {
             );
         }
     }
+    // 2.4 s of pings alone.
+    for _ in 0..6 {
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        socket.send(Message::Ping(Vec::new().into())).await.unwrap();
+    }
     speak_turns(&mut socket, 1).await;
     assert_eq!(seen.sessions_ended.load(Ordering::SeqCst), 0);
 
@@ -839,8 +844,9 @@ async fn a_session_idle_too_long_is_closed_on_both_sides() {
         Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 1001),
         other => panic!("not a close frame: {other:?}"),
     }
+    // The gateway's count began with the last event, a little before the client read it.
     assert!(
-        started.elapsed() >= std::time::Duration::from_millis(900),
+        started.elapsed() >= std::time::Duration::from_millis(500),
         "closed after {:?} of silence",
         started.elapsed()
     );
@@ -1109,4 +1115,60 @@ async fn a_session_reaches_its_member_through_the_environments_proxy() {
         assert!(!text.contains("Wr0ng-proxy-password"), "{text}");
         assert!(!text.contains("gatehouse:"), "{text}");
     }
+}
+
+/// A Realtime member double that, once its handshake is done, sends `session.created` and then
+/// pings every 300 ms (RFC 6455 §5.5.2), reading and ignoring what it is sent.
+async fn pinging_member() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(socket) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                let (mut sending, mut receiving) = socket.split();
+                let created = json!({"type": "session.created", "event_id": "event_1", "session": {"id": "sess_1", "object": "realtime.session", "model": "gpt-4o-realtime-preview-2024-12-17"}});
+                if sending
+                    .send(Message::Text(created.to_string().into()))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                let pings = async move {
+                    // Bounded: a minute at most.
+                    for _ in 0..200 {
+                        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                        if sending
+                            .send(Message::Ping(Vec::new().into()))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                };
+                let reads = async move { while let Some(Ok(_)) = receiving.next().await {} };
+                tokio::select! { () = pings => {}, () = reads => {} }
+            });
+        }
+    });
+    url
+}
+
+/// A member's own pings say nothing of the client: a session whose client is silent is closed
+/// after the idle timeout however often its member pings.
+#[tokio::test]
+async fn a_members_pings_do_not_keep_an_idle_session_open() {
+    let gw = impatient_gateway(&pinging_member().await).await;
+    let mut socket = open_session(&gw.url).await;
+    let event = next_event(&mut socket).await;
+    assert_eq!(event["error"]["code"], "realtime_idle_timeout", "{event}");
+    let record = gw.records(1).await.remove(0);
+    assert_eq!(
+        record.last_error_reason.as_deref(),
+        Some("realtime_idle_timeout")
+    );
 }
