@@ -812,7 +812,6 @@ fn attempts(rows: Option<Vec<AttemptView>>, raw: String) -> AnyView {
     .into_any()
 }
 
-/// A captured body as kept, folded away until asked for.
 /// Which body of a call a section of its page shows.
 #[derive(Clone, Copy)]
 enum BodyOf {
@@ -841,8 +840,8 @@ impl BodyOf {
     }
 }
 
-/// A body as captured, folded, its first [`BODY_SHOWN`] characters shown, and a link that
-/// downloads it whole.
+/// A captured body as kept, folded away until asked for: its first [`BODY_SHOWN`] characters
+/// shown, and a link that downloads all the store holds of it.
 fn body(call_id: &str, of: BodyOf, body: Option<BodyView>) -> AnyView {
     let (id, title, part, download_id) = of.names();
     match body {
@@ -865,7 +864,7 @@ fn body(call_id: &str, of: BodyOf, body: Option<BodyView>) -> AnyView {
                     <summary>{summary}</summary>
                     <p>
                         <ServerLink href=download id=download_id>
-                            "Download the whole body"
+                            "Download the body as stored"
                         </ServerLink>
                     </p>
                     <div class="content">{shown(body.text)}</div>
