@@ -735,10 +735,25 @@ pub(crate) fn route_of(method: &Method, rest: &[&str]) -> Result<Route, GatewayE
             id,
             f,
         )?,
+        // Ephemeral client secrets (and the sessions and WebRTC calls they open) would let a
+        // browser reach the member directly, past the access rules, the limits and the record.
+        ["realtime", ..] | ["realtimeapi", ..] => {
+            return Err(GatewayError::NotServed(REALTIME_SIDE_CHANNELS));
+        }
+        ["videos", ..] | ["video", ..] => return Err(GatewayError::NotServed(VIDEOS)),
         _ => return Err(GatewayError::UnknownRoute),
     };
     Ok(route)
 }
+
+/// Why the Realtime API's client secrets, sessions and WebRTC calls are not served.
+const REALTIME_SIDE_CHANNELS: &str = "Realtime client secrets, sessions and WebRTC calls are not \
+    served through this gateway: an ephemeral key would let a browser reach Azure OpenAI directly, \
+    past the gateway's access rules, limits and audit record. Open the Realtime API over its \
+    WebSocket through the gateway instead (wss://…/openai/v1/realtime?model=…).";
+
+/// Why video generation is not served.
+const VIDEOS: &str = "Video generation (Sora) is not routed through this gateway.";
 
 fn on_with(
     route: Route,

@@ -79,6 +79,10 @@ pub enum GatewayError {
     /// No route of Azure OpenAI or OpenAI matches.
     #[error("Resource not found")]
     UnknownRoute,
+    /// A route of the APIs that the gateway does not serve, on purpose; the message says why and
+    /// what to use instead.
+    #[error("{0}")]
+    NotServed(&'static str),
     /// The body is larger than the configured limit.
     #[error("The request body is larger than the gateway accepts ({limit} bytes).")]
     BodyTooLarge {
@@ -235,6 +239,7 @@ impl GatewayError {
             | GatewayError::BatchCallNotPermitted { .. }
             | GatewayError::AssistantModelNotPermitted { .. } => StatusCode::FORBIDDEN,
             GatewayError::UnknownRoute
+            | GatewayError::NotServed(_)
             | GatewayError::DeploymentNotFound
             | GatewayError::ObjectNotFound(_) => StatusCode::NOT_FOUND,
             GatewayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -280,6 +285,7 @@ impl GatewayError {
             | GatewayError::BatchCallNotPermitted { .. }
             | GatewayError::AssistantModelNotPermitted { .. } => "not_permitted",
             GatewayError::UnknownRoute => "unknown_route",
+            GatewayError::NotServed(_) => "not_served",
             GatewayError::BodyTooLarge { .. } => "body_too_large",
             GatewayError::RequestTimeout { .. } => "request_timeout",
             GatewayError::BadRequest { .. } => "bad_request",

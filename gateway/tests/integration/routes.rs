@@ -379,6 +379,56 @@ async fn unknown_routes_and_deployments_are_404_in_azure_shape() {
     assert_eq!(sim.hits(), 0);
 }
 
+/// Routes of the APIs the gateway does not serve on purpose are 404 with a message that says
+/// why and what to use, not "Resource not found": Realtime client secrets, sessions and WebRTC
+/// calls (an ephemeral key would take a browser past the gateway) and video generation.
+#[tokio::test]
+async fn routes_not_served_on_purpose_say_why() {
+    let sim = simulator("not-served").await;
+    let gw = TestGateway::start(snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o-realtime"], "members": [member("a", &sim.url(), 1)]}]),
+    ))
+    .await;
+    let realtime = [
+        "/openai/v1/realtime/client_secrets",
+        "/openai/v1/realtime/calls",
+        "/v1/realtime/client_secrets",
+        "/v1/realtime/sessions",
+        "/v1/realtime/transcription_sessions",
+        "/openai/realtimeapi/sessions?api-version=2025-04-01-preview",
+    ];
+    for path in realtime {
+        let body = json!({"session": {"type": "realtime", "model": "gpt-4o-realtime"}});
+        let refused = gw.post(path).json(&body).send().await.unwrap();
+        let message = azure_error(refused, 404).await;
+        assert!(message.contains("ephemeral key"), "{path}: {message}");
+        assert!(message.contains("/openai/v1/realtime"), "{path}: {message}");
+    }
+    for path in [
+        "/openai/v1/videos",
+        "/v1/videos",
+        "/openai/v1/video/generations/jobs",
+    ] {
+        let refused = gw
+            .post(path)
+            .json(&json!({"model": "sora", "prompt": "a cat"}))
+            .send()
+            .await
+            .unwrap();
+        let message = azure_error(refused, 404).await;
+        assert!(message.contains("Video generation"), "{path}: {message}");
+    }
+    assert_eq!(sim.hits(), 0);
+    let records = gw.records(realtime.len() + 3).await;
+    assert!(
+        records
+            .iter()
+            .all(|record| record.last_error_reason.as_deref() == Some("not_served")),
+        "{records:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_form_with_two_model_fields_is_refused() {
     // Authorized by one `model` field, the member could run the other: refused before any
