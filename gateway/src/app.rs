@@ -129,7 +129,8 @@ pub struct ClientTimeouts {
     /// reset and the connection's other streams go on. A Realtime session's client that leaves
     /// an event untaken this long (or a member that does) ends the session.
     pub send: Duration,
-    /// The longest a Realtime session may pass no frame either way (an event, a ping or a pong);
+    /// The longest a Realtime session may pass no event either way, nor a ping or pong of the
+    /// client's (the member's own say nothing of the client);
     /// it is then closed on both sides (1001, going away), so that a client gone without closing
     /// its connection does not hold a member's session.
     pub realtime_idle: Duration,

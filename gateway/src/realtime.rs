@@ -28,7 +28,7 @@
 //! session is closed (1008, policy violation); the record says why. An Entra token is judged at
 //! the handshake only, as Azure OpenAI judges it (a session outlives its token).
 //!
-//! A session through which no frame passes either way (an event, a ping or a pong) for the
+//! A session through which no event passes either way, nor a ping or pong of the client's, for the
 //! Realtime idle timeout (`server.realtime_idle_timeout_seconds`) is closed on both sides, so a
 //! client gone without closing its connection does not hold a member's session; a side that
 //! leaves an event untaken for the send timeout (`server.send_timeout_seconds`) ends it too.
@@ -69,7 +69,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long closing each side of a session whose caller is no longer admitted may take.
 const WITHDRAW_NOTICE_LIMIT: Duration = Duration::from_secs(5);
 
-/// The record's `LastErrorReason` for a session closed because no frame passed either way for
+/// The record's `LastErrorReason` for a session closed because no traffic passed either way for
 /// the Realtime idle timeout.
 const IDLE_REASON: &str = "realtime_idle_timeout";
 
@@ -482,7 +482,7 @@ enum Ended {
     ShuttingDown,
     /// The caller's access ended (the reason: a [`GatewayError::reason`]).
     Withdrawn(&'static str),
-    /// No frame passed either way for the Realtime idle timeout.
+    /// No traffic passed either way for the Realtime idle timeout.
     Idle,
 }
 
@@ -521,7 +521,7 @@ impl Session {
     }
 
     /// Relays events both ways until one side closes, then finishes the record. A side that
-    /// leaves an event untaken for the send timeout, or a session that passes no frame either way
+    /// leaves an event untaken for the send timeout, or a session that passes no traffic either way
     /// for the Realtime idle timeout, ends the session.
     async fn relay(mut self, mut client: WebSocket) {
         let Some(mut member) = self.socket.take() else {
@@ -573,6 +573,8 @@ impl Session {
                         let _ = tokio::time::timeout(WITHDRAW_NOTICE_LIMIT, broke).await;
                         break Ended::MemberBroke;
                     }
+                    // A long message may take the member a while: the session was busy, not idle.
+                    last_frame = tokio::time::Instant::now();
                     if closing {
                         break Ended::Client;
                     }
@@ -595,6 +597,7 @@ impl Session {
                         close_member(&mut member).await;
                         break client_send_failed(&error);
                     }
+                    last_frame = tokio::time::Instant::now();
                     if closing {
                         break Ended::Member;
                     }
@@ -1038,7 +1041,7 @@ async fn close_member(member: &mut MemberSocket) {
     let _ = tokio::time::timeout(WITHDRAW_NOTICE_LIMIT, member.close(None)).await;
 }
 
-/// Ends a session that passed no frame either way for `idle`: the member's side is closed, and
+/// Ends a session that passed no traffic either way for `idle`: the member's side is closed, and
 /// the client is told why in an `error` event and its side closed with 1001 (going away), each
 /// within [`WITHDRAW_NOTICE_LIMIT`].
 async fn close_idle(idle: Duration, client: &mut WebSocket, member: &mut MemberSocket) -> Ended {

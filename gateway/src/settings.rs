@@ -76,8 +76,8 @@ pub struct ServerSettings {
     /// or the stream reset (HTTP/2) and the call recorded as client-aborted.
     #[serde(default = "default_client_timeout_seconds")]
     pub send_timeout_seconds: u64,
-    /// The longest a Realtime API session may pass no frame either way (an event, a ping or a
-    /// pong), in seconds (default 600, as long as Amazon API Gateway lets a WebSocket idle): it
+    /// The longest a Realtime API session may pass no event either way, nor a ping or pong of the
+    /// client's, in seconds (default 600, as long as Amazon API Gateway lets a WebSocket idle): it
     /// is then closed on both sides, and its record says `realtime_idle_timeout`.
     #[serde(default = "default_realtime_idle_timeout_seconds")]
     pub realtime_idle_timeout_seconds: u64,

@@ -308,7 +308,13 @@ impl BackendClient {
                 return Some(proxy);
             }
             // Only an http:// proxy speaks CONNECT here; with another (https://, socks5://),
-            // the member is reached directly, as before WebSockets used the proxy at all.
+            // the member is reached directly, as before WebSockets used the proxy at all. Said
+            // once: the environment does not change while the process runs.
+            static WARNED: std::sync::atomic::AtomicBool =
+                std::sync::atomic::AtomicBool::new(false);
+            if WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                return None;
+            }
             tracing::warn!(
                 scheme = proxy.uri().scheme_str().unwrap_or_default(),
                 "the proxy named by the environment is not an http:// proxy: a Realtime \
@@ -324,8 +330,9 @@ impl BackendClient {
                 Some(proxy) => through_proxy(proxy, &host, port).await?,
             };
             let _ = tcp.set_nodelay(true);
+            let tcp = LimitedTcp::new(tcp);
             if !secure {
-                return Ok(WebSocketTransport::new(MemberStream::Plain(tcp)));
+                return Ok(WebSocketTransport(MemberStream::Plain(tcp)));
             }
             let name = rustls::pki_types::ServerName::try_from(host.clone())
                 .map_err(|error| WebSocketRefusal::Unreachable(error.to_string()))?;
@@ -333,7 +340,7 @@ impl BackendClient {
                 .connect(name, tcp)
                 .await
                 .map_err(|error| WebSocketRefusal::Unreachable(error.to_string()))?;
-            Ok(WebSocketTransport::new(MemberStream::Tls(Box::new(tls))))
+            Ok(WebSocketTransport(MemberStream::Tls(Box::new(tls))))
         };
         let transport = tokio::time::timeout(self.connect_timeout, connecting)
             .await
@@ -443,29 +450,79 @@ impl tower::Service<Uri> for TimedConnector {
 /// once the session runs, a limit on how long a write may wait for the member to take anything
 /// ([`WebSocketTransport::limit_sends`]).
 #[derive(Debug)]
-pub struct WebSocketTransport {
-    stream: MemberStream,
-    /// Counts while a write waits; `None` until the session runs (the handshake has its own
-    /// timeout).
-    send: Option<crate::idle_deadline::IdleDeadline>,
-}
+pub struct WebSocketTransport(MemberStream);
 
 #[derive(Debug)]
 enum MemberStream {
-    Plain(tokio::net::TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
+    Plain(LimitedTcp),
+    Tls(Box<tokio_rustls::client::TlsStream<LimitedTcp>>),
 }
 
 impl WebSocketTransport {
-    fn new(stream: MemberStream) -> WebSocketTransport {
-        WebSocketTransport { stream, send: None }
+    /// From now on, a write to the member's socket that can move nothing for `after` fails with
+    /// `TimedOut`: a member that stops reading does not hold the session, however long a message
+    /// is, as long as it takes some of it. The limit is on the socket, under TLS, so every byte
+    /// the member takes counts as progress.
+    pub fn limit_sends(&mut self, after: Duration) {
+        let tcp = match &mut self.0 {
+            MemberStream::Plain(tcp) => tcp,
+            MemberStream::Tls(tls) => tls.get_mut().0,
+        };
+        tcp.send = Some(crate::idle_deadline::IdleDeadline::new(after));
+    }
+}
+
+impl tokio::io::AsyncRead for WebSocketTransport {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match &mut self.get_mut().0 {
+            MemberStream::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            MemberStream::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for WebSocketTransport {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match &mut self.get_mut().0 {
+            MemberStream::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
+            MemberStream::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
+        }
     }
 
-    /// From now on, a write (or flush) that can take nothing for `after` fails with `TimedOut`:
-    /// a member that stops reading does not hold the session, however long a message is, as long
-    /// as it takes some of it.
-    pub fn limit_sends(&mut self, after: Duration) {
-        self.send = Some(crate::idle_deadline::IdleDeadline::new(after));
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.get_mut().0 {
+            MemberStream::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
+            MemberStream::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.get_mut().0 {
+            MemberStream::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
+            MemberStream::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A member's TCP connection whose writes fail with `TimedOut` once none could move a byte for
+/// the send limit (none until [`WebSocketTransport::limit_sends`] sets one).
+#[derive(Debug)]
+struct LimitedTcp {
+    tcp: tokio::net::TcpStream,
+    send: Option<crate::idle_deadline::IdleDeadline>,
+}
+
+impl LimitedTcp {
+    fn new(tcp: tokio::net::TcpStream) -> LimitedTcp {
+        LimitedTcp { tcp, send: None }
     }
 
     /// What a write that had to wait becomes: still waiting, or `TimedOut` once the member has
@@ -492,47 +549,35 @@ impl WebSocketTransport {
     }
 }
 
-impl tokio::io::AsyncRead for WebSocketTransport {
+impl tokio::io::AsyncRead for LimitedTcp {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        match &mut self.get_mut().stream {
-            MemberStream::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
-            MemberStream::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().tcp).poll_read(cx, buf)
     }
 }
 
-impl tokio::io::AsyncWrite for WebSocketTransport {
+impl tokio::io::AsyncWrite for LimitedTcp {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
-        let polled = match &mut this.stream {
-            MemberStream::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
-            MemberStream::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
-        };
+        let polled = Pin::new(&mut this.tcp).poll_write(cx, buf);
         this.waited(cx, polled)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        let polled = match &mut this.stream {
-            MemberStream::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
-            MemberStream::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
-        };
+        let polled = Pin::new(&mut this.tcp).poll_flush(cx);
         this.waited(cx, polled)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match &mut self.get_mut().stream {
-            MemberStream::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
-            MemberStream::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
-        }
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
     }
 }
 

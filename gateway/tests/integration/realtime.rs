@@ -1172,3 +1172,130 @@ async fn a_members_pings_do_not_keep_an_idle_session_open() {
         Some("realtime_idle_timeout")
     );
 }
+
+/// A TCP stream that reads at most `chunk` bytes every `every`: a member on a slow link.
+struct SlowReads {
+    tcp: tokio::net::TcpStream,
+    chunk: usize,
+    every: std::time::Duration,
+    next: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl tokio::io::AsyncRead for SlowReads {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::future::Future as _;
+        let this = self.get_mut();
+        if this.next.as_mut().poll(cx).is_pending() {
+            return std::task::Poll::Pending;
+        }
+        let room = buf.remaining().min(this.chunk);
+        let mut limited = tokio::io::ReadBuf::new(buf.initialize_unfilled_to(room));
+        let polled = std::pin::Pin::new(&mut this.tcp).poll_read(cx, &mut limited);
+        if let std::task::Poll::Ready(Ok(())) = polled {
+            let read = limited.filled().len();
+            buf.advance(read);
+            let at = tokio::time::Instant::now() + this.every;
+            this.next.as_mut().reset(at);
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for SlowReads {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
+}
+
+/// A Realtime member double on a slow link: a 64 KiB receive buffer, read 128 KiB every 20 ms
+/// (6.25 MiB/s); it answers each `conversation.item.create` with a short
+/// `conversation.item.created`.
+async fn slow_reading_member() -> String {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    // Set before listening, so that accepted connections inherit it (and the kernel does not
+    // grow it to take a whole message at once).
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(16).unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let slow = SlowReads {
+                    tcp,
+                    chunk: 128 * 1024,
+                    every: std::time::Duration::from_millis(20),
+                    next: Box::pin(tokio::time::sleep(std::time::Duration::ZERO)),
+                };
+                let Ok(mut socket) = tokio_tungstenite::accept_async(slow).await else {
+                    return;
+                };
+                while let Some(Ok(message)) = socket.next().await {
+                    let Message::Text(text) = message else {
+                        continue;
+                    };
+                    if text.as_str().contains("conversation.item.create") {
+                        let created =
+                            json!({"type": "conversation.item.created", "event_id": "event_2"});
+                        if socket
+                            .send(Message::Text(created.to_string().into()))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
+/// The send limit counts a pause, not a whole message: a 15 MiB message that a member on a
+/// slow link takes over seconds (at most ≈ 4 MiB fit in the gateway's socket buffer, so its
+/// writes wait ≈ 1.7 s in all, longer than the one-second limit) goes through, and the session
+/// goes on.
+#[tokio::test]
+async fn a_long_message_a_slow_member_keeps_taking_goes_through() {
+    let gw = impatient_gateway(&slow_reading_member().await).await;
+    let mut socket = connect(&gw.url, SESSION_PATH, Some(KEY)).await.unwrap();
+    let long = json!({"type": "conversation.item.create", "event_id": "client_1", "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "A".repeat(15 << 20)}]}});
+    let started = std::time::Instant::now();
+    socket
+        .send(Message::Text(long.to_string().into()))
+        .await
+        .unwrap();
+    let event = next_event(&mut socket).await;
+    assert_eq!(event["type"], "conversation.item.created", "{event}");
+    assert!(
+        started.elapsed() > std::time::Duration::from_secs(1),
+        "the member took it within the limit ({:?}): the test shows nothing",
+        started.elapsed()
+    );
+    socket.close(None).await.unwrap();
+    let record = gw.records(1).await.remove(0);
+    assert_eq!(record.last_error_reason, None);
+}
