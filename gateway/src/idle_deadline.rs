@@ -3,7 +3,7 @@
 
 use std::future::Future as _;
 use std::pin::Pin;
-use std::task::Context;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
@@ -57,6 +57,28 @@ impl IdleDeadline {
         };
         self.armed = true;
         timer.as_mut().poll(cx).is_ready()
+    }
+
+    /// What a write (or flush) to the peer became: ready (progress, so the next wait starts a
+    /// new count), still waiting, or `TimedOut` with `timed_out` as its message once the peer has
+    /// taken nothing for longer than allowed.
+    pub(crate) fn bound_write<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<std::io::Result<T>>,
+        timed_out: &'static str,
+    ) -> Poll<std::io::Result<T>> {
+        match polled {
+            Poll::Ready(result) => {
+                self.progressed();
+                Poll::Ready(result)
+            }
+            Poll::Pending if self.expired(cx) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                timed_out,
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 

@@ -675,10 +675,8 @@ impl Session {
         tokio::time::Instant::now() + left.min(NEVER)
     }
 
-    /// Ends a session whose caller is no longer admitted: the member's side is closed first, then
-    /// the client is told why in an `error` event and its side closed with 1008 (policy
-    /// violation), each within [`WITHDRAW_NOTICE_LIMIT`] (a client that reads nothing does not
-    /// hold the session open).
+    /// Ends a session whose caller is no longer admitted ([`close_both`], with 1008: policy
+    /// violation).
     async fn withdraw(
         &self,
         error: GatewayError,
@@ -690,27 +688,9 @@ impl Session {
             reason,
             "a Realtime session was closed: its caller is no longer admitted"
         );
-        let event = json!({
-            "type": "error",
-            "event_id": format!("event_gatehouse_{}", uuid::Uuid::now_v7().simple()),
-            "error": {
-                "type": "invalid_request_error",
-                "code": reason,
-                "message": format!("The session was closed: {error}"),
-                "param": null,
-                "event_id": null,
-            },
-        });
-        close_member(member).await;
-        let notice = async {
-            client
-                .send(ws::Message::Text(event.to_string().into()))
-                .await?;
-            client
-                .send(close_message(1008, "the caller is no longer admitted"))
-                .await
-        };
-        let _ = tokio::time::timeout(WITHDRAW_NOTICE_LIMIT, notice).await;
+        let message = format!("The session was closed: {error}");
+        let close = close_message(1008, "the caller is no longer admitted");
+        close_both(client, member, reason, &message, close).await;
         Ended::Withdrawn(reason)
     }
 
@@ -775,20 +755,11 @@ impl Session {
                     reason = error.reason(),
                     "a Realtime response was refused by the caller's limits"
                 );
-                Some(
-                    json!({
-                        "type": "error",
-                        "event_id": format!("event_gatehouse_{}", uuid::Uuid::now_v7().simple()),
-                        "error": {
-                            "type": "invalid_request_error",
-                            "code": "rate_limit_exceeded",
-                            "message": error.to_string(),
-                            "param": null,
-                            "event_id": event.get("event_id").cloned().unwrap_or(Value::Null),
-                        },
-                    })
-                    .to_string(),
-                )
+                Some(error_event(
+                    "rate_limit_exceeded",
+                    &error.to_string(),
+                    event.get("event_id").cloned().unwrap_or(Value::Null),
+                ))
             }
         }
     }
@@ -1041,39 +1012,57 @@ async fn close_member(member: &mut MemberSocket) {
     let _ = tokio::time::timeout(WITHDRAW_NOTICE_LIMIT, member.close(None)).await;
 }
 
-/// Ends a session that passed no traffic either way for `idle`: the member's side is closed, and
-/// the client is told why in an `error` event and its side closed with 1001 (going away), each
-/// within [`WITHDRAW_NOTICE_LIMIT`].
+/// Ends a session that passed no traffic either way for `idle` ([`close_both`], with 1001: going
+/// away).
 async fn close_idle(idle: Duration, client: &mut WebSocket, member: &mut MemberSocket) -> Ended {
     tracing::info!(
         idle_seconds = idle.as_secs(),
         "a Realtime session was closed: no event passed either way"
     );
-    let event = json!({
+    let message = format!(
+        "The session was closed: no event passed either way for {} s.",
+        idle.as_secs()
+    );
+    let close = close_message(1001, "the session was idle too long");
+    close_both(client, member, IDLE_REASON, &message, close).await;
+    Ended::Idle
+}
+
+/// Ends a session from the gateway's side: the member's side is closed first, then the client is
+/// told why in an `error` event (`code`, `message`) and its side closed with `close`, each within
+/// [`WITHDRAW_NOTICE_LIMIT`] (a client that reads nothing does not hold the session open).
+async fn close_both(
+    client: &mut WebSocket,
+    member: &mut MemberSocket,
+    code: &str,
+    message: &str,
+    close: ws::Message,
+) {
+    close_member(member).await;
+    let event = error_event(code, message, Value::Null);
+    let notice = async {
+        client.send(ws::Message::Text(event.into())).await?;
+        client.send(close).await
+    };
+    let _ = tokio::time::timeout(WITHDRAW_NOTICE_LIMIT, notice).await;
+}
+
+/// An `error` event of the gateway's for the client, in the Realtime API's shape (server event
+/// `error`: `invalid_request_error`, `code`, `message`, and the `event_id` of the client's event
+/// it answers, if one).
+fn error_event(code: &str, message: &str, client_event_id: Value) -> String {
+    json!({
         "type": "error",
         "event_id": format!("event_gatehouse_{}", uuid::Uuid::now_v7().simple()),
         "error": {
             "type": "invalid_request_error",
-            "code": IDLE_REASON,
-            "message": format!(
-                "The session was closed: no event passed either way for {} s.",
-                idle.as_secs()
-            ),
+            "code": code,
+            "message": message,
             "param": null,
-            "event_id": null,
+            "event_id": client_event_id,
         },
-    });
-    close_member(member).await;
-    let notice = async {
-        client
-            .send(ws::Message::Text(event.to_string().into()))
-            .await?;
-        client
-            .send(close_message(1001, "the session was idle too long"))
-            .await
-    };
-    let _ = tokio::time::timeout(WITHDRAW_NOTICE_LIMIT, notice).await;
-    Ended::Idle
+    })
+    .to_string()
 }
 
 /// A close frame for the client.

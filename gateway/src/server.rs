@@ -241,17 +241,11 @@ impl<S> ClientStream<S> {
         cx: &mut Context<'_>,
         polled: Poll<io::Result<T>>,
     ) -> Poll<io::Result<T>> {
-        match polled {
-            Poll::Ready(result) => {
-                self.send.progressed();
-                Poll::Ready(result)
-            }
-            Poll::Pending if self.send.expired(cx) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the client took nothing of its answer within the send timeout",
-            ))),
-            Poll::Pending => Poll::Pending,
-        }
+        self.send.bound_write(
+            cx,
+            polled,
+            "the client took nothing of its answer within the send timeout",
+        )
     }
 }
 

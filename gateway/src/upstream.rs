@@ -532,19 +532,13 @@ impl LimitedTcp {
         cx: &mut Context<'_>,
         polled: Poll<std::io::Result<T>>,
     ) -> Poll<std::io::Result<T>> {
-        let Some(send) = &mut self.send else {
-            return polled;
-        };
-        match polled {
-            Poll::Ready(result) => {
-                send.progressed();
-                Poll::Ready(result)
-            }
-            Poll::Pending if send.expired(cx) => Poll::Ready(Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
+        match &mut self.send {
+            Some(send) => send.bound_write(
+                cx,
+                polled,
                 "the member took nothing of the session's events within the send timeout",
-            ))),
-            Poll::Pending => Poll::Pending,
+            ),
+            None => polled,
         }
     }
 }
