@@ -506,9 +506,39 @@ fn hash_content_json(content: &Content<'_>) -> Result<String, serde_json::Error>
 }
 
 /// Whether `hash` is the content hash of `record`'s content in either format.
+///
+/// Stores written before an empty prompt or completion was kept as one empty piece (`454e45e`)
+/// stored it as no piece at all, so such a message, linked as `Some("")`, reads back as `None`.
+/// A message that reads back absent is therefore also tried as empty: the two differ by no text,
+/// and every other field must still match as it is.
 fn content_matches(record: &AuditRecord, hash: &str) -> bool {
+    let matches = |content: &Content<'_>| {
+        hash_content(content) == hash || hash_content_json(content).is_ok_and(|json| json == hash)
+    };
     let content = content_of(record);
-    hash_content(&content) == hash || hash_content_json(&content).is_ok_and(|json| json == hash)
+    if matches(&content) {
+        return true;
+    }
+    let (request_body, response_body, request_messages, response_messages) = content;
+    if request_messages.is_some() && response_messages.is_some() {
+        return false;
+    }
+    let empty = Some(String::new());
+    let request_choices = if request_messages.is_none() {
+        vec![request_messages, &empty]
+    } else {
+        vec![request_messages]
+    };
+    let response_choices = if response_messages.is_none() {
+        vec![response_messages, &empty]
+    } else {
+        vec![response_messages]
+    };
+    request_choices.iter().any(|request| {
+        response_choices
+            .iter()
+            .any(|response| matches(&(request_body, response_body, request, response)))
+    })
 }
 
 /// Hex SHA-256 over `previous_hash`, the canonical JSON of `record` without its content and its

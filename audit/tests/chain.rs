@@ -680,3 +680,51 @@ fn expired_content_still_verifies_but_changed_content_does_not() {
     let broken = first_break(&verify(records));
     assert_eq!((broken.reason, broken.sequence), (BreakReason::Changed, 4));
 }
+
+/// Stores written before `454e45e` kept an empty prompt or completion as no piece at all, so a
+/// record linked with `Some("")` reads back from them with `None` there: a genuine record, which
+/// must verify, while any other change to its content must still be named.
+#[test]
+fn an_empty_message_read_back_as_absent_still_verifies() {
+    let mut chainer = Chainer::in_memory();
+    let mut records: Vec<AuditRecord> = (0..4)
+        .map(|i| {
+            let seconds = u64::try_from(i).expect("small");
+            let mut record = record(
+                i,
+                datetime!(2025-03-01 10:00 UTC) + Duration::from_secs(seconds),
+            );
+            record.request_messages = Some(if i == 1 {
+                String::new()
+            } else {
+                "[\"hi\"]".to_owned()
+            });
+            record.response_messages = Some(if i >= 2 {
+                String::new()
+            } else {
+                "[\"hello\"]".to_owned()
+            });
+            chainer.link(&mut record);
+            record
+        })
+        .collect();
+    records[1].request_messages = None;
+    records[2].response_messages = None;
+    records[3].request_messages = None;
+    let broken = first_break(&verify(records.clone()));
+    assert_eq!(
+        (broken.reason, broken.sequence),
+        (BreakReason::Changed, 3),
+        "a prompt that was not empty and is gone is a change"
+    );
+    records[3].request_messages = Some("[\"hi\"]".to_owned());
+    records[3].response_messages = None;
+    assert!(
+        verify(records.clone()).is_intact(),
+        "{:#?}",
+        verify(records.clone())
+    );
+    records[2].backend_request_body = Some("{\"prompt\":\"changed\"}".to_owned());
+    let broken = first_break(&verify(records));
+    assert_eq!((broken.reason, broken.sequence), (BreakReason::Changed, 2));
+}
