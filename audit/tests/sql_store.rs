@@ -1747,6 +1747,18 @@ async fn chains_verify_from_the_store(store: &SqlStore) {
     );
     let report = store.verify_chains(next_day.0, next_day.1).await.unwrap();
     assert!(report.chains.is_empty(), "{report:?}");
+    assert!(report.is_intact(), "{report:?}");
+    // A record without a chain link in the range (inserted, or written before chaining) is
+    // counted, and the range is not intact.
+    let mut inserted = record(90);
+    inserted.time_generated = next_day.0 + Duration::minutes(10);
+    inserted.chain = None;
+    assert_eq!(store.write(&[inserted]).await.unwrap(), 1);
+    let report = store.verify_chains(next_day.0, next_day.1).await.unwrap();
+    assert_eq!(report.unchained, 1, "{report:?}");
+    assert!(!report.is_intact(), "{report:?}");
+    let report = store.verify_chains(emptied.0, emptied.1).await.unwrap();
+    assert_eq!(report.unchained, 0, "outside the range: {report:?}");
 }
 
 /// The first records of a chain's day removed with everything the chain had in the range: no

@@ -199,6 +199,30 @@ impl SqlStore {
         mut verifier: Verifier,
     ) -> Result<VerifyReport, StoreError> {
         let days = chain_days(from, to);
+        // Records of the range without a chain link: written before chaining, or inserted. They
+        // belong to no chain, so only a count of them finds them.
+        let unchained: i64 = match &self.engine {
+            Engine::Sqlite { reader, .. } => {
+                sqlx::query_scalar(
+                    "SELECT count(*) FROM GatehouseGatewayLogs \
+                     WHERE TimeGenerated >= ?1 AND TimeGenerated < ?2 AND ChainId IS NULL",
+                )
+                .bind(sqlite_time(from))
+                .bind(sqlite_time(to))
+                .fetch_one(reader)
+                .await?
+            }
+            Engine::Postgres { pool, .. } => {
+                sqlx::query_scalar(
+                    r#"SELECT count(*) FROM "GatehouseGatewayLogs"
+                       WHERE "TimeGenerated" >= $1 AND "TimeGenerated" < $2 AND "ChainId" IS NULL"#,
+                )
+                .bind(from)
+                .bind(to)
+                .fetch_one(pool)
+                .await?
+            }
+        };
         match &self.engine {
             Engine::Sqlite { reader, .. } => {
                 let chains: Vec<String> = sqlx::query_scalar(
@@ -299,7 +323,9 @@ impl SqlStore {
                 }
             }
         }
-        Ok(verifier.finish())
+        let mut report = verifier.finish();
+        report.unchained += u64::try_from(unchained).unwrap_or(0);
+        Ok(report)
     }
 }
 
