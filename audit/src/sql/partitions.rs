@@ -354,6 +354,10 @@ pub(crate) async fn drop_days_before(
             break;
         }
         let mut tx = partition_transaction(pool).await?;
+        // Every partition of the day locked and counted before the first is dropped: a drop
+        // takes its parent's exclusive lock until the commit, and a count of a day's content
+        // after it would keep every write and read of that parent's table waiting that long.
+        let mut counted = Vec::with_capacity(partitions.len());
         for (i, name) in partitions {
             if !exists(&mut tx, &name).await? {
                 continue;
@@ -371,6 +375,9 @@ pub(crate) async fn drop_days_before(
                 .persistent(false)
                 .fetch_one(&mut *tx)
                 .await?;
+            counted.push((i, partition, held));
+        }
+        for (i, partition, held) in counted {
             let drop = format!("DROP TABLE {partition}");
             sqlx::query(&drop)
                 .persistent(false)

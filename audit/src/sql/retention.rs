@@ -135,10 +135,14 @@ const EXPIRED_BODIES: &str = "SELECT c.CorrelationId, l.RecordId FROM GatehouseC
      WHERE c.TimeGenerated < ?1 ORDER BY c.TimeGenerated LIMIT ?2";
 
 /// SQLite: calls with prompt or completion pieces older than the cutoff, as [`EXPIRED_BODIES`]:
-/// those captured without bodies, once the calls with bodies are gone.
-const EXPIRED_PIECES: &str = "SELECT m.CorrelationId, l.RecordId FROM ApiManagementGatewayLlmLog m \
+/// those captured without bodies, once the calls with bodies are gone. Read through the pieces'
+/// time index, so that only expired pieces are read: grouped by call without it, the planner
+/// walks the whole table in key order, on the one writer connection, at every run.
+const EXPIRED_PIECES: &str = "SELECT m.CorrelationId, l.RecordId \
+     FROM ApiManagementGatewayLlmLog m INDEXED BY ApiManagementGatewayLlmLog_Pieces \
      LEFT JOIN GatehouseGatewayLogs l ON l.CorrelationId = m.CorrelationId \
-     WHERE m.SequenceNumber > 0 AND m.TimeGenerated < ?1 GROUP BY m.CorrelationId LIMIT ?2";
+     WHERE m.SequenceNumber > 0 AND m.TimeGenerated < ?1 \
+     GROUP BY m.CorrelationId ORDER BY min(m.TimeGenerated) LIMIT ?2";
 
 /// SQLite: removes the content of `calls` (correlation id, `RecordId`): their full-text entries,
 /// then their LLM-log pieces and bodies in one transaction. The index's order lock is held
