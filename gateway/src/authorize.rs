@@ -10,6 +10,10 @@
 //! that names one, a fine-tuning job trained on its base `model`, an eval run's model, an eval's
 //! graders' models — that model must be granted too, as a deployment, or `resources` would open
 //! every model of the pool that serves them.
+//! A reinforcement fine-tuning job's grader runs its `model` on every sample: granted too. A
+//! Responses call's `image_generation` tool runs an image deployment (Azure: the
+//! `x-ms-oai-image-generation-deployment` header; OpenAI: the tool's `model`): granted too,
+//! whatever the route.
 //! A batch runs the calls its input file names ([`crate::batch_input`]): each must be granted as
 //! the same call made directly would be ([`authorize_batch`]). A Responses call must name its
 //! `model` when rules are in force: one that continues a stored response without it would run
@@ -20,7 +24,7 @@ use gatehouse_schema::identity::{AccessRule, Grantee, glob_matches};
 
 use crate::auth::Principal;
 use crate::batch_input::BatchCall;
-use crate::classify::Call;
+use crate::classify::{Call, IMAGE_GENERATION_DEPLOYMENT};
 use crate::error::GatewayError;
 
 /// Checks `call` by `principal` against `rules` (`None`: no rules configured, everything allowed).
@@ -66,29 +70,86 @@ pub fn authorize(
             operation,
         });
     }
+    if call.operation == OperationId::CreateResponse
+        && let Some(model) = image_models(call)?
+            .into_iter()
+            .find(|model| !grants(rules, principal, operation, model))
+    {
+        return Err(GatewayError::ToolModelNotPermitted {
+            deployment: truncated(model),
+            operation,
+        });
+    }
     Ok(())
+}
+
+/// The image deployments a Responses call may run besides its `model`: the one Azure's
+/// `image_generation` tool runs, named in the [`IMAGE_GENERATION_DEPLOYMENT`] header (judged
+/// whenever the header comes, since a stored prompt or an agent may bring the tool along), and
+/// each `image_generation` tool's `model` (OpenAI's way). A tool that names neither would run
+/// the member's default image model, which no rule was asked about: refused.
+fn image_models(call: &Call) -> Result<Vec<&str>, GatewayError> {
+    let mut models: Vec<&str> = call.image_deployment.as_deref().into_iter().collect();
+    // Most Responses calls have no image tool: their body is not parsed for one. One that could
+    // spell the tool's name with escapes (`\u005f`) is.
+    let mentions_tool = call.json_bytes().is_some_and(|body| {
+        memchr::memmem::find(body, b"image_generation").is_some()
+            || memchr::memmem::find(body, b"\\u").is_some()
+    });
+    let tools = mentions_tool
+        .then(|| call.json())
+        .flatten()
+        .and_then(|body| body.get("tools"))
+        .and_then(serde_json::Value::as_array);
+    for tool in tools.into_iter().flatten() {
+        if tool.get("type").and_then(serde_json::Value::as_str) != Some("image_generation") {
+            continue;
+        }
+        match tool.get("model").and_then(serde_json::Value::as_str) {
+            Some(model) => models.push(model),
+            None if call.image_deployment.is_none() => {
+                return Err(GatewayError::BadRequest {
+                    message: format!(
+                        "The `image_generation` tool names no model: with access rules in force, \
+                         name its deployment in the `{IMAGE_GENERATION_DEPLOYMENT}` header \
+                         (Azure) or in the tool's `model`."
+                    ),
+                    param: Some("tools"),
+                });
+            }
+            None => {}
+        }
+    }
+    Ok(models)
 }
 
 /// The deployments a call on the resource routes makes run although its path names none: the
 /// top-level `model` of [`RESOURCE_CALLS_RUNNING_A_MODEL`]; an eval run's `data_source.model`
 /// (the model that answers the eval's items, OpenAI's "completions" and "responses" run data
 /// sources); an eval's graders' `model`s (`testing_criteria`, `score_model` and `label_model`
-/// graders, and those inside a `multi` grader), which every run of it calls.
+/// graders, and those inside a `multi` grader), which every run of it calls; a reinforcement
+/// fine-tuning job's grader's `model`s.
 fn models_run(call: &Call) -> Vec<&str> {
-    if let Some(model) = call.body_model_of(RESOURCE_CALLS_RUNNING_A_MODEL) {
-        return vec![model];
-    }
+    let mut models: Vec<&str> = call
+        .body_model_of(RESOURCE_CALLS_RUNNING_A_MODEL)
+        .into_iter()
+        .collect();
     let Some(body) = call.json() else {
-        return Vec::new();
+        return models;
     };
-    let mut models = Vec::new();
     match call.operation {
+        OperationId::FineTuningCreate => {
+            // Reinforcement fine-tuning grades every sample with its grader, a model run too.
+            if let Some(grader) = body.pointer("/method/reinforcement/grader") {
+                grader_models(grader, &mut models);
+            }
+        }
         OperationId::CreateEvalRun => {
             models.extend(body.pointer("/data_source/model").and_then(|m| m.as_str()));
         }
         OperationId::CreateEval => {
             if let Some(criteria) = body.get("testing_criteria") {
-                grader_models(criteria, 0, &mut models);
+                grader_models(criteria, &mut models);
             }
         }
         _ => {}
@@ -96,26 +157,23 @@ fn models_run(call: &Call) -> Vec<&str> {
     models
 }
 
-/// Every string `model` in `value`, a grader or a list or map of graders, to a few levels down.
-fn grader_models<'a>(value: &'a serde_json::Value, depth: usize, models: &mut Vec<&'a str>) {
-    if depth > 4 {
-        return;
-    }
-    match value {
-        serde_json::Value::Object(members) => {
-            for (key, member) in members {
-                match member.as_str() {
-                    Some(model) if key == "model" => models.push(model),
-                    _ => grader_models(member, depth + 1, models),
+/// Every string `model` in `value`, a grader or a list or map of graders, however deep (a `multi`
+/// grader holds graders; the JSON parser already bounds the nesting).
+fn grader_models<'a>(value: &'a serde_json::Value, models: &mut Vec<&'a str>) {
+    let mut pending = vec![value];
+    while let Some(value) = pending.pop() {
+        match value {
+            serde_json::Value::Object(members) => {
+                for (key, member) in members {
+                    match member.as_str() {
+                        Some(model) if key == "model" => models.push(model),
+                        _ => pending.push(member),
+                    }
                 }
             }
+            serde_json::Value::Array(items) => pending.extend(items),
+            _ => {}
         }
-        serde_json::Value::Array(items) => {
-            for item in items {
-                grader_models(item, depth + 1, models);
-            }
-        }
-        _ => {}
     }
 }
 

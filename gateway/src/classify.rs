@@ -107,6 +107,9 @@ pub struct Call {
     pub form_model: Option<(usize, String)>,
     /// What the hot path reads from a JSON body (`None` when the body is not JSON).
     pub peek: Option<RequestPeek>,
+    /// The image deployment a Responses call's `image_generation` tool runs on Azure, named in
+    /// [`IMAGE_GENERATION_DEPLOYMENT`] (`None` on other operations, or when the header is absent).
+    pub image_deployment: Option<String>,
     /// The JSON body's bytes, parsed into [`Call::json`] only when something needs the tree.
     json_body: Bytes,
     json: OnceLock<Option<serde_json::Value>>,
@@ -129,6 +132,7 @@ impl Call {
             form_prompt: None,
             form_model: None,
             peek: None,
+            image_deployment: None,
             json_body: Bytes::new(),
             json: OnceLock::new(),
         }
@@ -159,6 +163,11 @@ impl Call {
             .as_ref()
     }
 }
+
+/// The request header in which Azure OpenAI takes the image deployment that a Responses call's
+/// `image_generation` tool runs ("Image generation" in Azure's Responses API how-to; OpenAI takes
+/// the model in the tool's `model` instead).
+pub const IMAGE_GENERATION_DEPLOYMENT: &str = "x-ms-oai-image-generation-deployment";
 
 /// The longest deployment name Azure accepts.
 const MAX_NAME: usize = 64;
@@ -282,6 +291,19 @@ pub fn classify(
         }
         None => None,
     };
+    let image_deployment = match headers.get(IMAGE_GENERATION_DEPLOYMENT) {
+        Some(value) if route.operation == OperationId::CreateResponse => {
+            let named = value.to_str().ok().and_then(|name| valid_name(name).ok());
+            Some(named.ok_or_else(|| GatewayError::BadRequest {
+                message: format!(
+                    "The `{IMAGE_GENERATION_DEPLOYMENT}` header does not name a valid deployment: \
+                     use letters, digits, '.', '_', '-' and ':' (at most 64 characters)."
+                ),
+                param: None,
+            })?)
+        }
+        _ => None,
+    };
 
     Ok(Call {
         operation: route.operation,
@@ -295,6 +317,7 @@ pub fn classify(
         is_stream,
         form_prompt,
         form_model,
+        image_deployment,
         json_body: if peek.is_some() {
             body.clone()
         } else {
@@ -357,6 +380,7 @@ pub(crate) fn realtime(style: RouteStyle, query: Option<&str>) -> Result<Call, G
         form_prompt: None,
         form_model: None,
         peek: None,
+        image_deployment: None,
         json_body: Bytes::new(),
         json: OnceLock::new(),
     })

@@ -76,6 +76,17 @@ pub enum GatewayError {
         /// The run's operation.
         operation: &'static str,
     },
+    /// A Responses call's `image_generation` tool runs a deployment no access rule grants the
+    /// caller.
+    #[error(
+        "The call's image_generation tool runs deployment '{deployment}', which the caller is not permitted to use for operation '{operation}': no access rule grants it."
+    )]
+    ToolModelNotPermitted {
+        /// The image deployment (header or tool `model`).
+        deployment: String,
+        /// The call's operation.
+        operation: &'static str,
+    },
     /// No route of Azure OpenAI or OpenAI matches.
     #[error("Resource not found")]
     UnknownRoute,
@@ -237,7 +248,8 @@ impl GatewayError {
             GatewayError::InvalidToken(_) => StatusCode::UNAUTHORIZED,
             GatewayError::NotPermitted { .. }
             | GatewayError::BatchCallNotPermitted { .. }
-            | GatewayError::AssistantModelNotPermitted { .. } => StatusCode::FORBIDDEN,
+            | GatewayError::AssistantModelNotPermitted { .. }
+            | GatewayError::ToolModelNotPermitted { .. } => StatusCode::FORBIDDEN,
             GatewayError::UnknownRoute
             | GatewayError::NotServed(_)
             | GatewayError::DeploymentNotFound
@@ -283,7 +295,8 @@ impl GatewayError {
             GatewayError::InvalidToken(_) => "invalid_token",
             GatewayError::NotPermitted { .. }
             | GatewayError::BatchCallNotPermitted { .. }
-            | GatewayError::AssistantModelNotPermitted { .. } => "not_permitted",
+            | GatewayError::AssistantModelNotPermitted { .. }
+            | GatewayError::ToolModelNotPermitted { .. } => "not_permitted",
             GatewayError::UnknownRoute => "unknown_route",
             GatewayError::NotServed(_) => "not_served",
             GatewayError::BodyTooLarge { .. } => "body_too_large",
@@ -322,7 +335,8 @@ impl GatewayError {
             GatewayError::InvalidConfig { .. } => "InvalidConfiguration".to_owned(),
             GatewayError::NotPermitted { .. }
             | GatewayError::BatchCallNotPermitted { .. }
-            | GatewayError::AssistantModelNotPermitted { .. } => "PermissionDenied".to_owned(),
+            | GatewayError::AssistantModelNotPermitted { .. }
+            | GatewayError::ToolModelNotPermitted { .. } => "PermissionDenied".to_owned(),
             _ => self.status().as_u16().to_string(),
         }
     }

@@ -324,6 +324,161 @@ async fn a_responses_call_without_a_model_is_refused_when_rules_are_in_force() {
     assert_eq!(sim.hits(), 1);
 }
 
+/// A reinforcement fine-tuning job grades every sample with its grader's model: that model is
+/// judged as a deployment too, also inside a `multi` grader, nested as deep as the body goes.
+#[tokio::test]
+async fn a_fine_tuning_jobs_grader_model_must_be_granted_too() {
+    let sim = simulator("auth-rft-grader").await;
+    let mut value = serde_json::to_value(snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["o4-mini"], "serves_resources": true,
+                "members": [member("a", &sim.url(), 1)]}]),
+    ))
+    .unwrap();
+    value["access_rules"] = json!([
+        {"id": "team-a-tuning", "grantee": {"kind": "subscription", "id": "team-a"},
+         "deployments": ["o4-mini*"], "resources": true}
+    ]);
+    let gw = TestGateway::start(serde_json::from_value(value).unwrap()).await;
+    let jobs = "/openai/fine_tuning/jobs?api-version=2025-04-01-preview";
+    let graded_by = |grader: serde_json::Value| {
+        json!({"model": "o4-mini-2025-04-16", "training_file": "file-1", "validation_file": "file-2",
+               "method": {"type": "reinforcement", "reinforcement": {"grader": grader}}})
+    };
+    let score =
+        |model: &str| json!({"type": "score_model", "name": "g", "model": model, "input": []});
+    let multi = |inner: serde_json::Value| json!({"type": "multi", "name": "m", "calculate_output": "a", "graders": {"a": inner}});
+    let granted = gw
+        .post(jobs)
+        .json(&graded_by(score("o4-mini-2025-04-16")))
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(granted.status(), 403, "{}", granted.text().await.unwrap());
+    assert_eq!(sim.hits(), 1, "the granted job reached the backend");
+    for grader in [
+        score("o3"),
+        multi(score("o3")),
+        multi(multi(multi(multi(score("o3"))))),
+    ] {
+        let refused = gw.post(jobs).json(&graded_by(grader)).send().await.unwrap();
+        let message = azure_error(refused, 403).await;
+        assert!(message.contains("deployment 'o3'"), "{message}");
+    }
+    assert_eq!(sim.hits(), 1, "no refused job reached the backend");
+}
+
+/// A Responses call's `image_generation` tool runs an image deployment: Azure's, named in the
+/// `x-ms-oai-image-generation-deployment` header, or OpenAI's, in the tool's `model`. Either must
+/// be granted; a tool that names no model (it would run the member's default) is refused; a
+/// header that names no valid deployment is refused. None of the refused calls reaches a member.
+#[tokio::test]
+async fn a_responses_image_tool_runs_only_a_granted_image_deployment() {
+    let sim = simulator("auth-image-tool").await;
+    let mut value = serde_json::to_value(snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o", "gpt-image-1"],
+                "members": [member("a", &sim.url(), 1)]}]),
+    ))
+    .unwrap();
+    value["access_rules"] = json!([
+        {"id": "team-a-chat", "grantee": {"kind": "subscription", "id": "team-a"},
+         "deployments": ["gpt-4o"]}
+    ]);
+    let gw = TestGateway::start(serde_json::from_value(value).unwrap()).await;
+    let draw = |tool: serde_json::Value| json!({"model": "gpt-4o", "input": "Draw a cat", "tools": [tool]});
+    let send = |header: Option<&'static str>, body: serde_json::Value| {
+        let mut request = gw.post("/openai/v1/responses").json(&body);
+        if let Some(value) = header {
+            request = request.header("x-ms-oai-image-generation-deployment", value);
+        }
+        request.send()
+    };
+    let plain = send(None, json!({"model": "gpt-4o", "input": "Hello"}))
+        .await
+        .unwrap();
+    assert_eq!(plain.status(), 200);
+    assert_eq!(sim.hits(), 1);
+
+    let by_header = send(
+        Some("gpt-image-1"),
+        draw(json!({"type": "image_generation"})),
+    )
+    .await
+    .unwrap();
+    let message = azure_error(by_header, 403).await;
+    assert!(
+        message.contains("image_generation") && message.contains("'gpt-image-1'"),
+        "{message}"
+    );
+    // The header is judged even without the tool in the body: a stored prompt may bring it.
+    let header_alone = send(
+        Some("gpt-image-1"),
+        json!({"model": "gpt-4o", "input": "Hello"}),
+    )
+    .await
+    .unwrap();
+    azure_error(header_alone, 403).await;
+    let by_model = send(
+        None,
+        draw(json!({"type": "image_generation", "model": "gpt-image-1"})),
+    )
+    .await
+    .unwrap();
+    azure_error(by_model, 403).await;
+    // Spelt with escapes, the tool is the same tool.
+    let escaped = gw
+        .post("/openai/v1/responses")
+        .header("content-type", "application/json")
+        .body(r#"{"model":"gpt-4o","input":"Draw","tools":[{"type":"image\u005fgeneration","model":"gpt-image-1"}]}"#)
+        .send()
+        .await
+        .unwrap();
+    azure_error(escaped, 403).await;
+    let unnamed = send(None, draw(json!({"type": "image_generation"})))
+        .await
+        .unwrap();
+    let message = azure_error(unnamed, 400).await;
+    assert!(
+        message.contains("x-ms-oai-image-generation-deployment"),
+        "{message}"
+    );
+    let invalid = send(
+        Some("../gpt-image-1"),
+        draw(json!({"type": "image_generation"})),
+    )
+    .await
+    .unwrap();
+    azure_error(invalid, 400).await;
+    assert_eq!(sim.hits(), 1, "no refused call reached the backend");
+
+    // Granted, the header reaches the member as the client sent it.
+    let mut value = serde_json::to_value(snapshot(
+        2,
+        json!([{"id": "p", "deployments": ["gpt-4o", "gpt-image-1"],
+                "members": [member("a", &sim.url(), 1)]}]),
+    ))
+    .unwrap();
+    value["access_rules"] = json!([
+        {"id": "team-a-chat", "grantee": {"kind": "subscription", "id": "team-a"},
+         "deployments": ["gpt-4o", "gpt-image-*"]}
+    ]);
+    let pushed = gw.push_config(&value).await;
+    assert_eq!(pushed.status(), 200, "{}", pushed.text().await.unwrap());
+    let granted = send(
+        Some("gpt-image-1"),
+        draw(json!({"type": "image_generation"})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(granted.status(), 200, "{}", granted.text().await.unwrap());
+    let seen = sim.requests().pop().unwrap();
+    assert_eq!(
+        seen.header("x-ms-oai-image-generation-deployment"),
+        Some("gpt-image-1")
+    );
+}
+
 /// A member's answer keeps its own account to itself: the OpenAI organization and project of the
 /// member's key and its cookies do not reach the caller; its rate-limit headers do.
 #[tokio::test]
