@@ -402,6 +402,22 @@ async fn maintain_audit_store(
     }
 }
 
+/// Environment variables that hold secrets of the gateway's own whatever its settings say: the
+/// PostgreSQL password of the audit store (libpq's and sqlx's `PGPASSWORD`), App Service's
+/// managed-identity header and the older `MSI_SECRET`, and proxy URLs (they may carry
+/// `user:password`).
+const HOST_SECRET_VARIABLES: &[&str] = &[
+    "PGPASSWORD",
+    "IDENTITY_HEADER",
+    "MSI_SECRET",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
+];
+
 /// The gateway's own Entra credential and the Key Vault refresh interval, from the settings.
 /// Which secret references a snapshot may name: never those the server settings use, nor the
 /// configuration file, the TLS files or anything in the state directory; and only under
@@ -429,7 +445,17 @@ fn snapshot_ref_policy(
     if let Some(monitor) = &settings.audit.azure_monitor {
         reserved.push(monitor.credential.client_secret.clone());
     }
+    // What the gateway's libraries read from the environment as secrets of their own: the audit
+    // store's PostgreSQL password, App Service's managed-identity header, a proxy URL with its
+    // credentials. Reserved whether or not this gateway uses them.
+    for name in HOST_SECRET_VARIABLES {
+        reserved.push(SecretRef::try_from(format!("env:{name}")).map_err(|e| anyhow::anyhow!(e))?);
+    }
+    let pgpass = std::env::var_os("PGPASSFILE")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".pgpass")));
     let mut files: Vec<&Path> = vec![config];
+    files.extend(pgpass.as_deref());
     if let Some(tls) = &settings.tls {
         files.extend([tls.cert_file.as_path(), tls.key_file.as_path()]);
     }

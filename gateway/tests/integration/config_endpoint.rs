@@ -702,7 +702,8 @@ async fn check_refuses_the_server_settings_serve_refuses() {
 }
 
 /// A snapshot cannot make the gateway send one of its own secrets to a member: the admin
-/// token's reference, the configuration file, anything in the state directory, and, with
+/// token's reference, the configuration file, anything in the state directory, the audit
+/// store's `PGPASSWORD`, the managed-identity header, a proxy URL, and, with
 /// `server.snapshot_secret_refs`, anything outside the listed prefixes, are refused (422, with
 /// the field path) before they are read, and no member is called.
 #[tokio::test]
@@ -733,6 +734,11 @@ async fn a_snapshot_cannot_name_the_gateways_own_secrets() {
         token_ref.clone(),
         format!("file:{}", config.display()),
         format!("file:{}", state_file.display()),
+        // The host's own secrets that the gateway's libraries read, whatever its settings say.
+        "env:PGPASSWORD".to_owned(),
+        "env:IDENTITY_HEADER".to_owned(),
+        "env:HTTPS_PROXY".to_owned(),
+        "env:http_proxy".to_owned(),
     ] {
         let refused = push(gateway.url.clone(), secret.clone()).await;
         let message = azure_error(refused, 422).await;
