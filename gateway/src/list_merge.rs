@@ -799,6 +799,9 @@ impl PageSource for Lister<'_> {
         let Some(Value::Array(mut items)) = fields.remove("data") else {
             return Err(MemberRead::cut(BAD_LIST_ANSWER, StatusCode::OK));
         };
+        // The files a listed batch or fine-tuning job names were made by this member: pinned to
+        // it before the merged page, relayed as the first member's, could pin them elsewhere.
+        proxy::pin_listed_files(self.gateway, self.call, &member.config.id, &items);
         // A member that does not page answers from its start again: what it gave up to `after`
         // was read before.
         if let Some(after) = after

@@ -1848,6 +1848,38 @@ async fn read_limited(
     Ok(Bytes::from(body))
 }
 
+/// Pins to `member` the files `items` (objects of a list one member answered) name as made by
+/// it ([`produced_files`]) and that no member holds yet: in memory at once, in the journal and
+/// the shared map on a task. A merged list's page is relayed as from the pool's first member,
+/// so its files are pinned here, where each member's own answer is read.
+pub(crate) fn pin_listed_files(gateway: &Arc<Gateway>, call: &Call, member: &str, items: &[Value]) {
+    if !names_produced_files(call) {
+        return;
+    }
+    let ids: Vec<String> = items
+        .iter()
+        .flat_map(produced_files)
+        .filter(|id| gateway.affinity.member_of(id).is_none())
+        .collect();
+    if ids.is_empty() {
+        return;
+    }
+    for id in &ids {
+        gateway.affinity.pin(id, member, None);
+    }
+    let (gateway, member) = (Arc::clone(gateway), member.to_owned());
+    tokio::spawn(
+        async move {
+            for id in ids {
+                if let Err(error) = gateway.affinity.remember_pinned(&id, &member, None).await {
+                    tracing::error!(%error, object = %id, "could not journal which member holds an object");
+                }
+            }
+        }
+        .in_current_span(),
+    );
+}
+
 /// Whether the answer to `call` may name files its member made itself: a batch's output and
 /// error files, a fine-tuning job's result files, the file a completed upload became.
 fn names_produced_files(call: &Call) -> bool {

@@ -60,6 +60,7 @@ async fn batch_member(name: &'static str, clock: Arc<AtomicI64>) -> BatchMember 
                             "object": "batch",
                             "endpoint": "/chat/completions",
                             "status": "validating",
+                            "output_file_id": format!("file-out-{name}-{}", made.len()),
                             "created_at": clock.fetch_add(1, Ordering::SeqCst),
                         });
                         made.push(batch.clone());
@@ -113,6 +114,13 @@ async fn batch_member(name: &'static str, clock: Arc<AtomicI64>) -> BatchMember 
                             "data": page,
                         }))
                         .into_response()
+                    }
+                    // The output files this member made: only it holds them.
+                    ("GET", file)
+                        if file.starts_with(&format!("/files/file-out-{name}-"))
+                            && file.ends_with("/content") =>
+                    {
+                        "{\"id\": \"batch_req_1\"}\n".into_response()
                     }
                     ("GET", one) => {
                         let id = one.trim_start_matches("/batches/");
@@ -240,6 +248,32 @@ async fn a_list_holds_the_objects_of_every_member_of_the_pool() {
         .map(|attempt| attempt.backend_id.as_str())
         .collect();
     assert_eq!(asked, ["a", "b"]);
+}
+
+/// The output files of the batches a merged list names live on the member that ran each batch:
+/// a list seen before any batch is fetched by id pins each file to its own member, not to the
+/// member the merged page is relayed as coming from.
+#[tokio::test]
+async fn a_listed_batchs_output_file_is_read_from_the_member_that_made_it() {
+    let (_a, _b, config) = two_members().await;
+    let gw = TestGateway::start(config).await;
+    let made = make_batches(&gw, 4).await;
+    let (status, whole) = list_page(&gw, "").await;
+    assert_eq!(status, 200, "{whole}");
+    for batch in whole["data"].as_array().unwrap() {
+        let file = batch["output_file_id"].as_str().unwrap();
+        for _ in 0..6 {
+            let content = gw
+                .get(&format!(
+                    "/openai/files/{file}/content?api-version=2024-10-21"
+                ))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(content.status(), 200, "{file} of {}", batch["id"]);
+        }
+    }
+    assert_eq!(whole["data"].as_array().unwrap().len(), made.len());
 }
 
 /// The next page's cursor placed again on a gateway that did not answer the page: the gateway
