@@ -66,6 +66,8 @@ pub const REFERENCE_ID_KEYS: &[&str] = &[
     "file_id",
     "thread_id",
     "vector_store_id",
+    // A Responses code interpreter tool's container: its id, or a new one's settings.
+    "container",
 ];
 
 /// Request members whose array value holds ids of stateful objects.

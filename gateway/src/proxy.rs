@@ -575,9 +575,16 @@ fn target<'a>(
 ) -> Result<Target<'a>, GatewayError> {
     // A chat message's file part is a hint, not an address: a file held by a member of another
     // pool (a resource pool on the same Azure resource as the deployment's) leaves the call to
-    // its deployment's pool, which may read it, rather than refusing it.
-    let hint_only = call.operation == OperationId::ChatCompletionsCreate;
+    // its deployment's pool, which may read it, rather than refusing it. So are a Responses
+    // call's files and vector stores; the response it continues and its conversation are not.
+    let continued = continued_objects(call);
+    let hint_only = |id: &String| match call.operation {
+        OperationId::ChatCompletionsCreate => true,
+        OperationId::CreateResponse => !continued.contains(&id.as_str()),
+        _ => false,
+    };
     for id in objects {
+        let hint_only = hint_only(id);
         if let Some(member_id) = gateway.affinity.member_of(id) {
             if let Some((pool, index)) = runtime.member(&member_id) {
                 // The call was authorized for its deployment: the member holding the object
@@ -614,6 +621,27 @@ fn target<'a>(
         .pool_for(call.deployment.as_deref())
         .ok_or(GatewayError::DeploymentNotFound)?;
     Ok(Target { pool, pinned: None })
+}
+
+/// The objects a Responses call continues, which hold its context: the response named in
+/// `previous_response_id` and the `conversation` (an id, or `{"id": …}`).
+fn continued_objects(call: &Call) -> Vec<&str> {
+    if call.operation != OperationId::CreateResponse {
+        return Vec::new();
+    }
+    let Some(body) = call.json() else {
+        return Vec::new();
+    };
+    let conversation = body.get("conversation").and_then(|conversation| {
+        conversation
+            .as_str()
+            .or_else(|| conversation.get("id").and_then(Value::as_str))
+    });
+    body.get("previous_response_id")
+        .and_then(Value::as_str)
+        .into_iter()
+        .chain(conversation)
+        .collect()
 }
 
 /// Ids of stateful objects a call refers to in its body (a batch's input file, a run's
@@ -663,6 +691,11 @@ fn collect_references(value: &Value, depth: usize, ids: &mut Vec<String>) {
                         // A response's `conversation` is its id or `{"id": …}`.
                         Value::Object(object) if key == "conversation" => {
                             ids.extend(object.get("id").and_then(Value::as_str).map(str::to_owned));
+                        }
+                        // A code interpreter's `container` is its id, or a new one's settings
+                        // (`{"type": "auto", "file_ids": […]}`), which may name files.
+                        Value::Object(_) if key == "container" => {
+                            collect_references(member, depth + 1, ids);
                         }
                         _ => {}
                     }
@@ -1329,6 +1362,9 @@ async fn finish_created(
     let _ = tee.push(body.clone());
     if let Some(summary) = tee.json() {
         remember_created(gateway, &call, &member, &summary).await;
+        if status.is_success() && call.operation == OperationId::CreateResponse {
+            remember_containers(gateway, &member, &summary).await;
+        }
     }
     let sent = body.len() as u64;
     gateway
@@ -1436,20 +1472,44 @@ impl RelayCall {
     fn finish(mut self) {
         let span = self.span.clone();
         let _entered = span.enter();
-        // Files the backend made itself (a batch's output) live on this member too.
-        let produced: Vec<String> = if self.status.is_success() && names_produced_files(&self.call)
-        {
-            self.tee
-                .json()
-                .map(|answer| produced_files(&answer))
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|id| self.gateway.affinity.member_of(id).is_none())
-                .collect()
-        } else {
-            Vec::new()
-        };
+        // Files the backend made itself (a batch's output) live on this member too, for good.
+        let mut produced: Vec<(String, Option<i64>)> =
+            if self.status.is_success() && names_produced_files(&self.call) {
+                self.tee
+                    .json()
+                    .map(|answer| produced_files(&answer))
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|id| self.gateway.affinity.member_of(id).is_none())
+                    .map(|id| (id, None))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+        // The code interpreter's containers a response ran in live on this member too: read
+        // from a whole answer that names a code interpreter call (its tree is not parsed
+        // otherwise), else from a stream's reassembled response.
+        let ran_code =
+            self.status.is_success() && self.call.operation == OperationId::CreateResponse;
+        let whole_containers = ran_code
+            .then(|| self.tee.whole())
+            .flatten()
+            .filter(|body| memchr::memmem::find(body, b"code_interpreter_call").is_some())
+            .and_then(|body| serde_json::from_slice::<Value>(body).ok())
+            .map(|answer| response_containers(&answer));
         let answer = self.tee.complete(&mut self.record, &self.call);
+        if ran_code {
+            let containers = whole_containers
+                .or_else(|| answer.as_ref().map(response_containers))
+                .unwrap_or_default();
+            let until = container_expiry();
+            produced.extend(
+                containers
+                    .into_iter()
+                    .filter(|id| self.gateway.affinity.member_of(id).is_none())
+                    .map(|id| (id, until)),
+            );
+        }
         // From the answer as one object (a stream's reassembled, whatever the capture keeps),
         // else from the captured body.
         let created = (self.call.creates.is_some() && self.status.is_success())
@@ -1470,8 +1530,10 @@ impl RelayCall {
         if let Some(id) = &created {
             self.gateway.affinity.pin(id, &self.member.config.id, until);
         }
-        for id in &produced {
-            self.gateway.affinity.pin(id, &self.member.config.id, None);
+        for (id, until) in &produced {
+            self.gateway
+                .affinity
+                .pin(id, &self.member.config.id, *until);
         }
         let estimate = estimate_needed(self.status, &self.call, &self.record, answer.as_ref());
         let follow = crate::deferred_work::follow(&self.call, self.status, answer.as_ref());
@@ -1492,7 +1554,7 @@ impl RelayCall {
                 let pins = created
                     .into_iter()
                     .map(|id| (id, until))
-                    .chain(produced.into_iter().map(|id| (id, None)));
+                    .chain(produced);
                 for (id, until) in pins {
                     if let Err(error) = gateway
                         .affinity
@@ -1925,6 +1987,22 @@ fn produced_files(answer: &Value) -> Vec<String> {
     ids
 }
 
+/// The containers a response's code interpreter ran in (`output[]` items of type
+/// `code_interpreter_call`, their `container_id`): made by its member, which alone holds their
+/// files.
+fn response_containers(response: &Value) -> Vec<String> {
+    response
+        .get("output")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|item| item.get("type").and_then(Value::as_str) == Some("code_interpreter_call"))
+        .filter_map(|item| item.get("container_id").and_then(Value::as_str))
+        .filter(|id| !id.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 /// The id of the object a create call's answer names: `thread_id` for a thread created with its
 /// run, else `id`. A response made with `"store": false` is kept nowhere: none.
 fn created_id(call: &Call, response: &Value) -> Option<String> {
@@ -1948,6 +2026,28 @@ async fn remember_created(gateway: &Gateway, call: &Call, member: &Member, respo
     if let Some(id) = created_id(call, response) {
         remember_object(gateway, call, member, &id).await;
     }
+}
+
+/// Journals the code interpreter's containers a response ran in (see [`response_containers`])
+/// as held by `member`, the ones not known yet.
+async fn remember_containers(gateway: &Gateway, member: &Member, response: &Value) {
+    for id in response_containers(response) {
+        if gateway.affinity.member_of(&id).is_some() {
+            continue;
+        }
+        if let Err(error) = gateway
+            .affinity
+            .remember(&id, &member.config.id, container_expiry())
+            .await
+        {
+            tracing::error!(%error, object = %id, "could not journal which member holds an object");
+        }
+    }
+}
+
+/// When the memory of a container met in a response's output ends (unix seconds).
+fn container_expiry() -> Option<i64> {
+    affinity::expiry_of(ObjectFamily::Container, time::OffsetDateTime::now_utc())
 }
 
 /// Journals that `call` created object `id` on `member`, living as long as its family does.
@@ -2099,6 +2199,14 @@ impl Tee {
         match passed {
             Some(passed) => Some([passed, held].concat().into()),
             None => Some(held),
+        }
+    }
+
+    /// The whole answer's bytes, when it is kept whole.
+    fn whole(&self) -> Option<&[u8]> {
+        match &self.answer {
+            AnswerCopy::Whole(whole) => Some(whole),
+            AnswerCopy::Stream(_) | AnswerCopy::Tail { .. } => None,
         }
     }
 

@@ -825,6 +825,38 @@ async fn a_file_of_another_pool_leaves_a_chat_call_to_its_deployments_pool() {
     assert_eq!((files.hits(), models.hits()), (1, 1));
 }
 
+/// The same for a Responses call: its `input_file` part and its `file_search` tool's vector
+/// store are hints, as a chat message's file part is; the call goes to its model's pool.
+#[tokio::test]
+async fn a_file_of_another_pool_leaves_a_responses_call_to_its_models_pool() {
+    let files = simulator("responses-file-resources").await;
+    let models = simulator("responses-file-models").await;
+    let gw = TestGateway::start(snapshot(
+        1,
+        json!([
+            {"id": "resources", "deployments": ["gpt-4o"], "serves_resources": true,
+             "members": [member("files", &files.url(), 1)]},
+            {"id": "reasoning", "deployments": ["o3-mini"], "members": [member("o3", &models.url(), 1)]},
+        ]),
+    ))
+    .await;
+    let file_id = upload(&gw.url, b"{\"a\":1}\n").await;
+    assert_eq!(files.hits(), 1);
+    let answer = gw
+        .post("/openai/v1/responses")
+        .json(
+            &json!({"model": "o3-mini", "input": [{"role": "user", "content": [
+                {"type": "input_file", "file_id": file_id},
+                {"type": "input_text", "text": "Summarise it."},
+            ]}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
+    assert_eq!((files.hits(), models.hits()), (1, 1));
+}
+
 /// The id of the first chat completion chunk in an SSE answer, read from `stream` into `text`
 /// as far as needed (Azure's first event names no completion: its `id` is empty).
 async fn first_completion_id(
@@ -1367,4 +1399,144 @@ async fn an_eval_and_its_runs_stay_on_the_member_that_made_it() {
         |id| format!("/openai/evals/{id}?{version}"),
     )
     .await;
+}
+
+/// A member double for the code interpreter's containers (OpenAI's Containers API and the
+/// Responses API's `code_interpreter` tool, whose `container` is a container's id or
+/// `{"type": "auto"}` for a new one): it knows only the containers it made, answers a response
+/// in an unknown container with 404, and names the container a response ran in in its
+/// `code_interpreter_call` output item, as OpenAI's response object does. Counts its calls.
+async fn container_member(name: &'static str) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use axum::response::IntoResponse as _;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let known: Arc<Mutex<Vec<String>>> = Arc::default();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&hits);
+    let app = axum::Router::new().fallback(
+        move |method: http::Method, uri: http::Uri, body: axum::body::Bytes| {
+            let (known, hits) = (Arc::clone(&known), Arc::clone(&counted));
+            async move {
+                hits.fetch_add(1, Ordering::SeqCst);
+                let path = uri.path().trim_start_matches("/openai/v1");
+                let not_found = || {
+                    (
+                        http::StatusCode::NOT_FOUND,
+                        axum::Json(json!({"error": {"code": "not_found", "message": "No such container."}})),
+                    )
+                        .into_response()
+                };
+                let make = |known: &mut Vec<String>| {
+                    let id = format!("cntr_{name}_{}", known.len());
+                    known.push(id.clone());
+                    id
+                };
+                match (method.as_str(), path) {
+                    ("POST", "/containers") => {
+                        let id = make(&mut known.lock().unwrap());
+                        axum::Json(json!({"id": id, "object": "container", "status": "running"}))
+                            .into_response()
+                    }
+                    ("POST", "/responses") => {
+                        let request: Value = serde_json::from_slice(&body).unwrap();
+                        let container = &request["tools"][0]["container"];
+                        let id = match container.as_str() {
+                            Some(id) if known.lock().unwrap().iter().any(|k| k == id) => id.to_owned(),
+                            Some(_) => return not_found(),
+                            None => make(&mut known.lock().unwrap()),
+                        };
+                        axum::Json(json!({"id": format!("resp_{name}_{}", hits.load(Ordering::SeqCst)), "object": "response", "status": "completed", "model": "gpt-4o",
+                            "output": [{"type": "code_interpreter_call", "id": "ci_1", "status": "completed", "code": "print(1)", "container_id": id, "outputs": []}],
+                            "usage": {"input_tokens": 10, "output_tokens": 5, "total_tokens": 15}}))
+                        .into_response()
+                    }
+                    ("GET", file) if file.starts_with("/containers/") && file.ends_with("/content") => {
+                        let id = file.split('/').nth(2).unwrap_or_default();
+                        if known.lock().unwrap().iter().any(|k| k == id) {
+                            "1\n".into_response()
+                        } else {
+                            not_found()
+                        }
+                    }
+                    _ => not_found(),
+                }
+            }
+        },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, hits)
+}
+
+/// A code interpreter's container lives on the member that made it: a Responses call that names
+/// it goes there, and a container a response made (`{"type": "auto"}`) is pinned to that
+/// response's member, so that its files are read there.
+#[tokio::test]
+async fn a_code_interpreters_container_stays_with_its_member() {
+    use std::sync::atomic::Ordering;
+    let (a, a_hits) = container_member("a").await;
+    let (b, b_hits) = container_member("b").await;
+    let gw = TestGateway::start(snapshot(1, pool(&a, &b))).await;
+    let created = gw
+        .post("/openai/v1/containers")
+        .json(&json!({"name": "sandbox"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 200);
+    let container = created.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for _ in 0..8 {
+        let answer = gw
+            .post("/openai/v1/responses")
+            .json(&json!({"model": "gpt-4o", "input": "Plot it",
+                          "tools": [{"type": "code_interpreter", "container": container}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
+    }
+    let holder_hits = if container.starts_with("cntr_a") {
+        &a_hits
+    } else {
+        &b_hits
+    };
+    assert_eq!(holder_hits.load(Ordering::SeqCst), 9);
+
+    // New containers, made by responses until one is on each member.
+    let mut made = Vec::new();
+    while !(made.iter().any(|id: &String| id.starts_with("cntr_a"))
+        && made.iter().any(|id: &String| id.starts_with("cntr_b")))
+    {
+        assert!(made.len() < 64, "64 responses, all on one member");
+        let answer: Value = gw
+            .post("/openai/v1/responses")
+            .json(&json!({"model": "gpt-4o", "input": "Plot it",
+                          "tools": [{"type": "code_interpreter", "container": {"type": "auto"}}]}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        made.push(
+            answer["output"][0]["container_id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    for id in &made {
+        for _ in 0..4 {
+            let content = gw
+                .get(&format!("/openai/v1/containers/{id}/files/cfile_1/content"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(content.status(), 200, "{id}");
+        }
+    }
 }
