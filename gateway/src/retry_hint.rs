@@ -12,7 +12,8 @@
 //! from these headers is no hint (Azure's Responses API throttles with
 //! `x-ratelimit-reset-tokens: 0` and no `Retry-After`, `azure-specs.md` §1.4): the member waits
 //! the default rather than staying first in line. Only a 429's explicit `retry-after(-ms)` of 0
-//! sets nothing aside; on a 5xx a wait of 0 (or a date past) is no hint (a load balancer's
+//! sets nothing aside (a 429's `Retry-After` date already past gives way to the reset headers,
+//! and alone asks for no wait); on a 5xx a wait of 0 (or a date past) is no hint (a load balancer's
 //! `503 Retry-After: 0` in front of a dead member says nothing of when it works again, and the
 //! member would take the first attempt of every call).
 
@@ -55,13 +56,18 @@ fn hinted_wait(status: StatusCode, headers: &HeaderMap, now: SystemTime) -> Opti
     {
         return Some(wait);
     }
+    // A date already past (the member's clock behind ours) says less than the reset headers.
+    let mut date_past = false;
     if let Some(value) = header(headers, "retry-after") {
         if let Ok(number) = value.parse::<f64>() {
             if let Some(wait) = seconds(number) {
                 return Some(wait);
             }
         } else if let Ok(date) = httpdate::parse_http_date(value) {
-            return Some(date.duration_since(now).unwrap_or(Duration::ZERO));
+            match date.duration_since(now) {
+                Ok(wait) if !wait.is_zero() => return Some(wait),
+                _ => date_past = true,
+            }
         }
     }
     if status != StatusCode::TOO_MANY_REQUESTS {
@@ -74,11 +80,14 @@ fn hinted_wait(status: StatusCode, headers: &HeaderMap, now: SystemTime) -> Opti
         } else {
             ["x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"]
         };
-    resets.into_iter().find_map(|name| {
-        header(headers, name)
-            .and_then(parse_reset_duration)
-            .filter(|wait| !wait.is_zero())
-    })
+    resets
+        .into_iter()
+        .find_map(|name| {
+            header(headers, name)
+                .and_then(parse_reset_duration)
+                .filter(|wait| !wait.is_zero())
+        })
+        .or(date_past.then_some(Duration::ZERO))
 }
 
 /// Parses OpenAI's reset durations (`250ms`, `12s`, `6m0s`, `1h2m3.5s`) or plain seconds.
@@ -206,6 +215,34 @@ mod tests {
         );
         assert_eq!(throttled(&[("retry-after", "0")]), Duration::ZERO);
         assert_eq!(throttled(&[("retry-after-ms", "0")]), Duration::ZERO);
+    }
+
+    /// A 429's `Retry-After` date already past (the member's clock a little behind) gives way to
+    /// the reset headers when they say more; alone it asks for no wait.
+    #[test]
+    fn a_past_retry_after_date_gives_way_to_the_reset_headers() {
+        let now = SystemTime::now();
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(2));
+        let throttled = |pairs: &[(&'static str, &str)]| {
+            set_aside_for(StatusCode::TOO_MANY_REQUESTS, &headers(pairs), now)
+        };
+        assert_eq!(
+            throttled(&[
+                ("retry-after", past.as_str()),
+                ("x-ratelimit-reset-requests", "30s")
+            ]),
+            Duration::from_secs(30)
+        );
+        assert_eq!(throttled(&[("retry-after", past.as_str())]), Duration::ZERO);
+        let future = httpdate::fmt_http_date(now + Duration::from_secs(20));
+        let wait = throttled(&[
+            ("retry-after", future.as_str()),
+            ("x-ratelimit-reset-requests", "30s"),
+        ]);
+        assert!(
+            wait > Duration::from_secs(18) && wait <= Duration::from_secs(20),
+            "{wait:?}"
+        );
     }
 
     /// A 5xx that asks for no wait, or for one already past, waits the default: a failing
