@@ -20,7 +20,7 @@ use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
 
 use crate::classify::query_param;
-use crate::entra::{EntraIdentity, TokenValidator, looks_like_jwt};
+use crate::entra::{EntraIdentity, TokenError, TokenValidator, looks_like_jwt};
 use crate::error::GatewayError;
 
 pub use gatehouse_schema::keys::{KEY_PREFIX, digest, generate_key, hash_key};
@@ -65,12 +65,7 @@ pub async fn authenticate(
         });
     };
     let presented = presented(headers, query, true);
-    let (need_key, need_token, use_key, use_token) = match policy.require {
-        CredentialRequirement::KeyOrToken => (false, false, true, true),
-        CredentialRequirement::Key => (true, false, true, false),
-        CredentialRequirement::Token => (false, true, false, true),
-        CredentialRequirement::KeyAndToken => (true, true, true, true),
-    };
+    let (need_key, need_token, use_key, use_token) = credentials(policy.require);
     let key = presented.key.filter(|_| use_key);
     let token = presented.token.filter(|_| use_token);
     if need_key && key.is_none() {
@@ -95,6 +90,63 @@ pub async fn authenticate(
         ),
         None => None,
     };
+    Ok(Principal { subscription, user })
+}
+
+/// What `require` asks of a caller: (a key needed, a token needed, a key taken, a token taken).
+fn credentials(require: CredentialRequirement) -> (bool, bool, bool, bool) {
+    match require {
+        CredentialRequirement::KeyOrToken => (false, false, true, true),
+        CredentialRequirement::Key => (true, false, true, false),
+        CredentialRequirement::Token => (false, true, false, true),
+        CredentialRequirement::KeyAndToken => (true, true, true, true),
+    }
+}
+
+/// Judges again, under `policy`, a caller admitted earlier as `admitted` (its key's subscription
+/// as the running keys hold it now, and the Entra identity its token gave): the credentials
+/// `policy` requires now, and the identity's tenant and kind (app-only). Returns the caller as
+/// `policy` sees it: a key or a token it no longer takes is left out, so that access rules judge
+/// the caller by what still counts. The token itself is not validated again: a Realtime session,
+/// as Azure's, outlives the token that opened it.
+pub fn judge_admitted(
+    policy: &IdentityPolicy,
+    admitted: &Principal,
+) -> Result<Principal, GatewayError> {
+    let Some(entra) = &policy.entra else {
+        // Tokens are not accepted any more: the key alone counts.
+        return match &admitted.subscription {
+            Some(subscription) => Ok(Principal {
+                subscription: Some(Arc::clone(subscription)),
+                user: None,
+            }),
+            None => Err(GatewayError::MissingKey),
+        };
+    };
+    let (need_key, need_token, use_key, use_token) = credentials(policy.require);
+    let subscription = admitted.subscription.clone().filter(|_| use_key);
+    let user = admitted.user.clone().filter(|_| use_token);
+    if need_key && subscription.is_none() {
+        return Err(GatewayError::MissingKey);
+    }
+    if need_token && user.is_none() {
+        return Err(GatewayError::MissingToken);
+    }
+    if subscription.is_none() && user.is_none() {
+        return Err(GatewayError::MissingKey);
+    }
+    if let Some(user) = &user {
+        if !entra
+            .tenants
+            .iter()
+            .any(|tenant| tenant.eq_ignore_ascii_case(&user.tenant_id))
+        {
+            return Err(GatewayError::InvalidToken(TokenError::Tenant));
+        }
+        if user.app_only && !entra.accept_app_tokens {
+            return Err(GatewayError::InvalidToken(TokenError::AppOnly));
+        }
+    }
     Ok(Principal { subscription, user })
 }
 
@@ -253,6 +305,88 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(name, value.parse().unwrap());
         headers
+    }
+
+    fn user(tenant: &str, app_only: bool) -> Arc<EntraIdentity> {
+        Arc::new(EntraIdentity {
+            object_id: "u1".to_owned(),
+            tenant_id: tenant.to_owned(),
+            name: None,
+            username: None,
+            groups: vec!["g-1".to_owned()],
+            roles: Vec::new(),
+            app_id: Some("app".to_owned()),
+            app_only,
+            groups_overage: false,
+        })
+    }
+
+    fn policy(require: &str, tenants: &[&str], accept_app_tokens: bool) -> IdentityPolicy {
+        serde_json::from_value(serde_json::json!({
+            "require": require,
+            "entra": {"tenants": tenants, "audiences": ["api://gatehouse"],
+                      "accept_app_tokens": accept_app_tokens}
+        }))
+        .unwrap()
+    }
+
+    /// A caller admitted earlier, judged under the identity settings in force now: what they
+    /// require, the tenants and kinds of tokens they take; what they no longer take is left out.
+    #[test]
+    fn an_admitted_caller_is_judged_by_the_settings_in_force() {
+        let key = Some(Arc::new(subscription("team-a", "k", None)));
+        let both = Principal {
+            subscription: key.clone(),
+            user: Some(user("t1", false)),
+        };
+        let judged = judge_admitted(&policy("key_or_token", &["t1"], true), &both).unwrap();
+        assert!(judged.subscription.is_some() && judged.user.is_some());
+        let judged = judge_admitted(&policy("key", &["t1"], true), &both).unwrap();
+        assert!(judged.subscription.is_some() && judged.user.is_none());
+        let judged = judge_admitted(&policy("token", &["T1"], true), &both).unwrap();
+        assert!(judged.subscription.is_none() && judged.user.is_some());
+        let judged = judge_admitted(&IdentityPolicy::default(), &both).unwrap();
+        assert!(judged.subscription.is_some() && judged.user.is_none());
+
+        let token_only = Principal {
+            subscription: None,
+            user: Some(user("t1", false)),
+        };
+        let refused = |policy: &IdentityPolicy, caller: &Principal| {
+            judge_admitted(policy, caller).unwrap_err().reason()
+        };
+        assert_eq!(
+            refused(&policy("token", &["t2"], true), &token_only),
+            "invalid_token"
+        );
+        assert_eq!(
+            refused(&policy("key", &["t1"], true), &token_only),
+            "missing_key"
+        );
+        assert_eq!(
+            refused(&IdentityPolicy::default(), &token_only),
+            "missing_key"
+        );
+        let app = Principal {
+            subscription: None,
+            user: Some(user("t1", true)),
+        };
+        assert_eq!(
+            refused(&policy("token", &["t1"], false), &app),
+            "invalid_token"
+        );
+        let key_only = Principal {
+            subscription: key,
+            user: None,
+        };
+        assert_eq!(
+            refused(&policy("token", &["t1"], true), &key_only),
+            "missing_token"
+        );
+        assert_eq!(
+            refused(&policy("key_and_token", &["t1"], true), &key_only),
+            "missing_token"
+        );
     }
 
     #[test]

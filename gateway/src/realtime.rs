@@ -440,7 +440,11 @@ fn relay_refusal(answer: http::Response<Option<Vec<u8>>>) -> Response {
 struct Session {
     gateway: Arc<Gateway>,
     runtime: Arc<Runtime>,
+    /// The caller as the identity settings in force see it (see [`Session::judge_again`]).
     principal: Principal,
+    /// The caller as the handshake admitted it: its key's subscription (as the keys in force
+    /// hold it) and the Entra identity its token gave, whatever the settings take now.
+    admitted: Principal,
     /// See [`Opened::key_digest`].
     key_digest: Option<[u8; 32]>,
     /// Changes with each snapshot installed; the caller is judged again under each.
@@ -504,6 +508,7 @@ impl Session {
             received: BodyCapture::new(response_limit),
             gateway,
             runtime,
+            admitted: opened.principal.clone(),
             principal: opened.principal,
             key_digest: opened.key_digest,
             installs,
@@ -635,16 +640,18 @@ impl Session {
     }
 
     /// Judges the caller again under the snapshot the gateway runs now: its subscription key
-    /// (revoked, suspended, regenerated, expired) and the access rules for the session's
-    /// deployment.
+    /// (revoked, suspended, regenerated, expired), the identity settings (the credentials they
+    /// require, the tenants and kinds of tokens they take; the token is not validated again)
+    /// and the access rules for the session's deployment.
     fn judge_again(&mut self) -> Result<(), GatewayError> {
         let runtime = self.gateway.runtime();
         if let Some(digest) = &self.key_digest {
             let subscription = runtime
                 .keys
                 .subscription_for_digest(digest, time::OffsetDateTime::now_utc())?;
-            self.principal.subscription = Some(subscription);
+            self.admitted.subscription = Some(subscription);
         }
+        self.principal = crate::auth::judge_admitted(&runtime.snapshot.identity, &self.admitted)?;
         crate::authorize::authorize(
             runtime.snapshot.access_rules.as_deref(),
             &self.principal,

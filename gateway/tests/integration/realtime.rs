@@ -770,6 +770,40 @@ async fn a_session_ends_with_its_key_or_its_access_rule() {
     assert_eq!(reasons, [Some("not_permitted"), Some("invalid_key")]);
 }
 
+/// Identity settings pushed while a session is open judge it too: a session opened with a key
+/// ends when the settings come to require an Entra token, with the client told why.
+#[tokio::test]
+async fn a_session_ends_when_the_identity_settings_stop_taking_its_credential() {
+    let (member_url, seen) = realtime_member(None).await;
+    let pools = realtime_pool(json!([member("voice", &member_url, 1)]));
+    let gw = TestGateway::start(snapshot(1, pools.clone())).await;
+    let mut socket = open_session(&gw.url).await;
+    let with_identity = |version: u64, require: &str| {
+        let mut value = serde_json::to_value(snapshot(version, pools.clone())).unwrap();
+        value["identity"] = json!({"require": require, "entra": {
+            "tenants": ["72f988bf-86f1-41af-91ab-2d7cd011db47"],
+            "audiences": ["api://gatehouse"]}});
+        serde_json::from_value::<gatehouse_schema::config::ConfigSnapshot>(value).unwrap()
+    };
+    // Tokens taken beside keys: the key still counts.
+    assert_eq!(
+        gw.push_config(&with_identity(2, "key_or_token"))
+            .await
+            .status(),
+        200
+    );
+    speak_turns(&mut socket, 1).await;
+    assert_eq!(
+        gw.push_config(&with_identity(3, "token")).await.status(),
+        200
+    );
+    let error = withdrawn(&mut socket).await;
+    assert_eq!(error["error"]["code"], "missing_token", "{error}");
+    member_sessions_ended(&seen, 1).await;
+    let record = gw.records(1).await.remove(0);
+    assert_eq!(record.last_error_reason.as_deref(), Some("missing_token"));
+}
+
 /// A subscription whose key expires while its session is open: the session ends then. The
 /// expiry is set by a push during the session, which leaves the caller admitted until then.
 #[tokio::test]
