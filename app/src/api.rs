@@ -74,6 +74,8 @@ pub struct SubscriptionView {
     pub expires_soon: bool,
     /// Who created it.
     pub created_by: String,
+    /// Its version as the page shows it (rotations and their end are made from this one).
+    pub version: String,
 }
 
 /// A gateway that did not take the version a change published.
@@ -291,6 +293,7 @@ pub async fn list_subscriptions() -> Result<Vec<SubscriptionView>, ServerFnError
                 .expires_at
                 .is_some_and(|at| at - now < time::Duration::days(14)),
             has_secondary: row.secondary_key_hash.is_some(),
+            version: version_text(row.updated_at),
             id: row.id,
             display_name: row.display_name,
             product: row.product,
@@ -330,10 +333,13 @@ pub async fn create_subscription(
 
 /// Issues a new primary key; the old one stays valid as the secondary: Admin.
 #[server(endpoint = "rotate_subscription_key")]
-pub async fn rotate_subscription_key(id: String) -> Result<IssuedKey, ServerFnError> {
+pub async fn rotate_subscription_key(
+    id: String,
+    #[server(default)] version: String,
+) -> Result<IssuedKey, ServerFnError> {
     let (portal, user) = portal_and_user().await?;
     let issued = portal
-        .rotate_subscription_key(user.as_ref(), &id)
+        .rotate_subscription_key(user.as_ref(), &id, &version)
         .await
         .map_err(to_server_error)?;
     Ok(IssuedKey {
@@ -345,10 +351,13 @@ pub async fn rotate_subscription_key(id: String) -> Result<IssuedKey, ServerFnEr
 
 /// Ends a rotation's overlap: the previous key stops working: Admin.
 #[server(endpoint = "retire_secondary_key")]
-pub async fn retire_secondary_key(id: String) -> Result<PublishedView, ServerFnError> {
+pub async fn retire_secondary_key(
+    id: String,
+    #[server(default)] version: String,
+) -> Result<PublishedView, ServerFnError> {
     let (portal, user) = portal_and_user().await?;
     portal
-        .retire_secondary_key(user.as_ref(), &id)
+        .retire_secondary_key(user.as_ref(), &id, &version)
         .await
         .map(PublishedView::from)
         .map_err(to_server_error)

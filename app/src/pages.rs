@@ -422,6 +422,7 @@ fn subscription_row(
     let has_secondary = row.has_secondary;
     let expires_soon = row.expires_soon;
     let (id1, id2, id3) = (row.id.clone(), row.id.clone(), row.id.clone());
+    let (version1, version2) = (row.version.clone(), row.version);
     view! {
         <tr>
             <td>
@@ -447,6 +448,7 @@ fn subscription_row(
                         view! {
                             <ActionForm action=rotate attr:class="inline">
                                 <input type="hidden" name="id" value=id1 />
+                                <input type="hidden" name="version" value=version1 />
                                 <button
                                     type="submit"
                                     class="btn btn-quiet"
@@ -462,6 +464,7 @@ fn subscription_row(
                         view! {
                             <ActionForm action=retire attr:class="inline">
                                 <input type="hidden" name="id" value=id2 />
+                                <input type="hidden" name="version" value=version2 />
                                 <button type="submit" class="btn btn-quiet">
                                     "Retire previous key"
                                 </button>

@@ -55,6 +55,8 @@ pub enum Edited {
     GatewaySettings,
     /// The configuration as a whole (a roll-back, from the newest version its page showed).
     Configuration,
+    /// A subscription's keys (a rotation, or the end of its overlap).
+    Subscription,
 }
 
 impl Edited {
@@ -66,6 +68,7 @@ impl Edited {
             Edited::Member => ("This pool member", "was", "it"),
             Edited::GatewaySettings => ("The gateway settings", "were", "them"),
             Edited::Configuration => ("The configuration", "was", "it"),
+            Edited::Subscription => ("This subscription's key", "was", "it"),
         };
         match changed_at {
             Some(at) => format!(

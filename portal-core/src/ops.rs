@@ -301,10 +301,15 @@ impl Portal {
         })
     }
 
+    /// Changes subscription `id` with `change`. With `seen` (the version the page showed), only
+    /// that version: a key rotated or retired by someone else since then is not changed again
+    /// in its place (a "Retire previous key" meant for the key the page showed would retire the
+    /// one a second rotation made previous).
     async fn change_subscription(
         &self,
         user: &SessionUser,
         id: &str,
+        seen: Option<OffsetDateTime>,
         action: &str,
         change: impl Fn(&mut SubscriptionRow) -> Result<(), PortalError>,
     ) -> Result<Published, PortalError> {
@@ -315,6 +320,12 @@ impl Portal {
                 .subscription(id)
                 .await?
                 .ok_or_else(|| PortalError::NotFound(format!("subscription {id}")))?;
+            if seen.is_some_and(|seen| seen != before.updated_at) {
+                return Err(PortalError::Conflict {
+                    what: Edited::Subscription,
+                    changed_at: Some(before.updated_at),
+                });
+            }
             let mut after = before.clone();
             change(&mut after)?;
             after.updated_at = OffsetDateTime::now_utc();
@@ -344,12 +355,16 @@ impl Portal {
 
     /// Rotates a subscription's key with overlap: a new primary key is issued (returned once) and
     /// the old primary stays valid as the secondary until [`Portal::retire_secondary_key`]: Admin.
+    /// `seen`: the subscription's version as the page showed it ([`version_text`]); empty for
+    /// the subscription as it is.
     pub async fn rotate_subscription_key(
         &self,
         user: Option<&SessionUser>,
         id: &str,
+        seen: &str,
     ) -> Result<IssuedKey, PortalError> {
         let user = require(user, &[Role::Admin])?;
+        let seen = read_version(seen)?;
         let key = generate_key();
         let hash = hash_key(&key).to_string();
         let overlap_end = self
@@ -357,7 +372,7 @@ impl Portal {
             .rotation_overlap
             .map(|overlap| OffsetDateTime::now_utc() + overlap);
         let published = self
-            .change_subscription(user, id, "subscription.rotate", |row| {
+            .change_subscription(user, id, seen, "subscription.rotate", |row| {
                 if row.state == "revoked" {
                     return Err(PortalError::invalid("id", "the subscription is revoked"));
                 }
@@ -376,13 +391,16 @@ impl Portal {
 
     /// Ends a rotation's overlap: the secondary (previous) key stops working: Admin. Returns
     /// what was published.
+    /// `seen` as for [`Portal::rotate_subscription_key`].
     pub async fn retire_secondary_key(
         &self,
         user: Option<&SessionUser>,
         id: &str,
+        seen: &str,
     ) -> Result<Published, PortalError> {
         let user = require(user, &[Role::Admin])?;
-        self.change_subscription(user, id, "subscription.retire_secondary", |row| {
+        let seen = read_version(seen)?;
+        self.change_subscription(user, id, seen, "subscription.retire_secondary", |row| {
             row.secondary_key_hash = None;
             row.secondary_expires_at = None;
             Ok(())
@@ -441,7 +459,7 @@ impl Portal {
         id: &str,
     ) -> Result<Published, PortalError> {
         let user = require(user, &[Role::Admin])?;
-        self.change_subscription(user, id, "subscription.revoke", |row| {
+        self.change_subscription(user, id, None, "subscription.revoke", |row| {
             row.state = "revoked".to_owned();
             Ok(())
         })

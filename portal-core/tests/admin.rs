@@ -497,7 +497,7 @@ async fn a_rotation_overlap_ends_by_itself(db: ConfigDb) {
         .await
         .unwrap();
     let second = portal
-        .rotate_subscription_key(Some(&user), "team-r")
+        .rotate_subscription_key(Some(&user), "team-r", "")
         .await
         .unwrap()
         .key;
@@ -530,7 +530,7 @@ async fn a_previous_key_is_refused_after_its_overlap_without_the_portal(db: Conf
         .await
         .unwrap();
     let second = portal
-        .rotate_subscription_key(Some(&user), "team-o")
+        .rotate_subscription_key(Some(&user), "team-o", "")
         .await
         .unwrap()
         .key;

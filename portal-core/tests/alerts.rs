@@ -891,7 +891,7 @@ async fn a_key_expiring_fires_and_resolves(db: ConfigDb) {
         .await
         .unwrap();
     let rotated = portal
-        .rotate_subscription_key(Some(&user), "team-k")
+        .rotate_subscription_key(Some(&user), "team-k", "")
         .await
         .unwrap()
         .key;
@@ -911,7 +911,7 @@ async fn a_key_expiring_fires_and_resolves(db: ConfigDb) {
         "RESOLVED: keys: subscription team-r (Team team-r): revoked"
     );
     portal
-        .retire_secondary_key(Some(&user), "team-k")
+        .retire_secondary_key(Some(&user), "team-k", "")
         .await
         .unwrap();
     let retired = alerter

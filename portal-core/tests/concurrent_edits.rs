@@ -711,6 +711,84 @@ async fn a_rollback_is_done_only_from_the_newest_version_shown(db: ConfigDb) {
     assert!(deployments(db.clone()).await.contains("o3"));
 }
 
+/// Two admins handling one subscription's keys: a rotation or a "Retire previous key" made from
+/// the version a page showed is refused once the other admin has rotated since, so that the
+/// key the first page called "previous" is not confused with the one the second rotation made
+/// previous (the key still in production use); nothing is written, nothing published.
+async fn keys_are_rotated_and_retired_only_from_the_version_shown(db: ConfigDb) {
+    use gatehouse_portal_core::ops::NewSubscription;
+    let portal = portal(&db);
+    let first_key = portal
+        .create_subscription(
+            Some(&admin()),
+            NewSubscription {
+                id: "team-k".into(),
+                display_name: "Team K".into(),
+                ..NewSubscription::default()
+            },
+        )
+        .await
+        .unwrap()
+        .key;
+    let subscription = || async { db.subscription("team-k").await.unwrap().unwrap() };
+    // Both admins' pages show the subscription after one rotation: K1 previous, K2 primary.
+    portal
+        .rotate_subscription_key(Some(&admin()), "team-k", "")
+        .await
+        .unwrap();
+    let shown = subscription().await;
+    let shown_version = version_text(shown.updated_at);
+    // Bea rotates again: K2 becomes previous, K3 primary.
+    let third = portal
+        .rotate_subscription_key(Some(&bea()), "team-k", &shown_version)
+        .await
+        .unwrap();
+    let after_bea = subscription().await;
+    let before = written(&db).await;
+    // The first admin, from the older page, retires "the previous key" and rotates: refused.
+    let error = portal
+        .retire_secondary_key(Some(&admin()), "team-k", &shown_version)
+        .await
+        .unwrap_err();
+    assert_conflict(&error, Edited::Subscription, Some(after_bea.updated_at));
+    let error = portal
+        .rotate_subscription_key(Some(&admin()), "team-k", &shown_version)
+        .await
+        .unwrap_err();
+    assert_conflict(&error, Edited::Subscription, Some(after_bea.updated_at));
+    assert_eq!(subscription().await, after_bea, "nothing written");
+    assert_eq!(written(&db).await, before);
+    assert_eq!(
+        after_bea.secondary_key_hash.as_ref(),
+        Some(&shown.primary_key_hash),
+        "the key the older page showed as primary stays valid, as the previous one"
+    );
+    assert_ne!(after_bea.primary_key_hash, shown.primary_key_hash);
+    assert!(!third.key.is_empty() && !first_key.is_empty());
+    // From the version read again, the retirement goes through.
+    portal
+        .retire_secondary_key(
+            Some(&admin()),
+            "team-k",
+            &version_text(after_bea.updated_at),
+        )
+        .await
+        .unwrap();
+    assert_eq!(subscription().await.secondary_key_hash, None);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_keys_are_rotated_and_retired_only_from_the_version_shown() {
+    let test = common::sqlite().await;
+    keys_are_rotated_and_retired_only_from_the_version_shown(test.db.clone()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_keys_are_rotated_and_retired_only_from_the_version_shown() {
+    let test = common::postgres().await;
+    keys_are_rotated_and_retired_only_from_the_version_shown(test.db.clone()).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sqlite_a_rollback_is_done_only_from_the_newest_version_shown() {
     let test = common::sqlite().await;

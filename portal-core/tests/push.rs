@@ -238,11 +238,11 @@ async fn publish_reaches_gateways(db: ConfigDb) {
         .unwrap();
     seed_pool_and_rule(&db, &simulator, "team-b").await;
     let first = portal
-        .rotate_subscription_key(Some(&user), "team-b")
+        .rotate_subscription_key(Some(&user), "team-b", "")
         .await
         .unwrap();
     let second = portal
-        .rotate_subscription_key(Some(&user), "team-b")
+        .rotate_subscription_key(Some(&user), "team-b", "")
         .await
         .unwrap();
     assert_eq!(chat(&up.url, "gpt-4o", &second.key).await, 200);
@@ -252,7 +252,7 @@ async fn publish_reaches_gateways(db: ConfigDb) {
         "the previous key overlaps"
     );
     portal
-        .retire_secondary_key(Some(&user), "team-b")
+        .retire_secondary_key(Some(&user), "team-b", "")
         .await
         .unwrap();
     assert_eq!(chat(&up.url, "gpt-4o", &first.key).await, 401);
@@ -769,7 +769,7 @@ async fn a_saved_change_whose_publish_failed_is_published_by_the_next_push(db: C
     // The rotation is saved; its publish fails. The new key is returned all the same.
     snapshot_inserts_fail(&db, true).await;
     let rotated = portal
-        .rotate_subscription_key(Some(&user), "team-a")
+        .rotate_subscription_key(Some(&user), "team-a", "")
         .await
         .expect("a saved rotation returns its key");
     assert!(rotated.key.starts_with("ghk_") && rotated.key != created.key);
