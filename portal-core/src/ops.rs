@@ -111,6 +111,19 @@ pub(crate) fn valid_id(field: &'static str, id: &str) -> Result<(), PortalError>
     }
 }
 
+/// Refuses a form's free text with a control character in it (a NUL, which PostgreSQL's text
+/// columns refuse, a line break or an escape that would garble a page, the activity log or a
+/// pushed snapshot): a clear 422 naming `field`, not a database error.
+pub(crate) fn plain_text(field: &'static str, text: &str) -> Result<(), PortalError> {
+    if text.chars().any(char::is_control) {
+        return Err(PortalError::invalid(
+            field,
+            "text without control characters (line breaks, tabs, NUL)",
+        ));
+    }
+    Ok(())
+}
+
 /// A gateway's id and base URL as given to the Gateways page or the portal's `--gateway`
 /// option, checked: the id as every id, the URL an `http://` or `https://` URL with a host and
 /// without credentials (`https://user:password@…`, refused as a pool member's endpoint with
@@ -260,10 +273,12 @@ impl Portal {
                 "a name of 1 to 200 characters",
             ));
         }
+        plain_text("display_name", &display_name)?;
         let product = Some(input.product.trim().to_owned()).filter(|p| !p.is_empty());
         if product.as_ref().is_some_and(|p| p.chars().count() > 200) {
             return Err(PortalError::invalid("product", "at most 200 characters"));
         }
+        plain_text("product", product.as_deref().unwrap_or_default())?;
         let expires_at = expiry(&input.expires_on)?;
         let key = generate_key();
         let now = OffsetDateTime::now_utc();

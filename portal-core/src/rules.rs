@@ -111,7 +111,9 @@ fn validate(input: &AccessRuleInput) -> Result<AccessRuleRow, PortalError> {
         "app_role" => {
             if grantee_id.is_empty()
                 || grantee_id.len() > 120
-                || grantee_id.chars().any(char::is_whitespace)
+                || grantee_id
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control())
             {
                 return Err(PortalError::invalid(
                     "grantee_id",
@@ -139,6 +141,7 @@ fn validate(input: &AccessRuleInput) -> Result<AccessRuleRow, PortalError> {
             "at most 200 characters",
         ));
     }
+    crate::ops::plain_text("grantee_display_name", &display_name)?;
     let deployments = items(&input.deployments);
     if deployments.len() > MAX_ITEMS {
         return Err(PortalError::invalid("deployments", "at most 100 entries"));

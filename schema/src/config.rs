@@ -567,12 +567,15 @@ impl TryFrom<String> for SecretRef {
     type Error = String;
 
     fn try_from(text: String) -> Result<Self, Self::Error> {
-        let ok = match text.split_once(':') {
-            Some(("env", name)) => !name.is_empty(),
-            Some(("file", path)) => !path.is_empty(),
-            Some(("https" | "http", _)) => is_key_vault_url(&text),
-            _ => false,
-        };
+        // A reference is a name, a path or a URL: a control character (a NUL, which no
+        // environment variable name or path holds, a line break) is never part of one.
+        let ok = !text.chars().any(char::is_control)
+            && match text.split_once(':') {
+                Some(("env", name)) => !name.is_empty(),
+                Some(("file", path)) => !path.is_empty(),
+                Some(("https" | "http", _)) => is_key_vault_url(&text),
+                _ => false,
+            };
         if ok {
             Ok(SecretRef(text))
         } else {
