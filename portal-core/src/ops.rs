@@ -549,7 +549,29 @@ impl Portal {
         user: Option<&SessionUser>,
     ) -> Result<Vec<PushOutcome>, PortalError> {
         let user = require(user, &[Role::Admin])?;
-        self.publisher.catch_up(&user.actor()).await
+        let actor = user.actor();
+        let outcomes = self.publisher.catch_up(&actor).await?;
+        // Who pushed, and what each gateway made of it, on the record as every admin action is.
+        let results: serde_json::Map<String, serde_json::Value> = outcomes
+            .iter()
+            .map(|outcome| {
+                let result = match &outcome.result {
+                    Ok(version) => serde_json::json!({"runs": version}),
+                    Err(reason) => serde_json::json!({"not_taken": reason}),
+                };
+                (outcome.gateway.clone(), result)
+            })
+            .collect();
+        self.db
+            .log_activity(NewActivity {
+                actor: &actor,
+                action: "gateways.push",
+                target: "gateways",
+                before: None,
+                after: json_of(&results),
+            })
+            .await?;
+        Ok(outcomes)
     }
 
     /// The newest entries of the activity log. An Admin reads all of it, the record of who

@@ -916,6 +916,14 @@ async fn a_restarted_gateway_on_an_older_version_is_pushed_the_current_one(db: C
     );
     assert_eq!(chat(&gateway.url, "gpt-4o", &issued.key).await, 200);
     assert_eq!(recorded(db.clone()).await, Some(current));
+    // The push is on the activity log: who pushed, and what each gateway made of it.
+    let pushed = db.activity(1).await.unwrap().remove(0);
+    assert_eq!(
+        (pushed.action.as_str(), pushed.actor.as_str()),
+        ("gateways.push", user.actor().as_str())
+    );
+    let after: serde_json::Value = serde_json::from_str(pushed.after.as_deref().unwrap()).unwrap();
+    assert_eq!(after["gw"]["runs"], json!(current));
     // Current again: nothing more to push.
     assert!(portal.push_now(Some(&user)).await.unwrap().is_empty());
 

@@ -277,6 +277,7 @@ async fn every_server_function_checks_the_role_on_the_server() {
             "subscription.retire_secondary",
             "subscription.revoke",
             "gateway.register",
+            "gateways.push",
             "access_rule.create",
             "access_rule.update",
             "access_rule.delete",
