@@ -48,6 +48,7 @@ pub fn authorize(
             param: Some("model"),
         });
     }
+    refuse_duplicate_members(call)?;
     let granted = match deployment {
         Some(deployment) => grants(rules, principal, operation, deployment),
         None => rules
@@ -70,10 +71,14 @@ pub fn authorize(
             operation,
         });
     }
-    if call.operation == OperationId::CreateResponse
-        && let Some(model) = image_models(call)?
-            .into_iter()
-            .find(|model| !grants(rules, principal, operation, model))
+    let tool_models = match call.operation {
+        OperationId::CreateResponse => image_models(call)?,
+        OperationId::CreateEvalRun => eval_run_image_models(call)?,
+        _ => Vec::new(),
+    };
+    if let Some(model) = tool_models
+        .into_iter()
+        .find(|model| !grants(rules, principal, operation, model))
     {
         return Err(GatewayError::ToolModelNotPermitted {
             deployment: truncated(model),
@@ -81,6 +86,75 @@ pub fn authorize(
         });
     }
     Ok(())
+}
+
+/// The operations whose body names models that run beside the call's own (graders, tools): a
+/// member name given twice in one of their objects is refused, since the gateway (which reads
+/// the last) and a member (which may read the first) would not judge the same model.
+const CALLS_NAMING_MORE_MODELS: &[OperationId] = &[
+    OperationId::CreateResponse,
+    OperationId::FineTuningCreate,
+    OperationId::CreateEval,
+    OperationId::CreateEvalRun,
+];
+
+/// Refuses a body of [`CALLS_NAMING_MORE_MODELS`] that gives a member twice in one object.
+fn refuse_duplicate_members(call: &Call) -> Result<(), GatewayError> {
+    if !CALLS_NAMING_MORE_MODELS.contains(&call.operation) {
+        return Ok(());
+    }
+    match call.json_bytes().and_then(crate::peek::duplicate_member) {
+        None => Ok(()),
+        Some(member) => Err(GatewayError::BadRequest {
+            message: format!(
+                "The request body gives `{}` more than once in one object: send it once (servers \
+                 differ in which one they take).",
+                truncated(&member)
+            ),
+            param: None,
+        }),
+    }
+}
+
+/// An `image_generation` tool that names no `model`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct UnnamedImageTool;
+
+/// The `model`s of the `image_generation` tools in `tools` (a Responses call's, a batch line's,
+/// an eval run's sampling parameters'); [`UnnamedImageTool`] when one names none (it would run
+/// the member's default image model, which no rule was asked about).
+pub(crate) fn image_tool_models(tools: &serde_json::Value) -> Result<Vec<&str>, UnnamedImageTool> {
+    let mut models = Vec::new();
+    for tool in tools.as_array().into_iter().flatten() {
+        if tool.get("type").and_then(serde_json::Value::as_str) != Some("image_generation") {
+            continue;
+        }
+        models.push(
+            tool.get("model")
+                .and_then(serde_json::Value::as_str)
+                .ok_or(UnnamedImageTool)?,
+        );
+    }
+    Ok(models)
+}
+
+/// The image deployments an eval run's Responses data source makes run through its sampling
+/// parameters' tools (`data_source.sampling_params.tools`).
+fn eval_run_image_models(call: &Call) -> Result<Vec<&str>, GatewayError> {
+    let tools = call
+        .json()
+        .and_then(|body| body.pointer("/data_source/sampling_params/tools"));
+    match tools.map(image_tool_models) {
+        None => Ok(Vec::new()),
+        Some(Ok(models)) => Ok(models),
+        Some(Err(UnnamedImageTool)) => Err(GatewayError::BadRequest {
+            message: "An `image_generation` tool of the run's sampling parameters names no \
+                      model: with access rules in force, name its deployment in the tool's \
+                      `model`."
+                .to_owned(),
+            param: Some("data_source"),
+        }),
+    }
 }
 
 /// The image deployments a Responses call may run besides its `model`: the one Azure's

@@ -89,6 +89,9 @@ struct Line<'a> {
 struct LineBody<'a> {
     #[serde(borrow, default)]
     model: Option<Cow<'a, str>>,
+    /// A Responses line's tools: an `image_generation` tool runs a model of its own.
+    #[serde(default)]
+    tools: Option<serde_json::Value>,
 }
 
 impl Default for InputFileReader {
@@ -157,7 +160,8 @@ impl InputFileReader {
         if line.iter().all(u8::is_ascii_whitespace) {
             return Ok(());
         }
-        let line: Line<'_> = serde_json::from_slice(line)
+        let raw = line;
+        let line: Line<'_> = serde_json::from_slice(raw)
             .map_err(|_| refused("is not a batch request: a JSON object with `url` and `body`"))?;
         let method = match line.method.as_deref() {
             None => Method::POST,
@@ -172,12 +176,39 @@ impl InputFileReader {
             .ok_or_else(|| refused("names no `model` in its `body`"))?;
         classify::valid_name(&model)
             .map_err(|_| refused("has a `model` that is not a valid deployment name"))?;
-        if self.seen.insert((operation, model.to_ascii_lowercase())) {
-            self.calls.push(BatchCall {
-                operation,
-                deployment: model.into_owned(),
-                line: number,
-            });
+        // A Responses line's image tool runs its own model, judged as the line's; a batch line
+        // carries no header, so the tool must name it. A member given twice in one of the
+        // line's objects is refused as it is in a direct call.
+        let mut tool_models = Vec::new();
+        if operation == OperationId::CreateResponse {
+            if crate::peek::duplicate_member(raw).is_some() {
+                return Err(refused("gives a member more than once in one object"));
+            }
+            if let Some(tools) = &line.body.tools {
+                tool_models = crate::authorize::image_tool_models(tools)
+                    .map_err(|_| {
+                        refused(
+                            "has an `image_generation` tool that names no `model` (a batch line \
+                             carries no image deployment header): name the deployment in the \
+                             tool's `model`",
+                        )
+                    })?
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect();
+            }
+        }
+        for deployment in std::iter::once(model.into_owned()).chain(tool_models) {
+            if self
+                .seen
+                .insert((operation, deployment.to_ascii_lowercase()))
+            {
+                self.calls.push(BatchCall {
+                    operation,
+                    deployment,
+                    line: number,
+                });
+            }
         }
         Ok(())
     }
@@ -342,6 +373,37 @@ mod tests {
         assert!(reader.partial.len() as u64 <= LIMIT);
         // The limit a member's file is read with is Azure's with room to spare.
         assert_eq!(InputFileReader::new().limit, MAX_INPUT_FILE_BYTES);
+    }
+
+    /// A Responses line's `image_generation` tool runs its own model: named as a call of the
+    /// line, judged as the line's model is. A tool naming none, or a member given twice in one
+    /// of the line's objects (a tool's `type` or `model`), is refused.
+    #[test]
+    fn a_responses_lines_image_tool_is_a_call_of_its_own() {
+        let file = concat!(
+            "{\"url\":\"/v1/responses\",\"body\":{\"model\":\"gpt-4o\",\"input\":\"Draw\",\"tools\":[{\"type\":\"web_search\"},{\"type\":\"image_generation\",\"model\":\"gpt-image-1\"}]}}\n",
+            "{\"url\":\"/v1/responses\",\"body\":{\"model\":\"gpt-4o\",\"input\":\"Hi\"}}\n",
+        );
+        assert_eq!(
+            read(file, 7).unwrap(),
+            vec![
+                call(OperationId::CreateResponse, "gpt-4o", 1),
+                call(OperationId::CreateResponse, "gpt-image-1", 1),
+            ]
+        );
+        for (bad, problem) in [
+            (
+                "{\"url\":\"/v1/responses\",\"body\":{\"model\":\"gpt-4o\",\"tools\":[{\"type\":\"image_generation\"}]}}",
+                "names no `model`",
+            ),
+            (
+                "{\"url\":\"/v1/responses\",\"body\":{\"model\":\"gpt-4o\",\"tools\":[{\"type\":\"image_generation\",\"type\":\"function\",\"name\":\"f\"}]}}",
+                "more than once",
+            ),
+        ] {
+            let error = read(&format!("{bad}\n"), 9).unwrap_err();
+            assert!(error.to_string().contains(problem), "{bad}: {error}");
+        }
     }
 
     #[test]

@@ -291,13 +291,20 @@ pub fn classify(
         }
         None => None,
     };
-    let image_deployment = match headers.get(IMAGE_GENERATION_DEPLOYMENT) {
+    let mut image_headers = headers.get_all(IMAGE_GENERATION_DEPLOYMENT).iter();
+    let image_deployment = match image_headers.next() {
         Some(value) if route.operation == OperationId::CreateResponse => {
-            let named = value.to_str().ok().and_then(|name| valid_name(name).ok());
+            // Given twice, the member might run either: refused as a body member given twice is.
+            let named = value
+                .to_str()
+                .ok()
+                .filter(|_| image_headers.next().is_none())
+                .and_then(|name| valid_name(name).ok());
             Some(named.ok_or_else(|| GatewayError::BadRequest {
                 message: format!(
-                    "The `{IMAGE_GENERATION_DEPLOYMENT}` header does not name a valid deployment: \
-                     use letters, digits, '.', '_', '-' and ':' (at most 64 characters)."
+                    "The `{IMAGE_GENERATION_DEPLOYMENT}` header does not name one valid \
+                     deployment: give it once, with letters, digits, '.', '_', '-' and ':' (at \
+                     most 64 characters)."
                 ),
                 param: None,
             })?)

@@ -101,6 +101,67 @@ fn mentions_key(body: &[u8], key: &str) -> bool {
         .any(|at| at > 0 && body[at - 1] == b'"' && body.get(at + key.len()) == Some(&b'"'))
 }
 
+/// The first member name given twice in one object of the JSON text `body`, at any depth (names
+/// compared after their escapes are read); `None` when every object's names are unique, or when
+/// `body` is not JSON (its parser says so elsewhere).
+pub fn duplicate_member(body: &[u8]) -> Option<String> {
+    let found = std::cell::RefCell::new(None);
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let _ = UniqueMembers(&found).deserialize(&mut deserializer);
+    found.into_inner()
+}
+
+/// Walks a JSON value, noting in its cell the first member name an object gives twice (and
+/// stopping there).
+struct UniqueMembers<'a>(&'a std::cell::RefCell<Option<String>>);
+
+impl<'de> DeserializeSeed<'de> for UniqueMembers<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for UniqueMembers<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(UniqueMembers(self.0))?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut names = std::collections::HashSet::new();
+        while let Some(name) = map.next_key::<String>()? {
+            if !names.insert(name.clone()) {
+                *self.0.borrow_mut() = Some(name);
+                return Err(de::Error::custom("a member given twice"));
+            }
+            map.next_value_seed(UniqueMembers(self.0))?;
+        }
+        Ok(())
+    }
+}
+
 /// What the record reads from a non-streamed JSON answer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ResponsePeek {
@@ -1031,6 +1092,25 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
+
+    /// A member name given twice in one object is found at any depth, its escapes read; names
+    /// repeated in different objects are not duplicates.
+    #[test]
+    fn a_member_given_twice_in_one_object_is_found() {
+        assert_eq!(
+            duplicate_member(br#"{"a":1,"b":{"a":2},"c":[{"a":3},{"a":4}]}"#),
+            None
+        );
+        assert_eq!(
+            duplicate_member(br#"{"tools":[{"type":"image_generation","type":"function"}]}"#),
+            Some("type".to_owned())
+        );
+        assert_eq!(
+            duplicate_member(br#"{"m":{"model":"a","mod\u0065l":"b"}}"#),
+            Some("model".to_owned())
+        );
+        assert_eq!(duplicate_member(b"not json"), None);
+    }
 
     #[test]
     fn request_peek_reads_what_the_tree_reads() {

@@ -366,6 +366,33 @@ async fn a_fine_tuning_jobs_grader_model_must_be_granted_too() {
         assert!(message.contains("deployment 'o3'"), "{message}");
     }
     assert_eq!(sim.hits(), 1, "no refused job reached the backend");
+
+    // An eval run's Responses data source may give its model an image tool: its model is
+    // judged too, and one naming none is refused.
+    let runs = "/openai/evals/eval_1/runs?api-version=2025-04-01-preview";
+    let run_with = |tool: serde_json::Value| {
+        json!({"name": "nightly", "data_source": {"type": "responses", "model": "o4-mini",
+               "source": {"type": "file_id", "id": "file-1"},
+               "sampling_params": {"tools": [tool]}}})
+    };
+    let refused = gw
+        .post(runs)
+        .json(&run_with(
+            json!({"type": "image_generation", "model": "gpt-image-1"}),
+        ))
+        .send()
+        .await
+        .unwrap();
+    let message = azure_error(refused, 403).await;
+    assert!(message.contains("'gpt-image-1'"), "{message}");
+    let unnamed = gw
+        .post(runs)
+        .json(&run_with(json!({"type": "image_generation"})))
+        .send()
+        .await
+        .unwrap();
+    azure_error(unnamed, 400).await;
+    assert_eq!(sim.hits(), 1, "no refused eval run reached the backend");
 }
 
 /// A Responses call's `image_generation` tool runs an image deployment: Azure's, named in the
@@ -443,6 +470,26 @@ async fn a_responses_image_tool_runs_only_a_granted_image_deployment() {
         message.contains("x-ms-oai-image-generation-deployment"),
         "{message}"
     );
+    // The header twice (the member might run either), a tool's `type` given twice (the member
+    // might read the first): refused.
+    let twice = gw
+        .post("/openai/v1/responses")
+        .header("x-ms-oai-image-generation-deployment", "gpt-4o")
+        .header("x-ms-oai-image-generation-deployment", "gpt-image-1")
+        .json(&draw(json!({"type": "image_generation"})))
+        .send()
+        .await
+        .unwrap();
+    azure_error(twice, 400).await;
+    let doubled = gw
+        .post("/openai/v1/responses")
+        .header("content-type", "application/json")
+        .body(r#"{"model":"gpt-4o","input":"Draw","tools":[{"type":"image_generation","type":"function","name":"f","model":"gpt-image-1"}]}"#)
+        .send()
+        .await
+        .unwrap();
+    let message = azure_error(doubled, 400).await;
+    assert!(message.contains("`type` more than once"), "{message}");
     let invalid = send(
         Some("../gpt-image-1"),
         draw(json!({"type": "image_generation"})),
