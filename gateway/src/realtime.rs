@@ -645,13 +645,19 @@ impl Session {
     /// and the access rules for the session's deployment.
     fn judge_again(&mut self) -> Result<(), GatewayError> {
         let runtime = self.gateway.runtime();
-        if let Some(digest) = &self.key_digest {
+        let mut judged = crate::auth::judge_admitted(&runtime.snapshot.identity, &self.admitted)?;
+        // The key is looked up only when the settings still take it: a key they ignore (a
+        // session kept by its token) cannot end the session by being revoked.
+        if judged.subscription.is_some()
+            && let Some(digest) = &self.key_digest
+        {
             let subscription = runtime
                 .keys
                 .subscription_for_digest(digest, time::OffsetDateTime::now_utc())?;
-            self.admitted.subscription = Some(subscription);
+            self.admitted.subscription = Some(Arc::clone(&subscription));
+            judged.subscription = Some(subscription);
         }
-        self.principal = crate::auth::judge_admitted(&runtime.snapshot.identity, &self.admitted)?;
+        self.principal = judged;
         crate::authorize::authorize(
             runtime.snapshot.access_rules.as_deref(),
             &self.principal,
