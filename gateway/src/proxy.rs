@@ -583,7 +583,13 @@ fn target<'a>(
         OperationId::CreateResponse => !continued.contains(&id.as_str()),
         _ => false,
     };
-    for id in objects {
+    // The objects the call addresses first: a hint never decides where a call that continues
+    // an object goes.
+    let ordered = objects
+        .iter()
+        .filter(|id| !hint_only(id))
+        .chain(objects.iter().filter(|id| hint_only(id)));
+    for id in ordered {
         let hint_only = hint_only(id);
         if let Some(member_id) = gateway.affinity.member_of(id) {
             if let Some((pool, index)) = runtime.member(&member_id) {
