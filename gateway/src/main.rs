@@ -451,11 +451,31 @@ fn snapshot_ref_policy(
     for name in HOST_SECRET_VARIABLES {
         reserved.push(SecretRef::try_from(format!("env:{name}")).map_err(|e| anyhow::anyhow!(e))?);
     }
-    let pgpass = std::env::var_os("PGPASSFILE")
-        .map(std::path::PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".pgpass")));
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    let from_env_or_home = |variable: &str, under_home: &str| {
+        std::env::var_os(variable)
+            .map(PathBuf::from)
+            .or_else(|| home.as_ref().map(|home| home.join(under_home)))
+    };
+    // libpq's and sqlx's password file and TLS client key, and a key the database URL names.
+    let mut postgres_files: Vec<PathBuf> = [
+        from_env_or_home("PGPASSFILE", ".pgpass"),
+        from_env_or_home("PGSSLKEY", ".postgresql/postgresql.key"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if let Some(database) = &settings.audit.database
+        && let Ok(url) = url::Url::parse(database)
+    {
+        postgres_files.extend(
+            url.query_pairs()
+                .filter(|(name, _)| name == "sslkey")
+                .map(|(_, path)| PathBuf::from(path.into_owned())),
+        );
+    }
     let mut files: Vec<&Path> = vec![config];
-    files.extend(pgpass.as_deref());
+    files.extend(postgres_files.iter().map(PathBuf::as_path));
     if let Some(tls) = &settings.tls {
         files.extend([tls.cert_file.as_path(), tls.key_file.as_path()]);
     }
