@@ -121,9 +121,13 @@ fn refuse_duplicate_members(call: &Call) -> Result<(), GatewayError> {
 pub(crate) struct UnnamedImageTool;
 
 /// The `model`s of the `image_generation` tools in `tools` (a Responses call's, a batch line's,
-/// an eval run's sampling parameters'); [`UnnamedImageTool`] when one names none (it would run
-/// the member's default image model, which no rule was asked about).
-pub(crate) fn image_tool_models(tools: &serde_json::Value) -> Result<Vec<&str>, UnnamedImageTool> {
+/// an eval run's sampling parameters'). A tool that names none runs `unnamed` (the deployment
+/// Azure's header names); without one, [`UnnamedImageTool`]: it would run the member's default
+/// image model, which no rule was asked about.
+pub(crate) fn image_tool_models<'a>(
+    tools: &'a serde_json::Value,
+    unnamed: Option<&'a str>,
+) -> Result<Vec<&'a str>, UnnamedImageTool> {
     let mut models = Vec::new();
     for tool in tools.as_array().into_iter().flatten() {
         if tool.get("type").and_then(serde_json::Value::as_str) != Some("image_generation") {
@@ -132,6 +136,7 @@ pub(crate) fn image_tool_models(tools: &serde_json::Value) -> Result<Vec<&str>, 
         models.push(
             tool.get("model")
                 .and_then(serde_json::Value::as_str)
+                .or(unnamed)
                 .ok_or(UnnamedImageTool)?,
         );
     }
@@ -144,7 +149,7 @@ fn eval_run_image_models(call: &Call) -> Result<Vec<&str>, GatewayError> {
     let tools = call
         .json()
         .and_then(|body| body.pointer("/data_source/sampling_params/tools"));
-    match tools.map(image_tool_models) {
+    match tools.map(|tools| image_tool_models(tools, None)) {
         None => Ok(Vec::new()),
         Some(Ok(models)) => Ok(models),
         Some(Err(UnnamedImageTool)) => Err(GatewayError::BadRequest {
@@ -173,26 +178,19 @@ fn image_models(call: &Call) -> Result<Vec<&str>, GatewayError> {
     let tools = mentions_tool
         .then(|| call.json())
         .flatten()
-        .and_then(|body| body.get("tools"))
-        .and_then(serde_json::Value::as_array);
-    for tool in tools.into_iter().flatten() {
-        if tool.get("type").and_then(serde_json::Value::as_str) != Some("image_generation") {
-            continue;
-        }
-        match tool.get("model").and_then(serde_json::Value::as_str) {
-            Some(model) => models.push(model),
-            None if call.image_deployment.is_none() => {
-                return Err(GatewayError::BadRequest {
-                    message: format!(
-                        "The `image_generation` tool names no model: with access rules in force, \
-                         name its deployment in the `{IMAGE_GENERATION_DEPLOYMENT}` header \
-                         (Azure) or in the tool's `model`."
-                    ),
-                    param: Some("tools"),
-                });
+        .and_then(|body| body.get("tools"));
+    if let Some(tools) = tools {
+        let run = image_tool_models(tools, call.image_deployment.as_deref()).map_err(|_| {
+            GatewayError::BadRequest {
+                message: format!(
+                    "The `image_generation` tool names no model: with access rules in force, \
+                     name its deployment in the `{IMAGE_GENERATION_DEPLOYMENT}` header (Azure) \
+                     or in the tool's `model`."
+                ),
+                param: Some("tools"),
             }
-            None => {}
-        }
+        })?;
+        models.extend(run);
     }
     Ok(models)
 }

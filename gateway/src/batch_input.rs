@@ -185,7 +185,7 @@ impl InputFileReader {
                 return Err(refused("gives a member more than once in one object"));
             }
             if let Some(tools) = &line.body.tools {
-                tool_models = crate::authorize::image_tool_models(tools)
+                tool_models = crate::authorize::image_tool_models(tools, None)
                     .map_err(|_| {
                         refused(
                             "has an `image_generation` tool that names no `model` (a batch line \

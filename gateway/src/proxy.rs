@@ -1453,22 +1453,11 @@ impl RelayCall {
             return;
         }
         let until = expiry_for(&self.call);
-        self.gateway
-            .affinity
-            .pin(&id, &self.member.config.id, until);
-        let (gateway, member) = (Arc::clone(&self.gateway), self.member.config.id.clone());
-        let object = id.clone();
-        tokio::spawn(
-            async move {
-                if let Err(error) = gateway
-                    .affinity
-                    .remember_pinned(&object, &member, until)
-                    .await
-                {
-                    tracing::error!(%error, %object, "could not journal which member holds an object");
-                }
-            }
-            .instrument(self.span.clone()),
+        pin_then_journal(
+            &self.gateway,
+            &self.member.config.id,
+            vec![(id.clone(), until)],
+            self.span.clone(),
         );
         self.pinned = Some(id);
     }
@@ -1557,18 +1546,9 @@ impl RelayCall {
         } = self;
         tokio::spawn(
             async move {
-                let pins = created
-                    .into_iter()
-                    .map(|id| (id, until))
-                    .chain(produced);
+                let pins = created.into_iter().map(|id| (id, until)).chain(produced);
                 for (id, until) in pins {
-                    if let Err(error) = gateway
-                        .affinity
-                        .remember_pinned(&id, &member.config.id, until)
-                        .await
-                    {
-                        tracing::error!(%error, object = %id, "could not journal which member holds an object");
-                    }
+                    journal_pinned(&gateway, &member.config.id, &id, until).await;
                 }
                 match estimate {
                     None => gateway.finish_following(audit, holds, follow).await,
@@ -1924,28 +1904,45 @@ pub(crate) fn pin_listed_files(gateway: &Arc<Gateway>, call: &Call, member: &str
     if !names_produced_files(call) {
         return;
     }
-    let ids: Vec<String> = items
+    let ids: Vec<(String, Option<i64>)> = items
         .iter()
         .flat_map(produced_files)
         .filter(|id| gateway.affinity.member_of(id).is_none())
+        .map(|id| (id, None))
         .collect();
-    if ids.is_empty() {
-        return;
+    if !ids.is_empty() {
+        pin_then_journal(gateway, member, ids, tracing::Span::current());
     }
-    for id in &ids {
-        gateway.affinity.pin(id, member, None);
+}
+
+/// Pins `objects` (id, expiry) to `member` in memory at once, and journals them (and shares
+/// them) on a task in `span`.
+fn pin_then_journal(
+    gateway: &Arc<Gateway>,
+    member: &str,
+    objects: Vec<(String, Option<i64>)>,
+    span: tracing::Span,
+) {
+    for (id, until) in &objects {
+        gateway.affinity.pin(id, member, *until);
     }
     let (gateway, member) = (Arc::clone(gateway), member.to_owned());
     tokio::spawn(
         async move {
-            for id in ids {
-                if let Err(error) = gateway.affinity.remember_pinned(&id, &member, None).await {
-                    tracing::error!(%error, object = %id, "could not journal which member holds an object");
-                }
+            for (id, until) in objects {
+                journal_pinned(&gateway, &member, &id, until).await;
             }
         }
-        .in_current_span(),
+        .instrument(span),
     );
+}
+
+/// Journals (and shares) an object already pinned to `member` in memory; a journal that fails
+/// is logged: the object stays pinned until the gateway stops.
+async fn journal_pinned(gateway: &Gateway, member: &str, id: &str, until: Option<i64>) {
+    if let Err(error) = gateway.affinity.remember_pinned(id, member, until).await {
+        tracing::error!(%error, object = %id, "could not journal which member holds an object");
+    }
 }
 
 /// Whether the answer to `call` may name files its member made itself: a batch's output and
@@ -2038,15 +2035,8 @@ async fn remember_created(gateway: &Gateway, call: &Call, member: &Member, respo
 /// as held by `member`, the ones not known yet.
 async fn remember_containers(gateway: &Gateway, member: &Member, response: &Value) {
     for id in response_containers(response) {
-        if gateway.affinity.member_of(&id).is_some() {
-            continue;
-        }
-        if let Err(error) = gateway
-            .affinity
-            .remember(&id, &member.config.id, container_expiry())
-            .await
-        {
-            tracing::error!(%error, object = %id, "could not journal which member holds an object");
+        if gateway.affinity.member_of(&id).is_none() {
+            remember_held(gateway, member, &id, container_expiry()).await;
         }
     }
 }
@@ -2058,9 +2048,15 @@ fn container_expiry() -> Option<i64> {
 
 /// Journals that `call` created object `id` on `member`, living as long as its family does.
 async fn remember_object(gateway: &Gateway, call: &Call, member: &Member, id: &str) {
+    remember_held(gateway, member, id, expiry_for(call)).await;
+}
+
+/// Records that `member` holds object `id` until `until` (unix seconds; `None`: until deleted),
+/// in memory, the journal and the shared map; a journal that fails is logged.
+async fn remember_held(gateway: &Gateway, member: &Member, id: &str, until: Option<i64>) {
     if let Err(error) = gateway
         .affinity
-        .remember(id, &member.config.id, expiry_for(call))
+        .remember(id, &member.config.id, until)
         .await
     {
         tracing::error!(%error, object = %id, "could not journal which member holds an object");
