@@ -763,8 +763,17 @@ async fn keys_are_rotated_and_retired_only_from_the_version_shown(db: ConfigDb) 
         Some(&shown.primary_key_hash),
         "the key the older page showed as primary stays valid, as the previous one"
     );
-    assert_ne!(after_bea.primary_key_hash, shown.primary_key_hash);
-    assert!(!third.key.is_empty() && !first_key.is_empty());
+    assert_eq!(
+        after_bea.primary_key_hash,
+        gatehouse_schema::keys::hash_key(&third.key).to_string(),
+        "Bea's key is the primary one"
+    );
+    let first = gatehouse_schema::keys::hash_key(&first_key).to_string();
+    assert!(
+        after_bea.primary_key_hash != first
+            && after_bea.secondary_key_hash.as_ref() != Some(&first),
+        "the first key, rotated away twice, is valid no more"
+    );
     // From the version read again, the retirement goes through.
     portal
         .retire_secondary_key(

@@ -198,17 +198,16 @@ async fn the_callers_key_never_reaches_the_backend_which_gets_its_own() {
 #[tokio::test]
 async fn a_resources_rule_grants_fine_tuning_only_on_the_base_models_it_names() {
     let sim = simulator("auth-fine-tuning").await;
-    let mut value = serde_json::to_value(snapshot(
+    let value = with_rules(
         1,
         json!([{"id": "p", "deployments": ["gpt-4o-mini"], "serves_resources": true,
                 "members": [member("a", &sim.url(), 1)]}]),
-    ))
-    .unwrap();
-    value["access_rules"] = json!([
-        {"id": "team-a-tuning", "grantee": {"kind": "subscription", "id": "team-a"},
-         "deployments": ["gpt-4o-mini*"], "resources": true}
-    ]);
-    let gw = TestGateway::start(serde_json::from_value(value).unwrap()).await;
+        json!([
+            {"id": "team-a-tuning", "grantee": {"kind": "subscription", "id": "team-a"},
+             "deployments": ["gpt-4o-mini*"], "resources": true}
+        ]),
+    );
+    let gw = TestGateway::start(value).await;
     let create = |path: &str, model: &str| {
         gw.post(path)
             .json(&json!({"model": model, "training_file": "file-abc123"}))
@@ -294,17 +293,16 @@ async fn a_resources_rule_grants_fine_tuning_only_on_the_base_models_it_names() 
 #[tokio::test]
 async fn a_responses_call_without_a_model_is_refused_when_rules_are_in_force() {
     let sim = simulator("auth-responses-model").await;
-    let mut value = serde_json::to_value(snapshot(
+    let value = with_rules(
         1,
         json!([{"id": "p", "deployments": ["gpt-4o-mini"], "serves_resources": true,
                 "members": [member("a", &sim.url(), 1)]}]),
-    ))
-    .unwrap();
-    value["access_rules"] = json!([
-        {"id": "team-a", "grantee": {"kind": "subscription", "id": "team-a"},
-         "deployments": ["gpt-4o-mini"], "resources": true}
-    ]);
-    let gw = TestGateway::start(serde_json::from_value(value).unwrap()).await;
+        json!([
+            {"id": "team-a", "grantee": {"kind": "subscription", "id": "team-a"},
+             "deployments": ["gpt-4o-mini"], "resources": true}
+        ]),
+    );
+    let gw = TestGateway::start(value).await;
     let continued = gw
         .post("/openai/v1/responses")
         .json(&json!({"input": "And again", "previous_response_id": "resp_of_someone_else"}))
@@ -324,22 +322,32 @@ async fn a_responses_call_without_a_model_is_refused_when_rules_are_in_force() {
     assert_eq!(sim.hits(), 1);
 }
 
+/// `snapshot(version, pools)` with `rules` as its access rules.
+fn with_rules(
+    version: u64,
+    pools: serde_json::Value,
+    rules: serde_json::Value,
+) -> gatehouse_schema::config::ConfigSnapshot {
+    let mut value = serde_json::to_value(snapshot(version, pools)).unwrap();
+    value["access_rules"] = rules;
+    serde_json::from_value(value).unwrap()
+}
+
 /// A reinforcement fine-tuning job grades every sample with its grader's model: that model is
 /// judged as a deployment too, also inside a `multi` grader, nested as deep as the body goes.
 #[tokio::test]
 async fn a_fine_tuning_jobs_grader_model_must_be_granted_too() {
     let sim = simulator("auth-rft-grader").await;
-    let mut value = serde_json::to_value(snapshot(
+    let value = with_rules(
         1,
         json!([{"id": "p", "deployments": ["o4-mini"], "serves_resources": true,
                 "members": [member("a", &sim.url(), 1)]}]),
-    ))
-    .unwrap();
-    value["access_rules"] = json!([
-        {"id": "team-a-tuning", "grantee": {"kind": "subscription", "id": "team-a"},
-         "deployments": ["o4-mini*"], "resources": true}
-    ]);
-    let gw = TestGateway::start(serde_json::from_value(value).unwrap()).await;
+        json!([
+            {"id": "team-a-tuning", "grantee": {"kind": "subscription", "id": "team-a"},
+             "deployments": ["o4-mini*"], "resources": true}
+        ]),
+    );
+    let gw = TestGateway::start(value).await;
     let jobs = "/openai/fine_tuning/jobs?api-version=2025-04-01-preview";
     let graded_by = |grader: serde_json::Value| {
         json!({"model": "o4-mini-2025-04-16", "training_file": "file-1", "validation_file": "file-2",
@@ -402,17 +410,16 @@ async fn a_fine_tuning_jobs_grader_model_must_be_granted_too() {
 #[tokio::test]
 async fn a_responses_image_tool_runs_only_a_granted_image_deployment() {
     let sim = simulator("auth-image-tool").await;
-    let mut value = serde_json::to_value(snapshot(
+    let value = with_rules(
         1,
         json!([{"id": "p", "deployments": ["gpt-4o", "gpt-image-1"],
                 "members": [member("a", &sim.url(), 1)]}]),
-    ))
-    .unwrap();
-    value["access_rules"] = json!([
-        {"id": "team-a-chat", "grantee": {"kind": "subscription", "id": "team-a"},
-         "deployments": ["gpt-4o"]}
-    ]);
-    let gw = TestGateway::start(serde_json::from_value(value).unwrap()).await;
+        json!([
+            {"id": "team-a-chat", "grantee": {"kind": "subscription", "id": "team-a"},
+             "deployments": ["gpt-4o"]}
+        ]),
+    );
+    let gw = TestGateway::start(value).await;
     let draw = |tool: serde_json::Value| json!({"model": "gpt-4o", "input": "Draw a cat", "tools": [tool]});
     let send = |header: Option<&'static str>, body: serde_json::Value| {
         let mut request = gw.post("/openai/v1/responses").json(&body);
@@ -500,16 +507,15 @@ async fn a_responses_image_tool_runs_only_a_granted_image_deployment() {
     assert_eq!(sim.hits(), 1, "no refused call reached the backend");
 
     // Granted, the header reaches the member as the client sent it.
-    let mut value = serde_json::to_value(snapshot(
+    let value = with_rules(
         2,
         json!([{"id": "p", "deployments": ["gpt-4o", "gpt-image-1"],
                 "members": [member("a", &sim.url(), 1)]}]),
-    ))
-    .unwrap();
-    value["access_rules"] = json!([
-        {"id": "team-a-chat", "grantee": {"kind": "subscription", "id": "team-a"},
-         "deployments": ["gpt-4o", "gpt-image-*"]}
-    ]);
+        json!([
+            {"id": "team-a-chat", "grantee": {"kind": "subscription", "id": "team-a"},
+             "deployments": ["gpt-4o", "gpt-image-*"]}
+        ]),
+    );
     let pushed = gw.push_config(&value).await;
     assert_eq!(pushed.status(), 200, "{}", pushed.text().await.unwrap());
     let granted = send(

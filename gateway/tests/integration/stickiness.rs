@@ -795,13 +795,18 @@ async fn a_chat_message_naming_a_file_goes_to_the_member_that_holds_it() {
     );
 }
 
-/// A file held by a member of the resource pool does not carry a chat call away from its
-/// deployment's pool (one on the same Azure resource can read the file): the call goes to the
-/// deployment's pool, not refused.
-#[tokio::test]
-async fn a_file_of_another_pool_leaves_a_chat_call_to_its_deployments_pool() {
-    let files = simulator("chat-file-resources").await;
-    let models = simulator("chat-file-models").await;
+/// A resource pool whose member (`files`) holds the objects, and a pool of its own for
+/// `o3-mini` (`models`), behind one gateway; a file uploaded through it, on `files`.
+async fn objects_apart_from_o3(
+    name: &str,
+) -> (
+    gatehouse_simulator::RunningSimulator,
+    gatehouse_simulator::RunningSimulator,
+    TestGateway,
+    String,
+) {
+    let files = simulator(&format!("{name}-resources")).await;
+    let models = simulator(&format!("{name}-models")).await;
     let gw = TestGateway::start(snapshot(
         1,
         json!([
@@ -813,6 +818,15 @@ async fn a_file_of_another_pool_leaves_a_chat_call_to_its_deployments_pool() {
     .await;
     let file_id = upload(&gw.url, b"{\"a\":1}\n").await;
     assert_eq!(files.hits(), 1);
+    (files, models, gw, file_id)
+}
+
+/// A file held by a member of the resource pool does not carry a chat call away from its
+/// deployment's pool (one on the same Azure resource can read the file): the call goes to the
+/// deployment's pool, not refused.
+#[tokio::test]
+async fn a_file_of_another_pool_leaves_a_chat_call_to_its_deployments_pool() {
+    let (files, models, gw, file_id) = objects_apart_from_o3("chat-file").await;
     let answer = gw
         .post("/openai/deployments/o3-mini/chat/completions?api-version=2024-10-21")
         .json(&json!({"messages": [{"role": "user", "content": [
@@ -829,32 +843,36 @@ async fn a_file_of_another_pool_leaves_a_chat_call_to_its_deployments_pool() {
 /// store are hints, as a chat message's file part is; the call goes to its model's pool.
 #[tokio::test]
 async fn a_file_of_another_pool_leaves_a_responses_call_to_its_models_pool() {
-    let files = simulator("responses-file-resources").await;
-    let models = simulator("responses-file-models").await;
-    let gw = TestGateway::start(snapshot(
-        1,
-        json!([
-            {"id": "resources", "deployments": ["gpt-4o"], "serves_resources": true,
-             "members": [member("files", &files.url(), 1)]},
-            {"id": "reasoning", "deployments": ["o3-mini"], "members": [member("o3", &models.url(), 1)]},
-        ]),
-    ))
-    .await;
-    let file_id = upload(&gw.url, b"{\"a\":1}\n").await;
-    assert_eq!(files.hits(), 1);
-    let answer = gw
-        .post("/openai/v1/responses")
-        .json(
-            &json!({"model": "o3-mini", "input": [{"role": "user", "content": [
-                {"type": "input_file", "file_id": file_id},
-                {"type": "input_text", "text": "Summarise it."},
-            ]}]}),
-        )
+    let (files, models, gw, file_id) = objects_apart_from_o3("responses-file").await;
+    let store = gw
+        .post("/openai/vector_stores?api-version=2024-05-01-preview")
+        .json(&json!({"name": "manuals", "file_ids": [file_id]}))
         .send()
         .await
         .unwrap();
-    assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
-    assert_eq!((files.hits(), models.hits()), (1, 1));
+    assert_eq!(store.status(), 200);
+    let store_id = store.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(files.hits(), 2, "the store is made where its file is");
+    for body in [
+        json!({"model": "o3-mini", "input": [{"role": "user", "content": [
+            {"type": "input_file", "file_id": file_id},
+            {"type": "input_text", "text": "Summarise it."},
+        ]}]}),
+        json!({"model": "o3-mini", "input": "What do the manuals say?",
+               "tools": [{"type": "file_search", "vector_store_ids": [store_id]}]}),
+    ] {
+        let answer = gw
+            .post("/openai/v1/responses")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
+    }
+    assert_eq!((files.hits(), models.hits()), (2, 2));
 }
 
 /// The id of the first chat completion chunk in an SSE answer, read from `stream` into `text`
@@ -1463,10 +1481,7 @@ async fn container_member(name: &'static str) -> (String, Arc<std::sync::atomic:
             }
         },
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (url, hits)
+    (serve_stub(app).await, hits)
 }
 
 /// A code interpreter's container lives on the member that made it: a Responses call that names
