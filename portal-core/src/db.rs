@@ -911,10 +911,11 @@ impl ConfigDb {
     }
 
     /// The newest activity entries that change the configuration: every entry but the records of
-    /// audit access (`audit.search`, `audit.view`, `audit.export`), which only admins read.
+    /// audit access (`audit.search`, `audit.view`, `audit.export`, …) and of sign-ins and
+    /// sign-outs (`session.sign_in`, `session.sign_out`), which only admins read.
     pub async fn configuration_changes(&self, limit: i64) -> Result<Vec<ActivityRow>, PortalError> {
         self.activity_rows(
-            "SELECT id, at, actor, action, target, before, after FROM activity_log WHERE action NOT LIKE 'audit.%' ORDER BY id DESC LIMIT $1",
+            "SELECT id, at, actor, action, target, before, after FROM activity_log WHERE action NOT LIKE 'audit.%' AND action NOT LIKE 'session.%' ORDER BY id DESC LIMIT $1",
             limit,
         )
         .await

@@ -574,9 +574,41 @@ impl Portal {
         Ok(outcomes)
     }
 
+    /// Puts a sign-in on the activity log (`session.sign_in`): who, with which roles and led
+    /// groups, and whether through the development sign-in. The caller refuses the sign-in when
+    /// this fails: nobody works in the portal unrecorded.
+    pub async fn record_sign_in(&self, user: &SessionUser) -> Result<(), PortalError> {
+        self.db
+            .log_activity(NewActivity {
+                actor: &user.actor(),
+                action: "session.sign_in",
+                target: &user.subject,
+                before: None,
+                after: json_of(&serde_json::json!({
+                    "roles": user.roles,
+                    "led_groups": user.led_groups,
+                    "dev": user.dev,
+                })),
+            })
+            .await
+    }
+
+    /// Puts a sign-out on the activity log (`session.sign_out`).
+    pub async fn record_sign_out(&self, user: &SessionUser) -> Result<(), PortalError> {
+        self.db
+            .log_activity(NewActivity {
+                actor: &user.actor(),
+                action: "session.sign_out",
+                target: &user.subject,
+                before: None,
+                after: None,
+            })
+            .await
+    }
+
     /// The newest entries of the activity log. An Admin reads all of it, the record of who
-    /// searched and opened which calls included; an Auditor reads the configuration changes, not
-    /// what other auditors looked at.
+    /// searched and opened which calls and who signed in and out included; an Auditor reads the
+    /// configuration changes, not what other auditors looked at.
     pub async fn activity(
         &self,
         user: Option<&SessionUser>,

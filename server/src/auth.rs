@@ -198,6 +198,14 @@ async fn start_session(
     user: &SessionUser,
     return_to: &str,
 ) -> Response {
+    // On the record first: a sign-in that cannot be recorded is refused.
+    if let Err(error) = portal.record_sign_in(user).await {
+        tracing::error!(%error, "could not record a sign-in on the activity log");
+        return page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Your sign-in could not be recorded, so it was refused; try again in a moment.",
+        );
+    }
     // Signed in already (as someone else, say): the old session ends as at sign-out, so that a
     // request in flight cannot bring it back under its old id.
     if let Err(error) = user::revoke(session, &portal.db, portal.settings.sessions).await {
@@ -216,9 +224,20 @@ async fn start_session(
 
 /// Ends the session for good: see [`user::sign_out`] (a request still in flight cannot bring it
 /// back).
+/// The sign-out is put on the activity log after the session ended; when that write fails the
+/// user is signed out all the same, and the failure is logged.
 async fn sign_out(Extension(portal): Extension<Portal>, session: Session) -> Response {
+    let user: Option<SessionUser> = match session.get(SESSION_USER_KEY).await {
+        Ok(user) => user,
+        Err(error) => return session_failed(error),
+    };
     if let Err(error) = user::sign_out(&session, &portal.db, portal.settings.sessions).await {
         return session_failed(error);
+    }
+    if let Some(user) = user
+        && let Err(error) = portal.record_sign_out(&user).await
+    {
+        tracing::error!(%error, subject = %user.subject, "could not record a sign-out on the activity log");
     }
     Redirect::to("/").into_response()
 }

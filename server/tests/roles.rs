@@ -261,6 +261,18 @@ async fn every_server_function_checks_the_role_on_the_server() {
     // Only the admin's calls changed anything, and each one is in the activity log; searches
     // are recorded for the roles allowed to search, and only for them.
     let log = portal.server.portal.db.activity(100).await.unwrap();
+    let (sign_ins, log): (Vec<_>, Vec<_>) =
+        log.into_iter().partition(|e| e.action == "session.sign_in");
+    let signed_in: Vec<&str> = sign_ins.iter().rev().map(|e| e.actor.as_str()).collect();
+    assert_eq!(
+        signed_in,
+        [
+            "dev Viewer (dev sign-in)",
+            "dev TeamLead (dev sign-in)",
+            "dev Auditor (dev sign-in)",
+            "dev Admin (dev sign-in)"
+        ]
+    );
     let (searches, log): (Vec<_>, Vec<_>) =
         log.into_iter().partition(|e| e.action == "audit.search");
     let searchers: Vec<&str> = searches.iter().rev().map(|e| e.actor.as_str()).collect();
@@ -330,6 +342,90 @@ async fn portal_info_is_open_and_says_who_is_signed_in() {
         .post(&format!("{}/api/list_activity", portal.url), &[])
         .await;
     assert_eq!(after.status(), 401);
+}
+
+/// Who signed in, with which roles, and when they signed out, is on the activity log; an admin
+/// reads it, an auditor (who reads the configuration changes) does not.
+#[tokio::test(flavor = "multi_thread")]
+async fn sign_ins_and_sign_outs_are_on_the_activity_log_for_admins() {
+    let portal = start(None).await;
+    let mut lead = Browser::new(&portal);
+    lead.post(
+        &format!("{}/auth/dev", portal.url),
+        &[
+            ("role", "TeamLead"),
+            ("name", "Tove"),
+            ("groups", "g-red, g-blue"),
+        ],
+    )
+    .await;
+    let out = lead
+        .post(&format!("{}/auth/sign-out", portal.url), &[])
+        .await;
+    assert_eq!(out.status(), 303);
+    let entries = |list: serde_json::Value| -> Vec<(String, String, String, String)> {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let text = |key: &str| e[key].as_str().unwrap_or_default().to_owned();
+                (text("actor"), text("action"), text("target"), text("after"))
+            })
+            .collect()
+    };
+
+    let mut admin = browser_for(&portal, Some("Admin")).await;
+    let created = admin
+        .post(
+            &format!("{}/api/create_subscription", portal.url),
+            &[
+                ("id", "team-a"),
+                ("display_name", "A"),
+                ("product", ""),
+                ("expires_on", ""),
+            ],
+        )
+        .await;
+    assert_eq!(created.status(), 200);
+    let seen = entries(
+        admin
+            .post(&format!("{}/api/list_activity", portal.url), &[])
+            .await
+            .json()
+            .await
+            .unwrap(),
+    );
+    let lead_name = "Tove (dev sign-in)".to_owned();
+    let lead_entries: Vec<_> = seen.iter().filter(|e| e.0 == lead_name).rev().collect();
+    assert_eq!(lead_entries.len(), 2, "{seen:?}");
+    let (_, action, target, after) = lead_entries[0];
+    assert_eq!(
+        (action.as_str(), target.as_str()),
+        ("session.sign_in", "dev:TeamLead")
+    );
+    let after: serde_json::Value = serde_json::from_str(after).unwrap();
+    assert_eq!(
+        after,
+        serde_json::json!({"roles": ["TeamLead"], "led_groups": ["g-red", "g-blue"], "dev": true})
+    );
+    assert_eq!(lead_entries[1].1, "session.sign_out");
+    assert!(
+        seen.iter()
+            .any(|e| e.0 == "dev Admin (dev sign-in)" && e.1 == "session.sign_in"),
+        "{seen:?}"
+    );
+
+    let mut auditor = browser_for(&portal, Some("Auditor")).await;
+    let seen = entries(
+        auditor
+            .post(&format!("{}/api/list_activity", portal.url), &[])
+            .await
+            .json()
+            .await
+            .unwrap(),
+    );
+    let actions: Vec<&str> = seen.iter().map(|e| e.1.as_str()).collect();
+    assert_eq!(actions, ["subscription.create"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
