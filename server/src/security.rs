@@ -34,9 +34,49 @@ pub fn layers(app: Router, public_url: &Url) -> Router {
             async move { drop_foreign_action_errors(&origin, request, next).await }
         }
     }))
+    .layer(middleware::from_fn(arguments_refused_as_bad_request))
     .layer(middleware::from_fn(
         move |request: Request, next: Next| async move { headers(hsts, request, next).await },
     ))
+}
+
+/// The header `server_fn` puts on a server function's error response (`SERVER_FN_ERROR_HEADER`).
+const SERVER_FN_ERROR_HEADER: &str = "serverfnerror";
+
+/// How `server_fn` encodes an error in the request's arguments (`ServerFnErrorEncoding`): they
+/// could not be read, one is missing, or the body could not be decoded.
+const ARGUMENT_ERRORS: [&[u8]; 3] = [b"Args|", b"MissingArg|", b"Deserialization|"];
+
+/// The longest error body looked into; `server_fn`'s argument errors are a line of text.
+const ERROR_BODY_LIMIT: usize = 64 * 1024;
+
+/// Answers 400 instead of `server_fn`'s 500 when a server function was called with arguments it
+/// could not read (a form field missing or malformed, a body that is not the encoding): the
+/// caller sent bad input, the portal did not fail. The body, `server_fn`'s encoded error naming
+/// what was wrong, is kept so that the caller can read it.
+async fn arguments_refused_as_bad_request(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    if response.status() != StatusCode::INTERNAL_SERVER_ERROR
+        || !response.headers().contains_key(SERVER_FN_ERROR_HEADER)
+    {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, ERROR_BODY_LIMIT).await else {
+        // Longer than any argument error, or unreadable: not one of these.
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "The server function failed.",
+        )
+            .into_response();
+    };
+    if ARGUMENT_ERRORS
+        .iter()
+        .any(|prefix| bytes.starts_with(prefix))
+    {
+        parts.status = StatusCode::BAD_REQUEST;
+    }
+    Response::from_parts(parts, axum::body::Body::from(bytes))
 }
 
 /// Refuses a state-changing request whose `Origin` is not the portal's own (a cross-site form

@@ -428,6 +428,83 @@ async fn sign_ins_and_sign_outs_are_on_the_activity_log_for_admins() {
     assert_eq!(actions, ["subscription.create"]);
 }
 
+/// A server function called with arguments it cannot read (one missing, a number that is not
+/// one, a body in another encoding) answers 400 with `server_fn`'s error saying what is wrong,
+/// not a 500, and changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_function_given_unreadable_arguments_answers_400_and_changes_nothing() {
+    let portal = start(None).await;
+    let mut admin = browser_for(&portal, Some("Admin")).await;
+    let logged = portal.server.portal.db.activity(100).await.unwrap().len();
+    // A function, its form, and what its error must name.
+    type Unreadable = (
+        &'static str,
+        Vec<(&'static str, &'static str)>,
+        &'static str,
+    );
+    let cases: [Unreadable; 4] = [
+        (
+            "create_subscription",
+            vec![("display_name", "A"), ("product", ""), ("expires_on", "")],
+            "id",
+        ),
+        (
+            "rollback",
+            vec![("version", "one"), ("latest", "2")],
+            "invalid digit",
+        ),
+        ("version_diff", vec![("from", "1")], "to"),
+        ("revoke_subscription", vec![], "id"),
+    ];
+    for (function, form, named) in cases {
+        let response = admin
+            .post(&format!("{}/api/{function}", portal.url), &form)
+            .await;
+        assert_eq!(response.status(), 400, "{function}");
+        let body = response.text().await.unwrap();
+        assert!(
+            body.starts_with("Args|") || body.starts_with("MissingArg|"),
+            "{function}: {body}"
+        );
+        assert!(body.contains(named), "{function}: {body}");
+    }
+    // A JSON body where the form encoding is expected.
+    let json = admin
+        .client
+        .post(format!("{}/api/create_subscription", portal.url))
+        .header("origin", &portal.url)
+        .header("accept", "application/json")
+        .header("content-type", "application/json")
+        .header("cookie", admin.cookie.clone().unwrap())
+        .body(r#"{"id":"x","display_name":"X","product":"","expires_on":""}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json.status(), 400);
+    // A function that fails for a reason of its own keeps its status.
+    let unknown = admin
+        .post(
+            &format!("{}/api/revoke_subscription", portal.url),
+            &[("id", "nobody")],
+        )
+        .await;
+    assert_eq!(unknown.status(), 404);
+    assert!(
+        portal
+            .server
+            .portal
+            .db
+            .subscriptions()
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        portal.server.portal.db.activity(100).await.unwrap().len(),
+        logged
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn state_changing_requests_from_another_origin_are_refused() {
     let portal = start(None).await;
