@@ -274,8 +274,17 @@ fn parse_snapshot(body: &[u8], is_yaml: bool) -> Result<ConfigSnapshot, String> 
         serde_path_to_error::deserialize(serde_yaml_ng::Deserializer::from_str(text))
             .map_err(|e| (e.path().to_string(), e.into_inner().to_string()))
     } else {
-        serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(body))
+        let mut deserializer = serde_json::Deserializer::from_slice(body);
+        serde_path_to_error::deserialize(&mut deserializer)
             .map_err(|e| (e.path().to_string(), e.into_inner().to_string()))
+            .and_then(|snapshot| {
+                // Whatever follows the snapshot (a second one, stray text) is refused, not
+                // ignored: the body is one snapshot.
+                deserializer
+                    .end()
+                    .map(|()| snapshot)
+                    .map_err(|e| (".".to_owned(), e.to_string()))
+            })
     };
     result.map_err(|(path, message)| format!("{path}: {message}"))
 }

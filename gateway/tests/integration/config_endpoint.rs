@@ -214,7 +214,24 @@ async fn an_invalid_snapshot_is_refused_whole_with_the_field_path() {
         "{message}"
     );
 
-    // Nothing of either changed the running config.
+    // A valid snapshot followed by anything (a second snapshot, stray text) is not a snapshot.
+    let two = serde_json::to_vec(&snapshot(2, pools(&sim.url(), "gpt-4o-mini"))).unwrap();
+    let three = serde_json::to_vec(&snapshot(3, pools(&sim.url(), "gpt-4o-mini"))).unwrap();
+    for trailing in [three.as_slice(), b" garbage".as_slice()] {
+        let body = [two.as_slice(), trailing].concat();
+        let response = gw
+            .raw(reqwest::Method::PUT, "/_gatehouse/config")
+            .header("content-type", "application/json")
+            .bearer_auth(ADMIN_TOKEN)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let message = azure_error(response, 422).await;
+        assert!(message.contains("trailing"), "{message}");
+    }
+
+    // Nothing of these changed the running config.
     assert_eq!(gw.gateway.runtime().snapshot.version, 1);
     assert_eq!(
         gw.post(&chat_path("gpt-4o"))
