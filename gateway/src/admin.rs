@@ -325,7 +325,10 @@ pub async fn load_last_known_good(state_dir: &Path) -> anyhow::Result<LastKnownG
             }
         },
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(LastKnownGood::None),
-        Err(error) => Err(error.into()),
+        Err(error) => Err(anyhow::Error::new(error).context(format!(
+            "cannot read the last-known-good configuration {}",
+            path.display()
+        ))),
     }
 }
 

@@ -302,13 +302,16 @@ fn init_logging(format: LogFormat) {
 
 /// The one audit sink the settings name, and the SQL store when it is that.
 /// What `serve` refuses in the server settings before it opens anything, so that `check` refuses
-/// it too: thread count, client timeouts, the audit sink's shape, and the secrets the settings
-/// name (the admin token, the Redis URLs).
+/// it too: thread count, client timeouts, the TLS certificate and key, the audit sink's shape,
+/// and the secrets the settings name (the admin token, the Redis URLs).
 fn check_server_settings(settings: &ServerSettings) -> anyhow::Result<()> {
     if settings.worker_threads == Some(0) {
         anyhow::bail!("server.worker_threads must be at least 1");
     }
     settings.client_timeouts()?;
+    if let Some(tls) = &settings.tls {
+        server::check_tls(tls)?;
+    }
     check_audit_settings(&settings.audit)?;
     if let Some(reference) = &settings.admin_token {
         secret::resolve(reference).context("server.admin_token")?;

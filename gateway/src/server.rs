@@ -9,6 +9,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
+use anyhow::Context as _;
+
 use axum::Router;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
@@ -63,7 +65,8 @@ pub async fn spawn(
     tls: Option<TlsSettings>,
 ) -> anyhow::Result<(Listening, tokio::task::JoinHandle<std::io::Result<()>>)> {
     install_crypto_provider();
-    let listener = std::net::TcpListener::bind(addr)?;
+    let listener = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("server.listen: cannot listen on {addr}"))?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
     let handle = Handle::new();
@@ -91,7 +94,9 @@ pub async fn spawn(
             // Taken before the files are read: a renewal landing while they are is then seen as a
             // change and loaded.
             let loaded = certificate_times(&tls);
-            let config = RustlsConfig::from_pem_file(&tls.cert_file, &tls.key_file).await?;
+            let config = RustlsConfig::from_pem_file(&tls.cert_file, &tls.key_file)
+                .await
+                .with_context(|| tls_files(&tls))?;
             tokio::spawn(watch_certificates(config.clone(), tls, loaded));
             let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(config)
                 .acceptor(axum_server::accept::NoDelayAcceptor::new());
@@ -371,6 +376,38 @@ impl tower::Service<http::Request<Incoming>> for ConnectionService {
             Box::pin(Arc::clone(&self.gateway).serve(self.peer, request).map(Ok))
         }
     }
+}
+
+/// The settings' TLS files, for an error about them.
+fn tls_files(tls: &TlsSettings) -> String {
+    format!(
+        "server.tls: the certificate {} and key {}",
+        tls.cert_file.display(),
+        tls.key_file.display()
+    )
+}
+
+/// Loads the certificate chain and key as the listener would, so that `check` refuses what
+/// `serve` would: files missing or unreadable, no certificate, no key, or a key that does not
+/// match the certificate.
+pub fn check_tls(tls: &TlsSettings) -> anyhow::Result<()> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    install_crypto_provider();
+    let load = || -> anyhow::Result<()> {
+        let chain =
+            CertificateDer::pem_file_iter(&tls.cert_file)?.collect::<Result<Vec<_>, _>>()?;
+        anyhow::ensure!(
+            !chain.is_empty(),
+            "the certificate file holds no certificate"
+        );
+        let key = PrivateKeyDer::from_pem_file(&tls.key_file)?;
+        rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)?;
+        Ok(())
+    };
+    load().with_context(|| tls_files(tls))
 }
 
 /// The modification times of the certificate and key files; `None` when either cannot be read.

@@ -693,7 +693,37 @@ async fn check_refuses_the_server_settings_serve_refuses() {
     };
     let valid = check("valid", "");
     assert!(valid.status.success(), "{valid:?}");
+    // A certificate, its key, and the key of another certificate.
+    let issued = |name: &str| rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap();
+    let (gateway, other) = (issued("localhost"), issued("elsewhere"));
+    let (cert, key, other_key) = (
+        dir.path().join("cert.pem"),
+        dir.path().join("key.pem"),
+        dir.path().join("other-key.pem"),
+    );
+    std::fs::write(&cert, gateway.cert.pem()).unwrap();
+    std::fs::write(&key, gateway.key_pair.serialize_pem()).unwrap();
+    std::fs::write(&other_key, other.key_pair.serialize_pem()).unwrap();
+    let tls = |cert: &std::path::Path, key: &std::path::Path| {
+        format!(
+            "  tls:\n    cert_file: {}\n    key_file: {}\n",
+            cert.display(),
+            key.display()
+        )
+    };
+    let with_tls = check("tls", &tls(&cert, &key));
+    assert!(with_tls.status.success(), "{with_tls:?}");
+    let mismatched = tls(&cert, &other_key);
+    let missing = tls(&dir.path().join("absent.pem"), &key);
+    let no_certificate = tls(&key, &key);
     for (name, server, expected) in [
+        ("tls-mismatched", mismatched.as_str(), "server.tls"),
+        ("tls-missing", missing.as_str(), "absent.pem"),
+        (
+            "tls-no-certificate",
+            no_certificate.as_str(),
+            "no certificate",
+        ),
         (
             "timeout",
             "  request_head_timeout_seconds: 0\n",
