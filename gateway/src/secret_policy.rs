@@ -29,12 +29,41 @@ pub struct SecretRefPolicy {
     reserved: Vec<SecretRef>,
     /// The Key Vault secrets among them, by vault and name.
     reserved_vault_secrets: Vec<VaultSecret>,
-    /// Files of the gateway's own, resolved.
-    reserved_files: Vec<PathBuf>,
-    /// Directories of the gateway's own, resolved.
-    reserved_dirs: Vec<PathBuf>,
+    /// Files of the gateway's own.
+    reserved_files: Vec<OwnPath>,
+    /// Directories of the gateway's own.
+    reserved_dirs: Vec<OwnPath>,
     /// When set, the only prefixes allowed.
     allowed: Option<Vec<Prefix>>,
+}
+
+/// A file or directory of the gateway's own: as the settings name it, and resolved when the
+/// policy was made. A reference is compared with both that and the path resolved again when it
+/// is judged: a symbolic link re-pointed since (a Kubernetes Secret volume's `..data` after the
+/// Secret changed, a certificate renewal's `live/` link) leads elsewhere than at start.
+#[derive(Debug, Clone)]
+struct OwnPath {
+    named: PathBuf,
+    at_start: PathBuf,
+}
+
+impl OwnPath {
+    fn new(named: &Path) -> OwnPath {
+        OwnPath {
+            named: named.to_path_buf(),
+            at_start: resolved(named),
+        }
+    }
+
+    /// Whether `file` (resolved) is this file.
+    fn is(&self, file: &Path) -> bool {
+        self.at_start == file || resolved(&self.named) == file
+    }
+
+    /// Whether `file` (resolved) lies under this directory.
+    fn holds(&self, file: &Path) -> bool {
+        file.starts_with(&self.at_start) || file.starts_with(resolved(&self.named))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -101,11 +130,12 @@ impl SecretRefPolicy {
                     .collect::<Result<Vec<_>, _>>()?,
             ),
         };
-        let mut reserved_files: Vec<PathBuf> = files.iter().map(|path| resolved(path)).collect();
+        let mut reserved_files: Vec<OwnPath> =
+            files.iter().map(|path| OwnPath::new(path)).collect();
         let mut reserved_vault_secrets = Vec::new();
         for reference in &reserved {
             match reference.source() {
-                SecretSource::File(path) => reserved_files.push(resolved(Path::new(path))),
+                SecretSource::File(path) => reserved_files.push(OwnPath::new(Path::new(path))),
                 SecretSource::KeyVault(url) => {
                     reserved_vault_secrets.extend(VaultSecret::of(url));
                 }
@@ -116,7 +146,7 @@ impl SecretRefPolicy {
             reserved,
             reserved_vault_secrets,
             reserved_files,
-            reserved_dirs: dirs.iter().map(|path| resolved(path)).collect(),
+            reserved_dirs: dirs.iter().map(|path| OwnPath::new(path)).collect(),
             allowed,
         })
     }
@@ -153,8 +183,7 @@ impl SecretRefPolicy {
         }
         let file = file.map(|(_, file)| file);
         if let Some(file) = &file
-            && (self.reserved_files.contains(file)
-                || self.reserved_dirs.iter().any(|dir| file.starts_with(dir)))
+            && self.is_own(file)
         {
             return Some(format!(
                 "`{}` is a file of the gateway's own (its configuration, TLS key or state); a snapshot may not name it",
@@ -178,14 +207,19 @@ impl SecretRefPolicy {
                 "`{path}` is under /proc, /sys or /dev; a snapshot may not name it"
             ));
         }
-        if self.reserved_files.contains(&file)
-            || self.reserved_dirs.iter().any(|dir| file.starts_with(dir))
-        {
+        if self.is_own(&file) {
             return Some(format!(
                 "`{path}` is a file of the gateway's own (its configuration, TLS key or state); a snapshot may not name it"
             ));
         }
         None
+    }
+
+    /// Whether `file` (resolved) is one of the gateway's own files or lies in one of its
+    /// directories.
+    fn is_own(&self, file: &Path) -> bool {
+        self.reserved_files.iter().any(|own| own.is(file))
+            || self.reserved_dirs.iter().any(|dir| dir.holds(file))
     }
 
     /// Why `reference` is refused by the operator's prefixes, when they are set.
@@ -340,6 +374,50 @@ mod tests {
                 .refusal(&reference("https://ops.vault.azure.net/secrets/aoai-east"))
                 .is_none()
         );
+    }
+
+    /// A Kubernetes Secret volume: the secret's path goes through `..data`, a link the kubelet
+    /// re-points at a new directory when the Secret changes. The file the link leads to after
+    /// that is still the gateway's own, and so is a directory of its own re-pointed likewise.
+    #[test]
+    fn an_own_file_behind_a_link_re_pointed_since_start_is_still_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = dir.path();
+        for version in ["..2026_12_01", "..2026_12_07"] {
+            std::fs::create_dir_all(volume.join(version).join("state")).unwrap();
+            std::fs::write(volume.join(version).join("client-secret"), version).unwrap();
+        }
+        std::os::unix::fs::symlink("..2026_12_01", volume.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/client-secret", volume.join("client-secret")).unwrap();
+        std::os::unix::fs::symlink("..data/state", volume.join("state")).unwrap();
+        let policy = SecretRefPolicy::new(
+            vec![reference(&format!(
+                "file:{}",
+                volume.join("client-secret").display()
+            ))],
+            &[],
+            &[&volume.join("state")],
+            None,
+        )
+        .unwrap();
+        // The Secret changes: `..data` now leads to the new directory.
+        std::fs::remove_file(volume.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..2026_12_07", volume.join("..data")).unwrap();
+        let volume = volume.display();
+        for refused in [
+            format!("file:{volume}/./client-secret"),
+            format!("file:{volume}/..2026_12_07/client-secret"),
+            format!("file:{volume}/..2026_12_01/client-secret"),
+            format!("file:{volume}/..2026_12_07/state/instance-id"),
+        ] {
+            assert!(policy.refusal(&reference(&refused)).is_some(), "{refused}");
+            assert!(
+                policy
+                    .tls_file_refusal(refused.trim_start_matches("file:"))
+                    .is_some(),
+                "{refused}"
+            );
+        }
     }
 
     #[test]
