@@ -798,6 +798,7 @@ async fn pipeline(
     )?;
     if let Some(record) = record.as_mut() {
         record.call(&call);
+        record.response_capture_limit = runtime.snapshot.capture.max_response_body_bytes;
         if capture_limit > 0 && call.body_kind != classify::BodyKind::Multipart {
             let mut capture = crate::capture::BodyCapture::new(capture_limit);
             capture.push(&body);

@@ -1209,7 +1209,7 @@ async fn relay(
                 || v.starts_with("application/jsonl")
         });
     let capture_limit = if is_text {
-        gateway.runtime().snapshot.capture.max_response_body_bytes
+        record.response_capture_limit
     } else {
         0
     };

@@ -48,6 +48,9 @@ pub struct CallRecord {
     /// The client's own `x-request-id`, when it sent a sane one: echoed to it and passed to the
     /// backend. Never the record's `CorrelationId`, which the gateway always makes itself.
     pub client_request_id: Option<String>,
+    /// How much of a text answer is kept in the record: the capture limit of the configuration
+    /// the call runs under, not of one pushed while its answer streams.
+    pub response_capture_limit: usize,
 }
 
 impl CallRecord {
@@ -117,6 +120,7 @@ impl CallRecord {
             holds: Holds::default(),
             client_gone: ClientGone::default(),
             client_request_id,
+            response_capture_limit: 0,
         }
     }
 

@@ -910,3 +910,73 @@ async fn push_member_secret(url: &str, backend: &str, secret: &str) -> reqwest::
     let body = json!({"version": 2, "pools": [{"id": "p", "deployments": ["gpt-4o"], "members": [member]}]});
     put_to(url, &body).await
 }
+
+/// A call keeps the capture policy it was admitted under: a push that starts keeping answers
+/// while its answer is on the way does not put that answer into its record, and a push that
+/// stops keeping them does not take it out.
+#[tokio::test]
+async fn a_calls_answer_is_kept_as_its_own_configuration_says() {
+    let arrived = Arc::new(tokio::sync::Notify::new());
+    let release = Arc::new(tokio::sync::Notify::new());
+    let member_url = serve_stub(axum::Router::new().fallback({
+        let (arrived, release) = (Arc::clone(&arrived), Arc::clone(&release));
+        move || async move {
+            arrived.notify_one();
+            release.notified().await;
+            (
+                [("content-type", "application/json")],
+                json!({"id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o",
+                       "choices": [{"index": 0, "message": {"role": "assistant", "content": "kept?"},
+                                    "finish_reason": "stop"}]})
+                .to_string(),
+            )
+        }
+    }))
+    .await;
+    let with_capture = |version: u64, response_bytes: usize| {
+        let mut next =
+            serde_json::to_value(snapshot(version, pools(&member_url, "gpt-4o"))).unwrap();
+        next["capture"] =
+            json!({"max_request_body_bytes": 65536, "max_response_body_bytes": response_bytes});
+        next
+    };
+    let gw =
+        Arc::new(TestGateway::start(serde_json::from_value(with_capture(1, 0)).unwrap()).await);
+    for (pushed, (version, response_bytes)) in [(2, 65536), (3, 0)].into_iter().enumerate() {
+        let call = tokio::spawn({
+            let gw = Arc::clone(&gw);
+            async move {
+                let response = gw
+                    .post(&chat_path("gpt-4o"))
+                    .json(&chat(None, false))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 200);
+                response.text().await.unwrap()
+            }
+        });
+        arrived.notified().await;
+        let applied = put(
+            &gw,
+            Some(ADMIN_TOKEN),
+            &with_capture(version, response_bytes),
+        )
+        .await;
+        assert_eq!(applied.status(), 200);
+        release.notify_one();
+        assert!(call.await.unwrap().contains("kept?"));
+        let record = gw.records(pushed + 1).await.pop().unwrap();
+        if pushed == 0 {
+            assert_eq!(record.backend_response_body, None, "admitted under 0 bytes");
+        } else {
+            assert!(
+                record
+                    .backend_response_body
+                    .as_deref()
+                    .is_some_and(|body| body.contains("kept?")),
+                "admitted under 65536 bytes: {record:?}"
+            );
+        }
+    }
+}
