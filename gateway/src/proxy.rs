@@ -176,6 +176,12 @@ pub async fn forward(
 
         let url = upstream_url(&member, &call, client_query)?;
         let attempt_started = Instant::now();
+        // The record names the member of the last attempt, whatever becomes of it: the one whose
+        // answer (or failure) the client gets.
+        if let Some(record) = record.as_mut() {
+            record.record.backend_id = Some(member.config.id.clone());
+            record.record.backend_url = Some(url.clone());
+        }
         // The member's own credential; without one (no token) the member counts as unreachable.
         let credential = match credential_header(&member).await {
             Ok(credential) => credential,
@@ -199,7 +205,6 @@ pub async fn forward(
                 );
                 if let Some(record) = record.as_mut() {
                     record.waited += attempt_started.elapsed();
-                    record.record.backend_id = Some(member.config.id.clone());
                 }
                 continue;
             }
@@ -282,8 +287,6 @@ pub async fn forward(
         let headers = upstream_headers(&parts.headers, credential, request_id(record));
         if let Some(record) = record.as_mut() {
             record.backend_started.get_or_insert(attempt_started);
-            record.record.backend_id = Some(member.config.id.clone());
-            record.record.backend_url = Some(url.clone());
         }
         // A URL of percent-encoded segments is always a valid URI; should it ever not be, the
         // attempt fails like a refused one.

@@ -436,6 +436,15 @@ async fn a_member_without_a_token_is_set_aside_and_the_call_fails_over_or_gets_5
         "{reason}"
     );
     assert_eq!(attempts[1].status, Some(200));
+    // The record names the member that answered.
+    assert_eq!(records[0].backend_id.as_deref(), Some("second"));
+    assert!(
+        records[0]
+            .backend_url
+            .as_deref()
+            .unwrap()
+            .starts_with(&second.url())
+    );
     assert_eq!(records[1].attempts.len(), 1);
 
     // A pool whose only member gets no token answers 503, Azure-shaped, without secrets.
@@ -470,6 +479,15 @@ async fn a_member_without_a_token_is_set_aside_and_the_call_fails_over_or_gets_5
     );
     let record = &only.records(1).await[0];
     assert_eq!(record.response_code, 503);
+    // The member whose failure the client got, with its URL (never sent).
+    assert_eq!(record.backend_id.as_deref(), Some("only"));
+    assert!(
+        record
+            .backend_url
+            .as_deref()
+            .unwrap()
+            .starts_with(&first.url())
+    );
     assert!(
         record.attempts[0]
             .error
