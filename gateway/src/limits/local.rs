@@ -76,16 +76,26 @@ impl LocalStore {
                 BucketKind::Quota { tokens, period } => {
                     let (start, end) = period.window(now_s);
                     let used = state.quota_used(&b.key, start);
-                    if used.saturating_add(b.cost) > tokens && quota_refusal.is_none() {
+                    if used.saturating_add(b.cost) > tokens {
                         let wait = u64::try_from((end * 1_000_000 - now_us).div_euclid(1_000))
                             .unwrap_or(0);
-                        quota_refusal = Some((index, wait));
+                        if quota_refusal.is_none_or(|(_, longest)| wait > longest) {
+                            quota_refusal = Some((index, wait));
+                        }
                     }
                     current.push((used as f64, start, end));
                 }
             }
         }
+        // A quota refusal names the refusal (403, the window's end) before a rate's (429); the
+        // wait is the longest of every refusing bucket, so that a retry after it is not refused
+        // again by another.
         if let Some((bucket, wait_ms)) = quota_refusal.or(rate_refusal) {
+            let wait_ms = [quota_refusal, rate_refusal]
+                .into_iter()
+                .flatten()
+                .map(|(_, wait)| wait)
+                .fold(wait_ms, u64::max);
             return StoreAnswer::Refused { bucket, wait_ms };
         }
         // Phase 2: charge every counter.

@@ -128,12 +128,15 @@ for i = 1, #KEYS do
     starts[i], ends[i] = s, e
     local u = quota_used(KEYS[i], s)
     used[i] = u
-    if u + cost > cap and quota_refusal == 0 then
-      quota_refusal, quota_wait = i, math.floor((e * 1000000 - now) / 1000)
+    if u + cost > cap then
+      local wait = math.floor((e * 1000000 - now) / 1000)
+      if quota_refusal == 0 or wait > quota_wait then
+        quota_refusal, quota_wait = i, wait
+      end
     end
   end
 end
-if quota_refusal > 0 then return {0, quota_refusal, quota_wait} end
+if quota_refusal > 0 then return {0, quota_refusal, math.max(quota_wait, rate_wait)} end
 if rate_refusal > 0 then return {0, rate_refusal, rate_wait} end
 local out = {1}
 for i = 1, #KEYS do

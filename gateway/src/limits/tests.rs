@@ -290,6 +290,55 @@ fn the_local_store_refuses_the_longest_wait_and_quotas_first() {
     );
 }
 
+/// 2025-03-12 14:59:57 UTC: the hour ends in 3 s, the day in 9 h 3 s.
+const NEAR_THE_HOUR: i64 = 1_741_791_597_000_000;
+
+/// The buckets of [`refusing_buckets_give_the_longest_wait`], charged 90 of 100 each at
+/// [`NEAR_THE_HOUR`], then asked for 20 more.
+fn refusing_buckets(cost: u64) -> [Bucket; 3] {
+    [
+        quota_bucket("h", 100, QuotaPeriod::Hourly, cost),
+        quota_bucket("d", 100, QuotaPeriod::Daily, cost),
+        tpm_bucket("t", 100, cost),
+    ]
+}
+
+/// What a store answers for each refusal of [`refusing_buckets`]: several quotas refuse, the one
+/// that ends last answers; a quota that ends (in 3 s) before a refusing rate drains (6 s)
+/// answers with the rate's wait, so that a retry after it is not refused again.
+fn refusing_buckets_give_the_longest_wait() -> [(Vec<Bucket>, StoreAnswer); 2] {
+    let [hour, day, rate] = refusing_buckets(20);
+    let end_of_day = at(datetime!(2025-03-13 0:00 UTC)) * 1_000_000;
+    [
+        (
+            vec![hour.clone(), day],
+            StoreAnswer::Refused {
+                bucket: 1,
+                wait_ms: u64::try_from((end_of_day - NEAR_THE_HOUR) / 1_000).unwrap(),
+            },
+        ),
+        (
+            vec![rate, hour],
+            StoreAnswer::Refused {
+                bucket: 1,
+                wait_ms: 6_000,
+            },
+        ),
+    ]
+}
+
+#[test]
+fn the_local_store_gives_the_longest_wait_of_every_refusing_bucket() {
+    let store = LocalStore::default();
+    assert!(matches!(
+        store.admit(&refusing_buckets(90), NEAR_THE_HOUR),
+        StoreAnswer::Admitted(_)
+    ));
+    for (buckets, refused) in refusing_buckets_give_the_longest_wait() {
+        assert_eq!(store.admit(&buckets, NEAR_THE_HOUR), refused);
+    }
+}
+
 #[test]
 fn the_local_store_reconciles() {
     let store = LocalStore::default();
@@ -781,6 +830,39 @@ async fn redis_charges_all_or_nothing_with_exact_waits() {
     let ttls = redis.ttls().await;
     assert_eq!(ttls.len(), 2);
     assert!(ttls.iter().all(|(_, ttl)| *ttl > 0), "{ttls:?}");
+    redis.cleanup().await;
+}
+
+#[tokio::test]
+async fn redis_gives_the_longest_wait_of_every_refusing_bucket() {
+    let redis = RedisFixture::new("longest-wait");
+    let keyed = |buckets: Vec<Bucket>| -> Vec<Bucket> {
+        buckets
+            .into_iter()
+            .map(|b| Bucket {
+                key: redis.key(&b.key),
+                ..b
+            })
+            .collect()
+    };
+    assert!(matches!(
+        redis
+            .store
+            .admit(&keyed(refusing_buckets(90).to_vec()), Some(NEAR_THE_HOUR))
+            .await
+            .unwrap(),
+        StoreAnswer::Admitted(_)
+    ));
+    for (buckets, refused) in refusing_buckets_give_the_longest_wait() {
+        assert_eq!(
+            redis
+                .store
+                .admit(&keyed(buckets), Some(NEAR_THE_HOUR))
+                .await
+                .unwrap(),
+            refused
+        );
+    }
     redis.cleanup().await;
 }
 
