@@ -801,7 +801,19 @@ async fn pipeline(
         record.response_capture_limit = runtime.snapshot.capture.max_response_body_bytes;
         if capture_limit > 0 && call.body_kind != classify::BodyKind::Multipart {
             let mut capture = crate::capture::BodyCapture::new(capture_limit);
-            capture.push(&body);
+            // The record's copy leaves out the credentials a body carries for a service the
+            // model calls (`data_sources`, an MCP tool's headers); the member gets them.
+            if call.peek.as_ref().is_some_and(|peek| peek.credentials) {
+                match call
+                    .json()
+                    .and_then(crate::body_credentials::redacted_bytes)
+                {
+                    Some(redacted) => capture.push(&redacted),
+                    None => capture.push(&body),
+                }
+            } else {
+                capture.push(&body);
+            }
             record.record.request_body_truncated = capture.truncated();
             record.record.backend_request_body = capture.into_text();
         }

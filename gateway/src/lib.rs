@@ -45,6 +45,7 @@ pub mod auth;
 pub mod authorize;
 pub mod backend_url;
 pub mod batch_input;
+pub mod body_credentials;
 pub mod caller;
 pub mod capture;
 pub mod classify;

@@ -34,6 +34,10 @@ pub struct RequestPeek {
     /// A member the gateway judges the call by (`model`, `stream`, `stream_options`) that the
     /// object gives more than once: the gateway reads the last, a backend may read the first.
     pub duplicate: Option<&'static str>,
+    /// Whether the body carries a credential for a service the model calls (`data_sources`, a
+    /// tool of type `mcp`), which the record's copy leaves out (see
+    /// [`crate::body_credentials`]).
+    pub credentials: bool,
 }
 
 /// The shape of a request's `stream_options`.
@@ -202,6 +206,7 @@ impl RequestPeek {
                 .is_some_and(|members| members.keys().any(|key| is_reference_key(key))),
             // The tree kept the last of each; the bytes tell (see `RequestPeek::duplicate_in`).
             duplicate: None,
+            credentials: crate::body_credentials::carries_credentials(body),
         }
     }
 
@@ -430,6 +435,8 @@ enum Key {
     Usage,
     IncludeUsage,
     Reference,
+    DataSources,
+    Tools,
     Choices,
     Output,
     Message,
@@ -470,6 +477,8 @@ impl<'de> de::Deserialize<'de> for Key {
                     "usage" => Key::Usage,
                     "include_usage" => Key::IncludeUsage,
                     key if is_reference_key(key) => Key::Reference,
+                    "data_sources" | "dataSources" => Key::DataSources,
+                    "tools" => Key::Tools,
                     "choices" => Key::Choices,
                     "output" => Key::Output,
                     "message" => Key::Message,
@@ -601,6 +610,64 @@ macro_rules! other_scalars {
     };
 }
 
+/// A request's `tools`, read for whether a tool has a member that holds a credential
+/// ([`crate::body_credentials::TOOL_SECRETS`]); any value is taken, as [`Skip`] takes it.
+struct ToolCredentials(bool);
+
+impl<'de> de::Deserialize<'de> for ToolCredentials {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ToolsVisitor;
+        impl<'de> Visitor<'de> for ToolsVisitor {
+            type Value = ToolCredentials;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any value")
+            }
+            other_scalars!(ToolCredentials(false));
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(ToolCredentials(false))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut found = false;
+                while let Some(tool) = seq.next_element::<ToolCredentials>()? {
+                    found |= tool.0;
+                }
+                Ok(ToolCredentials(found))
+            }
+            /// One tool: whether it has a member named in `TOOL_SECRETS`.
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut found = false;
+                while let Some(SecretName(secret)) = map.next_key()? {
+                    found |= secret;
+                    map.next_value::<Skip>()?;
+                }
+                Ok(ToolCredentials(found))
+            }
+        }
+        deserializer.deserialize_any(ToolsVisitor)
+    }
+}
+
+/// A member name, read for whether it is one of a tool's credentials.
+struct SecretName(bool);
+
+impl<'de> de::Deserialize<'de> for SecretName {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct NameVisitor;
+        impl Visitor<'_> for NameVisitor {
+            type Value = SecretName;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_str<E: de::Error>(self, name: &str) -> Result<SecretName, E> {
+                Ok(SecretName(
+                    crate::body_credentials::TOOL_SECRETS.contains(&name),
+                ))
+            }
+        }
+        deserializer.deserialize_str(NameVisitor)
+    }
+}
+
 /// The visitor methods for the kinds of value a peek does not look into: scalars and arrays.
 macro_rules! other_values {
     ($other:expr) => {
@@ -716,6 +783,15 @@ impl<'de> de::Deserialize<'de> for RequestPeek {
                         Key::Reference => {
                             peek.references = true;
                             map.next_value::<Skip>()?;
+                        }
+                        Key::DataSources => {
+                            peek.credentials = true;
+                            map.next_value::<Skip>()?;
+                        }
+                        Key::Tools => {
+                            if map.next_value::<ToolCredentials>()?.0 {
+                                peek.credentials = true;
+                            }
                         }
                         _ => {
                             map.next_value::<Skip>()?;
@@ -1122,6 +1198,10 @@ mod tests {
             r#"{"stream_options":{"include_usage":1},"file_ids":["f"],"model":null}"#,
             r#"{"model":{"name":"x"},"stream":[true]}"#,
             r#"{}"#,
+            r#"{"data_sources":[{"type":"azure_search"}],"messages":[]}"#,
+            r#"{"tools":[{"type":"function","name":"f"},{"type":"m\u0063p","headers":{"a":"b"}}]}"#,
+            r#"{"tools":[{"type":"function"},{"name":"no type"}],"dataSources":null}"#,
+            r#"{"tools":null}"#,
         ] {
             let tree: Value = serde_json::from_str(body).unwrap();
             let read = RequestPeek::read(body.as_bytes()).unwrap();
@@ -1139,6 +1219,14 @@ mod tests {
                 "{body}"
             );
         }
+        // What the record leaves out is found; tools read without a credential are not.
+        let credentials = |body: &str| RequestPeek::read(body.as_bytes()).unwrap().credentials;
+        assert!(credentials(r#"{"data_sources":[]}"#));
+        assert!(credentials(
+            r#"{"tools":[{"type":"mcp","he\u0061ders":{"a":"b"}}]}"#
+        ));
+        assert!(credentials(r#"{"tools":[1,{"authorization":"t"}]}"#));
+        assert!(!credentials(r#"{"tools":[{"type":"function"}],"data":1}"#));
         let repeated = br#"{"model":"a","model":"b\n","stream":true,"stream":false}"#;
         assert_eq!(RequestPeek::duplicate_in(repeated), Some("model"));
         assert_eq!(
