@@ -311,8 +311,9 @@ impl SseTap {
     }
 
     /// Whether the stream has said it is over (`[DONE]`, a Responses API terminal event, a typed
-    /// `*.done` event): whatever comes after it carries no more of the answer. It is read from
-    /// the member's side: bytes the tap saw may still have failed to reach a client that left.
+    /// `*.done` event, an image stream's `image_generation.completed` or `image_edit.completed`):
+    /// whatever comes after it carries no more of the answer. It is read from the member's side:
+    /// bytes the tap saw may still have failed to reach a client that left.
     pub fn ended(&self) -> bool {
         self.assembler.done
     }
@@ -437,7 +438,8 @@ pub struct StreamSummary {
     pub usage: Option<TokenUsage>,
     /// Model that answered.
     pub model: Option<String>,
-    /// Whether `data: [DONE]` (or a terminal Responses event) arrived.
+    /// Whether `data: [DONE]` (or another event that ends a stream, see [`SseTap::ended`])
+    /// arrived.
     pub completed: bool,
     /// Whether the stream carried an error event (`data: {"error": …}`, a Responses API
     /// `error` event): the backend failed part way, although its HTTP status said 200.
@@ -469,6 +471,10 @@ struct ChoiceSoFar {
     tool_calls: BTreeMap<u64, Map<String, Value>>,
     /// A legacy `function_call`: `name` and `arguments`, each joined from its pieces.
     function_call: Option<Value>,
+    /// Spoken output (`modalities: ["text", "audio"]`): `id`, `expires_at` and `transcript` as a
+    /// non-streamed answer's `message.audio` has them, the transcript joined from its pieces
+    /// (see [`join_audio`]).
+    audio: Option<Map<String, Value>>,
     /// `logprobs`, each array in it joined across chunks.
     logprobs: Option<Map<String, Value>>,
     /// Whether `logprobs` were let go (see [`LOGPROBS_KEPT_BYTES`]).
@@ -510,6 +516,9 @@ impl ChoiceSoFar {
             if let Some(function_call) = self.function_call {
                 message.insert("function_call".to_owned(), function_call);
             }
+            if let Some(audio) = self.audio {
+                message.insert("audio".to_owned(), Value::Object(audio));
+            }
             choice.insert("message".to_owned(), Value::Object(message));
         }
         if let Some(logprobs) = self.logprobs {
@@ -548,6 +557,27 @@ fn join_function(so_far: &mut Value, piece: &Value) {
             && let Some(Value::String(existing)) = so_far.get_mut(key)
         {
             existing.push_str(part);
+        }
+    }
+}
+
+/// Adds a chunk's `delta.audio` to the spoken answer so far: `transcript` pieces are appended,
+/// `id` and `expires_at` (the last chunk's only member) kept as they come. The audio itself
+/// (`data`, base64 of the whole recording: some 64 KB a second of `pcm16`) is left out: it would
+/// hold megabytes of the answer in memory and in the record, where its transcript says what the
+/// model said.
+fn join_audio(so_far: &mut Map<String, Value>, piece: &Map<String, Value>) {
+    let transcript = so_far
+        .entry("transcript".to_owned())
+        .or_insert_with(|| Value::String(String::new()));
+    if let (Value::String(text), Some(part)) =
+        (transcript, piece.get("transcript").and_then(Value::as_str))
+    {
+        text.push_str(part);
+    }
+    for key in ["id", "expires_at"] {
+        if let Some(value) = piece.get(key).filter(|v| !v.is_null()) {
+            so_far.insert(key.to_owned(), value.clone());
         }
     }
 }
@@ -806,6 +836,11 @@ fn part_index(event: &Value, key: &str) -> u64 {
     event.get(key).and_then(Value::as_u64).unwrap_or(0)
 }
 
+/// The events that end an image generation or edit stream (gpt-image-1 with `"stream": true`):
+/// the final image, after at most `partial_images` `*.partial_image` events. Only these two: they
+/// end in `.completed`, not `.done`, and no other event of those streams does.
+const IMAGE_STREAM_ENDS: [&str; 2] = ["image_generation.completed", "image_edit.completed"];
+
 /// The most stream data (the events' `data`) whose `logprobs` a reassembled answer keeps.
 /// Log probabilities weigh many times their token (`top_logprobs: 20` adds some twenty
 /// alternatives with their bytes to each), so a long answer asked with them would otherwise be
@@ -906,12 +941,13 @@ impl StreamAssembler {
                 self.error = Some(chunk.clone());
             } else {
                 // Other typed streams (a transcription's `transcript.text.done`, speech's
-                // `speech.audio.done`) carry the call's usage on their last event: without it the
-                // call would count no tokens against its limits.
+                // `speech.audio.done`, an image's `image_generation.completed`) carry the call's
+                // usage on their last event: without it the call would count no tokens against
+                // its limits.
                 if let Some(usage) = chunk.get("usage").filter(|u| u.is_object()) {
                     self.usage = Some(usage.clone());
                 }
-                if kind.ends_with(".done") {
+                if kind.ends_with(".done") || IMAGE_STREAM_ENDS.contains(&kind) {
                     self.done = true;
                 }
             }
@@ -1034,6 +1070,9 @@ impl StreamAssembler {
                     .function_call
                     .get_or_insert_with(|| json!({"name": "", "arguments": ""}));
                 join_function(target, function);
+            }
+            if let Some(Value::Object(audio)) = delta.get("audio") {
+                join_audio(so_far.audio.get_or_insert_with(Map::new), audio);
             }
         }
     }
@@ -1921,6 +1960,97 @@ mod tests {
         );
         assert_eq!(choice["message"]["content"], Value::Null);
         assert_eq!(choice["finish_reason"], "function_call");
+    }
+
+    #[test]
+    fn streamed_audio_keeps_its_transcript_id_and_expiry_but_not_its_data() {
+        // gpt-4o-audio-preview with `modalities: ["text", "audio"]`, `audio: {format: "pcm16"}`:
+        // the answer comes as `delta.audio` pieces, its `content` stays null.
+        let chunk = |delta: Value, finish: Value| {
+            let chunk = json!({"id": "c1", "object": "chat.completion.chunk", "created": 1,
+                "model": "gpt-4o-audio-preview-2024-12-17",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+            format!("data: {chunk}\n\n")
+        };
+        let stream = [
+            chunk(
+                json!({"role": "assistant", "content": null, "refusal": null}),
+                Value::Null,
+            ),
+            chunk(
+                json!({"audio": {"id": "audio_1", "transcript": "The report"}}),
+                Value::Null,
+            ),
+            chunk(json!({"audio": {"data": "AAABAAIA"}}), Value::Null),
+            chunk(json!({"audio": {"transcript": " is due"}}), Value::Null),
+            chunk(json!({"audio": {"data": "AwAEAAUA"}}), Value::Null),
+            chunk(json!({"audio": {"transcript": " Friday."}}), Value::Null),
+            chunk(
+                json!({"audio": {"expires_at": 1_729_018_505}}),
+                json!("stop"),
+            ),
+            "data: [DONE]\n\n".to_owned(),
+        ]
+        .concat();
+        let summary = tap(stream.as_bytes());
+        assert!(summary.completed);
+        let response = summary.response.unwrap();
+        let message = &response["choices"][0]["message"];
+        assert_eq!(message["content"], Value::Null);
+        assert_eq!(
+            message["audio"],
+            json!({"id": "audio_1", "expires_at": 1_729_018_505,
+                "transcript": "The report is due Friday."}),
+            "the audio's data is left out"
+        );
+        assert_eq!(response["choices"][0]["finish_reason"], "stop");
+        // The record's messages show what the model said.
+        let messages = response_messages(&response).unwrap();
+        assert!(messages.contains("The report is due Friday."), "{messages}");
+        assert!(!messages.contains("AAABAAIA"), "{messages}");
+    }
+
+    #[test]
+    fn an_image_stream_ends_with_its_completed_event() {
+        // gpt-image-1 with `"stream": true, "partial_images": 2`: partial images, then the final
+        // one with the call's usage.
+        for operation in ["image_generation", "image_edit"] {
+            let event = |data: Value| {
+                let kind = data["type"].as_str().unwrap().to_owned();
+                format!("event: {kind}\ndata: {data}\n\n")
+            };
+            let partial = |index: u64| {
+                event(
+                    json!({"type": format!("{operation}.partial_image"), "b64_json": "iVBORw0K",
+                    "created_at": 1, "size": "1024x1024", "quality": "low", "background": "opaque",
+                    "output_format": "png", "partial_image_index": index}),
+                )
+            };
+            let completed = event(json!({"type": format!("{operation}.completed"),
+                "b64_json": "iVBORw0KGgo", "created_at": 2, "size": "1024x1024", "quality": "low",
+                "background": "opaque", "output_format": "png",
+                "usage": {"input_tokens": 50, "output_tokens": 272, "total_tokens": 322,
+                    "input_tokens_details": {"text_tokens": 50, "image_tokens": 0}}}));
+            let partials = [partial(0), partial(1)].concat();
+
+            let cut = tap(partials.as_bytes());
+            assert!(
+                !cut.completed,
+                "{operation}: a partial image does not end it"
+            );
+
+            let summary = tap([partials, completed].concat().as_bytes());
+            assert!(summary.completed, "{operation}");
+            let usage = summary.usage.unwrap();
+            assert_eq!(
+                (
+                    usage.prompt_tokens,
+                    usage.completion_tokens,
+                    usage.total_tokens
+                ),
+                (50, 272, 322)
+            );
+        }
     }
 
     #[test]

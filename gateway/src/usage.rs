@@ -19,8 +19,9 @@
 //! 3 tokens per message, the tokens of each of its string values (role, content, name, …), 1 more
 //! for a `name`, and 3 that prime the reply (`<|start|>assistant<|message|>`). Image parts, tool
 //! definitions and the Responses API's items are approximations; hidden reasoning tokens cannot be
-//! estimated at all. Completion tokens are the tokens of the answer's text, refusal and tool-call
-//! names and arguments.
+//! estimated at all. Completion tokens are the tokens of the answer's text, refusal, audio
+//! transcript and tool-call names and arguments (a spoken answer's audio tokens cannot be
+//! estimated from its transcript: the estimate is low).
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
@@ -518,6 +519,8 @@ fn chat_completion(tally: &mut Tally, response: &Value) {
         };
         tally.value_text(message.get("content"));
         tally.value_text(message.get("refusal"));
+        // A spoken answer's words (its audio tokens, which are billed higher, are not known).
+        tally.value_text(message.pointer("/audio/transcript"));
         for call in message
             .get("tool_calls")
             .and_then(Value::as_array)
@@ -720,7 +723,7 @@ mod tests {
     }
 
     #[test]
-    fn completions_count_text_tool_calls_and_refusals() {
+    fn completions_count_text_tool_calls_refusals_and_transcripts() {
         let response = json!({
             "model": "gpt-4o-2024-08-06",
             "choices": [
@@ -728,6 +731,9 @@ mod tests {
                 {"index": 1, "message": {"role": "assistant", "content": null, "tool_calls": [
                     {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"}}
                 ]}},
+                {"index": 2, "message": {"role": "assistant", "content": null, "audio": {
+                    "id": "audio_1", "expires_at": 1_700_000_000, "transcript": "spoken words"
+                }}},
             ],
         });
         let usage = TokenWork::plan(
@@ -744,6 +750,7 @@ mod tests {
             o200k.count("hello world")
                 + o200k.count("get_weather")
                 + o200k.count("{\"city\":\"Oslo\"}")
+                + o200k.count("spoken words")
         );
         assert_eq!(usage.prompt_tokens, 0, "no request, no prompt");
         assert_eq!(
