@@ -12,9 +12,10 @@
 //!   `POST {authority}/{tenant}/oauth2/v2.0/token` with the form `grant_type=client_credentials`,
 //!   `client_id`, `client_secret`, `scope=https://monitor.azure.com//.default`; the answer is
 //!   `{"token_type":"Bearer","expires_in":3599,"access_token":"…"}`. The token is reused until
-//!   five minutes before it expires; a refresh that fails leaves it in use until then. When
-//!   Entra refuses the client secret, it is read again from its `env:`/`file:` reference, so a
-//!   rotated secret is taken up without a restart.
+//!   five minutes before it expires; a refresh that fails leaves it in use until shortly before
+//!   then, and Entra is not asked again for a while (see "A token refresh that fails" below).
+//!   When Entra refuses the client secret, it is read again from its `env:`/`file:` reference,
+//!   so a rotated secret is taken up without a restart.
 //! - **Upload** — Logs Ingestion API
 //!   (<https://learn.microsoft.com/azure/azure-monitor/logs/logs-ingestion-api-overview>):
 //!   `POST {endpoint}/dataCollectionRules/{dcr immutable id}/streams/{stream}?api-version=2023-01-01`
@@ -25,6 +26,27 @@
 //!   (<https://learn.microsoft.com/azure/azure-monitor/fundamentals/service-limits>): at most 1 MB
 //!   per call, compressed or uncompressed; field values over 64 KB are truncated; beyond the rate
 //!   limits the answer is 429 with `Retry-After`.
+//!
+//! # Rows sent late
+//!
+//! Azure Monitor replaces a `TimeGenerated` more than two days before the time it receives the
+//! row, or more than a day after it, by the time received ("Standard columns in Azure Monitor
+//! Logs", <https://learn.microsoft.com/azure/azure-monitor/logs/log-standard-columns#timegenerated>).
+//! The queue's journal keeps records for as long as the endpoint refuses them (a role assignment
+//! removed over a weekend is enough), so every row also carries the call's own time in
+//! [`CALL_TIME_COLUMN`], which Azure stores as sent; the portal reads a call's time from it, and
+//! from `TimeGenerated` for rows written before it existed. A batch holding records more than
+//! 47 hours old is logged as a warning, once per batch.
+//!
+//! # A token refresh that fails
+//!
+//! While the cached token is still valid, a refresh gets at most a few seconds (never more than
+//! half the write's time left), and when it fails — Entra throttling, failing, hanging or
+//! refusing the secret — the cached token is used and Entra is not asked again for 30 s, doubling
+//! with each failure in a row up to four minutes, and never sooner than the `Retry-After` Entra
+//! gave; a secret that changed at its reference ends the wait after a refusal. Once no valid
+//! token is left, every call asks Entra, its failure ends the try, and the write retries as it
+//! does any transient error.
 //!
 //! Delivery is at least once. The API does not de-duplicate, so a row can arrive twice — for
 //! instance when a 204 is lost, or when the sink or the queue sends a call again whose answer
@@ -88,6 +110,7 @@ use reqwest::StatusCode;
 use reqwest::header::{CONTENT_ENCODING, CONTENT_TYPE, HeaderMap, RETRY_AFTER};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use time::OffsetDateTime;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 use url::Url;
@@ -121,6 +144,15 @@ const CALL_HEADROOM: usize = 50_000;
 /// The column added to every row sent: a deterministic id, the same when a batch is sent again.
 pub const ROW_ID_COLUMN: &str = "GatehouseRowId";
 
+/// The column added to every row sent: the call's own time (the row's `TimeGenerated`), which
+/// Azure stores as sent even when it replaces `TimeGenerated` by the time it received a row sent
+/// late (see the module documentation).
+pub const CALL_TIME_COLUMN: &str = "GatehouseTimeGenerated";
+
+/// Age past which a row is about to lose its `TimeGenerated` to Azure's receive time (two days):
+/// a batch holding one is logged as a warning.
+const LATE_ROW_AGE: time::Duration = time::Duration::hours(47);
+
 /// Default stream for gateway-log rows (its data flow outputs to `ApiManagementGatewayLogs_CL`).
 pub const DEFAULT_GATEWAY_STREAM: &str = "Custom-ApiManagementGatewayLogs_CL";
 
@@ -136,6 +168,18 @@ const MONITOR_SCOPE: &str = "https://monitor.azure.com//.default";
 
 /// A token is refreshed this long before it expires.
 const TOKEN_REFRESH_MARGIN: Duration = Duration::from_secs(5 * 60);
+
+/// Longest a refresh may take while the cached token is still valid: past it the write goes on
+/// with the cached token.
+const REFRESH_TIME_LIMIT: Duration = Duration::from_secs(5);
+
+/// How long the cached token is used before Entra is asked again after a refresh failed; doubles
+/// with each failure in a row, up to [`MAX_REFRESH_BACKOFF`].
+const FIRST_REFRESH_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Longest wait between two refreshes that fail while the cached token is still valid (unless
+/// Entra's `Retry-After` asks for more).
+const MAX_REFRESH_BACKOFF: Duration = Duration::from_secs(4 * 60);
 
 /// First wait after a network error or a 5xx without `Retry-After`; doubles with each attempt.
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
@@ -368,13 +412,36 @@ fn resolve_secret(reference: &SecretRef) -> Result<Secret, AzureMonitorError> {
 #[derive(Debug)]
 struct CachedToken {
     token: Secret,
+    /// When Entra is next asked for a new one: five minutes before it expires, then after each
+    /// failed refresh when the backoff has passed.
     refresh_at: Instant,
     /// When Entra said it expires.
     expires_at: Instant,
+    /// Refreshes that failed in a row since it was issued.
+    failed_refreshes: u32,
+    /// The last refresh failed because Entra refused the client secret: a new secret at its
+    /// reference ends the backoff.
+    secret_refused: bool,
 }
 
 /// How long before its expiry a cached token is no longer used while its refresh fails.
 const TOKEN_EXPIRY_SAFETY: Duration = Duration::from_secs(30);
+
+/// Whether a cached token may still be used at `now` (until [`TOKEN_EXPIRY_SAFETY`] before it
+/// expires), its refresh due or not.
+fn usable_at(token: &CachedToken, now: Instant) -> bool {
+    now + TOKEN_EXPIRY_SAFETY < token.expires_at
+}
+
+/// How long the cached token is used before Entra is asked again after `failures` refreshes in
+/// a row failed: [`FIRST_REFRESH_BACKOFF`], doubling up to [`MAX_REFRESH_BACKOFF`], and never
+/// less than the `Retry-After` Entra gave.
+fn refresh_backoff(failures: u32, retry_after: Option<Duration>) -> Duration {
+    let grown = FIRST_REFRESH_BACKOFF
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(MAX_REFRESH_BACKOFF);
+    grown.max(retry_after.unwrap_or_default())
+}
 
 /// One stream of the DCR and the URL that writes to it.
 #[derive(Debug)]
@@ -620,7 +687,7 @@ impl AzureMonitorSink {
             if left.is_zero() {
                 return Err(self.out_of_time(stream, attempt - 1, "no time left".to_owned(), None));
             }
-            let token = tokio::time::timeout(left, self.token())
+            let token = tokio::time::timeout(left, self.token(deadline))
                 .await
                 .unwrap_or_else(|_| {
                     Err(TokenFailure::Transient {
@@ -754,15 +821,38 @@ impl AzureMonitorSink {
     }
 
     /// The cached token, or a new one when it is missing or due for refresh. A refresh that
-    /// fails (Entra throttling or unreachable, or a secret it no longer takes) leaves the cached
-    /// token in use until shortly before it expires: the writes go on meanwhile, and the
-    /// operator has the token's remaining lifetime to put the new secret in place.
-    async fn token(&self) -> Result<Secret, TokenFailure> {
+    /// fails (Entra throttling, failing, hanging, or refusing a secret) leaves the cached token in
+    /// use until shortly before it expires: the writes go on meanwhile, and the operator has the
+    /// token's remaining lifetime to put the new secret in place. While the cached token is
+    /// valid, a refresh gets at most [`REFRESH_TIME_LIMIT`] (and half the time left before
+    /// `deadline`), and after a failure Entra is not asked again until [`refresh_backoff`] has
+    /// passed; a client secret that changed at its reference ends that wait after a refusal.
+    async fn token(&self, deadline: Instant) -> Result<Secret, TokenFailure> {
         let mut cached = self.token.lock().await;
-        if let Some(current) = cached.as_ref().filter(|c| Instant::now() < c.refresh_at) {
+        let now = Instant::now();
+        if let Some(current) = cached.as_ref().filter(|c| now < c.refresh_at)
+            && !(current.secret_refused && self.secret_changed())
+        {
             return Ok(current.token.clone());
         }
-        let failure = match self.new_token().await {
+        let still_valid = cached.as_ref().is_some_and(|c| usable_at(c, now));
+        let fresh = if still_valid {
+            let limit = REFRESH_TIME_LIMIT.min(deadline.saturating_duration_since(now) / 2);
+            tokio::time::timeout(limit, self.new_token())
+                .await
+                .unwrap_or_else(|_| {
+                    Err(TokenFailure::Transient {
+                        reason: format!(
+                            "token endpoint: no answer within {} ms",
+                            limit.as_millis()
+                        ),
+                        wait: None,
+                    })
+                })
+        } else {
+            self.new_token().await
+        };
+        let failure = match fresh {
             Ok(fresh) => {
                 let token = fresh.token.clone();
                 *cached = Some(fresh);
@@ -770,21 +860,39 @@ impl AzureMonitorSink {
             }
             Err(failure) => failure,
         };
-        let Some(current) = cached
-            .as_ref()
-            .filter(|c| Instant::now() + TOKEN_EXPIRY_SAFETY < c.expires_at)
-        else {
+        let now = Instant::now();
+        let Some(current) = cached.as_mut().filter(|c| usable_at(c, now)) else {
             return Err(failure);
         };
+        current.failed_refreshes = current.failed_refreshes.saturating_add(1);
+        let retry_after = match &failure {
+            TokenFailure::Transient { wait, .. } => *wait,
+            TokenFailure::Fatal(_) => None,
+        };
+        let backoff = refresh_backoff(current.failed_refreshes, retry_after);
+        let last_use = current
+            .expires_at
+            .checked_sub(TOKEN_EXPIRY_SAFETY)
+            .unwrap_or(now);
+        current.refresh_at = (now + backoff).min(last_use);
+        current.secret_refused = matches!(failure, TokenFailure::Fatal(_));
+        let retry_in_seconds = current.refresh_at.saturating_duration_since(now).as_secs();
         match &failure {
             TokenFailure::Transient { reason, .. } => {
-                tracing::warn!(%reason, "Azure Monitor: could not refresh the access token; using the current one until it expires");
+                tracing::warn!(%reason, retry_in_seconds, "Azure Monitor: could not refresh the access token; using the current one until it expires");
             }
             TokenFailure::Fatal(error) => {
-                tracing::error!(%error, "Azure Monitor: Entra ID refused to refresh the access token; using the current one until it expires");
+                tracing::error!(%error, retry_in_seconds, "Azure Monitor: Entra ID refused to refresh the access token; using the current one until it expires");
             }
         }
         Ok(current.token.clone())
+    }
+
+    /// Whether the client secret at its reference differs from the one last read (a rotation
+    /// since Entra refused it).
+    fn secret_changed(&self) -> bool {
+        resolve_secret(&self.config.credential.client_secret)
+            .is_ok_and(|secret| secret != self.current_secret())
     }
 
     /// A new token from the token endpoint. When Entra refuses the client secret, the secret is
@@ -880,6 +988,8 @@ impl AzureMonitorSink {
             token: Secret(answer.access_token),
             refresh_at: issued_at + lifetime.saturating_sub(TOKEN_REFRESH_MARGIN),
             expires_at: issued_at + lifetime,
+            failed_refreshes: 0,
+            secret_refused: false,
         })
     }
 
@@ -916,6 +1026,7 @@ impl AuditSink for AzureMonitorSink {
     ) -> BoxFuture<'a, Result<(), SinkError>> {
         Box::pin(async move {
             let deadline = Instant::now() + Duration::from_secs(self.config.max_write_seconds);
+            warn_of_late_rows(records);
             let rows = encode_rows(records)?;
             self.upload(&self.gateway, &rows.gateway, deadline).await?;
             self.upload(&self.llm, &rows.llm, deadline).await?;
@@ -942,6 +1053,27 @@ impl AuditSink for AzureMonitorSink {
     fn rows_left_out(&self) -> u64 {
         self.rows_set_aside()
     }
+}
+
+/// Logs a warning, once for the batch, when it holds records more than [`LATE_ROW_AGE`] old:
+/// Azure keeps their `TimeGenerated` only when it receives them within two days, and stores the
+/// time received otherwise (the call's time stays in [`CALL_TIME_COLUMN`]).
+fn warn_of_late_rows(records: &[AuditRecord]) {
+    let now = OffsetDateTime::now_utc();
+    let late: Vec<OffsetDateTime> = records
+        .iter()
+        .map(|record| record.time_generated)
+        .filter(|time_generated| now - *time_generated > LATE_ROW_AGE)
+        .collect();
+    let Some(oldest) = late.iter().min() else {
+        return;
+    };
+    tracing::warn!(
+        late = late.len(),
+        records = records.len(),
+        %oldest,
+        "azure monitor: the batch holds records more than 47 hours old; Azure stores a TimeGenerated more than two days old as the time it receives the row, the call's own time is kept in GatehouseTimeGenerated"
+    );
 }
 
 /// Why one call failed.
@@ -987,11 +1119,14 @@ impl ExpiresIn {
     }
 }
 
-/// A row as sent: Azure's columns plus [`ROW_ID_COLUMN`].
+/// A row as sent: Azure's columns plus [`ROW_ID_COLUMN`] and [`CALL_TIME_COLUMN`].
 #[derive(Serialize)]
 struct IngestionRow<'a, R> {
     #[serde(rename = "GatehouseRowId")]
     row_id: &'a str,
+    /// The row's `TimeGenerated` again, which Azure keeps as sent.
+    #[serde(rename = "GatehouseTimeGenerated", with = "time::serde::rfc3339")]
+    call_time: OffsetDateTime,
     #[serde(flatten)]
     row: &'a R,
 }
@@ -1026,7 +1161,7 @@ fn encode_rows(records: &[AuditRecord]) -> Result<EncodedRows, AzureMonitorError
         let mut row = GatewayLogRow::from_record(record);
         cap_long_fields(&mut row);
         let id = row_id(&row.correlation_id, GATEWAY_TABLE, 0);
-        let encoded = encode_row(id, &row);
+        let encoded = encode_row(id, row.time_generated, &row);
         rows.keep(encoded, |rows| &mut rows.gateway)?;
         // Message pieces are at most 32 KB (`rows::MESSAGE_PIECE_BYTES`), but may take more as
         // JSON: those are split further, and the rows numbered again in order.
@@ -1037,7 +1172,7 @@ fn encode_rows(records: &[AuditRecord]) -> Result<EncodedRows, AzureMonitorError
             row.sequence_number = i32::try_from(sequence).unwrap_or(i32::MAX);
             cap_llm_fields(&mut row);
             let id = row_id(&row.correlation_id, LLM_TABLE, row.sequence_number);
-            let encoded = encode_row(id, &row);
+            let encoded = encode_row(id, row.time_generated, &row);
             rows.keep(encoded, |rows| &mut rows.llm)?;
         }
     }
@@ -1254,9 +1389,18 @@ fn row_id(correlation_id: &str, table: &str, sequence: i32) -> String {
     format!("{correlation_id}:{table}:{sequence}")
 }
 
-/// A row as JSON, shortened to [`MAX_ROW_BYTES`] when it is longer.
-fn encode_row<R: Serialize>(id: String, row: &R) -> Result<EncodedRow, AzureMonitorError> {
-    let json = serde_json::to_vec(&IngestionRow { row_id: &id, row })?;
+/// A row as JSON, with its id and its call's time, shortened to [`MAX_ROW_BYTES`] when it is
+/// longer.
+fn encode_row<R: Serialize>(
+    id: String,
+    call_time: OffsetDateTime,
+    row: &R,
+) -> Result<EncodedRow, AzureMonitorError> {
+    let json = serde_json::to_vec(&IngestionRow {
+        row_id: &id,
+        call_time,
+        row,
+    })?;
     if json.len() <= MAX_ROW_BYTES {
         return Ok(EncodedRow { id, json });
     }
@@ -1272,7 +1416,12 @@ fn encode_row<R: Serialize>(id: String, row: &R) -> Result<EncodedRow, AzureMoni
 }
 
 /// Columns a row is never shortened in: they identify it.
-const IDENTITY_COLUMNS: [&str; 3] = [ROW_ID_COLUMN, "CorrelationId", "TimeGenerated"];
+const IDENTITY_COLUMNS: [&str; 4] = [
+    ROW_ID_COLUMN,
+    "CorrelationId",
+    "TimeGenerated",
+    CALL_TIME_COLUMN,
+];
 
 /// Columns holding a JSON array, shortened by whole entries so that they stay one.
 const ARRAY_COLUMNS: [&str; 2] = ["Groups", "Attempts"];
@@ -1635,6 +1784,28 @@ mod tests {
             "https://dce.example/dataCollectionRules/dcr-1%2F../streams"
         );
         assert!(url_with_segments(&Url::parse("mailto:a@b").unwrap(), &["x"]).is_none());
+    }
+
+    #[test]
+    fn a_failed_refresh_waits_longer_each_time_and_never_less_than_retry_after() {
+        assert_eq!(refresh_backoff(1, None), Duration::from_secs(30));
+        assert_eq!(refresh_backoff(2, None), Duration::from_secs(60));
+        assert_eq!(refresh_backoff(4, None), Duration::from_secs(240));
+        assert_eq!(refresh_backoff(u32::MAX, None), MAX_REFRESH_BACKOFF);
+        let asked = |seconds| refresh_backoff(1, Some(Duration::from_secs(seconds)));
+        assert_eq!(asked(60), Duration::from_secs(60));
+        assert_eq!(asked(5), FIRST_REFRESH_BACKOFF);
+        assert_eq!(asked(3_600), Duration::from_secs(3_600));
+    }
+
+    #[test]
+    fn every_row_carries_its_calls_time_in_a_column_of_its_own() {
+        let at = time::macros::datetime!(2026-12-01 10:00:00.123456 UTC);
+        let row = json!({"TimeGenerated": "2026-12-01T10:00:00.123456Z", "CorrelationId": "c"});
+        let encoded = encode_row("c:ApiManagementGatewayLogs:0".to_owned(), at, &row).unwrap();
+        let sent: Value = serde_json::from_slice(&encoded.json).unwrap();
+        assert_eq!(sent[CALL_TIME_COLUMN], sent["TimeGenerated"]);
+        assert_eq!(sent[ROW_ID_COLUMN], "c:ApiManagementGatewayLogs:0");
     }
 
     #[test]

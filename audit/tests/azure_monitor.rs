@@ -3,7 +3,9 @@
 //! Ingestion API. The double speaks their documented wire format and enforces their limits: it
 //! checks the client-credentials form, the bearer token and its expiry, `api-version`,
 //! `Content-Type`, gzip, and answers 413 to a call over 1 MB, as Azure does; like Azure, it
-//! truncates a field value over 64 KB without saying so (and counts it, so tests can see it).
+//! truncates a field value over 64 KB without saying so (and counts it, so tests can see it), and
+//! replaces a `TimeGenerated` more than two days old or more than a day ahead by the time it
+//! received the row.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::Read as _;
@@ -20,8 +22,8 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use gatehouse_audit::azure_monitor::{
-    AzureMonitorConfig, AzureMonitorSink, DEFAULT_AUTHORITY, DEFAULT_GATEWAY_STREAM,
-    DEFAULT_LLM_STREAM, MAX_CALL_BYTES, MAX_FIELD_BYTES, MAX_ROW_BYTES,
+    AzureMonitorConfig, AzureMonitorSink, CALL_TIME_COLUMN, DEFAULT_AUTHORITY,
+    DEFAULT_GATEWAY_STREAM, DEFAULT_LLM_STREAM, MAX_CALL_BYTES, MAX_FIELD_BYTES, MAX_ROW_BYTES,
 };
 use gatehouse_audit::rows::MESSAGE_PIECE_BYTES;
 use gatehouse_audit::{AuditRecord, AuditSink};
@@ -41,6 +43,12 @@ const MONITOR_SCOPE: &str = "https://monitor.azure.com//.default";
 const API_VERSION: &str = "2023-01-01";
 /// Where Azure cuts a field value ("64 KB").
 const AZURE_FIELD_LIMIT: usize = 65_536;
+/// How old a `TimeGenerated` Azure keeps, and how far ahead: "Standard columns in Azure Monitor
+/// Logs" (<https://learn.microsoft.com/azure/azure-monitor/logs/log-standard-columns#timegenerated>)
+/// says that a value more than 2 days before the time received, or more than a day in the
+/// future, is replaced by the time received.
+const AZURE_TIME_GENERATED_MAX_AGE: time::Duration = time::Duration::hours(48);
+const AZURE_TIME_GENERATED_MAX_AHEAD: time::Duration = time::Duration::hours(24);
 
 // ---------------------------------------------------------------------------------------------
 // The double
@@ -59,6 +67,17 @@ enum Fault {
     ServerError,
     /// 401, as for a revoked token.
     Unauthorized,
+}
+
+/// What Entra's token endpoint answers instead of issuing a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TokenFault {
+    /// 503, as Entra answers when it is unavailable.
+    Unavailable,
+    /// 429 with `Retry-After` of this many seconds.
+    ThrottleFor(u64),
+    /// No answer for two minutes (then a 503).
+    Hang,
 }
 
 /// One ingestion call as the double saw it.
@@ -96,8 +115,8 @@ struct DoubleState {
     max_body_bytes: AtomicUsize,
     /// Echo the received secret / token in error answers, as a careless server might.
     echo: AtomicBool,
-    /// Answer token requests 503, as Entra does when it is unavailable.
-    token_unavailable: AtomicBool,
+    /// What the token endpoint answers instead of a token (`None`: it issues one).
+    token_fault: Mutex<Option<TokenFault>>,
     inner: Mutex<Inner>,
 }
 
@@ -113,7 +132,7 @@ impl Double {
             token_lifetime_seconds: AtomicU64::new(3599),
             max_body_bytes: AtomicUsize::new(MAX_CALL_BYTES),
             echo: AtomicBool::new(false),
-            token_unavailable: AtomicBool::new(false),
+            token_fault: Mutex::new(None),
             inner: Mutex::new(Inner::default()),
         });
         let app = Router::new()
@@ -132,6 +151,10 @@ impl Double {
 
     fn fail_next(&self, faults: &[Option<Fault>]) {
         self.inner().faults.extend(faults.iter().copied());
+    }
+
+    fn fail_tokens(&self, fault: Option<TokenFault>) {
+        *self.state.token_fault.lock().unwrap() = fault;
     }
 
     fn revoke_tokens(&self) {
@@ -216,12 +239,32 @@ async fn issue_token(
     let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
     let field = |name: &str| form.get(name).map(String::as_str).unwrap_or_default();
     state.inner.lock().unwrap().token_requests += 1;
-    if state.token_unavailable.load(Ordering::SeqCst) {
-        return oauth_error(
+    let unavailable = || {
+        oauth_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "temporarily_unavailable",
             "AADSTS90033: A transient error has occurred. Please try again.".to_owned(),
-        );
+        )
+    };
+    let fault = *state.token_fault.lock().unwrap();
+    match fault {
+        None => {}
+        Some(TokenFault::Unavailable) => return unavailable(),
+        Some(TokenFault::ThrottleFor(seconds)) => {
+            let mut throttled = oauth_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "temporarily_unavailable",
+                "AADSTS50196: The server terminated an operation because it encountered a client request loop.".to_owned(),
+            );
+            throttled
+                .headers_mut()
+                .insert(header::RETRY_AFTER, seconds.into());
+            return throttled;
+        }
+        Some(TokenFault::Hang) => {
+            tokio::time::sleep(Duration::from_secs(120)).await;
+            return unavailable();
+        }
     }
     if tenant != TENANT {
         return oauth_error(
@@ -285,6 +328,7 @@ async fn ingest(
             .unwrap_or_default()
             .to_owned()
     };
+    let received = OffsetDateTime::now_utc();
     let mut call = Call {
         stream: stream.clone(),
         status: 204,
@@ -326,6 +370,7 @@ async fn ingest(
         (Ok(()), None) => {
             let mut rows = call.rows.clone();
             for row in &mut rows {
+                keep_or_replace_time_generated(row, received);
                 let id = row["GatehouseRowId"]
                     .as_str()
                     .unwrap_or_default()
@@ -380,6 +425,22 @@ async fn ingest(
         (status, [(header::RETRY_AFTER, message)], body).into_response()
     } else {
         (status, body).into_response()
+    }
+}
+
+/// A row's `TimeGenerated` as Azure stores it: as sent, unless it is more than
+/// [`AZURE_TIME_GENERATED_MAX_AGE`] before `received` or more than
+/// [`AZURE_TIME_GENERATED_MAX_AHEAD`] after it, when it becomes `received`.
+fn keep_or_replace_time_generated(row: &mut Value, received: OffsetDateTime) {
+    let sent = row["TimeGenerated"]
+        .as_str()
+        .and_then(|text| OffsetDateTime::parse(text, &Rfc3339).ok());
+    let kept = sent.is_some_and(|sent| {
+        sent >= received - AZURE_TIME_GENERATED_MAX_AGE
+            && sent <= received + AZURE_TIME_GENERATED_MAX_AHEAD
+    });
+    if !kept {
+        row["TimeGenerated"] = json!(received.format(&Rfc3339).unwrap());
     }
 }
 
@@ -531,11 +592,18 @@ fn completion(seed: usize) -> String {
     format!(r#"[{{"role":"assistant","content":"answer {seed}"}}]"#)
 }
 
+/// A minute ago, to the millisecond 123: a time Azure keeps as sent.
+fn recent() -> OffsetDateTime {
+    (OffsetDateTime::now_utc() - time::Duration::minutes(1))
+        .replace_millisecond(123)
+        .unwrap()
+}
+
 fn record(index: usize, prompt_bytes: usize, streamed: bool) -> AuditRecord {
     let prompt = prompt(prompt_bytes, index);
     let completion = completion(index);
     serde_json::from_value(json!({
-        "TimeGenerated": "2026-12-01T10:00:00.123Z",
+        "TimeGenerated": recent().format(&Rfc3339).unwrap(),
         "CorrelationId": format!("0190c0de-0000-7000-8000-{index:012}"),
         "GatewayId": "gw-1",
         "OperationId": "chatcompletions_create",
@@ -764,6 +832,65 @@ async fn a_batch_arrives_complete_in_both_tables_with_azure_column_names() {
     for call in double.calls(DEFAULT_GATEWAY_STREAM) {
         uuid::Uuid::parse_str(&call.request_id).expect("x-ms-client-request-id is a GUID");
     }
+}
+
+/// A record replayed from the journal after a long outage: Azure stores a `TimeGenerated` more
+/// than two days old as the time it received the row, and the call's own time stays in
+/// `GatehouseTimeGenerated`, where the portal reads it (`coalesce(GatehouseTimeGenerated,
+/// TimeGenerated)`, `portal-core/src/insights/kql.rs`).
+#[tokio::test]
+async fn a_record_sent_more_than_two_days_late_keeps_its_time_in_its_own_column() {
+    let setup = setup().await;
+    let sink = new_sink(&setup, json!({}));
+    let mut late = record(0, 500, false);
+    late.time_generated = recent() - time::Duration::days(3);
+    let on_time = record(1, 500, false);
+    let sent_at = OffsetDateTime::now_utc();
+
+    sink.write_batch(&[late.clone(), on_time.clone()])
+        .await
+        .unwrap();
+
+    let double = &setup.double;
+    let time_of = |row: &Value, column: &str| {
+        OffsetDateTime::parse(text(row, column), &Rfc3339).expect(column)
+    };
+    // What the portal reads as the call's time: the call's own column, else TimeGenerated (rows
+    // written before the column existed).
+    let read_back = |row: &Value| match row.get(CALL_TIME_COLUMN) {
+        Some(Value::String(_)) => time_of(row, CALL_TIME_COLUMN),
+        _ => time_of(row, "TimeGenerated"),
+    };
+    let gateway = double.stored(DEFAULT_GATEWAY_STREAM);
+    let llm = double.stored(DEFAULT_LLM_STREAM);
+    let late_row = gateway
+        .iter()
+        .find(|row| text(row, "CorrelationId") == late.correlation_id)
+        .unwrap();
+    // Azure put the time it received the row in TimeGenerated; the call's time is kept.
+    assert!(time_of(late_row, "TimeGenerated") >= sent_at, "{late_row}");
+    assert_eq!(time_of(late_row, CALL_TIME_COLUMN), late.time_generated);
+    assert_eq!(read_back(late_row), late.time_generated);
+    let late_pieces = llm_rows_of(&llm, &late.correlation_id);
+    assert!(late_pieces.len() > 1, "a header and the message pieces");
+    for piece in late_pieces {
+        assert!(time_of(piece, "TimeGenerated") >= sent_at, "{piece}");
+        assert_eq!(read_back(piece), late.time_generated);
+    }
+    // A record sent in time has the same time in both columns.
+    let on_time_row = gateway
+        .iter()
+        .find(|row| text(row, "CorrelationId") == on_time.correlation_id)
+        .unwrap();
+    assert_eq!(
+        time_of(on_time_row, "TimeGenerated"),
+        on_time.time_generated
+    );
+    assert_eq!(read_back(on_time_row), on_time.time_generated);
+    // A row stored before the sink sent the column reads its TimeGenerated.
+    let mut older = on_time_row.clone();
+    older.as_object_mut().unwrap().remove(CALL_TIME_COLUMN);
+    assert_eq!(read_back(&older), on_time.time_generated);
 }
 
 #[tokio::test]
@@ -1497,7 +1624,7 @@ async fn the_token_is_reused_across_calls_and_refreshed_after_revocation_and_bef
     // Past its refresh time with Entra unavailable, the token still valid (for almost five
     // minutes) is used: the write goes through.
     tokio::time::sleep(Duration::from_millis(1_200)).await;
-    double.state.token_unavailable.store(true, Ordering::SeqCst);
+    double.fail_tokens(Some(TokenFault::Unavailable));
     sink.write_batch(&batch(8)).await.unwrap();
     assert!(double.token_requests() > 3, "a refresh was tried");
     assert_eq!(double.inner().calls.last().unwrap().token, third);
@@ -1534,6 +1661,74 @@ async fn a_rotated_client_secret_is_read_again_and_the_current_token_used_meanwh
     let second = double.inner().calls.last().unwrap().token.clone();
     assert_ne!(second, first);
     assert_eq!(double.stored(DEFAULT_GATEWAY_STREAM).len(), 3);
+}
+
+/// A sink whose token is due for refresh (tokens valid 301 s are refreshed 1 s after they are
+/// issued) and still valid for almost five minutes, after one write; the token it holds.
+async fn sink_due_for_refresh(setup: &Setup, overrides: Value) -> (AzureMonitorSink, String) {
+    let double = &setup.double;
+    double
+        .state
+        .token_lifetime_seconds
+        .store(301, Ordering::SeqCst);
+    let sink = new_sink(setup, overrides);
+    sink.write_batch(&[record(0, 100, false)]).await.unwrap();
+    assert_eq!(double.token_requests(), 1);
+    let token = double.inner().calls.last().unwrap().token.clone();
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    (sink, token)
+}
+
+#[tokio::test]
+async fn a_throttled_refresh_is_asked_once_and_the_cached_token_used_meanwhile() {
+    let setup = setup().await;
+    let (sink, held) = sink_due_for_refresh(&setup, json!({})).await;
+    let double = &setup.double;
+    double.fail_tokens(Some(TokenFault::ThrottleFor(60)));
+
+    for i in 1..5 {
+        sink.write_batch(&[record(i, 100, false)]).await.unwrap();
+    }
+    assert_eq!(
+        double.token_requests(),
+        2,
+        "one refresh, then Entra's Retry-After is honoured"
+    );
+    // Entra answers again, but the wait it asked for has not passed.
+    double.fail_tokens(None);
+    sink.write_batch(&[record(5, 100, false)]).await.unwrap();
+    assert_eq!(double.token_requests(), 2);
+    let calls = double.inner().calls.clone();
+    assert!(calls.iter().all(|c| c.token == held && c.status == 204));
+    assert_eq!(double.stored(DEFAULT_GATEWAY_STREAM).len(), 6);
+}
+
+#[tokio::test]
+async fn a_hanging_token_endpoint_does_not_hold_up_writes_while_the_token_is_valid() {
+    let setup = setup().await;
+    // A write's time (2 s) shorter than a hanging token request takes to fail (the 30 s call
+    // timeout): the refresh is cut short and the write goes on with the cached token.
+    let (sink, held) = sink_due_for_refresh(&setup, json!({"max_write_seconds": 2})).await;
+    let double = &setup.double;
+    double.fail_tokens(Some(TokenFault::Hang));
+
+    for i in 1..4 {
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            sink.write_batch(&[record(i, 100, false)]),
+        )
+        .await
+        .expect("a write is not held up by the hanging token endpoint")
+        .unwrap();
+    }
+    assert_eq!(
+        double.token_requests(),
+        2,
+        "one refresh tried, none again while it backs off"
+    );
+    let calls = double.inner().calls.clone();
+    assert!(calls.iter().all(|c| c.token == held && c.status == 204));
+    assert_eq!(double.stored(DEFAULT_GATEWAY_STREAM).len(), 4);
 }
 
 #[tokio::test]

@@ -16,7 +16,9 @@
 )]
 
 use gatehouse_audit::AuditRecord;
-use gatehouse_audit::azure_monitor::{DEFAULT_GATEWAY_STREAM, DEFAULT_LLM_STREAM, ROW_ID_COLUMN};
+use gatehouse_audit::azure_monitor::{
+    CALL_TIME_COLUMN, DEFAULT_GATEWAY_STREAM, DEFAULT_LLM_STREAM, ROW_ID_COLUMN,
+};
 use gatehouse_audit::rows::{GatewayLogRow, LlmLogRow};
 use serde_json::{Map, Value, json};
 
@@ -53,12 +55,14 @@ fn record() -> AuditRecord {
     .unwrap()
 }
 
-/// A row as the sink sends it: the row's columns plus the row id.
+/// A row as the sink sends it: the row's columns plus the row id and the call's time again.
 fn sent(row: Value) -> Map<String, Value> {
     let Value::Object(mut object) = row else {
         panic!("a row serialises to an object");
     };
     object.insert(ROW_ID_COLUMN.to_owned(), json!("call-1:table:0"));
+    let call_time = object["TimeGenerated"].clone();
+    object.insert(CALL_TIME_COLUMN.to_owned(), call_time);
     object
 }
 
@@ -135,6 +139,8 @@ fn check_stream(stream: &str, rows: &[Map<String, Value>]) {
         assert_valid_column_name(name);
     }
     assert!(declared.contains(&("TimeGenerated".to_owned(), "datetime".to_owned())));
+    // The call's own time, kept whatever Azure does to a late row's TimeGenerated.
+    assert!(declared.contains(&(CALL_TIME_COLUMN.to_owned(), "datetime".to_owned())));
     for row in rows {
         let mut sent_names: Vec<&String> = row.keys().collect();
         let mut declared_names: Vec<&String> = declared.iter().map(|(n, _)| n).collect();

@@ -3,9 +3,13 @@
 //! §4.1: `POST /v1/workspaces/{id}/query` with `{"query", "timespan"}`, answers
 //! `{"tables": [{"name", "columns": [{"name", "type"}], "rows"}]}`, a non-fatal
 //! `"error": {"code": "PartialError", …}` beside the tables, 429 with `Retry-After`; client
-//! credentials token answer `{"token_type", "expires_in", "access_token"}`).
+//! credentials token answer `{"token_type", "expires_in", "access_token"}`). Like Log Analytics,
+//! the double applies a query's `timespan` to the stored `TimeGenerated`, and a call's rows may be
+//! stored with the time Azure received them there (more than two days after the call) and the
+//! call's own time in `GatehouseTimeGenerated`.
 #![expect(clippy::unwrap_used, clippy::panic, reason = "test code")]
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -55,6 +59,10 @@ struct Double {
     /// Refuse every query with an error whose message echoes the token across the 300th
     /// character of the error text.
     echo_token: AtomicU32,
+    /// Calls whose rows Azure received more than two days after them: their id and the time
+    /// received, which Azure stored in `TimeGenerated` (ticks); their own time is in
+    /// `GatehouseTimeGenerated`. Every other call's rows have its time in both.
+    received_late: Mutex<HashMap<String, i128>>,
 }
 
 async fn token(
@@ -203,6 +211,60 @@ fn string_comparisons(kql: &str) -> Vec<String> {
     found
 }
 
+/// The line every query reads a table with (`kql::rows_of`): the call's own time in
+/// `TimeGenerated`.
+const CALL_TIME: &str = "| extend TimeGenerated = coalesce(column_ifexists(\"GatehouseTimeGenerated\", datetime(null)), TimeGenerated)\n";
+
+fn parse_ticks(text: &str) -> i128 {
+    let at = OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| panic!("an unreadable time: {text}"));
+    ticks(at)
+}
+
+/// The range of `| where TimeGenerated >= datetime(…) and TimeGenerated < datetime(…)`.
+fn range_filter(kql: &str) -> Option<(i128, i128)> {
+    let (_, rest) = kql.split_once("| where TimeGenerated >= datetime(")?;
+    let (from, rest) = rest.split_once(')').unwrap();
+    let rest = rest
+        .strip_prefix(" and TimeGenerated < datetime(")
+        .unwrap_or_else(|| panic!("an unexpected range filter: {kql}"));
+    let (to, _) = rest.split_once(')').unwrap();
+    Some((parse_ticks(from), parse_ticks(to)))
+}
+
+/// A call's time as a query reads it, as Log Analytics answers: `None` when the `timespan`
+/// (which the Query API applies to the stored `TimeGenerated`) or the query's range leaves its
+/// row out. The query reads the call's own time when it asks for it ([`CALL_TIME`]), else the
+/// stored `TimeGenerated`.
+fn time_as_read(double: &Double, kql: &str, timespan: &str, at: i128, id: &str) -> Option<i128> {
+    let stored = double
+        .received_late
+        .lock()
+        .unwrap()
+        .get(id)
+        .copied()
+        .unwrap_or(at);
+    let (from, to) = timespan.split_once('/').unwrap();
+    if stored < parse_ticks(from) || stored >= parse_ticks(to) {
+        return None;
+    }
+    let read = if kql.contains(CALL_TIME) { at } else { stored };
+    match range_filter(kql) {
+        Some((from, to)) if read < from || read >= to => None,
+        _ => Some(read),
+    }
+}
+
+/// The calls a search reads: the double's, or the seven of [`default_calls`].
+fn calls_of(double: &Double) -> Vec<(i128, String)> {
+    let calls = double.calls.lock().unwrap().clone();
+    if calls.is_empty() {
+        default_calls()
+    } else {
+        calls
+    }
+}
+
 /// The keyset position of a search's next page, when it has one: the `datetime(…)` and the
 /// id of `TimeGenerated < at or (TimeGenerated == at and strcmp(CorrelationId, "id") < 0)`.
 fn after(kql: &str) -> Option<(i128, String)> {
@@ -266,7 +328,11 @@ async fn query(
     }
     let kql = body["query"].as_str().unwrap().to_owned();
     let timespan = body["timespan"].as_str().unwrap().to_owned();
-    double.queries.lock().unwrap().push((kql.clone(), timespan));
+    double
+        .queries
+        .lock()
+        .unwrap()
+        .push((kql.clone(), timespan.clone()));
     let compared = string_comparisons(&kql);
     if !compared.is_empty() {
         // A semantic error is fatal: 400 with the OneAPI error object (§4.1).
@@ -331,8 +397,18 @@ async fn query(
             ("BackendRequestBody", "string"),
             ("BackendResponseBody", "string"),
         ]);
-        let (at, id) = default_calls().swap_remove(0);
-        let mut row = summary_row(at, &id).as_array().unwrap().clone();
+        let (_, asked) = kql
+            .split_once("| where CorrelationId == \"")
+            .unwrap_or_else(|| panic!("no call asked for: {kql}"));
+        let asked = literal_value(asked).0;
+        let Some(at) = calls_of(&double)
+            .into_iter()
+            .filter(|(_, id)| *id == asked)
+            .find_map(|(at, id)| time_as_read(&double, &kql, &timespan, at, &id))
+        else {
+            return Json(json!({"tables": [table(&columns, json!([]))]})).into_response();
+        };
+        let mut row = summary_row(at, &asked).as_array().unwrap().clone();
         row.extend([
             json!("east"),
             json!("[]"),
@@ -364,10 +440,10 @@ async fn query(
             .and_then(|t| t.split('\n').next())
             .and_then(|t| t.trim().parse().ok())
             .unwrap();
-        let mut calls = double.calls.lock().unwrap().clone();
-        if calls.is_empty() {
-            calls = default_calls();
-        }
+        let mut calls: Vec<(i128, String)> = calls_of(&double)
+            .into_iter()
+            .filter_map(|(at, id)| Some((time_as_read(&double, &kql, &timespan, at, &id)?, id)))
+            .collect();
         calls.sort_by(|a, b| b.cmp(a));
         let cursor = after(&kql);
         let mut rows: Vec<Value> = calls
@@ -454,10 +530,11 @@ async fn figures_usage_search_and_call_come_from_the_query_api() {
     assert!(figures.warnings[0].contains("internal data size limit"));
     {
         let queries = double.queries.lock().unwrap();
-        assert_eq!(
-            queries[0].1,
-            "2026-12-01T00:00:00.000000Z/2026-12-02T00:00:00.000000Z"
-        );
+        // From the range's start to now: a row Azure received days after its call is stored
+        // with the time received in TimeGenerated, which the timespan filters on.
+        let (from, to) = queries[0].1.split_once('/').unwrap();
+        assert_eq!(from, "2026-12-01T00:00:00.000000Z");
+        assert!(to >= "2026-12-02T00:00:00.000000Z", "{to}");
         assert!(queries[0].0.starts_with("ApiManagementGatewayLogs_CL\n"));
     }
 
@@ -599,6 +676,53 @@ async fn figures_usage_search_and_call_come_from_the_query_api() {
     }
     // The token was fetched once and reused.
     assert_eq!(double.tokens_issued.load(Ordering::SeqCst), 1);
+}
+
+/// A call whose rows Azure received days after it (a journal replayed after a long outage): Azure
+/// stored the time received in `TimeGenerated`, the call's own time in `GatehouseTimeGenerated`.
+/// A search of the call's day finds it at its own time and place, and its detail shows that time.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_stored_days_late_is_found_and_shown_at_its_own_time() {
+    let (base, double) = start_double().await;
+    let calls = default_calls();
+    let (late_at, late_id) = calls[3].clone();
+    let received = OffsetDateTime::now_utc() - time::Duration::minutes(1);
+    double
+        .received_late
+        .lock()
+        .unwrap()
+        .insert(late_id.clone(), ticks(received));
+    let dir = tempfile::tempdir().unwrap();
+    let source = source(&base, &dir).await;
+
+    let page = source.search(&whole_day()).await.unwrap().value;
+    let found: Vec<(i128, String)> = page
+        .items
+        .iter()
+        .map(|row| (ticks(row.time_generated), row.correlation_id.clone()))
+        .collect();
+    assert_eq!(
+        found, calls,
+        "the late call among the others, at its own time"
+    );
+    {
+        let queries = double.queries.lock().unwrap();
+        let (kql, timespan) = queries.last().unwrap();
+        let (from, to) = timespan.split_once('/').unwrap();
+        assert_eq!(from, "2026-12-01T00:00:00.000000Z");
+        assert!(
+            parse_ticks(to) > ticks(received),
+            "{timespan}: the span reaches the time Azure received the call's rows"
+        );
+        assert!(
+            kql.starts_with(&format!("ApiManagementGatewayLogs_CL\n{CALL_TIME}")),
+            "{kql}"
+        );
+    }
+
+    let call = source.call(&late_id).await.unwrap().value.unwrap();
+    assert_eq!(call.row.correlation_id, late_id);
+    assert_eq!(ticks(call.row.time_generated), late_at);
 }
 
 /// 3,500 calls, seven in each microsecond, at its ticks 6, 6, 5, 4, 4, 3 and 1 (two pairs share

@@ -2,6 +2,12 @@
 //! sink writes (`ApiManagementGatewayLogs_CL`, `ApiManagementGatewayLlmLog_CL`; column names as in
 //! `gatehouse_audit::rows`).
 //!
+//! A call's time is its row's `GatehouseTimeGenerated` where the row has one, else its
+//! `TimeGenerated` (`rows_of`): Azure stores a row received more than two days after its call
+//! with the time received in `TimeGenerated` (see `gatehouse_audit::azure_monitor`, "Rows sent
+//! late"), so every query first puts the call's time in `TimeGenerated`, and filters, bins,
+//! orders and shows that.
+//!
 //! Nothing a user typed is ever placed in a query except through [`string_literal`], nor a value
 //! read back from the store except through [`escaped_literal`]; times are formatted from parsed
 //! values ([`datetime_literal`]), numbers from integers, column names from fixed enums.
@@ -9,7 +15,7 @@
 use std::fmt::Write as _;
 
 use super::{Dimension, Granularity, InsightsError, SearchRequest, TimeRange, UsageRequest};
-use gatehouse_audit::azure_monitor::ROW_ID_COLUMN;
+use gatehouse_audit::azure_monitor::{CALL_TIME_COLUMN, ROW_ID_COLUMN};
 use ipnet::IpNet;
 
 /// The gateway-log table (one row per call).
@@ -87,6 +93,17 @@ pub fn datetime_literal(at: time::OffsetDateTime) -> String {
     )
 }
 
+/// A table's rows with the call's own time in `TimeGenerated`: the sink's
+/// [`CALL_TIME_COLUMN`], else the stored `TimeGenerated` (rows written before the sink sent the
+/// column, and tables created before it was declared: `column_ifexists`). `extend` replaces a
+/// column of the same name (the "extend operator" reference: names "that already exist in the
+/// input are removed and appended as their new calculated values").
+fn rows_of(table: &str) -> String {
+    format!(
+        "{table}\n| extend TimeGenerated = coalesce(column_ifexists(\"{CALL_TIME_COLUMN}\", datetime(null)), TimeGenerated)\n"
+    )
+}
+
 fn time_filter(range: &TimeRange) -> String {
     format!(
         "| where TimeGenerated >= {} and TimeGenerated < {}",
@@ -105,7 +122,8 @@ fn deduplicated() -> String {
 /// The gateway-log rows of a range, each call once.
 fn calls_in(range: &TimeRange) -> String {
     format!(
-        "{GATEWAY_TABLE}\n{}\n{}\n",
+        "{}{}\n{}\n",
+        rows_of(GATEWAY_TABLE),
         time_filter(range),
         deduplicated()
     )
@@ -281,12 +299,12 @@ pub fn search(request: &SearchRequest, take: u32) -> Result<String, InsightsErro
     for (i, word) in words.iter().enumerate() {
         let word = string_literal(word)?;
         query.push_str(&format!(
-            "let text{i} = {LLM_TABLE}\n{}\n| where SequenceNumber > 0 and (RequestMessages has {word} or ResponseMessages has {word})\n| distinct CorrelationId;\n",
+            "let text{i} = {}{}\n| where SequenceNumber > 0 and (RequestMessages has {word} or ResponseMessages has {word})\n| distinct CorrelationId;\n",
+            rows_of(LLM_TABLE),
             time_filter(&request.range)
         ));
     }
-    query.push_str(GATEWAY_TABLE);
-    query.push('\n');
+    query.push_str(&rows_of(GATEWAY_TABLE));
     query.push_str(&time_filter(&request.range));
     query.push('\n');
     if let Some(user) = &request.user {
@@ -339,7 +357,8 @@ pub fn search(request: &SearchRequest, take: u32) -> Result<String, InsightsErro
 /// One call's gateway-log row.
 pub fn call(correlation_id: &str) -> Result<String, InsightsError> {
     Ok(format!(
-        "{GATEWAY_TABLE}\n| where CorrelationId == {}\n| take 1\n| project {SUMMARY_COLUMNS}, BackendId, Attempts, PromptTokens, CompletionTokens, TokensEstimated, TimeToFirstByte, RequestBodyTruncated, ResponseBodyTruncated, ClientAborted, ChainId, ChainSequence, RecordHash, BackendRequestBody, BackendResponseBody",
+        "{}| where CorrelationId == {}\n| take 1\n| project {SUMMARY_COLUMNS}, BackendId, Attempts, PromptTokens, CompletionTokens, TokensEstimated, TimeToFirstByte, RequestBodyTruncated, ResponseBodyTruncated, ClientAborted, ChainId, ChainSequence, RecordHash, BackendRequestBody, BackendResponseBody",
+        rows_of(GATEWAY_TABLE),
         string_literal(correlation_id)?
     ))
 }
@@ -637,6 +656,52 @@ mod tests {
         })
         .unwrap();
         assert!(only.contains(r#"| where Value in ("oid-1")"#), "{only}");
+    }
+
+    #[test]
+    fn every_query_takes_a_calls_time_from_its_own_column_first() {
+        let range = TimeRange::new(
+            datetime!(2026-12-01 00:00 UTC),
+            datetime!(2026-12-02 00:00 UTC),
+        )
+        .unwrap();
+        let usage_request = UsageRequest {
+            range,
+            granularity: Granularity::Hour,
+            dimension: Dimension::Model,
+            only: None,
+        };
+        let search_request = SearchRequest::parse(
+            &SearchForm {
+                from: "2026-12-01T00:00".into(),
+                to: "2026-12-02T00:00".into(),
+                text: "launch".into(),
+                ..SearchForm::default()
+            },
+            datetime!(2026-12-03 00:00 UTC),
+        )
+        .unwrap();
+        let call_time = "\n| extend TimeGenerated = coalesce(column_ifexists(\"GatehouseTimeGenerated\", datetime(null)), TimeGenerated)\n";
+        for query in [
+            figures(&range),
+            tokens_by_model(&range),
+            usage(&usage_request).unwrap(),
+            usage_totals(&usage_request).unwrap(),
+            search(&search_request, 51).unwrap(),
+            call("call-1").unwrap(),
+        ] {
+            let mut tables = 0;
+            for table in [GATEWAY_TABLE, LLM_TABLE] {
+                for (at, _) in query.match_indices(table) {
+                    tables += 1;
+                    assert!(
+                        query[at + table.len()..].starts_with(call_time),
+                        "{table} is read without the call's time: {query}"
+                    );
+                }
+            }
+            assert!(tables > 0, "{query}");
+        }
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! Wire format (`shared/reference/azure-specs.md` §4.1; Microsoft's "Query API" reference and
 //! "Azure Monitor Log Analytics API response format"):
 //! - `POST {endpoint}/v1/workspaces/{workspace id}/query` with `Authorization: Bearer …` and the
-//!   JSON body `{"query": KQL, "timespan": ISO 8601 interval}`;
+//!   JSON body `{"query": KQL, "timespan": ISO 8601 interval}` (applied to the stored
+//!   `TimeGenerated`: a range's runs on to now, as a row Azure received days after its call is
+//!   stored with the time received, see `stored_timespan`);
 //! - the answer is `{"tables": [{"name", "columns": [{"name", "type"}], "rows": [[…]]}]}`; a
 //!   non-fatal problem comes as 200 with an additional `"error": {"code": "PartialError",
 //!   "message", "details": [{"message", …}]}`, shown to the user as a warning; a fatal one as a
@@ -339,6 +341,18 @@ fn call_row(cells: &Cells<'_>, row: &[Value]) -> Result<CallRow, InsightsError> 
     })
 }
 
+/// The Query API's `timespan` for the calls of `range`. The API applies it to the stored
+/// `TimeGenerated`, which for a row Azure received more than two days after its call is the time
+/// received, while the queries filter on the call's own time (see [`kql`]): the span runs from
+/// the range's start to its end or now, whichever is later, so that such a row is still found.
+fn stored_timespan(range: &TimeRange) -> String {
+    TimeRange {
+        from: range.from,
+        to: range.to.max(OffsetDateTime::now_utc()),
+    }
+    .iso_interval()
+}
+
 fn retry_after(response: &reqwest::Response) -> Duration {
     let seconds = response
         .headers()
@@ -544,7 +558,7 @@ impl LogAnalyticsSource {
     }
 
     async fn figures_of(&self, range: TimeRange) -> Result<Answer<Figures>, InsightsError> {
-        let timespan = range.iso_interval();
+        let timespan = stored_timespan(&range);
         let (tables, mut warnings) = self.query(&kql::figures(&range), &timespan).await?;
         let table = first_table(&tables)?;
         let cells = Cells { table };
@@ -590,7 +604,7 @@ impl LogAnalyticsSource {
         request: &UsageRequest,
     ) -> Result<Answer<Vec<UsagePoint>>, InsightsError> {
         let (tables, warnings) = self
-            .query(&kql::usage(request)?, &request.range.iso_interval())
+            .query(&kql::usage(request)?, &stored_timespan(&request.range))
             .await?;
         let table = first_table(&tables)?;
         let cells = Cells { table };
@@ -622,7 +636,10 @@ impl LogAnalyticsSource {
         request: &UsageRequest,
     ) -> Result<Answer<Vec<UsageTotal>>, InsightsError> {
         let (tables, warnings) = self
-            .query(&kql::usage_totals(request)?, &request.range.iso_interval())
+            .query(
+                &kql::usage_totals(request)?,
+                &stored_timespan(&request.range),
+            )
             .await?;
         let table = first_table(&tables)?;
         let cells = Cells { table };
@@ -650,7 +667,7 @@ impl LogAnalyticsSource {
         let (tables, warnings) = self
             .query(
                 &kql::search(request, limit + 1)?,
-                &request.range.iso_interval(),
+                &stored_timespan(&request.range),
             )
             .await?;
         let table = first_table(&tables)?;
