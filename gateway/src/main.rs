@@ -594,12 +594,23 @@ async fn serve(file: ConfigFile, config: &Path) -> anyhow::Result<()> {
         drain_seconds = settings.shutdown_drain_seconds,
         "shutting down; draining in-flight calls"
     );
-    listening.shutdown(Duration::from_secs(settings.shutdown_drain_seconds));
+    let drain = Duration::from_secs(settings.shutdown_drain_seconds);
+    let drain_ends = tokio::time::Instant::now() + drain;
+    listening.shutdown(drain);
     // A server that failed still has its calls' records to flush: its error is returned after.
     let served = task
         .await
         .map_err(anyhow::Error::from)
         .and_then(|served| served.map_err(anyhow::Error::from));
+    // An upgraded connection (a Realtime session) is not one the server's drain waited for: what
+    // is left of the drain is the sessions', to end by themselves. Those still open after it are
+    // closed with the calls below.
+    if let Err(open) = gateway.realtime_sessions_ended(drain_ends).await {
+        tracing::info!(
+            open,
+            "Realtime sessions still open when the drain ended are closed"
+        );
+    }
     // The drain is over and every connection closed, but calls cut off by it go on on tasks of
     // their own (waiting for an answer's head, or reading the rest of one for the record): they
     // stop waiting now and hand their records on, and only then is the queue flushed.

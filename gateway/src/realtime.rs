@@ -32,9 +32,19 @@
 //! Realtime idle timeout (`server.realtime_idle_timeout_seconds`) is closed on both sides, so a
 //! client gone without closing its connection does not hold a member's session; a side that
 //! leaves an event untaken for the send timeout (`server.send_timeout_seconds`) ends it too.
+//!
+//! A client that leaves (closes, drops its connection, stalls) while responses still run does not
+//! take their tokens with it: as the rest of an HTTP answer after its client hung up, the member
+//! is read on, bounded, for their `response.done` events, which are charged and recorded as
+//! before; a response that never gets one (a bound ran out, the member broke off, the session
+//! ended otherwise) is charged the tokens of the text its deltas carried.
+//!
+//! An upgraded connection no longer counts for the server's shutdown drain: the sessions open
+//! are counted here instead, and the shutdown gives them what is left of its drain
+//! ([`Gateway::realtime_sessions_ended`]) before it closes them.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::FromRequestParts as _;
@@ -47,6 +57,7 @@ use http::request::Parts;
 use http::{HeaderValue, StatusCode, header};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest as _};
+use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use crate::app::{self, Gateway};
@@ -62,6 +73,7 @@ use crate::record::{CallRecord, millis};
 use crate::retry_hint;
 use crate::runtime::Runtime;
 use crate::upstream::{WebSocketRefusal, WebSocketTransport};
+use crate::usage::Encoding;
 
 /// How long a member has to finish the WebSocket handshake once connected.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -76,6 +88,26 @@ const IDLE_REASON: &str = "realtime_idle_timeout";
 /// The record's `LastErrorReason` for a session whose client left an event untaken for the send
 /// timeout.
 const CLIENT_STALLED_REASON: &str = "client_send_timeout";
+
+/// After a client leaves with responses still running, how long and how much more of the member
+/// is read for their `response.done` events: the bounds of an HTTP answer's rest after its
+/// client hung up (`proxy`'s drain).
+const DRAIN_TIME: Duration = Duration::from_secs(60);
+const DRAIN_BYTES: u64 = 16 * 1024 * 1024;
+
+/// After a client left, how long a response it asked for may take to start (`response.created`)
+/// before it is no longer waited for: the member answers a `response.create` at once, with
+/// that or an `error` event, which may not name it (a client event without `event_id`).
+const ASK_ANSWER_LIMIT: Duration = Duration::from_secs(5);
+
+/// How much of the text of a running response's deltas is kept for its estimate; beyond it,
+/// bytes are counted four to a token.
+const ESTIMATE_TEXT_LIMIT: usize = 1024 * 1024;
+
+/// The sessions of this process whose records are not finished yet, from their 101 on: an
+/// upgraded connection is no longer one the server's shutdown drain waits for
+/// ([`Gateway::realtime_sessions_ended`]). Process-wide: a gateway process serves one gateway.
+static OPEN_SESSIONS: LazyLock<TaskTracker> = LazyLock::new(TaskTracker::new);
 
 /// The member's side of a session.
 type MemberSocket = tokio_tungstenite::WebSocketStream<WebSocketTransport>;
@@ -157,6 +189,7 @@ pub(crate) async fn serve(
     }
     record.record.backend_response_code = Some(101);
     let in_flight = gateway.calls.enter();
+    let open_session = OPEN_SESSIONS.token();
     let span = tracing::Span::current();
     // The session goes to whichever of the two callbacks runs: a client gone between the 101 and
     // the upgrade still gets its record.
@@ -185,9 +218,24 @@ pub(crate) async fn serve(
                     session.relay(client).await;
                 }
                 drop(in_flight);
+                drop(open_session);
             }
             .instrument(span)
         })
+}
+
+impl Gateway {
+    /// Waits, until `until` at most, for the Realtime sessions still open to end by themselves
+    /// (closed by their clients or members); `Err` with how many are open then. For the shutdown,
+    /// once the server's drain is over: an upgraded connection is not one that drain waits for,
+    /// so what is left of it is the sessions'. Those still open after it are closed when the
+    /// calls are stopped ([`crate::in_flight::CallsInFlight::stop`]).
+    pub async fn realtime_sessions_ended(&self, until: tokio::time::Instant) -> Result<(), usize> {
+        OPEN_SESSIONS.close();
+        tokio::time::timeout_at(until, OPEN_SESSIONS.wait())
+            .await
+            .map_err(|_| OPEN_SESSIONS.len())
+    }
 }
 
 /// Judges the handshake and opens the member's side.
@@ -462,12 +510,57 @@ struct Session {
     /// Every response's output items.
     output: Vec<Value>,
     usage: Option<TokenUsage>,
-    /// Reservations of the client's `response.create` events not answered by a `response.done`
-    /// yet, oldest first.
-    pending: VecDeque<Option<Reservation>>,
+    /// The client's `response.create` events not answered by a `response.done` yet, oldest
+    /// first.
+    pending: VecDeque<Asked>,
+    /// The responses the member started that have not ended yet.
+    running: Vec<RunningResponse>,
     /// Bytes from the client and to it.
     bytes_in: u64,
     bytes_out: u64,
+}
+
+/// A `response.create` of the client's that no `response.done` answered yet.
+struct Asked {
+    /// Its reservation under the caller's limits; none when no rule applied.
+    reservation: Option<Reservation>,
+    /// Its `event_id`, by which the member's `error` event names it if refused.
+    event_id: Option<String>,
+}
+
+/// A response the member started (`response.created`) that has not ended yet (no
+/// `response.done`), and what it is charged if it never does.
+struct RunningResponse {
+    id: String,
+    /// The text its deltas carried so far (text, transcripts, function arguments; audio is not
+    /// read), up to [`ESTIMATE_TEXT_LIMIT`].
+    text: String,
+    /// Bytes of delta text beyond that limit.
+    beyond: u64,
+}
+
+impl RunningResponse {
+    fn new(id: &str) -> RunningResponse {
+        RunningResponse {
+            id: id.to_owned(),
+            text: String::new(),
+            beyond: 0,
+        }
+    }
+
+    /// Adds the text of one of its deltas.
+    fn add(&mut self, delta: &str) {
+        if self.text.len() + delta.len() <= ESTIMATE_TEXT_LIMIT {
+            self.text.push_str(delta);
+        } else {
+            self.beyond += delta.len() as u64;
+        }
+    }
+
+    /// Its tokens so far, estimated from its deltas' text (blocking: the tokenizer).
+    fn estimate(&self, encoding: Encoding) -> u64 {
+        encoding.count(&self.text) + self.beyond.div_ceil(4)
+    }
 }
 
 /// How a session ended, for the record.
@@ -520,6 +613,7 @@ impl Session {
             output: Vec::new(),
             usage: None,
             pending: VecDeque::new(),
+            running: Vec::new(),
             bytes_in: 0,
             bytes_out: 0,
         }
@@ -527,7 +621,8 @@ impl Session {
 
     /// Relays events both ways until one side closes, then finishes the record. A side that
     /// leaves an event untaken for the send timeout, or a session that passes no traffic either way
-    /// for the Realtime idle timeout, ends the session.
+    /// for the Realtime idle timeout, ends the session. A client that leaves while responses run
+    /// leaves the member's side open until they are done ([`Session::read_after_client`]).
     async fn relay(mut self, mut client: WebSocket) {
         let Some(mut member) = self.socket.take() else {
             return;
@@ -547,25 +642,24 @@ impl Session {
                 from_client = client.recv() => {
                     let message = match from_client {
                         Some(Ok(message)) => message,
-                        // Gone without a close frame: the member's side is closed for it. A
-                        // read also flushes what waits to be sent (a pong, a close): its send
-                        // deadline may be what failed it.
-                        Some(Err(error)) => {
-                            close_member(&mut member).await;
-                            break client_send_failed(&error);
-                        }
-                        None => {
-                            close_member(&mut member).await;
-                            break Ended::Client;
-                        }
+                        // Gone without a close frame. A read also flushes what waits to be sent
+                        // (a pong, a close): its send deadline may be what failed it.
+                        Some(Err(error)) => break client_send_failed(&error),
+                        None => break Ended::Client,
                     };
                     last_frame = tokio::time::Instant::now();
                     let closing = matches!(message, ws::Message::Close(_));
+                    if closing && self.responses_running() {
+                        // The member ends its responses at a close, unfinished and unbilled
+                        // here: its side is closed once they are done. The client's closing
+                        // handshake is finished now.
+                        let _ = tokio::time::timeout(WITHDRAW_NOTICE_LIMIT, client.close()).await;
+                        break Ended::Client;
+                    }
                     if let Some(refusal) = self.note_client(&message).await {
                         // A response the caller's limits refuse: the client is told, the
                         // member never sees it.
                         if let Err(error) = client.send(ws::Message::Text(refusal.into())).await {
-                            close_member(&mut member).await;
                             break client_send_failed(&error);
                         }
                         continue;
@@ -596,10 +690,10 @@ impl Session {
                         last_frame = tokio::time::Instant::now();
                     }
                     let closing = matches!(message, tungstenite::Message::Close(_));
+                    self.bytes_out += data_len(&message);
                     self.note_member(&message).await;
                     let Some(message) = to_client(message) else { continue };
                     if let Err(error) = client.send(message).await {
-                        close_member(&mut member).await;
                         break client_send_failed(&error);
                     }
                     last_frame = tokio::time::Instant::now();
@@ -608,6 +702,11 @@ impl Session {
                     }
                 }
                 () = self.gateway.calls.stopped() => {
+                    // The drain is over: responses under way are cut, their client does not
+                    // get them (as a call cut by it, the record says client-aborted).
+                    if !self.running.is_empty() {
+                        self.record.record.client_aborted = true;
+                    }
                     let going = client.send(close_message(1001, "the gateway is shutting down"));
                     let _ = tokio::time::timeout(WITHDRAW_NOTICE_LIMIT, going).await;
                     close_member(&mut member).await;
@@ -636,7 +735,126 @@ impl Session {
                 }
             }
         };
+        if matches!(ended, Ended::Client | Ended::ClientStalled) {
+            // The client left: the member's side is closed for it, once the responses it
+            // left running are done.
+            drop(client);
+            self.read_after_client(&mut member).await;
+            close_member(&mut member).await;
+        }
+        self.charge_cut_responses().await;
         self.finish(ended);
+    }
+
+    /// Whether responses run: asked for and not done, or started by the member and not done.
+    fn responses_running(&self) -> bool {
+        !self.pending.is_empty() || !self.running.is_empty()
+    }
+
+    /// Reads the member on after the client left while responses ran, until each is done, so
+    /// that their `response.done` events are charged and recorded as while the client was
+    /// there; nothing goes to the client, and the record says client-aborted once a response is
+    /// under way. Bounded as the rest of an HTTP answer whose client hung up: [`DRAIN_TIME`] and
+    /// [`DRAIN_BYTES`] in all, the member's `response_idle_timeout_ms` between two messages, and
+    /// the end of the shutdown's drain. A bound that runs out, or a member that breaks off,
+    /// leaves its reason on the record; what is still running then is charged by its deltas
+    /// ([`Session::charge_cut_responses`]). A response asked for and not started yet is waited
+    /// for [`ASK_ANSWER_LIMIT`] only: the member may have refused it without naming it.
+    async fn read_after_client(&mut self, member: &mut MemberSocket) {
+        let deadline = tokio::time::Instant::now() + DRAIN_TIME;
+        let idle = Duration::from_millis(self.member.config.response_idle_timeout_ms);
+        let mut drained: u64 = 0;
+        while self.responses_running() {
+            let under_way = !self.running.is_empty();
+            if under_way {
+                self.record.record.client_aborted = true;
+            }
+            let quiet = if under_way {
+                idle
+            } else {
+                idle.min(ASK_ANSWER_LIMIT)
+            };
+            let wait_until = deadline.min(tokio::time::Instant::now() + quiet);
+            let next = tokio::select! {
+                biased;
+                () = self.gateway.calls.stopped() => {
+                    self.record.record.last_error_reason =
+                        Some(crate::in_flight::SHUTDOWN_REASON.to_owned());
+                    return;
+                }
+                next = tokio::time::timeout_at(wait_until, member.next()) => next,
+            };
+            let reason = match next {
+                Ok(Some(Ok(message))) => {
+                    // The member ended the session itself.
+                    if matches!(message, tungstenite::Message::Close(_)) {
+                        return;
+                    }
+                    drained += message.len() as u64;
+                    self.note_member(&message).await;
+                    if drained <= DRAIN_BYTES {
+                        continue;
+                    }
+                    "drain_size_exceeded"
+                }
+                Ok(Some(Err(_)) | None) => {
+                    crate::proxy::set_aside_after_cut(&self.member);
+                    "backend_stream_failed"
+                }
+                // Nothing started: the asks left are taken as refused.
+                Err(_) if !under_way => return,
+                // Silent mid-response: set aside as a member whose answer stalls.
+                Err(_) if wait_until < deadline => {
+                    crate::proxy::set_aside_after_cut(&self.member);
+                    "response_idle_timeout"
+                }
+                Err(_) => "drain_time_exceeded",
+            };
+            self.record.record.last_error_reason = Some(reason.to_owned());
+            return;
+        }
+    }
+
+    /// Charges the responses still running when the session ended (their `response.done` never
+    /// came) the tokens of the text their deltas carried, and adds them to the record's usage,
+    /// which then says it holds an estimate. Audio is not counted: a spoken answer is charged its
+    /// transcript.
+    async fn charge_cut_responses(&mut self) {
+        let running = std::mem::take(&mut self.running);
+        if running.is_empty() {
+            return;
+        }
+        let model = self
+            .record
+            .record
+            .model_name
+            .clone()
+            .or_else(|| self.call.deployment.clone())
+            .unwrap_or_default();
+        let encoding = Encoding::for_model(&model);
+        // The tokenizer may have to be loaded first: off the runtime's workers.
+        let counted = tokio::task::spawn_blocking(move || {
+            running
+                .iter()
+                .map(|response| response.estimate(encoding))
+                .sum::<u64>()
+        })
+        .await;
+        let tokens = match counted {
+            Ok(tokens) => tokens,
+            Err(error) => {
+                tracing::warn!(%error, "the tokens of Realtime responses cut short could not be counted");
+                return;
+            }
+        };
+        if tokens == 0 {
+            return;
+        }
+        let total = self.usage.get_or_insert(TokenUsage::default());
+        total.completion_tokens += tokens;
+        total.total_tokens += tokens;
+        total.is_estimate = true;
+        self.charge(tokens).await;
     }
 
     /// Judges the caller again under the snapshot the gateway runs now: its subscription key
@@ -754,13 +972,23 @@ impl Session {
     async fn admit_response(&mut self, event: &Value) -> Option<String> {
         // Judged by the rules the gateway runs now: a push during the session applies to it.
         let runtime = self.gateway.runtime();
+        let event_id = event
+            .get("event_id")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
         if runtime.snapshot.limits.is_empty() {
-            self.pending.push_back(None);
+            self.pending.push_back(Asked {
+                reservation: None,
+                event_id,
+            });
             return None;
         }
         match app::limit(&self.gateway, &runtime, &self.principal, &self.call).await {
             Ok(mut admission) => {
-                self.pending.push_back(admission.take_reservation());
+                self.pending.push_back(Asked {
+                    reservation: admission.take_reservation(),
+                    event_id,
+                });
                 None
             }
             Err(error) => {
@@ -777,24 +1005,19 @@ impl Session {
         }
     }
 
-    /// Notes a member's message.
+    /// Notes a member's message (its size is counted by the caller, as sent to the client).
     async fn note_member(&mut self, message: &tungstenite::Message) {
-        let text = match message {
-            tungstenite::Message::Text(text) => text.as_str(),
-            tungstenite::Message::Binary(bytes) => {
-                self.bytes_out += bytes.len() as u64;
-                return;
-            }
-            _ => return,
+        let tungstenite::Message::Text(text) = message else {
+            return;
         };
-        self.bytes_out += text.len() as u64;
+        let text = text.as_str();
         self.record
             .record
             .time_to_first_byte
             .get_or_insert_with(|| millis(self.record.started.elapsed()));
-        // Deltas (audio ones are large) are neither kept nor read: told by their type, which the
-        // member writes first, without parsing them.
-        if leading_type_is(text, |kind| kind.ends_with(".delta")) {
+        // Audio deltas (large) are neither kept nor read: told by their type, which the member
+        // writes first, without parsing them.
+        if leading_type_is(text, is_audio_delta) {
             return;
         }
         let Ok(event) = serde_json::from_str::<Value>(text) else {
@@ -804,17 +1027,61 @@ impl Session {
             .get("type")
             .and_then(Value::as_str)
             .unwrap_or_default();
-        if !kind.ends_with(".delta") {
-            keep_line(&mut self.received, text);
+        // Other deltas are not kept either (each `*.done` holds the whole), but the text they
+        // add to a running response is what it is charged if it is cut.
+        if kind.ends_with(".delta") {
+            if !is_audio_delta(kind) {
+                self.note_delta(&event);
+            }
+            return;
         }
+        keep_line(&mut self.received, text);
         match kind {
             "session.created" | "session.updated" => {
                 if let Some(model) = event.pointer("/session/model").and_then(Value::as_str) {
                     self.record.record.model_name = Some(model.to_owned());
                 }
             }
+            "response.created" => {
+                if let Some(id) = event.pointer("/response/id").and_then(Value::as_str) {
+                    self.running.push(RunningResponse::new(id));
+                }
+            }
             "response.done" => self.response_done(&event).await,
+            "error" => self.ask_refused(&event),
             _ => {}
+        }
+    }
+
+    /// Adds the text of a delta (`delta`) to the running response it belongs to (`response_id`).
+    fn note_delta(&mut self, event: &Value) {
+        let (Some(id), Some(delta)) = (
+            event.get("response_id").and_then(Value::as_str),
+            event.get("delta").and_then(Value::as_str),
+        ) else {
+            return;
+        };
+        if let Some(response) = self.running.iter_mut().find(|response| response.id == id) {
+            response.add(delta);
+        }
+    }
+
+    /// A member's `error` event that names a `response.create` still waiting (its `event_id`):
+    /// the member refused it, so no `response.done` will answer it, and its reservation is
+    /// given back.
+    fn ask_refused(&mut self, event: &Value) {
+        let Some(refused) = event.pointer("/error/event_id").and_then(Value::as_str) else {
+            return;
+        };
+        let Some(at) = self
+            .pending
+            .iter()
+            .position(|asked| asked.event_id.as_deref() == Some(refused))
+        else {
+            return;
+        };
+        if let Some(reservation) = self.pending.remove(at).and_then(|asked| asked.reservation) {
+            self.gateway.limiter.reconcile(reservation, Some(0));
         }
     }
 
@@ -822,6 +1089,9 @@ impl Session {
     /// `response.create` it answers settled with its tokens.
     async fn response_done(&mut self, event: &Value) {
         let response = event.get("response").unwrap_or(&Value::Null);
+        if let Some(id) = response.get("id").and_then(Value::as_str) {
+            self.running.retain(|running| running.id != id);
+        }
         if let Some(items) = response.get("output").and_then(Value::as_array) {
             self.output.extend(items.iter().cloned());
         }
@@ -840,7 +1110,7 @@ impl Session {
         // (of no tokens: the gateway reads no maximum in it) is given back. A response the
         // member started by itself (voice activity) has no reservation. With Redis, the relay
         // waits for the charge (at most the store's timeout) so that the next response sees it.
-        let reserved = self.pending.pop_front().flatten();
+        let reserved = self.pending.pop_front().and_then(|asked| asked.reservation);
         match (reserved, tokens) {
             (Some(reservation), Some(tokens)) => {
                 self.gateway.limiter.reconcile(reservation, Some(0));
@@ -890,7 +1160,11 @@ impl Session {
             Ended::ClientGone => record.record.client_aborted = true,
             Ended::ClientStalled => {
                 record.record.client_aborted = true;
-                record.record.last_error_reason = Some(CLIENT_STALLED_REASON.to_owned());
+                // A reason of the reading on after it (a bound that ran out) says more.
+                record
+                    .record
+                    .last_error_reason
+                    .get_or_insert_with(|| CLIENT_STALLED_REASON.to_owned());
             }
             Ended::Idle => record.record.last_error_reason = Some(IDLE_REASON.to_owned()),
             Ended::MemberBroke => {
@@ -905,11 +1179,16 @@ impl Session {
                 record.record.last_error_reason = Some(reason.to_owned());
             }
         }
-        // Responses still open when the session ended keep their reservations charged; the
-        // session's own reservation (the handshake's, of no tokens) is settled at none: the
-        // tokens of responses the member started by itself were charged as each ended.
+        // Responses still open when the session ended keep their reservations charged (and were
+        // charged their deltas, see `charge_cut_responses`); the session's own reservation (the
+        // handshake's, of no tokens) is settled at none: the tokens of responses the member
+        // started by itself were charged as each ended.
         let mut holds = record.take_holds();
-        for reservation in self.pending.into_iter().flatten() {
+        for reservation in self
+            .pending
+            .into_iter()
+            .filter_map(|asked| asked.reservation)
+        {
             self.gateway.limiter.reconcile(reservation, None);
         }
         if let Some(reservation) = holds.reservation.take() {
@@ -960,6 +1239,20 @@ fn leading_type_is(text: &str, matches: impl Fn(&str) -> bool) -> bool {
     match rest.find(['"', '\\']) {
         Some(end) if rest.as_bytes()[end] == b'"' => matches(&rest[..end]),
         _ => false,
+    }
+}
+
+/// Whether an event type is an audio delta (`response.audio.delta`, `response.output_audio.delta`):
+/// base64 audio, large, never read.
+fn is_audio_delta(kind: &str) -> bool {
+    kind.ends_with("audio.delta")
+}
+
+/// The bytes of a message's data (text or binary); control frames count none.
+fn data_len(message: &tungstenite::Message) -> u64 {
+    match message {
+        tungstenite::Message::Text(_) | tungstenite::Message::Binary(_) => message.len() as u64,
+        _ => 0,
     }
 }
 
@@ -1109,5 +1402,16 @@ mod tests {
         ));
         assert!(!leading_type_is(r#"{"type":"x.\u0064elta"}"#, delta));
         assert!(!leading_type_is("not json", delta));
+    }
+
+    #[test]
+    fn a_running_response_is_estimated_from_the_text_of_its_deltas() {
+        let mut response = RunningResponse::new("resp_1");
+        response.add("Hello");
+        response.add(" there");
+        assert_eq!(response.estimate(Encoding::O200kBase), 2);
+        // Past the text kept, four bytes to a token.
+        response.add(&"a".repeat(ESTIMATE_TEXT_LIMIT));
+        assert_eq!(response.estimate(Encoding::O200kBase), 2 + 262_144);
     }
 }

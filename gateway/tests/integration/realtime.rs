@@ -1333,3 +1333,284 @@ async fn a_long_message_a_slow_member_keeps_taking_goes_through() {
     let record = gw.records(1).await.remove(0);
     assert_eq!(record.last_error_reason, None);
 }
+
+/// What an [`interrupted_member`] does with its response once the test lets it go on.
+#[derive(Clone, Copy)]
+enum Rest {
+    /// Sends the rest of [`response_events`]: `response.text.done`, then `response.done` with
+    /// the usage.
+    Finish,
+    /// Drops its connection without a close frame, the response unfinished.
+    HangUp,
+}
+
+/// A Realtime member double whose response is still running when its client leaves: a
+/// `response.create` is answered at once with `response.created` and the two deltas of
+/// [`response_events`], and the rest ([`Rest`]) waits until the returned `Notify` is notified.
+/// Meanwhile the member reads nothing (a close of the gateway's waits unread).
+async fn interrupted_member(rest: Rest) -> (String, Arc<tokio::sync::Notify>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let go_on = Arc::new(tokio::sync::Notify::new());
+    let released = Arc::clone(&go_on);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let go_on = Arc::clone(&released);
+            tokio::spawn(async move {
+                let Ok(mut socket) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                let created = json!({"type": "session.created", "event_id": "event_1", "session": {"id": "sess_1", "object": "realtime.session", "model": "gpt-4o-realtime-preview-2024-12-17", "modalities": ["text"]}});
+                if socket
+                    .send(Message::Text(created.to_string().into()))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                while let Some(Ok(message)) = socket.next().await {
+                    let Message::Text(text) = message else {
+                        continue;
+                    };
+                    let event: Value = serde_json::from_str(text.as_str()).unwrap();
+                    if event["type"] != "response.create" {
+                        continue;
+                    }
+                    let mut events = response_events("resp_1");
+                    let later = events.split_off(3);
+                    for event in events {
+                        if socket
+                            .send(Message::Text(event.to_string().into()))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    go_on.notified().await;
+                    match rest {
+                        Rest::Finish => {
+                            for event in later {
+                                if socket
+                                    .send(Message::Text(event.to_string().into()))
+                                    .await
+                                    .is_err()
+                                {
+                                    return;
+                                }
+                            }
+                        }
+                        Rest::HangUp => return,
+                    }
+                }
+            });
+        }
+    });
+    (url, go_on)
+}
+
+/// A gateway on the one member at `member_url` whose callers have a daily quota of `tokens`.
+async fn quota_gateway(member_url: &str, tokens: u64) -> TestGateway {
+    let mut config = snapshot(1, realtime_pool(json!([member("voice", member_url, 1)])));
+    config.limits = serde_json::from_value(json!([
+        {"id": "voice-daily", "subject": {"kind": "each_subscription"},
+         "token_quota": {"tokens": tokens, "period": "daily"}}
+    ]))
+    .unwrap();
+    TestGateway::start(config).await
+}
+
+/// Asks for a response on a new session through `gw` and reads what the member sends of it at
+/// once: `response.created` and two deltas.
+async fn session_with_a_running_response(
+    gw: &TestGateway,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    let mut socket = open_session(&gw.url).await;
+    socket.send(response_create()).await.unwrap();
+    let kinds: Vec<Value> = [
+        next_event(&mut socket).await,
+        next_event(&mut socket).await,
+        next_event(&mut socket).await,
+    ]
+    .iter()
+    .map(|event| event["type"].clone())
+    .collect();
+    assert_eq!(
+        kinds,
+        [
+            "response.created",
+            "response.text.delta",
+            "response.text.delta"
+        ]
+    );
+    socket
+}
+
+/// How a client leaves a session.
+#[derive(Debug, Clone, Copy)]
+enum Leave {
+    /// A close frame, and the gateway's answer to it read.
+    Close,
+    /// Its connection dropped, without a close frame.
+    Drop,
+}
+
+impl Leave {
+    /// Leaves `socket` this way; returns once the gateway has let go of the client's side (for
+    /// a dropped connection, after a moment in which it sees the connection gone).
+    async fn leave(
+        self,
+        mut socket: tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+    ) {
+        match self {
+            Leave::Close => {
+                socket.close(None).await.unwrap();
+                // The connection ends once the gateway has taken the close.
+                tokio::time::timeout(std::time::Duration::from_secs(10), async {
+                    while let Some(Ok(_)) = socket.next().await {}
+                })
+                .await
+                .expect("the gateway ends the connection within 10 s");
+            }
+            Leave::Drop => {
+                drop(socket);
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// A client that leaves while a response is still running — with a close frame or by dropping
+/// its connection — does not take the response's tokens with it: the gateway reads the member on
+/// (and does not pass the close on while the response runs, which would end it), charges the
+/// usage of its `response.done` to the caller's quota, so that the caller's next session is
+/// refused, and the record carries that usage, client-aborted.
+#[tokio::test]
+async fn a_response_its_client_left_running_is_charged_when_it_is_done() {
+    for leave in [Leave::Close, Leave::Drop] {
+        let (member_url, go_on) = interrupted_member(Rest::Finish).await;
+        // The response's 30 tokens are more than the 25 of the quota.
+        let gw = quota_gateway(&member_url, 25).await;
+        let socket = session_with_a_running_response(&gw).await;
+        leave.leave(socket).await;
+        go_on.notify_one();
+        let record = gw.records(1).await.remove(0);
+        let usage = record
+            .usage
+            .unwrap_or_else(|| panic!("{leave:?}: no usage"));
+        assert_eq!(
+            (
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                usage.total_tokens
+            ),
+            (20, 10, 30),
+            "{leave:?}"
+        );
+        assert!(!usage.is_estimate, "{leave:?}");
+        assert!(record.client_aborted, "{leave:?}");
+        assert_eq!(record.last_error_reason, None, "{leave:?}");
+        let answer = record.response_messages.unwrap_or_default();
+        assert!(answer.contains("Hello there"), "{leave:?}: {answer}");
+        let refused = connect(&gw.url, SESSION_PATH, Some(KEY)).await.unwrap_err();
+        let tokio_tungstenite::tungstenite::Error::Http(answer) = refused else {
+            panic!("{leave:?}: {refused:?}");
+        };
+        assert_eq!(answer.status().as_u16(), 403, "{leave:?}");
+    }
+}
+
+/// A member that breaks off a response its client left running: the response is charged what
+/// its deltas carried ("Hello", " there": 2 tokens, an estimate), so that a caller with a quota of
+/// 1 is refused its next session, and the record says the member's side failed.
+#[tokio::test]
+async fn a_response_broken_off_after_its_client_left_is_charged_its_deltas() {
+    let (member_url, go_on) = interrupted_member(Rest::HangUp).await;
+    let gw = quota_gateway(&member_url, 1).await;
+    let socket = session_with_a_running_response(&gw).await;
+    Leave::Close.leave(socket).await;
+    go_on.notify_one();
+    let record = gw.records(1).await.remove(0);
+    let usage = record.usage.expect("an estimate of the response's tokens");
+    assert_eq!((usage.completion_tokens, usage.total_tokens), (2, 2));
+    assert!(usage.is_estimate);
+    assert!(record.client_aborted);
+    assert_eq!(
+        record.last_error_reason.as_deref(),
+        Some("backend_stream_failed")
+    );
+    let refused = connect(&gw.url, SESSION_PATH, Some(KEY)).await.unwrap_err();
+    let tokio_tungstenite::tungstenite::Error::Http(answer) = refused else {
+        panic!("{refused:?}");
+    };
+    assert_eq!(answer.status().as_u16(), 403);
+}
+
+/// A shutdown lets open Realtime sessions run through its drain (an upgraded connection is no
+/// longer one the server's drain counts): a session open when SIGTERM comes still gets its
+/// response after the gateway stopped taking connections, and is closed with 1001 once the
+/// drain (two seconds here) is over; its record has the response's usage and says the shutdown
+/// ended it.
+#[tokio::test]
+async fn a_shutdown_lets_realtime_sessions_run_until_its_drain_is_over() {
+    let (member_url, _seen) = realtime_member(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let gateway = GatewayProcess::start_with(
+        "realtime-drain",
+        &snapshot(1, realtime_pool(json!([member("voice", &member_url, 1)]))),
+        json!({"shutdown_drain_seconds": 2, "audit": {"jsonl": audit}}),
+    )
+    .await;
+    let url = gateway.url.clone();
+    let mut socket = open_session(&url).await;
+    let stopping = tokio::spawn(gateway.terminate());
+    // The drain has begun once the gateway takes no new connections.
+    let address = url.trim_start_matches("http://").to_owned();
+    let mut draining = false;
+    for _ in 0..400 {
+        if tokio::net::TcpStream::connect(&address).await.is_err() {
+            draining = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(draining, "the gateway still takes connections");
+    // A moment in which a gateway that did not wait for the session would have closed it.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    socket.send(user_message("Say hello")).await.unwrap();
+    socket.send(response_create()).await.unwrap();
+    let events = events_until(&mut socket, "response.done").await;
+    assert!(
+        events.iter().any(|e| e["type"] == "response.text.delta"),
+        "{events:?}"
+    );
+    let close = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(_)) => {}
+                other => panic!("the session ended without a close frame: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the close frame within 10 s");
+    assert_eq!(close.map(|frame| u16::from(frame.code)), Some(1001));
+    let log = stopping.await.unwrap();
+    assert!(!log.contains("records lost"), "{log}");
+    let records: Vec<Value> = std::fs::read_to_string(&audit)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(records.len(), 1, "{records:?}\n{log}");
+    let record = &records[0];
+    assert_eq!(record["OperationId"], "onhandshake", "{record}");
+    assert_eq!(record["LastErrorReason"], "gateway_shutdown", "{record}");
+    assert_eq!(record["Usage"]["TotalTokens"], 30, "{record}");
+    // No response was running when it was closed.
+    assert_eq!(record["ClientAborted"], false, "{record}");
+}
