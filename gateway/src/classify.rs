@@ -956,8 +956,26 @@ fn form_fields(content_type: &str, body: &Bytes) -> Result<FormFields, GatewayEr
     let stream = futures::stream::once(futures::future::ready(Ok::<Bytes, std::io::Error>(
         body.clone(),
     )));
+    let delimiter = format!("--{boundary}").into_bytes();
+    let starts: Vec<usize> = delimiter_starts(body, &delimiter)
+        .take(MAX_FORM_PARTS + 2)
+        .collect();
+    // The form reader takes the first delimiter wherever it is; the gateway's own reading (and
+    // the member's) only at the start of the body or of a line.
+    if memchr::memmem::find(body, &delimiter) != starts.first().copied() {
+        return Err(unreadable(
+            "its first boundary delimiter does not start the body or a line".to_owned(),
+        ));
+    }
+    // A part's data ends where the next part's delimiter starts, the last where the closing one
+    // does: n parts have n + 1 delimiters.
+    if starts.len() > MAX_FORM_PARTS + 1 {
+        return Err(unreadable(format!(
+            "it has more than {MAX_FORM_PARTS} parts"
+        )));
+    }
     // The reader keeps one of a part's repeated headers; a backend may take another.
-    if part_heads(body, &boundary).any(|head| {
+    if part_heads(body, &starts, delimiter.len()).any(|head| {
         head.split(|&b| b == b'\n')
             .filter(|line| {
                 line.len() >= 20 && line[..20].eq_ignore_ascii_case(b"content-disposition:")
@@ -1028,27 +1046,36 @@ fn form_fields(content_type: &str, body: &Bytes) -> Result<FormFields, GatewayEr
     })
 }
 
+/// The most parts a multipart form may have (an upload, a transcription or an image edit has a
+/// handful): past it the form is refused before it is read further.
+const MAX_FORM_PARTS: usize = 1_000;
+
 /// Where each delimiter line (`delimiter` is `--` and the boundary) of a multipart `body`
 /// starts: at the body's start or after a CRLF. A part's data ends at the next one, as the form
 /// reader ends it.
-pub(crate) fn delimiter_starts(body: &[u8], delimiter: &[u8]) -> Vec<usize> {
+pub(crate) fn delimiter_starts<'a>(
+    body: &'a [u8],
+    delimiter: &'a [u8],
+) -> impl Iterator<Item = usize> + 'a {
     memchr::memmem::find_iter(body, delimiter)
-        .filter(|&at| at == 0 || body[..at].ends_with(b"\r\n"))
-        .collect()
+        .filter(move |&at| at == 0 || body[..at].ends_with(b"\r\n"))
 }
 
-/// The head (header lines) of each part of a multipart `body`: from after a delimiter line to
-/// the blank line.
-fn part_heads<'a>(body: &'a [u8], boundary: &str) -> impl Iterator<Item = &'a [u8]> {
-    let delimiter = format!("--{boundary}").into_bytes();
-    let length = delimiter.len();
-    delimiter_starts(body, &delimiter)
-        .into_iter()
-        .filter_map(move |at| {
-            let part = &body[at + length..];
-            let end = memchr::memmem::find(part, b"\r\n\r\n")?;
-            Some(&part[..end])
-        })
+/// The head (header lines) of each part of a multipart `body`, whose delimiter lines (of
+/// `length` bytes) start at `starts`: from after a delimiter line to the blank line, looked for
+/// only up to the next delimiter (a head does not run past it), so that reading every head
+/// reads the body once.
+fn part_heads<'a>(
+    body: &'a [u8],
+    starts: &'a [usize],
+    length: usize,
+) -> impl Iterator<Item = &'a [u8]> {
+    starts.iter().enumerate().filter_map(move |(index, &at)| {
+        let end = starts.get(index + 1).copied().unwrap_or(body.len());
+        let part = body.get(at + length..end)?;
+        let blank = memchr::memmem::find(part, b"\r\n\r\n")?;
+        Some(&part[..blank])
+    })
 }
 
 /// Why a part's `Content-Disposition` does not name it plainly.

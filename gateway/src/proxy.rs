@@ -905,7 +905,7 @@ fn form_with_model(
     let boundary = multer::parse_boundary(content_type).ok()?;
     let delimiter = format!("--{boundary}");
     let delimiter = delimiter.as_bytes();
-    let starts = crate::classify::delimiter_starts(body, delimiter);
+    let starts: Vec<usize> = crate::classify::delimiter_starts(body, delimiter).collect();
     let first = *starts.first()?;
     if let Some((position, value)) = field {
         let (start, next) = (*starts.get(position)?, *starts.get(position + 1)?);

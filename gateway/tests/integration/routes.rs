@@ -506,6 +506,30 @@ async fn a_form_with_two_model_fields_is_refused() {
             .unwrap();
         let message = azure_error(refused, 400).await;
         assert!(message.contains("cannot be read"), "{path}: {message}");
+        // Where the readers would not agree on the parts (text before the first delimiter on its
+        // line), too many parts, and delimiters with no head (each head once looked for to the
+        // end of the body: quadratic work on one request).
+        let parts =
+            "--b0undary\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\ny\r\n".repeat(1_001);
+        let headless = "\r\n--b0undary".repeat(200_000);
+        for (body, expected) in [
+            (
+                "xyz--b0undary\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper\r\n--b0undary--\r\n".to_owned(),
+                "first boundary delimiter",
+            ),
+            (format!("{parts}--b0undary--\r\n"), "more than 1000 parts"),
+            (headless, "more than 1000 parts"),
+        ] {
+            let refused = gw
+                .post(path)
+                .header("content-type", "multipart/form-data; boundary=b0undary")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let message = azure_error(refused, 400).await;
+            assert!(message.contains(expected), "{path}: {message}");
+        }
     }
     assert_eq!(sim.hits(), 0);
 }
