@@ -312,7 +312,7 @@ pub fn classify(
         _ => None,
     };
 
-    Ok(Call {
+    let call = Call {
         operation: route.operation,
         style,
         deployment,
@@ -332,7 +332,15 @@ pub fn classify(
         },
         json: tree.map_or_else(OnceLock::new, |tree| OnceLock::from(Some(tree))),
         peek,
-    })
+    };
+    // The model a run or an eval run names is the deployment its limits count by and its access
+    // rules judge: a name, as a path's deployment is.
+    if let Some(model) = crate::limits::deployment_run(&call)
+        && call.deployment.is_none()
+    {
+        valid_name(model)?;
+    }
+    Ok(call)
 }
 
 /// The Realtime API's WebSocket paths, by route style: `/openai/realtime` (Azure classic, the

@@ -194,3 +194,40 @@ async fn a_member_the_gateway_judges_by_given_twice_is_refused() {
     }
     assert_eq!(sim.hits(), 0, "no backend was called");
 }
+
+/// The model a run or an eval run names is the deployment its limits count by and its rules
+/// judge: one that is no deployment name (megabytes of it, a path, a line break) is refused like
+/// a path's deployment, neither echoed whole nor made a counter.
+#[tokio::test]
+async fn a_run_naming_no_valid_model_is_refused() {
+    let (sim, gw) = gateway().await;
+    let long = "m".repeat(10_000);
+    for (path, body) in [
+        (
+            "/openai/threads/thread_1/runs?api-version=2024-10-21".to_owned(),
+            json!({"assistant_id": "asst_1", "model": long}),
+        ),
+        (
+            "/openai/threads/runs?api-version=2024-10-21".to_owned(),
+            json!({"assistant_id": "asst_1", "model": "gpt-4o/../x"}),
+        ),
+        (
+            "/openai/evals/eval_1/runs?api-version=2025-04-01-preview".to_owned(),
+            json!({"data_source": {"type": "completions", "model": "gpt-4o\nx"}}),
+        ),
+    ] {
+        let refused = gw.post(&path).json(&body).send().await.unwrap();
+        let text = refused.text().await.unwrap();
+        assert!(text.len() < 1_000, "{path}: {} bytes", text.len());
+        let error: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert!(
+            error["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("deployment name is not valid"),
+            "{path}: {text}"
+        );
+        assert_eq!(error["error"]["param"], "model", "{path}: {text}");
+    }
+    assert_eq!(sim.hits(), 0, "no backend was called");
+}
