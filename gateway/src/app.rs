@@ -872,7 +872,9 @@ pub(crate) async fn limit(
         return Ok(Admission::default());
     }
     let pool = runtime.pool_for(call.deployment.as_deref());
-    if pool.is_none() && !call.operation.is_inference() {
+    // A deployment no pool serves is answered 404 when the call is routed, whatever objects it
+    // names (see `proxy::target`): it charges no counter, and makes none for an invented name.
+    if pool.is_none() && (call.deployment.is_some() || !call.operation.is_inference()) {
         return Ok(Admission::default());
     }
     let runs = renamed_runs(pool);

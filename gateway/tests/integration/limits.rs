@@ -116,6 +116,16 @@ async fn a_request_rate_limit_counts_calls_and_reports_what_is_left() {
                 "deployments": ["gpt-*"], "requests_per_minute": 2}]),
     ))
     .await;
+    // A deployment no pool serves is answered 404 and counts nothing, though the rule covers it.
+    for _ in 0..3 {
+        let unserved = gw
+            .post(&chat_path("gpt-unserved"))
+            .json(&chat(None, false))
+            .send()
+            .await
+            .unwrap();
+        azure_error(unserved, 404).await;
+    }
     let mut remaining = Vec::new();
     for _ in 0..2 {
         let response = gw
