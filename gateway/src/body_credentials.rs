@@ -12,9 +12,14 @@
 //!   `parameters`);
 //! - a remote MCP server tool of the Responses API: its `headers`
 //!   (an `Authorization: Bearer …` for the server) and its `authorization` (an OAuth access token)
-//!   (OpenAI API reference, "MCP tool"); redacted in any tool that has them.
+//!   (OpenAI API reference, "MCP tool"); redacted in any tool that has them;
+//! - the same tool in a Realtime session's events: the `session` of a client's `session.update`
+//!   or `transcription_session.update` and of the member's `session.created` / `session.updated`
+//!   echo, and the `response` of a `response.create` (its tools for that response) and of the
+//!   member's `response.created` / `response.done` ([`redacted_realtime_event`]).
 //!
-//! The member gets the body as the client sent it; the record's copy (`BackendRequestBody`) has
+//! The member gets the body (the event) as the client sent it; the record's copy
+//! (`BackendRequestBody`, and for a Realtime session's member events `BackendResponseBody`) has
 //! each of these values replaced by [`REDACTED`], so that the audit store, its exports and its
 //! readers never hold them.
 
@@ -82,6 +87,32 @@ pub fn redacted_bytes(body: &Value) -> Option<Vec<u8>> {
         return None;
     }
     serde_json::to_vec(&copy).ok()
+}
+
+/// The members of a Realtime event that hold tools: a session's configuration (`session.update`,
+/// `transcription_session.update`, and the member's `session.created`, `session.updated`) and a
+/// response's (`response.create`, and the member's `response.created`, `response.done`).
+const REALTIME_TOOL_HOLDERS: [&str; 2] = ["session", "response"];
+
+/// A Realtime event (a client's or a member's, as one JSON object) with the credentials of its
+/// `session` and `response` redacted as [`redact`] redacts a request's, as JSON text for the
+/// record; `None` when it holds none.
+pub fn redacted_realtime_event(event: &Value) -> Option<String> {
+    let carries = REALTIME_TOOL_HOLDERS
+        .iter()
+        .filter_map(|name| event.get(name))
+        .any(carries_credentials);
+    if !carries {
+        return None;
+    }
+    let mut copy = event.clone();
+    let mut replaced = 0;
+    for name in REALTIME_TOOL_HOLDERS {
+        if let Some(holder) = copy.get_mut(name) {
+            replaced += redact(holder);
+        }
+    }
+    (replaced > 0).then(|| copy.to_string())
 }
 
 /// Redacts a data source (or anything in one): `authentication` objects but their `type`, and
@@ -252,6 +283,49 @@ mod tests {
         assert_eq!(redacted_bytes(&body), None);
         let mut with_null = json!({"tools": [{"type": "mcp", "headers": null}]});
         assert_eq!(redact(&mut with_null), 0);
+    }
+
+    #[test]
+    fn a_realtime_sessions_and_responses_mcp_credentials_are_redacted() {
+        let update = json!({
+            "type": "session.update",
+            "event_id": "client_1",
+            "session": {
+                "instructions": "be brief",
+                "tools": [{
+                    "type": "mcp",
+                    "server_label": "github",
+                    "server_url": "https://mcp.example/sse",
+                    "headers": {"Authorization": "Bearer ghp-secret"},
+                    "authorization": "oauth-token"
+                }]
+            }
+        });
+        let redacted: Value =
+            serde_json::from_str(&redacted_realtime_event(&update).unwrap()).unwrap();
+        let text = redacted.to_string();
+        for secret in ["ghp-secret", "oauth-token"] {
+            assert!(!text.contains(secret), "{secret}: {text}");
+        }
+        let tool = &redacted["session"]["tools"][0];
+        assert_eq!(tool["headers"]["Authorization"], REDACTED);
+        assert_eq!(tool["authorization"], REDACTED);
+        assert_eq!(tool["server_url"], "https://mcp.example/sse");
+        assert_eq!(redacted["session"]["instructions"], "be brief");
+        assert_eq!(redacted["event_id"], "client_1");
+
+        let create = json!({"type": "response.create", "response": {"tools": [{"type": "mcp", "authorization": "t2"}]}});
+        let redacted = redacted_realtime_event(&create).unwrap();
+        assert!(!redacted.contains("t2"), "{redacted}");
+
+        // Nothing to redact: the event's own text is kept.
+        for event in [
+            json!({"type": "session.update", "session": {"tools": [{"type": "function", "name": "f"}]}}),
+            json!({"type": "session.update", "session": {"tools": [{"type": "mcp", "headers": null}]}}),
+            json!({"type": "conversation.item.create", "item": {"type": "message", "headers": {"a": "b"}}}),
+        ] {
+            assert_eq!(redacted_realtime_event(&event), None, "{event}");
+        }
     }
 
     /// A tool that gives its `type` twice is read here as the last (`function`) and may be read

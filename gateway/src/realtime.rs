@@ -9,18 +9,23 @@
 //! HTTP answer. A member that refuses the upgrade with 429 or 5xx, or cannot be reached, is set
 //! aside and the next one is tried, as for any call.
 //!
-//! Events then pass both ways unchanged (pings are answered on each side by its own end). The
-//! session is one record (`OperationId` `onhandshake`, as API Management logs a WebSocket API):
-//! the client's events and the member's, one JSON text a line (audio appends and `*.delta`
-//! events left out: each `*.done` event holds the whole), the user's messages, every response's
-//! output, and the usage every `response.done` reported, summed. Each `response.create` the
-//! client sends is admitted against the caller's limits as a call is, and settled with the usage
-//! of the `response.done` that answers it; a refused one never reaches the member, and the client
-//! gets an `error` event instead (the Realtime API's shape for a client event that failed).
-//! Responses the member starts by itself (voice activity detection) cannot be refused, but each
-//! is charged to the caller's counters as its `response.done` arrives, so the caller's next
-//! `response.create` is judged with them counted. Both follow the rules the gateway runs at the
-//! time, not those of the handshake.
+//! Events then pass both ways unchanged (pings are answered on each side by its own end), but a
+//! client's event must be one the gateway can judge: one JSON object that gives no member twice
+//! (else the gateway and the member could read two different events), no larger than the snapshot's
+//! `max_request_body_bytes` (a larger message ends the session, 1009). One it cannot judge is
+//! answered with an `error` event and not passed on. The session is one record (`OperationId`
+//! `onhandshake`, as API Management logs a WebSocket API): the client's events and the member's,
+//! one JSON text a line (audio appends and `*.delta` events left out: each `*.done` event holds the
+//! whole; an MCP tool's credentials redacted, see [`crate::body_credentials`]), the user's
+//! messages, every response's output, and the usage every `response.done` reported, summed; what
+//! the record keeps is kept within the capture limits as the session goes, so that a long session
+//! holds no more than its record will. Each `response.create` the client sends is admitted against
+//! the caller's limits as a call is, and settled with the usage of the `response.done` that answers
+//! it; a refused one never reaches the member, and the client gets an `error` event instead (the
+//! Realtime API's shape for a client event that failed). Responses the member starts by itself
+//! (voice activity detection) cannot be refused, but each is charged to the caller's counters as
+//! its `response.done` arrives, so the caller's next `response.create` is judged with them counted.
+//! Both follow the rules the gateway runs at the time, not those of the handshake.
 //!
 //! Access is judged again while the session lasts: under each snapshot pushed during it (a
 //! subscription revoked or suspended, its key regenerated, an access rule withdrawn), and when
@@ -66,7 +71,7 @@ use crate::backend_url::BackendUrl;
 use crate::capture::BodyCapture;
 use crate::classify::{self, Call, RouteStyle};
 use crate::error::GatewayError;
-use crate::limits::Reservation;
+use crate::limits::{LimitRefusal, Reservation};
 use crate::pool::{Member, Selection};
 use crate::proxy::{self, FailedAttempt};
 use crate::record::{CallRecord, millis};
@@ -187,6 +192,14 @@ pub(crate) async fn serve(
     {
         upgrade = upgrade.protocols(["realtime"]);
     }
+    // A client's message is a request body: no larger than the snapshot of the handshake takes
+    // one (tungstenite's own default, 64 MiB, would be more). A frame's header past it ends the
+    // session before its payload is read ([`Ended::MessageTooBig`]).
+    let largest_message =
+        usize::try_from(runtime.snapshot.max_request_body_bytes).unwrap_or(usize::MAX);
+    upgrade = upgrade
+        .max_message_size(largest_message)
+        .max_frame_size(largest_message);
     record.record.backend_response_code = Some(101);
     let in_flight = gateway.calls.enter();
     let open_session = OPEN_SESSIONS.token();
@@ -501,14 +514,14 @@ struct Session {
     member: Arc<Member>,
     socket: Option<MemberSocket>,
     record: CallRecord,
-    /// The client's events, as kept for `BackendRequestBody`.
+    /// The client's events, as kept for `BackendRequestBody` (credentials redacted).
     sent: BodyCapture,
-    /// The member's events, as kept for `BackendResponseBody`.
+    /// The member's events, as kept for `BackendResponseBody` (credentials redacted).
     received: BodyCapture,
-    /// The user's messages (`conversation.item.create` items).
-    prompt: Vec<Value>,
-    /// Every response's output items.
-    output: Vec<Value>,
+    /// The user's messages (`conversation.item.create` items), for `RequestMessages`.
+    prompt: KeptItems,
+    /// Every response's output items, for `ResponseMessages`.
+    output: KeptItems,
     usage: Option<TokenUsage>,
     /// The client's `response.create` events not answered by a `response.done` yet, oldest
     /// first.
@@ -581,6 +594,8 @@ enum Ended {
     Withdrawn(&'static str),
     /// No traffic passed either way for the Realtime idle timeout.
     Idle,
+    /// The client sent a message larger than the snapshot's `max_request_body_bytes`.
+    MessageTooBig,
 }
 
 impl Session {
@@ -609,8 +624,8 @@ impl Session {
             member: opened.member,
             socket: Some(opened.socket),
             record,
-            prompt: Vec::new(),
-            output: Vec::new(),
+            prompt: KeptItems::new(request_limit),
+            output: KeptItems::new(response_limit),
             usage: None,
             pending: VecDeque::new(),
             running: Vec::new(),
@@ -642,6 +657,11 @@ impl Session {
                 from_client = client.recv() => {
                     let message = match from_client {
                         Some(Ok(message)) => message,
+                        // A message over the size the upgrade takes: nothing more of the
+                        // client's is read (its rest would be buffered whole).
+                        Some(Err(error)) if message_too_big(&error) => {
+                            break self.refuse_large_message(&mut client, &mut member).await;
+                        }
                         // Gone without a close frame. A read also flushes what waits to be sent
                         // (a pong, a close): its send deadline may be what failed it.
                         Some(Err(error)) => break client_send_failed(&error),
@@ -657,8 +677,8 @@ impl Session {
                         break Ended::Client;
                     }
                     if let Some(refusal) = self.note_client(&message).await {
-                        // A response the caller's limits refuse: the client is told, the
-                        // member never sees it.
+                        // An event the gateway cannot judge, or a response the caller's limits
+                        // refuse: the client is told, the member never sees it.
                         if let Err(error) = client.send(ws::Message::Text(refusal.into())).await {
                             break client_send_failed(&error);
                         }
@@ -925,24 +945,56 @@ impl Session {
         Ended::Withdrawn(reason)
     }
 
-    /// Notes a client's message; a `response.create` the caller's limits refuse gives the
-    /// `error` event to answer it with.
+    /// Ends a session whose client sent a message larger than the snapshot of its handshake takes
+    /// (`max_request_body_bytes`) ([`close_both`], with 1009: message too big). The message is
+    /// not read on, nor passed to the member.
+    async fn refuse_large_message(
+        &self,
+        client: &mut WebSocket,
+        member: &mut MemberSocket,
+    ) -> Ended {
+        let limit = self.runtime.snapshot.max_request_body_bytes;
+        let error = GatewayError::BodyTooLarge { limit };
+        tracing::info!(
+            limit,
+            "a Realtime session was closed: its client sent a message larger than the gateway takes"
+        );
+        let message = format!(
+            "The session was closed: a message of the client's was larger than the gateway \
+             accepts ({limit} bytes)."
+        );
+        let close = close_message(1009, "the message is larger than the gateway accepts");
+        close_both(client, member, error.reason(), &message, close).await;
+        Ended::MessageTooBig
+    }
+
+    /// Notes a client's message before it goes to the member. `Some` is the `error` event to
+    /// answer it with instead, and the member never sees the message: an event the gateway
+    /// cannot judge ([`read_client_event`]), or a `response.create` the caller's limits refuse.
     async fn note_client(&mut self, message: &ws::Message) -> Option<String> {
         let text = match message {
             ws::Message::Text(text) => text.as_str(),
-            ws::Message::Binary(bytes) => {
-                self.bytes_in += bytes.len() as u64;
-                return None;
-            }
+            // The Realtime API's events are JSON text; one sent in a binary frame is judged as
+            // one in a text frame (a member may read it so), anything else is not passed on.
+            ws::Message::Binary(bytes) => match std::str::from_utf8(bytes) {
+                Ok(text) => text,
+                Err(_) => {
+                    self.bytes_in += bytes.len() as u64;
+                    return Some(unreadable_event("it is a binary message that is not text"));
+                }
+            },
             _ => return None,
         };
         self.bytes_in += text.len() as u64;
-        // Audio appends come many a second, each tens of kilobytes of base64: told by their type
-        // (written first, as the SDKs write it) without parsing them.
-        if leading_type_is(text, |kind| kind == "input_audio_buffer.append") {
+        // Audio appends come many a second, each tens of kilobytes of base64: told without
+        // parsing them when nothing in their text could say otherwise.
+        if is_plain_audio_append(text) {
             return None;
         }
-        let event: Value = serde_json::from_str(text).ok()?;
+        let event = match read_client_event(text) {
+            Ok(event) => event,
+            Err(refusal) => return Some(refusal),
+        };
         let kind = event
             .get("type")
             .and_then(Value::as_str)
@@ -951,14 +1003,14 @@ impl Session {
             // Audio, base64: counted in the size, not kept.
             return None;
         }
-        keep_line(&mut self.sent, text);
+        keep_event(&mut self.sent, text, &event);
         match kind {
             "conversation.item.create" => {
                 if let Some(item) = event
                     .get("item")
                     .filter(|item| item.get("type").and_then(Value::as_str) == Some("message"))
                 {
-                    self.prompt.push(item.clone());
+                    self.prompt.push(item);
                 }
             }
             "response.create" => return self.admit_response(&event).await,
@@ -997,7 +1049,7 @@ impl Session {
                     "a Realtime response was refused by the caller's limits"
                 );
                 Some(error_event(
-                    "rate_limit_exceeded",
+                    limit_refusal_code(&error),
                     &error.to_string(),
                     event.get("event_id").cloned().unwrap_or(Value::Null),
                 ))
@@ -1035,7 +1087,7 @@ impl Session {
             }
             return;
         }
-        keep_line(&mut self.received, text);
+        keep_event(&mut self.received, text, &event);
         match kind {
             "session.created" | "session.updated" => {
                 if let Some(model) = event.pointer("/session/model").and_then(Value::as_str) {
@@ -1092,8 +1144,13 @@ impl Session {
         if let Some(id) = response.get("id").and_then(Value::as_str) {
             self.running.retain(|running| running.id != id);
         }
-        if let Some(items) = response.get("output").and_then(Value::as_array) {
-            self.output.extend(items.iter().cloned());
+        for item in response
+            .get("output")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            self.output.push(item);
         }
         let usage = response.get("usage").and_then(realtime_usage);
         let tokens = usage.map(|usage| usage.total_tokens);
@@ -1134,25 +1191,19 @@ impl Session {
         record.record.request_size = self.bytes_in;
         // Each side as its capture limit says; a limit of 0 (metadata only) keeps nothing of it.
         let capture = &self.runtime.snapshot.capture;
+        // Each was kept within its limit as the session went (see [`KeptItems`]); what was left
+        // out flags its side as cut, as an HTTP call's body cut at the limit does.
         if capture.max_request_body_bytes > 0 {
-            record.record.request_body_truncated = self.sent.truncated();
+            let (messages, cut) = self.prompt.finish();
+            record.record.request_body_truncated = self.sent.truncated() || cut;
             record.record.backend_request_body = self.sent.into_text();
-            if !self.prompt.is_empty() {
-                record.record.request_messages = crate::capture::within_limit(
-                    Some(Value::Array(self.prompt).to_string()),
-                    capture.max_request_body_bytes,
-                );
-            }
+            record.record.request_messages = messages;
         }
         if capture.max_response_body_bytes > 0 {
-            record.record.response_body_truncated = self.received.truncated();
+            let (messages, cut) = self.output.finish();
+            record.record.response_body_truncated = self.received.truncated() || cut;
             record.record.backend_response_body = self.received.into_text();
-            if !self.output.is_empty() {
-                record.record.response_messages = crate::capture::within_limit(
-                    Some(Value::Array(self.output).to_string()),
-                    capture.max_response_body_bytes,
-                );
-            }
+            record.record.response_messages = messages;
         }
         record.usage(self.usage);
         match ended {
@@ -1177,6 +1228,11 @@ impl Session {
             }
             Ended::Withdrawn(reason) => {
                 record.record.last_error_reason = Some(reason.to_owned());
+            }
+            Ended::MessageTooBig => {
+                let limit = self.runtime.snapshot.max_request_body_bytes;
+                record.record.last_error_reason =
+                    Some(GatewayError::BodyTooLarge { limit }.reason().to_owned());
             }
         }
         // Responses still open when the session ended keep their reservations charged (and were
@@ -1242,6 +1298,126 @@ fn leading_type_is(text: &str, matches: impl Fn(&str) -> bool) -> bool {
     }
 }
 
+/// Whether a client's event is an audio append the gateway may pass on without parsing it: an
+/// object whose members are all strings written without escapes or control characters, its first
+/// member `type`, of `input_audio_buffer.append`, none given twice, and nothing after it. Any other
+/// text is parsed whole ([`read_client_event`]), so that no second `type` hides behind the first
+/// (base64 audio holds no `"` nor `\`: an append as the SDKs write it is told here, reading each
+/// byte once and building nothing).
+fn is_plain_audio_append(text: &str) -> bool {
+    /// Skips JSON's whitespace (not all of Unicode's, which a JSON parser refuses).
+    fn skip_space(text: &str) -> &str {
+        text.trim_start_matches([' ', '\t', '\n', '\r'])
+    }
+    /// A string at the start of `text` written without escapes or control characters: its
+    /// content and what follows it.
+    fn plain_string(text: &str) -> Option<(&str, &str)> {
+        let rest = text.strip_prefix('"')?;
+        let end = memchr::memchr2(b'"', b'\\', rest.as_bytes())?;
+        let (content, after) = (rest.get(..end)?, rest.get(end..)?);
+        let after = after.strip_prefix('"')?;
+        if content.bytes().any(|byte| byte < 0x20) {
+            return None;
+        }
+        Some((content, after))
+    }
+    let Some(mut rest) = skip_space(text).strip_prefix('{') else {
+        return false;
+    };
+    // An append has two or three members (`type`, `audio`, `event_id`); more are parsed whole.
+    let mut names = [""; 4];
+    let mut count = 0;
+    loop {
+        let Some((name, after)) = plain_string(skip_space(rest)) else {
+            return false;
+        };
+        let Some(after) = skip_space(after).strip_prefix(':') else {
+            return false;
+        };
+        let Some((value, after)) = plain_string(skip_space(after)) else {
+            return false;
+        };
+        let known = names.get(..count).unwrap_or_default();
+        if (count == 0 && (name, value) != ("type", "input_audio_buffer.append"))
+            || known.contains(&name)
+        {
+            return false;
+        }
+        let Some(slot) = names.get_mut(count) else {
+            return false;
+        };
+        *slot = name;
+        count += 1;
+        let after = skip_space(after);
+        if let Some(next) = after.strip_prefix(',') {
+            rest = next;
+        } else {
+            return after
+                .strip_prefix('}')
+                .is_some_and(|end| skip_space(end).is_empty());
+        }
+    }
+}
+
+/// A client's event as the gateway judges it: its text parsed as one JSON object in which no
+/// object gives a member twice. Otherwise the `error` event that answers it instead: of a member
+/// given twice, the gateway reads the last and the member may read the first (a `type` of
+/// `input_audio_buffer.append` then `response.create` would pass the limits as audio and run a
+/// response), and text the gateway cannot parse (nesting deeper than it reads, a lone surrogate
+/// that other parsers take) it cannot judge at all.
+fn read_client_event(text: &str) -> Result<Value, String> {
+    let event = match serde_json::from_str::<Value>(text) {
+        Ok(event) if event.is_object() => event,
+        Ok(_) => return Err(unreadable_event("it is not a JSON object")),
+        Err(error) => {
+            return Err(unreadable_event(&format!(
+                "it is not JSON the gateway reads: {error}"
+            )));
+        }
+    };
+    let Some(name) = crate::peek::duplicate_member(text.as_bytes()) else {
+        return Ok(event);
+    };
+    tracing::info!("a Realtime client event that gives a member twice was not passed on");
+    // Its id, unless that is what it gives twice.
+    let event_id = match name.as_str() {
+        "event_id" => Value::Null,
+        _ => event.get("event_id").cloned().unwrap_or(Value::Null),
+    };
+    let shown: String = name.chars().take(64).collect();
+    let message = format!(
+        "The event gives `{shown}` more than once in one object, so it was not sent on: send \
+         each member once (servers differ in which one they take)."
+    );
+    Err(error_event("duplicate_member", &message, event_id))
+}
+
+/// The `error` event for a client's message the gateway cannot read as an event (`why`): it is
+/// not passed on.
+fn unreadable_event(why: &str) -> String {
+    tracing::info!(
+        why,
+        "a Realtime client message that is not an event was not passed on"
+    );
+    let message = format!(
+        "The event was not sent on: {why}. Send each client event as one JSON object in a text \
+         message."
+    );
+    error_event("invalid_json", &message, Value::Null)
+}
+
+/// The `code` of the `error` event that answers a `response.create` the caller's limits refuse:
+/// `rate_limit_exceeded` for a rate (429 for a call); otherwise the reason the record and the
+/// metrics give the refusal: `token_quota_exceeded` for a quota used up (403),
+/// `exceeds_token_limit` for a response larger than a limit (400), `limit_store_unavailable` for
+/// a limit store that cannot be reached (503).
+fn limit_refusal_code(error: &GatewayError) -> &'static str {
+    match error {
+        GatewayError::Limit(LimitRefusal::Rate { .. }) => "rate_limit_exceeded",
+        other => other.reason(),
+    }
+}
+
 /// Whether an event type is an audio delta (`response.audio.delta`, `response.output_audio.delta`):
 /// base64 audio, large, never read.
 fn is_audio_delta(kind: &str) -> bool {
@@ -1256,12 +1432,71 @@ fn data_len(message: &tungstenite::Message) -> u64 {
     }
 }
 
-/// Appends one event to a capture, a line each.
-fn keep_line(capture: &mut BodyCapture, text: &str) {
+/// Appends one event to a capture, a line each: its text as it came, or, when it carries
+/// credentials (an MCP tool's `headers`, `authorization`), its tree re-serialized with them
+/// redacted ([`crate::body_credentials::redacted_realtime_event`]). A capture that keeps
+/// nothing more (a limit of 0, or reached) is not written.
+fn keep_event(capture: &mut BodyCapture, text: &str, event: &Value) {
+    if capture.limit() == 0 || capture.truncated() {
+        return;
+    }
+    let redacted = crate::body_credentials::redacted_realtime_event(event);
     if !capture.is_empty() {
         capture.push(b"\n");
     }
-    capture.push(text.as_bytes());
+    capture.push(redacted.as_deref().unwrap_or(text).as_bytes());
+}
+
+/// The items of a JSON array (the user's messages, the responses' output) kept as the session
+/// goes, as text up to a capture limit: what the array's text would be, cut at the limit. An
+/// item is serialized only as far as it fits; with a limit of 0 (metadata only) nothing is.
+struct KeptItems(BodyCapture);
+
+impl KeptItems {
+    fn new(limit: usize) -> KeptItems {
+        KeptItems(BodyCapture::new(limit))
+    }
+
+    /// Appends `item`, as far as it fits.
+    fn push(&mut self, item: &Value) {
+        let kept = &mut self.0;
+        if kept.limit() == 0 || kept.truncated() {
+            return;
+        }
+        kept.push(if kept.is_empty() { b"[" } else { b"," });
+        // Stops at the limit (the writer fails there), flagged as cut.
+        let _ = serde_json::to_writer(CaptureWriter(kept), item);
+    }
+
+    /// The array's text (`None` when it has no item, or the limit is 0), and whether something
+    /// was left out (its closing bracket, at least).
+    fn finish(mut self) -> (Option<String>, bool) {
+        if self.0.is_empty() {
+            return (None, false);
+        }
+        if !self.0.truncated() {
+            self.0.push(b"]");
+        }
+        let truncated = self.0.truncated();
+        (self.0.into_text(), truncated)
+    }
+}
+
+/// Writes into a capture, failing once it is full so that what writes stops there.
+struct CaptureWriter<'a>(&'a mut BodyCapture);
+
+impl std::io::Write for CaptureWriter<'_> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.push(bytes);
+        if self.0.truncated() {
+            return Err(std::io::Error::other("the capture limit is reached"));
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A client's message as the member is sent it; pings and pongs stay on their side.
@@ -1294,6 +1529,24 @@ fn to_client(message: tungstenite::Message) -> Option<ws::Message> {
         | tungstenite::Message::Pong(_)
         | tungstenite::Message::Frame(_) => return None,
     })
+}
+
+/// Whether reading a client's message failed because it is larger than the upgrade takes
+/// (`max_message_size`, `max_frame_size`).
+fn message_too_big(error: &axum::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(error) = cause {
+        if matches!(
+            error.downcast_ref::<tungstenite::Error>(),
+            Some(tungstenite::Error::Capacity(
+                tungstenite::error::CapacityError::MessageTooLong { .. }
+            ))
+        ) {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
 }
 
 /// How a session ends when a frame could not be sent to its client: its connection's writes
@@ -1402,6 +1655,108 @@ mod tests {
         ));
         assert!(!leading_type_is(r#"{"type":"x.\u0064elta"}"#, delta));
         assert!(!leading_type_is("not json", delta));
+    }
+
+    #[test]
+    fn only_an_append_nothing_could_read_otherwise_skips_parsing() {
+        for plain in [
+            r#"{"type":"input_audio_buffer.append","audio":"AAAA/+=="}"#,
+            r#" { "type" : "input_audio_buffer.append" , "event_id" : "e1", "audio": "AA" }
+"#,
+        ] {
+            assert!(is_plain_audio_append(plain), "{plain}");
+        }
+        for judged in [
+            // A second `type`, which a parser taking the last would read.
+            r#"{"type":"input_audio_buffer.append","type":"response.create"}"#,
+            r#"{"type":"input_audio_buffer.append","t\u0079pe":"response.create"}"#,
+            r#"{"type":"input_audio_buffer.append","audio":"AA","audio":"BB"}"#,
+            // Escapes, other values, more after the object, not first.
+            r#"{"type":"input_audio_buffer.append","audio":"A\"A"}"#,
+            r#"{"type":"input_audio_buffer.append","audio":"AA","n":1}"#,
+            r#"{"type":"input_audio_buffer.append","audio":"AA"}{"type":"response.create"}"#,
+            r#"{"audio":"AA","type":"input_audio_buffer.append"}"#,
+            r#"{"type":"response.create"}"#,
+            "{\"type\":\"input_audio_buffer.append\",\"audio\":\"A\u{1}\"}",
+            // Unicode whitespace no JSON parser takes.
+            "{\u{a0}\"type\":\"input_audio_buffer.append\"}",
+            r#"{"type":"input_audio_buffer.append","a":"","b":"","c":"","d":""}"#,
+            r#"{"type":"input_audio_buffer.append""#,
+        ] {
+            assert!(!is_plain_audio_append(judged), "{judged}");
+        }
+    }
+
+    #[test]
+    fn a_client_event_the_gateway_cannot_judge_is_answered_not_read() {
+        let refusal = |text: &str| -> Value {
+            serde_json::from_str(&read_client_event(text).unwrap_err()).unwrap()
+        };
+        let twice = refusal(
+            r#"{"type":"input_audio_buffer.append","type":"response.create","event_id":"e7"}"#,
+        );
+        assert_eq!(twice["type"], "error");
+        assert_eq!(twice["error"]["type"], "invalid_request_error");
+        assert_eq!(twice["error"]["code"], "duplicate_member");
+        assert_eq!(twice["error"]["event_id"], "e7");
+        assert!(
+            twice["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("`type`"),
+            "{twice}"
+        );
+        // Nested, or the id itself given twice (then not echoed).
+        let nested = refusal(
+            r#"{"type":"session.update","event_id":"e8","session":{"tools":[{"type":"mcp","type":"function"}]}}"#,
+        );
+        assert_eq!(nested["error"]["event_id"], "e8");
+        let ids = refusal(r#"{"type":"response.create","event_id":"a","event_id":"b"}"#);
+        assert_eq!(ids["error"]["event_id"], Value::Null);
+
+        let deep = format!(
+            r#"{{"type":"response.create","x":{}{}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        for unreadable in [
+            r#"{"type":"response.create","response":{"instructions":"\ud800"}}"#,
+            deep.as_str(),
+            r#"[{"type":"response.create"}]"#,
+            "response.create",
+        ] {
+            let refused = refusal(unreadable);
+            assert_eq!(refused["error"]["code"], "invalid_json", "{unreadable}");
+            assert_eq!(refused["error"]["event_id"], Value::Null);
+        }
+        assert_eq!(
+            read_client_event(r#"{"type":"response.create","event_id":"e9"}"#).unwrap()["event_id"],
+            "e9"
+        );
+    }
+
+    #[test]
+    fn items_are_kept_within_the_limit_as_they_come() {
+        let item = json!({"type": "message", "content": [{"text": "Say hello"}]});
+        let whole = json!([item, item]).to_string();
+        // Room for both: the array's text as it would be whole.
+        let mut roomy = KeptItems::new(whole.len());
+        roomy.push(&item);
+        roomy.push(&item);
+        assert_eq!(roomy.finish(), (Some(whole.clone()), false));
+        // Cut where the whole text would be (its closing bracket too), flagged.
+        for limit in [1, 20, whole.len() - 1] {
+            let mut tight = KeptItems::new(limit);
+            tight.push(&item);
+            tight.push(&item);
+            let kept = whole.get(..limit).map(str::to_owned);
+            assert_eq!(tight.finish(), (kept, true), "{limit}");
+        }
+        // Metadata only: nothing kept, nothing flagged.
+        let mut none = KeptItems::new(0);
+        none.push(&item);
+        assert_eq!(none.finish(), (None, false));
+        assert_eq!(KeptItems::new(64).finish(), (None, false));
     }
 
     #[test]

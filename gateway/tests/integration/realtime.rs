@@ -44,7 +44,9 @@ impl Drop for SessionEnd {
 /// `response.done` with `usage`; Azure's realtime-audio-websockets how-to uses the same events):
 /// each `response.create` is answered "Hello there" in two deltas, with 20 input tokens (5 of
 /// them cached) and 10 output tokens, and each audio append is taken for a whole spoken turn,
-/// which the member answers so by itself, as server voice activity detection does.
+/// which the member answers so by itself, as server voice activity detection does. A
+/// `session.update` (`transcription_session.update`) is answered `session.updated`
+/// (`transcription_session.updated`) with the session as sent. Text it cannot parse it ignores.
 async fn realtime_member(refuse: Option<(u16, &'static str)>) -> (String, Arc<Seen>) {
     slow_realtime_member(std::time::Duration::ZERO, refuse).await
 }
@@ -120,8 +122,18 @@ async fn slow_realtime_member(
                         }
                         continue;
                     };
-                    let event: Value = serde_json::from_str(text.as_str()).unwrap();
+                    let Ok(event) = serde_json::from_str::<Value>(text.as_str()) else {
+                        continue;
+                    };
                     let replies = match event["type"].as_str().unwrap_or_default() {
+                        "session.update" | "transcription_session.update" => {
+                            let kind = event["type"].as_str().unwrap_or_default();
+                            vec![json!({
+                                "type": kind.replace(".update", ".updated"),
+                                "event_id": "event_10",
+                                "session": event["session"],
+                            })]
+                        }
                         "conversation.item.create" => vec![
                             json!({"type": "conversation.item.created", "event_id": "event_2", "item": event["item"]}),
                         ],
@@ -1613,4 +1625,253 @@ async fn a_shutdown_lets_realtime_sessions_run_until_its_drain_is_over() {
     assert_eq!(record["Usage"]["TotalTokens"], 30, "{record}");
     // No response was running when it was closed.
     assert_eq!(record["ClientAborted"], false, "{record}");
+}
+
+/// The resident memory of this process, in bytes (Linux's `/proc/self/status`, `VmRSS`).
+#[cfg(target_os = "linux")]
+fn resident_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+/// A session holds no more of what it relays than its record keeps: with the capture limit at
+/// 0 (metadata only), 96 user messages of 1 MiB each leave the gateway's memory as it was
+/// (before, each was held until the session ended: 96 MiB more), and the record keeps none of
+/// them.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_session_holds_no_more_of_its_messages_than_its_record_keeps() {
+    let (member_url, _seen) = realtime_member(None).await;
+    let mut config = snapshot(1, realtime_pool(json!([member("voice", &member_url, 1)])));
+    config.capture.max_request_body_bytes = 0;
+    let gw = TestGateway::start(config).await;
+    let mut socket = open_session(&gw.url).await;
+    let megabyte = "A".repeat(1 << 20);
+    let mut send_messages = async |count: usize| {
+        for _ in 0..count {
+            socket.send(user_message(&megabyte)).await.unwrap();
+            let created = next_event(&mut socket).await;
+            assert_eq!(created["type"], "conversation.item.created");
+        }
+    };
+    // The buffers of each side are as large as they grow before the count begins.
+    send_messages(8).await;
+    let before = resident_bytes();
+    send_messages(96).await;
+    let grown = resident_bytes().saturating_sub(before);
+    assert!(
+        grown < 48 << 20,
+        "the process grew by {} MiB over 96 MiB of messages",
+        grown >> 20
+    );
+    socket.close(None).await.unwrap();
+    let record = gw.records(1).await.remove(0);
+    assert_eq!(record.request_messages, None);
+    assert_eq!(record.backend_request_body, None);
+    assert!(!record.request_body_truncated);
+    assert_eq!(
+        record.request_size,
+        104 * user_message(&megabyte).len() as u64
+    );
+}
+
+/// A client's message larger than the snapshot's `max_request_body_bytes` is not read whole nor
+/// passed on: the session ends, the client told why (`body_too_large`) and closed with 1009
+/// (message too big), the member's side closed, and the record says why. A message under the
+/// limit passes.
+#[tokio::test]
+async fn a_message_over_the_request_body_limit_ends_its_session_with_1009() {
+    let (member_url, seen) = realtime_member(None).await;
+    let mut config = snapshot(1, realtime_pool(json!([member("voice", &member_url, 1)])));
+    config.max_request_body_bytes = 64 * 1024;
+    let gw = TestGateway::start(config).await;
+    let mut socket = open_session(&gw.url).await;
+    socket
+        .send(user_message(&"A".repeat(32 * 1024)))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_event(&mut socket).await["type"],
+        "conversation.item.created"
+    );
+    socket
+        .send(user_message(&"A".repeat(100 * 1024)))
+        .await
+        .unwrap();
+    let error = next_event(&mut socket).await;
+    assert_eq!(error["type"], "error", "{error}");
+    assert_eq!(error["error"]["code"], "body_too_large", "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("65536 bytes"),
+        "{error}"
+    );
+    let close = tokio::time::timeout(std::time::Duration::from_secs(10), socket.next())
+        .await
+        .expect("the close frame within 10 s");
+    match close {
+        Some(Ok(Message::Close(Some(frame)))) => {
+            assert_eq!(u16::from(frame.code), 1009, "{frame:?}");
+        }
+        other => panic!("not a close frame: {other:?}"),
+    }
+    member_sessions_ended(&seen, 1).await;
+    let record = gw.records(1).await.remove(0);
+    assert_eq!(record.last_error_reason.as_deref(), Some("body_too_large"));
+    assert!(!record.client_aborted);
+}
+
+/// A client event the gateway cannot judge is answered with an `error` event and never reaches
+/// the member: a `type` given twice (skipped as audio by the first, run as a response by a
+/// member that reads the last), a member given twice deeper in, text the gateway's parser does
+/// not read (a lone surrogate other parsers take, nesting deeper than 128), JSON that is not an
+/// object, a binary message that is not text. The session goes on: an audio append, told
+/// without parsing, still reaches the member.
+#[tokio::test]
+async fn an_event_the_gateway_cannot_judge_never_reaches_the_member() {
+    let (member_url, seen) = realtime_member(None).await;
+    let gw = gateway_before(&member_url).await;
+    let mut socket = open_session(&gw.url).await;
+    let deep = format!(
+        r#"{{"type":"response.create","event_id":"client_deep","response":{{"metadata":{}{}}}}}"#,
+        "[".repeat(200),
+        "]".repeat(200)
+    );
+    let unjudged: Vec<(Message, &str, Value)> = vec![
+        (
+            Message::Text(
+                r#"{"type":"input_audio_buffer.append","type":"response.create","event_id":"client_dup"}"#.into(),
+            ),
+            "duplicate_member",
+            json!("client_dup"),
+        ),
+        (
+            Message::Text(
+                r#"{"type":"response.create","event_id":"client_deeper","response":{"tools":[{"type":"function","type":"mcp"}]}}"#.into(),
+            ),
+            "duplicate_member",
+            json!("client_deeper"),
+        ),
+        (
+            Message::Text(
+                r#"{"type":"response.create","event_id":"client_sur","response":{"instructions":"\ud800"}}"#.into(),
+            ),
+            "invalid_json",
+            Value::Null,
+        ),
+        (Message::Text(deep.into()), "invalid_json", Value::Null),
+        (
+            Message::Text(r#"[{"type":"response.create"}]"#.into()),
+            "invalid_json",
+            Value::Null,
+        ),
+        (
+            Message::Binary(vec![0xff, 0xfe, b'{'].into()),
+            "invalid_json",
+            Value::Null,
+        ),
+    ];
+    for (message, code, event_id) in unjudged {
+        let shown = format!("{message:?}");
+        socket.send(message).await.unwrap();
+        let error = next_event(&mut socket).await;
+        assert_eq!(error["type"], "error", "{shown}: {error}");
+        assert_eq!(error["error"]["type"], "invalid_request_error", "{shown}");
+        assert_eq!(error["error"]["code"], code, "{shown}: {error}");
+        assert_eq!(error["error"]["event_id"], event_id, "{shown}: {error}");
+    }
+    // Still open, the fast path still taken by a plain append.
+    speak_turns(&mut socket, 1).await;
+    socket.send(user_message("still there?")).await.unwrap();
+    assert_eq!(
+        next_event(&mut socket).await["type"],
+        "conversation.item.created"
+    );
+    socket.close(None).await.unwrap();
+    assert_eq!(seen.responses_asked.load(Ordering::SeqCst), 0);
+    let record = gw.records(1).await.remove(0);
+    // The one response the member ran: the spoken turn's.
+    assert_eq!(record.usage.unwrap().total_tokens, 30);
+}
+
+/// A `response.create` refused by a token quota used up is answered with the quota's code and
+/// message, not a rate limit's.
+#[tokio::test]
+async fn a_response_refused_by_a_quota_says_so() {
+    let (member_url, seen) = realtime_member(None).await;
+    // The first response's 30 tokens use up the 25 of the quota.
+    let gw = quota_gateway(&member_url, 25).await;
+    let mut socket = open_session(&gw.url).await;
+    socket.send(response_create()).await.unwrap();
+    events_until(&mut socket, "response.done").await;
+    socket.send(response_create()).await.unwrap();
+    let refusal = next_event(&mut socket).await;
+    assert_eq!(refusal["type"], "error", "{refusal}");
+    assert_eq!(
+        refusal["error"]["code"], "token_quota_exceeded",
+        "{refusal}"
+    );
+    assert_eq!(refusal["error"]["event_id"], "client_2");
+    let message = refusal["error"]["message"].as_str().unwrap();
+    assert!(message.contains("quota"), "{message}");
+    socket.close(None).await.unwrap();
+    assert_eq!(seen.responses_asked.load(Ordering::SeqCst), 1);
+}
+
+/// A remote MCP tool's credentials in a session's configuration (`headers`, `authorization`)
+/// reach the member as sent, and are redacted in the record: in the client's `session.update`
+/// and `transcription_session.update` (`BackendRequestBody`) and in the member's
+/// `session.updated` echo (`BackendResponseBody`).
+#[tokio::test]
+async fn a_sessions_mcp_credentials_reach_the_member_and_not_the_record() {
+    let (member_url, _seen) = realtime_member(None).await;
+    let gw = gateway_before(&member_url).await;
+    let mut socket = open_session(&gw.url).await;
+    let tools = json!([{
+        "type": "mcp",
+        "server_label": "tickets",
+        "server_url": "https://mcp.example/sse",
+        "headers": {"Authorization": "Bearer mcp-header-secret"},
+        "authorization": "mcp-oauth-secret",
+        "require_approval": "never"
+    }]);
+    for kind in ["session.update", "transcription_session.update"] {
+        let update = json!({"type": kind, "event_id": "client_s", "session": {"instructions": "be brief", "tools": tools}});
+        socket
+            .send(Message::Text(update.to_string().into()))
+            .await
+            .unwrap();
+        let echo = next_event(&mut socket).await;
+        assert_eq!(echo["type"], kind.replace(".update", ".updated"));
+        // The member had them as sent (and its echo reaches the client unchanged).
+        assert_eq!(
+            echo["session"]["tools"][0]["headers"]["Authorization"],
+            "Bearer mcp-header-secret"
+        );
+        assert_eq!(
+            echo["session"]["tools"][0]["authorization"],
+            "mcp-oauth-secret"
+        );
+    }
+    socket.close(None).await.unwrap();
+    let record = gw.records(1).await.remove(0);
+    let marker = gatehouse_gateway::body_credentials::REDACTED;
+    for (side, kept) in [
+        ("BackendRequestBody", record.backend_request_body.unwrap()),
+        ("BackendResponseBody", record.backend_response_body.unwrap()),
+    ] {
+        for secret in ["mcp-header-secret", "mcp-oauth-secret"] {
+            assert!(!kept.contains(secret), "{side}: {kept}");
+        }
+        assert_eq!(kept.matches(marker).count(), 4, "{side}: {kept}");
+        assert!(kept.contains("https://mcp.example/sse"), "{side}: {kept}");
+        assert!(kept.contains("be brief"), "{side}: {kept}");
+    }
 }
