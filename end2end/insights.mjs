@@ -16,7 +16,7 @@ import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
-import { downloadByClick, freePort, launchChromium, Processes, signInWith, waitFor } from './lib.mjs';
+import { downloadByClick, reservePorts, launchChromium, Processes, signInWith, waitFor } from './lib.mjs';
 import { LEADS_GROUP, startProvider } from './provider.mjs';
 
 const bin = process.env.GATEHOUSE_BIN_DIR ?? path.resolve('../target/debug');
@@ -126,7 +126,8 @@ let provider;
 let entra;
 let browser;
 try {
-  const [simPort, gatewayPort, portalPort] = [await freePort(), await freePort(), await freePort()];
+  const reserved = await reservePorts(3);
+  const [simPort, gatewayPort, portalPort] = reserved.ports;
   const portal = `http://127.0.0.1:${portalPort}`;
   const gateway = `http://127.0.0.1:${gatewayPort}`;
   const auditDb = `sqlite:${path.join(work, 'audit.db')}`;
@@ -173,6 +174,7 @@ try {
     '',
   ].join('\n'));
 
+  await reserved.release();
   processes.start('simulator', 'gatehouse-simulator', ['--listen', `127.0.0.1:${simPort}`, '--id', 'simulator']);
   processes.start('gateway', 'gatehouse-gateway', ['serve', '--config', path.join(work, 'gateway.yaml')]);
   await waitFor(`${gateway}/healthz`, 'the gateway');

@@ -1,4 +1,4 @@
-// Helpers shared by the end-to-end scripts: free ports, child processes with their logs, waiting
+// Helpers shared by the end-to-end scripts: reserved ports, child processes with their logs, waiting
 // for a server, Debian's Chromium, and signing in through the OpenID Connect provider's forms.
 import { spawn } from 'node:child_process';
 import net from 'node:net';
@@ -6,16 +6,26 @@ import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { chromium } from 'playwright-core';
 
-/** A port nobody listens on right now (the OS picks it). */
-export function freePort() {
-  return new Promise((resolve, reject) => {
+/**
+ * `count` ports nobody else listens on, held open until `release()` — call it right before the
+ * processes that listen on them start. Held, they can neither be picked twice nor be taken by a
+ * server of the test that listens on port 0 meanwhile (the OpenID Connect provider, a key-set
+ * double): a process told a port another one holds fails to start while the other answers for it.
+ */
+export async function reservePorts(count) {
+  const probes = [];
+  for (let i = 0; i < count; i += 1) {
     const probe = net.createServer();
-    probe.on('error', reject);
-    probe.listen(0, '127.0.0.1', () => {
-      const { port } = probe.address();
-      probe.close(() => resolve(port));
+    await new Promise((resolve, reject) => {
+      probe.on('error', reject);
+      probe.listen(0, '127.0.0.1', resolve);
     });
-  });
+    probes.push(probe);
+  }
+  return {
+    ports: probes.map((probe) => probe.address().port),
+    release: () => Promise.all(probes.map((probe) => new Promise((resolve) => probe.close(resolve)))),
+  };
 }
 
 /**

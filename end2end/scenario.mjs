@@ -12,7 +12,7 @@
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { freePort, launchChromium, Processes, signInWith, waitFor, waitInPage } from './lib.mjs';
+import { reservePorts, launchChromium, Processes, signInWith, waitFor, waitInPage } from './lib.mjs';
 import { LEADS_GROUP, startProvider } from './provider.mjs';
 
 const bin = process.env.GATEHOUSE_BIN_DIR ?? path.resolve('../target/debug');
@@ -37,7 +37,8 @@ const work = mkdtempSync(path.join(os.tmpdir(), 'gatehouse-e2e-'));
 let provider;
 let browser;
 try {
-  const [simPort, gatewayPort, portalPort] = [await freePort(), await freePort(), await freePort()];
+  const reserved = await reservePorts(3);
+  const [simPort, gatewayPort, portalPort] = reserved.ports;
   const portal = `http://127.0.0.1:${portalPort}`;
   const gateway = `http://127.0.0.1:${gatewayPort}`;
   provider = await startProvider({
@@ -63,6 +64,7 @@ try {
     '',
   ].join('\n'));
 
+  await reserved.release();
   start('simulator', 'gatehouse-simulator', ['--listen', `127.0.0.1:${simPort}`, '--id', 'simulator']);
   start('gateway', 'gatehouse-gateway', ['serve', '--config', path.join(work, 'gateway.yaml')]);
   await waitFor(`${gateway}/healthz`, 'the gateway');
