@@ -803,13 +803,11 @@ async fn pipeline(
             let mut capture = crate::capture::BodyCapture::new(capture_limit);
             // The record's copy leaves out the credentials a body carries for a service the
             // model calls (`data_sources`, an MCP tool's headers); the member gets them.
+            // The tree's copy, even when nothing in it was replaced: the bytes may give a member
+            // twice, and hold in the copy the tree dropped what the tree's copy does not show.
             if call.peek.as_ref().is_some_and(|peek| peek.credentials) {
-                match call
-                    .json()
-                    .and_then(crate::body_credentials::redacted_bytes)
-                {
-                    Some(redacted) => capture.push(&redacted),
-                    None => capture.push(&body),
+                if let Some(copy) = call.json().and_then(crate::body_credentials::record_copy) {
+                    capture.push(&copy);
                 }
             } else {
                 capture.push(&body);

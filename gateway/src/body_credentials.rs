@@ -89,6 +89,16 @@ pub fn redacted_bytes(body: &Value) -> Option<Vec<u8>> {
     serde_json::to_vec(&copy).ok()
 }
 
+/// The record's copy of a request body that may carry credentials: `body`, the parsed tree, with
+/// its credentials redacted, as JSON bytes — always the tree's, even when nothing was replaced:
+/// a body that gives a member twice (`"tools"` twice, `"headers"` twice in a tool) holds a
+/// credential in the copy the tree dropped, which its bytes would keep.
+pub fn record_copy(body: &Value) -> Option<Vec<u8>> {
+    let mut copy = body.clone();
+    redact(&mut copy);
+    serde_json::to_vec(&copy).ok()
+}
+
 /// The members of a Realtime event that hold tools: a session's configuration (`session.update`,
 /// `transcription_session.update`, and the member's `session.created`, `session.updated`) and a
 /// response's (`response.create`, and the member's `response.created`, `response.done`).

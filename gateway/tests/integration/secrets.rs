@@ -140,14 +140,25 @@ async fn credentials_in_a_body_reach_the_member_and_not_the_record() {
         .unwrap();
     assert_eq!(answered.status(), 200, "{}", answered.text().await.unwrap());
 
+    // A body giving `tools` twice: the tree keeps the last (no credential), the bytes both.
+    let twice = r#"{"model":"gpt-4o","input":"twice","tools":[{"type":"mcp","server_label":"a","server_url":"https://mcp.example/sse","headers":{"Authorization":"Bearer dup-token-3e2f"}}],"tools":[]}"#;
+    let answered = gw
+        .post("/openai/v1/responses")
+        .header("content-type", "application/json")
+        .body(twice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answered.status(), 200, "{}", answered.text().await.unwrap());
+
     let seen: String = sim
         .requests()
         .iter()
         .map(|request| String::from_utf8_lossy(&request.body).into_owned())
         .collect();
-    let records = gw.records(2).await;
+    let records = gw.records(3).await;
     let stored = serde_json::to_string(&records).unwrap();
-    for secret in SECRETS {
+    for secret in SECRETS.iter().chain(&["Bearer dup-token-3e2f"]) {
         assert!(seen.contains(secret), "the member got {secret}");
         assert!(!stored.contains(secret), "{secret} in a record: {stored}");
     }
