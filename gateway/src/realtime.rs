@@ -1028,6 +1028,22 @@ impl Session {
             .get("event_id")
             .and_then(Value::as_str)
             .map(str::to_owned);
+        // A push that took the session's deployment from every pool ends its new responses: the
+        // limits would have nothing to count them by, and no pool serves it any more.
+        if self.call.deployment.is_some()
+            && runtime.pool_for(self.call.deployment.as_deref()).is_none()
+        {
+            let error = GatewayError::DeploymentNotFound;
+            tracing::info!(
+                reason = error.reason(),
+                "a Realtime response was refused: no pool serves the session's deployment any more"
+            );
+            return Some(error_event(
+                error.reason(),
+                &error.to_string(),
+                event.get("event_id").cloned().unwrap_or(Value::Null),
+            ));
+        }
         if runtime.snapshot.limits.is_empty() {
             self.pending.push_back(Asked {
                 reservation: None,

@@ -671,6 +671,43 @@ async fn limits_pushed_during_a_session_apply_to_its_next_responses() {
     assert_eq!(seen.responses_asked.load(Ordering::SeqCst), 0);
 }
 
+/// A push that takes the session's deployment from every pool refuses the session's next
+/// responses (`deployment_not_found`): no pool serves it, and its limits would count nothing.
+#[tokio::test]
+async fn a_deployment_pushed_away_during_a_session_refuses_its_next_responses() {
+    let (member_url, seen) = realtime_member(None).await;
+    let gw = TestGateway::start(snapshot(
+        1,
+        realtime_pool(json!([member("voice", &member_url, 1)])),
+    ))
+    .await;
+    let mut socket = open_session(&gw.url).await;
+    let mut moved = snapshot(
+        2,
+        json!([{"id": "voice", "deployments": ["gpt-4o-realtime-next"],
+                "members": [member("voice", &member_url, 1)]}]),
+    );
+    moved.limits = fifty_tokens_a_minute();
+    assert_eq!(gw.push_config(&moved).await.status(), 200);
+    socket
+        .send(Message::Text(
+            json!({"type": "response.create", "event_id": "ask-1"})
+                .to_string()
+                .into(),
+        ))
+        .await
+        .unwrap();
+    let refusal = next_event(&mut socket).await;
+    assert_eq!(refusal["type"], "error", "{refusal}");
+    assert_eq!(
+        refusal["error"]["code"], "deployment_not_found",
+        "{refusal}"
+    );
+    assert_eq!(refusal["error"]["event_id"], "ask-1", "{refusal}");
+    socket.close(None).await.unwrap();
+    assert_eq!(seen.responses_asked.load(Ordering::SeqCst), 0);
+}
+
 /// Reads `socket` until the gateway closes it for a caller no longer admitted: its `error` event
 /// (returned) and then its close frame, 1008 (policy violation).
 async fn withdrawn(
