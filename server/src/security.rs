@@ -47,9 +47,6 @@ const SERVER_FN_ERROR_HEADER: &str = "serverfnerror";
 /// could not be read, one is missing, or the body could not be decoded.
 const ARGUMENT_ERRORS: [&[u8]; 3] = [b"Args|", b"MissingArg|", b"Deserialization|"];
 
-/// The longest error body looked into; `server_fn`'s argument errors are a line of text.
-const ERROR_BODY_LIMIT: usize = 64 * 1024;
-
 /// Answers 400 instead of `server_fn`'s 500 when a server function was called with arguments it
 /// could not read (a form field missing or malformed, a body that is not the encoding): the
 /// caller sent bad input, the portal did not fail. The body, `server_fn`'s encoded error naming
@@ -62,8 +59,9 @@ async fn arguments_refused_as_bad_request(request: Request, next: Next) -> Respo
         return response;
     }
     let (mut parts, body) = response.into_parts();
-    let Ok(bytes) = axum::body::to_bytes(body, ERROR_BODY_LIMIT).await else {
-        // Longer than any argument error, or unreadable: not one of these.
+    // The portal's own error answer, read whole (its length is the portal's, not a caller's).
+    let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
+        // A body that cannot be read: not one of these.
         return (
             StatusCode::INTERNAL_SERVER_ERROR,
             "The server function failed.",
