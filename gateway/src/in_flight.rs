@@ -23,20 +23,50 @@ pub const SHUTDOWN_REASON: &str = "gateway_shutdown";
 #[derive(Debug, Default)]
 pub struct CallsInFlight {
     calls: TaskTracker,
+    /// The Realtime sessions among them: an upgraded connection is no longer one the server's
+    /// shutdown drain waits for, so the shutdown waits for these itself
+    /// ([`CallsInFlight::sessions_ended`]).
+    sessions: TaskTracker,
     stopping: CancellationToken,
 }
 
 /// One call under way: held until its record is handed on (moved into whatever task finishes
 /// it; a clone holds the same call).
 #[derive(Debug, Clone)]
-pub struct InFlight(
-    #[expect(dead_code, reason = "held, never read: counts the call")] TaskTrackerToken,
-);
+pub struct InFlight {
+    #[expect(dead_code, reason = "held, never read: counts the call")]
+    call: TaskTrackerToken,
+    #[expect(dead_code, reason = "held, never read: counts a Realtime session")]
+    session: Option<TaskTrackerToken>,
+}
 
 impl CallsInFlight {
     /// Counts a call that has begun.
     pub fn enter(&self) -> InFlight {
-        InFlight(self.calls.token())
+        InFlight {
+            call: self.calls.token(),
+            session: None,
+        }
+    }
+
+    /// Counts a Realtime session whose client was answered 101: a call, and one of the sessions
+    /// the shutdown waits for once the server's drain is over.
+    pub fn enter_session(&self) -> InFlight {
+        InFlight {
+            call: self.calls.token(),
+            session: Some(self.sessions.token()),
+        }
+    }
+
+    /// Waits, until `until` at most, for the Realtime sessions still open to end by themselves
+    /// (closed by their clients or members); `Err` with how many are open then. For the
+    /// shutdown, once the server's drain is over: what is left of it is the sessions'. Those
+    /// still open after it are closed by [`CallsInFlight::stop`].
+    pub async fn sessions_ended(&self, until: tokio::time::Instant) -> Result<(), usize> {
+        self.sessions.close();
+        tokio::time::timeout_at(until, self.sessions.wait())
+            .await
+            .map_err(|_| self.sessions.len())
     }
 
     /// Ready once the shutdown has stopped waiting for calls: a call's backend is waited for no

@@ -605,7 +605,7 @@ async fn serve(file: ConfigFile, config: &Path) -> anyhow::Result<()> {
     // An upgraded connection (a Realtime session) is not one the server's drain waited for: what
     // is left of the drain is the sessions', to end by themselves. Those still open after it are
     // closed with the calls below.
-    if let Err(open) = gateway.realtime_sessions_ended(drain_ends).await {
+    if let Err(open) = gateway.calls.sessions_ended(drain_ends).await {
         tracing::info!(
             open,
             "Realtime sessions still open when the drain ended are closed"

@@ -44,12 +44,12 @@
 //! before; a response that never gets one (a bound ran out, the member broke off, the session
 //! ended otherwise) is charged the tokens of the text its deltas carried.
 //!
-//! An upgraded connection no longer counts for the server's shutdown drain: the sessions open
-//! are counted here instead, and the shutdown gives them what is left of its drain
-//! ([`Gateway::realtime_sessions_ended`]) before it closes them.
+//! An upgraded connection no longer counts for the server's shutdown drain: each session is
+//! counted among the calls in flight as a session too, and the shutdown gives those what is left
+//! of its drain ([`crate::in_flight::CallsInFlight::sessions_ended`]) before it closes them.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::FromRequestParts as _;
@@ -62,7 +62,6 @@ use http::request::Parts;
 use http::{HeaderValue, StatusCode, header};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest as _};
-use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use crate::app::{self, Gateway};
@@ -108,11 +107,6 @@ const ASK_ANSWER_LIMIT: Duration = Duration::from_secs(5);
 /// How much of the text of a running response's deltas is kept for its estimate; beyond it,
 /// bytes are counted four to a token.
 const ESTIMATE_TEXT_LIMIT: usize = 1024 * 1024;
-
-/// The sessions of this process whose records are not finished yet, from their 101 on: an
-/// upgraded connection is no longer one the server's shutdown drain waits for
-/// ([`Gateway::realtime_sessions_ended`]). Process-wide: a gateway process serves one gateway.
-static OPEN_SESSIONS: LazyLock<TaskTracker> = LazyLock::new(TaskTracker::new);
 
 /// The member's side of a session.
 type MemberSocket = tokio_tungstenite::WebSocketStream<WebSocketTransport>;
@@ -201,8 +195,7 @@ pub(crate) async fn serve(
         .max_message_size(largest_message)
         .max_frame_size(largest_message);
     record.record.backend_response_code = Some(101);
-    let in_flight = gateway.calls.enter();
-    let open_session = OPEN_SESSIONS.token();
+    let in_flight = gateway.calls.enter_session();
     let span = tracing::Span::current();
     // The session goes to whichever of the two callbacks runs: a client gone between the 101 and
     // the upgrade still gets its record.
@@ -231,24 +224,9 @@ pub(crate) async fn serve(
                     session.relay(client).await;
                 }
                 drop(in_flight);
-                drop(open_session);
             }
             .instrument(span)
         })
-}
-
-impl Gateway {
-    /// Waits, until `until` at most, for the Realtime sessions still open to end by themselves
-    /// (closed by their clients or members); `Err` with how many are open then. For the shutdown,
-    /// once the server's drain is over: an upgraded connection is not one that drain waits for,
-    /// so what is left of it is the sessions'. Those still open after it are closed when the
-    /// calls are stopped ([`crate::in_flight::CallsInFlight::stop`]).
-    pub async fn realtime_sessions_ended(&self, until: tokio::time::Instant) -> Result<(), usize> {
-        OPEN_SESSIONS.close();
-        tokio::time::timeout_at(until, OPEN_SESSIONS.wait())
-            .await
-            .map_err(|_| OPEN_SESSIONS.len())
-    }
 }
 
 /// Judges the handshake and opens the member's side.
