@@ -49,9 +49,11 @@ pub const DEFAULT_API_VERSION: &str = "2024-10-21";
 const STREAM_USAGE_SINCE: &str = "2024-09-01";
 /// The member the gateway adds in front of a request body to ask a stream for its usage chunk.
 const STREAM_USAGE_OPTION: &[u8] = br#""stream_options":{"include_usage":true},"#;
-/// After a client hangs up, how long and how much more of the backend is read to complete the record.
-const DRAIN_TIME: Duration = Duration::from_secs(60);
-const DRAIN_BYTES: u64 = 16 * 1024 * 1024;
+/// After a client hangs up, how long more of the backend is read to complete the record (an HTTP
+/// answer's rest, a Realtime session's running responses).
+pub(crate) const DRAIN_TIME: Duration = Duration::from_secs(60);
+/// After a client hangs up, how many more bytes of the backend are read to complete the record.
+pub(crate) const DRAIN_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Request headers never forwarded: hop-by-hop, the client's credentials, and what the gateway sets.
 const DROPPED_REQUEST_HEADERS: &[&str] = &[

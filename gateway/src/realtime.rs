@@ -72,7 +72,7 @@ use crate::classify::{self, Call, RouteStyle};
 use crate::error::GatewayError;
 use crate::limits::{LimitRefusal, Reservation};
 use crate::pool::{Member, Selection};
-use crate::proxy::{self, FailedAttempt};
+use crate::proxy::{self, DRAIN_BYTES, DRAIN_TIME, FailedAttempt};
 use crate::record::{CallRecord, millis};
 use crate::retry_hint;
 use crate::runtime::Runtime;
@@ -92,12 +92,6 @@ const IDLE_REASON: &str = "realtime_idle_timeout";
 /// The record's `LastErrorReason` for a session whose client left an event untaken for the send
 /// timeout.
 const CLIENT_STALLED_REASON: &str = "client_send_timeout";
-
-/// After a client leaves with responses still running, how long and how much more of the member
-/// is read for their `response.done` events: the bounds of an HTTP answer's rest after its
-/// client hung up (`proxy`'s drain).
-const DRAIN_TIME: Duration = Duration::from_secs(60);
-const DRAIN_BYTES: u64 = 16 * 1024 * 1024;
 
 /// After a client left, how long a response it asked for may take to start (`response.created`)
 /// before it is no longer waited for: the member answers a `response.create` at once, with
