@@ -80,15 +80,6 @@ pub fn redact(body: &mut Value) -> usize {
     replaced
 }
 
-/// `body` with its credentials redacted, as JSON bytes for the record; `None` when it holds none.
-pub fn redacted_bytes(body: &Value) -> Option<Vec<u8>> {
-    let mut copy = body.clone();
-    if redact(&mut copy) == 0 {
-        return None;
-    }
-    serde_json::to_vec(&copy).ok()
-}
-
 /// The record's copy of a request body that may carry credentials: `body`, the parsed tree, with
 /// its credentials redacted, as JSON bytes — always the tree's, even when nothing was replaced:
 /// a body that gives a member twice (`"tools"` twice, `"headers"` twice in a tool) holds a
@@ -290,7 +281,8 @@ mod tests {
             "tools": [{"type": "function", "function": {"name": "f"}}]
         });
         assert!(!carries_credentials(&body));
-        assert_eq!(redacted_bytes(&body), None);
+        assert_eq!(redact(&mut body.clone()), 0);
+        assert_eq!(record_copy(&body), serde_json::to_vec(&body).ok());
         let mut with_null = json!({"tools": [{"type": "mcp", "headers": null}]});
         assert_eq!(redact(&mut with_null), 0);
     }
@@ -347,7 +339,7 @@ mod tests {
         )
         .unwrap();
         assert!(carries_credentials(&body));
-        let redacted = String::from_utf8(redacted_bytes(&body).unwrap()).unwrap();
+        let redacted = String::from_utf8(record_copy(&body).unwrap()).unwrap();
         assert!(!redacted.contains("Bearer t"), "{redacted}");
     }
 }
