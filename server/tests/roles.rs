@@ -375,17 +375,7 @@ async fn sign_ins_and_sign_outs_are_on_the_activity_log_for_admins() {
     };
 
     let mut admin = browser_for(&portal, Some("Admin")).await;
-    let created = admin
-        .post(
-            &format!("{}/api/create_subscription", portal.url),
-            &[
-                ("id", "team-a"),
-                ("display_name", "A"),
-                ("product", ""),
-                ("expires_on", ""),
-            ],
-        )
-        .await;
+    let created = admin.create_subscription(&portal, "team-a", "A").await;
     assert_eq!(created.status(), 200);
     let seen = entries(
         admin
@@ -510,17 +500,7 @@ async fn state_changing_requests_from_another_origin_are_refused() {
     let portal = start(None).await;
     let mut browser = browser_for(&portal, Some("Admin")).await;
     browser.origin = "http://evil.example".to_owned();
-    let response = browser
-        .post(
-            &format!("{}/api/create_subscription", portal.url),
-            &[
-                ("id", "x"),
-                ("display_name", "X"),
-                ("product", ""),
-                ("expires_on", ""),
-            ],
-        )
-        .await;
+    let response = browser.create_subscription(&portal, "x", "X").await;
     assert_eq!(response.status(), 403);
     assert!(
         portal
@@ -543,15 +523,7 @@ async fn pages_render_on_the_server_with_security_headers_and_the_dev_banner() {
     let portal = start(None).await;
     let mut browser = browser_for(&portal, Some("Admin")).await;
     browser
-        .post(
-            &format!("{}/api/create_subscription", portal.url),
-            &[
-                ("id", "team-x"),
-                ("display_name", "<script>alert(1)</script>"),
-                ("product", ""),
-                ("expires_on", ""),
-            ],
-        )
+        .create_subscription(&portal, "team-x", "<script>alert(1)</script>")
         .await;
     let response = browser.get(&format!("{}/subscriptions", portal.url)).await;
     assert_eq!(response.status(), 200);

@@ -33,17 +33,7 @@ async fn a_user_signs_in_with_code_and_pkce_and_gets_the_roles_of_the_token() {
     assert_eq!(info["user"]["name"], "Alice <Admin>");
     assert_eq!(info["user"]["roles"], json!(["Admin"]));
     // The admin's changes carry their name and object id.
-    browser
-        .post(
-            &format!("{}/api/create_subscription", portal.url),
-            &[
-                ("id", "team-a"),
-                ("display_name", "A"),
-                ("product", ""),
-                ("expires_on", ""),
-            ],
-        )
-        .await;
+    browser.create_subscription(&portal, "team-a", "A").await;
     let log = portal.server.portal.db.activity(10).await.unwrap();
     assert_eq!(
         log[0].actor,

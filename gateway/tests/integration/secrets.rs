@@ -131,25 +131,18 @@ async fn credentials_in_a_body_reach_the_member_and_not_the_record() {
         r#"{{"model":"gpt-4o","input":"list my repositories","tools":[{{"type":"m\u0063p","server_label":"github","server_url":"https://mcp.example/sse","headers":{{"Authorization":"{}"}},"authorization":"{}"}}]}}"#,
         SECRETS[2], SECRETS[3]
     );
-    let answered = gw
-        .post("/openai/v1/responses")
-        .header("content-type", "application/json")
-        .body(mcp)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(answered.status(), 200, "{}", answered.text().await.unwrap());
-
     // A body giving `tools` twice: the tree keeps the last (no credential), the bytes both.
     let twice = r#"{"model":"gpt-4o","input":"twice","tools":[{"type":"mcp","server_label":"a","server_url":"https://mcp.example/sse","headers":{"Authorization":"Bearer dup-token-3e2f"}}],"tools":[]}"#;
-    let answered = gw
-        .post("/openai/v1/responses")
-        .header("content-type", "application/json")
-        .body(twice)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(answered.status(), 200, "{}", answered.text().await.unwrap());
+    for body in [mcp.as_str(), twice] {
+        let answered = gw
+            .post("/openai/v1/responses")
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answered.status(), 200, "{}", answered.text().await.unwrap());
+    }
 
     let seen: String = sim
         .requests()

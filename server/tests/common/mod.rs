@@ -157,6 +157,26 @@ impl Browser {
         response
     }
 
+    /// Creates subscription `id` named `display_name` (no product, no expiry) through the
+    /// server function, as the admin page's form does.
+    pub async fn create_subscription(
+        &mut self,
+        portal: &TestPortal,
+        id: &str,
+        display_name: &str,
+    ) -> reqwest::Response {
+        self.post(
+            &format!("{}/api/create_subscription", portal.url),
+            &[
+                ("id", id),
+                ("display_name", display_name),
+                ("product", ""),
+                ("expires_on", ""),
+            ],
+        )
+        .await
+    }
+
     pub async fn dev_sign_in(&mut self, portal: &TestPortal, role: &str) {
         let response = self
             .post(&format!("{}/auth/dev", portal.url), &[("role", role)])
