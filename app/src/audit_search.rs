@@ -129,6 +129,8 @@ pub struct CallView {
     pub tokens_estimated: bool,
     /// Time to first byte.
     pub time_to_first_byte: String,
+    /// Time to first token.
+    pub time_to_first_token: String,
     /// The prompt.
     pub prompt: TranscriptView,
     /// The completion.
@@ -408,6 +410,10 @@ pub async fn audit_call(id: String, verify: String) -> Result<Look<CallView>, Se
         tokens_estimated: call.tokens_estimated,
         time_to_first_byte: call
             .time_to_first_byte
+            .map(|v| format!("{} ms", thousands(v)))
+            .unwrap_or_else(|| "–".to_owned()),
+        time_to_first_token: call
+            .time_to_first_token
             .map(|v| format!("{} ms", thousands(v)))
             .unwrap_or_else(|| "–".to_owned()),
         prompt: transcript_view(call.request_messages.as_deref()),
@@ -718,7 +724,7 @@ fn call_view(call: CallView) -> impl IntoView {
                 ", total " {r.tokens} " " {flag(call.tokens_estimated, "estimated")}
             </dd>
             <dt>"Timings"</dt>
-            <dd>{format!("{} ms in all", thousands(r.total_ms))} ", first byte " {call.time_to_first_byte}</dd>
+            <dd>{format!("{} ms in all", thousands(r.total_ms))} ", first byte " {call.time_to_first_byte} ", first token " {call.time_to_first_token}</dd>
             <dt>"Flags"</dt>
             <dd>
                 {flag(call.request_truncated, "request truncated")}

@@ -1599,6 +1599,7 @@ pub(crate) mod tests {
             total_time: 0,
             backend_time: 0,
             time_to_first_byte: None,
+            time_to_first_token: None,
             apim_subscription_id: None,
             product_id: None,
             user_id: None,

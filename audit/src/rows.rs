@@ -60,6 +60,8 @@ pub struct GatewayLogRow {
     pub backend_time: i64,
     /// Milliseconds to the first byte sent.
     pub time_to_first_byte: Option<i64>,
+    /// Milliseconds to the first generated output sent (see `AuditRecord::time_to_first_token`).
+    pub time_to_first_token: Option<i64>,
     /// Subscription id.
     pub apim_subscription_id: Option<String>,
     /// Product id.
@@ -188,6 +190,7 @@ impl GatewayLogRow {
             total_time: count(record.total_time),
             backend_time: count(record.backend_time),
             time_to_first_byte: record.time_to_first_byte.map(count),
+            time_to_first_token: record.time_to_first_token.map(count),
             apim_subscription_id: record.apim_subscription_id.clone(),
             product_id: record.product_id.clone(),
             user_id: record.user_id.clone(),

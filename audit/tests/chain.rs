@@ -39,6 +39,7 @@ fn record(i: usize, at: OffsetDateTime) -> AuditRecord {
         total_time: 20,
         backend_time: 18,
         time_to_first_byte: None,
+        time_to_first_token: None,
         apim_subscription_id: Some("team-a".to_owned()),
         product_id: None,
         user_id: None,

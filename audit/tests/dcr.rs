@@ -39,7 +39,7 @@ fn record() -> AuditRecord {
         "Url": "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21", "ClientProtocol": "HTTP/1.1",
         "ResponseCode": 200, "IsRequestSuccess": true, "BackendResponseCode": 200,
         "BackendId": "east", "BackendUrl": "https://east.example/openai", "RequestSize": 120, "ResponseSize": 300,
-        "TotalTime": 812, "BackendTime": 790, "TimeToFirstByte": 240, "ApimSubscriptionId": "team-a",
+        "TotalTime": 812, "BackendTime": 790, "TimeToFirstByte": 240, "TimeToFirstToken": 260, "ApimSubscriptionId": "team-a",
         "ProductId": "research", "UserId": "oid-1", "UserName": "ada@contoso.com", "TenantId": "tenant-1",
         "Groups": ["group-red"], "DeploymentName": "gpt-4o", "ModelName": "gpt-4o-2024-08-06",
         "ApiVersion": "2024-10-21", "IsStreamCompletion": true,

@@ -136,6 +136,7 @@ fn record(i: usize) -> AuditRecord {
         total_time: 35,
         backend_time: 30,
         time_to_first_byte: Some(12),
+        time_to_first_token: Some(14),
         apim_subscription_id: Some("team-a".to_owned()),
         product_id: None,
         user_id: None,

@@ -608,6 +608,8 @@ fn record(i: usize) -> AuditRecord {
         json!([{"role": "user", "content": format!("question number {i} about invoices")}])
             .to_string();
     let completion = json!([{"role": "assistant", "content": format!("answer {i}")}]).to_string();
+    // Half the calls sent output (a time to first token), half did not.
+    let first_token = (i % 2 == 1).then_some(35 + i);
     let response = json!({"object": "chat.completion", "model": models[i % 2], "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("answer {i}")}, "finish_reason": "stop"}], "usage": {"prompt_tokens": 10 + i, "completion_tokens": 5, "total_tokens": 15 + i}});
     serde_json::from_value(json!({
         "TimeGenerated": (T0 + Duration::seconds(i as i64 * 7)).format(&time::format_description::well_known::Rfc3339).unwrap(),
@@ -616,7 +618,7 @@ fn record(i: usize) -> AuditRecord {
         "Url": "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21", "ClientProtocol": "HTTP/1.1",
         "ResponseCode": if i % 10 == 9 { 429 } else { 200 }, "IsRequestSuccess": i % 10 != 9, "BackendResponseCode": 200,
         "BackendId": "east", "BackendUrl": "https://east.example/openai", "RequestSize": 120, "ResponseSize": 300,
-        "TotalTime": 100 + i, "BackendTime": 90, "TimeToFirstByte": 20, "ApimSubscriptionId": if i.is_multiple_of(2) { "team-a" } else { "team-b" },
+        "TotalTime": 100 + i, "BackendTime": 90, "TimeToFirstByte": 20, "TimeToFirstToken": first_token, "ApimSubscriptionId": if i.is_multiple_of(2) { "team-a" } else { "team-b" },
         "ProductId": "research", "UserId": format!("oid-{}", i % 2), "UserName": users[i % 2], "TenantId": "tenant-1",
         "Groups": if i.is_multiple_of(2) { json!(["group-red"]) } else { json!(["group-blue", "group-red"]) },
         "DeploymentName": "gpt-4o", "ModelName": models[i % 2], "ApiVersion": "2024-10-21", "IsStreamCompletion": i.is_multiple_of(3),
@@ -673,6 +675,38 @@ async fn records_land_in_azure_shaped_tables(store: &SqlStore) {
     };
     assert_eq!(pieces, 4);
     assert!(store.call("no-such-call").await.unwrap().is_none());
+
+    // Time to first token: a column of the view, read back with the call.
+    let first_tokens: Vec<Option<i64>> = match (store.sqlite_pool(), store.postgres_pool()) {
+        (Some(pool), _) => sqlx::query(
+            "SELECT TimeToFirstToken FROM ApiManagementGatewayLogs ORDER BY TimeGenerated",
+        )
+        .fetch_all(pool)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect(),
+        (_, Some(pool)) => sqlx::query(
+            r#"SELECT "TimeToFirstToken" FROM "ApiManagementGatewayLogs" ORDER BY "TimeGenerated""#,
+        )
+        .fetch_all(pool)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect(),
+        _ => unreachable!(),
+    };
+    assert_eq!(
+        first_tokens,
+        [None, Some(36), None, Some(38), None, Some(40)]
+    );
+    let detail = store.call("call-00001").await.unwrap().unwrap();
+    assert_eq!(
+        (detail.time_to_first_byte, detail.time_to_first_token),
+        (Some(20), Some(36))
+    );
 }
 
 /// A NUL character (a client's `api-version=%00`, a backend's text answer) in a record that did
@@ -2110,6 +2144,62 @@ async fn postgres_partitions_made_later_keep_the_search_statistics() {
         .unwrap();
         assert_eq!(target, 1000, "{partition}");
     }
+}
+
+/// Migration 0011 makes `ApiManagementGatewayLogs` again to show `TimeToFirstToken`: a store
+/// migrated from before it keeps the privileges granted on the view (an auditors' role), and
+/// shows the new column.
+#[tokio::test]
+async fn postgres_the_view_made_again_keeps_its_grants() {
+    let database = postgres_database().await;
+    let pool = sqlx::PgPool::connect(&database.url).await.unwrap();
+    let all = sqlx::migrate!("../migrations/audit/postgres");
+    let before = sqlx::migrate::Migrator {
+        migrations: std::borrow::Cow::Owned(
+            all.migrations
+                .iter()
+                .filter(|migration| migration.version < 11)
+                .cloned()
+                .collect(),
+        ),
+        ignore_missing: all.ignore_missing,
+        locking: all.locking,
+        no_tx: all.no_tx,
+    };
+    before.run(&pool).await.unwrap();
+    // Roles belong to the server: a name of this test's own, dropped before any assertion.
+    let role = format!("gh_auditors_{}", uuid::Uuid::new_v4().simple());
+    for statement in [
+        format!(r#"CREATE ROLE "{role}""#),
+        format!(r#"GRANT SELECT ON "ApiManagementGatewayLogs" TO "{role}" WITH GRANT OPTION"#),
+    ] {
+        sqlx::query(&statement).execute(&pool).await.unwrap();
+    }
+    let opened = SqlStore::open(&database.url).await.map(drop);
+    let privileges: Result<(bool, bool, bool), sqlx::Error> = sqlx::query_as(
+        r#"SELECT has_table_privilege($1, '"ApiManagementGatewayLogs"', 'SELECT'),
+                  has_table_privilege($1, '"ApiManagementGatewayLogs"', 'SELECT WITH GRANT OPTION'),
+                  has_table_privilege($1, '"ApiManagementGatewayLogs"', 'INSERT')"#,
+    )
+    .bind(&role)
+    .fetch_one(&pool)
+    .await;
+    let column: Result<i64, sqlx::Error> = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.columns \
+         WHERE table_name = 'ApiManagementGatewayLogs' AND column_name = 'TimeToFirstToken'",
+    )
+    .fetch_one(&pool)
+    .await;
+    for statement in [
+        format!(r#"DROP OWNED BY "{role}""#),
+        format!(r#"DROP ROLE "{role}""#),
+    ] {
+        sqlx::query(&statement).execute(&pool).await.unwrap();
+    }
+    pool.close().await;
+    opened.unwrap();
+    assert_eq!(privileges.unwrap(), (true, true, false));
+    assert_eq!(column.unwrap(), 1);
 }
 
 /// Store sessions run without JIT compilation, which costs more than the store's short

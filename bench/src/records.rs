@@ -405,6 +405,11 @@ impl Generator {
         } else {
             response_body.len() as u64
         };
+        let first_byte = if stream {
+            200 + rng.below(600) as u64
+        } else {
+            backend_ms + 1
+        };
 
         AuditRecord {
             time_generated,
@@ -425,11 +430,9 @@ impl Generator {
             response_size,
             total_time: backend_ms + 3 + rng.below(20) as u64,
             backend_time: backend_ms,
-            time_to_first_byte: Some(if stream {
-                200 + rng.below(600) as u64
-            } else {
-                backend_ms + 1
-            }),
+            time_to_first_byte: Some(first_byte),
+            // A stream's first token follows Azure's opening prompt-filter event.
+            time_to_first_token: Some(if stream { first_byte + 40 } else { first_byte }),
             apim_subscription_id: Some(subscription),
             product_id: Some(
                 if user.is_multiple_of(5) {

@@ -318,6 +318,16 @@ impl SseTap {
         self.assembler.done
     }
 
+    /// Whether an event the tap has read carried generated output: a chat chunk whose delta has
+    /// content, a refusal, reasoning, a tool call or audio (not Azure's opening prompt-filter
+    /// event, nor a chunk that only names the role), a completion's text, a typed `…delta`
+    /// event with something in it (Responses API, transcriptions), an image stream's partial or
+    /// final image, or an Assistants message delta. An event's output counts once the event is
+    /// whole (its blank line read).
+    pub fn output_started(&self) -> bool {
+        self.assembler.output_seen
+    }
+
     /// Whether the stream so far is one the tap reassembles into a response object (chat,
     /// completions, Responses, an Assistants run): once it is, [`SseTap::finish`] gives one.
     pub fn recognised(&self) -> bool {
@@ -870,6 +880,8 @@ struct StreamAssembler {
     error: Option<Value>,
     /// Whether `created` was set once already.
     announced: bool,
+    /// Whether an event carried generated output (see [`SseTap::output_started`]).
+    output_seen: bool,
 }
 
 impl StreamAssembler {
@@ -914,11 +926,17 @@ impl StreamAssembler {
             .and_then(Value::as_str)
             .filter(|object| object.starts_with("thread."))
         {
+            if object == "thread.message.delta" {
+                self.output_seen = true;
+            }
             self.run.event(object, chunk);
             return;
         }
         // Responses API: typed events; the terminal one carries the whole response.
         if let Some(kind) = chunk.get("type").and_then(Value::as_str) {
+            if carries_output(kind, chunk) {
+                self.output_seen = true;
+            }
             // A response made with `"store": false` is kept nowhere: nothing to pin.
             if kind == "response.created"
                 && chunk.pointer("/response/store").and_then(Value::as_bool) != Some(false)
@@ -1009,6 +1027,7 @@ impl StreamAssembler {
                 so_far.finish_reason = reason.clone();
             }
             if let Some(text) = choice.get("text").and_then(Value::as_str) {
+                self.output_seen |= !text.is_empty();
                 so_far.text.get_or_insert_with(String::new).push_str(text);
             }
             if let Some(Value::Object(logprobs)) = choice.get("logprobs") {
@@ -1030,6 +1049,7 @@ impl StreamAssembler {
             let Some(delta) = choice.get("delta") else {
                 continue;
             };
+            self.output_seen |= delta_carries_output(delta);
             if let Some(role) = delta.get("role").and_then(Value::as_str) {
                 so_far.role = Some(role.to_owned());
             }
@@ -1216,6 +1236,42 @@ impl UsageFilter {
     }
 }
 
+/// Whether a typed event carries generated output: a `…delta` event with a non-empty `delta`
+/// (Responses API text, refusals, arguments, reasoning summaries and audio; a transcription's
+/// text), or an image stream's partial or final image.
+fn carries_output(kind: &str, event: &Value) -> bool {
+    if kind.ends_with(".delta") {
+        return event.get("delta").is_some_and(holds_something);
+    }
+    kind.ends_with(".partial_image") || IMAGE_STREAM_ENDS.contains(&kind)
+}
+
+/// Whether a chat chunk's choice `delta` carries generated output: content, a refusal, reasoning
+/// content, a tool or function call, or audio — not a role alone.
+fn delta_carries_output(delta: &Value) -> bool {
+    [
+        "content",
+        "refusal",
+        "reasoning_content",
+        "tool_calls",
+        "function_call",
+        "audio",
+    ]
+    .into_iter()
+    .any(|key| delta.get(key).is_some_and(holds_something))
+}
+
+/// Whether a value is more than `null`, `""`, `[]` or `{}`.
+fn holds_something(value: &Value) -> bool {
+    match value {
+        Value::Null => false,
+        Value::String(text) => !text.is_empty(),
+        Value::Array(items) => !items.is_empty(),
+        Value::Object(members) => !members.is_empty(),
+        Value::Bool(_) | Value::Number(_) => true,
+    }
+}
+
 /// The chunk `stream_options.include_usage` adds: no choices (an empty array, or none at all), a
 /// usage object.
 pub fn is_usage_chunk(chunk: &Value) -> bool {
@@ -1295,6 +1351,67 @@ mod tests {
             tap.feed(&Bytes::copy_from_slice(piece));
         }
         tap.finish()
+    }
+
+    /// The number of whole events the tap had read when it first said output had started.
+    fn events_before_output(bytes: &[u8]) -> Option<usize> {
+        let text = std::str::from_utf8(bytes).unwrap();
+        let mut tap = SseTap::default();
+        for (read, event) in text.split_inclusive("\n\n").enumerate() {
+            assert!(!tap.output_started(), "output before event {read}");
+            tap.feed(event.as_bytes());
+            if tap.output_started() {
+                return Some(read);
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn output_starts_with_the_first_event_that_carries_some() {
+        // Azure's chat stream: the prompt-filter event, the role with empty content, then "The".
+        let chat = fixture("chat-stream-include-usage.sse");
+        assert_eq!(events_before_output(&chat), Some(2));
+        // Responses: created, in progress, then the first text delta.
+        assert_eq!(
+            events_before_output(&fixture("responses-stream.sse")),
+            Some(2)
+        );
+        // A stream the content filter stopped before any text: no output.
+        let filtered = "data: {\"choices\":[],\"prompt_filter_results\":[]}\n\n\
+                        data: {\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\",\"tool_calls\":[]},\"finish_reason\":null}]}\n\n\
+                        data: {\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"content_filter\"}]}\n\n\
+                        data: [DONE]\n\n";
+        assert_eq!(events_before_output(filtered.as_bytes()), None);
+        // A tool call, a completion's text, a transcription's delta, an image's partial image.
+        for (event, expected) in [
+            (
+                r#"{"object":"chat.completion.chunk","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_1","function":{"name":"f","arguments":""}}]}}]}"#,
+                true,
+            ),
+            (
+                r#"{"object":"text_completion","choices":[{"index":0,"text":"Once"}]}"#,
+                true,
+            ),
+            (
+                r#"{"object":"text_completion","choices":[{"index":0,"text":""}]}"#,
+                false,
+            ),
+            (r#"{"type":"transcript.text.delta","delta":"Hello"}"#, true),
+            (r#"{"type":"response.output_text.delta","delta":""}"#, false),
+            (
+                r#"{"type":"image_generation.partial_image","b64_json":"AAAA"}"#,
+                true,
+            ),
+            (
+                r#"{"object":"thread.message.delta","delta":{"content":[{"index":0,"type":"text","text":{"value":"Hi"}}]}}"#,
+                true,
+            ),
+        ] {
+            let mut tap = SseTap::default();
+            tap.feed(format!("data: {event}\n\n").as_bytes());
+            assert_eq!(tap.output_started(), expected, "{event}");
+        }
     }
 
     #[test]

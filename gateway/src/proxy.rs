@@ -1451,6 +1451,23 @@ impl RelayCall {
         self.record.record.last_error_reason = Some(reason.to_owned());
     }
 
+    /// Notes that bytes went on to the client: the first are the call's time to first byte, the
+    /// first after the stream carried generated output its time to first token (the clock is
+    /// read only for those two).
+    fn note_sent(&mut self) {
+        let record = &mut self.record.record;
+        let first_token = record.time_to_first_token.is_none() && self.tee.output_started();
+        if record.time_to_first_byte.is_some() && !first_token {
+            return;
+        }
+        let at = millis(self.record.started.elapsed());
+        let record = &mut self.record.record;
+        record.time_to_first_byte.get_or_insert(at);
+        if first_token {
+            record.time_to_first_token = Some(at);
+        }
+    }
+
     /// Pins the object a streamed create announced to this member, in memory at once and in the
     /// journal and the shared map on a task.
     fn pin_early(&mut self, id: String) {
@@ -1670,11 +1687,7 @@ impl futures::Stream for RelayBody {
                     }
                     if let Some(outgoing) = &outgoing {
                         relay.sent += outgoing.len() as u64;
-                        relay
-                            .record
-                            .record
-                            .time_to_first_byte
-                            .get_or_insert_with(|| millis(relay.record.started.elapsed()));
+                        relay.note_sent();
                     }
                     if complete {
                         this.finish();
@@ -1697,11 +1710,7 @@ impl futures::Stream for RelayBody {
                     // What the usage filter still held goes out now, as it came.
                     if let Some(held) = relay.tee.end(None) {
                         relay.sent += held.len() as u64;
-                        relay
-                            .record
-                            .record
-                            .time_to_first_byte
-                            .get_or_insert_with(|| millis(relay.record.started.elapsed()));
+                        relay.note_sent();
                         this.finish();
                         return Poll::Ready(Some(Ok(held)));
                     }
@@ -2222,6 +2231,14 @@ impl Tee {
         match &self.answer {
             AnswerCopy::Whole(whole) => serde_json::from_slice(whole).ok(),
             AnswerCopy::Stream(_) | AnswerCopy::Tail { .. } => None,
+        }
+    }
+
+    /// Whether a stream has carried generated output (see [`SseTap::output_started`]).
+    fn output_started(&self) -> bool {
+        match &self.answer {
+            AnswerCopy::Stream(sse) => sse.output_started(),
+            AnswerCopy::Whole(_) | AnswerCopy::Tail { .. } => false,
         }
     }
 

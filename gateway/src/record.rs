@@ -89,6 +89,7 @@ impl CallRecord {
             total_time: 0,
             backend_time: 0,
             time_to_first_byte: None,
+            time_to_first_token: None,
             apim_subscription_id: None,
             product_id: None,
             user_id: None,
@@ -186,6 +187,20 @@ impl CallRecord {
         self.record.total_time = millis(now - self.started);
         if let Some(backend_started) = self.backend_started {
             self.record.backend_time = millis(now - backend_started);
+        }
+        // An answer sent whole that reports completion tokens brought its first token with its
+        // first byte (a stream's is noted as it passes; a Realtime session's first byte is the
+        // upgrade, not a token).
+        let record = &mut self.record;
+        if record.time_to_first_token.is_none()
+            && !record.is_stream_completion
+            && record.is_request_success
+            && record.operation_id != Some(OperationId::RealtimeSession)
+            && record
+                .usage
+                .is_some_and(|usage| usage.completion_tokens > 0 && !usage.is_estimate)
+        {
+            record.time_to_first_token = record.time_to_first_byte;
         }
         self.record
     }

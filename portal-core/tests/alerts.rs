@@ -120,6 +120,7 @@ fn record(i: usize, at: OffsetDateTime, status: u16, total_time: u64) -> AuditRe
         total_time,
         backend_time: total_time,
         time_to_first_byte: None,
+        time_to_first_token: None,
         apim_subscription_id: Some("team-a".to_owned()),
         product_id: None,
         user_id: Some("oid".to_owned()),

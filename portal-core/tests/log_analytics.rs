@@ -388,6 +388,7 @@ async fn query(
             ("CompletionTokens", "long"),
             ("TokensEstimated", "bool"),
             ("TimeToFirstByte", "long"),
+            ("TimeToFirstToken", "long"),
             ("RequestBodyTruncated", "bool"),
             ("ResponseBodyTruncated", "bool"),
             ("ClientAborted", "bool"),
@@ -416,6 +417,7 @@ async fn query(
             json!(20),
             json!(true),
             json!(15),
+            json!(18),
             json!(false),
             json!(true),
             json!(false),
@@ -647,6 +649,10 @@ async fn figures_usage_search_and_call_come_from_the_query_api() {
     let call = source.call("call-0").await.unwrap().value.unwrap();
     assert_eq!(call.backend_id.as_deref(), Some("east"));
     assert!(call.tokens_estimated);
+    assert_eq!(
+        (call.time_to_first_byte, call.time_to_first_token),
+        (Some(15), Some(18))
+    );
     assert!(call.response_truncated && !call.request_truncated);
     assert_eq!(call.chain.as_ref().unwrap().sequence, 4);
     assert_eq!(

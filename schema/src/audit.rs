@@ -42,6 +42,7 @@ impl AuditRecord {
             total_time: _,
             backend_time: _,
             time_to_first_byte: _,
+            time_to_first_token: _,
             apim_subscription_id,
             product_id,
             user_id,
@@ -171,8 +172,16 @@ pub struct AuditRecord {
     pub total_time: u64,
     /// Milliseconds spent waiting on backends (all attempts).
     pub backend_time: u64,
-    /// Milliseconds from the request's arrival to the first response byte sent (streams: first token).
+    /// Milliseconds from the request's arrival to the first response byte sent.
     pub time_to_first_byte: Option<u64>,
+    /// Milliseconds from the request's arrival to the first generated output sent: for a stream,
+    /// the first event that carries some (a content, refusal, tool-call or audio delta, a
+    /// Responses API `…delta` event — not Azure's opening prompt-filter event, nor a role-only
+    /// chunk); for an answer sent whole that reports completion tokens, its first byte. `None`
+    /// when no output reached the client. Left out of the serialized record when `None`, so
+    /// records written before the field existed keep their hash chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_to_first_token: Option<u64>,
     /// Subscription that authenticated the call.
     pub apim_subscription_id: Option<String>,
     /// Product of that subscription.
@@ -306,6 +315,7 @@ mod tests {
             total_time: 3,
             backend_time: 4,
             time_to_first_byte: Some(5),
+            time_to_first_token: Some(6),
             apim_subscription_id: text("s"),
             product_id: text("p"),
             user_id: text("u"),

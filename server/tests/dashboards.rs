@@ -41,6 +41,7 @@ fn record(
         total_time: 40 + i as u64,
         backend_time: 30,
         time_to_first_byte: Some(10),
+        time_to_first_token: Some(12),
         apim_subscription_id: Some("team-a".to_owned()),
         product_id: None,
         user_id: Some(format!("oid-{i}")),

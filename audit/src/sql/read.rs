@@ -171,6 +171,8 @@ pub struct CallDetail {
     pub tokens_estimated: bool,
     /// Time to first byte, ms.
     pub time_to_first_byte: Option<i64>,
+    /// Time to first token, ms (see `AuditRecord::time_to_first_token`).
+    pub time_to_first_token: Option<i64>,
     /// Request body (None once content retention removed it).
     pub backend_request_body: Option<String>,
     /// Response body.
@@ -307,6 +309,7 @@ macro_rules! detail_from_rows {
             completion_tokens: detail.try_get(2)?,
             tokens_estimated: detail.try_get(3)?,
             time_to_first_byte: detail.try_get(4)?,
+            time_to_first_token: detail.try_get(13)?,
             backend_request_body: detail.try_get(5)?,
             backend_response_body: detail.try_get(6)?,
             request_messages: reassemble(requests),
@@ -925,7 +928,7 @@ async fn call_sqlite(pool: &sqlx::SqlitePool, id: &str) -> Result<Option<CallDet
         return Ok(None);
     };
     let detail = sqlx::query(
-        "SELECT Attempts, PromptTokens, CompletionTokens, TokensEstimated, TimeToFirstByte, BackendRequestBody, BackendResponseBody, RequestBodyTruncated, ResponseBodyTruncated, ClientAborted, ChainId, ChainSequence, RecordHash FROM ApiManagementGatewayLogs WHERE CorrelationId = ?",
+        "SELECT Attempts, PromptTokens, CompletionTokens, TokensEstimated, TimeToFirstByte, BackendRequestBody, BackendResponseBody, RequestBodyTruncated, ResponseBodyTruncated, ClientAborted, ChainId, ChainSequence, RecordHash, TimeToFirstToken FROM ApiManagementGatewayLogs WHERE CorrelationId = ?",
     )
     .bind(id)
     .fetch_one(pool)
@@ -958,7 +961,7 @@ async fn call_postgres(pool: &sqlx::PgPool, id: &str) -> Result<Option<CallDetai
     let summary = summary_from_row!(row, row.try_get(1)?);
     // The call's time names the one day partition that holds its content and pieces.
     let detail = sqlx::query(
-        r#"SELECT "Attempts"::text, "PromptTokens", "CompletionTokens", "TokensEstimated", "TimeToFirstByte", "BackendRequestBody", "BackendResponseBody", "RequestBodyTruncated", "ResponseBodyTruncated", "ClientAborted", "ChainId", "ChainSequence", "RecordHash" FROM "ApiManagementGatewayLogs" WHERE "CorrelationId" = $1 AND "TimeGenerated" = $2"#,
+        r#"SELECT "Attempts"::text, "PromptTokens", "CompletionTokens", "TokensEstimated", "TimeToFirstByte", "BackendRequestBody", "BackendResponseBody", "RequestBodyTruncated", "ResponseBodyTruncated", "ClientAborted", "ChainId", "ChainSequence", "RecordHash", "TimeToFirstToken" FROM "ApiManagementGatewayLogs" WHERE "CorrelationId" = $1 AND "TimeGenerated" = $2"#,
     )
     .bind(id)
     .bind(summary.time_generated)

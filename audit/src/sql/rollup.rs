@@ -69,6 +69,9 @@ pub enum Dimension {
     LatencyMs,
     /// Time to first byte as a histogram, like [`Dimension::LatencyMs`].
     TimeToFirstByteMs,
+    /// Time to first token as a histogram, like [`Dimension::LatencyMs`] (calls that sent
+    /// output only).
+    TimeToFirstTokenMs,
 }
 
 impl Dimension {
@@ -87,7 +90,11 @@ impl Dimension {
     ];
 
     /// The latency histograms, kept beside the dimensions of [`Dimension::ALL`].
-    pub const HISTOGRAMS: [Dimension; 2] = [Dimension::LatencyMs, Dimension::TimeToFirstByteMs];
+    pub const HISTOGRAMS: [Dimension; 3] = [
+        Dimension::LatencyMs,
+        Dimension::TimeToFirstByteMs,
+        Dimension::TimeToFirstTokenMs,
+    ];
 
     /// The stored name.
     pub fn as_str(self) -> &'static str {
@@ -104,6 +111,7 @@ impl Dimension {
             Dimension::StatusClass => "status_class",
             Dimension::LatencyMs => "latency_ms",
             Dimension::TimeToFirstByteMs => "ttfb_ms",
+            Dimension::TimeToFirstTokenMs => "ttft_ms",
         }
     }
 
@@ -133,6 +141,10 @@ impl Dimension {
             Dimension::LatencyMs => vec![latency_bucket(record.total_time).to_string()],
             Dimension::TimeToFirstByteMs => record
                 .time_to_first_byte
+                .map(|ms| vec![latency_bucket(ms).to_string()])
+                .unwrap_or_default(),
+            Dimension::TimeToFirstTokenMs => record
+                .time_to_first_token
                 .map(|ms| vec![latency_bucket(ms).to_string()])
                 .unwrap_or_default(),
         }

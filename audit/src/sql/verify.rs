@@ -93,6 +93,9 @@ macro_rules! record_from_row {
             time_to_first_byte: row
                 .try_get::<Option<i64>, _>("TimeToFirstByte")?
                 .map(|v| count(Some(v))),
+            time_to_first_token: row
+                .try_get::<Option<i64>, _>("TimeToFirstToken")?
+                .map(|v| count(Some(v))),
             apim_subscription_id: row.try_get("ApimSubscriptionId")?,
             product_id: row.try_get("ProductId")?,
             user_id: row.try_get("UserId")?,

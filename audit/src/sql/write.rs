@@ -16,10 +16,10 @@ use super::{
 };
 use crate::rows::{GatewayLogRow, LlmLogRow};
 
-/// Rows per multi-row INSERT (SQLite allows 32,766 bound values; the widest table has 52 columns).
+/// Rows per multi-row INSERT (SQLite allows 32,766 bound values; the widest table has 53 columns).
 const ROWS_PER_STATEMENT: usize = 200;
 
-const SQLITE_LOG_INSERT: &str = "INSERT INTO GatehouseGatewayLogs (RecordId, TimeGenerated, CorrelationId, OperationName, Category, GatewayId, OperationId, CallerIpAddress, CallerIpKey, PeerIpAddress, Method, Url, ClientProtocol, ResponseCode, IsRequestSuccess, BackendResponseCode, BackendId, BackendUrl, RequestSize, ResponseSize, TotalTime, BackendTime, TimeToFirstByte, ApimSubscriptionId, ProductId, UserId, UserName, EntraTenantId, Groups, DeploymentName, ModelName, ApiVersion, IsStreamCompletion, PromptTokens, CompletionTokens, TotalTokens, CachedTokens, ReasoningTokens, TokensEstimated, Attempts, AttemptCount, RequestBodyTruncated, ResponseBodyTruncated, ClientAborted, LastErrorReason, LastErrorMessage, ChainId, ChainSequence, PreviousHash, RecordHash, ContentHash) ";
+const SQLITE_LOG_INSERT: &str = "INSERT INTO GatehouseGatewayLogs (RecordId, TimeGenerated, CorrelationId, OperationName, Category, GatewayId, OperationId, CallerIpAddress, CallerIpKey, PeerIpAddress, Method, Url, ClientProtocol, ResponseCode, IsRequestSuccess, BackendResponseCode, BackendId, BackendUrl, RequestSize, ResponseSize, TotalTime, BackendTime, TimeToFirstByte, ApimSubscriptionId, ProductId, UserId, UserName, EntraTenantId, Groups, DeploymentName, ModelName, ApiVersion, IsStreamCompletion, PromptTokens, CompletionTokens, TotalTokens, CachedTokens, ReasoningTokens, TokensEstimated, Attempts, AttemptCount, RequestBodyTruncated, ResponseBodyTruncated, ClientAborted, LastErrorReason, LastErrorMessage, ChainId, ChainSequence, PreviousHash, RecordHash, ContentHash, TimeToFirstToken) ";
 /// Declares [`LogColumns`] — gateway-log rows as one array per column, for PostgreSQL's
 /// `unnest` — from one list of (field, element type, how a row fills it, column, SQL type), so
 /// that the fields, the values pushed, the bind order and the INSERT's column list cannot drift
@@ -106,6 +106,7 @@ postgres_log_columns! {
     previous_hash: Option<String> = row.previous_hash => "PreviousHash" "text",
     record_hash: Option<String> = row.record_hash => "RecordHash" "text",
     content_hash: Option<String> = row.content_hash => "ContentHash" "text",
+    time_to_first_token: Option<i64> = row.time_to_first_token => "TimeToFirstToken" "bigint",
 }
 
 /// JSON text as a JSON value (`jsonb` on PostgreSQL, text on SQLite), sent as it is rather than
@@ -118,7 +119,7 @@ fn json_or_null(text: String) -> Json<Option<Box<RawValue>>> {
 /// The INSERT of gateway-log rows bound as [`LogColumns`]: one array per column (in the order
 /// of [`LOG_COLUMNS`], which a test checks), unnested by the server, returning the
 /// `CorrelationId`s of the calls not stored yet.
-const POSTGRES_LOG_INSERT: &str = r#"INSERT INTO "GatehouseGatewayLogs" ("TimeGenerated", "CorrelationId", "OperationName", "Category", "GatewayId", "OperationId", "CallerIpAddress", "CallerIpKey", "PeerIpAddress", "Method", "Url", "ClientProtocol", "ResponseCode", "IsRequestSuccess", "BackendResponseCode", "BackendId", "BackendUrl", "RequestSize", "ResponseSize", "TotalTime", "BackendTime", "TimeToFirstByte", "ApimSubscriptionId", "ProductId", "UserId", "UserName", "EntraTenantId", "Groups", "DeploymentName", "ModelName", "ApiVersion", "IsStreamCompletion", "PromptTokens", "CompletionTokens", "TotalTokens", "CachedTokens", "ReasoningTokens", "TokensEstimated", "Attempts", "AttemptCount", "RequestBodyTruncated", "ResponseBodyTruncated", "ClientAborted", "LastErrorReason", "LastErrorMessage", "ChainId", "ChainSequence", "PreviousHash", "RecordHash", "ContentHash") SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::integer[], $14::boolean[], $15::integer[], $16::text[], $17::text[], $18::bigint[], $19::bigint[], $20::bigint[], $21::bigint[], $22::bigint[], $23::text[], $24::text[], $25::text[], $26::text[], $27::text[], $28::jsonb[], $29::text[], $30::text[], $31::text[], $32::boolean[], $33::bigint[], $34::bigint[], $35::bigint[], $36::bigint[], $37::bigint[], $38::boolean[], $39::jsonb[], $40::integer[], $41::boolean[], $42::boolean[], $43::boolean[], $44::text[], $45::text[], $46::text[], $47::bigint[], $48::text[], $49::text[], $50::text[]) ON CONFLICT ("CorrelationId", "TimeGenerated") DO NOTHING RETURNING "CorrelationId""#;
+const POSTGRES_LOG_INSERT: &str = r#"INSERT INTO "GatehouseGatewayLogs" ("TimeGenerated", "CorrelationId", "OperationName", "Category", "GatewayId", "OperationId", "CallerIpAddress", "CallerIpKey", "PeerIpAddress", "Method", "Url", "ClientProtocol", "ResponseCode", "IsRequestSuccess", "BackendResponseCode", "BackendId", "BackendUrl", "RequestSize", "ResponseSize", "TotalTime", "BackendTime", "TimeToFirstByte", "ApimSubscriptionId", "ProductId", "UserId", "UserName", "EntraTenantId", "Groups", "DeploymentName", "ModelName", "ApiVersion", "IsStreamCompletion", "PromptTokens", "CompletionTokens", "TotalTokens", "CachedTokens", "ReasoningTokens", "TokensEstimated", "Attempts", "AttemptCount", "RequestBodyTruncated", "ResponseBodyTruncated", "ClientAborted", "LastErrorReason", "LastErrorMessage", "ChainId", "ChainSequence", "PreviousHash", "RecordHash", "ContentHash", "TimeToFirstToken") SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::integer[], $14::boolean[], $15::integer[], $16::text[], $17::text[], $18::bigint[], $19::bigint[], $20::bigint[], $21::bigint[], $22::bigint[], $23::text[], $24::text[], $25::text[], $26::text[], $27::text[], $28::jsonb[], $29::text[], $30::text[], $31::text[], $32::boolean[], $33::bigint[], $34::bigint[], $35::bigint[], $36::bigint[], $37::bigint[], $38::boolean[], $39::jsonb[], $40::integer[], $41::boolean[], $42::boolean[], $43::boolean[], $44::text[], $45::text[], $46::text[], $47::bigint[], $48::text[], $49::text[], $50::text[], $51::bigint[]) ON CONFLICT ("CorrelationId", "TimeGenerated") DO NOTHING RETURNING "CorrelationId""#;
 
 const SQLITE_LLM_INSERT: &str = "INSERT INTO ApiManagementGatewayLlmLog (TimeGenerated, CorrelationId, OperationName, DeploymentName, ModelName, ApiVersion, IsStreamCompletion, PromptTokens, CompletionTokens, TotalTokens, SequenceNumber, RequestMessages, ResponseMessages) ";
 /// On PostgreSQL the LLM log's header rows (`SequenceNumber` 0, metadata) and its pieces
@@ -201,7 +202,8 @@ macro_rules! bind_log_row {
             .push_bind(row.chain_sequence)
             .push_bind(row.previous_hash)
             .push_bind(row.record_hash)
-            .push_bind(row.content_hash);
+            .push_bind(row.content_hash)
+            .push_bind(row.time_to_first_token);
     }};
 }
 
@@ -889,7 +891,7 @@ mod tests {
             arrays.join(", ")
         );
         assert_eq!(POSTGRES_LOG_INSERT, expected);
-        assert_eq!(LOG_COLUMNS.len(), 50);
+        assert_eq!(LOG_COLUMNS.len(), 51);
     }
 
     #[test]

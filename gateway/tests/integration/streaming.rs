@@ -84,6 +84,54 @@ async fn chunks_arrive_as_sent(version: http::Version) {
     assert!(text.trim_end().ends_with("data: [DONE]"));
 }
 
+/// Time to first token is the first event that carries output: not Azure's opening
+/// prompt-filter event nor the role-only chunk, which the simulator sends at once, but its first
+/// content, which it sends 300 ms later.
+#[tokio::test]
+async fn time_to_first_token_is_the_first_content_not_the_first_byte() {
+    let (_sim, gw) = slow_gateway(300, 2).await;
+    let response = streamed_chat(&gw, http::Version::HTTP_11).await;
+    let body = response.text().await.unwrap();
+    assert!(body.contains("prompt_filter_results"), "{body}");
+    let record = gw.records(1).await.remove(0);
+    let first_byte = record.time_to_first_byte.unwrap();
+    let first_token = record.time_to_first_token.unwrap();
+    assert!(first_token >= 300, "first token after {first_token} ms");
+    assert!(
+        first_byte < first_token,
+        "first byte {first_byte} ms, first token {first_token} ms"
+    );
+}
+
+/// An answer sent whole that reports completion tokens brings its first token with its first
+/// byte; embeddings generate none.
+#[tokio::test]
+async fn an_answer_sent_whole_has_its_first_token_with_its_first_byte() {
+    let (_sim, gw) = slow_gateway(0, 1).await;
+    let chat = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(chat.status(), 200);
+    let record = gw.records(1).await.remove(0);
+    assert!(record.usage.unwrap().completion_tokens > 0);
+    assert!(record.time_to_first_byte.is_some());
+    assert_eq!(record.time_to_first_token, record.time_to_first_byte);
+
+    let embeddings = gw
+        .post("/openai/deployments/gpt-4o/embeddings?api-version=2024-10-21")
+        .json(&json!({"input": "a sentence"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(embeddings.status(), 200);
+    let record = gw.records(2).await.remove(1);
+    assert!(record.time_to_first_byte.is_some());
+    assert_eq!(record.time_to_first_token, None);
+}
+
 #[tokio::test]
 async fn the_record_holds_the_reassembled_completion_and_usage() {
     let (_sim, gw) = slow_gateway(0, 5).await;

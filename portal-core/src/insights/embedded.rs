@@ -83,7 +83,7 @@ impl EmbeddedSource {
         Ok(Answer::new(figures))
     }
 
-    /// p50/p95 of total time and time to first byte in the range, from the rollups' latency
+    /// p50/p95 of total time and time to first token in the range, from the rollups' latency
     /// histograms (see the module docs).
     async fn percentiles(
         &self,
@@ -91,7 +91,7 @@ impl EmbeddedSource {
         granularity: Granularity,
     ) -> Result<(Percentiles, Percentiles), InsightsError> {
         let mut result = [Percentiles::default(), Percentiles::default()];
-        for (slot, dimension) in [Dimension::LatencyMs, Dimension::TimeToFirstByteMs]
+        for (slot, dimension) in [Dimension::LatencyMs, Dimension::TimeToFirstTokenMs]
             .into_iter()
             .enumerate()
         {
@@ -266,6 +266,7 @@ impl AuditSource for EmbeddedSource {
                 completion_tokens: detail.completion_tokens,
                 tokens_estimated: detail.tokens_estimated,
                 time_to_first_byte: detail.time_to_first_byte,
+                time_to_first_token: detail.time_to_first_token,
                 request_messages: detail.request_messages,
                 response_messages: detail.response_messages,
                 request_body: detail.backend_request_body,

@@ -735,6 +735,7 @@ impl LogAnalyticsSource {
             completion_tokens: cells.i64(row, "CompletionTokens"),
             tokens_estimated: cells.bool(row, "TokensEstimated"),
             time_to_first_byte: cells.i64(row, "TimeToFirstByte"),
+            time_to_first_token: cells.i64(row, "TimeToFirstToken"),
             request_messages: None,
             response_messages: None,
             request_body: cells.string(row, "BackendRequestBody"),

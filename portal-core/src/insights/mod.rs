@@ -453,6 +453,9 @@ pub struct CallFull {
     pub tokens_estimated: bool,
     /// Time to first byte, ms.
     pub time_to_first_byte: Option<i64>,
+    /// Time to first token, ms: the first generated output sent (none for calls recorded before
+    /// Gatehouse kept it, or that sent none).
+    pub time_to_first_token: Option<i64>,
     /// The prompt messages (JSON text as captured).
     pub request_messages: Option<String>,
     /// The completion (JSON text as captured).
