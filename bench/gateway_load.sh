@@ -3,8 +3,11 @@
 # measured in one run
 #   1. directly against a fast mock upstream (nginx returning a static chat.completion),
 #   2. through nginx as a plain reverse proxy to that mock,
-#   3. through the Gatehouse gateway to that mock (subscription key),
-#   4. through the gateway with the identity pipeline on: an Entra ID token on every call, checked
+#   3. through the floor: a bare pass-through proxy on the gateway's parts (tokio, hyper-util's
+#      server and pooling client, mimalloc; bench/src/bin/hyper_floor.rs), which does none of the
+#      gateway's work: what any gateway on those parts pays per call (a figure, not a target),
+#   4. through the Gatehouse gateway to that mock (subscription key),
+#   5. through the gateway with the identity pipeline on: an Entra ID token on every call, checked
 #      against JWKS served by the mock (same nginx), plus an access rule (and limits, see below),
 # and reported per concurrency as latency p50/p99, requests per second, CPU time per request and
 # peak RSS of the proxy processes, with the gateway-vs-nginx ratios and their targets.
@@ -35,7 +38,7 @@
 #                            BENCH_REDIS_URL). Each is held to added p50 <= 1.15 x key-only.
 #   BENCH_KEEP_TMP=1         keep the temporary directory (configs, logs, raw wrk output)
 #   BENCH_INSTRUCTIONS=N     instead of the load runs: the user-space instructions per call of the
-#                            nginx proxy and of the key-only gateway, each run under valgrind's
+#                            nginx proxy, the floor and the key-only gateway, each under valgrind's
 #                            callgrind for N calls (one connection, after 300 untimed ones), and
 #                            their ratio, with the gateway's 25 costliest functions. Instruction
 #                            counts do not depend on other load on the machine (seconds do).
@@ -406,6 +409,28 @@ build_gateway() {
   [ -x "$gateway_bin" ] || { gateway_skip_reason="no binary at $gateway_bin after the build"; return 1; }
 }
 
+# Sets floor_bin, or leaves it empty (with a warning) when the floor does not build: the
+# gateway's figures do not depend on it.
+build_floor() {
+  say "floor: cargo build --release --locked -p gatehouse-bench --bin hyper_floor"
+  if cargo build --release --locked -p gatehouse-bench --bin hyper_floor; then
+    floor_bin="${CARGO_TARGET_DIR:-$root/target}/release/hyper_floor"
+  else
+    note "WARNING: the floor proxy did not build; it is not measured"
+    floor_bin=""
+  fi
+}
+
+# Starts the floor proxy on $floor_port in front of the mock. Sets floor_pid.
+start_floor() {
+  say "floor (bare hyper proxy) on 127.0.0.1:$floor_port -> mock"
+  ${launch[@]+"${launch[@]}"} "$floor_bin" --listen "127.0.0.1:$floor_port" --upstream "127.0.0.1:$mock_port" \
+    > "$work/floor.log" 2>&1 &
+  floor_pid=$!
+  started_pids+=("$floor_pid")
+  wait_http_200 "http://127.0.0.1:$floor_port/healthz" "$floor_pid" "floor"
+}
+
 # $1 name, $2 port, $3 extra snapshot YAML, $4 extra server YAML (both indented two spaces).
 # Sets gateway_pid.
 start_gateway() {
@@ -594,6 +619,15 @@ instructions_main() {
   start_nginx_proxy
   measure_instructions nginx "$nginx_port" "$nginx_pid"
   stop_process "$nginx_pid"; forget_pid "$nginx_pid"
+  if [ -n "$floor_bin" ]; then
+    launch=(valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$work/floor.callgrind.%p")
+    if start_floor; then
+      measure_instructions floor "$floor_port" "$floor_pid"
+    else
+      broken+=("floor: did not start under valgrind (log: $work/floor.log)")
+    fi
+    stop_process "$floor_pid"; forget_pid "$floor_pid"
+  fi
   launch=(valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$work/gateway.callgrind.%p")
   start_gateway gateway "$gateway_port" || die "the gateway did not start under valgrind"
   measure_instructions gateway "$gateway_port" "$gateway_pid"
@@ -640,6 +674,11 @@ for name, value in per_call.items():
 ratio = per_call["gateway"] / per_call["nginx"] if {"gateway", "nginx"} <= per_call.keys() else None
 if ratio is not None:
     print(f"gateway / nginx: {ratio:.2f} x the user-space instructions per call")
+floor = per_call["floor"] / per_call["nginx"] if {"floor", "nginx"} <= per_call.keys() else None
+if floor is not None:
+    print(f"floor / nginx: {floor:.2f} x (a bare pass-through proxy on the gateway's parts)")
+    if "gateway" in per_call:
+        print(f"gateway - floor: {per_call['gateway'] - per_call['floor']:+,.0f} instructions a call: the gateway's own work")
 capture = {}
 baseline = next((name for name in per_call if name.startswith("gateway-c")), None)
 for name in sorted(per_call):
@@ -647,7 +686,7 @@ for name in sorted(per_call):
         capture[name] = per_call[name] / per_call[baseline]
         extra = per_call[name] - per_call[baseline]
         print(f"{name} / {baseline}: {capture[name]:.2f} x ({extra:+,.0f} instructions a call for its record)")
-out.write_text(json.dumps({"git_commit": commit, "runs": runs, "per_call": per_call, "gateway_over_nginx": ratio, "capture_over_key_only": capture}, indent=2) + "\n")
+out.write_text(json.dumps({"git_commit": commit, "runs": runs, "per_call": per_call, "gateway_over_nginx": ratio, "floor_over_nginx": floor, "capture_over_key_only": capture}, indent=2) + "\n")
 print(f"JSON: {out}")
 PY
   if [ -s "$work/gateway.callgrind" ] && command -v callgrind_annotate >/dev/null; then
@@ -840,6 +879,7 @@ main() {
       fi ;;
     *) die "BENCH_GATEWAY must be auto, on or off (not $gateway_mode)" ;;
   esac
+  build_floor
 
   # Other load on the machine (a build, tests) makes every figure meaningless: say so.
   local busy_before
@@ -848,7 +888,7 @@ main() {
     note "WARNING: the machine is ${busy_before}% busy before the benchmark starts: the figures will be noisy"
   fi
 
-  read -r mock_port nginx_port gateway_port identity_port < <(python3 "$bench_dir/lib/report.py" ports 4)
+  read -r mock_port nginx_port gateway_port identity_port floor_port < <(python3 "$bench_dir/lib/report.py" ports 5)
   write_fixtures
   wrk_script="$work/post.lua"
   start_mock
@@ -866,6 +906,15 @@ main() {
   measure_target direct "$mock_port"
   measure_target nginx "$nginx_port" "$nginx_pid"
   stop_process "$nginx_pid"; forget_pid "$nginx_pid"
+
+  if [ -n "$floor_bin" ]; then
+    if start_floor && preflight floor "$floor_port"; then
+      measure_target floor "$floor_port" "$floor_pid"
+    else
+      broken+=("floor: did not start or does not answer the request (log: $work/floor.log)")
+    fi
+    stop_process "$floor_pid"; forget_pid "$floor_pid"
+  fi
 
   if [ "$gateway_status" = pending ]; then
     if start_gateway gateway "$gateway_port" && preflight gateway "$gateway_port"; then

@@ -34,7 +34,10 @@ IDENTITY_TARGETS = ("gateway-jwt", "gateway-jwt-limits", "gateway-jwt-limits-red
 # The gateway recording full capture into a store, each compared with capture off (key-only).
 CAPTURE_TARGETS = ("gateway-capture-sqlite", "gateway-capture-postgres")
 VARIANTS = CAPTURE_TARGETS + IDENTITY_TARGETS
-ALL_TARGETS = TARGETS + VARIANTS
+# A bare pass-through proxy on the gateway's parts (bench/src/bin/hyper_floor.rs): what any
+# gateway built on them pays per call; compared with nginx as a figure, not a target.
+FLOOR = "floor"
+ALL_TARGETS = ("direct", "nginx", FLOOR, "gateway") + VARIANTS
 
 # The targets the gateway is held to.
 MAX_ADDED_P50_RATIO = 1.5  # gateway added p50 <= 1.5 x nginx added p50, at every concurrency
@@ -256,6 +259,13 @@ def compare(runs: dict[tuple[str, int], dict], concurrency: list[int]) -> tuple[
             row["added_p50_ok"] = g <= MAX_ADDED_P50_RATIO * n if n > 0 else g <= 0
         if nginx and gateway and nginx["rps"] > 0:
             row["rps_ratio"] = round(gateway["rps"] / nginx["rps"], 3)
+        floor = runs.get((FLOOR, c))
+        if direct and floor:
+            row["floor_added_p50_ms"] = round(floor["latency_ms"]["p50"] - direct["latency_ms"]["p50"], 4)
+            n = row.get("nginx_added_p50_ms")
+            row["floor_added_p50_ratio"] = round(row["floor_added_p50_ms"] / n, 3) if n and n > 0 else None
+        if nginx and floor and nginx["rps"] > 0:
+            row["floor_rps_ratio"] = round(floor["rps"] / nginx["rps"], 3)
         for variant in VARIANTS:
             measured = runs.get((variant, c))
             if direct and gateway and measured:
@@ -347,6 +357,8 @@ def summarize(results: Path, meta_path: Path, out: Path) -> int:
         added = []
         if "nginx_added_p50_ms" in row:
             added.append(f"nginx +{row['nginx_added_p50_ms'] * 1000:.0f} µs")
+        if "floor_added_p50_ms" in row:
+            added.append(f"floor +{row['floor_added_p50_ms'] * 1000:.0f} µs")
         if "gateway_added_p50_ms" in row:
             added.append(f"gateway +{row['gateway_added_p50_ms'] * 1000:.0f} µs")
         if added:
@@ -358,6 +370,12 @@ def summarize(results: Path, meta_path: Path, out: Path) -> int:
                     f"(target <= {MAX_ADDED_P50_RATIO}x) {mark(row['added_p50_ok'])}"
                 )
             w("\n")
+        if "floor_added_p50_ms" in row:
+            w(
+                f"     the floor (a bare hyper proxy, none of the gateway's work): added p50 "
+                f"{fmt(row.get('floor_added_p50_ratio'), '.2f', 'n/a')}x nginx's, RPS "
+                f"{fmt(row.get('floor_rps_ratio'), '.2f', 'n/a')}x nginx's (a figure, not a target)\n"
+            )
         gateway = runs.get(("gateway", c))
         if gateway and gateway["own_overhead_ms"] is not None:
             own = gateway["own_overhead_ms"]
