@@ -73,7 +73,8 @@
 //! whether the value is counted as sent (JSON text, escapes included) or as stored, so the sink
 //! counts it as JSON, which is never the smaller: a `"` takes 2 bytes, a control character 6
 //! (`\u0001`). It cuts such values itself so that nothing is cut unannounced: the two bodies are
-//! cut and their truncation flags raised (the prompts and completions are whole in the LLM rows,
+//! cut and their truncation flags raised — a JSON body to JSON that still parses, its longest
+//! strings shortened and its numbers (`usage`) and shorter strings (`model`, ids) whole (the prompts and completions are whole in the LLM rows,
 //! in 32 KB pieces, a piece whose escapes take it over 64 KB split further); `Groups` and
 //! `Attempts` keep as many leading entries as fit, still valid JSON arrays; other text that comes
 //! from the request, the backend's answer or the caller's token (`Method`, `Url`, `UserId`,
@@ -1502,15 +1503,74 @@ fn water_level(lengths: impl Iterator<Item = usize> + Clone, excess: usize) -> u
     low
 }
 
-/// Cuts a value Azure would truncate silently to [`MAX_FIELD_BYTES`] as JSON (on a character
-/// boundary) and raises its truncation flag.
+/// Cuts a body Azure would truncate silently to [`MAX_FIELD_BYTES`] as JSON and raises its
+/// truncation flag: a body that is JSON keeps being JSON ([`fit_json`]), so that a query parsing
+/// it (`parse_json(BackendResponseBody).usage`) still reads its numbers and short strings; any
+/// other is cut on a character boundary.
 fn cap_field(value: &mut Option<String>, truncated: &mut bool) {
     if let Some(text) = value
         .as_mut()
         .filter(|text| json_len(text) > MAX_FIELD_BYTES)
     {
-        cut_text(text, MAX_FIELD_BYTES);
+        match fit_json(text, MAX_FIELD_BYTES) {
+            Some(fitted) => *text = fitted,
+            None => cut_text(text, MAX_FIELD_BYTES),
+        }
         *truncated = true;
+    }
+}
+
+/// `text`, a JSON document, with its longest strings cut (every one longer than a level to that
+/// level, on a character boundary; the level the highest that fits) so that it takes at most
+/// `limit` bytes as a JSON string: still JSON, with its shape, keys, numbers and shorter
+/// strings whole — a chat completion keeps its `usage`, `model` and ids, its message's content
+/// is cut. `None` when `text` is not JSON, or does not fit with every string emptied (a long
+/// array of numbers).
+fn fit_json(text: &str, limit: usize) -> Option<String> {
+    let document: Value = serde_json::from_str(text).ok()?;
+    let cut_to = |level: usize| {
+        let mut cut = document.clone();
+        shorten_strings(&mut cut, level);
+        serde_json::to_string(&cut)
+            .ok()
+            .filter(|text| json_len(text) <= limit)
+    };
+    let mut fitted = cut_to(0)?;
+    let (mut low, mut high) = (0, longest_string(&document));
+    while low < high {
+        let middle = low + (high - low).div_ceil(2);
+        match cut_to(middle) {
+            Some(text) => {
+                fitted = text;
+                low = middle;
+            }
+            None => high = middle - 1,
+        }
+    }
+    Some(fitted)
+}
+
+/// Cuts every string in `value` (not the keys) longer than `level` bytes as JSON to it.
+fn shorten_strings(value: &mut Value, level: usize) {
+    match value {
+        Value::String(text) if json_len(text) > level => cut_text(text, level),
+        Value::Array(items) => items
+            .iter_mut()
+            .for_each(|item| shorten_strings(item, level)),
+        Value::Object(members) => members
+            .values_mut()
+            .for_each(|member| shorten_strings(member, level)),
+        Value::Null | Value::Bool(_) | Value::Number(_) | Value::String(_) => {}
+    }
+}
+
+/// The length, as JSON, of the longest string in `value` (not counting keys).
+fn longest_string(value: &Value) -> usize {
+    match value {
+        Value::String(text) => json_len(text),
+        Value::Array(items) => items.iter().map(longest_string).max().unwrap_or(0),
+        Value::Object(members) => members.values().map(longest_string).max().unwrap_or(0),
+        Value::Null | Value::Bool(_) | Value::Number(_) => 0,
     }
 }
 
@@ -1644,6 +1704,42 @@ mod tests {
         let mut flag = false;
         cap_field(&mut short, &mut flag);
         assert_eq!((short.as_deref(), flag), (Some("{}"), false));
+    }
+
+    /// A long streamed answer's reassembled completion: cut, it still parses, with its usage,
+    /// model and id whole and its content cut to fit.
+    #[test]
+    fn a_long_json_body_is_cut_to_json_that_keeps_its_usage() {
+        let content = "Line \"one\"\n".repeat(20_000);
+        let completion = serde_json::json!({
+            "id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o-2024-08-06",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": content}}],
+            "usage": {"prompt_tokens": 12, "completion_tokens": 40_000, "total_tokens": 40_012},
+        });
+        let mut body = Some(completion.to_string());
+        let mut truncated = false;
+        cap_field(&mut body, &mut truncated);
+        let body = body.unwrap();
+        assert!(truncated);
+        assert!(json_len(&body) <= MAX_FIELD_BYTES);
+        // Close to the limit: only the content was cut, and only as much as needed.
+        assert!(json_len(&body) > MAX_FIELD_BYTES - 100, "{}", json_len(&body));
+        let parsed: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(parsed["usage"], completion["usage"]);
+        assert_eq!(parsed["model"], "gpt-4o-2024-08-06");
+        assert_eq!(parsed["id"], "chatcmpl-1");
+        assert_eq!(parsed["choices"][0]["message"]["role"], "assistant");
+        let kept = parsed["choices"][0]["message"]["content"].as_str().unwrap();
+        assert!(!kept.is_empty() && content.starts_with(kept));
+
+        // JSON that cannot fit however its strings are cut: cut as text.
+        let numbers = serde_json::to_string(&vec![0.123_456_f64; 20_000]).unwrap();
+        let mut body = Some(numbers);
+        let mut truncated = false;
+        cap_field(&mut body, &mut truncated);
+        assert!(truncated);
+        assert_eq!(json_len(body.as_deref().unwrap()), MAX_FIELD_BYTES);
     }
 
     /// The JSON string form of `text` without its quotes, as serde_json writes it.
