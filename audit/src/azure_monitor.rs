@@ -1521,39 +1521,76 @@ fn cap_field(value: &mut Option<String>, truncated: &mut bool) {
 }
 
 /// `text`, a JSON document, with its longest strings cut (every one longer than a level to that
-/// level, on a character boundary; the level the highest that fits) so that it takes at most
-/// `limit` bytes as a JSON string: still JSON, with its shape, keys, numbers and shorter
-/// strings whole — a chat completion keeps its `usage`, `model` and ids, its message's content
-/// is cut. `None` when `text` is not JSON, or does not fit with every string emptied (a long
-/// array of numbers).
+/// level, on a character boundary) so that it takes at most `limit` bytes as a JSON string:
+/// still JSON with its members (in key order), numbers and shorter strings whole — a chat
+/// completion keeps its `usage`, `model` and ids, its message's content is cut. The level is the
+/// highest that takes enough off ([`water_level`] over what each string takes in the row: one
+/// pass, then one serialization). `None` when `text` is not JSON, or does not fit with every
+/// string emptied (a long array of numbers).
 fn fit_json(text: &str, limit: usize) -> Option<String> {
     let document: Value = serde_json::from_str(text).ok()?;
-    let cut_to = |level: usize| {
+    let whole = serde_json::to_string(&document).ok()?;
+    let size = json_len(&whole);
+    if size <= limit {
+        return Some(whole);
+    }
+    let mut lengths = Vec::new();
+    string_lengths(&document, &mut lengths);
+    let mut level = water_level(lengths.iter().copied(), size - limit);
+    loop {
         let mut cut = document.clone();
         shorten_strings(&mut cut, level);
-        serde_json::to_string(&cut)
-            .ok()
-            .filter(|text| json_len(text) <= limit)
-    };
-    let mut fitted = cut_to(0)?;
-    let (mut low, mut high) = (0, longest_string(&document));
-    while low < high {
-        let middle = low + (high - low).div_ceil(2);
-        match cut_to(middle) {
-            Some(text) => {
-                fitted = text;
-                low = middle;
-            }
-            None => high = middle - 1,
+        let fitted = serde_json::to_string(&cut).ok()?;
+        if json_len(&fitted) <= limit {
+            return Some(fitted);
         }
+        // Cutting to the level takes at least what it must off; lower it should that not hold.
+        if level == 0 {
+            return None;
+        }
+        level -= level / 16 + 1;
     }
-    Some(fitted)
 }
 
-/// Cuts every string in `value` (not the keys) longer than `level` bytes as JSON to it.
+/// Bytes a string inside a JSON document takes in the row, quotes excluded: written by
+/// `serde_json` into the document (`"` and `\` as two bytes, the short escapes as two, other
+/// control characters as six), then the document escaped again as the row's text ([`json_len`]).
+fn sent_len(text: &str) -> usize {
+    text.bytes().map(sent_byte_len).sum()
+}
+
+fn sent_byte_len(byte: u8) -> usize {
+    match byte {
+        // `\"` → `\\\"`, `\\` → `\\\\`
+        b'"' | b'\\' => 4,
+        // `\n` → `\\n`
+        0x08 | b'\t' | b'\n' | 0x0c | b'\r' => 3,
+        // `\u0001` → `\\u0001`
+        0x00..=0x1f => 7,
+        _ => 1,
+    }
+}
+
+/// Cuts every string in `value` (not the keys) that takes more than `level` bytes in the row
+/// ([`sent_len`]) to at most that, on a character boundary.
 fn shorten_strings(value: &mut Value, level: usize) {
     match value {
-        Value::String(text) if json_len(text) > level => cut_text(text, level),
+        Value::String(text) if sent_len(text) > level => {
+            let mut size = 0;
+            let kept = text
+                .char_indices()
+                .find_map(|(index, character)| {
+                    let width = if character.is_ascii() {
+                        sent_byte_len(character as u8)
+                    } else {
+                        character.len_utf8()
+                    };
+                    size += width;
+                    (size > level).then_some(index)
+                })
+                .unwrap_or(text.len());
+            text.truncate(kept);
+        }
         Value::Array(items) => items
             .iter_mut()
             .for_each(|item| shorten_strings(item, level)),
@@ -1564,13 +1601,15 @@ fn shorten_strings(value: &mut Value, level: usize) {
     }
 }
 
-/// The length, as JSON, of the longest string in `value` (not counting keys).
-fn longest_string(value: &Value) -> usize {
+/// What each string in `value` (not the keys) takes in the row ([`sent_len`]).
+fn string_lengths(value: &Value, lengths: &mut Vec<usize>) {
     match value {
-        Value::String(text) => json_len(text),
-        Value::Array(items) => items.iter().map(longest_string).max().unwrap_or(0),
-        Value::Object(members) => members.values().map(longest_string).max().unwrap_or(0),
-        Value::Null | Value::Bool(_) | Value::Number(_) => 0,
+        Value::String(text) => lengths.push(sent_len(text)),
+        Value::Array(items) => items.iter().for_each(|item| string_lengths(item, lengths)),
+        Value::Object(members) => members
+            .values()
+            .for_each(|member| string_lengths(member, lengths)),
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
     }
 }
 
@@ -1724,7 +1763,11 @@ mod tests {
         assert!(truncated);
         assert!(json_len(&body) <= MAX_FIELD_BYTES);
         // Close to the limit: only the content was cut, and only as much as needed.
-        assert!(json_len(&body) > MAX_FIELD_BYTES - 100, "{}", json_len(&body));
+        assert!(
+            json_len(&body) > MAX_FIELD_BYTES - 100,
+            "{}",
+            json_len(&body)
+        );
         let parsed: Value = serde_json::from_str(&body).unwrap();
         assert_eq!(parsed["usage"], completion["usage"]);
         assert_eq!(parsed["model"], "gpt-4o-2024-08-06");
@@ -1732,6 +1775,26 @@ mod tests {
         assert_eq!(parsed["choices"][0]["message"]["role"], "assistant");
         let kept = parsed["choices"][0]["message"]["content"].as_str().unwrap();
         assert!(!kept.is_empty() && content.starts_with(kept));
+
+        // Control characters, quotes and text beyond ASCII, in strings of several lengths.
+        let strings: Vec<String> = (1..40)
+            .map(|i| format!("{}\u{1}\"é東{}", "x".repeat(i * 97), "\\".repeat(i * 13)))
+            .collect();
+        let mut body = Some(serde_json::json!({"items": strings, "n": 7}).to_string());
+        let mut truncated = false;
+        cap_field(&mut body, &mut truncated);
+        let body = body.unwrap();
+        assert!(json_len(&body) <= MAX_FIELD_BYTES);
+        assert!(
+            json_len(&body) > MAX_FIELD_BYTES - 100,
+            "{}",
+            json_len(&body)
+        );
+        let parsed: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(parsed["n"], 7);
+        for (kept, whole) in parsed["items"].as_array().unwrap().iter().zip(&strings) {
+            assert!(whole.starts_with(kept.as_str().unwrap()));
+        }
 
         // JSON that cannot fit however its strings are cut: cut as text.
         let numbers = serde_json::to_string(&vec![0.123_456_f64; 20_000]).unwrap();
