@@ -926,7 +926,8 @@ impl StreamAssembler {
             .and_then(Value::as_str)
             .filter(|object| object.starts_with("thread."))
         {
-            if object == "thread.message.delta" {
+            // A message's text or a run step's tool call, as the run writes them.
+            if object == "thread.message.delta" || object == "thread.run.step.delta" {
                 self.output_seen = true;
             }
             self.run.event(object, chunk);
@@ -1247,18 +1248,24 @@ fn carries_output(kind: &str, event: &Value) -> bool {
 }
 
 /// Whether a chat chunk's choice `delta` carries generated output: content, a refusal, reasoning
-/// content, a tool or function call, or audio — not a role alone.
+/// content, a tool or function call, or audio (its data or transcript: the chunk that only names
+/// the audio's `id` holds none yet) — not a role alone.
 fn delta_carries_output(delta: &Value) -> bool {
-    [
-        "content",
-        "refusal",
-        "reasoning_content",
-        "tool_calls",
-        "function_call",
-        "audio",
-    ]
-    .into_iter()
-    .any(|key| delta.get(key).is_some_and(holds_something))
+    let audio = delta.get("audio").is_some_and(|audio| {
+        ["data", "transcript"]
+            .into_iter()
+            .any(|key| audio.get(key).is_some_and(holds_something))
+    });
+    audio
+        || [
+            "content",
+            "refusal",
+            "reasoning_content",
+            "tool_calls",
+            "function_call",
+        ]
+        .into_iter()
+        .any(|key| delta.get(key).is_some_and(holds_something))
 }
 
 /// Whether a value is more than `null`, `""`, `[]` or `{}`.
@@ -1405,6 +1412,19 @@ mod tests {
             ),
             (
                 r#"{"object":"thread.message.delta","delta":{"content":[{"index":0,"type":"text","text":{"value":"Hi"}}]}}"#,
+                true,
+            ),
+            (
+                r#"{"object":"thread.run.step.delta","delta":{"step_details":{"type":"tool_calls","tool_calls":[{"index":0,"type":"function","function":{"arguments":"{"}}]}}}"#,
+                true,
+            ),
+            // Audio: the chunk naming its id carries none yet, the first transcript does.
+            (
+                r#"{"object":"chat.completion.chunk","choices":[{"index":0,"delta":{"audio":{"id":"audio_1"}}}]}"#,
+                false,
+            ),
+            (
+                r#"{"object":"chat.completion.chunk","choices":[{"index":0,"delta":{"audio":{"transcript":"Hel"}}}]}"#,
                 true,
             ),
         ] {

@@ -1714,6 +1714,11 @@ impl futures::Stream for RelayBody {
                         this.finish();
                         return Poll::Ready(Some(Ok(held)));
                     }
+                    // A last event without its blank line, read only now, may be the first
+                    // that carried output: its bytes went out, it ends here.
+                    if relay.sent > 0 {
+                        relay.note_sent();
+                    }
                     this.finish();
                     return Poll::Ready(None);
                 }
@@ -2265,6 +2270,7 @@ impl Tee {
         let limit = self.capture.limit();
         let body = match self.answer {
             AnswerCopy::Stream(sse) => {
+                record.answered_as_stream = true;
                 let summary = sse.finish();
                 record.usage(summary.usage);
                 record.record.model_name = summary.model;

@@ -51,6 +51,10 @@ pub struct CallRecord {
     /// How much of a text answer is kept in the record: the capture limit of the configuration
     /// the call runs under, not of one pushed while its answer streams.
     pub response_capture_limit: usize,
+    /// Whether the answer was an event stream (set when it is read), whatever the call asked
+    /// for: a stream's time to first token is noted as it passes, a whole answer's is its first
+    /// byte ([`CallRecord::finish`]).
+    pub answered_as_stream: bool,
 }
 
 impl CallRecord {
@@ -122,6 +126,7 @@ impl CallRecord {
             client_gone: ClientGone::default(),
             client_request_id,
             response_capture_limit: 0,
+            answered_as_stream: false,
         }
     }
 
@@ -193,7 +198,7 @@ impl CallRecord {
         // upgrade, not a token).
         let record = &mut self.record;
         if record.time_to_first_token.is_none()
-            && !record.is_stream_completion
+            && !self.answered_as_stream
             && record.is_request_success
             && record.operation_id != Some(OperationId::RealtimeSession)
             && record

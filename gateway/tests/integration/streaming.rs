@@ -132,6 +132,71 @@ async fn an_answer_sent_whole_has_its_first_token_with_its_first_byte() {
     assert_eq!(record.time_to_first_token, None);
 }
 
+/// A gateway whose one Azure member answers every call with `content_type` and `body`, sent
+/// chunked and ended 100 ms later (no `Content-Length`: the relay learns that the body is over
+/// only when it ends).
+async fn answering(content_type: &'static str, body: &'static str) -> TestGateway {
+    let url = serve_stub(axum::Router::new().fallback(move || async move {
+        let end = futures::stream::once(tokio::time::sleep(Duration::from_millis(100)))
+            .filter_map(|()| async { None });
+        let chunks = futures::stream::iter([Ok::<_, std::convert::Infallible>(body)]).chain(end);
+        (
+            [(http::header::CONTENT_TYPE, content_type)],
+            axum::body::Body::from_stream(chunks),
+        )
+    }))
+    .await;
+    TestGateway::start(snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member("stub", &url, 1)]}]),
+    ))
+    .await
+}
+
+/// A stream whose first output is in a last event without its blank line (read only when the
+/// body ends) still has a time to first token. The client asks for the usage chunk itself, so
+/// the gateway passes the stream as it comes (it holds back nothing to filter).
+#[tokio::test]
+async fn output_in_a_last_event_without_its_blank_line_has_a_first_token() {
+    let gw = answering(
+        "text/event-stream",
+        "data: {\"choices\":[],\"prompt_filter_results\":[]}\n\n\
+         data: {\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}",
+    )
+    .await;
+    let mut request = chat(None, true);
+    request["stream_options"] = json!({"include_usage": true});
+    let response = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&request)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.text().await.unwrap();
+    let record = gw.records(1).await.remove(0);
+    let first_byte = record.time_to_first_byte.unwrap();
+    assert!(record.time_to_first_token.unwrap() >= first_byte);
+}
+
+/// A call that asked for a stream and was answered whole, with its usage: its first token came
+/// with its first byte.
+#[tokio::test]
+async fn a_stream_asked_for_and_answered_whole_has_its_first_token_with_its_first_byte() {
+    let gw = answering(
+        "application/json",
+        r#"{"object":"chat.completion","model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":"Hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}"#,
+    )
+    .await;
+    let response = streamed_chat(&gw, http::Version::HTTP_11).await;
+    assert_eq!(response.status(), 200);
+    response.text().await.unwrap();
+    let record = gw.records(1).await.remove(0);
+    assert!(record.is_stream_completion);
+    assert!(record.time_to_first_byte.is_some());
+    assert_eq!(record.time_to_first_token, record.time_to_first_byte);
+}
+
 #[tokio::test]
 async fn the_record_holds_the_reassembled_completion_and_usage() {
     let (_sim, gw) = slow_gateway(0, 5).await;
