@@ -23,7 +23,7 @@
 #   BENCH_NGINX_WORKERS=1    worker_processes of the nginx reverse proxy (see bench/README.md)
 #   BENCH_GATEWAY=auto       auto: build and measure the gateway; if it does not build, skip it
 #                            on:   a gateway that does not build is an error
-#                            off:  measure direct and nginx only
+#                            off:  measure direct, nginx and the floor only
 #   GATEHOUSE_GATEWAY_BIN    use this gateway binary instead of building one
 #   BENCH_CAPTURE="sqlite postgres"
 #                            capture variants measured after the key-only gateway (off: none):

@@ -57,8 +57,13 @@ async fn main() -> anyhow::Result<()> {
         Client::builder(TokioExecutor::new()).build(connector);
     let upstream = args.upstream;
     loop {
-        let (stream, _) = listener.accept().await?;
-        stream.set_nodelay(true)?;
+        // A failed accept (a connection reset before it was taken, no file descriptor left)
+        // costs that connection only; a short pause keeps a lasting one from spinning.
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
         let client = client.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
