@@ -1745,6 +1745,22 @@ mod tests {
         assert_eq!((short.as_deref(), flag), (Some("{}"), false));
     }
 
+    /// A JSON body over the limit as [`cap_field`] sends it: flagged, within the limit and close
+    /// to it (only as much cut as needed), and still JSON.
+    fn fitted(body: String) -> Value {
+        let mut body = Some(body);
+        let mut truncated = false;
+        cap_field(&mut body, &mut truncated);
+        let body = body.unwrap();
+        assert!(truncated);
+        let sent = json_len(&body);
+        assert!(
+            sent <= MAX_FIELD_BYTES && sent > MAX_FIELD_BYTES - 100,
+            "{sent}"
+        );
+        serde_json::from_str(&body).unwrap()
+    }
+
     /// A long streamed answer's reassembled completion: cut, it still parses, with its usage,
     /// model and id whole and its content cut to fit.
     #[test]
@@ -1756,19 +1772,7 @@ mod tests {
                          "message": {"role": "assistant", "content": content}}],
             "usage": {"prompt_tokens": 12, "completion_tokens": 40_000, "total_tokens": 40_012},
         });
-        let mut body = Some(completion.to_string());
-        let mut truncated = false;
-        cap_field(&mut body, &mut truncated);
-        let body = body.unwrap();
-        assert!(truncated);
-        assert!(json_len(&body) <= MAX_FIELD_BYTES);
-        // Close to the limit: only the content was cut, and only as much as needed.
-        assert!(
-            json_len(&body) > MAX_FIELD_BYTES - 100,
-            "{}",
-            json_len(&body)
-        );
-        let parsed: Value = serde_json::from_str(&body).unwrap();
+        let parsed = fitted(completion.to_string());
         assert_eq!(parsed["usage"], completion["usage"]);
         assert_eq!(parsed["model"], "gpt-4o-2024-08-06");
         assert_eq!(parsed["id"], "chatcmpl-1");
@@ -1780,17 +1784,7 @@ mod tests {
         let strings: Vec<String> = (1..40)
             .map(|i| format!("{}\u{1}\"é東{}", "x".repeat(i * 97), "\\".repeat(i * 13)))
             .collect();
-        let mut body = Some(serde_json::json!({"items": strings, "n": 7}).to_string());
-        let mut truncated = false;
-        cap_field(&mut body, &mut truncated);
-        let body = body.unwrap();
-        assert!(json_len(&body) <= MAX_FIELD_BYTES);
-        assert!(
-            json_len(&body) > MAX_FIELD_BYTES - 100,
-            "{}",
-            json_len(&body)
-        );
-        let parsed: Value = serde_json::from_str(&body).unwrap();
+        let parsed = fitted(serde_json::json!({"items": strings, "n": 7}).to_string());
         assert_eq!(parsed["n"], 7);
         for (kept, whole) in parsed["items"].as_array().unwrap().iter().zip(&strings) {
             assert!(whole.starts_with(kept.as_str().unwrap()));
