@@ -471,6 +471,12 @@ impl Gateway {
                 .get_or_create(&labels)
                 .observe(first as f64 / 1000.0);
         }
+        if let Some(first) = record.time_to_first_token {
+            self.metrics
+                .first_token
+                .get_or_create(&labels)
+                .observe(first as f64 / 1000.0);
+        }
         if let Some(usage) = record.usage {
             for (kind, count) in [
                 ("prompt", usage.prompt_tokens),

@@ -93,6 +93,8 @@ pub struct Metrics {
     pub duration: Family<OperationLabels, Histogram>,
     /// Seconds from arrival to the first byte sent.
     pub first_byte: Family<OperationLabels, Histogram>,
+    /// Seconds from arrival to the first generated output sent (calls that sent some).
+    pub first_token: Family<OperationLabels, Histogram>,
     /// Seconds the gateway itself took before a backend's answer head went to the client.
     pub overhead: Histogram,
     /// Backend attempts by outcome.
@@ -159,6 +161,7 @@ impl Default for Metrics {
             requests: Family::default(),
             duration: Family::new_with_constructor(latency_histogram),
             first_byte: Family::new_with_constructor(latency_histogram),
+            first_token: Family::new_with_constructor(latency_histogram),
             overhead: overhead_histogram(),
             attempts: Family::default(),
             answers_cut: Family::default(),
@@ -195,6 +198,11 @@ impl Default for Metrics {
             "time_to_first_byte_seconds",
             "Seconds from a call's arrival to its first response byte",
             metrics.first_byte.clone(),
+        );
+        registry.register(
+            "time_to_first_token_seconds",
+            "Seconds from a call's arrival to the first generated output sent to its client (calls that sent output; the audit record's TimeToFirstToken)",
+            metrics.first_token.clone(),
         );
         registry.register(
             "overhead_seconds",

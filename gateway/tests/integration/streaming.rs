@@ -434,6 +434,8 @@ async fn metrics_count_calls_tokens_attempts_and_member_state() {
         r#"gatehouse_backend_available{pool="p",backend="slow"} 0"#,
         r#"gatehouse_tokens_total{deployment="gpt-4o",kind="prompt"}"#,
         "gatehouse_request_duration_seconds_bucket",
+        // The answered call sent output; the throttled one none.
+        r#"gatehouse_time_to_first_token_seconds_count{operation="chatcompletions_create"} 1"#,
         "gatehouse_config_version 1",
     ] {
         assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
