@@ -431,8 +431,9 @@ impl Generator {
             total_time: backend_ms + 3 + rng.below(20) as u64,
             backend_time: backend_ms,
             time_to_first_byte: Some(first_byte),
-            // A stream's first token follows Azure's opening prompt-filter event.
-            time_to_first_token: Some(if stream { first_byte + 40 } else { first_byte }),
+            // A stream's first token follows Azure's opening prompt-filter event; an answer sent
+            // whole has none.
+            time_to_first_token: stream.then_some(first_byte + 40),
             apim_subscription_id: Some(subscription),
             product_id: Some(
                 if user.is_multiple_of(5) {

@@ -93,7 +93,7 @@ pub struct Metrics {
     pub duration: Family<OperationLabels, Histogram>,
     /// Seconds from arrival to the first byte sent.
     pub first_byte: Family<OperationLabels, Histogram>,
-    /// Seconds from arrival to the first generated output sent (calls that sent some).
+    /// Seconds from arrival to the first generated output a stream sent (streams that sent some).
     pub first_token: Family<OperationLabels, Histogram>,
     /// Seconds the gateway itself took before a backend's answer head went to the client.
     pub overhead: Histogram,
@@ -201,7 +201,7 @@ impl Default for Metrics {
         );
         registry.register(
             "time_to_first_token_seconds",
-            "Seconds from a call's arrival to the first generated output sent to its client (calls that sent output; the audit record's TimeToFirstToken)",
+            "Seconds from a streamed call's arrival to the first generated output sent to its client (streams that sent output; the audit record's TimeToFirstToken)",
             metrics.first_token.clone(),
         );
         registry.register(

@@ -2270,7 +2270,6 @@ impl Tee {
         let limit = self.capture.limit();
         let body = match self.answer {
             AnswerCopy::Stream(sse) => {
-                record.answered_as_stream = true;
                 let summary = sse.finish();
                 record.usage(summary.usage);
                 record.record.model_name = summary.model;

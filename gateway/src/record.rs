@@ -51,10 +51,6 @@ pub struct CallRecord {
     /// How much of a text answer is kept in the record: the capture limit of the configuration
     /// the call runs under, not of one pushed while its answer streams.
     pub response_capture_limit: usize,
-    /// Whether the answer was an event stream (set when it is read), whatever the call asked
-    /// for: a stream's time to first token is noted as it passes, a whole answer's is its first
-    /// byte ([`CallRecord::finish`]).
-    pub answered_as_stream: bool,
 }
 
 impl CallRecord {
@@ -126,7 +122,6 @@ impl CallRecord {
             client_gone: ClientGone::default(),
             client_request_id,
             response_capture_limit: 0,
-            answered_as_stream: false,
         }
     }
 
@@ -192,20 +187,6 @@ impl CallRecord {
         self.record.total_time = millis(now - self.started);
         if let Some(backend_started) = self.backend_started {
             self.record.backend_time = millis(now - backend_started);
-        }
-        // An answer sent whole that reports completion tokens brought its first token with its
-        // first byte (a stream's is noted as it passes; a Realtime session's first byte is the
-        // upgrade, not a token).
-        let record = &mut self.record;
-        if record.time_to_first_token.is_none()
-            && !self.answered_as_stream
-            && record.is_request_success
-            && record.operation_id != Some(OperationId::RealtimeSession)
-            && record
-                .usage
-                .is_some_and(|usage| usage.completion_tokens > 0 && !usage.is_estimate)
-        {
-            record.time_to_first_token = record.time_to_first_byte;
         }
         self.record
     }

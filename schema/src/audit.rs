@@ -174,12 +174,12 @@ pub struct AuditRecord {
     pub backend_time: u64,
     /// Milliseconds from the request's arrival to the first response byte sent.
     pub time_to_first_byte: Option<u64>,
-    /// Milliseconds from the request's arrival to the first generated output sent: for a stream,
-    /// the first event that carries some (a content, refusal, tool-call or audio delta, a
+    /// Milliseconds from the request's arrival to the first generated output a streamed answer
+    /// sent: the first event that carries some (a content, refusal, tool-call or audio delta, a
     /// Responses API `…delta` event — not Azure's opening prompt-filter event, nor a role-only
-    /// chunk); for an answer sent whole that reports completion tokens, its first byte. `None`
-    /// when no output reached the client. Left out of the serialized record when `None`, so
-    /// records written before the field existed keep their hash chain.
+    /// chunk). `None` for an answer sent whole (its output came with its first byte, see
+    /// `time_to_first_byte`), and for a stream that sent no output. Left out of the serialized
+    /// record when `None`, so records written before the field existed keep their hash chain.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_to_first_token: Option<u64>,
     /// Subscription that authenticated the call.

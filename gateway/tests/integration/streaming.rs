@@ -103,10 +103,10 @@ async fn time_to_first_token_is_the_first_content_not_the_first_byte() {
     );
 }
 
-/// An answer sent whole that reports completion tokens brings its first token with its first
-/// byte; embeddings generate none.
+/// Time to first token is a stream's: an answer sent whole (its output comes with its first
+/// byte) has a first byte and no first token, a chat completion as embeddings.
 #[tokio::test]
-async fn an_answer_sent_whole_has_its_first_token_with_its_first_byte() {
+async fn an_answer_sent_whole_has_a_first_byte_and_no_first_token() {
     let (_sim, gw) = slow_gateway(0, 1).await;
     let chat = gw
         .post(&chat_path("gpt-4o"))
@@ -118,7 +118,7 @@ async fn an_answer_sent_whole_has_its_first_token_with_its_first_byte() {
     let record = gw.records(1).await.remove(0);
     assert!(record.usage.unwrap().completion_tokens > 0);
     assert!(record.time_to_first_byte.is_some());
-    assert_eq!(record.time_to_first_token, record.time_to_first_byte);
+    assert_eq!(record.time_to_first_token, None);
 
     let embeddings = gw
         .post("/openai/deployments/gpt-4o/embeddings?api-version=2024-10-21")
@@ -179,10 +179,10 @@ async fn output_in_a_last_event_without_its_blank_line_has_a_first_token() {
     assert!(record.time_to_first_token.unwrap() >= first_byte);
 }
 
-/// A call that asked for a stream and was answered whole, with its usage: its first token came
-/// with its first byte.
+/// A call that asked for a stream and was answered whole, with its usage, is an answer sent
+/// whole: no first token.
 #[tokio::test]
-async fn a_stream_asked_for_and_answered_whole_has_its_first_token_with_its_first_byte() {
+async fn a_stream_asked_for_and_answered_whole_has_no_first_token() {
     let gw = answering(
         "application/json",
         r#"{"object":"chat.completion","model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":"Hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}"#,
@@ -193,8 +193,8 @@ async fn a_stream_asked_for_and_answered_whole_has_its_first_token_with_its_firs
     response.text().await.unwrap();
     let record = gw.records(1).await.remove(0);
     assert!(record.is_stream_completion);
-    assert!(record.time_to_first_byte.is_some());
-    assert_eq!(record.time_to_first_token, record.time_to_first_byte);
+    assert!(record.usage.is_some() && record.time_to_first_byte.is_some());
+    assert_eq!(record.time_to_first_token, None);
 }
 
 #[tokio::test]
@@ -409,11 +409,13 @@ async fn shutdown_drains_a_stream_in_flight_and_refuses_new_calls() {
 #[tokio::test]
 async fn metrics_count_calls_tokens_attempts_and_member_state() {
     let (sim, gw) = slow_gateway(0, 3).await;
-    gw.post(&chat_path("gpt-4o"))
-        .json(&chat(None, false))
+    let streamed = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, true))
         .send()
         .await
         .unwrap();
+    streamed.text().await.unwrap();
     sim.set_fault(gatehouse_simulator::Fault::Throttle {
         hint: gatehouse_simulator::RetryHint::RetryAfterSeconds(30),
         times: None,
@@ -434,7 +436,7 @@ async fn metrics_count_calls_tokens_attempts_and_member_state() {
         r#"gatehouse_backend_available{pool="p",backend="slow"} 0"#,
         r#"gatehouse_tokens_total{deployment="gpt-4o",kind="prompt"}"#,
         "gatehouse_request_duration_seconds_bucket",
-        // The answered call sent output; the throttled one none.
+        // The streamed call sent output; the throttled one none.
         r#"gatehouse_time_to_first_token_seconds_count{operation="chatcompletions_create"} 1"#,
         "gatehouse_config_version 1",
     ] {

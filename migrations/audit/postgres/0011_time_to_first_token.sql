@@ -1,8 +1,8 @@
--- Time to first token: milliseconds from a call's arrival to the first generated output sent to
--- its client (a stream's first event that carries output, not Azure's opening prompt-filter
--- event; an answer sent whole that reports completion tokens, its first byte). NULL for calls
--- written before this column, and for calls that sent no output. Adding a nullable column
--- without a default changes no row, so it takes no time on a large table.
+-- Time to first token: milliseconds from a streamed call's arrival to the first generated output
+-- sent to its client (its first event that carries output, not Azure's opening prompt-filter
+-- event). NULL for answers sent whole, for calls written before this column, and for streams
+-- that sent no output. Adding a nullable column without a default changes no row, so it takes
+-- no time on a large table.
 ALTER TABLE "GatehouseGatewayLogs" ADD COLUMN "TimeToFirstToken" BIGINT;
 
 -- PostgreSQL expanded the view's l.* when the view was made, so it is made again to show the
