@@ -1355,11 +1355,18 @@ fn escaped_len(byte: u8) -> usize {
 /// Length in bytes of the longest start of `text`, ending on a character boundary, that takes at
 /// most `limit` bytes as JSON.
 fn json_prefix_len(text: &str, limit: usize) -> usize {
+    prefix_len_within(text, limit, escaped_len)
+}
+
+/// Length in bytes of the longest start of `text`, ending on a character boundary, whose
+/// characters take at most `limit` bytes when an ASCII byte takes `ascii_width` of it (its
+/// escape) and any other character its UTF-8 length.
+fn prefix_len_within(text: &str, limit: usize, ascii_width: fn(u8) -> usize) -> usize {
     let mut size = 0;
     for (index, character) in text.char_indices() {
         // Only ASCII is escaped; other characters are written as their UTF-8.
         let width = if character.is_ascii() {
-            escaped_len(character as u8)
+            ascii_width(character as u8)
         } else {
             character.len_utf8()
         };
@@ -1576,19 +1583,7 @@ fn sent_byte_len(byte: u8) -> usize {
 fn shorten_strings(value: &mut Value, level: usize) {
     match value {
         Value::String(text) if sent_len(text) > level => {
-            let mut size = 0;
-            let kept = text
-                .char_indices()
-                .find_map(|(index, character)| {
-                    let width = if character.is_ascii() {
-                        sent_byte_len(character as u8)
-                    } else {
-                        character.len_utf8()
-                    };
-                    size += width;
-                    (size > level).then_some(index)
-                })
-                .unwrap_or(text.len());
+            let kept = prefix_len_within(text, level, sent_byte_len);
             text.truncate(kept);
         }
         Value::Array(items) => items

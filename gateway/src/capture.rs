@@ -935,7 +935,7 @@ impl StreamAssembler {
         }
         // Responses API: typed events; the terminal one carries the whole response.
         if let Some(kind) = chunk.get("type").and_then(Value::as_str) {
-            if carries_output(kind, chunk) {
+            if !self.output_seen && carries_output(kind, chunk) {
                 self.output_seen = true;
             }
             // A response made with `"store": false` is kept nowhere: nothing to pin.
@@ -1050,7 +1050,9 @@ impl StreamAssembler {
             let Some(delta) = choice.get("delta") else {
                 continue;
             };
-            self.output_seen |= delta_carries_output(delta);
+            if !self.output_seen && delta_carries_output(delta) {
+                self.output_seen = true;
+            }
             if let Some(role) = delta.get("role").and_then(Value::as_str) {
                 so_far.role = Some(role.to_owned());
             }
