@@ -38,7 +38,7 @@ pub struct AttemptLabels {
     /// Member id.
     pub backend: String,
     /// `answered`, `throttled`, `server_error`, `connect_failed`, `response_timeout`,
-    /// `request_failed`, `credential_failed`.
+    /// `request_failed`, `credential_failed`, `refused_gateway`.
     pub outcome: String,
 }
 

@@ -149,6 +149,11 @@ pub async fn forward(
     // ran out of members because of a throttle, and the client is told so.
     let mut throttled: Option<Duration> = None;
     let client_query = parts.uri.query();
+    // The last member's refusal of the gateway itself (see [`Refusal`]), relayed when no member
+    // is left to try.
+    // Boxed, as the reads and relays of refusals are: the call's future, moved as it runs, is
+    // not made larger for a path few calls take.
+    let mut refused: Option<Box<Refusal>> = None;
     loop {
         // A client that left before the answer's head: no backend is sent its call now.
         if record.as_ref().is_some_and(|r| r.client_gone.is_gone()) {
@@ -159,6 +164,9 @@ pub async fn forward(
             Some(index) => {
                 let member = &target.pool.members[index];
                 if !tried.is_empty() || member.health.set_aside_state(now).is_some() {
+                    if let Some(refusal) = refused.take() {
+                        return Box::pin(refusal.relay(gateway, call, record, parts.version)).await;
+                    }
                     return Err(unavailable(member, now, throttled));
                 }
                 (Arc::clone(member), index)
@@ -171,7 +179,16 @@ pub async fn forward(
                     let wait = throttled.map_or(wait, |shortest| shortest.min(wait));
                     return Err(GatewayError::AllThrottled { retry_after: wait });
                 }
-                _ => return Err(out_of_members(throttled)),
+                _ => {
+                    // A throttle ends; a refusal of the gateway's credential does not, so a wait
+                    // is the better answer when there is one.
+                    if throttled.is_none()
+                        && let Some(refusal) = refused.take()
+                    {
+                        return Box::pin(refusal.relay(gateway, call, record, parts.version)).await;
+                    }
+                    return Err(out_of_members(throttled));
+                }
             },
         };
         tried.push(index);
@@ -261,6 +278,15 @@ pub async fn forward(
                     {
                         // As for the call's own answer, below.
                         credential.forget_refused(scope);
+                    }
+                    if Refusal::of(response.status()) {
+                        // The member turned the gateway away, not the call: as for the call's
+                        // own answer, below.
+                        refused = Some(
+                            Box::pin(Refusal::keep(gateway, &member, *response, elapsed, record))
+                                .await,
+                        );
+                        continue;
                     }
                     gateway
                         .metrics
@@ -379,6 +405,12 @@ pub async fn forward(
                 // Nothing has reached the client: the next member gets the call at once.
                 continue;
             }
+        } else if Refusal::of(status) {
+            // Another member may take the gateway's credential: nothing has reached the client,
+            // and the refused call was not run, so the next member gets it at once.
+            refused =
+                Some(Box::pin(Refusal::keep(gateway, &member, response, elapsed, record)).await);
+            continue;
         } else {
             gateway
                 .metrics
@@ -453,6 +485,124 @@ pub(crate) fn request_id(record: &Option<CallRecord>) -> Option<&str> {
             .unwrap_or(&r.record.correlation_id)
     })
 }
+
+/// A member's refusal of the gateway itself: 401 (the member's key or token is wrong, expired,
+/// or its identity lacks a role for the operation: Azure answers that 401 `PermissionDenied`) or
+/// 403 (the member's network rules or its role turn the gateway away). The caller's own key was
+/// judged by the gateway and never reaches a member, so such an answer says nothing about the
+/// caller: the call goes to the next member, as the reference architecture's retry policy sends
+/// it on after a 401 (`azure-specs.md` §7.1). The member is not set aside: a refusal may be of
+/// one operation only (a role that may call models but not create fine-tuning jobs), and the
+/// member serves every other call. When no member is left, the last refusal is the answer, as it
+/// came.
+pub(crate) struct Refusal {
+    /// The member's answer, read whole.
+    answer: Answered,
+    /// Where the member was sent the call.
+    backend_url: Option<String>,
+}
+
+impl Refusal {
+    /// The most of a refusal's body kept to relay it; a longer one is cut (refusals are a few
+    /// hundred bytes of JSON).
+    const MAX_BODY: usize = 64 * 1024;
+
+    /// The longest a refusal's body is read: a member that sends the head of a refusal and then
+    /// stalls does not hold the call (nor a shutdown) for its idle timeout.
+    const READ_LIMIT: Duration = Duration::from_secs(5);
+
+    /// Whether a member's `status` refuses the gateway.
+    pub(crate) fn of(status: StatusCode) -> bool {
+        status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN
+    }
+
+    /// Logs, counts and records `member`'s refusal `status`, an attempt that took `elapsed_ms`.
+    pub(crate) fn note(
+        gateway: &Gateway,
+        member: &Member,
+        status: StatusCode,
+        elapsed_ms: u64,
+        record: &mut Option<CallRecord>,
+    ) {
+        tracing::warn!(
+            backend = %member.config.id,
+            status = status.as_u16(),
+            "the backend refused the gateway; trying the next member"
+        );
+        gateway
+            .metrics
+            .backend_attempt(&member.config.id, REFUSED_OUTCOME);
+        note_attempt(
+            record,
+            member,
+            Some(status.as_u16()),
+            elapsed_ms,
+            Some(REFUSED_OUTCOME),
+        );
+    }
+
+    /// Notes `member`'s refusal `response`, which took `elapsed`, and reads it whole (at most
+    /// [`Refusal::MAX_BODY`], for at most [`Refusal::READ_LIMIT`]), to be relayed if no other
+    /// member takes the call.
+    async fn keep(
+        gateway: &Gateway,
+        member: &Arc<Member>,
+        response: http::Response<UpstreamBody>,
+        elapsed: Duration,
+        record: &mut Option<CallRecord>,
+    ) -> Box<Refusal> {
+        Refusal::note(gateway, member, response.status(), millis(elapsed), record);
+        let (mut parts, mut body) = response.into_parts();
+        // A refusal cut short is relayed as far as it came, with the length of what is relayed.
+        parts.headers.remove(header::CONTENT_LENGTH);
+        let mut kept = Vec::new();
+        let reading = async {
+            while let Ok(Some(data)) = crate::member_read::next_chunk(member, &mut body).await {
+                let room = Refusal::MAX_BODY - kept.len();
+                kept.extend_from_slice(&data[..data.len().min(room)]);
+                if kept.len() == Refusal::MAX_BODY {
+                    break;
+                }
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::timeout(Refusal::READ_LIMIT, reading) => {}
+            () = gateway.calls.stopped() => {}
+        }
+        Box::new(Refusal {
+            answer: Answered {
+                member: Arc::clone(member),
+                response: http::Response::from_parts(parts, UpstreamBody::Whole(Some(kept.into()))),
+                asked_usage: false,
+            },
+            backend_url: record
+                .as_ref()
+                .and_then(|record| record.record.backend_url.clone()),
+        })
+    }
+
+    /// Relays the refusal, its member named on the record (a later attempt named another).
+    async fn relay(
+        self: Box<Self>,
+        gateway: &Arc<Gateway>,
+        call: Call,
+        record: &mut Option<CallRecord>,
+        client_version: http::Version,
+    ) -> Result<Response, GatewayError> {
+        let Refusal {
+            answer,
+            backend_url,
+        } = *self;
+        if let Some(record) = record.as_mut() {
+            record.record.backend_id = Some(answer.member.config.id.clone());
+            record.record.backend_url = backend_url;
+        }
+        answer.relay(gateway, call, record, client_version).await
+    }
+}
+
+/// The outcome metrics and the record give an attempt the member refused (see [`Refusal`]).
+const REFUSED_OUTCOME: &str = "refused_gateway";
 
 /// An attempt that failed before anything reached the client: the member could not be reached,
 /// throttled (429) or failed (5xx).

@@ -290,6 +290,9 @@ async fn connect_member(
         .ok_or(GatewayError::DeploymentNotFound)?;
     let mut tried: Vec<usize> = Vec::new();
     let mut throttled: Option<Duration> = None;
+    // The last member's refusal of the gateway itself, relayed when no member is left (as for
+    // calls: `proxy::Refusal`).
+    let mut refused: Option<RefusedHandshake> = None;
     loop {
         // A client that left is not given a member's session now.
         if record.as_ref().is_some_and(|r| r.client_gone.is_gone()) {
@@ -301,7 +304,18 @@ async fn connect_member(
                 let wait = throttled.map_or(wait, |shortest| shortest.min(wait));
                 return Err(GatewayError::AllThrottled { retry_after: wait }.into());
             }
-            _ => return Err(proxy::out_of_members(throttled).into()),
+            _ => {
+                if throttled.is_none()
+                    && let Some((answer, backend_id, backend_url)) = refused.take()
+                {
+                    if let Some(record) = record.as_mut() {
+                        record.record.backend_id = Some(backend_id);
+                        record.record.backend_url = backend_url;
+                    }
+                    return Err(Refused::Answered(answer));
+                }
+                return Err(proxy::out_of_members(throttled).into());
+            }
         };
         tried.push(index);
         let started = Instant::now();
@@ -341,9 +355,19 @@ async fn connect_member(
         let (status, wait, outcome) = match refusal {
             WebSocketRefusal::Answered(answer) => {
                 let status = answer.status();
+                if proxy::Refusal::of(status) {
+                    // The member turned the gateway away (its credential, its network rules):
+                    // the next member is asked.
+                    proxy::Refusal::note(gateway, &member, status, elapsed_ms, record);
+                    let backend_url = record
+                        .as_ref()
+                        .and_then(|record| record.record.backend_url.clone());
+                    refused = Some((answer, member.config.id.clone(), backend_url));
+                    continue;
+                }
                 if status != StatusCode::TOO_MANY_REQUESTS && !status.is_server_error() {
-                    // The member's own refusal (a 401 for its key, a 404 for a deployment it
-                    // lacks) goes to the client as it came.
+                    // The member's own refusal (a 404 for a deployment it lacks) goes to the
+                    // client as it came.
                     gateway
                         .metrics
                         .backend_attempt(&member.config.id, "answered");
@@ -379,6 +403,10 @@ async fn connect_member(
         );
     }
 }
+
+/// A member's refusal of the gateway's handshake, kept to be relayed when no member is left,
+/// with the member's id and URL for the record (a later attempt named another).
+type RefusedHandshake = (http::Response<Option<Vec<u8>>>, String, Option<String>);
 
 /// The member's handshake request: its URL in the style of its kind, its credential, the call's
 /// request id, and the client's `OpenAI-Beta`.

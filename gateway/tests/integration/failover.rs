@@ -1047,3 +1047,140 @@ async fn creating_backend(answer: CreatedAnswer) -> (String, Arc<AtomicUsize>) {
     });
     (serve_stub(app).await, hits)
 }
+
+/// A member that refuses the gateway: `status` with an Azure-shaped body naming `code`, for every
+/// call; counts its hits.
+async fn refusing_member(status: u16, code: &'static str) -> (String, Arc<AtomicUsize>) {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&hits);
+    let app = axum::Router::new().fallback(move || {
+        let counted = Arc::clone(&counted);
+        async move {
+            counted.fetch_add(1, Ordering::SeqCst);
+            (
+                axum::http::StatusCode::from_u16(status).unwrap(),
+                [("content-type", "application/json")],
+                json!({"error": {"code": code, "message": format!("refused by {code}")}})
+                    .to_string(),
+            )
+        }
+    });
+    (serve_stub(app).await, hits)
+}
+
+/// A member's 401 or 403 is about the gateway's credential, not the caller's key: the next member
+/// answers, the refusing member is not set aside (it may refuse one operation only), and the
+/// attempt is on record and in the metrics.
+#[tokio::test]
+async fn a_member_that_refuses_the_gateway_passes_the_call_on() {
+    for (status, code) in [
+        (401, "PermissionDenied"),
+        (403, "AuthenticationTypeDisabled"),
+    ] {
+        let (refusing, refused_hits) = refusing_member(status, code).await;
+        let second = simulator("second").await;
+        let gw = two_member_gateway(&refusing, &second.url()).await;
+        for call in 1..=2 {
+            let response = gw
+                .post(&chat_path("gpt-4o"))
+                .json(&chat(None, false))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200, "{status}: the next member answers");
+            // Not set aside: the first member is asked again by the next call.
+            assert_eq!(refused_hits.load(Ordering::SeqCst), call, "{status}");
+            assert_eq!(second.hits(), u64::try_from(call).unwrap(), "{status}");
+        }
+        let records = gw.records(2).await;
+        assert_eq!(
+            attempts_of(&records[0]),
+            [
+                ("first", Some(status), Some("refused_gateway")),
+                ("second", Some(200), None)
+            ],
+            "{status}"
+        );
+        assert_eq!(records[0].response_code, 200);
+        let metrics = gw.metrics().await;
+        assert!(
+            metrics.contains(
+                r#"gatehouse_backend_attempts_total{backend="first",outcome="refused_gateway"} 2"#
+            ),
+            "{metrics}"
+        );
+    }
+}
+
+/// When every member refuses the gateway, the last refusal is the answer, as it came; a pool
+/// with a throttled member answers its wait instead.
+#[tokio::test]
+async fn a_refusal_is_the_answer_only_when_no_member_is_left() {
+    let (first, first_hits) = refusing_member(401, "401").await;
+    let (second, second_hits) = refusing_member(403, "Forbidden").await;
+    let gw = two_member_gateway(&first, &second).await;
+    let response = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403, "the last member's refusal");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "Forbidden", "{body}");
+    assert_eq!(
+        (
+            first_hits.load(Ordering::SeqCst),
+            second_hits.load(Ordering::SeqCst)
+        ),
+        (1, 1)
+    );
+    let records = gw.records(1).await;
+    assert_eq!(records[0].response_code, 403);
+    assert_eq!(records[0].backend_response_code, Some(403));
+    assert_eq!(records[0].attempts.len(), 2);
+
+    // The refusal, then a member that cannot be reached: the refusal is the answer, and the
+    // record names the member that gave it.
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    let (refusing, _) = refusing_member(401, "401").await;
+    let gw = two_member_gateway(&refusing, &closed).await;
+    let response = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    let records = gw.records(1).await;
+    assert_eq!(records[0].backend_id.as_deref(), Some("first"));
+    assert!(
+        records[0]
+            .backend_url
+            .as_deref()
+            .is_some_and(|url| url.starts_with(&refusing)),
+        "{:?}",
+        records[0].backend_url
+    );
+    assert_eq!(records[0].attempts.len(), 2);
+
+    // A member throttled for a minute, the other refusing: the client is told to wait.
+    let throttled = simulator("throttled").await;
+    throttled.set_fault(Fault::Throttle {
+        hint: RetryHint::RetryAfterSeconds(60),
+        times: None,
+    });
+    let (refusing, _) = refusing_member(401, "401").await;
+    let gw = two_member_gateway(&throttled.url(), &refusing).await;
+    let response = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+    assert!(header_number(&response, "retry-after") > 50);
+}

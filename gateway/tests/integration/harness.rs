@@ -174,6 +174,15 @@ pub async fn simulator_with(config: SimulatorConfig) -> RunningSimulator {
         .unwrap()
 }
 
+/// A record's attempts as (member, status, outcome), for comparing with what a test expects.
+pub fn attempts_of(record: &AuditRecord) -> Vec<(&str, Option<u16>, Option<&str>)> {
+    record
+        .attempts
+        .iter()
+        .map(|a| (a.backend_id.as_str(), a.status, a.error.as_deref()))
+        .collect()
+}
+
 /// A pool member entry for a simulator (Azure dialect unless `kind` says otherwise).
 pub fn member(id: &str, url: &str, priority: u32) -> Value {
     json!({"id": id, "endpoint": url, "priority": priority, "weight": 1})

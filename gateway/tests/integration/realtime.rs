@@ -525,6 +525,47 @@ async fn a_throttled_handshake_goes_to_the_next_member() {
     assert_eq!(alone.handshakes.lock().unwrap().len(), 1);
 }
 
+/// A member that refuses the gateway's credential (401) passes the handshake on to the next
+/// member; alone, its refusal is the answer.
+#[tokio::test]
+async fn a_handshake_the_member_refuses_the_gateway_goes_to_the_next_member() {
+    let (refusing_url, refusing) = realtime_member(Some((401, "0"))).await;
+    let (open_url, open) = realtime_member(None).await;
+    let gw = TestGateway::start(snapshot(
+        1,
+        realtime_pool(json!([
+            member("wrong-key", &refusing_url, 1),
+            member("free", &open_url, 2)
+        ])),
+    ))
+    .await;
+    let mut socket = connect(&gw.url, SESSION_PATH, Some(KEY)).await.unwrap();
+    assert_eq!(next_event(&mut socket).await["type"], "session.created");
+    socket.close(None).await.unwrap();
+    assert_eq!(refusing.handshakes.lock().unwrap().len(), 1);
+    assert_eq!(open.handshakes.lock().unwrap().len(), 1);
+    let record = gw.records(1).await.remove(0);
+    assert_eq!(
+        attempts_of(&record),
+        [
+            ("wrong-key", Some(401), Some("refused_gateway")),
+            ("free", Some(101), None)
+        ]
+    );
+
+    let gw = TestGateway::start(snapshot(
+        1,
+        realtime_pool(json!([member("wrong-key", &refusing_url, 1)])),
+    ))
+    .await;
+    let refused = connect(&gw.url, SESSION_PATH, Some(KEY)).await.unwrap_err();
+    let tokio_tungstenite::tungstenite::Error::Http(answer) = refused else {
+        panic!("{refused:?}");
+    };
+    assert_eq!(answer.status(), 401, "the member's refusal, as it came");
+    assert_eq!(refusing.handshakes.lock().unwrap().len(), 2);
+}
+
 /// Each `response.create` is admitted against the caller's token limit: once the responses so
 /// far spent it, the next is answered with an `error` event and never reaches the member; the
 /// session stays open.
