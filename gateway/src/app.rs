@@ -674,7 +674,9 @@ async fn serve_call(
     );
     // 2. Caller address.
     let caller = caller::resolve(peer, &parts.headers, &runtime.snapshot.trusted_proxies);
-    let span = tracing::info_span!(
+    // At the error level, so that a warning or an error inside the call names its request id
+    // whatever level the logs are filtered to (`RUST_LOG=warn`).
+    let span = tracing::error_span!(
         "call",
         request_id = %correlation_id,
         client_request_id = tracing::field::Empty

@@ -248,3 +248,35 @@ async fn invented_deployment_names_do_not_become_metric_labels() {
         "a client-chosen name became a label:\n{text}"
     );
 }
+
+/// Logs filtered to warnings still name the call a warning is about: the call's span is kept at
+/// every level.
+#[tokio::test]
+async fn a_warning_inside_a_call_names_its_request_id_with_logs_at_warn() {
+    let (logs, _guard) = CapturedLogs::install(tracing::Level::WARN);
+    // A port nothing listens on, then a member that answers.
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    let sim = simulator("answers").await;
+    let gw = TestGateway::start(snapshot(
+        1,
+        json!([{"id": "p", "deployments": ["gpt-4o"],
+                "members": [member("closed", &closed, 1), member("answers", &sim.url(), 2)]}]),
+    ))
+    .await;
+    let response = gw
+        .post(&chat_path("gpt-4o"))
+        .header("x-request-id", "req-warned-1")
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let line = logs.line("backend attempt failed");
+    assert_eq!(line["level"], "WARN");
+    assert_eq!(line["span"]["name"], "call", "{line}");
+    assert_eq!(line["span"]["client_request_id"], "req-warned-1", "{line}");
+    assert!(line["span"]["request_id"].is_string(), "{line}");
+}
