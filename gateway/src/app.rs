@@ -79,6 +79,8 @@ pub struct Gateway {
     installs: tokio::sync::watch::Sender<u64>,
     /// Where each member stands after the pages of merged lists (`crate::list_merge`).
     pub(crate) list_cursors: crate::list_merge::ListCursors,
+    /// Set when the process was asked to stop: `/readyz` answers 503 from then on.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 /// How to build a [`Gateway`].
@@ -263,7 +265,15 @@ impl Gateway {
             calls: CallsInFlight::default(),
             installs: tokio::sync::watch::Sender::new(0),
             list_cursors: crate::list_merge::ListCursors::default(),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         }))
+    }
+
+    /// Marks the gateway as stopping: `/readyz` answers 503 from now on, so that a load balancer
+    /// sends new calls elsewhere while this one still serves them (`server.shutdown_delay_seconds`).
+    pub fn begin_shutdown(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The runtime now in force.
@@ -583,9 +593,11 @@ fn log_call(record: &AuditRecord) {
 
 /// `/readyz`: 503 while the gateway cannot serve a model call — no pool configured, or, set to
 /// fail closed, an audit store it cannot record into (every call would be refused; a load
-/// balancer then sends them to a replica that can).
+/// balancer then sends them to a replica that can) — or once it was asked to stop.
 async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {
-    if gateway.runtime().pools.is_empty() {
+    if gateway.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+    } else if gateway.runtime().pools.is_empty() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "no backend pool configured",

@@ -590,22 +590,60 @@ async fn serve(file: ConfigFile, config: &Path) -> anyhow::Result<()> {
         "gatehouse gateway listening"
     );
     server::shutdown_signal().await;
-    tracing::info!(
-        drain_seconds = settings.shutdown_drain_seconds,
-        "shutting down; draining in-flight calls"
-    );
-    let drain = Duration::from_secs(settings.shutdown_drain_seconds);
-    let drain_ends = tokio::time::Instant::now() + drain;
+    // From here on a second signal ends the delay and the drain at once: an operator (or a
+    // supervisor about to kill) who cannot wait still gets the records flushed.
+    let mut hurried = Box::pin(server::shutdown_signal());
+    let mut hurry = false;
+    gateway.begin_shutdown();
+    let delay = Duration::from_secs(settings.shutdown_delay_seconds);
+    if !delay.is_zero() {
+        tracing::info!(
+            delay_seconds = settings.shutdown_delay_seconds,
+            "shutting down; not ready, serving calls until the delay is over"
+        );
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = &mut hurried => hurry = true,
+        }
+    }
+    let drain = if hurry {
+        tracing::warn!("asked again to stop: no drain");
+        Duration::ZERO
+    } else {
+        tracing::info!(
+            drain_seconds = settings.shutdown_drain_seconds,
+            "shutting down; draining in-flight calls"
+        );
+        Duration::from_secs(settings.shutdown_drain_seconds)
+    };
+    let mut drain_ends = tokio::time::Instant::now() + drain;
     listening.shutdown(drain);
     // A server that failed still has its calls' records to flush: its error is returned after.
-    let served = task
-        .await
+    let mut task = task;
+    let served = tokio::select! {
+        served = &mut task => served,
+        () = &mut hurried, if !hurry => {
+            tracing::warn!("asked again to stop: the drain ends now");
+            hurry = true;
+            drain_ends = tokio::time::Instant::now();
+            listening.stop_now();
+            task.await
+        }
+    };
+    let served = served
         .map_err(anyhow::Error::from)
         .and_then(|served| served.map_err(anyhow::Error::from));
     // An upgraded connection (a Realtime session) is not one the server's drain waited for: what
     // is left of the drain is the sessions', to end by themselves. Those still open after it are
     // closed with the calls below.
-    if let Err(open) = gateway.calls.sessions_ended(drain_ends).await {
+    let sessions = tokio::select! {
+        ended = gateway.calls.sessions_ended(drain_ends) => ended,
+        () = &mut hurried, if !hurry => {
+            tracing::warn!("asked again to stop: Realtime sessions are closed now");
+            gateway.calls.sessions_ended(tokio::time::Instant::now()).await
+        }
+    };
+    if let Err(open) = sessions {
         tracing::info!(
             open,
             "Realtime sessions still open when the drain ended are closed"

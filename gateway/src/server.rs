@@ -51,6 +51,12 @@ impl Listening {
         self.stopping.send_replace(true);
         self.handle.graceful_shutdown(Some(drain));
     }
+
+    /// Ends a drain under way at once: every connection still open is closed now.
+    pub fn stop_now(&self) {
+        self.stopping.send_replace(true);
+        self.handle.shutdown();
+    }
 }
 
 /// Installs the process-wide rustls crypto provider (ring); harmless when already installed.

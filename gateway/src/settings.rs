@@ -56,6 +56,12 @@ pub struct ServerSettings {
     /// Whether every call writes an info-level log line (default true).
     #[serde(default = "default_true")]
     pub access_log: bool,
+    /// How long, once asked to stop, the gateway goes on accepting and serving calls while
+    /// `/readyz` answers 503, before it stops accepting and drains, in seconds (default 0). Behind
+    /// a load balancer that reads `/readyz`, set it to the time the balancer takes to notice
+    /// (probe interval × failures to mark down), so that no call reaches a closed listener.
+    #[serde(default)]
+    pub shutdown_delay_seconds: u64,
     /// How long shutdown waits for in-flight calls (streams included) to finish, in seconds.
     #[serde(default = "default_drain_seconds")]
     pub shutdown_drain_seconds: u64,

@@ -699,18 +699,39 @@ impl GatewayProcess {
     /// Stops it as a service manager does (SIGTERM), waits until it has exited, and returns its
     /// log.
     pub async fn terminate(mut self) -> String {
-        let pid = self.child.id().expect("running").to_string();
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        self.send_sigterm();
         let exit = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
             .await
             .expect("exits within 20 s of SIGTERM")
             .unwrap();
         assert!(exit.success(), "{exit}");
         self.log()
+    }
+
+    /// Sends it SIGTERM, and returns at once.
+    pub fn send_sigterm(&self) {
+        let pid = self.child.id().expect("running").to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits at most `limit` for it to exit: its exit status (`None` if still running, then
+    /// killed) and its log.
+    pub async fn exit_within(
+        mut self,
+        limit: Duration,
+    ) -> (Option<std::process::ExitStatus>, String) {
+        let exit = tokio::time::timeout(limit, self.child.wait())
+            .await
+            .ok()
+            .map(Result::unwrap);
+        if exit.is_none() {
+            let _ = self.child.kill().await;
+        }
+        (exit, self.log())
     }
 }
 

@@ -172,3 +172,101 @@ async fn a_creation_whose_answer_is_still_arriving_when_the_drain_ends_is_record
     assert_eq!(record["OperationId"], "create_assistant", "{record}");
     assert_eq!(record["BackendResponseCode"], 200, "{record}");
 }
+
+/// Asked to stop, the gateway says at once that it is not ready, and still serves calls for
+/// `shutdown_delay_seconds`, so that a load balancer takes it out of rotation before its listener
+/// closes.
+#[tokio::test]
+async fn a_gateway_asked_to_stop_is_not_ready_and_serves_calls_for_its_delay() {
+    let backend = crate::harness::simulator("delay").await;
+    let pools = json!([{"id": "p", "deployments": ["gpt-4o"],
+                        "members": [member("a", &backend.url(), 1)]}]);
+    let gateway = GatewayProcess::start_with(
+        "shutdown-delay",
+        &snapshot(1, pools),
+        json!({"shutdown_delay_seconds": 3, "shutdown_drain_seconds": 1}),
+    )
+    .await;
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let ready = client
+        .get(format!("{}/readyz", gateway.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    let stopping = Instant::now();
+    gateway.send_sigterm();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A new connection each time: a load balancer's probe, a call it still sends.
+    let fresh = || {
+        reqwest::Client::builder()
+            .no_proxy()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap()
+    };
+    let ready = fresh()
+        .get(format!("{}/readyz", gateway.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    assert_eq!(ready.text().await.unwrap(), "shutting down");
+    let call = fresh()
+        .post(format!("{}{}", gateway.url, chat_path("gpt-4o")))
+        .header("api-key", KEY)
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(call.status(), 200, "served during the delay");
+    let (exit, log) = gateway.exit_within(Duration::from_secs(15)).await;
+    assert!(exit.is_some_and(|e| e.success()), "{exit:?}\n{log}");
+    assert!(
+        stopping.elapsed() >= Duration::from_secs(3),
+        "the delay was kept: {:?}",
+        stopping.elapsed()
+    );
+}
+
+/// A second SIGTERM ends a long drain at once: the stream still running is cut and recorded, and
+/// the gateway exits well.
+#[tokio::test]
+async fn a_second_signal_ends_the_drain_at_once() {
+    let backend = serve_stub(Router::new().route("/{*path}", post(stalling_stream))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let pools = json!([{"id": "p", "deployments": ["gpt-4o"],
+                        "members": [member("a", &backend, 1)]}]);
+    let gateway = GatewayProcess::start_with(
+        "shutdown-hurried",
+        &snapshot(1, pools),
+        json!({"shutdown_drain_seconds": 60, "audit": {"jsonl": audit}}),
+    )
+    .await;
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let call = client
+        .post(format!("{}{}", gateway.url, chat_path("gpt-4o")))
+        .header("api-key", KEY)
+        .json(&chat(None, true))
+        .send();
+    let call = tokio::spawn(async move { call.await?.bytes().await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stopping = Instant::now();
+    gateway.send_sigterm();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    gateway.send_sigterm();
+    let (exit, log) = gateway.exit_within(Duration::from_secs(20)).await;
+    let took = stopping.elapsed();
+    assert!(exit.is_some_and(|e| e.success()), "{exit:?}\n{log}");
+    assert!(took < Duration::from_secs(15), "took {took:?}\n{log}");
+    assert!(call.await.unwrap().is_err(), "the stream was cut");
+    let records: Vec<Value> = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(records.len(), 1, "{records:?}\n{log}");
+    assert_eq!(records[0]["LastErrorReason"], "gateway_shutdown");
+    assert!(records[0].to_string().contains("Oslo"), "{}", records[0]);
+}
