@@ -313,10 +313,43 @@ impl Gateway {
 
     /// Installs a prepared runtime atomically, and forgets secrets and credentials it no longer
     /// uses.
-    pub(crate) fn install(&self, mut runtime: Runtime) {
+    pub(crate) fn install(&self, runtime: Runtime) {
         self.metrics.config_version.set(runtime.snapshot.version);
         // The pushed snapshot replaced the last-known-good one that could not be built.
         self.metrics.last_known_good_refused.set(0);
+        self.swap_in(runtime);
+    }
+
+    /// Builds new clients for the members of the running snapshot whose TLS files (a private
+    /// CA, a client certificate and key) read otherwise than when their clients were built, as
+    /// when a certificate is renewed on disk, and swaps them in (`Runtime::with_renewed_clients`:
+    /// nothing else is read again); members set aside as failing (their TLS handshakes refused)
+    /// are tried again at once. `Ok(false)` when no file changed; an error naming the members
+    /// whose files do not build (a certificate written half way), which keep their clients and
+    /// are tried again at the next check, the other members' clients renewed all the same.
+    pub async fn reload_backend_tls(&self) -> Result<bool, String> {
+        // Not beside a push: one runtime replaces another at a time.
+        let _guard = self.config_writes.lock().await;
+        let current = self.runtime();
+        let clients = Arc::clone(&self.resolver.clients);
+        let renewed = tokio::task::spawn_blocking(move || current.with_renewed_clients(&clients))
+            .await
+            .map_err(|error| error.to_string())?;
+        let Some((runtime, problems)) = renewed else {
+            return Ok(false);
+        };
+        let swapped = runtime.is_some();
+        if let Some(runtime) = runtime {
+            self.swap_in(runtime);
+        }
+        if problems.is_empty() {
+            Ok(swapped)
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+
+    fn swap_in(&self, mut runtime: Runtime) {
         self.resolver.retain_for(&runtime);
         // Tokens that passed under the previous identity policy are judged again, and calls still
         // on the previous runtime (waiting for room in the audit queue, say) do not remember

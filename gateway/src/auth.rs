@@ -151,7 +151,7 @@ pub fn judge_admitted(
 }
 
 /// Subscriptions indexed by key digest.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct KeyIndex {
     by_digest: HashMap<[u8; 32], Arc<Subscription>>,
 }

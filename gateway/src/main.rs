@@ -581,6 +581,10 @@ async fn serve(file: ConfigFile, config: &Path) -> anyhow::Result<()> {
     })
     .await?;
     let _ = conflict.set(gateway.metrics.gateway_id_conflict.clone());
+    let tls_watch = tokio::spawn(watch_backend_tls(
+        Arc::clone(&gateway),
+        Duration::from_secs(settings.backend_tls_reload_seconds.max(1)),
+    ));
     let (listening, task) =
         server::spawn(Arc::clone(&gateway), settings.listen, settings.tls.clone()).await?;
     tracing::info!(
@@ -661,6 +665,7 @@ async fn serve(file: ConfigFile, config: &Path) -> anyhow::Result<()> {
              their records are lost"
         );
     }
+    tls_watch.abort();
     drop(gateway);
     let flushed = match writer {
         Some(writer) => {
@@ -683,6 +688,25 @@ async fn serve(file: ConfigFile, config: &Path) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Every `interval`, builds the running snapshot again when a file its members' TLS settings
+/// name changed on disk (`Gateway::reload_backend_tls`).
+async fn watch_backend_tls(gateway: Arc<Gateway>, interval: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        match gateway.reload_backend_tls().await {
+            Ok(true) => tracing::info!("a member's TLS files changed: its client was built again"),
+            Ok(false) => {}
+            Err(problems) => tracing::error!(
+                %problems,
+                "a member's TLS files changed but do not build; it keeps its running client"
+            ),
+        }
+    }
 }
 
 /// How long calls cut off by the end of the shutdown's drain may take to finish their records

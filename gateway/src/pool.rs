@@ -121,6 +121,16 @@ impl MemberHealth {
         until << REASON_BITS | reason
     }
 
+    /// Makes the member available again if it is set aside as failing (not if throttled): what
+    /// made it fail was changed (the files of its TLS settings).
+    pub fn forgive_failure(&self) {
+        let _ = self
+            .state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |state| {
+                (state & ((1 << REASON_BITS) - 1) == 2).then_some(0)
+            });
+    }
+
     /// `None` when available at `now`, else why and for how much longer.
     pub fn set_aside_state(&self, now: Instant) -> Option<(SetAsideReason, Duration)> {
         let state = self.state.load(Ordering::Acquire);

@@ -135,6 +135,104 @@ pub struct Runtime {
 pub struct ValidationErrors(pub Vec<String>);
 
 impl Runtime {
+    /// A copy of this runtime in which the members whose TLS files (CA, client identity) read
+    /// otherwise now than when their clients were built have clients built from the files as
+    /// they read now (no copy when no member's files build); `None` when no file changed. Nothing else is read again (secrets,
+    /// credentials): a renewed certificate is taken whatever else a new snapshot would refuse.
+    /// A member whose files do not build keeps its client, and the problem is returned with its
+    /// field path. Reads the files: call it off the async workers.
+    pub fn with_renewed_clients(
+        &self,
+        clients: &ClientCache,
+    ) -> Option<(Option<Runtime>, Vec<String>)> {
+        let changed: Vec<&ClientKey> = self
+            .client_keys
+            .iter()
+            .filter(|key| key.files_changed())
+            .collect();
+        if changed.is_empty() {
+            return None;
+        }
+        let mut problems = Vec::new();
+        let mut renewed_any = false;
+        // The keys of the clients the copy uses: the unchanged ones, and for each changed one the
+        // new key, or the old one for a member whose files do not build.
+        let mut client_keys: Vec<ClientKey> = self
+            .client_keys
+            .iter()
+            .filter(|key| !changed.contains(key))
+            .cloned()
+            .collect();
+        let mut keep = |key: ClientKey| {
+            if !client_keys.contains(&key) {
+                client_keys.push(key);
+            }
+        };
+        let pools = self
+            .pools
+            .iter()
+            .enumerate()
+            .map(|(p, pool)| {
+                let members = pool
+                    .members
+                    .iter()
+                    .enumerate()
+                    .map(|(m, member)| {
+                        let Some(old) = changed.iter().find(|key| {
+                            key.tls() == &member.config.tls
+                                && key.connect_timeout_ms() == member.config.connect_timeout_ms
+                        }) else {
+                            return Arc::clone(member);
+                        };
+                        match clients
+                            .get_or_build(&member.config.tls, member.config.connect_timeout_ms)
+                        {
+                            Ok((key, client)) => {
+                                // A member set aside while its handshakes were refused with the
+                                // old files is tried again at once.
+                                member.health.forgive_failure();
+                                renewed_any = true;
+                                keep(key);
+                                Arc::new(Member {
+                                    config: member.config.clone(),
+                                    client,
+                                    credential: member.credential.clone(),
+                                    health: Arc::clone(&member.health),
+                                })
+                            }
+                            Err(error) => {
+                                problems.push(format!("pools[{p}].members[{m}].tls: {error}"));
+                                keep((*old).clone());
+                                Arc::clone(member)
+                            }
+                        }
+                    })
+                    .collect();
+                Arc::new(Pool {
+                    id: pool.id.clone(),
+                    members,
+                })
+            })
+            .collect();
+        if !renewed_any {
+            return Some((None, problems));
+        }
+        Some((
+            Some(Runtime {
+                snapshot: self.snapshot.clone(),
+                keys: self.keys.clone(),
+                pools,
+                policy_generation: self.policy_generation,
+                by_deployment: self.by_deployment.clone(),
+                wildcard: self.wildcard,
+                resources: self.resources,
+                members: self.members.clone(),
+                client_keys,
+            }),
+            problems,
+        ))
+    }
+
     /// Validates `snapshot` whole and builds the runtime, reusing member health from `health`,
     /// with a resolver of its own: `env:` and `file:` secrets only (Key Vault references are
     /// refused, they need [`Runtime::prepare`]).

@@ -56,6 +56,10 @@ pub struct ServerSettings {
     /// Whether every call writes an info-level log line (default true).
     #[serde(default = "default_true")]
     pub access_log: bool,
+    /// How often the files members' TLS settings name (CA, client identity) are read for
+    /// changes, in seconds (default 30; see `Gateway::reload_backend_tls`).
+    #[serde(default = "default_backend_tls_reload_seconds")]
+    pub backend_tls_reload_seconds: u64,
     /// How long, once asked to stop, the gateway goes on accepting and serving calls while
     /// `/readyz` answers 503, before it stops accepting and drains, in seconds (default 0). Behind
     /// a load balancer that reads `/readyz`, set it to the time the balancer takes to notice
@@ -302,6 +306,10 @@ pub struct TlsSettings {
 
 fn default_reload_seconds() -> u64 {
     10
+}
+
+fn default_backend_tls_reload_seconds() -> u64 {
+    30
 }
 
 /// Audit record destination: at most one of `database`, `azure_monitor`, `jsonl`.

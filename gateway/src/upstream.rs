@@ -165,6 +165,25 @@ pub struct ClientKey {
     connect_timeout_ms: u64,
 }
 
+impl ClientKey {
+    /// Whether the files the client was built from read otherwise now (a renewed client
+    /// certificate, a rotated CA). A file that cannot be read now (removed for a moment while it
+    /// is replaced) counts as unchanged: the client built from it is kept.
+    pub fn files_changed(&self) -> bool {
+        TlsFiles::read(&self.tls).is_ok_and(|files| files != self.files)
+    }
+
+    /// The TLS settings the client was built for.
+    pub fn tls(&self) -> &BackendTls {
+        &self.tls
+    }
+
+    /// The connect timeout the client was built with, in milliseconds.
+    pub fn connect_timeout_ms(&self) -> u64 {
+        self.connect_timeout_ms
+    }
+}
+
 /// The backend clients in use, kept across snapshots: a push that leaves a member's TLS settings,
 /// their files and its connect timeout as they were keeps its client, and with it the pooled
 /// connections (and their TLS sessions) to the member. A changed CA or client identity file

@@ -210,6 +210,73 @@ async fn backends_behind_a_private_ca_with_mutual_tls() {
     assert_eq!(state.hits(), 1);
 }
 
+/// A client certificate renewed on disk is presented without a push: the member's client is
+/// built again from it, and the member, set aside while the old one was refused, is tried at once.
+/// A file that does not build keeps the running client.
+#[tokio::test]
+async fn a_renewed_client_identity_is_presented_without_a_push() {
+    let server_ca = Authority::new("Private server CA");
+    let client_ca = Authority::new("Private client CA");
+    let (addr, state) = tls_simulator(&server_ca, &client_ca).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("private-ca.pem");
+    std::fs::write(&ca_file, server_ca.pem()).unwrap();
+    // First an identity the member does not trust (as an expired one would be).
+    let stranger = Authority::new("Some other CA");
+    let (cert, key) = stranger.issue(&["gatehouse-gateway"]);
+    let identity_file = dir.path().join("client.pem");
+    std::fs::write(&identity_file, format!("{cert}{key}")).unwrap();
+    let mut private = member("private", &format!("https://127.0.0.1:{}", addr.port()), 1);
+    private["tls"] = json!({"ca_file": ca_file, "client_identity_file": identity_file});
+    // Another member's key file, removed before the renewal: a push would be refused for it,
+    // the renewal is not.
+    let key_file = dir.path().join("other-key");
+    std::fs::write(&key_file, "other-key").unwrap();
+    let mut other = member("other", "http://127.0.0.1:9", 1);
+    other["credential"] =
+        json!({"type": "api_key", "secret": format!("file:{}", key_file.display())});
+    let gw = TestGateway::start(snapshot(
+        1,
+        json!([
+            {"id": "mtls", "deployments": ["gpt-4o"], "members": [private]},
+            {"id": "other", "deployments": ["gpt-4o-mini"], "members": [other]},
+        ]),
+    ))
+    .await;
+    std::fs::remove_file(&key_file).unwrap();
+    let call = || async {
+        gw.post(&chat_path("gpt-4o"))
+            .json(&chat(None, false))
+            .send()
+            .await
+            .unwrap()
+    };
+    azure_error(call().await, 503).await;
+    assert_eq!(
+        gw.gateway.reload_backend_tls().await,
+        Ok(false),
+        "nothing changed"
+    );
+
+    // Half a certificate: refused, the running client kept.
+    std::fs::write(&identity_file, "-----BEGIN CERTIFICATE-----\nAAAA").unwrap();
+    let problems = gw.gateway.reload_backend_tls().await.unwrap_err();
+    assert!(problems.contains("pools[0].members[0].tls"), "{problems}");
+
+    let (cert, key) = client_ca.issue(&["gatehouse-gateway"]);
+    std::fs::write(&identity_file, format!("{cert}{key}")).unwrap();
+    assert_eq!(gw.gateway.reload_backend_tls().await, Ok(true));
+    let response = call().await;
+    assert_eq!(
+        response.status(),
+        200,
+        "the renewed identity is presented at once"
+    );
+    assert_eq!(state.hits(), 1);
+    assert_eq!(gw.gateway.runtime().snapshot.version, 1);
+    assert_eq!(gw.gateway.reload_backend_tls().await, Ok(false));
+}
+
 /// A `ca_file` that holds no PEM certificate (an empty file, a DER file, a key) is refused with
 /// the snapshot, naming the member's `tls` and the file: taken, it would make every call to the
 /// member fail its TLS handshake.
