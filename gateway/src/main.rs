@@ -343,6 +343,13 @@ fn check_audit_settings(audit: &AuditSettings) -> anyhow::Result<()> {
             "server.audit: name one of `database`, `azure_monitor` and `jsonl`, not several"
         );
     }
+    // Failing closed means refusing the calls the gateway cannot record: with nowhere to record
+    // them, it would serve every call unrecorded instead.
+    anyhow::ensure!(
+        !audit.fail_closed || named.contains(&true),
+        "server.audit.fail_closed is set but no destination is named (`database`, `azure_monitor` \
+         or `jsonl`): every call would be served unrecorded"
+    );
     Ok(())
 }
 
@@ -775,6 +782,23 @@ mod tests {
     use gatehouse_schema::AuditRecord;
 
     use super::*;
+
+    #[test]
+    fn failing_closed_with_nowhere_to_record_is_refused() {
+        let nowhere = AuditSettings {
+            fail_closed: true,
+            ..AuditSettings::default()
+        };
+        let error = check_audit_settings(&nowhere).unwrap_err().to_string();
+        assert!(error.contains("server.audit.fail_closed"), "{error}");
+        let to_a_file = AuditSettings {
+            fail_closed: true,
+            jsonl: Some("audit.jsonl".into()),
+            ..AuditSettings::default()
+        };
+        check_audit_settings(&to_a_file).unwrap();
+        check_audit_settings(&AuditSettings::default()).unwrap();
+    }
 
     /// A sink whose writes never end.
     struct Hanging;
