@@ -695,6 +695,13 @@ fn refresh_metrics(gateway: &Gateway, metrics: &crate::metrics::Metrics) {
         Metrics::catch_up(&metrics.audit_rows_left_out, stats.sink_rows_left_out);
         metrics.audit_journal_bytes.set(stats.journal_bytes);
         metrics.audit_journal_records.set(stats.journal_records);
+        Metrics::catch_up(&metrics.audit_records_written, stats.written);
+        Metrics::catch_up(
+            &metrics.audit_journal_records_skipped,
+            stats.journal_skipped,
+        );
+        Metrics::catch_up(&metrics.audit_journal_errors, stats.journal_errors);
+        metrics.audit_sink_up.set(u64::from(stats.sink_up));
     }
 }
 

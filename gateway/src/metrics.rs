@@ -121,6 +121,15 @@ pub struct Metrics {
     pub audit_journal_bytes: Gauge<u64, AtomicU64>,
     /// Records in the audit disk journal (refreshed at scrape).
     pub audit_journal_records: Gauge<u64, AtomicU64>,
+    /// Records the audit store has stored, replayed ones included (caught up at scrape).
+    pub audit_records_written: Counter<u64, AtomicU64>,
+    /// Records the journal could not give back: torn, damaged or vanished lines, and lines this
+    /// build cannot read, which are kept apart (caught up at scrape).
+    pub audit_journal_records_skipped: Counter<u64, AtomicU64>,
+    /// Journal appends and chain-state saves the disk refused (caught up at scrape).
+    pub audit_journal_errors: Counter<u64, AtomicU64>,
+    /// 1 while the audit store's last write succeeded (refreshed at scrape).
+    pub audit_sink_up: Gauge<u64, AtomicU64>,
     /// Version of the running configuration snapshot.
     pub config_version: Gauge<u64, AtomicU64>,
     /// Version of the last-known-good snapshot that could not be built at start (the gateway
@@ -175,6 +184,10 @@ impl Default for Metrics {
             audit_rows_left_out: Counter::default(),
             audit_journal_bytes: Gauge::default(),
             audit_journal_records: Gauge::default(),
+            audit_records_written: Counter::default(),
+            audit_journal_records_skipped: Counter::default(),
+            audit_journal_errors: Counter::default(),
+            audit_sink_up: Gauge::default(),
             config_version: Gauge::default(),
             last_known_good_refused: Gauge::default(),
             limit_refusals: Family::default(),
@@ -268,6 +281,26 @@ impl Default for Metrics {
             "audit_journal_records",
             "Records in the audit disk journal, waiting for the store",
             metrics.audit_journal_records.clone(),
+        );
+        registry.register(
+            "audit_records_written",
+            "Audit records the store has stored, replayed ones included",
+            metrics.audit_records_written.clone(),
+        );
+        registry.register(
+            "audit_journal_records_skipped",
+            "Audit records the journal could not give back: torn, damaged or vanished lines (lost) and lines this build cannot read (kept in unreadable-records.jsonl); each is logged",
+            metrics.audit_journal_records_skipped.clone(),
+        );
+        registry.register(
+            "audit_journal_errors",
+            "Audit journal appends and chain-state saves the disk refused",
+            metrics.audit_journal_errors.clone(),
+        );
+        registry.register(
+            "audit_sink_up",
+            "1 while the audit store's last write succeeded, else 0",
+            metrics.audit_sink_up.clone(),
         );
         registry.register(
             "config_version",

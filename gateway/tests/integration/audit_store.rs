@@ -504,6 +504,26 @@ async fn calls_wait_for_room_in_a_full_audit_queue_and_every_record_is_kept() {
         metric(&gw, "gatehouse_audit_records_rejected_total").await,
         "0"
     );
+    // What the store took, and that it is up; no journal here, so nothing lost nor refused.
+    for _ in 0..100 {
+        if metric(&gw, "gatehouse_audit_records_written_total").await == "11" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        metric(&gw, "gatehouse_audit_records_written_total").await,
+        "11"
+    );
+    assert_eq!(metric(&gw, "gatehouse_audit_sink_up").await, "1");
+    assert_eq!(
+        metric(&gw, "gatehouse_audit_journal_records_skipped_total").await,
+        "0"
+    );
+    assert_eq!(
+        metric(&gw, "gatehouse_audit_journal_errors_total").await,
+        "0"
+    );
     gw.stop().await;
 }
 
