@@ -278,8 +278,25 @@ pub fn latency_bucket(ms: u64) -> u64 {
     bound.max(ms)
 }
 
+/// The value just below the latency bucket whose upper bound is `bound`: the bucket holds the
+/// values above it up to `bound` (0 for the first bucket, which holds 0 and 1).
+fn bucket_floor(bound: u64) -> u64 {
+    // The least value the bucket holds, by bisection: buckets rise with their values.
+    let (mut low, mut high) = (0u64, bound);
+    while low < high {
+        let middle = low + (high - low) / 2;
+        if latency_bucket(middle) >= bound {
+            high = middle;
+        } else {
+            low = middle + 1;
+        }
+    }
+    low.saturating_sub(1)
+}
+
 /// The `p`th percentile (0–100) of a latency histogram given as (bucket upper bound, calls)
-/// pairs in any order, interpolated linearly inside its bucket; `None` when it holds no call.
+/// pairs in any order, interpolated linearly inside its bucket (from the bucket's own lower
+/// edge, whatever buckets below it are empty); `None` when it holds no call.
 pub fn histogram_percentile(buckets: &[(u64, i64)], p: f64) -> Option<u64> {
     let mut sorted: Vec<(u64, i64)> = buckets.iter().copied().filter(|(_, n)| *n > 0).collect();
     sorted.sort_unstable();
@@ -289,15 +306,14 @@ pub fn histogram_percentile(buckets: &[(u64, i64)], p: f64) -> Option<u64> {
     }
     let rank = (p.clamp(0.0, 100.0) / 100.0 * total as f64).ceil().max(1.0);
     let mut below = 0i64;
-    let mut lower = 0u64;
     for (bound, count) in sorted {
         if (below + count) as f64 >= rank {
             let within = (rank - below as f64) / count as f64;
+            let lower = bucket_floor(bound);
             let span = bound.saturating_sub(lower) as f64;
             return Some(lower + (span * within).round() as u64);
         }
         below += count;
-        lower = bound;
     }
     None
 }
@@ -361,5 +377,26 @@ mod tests {
         assert_eq!(histogram_percentile(&[], 50.0), None);
         assert_eq!(histogram_percentile(&[(100, 0)], 50.0), None);
         assert_eq!(histogram_percentile(&[(100, 5)], 100.0), Some(100));
+    }
+
+    /// A percentile is read inside its own bucket, not from the bucket below that has calls.
+    #[test]
+    fn a_percentile_stays_inside_its_bucket_past_empty_ones() {
+        // Every call took 950 ms: bucket 1000 holds 892..=1000.
+        let all_slow = [(latency_bucket(950), 10)];
+        let p50 = histogram_percentile(&all_slow, 50.0).unwrap();
+        assert!((891..=1_000).contains(&p50), "p50 {p50}");
+        // 18 calls of 100 ms and two of 5 s: p95 is one of the slow ones.
+        let two_slow = [(latency_bucket(100), 18), (latency_bucket(5_000), 2)];
+        let p95 = histogram_percentile(&two_slow, 95.0).unwrap();
+        assert!((4_467..=5_012).contains(&p95), "p95 {p95}");
+        // Each bucket's floor is the bound of the bucket below it.
+        for ms in 2..20_000u64 {
+            let bound = latency_bucket(ms);
+            let floor = bucket_floor(bound);
+            assert!(floor < ms && ms <= bound, "{ms} in ({floor}, {bound}]");
+            assert!(latency_bucket(floor) < bound, "{ms}: {floor}");
+        }
+        assert_eq!(bucket_floor(1), 0);
     }
 }
