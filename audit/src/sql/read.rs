@@ -905,10 +905,26 @@ fn push_postgres_words(
 }
 
 /// Whether a caller filter names so few addresses (an IPv4 /24 or narrower, an IPv6 /64 or
-/// narrower) that its calls are best found through the address index.
+/// narrower) that its calls are best found through the address index. An IPv6 network written
+/// for IPv4 callers (inside `::ffff:0:0/96`) is judged as the IPv4 network it is, and one that
+/// holds all of them (`::/64`) is wide whatever its prefix.
 fn is_narrow(net: IpNet) -> bool {
+    /// The length of `::ffff:0:0/96`, the IPv4-mapped addresses, stored under their IPv4 keys.
+    const MAPPED_PREFIX: u8 = 96;
     match net {
         IpNet::V4(v4) => v4.prefix_len() >= 24,
+        IpNet::V6(v6)
+            if v6.prefix_len() >= MAPPED_PREFIX && v6.network().to_ipv4_mapped().is_some() =>
+        {
+            v6.prefix_len() - MAPPED_PREFIX >= 24
+        }
+        // It holds every IPv4-mapped address.
+        IpNet::V6(v6)
+            if v6.prefix_len() <= MAPPED_PREFIX
+                && v6.contains(&std::net::Ipv4Addr::UNSPECIFIED.to_ipv6_mapped()) =>
+        {
+            false
+        }
         IpNet::V6(v6) => v6.prefix_len() >= 64,
     }
 }
@@ -973,4 +989,23 @@ async fn call_postgres(pool: &sqlx::PgPool, id: &str) -> Result<Option<CallDetai
         .fetch_all(pool)
         .await?;
     Ok(Some(detail_from_rows!(summary, detail, pieces)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// IPv6 networks of IPv4 callers are as narrow as the IPv4 networks they are; one holding
+    /// every IPv4 caller is wide.
+    #[test]
+    fn a_network_is_narrow_by_the_callers_it_holds() {
+        let narrow = |net: &str| is_narrow(net.parse().unwrap());
+        assert!(narrow("10.1.2.0/24") && !narrow("10.0.0.0/8"));
+        assert!(narrow("2001:db8::/64") && !narrow("2001:db8::/48"));
+        assert!(!narrow("::ffff:0:0/96"), "every IPv4 caller");
+        assert!(!narrow("::ffff:10.0.0.0/104"), "10.0.0.0/8");
+        assert!(narrow("::ffff:10.0.0.0/120"), "10.0.0.0/24");
+        assert!(!narrow("::/64"), "holds every IPv4 caller");
+        assert!(!narrow("::/0"));
+    }
 }
