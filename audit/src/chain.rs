@@ -70,9 +70,11 @@
 //! exact copy of the record before it (the journal may deliver a record twice after a crash) is
 //! counted as a duplicate, not a break.
 //!
-//! What a chain cannot show: the removal of the *last* records of a chain (nothing follows them to
-//! notice) or of a whole chain. Compare the store's counts with the writer's `written` metric, or
-//! anchor the heads elsewhere, for those.
+//! What a chain cannot show by itself: the removal of the *last* records of a chain (nothing
+//! follows them to notice) or of a whole chain, and records rewritten together with every hash
+//! after them (the hash is not keyed). For those the writer publishes each chain's head outside
+//! the store ([`PublishedHead`], in the gateway's log), and [`Verifier::expect_published`] checks
+//! the chains against the heads kept there.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -113,6 +115,8 @@ pub struct Chainer {
     /// The segment marker of this chainer, `{start}-{nonce}`.
     marker: String,
     state_file: Option<PathBuf>,
+    /// Chains linked into since [`Chainer::take_new_heads`] last took their heads.
+    advanced: std::collections::BTreeSet<ChainKey>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -154,7 +158,24 @@ impl Chainer {
             unknown_through: OffsetDateTime::now_utc().date(),
             marker: segment_marker(),
             state_file: None,
+            advanced: std::collections::BTreeSet::new(),
         }
+    }
+
+    /// The head (last record linked) of every chain linked into since the last call: what the
+    /// writer publishes outside the store ([`PublishedHead`]).
+    pub fn take_new_heads(&mut self) -> Vec<PublishedHead> {
+        let advanced = std::mem::take(&mut self.advanced);
+        advanced
+            .iter()
+            .filter_map(|key| self.heads.get(key))
+            .filter(|head| head.next_sequence > 0)
+            .map(|head| PublishedHead {
+                chain_id: head.chain_id.clone(),
+                sequence: head.next_sequence - 1,
+                record_hash: head.last_hash.clone(),
+            })
+            .collect()
     }
 
     /// A chainer that continues the chains recorded in `state_file` and saves its state there
@@ -228,6 +249,9 @@ impl Chainer {
         };
         let new_chain_id = (!self.heads.contains_key(&key)).then(|| self.new_chain_id(&key));
         let day = key.day;
+        if !self.advanced.contains(&key) {
+            self.advanced.insert(key.clone());
+        }
         let head = self.heads.entry(key).or_insert_with(|| ChainHead {
             chain_id: new_chain_id.unwrap_or_default(),
             next_sequence: 0,
@@ -650,6 +674,10 @@ pub enum BreakReason {
     /// Two records, each intact, claim the same place in the chain: two writers extended it
     /// (gateways that share one `gateway_id`), or a record was inserted with a hash of its own.
     Forked,
+    /// The record verifies within the store, but its hash is not the one the gateway published
+    /// for it ([`PublishedHead`]): it, or records before it, were rewritten together with every
+    /// hash after them.
+    Rewritten,
 }
 
 impl std::fmt::Display for BreakReason {
@@ -659,6 +687,7 @@ impl std::fmt::Display for BreakReason {
             BreakReason::Removed => "removed",
             BreakReason::Reordered => "reordered",
             BreakReason::Forked => "forked",
+            BreakReason::Rewritten => "rewritten",
         })
     }
 }
@@ -734,6 +763,85 @@ impl VerifyReport {
     }
 }
 
+/// The message of the log line in which the audit writer publishes a chain's head.
+pub const HEAD_MESSAGE: &str = "audit chain head";
+
+/// The target of that log line.
+pub const HEAD_TARGET: &str = "gatehouse_audit::chain_head";
+
+/// A chain's head as the audit writer published it outside the store: the sequence and
+/// `record_hash` of the last record it had linked into the chain then. The writer logs one
+/// (info, target `gatehouse_audit::chain_head`, message [`HEAD_MESSAGE`], fields `chain_id`,
+/// `sequence`, `record_hash`) for each chain it linked into, at most a minute after the link and
+/// when it stops. Kept where the store's administrators cannot change it (a log collector, a
+/// SIEM), these lines let [`Verifier::expect_published`] find what the chain alone cannot: its
+/// last records removed, or records rewritten together with every hash after them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishedHead {
+    /// The chain.
+    pub chain_id: String,
+    /// The sequence of the chain's last record then.
+    pub sequence: u64,
+    /// Its `record_hash`.
+    pub record_hash: String,
+}
+
+impl PublishedHead {
+    /// The UTC day of the chain (`{GatewayId}/{YYYY-MM-DD}`, maybe with a `#…` marker).
+    pub fn day(&self) -> Option<Date> {
+        let (_, day) = self.chain_id.rsplit_once('/')?;
+        parse_day(day.split('#').next().unwrap_or(day))
+    }
+}
+
+/// Reads the heads the audit writer published from a file of its JSON log lines (other lines
+/// are skipped: give it the gateway's whole log, or the lines a collector kept), the newest head
+/// of each chain (the highest sequence).
+pub fn read_published_heads(path: impl AsRef<Path>) -> io::Result<Vec<PublishedHead>> {
+    let reader = BufReader::new(File::open(path)?);
+    let mut newest: BTreeMap<String, PublishedHead> = BTreeMap::new();
+    for line in reader.lines() {
+        let line = line?;
+        let Ok(serde_json::Value::Object(object)) = serde_json::from_str(&line) else {
+            continue;
+        };
+        // Flattened (the gateway's JSON logs) or under `fields` (tracing's default JSON layout).
+        let fields = match object.get("fields") {
+            Some(serde_json::Value::Object(fields)) => fields,
+            _ => &object,
+        };
+        if fields.get("message").and_then(serde_json::Value::as_str) != Some(HEAD_MESSAGE) {
+            continue;
+        }
+        // Only the writer's own lines: another event could not carry this message, but a line
+        // that names another target is not one of them.
+        if object
+            .get("target")
+            .and_then(serde_json::Value::as_str)
+            .is_some_and(|target| target != HEAD_TARGET)
+        {
+            continue;
+        }
+        let head = (|| {
+            Some(PublishedHead {
+                chain_id: fields.get("chain_id")?.as_str()?.to_owned(),
+                sequence: fields.get("sequence")?.as_u64()?,
+                record_hash: fields.get("record_hash")?.as_str()?.to_owned(),
+            })
+        })();
+        let Some(head) = head else {
+            continue;
+        };
+        match newest.get(&head.chain_id) {
+            Some(known) if known.sequence >= head.sequence => {}
+            _ => {
+                newest.insert(head.chain_id.clone(), head);
+            }
+        }
+    }
+    Ok(newest.into_values().collect())
+}
+
 /// What verification needs of a chained record; the record itself is not kept.
 #[derive(Debug)]
 struct Linked {
@@ -789,11 +897,21 @@ struct ChainProgress {
     records: u64,
     duplicates: u64,
     first_break: Option<ChainBreak>,
+    /// The head published for the chain ([`PublishedHead`]), and whether its record was met.
+    published: Option<(u64, Option<Hash>)>,
+    published_met: bool,
 }
 
 impl ChainProgress {
     fn anchor(&mut self, linked: &Linked) {
         self.last = Some((linked.sequence, linked.record_hash, linked.position));
+        // A head at or before the record a range starts after is not for this check to meet.
+        if self
+            .published
+            .is_some_and(|(sequence, _)| sequence <= linked.sequence)
+        {
+            self.published_met = true;
+        }
     }
 
     fn check(&mut self, linked: Linked) {
@@ -872,6 +990,22 @@ impl ChainProgress {
                     "its content does not match its record hash".to_owned(),
                 )
             })
+        })
+        .or_else(|| {
+            let (sequence, hash) = self.published?;
+            if linked.sequence != sequence {
+                return None;
+            }
+            self.published_met = true;
+            (!same(linked.record_hash, hash)).then(|| {
+                (
+                    BreakReason::Rewritten,
+                    format!(
+                        "its hash is not the one the gateway published for record {sequence}: \
+                         it or records before it were rewritten, with every hash after them"
+                    ),
+                )
+            })
         });
         match broken {
             Some((reason, detail)) => {
@@ -886,7 +1020,39 @@ impl ChainProgress {
         }
     }
 
-    fn report(self, chain_id: String) -> ChainReport {
+    fn report(mut self, chain_id: String) -> ChainReport {
+        if self.first_break.is_none()
+            && let Some((published, _)) = self.published
+            && !self.published_met
+        {
+            let (next, detail) = match self.last {
+                Some((last, _, _)) => (
+                    last + 1,
+                    format!(
+                        "the chain ends at record {last}, but the gateway published its head at \
+                         record {published}: {} removed",
+                        if last + 1 == published {
+                            format!("record {published} was")
+                        } else {
+                            format!("records {} to {published} were", last + 1)
+                        }
+                    ),
+                ),
+                None => (
+                    0,
+                    format!(
+                        "no record of the chain is stored, but the gateway published its head at \
+                         record {published}"
+                    ),
+                ),
+            };
+            self.first_break = Some(ChainBreak {
+                sequence: next,
+                correlation_id: String::new(),
+                reason: BreakReason::Removed,
+                detail,
+            });
+        }
         ChainReport {
             chain_id,
             records: self.records,
@@ -922,6 +1088,22 @@ impl Verifier {
     pub fn expecting_content_since(mut self, since: OffsetDateTime) -> Verifier {
         self.content_since = Some(since);
         self
+    }
+
+    /// Checks the chains against the heads the gateway published for them ([`PublishedHead`],
+    /// the newest of each chain counts): the record at a head's sequence must carry its hash,
+    /// and a chain must reach it. Give only the heads of the chains the verification covers
+    /// (their days): a chain with a head and no record checked is reported removed.
+    pub fn expect_published(&mut self, heads: impl IntoIterator<Item = PublishedHead>) {
+        for head in heads {
+            let progress = self.chains.entry(head.chain_id).or_default();
+            if progress
+                .published
+                .is_none_or(|(sequence, _)| sequence < head.sequence)
+            {
+                progress.published = Some((head.sequence, parse_hash(&head.record_hash)));
+            }
+        }
     }
 
     /// Takes `record` as the record before the checked ones in its chain, without checking it.
@@ -962,8 +1144,8 @@ impl Verifier {
             chains: self
                 .chains
                 .into_iter()
-                .filter(|(_, progress)| progress.records > 0 || progress.first_break.is_some())
                 .map(|(chain_id, progress)| progress.report(chain_id))
+                .filter(|report| report.records > 0 || report.first_break.is_some())
                 .collect(),
             unchained: self.unchained,
             unreadable: 0,
@@ -996,6 +1178,7 @@ pub fn verify_jsonl(
     path: impl AsRef<Path>,
     from: Option<OffsetDateTime>,
     to: Option<OffsetDateTime>,
+    published: &[PublishedHead],
 ) -> io::Result<VerifyReport> {
     let in_range =
         |at: OffsetDateTime| from.is_none_or(|from| at >= from) && to.is_none_or(|to| at < to);
@@ -1041,6 +1224,28 @@ pub fn verify_jsonl(
             None => {}
         }
     }
+    // A published head of a day the range touches names a chain that must be there, when the
+    // file is of its gateway (a collector's log may hold the heads of several).
+    let gateways: std::collections::HashSet<String> = chains
+        .keys()
+        .filter_map(|chain_id| {
+            chain_id
+                .rsplit_once('/')
+                .map(|(gateway, _)| gateway.to_owned())
+        })
+        .collect();
+    for head in published {
+        let expected = head
+            .chain_id
+            .rsplit_once('/')
+            .is_some_and(|(gateway, _)| gateways.contains(gateway))
+            && head
+                .day()
+                .is_some_and(|day| day_touched(day.midnight().assume_utc()));
+        if expected {
+            chains.entry(head.chain_id.clone()).or_default().1 = true;
+        }
+    }
     let mut chains: Vec<_> = chains
         .into_iter()
         .filter(|(_, (_, day_in_range))| *day_in_range)
@@ -1048,7 +1253,14 @@ pub fn verify_jsonl(
     chains.sort_by(|a, b| a.0.cmp(&b.0));
     for (chain_id, (mut records, _)) in chains {
         records.sort_by_key(|linked| (linked.sequence, linked.position));
-        let mut progress = ChainProgress::default();
+        let mut progress = ChainProgress {
+            published: published
+                .iter()
+                .filter(|head| head.chain_id == chain_id)
+                .map(|head| (head.sequence, parse_hash(&head.record_hash)))
+                .max_by_key(|(sequence, _)| *sequence),
+            ..ChainProgress::default()
+        };
         for linked in records {
             progress.check(linked);
         }

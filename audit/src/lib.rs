@@ -20,8 +20,9 @@ pub use jsonl::JsonLinesSink;
 pub use memory::MemorySink;
 pub use queue::{
     Admission, AuditQueue, DEFAULT_CAPACITY, DEFAULT_JOURNAL_MAX_BYTES, DEFAULT_MAX_BYTES,
-    DEFAULT_ROOM_WAIT, DEFAULT_SINK_TIMEOUT, FlushOverrun, MAX_REPLAY_CHUNK_BYTES, QueueSettings,
-    QueueStats, RecordRefused, RecordSlot, WriterHandle, record_bytes,
+    DEFAULT_PUBLISH_HEADS_EVERY, DEFAULT_ROOM_WAIT, DEFAULT_SINK_TIMEOUT, FlushOverrun,
+    MAX_REPLAY_CHUNK_BYTES, QueueSettings, QueueStats, RecordRefused, RecordSlot, WriterHandle,
+    record_bytes,
 };
 
 /// Why a sink could not store a batch.

@@ -146,6 +146,9 @@ pub struct QueueSettings {
     /// How long a call waits for room in a full queue before it goes on without
     /// ([`AuditQueue::reserve`]).
     pub room_wait: Duration,
+    /// At most how long after a record is linked the head of its chain is published outside the
+    /// store ([`PublishedHead`](crate::chain::PublishedHead), a log line).
+    pub publish_heads_every: Duration,
 }
 
 impl QueueSettings {
@@ -168,9 +171,13 @@ impl Default for QueueSettings {
             journal_max_bytes: DEFAULT_JOURNAL_MAX_BYTES,
             fail_closed: false,
             room_wait: DEFAULT_ROOM_WAIT,
+            publish_heads_every: DEFAULT_PUBLISH_HEADS_EVERY,
         }
     }
 }
+
+/// [`QueueSettings::publish_heads_every`] unless set: a minute.
+pub const DEFAULT_PUBLISH_HEADS_EVERY: Duration = Duration::from_secs(60);
 
 /// Whether a record handed over now would be kept, for the gateway to decide before it forwards
 /// a call.
@@ -651,6 +658,8 @@ fn spawn(
         out_of_sink_time: false,
         shared: Arc::clone(&shared),
         chainer,
+        publish_heads_at: None,
+        publish_heads_every: settings.publish_heads_every,
         journal: journal.map(|journal| Arc::new(Mutex::new(journal))),
         journal_status,
         sink_timeout: settings.sink_timeout.max(Duration::from_millis(1)),
@@ -756,6 +765,10 @@ struct Writer {
     out_of_sink_time: bool,
     shared: Arc<Shared>,
     chainer: Chainer,
+    /// When to publish the heads of the chains linked into since they were last published
+    /// (`None`: nothing linked since).
+    publish_heads_at: Option<Instant>,
+    publish_heads_every: Duration,
     journal: Option<Arc<Mutex<Journal>>>,
     /// The journal's size after the last operation on it.
     journal_status: JournalStatus,
@@ -856,6 +869,8 @@ enum Event {
     CheckBacklog,
     /// [`WriterHandle::finish_within`] gave the writer until then (`None`: it never will).
     FinishBy(Option<Instant>),
+    /// Time to publish the heads of the chains linked into.
+    PublishHeads,
 }
 
 impl Writer {
@@ -933,6 +948,7 @@ impl Writer {
                         self.journal_in_flight().await;
                     }
                 }
+                Event::PublishHeads => self.publish_heads(),
                 Event::FinishBy(deadline) => {
                     self.told_finish_by = None;
                     if let Some(deadline) = deadline {
@@ -945,7 +961,25 @@ impl Writer {
                 }
             }
         }
+        self.publish_heads();
         self.publish();
+    }
+
+    /// Logs the head of every chain linked into since the last time ([`PublishedHead`]
+    /// (crate::chain::PublishedHead)): the log, kept apart from the store, is where an auditor
+    /// finds what the chain alone cannot show (`verify-audit --heads`).
+    fn publish_heads(&mut self) {
+        self.publish_heads_at = None;
+        for head in self.chainer.take_new_heads() {
+            tracing::info!(
+                target: crate::chain::HEAD_TARGET,
+                chain_id = %head.chain_id,
+                sequence = head.sequence,
+                record_hash = %head.record_hash,
+                "{}",
+                crate::chain::HEAD_MESSAGE
+            );
+        }
     }
 
     /// Every sender is gone: try the sink once more right away, and give a write that is
@@ -1036,6 +1070,7 @@ impl Writer {
                 None => std::future::pending().await,
             }
         };
+        let publish_heads_at = self.publish_heads_at;
         let receiver = &mut self.receiver;
         let in_flight = &mut self.in_flight;
         let has_append = self.appending.is_some();
@@ -1071,6 +1106,9 @@ impl Writer {
             deadline = finish_by, if has_finish_by => Event::FinishBy(deadline),
             () = tokio::time::sleep_until(sink_until.unwrap_or(now)), if sink_until.is_some() => {
                 Event::Wake
+            }
+            () = tokio::time::sleep_until(publish_heads_at.unwrap_or(now)), if publish_heads_at.is_some() => {
+                Event::PublishHeads
             }
             else => {
                 // Not reached: with nothing to wait for, the writer has exited. Never spin.
@@ -1124,6 +1162,9 @@ impl Writer {
             if index % LINKS_PER_YIELD == LINKS_PER_YIELD - 1 {
                 tokio::task::yield_now().await;
             }
+        }
+        if self.publish_heads_at.is_none() && !batch.is_empty() {
+            self.publish_heads_at = Some(Instant::now() + self.publish_heads_every);
         }
         self.save_chain().await;
         // Where this batch goes depends on where the one before it went.

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use gatehouse_audit::AuditRecord;
 use gatehouse_audit::chain::{
-    BreakReason, ChainBreak, Chainer, GENESIS_HASH, STATE_FILE, Verifier, VerifyReport, verify,
-    verify_jsonl,
+    BreakReason, ChainBreak, Chainer, GENESIS_HASH, HEAD_MESSAGE, PublishedHead, STATE_FILE,
+    Verifier, VerifyReport, read_published_heads, verify, verify_jsonl,
 };
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
@@ -283,7 +283,7 @@ fn a_clean_chain_verifies_across_two_days() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.jsonl");
     write_jsonl(&path, &records);
-    let report = verify_jsonl(&path, None, None).unwrap();
+    let report = verify_jsonl(&path, None, None, &[]).unwrap();
     assert!(report.is_intact(), "{report:#?}");
     assert_eq!(report.chains.len(), 2);
 }
@@ -305,7 +305,7 @@ fn records_from_both_days_interleaved_in_write_order_verify() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.jsonl");
     write_jsonl(&path, &records);
-    let report = verify_jsonl(&path, None, None).unwrap();
+    let report = verify_jsonl(&path, None, None, &[]).unwrap();
     assert!(report.is_intact(), "{report:#?}");
     assert_eq!(report.chains.len(), 2);
     assert_eq!(report.chains[0].records, 3);
@@ -337,7 +337,7 @@ fn content_taken_out_of_a_record_inside_its_window_is_changed() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.jsonl");
     write_jsonl(&path, &records);
-    let broken = first_break(&verify_jsonl(&path, None, None).unwrap());
+    let broken = first_break(&verify_jsonl(&path, None, None, &[]).unwrap());
     assert_eq!(
         (broken.reason, broken.correlation_id.as_str()),
         (BreakReason::Changed, "call-00003")
@@ -402,7 +402,7 @@ fn swapped_lines_of_a_jsonl_file_are_reordered() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.jsonl");
     write_jsonl(&path, &records);
-    let report = verify_jsonl(&path, None, None).unwrap();
+    let report = verify_jsonl(&path, None, None, &[]).unwrap();
     let broken = first_break(&report);
     assert_eq!(broken.reason, BreakReason::Reordered);
     assert_eq!(broken.sequence, 4);
@@ -454,7 +454,7 @@ fn a_replayed_stretch_counts_as_duplicates_not_a_break() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.jsonl");
     write_jsonl(&path, &written);
-    let report = verify_jsonl(&path, None, None).unwrap();
+    let report = verify_jsonl(&path, None, None, &[]).unwrap();
     assert!(report.is_intact(), "{report:#?}");
     assert_eq!(
         (report.chains[0].records, report.chains[0].duplicates),
@@ -472,7 +472,7 @@ fn a_time_range_checks_the_chains_it_touches_whole() {
     let path = dir.path().join("audit.jsonl");
     let check = |records: &[AuditRecord]| {
         write_jsonl(&path, records);
-        verify_jsonl(&path, from, to).unwrap()
+        verify_jsonl(&path, from, to, &[]).unwrap()
     };
 
     let report = check(&linked(20, start));
@@ -535,7 +535,7 @@ fn a_time_range_checks_the_chains_it_touches_whole() {
     // A range on another day checks none of it.
     write_jsonl(&path, &linked(20, start));
     let next_day = Some(start + Duration::from_secs(86_400));
-    let report = verify_jsonl(&path, next_day, None).unwrap();
+    let report = verify_jsonl(&path, next_day, None, &[]).unwrap();
     assert!(report.chains.is_empty(), "{report:#?}");
 }
 
@@ -728,4 +728,172 @@ fn an_empty_message_read_back_as_absent_still_verifies() {
     records[2].backend_request_body = Some("{\"prompt\":\"changed\"}".to_owned());
     let broken = first_break(&verify(records));
     assert_eq!((broken.reason, broken.sequence), (BreakReason::Changed, 2));
+}
+
+/// A day after the chainer's start, whose chains have plain ids: two chainers linking the same
+/// records give the same chain.
+const LATER_DAY: OffsetDateTime = datetime!(2099-06-01 10:00:00 UTC);
+
+/// Links `records` with a chainer of its own, and returns them with the heads it would publish.
+fn linked_with_heads(mut records: Vec<AuditRecord>) -> (Vec<AuditRecord>, Vec<PublishedHead>) {
+    let mut chainer = Chainer::in_memory();
+    for record in &mut records {
+        chainer.link(record);
+    }
+    let heads = chainer.take_new_heads();
+    assert!(chainer.take_new_heads().is_empty(), "taken once");
+    (records, heads)
+}
+
+fn verify_against(records: Vec<AuditRecord>, heads: &[PublishedHead]) -> VerifyReport {
+    let mut verifier = Verifier::new();
+    verifier.expect_published(heads.iter().cloned());
+    for record in records {
+        verifier.check(record);
+    }
+    verifier.finish()
+}
+
+fn later_records(count: usize) -> Vec<AuditRecord> {
+    (0..count)
+        .map(|i| {
+            record(
+                i,
+                LATER_DAY + Duration::from_secs(u64::try_from(i).unwrap()),
+            )
+        })
+        .collect()
+}
+
+/// What the chain alone cannot show, its published head shows: the last records removed, the
+/// whole chain removed, and records rewritten with every hash after them made again.
+#[test]
+fn published_heads_find_a_cut_tail_and_a_rewritten_chain() {
+    let (records, heads) = linked_with_heads(later_records(10));
+    assert_eq!(
+        heads,
+        [PublishedHead {
+            chain_id: "gw-1/2099-06-01".to_owned(),
+            sequence: 9,
+            record_hash: records[9].chain.as_ref().unwrap().record_hash.clone(),
+        }]
+    );
+    assert_eq!(heads[0].day(), Some(LATER_DAY.date()));
+    assert!(verify_against(records.clone(), &heads).is_intact());
+
+    // The last three removed: the chain alone verifies, its head does not.
+    let cut: Vec<AuditRecord> = records[..7].to_vec();
+    assert!(verify(cut.clone()).is_intact());
+    let broken = first_break(&verify_against(cut, &heads));
+    assert_eq!((broken.reason, broken.sequence), (BreakReason::Removed, 7));
+    assert!(
+        broken.detail.contains("records 7 to 9"),
+        "{}",
+        broken.detail
+    );
+
+    // Record 5 changed and every hash from it on made again: intact alone, not against its head.
+    let mut rewritten = later_records(10);
+    rewritten[5].user_name = Some("someone else".to_owned());
+    let (rewritten, _) = linked_with_heads(rewritten);
+    assert!(verify(rewritten.clone()).is_intact());
+    let broken = first_break(&verify_against(rewritten, &heads));
+    assert_eq!(
+        (broken.reason, broken.sequence),
+        (BreakReason::Rewritten, 9)
+    );
+
+    // No record of the chain left at all.
+    let report = verify_against(Vec::new(), &heads);
+    let broken = first_break(&report);
+    assert_eq!((broken.reason, broken.sequence), (BreakReason::Removed, 0));
+    assert_eq!(report.chains[0].chain_id, "gw-1/2099-06-01");
+
+    // An older head of a chain that has grown since is met on the way.
+    let (more, _) = linked_with_heads(later_records(12));
+    assert!(verify_against(more, &heads).is_intact());
+}
+
+/// The heads are read from the gateway's JSON log, flattened or not, among its other lines; the
+/// newest head of each chain counts, and a JSON-lines audit file is checked against them.
+#[test]
+fn published_heads_are_read_from_the_log_and_checked_with_a_jsonl_file() {
+    let (records, heads) = linked_with_heads(later_records(4));
+    let (earlier, _) = linked_with_heads(later_records(2));
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("gateway.log");
+    let line = |head: &PublishedHead, nested: bool| {
+        let fields = serde_json::json!({
+            "message": HEAD_MESSAGE,
+            "chain_id": head.chain_id,
+            "sequence": head.sequence,
+            "record_hash": head.record_hash,
+        });
+        if nested {
+            serde_json::json!({"level": "INFO", "fields": fields}).to_string()
+        } else {
+            let mut flat = fields;
+            flat["level"] = "INFO".into();
+            flat.to_string()
+        }
+    };
+    let older = PublishedHead {
+        chain_id: heads[0].chain_id.clone(),
+        sequence: 1,
+        record_hash: earlier[1].chain.as_ref().unwrap().record_hash.clone(),
+    };
+    std::fs::write(
+        &log,
+        format!(
+            "not json\n{}\n{{\"message\":\"call finished\"}}\n{}\n",
+            line(&heads[0], false),
+            line(&older, true)
+        ),
+    )
+    .unwrap();
+    // A line of another target is not a head, whatever it says.
+    let mut forged: serde_json::Value = serde_json::from_str(&line(&heads[0], false)).unwrap();
+    forged["sequence"] = 99.into();
+    forged["target"] = "gatehouse_gateway::app".into();
+    let mut text = std::fs::read_to_string(&log).unwrap();
+    text.push_str(&format!("{forged}\n"));
+    std::fs::write(&log, text).unwrap();
+    assert_eq!(
+        read_published_heads(&log).unwrap(),
+        heads,
+        "the newest head"
+    );
+
+    let file = dir.path().join("audit.jsonl");
+    let write = |records: &[AuditRecord]| {
+        let mut out = std::fs::File::create(&file).unwrap();
+        for record in records {
+            writeln!(out, "{}", serde_json::to_string(record).unwrap()).unwrap();
+        }
+    };
+    write(&records);
+    assert!(verify_jsonl(&file, None, None, &heads).unwrap().is_intact());
+    // The head of another gateway's chain (a collector's log holds several) is not this file's.
+    let mut with_another = heads.clone();
+    with_another.push(PublishedHead {
+        chain_id: "gw-2/2099-06-01".to_owned(),
+        sequence: 5,
+        record_hash: GENESIS_HASH.to_owned(),
+    });
+    assert!(
+        verify_jsonl(&file, None, None, &with_another)
+            .unwrap()
+            .is_intact()
+    );
+    write(&records[..3]);
+    assert!(verify_jsonl(&file, None, None, &[]).unwrap().is_intact());
+    let broken = first_break(&verify_jsonl(&file, None, None, &heads).unwrap());
+    assert_eq!((broken.reason, broken.sequence), (BreakReason::Removed, 3));
+    // A head of a day outside the range is not expected.
+    let other_day = Some(LATER_DAY + time::Duration::days(3));
+    assert!(
+        verify_jsonl(&file, other_day, None, &heads)
+            .unwrap()
+            .is_intact()
+    );
 }

@@ -77,6 +77,7 @@ on_both_engines!(
     content_expires_before_metadata,
     a_call_whose_metadata_went_and_content_stayed_is_stored_again,
     chains_verify_from_the_store,
+    chains_verify_against_their_published_heads,
     chains_verify_a_day_whose_first_records_were_removed,
     chains_verify_while_retention_removes_content,
     content_deleted_inside_its_window_breaks_the_chain,
@@ -1671,6 +1672,94 @@ async fn chains_verify_written_and_after_content_retention(
     let report = store.verify_chains(range.0, range.1).await.unwrap();
     assert!(report.is_intact(), "after content retention: {report:?}");
     range
+}
+
+/// The heads the writer published find what the stored chain alone cannot: its last record
+/// removed, then the whole chain.
+async fn chains_verify_against_their_published_heads(store: &SqlStore) {
+    let mut chainer = gatehouse_audit::chain::Chainer::in_memory();
+    let mut batch = records(10);
+    for record in &mut batch {
+        chainer.link(record);
+    }
+    let heads = chainer.take_new_heads();
+    assert_eq!(heads.len(), 1);
+    assert_eq!(store.write(&batch).await.unwrap(), 10);
+    let range = (T0, T0 + Duration::hours(1));
+    let verify = |heads: Vec<gatehouse_audit::chain::PublishedHead>| async move {
+        store
+            .verify_chains_against(
+                range.0,
+                range.1,
+                gatehouse_audit::chain::Verifier::new(),
+                &heads,
+            )
+            .await
+            .unwrap()
+    };
+    assert!(verify(heads.clone()).await.is_intact());
+    // Removes the records from `sequence` on.
+    let delete = |sequence: i64| async move {
+        match (store.sqlite_pool(), store.postgres_pool()) {
+            (Some(pool), _) => {
+                sqlx::query("DELETE FROM GatehouseGatewayLogs WHERE ChainSequence >= ?")
+                    .bind(sequence)
+                    .execute(pool)
+                    .await
+                    .unwrap();
+            }
+            (_, Some(pool)) => {
+                sqlx::query(r#"DELETE FROM "GatehouseGatewayLogs" WHERE "ChainSequence" >= $1"#)
+                    .bind(sequence)
+                    .execute(pool)
+                    .await
+                    .unwrap();
+            }
+            _ => unreachable!(),
+        }
+    };
+    delete(9).await;
+    assert!(
+        store
+            .verify_chains(range.0, range.1)
+            .await
+            .unwrap()
+            .is_intact()
+    );
+    let report = verify(heads.clone()).await;
+    let (_, broken) = report.first_break().expect("a break");
+    assert_eq!(
+        (broken.sequence, broken.reason.to_string().as_str()),
+        (9, "removed"),
+        "{report:?}"
+    );
+    // A head of a day the range does not touch is not expected.
+    let next_day = (
+        T0 + Duration::days(2),
+        T0 + Duration::days(2) + Duration::hours(1),
+    );
+    let elsewhere = store
+        .verify_chains_against(
+            next_day.0,
+            next_day.1,
+            gatehouse_audit::chain::Verifier::new(),
+            &heads,
+        )
+        .await
+        .unwrap();
+    assert!(
+        elsewhere.is_intact() && elsewhere.chains.is_empty(),
+        "{elsewhere:?}"
+    );
+
+    delete(0).await;
+    let report = verify(heads).await;
+    assert_eq!(report.chains.len(), 1, "{report:?}");
+    let (_, broken) = report.first_break().expect("a break");
+    assert_eq!(
+        (broken.sequence, broken.reason.to_string().as_str()),
+        (0, "removed")
+    );
 }
 
 async fn chains_verify_from_the_store(store: &SqlStore) {

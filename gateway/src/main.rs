@@ -74,6 +74,14 @@ enum Command {
         /// nothing removes content from, is always checked so.
         #[arg(long, requires = "database")]
         content_retention_days: Option<u32>,
+        /// The gateway's JSON log lines (or those a log collector kept) holding the heads it
+        /// published (`audit chain head`): each chain of the range must reach its newest head,
+        /// with the hash published for it, so that the removal of a chain's last records (or of
+        /// a whole chain) and records rewritten with every hash after them are found. Needs
+        /// --from: give a range inside the store's metadata window (a day retention removed
+        /// would be reported removed).
+        #[arg(long, requires = "from")]
+        heads: Option<PathBuf>,
     },
     /// Refresh the query planner's statistics of a SQLite audit store in full. The store does
     /// this itself at every start and after each hourly retention run (when a retention is set)
@@ -146,12 +154,14 @@ fn main() -> anyhow::Result<()> {
             from,
             to,
             content_retention_days,
+            heads,
         } => verify_audit(
             jsonl.as_deref(),
             database.as_deref(),
             from.as_deref(),
             to.as_deref(),
             content_retention_days,
+            heads.as_deref(),
         ),
         Command::AnalyzeAudit { database } => analyze_audit(&database),
         Command::ReindexAudit { database, from, to } => {
@@ -222,10 +232,26 @@ fn verify_audit(
     from: Option<&str>,
     to: Option<&str>,
     content_retention_days: Option<u32>,
+    heads: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
     let (from, to) = (parse_time(from)?, parse_time(to)?);
+    let published = match heads {
+        Some(path) => {
+            let published = gatehouse_audit::chain::read_published_heads(path)
+                .with_context(|| format!("--heads {}", path.display()))?;
+            anyhow::ensure!(
+                !published.is_empty(),
+                "--heads {}: no `{}` line in it (the gateway logs them as JSON, at info level, \
+                 target gatehouse_audit::chain_head)",
+                path.display(),
+                gatehouse_audit::chain::HEAD_MESSAGE
+            );
+            published
+        }
+        None => Vec::new(),
+    };
     let report = match (jsonl, database) {
-        (Some(path), _) => gatehouse_audit::chain::verify_jsonl(path, from, to)?,
+        (Some(path), _) => gatehouse_audit::chain::verify_jsonl(path, from, to, &published)?,
         (None, Some(url)) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
@@ -234,14 +260,15 @@ fn verify_audit(
                 let from = from.unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
                 let to =
                     to.unwrap_or_else(|| time::OffsetDateTime::now_utc() + time::Duration::days(1));
-                let report = match content_retention_days {
-                    Some(days) => {
-                        let since =
-                            time::OffsetDateTime::now_utc() - time::Duration::days(i64::from(days));
-                        store.verify_chains_expecting_content(from, to, since).await
-                    }
-                    None => store.verify_chains(from, to).await,
+                let verifier = match content_retention_days {
+                    Some(days) => gatehouse_audit::chain::Verifier::new().expecting_content_since(
+                        time::OffsetDateTime::now_utc() - time::Duration::days(i64::from(days)),
+                    ),
+                    None => gatehouse_audit::chain::Verifier::new(),
                 };
+                let report = store
+                    .verify_chains_against(from, to, verifier, &published)
+                    .await;
                 store.close().await;
                 report
             })?,
@@ -558,6 +585,7 @@ async fn serve(file: ConfigFile, config: &Path) -> anyhow::Result<()> {
                 journal_max_bytes: settings.audit.journal_max_bytes,
                 fail_closed: settings.audit.fail_closed,
                 room_wait: Duration::from_millis(settings.audit.room_wait_ms),
+                publish_heads_every: Duration::from_secs(settings.audit.chain_heads_seconds.max(1)),
             };
             let (queue, writer) = AuditQueue::start_with(sink, queue_settings)
                 .await

@@ -347,6 +347,12 @@ pub struct AuditSettings {
     /// Refuse calls (503) when they could not be recorded, instead of serving them.
     #[serde(default)]
     pub fail_closed: bool,
+    /// At most how long after a record is linked into its hash chain the chain's head is logged
+    /// (`audit chain head`, target `gatehouse_audit::chain_head`), in seconds (default 60): kept
+    /// apart from the store, these lines let `verify-audit --heads` find a chain's last records
+    /// removed or records rewritten with their hashes.
+    #[serde(default = "default_chain_heads_seconds")]
+    pub chain_heads_seconds: u64,
     /// Days bodies, prompts and completions are kept in `database` (none: kept forever).
     #[serde(default)]
     pub content_retention_days: Option<u32>,
@@ -373,11 +379,16 @@ impl Default for AuditSettings {
             sink_timeout_ms: default_sink_timeout_ms(),
             journal_max_bytes: default_journal_max_bytes(),
             fail_closed: false,
+            chain_heads_seconds: default_chain_heads_seconds(),
             content_retention_days: None,
             metadata_retention_days: None,
             gateway_id_claim_seconds: default_gateway_id_claim_seconds(),
         }
     }
+}
+
+fn default_chain_heads_seconds() -> u64 {
+    gatehouse_audit::DEFAULT_PUBLISH_HEADS_EVERY.as_secs()
 }
 
 fn default_gateway_id_claim_seconds() -> u64 {

@@ -10,7 +10,7 @@ use sqlx::{QueryBuilder, Row, Sqlite};
 use time::OffsetDateTime;
 
 use super::{Engine, SqlStore, StoreError, sqlite_time};
-use crate::chain::{Verifier, VerifyReport, day_end_at_or_after, day_start};
+use crate::chain::{PublishedHead, Verifier, VerifyReport, day_end_at_or_after, day_start};
 
 /// The times whose records belong to the chains of the UTC days `[from, to)` touches: from the
 /// start of `from`'s day to the first midnight at or after `to` (empty when the range is).
@@ -193,6 +193,33 @@ impl SqlStore {
             Verifier::new().expecting_content_since(content_since),
         )
         .await
+    }
+
+    /// [`SqlStore::verify_chains`] with `verifier` (for one that expects content, see
+    /// [`Verifier::expecting_content_since`]), checking the chains against the heads the gateway
+    /// published outside the store ([`Verifier::expect_published`]): those of the days the
+    /// range touches are expected, so that the removal of a chain's last records, or of the whole
+    /// chain, and records rewritten with every hash after them are found.
+    pub async fn verify_chains_against(
+        &self,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+        mut verifier: Verifier,
+        published: &[PublishedHead],
+    ) -> Result<VerifyReport, StoreError> {
+        let days = chain_days(from, to);
+        verifier.expect_published(
+            published
+                .iter()
+                .filter(|head| {
+                    head.day().is_some_and(|day| {
+                        let start = day.midnight().assume_utc();
+                        start >= days.0 && start < days.1
+                    })
+                })
+                .cloned(),
+        );
+        self.verify_chains_with(from, to, verifier).await
     }
 
     async fn verify_chains_with(

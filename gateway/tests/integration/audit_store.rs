@@ -730,3 +730,78 @@ async fn calls_wait_for_room_while_the_records_held_weigh_the_byte_bound() {
     );
     gw.stop().await;
 }
+
+/// The gateway publishes its chains' heads in its log; `verify-audit --heads` checks the store
+/// against them and finds the last record of a chain removed, which the chain alone cannot show.
+#[tokio::test]
+async fn verify_audit_finds_a_chains_removed_tail_by_the_heads_in_the_log() {
+    let sim = simulator("heads").await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:{}", dir.path().join("audit.db").display());
+    let gateway = GatewayProcess::start_with(
+        "chain-heads",
+        &snapshot(
+            1,
+            json!([{"id": "p", "deployments": ["gpt-4o"], "members": [member("a", &sim.url(), 1)]}]),
+        ),
+        json!({"log_format": "json", "audit": {"database": url, "chain_heads_seconds": 1}}),
+    )
+    .await;
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    for _ in 0..3 {
+        let response = client
+            .post(format!("{}{}", gateway.url, chat_path("gpt-4o")))
+            .header("api-key", KEY)
+            .json(&chat(None, false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    // Published a second after the links, while the gateway runs.
+    for _ in 0..100 {
+        if gateway.log().contains("audit chain head") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = gateway.terminate().await;
+    let heads = dir.path().join("gateway.log");
+    std::fs::write(&heads, &log).unwrap();
+    let from = (OffsetDateTime::now_utc() - time::Duration::hours(1))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let verify = |with_heads: bool| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse-gateway"));
+        command.args(["verify-audit", "--database", &url, "--from", &from]);
+        if with_heads {
+            command.arg("--heads").arg(&heads);
+        }
+        command.output().unwrap()
+    };
+    let intact = verify(true);
+    assert!(intact.status.success(), "{intact:?}\n{log}");
+    assert!(
+        String::from_utf8_lossy(&intact.stdout).contains("3 records, intact"),
+        "{intact:?}"
+    );
+
+    // The chain's last record removed: the chain alone still verifies; against its head, not.
+    let store = SqlStore::open(&url).await.unwrap();
+    let pool = store.sqlite_pool().unwrap().clone();
+    sqlx::query("DELETE FROM GatehouseGatewayLogs WHERE ChainSequence = 2")
+        .execute(&pool)
+        .await
+        .unwrap();
+    store.close().await;
+    assert!(verify(false).status.success());
+    let cut = verify(true);
+    assert!(!cut.status.success(), "{cut:?}");
+    let out = String::from_utf8_lossy(&cut.stdout);
+    assert!(
+        out.contains("FIRST BREAK")
+            && out.contains("Removed")
+            && out.contains("record 2 was removed"),
+        "{out}"
+    );
+}
