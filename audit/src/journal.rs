@@ -264,7 +264,15 @@ impl Journal {
                 Some((segment, offset)) if segment == index => offset,
                 _ => 0,
             };
-            let mut scan = scan(&path, from)?;
+            // A segment that cannot be read (its permissions, a failing disk) does not keep the
+            // gateway from starting: it is set aside, whole, for an operator to look at.
+            let mut scan = match scan(&path, from) {
+                Ok(scan) => scan,
+                Err(error) => {
+                    set_aside_unreadable(&path, &error);
+                    continue;
+                }
+            };
             if scan.from != from {
                 tracing::warn!(
                     path = %path.display(),
@@ -281,7 +289,13 @@ impl Journal {
             }
             if scan.records == 0 {
                 journal.skipped += scan.lost;
-                fs::remove_file(&path)?;
+                if let Err(error) = fs::remove_file(&path) {
+                    tracing::error!(
+                        path = %path.display(),
+                        %error,
+                        "audit journal segment with nothing to replay cannot be deleted"
+                    );
+                }
                 continue;
             }
             tracing::info!(
@@ -749,6 +763,32 @@ struct Scan {
     lost: u64,
 }
 
+/// Renames a segment that cannot be read to `….unreadable-{unix ms}` (a name no segment, and no
+/// segment set aside before, has), so that it is neither replayed nor read again at the next
+/// start, and says so: its records are not stored.
+fn set_aside_unreadable(path: &Path, error: &io::Error) {
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(format!(
+        ".unreadable-{}",
+        time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000
+    ));
+    let aside = PathBuf::from(aside);
+    match fs::rename(path, &aside) {
+        Ok(()) => tracing::error!(
+            path = %path.display(),
+            set_aside = %aside.display(),
+            %error,
+            "audit journal segment cannot be read: set aside, its records are not stored"
+        ),
+        Err(rename_error) => tracing::error!(
+            path = %path.display(),
+            %error,
+            %rename_error,
+            "audit journal segment cannot be read, nor set aside: its records are not replayed"
+        ),
+    }
+}
+
 /// Measures a segment and counts its lines from offset `from` on; from its start when `from` is
 /// not a line start within the segment (its end counts as one: nothing is left).
 fn scan(path: &Path, from: u64) -> io::Result<Scan> {
@@ -1053,6 +1093,43 @@ mod tests {
         assert_eq!(drain(&mut journal), ["0", "2"]);
         let kept = fs::read(dir.path().join(SET_ASIDE_FILE)).unwrap();
         assert_eq!(kept, [unknown.as_slice(), b"\n"].concat());
+    }
+
+    /// A segment that cannot be read does not keep the journal from opening: it is set aside
+    /// under another name, and the readable ones are replayed.
+    #[test]
+    fn a_segment_that_cannot_be_read_is_set_aside_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut journal = Journal::open(dir.path(), 1 << 20, TEST_CHUNK_BYTES).unwrap();
+            journal
+                .append(&records(0..3), false, LineKind::Plain)
+                .unwrap();
+        }
+        // Reading a directory fails as a failing disk would.
+        let unreadable = dir.path().join("segment-00000000000000000000.journal");
+        assert!(!unreadable.exists() || unreadable.is_file());
+        if unreadable.exists() {
+            fs::rename(
+                &unreadable,
+                dir.path().join("segment-00000000000000000099.journal"),
+            )
+            .unwrap();
+        }
+        fs::create_dir(&unreadable).unwrap();
+        let mut journal = Journal::open(dir.path(), 1 << 20, TEST_CHUNK_BYTES).unwrap();
+        assert!(!unreadable.exists());
+        let set_aside: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with("segment-00000000000000000000.journal.unreadable-"))
+            .collect();
+        assert_eq!(set_aside.len(), 1, "{set_aside:?}");
+        assert_eq!(
+            drain(&mut journal),
+            ids(0..3),
+            "the readable segment is replayed"
+        );
     }
 
     #[test]
