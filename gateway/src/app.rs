@@ -336,8 +336,12 @@ impl Gateway {
             .await
             .map_err(|error| error.to_string())?;
         let Some((runtime, problems)) = renewed else {
+            self.metrics.backend_tls_reload_failing.set(0);
             return Ok(false);
         };
+        self.metrics
+            .backend_tls_reload_failing
+            .set(u64::from(!problems.is_empty()));
         let swapped = runtime.is_some();
         if let Some(runtime) = runtime {
             self.swap_in(runtime);

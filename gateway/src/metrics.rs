@@ -130,6 +130,11 @@ pub struct Metrics {
     pub audit_journal_errors: Counter<u64, AtomicU64>,
     /// 1 while the audit store's last write succeeded (refreshed at scrape).
     pub audit_sink_up: Gauge<u64, AtomicU64>,
+    /// 1 while the gateway's own TLS certificate files changed and cannot be loaded (the old
+    /// pair is still served).
+    pub tls_reload_failing: Gauge<u64, AtomicU64>,
+    /// 1 while a member's TLS files changed and do not build (its old client is still used).
+    pub backend_tls_reload_failing: Gauge<u64, AtomicU64>,
     /// Version of the running configuration snapshot.
     pub config_version: Gauge<u64, AtomicU64>,
     /// Version of the last-known-good snapshot that could not be built at start (the gateway
@@ -188,6 +193,8 @@ impl Default for Metrics {
             audit_journal_records_skipped: Counter::default(),
             audit_journal_errors: Counter::default(),
             audit_sink_up: Gauge::default(),
+            tls_reload_failing: Gauge::default(),
+            backend_tls_reload_failing: Gauge::default(),
             config_version: Gauge::default(),
             last_known_good_refused: Gauge::default(),
             limit_refusals: Family::default(),
@@ -301,6 +308,16 @@ impl Default for Metrics {
             "audit_sink_up",
             "1 while the audit store's last write succeeded, else 0",
             metrics.audit_sink_up.clone(),
+        );
+        registry.register(
+            "tls_reload_failing",
+            "1 while the gateway's own TLS certificate files changed and cannot be loaded (the old pair is still served)",
+            metrics.tls_reload_failing.clone(),
+        );
+        registry.register(
+            "backend_tls_reload_failing",
+            "1 while a member's TLS files changed and do not build (its old client is still used)",
+            metrics.backend_tls_reload_failing.clone(),
         );
         registry.register(
             "config_version",

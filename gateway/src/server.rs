@@ -78,6 +78,7 @@ pub async fn spawn(
     let handle = Handle::new();
     let (stopping, stopping_seen) = watch::channel(false);
     let timeouts = gateway.client_timeouts;
+    let tls_reload_failing = gateway.metrics.tls_reload_failing.clone();
     let service = Connections {
         router: gateway.router(),
         gateway,
@@ -103,7 +104,12 @@ pub async fn spawn(
             let config = RustlsConfig::from_pem_file(&tls.cert_file, &tls.key_file)
                 .await
                 .with_context(|| tls_files(&tls))?;
-            tokio::spawn(watch_certificates(config.clone(), tls, loaded));
+            tokio::spawn(watch_certificates(
+                config.clone(),
+                tls,
+                loaded,
+                tls_reload_failing,
+            ));
             let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(config)
                 .acceptor(axum_server::accept::NoDelayAcceptor::new());
             let mut server = axum_server::from_tcp(listener)
@@ -428,11 +434,13 @@ fn certificate_times(tls: &TlsSettings) -> Option<(SystemTime, SystemTime)> {
 }
 
 /// Reloads the certificate and key when either file changes, so renewals need no restart.
-/// `loaded` is the files' modification times taken before `config` was read from them.
+/// `loaded` is the files' modification times taken before `config` was read from them; `failing`
+/// is 1 while changed files cannot be loaded (the old pair still served), else 0.
 async fn watch_certificates(
     config: RustlsConfig,
     tls: TlsSettings,
     loaded: Option<(SystemTime, SystemTime)>,
+    failing: prometheus_client::metrics::gauge::Gauge<u64, std::sync::atomic::AtomicU64>,
 ) {
     let mut seen = loaded;
     let mut ticker = tokio::time::interval(Duration::from_secs(tls.reload_interval_seconds.max(1)));
@@ -447,8 +455,10 @@ async fn watch_certificates(
                 Ok(()) => {
                     tracing::info!(cert = %tls.cert_file.display(), "TLS certificate reloaded");
                     seen = now;
+                    failing.set(0);
                 }
                 Err(error) => {
+                    failing.set(1);
                     tracing::error!(%error, "TLS certificate changed but could not be loaded; keeping the old one")
                 }
             }
@@ -519,7 +529,13 @@ mod tests {
                 .set_modified(later)
                 .unwrap();
         }
-        let watcher = tokio::spawn(watch_certificates(config.clone(), tls, loaded));
+        let failing = prometheus_client::metrics::gauge::Gauge::default();
+        let watcher = tokio::spawn(watch_certificates(
+            config.clone(),
+            tls,
+            loaded,
+            failing.clone(),
+        ));
         // Bounded, so that a watcher that never reloads fails the test instead of hanging it.
         let mut reloaded = false;
         for _ in 0..50 {
@@ -529,7 +545,8 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        watcher.abort();
         assert!(reloaded, "the renewed certificate was not loaded");
+        assert_eq!(failing.get(), 0);
+        watcher.abort();
     }
 }

@@ -126,6 +126,36 @@ async fn tls_termination_speaks_http2_and_reloads_a_renewed_certificate() {
         .send()
         .await;
     assert!(old.is_err(), "the old certificate must be gone");
+    assert!(
+        gw.metrics()
+            .await
+            .contains("\ngatehouse_tls_reload_failing 0\n")
+    );
+
+    // A certificate written half way: the renewed one is still served, and a gauge says so.
+    tokio::time::sleep(Duration::from_millis(1100)).await; // a distinct modification time
+    std::fs::write(&cert_file, "-----BEGIN CERTIFICATE-----\nAAAA").unwrap();
+    let mut failing = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if gw
+            .metrics()
+            .await
+            .contains("\ngatehouse_tls_reload_failing 1\n")
+        {
+            failing = true;
+            break;
+        }
+    }
+    assert!(failing, "the failed reload is not shown");
+    let still = client_trusting(&new_ca.pem())
+        .post(&url)
+        .header("api-key", KEY)
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(still.status(), 200);
     listening.shutdown(Duration::from_secs(1));
 }
 
@@ -262,10 +292,20 @@ async fn a_renewed_client_identity_is_presented_without_a_push() {
     std::fs::write(&identity_file, "-----BEGIN CERTIFICATE-----\nAAAA").unwrap();
     let problems = gw.gateway.reload_backend_tls().await.unwrap_err();
     assert!(problems.contains("pools[0].members[0].tls"), "{problems}");
+    assert!(
+        gw.metrics()
+            .await
+            .contains("\ngatehouse_backend_tls_reload_failing 1\n")
+    );
 
     let (cert, key) = client_ca.issue(&["gatehouse-gateway"]);
     std::fs::write(&identity_file, format!("{cert}{key}")).unwrap();
     assert_eq!(gw.gateway.reload_backend_tls().await, Ok(true));
+    assert!(
+        gw.metrics()
+            .await
+            .contains("\ngatehouse_backend_tls_reload_failing 0\n")
+    );
     let response = call().await;
     assert_eq!(
         response.status(),
