@@ -115,8 +115,6 @@ pub struct Chainer {
     /// The segment marker of this chainer, `{start}-{nonce}`.
     marker: String,
     state_file: Option<PathBuf>,
-    /// Chains linked into since [`Chainer::take_new_heads`] last took their heads.
-    advanced: std::collections::BTreeSet<ChainKey>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -130,6 +128,8 @@ struct ChainHead {
     chain_id: String,
     next_sequence: u64,
     last_hash: String,
+    /// Linked into since [`Chainer::take_new_heads`] last took its head.
+    unpublished: bool,
 }
 
 /// The state file's layout.
@@ -158,24 +158,25 @@ impl Chainer {
             unknown_through: OffsetDateTime::now_utc().date(),
             marker: segment_marker(),
             state_file: None,
-            advanced: std::collections::BTreeSet::new(),
         }
     }
 
     /// The head (last record linked) of every chain linked into since the last call: what the
     /// writer publishes outside the store ([`PublishedHead`]).
     pub fn take_new_heads(&mut self) -> Vec<PublishedHead> {
-        let advanced = std::mem::take(&mut self.advanced);
-        advanced
-            .iter()
-            .filter_map(|key| self.heads.get(key))
-            .filter(|head| head.next_sequence > 0)
-            .map(|head| PublishedHead {
-                chain_id: head.chain_id.clone(),
-                sequence: head.next_sequence - 1,
-                record_hash: head.last_hash.clone(),
-            })
-            .collect()
+        let mut new_heads = Vec::new();
+        for head in self.heads.values_mut() {
+            // Set only once a record was linked, so `next_sequence` is at least 1.
+            if head.unpublished {
+                head.unpublished = false;
+                new_heads.push(PublishedHead {
+                    chain_id: head.chain_id.clone(),
+                    sequence: head.next_sequence - 1,
+                    record_hash: head.last_hash.clone(),
+                });
+            }
+        }
+        new_heads
     }
 
     /// A chainer that continues the chains recorded in `state_file` and saves its state there
@@ -229,6 +230,7 @@ impl Chainer {
                     chain_id: head.chain_id,
                     next_sequence: head.next_sequence,
                     last_hash: head.last_hash,
+                    unpublished: false,
                 },
             );
         }
@@ -249,13 +251,11 @@ impl Chainer {
         };
         let new_chain_id = (!self.heads.contains_key(&key)).then(|| self.new_chain_id(&key));
         let day = key.day;
-        if !self.advanced.contains(&key) {
-            self.advanced.insert(key.clone());
-        }
         let head = self.heads.entry(key).or_insert_with(|| ChainHead {
             chain_id: new_chain_id.unwrap_or_default(),
             next_sequence: 0,
             last_hash: GENESIS_HASH.to_owned(),
+            unpublished: false,
         });
         // The content is taken out while the metadata is hashed, and put back: the record is
         // hashed as `record_hash` would hash a copy without content, without copying the bodies.
@@ -284,6 +284,7 @@ impl Chainer {
             content_hash,
         });
         head.next_sequence += 1;
+        head.unpublished = true;
         self.prune(day);
     }
 
@@ -842,6 +843,23 @@ pub fn read_published_heads(path: impl AsRef<Path>) -> io::Result<Vec<PublishedH
     Ok(newest.into_values().collect())
 }
 
+/// The newest of `heads` for each chain (the highest sequence), with its hash as verification
+/// compares it.
+fn newest_heads<'a>(
+    heads: impl IntoIterator<Item = &'a PublishedHead>,
+) -> HashMap<&'a str, (u64, Option<Hash>)> {
+    let mut newest: HashMap<&str, (u64, Option<Hash>)> = HashMap::new();
+    for head in heads {
+        let entry = newest
+            .entry(head.chain_id.as_str())
+            .or_insert((head.sequence, None));
+        if entry.0 <= head.sequence {
+            *entry = (head.sequence, parse_hash(&head.record_hash));
+        }
+    }
+    newest
+}
+
 /// What verification needs of a chained record; the record itself is not kept.
 #[derive(Debug)]
 struct Linked {
@@ -1094,15 +1112,12 @@ impl Verifier {
     /// the newest of each chain counts): the record at a head's sequence must carry its hash,
     /// and a chain must reach it. Give only the heads of the chains the verification covers
     /// (their days): a chain with a head and no record checked is reported removed.
-    pub fn expect_published(&mut self, heads: impl IntoIterator<Item = PublishedHead>) {
-        for head in heads {
-            let progress = self.chains.entry(head.chain_id).or_default();
-            if progress
-                .published
-                .is_none_or(|(sequence, _)| sequence < head.sequence)
-            {
-                progress.published = Some((head.sequence, parse_hash(&head.record_hash)));
-            }
+    pub fn expect_published<'a>(&mut self, heads: impl IntoIterator<Item = &'a PublishedHead>) {
+        for (chain_id, head) in newest_heads(heads) {
+            self.chains
+                .entry(chain_id.to_owned())
+                .or_default()
+                .published = Some(head);
         }
     }
 
@@ -1251,14 +1266,11 @@ pub fn verify_jsonl(
         .filter(|(_, (_, day_in_range))| *day_in_range)
         .collect();
     chains.sort_by(|a, b| a.0.cmp(&b.0));
+    let newest = newest_heads(published);
     for (chain_id, (mut records, _)) in chains {
         records.sort_by_key(|linked| (linked.sequence, linked.position));
         let mut progress = ChainProgress {
-            published: published
-                .iter()
-                .filter(|head| head.chain_id == chain_id)
-                .map(|head| (head.sequence, parse_hash(&head.record_hash)))
-                .max_by_key(|(sequence, _)| *sequence),
+            published: newest.get(chain_id.as_str()).copied(),
             ..ChainProgress::default()
         };
         for linked in records {

@@ -747,7 +747,7 @@ fn linked_with_heads(mut records: Vec<AuditRecord>) -> (Vec<AuditRecord>, Vec<Pu
 
 fn verify_against(records: Vec<AuditRecord>, heads: &[PublishedHead]) -> VerifyReport {
     let mut verifier = Verifier::new();
-    verifier.expect_published(heads.iter().cloned());
+    verifier.expect_published(heads);
     for record in records {
         verifier.check(record);
     }

@@ -208,17 +208,12 @@ impl SqlStore {
         published: &[PublishedHead],
     ) -> Result<VerifyReport, StoreError> {
         let days = chain_days(from, to);
-        verifier.expect_published(
-            published
-                .iter()
-                .filter(|head| {
-                    head.day().is_some_and(|day| {
-                        let start = day.midnight().assume_utc();
-                        start >= days.0 && start < days.1
-                    })
-                })
-                .cloned(),
-        );
+        verifier.expect_published(published.iter().filter(|head| {
+            head.day().is_some_and(|day| {
+                let start = day.midnight().assume_utc();
+                start >= days.0 && start < days.1
+            })
+        }));
         self.verify_chains_with(from, to, verifier).await
     }
 
