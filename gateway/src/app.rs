@@ -332,22 +332,19 @@ impl Gateway {
         let _guard = self.config_writes.lock().await;
         let current = self.runtime();
         let clients = Arc::clone(&self.resolver.clients);
-        let renewed = tokio::task::spawn_blocking(move || current.with_renewed_clients(&clients))
-            .await
-            .map_err(|error| error.to_string())?;
-        let Some((runtime, problems)) = renewed else {
-            self.metrics.backend_tls_reload_failing.set(0);
-            return Ok(false);
-        };
+        let (runtime, problems) =
+            tokio::task::spawn_blocking(move || current.with_renewed_clients(&clients))
+                .await
+                .map_err(|error| error.to_string())?;
         self.metrics
             .backend_tls_reload_failing
             .set(u64::from(!problems.is_empty()));
-        let swapped = runtime.is_some();
+        let renewed = runtime.is_some();
         if let Some(runtime) = runtime {
             self.swap_in(runtime);
         }
         if problems.is_empty() {
-            Ok(swapped)
+            Ok(renewed)
         } else {
             Err(problems.join("; "))
         }

@@ -137,21 +137,18 @@ pub struct ValidationErrors(pub Vec<String>);
 impl Runtime {
     /// A copy of this runtime in which the members whose TLS files (CA, client identity) read
     /// otherwise now than when their clients were built have clients built from the files as
-    /// they read now (no copy when no member's files build); `None` when no file changed. Nothing else is read again (secrets,
+    /// they read now, or `None` when no member got one. Nothing else is read again (secrets,
     /// credentials): a renewed certificate is taken whatever else a new snapshot would refuse.
     /// A member whose files do not build keeps its client, and the problem is returned with its
     /// field path. Reads the files: call it off the async workers.
-    pub fn with_renewed_clients(
-        &self,
-        clients: &ClientCache,
-    ) -> Option<(Option<Runtime>, Vec<String>)> {
+    pub fn with_renewed_clients(&self, clients: &ClientCache) -> (Option<Runtime>, Vec<String>) {
         let changed: Vec<&ClientKey> = self
             .client_keys
             .iter()
             .filter(|key| key.files_changed())
             .collect();
         if changed.is_empty() {
-            return None;
+            return (None, Vec::new());
         }
         let mut problems = Vec::new();
         let mut renewed_any = false;
@@ -215,9 +212,9 @@ impl Runtime {
             })
             .collect();
         if !renewed_any {
-            return Some((None, problems));
+            return (None, problems);
         }
-        Some((
+        (
             Some(Runtime {
                 snapshot: self.snapshot.clone(),
                 keys: self.keys.clone(),
@@ -230,7 +227,7 @@ impl Runtime {
                 client_keys,
             }),
             problems,
-        ))
+        )
     }
 
     /// Validates `snapshot` whole and builds the runtime, reusing member health from `health`,
