@@ -126,28 +126,14 @@ async fn tls_termination_speaks_http2_and_reloads_a_renewed_certificate() {
         .send()
         .await;
     assert!(old.is_err(), "the old certificate must be gone");
-    assert!(
-        gw.metrics()
-            .await
-            .contains("\ngatehouse_tls_reload_failing 0\n")
-    );
 
     // A certificate written half way: the renewed one is still served, and a gauge says so.
     tokio::time::sleep(Duration::from_millis(1100)).await; // a distinct modification time
     std::fs::write(&cert_file, "-----BEGIN CERTIFICATE-----\nAAAA").unwrap();
-    let mut failing = false;
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        if gw
-            .metrics()
-            .await
-            .contains("\ngatehouse_tls_reload_failing 1\n")
-        {
-            failing = true;
-            break;
-        }
-    }
-    assert!(failing, "the failed reload is not shown");
+    assert!(
+        reload_failing_reads(&gw, 1).await,
+        "the failed reload is not shown"
+    );
     let still = client_trusting(&new_ca.pem())
         .post(&url)
         .header("api-key", KEY)
@@ -156,7 +142,30 @@ async fn tls_termination_speaks_http2_and_reloads_a_renewed_certificate() {
         .await
         .unwrap();
     assert_eq!(still.status(), 200);
+
+    // The next renewal that loads clears it.
+    let (cert, key) = new_ca.issue(&["localhost", "127.0.0.1"]);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    std::fs::write(&key_file, key).unwrap();
+    std::fs::write(&cert_file, cert).unwrap();
+    assert!(
+        reload_failing_reads(&gw, 0).await,
+        "a renewal that loads clears the gauge"
+    );
     listening.shutdown(Duration::from_secs(1));
+}
+
+/// Whether `gatehouse_tls_reload_failing` reads `value` within 5 s (the certificate watcher
+/// checks every second).
+async fn reload_failing_reads(gw: &TestGateway, value: u64) -> bool {
+    let line = format!("\ngatehouse_tls_reload_failing {value}\n");
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if gw.metrics().await.contains(&line) {
+            return true;
+        }
+    }
+    false
 }
 
 /// A simulator behind TLS with a certificate from `ca`, requiring client certificates from `client_ca`.
