@@ -150,9 +150,8 @@ pub async fn forward(
     let mut throttled: Option<Duration> = None;
     let client_query = parts.uri.query();
     // The last member's refusal of the gateway itself (see [`Refusal`]), relayed when no member
-    // is left to try.
-    // Boxed, as the reads and relays of refusals are: the call's future, moved as it runs, is
-    // not made larger for a path few calls take.
+    // is left to try. Boxed, as its read and its relay are: the call's future, moved as it runs,
+    // is not made larger for a path few calls take.
     let mut refused: Option<Box<Refusal>> = None;
     loop {
         // A client that left before the answer's head: no backend is sent its call now.
@@ -1605,9 +1604,9 @@ impl RelayCall {
     /// first after the stream carried generated output its time to first token (the clock is
     /// read only for those two).
     fn note_sent(&mut self) {
-        let record = &mut self.record.record;
-        let first_token = record.time_to_first_token.is_none() && self.tee.output_started();
-        if record.time_to_first_byte.is_some() && !first_token {
+        let first_token =
+            self.record.record.time_to_first_token.is_none() && self.tee.output_started();
+        if self.record.record.time_to_first_byte.is_some() && !first_token {
             return;
         }
         let at = millis(self.record.started.elapsed());
