@@ -30,7 +30,8 @@
 //! Every record [`AuditQueue::submit`] accepts reaches the sink once, in order, with two
 //! exceptions. After a crash, the records of the batch or segment being stored when it happened
 //! may reach the sink twice (stored, then replayed because the journal did not yet know); an
-//! abandoned write that did land is written again. Stores de-duplicate on `CorrelationId`. And the
+//! abandoned write that did land is written again. Stores de-duplicate on `CorrelationId`, and on
+//! a call's place in its chain once retention removed it (`sql::retired_chains`). And the
 //! records in the channel and in the writer's hands (at most the queue capacity plus a batch)
 //! live in memory until they are written or journaled: a crash loses them (those already linked
 //! leave a gap in their chain, see [`chain`](crate::chain)). The one other loss is a shutdown

@@ -76,6 +76,7 @@ on_both_engines!(
     export_streams_every_match,
     content_expires_before_metadata,
     a_call_whose_metadata_went_and_content_stayed_is_stored_again,
+    a_call_retention_removed_is_not_stored_or_counted_again,
     chains_verify_from_the_store,
     chains_verify_against_their_published_heads,
     chains_verify_a_day_whose_first_records_were_removed,
@@ -1534,6 +1535,50 @@ async fn a_call_whose_metadata_went_and_content_stayed_is_stored_again(store: &S
     assert_eq!(again.backend_response_body, batch[1].backend_response_body);
 }
 
+/// The requests the minute rollups hold for the hour from `T0`.
+async fn requests_rolled_up(store: &SqlStore) -> i64 {
+    usage_of_all(store, Granularity::Minute, Duration::hours(1))
+        .await
+        .iter()
+        .map(|p| p.requests)
+        .sum()
+}
+
+/// A journal days behind replays calls that metadata retention has removed since they were
+/// stored (a replay after a crash between a chunk's store and its commit): they are neither
+/// stored again nor added to the rollups, which retention keeps, a second time. A call of the
+/// same chain that was never stored still is.
+async fn a_call_retention_removed_is_not_stored_or_counted_again(store: &SqlStore) {
+    let mut chainer = gatehouse_audit::chain::Chainer::in_memory();
+    let mut batch = records(12);
+    for record in &mut batch {
+        chainer.link(record);
+    }
+    // A call recorded without a chain (a writer that links none) is recognised by its id alone.
+    batch[11].chain = None;
+    assert_eq!(store.write(&batch[..10]).await.unwrap(), 10);
+    assert_eq!(requests_rolled_up(store).await, 10);
+    // Calls 0 to 4 (T0 to T0 + 28 s) go whole.
+    let cutoff = T0 + Duration::seconds(30);
+    let report = store.enforce_retention(cutoff, cutoff, 2).await.unwrap();
+    assert_eq!(report.metadata_removed, 5, "{report:?}");
+    assert_eq!(requests_rolled_up(store).await, 10, "rollups are kept");
+
+    // The whole batch replayed: nothing is new, the removed calls stay removed.
+    assert_eq!(store.write(&batch[..10]).await.unwrap(), 0);
+    assert_eq!(requests_rolled_up(store).await, 10);
+    for i in 0..5 {
+        let id = format!("call-{i:05}");
+        assert!(store.call(&id).await.unwrap().is_none(), "{id}");
+    }
+    let again = store.enforce_retention(cutoff, cutoff, 2).await.unwrap();
+    assert_eq!(again.metadata_removed, 0, "{again:?}");
+
+    // Calls never stored are, with a chain (a later sequence) and without.
+    assert_eq!(store.write(&batch[9..]).await.unwrap(), 2);
+    assert_eq!(requests_rolled_up(store).await, 12);
+}
+
 async fn content_expires_before_metadata(store: &SqlStore) {
     // Calls every 7 s from T0: 0..=413 s; call 21's prompt is split into LLM-log pieces.
     let mut batch = records(60);
@@ -2675,6 +2720,64 @@ async fn postgres_content_partitions_keep_rows_whole() {
             "{compressions:?}"
         );
     }
+}
+
+/// Metadata partitions dropped whole note how far they removed each chain, as deleted rows do:
+/// a replay of their calls (a journal days behind) is not stored or counted again.
+#[tokio::test]
+async fn postgres_calls_of_dropped_days_are_not_stored_or_counted_again() {
+    let test = postgres().await;
+    let store = &test.store;
+    store
+        .create_partitions(day(0).date(), day(3).date())
+        .await
+        .unwrap();
+    let mut chainer = gatehouse_audit::chain::Chainer::in_memory();
+    // Calls on days 0 and 1 at 06:00 and 18:00, one chain a day.
+    let mut batch: Vec<AuditRecord> = (0..2)
+        .flat_map(|d| [6, 18].map(|h| record_at(&format!("d{d}-{h}"), day(d) + Duration::hours(h))))
+        .collect();
+    for record in &mut batch {
+        chainer.link(record);
+    }
+    let mut later = record_at("d1-20", day(1) + Duration::hours(20));
+    chainer.link(&mut later);
+    assert_eq!(store.write(&batch).await.unwrap(), 4);
+    let requests = || async {
+        store
+            .usage(&UsageQuery {
+                granularity: Granularity::Hour,
+                dimension: Dimension::All,
+                from: day(0),
+                to: day(3),
+                only: None,
+            })
+            .await
+            .unwrap()
+            .iter()
+            .map(|p| p.requests)
+            .sum::<i64>()
+    };
+    assert_eq!(requests().await, 4);
+    // Day 0 dropped whole, day 1 before noon deleted.
+    let cutoff = day(1) + Duration::hours(12);
+    let report = store.enforce_retention(cutoff, cutoff, 10).await.unwrap();
+    assert_eq!(report.metadata_removed, 3, "{report:?}");
+    assert!(report.partitions_dropped >= 1, "{report:?}");
+
+    assert_eq!(
+        store.write(&batch).await.unwrap(),
+        0,
+        "a replay stores nothing"
+    );
+    assert_eq!(requests().await, 4, "and counts nothing again");
+    for id in ["d0-6", "d0-18", "d1-6"] {
+        assert!(store.call(id).await.unwrap().is_none(), "{id}");
+    }
+    assert!(store.call("d1-18").await.unwrap().is_some());
+    // A later call of day 1's chain, never stored, is.
+    assert_eq!(store.write(&[later]).await.unwrap(), 1);
+    assert_eq!(requests().await, 5);
 }
 
 #[tokio::test]

@@ -18,6 +18,7 @@ mod partitions;
 mod read;
 mod reindex;
 mod retention;
+mod retired_chains;
 pub mod rollup;
 mod search_blocks;
 mod search_index;

@@ -22,6 +22,7 @@ use std::collections::BTreeMap;
 use sqlx::{PgPool, Postgres, Transaction};
 use time::{Date, Duration, OffsetDateTime, Time};
 
+use super::retired_chains::postgres_retire_partition;
 use super::{Engine, SqlStore, StoreError};
 
 /// Days ahead of today (UTC) whose partitions exist before the first record of the day arrives.
@@ -48,6 +49,9 @@ pub(crate) struct DailyTable {
     /// Storage parameters of its partitions (PostgreSQL keeps none on a partitioned table), as
     /// migration 0006 sets them on the partitions that existed then.
     pub(crate) storage: &'static str,
+    /// Whether its rows are calls linked into audit chains, whose removal is noted
+    /// (`retired_chains`).
+    pub(crate) retires_chains: bool,
 }
 
 /// For tables of prompts and completions: TOAST compresses a row only past 8,160 bytes, not
@@ -60,24 +64,28 @@ pub(crate) const CALLS: DailyTable = DailyTable {
     name: "GatehouseGatewayLogs",
     key: r#""RecordId", "TimeGenerated""#,
     storage: "",
+    retires_chains: true,
 };
 /// Bodies and full text.
 pub(crate) const CONTENT: DailyTable = DailyTable {
     name: "GatehouseCallContent",
     key: r#""CorrelationId", "TimeGenerated""#,
     storage: WHOLE_ROWS,
+    retires_chains: false,
 };
 /// LLM log header rows (`SequenceNumber` 0): metadata.
 pub(crate) const LLM_HEADERS: DailyTable = DailyTable {
     name: "GatehouseLlmLogHeaders",
     key: r#""CorrelationId", "SequenceNumber", "TimeGenerated""#,
     storage: "",
+    retires_chains: false,
 };
 /// LLM log prompt and completion pieces (`SequenceNumber` > 0): content.
 pub(crate) const LLM_PIECES: DailyTable = DailyTable {
     name: "GatehouseLlmLogPieces",
     key: r#""CorrelationId", "SequenceNumber", "TimeGenerated""#,
     storage: WHOLE_ROWS,
+    retires_chains: false,
 };
 
 /// The full-text word index's blocks of calls (migration 0007): content.
@@ -85,6 +93,7 @@ pub(crate) const SEARCH_BLOCKS: DailyTable = DailyTable {
     name: "GatehouseSearchBlocks",
     key: r#""BlockId", "TimeGenerated""#,
     storage: "",
+    retires_chains: false,
 };
 
 const TABLES: [DailyTable; 5] = [CALLS, CONTENT, LLM_HEADERS, LLM_PIECES, SEARCH_BLOCKS];
@@ -375,6 +384,13 @@ pub(crate) async fn drop_days_before(
                 .persistent(false)
                 .fetch_one(&mut *tx)
                 .await?;
+            if tables[i].retires_chains {
+                let retire = postgres_retire_partition(&partition);
+                sqlx::query(&retire)
+                    .persistent(false)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             counted.push((i, partition, held));
         }
         for (i, partition, held) in counted {

@@ -9,7 +9,9 @@
 //! snapshot, finds either all of the content the record was linked with or none of it; never
 //! a part, which it could not tell from a change.
 //!
-//! Rollups are aggregates without content and are kept.
+//! Rollups are aggregates without content and are kept. So that a call removed here and
+//! replayed later from a journal is not counted in them twice, the removal of calls notes how far
+//! it removed each audit chain (`retired_chains`).
 
 use serde::Serialize;
 use time::OffsetDateTime;
@@ -17,6 +19,7 @@ use time::OffsetDateTime;
 use super::partitions::{
     CALLS, CONTENT, DailyTable, LLM_HEADERS, LLM_PIECES, SEARCH_BLOCKS, drop_days_before, quoted,
 };
+use super::retired_chains::{SQLITE_RETIRE_CALLS, postgres_expire_calls};
 use super::search_index::SearchIndex;
 use super::{Engine, SqlStore, StoreError, search_blocks, sqlite_time};
 
@@ -84,6 +87,16 @@ impl SqlStore {
                     .bind(batch)
                     .fetch_all(&mut *tx)
                     .await?;
+                    // How far each chain was removed, with the removal (`retired_chains`).
+                    if !ids.is_empty() {
+                        let json = serde_json::to_string(&ids).map_err(|error| {
+                            StoreError::Database(sqlx::Error::Encode(Box::new(error)))
+                        })?;
+                        sqlx::query(SQLITE_RETIRE_CALLS)
+                            .bind(json)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
                     for id in &ids {
                         sqlx::query(
                             "DELETE FROM ApiManagementGatewayLlmLog WHERE CorrelationId = ?",
@@ -245,10 +258,26 @@ async fn expire(
     report.batches += dropped.transactions;
     let name = quoted(table.name);
     let key = table.key;
+    let mut deleted = dropped.rows[0];
+    if table.retires_chains {
+        // Calls: how far each chain was removed is noted by the same statement.
+        let sql = postgres_expire_calls(&name, key);
+        loop {
+            let removed: i64 = sqlx::query_scalar(&sql)
+                .bind(cutoff)
+                .bind(batch)
+                .fetch_one(pool)
+                .await?;
+            report.batches += 1;
+            deleted += u64::try_from(removed).unwrap_or(0);
+            if removed < batch {
+                return Ok(deleted);
+            }
+        }
+    }
     let sql = format!(
         r#"DELETE FROM {name} WHERE "TimeGenerated" < $1 AND ({key}) IN (SELECT {key} FROM {name} WHERE "TimeGenerated" < $1 ORDER BY "TimeGenerated" LIMIT $2)"#
     );
-    let mut deleted = dropped.rows[0];
     loop {
         let removed = sqlx::query(&sql)
             .bind(cutoff)

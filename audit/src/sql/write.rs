@@ -8,6 +8,7 @@ use serde_json::value::RawValue;
 use sqlx::types::Json;
 use sqlx::{Postgres, QueryBuilder, Sqlite};
 
+use super::retired_chains::RetiredChains;
 use super::rollup::{RollupKey, RollupSums, fold, fold_in_lock_order};
 use super::search_index::{IndexRow, SearchIndex};
 use super::{
@@ -411,7 +412,8 @@ async fn write_sqlite(
     Ok(new.len())
 }
 
-/// Which records of a batch are new (not stored yet, and not repeated earlier in the batch), and
+/// Which records of a batch are new (not stored yet, not removed by retention already, and not
+/// repeated earlier in the batch), and
 /// the `RecordId` each new one gets: the next after the store's last or `floor` (the index's
 /// `IndexedThrough`), whichever is higher, in the batch's order. Knowing them before the insert lets the full-text index
 /// start at once. Read in the store's transaction: a write by another connection in between
@@ -438,12 +440,13 @@ async fn new_record_ids(
         sqlx::query_scalar("SELECT coalesce(max(RecordId), 0) FROM GatehouseGatewayLogs")
             .fetch_one(&mut **tx)
             .await?;
+    let retired = RetiredChains::sqlite(tx, records).await?;
     let mut last = stored_last.max(floor);
     let mut seen: HashSet<&str> = stored.iter().map(String::as_str).collect();
     Ok(records
         .iter()
         .map(|record| {
-            seen.insert(record.correlation_id.as_str()).then(|| {
+            (seen.insert(record.correlation_id.as_str()) && !retired.removed(record)).then(|| {
                 last += 1;
                 last
             })
@@ -673,6 +676,27 @@ impl RollupColumns {
 const POSTGRES_CONTENT_WRITERS: usize = 3;
 
 async fn write_postgres(pool: &sqlx::PgPool, records: &[AuditRecord]) -> Result<usize, StoreError> {
+    // Calls that retention removed already are not stored again (`retired_chains`); rarely any.
+    let retired = RetiredChains::postgres(pool, records).await?;
+    if !retired.is_empty() && records.iter().any(|r| retired.removed(r)) {
+        let kept: Vec<AuditRecord> = records
+            .iter()
+            .filter(|r| !retired.removed(r))
+            .cloned()
+            .collect();
+        if kept.is_empty() {
+            return Ok(0);
+        }
+        return write_postgres_batch(pool, &kept).await;
+    }
+    write_postgres_batch(pool, records).await
+}
+
+/// Writes `records` to PostgreSQL: content and metadata, skipping the calls stored already.
+async fn write_postgres_batch(
+    pool: &sqlx::PgPool,
+    records: &[AuditRecord],
+) -> Result<usize, StoreError> {
     // Content first (committed before the metadata that points at it): a batch retried after a
     // failure finds its content already there and skips it, and its metadata is still new, so
     // nothing is lost and nothing is counted twice.
