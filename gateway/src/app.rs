@@ -81,6 +81,9 @@ pub struct Gateway {
     pub(crate) list_cursors: crate::list_merge::ListCursors,
     /// Set when the process was asked to stop: `/readyz` answers 503 from then on.
     stopping: std::sync::atomic::AtomicBool,
+    /// Whether `/readyz` answers 200 while the gateway runs on its file's snapshot because the
+    /// newer last-known-good one could not be built (`server.ready_on_config_fallback`).
+    ready_on_config_fallback: bool,
 }
 
 /// How to build a [`Gateway`].
@@ -108,6 +111,9 @@ pub struct GatewayParts {
     pub secrets: SecretSettings,
     /// How long clients may take to send a call.
     pub client_timeouts: ClientTimeouts,
+    /// Whether `/readyz` answers 200 on the file's snapshot when the newer last-known-good one
+    /// could not be built or read (`server.ready_on_config_fallback`).
+    pub ready_on_config_fallback: bool,
 }
 
 /// How long a client may take to send a call, and to take its answer, so that connections that
@@ -266,6 +272,7 @@ impl Gateway {
             installs: tokio::sync::watch::Sender::new(0),
             list_cursors: crate::list_merge::ListCursors::default(),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            ready_on_config_fallback: parts.ready_on_config_fallback,
         }))
     }
 
@@ -627,10 +634,28 @@ fn log_call(record: &AuditRecord) {
 
 /// `/readyz`: 503 while the gateway cannot serve a model call — no pool configured, or, set to
 /// fail closed, an audit store it cannot record into (every call would be refused; a load
-/// balancer then sends them to a replica that can) — or once it was asked to stop.
+/// balancer then sends them to a replica that can) — or once it was asked to stop; and, unless
+/// `server.ready_on_config_fallback`, while it runs on its file's snapshot because the pushed one
+/// it saved could not be built or read.
 async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {
+    let refused = gateway.metrics.last_known_good_refused.get();
     if gateway.stopping.load(std::sync::atomic::Ordering::Relaxed) {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+    } else if !gateway.ready_on_config_fallback && refused != 0 {
+        // `i64::MAX`: not even the version of the saved snapshot could be read.
+        let which = if refused == i64::MAX.unsigned_abs() {
+            "the last-known-good configuration cannot be read".to_owned()
+        } else {
+            format!("the last-known-good configuration (version {refused}) could not be built")
+        };
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "running on the configuration file's snapshot: {which} \
+                 (server.ready_on_config_fallback is false; a push ends it)"
+            ),
+        )
+            .into_response()
     } else if gateway.runtime().pools.is_empty() {
         (
             StatusCode::SERVICE_UNAVAILABLE,

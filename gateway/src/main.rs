@@ -613,6 +613,7 @@ async fn serve(file: ConfigFile, config: &Path) -> anyhow::Result<()> {
         affinity: settings.affinity.clone(),
         secrets,
         client_timeouts: settings.client_timeouts()?,
+        ready_on_config_fallback: settings.ready_on_config_fallback,
     })
     .await?;
     let _ = conflict.set(gateway.metrics.gateway_id_conflict.clone());

@@ -66,6 +66,14 @@ pub struct ServerSettings {
     /// (probe interval × failures to mark down), so that no call reaches a closed listener.
     #[serde(default)]
     pub shutdown_delay_seconds: u64,
+    /// Whether `/readyz` answers 200 (default) while the gateway runs on its configuration
+    /// file's snapshot because the newer snapshot last pushed to it could not be built at start
+    /// (a secret it names is gone, Key Vault cannot be reached) or read. `false`: 503 until a
+    /// push installs a snapshot, so that a load balancer sends calls to replicas that run the
+    /// pushed configuration; but a Key Vault outage during a rolling restart then takes every
+    /// restarted replica out of rotation.
+    #[serde(default = "default_true")]
+    pub ready_on_config_fallback: bool,
     /// How long shutdown waits for in-flight calls (streams included) to finish, in seconds.
     #[serde(default = "default_drain_seconds")]
     pub shutdown_drain_seconds: u64,

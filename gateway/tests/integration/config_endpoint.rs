@@ -150,6 +150,67 @@ async fn a_last_known_good_snapshot_that_no_longer_builds_gives_way_to_the_files
     );
 }
 
+/// `/readyz` of a gateway started on its file's snapshot because the pushed one no longer
+/// builds: 200 by default (the case above), 503 with the reason when
+/// `server.ready_on_config_fallback` is false, and 200 again once a push installs a snapshot.
+#[tokio::test]
+async fn a_gateway_can_be_unready_while_it_runs_on_its_files_snapshot() {
+    let sim = simulator("config-lkg-ready").await;
+    let gw = TestGateway::start(snapshot(1, pools(&sim.url(), "gpt-4o"))).await;
+    let (key_file, key_ref) = backend_key_file();
+    let mut keyed = member("keyed", &sim.url(), 1);
+    keyed["credential"] = json!({"type": "api_key", "secret": key_ref});
+    let pushed = serde_json::to_value(snapshot(
+        2,
+        json!([{"id": "p", "deployments": ["gpt-4o-mini"], "members": [keyed]}]),
+    ))
+    .unwrap();
+    assert_eq!(put(&gw, Some(ADMIN_TOKEN), &pushed).await.status(), 200);
+    let state_dir = Arc::clone(&gw.state_dir);
+    gw.stop().await;
+    // Ready as long as the saved snapshot builds.
+    let gw = TestGateway::start_in_unready_on_config_fallback(
+        snapshot(1, pools(&sim.url(), "gpt-4o")),
+        Arc::clone(&state_dir),
+    )
+    .await;
+    assert_eq!(gw.gateway.runtime().snapshot.version, 2);
+    assert_eq!(readyz(&gw).await, (200, "ready".to_owned()));
+    gw.stop().await;
+    key_file.close().unwrap();
+
+    let gw = TestGateway::start_in_unready_on_config_fallback(
+        snapshot(1, pools(&sim.url(), "gpt-4o")),
+        state_dir,
+    )
+    .await;
+    assert_eq!(gw.gateway.runtime().snapshot.version, 1);
+    let (status, reason) = readyz(&gw).await;
+    assert_eq!(status, 503);
+    assert!(
+        reason.contains("the last-known-good configuration (version 2) could not be built"),
+        "{reason}"
+    );
+    // It still serves the calls that reach it.
+    let answered = gw
+        .post(&chat_path("gpt-4o"))
+        .json(&chat(None, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answered.status(), 200);
+
+    let next = serde_json::to_value(snapshot(3, pools(&sim.url(), "gpt-4o"))).unwrap();
+    assert_eq!(put(&gw, Some(ADMIN_TOKEN), &next).await.status(), 200);
+    assert_eq!(readyz(&gw).await, (200, "ready".to_owned()));
+}
+
+/// `/readyz`'s status and text.
+async fn readyz(gw: &TestGateway) -> (u16, String) {
+    let answer = gw.get("/readyz").send().await.unwrap();
+    (answer.status().as_u16(), answer.text().await.unwrap())
+}
+
 /// A last-known-good file this gateway cannot read (written by a newer version, torn, edited by
 /// hand) is an error in the log and in `gatehouse_config_last_known_good_refused`, as one that no
 /// longer builds is, not a quiet warning; the gateway starts on the file's snapshot.

@@ -208,6 +208,8 @@ struct Settings {
     affinity: AffinitySettings,
     client_timeouts: ClientTimeouts,
     admin_signed_only: bool,
+    /// `server.ready_on_config_fallback: false` (the product's default is true).
+    unready_on_config_fallback: bool,
 }
 
 /// A running gateway with an in-memory audit sink.
@@ -235,6 +237,24 @@ impl TestGateway {
         let sink = MemorySink::new();
         let (queue, writer) = AuditQueue::start(Arc::new(sink.clone()), 10_000);
         Self::start_with_queue(snapshot, state_dir, sink, queue, writer).await
+    }
+
+    /// Starts a gateway on an existing state directory (a restart) whose `/readyz` answers 503
+    /// while it runs on its file's snapshot because the last-known-good one could not be built
+    /// (`server.ready_on_config_fallback: false`).
+    pub async fn start_in_unready_on_config_fallback(
+        snapshot: ConfigSnapshot,
+        state_dir: Arc<tempfile::TempDir>,
+    ) -> TestGateway {
+        let sink = MemorySink::new();
+        let (queue, writer) = AuditQueue::start(Arc::new(sink.clone()), 10_000);
+        let settings = Settings {
+            unready_on_config_fallback: true,
+            ..Settings::default()
+        };
+        Self::start_with_everything(snapshot, state_dir, sink, queue, writer, settings)
+            .await
+            .unwrap()
     }
 
     /// Starts a gateway with its own Entra credential and Key Vault refresh settings.
@@ -382,6 +402,7 @@ impl TestGateway {
             limits: settings.limits,
             affinity: settings.affinity,
             client_timeouts: settings.client_timeouts,
+            ready_on_config_fallback: !settings.unready_on_config_fallback,
         })
         .await?;
         let (listening, _task) =

@@ -185,6 +185,7 @@ async fn gateway_started_on(
         affinity: Default::default(),
         secrets,
         client_timeouts: Default::default(),
+        ready_on_config_fallback: true,
     })
     .await
     .unwrap();
