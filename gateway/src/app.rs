@@ -29,7 +29,9 @@ use crate::error::GatewayError;
 use crate::in_flight::CallsInFlight;
 use crate::key_vault::KeyVaultClient;
 use crate::limits::{self, Admission, LimitSubject, Limiter, Renaming};
-use crate::metrics::{BackendLabels, CallLabels, Metrics, OperationLabels, TokenLabels};
+use crate::metrics::{
+    BackendCertificateLabels, BackendLabels, CallLabels, Metrics, OperationLabels, TokenLabels,
+};
 use crate::pool::{HealthRegistry, Pool};
 use crate::record::{CallRecord, Holds};
 use crate::runtime::Resolver;
@@ -697,6 +699,7 @@ fn refresh_metrics(gateway: &Gateway, metrics: &crate::metrics::Metrics) {
     // The members of the running snapshot only: one a newer snapshot removed is not reported
     // at its last state for ever.
     metrics.backend_available.clear();
+    metrics.backend_tls_certificate_expiry.clear();
     for pool in &gateway.runtime().pools {
         for member in &pool.members {
             let available = i64::from(member.health.set_aside_state(now).is_none());
@@ -707,6 +710,22 @@ fn refresh_metrics(gateway: &Gateway, metrics: &crate::metrics::Metrics) {
                     backend: member.config.id.clone(),
                 })
                 .set(available);
+            let expiry = member.client.certificate_expiry();
+            for (file, not_after) in [
+                ("ca", expiry.ca),
+                ("client_identity", expiry.client_identity),
+            ] {
+                if let Some(not_after) = not_after {
+                    metrics
+                        .backend_tls_certificate_expiry
+                        .get_or_create(&BackendCertificateLabels {
+                            pool: pool.id.clone(),
+                            backend: member.config.id.clone(),
+                            file: file.to_owned(),
+                        })
+                        .set(not_after);
+                }
+            }
         }
     }
     if let Some(queue) = &gateway.audit {

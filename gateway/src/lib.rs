@@ -48,6 +48,7 @@ pub mod batch_input;
 pub mod body_credentials;
 pub mod caller;
 pub mod capture;
+mod certificate_expiry;
 pub mod classify;
 pub mod client_gone;
 mod deferred_work;

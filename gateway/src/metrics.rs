@@ -52,6 +52,24 @@ pub struct CutLabels {
     pub reason: String,
 }
 
+/// Labels of one of the gateway's own certificates.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertificateLabels {
+    /// `listener`: the chain `server.tls` serves.
+    pub certificate: String,
+}
+
+/// Labels of a certificate file a member's TLS settings name.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendCertificateLabels {
+    /// Pool id.
+    pub pool: String,
+    /// Member id.
+    pub backend: String,
+    /// `ca` (`tls.ca_file`) or `client_identity` (`tls.client_identity_file`).
+    pub file: String,
+}
+
 /// Labels of a backend member.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BackendLabels {
@@ -135,6 +153,11 @@ pub struct Metrics {
     pub tls_reload_failing: Gauge<u64, AtomicU64>,
     /// 1 while a member's TLS files changed and do not build (its old client is still used).
     pub backend_tls_reload_failing: Gauge<u64, AtomicU64>,
+    /// When the chain the listener serves expires: its earliest `notAfter`, Unix seconds.
+    pub tls_certificate_expiry: Family<CertificateLabels, Gauge>,
+    /// When the certificates of the files members' TLS settings name expire, as in use (set at
+    /// scrape).
+    pub backend_tls_certificate_expiry: Family<BackendCertificateLabels, Gauge>,
     /// Version of the running configuration snapshot.
     pub config_version: Gauge<u64, AtomicU64>,
     /// Version of the last-known-good snapshot that could not be built at start (the gateway
@@ -195,6 +218,8 @@ impl Default for Metrics {
             audit_sink_up: Gauge::default(),
             tls_reload_failing: Gauge::default(),
             backend_tls_reload_failing: Gauge::default(),
+            tls_certificate_expiry: Family::default(),
+            backend_tls_certificate_expiry: Family::default(),
             config_version: Gauge::default(),
             last_known_good_refused: Gauge::default(),
             limit_refusals: Family::default(),
@@ -318,6 +343,16 @@ impl Default for Metrics {
             "backend_tls_reload_failing",
             "1 while a member's TLS files changed and do not build (its old client is still used)",
             metrics.backend_tls_reload_failing.clone(),
+        );
+        registry.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "When the certificate chain the listener serves expires: the earliest notAfter of its certificates, Unix seconds",
+            metrics.tls_certificate_expiry.clone(),
+        );
+        registry.register(
+            "backend_tls_certificate_expiry_timestamp_seconds",
+            "When the certificates of a member's CA or client identity file in use expire: the earliest notAfter in the file, Unix seconds",
+            metrics.backend_tls_certificate_expiry.clone(),
         );
         registry.register(
             "config_version",

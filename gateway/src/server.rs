@@ -23,12 +23,16 @@ use futures::future::BoxFuture;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto::Builder as HttpBuilder;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tower::ServiceExt as _;
 
 use crate::app::{Gateway, ROUTED_PATHS};
+use crate::certificate_expiry;
 use crate::idle_deadline::IdleDeadline;
+use crate::metrics::CertificateLabels;
 use crate::settings::TlsSettings;
 
 /// A gateway listening on a socket.
@@ -79,6 +83,7 @@ pub async fn spawn(
     let (stopping, stopping_seen) = watch::channel(false);
     let timeouts = gateway.client_timeouts;
     let tls_reload_failing = gateway.metrics.tls_reload_failing.clone();
+    let tls_certificate_expiry = gateway.metrics.tls_certificate_expiry.clone();
     let service = Connections {
         router: gateway.router(),
         gateway,
@@ -101,14 +106,18 @@ pub async fn spawn(
             // Taken before the files are read: a renewal landing while they are is then seen as a
             // change and loaded.
             let loaded = certificate_times(&tls);
-            let config = RustlsConfig::from_pem_file(&tls.cert_file, &tls.key_file)
+            let (cert, key) = read_pair(&tls).await.with_context(|| tls_files(&tls))?;
+            let expiry = certificate_expiry::earliest_expiry(&cert);
+            let config = RustlsConfig::from_pem(cert, key)
                 .await
                 .with_context(|| tls_files(&tls))?;
+            show_expiry(&tls_certificate_expiry, expiry);
             tokio::spawn(watch_certificates(
                 config.clone(),
                 tls,
                 loaded,
                 tls_reload_failing,
+                tls_certificate_expiry,
             ));
             let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(config)
                 .acceptor(axum_server::accept::NoDelayAcceptor::new());
@@ -433,14 +442,40 @@ fn certificate_times(tls: &TlsSettings) -> Option<(SystemTime, SystemTime)> {
     Some((cert, key))
 }
 
+/// The certificate chain and key files, as read now.
+async fn read_pair(tls: &TlsSettings) -> std::io::Result<(Vec<u8>, Vec<u8>)> {
+    Ok((
+        tokio::fs::read(&tls.cert_file).await?,
+        tokio::fs::read(&tls.key_file).await?,
+    ))
+}
+
+/// Sets the listener's certificate expiry gauge to the earliest `notAfter` of the chain served
+/// (`None`: one that does not parse as X.509 is left out of the metrics).
+fn show_expiry(gauge: &Family<CertificateLabels, Gauge>, expiry: Option<i64>) {
+    let labels = CertificateLabels {
+        certificate: "listener".to_owned(),
+    };
+    match expiry {
+        Some(not_after) => {
+            gauge.get_or_create(&labels).set(not_after);
+        }
+        None => {
+            gauge.remove(&labels);
+        }
+    }
+}
+
 /// Reloads the certificate and key when either file changes, so renewals need no restart.
 /// `loaded` is the files' modification times taken before `config` was read from them; `failing`
-/// is 1 while changed files cannot be loaded (the old pair still served), else 0.
+/// is 1 while changed files cannot be loaded (the old pair still served), else 0; `expiry` holds
+/// the served chain's earliest `notAfter`.
 async fn watch_certificates(
     config: RustlsConfig,
     tls: TlsSettings,
     loaded: Option<(SystemTime, SystemTime)>,
     failing: prometheus_client::metrics::gauge::Gauge<u64, std::sync::atomic::AtomicU64>,
+    expiry: Family<CertificateLabels, Gauge>,
 ) {
     let mut seen = loaded;
     let mut ticker = tokio::time::interval(Duration::from_secs(tls.reload_interval_seconds.max(1)));
@@ -448,14 +483,19 @@ async fn watch_certificates(
         ticker.tick().await;
         let now = certificate_times(&tls);
         if now.is_some() && now != seen {
-            match config
-                .reload_from_pem_file(&tls.cert_file, &tls.key_file)
-                .await
-            {
-                Ok(()) => {
+            let reloaded = match read_pair(&tls).await {
+                Ok((cert, key)) => {
+                    let not_after = certificate_expiry::earliest_expiry(&cert);
+                    config.reload_from_pem(cert, key).await.map(|()| not_after)
+                }
+                Err(error) => Err(error),
+            };
+            match reloaded {
+                Ok(not_after) => {
                     tracing::info!(cert = %tls.cert_file.display(), "TLS certificate reloaded");
                     seen = now;
                     failing.set(0);
+                    show_expiry(&expiry, not_after);
                 }
                 Err(error) => {
                     failing.set(1);
@@ -534,6 +574,7 @@ mod tests {
             tls,
             loaded,
             prometheus_client::metrics::gauge::Gauge::default(),
+            Family::default(),
         ));
         // Bounded, so that a watcher that never reloads fails the test instead of hanging it.
         let mut reloaded = false;

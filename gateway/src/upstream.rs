@@ -54,6 +54,18 @@ pub struct BackendClient {
     /// is an HTTP/1.1 exchange).
     websocket_tls: std::sync::Arc<rustls::ClientConfig>,
     connect_timeout: Duration,
+    /// When the certificates of the files it was built from expire.
+    expiry: TlsExpiry,
+}
+
+/// When the certificates of a member's TLS files expire: the earliest `notAfter` (Unix seconds)
+/// of each file's certificates, `None` for a file not named (or none that parses as X.509).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TlsExpiry {
+    /// The private CA file (`tls.ca_file`).
+    pub ca: Option<i64>,
+    /// The client identity file (`tls.client_identity_file`).
+    pub client_identity: Option<i64>,
 }
 
 impl std::fmt::Debug for BackendClient {
@@ -270,12 +282,28 @@ impl BackendClient {
         } else {
             None
         };
+        let expiry = TlsExpiry {
+            ca: files
+                .ca
+                .as_deref()
+                .and_then(crate::certificate_expiry::earliest_expiry),
+            client_identity: files
+                .identity
+                .as_deref()
+                .and_then(crate::certificate_expiry::earliest_expiry),
+        };
         Ok(BackendClient {
             direct,
             proxy,
             websocket_tls: std::sync::Arc::new(websocket_tls),
             connect_timeout,
+            expiry,
         })
+    }
+
+    /// When the certificates of the TLS files this client was built from expire.
+    pub fn certificate_expiry(&self) -> TlsExpiry {
+        self.expiry
     }
 
     /// Opens a WebSocket to `request`'s URL (`ws://` or `wss://`, its headers the member's

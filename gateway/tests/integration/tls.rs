@@ -30,12 +30,23 @@ impl Authority {
 
     /// (certificate PEM, private key PEM) for `names`.
     fn issue(&self, names: &[&str]) -> (String, String) {
-        let params =
+        self.issue_until(names, CertificateParams::default().not_after)
+    }
+
+    /// (certificate PEM, private key PEM) for `names`, valid until `not_after`.
+    fn issue_until(&self, names: &[&str], not_after: time::OffsetDateTime) -> (String, String) {
+        let mut params =
             CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
                 .unwrap();
+        params.not_after = not_after;
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
         (cert.pem(), key.serialize_pem())
+    }
+
+    /// When the authority's own certificate expires, Unix seconds.
+    fn not_after(&self) -> i64 {
+        self.cert.params().not_after.unix_timestamp()
     }
 
     fn pem(&self) -> String {
@@ -63,7 +74,8 @@ async fn tls_termination_speaks_http2_and_reloads_a_renewed_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
     let old_ca = Authority::new("Old CA");
-    let (cert, key) = old_ca.issue(&["localhost", "127.0.0.1"]);
+    let first_expiry = time::macros::datetime!(2027-02-01 00:00:00 UTC);
+    let (cert, key) = old_ca.issue_until(&["localhost", "127.0.0.1"], first_expiry);
     std::fs::write(&cert_file, cert).unwrap();
     std::fs::write(&key_file, key).unwrap();
     let tls = TlsSettings {
@@ -97,10 +109,19 @@ async fn tls_termination_speaks_http2_and_reloads_a_renewed_certificate() {
         reqwest::Version::HTTP_2,
         "ALPN must offer h2"
     );
+    let expiry = |at: time::OffsetDateTime| {
+        format!(
+            "\ngatehouse_tls_certificate_expiry_timestamp_seconds{{certificate=\"listener\"}} {}\n",
+            at.unix_timestamp()
+        )
+    };
+    let text = gw.metrics().await;
+    assert!(text.contains(&expiry(first_expiry)), "{text}");
 
     // Renew with a certificate from another CA; the running gateway picks it up.
     let new_ca = Authority::new("New CA");
-    let (cert, key) = new_ca.issue(&["localhost", "127.0.0.1"]);
+    let renewed_expiry = time::macros::datetime!(2027-05-01 00:00:00 UTC);
+    let (cert, key) = new_ca.issue_until(&["localhost", "127.0.0.1"], renewed_expiry);
     tokio::time::sleep(Duration::from_millis(1100)).await; // a distinct modification time
     std::fs::write(&key_file, key).unwrap();
     std::fs::write(&cert_file, cert).unwrap();
@@ -119,6 +140,8 @@ async fn tls_termination_speaks_http2_and_reloads_a_renewed_certificate() {
         }
     }
     assert!(reloaded, "the renewed certificate was not served");
+    let text = gw.metrics().await;
+    assert!(text.contains(&expiry(renewed_expiry)), "{text}");
     let old = client_trusting(&old_ca.pem())
         .post(&url)
         .header("api-key", KEY)
@@ -142,6 +165,11 @@ async fn tls_termination_speaks_http2_and_reloads_a_renewed_certificate() {
         .await
         .unwrap();
     assert_eq!(still.status(), 200);
+    let text = gw.metrics().await;
+    assert!(
+        text.contains(&expiry(renewed_expiry)),
+        "the expiry of the chain still served: {text}"
+    );
 
     // The next renewal that loads clears it.
     let (cert, key) = new_ca.issue(&["localhost", "127.0.0.1"]);
@@ -307,14 +335,23 @@ async fn a_renewed_client_identity_is_presented_without_a_push() {
             .contains("\ngatehouse_backend_tls_reload_failing 1\n")
     );
 
-    let (cert, key) = client_ca.issue(&["gatehouse-gateway"]);
+    let renewed_expiry = time::macros::datetime!(2027-04-01 00:00:00 UTC);
+    let (cert, key) = client_ca.issue_until(&["gatehouse-gateway"], renewed_expiry);
     std::fs::write(&identity_file, format!("{cert}{key}")).unwrap();
     assert_eq!(gw.gateway.reload_backend_tls().await, Ok(true));
-    assert!(
-        gw.metrics()
-            .await
-            .contains("\ngatehouse_backend_tls_reload_failing 0\n")
-    );
+    let text = gw.metrics().await;
+    assert!(text.contains("\ngatehouse_backend_tls_reload_failing 0\n"));
+    // The renewed certificate's expiry, and the CA file's; none for the member without TLS files.
+    for (file, not_after) in [
+        ("client_identity", renewed_expiry.unix_timestamp()),
+        ("ca", server_ca.not_after()),
+    ] {
+        let line = format!(
+            "\ngatehouse_backend_tls_certificate_expiry_timestamp_seconds{{pool=\"mtls\",backend=\"private\",file=\"{file}\"}} {not_after}\n"
+        );
+        assert!(text.contains(&line), "{line}: {text}");
+    }
+    assert!(!text.contains("backend=\"other\",file="), "{text}");
     let response = call().await;
     assert_eq!(
         response.status(),
