@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::Context as _;
 
@@ -103,10 +103,8 @@ pub async fn spawn(
             tokio::spawn(async move { server.serve(service).await })
         }
         Some(tls) => {
-            // Taken before the files are read: a renewal landing while they are is then seen as a
-            // change and loaded.
-            let loaded = certificate_times(&tls);
             let (cert, key) = read_pair(&tls).await.with_context(|| tls_files(&tls))?;
+            let loaded = pair_digest(&cert, &key);
             let expiry = certificate_expiry::earliest_expiry(&cert);
             let config = RustlsConfig::from_pem(cert, key)
                 .await
@@ -431,15 +429,18 @@ pub fn check_tls(tls: &TlsSettings) -> anyhow::Result<()> {
     load().with_context(|| tls_files(tls))
 }
 
-/// The modification times of the certificate and key files; `None` when either cannot be read.
-fn certificate_times(tls: &TlsSettings) -> Option<(SystemTime, SystemTime)> {
-    let cert = std::fs::metadata(&tls.cert_file)
-        .and_then(|m| m.modified())
-        .ok()?;
-    let key = std::fs::metadata(&tls.key_file)
-        .and_then(|m| m.modified())
-        .ok()?;
-    Some((cert, key))
+/// What the certificate and key files held: a digest of both (the watcher keeps no copy of the
+/// key of its own).
+type PairDigest = [u8; 32];
+
+/// The digest of a certificate chain and key, as [`watch_certificates`] compares them.
+fn pair_digest(cert: &[u8], key: &[u8]) -> PairDigest {
+    use sha2::{Digest as _, Sha256};
+    let mut digest = Sha256::new();
+    digest.update((cert.len() as u64).to_be_bytes());
+    digest.update(cert);
+    digest.update(key);
+    digest.finalize().into()
 }
 
 /// The certificate chain and key files, as read now.
@@ -466,41 +467,47 @@ fn show_expiry(gauge: &Family<CertificateLabels, Gauge>, expiry: Option<i64>) {
     }
 }
 
-/// Reloads the certificate and key when either file changes, so renewals need no restart.
-/// `loaded` is the files' modification times taken before `config` was read from them; `failing`
-/// is 1 while changed files cannot be loaded (the old pair still served), else 0; `expiry` holds
-/// the served chain's earliest `notAfter`.
+/// Reloads the certificate and key when either file changes, so renewals need no restart. The
+/// files are read at every tick and compared with what was loaded (`loaded`, the digest of the
+/// bytes `config` was built from), not by their modification times, which a copy that keeps them
+/// (`cp -p`, an archive unpacked) or a coarse clock would leave unchanged. `failing` is 1 while
+/// changed files cannot be loaded (the old pair still served), else 0; a pair that failed is
+/// tried again only once it changes again, so it is logged once. `expiry` holds the served
+/// chain's earliest `notAfter`.
 async fn watch_certificates(
     config: RustlsConfig,
     tls: TlsSettings,
-    loaded: Option<(SystemTime, SystemTime)>,
+    loaded: PairDigest,
     failing: prometheus_client::metrics::gauge::Gauge<u64, std::sync::atomic::AtomicU64>,
     expiry: Family<CertificateLabels, Gauge>,
 ) {
-    let mut seen = loaded;
+    let mut served = loaded;
+    let mut refused: Option<PairDigest> = None;
     let mut ticker = tokio::time::interval(Duration::from_secs(tls.reload_interval_seconds.max(1)));
     loop {
         ticker.tick().await;
-        let now = certificate_times(&tls);
-        if now.is_some() && now != seen {
-            let reloaded = match read_pair(&tls).await {
-                Ok((cert, key)) => {
-                    let not_after = certificate_expiry::earliest_expiry(&cert);
-                    config.reload_from_pem(cert, key).await.map(|()| not_after)
-                }
-                Err(error) => Err(error),
-            };
-            match reloaded {
-                Ok(not_after) => {
-                    tracing::info!(cert = %tls.cert_file.display(), "TLS certificate reloaded");
-                    seen = now;
-                    failing.set(0);
-                    show_expiry(&expiry, not_after);
-                }
-                Err(error) => {
-                    failing.set(1);
-                    tracing::error!(%error, "TLS certificate changed but could not be loaded; keeping the old one")
-                }
+        // A file that cannot be read now (removed for a moment while it is replaced) is looked
+        // at again at the next tick.
+        let Ok((cert, key)) = read_pair(&tls).await else {
+            continue;
+        };
+        let now = pair_digest(&cert, &key);
+        if now == served || Some(now) == refused {
+            continue;
+        }
+        let not_after = certificate_expiry::earliest_expiry(&cert);
+        match config.reload_from_pem(cert, key).await {
+            Ok(()) => {
+                tracing::info!(cert = %tls.cert_file.display(), "TLS certificate reloaded");
+                served = now;
+                refused = None;
+                failing.set(0);
+                show_expiry(&expiry, not_after);
+            }
+            Err(error) => {
+                refused = Some(now);
+                failing.set(1);
+                tracing::error!(%error, "TLS certificate changed but could not be loaded; keeping the old one")
             }
         }
     }
@@ -539,10 +546,10 @@ mod tests {
         std::fs::write(&tls.key_file, issued.key_pair.serialize_pem()).unwrap();
     }
 
-    /// A renewal that lands after the certificate's modification times were taken but before
-    /// the watcher looks at them is loaded at the watcher's first look.
+    /// A renewal is loaded by what the files hold, not by their modification times: one written
+    /// with the times of the files it replaces (`cp -p`, an archive unpacked) is picked up.
     #[tokio::test]
-    async fn a_renewal_landing_while_the_certificate_loads_is_picked_up() {
+    async fn a_renewal_with_the_old_modification_times_is_picked_up() {
         install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         let tls = TlsSettings {
@@ -551,22 +558,22 @@ mod tests {
             reload_interval_seconds: 1,
         };
         write_certificate(&tls);
-        // What `spawn` does: the times, then the files.
-        let loaded = certificate_times(&tls);
-        let config = RustlsConfig::from_pem_file(&tls.cert_file, &tls.key_file)
-            .await
-            .unwrap();
+        // What `spawn` does.
+        let (cert, key) = read_pair(&tls).await.unwrap();
+        let loaded = pair_digest(&cert, &key);
+        let config = RustlsConfig::from_pem(cert, key).await.unwrap();
         let first = config.get_inner();
-        // The renewal, dated a minute on so that a coarse file system clock cannot give it the
-        // times of the first files.
+        let times: Vec<std::time::SystemTime> = [&tls.cert_file, &tls.key_file]
+            .iter()
+            .map(|path| std::fs::metadata(path).unwrap().modified().unwrap())
+            .collect();
         write_certificate(&tls);
-        let later = SystemTime::now() + Duration::from_secs(60);
-        for path in [&tls.cert_file, &tls.key_file] {
+        for (path, time) in [&tls.cert_file, &tls.key_file].iter().zip(times) {
             std::fs::File::options()
                 .write(true)
                 .open(path)
                 .unwrap()
-                .set_modified(later)
+                .set_modified(time)
                 .unwrap();
         }
         let watcher = tokio::spawn(watch_certificates(

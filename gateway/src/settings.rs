@@ -307,7 +307,8 @@ pub struct TlsSettings {
     pub cert_file: PathBuf,
     /// PEM private key.
     pub key_file: PathBuf,
-    /// How often the files are checked for changes, in seconds.
+    /// How often the files are read and compared with what is served, in seconds (default 10):
+    /// a pair that holds something else is loaded (by content, not modification time).
     #[serde(default = "default_reload_seconds")]
     pub reload_interval_seconds: u64,
 }
