@@ -15,7 +15,9 @@
 //!   five minutes before it expires; a refresh that fails leaves it in use until shortly before
 //!   then, and Entra is not asked again for a while (see "A token refresh that fails" below).
 //!   When Entra refuses the client secret, it is read again from its `env:`/`file:` reference,
-//!   so a rotated secret is taken up without a restart.
+//!   so a rotated secret is taken up without a restart. Without `credential`, the token comes
+//!   from the identity the sink is given ([`IdentityTokenSource`]: the gateway's own, e.g. a
+//!   managed identity) and is cached the same way.
 //! - **Upload** — Logs Ingestion API
 //!   (<https://learn.microsoft.com/azure/azure-monitor/logs/logs-ingestion-api-overview>):
 //!   `POST {endpoint}/dataCollectionRules/{dcr immutable id}/streams/{stream}?api-version=2023-01-01`
@@ -210,9 +212,12 @@ pub struct AzureMonitorConfig {
     /// Stream declared in the DCR for LLM-log rows.
     #[serde(default = "default_llm_stream")]
     pub llm_stream: String,
-    /// The Entra ID application the sink signs in as (it needs Monitoring Metrics Publisher on
-    /// the DCR).
-    pub credential: ClientCredentials,
+    /// The Entra ID application the sink signs in as with a client secret. Absent: the identity
+    /// the sink is given ([`AzureMonitorSink::with_identity`]; in the gateway its own
+    /// `server.entra_credential`: a client secret, a certificate or a managed identity). Either
+    /// needs the Monitoring Metrics Publisher role on the DCR.
+    #[serde(default)]
+    pub credential: Option<ClientCredentials>,
     /// Most bytes of JSON per call; at most [`MAX_CALL_BYTES`]. A single row larger than this
     /// (but within the hard limit) goes alone.
     #[serde(default = "default_max_batch_bytes")]
@@ -236,6 +241,54 @@ pub struct AzureMonitorConfig {
 /// The most [`AzureMonitorConfig::max_write_seconds`] may be: the audit queue abandons a write
 /// still running after a minute at the least.
 pub const MAX_WRITE_SECONDS: u64 = 55;
+
+/// An identity that issues access tokens of its own (the gateway's `server.entra_credential`),
+/// for a sink configured without [`AzureMonitorConfig::credential`].
+pub trait IdentityTokenSource: Send + Sync + fmt::Debug {
+    /// A bearer token for `scope` and how long it stays valid from now. The error never holds a
+    /// secret or a token.
+    fn token<'a>(
+        &'a self,
+        scope: &'a str,
+    ) -> BoxFuture<'a, Result<IssuedToken, IdentityTokenError>>;
+}
+
+/// An access token an [`IdentityTokenSource`] issued.
+pub struct IssuedToken {
+    /// The bearer token.
+    pub token: String,
+    /// How long it stays valid from when it was handed over.
+    pub valid_for: Duration,
+}
+
+/// Why an [`IdentityTokenSource`] gave no token.
+#[derive(Debug, Clone)]
+pub struct IdentityTokenError {
+    /// What failed, without a secret.
+    pub message: String,
+    /// Whether the token endpoint refused the identity (a missing role, a wrong client id), as
+    /// opposed to failing or being out of reach.
+    pub refused: bool,
+}
+
+/// Who issues the sink's access tokens.
+#[derive(Debug)]
+enum Issuer {
+    /// An app registration, with its client secret (the client credentials grant).
+    ClientSecret(Box<AppRegistration>),
+    /// The identity the sink was given.
+    Identity(std::sync::Arc<dyn IdentityTokenSource>),
+}
+
+/// An app registration the sink signs in as, and where.
+#[derive(Debug)]
+struct AppRegistration {
+    credentials: ClientCredentials,
+    token_url: Url,
+    /// The client secret as last read from its reference: read again when Entra refuses it, so
+    /// a secret rotated in its file or variable is taken up without a restart.
+    secret: std::sync::RwLock<Secret>,
+}
 
 /// Entra ID client credentials (an app registration and one of its client secrets).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -307,6 +360,9 @@ pub enum AzureMonitorError {
         /// Its `error` and `error_description`, secrets removed.
         message: String,
     },
+    /// The identity the sink was given was refused a token.
+    #[error("azure monitor sink: the gateway's identity was refused a token: {0}")]
+    Identity(String),
     /// The ingestion endpoint refused a call in a way that retrying will not fix.
     #[error("azure monitor sink: stream `{stream}` refused a call (HTTP {status}): {message}")]
     Rejected {
@@ -444,6 +500,58 @@ fn refresh_backoff(failures: u32, retry_after: Option<Duration>) -> Duration {
     grown.max(retry_after.unwrap_or_default())
 }
 
+impl Issuer {
+    /// The app registration `credentials`, its token endpoint and its client secret as read now.
+    fn client_secret(credentials: &ClientCredentials) -> Result<Issuer, AzureMonitorError> {
+        let invalid = |what: &str| AzureMonitorError::Config(what.to_owned());
+        for (value, name) in [
+            (&credentials.tenant_id, "credential.tenant_id"),
+            (&credentials.client_id, "credential.client_id"),
+        ] {
+            if value.is_empty() {
+                return Err(AzureMonitorError::Config(format!("{name} is empty")));
+            }
+        }
+        let authority = match &credentials.authority {
+            Some(authority) => authority.clone(),
+            None => Url::parse(DEFAULT_AUTHORITY).map_err(|_| invalid("credential.authority"))?,
+        };
+        let token_url = url_with_segments(
+            &authority,
+            &[&credentials.tenant_id, "oauth2", "v2.0", "token"],
+        )
+        .ok_or_else(|| invalid("credential.authority cannot take a path"))?;
+        let secret = resolve_secret(&credentials.client_secret)?;
+        Ok(Issuer::ClientSecret(Box::new(AppRegistration {
+            credentials: credentials.clone(),
+            token_url,
+            secret: std::sync::RwLock::new(secret),
+        })))
+    }
+}
+
+/// A token from the identity the sink was given, cached as one from the token endpoint is. A
+/// refusal is as final as Entra's refusal of a client secret; anything else is tried again.
+async fn identity_token(identity: &dyn IdentityTokenSource) -> Result<CachedToken, TokenFailure> {
+    let issued_at = Instant::now();
+    match identity.token(MONITOR_SCOPE).await {
+        Ok(issued) => Ok(CachedToken {
+            token: Secret(issued.token),
+            refresh_at: issued_at + issued.valid_for.saturating_sub(TOKEN_REFRESH_MARGIN),
+            expires_at: issued_at + issued.valid_for,
+            failed_refreshes: 0,
+            secret_refused: false,
+        }),
+        Err(error) if error.refused => Err(TokenFailure::Fatal(AzureMonitorError::Identity(
+            error.message,
+        ))),
+        Err(error) => Err(TokenFailure::Transient {
+            reason: format!("the gateway's identity: {}", error.message),
+            wait: None,
+        }),
+    }
+}
+
 /// One stream of the DCR and the URL that writes to it.
 #[derive(Debug)]
 struct Stream {
@@ -456,10 +564,7 @@ struct Stream {
 pub struct AzureMonitorSink {
     config: AzureMonitorConfig,
     client: reqwest::Client,
-    /// The client secret as last read from its reference: read again when Entra refuses it, so
-    /// a secret rotated in its file or variable is taken up without a restart.
-    client_secret: std::sync::RwLock<Secret>,
-    token_url: Url,
+    issuer: Issuer,
     gateway: Stream,
     llm: Stream,
     token: Mutex<Option<CachedToken>>,
@@ -472,15 +577,29 @@ pub struct AzureMonitorSink {
 
 impl AzureMonitorSink {
     /// Checks the configuration, reads the client secret and prepares the HTTP client. No call
-    /// is made until the first batch.
+    /// is made until the first batch. The configuration must name its `credential`.
     pub fn new(config: AzureMonitorConfig) -> Result<Self, AzureMonitorError> {
+        Self::build(config, None)
+    }
+
+    /// Like [`AzureMonitorSink::new`], signing in with `identity` when the configuration names
+    /// no `credential` of its own (one it names is used instead).
+    pub fn with_identity(
+        config: AzureMonitorConfig,
+        identity: std::sync::Arc<dyn IdentityTokenSource>,
+    ) -> Result<Self, AzureMonitorError> {
+        Self::build(config, Some(identity))
+    }
+
+    fn build(
+        config: AzureMonitorConfig,
+        identity: Option<std::sync::Arc<dyn IdentityTokenSource>>,
+    ) -> Result<Self, AzureMonitorError> {
         let invalid = |what: &str| AzureMonitorError::Config(what.to_owned());
         for (value, name) in [
             (&config.dcr_immutable_id, "dcr_immutable_id"),
             (&config.gateway_stream, "gateway_stream"),
             (&config.llm_stream, "llm_stream"),
-            (&config.credential.tenant_id, "credential.tenant_id"),
-            (&config.credential.client_id, "credential.client_id"),
         ] {
             if value.is_empty() {
                 return Err(AzureMonitorError::Config(format!("{name} is empty")));
@@ -499,15 +618,6 @@ impl AzureMonitorSink {
                 "max_write_seconds must be between 1 and {MAX_WRITE_SECONDS}"
             )));
         }
-        let authority = match &config.credential.authority {
-            Some(authority) => authority.clone(),
-            None => Url::parse(DEFAULT_AUTHORITY).map_err(|_| invalid("credential.authority"))?,
-        };
-        let token_url = url_with_segments(
-            &authority,
-            &[&config.credential.tenant_id, "oauth2", "v2.0", "token"],
-        )
-        .ok_or_else(|| invalid("credential.authority cannot take a path"))?;
         let stream = |name: &str| -> Result<Stream, AzureMonitorError> {
             let mut url = url_with_segments(
                 &config.endpoint,
@@ -528,7 +638,17 @@ impl AzureMonitorSink {
         };
         let gateway = stream(&config.gateway_stream)?;
         let llm = stream(&config.llm_stream)?;
-        let client_secret = resolve_secret(&config.credential.client_secret)?;
+        let issuer = match (&config.credential, identity) {
+            (Some(credentials), _) => Issuer::client_secret(credentials)?,
+            (None, Some(identity)) => Issuer::Identity(identity),
+            (None, None) => {
+                return Err(invalid(
+                    "credential: name the app registration the sink signs in as (tenant_id, \
+                     client_id, client_secret), or give the gateway an identity of its own \
+                     (server.entra_credential)",
+                ));
+            }
+        };
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(config.timeout_seconds.max(1)))
             .connect_timeout(Duration::from_secs(10))
@@ -537,8 +657,7 @@ impl AzureMonitorSink {
         Ok(AzureMonitorSink {
             config,
             client,
-            client_secret: std::sync::RwLock::new(client_secret),
-            token_url,
+            issuer,
             gateway,
             llm,
             token: Mutex::new(None),
@@ -890,17 +1009,32 @@ impl AzureMonitorSink {
     }
 
     /// Whether the client secret at its reference differs from the one last read (a rotation
-    /// since Entra refused it).
+    /// since Entra refused it); never for an identity the sink was given.
     fn secret_changed(&self) -> bool {
-        resolve_secret(&self.config.credential.client_secret)
-            .is_ok_and(|secret| secret != self.current_secret())
+        match &self.issuer {
+            Issuer::ClientSecret(app) => resolve_secret(&app.credentials.client_secret)
+                .is_ok_and(|now| now != *app.secret.read().unwrap_or_else(PoisonError::into_inner)),
+            Issuer::Identity(_) => false,
+        }
     }
 
-    /// A new token from the token endpoint. When Entra refuses the client secret, the secret is
-    /// read again from its reference and, if it changed (a rotation), asked with once more.
+    /// A new token: from the identity the sink was given, or from the token endpoint with the
+    /// client secret. When Entra refuses the client secret, the secret is read again from its
+    /// reference and, if it changed (a rotation), asked with once more.
     async fn new_token(&self) -> Result<CachedToken, TokenFailure> {
-        let sent = self.current_secret();
-        match self.token_with(&sent).await {
+        let AppRegistration {
+            credentials,
+            token_url,
+            secret,
+        } = match &self.issuer {
+            Issuer::Identity(identity) => return identity_token(identity.as_ref()).await,
+            Issuer::ClientSecret(app) => app.as_ref(),
+        };
+        let sent = secret
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        match self.token_with(credentials, token_url, &sent).await {
             Err(TokenFailure::Fatal(AzureMonitorError::Token { status, message }))
                 if matches!(status, 400 | 401) =>
             {
@@ -910,7 +1044,7 @@ impl AzureMonitorSink {
                         message: message.clone(),
                     })
                 };
-                let reread = match resolve_secret(&self.config.credential.client_secret) {
+                let reread = match resolve_secret(&credentials.client_secret) {
                     Ok(secret) => secret,
                     Err(error) => {
                         tracing::warn!(%error, "Azure Monitor: could not read the client secret again after Entra ID refused it");
@@ -923,36 +1057,43 @@ impl AzureMonitorSink {
                 tracing::info!(
                     "Azure Monitor: the client secret changed at its reference; asking Entra ID with the new one"
                 );
-                *self
-                    .client_secret
-                    .write()
-                    .unwrap_or_else(PoisonError::into_inner) = reread.clone();
-                self.token_with(&reread).await
+                *secret.write().unwrap_or_else(PoisonError::into_inner) = reread.clone();
+                self.token_with(credentials, token_url, &reread).await
             }
             other => other,
         }
     }
 
-    /// The client secret as last read.
-    fn current_secret(&self) -> Secret {
-        self.client_secret
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+    /// The client secret as last read, when the sink signs in with one.
+    fn current_secret(&self) -> Option<Secret> {
+        match &self.issuer {
+            Issuer::ClientSecret(app) => Some(
+                app.secret
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone(),
+            ),
+            Issuer::Identity(_) => None,
+        }
     }
 
-    /// A new token from the token endpoint, asked for with `secret`.
-    async fn token_with(&self, secret: &Secret) -> Result<CachedToken, TokenFailure> {
+    /// A new token from `token_url`, asked for with `credentials` and their `secret`.
+    async fn token_with(
+        &self,
+        credentials: &ClientCredentials,
+        token_url: &Url,
+        secret: &Secret,
+    ) -> Result<CachedToken, TokenFailure> {
         let issued_at = Instant::now();
         let form = [
             ("grant_type", "client_credentials"),
-            ("client_id", self.config.credential.client_id.as_str()),
+            ("client_id", credentials.client_id.as_str()),
             ("client_secret", secret.expose()),
             ("scope", MONITOR_SCOPE),
         ];
         let response = self
             .client
-            .post(self.token_url.clone())
+            .post(token_url.clone())
             .form(&form)
             .send()
             .await
@@ -1008,7 +1149,7 @@ impl AzureMonitorSink {
     async fn error_text(&self, response: reqwest::Response, sent: Option<&Secret>) -> String {
         let mut text = response.text().await.unwrap_or_default();
         let current = self.current_secret();
-        for secret in std::iter::once(&current).chain(sent) {
+        for secret in current.iter().chain(sent) {
             text = text.replace(secret.expose(), "*****");
         }
         let text = text.trim();

@@ -1848,7 +1848,7 @@ credential:
     assert!(config.max_batch_bytes < MAX_CALL_BYTES);
     assert_eq!(config.max_attempts, 5);
     assert_eq!(config.max_retry_wait_seconds, 60);
-    assert_eq!(config.credential.authority, None);
+    assert_eq!(config.credential.as_ref().unwrap().authority, None);
     assert_eq!(DEFAULT_AUTHORITY, "https://login.microsoftonline.com");
 
     // A secret in clear is refused by the reference type itself.
@@ -1868,4 +1868,13 @@ credential:
     let unreadable =
         AzureMonitorSink::new(config_for(&setup.double, &missing, json!({}))).unwrap_err();
     assert!(unreadable.to_string().contains("absent"), "{unreadable}");
+
+    // Without a credential the sink needs an identity to sign in with.
+    let mut anonymous = config.clone();
+    anonymous.credential = None;
+    let refused = AzureMonitorSink::new(anonymous).unwrap_err().to_string();
+    assert!(
+        refused.contains("credential") && refused.contains("server.entra_credential"),
+        "{refused}"
+    );
 }

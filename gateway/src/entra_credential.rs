@@ -44,6 +44,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures::FutureExt as _;
 use futures::future::{BoxFuture, Shared};
+use gatehouse_audit::azure_monitor::{IdentityTokenError, IssuedToken};
 use gatehouse_schema::config::{DEFAULT_AUTHORITY_HOST, EntraIdentity, SecretSource};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -996,6 +997,33 @@ impl CredentialRegistry {
 /// Whether a reference is read from Key Vault (the gateway's own credential may not be).
 pub fn is_key_vault(reference: &gatehouse_schema::config::SecretRef) -> bool {
     matches!(reference.source(), SecretSource::KeyVault(_))
+}
+
+/// The gateway's identity signs the Azure Monitor audit sink in when its settings name no
+/// credential of their own (`server.audit.azure_monitor`).
+impl gatehouse_audit::azure_monitor::IdentityTokenSource for TokenCredential {
+    fn token<'a>(
+        &'a self,
+        scope: &'a str,
+    ) -> BoxFuture<'a, Result<IssuedToken, IdentityTokenError>> {
+        Box::pin(async move {
+            match self.access_token(scope).await {
+                Ok(token) => Ok(IssuedToken {
+                    token: token.token.expose().clone(),
+                    valid_for: token.expires_at.saturating_duration_since(Instant::now()),
+                }),
+                Err(error) => Err(IdentityTokenError {
+                    // Out of reach or a garbled answer may pass; a refusal or a credential that
+                    // cannot work will not.
+                    refused: !matches!(
+                        error,
+                        CredentialError::Unreachable { .. } | CredentialError::Malformed { .. }
+                    ),
+                    message: error.to_string(),
+                }),
+            }
+        })
+    }
 }
 
 #[cfg(test)]

@@ -327,7 +327,6 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// The one audit sink the settings name, and the SQL store when it is that.
 /// What `serve` refuses in the server settings before it opens anything, so that `check` refuses
 /// it too: thread count, client timeouts, the TLS certificate and key, the audit sink's shape,
 /// and the secrets the settings name (the admin token, the Redis URLs).
@@ -339,7 +338,7 @@ fn check_server_settings(settings: &ServerSettings) -> anyhow::Result<()> {
     if let Some(tls) = &settings.tls {
         server::check_tls(tls)?;
     }
-    check_audit_settings(&settings.audit)?;
+    check_audit_settings(&settings.audit, settings.entra_credential.is_some())?;
     if let Some(reference) = &settings.admin_token {
         secret::resolve(reference).context("server.admin_token")?;
     }
@@ -354,8 +353,9 @@ fn check_server_settings(settings: &ServerSettings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The audit settings' own shape: one sink at most, a claim period.
-fn check_audit_settings(audit: &AuditSettings) -> anyhow::Result<()> {
+/// The audit settings' own shape: one sink at most, a claim period, and an identity for Azure
+/// Monitor (its own `credential`, or the gateway's: `has_identity`).
+fn check_audit_settings(audit: &AuditSettings, has_identity: bool) -> anyhow::Result<()> {
     let named = [
         audit.database.is_some(),
         audit.azure_monitor.is_some(),
@@ -370,6 +370,15 @@ fn check_audit_settings(audit: &AuditSettings) -> anyhow::Result<()> {
             "server.audit: name one of `database`, `azure_monitor` and `jsonl`, not several"
         );
     }
+    anyhow::ensure!(
+        audit
+            .azure_monitor
+            .as_ref()
+            .is_none_or(|monitor| monitor.credential.is_some() || has_identity),
+        "server.audit.azure_monitor.credential: name the app registration the sink signs in as \
+         (tenant_id, client_id, client_secret), or give the gateway an identity of its own \
+         (server.entra_credential) to sign in with"
+    );
     // Failing closed means refusing the calls the gateway cannot record: with nowhere to record
     // them, it would serve every call unrecorded instead.
     anyhow::ensure!(
@@ -380,10 +389,13 @@ fn check_audit_settings(audit: &AuditSettings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The one audit sink the settings name, and the SQL store when it is that; `identity` is the
+/// gateway's own, which Azure Monitor signs in with when it names no credential of its own.
 async fn audit_sink(
     audit: &AuditSettings,
+    identity: Option<&TokenCredential>,
 ) -> anyhow::Result<Option<(Arc<dyn AuditSink>, Option<SqlStore>)>> {
-    check_audit_settings(audit)?;
+    check_audit_settings(audit, identity.is_some())?;
     if let Some(url) = &audit.database {
         let store = SqlStore::open(url).await.context("server.audit.database")?;
         tokio::spawn(maintain_audit_store(
@@ -394,7 +406,13 @@ async fn audit_sink(
         return Ok(Some((Arc::new(store.clone()), Some(store))));
     }
     if let Some(config) = &audit.azure_monitor {
-        let sink = AzureMonitorSink::new(config.clone()).context("server.audit.azure_monitor")?;
+        let sink = match identity {
+            Some(identity) => {
+                AzureMonitorSink::with_identity(config.clone(), Arc::new(identity.clone()))
+            }
+            None => AzureMonitorSink::new(config.clone()),
+        }
+        .context("server.audit.azure_monitor")?;
         return Ok(Some((Arc::new(sink), None)));
     }
     if let Some(path) = &audit.jsonl {
@@ -479,8 +497,13 @@ fn snapshot_ref_policy(
             reserved.push(reference.clone());
         }
     }
-    if let Some(monitor) = &settings.audit.azure_monitor {
-        reserved.push(monitor.credential.client_secret.clone());
+    if let Some(credential) = settings
+        .audit
+        .azure_monitor
+        .as_ref()
+        .and_then(|monitor| monitor.credential.as_ref())
+    {
+        reserved.push(credential.client_secret.clone());
     }
     // What the gateway's libraries read from the environment as secrets of their own: the audit
     // store's PostgreSQL password, App Service's managed-identity header, a proxy URL with its
@@ -560,7 +583,9 @@ async fn serve(file: ConfigFile, config: &Path) -> anyhow::Result<()> {
     let mut renewing = None;
     let conflict = Arc::new(std::sync::OnceLock::new());
     let journal_dir = settings.state_dir.join("audit-journal");
-    let (audit, writer) = match audit_sink(&settings.audit).await? {
+    let (audit, writer) = match audit_sink(&settings.audit, secrets.entra_credential.as_ref())
+        .await?
+    {
         Some((sink, store)) => {
             // Before the journal is replayed and before any call: a gateway_id held by a running
             // gateway stops this one here.
@@ -818,15 +843,42 @@ mod tests {
             fail_closed: true,
             ..AuditSettings::default()
         };
-        let error = check_audit_settings(&nowhere).unwrap_err().to_string();
+        let error = check_audit_settings(&nowhere, false)
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("server.audit.fail_closed"), "{error}");
         let to_a_file = AuditSettings {
             fail_closed: true,
             jsonl: Some("audit.jsonl".into()),
             ..AuditSettings::default()
         };
-        check_audit_settings(&to_a_file).unwrap();
-        check_audit_settings(&AuditSettings::default()).unwrap();
+        check_audit_settings(&to_a_file, false).unwrap();
+        check_audit_settings(&AuditSettings::default(), false).unwrap();
+    }
+
+    /// Azure Monitor signs in with its own credential or the gateway's identity: with neither,
+    /// the settings are refused before anything starts.
+    #[test]
+    fn azure_monitor_without_a_credential_needs_the_gateways_identity() {
+        let monitor: gatehouse_audit::azure_monitor::AzureMonitorConfig =
+            serde_json::from_value(serde_json::json!({
+                "endpoint": "https://dce.example.ingest.monitor.azure.com",
+                "dcr_immutable_id": "dcr-0123",
+            }))
+            .unwrap();
+        let settings = AuditSettings {
+            azure_monitor: Some(monitor),
+            ..AuditSettings::default()
+        };
+        let error = check_audit_settings(&settings, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("server.audit.azure_monitor.credential")
+                && error.contains("server.entra_credential"),
+            "{error}"
+        );
+        check_audit_settings(&settings, true).unwrap();
     }
 
     /// A sink whose writes never end.

@@ -14,6 +14,7 @@ mod harness;
 mod assistants;
 mod audit_store;
 mod auth;
+mod azure_monitor_identity;
 mod backend_credentials;
 mod bad_input;
 mod batches;
