@@ -95,15 +95,7 @@ async fn a_newer_valid_snapshot_is_applied_persisted_and_used_at_the_next_start(
 async fn a_last_known_good_snapshot_that_no_longer_builds_gives_way_to_the_files() {
     let sim = simulator("config-lkg").await;
     let gw = TestGateway::start(snapshot(1, pools(&sim.url(), "gpt-4o"))).await;
-    let (key_file, key_ref) = backend_key_file();
-    let mut keyed = member("keyed", &sim.url(), 1);
-    keyed["credential"] = json!({"type": "api_key", "secret": key_ref});
-    let pushed = serde_json::to_value(snapshot(
-        2,
-        json!([{"id": "p", "deployments": ["gpt-4o-mini"], "members": [keyed]}]),
-    ))
-    .unwrap();
-    assert_eq!(put(&gw, Some(ADMIN_TOKEN), &pushed).await.status(), 200);
+    let key_file = push_a_snapshot_keyed_from_a_file(&gw, &sim.url()).await;
     let state_dir = Arc::clone(&gw.state_dir);
     gw.stop().await;
     key_file.close().unwrap();
@@ -157,15 +149,7 @@ async fn a_last_known_good_snapshot_that_no_longer_builds_gives_way_to_the_files
 async fn a_gateway_can_be_unready_while_it_runs_on_its_files_snapshot() {
     let sim = simulator("config-lkg-ready").await;
     let gw = TestGateway::start(snapshot(1, pools(&sim.url(), "gpt-4o"))).await;
-    let (key_file, key_ref) = backend_key_file();
-    let mut keyed = member("keyed", &sim.url(), 1);
-    keyed["credential"] = json!({"type": "api_key", "secret": key_ref});
-    let pushed = serde_json::to_value(snapshot(
-        2,
-        json!([{"id": "p", "deployments": ["gpt-4o-mini"], "members": [keyed]}]),
-    ))
-    .unwrap();
-    assert_eq!(put(&gw, Some(ADMIN_TOKEN), &pushed).await.status(), 200);
+    let key_file = push_a_snapshot_keyed_from_a_file(&gw, &sim.url()).await;
     let state_dir = Arc::clone(&gw.state_dir);
     gw.stop().await;
     // Ready as long as the saved snapshot builds.
@@ -203,6 +187,24 @@ async fn a_gateway_can_be_unready_while_it_runs_on_its_files_snapshot() {
     let next = serde_json::to_value(snapshot(3, pools(&sim.url(), "gpt-4o"))).unwrap();
     assert_eq!(put(&gw, Some(ADMIN_TOKEN), &next).await.status(), 200);
     assert_eq!(readyz(&gw).await, (200, "ready".to_owned()));
+}
+
+/// Pushes version 2: one member whose key is read from a file, which the caller may remove so
+/// that the saved snapshot no longer builds at the next start.
+async fn push_a_snapshot_keyed_from_a_file(
+    gw: &TestGateway,
+    backend: &str,
+) -> tempfile::NamedTempFile {
+    let (key_file, key_ref) = backend_key_file();
+    let mut keyed = member("keyed", backend, 1);
+    keyed["credential"] = json!({"type": "api_key", "secret": key_ref});
+    let pushed = serde_json::to_value(snapshot(
+        2,
+        json!([{"id": "p", "deployments": ["gpt-4o-mini"], "members": [keyed]}]),
+    ))
+    .unwrap();
+    assert_eq!(put(gw, Some(ADMIN_TOKEN), &pushed).await.status(), 200);
+    key_file
 }
 
 /// `/readyz`'s status and text.
