@@ -1022,19 +1022,16 @@ impl AzureMonitorSink {
     /// client secret. When Entra refuses the client secret, the secret is read again from its
     /// reference and, if it changed (a rotation), asked with once more.
     async fn new_token(&self) -> Result<CachedToken, TokenFailure> {
-        let AppRegistration {
-            credentials,
-            token_url,
-            secret,
-        } = match &self.issuer {
+        let app = match &self.issuer {
             Issuer::Identity(identity) => return identity_token(identity.as_ref()).await,
             Issuer::ClientSecret(app) => app.as_ref(),
         };
-        let sent = secret
+        let sent = app
+            .secret
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        match self.token_with(credentials, token_url, &sent).await {
+        match self.token_with(app, &sent).await {
             Err(TokenFailure::Fatal(AzureMonitorError::Token { status, message }))
                 if matches!(status, 400 | 401) =>
             {
@@ -1044,7 +1041,7 @@ impl AzureMonitorSink {
                         message: message.clone(),
                     })
                 };
-                let reread = match resolve_secret(&credentials.client_secret) {
+                let reread = match resolve_secret(&app.credentials.client_secret) {
                     Ok(secret) => secret,
                     Err(error) => {
                         tracing::warn!(%error, "Azure Monitor: could not read the client secret again after Entra ID refused it");
@@ -1057,8 +1054,8 @@ impl AzureMonitorSink {
                 tracing::info!(
                     "Azure Monitor: the client secret changed at its reference; asking Entra ID with the new one"
                 );
-                *secret.write().unwrap_or_else(PoisonError::into_inner) = reread.clone();
-                self.token_with(credentials, token_url, &reread).await
+                *app.secret.write().unwrap_or_else(PoisonError::into_inner) = reread.clone();
+                self.token_with(app, &reread).await
             }
             other => other,
         }
@@ -1077,23 +1074,22 @@ impl AzureMonitorSink {
         }
     }
 
-    /// A new token from `token_url`, asked for with `credentials` and their `secret`.
+    /// A new token from `app`'s token endpoint, asked for with `secret`.
     async fn token_with(
         &self,
-        credentials: &ClientCredentials,
-        token_url: &Url,
+        app: &AppRegistration,
         secret: &Secret,
     ) -> Result<CachedToken, TokenFailure> {
         let issued_at = Instant::now();
         let form = [
             ("grant_type", "client_credentials"),
-            ("client_id", credentials.client_id.as_str()),
+            ("client_id", app.credentials.client_id.as_str()),
             ("client_secret", secret.expose()),
             ("scope", MONITOR_SCOPE),
         ];
         let response = self
             .client
-            .post(token_url.clone())
+            .post(app.token_url.clone())
             .form(&form)
             .send()
             .await

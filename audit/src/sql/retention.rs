@@ -258,36 +258,25 @@ async fn expire(
     report.batches += dropped.transactions;
     let name = quoted(table.name);
     let key = table.key;
+    // Each statement answers how many rows it deleted; that of calls also notes how far each
+    // chain was removed (`retired_chains`).
+    let sql = if table.retires_chains {
+        postgres_expire_calls(&name, key)
+    } else {
+        format!(
+            r#"WITH gone AS (DELETE FROM {name} WHERE "TimeGenerated" < $1 AND ({key}) IN (SELECT {key} FROM {name} WHERE "TimeGenerated" < $1 ORDER BY "TimeGenerated" LIMIT $2) RETURNING 1) SELECT count(*) FROM gone"#
+        )
+    };
     let mut deleted = dropped.rows[0];
-    if table.retires_chains {
-        // Calls: how far each chain was removed is noted by the same statement.
-        let sql = postgres_expire_calls(&name, key);
-        loop {
-            let removed: i64 = sqlx::query_scalar(&sql)
-                .bind(cutoff)
-                .bind(batch)
-                .fetch_one(pool)
-                .await?;
-            report.batches += 1;
-            deleted += u64::try_from(removed).unwrap_or(0);
-            if removed < batch {
-                return Ok(deleted);
-            }
-        }
-    }
-    let sql = format!(
-        r#"DELETE FROM {name} WHERE "TimeGenerated" < $1 AND ({key}) IN (SELECT {key} FROM {name} WHERE "TimeGenerated" < $1 ORDER BY "TimeGenerated" LIMIT $2)"#
-    );
     loop {
-        let removed = sqlx::query(&sql)
+        let removed: i64 = sqlx::query_scalar(&sql)
             .bind(cutoff)
             .bind(batch)
-            .execute(pool)
-            .await?
-            .rows_affected();
+            .fetch_one(pool)
+            .await?;
         report.batches += 1;
-        deleted += removed;
-        if (removed as i64) < batch {
+        deleted += u64::try_from(removed).unwrap_or(0);
+        if removed < batch {
             return Ok(deleted);
         }
     }

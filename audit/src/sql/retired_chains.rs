@@ -114,11 +114,6 @@ impl RetiredChains {
             })
         })
     }
-
-    /// Whether no chain of the batch was ever removed (the usual case): nothing to skip.
-    pub(super) fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 /// The distinct chain ids of `records`, in the order they first come.

@@ -678,7 +678,7 @@ const POSTGRES_CONTENT_WRITERS: usize = 3;
 async fn write_postgres(pool: &sqlx::PgPool, records: &[AuditRecord]) -> Result<usize, StoreError> {
     // Calls that retention removed already are not stored again (`retired_chains`); rarely any.
     let retired = RetiredChains::postgres(pool, records).await?;
-    if !retired.is_empty() && records.iter().any(|r| retired.removed(r)) {
+    if records.iter().any(|r| retired.removed(r)) {
         let kept: Vec<AuditRecord> = records
             .iter()
             .filter(|r| !retired.removed(r))
