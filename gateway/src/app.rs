@@ -181,6 +181,10 @@ impl Default for SecretSettings {
     }
 }
 
+/// What `gatehouse_config_last_known_good_refused` holds when not even the version of the saved
+/// snapshot could be read: the largest value the exposition takes.
+const UNREADABLE_VERSION: u64 = i64::MAX.unsigned_abs();
+
 /// The paths [`Gateway::router`] has routes for; every other path is a model call.
 pub const ROUTED_PATHS: [&str; 5] = [
     "/healthz",
@@ -212,11 +216,10 @@ impl Gateway {
             admin::LastKnownGood::Saved(saved) => Some(*saved),
             admin::LastKnownGood::None => None,
             admin::LastKnownGood::Unreadable(version) => {
-                // Refused as one that cannot be built is: the gauge says so (the largest value
-                // the exposition takes, `i64::MAX`, when not even its version can be read).
+                // Refused as one that cannot be built is: the gauge says so.
                 metrics
                     .last_known_good_refused
-                    .set(version.unwrap_or(i64::MAX.unsigned_abs()));
+                    .set(version.unwrap_or(UNREADABLE_VERSION));
                 None
             }
         }
@@ -644,8 +647,7 @@ async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {
     if gateway.stopping.load(std::sync::atomic::Ordering::Relaxed) {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
     } else if !gateway.ready_on_config_fallback && refused != 0 {
-        // `i64::MAX`: not even the version of the saved snapshot could be read.
-        let which = if refused == i64::MAX.unsigned_abs() {
+        let which = if refused == UNREADABLE_VERSION {
             "the last-known-good configuration cannot be read".to_owned()
         } else {
             format!("the last-known-good configuration (version {refused}) could not be built")
