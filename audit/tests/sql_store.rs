@@ -1509,24 +1509,17 @@ async fn a_call_whose_metadata_went_and_content_stayed_is_stored_again(store: &S
     let batch = records(3);
     assert_eq!(store.write(&batch).await.unwrap(), 3);
     // What retention's metadata step removes of a call.
-    match (store.sqlite_pool(), store.postgres_pool()) {
-        (Some(pool), _) => {
-            for statement in [
-                "DELETE FROM ApiManagementGatewayLlmLog WHERE CorrelationId = 'call-00001'",
-                "DELETE FROM GatehouseGatewayLogs WHERE CorrelationId = 'call-00001'",
-            ] {
-                sqlx::query(statement).execute(pool).await.unwrap();
-            }
-        }
-        (_, Some(pool)) => {
-            for statement in [
-                r#"DELETE FROM "GatehouseLlmLogHeaders" WHERE "CorrelationId" = 'call-00001'"#,
-                r#"DELETE FROM "GatehouseGatewayLogs" WHERE "CorrelationId" = 'call-00001'"#,
-            ] {
-                sqlx::query(statement).execute(pool).await.unwrap();
-            }
-        }
-        _ => unreachable!(),
+    for (sqlite, postgres) in [
+        (
+            "DELETE FROM ApiManagementGatewayLlmLog WHERE CorrelationId = ?",
+            r#"DELETE FROM "GatehouseLlmLogHeaders" WHERE "CorrelationId" = $1"#,
+        ),
+        (
+            "DELETE FROM GatehouseGatewayLogs WHERE CorrelationId = ?",
+            r#"DELETE FROM "GatehouseGatewayLogs" WHERE "CorrelationId" = $1"#,
+        ),
+    ] {
+        execute_on_engine(store, sqlite, postgres, "call-00001".to_owned()).await;
     }
     assert!(store.call("call-00001").await.unwrap().is_none());
     assert_eq!(store.write(&batch).await.unwrap(), 1);
@@ -1577,6 +1570,43 @@ async fn a_call_retention_removed_is_not_stored_or_counted_again(store: &SqlStor
     // Calls never stored are, with a chain (a later sequence) and without.
     assert_eq!(store.write(&batch[9..]).await.unwrap(), 2);
     assert_eq!(requests_rolled_up(store).await, 12);
+}
+
+/// Runs one statement on the store's engine, `sqlite` or `postgres` (the same statement in each
+/// engine's quoting), with `value` bound to its one parameter.
+async fn execute_on_engine<T>(store: &SqlStore, sqlite: &str, postgres: &str, value: T)
+where
+    T: for<'q> sqlx::Encode<'q, sqlx::Sqlite>
+        + sqlx::Type<sqlx::Sqlite>
+        + for<'q> sqlx::Encode<'q, sqlx::Postgres>
+        + sqlx::Type<sqlx::Postgres>
+        + Send
+        + 'static,
+{
+    match (store.sqlite_pool(), store.postgres_pool()) {
+        (Some(pool), _) => {
+            sqlx::query(sqlite).bind(value).execute(pool).await.unwrap();
+        }
+        (_, Some(pool)) => {
+            sqlx::query(postgres)
+                .bind(value)
+                .execute(pool)
+                .await
+                .unwrap();
+        }
+        _ => unreachable!(),
+    }
+}
+
+/// Removes a call's metadata row, as someone tampering with the store would.
+async fn delete_call(store: &SqlStore, id: &str) {
+    execute_on_engine(
+        store,
+        "DELETE FROM GatehouseGatewayLogs WHERE CorrelationId = ?",
+        r#"DELETE FROM "GatehouseGatewayLogs" WHERE "CorrelationId" = $1"#,
+        id.to_owned(),
+    )
+    .await;
 }
 
 async fn content_expires_before_metadata(store: &SqlStore) {
@@ -1744,24 +1774,13 @@ async fn chains_verify_against_their_published_heads(store: &SqlStore) {
     };
     assert!(verify(heads.clone()).await.is_intact());
     // Removes the records from `sequence` on.
-    let delete = |sequence: i64| async move {
-        match (store.sqlite_pool(), store.postgres_pool()) {
-            (Some(pool), _) => {
-                sqlx::query("DELETE FROM GatehouseGatewayLogs WHERE ChainSequence >= ?")
-                    .bind(sequence)
-                    .execute(pool)
-                    .await
-                    .unwrap();
-            }
-            (_, Some(pool)) => {
-                sqlx::query(r#"DELETE FROM "GatehouseGatewayLogs" WHERE "ChainSequence" >= $1"#)
-                    .bind(sequence)
-                    .execute(pool)
-                    .await
-                    .unwrap();
-            }
-            _ => unreachable!(),
-        }
+    let delete = |sequence: i64| {
+        execute_on_engine(
+            store,
+            "DELETE FROM GatehouseGatewayLogs WHERE ChainSequence >= ?",
+            r#"DELETE FROM "GatehouseGatewayLogs" WHERE "ChainSequence" >= $1"#,
+            sequence,
+        )
     };
     delete(9).await;
     assert!(
@@ -1885,23 +1904,7 @@ async fn chains_verify_from_the_store(store: &SqlStore) {
     // Every record a range held removed: the chain around it is still checked, whole.
     let removed: Vec<String> = (22..=24).map(|i| format!("call-{i:05}")).collect();
     for id in &removed {
-        match (store.sqlite_pool(), store.postgres_pool()) {
-            (Some(pool), _) => {
-                sqlx::query("DELETE FROM GatehouseGatewayLogs WHERE CorrelationId = ?")
-                    .bind(id)
-                    .execute(pool)
-                    .await
-                    .unwrap();
-            }
-            (_, Some(pool)) => {
-                sqlx::query(r#"DELETE FROM "GatehouseGatewayLogs" WHERE "CorrelationId" = $1"#)
-                    .bind(id)
-                    .execute(pool)
-                    .await
-                    .unwrap();
-            }
-            _ => unreachable!(),
-        }
+        delete_call(store, id).await;
     }
     // Records 22 to 24 were written at T0 + 154 s to T0 + 168 s.
     let emptied = (T0 + Duration::seconds(150), T0 + Duration::seconds(170));
@@ -1941,24 +1944,7 @@ async fn chains_verify_a_day_whose_first_records_were_removed(store: &SqlStore) 
     assert_eq!(store.write(&batch).await.unwrap(), batch.len());
     // Records 0 to 4 were written at T0 to T0 + 28 s.
     for i in 0..5 {
-        let id = format!("call-{i:05}");
-        match (store.sqlite_pool(), store.postgres_pool()) {
-            (Some(pool), _) => {
-                sqlx::query("DELETE FROM GatehouseGatewayLogs WHERE CorrelationId = ?")
-                    .bind(&id)
-                    .execute(pool)
-                    .await
-                    .unwrap();
-            }
-            (_, Some(pool)) => {
-                sqlx::query(r#"DELETE FROM "GatehouseGatewayLogs" WHERE "CorrelationId" = $1"#)
-                    .bind(&id)
-                    .execute(pool)
-                    .await
-                    .unwrap();
-            }
-            _ => unreachable!(),
-        }
+        delete_call(store, &format!("call-{i:05}")).await;
     }
     let report = store
         .verify_chains(T0 - Duration::hours(1), T0 + Duration::seconds(30))
@@ -2055,23 +2041,13 @@ async fn content_deleted_inside_its_window_breaks_the_chain(store: &SqlStore) {
         .await
         .unwrap();
     assert!(report.is_intact(), "{report:?}");
-    match (store.sqlite_pool(), store.postgres_pool()) {
-        (Some(pool), _) => {
-            sqlx::query("DELETE FROM GatehouseCallContent WHERE CorrelationId = 'call-00002'")
-                .execute(pool)
-                .await
-                .unwrap();
-        }
-        (_, Some(pool)) => {
-            sqlx::query(
-                r#"DELETE FROM "GatehouseCallContent" WHERE "CorrelationId" = 'call-00002'"#,
-            )
-            .execute(pool)
-            .await
-            .unwrap();
-        }
-        _ => unreachable!(),
-    }
+    execute_on_engine(
+        store,
+        "DELETE FROM GatehouseCallContent WHERE CorrelationId = ?",
+        r#"DELETE FROM "GatehouseCallContent" WHERE "CorrelationId" = $1"#,
+        "call-00002".to_owned(),
+    )
+    .await;
     let call = store.call("call-00002").await.unwrap().unwrap();
     assert!(call.backend_request_body.is_none() && call.backend_response_body.is_none());
     let report = store

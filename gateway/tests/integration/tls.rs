@@ -96,13 +96,15 @@ async fn tls_termination_speaks_http2_and_reloads_a_renewed_certificate() {
         chat_path("gpt-4o")
     );
 
-    let response = client_trusting(&old_ca.pem())
-        .post(&url)
-        .header("api-key", KEY)
-        .json(&chat(None, false))
-        .send()
-        .await
-        .unwrap();
+    // A chat call from a client that trusts only `ca`.
+    let call_trusting = |ca: &Authority| {
+        client_trusting(&ca.pem())
+            .post(&url)
+            .header("api-key", KEY)
+            .json(&chat(None, false))
+            .send()
+    };
+    let response = call_trusting(&old_ca).await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(
         response.version(),
@@ -127,12 +129,7 @@ async fn tls_termination_speaks_http2_and_reloads_a_renewed_certificate() {
     let mut reloaded = false;
     for _ in 0..50 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let attempt = client_trusting(&new_ca.pem())
-            .post(&url)
-            .header("api-key", KEY)
-            .json(&chat(None, false))
-            .send()
-            .await;
+        let attempt = call_trusting(&new_ca).await;
         if attempt.is_ok_and(|r| r.status() == 200) {
             reloaded = true;
             break;
@@ -141,12 +138,7 @@ async fn tls_termination_speaks_http2_and_reloads_a_renewed_certificate() {
     assert!(reloaded, "the renewed certificate was not served");
     let text = gw.metrics().await;
     assert!(text.contains(&expiry(renewed_expiry)), "{text}");
-    let old = client_trusting(&old_ca.pem())
-        .post(&url)
-        .header("api-key", KEY)
-        .json(&chat(None, false))
-        .send()
-        .await;
+    let old = call_trusting(&old_ca).await;
     assert!(old.is_err(), "the old certificate must be gone");
 
     // A certificate written half way: the renewed one is still served, and a gauge says so.
@@ -155,13 +147,7 @@ async fn tls_termination_speaks_http2_and_reloads_a_renewed_certificate() {
         reload_failing_reads(&gw, 1).await,
         "the failed reload is not shown"
     );
-    let still = client_trusting(&new_ca.pem())
-        .post(&url)
-        .header("api-key", KEY)
-        .json(&chat(None, false))
-        .send()
-        .await
-        .unwrap();
+    let still = call_trusting(&new_ca).await.unwrap();
     assert_eq!(still.status(), 200);
     let text = gw.metrics().await;
     assert!(
